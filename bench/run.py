@@ -21,7 +21,9 @@ from ``bench/streaming.py`` (about 8 minutes; ``--no-streaming`` skips it), the 
 between workspaces section from ``bench/fairness.py`` (about 90 s; ``--no-fairness`` skips
 it), the budgets section from ``bench/budgets.py`` (about 4 minutes; ``--no-budgets`` skips
 it), the files section from ``bench/files.py`` (about 3 minutes; ``--no-files`` skips it),
-the voice section from ``bench/voice.py`` (about 4 minutes; ``--no-voice`` skips it).
+the voice section from ``bench/voice.py`` (about 4 minutes; ``--no-voice`` skips it),
+the semantic memory section from ``bench/semantic.py`` (about 10 minutes; ``--no-semantic``
+skips it).
 Each of those
 scripts also runs alone (``--write`` puts its section into BENCHMARKS.md). Every section
 replaces the one with its heading in BENCHMARKS.md (``bench/harness.py``); a skipped
@@ -79,6 +81,7 @@ SECTIONS: Final = (
     ("budgets", 900),
     ("files", 900),
     ("voice", 900),
+    ("semantic", 1500),
 )
 
 Figures = dict[str, float]

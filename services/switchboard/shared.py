@@ -63,6 +63,12 @@ SHARED_PARTS: Final[dict[str, str]] = {
     "switchboard.integration.directory": "a workspace's experts as stored, for routing runs",
     "switchboard.integration.remote_a2a": "the A2A agent client: a run on a remote agent",
     "switchboard.integration.connectors": "the errors the A2A agent client raises",
+    "switchboard.context.semantic.filters": "the search filter's grammar: an assistant's "
+    "retrieval filter is refused when saved, in SearchContext's words",
+    "switchboard.dispatcher.budgets.ledger": "the budget ledger, which embedding calls "
+    "(context service) reserve and settle in like model calls",
+    "switchboard.dispatcher.budgets.embeddings": "the ledger's adapter for the context "
+    "service's embeddings (its Charger)",
 }
 
 

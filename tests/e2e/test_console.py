@@ -2983,3 +2983,79 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         browser.wait_visible(tid("run", run=run))
         assert browser.eval("() => location.hash") == f"#{run.split('/runs/')[0]}"
         assert problems(browser) == []
+
+
+def test_search_with_the_mode_switch_shows_each_result_with_its_source(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """The Search page (``#workspaces/w/search``): full-text finds a workspace fact and
+    shows it as a memory fact of the workspace, with its score and full-text rank; the
+    semantic switch, with no embeddings endpoint on this stack, shows the fallback to
+    full-text and why; a filter on an unknown field is the server's INVALID_ARGUMENT."""
+    shots = artifacts_dir(tmp_path) / "search"
+    shots.mkdir(parents=True, exist_ok=True)
+    user = server.register("search")
+    workspace, conversation = server.workspace(user, f"search-{os.getpid()}")
+    fact = server.context.CreateMemoryItem(
+        context_pb2.CreateMemoryItemRequest(
+            parent=workspace,
+            memory_item=context_pb2.MemoryItem(
+                kind=context_pb2.MEMORY_KIND_FACT, content="The ferry to the island leaves at nine"
+            ),
+        ),
+        metadata=user.md,
+        timeout=CALL_S,
+    ).memory_item
+    server.context.CreateMemoryItem(
+        context_pb2.CreateMemoryItemRequest(
+            parent=conversation,
+            memory_item=context_pb2.MemoryItem(
+                kind=context_pb2.MEMORY_KIND_PREFERENCE, content="Prefers the ferry's upper deck"
+            ),
+        ),
+        metadata=user.md,
+        timeout=CALL_S,
+    )
+    result = tid("search-result")
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, user.email)
+        browser.click(tid("workspace-item", name=workspace))
+        browser.click(tid("open-search"))
+        browser.wait_visible(tid("search-page"))
+        assert browser.eval("() => location.hash") == f"#{workspace}/search"
+
+        browser.fill(tid("search-query"), "ferry island")
+        browser.click(tid("search-mode-full-text"))
+        browser.click(tid("run-search"))
+        browser.wait_for(f'{result}[data-kind="memory"]')
+        texts = browser.eval(
+            "(s) => [...document.querySelectorAll(s)].map((r) => r.innerText)", result
+        )
+        first = texts[0]
+        assert "The ferry to the island leaves at nine" in first
+        assert "memory · fact · workspace memory" in first
+        assert "full-text #1" in first
+        assert "score " in first
+        assert not browser.visible(tid("search-fallback"))
+        assert fact.content in first
+        # The conversation's own memory links to its conversation.
+        assert browser.count(f"{result} {tid('result-conversation')}") == 1
+        browser.shots(shots / "full-text.png")
+
+        browser.click(tid("search-mode-semantic"))
+        browser.click(tid("run-search"))
+        browser.wait_visible(tid("search-fallback"))
+        assert browser.data(tid("search-fallback"))["reason"] == "NOT_CONFIGURED"
+        assert "ranked full-text" in browser.eval(
+            "(s) => document.querySelector(s).innerText", tid("search-status")
+        )
+        assert browser.count(result) == 2
+        browser.shots(shots / "semantic-fell-back.png")
+
+        browser.fill(tid("search-filter"), "colour = blue")
+        browser.click(tid("run-search"))
+        browser.wait_for(f"{tid('search-problem')} {tid('error')}")
+        assert browser.data(f"{tid('search-problem')} {tid('error')}")["code"] == "INVALID_ARGUMENT"
+        assert browser.count(result) == 0
+        assert raw_text(browser) == []
+        browser.shots(shots / "bad-filter.png")

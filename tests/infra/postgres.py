@@ -5,9 +5,14 @@ exactly the places stores get wrong (time zones, constraint errors, locking).
 A throwaway cluster is created per test session in a temporary directory,
 tuned for speed rather than durability, and each test gets its own database.
 
-The server binaries must be installed (Debian: ``apt-get install postgresql``,
-which ``.ci/run`` does). When they are missing the fixtures fail instead of
-skipping: a skipped backend would let store bugs through unnoticed.
+The server binaries are those ``switchboard mesh`` uses (``postgres_bin_dir``):
+the ``pgserver`` wheel's PostgreSQL 16 with pgvector first (a dev dependency, so
+the semantic index's HNSW tests run on a real pgvector), else the system's
+(Debian: ``apt-get install postgresql``, which ``.ci/run`` does, and which also
+makes the ``postgres`` user below). When none is found the fixtures fail instead
+of skipping: a skipped backend would let store bugs through unnoticed.
+``debian_bin_dir`` finds Debian's own server, which has no pgvector, for the
+tests of a deployment's database without the vector engine.
 
 initdb refuses to run as root, and CI runs tests as root, so under root the
 cluster belongs to the ``postgres`` system user and every server command runs
@@ -18,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -43,6 +50,9 @@ HOST = "127.0.0.1"
 START_TIMEOUT_S = 60
 COMMAND_TIMEOUT_S = 30.0
 PORT_ATTEMPTS = 5
+#: Where Debian's postgresql-<major> packages put each major version's server.
+DEBIAN_ROOT = "/usr/lib/postgresql"
+SERVER_TOOLS = ("initdb", "pg_ctl", "postgres")
 
 # Durability is worthless for a cluster that is deleted after the run.
 SERVER_SETTINGS = {
@@ -86,6 +96,30 @@ def find_bin_dir() -> Path:
         raise PostgresUnavailable(
             f"{exc}. Store tests run on PostgreSQL too and are never skipped."
         ) from None
+
+
+def _version(path: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", path))
+
+
+def debian_bin_dir() -> Path:
+    """The newest of Debian's PostgreSQL server installs (``/usr/lib/postgresql/<major>/bin``,
+    the layout ``postgres_bin_dir`` looks in last), whatever else is installed.
+
+    Debian's packages carry no pgvector (unless ``postgresql-<major>-pgvector`` is
+    added): a server of them is a deployment's database without the vector engine.
+    ``scripts/install-deps.sh`` installs them, so CI has them; missing, the caller fails.
+    """
+    found = sorted(glob.glob(f"{DEBIAN_ROOT}/*/bin"), key=_version, reverse=True)
+    for path in found:
+        candidate = Path(path)
+        if all((candidate / tool).is_file() for tool in SERVER_TOOLS):
+            return candidate
+    raise PostgresUnavailable(
+        f"Debian's PostgreSQL server binaries ({DEBIAN_ROOT}/*/bin with "
+        f"{', '.join(SERVER_TOOLS)}) are not installed: apt-get install postgresql "
+        "(scripts/install-deps.sh does)"
+    )
 
 
 def _run_as_prefix() -> list[str]:
@@ -256,9 +290,11 @@ def start_postgres(server: PostgresServer) -> None:
 
 
 @contextlib.contextmanager
-def running_postgres() -> Iterator[PostgresServer]:
-    """Start a throwaway cluster; stop it and delete its files on exit."""
-    bin_dir = find_bin_dir()
+def running_postgres(bin_dir: Path | None = None) -> Iterator[PostgresServer]:
+    """Start a throwaway cluster of ``bin_dir``'s server (by default ``find_bin_dir``'s)
+    on a free port; stop it and delete its files on exit."""
+    if bin_dir is None:
+        bin_dir = find_bin_dir()
     prefix = _run_as_prefix()
     # Not pytest's tmp_path: that lives under a 0700 directory the postgres
     # user cannot enter.

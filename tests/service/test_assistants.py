@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -15,6 +15,7 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc import aio
 
+from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2 as hpb
@@ -273,6 +274,29 @@ async def test_an_update_without_a_mask_changes_the_fields_it_sets_and_star_repl
     assert replaced.display_name == "full"  # an empty display name falls back to the id
 
 
+async def test_retrieval_settings_are_stored_and_replaced_by_their_path(desk: Desk) -> None:
+    settings = pb.RetrievalSettings(
+        enabled=True,
+        top_k=20,
+        token_budget=32_000,
+        mode=cpb.SEARCH_MODE_SEMANTIC,
+        filter="source = memory AND kind = fact",
+        search_tool=True,
+    )
+    made = await create(desk, pb.Assistant(display_name="Finder", retrieval=settings))
+    assert made.retrieval == settings
+    assert (await get(desk, made.name)).retrieval == settings
+    changed = await update(
+        desk,
+        pb.Assistant(name=made.name, retrieval=pb.RetrievalSettings(enabled=True)),
+        "retrieval",
+    )
+    assert changed.retrieval == pb.RetrievalSettings(enabled=True)
+    assert changed.display_name == "Finder"
+    cleared = await update(desk, pb.Assistant(name=made.name), "retrieval")
+    assert not cleared.HasField("retrieval")
+
+
 async def test_list_pages_by_id_through_every_assistant_once(desk: Desk) -> None:
     for assistant_id in ("cc", "aa", "bb"):
         await create(desk, assistant_id=assistant_id)
@@ -391,6 +415,28 @@ async def test_owners_edit_members_read_and_outsiders_see_nothing(desk: Desk, ro
                 ]
             ),
             ["assistant.tools"],
+        ),
+        (pb.Assistant(retrieval=pb.RetrievalSettings(top_k=21)), ["assistant.retrieval.top_k"]),
+        (pb.Assistant(retrieval=pb.RetrievalSettings(top_k=-1)), ["assistant.retrieval.top_k"]),
+        (
+            pb.Assistant(retrieval=pb.RetrievalSettings(token_budget=32_001)),
+            ["assistant.retrieval.token_budget"],
+        ),
+        (
+            pb.Assistant(retrieval=pb.RetrievalSettings(mode=cast(Any, 9))),
+            ["assistant.retrieval.mode"],
+        ),
+        (
+            pb.Assistant(retrieval=pb.RetrievalSettings(filter="kind = fact" + " " * 1000)),
+            ["assistant.retrieval.filter"],
+        ),
+        (
+            pb.Assistant(retrieval=pb.RetrievalSettings(filter="colour = blue")),
+            ["assistant.retrieval.filter"],
+        ),
+        (
+            pb.Assistant(retrieval=pb.RetrievalSettings(filter="create_time = soon")),
+            ["assistant.retrieval.filter"],
         ),
         (
             pb.Assistant(model=hpb.ModelSettings(top_p=2), max_tool_steps=99, handler="x"),

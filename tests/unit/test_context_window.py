@@ -566,3 +566,85 @@ def test_cutting_documents_keeps_the_budget_and_the_rules(
     assert not any(c.truncated for c in plain.included)
     if not cut and cutting is None:
         assert decisions(plan) == decisions(plain)
+
+
+# -- retrieved results (rule 3b) ----------------------------------------------------------------
+
+
+def test_retrieved_results_fit_their_own_cap_and_are_never_repeated() -> None:
+    plan = plan_window(
+        budget=100,
+        pinned=[Candidate("memory-a", 10)],
+        relevant=[Candidate("memory-b", 10)],
+        summary=Candidate("summary", 5),
+        recent=[Candidate("message-2", 10), Candidate("message-1", 10)],
+        retrieved=[
+            Candidate("memory-a", 10),  # pinned already: dropped without a trace
+            Candidate("passage-1", 20),
+            Candidate("passage-2", 15),  # over the cap of 30 once passage-1 is in
+            Candidate("memory-b", 10),  # relevant already: dropped
+            Candidate("passage-3", 10),  # still fits the cap
+        ],
+        retrieved_budget=30,
+    )
+    assert [(c.candidate.key, c.reason) for c in plan.included] == [
+        ("memory-a", Reason.PINNED),
+        ("memory-b", Reason.RELEVANT),
+        ("passage-1", Reason.RETRIEVED),
+        ("passage-3", Reason.RETRIEVED),
+        ("summary", Reason.SUMMARY),
+        ("message-1", Reason.RECENT),
+        ("message-2", Reason.RECENT),
+    ]
+    assert [(c.candidate.key, c.reason) for c in plan.excluded] == [
+        ("passage-2", Reason.OVER_BUDGET)
+    ]
+    assert plan.total_tokens == 75
+
+
+def test_retrieved_results_never_take_more_than_the_window_has() -> None:
+    plan = plan_window(
+        budget=25,
+        pinned=[Candidate("memory-a", 10)],
+        relevant=[],
+        summary=None,
+        recent=[Candidate("message-1", 10)],
+        retrieved=[Candidate("passage-1", 20), Candidate("passage-2", 10)],
+        retrieved_budget=25,
+    )
+    assert [c.candidate.key for c in plan.included] == ["memory-a", "passage-2"]
+    assert [c.candidate.key for c in plan.excluded] == ["passage-1", "message-1"]
+    assert plan.total_tokens == 20
+
+
+@given(
+    st.integers(0, 200),
+    st.integers(0, 200),
+    st.lists(st.integers(0, 60), max_size=8),
+)
+def test_retrieved_stay_within_both_budgets(budget: int, cap: int, sizes: list[int]) -> None:
+    plan = plan_window(
+        budget=budget,
+        pinned=[],
+        relevant=[],
+        summary=None,
+        recent=[],
+        retrieved=[Candidate(f"passage-{i}", size) for i, size in enumerate(sizes)],
+        retrieved_budget=cap,
+    )
+    taken = sum(c.tokens for c in plan.included if c.reason == Reason.RETRIEVED)
+    assert taken <= min(budget, cap)
+    assert len(plan.included) + len(plan.excluded) == len(sizes)
+
+
+def test_a_negative_retrieved_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match="retrieved_budget"):
+        plan_window(
+            budget=10,
+            pinned=[],
+            relevant=[],
+            summary=None,
+            recent=[],
+            retrieved=[Candidate("passage-1", 1)],
+            retrieved_budget=-1,
+        )

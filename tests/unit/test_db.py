@@ -31,6 +31,7 @@ from sqlalchemy import Connection, delete, event, inspect, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
+from switchboard.deploy import machine
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import Code
 from switchboard.platform.events.loglock import DatabaseInUse, lock_sqlite_file
@@ -136,7 +137,7 @@ async def test_migrate_creates_every_model_table(db: Database) -> None:
     await db.migrate()
 
     assert await table_names(db) == MODEL_TABLES | {"alembic_version"}
-    assert await current_revision(db) == head_revision() == "0015"
+    assert await current_revision(db) == head_revision() == "0016"
 
 
 async def test_migrating_twice_is_a_no_op_and_keeps_data(db: Database) -> None:
@@ -544,6 +545,7 @@ def test_missing_postgres_binaries_fail_loudly(monkeypatch: pytest.MonkeyPatch) 
     """Without a server the PostgreSQL fixtures fail (with the fix), never skip."""
     monkeypatch.setattr(shutil, "which", lambda _name: None)
     monkeypatch.setattr(glob, "glob", lambda _pattern: [])
+    monkeypatch.setattr(machine, "pgserver_bin_dir", lambda: None)
     with pytest.raises(postgres_infra.PostgresUnavailable, match="apt-get install postgresql"):
         postgres_infra.find_bin_dir()
 
@@ -878,3 +880,40 @@ def test_an_outage_is_logged_as_one_line_without_its_stack_and_a_bug_with_it(
         (logging.DEBUG, False),
         (logging.ERROR, True),
     ]
+
+
+def test_pgserver_is_preferred_and_copied_where_the_postgres_user_can_reach_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pgserver's PostgreSQL (it has pgvector) comes first; installed under a directory
+    others cannot enter (a venv in root's home), it is copied once to a readable place."""
+    assert machine.postgres_bin_dir() == machine.pgserver_bin_dir()
+    closed = tmp_path / "home"
+    install = closed / "site-packages" / "pgserver" / "pginstall"
+    (install / "bin").mkdir(parents=True)
+    (install / "lib").mkdir()
+    for tool in ("initdb", "pg_ctl", "postgres"):
+        (install / "bin" / tool).write_text("#!/bin/sh\n")
+        (install / "bin" / tool).chmod(0o700)
+    (install / "lib" / "vector.so").write_text("")
+    (install / "lib" / "vector.so").chmod(0o600)
+    closed.chmod(0o700)
+    tmp_path.chmod(0o755)
+    monkeypatch.setattr(machine, "PGSERVER_COPY_ROOT", tmp_path / "cache")
+    copy = machine._reachable(install)
+    assert copy.parent == tmp_path / "cache"
+    assert machine._reachable(install) == copy  # once
+    assert (copy / "bin" / "postgres").stat().st_mode & 0o005 == 0o005
+    assert (copy / "lib" / "vector.so").stat().st_mode & 0o004
+    assert (copy / "lib").stat().st_mode & 0o755 == 0o755
+    closed.chmod(0o755)
+
+
+def test_an_existing_cluster_keeps_the_major_version_that_made_it() -> None:
+    """pgserver's 16 comes first for a new cluster; one made by another major version
+    gets that version's binaries, or an error naming it (never a server that refuses it)."""
+    newest = machine.postgres_bin_dir()
+    assert machine.server_major(newest) == "16"
+    assert machine.postgres_bin_dir("16") == newest
+    with pytest.raises(machine.MeshError, match=r"made by PostgreSQL 99.*postgresql-99"):
+        machine.postgres_bin_dir("99")

@@ -34,6 +34,7 @@ SAMPLES = {
     "UPLOAD": "workspaces/acme/uploads/u-1",
     "VOICE_SESSION": "workspaces/acme/conversations/c-1/voiceSessions/s-1",
     "WORKSPACE_QUOTA": "workspaces/acme/quota",
+    "SEMANTIC_INDEX": "workspaces/acme/semanticIndex",
     "TOOL": "workspaces/acme/integrations/mcp-1/tools/get-sum",
     "TOOL_NAME": "get-sum",
     "TOOL_SEGMENT": "with~20space.Echo",

@@ -22,6 +22,7 @@ import { Navigation } from "./navigation";
 import { Page } from "./page";
 import { RunCards } from "./runcards";
 import { Schedules } from "./schedules";
+import { SearchPage } from "./search";
 import type { SessionChange } from "./session";
 
 export class App {
@@ -35,6 +36,7 @@ export class App {
   private readonly assistants: Assistants;
   private readonly budgets: Budgets;
   private readonly schedules: Schedules;
+  private readonly search: SearchPage;
   private readonly files: FilesPanel;
   private readonly composer: Composer;
   private readonly names = new Names();
@@ -51,6 +53,7 @@ export class App {
     this.live = new LiveEvents(this.page, this.names);
     this.budgets = new Budgets(api, this.page, this.names);
     this.schedules = new Schedules(api, this.page, this.names, { openRun: (run) => void this.navigation.openRun(run) });
+    this.search = new SearchPage(api, this.page, this.names);
     this.files = new FilesPanel(api, this.page);
     // The composer asks the navigation, built next, what is open when it needs to know.
     const composer = (this.composer = new Composer(api, this.page, {
@@ -76,6 +79,7 @@ export class App {
       this.names,
       (open) => this.budgets.show(open),
       (open) => this.schedules.show(open),
+      (open) => this.search.show(open),
     );
     this.assistants = new Assistants(api, this.page, this.integrations, {
       workspace: () => this.navigation.workspace,
@@ -96,7 +100,7 @@ export class App {
       // Atop the columns, in the page's flow: a problem shown here covers nothing.
       h("div", { class: "problems", "data-testid": "problems", "aria-live": "polite" }),
       this.navigation.column,
-      h("section", { class: "column chat" }, ...this.navigation.chat, this.budgets.element, this.schedules.element, ...this.runs.elements, composer.element),
+      h("section", { class: "column chat" }, ...this.navigation.chat, this.budgets.element, this.schedules.element, this.search.element, ...this.runs.elements, composer.element),
       h("aside", { class: "column" }, ...this.assistants.elements, ...this.files.elements, ...this.integrations.elements, ...this.live.elements),
     );
     root.replaceChildren(this.auth.element, this.consoleView);
@@ -174,6 +178,7 @@ export class App {
     this.assistants.clear();
     this.budgets.clear();
     this.schedules.clear();
+    this.search.clear();
     this.files.clear();
     this.account.clear();
     this.runs.clear();
@@ -202,6 +207,7 @@ export class App {
     this.account.open(workspace, owner);
     this.budgets.open(workspace, owner);
     this.schedules.open(workspace, owner);
+    this.search.open(workspace);
     this.files.open(workspace, owner || role === WorkspaceRole.EDITOR);
     this.runs.canResolve(owner);
     void this.assistants.load();

@@ -7,6 +7,7 @@
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { deleteConfirmation } from "./confirm";
 import { fill, h } from "./dom";
+import { SearchMode } from "./gen/switchboard/api/context/v1/context_pb";
 import { offerCurrentVersion, type Problem, problem, renderProblem } from "./errors";
 import type { Assistant, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
@@ -34,6 +35,7 @@ const FIELDS = [
   "max_tool_steps",
   "workspace_default",
   "voice",
+  "retrieval",
 ];
 
 export class Assistants {
@@ -208,6 +210,16 @@ export class Assistants {
     handler.value = a?.handler ?? "";
     const model = a?.model;
     const voice = a?.voice;
+    const retrieval = a?.retrieval;
+    const mode = h(
+      "select",
+      {},
+      h("option", { value: String(SearchMode.UNSPECIFIED) }, "Default (hybrid once indexed)"),
+      h("option", { value: String(SearchMode.FULL_TEXT) }, "Full-text"),
+      h("option", { value: String(SearchMode.SEMANTIC) }, "Semantic"),
+      h("option", { value: String(SearchMode.HYBRID) }, "Hybrid"),
+    );
+    mode.value = String(retrieval?.mode ?? SearchMode.UNSPECIFIED);
     const numberInput = (value: number | undefined, attrs: Record<string, string | number> = {}): HTMLInputElement =>
       h("input", { type: "number", value: value ? String(value) : "", ...attrs });
     fill(
@@ -261,6 +273,37 @@ export class Assistants {
             "Transcription model",
             h("input", { value: voice?.transcriptionModel ?? "", placeholder: "the server's", maxlength: 256 }),
           ),
+        ),
+      ),
+      // Retrieval (Assistant.retrieval): the best matches of each message put in the
+      // model's context with their sources, and the search_memory tool; 0 is the default.
+      h(
+        "fieldset",
+        { "data-testid": "assistant-retrieval" },
+        h("legend", {}, "Retrieval"),
+        h(
+          "label",
+          { class: "check" },
+          h("input", { type: "checkbox", "data-testid": "assistant-retrieval-on", checked: retrieval?.enabled ?? false }),
+          " Put the best matches of each message in its context, with their sources",
+        ),
+        h(
+          "div",
+          { class: "row" },
+          field("assistant-retrieval-top-k", "Passages", numberInput(retrieval?.topK, { min: 0, max: 20, placeholder: "5" })),
+          field("assistant-retrieval-budget", "Token budget", numberInput(retrieval?.tokenBudget, { min: 0, max: 32000, placeholder: "1000" })),
+          field("assistant-retrieval-mode", "Mode", mode),
+        ),
+        field(
+          "assistant-retrieval-filter",
+          "Filter",
+          h("input", { value: retrieval?.filter ?? "", placeholder: "e.g. source != message", maxlength: 1000 }),
+        ),
+        h(
+          "label",
+          { class: "check" },
+          h("input", { type: "checkbox", "data-testid": "assistant-search-tool", checked: retrieval?.searchTool ?? false }),
+          " Let the model search memory itself (a search tool it can call)",
         ),
       ),
       h(
@@ -341,6 +384,9 @@ export class Assistants {
     }
     const temperature = value("assistant-temperature");
     const speaks = this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-voice-on"]')?.checked ?? false;
+    const checked = (testid: string): boolean => this.editor.querySelector<HTMLInputElement>(`[data-testid="${testid}"]`)?.checked ?? false;
+    const retrieves = checked("assistant-retrieval-on");
+    const searches = checked("assistant-search-tool");
     return {
       name: this.editing ?? "",
       displayName: value("assistant-name"),
@@ -363,6 +409,18 @@ export class Assistants {
               language: value("assistant-voice-language"),
               speechModel: value("assistant-speech-model"),
               transcriptionModel: value("assistant-transcription-model"),
+            },
+          }
+        : {}),
+      ...(retrieves || searches || value("assistant-retrieval-filter")
+        ? {
+            retrieval: {
+              enabled: retrieves,
+              topK: num("assistant-retrieval-top-k"),
+              tokenBudget: num("assistant-retrieval-budget"),
+              mode: num("assistant-retrieval-mode") as SearchMode,
+              filter: value("assistant-retrieval-filter"),
+              searchTool: searches,
             },
           }
         : {}),

@@ -29,6 +29,8 @@ export class Navigation {
   budgetsOpen = false;
   /** Whether the open workspace's Schedules page is open (`#workspaces/w/schedules`). */
   schedulesOpen = false;
+  /** Whether the open workspace's Search page is open (`#workspaces/w/search`). */
+  searchOpen = false;
   /** The left column: the lists, and the forms that add to them. */
   readonly column: HTMLElement;
   /** The open conversation's title and messages, atop the chat column. */
@@ -61,6 +63,7 @@ export class Navigation {
     { class: "pages", hidden: true },
     h("a", { href: "#", class: "item", "data-testid": "open-budgets" }, "Budgets and spend"),
     h("a", { href: "#", class: "item", "data-testid": "open-schedules" }, "Schedules"),
+    h("a", { href: "#", class: "item", "data-testid": "open-search" }, "Search"),
   );
   private workspaces: Workspace[] = [];
   private conversations: Conversation[] = [];
@@ -80,6 +83,8 @@ export class Navigation {
     private readonly budgets: (open: boolean) => void = () => undefined,
     /** The Schedules page shown (true) or left (false). */
     private readonly schedules: (open: boolean) => void = () => undefined,
+    /** The Search page shown (true) or left (false). */
+    private readonly search: (open: boolean) => void = () => undefined,
   ) {
     this.files = new FileViews(api, page);
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
@@ -134,11 +139,12 @@ export class Navigation {
 
   async followHash(): Promise<void> {
     const target = decodeURIComponent(location.hash.slice(1));
-    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets|\/schedules)?$/.exec(target);
+    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets|\/schedules|\/search)?$/.exec(target);
     if (match === null || !this.api.tokens.signedIn) return;
     const workspace = match[1] ?? "";
     if (target === `${workspace}/budgets`) return this.openBudgets(workspace);
     if (target === `${workspace}/schedules`) return this.openSchedules(workspace);
+    if (target === `${workspace}/search`) return this.openSearch(workspace);
     await this.pickWorkspace(workspace, target === workspace ? "" : target);
   }
 
@@ -255,6 +261,8 @@ export class Navigation {
     this.budgets(false);
     this.schedulesOpen = false;
     this.schedules(false);
+    this.searchOpen = false;
+    this.search(false);
     this.pages.hidden = true;
     this.workspaceList.replaceChildren();
     this.conversationList.replaceChildren();
@@ -283,6 +291,7 @@ export class Navigation {
     this.pages.hidden = !this.workspace;
     this.pages.querySelector('[data-testid="open-budgets"]')?.setAttribute("href", `#${this.workspace}/budgets`);
     this.pages.querySelector('[data-testid="open-schedules"]')?.setAttribute("href", `#${this.workspace}/schedules`);
+    this.pages.querySelector('[data-testid="open-search"]')?.setAttribute("href", `#${this.workspace}/search`);
     if (this.workspaces.length === 0) {
       // The first sign-in: nothing to pick yet, so say what comes first.
       this.workspaceList.replaceChildren(
@@ -364,6 +373,22 @@ export class Navigation {
     this.schedules(true);
   }
 
+  /** The workspace's Search page, in the centre where a conversation would be. */
+  private async openSearch(workspace: string): Promise<void> {
+    await this.pickWorkspace(workspace);
+    if (workspace !== this.workspace) return;
+    this.conversation = "";
+    this.messages.clear();
+    this.files.clear();
+    this.runs.stop();
+    this.composer.left();
+    this.searchOpen = true;
+    this.renderConversations();
+    this.renderConversation();
+    history.replaceState(null, "", `#${workspace}/search`);
+    this.search(true);
+  }
+
   /** Opens the conversation of `run` (`workspaces/w/conversations/c/runs/r`) with the run's
    *  card shown: a schedule's firing leads there. */
   async openRun(run: string): Promise<void> {
@@ -383,6 +408,11 @@ export class Navigation {
     if (this.schedulesOpen) {
       this.schedulesOpen = false;
       this.schedules(false);
+      this.renderConversation();
+    }
+    if (this.searchOpen) {
+      this.searchOpen = false;
+      this.search(false);
       this.renderConversation();
     }
     if (name !== this.workspace) {
@@ -439,7 +469,7 @@ export class Navigation {
   }
 
   private renderOverview(): void {
-    const open = this.workspace !== "" && this.conversation === "" && !this.budgetsOpen && !this.schedulesOpen;
+    const open = this.workspace !== "" && this.conversation === "" && !this.budgetsOpen && !this.schedulesOpen && !this.searchOpen;
     this.overview.hidden = !open;
     if (!open) return;
     const role = this.roleOf(this.workspace);
@@ -539,12 +569,15 @@ export class Navigation {
         ? `Budgets · ${workspace?.displayName || this.workspace}`
         : this.schedulesOpen
         ? `Schedules · ${workspace?.displayName || this.workspace}`
+        : this.searchOpen
+        ? `Search · ${workspace?.displayName || this.workspace}`
         : this.workspace
         ? workspace?.displayName || this.workspace
         : "Pick or create a workspace";
     this.renderOverview();
     this.pages.querySelector('[data-testid="open-budgets"]')?.classList.toggle("current", this.budgetsOpen);
     this.pages.querySelector('[data-testid="open-schedules"]')?.classList.toggle("current", this.schedulesOpen);
+    this.pages.querySelector('[data-testid="open-search"]')?.classList.toggle("current", this.searchOpen);
     this.composer.show(!!this.conversation);
     this.renderMessages();
     this.runs.render();

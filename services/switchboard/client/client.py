@@ -572,6 +572,77 @@ class Client:
                 break
         return found[:limit]
 
+    # -- search -------------------------------------------------------------------------
+
+    async def search_context(
+        self,
+        parent: str,
+        query: str,
+        *,
+        mode: context_pb2.SearchMode.ValueType = context_pb2.SEARCH_MODE_UNSPECIFIED,
+        filter: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout_s: float | None = None,
+    ) -> context_pb2.SearchContextResponse:
+        """Search ``parent`` (``workspaces/w``, or a conversation of it: its messages and
+        memory plus the workspace's memory and documents) for ``query``. ``mode``:
+        ``SEARCH_MODE_FULL_TEXT``, ``_SEMANTIC`` or ``_HYBRID`` (unset: hybrid once the
+        workspace's semantic index is configured, else full-text); ``filter``: AIP-160
+        comparisons joined by ``AND`` (``source = memory AND kind = fact``). Each
+        result says where it came from (``memory_item``, ``message`` or
+        ``document_chunk``) with its score; ``fallback_reason`` says why a semantic
+        search ran full-text instead."""
+        return await self.context.SearchContext(
+            context_pb2.SearchContextRequest(
+                parent=parent,
+                query=query,
+                mode=mode,
+                filter=filter,
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            timeout=timeout_s,
+        )
+
+    async def search_memory(
+        self,
+        parent: str,
+        query: str,
+        *,
+        mode: context_pb2.SearchMode.ValueType = context_pb2.SEARCH_MODE_UNSPECIFIED,
+        filter: str = "",
+        page_size: int = 0,
+        timeout_s: float | None = None,
+    ) -> context_pb2.SearchMemoryItemsResponse:
+        """SearchMemoryItems: memory items of ``parent`` (a workspace, conversation or
+        ``users/me``) matching ``query``, ranked in ``mode`` with their scores."""
+        return await self.context.SearchMemoryItems(
+            context_pb2.SearchMemoryItemsRequest(
+                parent=parent, query=query, mode=mode, filter=filter, page_size=page_size
+            ),
+            timeout=timeout_s,
+        )
+
+    async def get_semantic_index(self, workspace: str) -> context_pb2.SemanticIndex:
+        """``workspace``'s semantic index: its model, dimensions, what it indexes, and
+        its state (how far the background indexer is)."""
+        response = await self.context.GetSemanticIndex(
+            context_pb2.GetSemanticIndexRequest(name=f"{workspace}/semanticIndex")
+        )
+        return response.semantic_index
+
+    async def update_semantic_index(
+        self, index: context_pb2.SemanticIndex, fields: Sequence[str]
+    ) -> context_pb2.SemanticIndex:
+        """Change ``fields`` of a workspace's semantic index to ``index``'s values (its
+        ``name`` says which: ``workspaces/w/semanticIndex``); a new model re-embeds in
+        the background. Owners only."""
+        request = context_pb2.UpdateSemanticIndexRequest(semantic_index=index)
+        request.update_mask.paths.extend(fields)
+        response = await self.context.UpdateSemanticIndex(request)
+        return response.semantic_index
+
     # -- files --------------------------------------------------------------------------
 
     async def upload_file(

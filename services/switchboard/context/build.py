@@ -6,6 +6,8 @@ it, and an in-process dispatcher reaches it through ``LocalContext``.
 
 from __future__ import annotations
 
+import logging
+
 from switchboard.context import servicer
 from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
@@ -14,8 +16,15 @@ from switchboard.context.files.stores import open_blob_store
 from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.files.transcription import OpenAITranscriber
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
+from switchboard.context.semantic.chunkstore import ChunkStore
+from switchboard.context.semantic.embedder import OpenAIEmbedder
+from switchboard.context.semantic.indexer import IndexerLimits
+from switchboard.context.semantic.ports import Embedder
+from switchboard.context.semantic.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
+from switchboard.dispatcher.budgets.embeddings import LedgerCharger, parse_embedding_prices
+from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
@@ -24,7 +33,10 @@ from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
+from switchboard.platform.store.vectors import FULL_TEXT_ONLY, vector_support
 from switchboard.shared import Shared, setting
+
+log = logging.getLogger("switchboard.context.semantic")
 
 
 def context_limits(settings: ContextSettings) -> Limits:
@@ -95,6 +107,9 @@ def context_service(
     policy: Policy | None = None,
     transcriber: Transcriber | None = None,
     egress: EgressPolicy | None = None,
+    embedder: Embedder | None = None,
+    vectors: bool = False,
+    instance_id: str = "context",
 ) -> ContextDomain:
     """The context domain with its configured plugins; raises ConfigError for unknown ones.
     Its window cache is in the kernel's Redis."""
@@ -133,7 +148,66 @@ def context_service(
         transcriber=transcriber,
         egress=egress,
         fetch_timeout_s=settings.context_files_fetch_timeout_s,
+        chunks=ChunkStore(database),
+        embedder=embedder,
+        vectors=vectors,
+        indexer_limits=IndexerLimits.from_settings(settings),
+        instance_id=instance_id,
+        search=SearchParts(
+            candidates=settings.context_semantic_candidates,
+            ef_search=settings.context_semantic_ef_search,
+            # A search waits on its query's embedding at most this, then falls back:
+            # a reader is waiting, unlike the indexer.
+            embed_timeout_s=min(settings.context_embeddings_timeout_s, SEARCH_EMBED_TIMEOUT_S),
+        ),
     )
+
+
+def context_embedder(settings: ContextSettings, shared: Shared) -> Embedder | None:
+    """The embeddings client for ``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL`` (None without a
+    URL), reached through the egress policy like any other endpoint; closed with the
+    process (after the domain that uses it)."""
+    if not settings.context_embeddings_url:
+        return None
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        policy = EgressPolicy.from_settings(shared.section(EgressSettings))
+    with setting("SWITCHBOARD_CONTEXT_EMBEDDINGS_PRICES"):
+        prices = parse_embedding_prices(settings.context_embeddings_prices)
+    embedder = OpenAIEmbedder(
+        settings.context_embeddings_url,
+        api_key=settings.context_embeddings_api_key.get_secret_value(),
+        policy=policy,
+        # The database is the dispatcher's too: a workspace's embedding calls are held
+        # and charged in its budgets like model calls (docs/semantic.md, "Embeddings").
+        charger=LedgerCharger(Ledger(shared.database), prices),
+        batch=settings.context_embeddings_batch,
+        timeout_s=settings.context_embeddings_timeout_s,
+        attempts=settings.context_embeddings_attempts,
+        concurrency=settings.context_embeddings_concurrency,
+    )
+    shared.resources.push_async_callback(embedder.close)
+    return embedder
+
+
+async def semantic_engines(
+    settings: ContextSettings, shared: Shared, *, say: bool
+) -> tuple[Embedder | None, bool]:
+    """The embedder and whether the database has a vector engine; ``say``: log once
+    (in a process serving ContextService) when semantic search is off, and why."""
+    embedder = context_embedder(settings, shared)
+    support = await vector_support(shared.database)
+    if say:
+        if embedder is None:
+            log.info(
+                "no embeddings endpoint is configured (SWITCHBOARD_CONTEXT_EMBEDDINGS_URL): "
+                "%s; documents are still indexed for full-text search",
+                FULL_TEXT_ONLY,
+            )
+        elif not support.available:
+            log.warning("%s", support.reason)
+        else:
+            log.info("semantic search is on (%s)", support.engine)
+    return embedder, support.available
 
 
 async def context_domain(shared: Shared) -> ContextDomain:
@@ -146,8 +220,11 @@ async def context_domain(shared: Shared) -> ContextDomain:
         if transcriber is not None:
             # Closed after the domain (the stack unwinds in reverse): transcriptions stop first.
             shared.resources.push_async_callback(transcriber.close)
+        settings = shared.section(ContextSettings)
+        serving = "context" in shared.settings.services
+        embedder, vectors = await semantic_engines(settings, shared, say=serving)
         domain = context_service(
-            shared.section(ContextSettings),
+            settings,
             shared.settings,
             shared.database,
             shared.bus,
@@ -156,9 +233,12 @@ async def context_domain(shared: Shared) -> ContextDomain:
             policy=shared.policy,
             transcriber=transcriber,
             egress=EgressPolicy.from_settings(shared.section(EgressSettings)),
+            embedder=embedder,
+            vectors=vectors,
+            instance_id=shared.instance_id,
         )
-        # Maintenance (pruning, purging) runs where the context service is served.
-        await domain.start(maintain="context" in shared.settings.services)
+        # Maintenance (pruning, purging, indexing) runs where the context service is served.
+        await domain.start(maintain=serving)
         shared.resources.push_async_callback(domain.close)
         return domain
 

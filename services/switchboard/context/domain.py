@@ -7,6 +7,8 @@ closing the background work.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from switchboard.context.attachments import Attachments
 from switchboard.context.common import Common, Limits
 from switchboard.context.conversations import Conversations
@@ -24,6 +26,13 @@ from switchboard.context.messages import Messages
 from switchboard.context.messagestore import MessageStore
 from switchboard.context.prunestore import PruneStore
 from switchboard.context.pruning import Pruning
+from switchboard.context.semantic.chunkstore import ChunkStore
+from switchboard.context.semantic.indexer import Indexer, IndexerLimits
+from switchboard.context.semantic.indexes import SemanticIndexes
+from switchboard.context.semantic.indexstore import IndexStore
+from switchboard.context.semantic.ports import Embedder
+from switchboard.context.semantic.search import IndexerSettings, Search, SearchParts
+from switchboard.context.semantic.searchstore import SearchStore
 from switchboard.context.summarizer import Summarizer
 from switchboard.context.tokencount import TokenCounter
 from switchboard.context.windowcache import WindowCache
@@ -58,8 +67,16 @@ class ContextDomain:
         transcriber: Transcriber | None = None,
         egress: EgressPolicy | None = None,
         fetch_timeout_s: float = 30.0,
+        chunks: ChunkStore | None = None,
+        embedder: Embedder | None = None,
+        vectors: bool = False,
+        indexer_limits: IndexerLimits | None = None,
+        instance_id: str = "context",
+        search: SearchParts | None = None,
     ) -> None:
-        """``blobs`` None: files in a fresh temporary directory (tests, benchmarks)."""
+        """``blobs`` None: files in a fresh temporary directory (tests, benchmarks).
+        ``chunks`` None: nothing is indexed (the semantic index's settings still are)
+        and search is full-text over memory items only. ``search``: its tuning."""
         common = Common(bus, counters, limits=limits, page_tokens=page_tokens, counter=counter)
         self.limits = limits
         workspace_store = WorkspaceStore(database)
@@ -94,16 +111,56 @@ class ContextDomain:
             appended=self.pruning.appended,
             attachments=self._attachments,
         )
-        self.memory = Memory(common, MemoryStore(database))
-        self.windows = Windows(common, WindowStore(database), cache, files=self.files)
+        self._chunks = chunks
+        self.indexer = Indexer(
+            database,
+            bus,
+            chunks or _NoChunks(),
+            embedder,
+            indexer_limits or IndexerLimits(),
+            instance_id=instance_id,
+            vectors=vectors,
+        )
+        self.semantic = SemanticIndexes(IndexStore(database), self.indexer)
+        self.search = Search(
+            common,
+            SearchStore(database),
+            replace(
+                search or SearchParts(),
+                embedder=embedder,
+                settings=IndexerSettings(self.indexer),
+                chunks=chunks,
+                vectors=vectors,
+            ),
+        )
+        self.memory = Memory(common, MemoryStore(database), self.search)
+        self.windows = Windows(
+            common, WindowStore(database), cache, files=self.files, search=self.search
+        )
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
         self.pruning.start(maintain=maintain)
         await self.files.start(maintain=maintain)
+        if maintain and self._chunks is not None:
+            await self.indexer.start()
 
     async def close(self) -> None:
+        await self.indexer.close()
         await self.pruning.close()
         await self.files.close()
         await self._attachments.close()
         await self.windows.cache.close()
+
+
+class _NoChunks:
+    """The chunk store of a domain that indexes nothing (its indexer is not started)."""
+
+    async def replace_source(self, *args: object) -> list[int]:
+        raise RuntimeError("this context domain has no chunk store")
+
+    async def replace_sources(self, *args: object) -> None:
+        raise RuntimeError("this context domain has no chunk store")
+
+    async def delete_source(self, *args: object) -> int:
+        raise RuntimeError("this context domain has no chunk store")

@@ -24,7 +24,8 @@ from switchboard.context.common import (
 )
 from switchboard.context.mapping import KINDS, memory_proto
 from switchboard.context.memorystore import MemoryStore
-from switchboard.context.records import MemoryRecord, Scope, Unsearchable
+from switchboard.context.records import MemoryRecord, Scope
+from switchboard.context.semantic.search import Search
 from switchboard.platform import names, timefields
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.fieldmask import update_paths
@@ -33,8 +34,6 @@ from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import from_micros, micros
 
-#: Ranked results page by position, and only this deep.
-MAX_SEARCH_RESULTS: Final = 500
 #: How many messages one memory item may cite.
 MAX_SOURCE_MESSAGES: Final = 50
 
@@ -78,9 +77,11 @@ def _memory_name(name: str, field: str) -> tuple[str, str]:
 
 
 class Memory(Domain):
-    def __init__(self, common: Common, store: MemoryStore) -> None:
+    def __init__(self, common: Common, store: MemoryStore, search: Search) -> None:
         super().__init__(common)
         self._store = store
+        #: Ranks for SearchMemoryItems (modes, filters: ``semantic/search.py``).
+        self._search = search
 
     def _content(self, content: str, field: str, violations: Violations) -> None:
         if not content.strip():
@@ -227,32 +228,4 @@ class Memory(Domain):
         check_text(request.query, "query", self.limits.max_query_chars, violations)
         violations.check()
         kinds = kinds_of(request.kinds, "kinds")
-        size = pagination.page_size(request.page_size, default=10, maximum=50)
-        token = pagination.fingerprint("search", request.parent, request.query, sorted(kinds))
-        # Ranked results page by rank position: a relevance order has no stable
-        # key (scores move as the corpus changes). The window is capped.
-        offset = 0
-        if request.page_token:
-            position = (pagination.Int(0, MAX_SEARCH_RESULTS),)
-            offset = int(self.common.pages.decode(request.page_token, token, position)[0])
-        if offset >= MAX_SEARCH_RESULTS:
-            return pb.SearchMemoryItemsResponse()
-        try:
-            rows = await stored(
-                self._store.search_memory(
-                    scope, request.query, kinds=kinds, limit=size + 1, offset=offset
-                )
-            )
-        except Unsearchable:
-            raise InvalidArgument(
-                "the query cannot be searched", [FieldViolation("query", "cannot be searched")]
-            ) from None
-        response = pb.SearchMemoryItemsResponse(
-            results=[
-                pb.ScoredMemoryItem(memory_item=memory_proto(row), score=score)
-                for row, score in rows[:size]
-            ]
-        )
-        if len(rows) > size and offset + size < MAX_SEARCH_RESULTS:
-            response.next_page_token = self.common.pages.encode([offset + size], token)
-        return response
+        return await self._search.search_memory(request, scope, kinds)

@@ -180,6 +180,24 @@ class ContextServiceServicer:
     ) -> pb.SearchMemoryItemsResponse:
         return await self._domain.memory.search(request)
 
+    async def SearchContext(
+        self, request: pb.SearchContextRequest, context: Context
+    ) -> pb.SearchContextResponse:
+        return await self._domain.search.search_context(request)
+
+    async def GetSemanticIndex(
+        self, request: pb.GetSemanticIndexRequest, context: Context
+    ) -> pb.GetSemanticIndexResponse:
+        return pb.GetSemanticIndexResponse(
+            semantic_index=await self._domain.semantic.get(request.name)
+        )
+
+    async def UpdateSemanticIndex(
+        self, request: pb.UpdateSemanticIndexRequest, context: Context
+    ) -> pb.UpdateSemanticIndexResponse:
+        index = await self._domain.semantic.update(current_principal(), request)
+        return pb.UpdateSemanticIndexResponse(semantic_index=index)
+
     async def DeleteMemoryItem(
         self, request: pb.DeleteMemoryItemRequest, context: Context
     ) -> pb.DeleteMemoryItemResponse:

@@ -46,6 +46,7 @@ from switchboard.context.records import (
     WorkspaceRecord,
 )
 from switchboard.context.search import fts5_match, pg_tsquery, query_terms
+from switchboard.context.semantic.ports import SearchFilter
 from switchboard.platform.errors import QuotaExceeded
 from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
@@ -249,30 +250,44 @@ class StoreBase:
         offset: int = 0,
         exclude_kinds: Sequence[str] = (),
         unpinned_only: bool = False,
+        conditions: SearchFilter | None = None,
+        workspace_id: str | None = None,
     ) -> list[tuple[MemoryItemRow, float]]:
-        """Items of ``scopes`` matching any term of ``query``, best first."""
+        """Items of ``scopes`` matching any term of ``query``, best first.
+
+        ``workspace_id`` instead of ``scopes``: every item of the workspace and of
+        its live conversations. ``conditions``: a search filter's memory conditions
+        (kind, conversation, create_time; its metadata is for the caller to check).
+        """
         match = self._match(query)
-        if not match or not scopes:
+        if not match or not (scopes or workspace_id):
             return []
-        filters = ["m.scope IN :scopes", "(m.expires_at IS NULL OR m.expires_at > :now)"]
-        params: dict[str, Any] = {
-            "scopes": list(scopes),
-            "match": match,
-            "limit": limit,
-            "offset": offset,
-            "now": now(),
-        }
-        binds: list[BindParameter[Any]] = [bindparam("scopes", expanding=True)]
+        filters = ["(m.expires_at IS NULL OR m.expires_at > :now)"]
+        params: dict[str, Any] = {"match": match, "limit": limit, "offset": offset, "now": now()}
+        binds: list[BindParameter[Any]] = []
+
+        def one_of(column: str, name: str, values: Sequence[str], negate: bool = False) -> None:
+            filters.append(f"{column} {'NOT IN' if negate else 'IN'} :{name}")
+            params[name] = list(values)
+            binds.append(bindparam(name, expanding=True))
+
+        if workspace_id is not None:
+            filters.append(
+                "m.workspace_id = :workspace AND (m.conversation_id IS NULL OR EXISTS "
+                "(SELECT 1 FROM conversations c WHERE c.id = m.conversation_id "
+                "AND c.deleted_at IS NULL))"
+            )
+            params["workspace"] = workspace_id
+        else:
+            one_of("m.scope", "scopes", scopes)
         if kinds:
-            filters.append("m.kind IN :kinds")
-            params["kinds"] = list(kinds)
-            binds.append(bindparam("kinds", expanding=True))
+            one_of("m.kind", "kinds", kinds)
         if exclude_kinds:
-            filters.append("m.kind NOT IN :exclude")
-            params["exclude"] = list(exclude_kinds)
-            binds.append(bindparam("exclude", expanding=True))
+            one_of("m.kind", "exclude", exclude_kinds, negate=True)
         if unpinned_only:
             filters.append("NOT m.pinned")
+        if conditions is not None:
+            _memory_conditions(conditions, filters, params, binds)
         sql = _search_sql(" AND ".join(filters), sqlite=self._sqlite)
         try:
             ranked = [
@@ -292,6 +307,44 @@ class StoreBase:
             for row in db.execute(_MEMORY_BY_IDS, {"ids": [i for i, _ in ranked]}).scalars()
         }
         return [(rows[i], score) for i, score in ranked if i in rows]
+
+
+def _memory_conditions(
+    conditions: SearchFilter,
+    filters: list[str],
+    params: dict[str, Any],
+    binds: list[BindParameter[Any]],
+) -> None:
+    """A search filter's conditions on memory items, as SQL (values bound)."""
+
+    def one_of(sql: str, name: str, values: frozenset[str]) -> None:
+        filters.append(sql.format(f":{name}"))
+        params[name] = sorted(values)
+        binds.append(bindparam(name, expanding=True))
+
+    if conditions.labels is not None:
+        one_of("m.kind IN {}", "labels", conditions.labels)
+    if conditions.exclude_labels:
+        one_of("m.kind NOT IN {}", "not_labels", conditions.exclude_labels)
+    if conditions.conversation_ids is not None:
+        one_of("m.conversation_id IN {}", "conversations", conditions.conversation_ids)
+    if conditions.exclude_conversation_ids:
+        one_of(
+            "(m.conversation_id IS NULL OR m.conversation_id NOT IN {})",
+            "not_conversations",
+            conditions.exclude_conversation_ids,
+        )
+    stamp = table_of(MemoryItemRow).c.created_at.type
+    if conditions.created_after is not None:
+        op = ">=" if conditions.created_after_inclusive else ">"
+        filters.append(f"m.created_at {op} :created_after")
+        params["created_after"] = conditions.created_after
+        binds.append(bindparam("created_after", type_=stamp))
+    if conditions.created_before is not None:
+        op = "<=" if conditions.created_before_inclusive else "<"
+        filters.append(f"m.created_at {op} :created_before")
+        params["created_before"] = conditions.created_before
+        binds.append(bindparam("created_before", type_=stamp))
 
 
 _MEMORY: Final = table_of(MemoryItemRow)

@@ -8,6 +8,9 @@ Inputs:
 
 - ``pinned``: memories that must always be shown, in the order to show them.
 - ``relevant``: memories retrieved for this turn, in rank order (best first).
+- ``retrieved``: search results retrieved for this turn (memory items, messages,
+  document passages; ``GetContextWindowRequest.retrieval``), in rank order, with
+  their own cap ``retrieved_budget``.
 - ``summary``: the conversation's rolling summary, if any.
 - ``recent``: messages, **newest first**, as loaded from the store.
 - ``older_messages``: live messages older than the last ``recent`` candidate
@@ -30,6 +33,10 @@ Rules, applied in this order:
    slot already decided it. (Generally, the first candidate with a given key
    among ``pinned`` then ``relevant`` decides that memory; later repeats are
    dropped, so no memory is ever listed twice.)
+3b. Retrieved results, in rank order, like relevant memories but under their own
+   cap ``retrieved_budget`` (and the remaining budget): each included if it fits,
+   else ``excluded`` with ``OVER_BUDGET``. A key already decided (a memory
+   pinned or relevant) is dropped without a trace, so nothing is shown twice.
 4. The summary, if it fits; otherwise ``excluded`` with ``OVER_BUDGET``.
 5. Recent messages, newest first, while they fit. The first one that does not
    fit whole is included cut down to the budget left (``Choice.truncated``,
@@ -55,11 +62,12 @@ Rules, applied in this order:
    cutting all the history before it would cost more than it saves.
 
 ``included`` is in reading order for a handler: pinned, relevant (rank order),
-the summary, then messages oldest first (chronological). ``excluded`` is in the
-order the decisions were made (pinned, relevant, summary, messages newest
-first). ``total_tokens`` is the sum of ``Choice.tokens`` over ``included``
-and never exceeds the budget. A budget of 0 with nothing pinned is valid: everything is excluded or
-omitted. A negative budget, token count, ``older_messages`` or a
+retrieved (rank order), the summary, then messages oldest first (chronological).
+``excluded`` is in the order the decisions were made (pinned, relevant,
+retrieved, summary, messages newest first). ``total_tokens`` is the sum of
+``Choice.tokens`` over ``included`` and never exceeds the budget. A budget of 0
+with nothing pinned is valid: everything is excluded or omitted. A negative
+budget, token count, ``older_messages``, ``retrieved_budget`` or a
 ``relevant_share`` outside ``[0, 1]`` raises ``ValueError``.
 """
 
@@ -78,6 +86,7 @@ class Reason(enum.Enum):
     RELEVANT = "relevant"
     SUMMARY = "summary"
     RECENT = "recent"
+    RETRIEVED = "retrieved"
     OVER_BUDGET = "over_budget"
     EXPIRED = "expired"
 
@@ -206,7 +215,9 @@ class _Planner:
             else:
                 self.include(candidate, Reason.PINNED)
 
-    def relevant(self, relevant: Sequence[Candidate], cap: int) -> None:
+    def relevant(
+        self, relevant: Sequence[Candidate], cap: int, reason: Reason = Reason.RELEVANT
+    ) -> None:
         used = 0
         for candidate in relevant:
             if not self.first_time(candidate):
@@ -214,7 +225,7 @@ class _Planner:
             if candidate.expired:
                 self.exclude(candidate, Reason.EXPIRED)
             elif self.fits(candidate) and used + candidate.tokens <= cap:
-                self.include(candidate, Reason.RELEVANT)
+                self.include(candidate, reason)
                 used += candidate.tokens
             else:
                 self.exclude(candidate, Reason.OVER_BUDGET)
@@ -306,6 +317,8 @@ def plan_window(
     recent: Sequence[Candidate],
     older_messages: int = 0,
     relevant_share: float = 0.25,
+    retrieved: Sequence[Candidate] = (),
+    retrieved_budget: int = 0,
 ) -> Plan:
     """Plan a context window of at most ``budget`` tokens (rules in the module docstring)."""
     _validate(
@@ -315,6 +328,7 @@ def plan_window(
         [
             ("pinned", pinned),
             ("relevant", relevant),
+            ("retrieved", retrieved),
             ("summary", [summary] if summary is not None else []),
             ("recent", recent),
         ],
@@ -324,6 +338,10 @@ def plan_window(
     # floor() rather than int(): identical for the non-negative values allowed,
     # and it says that the cap rounds down (never over the share).
     planner.relevant(relevant, math.floor(budget * relevant_share))
+    if retrieved:
+        if retrieved_budget < 0:
+            raise ValueError(f"retrieved_budget must not be negative, got {retrieved_budget}")
+        planner.relevant(retrieved, retrieved_budget, Reason.RETRIEVED)
     if summary is not None:
         planner.summary(summary)
     omitted = planner.recent(recent)

@@ -16,6 +16,13 @@ version of it: a window is not cached while a file it names may still get its
 text (a document or recording whose text is not ready), and a window that
 shows file text is kept at most ``FILE_TEXT_CACHE_S``, as deleting a file
 changes no version the key holds.
+
+Retrieval (``GetContextWindowRequest.retrieval``): search results for the
+window's query (``semantic/search.py``, in the conversation) go in as
+RETRIEVED items within the retrieval's token budget (``window.py`` rule 3b).
+A window with retrieval is never cached nor served from the cache: what search
+finds moves with the workspace's memory, other conversations, files and the
+semantic index's progress, none of which has a version in the key.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from switchboard.context.mapping import (
 )
 from switchboard.context.parttext import render_parts
 from switchboard.context.records import MemoryRecord, MessageRecord, Unsearchable
+from switchboard.context.semantic.filters import ParsedFilter, parse_filter
+from switchboard.context.semantic.search import Ranking, Search, check_mode
 from switchboard.context.window import Candidate, Choice, PinnedOverBudget, plan_window
 from switchboard.context.windowcache import WindowCache
 from switchboard.context.windowstore import WindowRows, WindowScopes, WindowStore
@@ -56,6 +65,8 @@ from switchboard.platform.security.policy import Principal
 _WINDOW_FORMAT: Final = "w3"
 #: How many windows ``Windows`` remembers as last served from the cache.
 _POLLED: Final = 1024
+#: Most results a window retrieves.
+MAX_RETRIEVED: Final = 20
 #: How long a cached window showing file text may be served (a deleted file's
 #: text stops showing within this).
 FILE_TEXT_CACHE_S: Final = 60.0
@@ -65,6 +76,16 @@ class FileTexts(Protocol):
     """What a window needs of the files domain (``ContextDomain.files``)."""
 
     async def texts(self, names: Sequence[str]) -> dict[str, tuple[str, int]]: ...
+
+
+def _check_retrieval(
+    retrieval: pb.RetrievalOptions, token_budget: int, violations: Violations
+) -> None:
+    if not 1 <= retrieval.top_k <= MAX_RETRIEVED:
+        violations.add("retrieval.top_k", f"must be between 1 and {MAX_RETRIEVED}")
+    if retrieval.token_budget < 1 or retrieval.token_budget > max(token_budget, 1):
+        violations.add("retrieval.token_budget", "must be between 1 and the window's token_budget")
+    check_mode(retrieval.mode, "retrieval.mode", violations)
 
 
 def _file_names(message: pb.Message) -> list[str]:
@@ -115,9 +136,11 @@ class Windows(Domain):
         store: WindowStore,
         cache: WindowCache,
         files: FileTexts | None = None,
+        search: Search | None = None,
     ) -> None:
         super().__init__(common)
         self._store = store
+        self._search = search
         #: The windows already built, as served (bytes).
         self.cache = cache
         self._files = files
@@ -135,7 +158,14 @@ class Windows(Domain):
         elif request.token_budget > self.limits.max_window_tokens:
             violations.add("token_budget", f"must be at most {self.limits.max_window_tokens}")
         check_text(request.query, "query", self.limits.max_query_chars, violations)
+        retrieval = request.retrieval if request.HasField("retrieval") else None
+        if retrieval is not None:
+            _check_retrieval(retrieval, request.token_budget, violations)
         violations.check()
+        if retrieval is not None:
+            parsed = parse_filter(
+                retrieval.filter, workspace_id=workspace_id, field="retrieval.filter"
+            )
         scopes = WindowScopes(
             conversation=conversation_name(workspace_id, conversation_id),
             workspace=workspace_name(workspace_id),
@@ -160,6 +190,10 @@ class Windows(Domain):
                 )
             )
 
+        if retrieval is not None:
+            return await self._retrieving(
+                workspace_id, conversation_id, scopes, request, retrieval, parsed
+            )
         rows: WindowRows | None = None
         polled = ":".join((*prefix, principal.user_id, *suffix))
         if self.cache.shared or polled in self._polled:
@@ -208,6 +242,38 @@ class Windows(Domain):
             await self.cache.put(key, payload, valid_until)
         return payload
 
+    async def _retrieving(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        scopes: WindowScopes,
+        request: pb.GetContextWindowRequest,
+        retrieval: pb.RetrievalOptions,
+        parsed: ParsedFilter,
+    ) -> bytes:
+        """A window with retrieval, built afresh (never cached, see the module docstring)."""
+        asked: list[str] = []
+        rows = await self._rows(workspace_id, conversation_id, scopes, request, asked=asked)
+        # The latest user message may be longer than a query may be: its start is searched.
+        query = (asked[0] if asked else request.query)[: self.limits.max_query_chars]
+        ranking = None
+        if query.strip() and self._search is not None:
+            ranking = await self._search.retrieve(
+                workspace_id, conversation_id, query, retrieval, parsed
+            )
+        messages = {seq: pb.Message.FromString(rows.bodies[seq]) for seq, _ in rows.recent}
+        texts = await self._texts(messages.values())
+        payload, _ = self._build(
+            scopes.conversation,
+            rows,
+            messages,
+            texts,
+            request.token_budget,
+            ranking=ranking,
+            retrieval_budget=retrieval.token_budget,
+        )
+        return payload
+
     @overload
     async def _rows(
         self,
@@ -215,6 +281,8 @@ class Windows(Domain):
         conversation_id: str,
         scopes: WindowScopes,
         request: pb.GetContextWindowRequest,
+        *,
+        asked: list[str] | None = None,
     ) -> WindowRows: ...
 
     @overload
@@ -225,6 +293,8 @@ class Windows(Domain):
         scopes: WindowScopes,
         request: pb.GetContextWindowRequest,
         cached: Callable[[tuple[int, int, int]], bool],
+        *,
+        asked: list[str] | None = None,
     ) -> tuple[tuple[int, int, int], WindowRows | None]: ...
 
     async def _rows(
@@ -234,16 +304,23 @@ class Windows(Domain):
         scopes: WindowScopes,
         request: pb.GetContextWindowRequest,
         cached: Callable[[tuple[int, int, int]], bool] | None = None,
+        *,
+        asked: list[str] | None = None,
     ) -> WindowRows | tuple[tuple[int, int, int], WindowRows | None]:
         """The window's rows; with ``cached``, its versions and its rows unless
-        ``cached(versions)`` (``WindowStore.window_read``)."""
+        ``cached(versions)`` (``WindowStore.window_read``). ``asked`` gets the query
+        the window ranked memory with."""
 
         def query(latest: MessageRecord | None) -> str:
             """The request's query, else the text of the latest user message."""
             if request.query or latest is None:
-                return request.query
-            parts = message_proto(latest, workspace_id).parts
-            return render_parts(p for p in parts if p.HasField("text"))
+                text = request.query
+            else:
+                parts = message_proto(latest, workspace_id).parts
+                text = render_parts(p for p in parts if p.HasField("text"))
+            if asked is not None:
+                asked[:] = [text]
+            return text
 
         store = self._store
         limits = self.limits
@@ -277,6 +354,25 @@ class Windows(Domain):
                 "the query cannot be searched", [FieldViolation("query", "cannot be searched")]
             ) from None
 
+    def _retrieved_key(
+        self, result: pb.SearchResult, conversation: str, loaded: set[int]
+    ) -> tuple[str, int]:
+        """A retrieved result's key in the plan and its tokens; "" for a message
+        the window considers anyway (one of its loaded recent messages)."""
+        which = result.WhichOneof("source")
+        if which == "memory_item":
+            # The memory's key, as pinned and relevant ones have: it is shown once.
+            return result.memory_item.name, result.memory_item.token_count
+        if which == "message":
+            message = result.message
+            if message.name.startswith(conversation + "/") and message.sequence in loaded:
+                return "", 0
+            text = render_parts(p for p in message.parts if p.HasField("text"))
+            return f"retrieved:{message.name}", self.common.counter.count(text)
+        chunk = result.document_chunk
+        key = f"retrieved:{chunk.file}#{chunk.chunk_index}"
+        return key, self.common.counter.count(chunk.text)
+
     async def _texts(self, messages: Iterable[pb.Message]) -> Texts:
         """The ready texts of the files the messages name."""
         wanted = sorted({name for message in messages for name in _file_names(message)})
@@ -291,12 +387,16 @@ class Windows(Domain):
         messages: dict[int, pb.Message],
         texts: Texts,
         budget: int,
+        *,
+        ranking: Ranking | None = None,
+        retrieval_budget: int = 0,
     ) -> tuple[bytes, float]:
         """The serialized response of the window planned from ``rows``, and until when it holds.
 
         ``messages``: every loaded body (most are shown, and the planner pairs
         tool calls with their results, window.py rule 6); ``texts``: their files'."""
         memories = _Memories(stamp=now().timestamp())
+        retrieved_tokens: dict[str, int] = {}
         counter, image_tokens = self.common.counter, self.limits.image_tokens
         recent = []
         for seq, stored_tokens in rows.recent:
@@ -310,9 +410,18 @@ class Windows(Domain):
             recent.append(
                 Candidate(key=str(seq), tokens=tokens, calls=calls, answers=answers, floor=floor)
             )
+        retrieved: dict[str, pb.SearchResult] = {}
+        loaded = set(messages)
+        for result in ranking.results if ranking is not None else ():
+            key, tokens = self._retrieved_key(result, conversation, loaded)
+            if key and key not in retrieved:
+                retrieved[key] = result
+                retrieved_tokens[key] = tokens
         try:
             plan = plan_window(
                 budget=budget,
+                retrieved=[Candidate(key=k, tokens=retrieved_tokens[k]) for k in retrieved],
+                retrieved_budget=retrieval_budget,
                 pinned=[memories.candidate(r) for r in rows.pinned],
                 relevant=[memories.candidate(r) for r, _ in rows.relevant],
                 summary=memories.candidate(rows.summary) if rows.summary is not None else None,
@@ -328,6 +437,10 @@ class Windows(Domain):
 
         def item(choice: Choice, shown: bool) -> pb.ContextItem:
             entry = pb.ContextItem(reason=REASONS[choice.reason], token_count=choice.tokens)
+            found = retrieved.get(choice.candidate.key)
+            if found is not None:
+                entry.retrieved.CopyFrom(found)
+                return entry
             memory = memories.by_key.get(choice.candidate.key)
             if memory is not None:
                 entry.memory_item.CopyFrom(memory_proto(memory))
@@ -357,4 +470,7 @@ class Windows(Domain):
             tokenizer=self.common.counter.name,
             omitted_messages=plan.omitted_messages,
         )
+        if ranking is not None:
+            window.retrieval_mode = ranking.mode
+            window.retrieval_fallback_reason = ranking.fallback
         return pb.GetContextWindowResponse(window=window).SerializeToString(), memories.valid_until

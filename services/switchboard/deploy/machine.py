@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import importlib.util
 import os
 import pwd
 import re
@@ -29,6 +30,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,16 +178,89 @@ def _secret(path: Path, make: Callable[[], str]) -> str:
 # Finding the binaries and running things as someone else.
 
 
-def postgres_bin_dir() -> Path:
-    """The directory holding initdb and postgres (PATH first, then Debian's layout).
+#: Where a copy of pgserver's PostgreSQL goes when the ``postgres`` user cannot reach the
+#: installed one (a virtualenv under a root-only home): root-owned, readable by everyone.
+PGSERVER_COPY_ROOT: Final = Path("/var/cache/switchboard")
 
-    Raises MeshError naming what to install.
+
+def pgserver_bin_dir() -> Path | None:
+    """The PostgreSQL that the ``pgserver`` wheel ships (16, with pgvector), if installed.
+
+    Found without importing the package (its import reads the environment and
+    writes directories). Under root the server runs as the ``postgres`` user,
+    which must be able to read and execute every file of it: an install it
+    cannot reach is copied once to ``PGSERVER_COPY_ROOT`` (``_reachable``).
+    """
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    install = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+    if not all((install / "bin" / tool).is_file() for tool in _SERVER_TOOLS):
+        return None
+    if os.geteuid() == 0:
+        install = _reachable(install)
+    return install / "bin"
+
+
+_SERVER_TOOLS: Final = ("initdb", "pg_ctl", "postgres")
+
+
+def _reachable(install: Path) -> Path:
+    """``install``, or a copy of it that users other than root can read and execute."""
+    if _open_to_others(install):
+        return install
+    # Named by the server binary's size and time: another pgserver version gets its own copy.
+    server = (install / "bin" / "postgres").stat()
+    digest = f"{server.st_size}-{int(server.st_mtime)}"
+    target = PGSERVER_COPY_ROOT / f"pgserver-{digest}"
+    if (target / "bin" / "postgres").is_file():
+        return target
+    PGSERVER_COPY_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    staging = PGSERVER_COPY_ROOT / f".pgserver-{digest}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(install, staging, symlinks=True)
+    for directory, _, files in os.walk(staging):
+        os.chmod(directory, 0o755)  # noqa: S103 - the postgres user must read it
+        for name in files:
+            path = Path(directory) / name
+            if not path.is_symlink():
+                mode = path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH
+                if mode & stat.S_IXUSR:
+                    mode |= stat.S_IXGRP | stat.S_IXOTH
+                path.chmod(mode)
+    try:
+        staging.rename(target)
+    except OSError:  # another process copied it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _open_to_others(install: Path) -> bool:
+    """Whether every directory down to ``install`` is searchable by others and its
+    server binary is executable by them (what the ``postgres`` user needs)."""
+    for directory in (install, *install.parents):
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            return False
+    return bool((install / "bin" / "postgres").stat().st_mode & stat.S_IXOTH)
+
+
+def postgres_bin_dir(major: str | None = None) -> Path:
+    """The directory holding initdb and postgres.
+
+    pgserver's PostgreSQL first when that package is installed (the dev
+    dependencies have it): it carries pgvector, which Debian's packages for this
+    release do not. Then PATH, then Debian's layout. ``major`` (an existing
+    cluster's ``PG_VERSION``) keeps only servers of that major version: a cluster
+    made by 15 does not start on 16. Raises MeshError naming what to install.
     """
 
     def version(path: str) -> tuple[int, ...]:
         return tuple(int(part) for part in re.findall(r"\d+", path))
 
     candidates: list[Path] = []
+    bundled = pgserver_bin_dir()
+    if bundled is not None:
+        candidates.append(bundled)
     on_path = shutil.which("initdb")
     if on_path:
         # Debian puts symlinks (or nothing) on PATH; initdb needs its siblings.
@@ -193,12 +268,37 @@ def postgres_bin_dir() -> Path:
     debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
     candidates.extend(Path(path) for path in debian)
     for candidate in candidates:
-        if all((candidate / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
+        if all((candidate / tool).is_file() for tool in _SERVER_TOOLS) and (
+            major is None or server_major(candidate) == major
+        ):
             return candidate
+    if major is not None:
+        raise MeshError(
+            f"the PostgreSQL cluster was made by PostgreSQL {major}, whose server binaries "
+            "were not found (pgserver's, PATH, /usr/lib/postgresql/*/bin); install them "
+            f"(Debian/Ubuntu: apt-get install postgresql-{major})"
+        )
     raise MeshError(
         "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH or in "
-        "/usr/lib/postgresql/*/bin; install them (Debian/Ubuntu: apt-get install postgresql)"
+        "/usr/lib/postgresql/*/bin; install them (Debian/Ubuntu: apt-get install postgresql, "
+        "or pip install pgserver for PostgreSQL 16 with pgvector)"
     )
+
+
+def server_major(bin_dir: Path) -> str:
+    """The major version of the server in ``bin_dir`` ("16"), from ``postgres --version``."""
+    try:
+        shown = subprocess.run(  # noqa: S603 - a binary we found, no shell
+            [str(bin_dir / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    found = re.search(r"\(PostgreSQL\) (\d+)", shown)
+    return found[1] if found else ""
 
 
 def redis_server_binary() -> str:

@@ -399,7 +399,10 @@ class Postgres(Child):
 
     def __init__(self, mesh: Host) -> None:
         super().__init__(mesh, "postgres")
-        self.bin_dir = postgres_bin_dir()
+        made_by = mesh.layout.pgdata / "PG_VERSION"
+        # An existing cluster needs the major version that made it (pgserver's 16 comes
+        # first for new ones, a cluster made by the system's 15 stays on 15).
+        self.bin_dir = postgres_bin_dir(made_by.read_text().strip() if made_by.exists() else None)
 
     def run_as(self) -> pwd.struct_passwd | None:
         return postgres_owner()

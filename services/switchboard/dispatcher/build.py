@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.context.build import context_domain
+from switchboard.context.semantic.filters import parse_filter
 from switchboard.context.tokencount import ApproxTokenCounter
 from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
@@ -335,10 +336,17 @@ async def _assistants(
         ),
         handler_exists=handler_exists,
         integration_exists=integration_exists,
+        check_filter=_check_retrieval_filter,
     )
     await assistants.start()
     shared.resources.push_async_callback(assistants.close)
     return assistants
+
+
+def _check_retrieval_filter(text: str, workspace_id: str) -> object:
+    """An assistant's retrieval filter parsed as GetContextWindow will parse it, so a
+    bad one is refused when saved rather than on every run."""
+    return parse_filter(text, workspace_id=workspace_id, field="assistant.retrieval.filter")
 
 
 def _budgets(shared: Shared, assistants: Assistants, spending: Spending) -> Budgets:

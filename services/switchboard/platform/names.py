@@ -98,6 +98,8 @@ FILE: Final = re.compile(rf"workspaces/({ID})/files/({ID})")
 UPLOAD: Final = re.compile(rf"workspaces/({ID})/uploads/({ID})")
 #: A workspace's quotas: a singleton under it (AIP-156).
 WORKSPACE_QUOTA: Final = re.compile(rf"workspaces/({ID})/quota")
+#: A workspace's semantic index settings: a singleton under it.
+SEMANTIC_INDEX: Final = re.compile(rf"workspaces/({ID})/semanticIndex")
 #: A tool name as the MCP specification (2025-11-25) says it should be: 1-128 ASCII
 #: letters, digits, ``_``, ``-`` and ``.``, case-sensitive.
 TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -115,9 +117,10 @@ MEMORY_ITEM: Final = re.compile(
     rf"(users/{ID}|workspaces/{ID}(?:/conversations/{ID})?)/memories/({ID})"
 )
 #: Any name under a workspace or a user (the owner is the first segment pair); a
-#: tool's name ends in its segment, and a singleton (the quota) in its own word.
+#: tool's name ends in its segment, and a singleton (the quota, the semantic index)
+#: in its own word.
 UNDER_WORKSPACE: Final = re.compile(
-    rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*(?:/tools/{TOOL_SEGMENT.pattern}|/quota)?"
+    rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*(?:/tools/{TOOL_SEGMENT.pattern}|/quota|/semanticIndex)?"
 )
 UNDER_USER: Final = re.compile(rf"users/({ID})(?:/[A-Za-z]+/{ID})*")
 

@@ -30,6 +30,7 @@ from typing import Final
 
 from google.protobuf import field_mask_pb2
 
+from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
@@ -73,6 +74,7 @@ MUTABLE: Final = (
     "max_tool_steps",
     "workspace_default",
     "voice",
+    "retrieval",
 )
 #: The fields kept in the stored blob (``workspace_default`` is a column).
 _SETTINGS: Final = tuple(path for path in MUTABLE if path != "workspace_default")
@@ -89,6 +91,15 @@ MAX_TEMPERATURE: Final = 2.0
 MAX_VOICE_MODEL: Final = 256
 MAX_VOICE_NAME: Final = 64
 _LANGUAGE: Final = re.compile(r"[a-z]{2}")
+#: ``RetrievalSettings``: the contract's ranges (0 means the default).
+MAX_RETRIEVAL_TOP_K: Final = 20
+MAX_RETRIEVAL_TOKENS: Final = 32_000
+MAX_RETRIEVAL_FILTER: Final = 1_000
+_MODES: Final = frozenset(context_pb2.SearchMode.values())
+#: Parses a retrieval filter as the context service will (``(text, workspace_id)``),
+#: raising InvalidArgument on ``assistant.retrieval.filter``; given by the
+#: composition, since the dispatcher does not import the context service.
+FilterCheck = Callable[[str, str], object]
 #: A cached workspace is dropped on its ASSISTANT_CHANGED event; this is the
 #: backstop for an event from another process that never arrived.
 CACHE_TTL_S: Final = 5.0
@@ -139,6 +150,37 @@ def _voice(voice: pb.VoiceSettings, violations: Violations) -> None:
         )
 
 
+def _retrieval(
+    retrieval: pb.RetrievalSettings,
+    workspace_id: str,
+    check_filter: FilterCheck | None,
+    violations: Violations,
+) -> None:
+    """Retrieval settings: counts in the contract's ranges, a known mode, a filter
+    that parses (when the composition gave the parser)."""
+    if not 0 <= retrieval.top_k <= MAX_RETRIEVAL_TOP_K:
+        violations.add("assistant.retrieval.top_k", f"must be 0 (5) or 1 to {MAX_RETRIEVAL_TOP_K}")
+    if not 0 <= retrieval.token_budget <= MAX_RETRIEVAL_TOKENS:
+        violations.add(
+            "assistant.retrieval.token_budget",
+            f"must be 0 (1,000) or 1 to {MAX_RETRIEVAL_TOKENS:,}",
+        )
+    if retrieval.mode not in _MODES:
+        violations.add(
+            "assistant.retrieval.mode",
+            "must be a SearchMode (FULL_TEXT, SEMANTIC, HYBRID) or unset",
+        )
+    if len(retrieval.filter) > MAX_RETRIEVAL_FILTER:
+        violations.add(
+            "assistant.retrieval.filter", f"is longer than {MAX_RETRIEVAL_FILTER:,} characters"
+        )
+    elif retrieval.filter and check_filter is not None:
+        try:
+            check_filter(retrieval.filter, workspace_id)
+        except InvalidArgument as refused:
+            violations.items.extend(refused.violations)
+
+
 def _copy(assistant: pb.Assistant) -> pb.Assistant:
     copied = pb.Assistant()
     copied.CopyFrom(assistant)
@@ -155,6 +197,7 @@ class Assistants:
         *,
         handler_exists: Callable[[str, str], Awaitable[bool]],
         integration_exists: Callable[[str], Awaitable[bool]],
+        check_filter: FilterCheck | None = None,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -162,6 +205,7 @@ class Assistants:
         self.limits = limits
         self._handler_exists = handler_exists
         self._integration_exists = integration_exists
+        self._check_filter = check_filter
         self._cache: OrderedDict[str, _Workspace] = OrderedDict()
         self._cached_bytes = 0
         #: The read in flight per workspace; a change drops it from here, and a
@@ -230,6 +274,9 @@ class Assistants:
         if "voice" in paths and given.HasField("voice"):
             _voice(given.voice, violations)
             clean.voice.CopyFrom(given.voice)
+        if "retrieval" in paths and given.HasField("retrieval"):
+            _retrieval(given.retrieval, workspace_id, self._check_filter, violations)
+            clean.retrieval.CopyFrom(given.retrieval)
         lookups: dict[str, str] = {}
         if "tools" in paths:
             lookups = self._tools(workspace_id, given.tools, violations)

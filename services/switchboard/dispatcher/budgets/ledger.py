@@ -550,9 +550,12 @@ class Ledger:
         """Give ``hold`` back unused (its call was never made)."""
         await self.settle(hold, Amount())
 
-    async def release_runs(self, run_ids: Sequence[str]) -> int:
+    async def release_runs(
+        self, run_ids: Sequence[str], *, created_before: dt.datetime | None = None
+    ) -> int:
         """Release every hold of ``run_ids`` (runs taken over from a replica that
-        died holding them); returns how many hold rows there were."""
+        died holding them), or only those made before ``created_before``; returns
+        how many hold rows there were."""
         released = 0
         for start in range(0, len(run_ids), _RELEASE_BATCH):
             batch = list(run_ids[start : start + _RELEASE_BATCH])
@@ -568,7 +571,14 @@ class Ledger:
                         BudgetHoldRow.input_tokens,
                         BudgetHoldRow.output_tokens,
                     )
-                    .where(BudgetHoldRow.run_id.in_(batch))
+                    .where(
+                        BudgetHoldRow.run_id.in_(batch),
+                        *(
+                            ()
+                            if created_before is None
+                            else (BudgetHoldRow.created_at < created_before,)
+                        ),
+                    )
                     .order_by(BudgetHoldRow.budget_id, BudgetHoldRow.id)
                 ).all()
                 count = 0

@@ -51,6 +51,12 @@ class _Conversations(Protocol):
     ) -> Awaitable[cpb.Conversation]: ...
 
 
+class _Search(Protocol):
+    def search_context(
+        self, request: cpb.SearchContextRequest
+    ) -> Awaitable[cpb.SearchContextResponse]: ...
+
+
 class _Files(Protocol):
     def read_all(self, name: str, *, limit: int) -> Awaitable[bytes]: ...
 
@@ -69,6 +75,9 @@ class ContextDomain(Protocol):
 
     @property
     def files(self) -> _Files: ...
+
+    @property
+    def search(self) -> _Search: ...
 
 
 class ContextPort(Protocol):
@@ -89,6 +98,13 @@ class ContextPort(Protocol):
     ) -> cpb.Conversation:
         """A new conversation (a schedule's), made as ``principal``; idempotent on the
         request's ``request_id``."""
+        ...
+
+    async def search(
+        self, principal: Principal, request: cpb.SearchContextRequest, *, timeout_s: float
+    ) -> cpb.SearchContextResponse:
+        """SearchContext as ``principal`` (the ``search_memory`` tool, in the run's
+        conversation, which the run's user was authorized to write)."""
         ...
 
     async def download(
@@ -124,6 +140,14 @@ class LocalContext:
     ) -> cpb.Conversation:
         async with asyncio.timeout(timeout_s):
             return await self._domain.conversations.create(principal, request)
+
+    async def search(
+        self, principal: Principal, request: cpb.SearchContextRequest, *, timeout_s: float
+    ) -> cpb.SearchContextResponse:
+        # The parent is the run's conversation, which the run's user was authorized
+        # to write when the run began (as for the window).
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.search.search_context(request)
 
     async def download(
         self, principal: Principal, name: str, *, limit: int, timeout_s: float
@@ -169,6 +193,11 @@ class RemoteContext:
             self._stub.CreateConversation, request, principal, timeout_s
         )
         return response.conversation
+
+    async def search(
+        self, principal: Principal, request: cpb.SearchContextRequest, *, timeout_s: float
+    ) -> cpb.SearchContextResponse:
+        return await self._peer.call(self._stub.SearchContext, request, principal, timeout_s)
 
     async def download(
         self, principal: Principal, name: str, *, limit: int, timeout_s: float

@@ -32,6 +32,12 @@ from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import FileReader, HandleCall, Handler, HandlerFailure
 from switchboard.dispatcher.handlers.handed import Handed
+from switchboard.dispatcher.llm.retrieval import (
+    TOOL_NAME,
+    SearchMemory,
+    retrieval_options,
+    search_memory_definition,
+)
 from switchboard.dispatcher.llm.usage import INT32_MAX
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
@@ -290,7 +296,11 @@ class Execution:
                 self._context.window(
                     active.principal,
                     cpb.GetContextWindowRequest(
-                        conversation=active.conversation, token_budget=budget
+                        conversation=active.conversation,
+                        token_budget=budget,
+                        retrieval=retrieval_options(assistant.retrieval, budget)
+                        if assistant is not None and assistant.retrieval.enabled
+                        else None,
                     ),
                     timeout_s=left(),
                 ),
@@ -301,13 +311,15 @@ class Execution:
             # gathered is one more task on the path to the first delta).
             budgets = self._admitted_budgets(active)
             reread = self._spending is not None and budgets is None
-            if assistant is not None and assistant.tools:
+            if assistant is not None and (assistant.tools or assistant.retrieval.search_tool):
                 (_, window), (definitions, _), read = await asyncio.gather(
                     reads,
                     offered_tools(self._tools, active.principal, assistant),
                     self._budgets(active) if reread else _nothing(),
                 )
                 budgets = read if reread else budgets
+                if assistant.retrieval.search_tool:
+                    definitions.append(search_memory_definition())
             elif reread:
                 (_, window), budgets = await asyncio.gather(reads, self._budgets(active))
             else:
@@ -605,6 +617,11 @@ class Execution:
             deadline=clock.left,
             journal=journal,
             budget=active.budget,
+            builtins=(
+                {TOOL_NAME: SearchMemory(self._context, active.conversation)}
+                if assistant is not None and assistant.retrieval.search_tool
+                else None
+            ),
         )
         active.tools = runner
         return runner

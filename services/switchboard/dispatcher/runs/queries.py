@@ -21,6 +21,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.llm.handler import LlmHandler
+from switchboard.dispatcher.llm.retrieval import search_memory_definition
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.admission import HANDLER, route
 from switchboard.dispatcher.runs.execution import step_limit
@@ -328,6 +329,8 @@ class Queries:
         if assistant is not None:
             response.assistant.CopyFrom(assistant)
         definitions, unavailable = await offered_tools(self._tools, principal, assistant)
+        if assistant is not None and assistant.retrieval.search_tool:
+            definitions.append(search_memory_definition())
         response.tools.extend(definitions)
         response.unavailable_tools.extend(unavailable)
         if definitions or handler.capabilities.interactive:

@@ -48,11 +48,11 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -195,6 +195,22 @@ class RunHost(Protocol):
         ...
 
 
+class BuiltinTool(Protocol):
+    """A tool the dispatcher runs itself (``search_memory``): offered by the run's
+    assistant, named by its bare name (no integration), read-only (so sent again
+    after a crash, like a retry-safe tool), free, and never sent to the hub."""
+
+    @property
+    def definition(self) -> hpb.ToolDefinition: ...
+
+    async def run(
+        self, principal: Principal, arguments: struct_pb2.Struct, *, timeout_s: float
+    ) -> tuple[bool, str]:
+        """Whether it succeeded, and the text for the model; bad arguments and a
+        refused search are ``(False, why)``, never an exception."""
+        ...
+
+
 class CallBudget(Protocol):
     """The run's budgets, as a priced call reserves its price in them
     (``budgets/spending.py``; the handlers' ``StepBudget``, seen from here)."""
@@ -227,8 +243,10 @@ class RunTools:
         deadline: Callable[[], float],
         journal: Journal,
         budget: CallBudget | None = None,
+        builtins: Mapping[str, BuiltinTool] | None = None,
     ) -> None:
         self._host = host
+        self._builtins: Mapping[str, BuiltinTool] = builtins or {}
         self._budget = budget
         self._journal = journal
         #: The integrations this run called, by name (read once per run: prices, retry safety).
@@ -340,6 +358,8 @@ class RunTools:
         told what happened."""
         unknown: list[hpb.ToolCall] = []
         for call in calls:
+            if self._builtin(call) is not None:
+                continue  # read-only: sent again
             tool = _tool_name(call)
             # Only what is gone ends the run; an outage of the hub fails it as one.
             try:
@@ -408,7 +428,7 @@ class RunTools:
         """Why ``call`` cannot run (None if it can); sets ``requires_approval``."""
         if call.id in seen:
             return _status(code_pb2.INVALID_ARGUMENT, f"the call id {call.id!r} was used before")
-        tool = _tool_name(call)
+        tool = self._name(call)
         definition = self._by_tool.get(tool)
         if definition is not None:
             call.requires_approval = definition.requires_approval
@@ -514,7 +534,7 @@ class RunTools:
     ) -> hpb.ToolResult:
         if journaled is not None:
             return journaled  # it ran before a crash: shown then, not sent again
-        tool = _tool_name(call)
+        tool = self._name(call)
         result = hpb.ToolResult(id=call.id, tool=tool if problem is None else "")
         verdict = decision.decision if decision is not None else None
         if verdict == pb.TOOL_APPROVAL_DECISION_FAIL_RUN and decision is not None:
@@ -540,7 +560,11 @@ class RunTools:
             result.text = self._cut(decision.result_text)
             await self._journaled(call, result)
         else:
-            await self._invoke(call, tool, result)
+            builtin = self._builtin(call)
+            if builtin is not None:
+                await self._run_builtin(builtin, call, result)
+            else:
+                await self._invoke(call, tool, result)
             # Journaled as it comes in: a crash from here on does not send it again.
             await self._journaled(call, result)
         update = pb.RunUpdate()
@@ -548,6 +572,28 @@ class RunTools:
         _without_bytes(update.tool_result.files)
         self._emit(update)
         return result
+
+    def _builtin(self, call: hpb.ToolCall) -> BuiltinTool | None:
+        return None if call.integration else self._builtins.get(call.tool)
+
+    def _name(self, call: hpb.ToolCall) -> str:
+        """The call's tool: a built-in's bare name, else its resource name."""
+        return call.tool if self._builtin(call) is not None else _tool_name(call)
+
+    async def _run_builtin(
+        self, builtin: BuiltinTool, call: hpb.ToolCall, result: hpb.ToolResult
+    ) -> None:
+        started = time.monotonic()
+        try:
+            succeeded, text = await builtin.run(
+                self._principal, call.arguments, timeout_s=self._remaining()
+            )
+        except SwitchboardError as exc:  # an outage of the context service
+            succeeded, text = False, f"The tool call failed: {exc.message[:_MAX_ERROR_CHARS]}"
+            result.error.CopyFrom(_status(int(exc.code), exc.message))
+        result.outcome = hpb.TOOL_OUTCOME_SUCCEEDED if succeeded else hpb.TOOL_OUTCOME_ERROR
+        result.text = self._cut(text)
+        result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
 
     def _emit(self, update: pb.RunUpdate) -> None:
         self.flush()
@@ -751,7 +797,8 @@ class RunTools:
     ) -> cpb.AppendMessageRequest:
         content = cpb.ToolResultContent(
             id=result.id,
-            tool=result.tool,
+            # A built-in's bare name is no tool resource: stored by its call's id only.
+            tool=result.tool if "/" in result.tool else "",
             outcome=OUTCOMES.get(result.outcome, "failed"),
             text=result.text,
             files=result.files,

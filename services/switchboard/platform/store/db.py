@@ -66,6 +66,7 @@ from switchboard.platform.config import POSTGRES_DRIVER, SQLITE_DRIVER, ConfigEr
 from switchboard.platform.errors import DatabaseUnavailable as DatabaseUnavailable  # noqa: PLC0414 - re-exported
 from switchboard.platform.observe import telemetry
 from switchboard.platform.store.prepared import Prepared
+from switchboard.platform.store.sqlitevec import register_sqlite_vec
 
 log = logging.getLogger(__name__)
 
@@ -945,6 +946,9 @@ async def open_database(url: str, *, timeout_s: float, migrate: bool) -> Databas
 
 
 def _sqlite_engine(url: URL, timeout_s: float) -> AsyncEngine:
+    # Before the first connection: only connections opened afterwards get vec0. A
+    # failure is reported by ``vectors.vector_support``, not here.
+    register_sqlite_vec()
     memory = is_sqlite_memory(url)
     options: dict[str, Any] = {
         # Hand transaction control to SQLAlchemy (see the module docstring).

@@ -352,18 +352,22 @@ class RunRow(Base):
 
 #: Schema the migrations create outside the models (full-text search); the drift
 #: check and table listings ignore it.
+_FTS_PARTS = ("data", "idx", "content", "docsize", "config")
 SEARCH_TABLES = frozenset(
-    {"memory_fts"}
-    | {f"memory_fts_{part}" for part in ("data", "idx", "content", "docsize", "config")}
+    {"memory_fts", "semantic_chunks_fts"}
+    | {f"{table}_{part}" for table in ("memory_fts", "semantic_chunks_fts") for part in _FTS_PARTS}
 )
-SEARCH_COLUMNS = frozenset({("memory_items", "search")})
-SEARCH_INDEXES = frozenset({"ix_memory_items_search"})
+SEARCH_COLUMNS = frozenset({("memory_items", "search"), ("semantic_chunks", "search")})
+SEARCH_INDEXES = frozenset({"ix_memory_items_search", "ix_semantic_chunks_search"})
+#: The semantic index's vector tables, one per dimension count (``semantic_vec_384``...),
+#: are made by the chunk store on first use, outside the models and migrations.
+VECTOR_TABLE_PREFIX = "semantic_vec_"
 
 
 def modelled(name: str | None, type_: str, parent_names: Mapping[str, Any]) -> bool:
     """Alembic ``include_name`` filter: False for the search schema the models omit."""
     if type_ == "table":
-        return name not in SEARCH_TABLES
+        return name not in SEARCH_TABLES and not (name or "").startswith(VECTOR_TABLE_PREFIX)
     if type_ == "column":
         return (parent_names.get("table_name"), name) not in SEARCH_COLUMNS
     if type_ == "index":
@@ -841,6 +845,110 @@ class PushConfigRow(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     # When the task's final status was recorded for delivery (pruning counts from it).
     ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class SemanticIndexRow(Base):
+    """A workspace's semantic index settings (``context/semantic/``); no row: the
+    server's defaults. ``generation`` moves on when the model or the dimensions
+    change: chunks embedded under an older one are re-embedded in the background."""
+
+    __tablename__ = "semantic_indexes"
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(128), default="")
+    dimensions: Mapped[int] = mapped_column(Integer, default=0)
+    index_messages: Mapped[bool] = mapped_column(Boolean, default=False)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class SemanticCursorRow(Base):
+    """How far the semantic indexer has read the event log, and who reads it now
+    (one row; the same lease-and-compare-and-set as ``webhook_cursor``)."""
+
+    __tablename__ = "semantic_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    cursor: Mapped[str] = mapped_column(String(64), default="")
+    holder: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class SemanticJobRow(Base):
+    """A source (memory item, message, document) waiting to be (re)indexed or removed.
+
+    One row per source: a later event for the same source replaces the job, so a
+    source is indexed once for its latest state however many events it had.
+    """
+
+    __tablename__ = "semantic_jobs"
+    __table_args__ = (Index("ix_semantic_jobs_due", "not_before"),)
+
+    # "memory", "message" or "document".
+    source_kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # The memory item's, message's or file's resource name.
+    source: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # The index it belongs to: `workspaces/{w}`, or `users/{u}` for a user's memory.
+    owner: Mapped[str] = mapped_column(String(160))
+    # Set as the owner is, so deleting a workspace or user deletes its jobs.
+    workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=True
+    )
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+    enqueued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    not_before: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(String(512), default="")
+
+
+class SemanticChunkRow(Base):
+    """One indexed passage of a source, with its text for full-text search.
+
+    Its vector, when it has one, is in the dimension's vector table (created by
+    the store on first use: ``vec0`` on SQLite, ``vector(n)`` with an HNSW index
+    on PostgreSQL), keyed by ``id``; ``embedding`` names the model, dimensions
+    and generation it was embedded with ("" while it has none). Full-text search
+    of the text lives in the migration, as for memory items.
+    """
+
+    __tablename__ = "semantic_chunks"
+    __table_args__ = (
+        UniqueConstraint("source_kind", "source", "chunk_index"),
+        Index("ix_semantic_chunks_embedding", "owner", "embedding"),
+        Index("ix_semantic_chunks_conversation", "conversation_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    # The index it belongs to: `workspaces/{w}`, or `users/{u}` for a user's memory
+    # (the vector tables' partition).
+    owner: Mapped[str] = mapped_column(String(160))
+    # Set as the owner is, so deleting a workspace or user deletes its chunks.
+    workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=True
+    )
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+    source_kind: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(255))
+    chunk_index: Mapped[int] = mapped_column(Integer)
+    start_offset: Mapped[int] = mapped_column(Integer)
+    end_offset: Mapped[int] = mapped_column(Integer)
+    # The conversation a message or a conversation's memory item belongs to.
+    conversation_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    # A memory item's kind, a message's role, a document's media type.
+    label: Mapped[str] = mapped_column(String(128), default="")
+    # When the source was created (filters on create_time).
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    text: Mapped[str] = mapped_column(Text)
+    # The source's metadata as a JSON object (filters on `metadata.KEY`).
+    meta: Mapped[str] = mapped_column(Text, default="{}")
+    embedding: Mapped[str] = mapped_column(String(200), default="")
 
 
 class WebhookCursorRow(Base):

@@ -207,6 +207,106 @@ MEMORY_KIND_NOTE: MemoryKind.ValueType  # 5
 """A free-form note."""
 Global___MemoryKind: _TypeAlias = MemoryKind  # noqa: Y015
 
+class _SearchMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_MODE_UNSPECIFIED: _SearchMode.ValueType  # 0
+    """The default: HYBRID when the workspace's semantic index is configured,
+    FULL_TEXT otherwise.
+    """
+    SEARCH_MODE_FULL_TEXT: _SearchMode.ValueType  # 1
+    """The database's full-text search: shared words, ranked by relevance."""
+    SEARCH_MODE_SEMANTIC: _SearchMode.ValueType  # 2
+    """Nearest neighbours of the query's embedding: similar meaning, whatever the words."""
+    SEARCH_MODE_HYBRID: _SearchMode.ValueType  # 3
+    """Both, fused by reciprocal rank (each list's rank r adds 1/(60 + r))."""
+
+class SearchMode(_SearchMode, metaclass=_SearchModeEnumTypeWrapper):
+    """How a search ranks what it finds."""
+
+SEARCH_MODE_UNSPECIFIED: SearchMode.ValueType  # 0
+"""The default: HYBRID when the workspace's semantic index is configured,
+FULL_TEXT otherwise.
+"""
+SEARCH_MODE_FULL_TEXT: SearchMode.ValueType  # 1
+"""The database's full-text search: shared words, ranked by relevance."""
+SEARCH_MODE_SEMANTIC: SearchMode.ValueType  # 2
+"""Nearest neighbours of the query's embedding: similar meaning, whatever the words."""
+SEARCH_MODE_HYBRID: SearchMode.ValueType  # 3
+"""Both, fused by reciprocal rank (each list's rank r adds 1/(60 + r))."""
+Global___SearchMode: _TypeAlias = SearchMode  # noqa: Y015
+
+class _SearchFallbackReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SearchFallbackReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SearchFallbackReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEARCH_FALLBACK_REASON_UNSPECIFIED: _SearchFallbackReason.ValueType  # 0
+    """No fallback: the search ran in the mode asked."""
+    SEARCH_FALLBACK_REASON_NOT_CONFIGURED: _SearchFallbackReason.ValueType  # 1
+    """No embedding endpoint or model is configured for the workspace."""
+    SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE: _SearchFallbackReason.ValueType  # 2
+    """The database has no vector engine (pgvector or sqlite-vec)."""
+    SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE: _SearchFallbackReason.ValueType  # 3
+    """The embedding endpoint could not embed the query (down, timed out, or
+    its circuit is open).
+    """
+    SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED: _SearchFallbackReason.ValueType  # 4
+    """A budget of the workspace had no room for the query's embedding."""
+
+class SearchFallbackReason(_SearchFallbackReason, metaclass=_SearchFallbackReasonEnumTypeWrapper):
+    """Why a search ranked in another mode than the one asked (FULL_TEXT instead)."""
+
+SEARCH_FALLBACK_REASON_UNSPECIFIED: SearchFallbackReason.ValueType  # 0
+"""No fallback: the search ran in the mode asked."""
+SEARCH_FALLBACK_REASON_NOT_CONFIGURED: SearchFallbackReason.ValueType  # 1
+"""No embedding endpoint or model is configured for the workspace."""
+SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE: SearchFallbackReason.ValueType  # 2
+"""The database has no vector engine (pgvector or sqlite-vec)."""
+SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE: SearchFallbackReason.ValueType  # 3
+"""The embedding endpoint could not embed the query (down, timed out, or
+its circuit is open).
+"""
+SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED: SearchFallbackReason.ValueType  # 4
+"""A budget of the workspace had no room for the query's embedding."""
+Global___SearchFallbackReason: _TypeAlias = SearchFallbackReason  # noqa: Y015
+
+class _SemanticIndexState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SemanticIndexStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SemanticIndexState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEMANTIC_INDEX_STATE_UNSPECIFIED: _SemanticIndexState.ValueType  # 0
+    """Not set."""
+    SEMANTIC_INDEX_STATE_DISABLED: _SemanticIndexState.ValueType  # 1
+    """Off: no embedding model, no endpoint, or no vector engine in the database."""
+    SEMANTIC_INDEX_STATE_READY: _SemanticIndexState.ValueType  # 2
+    """Everything is embedded."""
+    SEMANTIC_INDEX_STATE_INDEXING: _SemanticIndexState.ValueType  # 3
+    """Items are waiting to be embedded."""
+    SEMANTIC_INDEX_STATE_WAITING: _SemanticIndexState.ValueType  # 4
+    """Indexing waits: the endpoint is failing or a budget has no room (see last_error)."""
+
+class SemanticIndexState(_SemanticIndexState, metaclass=_SemanticIndexStateEnumTypeWrapper):
+    """Where a workspace's semantic index stands."""
+
+SEMANTIC_INDEX_STATE_UNSPECIFIED: SemanticIndexState.ValueType  # 0
+"""Not set."""
+SEMANTIC_INDEX_STATE_DISABLED: SemanticIndexState.ValueType  # 1
+"""Off: no embedding model, no endpoint, or no vector engine in the database."""
+SEMANTIC_INDEX_STATE_READY: SemanticIndexState.ValueType  # 2
+"""Everything is embedded."""
+SEMANTIC_INDEX_STATE_INDEXING: SemanticIndexState.ValueType  # 3
+"""Items are waiting to be embedded."""
+SEMANTIC_INDEX_STATE_WAITING: SemanticIndexState.ValueType  # 4
+"""Indexing waits: the endpoint is failing or a budget has no room (see last_error)."""
+Global___SemanticIndexState: _TypeAlias = SemanticIndexState  # noqa: Y015
+
 class _ContextItemReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -227,6 +327,8 @@ class _ContextItemReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Con
     """Left out: it did not fit in the remaining budget."""
     CONTEXT_ITEM_REASON_EXPIRED: _ContextItemReason.ValueType  # 6
     """Left out: the memory item has expired."""
+    CONTEXT_ITEM_REASON_RETRIEVED: _ContextItemReason.ValueType  # 7
+    """Included: retrieved by search for the query (see ContextItem.retrieved)."""
 
 class ContextItemReason(_ContextItemReason, metaclass=_ContextItemReasonEnumTypeWrapper):
     """Why a candidate was included in or left out of a context window."""
@@ -245,6 +347,8 @@ CONTEXT_ITEM_REASON_OVER_BUDGET: ContextItemReason.ValueType  # 5
 """Left out: it did not fit in the remaining budget."""
 CONTEXT_ITEM_REASON_EXPIRED: ContextItemReason.ValueType  # 6
 """Left out: the memory item has expired."""
+CONTEXT_ITEM_REASON_RETRIEVED: ContextItemReason.ValueType  # 7
+"""Included: retrieved by search for the query (see ContextItem.retrieved)."""
 Global___ContextItemReason: _TypeAlias = ContextItemReason  # noqa: Y015
 
 @_typing.final
@@ -2156,14 +2260,25 @@ class SearchMemoryItemsRequest(_message.Message):
     KINDS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The scope to search, as in CreateMemoryItemRequest.parent."""
     query: _builtins.str
-    """Free-text query."""
+    """Free-text query (at most 1,000 characters)."""
     page_size: _builtins.int
     """Maximum results; capped at 50, default 10."""
     page_token: _builtins.str
     """Token from a previous response."""
+    mode: Global___SearchMode.ValueType
+    """How to rank; HYBRID when the workspace's semantic index is configured,
+    FULL_TEXT otherwise, if unspecified.
+    """
+    filter: _builtins.str
+    """A filter in the AIP-160 subset described at SearchContextRequest.filter
+    (`source` is always `memory` here). A field it does not know is
+    INVALID_ARGUMENT on `filter`.
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___MemoryKind.ValueType]:
         """Only these kinds; all kinds if empty."""
@@ -2176,14 +2291,59 @@ class SearchMemoryItemsRequest(_message.Message):
         kinds: _abc.Iterable[Global___MemoryKind.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        mode: Global___SearchMode.ValueType = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "kinds", b"kinds", "mode", b"mode", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "query", b"query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchMemoryItemsRequest: _TypeAlias = SearchMemoryItemsRequest  # noqa: Y015
+
+@_typing.final
+class SearchScores(_message.Message):
+    """How one result ranked in each list a search fused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FULL_TEXT_RANK_FIELD_NUMBER: _builtins.int
+    SEMANTIC_RANK_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    full_text_rank: _builtins.int
+    """1-based rank in the full-text list; unset if it was not in it."""
+    semantic_rank: _builtins.int
+    """1-based rank in the semantic list; unset if it was not in it."""
+    similarity: _builtins.float
+    """Cosine similarity of the query's and the result's embeddings (-1 to 1);
+    unset if it was not in the semantic list.
+    """
+    def __init__(
+        self,
+        *,
+        full_text_rank: _builtins.int | None = ...,
+        semantic_rank: _builtins.int | None = ...,
+        similarity: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_full_text_rank", b"_full_text_rank", "_semantic_rank", b"_semantic_rank", "_similarity", b"_similarity", "full_text_rank", b"full_text_rank", "semantic_rank", b"semantic_rank", "similarity", b"similarity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_full_text_rank", b"_full_text_rank", "_semantic_rank", b"_semantic_rank", "_similarity", b"_similarity", "full_text_rank", b"full_text_rank", "semantic_rank", b"semantic_rank", "similarity", b"similarity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__full_text_rank: _TypeAlias = _typing.Literal["full_text_rank"]  # noqa: Y015
+    _WhichOneofArgType__full_text_rank: _TypeAlias = _typing.Literal["_full_text_rank", b"_full_text_rank"]  # noqa: Y015
+    _WhichOneofReturnType__semantic_rank: _TypeAlias = _typing.Literal["semantic_rank"]  # noqa: Y015
+    _WhichOneofArgType__semantic_rank: _TypeAlias = _typing.Literal["_semantic_rank", b"_semantic_rank"]  # noqa: Y015
+    _WhichOneofReturnType__similarity: _TypeAlias = _typing.Literal["similarity"]  # noqa: Y015
+    _WhichOneofArgType__similarity: _TypeAlias = _typing.Literal["_similarity", b"_similarity"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__full_text_rank) -> _WhichOneofReturnType__full_text_rank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__semantic_rank) -> _WhichOneofReturnType__semantic_rank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__similarity) -> _WhichOneofReturnType__similarity | None: ...
+
+Global___SearchScores: _TypeAlias = SearchScores  # noqa: Y015
 
 @_typing.final
 class ScoredMemoryItem(_message.Message):
@@ -2193,21 +2353,27 @@ class ScoredMemoryItem(_message.Message):
 
     MEMORY_ITEM_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """Relevance; higher is more relevant. Comparable only within one response."""
     @_builtins.property
     def memory_item(self) -> Global___MemoryItem:
         """The item."""
 
+    @_builtins.property
+    def scores(self) -> Global___SearchScores:
+        """Its rank in each list the search used."""
+
     def __init__(
         self,
         *,
         memory_item: Global___MemoryItem | None = ...,
         score: _builtins.float = ...,
+        scores: Global___SearchScores | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item", "scores", b"scores"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item", "score", b"score", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2221,8 +2387,17 @@ class SearchMemoryItemsResponse(_message.Message):
 
     RESULTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    FALLBACK_DETAIL_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
+    mode: Global___SearchMode.ValueType
+    """The mode the search ran in."""
+    fallback_reason: Global___SearchFallbackReason.ValueType
+    """Why it ran in another mode than the one asked; UNSPECIFIED if it did not."""
+    fallback_detail: _builtins.str
+    """The fallback's reason in words, for people (empty if none)."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredMemoryItem]:
         """Results, most relevant first."""
@@ -2232,14 +2407,372 @@ class SearchMemoryItemsResponse(_message.Message):
         *,
         results: _abc.Iterable[Global___ScoredMemoryItem] | None = ...,
         next_page_token: _builtins.str = ...,
+        mode: Global___SearchMode.ValueType = ...,
+        fallback_reason: Global___SearchFallbackReason.ValueType = ...,
+        fallback_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_detail", b"fallback_detail", "fallback_reason", b"fallback_reason", "mode", b"mode", "next_page_token", b"next_page_token", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchMemoryItemsResponse: _TypeAlias = SearchMemoryItemsResponse  # noqa: Y015
+
+@_typing.final
+class SearchContextRequest(_message.Message):
+    """Request for SearchContext."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}` (its memory items, its conversations' messages
+    and memory items, and its files' text) or
+    `workspaces/{workspace}/conversations/{conversation}` (that conversation's
+    messages and memory items, and the workspace's memory and files).
+    """
+    query: _builtins.str
+    """Free-text query (at most 1,000 characters)."""
+    mode: Global___SearchMode.ValueType
+    """How to rank; as in SearchMemoryItemsRequest.mode."""
+    filter: _builtins.str
+    """An AIP-160 filter: comparisons joined by `AND`. Fields: `source`
+    (`memory`, `message` or `document`; `=` or `!=`), `kind` (a memory kind,
+    for example `fact`), `role` (a message's role, for example `user`),
+    `conversation` (a conversation's name), `file` (a file's name),
+    `create_time` (RFC 3339; `<`, `<=`, `>`, `>=`), and `metadata.KEY` (a
+    string, number or boolean in the item's metadata; `=` or `!=`). Values are
+    quoted strings or bare words. A field it does not know, an operator a
+    field does not take, or a value that does not parse is INVALID_ARGUMENT
+    on `filter`. At most 1,000 characters and 16 comparisons.
+    """
+    page_size: _builtins.int
+    """Maximum results; capped at 50, default 10."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        query: _builtins.str = ...,
+        mode: Global___SearchMode.ValueType = ...,
+        filter: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "mode", b"mode", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "query", b"query"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchContextRequest: _TypeAlias = SearchContextRequest  # noqa: Y015
+
+@_typing.final
+class DocumentChunk(_message.Message):
+    """A passage of a file's extracted text, as indexed for search."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    CHUNK_INDEX_FIELD_NUMBER: _builtins.int
+    START_OFFSET_FIELD_NUMBER: _builtins.int
+    END_OFFSET_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    file: _builtins.str
+    """The file, `workspaces/{workspace}/files/{file}`."""
+    display_name: _builtins.str
+    """The file's display name."""
+    chunk_index: _builtins.int
+    """The chunk's position among the file's chunks, from 0."""
+    start_offset: _builtins.int
+    """Where the chunk starts in the file's text, in characters."""
+    end_offset: _builtins.int
+    """Where it ends (exclusive), in characters."""
+    text: _builtins.str
+    """The chunk's text."""
+    def __init__(
+        self,
+        *,
+        file: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        chunk_index: _builtins.int = ...,
+        start_offset: _builtins.int = ...,
+        end_offset: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_index", b"chunk_index", "display_name", b"display_name", "end_offset", b"end_offset", "file", b"file", "start_offset", b"start_offset", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentChunk: _TypeAlias = DocumentChunk  # noqa: Y015
+
+@_typing.final
+class SearchResult(_message.Message):
+    """One thing a search found, and where it came from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DOCUMENT_CHUNK_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    score: _builtins.float
+    """Relevance; higher is more relevant. Comparable only within one response."""
+    @_builtins.property
+    def memory_item(self) -> Global___MemoryItem:
+        """A memory item."""
+
+    @_builtins.property
+    def message(self) -> Global___Message:
+        """A message of a conversation."""
+
+    @_builtins.property
+    def document_chunk(self) -> Global___DocumentChunk:
+        """A passage of a file's text."""
+
+    @_builtins.property
+    def scores(self) -> Global___SearchScores:
+        """Its rank in each list the search used."""
+
+    def __init__(
+        self,
+        *,
+        memory_item: Global___MemoryItem | None = ...,
+        message: Global___Message | None = ...,
+        document_chunk: Global___DocumentChunk | None = ...,
+        score: _builtins.float = ...,
+        scores: Global___SearchScores | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["document_chunk", b"document_chunk", "memory_item", b"memory_item", "message", b"message", "scores", b"scores", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document_chunk", b"document_chunk", "memory_item", b"memory_item", "message", b"message", "score", b"score", "scores", b"scores", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["memory_item", "message", "document_chunk"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___SearchResult: _TypeAlias = SearchResult  # noqa: Y015
+
+@_typing.final
+class SearchContextResponse(_message.Message):
+    """Response for SearchContext."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    FALLBACK_DETAIL_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    mode: Global___SearchMode.ValueType
+    """The mode the search ran in."""
+    fallback_reason: Global___SearchFallbackReason.ValueType
+    """Why it ran in another mode than the one asked; UNSPECIFIED if it did not."""
+    fallback_detail: _builtins.str
+    """The fallback's reason in words, for people (empty if none)."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:
+        """Results, most relevant first."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SearchResult] | None = ...,
+        next_page_token: _builtins.str = ...,
+        mode: Global___SearchMode.ValueType = ...,
+        fallback_reason: Global___SearchFallbackReason.ValueType = ...,
+        fallback_detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_detail", b"fallback_detail", "fallback_reason", b"fallback_reason", "mode", b"mode", "next_page_token", b"next_page_token", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchContextResponse: _TypeAlias = SearchContextResponse  # noqa: Y015
+
+@_typing.final
+class SemanticIndex(_message.Message):
+    """A workspace's semantic index: what is embedded, with which model, and how
+    far indexing has come. A singleton of each workspace.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    INDEX_MESSAGES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    INDEXED_COUNT_FIELD_NUMBER: _builtins.int
+    PENDING_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_MODEL_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{workspace}/semanticIndex`."""
+    embedding_model: _builtins.str
+    """The embedding model; the server's default model if empty. Empty with no
+    server default means the index is off (full-text search only).
+    """
+    dimensions: _builtins.int
+    """The embeddings' dimensions (1-2,000); the server's default if 0."""
+    index_messages: _builtins.bool
+    """Whether the workspace's messages are indexed too (memory items and
+    document text always are).
+    """
+    state: Global___SemanticIndexState.ValueType
+    """Where indexing stands (output only)."""
+    indexed_count: _builtins.int
+    """Passages embedded with the current model (output only)."""
+    pending_count: _builtins.int
+    """Items waiting to be embedded (output only)."""
+    last_error: _builtins.str
+    """The latest reason indexing is waiting, for people; empty when it is not (output only)."""
+    effective_model: _builtins.str
+    """The model and dimensions in effect, as `model/dimensions` (output only)."""
+    etag: _builtins.str
+    """Checksum for optimistic concurrency (output only; send it back to update)."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the settings last changed (output only)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        embedding_model: _builtins.str = ...,
+        dimensions: _builtins.int = ...,
+        index_messages: _builtins.bool = ...,
+        state: Global___SemanticIndexState.ValueType = ...,
+        indexed_count: _builtins.int = ...,
+        pending_count: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        effective_model: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "effective_model", b"effective_model", "embedding_model", b"embedding_model", "etag", b"etag", "index_messages", b"index_messages", "indexed_count", b"indexed_count", "last_error", b"last_error", "name", b"name", "pending_count", b"pending_count", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SemanticIndex: _TypeAlias = SemanticIndex  # noqa: Y015
+
+@_typing.final
+class GetSemanticIndexRequest(_message.Message):
+    """Request for GetSemanticIndex."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/semanticIndex`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSemanticIndexRequest: _TypeAlias = GetSemanticIndexRequest  # noqa: Y015
+
+@_typing.final
+class GetSemanticIndexResponse(_message.Message):
+    """Response for GetSemanticIndex."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEMANTIC_INDEX_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def semantic_index(self) -> Global___SemanticIndex:
+        """The index."""
+
+    def __init__(
+        self,
+        *,
+        semantic_index: Global___SemanticIndex | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["semantic_index", b"semantic_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["semantic_index", b"semantic_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSemanticIndexResponse: _TypeAlias = GetSemanticIndexResponse  # noqa: Y015
+
+@_typing.final
+class UpdateSemanticIndexRequest(_message.Message):
+    """Request for UpdateSemanticIndex."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEMANTIC_INDEX_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def semantic_index(self) -> Global___SemanticIndex:
+        """The index with `name`, optionally `etag`, and the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: `embedding_model`, `dimensions`, `index_messages`."""
+
+    def __init__(
+        self,
+        *,
+        semantic_index: Global___SemanticIndex | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["semantic_index", b"semantic_index", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["semantic_index", b"semantic_index", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSemanticIndexRequest: _TypeAlias = UpdateSemanticIndexRequest  # noqa: Y015
+
+@_typing.final
+class UpdateSemanticIndexResponse(_message.Message):
+    """Response for UpdateSemanticIndex."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEMANTIC_INDEX_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def semantic_index(self) -> Global___SemanticIndex:
+        """The index after the change."""
+
+    def __init__(
+        self,
+        *,
+        semantic_index: Global___SemanticIndex | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["semantic_index", b"semantic_index"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["semantic_index", b"semantic_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSemanticIndexResponse: _TypeAlias = UpdateSemanticIndexResponse  # noqa: Y015
 
 @_typing.final
 class DeleteMemoryItemRequest(_message.Message):
@@ -2289,26 +2822,68 @@ class GetContextWindowRequest(_message.Message):
     CONVERSATION_FIELD_NUMBER: _builtins.int
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """`workspaces/{workspace}/conversations/{conversation}`."""
     token_budget: _builtins.int
     """Maximum tokens the window may hold."""
     query: _builtins.str
     """Text to rank memories against; defaults to the latest user message."""
+    @_builtins.property
+    def retrieval(self) -> Global___RetrievalOptions:
+        """Passages to retrieve into the window; none if unset."""
+
     def __init__(
         self,
         *,
         conversation: _builtins.str = ...,
         token_budget: _builtins.int = ...,
         query: _builtins.str = ...,
+        retrieval: Global___RetrievalOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retrieval", b"retrieval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "query", b"query", "token_budget", b"token_budget"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "query", b"query", "retrieval", b"retrieval", "token_budget", b"token_budget"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetContextWindowRequest: _TypeAlias = GetContextWindowRequest  # noqa: Y015
+
+@_typing.final
+class RetrievalOptions(_message.Message):
+    """What a context window retrieves from search (SearchContext) for its query."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_K_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    top_k: _builtins.int
+    """Most results to retrieve (1-20)."""
+    token_budget: _builtins.int
+    """Most tokens the retrieved passages may take (within the window's budget);
+    a passage that does not fit is left out (OVER_BUDGET).
+    """
+    mode: Global___SearchMode.ValueType
+    """How to rank; as in SearchContextRequest.mode."""
+    filter: _builtins.str
+    """A filter; as in SearchContextRequest.filter."""
+    def __init__(
+        self,
+        *,
+        top_k: _builtins.int = ...,
+        token_budget: _builtins.int = ...,
+        mode: Global___SearchMode.ValueType = ...,
+        filter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "mode", b"mode", "token_budget", b"token_budget", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrievalOptions: _TypeAlias = RetrievalOptions  # noqa: Y015
 
 @_typing.final
 class ContextItem(_message.Message):
@@ -2318,6 +2893,7 @@ class ContextItem(_message.Message):
 
     MESSAGE_FIELD_NUMBER: _builtins.int
     MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    RETRIEVED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     reason: Global___ContextItemReason.ValueType
@@ -2332,19 +2908,24 @@ class ContextItem(_message.Message):
     def memory_item(self) -> Global___MemoryItem:
         """A memory item."""
 
+    @_builtins.property
+    def retrieved(self) -> Global___SearchResult:
+        """A search result retrieved for the query, with its source."""
+
     def __init__(
         self,
         *,
         message: Global___Message | None = ...,
         memory_item: Global___MemoryItem | None = ...,
+        retrieved: Global___SearchResult | None = ...,
         reason: Global___ContextItemReason.ValueType = ...,
         token_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "memory_item", b"memory_item", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "memory_item", b"memory_item", "message", b"message", "retrieved", b"retrieved"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "memory_item", b"memory_item", "message", b"message", "reason", b"reason", "token_count", b"token_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "memory_item", b"memory_item", "message", b"message", "reason", b"reason", "retrieved", b"retrieved", "token_count", b"token_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["message", "memory_item"]  # noqa: Y015
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["message", "memory_item", "retrieved"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
@@ -2364,6 +2945,8 @@ class ContextWindow(_message.Message):
     EXCLUDED_FIELD_NUMBER: _builtins.int
     TOKENIZER_FIELD_NUMBER: _builtins.int
     OMITTED_MESSAGES_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_MODE_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{workspace}/conversations/{conversation}`."""
     conversation_version: _builtins.int
@@ -2379,6 +2962,10 @@ class ContextWindow(_message.Message):
     listed: once a message does not fit, every older one is left out too, so
     the included messages are always the newest ones, in order.
     """
+    retrieval_mode: Global___SearchMode.ValueType
+    """The mode retrieval ran in (unset without retrieval)."""
+    retrieval_fallback_reason: Global___SearchFallbackReason.ValueType
+    """Why retrieval ran in another mode than the one asked; UNSPECIFIED if it did not."""
     @_builtins.property
     def included(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextItem]:
         """Included items in the order a handler should read them."""
@@ -2398,10 +2985,12 @@ class ContextWindow(_message.Message):
         excluded: _abc.Iterable[Global___ContextItem] | None = ...,
         tokenizer: _builtins.str = ...,
         omitted_messages: _builtins.int = ...,
+        retrieval_mode: Global___SearchMode.ValueType = ...,
+        retrieval_fallback_reason: Global___SearchFallbackReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "conversation_version", b"conversation_version", "excluded", b"excluded", "included", b"included", "omitted_messages", b"omitted_messages", "token_budget", b"token_budget", "tokenizer", b"tokenizer", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "conversation_version", b"conversation_version", "excluded", b"excluded", "included", b"included", "omitted_messages", b"omitted_messages", "retrieval_fallback_reason", b"retrieval_fallback_reason", "retrieval_mode", b"retrieval_mode", "token_budget", b"token_budget", "tokenizer", b"tokenizer", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -160,6 +160,21 @@ class ContextServiceStub:
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchMemoryItemsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchMemoryItemsResponse.FromString,
                 _registered_method=True)
+        self.SearchContext = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/SearchContext',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchContextRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchContextResponse.FromString,
+                _registered_method=True)
+        self.GetSemanticIndex = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/GetSemanticIndex',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetSemanticIndexRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetSemanticIndexResponse.FromString,
+                _registered_method=True)
+        self.UpdateSemanticIndex = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/UpdateSemanticIndex',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateSemanticIndexRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateSemanticIndexResponse.FromString,
+                _registered_method=True)
         self.DeleteMemoryItem = channel.unary_unary(
                 '/switchboard.api.context.v1.ContextService/DeleteMemoryItem',
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteMemoryItemRequest.SerializeToString,
@@ -397,7 +412,34 @@ class ContextServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchMemoryItems(self, request, context):
-        """Ranks memory items by relevance to a query (full-text search).
+        """Ranks memory items by relevance to a query: full-text, semantic, or both
+        fused by reciprocal rank (the default once the workspace's semantic index
+        is configured).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchContext(self, request, context):
+        """Searches a workspace's or a conversation's memory items, messages and
+        document chunks together, with the same modes, filters and scores as
+        SearchMemoryItems. Each result says where it came from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSemanticIndex(self, request, context):
+        """Gets a workspace's semantic index: its embedding settings and progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSemanticIndex(self, request, context):
+        """Changes a workspace's semantic index settings (owners only). A new model or
+        dimension count re-embeds everything in the background; search keeps
+        answering (full-text for what is not embedded yet) meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -620,6 +662,21 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.SearchMemoryItems,
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchMemoryItemsRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchMemoryItemsResponse.SerializeToString,
+            ),
+            'SearchContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchContext,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchContextRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchContextResponse.SerializeToString,
+            ),
+            'GetSemanticIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSemanticIndex,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetSemanticIndexRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetSemanticIndexResponse.SerializeToString,
+            ),
+            'UpdateSemanticIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSemanticIndex,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateSemanticIndexRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateSemanticIndexResponse.SerializeToString,
             ),
             'DeleteMemoryItem': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteMemoryItem,
@@ -1340,6 +1397,87 @@ class ContextService:
             '/switchboard.api.context.v1.ContextService/SearchMemoryItems',
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchMemoryItemsRequest.SerializeToString,
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchMemoryItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/SearchContext',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchContextRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SearchContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSemanticIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/GetSemanticIndex',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetSemanticIndexRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetSemanticIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSemanticIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/UpdateSemanticIndex',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateSemanticIndexRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateSemanticIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,

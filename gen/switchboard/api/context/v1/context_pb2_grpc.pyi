@@ -86,7 +86,22 @@ class ContextServiceStub:
     ListMemoryItems: _grpc.UnaryUnaryMultiCallable[_context_pb2.ListMemoryItemsRequest, _context_pb2.ListMemoryItemsResponse]
     """Lists memory items under a parent."""
     SearchMemoryItems: _grpc.UnaryUnaryMultiCallable[_context_pb2.SearchMemoryItemsRequest, _context_pb2.SearchMemoryItemsResponse]
-    """Ranks memory items by relevance to a query (full-text search)."""
+    """Ranks memory items by relevance to a query: full-text, semantic, or both
+    fused by reciprocal rank (the default once the workspace's semantic index
+    is configured).
+    """
+    SearchContext: _grpc.UnaryUnaryMultiCallable[_context_pb2.SearchContextRequest, _context_pb2.SearchContextResponse]
+    """Searches a workspace's or a conversation's memory items, messages and
+    document chunks together, with the same modes, filters and scores as
+    SearchMemoryItems. Each result says where it came from.
+    """
+    GetSemanticIndex: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetSemanticIndexRequest, _context_pb2.GetSemanticIndexResponse]
+    """Gets a workspace's semantic index: its embedding settings and progress."""
+    UpdateSemanticIndex: _grpc.UnaryUnaryMultiCallable[_context_pb2.UpdateSemanticIndexRequest, _context_pb2.UpdateSemanticIndexResponse]
+    """Changes a workspace's semantic index settings (owners only). A new model or
+    dimension count re-embeds everything in the background; search keeps
+    answering (full-text for what is not embedded yet) meanwhile.
+    """
     DeleteMemoryItem: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryItemRequest, _context_pb2.DeleteMemoryItemResponse]
     """Deletes a memory item."""
     GetContextWindow: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetContextWindowRequest, _context_pb2.GetContextWindowResponse]
@@ -178,7 +193,22 @@ class ContextServiceAsyncStub(ContextServiceStub):
     ListMemoryItems: _aio.UnaryUnaryMultiCallable[_context_pb2.ListMemoryItemsRequest, _context_pb2.ListMemoryItemsResponse]  # type: ignore[assignment]
     """Lists memory items under a parent."""
     SearchMemoryItems: _aio.UnaryUnaryMultiCallable[_context_pb2.SearchMemoryItemsRequest, _context_pb2.SearchMemoryItemsResponse]  # type: ignore[assignment]
-    """Ranks memory items by relevance to a query (full-text search)."""
+    """Ranks memory items by relevance to a query: full-text, semantic, or both
+    fused by reciprocal rank (the default once the workspace's semantic index
+    is configured).
+    """
+    SearchContext: _aio.UnaryUnaryMultiCallable[_context_pb2.SearchContextRequest, _context_pb2.SearchContextResponse]  # type: ignore[assignment]
+    """Searches a workspace's or a conversation's memory items, messages and
+    document chunks together, with the same modes, filters and scores as
+    SearchMemoryItems. Each result says where it came from.
+    """
+    GetSemanticIndex: _aio.UnaryUnaryMultiCallable[_context_pb2.GetSemanticIndexRequest, _context_pb2.GetSemanticIndexResponse]  # type: ignore[assignment]
+    """Gets a workspace's semantic index: its embedding settings and progress."""
+    UpdateSemanticIndex: _aio.UnaryUnaryMultiCallable[_context_pb2.UpdateSemanticIndexRequest, _context_pb2.UpdateSemanticIndexResponse]  # type: ignore[assignment]
+    """Changes a workspace's semantic index settings (owners only). A new model or
+    dimension count re-embeds everything in the background; search keeps
+    answering (full-text for what is not embedded yet) meanwhile.
+    """
     DeleteMemoryItem: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryItemRequest, _context_pb2.DeleteMemoryItemResponse]  # type: ignore[assignment]
     """Deletes a memory item."""
     GetContextWindow: _aio.UnaryUnaryMultiCallable[_context_pb2.GetContextWindowRequest, _context_pb2.GetContextWindowResponse]  # type: ignore[assignment]
@@ -411,7 +441,40 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _context_pb2.SearchMemoryItemsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.SearchMemoryItemsResponse, _abc.Awaitable[_context_pb2.SearchMemoryItemsResponse]]:
-        """Ranks memory items by relevance to a query (full-text search)."""
+        """Ranks memory items by relevance to a query: full-text, semantic, or both
+        fused by reciprocal rank (the default once the workspace's semantic index
+        is configured).
+        """
+
+    @_abc_1.abstractmethod
+    def SearchContext(
+        self,
+        request: _context_pb2.SearchContextRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.SearchContextResponse, _abc.Awaitable[_context_pb2.SearchContextResponse]]:
+        """Searches a workspace's or a conversation's memory items, messages and
+        document chunks together, with the same modes, filters and scores as
+        SearchMemoryItems. Each result says where it came from.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSemanticIndex(
+        self,
+        request: _context_pb2.GetSemanticIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.GetSemanticIndexResponse, _abc.Awaitable[_context_pb2.GetSemanticIndexResponse]]:
+        """Gets a workspace's semantic index: its embedding settings and progress."""
+
+    @_abc_1.abstractmethod
+    def UpdateSemanticIndex(
+        self,
+        request: _context_pb2.UpdateSemanticIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.UpdateSemanticIndexResponse, _abc.Awaitable[_context_pb2.UpdateSemanticIndexResponse]]:
+        """Changes a workspace's semantic index settings (owners only). A new model or
+        dimension count re-embeds everything in the background; search keeps
+        answering (full-text for what is not embedded yet) meanwhile.
+        """
 
     @_abc_1.abstractmethod
     def DeleteMemoryItem(

@@ -2049,6 +2049,7 @@ class Assistant(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     VOICE_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/assistants/{a}`."""
     display_name: _builtins.str
@@ -2092,6 +2093,12 @@ class Assistant(_message.Message):
         no answers (SPEECH_NOT_CONFIGURED).
         """
 
+    @_builtins.property
+    def retrieval(self) -> Global___RetrievalSettings:
+        """Retrieval from the workspace's search: passages put in the context window
+        for each message, and a tool the model can search with itself.
+        """
+
     def __init__(
         self,
         *,
@@ -2109,14 +2116,63 @@ class Assistant(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         voice: Global___VoiceSettings | None = ...,
+        retrieval: Global___RetrievalSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "model", b"model", "update_time", b"update_time", "voice", b"voice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "model", b"model", "retrieval", b"retrieval", "update_time", b"update_time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "retrieval", b"retrieval", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assistant: _TypeAlias = Assistant  # noqa: Y015
+
+@_typing.final
+class RetrievalSettings(_message.Message):
+    """What an assistant retrieves from its workspace's search (SearchContext)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    SEARCH_TOOL_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Whether the top matches for each incoming message are put in the context
+    window (marked RETRIEVED, with their sources).
+    """
+    top_k: _builtins.int
+    """Most passages retrieved (1-20); 5 if 0."""
+    token_budget: _builtins.int
+    """Most tokens the retrieved passages may take (1-32,000, and within the
+    window's budget); 1,000 if 0.
+    """
+    mode: _context_pb2.SearchMode.ValueType
+    """How to rank; as in SearchContextRequest.mode."""
+    filter: _builtins.str
+    """A filter (at most 1,000 characters); as in SearchContextRequest.filter."""
+    search_tool: _builtins.bool
+    """Offers the model a `search_memory` tool that runs SearchContext in the
+    run's conversation, as the run's caller.
+    """
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        top_k: _builtins.int = ...,
+        token_budget: _builtins.int = ...,
+        mode: _context_pb2.SearchMode.ValueType = ...,
+        filter: _builtins.str = ...,
+        search_tool: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "filter", b"filter", "mode", b"mode", "search_tool", b"search_tool", "token_budget", b"token_budget", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetrievalSettings: _TypeAlias = RetrievalSettings  # noqa: Y015
 
 @_typing.final
 class CreateAssistantRequest(_message.Message):

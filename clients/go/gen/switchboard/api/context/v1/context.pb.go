@@ -382,6 +382,187 @@ func (MemoryKind) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{5}
 }
 
+// How a search ranks what it finds.
+type SearchMode int32
+
+const (
+	// The default: HYBRID when the workspace's semantic index is configured,
+	// FULL_TEXT otherwise.
+	SearchMode_SEARCH_MODE_UNSPECIFIED SearchMode = 0
+	// The database's full-text search: shared words, ranked by relevance.
+	SearchMode_SEARCH_MODE_FULL_TEXT SearchMode = 1
+	// Nearest neighbours of the query's embedding: similar meaning, whatever the words.
+	SearchMode_SEARCH_MODE_SEMANTIC SearchMode = 2
+	// Both, fused by reciprocal rank (each list's rank r adds 1/(60 + r)).
+	SearchMode_SEARCH_MODE_HYBRID SearchMode = 3
+)
+
+// Enum value maps for SearchMode.
+var (
+	SearchMode_name = map[int32]string{
+		0: "SEARCH_MODE_UNSPECIFIED",
+		1: "SEARCH_MODE_FULL_TEXT",
+		2: "SEARCH_MODE_SEMANTIC",
+		3: "SEARCH_MODE_HYBRID",
+	}
+	SearchMode_value = map[string]int32{
+		"SEARCH_MODE_UNSPECIFIED": 0,
+		"SEARCH_MODE_FULL_TEXT":   1,
+		"SEARCH_MODE_SEMANTIC":    2,
+		"SEARCH_MODE_HYBRID":      3,
+	}
+)
+
+func (x SearchMode) Enum() *SearchMode {
+	p := new(SearchMode)
+	*p = x
+	return p
+}
+
+func (x SearchMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SearchMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[6].Descriptor()
+}
+
+func (SearchMode) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[6]
+}
+
+func (x SearchMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SearchMode.Descriptor instead.
+func (SearchMode) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{6}
+}
+
+// Why a search ranked in another mode than the one asked (FULL_TEXT instead).
+type SearchFallbackReason int32
+
+const (
+	// No fallback: the search ran in the mode asked.
+	SearchFallbackReason_SEARCH_FALLBACK_REASON_UNSPECIFIED SearchFallbackReason = 0
+	// No embedding endpoint or model is configured for the workspace.
+	SearchFallbackReason_SEARCH_FALLBACK_REASON_NOT_CONFIGURED SearchFallbackReason = 1
+	// The database has no vector engine (pgvector or sqlite-vec).
+	SearchFallbackReason_SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE SearchFallbackReason = 2
+	// The embedding endpoint could not embed the query (down, timed out, or
+	// its circuit is open).
+	SearchFallbackReason_SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE SearchFallbackReason = 3
+	// A budget of the workspace had no room for the query's embedding.
+	SearchFallbackReason_SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED SearchFallbackReason = 4
+)
+
+// Enum value maps for SearchFallbackReason.
+var (
+	SearchFallbackReason_name = map[int32]string{
+		0: "SEARCH_FALLBACK_REASON_UNSPECIFIED",
+		1: "SEARCH_FALLBACK_REASON_NOT_CONFIGURED",
+		2: "SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE",
+		3: "SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE",
+		4: "SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED",
+	}
+	SearchFallbackReason_value = map[string]int32{
+		"SEARCH_FALLBACK_REASON_UNSPECIFIED":            0,
+		"SEARCH_FALLBACK_REASON_NOT_CONFIGURED":         1,
+		"SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE":       2,
+		"SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE": 3,
+		"SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED":       4,
+	}
+)
+
+func (x SearchFallbackReason) Enum() *SearchFallbackReason {
+	p := new(SearchFallbackReason)
+	*p = x
+	return p
+}
+
+func (x SearchFallbackReason) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SearchFallbackReason) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[7].Descriptor()
+}
+
+func (SearchFallbackReason) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[7]
+}
+
+func (x SearchFallbackReason) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SearchFallbackReason.Descriptor instead.
+func (SearchFallbackReason) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{7}
+}
+
+// Where a workspace's semantic index stands.
+type SemanticIndexState int32
+
+const (
+	// Not set.
+	SemanticIndexState_SEMANTIC_INDEX_STATE_UNSPECIFIED SemanticIndexState = 0
+	// Off: no embedding model, no endpoint, or no vector engine in the database.
+	SemanticIndexState_SEMANTIC_INDEX_STATE_DISABLED SemanticIndexState = 1
+	// Everything is embedded.
+	SemanticIndexState_SEMANTIC_INDEX_STATE_READY SemanticIndexState = 2
+	// Items are waiting to be embedded.
+	SemanticIndexState_SEMANTIC_INDEX_STATE_INDEXING SemanticIndexState = 3
+	// Indexing waits: the endpoint is failing or a budget has no room (see last_error).
+	SemanticIndexState_SEMANTIC_INDEX_STATE_WAITING SemanticIndexState = 4
+)
+
+// Enum value maps for SemanticIndexState.
+var (
+	SemanticIndexState_name = map[int32]string{
+		0: "SEMANTIC_INDEX_STATE_UNSPECIFIED",
+		1: "SEMANTIC_INDEX_STATE_DISABLED",
+		2: "SEMANTIC_INDEX_STATE_READY",
+		3: "SEMANTIC_INDEX_STATE_INDEXING",
+		4: "SEMANTIC_INDEX_STATE_WAITING",
+	}
+	SemanticIndexState_value = map[string]int32{
+		"SEMANTIC_INDEX_STATE_UNSPECIFIED": 0,
+		"SEMANTIC_INDEX_STATE_DISABLED":    1,
+		"SEMANTIC_INDEX_STATE_READY":       2,
+		"SEMANTIC_INDEX_STATE_INDEXING":    3,
+		"SEMANTIC_INDEX_STATE_WAITING":     4,
+	}
+)
+
+func (x SemanticIndexState) Enum() *SemanticIndexState {
+	p := new(SemanticIndexState)
+	*p = x
+	return p
+}
+
+func (x SemanticIndexState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SemanticIndexState) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[8].Descriptor()
+}
+
+func (SemanticIndexState) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[8]
+}
+
+func (x SemanticIndexState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SemanticIndexState.Descriptor instead.
+func (SemanticIndexState) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{8}
+}
+
 // Why a candidate was included in or left out of a context window.
 type ContextItemReason int32
 
@@ -400,6 +581,8 @@ const (
 	ContextItemReason_CONTEXT_ITEM_REASON_OVER_BUDGET ContextItemReason = 5
 	// Left out: the memory item has expired.
 	ContextItemReason_CONTEXT_ITEM_REASON_EXPIRED ContextItemReason = 6
+	// Included: retrieved by search for the query (see ContextItem.retrieved).
+	ContextItemReason_CONTEXT_ITEM_REASON_RETRIEVED ContextItemReason = 7
 )
 
 // Enum value maps for ContextItemReason.
@@ -412,6 +595,7 @@ var (
 		4: "CONTEXT_ITEM_REASON_RECENT",
 		5: "CONTEXT_ITEM_REASON_OVER_BUDGET",
 		6: "CONTEXT_ITEM_REASON_EXPIRED",
+		7: "CONTEXT_ITEM_REASON_RETRIEVED",
 	}
 	ContextItemReason_value = map[string]int32{
 		"CONTEXT_ITEM_REASON_UNSPECIFIED": 0,
@@ -421,6 +605,7 @@ var (
 		"CONTEXT_ITEM_REASON_RECENT":      4,
 		"CONTEXT_ITEM_REASON_OVER_BUDGET": 5,
 		"CONTEXT_ITEM_REASON_EXPIRED":     6,
+		"CONTEXT_ITEM_REASON_RETRIEVED":   7,
 	}
 )
 
@@ -435,11 +620,11 @@ func (x ContextItemReason) String() string {
 }
 
 func (ContextItemReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_context_v1_context_proto_enumTypes[6].Descriptor()
+	return file_switchboard_api_context_v1_context_proto_enumTypes[9].Descriptor()
 }
 
 func (ContextItemReason) Type() protoreflect.EnumType {
-	return &file_switchboard_api_context_v1_context_proto_enumTypes[6]
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[9]
 }
 
 func (x ContextItemReason) Number() protoreflect.EnumNumber {
@@ -448,7 +633,7 @@ func (x ContextItemReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ContextItemReason.Descriptor instead.
 func (ContextItemReason) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{6}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{9}
 }
 
 // A tenant: members, conversations, memory and integrations live inside it.
@@ -4227,14 +4412,21 @@ type SearchMemoryItemsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The scope to search, as in CreateMemoryItemRequest.parent.
 	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
-	// Free-text query.
+	// Free-text query (at most 1,000 characters).
 	Query string `protobuf:"bytes,2,opt,name=query,proto3" json:"query,omitempty"`
 	// Only these kinds; all kinds if empty.
 	Kinds []MemoryKind `protobuf:"varint,3,rep,packed,name=kinds,proto3,enum=switchboard.api.context.v1.MemoryKind" json:"kinds,omitempty"`
 	// Maximum results; capped at 50, default 10.
 	PageSize int32 `protobuf:"varint,4,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// Token from a previous response.
-	PageToken     string `protobuf:"bytes,5,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	PageToken string `protobuf:"bytes,5,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// How to rank; HYBRID when the workspace's semantic index is configured,
+	// FULL_TEXT otherwise, if unspecified.
+	Mode SearchMode `protobuf:"varint,6,opt,name=mode,proto3,enum=switchboard.api.context.v1.SearchMode" json:"mode,omitempty"`
+	// A filter in the AIP-160 subset described at SearchContextRequest.filter
+	// (`source` is always `memory` here). A field it does not know is
+	// INVALID_ARGUMENT on `filter`.
+	Filter        string `protobuf:"bytes,7,opt,name=filter,proto3" json:"filter,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4304,20 +4496,101 @@ func (x *SearchMemoryItemsRequest) GetPageToken() string {
 	return ""
 }
 
+func (x *SearchMemoryItemsRequest) GetMode() SearchMode {
+	if x != nil {
+		return x.Mode
+	}
+	return SearchMode_SEARCH_MODE_UNSPECIFIED
+}
+
+func (x *SearchMemoryItemsRequest) GetFilter() string {
+	if x != nil {
+		return x.Filter
+	}
+	return ""
+}
+
+// How one result ranked in each list a search fused.
+type SearchScores struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1-based rank in the full-text list; unset if it was not in it.
+	FullTextRank *int32 `protobuf:"varint,1,opt,name=full_text_rank,json=fullTextRank,proto3,oneof" json:"full_text_rank,omitempty"`
+	// 1-based rank in the semantic list; unset if it was not in it.
+	SemanticRank *int32 `protobuf:"varint,2,opt,name=semantic_rank,json=semanticRank,proto3,oneof" json:"semantic_rank,omitempty"`
+	// Cosine similarity of the query's and the result's embeddings (-1 to 1);
+	// unset if it was not in the semantic list.
+	Similarity    *float64 `protobuf:"fixed64,3,opt,name=similarity,proto3,oneof" json:"similarity,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SearchScores) Reset() {
+	*x = SearchScores{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SearchScores) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SearchScores) ProtoMessage() {}
+
+func (x *SearchScores) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SearchScores.ProtoReflect.Descriptor instead.
+func (*SearchScores) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *SearchScores) GetFullTextRank() int32 {
+	if x != nil && x.FullTextRank != nil {
+		return *x.FullTextRank
+	}
+	return 0
+}
+
+func (x *SearchScores) GetSemanticRank() int32 {
+	if x != nil && x.SemanticRank != nil {
+		return *x.SemanticRank
+	}
+	return 0
+}
+
+func (x *SearchScores) GetSimilarity() float64 {
+	if x != nil && x.Similarity != nil {
+		return *x.Similarity
+	}
+	return 0
+}
+
 // A memory item with its relevance to a query.
 type ScoredMemoryItem struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The item.
 	MemoryItem *MemoryItem `protobuf:"bytes,1,opt,name=memory_item,json=memoryItem,proto3" json:"memory_item,omitempty"`
 	// Relevance; higher is more relevant. Comparable only within one response.
-	Score         float64 `protobuf:"fixed64,2,opt,name=score,proto3" json:"score,omitempty"`
+	Score float64 `protobuf:"fixed64,2,opt,name=score,proto3" json:"score,omitempty"`
+	// Its rank in each list the search used.
+	Scores        *SearchScores `protobuf:"bytes,3,opt,name=scores,proto3" json:"scores,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ScoredMemoryItem) Reset() {
 	*x = ScoredMemoryItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4329,7 +4602,7 @@ func (x *ScoredMemoryItem) String() string {
 func (*ScoredMemoryItem) ProtoMessage() {}
 
 func (x *ScoredMemoryItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4342,7 +4615,7 @@ func (x *ScoredMemoryItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScoredMemoryItem.ProtoReflect.Descriptor instead.
 func (*ScoredMemoryItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{58}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ScoredMemoryItem) GetMemoryItem() *MemoryItem {
@@ -4359,6 +4632,13 @@ func (x *ScoredMemoryItem) GetScore() float64 {
 	return 0
 }
 
+func (x *ScoredMemoryItem) GetScores() *SearchScores {
+	if x != nil {
+		return x.Scores
+	}
+	return nil
+}
+
 // Response for SearchMemoryItems.
 type SearchMemoryItemsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4366,13 +4646,19 @@ type SearchMemoryItemsResponse struct {
 	Results []*ScoredMemoryItem `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
 	// Token for the next page; empty on the last page.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The mode the search ran in.
+	Mode SearchMode `protobuf:"varint,3,opt,name=mode,proto3,enum=switchboard.api.context.v1.SearchMode" json:"mode,omitempty"`
+	// Why it ran in another mode than the one asked; UNSPECIFIED if it did not.
+	FallbackReason SearchFallbackReason `protobuf:"varint,4,opt,name=fallback_reason,json=fallbackReason,proto3,enum=switchboard.api.context.v1.SearchFallbackReason" json:"fallback_reason,omitempty"`
+	// The fallback's reason in words, for people (empty if none).
+	FallbackDetail string `protobuf:"bytes,5,opt,name=fallback_detail,json=fallbackDetail,proto3" json:"fallback_detail,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SearchMemoryItemsResponse) Reset() {
 	*x = SearchMemoryItemsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4384,7 +4670,7 @@ func (x *SearchMemoryItemsResponse) String() string {
 func (*SearchMemoryItemsResponse) ProtoMessage() {}
 
 func (x *SearchMemoryItemsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4397,7 +4683,7 @@ func (x *SearchMemoryItemsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchMemoryItemsResponse.ProtoReflect.Descriptor instead.
 func (*SearchMemoryItemsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{59}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *SearchMemoryItemsResponse) GetResults() []*ScoredMemoryItem {
@@ -4414,6 +4700,756 @@ func (x *SearchMemoryItemsResponse) GetNextPageToken() string {
 	return ""
 }
 
+func (x *SearchMemoryItemsResponse) GetMode() SearchMode {
+	if x != nil {
+		return x.Mode
+	}
+	return SearchMode_SEARCH_MODE_UNSPECIFIED
+}
+
+func (x *SearchMemoryItemsResponse) GetFallbackReason() SearchFallbackReason {
+	if x != nil {
+		return x.FallbackReason
+	}
+	return SearchFallbackReason_SEARCH_FALLBACK_REASON_UNSPECIFIED
+}
+
+func (x *SearchMemoryItemsResponse) GetFallbackDetail() string {
+	if x != nil {
+		return x.FallbackDetail
+	}
+	return ""
+}
+
+// Request for SearchContext.
+type SearchContextRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}` (its memory items, its conversations' messages
+	// and memory items, and its files' text) or
+	// `workspaces/{workspace}/conversations/{conversation}` (that conversation's
+	// messages and memory items, and the workspace's memory and files).
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Free-text query (at most 1,000 characters).
+	Query string `protobuf:"bytes,2,opt,name=query,proto3" json:"query,omitempty"`
+	// How to rank; as in SearchMemoryItemsRequest.mode.
+	Mode SearchMode `protobuf:"varint,3,opt,name=mode,proto3,enum=switchboard.api.context.v1.SearchMode" json:"mode,omitempty"`
+	// An AIP-160 filter: comparisons joined by `AND`. Fields: `source`
+	// (`memory`, `message` or `document`; `=` or `!=`), `kind` (a memory kind,
+	// for example `fact`), `role` (a message's role, for example `user`),
+	// `conversation` (a conversation's name), `file` (a file's name),
+	// `create_time` (RFC 3339; `<`, `<=`, `>`, `>=`), and `metadata.KEY` (a
+	// string, number or boolean in the item's metadata; `=` or `!=`). Values are
+	// quoted strings or bare words. A field it does not know, an operator a
+	// field does not take, or a value that does not parse is INVALID_ARGUMENT
+	// on `filter`. At most 1,000 characters and 16 comparisons.
+	Filter string `protobuf:"bytes,4,opt,name=filter,proto3" json:"filter,omitempty"`
+	// Maximum results; capped at 50, default 10.
+	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response.
+	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SearchContextRequest) Reset() {
+	*x = SearchContextRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SearchContextRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SearchContextRequest) ProtoMessage() {}
+
+func (x *SearchContextRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SearchContextRequest.ProtoReflect.Descriptor instead.
+func (*SearchContextRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *SearchContextRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *SearchContextRequest) GetQuery() string {
+	if x != nil {
+		return x.Query
+	}
+	return ""
+}
+
+func (x *SearchContextRequest) GetMode() SearchMode {
+	if x != nil {
+		return x.Mode
+	}
+	return SearchMode_SEARCH_MODE_UNSPECIFIED
+}
+
+func (x *SearchContextRequest) GetFilter() string {
+	if x != nil {
+		return x.Filter
+	}
+	return ""
+}
+
+func (x *SearchContextRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *SearchContextRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// A passage of a file's extracted text, as indexed for search.
+type DocumentChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The file, `workspaces/{workspace}/files/{file}`.
+	File string `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"`
+	// The file's display name.
+	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
+	// The chunk's position among the file's chunks, from 0.
+	ChunkIndex int32 `protobuf:"varint,3,opt,name=chunk_index,json=chunkIndex,proto3" json:"chunk_index,omitempty"`
+	// Where the chunk starts in the file's text, in characters.
+	StartOffset int64 `protobuf:"varint,4,opt,name=start_offset,json=startOffset,proto3" json:"start_offset,omitempty"`
+	// Where it ends (exclusive), in characters.
+	EndOffset int64 `protobuf:"varint,5,opt,name=end_offset,json=endOffset,proto3" json:"end_offset,omitempty"`
+	// The chunk's text.
+	Text          string `protobuf:"bytes,6,opt,name=text,proto3" json:"text,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DocumentChunk) Reset() {
+	*x = DocumentChunk{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DocumentChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DocumentChunk) ProtoMessage() {}
+
+func (x *DocumentChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DocumentChunk.ProtoReflect.Descriptor instead.
+func (*DocumentChunk) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *DocumentChunk) GetFile() string {
+	if x != nil {
+		return x.File
+	}
+	return ""
+}
+
+func (x *DocumentChunk) GetDisplayName() string {
+	if x != nil {
+		return x.DisplayName
+	}
+	return ""
+}
+
+func (x *DocumentChunk) GetChunkIndex() int32 {
+	if x != nil {
+		return x.ChunkIndex
+	}
+	return 0
+}
+
+func (x *DocumentChunk) GetStartOffset() int64 {
+	if x != nil {
+		return x.StartOffset
+	}
+	return 0
+}
+
+func (x *DocumentChunk) GetEndOffset() int64 {
+	if x != nil {
+		return x.EndOffset
+	}
+	return 0
+}
+
+func (x *DocumentChunk) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+// One thing a search found, and where it came from.
+type SearchResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What was found.
+	//
+	// Types that are valid to be assigned to Source:
+	//
+	//	*SearchResult_MemoryItem
+	//	*SearchResult_Message
+	//	*SearchResult_DocumentChunk
+	Source isSearchResult_Source `protobuf_oneof:"source"`
+	// Relevance; higher is more relevant. Comparable only within one response.
+	Score float64 `protobuf:"fixed64,4,opt,name=score,proto3" json:"score,omitempty"`
+	// Its rank in each list the search used.
+	Scores        *SearchScores `protobuf:"bytes,5,opt,name=scores,proto3" json:"scores,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SearchResult) Reset() {
+	*x = SearchResult{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SearchResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SearchResult) ProtoMessage() {}
+
+func (x *SearchResult) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SearchResult.ProtoReflect.Descriptor instead.
+func (*SearchResult) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *SearchResult) GetSource() isSearchResult_Source {
+	if x != nil {
+		return x.Source
+	}
+	return nil
+}
+
+func (x *SearchResult) GetMemoryItem() *MemoryItem {
+	if x != nil {
+		if x, ok := x.Source.(*SearchResult_MemoryItem); ok {
+			return x.MemoryItem
+		}
+	}
+	return nil
+}
+
+func (x *SearchResult) GetMessage() *Message {
+	if x != nil {
+		if x, ok := x.Source.(*SearchResult_Message); ok {
+			return x.Message
+		}
+	}
+	return nil
+}
+
+func (x *SearchResult) GetDocumentChunk() *DocumentChunk {
+	if x != nil {
+		if x, ok := x.Source.(*SearchResult_DocumentChunk); ok {
+			return x.DocumentChunk
+		}
+	}
+	return nil
+}
+
+func (x *SearchResult) GetScore() float64 {
+	if x != nil {
+		return x.Score
+	}
+	return 0
+}
+
+func (x *SearchResult) GetScores() *SearchScores {
+	if x != nil {
+		return x.Scores
+	}
+	return nil
+}
+
+type isSearchResult_Source interface {
+	isSearchResult_Source()
+}
+
+type SearchResult_MemoryItem struct {
+	// A memory item.
+	MemoryItem *MemoryItem `protobuf:"bytes,1,opt,name=memory_item,json=memoryItem,proto3,oneof"`
+}
+
+type SearchResult_Message struct {
+	// A message of a conversation.
+	Message *Message `protobuf:"bytes,2,opt,name=message,proto3,oneof"`
+}
+
+type SearchResult_DocumentChunk struct {
+	// A passage of a file's text.
+	DocumentChunk *DocumentChunk `protobuf:"bytes,3,opt,name=document_chunk,json=documentChunk,proto3,oneof"`
+}
+
+func (*SearchResult_MemoryItem) isSearchResult_Source() {}
+
+func (*SearchResult_Message) isSearchResult_Source() {}
+
+func (*SearchResult_DocumentChunk) isSearchResult_Source() {}
+
+// Response for SearchContext.
+type SearchContextResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Results, most relevant first.
+	Results []*SearchResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	// Token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	// The mode the search ran in.
+	Mode SearchMode `protobuf:"varint,3,opt,name=mode,proto3,enum=switchboard.api.context.v1.SearchMode" json:"mode,omitempty"`
+	// Why it ran in another mode than the one asked; UNSPECIFIED if it did not.
+	FallbackReason SearchFallbackReason `protobuf:"varint,4,opt,name=fallback_reason,json=fallbackReason,proto3,enum=switchboard.api.context.v1.SearchFallbackReason" json:"fallback_reason,omitempty"`
+	// The fallback's reason in words, for people (empty if none).
+	FallbackDetail string `protobuf:"bytes,5,opt,name=fallback_detail,json=fallbackDetail,proto3" json:"fallback_detail,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *SearchContextResponse) Reset() {
+	*x = SearchContextResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SearchContextResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SearchContextResponse) ProtoMessage() {}
+
+func (x *SearchContextResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SearchContextResponse.ProtoReflect.Descriptor instead.
+func (*SearchContextResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *SearchContextResponse) GetResults() []*SearchResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+func (x *SearchContextResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+func (x *SearchContextResponse) GetMode() SearchMode {
+	if x != nil {
+		return x.Mode
+	}
+	return SearchMode_SEARCH_MODE_UNSPECIFIED
+}
+
+func (x *SearchContextResponse) GetFallbackReason() SearchFallbackReason {
+	if x != nil {
+		return x.FallbackReason
+	}
+	return SearchFallbackReason_SEARCH_FALLBACK_REASON_UNSPECIFIED
+}
+
+func (x *SearchContextResponse) GetFallbackDetail() string {
+	if x != nil {
+		return x.FallbackDetail
+	}
+	return ""
+}
+
+// A workspace's semantic index: what is embedded, with which model, and how
+// far indexing has come. A singleton of each workspace.
+type SemanticIndex struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `workspaces/{workspace}/semanticIndex`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The embedding model; the server's default model if empty. Empty with no
+	// server default means the index is off (full-text search only).
+	EmbeddingModel string `protobuf:"bytes,2,opt,name=embedding_model,json=embeddingModel,proto3" json:"embedding_model,omitempty"`
+	// The embeddings' dimensions (1-2,000); the server's default if 0.
+	Dimensions int32 `protobuf:"varint,3,opt,name=dimensions,proto3" json:"dimensions,omitempty"`
+	// Whether the workspace's messages are indexed too (memory items and
+	// document text always are).
+	IndexMessages bool `protobuf:"varint,4,opt,name=index_messages,json=indexMessages,proto3" json:"index_messages,omitempty"`
+	// Where indexing stands (output only).
+	State SemanticIndexState `protobuf:"varint,5,opt,name=state,proto3,enum=switchboard.api.context.v1.SemanticIndexState" json:"state,omitempty"`
+	// Passages embedded with the current model (output only).
+	IndexedCount int64 `protobuf:"varint,6,opt,name=indexed_count,json=indexedCount,proto3" json:"indexed_count,omitempty"`
+	// Items waiting to be embedded (output only).
+	PendingCount int64 `protobuf:"varint,7,opt,name=pending_count,json=pendingCount,proto3" json:"pending_count,omitempty"`
+	// The latest reason indexing is waiting, for people; empty when it is not (output only).
+	LastError string `protobuf:"bytes,8,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// The model and dimensions in effect, as `model/dimensions` (output only).
+	EffectiveModel string `protobuf:"bytes,9,opt,name=effective_model,json=effectiveModel,proto3" json:"effective_model,omitempty"`
+	// Checksum for optimistic concurrency (output only; send it back to update).
+	Etag string `protobuf:"bytes,10,opt,name=etag,proto3" json:"etag,omitempty"`
+	// When the settings last changed (output only).
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SemanticIndex) Reset() {
+	*x = SemanticIndex{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SemanticIndex) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SemanticIndex) ProtoMessage() {}
+
+func (x *SemanticIndex) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SemanticIndex.ProtoReflect.Descriptor instead.
+func (*SemanticIndex) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{65}
+}
+
+func (x *SemanticIndex) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SemanticIndex) GetEmbeddingModel() string {
+	if x != nil {
+		return x.EmbeddingModel
+	}
+	return ""
+}
+
+func (x *SemanticIndex) GetDimensions() int32 {
+	if x != nil {
+		return x.Dimensions
+	}
+	return 0
+}
+
+func (x *SemanticIndex) GetIndexMessages() bool {
+	if x != nil {
+		return x.IndexMessages
+	}
+	return false
+}
+
+func (x *SemanticIndex) GetState() SemanticIndexState {
+	if x != nil {
+		return x.State
+	}
+	return SemanticIndexState_SEMANTIC_INDEX_STATE_UNSPECIFIED
+}
+
+func (x *SemanticIndex) GetIndexedCount() int64 {
+	if x != nil {
+		return x.IndexedCount
+	}
+	return 0
+}
+
+func (x *SemanticIndex) GetPendingCount() int64 {
+	if x != nil {
+		return x.PendingCount
+	}
+	return 0
+}
+
+func (x *SemanticIndex) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *SemanticIndex) GetEffectiveModel() string {
+	if x != nil {
+		return x.EffectiveModel
+	}
+	return ""
+}
+
+func (x *SemanticIndex) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+func (x *SemanticIndex) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+// Request for GetSemanticIndex.
+type GetSemanticIndexRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/semanticIndex`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSemanticIndexRequest) Reset() {
+	*x = GetSemanticIndexRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSemanticIndexRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSemanticIndexRequest) ProtoMessage() {}
+
+func (x *GetSemanticIndexRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSemanticIndexRequest.ProtoReflect.Descriptor instead.
+func (*GetSemanticIndexRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *GetSemanticIndexRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for GetSemanticIndex.
+type GetSemanticIndexResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The index.
+	SemanticIndex *SemanticIndex `protobuf:"bytes,1,opt,name=semantic_index,json=semanticIndex,proto3" json:"semantic_index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSemanticIndexResponse) Reset() {
+	*x = GetSemanticIndexResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSemanticIndexResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSemanticIndexResponse) ProtoMessage() {}
+
+func (x *GetSemanticIndexResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSemanticIndexResponse.ProtoReflect.Descriptor instead.
+func (*GetSemanticIndexResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *GetSemanticIndexResponse) GetSemanticIndex() *SemanticIndex {
+	if x != nil {
+		return x.SemanticIndex
+	}
+	return nil
+}
+
+// Request for UpdateSemanticIndex.
+type UpdateSemanticIndexRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The index with `name`, optionally `etag`, and the new values.
+	SemanticIndex *SemanticIndex `protobuf:"bytes,1,opt,name=semantic_index,json=semanticIndex,proto3" json:"semantic_index,omitempty"`
+	// Fields to change: `embedding_model`, `dimensions`, `index_messages`.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateSemanticIndexRequest) Reset() {
+	*x = UpdateSemanticIndexRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateSemanticIndexRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateSemanticIndexRequest) ProtoMessage() {}
+
+func (x *UpdateSemanticIndexRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateSemanticIndexRequest.ProtoReflect.Descriptor instead.
+func (*UpdateSemanticIndexRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *UpdateSemanticIndexRequest) GetSemanticIndex() *SemanticIndex {
+	if x != nil {
+		return x.SemanticIndex
+	}
+	return nil
+}
+
+func (x *UpdateSemanticIndexRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+// Response for UpdateSemanticIndex.
+type UpdateSemanticIndexResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The index after the change.
+	SemanticIndex *SemanticIndex `protobuf:"bytes,1,opt,name=semantic_index,json=semanticIndex,proto3" json:"semantic_index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateSemanticIndexResponse) Reset() {
+	*x = UpdateSemanticIndexResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateSemanticIndexResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateSemanticIndexResponse) ProtoMessage() {}
+
+func (x *UpdateSemanticIndexResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateSemanticIndexResponse.ProtoReflect.Descriptor instead.
+func (*UpdateSemanticIndexResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *UpdateSemanticIndexResponse) GetSemanticIndex() *SemanticIndex {
+	if x != nil {
+		return x.SemanticIndex
+	}
+	return nil
+}
+
 // Request for DeleteMemoryItem.
 type DeleteMemoryItemRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4425,7 +5461,7 @@ type DeleteMemoryItemRequest struct {
 
 func (x *DeleteMemoryItemRequest) Reset() {
 	*x = DeleteMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4437,7 +5473,7 @@ func (x *DeleteMemoryItemRequest) String() string {
 func (*DeleteMemoryItemRequest) ProtoMessage() {}
 
 func (x *DeleteMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4450,7 +5486,7 @@ func (x *DeleteMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*DeleteMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{60}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *DeleteMemoryItemRequest) GetName() string {
@@ -4469,7 +5505,7 @@ type DeleteMemoryItemResponse struct {
 
 func (x *DeleteMemoryItemResponse) Reset() {
 	*x = DeleteMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4481,7 +5517,7 @@ func (x *DeleteMemoryItemResponse) String() string {
 func (*DeleteMemoryItemResponse) ProtoMessage() {}
 
 func (x *DeleteMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4494,7 +5530,7 @@ func (x *DeleteMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*DeleteMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{61}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{71}
 }
 
 // Request for GetContextWindow.
@@ -4505,14 +5541,16 @@ type GetContextWindowRequest struct {
 	// Maximum tokens the window may hold.
 	TokenBudget int32 `protobuf:"varint,2,opt,name=token_budget,json=tokenBudget,proto3" json:"token_budget,omitempty"`
 	// Text to rank memories against; defaults to the latest user message.
-	Query         string `protobuf:"bytes,3,opt,name=query,proto3" json:"query,omitempty"`
+	Query string `protobuf:"bytes,3,opt,name=query,proto3" json:"query,omitempty"`
+	// Passages to retrieve into the window; none if unset.
+	Retrieval     *RetrievalOptions `protobuf:"bytes,4,opt,name=retrieval,proto3" json:"retrieval,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetContextWindowRequest) Reset() {
 	*x = GetContextWindowRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4524,7 +5562,7 @@ func (x *GetContextWindowRequest) String() string {
 func (*GetContextWindowRequest) ProtoMessage() {}
 
 func (x *GetContextWindowRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4537,7 +5575,7 @@ func (x *GetContextWindowRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContextWindowRequest.ProtoReflect.Descriptor instead.
 func (*GetContextWindowRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{62}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *GetContextWindowRequest) GetConversation() string {
@@ -4561,6 +5599,87 @@ func (x *GetContextWindowRequest) GetQuery() string {
 	return ""
 }
 
+func (x *GetContextWindowRequest) GetRetrieval() *RetrievalOptions {
+	if x != nil {
+		return x.Retrieval
+	}
+	return nil
+}
+
+// What a context window retrieves from search (SearchContext) for its query.
+type RetrievalOptions struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Most results to retrieve (1-20).
+	TopK int32 `protobuf:"varint,1,opt,name=top_k,json=topK,proto3" json:"top_k,omitempty"`
+	// Most tokens the retrieved passages may take (within the window's budget);
+	// a passage that does not fit is left out (OVER_BUDGET).
+	TokenBudget int32 `protobuf:"varint,2,opt,name=token_budget,json=tokenBudget,proto3" json:"token_budget,omitempty"`
+	// How to rank; as in SearchContextRequest.mode.
+	Mode SearchMode `protobuf:"varint,3,opt,name=mode,proto3,enum=switchboard.api.context.v1.SearchMode" json:"mode,omitempty"`
+	// A filter; as in SearchContextRequest.filter.
+	Filter        string `protobuf:"bytes,4,opt,name=filter,proto3" json:"filter,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetrievalOptions) Reset() {
+	*x = RetrievalOptions{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetrievalOptions) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetrievalOptions) ProtoMessage() {}
+
+func (x *RetrievalOptions) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetrievalOptions.ProtoReflect.Descriptor instead.
+func (*RetrievalOptions) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *RetrievalOptions) GetTopK() int32 {
+	if x != nil {
+		return x.TopK
+	}
+	return 0
+}
+
+func (x *RetrievalOptions) GetTokenBudget() int32 {
+	if x != nil {
+		return x.TokenBudget
+	}
+	return 0
+}
+
+func (x *RetrievalOptions) GetMode() SearchMode {
+	if x != nil {
+		return x.Mode
+	}
+	return SearchMode_SEARCH_MODE_UNSPECIFIED
+}
+
+func (x *RetrievalOptions) GetFilter() string {
+	if x != nil {
+		return x.Filter
+	}
+	return ""
+}
+
 // One candidate considered for a context window.
 type ContextItem struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4570,6 +5689,7 @@ type ContextItem struct {
 	//
 	//	*ContextItem_Message
 	//	*ContextItem_MemoryItem
+	//	*ContextItem_Retrieved
 	Item isContextItem_Item `protobuf_oneof:"item"`
 	// Why it was included or left out.
 	Reason ContextItemReason `protobuf:"varint,3,opt,name=reason,proto3,enum=switchboard.api.context.v1.ContextItemReason" json:"reason,omitempty"`
@@ -4581,7 +5701,7 @@ type ContextItem struct {
 
 func (x *ContextItem) Reset() {
 	*x = ContextItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4593,7 +5713,7 @@ func (x *ContextItem) String() string {
 func (*ContextItem) ProtoMessage() {}
 
 func (x *ContextItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4606,7 +5726,7 @@ func (x *ContextItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextItem.ProtoReflect.Descriptor instead.
 func (*ContextItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{63}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *ContextItem) GetItem() isContextItem_Item {
@@ -4629,6 +5749,15 @@ func (x *ContextItem) GetMemoryItem() *MemoryItem {
 	if x != nil {
 		if x, ok := x.Item.(*ContextItem_MemoryItem); ok {
 			return x.MemoryItem
+		}
+	}
+	return nil
+}
+
+func (x *ContextItem) GetRetrieved() *SearchResult {
+	if x != nil {
+		if x, ok := x.Item.(*ContextItem_Retrieved); ok {
+			return x.Retrieved
 		}
 	}
 	return nil
@@ -4662,9 +5791,16 @@ type ContextItem_MemoryItem struct {
 	MemoryItem *MemoryItem `protobuf:"bytes,2,opt,name=memory_item,json=memoryItem,proto3,oneof"`
 }
 
+type ContextItem_Retrieved struct {
+	// A search result retrieved for the query, with its source.
+	Retrieved *SearchResult `protobuf:"bytes,5,opt,name=retrieved,proto3,oneof"`
+}
+
 func (*ContextItem_Message) isContextItem_Item() {}
 
 func (*ContextItem_MemoryItem) isContextItem_Item() {}
+
+func (*ContextItem_Retrieved) isContextItem_Item() {}
 
 // The synthesized context a handler receives.
 type ContextWindow struct {
@@ -4687,13 +5823,17 @@ type ContextWindow struct {
 	// listed: once a message does not fit, every older one is left out too, so
 	// the included messages are always the newest ones, in order.
 	OmittedMessages int32 `protobuf:"varint,8,opt,name=omitted_messages,json=omittedMessages,proto3" json:"omitted_messages,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The mode retrieval ran in (unset without retrieval).
+	RetrievalMode SearchMode `protobuf:"varint,9,opt,name=retrieval_mode,json=retrievalMode,proto3,enum=switchboard.api.context.v1.SearchMode" json:"retrieval_mode,omitempty"`
+	// Why retrieval ran in another mode than the one asked; UNSPECIFIED if it did not.
+	RetrievalFallbackReason SearchFallbackReason `protobuf:"varint,10,opt,name=retrieval_fallback_reason,json=retrievalFallbackReason,proto3,enum=switchboard.api.context.v1.SearchFallbackReason" json:"retrieval_fallback_reason,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
 }
 
 func (x *ContextWindow) Reset() {
 	*x = ContextWindow{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4705,7 +5845,7 @@ func (x *ContextWindow) String() string {
 func (*ContextWindow) ProtoMessage() {}
 
 func (x *ContextWindow) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4718,7 +5858,7 @@ func (x *ContextWindow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextWindow.ProtoReflect.Descriptor instead.
 func (*ContextWindow) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{64}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *ContextWindow) GetConversation() string {
@@ -4777,6 +5917,20 @@ func (x *ContextWindow) GetOmittedMessages() int32 {
 	return 0
 }
 
+func (x *ContextWindow) GetRetrievalMode() SearchMode {
+	if x != nil {
+		return x.RetrievalMode
+	}
+	return SearchMode_SEARCH_MODE_UNSPECIFIED
+}
+
+func (x *ContextWindow) GetRetrievalFallbackReason() SearchFallbackReason {
+	if x != nil {
+		return x.RetrievalFallbackReason
+	}
+	return SearchFallbackReason_SEARCH_FALLBACK_REASON_UNSPECIFIED
+}
+
 // Response for GetContextWindow.
 type GetContextWindowResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4788,7 +5942,7 @@ type GetContextWindowResponse struct {
 
 func (x *GetContextWindowResponse) Reset() {
 	*x = GetContextWindowResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4800,7 +5954,7 @@ func (x *GetContextWindowResponse) String() string {
 func (*GetContextWindowResponse) ProtoMessage() {}
 
 func (x *GetContextWindowResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4813,7 +5967,7 @@ func (x *GetContextWindowResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContextWindowResponse.ProtoReflect.Descriptor instead.
 func (*GetContextWindowResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{65}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *GetContextWindowResponse) GetWindow() *ContextWindow {
@@ -4841,7 +5995,7 @@ type PruneConversationRequest struct {
 
 func (x *PruneConversationRequest) Reset() {
 	*x = PruneConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4853,7 +6007,7 @@ func (x *PruneConversationRequest) String() string {
 func (*PruneConversationRequest) ProtoMessage() {}
 
 func (x *PruneConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4866,7 +6020,7 @@ func (x *PruneConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PruneConversationRequest.ProtoReflect.Descriptor instead.
 func (*PruneConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{66}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *PruneConversationRequest) GetConversation() string {
@@ -4912,7 +6066,7 @@ type PruneConversationResponse struct {
 
 func (x *PruneConversationResponse) Reset() {
 	*x = PruneConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4924,7 +6078,7 @@ func (x *PruneConversationResponse) String() string {
 func (*PruneConversationResponse) ProtoMessage() {}
 
 func (x *PruneConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4937,7 +6091,7 @@ func (x *PruneConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PruneConversationResponse.ProtoReflect.Descriptor instead.
 func (*PruneConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{67}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *PruneConversationResponse) GetSummary() *MemoryItem {
@@ -4981,7 +6135,7 @@ type UploadFileHeader struct {
 
 func (x *UploadFileHeader) Reset() {
 	*x = UploadFileHeader{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4993,7 +6147,7 @@ func (x *UploadFileHeader) String() string {
 func (*UploadFileHeader) ProtoMessage() {}
 
 func (x *UploadFileHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5006,7 +6160,7 @@ func (x *UploadFileHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileHeader.ProtoReflect.Descriptor instead.
 func (*UploadFileHeader) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{68}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *UploadFileHeader) GetParent() string {
@@ -5047,7 +6201,7 @@ type UploadFileRequest struct {
 
 func (x *UploadFileRequest) Reset() {
 	*x = UploadFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5059,7 +6213,7 @@ func (x *UploadFileRequest) String() string {
 func (*UploadFileRequest) ProtoMessage() {}
 
 func (x *UploadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5072,7 +6226,7 @@ func (x *UploadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileRequest.ProtoReflect.Descriptor instead.
 func (*UploadFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{69}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *UploadFileRequest) GetFrame() isUploadFileRequest_Frame {
@@ -5145,7 +6299,7 @@ type UploadFileResponse struct {
 
 func (x *UploadFileResponse) Reset() {
 	*x = UploadFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5157,7 +6311,7 @@ func (x *UploadFileResponse) String() string {
 func (*UploadFileResponse) ProtoMessage() {}
 
 func (x *UploadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5170,7 +6324,7 @@ func (x *UploadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileResponse.ProtoReflect.Descriptor instead.
 func (*UploadFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{70}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *UploadFileResponse) GetFile() *File {
@@ -5200,7 +6354,7 @@ type StartUploadRequest struct {
 
 func (x *StartUploadRequest) Reset() {
 	*x = StartUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5212,7 +6366,7 @@ func (x *StartUploadRequest) String() string {
 func (*StartUploadRequest) ProtoMessage() {}
 
 func (x *StartUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5225,7 +6379,7 @@ func (x *StartUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartUploadRequest.ProtoReflect.Descriptor instead.
 func (*StartUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{71}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *StartUploadRequest) GetParent() string {
@@ -5260,7 +6414,7 @@ type StartUploadResponse struct {
 
 func (x *StartUploadResponse) Reset() {
 	*x = StartUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5272,7 +6426,7 @@ func (x *StartUploadResponse) String() string {
 func (*StartUploadResponse) ProtoMessage() {}
 
 func (x *StartUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5285,7 +6439,7 @@ func (x *StartUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartUploadResponse.ProtoReflect.Descriptor instead.
 func (*StartUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{72}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *StartUploadResponse) GetUpload() *Upload {
@@ -5310,7 +6464,7 @@ type AppendUploadRequest struct {
 
 func (x *AppendUploadRequest) Reset() {
 	*x = AppendUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5322,7 +6476,7 @@ func (x *AppendUploadRequest) String() string {
 func (*AppendUploadRequest) ProtoMessage() {}
 
 func (x *AppendUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5335,7 +6489,7 @@ func (x *AppendUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendUploadRequest.ProtoReflect.Descriptor instead.
 func (*AppendUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{73}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *AppendUploadRequest) GetName() string {
@@ -5370,7 +6524,7 @@ type AppendUploadResponse struct {
 
 func (x *AppendUploadResponse) Reset() {
 	*x = AppendUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5382,7 +6536,7 @@ func (x *AppendUploadResponse) String() string {
 func (*AppendUploadResponse) ProtoMessage() {}
 
 func (x *AppendUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5395,7 +6549,7 @@ func (x *AppendUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendUploadResponse.ProtoReflect.Descriptor instead.
 func (*AppendUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{74}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *AppendUploadResponse) GetUpload() *Upload {
@@ -5416,7 +6570,7 @@ type GetUploadRequest struct {
 
 func (x *GetUploadRequest) Reset() {
 	*x = GetUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5428,7 +6582,7 @@ func (x *GetUploadRequest) String() string {
 func (*GetUploadRequest) ProtoMessage() {}
 
 func (x *GetUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5441,7 +6595,7 @@ func (x *GetUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadRequest.ProtoReflect.Descriptor instead.
 func (*GetUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{75}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *GetUploadRequest) GetName() string {
@@ -5462,7 +6616,7 @@ type GetUploadResponse struct {
 
 func (x *GetUploadResponse) Reset() {
 	*x = GetUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5474,7 +6628,7 @@ func (x *GetUploadResponse) String() string {
 func (*GetUploadResponse) ProtoMessage() {}
 
 func (x *GetUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5487,7 +6641,7 @@ func (x *GetUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadResponse.ProtoReflect.Descriptor instead.
 func (*GetUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{76}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *GetUploadResponse) GetUpload() *Upload {
@@ -5510,7 +6664,7 @@ type FinishUploadRequest struct {
 
 func (x *FinishUploadRequest) Reset() {
 	*x = FinishUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5522,7 +6676,7 @@ func (x *FinishUploadRequest) String() string {
 func (*FinishUploadRequest) ProtoMessage() {}
 
 func (x *FinishUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5535,7 +6689,7 @@ func (x *FinishUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishUploadRequest.ProtoReflect.Descriptor instead.
 func (*FinishUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{77}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *FinishUploadRequest) GetName() string {
@@ -5563,7 +6717,7 @@ type FinishUploadResponse struct {
 
 func (x *FinishUploadResponse) Reset() {
 	*x = FinishUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5575,7 +6729,7 @@ func (x *FinishUploadResponse) String() string {
 func (*FinishUploadResponse) ProtoMessage() {}
 
 func (x *FinishUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5588,7 +6742,7 @@ func (x *FinishUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishUploadResponse.ProtoReflect.Descriptor instead.
 func (*FinishUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{78}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *FinishUploadResponse) GetFile() *File {
@@ -5609,7 +6763,7 @@ type CancelUploadRequest struct {
 
 func (x *CancelUploadRequest) Reset() {
 	*x = CancelUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5621,7 +6775,7 @@ func (x *CancelUploadRequest) String() string {
 func (*CancelUploadRequest) ProtoMessage() {}
 
 func (x *CancelUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5634,7 +6788,7 @@ func (x *CancelUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelUploadRequest.ProtoReflect.Descriptor instead.
 func (*CancelUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{79}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *CancelUploadRequest) GetName() string {
@@ -5653,7 +6807,7 @@ type CancelUploadResponse struct {
 
 func (x *CancelUploadResponse) Reset() {
 	*x = CancelUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5665,7 +6819,7 @@ func (x *CancelUploadResponse) String() string {
 func (*CancelUploadResponse) ProtoMessage() {}
 
 func (x *CancelUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5678,7 +6832,7 @@ func (x *CancelUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelUploadResponse.ProtoReflect.Descriptor instead.
 func (*CancelUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{80}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{91}
 }
 
 // Request for GetFile.
@@ -5694,7 +6848,7 @@ type GetFileRequest struct {
 
 func (x *GetFileRequest) Reset() {
 	*x = GetFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5706,7 +6860,7 @@ func (x *GetFileRequest) String() string {
 func (*GetFileRequest) ProtoMessage() {}
 
 func (x *GetFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5719,7 +6873,7 @@ func (x *GetFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFileRequest.ProtoReflect.Descriptor instead.
 func (*GetFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{81}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *GetFileRequest) GetName() string {
@@ -5747,7 +6901,7 @@ type GetFileResponse struct {
 
 func (x *GetFileResponse) Reset() {
 	*x = GetFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5759,7 +6913,7 @@ func (x *GetFileResponse) String() string {
 func (*GetFileResponse) ProtoMessage() {}
 
 func (x *GetFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5772,7 +6926,7 @@ func (x *GetFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFileResponse.ProtoReflect.Descriptor instead.
 func (*GetFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{82}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *GetFileResponse) GetFile() *File {
@@ -5799,7 +6953,7 @@ type ListFilesRequest struct {
 
 func (x *ListFilesRequest) Reset() {
 	*x = ListFilesRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5811,7 +6965,7 @@ func (x *ListFilesRequest) String() string {
 func (*ListFilesRequest) ProtoMessage() {}
 
 func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5824,7 +6978,7 @@ func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesRequest.ProtoReflect.Descriptor instead.
 func (*ListFilesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{83}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *ListFilesRequest) GetParent() string {
@@ -5870,7 +7024,7 @@ type ListFilesResponse struct {
 
 func (x *ListFilesResponse) Reset() {
 	*x = ListFilesResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5882,7 +7036,7 @@ func (x *ListFilesResponse) String() string {
 func (*ListFilesResponse) ProtoMessage() {}
 
 func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5895,7 +7049,7 @@ func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesResponse.ProtoReflect.Descriptor instead.
 func (*ListFilesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{84}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *ListFilesResponse) GetFiles() []*File {
@@ -5934,7 +7088,7 @@ type DownloadFileRequest struct {
 
 func (x *DownloadFileRequest) Reset() {
 	*x = DownloadFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5946,7 +7100,7 @@ func (x *DownloadFileRequest) String() string {
 func (*DownloadFileRequest) ProtoMessage() {}
 
 func (x *DownloadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5959,7 +7113,7 @@ func (x *DownloadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadFileRequest.ProtoReflect.Descriptor instead.
 func (*DownloadFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{85}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *DownloadFileRequest) GetName() string {
@@ -5998,7 +7152,7 @@ type DownloadFileResponse struct {
 
 func (x *DownloadFileResponse) Reset() {
 	*x = DownloadFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6010,7 +7164,7 @@ func (x *DownloadFileResponse) String() string {
 func (*DownloadFileResponse) ProtoMessage() {}
 
 func (x *DownloadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6023,7 +7177,7 @@ func (x *DownloadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadFileResponse.ProtoReflect.Descriptor instead.
 func (*DownloadFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{86}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *DownloadFileResponse) GetFile() *File {
@@ -6058,7 +7212,7 @@ type DeleteFileRequest struct {
 
 func (x *DeleteFileRequest) Reset() {
 	*x = DeleteFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6070,7 +7224,7 @@ func (x *DeleteFileRequest) String() string {
 func (*DeleteFileRequest) ProtoMessage() {}
 
 func (x *DeleteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6083,7 +7237,7 @@ func (x *DeleteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteFileRequest.ProtoReflect.Descriptor instead.
 func (*DeleteFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{87}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *DeleteFileRequest) GetName() string {
@@ -6102,7 +7256,7 @@ type DeleteFileResponse struct {
 
 func (x *DeleteFileResponse) Reset() {
 	*x = DeleteFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6114,7 +7268,7 @@ func (x *DeleteFileResponse) String() string {
 func (*DeleteFileResponse) ProtoMessage() {}
 
 func (x *DeleteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6127,7 +7281,7 @@ func (x *DeleteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteFileResponse.ProtoReflect.Descriptor instead.
 func (*DeleteFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{88}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{99}
 }
 
 var File_switchboard_api_context_v1_context_proto protoreflect.FileDescriptor
@@ -6420,36 +7574,116 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"pinnedOnly\"\x8c\x01\n" +
 	"\x17ListMemoryItemsResponse\x12I\n" +
 	"\fmemory_items\x18\x01 \x03(\v2&.switchboard.api.context.v1.MemoryItemR\vmemoryItems\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xc2\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x96\x02\n" +
 	"\x18SearchMemoryItemsRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x14\n" +
 	"\x05query\x18\x02 \x01(\tR\x05query\x12<\n" +
 	"\x05kinds\x18\x03 \x03(\x0e2&.switchboard.api.context.v1.MemoryKindR\x05kinds\x12\x1b\n" +
 	"\tpage_size\x18\x04 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\x05 \x01(\tR\tpageToken\"q\n" +
+	"page_token\x18\x05 \x01(\tR\tpageToken\x12:\n" +
+	"\x04mode\x18\x06 \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\x04mode\x12\x16\n" +
+	"\x06filter\x18\a \x01(\tR\x06filter\"\xbc\x01\n" +
+	"\fSearchScores\x12)\n" +
+	"\x0efull_text_rank\x18\x01 \x01(\x05H\x00R\ffullTextRank\x88\x01\x01\x12(\n" +
+	"\rsemantic_rank\x18\x02 \x01(\x05H\x01R\fsemanticRank\x88\x01\x01\x12#\n" +
+	"\n" +
+	"similarity\x18\x03 \x01(\x01H\x02R\n" +
+	"similarity\x88\x01\x01B\x11\n" +
+	"\x0f_full_text_rankB\x10\n" +
+	"\x0e_semantic_rankB\r\n" +
+	"\v_similarity\"\xb3\x01\n" +
 	"\x10ScoredMemoryItem\x12G\n" +
 	"\vmemory_item\x18\x01 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
 	"memoryItem\x12\x14\n" +
-	"\x05score\x18\x02 \x01(\x01R\x05score\"\x8b\x01\n" +
+	"\x05score\x18\x02 \x01(\x01R\x05score\x12@\n" +
+	"\x06scores\x18\x03 \x01(\v2(.switchboard.api.context.v1.SearchScoresR\x06scores\"\xcb\x02\n" +
 	"\x19SearchMemoryItemsResponse\x12F\n" +
 	"\aresults\x18\x01 \x03(\v2,.switchboard.api.context.v1.ScoredMemoryItemR\aresults\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"-\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12:\n" +
+	"\x04mode\x18\x03 \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\x04mode\x12Y\n" +
+	"\x0ffallback_reason\x18\x04 \x01(\x0e20.switchboard.api.context.v1.SearchFallbackReasonR\x0efallbackReason\x12'\n" +
+	"\x0ffallback_detail\x18\x05 \x01(\tR\x0efallbackDetail\"\xd4\x01\n" +
+	"\x14SearchContextRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x14\n" +
+	"\x05query\x18\x02 \x01(\tR\x05query\x12:\n" +
+	"\x04mode\x18\x03 \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\x04mode\x12\x16\n" +
+	"\x06filter\x18\x04 \x01(\tR\x06filter\x12\x1b\n" +
+	"\tpage_size\x18\x05 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x06 \x01(\tR\tpageToken\"\xbd\x01\n" +
+	"\rDocumentChunk\x12\x12\n" +
+	"\x04file\x18\x01 \x01(\tR\x04file\x12!\n" +
+	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12\x1f\n" +
+	"\vchunk_index\x18\x03 \x01(\x05R\n" +
+	"chunkIndex\x12!\n" +
+	"\fstart_offset\x18\x04 \x01(\x03R\vstartOffset\x12\x1d\n" +
+	"\n" +
+	"end_offset\x18\x05 \x01(\x03R\tendOffset\x12\x12\n" +
+	"\x04text\x18\x06 \x01(\tR\x04text\"\xd0\x02\n" +
+	"\fSearchResult\x12I\n" +
+	"\vmemory_item\x18\x01 \x01(\v2&.switchboard.api.context.v1.MemoryItemH\x00R\n" +
+	"memoryItem\x12?\n" +
+	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageH\x00R\amessage\x12R\n" +
+	"\x0edocument_chunk\x18\x03 \x01(\v2).switchboard.api.context.v1.DocumentChunkH\x00R\rdocumentChunk\x12\x14\n" +
+	"\x05score\x18\x04 \x01(\x01R\x05score\x12@\n" +
+	"\x06scores\x18\x05 \x01(\v2(.switchboard.api.context.v1.SearchScoresR\x06scoresB\b\n" +
+	"\x06source\"\xc3\x02\n" +
+	"\x15SearchContextResponse\x12B\n" +
+	"\aresults\x18\x01 \x03(\v2(.switchboard.api.context.v1.SearchResultR\aresults\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12:\n" +
+	"\x04mode\x18\x03 \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\x04mode\x12Y\n" +
+	"\x0ffallback_reason\x18\x04 \x01(\x0e20.switchboard.api.context.v1.SearchFallbackReasonR\x0efallbackReason\x12'\n" +
+	"\x0ffallback_detail\x18\x05 \x01(\tR\x0efallbackDetail\"\xbc\x03\n" +
+	"\rSemanticIndex\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12'\n" +
+	"\x0fembedding_model\x18\x02 \x01(\tR\x0eembeddingModel\x12\x1e\n" +
+	"\n" +
+	"dimensions\x18\x03 \x01(\x05R\n" +
+	"dimensions\x12%\n" +
+	"\x0eindex_messages\x18\x04 \x01(\bR\rindexMessages\x12D\n" +
+	"\x05state\x18\x05 \x01(\x0e2..switchboard.api.context.v1.SemanticIndexStateR\x05state\x12#\n" +
+	"\rindexed_count\x18\x06 \x01(\x03R\findexedCount\x12#\n" +
+	"\rpending_count\x18\a \x01(\x03R\fpendingCount\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\b \x01(\tR\tlastError\x12'\n" +
+	"\x0feffective_model\x18\t \x01(\tR\x0eeffectiveModel\x12\x12\n" +
+	"\x04etag\x18\n" +
+	" \x01(\tR\x04etag\x12;\n" +
+	"\vupdate_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\"-\n" +
+	"\x17GetSemanticIndexRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"l\n" +
+	"\x18GetSemanticIndexResponse\x12P\n" +
+	"\x0esemantic_index\x18\x01 \x01(\v2).switchboard.api.context.v1.SemanticIndexR\rsemanticIndex\"\xab\x01\n" +
+	"\x1aUpdateSemanticIndexRequest\x12P\n" +
+	"\x0esemantic_index\x18\x01 \x01(\v2).switchboard.api.context.v1.SemanticIndexR\rsemanticIndex\x12;\n" +
+	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"o\n" +
+	"\x1bUpdateSemanticIndexResponse\x12P\n" +
+	"\x0esemantic_index\x18\x01 \x01(\v2).switchboard.api.context.v1.SemanticIndexR\rsemanticIndex\"-\n" +
 	"\x17DeleteMemoryItemRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
-	"\x18DeleteMemoryItemResponse\"v\n" +
+	"\x18DeleteMemoryItemResponse\"\xc2\x01\n" +
 	"\x17GetContextWindowRequest\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12!\n" +
 	"\ftoken_budget\x18\x02 \x01(\x05R\vtokenBudget\x12\x14\n" +
-	"\x05query\x18\x03 \x01(\tR\x05query\"\x89\x02\n" +
+	"\x05query\x18\x03 \x01(\tR\x05query\x12J\n" +
+	"\tretrieval\x18\x04 \x01(\v2,.switchboard.api.context.v1.RetrievalOptionsR\tretrieval\"\x9e\x01\n" +
+	"\x10RetrievalOptions\x12\x13\n" +
+	"\x05top_k\x18\x01 \x01(\x05R\x04topK\x12!\n" +
+	"\ftoken_budget\x18\x02 \x01(\x05R\vtokenBudget\x12:\n" +
+	"\x04mode\x18\x03 \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\x04mode\x12\x16\n" +
+	"\x06filter\x18\x04 \x01(\tR\x06filter\"\xd3\x02\n" +
 	"\vContextItem\x12?\n" +
 	"\amessage\x18\x01 \x01(\v2#.switchboard.api.context.v1.MessageH\x00R\amessage\x12I\n" +
 	"\vmemory_item\x18\x02 \x01(\v2&.switchboard.api.context.v1.MemoryItemH\x00R\n" +
-	"memoryItem\x12E\n" +
+	"memoryItem\x12H\n" +
+	"\tretrieved\x18\x05 \x01(\v2(.switchboard.api.context.v1.SearchResultH\x00R\tretrieved\x12E\n" +
 	"\x06reason\x18\x03 \x01(\x0e2-.switchboard.api.context.v1.ContextItemReasonR\x06reason\x12\x1f\n" +
 	"\vtoken_count\x18\x04 \x01(\x05R\n" +
 	"tokenCountB\x06\n" +
-	"\x04item\"\xff\x02\n" +
+	"\x04item\"\xbc\x04\n" +
 	"\rContextWindow\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x121\n" +
 	"\x14conversation_version\x18\x02 \x01(\x03R\x13conversationVersion\x12!\n" +
@@ -6458,7 +7692,10 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\bincluded\x18\x05 \x03(\v2'.switchboard.api.context.v1.ContextItemR\bincluded\x12C\n" +
 	"\bexcluded\x18\x06 \x03(\v2'.switchboard.api.context.v1.ContextItemR\bexcluded\x12\x1c\n" +
 	"\ttokenizer\x18\a \x01(\tR\ttokenizer\x12)\n" +
-	"\x10omitted_messages\x18\b \x01(\x05R\x0fomittedMessages\"]\n" +
+	"\x10omitted_messages\x18\b \x01(\x05R\x0fomittedMessages\x12M\n" +
+	"\x0eretrieval_mode\x18\t \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\rretrievalMode\x12l\n" +
+	"\x19retrieval_fallback_reason\x18\n" +
+	" \x01(\x0e20.switchboard.api.context.v1.SearchFallbackReasonR\x17retrievalFallbackReason\"]\n" +
 	"\x18GetContextWindowResponse\x12A\n" +
 	"\x06window\x18\x01 \x01(\v2).switchboard.api.context.v1.ContextWindowR\x06window\"\xb0\x01\n" +
 	"\x18PruneConversationRequest\x12\"\n" +
@@ -6570,7 +7807,25 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x16MEMORY_KIND_PREFERENCE\x10\x02\x12\x17\n" +
 	"\x13MEMORY_KIND_SUMMARY\x10\x03\x12\x16\n" +
 	"\x12MEMORY_KIND_ENTITY\x10\x04\x12\x14\n" +
-	"\x10MEMORY_KIND_NOTE\x10\x05*\x81\x02\n" +
+	"\x10MEMORY_KIND_NOTE\x10\x05*v\n" +
+	"\n" +
+	"SearchMode\x12\x1b\n" +
+	"\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15SEARCH_MODE_FULL_TEXT\x10\x01\x12\x18\n" +
+	"\x14SEARCH_MODE_SEMANTIC\x10\x02\x12\x16\n" +
+	"\x12SEARCH_MODE_HYBRID\x10\x03*\xf6\x01\n" +
+	"\x14SearchFallbackReason\x12&\n" +
+	"\"SEARCH_FALLBACK_REASON_UNSPECIFIED\x10\x00\x12)\n" +
+	"%SEARCH_FALLBACK_REASON_NOT_CONFIGURED\x10\x01\x12+\n" +
+	"'SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE\x10\x02\x121\n" +
+	"-SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE\x10\x03\x12+\n" +
+	"'SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED\x10\x04*\xc2\x01\n" +
+	"\x12SemanticIndexState\x12$\n" +
+	" SEMANTIC_INDEX_STATE_UNSPECIFIED\x10\x00\x12!\n" +
+	"\x1dSEMANTIC_INDEX_STATE_DISABLED\x10\x01\x12\x1e\n" +
+	"\x1aSEMANTIC_INDEX_STATE_READY\x10\x02\x12!\n" +
+	"\x1dSEMANTIC_INDEX_STATE_INDEXING\x10\x03\x12 \n" +
+	"\x1cSEMANTIC_INDEX_STATE_WAITING\x10\x04*\xa4\x02\n" +
 	"\x11ContextItemReason\x12#\n" +
 	"\x1fCONTEXT_ITEM_REASON_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aCONTEXT_ITEM_REASON_PINNED\x10\x01\x12 \n" +
@@ -6578,7 +7833,8 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x1bCONTEXT_ITEM_REASON_SUMMARY\x10\x03\x12\x1e\n" +
 	"\x1aCONTEXT_ITEM_REASON_RECENT\x10\x04\x12#\n" +
 	"\x1fCONTEXT_ITEM_REASON_OVER_BUDGET\x10\x05\x12\x1f\n" +
-	"\x1bCONTEXT_ITEM_REASON_EXPIRED\x10\x062\xa8$\n" +
+	"\x1bCONTEXT_ITEM_REASON_EXPIRED\x10\x06\x12!\n" +
+	"\x1dCONTEXT_ITEM_REASON_RETRIEVED\x10\a2\xb1'\n" +
 	"\x0eContextService\x12z\n" +
 	"\x0fCreateWorkspace\x122.switchboard.api.context.v1.CreateWorkspaceRequest\x1a3.switchboard.api.context.v1.CreateWorkspaceResponse\x12v\n" +
 	"\fGetWorkspace\x12/.switchboard.api.context.v1.GetWorkspaceRequest\x1a0.switchboard.api.context.v1.GetWorkspaceResponse\"\x03\x90\x02\x01\x12|\n" +
@@ -6604,7 +7860,10 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\rGetMemoryItem\x120.switchboard.api.context.v1.GetMemoryItemRequest\x1a1.switchboard.api.context.v1.GetMemoryItemResponse\"\x03\x90\x02\x01\x12}\n" +
 	"\x10UpdateMemoryItem\x123.switchboard.api.context.v1.UpdateMemoryItemRequest\x1a4.switchboard.api.context.v1.UpdateMemoryItemResponse\x12\x7f\n" +
 	"\x0fListMemoryItems\x122.switchboard.api.context.v1.ListMemoryItemsRequest\x1a3.switchboard.api.context.v1.ListMemoryItemsResponse\"\x03\x90\x02\x01\x12\x85\x01\n" +
-	"\x11SearchMemoryItems\x124.switchboard.api.context.v1.SearchMemoryItemsRequest\x1a5.switchboard.api.context.v1.SearchMemoryItemsResponse\"\x03\x90\x02\x01\x12}\n" +
+	"\x11SearchMemoryItems\x124.switchboard.api.context.v1.SearchMemoryItemsRequest\x1a5.switchboard.api.context.v1.SearchMemoryItemsResponse\"\x03\x90\x02\x01\x12y\n" +
+	"\rSearchContext\x120.switchboard.api.context.v1.SearchContextRequest\x1a1.switchboard.api.context.v1.SearchContextResponse\"\x03\x90\x02\x01\x12\x82\x01\n" +
+	"\x10GetSemanticIndex\x123.switchboard.api.context.v1.GetSemanticIndexRequest\x1a4.switchboard.api.context.v1.GetSemanticIndexResponse\"\x03\x90\x02\x01\x12\x86\x01\n" +
+	"\x13UpdateSemanticIndex\x126.switchboard.api.context.v1.UpdateSemanticIndexRequest\x1a7.switchboard.api.context.v1.UpdateSemanticIndexResponse\x12}\n" +
 	"\x10DeleteMemoryItem\x123.switchboard.api.context.v1.DeleteMemoryItemRequest\x1a4.switchboard.api.context.v1.DeleteMemoryItemResponse\x12\x82\x01\n" +
 	"\x10GetContextWindow\x123.switchboard.api.context.v1.GetContextWindowRequest\x1a4.switchboard.api.context.v1.GetContextWindowResponse\"\x03\x90\x02\x01\x12\x80\x01\n" +
 	"\x11PruneConversation\x124.switchboard.api.context.v1.PruneConversationRequest\x1a5.switchboard.api.context.v1.PruneConversationResponse\x12m\n" +
@@ -6634,8 +7893,8 @@ func file_switchboard_api_context_v1_context_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_context_v1_context_proto_rawDescData
 }
 
-var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 89)
+var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
+var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 100)
 var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(WorkspaceRole)(0),                    // 0: switchboard.api.context.v1.WorkspaceRole
 	(MessageRole)(0),                      // 1: switchboard.api.context.v1.MessageRole
@@ -6643,272 +7902,315 @@ var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(FileTextState)(0),                    // 3: switchboard.api.context.v1.FileTextState
 	(FileView)(0),                         // 4: switchboard.api.context.v1.FileView
 	(MemoryKind)(0),                       // 5: switchboard.api.context.v1.MemoryKind
-	(ContextItemReason)(0),                // 6: switchboard.api.context.v1.ContextItemReason
-	(*Workspace)(nil),                     // 7: switchboard.api.context.v1.Workspace
-	(*WorkspaceMember)(nil),               // 8: switchboard.api.context.v1.WorkspaceMember
-	(*Conversation)(nil),                  // 9: switchboard.api.context.v1.Conversation
-	(*ContentPart)(nil),                   // 10: switchboard.api.context.v1.ContentPart
-	(*ToolCallContent)(nil),               // 11: switchboard.api.context.v1.ToolCallContent
-	(*ToolResultContent)(nil),             // 12: switchboard.api.context.v1.ToolResultContent
-	(*FileReference)(nil),                 // 13: switchboard.api.context.v1.FileReference
-	(*File)(nil),                          // 14: switchboard.api.context.v1.File
-	(*Upload)(nil),                        // 15: switchboard.api.context.v1.Upload
-	(*Message)(nil),                       // 16: switchboard.api.context.v1.Message
-	(*MemoryItem)(nil),                    // 17: switchboard.api.context.v1.MemoryItem
-	(*CreateWorkspaceRequest)(nil),        // 18: switchboard.api.context.v1.CreateWorkspaceRequest
-	(*CreateWorkspaceResponse)(nil),       // 19: switchboard.api.context.v1.CreateWorkspaceResponse
-	(*GetWorkspaceRequest)(nil),           // 20: switchboard.api.context.v1.GetWorkspaceRequest
-	(*GetWorkspaceResponse)(nil),          // 21: switchboard.api.context.v1.GetWorkspaceResponse
-	(*ListWorkspacesRequest)(nil),         // 22: switchboard.api.context.v1.ListWorkspacesRequest
-	(*ListWorkspacesResponse)(nil),        // 23: switchboard.api.context.v1.ListWorkspacesResponse
-	(*UpdateWorkspaceRequest)(nil),        // 24: switchboard.api.context.v1.UpdateWorkspaceRequest
-	(*UpdateWorkspaceResponse)(nil),       // 25: switchboard.api.context.v1.UpdateWorkspaceResponse
-	(*DeleteWorkspaceRequest)(nil),        // 26: switchboard.api.context.v1.DeleteWorkspaceRequest
-	(*DeleteWorkspaceResponse)(nil),       // 27: switchboard.api.context.v1.DeleteWorkspaceResponse
-	(*UndeleteWorkspaceRequest)(nil),      // 28: switchboard.api.context.v1.UndeleteWorkspaceRequest
-	(*UndeleteWorkspaceResponse)(nil),     // 29: switchboard.api.context.v1.UndeleteWorkspaceResponse
-	(*AddWorkspaceMemberRequest)(nil),     // 30: switchboard.api.context.v1.AddWorkspaceMemberRequest
-	(*AddWorkspaceMemberResponse)(nil),    // 31: switchboard.api.context.v1.AddWorkspaceMemberResponse
-	(*UpdateWorkspaceMemberRequest)(nil),  // 32: switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	(*UpdateWorkspaceMemberResponse)(nil), // 33: switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	(*RemoveWorkspaceMemberRequest)(nil),  // 34: switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	(*RemoveWorkspaceMemberResponse)(nil), // 35: switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	(*ListWorkspaceMembersRequest)(nil),   // 36: switchboard.api.context.v1.ListWorkspaceMembersRequest
-	(*ListWorkspaceMembersResponse)(nil),  // 37: switchboard.api.context.v1.ListWorkspaceMembersResponse
-	(*CreateConversationRequest)(nil),     // 38: switchboard.api.context.v1.CreateConversationRequest
-	(*CreateConversationResponse)(nil),    // 39: switchboard.api.context.v1.CreateConversationResponse
-	(*GetConversationRequest)(nil),        // 40: switchboard.api.context.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),       // 41: switchboard.api.context.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),      // 42: switchboard.api.context.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil),     // 43: switchboard.api.context.v1.ListConversationsResponse
-	(*UpdateConversationRequest)(nil),     // 44: switchboard.api.context.v1.UpdateConversationRequest
-	(*UpdateConversationResponse)(nil),    // 45: switchboard.api.context.v1.UpdateConversationResponse
-	(*DeleteConversationRequest)(nil),     // 46: switchboard.api.context.v1.DeleteConversationRequest
-	(*DeleteConversationResponse)(nil),    // 47: switchboard.api.context.v1.DeleteConversationResponse
-	(*UndeleteConversationRequest)(nil),   // 48: switchboard.api.context.v1.UndeleteConversationRequest
-	(*UndeleteConversationResponse)(nil),  // 49: switchboard.api.context.v1.UndeleteConversationResponse
-	(*AppendMessageRequest)(nil),          // 50: switchboard.api.context.v1.AppendMessageRequest
-	(*AppendMessageResponse)(nil),         // 51: switchboard.api.context.v1.AppendMessageResponse
-	(*GetMessageRequest)(nil),             // 52: switchboard.api.context.v1.GetMessageRequest
-	(*GetMessageResponse)(nil),            // 53: switchboard.api.context.v1.GetMessageResponse
-	(*ListMessagesRequest)(nil),           // 54: switchboard.api.context.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),          // 55: switchboard.api.context.v1.ListMessagesResponse
-	(*CreateMemoryItemRequest)(nil),       // 56: switchboard.api.context.v1.CreateMemoryItemRequest
-	(*CreateMemoryItemResponse)(nil),      // 57: switchboard.api.context.v1.CreateMemoryItemResponse
-	(*GetMemoryItemRequest)(nil),          // 58: switchboard.api.context.v1.GetMemoryItemRequest
-	(*GetMemoryItemResponse)(nil),         // 59: switchboard.api.context.v1.GetMemoryItemResponse
-	(*UpdateMemoryItemRequest)(nil),       // 60: switchboard.api.context.v1.UpdateMemoryItemRequest
-	(*UpdateMemoryItemResponse)(nil),      // 61: switchboard.api.context.v1.UpdateMemoryItemResponse
-	(*ListMemoryItemsRequest)(nil),        // 62: switchboard.api.context.v1.ListMemoryItemsRequest
-	(*ListMemoryItemsResponse)(nil),       // 63: switchboard.api.context.v1.ListMemoryItemsResponse
-	(*SearchMemoryItemsRequest)(nil),      // 64: switchboard.api.context.v1.SearchMemoryItemsRequest
-	(*ScoredMemoryItem)(nil),              // 65: switchboard.api.context.v1.ScoredMemoryItem
-	(*SearchMemoryItemsResponse)(nil),     // 66: switchboard.api.context.v1.SearchMemoryItemsResponse
-	(*DeleteMemoryItemRequest)(nil),       // 67: switchboard.api.context.v1.DeleteMemoryItemRequest
-	(*DeleteMemoryItemResponse)(nil),      // 68: switchboard.api.context.v1.DeleteMemoryItemResponse
-	(*GetContextWindowRequest)(nil),       // 69: switchboard.api.context.v1.GetContextWindowRequest
-	(*ContextItem)(nil),                   // 70: switchboard.api.context.v1.ContextItem
-	(*ContextWindow)(nil),                 // 71: switchboard.api.context.v1.ContextWindow
-	(*GetContextWindowResponse)(nil),      // 72: switchboard.api.context.v1.GetContextWindowResponse
-	(*PruneConversationRequest)(nil),      // 73: switchboard.api.context.v1.PruneConversationRequest
-	(*PruneConversationResponse)(nil),     // 74: switchboard.api.context.v1.PruneConversationResponse
-	(*UploadFileHeader)(nil),              // 75: switchboard.api.context.v1.UploadFileHeader
-	(*UploadFileRequest)(nil),             // 76: switchboard.api.context.v1.UploadFileRequest
-	(*UploadFileResponse)(nil),            // 77: switchboard.api.context.v1.UploadFileResponse
-	(*StartUploadRequest)(nil),            // 78: switchboard.api.context.v1.StartUploadRequest
-	(*StartUploadResponse)(nil),           // 79: switchboard.api.context.v1.StartUploadResponse
-	(*AppendUploadRequest)(nil),           // 80: switchboard.api.context.v1.AppendUploadRequest
-	(*AppendUploadResponse)(nil),          // 81: switchboard.api.context.v1.AppendUploadResponse
-	(*GetUploadRequest)(nil),              // 82: switchboard.api.context.v1.GetUploadRequest
-	(*GetUploadResponse)(nil),             // 83: switchboard.api.context.v1.GetUploadResponse
-	(*FinishUploadRequest)(nil),           // 84: switchboard.api.context.v1.FinishUploadRequest
-	(*FinishUploadResponse)(nil),          // 85: switchboard.api.context.v1.FinishUploadResponse
-	(*CancelUploadRequest)(nil),           // 86: switchboard.api.context.v1.CancelUploadRequest
-	(*CancelUploadResponse)(nil),          // 87: switchboard.api.context.v1.CancelUploadResponse
-	(*GetFileRequest)(nil),                // 88: switchboard.api.context.v1.GetFileRequest
-	(*GetFileResponse)(nil),               // 89: switchboard.api.context.v1.GetFileResponse
-	(*ListFilesRequest)(nil),              // 90: switchboard.api.context.v1.ListFilesRequest
-	(*ListFilesResponse)(nil),             // 91: switchboard.api.context.v1.ListFilesResponse
-	(*DownloadFileRequest)(nil),           // 92: switchboard.api.context.v1.DownloadFileRequest
-	(*DownloadFileResponse)(nil),          // 93: switchboard.api.context.v1.DownloadFileResponse
-	(*DeleteFileRequest)(nil),             // 94: switchboard.api.context.v1.DeleteFileRequest
-	(*DeleteFileResponse)(nil),            // 95: switchboard.api.context.v1.DeleteFileResponse
-	(*timestamppb.Timestamp)(nil),         // 96: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),               // 97: google.protobuf.Struct
-	(*fieldmaskpb.FieldMask)(nil),         // 98: google.protobuf.FieldMask
+	(SearchMode)(0),                       // 6: switchboard.api.context.v1.SearchMode
+	(SearchFallbackReason)(0),             // 7: switchboard.api.context.v1.SearchFallbackReason
+	(SemanticIndexState)(0),               // 8: switchboard.api.context.v1.SemanticIndexState
+	(ContextItemReason)(0),                // 9: switchboard.api.context.v1.ContextItemReason
+	(*Workspace)(nil),                     // 10: switchboard.api.context.v1.Workspace
+	(*WorkspaceMember)(nil),               // 11: switchboard.api.context.v1.WorkspaceMember
+	(*Conversation)(nil),                  // 12: switchboard.api.context.v1.Conversation
+	(*ContentPart)(nil),                   // 13: switchboard.api.context.v1.ContentPart
+	(*ToolCallContent)(nil),               // 14: switchboard.api.context.v1.ToolCallContent
+	(*ToolResultContent)(nil),             // 15: switchboard.api.context.v1.ToolResultContent
+	(*FileReference)(nil),                 // 16: switchboard.api.context.v1.FileReference
+	(*File)(nil),                          // 17: switchboard.api.context.v1.File
+	(*Upload)(nil),                        // 18: switchboard.api.context.v1.Upload
+	(*Message)(nil),                       // 19: switchboard.api.context.v1.Message
+	(*MemoryItem)(nil),                    // 20: switchboard.api.context.v1.MemoryItem
+	(*CreateWorkspaceRequest)(nil),        // 21: switchboard.api.context.v1.CreateWorkspaceRequest
+	(*CreateWorkspaceResponse)(nil),       // 22: switchboard.api.context.v1.CreateWorkspaceResponse
+	(*GetWorkspaceRequest)(nil),           // 23: switchboard.api.context.v1.GetWorkspaceRequest
+	(*GetWorkspaceResponse)(nil),          // 24: switchboard.api.context.v1.GetWorkspaceResponse
+	(*ListWorkspacesRequest)(nil),         // 25: switchboard.api.context.v1.ListWorkspacesRequest
+	(*ListWorkspacesResponse)(nil),        // 26: switchboard.api.context.v1.ListWorkspacesResponse
+	(*UpdateWorkspaceRequest)(nil),        // 27: switchboard.api.context.v1.UpdateWorkspaceRequest
+	(*UpdateWorkspaceResponse)(nil),       // 28: switchboard.api.context.v1.UpdateWorkspaceResponse
+	(*DeleteWorkspaceRequest)(nil),        // 29: switchboard.api.context.v1.DeleteWorkspaceRequest
+	(*DeleteWorkspaceResponse)(nil),       // 30: switchboard.api.context.v1.DeleteWorkspaceResponse
+	(*UndeleteWorkspaceRequest)(nil),      // 31: switchboard.api.context.v1.UndeleteWorkspaceRequest
+	(*UndeleteWorkspaceResponse)(nil),     // 32: switchboard.api.context.v1.UndeleteWorkspaceResponse
+	(*AddWorkspaceMemberRequest)(nil),     // 33: switchboard.api.context.v1.AddWorkspaceMemberRequest
+	(*AddWorkspaceMemberResponse)(nil),    // 34: switchboard.api.context.v1.AddWorkspaceMemberResponse
+	(*UpdateWorkspaceMemberRequest)(nil),  // 35: switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	(*UpdateWorkspaceMemberResponse)(nil), // 36: switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	(*RemoveWorkspaceMemberRequest)(nil),  // 37: switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	(*RemoveWorkspaceMemberResponse)(nil), // 38: switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	(*ListWorkspaceMembersRequest)(nil),   // 39: switchboard.api.context.v1.ListWorkspaceMembersRequest
+	(*ListWorkspaceMembersResponse)(nil),  // 40: switchboard.api.context.v1.ListWorkspaceMembersResponse
+	(*CreateConversationRequest)(nil),     // 41: switchboard.api.context.v1.CreateConversationRequest
+	(*CreateConversationResponse)(nil),    // 42: switchboard.api.context.v1.CreateConversationResponse
+	(*GetConversationRequest)(nil),        // 43: switchboard.api.context.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),       // 44: switchboard.api.context.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),      // 45: switchboard.api.context.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil),     // 46: switchboard.api.context.v1.ListConversationsResponse
+	(*UpdateConversationRequest)(nil),     // 47: switchboard.api.context.v1.UpdateConversationRequest
+	(*UpdateConversationResponse)(nil),    // 48: switchboard.api.context.v1.UpdateConversationResponse
+	(*DeleteConversationRequest)(nil),     // 49: switchboard.api.context.v1.DeleteConversationRequest
+	(*DeleteConversationResponse)(nil),    // 50: switchboard.api.context.v1.DeleteConversationResponse
+	(*UndeleteConversationRequest)(nil),   // 51: switchboard.api.context.v1.UndeleteConversationRequest
+	(*UndeleteConversationResponse)(nil),  // 52: switchboard.api.context.v1.UndeleteConversationResponse
+	(*AppendMessageRequest)(nil),          // 53: switchboard.api.context.v1.AppendMessageRequest
+	(*AppendMessageResponse)(nil),         // 54: switchboard.api.context.v1.AppendMessageResponse
+	(*GetMessageRequest)(nil),             // 55: switchboard.api.context.v1.GetMessageRequest
+	(*GetMessageResponse)(nil),            // 56: switchboard.api.context.v1.GetMessageResponse
+	(*ListMessagesRequest)(nil),           // 57: switchboard.api.context.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),          // 58: switchboard.api.context.v1.ListMessagesResponse
+	(*CreateMemoryItemRequest)(nil),       // 59: switchboard.api.context.v1.CreateMemoryItemRequest
+	(*CreateMemoryItemResponse)(nil),      // 60: switchboard.api.context.v1.CreateMemoryItemResponse
+	(*GetMemoryItemRequest)(nil),          // 61: switchboard.api.context.v1.GetMemoryItemRequest
+	(*GetMemoryItemResponse)(nil),         // 62: switchboard.api.context.v1.GetMemoryItemResponse
+	(*UpdateMemoryItemRequest)(nil),       // 63: switchboard.api.context.v1.UpdateMemoryItemRequest
+	(*UpdateMemoryItemResponse)(nil),      // 64: switchboard.api.context.v1.UpdateMemoryItemResponse
+	(*ListMemoryItemsRequest)(nil),        // 65: switchboard.api.context.v1.ListMemoryItemsRequest
+	(*ListMemoryItemsResponse)(nil),       // 66: switchboard.api.context.v1.ListMemoryItemsResponse
+	(*SearchMemoryItemsRequest)(nil),      // 67: switchboard.api.context.v1.SearchMemoryItemsRequest
+	(*SearchScores)(nil),                  // 68: switchboard.api.context.v1.SearchScores
+	(*ScoredMemoryItem)(nil),              // 69: switchboard.api.context.v1.ScoredMemoryItem
+	(*SearchMemoryItemsResponse)(nil),     // 70: switchboard.api.context.v1.SearchMemoryItemsResponse
+	(*SearchContextRequest)(nil),          // 71: switchboard.api.context.v1.SearchContextRequest
+	(*DocumentChunk)(nil),                 // 72: switchboard.api.context.v1.DocumentChunk
+	(*SearchResult)(nil),                  // 73: switchboard.api.context.v1.SearchResult
+	(*SearchContextResponse)(nil),         // 74: switchboard.api.context.v1.SearchContextResponse
+	(*SemanticIndex)(nil),                 // 75: switchboard.api.context.v1.SemanticIndex
+	(*GetSemanticIndexRequest)(nil),       // 76: switchboard.api.context.v1.GetSemanticIndexRequest
+	(*GetSemanticIndexResponse)(nil),      // 77: switchboard.api.context.v1.GetSemanticIndexResponse
+	(*UpdateSemanticIndexRequest)(nil),    // 78: switchboard.api.context.v1.UpdateSemanticIndexRequest
+	(*UpdateSemanticIndexResponse)(nil),   // 79: switchboard.api.context.v1.UpdateSemanticIndexResponse
+	(*DeleteMemoryItemRequest)(nil),       // 80: switchboard.api.context.v1.DeleteMemoryItemRequest
+	(*DeleteMemoryItemResponse)(nil),      // 81: switchboard.api.context.v1.DeleteMemoryItemResponse
+	(*GetContextWindowRequest)(nil),       // 82: switchboard.api.context.v1.GetContextWindowRequest
+	(*RetrievalOptions)(nil),              // 83: switchboard.api.context.v1.RetrievalOptions
+	(*ContextItem)(nil),                   // 84: switchboard.api.context.v1.ContextItem
+	(*ContextWindow)(nil),                 // 85: switchboard.api.context.v1.ContextWindow
+	(*GetContextWindowResponse)(nil),      // 86: switchboard.api.context.v1.GetContextWindowResponse
+	(*PruneConversationRequest)(nil),      // 87: switchboard.api.context.v1.PruneConversationRequest
+	(*PruneConversationResponse)(nil),     // 88: switchboard.api.context.v1.PruneConversationResponse
+	(*UploadFileHeader)(nil),              // 89: switchboard.api.context.v1.UploadFileHeader
+	(*UploadFileRequest)(nil),             // 90: switchboard.api.context.v1.UploadFileRequest
+	(*UploadFileResponse)(nil),            // 91: switchboard.api.context.v1.UploadFileResponse
+	(*StartUploadRequest)(nil),            // 92: switchboard.api.context.v1.StartUploadRequest
+	(*StartUploadResponse)(nil),           // 93: switchboard.api.context.v1.StartUploadResponse
+	(*AppendUploadRequest)(nil),           // 94: switchboard.api.context.v1.AppendUploadRequest
+	(*AppendUploadResponse)(nil),          // 95: switchboard.api.context.v1.AppendUploadResponse
+	(*GetUploadRequest)(nil),              // 96: switchboard.api.context.v1.GetUploadRequest
+	(*GetUploadResponse)(nil),             // 97: switchboard.api.context.v1.GetUploadResponse
+	(*FinishUploadRequest)(nil),           // 98: switchboard.api.context.v1.FinishUploadRequest
+	(*FinishUploadResponse)(nil),          // 99: switchboard.api.context.v1.FinishUploadResponse
+	(*CancelUploadRequest)(nil),           // 100: switchboard.api.context.v1.CancelUploadRequest
+	(*CancelUploadResponse)(nil),          // 101: switchboard.api.context.v1.CancelUploadResponse
+	(*GetFileRequest)(nil),                // 102: switchboard.api.context.v1.GetFileRequest
+	(*GetFileResponse)(nil),               // 103: switchboard.api.context.v1.GetFileResponse
+	(*ListFilesRequest)(nil),              // 104: switchboard.api.context.v1.ListFilesRequest
+	(*ListFilesResponse)(nil),             // 105: switchboard.api.context.v1.ListFilesResponse
+	(*DownloadFileRequest)(nil),           // 106: switchboard.api.context.v1.DownloadFileRequest
+	(*DownloadFileResponse)(nil),          // 107: switchboard.api.context.v1.DownloadFileResponse
+	(*DeleteFileRequest)(nil),             // 108: switchboard.api.context.v1.DeleteFileRequest
+	(*DeleteFileResponse)(nil),            // 109: switchboard.api.context.v1.DeleteFileResponse
+	(*timestamppb.Timestamp)(nil),         // 110: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),               // 111: google.protobuf.Struct
+	(*fieldmaskpb.FieldMask)(nil),         // 112: google.protobuf.FieldMask
 }
 var file_switchboard_api_context_v1_context_proto_depIdxs = []int32{
-	96,  // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
-	96,  // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
-	96,  // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
+	110, // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
+	110, // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
+	110, // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
 	0,   // 3: switchboard.api.context.v1.Workspace.caller_role:type_name -> switchboard.api.context.v1.WorkspaceRole
 	0,   // 4: switchboard.api.context.v1.WorkspaceMember.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	96,  // 5: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
-	96,  // 6: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
-	97,  // 7: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
-	96,  // 8: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
-	96,  // 9: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
-	96,  // 10: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
-	97,  // 11: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
-	13,  // 12: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
-	11,  // 13: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
-	12,  // 14: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
-	97,  // 15: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
-	13,  // 16: switchboard.api.context.v1.ToolResultContent.files:type_name -> switchboard.api.context.v1.FileReference
+	110, // 5: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
+	110, // 6: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
+	111, // 7: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
+	110, // 8: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
+	110, // 9: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
+	110, // 10: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
+	111, // 11: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
+	16,  // 12: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
+	14,  // 13: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
+	15,  // 14: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
+	111, // 15: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
+	16,  // 16: switchboard.api.context.v1.ToolResultContent.files:type_name -> switchboard.api.context.v1.FileReference
 	2,   // 17: switchboard.api.context.v1.File.kind:type_name -> switchboard.api.context.v1.FileKind
 	3,   // 18: switchboard.api.context.v1.File.text_state:type_name -> switchboard.api.context.v1.FileTextState
-	97,  // 19: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
-	96,  // 20: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
-	96,  // 21: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
-	96,  // 22: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
-	97,  // 23: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
+	111, // 19: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
+	110, // 20: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
+	110, // 21: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
+	110, // 22: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
+	111, // 23: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
 	1,   // 24: switchboard.api.context.v1.Message.role:type_name -> switchboard.api.context.v1.MessageRole
-	10,  // 25: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
-	97,  // 26: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
-	96,  // 27: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
+	13,  // 25: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
+	111, // 26: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
+	110, // 27: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
 	5,   // 28: switchboard.api.context.v1.MemoryItem.kind:type_name -> switchboard.api.context.v1.MemoryKind
-	97,  // 29: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
-	96,  // 30: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
-	96,  // 31: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
-	96,  // 32: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
-	7,   // 33: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	7,   // 34: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	7,   // 35: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	7,   // 36: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
-	7,   // 37: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	98,  // 38: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
-	7,   // 39: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	7,   // 40: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	7,   // 41: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	111, // 29: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
+	110, // 30: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
+	110, // 31: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
+	110, // 32: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
+	10,  // 33: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
+	10,  // 34: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	10,  // 35: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	10,  // 36: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
+	10,  // 37: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
+	112, // 38: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
+	10,  // 39: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	10,  // 40: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	10,  // 41: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
 	0,   // 42: switchboard.api.context.v1.AddWorkspaceMemberRequest.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	8,   // 43: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	8,   // 44: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	98,  // 45: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
-	8,   // 46: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	8,   // 47: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
-	9,   // 48: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	9,   // 49: switchboard.api.context.v1.CreateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	9,   // 50: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	9,   // 51: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
-	9,   // 52: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	98,  // 53: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
-	9,   // 54: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	9,   // 55: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	9,   // 56: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 57: switchboard.api.context.v1.AppendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	16,  // 58: switchboard.api.context.v1.AppendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	16,  // 59: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	16,  // 60: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
-	17,  // 61: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	17,  // 62: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	17,  // 63: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	17,  // 64: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	98,  // 65: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
-	17,  // 66: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	11,  // 43: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	11,  // 44: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	112, // 45: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
+	11,  // 46: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	11,  // 47: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
+	12,  // 48: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	12,  // 49: switchboard.api.context.v1.CreateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	12,  // 50: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	12,  // 51: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
+	12,  // 52: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	112, // 53: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	12,  // 54: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	12,  // 55: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	12,  // 56: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	19,  // 57: switchboard.api.context.v1.AppendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	19,  // 58: switchboard.api.context.v1.AppendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	19,  // 59: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	19,  // 60: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
+	20,  // 61: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	20,  // 62: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	20,  // 63: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	20,  // 64: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	112, // 65: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
+	20,  // 66: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
 	5,   // 67: switchboard.api.context.v1.ListMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
-	17,  // 68: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
+	20,  // 68: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
 	5,   // 69: switchboard.api.context.v1.SearchMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
-	17,  // 70: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	65,  // 71: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
-	16,  // 72: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
-	17,  // 73: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	6,   // 74: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
-	70,  // 75: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
-	70,  // 76: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
-	71,  // 77: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
-	17,  // 78: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
-	14,  // 79: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
-	75,  // 80: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
-	14,  // 81: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
-	14,  // 82: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
-	15,  // 83: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	15,  // 84: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	15,  // 85: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	14,  // 86: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
-	4,   // 87: switchboard.api.context.v1.GetFileRequest.view:type_name -> switchboard.api.context.v1.FileView
-	14,  // 88: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
-	2,   // 89: switchboard.api.context.v1.ListFilesRequest.kinds:type_name -> switchboard.api.context.v1.FileKind
-	14,  // 90: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
-	14,  // 91: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
-	18,  // 92: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
-	20,  // 93: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
-	22,  // 94: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
-	24,  // 95: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
-	26,  // 96: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
-	28,  // 97: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
-	30,  // 98: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
-	32,  // 99: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	34,  // 100: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	36,  // 101: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
-	38,  // 102: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
-	40,  // 103: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
-	42,  // 104: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
-	44,  // 105: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
-	46,  // 106: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
-	48,  // 107: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
-	50,  // 108: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
-	52,  // 109: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
-	54,  // 110: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
-	56,  // 111: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
-	58,  // 112: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
-	60,  // 113: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
-	62,  // 114: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
-	64,  // 115: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
-	67,  // 116: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
-	69,  // 117: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
-	73,  // 118: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
-	76,  // 119: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
-	78,  // 120: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
-	80,  // 121: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
-	82,  // 122: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
-	84,  // 123: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
-	86,  // 124: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
-	88,  // 125: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
-	90,  // 126: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
-	92,  // 127: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
-	94,  // 128: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
-	19,  // 129: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
-	21,  // 130: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
-	23,  // 131: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
-	25,  // 132: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
-	27,  // 133: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
-	29,  // 134: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
-	31,  // 135: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
-	33,  // 136: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	35,  // 137: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	37,  // 138: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
-	39,  // 139: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
-	41,  // 140: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
-	43,  // 141: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
-	45,  // 142: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
-	47,  // 143: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
-	49,  // 144: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
-	51,  // 145: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
-	53,  // 146: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
-	55,  // 147: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
-	57,  // 148: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
-	59,  // 149: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
-	61,  // 150: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
-	63,  // 151: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
-	66,  // 152: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
-	68,  // 153: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
-	72,  // 154: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
-	74,  // 155: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
-	77,  // 156: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
-	79,  // 157: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
-	81,  // 158: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
-	83,  // 159: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
-	85,  // 160: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
-	87,  // 161: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
-	89,  // 162: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
-	91,  // 163: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
-	93,  // 164: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
-	95,  // 165: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
-	129, // [129:166] is the sub-list for method output_type
-	92,  // [92:129] is the sub-list for method input_type
-	92,  // [92:92] is the sub-list for extension type_name
-	92,  // [92:92] is the sub-list for extension extendee
-	0,   // [0:92] is the sub-list for field type_name
+	6,   // 70: switchboard.api.context.v1.SearchMemoryItemsRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
+	20,  // 71: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	68,  // 72: switchboard.api.context.v1.ScoredMemoryItem.scores:type_name -> switchboard.api.context.v1.SearchScores
+	69,  // 73: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
+	6,   // 74: switchboard.api.context.v1.SearchMemoryItemsResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
+	7,   // 75: switchboard.api.context.v1.SearchMemoryItemsResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	6,   // 76: switchboard.api.context.v1.SearchContextRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
+	20,  // 77: switchboard.api.context.v1.SearchResult.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	19,  // 78: switchboard.api.context.v1.SearchResult.message:type_name -> switchboard.api.context.v1.Message
+	72,  // 79: switchboard.api.context.v1.SearchResult.document_chunk:type_name -> switchboard.api.context.v1.DocumentChunk
+	68,  // 80: switchboard.api.context.v1.SearchResult.scores:type_name -> switchboard.api.context.v1.SearchScores
+	73,  // 81: switchboard.api.context.v1.SearchContextResponse.results:type_name -> switchboard.api.context.v1.SearchResult
+	6,   // 82: switchboard.api.context.v1.SearchContextResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
+	7,   // 83: switchboard.api.context.v1.SearchContextResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	8,   // 84: switchboard.api.context.v1.SemanticIndex.state:type_name -> switchboard.api.context.v1.SemanticIndexState
+	110, // 85: switchboard.api.context.v1.SemanticIndex.update_time:type_name -> google.protobuf.Timestamp
+	75,  // 86: switchboard.api.context.v1.GetSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	75,  // 87: switchboard.api.context.v1.UpdateSemanticIndexRequest.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	112, // 88: switchboard.api.context.v1.UpdateSemanticIndexRequest.update_mask:type_name -> google.protobuf.FieldMask
+	75,  // 89: switchboard.api.context.v1.UpdateSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	83,  // 90: switchboard.api.context.v1.GetContextWindowRequest.retrieval:type_name -> switchboard.api.context.v1.RetrievalOptions
+	6,   // 91: switchboard.api.context.v1.RetrievalOptions.mode:type_name -> switchboard.api.context.v1.SearchMode
+	19,  // 92: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
+	20,  // 93: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	73,  // 94: switchboard.api.context.v1.ContextItem.retrieved:type_name -> switchboard.api.context.v1.SearchResult
+	9,   // 95: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
+	84,  // 96: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
+	84,  // 97: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
+	6,   // 98: switchboard.api.context.v1.ContextWindow.retrieval_mode:type_name -> switchboard.api.context.v1.SearchMode
+	7,   // 99: switchboard.api.context.v1.ContextWindow.retrieval_fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	85,  // 100: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
+	20,  // 101: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
+	17,  // 102: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
+	89,  // 103: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
+	17,  // 104: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	17,  // 105: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
+	18,  // 106: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	18,  // 107: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	18,  // 108: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	17,  // 109: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
+	4,   // 110: switchboard.api.context.v1.GetFileRequest.view:type_name -> switchboard.api.context.v1.FileView
+	17,  // 111: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
+	2,   // 112: switchboard.api.context.v1.ListFilesRequest.kinds:type_name -> switchboard.api.context.v1.FileKind
+	17,  // 113: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
+	17,  // 114: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	21,  // 115: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
+	23,  // 116: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
+	25,  // 117: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
+	27,  // 118: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
+	29,  // 119: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
+	31,  // 120: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
+	33,  // 121: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
+	35,  // 122: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	37,  // 123: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	39,  // 124: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
+	41,  // 125: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
+	43,  // 126: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
+	45,  // 127: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
+	47,  // 128: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
+	49,  // 129: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
+	51,  // 130: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
+	53,  // 131: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
+	55,  // 132: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
+	57,  // 133: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
+	59,  // 134: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
+	61,  // 135: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
+	63,  // 136: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
+	65,  // 137: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
+	67,  // 138: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
+	71,  // 139: switchboard.api.context.v1.ContextService.SearchContext:input_type -> switchboard.api.context.v1.SearchContextRequest
+	76,  // 140: switchboard.api.context.v1.ContextService.GetSemanticIndex:input_type -> switchboard.api.context.v1.GetSemanticIndexRequest
+	78,  // 141: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:input_type -> switchboard.api.context.v1.UpdateSemanticIndexRequest
+	80,  // 142: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
+	82,  // 143: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
+	87,  // 144: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
+	90,  // 145: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
+	92,  // 146: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
+	94,  // 147: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
+	96,  // 148: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
+	98,  // 149: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
+	100, // 150: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
+	102, // 151: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
+	104, // 152: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
+	106, // 153: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
+	108, // 154: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
+	22,  // 155: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
+	24,  // 156: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
+	26,  // 157: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
+	28,  // 158: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
+	30,  // 159: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
+	32,  // 160: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
+	34,  // 161: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
+	36,  // 162: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	38,  // 163: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	40,  // 164: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
+	42,  // 165: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
+	44,  // 166: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
+	46,  // 167: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
+	48,  // 168: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
+	50,  // 169: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
+	52,  // 170: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
+	54,  // 171: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
+	56,  // 172: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
+	58,  // 173: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
+	60,  // 174: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
+	62,  // 175: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
+	64,  // 176: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
+	66,  // 177: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
+	70,  // 178: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
+	74,  // 179: switchboard.api.context.v1.ContextService.SearchContext:output_type -> switchboard.api.context.v1.SearchContextResponse
+	77,  // 180: switchboard.api.context.v1.ContextService.GetSemanticIndex:output_type -> switchboard.api.context.v1.GetSemanticIndexResponse
+	79,  // 181: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:output_type -> switchboard.api.context.v1.UpdateSemanticIndexResponse
+	81,  // 182: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
+	86,  // 183: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
+	88,  // 184: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
+	91,  // 185: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
+	93,  // 186: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
+	95,  // 187: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
+	97,  // 188: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
+	99,  // 189: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
+	101, // 190: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
+	103, // 191: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
+	105, // 192: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
+	107, // 193: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
+	109, // 194: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
+	155, // [155:195] is the sub-list for method output_type
+	115, // [115:155] is the sub-list for method input_type
+	115, // [115:115] is the sub-list for extension type_name
+	115, // [115:115] is the sub-list for extension extendee
+	0,   // [0:115] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_context_v1_context_proto_init() }
@@ -6923,11 +8225,18 @@ func file_switchboard_api_context_v1_context_proto_init() {
 		(*ContentPart_ToolCall)(nil),
 		(*ContentPart_ToolResult)(nil),
 	}
+	file_switchboard_api_context_v1_context_proto_msgTypes[58].OneofWrappers = []any{}
 	file_switchboard_api_context_v1_context_proto_msgTypes[63].OneofWrappers = []any{
+		(*SearchResult_MemoryItem)(nil),
+		(*SearchResult_Message)(nil),
+		(*SearchResult_DocumentChunk)(nil),
+	}
+	file_switchboard_api_context_v1_context_proto_msgTypes[74].OneofWrappers = []any{
 		(*ContextItem_Message)(nil),
 		(*ContextItem_MemoryItem)(nil),
+		(*ContextItem_Retrieved)(nil),
 	}
-	file_switchboard_api_context_v1_context_proto_msgTypes[69].OneofWrappers = []any{
+	file_switchboard_api_context_v1_context_proto_msgTypes[80].OneofWrappers = []any{
 		(*UploadFileRequest_Header)(nil),
 		(*UploadFileRequest_Chunk)(nil),
 		(*UploadFileRequest_Sha256)(nil),
@@ -6937,8 +8246,8 @@ func file_switchboard_api_context_v1_context_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_context_v1_context_proto_rawDesc), len(file_switchboard_api_context_v1_context_proto_rawDesc)),
-			NumEnums:      7,
-			NumMessages:   89,
+			NumEnums:      10,
+			NumMessages:   100,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -43,6 +43,9 @@ const (
 	ContextService_UpdateMemoryItem_FullMethodName      = "/switchboard.api.context.v1.ContextService/UpdateMemoryItem"
 	ContextService_ListMemoryItems_FullMethodName       = "/switchboard.api.context.v1.ContextService/ListMemoryItems"
 	ContextService_SearchMemoryItems_FullMethodName     = "/switchboard.api.context.v1.ContextService/SearchMemoryItems"
+	ContextService_SearchContext_FullMethodName         = "/switchboard.api.context.v1.ContextService/SearchContext"
+	ContextService_GetSemanticIndex_FullMethodName      = "/switchboard.api.context.v1.ContextService/GetSemanticIndex"
+	ContextService_UpdateSemanticIndex_FullMethodName   = "/switchboard.api.context.v1.ContextService/UpdateSemanticIndex"
 	ContextService_DeleteMemoryItem_FullMethodName      = "/switchboard.api.context.v1.ContextService/DeleteMemoryItem"
 	ContextService_GetContextWindow_FullMethodName      = "/switchboard.api.context.v1.ContextService/GetContextWindow"
 	ContextService_PruneConversation_FullMethodName     = "/switchboard.api.context.v1.ContextService/PruneConversation"
@@ -114,8 +117,20 @@ type ContextServiceClient interface {
 	UpdateMemoryItem(ctx context.Context, in *UpdateMemoryItemRequest, opts ...grpc.CallOption) (*UpdateMemoryItemResponse, error)
 	// Lists memory items under a parent.
 	ListMemoryItems(ctx context.Context, in *ListMemoryItemsRequest, opts ...grpc.CallOption) (*ListMemoryItemsResponse, error)
-	// Ranks memory items by relevance to a query (full-text search).
+	// Ranks memory items by relevance to a query: full-text, semantic, or both
+	// fused by reciprocal rank (the default once the workspace's semantic index
+	// is configured).
 	SearchMemoryItems(ctx context.Context, in *SearchMemoryItemsRequest, opts ...grpc.CallOption) (*SearchMemoryItemsResponse, error)
+	// Searches a workspace's or a conversation's memory items, messages and
+	// document chunks together, with the same modes, filters and scores as
+	// SearchMemoryItems. Each result says where it came from.
+	SearchContext(ctx context.Context, in *SearchContextRequest, opts ...grpc.CallOption) (*SearchContextResponse, error)
+	// Gets a workspace's semantic index: its embedding settings and progress.
+	GetSemanticIndex(ctx context.Context, in *GetSemanticIndexRequest, opts ...grpc.CallOption) (*GetSemanticIndexResponse, error)
+	// Changes a workspace's semantic index settings (owners only). A new model or
+	// dimension count re-embeds everything in the background; search keeps
+	// answering (full-text for what is not embedded yet) meanwhile.
+	UpdateSemanticIndex(ctx context.Context, in *UpdateSemanticIndexRequest, opts ...grpc.CallOption) (*UpdateSemanticIndexResponse, error)
 	// Deletes a memory item.
 	DeleteMemoryItem(ctx context.Context, in *DeleteMemoryItemRequest, opts ...grpc.CallOption) (*DeleteMemoryItemResponse, error)
 	// Synthesizes the context a handler should see for a conversation, within a token budget.
@@ -396,6 +411,36 @@ func (c *contextServiceClient) SearchMemoryItems(ctx context.Context, in *Search
 	return out, nil
 }
 
+func (c *contextServiceClient) SearchContext(ctx context.Context, in *SearchContextRequest, opts ...grpc.CallOption) (*SearchContextResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SearchContextResponse)
+	err := c.cc.Invoke(ctx, ContextService_SearchContext_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) GetSemanticIndex(ctx context.Context, in *GetSemanticIndexRequest, opts ...grpc.CallOption) (*GetSemanticIndexResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetSemanticIndexResponse)
+	err := c.cc.Invoke(ctx, ContextService_GetSemanticIndex_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) UpdateSemanticIndex(ctx context.Context, in *UpdateSemanticIndexRequest, opts ...grpc.CallOption) (*UpdateSemanticIndexResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateSemanticIndexResponse)
+	err := c.cc.Invoke(ctx, ContextService_UpdateSemanticIndex_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *contextServiceClient) DeleteMemoryItem(ctx context.Context, in *DeleteMemoryItemRequest, opts ...grpc.CallOption) (*DeleteMemoryItemResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeleteMemoryItemResponse)
@@ -594,8 +639,20 @@ type ContextServiceServer interface {
 	UpdateMemoryItem(context.Context, *UpdateMemoryItemRequest) (*UpdateMemoryItemResponse, error)
 	// Lists memory items under a parent.
 	ListMemoryItems(context.Context, *ListMemoryItemsRequest) (*ListMemoryItemsResponse, error)
-	// Ranks memory items by relevance to a query (full-text search).
+	// Ranks memory items by relevance to a query: full-text, semantic, or both
+	// fused by reciprocal rank (the default once the workspace's semantic index
+	// is configured).
 	SearchMemoryItems(context.Context, *SearchMemoryItemsRequest) (*SearchMemoryItemsResponse, error)
+	// Searches a workspace's or a conversation's memory items, messages and
+	// document chunks together, with the same modes, filters and scores as
+	// SearchMemoryItems. Each result says where it came from.
+	SearchContext(context.Context, *SearchContextRequest) (*SearchContextResponse, error)
+	// Gets a workspace's semantic index: its embedding settings and progress.
+	GetSemanticIndex(context.Context, *GetSemanticIndexRequest) (*GetSemanticIndexResponse, error)
+	// Changes a workspace's semantic index settings (owners only). A new model or
+	// dimension count re-embeds everything in the background; search keeps
+	// answering (full-text for what is not embedded yet) meanwhile.
+	UpdateSemanticIndex(context.Context, *UpdateSemanticIndexRequest) (*UpdateSemanticIndexResponse, error)
 	// Deletes a memory item.
 	DeleteMemoryItem(context.Context, *DeleteMemoryItemRequest) (*DeleteMemoryItemResponse, error)
 	// Synthesizes the context a handler should see for a conversation, within a token budget.
@@ -707,6 +764,15 @@ func (UnimplementedContextServiceServer) ListMemoryItems(context.Context, *ListM
 }
 func (UnimplementedContextServiceServer) SearchMemoryItems(context.Context, *SearchMemoryItemsRequest) (*SearchMemoryItemsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SearchMemoryItems not implemented")
+}
+func (UnimplementedContextServiceServer) SearchContext(context.Context, *SearchContextRequest) (*SearchContextResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SearchContext not implemented")
+}
+func (UnimplementedContextServiceServer) GetSemanticIndex(context.Context, *GetSemanticIndexRequest) (*GetSemanticIndexResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetSemanticIndex not implemented")
+}
+func (UnimplementedContextServiceServer) UpdateSemanticIndex(context.Context, *UpdateSemanticIndexRequest) (*UpdateSemanticIndexResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateSemanticIndex not implemented")
 }
 func (UnimplementedContextServiceServer) DeleteMemoryItem(context.Context, *DeleteMemoryItemRequest) (*DeleteMemoryItemResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteMemoryItem not implemented")
@@ -1200,6 +1266,60 @@ func _ContextService_SearchMemoryItems_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ContextService_SearchContext_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SearchContextRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).SearchContext(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_SearchContext_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).SearchContext(ctx, req.(*SearchContextRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_GetSemanticIndex_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetSemanticIndexRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).GetSemanticIndex(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_GetSemanticIndex_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).GetSemanticIndex(ctx, req.(*GetSemanticIndexRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_UpdateSemanticIndex_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateSemanticIndexRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).UpdateSemanticIndex(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_UpdateSemanticIndex_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).UpdateSemanticIndex(ctx, req.(*UpdateSemanticIndexRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ContextService_DeleteMemoryItem_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(DeleteMemoryItemRequest)
 	if err := dec(in); err != nil {
@@ -1518,6 +1638,18 @@ var ContextService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SearchMemoryItems",
 			Handler:    _ContextService_SearchMemoryItems_Handler,
+		},
+		{
+			MethodName: "SearchContext",
+			Handler:    _ContextService_SearchContext_Handler,
+		},
+		{
+			MethodName: "GetSemanticIndex",
+			Handler:    _ContextService_GetSemanticIndex_Handler,
+		},
+		{
+			MethodName: "UpdateSemanticIndex",
+			Handler:    _ContextService_UpdateSemanticIndex_Handler,
 		},
 		{
 			MethodName: "DeleteMemoryItem",
