@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, aliased
 
 from switchboard.api.integration.v1 import integration_pb2
 from switchboard.platform.names import now
+from switchboard.platform.store import leases
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     IntegrationRow,
@@ -52,7 +53,7 @@ PENDING: Final = integration_pb2.DELIVERY_STATE_PENDING
 SUCCEEDED: Final = integration_pb2.DELIVERY_STATE_SUCCEEDED
 FAILED: Final = integration_pb2.DELIVERY_STATE_FAILED
 #: The one row of ``webhook_cursor``.
-_CURSOR_ID: Final = 1
+_CURSOR_ID: Final = leases.ROW_ID
 
 
 @dataclass(frozen=True)
@@ -251,64 +252,13 @@ class WebhookStore:
     # -- the feeder's lease and cursor -------------------------------------------------
 
     async def take_lease(self, holder: str, until: dt.datetime) -> str | None:
-        """Hold or keep the feeder's lease until ``until``: the cursor, or None if another holds it.
-
-        The cursor is read under the row lock, so a replica taking over sees
-        everything its predecessor committed. A lease another replica holds is
-        seen in a read transaction first: the replicas that wait write nothing.
-        """
-
-        def held(db: Session) -> bool:
-            row = db.execute(
-                select(WebhookCursorRow.holder, WebhookCursorRow.lease_until).where(
-                    WebhookCursorRow.id == _CURSOR_ID
-                )
-            ).first()
-            return (
-                row is not None
-                and row.holder not in ("", holder)
-                and row.lease_until is not None
-                and row.lease_until > now()
-            )
-
-        if await self._run(held, write=False):
-            return None
-
-        def work(db: Session) -> str | None:
-            insert = sqlite_insert if self._sqlite else pg_insert
-            db.execute(
-                insert(WebhookCursorRow)
-                .values(id=_CURSOR_ID, cursor="", holder="", lease_until=None)
-                .on_conflict_do_nothing(index_elements=[WebhookCursorRow.id])
-            )
-            row = db.get(WebhookCursorRow, _CURSOR_ID, with_for_update=True, populate_existing=True)
-            if row is None:  # inserted above, in this transaction
-                raise RuntimeError("the webhook cursor row is missing")
-            current = now()
-            if (
-                row.holder
-                and row.holder != holder
-                and row.lease_until is not None
-                and row.lease_until > current
-            ):
-                return None
-            row.holder = holder
-            row.lease_until = until
-            return row.cursor
-
-        return await self._run(work, write=True)
+        """Hold or keep the feeder's lease until ``until``: the cursor, or None if another
+        holds it (``platform/store/leases.py``)."""
+        return await leases.take_lease(self._database, WebhookCursorRow, holder, until, log=log)
 
     async def release_lease(self, holder: str) -> None:
         """Give the lease up at once (a clean shutdown), so another replica feeds now."""
-
-        def work(db: Session) -> None:
-            db.execute(
-                update(WebhookCursorRow)
-                .where(WebhookCursorRow.id == _CURSOR_ID, WebhookCursorRow.holder == holder)
-                .values(holder="", lease_until=None)
-            )
-
-        await self._run(work, write=True)
+        await leases.release_lease(self._database, WebhookCursorRow, holder, log=log)
 
     async def subscribers(self, workspace_ids: Sequence[str]) -> list[Subscriber]:
         """The enabled webhooks of these workspaces."""

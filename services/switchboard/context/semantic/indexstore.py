@@ -39,6 +39,7 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.context.parttext import render_parts
 from switchboard.context.semantic.ports import SourceKind
 from switchboard.platform.names import now
+from switchboard.platform.store import leases
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     ConversationRow,
@@ -57,7 +58,7 @@ from switchboard.platform.structs import plain
 log = logging.getLogger("switchboard.context.semantic")
 
 _T = TypeVar("_T")
-_CURSOR_ID: Final = 1
+_CURSOR_ID: Final = leases.ROW_ID
 #: Jobs written per INSERT statement (bound parameters stay well under SQLite's limit).
 _INSERT_BATCH: Final = 500
 MAX_ERROR_CHARS: Final = 500
@@ -235,58 +236,12 @@ class IndexStore:
 
     async def take_lease(self, holder: str, until: dt.datetime) -> str | None:
         """Hold or keep the feeder's lease until ``until``: the cursor, or None if another
-        holds it (as ``WebhookStore.take_lease``)."""
-
-        def held(db: Session) -> bool:
-            row = db.execute(
-                select(SemanticCursorRow.holder, SemanticCursorRow.lease_until).where(
-                    SemanticCursorRow.id == _CURSOR_ID
-                )
-            ).first()
-            return (
-                row is not None
-                and row.holder not in ("", holder)
-                and row.lease_until is not None
-                and row.lease_until > now()
-            )
-
-        if await self._run(held, write=False):
-            return None
-
-        def work(db: Session) -> str | None:
-            db.execute(
-                self._insert()(SemanticCursorRow)
-                .values(id=_CURSOR_ID, cursor="", holder="", lease_until=None)
-                .on_conflict_do_nothing(index_elements=[SemanticCursorRow.id])
-            )
-            row = db.get(
-                SemanticCursorRow, _CURSOR_ID, with_for_update=True, populate_existing=True
-            )
-            if row is None:
-                raise RuntimeError("the semantic cursor row is missing")
-            current = now()
-            if (
-                row.holder
-                and row.holder != holder
-                and row.lease_until is not None
-                and row.lease_until > current
-            ):
-                return None
-            row.holder = holder
-            row.lease_until = until
-            return row.cursor
-
-        return await self._run(work, write=True)
+        holds it (``platform/store/leases.py``)."""
+        return await leases.take_lease(self._database, SemanticCursorRow, holder, until, log=log)
 
     async def release_lease(self, holder: str) -> None:
-        def work(db: Session) -> None:
-            db.execute(
-                update(SemanticCursorRow)
-                .where(SemanticCursorRow.id == _CURSOR_ID, SemanticCursorRow.holder == holder)
-                .values(holder="", lease_until=None)
-            )
-
-        await self._run(work, write=True)
+        """Give the lease up at once (a clean shutdown), so another replica feeds now."""
+        await leases.release_lease(self._database, SemanticCursorRow, holder, log=log)
 
     async def feed(
         self,
