@@ -219,17 +219,7 @@ class ChunkStore:
         ``vectors`` None: the chunks are full-text only (``embedding`` ""). Raises
         VectorMismatch (before writing anything) for vectors that do not fit.
         """
-        if len(chunks) > MAX_CHUNKS_PER_SOURCE:
-            raise ValueError(f"at most {MAX_CHUNKS_PER_SOURCE} chunks per source")
-        for chunk in chunks:
-            if chunk.source_kind != source_kind or chunk.source != source:
-                raise ValueError("every chunk must belong to the source being replaced")
-        if vectors is not None:
-            _check_dims(dims)
-            if len(vectors) != len(chunks):
-                raise VectorMismatch(f"{len(vectors)} vectors for {len(chunks)} chunks")
-            for index, vector in enumerate(vectors):
-                _check_vector(vector, dims, f"vector {index}")
+        _check_source(source_kind, source, chunks, vectors, dims)
         if vectors is not None and chunks:
             await self.ensure_dimensions(dims)
 
@@ -255,17 +245,8 @@ class ChunkStore:
         writes of the service (AppendMessage...) one wait instead of one per source."""
         if len(vectors) != len(replacements):
             raise ValueError("one list of vectors per source")
-        _check_dims(dims)
         for (source_kind, source, chunks), mine in zip(replacements, vectors, strict=True):
-            if len(chunks) > MAX_CHUNKS_PER_SOURCE:
-                raise ValueError(f"at most {MAX_CHUNKS_PER_SOURCE} chunks per source")
-            for chunk in chunks:
-                if chunk.source_kind != source_kind or chunk.source != source:
-                    raise ValueError("every chunk must belong to the source being replaced")
-            if len(mine) != len(chunks):
-                raise VectorMismatch(f"{len(mine)} vectors for {len(chunks)} chunks")
-            for index, vector in enumerate(mine):
-                _check_vector(vector, dims, f"vector {index}")
+            _check_source(source_kind, source, chunks, mine, dims)
         await self.ensure_dimensions(dims)
 
         def work(db: Session) -> None:
@@ -676,6 +657,28 @@ class _Candidates:
     hits: list[Hit]
     #: Whether the index gave as many candidates as asked (more may lie beyond).
     full: bool
+
+
+def _check_source(
+    source_kind: SourceKind,
+    source: str,
+    chunks: Sequence[ChunkRecord],
+    vectors: Sequence[Sequence[float]] | None,
+    dims: int,
+) -> None:
+    """What a replacement must be before anything is written: its own chunks, a
+    bounded number, and (with vectors) one vector of ``dims`` finite numbers each."""
+    if len(chunks) > MAX_CHUNKS_PER_SOURCE:
+        raise ValueError(f"at most {MAX_CHUNKS_PER_SOURCE} chunks per source")
+    for chunk in chunks:
+        if chunk.source_kind != source_kind or chunk.source != source:
+            raise ValueError("every chunk must belong to the source being replaced")
+    if vectors is not None:
+        _check_dims(dims)
+        if len(vectors) != len(chunks):
+            raise VectorMismatch(f"{len(vectors)} vectors for {len(chunks)} chunks")
+        for index, vector in enumerate(vectors):
+            _check_vector(vector, dims, f"vector {index}")
 
 
 def _hit(row: Any) -> Hit:
