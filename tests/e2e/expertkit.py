@@ -32,7 +32,7 @@ Served = tuple[SwitchboardServer, CStub, DStub]
 @pytest.fixture
 async def served_fixture() -> AsyncIterator[Served]:
     # Probes only when a test asks: these tests watch routing, not the prober.
-    async with limited(egress_allow_loopback=True, integration_probe_interval_s=3600.0) as found:
+    async with limited(egress_allow_loopback=True, integration_probe_interval_s=0) as found:
         yield found
 
 

@@ -140,7 +140,7 @@ async def hub_mesh(**overrides: Any) -> AsyncIterator[tuple[SwitchboardServer, a
     """A mesh whose integrations may reach loopback; probes only when a test asks."""
     values: dict[str, Any] = {
         "egress_allow_loopback": True,
-        "integration_probe_interval_s": 3600.0,
+        "integration_probe_interval_s": 0,
     }
     values.update(overrides)
     server, _ = await create_server(make_settings(**values))

@@ -24,6 +24,7 @@ from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     TIMEOUT_S,
     World,
+    awaiting_event,
     context_stub,
     ctx_world,
     refused,
@@ -49,6 +50,39 @@ async def hub() -> AsyncIterator[tuple[SwitchboardServer, Stub, World]]:
     async with hub_mesh(integration_max_per_workspace=3) as (server, channel):
         world = await ctx_world(server, context_stub(channel))
         yield server, integration_stub(channel), world
+
+
+# -- the probe timer --------------------------------------------------------------------------
+
+
+async def test_the_timer_probes_an_integration_and_an_interval_of_zero_turns_it_off() -> None:
+    async with hub_mesh(integration_probe_interval_s=0.05) as (server, channel):
+        world = await ctx_world(server, context_stub(channel))
+        assert built(server, IntegrationHub).prober.running
+        # Port 1 refuses: the second round in a row makes it UNHEALTHY.
+        async with awaiting_event(
+            server,
+            lambda e: (
+                e.type == events_pb2.EVENT_TYPE_INTEGRATION_CHANGED
+                and e.integration_changed.integration.status.health == ipb.HEALTH_STATE_UNHEALTHY
+            ),
+        ) as unhealthy:
+            made = await create(integration_stub(channel), world.owner, world.name, expert())
+            event = await asyncio.wait_for(unhealthy, TIMEOUT_S)
+        assert event.integration_changed.integration.name == made.name
+        assert event.integration_changed.change == events_pb2.CHANGE_KIND_UPDATED
+    async with hub_mesh(integration_probe_interval_s=0) as (server, channel):
+        hub = built(server, IntegrationHub)
+        assert not hub.prober.running
+        world = await ctx_world(server, context_stub(channel))
+        stub = integration_stub(channel)
+        made = await create(stub, world.owner, world.name, expert())
+        # Asked, a probe still runs: only the timer is off.
+        await hub.probe_all()
+        got = await stub.GetIntegration(
+            ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+        )
+        assert got.integration.status.health == ipb.HEALTH_STATE_DEGRADED
 
 
 # -- the lifecycle ----------------------------------------------------------------------------

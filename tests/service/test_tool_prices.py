@@ -80,7 +80,7 @@ async def priced_mesh(everything: EverythingServer) -> AsyncIterator[Priced]:
             llm_max_output_tokens=100,
             llm_prices=json.dumps({"m-1": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}),
             egress_allow_loopback=True,
-            integration_probe_interval_s=3600.0,
+            integration_probe_interval_s=0,
         )
         server, _ = await create_server(settings)
         await server.start()

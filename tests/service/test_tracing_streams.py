@@ -528,7 +528,7 @@ async def test_an_mcp_tool_call_carries_the_calls_trace(
     exporter: Spans, mcp_server: McpTestServer
 ) -> None:
     async with traced_mesh(
-        exporter, egress_allow_loopback=True, integration_probe_interval_s=3600.0
+        exporter, egress_allow_loopback=True, integration_probe_interval_s=0
     ) as (server, channel):
         stub = integration_stub(channel)
         world = await ctx_world(server, context_stub(channel))
@@ -566,7 +566,7 @@ def only_server(spans: list[ReadableSpan], method: str) -> ReadableSpan:
 async def test_a_webhook_delivery_carries_the_trace_of_its_http_span(exporter: Spans) -> None:
     async with (
         running_receiver() as receiver,
-        traced_mesh(exporter, egress_allow_loopback=True, integration_probe_interval_s=3600.0) as (
+        traced_mesh(exporter, egress_allow_loopback=True, integration_probe_interval_s=0) as (
             server,
             channel,
         ),
@@ -610,7 +610,7 @@ async def test_a_webhook_delivery_carries_the_trace_of_its_http_span(exporter: S
 async def test_health_probes_start_no_traces(exporter: Spans, mcp_server: McpTestServer) -> None:
     async with (
         ToolExpert() as calc,
-        traced_mesh(exporter, egress_allow_loopback=True, integration_probe_interval_s=3600.0) as (
+        traced_mesh(exporter, egress_allow_loopback=True, integration_probe_interval_s=0) as (
             server,
             channel,
         ),

@@ -509,7 +509,7 @@ async def test_a_run_calls_the_webhook_tool_an_assistant_enables() -> None:
             llm_model="m-1",
             llm_max_retries=0,
             egress_allow_loopback=True,
-            integration_probe_interval_s=3600.0,
+            integration_probe_interval_s=0,
         )
         server, _ = await create_server(settings)
         await server.start()

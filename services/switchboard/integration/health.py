@@ -73,7 +73,14 @@ class Prober:
         self._failures = FailureNotes(log)
 
     def start(self) -> None:
+        if self._limits.probe_interval_s <= 0:
+            return  # the operator turned probes off: calls alone judge an integration
         self._task = background.spawn(self._probe_loop(), name="integration-prober", logger=log)
+
+    @property
+    def running(self) -> bool:
+        """Whether probes run on the timer (not when the interval is 0, nor once closed)."""
+        return self._task is not None and not self._task.done()
 
     async def close(self) -> None:
         self._closed = True

@@ -53,9 +53,10 @@ class IntegrationSettings(Section):
     )
     integration_probe_interval_s: float = Field(
         default=30.0,
-        gt=0,
+        ge=0,
         le=3600,
-        description="how often each integration's health is probed (with jitter)",
+        description="how often each integration's health is probed (with jitter); "
+        "`0`: no probes, health stays unknown and only calls open circuits",
     )
     integration_breaker_failures: int = Field(
         default=5,
