@@ -138,6 +138,9 @@ async def test_a_grpc_expert_is_handed_what_is_left_and_charged_what_it_reports(
         mesh(fake, dispatcher_remote_handlers=f"spend={ex.address}") as (server, stub, dstub),
     ):
         world = await ctx_world(server, stub)
+        # Until its channel connects, an expert is not known to be reachable, and a
+        # message naming it is UNAVAILABLE at once (a slow start's capability check).
+        await until_listed(dstub, world, "handlers/spend", available=True)
         await add_budget(server, world.name, "daily", daily(1_000))
         conversation = (await create_conversation(stub, world.editor, world.name)).name
         runs = []
@@ -175,6 +178,7 @@ async def test_a_run_without_a_budget_hands_none() -> None:
         mesh(fake, dispatcher_remote_handlers=f"spend={ex.address}") as (server, stub, dstub),
     ):
         world = await ctx_world(server, stub)
+        await until_listed(dstub, world, "handlers/spend", available=True)
         conversation = (await create_conversation(stub, world.editor, world.name)).name
         sent = await send(
             dstub, world.editor, request(conversation, "hi", handler="handlers/spend")
@@ -210,7 +214,7 @@ async def callee_card(channel: aio.Channel, world: World, assistant_id: str) -> 
 async def test_an_a2a_hop_to_a_switchboard_deployment_spends_within_what_was_handed() -> None:
     async with FakeOpenAI() as fake:
         fake.default = answer()
-        async with mesh(fake, egress_allow_loopback=True, integration_probe_interval_s=3600.0) as (
+        async with mesh(fake, egress_allow_loopback=True, integration_probe_interval_s=0) as (
             server,
             stub,
             dstub,

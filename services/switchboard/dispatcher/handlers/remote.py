@@ -156,8 +156,11 @@ class RemoteHandler:
                 metadata=self._metadata,
             )
         except aio.AioRpcError as exc:
+            # The code in the text too: where only messages are kept (a test's
+            # captured log), an outage and a refusal must still be told apart.
             log.warning(
-                "remote handler unreachable",
+                "remote handler unreachable (%s)",
+                exc.code().name,
                 extra={"handler": self._capabilities.id, "code": exc.code().name},
             )
             self._failed(exc.code())
