@@ -93,7 +93,7 @@ def _settings(fake: FakeOpenAI, **overrides: Any) -> dict[str, Any]:
         "llm_max_retries": 0,
         "llm_prices": json.dumps({"m-1": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}),
         "egress_allow_loopback": True,
-        "integration_probe_interval_s": 3600.0,
+        "integration_probe_interval_s": 0,
     }
     values.update(overrides)
     return values
@@ -542,6 +542,43 @@ async def test_cancel_while_paused(everything: EverythingServer) -> None:
         call, _ = await _paused(tools, run.name)
         call.cancel()
         ended = await cancel(tools.dstub, tools.world.editor, run.name, "never mind")
+        assert ended.state == pb.RUN_STATE_CANCELLED
+        await refused(
+            _decide(tools, run.name, "c1", pb.TOOL_APPROVAL_DECISION_APPROVE),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+
+async def test_a_repeated_decision_is_answered_with_the_run_while_the_run_holds_it(
+    everything: EverythingServer,
+) -> None:
+    # The contract's "a call already decided the same way is accepted again" holds
+    # after the last decision too: a client whose reply was lost (its replica was
+    # killed after storing the decision) retries and gets the run, not an error.
+    async with tool_mesh(everything, approval=("trigger-long-running-operation",)) as tools:
+        tools.fake.script(Reply.tool_calls([(SLOW, {"duration": 30, "steps": 30}, "c1")]))
+        run = await _send(tools, ask(tools, "Take your time"))
+        call, _ = await _paused(tools, run.name)
+        call.cancel()
+        first = await _decide(tools, run.name, "c1", pb.TOOL_APPROVAL_DECISION_APPROVE)
+        assert first.state == pb.RUN_STATE_RUNNING
+        # The approved call now runs for 30 s: the run still holds the decision.
+        again = await _decide(tools, run.name, "c1", pb.TOOL_APPROVAL_DECISION_APPROVE)
+        assert again.state == pb.RUN_STATE_RUNNING
+        assert again.required_action.tool_calls[0].decision == pb.TOOL_APPROVAL_DECISION_APPROVE
+        assert again.required_action.tool_calls[0].decide_time == (
+            first.required_action.tool_calls[0].decide_time
+        )
+        other = await refused(
+            _decide(tools, run.name, "c1", pb.TOOL_APPROVAL_DECISION_DENY),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert "already decided the other way" in (other.details() or "")
+        await refused(
+            _decide(tools, run.name, "c2", pb.TOOL_APPROVAL_DECISION_APPROVE),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        ended = await cancel(tools.dstub, tools.world.editor, run.name)
         assert ended.state == pb.RUN_STATE_CANCELLED
         await refused(
             _decide(tools, run.name, "c1", pb.TOOL_APPROVAL_DECISION_APPROVE),

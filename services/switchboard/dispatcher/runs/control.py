@@ -95,7 +95,11 @@ class Control:
             for pending in active.run.required_action.tool_calls
             if active.run.state not in TERMINAL
         }
-        if not any(p.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED for p in waiting.values()):
+        if not any(
+            p.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED for p in waiting.values()
+        ) and any(a.tool_call_id not in waiting for a in request.approvals):
+            # Every call decided: only a repeat of those decisions is still an
+            # answer (a retry whose first attempt was applied, its reply lost).
             raise FailedPrecondition("the run is not waiting for tool approvals")
         violations = Violations()
         for index, approval in enumerate(request.approvals):
