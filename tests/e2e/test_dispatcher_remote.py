@@ -5,7 +5,6 @@ must stop the expert's own work, and the run's deadline must reach it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
 from tests.conftest import make_settings
+from tests.e2e.expertkit import until_listed
 from tests.e2e.expertproc import ExpertProcess
 from tests.service.contextkit import Stub, World, context_stub, create_conversation, ctx_world
 from tests.service.dispatchkit import Stub as DStub
@@ -56,7 +56,11 @@ async def stubs(mesh: SwitchboardServer) -> AsyncIterator[tuple[Stub, DStub]]:
 
 @pytest.fixture
 async def world(mesh: SwitchboardServer, stubs: tuple[Stub, DStub]) -> World:
-    return await ctx_world(mesh, stubs[0])
+    made = await ctx_world(mesh, stubs[0])
+    # Until the dispatcher's channel to it connects, the expert is not known to be
+    # reachable, and a run naming it is UNAVAILABLE at once.
+    await until_listed(stubs[1], made, "handlers/weather", available=True)
+    return made
 
 
 @pytest.fixture
@@ -180,23 +184,6 @@ async def test_an_expert_that_dies_fails_the_run(
     assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def _listed_available(dstub: DStub, world: World) -> bool:
-    listed = await dstub.ListHandlers(
-        pb.ListHandlersRequest(parent=world.name), metadata=world.viewer.md, timeout=10
-    )
-    weather = next(h for h in listed.handlers if h.name == "handlers/weather")
-    return bool(weather.available)
-
-
-async def _until_listed(dstub: DStub, world: World, *, available: bool) -> None:
-    """Poll ListHandlers (every 50 ms, up to 15 s) until it says ``available``."""
-    async with asyncio.timeout(15):
-        while True:
-            if await _listed_available(dstub, world) == available:
-                return
-            await asyncio.sleep(0.05)  # another process changes it: nothing to await
-
-
 async def test_a_restarted_expert_is_listed_truthfully_and_its_first_run_succeeds(
     expert: ExpertProcess, stubs: tuple[Stub, DStub], world: World, conversation: str
 ) -> None:
@@ -211,14 +198,14 @@ async def test_a_restarted_expert_is_listed_truthfully_and_its_first_run_succeed
 
     # Down: ListHandlers says so without any run having failed first, and a
     # run that names it is refused at once rather than started and failed.
-    await _until_listed(dstub, world, available=False)
+    await until_listed(dstub, world, "handlers/weather", available=False)
     with pytest.raises(aio.AioRpcError) as caught:
         await send(dstub, world.editor, request(conversation, "down?", handler="handlers/weather"))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
     # Back on the same port, after the channel has failed (and backed off) a few times.
     with ExpertProcess(id="weather", args=("--port", str(port))):
-        await _until_listed(dstub, world, available=True)
+        await until_listed(dstub, world, "handlers/weather", available=True)
         # The very first run after ListHandlers says so succeeds.
         back = request(conversation, "back?", handler="handlers/weather")
         sent = await send(dstub, world.editor, back)
