@@ -182,6 +182,49 @@ async def test_a_deleted_item_is_never_returned_even_with_its_chunks_left(
         assert [r.memory_item.name for r in memory.results] == [kept.name]
 
 
+async def test_pages_by_meaning_are_the_whole_ranking_cut_and_survive_deleted_leaders(
+    database_url: str,
+) -> None:
+    # A page by meaning asks the index only about as deep as the page: walking the pages
+    # gives the one long ranking, and when the leaders are gone (deleted, their passages
+    # still there for the indexer) the page is still full, from a deeper ask.
+    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
+        world = await indexed_world(stub, mesh)
+        for i in range(40):
+            # Ever more words beside the one the query shares: ever less alike.
+            words = " ".join(f"filler{i}w{j}" for j in range(i + 1))
+            await remember(stub, world.editor, world.name, f"tea {words}")
+        await ready(stub, domain, world)
+        whole = await search_context(
+            stub, world.viewer, world.name, "tea", mode=SEMANTIC, page_size=50
+        )
+        ranked = source_names(whole.results)
+        assert len(ranked) == 40
+        assert not whole.next_page_token
+        walked: list[str] = []
+        token = ""
+        while True:
+            page = await search_context(
+                stub, world.viewer, world.name, "tea", mode=SEMANTIC, page_size=5, page_token=token
+            )
+            assert page.mode == SEMANTIC
+            walked += source_names(page.results)
+            token = page.next_page_token
+            if not token:
+                break
+        assert walked == ranked
+        await domain.indexer.close()
+        for name in ranked[:18]:
+            await rpc(stub.DeleteMemoryItem, pb.DeleteMemoryItemRequest(name=name), world.editor)
+        first = await search_context(
+            stub, world.viewer, world.name, "tea", mode=SEMANTIC, page_size=5
+        )
+        assert source_names(first.results) == ranked[18:23]
+        assert first.next_page_token
+        memory = await search_memory(stub, world.viewer, world.name, "tea", mode=SEMANTIC)
+        assert [r.memory_item.name for r in memory.results] == ranked[18:28]
+
+
 async def test_an_endpoint_down_or_a_budget_without_room_falls_back_to_full_text(
     database_url: str,
 ) -> None:
