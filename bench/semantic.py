@@ -514,7 +514,8 @@ async def engine_queries(
     """``nearest`` (on PostgreSQL at the default ``ef_search`` and others) and
     ``exact_nearest`` (the first ``exact_count`` queries: a full scan is slow), one query
     at a time: latencies, and recall@K of the index over those queries. Also ``nearest``
-    as search asks it: the ``candidates`` setting's count, not K."""
+    at the ``candidates`` setting's count, as a HYBRID search asks it (a SEMANTIC one
+    asks first only about as deep as its page)."""
     from switchboard.context.semantic.chunkstore import ChunkStore
     from switchboard.context.semantic.ports import EmbeddingModel, SearchFilter
     from switchboard.context.settings import ContextSettings
@@ -997,14 +998,14 @@ def _index_lines(results: dict[str, Any], sizes: Sizes) -> list[str]:
         )
         f = engine["candidates"]
         lines.append(
-            f"| {backend} | | `nearest` k={f['k']} (as search asks it: the candidates "
-            f"setting) | {f['p50_ms']} | {f['p99_ms']} | | |"
+            f"| {backend} | | `nearest` k={f['k']} (the candidates setting: as a HYBRID search "
+            f"asks it) | {f['p50_ms']} | {f['p99_ms']} | | |"
         )
         f = engine["workspace_memory"]
         lines.append(
-            f"| {backend} | | `nearest` k={f['k']}, no conversation's passages (what "
-            f"SearchMemoryItems asks on a workspace) | {f['p50_ms']} | "
-            f"{f['p99_ms']} | | |"
+            f"| {backend} | | `nearest` k={f['k']}, no conversation's passages (a HYBRID "
+            f"SearchMemoryItems on a workspace; a SEMANTIC one asks 22 for its first page) | "
+            f"{f['p50_ms']} | {f['p99_ms']} | | |"
         )
         f = engine["exact"]
         lines.append(
