@@ -6,6 +6,8 @@ Three uses of that one schedule:
   this long before restarting a process that ended);
 - ``full_jitter(attempt, ...)``: a uniform draw under the ceiling, never less
   than a ``Retry-After`` the other side sent (webhook deliveries);
+- ``retry_after(headers)``: the wait an HTTP answer asks for, which
+  ``full_jitter`` then honours (the LLM client, embeddings, speech);
 - ``Backoff``: a pacer for a loop that waits out an outage, ``wait()`` after a
   failure and ``reset()`` after a success (the event log's readers and
   flusher, the webhook feeder and sender, the dispatcher's lease loop, an A2A
@@ -18,7 +20,9 @@ no server module (docs/decisions.md, 38).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+from collections.abc import Mapping
 from typing import Final
 
 #: Doubling stops growing here (2**62 times the base is past any cap); a loop
@@ -45,6 +49,25 @@ def full_jitter(
     if at_least_s is not None:
         delay = max(delay, min(at_least_s, max_s))
     return delay
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds an HTTP answer asks to wait, from ``retry-after-ms`` or ``retry-after``.
+
+    An HTTP-date ``Retry-After`` is ignored (no OpenAI-compatible server sends
+    one) and the backoff schedule applies instead; so is a negative or infinite one.
+    """
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if math.isfinite(value) and value >= 0:
+            return value
+    return None
 
 
 class Backoff:

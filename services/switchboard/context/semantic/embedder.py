@@ -109,20 +109,6 @@ class _Retry(Exception):
         self.retry_after_s = retry_after_s
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue
-        if math.isfinite(seconds):
-            return max(0.0, seconds)
-    return None
-
-
 def _workspace_of(owner: str) -> str | None:
     kind, _, ident = owner.partition("/")
     return ident if kind == "workspaces" and ident else None
@@ -316,7 +302,7 @@ class OpenAIEmbedder:
             raise _Retry(f"could not be reached ({type(exc).__name__})") from None
         status = response.status_code
         if status in _RETRIED or status >= 500:
-            raise _Retry(f"answered HTTP {status}", _retry_after(response.headers))
+            raise _Retry(f"answered HTTP {status}", backoff.retry_after(response.headers))
         if status in (401, 403):
             raise EmbeddingsUnavailable(
                 f"the embeddings endpoint refused the API key (HTTP {status}); check "

@@ -21,9 +21,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -44,6 +43,7 @@ from switchboard.dispatcher.llm.stream import (
     parse_completion,
     scrub,
 )
+from switchboard.platform.backoff import retry_after
 from switchboard.platform.breaker import CircuitBreaker
 from switchboard.platform.observe.telemetry import http_request_span
 
@@ -77,25 +77,6 @@ def _unforeseen(provider: Provider, exc: Exception) -> AttemptFailed:
         extra={"provider": provider.name},
     )
     return AttemptFailed(f"the answer could not be read ({type(exc).__name__})", retryable=True)
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds the provider asks to wait, from ``retry-after-ms`` or ``retry-after``.
-
-    An HTTP-date ``Retry-After`` is ignored (no provider of this API sends one)
-    and the backoff schedule applies instead.
-    """
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            value = float(raw) * scale
-        except ValueError:
-            continue
-        if math.isfinite(value) and value >= 0:
-            return value
-    return None
 
 
 class _Deadline:
@@ -432,12 +413,10 @@ class ProviderClient:
             # A spent quota is not a rate limit: waiting does not bring it back.
             quota = code == "insufficient_quota"
             return AttemptFailed(
-                summary, retryable=not quota, retry_after=_retry_after(response.headers)
+                summary, retryable=not quota, retry_after=retry_after(response.headers)
             )
         if status >= 500:
-            return AttemptFailed(
-                summary, retryable=True, retry_after=_retry_after(response.headers)
-            )
+            return AttemptFailed(summary, retryable=True, retry_after=retry_after(response.headers))
         return AttemptFailed(summary, retryable=False, counts=status not in _REQUEST_REJECTIONS)
 
     async def _next(self, chunks: AsyncIterator[bytes], deadline: _Deadline) -> bytes | None:

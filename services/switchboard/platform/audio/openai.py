@@ -146,18 +146,6 @@ class _Budget:
             self.left -= loop.time() - started
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            return max(0.0, float(value) * scale)
-        except ValueError:
-            continue
-    return None
-
-
 def _api_message(body: bytes) -> str:
     """The API's ``error.message``, cut short; empty when the body has none."""
     try:
@@ -372,7 +360,7 @@ class OpenAIAudio:
         detail = _api_message(body)
         said = f": {detail}" if detail else ""
         if status in _RETRIED:
-            raise _Retry(f"answered HTTP {status}{said}", _retry_after(headers), status)
+            raise _Retry(f"answered HTTP {status}{said}", backoff.retry_after(headers), status)
         if status in (401, 403):
             raise SpeechRefused(
                 f"the {what} endpoint refused the API key (HTTP {status})",
