@@ -286,15 +286,13 @@ class Search:
         ranking = await self.rank(
             where, request.query, request.mode, parsed, wanted=offset + size + 1
         )
-        response = pb.SearchContextResponse(
+        return pb.SearchContextResponse(
             results=ranking.results[offset : offset + size],
+            next_page_token=self._next_page(len(ranking.results), offset + size, token),
             mode=ranking.mode,
             fallback_reason=ranking.fallback,
             fallback_detail=ranking.detail,
         )
-        if len(ranking.results) > offset + size and offset + size < MAX_SEARCH_RESULTS:
-            response.next_page_token = self.common.pages.encode([offset + size], token)
-        return response
 
     async def search_memory(
         self, request: pb.SearchMemoryItemsRequest, scope: Scope, kinds: Sequence[str]
@@ -337,18 +335,16 @@ class Search:
         await stored(self._store.check_live(scope))
         where = _Where(owner, scope.workspace_id, scope.conversation_id, memory_scope=scope.scope)
         ranking = await self._ranked(where, request.query, plan, parsed, wanted=offset + size + 1)
-        response = pb.SearchMemoryItemsResponse(
+        return pb.SearchMemoryItemsResponse(
             results=[
                 pb.ScoredMemoryItem(memory_item=r.memory_item, score=r.score, scores=r.scores)
                 for r in ranking.results[offset : offset + size]
             ],
+            next_page_token=self._next_page(len(ranking.results), offset + size, token),
             mode=ranking.mode,
             fallback_reason=ranking.fallback,
             fallback_detail=ranking.detail,
         )
-        if len(ranking.results) > offset + size and offset + size < MAX_SEARCH_RESULTS:
-            response.next_page_token = self.common.pages.encode([offset + size], token)
-        return response
 
     async def _memory_full_text(
         self,
@@ -364,7 +360,7 @@ class Search:
         rows = await self._memory_rows(
             scope, request.query, parsed.filter, limit=size + 1, offset=offset
         )
-        response = pb.SearchMemoryItemsResponse(
+        return pb.SearchMemoryItemsResponse(
             results=[
                 pb.ScoredMemoryItem(
                     memory_item=memory_proto(row),
@@ -373,13 +369,11 @@ class Search:
                 )
                 for index, (row, score) in enumerate(rows[:size])
             ],
+            next_page_token=self._next_page(offset + len(rows), offset + size, token),
             mode=FULL_TEXT,
             fallback_reason=plan.fallback,
             fallback_detail=plan.detail,
         )
-        if len(rows) > size and offset + size < MAX_SEARCH_RESULTS:
-            response.next_page_token = self.common.pages.encode([offset + size], token)
-        return response
 
     async def _memory_rows(
         self, scope: Scope, query: str, conditions: SearchFilter, *, limit: int, offset: int = 0
@@ -771,6 +765,13 @@ class Search:
         if not query.strip():
             violations.add("query", "is required")
         check_text(query, "query", self.common.limits.max_query_chars, violations)
+
+    def _next_page(self, found: int, end: int, token: str) -> str:
+        """The next page's token: results go on past ``end`` (``found`` of them
+        known), and the next page is not past ``MAX_SEARCH_RESULTS``."""
+        if found > end and end < MAX_SEARCH_RESULTS:
+            return self.common.pages.encode([end], token)
+        return ""
 
     def _offset(self, page_token: str, token: str) -> int:
         if not page_token:
