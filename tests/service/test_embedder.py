@@ -7,6 +7,7 @@ import base64
 import math
 import struct
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -43,17 +44,23 @@ def _embedder(server: FakeEmbeddings, **kwargs: object) -> OpenAIEmbedder:
     return OpenAIEmbedder(server.url, **options)  # type: ignore[arg-type]
 
 
+@asynccontextmanager
+async def _opened(server: FakeEmbeddings, **kwargs: object) -> AsyncIterator[OpenAIEmbedder]:
+    embedder = _embedder(server, **kwargs)
+    try:
+        yield embedder
+    finally:
+        await embedder.close()
+
+
 def _cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
 async def test_batches_and_order(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, batch=4)
-    texts = [f"note number {i} about topic {i % 3}" for i in range(10)]
-    try:
+    async with _opened(server, batch=4) as embedder:
+        texts = [f"note number {i} about topic {i % 3}" for i in range(10)]
         embedded = await embedder.embed(OWNER, texts, HASH)
-    finally:
-        await embedder.close()
     assert [len(batch) for batch in server.batches] == [4, 4, 2]
     assert sorted(text for batch in server.batches for text in batch) == sorted(texts)
     assert len(embedded.vectors) == 10
@@ -73,78 +80,59 @@ def _single(text: str) -> list[float]:
 
 
 async def test_dimensions_sent_when_asked(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server)
-    try:
+    async with _opened(server) as embedder:
         embedded = await embedder.embed(OWNER, ["a text"], EmbeddingModel(HASH_MODEL, 64))
-    finally:
-        await embedder.close()
     assert server.requests[0].body["dimensions"] == 64
     assert len(embedded.vectors[0]) == 64
 
 
 async def test_retry_then_success(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, attempts=3)
-    server.fail_next(500)
-    server.fail_next(503)
-    try:
+    async with _opened(server, attempts=3) as embedder:
+        server.fail_next(500)
+        server.fail_next(503)
         embedded = await embedder.embed(OWNER, ["hello world"], HASH)
-    finally:
-        await embedder.close()
     assert len(server.requests) == 3
     assert len(embedded.vectors) == 1
 
 
 async def test_attempts_spent(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, attempts=2)
-    server.fail_next(500, 5)
-    try:
+    async with _opened(server, attempts=2) as embedder:
+        server.fail_next(500, 5)
         with pytest.raises(EmbeddingsUnavailable, match="HTTP 500 after 2 attempts"):
             await embedder.embed(OWNER, ["hello world"], HASH)
-    finally:
-        await embedder.close()
     assert len(server.requests) == 2
 
 
 async def test_retry_after_honoured(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, attempts=2)
-    server.fail_next(429, retry_after="0.3")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
+    async with _opened(server, attempts=2) as embedder:
+        server.fail_next(429, retry_after="0.3")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         await embedder.embed(OWNER, ["hello world"], HASH)
-    finally:
-        await embedder.close()
     # The backoff alone is under 0.05 s: the wait is the server's Retry-After.
     assert loop.time() - started >= 0.3
     assert len(server.requests) == 2
 
 
 async def test_retry_after_capped(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, attempts=2, retry_after_cap_s=0.1)
-    server.fail_next(429, retry_after="3600")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    try:
+    async with _opened(server, attempts=2, retry_after_cap_s=0.1) as embedder:
+        server.fail_next(429, retry_after="3600")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         await embedder.embed(OWNER, ["hello world"], HASH)
-    finally:
-        await embedder.close()
     assert loop.time() - started < 5
 
 
 async def test_timeout_is_retryable_then_unavailable(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, attempts=2, timeout_s=0.2)
-    server.delay_s = 2.0
-    try:
+    async with _opened(server, attempts=2, timeout_s=0.2) as embedder:
+        server.delay_s = 2.0
         with pytest.raises(EmbeddingsUnavailable, match=r"did not answer within 0\.2 s"):
             await embedder.embed(OWNER, ["hello world"], HASH)
-    finally:
-        await embedder.close()
 
 
 async def test_down_opens_the_breaker(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, attempts=2, breaker_failures=2, breaker_reset_s=60)
-    await server.close()
-    try:
+    async with _opened(server, attempts=2, breaker_failures=2, breaker_reset_s=60) as embedder:
+        await server.close()
         with pytest.raises(EmbeddingsUnavailable, match="could not be reached"):
             await embedder.embed(OWNER, ["hello"], HASH)
         assert embedder.breaker_state == "open"
@@ -153,80 +141,57 @@ async def test_down_opens_the_breaker(server: FakeEmbeddings) -> None:
         with pytest.raises(EmbeddingsUnavailable, match="circuit is open"):
             await embedder.embed(OWNER, ["hello"], HASH)
         assert loop.time() - started < 0.05
-    finally:
-        await embedder.close()
 
 
 async def test_wrong_dimension(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server)
-    server.corrupt_next("dimension")
-    try:
+    async with _opened(server) as embedder:
+        server.corrupt_next("dimension")
         with pytest.raises(EmbeddingsUnavailable, match="63 dimensions, not the expected 64"):
             await embedder.embed(OWNER, ["a", "b"], EmbeddingModel(HASH_MODEL, 64))
-    finally:
-        await embedder.close()
 
 
 async def test_learned_dimension_then_wrong(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server)
-    try:
+    async with _opened(server) as embedder:
         await embedder.embed(OWNER, ["a"], HASH)
         server.corrupt_next("dimension")
         with pytest.raises(EmbeddingsUnavailable, match="383 dimensions, not the expected 384"):
             await embedder.embed(OWNER, ["b"], HASH)
-    finally:
-        await embedder.close()
 
 
 async def test_wrong_count(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server)
-    server.corrupt_next("count")
-    try:
+    async with _opened(server) as embedder:
+        server.corrupt_next("count")
         with pytest.raises(EmbeddingsUnavailable, match="1 vectors for 2 texts"):
             await embedder.embed(OWNER, ["a", "b"], HASH)
-    finally:
-        await embedder.close()
 
 
 async def test_a_value_that_is_not_a_number(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server)
-    server.corrupt_next("nan")
-    try:
+    async with _opened(server) as embedder:
+        server.corrupt_next("nan")
         with pytest.raises(EmbeddingsUnavailable, match="not a finite number"):
             await embedder.embed(OWNER, ["a", "b"], HASH)
-    finally:
-        await embedder.close()
 
 
 async def test_refusal_names_no_secret(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, api_key="sk-wrong-key-123456")
-    try:
+    async with _opened(server, api_key="sk-wrong-key-123456") as embedder:
         with pytest.raises(EmbeddingsUnavailable) as caught:
             await embedder.embed(OWNER, ["a"], HASH)
-    finally:
-        await embedder.close()
     assert "HTTP 401" in str(caught.value)
     assert "sk-wrong" not in str(caught.value)
     assert "123456" not in str(caught.value)
 
 
 async def test_unknown_model(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server)
-    try:
+    async with _opened(server) as embedder:
         with pytest.raises(EmbeddingsUnavailable, match="HTTP 404, code 'model_not_found'"):
             await embedder.embed(OWNER, ["a"], EmbeddingModel("no-such-model"))
-    finally:
-        await embedder.close()
     assert len(server.requests) == 1
 
 
 async def test_egress_refuses_loopback(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server, policy=EgressPolicy())
-    try:
+    async with _opened(server, policy=EgressPolicy()) as embedder:
         with pytest.raises(EmbeddingsUnavailable, match="refused by the egress policy"):
             await embedder.embed(OWNER, ["a"], HASH)
-    finally:
-        await embedder.close()
     assert server.requests == []
 
 
@@ -241,14 +206,11 @@ async def test_not_configured() -> None:
 
 
 async def test_concept_model_finds_the_paraphrase(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server)
-    note = "The user prefers tea over coffee"
-    query = "What drink does the user like?"
-    other = "The deploy failed on Tuesday"
-    try:
+    async with _opened(server) as embedder:
+        note = "The user prefers tea over coffee"
+        query = "What drink does the user like?"
+        other = "The deploy failed on Tuesday"
         embedded = await embedder.embed(OWNER, [note, query, other], EmbeddingModel(CONCEPT_MODEL))
-    finally:
-        await embedder.close()
     note_v, query_v, other_v = embedded.vectors
     # The query shares no word with the note but "user"; full-text would not match it.
     assert _cosine(query_v, note_v) > 0.8
@@ -256,14 +218,11 @@ async def test_concept_model_finds_the_paraphrase(server: FakeEmbeddings) -> Non
 
 
 async def test_the_sentence_model_finds_the_paraphrase(server: FakeEmbeddings) -> None:
-    embedder = _embedder(server)
-    note = "The user prefers tea over coffee"
-    query = "What drink does the user like?"
-    other = "The deploy failed on Tuesday"
-    try:
+    async with _opened(server) as embedder:
+        note = "The user prefers tea over coffee"
+        query = "What drink does the user like?"
+        other = "The deploy failed on Tuesday"
         embedded = await embedder.embed(OWNER, [note, query, other], EmbeddingModel(MINILM_MODEL))
-    finally:
-        await embedder.close()
     note_v, query_v, other_v = embedded.vectors
     assert len(note_v) == 384
     # all-MiniLM-L6-v2's own judgement (0.53 against -0.11 when measured), not a lexicon's.
