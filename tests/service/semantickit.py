@@ -20,7 +20,6 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context import build
 from switchboard.context.domain import ContextDomain
 from switchboard.context.semantic.embedder import OpenAIEmbedder
-from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.store.models import (
@@ -30,11 +29,16 @@ from switchboard.platform.store.models import (
     SemanticCursorRow,
     SemanticJobRow,
 )
-from tests.conftest import built, make_settings
+from switchboard.settings import Settings
+from tests.conftest import built, make_settings, started
 from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.service.contextkit import Caller, Stub, context_stub, mask, rpc
 
 _WORD = re.compile(r"\w+")
+
+
+#: A started server, a context stub to it, and its context domain.
+Served = tuple[SwitchboardServer, Stub, ContextDomain]
 
 
 def client(fake: FakeEmbeddings) -> OpenAIEmbedder:
@@ -56,20 +60,17 @@ async def semantic_mesh(
     database_url: str,
     embeddings: FakeEmbeddings | None,
     **overrides: object,
-) -> AsyncIterator[tuple[SwitchboardServer, Stub, ContextDomain]]:
+) -> AsyncIterator[Served]:
     """A server whose context domain embeds through the local embeddings server
     ``embeddings`` (None: no endpoint)."""
     embedder = client(embeddings) if embeddings is not None else None
     monkeypatch.setattr(build, "context_embedder", lambda settings, shared: embedder)
     values: dict[str, object] = {"context_semantic_poll_s": 0.2}
     values.update(overrides)
-    server, _port = await create_server(make_settings(database_url=database_url, **values))
-    await server.start()
     try:
-        async with aio.insecure_channel(server.address) as channel:
-            yield server, context_stub(channel), built(server, ContextDomain)
+        async with _serving(make_settings(database_url=database_url, **values)) as served:
+            yield served
     finally:
-        await server.shutdown(grace=0)
         if embedder is not None:
             await embedder.close()
 
@@ -77,7 +78,7 @@ async def semantic_mesh(
 @asynccontextmanager
 async def deployed_mesh(
     database_url: str, fake: FakeEmbeddings, **overrides: object
-) -> AsyncIterator[tuple[SwitchboardServer, Stub, ContextDomain]]:
+) -> AsyncIterator[Served]:
     """A server configured as a deployment is (``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL``
     naming the local embeddings server ``fake``, loopback allowed by the egress
     policy): the real build wires the real client and its budget charger."""
@@ -90,13 +91,14 @@ async def deployed_mesh(
         "egress_allow_loopback": True,
     }
     values.update(overrides)
-    server, _port = await create_server(make_settings(**values))
-    await server.start()
-    try:
-        async with aio.insecure_channel(server.address) as channel:
-            yield server, context_stub(channel), built(server, ContextDomain)
-    finally:
-        await server.shutdown(grace=0)
+    async with _serving(make_settings(**values)) as served:
+        yield served
+
+
+@asynccontextmanager
+async def _serving(settings: Settings) -> AsyncIterator[Served]:
+    async with started(settings) as server, aio.insecure_channel(server.address) as channel:
+        yield server, context_stub(channel), built(server, ContextDomain)
 
 
 async def quiet(domain: ContextDomain) -> bool:
