@@ -57,13 +57,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import functools
 import hashlib
 import json
 import math
 import re
-import signal
 import struct
 import sys
 from collections import deque
@@ -71,21 +69,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-_REASONS: Final = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+from tests.fakes.plainhttp import (
+    LoopbackServer,
+    openai_error,
+    read_head,
+    send_error,
+    send_json,
+    serve_until_signalled,
+)
+
 #: The API's limits: inputs in one request, tokens in one input.
 MAX_INPUTS: Final = 2048
 MAX_INPUT_TOKENS: Final = 8192
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
-_MAX_HEADER_LINES: Final = 100
 HASH_MODEL: Final = "sb-hash-384"
 CONCEPT_MODEL: Final = "sb-concept-384"
 #: The real sentence model (tests/fakes/minilm.py), run in numpy.
@@ -274,7 +270,7 @@ class Received:
 
 
 @dataclass
-class FakeEmbeddings:
+class FakeEmbeddings(LoopbackServer):
     """The fake server. ``async with FakeEmbeddings() as fake:`` then use ``fake.url``.
 
     ``api_key``, if set, is required as ``Authorization: Bearer <key>``.
@@ -292,39 +288,6 @@ class FakeEmbeddings:
     _corruptions: deque[Corruption] = field(default_factory=deque)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-    async def __aenter__(self) -> FakeEmbeddings:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.host, self.listen_port)
-        self.listen_port = self.port
-
-    async def close(self) -> None:
-        """Stop serving: the port refuses connections until ``start()`` again (same port)."""
-        if self._server is None:
-            return
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "the fake is not started"
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    @property
-    def url(self) -> str:
-        """The base URL, ``http://<host>:<port>/v1``."""
-        return f"http://{self.host}:{self.listen_port}/v1"
 
     @property
     def batches(self) -> list[list[str]]:
@@ -344,35 +307,19 @@ class FakeEmbeddings:
 
     # -- connections -------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            while await self._one(reader, writer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ValueError):
-            pass  # the client went away, or close() ended the connection
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            # close() cancels this task: its wait for the socket to close is cut short too.
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
-
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        head = await _read_head(reader)
+        head = await read_head(reader)
         if head is None:
             return False
         method, path, headers = head
         keep_alive = headers.get("connection", "").lower() != "close"
         length = int(headers.get("content-length", "0") or 0)
         if length > MAX_BODY_BYTES:
-            await _send_error(writer, 413, "Request too large", keep_alive=False)
+            await send_error(writer, 413, "Request too large", keep_alive=False)
             return False
         raw = await reader.readexactly(length)
         if method != "POST" or path != "/v1/embeddings":
-            await _send_error(writer, 404, f"Invalid URL ({method} {path})", keep_alive=keep_alive)
+            await send_error(writer, 404, f"Invalid URL ({method} {path})", keep_alive=keep_alive)
             return keep_alive
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
             presented = headers.get("authorization", "").removeprefix("Bearer ")
@@ -381,7 +328,7 @@ class FakeEmbeddings:
                 if presented
                 else "You didn't provide an API key."
             )
-            await _send_error(writer, 401, message, code="invalid_api_key", keep_alive=keep_alive)
+            await send_error(writer, 401, message, code="invalid_api_key", keep_alive=keep_alive)
             return keep_alive
         try:
             body = json.loads(raw)
@@ -395,7 +342,7 @@ class FakeEmbeddings:
             await asyncio.sleep(self.delay_s)  # a slow endpoint, not synchronization
         if self._failures:
             status, retry_after = self._failures.popleft()
-            await _send_error(
+            await send_error(
                 writer,
                 status,
                 "Rate limit reached for requests" if status == 429 else "The server had an error",
@@ -406,18 +353,18 @@ class FakeEmbeddings:
             return keep_alive
         # In a worker thread: the sentence model's forward pass takes a while.
         status, answer = await asyncio.to_thread(self._answer, body)
-        await _send_json(writer, status, answer, keep_alive=keep_alive)
+        await send_json(writer, status, answer, keep_alive=keep_alive)
         return keep_alive
 
     def _answer(self, body: Any) -> tuple[int, Any]:
         if not isinstance(body, dict):
-            return 400, _error("We could not parse the JSON body of your request.")
+            return 400, openai_error("We could not parse the JSON body of your request.")
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return 400, _error("you must provide a model parameter", param="model")
+            return 400, openai_error("you must provide a model parameter", param="model")
         native = native_dimensions(model)
         if native is None:
-            return 404, _error(
+            return 404, openai_error(
                 f"The model `{model}` does not exist or you do not have access to it.",
                 code="model_not_found",
             )
@@ -428,24 +375,28 @@ class FakeEmbeddings:
             or not texts
             or not all(isinstance(text, str) and text for text in texts)
         ):
-            return 400, _error("'$.input' is invalid. Please check the API reference.", "input")
+            return 400, openai_error(
+                "'$.input' is invalid. Please check the API reference.", "input"
+            )
         if len(texts) > MAX_INPUTS:
-            return 400, _error(f"'$.input' must have at most {MAX_INPUTS} items.", param="input")
+            return 400, openai_error(
+                f"'$.input' must have at most {MAX_INPUTS} items.", param="input"
+            )
         counts = [count_tokens(text) for text in texts]
         if max(counts) > MAX_INPUT_TOKENS:
-            return 400, _error(
+            return 400, openai_error(
                 f"This model's maximum context length is {MAX_INPUT_TOKENS} tokens, however "
                 f"you requested {max(counts)} tokens in the input.",
                 param="input",
             )
         dims = body.get("dimensions", native)
         if type(dims) is not int or not 1 <= dims <= native:
-            return 400, _error(
+            return 400, openai_error(
                 f"'$.dimensions' must be an integer from 1 to {native}.", param="dimensions"
             )
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
-            return 400, _error(
+            return 400, openai_error(
                 f"'$.encoding_format' must be 'float' or 'base64', not {encoding!r}.",
                 param="encoding_format",
             )
@@ -479,73 +430,6 @@ class FakeEmbeddings:
         }
 
 
-def _error(
-    message: str,
-    param: str | None = None,
-    *,
-    code: str | None = None,
-    type_: str = "invalid_request_error",
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]] | None:
-    line = await reader.readline()
-    if not line:
-        return None
-    method, path, _version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    headers: dict[str, str] = {}
-    for _ in range(_MAX_HEADER_LINES):
-        raw = await reader.readline()
-        if not raw:
-            return None
-        header = raw.decode("latin-1").rstrip("\r\n")
-        if not header:
-            break
-        name, _, value = header.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return method, path.split("?")[0], headers
-
-
-async def _send_json(
-    writer: asyncio.StreamWriter,
-    status: int,
-    value: Any,
-    *,
-    keep_alive: bool,
-    headers: dict[str, str] | None = None,
-) -> None:
-    body = json.dumps(value).encode()
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        f"Connection: {'keep-alive' if keep_alive else 'close'}",
-        *(f"{name}: {value}" for name, value in (headers or {}).items()),
-    ]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-    await writer.drain()
-
-
-async def _send_error(
-    writer: asyncio.StreamWriter,
-    status: int,
-    message: str,
-    *,
-    keep_alive: bool,
-    code: str | None = None,
-    type_: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-) -> None:
-    await _send_json(
-        writer,
-        status,
-        _error(message, code=code, type_=type_),
-        keep_alive=keep_alive,
-        headers=headers,
-    )
-
-
 # -- the command line ---------------------------------------------------------
 
 
@@ -561,13 +445,7 @@ async def _serve(args: argparse.Namespace) -> None:
         listen_port=args.port,
         on_request=None if args.quiet else _log_request,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with fake:
-        print(fake.url, flush=True)
-        await stop.wait()
+    await serve_until_signalled(fake)
 
 
 def main() -> None:
