@@ -57,7 +57,6 @@ import email.policy
 import json
 import math
 import shutil
-import signal
 import struct
 import sys
 import threading
@@ -68,20 +67,17 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from switchboard.platform.audio import pcm
+from tests.fakes.plainhttp import (
+    LoopbackServer,
+    read_head,
+    send,
+    send_error,
+    send_json,
+    serve_until_signalled,
+)
 
-_REASONS: Final = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    404: "Not Found",
-    413: "Payload Too Large",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 #: The API's limit on an upload (25 MB).
 MAX_BODY_BYTES: Final = 25 * 1024 * 1024
-_MAX_HEADER_LINES: Final = 100
 #: What the model was trained on.
 MODEL_RATE: Final = 16_000
 _FORMATS: Final = frozenset({"json", "text", "verbose_json"})
@@ -191,7 +187,7 @@ class Recognizer:
 
 
 @dataclass
-class FakeAudio:
+class FakeAudio(LoopbackServer):
     """The fake server. ``async with FakeAudio() as fake:`` then use ``fake.url``.
 
     ``api_key``, if set, is required as ``Authorization: Bearer <key>`` (a 401
@@ -217,37 +213,6 @@ class FakeAudio:
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def __aenter__(self) -> FakeAudio:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.host, self.listen_port)
-
-    async def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "the fake is not started"
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    @property
-    def url(self) -> str:
-        """The base URL, ``http://<host>:<port>/v1``."""
-        return f"http://{self.host}:{self.port}/v1"
-
     def fail_next(self, status: int, count: int = 1) -> None:
         """Answer the next ``count`` well-formed requests with ``status`` (429 with
         ``Retry-After: 0``), as an overloaded or failing API would."""
@@ -255,24 +220,9 @@ class FakeAudio:
 
     # -- connections -------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            while await self._one(reader, writer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass  # the client went away, or close() ended the connection
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; whether the connection stays open."""
-        head = await _read_head(reader)
+        head = await read_head(reader)
         if head is None:
             return False
         arrived = time.monotonic()
@@ -280,7 +230,7 @@ class FakeAudio:
         keep_alive = headers.get("connection", "").lower() != "close"
         length = int(headers.get("content-length", "0") or 0)
         if length > MAX_BODY_BYTES:
-            await _send_error(
+            await send_error(
                 writer,
                 413,
                 f"Maximum content size limit ({MAX_BODY_BYTES}) exceeded ({length} bytes read)",
@@ -294,7 +244,7 @@ class FakeAudio:
         }
         route = routes.get(path) if method == "POST" else None
         if route is None:
-            await _send_error(writer, 404, f"Invalid URL ({method} {path})", keep_alive=keep_alive)
+            await send_error(writer, 404, f"Invalid URL ({method} {path})", keep_alive=keep_alive)
             return keep_alive
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
             presented = headers.get("authorization", "").removeprefix("Bearer ")
@@ -303,7 +253,7 @@ class FakeAudio:
                 if presented
                 else "You didn't provide an API key."
             )
-            await _send_error(writer, 401, message, code="invalid_api_key", keep_alive=keep_alive)
+            await send_error(writer, 401, message, code="invalid_api_key", keep_alive=keep_alive)
             return keep_alive
         timing = Timing(path, arrived)
         self.timings.append(timing)
@@ -323,7 +273,7 @@ class FakeAudio:
             return False
         status = self._failures.popleft()
         extra = {"Retry-After": "0"} if status == 429 else {}
-        await _send_error(
+        await send_error(
             writer,
             status,
             "Rate limit reached" if status == 429 else "The server had an error",
@@ -345,7 +295,7 @@ class FakeAudio:
     ) -> None:
         form = _form(headers.get("content-type", ""), body)
         if form is None:
-            await _send_error(writer, 400, "Could not parse multipart form", keep_alive=keep_alive)
+            await send_error(writer, 400, "Could not parse multipart form", keep_alive=keep_alive)
             return
         fields, upload = form
         timing.detail = str(len(upload[2])) if upload else ""
@@ -361,7 +311,7 @@ class FakeAudio:
             )
         )
         if not fields.get("model"):
-            await _send_error(
+            await send_error(
                 writer,
                 400,
                 "you must provide a model parameter",
@@ -370,7 +320,7 @@ class FakeAudio:
             )
             return
         if upload is None:
-            await _send_error(
+            await send_error(
                 writer,
                 400,
                 "1 validation error for Request\nbody -> file\n  field required",
@@ -380,7 +330,7 @@ class FakeAudio:
             return
         response_format = fields.get("response_format", "json") or "json"
         if response_format not in _FORMATS:
-            await _send_error(
+            await send_error(
                 writer,
                 400,
                 f"response_format {response_format!r} is not supported by the local audio "
@@ -397,12 +347,12 @@ class FakeAudio:
             else:
                 text, duration = await asyncio.to_thread(self.recognizer.transcribe, upload[2])
         except Unsupported:
-            await _send_error(
+            await send_error(
                 writer, 400, UNSUPPORTED, param="file", code="invalid_value", keep_alive=keep_alive
             )
             return
         if response_format == "text":
-            await _send(writer, 200, (text + "\n").encode(), "text/plain", keep_alive=keep_alive)
+            await send(writer, 200, (text + "\n").encode(), "text/plain", keep_alive=keep_alive)
             return
         answer: dict[str, Any] = {"text": text}
         if response_format == "verbose_json":
@@ -413,7 +363,7 @@ class FakeAudio:
                 "text": text,
                 "segments": [],
             }
-        await _send_json(writer, 200, answer, keep_alive=keep_alive)
+        await send_json(writer, 200, answer, keep_alive=keep_alive)
 
     async def _speech(  # noqa: PLR0912 - one branch per refusal the API gives
         self,
@@ -430,7 +380,7 @@ class FakeAudio:
         except ValueError:
             request = None
         if not isinstance(request, dict):
-            await _send_error(
+            await send_error(
                 writer,
                 400,
                 "We could not parse the JSON body of your request. (HINT: This likely means "
@@ -449,7 +399,7 @@ class FakeAudio:
         )
         for name in ("model", "input", "voice"):
             if request.get(name) in (None, ""):
-                await _send_error(
+                await send_error(
                     writer,
                     400,
                     "you must provide a model parameter"
@@ -461,7 +411,7 @@ class FakeAudio:
                 )
                 return
             if not isinstance(request[name], str):
-                await _send_error(
+                await send_error(
                     writer,
                     400,
                     f"Invalid type for '{name}': expected a string, but got "
@@ -474,7 +424,7 @@ class FakeAudio:
         text: str = request["input"]
         timing.detail = text
         if len(text) > MAX_SPEECH_CHARS:
-            await _send_error(
+            await send_error(
                 writer,
                 400,
                 f"[{{'type': 'string_too_long', 'loc': ('body', 'input'), 'msg': 'String "
@@ -486,7 +436,7 @@ class FakeAudio:
             return
         response_format = request.get("response_format", "mp3")
         if response_format not in _SPEECH_FORMATS:
-            await _send_error(
+            await send_error(
                 writer,
                 400,
                 f"response_format {response_format!r} is not supported by the local audio "
@@ -501,7 +451,7 @@ class FakeAudio:
             or not isinstance(speed, int | float)
             or not MIN_SPEED <= speed <= MAX_SPEED
         ):
-            await _send_error(
+            await send_error(
                 writer,
                 400,
                 f"Invalid 'speed': {speed!r}. Expected a number between {MIN_SPEED} and "
@@ -652,26 +602,6 @@ def _streamed_wav_header(rate: int) -> bytes:
 # -- HTTP/1.1 -----------------------------------------------------------------
 
 
-async def _read_head(
-    reader: asyncio.StreamReader,
-) -> tuple[str, str, dict[str, str]] | None:
-    line = await reader.readline()
-    if not line:
-        return None
-    method, path, _version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    headers: dict[str, str] = {}
-    for _ in range(_MAX_HEADER_LINES):
-        raw = await reader.readline()
-        if not raw:
-            return None
-        header = raw.decode("latin-1").rstrip("\r\n")
-        if not header:
-            break
-        name, _, value = header.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return method, path.split("?")[0], headers
-
-
 def _form(
     content_type: str, body: bytes
 ) -> tuple[dict[str, str], tuple[str, str, bytes] | None] | None:
@@ -702,59 +632,6 @@ def _form(
     return fields, upload
 
 
-async def _send(
-    writer: asyncio.StreamWriter,
-    status: int,
-    body: bytes,
-    content_type: str,
-    *,
-    keep_alive: bool,
-    headers: dict[str, str] | None = None,
-) -> None:
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        f"Connection: {'keep-alive' if keep_alive else 'close'}",
-        *(f"{name}: {value}" for name, value in (headers or {}).items()),
-    ]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-    await writer.drain()
-
-
-async def _send_json(
-    writer: asyncio.StreamWriter,
-    status: int,
-    value: Any,
-    *,
-    keep_alive: bool,
-    headers: dict[str, str] | None = None,
-) -> None:
-    await _send(
-        writer,
-        status,
-        json.dumps(value).encode(),
-        "application/json",
-        keep_alive=keep_alive,
-        headers=headers,
-    )
-
-
-async def _send_error(
-    writer: asyncio.StreamWriter,
-    status: int,
-    message: str,
-    *,
-    keep_alive: bool,
-    param: str | None = None,
-    code: str | None = None,
-    type_: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-) -> None:
-    error = {"message": message, "type": type_, "param": param, "code": code}
-    await _send_json(writer, status, {"error": error}, keep_alive=keep_alive, headers=headers)
-
-
 # -- the command line ---------------------------------------------------------
 
 
@@ -779,16 +656,7 @@ async def _serve(args: argparse.Namespace) -> None:
         listen_port=args.port,
         on_request=None if args.quiet else _log_request,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await fake.start()
-    try:
-        print(fake.url, flush=True)
-        await stop.wait()
-    finally:
-        await fake.close()
+    await serve_until_signalled(fake)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
