@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
+from tests.fakes.plainhttp import LoopbackServer
+
 _REASONS: Final = {
     200: "OK",
     400: "Bad Request",
@@ -307,7 +309,7 @@ class _Disconnected(Exception):
 
 
 @dataclass
-class FakeOpenAI:
+class FakeOpenAI(LoopbackServer):
     """The fake server. ``async with FakeOpenAI() as fake:`` then use ``fake.url``.
 
     ``api_key``, if set, is required as ``Authorization: Bearer <key>`` (a 401
@@ -334,38 +336,6 @@ class FakeOpenAI:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-
-    async def __aenter__(self) -> FakeOpenAI:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.host, self.listen_port)
-
-    async def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        # Python 3.11's wait_closed does not wait for open connections.
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "the fake is not started"
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    @property
-    def url(self) -> str:
-        """The base URL, ``http://<host>:<port>/v1``."""
-        return f"http://{self.host}:{self.port}/v1"
 
     def script(self, *replies: Answer) -> None:
         """Queue replies; each request takes the next one. A function is called
