@@ -20,17 +20,19 @@ import type { Page } from "./page";
 import type { RunCards } from "./runcards";
 import { TERMINAL, steerStateName } from "./runs";
 
+/** The workspace's pages, each shown in the centre where a conversation would be
+ * (`#workspaces/w/<page>`), with the title it gives the centre. */
+const WORKSPACE_PAGES = { budgets: "Budgets", schedules: "Schedules", search: "Search" } as const;
+type WorkspacePage = keyof typeof WORKSPACE_PAGES;
+const PAGE_IDS = Object.keys(WORKSPACE_PAGES) as WorkspacePage[];
+
 export class Navigation {
   /** The open workspace, "" before one is picked. */
   workspace = "";
   /** The open conversation, "" before one is picked. */
   conversation = "";
-  /** Whether the open workspace's Budgets page is open (`#workspaces/w/budgets`). */
-  budgetsOpen = false;
-  /** Whether the open workspace's Schedules page is open (`#workspaces/w/schedules`). */
-  schedulesOpen = false;
-  /** Whether the open workspace's Search page is open (`#workspaces/w/search`). */
-  searchOpen = false;
+  /** The open workspace's page that is open (`#workspaces/w/budgets`, `/schedules`, `/search`), "" when none is. */
+  workspacePage: WorkspacePage | "" = "";
   /** The left column: the lists, and the forms that add to them. */
   readonly column: HTMLElement;
   /** The open conversation's title and messages, atop the chat column. */
@@ -142,9 +144,8 @@ export class Navigation {
     const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets|\/schedules|\/search)?$/.exec(target);
     if (match === null || !this.api.tokens.signedIn) return;
     const workspace = match[1] ?? "";
-    if (target === `${workspace}/budgets`) return this.openBudgets(workspace);
-    if (target === `${workspace}/schedules`) return this.openSchedules(workspace);
-    if (target === `${workspace}/search`) return this.openSearch(workspace);
+    const page = PAGE_IDS.find((id) => target === `${workspace}/${id}`);
+    if (page) return this.openPage(workspace, page);
     await this.pickWorkspace(workspace, target === workspace ? "" : target);
   }
 
@@ -257,12 +258,8 @@ export class Navigation {
     this.workspaces = [];
     this.conversations = [];
     this.workspace = this.conversation = "";
-    this.budgetsOpen = false;
-    this.budgets(false);
-    this.schedulesOpen = false;
-    this.schedules(false);
-    this.searchOpen = false;
-    this.search(false);
+    this.workspacePage = "";
+    for (const page of PAGE_IDS) this.shown(page, false);
     this.pages.hidden = true;
     this.workspaceList.replaceChildren();
     this.conversationList.replaceChildren();
@@ -341,8 +338,8 @@ export class Navigation {
     });
   }
 
-  /** The workspace's Budgets page, in the centre where a conversation would be. */
-  private async openBudgets(workspace: string): Promise<void> {
+  /** A page of the workspace, in the centre where a conversation would be. */
+  private async openPage(workspace: string, page: WorkspacePage): Promise<void> {
     await this.pickWorkspace(workspace);
     if (workspace !== this.workspace) return;
     this.conversation = "";
@@ -350,43 +347,16 @@ export class Navigation {
     this.files.clear();
     this.runs.stop();
     this.composer.left();
-    this.budgetsOpen = true;
+    this.workspacePage = page;
     this.renderConversations();
     this.renderConversation();
-    history.replaceState(null, "", `#${workspace}/budgets`);
-    this.budgets(true);
+    history.replaceState(null, "", `#${workspace}/${page}`);
+    this.shown(page, true);
   }
 
-  /** The workspace's Schedules page, in the centre where a conversation would be. */
-  private async openSchedules(workspace: string): Promise<void> {
-    await this.pickWorkspace(workspace);
-    if (workspace !== this.workspace) return;
-    this.conversation = "";
-    this.messages.clear();
-    this.files.clear();
-    this.runs.stop();
-    this.composer.left();
-    this.schedulesOpen = true;
-    this.renderConversations();
-    this.renderConversation();
-    history.replaceState(null, "", `#${workspace}/schedules`);
-    this.schedules(true);
-  }
-
-  /** The workspace's Search page, in the centre where a conversation would be. */
-  private async openSearch(workspace: string): Promise<void> {
-    await this.pickWorkspace(workspace);
-    if (workspace !== this.workspace) return;
-    this.conversation = "";
-    this.messages.clear();
-    this.files.clear();
-    this.runs.stop();
-    this.composer.left();
-    this.searchOpen = true;
-    this.renderConversations();
-    this.renderConversation();
-    history.replaceState(null, "", `#${workspace}/search`);
-    this.search(true);
+  /** Tells the page's own view it is shown (true) or left (false). */
+  private shown(page: WorkspacePage, open: boolean): void {
+    ({ budgets: this.budgets, schedules: this.schedules, search: this.search })[page](open);
   }
 
   /** Opens the conversation of `run` (`workspaces/w/conversations/c/runs/r`) with the run's
@@ -400,19 +370,10 @@ export class Navigation {
   }
 
   private async pickWorkspace(name: string, conversation = ""): Promise<void> {
-    if (this.budgetsOpen) {
-      this.budgetsOpen = false;
-      this.budgets(false);
-      this.renderConversation();
-    }
-    if (this.schedulesOpen) {
-      this.schedulesOpen = false;
-      this.schedules(false);
-      this.renderConversation();
-    }
-    if (this.searchOpen) {
-      this.searchOpen = false;
-      this.search(false);
+    if (this.workspacePage) {
+      const left = this.workspacePage;
+      this.workspacePage = "";
+      this.shown(left, false);
       this.renderConversation();
     }
     if (name !== this.workspace) {
@@ -469,7 +430,7 @@ export class Navigation {
   }
 
   private renderOverview(): void {
-    const open = this.workspace !== "" && this.conversation === "" && !this.budgetsOpen && !this.schedulesOpen && !this.searchOpen;
+    const open = this.workspace !== "" && this.conversation === "" && !this.workspacePage;
     this.overview.hidden = !open;
     if (!open) return;
     const role = this.roleOf(this.workspace);
@@ -565,19 +526,15 @@ export class Navigation {
     const workspace = this.workspaces.find((w) => w.name === this.workspace);
     this.title.textContent = this.conversation
       ? conversation?.title || this.conversation
-      : this.budgetsOpen
-        ? `Budgets · ${workspace?.displayName || this.workspace}`
-        : this.schedulesOpen
-        ? `Schedules · ${workspace?.displayName || this.workspace}`
-        : this.searchOpen
-        ? `Search · ${workspace?.displayName || this.workspace}`
+      : this.workspacePage
+        ? `${WORKSPACE_PAGES[this.workspacePage]} · ${workspace?.displayName || this.workspace}`
         : this.workspace
         ? workspace?.displayName || this.workspace
         : "Pick or create a workspace";
     this.renderOverview();
-    this.pages.querySelector('[data-testid="open-budgets"]')?.classList.toggle("current", this.budgetsOpen);
-    this.pages.querySelector('[data-testid="open-schedules"]')?.classList.toggle("current", this.schedulesOpen);
-    this.pages.querySelector('[data-testid="open-search"]')?.classList.toggle("current", this.searchOpen);
+    for (const page of PAGE_IDS) {
+      this.pages.querySelector(`[data-testid="open-${page}"]`)?.classList.toggle("current", this.workspacePage === page);
+    }
     this.composer.show(!!this.conversation);
     this.renderMessages();
     this.runs.render();
