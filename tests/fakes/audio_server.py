@@ -69,6 +69,7 @@ from typing import Any, Final, Literal
 from switchboard.platform.audio import pcm
 from tests.fakes.plainhttp import (
     LoopbackServer,
+    key_refusal,
     read_head,
     send,
     send_error,
@@ -246,14 +247,9 @@ class FakeAudio(LoopbackServer):
         if route is None:
             await send_error(writer, 404, f"Invalid URL ({method} {path})", keep_alive=keep_alive)
             return keep_alive
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
-            presented = headers.get("authorization", "").removeprefix("Bearer ")
-            message = (
-                f"Incorrect API key provided: {presented[:3]}{'*' * 8}{presented[-4:]}."
-                if presented
-                else "You didn't provide an API key."
-            )
-            await send_error(writer, 401, message, code="invalid_api_key", keep_alive=keep_alive)
+        refused = key_refusal(self.api_key, headers)
+        if refused is not None:
+            await send_error(writer, 401, refused, code="invalid_api_key", keep_alive=keep_alive)
             return keep_alive
         timing = Timing(path, arrived)
         self.timings.append(timing)

@@ -71,6 +71,7 @@ from typing import Any, Final, Literal
 
 from tests.fakes.plainhttp import (
     LoopbackServer,
+    key_refusal,
     openai_error,
     read_head,
     send_error,
@@ -321,14 +322,9 @@ class FakeEmbeddings(LoopbackServer):
         if method != "POST" or path != "/v1/embeddings":
             await send_error(writer, 404, f"Invalid URL ({method} {path})", keep_alive=keep_alive)
             return keep_alive
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
-            presented = headers.get("authorization", "").removeprefix("Bearer ")
-            message = (
-                f"Incorrect API key provided: {presented[:3]}{'*' * 8}{presented[-4:]}."
-                if presented
-                else "You didn't provide an API key."
-            )
-            await send_error(writer, 401, message, code="invalid_api_key", keep_alive=keep_alive)
+        refused = key_refusal(self.api_key, headers)
+        if refused is not None:
+            await send_error(writer, 401, refused, code="invalid_api_key", keep_alive=keep_alive)
             return keep_alive
         try:
             body = json.loads(raw)

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
-from tests.fakes.plainhttp import LoopbackServer
+from tests.fakes.plainhttp import LoopbackServer, key_refusal
 
 _REASONS: Final = {
     200: "OK",
@@ -421,18 +421,10 @@ class FakeOpenAI(LoopbackServer):
                 code="unknown_url",
             )
             return keep_alive
-        if self.api_key is not None:
-            given = request.headers.get("authorization", "")
-            if given != f"Bearer {self.api_key}":
-                presented = given.removeprefix("Bearer ")
-                masked = presented[:3] + "*" * 8 + presented[-4:] if presented else ""
-                message = (
-                    f"Incorrect API key provided: {masked}."
-                    if presented
-                    else "You didn't provide an API key."
-                )
-                await _send_error(writer, 401, message, code="invalid_api_key")
-                return keep_alive
+        refused = key_refusal(self.api_key, request.headers)
+        if refused is not None:
+            await _send_error(writer, 401, refused, code="invalid_api_key")
+            return keep_alive
         problem = _invalid(request.body)
         if problem is not None:
             await _send_error(writer, 400, problem[0], param=problem[1])

@@ -39,6 +39,19 @@ def openai_error(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def key_refusal(api_key: str | None, headers: dict[str, str]) -> str | None:
+    """Why the API answers 401 to a request with these (lower-case) ``headers``, as its
+    message says it (the key presented masked); None when ``api_key`` is not required
+    or is the one presented."""
+    given = headers.get("authorization", "")
+    if api_key is None or given == f"Bearer {api_key}":
+        return None
+    presented = given.removeprefix("Bearer ")
+    if not presented:
+        return "You didn't provide an API key."
+    return f"Incorrect API key provided: {presented[:3]}{'*' * 8}{presented[-4:]}."
+
+
 async def read_head(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]] | None:
     """The next request's method, path (without its query) and headers (lower-case
     names); None when the client closed the connection."""
