@@ -139,10 +139,23 @@ async def test_a_rotated_secret_signs_beside_the_new_one(
 ) -> None:
     _, stub, contexts, world, receiver = setup
     old, new = webhook_secret(), webhook_secret()
-    receiver.endpoint("rotating", [old])
+    before = receiver.endpoint("rotating", [old])
+    # Conversation events only: the webhook's own INTEGRATION_CHANGED would be a
+    # delivery that may still be on its way, signed by the old secret alone, when
+    # the endpoint starts asking for both.
     hook = await create(
-        stub, world.owner, world.name, webhook(receiver.url("rotating"), credential=old)
+        stub,
+        world.owner,
+        world.name,
+        webhook(receiver.url("rotating"), credential=old, event_types=["CONVERSATION_CHANGED"]),
     )
+    first = await create_conversation(contexts, world.editor, world.name)
+    await until(
+        lambda: first.name in str([item.body for item in before.accepted]),
+        "the conversation's event, signed with the old secret",
+    )
+    assert before.bad == []
+    assert len(before.accepted[-1].headers["webhook-signature"].split(" ")) == 1
     rotated = await stub.UpdateIntegration(
         ipb.UpdateIntegrationRequest(
             integration=ipb.Integration(name=hook.name, credential=new),
@@ -160,6 +173,7 @@ async def test_a_rotated_secret_signs_beside_the_new_one(
         "the conversation's event, signed with both secrets",
     )
     assert both.bad == []
+    assert len(both.accepted[-1].headers["webhook-signature"].split(" ")) == 2
 
 
 async def test_deliveries_are_only_for_webhooks_and_members(
