@@ -16,11 +16,12 @@ import pytest
 from google.protobuf import field_mask_pb2
 from sqlalchemy import event as sql_event
 
+from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built
-from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
+from tests.infra.webhookreceiver import Endpoint, WebhookReceiver, running_receiver, until
 from tests.service.contextkit import (
     TIMEOUT_S,
     World,
@@ -134,6 +135,17 @@ async def test_a_registered_webhook_receives_each_subscribed_event_once_signed(
     )
 
 
+async def _signed_by(endpoint: Endpoint, secrets: int, conversation: cpb.Conversation) -> None:
+    """The conversation's event reached ``endpoint``, verified by each of its secrets
+    and signed by ``secrets`` of them."""
+    await until(
+        lambda: conversation.name in str([item.body for item in endpoint.accepted]),
+        f"the conversation's event, signed by {secrets} secret(s)",
+    )
+    assert endpoint.bad == []
+    assert len(endpoint.accepted[-1].headers["webhook-signature"].split(" ")) == secrets
+
+
 async def test_a_rotated_secret_signs_beside_the_new_one(
     setup: tuple[SwitchboardServer, Stub, CStub, World, WebhookReceiver],
 ) -> None:
@@ -149,13 +161,7 @@ async def test_a_rotated_secret_signs_beside_the_new_one(
         world.name,
         webhook(receiver.url("rotating"), credential=old, event_types=["CONVERSATION_CHANGED"]),
     )
-    first = await create_conversation(contexts, world.editor, world.name)
-    await until(
-        lambda: first.name in str([item.body for item in before.accepted]),
-        "the conversation's event, signed with the old secret",
-    )
-    assert before.bad == []
-    assert len(before.accepted[-1].headers["webhook-signature"].split(" ")) == 1
+    await _signed_by(before, 1, await create_conversation(contexts, world.editor, world.name))
     rotated = await stub.UpdateIntegration(
         ipb.UpdateIntegrationRequest(
             integration=ipb.Integration(name=hook.name, credential=new),
@@ -167,13 +173,7 @@ async def test_a_rotated_secret_signs_beside_the_new_one(
     assert rotated.integration.credential == ""
     # Every request must verify with each secret: both sign during the overlap.
     both = receiver.endpoint("rotating", [old, new])
-    conversation = await create_conversation(contexts, world.editor, world.name)
-    await until(
-        lambda: conversation.name in str([item.body for item in both.accepted]),
-        "the conversation's event, signed with both secrets",
-    )
-    assert both.bad == []
-    assert len(both.accepted[-1].headers["webhook-signature"].split(" ")) == 2
+    await _signed_by(both, 2, await create_conversation(contexts, world.editor, world.name))
 
 
 async def test_deliveries_are_only_for_webhooks_and_members(
