@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
-from tests.fakes.plainhttp import LoopbackServer, key_refusal
+from tests.fakes.plainhttp import LoopbackServer, key_refusal, read_head
 
 _REASONS: Final = {
     200: "OK",
@@ -82,7 +82,6 @@ _ERROR_TYPES: Final = {
     429: "requests",
 }
 
-_MAX_HEADER_LINES: Final = 100
 _ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool"})
 _FUNCTION_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _MAX_TOOLS: Final = 128
@@ -650,21 +649,11 @@ def _words(message: dict[str, Any]) -> int:
 
 async def _read_request(reader: asyncio.StreamReader) -> Received | None:
     """The next request on the connection, or ``None`` when the client closed it."""
-    line = await reader.readline()
-    if not line:
+    head = await read_head(reader)
+    if head is None:
         return None
     arrived = time.monotonic()
-    method, path, _version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    headers: dict[str, str] = {}
-    for _ in range(_MAX_HEADER_LINES):
-        raw = await reader.readline()
-        if not raw:
-            return None
-        header = raw.decode("latin-1").rstrip("\r\n")
-        if not header:
-            break
-        name, _, value = header.partition(":")
-        headers[name.strip().lower()] = value.strip()
+    method, path, headers = head
     if headers.get("transfer-encoding", "").lower() == "chunked":
         payload = bytearray()
         while True:
@@ -681,9 +670,7 @@ async def _read_request(reader: asyncio.StreamReader) -> Received | None:
         body = json.loads(data) if data else None
     except ValueError:
         body = None
-    return Received(
-        method=method, path=path.split("?")[0], headers=headers, body=body, arrived=arrived
-    )
+    return Received(method=method, path=path, headers=headers, body=body, arrived=arrived)
 
 
 Problem: TypeAlias = tuple[str, "str | None"]
