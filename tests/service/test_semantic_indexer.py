@@ -544,3 +544,28 @@ async def test_passages_of_a_conversation_purged_without_an_event_are_removed(
         await domain.indexer.start()
         await settled(domain)
         assert [c.source for c in await chunk_rows(domain)] == [kept.name]
+
+
+async def test_the_effective_model_names_the_dimensions_the_model_answered_with(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, embeddings: FakeEmbeddings
+) -> None:
+    """An index that asks no dimensions (0: the model's own) says how many the model's
+    vectors have once it answered, and a process that has embedded nothing yet reads
+    them from the stored vectors."""
+    async with semantic_mesh(monkeypatch, database_url, embeddings) as (mesh, stub, domain):
+        world = await ctx_world(mesh, stub)
+        index = await set_index(stub, world.owner, world.name, embedding_model=MODEL)
+        # Nothing embedded yet: the count is not known.
+        assert index.effective_model == f"{MODEL}/0"
+        await remember(stub, world.editor, world.name, "The deploy key rotates on Fridays")
+        await settled(domain)
+        status = await get_index(stub, world.viewer, world.name)
+        assert status.indexed_count == 1
+        # sb-hash-64 answers 64 numbers a vector when none are asked.
+        assert status.effective_model == f"{MODEL}/64"
+    # The same database in a process whose embeddings client has learned nothing.
+    async with semantic_mesh(monkeypatch, database_url, embeddings) as (mesh, stub, domain):
+        requests = len(embeddings.requests)
+        again = await domain.semantic.get(f"{world.name}/semanticIndex")
+        assert again.effective_model == f"{MODEL}/64"
+        assert len(embeddings.requests) == requests  # read, not asked of the endpoint

@@ -164,3 +164,6 @@ class _NoChunks:
 
     async def delete_source(self, *args: object) -> int:
         raise RuntimeError("this context domain has no chunk store")
+
+    async def dimensions_of(self, *args: object) -> int:
+        return 0

@@ -651,6 +651,32 @@ class ChunkStore:
         counts: ChunkCounts = await self._run(work, write=False)
         return counts
 
+    async def dimensions_of(self, owner: str, embedding_key: str) -> int:
+        """How many dimensions the vectors of ``owner``'s chunks under ``embedding_key``
+        have: the table one of them is in (0 while none has a vector)."""
+        pick = (
+            select(SemanticChunkRow.id)
+            .where(SemanticChunkRow.owner == owner, SemanticChunkRow.embedding == embedding_key)
+            .limit(1)
+        )
+
+        def work(db: Session) -> int:
+            chunk_id = db.scalar(pick)
+            if chunk_id is None:
+                return 0
+            for table in self._vector_tables(db):
+                # The name was matched whole against the prefix and digits: safe to inline.
+                found = db.scalar(
+                    text(f"SELECT 1 FROM {table} WHERE chunk_id = :id"),  # noqa: S608
+                    {"id": chunk_id},
+                )
+                if found is not None:
+                    return int(table.removeprefix(VECTOR_TABLE_PREFIX))
+            return 0
+
+        dims: int = await self._run(work, write=False)
+        return dims
+
 
 @dataclass(frozen=True)
 class _Candidates:

@@ -170,6 +170,9 @@ class OpenAIEmbedder:
     def breaker_state(self) -> str:
         return self._breaker.state
 
+    def dimensions(self, model: EmbeddingModel) -> int:
+        return model.dimensions or self._learned.get(model.name, 0)
+
     async def close(self) -> None:
         await self._client.aclose()
 

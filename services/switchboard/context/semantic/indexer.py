@@ -122,6 +122,10 @@ class ChunkWriter(Protocol):
         """Remove every passage of the source (nothing if it has none)."""
         ...
 
+    async def dimensions_of(self, owner: str, embedding_key: str) -> int:
+        """The dimension count of ``owner``'s vectors under ``embedding_key`` (0: none)."""
+        ...
+
 
 @dataclass(frozen=True)
 class IndexerLimits:
@@ -296,6 +300,18 @@ class Indexer:
             return None
         model, generation = self.model_of(index)
         return model.key(generation) if model.name else None
+
+    async def dimensions_of(self, index: IndexSettings | None, owner: str) -> int:
+        """How many numbers the index's vectors have: the dimensions asked, else the
+        model's own once known (this process's embedder learned them from an answer,
+        or a vector of the index is stored); 0 until then."""
+        model, generation = self.model_of(index)
+        if model.dimensions or not model.name or not self.semantic:
+            return model.dimensions
+        assert self._embedder is not None  # noqa: S101 (semantic says so)
+        return self._embedder.dimensions(model) or await self._chunks.dimensions_of(
+            owner, model.key(generation)
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 

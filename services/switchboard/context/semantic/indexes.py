@@ -97,6 +97,7 @@ class SemanticIndexes:
         key = indexer.key_of(index)
         owner = f"workspaces/{index.workspace_id}"
         status = await self._store.status(owner, key)
+        dims = await indexer.dimensions_of(index, owner)
         if key is None:
             state = pb.SEMANTIC_INDEX_STATE_DISABLED
         elif status.last_error:
@@ -114,7 +115,7 @@ class SemanticIndexes:
             indexed_count=status.indexed,
             pending_count=status.pending,
             last_error=status.last_error,
-            effective_model=f"{model.name}/{model.dimensions}" if model.name else "",
+            effective_model=f"{model.name}/{dims}" if model.name else "",
             etag=f'"{index.version}"',
         )
         if index.updated_at is not None:

@@ -62,6 +62,11 @@ class Embedder(Protocol):
         """
         ...
 
+    def dimensions(self, model: EmbeddingModel) -> int:
+        """How many numbers ``model``'s vectors have: those asked, else those its
+        first answer in this process had (0 while it has not answered)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ChunkRecord:
