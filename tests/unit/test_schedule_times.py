@@ -99,7 +99,7 @@ def test_missed_ticks_are_the_latest_few() -> None:
     [
         ("* * * *", "must have five fields"),
         ("* * * * * * *", "must have five fields"),
-        ("61 * * * *", "does not parse"),
+        ("61 * * * *", "the minute field (1st of 5) '61' is out of range 0-59"),
         ("0 0 30 2 *", "never matches a date"),
         ("x" * 201, "is longer than 200"),
     ],

@@ -94,7 +94,12 @@ _POLICIES: Final = frozenset(
 )
 _MISSED: Final = frozenset(pb.MissedTickPolicy.values())
 _MODES: Final = frozenset(pb.ScheduleConversationMode.values())
-_PLACEHOLDER: Final = re.compile(r"\{\{\s*(fire_time|date|schedule)\s*\}\}")
+#: What a template may name: ``{{fire_time}}``, ``{{date}}``, ``{{schedule}}`` (``render``).
+PLACEHOLDERS: Final = ("fire_time", "date", "schedule")
+_PLACEHOLDER: Final = re.compile(r"\{\{\s*(" + "|".join(PLACEHOLDERS) + r")\s*\}\}")
+#: Anything in double braces: a placeholder, known or not (``{{dat}}`` is refused at
+#: create and update rather than sent as it is).
+_BRACED: Final = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 #: A sample tick for checking that a template renders to something.
 _SAMPLE: Final = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
@@ -199,6 +204,16 @@ class Schedules:
         field = "schedule.message_template"
         if len(template) > MAX_TEMPLATE:
             violations.add(field, f"is longer than {MAX_TEMPLATE:,} characters")
+            return
+        unknown = sorted({found[1] for found in _BRACED.finditer(template)} - set(PLACEHOLDERS))
+        if unknown:
+            named = ", ".join("{{" + name + "}}" for name in unknown)
+            allowed = ", ".join("{{" + name + "}}" for name in PLACEHOLDERS)
+            violations.add(
+                field,
+                f"names {'an unknown placeholder' if len(unknown) == 1 else 'unknown placeholders'}"
+                f" {named}: a template may name {allowed}",
+            )
         elif not render(template, _SAMPLE, display_name).strip():
             violations.add(field, "renders empty: a tick would send no text")
 

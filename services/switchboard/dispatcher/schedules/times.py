@@ -40,8 +40,125 @@ _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _TICK: Final = dt.timedelta(microseconds=1)
 
 
+@dataclass(frozen=True)
+class _Field:
+    """One position of a cron expression, as a refusal names it."""
+
+    name: str
+    low: int
+    high: int
+    #: Names it takes for its values (``jan``, ``sun``), lowercase, from ``low``.
+    names: tuple[str, ...] = ()
+    #: Whether ``?`` (any) is allowed here.
+    question: bool = False
+
+
+_MINUTE: Final = _Field("minute", 0, 59)
+#: Positions of a five-field expression, and the seconds a sixth adds last.
+_FIELDS: Final = (
+    _MINUTE,
+    _Field("hour", 0, 23),
+    _Field("day-of-month", 1, 31, question=True),
+    _Field(
+        "month",
+        1,
+        12,
+        names=("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+    ),
+    # croniter reads 7 as Sunday too.
+    _Field(
+        "day-of-week", 0, 7, names=("sun", "mon", "tue", "wed", "thu", "fri", "sat"), question=True
+    ),
+)
+_SECOND: Final = _Field("second", 0, 59)
+_ORDINALS: Final = ("1st", "2nd", "3rd", "4th", "5th", "6th")
+
+
+def _parses(expression: str) -> bool:
+    """Whether croniter takes ``expression`` (a date it never matches counts as taken)."""
+    try:
+        croniter(expression, dt.datetime(2000, 1, 1)).get_next(dt.datetime)
+    except CroniterBadDateError:
+        return True
+    except (CroniterBadCronError, CroniterError, ValueError, KeyError, IndexError, TypeError):
+        return False
+    except OverflowError:
+        return False
+    return True
+
+
+def _value_problem(field: _Field, value: str) -> str:
+    """Why ``value`` (one end of a range) is not a value of ``field`` ("" if it is)."""
+    if value.isdigit():
+        number = int(value)
+        if not field.low <= number <= field.high:
+            return f"'{value}' is out of range {field.low}-{field.high}"
+        return ""
+    if value.lower() in field.names:
+        return ""
+    if value.startswith("-") and value[1:].isdigit():
+        return f"'{value}' is negative: values are {field.low}-{field.high}"
+    named = f" or a name ({field.names[0]}-{field.names[-1]})" if field.names else ""
+    return f"'{value}' is not a number ({field.low}-{field.high}){named}"
+
+
+def _token_problem(field: _Field, token: str) -> str:
+    """Why croniter refuses ``token`` in ``field``, said as far as the common forms go:
+    ``*``, ``?``, values, ranges ``a-b``, steps ``/n``, ``n#k`` and lists of them."""
+    for item in token.split(","):
+        problem = _item_problem(field, item, token)
+        if problem:
+            return problem
+    # A form past the common ones (L, W, H) that croniter does not take here.
+    return f"'{token}' is not a valid {field.name} value"
+
+
+def _item_problem(field: _Field, item: str, token: str) -> str:
+    """Why one list item of ``token`` is refused ("" if nothing said here is wrong)."""
+    if not item:
+        return f"'{token}' has an empty list item"
+    base, slash, step = item.partition("/")
+    if slash:
+        if "/" in step:
+            return f"'{item}' has more than one step"
+        if not step.isdigit() or int(step) < 1:
+            return f"step '{step}' in '{item}' must be a whole number of at least 1"
+    if base == "*":
+        return ""
+    if base == "?":
+        if field.question:
+            return ""
+        return "'?' is allowed only in the day-of-month and day-of-week fields"
+    if "#" in base and field.name == "day-of-week":
+        return _nth_problem(field, base, token)
+    ends = base.split("-")
+    if len(ends) > 2 and not base.startswith("-"):
+        return f"'{base}' is not a range: a range is low-high"
+    if len(ends) == 2 and ends[0] and ends[1]:
+        return _value_problem(field, ends[0]) or _value_problem(field, ends[1])
+    return _value_problem(field, base)
+
+
+def _nth_problem(field: _Field, base: str, token: str) -> str:
+    """Why ``base``, a day of week's ``n#k`` (the kth such weekday), is refused."""
+    weekday, _, nth = base.partition("#")
+    problem = _value_problem(field, weekday)
+    if problem:
+        return problem
+    if not nth.isdigit() or not 1 <= int(nth) <= 5:
+        return f"'{nth}' in '{base}' must be 1-5 (the nth such weekday of the month)"
+    if "," in token:
+        return f"'{token}' mixes an nth weekday (#) with other values"
+    return ""
+
+
+def _ordinal(position: int) -> str:
+    return _ORDINALS[position - 1] if position <= len(_ORDINALS) else f"{position}th"
+
+
 def cron_problem(expression: str) -> str:
-    """Why ``expression`` is not a cron expression we fire on ("" if it is one)."""
+    """Why ``expression`` is not a cron expression we fire on ("" if it is one): which
+    field (by name and position) and why, where one field alone is the cause."""
     if len(expression) > MAX_CRON:
         return f"is longer than {MAX_CRON} characters"
     fields = expression.split()
@@ -50,15 +167,27 @@ def cron_problem(expression: str) -> str:
             "must have five fields (minute hour day-of-month month day-of-week) or six "
             f"(with seconds last); it has {len(fields)}"
         )
+    kinds = (*_FIELDS, _SECOND)[: len(fields)]
+    if not _parses(" ".join(fields)):
+        for position, (kind, token) in enumerate(zip(kinds, fields, strict=True), start=1):
+            alone = ["*"] * len(fields)
+            alone[position - 1] = token
+            if not _parses(" ".join(alone)):
+                return (
+                    f"the {kind.name} field ({_ordinal(position)} of {len(fields)}) "
+                    f"{_token_problem(kind, token)}"
+                )
+        return "does not parse as a cron expression (its fields do not go together)"
     try:
-        walk = croniter(" ".join(fields), dt.datetime(2000, 1, 1))
-        walk.get_next(dt.datetime)
+        croniter(" ".join(fields), dt.datetime(2000, 1, 1)).get_next(dt.datetime)
     except CroniterBadDateError:
+        day, month, weekday = fields[2], fields[3], fields[4]
+        if weekday in ("*", "?"):
+            return (
+                f"never matches a date: no month of the month field '{month}' has the "
+                f"day-of-month '{day}'"
+            )
         return "never matches a date"
-    except (CroniterBadCronError, CroniterError, ValueError, KeyError, IndexError, TypeError):
-        return "does not parse as a cron expression"
-    except OverflowError:
-        return "does not parse as a cron expression (a value is out of range)"
     return ""
 
 
