@@ -17,7 +17,9 @@ What it does depends on the message's first word:
 
 Every execute, cancel and subscribe is written to ``--side-effects`` as a line,
 so a test can see what reached the agent; each execute is preceded by a line
-``message <task id> <message id>`` (the id a client dedupes by). With ``--token`` a message without
+``message <task id> <message id>`` (the id a client dedupes by) and one line
+``file <json>`` per file part of the message (its ``filename``, ``media_type``,
+and ``size`` and ``sha256`` of its bytes or its ``url``). With ``--token`` a message without
 ``authorization: Bearer <token>`` is rejected (the task ends ``rejected``).
 """
 
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +75,16 @@ class Agent(AgentExecutor):
         text = context.get_user_input()
         assert context.message is not None
         self.record(f"message {context.task_id} {context.message.message_id}")
+        for part in context.message.parts:
+            kind = part.WhichOneof("content")
+            if kind not in ("raw", "url"):
+                continue
+            seen: dict[str, object] = {"filename": part.filename, "media_type": part.media_type}
+            if kind == "raw":
+                seen.update(size=len(part.raw), sha256=hashlib.sha256(part.raw).hexdigest())
+            else:
+                seen["url"] = part.url
+            self.record(f"file {json.dumps(seen, sort_keys=True)}")
         self.record(f"execute {context.task_id} {context.context_id} {text}")
         task = context.current_task
         if task is None:

@@ -10,7 +10,7 @@ from google.protobuf import json_format, struct_pb2
 from switchboard.a2a import errors, mapping
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.integration import remote_a2a
-from switchboard.platform.errors import InvalidArgument
+from switchboard.platform.errors import InvalidArgument, NotFound
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(64)
 
@@ -148,3 +148,69 @@ def test_an_answers_files_are_bounded_all_together() -> None:
     remote_a2a._within_bound(parts)
     kept = [bool(p.file.inline_data) for p in parts]
     assert kept == [True] * (len(parts) - 1) + [False]
+
+
+# -- a user's files sent to an agent ---------------------------------------------------------
+
+
+def _stored(name: str, size: int, *, uri: str = "") -> cpb.ContentPart:
+    return cpb.ContentPart(
+        file=cpb.FileReference(
+            file=f"workspaces/w/files/{name}",
+            display_name=f"{name}.bin",
+            mime_type="application/octet-stream",
+            size_bytes=size,
+            uri=uri,
+        )
+    )
+
+
+async def test_files_that_cannot_be_read_go_by_url_or_as_a_line_saying_so() -> None:
+    contents = {"workspaces/w/files/kept": b"kept bytes"}
+    asked: list[tuple[str, int]] = []
+
+    async def read(name: str, limit: int) -> bytes:
+        asked.append((name, limit))
+        if name not in contents:
+            raise NotFound("the file is gone")
+        return contents[name]
+
+    message = cpb.Message(
+        parts=[
+            cpb.ContentPart(text="look"),
+            _stored("kept", 10),
+            _stored("gone", 5, uri="https://example.com/gone.bin"),
+            _stored("lost", 7),
+        ]
+    )
+    parts = await remote_a2a.message_files(message, read)
+    assert [part.WhichOneof("content") for part in parts] == ["raw", "url", "text"]
+    assert (parts[0].raw, parts[0].filename, parts[0].media_type) == (
+        b"kept bytes",
+        "kept.bin",
+        "application/octet-stream",
+    )
+    assert (parts[1].url, parts[1].filename) == ("https://example.com/gone.bin", "gone.bin")
+    assert parts[2].text == (
+        "[file lost.bin (application/octet-stream, 7 bytes): not sent, could not be read "
+        "(NotFound)]"
+    )
+    # Each read is bounded by what is left to send.
+    budget = remote_a2a.MAX_SENT_FILE_BYTES
+    assert asked[:2] == [
+        ("workspaces/w/files/kept", budget),
+        ("workspaces/w/files/gone", budget - 10),
+    ]
+
+    # Where files cannot be read at all, each is named.
+    [alone] = await remote_a2a.message_files(cpb.Message(parts=[_stored("kept", 10)]), None)
+    assert alone.text.endswith("not sent, files cannot be read here]")
+
+
+def test_a_message_of_files_alone_has_no_empty_text_part() -> None:
+    file = a2a.Part(raw=b"x", media_type="text/plain", filename="x.txt")
+    alone = remote_a2a._request("", "m-1", None, None, [file])
+    assert [part.WhichOneof("content") for part in alone.message.parts] == ["raw"]
+    both = remote_a2a._request("hi", "m-1", None, None, [file])
+    assert [part.WhichOneof("content") for part in both.message.parts] == ["text", "raw"]
+    assert remote_a2a._request("", "m-1", None, None).message.parts[0].text == ""

@@ -12,15 +12,15 @@ the card offers nothing else, through the policy's HTTP client. The messages
 and the client are the official SDK's (``a2a-sdk``, ``ClientFactory``), given
 a card that names only the chosen interface, so the SDK cannot pick another.
 
-``exchange`` sends one user message and turns the task's events into handler
-frames: artifact text as deltas, a working status's message as progress,
-the result at the end (docs/a2a.md, "A2A agents as domain experts", has the
-table). A stream that drops after the task is known is resumed with
-SubscribeToTask for ``RESUME_WINDOW_S``: the task snapshot it starts with
-fills in what was missed (by artifact, from the length already relayed), so
-no text is lost or repeated. An agent that no longer knows the task (it
-restarted without a task store) ends the exchange with ``AgentFailed``; one
-that stays away past the window with ``Unreachable``. Leaving the exchange
+``exchange`` sends one user message (its text, then its files: ``message_files``)
+and turns the task's events into handler frames: artifact text as deltas, a
+working status's message as progress, the result at the end (docs/a2a.md, "A2A
+agents as domain experts", has the table). A stream that drops after the task
+is known is resumed with SubscribeToTask for ``RESUME_WINDOW_S``: the task
+snapshot it starts with fills in what was missed (by artifact, from the length
+already relayed), so no text is lost or repeated. An agent that no longer
+knows the task (it restarted without a task store) ends the exchange with
+``AgentFailed``; one that stays away past the window with ``Unreachable``. Leaving the exchange
 early for any reason (the run cancelled, its deadline, a failure here) while
 the task may still run sends CancelTask, bounded by ``CANCEL_TIMEOUT_S``.
 
@@ -35,7 +35,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -63,7 +63,12 @@ from switchboard.integration.connectors import (
 )
 from switchboard.platform import jsonbounds
 from switchboard.platform.backoff import Backoff
-from switchboard.platform.errors import DestinationBlocked, ResultTooLarge, SwitchboardError
+from switchboard.platform.errors import (
+    DestinationBlocked,
+    RequestTooLarge,
+    ResultTooLarge,
+    SwitchboardError,
+)
 from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rpc.channels import expert_channel
 from switchboard.platform.security.egress import (
@@ -99,6 +104,9 @@ MAX_INLINE_BYTES: Final = 4 * 1_048_576
 MAX_ANSWER_FILE_BYTES: Final = 16 * 1_048_576
 #: Characters of a file part's ``filename`` kept as its display name.
 MAX_FILENAME_CHARS: Final = 200
+#: Bytes of the user's files sent in one message, all together (each file whole or
+#: not at all): with the text, under the 4 MiB a gRPC server takes by default.
+MAX_SENT_FILE_BYTES: Final = 3 * 1_048_576
 #: The one tool the hub lists for an agent.
 TOOL_NAME: Final = "send_message"
 #: Data part key that ties a conversation's answers to the agent's task and context.
@@ -162,6 +170,54 @@ def previous_task(window: context_pb2.ContextWindow, author: str) -> PreviousTas
                     str(found.get("task", "")), found["context"], str(found.get("state", ""))
                 )
     return None
+
+
+#: Reads a stored file as the run's user: ``await read(name, limit)`` is its whole
+#: content (RequestTooLarge past ``limit`` bytes, NotFound once deleted).
+FileReader = Callable[[str, int], Awaitable[bytes]]
+
+
+async def message_files(message: context_pb2.Message, read: FileReader | None) -> list[a2a.Part]:
+    """The file parts of ``message`` as A2A parts, in order, each with its media type
+    and name: the file's bytes (``raw``) while they fit ``MAX_SENT_FILE_BYTES`` with
+    those before it, else the URL it was fetched from. A file sent neither way (too
+    large, unreadable, deleted) is a text part saying so: the agent knows it was there."""
+    parts: list[a2a.Part] = []
+    left = MAX_SENT_FILE_BYTES
+    for part in message.parts:
+        if part.WhichOneof("part") != "file":
+            continue
+        found = part.file
+        name = (found.display_name or found.file.rpartition("/")[2] or "attachment")[
+            :MAX_FILENAME_CHARS
+        ]
+        kind = found.mime_type or "application/octet-stream"
+        size = found.size_bytes or len(found.inline_data)
+        data: bytes | None = None
+        why = f"larger than the {left:,} bytes left to send"
+        if found.inline_data:
+            if len(found.inline_data) <= left:
+                data = found.inline_data
+        elif not found.file:
+            why = "not stored"
+        elif read is None:
+            why = "files cannot be read here"
+        elif size <= left:
+            try:
+                data = await read(found.file, left)
+            except RequestTooLarge:
+                pass
+            except SwitchboardError as exc:
+                # Gone since the message was stored, or its store away: the run goes on.
+                why = f"could not be read ({type(exc).__name__})"
+        if data is not None:
+            left -= len(data)
+            parts.append(a2a.Part(raw=data, media_type=kind, filename=name))
+        elif found.uri:
+            parts.append(a2a.Part(url=found.uri, media_type=kind, filename=name))
+        else:
+            parts.append(a2a.Part(text=f"[file {name} ({kind}, {size:,} bytes): not sent, {why}]"))
+    return parts
 
 
 # -- the card -------------------------------------------------------------------------------
@@ -706,8 +762,10 @@ class A2AAgent:
         previous: PreviousTask | None = None,
         metadata: Mapping[str, Any] | None = None,
         extensions: Mapping[str, Any] | None = None,
+        files: Sequence[a2a.Part] = (),
     ) -> AsyncGenerator[handler_pb2.HandleResponse, None]:
-        """Send ``text`` and yield the task's frames, the last one its result.
+        """Send ``text`` (and ``files``, parts after it: ``message_files``) and yield
+        the task's frames, the last one its result.
 
         ``extensions`` go in the message's metadata, each under its URI, and are
         named in the ``a2a-extensions`` header (the budget handed over). The
@@ -717,7 +775,7 @@ class A2AAgent:
         ``previous`` task in ``input-required`` is continued; otherwise its
         context is (the agent keeps its own history per context).
         """
-        request = _request(text, message_id, previous, metadata)
+        request = _request(text, message_id, previous, metadata, files)
         if extensions:
             request.message.metadata.update(dict(extensions))
         call = _Call(await self._fresh(_left(deadline)), deadline, tuple(extensions or ()))
@@ -882,10 +940,16 @@ class _Call:
 
 
 def _request(
-    text: str, message_id: str, previous: PreviousTask | None, metadata: Mapping[str, Any] | None
+    text: str,
+    message_id: str,
+    previous: PreviousTask | None,
+    metadata: Mapping[str, Any] | None,
+    files: Sequence[a2a.Part] = (),
 ) -> a2a.SendMessageRequest:
+    # A message of files alone has no text part: an empty one would be a part of nothing.
+    texts = [a2a.Part(text=text)] if text or not files else []
     message = a2a.Message(
-        message_id=message_id or uuid.uuid4().hex, role=a2a.ROLE_USER, parts=[a2a.Part(text=text)]
+        message_id=message_id or uuid.uuid4().hex, role=a2a.ROLE_USER, parts=[*texts, *files]
     )
     if previous is not None:
         message.context_id = previous.context_id

@@ -11,6 +11,9 @@ agent the same way. What it adds is what a handler needs:
   unavailable, and a probe (the card, then a GetTask the agent must answer)
   in the background makes it available again, so routing tells the truth
   about an agent that is down without waiting for a run to fail;
+- **the user's files**: the message's files go with its text as A2A file
+  parts, read as the run's user (``message_files``: bytes within a bound, else
+  the URL a file came from, else a line saying it was not sent);
 - **the conversation's thread**: each answer ends with a data part naming
   the agent's task and context (``a2a_task``). The next message routed to
   the same expert in that conversation continues that context, and, when
@@ -49,6 +52,7 @@ from switchboard.integration.connectors import ConnectorError
 from switchboard.integration.remote_a2a import (
     A2AAgent,
     AgentFailed,
+    message_files,
     previous_task,
 )
 from switchboard.platform import background, idempotency
@@ -168,6 +172,8 @@ class A2AExpert:
         # failure of the agent.
         handed = await hop.start()
         try:
+            # The user's files go with the text, read as the run's user.
+            files = await message_files(request.message, call.files)
             frames = self._agent.exchange(
                 text_of(request.message),
                 deadline=call.deadline,
@@ -177,6 +183,7 @@ class A2AExpert:
                 previous=previous_task(request.context, self._author),
                 metadata=metadata,
                 extensions={BUDGET_EXTENSION: extension_value(handed)} if handed else None,
+                files=files,
             )
             async with contextlib.aclosing(frames):
                 async for frame in frames:
