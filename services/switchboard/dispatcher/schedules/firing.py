@@ -8,15 +8,19 @@ pass:
    each tick in one transaction: the firing row inserted (its primary key is
    (schedule, tick)) and the schedule's next tick moved on, conditional on the
    tick it read. Two replicas never both claim a tick: one update matches
-   nothing, or one insert fails. A tick older than the grace is *missed*: SKIP
-   records it (and at most ``MAX_RECORDED_MISSED`` in all) SKIPPED and goes on
-   from now; RUN_ONCE fires the latest missed tick once (``catch_up``) and
-   records the others SKIPPED;
+   nothing, or one insert fails. One claim takes **every** tick due (up to
+   ``MAX_TICKS_PER_CLAIM``; the next pass comes at once for the rest), so a
+   loop that fell behind catches up in one pass, not a tick a poll. A tick
+   found due more than the grace after its time is *missed*: SKIP records it
+   (at most the latest ``MAX_RECORDED_MISSED``) SKIPPED; RUN_ONCE fires the
+   latest missed tick once (``catch_up``) and records the others SKIPPED. The
+   ticks due within the grace fire as usual, whatever the policy;
 2. sends each claimed tick through admission (``Admission.send_message``) as
    the schedule's creator, re-authorized for WRITE first, with a request id
    derived from the schedule and the tick, and records the outcome on the
    firing (STARTED with its run, SKIPPED, FAILED with the status) with its
-   SCHEDULE_FIRED event;
+   SCHEDULE_FIRED event. A SHARED conversation's ticks are sent in order, one
+   after another; PER_RUN ticks (each its own conversation) side by side;
 3. now and then, replays the ticks this replica claimed and did not settle
    (it restarted, or the database was away), and takes over those claimed by
    a replica whose dispatcher lease expired: replayed with the same request
@@ -71,6 +75,12 @@ log = logging.getLogger("switchboard.dispatcher.schedules")
 #: Missed ticks recorded per claim (SKIPPED, or SKIPPED and the one RUN_ONCE fires);
 #: a longer gap is said in the oldest one's error.
 MAX_RECORDED_MISSED: Final = 5
+#: Ticks due within the grace that one claim takes (a cron every second with a grace
+#: of 60 s has up to 61); the rest are claimed by the next pass, which comes at once.
+MAX_TICKS_PER_CLAIM: Final = 100
+#: The resolution of ticks (microseconds): the latest tick that counts as missed is
+#: this much before ``now - grace``.
+_TICK: Final = dt.timedelta(microseconds=1)
 #: Schedules claimed, and leftover claims replayed, per pass.
 BATCH: Final = 100
 #: Claimed ticks sent at once.
@@ -250,53 +260,64 @@ class Firing:
     # -- the claim ------------------------------------------------------------------------
 
     async def claim(self, record: ScheduleRecord) -> list[FiringRecord]:
-        """Claim ``record``'s due tick (and record the ticks it missed); the claimed tick
-        to send, if any (none if another replica claimed it first, or all were skipped)."""
+        """Claim every due tick of ``record`` (at most ``MAX_TICKS_PER_CLAIM`` within the
+        grace) and record the ticks it missed; the claimed ticks to send, oldest first
+        (none if another replica claimed them first, or all were skipped)."""
         if record.next_fire_us is None:
             return []
         settings = pb.Schedule.FromString(record.data)
         cadence = schedule_mapping.cadence(settings)
         tick = times.from_us(record.next_fire_us)
         now = self._now()
-        fire: dt.datetime | None = tick
-        catch_up = False
-        skipped: list[dt.datetime] = []
+        grace = dt.timedelta(seconds=self.settings.grace_s)
+        # Missed: found due more than the grace after its time (docs/schedules.md).
+        missed: list[dt.datetime] = []
         more = False
-        if (now - tick).total_seconds() > self.settings.grace_s:
-            ticks, more = cadence.missed(tick, now, MAX_RECORDED_MISSED)
-            if settings.missed_tick_policy == pb.MISSED_TICK_POLICY_RUN_ONCE:
-                fire, skipped, catch_up = ticks[-1], ticks[:-1], True
-            else:
-                fire, skipped = None, ticks
-            last = ticks[-1]
-        else:
-            last = tick
+        on_time: dt.datetime | None = tick
+        if now - tick > grace:
+            missed, more = cadence.missed(tick, now - grace - _TICK, MAX_RECORDED_MISSED)
+            on_time = cadence.after(missed[-1])
+        due: list[dt.datetime] = []
+        while on_time is not None and on_time <= now and len(due) < MAX_TICKS_PER_CLAIM:
+            due.append(on_time)
+            on_time = cadence.after(on_time)
+        if not missed and not due:
+            return []  # not due yet (the clock went back since the schedule was read)
+        skipped = missed
+        # (tick, catch_up) of each tick to send.
+        sends = [(at, False) for at in due]
+        if missed and settings.missed_tick_policy == pb.MISSED_TICK_POLICY_RUN_ONCE:
+            skipped = missed[:-1]
+            sends.insert(0, (missed[-1], True))
+        last = due[-1] if due else missed[-1]
         following = cadence.after(last)
-        rows = [self._skipped(at, more and i == 0) for i, at in enumerate(skipped)]
-        fired: FiringRecord | None = None
-        if fire is not None:
-            request, title = self._request(record, settings, fire)
+        rows = [self._skipped(at, now, more and i == 0) for i, at in enumerate(skipped)]
+        fired: list[FiringRecord] = []
+        for at, catch_up in sends:
+            request, title = self._request(record, settings, at)
             new = NewFiring(
-                fire_us=times.to_us(fire),
+                fire_us=times.to_us(at),
                 outcome=CLAIMED,
                 catch_up=catch_up,
                 request=request.SerializeToString(deterministic=True),
                 title=title,
             )
             rows.append(new)
-            fired = FiringRecord(
-                workspace_id=record.workspace_id,
-                schedule_id=record.id,
-                fire_us=new.fire_us,
-                claim_time=now,
-                claimer=self.settings.instance_id,
-                outcome=CLAIMED,
-                catch_up=catch_up,
-                run="",
-                error=b"",
-                request=new.request,
-                title=title,
-                creator=record.creator,
+            fired.append(
+                FiringRecord(
+                    workspace_id=record.workspace_id,
+                    schedule_id=record.id,
+                    fire_us=new.fire_us,
+                    claim_time=now,
+                    claimer=self.settings.instance_id,
+                    outcome=CLAIMED,
+                    catch_up=new.catch_up,
+                    run="",
+                    error=b"",
+                    request=new.request,
+                    title=title,
+                    creator=record.creator,
+                )
             )
         events = [
             schedule_mapping.fired_event(
@@ -343,12 +364,14 @@ class Firing:
                     "policy": pb.MissedTickPolicy.Name(settings.missed_tick_policy),
                 },
             )
-        return [fired] if fired is not None else []
+        return fired
 
-    def _skipped(self, tick: dt.datetime, more_before: bool) -> NewFiring:
+    def _skipped(self, tick: dt.datetime, now: dt.datetime, more_before: bool) -> NewFiring:
+        late = round((now - tick).total_seconds(), 1)
         why = (
-            "missed: no replica could fire it within SWITCHBOARD_SCHEDULES_MISSED_GRACE_S "
-            f"({self.settings.grace_s:g} s)"
+            f"missed: found due {late:g} s after its time, more than "
+            f"SWITCHBOARD_SCHEDULES_MISSED_GRACE_S ({self.settings.grace_s:g} s): no replica "
+            "could fire it in time"
         )
         if more_before:
             why += (
@@ -400,56 +423,74 @@ class Firing:
     # -- sending --------------------------------------------------------------------------
 
     async def _send_all(self, firings: Sequence[FiringRecord], *, wait: bool) -> None:
-        if not firings:
+        # A SHARED conversation's ticks go one after another, oldest first: sent side by
+        # side, a later tick's message could be stored (and answered) before an earlier
+        # one's, and under REJECT find the conversation busy with its own backlog.
+        # PER_RUN ticks (a title for a conversation of their own) have no order to keep.
+        lines: dict[tuple[str, ...], list[FiringRecord]] = {}
+        for firing in sorted(firings, key=lambda f: f.fire_us):
+            if _key(firing) in self._sending:
+                continue
+            order = (
+                (firing.workspace_id, firing.schedule_id, str(firing.fire_us))
+                if firing.title
+                else (firing.workspace_id, firing.schedule_id)
+            )
+            lines.setdefault(order, []).append(firing)
+        if not lines:
             return
         if wait:
-            await asyncio.gather(*(self._fire(firing) for firing in firings))
+            await asyncio.gather(*(self._fire(line) for line in lines.values()))
             return
-        for firing in firings:
-            if _key(firing) not in self._sending:
-                background.spawn(
-                    self._fire_later(firing),
-                    name=f"schedule-tick-{firing.schedule_id}",
-                    logger=log,
-                    keep=self._sends,
-                )
-
-    async def _fire_later(self, firing: FiringRecord) -> None:
-        """``_fire`` off the loop's pass: a failure leaves the tick CLAIMED, and the
-        next scan replays it (the pass's own failures are the loop's backoff)."""
-        try:
-            await self._fire(firing)
-        except SwitchboardError as error:
-            log.info(
-                "schedule tick left claimed; replayed later",
-                extra={"schedule": firing.schedule_id, "reason": error.reason},
+        for line in lines.values():
+            background.spawn(
+                self._fire_later(line),
+                name=f"schedule-tick-{line[0].schedule_id}",
+                logger=log,
+                keep=self._sends,
             )
 
-    async def _fire(self, firing: FiringRecord) -> None:
-        key = _key(firing)
-        if key in self._sending:
-            return
-        self._sending.add(key)
+    async def _fire_later(self, line: list[FiringRecord]) -> None:
+        """``_fire`` off the loop's pass: a failure leaves the ticks CLAIMED, and the
+        next scan replays them (the pass's own failures are the loop's backoff)."""
         try:
-            async with self._gate:
-                try:
-                    outcome, run, error = await self._start(firing)
-                except _Later as later:
-                    log.info(
-                        "schedule tick not started yet; retrying",
-                        extra={"schedule": firing.schedule_id, "why": str(later)},
-                    )
+            await self._fire(line)
+        except SwitchboardError as error:
+            log.info(
+                "schedule ticks left claimed; replayed later",
+                extra={"schedule": line[0].schedule_id, "reason": error.reason},
+            )
+
+    async def _fire(self, line: list[FiringRecord]) -> None:
+        """Send ``line``'s ticks in order; the first that cannot be started now stops
+        the line (the rest stay CLAIMED for the next scan, still in order)."""
+        keys = [_key(firing) for firing in line if _key(firing) not in self._sending]
+        self._sending.update(keys)
+        try:
+            for firing in line:
+                if _key(firing) in keys and not await self._fire_one(firing):
                     return
-                staged: Staged[FiringRecord | None] = Staged(
-                    self._bus.outbox,
-                    lambda done: [schedule_mapping.fired_event(done)] if done else [],
-                )
-                await self._store.settle(
-                    firing, outcome=outcome, run=run, error=error, staged=staged
-                )
-                await self._bus.publish_staged(staged.events)
         finally:
-            self._sending.discard(key)
+            self._sending.difference_update(keys)
+
+    async def _fire_one(self, firing: FiringRecord) -> bool:
+        """Start one tick and record its outcome; False if it stays CLAIMED (later)."""
+        async with self._gate:
+            try:
+                outcome, run, error = await self._start(firing)
+            except _Later as later:
+                log.info(
+                    "schedule tick not started yet; retrying",
+                    extra={"schedule": firing.schedule_id, "why": str(later)},
+                )
+                return False
+            staged: Staged[FiringRecord | None] = Staged(
+                self._bus.outbox,
+                lambda done: [schedule_mapping.fired_event(done)] if done else [],
+            )
+            await self._store.settle(firing, outcome=outcome, run=run, error=error, staged=staged)
+            await self._bus.publish_staged(staged.events)
+        return True
 
     async def _start(self, firing: FiringRecord) -> tuple[int, str, bytes]:
         """Start the tick's run: (outcome, run, error status)."""
