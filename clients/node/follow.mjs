@@ -5,12 +5,13 @@
 // Signs in, subscribes to the conversation's scope and prints one JSON object
 // per line: {"signedIn": ...}, {"state": "live"|"reconnecting", "cursor": ...},
 // {"refreshed": <access token expiry>} when the session renews its tokens,
-// and {"event": {...}} for each event, exactly once each. It exits 0 after
+// and {"event": {...}} for each event, exactly once each (a run's update with
+// the sequences it covers: the deltas delivered together come merged). It exits 0 after
 // --count events (default: follow until interrupted), 1 on an error that is
 // not a dropped connection (a refused sign-in, a scope it may not read).
 import { parseArgs } from 'node:util';
 
-import { createClients, follow, grpc, Session } from './lib.mjs';
+import { createClients, firstSequence, follow, grpc, Session } from './lib.mjs';
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
@@ -33,6 +34,19 @@ const count = Number.parseInt(values.count, 10);
 
 const print = (object) => process.stdout.write(`${JSON.stringify(object)}\n`);
 
+// A run update in brief: its kind, the sequences it covers (a merged delta's
+// from its firstSequence), and its text or the run's state.
+function runUpdate(update) {
+  return {
+    run: update.run,
+    kind: update.update,
+    sequence: Number(update.sequence),
+    firstSequence: Number(firstSequence(update)),
+    ...(update.update === 'delta' ? { delta: update.delta.text } : {}),
+    ...(update.update === 'stateChange' ? { state: update.stateChange.run.state } : {}),
+  };
+}
+
 // The event's payload, in brief: enough to tell events apart.
 function summary(event) {
   const text = event.messageCreated?.message?.parts?.map((part) => part.text ?? '').join('') ?? '';
@@ -43,6 +57,7 @@ function summary(event) {
     conversation: event.conversation,
     payload: event.payload,
     ...(text ? { text } : {}),
+    ...(event.payload === 'runUpdated' ? { update: runUpdate(event.runUpdated.update) } : {}),
   };
 }
 

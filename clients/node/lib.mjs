@@ -1,7 +1,8 @@
 // Switchboard Node.js client helpers: loads the repo's .proto contracts at run
 // time (no code generation), decodes google.rpc rich error details, keeps a
-// signed-in session's tokens fresh (Session) and follows events with resume
-// from the last cursor (follow).
+// signed-in session's tokens fresh (Session), follows events with resume from
+// the last cursor (follow) and watches a run with resume from the last
+// sequence (watchRun); both ask for merged deltas.
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -214,6 +215,18 @@ export class Session {
 /** Stream statuses after which Subscribe is opened again from the last cursor. */
 const RESUMABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, grpc.status.UNKNOWN]);
 
+/** Event ids (and runs' last delta sequences) a follower remembers, to drop repeats. */
+const DEDUPE_WINDOW = 10000;
+
+/**
+ * The first sequence a run update covers: a merged delta's `firstSequence`,
+ * else its own `sequence` (the last it covers), as a BigInt.
+ */
+export function firstSequence(update) {
+  const first = BigInt(update.firstSequence ?? 0);
+  return first > 0n ? first : BigInt(update.sequence);
+}
+
 /**
  * Follows events: yields { event } for each event and { state } when the
  * stream goes 'live' (its first frame) or 'reconnecting'. A broken stream is
@@ -222,11 +235,32 @@ const RESUMABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, grpc.s
  * id already delivered is dropped, so none arrives twice. It ends when
  * `signal` aborts; other errors (a refused scope, a signed-out session) are
  * thrown.
+ *
+ * It asks for merged deltas (`SubscribeRequest.merge_deltas`; pass
+ * `mergeDeltas: false` in `request` for one event per delta): a run's
+ * consecutive text deltas delivered together come as one RUN_UPDATED event,
+ * the last one's, whose update covers `firstSequence(update)` .. `sequence`
+ * and whose text is theirs joined. One id then stands for several deltas, so
+ * a delta is also dropped when its run's deltas were delivered up to its
+ * sequence already (a resume on another replica sends them again, one by one,
+ * under ids this follower never saw).
  */
 export async function* follow(events, session, request, { signal, maxBackoffMs = 5000 } = {}) {
   let cursor = request.afterCursor ?? '';
   const seen = new Set();
   const order = [];
+  // Each run's last delta sequence delivered (a Map keeps insertion order: oldest first).
+  const deltas = new Map();
+  const fresh = (event) => {
+    const update = event.runUpdated?.update;
+    if (event.payload !== 'runUpdated' || update?.update !== 'delta') return true;
+    const sequence = BigInt(update.sequence);
+    if (sequence <= (deltas.get(update.run) ?? 0n)) return false;
+    deltas.delete(update.run);
+    deltas.set(update.run, sequence);
+    if (deltas.size > DEDUPE_WINDOW) deltas.delete(deltas.keys().next().value);
+    return true;
+  };
   let failures = 0;
   let stale = false;
   while (!signal?.aborted) {
@@ -239,7 +273,10 @@ export async function* follow(events, session, request, { signal, maxBackoffMs =
       // Inside the try: while the server is down, a refresh fails UNAVAILABLE too.
       if (stale) await session.refresh();
       stale = false;
-      call = events.subscribe({ ...request, afterCursor: cursor }, await session.metadata());
+      call = events.subscribe(
+        { mergeDeltas: true, ...request, afterCursor: cursor },
+        await session.metadata(),
+      );
       for await (const frame of call) {
         if (!live) {
           live = true;
@@ -251,10 +288,10 @@ export async function* follow(events, session, request, { signal, maxBackoffMs =
           continue;
         }
         for (const event of frame.batch.events) {
-          if (seen.has(event.id)) continue;
+          if (seen.has(event.id) || !fresh(event)) continue;
           seen.add(event.id);
           order.push(event.id);
-          if (order.length > 10000) seen.delete(order.shift());
+          if (order.length > DEDUPE_WINDOW) seen.delete(order.shift());
           yield { event };
         }
         cursor = frame.batch.cursor || cursor;
@@ -275,15 +312,97 @@ export async function* follow(events, session, request, { signal, maxBackoffMs =
     if (signal?.aborted) return;
     yield { state: 'reconnecting', cursor };
     failures += 1;
-    const ceiling = Math.min(maxBackoffMs, 100 * 2 ** Math.min(failures, 10));
-    await new Promise((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        resolve();
-      };
-      const timer = setTimeout(done, ceiling / 2 + Math.random() * (ceiling / 2));
-      signal?.addEventListener('abort', done, { once: true });
-    });
+    await pause(failures, maxBackoffMs, signal);
+  }
+}
+
+/** Waits a capped, jittered backoff before the `failures`-th retry (or until `signal` aborts). */
+function pause(failures, maxBackoffMs, signal) {
+  const ceiling = Math.min(maxBackoffMs, 100 * 2 ** Math.min(failures, 10));
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      resolve();
+    };
+    const timer = setTimeout(done, ceiling / 2 + Math.random() * (ceiling / 2));
+    signal?.addEventListener('abort', done, { once: true });
+  });
+}
+
+/** The states a run ends in. */
+export const TERMINAL = new Set([
+  'RUN_STATE_SUCCEEDED',
+  'RUN_STATE_FAILED',
+  'RUN_STATE_CANCELLED',
+  'RUN_STATE_DEADLINE_EXCEEDED',
+]);
+
+/** Whether `error` is the server's CURSOR_EXPIRED: asked again, it starts from a snapshot. */
+function cursorExpired(error) {
+  const status = decodeStatusDetails(error.metadata);
+  return Boolean(status?.details.some((d) => d.value?.reason === 'ERROR_REASON_CURSOR_EXPIRED'));
+}
+
+/**
+ * Watches a run (`WatchRun`): yields each update after `afterSequence`, in
+ * order and once, and returns after the terminal state change. A broken
+ * stream (as for `follow`, and an expired access token, renewed once) is
+ * opened again after the last sequence yielded, after the same backoff; other
+ * errors are thrown. Abort `signal` to stop.
+ *
+ * It asks for merged deltas (`WatchRunRequest.merge_deltas`; `mergeDeltas:
+ * false` for one update per delta): the text deltas ready together come as one
+ * update covering `firstSequence(update)` .. `sequence`, its text theirs
+ * joined. Nothing is missing while `firstSequence(update)` is the last
+ * sequence seen plus one (a recovered run numbers on in a later block of 2^32).
+ */
+export async function* watchRun(
+  dispatcher,
+  session,
+  name,
+  { afterSequence = 0, mergeDeltas = true, signal, maxBackoffMs = 5000 } = {},
+) {
+  let last = BigInt(afterSequence);
+  let failures = 0;
+  let stale = false;
+  while (!signal?.aborted) {
+    const renewing = stale;
+    let call = null;
+    const stop = () => call?.cancel();
+    signal?.addEventListener('abort', stop, { once: true });
+    try {
+      if (stale) await session.refresh();
+      stale = false;
+      call = dispatcher.watchRun(
+        { name, afterSequence: String(last), mergeDeltas },
+        await session.metadata(),
+      );
+      for await (const frame of call) {
+        failures = 0;
+        if (frame.frame !== 'update') continue;
+        const { update } = frame;
+        // At or before the last one yielded: sent again after a resume.
+        if (BigInt(update.sequence) <= last) continue;
+        last = BigInt(update.sequence);
+        yield update;
+        if (update.update === 'stateChange' && TERMINAL.has(update.stateChange.run.state)) return;
+      }
+    } catch (error) {
+      if (signal?.aborted || error.code === grpc.status.CANCELLED) return;
+      if (error instanceof SignedOutError) throw error;
+      if (error.code === grpc.status.UNAUTHENTICATED && renewing) {
+        throw new SignedOutError(`the stream was refused: ${error.details}`);
+      }
+      if (error.code === grpc.status.UNAUTHENTICATED) stale = true;
+      else if (!RESUMABLE.has(error.code) && !cursorExpired(error)) throw error;
+    } finally {
+      signal?.removeEventListener('abort', stop);
+      // Left early (the caller stopped reading): end the call too.
+      call?.cancel();
+    }
+    if (signal?.aborted) return;
+    failures += 1;
+    await pause(failures, maxBackoffMs, signal);
   }
 }
 

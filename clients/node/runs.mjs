@@ -3,17 +3,13 @@
 // Registers a user, creates a workspace and a conversation, then on one
 // Converse stream sends a message and reads the run's updates to its end,
 // sends a slow one, cancels it with a cancel frame once its first delta has
-// arrived, and reads it to CANCELLED. It prints one JSON object on stdout.
+// arrived, and reads it to CANCELLED. Then it watches the first run again
+// from its start with watchRun, which asks for merged deltas: its deltas,
+// all ready at once, come as one update. It prints one JSON object on stdout.
 // Every step has a deadline; any failure exits 1.
-import { createClients, grpc, unary } from './lib.mjs';
+import { createClients, firstSequence, Session, TERMINAL, unary, watchRun } from './lib.mjs';
 
 const TIMEOUT_MS = 10000;
-const TERMINAL = new Set([
-  'RUN_STATE_SUCCEEDED',
-  'RUN_STATE_FAILED',
-  'RUN_STATE_CANCELLED',
-  'RUN_STATE_DEADLINE_EXCEEDED',
-]);
 
 const deadline = () => new Date(Date.now() + TIMEOUT_MS);
 
@@ -85,14 +81,12 @@ const isEnd = (run) => (frame) =>
 async function main(address) {
   const { auth, context, dispatcher, close } = createClients(address);
   try {
-    const registered = await unary(
-      auth,
-      'register',
-      { email: `node-runs-${Date.now()}-${process.pid}@example.com`, password: 'node client password 123' },
-      new grpc.Metadata(),
-    );
-    const bearer = new grpc.Metadata();
-    bearer.set('authorization', `Bearer ${registered.tokens.accessToken}`);
+    const session = new Session(auth);
+    await session.register({
+      email: `node-runs-${Date.now()}-${process.pid}@example.com`,
+      password: 'node client password 123',
+    });
+    const bearer = await session.metadata();
     const workspace = await unary(
       context,
       'createWorkspace',
@@ -117,7 +111,8 @@ async function main(address) {
         },
       });
 
-    send('first', 'hello from node');
+    // A pause between words: each word is a delta of its own, not merged at the source.
+    send('first', 'hello from node', { delay_ms: { numberValue: 20 } });
     const [ack] = await stream.until((frame) => frame.frame === 'messageSent');
     const first = ack.messageSent.run.name;
     const frames = await stream.until(isEnd(first));
@@ -140,6 +135,18 @@ async function main(address) {
     stream.call.end();
     const last = ended[ended.length - 1].update.stateChange.run;
 
+    const watching = new AbortController();
+    const giveUp = setTimeout(() => watching.abort(), TIMEOUT_MS);
+    const replay = [];
+    try {
+      for await (const update of watchRun(dispatcher, session, first, { signal: watching.signal })) {
+        replay.push(update);
+      }
+    } finally {
+      clearTimeout(giveUp);
+    }
+    if (watching.signal.aborted) throw new Error(`watchRun did not end within ${TIMEOUT_MS} ms`);
+
     console.log(
       JSON.stringify({
         first: {
@@ -147,6 +154,17 @@ async function main(address) {
           sequences: updates.map((f) => Number(f.update.sequence)),
           answer,
           state: updates[updates.length - 1].update.stateChange.run.state,
+        },
+        replay: {
+          updates: replay.map((u) => ({
+            kind: u.update,
+            sequence: Number(u.sequence),
+            firstSequence: Number(firstSequence(u)),
+          })),
+          answer: replay
+            .filter((u) => u.update === 'delta')
+            .map((u) => u.delta.text)
+            .join(''),
         },
         cancelled: {
           run: slow,

@@ -7,6 +7,11 @@ every event the log holds must reach it exactly once, in order. Its refresh marg
 set above the access token's lifetime, so every (re)subscription first renews the
 session: the rotated refresh token must carry it through the restart.
 
+Both of the Node client's streams ask for merged deltas: a follower that replays a run's
+events gets its deltas as fewer RUN_UPDATED events, each covering ``firstSequence`` ..
+``sequence`` (``follow``), and a watcher that replays an ended run gets them as one update
+(``watchRun``, in ``runs.mjs``); the text is whole and no sequence is missing.
+
 The Node client's other examples (smoke, events, runs) run in test_tools.py.
 """
 
@@ -22,14 +27,25 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+from google.protobuf import struct_pb2
 
+from switchboard.api.context.v1 import context_pb2
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from tests.e2e.procs import ROOT, ServeProcess, tool
-from tests.e2e.restarts import Caller, position, register, restart_env, restarted
+from tests.e2e.restarts import (
+    CALL_TIMEOUT_S,
+    Caller,
+    position,
+    register,
+    restart_env,
+    restarted,
+)
 from tests.service.authkit import PASSWORD, unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 FOLLOW: Final = ROOT / "clients" / "node" / "follow.mjs"
+RUNS: Final = ROOT / "clients" / "node" / "runs.mjs"
 #: How long a resume may take, on two busy cores.
 SETTLE_S: Final = 60.0
 
@@ -80,8 +96,9 @@ class Follower:
 
 @contextmanager
 def following(
-    server: ServeProcess, email: str, conversation: str, after: str, count: int
+    server: ServeProcess, email: str, conversation: str, after: str, count: int = 0
 ) -> Iterator[Follower]:
+    """``follow.mjs`` until ``count`` events (0: until the block ends)."""
     follower = Follower(
         [
             server.address,
@@ -148,3 +165,84 @@ def test_follow_resumes_across_a_server_restart_with_every_event_once(tmp_path: 
     assert position(resumed["cursor"]) >= position(delivered[2]["cursor"])
     # One renewal per subscription: the rotated refresh token outlived the restart.
     assert sum("refreshed" in line for line in follower.lines) == 2
+
+
+def _covered(updates: list[Line]) -> list[int]:
+    """Every sequence the updates cover, in order (a merged one all of its own)."""
+    return [n for u in updates for n in range(u["firstSequence"], u["sequence"] + 1)]
+
+
+def _answered(caller: Caller, conversation: str, text: str) -> list[dispatcher_pb2.RunUpdate]:
+    """Send ``text`` to the echo handler (a pause between words: a delta each) and watch
+    the run to its end one update at a time; its updates."""
+    sent = caller.dispatcher.SendMessage(
+        dispatcher_pb2.SendMessageRequest(
+            conversation=conversation,
+            message=context_pb2.Message(parts=[context_pb2.ContentPart(text=text)]),
+            handler="handlers/echo",
+            parameters=struct_pb2.Struct(fields={"delay_ms": struct_pb2.Value(number_value=20)}),
+        ),
+        metadata=caller.md,
+        timeout=CALL_TIMEOUT_S,
+    )
+    watch = caller.dispatcher.WatchRun(
+        dispatcher_pb2.WatchRunRequest(name=sent.run.name), metadata=caller.md, timeout=SETTLE_S
+    )
+    updates = [frame.update for frame in watch if frame.WhichOneof("frame") == "update"]
+    assert updates[-1].state_change.run.state == dispatcher_pb2.RUN_STATE_SUCCEEDED
+    return updates
+
+
+def test_a_follower_replaying_a_run_gets_its_deltas_merged(tmp_path: Path) -> None:
+    """A follower that starts before a run it missed gets the run's updates from the
+    process's ring (its deltas too, which the log does not keep), its deltas merged."""
+    email = unique_email("node-merged")
+    with ServeProcess("--dev") as server:
+        register(server, email)
+        with Caller(server, email) as python:
+            conversation = python.conversation()
+            start = python.logged(conversation, "")[-1].cursor
+            one_by_one = _answered(python, conversation, "one two three four five six seven")
+            run = one_by_one[0].run
+            with following(server, email, conversation, start) as follower:
+                follower.wait_for(
+                    lambda line: (
+                        line.get("event", {}).get("update", {}).get("state")
+                        == "RUN_STATE_SUCCEEDED"
+                    ),
+                    "the run's last update",
+                )
+    updates = [e["update"] for e in follower.events() if e.get("update", {}).get("run") == run]
+    deltas = [u for u in one_by_one if u.WhichOneof("update") == "delta"]
+    merged = [u for u in updates if u["kind"] == "delta"]
+    # The replay came in batches: the run's deltas in fewer events, one covering several.
+    assert len(deltas) > 1
+    assert len(merged) < len(deltas), updates
+    assert any(u["firstSequence"] < u["sequence"] for u in merged)
+    # Nothing lost, nothing twice: every sequence of the run, in order, and the text whole.
+    assert _covered(updates) == [u.sequence for u in one_by_one]
+    assert "".join(u["delta"] for u in merged) == "".join(u.delta.text for u in deltas)
+
+
+def test_watch_run_replays_a_runs_deltas_merged() -> None:
+    """``runs.mjs`` watches the run it conversed with again from its start (``watchRun``):
+    the deltas it got one by one on the Converse stream come as one update."""
+    with ServeProcess("--dev") as server:
+        done = subprocess.run(
+            [tool("node"), str(RUNS), server.address],
+            capture_output=True,
+            text=True,
+            timeout=SETTLE_S,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    first, replay = result["first"], result["replay"]
+    assert replay["answer"] == first["answer"]
+    # Sent one by one on Converse, which relays the runs it started unmerged.
+    assert len(first["sequences"]) > 3
+    deltas = [u for u in replay["updates"] if u["kind"] == "delta"]
+    assert len(deltas) == 1
+    assert deltas[0]["firstSequence"] < deltas[0]["sequence"]
+    assert _covered(replay["updates"]) == first["sequences"]
+    assert replay["updates"][-1]["kind"] == "stateChange"
