@@ -897,6 +897,8 @@ class BudgetAction(_message.Message):
     DECISION_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    MIN_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     cost_micros: _builtins.int
     """What the step asks to reserve: its worst-case cost in micro-units of the
     price table's currency.
@@ -909,6 +911,18 @@ class BudgetAction(_message.Message):
     """The decision; UNSPECIFIED while undecided."""
     decided_by: _builtins.str
     """Who decided, `users/{user}`."""
+    min_output_tokens: _builtins.int
+    """For a model call: the fewest answer tokens it goes on with. Once its
+    budgets have room for its prompt and this many, it is made with
+    `max_tokens` lowered to what fits (up to `output_tokens`); 0 for a step
+    that needs all it asks (a priced tool call, a hop).
+    """
+    description: _builtins.str
+    """Why the step does not fit, in words: what it needs at least, and for each
+    budget without room, how much of which cap is left. For example "the
+    model call needs at least 79 tokens (15 of prompt and 64 of answer):
+    workspaces/acme/budgets/daily has 40 of its 500 total tokens left".
+    """
     @_builtins.property
     def budgets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The budgets without room, `workspaces/{w}/budgets/{b}`."""
@@ -927,10 +941,12 @@ class BudgetAction(_message.Message):
         decision: Global___BudgetDecision.ValueType = ...,
         decided_by: _builtins.str = ...,
         decide_time: _timestamp_pb2.Timestamp | None = ...,
+        min_output_tokens: _builtins.int = ...,
+        description: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decide_time", b"decide_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "cost_micros", b"cost_micros", "decide_time", b"decide_time", "decided_by", b"decided_by", "decision", b"decision", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "cost_micros", b"cost_micros", "decide_time", b"decide_time", "decided_by", b"decided_by", "decision", b"decision", "description", b"description", "input_tokens", b"input_tokens", "min_output_tokens", b"min_output_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3094,6 +3110,7 @@ class UsageRow(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     COST_MICROS_FIELD_NUMBER: _builtins.int
+    BUDGET_LOWERED_RUNS_FIELD_NUMBER: _builtins.int
     day: _builtins.str
     """The day, `YYYY-MM-DD` (UTC), when grouped by day."""
     assistant: _builtins.str
@@ -3110,6 +3127,10 @@ class UsageRow(_message.Message):
     """Output tokens."""
     cost_micros: _builtins.int
     """Cost, in micro-units of the price table's currency."""
+    budget_lowered_runs: _builtins.int
+    """Runs in the group with at least one model call made with `max_tokens`
+    lowered to fit what was left of a budget (Usage.budget_lowered_calls).
+    """
     def __init__(
         self,
         *,
@@ -3121,10 +3142,11 @@ class UsageRow(_message.Message):
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         cost_micros: _builtins.int = ...,
+        budget_lowered_runs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "assistant", b"assistant", "cost_micros", b"cost_micros", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "run_count", b"run_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "assistant", b"assistant", "budget_lowered_runs", b"budget_lowered_runs", "cost_micros", b"cost_micros", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "run_count", b"run_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

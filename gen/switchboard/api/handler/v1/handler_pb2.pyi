@@ -446,6 +446,8 @@ class Usage(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     ESTIMATED_FIELD_NUMBER: _builtins.int
     COST_MICROS_FIELD_NUMBER: _builtins.int
+    BUDGET_LOWERED_CALLS_FIELD_NUMBER: _builtins.int
+    LOWEST_MAX_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """Tokens read (prompt)."""
     output_tokens: _builtins.int
@@ -461,6 +463,15 @@ class Usage(_message.Message):
     counting every hop and priced tool call: what the run's budgets were
     charged. A remote handler reports what it spent here (docs/budgets.md).
     """
+    budget_lowered_calls: _builtins.int
+    """Model calls made with `max_tokens` lowered to fit what was left of a
+    budget: the room left was less than the call's prompt and `max_tokens`,
+    but held its prompt and a useful answer (docs/budgets.md).
+    """
+    lowest_max_tokens: _builtins.int
+    """The lowest `max_tokens` a budget left one of those calls; 0 if none was
+    lowered.
+    """
     def __init__(
         self,
         *,
@@ -470,10 +481,12 @@ class Usage(_message.Message):
         model: _builtins.str = ...,
         estimated: _builtins.bool = ...,
         cost_micros: _builtins.int = ...,
+        budget_lowered_calls: _builtins.int = ...,
+        lowest_max_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "estimated", b"estimated", "estimated_cost_usd", b"estimated_cost_usd", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_lowered_calls", b"budget_lowered_calls", "cost_micros", b"cost_micros", "estimated", b"estimated", "estimated_cost_usd", b"estimated_cost_usd", "input_tokens", b"input_tokens", "lowest_max_tokens", b"lowest_max_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

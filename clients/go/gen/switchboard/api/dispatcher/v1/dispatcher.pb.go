@@ -1556,7 +1556,17 @@ type BudgetAction struct {
 	// Who decided, `users/{user}`.
 	DecidedBy string `protobuf:"bytes,6,opt,name=decided_by,json=decidedBy,proto3" json:"decided_by,omitempty"`
 	// When it was decided.
-	DecideTime    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=decide_time,json=decideTime,proto3" json:"decide_time,omitempty"`
+	DecideTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=decide_time,json=decideTime,proto3" json:"decide_time,omitempty"`
+	// For a model call: the fewest answer tokens it goes on with. Once its
+	// budgets have room for its prompt and this many, it is made with
+	// `max_tokens` lowered to what fits (up to `output_tokens`); 0 for a step
+	// that needs all it asks (a priced tool call, a hop).
+	MinOutputTokens int64 `protobuf:"varint,8,opt,name=min_output_tokens,json=minOutputTokens,proto3" json:"min_output_tokens,omitempty"`
+	// Why the step does not fit, in words: what it needs at least, and for each
+	// budget without room, how much of which cap is left. For example "the
+	// model call needs at least 79 tokens (15 of prompt and 64 of answer):
+	// workspaces/acme/budgets/daily has 40 of its 500 total tokens left".
+	Description   string `protobuf:"bytes,9,opt,name=description,proto3" json:"description,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1638,6 +1648,20 @@ func (x *BudgetAction) GetDecideTime() *timestamppb.Timestamp {
 		return x.DecideTime
 	}
 	return nil
+}
+
+func (x *BudgetAction) GetMinOutputTokens() int64 {
+	if x != nil {
+		return x.MinOutputTokens
+	}
+	return 0
+}
+
+func (x *BudgetAction) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
 }
 
 // A tool call that needs a person's approval, and its decision so far.
@@ -5902,9 +5926,12 @@ type UsageRow struct {
 	// Output tokens.
 	OutputTokens int64 `protobuf:"varint,7,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
 	// Cost, in micro-units of the price table's currency.
-	CostMicros    int64 `protobuf:"varint,8,opt,name=cost_micros,json=costMicros,proto3" json:"cost_micros,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CostMicros int64 `protobuf:"varint,8,opt,name=cost_micros,json=costMicros,proto3" json:"cost_micros,omitempty"`
+	// Runs in the group with at least one model call made with `max_tokens`
+	// lowered to fit what was left of a budget (Usage.budget_lowered_calls).
+	BudgetLoweredRuns int64 `protobuf:"varint,9,opt,name=budget_lowered_runs,json=budgetLoweredRuns,proto3" json:"budget_lowered_runs,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *UsageRow) Reset() {
@@ -5989,6 +6016,13 @@ func (x *UsageRow) GetOutputTokens() int64 {
 func (x *UsageRow) GetCostMicros() int64 {
 	if x != nil {
 		return x.CostMicros
+	}
+	return 0
+}
+
+func (x *UsageRow) GetBudgetLoweredRuns() int64 {
+	if x != nil {
+		return x.BudgetLoweredRuns
 	}
 	return 0
 }
@@ -8667,7 +8701,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"tool_calls\x18\x01 \x03(\v2..switchboard.api.dispatcher.v1.PendingToolCallR\ttoolCalls\x12;\n" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12C\n" +
-	"\x06budget\x18\x03 \x01(\v2+.switchboard.api.dispatcher.v1.BudgetActionR\x06budget\"\xb8\x02\n" +
+	"\x06budget\x18\x03 \x01(\v2+.switchboard.api.dispatcher.v1.BudgetActionR\x06budget\"\x86\x03\n" +
 	"\fBudgetAction\x12\x18\n" +
 	"\abudgets\x18\x01 \x03(\tR\abudgets\x12\x1f\n" +
 	"\vcost_micros\x18\x02 \x01(\x03R\n" +
@@ -8678,7 +8712,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
 	"decided_by\x18\x06 \x01(\tR\tdecidedBy\x12;\n" +
 	"\vdecide_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"decideTime\"\xda\x02\n" +
+	"decideTime\x12*\n" +
+	"\x11min_output_tokens\x18\b \x01(\x03R\x0fminOutputTokens\x12 \n" +
+	"\vdescription\x18\t \x01(\tR\vdescription\"\xda\x02\n" +
 	"\x0fPendingToolCall\x128\n" +
 	"\x04call\x18\x01 \x01(\v2$.switchboard.api.handler.v1.ToolCallR\x04call\x12O\n" +
 	"\bdecision\x18\x02 \x01(\x0e23.switchboard.api.dispatcher.v1.ToolApprovalDecisionR\bdecision\x12\x1d\n" +
@@ -8988,7 +9024,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\bend_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x1b\n" +
 	"\tpage_size\x18\b \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\t \x01(\tR\tpageToken\"\xef\x01\n" +
+	"page_token\x18\t \x01(\tR\tpageToken\"\x9f\x02\n" +
 	"\bUsageRow\x12\x10\n" +
 	"\x03day\x18\x01 \x01(\tR\x03day\x12\x1c\n" +
 	"\tassistant\x18\x02 \x01(\tR\tassistant\x12\x17\n" +
@@ -8998,7 +9034,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\finput_tokens\x18\x06 \x01(\x03R\vinputTokens\x12#\n" +
 	"\routput_tokens\x18\a \x01(\x03R\foutputTokens\x12\x1f\n" +
 	"\vcost_micros\x18\b \x01(\x03R\n" +
-	"costMicros\"y\n" +
+	"costMicros\x12.\n" +
+	"\x13budget_lowered_runs\x18\t \x01(\x03R\x11budgetLoweredRuns\"y\n" +
 	"\x12QueryUsageResponse\x12;\n" +
 	"\x04rows\x18\x01 \x03(\v2'.switchboard.api.dispatcher.v1.UsageRowR\x04rows\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x86\x01\n" +

@@ -797,9 +797,16 @@ type Usage struct {
 	// Cost in micro-units of the price table's currency (1,000,000 is one unit),
 	// counting every hop and priced tool call: what the run's budgets were
 	// charged. A remote handler reports what it spent here (docs/budgets.md).
-	CostMicros    int64 `protobuf:"varint,6,opt,name=cost_micros,json=costMicros,proto3" json:"cost_micros,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CostMicros int64 `protobuf:"varint,6,opt,name=cost_micros,json=costMicros,proto3" json:"cost_micros,omitempty"`
+	// Model calls made with `max_tokens` lowered to fit what was left of a
+	// budget: the room left was less than the call's prompt and `max_tokens`,
+	// but held its prompt and a useful answer (docs/budgets.md).
+	BudgetLoweredCalls int32 `protobuf:"varint,7,opt,name=budget_lowered_calls,json=budgetLoweredCalls,proto3" json:"budget_lowered_calls,omitempty"`
+	// The lowest `max_tokens` a budget left one of those calls; 0 if none was
+	// lowered.
+	LowestMaxTokens int32 `protobuf:"varint,8,opt,name=lowest_max_tokens,json=lowestMaxTokens,proto3" json:"lowest_max_tokens,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -870,6 +877,20 @@ func (x *Usage) GetEstimated() bool {
 func (x *Usage) GetCostMicros() int64 {
 	if x != nil {
 		return x.CostMicros
+	}
+	return 0
+}
+
+func (x *Usage) GetBudgetLoweredCalls() int32 {
+	if x != nil {
+		return x.BudgetLoweredCalls
+	}
+	return 0
+}
+
+func (x *Usage) GetLowestMaxTokens() int32 {
+	if x != nil {
+		return x.LowestMaxTokens
 	}
 	return 0
 }
@@ -1447,7 +1468,7 @@ const file_switchboard_api_handler_v1_handler_proto_rawDesc = "" +
 	"\targuments\x18\x04 \x01(\v2\x17.google.protobuf.StructR\targuments\x12+\n" +
 	"\x11invalid_arguments\x18\x05 \x01(\tR\x10invalidArguments\x12+\n" +
 	"\x11requires_approval\x18\x06 \x01(\bR\x10requiresApproval\x12#\n" +
-	"\rfunction_name\x18\a \x01(\tR\ffunctionName\"\xd2\x01\n" +
+	"\rfunction_name\x18\a \x01(\tR\ffunctionName\"\xb0\x02\n" +
 	"\x05Usage\x12!\n" +
 	"\finput_tokens\x18\x01 \x01(\x05R\vinputTokens\x12#\n" +
 	"\routput_tokens\x18\x02 \x01(\x05R\foutputTokens\x12,\n" +
@@ -1455,7 +1476,9 @@ const file_switchboard_api_handler_v1_handler_proto_rawDesc = "" +
 	"\x05model\x18\x04 \x01(\tR\x05model\x12\x1c\n" +
 	"\testimated\x18\x05 \x01(\bR\testimated\x12\x1f\n" +
 	"\vcost_micros\x18\x06 \x01(\x03R\n" +
-	"costMicros\"\xab\x01\n" +
+	"costMicros\x120\n" +
+	"\x14budget_lowered_calls\x18\a \x01(\x05R\x12budgetLoweredCalls\x12*\n" +
+	"\x11lowest_max_tokens\x18\b \x01(\x05R\x0flowestMaxTokens\"\xab\x01\n" +
 	"\fHandleResult\x12=\n" +
 	"\x05parts\x18\x01 \x03(\v2'.switchboard.api.context.v1.ContentPartR\x05parts\x127\n" +
 	"\x05usage\x18\x02 \x01(\v2!.switchboard.api.handler.v1.UsageR\x05usage\x12#\n" +
