@@ -113,9 +113,15 @@ async def test_staged_upload_commits_and_reads_back(store: BlobStore, size: int)
     chunks = [chunk async for chunk in store.read(sha(data))]
     assert b"".join(chunks) == data
     assert all(0 < len(chunk) <= CHUNK_SIZE for chunk in chunks)
-    # The staging went with the publish.
+    # The staging stays until the caller discards it (the file's row is stored): a
+    # second commit of the same upload (two FinishUpload calls at once, a retry after
+    # a crash before the row) publishes the same blob again.
+    assert await store.commit("up-1", size, sha(data)) == published
+    assert await read_all(store, sha(data)) == data
+    await store.discard("up-1")
     with pytest.raises(BlobNotFound):
         await store.commit("up-1", size, sha(data))
+    assert await read_all(store, sha(data)) == data
     assert await leftovers(store) == 1  # the blob itself, named by no row here
 
 

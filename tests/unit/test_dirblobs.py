@@ -67,9 +67,16 @@ async def test_resumable_stage_and_commit(store: DirectoryBlobStore) -> None:
     assert all(len(chunk) <= CHUNK for chunk in chunks)
     assert await read_all(store, sha, 10, 20) == data[10:30]
     assert await read_all(store, sha, len(data) - 5) == data[-5:]
-    # The staging went with the publish.
+    # The staging stays (a second FinishUpload publishes the same blob) until discarded;
+    # the blob does not go with it.
+    assert await store.commit("up-1", len(data), sha) == published
+    await store.discard("up-1")
     with pytest.raises(BlobNotFound):
         await store.commit("up-1", len(data), sha)
+    assert await read_all(store, sha) == data
+    # Nothing of the publishes is left behind in staging, and no marker of a collector.
+    assert list((store.root / "staging").iterdir()) == []
+    assert list((store.root / "collecting").iterdir()) == []
 
 
 async def test_commit_of_a_short_upload_keeps_its_staging(store: DirectoryBlobStore) -> None:

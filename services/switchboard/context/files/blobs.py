@@ -11,14 +11,29 @@ rename on a directory, a completed multipart upload or copy on S3). The
 database decides what exists: a blob no file row names is an orphan (a crash
 between publishing a blob and storing its row, or a deleted file), and
 ``collect`` removes orphans older than a grace period, which publishing the
-same content again resets (publishing always rewrites, so a concurrent upload
-of the same bytes is never collected from under its new row).
+same content again resets (publishing always rewrites).
+
+Publishing and collecting meet across replicas, which share the store and
+nothing else: a collector may have looked at a blob for the last time, found it
+old and unnamed, when another replica publishes the same bytes again for a
+file whose row is on its way. Each adapter closes that with a marker in the
+store itself: before its last look at a blob the collector leaves a marker
+naming it, and removes it after the delete; after landing a blob, a publish
+looks for such markers, waits until they are gone, and lands the blob again if
+it was deleted meanwhile. One of the two always sees the other (each writes
+before it reads, and the stores are strongly consistent), so a publish that
+returned has its blob in the store: the collector either saw it renewed, or
+the publisher saw the collector and put it back before returning.
 
 Staging comes in two shapes:
 
 - **Resumable** (StartUpload, AppendUpload, FinishUpload): ``stage`` writes one
   chunk at an offset and is durable when it returns, so another replica can
-  take the upload over; ``commit`` checks the whole and publishes it.
+  take the upload over; ``commit`` checks the whole and publishes it, and keeps
+  the staged bytes until the caller ``discard``s them once the file's row is
+  stored: two FinishUpload calls at once both publish (the same bytes, the
+  same blob), and an upload whose finisher died before its row can be
+  finished again.
 - **Streamed** (UploadFile): ``open_writer`` returns a writer that hashes as it
   goes; the caller publishes or discards it once the client's checksum arrives.
 
@@ -108,9 +123,11 @@ class BlobStore(Protocol):
         """Publish the staged upload's first ``size`` bytes under ``sha256``.
 
         Raises BlobMismatch if they are not ``size`` bytes with that SHA-256
-        (the staged bytes are kept, so the client may still fix its checksum
-        or append the rest), BlobNotFound if nothing is staged under that name.
-        The staging is discarded after a successful publish.
+        (the client may still fix its checksum or append the rest),
+        BlobNotFound if nothing is staged under that name. The staged bytes are
+        kept either way: the caller discards them once the file's row is stored,
+        so a concurrent or retried commit of the same upload publishes the same
+        blob again instead of failing.
         """
         ...
 
@@ -139,7 +156,8 @@ class BlobStore(Protocol):
     async def collect(self, referenced: ReferencedCheck, *, grace_s: float) -> int:
         """Remove blobs that ``referenced`` says no file names and staged uploads
         that ``referenced`` does not know, each untouched for ``grace_s``
-        seconds; returns how many were removed."""
+        seconds; returns how many were removed. Safe against publishes of the
+        same content on any replica at the same time (see the module doc)."""
         ...
 
     async def close(self) -> None:

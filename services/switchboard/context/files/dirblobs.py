@@ -2,20 +2,30 @@
 
 Layout under the root::
 
-    blobs/<aa>/<sha256>     published blobs, ``aa`` the hash's first two digits
-    staging/<upload>        a resumable upload's bytes (``stage``)
-    staging/w-<random>      a streamed upload being written (``open_writer``)
+    blobs/<aa>/<sha256>       published blobs, ``aa`` the hash's first two digits
+    staging/<upload>          a resumable upload's bytes (``stage``)
+    staging/w-<random>        a streamed upload being written (``open_writer``)
+    staging/k-<random>        a publish's own link to its bytes, until it is settled
+    collecting/<sha256>.<id>  a collector about to delete that blob
 
 A blob appears only whole: its bytes are written under a staging name, fsynced,
-renamed to their hash, and the directory is fsynced so the rename survives a
-power cut. Every file operation runs on this store's own small thread pool, in
-chunks of at most 1 MiB, so neither the event loop nor memory grows with a
-file's size.
+and a fresh link to them is renamed to their hash (with a new modification
+time: the collector's grace counts from the newest publish); the directory is
+fsynced so the rename survives a power cut. A commit links the staged upload
+rather than moving it: the upload's bytes stay until the caller discards them.
+Every file operation runs on this store's own small thread pool, in chunks of at
+most 1 MiB, so neither the event loop nor memory grows with a file's size.
 
-Publishing and collecting in this process take one lock, so the collector's
-"untouched for the grace period" check and its unlink cannot interleave with
-a publish that just renewed the blob (a publish always renames a fresh file
-over the hash, which renews its mtime).
+Several processes may share the directory (replicas on one machine, or on a
+shared volume), so publishing and collecting cannot rely on a lock in memory.
+The collector leaves a marker under ``collecting/`` before its last look at a
+blob and removes it after the delete; a publish, once its blob has landed,
+waits while a marker for its hash is there and then lands the blob again from
+its own link if it is gone (``_settle``). Either the collector's look sees the
+publish (a fresh modification time: it keeps the blob) or the publisher sees the
+marker: a publish that returned has its blob. Markers are files created and
+listed in one directory, so the processes must see each other's directory
+changes at once: a local filesystem, or a network one without cached listings.
 """
 
 from __future__ import annotations
@@ -29,7 +39,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +59,13 @@ CHUNK: Final = 1024 * 1024
 _BATCH: Final = 500
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 _STAGED: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
+#: A collector never deletes a blob later than this after leaving its marker (it
+#: gives up on that blob instead), so a marker older than MARKER_LIFE_S belongs to
+#: a collector that died, and publishes stop waiting for it.
+COLLECT_LIMIT_S: Final = 30.0
+MARKER_LIFE_S: Final = 120.0
+#: How often a publish looks again while a collector's marker names its blob.
+_SETTLE_POLL_S: Final = (0.005, 0.25)
 
 _T = TypeVar("_T")
 
@@ -80,8 +96,9 @@ class DirectoryBlobStore:
         self._staging = root / "staging"
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._staging.mkdir(parents=True, exist_ok=True)
+        self._collecting = root / "collecting"
+        self._collecting.mkdir(parents=True, exist_ok=True)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="blobs")
-        self._publishing = threading.Lock()
 
     async def _io(self, work: Callable[[], _T]) -> _T:
         try:
@@ -98,17 +115,72 @@ class DirectoryBlobStore:
             raise BlobNotFound(upload)
         return self._staging / upload
 
-    def _publish(self, source: Path, sha256: str, size: int) -> Published:
-        """Rename the fsynced ``source`` to its hash (the caller checked it)."""
+    def _publish(self, source: Path, sha256: str, *, consume: bool) -> Path:
+        """Land the fsynced, checked ``source`` under its hash: the publish's own link
+        to the bytes, which ``_settle`` needs and then removes. ``consume``: the
+        source is the caller's (a streamed upload's file), not an upload's staging."""
+        keep = self._staging / f"k-{secrets.token_hex(16)}"
+        try:
+            os.link(source, keep)
+        except FileNotFoundError:
+            # Another commit of the same upload finished and discarded it meanwhile.
+            raise BlobNotFound(source.name) from None
+        try:
+            # Fresh (the inode is shared): neither the link nor the blob is taken for
+            # old by a collection running now.
+            os.utime(keep)
+            if consume:
+                os.unlink(source)
+            self._land(keep, sha256)
+        except BaseException:
+            keep.unlink(missing_ok=True)
+            raise
+        return keep
+
+    def _land(self, keep: Path, sha256: str) -> None:
+        """Rename a fresh link to ``keep``'s bytes to the hash (replacing what is there)."""
         target = self.path(sha256)
         target.parent.mkdir(exist_ok=True)
-        with self._publishing:
-            os.replace(source, target)
-            # A rename keeps the source's mtime; the collector's grace counts
-            # from the newest publish.
-            os.utime(target)
+        link = self._staging / f"t-{secrets.token_hex(16)}"
+        os.link(keep, link)
+        try:
+            os.utime(link)
+            os.replace(link, target)
+        finally:
+            # A rename onto another name of the same inode (a concurrent publish of
+            # the same staging) leaves both names.
+            link.unlink(missing_ok=True)
         _fsync_dir(target.parent)
-        return Published(sha256=sha256, size=size)
+
+    def _collected_now(self, sha256: str, keep: Path) -> bool:
+        """Whether a collector's marker names ``sha256`` (and is not a dead one's)."""
+        # Touched while waiting: a long wait must not let the link age into an orphan.
+        os.utime(keep)
+        prefix = f"{sha256}."
+        alive = time.time() - MARKER_LIFE_S
+        with os.scandir(self._collecting) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat().st_mtime > alive:
+                            return True
+        return False
+
+    async def _settle(self, sha256: str, keep: Path) -> None:
+        """After a publish landed: wait while a collector is at its blob, and land it
+        again if that collector deleted it (see the module doc)."""
+        delay, longest = _SETTLE_POLL_S
+        try:
+            while True:
+                if await self._io(functools.partial(self._collected_now, sha256, keep)):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, longest)
+                    continue
+                if await self._io(self.path(sha256).is_file):
+                    return
+                await self._io(functools.partial(self._land, keep, sha256))
+        finally:
+            await asyncio.shield(self._io(functools.partial(keep.unlink, missing_ok=True)))
 
     # -- resumable uploads ------------------------------------------------------------
 
@@ -133,7 +205,7 @@ class DirectoryBlobStore:
     async def commit(self, upload: str, size: int, sha256: str) -> Published:
         path = self._staged(upload)
 
-        def work() -> Published:
+        def work() -> Path:
             digest = hashlib.sha256()
             counted = 0
             try:
@@ -150,12 +222,17 @@ class DirectoryBlobStore:
                 found = digest.hexdigest()
                 if counted != size or found != sha256:
                     raise BlobMismatch(size=counted, sha256=found)
+                # Anything staged past the size is not the file's. (Once published,
+                # the staging and the blob are one inode of exactly ``size`` bytes,
+                # so a second commit's truncate changes nothing.)
                 handle.truncate(size)
                 handle.flush()
                 os.fsync(handle.fileno())
-            return self._publish(path, sha256, size)
+            return self._publish(path, sha256, consume=False)
 
-        return await self._io(work)
+        keep = await self._io(work)
+        await self._settle(sha256, keep)
+        return Published(sha256=sha256, size=size)
 
     async def discard(self, upload: str) -> None:
         path = self._staged(upload)
@@ -213,28 +290,55 @@ class DirectoryBlobStore:
         for start in range(0, len(blobs), _BATCH):
             batch = blobs[start : start + _BATCH]
             kept = await referenced.blobs([path.name for path in batch])
-            doomed = [path for path in batch if path.name not in kept]
-            removed += await self._io(functools.partial(self._unlink_old, doomed, cutoff))
+            for path in batch:
+                if path.name not in kept:
+                    removed += await self._io(functools.partial(self._collect_blob, path, cutoff))
         staged = await self._io(lambda: _old_files(self._staging, cutoff, nested=False))
         for start in range(0, len(staged), _BATCH):
             batch = staged[start : start + _BATCH]
             live = await referenced.uploads([path.name for path in batch])
             doomed = [path for path in batch if path.name not in live]
             removed += await self._io(functools.partial(self._unlink_old, doomed, cutoff))
+        # Markers of collectors that died mid-way (they name blobs, not content).
+        markers = await self._io(lambda: _old_files(self._collecting, cutoff, nested=False))
+        await self._io(functools.partial(self._unlink_old, markers, cutoff))
         return removed
+
+    def _collect_blob(self, path: Path, cutoff: float) -> int:
+        """Delete the blob at ``path`` if it is still untouched since ``cutoff``, under
+        a marker that publishes of the same hash wait for."""
+        marker = self._collecting / f"{path.name}.{secrets.token_hex(8)}"
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        made = time.monotonic()
+        try:
+            # The last look, after the marker: a publish that landed before it shows
+            # here; one that lands after it sees the marker.
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    return 0  # published again since it was listed
+            except FileNotFoundError:
+                return 0
+            if time.monotonic() - made > COLLECT_LIMIT_S:
+                return 0  # publishes may have stopped waiting for this marker
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return 0
+            return 1
+        finally:
+            marker.unlink(missing_ok=True)
 
     def _unlink_old(self, paths: list[Path], cutoff: float) -> int:
         removed = 0
-        with self._publishing:
-            for path in paths:
-                try:
-                    # Published or written again since it was listed: not an orphan.
-                    if path.stat().st_mtime >= cutoff:
-                        continue
-                    path.unlink()
-                except FileNotFoundError:
+        for path in paths:
+            try:
+                # Written again since it was listed: not an orphan.
+                if path.stat().st_mtime >= cutoff:
                     continue
-                removed += 1
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
         return removed
 
     async def close(self) -> None:
@@ -318,20 +422,21 @@ class DirectoryBlobWriter:
             await self.discard()
             raise BlobMismatch(size=self._size, sha256=found)
 
-        def work() -> Published:
+        def work() -> Path:
             self._open()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            return self._store._publish(self._path, sha256, self._size)
+            return self._store._publish(self._path, sha256, consume=True)
 
         try:
-            published = await self._store._io(work)
+            keep = await self._store._io(work)
         except BaseException:
             await self.discard()
             raise
         self._done = True
-        return published
+        await self._store._settle(sha256, keep)
+        return Published(sha256=sha256, size=self._size)
 
     def _drop(self) -> None:
         """Close and remove the staging file (in a pool thread)."""

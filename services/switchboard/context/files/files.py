@@ -16,7 +16,8 @@ results). Every one is bounded: the file size, the workspace's storage quota
 (uploads in progress count at their declared size), uploads in flight per
 workspace, an upload's lifetime.
 
-Documents get their text at upload (``extract.py``); audio files get a
+Documents get their text at upload (``extract.py``; a PDF in a child process bounded
+in time and memory, ``pdfworker.py``); audio files get a
 transcript in the background when a ``Transcriber`` is configured (PENDING
 until then, picked up again after a restart).
 """
@@ -29,9 +30,11 @@ import datetime as dt
 import hashlib
 import logging
 import re
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, Final
 
 from google.protobuf import struct_pb2
@@ -64,6 +67,7 @@ from switchboard.context.files.filemapping import (
     upload_proto,
 )
 from switchboard.context.files.filestore import FileRecord, FileStore, UploadRecord
+from switchboard.context.files.pdfworker import PdfExtractor
 from switchboard.context.files.sniff import HEAD_BYTES, Sniffed, check, normalize
 from switchboard.context.files.transcriber import Transcriber
 from switchboard.platform import names
@@ -120,6 +124,11 @@ class FileLimits:
     transcribe_concurrency: int = 2
     orphan_grace_s: int = 3600
     purge_after_s: int = 30 * 86_400
+    #: Reading one PDF's text: its wall time, its child process's address space,
+    #: and how many PDFs a process reads at once (pdfworker.py).
+    extract_timeout_s: float = 60.0
+    extract_memory_bytes: int = 1024 * MiB
+    extract_concurrency: int = 2
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,11 @@ class Files(Domain):
         self._transcribing: set[str] = set()
         self._transcribers = asyncio.Semaphore(limits.transcribe_concurrency)
         self._maintenance: asyncio.Task[None] | None = None
+        self._pdf = PdfExtractor(
+            timeout_s=limits.extract_timeout_s,
+            memory_bytes=limits.extract_memory_bytes,
+            concurrency=limits.extract_concurrency,
+        )
         self._closed = False
 
     # -- the API other parts of the mesh use --------------------------------------------
@@ -468,26 +482,31 @@ class Files(Domain):
         declared = _Declared(row.display_name, row.media_type, row.size_bytes, row.meta)
         try:
             with _blob_errors():
+                # The staged bytes stay until the file's row is stored: FinishUpload
+                # calls at once each publish the same blob, and the first row stored
+                # is the file every one of them answers.
                 published = await self.blobs.commit(upload_id, row.size_bytes, checksum)
         except BlobMismatch as mismatch:
             raise _checksum_mismatch(mismatch) from None
         except BlobNotFound:
-            # Another FinishUpload took the staged bytes first: its file, once stored.
+            # The staging is gone: a concurrent FinishUpload stored the file and
+            # discarded it (its file), or the upload was cancelled or expired.
             again = await stored(self._store.get_upload(workspace_id, upload_id))
             if again is not None and again.file_id is not None:
                 return file_proto(await self._file(file_name(workspace_id, again.file_id), "name"))
             raise FailedPrecondition(
-                f"{request.name} is being finished by another request, or its bytes were "
-                "discarded; GetUpload says which"
+                f"{request.name}'s bytes were discarded (cancelled or expired); GetUpload "
+                "says which"
             ) from None
         head = b"".join([c async for c in self._blob_read(published.sha256, 0, HEAD_BYTES)])
         try:
             sniffed = self._sniff(declared, head, "file", whole=published.size <= HEAD_BYTES)
         except InvalidArgument:
-            # Its staging went with the publish: the upload cannot be finished any more.
+            # The content contradicts the declared type: no checksum can fix that.
             await self._store.delete_upload(workspace_id, upload_id)
+            await self._discard_staging(upload_id)
             raise
-        return await self._admit(
+        stored_file = await self._admit(
             workspace_id,
             declared,
             sniffed,
@@ -496,6 +515,8 @@ class Files(Domain):
             creator=row.creator,
             upload_id=upload_id,
         )
+        await self._discard_staging(upload_id)
+        return stored_file
 
     @write
     async def cancel_upload(self, principal: Principal, name: str) -> None:
@@ -589,6 +610,7 @@ class Files(Domain):
         self._closed = True
         maintenance = [self._maintenance] if self._maintenance is not None else []
         await cancel_all([*self._tasks, *maintenance])
+        await self._pdf.close()
         await self.blobs.close()
 
     async def maintain_once(self, *, collect: bool = True) -> int:
@@ -748,6 +770,14 @@ class Files(Domain):
         await self._check_expiry(row)
         return row
 
+    async def _discard_staging(self, upload_id: str) -> None:
+        """Drop a finished upload's staged bytes; collection removes what this cannot
+        (a finished upload is not live)."""
+        try:
+            await self.blobs.discard(upload_id)
+        except BlobUnavailable:
+            log.warning("could not discard a finished upload's staging (collection will)")
+
     async def _check_expiry(self, row: UploadRecord) -> None:
         if row.expires_at > now():
             return
@@ -846,11 +876,12 @@ class Files(Domain):
 
     async def _extract(self, sha256: str, media_type: str) -> Extracted:
         limits = self.file_limits
-        # Text needs at most 4 bytes a character; a PDF is read whole, spooled to disk.
-        limit = 0 if media_type == "application/pdf" else limits.max_text_chars * 4 + 1
+        if media_type == "application/pdf":
+            return await self._extract_pdf(sha256)
+        # Text needs at most 4 bytes a character: decoding that much is bounded.
         spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=MAX_CHUNK)  # noqa: SIM115
         try:
-            async for chunk in self._blob_read(sha256, 0, limit):
+            async for chunk in self._blob_read(sha256, 0, limits.max_text_chars * 4 + 1):
                 await asyncio.to_thread(spool.write, chunk)
             await asyncio.to_thread(spool.seek, 0)
             return await asyncio.to_thread(
@@ -862,6 +893,27 @@ class Files(Domain):
             )
         finally:
             await asyncio.to_thread(spool.close)
+
+    async def _extract_pdf(self, sha256: str) -> Extracted:
+        """A PDF's text, read whole from a file on disk by a bounded child process."""
+        limits = self.file_limits
+        folder = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="switchboard-pdf-"))
+        try:
+            source = folder / "document.pdf"
+            handle = await asyncio.to_thread(source.open, "wb")
+            try:
+                async for chunk in self._blob_read(sha256, 0, 0):
+                    await asyncio.to_thread(handle.write, chunk)
+            finally:
+                await asyncio.to_thread(handle.close)
+            extracted = await self._pdf.extract(
+                source, max_chars=limits.max_text_chars, max_pages=limits.max_pdf_pages
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        if extracted.error:
+            log.info("a PDF's text was not extracted: %s", extracted.error)
+        return extracted
 
 
 def _check_chunk(chunk: bytes, field: str, offset: int, size: int) -> None:

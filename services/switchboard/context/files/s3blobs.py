@@ -19,6 +19,16 @@ bucket holds four kinds of thing:
   has no object.
 - Incomplete multipart uploads (a replica killed mid-commit or mid-stream)
   are invisible to readers; ``collect`` aborts those left untouched.
+- ``collecting/<sha256>/<id>``: a collector about to delete that blob. It puts
+  the marker before its last look at the blob (a HEAD: published again since it
+  was listed?) and deletes it after the delete; a publish, once its blob has
+  landed, lists the markers of its hash, waits while there are any, and lands
+  the blob again if it is gone (``_settle``). S3 is strongly consistent, so one
+  of the two sees the other: a publish that returned has its blob, on whichever
+  replica the collector runs. A collector never deletes later than
+  ``COLLECT_LIMIT_S`` after its marker, so a publish waits only for markers
+  younger than that plus the requests' own time (a dead collector's marker is
+  ignored, and removed by a later collection).
 
 Every call to S3 is blocking (boto3) and runs on a bounded thread pool of the
 store's own, never on the event loop; each has connect and read timeouts and a
@@ -36,7 +46,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -84,6 +94,12 @@ MAX_ATTEMPTS: Final = 3
 BATCH: Final = 1000
 #: Threads (and pooled connections) per store.
 DEFAULT_WORKERS: Final = 16
+
+#: A collector gives up on a blob (does not delete it) once this long has passed
+#: since it put its marker; see the module doc.
+COLLECT_LIMIT_S: Final = 15.0
+#: How often a publish looks again while a collector's marker names its blob.
+_SETTLE_POLL_S: Final = (0.01, 0.5)
 
 _UPLOAD_ID = re.compile(r"[a-z0-9-]{1,128}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -193,6 +209,9 @@ class S3BlobStore:
         self._bucket_ready = False
         self._bucket_lock = asyncio.Lock()
         self._closed = False
+        # A marker younger than this may belong to a collector still at work: its own
+        # limit, and its delete's attempts (each as long as a request may take).
+        self._marker_life_s = COLLECT_LIMIT_S + 2 * MAX_ATTEMPTS * timeout_s + 60.0
 
     @classmethod
     def from_settings(cls, settings: ContextSettings, *, dev_mode: bool) -> S3BlobStore:
@@ -300,6 +319,13 @@ class S3BlobStore:
     async def commit(self, upload: str, size: int, sha256: str) -> Published:
         if size < 0:
             raise ValueError("size must not be negative")
+        await self._publish_staged(upload, size, sha256)
+        # The staged chunks stay: the caller discards them once the file's row is
+        # stored, and a second commit meanwhile publishes the same blob again.
+        await self._settle(sha256, lambda: self._publish_staged(upload, size, sha256))
+        return Published(sha256=sha256, size=size)
+
+    async def _publish_staged(self, upload: str, size: int, sha256: str) -> None:
         staged = await self._call(self._list_staged, upload)
         if not staged:
             raise BlobNotFound(f"nothing staged for {upload}")
@@ -308,16 +334,9 @@ class S3BlobStore:
         if size <= PART_SIZE or not _SHA256.fullmatch(sha256):
             # (A name that is no SHA-256 matches no content: hashing tells it, nothing
             # is uploaded.)
-            published = await self._commit_small(chunks, target, size, sha256)
+            await self._commit_small(chunks, target, size, sha256)
         else:
-            published = await self._commit_multipart(chunks, target, size, sha256)
-        try:
-            await self._delete_keys([chunk.key for chunk in staged])
-        except (BlobUnavailable, BlobNotFound) as exc:
-            # The blob is published, which is what was asked; the upload is no longer
-            # live once the caller records that, so collect removes its chunks.
-            log.warning("could not delete an upload's staged chunks (collect will): %s", exc)
-        return published
+            await self._commit_multipart(chunks, target, size, sha256)
 
     @staticmethod
     def _contiguous(staged: list[_Staged], size: int) -> list[_Staged]:
@@ -543,6 +562,7 @@ class S3BlobStore:
         removed += await self._collect_staging(referenced, cutoff)
         removed += await self._collect_streams(cutoff)
         removed += await self._collect_multipart(cutoff)
+        await self._collect_markers(cutoff)
         return removed
 
     async def _pages(self, prefix: str) -> AsyncIterator[list[tuple[str, float]]]:
@@ -569,17 +589,64 @@ class S3BlobStore:
                 continue
             kept = await referenced.blobs(old)
             for sha in old:
-                if sha in kept:
-                    continue
-                # Published again since it was listed (the same bytes uploaded anew, its
-                # row on the way): not an orphan. This narrows the race with a publish
-                # to the moment between this look and the delete; see docs/decisions.md.
-                modified = await self._modified(sha)
-                if modified is None or modified >= cutoff:
-                    continue
-                await self.delete(sha)
-                removed += 1
+                if sha not in kept:
+                    removed += await self._collect_blob(sha, cutoff)
         return removed
+
+    async def _collect_blob(self, sha256: str, cutoff: float) -> int:
+        """Delete the blob if it is still untouched since ``cutoff``, under a marker that
+        publishes of the same hash wait for (see the module doc)."""
+        marker = f"collecting/{sha256}/{uuid.uuid4().hex}"
+        await self._call(self._client.put_object, Bucket=self._bucket, Key=marker, Body=b"")
+        made = time.monotonic()
+        try:
+            # The last look, after the marker: a publish that landed before it shows
+            # here (published again since it was listed: not an orphan); one that lands
+            # after it sees the marker.
+            modified = await self._modified(sha256)
+            if modified is None or modified >= cutoff:
+                return 0
+            if time.monotonic() - made > COLLECT_LIMIT_S:
+                return 0  # publishes may have stopped waiting for this marker
+            await self.delete(sha256)
+            return 1
+        finally:
+            try:
+                await self._call(self._client.delete_object, Bucket=self._bucket, Key=marker)
+            except (BlobUnavailable, BlobNotFound) as exc:
+                # Publishes of this hash wait for it until it is older than their
+                # patience; the next collection removes it.
+                log.warning("could not delete a collector's marker: %s", exc)
+
+    async def _collect_markers(self, cutoff: float) -> int:
+        """Markers of collectors that died between putting them and deleting them."""
+        old: list[str] = []
+        async for page in self._pages("collecting/"):
+            old += [key for key, modified in page if modified < cutoff]
+        await self._delete_keys(old)
+        return 0  # markers name blobs; they are not what was collected
+
+    async def _being_collected(self, sha256: str) -> bool:
+        """Whether a live collector's marker names the blob ``sha256``."""
+        alive = time.time() - self._marker_life_s
+        async for page in self._pages(f"collecting/{sha256}/"):
+            if any(modified > alive for _, modified in page):
+                return True
+        return False
+
+    async def _settle(self, sha256: str, republish: Callable[[], Awaitable[None]]) -> None:
+        """After a publish landed: wait while a collector is at its blob, and land it
+        again (``republish``) if that collector deleted it."""
+        delay, longest = _SETTLE_POLL_S
+        while True:
+            if await self._being_collected(sha256):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+                continue
+            if await self._modified(sha256) is not None:
+                return
+            log.info("a blob was collected as it was published again; publishing it again")
+            await republish()
 
     async def _collect_staging(self, referenced: ReferencedCheck, cutoff: float) -> int:
         # The listing is in key order, so an upload's chunks come together; an upload is
@@ -759,11 +826,18 @@ class S3BlobWriter:
             raise BlobMismatch(size=self._size, sha256=digest)
         target = _blob_key(sha256)
         if self._upload_id is None:
-            await store._call(store._client.put_object, Bucket=store._bucket, Key=target, Body=tail)
-        else:
-            await self._publish_multipart(target)
 
-    async def _publish_multipart(self, target: str) -> None:
+            async def put() -> None:
+                await store._call(
+                    store._client.put_object, Bucket=store._bucket, Key=target, Body=tail
+                )
+
+            await put()
+            await store._settle(sha256, put)
+        else:
+            await self._publish_multipart(sha256, target)
+
+    async def _publish_multipart(self, sha256: str, target: str) -> None:
         store = self._store
         await store._call(
             store._client.complete_multipart_upload,
@@ -775,6 +849,8 @@ class S3BlobWriter:
         self._upload_id = None
         self._staged_object = True
         await self._copy(target)
+        # The stream object is the copy's source until the blob is settled.
+        await store._settle(sha256, lambda: self._copy(target))
         await store._call(store._client.delete_object, Bucket=store._bucket, Key=self._key)
         self._staged_object = False
 
