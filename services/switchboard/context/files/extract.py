@@ -4,6 +4,10 @@ PDFs are read with pypdf, page by page, up to a page limit; text formats are
 decoded as UTF-8. Either way the text is cut at a character limit. A document
 that cannot be read is not the client's error: its text state is FAILED with a
 short reason, and the file is stored.
+
+Decoding text is linear in the bytes kept; pypdf is not bounded at all (a small
+crafted PDF can hold it for hours, or take gigabytes), so the server reads a PDF
+only in a child process with limits (``pdfworker.py``), which calls ``pdf_text``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def extractable(media_type: str) -> bool:
 def extract(source: IO[bytes], media_type: str, *, max_chars: int, max_pages: int) -> Extracted:
     """The text of the document in ``source`` (a seekable file at its start)."""
     if media_type == "application/pdf":
-        return _pdf(source, max_chars=max_chars, max_pages=max_pages)
+        return pdf_text(source, max_chars=max_chars, max_pages=max_pages)
     return _text(source, max_chars=max_chars)
 
 
@@ -54,7 +58,9 @@ def _text(source: IO[bytes], *, max_chars: int) -> Extracted:
     return Extracted(text=text[:max_chars])
 
 
-def _pdf(source: IO[bytes], *, max_chars: int, max_pages: int) -> Extracted:
+def pdf_text(source: IO[bytes], *, max_chars: int, max_pages: int) -> Extracted:
+    """The text of a PDF, without any bound on time or memory: run it where it is
+    bounded (``pdfworker``). MemoryError is raised, for the bound to name."""
     try:
         reader = PdfReader(source)
         if reader.is_encrypted and not reader.decrypt(""):
@@ -67,6 +73,8 @@ def _pdf(source: IO[bytes], *, max_chars: int, max_pages: int) -> Extracted:
             text = page.extract_text() or ""
             pieces.append(text)
             total += len(text) + 1
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pypdf raises many kinds for a damaged file
         log.info("PDF text extraction failed: %s", type(exc).__name__)
         return Extracted(error="the PDF could not be read")
