@@ -58,6 +58,7 @@ class Feed:
     """One run's updates."""
 
     __slots__ = (
+        "_base",
         "_last_stamp",
         "_waiters",
         "done",
@@ -69,12 +70,22 @@ class Feed:
     )
 
     def __init__(
-        self, run: str, *, max_updates: int, first: int = 1, not_before_ns: int = 0
+        self,
+        run: str,
+        *,
+        max_updates: int,
+        first: int = 1,
+        not_before_ns: int = 0,
+        opening: pb.RunUpdate | None = None,
     ) -> None:
+        """``opening``: the run as it stood just before ``first`` (a state change), for a
+        feed that does not begin with one (a run recovered while it was queued)."""
         self.run = run
         self.updates: list[pb.RunUpdate] = []
         # Sequence of updates[0]; later than 1 once old deltas were dropped.
         self.first = first
+        # The last state change before updates[0] (``opening``).
+        self._base = opening
         # The latest stamp given (ns since the epoch): stamps never go backwards
         # within a run, though the wall clock may step back (NTP) and a run taken
         # over continues on another host's clock (``not_before_ns``: its stored state).
@@ -116,9 +127,31 @@ class Feed:
             # Keep memory bounded on endless streams: a watcher that far behind
             # gets OUT_OF_RANGE and can re-read the run's final state.
             drop = len(self.updates) // 4
-            del self.updates[:drop]
+            updates = self.updates
+            for index in range(drop - 1, -1, -1):
+                if updates[index].HasField("state_change"):
+                    self._base = updates[index]
+                    break
+            del updates[:drop]
             self.first += drop
         self._wake()
+
+    def opening(self) -> pb.RunUpdate | None:
+        """What a watcher behind the feed's start (after a sequence before ``first - 1``)
+        gets before the updates kept: the run as it stood just before ``first``, as its
+        last state change there said (numbered ``first - 1``, stamped as it was). None when
+        the first update kept is itself a state change, which stands for what came before
+        (a recovered run's attempt opens with one), or when nothing before it is known."""
+        updates = self.updates
+        base = self._base
+        if base is None or (updates and updates[0].HasField("state_change")):
+            return None
+        opening = pb.RunUpdate(run=self.run, sequence=self.first - 1)
+        opening.time.CopyFrom(base.time)
+        run = opening.state_change.run
+        run.CopyFrom(base.state_change.run)
+        run.last_sequence = self.first - 1
+        return opening
 
     def finish(self) -> None:
         self.done = True
@@ -201,8 +234,21 @@ class Feeds:
         self._active: dict[str, Feed] = {}
         self._finished: OrderedDict[str, Feed] = OrderedDict()
 
-    def open(self, run: str, *, first: int = 1, not_before_ns: int = 0) -> Feed:
-        feed = Feed(run, max_updates=self._max_updates, first=first, not_before_ns=not_before_ns)
+    def open(
+        self,
+        run: str,
+        *,
+        first: int = 1,
+        not_before_ns: int = 0,
+        opening: pb.RunUpdate | None = None,
+    ) -> Feed:
+        feed = Feed(
+            run,
+            max_updates=self._max_updates,
+            first=first,
+            not_before_ns=not_before_ns,
+            opening=opening,
+        )
         self._active[run] = feed
         return feed
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+import re
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -25,9 +27,8 @@ from switchboard.dispatcher.llm.retrieval import search_memory_definition
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.admission import HANDLER, route
 from switchboard.dispatcher.runs.execution import step_limit
-from switchboard.dispatcher.runs.feed import merge_deltas
-from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
-from switchboard.dispatcher.runs.publishing import is_token
+from switchboard.dispatcher.runs.feed import Feed, merge_deltas
+from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, SEQUENCE_BLOCK, Common, next_block
 from switchboard.dispatcher.runs.store import TERMINAL, Listing
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
@@ -36,8 +37,8 @@ from switchboard.platform.errors import FieldViolation, InvalidArgument
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 
-#: How long a token that overtook the update before it (another replica's run: two
-#: channels) waits for it before it goes out anyway.
+#: How long an update of another replica's run that came before the one ahead of it (two
+#: channels: ``_InOrder``) waits for it before it goes out anyway, the gap showing.
 _OVERTAKEN_S: Final = 0.05
 
 
@@ -183,18 +184,13 @@ class Queries:
                 yield update
             return
         if after_sequence < feed.first - 1:
-            # Older updates are gone (a restart, or an endless stream trimmed):
-            # start from a snapshot of the run, then follow without gaps.
-            active = self._live.runs.get(name)
-            if active is not None:
-                current = self._live.current(active.run)
-            else:
-                current = (await self._store.get(found[1], found[2], found[3])).run
-            current.last_sequence = feed.first - 1
-            kept = feed.updates[0].time.ToNanoseconds() if feed.updates else None
-            first = mapping.snapshot(current, not_after_ns=kept)
-            yield first
-            after_sequence = first.sequence
+            # Older updates are not here (a run recovered here: its attempt's block; an
+            # endless stream trimmed).
+            start = feed.first - 1
+            first = await self._opening(found, feed)
+            if first is not None:
+                yield first
+            after_sequence = start
         position, ended = after_sequence, False
         async for update in feed.follow(
             after_sequence, heartbeat_s=self._limits.heartbeat_s, merge=merge
@@ -209,6 +205,24 @@ class Queries:
             stored = await self._store.get(found[1], found[2], found[3])
             async for update in self._watch_stored(stored.run, position, merge):
                 yield update
+
+    async def _opening(self, found: re.Match[str], feed: Feed) -> pb.RunUpdate | None:
+        """What a watcher behind ``feed``'s start gets first: a state change that stands
+        where the feed begins (None: the first kept is one), never the run as it stands
+        now (an ended run's end, and then its attempt replayed after it: issue 67)."""
+        first = feed.opening()
+        if first is not None or (feed.updates and feed.updates[0].HasField("state_change")):
+            return first
+        # Nothing of it known before the feed, which has no state change to start from
+        # yet (a recovered run that has shown nothing): the run as it stands.
+        active = self._live.runs.get(feed.run)
+        if active is not None:
+            current = self._live.current(active.run)
+        else:
+            current = (await self._store.get(found[1], found[2], found[3])).run
+        current.last_sequence = feed.first - 1
+        kept = feed.updates[0].time.ToNanoseconds() if feed.updates else None
+        return mapping.snapshot(current, not_after_ns=kept)
 
     async def _watch_stored(
         self, run: pb.Run, after_sequence: int, merge: bool
@@ -236,39 +250,36 @@ class Queries:
             order = _InOrder(position)
             conversation = mapping.conversation_name(found[1], found[2])
             held = self._held(run.name, conversation, order)
-            for one in merge_deltas(held) if merge else held:
-                yield one
-                if one.state_change.run.state in TERMINAL:
-                    return
+            ready = merge_deltas(held) if merge else held
             while True:
+                for one in ready:
+                    yield one
+                    if _ends(one):
+                        return
+                wait = self._limits.heartbeat_s
+                if order.early:
+                    wait = order.left()
+                    if wait <= 0:
+                        # What they waited for is not coming (it was before this watch
+                        # began, or lost on the way): they go out, the gap showing.
+                        flushed = order.flush()
+                        ready = merge_deltas(flushed) if merge else flushed
+                        continue
                 try:
-                    async with asyncio.timeout(
-                        _OVERTAKEN_S if order.early else self._limits.heartbeat_s
-                    ):
+                    async with asyncio.timeout(wait):
                         update = await queue.get()
                 except TimeoutError:
-                    if order.early:
-                        # What they waited for is not coming (it was before this watch
-                        # began, or lost on the way): the tokens go out as they are.
-                        flushed = order.flush()
-                        for one in merge_deltas(flushed) if merge else flushed:
-                            yield one
-                        continue
-                    # Idle: did it end without this process hearing of it (its
-                    # end published while this one could not read the log)?
-                    stored = await self._store.get(found[1], found[2], found[3])
-                    if stored.run.state in TERMINAL and stored.run.last_sequence > order.position:
-                        yield mapping.snapshot(stored.run)
-                        return
-                    yield None
+                    ready = []
+                    if not order.early:
+                        # Idle: did it end without this process hearing of it (its
+                        # end published while this one could not read the log)?
+                        stored = (await self._store.get(found[1], found[2], found[3])).run
+                        if stored.state in TERMINAL and stored.last_sequence > order.position:
+                            ready = [mapping.snapshot(stored)]
+                        else:
+                            yield None
                     continue
-                for one in _ready(order, update, queue, merge):
-                    yield one
-                    if (
-                        one.WhichOneof("update") == "state_change"
-                        and one.state_change.run.state in TERMINAL
-                    ):
-                        return
+                ready = _ready(order, update, queue, merge)
         finally:
             unsubscribe()
 
@@ -279,7 +290,13 @@ class Queries:
         after ``after_sequence`` up to its end when this process still holds them all
         (its ring keeps the logged ones and the tokens heard, speech included), exactly
         what the owner's feed would replay; otherwise the run as stored stands for them."""
-        held = self._held(run.name, conversation, _InOrder(after_sequence))
+        order = _InOrder(after_sequence)
+        # The run has ended: what is not held by now will not come.
+        held = self._held(run.name, conversation, order) + order.flush()
+        if held and held[0].sequence != after_sequence + 1 and not _starts(held[0]):
+            # The ring does not reach back to the watcher's place (or the run's start):
+            # the run as stored, not a stream with its beginning missing.
+            return [mapping.snapshot(run)]
         for index, one in enumerate(held):
             if _ends(one):
                 return held[: index + 1]
@@ -346,6 +363,12 @@ def _ends(update: pb.RunUpdate) -> bool:
     )
 
 
+def _starts(update: pb.RunUpdate) -> bool:
+    """Whether a stream may begin with ``update`` after a gap: a state change carries the
+    whole run as it then stood."""
+    return update.HasField("state_change")
+
+
 def _ready(
     order: _InOrder, update: pb.RunUpdate, queue: asyncio.Queue[pb.RunUpdate], merge: bool
 ) -> list[pb.RunUpdate]:
@@ -361,32 +384,59 @@ def _ready(
 
 class _InOrder:
     """Another replica's run, as this process hears it: its logged updates in log order,
-    its tokens (deltas, speech) over their own channel (``EventBus.announce``), which may
-    overtake the logged update before them. A token waits for the sequence it follows; a logged
-    update never waits (a token lost on the way leaves a gap, not a stall)."""
+    its tokens (deltas, speech) over their own channel (``EventBus.announce``: Redis
+    pub/sub, read by another task than the log's), so either may arrive before the
+    update before it: a token before the logged update it follows, or a logged update
+    before the token right ahead of it (issue 67: the delta the echo handler yields
+    just before a progress update). An update that leaves a gap waits for what comes
+    before it, all together at most ``_OVERTAKEN_S`` from the first such arrival
+    (``due``); what never comes (a token lost on the way) then leaves a gap, which
+    the sequences show, never a stall. A new attempt's first update (the first of a
+    newer block) waits for nothing of the attempt before it."""
 
-    def __init__(self, position: int) -> None:
+    __slots__ = ("_clock", "due", "early", "position")
+
+    def __init__(self, position: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.position = position
         self.early: dict[int, pb.RunUpdate] = {}
+        #: When what waits in ``early`` goes out anyway (``clock`` time; 0: nothing waits).
+        self.due = 0.0
+        self._clock = clock
 
     def take(self, update: pb.RunUpdate) -> list[pb.RunUpdate]:
         """What may go out now that ``update`` came, in order."""
-        if update.sequence <= self.position:
+        sequence = update.sequence
+        position = self.position
+        if sequence <= position:
             return []
         early = self.early
-        if is_token(update) and update.sequence > self.position + 1:
-            early[update.sequence] = update
+        if sequence != position + 1 and not _opens_attempt(sequence, position):
+            if not early:
+                self.due = self._clock() + _OVERTAKEN_S
+            early[sequence] = update
             return []
-        ready = [early.pop(s) for s in sorted(early) if s < update.sequence]
-        ready.append(update)
-        while (after := early.pop(ready[-1].sequence + 1, None)) is not None:
-            ready.append(after)
+        ready = [update]
+        if early:
+            while (after := early.pop(ready[-1].sequence + 1, None)) is not None:
+                ready.append(after)
+            if not early:
+                self.due = 0.0
         self.position = ready[-1].sequence
         return ready
 
+    def left(self) -> float:
+        """Seconds until what waits goes out anyway."""
+        return self.due - self._clock()
+
     def flush(self) -> list[pb.RunUpdate]:
-        """The waiting tokens, in order (what they waited for is not coming)."""
+        """What waits, in order: what it waited for is not coming."""
         ready = [self.early.pop(s) for s in sorted(self.early)]
+        self.due = 0.0
         if ready:
             self.position = ready[-1].sequence
         return ready
+
+
+def _opens_attempt(sequence: int, position: int) -> bool:
+    """Whether ``sequence`` is the first of an attempt after ``position``'s (``live.py``)."""
+    return sequence % SEQUENCE_BLOCK == 1 and sequence > next_block(position)

@@ -229,6 +229,7 @@ class Recovery:
         # A paused run resumes whatever the policy: waiting for a person is a
         # state it was meant to be stored in, and its steps are in its job.
         requeued = run.state in (pb.RUN_STATE_RUNNING, pb.RUN_STATE_REQUIRES_ACTION)
+        was, action = run.state, _action(run.state, self._limits.recovery)
         if requeued:
             queued_again(run)
             run.last_sequence += 1  # its QUEUED update opens the new block
@@ -240,6 +241,9 @@ class Recovery:
             run.name,
             first=run.last_sequence + (0 if requeued else 1),
             not_before_ns=mapping.state_time_ns(run),
+            # A watcher from before the block starts from its opening state change:
+            # the QUEUED one below, or the run as stored (queued) when none is shown.
+            opening=None if requeued else mapping.snapshot(run),
         )
         active = Active(
             run=run,
@@ -263,8 +267,8 @@ class Recovery:
                 "run": run.name,
                 "handler": run.handler,
                 "why": why,
-                "state": pb.RunState.Name(item.run.state),
-                "action": "requeued" if requeued else "queued",
+                "state": pb.RunState.Name(was),
+                "action": action,
             },
         )
         self._admit(active)
@@ -291,3 +295,14 @@ class Recovery:
         if self._metrics is not None:
             label = handler_label(self._router, run.handler.removeprefix("handlers/"))
             self._metrics.run_ended(label, run_state_label(pb.RunState.Name(run.state)), None)
+
+def _action(state: int, policy: str) -> str:
+    """What recovery does with a run stored in ``state``, as its log line says: a queued
+    run is queued again; a running one is requeued under ``requeue`` (a call in flight
+    is sent again whatever its tool) and resumed from its journal under ``resume``; a
+    paused one is resumed whatever the policy."""
+    if state == pb.RUN_STATE_QUEUED:
+        return "queued"
+    if state == pb.RUN_STATE_RUNNING and policy == "requeue":
+        return "requeued"
+    return "resumed"
