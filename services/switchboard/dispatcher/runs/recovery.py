@@ -296,6 +296,7 @@ class Recovery:
             label = handler_label(self._router, run.handler.removeprefix("handlers/"))
             self._metrics.run_ended(label, run_state_label(pb.RunState.Name(run.state)), None)
 
+
 def _action(state: int, policy: str) -> str:
     """What recovery does with a run stored in ``state``, as its log line says: a queued
     run is queued again; a running one is requeued under ``requeue`` (a call in flight
