@@ -225,6 +225,61 @@ def test_quickstart_reports_errors_decoded_from_status_details(quickstart: Path)
     assert "signed_out" not in refused  # an API key is not refreshed
 
 
+def test_quickstart_steers_a_run_that_is_going(
+    quickstart: Path, python_clients: list[Caller]
+) -> None:
+    """``-steer`` calls ``Client.SteerRun`` while the run goes: the steer is accepted at
+    once with its own run, and, the echo handler having no step boundary to take it at,
+    it is requeued when the run ends and answers the message itself (never lost)."""
+    email = unique_email("go-steer")
+    with (
+        ServeProcess("--dev") as server,
+        _example(
+            quickstart,
+            server,
+            email,
+            "-register",
+            "-message",
+            "count one two three four",
+            "-param",
+            "delay_ms=300",
+            "-steer",
+            "and then stop",
+            "-follow=false",
+        ) as example,
+    ):
+        sent = example.wait_kind("sent")
+        steered = example.wait_kind("steered")
+        done = example.wait_kind("run_done", SETTLE_S)
+        steer_done = example.wait_kind("steer_done", SETTLE_S)
+        assert example.finish() == 0, example.describe()
+        python = Caller(server, email)
+        python_clients.append(python)
+        steer_message = python.text_of(steered["message"])
+        steer_run = python.run(steered["run"])
+
+    assert steered["target"] == sent["run"]
+    assert (steered["state"], steered["steer_state"]) == (
+        "RUN_STATE_QUEUED",
+        "STEER_STATE_ACCEPTED",
+    )
+    assert steer_message == "and then stop"
+    # The steered run says what became of the steer in its own updates.
+    told = [
+        (u["steer_state"], u["steer_run"])
+        for u in example.of_kind("run_update")
+        if u["run"] == sent["run"] and u["update"] == "steer"
+    ]
+    assert told[-1] == ("STEER_STATE_REQUEUED", steered["run"])
+    assert done["state"] == "RUN_STATE_SUCCEEDED"
+    assert done["answer"].startswith("count one two three four")
+    assert (steer_done["run"], steer_done["state"]) == (steered["run"], "RUN_STATE_SUCCEEDED")
+    assert steer_done["steer_state"] == "STEER_STATE_REQUEUED"
+    assert steer_done["answer"].startswith("and then stop")
+    assert steer_run.steer.state == dispatcher_pb2.STEER_STATE_REQUEUED
+    assert example.lines[-1]["kind"] == "done"
+
+
 # -- restarts --------------------------------------------------------------------------
 
 

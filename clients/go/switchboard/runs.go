@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	commonv1 "switchboard.dev/go/gen/switchboard/api/common/v1"
 	contextv1 "switchboard.dev/go/gen/switchboard/api/context/v1"
@@ -31,10 +32,7 @@ func Terminal(state dispatcherv1.RunState) bool {
 // failure without starting a second run: the server answers a repeated id
 // with the first run.
 func (c *Client) SendMessage(ctx context.Context, req *dispatcherv1.SendMessageRequest) (*dispatcherv1.SendMessageResponse, error) {
-	if req.GetRequestId() == "" {
-		req = proto.Clone(req).(*dispatcherv1.SendMessageRequest)
-		req.RequestId = NewRequestID()
-	}
+	req = keyed(req)
 	var response *dispatcherv1.SendMessageResponse
 	err := c.Retry(ctx, func(ctx context.Context) error {
 		var err error
@@ -42,6 +40,43 @@ func (c *Client) SendMessage(ctx context.Context, req *dispatcherv1.SendMessageR
 		return err
 	})
 	return response, err
+}
+
+// SteerRun hands a user message to a run that is going (QUEUED, RUNNING or
+// REQUIRES_ACTION) without cancelling it. The answer is the stored message and
+// the steer's own run, QUEUED with Run.Steer.State ACCEPTED: watch that run
+// (WatchRun) to learn what became of the message. It ends SUCCEEDED with
+// STEER_STATE_CONSUMED (and the Step whose model call first saw it) once the
+// target took it before a model call; if the target ended first it is
+// REQUEUED, and runs and answers the message itself. A steer is never lost
+// and never answered twice. A run that has already ended is refused with
+// FAILED_PRECONDITION, reason ERROR_REASON_RUN_ENDED, and nothing is stored.
+//
+// As for SendMessage, a request without a request_id gets one and transient
+// failures are retried with it: the server answers a repeated id with the
+// first steer, so a retry never steers twice.
+func (c *Client) SteerRun(ctx context.Context, req *dispatcherv1.SteerRunRequest) (*dispatcherv1.SteerRunResponse, error) {
+	req = keyed(req)
+	var response *dispatcherv1.SteerRunResponse
+	err := c.Retry(ctx, func(ctx context.Context) error {
+		var err error
+		response, err = c.Dispatcher.SteerRun(ctx, req)
+		return err
+	})
+	return response, err
+}
+
+// keyed is req with an idempotency key: req itself when its request_id is set,
+// else a copy with a new one (the caller's request is never changed).
+func keyed[R proto.Message](req R) R {
+	message := req.ProtoReflect()
+	field := message.Descriptor().Fields().ByName("request_id")
+	if message.Get(field).String() != "" {
+		return req
+	}
+	clone := proto.Clone(req).(R)
+	clone.ProtoReflect().Set(field, protoreflect.ValueOfString(NewRequestID()))
+	return clone
 }
 
 // WatchOptions tune WatchRun.

@@ -168,7 +168,7 @@ func (s *scriptedTalk) answer(said string) []*dispatcherv1.TalkResponse {
 	return frames
 }
 
-func scripted(t *testing.T, talk *scriptedTalk, opts ...Option) *Client {
+func scripted(t *testing.T, talk dispatcherv1.DispatcherServiceServer, opts ...Option) *Client {
 	t.Helper()
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -1,6 +1,8 @@
 // Command quickstart signs in to a Switchboard server, creates a workspace and
-// a conversation, sends a message and prints the answer as it streams, then
-// follows the conversation's events, resuming after every disconnect.
+// a conversation, sends a message and prints the answer as it streams (with
+// -steer, steering the run while it goes and watching what became of the
+// steer), then follows the conversation's events, resuming after every
+// disconnect.
 //
 // It writes one JSON object per line on stdout, one for each thing it saw
 // (pipe it to jq), and exits 0 when done, 1 on an error (an "error" line
@@ -66,6 +68,7 @@ type config struct {
 	workspace, workspaceID              string
 	conversation                        string
 	message, handler                    string
+	steer                               string
 	params                              params
 	runTimeout                          time.Duration
 	follow                              bool
@@ -91,6 +94,7 @@ func parseFlags() config {
 	flag.StringVar(&c.conversation, "conversation", "", "use this conversation, workspaces/{w}/conversations/{c} (default: create one)")
 	flag.StringVar(&c.message, "message", "Hello from Go", "the message to send")
 	flag.StringVar(&c.handler, "handler", "", "force a handler, handlers/{h} (default: the router picks)")
+	flag.StringVar(&c.steer, "steer", "", "steer the run with this message as soon as it is sent (SteerRun), and watch the steer's run too")
 	flag.Var(c.params, "param", "handler parameter key=value (repeatable; numbers, true and false are typed)")
 	flag.DurationVar(&c.runTimeout, "run-timeout", 5*time.Minute, "give up watching the run after this long")
 	flag.BoolVar(&c.follow, "follow", true, "after the answer, follow the conversation's events")
@@ -222,8 +226,8 @@ func run(ctx context.Context, cfg config, o *out) (string, error) {
 	if err != nil {
 		return "set_up", err
 	}
-	if err := ask(ctx, client, cfg, conversation, o); err != nil {
-		return "ask", err
+	if step, err := ask(ctx, client, cfg, conversation, o); err != nil {
+		return step, err
 	}
 	if cfg.follow {
 		if err := follow(ctx, client, cfg, conversation, o); err != nil {
@@ -362,7 +366,9 @@ func typed(value string) *structpb.Value {
 	return structpb.NewStringValue(value)
 }
 
-func ask(ctx context.Context, client *switchboard.Client, cfg config, conversation string, o *out) error {
+// ask sends the message, steers its run with -steer, and watches the run (and
+// then the steer's) to the end; the step that failed, if one did.
+func ask(ctx context.Context, client *switchboard.Client, cfg config, conversation string, o *out) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.runTimeout)
 	defer cancel()
 	request := &dispatcherv1.SendMessageRequest{
@@ -381,13 +387,44 @@ func ask(ctx context.Context, client *switchboard.Client, cfg config, conversati
 	}
 	sent, err := client.SendMessage(ctx, request)
 	if err != nil {
-		return err
+		return "ask", err
 	}
 	name := sent.GetRun().GetName()
 	o.emit("sent", map[string]any{
 		"run": name, "message": sent.GetMessage().GetName(), "request_id": request.GetRequestId(),
 	})
+	var steer string
+	if cfg.steer != "" {
+		steered, err := client.SteerRun(ctx, &dispatcherv1.SteerRunRequest{
+			Run: name,
+			Message: &contextv1.Message{Parts: []*contextv1.ContentPart{
+				{Part: &contextv1.ContentPart_Text{Text: cfg.steer}},
+			}},
+		})
+		if err != nil {
+			return "steer", err
+		}
+		steer = steered.GetRun().GetName()
+		o.emit("steered", map[string]any{
+			"run": steer, "message": steered.GetMessage().GetName(),
+			"target": steered.GetRun().GetSteer().GetTarget(),
+			"state":  steered.GetRun().GetState().String(), "steer_state": steered.GetRun().GetSteer().GetState().String(),
+		})
+	}
+	if err := watch(ctx, client, name, "run_done", o); err != nil {
+		return "ask", err
+	}
+	if steer != "" {
+		if err := watch(ctx, client, steer, "steer_done", o); err != nil {
+			return "steer", err
+		}
+	}
+	return "", nil
+}
 
+// watch prints a run's updates as they stream and then how it ended, as a
+// line of kind done.
+func watch(ctx context.Context, client *switchboard.Client, name, done string, o *out) error {
 	var transcript switchboard.Transcript
 	run, err := client.WatchRun(ctx, name, switchboard.WatchOptions{
 		OnRetry: func(err error, delay time.Duration, after int64) {
@@ -413,24 +450,31 @@ func ask(ctx context.Context, client *switchboard.Client, cfg config, conversati
 			line["update"], line["tool"] = "tool_call", u.ToolCall.GetTool()
 		case *dispatcherv1.RunUpdate_ToolResult:
 			line["update"] = "tool_result"
+		case *dispatcherv1.RunUpdate_Steer:
+			line["update"], line["steer_state"] = "steer", u.Steer.GetState().String()
+			line["steer_run"] = u.Steer.GetSteerRun()
 		}
+		line["run"] = update.GetRun()
 		o.emit("run_update", line)
 		return nil
 	})
 	if err != nil {
 		return err
 	}
-	done := map[string]any{
+	ended := map[string]any{
 		"run": run.GetName(), "state": run.GetState().String(), "answer": transcript.Text(),
 		"output_message": run.GetOutputMessage(),
 	}
+	if steer := run.GetSteer(); steer != nil {
+		ended["steer_state"], ended["steer_step"] = steer.GetState().String(), steer.GetStep()
+	}
 	// Run.error is a google.rpc.Status: status.FromProto reads its details.
 	if runErr := switchboard.RunError(run); runErr != nil {
-		done["code"] = status.Code(runErr).String()
-		done["reason"] = switchboard.Reason(runErr).String()
-		done["error"] = status.Convert(runErr).Message()
+		ended["code"] = status.Code(runErr).String()
+		ended["reason"] = switchboard.Reason(runErr).String()
+		ended["error"] = status.Convert(runErr).Message()
 	}
-	o.emit("run_done", done)
+	o.emit(done, ended)
 	return nil
 }
 
