@@ -4,6 +4,7 @@ the body streams, the deadline, and errors that name the part's field."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -124,16 +125,67 @@ async def test_a_body_at_the_limit_is_fetched(server: Recorder, loopback: UrlFet
     assert fetched.data == b"y" * LIMIT
 
 
-@pytest.mark.parametrize(
-    ("status", "error"),
-    [(404, InvalidArgument), (403, InvalidArgument), (503, DependencyUnavailable)],
-)
-async def test_an_error_status_is_the_urls_or_the_servers(
-    server: Recorder, loopback: UrlFetcher, status: int, error: type[Exception]
+def unfetchable(error: InvalidArgument) -> str:
+    """The ``fetch_error`` of a refused URL part, which must name the part's field."""
+    assert [v.field for v in error.violations] == [FIELD]
+    assert error.message.startswith(FIELD + " ")
+    return error.metadata["fetch_error"]
+
+
+@pytest.mark.parametrize("status", [404, 403, 429, 500, 503])
+async def test_an_error_status_is_the_urls_not_our_outage(
+    server: Recorder, loopback: UrlFetcher, status: int
 ) -> None:
+    # Even a 5xx: that server's state is the client's resource's, and UNAVAILABLE would
+    # have the client retry a dead link.
     server.routes["/x"] = Reply(status)
-    with pytest.raises(error, match=f"HTTP {status}"):
+    with pytest.raises(InvalidArgument, match=f"answered HTTP {status}") as refused:
         await loopback.fetch(server.url("/x"), FIELD, limit=LIMIT)
+    assert not isinstance(refused.value, DependencyUnavailable)
+    assert unfetchable(refused.value) == "http_status"
+    assert refused.value.metadata["http_status"] == str(status)
+
+
+async def test_a_host_that_does_not_resolve_is_the_urls(default_policy: UrlFetcher) -> None:
+    # .invalid never resolves (RFC 6761): the DNS answers that there is no such name.
+    url = "https://no-such-host.invalid/picture.png"
+    with pytest.raises(InvalidArgument) as refused:
+        await default_policy.fetch(url, FIELD, limit=LIMIT)
+    assert unfetchable(refused.value) == "no_such_host"
+    assert "'no-such-host.invalid' could not be resolved" in refused.value.message
+    assert url in refused.value.message
+
+
+async def test_a_refused_connection_is_the_urls(loopback: UrlFetcher) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens there now.
+    with pytest.raises(InvalidArgument, match="connection to its server failed") as refused:
+        await loopback.fetch(f"http://127.0.0.1:{port}/a.png", FIELD, limit=LIMIT)
+    assert unfetchable(refused.value) == "connect_failed"
+
+
+async def test_an_answer_that_is_not_http_is_the_urls(loopback: UrlFetcher) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def garble() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"this is not HTTP at all\r\n\r\n")
+
+        answering = threading.Thread(target=garble)
+        answering.start()
+        try:
+            with pytest.raises(InvalidArgument) as refused:
+                await loopback.fetch(f"http://127.0.0.1:{port}/x", FIELD, limit=LIMIT)
+            assert unfetchable(refused.value) == "bad_answer"
+        finally:
+            answering.join(10)
 
 
 async def test_a_slow_server_runs_out_of_time(server: Recorder) -> None:
@@ -141,8 +193,9 @@ async def test_a_slow_server_runs_out_of_time(server: Recorder) -> None:
     server.routes["/slow"] = Reply(200, {}, b"late", hold=hold)
     fetcher = UrlFetcher(EgressPolicy(allow_loopback=True), timeout_s=0.5)
     try:
-        with pytest.raises(DependencyUnavailable, match=r"took longer than 0\.5 s"):
+        with pytest.raises(InvalidArgument, match=r"did not answer within 0\.5 s") as refused:
             await fetcher.fetch(server.url("/slow"), FIELD, limit=LIMIT)
+        assert unfetchable(refused.value) == "timeout"
     finally:
         hold.set()
         await fetcher.close()

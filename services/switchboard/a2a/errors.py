@@ -112,6 +112,15 @@ def _about_spending(error: SwitchboardError) -> bool:
 
 
 _FIELD_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: A file part's field as the front door filled it in (``mapping.parts_in``: one A2A
+#: part, one Switchboard part), and the A2A part's field it came from.
+_FILE_PART: Final = re.compile(r"(message\.parts\[\d+\])\.file(?:\.([a-z_]+))?")
+_PART_FIELDS: Final = {
+    "uri": "url",
+    "inline_data": "raw",
+    "mime_type": "media_type",
+    "display_name": "filename",
+}
 
 
 def a2a_text(text: str) -> str:
@@ -130,7 +139,13 @@ def a2a_field(field: str, renames: Mapping[str, str], fields: Collection[str]) -
     in from the caller's (``renames``: its root to the A2A path it came from) is named
     by that; a field of the A2A request (``fields``: its roots, and the call metadata
     the caller sent) stays; anything else the caller never sent is the request itself
-    ("")."""
+    (""). A message's file part (``message.parts[1].file.uri``) is named by the A2A
+    part's field it was made from (``message.parts[1].url``)."""
+    part = _FILE_PART.fullmatch(field)
+    if part is not None and "message" in fields:
+        # A file part's field (a URL that cannot be fetched): the A2A part's.
+        inner = _PART_FIELDS.get(part[2] or "")
+        return f"{part[1]}.{inner}" if inner else part[1]
     root = _FIELD_ROOT.match(field)
     head = root[0] if root else ""
     if head in renames:
@@ -154,7 +169,8 @@ def in_a2a_terms(
         if violations != list(error.violations):
             first = violations[0]
             message = f"{first.field} {first.description}" if first.field else first.description
-            renamed = InvalidArgument(message, violations, metadata=error.metadata)
+            # Of the same class: Switchboard's reason (DESTINATION_BLOCKED...) stays.
+            renamed = type(error)(message, violations, metadata=error.metadata)
             renamed.foreign = error.foreign
             return renamed
     error.message = a2a_text(error.message)

@@ -8,10 +8,12 @@ append each becomes a stored file of the message's workspace:
   workspace's, or a deleted one, is NOT_FOUND naming the part;
 - ``inline_data``: bytes stored as a new file (``files.store_bytes``, with
   every check of an upload), at most ``max_inline_bytes``
-  (RESOURCE_EXHAUSTED);
+  (RESOURCE_EXHAUSTED); without a ``mime_type``, as the type the content shows
+  (sniffed, as an upload declared ``application/octet-stream``);
 - ``uri``: an http(s) URL fetched through the egress policy
   (``files/fetch.py``) within the same limit, and stored with it as its
-  ``source_uri``.
+  ``source_uri``; a URL that cannot be fetched is INVALID_ARGUMENT naming the
+  part and why (the caller's resource, not our outage).
 
 The stored part names the file: ``file``, ``mime_type``, ``size_bytes`` and
 ``display_name`` come from the stored ``File``, ``inline_data`` is cleared and
@@ -33,6 +35,7 @@ from typing import Protocol
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.files.fetch import UrlFetcher
+from switchboard.context.files.sniff import GENERIC
 from switchboard.platform import names
 from switchboard.platform.errors import (
     FieldViolation,
@@ -107,8 +110,6 @@ def check_references(parts: Sequence[pb.ContentPart], violations: Violations) ->
             violations.add(f"{where}.text", "is output only")
         if reference.file and names.FILE.fullmatch(reference.file) is None:
             violations.add(f"{where}.file", "must be a file name, workspaces/{w}/files/{f}")
-        elif reference.inline_data and not reference.mime_type:
-            violations.add(f"{where}.mime_type", "is required with inline_data")
 
 
 def check_inline_sizes(parts: Sequence[pb.ContentPart], max_inline_bytes: int) -> None:
@@ -205,14 +206,15 @@ class Attachments:
         if reference.inline_data:
             data = reference.inline_data
             display_name = reference.display_name or DEFAULT_NAME
-            media_type = reference.mime_type
+            # Without a type, the content's own (sniffed), as for a generic upload.
+            media_type = reference.mime_type or GENERIC
         else:
             fetched = await self._fetcher.fetch(
                 reference.uri, f"{where}.uri", limit=self.max_inline_bytes
             )
             data = fetched.data
             display_name = reference.display_name or fetched.display_name or DEFAULT_NAME
-            media_type = reference.mime_type or fetched.media_type or "application/octet-stream"
+            media_type = reference.mime_type or fetched.media_type or GENERIC
         try:
             stored = await self.files.store_bytes(
                 creator,

@@ -19,10 +19,21 @@ through the egress policy as an integration's endpoint does
   ``Content-Length`` said; a ``Content-Length`` over the limit is refused
   before the body is read.
 
-An answer other than 2xx is the client's URL at fault (INVALID_ARGUMENT with
-the status), except 5xx, 429 and failures to connect or read, which are the
-remote server's (UNAVAILABLE: retrying may succeed). Errors name the URL the
-client gave, never an address it resolved to.
+Whose fault a failure is. The URL is the client's: a resource it named that cannot
+be fetched is its input's problem, not our outage (a client retries UNAVAILABLE,
+and would retry a dead link forever). So the part is refused INVALID_ARGUMENT,
+on its field, with why, and ``fetch_error`` in the metadata: a host that does
+not exist (``no_such_host``), a connection refused, reset or failing TLS
+(``connect_failed``), an answer broken off or not HTTP (``bad_answer``), any
+status but 2xx (``http_status``, with ``http_status``: 404, 429 and 503 alike: that
+server's state is not ours), redirects without a location or too many
+(``redirect``), the deadline passed (``timeout``), and the egress policy's
+refusal (``DestinationBlocked``). A body over the limit stays
+RESOURCE_EXHAUSTED ``REQUEST_TOO_LARGE``, as inline bytes over it are. Only what
+is ours stays UNAVAILABLE: the server's own DNS lookup failing or timing out (it
+says nothing of the name and fails every fetch alike), and the fetcher's
+connections all busy. Errors name the URL the client gave, never an address it
+resolved to.
 """
 
 from __future__ import annotations
@@ -41,10 +52,12 @@ from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
     RequestTooLarge,
+    ResolutionFailed,
 )
 from switchboard.platform.security.egress import (
     EgressPolicy,
     http_client,
+    no_such_host,
     parse_http_endpoint,
     resolve_checked,
 )
@@ -97,8 +110,15 @@ class UrlFetcher:
             async with asyncio.timeout(self._timeout_s):
                 return await self._follow(url, field, limit)
         except TimeoutError:
+            raise _unfetchable(
+                field, url, f"did not answer within {self._timeout_s:g} s", "timeout"
+            ) from None
+        except ResolutionFailed as exc:
+            # Checked before the request, and again at connect time (a redirect's host).
+            if no_such_host(exc):
+                raise _unfetchable(field, url, exc.message, "no_such_host") from None
             raise DependencyUnavailable(
-                f"{field}: fetching {url!r} took longer than {self._timeout_s:g} s"
+                f"{field}: the server could not look up the host of {url!r} ({exc.message}); retry"
             ) from None
 
     async def _follow(self, url: str, field: str, limit: int) -> Fetched:
@@ -119,7 +139,9 @@ class UrlFetcher:
                     if response.status_code in _REDIRECTS:
                         location = response.headers.get("location", "")
                         if not location:
-                            raise _invalid(field, f"{url!r} answered a redirect without a location")
+                            raise _unfetchable(
+                                field, url, "answered a redirect without a location", "redirect"
+                            )
                         current = urljoin(endpoint.url, location)
                         continue
                     _check_status(response.status_code, url, field)
@@ -137,23 +159,50 @@ class UrlFetcher:
                     [FieldViolation(field, exc.message)],
                     metadata=exc.metadata,
                 ) from None
-            except httpx.HTTPError as exc:
+            except httpx.PoolTimeout:
+                # Every connection of the fetcher is taken: this server is busy.
                 raise DependencyUnavailable(
-                    f"{field}: fetching {url!r} failed ({type(exc).__name__})"
+                    f"{field}: the server is fetching too many URLs at once; retry"
                 ) from None
-        raise _invalid(field, f"{url!r} redirected more than {MAX_REDIRECTS} times")
+            except httpx.HTTPError as exc:
+                why, kind = _transport_failure(exc)
+                raise _unfetchable(field, url, f"{why} ({type(exc).__name__})", kind) from None
+        raise _unfetchable(field, url, f"redirected more than {MAX_REDIRECTS} times", "redirect")
 
 
-def _invalid(field: str, description: str) -> InvalidArgument:
-    return InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+def _unfetchable(
+    field: str, url: str, why: str, kind: str, *, metadata: dict[str, str] | None = None
+) -> InvalidArgument:
+    """The client's URL cannot be fetched: its input's problem, on its field."""
+    description = f"{url!r} could not be fetched: {why}"
+    return InvalidArgument(
+        f"{field} {description}",
+        [FieldViolation(field, description)],
+        metadata={"fetch_error": kind, **(metadata or {})},
+    )
+
+
+def _transport_failure(exc: httpx.HTTPError) -> tuple[str, str]:
+    """What went wrong reaching the URL's server, and its ``fetch_error`` kind."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "its server did not accept a connection in time", "connect_failed"
+    if isinstance(exc, httpx.ConnectError):
+        return "the connection to its server failed (refused, reset or TLS)", "connect_failed"
+    if isinstance(exc, httpx.TimeoutException):
+        return "its server stopped answering", "timeout"
+    return "its server broke off the answer or did not speak HTTP", "bad_answer"
 
 
 def _check_status(status: int, url: str, field: str) -> None:
     if 200 <= status < 300:
         return
-    if status >= 500 or status == 429:
-        raise DependencyUnavailable(f"{field}: {url!r} answered HTTP {status}; retry later")
-    raise _invalid(field, f"{url!r} answered HTTP {status}")
+    raise _unfetchable(
+        field,
+        url,
+        f"its server answered HTTP {status}",
+        "http_status",
+        metadata={"http_status": str(status)},
+    )
 
 
 async def _read(response: httpx.Response, url: str, field: str, limit: int) -> bytes:

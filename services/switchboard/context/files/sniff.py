@@ -96,7 +96,11 @@ def normalize(declared: str, field: str) -> str:
     """``declared`` lower-cased, without parameters, canonical; INVALID_ARGUMENT if malformed."""
     value = declared.split(";", 1)[0].strip().lower()
     if not value:
-        raise InvalidArgument(f"{field} is required", [FieldViolation(field, "is required")])
+        description = (
+            f"is required: the content's media type, such as image/png, or {GENERIC} to "
+            "have the server detect it from the content"
+        )
+        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
     if not _MEDIA_TYPE.fullmatch(value):
         raise InvalidArgument(
             f"{field} is not a media type",

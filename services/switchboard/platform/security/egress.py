@@ -48,7 +48,12 @@ error names the rule that refused it and the setting that allows it; for a
 name it lists the settings without saying which rule its addresses broke
 (the server's log says, for the operator).
 ``DestinationBlocked`` is INVALID_ARGUMENT; ``ResolutionFailed`` (the name does
-not resolve, or DNS timed out) is UNAVAILABLE.
+not resolve, or DNS timed out) is UNAVAILABLE. Its metadata ``resolution`` says
+which (``no_such_host``: the DNS answered that the name does not exist;
+``lookup_failed``: the lookup itself failed or timed out, which may be the
+resolver's trouble and says nothing of the name), so that a caller fetching a
+resource its client named can answer the first as that client's input
+(``no_such_host()``), as the files fetcher does.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ __all__ = [
     "check_host",
     "grpc_target",
     "http_client",
+    "no_such_host",
     "parse_grpc_endpoint",
     "parse_http_endpoint",
     "resolve_checked",
@@ -517,6 +523,39 @@ def _blocked(host: str, field: str, rule: str, *, literal: bool) -> DestinationB
     )
 
 
+#: ``ResolutionFailed``'s metadata ``resolution``: the name does not exist, or the
+#: lookup failed (see the module doc).
+NO_SUCH_HOST: Final = "no_such_host"
+LOOKUP_FAILED: Final = "lookup_failed"
+#: getaddrinfo's answers that the name has no address: an answer about the name.
+_NO_SUCH_NAME: Final = frozenset(
+    code
+    for code in (
+        socket.EAI_NONAME,
+        getattr(socket, "EAI_NODATA", None),
+        getattr(socket, "EAI_ADDRFAMILY", None),
+    )
+    if code is not None
+)
+
+
+def no_such_host(error: ResolutionFailed) -> bool:
+    """Whether the DNS answered that the name does not exist (the name's fault), as
+    opposed to a lookup that failed or timed out (maybe the resolver's)."""
+    return error.metadata.get("resolution") == NO_SUCH_HOST
+
+
+def _unresolved(host: str, *, unknown: bool) -> ResolutionFailed:
+    if unknown:
+        return ResolutionFailed(
+            f"{host!r} could not be resolved: there is no such host",
+            metadata={"resolution": NO_SUCH_HOST},
+        )
+    return ResolutionFailed(
+        f"{host!r} could not be resolved", metadata={"resolution": LOOKUP_FAILED}
+    )
+
+
 def _is_localhost(host: str) -> bool:
     """``localhost`` and its subdomains: loopback by definition (RFC 6761)."""
     name = host.rstrip(".").lower()
@@ -546,9 +585,16 @@ async def resolve_checked(
         async with asyncio.timeout(timeout_s):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except TimeoutError:
-        raise ResolutionFailed(f"resolving {host!r} timed out") from None
-    except (OSError, UnicodeError):
-        raise ResolutionFailed(f"{host!r} could not be resolved") from None
+        raise ResolutionFailed(
+            f"resolving {host!r} timed out", metadata={"resolution": LOOKUP_FAILED}
+        ) from None
+    except socket.gaierror as exc:
+        raise _unresolved(host, unknown=exc.errno in _NO_SUCH_NAME) from None
+    except UnicodeError:
+        # A name IDNA cannot encode names nothing.
+        raise _unresolved(host, unknown=True) from None
+    except OSError:
+        raise _unresolved(host, unknown=False) from None
     addresses: list[str] = []
     for _, _, _, _, sockaddr in infos:
         address = sockaddr[0]
@@ -556,7 +602,7 @@ async def resolve_checked(
         if isinstance(address, str) and address not in addresses:
             addresses.append(address)
     if not addresses:
-        raise ResolutionFailed(f"{host!r} could not be resolved")
+        raise _unresolved(host, unknown=True)
     for address in addresses:
         rule = policy.refusal(address)
         if rule is not None:
