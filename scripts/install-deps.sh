@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Installs the system packages Switchboard needs, when they are missing:
-#   scripts/install-deps.sh        everything `make test` needs: git, make, Go, Node.js and npm,
+#   scripts/install-deps.sh        everything `make test` needs: the tools scope's, and git,
 #                                  redis-server and PostgreSQL's server binaries (the suite
 #                                  starts its own servers and never skips them), Chromium (the
-#                                  browser test), jq (the docs' examples), eSpeak NG (speech
-#                                  for the transcription tests), python3-venv
+#                                  browser test)
+#   scripts/install-deps.sh tools  what the README's steps need (`make tools`): make, Go
+#                                  (grpcurl, the Go client), Node.js and npm (the MCP server,
+#                                  the Node clients), jq (the docs' examples keep values with
+#                                  it), eSpeak NG (the local audio server speaks with it),
+#                                  python3-venv
 #   scripts/install-deps.sh venv   only what creating .venv needs (`make run`)
-# `make test` and `.ci/run` both run it. Idempotent: nothing missing, nothing done (quick).
+# `make test`, `make tools` and `.ci/run` run it. Idempotent: nothing missing, nothing done
+# (quick).
 # It installs with apt-get, as root or through sudo; where it cannot, it names the packages
 # to install and exits 1.
 # POSTGRES_LIB (default /usr/lib/postgresql) is where Debian keeps the server binaries.
 set -euo pipefail
 
 scope=${1:-test}
-if [[ $scope != test && $scope != venv ]]; then
-  echo "usage: $0 [test|venv]" >&2
+if [[ $scope != test && $scope != tools && $scope != venv ]]; then
+  echo "usage: $0 [test|tools|venv]" >&2
   exit 2
 fi
 
@@ -42,15 +47,21 @@ postgres_present() {
 python3 -c 'import venv, ensurepip' 2>/dev/null || want python3-venv "python3 -m venv (.venv)"
 if [[ $scope == test ]]; then
   absent git && want git "git (the contract checks compare proto/ with its history)"
+fi
+if [[ $scope == test || $scope == tools ]]; then
   absent make && want make "make"
-  absent go && want golang-go "go (builds grpcurl and grpc-health-probe for the e2e tests)"
-  absent node && want nodejs "node (the Node.js client's tests)"
-  absent npm && want npm "npm (the Node.js client's packages)"
+  absent go && want golang-go "go (builds grpcurl and grpc-health-probe; the Go client)"
+  absent node && want nodejs "node (the MCP server of the README's steps; the Node.js clients)"
+  absent npm && want npm "npm (the MCP server's and the Node.js clients' packages)"
+fi
+if [[ $scope == test ]]; then
   absent redis-server && want redis-server "redis-server (the suite starts its own)"
   postgres_present || want postgresql "initdb, pg_ctl, postgres (the suite starts its own)"
   absent chromium && want chromium "chromium (tests/e2e/test_browser.py drives it headless)"
+fi
+if [[ $scope == test || $scope == tools ]]; then
   absent jq && want jq "jq (the README's examples keep values with it; tests/e2e/test_docs_run.py)"
-  absent espeak-ng && want espeak-ng "espeak-ng (speaks the audio the transcription tests transcribe)"
+  absent espeak-ng && want espeak-ng "espeak-ng (the local audio server speaks with it; the transcription tests)"
 fi
 ((${#missing[@]} == 0)) && exit 0
 

