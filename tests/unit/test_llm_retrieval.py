@@ -86,7 +86,7 @@ def test_no_retrieved_results_no_retrieved_message() -> None:
         ({"query": "x", "limit": 2.5}, "limit must be an integer from 1 to 10"),
         ({"query": "x", "limit": True}, "limit must be an integer from 1 to 10"),
         ({"query": "x", "limit": "3"}, "limit must be an integer from 1 to 10"),
-        ({"query": "x", "page_token": "t"}, "unknown argument(s): page_token"),
+        ({"query": "x", "page_token": "t"}, "unknown argument: page_token"),
     ],
 )
 def test_bad_arguments_say_what_is_wrong(arguments: dict[str, Any], problem: str) -> None:

@@ -24,6 +24,7 @@ from switchboard.dispatcher.llm.messages import result_source
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.platform.errors import InvalidArgument
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.wording import noun
 
 #: ``RetrievalSettings``' defaults for 0 (the contract's).
 DEFAULT_TOP_K: Final = 5
@@ -115,7 +116,7 @@ def _arguments(arguments: dict[str, Any]) -> tuple[cpb.SearchContextRequest | No
     """The request for the model's arguments, or why they are not valid."""
     unknown = sorted(set(arguments) - {"query", "mode", "filter", "limit"})
     if unknown:
-        return None, f"unknown argument(s): {', '.join(unknown)}"
+        return None, f"unknown {noun(len(unknown), 'argument')}: {', '.join(unknown)}"
     query = arguments.get("query")
     if not isinstance(query, str) or not query.strip():
         return None, "query is required: a non-empty string"

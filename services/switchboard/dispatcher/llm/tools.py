@@ -32,6 +32,7 @@ from switchboard.dispatcher.llm.stream import ModelCall
 from switchboard.platform import jsonbounds
 from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.structs import plain
+from switchboard.platform.wording import counted
 
 # The handler's logger: one name for every part of it, as before it was split.
 log = logging.getLogger("switchboard.dispatcher.llm")
@@ -140,7 +141,7 @@ def _result_text(result: handler_pb2.ToolResult) -> str:
         f"{len(found.inline_data) or found.size_bytes} bytes)"
         for found in result.files
     )
-    note = f"[the tool returned {len(result.files)} file(s): {files}]"
+    note = f"[the tool returned {counted(len(result.files), 'file')}: {files}]"
     return f"{text}\n{note}" if text else note
 
 

@@ -72,6 +72,7 @@ from switchboard.platform.errors import (
     ToolOutcomeUnknown,
 )
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.wording import counted
 
 log = logging.getLogger("switchboard.dispatcher.tools")
 
@@ -503,7 +504,7 @@ class RunTools:
                         await self._decided.wait()
             except TimeoutError:
                 raise ApprovalExpired(
-                    f"{self._undecided(ids)} tool call(s) waited for approval longer than "
+                    f"{counted(self._undecided(ids), 'tool call')} waited for approval longer than "
                     f"{self._limits.approval_timeout_s:g} s"
                 ) from None
             if not self._undecided() and self._run.state == pb.RUN_STATE_REQUIRES_ACTION:
