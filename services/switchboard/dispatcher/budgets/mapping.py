@@ -66,6 +66,7 @@ def usage_row(workspace_id: str, found: UsageSum) -> pb.UsageRow:
         input_tokens=found.input_tokens,
         output_tokens=found.output_tokens,
         cost_micros=found.cost_micros,
+        budget_lowered_runs=found.budget_lowered_runs,
     )
     assistant_id = keys.get("assistant", "")
     if assistant_id:

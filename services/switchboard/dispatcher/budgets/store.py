@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import and_, case, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from switchboard.platform.errors import NotFound, QuotaExceeded
@@ -330,6 +330,8 @@ class UsageSum:
     input_tokens: int
     output_tokens: int
     cost_micros: int
+    #: Runs with a model call made with ``max_tokens`` lowered to fit a budget.
+    budget_lowered_runs: int = 0
 
 
 class UsageStore:
@@ -352,6 +354,9 @@ class UsageStore:
                 func.coalesce(func.sum(RunRow.input_tokens), 0).label("input_tokens"),
                 func.coalesce(func.sum(RunRow.output_tokens), 0).label("output_tokens"),
                 func.coalesce(func.sum(RunRow.cost_micros), 0).label("cost_micros"),
+                func.coalesce(
+                    func.sum(case((RunRow.budget_lowered_calls > 0, 1), else_=0)), 0
+                ).label("budget_lowered_runs"),
             ).where(
                 RunRow.workspace_id == query.workspace_id,
                 # Ended runs only: an active run's day is "" and sorts before every date.
@@ -377,6 +382,7 @@ class UsageStore:
                     input_tokens=int(row.input_tokens),
                     output_tokens=int(row.output_tokens),
                     cost_micros=int(row.cost_micros),
+                    budget_lowered_runs=int(row.budget_lowered_runs),
                 )
                 for row in db.execute(statement)
                 # Ungrouped, no runs still make one row of zeros: no group, no row.

@@ -348,6 +348,9 @@ class RunRow(Base):
     output_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
     cost_micros: Mapped[int] = mapped_column(BigInteger, server_default="0")
     usage_day: Mapped[str] = mapped_column(String(10), server_default="")
+    # Its model calls made with ``max_tokens`` lowered to fit a budget
+    # (``Usage.budget_lowered_calls``), stored with its end.
+    budget_lowered_calls: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 #: Schema the migrations create outside the models (full-text search); the drift
