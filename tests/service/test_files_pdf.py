@@ -6,6 +6,8 @@ seen through GetFile, and the server goes on reading other PDFs meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from switchboard.context.domain import ContextDomain
 from switchboard.context.files.dirblobs import DirectoryBlobStore
 from switchboard.context.files.files import FileLimits, Files
 from switchboard.context.files.filestore import FileStore
+from switchboard.context.files.pdfworker import PdfExtractor
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built
 from tests.service.contextkit import Stub, World, rpc, stub_fixture, world_fixture
@@ -105,3 +108,72 @@ async def test_hostile_pdfs_fail_their_text_within_the_bounds(
         assert again.text_state == pb.FILE_TEXT_STATE_READY
     finally:
         await files.close()
+
+
+def _helpers() -> list[int]:
+    """This process's PDF reader helpers, found as any process would be: in /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = next(line for line in status.splitlines() if line.startswith("PPid:"))
+        if int(parent.split()[1]) == os.getpid() and b"pdfworker" in command:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.asyncio
+async def test_a_reader_that_dies_fails_its_pdf_and_is_started_again(tmp_path: Path) -> None:
+    slow, fine = tmp_path / "slow.pdf", tmp_path / "fine.pdf"
+    slow.write_bytes(slow_pdf())
+    fine.write_bytes(pdf())
+    reader = PdfExtractor(timeout_s=60.0, memory_bytes=MEMORY, concurrency=2)
+    try:
+        assert (await reader.extract(fine, max_chars=1000, max_pages=5)).text
+        [helper] = _helpers()
+        reading = asyncio.create_task(reader.extract(slow, max_chars=1000, max_pages=5))
+        # The helper has forked the slow PDF's reader once it has a child of its own.
+        children = await _children_of(helper)
+        os.kill(helper, signal.SIGKILL)
+        failed = await asyncio.wait_for(reading, 30)
+        assert failed.error == "the PDF could not be read"
+        # Its child went with it (the kernel kills it when the helper dies): no orphan
+        # reads on with nobody waiting.
+        for child in children:
+            await _gone(child)
+        again = await reader.extract(fine, max_chars=1000, max_pages=5)
+        assert again.text == "Quarterly revenue grew by 12 percent"
+        assert _helpers() != [helper]
+    finally:
+        await reader.close()
+    assert _helpers() == []
+
+
+async def _children_of(pid: int) -> list[int]:
+    """``pid``'s children, once it has any."""
+    listing = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + 30
+    while not (found := (await asyncio.to_thread(listing.read_text)).split()):
+        assert time.monotonic() < deadline, f"process {pid} never started a child"
+        await asyncio.sleep(0.01)
+    return [int(child) for child in found]
+
+
+async def _gone(pid: int) -> None:
+    """Wait until process ``pid`` has exited (a zombie counts: it runs no more)."""
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            text = await asyncio.to_thread(status.read_text)
+        except FileNotFoundError:
+            return
+        if "State:\tZ" in text:
+            return
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        await asyncio.sleep(0.01)

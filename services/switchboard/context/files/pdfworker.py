@@ -13,10 +13,10 @@ hundred milliseconds; instead one helper process per server (``main`` below:
 ``python -m switchboard.context.files.pdfworker``) imports pypdf once, reads
 jobs as JSON lines on its stdin, and forks a child for each (a fork of a
 single-threaded process that has pypdf loaded: a few milliseconds). The child
-sets its limits, extracts, writes the result to a file the server named, and
-exits; the helper reports each child's exit status on its stdout, and kills a
-child when the server asks (only the helper may: it is the parent, so the pid
-cannot have been reused meanwhile).
+sets its limits (and, on Linux, dies with the helper), extracts, writes the
+result to a file the server named, and exits; the helper reports each child's
+exit status on its stdout, and kills a child when the server asks (only the
+helper may: it is the parent, so the pid cannot have been reused meanwhile).
 
 ``PdfExtractor`` is the server's side: it starts the helper on first use,
 bounds how many PDFs are read at once, waits for each without holding a
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import io
 import json
 import logging
@@ -90,7 +91,8 @@ class PdfExtractor:
         self._helper: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
-        self._exits: dict[int, asyncio.Future[int]] = {}
+        # Each job's exit status, and the helper whose child runs it.
+        self._exits: dict[int, tuple[asyncio.subprocess.Process, asyncio.Future[int]]] = {}
         self._jobs = 0
         self._closed = False
 
@@ -105,7 +107,7 @@ class PdfExtractor:
             job = self._jobs
             result = source.with_name(f"{source.name}.{job}.json")
             exited = asyncio.get_running_loop().create_future()
-            self._exits[job] = exited
+            self._exits[job] = (helper, exited)
             request = {
                 "job": job,
                 "source": str(source),
@@ -165,7 +167,8 @@ class PdfExtractor:
                 return helper
             if self._closed:
                 return None
-            self._fail_waiting()
+            if helper is not None:
+                self._fail_waiting(helper)
             try:
                 helper = await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -194,9 +197,9 @@ class PdfExtractor:
         try:
             while line := await _out(helper).readline():
                 report = json.loads(line)
-                exited = self._exits.get(int(report.get("job", 0)))
-                if exited is not None and not exited.done():
-                    exited.set_result(int(report["exit"]))
+                found = self._exits.get(int(report.get("job", 0)))
+                if found is not None and not found[1].done():
+                    found[1].set_result(int(report["exit"]))
         except (ValueError, KeyError, TypeError):
             log.warning("the PDF reader sent what it should not; restarting it")
             await _stop(helper)
@@ -204,10 +207,9 @@ class PdfExtractor:
             if self._helper is helper:
                 self._helper = None
             # Whatever was in flight on this helper ends now (its children were killed
-            # with it): as unreadable, never as waiting forever.
-            for exited in self._exits.values():
-                if not exited.done():
-                    exited.set_result(-1)
+            # with it): as unreadable, never as waiting forever. A newer helper's jobs
+            # are not this one's.
+            self._fail_waiting(helper)
 
     async def _send(self, helper: asyncio.subprocess.Process, request: dict[str, Any]) -> None:
         stdin = helper.stdin
@@ -217,9 +219,9 @@ class PdfExtractor:
         try:
             await stdin.drain()
         except (ConnectionError, RuntimeError):
-            exited = self._exits.get(int(request.get("job", 0)))
-            if exited is not None and not exited.done():
-                exited.set_result(-1)
+            found = self._exits.get(int(request.get("job", 0)))
+            if found is not None and not found[1].done():
+                found[1].set_result(-1)
 
     async def _kill(
         self, helper: asyncio.subprocess.Process, job: int, exited: asyncio.Future[int]
@@ -234,9 +236,10 @@ class PdfExtractor:
                 self._helper = None
             await _stop(helper)
 
-    def _fail_waiting(self) -> None:
-        for exited in self._exits.values():
-            if not exited.done():
+    def _fail_waiting(self, helper: asyncio.subprocess.Process | None = None) -> None:
+        """End the jobs of ``helper`` (None: of every helper) as unreadable."""
+        for owner, exited in self._exits.values():
+            if (helper is None or owner is helper) and not exited.done():
                 exited.set_result(-1)
 
 
@@ -335,6 +338,19 @@ def _reap(children: dict[int, int], out: IO[bytes]) -> None:
             _report(out, {"job": job, "exit": os.waitstatus_to_exitcode(status)})
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this child when the helper dies (even by SIGKILL),
+    so that no PDF is read on with nobody waiting for it. Elsewhere the CPU limit ends it."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        # The helper died before the line above took effect.
+        os._exit(1)
+
+
 def _report(out: IO[bytes], message: dict[str, Any]) -> None:
     out.write(json.dumps(message).encode() + b"\n")
     out.flush()
@@ -344,6 +360,7 @@ def _child(request: dict[str, Any], fds: tuple[int, ...]) -> None:
     """A forked child: limits, the extraction, its result in a file; never returns."""
     code = 1
     try:
+        _die_with_parent()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in fds:
