@@ -63,7 +63,7 @@ class Replicas:
 
 
 @contextlib.contextmanager
-def _held_unlink(blob: Path, before: Callable[[], None]) -> Iterator[None]:
+def held_unlink(blob: Path, before: Callable[[], None]) -> Iterator[None]:
     """Run ``before`` in the collector's thread when it is about to unlink ``blob``."""
     original = Path.unlink
 
@@ -80,7 +80,7 @@ def _held_unlink(blob: Path, before: Callable[[], None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _held_delete(store: S3BlobStore, digest: str, before: Callable[[], None]) -> Iterator[None]:
+def held_delete(store: S3BlobStore, digest: str, before: Callable[[], None]) -> Iterator[None]:
     """Run ``before`` (in a thread) when ``store`` is about to delete the blob ``digest``."""
     original = store.delete
 
@@ -114,7 +114,7 @@ async def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
                 return False
 
         def hold(digest: str, before: Callable[[], None]) -> Held:
-            return _held_unlink(first.path(digest), before)
+            return held_unlink(first.path(digest), before)
 
         try:
             yield Replicas(first, second, 3600, age, landed, hold)
@@ -143,7 +143,7 @@ async def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         return bool(head["LastModified"].timestamp() > aged_at[-1] + 1)
 
     def hold_s3(digest: str, before: Callable[[], None]) -> Held:
-        return _held_delete(collector, digest, before)
+        return held_delete(collector, digest, before)
 
     try:
         yield Replicas(collector, publisher, 1, age_s3, landed_s3, hold_s3)
