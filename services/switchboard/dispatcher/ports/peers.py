@@ -37,7 +37,7 @@ from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.logging import request_id_var
 from switchboard.platform.observe.telemetry import client_interceptors
 from switchboard.platform.rpc.channels import CHANNEL_OPTIONS
-from switchboard.platform.rpc.rpcerrors import from_rpc_error
+from switchboard.platform.rpc.peers import call_error
 from switchboard.platform.rpc.status import REQUEST_ID_KEY
 from switchboard.platform.security.authn import AUTHORIZATION_KEY
 
@@ -156,7 +156,9 @@ class GrpcPeers:
         call = getattr(self._stub(address), method)
         try:
             return await call(request, metadata=_metadata(via), timeout=via.budget())
-        except aio.AioRpcError as exc:
+        except (aio.AioRpcError, aio.UsageError) as exc:
+            # The owner's answer by its reason; the owner gone (a reset, no answer) or
+            # its channel closed under the call: UNAVAILABLE, never INTERNAL.
             raise _mapped(exc) from None
 
 
@@ -169,6 +171,6 @@ def _metadata(via: Via) -> tuple[tuple[str, str], ...]:
     return tuple(metadata)
 
 
-def _mapped(exc: aio.AioRpcError) -> SwitchboardError:
+def _mapped(exc: aio.AioRpcError | aio.UsageError) -> SwitchboardError:
     # Not the address: a client reads this message, and it would name an internal host.
-    return from_rpc_error(exc, peer="the dispatcher replica running the run")
+    return call_error(exc, peer="the dispatcher replica running the run")

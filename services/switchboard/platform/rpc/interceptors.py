@@ -39,6 +39,7 @@ from switchboard.platform.inflight import CALLS
 from switchboard.platform.names import new_id
 from switchboard.platform.observe.logging import method_var, request_id_var
 from switchboard.platform.observe.metrics import Metrics, RpcMetrics
+from switchboard.platform.rpc.peers import call_failure
 from switchboard.platform.rpc.status import REQUEST_ID_KEY, to_grpc_status
 from switchboard.platform.security.authn import Checker, Guard
 from switchboard.platform.store.db import DatabaseUnavailable, is_outage
@@ -253,6 +254,11 @@ class _Call:
             # A raw database/network failure no store mapped: an outage, not a bug.
             error_log.warning("dependency unavailable: %s", type(exc).__name__)
             error = DatabaseUnavailable("a dependency is unavailable; retry")
+        elif (failed := call_failure(exc, peer="a service this one calls")) is not None:
+            # A call to another process that no port mapped: its status by its reason
+            # (that process gone, or its channel closed: UNAVAILABLE), never INTERNAL.
+            error_log.warning("a call to another process failed: %s", type(exc).__name__)
+            error = failed
         else:
             error_log.error("unhandled exception", exc_info=(type(exc), exc, exc.__traceback__))
             error = InternalError(GENERIC_INTERNAL_MESSAGE)

@@ -5,7 +5,10 @@ context service, the A2A front door both), the call carries an access token
 minted for the caller's user, session and scopes from the shared key ring: the
 other service authorizes the caller itself, as if the client had called it.
 An error it answers comes back as the domain error it stands for
-(``rpcerrors.from_rpc_error``), naming the peer, never its address.
+(``rpcerrors.from_rpc_error``), naming the peer, never its address; a call that
+grpc refuses to make (its channel closed under it: this process stopping, a peer's
+channel dropped) is the peer being unavailable, never INTERNAL (``call_failure``,
+which the server's interceptor also applies to any such failure no port mapped).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from grpc import aio
 from pydantic import Field
 
 from switchboard.platform.config import GrpcTarget, Section
-from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.errors import DependencyUnavailable, SwitchboardError
 from switchboard.platform.observe.telemetry import client_interceptors
 from switchboard.platform.rpc.rpcerrors import from_rpc_error
 from switchboard.platform.security.policy import Principal
@@ -69,8 +72,8 @@ class PeerService:
         )
         return (("authorization", f"Bearer {token}"),)
 
-    def error(self, exc: aio.AioRpcError) -> SwitchboardError:
-        return from_rpc_error(exc, peer=self._peer)
+    def error(self, exc: aio.AioRpcError | aio.UsageError) -> SwitchboardError:
+        return call_error(exc, peer=self._peer)
 
     async def call(
         self,
@@ -86,5 +89,23 @@ class PeerService:
             return await method(
                 request, metadata=(*self.metadata(principal), *extra), timeout=timeout_s
             )
-        except aio.AioRpcError as exc:
+        except (aio.AioRpcError, aio.UsageError) as exc:
             raise self.error(exc) from None
+
+
+def call_error(exc: aio.AioRpcError | aio.UsageError, *, peer: str) -> SwitchboardError:
+    """``exc``, raised by a call to another service or replica, as our error. The peer's
+    status comes back by its reason (``from_rpc_error``: a transport failure, a reset stream
+    or a status without our ``ErrorInfo`` is UNAVAILABLE); grpc's ``UsageError`` means the
+    channel was closed under the call: the peer cannot be reached from here now, an outage,
+    not a bug."""
+    if isinstance(exc, aio.AioRpcError):
+        return from_rpc_error(exc, peer=peer)
+    return DependencyUnavailable(f"{peer} cannot be reached now; retry")
+
+
+def call_failure(exc: BaseException, *, peer: str) -> SwitchboardError | None:
+    """``call_error`` when ``exc`` is a failed call to another process; None otherwise."""
+    if isinstance(exc, (aio.AioRpcError, aio.UsageError)):
+        return call_error(exc, peer=peer)
+    return None
