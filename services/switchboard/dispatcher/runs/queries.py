@@ -415,13 +415,15 @@ class _InOrder:
                 self.due = self._clock() + _OVERTAKEN_S
             early[sequence] = update
             return []
+        self.position = sequence
+        if not early:  # the path of every token of a run heard in order
+            return [update]
         ready = [update]
-        if early:
-            while (after := early.pop(ready[-1].sequence + 1, None)) is not None:
-                ready.append(after)
-            if not early:
-                self.due = 0.0
-        self.position = ready[-1].sequence
+        while (after := early.pop(self.position + 1, None)) is not None:
+            ready.append(after)
+            self.position = after.sequence
+        if not early:
+            self.due = 0.0
         return ready
 
     def left(self) -> float:
