@@ -53,8 +53,9 @@ mesh: $(MESH_STAMP)
 	$(VENV)/bin/switchboard mesh $(MESH_ARGS)
 
 # Python into gen/, Go into clients/go/gen/, TypeScript into clients/web/src/gen/; the Go
-# and TypeScript plugins come from `make tools`.
-gen: $(STAMP) tools
+# and TypeScript plugins come from scripts/install-tools.sh --gen.
+gen: $(STAMP)
+	@bash scripts/install-tools.sh --gen
 	$(PY) scripts/gen.py
 
 # System packages the tests need (Go, Node.js, redis-server, PostgreSQL, ...), when missing.
@@ -76,7 +77,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-contracts: $(STAMP) tools
+contracts: $(STAMP)
+	@bash scripts/install-tools.sh --gen
 	bash scripts/check-contracts.sh
 
 # Two workers (pytest-xdist), a test file each at a time: most of the suite waits on

@@ -12,7 +12,7 @@ Usage: python scripts/gen.py [--check]
   `buf generate` (buf.gen.es.yaml).
 
 Everything runs offline; the Go and TypeScript plugins are local binaries that
-`make tools` (scripts/install-tools.sh) installs at pinned versions.
+`make gen` first installs at pinned versions (scripts/install-tools.sh --gen).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _buf(out: Path, template: str, *paths: str) -> None:
         sys.exit("gen: buf not found; install the dev extras (buf-bin)")
     for plugin in yaml_plugins(ROOT / template):
         if not (ROOT / plugin).exists():
-            sys.exit(f"gen: plugin {plugin} not found; run `make tools`")
+            sys.exit(f"gen: plugin {plugin} not found; run `make gen` (it installs them)")
     cmd = [str(buf), "generate", "--template", template, "-o", str(out)]
     for path in paths:
         cmd += ["--path", path]

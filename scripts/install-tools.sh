@@ -8,9 +8,10 @@
 #                                    the Node client's packages, the A2A client's
 #                                    (clients/a2a-js: the official @a2a-js/sdk and its gRPC
 #                                    transport's peers) and the browser console's (clients/web:
-#                                    protoc-gen-es, Connect-ES, esbuild, TypeScript), then
-#                                    protoc-gen-go and protoc-gen-go-grpc (`make gen`)
-#   scripts/install-tools.sh --test  (make test) that, and what only the tests use:
+#                                    protoc-gen-es, Connect-ES, esbuild, TypeScript)
+#   scripts/install-tools.sh --gen   (make gen, the contract checks) that, and protoc-gen-go
+#                                    and protoc-gen-go-grpc
+#   scripts/install-tools.sh --test  (make test) all of that, and what only the tests use:
 #                                    puppeteer-core for the browser test (tests/browser, npm ci;
 #                                    it drives the system's Chromium) and SeaweedFS's `weed`
 #                                    (the S3-compatible server of the blob store's tests)
@@ -148,13 +149,14 @@ weed_installed() {
 scope=readme
 case ${1:-} in
 "") ;;
+--gen) scope=gen ;;
 --test) scope=test ;;
 --weed-only)
   build_weed
   exit
   ;;
 *)
-  echo "usage: $0 [--test]" >&2
+  echo "usage: $0 [--gen | --test]" >&2
   exit 2
   ;;
 esac
@@ -199,8 +201,8 @@ npm_stale clients/node @grpc/grpc-js && npm_install clients/node "the Node clien
 npm_stale clients/a2a-js @a2a-js/sdk && npm_install clients/a2a-js "the A2A JavaScript SDK client's packages"
 npm_stale clients/web .bin/protoc-gen-es && npm_install clients/web "the browser console's packages"
 
-# The Go code generators `make gen` runs.
-for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTOC_GEN_GO_VERSION" \
+# The Go code generators `make gen` runs (not the README's: not `make tools`).
+[[ $scope == readme ]] || for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTOC_GEN_GO_VERSION" \
   "protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc $PROTOC_GEN_GO_GRPC_VERSION"; do
   read -r name module version <<<"$plugin"
   if [[ ! -x "$BIN/$name" || ! -e "$(stamp "$name" "$version")" ]]; then

