@@ -125,10 +125,11 @@ def test_render_parts_renders_each_kind() -> None:
     )
 
 
-def test_render_parts_accepts_data_json_cannot_hold() -> None:
+def test_render_parts_writes_a_number_json_cannot_hold_as_null() -> None:
+    # Refused in requests now (docs/contracts.md); a Struct stored before may hold one.
     data = struct_pb2.Struct()
     data.update({"x": math.nan, "big": 1e300})
-    assert render_parts([context_pb2.ContentPart(data=data)]) == '{"big":1e+300,"x":NaN}'
+    assert render_parts([context_pb2.ContentPart(data=data)]) == '{"big":1e+300,"x":null}'
 
 
 TOOL = "workspaces/w1/integrations/weather/tools/forecast"

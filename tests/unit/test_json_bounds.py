@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import json.scanner
+import math
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, wrappers_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -166,6 +167,13 @@ def test_syntax_errors_name_a_position_never_the_text(text: str | bytes, reason:
         "[" * 30 + "]" * 30,
         b'{"a": 1} x',
         b"x" * (MIB + 1),
+        # Not JSON to either: NaN and the infinities, and a number past a double's range.
+        "[NaN]",
+        '{"a": Infinity}',
+        "[-Infinity]",
+        b"[1e400]",
+        "-1e999",
+        "[1" + "0" * 400 + ".5]",
     ],
 )
 def test_loads_fast_rejects_what_loads_rejects_for_the_same_reason(text: str | bytes) -> None:
@@ -182,8 +190,6 @@ def test_loads_fast_rejects_what_loads_rejects_for_the_same_reason(text: str | b
         b'{"id": "c", "choices": [{"index": 0, "delta": {"content": "\xc3\xa9"}}], "usage": null}',
         '{"a": 1, "a": [0.1, -0.0, 1e308, true, null, "\\u00e9\\n"]}',
         # What orjson refuses and json reads: read as json reads them.
-        "[NaN, Infinity, -Infinity]",
-        b"[1e400]",
         '"\\ud800"',
         b'"\xed\xa0\x80"',
         b"\xef\xbb\xbf{}",
@@ -281,6 +287,116 @@ def test_check_message_counts_json_levels_of_structs_in_any_field() -> None:
     call.tool_call.arguments.CopyFrom(deep)
     with pytest.raises(JsonRejected):
         jsonbounds.check_message(call)
+
+
+# -- numbers that are not finite -------------------------------------------------------------
+
+NOT_FINITE = (math.nan, math.inf, -math.inf)
+
+
+@pytest.mark.parametrize("number", NOT_FINITE)
+def test_check_value_refuses_a_float_that_is_not_finite(number: float) -> None:
+    jsonbounds.check_value({"a": [1, 1e308, -0.0, "NaN", None, True]})
+    for value in (number, [number], {"a": {"b": [0, number]}}):
+        with pytest.raises(JsonRejected) as found:
+            jsonbounds.check_value(value)
+        assert found.value.problem == "number"
+        assert str(found.value) == jsonbounds.NOT_FINITE
+
+
+@pytest.mark.parametrize("number", NOT_FINITE)
+def test_check_message_refuses_it_in_a_value_and_in_a_double_field(number: float) -> None:
+    jsonbounds.check_message(_struct({"a": [1.5, {"b": 1e308}], "c": "NaN"}))
+    with pytest.raises(JsonRejected, match="not finite"):
+        jsonbounds.check_message(_struct({"a": [1.5, {"b": number}]}))
+    bare = struct_pb2.Value(number_value=number)
+    with pytest.raises(JsonRejected, match="not finite"):
+        jsonbounds.check_message(bare)
+    # A double field of a plain message, any depth down.
+    request = handler_pb2.HandleRequest()
+    request.model.temperature = number
+    with pytest.raises(JsonRejected, match="not finite"):
+        jsonbounds.check_message(request)
+    # Well-known wrappers are double fields too.
+    with pytest.raises(JsonRejected, match="not finite"):
+        jsonbounds.check_message(wrappers_pb2.DoubleValue(value=number))
+    with pytest.raises(JsonRejected, match="not finite"):
+        jsonbounds.check_message(wrappers_pb2.FloatValue(value=number))
+
+
+def _path(message: Any) -> str:
+    found = jsonbounds.locate(message)
+    assert found is not None
+    assert found[1].problem == "number"
+    return found[0]
+
+
+def test_locate_names_the_path_to_the_first_number_in_field_order() -> None:
+    message = context_pb2.Message(
+        parts=[context_pb2.ContentPart(text="hi"), context_pb2.ContentPart(data=_struct({}))]
+    )
+    assert jsonbounds.locate(message) is None
+    message.parts[1].data.update({"z": 1, "big": math.inf, "n": math.nan})
+    # Keys in order: "big" before "n".
+    assert _path(message) == "parts[1].data.big"
+    message.metadata.update({"a": [0, {"b c": [1, -math.inf]}], "é": math.nan})
+    # Fields in declaration order: parts before metadata.
+    assert _path(message) == "parts[1].data.big"
+    message.parts[1].data.Clear()
+    assert _path(message) == 'metadata.a[1]["b c"][1]'
+    message.metadata["a"] = 1
+    assert _path(message) == 'metadata["é"]'
+    # A key as long as a request is cut where the path repeats it.
+    message.metadata.Clear()
+    message.metadata.update({"x" * 1000 + " ": math.nan})
+    assert _path(message) == 'metadata["' + "x" * 64 + '"]'
+    request = handler_pb2.HandleRequest()
+    request.model.top_p = math.nan
+    assert _path(request) == "model.top_p"
+
+
+def test_locate_names_a_value_too_deep_and_agrees_with_check_message() -> None:
+    deep = _struct({"a": nested_lists(MAX_DEPTH)})
+    found = jsonbounds.locate(deep)
+    assert found is not None
+    assert found[1].problem == "depth"
+    assert found[0].startswith("a[0][0]")
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ANY_VALUES.filter(lambda value: isinstance(value, dict)))
+def test_locate_finds_a_problem_exactly_when_check_message_refuses(value: dict[str, Any]) -> None:
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(value)
+    except (OverflowError, ValueError):
+        return  # an integer past a double: protobuf's own refusal
+    refused = verdict(lambda: jsonbounds.check_message(struct))
+    found = jsonbounds.locate(struct)
+    if refused is None:
+        assert found is None
+    else:
+        assert found is not None
+        # Either problem may come first; the one found is one the check refuses for.
+        assert found[1].problem in ("number", refused)
+
+
+def test_checks_says_which_messages_the_walk_looks_into() -> None:
+    assert jsonbounds.checks(context_pb2.Message.DESCRIPTOR)
+    assert jsonbounds.checks(handler_pb2.ModelSettings.DESCRIPTOR)
+    assert not jsonbounds.checks(context_pb2.GetMessageRequest.DESCRIPTOR)
+
+
+def test_nonfinite_values_are_the_values_themselves() -> None:
+    event = events_pb2.Event()
+    data = event.message_created.message.parts.add().data
+    data.update({"n": math.nan, "l": [1, math.inf, {"x": -math.inf}], "ok": 2})
+    found = jsonbounds.nonfinite_values(event)
+    assert len(found) == 3
+    for value in found:
+        value.null_value = struct_pb2.NULL_VALUE  # type: ignore[attr-defined]
+    assert jsonbounds.nonfinite_values(event) == []
+    assert json_format.MessageToDict(data) == {"n": None, "l": [1.0, None, {"x": None}], "ok": 2.0}
 
 
 # -- streams ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from switchboard.dispatcher.handlers.handed import (
     parse_extension,
     usage_value,
 )
-from switchboard.platform import names
+from switchboard.platform import names, structs
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 
 _ID: Final = names.ID
@@ -552,7 +552,9 @@ def approval_request(run: pb.Run) -> a2a.Message:
         {
             "tool_call_id": waiting.call.id,
             "tool": f"{waiting.call.integration}/tools/{waiting.call.tool}",
-            "arguments": json_format.MessageToDict(waiting.call.arguments),
+            # A model's or an expert's arguments: any NaN stored before they were
+            # refused is null here, so the task and its push body can be written.
+            "arguments": structs.message_dict(waiting.call.arguments),
             "outcome_unknown": waiting.outcome_unknown,
         }
         for waiting in run.required_action.tool_calls

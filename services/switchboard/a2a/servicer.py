@@ -30,7 +30,7 @@ from switchboard.platform.errors import (
     InvalidArgument,
     SwitchboardError,
 )
-from switchboard.platform.rpc.registration import check_depth
+from switchboard.platform.rpc.registration import check_json
 from switchboard.platform.security.authn import current_principal
 
 SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
@@ -128,7 +128,7 @@ def _a2a(
             if key == errors.VERSION_HEADER and isinstance(value, str):
                 errors.check_version(value)
         # Here, not at registration: a refusal named in the A2A request's terms.
-        check_depth(request)
+        check_json(request)
         yield
     except SwitchboardError as error:
         fields = {field.name for field in request.DESCRIPTOR.fields} | {mapping.AFTER_HEADER}

@@ -84,7 +84,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import httpx
-from google.protobuf import json_format
 from google.rpc import code_pb2
 from opentelemetry import context as otel_context
 from standardwebhooks.webhooks import Webhook
@@ -101,6 +100,7 @@ from switchboard.integration.webhookstore import (
     Subscriber,
     WebhookStore,
 )
+from switchboard.platform import structs
 from switchboard.platform.backoff import Backoff, full_jitter
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.errors import (
@@ -251,13 +251,15 @@ def type_name(event_type: int) -> str:
 
 
 def payload(event: events_pb2.Event) -> str:
-    """The JSON body delivered for ``event`` (see the module doc)."""
+    """The JSON body delivered for ``event`` (see the module doc). A number that is
+    not finite in one of its JSON values (stored before such numbers were refused)
+    is ``null``: JSON has none, and protobuf's JSON mapping raises on them."""
     body = {
         "type": type_name(event.type).lower().replace("_", "."),
         "timestamp": event.time.ToJsonString(),
-        "data": json_format.MessageToDict(event),
+        "data": structs.message_dict(event),
     }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def signature(secrets: Sequence[str], msg_id: str, timestamp: dt.datetime, body: str) -> str:
@@ -805,7 +807,18 @@ class WebhookEngine:
         return _Request(name, msg_id, self._push.body(event), secrets, extra)
 
     async def _attempt(self, claimed: Claimed) -> Outcome:
-        request = self._shape(claimed)
+        try:
+            request = self._shape(claimed)
+        except Exception:
+            # An event that cannot be made into a request (a bug, or what was stored):
+            # a failed attempt like any other, so it fails for good after
+            # max_attempts instead of holding its endpoint's queue forever.
+            log.error(
+                "webhook delivery cannot be shaped into a request",
+                exc_info=True,
+                extra={"workspace": claimed.workspace_id, "endpoint": claimed.integration_id},
+            )
+            return self._failed(claimed, 0, "the event could not be made into a request", None)
         if isinstance(request, Outcome):
             return request
         name = request.name

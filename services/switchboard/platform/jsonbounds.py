@@ -13,6 +13,17 @@ summed, all in C, with no loop per token in Python). A document over either limi
 raises ``JsonRejected``, a ``ValueError`` whose text says which limit it broke
 and never quotes the document; each caller maps it to its own status.
 
+**Numbers are finite.** JSON has no NaN or infinity, and a JSON writer meets
+one only as invalid text (``json.dumps`` writes ``NaN``, which SQLite's and
+PostgreSQL's JSON functions refuse) or an exception (protobuf's
+``MessageToDict``). So ``NaN``, ``Infinity`` and ``-Infinity`` in a text are
+not JSON to ``loads`` (Python's ``json`` reads them), nor is a number too large
+for a double (``1e999``, which it would read as infinity); ``check_value`` and
+``check_message`` refuse a non-finite float in a parsed value or a message
+(a ``Value``'s ``number_value``, and any ``double`` or ``float`` field). Every
+client request is checked this way before its method runs
+(``rpc.registration``); an integration's answer that holds one is a bad answer.
+
 **Depth** counts open arrays and objects: ``1`` is 0 deep, ``[]`` 1,
 ``{"a": [1]}`` 2. ``MAX_DEPTH`` is 24 and is not a setting: what is accepted
 ends up in protobuf ``Struct`` values, where one JSON level is up to three
@@ -36,8 +47,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 from array import array
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import orjson
@@ -48,7 +62,7 @@ from google.protobuf.message import Message
 #: Most levels of nesting accepted anywhere (see the module doc for why 24).
 MAX_DEPTH: Final = 24
 
-Problem = Literal["size", "depth", "syntax"]
+Problem = Literal["size", "depth", "syntax", "number"]
 
 # After strings are cut out, each bracket becomes a signed byte (+1 or -1) and
 # everything else is deleted, so the running sum is the depth.
@@ -77,6 +91,32 @@ def too_deep(max_depth: int) -> JsonRejected:
 
 def too_large(max_bytes: int) -> JsonRejected:
     return JsonRejected("size", f"larger than {max_bytes} bytes")
+
+
+#: Why a value holding NaN or an infinity is refused, after "a value " or "a message ".
+NOT_FINITE: Final = "with a number that is not finite (NaN or infinity, which JSON has not)"
+
+
+def not_finite() -> JsonRejected:
+    return JsonRejected("number", NOT_FINITE)
+
+
+class _NotFinite(ValueError):
+    """Raised inside ``json.loads`` by its hooks; never leaves ``loads``."""
+
+
+def _refuse_constant(name: str) -> Any:
+    # json.loads calls this for ``NaN``, ``Infinity`` and ``-Infinity`` only.
+    raise _NotFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    # Called for each number with a fraction or an exponent; one past a double's
+    # range (1e999) would otherwise read as infinity.
+    number = float(text)
+    if math.isinf(number):
+        raise _NotFinite(text)
+    return number
 
 
 def _over(data: str | bytes, max_bytes: int) -> bool:
@@ -143,13 +183,19 @@ def loads(
     """``json.loads(data)`` once ``data`` is known to be within both limits.
 
     Raises ``JsonRejected`` for a document too large, too deep or not JSON
-    (``reason`` gives the position of a syntax error, never its text).
+    (``reason`` gives the position of a syntax error, never its text). ``NaN``,
+    ``Infinity``, ``-Infinity`` and a number past a double's range are not JSON
+    (the module doc): refused as syntax, where Python's ``json`` reads them.
     """
     if not isinstance(data, str | bytes):
         data = bytes(data)
     check_text(data, max_bytes=max_bytes, max_depth=max_depth)
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NotFinite:
+        raise JsonRejected(
+            "syntax", "not valid JSON (a number that is not finite: NaN or infinity)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise JsonRejected(
             "syntax", f"not valid JSON (line {exc.lineno} column {exc.colno})"
@@ -167,10 +213,11 @@ def loads_fast(
     """``loads`` through orjson, for documents read by the thousand (a model's stream:
     a chunk a token), where json's decoder is most of the cost.
 
-    What orjson refuses goes to ``loads``, which reads it as json does (``NaN``, a
-    lone surrogate escaped, a UTF-16 body) or rejects it with the same reason, so
-    rejections do not change. One value does: an integer past 64 bits reads as a
-    float (orjson's way); no count or index a model sends is that large.
+    What orjson refuses goes to ``loads``, which reads it as json does (a lone
+    surrogate escaped, a UTF-16 body) or rejects it with the same reason (``NaN``,
+    ``1e999``: neither is JSON to either), so rejections do not change. One value
+    does: an integer past 64 bits reads as a float (orjson's way); no count or
+    index a model sends is that large.
     """
     if not isinstance(data, str | bytes):
         data = bytes(data)
@@ -183,7 +230,8 @@ def loads_fast(
 
 def check_value(value: object, *, max_depth: int = MAX_DEPTH) -> None:
     """Raise ``JsonRejected`` if a parsed value (dicts, lists, scalars) nests deeper
-    than ``max_depth``; walked with a stack of its own, never by recursion."""
+    than ``max_depth`` or holds a float that is not finite; walked with a stack of
+    its own, never by recursion."""
     stack: list[tuple[object, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -192,6 +240,8 @@ def check_value(value: object, *, max_depth: int = MAX_DEPTH) -> None:
         elif isinstance(item, list | tuple):
             children = item
         else:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise not_finite()
             continue
         depth += 1
         if depth > max_depth:
@@ -202,16 +252,21 @@ def check_value(value: object, *, max_depth: int = MAX_DEPTH) -> None:
 def check_message(message: Message, *, max_depth: int = MAX_DEPTH) -> None:
     """Raise ``JsonRejected`` if a ``Struct`` or ``ListValue`` anywhere in ``message``
     nests deeper than ``max_depth`` JSON levels (a Struct is one level, as an
-    object is); other messages add no level. Walked without recursion, and only
-    into the fields that can hold a JSON value (``_json_fields``): every request
-    that can carry one is checked (``rpc.registration``), SendMessage included."""
+    object is; other messages add no level), or a number in it is not finite (a
+    ``Value``'s, or a ``double`` or ``float`` field's). Walked without recursion,
+    and only into the fields that can hold either (``_plan``): every request
+    that can carry one is checked (``rpc.registration``), SendMessage included,
+    so the walk is kept to what it must look at. ``locate`` says where."""
     stack: list[tuple[Message, int]] = [(message, 0)]
     while stack:
         item, depth = stack.pop()
         name = item.DESCRIPTOR.full_name
         if name == _VALUE:
             kind = item.WhichOneof("kind")
-            if kind in ("struct_value", "list_value"):
+            if kind == "number_value":
+                if not math.isfinite(item.number_value):  # type: ignore[attr-defined]
+                    raise not_finite()
+            elif kind in ("struct_value", "list_value"):
                 stack.append((getattr(item, kind), depth))
             continue
         if name in (_STRUCT, _LIST):
@@ -219,25 +274,143 @@ def check_message(message: Message, *, max_depth: int = MAX_DEPTH) -> None:
             if depth > max_depth:
                 raise too_deep(max_depth)
             values = item.fields.values() if name == _STRUCT else item.values  # type: ignore[attr-defined]
-            stack.extend((value, depth) for value in values)
+            stack.extend([(value, depth) for value in values])
             continue
-        for field, shape in _json_fields(item.DESCRIPTOR):  # type: ignore[arg-type]
-            if shape == "one":
-                if item.HasField(field):
-                    stack.append((getattr(item, field), depth))
-            elif shape == "many":
-                stack.extend((entry, depth) for entry in getattr(item, field))
+        plan = _plan(item.DESCRIPTOR)  # type: ignore[arg-type]
+        for field in plan.one:
+            if item.HasField(field):
+                stack.append((getattr(item, field), depth))
+        for field in plan.many:
+            stack.extend([(entry, depth) for entry in getattr(item, field)])
+        for field in plan.map:
+            stack.extend([(entry, depth) for entry in getattr(item, field).values()])
+        if plan.numbers and not _all_finite(item, plan.numbers):
+            raise not_finite()
+
+
+def locate(message: Message, *, max_depth: int = MAX_DEPTH) -> tuple[str, JsonRejected] | None:
+    """The first value of ``message`` that ``check_message`` refuses, in field order, as
+    (its path, why); None if there is none.
+
+    The path names fields as a request's field violations do (``message.parts[0].data``),
+    then the keys and indexes of the JSON value down to the number
+    (``message.parts[0].data.big``, ``parameters.a[2]``; a key that is not a plain
+    name is quoted: ``metadata["a b"]``); for a value nested too deep, the value
+    where it passed the limit. Only asked for after ``check_message`` refused, so
+    it may cost what the check must not: it keeps a path for every step.
+    """
+    stack: list[tuple[Message, int, str]] = [(message, 0, "")]
+    while stack:
+        item, depth, path = stack.pop()
+        name = item.DESCRIPTOR.full_name
+        if name == _VALUE:
+            kind = item.WhichOneof("kind")
+            if kind == "number_value" and not math.isfinite(item.number_value):  # type: ignore[attr-defined]
+                return path, not_finite()
+            if kind in ("struct_value", "list_value"):
+                stack.append((getattr(item, kind), depth, path))
+            continue
+        if name in (_STRUCT, _LIST):
+            depth += 1
+            if depth > max_depth:
+                return path, too_deep(max_depth)
+            if name == _STRUCT:
+                fields = item.fields  # type: ignore[attr-defined]
+                children = [(fields[key], depth, _key(path, key)) for key in sorted(fields)]
             else:
-                stack.extend((entry, depth) for entry in getattr(item, field).values())
+                values = item.values  # type: ignore[attr-defined]
+                children = [(value, depth, f"{path}[{i}]") for i, value in enumerate(values)]
+            stack.extend(reversed(children))
+            continue
+        found: list[tuple[Message, int, str]] = []
+        for field, shape in _plan(item.DESCRIPTOR).fields:  # type: ignore[arg-type]
+            at = f"{path}.{field}" if path else field
+            if shape in _NUMBERS:
+                where = _not_finite(getattr(item, field), shape, at)
+                if where is not None:
+                    return where, not_finite()
+            else:
+                found.extend(
+                    (entry, depth, where) for entry, where in _entries(item, field, shape, at)
+                )
+        stack.extend(reversed(found))
+    return None
+
+
+def _entries(item: Message, field: str, shape: str, at: str) -> list[tuple[Message, str]]:
+    """The messages in ``item``'s ``field`` (of a message shape), each with its path
+    below ``at`` (worked out only where ``at`` is given)."""
+    value = getattr(item, field)
+    if shape == "one":
+        return [(value, at)] if item.HasField(field) else []
+    if shape == "many":
+        return [(entry, f"{at}[{i}]" if at else "") for i, entry in enumerate(value)]
+    return [(value[key], _key(at, key) if at else "") for key in sorted(value)]
+
+
+def _not_finite(value: Any, shape: str, at: str) -> str | None:
+    """Where in a float field (of a number shape) below ``at`` a value is not finite
+    (``at`` itself for a singular field), or None if every one is."""
+    if shape == "number":
+        return None if math.isfinite(value) else at
+    if shape == "numbers":
+        for i, number in enumerate(value):
+            if not math.isfinite(number):
+                return f"{at}[{i}]"
+        return None
+    for key in sorted(value):
+        if not math.isfinite(value[key]):
+            return _key(at, key)
+    return None
+
+
+def nonfinite_values(message: Message) -> list[Message]:
+    """Every ``Value`` in ``message`` whose number is not finite, at any depth, as the
+    messages themselves (to be changed in place: ``structs.finite``); ``double`` and
+    ``float`` fields are left out, protobuf's JSON writes them as ``"NaN"``."""
+    found: list[Message] = []
+    stack: list[Message] = [message]
+    while stack:
+        item = stack.pop()
+        name = item.DESCRIPTOR.full_name
+        if name == _VALUE:
+            kind = item.WhichOneof("kind")
+            if kind == "number_value" and not math.isfinite(item.number_value):  # type: ignore[attr-defined]
+                found.append(item)
+            elif kind in ("struct_value", "list_value"):
+                stack.append(getattr(item, kind))
+        elif name in (_STRUCT, _LIST):
+            values = item.fields.values() if name == _STRUCT else item.values  # type: ignore[attr-defined]
+            stack.extend(values)
+        else:
+            for field, shape in _plan(item.DESCRIPTOR).fields:  # type: ignore[arg-type]
+                if shape not in _NUMBERS:
+                    stack.extend(entry for entry, _ in _entries(item, field, shape, ""))
+    return found
+
+
+_PLAIN_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: The most of a key a path repeats (a key may be as long as the request).
+_KEY_SHOWN: Final = 64
+
+
+def _key(path: str, key: object) -> str:
+    text = str(key)
+    if _PLAIN_KEY.fullmatch(text):
+        return f"{path}.{text}" if path else text
+    return f"{path}[{json.dumps(text[:_KEY_SHOWN], ensure_ascii=False)}]"
 
 
 _JSON_TYPES: Final = frozenset({_STRUCT, _LIST, "google.protobuf.Value"})
 _VALUE: Final = "google.protobuf.Value"
-_json_fields_of: dict[str, tuple[tuple[str, str], ...]] = {}
+_FLOATS: Final = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
+#: ``_Plan.fields``' shapes of float fields (the others hold messages).
+_NUMBERS: Final = frozenset({"number", "numbers", "number_map"})
 
 
-def carries_json(kind: Descriptor) -> bool:
-    """Whether a ``kind`` message can hold a JSON value, at any depth."""
+def checks(kind: Descriptor) -> bool:
+    """Whether ``check_message`` has anything to look at in a ``kind`` message: a JSON
+    value, or a ``double`` or ``float`` field, at any depth."""
     seen: set[str] = set()
     stack = [kind]
     while stack:
@@ -247,33 +420,64 @@ def carries_json(kind: Descriptor) -> bool:
         if item.full_name in seen:
             continue
         seen.add(item.full_name)
-        stack.extend(
-            field.message_type
-            for field in item.fields
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None
-        )
+        for field in item.fields:
+            if field.type in _FLOATS:
+                return True
+            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
+                stack.append(field.message_type)
     return False
 
 
-def _json_fields(kind: Descriptor) -> tuple[tuple[str, str], ...]:
-    """The fields of ``kind`` that can hold a JSON value, each as (name, "one" | "many" |
-    "map"); worked out once per message type."""
-    found = _json_fields_of.get(kind.full_name)
+@dataclass(frozen=True)
+class _Plan:
+    """What ``check_message`` looks at in a message type: its fields that can hold a
+    JSON value or a float, by shape."""
+
+    #: (name, shape) in declaration order: "one", "many", "map" (messages),
+    #: "number", "numbers", "number_map" (floats); what ``locate`` walks.
+    fields: tuple[tuple[str, str], ...]
+    one: tuple[str, ...]
+    many: tuple[str, ...]
+    map: tuple[str, ...]
+    #: The float fields, with their shapes.
+    numbers: tuple[tuple[str, str], ...]
+
+
+_plans: dict[str, _Plan] = {}
+
+
+def _plan(kind: Descriptor) -> _Plan:
+    """``kind``'s ``_Plan``, worked out once per type."""
+    found = _plans.get(kind.full_name)
     if found is not None:
         return found
     fields: list[tuple[str, str]] = []
     for field in kind.fields:
         target = field.message_type
+        if field.type in _FLOATS:
+            fields.append((field.name, "numbers" if field.is_repeated else "number"))
         if field.type != FieldDescriptor.TYPE_MESSAGE or target is None:
             continue
         if target.GetOptions().map_entry:
-            value = target.fields_by_name["value"].message_type
-            if value is not None and carries_json(value):
+            value = target.fields_by_name["value"]
+            if value.type in _FLOATS:
+                fields.append((field.name, "number_map"))
+            elif value.message_type is not None and checks(value.message_type):
                 fields.append((field.name, "map"))
-        elif carries_json(target):
+        elif checks(target):
             fields.append((field.name, "many" if field.is_repeated else "one"))
-    found = _json_fields_of[kind.full_name] = tuple(fields)
+
+    def named(shape: str) -> tuple[str, ...]:
+        return tuple(name for name, each in fields if each == shape)
+
+    numbers = tuple((name, shape) for name, shape in fields if shape in _NUMBERS)
+    found = _Plan(tuple(fields), named("one"), named("many"), named("map"), numbers)
+    _plans[kind.full_name] = found
     return found
+
+
+def _all_finite(item: Message, numbers: tuple[tuple[str, str], ...]) -> bool:
+    return all(_not_finite(getattr(item, field), shape, "") is None for field, shape in numbers)
 
 
 class StreamGauge:

@@ -141,11 +141,20 @@ def _count(result: Any) -> int:
 
 
 def _meta_json(data: bytes) -> str:
+    """A source's metadata as the JSON object search filters with SQL's JSON functions.
+
+    Always valid JSON: a number that is not finite (a Struct stored before requests
+    holding one were refused) is ``null`` (``structs.plain``), where ``json.dumps``
+    would write ``NaN``, which SQLite and PostgreSQL refuse, failing every filtered
+    search of the workspace. ``allow_nan=False`` holds that.
+    """
     from google.protobuf import struct_pb2
 
     value = struct_pb2.Struct.FromString(data) if data else struct_pb2.Struct()
     body = {key: plain(item) for key, item in value.fields.items()}
-    return json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return json.dumps(
+        body, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False
+    )
 
 
 def memory_owner(scope: str) -> str:

@@ -8,23 +8,30 @@ event batches framed once for every subscriber) are named in
 ``preserialized``: their responses are sent as they are.
 
 A request that can carry JSON values (``google.protobuf.Struct``, ``Value``,
-``ListValue``) is measured before its method sees it: at most
-``jsonbounds.MAX_DEPTH`` JSON levels, or INVALID_ARGUMENT naming the field.
-protobuf alone lets a client send about 32 levels, which the server then
-embeds deeper (a message in its event, in a subscriber's batch): past the 100
-message levels every decoder stops at, one client's message would break
-every subscriber of its workspace.
+``ListValue``) or floats is checked before its method sees it
+(``check_json``), or INVALID_ARGUMENT naming the field:
+
+* at most ``jsonbounds.MAX_DEPTH`` JSON levels. protobuf alone lets a client
+  send about 32 levels, which the server then embeds deeper (a message in its
+  event, in a subscriber's batch): past the 100 message levels every decoder
+  stops at, one client's message would break every subscriber of its
+  workspace.
+* every number finite: no NaN, infinity or minus infinity in a ``Value`` or a
+  ``double``/``float`` field. JSON has none of them, and what is stored is
+  written as JSON later (a passage's metadata that search filters with SQL's
+  JSON functions, a webhook's body): one editor's NaN would break every
+  filtered search of a workspace and block a webhook's queue.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Collection
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import (
-    FieldDescriptor,
     MethodDescriptor,
     ServiceDescriptor,
 )
@@ -32,55 +39,54 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from switchboard.platform.errors import FieldViolation, InvalidArgument
-from switchboard.platform.jsonbounds import MAX_DEPTH, JsonRejected, carries_json, check_message
+from switchboard.platform.jsonbounds import MAX_DEPTH, JsonRejected, check_message, checks, locate
 
 
 def _identity(frame: bytes) -> bytes:
     return frame
 
 
-def check_depth(request: Message) -> None:
-    """INVALID_ARGUMENT naming the first top-level field whose JSON values nest too deep."""
+#: The violation's description of a number that is not finite.
+NOT_FINITE: Final = "must be a finite number (JSON has no NaN or infinity)"
+
+
+def check_json(request: Message) -> None:
+    """INVALID_ARGUMENT if the request's JSON values nest too deep (naming the top-level
+    field that holds them) or a number in it is not finite (naming the path to it:
+    ``memory_item.metadata.n``, ``message.parts[0].data.big``)."""
     try:
         check_message(request)
     except JsonRejected:
-        field = next(
-            (
-                described.name
-                for described, value in request.ListFields()
-                if described.type == FieldDescriptor.TYPE_MESSAGE and _too_deep(value, described)
-            ),
-            "",
-        )
+        found = locate(request)
+        if found is None:  # pragma: no cover - locate walks what check_message walked
+            raise
+        path, rejected = found
+        if rejected.problem == "number":
+            raise InvalidArgument(
+                f"{path} {NOT_FINITE}", [FieldViolation(path, NOT_FINITE)]
+            ) from None
+        # The top-level field: the path to where it passed the limit is as deep as the limit.
+        field = _ROOT.match(path)
+        name = field[0] if field else ""
         reason = f"its JSON values nest deeper than {MAX_DEPTH} levels"
         raise InvalidArgument(
-            f"{field or 'the request'}: {reason}", [FieldViolation(field or "request", reason)]
+            f"{name or 'the request'}: {reason}", [FieldViolation(name or "request", reason)]
         ) from None
 
 
-def _too_deep(value: Any, field: FieldDescriptor) -> bool:
-    kind = field.message_type
-    is_map = kind is not None and kind.GetOptions().map_entry
-    items = value.values() if is_map else value if field.is_repeated else [value]
-    for item in items:
-        if not isinstance(item, Message):
-            continue
-        try:
-            check_message(item)
-        except JsonRejected:
-            return True
-    return False
+_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _checked(method: MethodDescriptor, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    """``behaviour``, its requests' JSON depth checked first (see the module doc)."""
-    if not carries_json(method.input_type):
+    """``behaviour``, its requests' JSON values and numbers checked first (see the module
+    doc)."""
+    if not checks(method.input_type):
         return behaviour
     if method.client_streaming:
 
         async def frames(requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
             async for request in requests:
-                check_depth(request)
+                check_json(request)
                 yield request
 
         def streamed(requests: AsyncIterator[Message], context: Any) -> Any:
@@ -90,14 +96,14 @@ def _checked(method: MethodDescriptor, behaviour: Callable[..., Any]) -> Callabl
     if method.server_streaming:
 
         async def server_stream(request: Message, context: Any) -> AsyncIterator[Any]:
-            check_depth(request)
+            check_json(request)
             async for response in behaviour(request, context):
                 yield response
 
         return server_stream
 
     async def unary(request: Message, context: Any) -> Any:
-        check_depth(request)
+        check_json(request)
         return await behaviour(request, context)
 
     return unary

@@ -77,8 +77,9 @@ class ServiceRegistration:
     service: ServiceDescriptor
     servicer: object
     preserialized: frozenset[str] = frozenset()
-    #: The servicer checks its requests' JSON depth itself (``registration.check_depth``),
-    #: to answer in its protocol's terms (A2A); otherwise registration does.
+    #: The servicer checks its requests' JSON depth and numbers itself
+    #: (``registration.check_json``), to answer in its protocol's terms (A2A);
+    #: otherwise registration does.
     checks_json_depth: bool = False
     #: Called with the bound port before the server starts (the dispatcher
     #: advertises where other replicas reach it).
