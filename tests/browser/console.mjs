@@ -199,6 +199,10 @@ const ops = {
     return handle.jsonValue();
   },
   eval: (c) => page(c).evaluate(fn(c.fn), c.arg ?? null),
+  // The time zone the page's clock reads in (Intl and Date), as a person abroad has it.
+  timezone: async (c) => {
+    await page(c).emulateTimezone(c.timeZone);
+  },
   // The window's size, as a phone's or a desktop's (the page lays itself out again).
   viewport: async (c) => {
     await page(c).setViewport({ width: c.width, height: c.height });

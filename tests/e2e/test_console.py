@@ -60,11 +60,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, cast
+from zoneinfo import ZoneInfo
 
 import grpc
 import httpx
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -2026,6 +2027,105 @@ def test_the_only_workspace_opens_by_itself_and_a_phone_gets_one_column(
         assert problems(browser) == []
 
 
+#: Each element ``selector`` finds: how many rows its buttons take (their distinct tops),
+#: and where the first starts and the last ends (rounded), the confirmation's aside.
+BUTTON_ROWS_JS: Final = """(s) => [...document.querySelectorAll(s)].map((e) => {
+  const boxes = [...e.querySelectorAll(':scope button')]
+    .filter((b) => b.checkVisibility() && !b.closest('[data-testid="delete-confirmation"]'))
+    .map((b) => b.getBoundingClientRect());
+  return {
+    rows: new Set(boxes.map((b) => Math.round(b.top))).size,
+    left: Math.round(Math.min(...boxes.map((b) => b.left))),
+    right: Math.round(Math.max(...boxes.map((b) => b.right))),
+  };
+})"""
+
+
+def test_several_workspaces_are_offered_to_pick_and_the_workspaces_panels_fit(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """Signed in with two workspaces and none named in the URL, the centre offers both,
+    each with the caller's role; one picked opens. Its owner's own member row has no
+    Remove (another member's has); each file's buttons stand in one row, inside its
+    entry, at a desktop's width and a phone's."""
+    shots = artifacts_dir(tmp_path) / "layout"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("picker")
+    member = server.register("picker-member")
+    first, _ = server.workspace(owner, f"picker-a-{os.getpid()}")
+    second, _ = server.workspace(owner, f"picker-b-{os.getpid()}")
+    server.context.AddWorkspaceMember(
+        context_pb2.AddWorkspaceMemberRequest(
+            parent=first, user=member.name, role=context_pb2.WORKSPACE_ROLE_EDITOR
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    )
+    names = ("quarterly-planning-notes-for-the-platform-and-infrastructure-teams.txt", "a.txt")
+    for display_name in names:
+        data = f"notes in {display_name}\n".encode()
+        frames = [
+            context_pb2.UploadFileRequest(
+                header=context_pb2.UploadFileHeader(
+                    parent=first,
+                    file=context_pb2.File(
+                        display_name=display_name, media_type="text/plain", size_bytes=len(data)
+                    ),
+                )
+            ),
+            context_pb2.UploadFileRequest(chunk=data),
+            context_pb2.UploadFileRequest(sha256=hashlib.sha256(data).hexdigest()),
+        ]
+        server.context.UploadFile(iter(frames), metadata=owner.md, timeout=CALL_S)
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, owner.email)
+        picker = tid("workspace-picker")
+        browser.wait_visible(picker)
+        offered = browser.eval(
+            "(s) => [...document.querySelectorAll(s)].map((c) => c.dataset.name)",
+            tid("picker-workspace"),
+        )
+        assert sorted(offered) == sorted([first, second])
+        said = browser.eval(
+            "(s) => document.querySelector(s).textContent", tid("picker-workspace", name=first)
+        )
+        assert said.startswith(f"Picker-A-{os.getpid()}"), said
+        assert "owner" in said, said
+        assert current(browser, "workspace-item") == ""
+        assert overflowing(browser, tid("picker-workspace")) == []
+        assert raw_text(browser) == []
+        browser.shots(shots / "pick-a-workspace.png")
+
+        browser.click(tid("picker-workspace", name=first))
+        browser.wait_for(f"{tid('workspace-item', name=first)}.current")
+        browser.wait_visible(tid("workspace-overview", workspace=first))
+        assert not browser.visible(picker)
+
+        # The owner's own row: no Remove. The other member's: Remove.
+        own = tid("member", user=owner.name)
+        other = tid("member", user=member.name)
+        browser.wait_visible(own)
+        browser.wait_visible(other)
+        assert browser.count(f"{own} {tid('remove-member')}") == 0
+        assert browser.count(f"{other} {tid('remove-member')}") == 1
+
+        # Each file's buttons in one row, inside its entry.
+        browser.wait("(s) => document.querySelectorAll(s).length === 2", tid("file-entry"))
+        for width in (DESKTOP_WIDTH, PHONE_WIDTH):
+            browser.viewport(width, 900)
+            if width == PHONE_WIDTH:
+                browser.wait_stacked()
+            # One row each, and the same place in every entry: a column of buttons.
+            buttons = browser.eval(BUTTON_ROWS_JS, tid("file-entry"))
+            assert [b["rows"] for b in buttons] == [1, 1], (width, buttons)
+            assert len({(b["left"], b["right"]) for b in buttons}) == 1, (width, buttons)
+            assert overflowing(browser, tid("file-entry")) == [], width
+        browser.viewport(DESKTOP_WIDTH, 900)
+        assert raw_text(browser) == []
+        browser.shots(shots / "members-and-files.png")
+        assert problems(browser) == []
+
+
 def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
     stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
 ) -> None:
@@ -2065,12 +2165,16 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
                         endpoint=mcp.url,
                         credential="s3cret",
                         disabled=disabled,
+                        retry_safe=retry_safe,
                     ),
                 ),
                 metadata=user.md,
                 timeout=CALL_S,
             ).integration.name
-            for integration_id, title, disabled in (("kit", "Kit", False), ("idle", "Idle", True))
+            for integration_id, title, disabled, retry_safe in (
+                ("kit", "Kit", False, True),
+                ("idle", "Idle", True, False),
+            )
         }
         kit, idle = made["kit"], made["idle"]
         assistant = server.dispatcher.CreateAssistant(
@@ -2098,14 +2202,32 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
                 f"{idle_item} {tid('integration-kind-label')}",
             )
             assert kind == "MCP server"
+            # Whether a call in flight at a crash is sent again by itself, in words.
+            kit_item = tid("integration", name=kit)
+            assert browser.visible(f"{kit_item} {tid('integration-retry-safe')}")
+            assert browser.count(f"{idle_item} {tid('integration-retry-safe')}") == 0
             assert raw_text(browser) == []
+            # An integration and an assistant there: the overview's first steps are done.
+            browser.wait_visible(tid("assistant", name=assistant))
+            browser.wait_visible(tid("workspace-overview", workspace=workspace))
+            overview = browser.eval(
+                "(s) => document.querySelector(s).textContent", tid("workspace-overview")
+            )
+            assert "build an assistant" not in overview, overview
+            assert not browser.visible(tid("overview-hint"))
 
-            # Edited: renamed and enabled. Only what changed is sent: the credential stays.
+            # Edited: renamed, enabled and made safe to call again. Only what changed is
+            # sent: the credential stays.
             browser.click(f"{idle_item} {tid('edit-integration')}")
             editor = f"{tid('integration', name=idle)} {tid('integration-editor')}"
             browser.wait_visible(editor)
             browser.fill(f"{editor} {tid('edit-integration-name')}", "Idle kit")
             browser.click(f"{editor} {tid('edit-integration-disabled')}")
+            assert not browser.eval(
+                "(s) => document.querySelector(s).checked",
+                f"{editor} {tid('edit-integration-retry-safe')}",
+            )
+            browser.click(f"{editor} {tid('edit-integration-retry-safe')}")
             browser.shots(shots / "integration-editor.png")
             browser.click(f"{editor} {tid('save-integration')}")
             browser.wait_for(tid("integration", name=idle, disabled="false"))
@@ -2113,8 +2235,10 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
             stored = get(idle)
             assert stored.display_name == "Idle kit"
             assert not stored.disabled
+            assert stored.retry_safe
             assert stored.has_credential
             assert stored.endpoint == mcp.url
+            browser.wait_visible(f"{tid('integration', name=idle)} {tid('integration-retry-safe')}")
 
             # Changed elsewhere while the form was open: refused for its etag, said so, and
             # the form reloads with what the integration is now.
@@ -2190,6 +2314,12 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
                 [tid("assistant-select"), assistant],
             )
             browser.wait_visible(tid("assistants-empty"))
+            # No assistant any more: the overview says what comes next.
+            browser.wait_visible(tid("overview-hint"))
+            hint = browser.eval(
+                "(s) => document.querySelector(s).textContent", tid("overview-hint")
+            )
+            assert "build an assistant" in hint.lower(), hint
             calls = {method(n) for n in grpc_web_calls(browser.network(), stack.origin)}
             assert {"UpdateIntegration", "DeleteIntegration", "DeleteAssistant"} <= calls
             assert problems(browser) == []
@@ -2533,6 +2663,122 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
             assert decided.decision == dispatcher_pb2.BUDGET_DECISION_ALLOW_OVERDRAFT
             assert decided.decided_by == owner.name
             assert problems(browser) == []
+
+
+#: The Budgets page's token table, a row each: its data-* and its cost as shown.
+USAGE_ROWS_JS: Final = """(s) => [...document.querySelectorAll(s)].map((row) => ({
+  day: row.dataset.day, assistant: row.dataset.assistant, model: row.dataset.model,
+  runs: row.dataset.runs, input: row.dataset.inputTokens, output: row.dataset.outputTokens,
+  cost: row.querySelector('[data-testid="usage-row-cost"]').textContent,
+}))"""
+
+
+def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as_unpriced(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """A run of a model the price table does not have (the local model server's echo
+    under another name): its card and its inspector say "unpriced", not "$0.0000", and the
+    Budgets page, with nothing priced to chart, still shows its tokens by day, assistant
+    and model, as QueryUsage has them. After a priced run the table has both, the priced
+    one with its cost."""
+    shots = artifacts_dir(tmp_path) / "budgets"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("unpriced")
+    workspace, conversation = server.workspace(owner, f"unpriced-{os.getpid()}")
+
+    def assistant(assistant_id: str, title: str, **settings: Any) -> str:
+        name: str = server.dispatcher.CreateAssistant(
+            dispatcher_pb2.CreateAssistantRequest(
+                parent=workspace,
+                assistant_id=assistant_id,
+                assistant=dispatcher_pb2.Assistant(display_name=title, **settings),
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        ).assistant.name
+        return name
+
+    priced = assistant("helper", "Helper", workspace_default=True)
+    unpriced = assistant(
+        "thrifty", "Thrifty", model=handler_pb2.ModelSettings(model="echo-unpriced")
+    )
+
+    def usage() -> list[dict[str, str]]:
+        rows = server.dispatcher.QueryUsage(
+            dispatcher_pb2.QueryUsageRequest(
+                parent=workspace,
+                group_by=[
+                    dispatcher_pb2.USAGE_DIMENSION_DAY,
+                    dispatcher_pb2.USAGE_DIMENSION_ASSISTANT,
+                    dispatcher_pb2.USAGE_DIMENSION_MODEL,
+                ],
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        ).rows
+        return [
+            {
+                "day": r.day,
+                "assistant": r.assistant,
+                "model": r.model,
+                "runs": str(r.run_count),
+                "input": str(r.input_tokens),
+                "output": str(r.output_tokens),
+                "cost": f"${r.cost_micros / 1e6:.4f}" if r.cost_micros else "unpriced",
+            }
+            for r in rows
+        ]
+
+    def shown_rows(browser: Page) -> list[dict[str, str]]:
+        found: list[dict[str, str]] = browser.eval(USAGE_ROWS_JS, tid("usage-row"))
+        return sorted(found, key=lambda r: (r["day"], r["assistant"], r["model"]))
+
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, owner.email)
+        open_conversation(browser, workspace, conversation)
+        browser.select(tid("assistant-select"), unpriced)
+        run = send(browser, "words nobody prices")
+        run_state(browser, run, "RUN_STATE_SUCCEEDED")
+        stored = server.run(owner, run).usage
+        assert stored.output_tokens > 0
+        assert (stored.cost_micros, stored.estimated_cost_usd) == (0, 0)
+        card_usage = browser.wait(
+            "(s) => { const t = document.querySelector(s)?.textContent ?? '';"
+            " return t.includes('tokens') && t; }",
+            f"{tid('run', run=run)} {tid('run-usage')}",
+        )
+        assert "unpriced" in card_usage, card_usage
+        assert "$" not in card_usage, card_usage
+        [entry] = [e for e in timeline(browser, run) if e.get("kind") == "usage"]
+        assert "unpriced" in entry["text"], entry
+        assert "$" not in entry["text"], entry
+
+        # Nothing priced: no chart, but the tokens by day, assistant and model.
+        browser.click(tid("open-budgets"))
+        browser.wait_visible(tid("usage-empty"))
+        browser.wait_visible(tid("usage-table"))
+        expected = usage()
+        assert [(r["assistant"], r["cost"]) for r in expected] == [(unpriced, "unpriced")]
+        assert shown_rows(browser) == expected
+        assert raw_text(browser) == []
+        browser.shots(shots / "unpriced.png")
+
+        # A priced run beside it: the chart, and both in the table.
+        open_conversation(browser, workspace, conversation)
+        browser.select(tid("assistant-select"), priced)
+        run = send(browser, "words with a price")
+        run_state(browser, run, "RUN_STATE_SUCCEEDED")
+        browser.click(tid("open-budgets"))
+        browser.wait_visible(tid("usage-chart"))
+        browser.wait("(s) => document.querySelectorAll(s).length === 2", tid("usage-row"))
+        expected = usage()
+        assert sorted(r["assistant"] for r in expected) == sorted([priced, unpriced])
+        assert shown_rows(browser) == sorted(
+            expected, key=lambda r: (r["day"], r["assistant"], r["model"])
+        )
+        assert raw_text(browser) == []
+        browser.shots(shots / "tokens-by-day.png")
+        assert problems(browser) == []
 
 
 # -- Files -----------------------------------------------------------------------------------
@@ -2982,6 +3228,165 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         browser.click(f"{entry} {tid('firing-run', run=run)}")
         browser.wait_visible(tid("run", run=run))
         assert browser.eval("() => location.hash") == f"#{run.split('/runs/')[0]}"
+        assert problems(browser) == []
+
+
+#: How the page writes a moment (a schedule's fire times): its weekday, date and time in
+#: one zone, in words that do not depend on the browser's language.
+WEEKDAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def clock(moment: datetime, zone: str, *, seconds: bool) -> str:
+    """``Mon 30 Nov 2026, 08:00`` (``08:00:02`` with ``seconds``), in the zone ``zone``."""
+    local = moment.astimezone(ZoneInfo(zone))
+    time_of_day = f"{local:%H:%M:%S}" if seconds else f"{local:%H:%M}"
+    day = f"{WEEKDAYS[local.weekday()]} {local.day} {MONTHS[local.month - 1]} {local.year}"
+    return f"{day}, {time_of_day}"
+
+
+#: What lies outside its own box among what the elements ``selector`` finds hold: each
+#: descendant element, and each piece of text (its lines' boxes), that reaches past the
+#: element's edges.
+OVERFLOW_JS: Final = """(selector) => {
+  const out = [];
+  for (const box of document.querySelectorAll(selector)) {
+    if (!box.checkVisibility()) continue;
+    const r = box.getBoundingClientRect();
+    const inside = (o) => o.left >= r.left - 0.5 && o.right <= r.right + 0.5
+      && o.top >= r.top - 0.5 && o.bottom <= r.bottom + 0.5;
+    const walker = document.createTreeWalker(box, NodeFilter.SHOW_ELEMENT | NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      let rects;
+      if (node.nodeType === Node.TEXT_NODE) {
+        if (!node.textContent.trim()) continue;
+        const range = document.createRange();
+        range.selectNodeContents(node);
+        rects = [...range.getClientRects()];
+      } else {
+        if (!node.checkVisibility()) continue;
+        rects = [node.getBoundingClientRect()];
+      }
+      if (rects.some((o) => o.width > 0 && !inside(o))) {
+        out.push(`${box.dataset.testid}: ${node.textContent.trim().slice(0, 80)}`);
+      }
+    }
+  }
+  return out;
+}"""
+
+
+def overflowing(browser: Page, selector: str) -> list[str]:
+    found: list[str] = browser.eval(OVERFLOW_JS, selector)
+    return found
+
+
+def test_a_schedules_times_read_as_dates_in_its_own_zone_and_its_titles_fit_their_cards(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """In a browser whose clock is in New York: a weekday cron schedule in Europe/Berlin
+    shows its next fire times as dates at 08:00 in Berlin, the zone named, exactly the
+    server's ``upcoming_fire_times``; an interval schedule (no zone of its own) names the
+    browser's. A per-run schedule's conversations, titled with their tick's time, fit
+    their cards in the workspace's overview at a desktop's width and a phone's."""
+    shots = artifacts_dir(tmp_path) / "schedules"
+    shots.mkdir(parents=True, exist_ok=True)
+    user = server.register("schedule-times")
+    workspace, _ = server.workspace(user, f"schedule-times-{os.getpid()}")
+
+    def create(schedule_id: str, schedule: dispatcher_pb2.Schedule) -> str:
+        name: str = server.dispatcher.CreateSchedule(
+            dispatcher_pb2.CreateScheduleRequest(
+                parent=workspace, schedule_id=schedule_id, schedule=schedule
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).schedule.name
+        return name
+
+    def get(name: str) -> dispatcher_pb2.Schedule:
+        found: dispatcher_pb2.Schedule = server.dispatcher.GetSchedule(
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+        ).schedule
+        return found
+
+    weekdays = create(
+        "weekday-digest",
+        dispatcher_pb2.Schedule(
+            display_name="Weekday digest",
+            handler="handlers/echo",
+            message_template="digest for {{date}}",
+            cron="0 8 * * 1-5",
+            time_zone="Europe/Berlin",
+        ),
+    )
+    title = "Standup notes for the platform team"
+    per_run = create(
+        "standup",
+        dispatcher_pb2.Schedule(
+            display_name=title,
+            handler="handlers/echo",
+            message_template="notes for {{date}}",
+            interval=duration_pb2.Duration(seconds=1),
+            conversation_mode=dispatcher_pb2.SCHEDULE_CONVERSATION_MODE_PER_RUN,
+        ),
+    )
+    with chromium.open(stack.origin + "/") as browser:
+        browser.call("timezone", timeZone="America/New_York")
+        sign_in(browser, user.email)
+        browser.wait_visible(tid("workspace-overview", workspace=workspace))
+        # A tick's own conversation, titled with the tick's time (a long unbroken token).
+        titled = browser.wait(
+            "([s, title]) => [...document.querySelectorAll(s)]"
+            ".find((c) => c.textContent.startsWith(`${title} · `))?.dataset.name",
+            [tid("overview-conversation"), title],
+        )
+        server.dispatcher.PauseSchedule(
+            dispatcher_pb2.PauseScheduleRequest(name=per_run), metadata=user.md, timeout=CALL_S
+        )
+        browser.wait_visible(tid("overview-conversation", name=titled))
+        assert overflowing(browser, tid("overview-conversation")) == []
+        browser.viewport(PHONE_WIDTH, 900)
+        browser.wait_stacked()
+        assert overflowing(browser, tid("overview-conversation")) == []
+        browser.screenshot(shots / f"per-run-titles-{PHONE_WIDTH}.png")
+        browser.viewport(DESKTOP_WIDTH, 900)
+        browser.screenshot(shots / "per-run-titles.png")
+
+        browser.click(tid("open-schedules"))
+        browser.wait_visible(tid("schedules-page"))
+        entry = tid("schedule", name=weekdays)
+        browser.wait_visible(entry)
+        stored = get(weekdays)
+        ticks = [t.ToDatetime(tzinfo=UTC) for t in stored.upcoming_fire_times]
+        assert len(ticks) > 1
+        assert stored.next_fire_time.ToDatetime(tzinfo=UTC) == ticks[0]
+        berlin = [clock(t, "Europe/Berlin", seconds=False) for t in ticks]
+        # The server's times, read in Berlin: weekdays at eight.
+        assert all(b.endswith(", 08:00") and b[:3] not in ("Sat", "Sun") for b in berlin)
+        shown = browser.eval(
+            "(s) => document.querySelector(s).textContent", f"{entry} {tid('schedule-next')}"
+        )
+        assert shown == f"Next: {berlin[0]} (Europe/Berlin); then {' · '.join(berlin[1:])}"
+        moments = browser.eval(
+            "(s) => [...document.querySelectorAll(s)].map((t) => t.dateTime)",
+            f"{entry} {tid('schedule-next')} time",
+        )
+        assert [datetime.fromisoformat(m) for m in moments] == ticks
+
+        # The interval schedule has no zone: its times are the browser's, named.
+        paused = tid("schedule", name=per_run, state="SCHEDULE_STATE_PAUSED")
+        browser.wait_visible(paused)
+        last = get(per_run).last_fire_time.ToDatetime(tzinfo=UTC)
+        seconds = last.astimezone(ZoneInfo("America/New_York")).second != 0
+        last_shown = browser.eval(
+            "(s) => document.querySelector(s).textContent", f"{paused} {tid('schedule-last')}"
+        )
+        assert last_shown.startswith(
+            f"Last fired {clock(last, 'America/New_York', seconds=seconds)} (America/New_York)"
+        ), last_shown
+        assert raw_text(browser) == []
+        browser.shots(shots / "schedule-times.png")
         assert problems(browser) == []
 
 

@@ -120,14 +120,23 @@ export class Account {
     await this.page.busy("list-members", async () => {
       const answer = await this.api.context.listWorkspaceMembers({ parent, pageSize: PAGE_SIZE });
       if (parent !== this.workspace) return;
-      this.members.replaceChildren(...answer.members.map((m) => this.member(m)));
+      const owners = answer.members.filter((m) => m.role === WorkspaceRole.OWNER).length;
+      this.members.replaceChildren(...answer.members.map((m) => this.member(m, owners)));
     });
   }
 
-  private member(m: WorkspaceMember): HTMLElement {
+  /** A member's row. The caller's own has no Remove (taking oneself out of a workspace
+   *  is not what a members list is for, and the last owner cannot be removed), and its
+   *  role is fixed while the caller is the only owner (the server refuses to demote the
+   *  last one). */
+  private member(m: WorkspaceMember, owners: number): HTMLElement {
+    const self = m.user === this.api.tokens.identity?.user;
+    const fixed = self && m.role === WorkspaceRole.OWNER && owners <= 1;
     const role = h(
       "select",
       {
+        disabled: fixed,
+        title: fixed ? "You are its only owner: make someone else an owner first." : undefined,
         "data-testid": "member-role-select",
         "aria-label": "role",
         onchange: () =>
@@ -145,22 +154,23 @@ export class Account {
     return h(
       "li",
       { "data-testid": "member", "data-user": m.user, "data-role": `WORKSPACE_ROLE_${WorkspaceRole[m.role] ?? ""}` },
-      h("span", { class: "who", title: m.user }, this.names.title(m.user)),
-      " ",
+      h("span", { class: "who", title: m.user }, this.names.title(m.user), self ? h("span", { class: "badge", "data-testid": "member-you" }, "you") : null),
       role,
-      h(
-        "button",
-        {
-          type: "button",
-          "data-testid": "remove-member",
-          onclick: () =>
-            void this.page.busy("remove-member", async () => {
-              await this.api.context.removeWorkspaceMember({ name: m.name });
-              await this.loadMembers();
-            }),
-        },
-        "Remove",
-      ),
+      self
+        ? null
+        : h(
+            "button",
+            {
+              type: "button",
+              "data-testid": "remove-member",
+              onclick: () =>
+                void this.page.busy("remove-member", async () => {
+                  await this.api.context.removeWorkspaceMember({ name: m.name });
+                  await this.loadMembers();
+                }),
+            },
+            "Remove",
+          ),
     );
   }
 

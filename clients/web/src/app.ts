@@ -91,7 +91,10 @@ export class App {
         composer.focus();
       },
       changed: () => void composer.load(),
+      listed: () => this.navigation.firstStepsChanged(),
     });
+    this.navigation.firstSteps = () => ({ assistants: this.assistants.count(), integrations: this.integrations.count() });
+    this.integrations.onChange = () => this.navigation.firstStepsChanged();
     this.account = new Account(api, this.page, this.names, () => api.tokens.end("signed out everywhere"));
     this.navigation.column.append(...this.account.elements);
     this.consoleView = h(

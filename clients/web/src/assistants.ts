@@ -22,6 +22,8 @@ export interface AssistantsHost {
   tryIt(assistant: Assistant): Promise<void>;
   /** The list changed (the composer's choices follow). */
   changed(): void;
+  /** The list was read again (the overview's hint follows). */
+  listed(): void;
 }
 
 const FIELDS = [
@@ -48,6 +50,8 @@ export class Assistants {
     "New assistant",
   );
   private assistants: Assistant[] = [];
+  /** The workspace `assistants` lists ("" before a list arrives). */
+  private listedFor = "";
   private handlers: string[] = [];
   private manage = false;
   private write = false;
@@ -81,6 +85,12 @@ export class Assistants {
     return this.assistants;
   }
 
+  /** How many the open workspace has; null until they are listed. */
+  count(): number | null {
+    const workspace = this.host.workspace();
+    return workspace && this.listedFor === workspace ? this.assistants.length : null;
+  }
+
   async load(): Promise<void> {
     const parent = this.host.workspace();
     if (!parent) return;
@@ -91,8 +101,10 @@ export class Assistants {
       ]);
       if (parent !== this.host.workspace()) return;
       this.assistants = assistants.assistants;
+      this.listedFor = parent;
       this.handlers = handlers.handlers.map((x) => x.name);
       this.render();
+      this.host.listed();
     });
   }
 
@@ -104,6 +116,7 @@ export class Assistants {
 
   clear(): void {
     this.assistants = [];
+    this.listedFor = "";
     this.close();
     this.list.replaceChildren();
   }
@@ -117,7 +130,9 @@ export class Assistants {
           { class: "muted", "data-testid": "assistants-empty" },
           this.host.workspace()
             ? this.manage
-              ? "None yet: register an integration below, then create an assistant that uses its tools."
+              ? this.integrations.all().length
+                ? "None yet: create one that uses the tools of the integrations below."
+                : "None yet: register an integration below, then create an assistant that uses its tools."
               : "None in this workspace."
             : "",
         ),

@@ -19,6 +19,7 @@ import {
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { idAttributes, idRule } from "./ids";
 import { money, periodLabel } from "./labels";
+import { calendarDay } from "./moments";
 import type { Names } from "./names";
 import type { Page } from "./page";
 import { TERMINAL } from "./runs";
@@ -29,6 +30,8 @@ const DAYS = 30;
 const SERIES = 8;
 /** Usage rows read at most (QueryUsage pages of 1,000). */
 const MAX_ROWS = 5_000;
+/** Rows of the token table shown (the newest days first). */
+const TABLE_ROWS = 200;
 const SVG = "http://www.w3.org/2000/svg";
 const PERIODS = [BudgetPeriod.DAY, BudgetPeriod.WEEK, BudgetPeriod.MONTH, BudgetPeriod.TOTAL, BudgetPeriod.RUN];
 
@@ -125,6 +128,7 @@ export class Budgets {
   readonly element: HTMLElement;
   private readonly role = h("p", { class: "muted", "data-testid": "budgets-role" });
   private readonly chart = h("div", { class: "usage", "data-testid": "usage" });
+  private readonly tokens = h("div", { class: "usage-tokens", "data-testid": "usage-tokens" });
   private readonly list = h("ul", { class: "list budgets", "data-testid": "budgets" });
   private readonly editor = h("form", { class: "inline editor", "data-testid": "budget-editor", hidden: true });
   private readonly newButton = h(
@@ -153,6 +157,8 @@ export class Budgets {
       this.role,
       h("h3", {}, `Spend per day, last ${DAYS} days`),
       this.chart,
+      h("h3", {}, "Tokens per day, by assistant and model"),
+      this.tokens,
       h("h3", {}, "Budgets"),
       this.list,
       this.newButton,
@@ -203,6 +209,7 @@ export class Budgets {
       for (const a of this.assistants) this.names.learn(a.name, a.displayName);
       this.render();
       this.renderChart(rows);
+      this.renderTokens(rows);
     });
   }
 
@@ -227,6 +234,7 @@ export class Budgets {
     this.close();
     this.list.replaceChildren();
     this.chart.replaceChildren();
+    this.tokens.replaceChildren();
   }
 
   // -- Spend ----------------------------------------------------------------------------
@@ -271,7 +279,7 @@ export class Budgets {
           "p",
           { class: "muted", "data-testid": "usage-empty" },
           runs > 0n
-            ? `${runs} ${runs === 1n ? "run" : "runs"}, nothing priced: the models used have no price in the server's price table.`
+            ? `${runs} ${runs === 1n ? "run" : "runs"}, nothing priced: the models used have no price in the server's price table. Their tokens are below.`
             : "No spend yet: the runs of the last 30 days cost nothing, or there were none.",
         ),
       );
@@ -372,6 +380,65 @@ export class Budgets {
         { class: "muted", "data-testid": "usage-total", "data-today-micros": String(today) },
         `${money(total)} in ${DAYS} days (${runs} ${runs === 1n ? "run" : "runs"}), ${money(today)} today (days in UTC).`,
       ),
+    );
+  }
+
+  /** What the runs used, a row per day, assistant and model (newest day first): tokens
+   *  whether or not a price table prices them, and the cost, or "unpriced" for tokens
+   *  nothing priced (the model has no price in the server's price table). */
+  private renderTokens(rows: UsageRow[]): void {
+    const used = rows.filter((r) => r.runCount > 0n || r.inputTokens > 0n || r.outputTokens > 0n);
+    if (used.length === 0) {
+      fill(this.tokens, h("p", { class: "muted", "data-testid": "usage-tokens-empty" }, `No runs in the last ${DAYS} days.`));
+      return;
+    }
+    const sorted = [...used].sort((a, b) => (a.day !== b.day ? (a.day < b.day ? 1 : -1) : this.seriesLabel(a.assistant, a.model).localeCompare(this.seriesLabel(b.assistant, b.model))));
+    const count = (n: bigint): string => n.toLocaleString("en");
+    const shown = sorted.slice(0, TABLE_ROWS);
+    fill(
+      this.tokens,
+      h(
+        "table",
+        { class: "usage-table", "data-testid": "usage-table" },
+        h(
+          "thead",
+          {},
+          h("tr", {}, h("th", { scope: "col" }, "Day (UTC)"), h("th", { scope: "col" }, "Assistant · model"), h("th", { scope: "col", class: "n" }, "Runs"), h("th", { scope: "col", class: "n" }, "Input"), h("th", { scope: "col", class: "n" }, "Output"), h("th", { scope: "col", class: "n" }, "Cost")),
+        ),
+        h(
+          "tbody",
+          {},
+          ...shown.map((r, i) => {
+            const unpriced = r.costMicros === 0n && (r.inputTokens > 0n || r.outputTokens > 0n);
+            return h(
+              "tr",
+              {
+                "data-testid": "usage-row",
+                "data-day": r.day,
+                "data-assistant": r.assistant,
+                "data-model": r.model,
+                "data-runs": String(r.runCount),
+                "data-input-tokens": String(r.inputTokens),
+                "data-output-tokens": String(r.outputTokens),
+                "data-cost-micros": String(r.costMicros),
+                class: i > 0 && shown[i - 1]?.day === r.day ? "same-day" : undefined,
+              },
+              // A day's rows after its first leave its date blank: the table reads by day.
+              h("td", { class: "day" }, i > 0 && shown[i - 1]?.day === r.day ? "" : calendarDay(r.day, { year: false })),
+              h("td", { class: "series", "data-content": true }, this.seriesLabel(r.assistant, r.model)),
+              h("td", { class: "n" }, count(r.runCount)),
+              h("td", { class: "n" }, count(r.inputTokens)),
+              h("td", { class: "n" }, count(r.outputTokens)),
+              h(
+                "td",
+                { class: unpriced ? "n unpriced" : "n", "data-testid": "usage-row-cost", title: unpriced ? "No price in the server's price table for this model" : undefined },
+                unpriced ? "unpriced" : money(r.costMicros),
+              ),
+            );
+          }),
+        ),
+      ),
+      sorted.length > shown.length ? h("p", { class: "muted" }, `${sorted.length - shown.length} older rows not shown.`) : null,
     );
   }
 

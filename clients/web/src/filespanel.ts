@@ -106,11 +106,16 @@ export class FilesPanel {
         }),
       );
     });
+    // The name and what it is on the left, wrapping as it must; the buttons together on the
+    // right, one row whatever the name's length.
     append(item, [
-      h("span", { class: "file-name", "data-content": true }, file.displayName || file.name),
-      h("span", { class: "muted" }, ` ${formatSize(file.sizeBytes)} · ${KIND[file.kind] ?? "file"} `),
-      download,
-      remove,
+      h(
+        "div",
+        { class: "file-about" },
+        h("span", { class: "file-name", "data-content": true }, file.displayName || file.name),
+        h("span", { class: "muted" }, ` ${formatSize(file.sizeBytes)} · ${KIND[file.kind] ?? "file"}`),
+      ),
+      h("div", { class: "file-actions" }, download, remove),
     ]);
     return item;
   }

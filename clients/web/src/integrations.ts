@@ -90,6 +90,7 @@ export class Integrations {
     placeholder: "credential (write-only, optional)",
   });
   private readonly eventTypes = eventTypePicker("integration-event-types", []);
+  private readonly retrySafe = h("input", { type: "checkbox", "data-testid": "integration-retry-safe-new" });
   private readonly form: HTMLElement;
   private watching: AbortController | null = null;
   /** The workspace watched, "" for none. */
@@ -97,6 +98,8 @@ export class Integrations {
   /** Whether a first snapshot of the workspace's integrations arrived. */
   private known = false;
   private manage = false;
+  /** Called after every change to what is shown (the overview's hint follows). */
+  onChange: () => void = () => undefined;
 
   constructor(
     private readonly api: Api,
@@ -123,12 +126,16 @@ export class Integrations {
         this.endpoint,
         this.credential,
         this.eventTypes.element,
+        retrySafeChoice(this.retrySafe),
         h("button", { type: "submit", "data-testid": "create-integration" }, "Register"),
       ),
     );
     // Only a webhook is sent events: the choice shows for it alone.
     const kindChanged = (): void => {
-      this.eventTypes.element.hidden = Number(this.kind.value) !== IntegrationKind.WEBHOOK;
+      const webhook = Number(this.kind.value) === IntegrationKind.WEBHOOK;
+      this.eventTypes.element.hidden = !webhook;
+      // A webhook is sent events, never called as a tool: nothing to call again.
+      (this.retrySafe.closest("label") ?? this.retrySafe).hidden = webhook;
     };
     this.kind.addEventListener("change", kindChanged);
     kindChanged();
@@ -146,6 +153,11 @@ export class Integrations {
 
   all(): Integration[] {
     return [...this.integrations.values()];
+  }
+
+  /** How many the open workspace has; null before its first snapshot. */
+  count(): number | null {
+    return this.parent && this.known ? this.integrations.size : null;
   }
 
   /** The integration's tools (every page), fetched once per workspace opening. */
@@ -239,6 +251,7 @@ export class Integrations {
           endpoint: this.endpoint.value.trim(),
           credential: this.credential.value,
           eventTypes: kind === IntegrationKind.WEBHOOK ? this.eventTypes.read() : [],
+          retrySafe: kind !== IntegrationKind.WEBHOOK && this.retrySafe.checked,
         },
         requestId: requestId(),
       });
@@ -246,6 +259,7 @@ export class Integrations {
       this.credential.value = "";
       this.newId.value = this.newName.value = this.endpoint.value = "";
       this.eventTypes.set([]);
+      this.retrySafe.checked = false;
       // Registered: the form folds away (the new entry is what matters now).
       (this.form as HTMLDetailsElement).open = false;
       const created = answer.integration;
@@ -257,6 +271,11 @@ export class Integrations {
   }
 
   private render(): void {
+    this.renderList();
+    this.onChange();
+  }
+
+  private renderList(): void {
     const list = this.list;
     if (this.integrations.size === 0) {
       const text = !this.parent ? "" : this.known ? "None in this workspace." : "Loading…";
@@ -327,11 +346,13 @@ export class Integrations {
         circuitText && !i.disabled ? h("span", { class: "badge", "data-testid": "integration-circuit" }, circuitText) : null,
         i.hasCredential ? h("span", { class: "muted", "data-testid": "integration-has-credential" }, "credential set") : null,
         failures ? h("span", { class: "muted" }, `${failures} ${failures === 1 ? "failure" : "failures"} in a row`) : null,
+        i.kind === IntegrationKind.WEBHOOK || !i.retrySafe ? null : retrySafeShown(i),
       ),
       i.kind === IntegrationKind.WEBHOOK
         ? h("div", { class: "muted", "data-testid": "integration-event-types-shown" }, `events sent: ${i.eventTypes.length ? i.eventTypes.map(eventTypeNameLabel).join(", ") : "every kind"}`)
         : null,
       pricesText(i) ? h("div", { class: "muted", "data-testid": "integration-prices-shown" }, pricesText(i)) : null,
+      i.kind === IntegrationKind.WEBHOOK || i.retrySafe ? null : retrySafeShown(i),
       i.status?.lastError?.message
         ? h("div", { class: "muted", "data-testid": "integration-error", "data-content": true }, i.status.lastError.message)
         : null,
@@ -363,6 +384,7 @@ export class Integrations {
     const credential = h("input", { type: "password", autocomplete: "off", placeholder: current.hasCredential ? "set: empty keeps it" : "none set" });
     const eventTypes = eventTypePicker("edit-integration-event-types", current.eventTypes);
     const disabled = h("input", { type: "checkbox", "data-testid": "edit-integration-disabled", checked: current.disabled });
+    const retrySafe = h("input", { type: "checkbox", "data-testid": "edit-integration-retry-safe", checked: current.retrySafe });
     const where = h("div", { "data-testid": "integration-editor-problem" });
     const form: HTMLFormElement = h(
       "form",
@@ -372,7 +394,7 @@ export class Integrations {
         "data-etag": current.etag,
         onsubmit: (event: Event) => {
           event.preventDefault();
-          void this.saveEdit(current, { displayName, endpoint, credential, eventTypes, disabled }, form, where, panes);
+          void this.saveEdit(current, { displayName, endpoint, credential, eventTypes, disabled, retrySafe }, form, where, panes);
         },
       },
       field("edit-integration-name", "Display name", displayName),
@@ -380,6 +402,7 @@ export class Integrations {
       field("edit-integration-credential", current.hasCredential ? "New credential (write-only)" : "Credential (write-only)", credential),
       webhook ? eventTypes.element : null,
       h("label", { class: "check" }, disabled, " Disabled (neither probed nor called)"),
+      webhook ? null : retrySafeChoice(retrySafe),
       where,
       h(
         "div",
@@ -393,7 +416,14 @@ export class Integrations {
 
   private async saveEdit(
     before: Integration,
-    inputs: { displayName: HTMLInputElement; endpoint: HTMLInputElement; credential: HTMLInputElement; eventTypes: EventTypePicker; disabled: HTMLInputElement },
+    inputs: {
+      displayName: HTMLInputElement;
+      endpoint: HTMLInputElement;
+      credential: HTMLInputElement;
+      eventTypes: EventTypePicker;
+      disabled: HTMLInputElement;
+      retrySafe: HTMLInputElement;
+    },
     form: HTMLFormElement,
     where: HTMLElement,
     panes: HTMLElement,
@@ -410,6 +440,7 @@ export class Integrations {
       paths.push("event_types");
     }
     if (inputs.disabled.checked !== before.disabled) paths.push("disabled");
+    if (before.kind !== IntegrationKind.WEBHOOK && inputs.retrySafe.checked !== before.retrySafe) paths.push("retry_safe");
     where.replaceChildren();
     if (paths.length === 0) {
       form.remove();
@@ -427,6 +458,7 @@ export class Integrations {
           credential: inputs.credential.value,
           eventTypes,
           disabled: inputs.disabled.checked,
+          retrySafe: inputs.retrySafe.checked,
         },
         updateMask: { paths },
       });
@@ -621,6 +653,36 @@ export class Integrations {
       );
     }, { button });
   }
+}
+
+/** The choice of `retry_safe`, in words: what happens to a call in flight when the server
+ *  stopped (docs/console.md, "A call whose outcome is unknown"). */
+function retrySafeChoice(input: HTMLInputElement): HTMLElement {
+  const hint = h(
+    "small",
+    { class: "muted" },
+    "A call in flight when the server stopped is sent again by itself, with the same idempotency key. Unticked, the run waits for a person to decide.",
+  );
+  return h("label", { class: "check retry-safe" }, input, h("span", {}, " Safe to call again after a crash", hint));
+}
+
+/** Whether its calls are sent again after a crash, as its entry says it: the whole
+ *  integration (a badge), some of its tools (a line), or nothing (a person decides). */
+function retrySafeShown(i: Integration): HTMLElement | null {
+  if (i.retrySafe) {
+    return h(
+      "span",
+      { class: "badge", "data-testid": "integration-retry-safe", title: "A call in flight when the server stopped is sent again by itself, with the same idempotency key." },
+      "safe to call again",
+    );
+  }
+  if (i.retrySafeTools.length === 0) return null;
+  return h(
+    "div",
+    { class: "muted", "data-testid": "integration-retry-safe-tools" },
+    "Safe to call again after a crash: ",
+    ...i.retrySafeTools.flatMap((t, n) => (n ? [", ", h("code", {}, t)] : [h("code", {}, t)])),
+  );
 }
 
 interface EventTypePicker {

@@ -18,7 +18,7 @@ import {
   ToolApprovalDecision,
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { BudgetAlertKind, ChangeKind, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
-import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
+import { ToolOutcome, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import {
   CircuitState,
   DeliveryState,
@@ -251,6 +251,17 @@ export const firingLabel = (value: FiringOutcome): string => label(FIRING, value
 export function money(micros: bigint | number): string {
   const units = Number(micros) / 1e6;
   return `$${units.toFixed(Math.abs(units) >= 100 ? 2 : 4)}`;
+}
+
+/** Whether a run's usage went unpriced: tokens used, and nothing priced them (its model
+ *  has no price in the server's price table), so its cost is unknown rather than nothing. */
+export function unpriced(usage: Usage): boolean {
+  return usage.estimatedCostUsd === 0 && usage.costMicros === 0n && (usage.inputTokens > 0 || usage.outputTokens > 0);
+}
+
+/** A run's cost in dollars to `digits` places, or "unpriced" (above). */
+export function usageCost(usage: Usage, digits: number): string {
+  return unpriced(usage) ? "unpriced" : `$${usage.estimatedCostUsd.toFixed(digits)}`;
 }
 
 /** What a run update says, for the live feed: "succeeded", "wrote text", "calls echo". */

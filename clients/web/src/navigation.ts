@@ -6,7 +6,8 @@
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import type { Composer } from "./composer";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
-import { type Child, fill, formatTime, h } from "./dom";
+import { type Child, fill, h } from "./dom";
+import { browserZone, dateTime } from "./moments";
 import { FileViews } from "./files";
 import { local } from "./errors";
 import { idAttributes, idRule } from "./ids";
@@ -43,6 +44,12 @@ export class Navigation {
   private readonly messageList = h("ol", { class: "messages", "data-testid": "messages" });
   /** The open workspace at a glance, while no conversation is open in it. */
   private readonly overview = h("section", { class: "overview", "data-testid": "workspace-overview", hidden: true });
+  /** The workspaces to pick from, while none is open (several, and the URL named none). */
+  private readonly picker = h("section", { class: "overview", "data-testid": "workspace-picker", hidden: true });
+  private readonly hintSlot = h("div", {});
+  /** How far the open workspace is from a first assistant: its assistants and
+   *  integrations, each null until listed (the overview's hint says what comes next). */
+  firstSteps: () => { assistants: number | null; integrations: number | null } = () => ({ assistants: null, integrations: null });
   private readonly newWorkspaceId = h("input", {
     "data-testid": "new-workspace-id",
     "aria-label": "new workspace id",
@@ -68,6 +75,8 @@ export class Navigation {
     h("a", { href: "#", class: "item", "data-testid": "open-search" }, "Search"),
   );
   private workspaces: Workspace[] = [];
+  /** Whether the workspaces were listed since signing in (the picker waits for it). */
+  private listed = false;
   private conversations: Conversation[] = [];
   private readonly messages = new Map<string, Message>();
   private readonly files: FileViews;
@@ -127,7 +136,7 @@ export class Navigation {
       ),
       this.pages,
     );
-    this.chat = [this.title, this.overview, this.messageList];
+    this.chat = [this.title, this.picker, this.overview, this.messageList];
   }
 
   /** Signed in: the workspaces, then what the URL names. */
@@ -256,6 +265,8 @@ export class Navigation {
     this.messages.clear();
     this.files.clear();
     this.workspaces = [];
+    this.listed = false;
+    this.picker.hidden = true;
     this.conversations = [];
     this.workspace = this.conversation = "";
     this.workspacePage = "";
@@ -279,8 +290,10 @@ export class Navigation {
         pageToken = page.nextPageToken;
       } while (pageToken && all.length < 1_000);
       this.workspaces = all;
+      this.listed = true;
       for (const w of all) this.names.learn(w.name, w.displayName);
       this.renderWorkspaces();
+      this.renderPicker();
     });
   }
 
@@ -429,7 +442,66 @@ export class Navigation {
     this.renderOverview();
   }
 
+  /** The assistants or integrations of the open workspace were listed (the hint follows). */
+  firstStepsChanged(): void {
+    this.renderHint();
+  }
+
+  /** The overview's hint, in its own slot: integrations change often (each probe), and the
+   *  rest of the overview (cards a person may be clicking) stays as it is. */
+  private renderHint(): void {
+    const owner = this.roleOf(this.workspace) === WorkspaceRole.OWNER;
+    fill(this.hintSlot, owner ? this.hint() : null);
+  }
+
+  /** With no workspace open, the centre offers the workspaces (each with the caller's
+   *  role), or says to create one; rather than an empty box. */
+  private renderPicker(): void {
+    const open = this.listed && this.api.tokens.signedIn && this.workspace === "";
+    this.picker.hidden = !open;
+    if (!open) return;
+    fill(
+      this.picker,
+      this.workspaces.length
+        ? h("p", { class: "muted" }, `Pick one of your ${this.workspaces.length} workspaces, or create another on the left.`)
+        : h("p", { "data-testid": "picker-empty" }, "No workspaces yet: create one on the left, then a conversation in it."),
+      this.workspaces.length
+        ? h(
+            "ul",
+            { class: "list cards" },
+            ...this.workspaces.map((w) =>
+              h(
+                "li",
+                {},
+                h(
+                  "button",
+                  { type: "button", class: "card", "data-testid": "picker-workspace", "data-name": w.name, onclick: () => void this.pickWorkspace(w.name) },
+                  h("strong", {}, w.displayName || w.name),
+                  h("span", { class: "muted" }, `You are ${w.callerRole === WorkspaceRole.OWNER ? "its" : "a"} ${roleLabel(w.callerRole)}.`),
+                ),
+              ),
+            ),
+          )
+        : null,
+    );
+  }
+
+  /** What the owner does next in a workspace with no assistant yet; null once it has one
+   *  (or before its assistants and integrations are listed: no hint that may be wrong). */
+  private hint(): HTMLElement | null {
+    const { assistants, integrations } = this.firstSteps();
+    if (assistants === null || integrations === null || assistants > 0) return null;
+    return h(
+      "p",
+      { class: "muted", "data-testid": "overview-hint" },
+      integrations > 0
+        ? "Build an assistant on the right, with the tools of the integrations there; try it from there."
+        : "Build an assistant on the right (register an integration first if it should call tools); try it from there.",
+    );
+  }
+
   private renderOverview(): void {
+    this.renderPicker();
     const open = this.workspace !== "" && this.conversation === "" && !this.workspacePage;
     this.overview.hidden = !open;
     if (!open) return;
@@ -450,21 +522,20 @@ export class Navigation {
                 h(
                   "button",
                   { type: "button", class: "card", "data-testid": "overview-conversation", "data-name": c.name, onclick: () => void this.pickWorkspace(this.workspace, c.name) },
-                  h("strong", {}, c.title || "Untitled"),
+                  h("strong", { "data-content": true }, c.title || "Untitled"),
                   h(
                     "span",
                     { class: "muted" },
-                    `${c.messageCount} ${c.messageCount === 1n ? "message" : "messages"}${c.updateTime ? ` · ${formatTime(timestampDate(c.updateTime))}` : ""}`,
+                    `${c.messageCount} ${c.messageCount === 1n ? "message" : "messages"}${c.updateTime ? ` · ${dateTime(timestampDate(c.updateTime), browserZone())}` : ""}`,
                   ),
                 ),
               ),
             ),
           )
         : h("p", { "data-testid": "overview-empty" }, "No conversations yet: create one on the left, then send a message. The answer streams in here."),
-      role === WorkspaceRole.OWNER
-        ? h("p", { class: "muted" }, "Register an integration and build an assistant on the right; try it from there.")
-        : null,
+      this.hintSlot,
     );
+    this.renderHint();
   }
 
   private async createConversation(): Promise<void> {

@@ -10,7 +10,7 @@ import { formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
 import { BudgetDecision, type PendingToolCall, type Run, RunState, SteerState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
-import { decisionLabel, money, outcomeLabel, runLabel, runStateLabel } from "./labels";
+import { decisionLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
 import { type Landing, type RunListener, RunView, type TimelineEntry, forgetRuns, stateName, steerStateName } from "./runs";
@@ -423,11 +423,13 @@ export class RunCards {
     const usage = view.usage;
     const usageLine = card.querySelector<HTMLElement>('[data-testid="run-usage"]');
     if (usageLine && usage) {
-      usageLine.textContent = `· ${usage.inputTokens + usage.outputTokens} tokens · $${usage.estimatedCostUsd.toFixed(4)}`;
+      usageLine.textContent = `· ${usage.inputTokens + usage.outputTokens} tokens · ${usageCost(usage, 4)}`;
+      usageLine.title = unpriced(usage) ? "No price in the server's price table for this model" : "";
       Object.assign(usageLine.dataset, {
         inputTokens: String(usage.inputTokens),
         outputTokens: String(usage.outputTokens),
         costUsd: String(usage.estimatedCostUsd),
+        priced: String(!unpriced(usage)),
       });
     }
     const start = view.timeline.find((e) => e.at)?.at ?? 0;

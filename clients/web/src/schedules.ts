@@ -9,7 +9,7 @@
 import { type Duration, durationMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { deleteConfirmation } from "./confirm";
-import { type Child, fill, formatTime, h } from "./dom";
+import { type Child, fill, h } from "./dom";
 import { type Problem, local, offerCurrentVersion, problem, renderProblem } from "./errors";
 import {
   type Assistant,
@@ -25,6 +25,7 @@ import {
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { idAttributes, idRule } from "./ids";
 import { conversationModeLabel, firingLabel, missedTickLabel, policyLabel, scheduleStateLabel } from "./labels";
+import { browserZone, dateTime, knownZone, needsSeconds } from "./moments";
 import type { Names } from "./names";
 import type { Page } from "./page";
 
@@ -227,6 +228,12 @@ export class Schedules {
     this.list.replaceChildren(...this.schedules.map((s) => this.item(s)));
   }
 
+  /** The zone a schedule's times are written in: a cron's own (its ticks are at those
+   *  clock times there), else the browser's; named beside them either way. */
+  private zone(s: Schedule): string {
+    return s.cron ? knownZone(s.timeZone || "UTC") : browserZone();
+  }
+
   private item(s: Schedule): HTMLElement {
     const id = s.name.split("/").pop() ?? s.name;
     const paused = s.state === ScheduleState.PAUSED;
@@ -235,6 +242,13 @@ export class Schedules {
     const when = s.cron ? `cron ${s.cron} (${s.timeZone || "UTC"})` : every(s.interval);
     const firings = this.firings.get(s.name);
     const problemHere = this.problems.get(s.name);
+    // The next tick first, then the ones after it the server computed.
+    const upcoming = paused ? [] : s.upcomingFireTimes.map((t) => timestampDate(t)).filter((t) => !next || t > next);
+    const ticks = paused || !next ? [] : [next, ...upcoming];
+    const zone = this.zone(s);
+    const seconds = needsSeconds([...ticks, ...(last ? [last] : [])]);
+    const moment = (d: Date): HTMLElement => this.moment(d, zone, seconds);
+    const zoneName = h("span", { class: "zone", "data-content": true }, zone);
     return h(
       "li",
       {
@@ -245,6 +259,7 @@ export class Schedules {
         "data-state": `SCHEDULE_STATE_${ScheduleState[s.state] ?? "UNSPECIFIED"}`,
         "data-next": next ? next.toISOString() : "",
         "data-last-run": s.lastRun,
+        "data-time-zone": zone,
       },
       h(
         "div",
@@ -258,15 +273,19 @@ export class Schedules {
       h(
         "div",
         { "data-testid": "schedule-next" },
-        paused ? "Paused: fires nothing until resumed." : next ? `Next: ${formatTime(next)}` : "Next: not known yet",
-        !paused && s.upcomingFireTimes.length > 1
-          ? h("span", { class: "muted" }, `, then ${s.upcomingFireTimes.slice(1).map((t) => formatTime(timestampDate(t))).join(", ")}`)
+        ...(paused
+          ? ["Paused: fires nothing until resumed."]
+          : next
+            ? ["Next: ", moment(next), " (", zoneName, ")"]
+            : ["Next: not known yet"]),
+        upcoming.length
+          ? h("span", { class: "muted" }, "; then ", ...upcoming.flatMap((t, i) => (i ? [" · ", moment(t)] : [moment(t)])))
           : null,
       ),
       h(
         "div",
         { class: "muted", "data-testid": "schedule-last" },
-        last ? `Last fired ${formatTime(last)}` : "Never fired yet",
+        ...(last ? ["Last fired ", moment(last), " (", zoneName.cloneNode(true), ")"] : ["Never fired yet"]),
         s.lastRun ? h("span", {}, ": ", this.runLink(s.lastRun, "its run")) : null,
         s.conversation ? h("span", {}, " · ", h("a", { href: `#${s.conversation}`, "data-testid": "schedule-conversation" }, "its conversation")) : null,
       ),
@@ -289,7 +308,18 @@ export class Schedules {
             ]
           : []),
       ),
-      firings ? this.renderFirings(firings) : null,
+      firings ? this.renderFirings(firings, zone) : null,
+    );
+  }
+
+  /** A moment in the schedule's zone; the reader's own clock in its title when that
+   *  differs (a cron in Berlin read in New York). */
+  private moment(d: Date, zone: string, seconds: boolean): HTMLElement {
+    const here = browserZone();
+    return h(
+      "time",
+      { datetime: d.toISOString(), title: here === zone ? undefined : `${dateTime(d, here, seconds)} in ${here}` },
+      dateTime(d, zone, seconds),
     );
   }
 
@@ -310,11 +340,13 @@ export class Schedules {
     );
   }
 
-  private renderFirings(firings: ScheduleFiring[]): HTMLElement {
+  private renderFirings(firings: ScheduleFiring[], zone: string): HTMLElement {
     if (firings.length === 0) return h("p", { class: "muted", "data-testid": "firings-empty" }, "No firings yet.");
-    return h(
+    const ticks = firings.flatMap((f) => (f.fireTime ? [timestampDate(f.fireTime)] : []));
+    const seconds = needsSeconds(ticks);
+    const list = h(
       "ol",
-      { class: "firings", "data-testid": "firings" },
+      { class: "firings", "data-testid": "firings", "data-time-zone": zone },
       ...firings.map((f) => {
         const tick = f.fireTime ? timestampDate(f.fireTime) : undefined;
         return h(
@@ -326,7 +358,7 @@ export class Schedules {
             "data-run": f.run,
             "data-catch-up": String(f.catchUp),
           },
-          h("span", {}, tick ? formatTime(tick) : "?"),
+          tick ? this.moment(tick, zone, seconds) : h("span", {}, "?"),
           h("strong", {}, ` ${firingLabel(f.outcome)}`),
           f.catchUp ? h("span", { class: "muted" }, " (for ticks missed while stopped)") : null,
           f.run ? h("span", {}, " · ", this.runLink(f.run, `run ${f.run.split("/").pop()?.slice(0, 8) ?? ""}`)) : null,
@@ -336,6 +368,7 @@ export class Schedules {
         );
       }),
     );
+    return h("div", {}, h("p", { class: "muted firings-zone" }, "Ticks in ", h("span", { class: "zone", "data-content": true }, zone), ", newest first:"), list);
   }
 
   private async toggleFirings(name: string): Promise<void> {
