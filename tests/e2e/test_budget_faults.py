@@ -75,6 +75,9 @@ def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[st
         "SWITCHBOARD_LLM_MODEL": "m-1",
         "SWITCHBOARD_LLM_PRICES": json.dumps(PRICES),
         "SWITCHBOARD_LLM_MAX_OUTPUT_TOKENS": str(ANSWER),
+        # Each call needs its whole max_tokens (the fake reports ANSWER tokens however
+        # few it was asked for): a step fits or pauses, never made with fewer near the cap.
+        "SWITCHBOARD_LLM_MIN_OUTPUT_TOKENS": str(ANSWER),
         "SWITCHBOARD_LLM_MAX_RETRIES": "0",
         "SWITCHBOARD_DISPATCHER_LEASE_S": LEASE_S,
         # Every message runs at once (a paused run keeps its slot), none is rate limited,

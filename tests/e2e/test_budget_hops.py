@@ -133,6 +133,9 @@ async def test_both_hops_are_charged_to_the_callers_run_and_stop_at_its_cap(
             "SWITCHBOARD_LLM_MODEL": "m-1",
             "SWITCHBOARD_LLM_PRICES": json.dumps(PRICES),
             "SWITCHBOARD_LLM_MAX_OUTPUT_TOKENS": str(ANSWER),
+            # Each call needs its whole max_tokens (the fake reports ANSWER tokens however
+            # few it was asked for): a step fits or pauses, never made with fewer near the cap.
+            "SWITCHBOARD_LLM_MIN_OUTPUT_TOKENS": str(ANSWER),
             "SWITCHBOARD_LLM_MAX_RETRIES": "0",
         }
         caller_env = {

@@ -68,6 +68,9 @@ def _settings(fake: FakeOpenAI, **overrides: Any) -> dict[str, Any]:
         "llm_model": "m-1",
         "llm_prices": json.dumps(PRICES),
         "llm_max_output_tokens": ANSWER,
+        # Each call needs its whole max_tokens here: near the cap it is not made with
+        # fewer (tests/service/test_budget_fit.py), so a step either fits or pauses.
+        "llm_min_output_tokens": ANSWER,
         "llm_max_retries": 0,
         **overrides,
     }

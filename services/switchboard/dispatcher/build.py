@@ -139,6 +139,7 @@ def llm_config(settings: DispatcherSettings) -> LlmConfig:
         breaker_failures=settings.llm_breaker_failures,
         breaker_reset_s=settings.llm_breaker_reset_s,
         max_output_tokens=settings.llm_max_output_tokens,
+        min_output_tokens=settings.llm_min_output_tokens,
         max_connections=settings.llm_max_connections,
         image_policy=settings.llm_image_policy,
         max_image_bytes=settings.llm_max_image_bytes,

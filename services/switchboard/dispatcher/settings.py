@@ -280,6 +280,14 @@ class DispatcherSettings(Section):
         le=1_000_000,
         description="cap on `max_tokens` asked of the model",
     )
+    llm_min_output_tokens: int = Field(
+        default=64,
+        ge=1,
+        le=1_000_000,
+        description="near a budget's cap, a model call is made with `max_tokens` lowered to "
+        "what the budget has room for while at least this many answer tokens fit (or its whole "
+        "`max_tokens`, if smaller); below that the run pauses at the cap (docs/budgets.md)",
+    )
     llm_max_connections: int = Field(
         default=64,
         ge=1,

@@ -10,8 +10,13 @@
   each step's worst case through ``RunBudget`` (``handlers.StepBudget``) and
   settles what the step used; a threshold a settlement crosses is logged once
   per period (BUDGET_ALERT, THRESHOLD).
+* **Near the cap** a model call whose prompt and ``max_tokens`` no longer fit
+  is made with ``max_tokens`` lowered to what fits (``RunBudget.reserve_call``),
+  as long as that is at least the useful answer it was given as a minimum
+  (``SWITCHBOARD_LLM_MIN_OUTPUT_TOKENS``); the handler says so on the run.
 * **At the cap** the run pauses like an approval: REQUIRES_ACTION with
-  ``required_action.budget``, its deadline stopped, a BUDGET_ALERT
+  ``required_action.budget`` (what the step needs at least, and in words how
+  much of which budget is left), its deadline stopped, a BUDGET_ALERT
   (RUN_PAUSED). It tries again when a budget of its workspace changes in this
   process (``on_change``, called by the budget catalog) and every
   ``POLL_S`` for changes made through another replica; an owner may allow the
@@ -41,15 +46,18 @@ from switchboard.dispatcher.budgets.ledger import (
     Alert,
     Amount,
     Applicable,
+    Caps,
     Full,
     Hold,
     Ledger,
 )
+from switchboard.dispatcher.handlers.base import CallHold
 from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.platform import names
 from switchboard.platform.errors import BudgetExhausted, ModelNotPriced, SwitchboardError
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.wording import counted
 
 log = logging.getLogger("switchboard.dispatcher.budgets")
 
@@ -64,6 +72,13 @@ MAX_READS: Final = 10_000
 #: Times a hop reads what is left and loses it to another run before it waits like any step.
 REST_ATTEMPTS: Final = 4
 SYSTEM: Final = events_pb2.Actor(name="system")
+#: How each cap is said in a message.
+_CAP_WORDS: Final = {
+    "cost_micros": "micro-units of cost",
+    "input_tokens": "input tokens",
+    "output_tokens": "output tokens",
+    "total_tokens": "total tokens",
+}
 
 
 class Pauser(Protocol):
@@ -78,17 +93,19 @@ def rfc3339(at: dt.datetime) -> str:
     return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def refusal(full: Sequence[Full], what: str) -> BudgetExhausted:
-    """``BudgetExhausted`` naming each budget of ``full`` and the earliest reset."""
+def refusal(full: Sequence[Full], what: str, detail: str = "") -> BudgetExhausted:
+    """``BudgetExhausted`` naming each budget of ``full`` and the earliest reset;
+    ``detail`` says what the step needed and what was left."""
     subjects = [
         (f.budget.name, f"the budget {f.budget.display_name or f.budget.budget_id} has no room")
         for f in full
     ]
     resets = [f.reset for f in full if f.reset is not None]
     metadata = {"reset_time": rfc3339(min(resets))} if resets else {}
+    verb = "applies has" if len(full) == 1 else "apply have"
     return BudgetExhausted(
-        f"{what}: {len(full)} budget(s) that apply have no room left "
-        f"({', '.join(f.budget.name for f in full)})",
+        f"{what}: {counted(len(full), 'budget')} that {verb} no room left "
+        f"({', '.join(f.budget.name for f in full)})" + (f"; {detail}" if detail else ""),
         subject=full[0].budget.name,
         subjects=subjects,
         metadata=metadata,
@@ -375,6 +392,75 @@ class RunBudget:
         async with self._pausing:
             return self._keep(await self._paused(ask, outcome))
 
+    async def reserve_call(
+        self,
+        prompt_tokens: int,
+        max_tokens: int,
+        min_tokens: int,
+        cost: Callable[[int, int], int],
+    ) -> CallHold:
+        """Hold a model call (``handlers.StepBudget.reserve_call``): all it asks when
+        that fits (one statement, as ``reserve``); else, with the room read, its prompt
+        and as many answer tokens as fit, down to ``min_tokens`` (a useful answer);
+        else the run pauses there as at any cap, and goes on with what fits then."""
+        prompt = max(0, prompt_tokens)
+        least = max(1, min(min_tokens, max_tokens))
+        call = _Call(prompt, max_tokens, least, cost)
+        whole = call.ask(max_tokens)
+        await self._current()
+        if self._handed_holds(whole):
+            outcome = await self._hold(whole)
+            if isinstance(outcome, Hold):
+                self._spending.reserved("reserved")
+                return CallHold(self._keep(outcome), max_tokens)
+        for _ in range(REST_ATTEMPTS):
+            fit = call.fit(await self._rooms())
+            if fit.tokens < least:
+                break
+            fitted = await self._hold(call.ask(fit.tokens))
+            if isinstance(fitted, Hold):
+                self._spending.reserved("reserved")
+                return CallHold(self._keep(fitted), fit.tokens, fit.note)
+            # Another run took some of the room meanwhile: read it again.
+        # Not even a useful answer fits (or other runs keep taking the room first).
+        needed = call.ask(least)
+        self._check_handed(needed)
+        outcome = await self._hold(needed)
+        if isinstance(outcome, Hold):
+            self._spending.reserved("reserved")
+            note = call.lowered(least, {}) if least < max_tokens else ""
+            return CallHold(self._keep(outcome), least, note)
+        self._spending.reserved("refused")
+        notes: dict[int, str] = {}
+
+        async def attempt(overdraft: bool) -> Hold | list[Full]:
+            if overdraft:
+                # An owner let the call past the cap: all it asked, within a handed cap.
+                handed = call.fit({HEADER: self._handed_left()} if self.handed else {})
+                ask = call.ask(max(least, handed.tokens))
+                self._check_handed(ask)
+                return await self._hold(ask, overdraft=True)
+            fit = call.fit(await self._rooms())
+            tokens = max(least, fit.tokens)
+            ask = call.ask(tokens)
+            self._check_handed(ask)
+            notes[tokens] = fit.note
+            return await self._hold(ask)
+
+        async with self._pausing:
+            hold = await self._paused(
+                whole,
+                outcome,
+                attempt=attempt,
+                needed=needed,
+                least=least,
+                step=call.what(least, priced=self.caps_cost),
+            )
+        tokens = hold.amount.output_tokens
+        return CallHold(
+            self._keep(hold), tokens, notes.get(tokens, "") if tokens < max_tokens else ""
+        )
+
     async def reserve_rest(self, *, hold: bool = True) -> tuple[str, Handed]:
         """Hold what is left of every cap, for a hop: the hold's id and the caps
         to hand over. Nothing left of a stored budget: the run pauses as at any
@@ -451,17 +537,46 @@ class RunBudget:
         }
         return {name: max(0, cap - spent[name]) for name, cap in handed.capped().items()}
 
+    def _handed_holds(self, ask: Amount) -> bool:
+        """Whether ``ask`` fits in what is left of the caps a caller handed over."""
+        left = self._handed_left()
+        asks = _asks(ask)
+        return all(asks[name] <= room for name, room in left.items())
+
+    async def _rooms(self) -> dict[str, dict[str, int]]:
+        """What is left of each cap, per budget (its name) and of the handed caps
+        (``HEADER``): read, not held."""
+        rooms: dict[str, dict[str, int]] = {}
+        for budget in self.budgets:
+            rooms[budget.name] = await self._ledger.room((budget,), self._run_id)
+        if self.handed is not None:
+            rooms[HEADER] = self._handed_left()
+        return rooms
+
+    async def _shortfall(self, needed: Amount, step: str) -> str:
+        """``step`` needs ``needed``, and each budget (or handed cap) without room for it:
+        how much of which cap is left, in words."""
+        caps = {budget.name: budget.caps for budget in self.budgets}
+        asks = _asks(needed)
+        short: list[str] = []
+        for name, room in (await self._rooms()).items():
+            over = [cap for cap, left in room.items() if asks[cap] > left]
+            if not over:
+                continue
+            limits = _limits(caps[name]) if name in caps else (self.handed or Handed()).capped()
+            said = ", ".join(
+                f"{room[cap]:,} of its {limits.get(cap, room[cap]):,} {_CAP_WORDS[cap]}"
+                for cap in over
+            )
+            short.append(f"{name} has {said} left")
+        return f"{step}: {'; '.join(short)}" if short else step
+
     def _check_handed(self, ask: Amount) -> None:
         """A step with no room in a handed cap ends the run: no one here can raise it."""
         left = self._handed_left()
         if not left:
             return
-        asks = {
-            "cost_micros": ask.cost_micros,
-            "input_tokens": ask.input_tokens,
-            "output_tokens": ask.output_tokens,
-            "total_tokens": ask.input_tokens + ask.output_tokens,
-        }
+        asks = _asks(ask)
         over = sorted(name for name, room in left.items() if asks[name] > room)
         if over:
             self._spending.reserved("refused")
@@ -522,8 +637,27 @@ class RunBudget:
         self._holds[hold.id] = hold
         return hold.id
 
-    async def _paused(self, ask: Amount, full: list[Full]) -> Hold:
-        """Wait at the cap until the step fits, an owner decides, or the timeout."""
+    async def _paused(
+        self,
+        ask: Amount,
+        full: list[Full],
+        *,
+        attempt: Callable[[bool], Awaitable[Hold | list[Full]]] | None = None,
+        needed: Amount | None = None,
+        least: int = 0,
+        step: str = "",
+    ) -> Hold:
+        """Wait at the cap until the step fits, an owner decides, or the timeout.
+
+        ``ask`` is what the step asks, ``needed`` what it goes on with at least
+        (``least`` answer tokens of a model call), ``attempt(overdraft)`` one try
+        at holding it (``ask`` itself unless given)."""
+        if attempt is None:
+
+            async def attempt(overdraft: bool) -> Hold | list[Full]:
+                return await self._hold(ask, overdraft=overdraft)
+
+        needed = needed or ask
         run = self._run
         action = run.required_action
         now = names.now()
@@ -543,6 +677,8 @@ class RunBudget:
         budget.cost_micros = ask.cost_micros
         budget.input_tokens = ask.input_tokens
         budget.output_tokens = ask.output_tokens
+        budget.min_output_tokens = least
+        budget.description = await self._shortfall(needed, step or _step_needs(needed))
         wait_s = max(0.0, (action.expire_time.ToDatetime(dt.UTC) - now).total_seconds())
         # Logged before the pause is shown: whoever sees the run paused can find why.
         for item in full:
@@ -558,7 +694,11 @@ class RunBudget:
                 while hold is None:
                     decision = budget.decision
                     if decision == pb.BUDGET_DECISION_FAIL:
-                        raise refusal(full, f"the run was failed at its cap by {budget.decided_by}")
+                        raise refusal(
+                            full,
+                            f"the run was failed at its cap by {budget.decided_by}",
+                            budget.description,
+                        )
                     # Taken before the attempt, so a change during it is not missed.
                     changed = self._spending.changed(self._workspace_id)
                     decided = self._decided
@@ -567,7 +707,7 @@ class RunBudget:
                         self._version = self._spending.version(self._workspace_id)
                         self.budgets = await self._reload()
                     attempts += 1
-                    outcome = await self._hold(ask, overdraft=overdraft)
+                    outcome = await attempt(overdraft)
                     if isinstance(outcome, Hold):
                         hold = outcome
                         self._spending.reserved("overdraft" if overdraft else "reserved")
@@ -578,10 +718,124 @@ class RunBudget:
             raise refusal(
                 full,
                 f"the run waited at its cap longer than {self._spending.approval_timeout_s:g} s",
+                budget.description,
             ) from None
         if run.state == pb.RUN_STATE_REQUIRES_ACTION:
             await self._host.resume()
         return hold
+
+
+def _asks(ask: Amount) -> dict[str, int]:
+    """What ``ask`` takes of each cap (a total-token cap counts input and output)."""
+    return {
+        "cost_micros": ask.cost_micros,
+        "input_tokens": ask.input_tokens,
+        "output_tokens": ask.output_tokens,
+        "total_tokens": ask.input_tokens + ask.output_tokens,
+    }
+
+
+def _limits(caps: Caps) -> dict[str, int]:
+    """A stored budget's caps by the names rooms use."""
+    named = {
+        "cost_micros": caps.cost,
+        "input_tokens": caps.input_tokens,
+        "output_tokens": caps.output_tokens,
+        "total_tokens": caps.total_tokens,
+    }
+    return {name: value for name, value in named.items() if value is not None}
+
+
+def _step_needs(needed: Amount) -> str:
+    parts = []
+    if needed.input_tokens + needed.output_tokens:
+        parts.append(f"{needed.input_tokens + needed.output_tokens:,} tokens")
+    if needed.cost_micros or not parts:
+        parts.append(f"{needed.cost_micros:,} micro-units of cost")
+    return f"the step needs {' and '.join(parts)}"
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """The answer tokens of a model call that fit now (below its least: no useful
+    answer fits), and why fewer than it asked, in words."""
+
+    tokens: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A model call as a budget sees it: its prompt, its ``max_tokens``, the least
+    answer it goes on with, and its price."""
+
+    prompt: int
+    max_tokens: int
+    least: int
+    cost: Callable[[int, int], int]
+
+    def ask(self, tokens: int) -> Amount:
+        return Amount(max(0, self.cost(self.prompt, tokens)), self.prompt, tokens)
+
+    def what(self, tokens: int, *, priced: bool) -> str:
+        """What the call needs with ``tokens`` of answer, in words (its cost too when
+        ``priced``: a cost cap applies)."""
+        needed = self.ask(tokens)
+        cost = f", {needed.cost_micros:,} micro-units of cost" if priced else ""
+        return (
+            f"the model call needs at least {self.prompt + tokens:,} tokens "
+            f"({self.prompt:,} of prompt and {tokens:,} of answer{cost})"
+        )
+
+    def _tokens_in(self, room: dict[str, int]) -> int:
+        """The most answer tokens (up to ``max_tokens``) that fit in ``room``; -1 if
+        not even the prompt does."""
+        tokens = self.max_tokens
+        if "input_tokens" in room and self.prompt > room["input_tokens"]:
+            return -1
+        if "output_tokens" in room:
+            tokens = min(tokens, room["output_tokens"])
+        if "total_tokens" in room:
+            tokens = min(tokens, room["total_tokens"] - self.prompt)
+        if "cost_micros" in room:
+            tokens = min(tokens, self._affordable(room["cost_micros"]))
+        return max(tokens, -1)
+
+    def _affordable(self, micros: int) -> int:
+        """The most answer tokens whose call costs at most ``micros`` (-1: none)."""
+        if self.cost(self.prompt, 0) > micros:
+            return -1
+        low, high = 0, self.max_tokens
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.cost(self.prompt, middle) <= micros:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def fit(self, rooms: dict[str, dict[str, int]]) -> _Fit:
+        """What fits in every budget's room (``RunBudget._rooms``), and which budgets
+        lowered it."""
+        each = {name: self._tokens_in(room) for name, room in rooms.items()}
+        tokens = min(each.values(), default=self.max_tokens)
+        if tokens >= self.max_tokens or tokens < self.least:
+            return _Fit(tokens)
+        return _Fit(
+            tokens, self.lowered(tokens, {n: rooms[n] for n, t in each.items() if t == tokens})
+        )
+
+    def lowered(self, tokens: int, binding: dict[str, dict[str, int]]) -> str:
+        """The note a call lowered to ``tokens`` by the budgets ``binding`` shows."""
+        said = "; ".join(
+            f"{name} has "
+            + ", ".join(f"{left:,} {_CAP_WORDS[cap]}" for cap, left in room.items())
+            + " left"
+            for name, room in binding.items()
+        )
+        return f"max_tokens lowered from {self.max_tokens:,} to {tokens:,} to fit the budget" + (
+            f" ({said})" if said else ""
+        )
 
 
 def _rest(room: dict[str, int]) -> Amount:

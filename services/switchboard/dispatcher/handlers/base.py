@@ -42,6 +42,19 @@ class ToolRunner(Protocol):
     async def run(self, calls: Sequence[handler_pb2.ToolCall]) -> list[handler_pb2.ToolResult]: ...
 
 
+@dataclass(frozen=True)
+class CallHold:
+    """A model call's reservation (``StepBudget.reserve_call``)."""
+
+    #: The hold's id, to settle or release.
+    hold: str
+    #: The answer tokens held: the call's ``max_tokens``, lower than it asked when
+    #: only that much fitted in its budgets.
+    max_tokens: int
+    #: Why it is lower, in words ("" when the call holds all it asked).
+    note: str = ""
+
+
 class StepBudget(Protocol):
     """What a run may spend (``dispatcher/budgets/spending.py``): a handler reserves
     each step's worst case before it and settles what it used after.
@@ -59,6 +72,19 @@ class StepBudget(Protocol):
         ...
 
     async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str: ...
+
+    async def reserve_call(
+        self,
+        prompt_tokens: int,
+        max_tokens: int,
+        min_tokens: int,
+        cost: Callable[[int, int], int],
+    ) -> CallHold:
+        """Hold a model call: its prompt and ``max_tokens`` of answer when that fits;
+        else its prompt and as many answer tokens as fit, if at least ``min_tokens``;
+        else it waits or raises as ``reserve`` does. ``cost(input, output)`` prices
+        the call in micro-units."""
+        ...
 
     async def reserve_rest(self, *, hold: bool = True) -> tuple[str, Handed]:
         """Hold what is left of every cap for a hop to another agent: the hold's id

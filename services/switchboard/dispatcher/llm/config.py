@@ -75,6 +75,12 @@ class LlmConfig:
     connect_timeout_s: float = 5.0
     #: The default and the ceiling of a run's ``max_tokens``.
     max_output_tokens: int = 1024
+    #: The fewest answer tokens a model call is made with when a budget has less
+    #: room than its prompt and ``max_tokens``: it is made with ``max_tokens``
+    #: lowered to what fits while at least this many do (or its whole ``max_tokens``
+    #: when that is smaller), and the run pauses at the cap only below that
+    #: (``SWITCHBOARD_LLM_MIN_OUTPUT_TOKENS``, docs/budgets.md).
+    min_output_tokens: int = 64
     #: A streamed answer longer than this (on the wire) is cut off as a failure.
     max_response_bytes: int = 4 * MIB
     #: Connections open at once, over all providers.
@@ -97,7 +103,12 @@ class LlmConfig:
             raise ValueError("max_retries must not be negative")
         if not (0 <= self.backoff_base_s <= self.backoff_max_s):
             raise ValueError("backoff must satisfy 0 <= backoff_base_s <= backoff_max_s")
-        for name in ("breaker_failures", "max_output_tokens", "max_response_bytes"):
+        for name in (
+            "breaker_failures",
+            "max_output_tokens",
+            "min_output_tokens",
+            "max_response_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_connections < 1:

@@ -134,8 +134,9 @@ class LlmHandler:
         chain, images = check_policy(messages, chain, self._config)
         await load(images, call.files, self._config)
         tools = ToolLoop(call)
-        budget = call.budget
-        prices = self._prices(chain, budget)
+        budget = _CallBudget(
+            call.budget, self._prices(chain, call.budget), self._config.min_output_tokens
+        )
         await tools.resume(messages, steering.journaled_before)
         steering.journaled_before(tools.steps + 1)
         while True:
@@ -143,18 +144,16 @@ class LlmHandler:
             # after the step's tool results (docs/dispatcher.md, "Steering a live run").
             await steering.take(tools.steps + 1)
             extra = tools.offer()
-            hold = ""
-            if budget is not None:
-                hold = await budget.reserve(
-                    *_worst_case(
-                        prices, usage.prompt_tokens(messages, extra.get("tools")), sampling
-                    )
-                )
+            hold, asked, notice = await budget.reserve(
+                usage.prompt_tokens(messages, extra.get("tools")), sampling
+            )
+            if notice is not None:
+                yield notice
             answer = Answer(shown=shown)
             said: list[str] = []
             async with contextlib.aclosing(
                 self._client.ask(
-                    chain, request_body(messages, sampling, extra), call.remaining, answer
+                    chain, request_body(messages, asked, extra), call.remaining, answer
                 )
             ) as texts:
                 # The steer race only for a run that restarts its stream: a plain run's
@@ -180,9 +179,7 @@ class LlmHandler:
                     text="".join(said),
                     calls=(),
                 )
-                if budget is not None:
-                    cut_input, cut_output, cut_micros = spent
-                    await budget.settle(hold, cut_micros, cut_input, cut_output)
+                await budget.settle(hold, spent)
                 continue
             outcome, provider = answer.outcome, answer.provider
             if provider is None:
@@ -197,8 +194,7 @@ class LlmHandler:
                 calls=((call_made.name, call_made.arguments) for call_made in made),
             )
             input_tokens, output_tokens, micros = spent
-            if budget is not None:
-                await budget.settle(hold, micros, input_tokens, output_tokens)
+            await budget.settle(hold, spent)
             if call.model_call is not None:
                 call.model_call(
                     handler_pb2.Usage(
@@ -212,13 +208,13 @@ class LlmHandler:
                     outcome.response_id,
                 )
             if not made:
-                yield Frame(
-                    result=handler_pb2.HandleResult(
-                        parts=[context_pb2.ContentPart(text="".join(outcome.pieces))],
-                        usage=usage.usage(provider.label),
-                        finish_reason=outcome.finish_reason or "stop",
-                    )
+                result = handler_pb2.HandleResult(
+                    parts=[context_pb2.ContentPart(text="".join(outcome.pieces))],
+                    usage=usage.usage(provider.label),
+                    finish_reason=outcome.finish_reason or "stop",
                 )
+                budget.show(result.usage)
+                yield Frame(result=result)
                 return
             await tools.step(messages, "".join(outcome.pieces), made)
 
@@ -349,15 +345,59 @@ class _Steering:
                     await following
 
 
-def _worst_case(
-    prices: tuple[Price, ...], prompt_tokens: int, sampling: Sampling
-) -> tuple[int, int, int]:
-    """What one model call may spend at most: its prompt's counted tokens and
-    ``max_tokens``, at the highest price of the chain (a fallback may answer)."""
-    cost = max(
-        (price.cost_micros(prompt_tokens, sampling.max_tokens) for price in prices), default=0
-    )
-    return cost, prompt_tokens, sampling.max_tokens
+def _worst_cost(prices: tuple[Price, ...]) -> Callable[[int, int], int]:
+    """What a model call of so many prompt and answer tokens may cost at most: at the
+    highest price of the chain (a fallback may answer)."""
+
+    def cost(prompt_tokens: int, answer_tokens: int) -> int:
+        return max((price.cost_micros(prompt_tokens, answer_tokens) for price in prices), default=0)
+
+    return cost
+
+
+class _CallBudget:
+    """The run's budget as its model calls use it (nothing to do without one), and
+    the calls made with ``max_tokens`` lowered to fit it."""
+
+    def __init__(self, budget: StepBudget | None, prices: tuple[Price, ...], least: int) -> None:
+        self._budget = budget
+        self._cost = _worst_cost(prices)
+        #: The fewest answer tokens a call is lowered to (``LlmConfig.min_output_tokens``).
+        self._least = least
+        self.lowered = 0
+        self.lowest = 0
+
+    async def reserve(
+        self, prompt_tokens: int, sampling: Sampling
+    ) -> tuple[str, Sampling, Frame | None]:
+        """Hold a call: the hold's id, the call's sampling (``max_tokens`` lowered near a
+        budget's cap) and, when lowered, the progress frame that says so on the run."""
+        if self._budget is None:
+            return "", sampling, None
+        held = await self._budget.reserve_call(
+            prompt_tokens, sampling.max_tokens, self._least, self._cost
+        )
+        if held.max_tokens >= sampling.max_tokens:
+            return held.hold, sampling, None
+        self.lowered += 1
+        self.lowest = min(self.lowest, held.max_tokens) if self.lowest else held.max_tokens
+        frame = Frame()
+        frame.progress.stage = (
+            held.note or f"max_tokens lowered to {held.max_tokens} to fit the budget"
+        )
+        frame.progress.fraction = -1
+        return held.hold, replace(sampling, max_tokens=held.max_tokens), frame
+
+    async def settle(self, hold: str, spent: tuple[int, int, int]) -> None:
+        """Charge a call ``spent`` (input tokens, output tokens, micro-units)."""
+        if self._budget is not None:
+            input_tokens, output_tokens, micros = spent
+            await self._budget.settle(hold, micros, input_tokens, output_tokens)
+
+    def show(self, usage: handler_pb2.Usage) -> None:
+        """The lowered calls on the run's usage."""
+        usage.budget_lowered_calls = min(self.lowered, INT32_MAX)
+        usage.lowest_max_tokens = self.lowest
 
 
 @dataclass(frozen=True)

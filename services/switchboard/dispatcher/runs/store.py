@@ -112,6 +112,7 @@ _USAGE: Final[dict[str, BindParameter[object]]] = {
     "output_tokens": bindparam("output_tokens"),
     "cost_micros": bindparam("cost_micros"),
     "usage_day": bindparam("usage_day"),
+    "budget_lowered_calls": bindparam("budget_lowered_calls"),
 }
 
 
@@ -478,6 +479,7 @@ def usage_values(run: pb.Run) -> dict[str, object]:
         "output_tokens": usage.output_tokens,
         "cost_micros": cost,
         "usage_day": ended.date().isoformat(),
+        "budget_lowered_calls": usage.budget_lowered_calls,
     }
 
 
