@@ -18,14 +18,17 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
+from a2a.types import a2a_pb2 as a2a
 from google.protobuf import message_factory, struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2
 from grpc import aio
+from grpc_status import rpc_status
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
@@ -46,6 +49,7 @@ from tests.service.contextkit import (
     violations,
 )
 from tests.service.dispatchkit import dispatcher_stub
+from tests.service.test_a2a import stub as a2a_stub
 
 NUMBERS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 JSON_TYPES = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
@@ -353,3 +357,32 @@ async def test_an_assistant_and_an_integration_with_nan_are_refused(
         INVALID,
     )
     assert violations(error) == ["integration.config.limit"]
+
+
+async def test_an_a2a_caller_gets_invalid_params_in_its_own_terms(
+    world: tuple[aio.Channel, World, str],
+) -> None:
+    channel, made, _ = world
+    request = a2a.SendMessageRequest(
+        tenant=f"{made.id}.nobody",
+        message=a2a.Message(message_id="m1", role=a2a.ROLE_USER, parts=[a2a.Part(text="hi")]),
+    )
+    request.message.parts.add().data.struct_value.update({"rows": [1, math.nan]})
+    error = await refused(
+        a2a_stub(channel).SendMessage(request, metadata=made.editor.md, timeout=TIMEOUT_S),
+        INVALID,
+    )
+    assert violations(error) == ["message.parts[1].data.rows[1]"]
+    assert _reasons(error)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
+
+
+def _reasons(error: aio.AioRpcError) -> list[tuple[str, str]]:
+    status = rpc_status.from_call(cast(grpc.Call, error))
+    assert status is not None
+    found = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            found.append((info.domain, info.reason))
+    return found

@@ -61,7 +61,7 @@ from switchboard.integration.connectors import (
     ToolSpec,
     Unreachable,
 )
-from switchboard.platform import jsonbounds
+from switchboard.platform import jsonbounds, structs
 from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import (
     DestinationBlocked,
@@ -164,7 +164,7 @@ def previous_task(window: context_pb2.ContextWindow, author: str) -> PreviousTas
         for part in item.message.parts:
             if part.WhichOneof("part") != "data" or TASK_KEY not in part.data.fields:
                 continue
-            found = json_format.MessageToDict(part.data).get(TASK_KEY)
+            found = structs.message_dict(part.data).get(TASK_KEY)
             if isinstance(found, dict) and isinstance(found.get("context"), str):
                 return PreviousTask(
                     str(found.get("task", "")), found["context"], str(found.get("state", ""))
@@ -364,7 +364,8 @@ class _Relay:
         """Keep the event's metadata when it reports usage (the last report wins:
         a final task or status update says what the whole task spent)."""
         if USAGE_KEY in metadata.fields or USAGE_EXTENSION in metadata.fields:
-            value = json_format.MessageToDict(metadata)
+            # A count that is not finite reads as none (null), never as an exception.
+            value = structs.message_dict(metadata)
             if isinstance(value, dict):
                 self.usage = value
 
@@ -504,13 +505,15 @@ def _extras(parts: Any) -> list[context_pb2.ContentPart]:
     for part in parts:
         kind = part.WhichOneof("content")
         if kind == "data":
-            value = json_format.MessageToDict(part.data)
             try:
                 # The gRPC binding's decoder allows some 33 levels; what is relayed
                 # becomes a Struct deeper in run updates, which must stay readable.
-                jsonbounds.check_value(value)
+                # A NaN or infinity (which protobuf's JSON reader takes from an
+                # HTTP+JSON body) is a bad answer too: JSON has none.
+                jsonbounds.check_message(part.data)
             except JsonRejected as rejected:
                 raise Malformed(f"the agent answered with data {rejected}") from None
+            value = json_format.MessageToDict(part.data)
             data = struct_pb2.Struct()
             data.update(value if isinstance(value, dict) else {"value": value})
             found.append(context_pb2.ContentPart(data=data))

@@ -94,7 +94,7 @@ def too_large(max_bytes: int) -> JsonRejected:
 
 
 #: Why a value holding NaN or an infinity is refused, after "a value " or "a message ".
-NOT_FINITE: Final = "with a number that is not finite (NaN or infinity, which JSON has not)"
+NOT_FINITE: Final = "with a number that is not finite (NaN or infinity: JSON has neither)"
 
 
 def not_finite() -> JsonRejected:
