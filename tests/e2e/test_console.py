@@ -2572,11 +2572,14 @@ def test_budgets_are_edited_on_their_page_the_chart_shows_the_days_spend_and_a_r
 def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_the_overdraft(
     stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
 ) -> None:
-    """A run budget of 200 output tokens and an assistant whose model may write 200: the
-    first model call reserves all of it, so the call after its tool cannot be reserved and
-    the run pauses (REQUIRES_ACTION with a budget action). Its card says which budget and
-    what the step asks, with no tool approval beside it; "Allow overdraft" (an owner's
-    ResolveBudgetAction) lets it finish, and the server records who decided."""
+    """A run budget of 66 output tokens and an assistant whose model may write 200: the
+    first model call is made with max_tokens lowered to the 66 left (a useful answer fits),
+    which its card says in the server's words; the call after its tool has less than a
+    useful answer left, so the run pauses (REQUIRES_ACTION with a budget action). Its card
+    says which budget, what the step asks and the server's account of the shortfall, with
+    no tool approval beside it; "Allow overdraft" (an owner's ResolveBudgetAction) lets it
+    finish, and the server records who decided. Its usage then says the answer was limited
+    by a budget, as does the Budgets page's row of its day and model."""
     shots = artifacts_dir(tmp_path) / "budgets"
     shots.mkdir(parents=True, exist_ok=True)
     owner = server.register("paused")
@@ -2617,7 +2620,7 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
                     display_name="Per run",
                     scope=workspace,
                     period=dispatcher_pb2.BUDGET_PERIOD_RUN,
-                    output_token_limit=200,
+                    output_token_limit=66,
                 ),
             ),
             metadata=owner.md,
@@ -2645,6 +2648,19 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
             )
             assert "does not fit in the budget Per run (it asks" in said, said
             assert f"{action.input_tokens} input and 200 output tokens" in said, said
+            # The server's account of it, verbatim: what the call needs, what is left.
+            assert action.description
+            why = browser.eval(
+                "(s) => document.querySelector(s).textContent",
+                f"{box} {tid('budget-action-description')}",
+            )
+            assert why == f"Why: {action.description}", why
+            # The first call was made with max_tokens lowered to fit: said, quoted.
+            lowered = browser.eval(
+                "(s) => document.querySelector(s)?.textContent", f"{card} {tid('run-progress')}"
+            )
+            assert lowered is not None
+            assert lowered.startswith("max_tokens lowered from 200 to 66"), lowered
             badge = browser.eval(
                 "(s) => document.querySelector(s).textContent", f"{card} {tid('run-state')}"
             )
@@ -2659,9 +2675,35 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
             browser.click(f"{box} {tid('allow-overdraft')}")
             run_state(browser, run, "RUN_STATE_SUCCEEDED")
             browser.wait("(s) => document.querySelector(s) === null", box)
-            decided = server.run(owner, run).required_action.budget
+            finished = server.run(owner, run)
+            decided = finished.required_action.budget
             assert decided.decision == dispatcher_pb2.BUDGET_DECISION_ALLOW_OVERDRAFT
             assert decided.decided_by == owner.name
+
+            # Its usage: one answer limited by the budget, to the tokens the server says.
+            assert finished.usage.budget_lowered_calls == 1
+            usage = f"{card} {tid('run-usage')}"
+            browser.wait(
+                "(s) => document.querySelector(s)?.dataset.budgetLoweredCalls === '1'", usage
+            )
+            said = browser.eval("(s) => document.querySelector(s).textContent", usage)
+            limited = f"answer limited by a budget to {finished.usage.lowest_max_tokens} tokens"
+            assert said.endswith(limited), said
+            [entry] = [e for e in timeline(browser, run) if e.get("kind") == "usage"]
+            assert limited in entry["text"], entry
+            # The Budgets page counts the run as limited in its day's row.
+            browser.click(tid("open-budgets"))
+            row = f"{tid('usage-row')}[data-budget-lowered-runs='1']"
+            browser.wait_visible(row)
+            assert (
+                browser.eval(
+                    "(s) => document.querySelector(s).textContent",
+                    f"{row} {tid('usage-row-limited')}",
+                )
+                == "1 run limited by a budget"
+            )
+            assert raw_text(browser) == []
+            browser.shots(shots / "run-limited.png")
             assert problems(browser) == []
 
 

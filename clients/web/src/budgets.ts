@@ -421,11 +421,25 @@ export class Budgets {
                 "data-input-tokens": String(r.inputTokens),
                 "data-output-tokens": String(r.outputTokens),
                 "data-cost-micros": String(r.costMicros),
+                "data-budget-lowered-runs": String(r.budgetLoweredRuns),
                 class: i > 0 && shown[i - 1]?.day === r.day ? "same-day" : undefined,
               },
               // A day's rows after its first leave its date blank: the table reads by day.
               h("td", { class: "day" }, i > 0 && shown[i - 1]?.day === r.day ? "" : calendarDay(r.day, { year: false })),
-              h("td", { class: "series", "data-content": true }, this.seriesLabel(r.assistant, r.model)),
+              h(
+                "td",
+                { class: "series" },
+                h("span", { "data-content": true }, this.seriesLabel(r.assistant, r.model)),
+                // Runs whose answer a budget cut short (a model call made with max_tokens
+                // lowered to fit what was left).
+                r.budgetLoweredRuns > 0n
+                  ? h(
+                      "span",
+                      { class: "limited", "data-testid": "usage-row-limited", title: "A model call of each was made with fewer output tokens, to fit what a budget had left" },
+                      `${count(r.budgetLoweredRuns)} ${r.budgetLoweredRuns === 1n ? "run" : "runs"} limited by a budget`,
+                    )
+                  : null,
+              ),
               h("td", { class: "n" }, count(r.runCount)),
               h("td", { class: "n" }, count(r.inputTokens)),
               h("td", { class: "n" }, count(r.outputTokens)),

@@ -264,6 +264,15 @@ export function usageCost(usage: Usage, digits: number): string {
   return unpriced(usage) ? "unpriced" : `$${usage.estimatedCostUsd.toFixed(digits)}`;
 }
 
+/** How a budget limited a run's answers: its model calls made with max_tokens lowered to
+ *  fit what a budget had left ("answer limited by a budget to 485 tokens"). */
+export function limitedLabel(usage: Usage): string {
+  const calls = usage.budgetLoweredCalls;
+  const to = usage.lowestMaxTokens.toLocaleString("en");
+  if (calls === 1) return `answer limited by a budget${usage.lowestMaxTokens ? ` to ${to} tokens` : ""}`;
+  return `${calls} answers limited by a budget${usage.lowestMaxTokens ? ` (the shortest to ${to} tokens)` : ""}`;
+}
+
 /** What a run update says, for the live feed: "succeeded", "wrote text", "calls echo". */
 export function runUpdateLabel(update: RunUpdate["update"]): string {
   switch (update.case) {

@@ -197,6 +197,11 @@ function summarize(event: Event, names: Names): Child[] {
         const call = update.update.value;
         return [`${id} calls `, h("code", {}, call.functionName || call.tool.split("/").pop() || "a tool")];
       }
+      // A handler's progress is its own words ("max_tokens lowered from 1,024 to 485 ..."):
+      // quoted, like what a message says.
+      if (update.update.case === "progress" && update.update.value.stage) {
+        return [`${id} progress: `, quote(update.update.value.stage)];
+      }
       return [`${id} ${runUpdateLabel(update.update)}`];
     }
     case "security":

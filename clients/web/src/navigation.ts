@@ -463,8 +463,8 @@ export class Navigation {
     fill(
       this.picker,
       this.workspaces.length
-        ? h("p", { class: "muted" }, `Pick one of your ${this.workspaces.length} workspaces, or create another on the left.`)
-        : h("p", { "data-testid": "picker-empty" }, "No workspaces yet: create one on the left, then a conversation in it."),
+        ? h("p", { class: "muted" }, `Pick one of your ${this.workspaces.length} workspaces, or make another with Create workspace.`)
+        : h("p", { "data-testid": "picker-empty" }, "No workspaces yet: make one with Create workspace, then a conversation in it."),
       this.workspaces.length
         ? h(
             "ul",

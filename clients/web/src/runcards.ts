@@ -6,11 +6,11 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
 import { learnBudgetTitles } from "./budgets";
-import { formatTime, h } from "./dom";
+import { fill, formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
 import { BudgetDecision, type PendingToolCall, type Run, RunState, SteerState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
-import { decisionLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost } from "./labels";
+import { decisionLabel, limitedLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
 import { type Landing, type RunListener, RunView, type TimelineEntry, forgetRuns, stateName, steerStateName } from "./runs";
@@ -265,11 +265,14 @@ export class RunCards {
     }
     this.renderBudgetAction(card, view);
     setText(card, '[data-part="handler"]', view.run?.handler ?? "");
-    setText(
-      card,
-      '[data-part="meta"]',
-      `${view.progress ? ` · ${view.progress}` : ""}${view.deltas ? ` · ${view.deltas} ${view.deltas === 1 ? "delta" : "deltas"}` : ""}${view.speechChunks ? ` · ${(view.speechMs / 1000).toFixed(1)} s of speech` : ""}`,
-    );
+    const meta = card.querySelector<HTMLElement>('[data-part="meta"]');
+    const counts = `${view.deltas ? ` · ${view.deltas} ${view.deltas === 1 ? "delta" : "deltas"}` : ""}${view.speechChunks ? ` · ${(view.speechMs / 1000).toFixed(1)} s of speech` : ""}`;
+    if (meta && (meta.dataset.progress !== view.progress || meta.dataset.counts !== counts)) {
+      Object.assign(meta.dataset, { progress: view.progress, counts });
+      // The handler's words ("max_tokens lowered from 1,024 to 485 to fit the budget ..."),
+      // quoted as it said them.
+      fill(meta, view.progress ? h("span", {}, " · ", h("q", { "data-testid": "run-progress", "data-content": true }, view.progress)) : null, counts);
+    }
     const cancel = card.querySelector<HTMLButtonElement>('[data-testid="cancel-run"]');
     if (cancel) cancel.hidden = view.terminal;
     const tools = card.querySelector<HTMLElement>('[data-part="tools"]');
@@ -351,7 +354,7 @@ export class RunCards {
     if (!box) return;
     const action = view.state === RunState.REQUIRES_ACTION ? view.run?.requiredAction?.budget : undefined;
     const waiting = action !== undefined && action.decision === BudgetDecision.UNSPECIFIED;
-    const key = waiting ? `${action.budgets.join(",")}:${action.costMicros}:${this.owner}` : "";
+    const key = waiting ? `${action.budgets.join(",")}:${action.costMicros}:${action.description}:${this.owner}` : "";
     if (box.dataset.key === key) return;
     box.dataset.key = key;
     if (!waiting) return box.replaceChildren();
@@ -382,6 +385,11 @@ export class RunCards {
           " Raising the cap lets it go on by itself",
           expires ? `; undecided, it fails at ${formatTime(timestampDate(expires))}.` : ".",
         ),
+        // The server's account of the shortfall: what the call needs at least, and how much
+        // of which budget is left.
+        action.description
+          ? h("p", { class: "muted", "data-testid": "budget-action-description" }, "Why: ", h("q", { "data-content": true }, action.description))
+          : null,
         this.owner
           ? h(
               "div",
@@ -423,13 +431,15 @@ export class RunCards {
     const usage = view.usage;
     const usageLine = card.querySelector<HTMLElement>('[data-testid="run-usage"]');
     if (usageLine && usage) {
-      usageLine.textContent = `· ${usage.inputTokens + usage.outputTokens} tokens · ${usageCost(usage, 4)}`;
+      usageLine.textContent = `· ${usage.inputTokens + usage.outputTokens} tokens · ${usageCost(usage, 4)}${usage.budgetLoweredCalls ? ` · ${limitedLabel(usage)}` : ""}`;
       usageLine.title = unpriced(usage) ? "No price in the server's price table for this model" : "";
       Object.assign(usageLine.dataset, {
         inputTokens: String(usage.inputTokens),
         outputTokens: String(usage.outputTokens),
         costUsd: String(usage.estimatedCostUsd),
         priced: String(!unpriced(usage)),
+        budgetLoweredCalls: String(usage.budgetLoweredCalls),
+        lowestMaxTokens: String(usage.lowestMaxTokens),
       });
     }
     const start = view.timeline.find((e) => e.at)?.at ?? 0;

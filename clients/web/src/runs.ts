@@ -16,7 +16,7 @@ import {
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { type ToolCall, ToolOutcome, type ToolResult, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import { decisionLabel, outcomeLabel, runLabel, steerLabel, usageCost } from "./labels";
+import { decisionLabel, limitedLabel, outcomeLabel, runLabel, steerLabel, usageCost } from "./labels";
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
@@ -86,6 +86,7 @@ function usageLine(usage: Usage): string {
   const parts = [`${usage.inputTokens} in / ${usage.outputTokens} out tokens${usage.estimated ? " (estimated)" : ""}`];
   parts.push(usageCost(usage, 6));
   if (usage.model) parts.push(usage.model);
+  if (usage.budgetLoweredCalls) parts.push(limitedLabel(usage));
   return parts.join(" · ");
 }
 
