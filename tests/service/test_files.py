@@ -62,6 +62,7 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
 FILE_CHANGED = events_pb2.EVENT_TYPE_FILE_CHANGED
 
 
@@ -583,8 +584,29 @@ async def test_files_follow_the_workspace_roles(stub: Stub, world: World) -> Non
     await refused(download(stub, world.outsider, moved), NOT_FOUND)
     bad = await refused(download(stub, world.viewer, stored.name, offset=-1), INVALID)
     assert violations(bad) == ["read_offset"]
-    bad = await refused(download(stub, world.viewer, stored.name, offset=10**6), INVALID)
-    assert violations(bad) == ["read_offset"]
+    past = await refused(download(stub, world.viewer, stored.name, offset=10**6), OUT_OF_RANGE)
+    assert violations(past) == ["read_offset"]
+
+
+async def test_a_read_offset_past_the_end_is_out_of_range(stub: Stub, world: World) -> None:
+    """AIP-193: reading from beyond the end is OUT_OF_RANGE (the request is well formed;
+    the file is shorter), with its own reason so that clients tell it from a bad
+    argument. At exactly the end it reads nothing: a download resumed after its last
+    byte arrived, but not the stream's end, finishes with the metadata alone."""
+    data = content(3000)
+    stored = await upload(stub, world.editor, world.workspace.name, data)
+    first, body, frames = await download(stub, world.viewer, stored.name, offset=len(data))
+    assert (first, body, [frame.data for frame in frames]) == (stored, b"", [b""])
+    for offset in (len(data) + 1, 10**12):
+        past = download(stub, world.viewer, stored.name, offset=offset)
+        error = await refused(past, OUT_OF_RANGE)
+        assert reason(error) == "ERROR_REASON_OUT_OF_RANGE"
+        assert violations(error) == ["read_offset"]
+        info = detail(error, error_details_pb2.ErrorInfo)
+        assert info.metadata["size_bytes"] == "3000"
+        assert "3000" in (error.details() or "")
+    # With a limit too: where it starts decides.
+    await refused(download(stub, world.viewer, stored.name, offset=3001, limit=1), OUT_OF_RANGE)
 
 
 async def test_a_deleted_file_is_gone_and_its_blob_collected(

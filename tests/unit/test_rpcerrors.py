@@ -13,6 +13,7 @@ from switchboard.platform.errors import (
     DependencyUnavailable,
     FieldViolation,
     InvalidArgument,
+    OutOfRange,
     QuotaExceeded,
     RateLimited,
     SwitchboardError,
@@ -49,7 +50,7 @@ def test_each_error_class_comes_back_as_the_class_of_its_reason(
         error: SwitchboardError = cls("slow down", retry_after_s=2.5)
     elif issubclass(cls, QuotaExceeded):
         error = cls("full", subject="widgets per box")
-    elif issubclass(cls, InvalidArgument):
+    elif issubclass(cls, InvalidArgument | OutOfRange):
         error = cls("bad", [FieldViolation("a.b", "is wrong")])
     else:
         error = cls("what happened")
@@ -60,8 +61,8 @@ def test_each_error_class_comes_back_as_the_class_of_its_reason(
     # The most general class of the reason (a subclass that keeps its parent's
     # reason is a local refinement).
     assert isinstance(error, type(back))
-    if isinstance(error, InvalidArgument):
-        assert isinstance(back, InvalidArgument)
+    if isinstance(error, InvalidArgument | OutOfRange):
+        assert isinstance(back, InvalidArgument | OutOfRange)
         assert back.violations == error.violations
     if isinstance(error, QuotaExceeded):
         assert isinstance(back, QuotaExceeded)

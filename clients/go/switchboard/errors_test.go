@@ -97,6 +97,8 @@ func TestTransientErrors(t *testing.T) {
 		{richError(t, codes.ResourceExhausted, "ERROR_REASON_QUOTA_EXCEEDED"), false},
 		{richError(t, codes.NotFound, "ERROR_REASON_NOT_FOUND"), false},
 		{richError(t, codes.OutOfRange, "ERROR_REASON_CURSOR_EXPIRED"), false},
+		// A download resumed past the file's end: the file will not grow.
+		{richError(t, codes.OutOfRange, "ERROR_REASON_OUT_OF_RANGE"), false},
 		{richError(t, codes.Internal, "ERROR_REASON_INTERNAL"), false},
 		// A run's decided end after a crash: calling again cannot change it.
 		{richError(t, codes.FailedPrecondition, "ERROR_REASON_RUN_NOT_RESUMABLE"), false},

@@ -177,9 +177,13 @@ class Aborted(SwitchboardError):
 
 
 class OutOfRange(SwitchboardError):
-    """OUT_OF_RANGE."""
+    """OUT_OF_RANGE: a position past the end of what it reads (``DownloadFile``'s
+    ``read_offset`` beyond the file's size: ``violations`` name the field,
+    ``metadata["size_bytes"]`` the end); an event cursor outside the log is one of
+    its subclasses."""
 
     CODE = grpc.StatusCode.OUT_OF_RANGE
+    REASON = _Reason.ERROR_REASON_OUT_OF_RANGE
 
 
 class Unimplemented(SwitchboardError):

@@ -317,6 +317,25 @@ class RunCancelled(SwitchboardError):
     reason = "ERROR_REASON_RUN_CANCELLED"
 
 
+class OutOfRange(SwitchboardError):
+    """A position or count past the end of what it reads (a download's ``read_offset``
+    beyond the file's size): the request is well formed, the thing is shorter (AIP-193).
+    Like InvalidArgument it names the field (``BadRequest``)."""
+
+    code = Code.OUT_OF_RANGE
+    reason = "ERROR_REASON_OUT_OF_RANGE"
+
+    def __init__(
+        self,
+        message: str,
+        violations: Sequence[FieldViolation] = (),
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.violations = tuple(violations)
+
+
 class CursorExpired(SwitchboardError):
     """An event cursor is older than retention; metadata names the oldest cursor."""
 

@@ -79,6 +79,7 @@ from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     RequestTooLarge,
     UploadExpired,
     UploadOffsetMismatch,
@@ -575,7 +576,13 @@ class Files(Domain):
         violations.check()
         row = await self._file(request.name, "name")
         if request.read_offset > row.size_bytes:
-            raise _invalid("read_offset", f"is beyond the file's size ({row.size_bytes})")
+            # AIP-193: well formed, but the file is shorter (its end itself reads nothing).
+            description = f"is beyond the file's size ({row.size_bytes})"
+            raise OutOfRange(
+                f"read_offset {description}",
+                [FieldViolation("read_offset", description)],
+                metadata={"size_bytes": str(row.size_bytes)},
+            )
         yield pb.DownloadFileResponse(file=file_proto(row), offset=request.read_offset)
         offset = request.read_offset
         async for chunk in self._read(row, request.read_offset, request.read_limit):

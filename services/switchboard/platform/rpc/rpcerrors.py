@@ -25,6 +25,7 @@ from switchboard.platform.errors import (
     DependencyUnavailable,
     FieldViolation,
     InvalidArgument,
+    OutOfRange,
     QuotaExceeded,
     RateLimited,
     SwitchboardError,
@@ -59,6 +60,7 @@ _BY_CODE: Final[dict[int, type[SwitchboardError]]] = {
     Code.ABORTED: errors.EtagMismatch,
     Code.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
     Code.UNIMPLEMENTED: errors.NotImplementedYet,
+    Code.OUT_OF_RANGE: errors.OutOfRange,
 }
 
 
@@ -118,7 +120,7 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str) -> SwitchboardError:
     message = status.message
     metadata = {k: v for k, v in info.metadata.items() if k != "request_id"}
     made: SwitchboardError
-    if issubclass(cls, InvalidArgument):
+    if issubclass(cls, InvalidArgument | OutOfRange):
         made = cls(message, violations, metadata=metadata)
     elif issubclass(cls, RateLimited):
         made = cls(message, retry_after_s=retry_after_s or 1.0, metadata=metadata)

@@ -160,6 +160,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The run named has ended, so it cannot be steered (SteerRun;
     FAILED_PRECONDITION); nothing was stored. Send the message as a new one.
     """
+    ERROR_REASON_OUT_OF_RANGE: _ErrorReason.ValueType  # 47
+    """A position or count is past the end of what it reads (OUT_OF_RANGE): a
+    DownloadFile `read_offset` beyond the file's size. A google.rpc.BadRequest
+    names the field and metadata says the end (`size_bytes`). New after
+    0.2.0, which answered such a request INVALID_ARGUMENT.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -304,5 +310,11 @@ crash (SubmitToolApprovals with FAIL_RUN; ABORTED).
 ERROR_REASON_RUN_ENDED: ErrorReason.ValueType  # 46
 """The run named has ended, so it cannot be steered (SteerRun;
 FAILED_PRECONDITION); nothing was stored. Send the message as a new one.
+"""
+ERROR_REASON_OUT_OF_RANGE: ErrorReason.ValueType  # 47
+"""A position or count is past the end of what it reads (OUT_OF_RANGE): a
+DownloadFile `read_offset` beyond the file's size. A google.rpc.BadRequest
+names the field and metadata says the end (`size_bytes`). New after
+0.2.0, which answered such a request INVALID_ARGUMENT.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -3567,7 +3567,11 @@ class DownloadFileRequest(_message.Message):
     name: _builtins.str
     """`workspaces/{workspace}/files/{file}`."""
     read_offset: _builtins.int
-    """Where to start, in bytes (to resume a dropped download); 0 for the start."""
+    """Where to start, in bytes (to resume a dropped download); 0 for the start.
+    The file's size reads no bytes (only the first frame, with the file's
+    metadata); beyond it is OUT_OF_RANGE (`ERROR_REASON_OUT_OF_RANGE`,
+    metadata `size_bytes`; INVALID_ARGUMENT in 0.2.0), negative INVALID_ARGUMENT.
+    """
     read_limit: _builtins.int
     """At most this many bytes; 0 for the rest of the file."""
     def __init__(

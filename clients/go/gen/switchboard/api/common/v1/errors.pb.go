@@ -148,6 +148,11 @@ const (
 	// The run named has ended, so it cannot be steered (SteerRun;
 	// FAILED_PRECONDITION); nothing was stored. Send the message as a new one.
 	ErrorReason_ERROR_REASON_RUN_ENDED ErrorReason = 46
+	// A position or count is past the end of what it reads (OUT_OF_RANGE): a
+	// DownloadFile `read_offset` beyond the file's size. A google.rpc.BadRequest
+	// names the field and metadata says the end (`size_bytes`). New after
+	// 0.2.0, which answered such a request INVALID_ARGUMENT.
+	ErrorReason_ERROR_REASON_OUT_OF_RANGE ErrorReason = 47
 )
 
 // Enum value maps for ErrorReason.
@@ -200,6 +205,7 @@ var (
 		44: "ERROR_REASON_RUN_NOT_RESUMABLE",
 		45: "ERROR_REASON_TOOL_OUTCOME_UNKNOWN",
 		46: "ERROR_REASON_RUN_ENDED",
+		47: "ERROR_REASON_OUT_OF_RANGE",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":            0,
@@ -249,6 +255,7 @@ var (
 		"ERROR_REASON_RUN_NOT_RESUMABLE":      44,
 		"ERROR_REASON_TOOL_OUTCOME_UNKNOWN":   45,
 		"ERROR_REASON_RUN_ENDED":              46,
+		"ERROR_REASON_OUT_OF_RANGE":           47,
 	}
 )
 
@@ -283,7 +290,7 @@ var File_switchboard_api_common_v1_errors_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xd2\f\n" +
+	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xf1\f\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n" +
@@ -332,7 +339,8 @@ const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\x1bERROR_REASON_SPEECH_REFUSED\x10+\x12\"\n" +
 	"\x1eERROR_REASON_RUN_NOT_RESUMABLE\x10,\x12%\n" +
 	"!ERROR_REASON_TOOL_OUTCOME_UNKNOWN\x10-\x12\x1a\n" +
-	"\x16ERROR_REASON_RUN_ENDED\x10.B\\\n" +
+	"\x16ERROR_REASON_RUN_ENDED\x10.\x12\x1d\n" +
+	"\x19ERROR_REASON_OUT_OF_RANGE\x10/B\\\n" +
 	"\x1ddev.switchboard.api.common.v1P\x01Z9switchboard.dev/go/gen/switchboard/api/common/v1;commonv1b\x06proto3"
 
 var (

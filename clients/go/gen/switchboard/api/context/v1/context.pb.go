@@ -7079,6 +7079,9 @@ type DownloadFileRequest struct {
 	// `workspaces/{workspace}/files/{file}`.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// Where to start, in bytes (to resume a dropped download); 0 for the start.
+	// The file's size reads no bytes (only the first frame, with the file's
+	// metadata); beyond it is OUT_OF_RANGE (`ERROR_REASON_OUT_OF_RANGE`,
+	// metadata `size_bytes`; INVALID_ARGUMENT in 0.2.0), negative INVALID_ARGUMENT.
 	ReadOffset int64 `protobuf:"varint,2,opt,name=read_offset,json=readOffset,proto3" json:"read_offset,omitempty"`
 	// At most this many bytes; 0 for the rest of the file.
 	ReadLimit     int64 `protobuf:"varint,3,opt,name=read_limit,json=readLimit,proto3" json:"read_limit,omitempty"`

@@ -3539,6 +3539,9 @@ export type DownloadFileRequest = Message$1<"switchboard.api.context.v1.Download
 
   /**
    * Where to start, in bytes (to resume a dropped download); 0 for the start.
+   * The file's size reads no bytes (only the first frame, with the file's
+   * metadata); beyond it is OUT_OF_RANGE (`ERROR_REASON_OUT_OF_RANGE`,
+   * metadata `size_bytes`; INVALID_ARGUMENT in 0.2.0), negative INVALID_ARGUMENT.
    *
    * @generated from field: int64 read_offset = 2;
    */
