@@ -18,7 +18,7 @@ import hashlib
 import re
 from typing import Any, Final
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2
 
 from a2a.types import a2a_pb2 as a2a
@@ -165,7 +165,7 @@ def handed_in(message: a2a.Message, field: str = "message") -> Handed | None:
     if any; a malformed one is INVALID_ARGUMENT (A2A's invalid params)."""
     if BUDGET_EXTENSION not in message.metadata.fields:
         return None
-    value = json_format.MessageToDict(message.metadata.fields[BUDGET_EXTENSION])
+    value = structs.message_dict(message.metadata.fields[BUDGET_EXTENSION])
     return parse_extension(value, f"{field}.metadata[{BUDGET_EXTENSION!r}]")
 
 
@@ -597,7 +597,7 @@ def approvals_in(message: a2a.Message, run: str) -> pb.SubmitToolApprovalsReques
         description = 'must hold one data part, {"approvals": [...]}, to continue a task'
         raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
     index, part = found[0]
-    given = json_format.MessageToDict(part.data.struct_value).get(APPROVALS_KEY)
+    given = structs.message_dict(part.data.struct_value).get(APPROVALS_KEY)
     where = f"{field}[{index}].data.{APPROVALS_KEY}"
     if not isinstance(given, list) or not given:
         description = "must be a non-empty list of decisions"

@@ -48,7 +48,7 @@ from switchboard.integration.connectors import (
     ToolSpec,
     Unreachable,
 )
-from switchboard.platform import idempotency, jsonbounds
+from switchboard.platform import idempotency, jsonbounds, structs
 from switchboard.platform.errors import ResultTooLarge
 from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rpc.channels import DOWN, expert_channel
@@ -378,5 +378,5 @@ def _result(
     for part in shown.parts:
         if part.WhichOneof("part") == "file":
             part.file.ClearField("inline_data")
-    structured = json_format.MessageToDict(shown, preserving_proto_field_name=True)
+    structured = structs.message_dict(shown, preserving_proto_field_name=True)
     return ToolResult(structured=structured, text=text, files=files)

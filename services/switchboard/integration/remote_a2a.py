@@ -46,7 +46,7 @@ from a2a.client.card_resolver import parse_agent_card
 from a2a.client.errors import A2AClientError, A2AClientTimeoutError
 from a2a.types import a2a_pb2 as a2a
 from a2a.utils.errors import A2AError, TaskNotFoundError, UnsupportedOperationError
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.json_format import ParseError
 from grpc import aio
 
@@ -513,7 +513,7 @@ def _extras(parts: Any) -> list[context_pb2.ContentPart]:
                 jsonbounds.check_message(part.data)
             except JsonRejected as rejected:
                 raise Malformed(f"the agent answered with data {rejected}") from None
-            value = json_format.MessageToDict(part.data)
+            value = structs.message_dict(part.data)
             data = struct_pb2.Struct()
             data.update(value if isinstance(value, dict) else {"value": value})
             found.append(context_pb2.ContentPart(data=data))
@@ -1074,7 +1074,7 @@ def _tool_result(result: handler_pb2.HandleResult) -> ToolResult:
     structured: dict[str, Any] = {"finish_reason": result.finish_reason}
     for part in result.parts:
         if part.WhichOneof("part") == "data" and TASK_KEY in part.data.fields:
-            structured.update(json_format.MessageToDict(part.data))
+            structured.update(structs.message_dict(part.data))
     files = tuple(
         part.file
         for part in result.parts

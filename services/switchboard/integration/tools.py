@@ -30,7 +30,7 @@ from switchboard.integration.mapping import integration_name, name_of
 from switchboard.integration.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.integration.webhooktools import declares_tools
-from switchboard.platform import idempotency, jsonbounds, names, timefields
+from switchboard.platform import idempotency, jsonbounds, names, structs, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -228,7 +228,7 @@ class Tools:
         tool = listed.tools.get(segment)
         if tool is None:
             raise NotFound(f"{request.name} not found")
-        arguments = _jsonable(json_format.MessageToDict(request.arguments))
+        arguments = _jsonable(structs.message_dict(request.arguments))
         await self._validate(listed.compiled[segment], request.name, arguments)
         timeout_s = self._connections.timeout_s(record)
         if requested_s > 0:

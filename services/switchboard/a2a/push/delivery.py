@@ -18,12 +18,11 @@ import datetime as dt
 import json
 from typing import Final
 
-from google.protobuf import json_format
-
 from switchboard.a2a import mapping
 from switchboard.a2a.push.store import PushStore
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform import structs
 from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.db import Database
 
@@ -60,7 +59,7 @@ def notification(event: events_pb2.Event) -> str:
     run = update.state_change.run
     part = 1 if run.state == pb.RUN_STATE_SUCCEEDED else 0
     response = mapping.status_event(run, (update.sequence, part))
-    return json.dumps(json_format.MessageToDict(response), separators=(",", ":"))
+    return json.dumps(structs.message_dict(response), separators=(",", ":"))
 
 
 class PushDelivery:

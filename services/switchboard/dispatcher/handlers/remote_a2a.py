@@ -35,7 +35,6 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from a2a.types import a2a_pb2 as a2a
-from google.protobuf import json_format
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
@@ -55,7 +54,7 @@ from switchboard.integration.remote_a2a import (
     message_files,
     previous_task,
 )
-from switchboard.platform import background, idempotency
+from switchboard.platform import background, idempotency, structs
 from switchboard.platform.errors import SwitchboardError
 
 log = logging.getLogger("switchboard.dispatcher.handlers.remote_a2a")
@@ -163,7 +162,7 @@ class A2AExpert:
 
     async def handle(self, call: HandleCall) -> AsyncIterator[Frame]:
         request = call.request
-        metadata = json_format.MessageToDict(request.parameters) if request.parameters else None
+        metadata = structs.message_dict(request.parameters) if request.parameters else None
         name = f"A2A expert {self._capabilities.id!r}"
         # The run's budget goes with the message (``hops.py``): the budget
         # extension names what is left, and the usage the agent reports is charged.

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.llm.messages import result_source
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.platform import structs
 from switchboard.platform.errors import InvalidArgument
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.wording import noun
@@ -174,7 +175,7 @@ class SearchMemory:
     async def run(
         self, principal: Principal, arguments: struct_pb2.Struct, *, timeout_s: float
     ) -> tuple[bool, str]:
-        request, problem = _arguments(json_format.MessageToDict(arguments))
+        request, problem = _arguments(structs.message_dict(arguments))
         if request is None:
             return False, f"Invalid arguments: {problem}."
         request.parent = self._conversation

@@ -52,7 +52,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -62,7 +62,7 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.internal.dispatcher.v1 import job_pb2
-from switchboard.platform import idempotency, names
+from switchboard.platform import idempotency, names, structs
 from switchboard.platform.errors import (
     ApprovalExpired,
     CircuitOpen,
@@ -700,7 +700,7 @@ class RunTools:
             result.files.extend(response.files)
             text = response.text
             if not text and response.HasField("result"):
-                text = json.dumps(json_format.MessageToDict(response.result), sort_keys=True)
+                text = json.dumps(structs.message_dict(response.result), sort_keys=True)
             result.text = self._cut(text)
         result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
         return answered
