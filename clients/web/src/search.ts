@@ -198,6 +198,16 @@ export class SearchPage {
         ),
       );
     }
+    if (response.pendingIndexCount > 0n) {
+      // Written moments ago and not embedded yet: a search by meaning misses those.
+      this.status.append(
+        h(
+          "span",
+          { class: "fallback", "data-testid": "search-lag", "data-pending": String(response.pendingIndexCount) },
+          ` · ${response.indexLagDetail}: a search by meaning finds them once indexed`,
+        ),
+      );
+    }
     this.results.replaceChildren(...response.results.map((result, i) => this.item(result, i + 1)));
   }
 

@@ -473,4 +473,5 @@ class Windows(Domain):
         if ranking is not None:
             window.retrieval_mode = ranking.mode
             window.retrieval_fallback_reason = ranking.fallback
+            window.retrieval_pending_index_count = ranking.pending
         return pb.GetContextWindowResponse(window=window).SerializeToString(), memories.valid_until

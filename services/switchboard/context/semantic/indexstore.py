@@ -744,6 +744,15 @@ class IndexStore:
 
     # -- status ----------------------------------------------------------------------------
 
+    async def pending(self, owner: str) -> int:
+        """Jobs of the owner's index waiting (claimed ones too): what a search by meaning
+        does not find yet. The table holds only waiting jobs, so this is one small count."""
+
+        def work(db: Session) -> int:
+            return int(db.scalar(select(func.count()).where(SemanticJobRow.owner == owner)) or 0)
+
+        return await self._run(work, write=False)
+
     async def status(self, owner: str, key: str | None) -> Status:
         """Passages under ``key`` (None: not embedded: none counted), jobs pending."""
 

@@ -22,6 +22,7 @@ says why (``fallback_reason``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ from switchboard.context.semantic.searchstore import SearchStore, Sources
 from switchboard.platform import names
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.store import pagination
+from switchboard.platform.wording import counted
 
 log = logging.getLogger("switchboard.context.search")
 
@@ -73,10 +75,15 @@ Key: TypeAlias = tuple[SourceKind, str]
 
 
 class IndexSettings(Protocol):
-    """Which model a search embeds its query with (the indexer's settings)."""
+    """Which model a search embeds its query with (the indexer's settings), and how far
+    the owner's index is behind."""
 
     async def effective(self, owner: str) -> tuple[EmbeddingModel, int] | None:
         """The owner's model and generation; None when no model is configured."""
+        ...
+
+    async def pending(self, owner: str) -> int:
+        """Sources of the owner's index waiting to be embedded (its pending jobs)."""
         ...
 
 
@@ -114,6 +121,9 @@ class IndexerSettings:
         model, generation = self._indexer.model_of(index)
         return (model, generation) if model.name else None
 
+    async def pending(self, owner: str) -> int:
+        return await self._indexer.store.pending(owner)
+
 
 @dataclass(frozen=True)
 class SearchParts:
@@ -140,6 +150,13 @@ class Ranking:
     fallback: Reason = pb.SEARCH_FALLBACK_REASON_UNSPECIFIED
     detail: str = ""
     results: tuple[pb.SearchResult, ...] = ()
+    #: Sources the index had waiting when a search by meaning ran (0 by words).
+    pending: int = 0
+
+    @property
+    def lag_detail(self) -> str:
+        """``pending`` in words, for people; empty when nothing waits."""
+        return f"{counted(self.pending, 'item')} not yet indexed" if self.pending else ""
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,8 @@ class _Plan:
     model: EmbeddingModel | None = None
     generation: int = 0
     vector: tuple[float, ...] | None = None
+    #: Sources of the owner's index waiting to be embedded (a plan by meaning's).
+    pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -292,6 +311,8 @@ class Search:
             mode=ranking.mode,
             fallback_reason=ranking.fallback,
             fallback_detail=ranking.detail,
+            pending_index_count=ranking.pending,
+            index_lag_detail=ranking.lag_detail,
         )
 
     async def search_memory(
@@ -344,6 +365,8 @@ class Search:
             mode=ranking.mode,
             fallback_reason=ranking.fallback,
             fallback_detail=ranking.detail,
+            pending_index_count=ranking.pending,
+            index_lag_detail=ranking.lag_detail,
         )
 
     async def _memory_full_text(
@@ -435,7 +458,7 @@ class Search:
     ) -> Ranking:
         """``wanted``: how many of the best results the caller reads (a page's end and
         one more)."""
-        ranking = Ranking(plan.mode, plan.fallback, plan.detail)
+        ranking = Ranking(plan.mode, plan.fallback, plan.detail, pending=plan.pending)
         if parsed.impossible:
             return ranking
         conditions = parsed.filter
@@ -497,9 +520,28 @@ class Search:
             )
         model, generation = settled
         mode = HYBRID if asked == pb.SEARCH_MODE_UNSPECIFIED else asked
+        settings = self._settings
+        assert settings is not None  # noqa: S101 (settled came from it)
         if not embed:
-            return _Plan(mode)
-        assert self._embedder is not None  # noqa: S101 (checked above)
+            return _Plan(mode, pending=await settings.pending(owner))
+        # The index's lag is counted while the query is embedded: it costs the search
+        # no time of its own (a count of the waiting jobs against an HTTP round trip).
+        counting = asyncio.get_running_loop().create_task(settings.pending(owner))
+        try:
+            vector = await self._query_vector(owner, query, model)
+            if isinstance(vector, _Plan):
+                return vector
+            return _Plan(
+                mode, model=model, generation=generation, vector=vector, pending=await counting
+            )
+        finally:
+            await _settle(counting)
+
+    async def _query_vector(
+        self, owner: str, query: str, model: EmbeddingModel
+    ) -> tuple[float, ...] | _Plan:
+        """The query's embedding, or the full-text plan that says why there is none."""
+        assert self._embedder is not None  # noqa: S101 (a model is in effect)
         try:
             async with asyncio.timeout(self._embed_timeout_s):
                 embedded = await self._embedder.embed(owner, [query], model)
@@ -527,7 +569,7 @@ class Search:
                 "the query could not be embedded: the endpoint answered no vector of the "
                 "model's dimensions",
             )
-        return _Plan(mode, model=model, generation=generation, vector=tuple(embedded.vectors[0]))
+        return tuple(embedded.vectors[0])
 
     async def _full_text(
         self, where: _Where, query: str, conditions: SearchFilter
@@ -778,6 +820,17 @@ class Search:
             return 0
         position = (pagination.Int(0, MAX_SEARCH_RESULTS),)
         return int(self.common.pages.decode(page_token, token, position)[0])
+
+
+async def _settle(task: asyncio.Task[int]) -> None:
+    """A count no longer wanted (the search fell back, or was cancelled) ends here, its
+    failure read: a fallback does not wait on the database, nor leaves a task behind."""
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    elif not task.cancelled():
+        task.exception()
 
 
 def _unsearchable() -> InvalidArgument:

@@ -2390,6 +2390,8 @@ class SearchMemoryItemsResponse(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     FALLBACK_DETAIL_FIELD_NUMBER: _builtins.int
+    PENDING_INDEX_COUNT_FIELD_NUMBER: _builtins.int
+    INDEX_LAG_DETAIL_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
     mode: Global___SearchMode.ValueType
@@ -2398,6 +2400,18 @@ class SearchMemoryItemsResponse(_message.Message):
     """Why it ran in another mode than the one asked; UNSPECIFIED if it did not."""
     fallback_detail: _builtins.str
     """The fallback's reason in words, for people (empty if none)."""
+    pending_index_count: _builtins.int
+    """Set when the search ran by meaning (`mode` SEMANTIC or HYBRID) while the
+    searched index (the workspace's; a user's memory: the user's) had sources
+    waiting to be embedded: how many (GetSemanticIndex's `pending_count` then).
+    A search by meaning does not find those yet (HYBRID finds a memory item
+    among them by its words). A write of the last moment is counted once the
+    indexer has read its event. 0 otherwise, and always in FULL_TEXT.
+    """
+    index_lag_detail: _builtins.str
+    """`pending_index_count` in words, for people ("3 items not yet indexed");
+    empty when it is 0.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredMemoryItem]:
         """Results, most relevant first."""
@@ -2410,10 +2424,12 @@ class SearchMemoryItemsResponse(_message.Message):
         mode: Global___SearchMode.ValueType = ...,
         fallback_reason: Global___SearchFallbackReason.ValueType = ...,
         fallback_detail: _builtins.str = ...,
+        pending_index_count: _builtins.int = ...,
+        index_lag_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_detail", b"fallback_detail", "fallback_reason", b"fallback_reason", "mode", b"mode", "next_page_token", b"next_page_token", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_detail", b"fallback_detail", "fallback_reason", b"fallback_reason", "index_lag_detail", b"index_lag_detail", "mode", b"mode", "next_page_token", b"next_page_token", "pending_index_count", b"pending_index_count", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2575,6 +2591,8 @@ class SearchContextResponse(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     FALLBACK_DETAIL_FIELD_NUMBER: _builtins.int
+    PENDING_INDEX_COUNT_FIELD_NUMBER: _builtins.int
+    INDEX_LAG_DETAIL_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
     mode: Global___SearchMode.ValueType
@@ -2583,6 +2601,18 @@ class SearchContextResponse(_message.Message):
     """Why it ran in another mode than the one asked; UNSPECIFIED if it did not."""
     fallback_detail: _builtins.str
     """The fallback's reason in words, for people (empty if none)."""
+    pending_index_count: _builtins.int
+    """Set when the search ran by meaning (`mode` SEMANTIC or HYBRID) while the
+    searched index (the workspace's; a user's memory: the user's) had sources
+    waiting to be embedded: how many (GetSemanticIndex's `pending_count` then).
+    A search by meaning does not find those yet (HYBRID finds a memory item
+    among them by its words). A write of the last moment is counted once the
+    indexer has read its event. 0 otherwise, and always in FULL_TEXT.
+    """
+    index_lag_detail: _builtins.str
+    """`pending_index_count` in words, for people ("3 items not yet indexed");
+    empty when it is 0.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SearchResult]:
         """Results, most relevant first."""
@@ -2595,10 +2625,12 @@ class SearchContextResponse(_message.Message):
         mode: Global___SearchMode.ValueType = ...,
         fallback_reason: Global___SearchFallbackReason.ValueType = ...,
         fallback_detail: _builtins.str = ...,
+        pending_index_count: _builtins.int = ...,
+        index_lag_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_detail", b"fallback_detail", "fallback_reason", b"fallback_reason", "mode", b"mode", "next_page_token", b"next_page_token", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_detail", b"fallback_detail", "fallback_reason", b"fallback_reason", "index_lag_detail", b"index_lag_detail", "mode", b"mode", "next_page_token", b"next_page_token", "pending_index_count", b"pending_index_count", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2947,6 +2979,7 @@ class ContextWindow(_message.Message):
     OMITTED_MESSAGES_FIELD_NUMBER: _builtins.int
     RETRIEVAL_MODE_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_PENDING_INDEX_COUNT_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{workspace}/conversations/{conversation}`."""
     conversation_version: _builtins.int
@@ -2966,6 +2999,12 @@ class ContextWindow(_message.Message):
     """The mode retrieval ran in (unset without retrieval)."""
     retrieval_fallback_reason: Global___SearchFallbackReason.ValueType
     """Why retrieval ran in another mode than the one asked; UNSPECIFIED if it did not."""
+    retrieval_pending_index_count: _builtins.int
+    """Sources of the workspace's semantic index waiting to be embedded when
+    retrieval ran by meaning (SEMANTIC or HYBRID), as a search's
+    `pending_index_count`: retrieval could not find those by meaning. 0
+    otherwise.
+    """
     @_builtins.property
     def included(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextItem]:
         """Included items in the order a handler should read them."""
@@ -2987,10 +3026,11 @@ class ContextWindow(_message.Message):
         omitted_messages: _builtins.int = ...,
         retrieval_mode: Global___SearchMode.ValueType = ...,
         retrieval_fallback_reason: Global___SearchFallbackReason.ValueType = ...,
+        retrieval_pending_index_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "conversation_version", b"conversation_version", "excluded", b"excluded", "included", b"included", "omitted_messages", b"omitted_messages", "retrieval_fallback_reason", b"retrieval_fallback_reason", "retrieval_mode", b"retrieval_mode", "token_budget", b"token_budget", "tokenizer", b"tokenizer", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "conversation_version", b"conversation_version", "excluded", b"excluded", "included", b"included", "omitted_messages", b"omitted_messages", "retrieval_fallback_reason", b"retrieval_fallback_reason", "retrieval_mode", b"retrieval_mode", "retrieval_pending_index_count", b"retrieval_pending_index_count", "token_budget", b"token_budget", "tokenizer", b"tokenizer", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

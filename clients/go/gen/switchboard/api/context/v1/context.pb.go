@@ -4652,6 +4652,16 @@ type SearchMemoryItemsResponse struct {
 	FallbackReason SearchFallbackReason `protobuf:"varint,4,opt,name=fallback_reason,json=fallbackReason,proto3,enum=switchboard.api.context.v1.SearchFallbackReason" json:"fallback_reason,omitempty"`
 	// The fallback's reason in words, for people (empty if none).
 	FallbackDetail string `protobuf:"bytes,5,opt,name=fallback_detail,json=fallbackDetail,proto3" json:"fallback_detail,omitempty"`
+	// Set when the search ran by meaning (`mode` SEMANTIC or HYBRID) while the
+	// searched index (the workspace's; a user's memory: the user's) had sources
+	// waiting to be embedded: how many (GetSemanticIndex's `pending_count` then).
+	// A search by meaning does not find those yet (HYBRID finds a memory item
+	// among them by its words). A write of the last moment is counted once the
+	// indexer has read its event. 0 otherwise, and always in FULL_TEXT.
+	PendingIndexCount int64 `protobuf:"varint,6,opt,name=pending_index_count,json=pendingIndexCount,proto3" json:"pending_index_count,omitempty"`
+	// `pending_index_count` in words, for people ("3 items not yet indexed");
+	// empty when it is 0.
+	IndexLagDetail string `protobuf:"bytes,7,opt,name=index_lag_detail,json=indexLagDetail,proto3" json:"index_lag_detail,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -4717,6 +4727,20 @@ func (x *SearchMemoryItemsResponse) GetFallbackReason() SearchFallbackReason {
 func (x *SearchMemoryItemsResponse) GetFallbackDetail() string {
 	if x != nil {
 		return x.FallbackDetail
+	}
+	return ""
+}
+
+func (x *SearchMemoryItemsResponse) GetPendingIndexCount() int64 {
+	if x != nil {
+		return x.PendingIndexCount
+	}
+	return 0
+}
+
+func (x *SearchMemoryItemsResponse) GetIndexLagDetail() string {
+	if x != nil {
+		return x.IndexLagDetail
 	}
 	return ""
 }
@@ -5049,6 +5073,16 @@ type SearchContextResponse struct {
 	FallbackReason SearchFallbackReason `protobuf:"varint,4,opt,name=fallback_reason,json=fallbackReason,proto3,enum=switchboard.api.context.v1.SearchFallbackReason" json:"fallback_reason,omitempty"`
 	// The fallback's reason in words, for people (empty if none).
 	FallbackDetail string `protobuf:"bytes,5,opt,name=fallback_detail,json=fallbackDetail,proto3" json:"fallback_detail,omitempty"`
+	// Set when the search ran by meaning (`mode` SEMANTIC or HYBRID) while the
+	// searched index (the workspace's; a user's memory: the user's) had sources
+	// waiting to be embedded: how many (GetSemanticIndex's `pending_count` then).
+	// A search by meaning does not find those yet (HYBRID finds a memory item
+	// among them by its words). A write of the last moment is counted once the
+	// indexer has read its event. 0 otherwise, and always in FULL_TEXT.
+	PendingIndexCount int64 `protobuf:"varint,6,opt,name=pending_index_count,json=pendingIndexCount,proto3" json:"pending_index_count,omitempty"`
+	// `pending_index_count` in words, for people ("3 items not yet indexed");
+	// empty when it is 0.
+	IndexLagDetail string `protobuf:"bytes,7,opt,name=index_lag_detail,json=indexLagDetail,proto3" json:"index_lag_detail,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -5114,6 +5148,20 @@ func (x *SearchContextResponse) GetFallbackReason() SearchFallbackReason {
 func (x *SearchContextResponse) GetFallbackDetail() string {
 	if x != nil {
 		return x.FallbackDetail
+	}
+	return ""
+}
+
+func (x *SearchContextResponse) GetPendingIndexCount() int64 {
+	if x != nil {
+		return x.PendingIndexCount
+	}
+	return 0
+}
+
+func (x *SearchContextResponse) GetIndexLagDetail() string {
+	if x != nil {
+		return x.IndexLagDetail
 	}
 	return ""
 }
@@ -5827,8 +5875,13 @@ type ContextWindow struct {
 	RetrievalMode SearchMode `protobuf:"varint,9,opt,name=retrieval_mode,json=retrievalMode,proto3,enum=switchboard.api.context.v1.SearchMode" json:"retrieval_mode,omitempty"`
 	// Why retrieval ran in another mode than the one asked; UNSPECIFIED if it did not.
 	RetrievalFallbackReason SearchFallbackReason `protobuf:"varint,10,opt,name=retrieval_fallback_reason,json=retrievalFallbackReason,proto3,enum=switchboard.api.context.v1.SearchFallbackReason" json:"retrieval_fallback_reason,omitempty"`
-	unknownFields           protoimpl.UnknownFields
-	sizeCache               protoimpl.SizeCache
+	// Sources of the workspace's semantic index waiting to be embedded when
+	// retrieval ran by meaning (SEMANTIC or HYBRID), as a search's
+	// `pending_index_count`: retrieval could not find those by meaning. 0
+	// otherwise.
+	RetrievalPendingIndexCount int64 `protobuf:"varint,11,opt,name=retrieval_pending_index_count,json=retrievalPendingIndexCount,proto3" json:"retrieval_pending_index_count,omitempty"`
+	unknownFields              protoimpl.UnknownFields
+	sizeCache                  protoimpl.SizeCache
 }
 
 func (x *ContextWindow) Reset() {
@@ -5929,6 +5982,13 @@ func (x *ContextWindow) GetRetrievalFallbackReason() SearchFallbackReason {
 		return x.RetrievalFallbackReason
 	}
 	return SearchFallbackReason_SEARCH_FALLBACK_REASON_UNSPECIFIED
+}
+
+func (x *ContextWindow) GetRetrievalPendingIndexCount() int64 {
+	if x != nil {
+		return x.RetrievalPendingIndexCount
+	}
+	return 0
 }
 
 // Response for GetContextWindow.
@@ -7600,13 +7660,15 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\vmemory_item\x18\x01 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
 	"memoryItem\x12\x14\n" +
 	"\x05score\x18\x02 \x01(\x01R\x05score\x12@\n" +
-	"\x06scores\x18\x03 \x01(\v2(.switchboard.api.context.v1.SearchScoresR\x06scores\"\xcb\x02\n" +
+	"\x06scores\x18\x03 \x01(\v2(.switchboard.api.context.v1.SearchScoresR\x06scores\"\xa5\x03\n" +
 	"\x19SearchMemoryItemsResponse\x12F\n" +
 	"\aresults\x18\x01 \x03(\v2,.switchboard.api.context.v1.ScoredMemoryItemR\aresults\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12:\n" +
 	"\x04mode\x18\x03 \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\x04mode\x12Y\n" +
 	"\x0ffallback_reason\x18\x04 \x01(\x0e20.switchboard.api.context.v1.SearchFallbackReasonR\x0efallbackReason\x12'\n" +
-	"\x0ffallback_detail\x18\x05 \x01(\tR\x0efallbackDetail\"\xd4\x01\n" +
+	"\x0ffallback_detail\x18\x05 \x01(\tR\x0efallbackDetail\x12.\n" +
+	"\x13pending_index_count\x18\x06 \x01(\x03R\x11pendingIndexCount\x12(\n" +
+	"\x10index_lag_detail\x18\a \x01(\tR\x0eindexLagDetail\"\xd4\x01\n" +
 	"\x14SearchContextRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x14\n" +
 	"\x05query\x18\x02 \x01(\tR\x05query\x12:\n" +
@@ -7631,13 +7693,15 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x0edocument_chunk\x18\x03 \x01(\v2).switchboard.api.context.v1.DocumentChunkH\x00R\rdocumentChunk\x12\x14\n" +
 	"\x05score\x18\x04 \x01(\x01R\x05score\x12@\n" +
 	"\x06scores\x18\x05 \x01(\v2(.switchboard.api.context.v1.SearchScoresR\x06scoresB\b\n" +
-	"\x06source\"\xc3\x02\n" +
+	"\x06source\"\x9d\x03\n" +
 	"\x15SearchContextResponse\x12B\n" +
 	"\aresults\x18\x01 \x03(\v2(.switchboard.api.context.v1.SearchResultR\aresults\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12:\n" +
 	"\x04mode\x18\x03 \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\x04mode\x12Y\n" +
 	"\x0ffallback_reason\x18\x04 \x01(\x0e20.switchboard.api.context.v1.SearchFallbackReasonR\x0efallbackReason\x12'\n" +
-	"\x0ffallback_detail\x18\x05 \x01(\tR\x0efallbackDetail\"\xbc\x03\n" +
+	"\x0ffallback_detail\x18\x05 \x01(\tR\x0efallbackDetail\x12.\n" +
+	"\x13pending_index_count\x18\x06 \x01(\x03R\x11pendingIndexCount\x12(\n" +
+	"\x10index_lag_detail\x18\a \x01(\tR\x0eindexLagDetail\"\xbc\x03\n" +
 	"\rSemanticIndex\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12'\n" +
 	"\x0fembedding_model\x18\x02 \x01(\tR\x0eembeddingModel\x12\x1e\n" +
@@ -7686,7 +7750,7 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x06reason\x18\x03 \x01(\x0e2-.switchboard.api.context.v1.ContextItemReasonR\x06reason\x12\x1f\n" +
 	"\vtoken_count\x18\x04 \x01(\x05R\n" +
 	"tokenCountB\x06\n" +
-	"\x04item\"\xbc\x04\n" +
+	"\x04item\"\xff\x04\n" +
 	"\rContextWindow\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x121\n" +
 	"\x14conversation_version\x18\x02 \x01(\x03R\x13conversationVersion\x12!\n" +
@@ -7698,7 +7762,8 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x10omitted_messages\x18\b \x01(\x05R\x0fomittedMessages\x12M\n" +
 	"\x0eretrieval_mode\x18\t \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\rretrievalMode\x12l\n" +
 	"\x19retrieval_fallback_reason\x18\n" +
-	" \x01(\x0e20.switchboard.api.context.v1.SearchFallbackReasonR\x17retrievalFallbackReason\"]\n" +
+	" \x01(\x0e20.switchboard.api.context.v1.SearchFallbackReasonR\x17retrievalFallbackReason\x12A\n" +
+	"\x1dretrieval_pending_index_count\x18\v \x01(\x03R\x1aretrievalPendingIndexCount\"]\n" +
 	"\x18GetContextWindowResponse\x12A\n" +
 	"\x06window\x18\x01 \x01(\v2).switchboard.api.context.v1.ContextWindowR\x06window\"\xb0\x01\n" +
 	"\x18PruneConversationRequest\x12\"\n" +
