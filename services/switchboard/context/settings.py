@@ -147,7 +147,7 @@ class ContextSettings(Section):
         gt=0,
         le=600,
         description="time to fetch a message's URL part (redirects included) before the "
-        "append fails `UNAVAILABLE`",
+        "append fails `INVALID_ARGUMENT` on the part (`fetch_error` `timeout`)",
     )
     context_max_writes_per_minute: int = Field(
         default=6000,
@@ -207,6 +207,29 @@ class ContextSettings(Section):
         ge=1,
         le=100_000,
         description="pages of a PDF whose text is extracted",
+    )
+    context_files_extract_timeout_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description="wall time to read one PDF's text, in a child process killed past it (its "
+        "CPU time is capped too); such a file is stored with text state FAILED and "
+        "`text_error` saying so",
+    )
+    context_files_extract_memory_bytes: int = Field(
+        default=1024 * MiB,
+        ge=128 * MiB,
+        le=64 * 1024 * MiB,
+        description="address space of the child process that reads one PDF's text "
+        "(`RLIMIT_AS`); a PDF that needs more is stored with text state FAILED and `text_error` "
+        "saying so",
+    )
+    context_files_extract_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="PDFs this process reads at once, each in its own child process (more "
+        "wait their turn)",
     )
     context_files_max_transcribe_bytes: int = Field(
         default=25 * MiB,
