@@ -419,7 +419,7 @@ async def test_a_dead_replicas_holds_are_released_when_its_runs_are_taken_over(
                 ledger = Ledger(b.shared.database)
                 (budget,) = await ledger.applicable(_id(world.name))
 
-                async def refused(*_: Any, **__: Any) -> None:
+                async def refused(*_: Any, **__: Any) -> bool:
                     raise DatabaseUnavailable()
 
                 # Replica a "dies": its lease lapses and b takes its run over.

@@ -1010,7 +1010,7 @@ async def _replicas(
 def _silence(server: SwitchboardServer) -> None:
     """The replica stops renewing its lease, as if it died (its runs keep going)."""
 
-    async def refused(*_: Any, **__: Any) -> None:
+    async def refused(*_: Any, **__: Any) -> bool:
         raise DatabaseUnavailable()
 
     built(server, Dispatcher)._store.renew_lease = refused  # type: ignore[method-assign]

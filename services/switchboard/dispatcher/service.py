@@ -169,6 +169,7 @@ class Dispatcher:
             admit=self._readmit,
             metrics=metrics,
             release_holds=spending.ledger.release_runs if spending is not None else None,
+            retire=self._execution.retire,
         )
         self._queries = Queries(
             common=common,

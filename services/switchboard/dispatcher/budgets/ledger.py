@@ -281,6 +281,19 @@ class Alert:
 @dataclass(frozen=True)
 class Settled:
     alerts: tuple[Alert, ...] = ()
+    #: The run's record of it refused it (the run is another instance's now):
+    #: nothing was written, the hold is still held.
+    refused: bool = False
+
+
+#: Records a settlement on its run in the settlement's transaction:
+#: ``(session, cost_micros, input_tokens, output_tokens)``; False refuses it
+#: (``runs/store.py``: ``RunStore.charging``).
+Record = Callable[[Session, int, int, int], bool]
+
+
+class _Refused(Exception):
+    """The run's record refused a settlement: its transaction is rolled back whole."""
 
 
 @dataclass
@@ -491,11 +504,17 @@ class Ledger:
 
     # -- settling and releasing ----------------------------------------------------------
 
-    async def settle(self, hold: Hold, actual: Amount) -> Settled:
+    async def settle(self, hold: Hold, actual: Amount, *, record: Record | None = None) -> Settled:
         """Move ``hold`` to used by ``actual`` (what the call used; the rest of the
         hold is released) and report the thresholds this crossed (each once per
         period, whichever replica crosses it). A hold already released (its run
-        taken over meanwhile) only adds ``actual``."""
+        taken over meanwhile) only adds ``actual``.
+
+        ``record``: the run's record of the charge, written in the same
+        transaction, so what the budgets used is always what their runs were
+        charged, whatever crash comes between; when it refuses (the run is no
+        longer this instance's), nothing is settled (``Settled.refused``).
+        """
 
         used = {
             "used_cost": actual.cost_micros,
@@ -505,6 +524,10 @@ class Ledger:
         reserved = hold.amount
 
         def work(db: Session) -> list[Alert]:
+            if record is not None and not record(
+                db, actual.cost_micros, actual.input_tokens, actual.output_tokens
+            ):
+                raise _Refused
             connection = db.connection()
             alerts: list[Alert] = []
             for budget, window in hold.windows:
@@ -525,7 +548,10 @@ class Ledger:
                     alerts.extend(self._crossed(connection, budget, window, key))
             return alerts
 
-        return Settled(tuple(await self._run(work, write=True)))
+        try:
+            return Settled(tuple(await self._run(work, write=True)))
+        except _Refused:
+            return Settled(refused=True)
 
     def _crossed(
         self, connection: Connection, budget: Applicable, window: str, key: dict[str, str]

@@ -32,7 +32,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -50,11 +49,17 @@ from switchboard.dispatcher.budgets.ledger import (
     Full,
     Hold,
     Ledger,
+    Record,
 )
 from switchboard.dispatcher.handlers.base import CallHold
 from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.platform import names
-from switchboard.platform.errors import BudgetExhausted, ModelNotPriced, SwitchboardError
+from switchboard.platform.errors import (
+    BudgetExhausted,
+    ModelNotPriced,
+    RunInterrupted,
+    SwitchboardError,
+)
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.wording import counted
@@ -314,9 +319,11 @@ class Spending:
         api_key_id: str,
         host: Pauser,
         handed: Handed | None = None,
+        record: Record | None = None,
     ) -> RunBudget | None:
         """The run's budget (None when no budget applies and none was handed to
-        it: nothing to reserve)."""
+        it: nothing to reserve). ``record``: the run's record of each settlement,
+        in its transaction (``Ledger.settle``)."""
         if not read.budgets and not handed:
             return None
 
@@ -332,6 +339,7 @@ class Spending:
             reload=reload,
             version=read.version,
             handed=handed or None,
+            record=record,
         )
 
 
@@ -349,8 +357,10 @@ class RunBudget:
         reload: Callable[[], Awaitable[tuple[Applicable, ...]]],
         version: int,
         handed: Handed | None = None,
+        record: Record | None = None,
     ) -> None:
         self._spending = spending
+        self._record = record
         #: The workspace's budget version ``budgets`` were read at (``Spending.version``).
         self._version = version
         #: The budgets that apply now (a paused run reads them again: a cap may have changed).
@@ -504,11 +514,20 @@ class RunBudget:
         if kept is None:
             return
         actual = Amount(cost_micros, input_tokens, output_tokens)
+        if kept.windows:
+            try:
+                settled = await self._ledger.settle(kept, actual, record=self._record)
+            except BaseException:
+                self._holds[hold] = kept  # released when the run ends
+                raise
+            if settled.refused:
+                # Another instance took the run over: its charges are that one's now.
+                self._holds[hold] = kept
+                raise RunInterrupted("another dispatcher instance took the run over")
         self.charged = self.charged + actual
         self._handed_settle(kept.amount, actual)
         if not kept.windows:
             return
-        settled = await self._ledger.settle(kept, actual)
         # What the hold kept beyond what was used is free again: runs paused here look.
         self._spending.wake(self._workspace_id)
         if settled.alerts:
@@ -865,6 +884,7 @@ async def _first(*waits: Coroutine[Any, Any, object], timeout_s: float) -> None:
     finally:
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Waited for, not awaited: awaiting a cancelled one raises CancelledError,
+        # and suppressing that would swallow a cancel of this task too (the run's
+        # CancelRun, issue 67), which then went on waiting at its cap.
+        await asyncio.wait(tasks)

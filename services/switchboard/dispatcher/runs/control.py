@@ -17,6 +17,7 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.peers import PeerPort, Via
 from switchboard.dispatcher.runs.execution import Execution
+from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.dispatcher.runs.live import MAX_REASON_CHARS, Common
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler
@@ -83,13 +84,9 @@ class Control:
         """Decide pending tool calls; ``via``: how the call came (see ``_owner``)."""
         found = names.match(names.RUN, request.name, "name")
         _check_approvals(request)
-        active = self._live.runs.get(request.name)
+        active = self._held(request.name)
         if active is None:
-            _, owner = await self._owner(found, via)
-            if owner is None:
-                raise FailedPrecondition("the run is not waiting for tool approvals")
-            # The owner holds the pending calls; it checks the decisions and the caller.
-            return await owner.peers.submit_tool_approvals(owner.address, via, request)
+            return await self._approvals_there(found, via, request)
         waiting = {
             pending.call.id: pending
             for pending in active.run.required_action.tool_calls
@@ -128,7 +125,9 @@ class Control:
                     self._scheduler.resumed(active.ticket)
             # Stored and shown before the run goes on: a restart keeps the
             # decisions, and watchers see who decided what.
-            await self._publishing.persist(active, "decisions")
+            if await self._publishing.persist(active, "decisions") is False:
+                active.retired = True  # taken over: its owner takes the decisions
+                return await self._approvals_there(found, via, request)
             runner = active.tools
             if runner is not None:
                 runner.decided()
@@ -146,12 +145,9 @@ class Control:
                 "the decision is invalid",
                 [FieldViolation("decision", "must be ALLOW_OVERDRAFT or FAIL")],
             )
-        active = self._live.runs.get(request.name)
+        active = self._held(request.name)
         if active is None:
-            _, owner = await self._owner(found, via)
-            if owner is None:
-                raise FailedPrecondition("the run is not waiting at a budget's cap")
-            return await owner.peers.resolve_budget_action(owner.address, via, request)
+            return await self._budget_action_there(found, via, request)
         run = active.run
         action = run.required_action
         if (
@@ -168,7 +164,9 @@ class Control:
             budget.decided_by = principal.user_name
             budget.decide_time.FromDatetime(names.now())
             # Stored and shown before the run goes on: watchers see who decided.
-            await self._publishing.persist(active, "decisions")
+            if await self._publishing.persist(active, "decisions") is False:
+                active.retired = True  # taken over: its owner takes the decision
+                return await self._budget_action_there(found, via, request)
             active.budget.decided()
         return self._live.current(run)
 
@@ -195,26 +193,52 @@ class Control:
                 "heard_through_sequence must not be negative",
                 [FieldViolation("heard_through_sequence", "must not be negative")],
             )
-        active = self._live.runs.get(name)
-        if active is None:
-            stored, owner = await self._owner(found, via)
-            if owner is None:
-                return stored.run
-            # The owner holds the run's task; it answers with the ended run.
-            return await owner.peers.cancel_run(
-                owner.address,
-                via,
-                pb.CancelRunRequest(
-                    name=name, reason=reason, heard_through_sequence=heard_through_sequence
-                ),
+        active = self._held(name)
+        if active is not None:
+            text = reason or "cancelled"
+            await self._execution.cancel(
+                active,
+                RunCancelled(f"{text} (by {principal.user_name})"),
+                heard_through=heard_through_sequence,
             )
-        text = reason or "cancelled"
-        await self._execution.cancel(
-            active,
-            RunCancelled(f"{text} (by {principal.user_name})"),
-            heard_through=heard_through_sequence,
+            if not active.retired:
+                return self._live.current(active.run)
+            # What this process held was an attempt another instance had taken
+            # over: the cancel ended only that; the run's owner ends the run.
+        stored, owner = await self._owner(found, via)
+        if owner is None:
+            return stored.run
+        # The owner holds the run's task; it answers with the ended run.
+        return await owner.peers.cancel_run(
+            owner.address,
+            via,
+            pb.CancelRunRequest(
+                name=name, reason=reason, heard_through_sequence=heard_through_sequence
+            ),
         )
-        return self._live.current(active.run)
+
+    def _held(self, name: str) -> Active | None:
+        """The run's attempt this process holds, unless another instance took the run
+        over from it (a call then goes to that owner)."""
+        active = self._live.runs.get(name)
+        return None if active is None or active.retired else active
+
+    async def _approvals_there(
+        self, found: re.Match[str], via: Via, request: pb.SubmitToolApprovalsRequest
+    ) -> pb.Run:
+        _, owner = await self._owner(found, via)
+        if owner is None:
+            raise FailedPrecondition("the run is not waiting for tool approvals")
+        # The owner holds the pending calls; it checks the decisions and the caller.
+        return await owner.peers.submit_tool_approvals(owner.address, via, request)
+
+    async def _budget_action_there(
+        self, found: re.Match[str], via: Via, request: pb.ResolveBudgetActionRequest
+    ) -> pb.Run:
+        _, owner = await self._owner(found, via)
+        if owner is None:
+            raise FailedPrecondition("the run is not waiting at a budget's cap")
+        return await owner.peers.resolve_budget_action(owner.address, via, request)
 
     async def owner_of(self, found: re.Match[str], via: Via) -> tuple[Stored, _Peer | None]:
         """``_owner``, for the other calls that act on a run where it runs (SteerRun)."""

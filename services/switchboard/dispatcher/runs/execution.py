@@ -29,6 +29,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
+from switchboard.dispatcher.budgets.ledger import Record
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import FileReader, HandleCall, Handler, HandlerFailure
 from switchboard.dispatcher.handlers.handed import Handed
@@ -38,7 +39,6 @@ from switchboard.dispatcher.llm.retrieval import (
     retrieval_options,
     search_memory_definition,
 )
-from switchboard.dispatcher.llm.usage import INT32_MAX
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
 from switchboard.dispatcher.runs.lifecycle import Active
@@ -54,8 +54,8 @@ from switchboard.dispatcher.runs.live import (
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.steerbook import SteerBook
-from switchboard.dispatcher.runs.store import TERMINAL
-from switchboard.dispatcher.tools.journal import Journal, add_usage
+from switchboard.dispatcher.runs.store import TERMINAL, Charged
+from switchboard.dispatcher.tools.journal import Journal, add_usage, cover
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
 from switchboard.dispatcher.voice.speaker import Speaker, Speech
@@ -206,7 +206,10 @@ class Execution:
             self._publishing.state_changed(active)
             output, result = await self._drive(active)
             run.output_message = output.name
-            run.usage.CopyFrom(result.usage)
+            # What its budgets were charged, every attempt's, is the run's usage at
+            # least: a model call charged before a crash, whose step the journal
+            # never got, was asked again and charged again.
+            run.usage.CopyFrom(_covered(result.usage, self._charged(active)))
             final = pb.RunUpdate()
             _show(final.result, result, output)
             self._publishing.emit(active, final, with_end=True)
@@ -254,22 +257,11 @@ class Execution:
                 await self._store_heard(active)
             await active.speaker.stop()
             active.speaker = None
-        budget, active.budget = active.budget, None
+        budget = active.budget
         if budget is not None:
             await asyncio.shield(budget.close())
-            charged = budget.charged
-            usage = active.run.usage
-            if active.run.state != pb.RUN_STATE_SUCCEEDED and (
-                charged.cost_micros > usage.cost_micros
-                or charged.input_tokens + charged.output_tokens
-                > usage.input_tokens + usage.output_tokens
-            ):
-                # No result carries what a failed or cancelled run spent: its charge
-                # does, so the run (and QueryUsage) says what its budgets were charged.
-                usage.input_tokens = min(charged.input_tokens, INT32_MAX)
-                usage.output_tokens = min(charged.output_tokens, INT32_MAX)
-                usage.cost_micros = charged.cost_micros
-                usage.estimated_cost_usd = charged.cost_micros / 1e6
+            active.charged = self._charged(active)
+            active.budget = None
 
     async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
         """Context, handler, answer: everything a run does under its deadline."""
@@ -354,6 +346,7 @@ class Execution:
                     active.principal.api_key_id,
                     _RunHost(self, active, clock),
                     _handed(active.job),
+                    record=self._charge(active),
                 )
             if active.job.speech.speak:
                 self._speak(active)
@@ -449,6 +442,8 @@ class Execution:
         backoff = Backoff(0.05, 2.0)
         began = time.monotonic()
         while True:
+            if active.retired:
+                return False  # another instance's now: it journals the run
             try:
                 async with active.persisting, asyncio.timeout(FINISH_TIMEOUT_S):
                     return await self._store.save_job(
@@ -700,7 +695,7 @@ class Execution:
         run QUEUED, run again as one that never started. Handlers that act
         outside the process wait for it (``_start_stored``).
         """
-        if not active.held:
+        if not active.held or active.retired:
             return
         started = pb.Run()
         started.CopyFrom(active.run)
@@ -717,13 +712,73 @@ class Execution:
             # Steers it did not take run as queued runs; its watchers hear so first.
             self._steers.target_ended(active)
         await self._started_saved(active)
+        if active.retired:
+            # Its new owner runs or ends it: nothing of this attempt is stored or shown.
+            self._let_go(active)
+            return
         if error is not None:
             run.error.CopyFrom(mapping.error_status(error))
         run.end_time.FromDatetime(names.now())
-        await self._publishing.persist(active, "end")
+        # No result carries what a failed or cancelled run spent: its charges do, so
+        # the run (and QueryUsage) says what its budgets were charged.
+        _covered(run.usage, self._charged(active))
+        if await self._publishing.persist(active, "end") is False:
+            active.retired = True  # another instance's: a call on it goes there
         self._feeds.close(active.feed)
-        self._live.runs.pop(run.name, None)
+        self._forget(active)
         self._ended(active, error)
+
+    def _forget(self, active: Active) -> None:
+        """``active`` leaves this process's live runs (if it still stands for its run)."""
+        if self._live.runs.get(active.run.name) is active:
+            del self._live.runs[active.run.name]
+
+    def _let_go(self, active: Active) -> None:
+        self._feeds.close(active.feed)
+        self._forget(active)
+        log.info("run given up to its new owner", extra={"run": active.run.name})
+
+    def _charged(self, active: Active) -> Charged:
+        """What the run's budgets were charged so far, every attempt's."""
+        budget = active.budget
+        if budget is None:
+            return active.charged
+        spent = budget.charged
+        return active.charged + Charged(spent.cost_micros, spent.input_tokens, spent.output_tokens)
+
+    def _charge(self, active: Active) -> Record:
+        """The run's record of each settlement of its budgets, in the settlement's
+        transaction (``RunStore.charging``): refused once another instance owns it."""
+        return self._store.charging(
+            active.run_id, self._limits.instance_id, given_up=lambda: active.retired
+        )
+
+    async def retire(self, actives: Sequence[Active]) -> None:
+        """Let go of runs another instance took over while this one held them (its
+        lease lapsed): none writes again (journal, charge, state), a queued one
+        leaves the queue and a running or paused one's task is cancelled, so its
+        slot and its conversation are free for this process's own runs. Returns
+        once their tasks ended, or after ``FINISH_TIMEOUT_S``."""
+        tasks = []
+        for active in actives:
+            active.retired = True
+            if active.ticket is not None and self._scheduler.withdraw(active.ticket):
+                active.ticket = None
+                self._publishing.release(active)
+                self._let_go(active)
+                continue
+            task = active.task
+            if task is None or task.done():
+                continue
+            if active.cancel_error is None:
+                active.cancel_error = RunInterrupted(
+                    "another dispatcher instance took the run over"
+                )
+            if active.started:
+                task.cancel()  # one not started yet sees its cancel_error first
+            tasks.append(task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=FINISH_TIMEOUT_S)
 
     def _started(self, active: Active) -> None:
         """Log and measure a run's start (its queue wait)."""
@@ -824,11 +879,13 @@ class Execution:
         self._publishing.release(active)
         await self._started_saved(active)
         self._feeds.close(active.feed)
-        self._live.runs.pop(active.run.name, None)
+        self._forget(active)
 
     # -- pausing for approvals (the runner's host) ---------------------------------------
 
     async def pause(self, active: Active) -> None:
+        if active.retired:
+            raise RunInterrupted("another dispatcher instance took the run over")
         await self._started_saved(active)
         active.to(pb.RUN_STATE_REQUIRES_ACTION)
         if active.ticket is not None:
@@ -836,6 +893,8 @@ class Execution:
         await self._publishing.persist(active, "pause", job=True)
 
     async def resume(self, active: Active) -> None:
+        if active.retired:
+            raise RunInterrupted("another dispatcher instance took the run over")
         active.to(pb.RUN_STATE_RUNNING)
         if active.ticket is not None:
             self._scheduler.resumed(active.ticket)
@@ -877,6 +936,11 @@ class Execution:
 
 async def _nothing() -> None:
     return None
+
+
+def _covered(usage: handler_pb2.Usage, charged: Charged) -> handler_pb2.Usage:
+    """``usage``, raised to at least what the run's budgets were ``charged``."""
+    return cover(usage, charged.cost_micros, charged.input_tokens, charged.output_tokens)
 
 
 def _ignore(_text: str) -> None:

@@ -48,6 +48,7 @@ from switchboard.dispatcher.budgets.spending import Read, RunBudget
 from switchboard.dispatcher.handlers.base import Handler
 from switchboard.dispatcher.runs.feed import Feed
 from switchboard.dispatcher.runs.scheduler import Ticket
+from switchboard.dispatcher.runs.store import Charged
 from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.runner import RunTools
 from switchboard.dispatcher.voice.speaker import Speaker
@@ -128,6 +129,13 @@ class Active:
     recovered: str = ""
     #: Its journal, while a handler outside the process runs it (``tools/journal.py``).
     journal: Journal | None = None
+    #: What its budgets were charged: every earlier attempt's settlements (stored
+    #: on its row, read when it was recovered), then this attempt's once its
+    #: budget is closed. What it reports covers it (``Execution``).
+    charged: Charged = field(default_factory=Charged)
+    #: Another instance took it over while this process held it (``Execution.retire``):
+    #: it writes nothing more and leaves this process.
+    retired: bool = False
 
     @property
     def conversation(self) -> str:

@@ -32,12 +32,13 @@ from switchboard.dispatcher.runs.live import (
     queued_again,
 )
 from switchboard.dispatcher.runs.publishing import Publishing
-from switchboard.dispatcher.runs.store import Stored
-from switchboard.dispatcher.tools.journal import unreadable
+from switchboard.dispatcher.runs.store import TERMINAL, Stored
+from switchboard.dispatcher.tools.journal import cover, unreadable
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names
 from switchboard.platform.errors import (
     HandlerFailed,
+    NotFound,
     RunInterrupted,
     RunNotResumable,
     SwitchboardError,
@@ -72,6 +73,7 @@ class Recovery:
         admit: Callable[[Active], None],
         metrics: Metrics | None,
         release_holds: Callable[[Sequence[str]], Awaitable[int]] | None = None,
+        retire: Callable[[Sequence[Active]], Awaitable[None]] | None = None,
     ) -> None:
         self._live = common.live
         self._store = common.store
@@ -85,6 +87,9 @@ class Recovery:
         self._metrics = metrics
         #: Releases the budget holds of runs (``budgets/ledger.py``); None: no budgets.
         self._release_holds = release_holds
+        #: Lets go of runs this process holds that another instance took over
+        #: (``Execution.retire``); None: nothing to let go of (tests of recovery alone).
+        self._retire = retire
         # Where other replicas reach this one (its lease says so); "" until known.
         self._address = ""
         self._leasing: asyncio.Task[None] | None = None
@@ -92,6 +97,9 @@ class Recovery:
         self._leased_since: float | None = None
         # Runs taken over or found at start that the database refused to recover yet.
         self._unrecovered: list[tuple[Stored, str]] = []
+        # The lease lapsed and the runs taken from this process meanwhile are not
+        # let go of yet: it takes no run over until they are.
+        self._lapsed = False
 
     async def start(self) -> None:
         await self._renew_lease()
@@ -115,9 +123,31 @@ class Recovery:
 
     async def _renew_lease(self) -> None:
         until = names.now() + dt.timedelta(seconds=self._limits.lease_s)
-        await self._store.renew_lease(self._limits.instance_id, until, self._address)
+        held = await self._store.renew_lease(self._limits.instance_id, until, self._address)
+        if not held:
+            self._lapsed = True
+        if self._lapsed:
+            await self._let_go_of_lost()
+            self._lapsed = False
         if self._leased_since is None:
             self._leased_since = time.monotonic()
+
+    async def _let_go_of_lost(self) -> None:
+        """The lease had lapsed: another instance may have taken over runs this
+        process still holds (queued, running or paused). Those are let go of
+        before anything else, so they neither write for their new owner's run
+        nor keep their slots and conversations here; and before this instance
+        takes any run over (``RunStore.take_over`` waits for a renewal)."""
+        held = {active.run_id: active for active in self._live.runs.values()}
+        if not held or self._retire is None:
+            return
+        lost = await self._store.foreign(list(held), self._limits.instance_id)
+        if lost:
+            log.warning(
+                "runs this instance held were taken over while its lease had lapsed",
+                extra={"count": len(lost)},
+            )
+            await self._retire([held[run_id] for run_id in sorted(lost)])
 
     async def _lease_loop(self) -> None:
         """Renew this instance's lease; take over the runs of instances whose lease expired."""
@@ -164,14 +194,26 @@ class Recovery:
     async def _recover(self, stored: Sequence[Stored], why: str) -> None:
         """Apply the recovery policy to ``stored`` (runs this instance now owns);
         a run the database refuses now is tried again by the lease loop."""
+        try:
+            await self._recover_now(stored, why)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - logged by log_failure
+            # They are this instance's now, whatever failed: none is left behind.
+            log_failure(log, "runs not recovered yet; retrying", exc)
+            waiting = {item.run.name for item, _ in self._unrecovered}
+            self._unrecovered.extend(
+                (item, why)
+                for item in stored
+                if item.run.name not in self._live.runs and item.run.name not in waiting
+            )
+
+    async def _recover_now(self, stored: Sequence[Stored], why: str) -> None:
+        stored = await self._without_stale(stored, why)
         if self._release_holds is not None:
             # What their last owner held for steps in flight went with it: the
             # steps run again (or the runs end) and reserve anew.
-            run_ids = [
-                item.run.name.rsplit("/", 1)[-1]
-                for item in stored
-                if item.run.name not in self._live.runs
-            ]
+            run_ids = [item.run.name.rsplit("/", 1)[-1] for item in stored]
             if run_ids:
                 try:
                     released = await self._release_holds(run_ids)
@@ -190,14 +232,58 @@ class Recovery:
         if stored:
             log.info("runs recovered", extra={"count": len(stored)})
 
+    async def _without_stale(self, stored: Sequence[Stored], why: str) -> list[Stored]:
+        """``stored``, with each run this process still holds an earlier attempt of
+        (it had it before another instance took it over, and the attempt has not
+        gone yet) read again once that attempt is let go of, or left for the
+        lease loop while it lingers: never skipped (it would stay unstarted)."""
+        fresh: list[Stored] = []
+        stale: dict[str, Active] = {}
+        for item in stored:
+            earlier = self._live.runs.get(item.run.name)
+            if earlier is None:
+                fresh.append(item)
+            else:
+                stale[item.run.name] = earlier
+        if not stale:
+            return fresh
+        if self._retire is not None:
+            await self._retire(list(stale.values()))
+        instance = self._limits.instance_id
+        for item in stored:
+            earlier = stale.get(item.run.name)
+            if earlier is None:
+                continue
+            if self._live.runs.get(item.run.name) is earlier:
+                log.warning("run not recovered yet; retrying", extra={"run": item.run.name})
+                self._unrecovered.append((item, why))
+                continue
+            # Read again: the attempt let go of may have stored more before it went.
+            run_id = item.run.name.rsplit("/", 1)[-1]
+            try:
+                again, owner = await self._store.get_with_owner(
+                    item.workspace_id, item.conversation_id, run_id
+                )
+            except NotFound:
+                continue  # purged with its conversation
+            except SwitchboardError:
+                log.warning("run not recovered yet; retrying", extra={"run": item.run.name})
+                self._unrecovered.append((item, why))
+                continue
+            if owner.instance == instance and again.run.state not in TERMINAL:
+                fresh.append(again)
+        return fresh
+
     async def _recover_one(self, item: Stored, why: str) -> None:
         if item.run.name in self._live.runs:
+            # Taken over by this process as it stood: the lease loop comes back to it.
+            self._unrecovered.append((item, why))
             return
         run = pb.Run()
         run.CopyFrom(item.run)  # a refused attempt is retried from what is stored
         # A new attempt, numbered after anything the last one may have shown.
         run.last_sequence = next_block(run.last_sequence)
-        item = Stored(run, item.job, item.workspace_id, item.conversation_id)
+        item = Stored(run, item.job, item.workspace_id, item.conversation_id, item.charged)
         if run.state == pb.RUN_STATE_RUNNING and self._limits.recovery == "fail":
             error = RunInterrupted(f"{why} while the run was running")
             await self._fail_unstarted(item, error, why=why, policy="fail")
@@ -257,6 +343,8 @@ class Recovery:
             # It continues from its journal (a paused one whatever the policy; one
             # queued again at a shutdown has one too).
             recovered=self._limits.recovery if self._limits.recovery != "fail" else "resume",
+            # What its earlier attempts were charged: what it reports covers it.
+            charged=item.charged,
         )
         if requeued:
             self._publishing.state_changed(active)  # the QUEUED update, at run.last_sequence
@@ -287,6 +375,9 @@ class Recovery:
         run.error.CopyFrom(mapping.error_status(error))
         run.end_time.FromDatetime(names.now())
         run.last_sequence += 1
+        # What its earlier attempts' budgets were charged is what it reports.
+        charged = item.charged
+        cover(run.usage, charged.cost_micros, charged.input_tokens, charged.output_tokens)
         event = mapping.run_event(item.workspace_id, item.conversation_id, mapping.snapshot(run))
         staged: Staged[bool] = Staged(self._bus.outbox, lambda saved: [event] if saved else [])
         run_id = run.name.rsplit("/", 1)[-1]

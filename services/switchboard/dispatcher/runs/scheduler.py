@@ -136,7 +136,7 @@ class Scheduler:
     def paused(self, ticket: Ticket) -> None:
         """A running ticket waits for a person: its slot goes to the next run, while its
         conversation stays busy (its later messages still wait for it)."""
-        if self._running.pop(ticket.run_id, None) is None:
+        if not _take(self._running, ticket):
             return
         self._paused[ticket.run_id] = ticket
         self._release_slot(ticket.workspace)
@@ -146,7 +146,7 @@ class Scheduler:
         """A paused ticket runs again. It takes its slot back even past the limits:
         it is already under way, and making it queue behind new runs would let a
         person's approval wait on strangers' work."""
-        if self._paused.pop(ticket.run_id, None) is None:
+        if not _take(self._paused, ticket):
             return
         self._running[ticket.run_id] = ticket
         ws = ticket.workspace
@@ -158,11 +158,11 @@ class Scheduler:
         Called when the run's task ends (``_start``): the scheduler watches
         its own slots, so execution never calls back up to give one back.
         """
-        if self._paused.pop(ticket.run_id, None) is not None:
+        if _take(self._paused, ticket):
             self._running_conversations.discard(ticket.conversation)
             self._pump()
             return
-        if self._running.pop(ticket.run_id, None) is None:
+        if not _take(self._running, ticket):
             return
         self._release_slot(ticket.workspace)
         self._running_conversations.discard(ticket.conversation)
@@ -230,3 +230,12 @@ class Scheduler:
         task = ticket.start(ticket)
         if task is not None:
             task.add_done_callback(lambda _task: self.finished(ticket))
+
+
+def _take(tickets: dict[str, Ticket], ticket: Ticket) -> bool:
+    """Remove ``ticket`` from ``tickets`` if it is the one held for its run (a later
+    attempt at the same run, recovered here, has a ticket of its own)."""
+    if tickets.get(ticket.run_id) is not ticket:
+        return False
+    del tickets[ticket.run_id]
+    return True

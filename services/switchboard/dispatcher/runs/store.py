@@ -54,6 +54,8 @@ from switchboard.platform.store.storage import (
 log = logging.getLogger("switchboard.dispatcher.runs.store")
 
 _T = TypeVar("_T")
+#: Run ids read in one statement.
+_BATCH: Final = 500
 #: The states of a run that has not ended (a paused one is active: it resumes).
 ACTIVE: Final = (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING, pb.RUN_STATE_REQUIRES_ACTION)
 #: The states a run ends in.
@@ -86,15 +88,14 @@ _RUN_COLUMNS: Final = (
     "api_key_id",
 )
 _INSERT_RUN: Final = Prepared(_RUNS.insert(), columns=_RUN_COLUMNS, name="runs.insert")
-#: Active runs of a conversation (the REJECT check); the states inline, not an
-#: expanding IN list, so it compiles once.
+#: A run that has not ended; the states inline, not an expanding IN list, so a
+#: statement with it compiles once.
+_IS_ACTIVE: Final = _RUNS.c.state.in_([literal_column(str(int(state))) for state in ACTIVE])
+#: Active runs of a conversation (the REJECT check).
 _BUSY: Final = Prepared(
     select(func.count())
     .select_from(_RUNS)
-    .where(
-        _RUNS.c.conversation_id == bindparam("conversation"),
-        _RUNS.c.state.in_([literal_column(str(int(state))) for state in ACTIVE]),
-    ),
+    .where(_RUNS.c.conversation_id == bindparam("conversation"), _IS_ACTIVE),
     name="runs.busy",
 )
 _STATE: Final[dict[str, BindParameter[object]]] = {
@@ -116,18 +117,22 @@ _USAGE: Final[dict[str, BindParameter[object]]] = {
 }
 
 
+#: Whom a write of a run is for: fenced by the owner (a run another instance took
+#: over is not overwritten) and never after its end (nothing follows a terminal
+#: state, whichever attempt of it writes late).
+_FENCE: Final = (_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"), _IS_ACTIVE)
+
+
 def _save(*, job: bool, end: bool) -> Update:
-    # Fenced by the owner: a run another instance took over is not overwritten.
     values: dict[str, object] = dict(_STATE)
     if job:
         values["job"] = bindparam("job")  # a run's tool steps, stored when it pauses
     if end:
         values.update(_USAGE)
-    return (
-        update(_RUNS)
-        .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
-        .values(values)
-    )
+    fence = _FENCE[:2]
+    # The same end again is the retry of a save whose answer was lost (it committed).
+    ended = _RUNS.c.state == bindparam("state")
+    return update(_RUNS).where(*fence, or_(_IS_ACTIVE, ended)).values(values)
 
 
 #: By (with the job, ended).
@@ -137,11 +142,46 @@ _SAVE_RUN: Final = {
     for end in (False, True)
 }
 _SAVE_JOB: Final = Prepared(
-    update(_RUNS)
-    .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
-    .values(job=bindparam("job")),
-    name="runs.save_job",
+    update(_RUNS).where(*_FENCE).values(job=bindparam("job")), name="runs.save_job"
 )
+#: A settlement's record on its run: while a run is active its usage columns add up
+#: what its budgets were charged (the run's end overwrites them with its usage, which
+#: covers them). Fenced like a save: a run another instance took over is not
+#: charged by this one.
+_CHARGE: Final = Prepared(
+    update(_RUNS)
+    .where(*_FENCE)
+    .values(
+        cost_micros=_RUNS.c.cost_micros + bindparam("cost"),
+        input_tokens=_RUNS.c.input_tokens + bindparam("input_tokens"),
+        output_tokens=_RUNS.c.output_tokens + bindparam("output_tokens"),
+    ),
+    name="runs.charge",
+)
+_LEASES: Final = table_of(DispatcherLeaseRow)
+#: A renewal of a lease that is still held: the common case is one statement.
+_RENEW: Final = Prepared(
+    update(_LEASES)
+    .where(_LEASES.c.instance == bindparam("i"), _LEASES.c.expires_at >= bindparam("at"))
+    .values(expires_at=bindparam("until"), address=bindparam("address")),
+    name="leases.renew",
+)
+
+
+@dataclass(frozen=True)
+class Charged:
+    """What a run's budgets were charged: its settlements' sum, kept on its row."""
+
+    cost_micros: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Charged) -> Charged:
+        return Charged(
+            self.cost_micros + other.cost_micros,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -152,6 +192,9 @@ class Stored:
     job: bytes
     workspace_id: str
     conversation_id: str
+    #: What its budgets were charged so far (an active run's settlements, every
+    #: attempt's); an ended run's usage columns.
+    charged: Charged = Charged()
 
 
 @dataclass(frozen=True)
@@ -253,7 +296,8 @@ class RunStore:
         other_job: tuple[str, bytes] | None = None,
     ) -> bool:
         """Persist the run's current state; False if ``owner`` no longer owns it
-        (taken over by another instance, or purged with its conversation).
+        (taken over by another instance, or purged with its conversation), or it
+        ended already (in another state: a late write of an attempt let go of).
 
         ``staged``: events written in the same transaction (its build gets the result).
         ``job``: the restart data too, when it changed (a pause stores the steps).
@@ -316,19 +360,66 @@ class RunStore:
 
         return await self._run(work, write=True)
 
-    async def renew_lease(self, instance: str, until: dt.datetime, address: str = "") -> None:
-        """Record that ``instance`` lives until ``until`` (its runs are not taken before)
-        and that other replicas reach it at ``address``."""
+    def charging(
+        self, run_id: str, owner: str, *, given_up: Callable[[], bool]
+    ) -> Callable[[Session, int, int, int], bool]:
+        """What records a settlement on run ``run_id`` inside the settlement's own
+        transaction (``Ledger.settle``): ``(session, cost, input, output)``, False
+        (the settlement must not count) once ``owner`` no longer owns the run, or
+        ``given_up()`` says its attempt let go of it."""
 
-        def work(db: Session) -> None:
-            lease = db.get(DispatcherLeaseRow, instance)
+        def charge(db: Session, cost: int, input_tokens: int, output_tokens: int) -> bool:
+            if given_up():
+                return False
+            values = {
+                "run": run_id,
+                "owner": owner,
+                "cost": cost,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+            }
+            return bool(_CHARGE.execute(db, values))
+
+        return charge
+
+    async def renew_lease(self, instance: str, until: dt.datetime, address: str = "") -> bool:
+        """Record that ``instance`` lives until ``until`` (its runs are not taken before)
+        and that other replicas reach it at ``address``.
+
+        False when the lease had lapsed (expired, or gone: another instance took its
+        runs over and dropped it): runs ``instance`` holds may be another's now.
+        """
+        at = now()
+        values = {"i": instance, "at": at, "until": until, "address": address}
+
+        def work(db: Session) -> bool:
+            if _RENEW.execute(db, values):
+                return True
+            lease = db.get(DispatcherLeaseRow, instance, with_for_update=True)
             if lease is None:
                 db.add(DispatcherLeaseRow(instance=instance, expires_at=until, address=address))
             else:
                 lease.expires_at = until
                 lease.address = address
+            return False
 
-        await self._run(work, write=True)
+        return await self._run(work, write=True)
+
+    async def foreign(self, run_ids: Sequence[str], instance: str) -> set[str]:
+        """The runs of ``run_ids`` that ``instance`` does not own (another instance
+        took them over, or they were purged)."""
+        found: set[str] = set()
+        for start in range(0, len(run_ids), _BATCH):
+            batch = list(run_ids[start : start + _BATCH])
+
+            def work(db: Session, batch: list[str] = batch) -> set[str]:
+                owned = db.scalars(
+                    select(RunRow.id).where(RunRow.id.in_(batch), RunRow.worker == instance)
+                )
+                return set(batch) - set(owned)
+
+            found |= await self._run(work, write=False)
+        return found
 
     async def expired_owners(self, instance: str) -> list[str]:
         """Instances other than ``instance`` whose lease has expired."""
@@ -350,12 +441,28 @@ class RunStore:
 
         Rows are locked (PostgreSQL; SQLite serializes writers), so when two
         instances reap the same one each run moves once. A lease renewed in
-        the meantime (the instance came back) keeps its runs.
+        the meantime (the instance came back) keeps its runs. Nothing moves
+        while ``instance``'s own lease has lapsed: runs it held may have been
+        taken from it, and it takes none back before its renewal has found
+        them and let go of them (``Recovery``), so no attempt it gave up can
+        write for a run it owns again.
         """
 
         def work(db: Session) -> list[Stored]:
-            lease = db.get(DispatcherLeaseRow, dead, with_for_update=True)
-            if lease is None or lease.expires_at >= now():
+            at = now()
+            # Both leases locked in one order: two instances reaping each other
+            # wait in turn instead of deadlocking.
+            leases = {
+                lease.instance: lease.expires_at
+                for lease in db.scalars(
+                    select(DispatcherLeaseRow)
+                    .where(DispatcherLeaseRow.instance.in_(sorted({instance, dead})))
+                    .order_by(DispatcherLeaseRow.instance)
+                    .with_for_update()
+                )
+            }
+            own, lease = leases.get(instance), leases.get(dead)
+            if own is None or own < at or lease is None or lease >= at:
                 return []
             rows = list(
                 db.scalars(
@@ -499,4 +606,10 @@ def _replayed(db: Session, resource: str | None) -> Stored | None:
 
 
 def _stored(row: RunRow) -> Stored:
-    return Stored(pb.Run.FromString(row.data), row.job, row.workspace_id, row.conversation_id)
+    return Stored(
+        pb.Run.FromString(row.data),
+        row.job,
+        row.workspace_id,
+        row.conversation_id,
+        Charged(row.cost_micros, row.input_tokens, row.output_tokens),
+    )

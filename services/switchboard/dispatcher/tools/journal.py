@@ -29,6 +29,8 @@ from switchboard.platform.errors import RunInterrupted
 JOURNAL_VERSION: Final = 1
 #: Formats it reads: 0 is a job stored before journals (its steps, nothing else).
 READABLE: Final = frozenset({0, JOURNAL_VERSION})
+#: Usage travels as int32 fields.
+_INT32_MAX: Final = 2**31 - 1
 
 
 def unreadable(job: job_pb2.RunJob) -> str:
@@ -48,13 +50,27 @@ def unreadable(job: job_pb2.RunJob) -> str:
 
 def add_usage(total: hpb.Usage, more: hpb.Usage) -> None:
     """Add ``more`` into ``total`` (which keeps its model label, if it has one)."""
-    total.input_tokens = min(total.input_tokens + more.input_tokens, 2**31 - 1)
-    total.output_tokens = min(total.output_tokens + more.output_tokens, 2**31 - 1)
+    total.input_tokens = min(total.input_tokens + more.input_tokens, _INT32_MAX)
+    total.output_tokens = min(total.output_tokens + more.output_tokens, _INT32_MAX)
     total.cost_micros += more.cost_micros
     total.estimated_cost_usd = total.cost_micros / 1e6
     total.estimated = total.estimated or more.estimated
     if more.model and not total.model:
         total.model = more.model
+
+
+def cover(usage: hpb.Usage, cost_micros: int, input_tokens: int, output_tokens: int) -> hpb.Usage:
+    """``usage``, raised to at least what the run's budgets were charged (each of
+    cost and tokens), and returned: a run reports every charge it made, its
+    earlier attempts' included, so what runs report sums to what their budgets
+    used. A charge the journal does not explain is a model call charged before
+    a crash and asked again after it (docs/dispatcher.md, "Durable runs")."""
+    if cost_micros > usage.cost_micros:
+        usage.cost_micros = cost_micros
+        usage.estimated_cost_usd = cost_micros / 1e6
+    usage.input_tokens = min(max(usage.input_tokens, input_tokens), _INT32_MAX)
+    usage.output_tokens = min(max(usage.output_tokens, output_tokens), _INT32_MAX)
+    return usage
 
 
 class Journal:
