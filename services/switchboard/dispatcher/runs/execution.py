@@ -753,12 +753,12 @@ class Execution:
             active.run_id, self._limits.instance_id, given_up=lambda: active.retired
         )
 
-    async def retire(self, actives: Sequence[Active]) -> None:
+    def retire(self, actives: Sequence[Active]) -> list[asyncio.Task[None]]:
         """Let go of runs another instance took over while this one held them (its
-        lease lapsed): none writes again (journal, charge, state), a queued one
-        leaves the queue and a running or paused one's task is cancelled, so its
-        slot and its conversation are free for this process's own runs. Returns
-        once their tasks ended, or after ``FINISH_TIMEOUT_S``."""
+        lease lapsed): none starts a write again (journal, charge, state), a queued
+        one leaves the queue and a running or paused one's task is cancelled, so
+        its slot and its conversation are free for this process's own runs.
+        Returns the tasks still ending (a write of theirs may be in flight)."""
         tasks = []
         for active in actives:
             active.retired = True
@@ -777,8 +777,7 @@ class Execution:
             if active.started:
                 task.cancel()  # one not started yet sees its cancel_error first
             tasks.append(task)
-        if tasks:
-            await asyncio.wait(tasks, timeout=FINISH_TIMEOUT_S)
+        return tasks
 
     def _started(self, active: Active) -> None:
         """Log and measure a run's start (its queue wait)."""

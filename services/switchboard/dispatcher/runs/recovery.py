@@ -73,7 +73,7 @@ class Recovery:
         admit: Callable[[Active], None],
         metrics: Metrics | None,
         release_holds: Callable[[Sequence[str]], Awaitable[int]] | None = None,
-        retire: Callable[[Sequence[Active]], Awaitable[None]] | None = None,
+        retire: Callable[[Sequence[Active]], list[asyncio.Task[None]]] | None = None,
     ) -> None:
         self._live = common.live
         self._store = common.store
@@ -100,6 +100,9 @@ class Recovery:
         # The lease lapsed and the runs taken from this process meanwhile are not
         # let go of yet: it takes no run over until they are.
         self._lapsed = False
+        # Tasks of attempts let go of that are still ending: no run is taken over
+        # while one may have a write in flight (it could be for a run coming back).
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self._renew_lease()
@@ -136,8 +139,9 @@ class Recovery:
         """The lease had lapsed: another instance may have taken over runs this
         process still holds (queued, running or paused). Those are let go of
         before anything else, so they neither write for their new owner's run
-        nor keep their slots and conversations here; and before this instance
-        takes any run over (``RunStore.take_over`` waits for a renewal)."""
+        nor keep their slots and conversations here; this instance takes no run
+        over until their tasks have ended (``RunStore.take_over`` refuses while
+        its lease has lapsed). Not awaited here: the renewals go on meanwhile."""
         held = {active.run_id: active for active in self._live.runs.values()}
         if not held or self._retire is None:
             return
@@ -147,7 +151,7 @@ class Recovery:
                 "runs this instance held were taken over while its lease had lapsed",
                 extra={"count": len(lost)},
             )
-            await self._retire([held[run_id] for run_id in sorted(lost)])
+            self._retiring.update(self._retire([held[run_id] for run_id in sorted(lost)]))
 
     async def _lease_loop(self) -> None:
         """Renew this instance's lease; take over the runs of instances whose lease expired."""
@@ -163,8 +167,11 @@ class Recovery:
                 # back from an outage, every live instance gets its turn to
                 # renew before anyone is judged dead.
                 leased_since = self._leased_since
-                if leased_since is not None and (
-                    time.monotonic() - leased_since >= self._limits.lease_s
+                self._retiring = {task for task in self._retiring if not task.done()}
+                if (
+                    leased_since is not None
+                    and time.monotonic() - leased_since >= self._limits.lease_s
+                    and not self._retiring
                 ):
                     await self._reap()
             except asyncio.CancelledError:
@@ -248,7 +255,9 @@ class Recovery:
         if not stale:
             return fresh
         if self._retire is not None:
-            await self._retire(list(stale.values()))
+            ending = self._retire(list(stale.values()))
+            if ending:
+                await asyncio.wait(ending, timeout=FINISH_TIMEOUT_S)
         instance = self._limits.instance_id
         for item in stored:
             earlier = stale.get(item.run.name)
