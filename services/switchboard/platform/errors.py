@@ -72,11 +72,9 @@ class SwitchboardError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
 
 
-class InvalidArgument(SwitchboardError):
-    """The request is malformed; lists every offending field."""
-
-    code = Code.INVALID_ARGUMENT
-    reason = "ERROR_REASON_INVALID_ARGUMENT"
+class FieldError(SwitchboardError):
+    """An error about fields of the request, which it names: its ``violations`` go out
+    as the status's ``BadRequest`` (InvalidArgument, OutOfRange)."""
 
     def __init__(
         self,
@@ -87,6 +85,13 @@ class InvalidArgument(SwitchboardError):
     ) -> None:
         super().__init__(message, metadata=metadata)
         self.violations = tuple(violations)
+
+
+class InvalidArgument(FieldError):
+    """The request is malformed; lists every offending field."""
+
+    code = Code.INVALID_ARGUMENT
+    reason = "ERROR_REASON_INVALID_ARGUMENT"
 
 
 class Violations:
@@ -317,23 +322,13 @@ class RunCancelled(SwitchboardError):
     reason = "ERROR_REASON_RUN_CANCELLED"
 
 
-class OutOfRange(SwitchboardError):
+class OutOfRange(FieldError):
     """A position or count past the end of what it reads (a download's ``read_offset``
     beyond the file's size): the request is well formed, the thing is shorter (AIP-193).
     Like InvalidArgument it names the field (``BadRequest``)."""
 
     code = Code.OUT_OF_RANGE
     reason = "ERROR_REASON_OUT_OF_RANGE"
-
-    def __init__(
-        self,
-        message: str,
-        violations: Sequence[FieldViolation] = (),
-        *,
-        metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message, metadata=metadata)
-        self.violations = tuple(violations)
 
 
 class CursorExpired(SwitchboardError):

@@ -23,9 +23,8 @@ from switchboard.platform.errors import (
     ERROR_DOMAIN,
     Code,
     DependencyUnavailable,
+    FieldError,
     FieldViolation,
-    InvalidArgument,
-    OutOfRange,
     QuotaExceeded,
     RateLimited,
     SwitchboardError,
@@ -120,7 +119,7 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str) -> SwitchboardError:
     message = status.message
     metadata = {k: v for k, v in info.metadata.items() if k != "request_id"}
     made: SwitchboardError
-    if issubclass(cls, InvalidArgument | OutOfRange):
+    if issubclass(cls, FieldError):
         made = cls(message, violations, metadata=metadata)
     elif issubclass(cls, RateLimited):
         made = cls(message, retry_after_s=retry_after_s or 1.0, metadata=metadata)

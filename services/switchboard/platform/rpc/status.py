@@ -12,8 +12,7 @@ from switchboard.platform.errors import (
     ERROR_DOMAIN,
     CircuitOpen,
     DependencyUnavailable,
-    InvalidArgument,
-    OutOfRange,
+    FieldError,
     QuotaExceeded,
     RateLimited,
     SwitchboardError,
@@ -57,7 +56,7 @@ def to_status_proto(error: SwitchboardError, request_id: str) -> status_pb2.Stat
             reason=error.foreign.reason, domain=error.foreign.domain, metadata=metadata
         )
         details.insert(0, _pack(foreign))
-    if isinstance(error, InvalidArgument | OutOfRange) and error.violations:
+    if isinstance(error, FieldError) and error.violations:
         details.append(
             _pack(
                 error_details_pb2.BadRequest(
