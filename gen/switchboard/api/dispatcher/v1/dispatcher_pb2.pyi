@@ -2378,7 +2378,7 @@ class UpdateAssistantRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `description`, `instructions`, `handler`,
         `model`, `tools`, `context_token_budget`, `max_tool_steps`,
-        `workspace_default`.
+        `workspace_default`, `voice`, `retrieval`.
         """
 
     def __init__(
@@ -3111,6 +3111,7 @@ class UsageRow(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     COST_MICROS_FIELD_NUMBER: _builtins.int
     BUDGET_LOWERED_RUNS_FIELD_NUMBER: _builtins.int
+    UNPRICED_RUNS_FIELD_NUMBER: _builtins.int
     day: _builtins.str
     """The day, `YYYY-MM-DD` (UTC), when grouped by day."""
     assistant: _builtins.str
@@ -3131,6 +3132,12 @@ class UsageRow(_message.Message):
     """Runs in the group with at least one model call made with `max_tokens`
     lowered to fit what was left of a budget (Usage.budget_lowered_calls).
     """
+    unpriced_runs: _builtins.int
+    """Runs in the group with at least one model call the price table does not
+    price (Usage.unpriced_calls): `cost_micros` leaves out what those calls
+    cost. `run_count` when nothing the group's runs did was priced; 0 when
+    all of it was, a model priced at 0 included.
+    """
     def __init__(
         self,
         *,
@@ -3143,10 +3150,11 @@ class UsageRow(_message.Message):
         output_tokens: _builtins.int = ...,
         cost_micros: _builtins.int = ...,
         budget_lowered_runs: _builtins.int = ...,
+        unpriced_runs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "assistant", b"assistant", "budget_lowered_runs", b"budget_lowered_runs", "cost_micros", b"cost_micros", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "run_count", b"run_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "assistant", b"assistant", "budget_lowered_runs", b"budget_lowered_runs", "cost_micros", b"cost_micros", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "run_count", b"run_count", "unpriced_runs", b"unpriced_runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

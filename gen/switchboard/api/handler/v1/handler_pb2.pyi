@@ -448,6 +448,7 @@ class Usage(_message.Message):
     COST_MICROS_FIELD_NUMBER: _builtins.int
     BUDGET_LOWERED_CALLS_FIELD_NUMBER: _builtins.int
     LOWEST_MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    UNPRICED_CALLS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """Tokens read (prompt)."""
     output_tokens: _builtins.int
@@ -472,6 +473,14 @@ class Usage(_message.Message):
     """The lowest `max_tokens` a budget left one of those calls; 0 if none was
     lowered.
     """
+    unpriced_calls: _builtins.int
+    """Model calls whose model the dispatcher's price table (SWITCHBOARD_LLM_PRICES)
+    does not price: their tokens are counted above, their cost is in neither
+    `cost_micros` nor `estimated_cost_usd`. A model priced at 0 is priced (a
+    free model: its calls cost 0 and are not counted here). Tool calls are
+    priced by their integration (0 is free) and never counted here. A remote
+    handler reports its own calls; 0 from one that does not count them.
+    """
     def __init__(
         self,
         *,
@@ -483,10 +492,11 @@ class Usage(_message.Message):
         cost_micros: _builtins.int = ...,
         budget_lowered_calls: _builtins.int = ...,
         lowest_max_tokens: _builtins.int = ...,
+        unpriced_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_lowered_calls", b"budget_lowered_calls", "cost_micros", b"cost_micros", "estimated", b"estimated", "estimated_cost_usd", b"estimated_cost_usd", "input_tokens", b"input_tokens", "lowest_max_tokens", b"lowest_max_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_lowered_calls", b"budget_lowered_calls", "cost_micros", b"cost_micros", "estimated", b"estimated", "estimated_cost_usd", b"estimated_cost_usd", "input_tokens", b"input_tokens", "lowest_max_tokens", b"lowest_max_tokens", "model", b"model", "output_tokens", b"output_tokens", "unpriced_calls", b"unpriced_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -527,7 +527,7 @@ class UpdateIntegrationRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
         `credential`, `disabled`, `event_types`, `call_price_micros`,
-        `tool_call_price_micros`.
+        `tool_call_price_micros`, `retry_safe`, `retry_safe_tools`.
         """
 
     def __init__(

@@ -4525,7 +4525,7 @@ type UpdateAssistantRequest struct {
 	Assistant *Assistant `protobuf:"bytes,1,opt,name=assistant,proto3" json:"assistant,omitempty"`
 	// Fields to change: `display_name`, `description`, `instructions`, `handler`,
 	// `model`, `tools`, `context_token_budget`, `max_tool_steps`,
-	// `workspace_default`.
+	// `workspace_default`, `voice`, `retrieval`.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -5930,8 +5930,13 @@ type UsageRow struct {
 	// Runs in the group with at least one model call made with `max_tokens`
 	// lowered to fit what was left of a budget (Usage.budget_lowered_calls).
 	BudgetLoweredRuns int64 `protobuf:"varint,9,opt,name=budget_lowered_runs,json=budgetLoweredRuns,proto3" json:"budget_lowered_runs,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Runs in the group with at least one model call the price table does not
+	// price (Usage.unpriced_calls): `cost_micros` leaves out what those calls
+	// cost. `run_count` when nothing the group's runs did was priced; 0 when
+	// all of it was, a model priced at 0 included.
+	UnpricedRuns  int64 `protobuf:"varint,10,opt,name=unpriced_runs,json=unpricedRuns,proto3" json:"unpriced_runs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UsageRow) Reset() {
@@ -6023,6 +6028,13 @@ func (x *UsageRow) GetCostMicros() int64 {
 func (x *UsageRow) GetBudgetLoweredRuns() int64 {
 	if x != nil {
 		return x.BudgetLoweredRuns
+	}
+	return 0
+}
+
+func (x *UsageRow) GetUnpricedRuns() int64 {
+	if x != nil {
+		return x.UnpricedRuns
 	}
 	return 0
 }
@@ -9024,7 +9036,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\bend_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x1b\n" +
 	"\tpage_size\x18\b \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\t \x01(\tR\tpageToken\"\x9f\x02\n" +
+	"page_token\x18\t \x01(\tR\tpageToken\"\xc4\x02\n" +
 	"\bUsageRow\x12\x10\n" +
 	"\x03day\x18\x01 \x01(\tR\x03day\x12\x1c\n" +
 	"\tassistant\x18\x02 \x01(\tR\tassistant\x12\x17\n" +
@@ -9035,7 +9047,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\routput_tokens\x18\a \x01(\x03R\foutputTokens\x12\x1f\n" +
 	"\vcost_micros\x18\b \x01(\x03R\n" +
 	"costMicros\x12.\n" +
-	"\x13budget_lowered_runs\x18\t \x01(\x03R\x11budgetLoweredRuns\"y\n" +
+	"\x13budget_lowered_runs\x18\t \x01(\x03R\x11budgetLoweredRuns\x12#\n" +
+	"\runpriced_runs\x18\n" +
+	" \x01(\x03R\funpricedRuns\"y\n" +
 	"\x12QueryUsageResponse\x12;\n" +
 	"\x04rows\x18\x01 \x03(\v2'.switchboard.api.dispatcher.v1.UsageRowR\x04rows\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x86\x01\n" +

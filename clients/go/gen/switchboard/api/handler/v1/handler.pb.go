@@ -805,8 +805,15 @@ type Usage struct {
 	// The lowest `max_tokens` a budget left one of those calls; 0 if none was
 	// lowered.
 	LowestMaxTokens int32 `protobuf:"varint,8,opt,name=lowest_max_tokens,json=lowestMaxTokens,proto3" json:"lowest_max_tokens,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Model calls whose model the dispatcher's price table (SWITCHBOARD_LLM_PRICES)
+	// does not price: their tokens are counted above, their cost is in neither
+	// `cost_micros` nor `estimated_cost_usd`. A model priced at 0 is priced (a
+	// free model: its calls cost 0 and are not counted here). Tool calls are
+	// priced by their integration (0 is free) and never counted here. A remote
+	// handler reports its own calls; 0 from one that does not count them.
+	UnpricedCalls int32 `protobuf:"varint,9,opt,name=unpriced_calls,json=unpricedCalls,proto3" json:"unpriced_calls,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Usage) Reset() {
@@ -891,6 +898,13 @@ func (x *Usage) GetBudgetLoweredCalls() int32 {
 func (x *Usage) GetLowestMaxTokens() int32 {
 	if x != nil {
 		return x.LowestMaxTokens
+	}
+	return 0
+}
+
+func (x *Usage) GetUnpricedCalls() int32 {
+	if x != nil {
+		return x.UnpricedCalls
 	}
 	return 0
 }
@@ -1468,7 +1482,7 @@ const file_switchboard_api_handler_v1_handler_proto_rawDesc = "" +
 	"\targuments\x18\x04 \x01(\v2\x17.google.protobuf.StructR\targuments\x12+\n" +
 	"\x11invalid_arguments\x18\x05 \x01(\tR\x10invalidArguments\x12+\n" +
 	"\x11requires_approval\x18\x06 \x01(\bR\x10requiresApproval\x12#\n" +
-	"\rfunction_name\x18\a \x01(\tR\ffunctionName\"\xb0\x02\n" +
+	"\rfunction_name\x18\a \x01(\tR\ffunctionName\"\xd7\x02\n" +
 	"\x05Usage\x12!\n" +
 	"\finput_tokens\x18\x01 \x01(\x05R\vinputTokens\x12#\n" +
 	"\routput_tokens\x18\x02 \x01(\x05R\foutputTokens\x12,\n" +
@@ -1478,7 +1492,8 @@ const file_switchboard_api_handler_v1_handler_proto_rawDesc = "" +
 	"\vcost_micros\x18\x06 \x01(\x03R\n" +
 	"costMicros\x120\n" +
 	"\x14budget_lowered_calls\x18\a \x01(\x05R\x12budgetLoweredCalls\x12*\n" +
-	"\x11lowest_max_tokens\x18\b \x01(\x05R\x0flowestMaxTokens\"\xab\x01\n" +
+	"\x11lowest_max_tokens\x18\b \x01(\x05R\x0flowestMaxTokens\x12%\n" +
+	"\x0eunpriced_calls\x18\t \x01(\x05R\runpricedCalls\"\xab\x01\n" +
 	"\fHandleResult\x12=\n" +
 	"\x05parts\x18\x01 \x03(\v2'.switchboard.api.context.v1.ContentPartR\x05parts\x127\n" +
 	"\x05usage\x18\x02 \x01(\v2!.switchboard.api.handler.v1.UsageR\x05usage\x12#\n" +

@@ -910,7 +910,7 @@ type UpdateIntegrationRequest struct {
 	Integration *Integration `protobuf:"bytes,1,opt,name=integration,proto3" json:"integration,omitempty"`
 	// Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
 	// `credential`, `disabled`, `event_types`, `call_price_micros`,
-	// `tool_call_price_micros`.
+	// `tool_call_price_micros`, `retry_safe`, `retry_safe_tools`.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

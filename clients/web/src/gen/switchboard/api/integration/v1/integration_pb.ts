@@ -419,7 +419,7 @@ export type UpdateIntegrationRequest = Message<"switchboard.api.integration.v1.U
   /**
    * Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
    * `credential`, `disabled`, `event_types`, `call_price_micros`,
-   * `tool_call_price_micros`.
+   * `tool_call_price_micros`, `retry_safe`, `retry_safe_tools`.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
