@@ -45,7 +45,8 @@ hash or staging name it does not hold. Adapters never raise request errors.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -175,3 +176,26 @@ class ReferencedCheck(Protocol):
     async def uploads(self, uploads: list[str]) -> set[str]:
         """Those of ``uploads`` that are live uploads."""
         ...
+
+
+async def settle(
+    being_collected: Callable[[], Awaitable[bool]],
+    landed: Callable[[], Awaitable[bool]],
+    land: Callable[[], Awaitable[None]],
+    *,
+    poll_s: tuple[float, float],
+) -> None:
+    """A publish's side of the collector's markers (see the module doc), once its blob
+    has landed: wait while ``being_collected()`` (a live collector's marker names the
+    blob), looking again after ``poll_s[0]`` seconds, twice that each time up to
+    ``poll_s[1]``; then, unless the blob has ``landed()`` (that collector deleted it),
+    ``land()`` it again and look again. Each adapter says how to look and to land."""
+    delay, longest = poll_s
+    while True:
+        if await being_collected():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, longest)
+            continue
+        if await landed():
+            return
+        await land()

@@ -51,6 +51,7 @@ from switchboard.context.files.blobs import (
     BlobUnavailable,
     Published,
     ReferencedCheck,
+    settle,
 )
 
 #: Largest piece read or hashed at once.
@@ -168,17 +169,14 @@ class DirectoryBlobStore:
 
     async def _settle(self, sha256: str, keep: Path) -> None:
         """After a publish landed: wait while a collector is at its blob, and land it
-        again if that collector deleted it (see the module doc)."""
-        delay, longest = _SETTLE_POLL_S
+        again from ``keep`` if that collector deleted it (``blobs.settle``)."""
         try:
-            while True:
-                if await self._io(functools.partial(self._collected_now, sha256, keep)):
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, longest)
-                    continue
-                if await self._io(self.path(sha256).is_file):
-                    return
-                await self._io(functools.partial(self._land, keep, sha256))
+            await settle(
+                lambda: self._io(functools.partial(self._collected_now, sha256, keep)),
+                lambda: self._io(self.path(sha256).is_file),
+                lambda: self._io(functools.partial(self._land, keep, sha256)),
+                poll_s=_SETTLE_POLL_S,
+            )
         finally:
             await asyncio.shield(self._io(functools.partial(keep.unlink, missing_ok=True)))
 

@@ -63,6 +63,7 @@ from switchboard.context.files.blobs import (
     BlobUnavailable,
     Published,
     ReferencedCheck,
+    settle,
 )
 from switchboard.context.settings import ContextSettings
 from switchboard.platform.config import ConfigError
@@ -636,17 +637,16 @@ class S3BlobStore:
 
     async def _settle(self, sha256: str, republish: Callable[[], Awaitable[None]]) -> None:
         """After a publish landed: wait while a collector is at its blob, and land it
-        again (``republish``) if that collector deleted it."""
-        delay, longest = _SETTLE_POLL_S
-        while True:
-            if await self._being_collected(sha256):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, longest)
-                continue
-            if await self._modified(sha256) is not None:
-                return
+        again (``republish``) if that collector deleted it (``blobs.settle``)."""
+
+        async def landed() -> bool:
+            return await self._modified(sha256) is not None
+
+        async def again() -> None:
             log.info("a blob was collected as it was published again; publishing it again")
             await republish()
+
+        await settle(partial(self._being_collected, sha256), landed, again, poll_s=_SETTLE_POLL_S)
 
     async def _collect_staging(self, referenced: ReferencedCheck, cutoff: float) -> int:
         # The listing is in key order, so an upload's chunks come together; an upload is
