@@ -34,7 +34,7 @@ from switchboard.dispatcher.handlers.handed import (
 )
 from switchboard.platform import names, structs
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
-from switchboard.platform.wording import counted
+from switchboard.platform.wording import counted, noun
 
 _ID: Final = names.ID
 TENANT: Final = re.compile(rf"({_ID})\.({_ID})")
@@ -572,7 +572,7 @@ def approval_request(run: pb.Run) -> a2a.Message:
             a2a.Part(
                 text=(
                     f"{counted(len(pending), 'tool call')} "
-                    f"{'waits' if len(pending) == 1 else 'wait'} for a person's decision. "
+                    f"{noun(len(pending), 'waits', 'wait')} for a person's decision. "
                     "Reply on this "
                     'task with a data part {"approvals": [{"tool_call_id": ..., "decision": '
                     '"approve" or "deny", "reason": ...}]}; a call with "outcome_unknown" '

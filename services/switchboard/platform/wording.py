@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def noun(count: int, singular: str, plural: str = "") -> str:
-    """``singular`` for one, else ``plural`` (``singular`` + "s" when not given)."""
+    """``singular`` for one, else ``plural`` (``singular`` + "s" when not given); a verb
+    that agrees with a count too: ``noun(n, "waits", "wait")``."""
     return singular if count == 1 else plural or f"{singular}s"
 
 

@@ -62,7 +62,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
-from switchboard.platform.wording import counted
+from switchboard.platform.wording import counted, noun
 
 log = logging.getLogger("switchboard.dispatcher.budgets")
 
@@ -107,7 +107,7 @@ def refusal(full: Sequence[Full], what: str, detail: str = "") -> BudgetExhauste
     ]
     resets = [f.reset for f in full if f.reset is not None]
     metadata = {"reset_time": rfc3339(min(resets))} if resets else {}
-    verb = "applies has" if len(full) == 1 else "apply have"
+    verb = noun(len(full), "applies has", "apply have")
     return BudgetExhausted(
         f"{what}: {counted(len(full), 'budget')} that {verb} no room left "
         f"({', '.join(f.budget.name for f in full)})" + (f"; {detail}" if detail else ""),

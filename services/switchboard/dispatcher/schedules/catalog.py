@@ -58,6 +58,7 @@ from switchboard.platform.store import pagination
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
+from switchboard.platform.wording import noun
 
 log = logging.getLogger("switchboard.dispatcher.schedules.catalog")
 
@@ -211,7 +212,7 @@ class Schedules:
             allowed = ", ".join("{{" + name + "}}" for name in PLACEHOLDERS)
             violations.add(
                 field,
-                f"names {'an unknown placeholder' if len(unknown) == 1 else 'unknown placeholders'}"
+                f"names {noun(len(unknown), 'an unknown placeholder', 'unknown placeholders')}"
                 f" {named}: a template may name {allowed}",
             )
         elif not render(template, _SAMPLE, display_name).strip():
