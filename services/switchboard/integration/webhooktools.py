@@ -46,7 +46,6 @@ import codecs
 import datetime as dt
 import json
 import logging
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -214,19 +213,7 @@ def _schema_problem(schema: Any) -> str:
         jsonbounds.check_value(schema)
     except JsonRejected as rejected:
         return f"is {rejected}"
-    if not _finite(schema):
-        return "holds a number that is not finite"
     return ""
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(item) for item in value.values())
-    if isinstance(value, list):
-        return all(_finite(item) for item in value)
-    return True
 
 
 def _path_problem(path: Any) -> str:
