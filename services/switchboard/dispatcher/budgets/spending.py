@@ -547,13 +547,7 @@ class RunBudget:
         handed = self.handed
         if handed is None:
             return {}
-        taken = self._handed_taken
-        spent = {
-            "cost_micros": taken.cost_micros,
-            "input_tokens": taken.input_tokens,
-            "output_tokens": taken.output_tokens,
-            "total_tokens": taken.input_tokens + taken.output_tokens,
-        }
+        spent = _asks(self._handed_taken)
         return {name: max(0, cap - spent[name]) for name, cap in handed.capped().items()}
 
     def _handed_holds(self, ask: Amount) -> bool:
@@ -745,7 +739,8 @@ class RunBudget:
 
 
 def _asks(ask: Amount) -> dict[str, int]:
-    """What ``ask`` takes of each cap (a total-token cap counts input and output)."""
+    """What ``ask`` takes (or has taken) of each cap (a total-token cap counts input and
+    output)."""
     return {
         "cost_micros": ask.cost_micros,
         "input_tokens": ask.input_tokens,
