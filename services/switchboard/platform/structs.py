@@ -50,12 +50,14 @@ def plain(value: struct_pb2.Value) -> object:
 
 def finite(message: _M) -> _M:
     """``message``, or a copy of it whose JSON values' numbers that are not finite are
-    ``null``: what protobuf's JSON mapping can write (it raises on them)."""
-    if not nonfinite_values(message):
-        return message
+    ``null``: what protobuf's JSON mapping can write (it raises on them). Asked for
+    when protobuf has refused (``message_dict``), so the copy is walked, once."""
     copy = type(message)()
     copy.CopyFrom(message)
-    for value in nonfinite_values(copy):
+    found = nonfinite_values(copy)
+    if not found:
+        return message
+    for value in found:
         value.null_value = struct_pb2.NULL_VALUE  # type: ignore[attr-defined]
     return copy
 
