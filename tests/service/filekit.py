@@ -26,8 +26,7 @@ def png(width: int = 2, height: int = 2) -> bytes:
 
 
 def pdf(text: str = "Quarterly revenue grew by 12 percent") -> bytes:
-    """A one-page PDF showing ``text`` (ASCII, no parentheses) in Helvetica,
-    with a correct cross-reference table."""
+    """A one-page PDF showing ``text`` (ASCII, no parentheses) in Helvetica."""
     stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
@@ -37,20 +36,7 @@ def pdf(text: str = "Quarterly revenue grew by 12 percent") -> bytes:
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
         b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
     ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    for offset in offsets:
-        out += b"%010d 00000 n \n" % offset
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1,
-        xref,
-    )
-    return bytes(out)
+    return _pdf_of(objects)
 
 
 def elf() -> bytes:
