@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from google.protobuf import field_mask_pb2
 from grpc import aio
 
@@ -27,6 +28,9 @@ from tests.service.integrationkit import hub_mesh
 
 #: Schedules a workspace may hold in these meshes.
 QUOTA = 3
+#: A day the tests' clocks start from: after today, so the mesh's own loop (on the real
+#: clock) never finds their schedules due.
+DAY = "2027-01-04T12:00:00+00:00"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,20 @@ async def desk_mesh(**overrides: Any) -> AsyncIterator[Desk]:
     async with hub_mesh(**values) as (server, channel):
         world = await ctx_world(server, context_stub(channel))
         yield Desk(server, channel, dispatcher_stub(channel), world)
+
+
+# A schedule test module's fixture, bound there as ``desk = desk_fixture`` (pytest
+# registers a module's fixture under the attribute's name).
+@pytest.fixture
+async def desk_fixture(database_url: str) -> AsyncIterator[Desk]:
+    """A desk on the test's database (``database_url``: SQLite, or PostgreSQL too)."""
+    async with desk_mesh(database_url=database_url) as made:
+        yield made
+
+
+def on(desk: Desk, clock: FakeClock) -> None:
+    """The catalog computes next fire times on ``clock`` too."""
+    desk.dispatcher.schedules.clock = clock
 
 
 def at(text: str) -> float:

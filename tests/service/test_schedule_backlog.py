@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,22 +13,24 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.schedules import firing as firing_module
 from tests.infra.clock import FakeClock
 from tests.service.contextkit import TIMEOUT_S
-from tests.service.schedulekit import Desk, at, create, cron, desk_mesh, every, firings, loop
+from tests.service.schedulekit import (
+    DAY,
+    Desk,
+    at,
+    create,
+    cron,
+    desk_fixture,
+    every,
+    firings,
+    loop,
+    on,
+)
 
 STARTED = pb.FIRING_OUTCOME_STARTED
 SKIPPED = pb.FIRING_OUTCOME_SKIPPED
-#: After today, so the mesh's own loop (on the real clock) never finds these due.
-DAY = "2027-01-04T12:00:00+00:00"
 
 
-@pytest.fixture
-async def desk(database_url: str) -> AsyncIterator[Desk]:
-    async with desk_mesh(database_url=database_url) as made:
-        yield made
-
-
-def on(desk: Desk, clock: FakeClock) -> None:
-    desk.dispatcher.schedules.clock = clock
+desk = desk_fixture
 
 
 def offsets(found: list[pb.ScheduleFiring]) -> list[tuple[float, int]]:

@@ -9,7 +9,7 @@ import asyncio
 import datetime as dt
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -29,26 +29,27 @@ from tests.infra.postgres import PostgresServer
 from tests.service.contextkit import TIMEOUT_S, struct
 from tests.service.dispatchkit import get_run
 from tests.service.eventkit import Subscriber, ws
-from tests.service.schedulekit import Desk, at, create, cron, desk_mesh, every, firings, loop
+from tests.service.schedulekit import (
+    DAY,
+    Desk,
+    at,
+    create,
+    cron,
+    desk_fixture,
+    desk_mesh,
+    every,
+    firings,
+    loop,
+    on,
+)
 
 FIRED = events_pb2.EVENT_TYPE_SCHEDULE_FIRED
 STARTED = pb.FIRING_OUTCOME_STARTED
 SKIPPED = pb.FIRING_OUTCOME_SKIPPED
 FAILED = pb.FIRING_OUTCOME_FAILED
-#: A day the test's clocks start from: after today, so the mesh's own loop (on the real
-#: clock) never finds these schedules due.
-DAY = "2027-01-04T12:00:00+00:00"
 
 
-@pytest.fixture
-async def desk(database_url: str) -> AsyncIterator[Desk]:
-    async with desk_mesh(database_url=database_url) as made:
-        yield made
-
-
-def on(desk: Desk, clock: FakeClock) -> None:
-    """The catalog computes next fire times on ``clock`` too."""
-    desk.dispatcher.schedules.clock = clock
+desk = desk_fixture
 
 
 def ticks(found: list[pb.ScheduleFiring]) -> list[tuple[str, int]]:

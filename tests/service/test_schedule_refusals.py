@@ -4,8 +4,6 @@ create and at update, naming it and the ones that do."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -13,15 +11,20 @@ from google.rpc import error_details_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.service.authkit import detail
 from tests.service.contextkit import refused
-from tests.service.schedulekit import Desk, create, cron, desk_mesh, get, listed, update
+from tests.service.schedulekit import (
+    Desk,
+    create,
+    cron,
+    desk_fixture,
+    get,
+    listed,
+    update,
+)
 
 CODE = grpc.StatusCode
 
 
-@pytest.fixture
-async def desk(database_url: str) -> AsyncIterator[Desk]:
-    async with desk_mesh(database_url=database_url) as made:
-        yield made
+desk = desk_fixture
 
 
 def described(error: grpc.aio.AioRpcError) -> dict[str, str]:

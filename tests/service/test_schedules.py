@@ -5,7 +5,6 @@ idempotent creates, authorization and SCHEDULE_CHANGED events."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -21,7 +20,7 @@ from tests.service.schedulekit import (
     Desk,
     create,
     cron,
-    desk_mesh,
+    desk_fixture,
     every,
     firings,
     get,
@@ -33,12 +32,7 @@ CODE = grpc.StatusCode
 CHANGED = events_pb2.EVENT_TYPE_SCHEDULE_CHANGED
 
 
-@pytest.fixture
-async def desk(database_url: str) -> AsyncIterator[Desk]:
-    # A poll long enough that the mesh's own loop fires nothing these tests create
-    # (their ticks are a minute or more away).
-    async with desk_mesh(database_url=database_url) as made:
-        yield made
+desk = desk_fixture
 
 
 async def conversations(d: Desk) -> list[str]:
