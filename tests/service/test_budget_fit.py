@@ -14,22 +14,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import update
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.context.tokencount import ApproxTokenCounter
 from switchboard.dispatcher.handlers.handed import HEADER
 from switchboard.dispatcher.llm.usage import Tally
-from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.store.models import BudgetRow
-from tests.conftest import built
 from tests.fakes.openai_server import FakeOpenAI, Received, Reply
 from tests.service.contextkit import TIMEOUT_S, World, create_conversation, ctx_world
 from tests.service.contextkit import Stub as CStub
 from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import finished, limited, reason_of, request
-from tests.service.test_budget_runs import add_budget, paused
+from tests.service.test_budget_runs import add_budget, change_budget, paused
 
 #: The server's ``max_tokens`` (SWITCHBOARD_LLM_MAX_OUTPUT_TOKENS's default).
 MAX_TOKENS = 1024
@@ -56,23 +52,6 @@ async def fitted(
 
 def tokens_cap(total: int) -> pb.Budget:
     return pb.Budget(display_name="Daily", period=pb.BUDGET_PERIOD_DAY, total_token_limit=total)
-
-
-async def set_total(server: SwitchboardServer, workspace: str, budget_id: str, total: int) -> None:
-    """Change a budget's total-token cap as UpdateBudget does, then the catalog's hook."""
-    workspace_id = workspace.removeprefix("workspaces/")
-    async with server.shared.database.sessions() as session:
-        row = await session.get(BudgetRow, (workspace_id, budget_id))
-        assert row is not None
-        budget = pb.Budget.FromString(row.data)
-        budget.total_token_limit = total
-        await session.execute(
-            update(BudgetRow)
-            .where(BudgetRow.workspace_id == workspace_id, BudgetRow.id == budget_id)
-            .values(data=budget.SerializeToString())
-        )
-        await session.commit()
-    built(server, Dispatcher).budgets_changed(workspace_id)
 
 
 def prompt_of(received: Received) -> int:
@@ -186,7 +165,7 @@ async def test_no_room_for_a_useful_answer_pauses_saying_what_the_call_needs() -
         # Room for the prompt and some answer, but less than a useful one.
         assert prompt + 1 <= 50 < prompt + LEAST
         # Raised a little: the call goes on with what fits then.
-        await set_total(server, world.name, "daily", 400)
+        await change_budget(server, world.name, "daily", total_token_limit=400)
         run = await finished(dstub, world.editor, sent.run.name)
         [asked] = fake.requests
 

@@ -108,12 +108,21 @@ async def add_budget(
 
 async def set_cap(server: SwitchboardServer, workspace: str, budget_id: str, cost: int) -> None:
     """Raise a budget's cost cap as UpdateBudget does, then the catalog's hook."""
+    await change_budget(server, workspace, budget_id, cost_limit_micros=cost)
+
+
+async def change_budget(
+    server: SwitchboardServer, workspace: str, budget_id: str, **limits: int
+) -> None:
+    """Set a budget's caps (``cost_limit_micros=...``, ``total_token_limit=...``) as
+    UpdateBudget does, then the catalog's hook."""
     workspace_id = workspace.removeprefix("workspaces/")
     async with server.shared.database.sessions() as session:
         row = await session.get(BudgetRow, (workspace_id, budget_id))
         assert row is not None
         budget = pb.Budget.FromString(row.data)
-        budget.cost_limit_micros = cost
+        for field, value in limits.items():
+            setattr(budget, field, value)
         await session.execute(
             update(BudgetRow)
             .where(BudgetRow.workspace_id == workspace_id, BudgetRow.id == budget_id)
