@@ -72,6 +72,23 @@ def reason(error: aio.AioRpcError) -> str:
     return str(info.reason)
 
 
+def error_infos(error: aio.AioRpcError) -> list[error_details_pb2.ErrorInfo]:
+    """Every ErrorInfo of the error's status, in order (another protocol's first where
+    its front door raised the error, then ours)."""
+    found = []
+    for item in rich_status(error).details:
+        if item.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            item.Unpack(info)
+            found.append(info)
+    return found
+
+
+def reasons(error: aio.AioRpcError) -> list[tuple[str, str]]:
+    """(domain, reason) of each ErrorInfo of the error's status, in order."""
+    return [(info.domain, info.reason) for info in error_infos(error)]
+
+
 def code_of(error: BaseException) -> grpc.StatusCode:
     assert isinstance(error, aio.AioRpcError), error
     return error.code()

@@ -35,15 +35,14 @@ from a2a.utils.errors import (
     VersionNotSupportedError,
 )
 from google.protobuf import json_format, struct_pb2
-from google.rpc import error_details_pb2
 from grpc import aio
-from grpc_status import rpc_status
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer
+from tests.service.authkit import reasons
 from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world, refused
 from tests.service.contextkit import violations as fields
 from tests.service.dispatchkit import careful_assistant, dispatcher_stub, script_two_echoes
@@ -428,7 +427,7 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
             ),
             CODE.INVALID_ARGUMENT,
         )
-        assert _reasons(deep)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
+        assert reasons(deep)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
         # A push config needs its url (tests/service/test_a2a_push.py has the rest).
         error = await refused(
             stub.CreateTaskPushNotificationConfig(
@@ -526,22 +525,10 @@ async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
             ),
             CODE.NOT_FOUND,
         )
-    assert _reasons(error) == [
+    assert reasons(error) == [
         ("a2a-protocol.org", "TASK_NOT_FOUND"),
         ("switchboard.dev", "ERROR_REASON_NOT_FOUND"),
     ]
-
-
-def _reasons(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(cast(grpc.Call, error))
-    assert status is not None
-    found = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            found.append((info.domain, info.reason))
-    return found
 
 
 def _cursor(event: a2a.StreamResponse) -> str:
@@ -895,7 +882,7 @@ async def test_list_tasks_spans_contexts_counts_pages_and_keeps_to_the_agent(
                 CODE.NOT_FOUND,
             )
             # A2A's reason, so that an HTTP+JSON client does not read "no such method".
-            assert _reasons(error)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
+            assert reasons(error)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
 
 
 async def test_every_error_names_what_the_a2a_caller_sent(agent: Agent) -> None:
@@ -951,9 +938,9 @@ async def test_every_error_names_what_the_a2a_caller_sent(agent: Agent) -> None:
             CODE.INVALID_ARGUMENT,
         )
         assert fields(mismatch) == ["message.context_id"]
-    assert _reasons(missing_context)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
-    assert _reasons(missing_agent)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
-    assert _reasons(missing_task)[0] == ("a2a-protocol.org", "TASK_NOT_FOUND")
+    assert reasons(missing_context)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
+    assert reasons(missing_agent)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
+    assert reasons(missing_task)[0] == ("a2a-protocol.org", "TASK_NOT_FOUND")
     assert "context nosuchcontext" in (missing_context.details() or "")
     assert f"agent {world.id}.nosuchagent" in (missing_agent.details() or "")
     for error in (reused, missing_context, missing_agent, missing_task, mismatch):

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator, Iterator
-from typing import cast
 
 import grpc
 import pytest
 from a2a.types import a2a_pb2 as a2a
 from google.rpc import error_details_pb2
 from grpc import aio
-from grpc_status import rpc_status
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.infra.httprecorder import Recorder, recording
 from tests.infra.httprecorder import Reply as HttpReply
+from tests.service.authkit import error_infos
 from tests.service.contextkit import TIMEOUT_S, context_stub, refused, rpc, violations
 from tests.service.dispatchkit import dispatcher_stub, send
 from tests.service.filekit import pdf, png
@@ -47,15 +46,7 @@ async def agent() -> AsyncIterator[Agent]:
 
 def infos(error: aio.AioRpcError) -> dict[str, error_details_pb2.ErrorInfo]:
     """The status's ErrorInfo details by domain (ours, and A2A's where it has one)."""
-    status = rpc_status.from_call(cast(grpc.Call, error))
-    assert status is not None
-    found = {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            found[info.domain] = info
-    return found
+    return {info.domain: info for info in error_infos(error)}
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
@@ -26,9 +26,7 @@ from a2a.types import a2a_pb2 as a2a
 from google.protobuf import message_factory, struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
 from grpc import aio
-from grpc_status import rpc_status
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
@@ -38,6 +36,7 @@ from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.mesh import COMPANIONS, SERVICES
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.access import rule_for
+from tests.service.authkit import reasons
 from tests.service.contextkit import (
     TIMEOUT_S,
     World,
@@ -373,16 +372,4 @@ async def test_an_a2a_caller_gets_invalid_params_in_its_own_terms(
         INVALID,
     )
     assert violations(error) == ["message.parts[1].data.rows[1]"]
-    assert _reasons(error)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
-
-
-def _reasons(error: aio.AioRpcError) -> list[tuple[str, str]]:
-    status = rpc_status.from_call(cast(grpc.Call, error))
-    assert status is not None
-    found = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            found.append((info.domain, info.reason))
-    return found
+    assert reasons(error)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
