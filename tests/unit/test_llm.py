@@ -149,9 +149,9 @@ async def test_streams_each_delta_then_one_result(primary: FakeOpenAI, make: Mak
     assert deltas == ["Hello", " brave", " new", " world"]
     assert [part.text for part in result.parts] == ["Hello brave new world"]
     assert result.finish_reason == "stop"
-    # The fake counts words plus 4 per message: "Hello?" is 1 + 4.
+    # The fake counts words plus 4 per message: "Hello?" is 1 + 4. No price table: unpriced.
     assert result.usage == handler_pb2.Usage(
-        input_tokens=5, output_tokens=4, model=f"primary/{MODEL}", estimated=False
+        input_tokens=5, output_tokens=4, model=f"primary/{MODEL}", estimated=False, unpriced_calls=1
     )
     [request] = primary.requests
     assert request.path == "/v1/chat/completions"
@@ -296,7 +296,7 @@ async def test_usage_is_estimated_when_the_provider_sends_none(
 
     # Three words of prompt plus 4 for the message's framing; three of answer.
     assert result.usage == handler_pb2.Usage(
-        input_tokens=7, output_tokens=3, model=f"primary/{MODEL}", estimated=True
+        input_tokens=7, output_tokens=3, model=f"primary/{MODEL}", estimated=True, unpriced_calls=1
     )
     assert primary.requests[0].body["stream_options"] == {"include_usage": True}
 

@@ -475,9 +475,13 @@ def with_usage(metadata: struct_pb2.Struct, run: pb.Run) -> None:
         pb.RUN_STATE_DEADLINE_EXCEEDED,
     )
     if ended and (usage.cost_micros or usage.input_tokens or usage.output_tokens):
-        metadata.update(
-            {USAGE_KEY: usage_value(usage.cost_micros, usage.input_tokens, usage.output_tokens)}
+        value: dict[str, int] = usage_value(
+            usage.cost_micros, usage.input_tokens, usage.output_tokens
         )
+        if usage.unpriced_calls:
+            # The caller's run says its cost leaves these out (Usage.unpriced_calls).
+            value["unpriced_calls"] = usage.unpriced_calls
+        metadata.update({USAGE_KEY: value})
 
 
 def cursor_text(cursor: Cursor) -> str:

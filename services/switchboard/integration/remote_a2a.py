@@ -464,7 +464,8 @@ def usage_of(metadata: Mapping[str, Any]) -> handler_pb2.Usage:
     """The usage an agent reported in an event's ``metadata``: its ``usage`` object,
     else the budget extension's ``usage`` (docs/a2a.md, "Budgets across hops"), with
     ``input_tokens``/``output_tokens`` (or ``prompt_tokens``/``completion_tokens``)
-    and ``cost_micros``; what is not a count in range is left out."""
+    and ``cost_micros`` (and a Switchboard agent's ``unpriced_calls``); what is not a
+    count in range is left out."""
     found = metadata.get(USAGE_KEY)
     if not isinstance(found, Mapping):
         extension = metadata.get(USAGE_EXTENSION)
@@ -479,6 +480,7 @@ def usage_of(metadata: Mapping[str, Any]) -> handler_pb2.Usage:
         ),
         cost_micros=cost,
         estimated_cost_usd=cost / 1e6,
+        unpriced_calls=_count(found.get("unpriced_calls"), _MAX_TOKENS),
     )
 
 

@@ -67,6 +67,7 @@ def usage_row(workspace_id: str, found: UsageSum) -> pb.UsageRow:
         output_tokens=found.output_tokens,
         cost_micros=found.cost_micros,
         budget_lowered_runs=found.budget_lowered_runs,
+        unpriced_runs=found.unpriced_runs,
     )
     assistant_id = keys.get("assistant", "")
     if assistant_id:

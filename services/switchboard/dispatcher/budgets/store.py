@@ -332,6 +332,8 @@ class UsageSum:
     cost_micros: int
     #: Runs with a model call made with ``max_tokens`` lowered to fit a budget.
     budget_lowered_runs: int = 0
+    #: Runs with a model call the price table has no price for.
+    unpriced_runs: int = 0
 
 
 class UsageStore:
@@ -357,6 +359,9 @@ class UsageStore:
                 func.coalesce(
                     func.sum(case((RunRow.budget_lowered_calls > 0, 1), else_=0)), 0
                 ).label("budget_lowered_runs"),
+                func.coalesce(func.sum(case((RunRow.unpriced_calls > 0, 1), else_=0)), 0).label(
+                    "unpriced_runs"
+                ),
             ).where(
                 RunRow.workspace_id == query.workspace_id,
                 # Ended runs only: an active run's day is "" and sorts before every date.
@@ -383,6 +388,7 @@ class UsageStore:
                     output_tokens=int(row.output_tokens),
                     cost_micros=int(row.cost_micros),
                     budget_lowered_runs=int(row.budget_lowered_runs),
+                    unpriced_runs=int(row.unpriced_runs),
                 )
                 for row in db.execute(statement)
                 # Ungrouped, no runs still make one row of zeros: no group, no row.

@@ -185,9 +185,10 @@ class LlmHandler:
             if provider is None:
                 raise RuntimeError("a model call ended without an answer or a failure")
             made = outcome.tool_calls()
+            price = self._config.price_of(provider)
             spent = usage.add(
                 reported=outcome.usage,
-                price=self._config.price_of(provider),
+                price=price,
                 messages=messages,
                 tools=extra.get("tools"),
                 text="".join(outcome.pieces),
@@ -204,6 +205,7 @@ class LlmHandler:
                         estimated_cost_usd=micros / 1e6,
                         model=provider.label,
                         estimated=outcome.usage is None,
+                        unpriced_calls=int(price is None),
                     ),
                     outcome.response_id,
                 )

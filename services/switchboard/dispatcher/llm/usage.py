@@ -4,7 +4,8 @@ A run's usage is the sum over every model call it makes (a run with tools asks
 the model several times). Each call counts what the provider reported in its
 usage chunk; when it reported nothing, the offline estimator counts what was
 sent and received instead, and the run's usage says it is an estimate. The
-price table turns tokens into US dollars.
+price table turns tokens into US dollars; a call of a model it has no price for
+is counted as unpriced (a model priced at 0 is priced: it is free).
 
 Pure: no I/O, no HTTP, so the counting can be checked without a provider.
 """
@@ -83,6 +84,9 @@ class Tally:
     #: Cost in micro-dollars, each call's rounded up (``Price.cost_micros``).
     cost_micros: int = 0
     estimated: bool = False
+    #: Calls of a model the price table has no price for: their cost is not in
+    #: ``cost_micros`` (``Usage.unpriced_calls``).
+    unpriced_calls: int = 0
 
     def add(
         self,
@@ -96,7 +100,8 @@ class Tally:
     ) -> tuple[int, int, int]:
         """Add one model call: the provider's ``reported`` usage, else an estimate
         of the ``messages`` and ``tools`` sent and the ``text`` and
-        ``(name, arguments)`` calls received. Returns the call's own
+        ``(name, arguments)`` calls received, priced at ``price`` (None: the table
+        has none, and the call is counted unpriced). Returns the call's own
         ``(input_tokens, output_tokens, cost_micros)`` (what its budget settles)."""
         if reported is not None:
             input_tokens, output_tokens = reported
@@ -108,7 +113,11 @@ class Tally:
             self.estimated = True
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
-        micros = price.cost_micros(input_tokens, output_tokens) if price is not None else 0
+        if price is None:
+            micros = 0
+            self.unpriced_calls += 1
+        else:
+            micros = price.cost_micros(input_tokens, output_tokens)
         self.cost_micros += micros
         return input_tokens, output_tokens, micros
 
@@ -128,6 +137,7 @@ class Tally:
             cost_micros=self.cost_micros,
             model=model,
             estimated=self.estimated,
+            unpriced_calls=min(self.unpriced_calls, INT32_MAX),
         )
 
     def _message_tokens(self, message: dict[str, Any]) -> int:

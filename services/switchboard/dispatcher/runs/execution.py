@@ -722,6 +722,9 @@ class Execution:
         # No result carries what a failed or cancelled run spent: its charges do, so
         # the run (and QueryUsage) says what its budgets were charged.
         _covered(run.usage, self._charged(active))
+        if active.journal is not None:
+            # Charges say nothing of prices: the journal counts the unpriced calls.
+            run.usage.unpriced_calls = max(run.usage.unpriced_calls, active.journal.unpriced_calls)
         if await self._publishing.persist(active, "end") is False:
             active.retired = True  # another instance's: a call on it goes there
         self._feeds.close(active.feed)

@@ -114,6 +114,7 @@ _USAGE: Final[dict[str, BindParameter[object]]] = {
     "cost_micros": bindparam("cost_micros"),
     "usage_day": bindparam("usage_day"),
     "budget_lowered_calls": bindparam("budget_lowered_calls"),
+    "unpriced_calls": bindparam("unpriced_calls"),
 }
 
 
@@ -587,6 +588,7 @@ def usage_values(run: pb.Run) -> dict[str, object]:
         "cost_micros": cost,
         "usage_day": ended.date().isoformat(),
         "budget_lowered_calls": usage.budget_lowered_calls,
+        "unpriced_calls": usage.unpriced_calls,
     }
 
 

@@ -55,6 +55,7 @@ def add_usage(total: hpb.Usage, more: hpb.Usage) -> None:
     total.cost_micros += more.cost_micros
     total.estimated_cost_usd = total.cost_micros / 1e6
     total.estimated = total.estimated or more.estimated
+    total.unpriced_calls = min(total.unpriced_calls + more.unpriced_calls, _INT32_MAX)
     if more.model and not total.model:
         total.model = more.model
 
@@ -103,6 +104,9 @@ class Journal:
         self.earlier = hpb.Usage()
         for record in job.step_records:
             add_usage(self.earlier, record.usage)
+        #: Model calls no price priced, earlier attempts' and this one's so far: what a
+        #: run that fails before its handler's result says (``Usage.unpriced_calls``).
+        self.unpriced_calls = self.earlier.unpriced_calls
         if job.journal_version == 0:
             # Written from now on in this format (older steps get empty records).
             job.journal_version = JOURNAL_VERSION
@@ -112,6 +116,7 @@ class Journal:
     def model_call(self, usage: hpb.Usage, response_id: str) -> None:
         """The handler completed a model call (``HandleCall.model_call``)."""
         self._model_call = (usage, response_id)
+        self.unpriced_calls += usage.unpriced_calls
 
     def take_model_call(self) -> tuple[hpb.Usage | None, str]:
         """The model call that made what is journaled next (None if none was told)."""

@@ -351,6 +351,9 @@ class RunRow(Base):
     # Its model calls made with ``max_tokens`` lowered to fit a budget
     # (``Usage.budget_lowered_calls``), stored with its end.
     budget_lowered_calls: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Its model calls the price table has no price for (``Usage.unpriced_calls``),
+    # stored with its end: QueryUsage counts the runs whose cost leaves some out.
+    unpriced_calls: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 #: Schema the migrations create outside the models (full-text search); the drift
