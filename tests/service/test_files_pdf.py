@@ -68,33 +68,15 @@ async def test_hostile_pdfs_fail_their_text_within_the_bounds(
         limits=FileLimits(extract_timeout_s=TIMEOUT_S, extract_memory_bytes=MEMORY),
     )
 
-    async def store(data: bytes, name: str) -> pb.File:
-        return await files.store_bytes(
-            world.editor.name,
-            world.workspace.name,
-            display_name=name,
-            media_type="application/pdf",
-            data=data,
-        )
-
     try:
         started = time.monotonic()
         # Both at once, with an ordinary PDF: two readers run side by side.
-        slow, greedy, fine = await asyncio.gather(
-            store(slow_pdf(), "slow.pdf"), store(greedy_pdf(), "greedy.pdf"), store(pdf(), "ok.pdf")
-        )
+        slow, greedy, fine = await store_hostile(files, world)
         took = time.monotonic() - started
         assert took < 10 * TIMEOUT_S, took
         for stored in (slow, greedy, fine):
             assert stored.kind == pb.FILE_KIND_DOCUMENT
-        got = {
-            name: (
-                await rpc(
-                    stub.GetFile, pb.GetFileRequest(name=name, view=pb.FILE_VIEW_FULL), world.viewer
-                )
-            ).file
-            for name in (slow.name, greedy.name, fine.name)
-        }
+        got = await shown(stub, world, slow, greedy, fine)
         assert got[slow.name].text_state == pb.FILE_TEXT_STATE_FAILED
         assert got[slow.name].text_error == "reading the PDF took longer than 2 s"
         assert got[greedy.name].text_state == pb.FILE_TEXT_STATE_FAILED
@@ -104,10 +86,41 @@ async def test_hostile_pdfs_fail_their_text_within_the_bounds(
         # The files are stored and readable whatever their text.
         assert await files.read_all(slow.name, limit=1 * MiB) == slow_pdf()
         # And the reader still reads the next PDF.
-        again = await store(pdf("Second line of text"), "again.pdf")
+        again = await store_pdf(files, world, pdf("Second line of text"), "again.pdf")
         assert again.text_state == pb.FILE_TEXT_STATE_READY
     finally:
         await files.close()
+
+
+async def store_pdf(files: Files, world: World, data: bytes, name: str) -> pb.File:
+    """``data`` stored through ``files`` as the world's editor's PDF ``name``."""
+    return await files.store_bytes(
+        world.editor.name,
+        world.workspace.name,
+        display_name=name,
+        media_type="application/pdf",
+        data=data,
+    )
+
+
+async def store_hostile(files: Files, world: World) -> tuple[pb.File, pb.File, pb.File]:
+    """The slow PDF, the greedy one and an ordinary one, stored at once: their readers
+    run side by side."""
+    slow, greedy, fine = await asyncio.gather(
+        store_pdf(files, world, slow_pdf(), "slow.pdf"),
+        store_pdf(files, world, greedy_pdf(), "greedy.pdf"),
+        store_pdf(files, world, pdf(), "ok.pdf"),
+    )
+    return slow, greedy, fine
+
+
+async def shown(stub: Stub, world: World, *stored: pb.File) -> dict[str, pb.File]:
+    """Each stored file as GetFile's full view shows it to the world's viewer, by name."""
+    found = {}
+    for each in stored:
+        request = pb.GetFileRequest(name=each.name, view=pb.FILE_VIEW_FULL)
+        found[each.name] = (await rpc(stub.GetFile, request, world.viewer)).file
+    return found
 
 
 def _helpers() -> list[int]:

@@ -4,16 +4,14 @@ its PDFs within them, and a hostile PDF's text fails saying the bound it met."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.domain import ContextDomain
 from tests.conftest import built, make_settings, started
-from tests.service.contextkit import context_stub, ctx_world, rpc
-from tests.service.filekit import greedy_pdf, pdf, slow_pdf
+from tests.service.contextkit import context_stub, ctx_world
+from tests.service.test_files_pdf import shown, store_hostile
 
 pytestmark = pytest.mark.asyncio
 
@@ -35,27 +33,9 @@ async def test_the_pdf_bounds_come_from_the_settings(monkeypatch: pytest.MonkeyP
             limits.extract_concurrency,
         ) == (2.0, 256 * MiB, 3)
 
-        async def store(data: bytes, name: str) -> pb.File:
-            return await files.store_bytes(
-                world.editor.name,
-                world.workspace.name,
-                display_name=name,
-                media_type="application/pdf",
-                data=data,
-            )
-
         # Three readers side by side: the fine PDF is not kept waiting behind the others.
-        slow, greedy, fine = await asyncio.gather(
-            store(slow_pdf(), "slow.pdf"), store(greedy_pdf(), "greedy.pdf"), store(pdf(), "ok.pdf")
-        )
-        got = {
-            name: (
-                await rpc(
-                    stub.GetFile, pb.GetFileRequest(name=name, view=pb.FILE_VIEW_FULL), world.viewer
-                )
-            ).file
-            for name in (slow.name, greedy.name, fine.name)
-        }
+        slow, greedy, fine = await store_hostile(files, world)
+        got = await shown(stub, world, slow, greedy, fine)
         assert got[slow.name].text_error == "reading the PDF took longer than 2 s"
         assert got[greedy.name].text_error == "reading the PDF needed more than 256 MiB of memory"
         assert got[fine.name].text_state == pb.FILE_TEXT_STATE_READY
