@@ -202,7 +202,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": "1",
             "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
             # Priced, so the run inspector has a cost to show.
-            "SWITCHBOARD_LLM_PRICES": '{"echo": {"input_per_mtok": 1000, "output_per_mtok": 2000}}',
+            # echo-free: a model priced at 0 (a free local one), priced, not "unpriced".
+            "SWITCHBOARD_LLM_PRICES": json.dumps(
+                {
+                    "echo": {"input_per_mtok": 1000, "output_per_mtok": 2000},
+                    "echo-free": {"input_per_mtok": 0, "output_per_mtok": 0},
+                }
+            ),
             # A schedule may tick every 2 s, so the Schedules page sees one fire.
             "SWITCHBOARD_SCHEDULES_MIN_INTERVAL_S": "1",
         }
@@ -2712,6 +2718,7 @@ USAGE_ROWS_JS: Final = """(s) => [...document.querySelectorAll(s)].map((row) => 
   day: row.dataset.day, assistant: row.dataset.assistant, model: row.dataset.model,
   runs: row.dataset.runs, input: row.dataset.inputTokens, output: row.dataset.outputTokens,
   cost: row.querySelector('[data-testid="usage-row-cost"]').textContent,
+  unpriced: row.dataset.unpricedRuns,
 }))"""
 
 
@@ -2721,8 +2728,10 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
     """A run of a model the price table does not have (the local model server's echo
     under another name): its card and its inspector say "unpriced", not "$0.0000", and the
     Budgets page, with nothing priced to chart, still shows its tokens by day, assistant
-    and model, as QueryUsage has them. After a priced run the table has both, the priced
-    one with its cost."""
+    and model, as QueryUsage has them. A run of a model priced at 0 (echo-free) costs
+    "$0.0000", not "unpriced": the server says which calls went unpriced
+    (``Usage.unpriced_calls``, ``UsageRow.unpriced_runs``). After a priced run the table
+    has all three, the priced one with its cost."""
     shots = artifacts_dir(tmp_path) / "budgets"
     shots.mkdir(parents=True, exist_ok=True)
     owner = server.register("unpriced")
@@ -2744,6 +2753,7 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
     unpriced = assistant(
         "thrifty", "Thrifty", model=handler_pb2.ModelSettings(model="echo-unpriced")
     )
+    free = assistant("gratis", "Gratis", model=handler_pb2.ModelSettings(model="echo-free"))
 
     def usage() -> list[dict[str, str]]:
         rows = server.dispatcher.QueryUsage(
@@ -2766,7 +2776,9 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
                 "runs": str(r.run_count),
                 "input": str(r.input_tokens),
                 "output": str(r.output_tokens),
-                "cost": f"${r.cost_micros / 1e6:.4f}" if r.cost_micros else "unpriced",
+                # Grouped by model, a row's runs are all unpriced or none.
+                "cost": "unpriced" if r.unpriced_runs else f"${r.cost_micros / 1e6:.4f}",
+                "unpriced": str(r.unpriced_runs),
             }
             for r in rows
         ]
@@ -2783,7 +2795,7 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
         run_state(browser, run, "RUN_STATE_SUCCEEDED")
         stored = server.run(owner, run).usage
         assert stored.output_tokens > 0
-        assert (stored.cost_micros, stored.estimated_cost_usd) == (0, 0)
+        assert (stored.cost_micros, stored.estimated_cost_usd, stored.unpriced_calls) == (0, 0, 1)
         card_usage = browser.wait(
             "(s) => { const t = document.querySelector(s)?.textContent ?? '';"
             " return t.includes('tokens') && t; }",
@@ -2805,6 +2817,39 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
         assert raw_text(browser) == []
         browser.shots(shots / "unpriced.png")
 
+        # A model priced at 0: it cost nothing, and that is its price, not "unpriced".
+        open_conversation(browser, workspace, conversation)
+        browser.select(tid("assistant-select"), free)
+        run = send(browser, "words priced at nothing")
+        run_state(browser, run, "RUN_STATE_SUCCEEDED")
+        stored = server.run(owner, run).usage
+        assert stored.output_tokens > 0
+        assert (stored.cost_micros, stored.unpriced_calls) == (0, 0)
+        card_usage = browser.wait(
+            "(s) => { const t = document.querySelector(s)?.textContent ?? '';"
+            " return t.includes('tokens') && t; }",
+            f"{tid('run', run=run)} {tid('run-usage')}",
+        )
+        assert card_usage.endswith("$0.0000"), card_usage
+        assert "unpriced" not in card_usage, card_usage
+        [entry] = [e for e in timeline(browser, run) if e.get("kind") == "usage"]
+        assert "$0.000000" in entry["text"], entry
+        assert "unpriced" not in entry["text"], entry
+        browser.click(tid("open-budgets"))
+        browser.wait("(s) => document.querySelectorAll(s).length === 2", tid("usage-row"))
+        expected = usage()
+        assert sorted((r["assistant"], r["cost"]) for r in expected) == sorted(
+            [(unpriced, "unpriced"), (free, "$0.0000")]
+        )
+        assert shown_rows(browser) == sorted(
+            expected, key=lambda r: (r["day"], r["assistant"], r["model"])
+        )
+        # Still nothing to chart, and the page says which runs had no price.
+        empty = browser.eval("(s) => document.querySelector(s).textContent", tid("usage-empty"))
+        assert empty.startswith("2 runs, none with a cost: 1 used a model with no price"), empty
+        assert raw_text(browser) == []
+        browser.shots(shots / "free.png")
+
         # A priced run beside it: the chart, and both in the table.
         open_conversation(browser, workspace, conversation)
         browser.select(tid("assistant-select"), priced)
@@ -2812,9 +2857,12 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
         run_state(browser, run, "RUN_STATE_SUCCEEDED")
         browser.click(tid("open-budgets"))
         browser.wait_visible(tid("usage-chart"))
-        browser.wait("(s) => document.querySelectorAll(s).length === 2", tid("usage-row"))
+        browser.wait("(s) => document.querySelectorAll(s).length === 3", tid("usage-row"))
         expected = usage()
-        assert sorted(r["assistant"] for r in expected) == sorted([priced, unpriced])
+        assert sorted(r["assistant"] for r in expected) == sorted([priced, unpriced, free])
+        # The total under the chart says one run's cost leaves its calls out.
+        total = browser.eval("(s) => document.querySelector(s).textContent", tid("usage-total"))
+        assert "(3 runs, 1 of them with unpriced model calls)" in total, total
         assert shown_rows(browser) == sorted(
             expected, key=lambda r: (r["day"], r["assistant"], r["model"])
         )

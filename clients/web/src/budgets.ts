@@ -18,7 +18,7 @@ import {
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { idAttributes, idRule } from "./ids";
-import { money, periodLabel } from "./labels";
+import { counted, money, periodLabel, rowCost } from "./labels";
 import { calendarDay } from "./moments";
 import type { Names } from "./names";
 import type { Page } from "./page";
@@ -272,15 +272,20 @@ export class Budgets {
     const ranked = [...totals.entries()].filter(([, c]) => c > 0n).sort((a, b) => (b[1] > a[1] ? 1 : b[1] < a[1] ? -1 : 0));
     const total = ranked.reduce((sum, [, c]) => sum + c, 0n);
     const runs = rows.reduce((sum, r) => sum + r.runCount, 0n);
+    const unpriced = rows.reduce((sum, r) => sum + r.unpricedRuns, 0n);
     if (total === 0n) {
       fill(
         this.chart,
         h(
           "p",
-          { class: "muted", "data-testid": "usage-empty" },
-          runs > 0n
-            ? `${runs} ${runs === 1n ? "run" : "runs"}, nothing priced: the models used have no price in the server's price table. Their tokens are below.`
-            : "No spend yet: the runs of the last 30 days cost nothing, or there were none.",
+          { class: "muted", "data-testid": "usage-empty", "data-unpriced-runs": String(unpriced) },
+          runs === 0n
+            ? "No spend yet: the runs of the last 30 days cost nothing, or there were none."
+            : unpriced === runs
+              ? `${counted(runs, "run")}, nothing priced: the models used have no price in the server's price table. Their tokens are below.`
+              : unpriced > 0n
+                ? `${counted(runs, "run")}, none with a cost: ${unpriced} used a model with no price in the server's price table. Their tokens are below.`
+                : `${counted(runs, "run")}, which cost nothing at the server's prices (their models are free in its price table, or they used none). Their tokens are below.`,
         ),
       );
       return;
@@ -377,15 +382,16 @@ export class Budgets {
       legend,
       h(
         "p",
-        { class: "muted", "data-testid": "usage-total", "data-today-micros": String(today) },
-        `${money(total)} in ${DAYS} days (${runs} ${runs === 1n ? "run" : "runs"}), ${money(today)} today (days in UTC).`,
+        { class: "muted", "data-testid": "usage-total", "data-today-micros": String(today), "data-unpriced-runs": String(unpriced) },
+        `${money(total)} in ${DAYS} days (${counted(runs, "run")}${unpriced > 0n ? `, ${unpriced} of them with unpriced model calls` : ""}), ${money(today)} today (days in UTC).`,
       ),
     );
   }
 
   /** What the runs used, a row per day, assistant and model (newest day first): tokens
-   *  whether or not a price table prices them, and the cost, or "unpriced" for tokens
-   *  nothing priced (the model has no price in the server's price table). */
+   *  whether or not a price table prices them, and the cost, or "unpriced" for runs whose
+   *  model has no price in the server's price table (`UsageRow.unpriced_runs`; a model
+   *  priced at 0 costs "$0.0000"). */
   private renderTokens(rows: UsageRow[]): void {
     const used = rows.filter((r) => r.runCount > 0n || r.inputTokens > 0n || r.outputTokens > 0n);
     if (used.length === 0) {
@@ -409,7 +415,7 @@ export class Budgets {
           "tbody",
           {},
           ...shown.map((r, i) => {
-            const unpriced = r.costMicros === 0n && (r.inputTokens > 0n || r.outputTokens > 0n);
+            const unpriced = r.unpricedRuns > 0n;
             return h(
               "tr",
               {
@@ -422,6 +428,7 @@ export class Budgets {
                 "data-output-tokens": String(r.outputTokens),
                 "data-cost-micros": String(r.costMicros),
                 "data-budget-lowered-runs": String(r.budgetLoweredRuns),
+                "data-unpriced-runs": String(r.unpricedRuns),
                 class: i > 0 && shown[i - 1]?.day === r.day ? "same-day" : undefined,
               },
               // A day's rows after its first leave its date blank: the table reads by day.
@@ -445,8 +452,12 @@ export class Budgets {
               h("td", { class: "n" }, count(r.outputTokens)),
               h(
                 "td",
-                { class: unpriced ? "n unpriced" : "n", "data-testid": "usage-row-cost", title: unpriced ? "No price in the server's price table for this model" : undefined },
-                unpriced ? "unpriced" : money(r.costMicros),
+                {
+                  class: unpriced ? "n unpriced" : "n",
+                  "data-testid": "usage-row-cost",
+                  title: unpriced ? `${counted(r.unpricedRuns, "run")} used a model with no price in the server's price table: the cost leaves their calls out` : undefined,
+                },
+                rowCost(r.costMicros, r.runCount, r.unpricedRuns),
               ),
             );
           }),

@@ -253,15 +253,33 @@ export function money(micros: bigint | number): string {
   return `$${units.toFixed(Math.abs(units) >= 100 ? 2 : 4)}`;
 }
 
-/** Whether a run's usage went unpriced: tokens used, and nothing priced them (its model
- *  has no price in the server's price table), so its cost is unknown rather than nothing. */
+/** Whether some of a run's model calls went unpriced: the server counts the calls of a
+ *  model its price table has no price for (`Usage.unpriced_calls`), whose cost is unknown
+ *  rather than nothing. A model priced at 0 is priced: its runs cost "$0.0000". */
 export function unpriced(usage: Usage): boolean {
-  return usage.estimatedCostUsd === 0 && usage.costMicros === 0n && (usage.inputTokens > 0 || usage.outputTokens > 0);
+  return usage.unpricedCalls > 0;
 }
 
-/** A run's cost in dollars to `digits` places, or "unpriced" (above). */
+/** "N runs" / "1 run" (any counted noun with a plain plural). */
+export function counted(n: bigint | number, noun: string): string {
+  return `${n.toLocaleString("en")} ${n === 1n || n === 1 ? noun : `${noun}s`}`;
+}
+
+/** A run's cost in dollars to `digits` places; "unpriced" when its calls were unpriced and
+ *  nothing it did had a cost, else the known cost and what it leaves out ("$0.0070 + 2
+ *  unpriced calls": a priced tool beside an unpriced model). */
 export function usageCost(usage: Usage, digits: number): string {
-  return unpriced(usage) ? "unpriced" : `$${usage.estimatedCostUsd.toFixed(digits)}`;
+  const cost = `$${usage.estimatedCostUsd.toFixed(digits)}`;
+  if (!unpriced(usage)) return cost;
+  return usage.costMicros === 0n ? "unpriced" : `${cost} + ${counted(usage.unpricedCalls, "unpriced call")}`;
+}
+
+/** A usage row's cost: money, "unpriced" when every run of the row had unpriced calls and
+ *  nothing cost anything, else the known cost and the runs it leaves out. */
+export function rowCost(costMicros: bigint, runs: bigint, unpricedRuns: bigint): string {
+  if (unpricedRuns === 0n) return money(costMicros);
+  if (costMicros === 0n && unpricedRuns === runs) return "unpriced";
+  return `${money(costMicros)} + ${counted(unpricedRuns, "unpriced run")}`;
 }
 
 /** How a budget limited a run's answers: its model calls made with max_tokens lowered to

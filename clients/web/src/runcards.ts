@@ -10,7 +10,7 @@ import { fill, formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
 import { BudgetDecision, type PendingToolCall, type Run, RunState, SteerState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
-import { decisionLabel, limitedLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost } from "./labels";
+import { counted, decisionLabel, limitedLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
 import { type Landing, type RunListener, RunView, type TimelineEntry, forgetRuns, stateName, steerStateName } from "./runs";
@@ -432,12 +432,13 @@ export class RunCards {
     const usageLine = card.querySelector<HTMLElement>('[data-testid="run-usage"]');
     if (usageLine && usage) {
       usageLine.textContent = `· ${usage.inputTokens + usage.outputTokens} tokens · ${usageCost(usage, 4)}${usage.budgetLoweredCalls ? ` · ${limitedLabel(usage)}` : ""}`;
-      usageLine.title = unpriced(usage) ? "No price in the server's price table for this model" : "";
+      usageLine.title = unpriced(usage) ? `${counted(usage.unpricedCalls, "model call")} of a model with no price in the server's price table: the cost leaves them out` : "";
       Object.assign(usageLine.dataset, {
         inputTokens: String(usage.inputTokens),
         outputTokens: String(usage.outputTokens),
         costUsd: String(usage.estimatedCostUsd),
         priced: String(!unpriced(usage)),
+        unpricedCalls: String(usage.unpricedCalls),
         budgetLoweredCalls: String(usage.budgetLoweredCalls),
         lowestMaxTokens: String(usage.lowestMaxTokens),
       });
