@@ -891,7 +891,12 @@ class SemanticJobRow(Base):
     """
 
     __tablename__ = "semantic_jobs"
-    __table_args__ = (Index("ix_semantic_jobs_due", "not_before"),)
+    __table_args__ = (
+        Index("ix_semantic_jobs_due", "not_before"),
+        # A search by meaning counts its owner's waiting jobs (``IndexStore.pending``):
+        # without it one owner's backlog makes every owner's search scan the table.
+        Index("ix_semantic_jobs_owner", "owner"),
+    )
 
     # "memory", "message" or "document".
     source_kind: Mapped[str] = mapped_column(String(16), primary_key=True)
