@@ -24,7 +24,6 @@ is held.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Final
 
@@ -49,7 +48,7 @@ from tests.e2e.test_budget_faults import (
 )
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.service.contextkit import context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import dispatcher_stub, request
+from tests.service.dispatchkit import dispatcher_stub, eventually, request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -144,13 +143,6 @@ async def _let_writes_go(db: AsyncConnection, point: Point) -> None:
     await db.commit()
 
 
-async def _until(check: object, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + SETTLE_S
-    while not await check():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)  # polling the database, under a deadline
-
-
 @pytest.mark.parametrize("where", list(POINTS))
 async def test_a_crash_at_any_point_of_a_model_call_leaves_runs_and_budgets_agreeing(
     env: dict[str, str], database: AsyncEngine, where: str
@@ -178,7 +170,9 @@ async def test_a_crash_at_any_point_of_a_model_call_leaves_runs_and_budgets_agre
             name = sent.run.name
             runs.watch(stub, caller, name)
             # The replica's next write waits: everything before it committed.
-            await _until(lambda: _waiting_writes(database), f"the {where} write to wait")
+            await eventually(
+                lambda: _waiting_writes(database), f"the {where} write to wait", timeout_s=SETTLE_S
+            )
             before = await read_ledger(database, workspace)
             assert before.used == COST * point.charged_before_kill, before
             assert doomed.proc is not None

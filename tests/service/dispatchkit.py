@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeAlias
 
 from google.rpc import error_details_pb2
@@ -15,8 +16,11 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.dispatcher.service import Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.store.db import DatabaseUnavailable
 from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.service.contextkit import TIMEOUT_S, Caller, context_stub, struct
@@ -223,3 +227,58 @@ async def limited(
             yield server, context_stub(channel), dispatcher_stub(channel)
     finally:
         await server.shutdown(grace=0)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[object]], what: str, *, timeout_s: float = TIMEOUT_S
+) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)  # polling a condition with a deadline
+
+
+# -- replicas --------------------------------------------------------------------------------
+
+
+async def start_replicas(
+    tmp_path: Path, database_url: str, redis_url: str, **settings: Any
+) -> tuple[SwitchboardServer, SwitchboardServer]:
+    """Replicas ``replica-a`` and ``replica-b`` on one database and one Redis, signing
+    with one key, each with ``settings``, started; the caller shuts them down."""
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    servers = []
+    for instance in ("replica-a", "replica-b"):
+        server, _ = await create_server(
+            make_settings(
+                database_url=database_url,
+                redis_url=redis_url,
+                instance_id=instance,
+                signing_keys=(str(key_file),),
+                **settings,
+            )
+        )
+        await server.start()
+        servers.append(server)
+    return servers[0], servers[1]
+
+
+class Renewals:
+    """A replica's lease renewals, refused while ``paused`` (its process goes on): paused
+    for good, the replica is as good as dead to the others, which take its runs over."""
+
+    def __init__(self, server: SwitchboardServer) -> None:
+        dispatcher = server.shared.built(Dispatcher)
+        assert dispatcher is not None, "this process built no Dispatcher"
+        store = dispatcher._store
+        real = store.renew_lease
+        self.paused = False
+
+        async def renew(*args: Any, **kwargs: Any) -> Any:
+            if self.paused:
+                raise DatabaseUnavailable()
+            return await real(*args, **kwargs)
+
+        store.renew_lease = renew  # type: ignore[method-assign]

@@ -30,7 +30,6 @@ from switchboard.dispatcher.service import Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
-from switchboard.platform.store.db import DatabaseUnavailable
 from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, BudgetWindowRow
 from tests.conftest import built, fresh_database_url, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -45,16 +44,18 @@ from tests.service.contextkit import (
     tap,
 )
 from tests.service.contextkit import Stub as CStub
-from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import (
+    Renewals,
     dispatcher_stub,
     finished,
     limited,
     reason_of,
     request,
     send,
+    start_replicas,
     until,
 )
+from tests.service.dispatchkit import Stub as DStub
 
 #: Dollars per million tokens: 1 micro-dollar a prompt token, 2 an answer token.
 PRICES = {"m-1": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}
@@ -393,28 +394,18 @@ async def test_a_cost_cap_refuses_a_model_without_a_price() -> None:
 async def test_a_dead_replicas_holds_are_released_when_its_runs_are_taken_over(
     tmp_path: Path, postgres_url: str, redis_server: RedisServer
 ) -> None:
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
     gate = asyncio.Event()
     async with FakeOpenAI() as fake:
         fake.script(Reply.text("one two three", usage=(0, ANSWER), hold_after_chunks=1, hold=gate))
         fake.default = answer()
-        servers = []
-        for instance in ("replica-a", "replica-b"):
-            server, _ = await create_server(
-                make_settings(
-                    database_url=postgres_url,
-                    redis_url=redis_server.url,
-                    signing_keys=(str(key_file),),
-                    instance_id=instance,
-                    dispatcher_recovery="fail",
-                    dispatcher_lease_s=1.0,
-                    **_settings(fake),
-                )
-            )
-            await server.start()
-            servers.append(server)
-        a, b = servers
+        a, b = await start_replicas(
+            tmp_path,
+            postgres_url,
+            redis_server.url,
+            dispatcher_recovery="fail",
+            dispatcher_lease_s=1.0,
+            **_settings(fake),
+        )
         try:
             async with aio.insecure_channel(a.address) as on_a:
                 stub, dstub = context_stub(on_a), dispatcher_stub(on_a)
@@ -427,12 +418,8 @@ async def test_a_dead_replicas_holds_are_released_when_its_runs_are_taken_over(
                 assert await holds(a) == 1  # the model call in flight holds its worst case
                 ledger = Ledger(b.shared.database)
                 (budget,) = await ledger.applicable(_id(world.name))
-
-                async def refused(*_: Any, **__: Any) -> bool:
-                    raise DatabaseUnavailable()
-
                 # Replica a "dies": its lease lapses and b takes its run over.
-                built(a, Dispatcher)._store.renew_lease = refused  # type: ignore[method-assign]
+                Renewals(a).paused = True
                 async with aio.insecure_channel(b.address) as on_b:
                     run = await finished(dispatcher_stub(on_b), world.editor, sent.run.name)
                 assert run.state == pb.RUN_STATE_FAILED

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -36,7 +35,6 @@ from switchboard.mesh import create_server
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.events.eventlog import LocalLog, Logged
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.db import DatabaseUnavailable, Group
 from switchboard.platform.store.models import EventLogRow, EventOutboxRow, RunRow, UserRow
 from tests.conftest import built, make_settings
@@ -58,26 +56,19 @@ from tests.service.contextkit import (
     create_conversation,
     ctx_world,
 )
-from tests.service.dispatchkit import Stub as DispatcherStub
 from tests.service.dispatchkit import (
+    Renewals,
     dispatcher_stub,
+    eventually,
     get_run,
     limited,
     read_until,
     request,
     send,
+    start_replicas,
     watch_all,
 )
-
-DEADLINE_S = 20.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` until it holds; fail after DEADLINE_S."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)  # polling a condition with a deadline
+from tests.service.dispatchkit import Stub as DispatcherStub
 
 
 class RefusedOnce:
@@ -988,32 +979,9 @@ async def test_a_runs_result_is_written_with_its_end_so_a_lost_publish_loses_nei
 async def _replicas(
     tmp_path: Path, database_url: str, redis_url: str, recovery: str
 ) -> tuple[SwitchboardServer, SwitchboardServer]:
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
-    servers = []
-    for instance in ("replica-a", "replica-b"):
-        server, _ = await create_server(
-            make_settings(
-                database_url=database_url,
-                redis_url=redis_url,
-                instance_id=instance,
-                dispatcher_recovery=recovery,
-                dispatcher_lease_s=1.0,
-                signing_keys=(str(key_file),),
-            )
-        )
-        await server.start()
-        servers.append(server)
-    return servers[0], servers[1]
-
-
-def _silence(server: SwitchboardServer) -> None:
-    """The replica stops renewing its lease, as if it died (its runs keep going)."""
-
-    async def refused(*_: Any, **__: Any) -> bool:
-        raise DatabaseUnavailable()
-
-    built(server, Dispatcher)._store.renew_lease = refused  # type: ignore[method-assign]
+    return await start_replicas(
+        tmp_path, database_url, redis_url, dispatcher_recovery=recovery, dispatcher_lease_s=1.0
+    )
 
 
 @pytest.mark.parametrize("recovery", ["fail", "requeue"])
@@ -1044,7 +1012,9 @@ async def test_a_dead_replicas_run_is_taken_over_and_numbered_after_all_it_showe
             await read_until(
                 call, seen, lambda seen: len([u for u in seen if u.HasField("delta")]) >= 3
             )
-            _silence(a)  # replica a "dies": its lease expires, b takes its run
+            # Replica a "dies": it stops renewing its lease (its runs keep going), and b
+            # takes its run.
+            Renewals(a).paused = True
             await read_until(call, seen, lambda seen: seen[-1].state_change.run.state in TERMINAL)
             sequences = [u.sequence for u in seen]
             assert sequences == sorted(set(sequences)), "a sequence was reused or went back"

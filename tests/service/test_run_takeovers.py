@@ -26,17 +26,23 @@ from sqlalchemy import select
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.runs.store import ACTIVE, TERMINAL
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
-from switchboard.platform.store.db import DatabaseUnavailable
 from switchboard.platform.store.models import DispatcherLeaseRow, RunRow
-from tests.conftest import built, make_settings
+from tests.conftest import built
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
+from tests.service import dispatchkit
 from tests.service.contextkit import Caller, context_stub, create_conversation, ctx_world
+from tests.service.dispatchkit import (
+    Renewals,
+    cancel,
+    dispatcher_stub,
+    finished,
+    request,
+    send,
+    start_replicas,
+)
 from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import cancel, dispatcher_stub, finished, request, send
 from tests.service.test_budget_runs import (
     ANSWER,
     _settings,
@@ -62,55 +68,26 @@ COST: Final = 2 * ANSWER
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + SETTLE_S
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)  # polling a condition with a deadline
-
-
-class Renewals:
-    """A replica's lease renewals, refused while ``paused`` (its process goes on)."""
-
-    def __init__(self, server: SwitchboardServer) -> None:
-        store = built(server, Dispatcher)._store
-        real = store.renew_lease
-        self.paused = False
-
-        async def renew(*args: Any, **kwargs: Any) -> Any:
-            if self.paused:
-                raise DatabaseUnavailable()
-            return await real(*args, **kwargs)
-
-        store.renew_lease = renew  # type: ignore[method-assign]
+    await dispatchkit.eventually(check, what, timeout_s=SETTLE_S)
 
 
 async def _replicas(
     tmp_path: Path, database_url: str, redis_url: str, **more: Any
 ) -> tuple[SwitchboardServer, SwitchboardServer]:
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
-    servers = []
-    for instance in ("replica-a", "replica-b"):
-        server, _ = await create_server(
-            make_settings(
-                database_url=database_url,
-                redis_url=redis_url,
-                instance_id=instance,
-                dispatcher_recovery="resume",
-                dispatcher_lease_s=LEASE_S,
-                dispatcher_max_running=2,
-                dispatcher_max_running_per_workspace=2,
-                dispatcher_max_messages_per_minute_per_user=100_000,
-                dispatcher_max_messages_per_minute_per_workspace=100_000,
-                dispatcher_max_active_runs_per_workspace=10_000,
-                context_max_writes_per_minute=100_000,
-                signing_keys=(str(key_file),),
-                **more,
-            )
-        )
-        await server.start()
-        servers.append(server)
-    return servers[0], servers[1]
+    return await start_replicas(
+        tmp_path,
+        database_url,
+        redis_url,
+        dispatcher_recovery="resume",
+        dispatcher_lease_s=LEASE_S,
+        dispatcher_max_running=2,
+        dispatcher_max_running_per_workspace=2,
+        dispatcher_max_messages_per_minute_per_user=100_000,
+        dispatcher_max_messages_per_minute_per_workspace=100_000,
+        dispatcher_max_active_runs_per_workspace=10_000,
+        context_max_writes_per_minute=100_000,
+        **more,
+    )
 
 
 async def _workers(server: SwitchboardServer) -> dict[str, tuple[str, pb.RunState.ValueType]]:
