@@ -87,6 +87,25 @@ class Agent:
     def stub(self, channel: aio.Channel) -> Any:
         return stub(channel)
 
+    async def send_stored(self, sent: a2a.SendMessageRequest) -> tuple[Any, cpb.GetMessageResponse]:
+        """SendMessage as the world's editor: the answer, and its run's input message as
+        the conversation stores it (read by the viewer)."""
+        async with aio.insecure_channel(self.server.address) as channel:
+            answered = await self.stub(channel).SendMessage(
+                sent, metadata=self.world.editor.md, timeout=TIMEOUT_S
+            )
+            run = await dispatcher_stub(channel).GetRun(
+                dpb.GetRunRequest(name=answered.task.metadata["run"]),
+                metadata=self.world.editor.md,
+                timeout=TIMEOUT_S,
+            )
+            stored = await context_stub(channel).GetMessage(
+                cpb.GetMessageRequest(name=run.run.input_message),
+                metadata=self.world.viewer.md,
+                timeout=TIMEOUT_S,
+            )
+        return answered, stored
+
 
 def stub(channel: aio.Channel) -> Any:
     """The generated A2A stub (the SDK's generated code is untyped)."""
@@ -298,21 +317,8 @@ async def test_a_file_part_is_stored_with_the_message(agent: Agent) -> None:
     image = png()
     sent = request("what is this?", agent.tenant)
     sent.message.parts.append(a2a.Part(raw=image, media_type="image/png", filename="dot.png"))
-    async with aio.insecure_channel(agent.server.address) as channel:
-        answered = await agent.stub(channel).SendMessage(
-            sent, metadata=agent.world.editor.md, timeout=TIMEOUT_S
-        )
-        assert answered.task.status.state == a2a.TASK_STATE_COMPLETED
-        run = await dispatcher_stub(channel).GetRun(
-            dpb.GetRunRequest(name=answered.task.metadata["run"]),
-            metadata=agent.world.editor.md,
-            timeout=TIMEOUT_S,
-        )
-        stored = await context_stub(channel).GetMessage(
-            cpb.GetMessageRequest(name=run.run.input_message),
-            metadata=agent.world.viewer.md,
-            timeout=TIMEOUT_S,
-        )
+    answered, stored = await agent.send_stored(sent)
+    assert answered.task.status.state == a2a.TASK_STATE_COMPLETED
     text, file = stored.message.parts
     assert text.text == "what is this?"
     assert (file.file.mime_type, file.file.display_name) == ("image/png", "dot.png")

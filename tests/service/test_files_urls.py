@@ -17,12 +17,11 @@ from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
-from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.infra.httprecorder import Recorder, recording
 from tests.infra.httprecorder import Reply as HttpReply
 from tests.service.authkit import error_infos
-from tests.service.contextkit import TIMEOUT_S, context_stub, refused, rpc, violations
-from tests.service.dispatchkit import dispatcher_stub, send
+from tests.service.contextkit import TIMEOUT_S, refused, rpc, violations
+from tests.service.dispatchkit import send
 from tests.service.filekit import pdf, png
 from tests.service.test_a2a import Agent, request, running_agent
 from tests.service.test_a2a import stub as a2a_stub
@@ -139,19 +138,6 @@ async def test_an_a2a_url_part_that_cannot_be_fetched_is_invalid_params(agent: A
     # And a raw part without a media type is taken, its type detected.
     sent = request("and this one?", agent.tenant)
     sent.message.parts.append(a2a.Part(raw=png(), filename="dot.png"))
-    async with aio.insecure_channel(agent.server.address) as channel:
-        answered = await a2a_stub(channel).SendMessage(
-            sent, metadata=agent.world.editor.md, timeout=TIMEOUT_S
-        )
-        run = await dispatcher_stub(channel).GetRun(
-            dpb.GetRunRequest(name=answered.task.metadata["run"]),
-            metadata=agent.world.editor.md,
-            timeout=TIMEOUT_S,
-        )
-        stored = await context_stub(channel).GetMessage(
-            cpb.GetMessageRequest(name=run.run.input_message),
-            metadata=agent.world.viewer.md,
-            timeout=TIMEOUT_S,
-        )
+    answered, stored = await agent.send_stored(sent)
     assert answered.task.status.state == a2a.TASK_STATE_COMPLETED
     assert stored.message.parts[1].file.mime_type == "image/png"
