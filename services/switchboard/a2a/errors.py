@@ -32,6 +32,7 @@ from switchboard.platform.errors import (
     NotFound,
     RunEnded,
     SwitchboardError,
+    field_root,
 )
 
 DOMAIN: Final = "a2a-protocol.org"
@@ -111,7 +112,6 @@ def _about_spending(error: SwitchboardError) -> bool:
     return isinstance(error, (BudgetExhausted, ModelNotPriced))
 
 
-_FIELD_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: A file part's field as the front door filled it in (``mapping.parts_in``: one A2A
 #: part, one Switchboard part), and the A2A part's field it came from.
 _FILE_PART: Final = re.compile(r"(message\.parts\[\d+\])\.file(?:\.([a-z_]+))?")
@@ -146,8 +146,7 @@ def a2a_field(field: str, renames: Mapping[str, str], fields: Collection[str]) -
         # A file part's field (a URL that cannot be fetched): the A2A part's.
         inner = _PART_FIELDS.get(part[2] or "")
         return f"{part[1]}.{inner}" if inner else part[1]
-    root = _FIELD_ROOT.match(field)
-    head = root[0] if root else ""
+    head = field_root(field)
     if head in renames:
         target = renames[head]
         return target + field[len(head) :] if target else ""

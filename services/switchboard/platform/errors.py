@@ -9,8 +9,10 @@ and, where relevant, ``BadRequest``, ``RetryInfo`` or ``QuotaFailure`` details.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 ERROR_DOMAIN = "switchboard.dev"
 
@@ -56,6 +58,16 @@ class FieldViolation:
 
     field: str
     description: str
+
+
+_FIELD_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def field_root(path: str) -> str:
+    """The request's own field a violation's ``path`` starts with (``message`` of
+    ``message.parts[0].data``); "" when it names none."""
+    root = _FIELD_ROOT.match(path)
+    return root[0] if root else ""
 
 
 class SwitchboardError(Exception):

@@ -25,7 +25,6 @@ A request that can carry JSON values (``google.protobuf.Struct``, ``Value``,
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
 
@@ -38,7 +37,7 @@ from google.protobuf.descriptor import (
 from google.protobuf.message import Message
 from grpc import aio
 
-from switchboard.platform.errors import FieldViolation, InvalidArgument
+from switchboard.platform.errors import FieldViolation, InvalidArgument, field_root
 from switchboard.platform.jsonbounds import MAX_DEPTH, JsonRejected, check_message, checks, locate
 
 
@@ -66,15 +65,11 @@ def check_json(request: Message) -> None:
                 f"{path} {NOT_FINITE}", [FieldViolation(path, NOT_FINITE)]
             ) from None
         # The top-level field: the path to where it passed the limit is as deep as the limit.
-        field = _ROOT.match(path)
-        name = field[0] if field else ""
+        name = field_root(path)
         reason = f"its JSON values nest deeper than {MAX_DEPTH} levels"
         raise InvalidArgument(
             f"{name or 'the request'}: {reason}", [FieldViolation(name or "request", reason)]
         ) from None
-
-
-_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _checked(method: MethodDescriptor, behaviour: Callable[..., Any]) -> Callable[..., Any]:
