@@ -261,6 +261,51 @@ export async function* follow(events, session, request, { signal, maxBackoffMs =
     if (deltas.size > DEDUPE_WINDOW) deltas.delete(deltas.keys().next().value);
     return true;
   };
+  const open = (metadata) =>
+    events.subscribe({ mergeDeltas: true, ...request, afterCursor: cursor }, metadata);
+  async function* read(call, answered) {
+    let live = false;
+    for await (const frame of call) {
+      if (!live) {
+        live = true;
+        answered();
+        yield { state: 'live', cursor };
+      }
+      if (frame.frame === 'heartbeat') {
+        cursor = frame.heartbeat.cursor || cursor;
+        continue;
+      }
+      for (const event of frame.batch.events) {
+        if (seen.has(event.id) || !fresh(event)) continue;
+        seen.add(event.id);
+        order.push(event.id);
+        if (order.length > DEDUPE_WINDOW) seen.delete(order.shift());
+        yield { event };
+      }
+      cursor = frame.batch.cursor || cursor;
+    }
+    return false;
+  }
+  yield* resumed(session, open, read, {
+    signal,
+    maxBackoffMs,
+    resumable: (error) => RESUMABLE.has(error.code),
+    reconnecting: () => ({ state: 'reconnecting', cursor }),
+  });
+}
+
+/**
+ * The resumed stream of `follow` and `watchRun`: opens a call (`open(metadata)`)
+ * and yields what `read(call, answered)` yields from it, again and again. A broken
+ * stream (an error `resumable(error)` says may pass, or the stream ending) is
+ * opened again after a capped, jittered backoff, yielding `reconnecting()` first
+ * if given; `read` calls `answered()` once the server has answered, which starts
+ * the backoff over. An access token that expired while the stream was open is
+ * renewed and the stream opened again; a fresh token refused as well means the
+ * session is gone (SignedOutError). It returns when `read` returns true (done),
+ * or when `signal` aborts or the call is cancelled; other errors are thrown.
+ */
+async function* resumed(session, open, read, { signal, maxBackoffMs, resumable, reconnecting }) {
   let failures = 0;
   let stale = false;
   while (!signal?.aborted) {
@@ -268,33 +313,17 @@ export async function* follow(events, session, request, { signal, maxBackoffMs =
     let call = null;
     const stop = () => call?.cancel();
     signal?.addEventListener('abort', stop, { once: true });
-    let live = false;
     try {
       // Inside the try: while the server is down, a refresh fails UNAVAILABLE too.
       if (stale) await session.refresh();
       stale = false;
-      call = events.subscribe(
-        { mergeDeltas: true, ...request, afterCursor: cursor },
-        await session.metadata(),
-      );
-      for await (const frame of call) {
-        if (!live) {
-          live = true;
+      call = open(await session.metadata());
+      if (
+        yield* read(call, () => {
           failures = 0;
-          yield { state: 'live', cursor };
-        }
-        if (frame.frame === 'heartbeat') {
-          cursor = frame.heartbeat.cursor || cursor;
-          continue;
-        }
-        for (const event of frame.batch.events) {
-          if (seen.has(event.id) || !fresh(event)) continue;
-          seen.add(event.id);
-          order.push(event.id);
-          if (order.length > DEDUPE_WINDOW) seen.delete(order.shift());
-          yield { event };
-        }
-        cursor = frame.batch.cursor || cursor;
+        })
+      ) {
+        return;
       }
     } catch (error) {
       if (signal?.aborted || error.code === grpc.status.CANCELLED) return;
@@ -305,12 +334,12 @@ export async function* follow(events, session, request, { signal, maxBackoffMs =
         throw new SignedOutError(`the stream was refused: ${error.details}`);
       }
       if (error.code === grpc.status.UNAUTHENTICATED) stale = true;
-      else if (!RESUMABLE.has(error.code)) throw error;
+      else if (!resumable(error)) throw error;
     } finally {
       signal?.removeEventListener('abort', stop);
     }
     if (signal?.aborted) return;
-    yield { state: 'reconnecting', cursor };
+    if (reconnecting) yield reconnecting();
     failures += 1;
     await pause(failures, maxBackoffMs, signal);
   }
@@ -363,47 +392,33 @@ export async function* watchRun(
   { afterSequence = 0, mergeDeltas = true, signal, maxBackoffMs = 5000 } = {},
 ) {
   let last = BigInt(afterSequence);
-  let failures = 0;
-  let stale = false;
-  while (!signal?.aborted) {
-    const renewing = stale;
-    let call = null;
-    const stop = () => call?.cancel();
-    signal?.addEventListener('abort', stop, { once: true });
+  const open = (metadata) =>
+    dispatcher.watchRun({ name, afterSequence: String(last), mergeDeltas }, metadata);
+  async function* read(call, answered) {
     try {
-      if (stale) await session.refresh();
-      stale = false;
-      call = dispatcher.watchRun(
-        { name, afterSequence: String(last), mergeDeltas },
-        await session.metadata(),
-      );
       for await (const frame of call) {
-        failures = 0;
+        answered();
         if (frame.frame !== 'update') continue;
         const { update } = frame;
         // At or before the last one yielded: sent again after a resume.
         if (BigInt(update.sequence) <= last) continue;
         last = BigInt(update.sequence);
         yield update;
-        if (update.update === 'stateChange' && TERMINAL.has(update.stateChange.run.state)) return;
+        if (update.update === 'stateChange' && TERMINAL.has(update.stateChange.run.state)) {
+          return true;
+        }
       }
-    } catch (error) {
-      if (signal?.aborted || error.code === grpc.status.CANCELLED) return;
-      if (error instanceof SignedOutError) throw error;
-      if (error.code === grpc.status.UNAUTHENTICATED && renewing) {
-        throw new SignedOutError(`the stream was refused: ${error.details}`);
-      }
-      if (error.code === grpc.status.UNAUTHENTICATED) stale = true;
-      else if (!RESUMABLE.has(error.code) && !cursorExpired(error)) throw error;
+      return false;
     } finally {
-      signal?.removeEventListener('abort', stop);
       // Left early (the caller stopped reading): end the call too.
-      call?.cancel();
+      call.cancel();
     }
-    if (signal?.aborted) return;
-    failures += 1;
-    await pause(failures, maxBackoffMs, signal);
   }
+  yield* resumed(session, open, read, {
+    signal,
+    maxBackoffMs,
+    resumable: (error) => RESUMABLE.has(error.code) || cursorExpired(error),
+  });
 }
 
 export { grpc };
