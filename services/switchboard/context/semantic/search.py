@@ -22,7 +22,6 @@ says why (``fallback_reason``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from switchboard.context.semantic.ports import (
 )
 from switchboard.context.semantic.searchstore import SearchStore, Sources
 from switchboard.platform import names
+from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.store import pagination
 from switchboard.platform.wording import counted
@@ -824,12 +824,11 @@ class Search:
 
 async def _settle(task: asyncio.Task[int]) -> None:
     """A count no longer wanted (the search fell back, or was cancelled) ends here, its
-    failure read: a fallback does not wait on the database, nor leaves a task behind."""
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-    elif not task.cancelled():
+    failure read: a fallback does not wait on the database, nor leaves a task behind.
+    Ended by ``cancel_all``, not awaited: awaiting it would raise its CancelledError,
+    and suppressing that would swallow a cancel of the search too."""
+    await cancel_all([task])
+    if not task.cancelled():
         task.exception()
 
 
