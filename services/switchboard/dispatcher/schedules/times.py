@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
@@ -74,17 +74,18 @@ _SECOND: Final = _Field("second", 0, 59)
 _ORDINALS: Final = ("1st", "2nd", "3rd", "4th", "5th", "6th")
 
 
-def _parses(expression: str) -> bool:
-    """Whether croniter takes ``expression`` (a date it never matches counts as taken)."""
+def _parsed(expression: str) -> Literal["fires", "never", "refused"]:
+    """What croniter makes of ``expression``: a cron that fires, one it takes that never
+    matches a date, or one it refuses."""
     try:
         croniter(expression, dt.datetime(2000, 1, 1)).get_next(dt.datetime)
     except CroniterBadDateError:
-        return True
+        return "never"
     except (CroniterBadCronError, CroniterError, ValueError, KeyError, IndexError, TypeError):
-        return False
+        return "refused"
     except OverflowError:
-        return False
-    return True
+        return "refused"
+    return "fires"
 
 
 def _value_problem(field: _Field, value: str) -> str:
@@ -168,19 +169,19 @@ def cron_problem(expression: str) -> str:
             f"(with seconds last); it has {len(fields)}"
         )
     kinds = (*_FIELDS, _SECOND)[: len(fields)]
-    if not _parses(" ".join(fields)):
+    # Parsed once: a date never matched is found only after croniter's whole search.
+    parsed = _parsed(" ".join(fields))
+    if parsed == "refused":
         for position, (kind, token) in enumerate(zip(kinds, fields, strict=True), start=1):
             alone = ["*"] * len(fields)
             alone[position - 1] = token
-            if not _parses(" ".join(alone)):
+            if _parsed(" ".join(alone)) == "refused":
                 return (
                     f"the {kind.name} field ({_ordinal(position)} of {len(fields)}) "
                     f"{_token_problem(kind, token)}"
                 )
         return "does not parse as a cron expression (its fields do not go together)"
-    try:
-        croniter(" ".join(fields), dt.datetime(2000, 1, 1)).get_next(dt.datetime)
-    except CroniterBadDateError:
+    if parsed == "never":
         day, month, weekday = fields[2], fields[3], fields[4]
         if weekday in ("*", "?"):
             return (
