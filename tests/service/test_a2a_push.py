@@ -25,10 +25,11 @@ from switchboard.integration.service import IntegrationHub
 from switchboard.integration.webhooks import WebhookEngine
 from tests.conftest import built
 from tests.infra.webhookreceiver import Endpoint, WebhookReceiver, running_receiver, until
+from tests.service.authkit import reasons
 from tests.service.contextkit import TIMEOUT_S, refused
 from tests.service.contextkit import violations as fields
 from tests.service.integrationkit import webhook_secret
-from tests.service.test_a2a import Agent, _reasons, message, running_agent, stub
+from tests.service.test_a2a import Agent, message, running_agent, stub
 
 CODE = grpc.StatusCode
 PUSH = "configuration.task_push_notification_config"
@@ -222,7 +223,7 @@ async def test_push_configs_are_created_read_listed_deleted_as_the_task_allows(
                 ),
                 CODE.NOT_FOUND,
             )
-            assert _reasons(hidden)[0] == ("a2a-protocol.org", "TASK_NOT_FOUND")
+            assert reasons(hidden)[0] == ("a2a-protocol.org", "TASK_NOT_FOUND")
             # An address the egress policy refuses (cloud metadata): on the url.
             blocked = await refused(
                 raw.CreateTaskPushNotificationConfig(
@@ -235,7 +236,7 @@ async def test_push_configs_are_created_read_listed_deleted_as_the_task_allows(
                 CODE.INVALID_ARGUMENT,
             )
             assert fields(blocked) == ["url"]
-            assert _reasons(blocked) == [
+            assert reasons(blocked) == [
                 ("a2a-protocol.org", "INVALID_PARAMS"),
                 ("switchboard.dev", "ERROR_REASON_DESTINATION_BLOCKED"),
             ]

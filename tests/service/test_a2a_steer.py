@@ -29,10 +29,11 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpserver import McpTestServer
+from tests.service.authkit import reasons
 from tests.service.contextkit import TIMEOUT_S, Caller, context_stub, refused
 from tests.service.dispatchkit import dispatcher_stub
 from tests.service.integrationkit import McpHub, mcp_hub
-from tests.service.test_a2a import CODE, _reasons, _Token, answer_of, request, stub
+from tests.service.test_a2a import CODE, _Token, answer_of, request, stub
 
 STEER = "use the other account"
 
@@ -240,7 +241,7 @@ async def test_a_message_to_a_task_that_ended_is_refused_and_stores_nothing() ->
                 a2a_stub.SendMessage(late, metadata=world.editor.md, timeout=TIMEOUT_S),
                 CODE.FAILED_PRECONDITION,
             )
-            assert _reasons(error) == [
+            assert reasons(error) == [
                 ("a2a-protocol.org", "UNSUPPORTED_OPERATION"),
                 ("switchboard.dev", "ERROR_REASON_RUN_ENDED"),
             ]

@@ -16,9 +16,9 @@ from switchboard.a2a.errors import DOMAIN
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets.ledger import Amount, Hold, Ledger
 from switchboard.platform.store.models import BudgetRow
-from tests.service.authkit import detail
+from tests.service.authkit import detail, reasons
 from tests.service.contextkit import TIMEOUT_S
-from tests.service.test_a2a import _reasons, request, running_agent, stub
+from tests.service.test_a2a import request, running_agent, stub
 
 
 async def test_a_spent_budget_refuses_an_a2a_message_with_switchboards_reason() -> None:
@@ -54,9 +54,9 @@ async def test_a_spent_budget_refuses_an_a2a_message_with_switchboards_reason() 
                 )
     error = caught.value
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    reasons = _reasons(error)
-    assert [reason for _, reason in reasons] == ["ERROR_REASON_BUDGET_EXHAUSTED"]
-    assert all(domain != DOMAIN for domain, _ in reasons)
+    found = reasons(error)
+    assert [reason for _, reason in found] == ["ERROR_REASON_BUDGET_EXHAUSTED"]
+    assert all(domain != DOMAIN for domain, _ in found)
     quota = detail(error, error_details_pb2.QuotaFailure)
     assert [v.subject for v in quota.violations] == [f"{world.name}/budgets/daily"]
     assert f"budget daily of the agent's workspace {workspace_id}" in (error.details() or "")
