@@ -99,6 +99,20 @@ def test_a_new_attempt_does_not_wait_for_the_rest_of_the_old_one() -> None:
     assert _sequences(order.take(_state(BLOCK + 2))) == [BLOCK + 2]
 
 
+def test_what_waited_of_the_old_attempt_goes_out_before_the_new_attempt_opens() -> None:
+    # A late delta of the old attempt waits for the one before it; then the new block
+    # opens. Sequences only go up: the waiting delta goes out first (never after the new
+    # attempt's first update, which moved the position back and made the next one wait).
+    order = _InOrder(17)
+    assert order.take(_delta(19)) == []
+    queued = _state(BLOCK + 1, pb.RUN_STATE_QUEUED)
+    assert _sequences(order.take(queued)) == [19, BLOCK + 1]
+    assert not order.early
+    assert order.due == 0.0
+    assert order.flush() == []
+    assert _sequences(order.take(_state(BLOCK + 2))) == [BLOCK + 2]
+
+
 def _recovered_feed() -> feeds.Feed:
     """A run recovered with ``requeue``, its second attempt ended: QUEUED, RUNNING, a
     pause for a person, RUNNING, the result and SUCCEEDED, in block 1."""

@@ -418,7 +418,10 @@ class _InOrder:
         self.position = sequence
         if not early:  # the path of every token of a run heard in order
             return [update]
-        ready = [update]
+        # A new attempt opened (``sequence`` is not ``position + 1``): what waited of the
+        # old one goes out first, so that sequences only go up.
+        ready = [early.pop(s) for s in sorted(early) if s < sequence]
+        ready.append(update)
         while (after := early.pop(self.position + 1, None)) is not None:
             ready.append(after)
             self.position = after.sequence
