@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from alembic.script import ScriptDirectory
 from google.protobuf import struct_pb2
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.context.v1 import context_pb2 as pb
@@ -46,7 +46,7 @@ FULL_TEXT = pb.SEARCH_MODE_FULL_TEXT
 SEMANTIC = pb.SEARCH_MODE_SEMANTIC
 HYBRID = pb.SEARCH_MODE_HYBRID
 #: The revision an older server left the database at: the one before the repair.
-BEFORE = ScriptDirectory.from_config(alembic_config()).get_revision(REPAIR).down_revision
+BEFORE = str(ScriptDirectory.from_config(alembic_config()).get_revision(REPAIR).down_revision)
 #: What an older server wrote beside a passage whose source's metadata held NaN.
 OLD_META = '{"big":Infinity,"n":NaN,"small":-Infinity,"topic":"heron"}'
 
@@ -160,19 +160,18 @@ async def test_passages_an_older_server_wrote_with_nan_are_repaired_at_start(
             item = await remember(stub, world, other.name, "heron facts for the trip")
             await ready(stub, domain, world)
 
-        # The database as an older server left it: its passage's metadata not JSON,
-        # and its schema at the revision before the repair.
+        # The database as an older server left it: its schema at the revision before
+        # the repair (every later revision undone too, as a real downgrade does), and
+        # its passage's metadata not JSON.
         database = Database(database_url, timeout_s=TIMEOUT_S)
         try:
+            await database.downgrade(BEFORE)
 
             def as_old(db: Session) -> None:
                 db.execute(
                     update(SemanticChunkRow)
                     .where(SemanticChunkRow.source == item.name)
                     .values(meta=OLD_META)
-                )
-                db.execute(
-                    text("UPDATE alembic_version SET version_num = :before"), {"before": BEFORE}
                 )
 
             await database.run(as_old, write=True)
