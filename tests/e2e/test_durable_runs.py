@@ -373,10 +373,12 @@ async def owner_of_a_call_in_flight(
 ) -> Replica:
     """The replica holding a run whose ``count_once`` call the tool server is in the
     middle of (its answer takes ``MCP_COUNTER_DELAY_S``)."""
-    by_key = {call_key(name, once_call(text)): name for text, name in load.tally.runs.items()}
     deadline = time.monotonic() + SETTLE_S
     while True:
         seen = (await load.http.get(load.counter.stats_url)).json()
+        # The runs sent so far, read again each time: a call in flight now may be of a run
+        # sent after the first look (those known then may all have made theirs already).
+        by_key = {call_key(name, once_call(text)): name for text, name in load.tally.runs.items()}
         runs = [by_key[key] for key in seen["in_flight"].get("count_once", []) if key in by_key]
         if runs:
             async with database.connect() as db:
@@ -389,6 +391,7 @@ async def owner_of_a_call_in_flight(
                     for replica in replicas:
                         if replica.name == worker and replica.up:
                             return replica
+        assert load.tally.ended < RUNS, "every run ended before a count_once call was in flight"
         assert time.monotonic() < deadline, "no count_once call was ever seen in flight"
         await asyncio.sleep(0.02)  # polling the tool's state, under a deadline
 
