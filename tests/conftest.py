@@ -20,6 +20,7 @@ from tests.infra.migrated import sqlite_copy
 
 pytest_plugins = [
     "tests.infra.leftovers",
+    "tests.infra.longestfirst",
     "tests.infra.postgres",
     "tests.infra.redis",
     "tests.infra.seaweedfs",
