@@ -63,13 +63,31 @@ QUICK: Final = StreamPolicy(backoff=Backoff(initial_s=0.1, max_s=1.0), idle_time
 
 
 def _env(directory: Path, **extra: str) -> dict[str, str]:
-    return restart_env(directory, "python-client-e2e", **extra)
+    # A stop waits out the grace while the client's streams are open (docs/operations.md,
+    # "Shutdown"): a short one keeps each restart short, and the run still outlasts it.
+    return restart_env(directory, "python-client-e2e", SWITCHBOARD_SHUTDOWN_GRACE_S="0.5", **extra)
 
 
 @pytest.fixture
 def stack() -> Iterator[ExitStack]:
     with ExitStack() as processes:
         yield processes
+
+
+@dataclass
+class Shared:
+    """One server, and Envoy in front of it in plaintext and TLS, for the tests of this
+    module that neither stop nor restart it: each test is a user of its own."""
+
+    server: ServeProcess
+    envoy: EnvoyProcess
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    env = _env(tmp_path_factory.mktemp("python-client-shared"))
+    with ServeProcess(env=env) as server, EnvoyProcess(server.address, tls=True) as envoy:
+        yield Shared(server, envoy)
 
 
 async def _serve(
@@ -180,10 +198,8 @@ def _ended(run: str) -> Callable[[list[object]], bool]:
 # -- against one process -----------------------------------------------------------------
 
 
-async def test_sign_in_refresh_run_and_events_against_a_served_process(
-    tmp_path: Path, stack: ExitStack
-) -> None:
-    server = await _serve(stack, _env(tmp_path))
+async def test_sign_in_refresh_run_and_events_against_a_served_process(shared: Shared) -> None:
+    server = shared.server
     wire = Wire()
     saved: list[auth_pb2.TokenPair | None] = []
     email = unique_email("e2e")
@@ -230,15 +246,10 @@ async def test_sign_in_refresh_run_and_events_against_a_served_process(
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["h2c", "tls"])
-async def test_through_envoy_in_plaintext_and_tls(
-    tmp_path: Path, stack: ExitStack, tls: bool
-) -> None:
+async def test_through_envoy_in_plaintext_and_tls(shared: Shared, tls: bool) -> None:
     """The edge in front: unary calls, a run's stream and an event stream through
     Envoy's routes, and over TLS with its (self-signed, trusted here) certificate."""
-    server = await _serve(stack, _env(tmp_path))
-    envoy = EnvoyProcess(server.address, tls=tls)
-    stack.callback(envoy.__exit__, None, None, None)
-    await asyncio.to_thread(envoy.start)
+    envoy = shared.envoy
     if tls:
         credentials = grpc.ssl_channel_credentials(envoy.cert_file.read_bytes())
         target = f"127.0.0.1:{envoy.tls_port}"
@@ -471,9 +482,9 @@ def _example(server: ServeProcess, *args: str, password: str = "") -> list[dict[
 
 
 async def test_the_example_asks_streams_follows_and_keeps_its_session(
-    tmp_path: Path, stack: ExitStack
+    tmp_path: Path, shared: Shared
 ) -> None:
-    server = await _serve(stack, _env(tmp_path))
+    server = shared.server
     tokens = tmp_path / "tokens.json"
     email = unique_email("example")
     first = await asyncio.to_thread(
