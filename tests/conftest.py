@@ -19,6 +19,8 @@ from switchboard.shared import Shared
 from tests.infra.migrated import sqlite_copy
 
 pytest_plugins = [
+    # First: the other plugins' helpers import it (imported first as a plugin, it is rewritten).
+    "tests.infra.processlogs",
     "tests.infra.leftovers",
     "tests.infra.longestfirst",
     "tests.infra.postgres",

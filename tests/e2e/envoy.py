@@ -33,6 +33,7 @@ import pytest
 from switchboard.deploy import machine
 from switchboard.deploy.envoy import PLAIN_LISTENER, TLS_LISTENER
 from tests.e2e.procs import ManagedProcess
+from tests.infra import processlogs
 
 START_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 10.0
@@ -98,6 +99,8 @@ class EnvoyProcess(ManagedProcess):
         self._admin_file = Path(self._tmp.name) / "admin-address"
         self.cert_file = Path(self._tmp.name) / "dev-cert.pem"
         self.log: list[str] = []
+        #: Envoy's output, as written (kept if its test fails: processlogs).
+        self.log_path: Path | None = None
         self._new_line = threading.Event()
         self.admin_url = ""
         self.port = 0
@@ -145,6 +148,7 @@ class EnvoyProcess(ManagedProcess):
 
     def start(self) -> EnvoyProcess:
         self.render()
+        self.log_path = processlogs.log_file("envoy")
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [
@@ -175,9 +179,14 @@ class EnvoyProcess(ManagedProcess):
     def _pump(self) -> None:
         assert self.proc is not None
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line.rstrip("\n"))
-            self._new_line.set()
+        assert self.log_path is not None
+        # Line-buffered: what a failure copies is every line read so far.
+        with self.log_path.open("w", encoding="utf-8", errors="replace", buffering=1) as kept:
+            kept.write(f"--- envoy --config-path {self.config} (pid {self.proc.pid})\n")
+            for line in self.proc.stderr:
+                kept.write(line)
+                self.log.append(line.rstrip("\n"))
+                self._new_line.set()
         self._new_line.set()
 
     def _fail(self, why: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess
+from tests.infra import processlogs
 
 EXPERT = ROOT / "examples" / "expert" / "expert.py"
 NODE_EXPERT = ROOT / "clients" / "node" / "expert.mjs"
@@ -26,6 +27,7 @@ class ListeningProcess(ManagedProcess):
 
     def __init__(self, prefix: str, port: int = 0) -> None:
         super().__init__(prefix)
+        self._prefix = prefix
         self.port = port
         self.stderr_path = Path(self._tmp.name) / "stderr.log"
         self._stdout: queue.Queue[str | None] = queue.Queue()
@@ -38,6 +40,10 @@ class ListeningProcess(ManagedProcess):
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
+        # Not in the process's directory, which goes when it stops: kept if its test fails.
+        self.stderr_path = processlogs.log_file(
+            self._prefix.removeprefix("switchboard-").strip("-")
+        )
         with self.stderr_path.open("w") as stderr:
             self.proc = subprocess.Popen(
                 list(argv), stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=cwd

@@ -16,6 +16,8 @@ from typing import Any, Self
 
 import pytest
 
+from tests.infra import processlogs
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
 
@@ -136,9 +138,12 @@ class ServeProcess(ManagedProcess):
         self.env = full_env
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.log: list[dict[str, Any]] = []
+        #: Every line the process wrote, as written (kept if its test fails: processlogs).
+        self.log_path: Path | None = None
         self.port = 0
 
     def start(self) -> ServeProcess:
+        self.log_path = processlogs.log_file(f"serve-{self.env['SWITCHBOARD_INSTANCE_ID']}")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "switchboard.cli", *self.args],
             stdout=subprocess.DEVNULL,
@@ -154,12 +159,17 @@ class ServeProcess(ManagedProcess):
     def _pump(self) -> None:
         assert self.proc is not None
         assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            try:
-                entry = json.loads(raw)
-            except json.JSONDecodeError:
-                entry = {"message": raw.rstrip("\n"), "raw": True}
-            self.lines.put(entry)
+        assert self.log_path is not None
+        # Line-buffered: what a failure copies is every line read so far.
+        with self.log_path.open("w", encoding="utf-8", errors="replace", buffering=1) as kept:
+            kept.write(f"--- {' '.join(self.args)} (pid {self.proc.pid})\n")
+            for raw in self.proc.stderr:
+                kept.write(raw)
+                try:
+                    entry = json.loads(raw)
+                except json.JSONDecodeError:
+                    entry = {"message": raw.rstrip("\n"), "raw": True}
+                self.lines.put(entry)
         self.lines.put(None)
 
     def wait_for(self, message: str, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:

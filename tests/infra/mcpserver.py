@@ -55,6 +55,7 @@ from mcp.shared.exceptions import MCPError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from switchboard.platform.idempotency import MCP_META
+from tests.infra import processlogs
 
 PAGE_SIZE = 3
 ROOT = Path(__file__).resolve().parents[2]
@@ -326,13 +327,16 @@ class McpTestServer:
     def start(self) -> None:
         """Start the server (again, on the same port, after the first start)."""
         self.kill()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.MODULE, str(self.port)],
-            cwd=ROOT,
-            env={**os.environ, "MCP_TEST_SERVER_TOOLS": json.dumps(self._extra_tools)},
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        # Its stderr (uvicorn's warnings, a traceback) is kept if the test fails.
+        with processlogs.log_file(self.MODULE.rsplit(".", 1)[-1]).open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.MODULE, str(self.port)],
+                cwd=ROOT,
+                env={**os.environ, "MCP_TEST_SERVER_TOOLS": json.dumps(self._extra_tools)},
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         assert self.proc.stdout is not None
         # readline blocks until the line or EOF; the timeout kills a hung start.
         deadline = time.monotonic() + self.START_TIMEOUT_S

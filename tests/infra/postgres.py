@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from switchboard.deploy.machine import MeshError, postgres_bin_dir
+from tests.infra import processlogs
 from tests.infra.migrated import migrate_now, sqlite_copy
 
 SUPERUSER = "postgres"
@@ -236,6 +237,9 @@ def _start(bin_dir: Path, root: Path, prefix: list[str]) -> PostgresServer:
         conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
 
     log_file = root / "postgres.log"
+    # The server writes it as the postgres user (under root), so in its own directory; a
+    # failing test's copy is made from there (tests/infra/processlogs.py).
+    processlogs.keep(log_file, "postgres")
     failures: list[str] = []
     for _ in range(PORT_ATTEMPTS):
         port = _free_port()
@@ -308,6 +312,7 @@ def running_postgres(bin_dir: Path | None = None) -> Iterator[PostgresServer]:
             if server is not None:
                 _stop(server, prefix)
         finally:
+            processlogs.set_aside(root / "postgres.log")
             shutil.rmtree(root, ignore_errors=True)
 
 

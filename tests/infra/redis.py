@@ -31,6 +31,8 @@ from typing import Final
 
 import pytest
 
+from tests.infra import processlogs
+
 #: How long a fresh server may take to answer PING before we give up on it.
 STARTUP_DEADLINE_S: Final = 10.0
 #: How long ``stop`` waits for a clean exit before it escalates to SIGKILL.
@@ -220,8 +222,9 @@ class RedisServer:
         self._require_process().send_signal(signum)
 
     def _launch(self, port: int) -> None:
-        log_path = self._directory / f"redis-{port}.log"
-        log_path.unlink(missing_ok=True)
+        # Each start's own file, outside the directory ``stop`` removes: kept if the test
+        # that owns it fails (tests/infra/processlogs.py).
+        log_path = processlogs.log_file(f"redis-{port}")
         command = [
             self._executable,
             "--port",
@@ -244,8 +247,9 @@ class RedisServer:
         ]
         # A new session keeps a terminal's Ctrl-C away from the server, so the
         # fixture's teardown is the only thing that stops it.
-        # stderr goes to a file, not a pipe: nobody drains a pipe after start-up.
-        with (self._directory / f"redis-{port}.stderr").open("wb") as stderr:
+        # stderr goes to a file, not a pipe: nobody drains a pipe after start-up. The log's
+        # own (both append, so neither overwrites the other).
+        with log_path.open("ab") as stderr:
             process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -271,11 +275,7 @@ class RedisServer:
         deadline = time.monotonic() + STARTUP_DEADLINE_S
         while True:
             if process.poll() is not None:
-                details = "\n".join(
-                    path.read_text(errors="replace")
-                    for path in (log_path, log_path.with_suffix(".stderr"))
-                    if path.exists()
-                ).strip()
+                details = log_path.read_text(errors="replace").strip() if log_path.exists() else ""
                 if _BIND_COLLISION in details:
                     raise _PortCollisionError(f"port {port} is taken")
                 raise RedisServerError(

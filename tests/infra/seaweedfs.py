@@ -44,6 +44,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tests.infra import processlogs
+
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
@@ -145,6 +147,8 @@ class SeaweedServer:
         self._ports: dict[str, int] = {}
         self._paused = False
         self.startup_s = 0.0
+        # Outside the directory ``stop`` removes: kept if the test that owns it fails.
+        self._log_path = processlogs.log_file("seaweedfs")
 
     @property
     def port(self) -> int:
@@ -163,7 +167,8 @@ class SeaweedServer:
 
     @property
     def log_path(self) -> Path:
-        return self._directory / "weed.log"
+        """weed's output (every start's, each after a ``---`` line naming its command)."""
+        return self._log_path
 
     def client(self, *, timeout_s: float = 10.0) -> S3Client:
         return s3_client(self.endpoint, self.access_key, self.secret_key, timeout_s=timeout_s)
