@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import itertools
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import func, select, update
@@ -28,8 +30,9 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import MemoryItemRow, MessageRow
-from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import make_settings, started
+from tests.infra.migrated import sqlite_copy
+from tests.infra.postgres import PostgresServer, _admin
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     TIMEOUT_S,
@@ -64,10 +67,12 @@ from tests.service.contextkit import (
     summary,
     text_message,
     violations,
-    world_fixture,
 )
 
-pytestmark = pytest.mark.asyncio
+# One server per backend for the module (starting one per test was most of the module's
+# time); each test works in workspaces, users and conversations of its own, so nothing
+# one test does is seen by the next.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -88,13 +93,46 @@ DELETED = events_pb2.CHANGE_KIND_DELETED
 _GENERATED_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
-@pytest.fixture
-def settings(database_url: str) -> Settings:
-    # Every test here runs on SQLite and on a real PostgreSQL server.
-    return make_settings(database_url=database_url)
+@pytest_asyncio.fixture(scope="module", params=["sqlite", "postgres"], loop_scope="module")
+async def module_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """Every test here runs on SQLite and on a real PostgreSQL server: a database at the
+    newest schema, without rows, for the module's server on each."""
+    if request.param == "sqlite":
+        path = sqlite_copy(tmp_path_factory.mktemp("context") / "switchboard.db")
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    # Looked up lazily so SQLite-only runs never start PostgreSQL.
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    template: str = request.getfixturevalue("migrated_template")
+    name = f"test_{uuid.uuid4().hex}"
+    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield server.url(name)
+    finally:
+        await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-stub, world, events = stub_fixture, world_fixture, events_fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(module_database_url: str) -> AsyncIterator[SwitchboardServer]:
+    async with started(make_settings(database_url=module_database_url)) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def channel(mesh: SwitchboardServer) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(mesh.address) as chan:
+        yield chan
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def world(mesh: SwitchboardServer, stub: Stub) -> World:
+    """A workspace of this test's own, with users of its own in each role."""
+    return await ctx_world(mesh, stub)
+
+
+stub, events = stub_fixture, events_fixture
 
 
 @asynccontextmanager
@@ -2066,7 +2104,6 @@ async def test_entities_become_memory_items_with_their_sources(
 
 # -- every write publishes its event -------------------------------------------------------------
 
-EVENTS_WS = "workspaces/events-ws"
 # An etag of version 1: every resource it is sent for has changed since.
 STALE = '"1"'
 
@@ -2079,6 +2116,7 @@ class Scene:
     stub: Stub
     owner: Caller
     newcomer: Caller
+    workspace: str
     conversation: str = ""
     memory: str = ""
 
@@ -2097,9 +2135,11 @@ Given = Callable[[Scene], Awaitable[Scene]]
 Write = Callable[[Scene], Awaitable[Published]]
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def scene(mesh: SwitchboardServer, stub: Stub) -> Scene:
-    return Scene(stub, await new_caller(mesh), await new_caller(mesh))
+    # A workspace id of its own: the module's server outlives the test.
+    workspace = f"workspaces/events-{uuid.uuid4().hex[:12]}"
+    return Scene(stub, await new_caller(mesh), await new_caller(mesh), workspace)
 
 
 # What must exist before a write.
@@ -2146,7 +2186,7 @@ async def changed_resources(scene: Scene) -> Scene:
     scene = await a_conversation(scene)
     await write_update_workspace(scene)
     await write_update_conversation(scene)
-    memory = await remember(scene.stub, scene.owner, EVENTS_WS, "stale target")
+    memory = await remember(scene.stub, scene.owner, scene.workspace, "stale target")
     return replace(scene, memory=memory.name)
 
 
@@ -2154,53 +2194,59 @@ async def changed_resources(scene: Scene) -> Scene:
 
 
 async def write_create_workspace(scene: Scene) -> Published:
-    await create_workspace(scene.stub, scene.owner, "Events", workspace_id="events-ws")
-    return Published(WS_CHANGED, CREATED, EVENTS_WS)
+    await create_workspace(scene.stub, scene.owner, "Events", workspace_id=_id(scene.workspace))
+    return Published(WS_CHANGED, CREATED, scene.workspace)
 
 
 async def write_update_workspace(scene: Scene) -> Published:
     await scene.stub.UpdateWorkspace(
         pb.UpdateWorkspaceRequest(
-            workspace=pb.Workspace(name=EVENTS_WS, description="changed"),
+            workspace=pb.Workspace(name=scene.workspace, description="changed"),
             update_mask=mask("description"),
         ),
         metadata=scene.owner.md,
         timeout=TIMEOUT_S,
     )
-    return Published(WS_CHANGED, UPDATED, EVENTS_WS)
+    return Published(WS_CHANGED, UPDATED, scene.workspace)
 
 
 async def write_delete_workspace(scene: Scene) -> Published:
     await scene.stub.DeleteWorkspace(
-        pb.DeleteWorkspaceRequest(name=EVENTS_WS), metadata=scene.owner.md, timeout=TIMEOUT_S
+        pb.DeleteWorkspaceRequest(name=scene.workspace), metadata=scene.owner.md, timeout=TIMEOUT_S
     )
-    return Published(WS_CHANGED, DELETED, EVENTS_WS)
+    return Published(WS_CHANGED, DELETED, scene.workspace)
 
 
 async def write_undelete_workspace(scene: Scene) -> Published:
     await scene.stub.UndeleteWorkspace(
-        pb.UndeleteWorkspaceRequest(name=EVENTS_WS), metadata=scene.owner.md, timeout=TIMEOUT_S
+        pb.UndeleteWorkspaceRequest(name=scene.workspace),
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
     )
-    return Published(WS_CHANGED, UPDATED, EVENTS_WS)
+    return Published(WS_CHANGED, UPDATED, scene.workspace)
 
 
 async def write_add_member(scene: Scene) -> Published:
-    await add_member(scene.stub, scene.owner, EVENTS_WS, scene.newcomer, pb.WORKSPACE_ROLE_VIEWER)
-    return Published(MEMBER_CHANGED, CREATED, member_name(EVENTS_WS, scene.newcomer))
+    await add_member(
+        scene.stub, scene.owner, scene.workspace, scene.newcomer, pb.WORKSPACE_ROLE_VIEWER
+    )
+    return Published(MEMBER_CHANGED, CREATED, member_name(scene.workspace, scene.newcomer))
 
 
 async def write_update_member(scene: Scene) -> Published:
-    await _set_role(scene.stub, scene.owner, EVENTS_WS, scene.newcomer, pb.WORKSPACE_ROLE_EDITOR)
-    return Published(MEMBER_CHANGED, UPDATED, member_name(EVENTS_WS, scene.newcomer))
+    await _set_role(
+        scene.stub, scene.owner, scene.workspace, scene.newcomer, pb.WORKSPACE_ROLE_EDITOR
+    )
+    return Published(MEMBER_CHANGED, UPDATED, member_name(scene.workspace, scene.newcomer))
 
 
 async def write_remove_member(scene: Scene) -> Published:
-    await _remove(scene.stub, scene.owner, EVENTS_WS, scene.newcomer)
-    return Published(MEMBER_CHANGED, DELETED, member_name(EVENTS_WS, scene.newcomer))
+    await _remove(scene.stub, scene.owner, scene.workspace, scene.newcomer)
+    return Published(MEMBER_CHANGED, DELETED, member_name(scene.workspace, scene.newcomer))
 
 
 async def write_create_conversation(scene: Scene) -> Published:
-    conversation = await create_conversation(scene.stub, scene.owner, EVENTS_WS)
+    conversation = await create_conversation(scene.stub, scene.owner, scene.workspace)
     return Published(CONV_CHANGED, CREATED, conversation.name, conversation.name)
 
 
@@ -2289,7 +2335,7 @@ async def test_every_write_publishes_its_event(
     assert [summary(e) for e in got] == [expected[:3]]
     event = got[0]
     assert event.actor.name == scene.owner.name
-    assert event.workspace == EVENTS_WS
+    assert event.workspace == scene.workspace
     assert event.id
     assert event.HasField("time")
     if expected.kind in (CONV_CHANGED, MESSAGE_CREATED, MEMORY_CHANGED):
@@ -2302,7 +2348,7 @@ async def test_every_write_publishes_its_event(
 async def update_workspace_stale(scene: Scene) -> object:
     return await scene.stub.UpdateWorkspace(
         pb.UpdateWorkspaceRequest(
-            workspace=pb.Workspace(name=EVENTS_WS, display_name="x", etag=STALE),
+            workspace=pb.Workspace(name=scene.workspace, display_name="x", etag=STALE),
             update_mask=mask("display_name"),
         ),
         metadata=scene.owner.md,
@@ -2312,7 +2358,7 @@ async def update_workspace_stale(scene: Scene) -> object:
 
 async def delete_workspace_stale(scene: Scene) -> object:
     return await scene.stub.DeleteWorkspace(
-        pb.DeleteWorkspaceRequest(name=EVENTS_WS, etag=STALE),
+        pb.DeleteWorkspaceRequest(name=scene.workspace, etag=STALE),
         metadata=scene.owner.md,
         timeout=TIMEOUT_S,
     )
@@ -2342,11 +2388,11 @@ async def append_invalid_message(scene: Scene) -> object:
 
 
 async def remove_last_owner(scene: Scene) -> None:
-    await _remove(scene.stub, scene.owner, EVENTS_WS, scene.owner)
+    await _remove(scene.stub, scene.owner, scene.workspace, scene.owner)
 
 
 async def create_duplicate_workspace(scene: Scene) -> object:
-    return await create_workspace(scene.stub, scene.owner, "dup", workspace_id="events-ws")
+    return await create_workspace(scene.stub, scene.owner, "dup", workspace_id=_id(scene.workspace))
 
 
 async def update_memory_item_stale(scene: Scene) -> object:
