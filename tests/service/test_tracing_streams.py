@@ -109,10 +109,20 @@ async def mesh(exporter: Spans) -> AsyncIterator[SwitchboardServer]:
 
 
 @pytest.fixture
-async def trouble() -> AsyncIterator[tuple[Trouble, list[dict[str, Any]]]]:
-    """Log records, and the loop's unhandled exceptions, while the test runs."""
-    async with watching(Trouble()) as watched:
-        yield watched
+async def trouble(mesh: SwitchboardServer) -> AsyncIterator[tuple[Trouble, list[dict[str, Any]]]]:
+    """Log records, and the loop's unhandled exceptions, while the test runs.
+
+    Everything alive before the test (the server included) is frozen out of the
+    collector meanwhile: ``_cleaned_up`` then collects only what the test made, in
+    milliseconds, where a full collection of a late xdist worker's heap held the
+    loop for a second or more each time (cases of 12 s, most of it in gc).
+    """
+    gc.freeze()
+    try:
+        async with watching(Trouble()) as watched:
+            yield watched
+    finally:
+        gc.unfreeze()
 
 
 #: The caller's trace, sent beside the bearer token.
