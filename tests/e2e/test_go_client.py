@@ -65,7 +65,17 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(directory: Path, **extra: str) -> dict[str, str]:
-    return restart_env(directory, "go-client-e2e", **extra)
+    # A stop waits out the grace while the example's streams are open (docs/operations.md,
+    # "Shutdown"): a short one keeps each restart short, and the run still outlasts it.
+    return restart_env(directory, "go-client-e2e", SWITCHBOARD_SHUTDOWN_GRACE_S="0.5", **extra)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServeProcess]:
+    """One dev-mode server for the tests that neither stop nor restart theirs: each
+    test signs up a user of its own."""
+    with ServeProcess("--dev", env={"SWITCHBOARD_EVENTS_HEARTBEAT_S": HEARTBEAT_S}) as served:
+        yield served
 
 
 def _example(quickstart: Path, server: ServeProcess, email: str, *args: str) -> Quickstart:
@@ -151,14 +161,11 @@ def test_go_unit_tests_pass_under_the_race_detector() -> None:
 
 
 def test_quickstart_signs_in_sends_watches_and_follows(
-    quickstart: Path, python_clients: list[Caller]
+    quickstart: Path, server: ServeProcess, python_clients: list[Caller]
 ) -> None:
     email = unique_email("go-quickstart")
     message = "hello from the go quickstart"
-    with (
-        ServeProcess("--dev", env={"SWITCHBOARD_EVENTS_HEARTBEAT_S": HEARTBEAT_S}) as server,
-        _example(quickstart, server, email, "-register", "-message", message) as example,
-    ):
+    with _example(quickstart, server, email, "-register", "-message", message) as example:
         signed_in = example.wait_kind("signed_in")
         conversation = example.wait_kind("conversation")["name"]
         sent = example.wait_kind("sent")
@@ -194,26 +201,27 @@ def test_quickstart_signs_in_sends_watches_and_follows(
     assert example.lines[-1]["kind"] == "done"
 
 
-def test_quickstart_reports_errors_decoded_from_status_details(quickstart: Path) -> None:
+def test_quickstart_reports_errors_decoded_from_status_details(
+    quickstart: Path, server: ServeProcess
+) -> None:
     """ErrorInfo and BadRequest come out of the gRPC status as errdetails types: the Go
     module uses genproto's google.rpc, not a second generated copy of it."""
-    with ServeProcess("--dev") as server:
-        with _example(
-            quickstart, server, unique_email("go-bad"), "-register", "-workspace-id", "Not An Id!"
-        ) as bad:
-            invalid = bad.wait_kind("error")
-            assert bad.finish() == 1
-        # An API key of the right shape that the server never issued.
-        forged = "sbk_" + "a" * 8 + "_" + "A" * 43
-        with Quickstart(
-            quickstart,
-            "-addr",
-            server.address,
-            "-plaintext",
-            env={"SB_API_KEY": forged},
-        ) as anonymous:
-            refused = anonymous.wait_kind("error")
-            assert anonymous.finish() == 1
+    with _example(
+        quickstart, server, unique_email("go-bad"), "-register", "-workspace-id", "Not An Id!"
+    ) as bad:
+        invalid = bad.wait_kind("error")
+        assert bad.finish() == 1
+    # An API key of the right shape that the server never issued.
+    forged = "sbk_" + "a" * 8 + "_" + "A" * 43
+    with Quickstart(
+        quickstart,
+        "-addr",
+        server.address,
+        "-plaintext",
+        env={"SB_API_KEY": forged},
+    ) as anonymous:
+        refused = anonymous.wait_kind("error")
+        assert anonymous.finish() == 1
 
     assert invalid["step"] == "set_up"
     assert invalid["code"] == "InvalidArgument"
@@ -226,28 +234,25 @@ def test_quickstart_reports_errors_decoded_from_status_details(quickstart: Path)
 
 
 def test_quickstart_steers_a_run_that_is_going(
-    quickstart: Path, python_clients: list[Caller]
+    quickstart: Path, server: ServeProcess, python_clients: list[Caller]
 ) -> None:
     """``-steer`` calls ``Client.SteerRun`` while the run goes: the steer is accepted at
     once with its own run, and, the echo handler having no step boundary to take it at,
     it is requeued when the run ends and answers the message itself (never lost)."""
     email = unique_email("go-steer")
-    with (
-        ServeProcess("--dev") as server,
-        _example(
-            quickstart,
-            server,
-            email,
-            "-register",
-            "-message",
-            "count one two three four",
-            "-param",
-            "delay_ms=300",
-            "-steer",
-            "and then stop",
-            "-follow=false",
-        ) as example,
-    ):
+    with _example(
+        quickstart,
+        server,
+        email,
+        "-register",
+        "-message",
+        "count one two three four",
+        "-param",
+        "delay_ms=300",
+        "-steer",
+        "and then stop",
+        "-follow=false",
+    ) as example:
         sent = example.wait_kind("sent")
         steered = example.wait_kind("steered")
         done = example.wait_kind("run_done", SETTLE_S)
@@ -481,7 +486,7 @@ def test_a_saved_session_survives_a_key_rotation_and_ends_when_its_token_is_reus
 
 
 def test_the_files_example_uploads_and_downloads_the_same_bytes(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, server: ServeProcess
 ) -> None:
     """UploadPath (one client stream, the SHA-256 computed while sending) and
     DownloadFile through the examples/files program, against a real server."""
@@ -492,23 +497,20 @@ def test_the_files_example_uploads_and_downloads_the_same_bytes(
     source, copy = directory / "photo-roll.bin", directory / "copy.bin"
     source.write_bytes(content)
     email = unique_email("go-files")
-    with (
-        ServeProcess("--dev") as server,
-        Quickstart(
-            binary,
-            "-addr",
-            server.address,
-            "-plaintext",
-            "-email",
-            email,
-            "-register",
-            "-file",
-            str(source),
-            "-out",
-            str(copy),
-            env={"SB_PASSWORD": PASSWORD},
-        ) as example,
-    ):
+    with Quickstart(
+        binary,
+        "-addr",
+        server.address,
+        "-plaintext",
+        "-email",
+        email,
+        "-register",
+        "-file",
+        str(source),
+        "-out",
+        str(copy),
+        env={"SB_PASSWORD": PASSWORD},
+    ) as example:
         uploaded = example.wait_kind("uploaded")
         downloaded = example.wait_kind("downloaded")
         assert example.finish() == 0, example.describe()
@@ -556,8 +558,9 @@ def talk_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_example(tmp_path_factory.mktemp("go-talk"), "talk")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def voice_server() -> Iterator[ServeProcess]:
+    """One voice server for the talk example's tests, each a user of its own."""
     with (
         AudioServerProcess() as audio,
         ServeProcess(
