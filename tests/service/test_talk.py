@@ -426,11 +426,13 @@ async def test_a_refused_message_drops_the_turn_with_its_status(
     )
     await session_of(talk)
     await talk.send(pb.TalkRequest(text=LONG))
-    await talk.until(first_speech)  # the first answer is still being spoken
+    heard = await talk.until(first_speech)  # the first answer is still being spoken
     await talk.send(pb.TalkRequest(text="a second question"))
     refused = await talk.until(lambda f: f.WhichOneof("frame") == "error")
     assert refused.error.code == grpc.StatusCode.ABORTED.value[0]
     assert refused.sequence == 0
+    # Stopped rather than heard out: its speech plays in real time (ten seconds more).
+    await talk.send(control_frame(pb.TALK_ACTION_INTERRUPT, heard.sequence))
     await talk.until(ended)
     talk.half_close()
     await talk.rest()
@@ -617,6 +619,8 @@ async def test_an_idle_session_ends_deadline_exceeded_and_resumes(
         voice_url=audio_server.url,
         egress_allow_loopback=True,
         voice_idle_timeout_s=1.0,
+        # The answer is sent ahead of playback, not at its pace (13 s of it).
+        voice_lead_ms=10_000,
     ) as (server, _context, dstub):
         async with aio.insecure_channel(server.address) as channel:
             place = await voice_place(server, channel)
