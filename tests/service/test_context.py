@@ -31,8 +31,6 @@ from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import MemoryItemRow, MessageRow
 from tests.conftest import make_settings, started
-from tests.infra.migrated import sqlite_copy
-from tests.infra.postgres import PostgresServer, _admin
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     TIMEOUT_S,
@@ -68,6 +66,7 @@ from tests.service.contextkit import (
     text_message,
     violations,
 )
+from tests.service.modulekit import module_database_url_fixture
 
 # One server per backend for the module (starting one per test was most of the module's
 # time); each test works in workspaces, users and conversations of its own, so nothing
@@ -93,25 +92,7 @@ DELETED = events_pb2.CHANGE_KIND_DELETED
 _GENERATED_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
-@pytest_asyncio.fixture(scope="module", params=["sqlite", "postgres"], loop_scope="module")
-async def module_database_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[str]:
-    """Every test here runs on SQLite and on a real PostgreSQL server: a database at the
-    newest schema, without rows, for the module's server on each."""
-    if request.param == "sqlite":
-        path = sqlite_copy(tmp_path_factory.mktemp("context") / "switchboard.db")
-        yield f"sqlite+aiosqlite:///{path}"
-        return
-    # Looked up lazily so SQLite-only runs never start PostgreSQL.
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    template: str = request.getfixturevalue("migrated_template")
-    name = f"test_{uuid.uuid4().hex}"
-    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    try:
-        yield server.url(name)
-    finally:
-        await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+module_database_url = module_database_url_fixture
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

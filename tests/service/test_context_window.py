@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc import aio
@@ -32,7 +34,7 @@ from switchboard.context.domain import ContextDomain
 from switchboard.context.settings import ContextSettings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings
+from tests.conftest import built, make_settings, started
 from tests.service.authkit import detail
 from tests.service.contextkit import (
     EXPIRED,
@@ -67,8 +69,11 @@ from tests.service.contextkit import (
     summary_created,
     window,
 )
+from tests.service.modulekit import module_database_url_fixture
 
-pytestmark = pytest.mark.asyncio
+# One server per backend for the module (starting one per test was most of the module's
+# time): every test makes a user, workspace and conversation of its own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 MAX_WINDOW_TOKENS = 50_000
 USER = pb.MESSAGE_ROLE_USER
@@ -81,9 +86,7 @@ def overrides() -> dict[str, Any]:
     return {}
 
 
-@pytest.fixture
-def settings(database_url: str, overrides: dict[str, Any]) -> Settings:
-    # database_url runs every test here once on SQLite and once on PostgreSQL.
+def window_settings(database_url: str, overrides: dict[str, Any]) -> Settings:
     values: dict[str, Any] = {
         "context_max_window_tokens": MAX_WINDOW_TOKENS,
         # Short summaries, so that generated windows often have room for one.
@@ -91,6 +94,34 @@ def settings(database_url: str, overrides: dict[str, Any]) -> Settings:
     }
     values.update(overrides)
     return make_settings(database_url=database_url, **values)
+
+
+# Every test here runs once on SQLite and once on PostgreSQL.
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(module_database_url: str) -> AsyncIterator[SwitchboardServer]:
+    async with started(window_settings(module_database_url, {})) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def channel(mesh: SwitchboardServer) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(mesh.address) as chan:
+        yield chan
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def own_mesh(
+    database_url: str, overrides: dict[str, Any]
+) -> AsyncIterator[tuple[SwitchboardServer, aio.Channel]]:
+    """A server of the test's own, with its ``overrides``, and a channel to it."""
+    async with (
+        started(window_settings(database_url, overrides)) as server,
+        aio.insecure_channel(server.address) as chan,
+    ):
+        yield server, chan
 
 
 def code_of(error: pytest.ExceptionInfo[aio.AioRpcError]) -> grpc.StatusCode:
@@ -743,8 +774,9 @@ async def test_long_conversations_are_windowed_across_pages(
 
 @pytest.mark.parametrize("overrides", [{"context_auto_prune_messages": 20}])
 async def test_automatic_pruning_keeps_three_quarters_and_loses_nothing(
-    mesh: SwitchboardServer, channel: aio.Channel
+    own_mesh: tuple[SwitchboardServer, aio.Channel],
 ) -> None:
+    mesh, channel = own_mesh
     c = await new_chat(mesh, channel)
     appended = [
         await append(c.stub, c.caller, c.conversation, f"message number {i}") for i in range(1, 21)

@@ -1,0 +1,44 @@
+"""One server per backend for a whole test module, for modules whose tests each make
+users, workspaces and conversations of their own (starting a server per test was most
+of such a module's time).
+
+A module binds the fixtures under the names its tests take, and runs its tests on the
+module's event loop (the server's)::
+
+    pytestmark = pytest.mark.asyncio(loop_scope="module")
+    module_database_url = module_database_url_fixture
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from tests.infra.migrated import sqlite_copy
+from tests.infra.postgres import PostgresServer, _admin
+
+
+@pytest_asyncio.fixture(scope="module", params=["sqlite", "postgres"], loop_scope="module")
+async def module_database_url_fixture(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """Like ``database_url`` (once per backend, at the newest schema, without rows), for
+    a whole module: a copy of the migrated SQLite file, or a PostgreSQL database copied
+    from the migrated template and dropped after the module."""
+    if request.param == "sqlite":
+        path = sqlite_copy(tmp_path_factory.mktemp("module") / "switchboard.db")
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    # Looked up lazily so SQLite-only runs never start PostgreSQL.
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    template: str = request.getfixturevalue("migrated_template")
+    name = f"test_{uuid.uuid4().hex}"
+    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield server.url(name)
+    finally:
+        # FORCE: a test that leaked a connection must not leak the database.
+        await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
