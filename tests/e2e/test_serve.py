@@ -10,7 +10,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 import grpc
@@ -25,7 +29,26 @@ from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, bearer, unique_email
 from tests.service.test_health import SERVED
 
-pytestmark = pytest.mark.e2e
+_T = TypeVar("_T")
+
+#: A test here starts up to four processes, each importing the whole server: minutes
+#: on two busy cores.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+def _together(*calls: Callable[[], _T]) -> list[_T]:
+    """Each call's result, the calls made at once (process starts that wait on each
+    other's imports for nothing when made in turn); the first failure is raised."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+
+
+def _serving(stack: ExitStack, *servers: ServeProcess) -> None:
+    """Start ``servers`` at once; each is stopped with ``stack``, whatever happened."""
+    for server in servers:
+        stack.callback(server.__exit__, None, None, None)
+    _together(*(server.start for server in servers))
 
 
 def test_serve_logs_bound_address_and_stops_gracefully_on_sigterm() -> None:
@@ -248,8 +271,9 @@ def test_a_second_server_on_one_postgresql_database_without_redis_is_refused(
     env = {**shared_keys, "SWITCHBOARD_DATABASE_URL": postgres_url}
     with ServeProcess(env=env) as first:
         assert first.proc is not None
-        for extra in ({}, {"SWITCHBOARD_REDIS_URL": redis_server.url}):
-            refusal = _refused({**first.env, **extra})
+        extras: list[dict[str, str]] = [{}, {"SWITCHBOARD_REDIS_URL": redis_server.url}]
+        refusals = _together(*(partial(_refused, {**first.env, **extra}) for extra in extras))
+        for refusal in refusals:
             assert "set SWITCHBOARD_REDIS_URL on every process" in refusal
             assert f"process {first.proc.pid} on " in refusal
             assert "without Redis" in refusal
@@ -258,7 +282,9 @@ def test_a_second_server_on_one_postgresql_database_without_redis_is_refused(
         assert first.terminate() == 0
 
     with_redis = {**env, "SWITCHBOARD_REDIS_URL": redis_server.url}
-    with ServeProcess(env=with_redis) as a, ServeProcess(env=with_redis) as b:
+    with ExitStack() as stack:
+        a, b = ServeProcess(env=with_redis), ServeProcess(env=with_redis)
+        _serving(stack, a, b)
         _write_and_see_its_event(a.address, b.address)
         # An embedded-log process is refused beside them.
         without = {k: v for k, v in a.env.items() if k != "SWITCHBOARD_REDIS_URL"}
@@ -280,18 +306,22 @@ def test_two_dispatchers_with_one_instance_id_are_refused(
         "SWITCHBOARD_REDIS_URL": redis_server.url,
         "SWITCHBOARD_INSTANCE_ID": "replica-a",
     }
-    with ServeProcess(env=env) as first:
+    with ServeProcess(env=env) as first, ExitStack() as stack:
         assert first.proc is not None
-        refusal = _refused(first.env)
+        # A process that serves no dispatcher owns no runs: it may share the id.
+        events_only = ServeProcess("--services", "auth,events", env=env)
+        other = ServeProcess(env={**env, "SWITCHBOARD_INSTANCE_ID": "replica-b"})
+        for server in (events_only, other):
+            stack.callback(server.__exit__, None, None, None)
+        refusing = partial(_refused, first.env)
+        refusal = _together(refusing, events_only.start, other.start)[0]
+        assert isinstance(refusal, str)
         assert "SWITCHBOARD_INSTANCE_ID='replica-a'" in refusal
         assert f"process {first.proc.pid} on " in refusal
-        # A process that serves no dispatcher owns no runs: it may share the id.
-        with ServeProcess("--services", "auth,events", env=env) as events_only:
-            _write_and_see_its_event(first.address, events_only.address)
-            assert events_only.terminate() == 0
-        with ServeProcess(env={**env, "SWITCHBOARD_INSTANCE_ID": "replica-b"}) as other:
-            _write_and_see_its_event(other.address, first.address)
-            assert other.terminate() == 0
+        _write_and_see_its_event(first.address, events_only.address)
+        assert events_only.terminate() == 0
+        _write_and_see_its_event(other.address, first.address)
+        assert other.terminate() == 0
         assert first.terminate() == 0
 
 
