@@ -118,7 +118,7 @@ class LogKeeper:
 
     def __init__(self, config: pytest.Config) -> None:
         self._config = config
-        self.directory = Path(tempfile.mkdtemp(prefix="switchboard-process-logs-"))
+        self._directory: Path | None = None
         self._serial = itertools.count(1)
         self._lock = threading.Lock()
         self._item: pytest.Item | None = None
@@ -129,6 +129,14 @@ class LogKeeper:
         self._emptied: set[str] = set()
         #: Failed test id -> folder, for the summary (on the xdist controller too).
         self.kept: dict[str, str] = {}
+
+    @property
+    def directory(self) -> Path:
+        """Where this session's own log files are: made at the first (a session that starts
+        no process, the xdist controller's, makes none)."""
+        if self._directory is None:
+            self._directory = Path(tempfile.mkdtemp(prefix="switchboard-process-logs-"))
+        return self._directory
 
     def _owner(self) -> _Owner:
         if self._setting_up and self._setting_up[-1].scope != "function":
@@ -248,7 +256,8 @@ class LogKeeper:
             terminalreporter.write_line(f"{nodeid}: {folder}")
 
     def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
 
 
 _STASH: Final = pytest.StashKey[LogKeeper]()
