@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -25,7 +26,9 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.e2e.procs import ServeProcess, shared_env
-from tests.infra.redis import RedisServer
+from tests.infra.postgres import PostgresServer
+from tests.infra.postgres import _admin as postgres_admin
+from tests.infra.redis import RedisServer, _fixture_server
 from tests.service.authkit import PASSWORD, bearer, reason, register, unique_email, user_id
 from tests.service.contextkit import (
     Caller,
@@ -43,13 +46,42 @@ pytestmark = pytest.mark.e2e
 CALL_TIMEOUT_S = 5.0
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One ``redis-server`` for the module's pair (the conftest's is per test): each test
+    that pauses or kills it brings it back before it ends."""
+    yield from _fixture_server(tmp_path_factory, durable=False)
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres_server: PostgresServer, migrated_template: str) -> Iterator[str]:
+    """A fresh database, migrated, for the module's pair (each test makes its own users,
+    sessions and workspaces in it)."""
+    name = f"test_{uuid.uuid4().hex}"
+
+    def admin(sql: str) -> None:
+        # In a thread of its own: a module fixture may be set up while a test's loop runs.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, postgres_admin(postgres_server, sql)).result()
+
+    admin(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
+    try:
+        yield postgres_server.url(name)
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
 def pair(
-    tmp_path: Path, redis_server: RedisServer, postgres_url: str
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer,
+    database_url: str,
 ) -> Iterator[tuple[ServeProcess, ServeProcess]]:
+    """A and B, started once for the module: every test works with users, sessions and
+    workspaces of its own, and leaves Redis running."""
     env = {
         # Processes share PostgreSQL: a SQLite file belongs to one process.
-        **shared_env(tmp_path, postgres_url, redis_server.url),
+        **shared_env(tmp_path_factory.mktemp("pair"), database_url, redis_server.url),
         "SWITCHBOARD_REDIS_TIMEOUT_S": "0.2",
         "SWITCHBOARD_REDIS_LEASE_S": "0.6",
         # A stream ended within seconds was ended by the change, not by this timer.
