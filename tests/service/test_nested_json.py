@@ -29,6 +29,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.dispatcher.handlers import remote_a2a
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform.jsonbounds import MAX_DEPTH
 from switchboard.platform.rpc.server import SwitchboardServer
@@ -183,7 +184,11 @@ async def test_an_agent_card_nested_too_deep_is_unavailable_until_the_circuit_op
             assert DEEP in status.last_error.message
 
 
-async def test_a_workspace_expert_whose_card_is_too_deep_is_down_until_its_card_is_back() -> None:
+async def test_a_workspace_expert_whose_card_is_too_deep_is_down_until_its_card_is_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A down agent is asked again 5 s after it went down; sooner here, the same path.
+    monkeypatch.setattr(remote_a2a, "RETRY_AFTER_S", 0.5)
     with recording() as site:
         site.routes[CARD] = json_reply(card(params=nested_objects(5000, "params")))
         # GetTask of an unknown task: the agent's own answer, which is what a probe wants.
