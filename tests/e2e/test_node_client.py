@@ -126,7 +126,9 @@ def following(
 
 
 def test_follow_resumes_across_a_server_restart_with_every_event_once(tmp_path: Path) -> None:
-    env = restart_env(tmp_path, "node-client-e2e")
+    # A stop waits out the grace while the follower's stream is open (docs/operations.md,
+    # "Shutdown"): a short one keeps the restart short.
+    env = restart_env(tmp_path, "node-client-e2e", SWITCHBOARD_SHUTDOWN_GRACE_S="0.5")
     email = unique_email("node-follow")
     with ExitStack() as stack:
         first = stack.enter_context(ServeProcess(env=env))
@@ -193,25 +195,31 @@ def _answered(caller: Caller, conversation: str, text: str) -> list[dispatcher_p
     return updates
 
 
-def test_a_follower_replaying_a_run_gets_its_deltas_merged(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServeProcess]:
+    """One dev-mode server for the tests that neither stop nor restart theirs: each
+    test's runs are a user's of its own."""
+    with ServeProcess("--dev") as served:
+        yield served
+
+
+def test_a_follower_replaying_a_run_gets_its_deltas_merged(server: ServeProcess) -> None:
     """A follower that starts before a run it missed gets the run's updates from the
     process's ring (its deltas too, which the log does not keep), its deltas merged."""
     email = unique_email("node-merged")
-    with ServeProcess("--dev") as server:
-        register(server, email)
-        with Caller(server, email) as python:
-            conversation = python.conversation()
-            start = python.logged(conversation, "")[-1].cursor
-            one_by_one = _answered(python, conversation, "one two three four five six seven")
-            run = one_by_one[0].run
-            with following(server, email, conversation, start) as follower:
-                follower.wait_for(
-                    lambda line: (
-                        line.get("event", {}).get("update", {}).get("state")
-                        == "RUN_STATE_SUCCEEDED"
-                    ),
-                    "the run's last update",
-                )
+    register(server, email)
+    with Caller(server, email) as python:
+        conversation = python.conversation()
+        start = python.logged(conversation, "")[-1].cursor
+        one_by_one = _answered(python, conversation, "one two three four five six seven")
+        run = one_by_one[0].run
+        with following(server, email, conversation, start) as follower:
+            follower.wait_for(
+                lambda line: (
+                    line.get("event", {}).get("update", {}).get("state") == "RUN_STATE_SUCCEEDED"
+                ),
+                "the run's last update",
+            )
     updates = [e["update"] for e in follower.events() if e.get("update", {}).get("run") == run]
     deltas = [u for u in one_by_one if u.WhichOneof("update") == "delta"]
     merged = [u for u in updates if u["kind"] == "delta"]
@@ -224,17 +232,16 @@ def test_a_follower_replaying_a_run_gets_its_deltas_merged(tmp_path: Path) -> No
     assert "".join(u["delta"] for u in merged) == "".join(u.delta.text for u in deltas)
 
 
-def test_watch_run_replays_a_runs_deltas_merged() -> None:
+def test_watch_run_replays_a_runs_deltas_merged(server: ServeProcess) -> None:
     """``runs.mjs`` watches the run it conversed with again from its start (``watchRun``):
     the deltas it got one by one on the Converse stream come as one update."""
-    with ServeProcess("--dev") as server:
-        done = subprocess.run(
-            [tool("node"), str(RUNS), server.address],
-            capture_output=True,
-            text=True,
-            timeout=SETTLE_S,
-            check=False,
-        )
+    done = subprocess.run(
+        [tool("node"), str(RUNS), server.address],
+        capture_output=True,
+        text=True,
+        timeout=SETTLE_S,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     first, replay = result["first"], result["replay"]
