@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -25,10 +23,10 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
+from tests.e2e import modulescope
 from tests.e2e.procs import ServeProcess, shared_env
 from tests.infra.postgres import PostgresServer
-from tests.infra.postgres import _admin as postgres_admin
-from tests.infra.redis import RedisServer, _fixture_server
+from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, bearer, reason, register, unique_email, user_id
 from tests.service.contextkit import (
     Caller,
@@ -48,27 +46,14 @@ CALL_TIMEOUT_S = 5.0
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One ``redis-server`` for the module's pair (the conftest's is per test): each test
-    that pauses or kills it brings it back before it ends."""
-    yield from _fixture_server(tmp_path_factory, durable=False)
+    """The module's Redis (the conftest's is per test): a test that pauses or kills it
+    brings it back before it ends."""
+    yield from modulescope.redis(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def database_url(postgres_server: PostgresServer, migrated_template: str) -> Iterator[str]:
-    """A fresh database, migrated, for the module's pair (each test makes its own users,
-    sessions and workspaces in it)."""
-    name = f"test_{uuid.uuid4().hex}"
-
-    def admin(sql: str) -> None:
-        # In a thread of its own: a module fixture may be set up while a test's loop runs.
-        with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, postgres_admin(postgres_server, sql)).result()
-
-    admin(f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
-    try:
-        yield postgres_server.url(name)
-    finally:
-        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from modulescope.database(postgres_server, migrated_template)
 
 
 @pytest.fixture(scope="module")
