@@ -8,14 +8,15 @@ ones when it is back.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from tests.e2e import modulescope
 from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.infra.postgres import PostgresServer
 from tests.infra.redis import RedisServer
 from tests.service.contextkit import (
     Caller,
@@ -40,19 +41,33 @@ from tests.service.dispatchkit import (
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    yield from modulescope.redis(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def database_url(postgres_server: PostgresServer, migrated_template: str) -> Iterator[str]:
+    yield from modulescope.database(postgres_server, migrated_template)
+
+
+@pytest.fixture(scope="module")
+def env(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_server: RedisServer
+) -> dict[str, str]:
+    """For the module: each test signs up users of its own, and its dispatcher
+    processes end their runs (or leave none running) before the next test starts."""
     return {
-        **shared_secrets(tmp_path),
+        **shared_secrets(tmp_path_factory.mktemp("mesh")),
         # Processes share PostgreSQL (a SQLite file belongs to one process), and
         # so their events go through Redis (the embedded log is per process).
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
+        "SWITCHBOARD_DATABASE_URL": database_url,
         "SWITCHBOARD_REDIS_URL": redis_server.url,
         "SWITCHBOARD_INSTANCE_ID": "dispatcher-1",
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def context_process(env: dict[str, str]) -> Iterator[ServeProcess]:
     with ServeProcess("--services", "auth,context,events", env=env) as process:
         yield process
