@@ -26,17 +26,37 @@ def test_serves_then_fails():
         assert server.port == -1, "fails on purpose"
 """
 
-SERVES_AND_PASSES = """
-import pathlib
-from tests.e2e.procs import ServeProcess
+#: The session's log files are in the system's temporary directory (the case's TMPDIR).
+REDIS_THEN_PASSES = """
+import glob, os, tempfile
+from tests.infra.redis import RedisServer, find_redis_server
 
-def test_serves_and_passes():
-    with ServeProcess("--dev") as server:
-        assert server.log_path is not None and server.log_path.exists()
-        pathlib.Path("logpath.txt").write_text(str(server.log_path))
+def _logs():
+    pattern = os.path.join(tempfile.gettempdir(), "switchboard-process-logs-*", "redis-*.log")
+    return glob.glob(pattern)
+
+def test_starts_redis_and_passes():
+    server = RedisServer(find_redis_server())
+    server.start()
+    try:
+        assert len(_logs()) == 1
+    finally:
+        server.stop()
 
 def test_the_first_tests_log_is_gone_once_it_is_over():
-    assert not pathlib.Path(pathlib.Path("logpath.txt").read_text()).exists()
+    assert _logs() == []
+"""
+
+REDIS_THEN_FAILS = """
+from tests.infra.redis import RedisServer, find_redis_server
+
+def test_starts_redis_then_fails():
+    server = RedisServer(find_redis_server())
+    server.start()
+    try:
+        assert not server.running, "fails on purpose"
+    finally:
+        server.stop()
 """
 
 #: A session-scoped Redis and a session-scoped process whose log is longer than the tail
@@ -160,7 +180,7 @@ def test_a_passing_test_leaves_nothing_and_its_log_is_removed_when_it_ends(
     tmp_path: Path,
 ) -> None:
     artifacts = tmp_path / "artifacts"
-    done = _session(tmp_path, SERVES_AND_PASSES, artifacts=artifacts)
+    done = _session(tmp_path, REDIS_THEN_PASSES, artifacts=artifacts)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 passed" in done.stdout, done.stdout
     assert not (artifacts / "failures").exists()
@@ -206,16 +226,17 @@ def test_the_workers_server_logs_are_kept_with_a_failure_as_a_tail(tmp_path: Pat
 
 
 def test_without_the_variable_the_folder_is_in_the_temporary_directory(tmp_path: Path) -> None:
-    done = _session(tmp_path, SERVES_THEN_FAILS, artifacts=None)
+    done = _session(tmp_path, REDIS_THEN_FAILS, artifacts=None)
     assert done.returncode == 1, done.stdout + done.stderr
     folder = (
         tmp_path
         / "tmp"
         / "switchboard-test-artifacts"
         / "failures"
-        / "test_inner.py__test_serves_then_fails"
+        / "test_inner.py__test_starts_redis_then_fails"
     )
-    assert len(list(folder.glob("serve-*.log"))) == 1, done.stdout
+    (log,) = folder.glob("redis-*.log")
+    assert "Ready to accept connections" in log.read_text(), done.stdout
     assert f"kept in {folder}" in done.stdout, done.stdout
 
 
