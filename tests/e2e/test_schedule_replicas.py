@@ -98,6 +98,14 @@ T = TypeVar("T")
 
 
 @pytest.fixture
+def postgres_url(migrated_postgres_url: str) -> str:
+    """The database at the newest schema already (``postgres_engine`` reads it too): on an
+    empty one both replicas migrate at once, and beside a CPU burner the second's wait
+    for the first ran past its timeout (``cannot open the database``)."""
+    return migrated_postgres_url
+
+
+@pytest.fixture
 def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
     return {
         **scaled_env(tmp_path, postgres_url, redis_server.url),
