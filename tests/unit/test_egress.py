@@ -520,3 +520,25 @@ async def test_odd_spellings_of_loopback_are_refused_after_resolution(host: str)
     endpoint = parse_http_endpoint(f"http://{host}:8080/", "f")
     with pytest.raises(DestinationBlocked):
         await check_host(endpoint.host, endpoint.port, STRICT, timeout_s=5)
+
+
+async def test_clients_share_one_verifying_context_per_alpn_choice_and_still_verify(
+    tls_web: _Tls,
+) -> None:
+    """Loading the CA bundle per client took most of a server's start: clients of one
+    ALPN choice share one context, and it still verifies (the test CA is not in it)."""
+    clients = [http_client(LOOPBACK, timeout_s=5, http2=http2) for http2 in (False, False, True)]
+    contexts = [client._transport._pool._ssl_context for client in clients]  # type: ignore[attr-defined]
+    assert contexts[0] is contexts[1]
+    assert contexts[2] is not contexts[0]
+    assert all(context.verify_mode == ssl.CERT_REQUIRED for context in contexts)
+    own = ssl.create_default_context(cafile=str(tls_web.ca_file))
+    with_own = http_client(LOOPBACK, timeout_s=5, verify=own)
+    assert with_own._transport._pool._ssl_context is own  # type: ignore[attr-defined]
+    for client in clients:
+        async with client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"https://localhost:{tls_web.server.port}/tls")
+    async with with_own:
+        response = await with_own.get(f"https://localhost:{tls_web.server.port}/tls")
+    assert response.text == f"localhost:{tls_web.server.port}"

@@ -59,10 +59,12 @@ resource its client named can answer the first as that client's input
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -677,6 +679,18 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
+@functools.cache
+def _verifying_context(http2: bool) -> ssl.SSLContext:
+    """The certificate-verifying TLS context of every client of this ALPN choice.
+
+    Loading the CA bundle costs 15-20 ms, and a server makes a client per integration,
+    model and webhook engine: built once per process, it took most of a server's start.
+    One per ``http2`` because httpcore sets a context's ALPN protocols on each connection
+    from that alone, so clients sharing a context never change it under each other.
+    """
+    return httpx.create_ssl_context(verify=True, trust_env=False)
+
+
 class _CheckedTransport(httpx.AsyncHTTPTransport):
     """httpx's own transport (exception mapping, streaming) over a checked backend."""
 
@@ -692,6 +706,8 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
         limits: httpx.Limits | None = None,
     ) -> None:
         limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        if verify is True and cert is None:
+            verify = _verifying_context(http2)
         super().__init__(
             verify=verify, cert=cert, trust_env=False, http1=http1, http2=http2, limits=limits
         )
