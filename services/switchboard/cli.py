@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from switchboard.deploy import commands, launcher
+from switchboard.deploy import commands, meshargs
 from switchboard.platform.config import ConfigError, KernelSettings
 from switchboard.platform.observe.logging import configure_logging
 from switchboard.platform.security import keyfile
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_envoy_parser(sub)
     commands.add_edge_health_parser(sub)
     commands.add_dev_cert_parser(sub)
-    launcher.add_mesh_parser(sub)
+    meshargs.add_mesh_parser(sub)
     return parser
 
 
@@ -147,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "dev-cert":
         return commands.run_dev_cert(args)
     if args.command == "mesh":
+        from switchboard.deploy import launcher
+
         return launcher.run_mesh(args)
     if args.command not in ("serve", "migrate"):
         _parser().print_help()

@@ -41,8 +41,9 @@ from switchboard.deploy.envoy import (
     bootstrap,
     render,
 )
-from switchboard.deploy.launcher import Options, add_mesh_parser
+from switchboard.deploy.launcher import Options
 from switchboard.deploy.machine import MeshError
+from switchboard.deploy.meshargs import add_mesh_parser
 from tests.e2e.envoy import envoy_validate
 
 ROOT: Final = Path(__file__).resolve().parents[2]
