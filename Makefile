@@ -81,21 +81,30 @@ contracts: $(STAMP)
 	@bash scripts/install-tools.sh --gen
 	bash scripts/check-contracts.sh
 
-# Two workers (pytest-xdist), a test file each at a time: most of the suite waits on
-# processes it started, so two halve the time on two cores (PYTEST_WORKERS=0: one process).
-PYTEST_WORKERS ?= 2
+# Workers (pytest-xdist), a test file each at a time, the longest files first
+# (tests/infra/longestfirst.py): much of the suite waits on processes it started, so more
+# workers than cores keep both cores busy (PYTEST_WORKERS=0: one process). The JUnit report
+# (each test's time; scripts/test-durations.py) goes to TEST_RESULTS.
+PYTEST_WORKERS ?= 4
+TEST_RESULTS ?= build/test-results
 pytest: deps $(STAMP) test-tools
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	@mkdir -p $(TEST_RESULTS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile --junitxml=$(TEST_RESULTS)/junit.xml
 
 test-tools: deps $(STAMP)
 	@bash scripts/install-tools.sh --test
 
-# deps first, whatever -j says: the rest needs what it installs.
+# deps first, whatever -j says: the rest needs what it installs. The static checks run
+# beside pytest (each check's output together when it ends): they are a minute of CPU
+# that the suite's waits leave free. Any failure fails the whole.
 test check:
 	@bash scripts/install-deps.sh
 	@$(MAKE) --no-print-directory $(STAMP)
 	@bash scripts/install-tools.sh --test
-	$(MAKE) --no-print-directory lint typecheck contracts pytest
+	@$(MAKE) --no-print-directory -j3 --output-sync=target lint typecheck contracts & checks=$$!; \
+	  $(MAKE) --no-print-directory pytest; status=$$?; \
+	  wait $$checks || status=1; \
+	  if [ $$status -ne 0 ]; then echo "make test: FAILED (see above)"; fi; exit $$status
 
 bench: $(STAMP)
 	$(PY) bench/run.py
