@@ -82,14 +82,16 @@ contracts: $(STAMP)
 	bash scripts/check-contracts.sh
 
 # Workers (pytest-xdist), a test file each at a time, the longest files first
-# (tests/infra/longestfirst.py): much of the suite waits on processes it started, so more
+# (tests/infra/longestfirst.py; xdist would otherwise put the files with most tests first,
+# whatever their time): much of the suite waits on processes it started, so more
 # workers than cores keep both cores busy (PYTEST_WORKERS=0: one process). The JUnit report
 # (each test's time; scripts/test-durations.py) goes to TEST_RESULTS.
 PYTEST_WORKERS ?= 4
 TEST_RESULTS ?= build/test-results
 pytest: deps $(STAMP) test-tools
 	@mkdir -p $(TEST_RESULTS)
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile --junitxml=$(TEST_RESULTS)/junit.xml
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	  --junitxml=$(TEST_RESULTS)/junit.xml
 
 test-tools: deps $(STAMP)
 	@bash scripts/install-tools.sh --test

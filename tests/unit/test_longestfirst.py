@@ -65,3 +65,12 @@ def test_the_checked_in_table_names_only_files_that_exist() -> None:
     root = TABLE.parents[1]
     missing = [name for name in load_table() if not (root / name).is_file()]
     assert missing == [], "rerun scripts/test-durations.py: the table names files gone"
+
+
+def test_make_keeps_the_order_xdist_is_given() -> None:
+    """xdist's loadfile reorders files by their number of tests unless told not to: a
+    one-test file of 40 s then starts last, and the run waits on it alone."""
+    makefile = (TABLE.parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\npytest:", 1)[1].split("\n\n", 1)[0]
+    assert "--dist loadfile" in recipe
+    assert "--no-loadscope-reorder" in recipe
