@@ -28,7 +28,7 @@ from tests.service.authkit import bearer
 from tests.service.contextkit import Caller, context_stub
 from tests.service.dispatchkit import dispatcher_stub, finished
 from tests.service.eventkit import member, publish, workspace_event, ws
-from tests.service.tracekit import watching
+from tests.service.tracekit import watching_alone
 
 # A small receive window and no BDP probing: the server's sends block after a
 # few KiB the client does not read.
@@ -53,19 +53,9 @@ class Trouble(logging.Handler):
 
 @pytest.fixture
 async def trouble(mesh: SwitchboardServer) -> AsyncIterator[tuple[Trouble, list[dict[str, Any]]]]:
-    """Log records and the loop's unhandled exceptions while the test runs.
-
-    Everything alive before the test (the server included) is frozen out of the
-    collector meanwhile: the polling below collects only what the test made, in
-    milliseconds, where a full collection of a late xdist worker's heap held the
-    loop for a second or more each time (cases of 20 s, most of it in gc).
-    """
-    gc.freeze()
-    try:
-        async with watching(Trouble()) as watched:
-            yield watched
-    finally:
-        gc.unfreeze()
+    """Log records and the loop's unhandled exceptions while the test runs."""
+    async with watching_alone(Trouble()) as watched:
+        yield watched
 
 
 async def _finished(handler: Trouble, unhandled: list[dict[str, Any]]) -> None:

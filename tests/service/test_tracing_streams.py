@@ -59,7 +59,7 @@ from tests.service.integrationkit import (
     webhook,
     webhook_secret,
 )
-from tests.service.tracekit import Spans, traced_server, watching
+from tests.service.tracekit import Spans, traced_server, watching_alone
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -110,19 +110,9 @@ async def mesh(exporter: Spans) -> AsyncIterator[SwitchboardServer]:
 
 @pytest.fixture
 async def trouble(mesh: SwitchboardServer) -> AsyncIterator[tuple[Trouble, list[dict[str, Any]]]]:
-    """Log records, and the loop's unhandled exceptions, while the test runs.
-
-    Everything alive before the test (the server included) is frozen out of the
-    collector meanwhile: ``_cleaned_up`` then collects only what the test made, in
-    milliseconds, where a full collection of a late xdist worker's heap held the
-    loop for a second or more each time (cases of 12 s, most of it in gc).
-    """
-    gc.freeze()
-    try:
-        async with watching(Trouble()) as watched:
-            yield watched
-    finally:
-        gc.unfreeze()
+    """Log records, and the loop's unhandled exceptions, while the test runs."""
+    async with watching_alone(Trouble()) as watched:
+        yield watched
 
 
 #: The caller's trace, sent beside the bearer token.
