@@ -9,33 +9,32 @@ the conftest's ``postgres_url`` and ``redis_server`` are per test.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import pytest
 
-from tests.infra.postgres import PostgresServer
-from tests.infra.postgres import _admin as postgres_admin
+from tests.infra.postgres import PostgresServer, create_database, drop_database
 from tests.infra.redis import RedisServer, _fixture_server
 
+_T = TypeVar("_T")
 
-def _admin(server: PostgresServer, sql: str) -> None:
+
+def _in_thread(work: Coroutine[Any, Any, _T]) -> _T:
     # In a thread of its own: a module fixture may be set up while a test's loop runs.
     with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, postgres_admin(server, sql)).result()
+        return pool.submit(asyncio.run, work).result()
 
 
 def database(server: PostgresServer, template: str) -> Iterator[str]:
     """The URL of a fresh database copied from ``template`` (the migrated one: the schema
     at head, the tables empty), dropped afterwards."""
-    name = f"test_{uuid.uuid4().hex}"
-    _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    name = _in_thread(create_database(server, template))
     try:
         yield server.url(name)
     finally:
-        # FORCE: a process that leaked a connection must not leak the database.
-        _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _in_thread(drop_database(server, name))
 
 
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

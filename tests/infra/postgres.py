@@ -346,16 +346,36 @@ async def _admin(server: PostgresServer, sql: str) -> None:
         await engine.dispose()
 
 
+async def create_database(server: PostgresServer, template: str | None = None) -> str:
+    """A new database's name: empty, or a copy of ``template``."""
+    name = f"test_{uuid.uuid4().hex}"
+    copy = f' TEMPLATE "{template}"' if template else ""
+    await _admin(server, f'CREATE DATABASE "{name}"{copy}')
+    return name
+
+
+async def drop_database(server: PostgresServer, name: str) -> None:
+    # FORCE: a test or process that leaked a connection must not leak the database.
+    await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
+async def throwaway_database(
+    server: PostgresServer, template: str | None = None
+) -> AsyncIterator[str]:
+    """The URL of a new database (``create_database``) for the block, dropped after it."""
+    name = await create_database(server, template)
+    try:
+        yield server.url(name)
+    finally:
+        await drop_database(server, name)
+
+
 @pytest.fixture
 async def postgres_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
     """A SQLAlchemy URL (postgresql+asyncpg) of a fresh, empty database, dropped afterwards."""
-    name = f"test_{uuid.uuid4().hex}"
-    await _admin(postgres_server, f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres_server.url(name)
-    finally:
-        # FORCE: a test that leaked a connection must not leak the database.
-        await _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with throwaway_database(postgres_server) as url:
+        yield url
 
 
 #: The database every migrated test database is copied from (``migrated_postgres_url``).
@@ -381,12 +401,8 @@ async def migrated_postgres_url(
 ) -> AsyncIterator[str]:
     """Like ``postgres_url``, but a copy of the migrated template: the schema is at head
     (a server or store opening it finds nothing to migrate), the tables are empty."""
-    name = f"test_{uuid.uuid4().hex}"
-    await _admin(postgres_server, f'CREATE DATABASE "{name}" TEMPLATE "{migrated_template}"')
-    try:
-        yield postgres_server.url(name)
-    finally:
-        await _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with throwaway_database(postgres_server, migrated_template) as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,14 +11,13 @@ module's event loop (the server's)::
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
 from tests.infra.migrated import sqlite_copy
-from tests.infra.postgres import PostgresServer, _admin
+from tests.infra.postgres import PostgresServer, throwaway_database
 
 
 @pytest_asyncio.fixture(scope="module", params=["sqlite", "postgres"], loop_scope="module")
@@ -35,10 +34,5 @@ async def module_database_url_fixture(
     # Looked up lazily so SQLite-only runs never start PostgreSQL.
     server: PostgresServer = request.getfixturevalue("postgres_server")
     template: str = request.getfixturevalue("migrated_template")
-    name = f"test_{uuid.uuid4().hex}"
-    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    try:
-        yield server.url(name)
-    finally:
-        # FORCE: a test that leaked a connection must not leak the database.
-        await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with throwaway_database(server, template) as url:
+        yield url
