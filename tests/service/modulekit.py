@@ -7,6 +7,7 @@ module's event loop (the server's)::
 
     pytestmark = pytest.mark.asyncio(loop_scope="module")
     module_database_url = module_database_url_fixture
+    channel = module_channel_fixture  # a channel to the module's ``mesh``
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from grpc import aio
 
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.infra.migrated import sqlite_copy
 from tests.infra.postgres import PostgresServer, throwaway_database
 
@@ -36,3 +39,10 @@ async def module_database_url_fixture(
     template: str = request.getfixturevalue("migrated_template")
     async with throwaway_database(server, template) as url:
         yield url
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_channel_fixture(mesh: SwitchboardServer) -> AsyncIterator[aio.Channel]:
+    """A channel to the module's ``mesh`` fixture, open for the whole module."""
+    async with aio.insecure_channel(mesh.address) as chan:
+        yield chan

@@ -66,7 +66,7 @@ from tests.service.contextkit import (
     text_message,
     violations,
 )
-from tests.service.modulekit import module_database_url_fixture
+from tests.service.modulekit import module_channel_fixture, module_database_url_fixture
 
 # One server per backend for the module (starting one per test was most of the module's
 # time); each test works in workspaces, users and conversations of its own, so nothing
@@ -101,10 +101,7 @@ async def mesh(module_database_url: str) -> AsyncIterator[SwitchboardServer]:
         yield server
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def channel(mesh: SwitchboardServer) -> AsyncIterator[aio.Channel]:
-    async with aio.insecure_channel(mesh.address) as chan:
-        yield chan
+channel = module_channel_fixture
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -69,7 +69,7 @@ from tests.service.contextkit import (
     summary_created,
     window,
 )
-from tests.service.modulekit import module_database_url_fixture
+from tests.service.modulekit import module_channel_fixture, module_database_url_fixture
 
 # One server per backend for the module (starting one per test was most of the module's
 # time): every test makes a user, workspace and conversation of its own.
@@ -106,10 +106,7 @@ async def mesh(module_database_url: str) -> AsyncIterator[SwitchboardServer]:
         yield server
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def channel(mesh: SwitchboardServer) -> AsyncIterator[aio.Channel]:
-    async with aio.insecure_channel(mesh.address) as chan:
-        yield chan
+channel = module_channel_fixture
 
 
 @pytest_asyncio.fixture(loop_scope="module")
