@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.budgets import spending
 from switchboard.dispatcher.budgets.ledger import Amount, Ledger
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.mesh import create_server
@@ -46,6 +47,7 @@ from tests.service.contextkit import (
 from tests.service.contextkit import Stub as CStub
 from tests.service.dispatchkit import (
     Renewals,
+    cancel,
     dispatcher_stub,
     finished,
     limited,
@@ -320,6 +322,48 @@ async def test_a_run_paused_at_its_cap_fails_after_the_approval_timeout() -> Non
     assert run.state == pb.RUN_STATE_FAILED
     assert reason_of(run) == "ERROR_REASON_BUDGET_EXHAUSTED"
     assert "longer than 0.3 s" in run.error.message
+    assert not fake.requests
+
+
+async def test_a_cancel_that_a_wait_drops_still_ends_a_run_paused_at_its_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The paused run's wait drops the first cancel, as ``asyncio.wait_for`` does on
+    Python 3.11 when what it waits for finishes as the cancel arrives. CancelRun
+    still ends the run, and the conversation's next message runs (the run used to
+    stay paused, answered as such, with the next runs queued behind it)."""
+    real = spending._first
+    waiting = asyncio.Event()
+    dropped: list[BaseException] = []
+
+    async def first(*waits: Any, timeout_s: float) -> None:
+        waiting.set()
+        try:
+            # As long as it takes: the cancel can only arrive here.
+            await real(*waits, timeout_s=3600.0)
+        except asyncio.CancelledError as cancelled:
+            if dropped:
+                raise
+            dropped.append(cancelled)  # dropped: the run waits on
+
+    monkeypatch.setattr(spending, "_first", first)
+    async with FakeOpenAI() as fake:
+        fake.default = answer()
+        async with mesh(fake) as (server, stub, dstub):
+            world = await ctx_world(server, stub)
+            await add_budget(server, world.name, "daily", daily(150))
+            conversation = (await create_conversation(stub, world.editor, world.name)).name
+            sent = await send(dstub, world.editor, request(conversation, "hello"))
+            await paused(dstub, world.editor, sent.run.name)
+            await asyncio.wait_for(waiting.wait(), TIMEOUT_S)
+            cancelled = await cancel(dstub, world.editor, sent.run.name)
+            after = await send(
+                dstub, world.editor, request(conversation, "next", handler="handlers/echo")
+            )
+            ended = await finished(dstub, world.editor, after.run.name)
+    assert dropped, "the wait never saw the cancel"
+    assert cancelled.state == pb.RUN_STATE_CANCELLED
+    assert ended.state == pb.RUN_STATE_SUCCEEDED
     assert not fake.requests
 
 

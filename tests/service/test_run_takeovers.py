@@ -206,8 +206,8 @@ async def _move_back_and_forth(
         }
         held = {
             name: [
-                (server.address, _debug(server, name))
-                for server in (a, b)
+                (replica, _debug(server, name))
+                for replica, server in (("replica-a", a), ("replica-b", b))
                 if built(server, Dispatcher).holds(name)
             ]
             for name in stuck
@@ -352,3 +352,69 @@ async def test_a_replica_that_lost_a_run_charges_nothing_for_it(
     assert run.state == pb.RUN_STATE_SUCCEEDED
     assert run.usage.cost_micros == COST
     assert (used, held) == (COST, 0)
+
+
+async def test_an_attempt_ending_as_its_run_is_taken_over_leaves_its_replica(
+    tmp_path: Path, postgres_url: str, redis_server: RedisServer
+) -> None:
+    """Replica a's run has answered and a is storing its end when b takes the run
+    over (a's renewals stopped, its process going on). When a's renewals go on, a
+    gives its attempt up without cutting its end short: the end's write, refused,
+    lets the attempt go. (Cancelled in that write, the attempt stayed in a for
+    good, and a run taken back by a later could never be recovered there.)"""
+    a, b = await _replicas(tmp_path, postgres_url, redis_server.url)
+    renewals = Renewals(a)
+    dispatcher = built(a, Dispatcher)
+    store = dispatcher._store
+    real = store.save
+    ending, gate = asyncio.Event(), asyncio.Event()
+
+    async def save(run_id: str, run: pb.Run, **kwargs: Any) -> Any:
+        if run.state == pb.RUN_STATE_SUCCEEDED and not gate.is_set():
+            ending.set()
+            await gate.wait()  # a's end waits while the run changes hands
+        return await real(run_id, run, **kwargs)
+
+    store.save = save  # type: ignore[method-assign]
+    try:
+        async with (
+            aio.insecure_channel(a.address) as on_a,
+            aio.insecure_channel(b.address) as on_b,
+        ):
+            cstub = context_stub(on_a)
+            world = await ctx_world(a, cstub)
+            conversation = (await create_conversation(cstub, world.editor, world.name)).name
+            sent = await send(
+                dispatcher_stub(on_a),
+                world.editor,
+                request(conversation, "hello", handler="handlers/echo"),
+            )
+            name = sent.run.name
+            await asyncio.wait_for(ending.wait(), SETTLE_S)
+            renewals.paused = True
+
+            async def taken() -> bool:
+                return (await _workers(a))[_id(name)][0] == "replica-b"
+
+            await eventually(taken, "replica-b to take the run over")
+            renewals.paused = False
+
+            async def given_up() -> bool:
+                active = dispatcher._live.runs.get(name)
+                return active is None or active.retired
+
+            await eventually(given_up, "replica-a to give its attempt up")
+            gate.set()
+
+            async def let_go() -> bool:
+                return not dispatcher.holds(name)
+
+            await eventually(let_go, "replica-a to let its attempt go")
+            ended = await asyncio.wait_for(
+                finished(dispatcher_stub(on_b), world.editor, name), SETTLE_S
+            )
+            assert ended.state == pb.RUN_STATE_SUCCEEDED
+            assert (await _workers(a))[_id(name)] == ("replica-b", pb.RUN_STATE_SUCCEEDED)
+    finally:
+        await a.shutdown(grace=0)
+        await b.shutdown(grace=0)

@@ -86,6 +86,9 @@ _JOURNAL_PATIENCE_S: Final = 30.0
 #: Largest final answer journaled (with its files' bytes); a larger one is asked
 #: for again if a crash comes between it and its message.
 _MAX_JOURNALED_BYTES: Final = 1024 * 1024
+#: How long a cancelled run may go on in its handler before it is cancelled again
+#: (a wait inside it dropped the cancel: see ``Execution._cancel``).
+_RECANCEL_S: Final = 1.0
 
 
 def _fingerprint(handler: Handler) -> str:
@@ -142,6 +145,9 @@ class Execution:
         self._metrics = metrics
         # None when tracing is off: runs then get no span (decided once, at the build).
         self._tracer = tracer
+        # The loops that cancel a run's task again until it ends (``_cancel``).
+        self._cancelling: set[asyncio.Task[None]] = set()
+        self._recancelled: set[asyncio.Task[None]] = set()
 
     def launch(self, active: Active, _ticket: Ticket) -> asyncio.Task[None] | None:
         """The scheduler's start (``Ticket.start``): the run's task begins; its end
@@ -159,11 +165,20 @@ class Execution:
             name=f"run-{active.run_id}",
             logger=log,
         )
+        active.task.add_done_callback(lambda _task: self._task_ended(active))
         return active.task
+
+    def _task_ended(self, active: Active) -> None:
+        """A run's task ended: an attempt given up to another instance leaves this
+        process however its task ended (one cut short never reached ``finish``)."""
+        if active.retired and self._live.runs.get(active.run.name) is active:
+            self._let_go(active)
 
     async def stop(self) -> None:
         """Stop every run this process holds; each ends by the recovery policy."""
-        tasks = []
+        tasks: list[asyncio.Task[None]] = list(self._cancelling)
+        for loop in tasks:
+            loop.cancel()
         for active in list(self._live.runs.values()):
             if active.task is not None:
                 active.task.cancel()
@@ -771,14 +786,22 @@ class Execution:
                 self._let_go(active)
                 continue
             task = active.task
-            if task is None or task.done():
+            if task is None:
                 continue
-            if active.cancel_error is None:
-                active.cancel_error = RunInterrupted(
-                    "another dispatcher instance took the run over"
-                )
-            if active.started:
-                task.cancel()  # one not started yet sees its cancel_error first
+            if task.done():
+                # Its task ended without letting go of it (cut short as it ended):
+                # nothing else will, and it would keep its run from coming back here.
+                self._let_go(active)
+                continue
+            if active.run.state not in TERMINAL:
+                if active.cancel_error is None:
+                    active.cancel_error = RunInterrupted(
+                        "another dispatcher instance took the run over"
+                    )
+                self._cancel(active, task)
+            # else it is ending already: its end finds it retired (or its write
+            # refused) and lets go. A cancel would cut that end short, and the
+            # attempt would stay here for good, its run never recovered here again.
             tasks.append(task)
         return tasks
 
@@ -929,11 +952,42 @@ class Execution:
             return
         if active.cancel_error is None:
             active.cancel_error = error
-        if active.started:
-            task.cancel()
+        self._cancel(active, task)
         # Wait for the handler to stop and the run to be recorded, not longer:
         # CancelRun answers with the terminal run.
         await asyncio.wait([task], timeout=FINISH_TIMEOUT_S)
+
+    def _cancel(self, active: Active, task: asyncio.Task[None]) -> None:
+        """Cancel the run's task now, and again each ``_RECANCEL_S`` while its run is
+        still in its handler. A wait can drop a cancel: on Python 3.11
+        ``asyncio.wait_for`` returns what it waited for when that finishes as the
+        cancel arrives (a database driver's, say), and a run at a budget's cap or
+        waiting for approvals then waits on, its CancelRun answered with the run
+        still paused and its conversation's next runs queued behind it for good.
+        Once the run's state is final the task is ending (storing its end), and a
+        cancel would cut that short. One not started yet sees its ``cancel_error``
+        as it starts."""
+        if not active.started or active.run.state in TERMINAL:
+            return
+        task.cancel()
+        if task in self._recancelled:
+            return  # already cancelled again for as long as it takes
+        self._recancelled.add(task)
+        background.spawn(
+            self._cancel_again(active, task),
+            name=f"{task.get_name()}-cancel",
+            logger=log,
+            keep=self._cancelling,
+        )
+
+    async def _cancel_again(self, active: Active, task: asyncio.Task[None]) -> None:
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=_RECANCEL_S)
+                if not task.done() and active.run.state not in TERMINAL:
+                    task.cancel()
+        finally:
+            self._recancelled.discard(task)
 
 
 async def _nothing() -> None:
