@@ -917,3 +917,31 @@ def test_an_existing_cluster_keeps_the_major_version_that_made_it() -> None:
     assert machine.postgres_bin_dir("16") == newest
     with pytest.raises(machine.MeshError, match=r"made by PostgreSQL 99.*postgresql-99"):
         machine.postgres_bin_dir("99")
+
+
+async def test_a_connection_left_inside_a_transaction_is_not_handed_out_again(
+    postgres_url: str,
+) -> None:
+    """A task cancelled as its session ended (its rollback cut short) can give its
+    connection back still inside a transaction that SQLAlchemy no longer knows of;
+    the next session on it failed with asyncpg's "nested transaction has a
+    different isolation level" (an UNAVAILABLE for a caller that did nothing
+    wrong). Such a connection is discarded when it is checked out."""
+    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
+    try:
+        async with database.engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            # Begun on the driver, as a snapshot read's transaction is, and never ended.
+            await driver.transaction(isolation="repeatable_read").start()
+        for _ in range(3):
+            assert await database.run(lambda db: db.scalar(text("SELECT 1")), write=False) == 1
+            assert (
+                await database.run(
+                    lambda db: db.scalar(text("SELECT 2")), write=False, snapshot=True
+                )
+                == 2
+            )
+    finally:
+        await database.close()

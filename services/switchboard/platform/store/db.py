@@ -1152,7 +1152,7 @@ def _install_sqlite_hooks(engine: Engine, timeout_s: float, *, memory: bool) -> 
 
 
 def _postgres_engine(url: URL, timeout_s: float) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=POOL_SIZE,
         max_overflow=MAX_OVERFLOW,
@@ -1167,3 +1167,24 @@ def _postgres_engine(url: URL, timeout_s: float) -> AsyncEngine:
             "server_settings": {"application_name": "switchboard"},
         },
     )
+    event.listen(engine.sync_engine, "checkout", _refuse_inside_transaction)
+    return engine
+
+
+def _refuse_inside_transaction(
+    dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: Any
+) -> None:
+    """A connection given back inside a transaction is discarded, not handed out.
+
+    A task cancelled as its session ended (the rollback cut short: a CancelRun,
+    a client gone) can give its connection back with asyncpg's transaction still
+    open, which SQLAlchemy's own rollback does not know of; the next session on
+    it failed with asyncpg's "nested transaction has a different isolation
+    level", a failure of a caller that did nothing wrong. DisconnectionError
+    makes the pool close it and check out another (a pessimistic disconnect
+    check, as SQLAlchemy documents it).
+    """
+    driver = dbapi_connection.driver_connection
+    if driver.is_in_transaction() or getattr(driver, "_top_xact", None) is not None:
+        log.warning("a database connection was given back inside a transaction; replaced")
+        raise DisconnectionError("the connection was given back inside a transaction")
