@@ -39,6 +39,9 @@ _DATABASES = Path(tempfile.mkdtemp(prefix="switchboard-tests-"))
 _database_serial = itertools.count()
 _instance_serial = itertools.count()
 
+#: make_settings()'s database timeout (see there).
+TEST_DATABASE_TIMEOUT_S = 30.0
+
 
 def fresh_database_url() -> str:
     """A new SQLite file already at the newest schema (``tests/infra/migrated.py``)."""
@@ -54,6 +57,10 @@ def make_settings(**overrides: object) -> Settings:
         "port": 0,
         "dev_mode": True,
         "instance_id": f"test-{next(_instance_serial)}",
+        # The suite runs four workers on two cores beside lint and mypy: a worker can
+        # wait seconds for a core, and the product's 5 s would call that an outage.
+        # Tests of outages set their own short timeout.
+        "database_timeout_s": TEST_DATABASE_TIMEOUT_S,
     }
     if "database_url" not in overrides:
         values["database_url"] = fresh_database_url()

@@ -47,7 +47,7 @@ from switchboard.platform.store.models import (
     WorkspaceRow,
 )
 from switchboard.platform.store.pagination import PageTokens
-from tests.conftest import fresh_database_url
+from tests.conftest import TEST_DATABASE_TIMEOUT_S, fresh_database_url
 from tests.infra.redis import RedisServer
 from tests.infra.webhookreceiver import (
     DEADLINE_S,
@@ -147,7 +147,7 @@ async def replica(
     instance: str = "one",
     limits: WebhookLimits = LIMITS,
 ) -> AsyncIterator[Replica]:
-    database = await open_database(url, timeout_s=5.0, migrate=True)
+    database = await open_database(url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     if redis_url:
         log = RedisLog(
             redis_url,
