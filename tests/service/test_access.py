@@ -128,8 +128,31 @@ async def _call_or_raise(
         async for _ in raw.unary_stream(path)(payload, metadata=metadata, timeout=10):
             pass
     else:
-        async for _ in raw.stream_stream(path)(iter([payload]), metadata=metadata, timeout=10):
-            pass
+        for attempt in range(_WRITE_RACE_TRIES):
+            try:
+                async for _ in raw.stream_stream(path)(
+                    iter([payload]), metadata=metadata, timeout=10
+                ):
+                    pass
+                return
+            except aio.AioRpcError as exc:
+                if not _written_too_late(exc) or attempt == _WRITE_RACE_TRIES - 1:
+                    raise
+
+
+#: Calls of a client-streaming method made again while grpc's client lost the answer.
+_WRITE_RACE_TRIES = 5
+
+
+def _written_too_late(error: aio.AioRpcError) -> bool:
+    """Whether grpc's own client replaced the server's answer: its request iterator's
+    write landed after the server had answered (refused at the call's start, say), and
+    grpc Python then sets the call's status to INTERNAL 'Failed "execute_batch"'
+    (``grpc.aio._call._write``). Nothing of the server's: our server's INTERNAL never
+    says that, so the call is made again and its answer judged."""
+    return error.code() == grpc.StatusCode.INTERNAL and 'Failed "execute_batch"' in (
+        error.debug_error_string() or ""
+    )
 
 
 def _set_resource(request: Any, field_path: str, value: str) -> None:
