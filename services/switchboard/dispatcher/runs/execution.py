@@ -145,9 +145,9 @@ class Execution:
         self._metrics = metrics
         # None when tracing is off: runs then get no span (decided once, at the build).
         self._tracer = tracer
-        # The loops that cancel a run's task again until it ends (``_cancel``).
-        self._cancelling: set[asyncio.Task[None]] = set()
-        self._recancelled: set[asyncio.Task[None]] = set()
+        # Each cancelled run's task, and the loop that cancels it again until it ends
+        # (``_cancel``).
+        self._cancelling: dict[asyncio.Task[None], asyncio.Task[None]] = {}
 
     def launch(self, active: Active, _ticket: Ticket) -> asyncio.Task[None] | None:
         """The scheduler's start (``Ticket.start``): the run's task begins; its end
@@ -176,7 +176,7 @@ class Execution:
 
     async def stop(self) -> None:
         """Stop every run this process holds; each ends by the recovery policy."""
-        tasks: list[asyncio.Task[None]] = list(self._cancelling)
+        tasks: list[asyncio.Task[None]] = list(self._cancelling.values())
         for loop in tasks:
             loop.cancel()
         for active in list(self._live.runs.values()):
@@ -970,15 +970,10 @@ class Execution:
         if not active.started or active.run.state in TERMINAL:
             return
         task.cancel()
-        if task in self._recancelled:
-            return  # already cancelled again for as long as it takes
-        self._recancelled.add(task)
-        background.spawn(
-            self._cancel_again(active, task),
-            name=f"{task.get_name()}-cancel",
-            logger=log,
-            keep=self._cancelling,
-        )
+        if task not in self._cancelling:  # else already cancelled again as long as it takes
+            self._cancelling[task] = background.spawn(
+                self._cancel_again(active, task), name=f"{task.get_name()}-cancel", logger=log
+            )
 
     async def _cancel_again(self, active: Active, task: asyncio.Task[None]) -> None:
         try:
@@ -987,7 +982,7 @@ class Execution:
                 if not task.done() and active.run.state not in TERMINAL:
                     task.cancel()
         finally:
-            self._recancelled.discard(task)
+            self._cancelling.pop(task, None)
 
 
 async def _nothing() -> None:
