@@ -53,6 +53,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.deploy.launcher import usable_cores
 from tests.e2e.procs import cli
 from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
 from tests.service.authkit import PASSWORD, unique_email
@@ -82,19 +83,44 @@ MAX_CHATTER = 600
 MAX_STREAM_BREAKS = 5
 #: Slow runs cancelled through Envoy at the end (on both replicas).
 CANCELS = 6
-EXPECTED = {
-    "postgres",
-    "redis",
-    "auth",
-    "context",
-    "integration",
-    "events-1",
-    "events-2",
-    "dispatcher-1",
-    "dispatcher-2",
-    "a2a",
-    "edge-health",
-    "envoy",
+SHARED = {"postgres", "redis", "edge-health", "envoy"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A shape of the mesh: the launcher's options, its processes, and the two that own
+    runs (the test kills the first)."""
+
+    args: tuple[str, ...]
+    processes: frozenset[str]
+    owners: tuple[str, str]
+
+
+#: One process per service (the default), and whole-run processes (``--processes 2``):
+#: every service in each, so killing one takes its events, auth and context with it.
+SHAPES = {
+    "per-service": Shape(
+        (),
+        frozenset(
+            {
+                *SHARED,
+                "auth",
+                "context",
+                "integration",
+                "events-1",
+                "events-2",
+                "dispatcher-1",
+                "dispatcher-2",
+                "a2a",
+            }
+        ),
+        ("dispatcher-1", "dispatcher-2"),
+    ),
+    "whole-run": Shape(
+        ("--processes=2",),
+        frozenset({*SHARED, "switchboard-1", "switchboard-2"}),
+        ("switchboard-1", "switchboard-2"),
+    ),
 }
 TERMINAL = {
     pb.RUN_STATE_SUCCEEDED,
@@ -255,6 +281,10 @@ def owner_of(mesh: MeshProcess, request_id: str) -> str:
         lambda line: f"request_id={request_id}" in line and "/SendMessage" in line, CALL_TIMEOUT_S
     )
     return line.split("|", 1)[0].strip()
+
+
+async def conversations(contexts: Any, caller: Caller, workspace: str, count: int) -> list[Any]:
+    return [await create_conversation(contexts, caller, workspace) for _ in range(count)]
 
 
 async def send(stub: Stub, caller: Caller, req: pb.SendMessageRequest) -> tuple[str, str]:
@@ -491,6 +521,13 @@ def switchboard(*args: str) -> subprocess.CompletedProcess[str]:
         (["--replicas=mail=2"], "--replicas expects SERVICE=N"),
         (["--listen=8080"], "expected HOST:PORT"),
         (["--health-interval=0"], "--health-interval must be above 0"),
+        (["--processes=0"], "--processes must be at least 1"),
+        (["--processes=two"], "--processes expects a number or auto"),
+        ([f"--processes={usable_cores() + 1}"], f"--processes {usable_cores() + 1} is more"),
+        (
+            ["--processes=1", "--replicas=dispatcher=2"],
+            "--processes runs every service in each process",
+        ),
     ],
 )
 def test_bad_options_exit_2_before_anything_starts(
@@ -514,9 +551,15 @@ def data_dir() -> Iterator[Path]:
         subprocess.run(["rm", "-rf", str(path)], check=False, timeout=60)
 
 
-async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_dir: Path) -> None:
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(
+    data_dir: Path, shape: Shape
+) -> None:
+    first, second = shape.owners
     # `fail`, not the default `resume`: the killed replica's runs are told apart by their end.
-    with MeshProcess(data_dir, env={"SWITCHBOARD_DISPATCHER_RECOVERY": "fail"}) as mesh:
+    with MeshProcess(
+        data_dir, *shape.args, env={"SWITCHBOARD_DISPATCHER_RECOVERY": "fail"}
+    ) as mesh:
         ready = await asyncio.to_thread(
             mesh.wait_line,
             lambda line: line.startswith("mesh ") and "| ready:" in line,
@@ -525,13 +568,13 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
         state = mesh.state()
         mesh.remember_pids()
         assert state["state"] == "ready"
-        assert set(state["processes"]) == EXPECTED
+        assert set(state["processes"]) == shape.processes
         assert all(p["status"] == "serving" for p in state["processes"].values())
         assert all(alive(pid) for pid in mesh.pids)
         edge = state["edge"]["grpc"]
         assert edge in ready
         # Logs come prefixed by their process's name.
-        mesh.wait_line(lambda line: line.startswith("dispatcher-2 | "), 1)
+        mesh.wait_line(lambda line: line.startswith(f"{second} | "), 1)
         # One launcher per data directory.
         second = switchboard("mesh", f"--data-dir={data_dir}", "--listen=127.0.0.1:0")
         assert second.returncode == 2
@@ -554,19 +597,20 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
             following = background.start(events.run())
             await events.until(lambda: bool(events.start_cursor))
 
-            # Slow runs until each replica owns at least one.
+            # Slow runs until each replica owns at least one. The conversations first:
+            # with whole-run processes every call shares one cluster's round robin, and a
+            # create between two sends would hand every send to the same process.
             owners: dict[str, str] = {}
-            for _ in range(8):
-                conversation = await create_conversation(contexts, caller, workspace.name)
+            for conversation in await conversations(contexts, caller, workspace.name, 8):
                 run, request_id = await send(
                     dispatcher,
                     caller,
                     request(conversation.name, "first last", delay_ms=SLOW_DELAY_MS),
                 )
                 owners[run] = await asyncio.to_thread(owner_of, mesh, request_id)
-                if {"dispatcher-1", "dispatcher-2"} <= set(owners.values()):
+                if set(shape.owners) <= set(owners.values()):
                     break
-            assert set(owners.values()) == {"dispatcher-1", "dispatcher-2"}, owners
+            assert set(owners.values()) == set(shape.owners), owners
             watching = {run: background.start(follow(dispatcher, caller, run)) for run in owners}
 
             chatting = await create_conversation(contexts, caller, workspace.name, "chatter")
@@ -578,7 +622,7 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 await chatter.first.wait()
 
-            victim = "dispatcher-1"
+            victim = first
             # Only a run stored as RUNNING fails by the recovery policy; one
             # killed before that lands is still QUEUED and runs again.
             for run, owner in owners.items():
@@ -631,8 +675,7 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
             # CancelRun through Envoy: whichever replica Envoy picks, the run's own
             # replica cancels it (the other forwards the call there).
             cancelling: dict[str, str] = {}
-            for _ in range(3 * CANCELS):
-                conversation = await create_conversation(contexts, caller, workspace.name)
+            for conversation in await conversations(contexts, caller, workspace.name, 3 * CANCELS):
                 run, request_id = await send(
                     dispatcher,
                     caller,
@@ -641,7 +684,7 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
                 cancelling[run] = await asyncio.to_thread(owner_of, mesh, request_id)
                 if len(cancelling) >= CANCELS and len(set(cancelling.values())) == 2:
                     break
-            assert set(cancelling.values()) == {"dispatcher-1", "dispatcher-2"}, cancelling
+            assert set(cancelling.values()) == set(shape.owners), cancelling
             cancels: dict[str, tuple[pb.Run, str]] = {}
             # In the reverse order: Envoy's turns do not line up with the sends'.
             for run in reversed(list(cancelling)):

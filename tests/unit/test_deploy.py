@@ -31,8 +31,10 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from switchboard.deploy import launcher, processes
 from switchboard.deploy.devcert import make_dev_cert
 from switchboard.deploy.envoy import API
+from switchboard.deploy.machine import MeshError
 from switchboard.mesh import check_settings
 from switchboard.platform.config import NOT_SETTINGS
 from switchboard.platform.rpc.server import SwitchboardServer
@@ -831,3 +833,30 @@ def test_the_docs_name_the_secrets_the_manifests_reference() -> None:
         assert f"secret generic {name}" in section or f"secret tls {name}" in section, name
     for variable in ("SWITCHBOARD_TRUSTED_PROXIES", "make deploy-files"):
         assert variable in section
+
+
+def _mesh_options(*argv: str) -> launcher.Options:
+    from switchboard.cli import _parser
+
+    return launcher.Options.from_args(_parser().parse_args(["mesh", *argv]))
+
+
+def test_whole_run_processes_serve_every_service_behind_one_cluster() -> None:
+    """``--processes N``: N ``switchboard serve`` processes with every service (no
+    ``--services``), named switchboard-1..N, each the upstream of every contract, so
+    Envoy renders one cluster; ``auto`` is one per usable core (at most 16)."""
+    options = _mesh_options("--processes=2")
+    assert options.service_processes() == [
+        (processes.EVERY_SERVICE, "switchboard-1", 1),
+        (processes.EVERY_SERVICE, "switchboard-2", 2),
+    ]
+    assert _mesh_options("--processes=auto").processes == min(launcher.usable_cores(), 16)
+    assert _mesh_options().processes == 0
+    assert [name for _, name, _ in _mesh_options().service_processes()][:3] == [
+        "auth",
+        "context",
+        "integration",
+    ]
+    for bad, why in (("0", "at least 1"), ("-1", "a number or auto"), ("x", "a number or auto")):
+        with pytest.raises(MeshError, match=why):
+            _mesh_options(f"--processes={bad}")

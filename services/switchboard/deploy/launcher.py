@@ -57,6 +57,7 @@ from switchboard.deploy.machine import (
     guard,
 )
 from switchboard.deploy.processes import (
+    EVERY_SERVICE,
     Child,
     EdgeHealthServer,
     Envoy,
@@ -86,6 +87,9 @@ DEFAULT_REPLICAS: Final = {
     "a2a": 1,
 }
 MAX_REPLICAS: Final = 16
+#: ``--processes``: the same bound (each process holds up to 10 of PostgreSQL's 300
+#: connections, and more processes than cores take turns on them).
+MAX_PROCESSES: Final = MAX_REPLICAS
 BACKOFF_S: Final = 0.5
 BACKOFF_MAX_S: Final = 10.0
 #: A process that served this long has its failures forgotten.
@@ -153,11 +157,19 @@ class Options:
     max_restarts: int
     envoy_log_level: str
     console: Path | None = None
+    #: Whole-run processes (``--processes``); 0: one process per service (``replicas``).
+    processes: int = 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
         from switchboard.deploy.envoy import API, HostPort, SpecError, bootstrap
 
+        processes = _processes(getattr(args, "processes", None))
+        if processes and args.replicas:
+            raise MeshError(
+                "--processes runs every service in each process and --replicas sizes one "
+                "process per service: give one of them"
+            )
         replicas = dict(DEFAULT_REPLICAS)
         for entry in args.replicas:
             name, sep, count = entry.partition("=")
@@ -187,6 +199,7 @@ class Options:
                 max_restarts=args.max_restarts,
                 envoy_log_level=args.envoy_log_level,
                 console=args.console.expanduser().resolve() if args.console else None,
+                processes=processes,
             )
             # Refuse a spec Envoy would refuse (admin off loopback...) before anything starts.
             bootstrap(
@@ -199,7 +212,21 @@ class Options:
         return options
 
     def replica_names(self) -> list[str]:
-        return [name for service in self.replicas for name, _ in self.replicas_of(service)]
+        return [name for _, name, _ in self.service_processes()]
+
+    def service_processes(self) -> list[tuple[str, str, int]]:
+        """Each ``switchboard serve`` process: what it serves (a service's short name, or
+        ``EVERY_SERVICE``), its name (``events-2``, ``switchboard-1``) and its number."""
+        if self.processes:
+            return [
+                (EVERY_SERVICE, f"switchboard-{index}", index)
+                for index in range(1, self.processes + 1)
+            ]
+        return [
+            (service, name, index)
+            for service in self.replicas
+            for name, index in self.replicas_of(service)
+        ]
 
     def replicas_of(self, service: str) -> list[tuple[str, int]]:
         """Each replica's process name (``events-2``; ``auth`` when it is alone) and number."""
@@ -273,8 +300,7 @@ class Mesh:
         self.redis = Redis(self)
         self.services = [
             Service(self, name, service, index)
-            for service in options.replicas
-            for name, index in options.replicas_of(service)
+            for service, name, index in options.service_processes()
         ]
         self.edge_health = EdgeHealthServer(self)
         self.envoy = Envoy(self)
@@ -288,7 +314,8 @@ class Mesh:
         self.output.line("mesh", text)
 
     def replicas(self, service: str) -> list[Service]:
-        return [child for child in self.services if child.service == service]
+        """The processes that serve ``service``: its own replicas, or every whole-run one."""
+        return [child for child in self.services if child.service in (service, EVERY_SERVICE)]
 
     def dispatcher_for(self, index: int) -> Service:
         """The dispatcher replica a2a front door number ``index`` calls (spread over them;
@@ -396,12 +423,14 @@ class Mesh:
         self.shutdown_grace_s = _float(self.base_env.get("SWITCHBOARD_SHUTDOWN_GRACE_S"), 10.0)
         await Migrate(self, "migrate").run(self.options.start_timeout_s)
         # Dispatchers call the context service: they start once it serves; the a2a
-        # front door calls both, once the dispatchers serve (their ports known).
+        # front door calls both, once the dispatchers serve (their ports known). A
+        # whole-run process calls neither: they all start at once.
         later = {"dispatcher", "a2a"}
         first = [child for child in self.services if child.service not in later]
         await together(*(self._launch(child) for child in first))
-        await together(*(self._launch(child) for child in self.replicas("dispatcher")))
-        await together(*(self._launch(child) for child in self.replicas("a2a")))
+        for service in ("dispatcher", "a2a"):
+            own = [child for child in self.replicas(service) if child.service == service]
+            await together(*(self._launch(child) for child in own))
         await self._launch(self.edge_health)
         await self._launch(self.envoy)
         self.state = "ready"
@@ -513,6 +542,36 @@ class Mesh:
         self.state = "failed" if self.failure else "stopped"
         self.save_state()
         self.say("stopped" if not self.failure else f"stopped after a failure: {self.failure}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container's cpuset
+    sets it), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _processes(text: str | None) -> int:
+    """``--processes``: 0 when not given; ``auto`` is one per usable core."""
+    if text is None:
+        return 0
+    cores = usable_cores()
+    if text.strip().lower() == "auto":
+        return max(1, min(cores, MAX_PROCESSES))
+    if not text.strip().isdigit():
+        raise MeshError(f"--processes expects a number or auto, got {text!r}")
+    count = int(text)
+    if count < 1:
+        raise MeshError("--processes must be at least 1")
+    if count > min(cores, MAX_PROCESSES):
+        raise MeshError(
+            f"--processes {count} is more than the {cores} core(s) this launcher may use "
+            f"(at most {min(cores, MAX_PROCESSES)}): a process is one interpreter, one core at "
+            "most, and more processes than cores take turns on them, each costing its share"
+        )
+    return count
 
 
 def _pid(child: Child) -> int:

@@ -17,8 +17,9 @@ def add_mesh_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "mesh",
         help="run the scaled-out shape on this machine (PostgreSQL, Redis, services, Envoy)",
         description="Run one process per service (two events and two dispatcher replicas by "
-        "default) on this machine's PostgreSQL and Redis binaries, behind Envoy, with the data "
-        "in --data-dir. Ctrl-C stops everything. Other SWITCHBOARD_* variables in the "
+        "default), or with --processes N that many processes each serving every service, on "
+        "this machine's PostgreSQL and Redis binaries, behind Envoy, with the data in "
+        "--data-dir. Ctrl-C stops everything. Other SWITCHBOARD_* variables in the "
         "environment reach every service.",
     )
     mesh.add_argument(
@@ -59,6 +60,13 @@ def add_mesh_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SERVICE=N",
         help="replicas of a service (repeatable); default auth=1 context=1 integration=1 "
         "events=2 dispatcher=2 a2a=1",
+    )
+    mesh.add_argument(
+        "--processes",
+        metavar="N|auto",
+        help="the shape that scales: N processes that each serve every service (a run "
+        "whole, with no hop between services) behind Envoy, on the same PostgreSQL and "
+        "Redis; auto: one per core this launcher may use. Instead of --replicas",
     )
     mesh.add_argument(
         "--health-interval",

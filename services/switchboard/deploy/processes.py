@@ -623,8 +623,14 @@ async def start_on_free_port(child: Child, timeout_s: float) -> None:
                 raise
 
 
+#: A ``Service`` that runs every service: a whole-run process (``--processes``).
+EVERY_SERVICE: Final = "all"
+
+
 class Service(Child):
-    """``switchboard serve --services NAME``: one replica of one service."""
+    """``switchboard serve --services NAME``: one replica of one service; with
+    ``EVERY_SERVICE``, ``switchboard serve`` with them all, which serves a run whole
+    (the dispatcher reads the context in its own process: no hop per run)."""
 
     kind = "service"
 
@@ -634,7 +640,10 @@ class Service(Child):
         self.index = index
         from switchboard.mesh import SERVICES
 
-        self.full_name = SERVICES[service][0].full_name
+        # Ready once it serves runs (a process builds every service before it listens).
+        self.full_name = SERVICES["dispatcher" if service == EVERY_SERVICE else service][
+            0
+        ].full_name
         self._listening = asyncio.Event()
         #: Its metrics endpoint's bound port (0: not served), from its listening line.
         self.metrics_port = 0
@@ -650,8 +659,7 @@ class Service(Child):
             # Free at first; then the same one, which Envoy's static clusters name.
             "--port",
             str(self.port),
-            "--services",
-            self.service,
+            *(() if self.service == EVERY_SERVICE else ("--services", self.service)),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -664,7 +672,10 @@ class Service(Child):
             env["SWITCHBOARD_CONTEXT_ADDRESS"] = self.mesh.context_for(self.index).address
         if self.service == "a2a":
             env["SWITCHBOARD_DISPATCHER_ADDRESS"] = self.mesh.dispatcher_for(self.index).address
-        env.update(telemetry_identity(env, f"switchboard-{self.service}", self.name))
+        telemetry = (
+            "switchboard" if self.service == EVERY_SERVICE else f"switchboard-{self.service}"
+        )
+        env.update(telemetry_identity(env, telemetry, self.name))
         if env.get("SWITCHBOARD_METRICS_PORT", "").strip():
             # Every process serves its own metrics: one port for all would clash.
             env["SWITCHBOARD_METRICS_PORT"] = "0"
