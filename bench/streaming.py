@@ -192,14 +192,16 @@ QUICK: Final = Sizes(
 # The model: FakeOpenAI's echo, paced, in its own process.
 
 
-async def model_main(interval_ms: int) -> None:
-    """Serve the paced echo model on a free port; print it; serve until stdin closes."""
+async def model_main(interval_ms: int, port: int = 0) -> None:
+    """Serve the paced echo model on a free port (or on ``port`` beside another model
+    process: both bind it with SO_REUSEPORT); print it; serve until stdin closes."""
     interval = interval_ms / 1000
 
     def paced(body: dict[str, Any]) -> Reply:
         return dataclasses.replace(echo_reply(body), interval_s=interval)
 
-    fake = FakeOpenAI(default=paced)
+    fake = FakeOpenAI(default=paced, listen_port=port)
+    fake.reuse_port = True
     await fake.start()
     print(fake.port, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -210,14 +212,27 @@ async def model_main(interval_ms: int) -> None:
 class Model:
     url: str
     pid: int
+    #: Every model process (``pid`` is the first).
+    pids: tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
-def model_server(interval_ms: int) -> Iterator[Model]:
-    with running(python(__file__, "model", str(interval_ms))) as process:
-        assert process.stdout is not None
-        port = int(process.stdout.readline())
-        yield Model(f"http://127.0.0.1:{port}/v1", process.pid)
+def model_server(interval_ms: int, processes: int = 1) -> Iterator[Model]:
+    """The paced model; with ``processes`` > 1, that many on one port (SO_REUSEPORT: the
+    kernel spreads the server's connections), so the model is not one core's worth."""
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(running(python(__file__, "model", str(interval_ms))))
+        assert first.stdout is not None
+        port = int(first.stdout.readline())
+        pids = [first.pid]
+        for _ in range(processes - 1):
+            more = stack.enter_context(
+                running(python(__file__, "model", str(interval_ms), str(port)))
+            )
+            assert more.stdout is not None
+            more.stdout.readline()
+            pids.append(more.pid)
+        yield Model(f"http://127.0.0.1:{port}/v1", first.pid, tuple(pids))
 
 
 # ---------------------------------------------------------------------------------
@@ -275,7 +290,13 @@ class Load:
         trees: dict[str, list[int]] | None = None,
     ) -> dict[str, Any]:
         """``sources``: the server's pid (if one) and the model's, last. ``trees``: the
-        scaled-out shape's processes by kind, each with its children (PostgreSQL's backends)."""
+        scaled-out shape's processes by kind, each with its children (PostgreSQL's backends).
+
+        ``start_at`` in the spec (a ``time.time()``): the loops begin then, so several
+        client processes share one window (``bench/scale.py``); ``samples``: the figures
+        carry the raw first-token and gap samples, for their caller to merge."""
+        if "start_at" in self.spec:
+            await asyncio.sleep(max(0.0, self.spec["start_at"] - time.time()))
         self.window.start(self.spec["warmup_s"], self.spec["seconds"])
 
         async def loop(index: int, name: str) -> None:
@@ -312,6 +333,9 @@ class Load:
             "client_cores": round(cpu.client / max(cpu.wall, 1e-9), 2),
             "other_cores": round(cpu.others() / max(cpu.wall, 1e-9), 2),
         }
+        if self.spec.get("samples"):
+            figures["first_s"] = self.first_s
+            figures["gap_s"] = self.gap_s
         model_cpu = cpu.used[-1]
         figures["model_us_per_token"] = round(model_cpu * 1e6 / tokens, 1)
         if len(sources) == 2:
@@ -635,16 +659,26 @@ def _mesh_ready(process: subprocess.Popen[str], state_file: Path, log: Path) -> 
 
 
 @contextlib.contextmanager
-def mesh(directory: Path, dispatchers: int, settings: dict[str, str]) -> Iterator[MeshUp]:
-    """``switchboard mesh`` with ``dispatchers`` dispatcher replicas, every port free, its
-    data in a fresh directory; SIGTERM (everything stops in order) and removed on exit."""
+def mesh(
+    directory: Path,
+    dispatchers: int,
+    settings: dict[str, str],
+    shape: Sequence[str] | None = None,
+) -> Iterator[MeshUp]:
+    """``switchboard mesh`` with ``dispatchers`` dispatcher replicas (or the launcher's
+    ``shape`` options instead: ``--processes=N``), every port free, its data in a fresh
+    directory; SIGTERM (everything stops in order) and removed on exit."""
     # Not under ``directory``: PostgreSQL runs as its own user under root, and mkdtemp's
     # directories are owner-only; the launcher hands its data directory over itself.
     data = Path(tempfile.mkdtemp(prefix="switchboard-stream-mesh-"))
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SWITCHBOARD_")}
     env.update(settings)
     log = directory / f"mesh-{dispatchers}-{time.monotonic_ns()}.log"
-    replicas = [f"--replicas={one}" for one in (*MESH_OTHERS, f"dispatcher={dispatchers}")]
+    replicas = (
+        list(shape)
+        if shape is not None
+        else [f"--replicas={one}" for one in (*MESH_OTHERS, f"dispatcher={dispatchers}")]
+    )
     with log.open("w") as sink:
         process = spawn(
             python(

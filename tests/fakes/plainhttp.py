@@ -137,8 +137,14 @@ class LoopbackServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    #: Bind with SO_REUSEPORT: several processes of one fake share a port (a benchmark's
+    #: model that is more than one core's worth).
+    reuse_port: bool = False
+
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.host, self.listen_port)
+        self._server = await asyncio.start_server(
+            self._connection, self.host, self.listen_port, reuse_port=self.reuse_port or None
+        )
         self.listen_port = self.port
 
     async def close(self) -> None:
