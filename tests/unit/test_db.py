@@ -36,6 +36,7 @@ from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import Code
 from switchboard.platform.events.loglock import DatabaseInUse, lock_sqlite_file
 from switchboard.platform.rpc.status import to_status_proto
+from switchboard.platform.store import db as db_module
 from switchboard.platform.store.db import (
     SQLITE_BEGIN,
     Database,
@@ -943,5 +944,61 @@ async def test_a_connection_left_inside_a_transaction_is_not_handed_out_again(
                 )
                 == 2
             )
+    finally:
+        await database.close()
+
+
+async def _backend_pid(database: Database) -> int:
+    pid = await database.run(lambda db: db.scalar(text("SELECT pg_backend_pid()")), write=False)
+    assert isinstance(pid, int)
+    return pid
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced_on_checkout(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool pings a connection that sat unused (PostgreSQL restarted, a proxy's idle
+    timeout): one the server closed meanwhile is replaced, and the caller's statement
+    runs on a new one instead of failing."""
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 0.0)  # every checkout is "idle"
+    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
+    killer = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=False)
+    try:
+        victim = await _backend_pid(database)
+        await killer.run(
+            lambda db: db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": victim}),
+            write=False,
+        )
+        # The pool holds the terminated connection; the next call gets a live one.
+        assert await _backend_pid(database) != victim
+    finally:
+        await killer.close()
+        await database.close()
+
+
+async def test_a_connection_given_back_just_now_is_not_pinged(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load a connection goes out again within milliseconds of coming back: no
+    round trip for a ping before each transaction (pre-ping's cost). One that sat
+    longer than ``PING_AFTER_IDLE_S`` is pinged."""
+    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
+    pings = 0
+    dialect = database.engine.sync_engine.dialect
+    real = dialect.do_ping
+
+    def counted(dbapi_connection: object) -> bool:
+        nonlocal pings
+        pings += 1
+        return bool(real(dbapi_connection))
+
+    monkeypatch.setattr(dialect, "do_ping", counted)
+    try:
+        for _ in range(5):
+            await _backend_pid(database)
+        assert pings == 0
+        monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 0.0)
+        await _backend_pid(database)
+        assert pings == 1
     finally:
         await database.close()

@@ -106,6 +106,9 @@ POOL_SIZE: Final = 5
 MAX_OVERFLOW: Final = 5
 # Recycle before common idle cuts (load balancers, pgbouncer) drop the socket.
 POOL_RECYCLE_S: Final = 1800
+#: A PostgreSQL connection idle this long is pinged before it is handed out; one given
+#: back more recently is not (``_check_on_checkout``).
+PING_AFTER_IDLE_S: Final = 1.0
 
 #: Health probe period while the database answers (an outage seen by a call
 #: probes at once, so this only bounds how long an idle process takes to notice).
@@ -1158,22 +1161,51 @@ def _postgres_engine(url: URL, timeout_s: float) -> AsyncEngine:
         max_overflow=MAX_OVERFLOW,
         pool_timeout=timeout_s,
         pool_recycle=POOL_RECYCLE_S,
-        # A connection the server closed (restart, failover) is replaced on
-        # checkout instead of failing the caller's first statement.
-        pool_pre_ping=True,
+        # Pinged on checkout only after PING_AFTER_IDLE_S (``_check_on_checkout``),
+        # not every time: SQLAlchemy's pre-ping is a round trip per transaction.
+        pool_pre_ping=False,
         connect_args={
             "timeout": timeout_s,  # asyncpg: connect (TCP + TLS + auth)
             "command_timeout": timeout_s,  # asyncpg: default bound on every statement
             "server_settings": {"application_name": "switchboard"},
         },
     )
-    event.listen(engine.sync_engine, "checkout", _refuse_inside_transaction)
+    dialect = engine.sync_engine.dialect
+
+    def check_on_checkout(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        _refuse_inside_transaction(dbapi_connection)
+        _ping_if_idle(dialect, dbapi_connection, record)
+
+    event.listen(engine.sync_engine, "checkout", check_on_checkout)
+    event.listen(engine.sync_engine, "checkin", _note_checkin)
     return engine
 
 
-def _refuse_inside_transaction(
-    dbapi_connection: Any, _record: ConnectionPoolEntry, _proxy: Any
-) -> None:
+def _note_checkin(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    record.info["checked_in"] = time.monotonic()
+
+
+def _ping_if_idle(dialect: Any, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    """A connection the server closed (restart, failover, an idle timeout) is replaced
+    on checkout instead of failing the caller's first statement: pinged, as
+    SQLAlchemy's ``pool_pre_ping`` does, but only once it sat unused for
+    ``PING_AFTER_IDLE_S``. Under load connections go out again within milliseconds,
+    and a ping each time was a round trip per transaction (about 3 ms of a run's
+    CPU on the whole-run shape, bench/scale.py). A connection the server dropped
+    while it was in use fails that statement, and the pool then replaces every
+    connection older than the failure (SQLAlchemy's disconnect handling)."""
+    checked_in = record.info.get("checked_in")
+    if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE_S:
+        return  # a new connection, or one just given back in working order
+    try:
+        alive = dialect.do_ping(dbapi_connection)
+    except Exception as exc:
+        raise DisconnectionError("the connection did not answer a ping") from exc
+    if alive is False:
+        raise DisconnectionError("the connection did not answer a ping")
+
+
+def _refuse_inside_transaction(dbapi_connection: Any) -> None:
     """A connection given back inside a transaction is discarded, not handed out.
 
     A task cancelled as its session ended (the rollback cut short: a CancelRun,
