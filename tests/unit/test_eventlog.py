@@ -4,6 +4,7 @@ Stream backend against a real redis-server (two buses = two processes' views).""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -13,6 +14,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.errors import CursorExpired
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import (
+    _APPEND_SCRIPT,
     Logged,
     RedisLog,
     Ring,
@@ -324,3 +326,44 @@ async def test_an_entry_or_a_message_that_is_not_ours_is_skipped_and_the_readers
     a.announce([_event("token")], after=position)
     seen = [item.event.actor.name for item in await on_b.until(2)]
     assert seen == ["after", "token"]
+
+
+async def test_a_batch_appended_after_redis_lost_the_script_lands_once_each(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """Several events go in one pipeline by the append script's digest (no SCRIPT EXISTS
+    round trip before each). A Redis that lost the script (restarted, flushed) answers
+    NOSCRIPT: the script is loaded again and the batch lands, each event once, in order."""
+    bus = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    collector = _Collector(bus)
+    first = [_event(f"first{i}") for i in range(3)]
+    await bus.publish_many(first)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        await client.script_flush()
+        assert await client.script_exists(bus_sha(bus)) == [False]
+        second = [_event(f"second{i}") for i in range(3)]
+        await bus.publish_many(second)
+        assert await client.script_exists(bus_sha(bus)) == [True]
+        # No SCRIPT EXISTS before a batch: one round trip per append.
+        asked = await _script_exists_calls(client)
+        third = [_event(f"third{i}") for i in range(3)]
+        await bus.publish_many(third)
+        assert await _script_exists_calls(client) == asked
+    finally:
+        await client.aclose()
+    seen = [item.event.id for item in await collector.until(9)]
+    assert seen == [event.id for event in (*first, *second, *third)]
+    assert bus.state == "ok"
+    stored = await bus.read((0, 0), bus.head, 100)
+    assert [item.event.id for item in stored] == seen
+
+
+async def _script_exists_calls(client: redis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+def bus_sha(_bus: EventBus) -> str:
+    """The append script's digest, as Redis names it."""
+    return hashlib.sha1(_APPEND_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's own name

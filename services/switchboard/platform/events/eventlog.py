@@ -51,7 +51,7 @@ from functools import partial
 from typing import Any, Final, Literal, Protocol
 
 from google.protobuf.message import DecodeError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -917,19 +917,40 @@ class RedisLog:
             self._staged.landed(events)
 
     async def _append_pipelined(self, events: Sequence[events_pb2.Event]) -> list[Any]:
-        """Append ``events`` in one round trip on one connection (Redis runs them in order)."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            for event in events:
-                await self._append_one(event, client=pipe)
-            entry_ids: list[Any] = await pipe.execute()
-        return entry_ids
+        """Append ``events`` in one round trip on one connection (Redis runs them in order).
 
-    async def _append_one(self, event: events_pb2.Event, client: Any = None) -> Any:
-        return await self._append(
-            keys=[self._key, f"{self._key}:id:{event.id}", self._horizon_key],
-            args=[self._dedupe_ms, self._retention, event.SerializeToString(), self._trim_step],
-            client=client,
-        )
+        By the script's digest, not through the script object: redis-py asks Redis
+        whether a pipeline's scripts exist (SCRIPT EXISTS) before every pipeline that
+        names one, a second round trip per append. A Redis that lost the script
+        (restarted, flushed) answers NOSCRIPT: it is loaded and the appends sent
+        again, which their dedupe keys make safe (those that landed are not logged twice).
+        """
+        for attempt in range(2):
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for event in events:
+                        pipe.evalsha(
+                            self._append.sha,
+                            3,
+                            *self._append_keys(event),
+                            *self._append_args(event),
+                        )
+                    entry_ids: list[Any] = await pipe.execute()
+                return entry_ids
+            except NoScriptError:
+                if attempt:
+                    raise
+                await self._client.script_load(_APPEND_SCRIPT)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _append_keys(self, event: events_pb2.Event) -> list[str]:
+        return [self._key, f"{self._key}:id:{event.id}", self._horizon_key]
+
+    def _append_args(self, event: events_pb2.Event) -> list[Any]:
+        return [self._dedupe_ms, self._retention, event.SerializeToString(), self._trim_step]
+
+    async def _append_one(self, event: events_pb2.Event) -> Any:
+        return await self._append(keys=self._append_keys(event), args=self._append_args(event))
 
     def _hold(self, event: events_pb2.Event) -> None:
         if len(self._outbox) >= self._outbox_limit:
