@@ -1002,3 +1002,27 @@ async def test_a_connection_given_back_just_now_is_not_pinged(
         assert pings == 1
     finally:
         await database.close()
+
+
+def _in_transaction(db: Session) -> bool:
+    db.execute(text("SELECT 1"))  # the driver begins at the first statement
+    driver = db.connection().connection.driver_connection
+    assert driver is not None
+    return bool(driver.is_in_transaction())
+
+
+async def test_a_plain_read_on_postgresql_runs_without_begin_and_rollback(
+    postgres_url: str,
+) -> None:
+    """Under READ COMMITTED each statement takes its own snapshot, so a read's
+    transaction bought nothing but BEGIN and ROLLBACK, two round trips per per-call
+    check. A plain read (and ``fetch``, on the same autocommit engine) runs without one;
+    a snapshot read and a write still run inside one."""
+    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
+    try:
+        assert await database.run(_in_transaction, write=False) is False
+        assert await database.run(_in_transaction, write=False, snapshot=True) is True
+        assert await database.run(_in_transaction, write=True) is True
+        assert await database.fetch("SELECT 1", {}) == [(1,)]
+    finally:
+        await database.close()
