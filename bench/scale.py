@@ -14,7 +14,11 @@ echo model, 32 tokens ``INTERVAL_MS`` apart, in as many processes as the row nee
   event log (the first-hour shape), the client straight to it;
 - ``N processes``: ``switchboard mesh --processes N`` (N processes that each serve every
   service, so a run is served whole by one of them; PostgreSQL, Redis and Envoy shared; the
-  launcher's edge-health), the client through Envoy's plain listener.
+  launcher's edge-health), the client through Envoy's plain listener;
+- ``N processes, N x C conversations`` (N above one): each process as loaded as the single
+  one was. A process's CPU per run falls as its load rises (more runs share each group
+  commit, each merged frame, each wake-up), so two processes on the row's C conversations
+  pay for half the load each as well as for each other; this row leaves only the latter.
 
 The client is ``bench/streaming.py``'s closed loops (SendMessage, then WatchRun to the run's
 end, again), in as many processes as the row needs (one per 200 conversations), all on one
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -86,6 +91,8 @@ class Plan:
     warmup_s: float
     seconds: float
     quiet_wait_s: float
+    #: Also each count N > 1 at N times the row's conversations (``one_round``).
+    matched: bool = True
 
 
 def _clients(row: Row) -> int:
@@ -248,17 +255,35 @@ def processes(
 
 
 async def one_round(plan: Plan, directory: Path, model: Model, number: int) -> dict[str, Any]:
+    """The all-in-one, each count of processes on the row, then (``plan.matched``) each
+    count above one with the row's conversations times the count: every process as
+    loaded as the single one was. The counts' order is reversed every other round."""
     order = list(plan.processes) if number % 2 else list(reversed(plan.processes))
     say(f"round {number}: all-in-one, then {order} processes")
     with all_in_one(directory, model) as (address, trees):
         figures = await measure(plan, model, address, trees)
     say(f"  all-in-one: {_brief(figures)}")
-    measured: dict[str, Any] = {"round": number, "all_in_one": figures, "processes": {}}
+    measured: dict[str, Any] = {
+        "round": number,
+        "all_in_one": figures,
+        "processes": {},
+        "matched": {},
+    }
     for count in order:
         with processes(directory, model, count) as (address, trees):
             figures = await measure(plan, model, address, trees)
         measured["processes"][str(count)] = figures
         say(f"  {count} processes: {_brief(figures)}")
+    for count in order if plan.matched else ():
+        if count == 1:
+            continue
+        loaded = dataclasses.replace(
+            plan, row=dataclasses.replace(plan.row, conversations=plan.row.conversations * count)
+        )
+        with processes(directory, model, count) as (address, trees):
+            figures = await measure(loaded, model, address, trees)
+        measured["matched"][str(count)] = figures
+        say(f"  {count} processes, {loaded.row.conversations} conversations: {_brief(figures)}")
     return measured
 
 
@@ -348,6 +373,9 @@ def table(results: dict[str, Any]) -> list[str]:
         for count in results["processes"]:
             f = r["processes"][str(count)]
             lines.append(_row_line(r["round"], f"{count} process(es)", f, base, results["cores"]))
+        for count, f in r.get("matched", {}).items():
+            label = f"{count} processes, {int(count) * results['row']['conversations']} conv."
+            lines.append(_row_line(r["round"], label, f, base, results["cores"]))
     return lines
 
 
@@ -377,6 +405,16 @@ def goals(results: dict[str, Any]) -> list[str]:
             f"processes at most {SCALE_GOAL:g}x that with one: {verdict(ratio <= SCALE_GOAL)}, "
             f"{ratio:.2f}x (rounds: {', '.join(f'{x:.2f}x' for x in ratios)})."
         )
+    if "1" in counts and all("2" in r.get("matched", {}) for r in rounds):
+        ratios = [server_ms(r["matched"]["2"]) / server_ms(r["processes"]["1"]) for r in rounds]
+        lines.append(
+            f"- The same, each process as loaded as the single one (two processes at "
+            f"{2 * results['row']['conversations']} conversations against one at "
+            f"{results['row']['conversations']}): {_mean(ratios):.2f}x (rounds: "
+            f"{', '.join(f'{x:.2f}x' for x in ratios)}). What two processes cost each other "
+            "is this ratio; the row above adds what a process costs per run at half the load "
+            "(fewer runs share each write, each frame, each wake-up)."
+        )
     return lines
 
 
@@ -385,7 +423,9 @@ def projection(results: dict[str, Any]) -> list[str]:
     its rounds averaged): a process, Redis (one thread), PostgreSQL and Envoy (as many
     cores as they are given)."""
     count = str(max(results["processes"]))
-    rows = [r["processes"][count] for r in results["rounds"]]
+    # Each process as loaded as a deployment's would be: the matched row where there is one.
+    matched = all(count in r.get("matched", {}) for r in results["rounds"])
+    rows = [r["matched" if matched else "processes"][count] for r in results["rounds"]]
     parts = {
         part: _mean([by_part(f).get(part, 0.0) for f in rows])
         for part in ("processes", "postgres", "redis", "envoy", "rest")
@@ -396,7 +436,8 @@ def projection(results: dict[str, Any]) -> list[str]:
     redis = HEADROOM * 1000 / max(parts["redis"], 1e-9)
     shared = parts["postgres"] + parts["envoy"] + parts["rest"]
     lines = [
-        f"Each part's CPU per run with {count} process(es) (the rounds' mean): a Switchboard "
+        f"Each part's CPU per run with {count} process(es)"
+        f"{' each as loaded as one alone' if matched else ''} (the rounds' mean): a Switchboard "
         f"process {parts['processes']:.1f} ms, PostgreSQL {parts['postgres']:.1f}, Redis "
         f"{parts['redis']:.1f}, Envoy {parts['envoy']:.1f}, the launcher and edge-health "
         f"{parts['rest']:.1f}. At {HEADROOM:g} of a core each: one process carries "
