@@ -1,5 +1,9 @@
 """``switchboard mesh`` end to end: the scaled-out shape from one command, through Envoy.
 
+Both shapes: one process per service (the default: the two dispatcher replicas own the
+runs), and two whole-run processes (``--processes 2``: each serves every service, so the
+killed one takes its auth, context and events with it).
+
 The launcher runs as a user would run it (a subprocess, a fresh data
 directory, every port 0, a short Envoy health interval). A client speaks native
 gRPC to Envoy's plain listener only: it signs up, opens an event subscription,
