@@ -1,8 +1,8 @@
 """Scale: what a run costs on the shape that scales, and how runs/s grows with processes.
 
     python bench/scale.py                    the paced row 20:100, all-in-one and 1, 2
-                                             whole-run processes, 2 rounds (about 8 min)
-    python bench/scale.py --quick            one round, short windows (about 3 min)
+                                             whole-run processes, 2 rounds (about 5 min)
+    python bench/scale.py --quick            one round, short windows (about 2 min)
     python bench/scale.py --write            ... and put the report into BENCHMARKS.md
     python bench/scale.py --row 20:800 --processes 1,2,4,8
                                              a many-core machine's table
@@ -79,6 +79,9 @@ CLIENT_START_S: Final = 4.0
 #: A single-threaded part (a Switchboard process, Redis, one client or model process) at
 #: this share of a core is taken for the row's bound.
 BUSY: Final = 0.85
+#: Every part together at this share of the host's cores: the host is the bound (the
+#: scheduler's slack on two cores is a few tenths of one).
+HOST_BUSY: Final = 0.8
 #: The share of a core the projection lets each part use (a loop at a full core queues).
 HEADROOM: Final = 0.8
 
@@ -233,8 +236,11 @@ def bound(figures: dict[str, Any], cores: int) -> str:
         name = max(busy, key=lambda n: busy[n])
         return f"{name} ({busy[name]:g} of a core)"
     total = sum(figures["cores"].values())
-    if total >= BUSY * cores:
-        return f"the host's {cores} cores ({total:.2f} busy, every part together)"
+    if total >= HOST_BUSY * cores:
+        return (
+            f"the host's {cores} cores ({total:.2f} busy, every part together: the processes "
+            "wait their turn for a core)"
+        )
     return f"nothing at a core ({total:.2f} of {cores} cores busy): the model's pace"
 
 
@@ -480,9 +486,21 @@ def render(results: dict[str, Any], command: str, plan: Plan) -> str:
         f"Envoy; {settings_text(SERVER_SETTINGS)} reach every process",
         "- CPU from /proc over the measured window, every process of each part (PostgreSQL "
         "with its backends); server CPU: every part but the model and the client. Bound by: "
-        f"a one-thread part at {BUSY:g} of a core or more, else all the host's cores busy",
+        f"a one-thread part at {BUSY:g} of a core or more, else the host when every part together "
+        f"kept {HOST_BUSY:g} of its cores busy",
         f"- each case: {plan.warmup_s:g} s warm-up, {plan.seconds:g} s measured; per round the "
-        "all-in-one, then the counts, their order reversed every other round",
+        "all-in-one, then the counts, then each count above one at that many times the "
+        "conversations; the counts' order reversed every other round",
+        *(
+            [
+                f"- {results['cores']} cores: no count above {results['cores']} runs here (one "
+                "process per core at most), so the scale of 4, 8 and more processes is the "
+                "projection at the end, from each part's CPU per run; on a machine with many "
+                "cores, `python bench/scale.py --row 20:800 --processes 1,2,4,8` measures it"
+            ]
+            if results["cores"] < 8
+            else []
+        ),
         "",
         *table(results),
         "",
