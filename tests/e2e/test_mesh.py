@@ -559,7 +559,7 @@ def data_dir() -> Iterator[Path]:
 async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(
     data_dir: Path, shape: Shape
 ) -> None:
-    first, second = shape.owners
+    victim, survivor = shape.owners
     # `fail`, not the default `resume`: the killed replica's runs are told apart by their end.
     with MeshProcess(
         data_dir, *shape.args, env={"SWITCHBOARD_DISPATCHER_RECOVERY": "fail"}
@@ -578,7 +578,7 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(
         edge = state["edge"]["grpc"]
         assert edge in ready
         # Logs come prefixed by their process's name.
-        mesh.wait_line(lambda line: line.startswith(f"{second} | "), 1)
+        mesh.wait_line(lambda line: line.startswith(f"{survivor} | "), 1)
         # One launcher per data directory.
         second = switchboard("mesh", f"--data-dir={data_dir}", "--listen=127.0.0.1:0")
         assert second.returncode == 2
@@ -626,7 +626,6 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 await chatter.first.wait()
 
-            victim = first
             # Only a run stored as RUNNING fails by the recovery policy; one
             # killed before that lands is still QUEUED and runs again.
             for run, owner in owners.items():

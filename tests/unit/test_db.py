@@ -987,7 +987,7 @@ async def test_a_connection_given_back_just_now_is_not_pinged(
     dialect = database.engine.sync_engine.dialect
     real = dialect.do_ping
 
-    def counted(dbapi_connection: object) -> bool:
+    def counted(dbapi_connection: Any) -> bool:
         nonlocal pings
         pings += 1
         return bool(real(dbapi_connection))
