@@ -63,6 +63,7 @@ from bench.harness import (
     wait_quiet,
 )
 from bench.streaming import SERVER_SETTINGS, Model, Row, TreeCpu, model_server
+from switchboard.deploy.launcher import usable_cores
 
 SECTION: Final = "## Scale: whole-run processes behind the edge"
 #: The issue's goals (69): the scaled-out shape's CPU per run against the all-in-one's...
@@ -312,7 +313,7 @@ async def drive(args: argparse.Namespace) -> int:
         seconds=6.0 if args.quick else 12.0,
         quiet_wait_s=5.0 if args.quick else 20.0,
     )
-    cores = _usable_cores()
+    cores = usable_cores()
     results: dict[str, Any] = {
         "row": {
             "interval_ms": row.interval_ms,
@@ -332,13 +333,6 @@ async def drive(args: argparse.Namespace) -> int:
     text = render(results, command_line("bench/scale.py"), plan)
     report(results, text, args)
     return 0
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------------
