@@ -10,6 +10,8 @@
 Each round measures, on the same machine and the same paced model (``bench/streaming.py``'s
 echo model, 32 tokens ``INTERVAL_MS`` apart, in as many processes as the row needs):
 
+- ``the model, direct``: the same closed loops streaming from the model itself, in as many
+  client processes: the model's limit (and the clients'), each with its cores;
 - ``all-in-one``: one ``switchboard serve --dev`` on embedded SQLite, the in-memory cache and
   event log (the first-hour shape), the client straight to it;
 - ``N processes``: ``switchboard mesh --processes N`` (N processes that each serve every
@@ -124,25 +126,52 @@ async def measure(
     every part's CPU (``trees``, the model's and the clients') read here over it."""
     account, names = await streaming._conversations(address, plan.row.conversations)
     waited = await wait_quiet(plan.quiet_wait_s)
-    start_at = time.time() + CLIENT_START_S
     specs = [
         {
             "mode": "switchboard",
-            "interval_ms": plan.row.interval_ms,
-            "tokens": plan.row.tokens,
-            "warmup_s": plan.warmup_s,
-            "seconds": plan.seconds,
             "address": address,
             "token": account.token,
-            "model_pid": model.pid,
             "conversations_names": part,
             "trees": {},
-            "start_at": start_at,
-            "samples": True,
         }
         for part in _slices(names, _clients(plan.row))
     ]
-    running = [asyncio.create_task(asyncio.to_thread(run_client, CLIENT_SCRIPT, s)) for s in specs]
+    return await _on_one_window(plan, model, specs, trees, waited)
+
+
+async def measure_direct(plan: Plan, model: Model) -> dict[str, Any]:
+    """The model alone: the row's closed loops streaming Chat Completions from it, in as
+    many client processes as the row needs, so the row is the model's limit and not one
+    client's."""
+    waited = await wait_quiet(plan.quiet_wait_s)
+    parts = _slices([str(i) for i in range(plan.row.conversations)], _clients(plan.row))
+    specs = [
+        {"mode": "direct", "model_url": model.url, "conversations": len(part)} for part in parts
+    ]
+    return await _on_one_window(plan, model, specs, {}, waited)
+
+
+async def _on_one_window(
+    plan: Plan,
+    model: Model,
+    specs: Sequence[dict[str, Any]],
+    trees: dict[str, list[int]],
+    waited: float,
+) -> dict[str, Any]:
+    start_at = time.time() + CLIENT_START_S
+    common = {
+        "interval_ms": plan.row.interval_ms,
+        "tokens": plan.row.tokens,
+        "warmup_s": plan.warmup_s,
+        "seconds": plan.seconds,
+        "model_pid": model.pid,
+        "start_at": start_at,
+        "samples": True,
+    }
+    running = [
+        asyncio.create_task(asyncio.to_thread(run_client, CLIENT_SCRIPT, {**common, **spec}))
+        for spec in specs
+    ]
     # The window opens at start_at + warm-up in every client; read the CPU around it.
     await asyncio.sleep(max(0.0, start_at + plan.warmup_s - time.time()))
     clients = _client_pids()
@@ -266,12 +295,15 @@ async def one_round(plan: Plan, directory: Path, model: Model, number: int) -> d
     count above one with the row's conversations times the count: every process as
     loaded as the single one was. The counts' order is reversed every other round."""
     order = list(plan.processes) if number % 2 else list(reversed(plan.processes))
-    say(f"round {number}: all-in-one, then {order} processes")
+    say(f"round {number}: the model direct, all-in-one, then {order} processes")
+    direct = await measure_direct(plan, model)
+    say(f"  direct: {_brief(direct)}")
     with all_in_one(directory, model) as (address, trees):
         figures = await measure(plan, model, address, trees)
     say(f"  all-in-one: {_brief(figures)}")
     measured: dict[str, Any] = {
         "round": number,
+        "direct": direct,
         "all_in_one": figures,
         "processes": {},
         "matched": {},
@@ -343,9 +375,10 @@ def _row_line(number: int, label: str, f: dict[str, Any], base: float, cores: in
     parts = by_part(f)
     total = server_ms(f)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(f["errors"].items())) or "0"
+    served = f"{total} ({total / max(base, 1e-9):.2f}x)" if total else "(no server)"
     return (
         f"| {number} | {label} | {f['runs_per_s']} | {f['first_p50_ms']} / {f['first_p99_ms']} "
-        f"| {f['gap_p50_ms']} / {f['gap_p99_ms']} | {total} ({total / max(base, 1e-9):.2f}x) "
+        f"| {f['gap_p50_ms']} / {f['gap_p99_ms']} | {served} "
         f"| {parts.get('server', parts.get('processes', 0.0))} | {parts.get('postgres', 0.0)} "
         f"| {parts.get('redis', 0.0)} | {parts.get('envoy', 0.0)} | {parts.get('rest', 0.0)} "
         f"| {parts.get('model', 0.0)} | {parts.get('client', 0.0)} "
@@ -367,6 +400,10 @@ def table(results: dict[str, Any]) -> list[str]:
     ]
     for r in results["rounds"]:
         base = server_ms(r["all_in_one"])
+        if "direct" in r:
+            lines.append(
+                _row_line(r["round"], "the model, direct", r["direct"], base, results["cores"])
+            )
         lines.append(
             _row_line(r["round"], "all-in-one (SQLite)", r["all_in_one"], base, results["cores"])
         )
