@@ -46,6 +46,7 @@ from switchboard.platform.store.db import (
     open_database,
 )
 from switchboard.platform.store.models import SEARCH_TABLES, Base, SessionRow, UserRow, modelled
+from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import transaction
 from tests.infra import postgres as postgres_infra
 from tests.infra.postgres import PostgresServer
@@ -1011,18 +1012,30 @@ def _in_transaction(db: Session) -> bool:
     return bool(driver.is_in_transaction())
 
 
-async def test_a_plain_read_on_postgresql_runs_without_begin_and_rollback(
-    postgres_url: str,
+async def test_a_per_call_check_on_postgresql_runs_without_begin_and_rollback(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under READ COMMITTED each statement takes its own snapshot, so a read's
-    transaction bought nothing but BEGIN and ROLLBACK, two round trips per per-call
-    check. A plain read (and ``fetch``, on the same autocommit engine) runs without one;
-    a snapshot read and a write still run inside one."""
+    """``fetch`` (one read-only statement: membership and version checks, on every RPC)
+    runs without a transaction block: BEGIN and ROLLBACK were two of its three round
+    trips. A work given to ``run`` keeps its transaction, a read's too: it may lock rows
+    or SET LOCAL for the transaction."""
     database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
     try:
-        assert await database.run(_in_transaction, write=False) is False
+        seen: list[bool] = []
+        real = Prepared.rows
+
+        def rows(statement: Prepared, db: Connection, params: Any = None) -> list[Any]:
+            found = real(statement, db, params)
+            driver = db.connection.driver_connection
+            assert driver is not None
+            seen.append(bool(driver.is_in_transaction()))
+            return found
+
+        monkeypatch.setattr(Prepared, "rows", rows)
+        assert await database.fetch("SELECT 1", {}) == [(1,)]
+        assert seen == [False]
+        assert await database.run(_in_transaction, write=False) is True
         assert await database.run(_in_transaction, write=False, snapshot=True) is True
         assert await database.run(_in_transaction, write=True) is True
-        assert await database.fetch("SELECT 1", {}) == [(1,)]
     finally:
         await database.close()

@@ -416,15 +416,11 @@ class Database:
         self.readers: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"}), expire_on_commit=False
         )
-        # PostgreSQL reads outside a snapshot run without BEGIN and ROLLBACK: under READ
-        # COMMITTED every statement takes its own snapshot anyway, so the transaction
-        # gave a read nothing but two round trips (a third of a per-call check's).
+        # ``fetch`` on PostgreSQL: one read-only statement without BEGIN and ROLLBACK, its
+        # own snapshot, as on SQLite; the transaction gave it nothing but two round trips
+        # (two thirds of a per-call check's). A work given to ``run`` keeps its
+        # transaction whatever it does: it may lock rows or SET LOCAL.
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._plain_readers = (
-            async_sessionmaker(self._autocommit, expire_on_commit=False)
-            if parsed.drivername != SQLITE_DRIVER
-            else self.readers
-        )
         # SQLite files: a synchronous engine whose transactions run whole in a
         # worker thread (see ``run``). Not for ":memory:", which a second
         # engine could not see.
@@ -576,8 +572,7 @@ class Database:
                 # by how long it queued: a write behind others is not an outage.
                 return await self._group_write(work)
             return await self._thread_call(executor, transaction)
-        factory = self.sessions if write else self.readers if snapshot else self._plain_readers
-        async with factory() as session:
+        async with (self.sessions if write else self.readers)() as session:
             if snapshot and self.dialect_name == "postgresql":
                 await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             result = await session.run_sync(work)
