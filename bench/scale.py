@@ -75,6 +75,7 @@ SCALE_GOAL: Final = 1.1
 #: Conversations per client process, and tokens per second per model process.
 PER_CLIENT: Final = 200
 PER_MODEL_TOKENS_S: Final = 20_000
+PER_DIRECT_CLIENT: Final = 50
 #: The measuring client's script (its ``client`` role).
 CLIENT_SCRIPT: Final = str(Path(streaming.__file__).resolve())
 #: The clients' interpreters start and import before the shared window opens.
@@ -103,6 +104,18 @@ class Plan:
 
 def _clients(row: Row) -> int:
     return max(1, math.ceil(row.conversations / PER_CLIENT))
+
+
+def _direct_clients(row: Row) -> int:
+    """The direct row's clients: an HTTP client reading Chat Completions streams costs
+    several times a gRPC one per run (httpx), so more of them, one per 50 conversations,
+    on at most half the host's cores (the model needs the rest)."""
+    return max(1, min(usable_cores() // 2, math.ceil(row.conversations / PER_DIRECT_CLIENT)))
+
+
+def paced_limit(row: Row) -> float:
+    """Runs/s the paced model allows: each conversation's run takes tokens x interval."""
+    return row.conversations * 1000 / max(row.interval_ms * row.tokens, 1e-9)
 
 
 def _models(row: Row) -> int:
@@ -144,7 +157,7 @@ async def measure_direct(plan: Plan, model: Model) -> dict[str, Any]:
     many client processes as the row needs, so the row is the model's limit and not one
     client's."""
     waited = await wait_quiet(plan.quiet_wait_s)
-    parts = _slices([str(i) for i in range(plan.row.conversations)], _clients(plan.row))
+    parts = _slices([str(i) for i in range(plan.row.conversations)], _direct_clients(plan.row))
     specs = [
         {"mode": "direct", "model_url": model.url, "conversations": len(part)} for part in parts
     ]
@@ -503,12 +516,17 @@ def projection(results: dict[str, Any]) -> list[str]:
 def render(results: dict[str, Any], command: str, plan: Plan) -> str:
     row = plan.row
     apart = f"{row.interval_ms} ms apart" if row.interval_ms else "unpaced"
+    pace = (
+        f" (the model's pace allows {paced_limit(row):.0f} runs/s: a run takes tokens x interval)"
+        if row.interval_ms
+        else ""
+    )
     lines = [
         SECTION,
         "",
         *provenance(command, took_s=results.get("seconds")),
         host_speed_line(results["host"]),
-        f"- the row: {row.conversations} conversations, {row.tokens} tokens {apart}; "
+        f"- the row: {row.conversations} conversations, {row.tokens} tokens {apart}{pace}; "
         f"{results['models']} model process(es) on one port, {results['clients']} client "
         f"process(es) on one window; every part on the same {results['cores']} cores",
         "- `all-in-one`: `switchboard serve --dev` on SQLite (the first-hour shape), the client "
