@@ -357,6 +357,7 @@ async def drive(args: argparse.Namespace) -> int:
         warmup_s=2.0 if args.quick else 4.0,
         seconds=6.0 if args.quick else 12.0,
         quiet_wait_s=5.0 if args.quick else 20.0,
+        matched=not args.no_matched,
     )
     cores = usable_cores()
     results: dict[str, Any] = {
@@ -538,8 +539,13 @@ def render(results: dict[str, Any], command: str, plan: Plan) -> str:
         f"a one-thread part at {BUSY:g} of a core or more, else the host when every part together "
         f"kept {HOST_BUSY:g} of its cores busy",
         f"- each case: {plan.warmup_s:g} s warm-up, {plan.seconds:g} s measured; per round the "
-        "all-in-one, then the counts, then each count above one at that many times the "
-        "conversations; the counts' order reversed every other round",
+        "model direct, the all-in-one, then the counts"
+        + (
+            ", then each count above one at that many times the conversations"
+            if plan.matched
+            else ""
+        )
+        + "; the counts' order reversed every other round",
         *(
             [
                 f"- {results['cores']} cores: no count above {results['cores']} runs here (one "
@@ -574,6 +580,12 @@ def options(parser: argparse.ArgumentParser) -> None:
         help="whole-run process counts, each at most the usable cores (default 1,2)",
     )
     parser.add_argument("--rounds", type=int, default=0, help="rounds (default 2, quick 1)")
+    parser.add_argument(
+        "--no-matched",
+        action="store_true",
+        help="not each count above one at that many times the conversations (a many-core "
+        "run's counts would need thousands of conversations)",
+    )
 
 
 def main() -> int:
