@@ -127,6 +127,9 @@ class LoopbackServer:
     host: str
     #: The port to listen on; 0 picks a free one, and a restart keeps the one picked.
     listen_port: int
+    #: Bind with SO_REUSEPORT: several processes of one fake share a port (a benchmark's
+    #: model that is more than one core's worth).
+    reuse_port: bool = False
     _server: asyncio.Server | None
     _tasks: set[asyncio.Task[None]]
 
@@ -136,10 +139,6 @@ class LoopbackServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    #: Bind with SO_REUSEPORT: several processes of one fake share a port (a benchmark's
-    #: model that is more than one core's worth).
-    reuse_port: bool = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(

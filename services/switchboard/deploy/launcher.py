@@ -429,7 +429,7 @@ class Mesh:
         first = [child for child in self.services if child.service not in later]
         await together(*(self._launch(child) for child in first))
         for service in ("dispatcher", "a2a"):
-            own = [child for child in self.replicas(service) if child.service == service]
+            own = [child for child in self.services if child.service == service]
             await together(*(self._launch(child) for child in own))
         await self._launch(self.edge_health)
         await self._launch(self.envoy)
@@ -558,18 +558,19 @@ def _processes(text: str | None) -> int:
     if text is None:
         return 0
     cores = usable_cores()
+    most = min(cores, MAX_PROCESSES)
     if text.strip().lower() == "auto":
-        return max(1, min(cores, MAX_PROCESSES))
+        return max(1, most)
     if not text.strip().isdigit():
         raise MeshError(f"--processes expects a number or auto, got {text!r}")
     count = int(text)
     if count < 1:
         raise MeshError("--processes must be at least 1")
-    if count > min(cores, MAX_PROCESSES):
+    if count > most:
         raise MeshError(
             f"--processes {count} is more than the {cores} core(s) this launcher may use "
-            f"(at most {min(cores, MAX_PROCESSES)}): a process is one interpreter, one core at "
-            "most, and more processes than cores take turns on them, each costing its share"
+            f"(at most {most}): a process is one interpreter, one core at most, and more "
+            "processes than cores take turns on them, each costing its share"
         )
     return count
 

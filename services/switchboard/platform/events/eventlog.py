@@ -925,23 +925,19 @@ class RedisLog:
         (restarted, flushed) answers NOSCRIPT: it is loaded and the appends sent
         again, which their dedupe keys make safe (those that landed are not logged twice).
         """
-        for attempt in range(2):
-            try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for event in events:
-                        pipe.evalsha(
-                            self._append.sha,
-                            3,
-                            *self._append_keys(event),
-                            *self._append_args(event),
-                        )
-                    entry_ids: list[Any] = await pipe.execute()
-                return entry_ids
-            except NoScriptError:
-                if attempt:
-                    raise
-                await self._client.script_load(_APPEND_SCRIPT)
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return await self._evalsha_all(events)
+        except NoScriptError:
+            await self._client.script_load(_APPEND_SCRIPT)
+            return await self._evalsha_all(events)
+
+    async def _evalsha_all(self, events: Sequence[events_pb2.Event]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for event in events:
+                keys = self._append_keys(event)
+                pipe.evalsha(self._append.sha, len(keys), *keys, *self._append_args(event))
+            entry_ids: list[Any] = await pipe.execute()
+        return entry_ids
 
     def _append_keys(self, event: events_pb2.Event) -> list[str]:
         return [self._key, f"{self._key}:id:{event.id}", self._horizon_key]

@@ -107,7 +107,7 @@ MAX_OVERFLOW: Final = 5
 # Recycle before common idle cuts (load balancers, pgbouncer) drop the socket.
 POOL_RECYCLE_S: Final = 1800
 #: A PostgreSQL connection idle this long is pinged before it is handed out; one given
-#: back more recently is not (``_check_on_checkout``).
+#: back more recently is not (``_ping_if_idle``).
 PING_AFTER_IDLE_S: Final = 1.0
 
 #: Health probe period while the database answers (an outage seen by a call
@@ -1166,7 +1166,7 @@ def _postgres_engine(url: URL, timeout_s: float) -> AsyncEngine:
         max_overflow=MAX_OVERFLOW,
         pool_timeout=timeout_s,
         pool_recycle=POOL_RECYCLE_S,
-        # Pinged on checkout only after PING_AFTER_IDLE_S (``_check_on_checkout``),
+        # Pinged on checkout only after PING_AFTER_IDLE_S (``_ping_if_idle``),
         # not every time: SQLAlchemy's pre-ping is a round trip per transaction.
         pool_pre_ping=False,
         connect_args={
