@@ -18,7 +18,7 @@ GetContextWindow: the server runs with ``SWITCHBOARD_CONTEXT_AUTO_PRUNE_MESSAGES
 so the conversation really holds every message live. The user, workspace and
 conversation are created through the RPCs; most messages and every memory item
 are then written in this process through the real context domain
-(``context/messages.py``, ``context/memory.py`` and their stores) on the same
+(``context/messages/catalog.py``, ``context/memory/catalog.py`` and their stores) on the same
 database file (the event bus replaced by a no-op: nobody subscribes to the
 seed), and the last messages through AppendMessage.
 Messages alternate user/assistant, 20-80 words each; memory items (10-40 words)

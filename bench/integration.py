@@ -1008,7 +1008,7 @@ def _webhook_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
         "answers 204. Each case has a workspace of its own whose webhook integrations "
         "(all signing with one secret) subscribe to `MESSAGE_CREATED`; the client appends "
         "messages to conversations of that workspace (AppendMessage over gRPC). Deliveries "
-        "to one endpoint go out one at a time, in log order (integration/webhooks.py), so "
+        "to one endpoint go out one at a time, in log order (integration/webhooks/delivery.py), so "
         "one endpoint's rate is bounded by the round trip of a delivery; several endpoints "
         "show the engine's parallelism. Throughput: "
         f"{WRITERS} writers append as fast as AppendMessage answers; deliveries/s is the "

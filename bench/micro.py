@@ -29,12 +29,11 @@ from sqlalchemy.orm import Session
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.auth.accounts import Accounts
-from switchboard.context.messagestore import MessageStore, NewMessage
-from switchboard.context.windowstore import WindowScopes, WindowStore
+from switchboard.context.messages.store import MessageStore, NewMessage
+from switchboard.context.windows.store import WindowScopes, WindowStore
 from switchboard.mesh import create_server
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import LocalLog
-from switchboard.platform.names import new_id, now
 from switchboard.platform.store.db import open_database
 from switchboard.platform.store.models import (
     ConversationRow,
@@ -45,6 +44,7 @@ from switchboard.platform.store.models import (
 )
 from switchboard.platform.store.outbox import Outbox, Staged, staging
 from switchboard.platform.store.storage import Idempotency
+from switchboard.platform.values.names import new_id, now
 from switchboard.settings import Settings
 
 CALLS = 20_000

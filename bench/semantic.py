@@ -310,7 +310,7 @@ async def login(address: str, email: str) -> str:
 
 async def load(url: str, account: Account, count: int) -> dict[str, Any]:
     """``count`` memory items in the workspace, with their chunks and vectors."""
-    from switchboard.context.semantic.chunkstore import ChunkStore
+    from switchboard.context.semantic.indexing.chunkstore import ChunkStore
     from switchboard.context.semantic.ports import EmbeddingModel
     from switchboard.platform.store.db import Database
     from switchboard.platform.store.models import MemoryItemRow
@@ -397,7 +397,7 @@ def _memory_rows(
     batch: Sequence[tuple[str, str]], first: int, account: Account, *, sqlite: bool
 ) -> list[dict[str, Any]]:
     """The memory_items rows of ``batch`` (items ``first``... of the load)."""
-    from switchboard.platform.names import new_id
+    from switchboard.platform.values.names import new_id
 
     owner = f"workspaces/{WORKSPACE}"
     base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -475,7 +475,7 @@ def _insert_chunks(
 def _drop_hnsw(db: Any) -> None:
     from sqlalchemy import text
 
-    from switchboard.context.semantic.chunkstore import vector_table
+    from switchboard.context.semantic.indexing.chunkstore import vector_table
 
     db.execute(text(f"DROP INDEX IF EXISTS ix_{vector_table(DIMENSIONS)}_hnsw"))
 
@@ -484,7 +484,7 @@ def _build_hnsw(store: Any, db: Any) -> None:
     """The index again, by the chunk store's own DDL, with room to build it in memory."""
     from sqlalchemy import text
 
-    from switchboard.context.semantic.chunkstore import vector_table
+    from switchboard.context.semantic.indexing.chunkstore import vector_table
 
     db.execute(text("SET LOCAL maintenance_work_mem = '1GB'"))
     db.execute(text("SET LOCAL max_parallel_maintenance_workers = 2"))
@@ -516,7 +516,7 @@ async def engine_queries(
     at a time: latencies, and recall@K of the index over those queries. Also ``nearest``
     at the ``candidates`` setting's count, as a HYBRID search asks it (a SEMANTIC one
     asks first only about as deep as its page)."""
-    from switchboard.context.semantic.chunkstore import ChunkStore
+    from switchboard.context.semantic.indexing.chunkstore import ChunkStore
     from switchboard.context.semantic.ports import EmbeddingModel, SearchFilter
     from switchboard.context.settings import ContextSettings
     from switchboard.platform.store.db import Database

@@ -37,7 +37,7 @@ from typing import Any, Final
 import yaml
 
 from switchboard.deploy import commands
-from switchboard.deploy.envoy import API, ServerLimits, Tracing, render
+from switchboard.deploy.edge.envoy import API, ServerLimits, Tracing, render
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 DEPLOY: Final = ROOT / "deploy"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from switchboard.deploy import commands, meshargs
 from switchboard.platform.config import ConfigError, KernelSettings
 from switchboard.platform.observe.logging import configure_logging
-from switchboard.platform.security import keyfile
+from switchboard.platform.security.credentials import keyfile
 
 if TYPE_CHECKING:
     from switchboard.settings import Settings

@@ -20,8 +20,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from sqlalchemy.exc import DBAPIError
 
 from switchboard.a2a import build as a2a
-from switchboard.a2a import cardservicer as card_servicer
 from switchboard.a2a import servicer as a2a_servicer
+from switchboard.a2a.card import servicer as card_servicer
 from switchboard.a2a.push.delivery import PushDelivery
 from switchboard.auth import build as auth
 from switchboard.auth import servicer as auth_servicer
@@ -41,23 +41,27 @@ from switchboard.platform.events.loglock import EventLogLock, lock_sqlite_file
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.observe.telemetry import Tracing, default_service_name, install
 from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
-from switchboard.platform.security.accesstokens import (
+from switchboard.platform.security.accesswatch import AccessWatch
+from switchboard.platform.security.authenticator import CredentialAuthenticator
+from switchboard.platform.security.authn import Guard
+from switchboard.platform.security.credentials.accesstokens import (
     AccessTokens,
     KeyRing,
     SigningKey,
     TokenPolicy,
     load_key_ring,
 )
-from switchboard.platform.security.accesswatch import AccessWatch
-from switchboard.platform.security.authenticator import CredentialAuthenticator
-from switchboard.platform.security.authn import Guard
-from switchboard.platform.security.credentialrecords import CredentialRecords
-from switchboard.platform.security.devkey import DevKeyError, dev_key_path, dev_signing_key
-from switchboard.platform.security.devkey import key_id as dev_key_id
+from switchboard.platform.security.credentials.devkey import (
+    DevKeyError,
+    dev_key_path,
+    dev_signing_key,
+)
+from switchboard.platform.security.credentials.devkey import key_id as dev_key_id
+from switchboard.platform.security.credentials.opaque import OpaqueSecrets
+from switchboard.platform.security.credentials.records import CredentialRecords
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.membership import MembershipStore
-from switchboard.platform.security.opaque import OpaqueSecrets
 from switchboard.platform.security.policy import Policy
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.db import (
     Database,
     is_outage,

@@ -38,8 +38,8 @@ from switchboard.platform.config import (
     KernelSettings,
     Section,
 )
-from switchboard.platform.rpc.channels import RemoteHandlerSettings
-from switchboard.platform.rpc.peers import PeerSettings
+from switchboard.platform.rpc.outbound.channels import RemoteHandlerSettings
+from switchboard.platform.rpc.outbound.peers import PeerSettings
 from switchboard.platform.security.egress import EgressSettings
 
 _S = TypeVar("_S", bound=Section)

@@ -40,13 +40,13 @@ from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, KernelSettings, Section, Sections
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
-from switchboard.platform.security.accesstokens import AccessTokens, KeyRing
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.authenticator import CredentialAuthenticator
+from switchboard.platform.security.credentials.accesstokens import AccessTokens, KeyRing
+from switchboard.platform.security.credentials.opaque import OpaqueSecrets
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.membership import MembershipStore
-from switchboard.platform.security.opaque import OpaqueSecrets
 from switchboard.platform.security.policy import Policy
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
@@ -56,14 +56,15 @@ _S = TypeVar("_S", bound=Section)
 #: Module -> what another service uses it for, in-process.
 SHARED_PARTS: Final[dict[str, str]] = {
     "switchboard.context.build": "the context domain, for a dispatcher in the same process",
-    "switchboard.context.tokencount": "the token counter: a prompt counts as its window did",
-    "switchboard.context.parttext": "a message's parts as text: a prompt reads as it was counted",
+    "switchboard.context.text.tokencount": "the token counter: a prompt counts as its window did",
+    "switchboard.context.text.parttext": "a message's parts as text: a prompt reads as "
+    "it was counted",
     "switchboard.integration.build": "the integration hub, for the dispatcher's tool calls",
     "switchboard.integration.service": "the integration hub's type",
     "switchboard.integration.directory": "a workspace's experts as stored, for routing runs",
-    "switchboard.integration.remote_a2a": "the A2A agent client: a run on a remote agent",
-    "switchboard.integration.connectors": "the errors the A2A agent client raises",
-    "switchboard.context.semantic.filters": "the search filter's grammar: an assistant's "
+    "switchboard.integration.kinds.a2a": "the A2A agent client: a run on a remote agent",
+    "switchboard.integration.connect.connectors": "the errors the A2A agent client raises",
+    "switchboard.context.semantic.retrieval.filters": "the search filter's grammar: an assistant's "
     "retrieval filter is refused when saved, in SearchContext's words",
     "switchboard.dispatcher.budgets.ledger": "the budget ledger, which embedding calls "
     "(context service) reserve and settle in like model calls",

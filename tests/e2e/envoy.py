@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from switchboard.deploy import machine
-from switchboard.deploy.envoy import PLAIN_LISTENER, TLS_LISTENER
+from switchboard.deploy.edge.envoy import PLAIN_LISTENER, TLS_LISTENER
 from tests.e2e.procs import ManagedProcess
 from tests.infra import processlogs
 

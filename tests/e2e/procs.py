@@ -38,7 +38,7 @@ def tool(name: str) -> str:
 def shared_secrets(directory: Path) -> dict[str, str]:
     """Settings that let several processes accept each other's tokens: one server secret and
     one signing key (written into ``directory``), not dev mode's, which are per database."""
-    from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+    from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 
     key_file = directory / "k1.pem"
     key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))

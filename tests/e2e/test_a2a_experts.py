@@ -27,11 +27,11 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.integration.remote_a2a import TOOL_NAME, A2AAgent, A2AAgentConnector
+from switchboard.integration.kinds.a2a import TOOL_NAME, A2AAgent, A2AAgentConnector
 from switchboard.platform.errors import DestinationBlocked
-from switchboard.platform.idempotency import call_key, handler_key
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.values.idempotency import call_key, handler_key
 from tests.e2e.a2aproc import A2AAgentProcess
 from tests.e2e.expertkit import (
     istub_fixture,

@@ -20,7 +20,7 @@ import pytest
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.integration.remote_a2a import MAX_SENT_FILE_BYTES
+from switchboard.integration.kinds.a2a import MAX_SENT_FILE_BYTES
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.e2e.a2aproc import A2AAgentProcess
 from tests.e2e.expertkit import istub_fixture, served_fixture, until_listed, world_fixture

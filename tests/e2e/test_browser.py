@@ -37,7 +37,7 @@ from google.protobuf.message import Message
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
-from switchboard.deploy.envoy import PLAIN_LISTENER, TLS_LISTENER
+from switchboard.deploy.edge.envoy import PLAIN_LISTENER, TLS_LISTENER
 from tests.e2e.chromium import artifacts_dir, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess

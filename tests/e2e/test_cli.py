@@ -21,7 +21,7 @@ import pytest
 
 from switchboard import cli as switchboard_cli
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
-from switchboard.platform.security.accesstokens import load_key_ring
+from switchboard.platform.security.credentials.accesstokens import load_key_ring
 from tests.e2e.procs import START_TIMEOUT_S, cli
 
 pytestmark = pytest.mark.e2e

@@ -74,14 +74,14 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2, integration_pb2_grpc
-from switchboard.deploy.envoy import (
+from switchboard.deploy.edge.envoy import (
     CONSOLE_CSP,
     CONSOLE_HEADERS,
     CONSOLE_TYPES,
     MAX_CONSOLE_FILE_BYTES,
 )
-from switchboard.platform import names
-from switchboard.platform.security.devkey import dev_key_path
+from switchboard.platform.security.credentials.devkey import dev_key_path
+from switchboard.platform.values import names
 from tests.e2e.chromium import artifacts_dir, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess

@@ -49,8 +49,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.internal.dispatcher.v1 import job_pb2
-from switchboard.platform.idempotency import call_key
 from switchboard.platform.store.models import RunRow
+from switchboard.platform.values.idempotency import call_key
 from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up, taken_over
 from tests.fakes.openai_server import FakeOpenAI, Reply, _text

@@ -23,7 +23,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.deploy.envoy import ALPN, API, PLAIN_LISTENER, TLS_LISTENER, safe_to_retry
+from switchboard.deploy.edge.envoy import ALPN, API, PLAIN_LISTENER, TLS_LISTENER, safe_to_retry
 from switchboard.settings import FIELDS
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import AUTH, DEADLINE_S, EVENTS, ORIGIN, GrpcWeb, WebCall

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
-from switchboard.deploy.envoy import ENVOY_SERVICE_NAME, OTLP_CLUSTER
+from switchboard.deploy.edge.envoy import ENVOY_SERVICE_NAME, OTLP_CLUSTER
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import AUTH, DEADLINE_S, ORIGIN, GrpcWeb, encode
 from tests.e2e.procs import ServeProcess

@@ -34,7 +34,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.context.v1 import context_pb2_grpc
-from switchboard.context.files.s3blobs import PART_SIZE, S3BlobStore
+from switchboard.context.files.blobs.s3 import PART_SIZE, S3BlobStore
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.infra.redis import RedisServer
 from tests.infra.seaweedfs import SeaweedServer

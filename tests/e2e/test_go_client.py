@@ -36,7 +36,7 @@ from google.rpc import error_details_pb2
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from tests.e2e.goclient import Line, Quickstart, build_example, build_quickstart, go, gofmt
 from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess, ServeProcess
 from tests.e2e.restarts import (

@@ -27,7 +27,7 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from switchboard.deploy.contracts import API, served_by
+from switchboard.deploy.edge.contracts import API, served_by
 from tests.e2e.procs import tool
 from tests.e2e.test_mesh import READY_TIMEOUT_S, MeshProcess, data_dir
 from tests.service.authkit import PASSWORD, unique_email

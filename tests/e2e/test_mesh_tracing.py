@@ -46,7 +46,7 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.deploy.envoy import ENVOY_SERVICE_NAME
+from switchboard.deploy.edge.envoy import ENVOY_SERVICE_NAME
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.expertproc import ListeningProcess
 from tests.e2e.procs import ROOT, ServeProcess, shared_secrets

@@ -32,14 +32,14 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
 from switchboard.dispatcher.handlers.experts import WorkspaceExpert, WorkspaceExperts
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.integration.connectors import ToolNotFound, Unreachable
+from switchboard.integration.connect.connectors import ToolNotFound, Unreachable
 from switchboard.integration.directory import ExpertEntry
-from switchboard.integration.experts import GrpcExpertConnector
-from switchboard.platform.breaker import Breakers
+from switchboard.integration.kinds.experts import GrpcExpertConnector
 from switchboard.platform.errors import DestinationBlocked, ResultTooLarge
+from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import EgressPolicy
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.models import IntegrationRow
 from tests.conftest import built
 from tests.e2e.expertkit import (

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from switchboard.api.context.v1 import context_pb2 as cpb
-from switchboard.context.semantic.chunking import chunk_text
+from switchboard.context.semantic.indexing.chunking import chunk_text
 from switchboard.platform.store.models import SemanticCursorRow, SemanticJobRow
 from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up

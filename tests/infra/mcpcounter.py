@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tests.infra.mcpserver import McpTestServer, _Announcing
 
-#: Where the key travels (``switchboard.platform.idempotency.MCP_META``).
+#: Where the key travels (``switchboard.platform.values.idempotency.MCP_META``).
 KEY_META: Final = "dev.switchboard/idempotency-key"
 TOOLS: Final = ("count_safe", "count_once")
 DELAY_S: Final = float(os.environ.get("MCP_COUNTER_DELAY_S", "0.2"))

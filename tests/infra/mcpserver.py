@@ -54,7 +54,7 @@ from mcp.server.models import InitializationOptions
 from mcp.shared.exceptions import MCPError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from switchboard.platform.idempotency import MCP_META
+from switchboard.platform.values.idempotency import MCP_META
 from tests.infra import processlogs
 
 PAGE_SIZE = 3

@@ -19,7 +19,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.db import DatabaseUnavailable
 from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply

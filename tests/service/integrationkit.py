@@ -17,8 +17,8 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.integration.store import IntegrationRecord
 from switchboard.mesh import create_server
-from switchboard.platform.names import now
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.values.names import now
 from tests.conftest import make_settings
 from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world
 

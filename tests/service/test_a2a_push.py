@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from grpc import aio
 
 from switchboard.integration.service import IntegrationHub
-from switchboard.integration.webhooks import WebhookEngine
+from switchboard.integration.webhooks.delivery import WebhookEngine
 from tests.conftest import built
 from tests.infra.webhookreceiver import Endpoint, WebhookReceiver, running_receiver, until
 from tests.service.authkit import reasons

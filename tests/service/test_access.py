@@ -71,7 +71,7 @@ def test_rule_matches_the_request_shape(method: MethodDescriptor) -> None:
     rule = RULES[_path(method)]
     fields = _resource_fields(method)
     if rule.public:
-        # Sign-in, and the public Agent Card (the same for every tenant: a2a/publiccard.py).
+        # Sign-in, and the public Agent Card (the same for every tenant: a2a/card/public.py).
         assert method.containing_service.name in ("AuthService", "AgentCardService"), (
             "only sign-in RPCs and the public Agent Card are public"
         )

@@ -20,8 +20,13 @@ from sqlalchemy import update
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.auth import accounts
-from switchboard.platform.security import accesstokens, authenticator, authn, policy
-from switchboard.platform.security.accesstokens import ACCESS_TOKEN_TYPE, ALGORITHM, SigningKey
+from switchboard.platform.security import authenticator, authn, policy
+from switchboard.platform.security.credentials import accesstokens
+from switchboard.platform.security.credentials.accesstokens import (
+    ACCESS_TOKEN_TYPE,
+    ALGORITHM,
+    SigningKey,
+)
 from switchboard.platform.store.models import ApiKeyRow
 from switchboard.shared import Shared
 from tests.service.authkit import bearer, reason, register

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from switchboard.context.files.blobs import BlobStore, Published
-from switchboard.context.files.dirblobs import DirectoryBlobStore
-from switchboard.context.files.s3blobs import CHUNK_SIZE, PART_SIZE, S3BlobStore
+from switchboard.context.files.blobs.directory import DirectoryBlobStore
+from switchboard.context.files.blobs.port import BlobStore, Published
+from switchboard.context.files.blobs.s3 import CHUNK_SIZE, PART_SIZE, S3BlobStore
 from tests.infra.seaweedfs import SeaweedServer
 from tests.service.test_blobstores import Known, read_all, s3_store
 

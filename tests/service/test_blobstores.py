@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from switchboard.context.files.blobs import (
+from switchboard.context.files.blobs.directory import DirectoryBlobStore
+from switchboard.context.files.blobs.port import (
     BlobMismatch,
     BlobNotFound,
     BlobStore,
     BlobUnavailable,
     Published,
 )
-from switchboard.context.files.dirblobs import DirectoryBlobStore
-from switchboard.context.files.s3blobs import CHUNK_SIZE, PART_SIZE, S3BlobStore
+from switchboard.context.files.blobs.s3 import CHUNK_SIZE, PART_SIZE, S3BlobStore
 from tests.infra.seaweedfs import SeaweedServer
 
 MiB = 1024 * 1024

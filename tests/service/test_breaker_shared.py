@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
-from switchboard.platform.breaker import KEY_PREFIX, Breakers, BreakerState
 from switchboard.platform.errors import CircuitOpen
+from switchboard.platform.resilience.breaker import KEY_PREFIX, Breakers, BreakerState
 from tests.infra.clock import FakeClock
 from tests.infra.redis import RedisServer
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.context.tokencount import ApproxTokenCounter
+from switchboard.context.text.tokencount import ApproxTokenCounter
 from switchboard.dispatcher.handlers.handed import HEADER
 from switchboard.dispatcher.llm.usage import Tally
 from switchboard.platform.rpc.server import SwitchboardServer

@@ -30,7 +30,7 @@ from switchboard.dispatcher.budgets.ledger import Amount, Ledger
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, BudgetWindowRow
 from tests.conftest import built, fresh_database_url, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply

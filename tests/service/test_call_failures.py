@@ -22,7 +22,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.auth.servicer import AuthServiceServicer
 from switchboard.dispatcher.ports.peers import GrpcPeers, Via
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.rpc.peers import PeerService
+from switchboard.platform.rpc.outbound.peers import PeerService
 from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
 from switchboard.platform.rpc.status import STATUS_DETAILS_KEY
 from switchboard.platform.security.policy import AuthMethod, Principal

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from switchboard.context.semantic.chunkstore import (
+from switchboard.context.semantic.indexing.chunkstore import (
     ChunkCounts,
     ChunkStore,
     VectorMismatch,

@@ -18,7 +18,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.client import Client
-from switchboard.platform.security.accesstokens import AccessTokens, TokenPolicy
+from switchboard.platform.security.credentials.accesstokens import AccessTokens, TokenPolicy
 
 REFRESH = "/switchboard.api.auth.v1.AuthService/RefreshToken"
 

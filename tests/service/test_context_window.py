@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context import storebase as store_module
-from switchboard.context import windowcache as windowcache_module
-from switchboard.context import windows as windows_module
 from switchboard.context.domain import ContextDomain
 from switchboard.context.settings import ContextSettings
+from switchboard.context.windows import builder as windows_module
+from switchboard.context.windows import cache as windowcache_module
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
 from tests.conftest import built, make_settings, started

@@ -19,8 +19,8 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.mesh import create_server, dev_key_ring
 from switchboard.platform.config import ConfigError
-from switchboard.platform.security import accesstokens, devkey
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials import accesstokens, devkey
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.settings import Settings
 from tests.conftest import make_settings
 from tests.service.authkit import bearer, register

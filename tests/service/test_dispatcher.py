@@ -31,7 +31,7 @@ from switchboard.dispatcher.service import Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.config import ConfigError
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.settings import Settings
 from tests.conftest import built, fresh_database_url, make_settings
 from tests.service.authkit import detail, reason

@@ -18,8 +18,8 @@ from grpc import StatusCode, aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from switchboard.deploy.contracts import API, served_by
-from switchboard.deploy.edgehealth import Address, Deployment, EdgeHealth, serve
+from switchboard.deploy.edge.contracts import API, served_by
+from switchboard.deploy.edge.health import Address, Deployment, EdgeHealth, serve
 from tests.e2e.procs import tool
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -168,7 +168,7 @@ async def test_wrong_count(server: FakeEmbeddings) -> None:
 async def test_a_value_that_is_not_a_number(server: FakeEmbeddings) -> None:
     async with _opened(server) as embedder:
         server.corrupt_next("nan")
-        # NaN is not JSON (platform/jsonbounds.py): the answer is refused as it is read.
+        # NaN is not JSON (platform/values/jsonbounds.py): the answer is refused as it is read.
         with pytest.raises(EmbeddingsUnavailable, match="answer is not JSON"):
             await embedder.embed(OWNER, ["a", "b"], HASH)
 

@@ -24,13 +24,13 @@ from sqlalchemy import update
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.domain import ContextDomain
-from switchboard.context.files.dirblobs import DirectoryBlobStore
-from switchboard.context.files.files import FileLimits, Files
-from switchboard.context.files.filestore import FileStore
+from switchboard.context.files.blobs.directory import DirectoryBlobStore
+from switchboard.context.files.catalog import FileLimits, Files
+from switchboard.context.files.store import FileStore
 from switchboard.mesh import create_server
 from switchboard.platform.errors import NotFound, RequestTooLarge
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.models import UploadRow
 from switchboard.settings import Settings
 from tests.conftest import built, make_settings

@@ -1,5 +1,5 @@
 """A PDF's text is read in a child process bounded in time and memory
-(context/files/pdfworker.py): a hostile PDF that would hold pypdf for minutes, or
+(context/files/reading/pdfworker.py): a hostile PDF that would hold pypdf for minutes, or
 take it hundreds of megabytes, ends as a file whose text FAILED with the reason,
 seen through GetFile, and the server goes on reading other PDFs meanwhile."""
 
@@ -17,10 +17,10 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.domain import ContextDomain
-from switchboard.context.files.dirblobs import DirectoryBlobStore
-from switchboard.context.files.files import FileLimits, Files
-from switchboard.context.files.filestore import FileStore
-from switchboard.context.files.pdfworker import PdfExtractor
+from switchboard.context.files.blobs.directory import DirectoryBlobStore
+from switchboard.context.files.catalog import FileLimits, Files
+from switchboard.context.files.reading.pdfworker import PdfExtractor
+from switchboard.context.files.store import FileStore
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built
 from tests.service.contextkit import Stub, World, rpc, stub_fixture, world_fixture
@@ -36,7 +36,7 @@ stub, world = stub_fixture, world_fixture
 #: pypdf on a PDF, in a plain child process of its own, with no bound at all.
 _UNBOUNDED = """
 import sys
-from switchboard.context.files.extract import pdf_text
+from switchboard.context.files.reading.extract import pdf_text
 with open(sys.argv[1], "rb") as source:
     pdf_text(source, max_chars=1_000_000, max_pages=500)
 """

@@ -26,11 +26,11 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.domain import ContextDomain
-from switchboard.context.files.dirblobs import DirectoryBlobStore
-from switchboard.context.files.s3blobs import S3BlobStore
+from switchboard.context.files.blobs.directory import DirectoryBlobStore
+from switchboard.context.files.blobs.s3 import S3BlobStore
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.settings import Settings
 from tests.conftest import built, make_settings
 from tests.infra.redis import RedisServer

@@ -21,8 +21,8 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.context.domain import ContextDomain
-from switchboard.context.files.files import FileLimits, Files
-from switchboard.context.files.filestore import FileStore
+from switchboard.context.files.catalog import FileLimits, Files
+from switchboard.context.files.store import FileStore
 from switchboard.dispatcher.ports.context import RemoteContext
 from switchboard.platform.errors import NotFound, RequestTooLarge
 from switchboard.platform.rpc.server import SwitchboardServer

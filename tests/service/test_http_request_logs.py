@@ -1,7 +1,7 @@
 """One log line per outgoing HTTP request, at DEBUG unless its answer is an error.
 
 An MCP call goes through the SDK's httpx2 client and then the egress-checked httpx
-client (``integration/mcp.py``): each logged its own INFO line for every request,
+client (``integration/kinds/mcp.py``): each logged its own INFO line for every request,
 about half of a short session's log.
 """
 

@@ -23,8 +23,8 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.jsonbounds import MAX_DEPTH
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.values.jsonbounds import MAX_DEPTH
 from tests.service.contextkit import (
     TIMEOUT_S,
     append,

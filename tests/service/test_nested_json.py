@@ -31,8 +31,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.handlers import remote_a2a
 from switchboard.integration.service import IntegrationHub
-from switchboard.platform.jsonbounds import MAX_DEPTH
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.values.jsonbounds import MAX_DEPTH
 from tests.conftest import built
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.httprecorder import Reply as HttpReply

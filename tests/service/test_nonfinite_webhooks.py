@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.integration.webhooks import WebhookLimits, payload
-from switchboard.platform import jsonbounds
+from switchboard.integration.webhooks.delivery import WebhookLimits, payload
 from switchboard.platform.store.models import WebhookDeliveryRow
+from switchboard.platform.values import jsonbounds
 from tests.conftest import fresh_database_url
 from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
 from tests.service.test_webhooks import (

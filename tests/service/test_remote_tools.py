@@ -19,7 +19,7 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure, ToolRunner
 from switchboard.dispatcher.handlers.remote import MAX_TOOL_CALLS_IN_FLIGHT, RemoteHandler
-from switchboard.platform.idempotency import METADATA, handler_key
+from switchboard.platform.values.idempotency import METADATA, handler_key
 from tests.e2e.expertproc import ExpertProcess
 from tests.e2e.toolexpert import ToolExpert
 

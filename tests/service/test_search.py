@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import update
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context.semantic.chunkstore import ChunkStore
+from switchboard.context.semantic.indexing.chunkstore import ChunkStore
 from switchboard.context.semantic.ports import ChunkRecord, SourceKind
 from switchboard.platform.store.models import FileRow, MemoryItemRow
 from switchboard.settings import Settings

@@ -18,7 +18,7 @@ from sqlalchemy import delete, update
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.context.semantic.chunking import chunk_text
+from switchboard.context.semantic.indexing.chunking import chunk_text
 from switchboard.platform.store.models import ConversationRow, SemanticCursorRow
 from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.service.contextkit import (

@@ -20,7 +20,7 @@ from sqlalchemy import event, insert, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from switchboard.context.semantic.indexstore import IndexStore
+from switchboard.context.semantic.indexing.indexstore import IndexStore
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import SemanticJobRow, WorkspaceRow
 

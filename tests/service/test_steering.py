@@ -26,7 +26,7 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.mesh import create_server
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from tests.conftest import fresh_database_url, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpeverything import EverythingServer

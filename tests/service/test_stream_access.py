@@ -35,7 +35,7 @@ from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import AccessTokens, TokenPolicy
+from switchboard.platform.security.credentials.accesstokens import AccessTokens, TokenPolicy
 from switchboard.platform.security.policy import AuthMethod
 from switchboard.settings import Settings
 from tests.conftest import built, make_settings

@@ -27,7 +27,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer

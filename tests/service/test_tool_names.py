@@ -18,7 +18,7 @@ from google.protobuf import struct_pb2
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.platform import names
+from switchboard.platform.values import names
 from tests.infra.mcpserver import McpTestServer
 from tests.service.contextkit import TIMEOUT_S, World, refused, violations
 from tests.service.dispatchkit import dispatcher_stub

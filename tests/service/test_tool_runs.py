@@ -33,7 +33,7 @@ from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from tests.conftest import fresh_database_url, make_settings
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI, Reply

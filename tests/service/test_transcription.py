@@ -22,8 +22,8 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.context.files.transcriber import Transcriber
-from switchboard.context.files.transcription import (
+from switchboard.context.files.reading.transcriber import Transcriber
+from switchboard.context.files.reading.transcription import (
     OpenAITranscriber,
     TranscriptionFailed,
     upload_name,

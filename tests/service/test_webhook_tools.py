@@ -1,5 +1,5 @@
 """Webhook tools: a webhook that declares tools in its config, listed and called by a
-signed POST (integration/webhooktools.py).
+signed POST (integration/kinds/webhooktools.py).
 
 The receiver is a real HTTP server that verifies every request with the
 ``standardwebhooks`` library (tests/infra/webhookreceiver.py) and answers as the
@@ -22,19 +22,19 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.integration.connectors import ToolResult
-from switchboard.integration.kinds import connector_factory
+from switchboard.integration.connect.connectors import ToolResult
+from switchboard.integration.connect.registry import connector_factory
+from switchboard.integration.kinds.webhooktools import MAX_TOOLS, WebhookToolsConnector
 from switchboard.integration.mapping import integration_name
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.store import IntegrationRecord
-from switchboard.integration.webhooktools import MAX_TOOLS, WebhookToolsConnector
 from switchboard.mesh import create_server
-from switchboard.platform import idempotency
 from switchboard.platform.errors import DestinationBlocked
-from switchboard.platform.names import now
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import EgressPolicy
-from switchboard.platform.security.secretbox import SecretBox
+from switchboard.platform.values import idempotency
+from switchboard.platform.values.names import now
 from tests.conftest import built, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.webhookreceiver import Endpoint, Received, WebhookReceiver, running_receiver

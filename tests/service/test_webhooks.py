@@ -24,7 +24,7 @@ from standardwebhooks.webhooks import Webhook
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.integration.webhooks import (
+from switchboard.integration.webhooks.delivery import (
     WebhookEngine,
     WebhookLimits,
     parse_retry_after,
@@ -33,12 +33,12 @@ from switchboard.integration.webhooks import (
     sequence_of,
     signature,
 )
-from switchboard.platform.breaker import Breakers
 from switchboard.platform.errors import FailedPrecondition, InvalidArgument, NotFound
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import LocalLog, RedisLog, parse_cursor
+from switchboard.platform.resilience.breaker import Breakers
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import EgressPolicy
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.models import (
     IntegrationRow,

@@ -17,19 +17,19 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
-from switchboard.context.entities import BuiltinEntityExtractor
-from switchboard.context.summarizer import ExtractiveSummarizer
-from switchboard.context.tokencount import ApproxTokenCounter
-from switchboard.context.windowcache import WindowCache
+from switchboard.context.text.entities import BuiltinEntityExtractor
+from switchboard.context.text.summarizer import ExtractiveSummarizer
+from switchboard.context.text.tokencount import ApproxTokenCounter
+from switchboard.context.windows.cache import WindowCache
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import LocalLog
-from switchboard.platform.names import new_id, now
 from switchboard.platform.security.policy import AuthMethod, Principal, Scope
 from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.models import UserRow
 from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.store.pagination import PageTokens
+from switchboard.platform.values.names import new_id, now
 
 
 @dataclass

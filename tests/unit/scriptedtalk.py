@@ -24,7 +24,7 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.client.streams import EOF
+from switchboard.client.transport.streams import EOF
 from switchboard.platform import errors
 from switchboard.platform.rpc.status import RpcStatus, to_grpc_status
 

@@ -9,8 +9,8 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 from switchboard import mesh
-from switchboard.a2a.publiccard import DEFAULT_URL, Edge, PublicCards, edge_of
-from switchboard.deploy.envoy import (
+from switchboard.a2a.card.public import DEFAULT_URL, Edge, PublicCards, edge_of
+from switchboard.deploy.edge.envoy import (
     COMPANION_API,
     TRANSCODED,
     EdgeSpec,

@@ -9,7 +9,7 @@ from google.protobuf import json_format, struct_pb2
 
 from switchboard.a2a import errors, mapping
 from switchboard.api.context.v1 import context_pb2 as cpb
-from switchboard.integration import remote_a2a
+from switchboard.integration.kinds import a2a as remote_a2a
 from switchboard.platform.errors import InvalidArgument, NotFound
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(64)

@@ -1,4 +1,4 @@
-"""How an A2A task's events become run frames (integration/remote_a2a.py ``_Relay``): chunks as
+"""How an A2A task's events become run frames (integration/kinds/a2a.py ``_Relay``): chunks as
 deltas, a snapshot after a resume adding only what was missed, the end as a result."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from a2a.types import a2a_pb2 as a2a
 from google.protobuf import json_format
 
 from switchboard.api.context.v1 import context_pb2
-from switchboard.integration.remote_a2a import (
+from switchboard.integration.kinds.a2a import (
     INPUT_REQUIRED,
     AgentFailed,
     PreviousTask,

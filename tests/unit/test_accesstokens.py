@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from switchboard.platform.errors import TokenExpired, Unauthenticated
-from switchboard.platform.security.accesstokens import (
+from switchboard.platform.security.credentials.accesstokens import (
     ACCESS_TOKEN_TYPE,
     AccessTokens,
     KeyRing,

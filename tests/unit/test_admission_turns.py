@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from switchboard.dispatcher.runs.admission import Turns
+from switchboard.dispatcher.runs.intake.admission import Turns
 
 
 async def test_a_workspace_holds_at_most_its_limit_and_others_pass() -> None:

@@ -1,4 +1,4 @@
-"""The server's one backoff (platform/backoff.py): the capped doubling, full
+"""The server's one backoff (platform/resilience/backoff.py): the capped doubling, full
 jitter under it, and the pacer background loops wait on."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from switchboard.platform.backoff import Backoff, ceiling, full_jitter
+from switchboard.platform.resilience.backoff import Backoff, ceiling, full_jitter
 
 
 def test_the_ceiling_doubles_from_the_base_up_to_the_cap() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from google.rpc import error_details_pb2
 
-from switchboard.platform.breaker import Breakers, BreakerState, CircuitBreaker, Permit
 from switchboard.platform.errors import CircuitOpen, Code
+from switchboard.platform.resilience.breaker import Breakers, BreakerState, CircuitBreaker, Permit
 from switchboard.platform.rpc.status import to_status_proto
 from tests.infra.clock import FakeClock
 

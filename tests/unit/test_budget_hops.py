@@ -1,6 +1,6 @@
 """Budgets across hops, the formats: the ``x-switchboard-budget`` metadata and the budget
 extension's object both ways (dispatcher/handlers/handed.py), the usage an A2A agent reports
-(integration/remote_a2a.py ``usage_of`` and the relay), the front door's reading of the
+(integration/kinds/a2a.py ``usage_of`` and the relay), the front door's reading of the
 extension and its report of an ended task's usage (a2a/mapping.py), and how a hop splits
 what is left of a total-token cap (spending.py ``_rest``)."""
 
@@ -26,7 +26,7 @@ from switchboard.dispatcher.handlers.handed import (
     parse_extension,
     parse_header,
 )
-from switchboard.integration.remote_a2a import _Relay, usage_of
+from switchboard.integration.kinds.a2a import _Relay, usage_of
 from switchboard.platform.errors import InvalidArgument
 
 

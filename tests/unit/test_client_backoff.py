@@ -1,4 +1,4 @@
-"""switchboard.client.backoff: capped exponential delays with bounded jitter."""
+"""switchboard.client.transport.backoff: capped exponential delays with bounded jitter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from switchboard.client.backoff import Backoff
+from switchboard.client.transport.backoff import Backoff
 
 
 def test_delays_grow_exponentially_up_to_the_cap() -> None:

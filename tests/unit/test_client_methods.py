@@ -1,4 +1,4 @@
-"""switchboard.client.methods: what the contracts say about repeating each method."""
+"""switchboard.client.transport.methods: what the contracts say about repeating each method."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2
 from switchboard.client import Client
-from switchboard.client.methods import METHODS, PUBLIC, method_of, safe_to_repeat
+from switchboard.client.transport.methods import METHODS, PUBLIC, method_of, safe_to_repeat
 
 AUTH = "/switchboard.api.auth.v1.AuthService/"
 DISPATCHER = "/switchboard.api.dispatcher.v1.DispatcherService/"

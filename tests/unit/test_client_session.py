@@ -17,7 +17,6 @@ import grpc
 import pytest
 
 from switchboard.api.auth.v1 import auth_pb2
-from switchboard.client.backoff import Backoff
 from switchboard.client.errors import (
     SessionRevoked,
     SignedOut,
@@ -32,7 +31,8 @@ from switchboard.client.session import (
     schedule,
     token_lifetime,
 )
-from switchboard.platform.security.accesstokens import (
+from switchboard.client.transport.backoff import Backoff
+from switchboard.platform.security.credentials.accesstokens import (
     AccessTokens,
     KeyRing,
     SigningKey,

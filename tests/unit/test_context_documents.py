@@ -1,4 +1,4 @@
-"""A message's files as a window counts and shows them (context/documents.py): the
+"""A message's files as a window counts and shows them (context/windows/documents.py): the
 text filled in, counted as a bound on what the handler reads, and cut to fit with
 a visible note."""
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context.documents import Texts, cut, fill, measure, note
-from switchboard.context.tokencount import ApproxTokenCounter, message_tokens
+from switchboard.context.text.tokencount import ApproxTokenCounter, message_tokens
+from switchboard.context.windows.documents import Texts, cut, fill, measure, note
 
 COUNTER = ApproxTokenCounter()
 IMAGE_TOKENS = 765

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from switchboard.context.pruning import (
+from switchboard.context.pruning.pruner import (
     PruneLimits,
     auto_prune_limits,
     needs_auto_prune,
     plan_prune,
 )
-from switchboard.context.summarizer import ExtractiveSummarizer, SummaryInput
-from switchboard.context.tokencount import ApproxTokenCounter, TokenCounter
+from switchboard.context.text.summarizer import ExtractiveSummarizer, SummaryInput
+from switchboard.context.text.tokencount import ApproxTokenCounter, TokenCounter
 
 message_tokens = st.lists(st.integers(min_value=0, max_value=100), max_size=40)
 limits = st.builds(

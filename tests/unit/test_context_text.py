@@ -17,13 +17,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from switchboard.api.context.v1 import context_pb2
-from switchboard.context.entities import (
+from switchboard.context.text.entities import (
     MAX_ENTITIES_PER_MESSAGE,
     BuiltinEntityExtractor,
     Entity,
 )
-from switchboard.context.parttext import render_parts, render_parts_briefly
-from switchboard.context.plugins import (
+from switchboard.context.text.fulltext import (
+    MAX_QUERY_TERMS,
+    fts5_match,
+    pg_tsquery,
+    query_terms,
+)
+from switchboard.context.text.parttext import render_parts, render_parts_briefly
+from switchboard.context.text.plugins import (
     BUILTIN_ENTITY_EXTRACTORS,
     BUILTIN_SUMMARIZERS,
     BUILTIN_TOKENIZERS,
@@ -34,14 +40,8 @@ from switchboard.context.plugins import (
     load_summarizer,
     load_token_counter,
 )
-from switchboard.context.search import (
-    MAX_QUERY_TERMS,
-    fts5_match,
-    pg_tsquery,
-    query_terms,
-)
-from switchboard.context.summarizer import ExtractiveSummarizer
-from switchboard.context.tokencount import (
+from switchboard.context.text.summarizer import ExtractiveSummarizer
+from switchboard.context.text.tokencount import (
     MESSAGE_OVERHEAD,
     ApproxTokenCounter,
     TokenCounter,

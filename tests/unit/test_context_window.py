@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from switchboard.context.window import (
+from switchboard.context.windows.planner import (
     Candidate,
     Choice,
     PinnedOverBudget,

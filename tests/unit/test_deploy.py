@@ -32,8 +32,8 @@ import pytest
 import yaml
 
 from switchboard.deploy import launcher, processes
-from switchboard.deploy.devcert import make_dev_cert
-from switchboard.deploy.envoy import API
+from switchboard.deploy.edge.devcert import make_dev_cert
+from switchboard.deploy.edge.envoy import API
 from switchboard.deploy.machine import MeshError
 from switchboard.mesh import check_settings
 from switchboard.platform.config import NOT_SETTINGS

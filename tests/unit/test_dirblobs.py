@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from switchboard.context.files.blobs import BlobMismatch, BlobNotFound, Published
-from switchboard.context.files.dirblobs import CHUNK, DirectoryBlobStore
+from switchboard.context.files.blobs.directory import CHUNK, DirectoryBlobStore
+from switchboard.context.files.blobs.port import BlobMismatch, BlobNotFound, Published
 
 
 class Known:

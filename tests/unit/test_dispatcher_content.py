@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from switchboard.dispatcher.runs.content import (
+from switchboard.dispatcher.runs.intake.content import (
     CONTENT_POLICIES,
     FLAG_PREFIX,
     INJECTION_MARKERS,

@@ -16,8 +16,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.base import Handler
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.router import Registry, Router, Routes
-from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.lifecycle import Active, IllegalTransition
+from switchboard.dispatcher.runs.reading.feed import Feeds
 from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler, Ticket
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (

@@ -1,4 +1,4 @@
-"""The Envoy configuration generator (switchboard/deploy/envoy.py) and `switchboard dev-cert`.
+"""The Envoy configuration generator (switchboard/deploy/edge/envoy.py) and `switchboard dev-cert`.
 
 What Envoy itself makes of a configuration is tested end to end in
 tests/e2e/test_edge.py (its /config_dump); here: what the generator refuses,
@@ -27,8 +27,8 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 )
 
 from switchboard.cli import main as cli_main
-from switchboard.deploy.devcert import CertError, make_dev_cert
-from switchboard.deploy.envoy import (
+from switchboard.deploy.edge.devcert import CertError, make_dev_cert
+from switchboard.deploy.edge.envoy import (
     API,
     CONSOLE_CSP,
     MAX_CONSOLE_FILE_BYTES,

@@ -1,4 +1,4 @@
-"""Envoy's OpenTelemetry tracer in the generated configuration (switchboard/deploy/envoy.py):
+"""Envoy's OpenTelemetry tracer in the generated configuration (switchboard/deploy/edge/envoy.py):
 read from the OTEL_* variables, absent without them, its sampling, its collector cluster, and
 that Envoy accepts it (``envoy --mode validate``). tests/e2e/test_envoy_tracing.py runs it."""
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from switchboard.cli import main as cli_main
-from switchboard.deploy.envoy import (
+from switchboard.deploy.edge.envoy import (
     API,
     ENVOY_SERVICE_NAME,
     OTLP_CLUSTER,

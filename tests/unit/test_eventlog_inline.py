@@ -27,10 +27,10 @@ from sqlalchemy.orm import Session
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import LocalLog
-from switchboard.platform.names import new_id, now
 from switchboard.platform.store.db import Database, Group, open_database
 from switchboard.platform.store.models import EventLogRow, EventOutboxRow, RunRow
 from switchboard.platform.store.outbox import Outbox, Staged, staging
+from switchboard.platform.values.names import new_id, now
 
 
 @dataclass

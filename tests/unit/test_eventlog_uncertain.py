@@ -19,9 +19,9 @@ import pytest
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.events.eventlog import ORIGIN, LocalLog, Logged, Ring
-from switchboard.platform.names import new_id
 from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.outbox import stamp
+from switchboard.platform.values.names import new_id
 
 
 class AnswerLost:

@@ -42,7 +42,6 @@ from switchboard.platform.events.eventlog import (
     format_cursor,
     parse_cursor,
 )
-from switchboard.platform.names import new_id, now
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.membership import MembershipStore
 from switchboard.platform.security.policy import (
@@ -57,6 +56,7 @@ from switchboard.platform.security.policy import Scope as TokenScope
 from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.models import UserRow
 from switchboard.platform.store.outbox import Outbox
+from switchboard.platform.values.names import new_id, now
 
 CREATED = events_pb2.EVENT_TYPE_MESSAGE_CREATED
 CHANGED = events_pb2.EVENT_TYPE_CONVERSATION_CHANGED

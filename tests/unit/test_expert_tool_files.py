@@ -8,7 +8,7 @@ import base64
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.runs.execution import _show
-from switchboard.integration import experts
+from switchboard.integration.kinds import experts
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)
 

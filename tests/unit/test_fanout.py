@@ -19,7 +19,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.events import bus
 from switchboard.platform.events.bus import IN_FLIGHT, PROMPT_FANOUT, WAKE_CHUNK, Fanout
 from switchboard.platform.events.eventlog import Logged
-from switchboard.platform.inflight import CALLS
+from switchboard.platform.resilience.inflight import CALLS
 
 BIG = "workspaces/w/conversations/big"
 SMALL = "workspaces/w/conversations/small"

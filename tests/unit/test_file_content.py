@@ -7,9 +7,9 @@ import io
 import pytest
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context.files.extract import extract
-from switchboard.context.files.files import MAX_CHUNK
-from switchboard.context.files.sniff import check, kind_of, normalize
+from switchboard.context.files.catalog import MAX_CHUNK
+from switchboard.context.files.reading.extract import extract
+from switchboard.context.files.reading.sniff import check, kind_of, normalize
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.errors import InvalidArgument, MediaTypeMismatch
 from tests.service.filekit import elf, pdf, png

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from switchboard.context.files.stores import files_directory
+from switchboard.context.files.blobs.stores import files_directory
 from switchboard.context.settings import ContextSettings
 
 POSTGRES = "postgresql+asyncpg://switchboard@db.example/switchboard"

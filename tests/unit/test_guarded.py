@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from switchboard.integration.connections import Connections, Limits
-from switchboard.integration.connectors import Malformed
-from switchboard.platform.breaker import Breakers, BreakerState
+from switchboard.integration.connect.connections import Connections, Limits
+from switchboard.integration.connect.connectors import Malformed
 from switchboard.platform.errors import CircuitOpen, Code, DependencyUnavailable, InvalidArgument
-from switchboard.platform.jsonbounds import JsonRejected, too_deep
+from switchboard.platform.resilience.breaker import Breakers, BreakerState
+from switchboard.platform.values.jsonbounds import JsonRejected, too_deep
 from tests.infra.clock import FakeClock
 from tests.unit import test_integration_domain as domain
 from tests.unit.test_integration_domain import NAME, SECRETS, Built, record

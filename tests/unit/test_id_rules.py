@@ -13,8 +13,8 @@ from typing import Final
 
 import pytest
 
-from switchboard.integration.mcp import parse_stdio_servers
-from switchboard.platform import names
+from switchboard.integration.kinds.mcp import parse_stdio_servers
+from switchboard.platform.values import names
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 CONSOLE_RULES: Final = ROOT / "clients" / "web" / "src" / "idrules.json"

@@ -21,14 +21,18 @@ import pytest
 from google.protobuf import duration_pb2
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
-from switchboard.integration.connections import Connections, Limits
-from switchboard.integration.connectors import Connector, ToolNotFound, ToolSpec, Unreachable
-from switchboard.integration.experts import GrpcExpertConnector
-from switchboard.integration.kinds import connector_factory, reserved_handler_ids
-from switchboard.integration.mcp import McpConnector
+from switchboard.integration.connect.connections import Connections, Limits
+from switchboard.integration.connect.connectors import (
+    Connector,
+    ToolNotFound,
+    ToolSpec,
+    Unreachable,
+)
+from switchboard.integration.connect.registry import connector_factory, reserved_handler_ids
+from switchboard.integration.kinds.experts import GrpcExpertConnector
+from switchboard.integration.kinds.mcp import McpConnector
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.platform.breaker import Breakers, BreakerState
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     CircuitOpen,
@@ -42,15 +46,16 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import LocalLog
-from switchboard.platform.names import new_id, now
+from switchboard.platform.resilience.breaker import Breakers, BreakerState
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.security.membership import MembershipStore
 from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.db import open_database
 from switchboard.platform.store.models import UserRow
 from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.store.pagination import PageTokens
+from switchboard.platform.values.names import new_id, now
 from tests.conftest import make_settings
 from tests.infra.clock import FakeClock
 from tests.service.integrationkit import integration_record

@@ -1,4 +1,4 @@
-"""The bounded JSON parser (platform/jsonbounds.py): limits checked before anything recurses.
+"""The bounded JSON parser (platform/values/jsonbounds.py): limits checked before anything recurses.
 
 The verdicts are held against a reference: the standard library's pure-Python
 scanner with its object and array parsers wrapped to count how deep a strict
@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.platform import jsonbounds
-from switchboard.platform.jsonbounds import MAX_DEPTH, JsonRejected, StreamGauge
+from switchboard.platform.values import jsonbounds
+from switchboard.platform.values.jsonbounds import MAX_DEPTH, JsonRejected, StreamGauge
 
 MIB = 1 << 20
 

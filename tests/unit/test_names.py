@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import timestamp_pb2
 
-from switchboard.platform import names
 from switchboard.platform.errors import InvalidArgument
 from switchboard.platform.security.policy import owner_of
 from switchboard.platform.store.storage import IDEMPOTENCY_TTL
+from switchboard.platform.values import names
 
 PATTERNS = {
     value: attr

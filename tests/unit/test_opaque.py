@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from switchboard.platform.security.opaque import (
+from switchboard.platform.security.credentials.opaque import (
     OpaqueSecrets,
     looks_like_refresh_token,
     parse_api_key,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from switchboard.deploy.envoy import SpecError, Tracing
+from switchboard.deploy.edge.envoy import SpecError, Tracing
 from switchboard.platform.config import ConfigError
 from switchboard.platform.observe.otelenv import OtelEnv
 from switchboard.platform.observe.telemetry import tracing_config

@@ -18,7 +18,7 @@ from switchboard.platform.errors import (
     RateLimited,
     SwitchboardError,
 )
-from switchboard.platform.rpc.rpcerrors import from_rpc_error
+from switchboard.platform.rpc.outbound.rpcerrors import from_rpc_error
 from switchboard.platform.rpc.status import to_grpc_status
 
 

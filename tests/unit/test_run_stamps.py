@@ -8,7 +8,7 @@ import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.runs.feed import Feed
+from switchboard.dispatcher.runs.reading.feed import Feed
 
 RUN = "workspaces/acme/conversations/c1/runs/r1"
 SECOND = 1_000_000_000

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs import feed as feeds
 from switchboard.dispatcher.runs.live import SEQUENCE_BLOCK
-from switchboard.dispatcher.runs.queries import _InOrder, _ready
+from switchboard.dispatcher.runs.reading import feed as feeds
+from switchboard.dispatcher.runs.reading.queries import _InOrder, _ready
 
 RUN = "workspaces/w/conversations/c/runs/r"
 #: Where issue 67's second attempt was when it lost "w13": its first sequences.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from switchboard.context.files.s3blobs import S3BlobStore
-from switchboard.context.files.stores import open_blob_store
+from switchboard.context.files.blobs.s3 import S3BlobStore
+from switchboard.context.files.blobs.stores import open_blob_store
 from switchboard.context.settings import ContextSettings
 from switchboard.platform.config import ConfigError
 from switchboard.settings import Settings

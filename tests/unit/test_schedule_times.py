@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from switchboard.dispatcher.schedules.times import Cadence, cron_problem, from_us, to_us
-from switchboard.platform.timefields import zone
+from switchboard.platform.values.timefields import zone
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from switchboard.context.semantic import search
+from switchboard.context.semantic.retrieval import search
 
 pytestmark = pytest.mark.asyncio
 

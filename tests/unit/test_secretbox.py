@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from switchboard.platform.errors import Code, RequestTooLarge
-from switchboard.platform.security.secretbox import MAX_PLAINTEXT_BYTES, SecretBox, SecretUnreadable
+from switchboard.platform.security.credentials.secretbox import (
+    MAX_PLAINTEXT_BYTES,
+    SecretBox,
+    SecretUnreadable,
+)
 
 KEY = "k" * 40
 PURPOSE = "workspaces/w/integrations/i#credential"

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from switchboard.context.semantic.chunking import chunk_text
+from switchboard.context.semantic.indexing.chunking import chunk_text
 
 
 def test_short_text_is_one_passage_without_its_surrounding_space() -> None:

@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from switchboard.context.semantic.filters import (
+from switchboard.context.semantic.ports import Comparison
+from switchboard.context.semantic.retrieval.filters import (
     MAX_COMPARISONS,
     parse_filter,
     restrict_sources,
 )
-from switchboard.context.semantic.fusion import K, fuse, single
-from switchboard.context.semantic.ports import Comparison
+from switchboard.context.semantic.retrieval.fusion import K, fuse, single
 from switchboard.platform.errors import InvalidArgument
 
 W = "acme"

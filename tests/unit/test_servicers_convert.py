@@ -24,7 +24,7 @@ AUTHORIZING = frozenset({"authorize", "hold", "verify", "require_scope", "role_o
 #: Modules a servicer has no business importing.
 FORBIDDEN_MODULES = {
     "switchboard.platform.errors": "raises or inspects domain errors (validation is the domain's)",
-    "switchboard.platform.names": "matches, builds or picks names, ids or time",
+    "switchboard.platform.values.names": "matches, builds or picks names, ids or time",
     "switchboard.platform.security.policy": "decides access (Permission, Policy)",
     "switchboard.platform.security.accesswatch": "keeps access on a stream (the domain holds it)",
     "switchboard.platform.store": "touches storage",
@@ -76,7 +76,7 @@ def _broken(service: str) -> dict[str, list[str]]:
         for forbidden in FORBIDDEN_MODULES:
             if module == forbidden or module.startswith(forbidden + "."):
                 broken.setdefault(forbidden, []).append(module)
-        # A service's own stores (``context/conversationstore.py``, ``dispatcher/runs/store.py``).
+        # A service's own stores (``context/conversations/store.py``, ``dispatcher/runs/store.py``).
         parts = module.split(".")
         in_service = len(parts) > 2 and parts[0] == "switchboard" and parts[1] in SERVICERS
         if in_service and any(part.endswith("store") for part in parts[2:]):

@@ -1,4 +1,4 @@
-"""A ``Struct`` as plain Python and as protobuf's JSON (platform/structs.py): a number JSON
+"""A ``Struct`` as plain Python and as protobuf's JSON (platform/values/structs.py): a number JSON
 cannot hold (NaN, an infinity, in a Struct stored before such numbers were refused) is
 written as null, never as invalid JSON and never as an exception."""
 
@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform import structs
+from switchboard.platform.values import structs
 
 
 def _value(data: Any) -> struct_pb2.Value:

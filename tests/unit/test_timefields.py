@@ -10,8 +10,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from switchboard.platform import timefields
 from switchboard.platform.errors import InvalidArgument
+from switchboard.platform.values import timefields
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 INT32 = st.integers(-(2**31), 2**31 - 1)

@@ -11,7 +11,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.llm.usage import Price, Tally, estimate_tokens
 from switchboard.dispatcher.tools.journal import add_usage
-from switchboard.integration.remote_a2a import usage_of
+from switchboard.integration.kinds.a2a import usage_of
 
 
 def call(tally: Tally, price: Price | None, tokens: tuple[int, int] = (1000, 500)) -> int:

@@ -18,7 +18,7 @@ from google.protobuf.descriptor import Descriptor
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.context.semantic import indexes
+from switchboard.context.semantic.indexing import indexes
 from switchboard.dispatcher.assistants import catalog as assistants
 from switchboard.dispatcher.budgets import catalog as budgets
 from switchboard.dispatcher.budgets import quotas

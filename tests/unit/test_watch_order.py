@@ -5,7 +5,7 @@ logged update that follows them."""
 from __future__ import annotations
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs.queries import _InOrder
+from switchboard.dispatcher.runs.reading.queries import _InOrder
 
 
 def _token(sequence: int) -> pb.RunUpdate:

@@ -9,7 +9,7 @@ from switchboard.dispatcher.budgets.ledger import Applicable, Caps, Full
 from switchboard.dispatcher.budgets.spending import refusal
 from switchboard.dispatcher.llm.retrieval import _arguments
 from switchboard.dispatcher.llm.tools import _result_text
-from switchboard.platform.wording import counted, noun
+from switchboard.platform.values.wording import counted, noun
 
 
 def test_counted_says_one_and_many() -> None:

@@ -8,17 +8,18 @@ when they run elsewhere (the front door as its own process).
 
 from __future__ import annotations
 
-from switchboard.a2a import cardservicer, servicer
+from switchboard.a2a import servicer
+from switchboard.a2a.card import servicer as cardservicer
+from switchboard.a2a.card.public import HTTP_JSON, PROTOCOL_VERSION, PublicCards, through_edge
 from switchboard.a2a.frontdoor import FrontDoor, Interface, Runs, Texts
 from switchboard.a2a.ports import LocalRuns, LocalTexts, RemoteRuns, RemoteTexts
-from switchboard.a2a.publiccard import HTTP_JSON, PROTOCOL_VERSION, PublicCards, through_edge
 from switchboard.a2a.push.configs import PushConfigs
 from switchboard.a2a.push.store import PushStore
 from switchboard.a2a.settings import A2ASettings
 from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.config import ConfigError
-from switchboard.platform.rpc.peers import PeerSettings
+from switchboard.platform.rpc.outbound.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.shared import Shared, setting

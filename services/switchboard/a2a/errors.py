@@ -21,7 +21,6 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Final
 
-from switchboard.platform import names
 from switchboard.platform.errors import (
     BudgetExhausted,
     FailedPrecondition,
@@ -34,6 +33,7 @@ from switchboard.platform.errors import (
     SwitchboardError,
     field_root,
 )
+from switchboard.platform.values import names
 
 DOMAIN: Final = "a2a-protocol.org"
 TASK_NOT_FOUND: Final = ForeignReason(DOMAIN, "TASK_NOT_FOUND")

@@ -32,9 +32,9 @@ from switchboard.dispatcher.handlers.handed import (
     parse_extension,
     usage_value,
 )
-from switchboard.platform import names, structs
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
-from switchboard.platform.wording import counted, noun
+from switchboard.platform.values import names, structs
+from switchboard.platform.values.wording import counted, noun
 
 _ID: Final = names.ID
 TENANT: Final = re.compile(rf"({_ID})\.({_ID})")

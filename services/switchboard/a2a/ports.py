@@ -32,7 +32,7 @@ from switchboard.context.domain import ContextDomain
 from switchboard.dispatcher.handlers.handed import HEADER, Handed, header_value
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.errors import DependencyUnavailable, RequestTooLarge
-from switchboard.platform.rpc.peers import PeerService, TokenIssuer
+from switchboard.platform.rpc.outbound.peers import PeerService, TokenIssuer
 from switchboard.platform.security.policy import Principal
 
 #: Bound on one unary call to the dispatcher or the context service.

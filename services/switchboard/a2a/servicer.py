@@ -23,8 +23,8 @@ from grpc import aio
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
 from switchboard.a2a import errors, mapping
+from switchboard.a2a.card.public import forwarded
 from switchboard.a2a.frontdoor import FrontDoor
-from switchboard.a2a.publiccard import forwarded
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,

@@ -34,7 +34,6 @@ from switchboard.auth.store import (
     SessionRecord,
     UserRecord,
 )
-from switchboard.platform import names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     AlreadyExists,
@@ -49,10 +48,9 @@ from switchboard.platform.errors import (
     Unauthenticated,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.names import etag_version
-from switchboard.platform.security.accesstokens import AccessTokens
 from switchboard.platform.security.authenticator import CredentialAuthenticator
-from switchboard.platform.security.opaque import OpaqueSecrets, looks_like_refresh_token
+from switchboard.platform.security.credentials.accesstokens import AccessTokens
+from switchboard.platform.security.credentials.opaque import OpaqueSecrets, looks_like_refresh_token
 from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal, Scope
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import (
@@ -64,6 +62,8 @@ from switchboard.platform.store.pagination import (
     micros,
     page_size,
 )
+from switchboard.platform.values import names, timefields
+from switchboard.platform.values.names import etag_version
 
 log = logging.getLogger("switchboard.security")
 

@@ -16,10 +16,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.auth.store import ApiKeyRecord, IdentityRecord, SessionRecord, UserRecord
-from switchboard.platform.names import etag_of
-from switchboard.platform.security.accesstokens import KeyRing
-from switchboard.platform.security.opaque import API_KEY_PREFIX
+from switchboard.platform.security.credentials.accesstokens import KeyRing
+from switchboard.platform.security.credentials.opaque import API_KEY_PREFIX
 from switchboard.platform.security.policy import AuthMethod, Principal
+from switchboard.platform.values.names import etag_of
 
 _AUTH_METHODS: Final = {
     AuthMethod.PASSWORD.value: auth_pb2.AUTH_METHOD_PASSWORD,

@@ -14,7 +14,8 @@ Trust rules, in the order they are applied:
   (``kid``) and the algorithm, which must equal the one the *key* dictates, so
   ``alg=none``, HS256-keyed-with-the-public-key and RSA/EC confusion all fail;
 * claims are checked only after the signature, and time is checked against an
-  explicit clock (as in ``switchboard.platform.security.accesstokens``) so tests need no patching.
+  explicit clock (as in ``platform.security.credentials.accesstokens``) so tests need no
+  patching.
 
 Failures are ``Unauthenticated`` with one message that says what to do
 (nothing from the token is echoed: it may be a live credential) or
@@ -37,9 +38,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from switchboard.platform import jsonbounds
 from switchboard.platform.errors import TokenExpired, Unauthenticated
-from switchboard.platform.jsonbounds import JsonRejected
+from switchboard.platform.values import jsonbounds
+from switchboard.platform.values.jsonbounds import JsonRejected
 
 MAX_TOKEN_BYTES: Final = 16 * 1024
 # A JWKS is a few KiB; the cap keeps a misconfigured path (a log, a device)

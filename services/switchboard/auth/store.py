@@ -25,7 +25,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from switchboard.platform.errors import AlreadyExists
-from switchboard.platform.names import new_id, now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     ApiKeyRow,
@@ -36,6 +35,7 @@ from switchboard.platform.store.models import (
 )
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import transaction
+from switchboard.platform.values.names import new_id, now
 
 log = logging.getLogger("switchboard.auth.store")
 
@@ -86,7 +86,8 @@ class ApiKeyRecord:
     id: str
     user_id: str
     display_name: str
-    #: The keyed hash of the secret (``platform/security/opaque.py``); the secret is never stored.
+    #: The keyed hash of the secret (``security/credentials/opaque.py``); the secret is
+    #: never stored.
     digest: str
     scopes: tuple[str, ...]
     created_at: dt.datetime

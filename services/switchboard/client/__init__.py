@@ -13,7 +13,6 @@ behind Envoy. See docs/python-client.md.
             ...
 """
 
-from switchboard.client.backoff import Backoff
 from switchboard.client.client import Client, channel_options, new_request_id
 from switchboard.client.errors import (
     Aborted,
@@ -76,10 +75,11 @@ from switchboard.client.errors import (
 )
 from switchboard.client.events import Follower, scope
 from switchboard.client.files import CHUNK_BYTES, TransferPolicy
-from switchboard.client.interceptors import RetryPolicy
 from switchboard.client.runs import Answer, RunWatch
 from switchboard.client.session import TokenKeeper
-from switchboard.client.streams import StreamPolicy
+from switchboard.client.transport.backoff import Backoff
+from switchboard.client.transport.interceptors import RetryPolicy
+from switchboard.client.transport.streams import StreamPolicy
 from switchboard.client.voice import (
     LostTurn,
     Reply,

@@ -29,7 +29,6 @@ from switchboard.client.files import (
     upload_resumable,
     upload_streamed,
 )
-from switchboard.client.interceptors import CallPolicy, RetryPolicy
 from switchboard.client.runs import Answer, RunWatch
 from switchboard.client.session import (
     DEFAULT_REFRESH_MARGIN_S,
@@ -38,7 +37,8 @@ from switchboard.client.session import (
     TokenKeeper,
     TokensCallback,
 )
-from switchboard.client.streams import StreamPolicy
+from switchboard.client.transport.interceptors import CallPolicy, RetryPolicy
+from switchboard.client.transport.streams import StreamPolicy
 from switchboard.client.voice import (
     MAX_FRAME_BYTES,
     OnResume,

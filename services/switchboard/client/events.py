@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.client.session import TokenKeeper
-from switchboard.client.streams import ResumableStream, StreamPolicy
+from switchboard.client.transport.streams import ResumableStream, StreamPolicy
 
 if TYPE_CHECKING:
     from switchboard.api.events.v1 import events_pb2_grpc

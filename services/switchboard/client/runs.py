@@ -30,7 +30,7 @@ from switchboard.client.errors import (
     from_status,
 )
 from switchboard.client.session import TokenKeeper
-from switchboard.client.streams import ResumableStream, StreamPolicy
+from switchboard.client.transport.streams import ResumableStream, StreamPolicy
 
 if TYPE_CHECKING:
     from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc

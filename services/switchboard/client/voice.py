@@ -62,7 +62,7 @@ from switchboard.client.errors import (
 )
 from switchboard.client.runs import TERMINAL, AnswerBuilder
 from switchboard.client.session import TokenKeeper
-from switchboard.client.streams import EOF, StreamPolicy, resumable
+from switchboard.client.transport.streams import EOF, StreamPolicy, resumable
 
 if TYPE_CHECKING:
     from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc

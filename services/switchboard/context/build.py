@@ -11,18 +11,22 @@ import logging
 from switchboard.context import servicer
 from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
-from switchboard.context.files.files import FileLimits
-from switchboard.context.files.stores import open_blob_store
-from switchboard.context.files.transcriber import Transcriber
-from switchboard.context.files.transcription import OpenAITranscriber
-from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
-from switchboard.context.semantic.chunkstore import ChunkStore
+from switchboard.context.files.blobs.stores import open_blob_store
+from switchboard.context.files.catalog import FileLimits
+from switchboard.context.files.reading.transcriber import Transcriber
+from switchboard.context.files.reading.transcription import OpenAITranscriber
 from switchboard.context.semantic.embedder import OpenAIEmbedder
-from switchboard.context.semantic.indexer import IndexerLimits
+from switchboard.context.semantic.indexing.chunkstore import ChunkStore
+from switchboard.context.semantic.indexing.indexer import IndexerLimits
 from switchboard.context.semantic.ports import Embedder
-from switchboard.context.semantic.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
+from switchboard.context.semantic.retrieval.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
 from switchboard.context.settings import ContextSettings
-from switchboard.context.windowcache import WindowCache
+from switchboard.context.text.plugins import (
+    load_entity_extractor,
+    load_summarizer,
+    load_token_counter,
+)
+from switchboard.context.windows.cache import WindowCache
 from switchboard.dispatcher.budgets.embeddings import LedgerCharger, parse_embedding_prices
 from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.platform.cache import Cache

@@ -38,7 +38,7 @@ from switchboard.context.records import (
     Refused,
     WorkspaceRecord,
 )
-from switchboard.context.tokencount import TokenCounter
+from switchboard.context.text.tokencount import TokenCounter
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     AlreadyExists,

@@ -9,37 +9,37 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from switchboard.context.attachments import Attachments
 from switchboard.context.common import Common, Limits
-from switchboard.context.conversations import Conversations
-from switchboard.context.conversationstore import ConversationStore
-from switchboard.context.entities import EntityExtractor
-from switchboard.context.files.blobs import BlobStore
+from switchboard.context.conversations.catalog import Conversations
+from switchboard.context.conversations.store import ConversationStore
+from switchboard.context.files.blobs.port import BlobStore
+from switchboard.context.files.blobs.stores import temporary_store
+from switchboard.context.files.catalog import FileLimits, Files
 from switchboard.context.files.fetch import UrlFetcher
-from switchboard.context.files.files import FileLimits, Files
-from switchboard.context.files.filestore import FileStore
-from switchboard.context.files.stores import temporary_store
-from switchboard.context.files.transcriber import Transcriber
-from switchboard.context.memory import Memory
-from switchboard.context.memorystore import MemoryStore
-from switchboard.context.messages import Messages
-from switchboard.context.messagestore import MessageStore
-from switchboard.context.prunestore import PruneStore
-from switchboard.context.pruning import Pruning
-from switchboard.context.semantic.chunkstore import ChunkStore
-from switchboard.context.semantic.indexer import Indexer, IndexerLimits
-from switchboard.context.semantic.indexes import SemanticIndexes
-from switchboard.context.semantic.indexstore import IndexStore
+from switchboard.context.files.reading.transcriber import Transcriber
+from switchboard.context.files.store import FileStore
+from switchboard.context.memory.catalog import Memory
+from switchboard.context.memory.store import MemoryStore
+from switchboard.context.messages.attachments import Attachments
+from switchboard.context.messages.catalog import Messages
+from switchboard.context.messages.store import MessageStore
+from switchboard.context.pruning.pruner import Pruning
+from switchboard.context.pruning.store import PruneStore
+from switchboard.context.semantic.indexing.chunkstore import ChunkStore
+from switchboard.context.semantic.indexing.indexer import Indexer, IndexerLimits
+from switchboard.context.semantic.indexing.indexes import SemanticIndexes
+from switchboard.context.semantic.indexing.indexstore import IndexStore
 from switchboard.context.semantic.ports import Embedder
-from switchboard.context.semantic.search import IndexerSettings, Search, SearchParts
-from switchboard.context.semantic.searchstore import SearchStore
-from switchboard.context.summarizer import Summarizer
-from switchboard.context.tokencount import TokenCounter
-from switchboard.context.windowcache import WindowCache
-from switchboard.context.windows import Windows
-from switchboard.context.windowstore import WindowStore
-from switchboard.context.workspaces import Members, Workspaces
-from switchboard.context.workspacestore import WorkspaceStore
+from switchboard.context.semantic.retrieval.search import IndexerSettings, Search, SearchParts
+from switchboard.context.semantic.retrieval.store import SearchStore
+from switchboard.context.text.entities import EntityExtractor
+from switchboard.context.text.summarizer import Summarizer
+from switchboard.context.text.tokencount import TokenCounter
+from switchboard.context.windows.builder import Windows
+from switchboard.context.windows.cache import WindowCache
+from switchboard.context.windows.store import WindowStore
+from switchboard.context.workspaces.catalog import Members, Workspaces
+from switchboard.context.workspaces.store import WorkspaceStore
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.egress import EgressPolicy

@@ -20,9 +20,9 @@ from switchboard.context.records import (
     MessageRecord,
     WorkspaceRecord,
 )
-from switchboard.context.window import Reason
-from switchboard.platform.names import etag_of
+from switchboard.context.windows.planner import Reason
 from switchboard.platform.security.policy import Role
+from switchboard.platform.values.names import etag_of
 
 ROLES: Final[dict[pb.WorkspaceRole.ValueType, Role]] = {
     pb.WORKSPACE_ROLE_VIEWER: Role.VIEWER,

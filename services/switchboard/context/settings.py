@@ -259,7 +259,7 @@ class ContextSettings(Section):
         description="how old a blob no file names (or staging no upload owns) must be before "
         "maintenance removes it",
     )
-    # Audio transcription (context/files/transcription.py): off unless a URL is set; the
+    # Audio transcription (context/files/reading/transcription.py): off unless a URL is set; the
     # largest audio sent is context_files_max_transcribe_bytes.
     context_transcription_url: str = Field(
         default="",

@@ -45,10 +45,9 @@ from switchboard.context.records import (
     Unsearchable,
     WorkspaceRecord,
 )
-from switchboard.context.search import fts5_match, pg_tsquery, query_terms
 from switchboard.context.semantic.ports import SearchFilter
+from switchboard.context.text.fulltext import fts5_match, pg_tsquery, query_terms
 from switchboard.platform.errors import QuotaExceeded
-from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     Base,
@@ -62,6 +61,7 @@ from switchboard.platform.store.models import (
 )
 from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import transaction
+from switchboard.platform.values.names import now
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from switchboard.deploy.envoy import EdgeSpec
+    from switchboard.deploy.edge.envoy import EdgeSpec
 
 EXIT_USAGE = 2
 
@@ -221,13 +221,13 @@ def add_edge_health_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def run_edge_health(args: argparse.Namespace) -> int:
-    from switchboard.deploy import edgehealth
+    from switchboard.deploy.edge import health as edgehealth
 
     return edgehealth.run_edge_health(args)
 
 
 def run_envoy(args: argparse.Namespace) -> int:
-    from switchboard.deploy import envoy
+    from switchboard.deploy.edge import envoy
 
     try:
         spec = envoy_spec(args)
@@ -244,7 +244,7 @@ def run_envoy(args: argparse.Namespace) -> int:
 
 def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
     """The ``EdgeSpec`` the ``envoy`` command's arguments describe."""
-    from switchboard.deploy.envoy import (
+    from switchboard.deploy.edge.envoy import (
         Console,
         EdgeSpec,
         HostPort,
@@ -299,7 +299,7 @@ def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
 
 
 def run_dev_cert(args: argparse.Namespace) -> int:
-    from switchboard.deploy.devcert import DEFAULT_HOSTS, CertError, make_dev_cert
+    from switchboard.deploy.edge.devcert import DEFAULT_HOSTS, CertError, make_dev_cert
 
     try:
         made = make_dev_cert(

@@ -5,7 +5,7 @@ the mesh shape can be tried and tested without containers: PostgreSQL and
 Redis with their files in a data directory, ``switchboard migrate`` once, one
 ``switchboard serve --services NAME`` per replica (auth, context, integration,
 two events, two dispatchers by default) on free loopback ports, and Envoy in
-front with the configuration ``switchboard.deploy.envoy`` renders for the mesh
+front with the configuration ``switchboard.deploy.edge.envoy`` renders for the mesh
 shape. This module is the command and the order of things; what it promises:
 
 - **Like production, never dev mode**: the services get the mesh's secrets,
@@ -67,12 +67,13 @@ from switchboard.deploy.processes import (
     Redis,
     Service,
 )
-from switchboard.platform import backoff, names
 from switchboard.platform.observe.otelenv import OtelEnv
+from switchboard.platform.resilience import backoff
+from switchboard.platform.values import names
 
 # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
 if TYPE_CHECKING:
-    from switchboard.deploy.envoy import EdgeSpec, HostPort
+    from switchboard.deploy.edge.envoy import EdgeSpec, HostPort
 
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
@@ -162,7 +163,7 @@ class Options:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
-        from switchboard.deploy.envoy import API, HostPort, SpecError, bootstrap
+        from switchboard.deploy.edge.envoy import API, HostPort, SpecError, bootstrap
 
         processes = _processes(getattr(args, "processes", None))
         if processes and args.replicas:
@@ -247,7 +248,7 @@ class Options:
         The console's directory is read here, each time: a rebuilt console is what
         a restarted Envoy serves.
         """
-        from switchboard.deploy.envoy import (
+        from switchboard.deploy.edge.envoy import (
             ENVOY_SERVICE_NAME,
             Console,
             EdgeSpec,
@@ -329,7 +330,7 @@ class Mesh:
         return contexts[(index - 1) % len(contexts)]
 
     def upstreams(self) -> dict[str, tuple[HostPort, ...]]:
-        from switchboard.deploy.envoy import HostPort
+        from switchboard.deploy.edge.envoy import HostPort
 
         return {
             service: tuple(HostPort(LOOPBACK, child.port) for child in self.replicas(service))
@@ -346,7 +347,7 @@ class Mesh:
 
     def edge_spec(self, bound: dict[str, HostPort]) -> EdgeSpec:
         """Envoy's spec for this mesh; ``bound``: the listeners' real ports once it ran."""
-        from switchboard.deploy.envoy import HostPort
+        from switchboard.deploy.edge.envoy import HostPort
 
         spec = self.options.edge_spec(self.upstreams(), self.base_env, self.certificate, bound)
         # Health and reflection for the whole deployment (started before Envoy).
@@ -602,7 +603,7 @@ def _dev_certificate(directory: Path) -> tuple[Path, Path]:
     """The development certificate, made on first run and again a day before it expires."""
     from cryptography import x509
 
-    from switchboard.deploy.devcert import make_dev_cert
+    from switchboard.deploy.edge.devcert import make_dev_cert
 
     cert, key = directory / "dev-cert.pem", directory / "dev-key.pem"
     if cert.exists() and key.exists():

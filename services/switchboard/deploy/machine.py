@@ -140,7 +140,7 @@ class Secrets:
 def ensure_secrets(layout: Layout) -> Secrets:
     """Read the mesh's secrets, making each on first run."""
     if not layout.signing_key.exists():
-        from switchboard.platform.security import keyfile
+        from switchboard.platform.security.credentials import keyfile
 
         # switchboard keygen's own writer: an Ed25519 key, owner-only and atomic.
         try:

@@ -69,7 +69,7 @@ log = logging.getLogger("switchboard.mesh")
 
 if TYPE_CHECKING:
     # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
-    from switchboard.deploy.envoy import EdgeSpec, HostPort
+    from switchboard.deploy.edge.envoy import EdgeSpec, HostPort
 
 #: The database and its owner (the services connect as it).
 DATABASE: Final = "switchboard"
@@ -754,7 +754,7 @@ def _listening_port(text: str, key: str = "port") -> int:
 
 class EdgeHealthServer(Child):
     """``switchboard edge-health``: health per service across its replicas and reflection
-    for every service, which Envoy routes to it (``switchboard.deploy.edgehealth``)."""
+    for every service, which Envoy routes to it (``switchboard.deploy.edge.health``)."""
 
     kind = "edge-health"
 
@@ -864,7 +864,7 @@ class Envoy(Child):
         ]
 
     async def spawn(self) -> None:
-        from switchboard.deploy.envoy import render
+        from switchboard.deploy.edge.envoy import render
 
         spec = self.mesh.edge_spec(self.bound)
         self.config.write_text(render(spec))
@@ -872,7 +872,7 @@ class Envoy(Child):
         await super().spawn()
 
     async def wait_ready(self, deadline: float) -> None:
-        from switchboard.deploy.envoy import PLAIN_LISTENER, TLS_LISTENER, HostPort
+        from switchboard.deploy.edge.envoy import PLAIN_LISTENER, TLS_LISTENER, HostPort
 
         async with httpx.AsyncClient(timeout=CHECK_TIMEOUT_S, trust_env=False) as client:
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.context.build import context_domain
-from switchboard.context.semantic.filters import parse_filter
-from switchboard.context.tokencount import ApproxTokenCounter
+from switchboard.context.semantic.retrieval.filters import parse_filter
+from switchboard.context.text.tokencount import ApproxTokenCounter
 from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
@@ -34,8 +34,8 @@ from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices,
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort, LocalContext, RemoteContext
 from switchboard.dispatcher.ports.peers import GrpcPeers
-from switchboard.dispatcher.runs.content import BuiltinContentPolicy, load_content_policy
-from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.intake.content import BuiltinContentPolicy, load_content_policy
+from switchboard.dispatcher.runs.reading.feed import Feeds
 from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
@@ -51,16 +51,16 @@ from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub
-from switchboard.platform import names
 from switchboard.platform.audio.openai import OpenAIAudio
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
-from switchboard.platform.rpc.channels import RemoteHandlerSettings, parse_remotes
-from switchboard.platform.rpc.peers import PeerSettings
+from switchboard.platform.rpc.outbound.channels import RemoteHandlerSettings, parse_remotes
+from switchboard.platform.rpc.outbound.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values import names
 from switchboard.shared import Shared, setting
 
 

@@ -16,10 +16,10 @@ from google.rpc import status_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.handlers.base import Handler
-from switchboard.platform import names
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.rpc.status import to_status_proto
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values import names
 
 
 def workspace_name(workspace_id: str) -> str:

@@ -36,11 +36,10 @@ from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import PeerPort, Via
-from switchboard.dispatcher.runs.admission import Admission
-from switchboard.dispatcher.runs.content import ContentPolicy
 from switchboard.dispatcher.runs.control import IN_PROCESS, Control
 from switchboard.dispatcher.runs.execution import Execution
-from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.intake.admission import Admission
+from switchboard.dispatcher.runs.intake.content import ContentPolicy
 from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.dispatcher.runs.live import (
     FINISH_TIMEOUT_S,
@@ -49,25 +48,26 @@ from switchboard.dispatcher.runs.live import (
     Live,
     RunLimits,
 )
-from switchboard.dispatcher.runs.publishing import Publishing
-from switchboard.dispatcher.runs.queries import Queries
+from switchboard.dispatcher.runs.reading.feed import Feeds
+from switchboard.dispatcher.runs.reading.publishing import Publishing
+from switchboard.dispatcher.runs.reading.queries import Queries
+from switchboard.dispatcher.runs.reading.streams import Streams
 from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.scheduler import Scheduler
-from switchboard.dispatcher.runs.steerbook import SteerBook
-from switchboard.dispatcher.runs.steering import Steering
+from switchboard.dispatcher.runs.steering.book import SteerBook
+from switchboard.dispatcher.runs.steering.steer import Steering
 from switchboard.dispatcher.runs.store import RunStore
-from switchboard.dispatcher.runs.streams import Streams
 from switchboard.dispatcher.schedules.catalog import Schedules
 from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.dispatcher.voice.speaker import Speech
-from switchboard.platform import background
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.observe.telemetry import tracer
+from switchboard.platform.resilience import background
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.policy import Policy, Principal
 from switchboard.platform.store import pagination

@@ -35,7 +35,6 @@ from switchboard.events.subscriptions import (
     Waker,
     parse_spec,
 )
-from switchboard.platform import background, names
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -50,9 +49,11 @@ from switchboard.platform.events.eventlog import (
     length_delimited,
     parse_cursor,
 )
-from switchboard.platform.names import now
+from switchboard.platform.resilience import background
 from switchboard.platform.security.accesswatch import AccessWatch, Grant
 from switchboard.platform.security.policy import Permission, Principal
+from switchboard.platform.values import names
+from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.events")
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform import names
 from switchboard.platform.errors import (
     DependencyUnavailable,
     FieldViolation,
@@ -55,6 +54,7 @@ from switchboard.platform.events.eventlog import (
 )
 from switchboard.platform.security.accesswatch import Hold
 from switchboard.platform.security.policy import Permission, Policy, Principal
+from switchboard.platform.values import names
 
 #: Events read from the log per replay round trip.
 REPLAY_PAGE: Final = 500

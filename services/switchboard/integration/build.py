@@ -9,15 +9,19 @@ service is not served.
 from __future__ import annotations
 
 from switchboard.integration import servicer
-from switchboard.integration.connections import Limits
-from switchboard.integration.kinds import connector_factory, reserved_handler_ids, stdio_servers
+from switchboard.integration.connect.connections import Limits
+from switchboard.integration.connect.registry import (
+    connector_factory,
+    reserved_handler_ids,
+    stdio_servers,
+)
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.settings import IntegrationSettings
 from switchboard.integration.store import IntegrationStore
-from switchboard.integration.webhooks import WebhookEngine, WebhookLimits
-from switchboard.platform.breaker import Breakers
+from switchboard.integration.webhooks.delivery import WebhookEngine, WebhookLimits
 from switchboard.platform.observe.metrics import Metrics
-from switchboard.platform.rpc.channels import RemoteHandlerSettings
+from switchboard.platform.resilience.breaker import Breakers
+from switchboard.platform.rpc.outbound.channels import RemoteHandlerSettings
 from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.shared import Shared, setting
@@ -93,7 +97,7 @@ async def _open_hub(shared: Shared) -> IntegrationHub:
     resources.push_async_callback(hub.close)
     if "integration" in kernel.services:
         # Deliveries run where the hub is served; every replica feeds and sends,
-        # and the database decides which one does each (integration/webhooks.py).
+        # and the database decides which one does each (integration/webhooks/delivery.py).
         webhooks = WebhookEngine(
             database,
             shared.bus,

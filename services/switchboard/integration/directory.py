@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from switchboard.api.integration.v1 import integration_pb2
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.security.secretbox import SecretBox, SecretUnreadable
+from switchboard.platform.security.credentials.secretbox import SecretBox, SecretUnreadable
 from switchboard.platform.store.db import Database, log_failure
 
 log = logging.getLogger("switchboard.integration.directory")

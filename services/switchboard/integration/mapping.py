@@ -14,8 +14,8 @@ from google.rpc import status_pb2
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.store import IntegrationRecord
-from switchboard.platform.breaker import BreakerState
-from switchboard.platform.names import etag_of
+from switchboard.platform.resilience.breaker import BreakerState
+from switchboard.platform.values.names import etag_of
 
 _CIRCUIT = {
     "closed": pb.CIRCUIT_STATE_CLOSED,

@@ -2,7 +2,7 @@
 
 Registration validates each field for its kind, checks endpoints against the
 egress policy (``platform/security/egress.py``; again on every connection), seals
-credentials (``platform/security/secretbox.py``; they leave the hub only towards the
+credentials (``platform/security/credentials/secretbox.py``; they leave the hub only towards the
 integration itself) and writes each change with its INTEGRATION_CHANGED
 event. Calls to integrations go through this process's connectors and their
 breakers (``connections.py``); ``tools.py`` lists and invokes tools,
@@ -28,20 +28,18 @@ from google.rpc import code_pb2
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
-from switchboard.integration.connections import (
+from switchboard.integration.connect.connections import (
     INTEGRATION,
     Connections,
     ConnectorFactory,
     Limits,
     find,
 )
-from switchboard.integration.health import Prober, WebhookHealth, status_bytes
+from switchboard.integration.connect.health import Prober, WebhookHealth, status_bytes
+from switchboard.integration.kinds.webhooktools import check_tools
 from switchboard.integration.mapping import integration_name, integration_proto, name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.integration.tools import Tools
-from switchboard.integration.webhooktools import check_tools
-from switchboard.platform import names, timefields
-from switchboard.platform.breaker import Breakers, BreakerState
+from switchboard.integration.tools.calls import Tools
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DestinationBlocked,
@@ -54,10 +52,10 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.fieldmask import update_paths
-from switchboard.platform.names import checked_etag
 from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.resilience.breaker import Breakers, BreakerState
 from switchboard.platform.security.accesswatch import AccessWatch
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import (
     PLAIN_HTTP_REFUSED,
     EgressPolicy,
@@ -67,10 +65,12 @@ from switchboard.platform.security.egress import (
     parse_http_endpoint,
 )
 from switchboard.platform.security.policy import Permission, Principal
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store import pagination
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import idempotency
+from switchboard.platform.values import names, timefields
+from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.names import checked_etag
 
 log = logging.getLogger("switchboard.integration")
 

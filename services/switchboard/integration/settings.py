@@ -76,7 +76,7 @@ class IntegrationSettings(Section):
         '["node", "server.js"], "env": {}}}`; integrations name them as '
         "`stdio:<id>` (an API call never starts a process)",
     )
-    # Webhook deliveries (integration/webhooks.py).
+    # Webhook deliveries (integration/webhooks/delivery.py).
     webhook_timeout_s: float = Field(
         default=15.0,
         gt=0,

@@ -19,11 +19,11 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.platform.errors import AlreadyExists, NotFound, QuotaExceeded
-from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import IntegrationRow, WebhookDeliveryRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import Idempotency, check_etag, claim, retrying, transaction
+from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.integration.store")
 

@@ -390,7 +390,7 @@ class ResolutionFailed(DependencyUnavailable):
 
 
 class SecretUnreadable(FailedPrecondition):
-    """A sealed credential does not open (``switchboard.platform.security.secretbox``): the
+    """A sealed credential does not open (``platform.security.credentials.secretbox``): the
     server secret changed or the stored value is damaged. Never carries the content."""
 
     def __init__(

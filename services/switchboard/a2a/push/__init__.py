@@ -13,7 +13,7 @@ so every part of the feature is here:
   token, its signature or Authorization header) and how long a config lives.
 
 The sending itself is the integration service's webhook engine
-(``integration/webhooks.py``): the same feeder, sender, ordering, retries,
+(``integration/webhooks/delivery.py``): the same feeder, sender, ordering, retries,
 breaker, egress checks and disabling as a webhook integration's. A service may
 not import the front door, so the engine reaches ``delivery.py`` through
 ``shared.PushNotifications``, which the composition root hands it

@@ -28,7 +28,6 @@ from switchboard.a2a.push.delivery import SIGNING_SCHEME, purpose
 from switchboard.a2a.push.store import Backfill, PushConfig, PushStore
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform import names
 from switchboard.platform.errors import (
     AlreadyExists,
     DestinationBlocked,
@@ -38,6 +37,7 @@ from switchboard.platform.errors import (
     QuotaExceeded,
     Violations,
 )
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import (
     PLAIN_HTTP_REFUSED,
     EgressPolicy,
@@ -46,8 +46,8 @@ from switchboard.platform.security.egress import (
     parse_http_endpoint,
 )
 from switchboard.platform.security.policy import Permission, Policy, Principal
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store import pagination
+from switchboard.platform.values import names
 
 #: Configs one task may have.
 MAX_PER_TASK: Final = 10

@@ -1,6 +1,6 @@
 """What the webhook engine sends for an A2A push config, and how long a config lives.
 
-The engine (``integration/webhooks.py``) feeds a config its task's status
+The engine (``integration/webhooks/delivery.py``) feeds a config its task's status
 changes, orders, retries and disables like any endpoint; it knows a config
 only through ``shared.PushNotifications``, which ``PushDelivery`` is. Each
 status change is one ``POST`` of A2A's ``StreamResponse`` (a ``statusUpdate``,
@@ -22,9 +22,9 @@ from switchboard.a2a import mapping
 from switchboard.a2a.push.store import PushStore
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform import structs
-from switchboard.platform.security.secretbox import SecretBox
+from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.store.db import Database
+from switchboard.platform.values import structs
 
 #: A push config is deleted this long after its task's final status was recorded,
 #: and at the latest this long after its creation plus ``MAX_AGE``.

@@ -1,6 +1,6 @@
 """The ``push_configs`` table: A2A push configs, per-task webhook endpoints.
 
-A push config is an endpoint of the webhook engine (``integration/webhooks.py``)
+A push config is an endpoint of the webhook engine (``integration/webhooks/delivery.py``)
 like a webhook integration: its deliveries are ``webhook_deliveries`` rows keyed
 by its ``endpoint_id``, fed from the event log and sent by the same feeder and
 sender. The front door (``configs.py``) writes configs through this store
@@ -32,10 +32,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.platform.names import new_id, now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import PushConfigRow, WebhookDeliveryRow
 from switchboard.platform.store.storage import transaction
+from switchboard.platform.values.names import new_id, now
 
 log = logging.getLogger("switchboard.a2a.push")
 

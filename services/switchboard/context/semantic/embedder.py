@@ -39,11 +39,11 @@ from typing import Any, Final, Protocol
 
 import httpx
 
-from switchboard.platform import backoff
-from switchboard.platform.breaker import CircuitBreaker
 from switchboard.platform.errors import DestinationBlocked, ResolutionFailed
-from switchboard.platform.jsonbounds import loads_fast
+from switchboard.platform.resilience import backoff
+from switchboard.platform.resilience.breaker import CircuitBreaker
 from switchboard.platform.security.egress import EgressPolicy, http_client
+from switchboard.platform.values.jsonbounds import loads_fast
 
 from .ports import Embedded, EmbeddingModel, EmbeddingsBudgetExhausted, EmbeddingsUnavailable
 

@@ -42,7 +42,6 @@ from switchboard.dispatcher.assistants.store import (
     IdTaken,
     Written,
 )
-from switchboard.platform import names
 from switchboard.platform.errors import (
     AlreadyExists,
     FieldViolation,
@@ -51,12 +50,13 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
+from switchboard.platform.values import names
+from switchboard.platform.values.fieldmask import update_paths
 
 log = logging.getLogger("switchboard.dispatcher.assistants.catalog")
 

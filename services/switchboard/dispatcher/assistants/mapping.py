@@ -9,8 +9,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.store import AssistantRecord
-from switchboard.platform import names
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values import names
 
 
 def message(record: AssistantRecord) -> pb.Assistant:

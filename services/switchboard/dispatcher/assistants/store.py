@@ -21,7 +21,6 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from switchboard.platform.errors import NotFound, QuotaExceeded
-from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import AssistantRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
@@ -33,6 +32,7 @@ from switchboard.platform.store.storage import (
     transaction,
     workspace_page,
 )
+from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.dispatcher.assistants.store")
 

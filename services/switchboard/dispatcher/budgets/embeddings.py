@@ -25,7 +25,7 @@ from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets.ledger import Amount, Hold, Ledger
-from switchboard.platform import names
+from switchboard.platform.values import names
 
 #: The run id of embedding holds (no run: the window is the budget's period's).
 RUN_ID: Final = "embeddings"

@@ -35,7 +35,6 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets.periods import period_of
-from switchboard.platform import names
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     BudgetHoldRow,
@@ -44,6 +43,7 @@ from switchboard.platform.store.models import (
     table_of,
 )
 from switchboard.platform.store.storage import transaction
+from switchboard.platform.values import names
 
 log = logging.getLogger("switchboard.dispatcher.budgets.ledger")
 

@@ -11,8 +11,8 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.periods import Period
 from switchboard.dispatcher.budgets.store import BudgetRecord, UsageSum, Window
-from switchboard.platform import names
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values import names
 
 
 def budget_name(workspace_id: str, budget_id: str) -> str:

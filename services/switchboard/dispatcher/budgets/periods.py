@@ -15,7 +15,7 @@ from typing import Final
 from zoneinfo import ZoneInfo
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform.timefields import zone
+from switchboard.platform.values.timefields import zone
 
 UTC: Final = dt.UTC
 TOTAL: Final = "total"

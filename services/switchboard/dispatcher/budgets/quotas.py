@@ -37,10 +37,10 @@ from google.protobuf import field_mask_pb2
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets.quotastore import QuotaRecord, QuotaStore
-from switchboard.platform import names
 from switchboard.platform.errors import QuotaExceeded, Violations
-from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values import names
+from switchboard.platform.values.fieldmask import update_paths
 
 #: What UpdateWorkspaceQuota may change, in the contract's order.
 MUTABLE: Final = ("messages_per_minute", "max_concurrent_runs", "api_keys")

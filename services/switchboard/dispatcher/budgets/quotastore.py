@@ -23,10 +23,10 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.errors import EtagMismatch, NotFound
-from switchboard.platform.names import etag_version, now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import RunRow, WorkspaceQuotaRow, WorkspaceRow
 from switchboard.platform.store.storage import transaction
+from switchboard.platform.values.names import etag_version, now
 
 log = logging.getLogger("switchboard.dispatcher.budgets.quotastore")
 

@@ -53,7 +53,6 @@ from switchboard.dispatcher.budgets.ledger import (
 )
 from switchboard.dispatcher.handlers.base import CallHold
 from switchboard.dispatcher.handlers.handed import HEADER, Handed
-from switchboard.platform import names
 from switchboard.platform.errors import (
     BudgetExhausted,
     ModelNotPriced,
@@ -62,7 +61,8 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
-from switchboard.platform.wording import counted, noun
+from switchboard.platform.values import names
+from switchboard.platform.values.wording import counted, noun
 
 log = logging.getLogger("switchboard.dispatcher.budgets")
 

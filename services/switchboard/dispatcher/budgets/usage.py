@@ -19,10 +19,10 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets import mapping as budget_mapping
 from switchboard.dispatcher.budgets.store import UsageQuery, UsageStore
-from switchboard.platform import names, timefields
 from switchboard.platform.errors import Violations
 from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import PageTokens
+from switchboard.platform.values import names, timefields
 
 DIMENSIONS: Final = {
     pb.USAGE_DIMENSION_DAY: "day",

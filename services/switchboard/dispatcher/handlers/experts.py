@@ -32,7 +32,7 @@ An id that an operator-level handler has (``echo``, ``llm``, a static
 expert) is the operator's: such a workspace expert is neither listed nor
 routed to, and a warning names it.
 
-Calls go through the integration's circuit breaker (``platform/breaker.py``,
+Calls go through the integration's circuit breaker (``platform/resilience/breaker.py``,
 key = the integration's resource name), shared with the hub's tool calls
 and probes: an open circuit makes the expert unavailable to the router.
 """
@@ -61,9 +61,9 @@ from switchboard.dispatcher.handlers.base import (
 from switchboard.dispatcher.handlers.remote import RemoteHandler
 from switchboard.dispatcher.handlers.remote_a2a import A2AExpert
 from switchboard.integration.directory import ExpertEntry, integration_name
-from switchboard.integration.remote_a2a import A2AAgent
-from switchboard.platform import background, names
+from switchboard.integration.kinds.a2a import A2AAgent
 from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.resilience import background
 from switchboard.platform.security.egress import (
     EgressPolicy,
     check_host,
@@ -71,6 +71,7 @@ from switchboard.platform.security.egress import (
     parse_grpc_endpoint,
     parse_http_endpoint,
 )
+from switchboard.platform.values import names
 
 log = logging.getLogger("switchboard.dispatcher.handlers.experts")
 

@@ -16,7 +16,7 @@ that may call no tools answers every request FAILED.
 
 Every call of a run (each attempt of the retry below, on either RPC) carries
 the run's idempotency key, ``handler_key(run)``, in the ``idempotency-key``
-metadata (``platform/idempotency.py``), so an expert can tell a run sent again
+metadata (``platform/values/idempotency.py``), so an expert can tell a run sent again
 (after a crash, another replica's takeover) from a new one.
 
 A run with a budget holds what is left of it for the call and names it in the
@@ -60,11 +60,18 @@ from switchboard.dispatcher.handlers.base import (
 )
 from switchboard.dispatcher.handlers.handed import HEADER, header_value
 from switchboard.dispatcher.handlers.hops import Hop
-from switchboard.platform import background, idempotency, jsonbounds
 from switchboard.platform.errors import FailedPrecondition, QuotaExceeded, SwitchboardError
-from switchboard.platform.jsonbounds import JsonRejected
-from switchboard.platform.rpc.channels import DOWN, READY, ChannelOptions, connected, expert_channel
+from switchboard.platform.resilience import background
+from switchboard.platform.rpc.outbound.channels import (
+    DOWN,
+    READY,
+    ChannelOptions,
+    connected,
+    expert_channel,
+)
 from switchboard.platform.rpc.status import to_status_proto
+from switchboard.platform.values import idempotency, jsonbounds
+from switchboard.platform.values.jsonbounds import JsonRejected
 
 log = logging.getLogger("switchboard.dispatcher.handlers.remote")
 

@@ -2,7 +2,7 @@
 INTEGRATION_KIND_A2A_AGENT); serving A2A is the front door's (the ``a2a`` package).
 
 The handler is a thin shell around the hub's A2A client
-(``integration/remote_a2a.py``), so the dispatcher and the hub speak to an
+(``integration/kinds/a2a.py``), so the dispatcher and the hub speak to an
 agent the same way. What it adds is what a handler needs:
 
 - **capabilities** from the Agent Card (name, description, skills as
@@ -47,15 +47,16 @@ from switchboard.dispatcher.handlers.base import (
 )
 from switchboard.dispatcher.handlers.handed import BUDGET_EXTENSION, extension_value
 from switchboard.dispatcher.handlers.hops import Hop
-from switchboard.integration.connectors import ConnectorError
-from switchboard.integration.remote_a2a import (
+from switchboard.integration.connect.connectors import ConnectorError
+from switchboard.integration.kinds.a2a import (
     A2AAgent,
     AgentFailed,
     message_files,
     previous_task,
 )
-from switchboard.platform import background, idempotency, structs
 from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.resilience import background
+from switchboard.platform.values import idempotency, structs
 
 log = logging.getLogger("switchboard.dispatcher.handlers.remote_a2a")
 

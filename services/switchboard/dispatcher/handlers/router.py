@@ -39,12 +39,12 @@ from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.dispatcher.handlers.base import Handler
-from switchboard.platform import names
 from switchboard.platform.errors import (
     DependencyUnavailable,
     FieldViolation,
     InvalidArgument,
 )
+from switchboard.platform.values import names
 
 log = logging.getLogger("switchboard.dispatcher.handlers.router")
 

@@ -43,9 +43,9 @@ from switchboard.dispatcher.llm.stream import (
     parse_completion,
     scrub,
 )
-from switchboard.platform.backoff import retry_after
-from switchboard.platform.breaker import CircuitBreaker
 from switchboard.platform.observe.telemetry import http_request_span
+from switchboard.platform.resilience.backoff import retry_after
+from switchboard.platform.resilience.breaker import CircuitBreaker
 
 # The handler's logger: one name for every part of it, as before it was split.
 log = logging.getLogger("switchboard.dispatcher.llm")

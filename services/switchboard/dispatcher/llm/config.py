@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from switchboard.dispatcher.llm.usage import Price
-from switchboard.platform import jsonbounds
-from switchboard.platform.jsonbounds import JsonRejected
+from switchboard.platform.values import jsonbounds
+from switchboard.platform.values.jsonbounds import JsonRejected
 
 MIB: Final = 1024 * 1024
 #: A providers or prices setting longer than this is not a setting.

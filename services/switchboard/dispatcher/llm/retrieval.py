@@ -22,10 +22,10 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.llm.messages import result_source
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.platform import structs
 from switchboard.platform.errors import InvalidArgument
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.wording import noun
+from switchboard.platform.values import structs
+from switchboard.platform.values.wording import noun
 
 #: ``RetrievalSettings``' defaults for 0 (the contract's).
 DEFAULT_TOP_K: Final = 5

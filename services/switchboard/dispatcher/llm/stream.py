@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from switchboard.dispatcher.llm.usage import read_usage
-from switchboard.platform import jsonbounds
-from switchboard.platform.jsonbounds import JsonRejected
+from switchboard.platform.values import jsonbounds
+from switchboard.platform.values.jsonbounds import JsonRejected
 
 # Provider error messages are relayed for diagnosis, but only this much of them:
 # an HTML error page from a proxy is noise, and long bodies can echo the prompt.

@@ -29,10 +29,10 @@ from google.protobuf import struct_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
 from switchboard.dispatcher.llm.stream import ModelCall
-from switchboard.platform import jsonbounds
-from switchboard.platform.jsonbounds import JsonRejected
-from switchboard.platform.structs import plain
-from switchboard.platform.wording import counted
+from switchboard.platform.values import jsonbounds
+from switchboard.platform.values.jsonbounds import JsonRejected
+from switchboard.platform.values.structs import plain
+from switchboard.platform.values.wording import counted
 
 # The handler's logger: one name for every part of it, as before it was split.
 log = logging.getLogger("switchboard.dispatcher.llm")

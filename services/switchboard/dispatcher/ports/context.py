@@ -27,7 +27,7 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.platform.errors import RequestTooLarge
-from switchboard.platform.rpc.peers import PeerService, TokenIssuer
+from switchboard.platform.rpc.outbound.peers import PeerService, TokenIssuer
 from switchboard.platform.security.policy import Principal
 
 

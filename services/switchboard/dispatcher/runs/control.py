@@ -19,10 +19,9 @@ from switchboard.dispatcher.ports.peers import PeerPort, Via
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.dispatcher.runs.live import MAX_REASON_CHARS, Common
-from switchboard.dispatcher.runs.publishing import Publishing
+from switchboard.dispatcher.runs.reading.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler
 from switchboard.dispatcher.runs.store import TERMINAL, Stored
-from switchboard.platform import names
 from switchboard.platform.errors import (
     DependencyUnavailable,
     FailedPrecondition,
@@ -32,6 +31,7 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values import names
 
 #: Decisions in one SubmitToolApprovals.
 _MAX_APPROVALS: Final = 128

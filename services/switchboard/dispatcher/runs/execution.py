@@ -51,17 +51,15 @@ from switchboard.dispatcher.runs.live import (
     handler_label,
     queued_again,
 )
-from switchboard.dispatcher.runs.publishing import Publishing
+from switchboard.dispatcher.runs.reading.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.runs.steerbook import SteerBook
+from switchboard.dispatcher.runs.steering.book import SteerBook
 from switchboard.dispatcher.runs.store import TERMINAL, Charged
 from switchboard.dispatcher.tools.journal import Journal, add_usage, cover
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
 from switchboard.dispatcher.voice.speaker import Speaker, Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
-from switchboard.platform import background, names
-from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import (
     Conflict,
     DeadlineExceeded,
@@ -74,8 +72,11 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.observe.telemetry import parent_from
+from switchboard.platform.resilience import background
+from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.security.policy import Permission, Policy
 from switchboard.platform.store.db import DatabaseUnavailable, is_outage
+from switchboard.platform.values import names
 
 log = logging.getLogger("switchboard.dispatcher")
 

@@ -31,11 +31,10 @@ from switchboard.dispatcher.runs.live import (
     next_block,
     queued_again,
 )
-from switchboard.dispatcher.runs.publishing import Publishing
+from switchboard.dispatcher.runs.reading.publishing import Publishing
 from switchboard.dispatcher.runs.store import TERMINAL, Stored
 from switchboard.dispatcher.tools.journal import cover, unreadable
 from switchboard.internal.dispatcher.v1 import job_pb2
-from switchboard.platform import names
 from switchboard.platform.errors import (
     HandlerFailed,
     NotFound,
@@ -47,6 +46,7 @@ from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.security.policy import AuthMethod, Principal, Scope
 from switchboard.platform.store.db import log_failure
 from switchboard.platform.store.outbox import Staged
+from switchboard.platform.values import names
 
 log = logging.getLogger("switchboard.dispatcher")
 

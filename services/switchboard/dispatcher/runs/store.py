@@ -38,7 +38,6 @@ from sqlalchemy.orm import Session
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.mapping import state_time
 from switchboard.platform.errors import ConversationBusy, NotFound
-from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import DispatcherLeaseRow, RunRow, table_of
 from switchboard.platform.store.outbox import Staged, staging
@@ -50,6 +49,7 @@ from switchboard.platform.store.storage import (
     retrying,
     transaction,
 )
+from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.dispatcher.runs.store")
 

@@ -41,7 +41,6 @@ from switchboard.dispatcher.schedules.store import (
     ScheduleStore,
     Written,
 )
-from switchboard.platform import names, timefields
 from switchboard.platform.errors import (
     AlreadyExists,
     EtagMismatch,
@@ -52,13 +51,14 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
-from switchboard.platform.wording import noun
+from switchboard.platform.values import names, timefields
+from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.wording import noun
 
 log = logging.getLogger("switchboard.dispatcher.schedules.catalog")
 

@@ -10,7 +10,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.schedules import times
 from switchboard.dispatcher.schedules.store import FiringRecord, ScheduleRecord
-from switchboard.platform import names, timefields
+from switchboard.platform.values import names, timefields
 
 #: Fire times a schedule shows (``Schedule.upcoming_fire_times``).
 UPCOMING = 5

@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.errors import NotFound, QuotaExceeded
-from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     DispatcherLeaseRow,
@@ -42,6 +41,7 @@ from switchboard.platform.store.storage import (
     transaction,
     workspace_page,
 )
+from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.dispatcher.schedules.store")
 

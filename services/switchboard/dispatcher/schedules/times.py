@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 
-from switchboard.platform.timefields import UTC_ZONE
+from switchboard.platform.values.timefields import UTC_ZONE
 
 #: Characters of a cron expression.
 MAX_CRON: Final = 200

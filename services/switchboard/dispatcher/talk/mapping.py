@@ -14,9 +14,9 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.talk.store import SessionRecord, TurnRecord
 from switchboard.platform.errors import SwitchboardError
-from switchboard.platform.names import now
 from switchboard.platform.observe.logging import request_id_var
 from switchboard.platform.rpc.status import to_status_proto
+from switchboard.platform.values.names import now
 
 #: A turn's frames are numbered ``turn << TURN_SHIFT`` plus its run's update sequence.
 TURN_SHIFT: Final = 40

@@ -49,12 +49,11 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
-from switchboard.dispatcher.runs.speech import configured
+from switchboard.dispatcher.runs.intake.speech import configured
 from switchboard.dispatcher.talk import mapping
 from switchboard.dispatcher.talk.store import SessionRecord, TurnRecord, VoiceStore
 from switchboard.dispatcher.talk.turns import Detector, TurnAudio
 from switchboard.dispatcher.voice.speaker import Speech
-from switchboard.platform import background, names, timefields
 from switchboard.platform.audio import pcm
 from switchboard.platform.errors import (
     FailedPrecondition,
@@ -69,8 +68,10 @@ from switchboard.platform.errors import (
     SwitchboardError,
     Violations,
 )
+from switchboard.platform.resilience import background
 from switchboard.platform.security.accesswatch import AccessWatch, Grant, Hold
 from switchboard.platform.security.policy import Permission, Principal
+from switchboard.platform.values import names, timefields
 
 log = logging.getLogger("switchboard.dispatcher.talk")
 

@@ -62,7 +62,6 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.internal.dispatcher.v1 import job_pb2
-from switchboard.platform import idempotency, names, structs
 from switchboard.platform.errors import (
     ApprovalExpired,
     CircuitOpen,
@@ -72,7 +71,8 @@ from switchboard.platform.errors import (
     ToolOutcomeUnknown,
 )
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.wording import counted
+from switchboard.platform.values import idempotency, names, structs
+from switchboard.platform.values.wording import counted
 
 log = logging.getLogger("switchboard.dispatcher.tools")
 

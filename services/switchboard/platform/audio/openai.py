@@ -12,7 +12,7 @@ converted to the rate asked for (``pcm.Resampler``), in whole samples.
 
 This is the one HTTP client of those endpoints: the dispatcher's voice uses it
 through its ``SpeechEngine`` port (matched structurally: the platform imports no
-service), the context's file transcription (``context/files/transcription.py``)
+service), the context's file transcription (``context/files/reading/transcription.py``)
 through its own ``Transcriber`` port.
 
 The URL is the operator's, never a user's, but the calls still go through the
@@ -54,7 +54,6 @@ from typing import Final, NoReturn
 
 import httpx
 
-from switchboard.platform import backoff
 from switchboard.platform.audio import pcm
 from switchboard.platform.errors import (
     DestinationBlocked,
@@ -62,6 +61,7 @@ from switchboard.platform.errors import (
     SpeechRefused,
     SpeechUnavailable,
 )
+from switchboard.platform.resilience import backoff
 from switchboard.platform.security.egress import EgressPolicy, http_client
 
 log = logging.getLogger("switchboard.platform.audio")

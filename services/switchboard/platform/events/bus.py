@@ -56,7 +56,7 @@ from switchboard.platform.events.eventlog import (
     parse_cursor,
 )
 from switchboard.platform.events.logspans import traced
-from switchboard.platform.inflight import CALLS
+from switchboard.platform.resilience.inflight import CALLS
 from switchboard.platform.store.outbox import Outbox, stamp
 
 if TYPE_CHECKING:

@@ -57,16 +57,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform import names
-from switchboard.platform.background import FailureNotes, cancel_all
-from switchboard.platform.backoff import Backoff
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.observe import telemetry
+from switchboard.platform.resilience.background import FailureNotes, cancel_all
+from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.store.db import Database, Group, after_commit, group_of, log_failure
 from switchboard.platform.store.models import EventLogRow, EventLogStateRow, table_of
 from switchboard.platform.store.outbox import Outbox, stamp
 from switchboard.platform.store.prepared import Prepared
+from switchboard.platform.values import names
 
 log = logging.getLogger("switchboard.eventlog")
 _UNREADABLE = FailureNotes(log)

@@ -150,7 +150,7 @@ class _OneLinePerRequest(logging.Filter):
     """httpx's and httpx2's INFO line for every request ("HTTP Request: POST URL ...").
 
     An MCP call goes through both (the SDK's httpx2 request is sent on by the
-    egress-checked httpx client, ``integration/mcp.py``), so each request was logged
+    egress-checked httpx client, ``integration/kinds/mcp.py``), so each request was logged
     twice at INFO: about half of a short session's log. httpx2's line goes (httpx's says
     the same); httpx's is DEBUG when the answer is a success and WARNING when it is an
     error status. The URL is cut to its origin: a webhook's path or query may hold its

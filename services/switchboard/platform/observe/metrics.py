@@ -176,7 +176,7 @@ SPECS: Final[tuple[Spec, ...]] = (
         ("outbox",),
         scraped=True,
     ),
-    # Integrations (platform/breaker.py, integration/tools.py).
+    # Integrations (platform/resilience/breaker.py, integration/tools/calls.py).
     Spec(
         "switchboard_breakers",
         "gauge",

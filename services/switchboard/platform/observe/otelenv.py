@@ -2,7 +2,7 @@
 
 ``OtelEnv.read(environ)`` reads them once; ``traces()`` applies the rule that
 turns tracing on, for the servers (``platform/observe/telemetry.py``) and for Envoy's
-tracer (``deploy/envoy.py``) alike:
+tracer (``deploy/edge/envoy.py``) alike:
 
 - ``OTEL_SDK_DISABLED=true`` turns it off, whatever else is set;
 - ``OTEL_TRACES_EXPORTER`` (comma separated) naming ``otlp`` or ``console``

@@ -28,21 +28,21 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from grpc import aio
 
-from switchboard.platform import names
 from switchboard.platform.errors import (
     InternalError,
     InvalidArgument,
     NotImplementedYet,
     SwitchboardError,
 )
-from switchboard.platform.inflight import CALLS
-from switchboard.platform.names import new_id
 from switchboard.platform.observe.logging import method_var, request_id_var
 from switchboard.platform.observe.metrics import Metrics, RpcMetrics
-from switchboard.platform.rpc.peers import call_failure
+from switchboard.platform.resilience.inflight import CALLS
+from switchboard.platform.rpc.outbound.peers import call_failure
 from switchboard.platform.rpc.status import REQUEST_ID_KEY, to_grpc_status
 from switchboard.platform.security.authn import Checker, Guard
 from switchboard.platform.store.db import DatabaseUnavailable, is_outage
+from switchboard.platform.values import names
+from switchboard.platform.values.names import new_id
 
 log = logging.getLogger("switchboard.access")
 error_log = logging.getLogger("switchboard.errors")

@@ -38,7 +38,13 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from switchboard.platform.errors import FieldViolation, InvalidArgument, field_root
-from switchboard.platform.jsonbounds import MAX_DEPTH, JsonRejected, check_message, checks, locate
+from switchboard.platform.values.jsonbounds import (
+    MAX_DEPTH,
+    JsonRejected,
+    check_message,
+    checks,
+    locate,
+)
 
 
 def _identity(frame: bytes) -> bytes:

@@ -209,7 +209,7 @@ RULES: Final[dict[str, Rule]] = {
     _A2A + "ListTaskPushNotificationConfigs": per_item(Scope.READ),
     _A2A + "DeleteTaskPushNotificationConfig": per_item(Scope.WRITE),
     # The public Agent Card: the same for every tenant, naming nothing that exists
-    # (a2a/publiccard.py); the extended card above is the authorized one.
+    # (a2a/card/public.py); the extended card above is the authorized one.
     _CARD + "GetPublicAgentCard": PUBLIC,
 }
 

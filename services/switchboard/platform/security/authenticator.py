@@ -36,7 +36,6 @@ from typing import Final, Generic, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform import names
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -44,11 +43,16 @@ from switchboard.platform.errors import (
     TokenExpired,
     Unauthenticated,
 )
-from switchboard.platform.security.accesstokens import EXPIRED, AccessClaims, AccessTokens
-from switchboard.platform.security.credentialrecords import CredentialRecords, SessionStatus
-from switchboard.platform.security.opaque import OpaqueSecrets, parse_api_key
+from switchboard.platform.security.credentials.accesstokens import (
+    EXPIRED,
+    AccessClaims,
+    AccessTokens,
+)
+from switchboard.platform.security.credentials.opaque import OpaqueSecrets, parse_api_key
+from switchboard.platform.security.credentials.records import CredentialRecords, SessionStatus
 from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal, Scope
 from switchboard.platform.store.db import log_failure
+from switchboard.platform.values import names
 
 log = logging.getLogger("switchboard.auth")
 

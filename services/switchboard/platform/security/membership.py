@@ -13,10 +13,10 @@ import logging
 from sqlalchemy.exc import SQLAlchemyError
 
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.names import now
 from switchboard.platform.security.policy import Role
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import WorkspaceMemberRow, WorkspaceRow
+from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.membership")
 

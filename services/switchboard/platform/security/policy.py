@@ -23,7 +23,6 @@ import enum
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from switchboard.platform import names
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -31,6 +30,7 @@ from switchboard.platform.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from switchboard.platform.values import names
 
 
 class Scope(enum.StrEnum):

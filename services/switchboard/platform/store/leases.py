@@ -16,9 +16,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.storage import transaction
+from switchboard.platform.values.names import now
 
 #: The one row's id.
 ROW_ID = 1

@@ -721,7 +721,7 @@ class UploadRow(Base):
 class IntegrationRow(Base):
     """An external service registered in a workspace (``integration/``).
 
-    ``credential`` is sealed (``platform/security/secretbox.py``) and never leaves the
+    ``credential`` is sealed (``platform/security/credentials/secretbox.py``) and never leaves the
     hub; ``previous_credential`` keeps a rotated webhook secret signing until
     ``previous_until``. The health columns are written by the prober when the
     health changes, so they say how it stood at the last change.
@@ -772,7 +772,7 @@ class IntegrationRow(Base):
 
 
 class WebhookDeliveryRow(Base):
-    """One event to deliver to one webhook endpoint (``integration/webhooks.py``).
+    """One event to deliver to one webhook endpoint (``integration/webhooks/delivery.py``).
 
     Unique per endpoint and event: however many replicas see the event, it is
     recorded (and so delivered) once. ``data`` is the serialized ``Event``.
@@ -822,7 +822,7 @@ class PushConfigRow(Base):
 
     Its deliveries are ``webhook_deliveries`` rows of endpoint ``endpoint_id``,
     fed and sent by the webhook engine; ``token`` and ``credentials`` are
-    sealed (``platform/security/secretbox.py``). ``ready`` is set once the task's
+    sealed (``platform/security/credentials/secretbox.py``). ``ready`` is set once the task's
     status so far has been recorded, so nothing later goes out before it.
     """
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from switchboard.platform import names
 from switchboard.platform.errors import FieldViolation, InvalidArgument
+from switchboard.platform.values import names
 
 Key = Sequence[str | int]
 

@@ -22,7 +22,6 @@ from sqlalchemy import Select, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from switchboard.platform import names
 from switchboard.platform.errors import (
     Conflict,
     EtagMismatch,
@@ -32,6 +31,7 @@ from switchboard.platform.errors import (
 from switchboard.platform.store.db import Database, DatabaseUnavailable, is_outage
 from switchboard.platform.store.models import IdempotencyRow, table_of
 from switchboard.platform.store.prepared import Prepared
+from switchboard.platform.values import names
 
 _T = TypeVar("_T")
 

@@ -1,0 +1,2 @@
+"""How the client speaks gRPC: retries with backoff, interceptors, the methods'
+idempotency, and stream policies."""

@@ -1,0 +1,1 @@
+"""Conversations: validation, limits, events, and their persistence."""

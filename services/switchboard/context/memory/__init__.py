@@ -1,0 +1,1 @@
+"""Memory items and their search: validation, limits, events, and their persistence."""

@@ -1,0 +1,2 @@
+"""Messages: validation, limits, files as attachments, entity memory, events, and their
+persistence."""

@@ -1,0 +1,367 @@
+"""Messages: validation (tool calls and results too), limits, files, entity memory, events.
+
+File parts become stored files of the workspace before the message is stored
+(``attachments.py``), and the message's token count includes their text.
+
+An append stores the message, counts it into its conversation and remembers
+the entities its text mentions, in one transaction; a conversation over its
+automatic pruning limit is then pruned in the background (``pruning.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from google.protobuf import struct_pb2
+
+from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.context.common import (
+    Common,
+    Domain,
+    event,
+    memory_event,
+    metadata_bytes,
+    request_key,
+    stored,
+    write,
+)
+from switchboard.context.mapping import MESSAGE_ROLES, message_proto, workspace_name
+from switchboard.context.messages.attachments import (
+    Attached,
+    Attachments,
+    check_inline_sizes,
+    check_references,
+    file_parts,
+)
+from switchboard.context.messages.store import Appended, EntityRecord, MessageStore, NewMessage
+from switchboard.context.records import ConversationRecord
+from switchboard.context.text.entities import EntityExtractor
+from switchboard.context.text.parttext import render_parts
+from switchboard.context.windows.documents import measure
+from switchboard.platform.errors import FailedPrecondition, RequestTooLarge, Violations
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
+from switchboard.platform.values import names
+from switchboard.platform.values.names import new_id
+
+#: A tool call's id, as models and the dispatcher make them.
+_TOOL_CALL_ID: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+#: A function name as chat APIs accept it.
+_FUNCTION_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_OUTCOMES: Final = ("succeeded", "error", "failed", "denied")
+
+
+class _ToolParts:
+    """Checks the ``tool_call`` and ``tool_result`` parts of one appended message."""
+
+    def __init__(
+        self, role: pb.MessageRole.ValueType, workspace_id: str, violations: Violations
+    ) -> None:
+        self._role = role
+        self._workspace_id = workspace_id
+        self._violations = violations
+        # (kind, id) to the part that used it first: ids pair calls with
+        # results, so one message repeating an id would be ambiguous.
+        self._seen: dict[tuple[str, str], int] = {}
+        self.results = 0
+
+    def check(self, index: int, part: pb.ContentPart) -> None:
+        kind = part.WhichOneof("part")
+        field = f"message.parts[{index}].{kind}"
+        if kind == "tool_call":
+            call = part.tool_call
+            self._placed(field, pb.MESSAGE_ROLE_ASSISTANT)
+            self._id(field, kind, index, call.id)
+            self._tool(field, call.tool)
+            if not call.function_name:
+                if not call.tool:
+                    self._violations.add(f"{field}.function_name", "is required when tool is empty")
+            elif _FUNCTION_NAME.fullmatch(call.function_name) is None:
+                self._violations.add(
+                    f"{field}.function_name", "must be at most 64 letters, digits, '_' or '-'"
+                )
+        elif kind == "tool_result":
+            result = part.tool_result
+            self.results += 1
+            self._placed(field, pb.MESSAGE_ROLE_TOOL)
+            self._id(field, kind, index, result.id)
+            self._tool(field, result.tool)
+            if result.outcome not in TOOL_OUTCOMES:
+                self._violations.add(
+                    f"{field}.outcome",
+                    f"must be one of {', '.join(TOOL_OUTCOMES)}"
+                    if result.outcome
+                    else "is required",
+                )
+
+    def _placed(self, field: str, wanted: pb.MessageRole.ValueType) -> None:
+        # An unknown role is reported on message.role already.
+        if self._role in MESSAGE_ROLES and self._role != wanted:
+            self._violations.add(field, f"is only allowed in {MESSAGE_ROLES[wanted]} messages")
+
+    def _id(self, field: str, kind: str, index: int, value: str) -> None:
+        if not value:
+            self._violations.add(f"{field}.id", "is required")
+        elif _TOOL_CALL_ID.fullmatch(value) is None:
+            self._violations.add(
+                f"{field}.id", "must be 1-128 letters, digits, '_', '.', ':' or '-'"
+            )
+        elif (kind, value) in self._seen:
+            first = self._seen[kind, value]
+            self._violations.add(f"{field}.id", f"repeats message.parts[{first}].{kind}.id")
+        else:
+            self._seen[kind, value] = index
+
+    def _tool(self, field: str, value: str) -> None:
+        if not value:
+            return
+        found = names.TOOL.fullmatch(value)
+        if found is None:
+            self._violations.add(
+                f"{field}.tool", "must be a tool name, workspaces/{w}/integrations/{i}/tools/{tool}"
+            )
+        elif found[1] != self._workspace_id:
+            self._violations.add(
+                f"{field}.tool", f"must be a tool of workspaces/{self._workspace_id}"
+            )
+
+
+class Messages(Domain):
+    def __init__(
+        self,
+        common: Common,
+        store: MessageStore,
+        *,
+        extractor: EntityExtractor,
+        appended: Callable[[ConversationRecord], None],
+        attachments: Attachments | None = None,
+    ) -> None:
+        super().__init__(common)
+        self._store = store
+        self._extractor = extractor
+        # Resolves file parts to stored files (None: a server without files).
+        self._attachments = attachments
+        # Told of every conversation an append grew (automatic pruning).
+        self._appended = appended
+
+    def _check(self, principal: Principal, message: pb.Message, workspace_id: str) -> str:
+        """The author of ``message`` once every field is valid and within the limits."""
+        violations = Violations()
+        if message.role not in MESSAGE_ROLES:
+            violations.add("message.role", "must be user, assistant, system or tool")
+        if not message.parts:
+            violations.add("message.parts", "needs at least one part")
+        if len(message.parts) > self.limits.max_parts:
+            violations.add("message.parts", f"has more than {self.limits.max_parts} parts")
+        tools = _ToolParts(message.role, workspace_id, violations)
+        for index, part in enumerate(message.parts):
+            if part.WhichOneof("part") is None:
+                violations.add(f"message.parts[{index}]", "is empty")
+            tools.check(index, part)
+        check_references(message.parts, violations)
+        if message.role == pb.MESSAGE_ROLE_TOOL and message.parts and not tools.results:
+            violations.add("message.parts", "needs a tool_result part in a tool message")
+        author = message.author or principal.user_name
+        if author != principal.user_name and not author.startswith("handlers/"):
+            violations.add("message.author", "must be the caller or a handlers/ name")
+        violations.check()
+        size = self._stored_size(message)
+        if size > self.limits.max_message_bytes:
+            raise RequestTooLarge(
+                f"message is {size} bytes; the limit is {self.limits.max_message_bytes}"
+            )
+        if message.HasField("metadata"):
+            metadata_bytes(message.metadata, "message.metadata", self.limits.max_metadata_bytes)
+        for index, part in enumerate(message.parts):
+            if part.HasField("tool_call"):
+                # Arguments are client data like metadata, and bounded the same way.
+                metadata_bytes(
+                    part.tool_call.arguments,
+                    f"message.parts[{index}].tool_call.arguments",
+                    self.limits.max_metadata_bytes,
+                )
+        return author
+
+    @write
+    async def append(self, principal: Principal, request: pb.AppendMessageRequest) -> pb.Message:
+        workspace_id = names.match(names.CONVERSATION, request.parent, "parent")[1]
+        message = request.message
+        author = self._check(principal, message, workspace_id)
+        stored_message = pb.Message(
+            role=message.role,
+            author=author,
+            parts=message.parts,
+            metadata=message.metadata if message.HasField("metadata") else None,
+            run=message.run,
+        )
+        attached = Attached()
+        if any(True for _ in file_parts(stored_message.parts)):
+            if self._attachments is None:
+                raise FailedPrecondition("this server stores no files: file parts are refused")
+            attached = await self._attachments.attach(
+                principal, author, workspace_id, stored_message.parts
+            )
+        try:
+            return await self._append(principal, request, stored_message, attached)
+        except BaseException:
+            if self._attachments is not None:
+                await self._attachments.discard(attached)
+            raise
+
+    async def _append(
+        self,
+        principal: Principal,
+        request: pb.AppendMessageRequest,
+        stored_message: pb.Message,
+        attached: Attached,
+    ) -> pb.Message:
+        found = names.match(names.CONVERSATION, request.parent, "parent")
+        workspace_id, conversation_id = found[1], found[2]
+        message = request.message
+        stored_message.token_count = await self._tokens(stored_message.parts, attached)
+        message_id = new_id()
+        stored_message.name = f"{request.parent}/messages/{message_id}"
+
+        def encode(seq: int, when: dt.datetime) -> bytes:
+            stored_message.sequence = seq
+            stored_message.create_time.FromDatetime(when)
+            return stored_message.SerializeToString()
+
+        new = NewMessage(
+            id=message_id,
+            name=stored_message.name,
+            scope=request.parent,
+            role=MESSAGE_ROLES[message.role],
+            tokens=stored_message.token_count,
+            encode=encode,
+            # Text parts only: tool arguments and outputs are machine text (and
+            # outputs come from outside), not entities a person mentioned.
+            entities=self._entities(render_parts(p for p in message.parts if p.HasField("text"))),
+            entity_creator="system",
+        )
+        key = request_key(principal, "AppendMessage", request)
+        staged = self.common.staged(
+            lambda done: _events(principal, workspace_id, request.parent, done),
+            key.key if key else "",
+        )
+        appended = await stored(
+            self._store.append_message(
+                workspace_id,
+                conversation_id,
+                new,
+                max_memory_per_scope=self.limits.max_memory_items,
+                idempotency=key,
+                staged=staged,
+            )
+        )
+        # A replay publishes what its first attempt left in the outbox, if anything.
+        await self.common.announce(staged)
+        if appended.replayed:
+            # The first attempt's message names its own files; this one's are unused.
+            if self._attachments is not None:
+                await self._attachments.discard(attached)
+            return message_proto(appended.message, workspace_id)
+        self._appended(appended.conversation)
+        return staged.events[0].message_created.message
+
+    def _stored_size(self, message: pb.Message) -> int:
+        """The serialized size of ``message`` as stored: inline bytes become files
+        (within their own limit), so the message's limit is for the rest."""
+        if not any(reference.inline_data for _, reference in file_parts(message.parts)):
+            return message.ByteSize()
+        check_inline_sizes(
+            message.parts, self._attachments.max_inline_bytes if self._attachments else 0
+        )
+        stored = pb.Message()
+        stored.CopyFrom(message)
+        for _, reference in file_parts(stored.parts):
+            reference.ClearField("inline_data")
+        return stored.ByteSize()
+
+    async def _tokens(self, parts: Sequence[pb.ContentPart], attached: Attached) -> int:
+        """The message's tokens, its files' text included, as a window counts them
+        (``documents.measure``)."""
+        texts: dict[str, tuple[str, int]] = {}
+        if attached.named and self._attachments is not None:
+            texts = await self._attachments.files.texts(attached.named)
+        return measure(self.common.counter, parts, texts, self.limits.image_tokens).tokens
+
+    def _entities(self, text: str) -> list[EntityRecord]:
+        if not text:
+            return []
+        records = []
+        for entity in self._extractor.extract(text):
+            meta = struct_pb2.Struct()
+            meta.update({"entity_kind": entity.kind, "value": entity.value, "text": entity.text})
+            content = f"{entity.kind}: {entity.value}"
+            records.append(
+                EntityRecord(
+                    content=content,
+                    meta=meta.SerializeToString(deterministic=True),
+                    tokens=self.common.counter.count(content),
+                )
+            )
+        return records
+
+    async def get(self, name: str) -> pb.Message:
+        found = names.match(names.MESSAGE, name, "name")
+        row = await stored(self._store.get_message(found[1], found[2], found[3]))
+        return message_proto(row, found[1])
+
+    async def list(self, request: pb.ListMessagesRequest) -> pb.ListMessagesResponse:
+        found = names.match(names.CONVERSATION, request.parent, "parent")
+        pages = self.common.pages
+        size = pagination.page_size(request.page_size, default=50, maximum=500)
+        token = pagination.fingerprint(
+            "messages", request.parent, request.show_archived, request.newest_first
+        )
+        after = None
+        if request.page_token:
+            after = int(pages.decode(request.page_token, token, (pagination.COUNT,))[0])
+        rows = await stored(
+            self._store.list_messages(
+                found[1],
+                found[2],
+                after,
+                size + 1,
+                show_archived=request.show_archived,
+                newest_first=request.newest_first,
+            )
+        )
+        response = pb.ListMessagesResponse(
+            messages=[message_proto(r, found[1]) for r in rows[:size]]
+        )
+        if len(rows) > size:
+            response.next_page_token = pages.encode([rows[size - 1].seq], token)
+        return response
+
+
+def _events(
+    principal: Principal, workspace_id: str, conversation: str, done: Appended
+) -> list[events_pb2.Event] | None:
+    """An append's events: the message, then the entity memory it created or cited."""
+    if done.replayed:
+        return None
+    created = event(
+        principal,
+        events_pb2.EVENT_TYPE_MESSAGE_CREATED,
+        workspace=workspace_name(workspace_id),
+        conversation=conversation,
+        field="message_created",
+        payload=events_pb2.MessageCreated(message=message_proto(done.message, workspace_id)),
+    )
+    return [
+        created,
+        *(
+            memory_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
+            for row in done.created_memory
+        ),
+        *(
+            memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
+            for row in done.updated_memory
+        ),
+    ]

@@ -1,0 +1,1 @@
+"""Workspaces and their members: validation, limits, events, and their persistence."""

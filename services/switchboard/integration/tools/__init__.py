@@ -1,0 +1,1 @@
+"""Tools an integration offers: listing and calling them, and their input schemas."""
