@@ -112,12 +112,12 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 # Envoy's configs for deploy/compose.yaml and deploy/k8s/, from the manifests (checked by
-# tests/unit/test_deploy.py, as gen/ is by `make contracts`).
+# tests/deploy/test_deploy.py, as gen/ is by `make contracts`).
 deploy-files: $(STAMP)
 	$(PY) scripts/render-deploy.py
 
 # The README's configuration table, from the sections' fields (checked by
-# tests/unit/test_docs.py, as gen/ is by `make contracts`).
+# tests/repo/test_docs.py, as gen/ is by `make contracts`).
 docs: $(STAMP)
 	$(PY) scripts/render-settings.py
 

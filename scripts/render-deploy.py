@@ -5,7 +5,7 @@
     scripts/render-deploy.py --check   write nothing; exit 1 with a diff when one is stale
 
 Both shapes of the mesh get their Envoy config from ``switchboard envoy --shape mesh``
-(services/switchboard/deploy/envoy.py), run in-process with the command's own parser:
+(services/switchboard/deploy/edge/envoy.py), run in-process with the command's own parser:
 
 - deploy/compose-envoy.yaml for deploy/compose.yaml: a cluster per service, its replicas
   the compose services whose SWITCHBOARD_SERVICES serve it;
@@ -19,7 +19,7 @@ rendered from: the script refuses to render when they differ.
 
 The upstreams are read from the manifests, and so are the server limits Envoy must agree
 with (ServerLimits: the SWITCHBOARD_* values the processes get there, else the defaults);
-nothing is read from this machine's environment. tests/unit/test_deploy.py runs ``--check``.
+nothing is read from this machine's environment. tests/deploy/test_deploy.py runs ``--check``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 The table is ``switchboard.settings.settings_table()``: a row per field of every
 section (the kernel's in platform/config.py, each service's in <service>/settings.py),
 its description the meaning. A new setting is a field in its section, then this
-script; tests/unit/test_docs.py runs ``--check``.
+script; tests/repo/test_docs.py runs ``--check``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ pytest_plugins = [
     # First: the other plugins' helpers import it (imported first as a plugin, it is rewritten).
     "tests.infra.processlogs",
     "tests.infra.leftovers",
+    "tests.infra.tiers",
     "tests.infra.longestfirst",
     "tests.infra.postgres",
     "tests.infra.redis",

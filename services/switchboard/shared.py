@@ -19,7 +19,7 @@ hands every part a process has built to tests and tools.
 ``SHARED_PARTS`` names the modules of one service that another imports to
 build or run such a part; no other import crosses between services (the
 layers contract in pyproject.toml allows exactly these, and
-``tests/unit/test_import_layers.py`` holds its list to this one).
+``tests/repo/test_import_layers.py`` holds its list to this one).
 
 One part goes the other way: the integration service's webhook engine
 delivers the A2A front door's push notifications, and a service may not

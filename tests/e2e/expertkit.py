@@ -16,12 +16,12 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.service.contextkit import Stub as CStub
-from tests.service.contextkit import World, ctx_world
-from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import limited
-from tests.service.integrationkit import Stub as IStub
-from tests.service.integrationkit import integration_stub
+from tests.kits.contextkit import Stub as CStub
+from tests.kits.contextkit import World, ctx_world
+from tests.kits.dispatchkit import Stub as DStub
+from tests.kits.dispatchkit import limited
+from tests.kits.integrationkit import Stub as IStub
+from tests.kits.integrationkit import integration_stub
 
 POLL_S = 0.05
 WAIT_S = 15.0

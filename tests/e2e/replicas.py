@@ -18,9 +18,9 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.store.models import RunRow
 from tests.e2e.procs import ServeProcess
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller
-from tests.service.dispatchkit import Stub, dispatcher_stub
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import Caller
+from tests.kits.dispatchkit import Stub, dispatcher_stub
 
 #: How long a killed or stopped process may take to be gone, and a sign-up to answer.
 CALL_TIMEOUT_S: Final = 10.0

@@ -22,7 +22,7 @@ from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from tests.e2e.procs import ServeProcess, shared_secrets
-from tests.service.authkit import PASSWORD, bearer
+from tests.kits.authkit import PASSWORD, bearer
 
 #: Deadline of every call a Caller makes.
 CALL_TIMEOUT_S: Final = 20.0

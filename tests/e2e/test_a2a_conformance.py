@@ -34,12 +34,12 @@ from a2a.utils.errors import (
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from tests.a2a.test_a2a import stub as a2a_stub
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
 from tests.e2e.test_a2a_http import CALL_TIMEOUT_S, _register, _Token
-from tests.service.contextkit import Caller, context_stub, create_workspace
-from tests.service.dispatchkit import dispatcher_stub
-from tests.service.test_a2a import stub as a2a_stub
+from tests.kits.contextkit import Caller, context_stub, create_workspace
+from tests.kits.dispatchkit import dispatcher_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

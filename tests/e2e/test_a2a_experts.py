@@ -43,8 +43,8 @@ from tests.e2e.expertkit import (
 from tests.e2e.procs import ServeProcess, scaled_env, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.infra.tcprelay import TcpRelay
-from tests.service.authkit import register as register_user
-from tests.service.contextkit import (
+from tests.kits.authkit import register as register_user
+from tests.kits.contextkit import (
     Caller,
     World,
     context_stub,
@@ -52,9 +52,9 @@ from tests.service.contextkit import (
     create_workspace,
     ctx_world,
 )
-from tests.service.contextkit import Stub as CStub
-from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import (
+from tests.kits.contextkit import Stub as CStub
+from tests.kits.dispatchkit import Stub as DStub
+from tests.kits.dispatchkit import (
     cancel,
     dispatcher_stub,
     limited,
@@ -64,8 +64,8 @@ from tests.service.dispatchkit import (
     until,
     watch_all,
 )
-from tests.service.integrationkit import Stub as IStub
-from tests.service.integrationkit import create, integration_stub
+from tests.kits.integrationkit import Stub as IStub
+from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = pytest.mark.e2e
 

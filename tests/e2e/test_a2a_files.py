@@ -22,17 +22,17 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.kinds.a2a import MAX_SENT_FILE_BYTES
 from switchboard.platform.rpc.server import SwitchboardServer
+from tests.context.files.test_files_runs import asking, at, inline, named, text
 from tests.e2e.a2aproc import A2AAgentProcess
 from tests.e2e.expertkit import istub_fixture, served_fixture, until_listed, world_fixture
 from tests.infra.httprecorder import Recorder, recording
 from tests.infra.httprecorder import Reply as HttpReply
-from tests.service.contextkit import TIMEOUT_S, Caller, World, create_conversation
-from tests.service.contextkit import Stub as CStub
-from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import send, watch_all
-from tests.service.integrationkit import Stub as IStub
-from tests.service.integrationkit import create
-from tests.service.test_files_runs import asking, at, inline, named, text
+from tests.kits.contextkit import TIMEOUT_S, Caller, World, create_conversation
+from tests.kits.contextkit import Stub as CStub
+from tests.kits.dispatchkit import Stub as DStub
+from tests.kits.dispatchkit import send, watch_all
+from tests.kits.integrationkit import Stub as IStub
+from tests.kits.integrationkit import create
 
 pytestmark = pytest.mark.e2e
 

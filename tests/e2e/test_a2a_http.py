@@ -34,14 +34,14 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from tests.a2a.test_a2a import stub as a2a_stub
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
 from tests.infra.webhookreceiver import running_receiver, until
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller, context_stub, create_workspace
-from tests.service.dispatchkit import dispatcher_stub
-from tests.service.integrationkit import webhook_secret
-from tests.service.test_a2a import stub as a2a_stub
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_workspace
+from tests.kits.dispatchkit import dispatcher_stub
+from tests.kits.integrationkit import webhook_secret
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -24,7 +24,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess, tool
 from tests.e2e.restarts import CALL_TIMEOUT_S, Caller, register
-from tests.service.authkit import unique_email
+from tests.kits.authkit import unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -25,12 +25,12 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
+from tests.a2a.test_a2a import _Token, stub
 from tests.e2e.procs import ServeProcess, shared_env
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, reason, unique_email
-from tests.service.contextkit import Caller, context_stub, create_workspace, refused, violations
-from tests.service.dispatchkit import dispatcher_stub
-from tests.service.test_a2a import _Token, stub
+from tests.kits.authkit import PASSWORD, reason, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_workspace, refused, violations
+from tests.kits.dispatchkit import dispatcher_stub
 
 pytestmark = pytest.mark.e2e
 

@@ -41,7 +41,7 @@ from switchboard.deploy.edge.envoy import PLAIN_LISTENER, TLS_LISTENER
 from tests.e2e.chromium import artifacts_dir, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
-from tests.service.authkit import PASSWORD, unique_email
+from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ through CreateBudget.
   the cap; every other message is refused (BUDGET_EXHAUSTED, the budget named in a
   QuotaFailure, when it resets) or its run paused (REQUIRES_ACTION naming the budget);
   and once the paused runs are cancelled nothing is held. (The same in one process on
-  SQLite: tests/service/test_budget_runs.py.)
+  SQLite: tests/dispatcher/budgets/test_budget_runs.py.)
 - A replica killed with SIGKILL while its runs' model calls hold reservations: the
   survivor takes the runs over, the dead attempts' holds are gone and the windows
   hold exactly what the survivor's calls in flight hold; when those end, nothing.
@@ -41,10 +41,10 @@ from switchboard.platform.store.models import BudgetHoldRow, BudgetWindowRow, Ru
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, detail, reason, unique_email
-from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import dispatcher_stub, request, stored_running
+from tests.kits.authkit import PASSWORD, detail, reason, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_conversation, create_workspace
+from tests.kits.dispatchkit import Stub as DStub
+from tests.kits.dispatchkit import dispatcher_stub, request, stored_running
 
 pytestmark = pytest.mark.e2e
 

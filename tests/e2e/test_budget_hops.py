@@ -31,17 +31,17 @@ from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.cardserver import card_server
-from tests.service.authkit import reason
-from tests.service.authkit import register as register_user
-from tests.service.contextkit import (
+from tests.kits.authkit import reason
+from tests.kits.authkit import register as register_user
+from tests.kits.contextkit import (
     Caller,
     World,
     context_stub,
     create_conversation,
     create_workspace,
 )
-from tests.service.dispatchkit import dispatcher_stub, finished, reason_of, request, send
-from tests.service.integrationkit import create, integration_stub
+from tests.kits.dispatchkit import dispatcher_stub, finished, reason_of, request, send
+from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -47,8 +47,8 @@ from tests.e2e.test_budget_faults import (
     watching,
 )
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.service.contextkit import context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import dispatcher_stub, eventually, request
+from tests.kits.contextkit import context_stub, create_conversation, create_workspace
+from tests.kits.dispatchkit import dispatcher_stub, eventually, request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

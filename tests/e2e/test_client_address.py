@@ -27,7 +27,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import AUTH, DEADLINE_S, ORIGIN, GrpcWeb, WebStatus
 from tests.e2e.procs import ServeProcess
-from tests.service.authkit import PASSWORD, bearer, detail, unique_email
+from tests.kits.authkit import PASSWORD, bearer, detail, unique_email
 
 pytestmark = pytest.mark.e2e
 

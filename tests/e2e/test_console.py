@@ -88,7 +88,7 @@ from tests.e2e.procs import ROOT, ServeProcess
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.tcprelay import TcpRelay
 from tests.infra.webhookreceiver import WebhookReceiver
-from tests.service.authkit import PASSWORD, unique_email
+from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = pytest.mark.e2e
 

@@ -38,10 +38,10 @@ from tests.infra.postgres import (
     stop_postgres,
 )
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
-from tests.service.contextkit import Stub as ContextStub
-from tests.service.dispatchkit import (
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_conversation, create_workspace
+from tests.kits.contextkit import Stub as ContextStub
+from tests.kits.dispatchkit import (
     dispatcher_stub,
     read_until,
     reason_of,
@@ -295,7 +295,7 @@ async def test_a_run_on_a_killed_replica_ends_for_its_watcher_on_the_survivor(
 ) -> None:
     # Under ``fail``; a killed replica's runs continued (``resume``, ``requeue``) with
     # watchers on the survivor are tests/e2e/test_durable_runs.py's, and a requeued
-    # echo run's unspliced answer is tests/service/test_crash_consistency.py's.
+    # echo run's unspliced answer is tests/platform/store/test_crash_consistency.py's.
     recovery = "fail"
     first, second = _replicas(env, recovery)
     with first, second:

@@ -43,7 +43,7 @@ from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from tests.e2e.procs import ServeProcess, shared_secrets, tool
 from tests.infra import postgres as pg
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, bearer
+from tests.kits.authkit import PASSWORD, bearer
 
 pytestmark = pytest.mark.e2e
 

@@ -43,15 +43,15 @@ from tests.e2e.procs import ServeProcess, shared_env
 from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import (
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import (
     Caller,
     add_member,
     context_stub,
     create_conversation,
     create_workspace,
 )
-from tests.service.dispatchkit import (
+from tests.kits.dispatchkit import (
     Stub,
     cancel,
     careful_assistant,
@@ -62,7 +62,7 @@ from tests.service.dispatchkit import (
     script_two_echoes,
     until,
 )
-from tests.service.integrationkit import create, integration_stub
+from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = pytest.mark.e2e
 

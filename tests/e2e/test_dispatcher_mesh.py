@@ -18,7 +18,7 @@ from tests.e2e import modulescope
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.postgres import PostgresServer
 from tests.infra.redis import RedisServer
-from tests.service.contextkit import (
+from tests.kits.contextkit import (
     Caller,
     add_member,
     all_messages,
@@ -26,7 +26,7 @@ from tests.service.contextkit import (
     create_conversation,
     create_workspace,
 )
-from tests.service.dispatchkit import (
+from tests.kits.dispatchkit import (
     cancel,
     dispatcher_stub,
     finished,
@@ -75,7 +75,7 @@ def context_process(env: dict[str, str]) -> Iterator[ServeProcess]:
 
 async def _caller(address: str) -> Caller:
     from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
-    from tests.service.authkit import PASSWORD, unique_email
+    from tests.kits.authkit import PASSWORD, unique_email
 
     async with aio.insecure_channel(address) as channel:
         response = await auth_pb2_grpc.AuthServiceStub(channel).Register(

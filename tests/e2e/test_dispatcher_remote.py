@@ -20,9 +20,9 @@ from switchboard.settings import Settings
 from tests.conftest import make_settings
 from tests.e2e.expertkit import until_listed
 from tests.e2e.expertproc import ExpertProcess
-from tests.service.contextkit import Stub, World, context_stub, create_conversation, ctx_world
-from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import (
+from tests.kits.contextkit import Stub, World, context_stub, create_conversation, ctx_world
+from tests.kits.dispatchkit import Stub as DStub
+from tests.kits.dispatchkit import (
     cancel,
     dispatcher_stub,
     finished,

@@ -56,15 +56,15 @@ from tests.e2e.replicas import Replica, sign_up, taken_over
 from tests.fakes.openai_server import FakeOpenAI, Reply, _text
 from tests.infra.mcpcounter import McpCounterServer
 from tests.infra.redis import RedisServer
-from tests.service.contextkit import (
+from tests.kits.contextkit import (
     Caller,
     all_messages,
     context_stub,
     create_conversation,
     create_workspace,
 )
-from tests.service.dispatchkit import request
-from tests.service.integrationkit import create, integration_stub
+from tests.kits.dispatchkit import request
+from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

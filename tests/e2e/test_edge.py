@@ -28,7 +28,7 @@ from switchboard.settings import FIELDS
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import AUTH, DEADLINE_S, EVENTS, ORIGIN, GrpcWeb, WebCall
 from tests.e2e.procs import ServeProcess
-from tests.service.authkit import PASSWORD, unique_email
+from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = pytest.mark.e2e
 

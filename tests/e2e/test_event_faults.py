@@ -43,7 +43,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
-from tests.service.authkit import bearer, register
+from tests.kits.authkit import bearer, register
 
 pytestmark = pytest.mark.e2e
 

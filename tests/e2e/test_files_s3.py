@@ -38,7 +38,7 @@ from switchboard.context.files.blobs.s3 import PART_SIZE, S3BlobStore
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.infra.redis import RedisServer
 from tests.infra.seaweedfs import SeaweedServer
-from tests.service.authkit import PASSWORD, bearer, reason, unique_email
+from tests.kits.authkit import PASSWORD, bearer, reason, unique_email
 
 pytestmark = pytest.mark.e2e
 

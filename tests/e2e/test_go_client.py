@@ -49,7 +49,7 @@ from tests.e2e.restarts import (
 )
 from tests.infra.speech import COUNTING, says, speak
 from tests.infra.tcprelay import TcpRelay
-from tests.service.authkit import PASSWORD, unique_email
+from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

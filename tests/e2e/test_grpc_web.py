@@ -35,7 +35,7 @@ from tests.e2e.grpcweb import (
     GrpcWeb,
 )
 from tests.e2e.procs import ServeProcess
-from tests.service.authkit import PASSWORD, unique_email
+from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = pytest.mark.e2e
 

@@ -24,8 +24,8 @@ from switchboard.integration.service import IntegrationHub
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built
 from tests.e2e.expertproc import NodeExpert
-from tests.service.authkit import detail, reason
-from tests.service.contextkit import (
+from tests.kits.authkit import detail, reason
+from tests.kits.contextkit import (
     TIMEOUT_S,
     World,
     context_stub,
@@ -34,7 +34,7 @@ from tests.service.contextkit import (
     tap,
     violations,
 )
-from tests.service.integrationkit import Stub, create, expert, hub_mesh, integration_stub
+from tests.kits.integrationkit import Stub, create, expert, hub_mesh, integration_stub
 
 pytestmark = pytest.mark.e2e
 

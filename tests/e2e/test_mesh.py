@@ -58,20 +58,20 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.deploy.launcher import usable_cores
+from tests.a2a.test_a2a import stub as a2a_stub
 from tests.e2e.procs import cli
 from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import (
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_conversation, create_workspace
+from tests.kits.dispatchkit import (
     Stub,
     dispatcher_stub,
     reason_of,
     request,
     stored_running,
 )
-from tests.service.eventkit import is_token
-from tests.service.integrationkit import webhook_secret
-from tests.service.test_a2a import stub as a2a_stub
+from tests.kits.eventkit import is_token
+from tests.kits.integrationkit import webhook_secret
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.deploy.edge.contracts import API, served_by
 from tests.e2e.procs import tool
 from tests.e2e.test_mesh import READY_TIMEOUT_S, MeshProcess, data_dir
-from tests.service.authkit import PASSWORD, unique_email
+from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

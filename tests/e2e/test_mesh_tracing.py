@@ -52,9 +52,9 @@ from tests.e2e.expertproc import ListeningProcess
 from tests.e2e.procs import ROOT, ServeProcess, shared_secrets
 from tests.infra.otlp import OtlpReceiver, Span, traceparent
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import dispatcher_stub, request, watch_all
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_conversation, create_workspace
+from tests.kits.dispatchkit import dispatcher_stub, request, watch_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -40,7 +40,7 @@ from tests.e2e.restarts import (
     restart_env,
     restarted,
 )
-from tests.service.authkit import PASSWORD, unique_email
+from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -5,7 +5,7 @@ A bare ``NaN`` or ``Infinity`` is not JSON, and a number past a double's range
 (``1e999``) is one protobuf's JSON reader refuses: Envoy's transcoder answers 400 for
 either (A2A's ``INVALID_REQUEST``, a body it cannot read) before any method runs. Over
 gRPC the server refuses them itself, naming the field
-(tests/service/test_nonfinite_numbers.py; docs/contracts.md, "Malformed input").
+(tests/platform/values/test_nonfinite_numbers.py; docs/contracts.md, "Malformed input").
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller, context_stub, create_workspace
-from tests.service.dispatchkit import dispatcher_stub
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_workspace
+from tests.kits.dispatchkit import dispatcher_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -39,11 +39,7 @@ from switchboard.client import (
 )
 from switchboard.client.events import scope as events_scope
 from switchboard.client.runs import AnswerBuilder, is_terminal, run_error
-from tests.e2e.envoy import EnvoyProcess
-from tests.e2e.procs import ServeProcess
-from tests.e2e.restarts import restart_env
-from tests.service.eventkit import is_token
-from tests.service.test_clientkit import (
+from tests.client.test_clientkit import (
     PASSWORD,
     REFRESH,
     Wire,
@@ -53,6 +49,10 @@ from tests.service.test_clientkit import (
     text_of,
     unique_email,
 )
+from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.procs import ServeProcess
+from tests.e2e.restarts import restart_env
+from tests.kits.eventkit import is_token
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 

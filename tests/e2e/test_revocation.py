@@ -27,15 +27,15 @@ from tests.e2e import modulescope
 from tests.e2e.procs import ServeProcess, shared_env
 from tests.infra.postgres import PostgresServer
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, bearer, reason, register, unique_email, user_id
-from tests.service.contextkit import (
+from tests.kits.authkit import PASSWORD, bearer, reason, register, unique_email, user_id
+from tests.kits.contextkit import (
     Caller,
     add_member,
     context_stub,
     create_conversation,
     create_workspace,
 )
-from tests.service.dispatchkit import dispatcher_stub, request, send
+from tests.kits.dispatchkit import dispatcher_stub, request, send
 
 pytestmark = pytest.mark.e2e
 

@@ -35,16 +35,16 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.runs.live import SEQUENCE_BLOCK
 from switchboard.dispatcher.runs.store import TERMINAL
+from tests.dispatcher.runs.reading.test_recovered_watch import _trail, assert_watchable
+from tests.dispatcher.tools.test_tool_runs import answer_with_tool_output
 from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpcounter import McpCounterServer
 from tests.infra.redis import RedisServer
-from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import read_until, request, until, watch_all
-from tests.service.integrationkit import create, integration_stub
-from tests.service.test_recovered_watch import _trail, assert_watchable
-from tests.service.test_tool_runs import answer_with_tool_output
+from tests.kits.contextkit import Caller, context_stub, create_conversation, create_workspace
+from tests.kits.dispatchkit import read_until, request, until, watch_all
+from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

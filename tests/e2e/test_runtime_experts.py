@@ -52,8 +52,8 @@ from tests.e2e.expertkit import (
 from tests.e2e.expertproc import NodeExpert
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.infra.redis import RedisServer
-from tests.service.authkit import register as register_user
-from tests.service.contextkit import (
+from tests.kits.authkit import register as register_user
+from tests.kits.contextkit import (
     Caller,
     World,
     context_stub,
@@ -61,12 +61,12 @@ from tests.service.contextkit import (
     create_workspace,
     ctx_world,
 )
-from tests.service.contextkit import Stub as CStub
-from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import dispatcher_stub, limited, request, send, watch_all
-from tests.service.integrationkit import Stub as IStub
-from tests.service.integrationkit import create, integration_stub
-from tests.service.integrationkit import expert as expert_integration
+from tests.kits.contextkit import Stub as CStub
+from tests.kits.dispatchkit import Stub as DStub
+from tests.kits.dispatchkit import dispatcher_stub, limited, request, send, watch_all
+from tests.kits.integrationkit import Stub as IStub
+from tests.kits.integrationkit import create, integration_stub
+from tests.kits.integrationkit import expert as expert_integration
 
 pytestmark = pytest.mark.e2e
 

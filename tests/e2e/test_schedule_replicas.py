@@ -58,7 +58,7 @@ from switchboard.dispatcher.schedules.firing import MAX_RECORDED_MISSED
 from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up
 from tests.infra.redis import RedisServer
-from tests.service.contextkit import Caller, all_messages, context_stub, create_workspace
+from tests.kits.contextkit import Caller, all_messages, context_stub, create_workspace
 
 # Generous: beside other workers at a load of 14 on 2 cores it took 210 s.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

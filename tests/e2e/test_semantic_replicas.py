@@ -37,7 +37,7 @@ from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up
 from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.infra.redis import RedisServer
-from tests.service.contextkit import Caller, Stub, context_stub, create_workspace, mask
+from tests.kits.contextkit import Caller, Stub, context_stub, create_workspace, mask
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

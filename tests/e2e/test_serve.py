@@ -26,8 +26,8 @@ from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.platform.events.loglock import EVENT_LOG_LOCK_KEY
 from tests.e2e.procs import START_TIMEOUT_S, ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, bearer, unique_email
-from tests.service.test_health import SERVED
+from tests.kits.authkit import PASSWORD, bearer, unique_email
+from tests.platform.rpc.test_health import SERVED
 
 _T = TypeVar("_T")
 

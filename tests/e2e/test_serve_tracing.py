@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 
+import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -19,9 +20,11 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.e2e.procs import ServeProcess, tool
 from tests.infra.otlp import OtlpReceiver, Span
-from tests.service.authkit import register, user_id
-from tests.service.contextkit import Caller, context_stub
-from tests.service.dispatchkit import dispatcher_stub, request, watch_all
+from tests.kits.authkit import register, user_id
+from tests.kits.contextkit import Caller, context_stub
+from tests.kits.dispatchkit import dispatcher_stub, request, watch_all
+
+pytestmark = pytest.mark.e2e
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"

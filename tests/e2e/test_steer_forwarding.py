@@ -26,7 +26,7 @@ from tests.e2e.test_dispatcher_forwarding import (
     slow_run,
     stubs,
 )
-from tests.service.dispatchkit import cancel, finished, get_run
+from tests.kits.dispatchkit import cancel, finished, get_run
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from tests.e2e.procs import ServeProcess, shared_env
 from tests.e2e.test_dispatcher_forwarding import people, replica, stubs
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.redis import RedisServer
-from tests.service.dispatchkit import watch_all
-from tests.service.talkkit import ended, open_talk, start
+from tests.kits.dispatchkit import watch_all
+from tests.kits.talkkit import ended, open_talk, start
 
 pytestmark = pytest.mark.e2e
 

@@ -45,10 +45,10 @@ from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import Stub, dispatcher_stub, reason_of, request, stored_running
-from tests.service.eventkit import delta_text, is_token, run_updates, unique
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_conversation, create_workspace
+from tests.kits.dispatchkit import Stub, dispatcher_stub, reason_of, request, stored_running
+from tests.kits.eventkit import delta_text, is_token, run_updates, unique
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -401,7 +401,7 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
     cluster (round robin) and the second resume opens them in the other order, so each
     kind is resumed once on the replica that owns the run and once on the other
     (asserted), in one order or the other: the resume into the gap lands on the other
-    replica in about half the runs (tests/service/test_tokens.py holds that case every
+    replica in about half the runs (tests/auth/test_tokens.py holds that case every
     time).
     """
     first_byte, rest = asyncio.Event(), asyncio.Event()

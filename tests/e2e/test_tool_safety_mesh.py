@@ -29,10 +29,10 @@ from tests.infra.httprecorder import Reply as HttpReply
 from tests.infra.httprecorder import recording
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import dispatcher_stub, watch_all
-from tests.service.integrationkit import create, integration_stub
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import Caller, context_stub, create_conversation, create_workspace
+from tests.kits.dispatchkit import dispatcher_stub, watch_all
+from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.procs import ROOT, ServeProcess, run, tool
-from tests.service.test_reflection import EXPECTED
+from tests.platform.rpc.test_reflection import EXPECTED
 
 pytestmark = pytest.mark.e2e
 

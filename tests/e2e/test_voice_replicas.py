@@ -26,8 +26,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.e2e.procs import ServeProcess, shared_env
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import (
+from tests.kits.authkit import PASSWORD, unique_email
+from tests.kits.contextkit import (
     Caller,
     all_messages,
     context_stub,
@@ -35,7 +35,7 @@ from tests.service.contextkit import (
     create_workspace,
     struct,
 )
-from tests.service.dispatchkit import Stub, dispatcher_stub, read_until, watch_all
+from tests.kits.dispatchkit import Stub, dispatcher_stub, read_until, watch_all
 
 pytestmark = pytest.mark.e2e
 

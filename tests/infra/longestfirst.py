@@ -8,8 +8,8 @@ time" rule) bounds that tail by the shortest files instead.
 
 The expected time of each file comes from ``tests/durations.json``, which
 ``scripts/test-durations.py`` writes from a run's JUnit report. A file it does not
-know (new, or renamed) gets its tier's typical time, so a stale table only costs some
-balance, never a test. The order within a file is left as written.
+know (new, or renamed) gets its tier's typical time (its marker, ``tests/infra/tiers.py``),
+so a stale table only costs some balance, never a test. The order within a file is left as written.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.infra.tiers import tier_of
+
 TABLE = Path(__file__).resolve().parents[1] / "durations.json"
 
-#: Seconds assumed for a file the table does not name, by the folder it lives in.
+#: Seconds assumed for a file the table does not name, by its tier (its tests' marker,
+#: or for a path alone the tier folder it lived in before the tree mirrored the package).
 TIER_DEFAULT_S = {"e2e": 10.0, "service": 5.0, "unit": 1.0}
 OTHER_DEFAULT_S = 1.0
 
@@ -35,11 +38,12 @@ def load_table(path: Path = TABLE) -> dict[str, float]:
     return {str(name): float(seconds) for name, seconds in raw.items()}
 
 
-def expected_s(file: str, table: dict[str, float]) -> float:
+def expected_s(file: str, table: dict[str, float], tier: str | None = None) -> float:
     if file in table:
         return table[file]
-    parts = file.split("/")
-    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else ""
+    if tier is None:
+        parts = file.split("/")
+        tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else ""
     return TIER_DEFAULT_S.get(tier, OTHER_DEFAULT_S)
 
 
@@ -52,7 +56,7 @@ def longest_first(items: list[pytest.Item], table: dict[str, float]) -> list[pyt
     files: dict[str, list[pytest.Item]] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
-    order = sorted(files, key=lambda file: -expected_s(file, table))
+    order = sorted(files, key=lambda file: -expected_s(file, table, tier_of(files[file][0])))
     return [item for file in order for item in files[file]]
 
 

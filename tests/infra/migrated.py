@@ -6,7 +6,7 @@ suite's thousand-odd servers. So the schema is built once per process, in a
 template, and each test gets a copy: a SQLite file copied, a PostgreSQL database
 made with ``CREATE DATABASE ... TEMPLATE`` (``postgres.py``). A server opening a
 copy finds nothing to migrate. The migrations themselves are tested on empty
-databases (``empty_database_url``, tests/unit/test_db.py).
+databases (``empty_database_url``, tests/platform/store/test_db.py).
 """
 
 from __future__ import annotations

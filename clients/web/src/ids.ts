@@ -1,6 +1,6 @@
 // The ids a person chooses here (a workspace's, an assistant's, an integration's), by the
 // server's own rules: idrules.json holds each kind's bounds and the rule in the words the
-// server's refusals use (services/switchboard/platform/names.py; tests/unit/test_id_rules.py
+// server's refusals use (services/switchboard/platform/values/names.py; tests/platform/values/test_id_rules.py
 // fails when they differ). The input's pattern and its hint both come from it, so the page
 // says and checks exactly what the server enforces.
 import rules from "./idrules.json";

@@ -29,7 +29,7 @@ engine, so ``bound_patterns`` points those modules' ``re`` at a namespace whose
 ``concurrent=True`` (the lock is released while it matches) and a timeout:
 each search at most ``PATTERN_TIMEOUT_S``, and all of one validation's at most
 ``VALIDATION_BUDGET_S``. A validation that runs out is ``SchemaUnusable``.
-``tests/service/test_tool_schemas.py`` fails if a ``jsonschema`` release moves
+``tests/integration/tools/test_tool_schemas.py`` fails if a ``jsonschema`` release moves
 a match out of reach of this (docs/decisions.md).
 """
 

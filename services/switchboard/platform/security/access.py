@@ -9,7 +9,7 @@ resource authorized for as long as they relay it (WatchRun, through its
 access grant), are marked ``per_item``: the servicer authorizes each one
 through the same policy.
 
-``tests/service/test_access.py`` walks every method of every service
+``tests/platform/security/test_access.py`` walks every method of every service
 descriptor and fails if one has no rule here, if a rule names a field the
 request does not have, or if a request carries a resource name the rule
 ignores.

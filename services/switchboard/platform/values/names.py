@@ -130,7 +130,7 @@ class IdRule:
     pattern the server matches and the same rule in words, which every refusal says
     (a regular expression is not an explanation). The console's hints and input
     patterns come from the same bounds (clients/web/src/idrules.json, checked against
-    ``CHOSEN_IDS`` by tests/unit/test_id_rules.py), as do the contracts' comments."""
+    ``CHOSEN_IDS`` by tests/platform/values/test_id_rules.py), as do the contracts' comments."""
 
     __slots__ = ("longest", "must", "regex", "shortest", "words")
 

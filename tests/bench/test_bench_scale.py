@@ -1,0 +1,102 @@
+"""bench/scale.py's arithmetic: several clients' figures merged on one window, every process
+put in its part, the part that bound a row named, and the goals read within each round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.scale import _merged as merged
+from bench.scale import bound, by_part, goals, paced_limit, part_of, projection, server_ms
+from bench.streaming import Row
+
+pytestmark = pytest.mark.unit
+
+
+def _client(runs: int, tokens: int, first: list[float], errors: dict[str, int]) -> dict[str, Any]:
+    return {
+        "runs_ended": runs,
+        "tokens": tokens,
+        "first_s": first,
+        "gap_s": [0.001] * len(first),
+        "errors": errors,
+        "short_answers": 0,
+    }
+
+
+def test_clients_on_one_window_add_up_and_their_samples_merge() -> None:
+    answers = [
+        _client(30, 960, [0.1] * 30, {}),
+        _client(10, 320, [0.9] * 10, {"SendMessage UNAVAILABLE": 2}),
+    ]
+    used = {"switchboard-1": 2.0, "switchboard-2": 2.0, "postgres": 0.4, "client-1": 0.5}
+    figures = merged(answers, used, seconds=10.0, waited=0.0)
+    assert figures["runs_ended"] == 40
+    assert figures["runs_per_s"] == 4.0
+    assert figures["tokens"] == 1280
+    # p99 over both clients' samples: the slow client's first tokens are the tail.
+    assert figures["first_p50_ms"] == 100.0
+    assert figures["first_p99_ms"] == 900.0
+    assert figures["errors"] == {"SendMessage UNAVAILABLE": 2}
+    assert figures["ms_per_run"]["switchboard-1"] == 50.0  # 2 s of CPU over 40 runs
+    assert figures["cores"]["postgres"] == 0.04
+    parts = by_part(figures)
+    assert parts["processes"] == 100.0  # both processes, one part
+    assert parts["client"] == 12.5
+    # Server CPU leaves the client (and the model) out.
+    assert server_ms(figures) == 110.0
+
+
+def test_every_process_has_its_part() -> None:
+    assert [part_of(n) for n in ("switchboard-3", "server", "postgres", "redis", "envoy")] == [
+        "processes",
+        "server",
+        "postgres",
+        "redis",
+        "envoy",
+    ]
+    assert part_of("client-2") == "client"
+    assert part_of("edge-health") == part_of("launcher") == "rest"
+
+
+def test_the_bound_is_a_busy_one_thread_part_else_the_host_else_the_pace() -> None:
+    busy = {"cores": {"switchboard-1": 0.97, "postgres": 0.2, "model": 0.1}}
+    assert bound(busy, 2).startswith("switchboard-1 (0.97 of a core)")
+    # PostgreSQL has processes of its own: at a core it is not one thread's limit.
+    shared = {"cores": {"switchboard-1": 0.6, "switchboard-2": 0.6, "postgres": 0.5}}
+    assert bound(shared, 2).startswith("the host's 2 cores (1.70 busy")
+    idle = {"cores": {"switchboard-1": 0.3, "model": 0.1}}
+    assert bound(idle, 16).startswith("nothing at a core (0.40 of 16 cores busy)")
+
+
+def _shape(process_ms: float, runs_per_s: float = 10.0) -> dict[str, Any]:
+    return {
+        "ms_per_run": {"switchboard-1": process_ms, "postgres": 2.0, "redis": 2.0, "envoy": 1.0},
+        "runs_per_s": runs_per_s,
+    }
+
+
+def test_goals_are_read_within_each_round() -> None:
+    rounds = [
+        {
+            "all_in_one": {"ms_per_run": {"server": 20.0}},
+            "processes": {"1": _shape(21.0), "2": _shape(24.0)},
+            "matched": {"2": _shape(22.0)},
+        }
+    ]
+    results = {"processes": (1, 2), "rounds": rounds, "cores": 2, "row": {"conversations": 100}}
+    lines = goals(results)
+    # 26 / 20 = 1.30: the cost goal holds at its bound; 29 / 26 = 1.12 misses 1.1.
+    assert "met, 1.30x" in lines[0]
+    assert "**missed**, 1.12x" in lines[1]
+    assert "1.04x" in lines[2]
+    table = projection(results)
+    # From the matched row: a process carries 800 / 22 = 36 runs/s; Redis 800 / 2 = 400.
+    assert "one process carries 36 runs/s; Redis, one thread, 400 runs/s" in table[0]
+    assert any(line.startswith("| 16 | 400 |") and "Redis" in line for line in table)
+
+
+def test_the_paced_model_allows_conversations_over_a_runs_length() -> None:
+    assert paced_limit(Row(20, 800)) == 1250.0
+    assert paced_limit(Row(20, 100, 64)) == 78.125

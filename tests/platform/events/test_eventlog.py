@@ -1,0 +1,371 @@
+"""The event log: cursors, the wire format of shared frames, the ring, and the Redis
+Stream backend against a real redis-server (two buses = two processes' views)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as redis
+
+from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.errors import CursorExpired
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import (
+    _APPEND_SCRIPT,
+    Logged,
+    RedisLog,
+    Ring,
+    batch_payload,
+    format_cursor,
+    parse_cursor,
+)
+from tests.infra.redis import RedisServer
+
+pytestmark = pytest.mark.unit
+
+TIMEOUT_S = 0.2
+#: For tests that are not about outages: no append may time out under CPU load.
+OUTAGE_FREE_TIMEOUT_S = 10.0
+DEADLINE_S = 10.0
+
+
+def _event(note: str, workspace: str = "workspaces/w") -> events_pb2.Event:
+    event = events_pb2.Event(
+        id=f"id-{note}", type=events_pb2.EVENT_TYPE_WORKSPACE_CHANGED, workspace=workspace
+    )
+    event.actor.name = note
+    event.time.GetCurrentTime()
+    return event
+
+
+# -- cursors and frames ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["", "1", "1-", "-1", "a-1", "1-1-1-1", "1-1-", " 1-1", "1" * 21 + "-0"]
+)
+def test_malformed_cursors_are_refused(text: str) -> None:
+    assert parse_cursor(text) is None
+
+
+def test_cursors_round_trip_and_order() -> None:
+    # A token's position (three parts) sorts after the logged event it follows.
+    positions = [
+        (0, 0),
+        (1, 0),
+        (1, 0, 7),
+        (1, 5),
+        (1700000000000, 12),
+        (2**64 - 1, 2**64 - 1),
+    ]
+    for position in positions:
+        assert parse_cursor(format_cursor(position)) == position
+    assert parse_cursor(f"{2**64}-0") is None
+    assert sorted(positions, reverse=True) == sorted(positions)[::-1]
+
+
+def test_shared_frames_are_valid_protobuf() -> None:
+    items = [Logged((i, 0), _event(str(i) * (i * 50))) for i in range(1, 6)]
+    single = events_pb2.SubscribeResponse.FromString(items[0].frame())
+    assert list(single.batch.events) == [items[0].event]
+    assert single.batch.cursor == "1-0"
+    assert items[0].frame() is items[0].frame(), "built once, shared by every subscriber"
+    batch = events_pb2.EventBatch.FromString(batch_payload(items))
+    assert list(batch.events) == [item.event for item in items]
+    assert batch.cursor == "5-0"
+    assert batch.SerializeToString() == batch_payload(items)
+
+
+def test_ring_holds_everything_after_its_floor() -> None:
+    ring = Ring(capacity=8)
+    ring.append([Logged((i, 0), _event(str(i))) for i in range(1, 21)])
+    assert ring.floor > (0, 0)
+    assert not ring.covers((ring.floor[0] - 1, 0))
+    held = ring.after(ring.floor, (20, 0), 100)
+    assert [item.position[0] for item in held] == list(range(ring.floor[0] + 1, 21))
+    assert [i.position[0] for i in ring.after((15, 0), (18, 0), 2)] == [16, 17]
+    ring.reset([], (0, 0), known=False)
+    assert not ring.covers((0, 0)), "an unknown log is never served from memory"
+
+
+def _state(bus: EventBus) -> str:
+    return bus.state  # a call, so the type checker does not pin a value across awaits
+
+
+def _known(bus: EventBus) -> bool:
+    return bus.ring.known
+
+
+# -- Redis Streams ---------------------------------------------------------------------
+
+BusFactory = Callable[..., "asyncio.Future[EventBus]"]
+
+
+@pytest.fixture
+async def buses(redis_server: RedisServer) -> AsyncIterator[list[EventBus]]:
+    opened: list[EventBus] = []
+    yield opened
+    for bus in opened:
+        await bus.close()
+
+
+async def _open(
+    buses: list[EventBus],
+    url: str,
+    *,
+    retention: int = 10_000,
+    memory: int = 100,
+    timeout_s: float = TIMEOUT_S,
+    hear_tokens: bool = True,
+) -> EventBus:
+    log = RedisLog(
+        url,
+        key="test:events",
+        timeout_s=timeout_s,
+        retention=retention,
+        retention_s=86_400,
+        memory=memory,
+        outbox_limit=1_000,
+        dedupe_window_s=60,
+    )
+    bus = EventBus(log, memory=memory, hear_tokens=hear_tokens)
+    await bus.start()
+    buses.append(bus)
+    return bus
+
+
+class _Collector:
+    """A fan-out sink following one workspace, with an awaitable count."""
+
+    def __init__(self, bus: EventBus, key: str = "workspaces/w") -> None:
+        self.keys: tuple[str, ...] = (key,)
+        self.watches: tuple[str, ...] = ()
+        self.owner = "users/collector"
+        self.items: list[Logged] = []
+        self._changed = asyncio.Event()
+        bus.fanout.attach(self)
+
+    def push(self, item: Logged) -> bool:
+        self.items.append(item)
+        return True
+
+    def wake(self) -> None:
+        self._changed.set()
+
+    def recheck(self) -> None:
+        return None
+
+    async def until(self, count: int) -> list[Logged]:
+        async with asyncio.timeout(DEADLINE_S):
+            while len(self.items) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.items
+
+
+async def test_one_ordered_log_across_processes(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    # Ordering, not outages: 40 appends at once on a loaded 2-core machine can
+    # take longer than the short timeout the fault tests use, and an append that
+    # times out goes to the outbox without a cursor (CI saw it once).
+    a = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    b = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    on_a, on_b = _Collector(a), _Collector(b)
+    published = await asyncio.gather(
+        *(
+            bus.publish(_event(f"{name}{i}"))
+            for i in range(20)
+            for name, bus in (("a", a), ("b", b))
+        )
+    )
+    assert all(event.cursor for event in published)
+    seen_a = [item.event.id for item in await on_a.until(40)]
+    seen_b = [item.event.id for item in await on_b.until(40)]
+    assert seen_a == seen_b, "both processes see the same order"
+    assert sorted(seen_a) == sorted(event.id for event in published)
+    positions = [item.position for item in on_a.items]
+    assert positions == sorted(positions)
+    # Replay from storage (older than either ring) matches the live order.
+    c = await _open(buses, redis_server.url, memory=10, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    replay = await c.read((0, 0), c.head, 1_000)
+    assert [item.event.id for item in replay] == seen_a
+
+
+async def test_publishing_during_a_pause_lands_exactly_once_after(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    bus = await _open(buses, redis_server.url)
+    other = await _open(buses, redis_server.url)
+    collector = _Collector(other)
+    states: list[str] = []
+    bus.on_state_change(states.append)
+    first = await bus.publish(_event("before"))
+    redis_server.pause()
+    try:
+        # Does not block the publisher: the event waits in the outbox, without a cursor yet.
+        async with asyncio.timeout(TIMEOUT_S * 4):
+            held = [await bus.publish(_event(f"during{i}")) for i in range(5)]
+        assert bus.state == "degraded"
+        assert all(not event.cursor for event in held[1:])
+    finally:
+        redis_server.resume()
+    after = await bus.publish(_event("after"))
+    got = await collector.until(7)
+    # The first "during" publish timed out with its command already in Redis's
+    # socket: it executed on SIGCONT and the retry was recognised as a duplicate.
+    assert [i.event.id for i in got] == [e.id for e in [first, *held, after]]
+    async with asyncio.timeout(DEADLINE_S):
+        while _state(bus) != "ok":  # noqa: ASYNC110 - state has no event to wait on
+            await asyncio.sleep(0.01)
+    assert states[0] == "degraded"
+    assert states[-1] == "ok"
+    replay = await other.read((0, 0), other.head, 100)
+    assert len({i.event.id for i in replay}) == len(replay) == 7, "no duplicate in the log"
+
+
+async def test_kill_and_restart_flushes_the_outbox_in_order(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    bus = await _open(buses, redis_server.url)
+    collector = _Collector(bus)
+    before = [await bus.publish(_event(f"b{i}")) for i in range(3)]
+    await collector.until(3)
+    redis_server.kill()
+    during = [await bus.publish(_event(f"d{i}")) for i in range(3)]
+    assert bus.state == "degraded"
+    redis_server.restart()
+    got = await collector.until(6)
+    assert [i.event.id for i in got] == [e.id for e in before + during]
+
+
+async def test_trimmed_cursor_is_out_of_range(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    bus = await _open(buses, redis_server.url, retention=100, memory=50)
+    first = await bus.publish(_event("first"))
+    for i in range(600):
+        await bus.publish(_event(str(i)))
+    with pytest.raises(CursorExpired) as caught:
+        await bus.check_cursor(parse_cursor(first.cursor) or (0, 0))
+    oldest = caught.value.metadata["oldest_cursor"]
+    position = parse_cursor(oldest)
+    assert position is not None
+    await bus.check_cursor(position)  # resuming after the oldest cursor is allowed
+
+
+async def test_starting_while_redis_is_down_recovers_on_its_own(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    seed = await _open(buses, redis_server.url)
+    old = await seed.publish(_event("old"))
+    redis_server.pause()
+    try:
+        bus = await _open(buses, redis_server.url)
+        assert bus.state == "degraded"
+        assert not bus.ring.known, "nothing is served from an unknown log"
+    finally:
+        redis_server.resume()
+    async with asyncio.timeout(DEADLINE_S):
+        while not _known(bus):  # noqa: ASYNC110 - loaded by a background task
+            await asyncio.sleep(0.01)
+    assert old.id in [e.id for e in bus.recent()]
+    collector = _Collector(bus)
+    new = await bus.publish(_event("new"))
+    assert [i.event.id for i in await collector.until(1)] == [new.id]
+
+
+async def test_a_process_that_serves_no_stream_of_runs_sends_tokens_but_does_not_listen(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """A process that serves no WatchRun, Subscribe or A2A stream (``hear_tokens=False``:
+    auth, context, integration alone) still carries its own tokens to the others, but
+    never subscribes to theirs: it would decode every token of every run to drop it."""
+    deaf = await _open(buses, redis_server.url, hear_tokens=False)
+    hearing = await _open(buses, redis_server.url)
+    on_hearing = _Collector(hearing)
+    probe = redis.Redis.from_url(redis_server.url)
+    try:
+        # Pub/sub keeps nothing: the token is sent once the hearing process listens.
+        async with asyncio.timeout(TIMEOUT_S):
+            while (await probe.pubsub_numsub("test:events:tokens"))[0][1] < 1:  # noqa: ASYNC110 - Redis has no event for a subscription
+                await asyncio.sleep(0.01)
+        logged = await deaf.publish(_event("logged"))
+        position = parse_cursor(logged.cursor)
+        assert position is not None
+        deaf.announce([_event("token")], after=position)
+        seen = [item.event.actor.name for item in await on_hearing.until(2)]
+        listeners = await probe.pubsub_numsub("test:events:tokens")
+    finally:
+        await probe.aclose()
+    assert seen == ["logged", "token"]
+    assert listeners == [(b"test:events:tokens", 1)]  # the hearing process alone
+
+
+async def test_an_entry_or_a_message_that_is_not_ours_is_skipped_and_the_readers_go_on(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """Something else with access to Redis writes a stream entry that is not an event and
+    a tokens message that does not decode: each is skipped (said once), and the stream
+    reader and the token listener, which every subscriber of the process depends on, go
+    on (they caught only Redis errors: one such entry stopped delivery for good)."""
+    a = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    b = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    on_b = _Collector(b)
+    stranger = redis.Redis.from_url(redis_server.url)
+    try:
+        await stranger.xadd("test:events", {b"e": b"\xff not a protobuf"})
+        await stranger.xadd("test:events", {b"other": b"field"})
+        await stranger.publish("test:events:tokens", b"12345678\xff\xff not a batch")
+    finally:
+        await stranger.aclose()
+    after = await a.publish(_event("after"))
+    position = parse_cursor(after.cursor)
+    assert position is not None
+    a.announce([_event("token")], after=position)
+    seen = [item.event.actor.name for item in await on_b.until(2)]
+    assert seen == ["after", "token"]
+
+
+async def test_a_batch_appended_after_redis_lost_the_script_lands_once_each(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """Several events go in one pipeline by the append script's digest (no SCRIPT EXISTS
+    round trip before each). A Redis that lost the script (restarted, flushed) answers
+    NOSCRIPT: the script is loaded again and the batch lands, each event once, in order."""
+    bus = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    collector = _Collector(bus)
+    first = [_event(f"first{i}") for i in range(3)]
+    await bus.publish_many(first)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        await client.script_flush()
+        assert await client.script_exists(bus_sha(bus)) == [False]
+        second = [_event(f"second{i}") for i in range(3)]
+        await bus.publish_many(second)
+        assert await client.script_exists(bus_sha(bus)) == [True]
+        # No SCRIPT EXISTS before a batch: one round trip per append.
+        asked = await _script_exists_calls(client)
+        third = [_event(f"third{i}") for i in range(3)]
+        await bus.publish_many(third)
+        assert await _script_exists_calls(client) == asked
+    finally:
+        await client.aclose()
+    seen = [item.event.id for item in await collector.until(9)]
+    assert seen == [event.id for event in (*first, *second, *third)]
+    assert bus.state == "ok"
+    stored = await bus.read((0, 0), bus.head, 100)
+    assert [item.event.id for item in stored] == seen
+
+
+async def _script_exists_calls(client: redis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+def bus_sha(_bus: EventBus) -> str:
+    """The append script's digest, as Redis names it."""
+    return hashlib.sha1(_APPEND_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's own name

@@ -1,0 +1,81 @@
+"""Migration 0010: runs get their assistant and the time their state last changed as
+columns (ListRuns filters and counts on them); the runs stored before it get them from the
+run they hold, on SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import ConversationRow, WorkspaceRow
+
+pytestmark = pytest.mark.unit
+
+NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+async def db(empty_database_url: str) -> AsyncIterator[Database]:
+    database = Database(empty_database_url, timeout_s=10.0)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def _run(assistant: str, *, ended: bool) -> pb.Run:
+    run = pb.Run(name="workspaces/acme/conversations/c1/runs/r1", assistant=assistant)
+    run.create_time.FromDatetime(NOW)
+    run.start_time.FromDatetime(NOW + dt.timedelta(seconds=1))
+    if ended:
+        run.end_time.FromDatetime(NOW + dt.timedelta(seconds=5))
+    return run
+
+
+async def test_runs_stored_before_get_their_assistant_and_state_time(db: Database) -> None:
+    await db.migrate()
+    await db.downgrade("0009")
+    rows = [
+        ("r1", _run("workspaces/acme/assistants/helper", ended=True)),
+        ("r2", _run("", ended=False)),
+    ]
+    # Workspaces and conversations are as they were at 0009: the models write them.
+    async with db.sessions() as session, session.begin():
+        session.add(WorkspaceRow(id="acme", created_at=NOW, updated_at=NOW))
+        await session.flush()
+        session.add(ConversationRow(id="c1", workspace_id="acme", created_at=NOW, updated_at=NOW))
+    async with db.engine.begin() as connection:
+        for run_id, run in rows:
+            await connection.execute(
+                text(
+                    "INSERT INTO runs (id, workspace_id, conversation_id, state, worker, creator,"
+                    " created_at, updated_at, data, job) VALUES (:id, 'acme', 'c1', 3, 'w', 'u',"
+                    " :at, :at, :data, :job)"
+                ),
+                {"id": run_id, "at": NOW, "data": run.SerializeToString(), "job": b""},
+            )
+
+    await db.migrate()
+
+    async with db.engine.connect() as connection:
+        found = (
+            await connection.execute(
+                text("SELECT id, assistant_id, state_time FROM runs ORDER BY id")
+            )
+        ).all()
+    stamps = {run_id: stamp for run_id, _, stamp in found}
+    assert [(run_id, assistant) for run_id, assistant, _ in found] == [("r1", "helper"), ("r2", "")]
+    # The end time of an ended run, the start time of one that had not ended.
+    for run_id, expected in (
+        ("r1", NOW + dt.timedelta(seconds=5)),
+        ("r2", NOW + dt.timedelta(seconds=1)),
+    ):
+        stamp = stamps[run_id]
+        stamp = stamp if isinstance(stamp, dt.datetime) else dt.datetime.fromisoformat(stamp)
+        aware = stamp.astimezone(dt.UTC) if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)
+        assert aware == expected
