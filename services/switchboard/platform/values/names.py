@@ -215,9 +215,14 @@ def match(pattern: re.Pattern[str], value: str, field: str) -> re.Match[str]:
     """``pattern``'s match of the whole of ``value``, or INVALID_ARGUMENT naming ``field``."""
     found = pattern.fullmatch(value)
     if found is None:
-        description = "is required" if not value else "is not a valid resource name"
-        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+        raise invalid_name(value, field)
     return found
+
+
+def invalid_name(value: str, field: str) -> InvalidArgument:
+    """The refusal of ``value`` in ``field``, which is no name of the kind it must be."""
+    description = "is required" if not value else "is not a valid resource name"
+    return InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
 
 
 def etag_version(etag: str) -> int | None:
