@@ -152,6 +152,8 @@ case ${1:-} in
 --gen) scope=gen ;;
 --test) scope=test ;;
 --weed-only)
+  # The pid file names this build only while it runs (tests/infra/seaweedfs.py waits on it).
+  trap 'rm -f "$WEED_PID"' EXIT
   build_weed
   exit
   ;;

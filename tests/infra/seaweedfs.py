@@ -377,9 +377,16 @@ _BUILD_LOG: Final = ROOT / ".tools" / "weed-build.log"
 _BUILD_WAIT_S: Final = 1800.0
 
 
-def _building() -> bool:
+def _building(pid_file: Path = _BUILD_PID) -> bool:
+    """Whether the background build named in ``pid_file`` still runs.
+
+    The file outlives its build, and the kernel hands its number out again, to a
+    process or to a thread (``kill`` accepts a thread's id too): a live number is the
+    build only while it runs the install script. A test run once waited its whole
+    half hour on a stale file whose number had become one of its own workers' threads.
+    """
     try:
-        pid = int(_BUILD_PID.read_text().strip() or "0")
+        pid = int(pid_file.read_text().strip() or "0")
     except (OSError, ValueError):
         return False
     if pid <= 0:
@@ -390,7 +397,11 @@ def _building() -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc to ask: the live number is all there is to go on
+    return b"install-tools.sh" in command
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
