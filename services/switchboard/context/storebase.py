@@ -45,7 +45,6 @@ from switchboard.context.records import (
     Unsearchable,
     WorkspaceRecord,
 )
-from switchboard.context.semantic.ports import SearchFilter
 from switchboard.context.text.fulltext import fts5_match, pg_tsquery, query_terms
 from switchboard.platform.errors import QuotaExceeded
 from switchboard.platform.store.db import Database
@@ -84,6 +83,30 @@ _RECORD_BY_ID: Final = Prepared(_CONVERSATION_RECORD, name="conversation")
 _RECORD_FOR_UPDATE: Final = Prepared(
     _CONVERSATION_RECORD.with_for_update(), name="conversation for update"
 )
+
+
+class MemoryConditions(Protocol):
+    """The conditions on memory items a search filter may set, as ``_search`` reads them:
+    a parsed ``SearchFilter`` (``semantic/ports.py``) is one. Declared here because
+    every store stands on this module, the semantic ones too: it imports none of them.
+    """
+
+    @property
+    def labels(self) -> frozenset[str] | None: ...
+    @property
+    def exclude_labels(self) -> frozenset[str]: ...
+    @property
+    def conversation_ids(self) -> frozenset[str] | None: ...
+    @property
+    def exclude_conversation_ids(self) -> frozenset[str]: ...
+    @property
+    def created_after(self) -> dt.datetime | None: ...
+    @property
+    def created_after_inclusive(self) -> bool: ...
+    @property
+    def created_before(self) -> dt.datetime | None: ...
+    @property
+    def created_before_inclusive(self) -> bool: ...
 
 
 class StoreBase:
@@ -250,7 +273,7 @@ class StoreBase:
         offset: int = 0,
         exclude_kinds: Sequence[str] = (),
         unpinned_only: bool = False,
-        conditions: SearchFilter | None = None,
+        conditions: MemoryConditions | None = None,
         workspace_id: str | None = None,
     ) -> list[tuple[MemoryItemRow, float]]:
         """Items of ``scopes`` matching any term of ``query``, best first.
@@ -310,7 +333,7 @@ class StoreBase:
 
 
 def _memory_conditions(
-    conditions: SearchFilter,
+    conditions: MemoryConditions,
     filters: list[str],
     params: dict[str, Any],
     binds: list[BindParameter[Any]],
