@@ -1,0 +1,271 @@
+"""What a session hears: the client's frames, into turns.
+
+The **intake** reads the client's frames: audio goes through the detector
+(``turns.py``) into the turn being spoken; controls start, end and interrupt;
+a typed ``text`` is a turn of its own. A turn that ends is queued for the
+worker (the backlog, ``flow.py``), so reading (and hearing a barge-in) never
+waits on a transcription. While a turn is spoken, **partials** transcribe it
+so far, about once a second of new speech, in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Final
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.talk import mapping
+from switchboard.dispatcher.talk.flow import (
+    MAX_PENDING_TURNS,
+    Backlog,
+    Client,
+    Errands,
+    Outcome,
+    Said,
+)
+from switchboard.dispatcher.talk.outbound import Floor, Outbox
+from switchboard.dispatcher.talk.turns import Detector, TurnAudio
+from switchboard.dispatcher.talk.worker import Transcriber
+from switchboard.platform.audio import pcm
+from switchboard.platform.errors import (
+    FieldViolation,
+    InvalidArgument,
+    QuotaExceeded,
+    SessionEnded,
+    SwitchboardError,
+)
+
+#: New speech in a turn between two partial transcripts.
+PARTIAL_EVERY_MS: Final = 1_000
+
+
+class Partials:
+    """Partial transcripts of the turn being spoken, one at a time."""
+
+    def __init__(
+        self, *, audio: TurnAudio, transcriber: Transcriber, outbox: Outbox, errands: Errands
+    ) -> None:
+        self._audio = audio
+        self._transcriber = transcriber
+        self._outbox = outbox
+        self._errands = errands
+        self._task: asyncio.Task[None] | None = None
+        #: The open turn's length at the last partial.
+        self._at_ms = 0
+
+    def maybe(self, turn: int) -> None:
+        """Start one if the turn grew enough since the last, and none is going."""
+        if (
+            not self._audio.open
+            or (self._task is not None and not self._task.done())
+            or self._audio.ms - self._at_ms < PARTIAL_EVERY_MS
+        ):
+            return
+        self._at_ms = self._audio.ms
+        self._task = self._errands.spawn(self._send(self._audio.audio(), turn))
+
+    def stop(self) -> None:
+        """The turn ended: its final transcript says it all."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._at_ms = 0
+
+    async def _send(self, audio: bytes, turn: int) -> None:
+        try:
+            text = await self._transcriber.transcribe(audio, turn)
+        except SwitchboardError:
+            return  # the final transcript says what went wrong, if anything does
+        if text and self._audio.open:
+            await self._outbox.put(
+                pb.TalkResponse(
+                    transcript=pb.Transcript(
+                        turn=turn,
+                        text=text,
+                        final=False,
+                        audio_ms=pcm.duration_ms(len(audio), self._transcriber.rate),
+                    )
+                )
+            )
+
+
+class Intake:
+    """The client's frames: turns for the worker, barge-in for the floor."""
+
+    def __init__(
+        self,
+        *,
+        settings: pb.VoiceSession,
+        max_turn_s: float,
+        max_frame_bytes: int,
+        transcriber: Transcriber,
+        client: Client,
+        backlog: Backlog,
+        floor: Floor,
+        outbox: Outbox,
+        outcome: Outcome,
+        errands: Errands,
+    ) -> None:
+        self._client = client
+        self._backlog = backlog
+        self._floor = floor
+        self._outbox = outbox
+        self._outcome = outcome
+        self._errands = errands
+        self._max_frame_bytes = max_frame_bytes
+        self._vad = settings.turn_detection == pb.TURN_DETECTION_SERVER_VAD
+        self._barge_in = settings.barge_in
+        rate = settings.input_format.sample_rate_hz
+        needs_detector = self._vad or settings.barge_in
+        self._detector = (
+            Detector(rate, settings.silence.ToMilliseconds()) if needs_detector else None
+        )
+        self._audio = TurnAudio(rate, round(max_turn_s * 1000))
+        self._partials = (
+            Partials(audio=self._audio, transcriber=transcriber, outbox=outbox, errands=errands)
+            if settings.partial_transcripts
+            else None
+        )
+
+    async def run(self, frames: AsyncIterator[pb.TalkRequest]) -> None:
+        try:
+            async for request in frames:
+                self._client.last_frame = time.monotonic()
+                if self._outcome.stops_intake:
+                    break
+                try:
+                    await self._frame(request)
+                except SwitchboardError as exc:
+                    self._outcome.fail(exc)
+                    break
+        finally:
+            self._client.reading = False
+            if self._audio.open:
+                # A turn the client was still speaking is discarded: nothing half-stored.
+                self._audio.end()
+            self._backlog.close()
+            self._outbox.wake()
+
+    async def _frame(self, request: pb.TalkRequest) -> None:
+        kind = request.WhichOneof("frame")
+        if self._client.ending:
+            raise SessionEnded("the session has ended (END_SESSION); start a new session")
+        if kind == "audio":
+            await self._audio_frame(request.audio.data)
+        elif kind == "control":
+            await self._control(request.control)
+        elif kind == "text":
+            if not request.text.strip():
+                raise InvalidArgument(
+                    "a text frame needs text", [FieldViolation("text", "must not be empty")]
+                )
+            self._queue(Said(text=request.text))
+        elif kind in ("start", "resume"):
+            raise InvalidArgument(
+                f"{kind} is the first frame only",
+                [FieldViolation(kind, "is allowed as the first frame only")],
+            )
+        else:
+            raise InvalidArgument("the frame is empty", [FieldViolation("frame", "is required")])
+
+    async def _audio_frame(self, data: bytes) -> None:
+        if len(data) > self._max_frame_bytes:
+            raise InvalidArgument(
+                f"an audio frame is {len(data)} bytes; the limit is {self._max_frame_bytes}",
+                [FieldViolation("audio.data", f"must be at most {self._max_frame_bytes} bytes")],
+            )
+        if len(data) % pcm.SAMPLE_BYTES:
+            raise InvalidArgument(
+                "PCM16 audio has an even number of bytes",
+                [FieldViolation("audio.data", "must be whole 16-bit samples (an even length)")],
+            )
+        detector = self._detector
+        changes = detector.feed(data) if detector is not None else []
+        for speaking in changes:
+            if speaking:
+                await self._speech_began()
+        self._audio.add(data)
+        if (
+            self._vad
+            and self._audio.open
+            and False in changes
+            and detector is not None
+            and not detector.speaking
+        ):
+            await self._outbox.put(
+                mapping.event(pb.TALK_EVENT_KIND_SPEECH_STOPPED, self._backlog.next_turn)
+            )
+            self._end_turn()
+        elif self._audio.full:
+            self._end_turn()
+            if self._vad and detector is not None and detector.speaking:
+                # Still speaking at the limit: the rest is the next turn, not lost.
+                self._audio.begin(pre_roll=False)
+        elif self._partials is not None:
+            self._partials.maybe(self._backlog.next_turn)
+
+    async def _speech_began(self) -> None:
+        if self._barge_in:
+            await self._floor.barge_in()
+        if self._vad:
+            await self._outbox.put(
+                mapping.event(pb.TALK_EVENT_KIND_SPEECH_STARTED, self._backlog.next_turn)
+            )
+            self._audio.begin(pre_roll=True)
+
+    async def _control(self, control: pb.TalkControl) -> None:
+        action = control.action
+        if action == pb.TALK_ACTION_START_TURN:
+            self._audio.begin(pre_roll=False)
+        elif action == pb.TALK_ACTION_END_TURN:
+            if self._audio.open:
+                self._end_turn()
+            else:
+                await self._outbox.put(
+                    mapping.event(pb.TALK_EVENT_KIND_TURN_EMPTY, self._backlog.next_turn)
+                )
+        elif action == pb.TALK_ACTION_INTERRUPT:
+            await self._floor.interrupt(control.heard_through_sequence)
+        elif action == pb.TALK_ACTION_END_SESSION:
+            if self._audio.open:
+                self._audio.end()  # a turn not ended is not taken
+            self._client.ending = True
+            self._outbox.wake()
+        else:
+            raise InvalidArgument(
+                "the control has no action",
+                [FieldViolation("control.action", "must be a TalkAction")],
+            )
+
+    def _queue(self, said: Said) -> None:
+        if not self._backlog.queue(said):
+            # Said on the stream, not fatal: the user may go on once the engines catch up.
+            self._errands.spawn(
+                self._outbox.put(
+                    mapping.error(
+                        QuotaExceeded(
+                            f"at most {MAX_PENDING_TURNS} turns may wait for transcription; "
+                            "this one was dropped",
+                            subject="voice/turns",
+                        )
+                    )
+                )
+            )
+
+    def _end_turn(self) -> None:
+        if self._partials is not None:
+            self._partials.stop()
+        audio = self._audio.end()
+        if audio is None:
+            return
+        if not audio:
+            # Nothing to transcribe: said at once, without asking the engine.
+            self._errands.spawn(
+                self._outbox.put(
+                    mapping.event(pb.TALK_EVENT_KIND_TURN_EMPTY, self._backlog.next_turn)
+                )
+            )
+            return
+        self._queue(Said(audio=audio))
