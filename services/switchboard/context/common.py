@@ -23,7 +23,6 @@ from switchboard.context.mapping import (
     member_proto,
     memory_proto,
     resource_name,
-    workspace_name,
     workspace_proto,
 )
 from switchboard.context.records import (
@@ -54,6 +53,7 @@ from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import Idempotency, idempotency
+from switchboard.platform.values.resources import WorkspaceName
 
 if TYPE_CHECKING:
     _Change: TypeAlias = events_pb2.ChangeKind.ValueType
@@ -230,7 +230,7 @@ def workspace_event(
     return event(
         principal,
         events_pb2.EVENT_TYPE_WORKSPACE_CHANGED,
-        workspace=workspace_name(row.id),
+        workspace=str(WorkspaceName(row.id)),
         field="workspace_changed",
         payload=events_pb2.WorkspaceChanged(change=change, workspace=workspace_proto(row)),
     )
@@ -241,7 +241,7 @@ def member_event(principal: Principal, change: _Change, row: MemberRecord) -> ev
     return event(
         principal,
         events_pb2.EVENT_TYPE_MEMBER_CHANGED,
-        workspace=workspace_name(row.workspace_id),
+        workspace=str(WorkspaceName(row.workspace_id)),
         user=member.user,
         field="member_changed",
         payload=events_pb2.MemberChanged(change=change, member=member),
@@ -255,7 +255,7 @@ def conversation_event(
     return event(
         principal,
         events_pb2.EVENT_TYPE_CONVERSATION_CHANGED,
-        workspace=workspace_name(row.workspace_id),
+        workspace=str(WorkspaceName(row.workspace_id)),
         conversation=conversation.name,
         field="conversation_changed",
         payload=events_pb2.ConversationChanged(change=change, conversation=conversation),
@@ -269,7 +269,7 @@ def memory_event(
     return event(
         principal,
         events_pb2.EVENT_TYPE_MEMORY_CHANGED,
-        workspace=workspace_name(row.workspace_id) if row.workspace_id else "",
+        workspace=str(WorkspaceName(row.workspace_id)) if row.workspace_id else "",
         conversation=scope if row.conversation_id else "",
         user=scope if row.user_id else "",
         field="memory_changed",

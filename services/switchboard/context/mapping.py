@@ -23,6 +23,16 @@ from switchboard.context.records import (
 from switchboard.context.windows.planner import Reason
 from switchboard.platform.security.policy import Role
 from switchboard.platform.values.names import etag_of
+from switchboard.platform.values.resources import (
+    ConversationName,
+    MemberName,
+    MemoryName,
+    MemoryScope,
+    MessageName,
+    UserName,
+    WorkspaceName,
+    parse_memory_scope,
+)
 
 ROLES: Final[dict[pb.WorkspaceRole.ValueType, Role]] = {
     pb.WORKSPACE_ROLE_VIEWER: Role.VIEWER,
@@ -55,29 +65,35 @@ REASONS: Final = {
 }
 
 
-def workspace_name(workspace_id: str) -> str:
-    return f"workspaces/{workspace_id}"
-
-
-def conversation_name(workspace_id: str, conversation_id: str) -> str:
-    return f"workspaces/{workspace_id}/conversations/{conversation_id}"
-
-
 def resource_name(kind: Kind, ids: tuple[str, ...]) -> str:
     """The name of the resource a store refusal names by kind and ids."""
     if kind == "workspace":
-        return workspace_name(ids[0])
+        return str(WorkspaceName(*ids))
     if kind == "user":
-        return f"users/{ids[0]}"
+        return str(UserName(*ids))
     if kind == "member":
-        return f"workspaces/{ids[0]}/members/{ids[1]}"
+        return str(MemberName(*ids))
     if kind == "conversation":
-        return conversation_name(ids[0], ids[1])
+        return str(ConversationName(*ids))
     if kind == "message":
-        return f"{conversation_name(ids[0], ids[1])}/messages/{ids[2]}"
+        return str(MessageName(*ids))
     if kind == "memory":
-        return f"{ids[0]}/memories/{ids[1]}"
+        scope, memory_id = ids  # the scope as the domain passed it in: a name it parsed
+        return str(MemoryName(parse_memory_scope(scope, "name"), memory_id))
     return ids[0]  # a scope is stored as its name
+
+
+def memory_name(row: MemoryRecord) -> MemoryName:
+    """The memory item's name, its scope from its owner columns (``row.scope`` is that
+    scope's name)."""
+    scope: MemoryScope
+    if row.user_id is not None:
+        scope = UserName(row.user_id)
+    elif row.conversation_id is not None:
+        scope = ConversationName(row.workspace_id or "", row.conversation_id)
+    else:
+        scope = WorkspaceName(row.workspace_id or "")
+    return MemoryName(scope, row.id)
 
 
 def timestamp(when: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -98,7 +114,7 @@ def struct(data: bytes) -> struct_pb2.Struct | None:
 
 def workspace_proto(row: WorkspaceRecord, role: str | None = None) -> pb.Workspace:
     return pb.Workspace(
-        name=workspace_name(row.id),
+        name=str(WorkspaceName(row.id)),
         display_name=row.display_name,
         description=row.description,
         create_time=timestamp(row.created_at),
@@ -111,8 +127,8 @@ def workspace_proto(row: WorkspaceRecord, role: str | None = None) -> pb.Workspa
 
 def member_proto(row: MemberRecord) -> pb.WorkspaceMember:
     return pb.WorkspaceMember(
-        name=f"workspaces/{row.workspace_id}/members/{row.user_id}",
-        user=f"users/{row.user_id}",
+        name=str(MemberName(row.workspace_id, row.user_id)),
+        user=str(UserName(row.user_id)),
         role=_ROLE_PROTOS[row.role],
         create_time=timestamp(row.created_at),
         update_time=timestamp(row.updated_at or row.created_at),
@@ -121,7 +137,7 @@ def member_proto(row: MemberRecord) -> pb.WorkspaceMember:
 
 def conversation_proto(row: ConversationRecord) -> pb.Conversation:
     return pb.Conversation(
-        name=conversation_name(row.workspace_id, row.id),
+        name=str(ConversationName(row.workspace_id, row.id)),
         title=row.title,
         metadata=struct(row.meta),
         archived=row.archived,
@@ -140,14 +156,14 @@ def message_proto(row: MessageRecord, workspace_id: str) -> pb.Message:
     message.ParseFromString(row.data)
     message.archived = row.archived
     if row.summary_id:
-        conversation = conversation_name(workspace_id, row.conversation_id)
-        message.summary = f"{conversation}/memories/{row.summary_id}"
+        conversation = ConversationName(workspace_id, row.conversation_id)
+        message.summary = str(MemoryName(conversation, row.summary_id))
     return message
 
 
 def memory_proto(row: MemoryRecord) -> pb.MemoryItem:
     return pb.MemoryItem(
-        name=f"{row.scope}/memories/{row.id}",
+        name=str(memory_name(row)),
         kind=_KIND_PROTOS.get(row.kind, pb.MEMORY_KIND_UNSPECIFIED),
         content=row.content,
         pinned=row.pinned,

@@ -27,9 +27,9 @@ from switchboard.platform.errors import Violations
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import from_micros, micros
-from switchboard.platform.values import names
 from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.names import checked_etag
+from switchboard.platform.values.resources import ConversationName, WorkspaceName
 
 
 class Conversations(Domain):
@@ -41,7 +41,7 @@ class Conversations(Domain):
     async def create(
         self, principal: Principal, request: pb.CreateConversationRequest
     ) -> pb.Conversation:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent").group(1)
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         violations = Violations()
         conversation = request.conversation
         check_text(
@@ -75,11 +75,14 @@ class Conversations(Domain):
         return conversation_proto(row)
 
     async def get(self, name: str) -> pb.Conversation:
-        found = names.match(names.CONVERSATION, name, "name")
-        return conversation_proto(await stored(self._store.get_conversation(found[1], found[2])))
+        conversation = ConversationName.parse(name, "name")
+        row = await stored(
+            self._store.get_conversation(conversation.workspace, conversation.conversation)
+        )
+        return conversation_proto(row)
 
     async def list(self, request: pb.ListConversationsRequest) -> pb.ListConversationsResponse:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent").group(1)
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         pages = self.common.pages
         size = pagination.page_size(request.page_size, default=20, maximum=100)
         token = pagination.fingerprint(
@@ -113,7 +116,7 @@ class Conversations(Domain):
         self, principal: Principal, request: pb.UpdateConversationRequest
     ) -> pb.Conversation:
         conversation = request.conversation
-        found = names.match(names.CONVERSATION, conversation.name, "conversation.name")
+        name = ConversationName.parse(conversation.name, "conversation.name")
         paths = update_paths(
             request.update_mask, conversation, ("title", "metadata", "archived"), "update_mask"
         )
@@ -136,8 +139,8 @@ class Conversations(Domain):
         )
         row = await stored(
             self._store.update_conversation(
-                found[1],
-                found[2],
+                name.workspace,
+                name.conversation,
                 checked_etag(conversation.etag, "conversation.etag"),
                 changes,
                 staged,
@@ -150,12 +153,16 @@ class Conversations(Domain):
     async def set_deleted(
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Conversation:
-        found = names.match(names.CONVERSATION, name, "name")
+        conversation = ConversationName.parse(name, "name")
         change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
         staged = self.common.staged(lambda done: [conversation_event(principal, change, done)])
         row = await stored(
             self._store.set_conversation_deleted(
-                found[1], found[2], checked_etag(etag, "etag"), deleted=deleted, staged=staged
+                conversation.workspace,
+                conversation.conversation,
+                checked_etag(etag, "etag"),
+                deleted=deleted,
+                staged=staged,
             )
         )
         await self.common.announce(staged)

@@ -60,9 +60,7 @@ from switchboard.context.files.blobs.port import (
 from switchboard.context.files.mapping import (
     KINDS,
     file_event,
-    file_name,
     file_proto,
-    upload_name,
     upload_proto,
 )
 from switchboard.context.files.reading.extract import Extracted, extract, extractable
@@ -90,6 +88,7 @@ from switchboard.platform.store.pagination import from_micros, micros
 from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values import names
 from switchboard.platform.values.names import new_id, now
+from switchboard.platform.values.resources import FileName, UploadName, WorkspaceName
 
 log = logging.getLogger("switchboard.context.files")
 
@@ -107,6 +106,8 @@ _PICKUP: Final = 1000
 STALE_PENDING: Final = dt.timedelta(minutes=10)
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+#: A workspace's bare id (``add`` takes a workspace's name or its id).
+_ID: Final = re.compile(names.ID)
 _SYSTEM: Final = events_pb2.Actor(name="system")
 
 
@@ -151,7 +152,7 @@ def _invalid(field: str, description: str) -> InvalidArgument:
 
 
 def _workspace_id(name: str, field: str) -> str:
-    return names.match(names.WORKSPACE, name, field).group(1)
+    return WorkspaceName.parse(name, field).workspace
 
 
 def _checksum(value: str, field: str) -> str:
@@ -229,7 +230,7 @@ class Files(Domain):
         with every check of an upload (inline size, media type, quota); ``creator`` is
         who stored it (``users/u``, ``handlers/h``). The caller has authorized the write."""
         workspace_id = workspace.removeprefix("workspaces/")
-        if not names.WORKSPACE.fullmatch(f"workspaces/{workspace_id}"):
+        if not _ID.fullmatch(workspace_id):
             raise _invalid("workspace", "is not a valid resource name")
         limit = self.file_limits.max_inline_bytes
         if len(data) > limit:
@@ -279,14 +280,14 @@ class Files(Domain):
         """The text and its token count of those of the files ``names_`` whose text is READY."""
         wanted: dict[str, str] = {}
         for name in names_:
-            found = names.FILE.fullmatch(name)
-            if found is not None:
-                wanted[found.group(2)] = found.group(1)
+            file = FileName.parse_or_none(name)
+            if file is not None:
+                wanted[file.file] = file.workspace
         if not wanted:
             return {}
         rows = await stored(self._store.files(list(wanted)))
         return {
-            file_name(row.workspace_id, row.id): (row.text, row.text_tokens)
+            str(FileName(row.workspace_id, row.id)): (row.text, row.text_tokens)
             for row in rows
             if row.text_state == "ready" and wanted.get(row.id) == row.workspace_id
         }
@@ -472,7 +473,7 @@ class Files(Domain):
             raise NotFound(f"{request.name} not found")
         if row.file_id is not None:
             # A retry whose first answer was lost: the file it stored.
-            return file_proto(await self._file(file_name(workspace_id, row.file_id), "name"))
+            return file_proto(await self._stored_file(FileName(workspace_id, row.file_id)))
         await self._check_expiry(row)
         if row.committed_size != row.size_bytes:
             raise FailedPrecondition(
@@ -494,7 +495,7 @@ class Files(Domain):
             # discarded it (its file), or the upload was cancelled or expired.
             again = await stored(self._store.get_upload(workspace_id, upload_id))
             if again is not None and again.file_id is not None:
-                return file_proto(await self._file(file_name(workspace_id, again.file_id), "name"))
+                return file_proto(await self._stored_file(FileName(workspace_id, again.file_id)))
             raise FailedPrecondition(
                 f"{request.name}'s bytes were discarded (cancelled or expired); GetUpload "
                 "says which"
@@ -591,7 +592,7 @@ class Files(Domain):
 
     @write
     async def delete(self, principal: Principal, name: str) -> None:
-        found = names.match(names.FILE, name, "name")
+        file = FileName.parse(name, "name")
         staged = self.common.staged(
             lambda done: (
                 [file_event(_actor(principal), events_pb2.CHANGE_KIND_DELETED, done)]
@@ -599,7 +600,7 @@ class Files(Domain):
                 else None
             )
         )
-        row = await stored(self._store.delete_file(found[1], found[2], staged))
+        row = await stored(self._store.delete_file(file.workspace, file.file, staged))
         if row is None:
             raise NotFound(f"{name} not found")
         await self.common.announce(staged)
@@ -763,8 +764,8 @@ class Files(Domain):
         return check(declared.media_type, head, whole=whole, field=f"{prefix}.media_type")
 
     def _upload_name(self, name: str) -> tuple[str, str]:
-        found = names.match(names.UPLOAD, name, "name")
-        return found[1], found[2]
+        upload = UploadName.parse(name, "name")
+        return upload.workspace, upload.upload
 
     async def _live_upload(self, name: str, workspace_id: str, upload_id: str) -> UploadRecord:
         row = await stored(self._store.get_upload(workspace_id, upload_id))
@@ -772,7 +773,7 @@ class Files(Domain):
             raise NotFound(f"{name} not found")
         if row.file_id is not None:
             raise FailedPrecondition(
-                f"{name} is finished; it stored {file_name(workspace_id, row.file_id)}"
+                f"{name} is finished; it stored {FileName(workspace_id, row.file_id)}"
             )
         await self._check_expiry(row)
         return row
@@ -791,17 +792,20 @@ class Files(Domain):
         with contextlib.suppress(BlobUnavailable):
             await self.blobs.discard(row.id)
         raise UploadExpired(
-            f"{upload_name(row.workspace_id, row.id)} expired unfinished and was discarded; "
+            f"{UploadName(row.workspace_id, row.id)} expired unfinished and was discarded; "
             "start a new upload"
         )
 
     async def _file(self, name: str, field: str, *, workspace: str = "") -> FileRecord:
-        found = names.match(names.FILE, name, field)
-        if workspace and workspace.removeprefix("workspaces/") != found[1]:
+        file = FileName.parse(name, field)
+        if workspace and workspace.removeprefix("workspaces/") != file.workspace:
             raise NotFound(f"{name} not found")
-        row = await stored(self._store.get_file(found[1], found[2]))
+        return await self._stored_file(file)
+
+    async def _stored_file(self, file: FileName) -> FileRecord:
+        row = await stored(self._store.get_file(file.workspace, file.file))
         if row is None:
-            raise NotFound(f"{name} not found")
+            raise NotFound(f"{file} not found")
         return row
 
     async def _read(self, row: FileRecord, offset: int, limit: int) -> AsyncIterator[bytes]:

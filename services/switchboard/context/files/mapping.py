@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Final
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.files.store import FileRecord, UploadRecord
-from switchboard.context.mapping import struct, timestamp, workspace_name
+from switchboard.context.mapping import struct, timestamp
 from switchboard.platform.values.names import etag_of
+from switchboard.platform.values.resources import FileName, UploadName, WorkspaceName
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -31,17 +32,9 @@ TEXT_STATES: Final[dict[pb.FileTextState.ValueType, str]] = {
 _TEXT_STATE_PROTOS: Final = {name: value for value, name in TEXT_STATES.items()}
 
 
-def file_name(workspace_id: str, file_id: str) -> str:
-    return f"workspaces/{workspace_id}/files/{file_id}"
-
-
-def upload_name(workspace_id: str, upload_id: str) -> str:
-    return f"workspaces/{workspace_id}/uploads/{upload_id}"
-
-
 def file_proto(row: FileRecord, *, full: bool = False) -> pb.File:
     return pb.File(
-        name=file_name(row.workspace_id, row.id),
+        name=str(FileName(row.workspace_id, row.id)),
         display_name=row.display_name,
         media_type=row.media_type,
         size_bytes=row.size_bytes,
@@ -61,7 +54,7 @@ def file_proto(row: FileRecord, *, full: bool = False) -> pb.File:
 
 def upload_proto(row: UploadRecord) -> pb.Upload:
     return pb.Upload(
-        name=upload_name(row.workspace_id, row.id),
+        name=str(UploadName(row.workspace_id, row.id)),
         display_name=row.display_name,
         media_type=row.media_type,
         size_bytes=row.size_bytes,
@@ -79,6 +72,6 @@ def file_event(actor: events_pb2.Actor, change: _Change, row: FileRecord) -> eve
     return events_pb2.Event(
         type=events_pb2.EVENT_TYPE_FILE_CHANGED,
         actor=actor,
-        workspace=workspace_name(row.workspace_id),
+        workspace=str(WorkspaceName(row.workspace_id)),
         file_changed=events_pb2.FileChanged(change=change, file=file_proto(row)),
     )

@@ -30,9 +30,16 @@ from switchboard.platform.errors import FieldViolation, InvalidArgument, Violati
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import from_micros, micros
-from switchboard.platform.values import names, timefields
+from switchboard.platform.values import timefields
 from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.names import checked_etag, new_id, now
+from switchboard.platform.values.resources import (
+    ConversationName,
+    MemoryName,
+    MessageName,
+    UserName,
+    parse_memory_scope,
+)
 
 #: How many messages one memory item may cite.
 MAX_SOURCE_MESSAGES: Final = 50
@@ -40,11 +47,12 @@ MAX_SOURCE_MESSAGES: Final = 50
 
 def scope_of(name: str, field: str) -> Scope:
     """The scope ``name`` (in request field ``field``) names, with its owner ids."""
-    found = names.match(names.MEMORY_SCOPE, name, field)
-    parts = found.group(1).split("/")
-    if parts[0] == "users":
-        return Scope(name, user_id=parts[1])
-    return Scope(name, workspace_id=parts[1], conversation_id=parts[3] if len(parts) == 4 else None)
+    scope = parse_memory_scope(name, field)
+    if isinstance(scope, UserName):
+        return Scope(name, user_id=scope.user)
+    if isinstance(scope, ConversationName):
+        return Scope(name, workspace_id=scope.workspace, conversation_id=scope.conversation)
+    return Scope(name, workspace_id=scope.workspace)
 
 
 def kinds_of(kinds: Sequence[pb.MemoryKind.ValueType], field: str) -> list[str]:
@@ -72,8 +80,8 @@ def _expiry(item: pb.MemoryItem, field: str) -> dt.datetime | None:
 
 
 def _memory_name(name: str, field: str) -> tuple[str, str]:
-    found = names.match(names.MEMORY_ITEM, name, field)
-    return found.group(1), found.group(2)
+    memory = MemoryName.parse(name, field)
+    return str(memory.scope), memory.memory
 
 
 class Memory(Domain):
@@ -105,7 +113,7 @@ class Memory(Domain):
         if len(item.source_messages) > MAX_SOURCE_MESSAGES:
             violations.add("memory_item.source_messages", "has more than 50 entries")
         for index, source in enumerate(item.source_messages):
-            if not names.MESSAGE.fullmatch(source):
+            if MessageName.parse_or_none(source) is None:
                 violations.add(f"memory_item.source_messages[{index}]", "is not a message name")
         violations.check()
         stamp = now()

@@ -45,7 +45,7 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.values import names
+from switchboard.platform.values.resources import FileName, WorkspaceName
 
 log = logging.getLogger("switchboard.context.files")
 
@@ -108,7 +108,7 @@ def check_references(parts: Sequence[pb.ContentPart], violations: Violations) ->
             )
         if reference.text:
             violations.add(f"{where}.text", "is output only")
-        if reference.file and names.FILE.fullmatch(reference.file) is None:
+        if reference.file and FileName.parse_or_none(reference.file) is None:
             violations.add(f"{where}.file", "must be a file name, workspaces/{w}/files/{f}")
 
 
@@ -197,7 +197,7 @@ class Attachments:
     async def _one(
         self, creator: str, workspace_id: str, where: str, reference: pb.FileReference
     ) -> pb.File:
-        workspace = f"workspaces/{workspace_id}"
+        workspace = str(WorkspaceName(workspace_id))
         if reference.file:
             try:
                 return await self.files.resolve(workspace, reference.file)

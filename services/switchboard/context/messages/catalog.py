@@ -29,7 +29,7 @@ from switchboard.context.common import (
     stored,
     write,
 )
-from switchboard.context.mapping import MESSAGE_ROLES, message_proto, workspace_name
+from switchboard.context.mapping import MESSAGE_ROLES, message_proto
 from switchboard.context.messages.attachments import (
     Attached,
     Attachments,
@@ -45,8 +45,13 @@ from switchboard.context.windows.documents import measure
 from switchboard.platform.errors import FailedPrecondition, RequestTooLarge, Violations
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
-from switchboard.platform.values import names
 from switchboard.platform.values.names import new_id
+from switchboard.platform.values.resources import (
+    ConversationName,
+    MessageName,
+    ToolName,
+    WorkspaceName,
+)
 
 #: A tool call's id, as models and the dispatcher make them.
 _TOOL_CALL_ID: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -119,14 +124,14 @@ class _ToolParts:
     def _tool(self, field: str, value: str) -> None:
         if not value:
             return
-        found = names.TOOL.fullmatch(value)
-        if found is None:
+        tool = ToolName.parse_or_none(value)
+        if tool is None:
             self._violations.add(
                 f"{field}.tool", "must be a tool name, workspaces/{w}/integrations/{i}/tools/{tool}"
             )
-        elif found[1] != self._workspace_id:
+        elif tool.workspace != self._workspace_id:
             self._violations.add(
-                f"{field}.tool", f"must be a tool of workspaces/{self._workspace_id}"
+                f"{field}.tool", f"must be a tool of {WorkspaceName(self._workspace_id)}"
             )
 
 
@@ -188,7 +193,7 @@ class Messages(Domain):
 
     @write
     async def append(self, principal: Principal, request: pb.AppendMessageRequest) -> pb.Message:
-        workspace_id = names.match(names.CONVERSATION, request.parent, "parent")[1]
+        workspace_id = ConversationName.parse(request.parent, "parent").workspace
         message = request.message
         author = self._check(principal, message, workspace_id)
         stored_message = pb.Message(
@@ -219,12 +224,12 @@ class Messages(Domain):
         stored_message: pb.Message,
         attached: Attached,
     ) -> pb.Message:
-        found = names.match(names.CONVERSATION, request.parent, "parent")
-        workspace_id, conversation_id = found[1], found[2]
+        conversation = ConversationName.parse(request.parent, "parent")
+        workspace_id, conversation_id = conversation.workspace, conversation.conversation
         message = request.message
         stored_message.token_count = await self._tokens(stored_message.parts, attached)
         message_id = new_id()
-        stored_message.name = f"{request.parent}/messages/{message_id}"
+        stored_message.name = str(MessageName(workspace_id, conversation_id, message_id))
 
         def encode(seq: int, when: dt.datetime) -> bytes:
             stored_message.sequence = seq
@@ -308,12 +313,14 @@ class Messages(Domain):
         return records
 
     async def get(self, name: str) -> pb.Message:
-        found = names.match(names.MESSAGE, name, "name")
-        row = await stored(self._store.get_message(found[1], found[2], found[3]))
-        return message_proto(row, found[1])
+        message = MessageName.parse(name, "name")
+        row = await stored(
+            self._store.get_message(message.workspace, message.conversation, message.message)
+        )
+        return message_proto(row, message.workspace)
 
     async def list(self, request: pb.ListMessagesRequest) -> pb.ListMessagesResponse:
-        found = names.match(names.CONVERSATION, request.parent, "parent")
+        conversation = ConversationName.parse(request.parent, "parent")
         pages = self.common.pages
         size = pagination.page_size(request.page_size, default=50, maximum=500)
         token = pagination.fingerprint(
@@ -324,8 +331,8 @@ class Messages(Domain):
             after = int(pages.decode(request.page_token, token, (pagination.COUNT,))[0])
         rows = await stored(
             self._store.list_messages(
-                found[1],
-                found[2],
+                conversation.workspace,
+                conversation.conversation,
                 after,
                 size + 1,
                 show_archived=request.show_archived,
@@ -333,7 +340,7 @@ class Messages(Domain):
             )
         )
         response = pb.ListMessagesResponse(
-            messages=[message_proto(r, found[1]) for r in rows[:size]]
+            messages=[message_proto(r, conversation.workspace) for r in rows[:size]]
         )
         if len(rows) > size:
             response.next_page_token = pages.encode([rows[size - 1].seq], token)
@@ -349,7 +356,7 @@ def _events(
     created = event(
         principal,
         events_pb2.EVENT_TYPE_MESSAGE_CREATED,
-        workspace=workspace_name(workspace_id),
+        workspace=str(WorkspaceName(workspace_id)),
         conversation=conversation,
         field="message_created",
         payload=events_pb2.MessageCreated(message=message_proto(done.message, workspace_id)),

@@ -37,7 +37,7 @@ from switchboard.context.common import (
     write,
 )
 from switchboard.context.conversations.store import ConversationStore
-from switchboard.context.mapping import conversation_name, memory_proto, message_proto, struct
+from switchboard.context.mapping import memory_proto, message_proto, struct
 from switchboard.context.pruning.store import PruneStore
 from switchboard.context.records import ConversationRecord, MemoryRecord, MessageRecord
 from switchboard.context.text.parttext import render_parts_briefly
@@ -45,8 +45,8 @@ from switchboard.context.text.summarizer import Summarizer, SummaryInput
 from switchboard.platform.errors import FailedPrecondition, NotFound, Violations
 from switchboard.platform.resilience.background import cancel_all
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.values import names
 from switchboard.platform.values.names import new_id, now
+from switchboard.platform.values.resources import ConversationName, HandlerName
 
 log = logging.getLogger("switchboard.context")
 
@@ -149,7 +149,7 @@ class Pruning(Domain):
     async def prune(
         self, principal: Principal, request: pb.PruneConversationRequest
     ) -> pb.PruneConversationResponse:
-        found = names.match(names.CONVERSATION, request.conversation, "conversation")
+        conversation = ConversationName.parse(request.conversation, "conversation")
         violations = Violations()
         if request.keep_last_messages < 0:
             violations.add("keep_last_messages", "must not be negative")
@@ -162,7 +162,11 @@ class Pruning(Domain):
             keep_last_messages=request.keep_last_messages, max_tokens=request.max_tokens
         )
         return await self._prune(
-            principal, found[1], found[2], limits, validate_only=request.validate_only
+            principal,
+            conversation.workspace,
+            conversation.conversation,
+            limits,
+            validate_only=request.validate_only,
         )
 
     async def _prune(
@@ -177,7 +181,7 @@ class Pruning(Domain):
         conversation = await stored(
             self._conversations.get_conversation(workspace_id, conversation_id)
         )
-        name = conversation_name(workspace_id, conversation_id)
+        name = ConversationName(workspace_id, conversation_id)
         if conversation.deleted_at is not None:
             raise NotFound(f"{name} not found")
         if conversation.archived:
@@ -279,7 +283,7 @@ class Pruning(Domain):
         stamp = now()
         return MemoryRecord(
             id=new_id(),
-            scope=conversation_name(workspace_id, conversation_id),
+            scope=str(ConversationName(workspace_id, conversation_id)),
             workspace_id=workspace_id,
             conversation_id=conversation_id,
             user_id=None,
@@ -288,7 +292,7 @@ class Pruning(Domain):
             pinned=False,
             meta=meta.SerializeToString(deterministic=True),
             sources="",
-            creator=f"handlers/{self._summarizer.name}",
+            creator=str(HandlerName(self._summarizer.name)),
             created_at=stamp,
             updated_at=stamp,
             expires_at=None,

@@ -44,6 +44,7 @@ from switchboard.platform.resilience import backoff
 from switchboard.platform.resilience.breaker import CircuitBreaker
 from switchboard.platform.security.egress import EgressPolicy, http_client
 from switchboard.platform.values.jsonbounds import loads_fast
+from switchboard.platform.values.resources import WorkspaceName
 
 from .ports import Embedded, EmbeddingModel, EmbeddingsBudgetExhausted, EmbeddingsUnavailable
 
@@ -110,8 +111,8 @@ class _Retry(Exception):
 
 
 def _workspace_of(owner: str) -> str | None:
-    kind, _, ident = owner.partition("/")
-    return ident if kind == "workspaces" and ident else None
+    workspace = WorkspaceName.parse_or_none(owner)
+    return workspace.workspace if workspace is not None else None
 
 
 class OpenAIEmbedder:

@@ -38,10 +38,9 @@ from switchboard.context.common import Common, Domain, check_text, stored
 from switchboard.context.files.reading.sniff import kind_of
 from switchboard.context.mapping import (
     REASONS,
-    conversation_name,
+    memory_name,
     memory_proto,
     message_proto,
-    workspace_name,
 )
 from switchboard.context.records import MemoryRecord, MessageRecord, Unsearchable
 from switchboard.context.semantic.retrieval.filters import ParsedFilter, parse_filter
@@ -58,8 +57,8 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.values import names
 from switchboard.platform.values.names import now
+from switchboard.platform.values.resources import ConversationName
 
 # Bump when the cached window's shape or the planning rules change.
 _WINDOW_FORMAT: Final = "w3"
@@ -120,7 +119,7 @@ class _Memories:
     valid_until: float = float("inf")
 
     def candidate(self, row: MemoryRecord) -> Candidate:
-        key = f"{row.scope}/memories/{row.id}"
+        key = str(memory_name(row))
         self.by_key[key] = row
         expires = row.expires_at.timestamp() if row.expires_at is not None else None
         expired = expires is not None and expires <= self.stamp
@@ -150,8 +149,8 @@ class Windows(Domain):
 
     async def window(self, principal: Principal, request: pb.GetContextWindowRequest) -> bytes:
         """The serialized ``GetContextWindowResponse`` (cached as bytes, served as bytes)."""
-        found = names.match(names.CONVERSATION, request.conversation, "conversation")
-        workspace_id, conversation_id = found[1], found[2]
+        conversation = ConversationName.parse(request.conversation, "conversation")
+        workspace_id, conversation_id = conversation.workspace, conversation.conversation
         violations = Violations()
         if request.token_budget <= 0:
             violations.add("token_budget", "must be positive")
@@ -167,8 +166,8 @@ class Windows(Domain):
                 retrieval.filter, workspace_id=workspace_id, field="retrieval.filter"
             )
         scopes = WindowScopes(
-            conversation=conversation_name(workspace_id, conversation_id),
-            workspace=workspace_name(workspace_id),
+            conversation=str(conversation),
+            workspace=str(conversation.parent),
             user=principal.user_name,
         )
         prefix = ("ctxwin", _WINDOW_FORMAT, self.common.counter.name, conversation_id)

@@ -36,6 +36,7 @@ from switchboard.platform.store.pagination import from_micros, micros
 from switchboard.platform.values import names
 from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.names import checked_etag, new_id
+from switchboard.platform.values.resources import MemberName, UserName, WorkspaceName
 
 #: A workspace id a client chooses.
 CLIENT_ID: Final = names.WORKSPACE_ID
@@ -100,7 +101,7 @@ class Workspaces(Domain):
         return workspace_proto(row, "owner")
 
     async def get(self, role: Role | None, name: str) -> pb.Workspace:
-        workspace_id = names.match(names.WORKSPACE, name, "name").group(1)
+        workspace_id = WorkspaceName.parse(name, "name").workspace
         row = await self._store.get_workspace(workspace_id)
         if row is None:
             raise NotFound(f"{name} not found")
@@ -136,7 +137,7 @@ class Workspaces(Domain):
         self, principal: Principal, request: pb.UpdateWorkspaceRequest
     ) -> pb.Workspace:
         workspace = request.workspace
-        workspace_id = names.match(names.WORKSPACE, workspace.name, "workspace.name").group(1)
+        workspace_id = WorkspaceName.parse(workspace.name, "workspace.name").workspace
         paths = update_paths(
             request.update_mask, workspace, ("display_name", "description"), "update_mask"
         )
@@ -163,7 +164,7 @@ class Workspaces(Domain):
     async def set_deleted(
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Workspace:
-        workspace_id = names.match(names.WORKSPACE, name, "name").group(1)
+        workspace_id = WorkspaceName.parse(name, "name").workspace
         change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
         staged = self.common.staged(lambda done: [workspace_event(principal, change, done)])
         row = await stored(
@@ -193,8 +194,8 @@ class Members(Domain):
     async def add(
         self, principal: Principal, request: pb.AddWorkspaceMemberRequest
     ) -> pb.WorkspaceMember:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent").group(1)
-        user_id = names.match(names.USER, request.user, "user").group(1)
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
+        user_id = UserName.parse(request.user, "user").user
         role = _role(request.role, "role")
         staged = self.common.staged(
             lambda done: [member_event(principal, events_pb2.CHANGE_KIND_CREATED, done)]
@@ -211,7 +212,7 @@ class Members(Domain):
     async def update(
         self, principal: Principal, request: pb.UpdateWorkspaceMemberRequest
     ) -> pb.WorkspaceMember:
-        found = names.match(names.MEMBER, request.member.name, "member.name")
+        member = MemberName.parse(request.member.name, "member.name")
         paths = update_paths(request.update_mask, request.member, ("role",), "update_mask")
         if "role" not in paths:
             raise InvalidArgument(
@@ -223,27 +224,27 @@ class Members(Domain):
             lambda done: [member_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
         )
         row = await stored(
-            self._store.update_member(found.group(1), found.group(2), role, staged=staged)
+            self._store.update_member(member.workspace, member.user, role, staged=staged)
         )
         await self.common.announce(staged)
         return member_proto(row)
 
     @write
     async def remove(self, principal: Principal, role: Role | None, name: str) -> None:
-        found = names.match(names.MEMBER, name, "name")
+        member = MemberName.parse(name, "name")
         # Any member may leave; removing someone else is an owner's decision.
-        if found.group(2) != principal.user_id and role != Role.OWNER:
+        if member.user != principal.user_id and role != Role.OWNER:
             raise PermissionDenied("removing another member needs the owner role in the workspace")
         staged = self.common.staged(
             lambda done: [member_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
         )
-        await stored(self._store.remove_member(found.group(1), found.group(2), staged=staged))
+        await stored(self._store.remove_member(member.workspace, member.user, staged=staged))
         await self.common.announce(staged)
 
     async def list(
         self, request: pb.ListWorkspaceMembersRequest
     ) -> pb.ListWorkspaceMembersResponse:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent").group(1)
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         pages = self.common.pages
         size = pagination.page_size(request.page_size, default=20, maximum=100)
         token = pagination.fingerprint("members", workspace_id)

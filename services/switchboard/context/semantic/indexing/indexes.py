@@ -22,8 +22,9 @@ from switchboard.context.semantic.indexing.indexstore import IndexSettings, Inde
 from switchboard.context.semantic.ports import SourceKind
 from switchboard.platform.errors import Violations
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.values import names
 from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.names import checked_etag
+from switchboard.platform.values.resources import SemanticIndexName, WorkspaceName
 
 MUTABLE: Final = ("embedding_model", "dimensions", "index_messages")
 MAX_DIMENSIONS: Final = 2000
@@ -33,17 +34,13 @@ MAX_MODEL_CHARS: Final = 128
 MODEL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 
 
-def index_name(workspace_id: str) -> str:
-    return f"workspaces/{workspace_id}/semanticIndex"
-
-
 class SemanticIndexes:
     def __init__(self, store: IndexStore, indexer: Indexer) -> None:
         self._store = store
         self._indexer = indexer
 
     async def get(self, name: str) -> pb.SemanticIndex:
-        workspace_id = names.match(names.SEMANTIC_INDEX, name, "name")[1]
+        workspace_id = SemanticIndexName.parse(name, "name").workspace
         found = await self._store.settings([workspace_id])
         return await self._message(found.get(workspace_id) or IndexSettings(workspace_id))
 
@@ -51,9 +48,9 @@ class SemanticIndexes:
         self, principal: Principal, request: pb.UpdateSemanticIndexRequest
     ) -> pb.SemanticIndex:
         given = request.semantic_index
-        workspace_id = names.match(names.SEMANTIC_INDEX, given.name, "semantic_index.name")[1]
+        workspace_id = SemanticIndexName.parse(given.name, "semantic_index.name").workspace
         paths = update_paths(request.update_mask, given, MUTABLE)
-        names.checked_etag(given.etag, "semantic_index.etag")
+        checked_etag(given.etag, "semantic_index.etag")
         _validate(given, paths)
         indexer = self._indexer
 
@@ -95,7 +92,7 @@ class SemanticIndexes:
         indexer = self._indexer
         model, _ = indexer.model_of(index)
         key = indexer.key_of(index)
-        owner = f"workspaces/{index.workspace_id}"
+        owner = str(WorkspaceName(index.workspace_id))
         status = await self._store.status(owner, key)
         dims = await indexer.dimensions_of(index, owner)
         if key is None:
@@ -107,7 +104,7 @@ class SemanticIndexes:
         else:
             state = pb.SEMANTIC_INDEX_STATE_READY
         message = pb.SemanticIndex(
-            name=index_name(index.workspace_id),
+            name=str(SemanticIndexName(index.workspace_id)),
             embedding_model=index.model,
             dimensions=index.dimensions,
             index_messages=index.index_messages,
@@ -143,4 +140,4 @@ def _validate(given: pb.SemanticIndex, paths: list[str]) -> None:
     violations.check()
 
 
-__all__ = ["MUTABLE", "SemanticIndexes", "index_name"]
+__all__ = ["MUTABLE", "SemanticIndexes"]

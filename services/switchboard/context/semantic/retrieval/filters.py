@@ -27,7 +27,7 @@ from typing import Final, Literal, get_args
 from switchboard.context.mapping import KINDS, MESSAGE_ROLES
 from switchboard.context.semantic.ports import SOURCE_KINDS, Comparison, SearchFilter, SourceKind
 from switchboard.platform.errors import FieldViolation, InvalidArgument
-from switchboard.platform.values import names
+from switchboard.platform.values.resources import ConversationName, FileName
 
 MAX_FILTER_CHARS: Final = 1000
 MAX_COMPARISONS: Final = 16
@@ -254,22 +254,22 @@ class _Builder:
                 )
             self.one_of("labels", op, role)
         elif name == "conversation":
-            found = names.CONVERSATION.fullmatch(value)
-            if found is None:
+            conversation = ConversationName.parse_or_none(value)
+            if conversation is None:
                 raise _Refused(
                     f"`{_short(value)}` is not a conversation name "
                     "(workspaces/{workspace}/conversations/{conversation})"
                 )
-            self._same_workspace(found[1], "conversation")
-            self.one_of("conversation_ids", op, found[2])
+            self._same_workspace(conversation.workspace, "conversation")
+            self.one_of("conversation_ids", op, conversation.conversation)
         else:
-            found = names.FILE.fullmatch(value)
-            if found is None:
+            file = FileName.parse_or_none(value)
+            if file is None:
                 raise _Refused(
                     f"`{_short(value)}` is not a file name "
                     "(workspaces/{workspace}/files/{file})"
                 )
-            self._same_workspace(found[1], "file")
+            self._same_workspace(file.workspace, "file")
             self.one_of("files", op, value)
 
     def _equality(self, name: str, op: Op) -> None:

@@ -32,7 +32,7 @@ from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.common import Common, check_text, stored
-from switchboard.context.mapping import memory_proto, message_proto
+from switchboard.context.mapping import memory_name, memory_proto, message_proto
 from switchboard.context.records import MemoryRecord, Scope, Unsearchable
 from switchboard.context.semantic.indexing.indexer import Indexer
 from switchboard.context.semantic.ports import (
@@ -56,7 +56,13 @@ from switchboard.context.text.fulltext import query_terms
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.resilience.background import cancel_all
 from switchboard.platform.store import pagination
-from switchboard.platform.values import names
+from switchboard.platform.values.resources import (
+    ConversationName,
+    FileName,
+    MessageName,
+    UserName,
+    WorkspaceName,
+)
 from switchboard.platform.values.wording import counted
 
 log = logging.getLogger("switchboard.context.text.fulltext")
@@ -118,10 +124,11 @@ class IndexerSettings:
         self._indexer = indexer
 
     async def effective(self, owner: str) -> tuple[EmbeddingModel, int] | None:
-        kind, _, owner_id = owner.partition("/")
+        workspace = WorkspaceName.parse_or_none(owner)
         index = None
-        if kind == "workspaces":
-            index = (await self._indexer.store.settings([owner_id])).get(owner_id)
+        if workspace is not None:
+            found = await self._indexer.store.settings([workspace.workspace])
+            index = found.get(workspace.workspace)
         model, generation = self._indexer.model_of(index)
         return (model, generation) if model.name else None
 
@@ -183,7 +190,7 @@ class _Where:
     workspace_id: str | None
     conversation_id: str | None = None
     #: SearchMemoryItems: exactly this memory scope.
-    memory_scope: str | None = None
+    memory_scope: Scope | None = None
 
 
 def _scores(fused: Fused[Key]) -> pb.SearchScores:
@@ -358,7 +365,7 @@ class Search:
             # Checks the scope itself, in the search's transaction.
             return await self._memory_full_text(request, scope, parsed, plan, size, offset, token)
         await stored(self._store.check_live(scope))
-        where = _Where(owner, scope.workspace_id, scope.conversation_id, memory_scope=scope.scope)
+        where = _Where(owner, scope.workspace_id, scope.conversation_id, memory_scope=scope)
         ranking = await self._ranked(where, request.query, plan, parsed, wanted=offset + size + 1)
         return pb.SearchMemoryItemsResponse(
             results=[
@@ -423,7 +430,7 @@ class Search:
         parsed: ParsedFilter,
     ) -> Ranking:
         """A window's retrieval: SearchContext in the conversation, its top_k results."""
-        where = _Where(f"workspaces/{workspace_id}", workspace_id, conversation_id)
+        where = _Where(str(WorkspaceName(workspace_id)), workspace_id, conversation_id)
         ranking = await self.rank(where, query, options.mode, parsed, wanted=options.top_k)
         return replace(ranking, results=ranking.results[: options.top_k])
 
@@ -588,13 +595,7 @@ class Search:
         # A `file` condition holds only for document passages.
         if memory_wanted and conditions.files is None:
             if where.memory_scope is not None:
-                scope = Scope(
-                    where.memory_scope,
-                    workspace_id=where.workspace_id,
-                    conversation_id=where.conversation_id,
-                    user_id=None if where.workspace_id else where.owner.partition("/")[2],
-                )
-                rows = await self._memory_rows(scope, query, conditions, limit=limit)
+                rows = await self._memory_rows(where.memory_scope, query, conditions, limit=limit)
             else:
                 assert where.workspace_id is not None  # noqa: S101 (a context search's)
                 try:
@@ -610,7 +611,7 @@ class Search:
                 except Unsearchable:
                     raise _unsearchable() from None
             for row, score in rows:
-                entries.append((("memory", f"{row.scope}/memories/{row.id}"), score, None))
+                entries.append((("memory", str(memory_name(row))), score, None))
         if where.memory_scope is None and self._chunks is not None:
             hits, _ = await self._chunk_lists(
                 where, conditions, ("message", "document"), query=query
@@ -755,7 +756,7 @@ class Search:
         result = pb.SearchResult(score=item.score, scores=_scores(item))
         if kind == "memory":
             record = sources.memory.get(last)
-            if record is None or f"{record.scope}/memories/{record.id}" != name:
+            if record is None or str(memory_name(record)) != name:
                 return None
             if not self._memory_visible(where, record) or not memory_matches(conditions, record):
                 return None
@@ -766,8 +767,8 @@ class Search:
             if found is None:
                 return None
             message, workspace = found
-            expected = f"workspaces/{workspace}/conversations/{message.conversation_id}"
-            if workspace != where.workspace_id or name != f"{expected}/messages/{message.id}":
+            expected = MessageName(workspace, message.conversation_id, message.id)
+            if workspace != where.workspace_id or name != str(expected):
                 return None
             if where.conversation_id not in (None, message.conversation_id):
                 return None
@@ -777,9 +778,8 @@ class Search:
         chunk = sources.chunks.get(chunk_id) if chunk_id is not None else None
         if info is None or chunk is None or chunk.source != name:
             return None
-        if (
-            info.workspace_id != where.workspace_id
-            or name != f"workspaces/{info.workspace_id}/files/{last}"
+        if info.workspace_id != where.workspace_id or name != str(
+            FileName(info.workspace_id, last)
         ):
             return None
         result.document_chunk.CopyFrom(
@@ -797,7 +797,7 @@ class Search:
     @staticmethod
     def _memory_visible(where: _Where, record: MemoryRecord) -> bool:
         if where.memory_scope is not None:
-            return record.scope == where.memory_scope
+            return record.scope == where.memory_scope.scope
         if record.workspace_id is None or record.workspace_id != where.workspace_id:
             return False
         return where.conversation_id is None or record.conversation_id in (
@@ -862,17 +862,18 @@ def _narrowed(
 
 def _owner(scope: Scope) -> str:
     if scope.workspace_id is not None:
-        return f"workspaces/{scope.workspace_id}"
-    return f"users/{scope.user_id}"
+        return str(WorkspaceName(scope.workspace_id))
+    return str(UserName(str(scope.user_id)))  # a user's scope has one
 
 
 def _context_scope(parent: str) -> _Where:
-    found = names.CONVERSATION.fullmatch(parent)
-    if found is not None:
-        return _Where(f"workspaces/{found[1]}", found[1], found[2])
-    found = names.WORKSPACE.fullmatch(parent)
-    if found is not None:
-        return _Where(f"workspaces/{found[1]}", found[1])
+    conversation = ConversationName.parse_or_none(parent)
+    if conversation is not None:
+        owner = conversation.parent
+        return _Where(str(owner), owner.workspace, conversation.conversation)
+    workspace = WorkspaceName.parse_or_none(parent)
+    if workspace is not None:
+        return _Where(str(workspace), workspace.workspace)
     raise InvalidArgument(
         "parent must be workspaces/{workspace} or a conversation",
         [FieldViolation("parent", "must be workspaces/{workspace} or a conversation's name")],

@@ -28,6 +28,7 @@ from switchboard.platform.store.models import (
     SemanticChunkRow,
 )
 from switchboard.platform.values.names import now
+from switchboard.platform.values.resources import ConversationName
 
 _Id = TypeVar("_Id", str, int)
 #: Ids per ``IN`` list (well under SQLite's bound-parameter limit).
@@ -93,15 +94,16 @@ class SearchStore(StoreBase):
                     workspace_id=workspace_id,
                 )
             else:
+                conversation = ConversationName(workspace_id, conversation_id)
                 scope = Scope(
-                    f"workspaces/{workspace_id}/conversations/{conversation_id}",
+                    str(conversation),
                     workspace_id=workspace_id,
                     conversation_id=conversation_id,
                 )
                 self._check_scope_live(db, scope, writable=False)
                 found = self._search(
                     db,
-                    [scope.scope, f"workspaces/{workspace_id}"],
+                    [scope.scope, str(conversation.parent)],
                     query,
                     kinds=(),
                     limit=limit,
