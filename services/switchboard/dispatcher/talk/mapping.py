@@ -1,7 +1,7 @@
 """A voice session's names and messages, built from its stored records.
 
 The session decides; this spells it as the contract shows it: the session's
-name, its ``VoiceSession`` (the stored settings with the count and the resume
+conversation, its ``VoiceSession`` (the stored settings with the count and the resume
 window as they stand), a stored turn's final ``Transcript`` (what a resume
 replays), the frames' numbering and the error frame.
 """
@@ -17,18 +17,15 @@ from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.logging import request_id_var
 from switchboard.platform.rpc.status import to_status_proto
 from switchboard.platform.values.names import now
+from switchboard.platform.values.resources import ConversationName
 
 #: A turn's frames are numbered ``turn << TURN_SHIFT`` plus its run's update sequence.
 TURN_SHIFT: Final = 40
 POSITION_MASK: Final = (1 << TURN_SHIFT) - 1
 
 
-def session_name(workspace_id: str, conversation_id: str, session_id: str) -> str:
-    return f"workspaces/{workspace_id}/conversations/{conversation_id}/voiceSessions/{session_id}"
-
-
-def conversation_name(record: SessionRecord) -> str:
-    return f"workspaces/{record.workspace_id}/conversations/{record.conversation_id}"
+def conversation_name(record: SessionRecord) -> ConversationName:
+    return ConversationName(record.workspace_id, record.conversation_id)
 
 
 def sequence(turn: int, position: int = 0) -> int:

@@ -71,6 +71,7 @@ from switchboard.platform.errors import (
 from switchboard.platform.security.accesswatch import AccessWatch, Grant, Hold
 from switchboard.platform.security.policy import Permission, Principal
 from switchboard.platform.values import names, timefields
+from switchboard.platform.values.resources import ConversationName, VoiceSessionName
 
 DEFAULT_INPUT_RATE: Final = 16_000
 DEFAULT_OUTPUT_RATE: Final = 24_000
@@ -206,18 +207,19 @@ class Talks:
         self, grant: Grant, start: pb.TalkStart, via: Via
     ) -> tuple[_Session, pb.TalkResponse]:
         principal = grant.principal
-        found = names.match(names.CONVERSATION, start.conversation, "start.conversation")
-        workspace_id, conversation_id = found[1], found[2]
+        conversation = ConversationName.parse(start.conversation, "start.conversation")
         waker = _Waker()
         hold = await grant.hold(
             ((start.conversation, "start.conversation"),), Permission.WRITE, waker
         )
-        settings = _settings(start)
+        settings = _start_settings(start)
         # NOT_FOUND for a conversation that does not exist (or was deleted).
         await self._context.conversation(
             principal, start.conversation, timeout_s=_CONTEXT_TIMEOUT_S
         )
-        assistant = await self._assistants.resolve(workspace_id, start.assistant, "start.assistant")
+        assistant = await self._assistants.resolve(
+            conversation.workspace, start.assistant, "start.assistant"
+        )
         if assistant is None:
             raise SpeechNotConfigured(
                 "the workspace has no default assistant; name an assistant with voice settings "
@@ -234,13 +236,15 @@ class Talks:
             session_id = names.new_id()
             created = names.now()
             expire_at = created + dt.timedelta(seconds=self.limits.resume_window_s)
-            settings.name = mapping.session_name(workspace_id, conversation_id, session_id)
+            settings.name = str(
+                VoiceSessionName(conversation.workspace, conversation.conversation, session_id)
+            )
             settings.assistant = assistant.name
             settings.create_time.FromDatetime(created)
             record = SessionRecord(
                 id=session_id,
-                workspace_id=workspace_id,
-                conversation_id=conversation_id,
+                workspace_id=conversation.workspace,
+                conversation_id=conversation.conversation,
                 creator=principal.user_name,
                 data=settings.SerializeToString(deterministic=True),
                 turn_count=0,
@@ -271,17 +275,15 @@ class Talks:
         self, grant: Grant, resume: pb.TalkResume, via: Via
     ) -> tuple[_Session, pb.TalkResponse]:
         principal = grant.principal
-        found = names.match(names.VOICE_SESSION, resume.session, "resume.session")
-        workspace_id, conversation_id, session_id = found[1], found[2], found[3]
+        name = VoiceSessionName.parse(resume.session, "resume.session")
         if resume.after_sequence < 0:
             raise InvalidArgument(
                 "resume.after_sequence must not be negative",
                 [FieldViolation("resume.after_sequence", "must not be negative")],
             )
-        conversation = f"workspaces/{workspace_id}/conversations/{conversation_id}"
         waker = _Waker()
-        hold = await grant.hold(((conversation, "resume.session"),), Permission.WRITE, waker)
-        record = await self._store.get(workspace_id, conversation_id, session_id)
+        hold = await grant.hold(((str(name.parent), "resume.session"),), Permission.WRITE, waker)
+        record = await self._store.get(name.workspace, name.conversation, name.session)
         # Someone else's session is as good as absent: its name tells nothing.
         if record is None or record.creator != principal.user_name:
             raise NotFound(f"{resume.session} not found")
@@ -299,7 +301,7 @@ class Talks:
                 ],
             )
         settings = pb.VoiceSession.FromString(record.data)
-        assistant = await self._assistants.resolve(workspace_id, settings.assistant, "assistant")
+        assistant = await self._assistants.resolve(name.workspace, settings.assistant, "assistant")
         if assistant is None or not assistant.HasField("voice"):
             raise SpeechNotConfigured(
                 f"{settings.assistant} has no voice settings any more",
@@ -307,7 +309,7 @@ class Talks:
             )
         speech = configured(self._speech())
         owed: list[Owed] = []
-        for turn in await self._store.turns(session_id, max(after_turn, 1)):
+        for turn in await self._store.turns(name.session, max(after_turn, 1)):
             if turn.turn == after_turn:
                 # Its transcript was seen (position 0 is the transcript): the run after it.
                 owed.append(Owed(turn.turn, None, turn.run, after_position))
@@ -358,7 +360,7 @@ def _format(
     return pb.AudioFormat(encoding=pb.AUDIO_ENCODING_PCM16, sample_rate_hz=rate)
 
 
-def _settings(start: pb.TalkStart) -> pb.VoiceSession:
+def _start_settings(start: pb.TalkStart) -> pb.VoiceSession:
     """The session's settings with their defaults, or INVALID_ARGUMENT naming each bad field."""
     violations = Violations()
     input_format = _format(

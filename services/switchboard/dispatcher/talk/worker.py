@@ -137,7 +137,7 @@ class Worker:
             {"voice": {"session": self._settings.name, "turn": turn, "audio_ms": audio_ms}}
         )
         request = pb.SendMessageRequest(
-            conversation=mapping.conversation_name(self._record),
+            conversation=str(mapping.conversation_name(self._record)),
             message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=parts, metadata=metadata),
             assistant=self._settings.assistant,
             concurrency_policy=self._settings.concurrency_policy,
