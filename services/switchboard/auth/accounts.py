@@ -13,7 +13,6 @@ import datetime as dt
 import hashlib
 import ipaddress
 import logging
-import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -64,12 +63,14 @@ from switchboard.platform.store.pagination import (
 )
 from switchboard.platform.values import names, timefields
 from switchboard.platform.values.names import etag_version
+from switchboard.platform.values.resources import ApiKeyName, SessionName, UserName
 
 log = logging.getLogger("switchboard.security")
 
 _T = TypeVar("_T")
 #: What a page of sessions or API keys is made of (keyed by (created_at, id)).
 _Keyed = TypeVar("_Keyed", SessionRecord, ApiKeyRecord)
+_Named = TypeVar("_Named", SessionName, ApiKeyName)
 
 MAX_EMAIL = 254
 MAX_DISPLAY_NAME = 200
@@ -181,13 +182,13 @@ def _client(address: str, info: auth_pb2.ClientInfo | None = None) -> ClientCont
     )
 
 
-def _name_part(pattern: re.Pattern[str], name: str, field: str) -> str:
+def _named(kind: type[_Named], name: str, field: str) -> _Named:
     # The access interceptor already checked the name belongs to the caller;
-    # this only extracts the child id (and rejects other shapes).
-    match = pattern.fullmatch(name)
-    if match is None:
+    # this only reads the child id (and rejects other shapes).
+    found = kind.parse_or_none(name)
+    if found is None:
         raise InvalidArgument(f"{field} is malformed", [FieldViolation(field, "malformed name")])
-    return match.group(2)
+    return found
 
 
 def _hash_key(value: str) -> str:
@@ -243,12 +244,12 @@ class Security:
     def event(self) -> events_pb2.Event | None:
         if not self.user_id:
             return None
-        user = mapping.user_name(self.user_id)
+        user = str(UserName(self.user_id))
         client = self.client
         payload = events_pb2.SecurityEvent(
             kind=self.kind,
-            session=mapping.session_name(self.user_id, self.session_id) if self.session_id else "",
-            api_key=mapping.api_key_name(self.user_id, self.api_key_id) if self.api_key_id else "",
+            session=str(SessionName(self.user_id, self.session_id)) if self.session_id else "",
+            api_key=str(ApiKeyName(self.user_id, self.api_key_id)) if self.api_key_id else "",
             client_address=client.address if client else "",
         )
         if client is not None:
@@ -638,7 +639,7 @@ class Accounts:
             principal.user_id, session_id, reason, audit.staged
         )
         if record is None:
-            raise NotFound(f"{mapping.session_name(principal.user_id, session_id)} not found")
+            raise NotFound(f"{SessionName(principal.user_id, session_id)} not found")
         await self._authenticator.announce("session", session_id)
         await audit.done()
         return record
@@ -653,7 +654,7 @@ class Accounts:
     async def revoke_session(
         self, principal: Principal, request: auth_pb2.RevokeSessionRequest
     ) -> auth_pb2.RevokeSessionResponse:
-        session_id = _name_part(names.SESSION, request.name, "name")
+        session_id = _named(SessionName, request.name, "name").session
         record = await self._revoke(principal, session_id, "revoked")
         return auth_pb2.RevokeSessionResponse(session=mapping.session(record, principal.session_id))
 
@@ -788,14 +789,14 @@ class Accounts:
     async def revoke_api_key(
         self, principal: Principal, request: auth_pb2.RevokeApiKeyRequest
     ) -> auth_pb2.RevokeApiKeyResponse:
-        key_id = _name_part(names.API_KEY, request.name, "name")
+        key_id = _named(ApiKeyName, request.name, "name").key
         revoked = Security(
             events_pb2.SECURITY_EVENT_KIND_API_KEY_REVOKED, principal.user_id, api_key_id=key_id
         )
         audit: Audit[ApiKeyRecord | None] = self._audit(lambda record: [revoked] if record else [])
         record = await self._store.revoke_api_key(principal.user_id, key_id, audit.staged)
         if record is None:
-            raise NotFound(f"{mapping.api_key_name(principal.user_id, key_id)} not found")
+            raise NotFound(f"{ApiKeyName(principal.user_id, key_id)} not found")
         await self._authenticator.announce("apikey", key_id)
         await audit.done()
         return auth_pb2.RevokeApiKeyResponse(api_key=mapping.api_key(record))

@@ -1,8 +1,8 @@
 """Records to messages: the one place a user, session or API key becomes what a client sees.
 
 The store's records (``auth/store.py``) carry ids; the names clients see
-(``users/{user}/sessions/{session}``) are built here and nowhere else. A key's
-digest never reaches a message.
+(``users/{user}/sessions/{session}``, ``platform/values/resources.py``) are written
+here. A key's digest never reaches a message.
 """
 
 from __future__ import annotations
@@ -20,24 +20,13 @@ from switchboard.platform.security.credentials.accesstokens import KeyRing
 from switchboard.platform.security.credentials.opaque import API_KEY_PREFIX
 from switchboard.platform.security.policy import AuthMethod, Principal
 from switchboard.platform.values.names import etag_of
+from switchboard.platform.values.resources import ApiKeyName, SessionName, UserName
 
 _AUTH_METHODS: Final = {
     AuthMethod.PASSWORD.value: auth_pb2.AUTH_METHOD_PASSWORD,
     AuthMethod.OIDC.value: auth_pb2.AUTH_METHOD_OIDC,
     AuthMethod.API_KEY.value: auth_pb2.AUTH_METHOD_API_KEY,
 }
-
-
-def user_name(user_id: str) -> str:
-    return f"users/{user_id}"
-
-
-def session_name(user_id: str, session_id: str) -> str:
-    return f"users/{user_id}/sessions/{session_id}"
-
-
-def api_key_name(user_id: str, key_id: str) -> str:
-    return f"users/{user_id}/apiKeys/{key_id}"
 
 
 def timestamp(when: dt.datetime | None) -> Timestamp | None:
@@ -50,7 +39,7 @@ def timestamp(when: dt.datetime | None) -> Timestamp | None:
 
 def user(record: UserRecord, identities: Sequence[IdentityRecord]) -> auth_pb2.User:
     return auth_pb2.User(
-        name=user_name(record.id),
+        name=str(UserName(record.id)),
         email=record.email,
         display_name=record.display_name,
         create_time=timestamp(record.created_at),
@@ -65,7 +54,7 @@ def user(record: UserRecord, identities: Sequence[IdentityRecord]) -> auth_pb2.U
 def session(record: SessionRecord, current_session: str) -> auth_pb2.Session:
     """``record`` as its owner sees it; ``current`` when it is ``current_session``."""
     return auth_pb2.Session(
-        name=session_name(record.user_id, record.id),
+        name=str(SessionName(record.user_id, record.id)),
         create_time=timestamp(record.created_at),
         last_seen_time=timestamp(record.last_seen_at),
         expire_time=timestamp(record.expires_at),
@@ -81,7 +70,7 @@ def session(record: SessionRecord, current_session: str) -> auth_pb2.Session:
 
 def api_key(record: ApiKeyRecord) -> auth_pb2.ApiKey:
     return auth_pb2.ApiKey(
-        name=api_key_name(record.user_id, record.id),
+        name=str(ApiKeyName(record.user_id, record.id)),
         display_name=record.display_name,
         prefix=f"{API_KEY_PREFIX}{record.id}",
         scopes=record.scopes,

@@ -54,7 +54,7 @@ from switchboard.platform.events.eventlog import (
 )
 from switchboard.platform.security.accesswatch import Hold
 from switchboard.platform.security.policy import Permission, Policy, Principal
-from switchboard.platform.values import names
+from switchboard.platform.values.resources import ConversationName, UserName, WorkspaceName
 
 #: Events read from the log per replay round trip.
 REPLAY_PAGE: Final = 500
@@ -62,10 +62,10 @@ REPLAY_PAGE: Final = 500
 MAX_BATCH_BYTES: Final = 1024 * 1024
 _RUN_UPDATED: Final = events_pb2.EVENT_TYPE_RUN_UPDATED
 
-_SCOPE_PATTERNS: Final = {
-    "user": names.USER,
-    "workspace": names.WORKSPACE,
-    "conversation": names.CONVERSATION,
+_SCOPE_KINDS: Final[dict[str, type[UserName | WorkspaceName | ConversationName]]] = {
+    "user": UserName,
+    "workspace": WorkspaceName,
+    "conversation": ConversationName,
 }
 _KNOWN_TYPES: Final = frozenset(events_pb2.EventType.values()) - {events_pb2.EVENT_TYPE_UNSPECIFIED}
 
@@ -181,7 +181,7 @@ def parse_spec(
             violations.append(FieldViolation(path, "set one of user, workspace, conversation"))
             continue
         name = getattr(scope, kind)
-        if not _SCOPE_PATTERNS[kind].fullmatch(name):
+        if _SCOPE_KINDS[kind].parse_or_none(name) is None:
             violations.append(FieldViolation(f"{path}.{kind}", f"is not a valid {kind} name"))
             continue
         parsed.append((kind, name))

@@ -24,13 +24,17 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from switchboard.platform.errors import (
-    FieldViolation,
-    InvalidArgument,
     NotFound,
     PermissionDenied,
     Unauthenticated,
 )
-from switchboard.platform.values import names
+from switchboard.platform.values.resources import (
+    ApiKeyName,
+    SessionName,
+    UserName,
+    WorkspaceName,
+    owner,
+)
 
 
 class Scope(enum.StrEnum):
@@ -96,15 +100,15 @@ class Principal:
 
     @property
     def user_name(self) -> str:
-        return f"users/{self.user_id}"
+        return str(UserName(self.user_id))
 
     @property
     def session_name(self) -> str:
-        return f"users/{self.user_id}/sessions/{self.session_id}" if self.session_id else ""
+        return str(SessionName(self.user_id, self.session_id)) if self.session_id else ""
 
     @property
     def api_key_name(self) -> str:
-        return f"users/{self.user_id}/apiKeys/{self.api_key_id}" if self.api_key_id else ""
+        return str(ApiKeyName(self.user_id, self.api_key_id)) if self.api_key_id else ""
 
     def require_scope(self, scope: Scope) -> None:
         if scope not in self.scopes:
@@ -119,13 +123,6 @@ class MembershipReader(Protocol):
         ...
 
 
-# Resource ids: lower-case letters, digits and hyphens (AIP-122), or our
-# 32-hex generated ids. Anything else is malformed before any lookup.
-# Matched whole (fullmatch): a trailing newline is not part of a name.
-_WORKSPACE_RE: Final = names.UNDER_WORKSPACE
-_USER_RE: Final = names.UNDER_USER
-
-
 @dataclass(frozen=True)
 class Owner:
     """Whose resource a name denotes: a workspace's or a user's."""
@@ -135,13 +132,12 @@ class Owner:
 
 
 def owner_of(name: str, field_path: str) -> Owner:
-    """Parse the owning workspace or user out of a resource name, or InvalidArgument."""
-    if match := _WORKSPACE_RE.fullmatch(name):
-        return Owner("workspace", match.group(1))
-    if match := _USER_RE.fullmatch(name):
-        return Owner("user", match.group(1))
-    description = "is required" if not name else "is not a valid resource name"
-    raise InvalidArgument(f"{field_path} {description}", [FieldViolation(field_path, description)])
+    """Parse the owning workspace or user out of a resource name, or InvalidArgument
+    (malformed before any lookup: ``resources.owner``)."""
+    found = owner(name, field_path)
+    if isinstance(found, WorkspaceName):
+        return Owner("workspace", found.workspace)
+    return Owner("user", found.user)
 
 
 class Policy:
