@@ -1,11 +1,18 @@
-"""SendMessage's ``speech``: its checks, and a recording turned into the message's text.
+"""SendMessage's ``speech``: a stage around the text path's checks that turns a
+recording into the message's text.
 
-Admission calls these only for a request that sets ``speech``; a text-only
-message never comes here. What they refuse, they refuse before anything is
-stored: the options' fields (INVALID_ARGUMENT naming each), a server or an
+``Listening`` wraps admission's checks (``screening.py``) and is the one place
+where speech enters a message's admission: a request without ``speech`` passes
+straight through to them. One with it takes the same checks in the order its
+recording needs: its options' fields with the others, the rate limits, the
+assistant (whose voice settings transcribe), the recording transcribed, then
+the filters on the transcript. What they refuse, they refuse before anything
+is stored: the options' fields (INVALID_ARGUMENT naming each), a server or an
 assistant without speech (FAILED_PRECONDITION ``SPEECH_NOT_CONFIGURED``), a
 recording that is not a WAV or has no words (INVALID_ARGUMENT), an engine that
-fails (``SPEECH_UNAVAILABLE``) or refuses (``SPEECH_REFUSED``).
+fails (``SPEECH_UNAVAILABLE``) or refuses (``SPEECH_REFUSED``). What passes
+carries the options the run keeps (``Screened.speech``): a run taken over by
+another replica still speaks.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Final
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.intake.screening import Screened, Screening, Steered
 from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S
 from switchboard.dispatcher.voice.speaker import DEFAULT_RATE, Speech
 from switchboard.platform.audio import pcm
@@ -32,6 +40,50 @@ from switchboard.platform.values import names
 MAX_RECORDING_BYTES: Final = 25 * 1024 * 1024
 _ENCODINGS: Final = frozenset({pb.AUDIO_ENCODING_UNSPECIFIED, pb.AUDIO_ENCODING_PCM16})
 _PART: Final = "message.parts[0].file"
+
+
+class Listening:
+    """Admission's checks (``Screening``) with speech around them."""
+
+    def __init__(self, text: Screening, speech: Speech | None, context: ContextPort) -> None:
+        self._text = text
+        #: The server's speech (None: ``speech`` is SPEECH_NOT_CONFIGURED).
+        self._speech = speech
+        self._context = context
+
+    async def screen(
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        workspace_id: str,
+        steer: Steered | None,
+    ) -> Screened:
+        """The checks of ``request``: the text path's alone for a message without speech."""
+        if not request.HasField("speech"):
+            return await self._text.screen(principal, request, workspace_id, steer)
+        text = self._text
+        timeout = text.validated(request, violations(request, workspace_id))
+        if not wanted(request):
+            return await text.after_fields(principal, request, workspace_id, steer, timeout)
+        # The key of the request as sent: a retry matches it, whatever its transcript.
+        key = text.key(principal, request, steer)
+        speech = configured(self._speech)
+        limits = await text.limits(workspace_id)
+        await text.rate_limit(principal, workspace_id, request.conversation, limits)
+        # Routed on the message as sent: its transcript picks no handler (no /command).
+        assistant, choice = await text.choose(workspace_id, request, steer)
+        settings = voice_of(assistant)
+        heard = request
+        if request.speech.transcribe:
+            heard = await transcribed(
+                request,
+                principal=principal,
+                context=self._context,
+                speech=speech,
+                settings=settings,
+            )
+        flags = await text.filters(principal, heard, workspace_id, limits)
+        return Screened(heard, timeout, key, flags, assistant, choice, echoed(request.speech))
 
 
 def wanted(request: pb.SendMessageRequest) -> bool:

@@ -26,7 +26,7 @@ from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.llm.retrieval import search_memory_definition
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.execution import step_limit
-from switchboard.dispatcher.runs.intake.admission import HANDLER, route
+from switchboard.dispatcher.runs.intake.screening import HANDLER, route
 from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, SEQUENCE_BLOCK, Common, next_block
 from switchboard.dispatcher.runs.reading.feed import Feed, merge_deltas
 from switchboard.dispatcher.runs.store import TERMINAL, Listing
