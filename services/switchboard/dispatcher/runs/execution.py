@@ -4,7 +4,10 @@ When the scheduler starts a run (``launch``), one asyncio task checks the
 caller may still write, reads the context window (and the assistant's tools),
 drives the handler, turns its frames into the run's updates (``publishing.py``
 shows and publishes them), runs its tool steps (pausing for approvals), stores
-the answer as an assistant message and ends the run.
+the answer as an assistant message and ends the run. A handler that acts
+outside the process is called inside the run's journal (``durable.py``, one
+wrapper around the handler's step), so a run taken over after a crash
+continues where it was.
 
 Cancellation is the task's: ``cancel`` cancels the task, which raises
 ``CancelledError`` inside the handler (a remote handler's gRPC call or the
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from opentelemetry.trace import StatusCode, Tracer
@@ -31,7 +36,7 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.ledger import Record
 from switchboard.dispatcher.budgets.spending import Read, Spending
-from switchboard.dispatcher.handlers.base import FileReader, HandleCall, Handler, HandlerFailure
+from switchboard.dispatcher.handlers.base import FileReader, HandleCall, HandlerFailure
 from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.llm.retrieval import (
     TOOL_NAME,
@@ -41,6 +46,7 @@ from switchboard.dispatcher.llm.retrieval import (
 )
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
+from switchboard.dispatcher.runs.durable import Durable
 from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.dispatcher.runs.live import (
     FINISH_TIMEOUT_S,
@@ -55,25 +61,21 @@ from switchboard.dispatcher.runs.reading.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.steering.book import SteerBook
 from switchboard.dispatcher.runs.store import TERMINAL, Charged
-from switchboard.dispatcher.tools.journal import Journal, add_usage, cover
+from switchboard.dispatcher.tools.journal import Journal, cover
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
 from switchboard.dispatcher.voice.speaker import Speaker, Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (
-    Conflict,
     DeadlineExceeded,
-    DependencyUnavailable,
     HandlerFailed,
     InternalError,
     RunInterrupted,
-    RunNotResumable,
     SwitchboardError,
 )
 from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.observe.telemetry import parent_from
 from switchboard.platform.resilience import background
-from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.security.policy import Permission, Policy
 from switchboard.platform.store.db import DatabaseUnavailable, is_outage
 from switchboard.platform.values import names
@@ -82,24 +84,20 @@ log = logging.getLogger("switchboard.dispatcher")
 
 #: Largest delta made of merged ones (a bigger one goes out as it is).
 _MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
-#: How long a journal write is retried through a database outage before the run fails.
-_JOURNAL_PATIENCE_S: Final = 30.0
-#: Largest final answer journaled (with its files' bytes); a larger one is asked
-#: for again if a crash comes between it and its message.
-_MAX_JOURNALED_BYTES: Final = 1024 * 1024
 #: How long a cancelled run may go on in its handler before it is cancelled again
 #: (a wait inside it dropped the cancel: see ``Execution._cancel``).
 _RECANCEL_S: Final = 1.0
 
 
-def _fingerprint(handler: Handler) -> str:
-    """What a resumed run's remote handler must still be: the same handler, speaking
-    the same protocol (plain or interactive); '' for handlers in the process."""
-    if handler.kind in (pb.HANDLER_KIND_BUILTIN, pb.HANDLER_KIND_LLM):
-        return ""
-    caps = handler.capabilities
-    style = "interactive" if caps.interactive else "streaming"
-    return f"{pb.HandlerKind.Name(handler.kind)}/{caps.id}/{style}"
+@dataclass(frozen=True)
+class _Read:
+    """What a run read before its handler (``Execution._read``)."""
+
+    window: cpb.ContextWindow
+    #: The tools its assistant offers (and the memory search, if it offers that).
+    definitions: list[handler_pb2.ToolDefinition]
+    #: The budgets that apply (None: no budgets here).
+    budgets: Read | None
 
 
 def step_limit(limits: ToolLimits, assistant: pb.Assistant | None) -> int:
@@ -146,6 +144,8 @@ class Execution:
         self._metrics = metrics
         # None when tracing is off: runs then get no span (decided once, at the build).
         self._tracer = tracer
+        #: The journal around each run's handler step (``durable.py``).
+        self._durable = Durable(live=common.live, store=common.store, limits=common.limits)
         # Each cancelled run's task, and the loop that cancels it again until it ends
         # (``_cancel``).
         self._cancelling: dict[asyncio.Task[None], asyncio.Task[None]] = {}
@@ -281,128 +281,131 @@ class Execution:
 
     async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
         """Context, handler, answer: everything a run does under its deadline."""
-        run = active.run
         clock = RunClock(active.timeout_s)
-        left = clock.left
-
         async with asyncio.timeout(active.timeout_s) as scope:
             clock.scope = scope
-            assistant = active.assistant
-            budget = (
-                (assistant.context_token_budget if assistant is not None else 0)
-                or active.handler.capabilities.max_context_tokens
-                or 4000
-            )
-            # The member may have left since the message was queued. Checked
-            # alongside the window read (and the listing of the assistant's
-            # tools: one wait on the path to the first delta); nothing reaches
-            # the handler unless all succeed.
-            reads = asyncio.gather(
-                self._policy.authorize(
-                    active.principal, active.conversation, Permission.WRITE, "conversation"
-                ),
-                self._context.window(
-                    active.principal,
-                    cpb.GetContextWindowRequest(
-                        conversation=active.conversation,
-                        token_budget=budget,
-                        retrieval=retrieval_options(assistant.retrieval, budget)
-                        if assistant is not None and assistant.retrieval.enabled
-                        else None,
-                    ),
-                    timeout_s=left(),
-                ),
-            )
-            definitions: list[handler_pb2.ToolDefinition] = []
-            # Admission's read of the budgets, when nothing changed here since: the
-            # common case waits for nothing more than the window (each coroutine
-            # gathered is one more task on the path to the first delta).
-            budgets = self._admitted_budgets(active)
-            reread = self._spending is not None and budgets is None
-            if assistant is not None and (assistant.tools or assistant.retrieval.search_tool):
-                (_, window), (definitions, _), read = await asyncio.gather(
-                    reads,
-                    offered_tools(self._tools, active.principal, assistant),
-                    self._budgets(active) if reread else _nothing(),
-                )
-                budgets = read if reread else budgets
-                if assistant.retrieval.search_tool:
-                    definitions.append(search_memory_definition())
-            elif reread:
-                (_, window), budgets = await asyncio.gather(reads, self._budgets(active))
-            else:
-                _, window = await reads
+            read = await self._read(active, clock.left)
             self._begin(active)
-            journal: Journal | None = None
             if active.handler.kind != pb.HANDLER_KIND_BUILTIN:
                 await self._start_stored(active)
-                journal = self._open_journal(active)
-                if journal.job.HasField("answer"):
-                    # Answered before a crash: the answer is stored now, not asked again.
-                    return await self._replay_answer(active, journal, left)
-            request = handler_pb2.HandleRequest(
-                run=run.name,
-                message=active.message,
-                context=window,
-                parameters=active.parameters,
-                user=active.principal.user_name,
-                flags=run.flags,
-                tools=definitions,
-                steps=active.job.steps,
+            result = await self._durable.around(
+                active,
+                functools.partial(self._handle, active, clock, read),
+                functools.partial(self._replayed, active),
             )
-            if assistant is not None:
-                request.instructions = assistant.instructions
-                if assistant.HasField("model"):
-                    request.model.CopyFrom(assistant.model)
-            if budgets is not None and self._spending is not None:
-                active.budget = self._spending.run_budget(
-                    budgets,
-                    run,
-                    active.workspace_id,
-                    active.principal.api_key_id,
-                    _RunHost(self, active, clock),
-                    _handed(active.job),
-                    record=self._charge(active),
-                )
-            if active.job.speech.speak:
-                self._speak(active)
-            runner = self._runner(active, definitions, clock, journal)
-            if runner is not None:
-                request.max_tool_steps = step_limit(self._tool_limits, assistant)
-                if journal is not None and journal.resuming:
-                    runner.restore()
-            clock.call = HandleCall(
-                request,
-                clock.deadline,
-                tools=runner,
-                budget=active.budget,
-                files=self._file_reader(active, left),
-                model_call=journal.model_call if journal is not None else None,
-                steers=self._steers.source(active) if self._steers is not None else None,
-            )
-            result = await self._relay(active, clock.call)
-            await self._settled(result, runner, journal)
-            return await self._answer(active, result, left)
+            return await self._answer(active, result, clock.left)
 
-    async def _settled(
-        self,
-        result: handler_pb2.HandleResult,
-        runner: RunTools | None,
-        journal: Journal | None,
-    ) -> None:
-        """The handler answered: its steps' messages stored, the run's whole usage
-        on ``result``, and the answer journaled before it is stored."""
+    async def _read(self, active: Active, left: Callable[[], float]) -> _Read:
+        """What the run reads before its handler: its context window, the tools its
+        assistant offers, the budgets that apply."""
+        assistant = active.assistant
+        budget = (
+            (assistant.context_token_budget if assistant is not None else 0)
+            or active.handler.capabilities.max_context_tokens
+            or 4000
+        )
+        # The member may have left since the message was queued. Checked
+        # alongside the window read (and the listing of the assistant's
+        # tools: one wait on the path to the first delta); nothing reaches
+        # the handler unless all succeed.
+        reads = asyncio.gather(
+            self._policy.authorize(
+                active.principal, active.conversation, Permission.WRITE, "conversation"
+            ),
+            self._context.window(
+                active.principal,
+                cpb.GetContextWindowRequest(
+                    conversation=active.conversation,
+                    token_budget=budget,
+                    retrieval=retrieval_options(assistant.retrieval, budget)
+                    if assistant is not None and assistant.retrieval.enabled
+                    else None,
+                ),
+                timeout_s=left(),
+            ),
+        )
+        definitions: list[handler_pb2.ToolDefinition] = []
+        # Admission's read of the budgets, when nothing changed here since: the
+        # common case waits for nothing more than the window (each coroutine
+        # gathered is one more task on the path to the first delta).
+        budgets = self._admitted_budgets(active)
+        reread = self._spending is not None and budgets is None
+        if assistant is not None and (assistant.tools or assistant.retrieval.search_tool):
+            (_, window), (definitions, _), read = await asyncio.gather(
+                reads,
+                offered_tools(self._tools, active.principal, assistant),
+                self._budgets(active) if reread else _nothing(),
+            )
+            budgets = read if reread else budgets
+            if assistant.retrieval.search_tool:
+                definitions.append(search_memory_definition())
+        elif reread:
+            (_, window), budgets = await asyncio.gather(reads, self._budgets(active))
+        else:
+            _, window = await reads
+        return _Read(window, definitions, budgets)
+
+    async def _handle(
+        self, active: Active, clock: RunClock, read: _Read, journal: Journal | None
+    ) -> handler_pb2.HandleResult:
+        """The handler's step: its call (with the run's budget, speech and tool
+        runner) relayed into the run's updates; returns its result, with the run's
+        tool steps stored and their cost on its usage."""
+        request = self._request(active, read)
+        if read.budgets is not None and self._spending is not None:
+            active.budget = self._spending.run_budget(
+                read.budgets,
+                active.run,
+                active.workspace_id,
+                active.principal.api_key_id,
+                _RunHost(self, active, clock),
+                _handed(active.job),
+                record=self._charge(active),
+            )
+        if active.job.speech.speak:
+            self._speak(active)
+        runner = self._runner(active, read.definitions, clock, journal)
+        if runner is not None:
+            request.max_tool_steps = step_limit(self._tool_limits, active.assistant)
+        clock.call = HandleCall(
+            request,
+            clock.deadline,
+            tools=runner,
+            budget=active.budget,
+            files=self._file_reader(active, clock.left),
+            model_call=journal.model_call if journal is not None else None,
+            steers=self._steers.source(active) if self._steers is not None else None,
+        )
+        result = await self._relay(active, clock.call)
         if runner is not None:
             await runner.drain()
             if runner.spent_micros:
                 # Priced tool calls are the run's cost too.
                 result.usage.cost_micros += runner.spent_micros
                 result.usage.estimated_cost_usd = result.usage.cost_micros / 1e6
-        if journal is not None:
-            # What earlier attempts spent is the run's too; the answer is journaled
-            # before it is stored, so a crash does not ask for it again.
-            add_usage(result.usage, journal.earlier)
-            await self._journal_answer(journal, result)
+        return result
+
+    @staticmethod
+    def _request(active: Active, read: _Read) -> handler_pb2.HandleRequest:
+        """What the handler is asked: the message in its context, with the assistant's
+        instructions and model."""
+        run = active.run
+        request = handler_pb2.HandleRequest(
+            run=run.name,
+            message=active.message,
+            context=read.window,
+            parameters=active.parameters,
+            user=active.principal.user_name,
+            flags=run.flags,
+            tools=read.definitions,
+            steps=active.job.steps,
+        )
+        assistant = active.assistant
+        if assistant is not None:
+            request.instructions = assistant.instructions
+            if assistant.HasField("model"):
+                request.model.CopyFrom(assistant.model)
+        return request
 
     async def _answer(
         self, active: Active, result: handler_pb2.HandleResult, left: Callable[[], float]
@@ -429,68 +432,10 @@ class Execution:
         )
         return output, result
 
-    def _open_journal(self, active: Active) -> Journal:
-        """The run's journal for this attempt; RUN_NOT_RESUMABLE when its handler
-        is not the one its first attempt called."""
-        job = active.job
-        handler = active.handler
-        mark = _fingerprint(handler)
-        if mark and handler.available():
-            if job.handler_fingerprint and job.handler_fingerprint != mark:
-                raise RunNotResumable(
-                    f"its handler {active.run.handler} changed since the run started "
-                    f"({job.handler_fingerprint} then, {mark} now)"
-                )
-            job.handler_fingerprint = mark
-        journal = Journal(
-            job,
-            lambda: self._write_job(active),
-            resuming=bool(active.recovered),
-            retry_all=active.recovered == "requeue",
-        )
-        active.journal = journal
-        return journal
-
-    async def _write_job(self, active: Active) -> bool:
-        """Store the run's job as it is now (after any state change being stored);
-        through a database outage of up to ``_JOURNAL_PATIENCE_S``: the run waits
-        rather than act on what is not journaled, or fail for a blip."""
-        backoff = Backoff(0.05, 2.0)
-        began = time.monotonic()
-        while True:
-            if active.retired:
-                return False  # another instance's now: it journals the run
-            try:
-                async with active.persisting, asyncio.timeout(FINISH_TIMEOUT_S):
-                    return await self._store.save_job(
-                        active.run_id,
-                        active.job.SerializeToString(),
-                        owner=self._limits.instance_id,
-                    )
-            except (DependencyUnavailable, Conflict, TimeoutError):
-                if self._live.closing or time.monotonic() - began >= _JOURNAL_PATIENCE_S:
-                    raise
-                log.warning("could not journal a run; retrying", extra={"run": active.run.name})
-            await backoff.wait()
-
-    async def _journal_answer(self, journal: Journal, result: handler_pb2.HandleResult) -> None:
-        """Journal the final answer (a handler's files with their bytes only up to
-        ``_MAX_JOURNALED_BYTES``: beyond that a crash asks for the answer again)."""
-        if result.ByteSize() > _MAX_JOURNALED_BYTES:
-            journal.take_model_call()
-            return
-        _, response_id = journal.take_model_call()
-        journal.job.answer.result.CopyFrom(result)
-        journal.job.answer.response_id = response_id
-        await journal.checkpoint()
-
-    async def _replay_answer(
-        self, active: Active, journal: Journal, left: Callable[[], float]
-    ) -> tuple[cpb.Message, handler_pb2.HandleResult]:
-        """A journaled answer: shown again (this attempt's watchers start over),
-        stored as the run's message with the first attempt's request id."""
-        result = handler_pb2.HandleResult()
-        result.CopyFrom(journal.job.answer.result)
+    def _replayed(self, active: Active, result: handler_pb2.HandleResult) -> None:
+        """An answer journaled before a crash, shown again (this attempt's watchers
+        start over) and spoken if the run speaks; it is stored as the run's message
+        with the first attempt's request id."""
         text = "".join(part.text for part in result.parts if part.HasField("text"))
         if active.job.speech.speak:
             self._speak(active)
@@ -500,8 +445,6 @@ class Execution:
             self._publishing.emit(active, update)
             if active.speaker is not None:
                 active.speaker.feed(text)
-        log.info("run answered from its journal", extra={"run": active.run.name})
-        return await self._answer(active, result, left)
 
     def _speak(self, active: Active) -> None:
         """The run speaks its answer as it is written (``voice/speaker.py``)."""
@@ -612,8 +555,7 @@ class Execution:
         if not definitions and not interactive and not (assistant and assistant.tools):
             return None
         if journal is None:
-            # Built-in handlers call no tools; one that did would be journaled too.
-            journal = Journal(active.job, lambda: self._write_job(active))
+            journal = self._durable.unresumed(active)
         runner = RunTools(
             _RunHost(self, active, clock),
             self._tools,
@@ -634,6 +576,8 @@ class Execution:
                 else None
             ),
         )
+        if journal.resuming:
+            runner.restore()
         active.tools = runner
         return runner
 

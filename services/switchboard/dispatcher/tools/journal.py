@@ -31,6 +31,9 @@ JOURNAL_VERSION: Final = 1
 READABLE: Final = frozenset({0, JOURNAL_VERSION})
 #: Usage travels as int32 fields.
 _INT32_MAX: Final = 2**31 - 1
+#: Largest final answer journaled (with its files' bytes); a larger one is asked
+#: for again if a crash comes between it and its message.
+_MAX_ANSWER_BYTES: Final = 1024 * 1024
 
 
 def unreadable(job: job_pb2.RunJob) -> str:
@@ -142,6 +145,17 @@ class Journal:
             record.usage.CopyFrom(usage)
         record.response_id = response_id
         return record
+
+    async def answered(self, result: hpb.HandleResult) -> None:
+        """Journal the final answer (a handler's files with their bytes only up to
+        ``_MAX_ANSWER_BYTES``: beyond that a crash asks for the answer again)."""
+        if result.ByteSize() > _MAX_ANSWER_BYTES:
+            self.take_model_call()
+            return
+        _, response_id = self.take_model_call()
+        self.job.answer.result.CopyFrom(result)
+        self.job.answer.response_id = response_id
+        await self.checkpoint()
 
     # -- writing ------------------------------------------------------------------------
 
