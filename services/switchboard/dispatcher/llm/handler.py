@@ -51,6 +51,7 @@ from switchboard.dispatcher.llm.client import Answer, ProviderClient
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
 from switchboard.dispatcher.llm.images import check_policy, load
 from switchboard.dispatcher.llm.messages import build_messages, user_message
+from switchboard.dispatcher.llm.stream import ModelCall, Outcome
 from switchboard.dispatcher.llm.tools import ToolLoop
 from switchboard.dispatcher.llm.usage import INT32_MAX, Price, Tally, estimate_tokens
 from switchboard.platform.errors import ModelNotPriced
@@ -121,39 +122,23 @@ class LlmHandler:
         await self._client.aclose()
 
     async def handle(self, call: HandleCall) -> AsyncGenerator[Frame, None]:
-        request = call.request
-        chain = self._chain(request.model)
-        sampling = sampling_of(request, self._config.max_output_tokens)
-        # Text shown before a restart counts as shown: the run's answer has begun.
-        shown = any(step.text for step in request.steps)
-        usage = Tally(self._count)
-        window: dict[str, dict[str, Any]] = {}
-        messages = build_messages(request, window)
-        steering = _Steering(call, messages, window)
-        # Images: refused here under the refuse policy, else read once for the run's calls.
-        chain, images = check_policy(messages, chain, self._config)
-        await load(images, call.files, self._config)
-        tools = ToolLoop(call)
-        budget = _CallBudget(
-            call.budget, self._prices(chain, call.budget), self._config.min_output_tokens
-        )
-        await tools.resume(messages, steering.journaled_before)
-        steering.journaled_before(tools.steps + 1)
+        run = await self._prepare(call)
+        steering, tools, messages = run.steering, run.tools, run.messages
         while True:
             # The step boundary: steers sent since the last model call go in now,
             # after the step's tool results (docs/dispatcher.md, "Steering a live run").
             await steering.take(tools.steps + 1)
             extra = tools.offer()
-            hold, asked, notice = await budget.reserve(
-                usage.prompt_tokens(messages, extra.get("tools")), sampling
+            hold, asked, notice = await run.budget.reserve(
+                run.usage.prompt_tokens(messages, extra.get("tools")), run.sampling
             )
             if notice is not None:
                 yield notice
-            answer = Answer(shown=shown)
+            answer = Answer(shown=run.shown)
             said: list[str] = []
             async with contextlib.aclosing(
                 self._client.ask(
-                    chain, request_body(messages, asked, extra), call.remaining, answer
+                    run.chain, request_body(messages, asked, extra), call.remaining, answer
                 )
             ) as texts:
                 # The steer race only for a run that restarts its stream: a plain run's
@@ -166,59 +151,105 @@ class LlmHandler:
                     frame.delta.text = text
                     said.append(text)
                     yield frame
-            shown = answer.shown
+            run.shown = answer.shown
             if steering.was_cut:
-                # RESTART_STREAM: the call was cut for a steer. What it used is charged
-                # (estimated: a cut stream reports no usage), and it is made again with
+                # RESTART_STREAM: the call was cut for a steer, and is made again with
                 # the steer, at the top of the loop.
-                spent = usage.add(
-                    reported=None,
-                    price=self._config.price_of(answer.provider or chain[0]),
-                    messages=messages,
-                    tools=extra.get("tools"),
-                    text="".join(said),
-                    calls=(),
-                )
-                await budget.settle(hold, spent)
+                await self._charge_cut(run, answer, extra, "".join(said), hold)
                 continue
-            outcome, provider = answer.outcome, answer.provider
-            if provider is None:
-                raise RuntimeError("a model call ended without an answer or a failure")
-            made = outcome.tool_calls()
-            price = self._config.price_of(provider)
-            spent = usage.add(
-                reported=outcome.usage,
-                price=price,
-                messages=messages,
-                tools=extra.get("tools"),
-                text="".join(outcome.pieces),
-                calls=((call_made.name, call_made.arguments) for call_made in made),
-            )
-            input_tokens, output_tokens, micros = spent
-            await budget.settle(hold, spent)
-            if call.model_call is not None:
-                call.model_call(
-                    handler_pb2.Usage(
-                        input_tokens=min(input_tokens, INT32_MAX),
-                        output_tokens=min(output_tokens, INT32_MAX),
-                        cost_micros=micros,
-                        estimated_cost_usd=micros / 1e6,
-                        model=provider.label,
-                        estimated=outcome.usage is None,
-                        unpriced_calls=int(price is None),
-                    ),
-                    outcome.response_id,
-                )
+            made = answer.outcome.tool_calls()
+            provider = await self._settle(run, answer, extra, made, hold)
             if not made:
-                result = handler_pb2.HandleResult(
-                    parts=[context_pb2.ContentPart(text="".join(outcome.pieces))],
-                    usage=usage.usage(provider.label),
-                    finish_reason=outcome.finish_reason or "stop",
-                )
-                budget.show(result.usage)
-                yield Frame(result=result)
+                yield Frame(result=_result(run, answer.outcome, provider))
                 return
-            await tools.step(messages, "".join(outcome.pieces), made)
+            await tools.step(messages, "".join(answer.outcome.pieces), made)
+
+    async def _prepare(self, call: HandleCall) -> _Run:
+        """The run before its first model call: the provider chain, the sampling, the
+        conversation (its images read, its steers placed) and the tool steps already
+        taken, replayed from the journal without asking the model again."""
+        request = call.request
+        chain = self._chain(request.model)
+        sampling = sampling_of(request, self._config.max_output_tokens)
+        window: dict[str, dict[str, Any]] = {}
+        messages = build_messages(request, window)
+        steering = _Steering(call, messages, window)
+        # Images: refused here under the refuse policy, else read once for the run's calls.
+        chain, images = check_policy(messages, chain, self._config)
+        await load(images, call.files, self._config)
+        tools = ToolLoop(call)
+        budget = _CallBudget(
+            call.budget, self._prices(chain, call.budget), self._config.min_output_tokens
+        )
+        await tools.resume(messages, steering.journaled_before)
+        steering.journaled_before(tools.steps + 1)
+        return _Run(
+            call=call,
+            chain=chain,
+            sampling=sampling,
+            messages=messages,
+            steering=steering,
+            tools=tools,
+            budget=budget,
+            usage=Tally(self._count),
+            # Text shown before a restart counts as shown: the run's answer has begun.
+            shown=any(step.text for step in request.steps),
+        )
+
+    async def _charge_cut(
+        self, run: _Run, answer: Answer, extra: dict[str, Any], said: str, hold: str
+    ) -> None:
+        """A call cut for a steer: what it used is charged, estimated (a cut stream
+        reports no usage)."""
+        spent = run.usage.add(
+            reported=None,
+            price=self._config.price_of(answer.provider or run.chain[0]),
+            messages=run.messages,
+            tools=extra.get("tools"),
+            text=said,
+            calls=(),
+        )
+        await run.budget.settle(hold, spent)
+
+    async def _settle(
+        self,
+        run: _Run,
+        answer: Answer,
+        extra: dict[str, Any],
+        made: list[ModelCall],
+        hold: str,
+    ) -> Provider:
+        """A model call that ended: its usage counted and charged, and told to the
+        run's journal (``HandleCall.model_call``). Returns the provider that answered."""
+        outcome, provider = answer.outcome, answer.provider
+        if provider is None:
+            raise RuntimeError("a model call ended without an answer or a failure")
+        price = self._config.price_of(provider)
+        spent = run.usage.add(
+            reported=outcome.usage,
+            price=price,
+            messages=run.messages,
+            tools=extra.get("tools"),
+            text="".join(outcome.pieces),
+            calls=((call_made.name, call_made.arguments) for call_made in made),
+        )
+        input_tokens, output_tokens, micros = spent
+        await run.budget.settle(hold, spent)
+        model_call = run.call.model_call
+        if model_call is not None:
+            model_call(
+                handler_pb2.Usage(
+                    input_tokens=min(input_tokens, INT32_MAX),
+                    output_tokens=min(output_tokens, INT32_MAX),
+                    cost_micros=micros,
+                    estimated_cost_usd=micros / 1e6,
+                    model=provider.label,
+                    estimated=outcome.usage is None,
+                    unpriced_calls=int(price is None),
+                ),
+                outcome.response_id,
+            )
+        return provider
 
     def _prices(self, chain: tuple[Provider, ...], budget: StepBudget | None) -> tuple[Price, ...]:
         """The chain's prices, when a budget applies. Under a cost cap every
@@ -268,6 +299,34 @@ class LlmHandler:
                 raise HandlerFailure("the assistant's model name must be 1 to 256 characters")
             providers[0] = replace(providers[0], model=settings.model)
         return tuple(providers)
+
+
+@dataclass
+class _Run:
+    """One run's parts, as its model calls use them."""
+
+    call: HandleCall
+    chain: tuple[Provider, ...]
+    sampling: Sampling
+    #: The conversation as the model reads it (Chat Completions messages).
+    messages: list[dict[str, Any]]
+    steering: _Steering
+    tools: ToolLoop
+    budget: _CallBudget
+    usage: Tally
+    #: Some of the answer was shown (this attempt's, or one before a restart).
+    shown: bool
+
+
+def _result(run: _Run, outcome: Outcome, provider: Provider) -> handler_pb2.HandleResult:
+    """The run's result: the last call's whole answer, the usage of every call."""
+    result = handler_pb2.HandleResult(
+        parts=[context_pb2.ContentPart(text="".join(outcome.pieces))],
+        usage=run.usage.usage(provider.label),
+        finish_reason=outcome.finish_reason or "stop",
+    )
+    run.budget.show(result.usage)
+    return result
 
 
 class _Steering:
