@@ -33,8 +33,8 @@ pytestmark = pytest.mark.service
 #: The stages in the order a message travels them.
 STAGES = ("servicer", "service", "admission", "scheduler", "execution", "publishing")
 #: Where each stage lives: the servicer and the service at the top of dispatcher/, the
-#: pipeline's stages in its runs/ room.
-_MODULES = ("", "", "runs.", "runs.", "runs.", "runs.")
+#: pipeline's stages in its runs/ room (admission in its intake, publishing in its reading).
+_MODULES = ("", "", "runs.intake.", "runs.", "runs.", "runs.reading.")
 _ORDER = {
     f"switchboard.dispatcher.{room}{name}": index
     for index, (room, name) in enumerate(zip(_MODULES, STAGES, strict=True))
