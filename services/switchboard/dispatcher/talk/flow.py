@@ -14,7 +14,9 @@ the relay and the writer (``outbound.py``) send them out. Between them:
   cancel, an error frame said from code that cannot wait), cancelled with the
   session.
 
-Each of them wakes the writer when it changes something the writer decides on.
+The backlog and the outcome wake the writer when they change what it decides
+on (the intake does, for the client's side). ``Actions`` are the dispatcher's
+calls the actors make.
 """
 
 from __future__ import annotations
