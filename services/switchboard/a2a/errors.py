@@ -33,7 +33,13 @@ from switchboard.platform.errors import (
     SwitchboardError,
     field_root,
 )
-from switchboard.platform.values import names
+from switchboard.platform.values.resources import (
+    AssistantName,
+    BudgetName,
+    ConversationName,
+    RunName,
+    WorkspaceName,
+)
 
 DOMAIN: Final = "a2a-protocol.org"
 TASK_NOT_FOUND: Final = ForeignReason(DOMAIN, "TASK_NOT_FOUND")
@@ -50,8 +56,6 @@ VERSION_HEADER: Final = "a2a-version"
 VERSIONS: Final = frozenset({"1.0", "1"})
 #: The most of a caller's id an error message repeats.
 _ID_SHOWN: Final = 80
-#: A budget's resource name (``dispatcher/budgets/``), as error messages name it.
-_BUDGET: Final = re.compile(rf"workspaces/({names.ID})/budgets/({names.ID})")
 
 
 def check_version(value: str) -> None:
@@ -124,14 +128,18 @@ _PART_FIELDS: Final = {
 
 
 def a2a_text(text: str) -> str:
-    """``text`` with Switchboard's resource names (``names``' patterns, found wherever
-    they stand in it) replaced by what A2A calls them: a run first, so that it is not
-    read as its conversation, and a workspace last."""
-    text = names.RUN.sub(lambda m: f"task {m[2]}.{m[3]}", text)
-    text = names.CONVERSATION.sub(lambda m: f"context {m[2]}", text)
-    text = names.ASSISTANT.sub(lambda m: f"agent {m[1]}.{m[2]}", text)
-    text = _BUDGET.sub(lambda m: f"budget {m[2]} of the agent's workspace {m[1]}", text)
-    return names.WORKSPACE.sub(lambda m: f"the agent's workspace {m[1]}", text)
+    """``text`` with Switchboard's resource names (found wherever they stand in it)
+    replaced by what A2A calls them: a run first, so that it is not read as its
+    conversation, and a workspace last."""
+    text = RunName.replace_in(text, lambda run: f"task {run.conversation}.{run.run}")
+    text = ConversationName.replace_in(text, lambda found: f"context {found.conversation}")
+    text = AssistantName.replace_in(
+        text, lambda found: f"agent {found.workspace}.{found.assistant}"
+    )
+    text = BudgetName.replace_in(
+        text, lambda found: f"budget {found.budget} of the agent's workspace {found.workspace}"
+    )
+    return WorkspaceName.replace_in(text, lambda found: f"the agent's workspace {found.workspace}")
 
 
 def a2a_field(field: str, renames: Mapping[str, str], fields: Collection[str]) -> str:

@@ -32,6 +32,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.policy import Permission, Policy, Principal
+from switchboard.platform.values.resources import AssistantName, ConversationName, WorkspaceName
 
 #: The run states a task ends in (A2A's terminal states).
 _ENDED: Final = frozenset(
@@ -174,7 +175,7 @@ class FrontDoor:
     ) -> a2a.AgentCard:
         """The assistant's card; ``forwarded``: the scheme and Host the call reached the
         edge with, so that the card names the edge the client came through."""
-        _, assistant_name = mapping.agent(tenant)
+        assistant_name = str(mapping.agent(tenant))
         await self._policy.authorize(principal, assistant_name, Permission.READ, "tenant")
         assistant = await self._runs.assistant(principal, assistant_name)
         return card_of(assistant, self._interfaces(*forwarded))
@@ -184,7 +185,7 @@ class FrontDoor:
     async def _admit(self, principal: Principal, request: a2a.SendMessageRequest) -> _Admitted:
         """The run the message starts, continues or steers, and the sequence to follow it
         after."""
-        workspace, assistant = mapping.agent(request.tenant)
+        agent = mapping.agent(request.tenant)
         message = request.message
         if not request.HasField("message"):
             raise InvalidArgument("message is required", [FieldViolation("message", "is required")])
@@ -199,9 +200,9 @@ class FrontDoor:
             # Refused before the run starts: a malformed or blocked config starts nothing.
             await self.push.validate(push, f"{_PUSH_FIELD}.")
         if message.task_id:
-            admitted = await self._continue(principal, workspace, request)
+            admitted = await self._continue(principal, agent.parent, request)
         else:
-            admitted = await self._start(principal, request, workspace, assistant)
+            admitted = await self._start(principal, request, agent)
         if push is not None:
             await self.push.attach(
                 principal,
@@ -216,10 +217,10 @@ class FrontDoor:
         self,
         principal: Principal,
         request: a2a.SendMessageRequest,
-        workspace: str,
-        assistant: str,
+        agent: AssistantName,
     ) -> _Admitted:
         """A new task: the message admitted as ``DispatcherService.SendMessage`` admits it."""
+        workspace = agent.parent
         message = request.message
         parts = mapping.parts_in(message)
         handed = mapping.handed_in(message)
@@ -229,11 +230,13 @@ class FrontDoor:
                 workspace, message.context_id, "message.context_id"
             )
         else:
-            await self._policy.authorize(principal, workspace, Permission.WRITE, "tenant")
+            await self._policy.authorize(principal, str(workspace), Permission.WRITE, "tenant")
             # The message id keys the new conversation too: a retried message lands
             # in the conversation its first attempt made, and is replayed there.
             key = hashlib.sha256(message.message_id.encode()).hexdigest()[:32]
-            conversation = await self._texts.create_conversation(principal, workspace, f"a2a-{key}")
+            conversation = await self._texts.create_conversation(
+                principal, str(workspace), f"a2a-{key}"
+            )
         await self._policy.authorize(
             principal, conversation, Permission.WRITE, "message.context_id"
         )
@@ -242,7 +245,7 @@ class FrontDoor:
             pb.SendMessageRequest(
                 conversation=conversation,
                 message=cpb.Message(parts=parts),
-                assistant=assistant,
+                assistant=str(agent),
                 request_id=request_id,
                 # The request's metadata is the handler's parameters (docs/a2a.md).
                 parameters=request.metadata,
@@ -252,7 +255,7 @@ class FrontDoor:
         return _Admitted(sent.run, 0)
 
     async def _continue(
-        self, principal: Principal, workspace: str, request: a2a.SendMessageRequest
+        self, principal: Principal, workspace: WorkspaceName, request: a2a.SendMessageRequest
     ) -> _Admitted:
         """A message on a task: on an input-required one, the decisions on its pending
         tool calls (``SubmitToolApprovals``); on a submitted or working one, a steer
@@ -260,7 +263,7 @@ class FrontDoor:
         refused (A2A: a task in a terminal state takes no more messages).
         """
         message = request.message
-        name = mapping.run_name(workspace, message.task_id, "message.task_id")
+        name = str(mapping.run_name(workspace, message.task_id, "message.task_id"))
         if message.context_id and message.context_id != mapping.context_id(name):
             # A2A: a context that is not the task's is refused, not ignored.
             description = "is not the context of message.task_id"
@@ -331,16 +334,14 @@ class FrontDoor:
     # -- tasks ------------------------------------------------------------------------------
 
     async def get(self, principal: Principal, request: a2a.GetTaskRequest) -> a2a.Task:
-        workspace, _ = mapping.agent(request.tenant)
-        name = mapping.run_name(workspace, request.id)
+        name = str(mapping.run_name(mapping.agent(request.tenant).parent, request.id))
         history = _history_length(request, "history_length")
         await self._policy.authorize(principal, name, Permission.READ, "id")
         run = await self._runs.get_run(principal, name)
         return await self._task(principal, run, history=history)
 
     async def cancel(self, principal: Principal, request: a2a.CancelTaskRequest) -> a2a.Task:
-        workspace, _ = mapping.agent(request.tenant)
-        name = mapping.run_name(workspace, request.id)
+        name = str(mapping.run_name(mapping.agent(request.tenant).parent, request.id))
         await self._policy.authorize(principal, name, Permission.WRITE, "id")
         run = await self._runs.cancel_run(principal, name, "cancelled by an A2A client")
         if run.state in _ENDED and run.state != pb.RUN_STATE_CANCELLED:
@@ -355,18 +356,19 @@ class FrontDoor:
     ) -> a2a.ListTasksResponse:
         """The agent's tasks the caller may read, newest first: in one context, or in
         every context of the agent's workspace; ``total_size`` counts them all."""
-        workspace, assistant = mapping.agent(request.tenant)
+        agent = mapping.agent(request.tenant)
+        assistant = str(agent)
         await self._policy.authorize(principal, assistant, Permission.READ, "tenant")
         # Not found (to a member too) for an agent that does not exist.
         await self._runs.assistant(principal, assistant)
         size = _page_size(request)
         history = _history_length(request, "history_length") or 0
         empty = a2a.ListTasksResponse(page_size=size)
-        parent = workspace
+        parent = str(agent.parent)
         if request.context_id:
             if not mapping.CONTEXT_ID.fullmatch(request.context_id):
                 return empty  # no context of this agent has that id, so no task either
-            parent = f"{workspace}/conversations/{request.context_id}"
+            parent = str(ConversationName(agent.workspace, request.context_id))
         listing = pb.ListRunsRequest(
             parent=parent, page_size=size, page_token=request.page_token, assistant=assistant
         )
@@ -401,8 +403,7 @@ class FrontDoor:
     ) -> AsyncIterator[a2a.StreamResponse]:
         """The task, then its events; with the resume extension (``after`` set) only
         those after that sequence, also for a task that has ended since."""
-        workspace, _ = mapping.agent(request.tenant)
-        name = mapping.run_name(workspace, request.id)
+        name = str(mapping.run_name(mapping.agent(request.tenant).parent, request.id))
         await self._policy.authorize(principal, name, Permission.READ, "id")
         run = await self._runs.get_run(principal, name)
         if run.state in _ENDED and after is None:

@@ -9,7 +9,8 @@ A2A's HTTP binding puts ``tenant`` and a task's ``id`` in one path segment each
 - a task ``id`` is ``{conversation}.{run}``.
 
 Ids never hold a ``.`` (``names.ID``), so each splits one way. Each maps to a
-resource name, and the name is what the policy authorizes.
+resource name (``platform/values/resources.py``), and the name is what the policy
+authorizes.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ from switchboard.dispatcher.handlers.handed import (
 )
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.values import names, structs
+from switchboard.platform.values.resources import (
+    AssistantName,
+    ConversationName,
+    RunName,
+    WorkspaceName,
+)
 from switchboard.platform.values.wording import counted, noun
 
 _ID: Final = names.ID
-TENANT: Final = re.compile(rf"({_ID})\.({_ID})")
-TASK_ID: Final = re.compile(rf"({_ID})\.({_ID})")
+TENANT: Final = re.compile(rf"(?P<workspace>{_ID})\.(?P<assistant>{_ID})")
+TASK_ID: Final = re.compile(rf"(?P<conversation>{_ID})\.(?P<run>{_ID})")
 CONTEXT_ID: Final = re.compile(_ID)
 #: The artifact a run's answer streams into.
 ANSWER_ARTIFACT: Final = "answer"
@@ -82,8 +89,8 @@ def _required(value: str, field: str) -> None:
         raise InvalidArgument(f"{field} is required", [FieldViolation(field, "is required")])
 
 
-def agent(tenant: str) -> tuple[str, str]:
-    """``(workspace name, assistant name)`` of ``tenant``, or INVALID_ARGUMENT.
+def agent(tenant: str) -> AssistantName:
+    """The assistant ``tenant`` names (its workspace: ``.parent``), or INVALID_ARGUMENT.
 
     An empty tenant has been given the deployment's root agent, if it names one,
     before this (``servicer``)."""
@@ -97,19 +104,18 @@ def agent(tenant: str) -> tuple[str, str]:
     if found is None:
         description = "must be {workspace}.{assistant}, as the agent's card names it"
         raise InvalidArgument(f"tenant {description}", [FieldViolation("tenant", description)])
-    workspace = f"workspaces/{found[1]}"
-    return workspace, f"{workspace}/assistants/{found[2]}"
+    return AssistantName(found["workspace"], found["assistant"])
 
 
 def tenant_of(assistant: str) -> str:
     """The tenant of ``workspaces/{w}/assistants/{a}``."""
-    found = names.ASSISTANT.fullmatch(assistant)
+    found = AssistantName.parse_or_none(assistant)
     if found is None:  # pragma: no cover - assistants' names come from the store
         raise ValueError(assistant)
-    return f"{found[1]}.{found[2]}"
+    return f"{found.workspace}.{found.assistant}"
 
 
-def run_name(workspace: str, task_id: str, field: str = "id") -> str:
+def run_name(workspace: WorkspaceName, task_id: str, field: str = "id") -> RunName:
     """The run a task id names in ``workspace``; INVALID_ARGUMENT naming ``field`` when
     it is missing, TASK_NOT_FOUND when it is not this agent's kind of id (A2A: a task
     id that names no task is not found, whatever it looks like)."""
@@ -117,7 +123,7 @@ def run_name(workspace: str, task_id: str, field: str = "id") -> str:
     found = TASK_ID.fullmatch(task_id)
     if found is None:
         raise errors.task_not_found(task_id)
-    return f"{workspace}/conversations/{found[1]}/runs/{found[2]}"
+    return RunName(workspace.workspace, found["conversation"], found["run"])
 
 
 #: The longest message id taken (A2A sets none; the id only keys a send's idempotency).
@@ -139,25 +145,25 @@ def request_id(message_id: str, field: str = "message.message_id") -> str:
     return "a2a-" + hashlib.sha256(message_id.encode()).hexdigest()[:40]
 
 
-def conversation_name(workspace: str, context_id: str, field: str) -> str:
+def conversation_name(workspace: WorkspaceName, context_id: str, field: str) -> str:
     if not CONTEXT_ID.fullmatch(context_id):
         description = "is not a context id of this agent"
         raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
-    return f"{workspace}/conversations/{context_id}"
+    return str(ConversationName(workspace.workspace, context_id))
 
 
 def task_id(run: str) -> str:
-    found = names.RUN.fullmatch(run)
+    found = RunName.parse_or_none(run)
     if found is None:  # pragma: no cover - runs' names come from the dispatcher
         raise ValueError(run)
-    return f"{found[2]}.{found[3]}"
+    return f"{found.conversation}.{found.run}"
 
 
 def context_id(run: str) -> str:
-    found = names.RUN.fullmatch(run)
+    found = RunName.parse_or_none(run)
     if found is None:  # pragma: no cover
         raise ValueError(run)
-    return found[2]
+    return found.conversation
 
 
 def handed_in(message: a2a.Message, field: str = "message") -> Handed | None:

@@ -48,6 +48,7 @@ from switchboard.platform.security.egress import (
 from switchboard.platform.security.policy import Permission, Policy, Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import RunName, WorkspaceName
 
 #: Configs one task may have.
 MAX_PER_TASK: Final = 10
@@ -112,8 +113,7 @@ class PushConfigs:
     async def create(
         self, principal: Principal, config: a2a.TaskPushNotificationConfig
     ) -> a2a.TaskPushNotificationConfig:
-        workspace, _ = mapping.agent(config.tenant)
-        name = mapping.run_name(workspace, config.task_id, "task_id")
+        name = str(mapping.run_name(mapping.agent(config.tenant).parent, config.task_id, "task_id"))
         await self._policy.authorize(principal, name, Permission.WRITE, "task_id")
         run = await self._runs.get_run(principal, name)
         return await self.attach(principal, config, run, prefix="")
@@ -134,10 +134,10 @@ class PushConfigs:
         replayed send finds its config stored and answers it.
         """
         await self.validate(config, prefix)
-        found = names.RUN.fullmatch(run.name)
+        found = RunName.parse_or_none(run.name)
         if found is None:  # pragma: no cover - runs' names come from the dispatcher
             raise ValueError(run.name)
-        workspace_id, conversation_id, run_id = found[1], found[2], found[3]
+        workspace_id, conversation_id, run_id = found.workspace, found.conversation, found.run
         config_id = config.id or default_id or names.new_id()
         endpoint_id = PushStore.new_endpoint_id()
         scheme = config.authentication.scheme if config.HasField("authentication") else ""
@@ -185,11 +185,10 @@ class PushConfigs:
     async def get(
         self, principal: Principal, request: a2a.GetTaskPushNotificationConfigRequest
     ) -> a2a.TaskPushNotificationConfig:
-        workspace, _ = mapping.agent(request.tenant)
-        name = mapping.run_name(workspace, request.task_id, "task_id")
-        await self._policy.authorize(principal, name, Permission.READ, "task_id")
+        run = mapping.run_name(mapping.agent(request.tenant).parent, request.task_id, "task_id")
+        await self._policy.authorize(principal, str(run), Permission.READ, "task_id")
         config_id = self._config_id(request.id)
-        found = await self._store.get(*_parts(name), config_id)
+        found = await self._store.get(run.workspace, run.conversation, run.run, config_id)
         if found is None:
             raise NotFound(f"task {request.task_id} has no push config {config_id!r}")
         return self._message(found, tenant=request.tenant)
@@ -197,16 +196,15 @@ class PushConfigs:
     async def list(
         self, principal: Principal, request: a2a.ListTaskPushNotificationConfigsRequest
     ) -> a2a.ListTaskPushNotificationConfigsResponse:
-        workspace, _ = mapping.agent(request.tenant)
-        name = mapping.run_name(workspace, request.task_id, "task_id")
-        await self._policy.authorize(principal, name, Permission.READ, "task_id")
+        run = mapping.run_name(mapping.agent(request.tenant).parent, request.task_id, "task_id")
+        await self._policy.authorize(principal, str(run), Permission.READ, "task_id")
         size = pagination.page_size(request.page_size, default=DEFAULT_PAGE, maximum=MAX_PAGE)
-        fingerprint = pagination.fingerprint("a2a-push-configs", name)
+        fingerprint = pagination.fingerprint("a2a-push-configs", str(run))
         after = ""
         if request.page_token:
             (last,) = self._pages.decode(request.page_token, fingerprint, (_PAGE_KEY,))
             after = str(last)
-        found = await self._store.page(*_parts(name), size + 1, after)
+        found = await self._store.page(run.workspace, run.conversation, run.run, size + 1, after)
         token = ""
         if len(found) > size:
             found = found[:size]
@@ -219,11 +217,10 @@ class PushConfigs:
     async def delete(
         self, principal: Principal, request: a2a.DeleteTaskPushNotificationConfigRequest
     ) -> None:
-        workspace, _ = mapping.agent(request.tenant)
-        name = mapping.run_name(workspace, request.task_id, "task_id")
-        await self._policy.authorize(principal, name, Permission.WRITE, "task_id")
+        run = mapping.run_name(mapping.agent(request.tenant).parent, request.task_id, "task_id")
+        await self._policy.authorize(principal, str(run), Permission.WRITE, "task_id")
         config_id = self._config_id(request.id)
-        if not await self._store.delete(*_parts(name), config_id):
+        if not await self._store.delete(run.workspace, run.conversation, run.run, config_id):
             raise NotFound(f"task {request.task_id} has no push config {config_id!r}")
 
     # -- helpers ----------------------------------------------------------------------------
@@ -351,7 +348,7 @@ class PushConfigs:
         event = events_pb2.Event(
             id=names.new_id(),
             type=events_pb2.EVENT_TYPE_RUN_UPDATED,
-            workspace=f"workspaces/{workspace_id}",
+            workspace=str(WorkspaceName(workspace_id)),
         )
         event.run_updated.update.CopyFrom(update)
         event.time.GetCurrentTime()
@@ -374,10 +371,3 @@ class PushConfigs:
         if config.auth_scheme:
             found.authentication.scheme = config.auth_scheme
         return found
-
-
-def _parts(run: str) -> tuple[str, str, str]:
-    found = names.RUN.fullmatch(run)
-    if found is None:  # pragma: no cover - built by mapping.run_name
-        raise ValueError(run)
-    return found[1], found[2], found[3]
