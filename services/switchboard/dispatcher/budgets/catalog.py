@@ -33,22 +33,13 @@ from switchboard.dispatcher.budgets.store import (
     WORKSPACE,
     BudgetRecord,
     BudgetStore,
-    Created,
-    IdTaken,
     NewBudget,
     Window,
 )
-from switchboard.platform.errors import (
-    AlreadyExists,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    Violations,
-)
+from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.store import pagination
-from switchboard.platform.store.outbox import Staged
+from switchboard.platform.store.keyed import Catalog
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
 from switchboard.platform.values import names, timefields
@@ -113,8 +104,7 @@ class Budgets:
         on_change: Callable[[str], None] = _nothing,
     ) -> None:
         self._store = store
-        self._bus = bus
-        self._pages = page_tokens
+        self._catalog = Catalog(store, bus, page_tokens)
         self._assistant_exists = assistant_exists
         self.max_per_workspace = max_per_workspace
         #: Called with the workspace's id after a budget of it was updated or deleted
@@ -255,51 +245,31 @@ class Budgets:
             data=clean.SerializeToString(deterministic=True),
             creator=principal.user_name,
         )
-        staged: Staged[Created] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                [budget_mapping.event(principal, events_pb2.CHANGE_KIND_CREATED, done.record)]
-                if done.fresh
-                else None
+        created = await self._catalog.created(
+            budget_mapping.budget_name(workspace_id, budget_id),
+            key,
+            lambda done: [
+                budget_mapping.event(principal, events_pb2.CHANGE_KIND_CREATED, done.record)
+            ],
+            lambda staged: self._store.create(
+                record, idempotency=key, max_per_workspace=self.max_per_workspace, staged=staged
             ),
-            key=key.key if key else "",
         )
-        try:
-            created = await self._store.create(
-                record,
-                idempotency=key,
-                max_per_workspace=self.max_per_workspace,
-                staged=staged,
-            )
-        except IdTaken:
-            raise AlreadyExists(
-                f"{budget_mapping.budget_name(workspace_id, budget_id)} already exists"
-            ) from None
-        await self._bus.publish_staged(staged.events)
         (shown,) = await self._shown([created.record])
         return shown
 
     async def get(self, name: str) -> pb.Budget:
         found = names.match(names.BUDGET, name, "name")
-        record = await self._store.get(found[1], found[2])
-        if record is None:
-            raise NotFound(f"{name} not found")
+        record = await self._catalog.found(name, found[1], found[2])
         (shown,) = await self._shown([record])
         return shown
 
     async def list_budgets(self, request: pb.ListBudgetsRequest) -> pb.ListBudgetsResponse:
         workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
-        size = pagination.page_size(request.page_size, default=50, maximum=100)
-        fingerprint = pagination.fingerprint("budgets", workspace_id)
-        after = None
-        if request.page_token:
-            (last,) = self._pages.decode(request.page_token, fingerprint, (pagination.ID,))
-            after = str(last)
-        records = await self._store.page(workspace_id, after, size + 1)
-        response = pb.ListBudgetsResponse(budgets=await self._shown(records[:size]))
-        if len(records) > size:
-            response.next_page_token = self._pages.encode([records[size - 1].id], fingerprint)
-        return response
+        records, token = await self._catalog.listed(
+            workspace_id, request.page_size, request.page_token, default=50
+        )
+        return pb.ListBudgetsResponse(budgets=await self._shown(records), next_page_token=token)
 
     @staticmethod
     def _paths(request: pb.UpdateBudgetRequest) -> list[str]:
@@ -336,18 +306,11 @@ class Budgets:
                 raise self._no_cap()  # inside the transaction: nothing is written
             return stored.SerializeToString(deterministic=True)
 
-        staged: Staged[BudgetRecord | None] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                [budget_mapping.event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
-                if done
-                else []
-            ),
+        record = await self._catalog.changed(
+            given.name,
+            lambda done: [budget_mapping.event(principal, events_pb2.CHANGE_KIND_UPDATED, done)],
+            lambda staged: self._store.update(workspace_id, budget_id, given.etag, edit, staged),
         )
-        record = await self._store.update(workspace_id, budget_id, given.etag, edit, staged)
-        if record is None:
-            raise NotFound(f"{given.name} not found")
-        await self._bus.publish_staged(staged.events)
         self.on_change(workspace_id)
         (shown,) = await self._shown([record])
         return shown
@@ -355,16 +318,9 @@ class Budgets:
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
         found = names.match(names.BUDGET, name, "name")
         names.checked_etag(etag, "etag")
-        staged: Staged[BudgetRecord | None] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                [budget_mapping.event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
-                if done
-                else []
-            ),
+        await self._catalog.changed(
+            name,
+            lambda done: [budget_mapping.event(principal, events_pb2.CHANGE_KIND_DELETED, done)],
+            lambda staged: self._store.delete(found[1], found[2], etag, staged),
         )
-        deleted = await self._store.delete(found[1], found[2], etag, staged)
-        if deleted is None:
-            raise NotFound(f"{name} not found")
-        await self._bus.publish_staged(staged.events)
         self.on_change(found[1])

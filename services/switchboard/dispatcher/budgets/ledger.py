@@ -54,8 +54,6 @@ MAX_APPLICABLE: Final = 100
 #: Run ids released in one statement.
 _RELEASE_BATCH: Final = 500
 
-W = BudgetWindowRow
-
 # A reservation is on every model call's path, and the admission's read of the
 # windows on every budgeted message's: Core statements built once (the
 # conditional UPDATE once per combination of caps), not per call. Building and
@@ -622,16 +620,16 @@ class Ledger:
                         continue  # settled meanwhile
                     count += 1
                     db.execute(
-                        update(W)
+                        update(BudgetWindowRow)
                         .where(
-                            W.workspace_id == workspace_id,
-                            W.budget_id == budget_id,
-                            W.window == window,
+                            BudgetWindowRow.workspace_id == workspace_id,
+                            BudgetWindowRow.budget_id == budget_id,
+                            BudgetWindowRow.window == window,
                         )
                         .values(
-                            cost_held=W.cost_held - cost,
-                            input_held=W.input_held - input_tokens,
-                            output_held=W.output_held - output,
+                            cost_held=BudgetWindowRow.cost_held - cost,
+                            input_held=BudgetWindowRow.input_held - input_tokens,
+                            output_held=BudgetWindowRow.output_held - output,
                         )
                         .execution_options(synchronize_session=False)
                     )
@@ -650,15 +648,15 @@ class Ledger:
         if not keyed:
             return {}
         statement = select(
-            W.budget_id,
-            W.window,
-            W.cost_used + W.cost_held,
-            W.input_used + W.input_held,
-            W.output_used + W.output_held,
+            BudgetWindowRow.budget_id,
+            BudgetWindowRow.window,
+            BudgetWindowRow.cost_used + BudgetWindowRow.cost_held,
+            BudgetWindowRow.input_used + BudgetWindowRow.input_held,
+            BudgetWindowRow.output_used + BudgetWindowRow.output_held,
         ).where(
-            W.workspace_id == budgets[0].workspace_id,
-            W.budget_id.in_(sorted({budget_id for budget_id, _ in keyed})),
-            W.window.in_(sorted({window for _, window in keyed})),
+            BudgetWindowRow.workspace_id == budgets[0].workspace_id,
+            BudgetWindowRow.budget_id.in_(sorted({budget_id for budget_id, _ in keyed})),
+            BudgetWindowRow.window.in_(sorted({window for _, window in keyed})),
         )
 
         def work(db: Session) -> dict[tuple[str, str], Amount]:
@@ -684,11 +682,16 @@ class Ledger:
     async def window(self, budget: Applicable, window: str) -> tuple[Amount, Amount] | None:
         """``(used, held)`` of one period of ``budget`` (None: nothing reserved in it yet)."""
         statement = select(
-            W.cost_used, W.input_used, W.output_used, W.cost_held, W.input_held, W.output_held
+            BudgetWindowRow.cost_used,
+            BudgetWindowRow.input_used,
+            BudgetWindowRow.output_used,
+            BudgetWindowRow.cost_held,
+            BudgetWindowRow.input_held,
+            BudgetWindowRow.output_held,
         ).where(
-            W.workspace_id == budget.workspace_id,
-            W.budget_id == budget.budget_id,
-            W.window == window,
+            BudgetWindowRow.workspace_id == budget.workspace_id,
+            BudgetWindowRow.budget_id == budget.budget_id,
+            BudgetWindowRow.window == window,
         )
 
         def work(db: Session) -> tuple[Any, ...] | None:

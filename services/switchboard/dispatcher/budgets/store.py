@@ -6,7 +6,9 @@ run: ``scope_kind`` and ``scope_id``. The ledger (the run side) writes the
 windows; this module only reads them to show a budget's usage. No ORM row
 leaves this module and nothing here builds a resource name or raises a
 request-field error: the domain does both. Writes stage their BUDGET_CHANGED
-events (``platform/store/outbox.py``) in the same transaction.
+events (``platform/store/outbox.py``) in the same transaction. What every
+workspace's keyed records share (the key, the quota, etags, pages) is
+``platform/store/keyed.py``'s.
 """
 
 from __future__ import annotations
@@ -15,28 +17,19 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final
 
-from sqlalchemy import and_, case, delete, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
-from switchboard.platform.errors import NotFound, QuotaExceeded
 from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import BudgetRow, BudgetWindowRow, RunRow, WorkspaceRow
-from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import (
-    Idempotency,
-    check_etag,
-    claim,
-    retrying,
-    transaction,
-    workspace_page,
-)
+from switchboard.platform.store.keyed import BY_ID, Created, KeyedStore, Table
+from switchboard.platform.store.models import BudgetRow, BudgetWindowRow, RunRow
+from switchboard.platform.store.outbox import Staged
+from switchboard.platform.store.storage import Idempotency, transaction
 from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.dispatcher.budgets.store")
-
-_T = TypeVar("_T")
 
 #: ``scope_kind`` of each kind of scope. ``scope_id`` is "" for the workspace, the
 #: assistant's id, or the API key's id (the last segment of ``users/{u}/apiKeys/{k}``:
@@ -75,13 +68,6 @@ class Window:
 
 
 @dataclass(frozen=True)
-class Created:
-    record: BudgetRecord
-    #: False when a create was the retry of an earlier one (nothing was written).
-    fresh: bool = True
-
-
-@dataclass(frozen=True)
 class NewBudget:
     """What ``BudgetStore.create`` inserts."""
 
@@ -91,10 +77,6 @@ class NewBudget:
     scope_id: str
     data: bytes
     creator: str
-
-
-class IdTaken(Exception):
-    """The id is in use in the workspace (the domain tells the client, with the name)."""
 
 
 def _record(row: BudgetRow) -> BudgetRecord:
@@ -111,13 +93,20 @@ def _record(row: BudgetRow) -> BudgetRecord:
     )
 
 
-class BudgetStore:
-    def __init__(self, database: Database) -> None:
-        self._database = database
-        self._sqlite = database.dialect_name == "sqlite"
+#: A budget's windows (and their holds) go with it.
+BUDGETS: Final = Table(
+    BudgetRow,
+    _record,
+    noun="budget",
+    plural="budgets",
+    order=BY_ID,
+    dependents=((BudgetWindowRow, "budget_id"),),
+)
 
-    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
-        return await transaction(self._database, work, write=write, log=log)
+
+class BudgetStore(KeyedStore[BudgetRow, BudgetRecord, str]):
+    def __init__(self, database: Database) -> None:
+        super().__init__(database, BUDGETS, log)
 
     async def create(
         self,
@@ -125,46 +114,15 @@ class BudgetStore:
         *,
         idempotency: Idempotency | None,
         max_per_workspace: int,
-        staged: Staged[Created] | None,
-    ) -> Created:
-        """Insert ``record``.
+        staged: Staged[Created[BudgetRecord]] | None,
+    ) -> Created[BudgetRecord]:
+        """Insert ``record`` (``KeyedStore._insert``: the key, the quota, the id)."""
 
-        ``Created.fresh`` is False for the retry of an earlier create with the same key
-        (its budget as it now stands); NotFound if that one was deleted since. IdTaken
-        if the id is in use, QuotaExceeded past ``max_per_workspace``.
-        """
-        workspace_id, budget_id = record.workspace_id, record.id
-
-        def tx(db: Session) -> Created:
-            earlier = claim(db, idempotency, f"{workspace_id}/{budget_id}")
-            if earlier is not None:
-                found_ws, _, found_id = earlier.partition("/")
-                row = db.get(BudgetRow, (found_ws, found_id))
-                if row is None:
-                    raise NotFound("the budget this request created was deleted")
-                return Created(_record(row), fresh=False)
-            if not self._sqlite:
-                # Serializes the workspace's creates, so the count below holds
-                # (SQLite has one writer).
-                db.execute(
-                    select(WorkspaceRow.id).where(WorkspaceRow.id == workspace_id).with_for_update()
-                )
-            count = db.execute(
-                select(func.count())
-                .select_from(BudgetRow)
-                .where(BudgetRow.workspace_id == workspace_id)
-            ).scalar_one()
-            if count >= max_per_workspace:
-                raise QuotaExceeded(
-                    f"a workspace may hold at most {max_per_workspace} budgets",
-                    subject="budgets per workspace",
-                )
-            if db.get(BudgetRow, (workspace_id, budget_id)) is not None:
-                raise IdTaken(budget_id)
+        def insert(db: Session) -> Created[BudgetRecord]:
             stamp = now()
             row = BudgetRow(
-                workspace_id=workspace_id,
-                id=budget_id,
+                workspace_id=record.workspace_id,
+                id=record.id,
                 scope_kind=record.scope_kind,
                 scope_id=record.scope_id,
                 data=record.data,
@@ -173,30 +131,17 @@ class BudgetStore:
                 updated_at=stamp,
                 version=1,
             )
-            db.add(row)
-            db.flush()
-            return Created(_record(row))
+            return Created(self._added(db, row))
 
-        async def run() -> Created:
-            return await self._run(staging(staged, tx), write=True)
-
-        return await retrying(run)
-
-    async def get(self, workspace_id: str, budget_id: str) -> BudgetRecord | None:
-        def tx(db: Session) -> BudgetRecord | None:
-            row = db.get(BudgetRow, (workspace_id, budget_id))
-            return _record(row) if row is not None else None
-
-        return await self._run(tx, write=False)
-
-    async def page(self, workspace_id: str, after: str | None, limit: int) -> list[BudgetRecord]:
-        """The workspace's budgets by id, after ``after`` (exclusive), at most ``limit``."""
-
-        def tx(db: Session) -> list[BudgetRecord]:
-            query = workspace_page(BudgetRow, workspace_id, after, limit)
-            return [_record(row) for row in db.execute(query).scalars()]
-
-        return await self._run(tx, write=False)
+        return await self._insert(
+            record.workspace_id,
+            record.id,
+            insert,
+            lambda earlier: Created(earlier, fresh=False),
+            idempotency=idempotency,
+            max_per_workspace=max_per_workspace,
+            staged=staged,
+        )
 
     async def update(
         self,
@@ -209,50 +154,11 @@ class BudgetStore:
         """Replace ``data`` with ``edit(data)`` on the locked row (``edit`` may raise to
         refuse the result: nothing is written) and bump the version; None if missing."""
 
-        def tx(db: Session) -> BudgetRecord | None:
-            row = db.get(BudgetRow, (workspace_id, budget_id), with_for_update=True)
-            if row is None:
-                return None
-            check_etag(etag, row.version, "budget")
+        def change(db: Session, row: BudgetRow) -> BudgetRecord:
             row.data = edit(row.data)
-            row.version += 1
-            row.updated_at = now()
-            db.flush()
-            return _record(row)
+            return self._bumped(db, row)
 
-        return await self._run(staging(staged, tx), write=True)
-
-    async def delete(
-        self,
-        workspace_id: str,
-        budget_id: str,
-        etag: str,
-        staged: Staged[BudgetRecord | None] | None,
-    ) -> BudgetRecord | None:
-        """Delete the budget (its windows and holds go with it, by cascade); the record
-        as it was, or None if it does not exist."""
-
-        def tx(db: Session) -> BudgetRecord | None:
-            row = db.get(BudgetRow, (workspace_id, budget_id), with_for_update=True)
-            if row is None:
-                return None
-            check_etag(etag, row.version, "budget")
-            record = _record(row)
-            # Explicit: SQLite enforces the cascade only with foreign keys switched on.
-            db.execute(
-                delete(BudgetWindowRow).where(
-                    BudgetWindowRow.workspace_id == workspace_id,
-                    BudgetWindowRow.budget_id == budget_id,
-                )
-            )
-            db.execute(
-                delete(BudgetRow).where(
-                    BudgetRow.workspace_id == workspace_id, BudgetRow.id == budget_id
-                )
-            )
-            return record
-
-        return await self._run(staging(staged, tx), write=True)
+        return await self._update(workspace_id, budget_id, etag, change, staged)
 
     async def windows(
         self, workspace_id: str, keys: Sequence[tuple[str, str]]
