@@ -34,16 +34,9 @@ from switchboard.dispatcher import mapping
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.schedules import mapping as schedule_mapping
 from switchboard.dispatcher.schedules import times
-from switchboard.dispatcher.schedules.store import (
-    Edit,
-    IdTaken,
-    ScheduleRecord,
-    ScheduleStore,
-    Written,
-)
+from switchboard.dispatcher.schedules.store import Edit, ScheduleRecord, ScheduleStore
 from switchboard.platform.errors import (
     AlreadyExists,
-    EtagMismatch,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -53,9 +46,9 @@ from switchboard.platform.errors import (
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
-from switchboard.platform.store.outbox import Staged
+from switchboard.platform.store.keyed import Catalog
 from switchboard.platform.store.pagination import PageTokens
-from switchboard.platform.store.storage import idempotency
+from switchboard.platform.store.storage import check_etag, idempotency
 from switchboard.platform.values import names, timefields
 from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.wording import noun
@@ -148,7 +141,7 @@ class Schedules:
         on_change: Callable[[], None] = _nothing,
     ) -> None:
         self._store = store
-        self._bus = bus
+        self._catalog = Catalog(store, bus, page_tokens)
         self._pages = page_tokens
         self._context = context
         self.limits = limits
@@ -342,27 +335,19 @@ class Schedules:
             version=1,
         )
         actor = mapping.actor(principal)
-        staged: Staged[Written] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                [schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_CREATED, done.record)]
-                if done.fresh
-                else None
-            ),
-            key=key.key if key else "",
-        )
-        try:
-            written = await self._store.create(
+        written = await self._catalog.created(
+            schedule_mapping.schedule_name(workspace_id, schedule_id),
+            key,
+            lambda done: [
+                schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_CREATED, done.record)
+            ],
+            lambda staged: self._store.create(
                 record,
                 idempotency=key,
                 max_per_workspace=self.limits.max_per_workspace,
                 staged=staged,
-            )
-        except IdTaken:
-            raise AlreadyExists(
-                f"{schedule_mapping.schedule_name(workspace_id, schedule_id)} already exists"
-            ) from None
-        await self._bus.publish_staged(staged.events)
+            ),
+        )
         self.on_change()
         return schedule_mapping.message(written.record)
 
@@ -407,26 +392,16 @@ class Schedules:
 
     async def _record(self, name: str, field: str) -> ScheduleRecord:
         found = names.match(SCHEDULE, name, field)
-        record = await self._store.get(found[1], found[2])
-        if record is None:
-            raise NotFound(f"{name} not found")
-        return record
+        return await self._catalog.found(name, found[1], found[2])
 
     async def list_schedules(self, request: pb.ListSchedulesRequest) -> pb.ListSchedulesResponse:
         workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
-        size = pagination.page_size(request.page_size, default=50, maximum=100)
-        fingerprint = pagination.fingerprint("schedules", workspace_id)
-        after = None
-        if request.page_token:
-            (last,) = self._pages.decode(request.page_token, fingerprint, (pagination.ID,))
-            after = str(last)
-        records = await self._store.page(workspace_id, after, size + 1)
-        response = pb.ListSchedulesResponse(
-            schedules=[schedule_mapping.message(r) for r in records[:size]]
+        records, token = await self._catalog.listed(
+            workspace_id, request.page_size, request.page_token, default=50
         )
-        if len(records) > size:
-            response.next_page_token = self._pages.encode([records[size - 1].id], fingerprint)
-        return response
+        return pb.ListSchedulesResponse(
+            schedules=[schedule_mapping.message(r) for r in records], next_page_token=token
+        )
 
     async def update(self, principal: Principal, request: pb.UpdateScheduleRequest) -> pb.Schedule:
         given = request.schedule
@@ -467,7 +442,7 @@ class Schedules:
         names.checked_etag(request.etag, "etag")
         record = await self._record(request.name, "name")
         if record.state == pb.SCHEDULE_STATE_ACTIVE:
-            _check_etag_now(request.etag, record)
+            check_etag(request.etag, record.version, "schedule")
             return schedule_mapping.message(record)
         # From the next tick after now: ticks that fell while it was paused never fire.
         next_tick = self._first_tick(pb.Schedule.FromString(record.data))
@@ -486,18 +461,13 @@ class Schedules:
         edit: Callable[[ScheduleRecord], Edit],
     ) -> pb.Schedule:
         actor = mapping.actor(principal)
-        staged: Staged[ScheduleRecord | None] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                [schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_UPDATED, done)]
-                if done
-                else []
-            ),
+        record = await self._catalog.changed(
+            schedule_mapping.schedule_name(workspace_id, schedule_id),
+            lambda done: [
+                schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_UPDATED, done)
+            ],
+            lambda staged: self._store.update(workspace_id, schedule_id, etag, edit, staged),
         )
-        record = await self._store.update(workspace_id, schedule_id, etag, edit, staged)
-        if record is None:
-            raise NotFound(f"{schedule_mapping.schedule_name(workspace_id, schedule_id)} not found")
-        await self._bus.publish_staged(staged.events)
         self.on_change()
         return schedule_mapping.message(record)
 
@@ -505,18 +475,13 @@ class Schedules:
         found = names.match(SCHEDULE, name, "name")
         names.checked_etag(etag, "etag")
         actor = mapping.actor(principal)
-        staged: Staged[ScheduleRecord | None] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                [schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_DELETED, done)]
-                if done
-                else []
-            ),
+        await self._catalog.changed(
+            name,
+            lambda done: [
+                schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_DELETED, done)
+            ],
+            lambda staged: self._store.delete(found[1], found[2], etag, staged),
         )
-        deleted = await self._store.delete(found[1], found[2], etag, staged)
-        if deleted is None:
-            raise NotFound(f"{name} not found")
-        await self._bus.publish_staged(staged.events)
 
     async def list_firings(
         self, request: pb.ListScheduleFiringsRequest
@@ -538,8 +503,3 @@ class Schedules:
         if len(records) > size:
             response.next_page_token = self._pages.encode([records[size - 1].fire_us], fingerprint)
         return response
-
-
-def _check_etag_now(etag: str, record: ScheduleRecord) -> None:
-    if etag and names.etag_version(etag) != record.version:
-        raise EtagMismatch("the schedule changed since the etag was read; read it again")

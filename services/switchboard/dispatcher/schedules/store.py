@@ -8,7 +8,8 @@ value the claimer read, and inserts the tick's firing row, whose primary key
 (schedule, tick) is the claim: two replicas cannot both commit one tick.
 
 No ORM row leaves this module, and nothing here builds a resource name or
-raises a request-field error.
+raises a request-field error. What every workspace's keyed records share (the
+key, the quota, etags, pages, the delete) is ``platform/store/keyed.py``'s.
 """
 
 from __future__ import annotations
@@ -17,35 +18,20 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final
 
 from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform.errors import NotFound, QuotaExceeded
 from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import (
-    DispatcherLeaseRow,
-    ScheduleFiringRow,
-    ScheduleRow,
-    WorkspaceRow,
-)
+from switchboard.platform.store.keyed import BY_ID, Created, KeyedStore, Table
+from switchboard.platform.store.models import DispatcherLeaseRow, ScheduleFiringRow, ScheduleRow
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import (
-    Idempotency,
-    check_etag,
-    claim,
-    earlier,
-    retrying,
-    transaction,
-    workspace_page,
-)
+from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.dispatcher.schedules.store")
-
-_T = TypeVar("_T")
 ACTIVE: Final = int(pb.SCHEDULE_STATE_ACTIVE)
 CLAIMED: Final = int(pb.FIRING_OUTCOME_CLAIMED)
 #: Settled firings kept per schedule (the oldest go as new ticks are claimed): a
@@ -109,17 +95,6 @@ class Edit:
     data: bytes | None
     state: int
     next_fire_us: int | None
-
-
-@dataclass(frozen=True)
-class Written:
-    record: ScheduleRecord
-    #: False when a create was the retry of an earlier one (nothing was written).
-    fresh: bool = True
-
-
-class IdTaken(Exception):
-    """The id is in use in the workspace (the domain tells the client, with the name)."""
 
 
 def _record(row: ScheduleRow) -> ScheduleRecord:
@@ -200,13 +175,20 @@ def _orphans(claimer: str) -> Select[int]:
     return select(ScheduleFiringRow.fire_us).where(*_orphan_filter(claimer))
 
 
-class ScheduleStore:
-    def __init__(self, database: Database) -> None:
-        self._database = database
-        self._sqlite = database.dialect_name == "sqlite"
+#: A schedule's firings go with it.
+SCHEDULES: Final = Table(
+    ScheduleRow,
+    _record,
+    noun="schedule",
+    plural="schedules",
+    order=BY_ID,
+    dependents=((ScheduleFiringRow, "schedule_id"),),
+)
 
-    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
-        return await transaction(self._database, work, write=write, log=log)
+
+class ScheduleStore(KeyedStore[ScheduleRow, ScheduleRecord, str]):
+    def __init__(self, database: Database) -> None:
+        super().__init__(database, SCHEDULES, log)
 
     # -- the resource -----------------------------------------------------------------------
 
@@ -216,39 +198,11 @@ class ScheduleStore:
         *,
         idempotency: Idempotency | None,
         max_per_workspace: int,
-        staged: Staged[Written] | None,
-    ) -> Written:
-        """Insert ``record``; ``Written.fresh`` False for the retry of an earlier create
-        with the same key. IdTaken if the id is in use, QuotaExceeded past the limit."""
+        staged: Staged[Created[ScheduleRecord]] | None,
+    ) -> Created[ScheduleRecord]:
+        """Insert ``record`` (``KeyedStore._insert``: the key, the quota, the id)."""
 
-        def tx(db: Session) -> Written:
-            first = claim(db, idempotency, f"{record.workspace_id}/{record.id}")
-            if first is not None:
-                found_ws, _, found_id = first.partition("/")
-                row = db.get(ScheduleRow, (found_ws, found_id))
-                if row is None:
-                    raise NotFound("the schedule this request created was deleted")
-                return Written(_record(row), fresh=False)
-            if not self._sqlite:
-                # Serializes the workspace's creates, so the limit holds (SQLite
-                # serializes writers).
-                db.execute(
-                    select(WorkspaceRow.id)
-                    .where(WorkspaceRow.id == record.workspace_id)
-                    .with_for_update()
-                )
-            count = db.execute(
-                select(func.count())
-                .select_from(ScheduleRow)
-                .where(ScheduleRow.workspace_id == record.workspace_id)
-            ).scalar_one()
-            if count >= max_per_workspace:
-                raise QuotaExceeded(
-                    f"a workspace may hold at most {max_per_workspace} schedules",
-                    subject="schedules per workspace",
-                )
-            if db.get(ScheduleRow, (record.workspace_id, record.id)) is not None:
-                raise IdTaken(record.id)
+        def insert(db: Session) -> Created[ScheduleRecord]:
             row = ScheduleRow(
                 workspace_id=record.workspace_id,
                 id=record.id,
@@ -264,47 +218,17 @@ class ScheduleStore:
                 updated_at=record.updated_at,
                 version=1,
             )
-            db.add(row)
-            db.flush()
-            return Written(_record(row))
+            return Created(self._added(db, row))
 
-        async def run() -> Written:
-            return await self._run(staging(staged, tx), write=True)
-
-        return await retrying(run)
-
-    async def replayed(self, key: Idempotency) -> ScheduleRecord | None:
-        """The schedule an earlier create with this key made, if the key is still kept
-        (INVALID_ARGUMENT if it was used for a different request; NotFound if that
-        schedule was deleted since)."""
-
-        def tx(db: Session) -> ScheduleRecord | None:
-            found = earlier(db, key)
-            if found is None:
-                return None
-            found_ws, _, found_id = found.partition("/")
-            row = db.get(ScheduleRow, (found_ws, found_id))
-            if row is None:
-                raise NotFound("the schedule this request created was deleted")
-            return _record(row)
-
-        return await self._run(tx, write=False)
-
-    async def get(self, workspace_id: str, schedule_id: str) -> ScheduleRecord | None:
-        def tx(db: Session) -> ScheduleRecord | None:
-            row = db.get(ScheduleRow, (workspace_id, schedule_id))
-            return _record(row) if row is not None else None
-
-        return await self._run(tx, write=False)
-
-    async def page(self, workspace_id: str, after: str | None, limit: int) -> list[ScheduleRecord]:
-        """The workspace's schedules by id, after ``after`` (exclusive), at most ``limit``."""
-
-        def tx(db: Session) -> list[ScheduleRecord]:
-            query = workspace_page(ScheduleRow, workspace_id, after, limit)
-            return [_record(row) for row in db.execute(query).scalars()]
-
-        return await self._run(tx, write=False)
+        return await self._insert(
+            record.workspace_id,
+            record.id,
+            insert,
+            lambda earlier: Created(earlier, fresh=False),
+            idempotency=idempotency,
+            max_per_workspace=max_per_workspace,
+            staged=staged,
+        )
 
     async def update(
         self,
@@ -316,53 +240,15 @@ class ScheduleStore:
     ) -> ScheduleRecord | None:
         """Store ``edit(record)`` on the locked row and bump the version; None if missing."""
 
-        def tx(db: Session) -> ScheduleRecord | None:
-            row = db.get(ScheduleRow, (workspace_id, schedule_id), with_for_update=True)
-            if row is None:
-                return None
-            check_etag(etag, row.version, "schedule")
-            change = edit(_record(row))
-            if change.data is not None:
-                row.data = change.data
-            row.state = change.state
-            row.next_fire_us = change.next_fire_us
-            row.version += 1
-            row.updated_at = now()
-            db.flush()
-            return _record(row)
+        def change(db: Session, row: ScheduleRow) -> ScheduleRecord:
+            edited = edit(_record(row))
+            if edited.data is not None:
+                row.data = edited.data
+            row.state = edited.state
+            row.next_fire_us = edited.next_fire_us
+            return self._bumped(db, row)
 
-        return await self._run(staging(staged, tx), write=True)
-
-    async def delete(
-        self,
-        workspace_id: str,
-        schedule_id: str,
-        etag: str,
-        staged: Staged[ScheduleRecord | None] | None,
-    ) -> ScheduleRecord | None:
-        """Delete the schedule and its firings; the record as it was, or None."""
-
-        def tx(db: Session) -> ScheduleRecord | None:
-            row = db.get(ScheduleRow, (workspace_id, schedule_id), with_for_update=True)
-            if row is None:
-                return None
-            check_etag(etag, row.version, "schedule")
-            record = _record(row)
-            # Explicitly: SQLite enforces the cascade only with foreign keys on.
-            db.execute(
-                delete(ScheduleFiringRow).where(
-                    ScheduleFiringRow.workspace_id == workspace_id,
-                    ScheduleFiringRow.schedule_id == schedule_id,
-                )
-            )
-            db.execute(
-                delete(ScheduleRow).where(
-                    ScheduleRow.workspace_id == workspace_id, ScheduleRow.id == schedule_id
-                )
-            )
-            return record
-
-        return await self._run(staging(staged, tx), write=True)
+        return await self._update(workspace_id, schedule_id, etag, change, staged)
 
     async def firings(
         self, workspace_id: str, schedule_id: str, before_us: int | None, limit: int
