@@ -36,22 +36,11 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants import mapping as assistant_mapping
-from switchboard.dispatcher.assistants.store import (
-    AssistantRecord,
-    AssistantStore,
-    IdTaken,
-    Written,
-)
-from switchboard.platform.errors import (
-    AlreadyExists,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    Violations,
-)
+from switchboard.dispatcher.assistants.store import AssistantRecord, AssistantStore, Written
+from switchboard.platform.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.store import pagination
+from switchboard.platform.store.keyed import Catalog
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
@@ -201,7 +190,7 @@ class Assistants:
     ) -> None:
         self._store = store
         self._bus = bus
-        self._pages = page_tokens
+        self._catalog = Catalog(store, bus, page_tokens)
         self.limits = limits
         self._handler_exists = handler_exists
         self._integration_exists = integration_exists
@@ -446,16 +435,8 @@ class Assistants:
         assistant_id = request.assistant_id or names.new_id()
         given = request.assistant
         settings = await self._settings(workspace_id, given, _SETTINGS, assistant_id)
-        staged: Staged[Written] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                self._written(principal, events_pb2.CHANGE_KIND_CREATED, done)
-                if done.fresh
-                else None
-            ),
-            key=key.key if key else "",
-        )
-        try:
+
+        async def write(staged: Staged[Written]) -> Written:
             written = await self._store.create(
                 workspace_id,
                 assistant_id,
@@ -466,36 +447,29 @@ class Assistants:
                 max_per_workspace=self.limits.max_per_workspace,
                 staged=staged,
             )
-        except IdTaken:
-            raise AlreadyExists(
-                f"{mapping.assistant_name(workspace_id, assistant_id)} already exists"
-            ) from None
-        self._forget(workspace_id)
-        await self._bus.publish_staged(staged.events)
+            self._forget(workspace_id)
+            return written
+
+        written = await self._catalog.created(
+            mapping.assistant_name(workspace_id, assistant_id),
+            key,
+            lambda done: self._written(principal, events_pb2.CHANGE_KIND_CREATED, done),
+            write,
+        )
         return assistant_mapping.message(written.record)
 
     async def get(self, name: str) -> pb.Assistant:
         found = names.match(names.ASSISTANT, name, "name")
-        record = await self._store.get(found[1], found[2])
-        if record is None:
-            raise NotFound(f"{name} not found")
-        return assistant_mapping.message(record)
+        return assistant_mapping.message(await self._catalog.found(name, found[1], found[2]))
 
     async def list_assistants(self, request: pb.ListAssistantsRequest) -> pb.ListAssistantsResponse:
         workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
-        size = pagination.page_size(request.page_size, default=50, maximum=100)
-        fingerprint = pagination.fingerprint("assistants", workspace_id)
-        after = None
-        if request.page_token:
-            (last,) = self._pages.decode(request.page_token, fingerprint, (pagination.ID,))
-            after = str(last)
-        records = await self._store.page(workspace_id, after, size + 1)
-        response = pb.ListAssistantsResponse(
-            assistants=[assistant_mapping.message(r) for r in records[:size]]
+        records, token = await self._catalog.listed(
+            workspace_id, request.page_size, request.page_token, default=50
         )
-        if len(records) > size:
-            response.next_page_token = self._pages.encode([records[size - 1].id], fingerprint)
-        return response
+        return pb.ListAssistantsResponse(
+            assistants=[assistant_mapping.message(r) for r in records], next_page_token=token
+        )
 
     async def update(
         self, principal: Principal, request: pb.UpdateAssistantRequest
@@ -518,42 +492,38 @@ class Assistants:
             )
             return stored.SerializeToString(deterministic=True)
 
-        staged: Staged[Written | None] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                self._written(principal, events_pb2.CHANGE_KIND_UPDATED, done) if done else []
-            ),
+        is_default = given.workspace_default if "workspace_default" in paths else None
+
+        async def write(staged: Staged[Written | None]) -> Written | None:
+            written = await self._store.update(
+                workspace_id, assistant_id, given.etag, edit, is_default, staged
+            )
+            if written is not None:
+                self._forget(workspace_id)
+            return written
+
+        written = await self._catalog.changed(
+            given.name,
+            lambda done: self._written(principal, events_pb2.CHANGE_KIND_UPDATED, done),
+            write,
         )
-        written = await self._store.update(
-            workspace_id,
-            assistant_id,
-            given.etag,
-            edit,
-            given.workspace_default if "workspace_default" in paths else None,
-            staged,
-        )
-        if written is None:
-            raise NotFound(f"{given.name} not found")
-        self._forget(workspace_id)
-        await self._bus.publish_staged(staged.events)
         return assistant_mapping.message(written.record)
 
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
         found = names.match(names.ASSISTANT, name, "name")
         names.checked_etag(etag, "etag")
-        staged: Staged[AssistantRecord | None] = Staged(
-            self._bus.outbox,
-            lambda done: (
-                [assistant_mapping.event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
-                if done
-                else []
-            ),
+
+        async def write(staged: Staged[AssistantRecord | None]) -> AssistantRecord | None:
+            deleted = await self._store.delete(found[1], found[2], etag, staged)
+            if deleted is not None:
+                self._forget(found[1])
+            return deleted
+
+        await self._catalog.changed(
+            name,
+            lambda done: [assistant_mapping.event(principal, events_pb2.CHANGE_KIND_DELETED, done)],
+            write,
         )
-        deleted = await self._store.delete(found[1], found[2], etag, staged)
-        if deleted is None:
-            raise NotFound(f"{name} not found")
-        self._forget(found[1])
-        await self._bus.publish_staged(staged.events)
 
     # -- resolution (the hot path) ----------------------------------------------------------
 

@@ -15,10 +15,10 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from google.protobuf.message import Message as ProtoMessage
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -157,16 +157,6 @@ def _resource(
             [FieldViolation("request_id", "was already used for a different request")],
         )
     return resource
-
-
-def workspace_page(row: Any, workspace_id: str, after: str | None, limit: int) -> Select[Any]:
-    """A workspace's rows of ``row`` (a model keyed by ``workspace_id`` and ``id``) by id,
-    after ``after`` (exclusive), at most ``limit``: the keyset page of every resource
-    listed by id (assistants, budgets, schedules)."""
-    query = select(row).where(row.workspace_id == workspace_id)
-    if after is not None:
-        query = query.where(row.id > after)
-    return query.order_by(row.id).limit(limit)
 
 
 def check_etag(etag: str, version: int, what: str = "resource") -> None:
