@@ -66,6 +66,7 @@ from switchboard.platform.security.egress import (
 )
 from switchboard.platform.security.policy import Permission, Principal
 from switchboard.platform.store import pagination
+from switchboard.platform.store.keyed import Catalog
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import idempotency
 from switchboard.platform.values import names, timefields
@@ -187,7 +188,7 @@ class IntegrationHub:
         self.breakers = breakers
         self._secrets = secrets
         self._egress = egress
-        self._pages = page_tokens
+        self._catalog = Catalog(store, bus, page_tokens)
         self.limits = limits
         self._stdio = stdio_servers
         self._reserved = reserved_handler_ids
@@ -282,11 +283,6 @@ class IntegrationHub:
                 change=change, integration=self._proto(record)
             ),
         )
-
-    def _staged(
-        self, build: Callable[[Any], Sequence[events_pb2.Event] | None], key: str = ""
-    ) -> Staged[Any]:
-        return Staged(self._bus.outbox, build, key=key)
 
     def _on_event(self, event: events_pb2.Event) -> None:
         """Every process: drop what a change made stale; wake the workspace's watchers."""
@@ -551,40 +547,33 @@ class IntegrationHub:
             raise InvalidArgument("integration.endpoint is invalid")
         name = integration_name(workspace_id, integration_id)
         key = idempotency(principal.user_id, "CreateIntegration", request)
-        staged = self._staged(
-            lambda made: (
-                [self._event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
-                if made[1]
-                else None
-            ),
-            key.key if key else "",
-        )
-        record, _ = await self._store.create(
-            {
-                "workspace_id": workspace_id,
-                "id": integration_id,
-                "kind": kind,
-                "display_name": given.display_name.strip() or integration_id,
-                "endpoint": endpoint,
-                "call_timeout_ms": timeout_ms,
-                "config": config,
-                "event_types": event_types,
-                "credential": self._seal(credential, name) if credential else None,
-                "previous_credential": None,
-                "previous_until": None,
-                "disabled": given.disabled,
-                "creator": principal.user_name,
-                "call_price_micros": call_price,
-                "tool_call_prices": tool_prices,
-                "retry_safe": given.retry_safe,
-                "retry_safe_tools": retry_safe_tools,
-            },
+        values = {
+            "workspace_id": workspace_id,
+            "id": integration_id,
+            "kind": kind,
+            "display_name": given.display_name.strip() or integration_id,
+            "endpoint": endpoint,
+            "call_timeout_ms": timeout_ms,
+            "config": config,
+            "event_types": event_types,
+            "credential": self._seal(credential, name) if credential else None,
+            "previous_credential": None,
+            "previous_until": None,
+            "disabled": given.disabled,
+            "creator": principal.user_name,
+            "call_price_micros": call_price,
+            "tool_call_prices": tool_prices,
+            "retry_safe": given.retry_safe,
+            "retry_safe_tools": retry_safe_tools,
+        }
+
+        created = await self._catalog.created(
+            name,
             key,
-            self.limits.max_per_workspace,
-            staged,
+            lambda made: [self._event(principal, events_pb2.CHANGE_KIND_CREATED, made.record)],
+            lambda staged: self._store.create(values, key, self.limits.max_per_workspace, staged),
         )
-        await self._bus.publish_staged(staged.events)
-        return self._proto(record)
+        return self._proto(created.record)
 
     async def _record(self, name: str, field: str) -> IntegrationRecord:
         return await find(self._store, name, field)
@@ -596,24 +585,12 @@ class IntegrationHub:
         self, request: pb.ListIntegrationsRequest
     ) -> pb.ListIntegrationsResponse:
         workspace_id = _match(_WORKSPACE, request.parent, "parent")[1]
-        size = pagination.page_size(request.page_size, default=20, maximum=100)
-        fingerprint = pagination.fingerprint("integrations", workspace_id)
-        after = None
-        if request.page_token:
-            stamp, last = self._pages.decode(
-                request.page_token, fingerprint, (pagination.MICROS, pagination.ID)
-            )
-            after = (pagination.from_micros(stamp), str(last))
-        records = await self._store.page(workspace_id, after, size + 1)
-        response = pb.ListIntegrationsResponse(
-            integrations=[self._proto(record) for record in records[:size]]
+        records, token = await self._catalog.listed(
+            workspace_id, request.page_size, request.page_token, default=20
         )
-        if len(records) > size:
-            last_record = records[size - 1]
-            response.next_page_token = self._pages.encode(
-                [pagination.micros(last_record.created_at), last_record.id], fingerprint
-            )
-        return response
+        return pb.ListIntegrationsResponse(
+            integrations=[self._proto(record) for record in records], next_page_token=token
+        )
 
     async def update(
         self, principal: Principal, request: pb.UpdateIntegrationRequest
@@ -674,27 +651,30 @@ class IntegrationHub:
                     values["previous_until"] = None
             return values
 
-        staged = self._staged(
-            lambda done: [self._event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
+        record = await self._catalog.changed(
+            given.name,
+            lambda done: [self._event(principal, events_pb2.CHANGE_KIND_UPDATED, done)],
+            lambda staged: self._store.update(
+                workspace_id, integration_id, given.etag, apply, staged
+            ),
         )
-        record = await self._store.update(workspace_id, integration_id, given.etag, apply, staged)
-        await self._bus.publish_staged(staged.events)
         return self._proto(record)
 
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
         found = _match(INTEGRATION, name, "name")
         checked_etag(etag, "etag")
-        staged = self._staged(
-            lambda done: [self._event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
+        await self._catalog.changed(
+            name,
+            lambda done: [self._event(principal, events_pb2.CHANGE_KIND_DELETED, done)],
+            lambda staged: self._store.delete(found[1], found[2], etag, staged),
         )
-        await self._store.delete(found[1], found[2], etag, staged)
-        await self._bus.publish_staged(staged.events)
         await self._breakers.forget(name)
 
     async def disable(self, workspace_id: str, integration_id: str, reason: str) -> None:
         """The server disables an integration itself (a webhook failing for long)."""
-        staged = self._staged(
-            lambda done: [self._event(None, events_pb2.CHANGE_KIND_UPDATED, done)] if done else []
+        staged: Staged[IntegrationRecord | None] = Staged(
+            self._bus.outbox,
+            lambda done: [self._event(None, events_pb2.CHANGE_KIND_UPDATED, done)] if done else [],
         )
         await self._store.disable(
             workspace_id, integration_id, status_bytes(code_pb2.UNAVAILABLE, reason), staged

@@ -4,6 +4,8 @@ No ORM row leaves this module (``IntegrationRecord`` is a frozen copy), and
 nothing here builds a resource name for a client or raises a request-field
 error: the service does both. Writes stage their events (``platform/store/outbox.py``)
 in the same transaction, so every committed change has its INTEGRATION_CHANGED.
+What every workspace's keyed records share (the key, the quota, etags, pages,
+the delete) is ``platform/store/keyed.py``'s; integrations list oldest first.
 """
 
 from __future__ import annotations
@@ -13,21 +15,19 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from switchboard.platform.errors import AlreadyExists, NotFound, QuotaExceeded
 from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import IntegrationRow, WebhookDeliveryRow, WorkspaceRow
+from switchboard.platform.store.keyed import BY_CREATION, Created, KeyedStore, Table
+from switchboard.platform.store.models import IntegrationRow, WebhookDeliveryRow
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import Idempotency, check_etag, claim, retrying, transaction
+from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.integration.store")
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -147,52 +147,33 @@ MUTABLE = frozenset(
 )
 
 
-class IntegrationStore:
-    def __init__(self, database: Database) -> None:
-        self._database = database
-        self._sqlite = database.dialect_name == "sqlite"
+#: Deliveries are no foreign key's to cascade (a push config's are in the same
+#: table, ``models.WebhookDeliveryRow``).
+INTEGRATIONS: Final = Table(
+    IntegrationRow,
+    _record,
+    noun="integration",
+    plural="integrations",
+    order=BY_CREATION,
+    dependents=((WebhookDeliveryRow, "integration_id"),),
+)
 
-    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
-        return await transaction(self._database, work, write=write, log=log)
+
+class IntegrationStore(KeyedStore[IntegrationRow, IntegrationRecord, tuple[dt.datetime, str]]):
+    def __init__(self, database: Database) -> None:
+        super().__init__(database, INTEGRATIONS, log)
 
     async def create(
         self,
         values: Mapping[str, Any],
         idempotency: Idempotency | None,
         max_per_workspace: int,
-        staged: Staged[tuple[IntegrationRecord, bool]] | None,
-    ) -> tuple[IntegrationRecord, bool]:
-        """Insert (workspace_id, id, ...); (record, False) for a retry of an earlier create."""
-        workspace_id, integration_id = values["workspace_id"], values["id"]
+        staged: Staged[Created[IntegrationRecord]] | None,
+    ) -> Created[IntegrationRecord]:
+        """Insert (workspace_id, id, ...) as ``KeyedStore._insert`` allows (the key, the
+        quota, the id)."""
 
-        def tx(db: Session) -> tuple[IntegrationRecord, bool]:
-            earlier = claim(db, idempotency, f"{workspace_id}/{integration_id}")
-            if earlier is not None:
-                found_ws, _, found_id = earlier.partition("/")
-                row = db.get(IntegrationRow, (found_ws, found_id))
-                if row is None:
-                    raise NotFound("the integration this request created was deleted")
-                return _record(row), False
-            # Serializes creates in one workspace on PostgreSQL, so the quota
-            # holds under concurrency (SQLite writers are serialized already).
-            if not self._sqlite:
-                db.execute(
-                    select(WorkspaceRow.id).where(WorkspaceRow.id == workspace_id).with_for_update()
-                )
-            count = db.execute(
-                select(func.count())
-                .select_from(IntegrationRow)
-                .where(IntegrationRow.workspace_id == workspace_id)
-            ).scalar_one()
-            if count >= max_per_workspace:
-                raise QuotaExceeded(
-                    f"a workspace may hold at most {max_per_workspace} integrations",
-                    subject="integrations per workspace",
-                )
-            if db.get(IntegrationRow, (workspace_id, integration_id)) is not None:
-                raise AlreadyExists(
-                    f"workspaces/{workspace_id}/integrations/{integration_id} already exists"
-                )
+        def insert(db: Session) -> Created[IntegrationRecord]:
             stamp = now()
             row = IntegrationRow(
                 **_columns(values),
@@ -205,41 +186,17 @@ class IntegrationStore:
                 last_error=b"",
                 failures=0,
             )
-            db.add(row)
-            db.flush()
-            return _record(row), True
+            return Created(self._added(db, row))
 
-        async def run() -> tuple[IntegrationRecord, bool]:
-            return await self._run(staging(staged, tx), write=True)
-
-        return await retrying(run)
-
-    async def get(self, workspace_id: str, integration_id: str) -> IntegrationRecord | None:
-        def tx(db: Session) -> IntegrationRecord | None:
-            row = db.get(IntegrationRow, (workspace_id, integration_id))
-            return _record(row) if row is not None else None
-
-        return await self._run(tx, write=False)
-
-    async def page(
-        self, workspace_id: str, after: tuple[dt.datetime, str] | None, limit: int
-    ) -> list[IntegrationRecord]:
-        """Oldest first, keyset-paged by (created_at, id)."""
-
-        def tx(db: Session) -> list[IntegrationRecord]:
-            query = select(IntegrationRow).where(IntegrationRow.workspace_id == workspace_id)
-            if after is not None:
-                stamp, last = after
-                query = query.where(
-                    or_(
-                        IntegrationRow.created_at > stamp,
-                        and_(IntegrationRow.created_at == stamp, IntegrationRow.id > last),
-                    )
-                )
-            query = query.order_by(IntegrationRow.created_at, IntegrationRow.id).limit(limit)
-            return [_record(row) for row in db.execute(query).scalars()]
-
-        return await self._run(tx, write=False)
+        return await self._insert(
+            values["workspace_id"],
+            values["id"],
+            insert,
+            lambda earlier: Created(earlier, fresh=False),
+            idempotency=idempotency,
+            max_per_workspace=max_per_workspace,
+            staged=staged,
+        )
 
     async def active(self, kinds: Sequence[int] = ()) -> list[IntegrationRecord]:
         """Every enabled integration (of ``kinds``, if given), for the prober and the feeders."""
@@ -258,15 +215,12 @@ class IntegrationStore:
         integration_id: str,
         etag: str,
         changes: Mapping[str, Any] | Callable[[IntegrationRecord], Mapping[str, Any]],
-        staged: Staged[IntegrationRecord] | None,
-    ) -> IntegrationRecord:
-        """Apply ``changes`` (or what ``changes(current)`` returns) and bump the version."""
+        staged: Staged[IntegrationRecord | None] | None,
+    ) -> IntegrationRecord | None:
+        """Apply ``changes`` (or what ``changes(current)`` returns) and bump the version;
+        None if missing."""
 
-        def tx(db: Session) -> IntegrationRecord:
-            row = db.get(IntegrationRow, (workspace_id, integration_id), with_for_update=True)
-            if row is None:
-                raise NotFound(f"workspaces/{workspace_id}/integrations/{integration_id} not found")
-            check_etag(etag, row.version, "integration")
+        def change(db: Session, row: IntegrationRow) -> IntegrationRecord:
             values = changes(_record(row)) if callable(changes) else changes
             unknown = set(values) - MUTABLE
             if unknown:
@@ -279,45 +233,9 @@ class IntegrationStore:
                 row.health_since = now()
                 row.failures = 0
                 row.last_error = b""
-            row.version += 1
-            row.updated_at = now()
-            db.flush()
-            return _record(row)
+            return self._bumped(db, row)
 
-        return await self._run(staging(staged, tx), write=True)
-
-    async def delete(
-        self,
-        workspace_id: str,
-        integration_id: str,
-        etag: str,
-        staged: Staged[IntegrationRecord] | None,
-    ) -> IntegrationRecord:
-        def tx(db: Session) -> IntegrationRecord:
-            row = db.get(IntegrationRow, (workspace_id, integration_id), with_for_update=True)
-            if row is None:
-                raise NotFound(f"workspaces/{workspace_id}/integrations/{integration_id} not found")
-            check_etag(etag, row.version, "integration")
-            record = _record(row)
-            # Deliveries are no foreign key's to cascade (a push config's are in
-            # the same table, models.WebhookDeliveryRow).
-            db.execute(
-                delete(WebhookDeliveryRow)
-                .where(
-                    WebhookDeliveryRow.workspace_id == workspace_id,
-                    WebhookDeliveryRow.integration_id == integration_id,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            db.execute(
-                delete(IntegrationRow).where(
-                    IntegrationRow.workspace_id == workspace_id,
-                    IntegrationRow.id == integration_id,
-                )
-            )
-            return record
-
-        return await self._run(staging(staged, tx), write=True)
+        return await self._update(workspace_id, integration_id, etag, change, staged)
 
     async def record_health(
         self,
