@@ -22,6 +22,7 @@ that succeeds forgets them, and the next failure is news again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import traceback
 from collections.abc import Coroutine, Iterable
@@ -114,3 +115,18 @@ async def cancel_all(tasks: Iterable[asyncio.Task[Any]], *, every_s: float = 0.1
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=every_s)
+
+
+async def cancel_within(
+    tasks: Iterable[asyncio.Task[Any]], timeout_s: float
+) -> list[asyncio.Task[Any]]:
+    """``cancel_all``, bounded: the tasks still running after ``timeout_s``.
+
+    For a shutdown: a task stuck in a call that ignores cancellation must not hold
+    the process's up (what the task held, a claim or a lease, expires by itself).
+    """
+    tasks = list(tasks)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await cancel_all(tasks)
+    return [task for task in tasks if not task.done()]
