@@ -1,20 +1,19 @@
 """Webhook deliveries: every event of a workspace, signed, to each subscribed endpoint.
 
-Two loops per process, over the tables of ``webhookstore.py``:
+Two loops per process, over the tables of ``store.py``:
 
-* **The feeder** turns events of the log into delivery rows. One replica at a
-  time feeds: the one holding the lease in ``webhook_cursor`` (renewed with
-  every batch, taken over by another replica once it expires). It reads the
-  log after the stored cursor, matches each event's workspace against that
-  workspace's enabled webhooks and their event types, and inserts the
-  deliveries *and* advances the cursor in one transaction (compare-and-set on
-  the holder and the old cursor). So an event becomes one delivery per
-  endpoint, whatever the number of replicas and whoever crashes when; the
-  unique (workspace, integration, event) key makes a repeat harmless. It
-  wakes on live events (``EventBus.listen``) and catches up every ``poll_s``.
-  A cursor older than the log's horizon (the feeder was away longer than the
-  retention) skips to the horizon with a warning: those events are gone.
-  A new deployment starts at the log's head. Events from before a webhook was
+* **The feeder** turns events of the log into delivery rows: the engine is the
+  consumer of a leased feeder (``platform/events/feeder.py``; one replica at a
+  time, the lease in ``webhook_cursor``). It matches each event's workspace
+  against that workspace's enabled webhooks and their event types, and the
+  deliveries are inserted in the transaction that advances the cursor
+  (compare-and-set on the holder and the old cursor). So an event becomes one
+  delivery per endpoint, whatever the number of replicas and whoever crashes
+  when; the unique (workspace, integration, event) key makes a repeat
+  harmless. It wakes on live events and catches up every ``poll_s``. A cursor
+  older than the log's horizon (the feeder was away longer than the
+  retention) skips to the horizon with a warning: those events are gone. A
+  new deployment starts at the log's head. Events from before a webhook was
   created are not delivered to it.
 * **The sender** claims due deliveries and POSTs them. Deliveries to one
   endpoint go out **in log order, one at a time**: a delivery is sent only
@@ -78,7 +77,6 @@ import json
 import logging
 import random
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -102,28 +100,24 @@ from switchboard.integration.webhooks.store import (
 )
 from switchboard.platform.errors import (
     CircuitOpen,
-    CursorAhead,
-    CursorExpired,
     DestinationBlocked,
     FailedPrecondition,
     NotFound,
     SwitchboardError,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.events.eventlog import (
-    Logged,
-    Position,
-    format_cursor,
-    logged_part,
-    parse_cursor,
-)
+from switchboard.platform.events.eventlog import Logged, Position
+from switchboard.platform.events.feeder import FeedSettings, LeasedFeeder
+from switchboard.platform.events.feedstore import Work
 from switchboard.platform.observe import telemetry
+from switchboard.platform.resilience.background import cancel_within
 from switchboard.platform.resilience.backoff import Backoff, full_jitter
 from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import EgressPolicy, ResolutionFailed, http_client
 from switchboard.platform.store import pagination
 from switchboard.platform.store.db import Database, log_failure
+from switchboard.platform.store.models import WebhookCursorRow
 from switchboard.platform.values import structs
 from switchboard.platform.values.names import new_id, now
 from switchboard.shared import PushNotifications
@@ -146,8 +140,6 @@ SNIPPET_BYTES: Final = 200
 MAX_ERROR_CHARS: Final = 500
 #: Bound on a graceful close's own database calls.
 CLOSE_TIMEOUT_S: Final = 5.0
-#: How often close cancels again a task that has not stopped (``_cancel_until_stopped``).
-_RECANCEL_S: Final = 0.25
 USER_AGENT: Final = "Switchboard-Webhooks/1"
 _DISABLED_ERROR: Final = "endpoint disabled"
 # A Redis stream entry id is (milliseconds, counter); the embedded log's is (seq, 0).
@@ -440,7 +432,6 @@ class WebhookEngine:
     ) -> None:
         self.store = WebhookStore(database)
         self._push = push
-        self._bus = bus
         self._secrets = secrets
         self._egress = egress
         self._breakers = breakers
@@ -451,19 +442,26 @@ class WebhookEngine:
         self._rng = rng or random.SystemRandom()
         #: Each attempt is a trace of its own (docs/observability.md); None when off.
         self._tracer = telemetry.tracer("switchboard.integration.webhooks.delivery")
-        self._feed_wake = asyncio.Event()
         self._send_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._workers: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
-        self._unlisten: Callable[[], None] | None = None
-        #: Whether this process fed last (it holds the lease, as far as it knows).
-        self.feeding = False
-        #: How far this replica has fed (ahead of the stored cursor while the
-        #: events read since concerned no webhook) and the stored cursor.
-        self._cursor: str | None = None
-        self._stored: str | None = None
-        self._renew_at = 0.0
+        self._feeder = LeasedFeeder(
+            database,
+            bus,
+            WebhookCursorRow,
+            self,
+            FeedSettings(
+                name="webhook feeder",
+                lease_s=limits.lease_s,
+                poll_s=limits.poll_s,
+                batch=FEED_BATCH,
+                gap_warning="webhook feeder cursor is outside the retained event log; events "
+                "in between are not delivered",
+            ),
+            instance_id=instance_id,
+            log=log,
+        )
         #: Workspaces with an enabled webhook, as of the feed position (None: read them).
         self._subscribed: set[str] | None = None
 
@@ -473,47 +471,40 @@ class WebhookEngine:
         self._client = webhook_client(
             self._egress, timeout_s=self.limits.timeout_s, in_flight=self.limits.max_in_flight
         )
-        self._unlisten = self._bus.listen(self._on_event)
+        await self._feeder.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._feed_loop(), name="webhook-feeder"),
             loop.create_task(self._send_loop(), name="webhook-sender"),
             loop.create_task(self._maintain_loop(), name="webhook-maintenance"),
         ]
 
     async def close(self, *, release: bool = True) -> None:
         """Stop; ``release=False`` leaves claims and lease to expire (as a crash would)."""
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
+        await self._feeder.close(release=release)
         tasks = [*self._tasks, *self._workers]
         self._tasks = []
-        if tasks:
-            stuck = await _cancel_until_stopped(tasks, CLOSE_TIMEOUT_S)
-            if stuck:
-                log.warning(
-                    "webhook tasks did not stop at close",
-                    extra={"tasks": sorted(task.get_name() for task in stuck)},
-                )
+        if stuck := await cancel_within(tasks, CLOSE_TIMEOUT_S):
+            log.warning(
+                "webhook tasks did not stop at close",
+                extra={"tasks": sorted(task.get_name() for task in stuck)},
+            )
         if release:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await self.store.release(self._me)
-                    if self.feeding:
-                        await self.store.release_lease(self._me)
             except Exception as exc:  # noqa: BLE001 - the claims expire by themselves
                 log_failure(log, "webhook claims not released at close", exc)
-        self.feeding = False
-        self._cursor = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
-    def _on_event(self, event: events_pb2.Event) -> None:
-        # Only events a webhook may want wake the feeder; the others are passed
-        # over in its next round (memory only), whenever that comes.
+    # -- the feeder's consumer (``LogConsumer``) -------------------------------------------
+
+    def wakes(self, event: events_pb2.Event) -> bool:
+        """Only events a webhook may want wake the feeder; the others are passed over in
+        its next round (memory only), whenever that comes."""
         subscribed = self._subscribed
-        if event.workspace and (
+        return bool(event.workspace) and (
             subscribed is None
             or event.workspace.removeprefix("workspaces/") in subscribed
             or _announces_webhook(event)
@@ -524,94 +515,19 @@ class WebhookEngine:
                 and event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
                 and event.run_updated.update.WhichOneof("update") not in ("delta", "speech")
             )
-        ):
-            self._feed_wake.set()
+        )
 
-    # -- the feeder ------------------------------------------------------------------
+    async def taken(self) -> None:
+        """Nothing to repair: a webhook gets what follows its creation only."""
 
-    async def _feed_loop(self) -> None:
-        backoff = Backoff(0.1, self.limits.poll_s * 5)
-        while True:
-            try:
-                more = await self.feed_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - an outage or a bug must not stop feeding
-                log_failure(log, "webhook feeder round failed", exc)
-                self._cursor = None  # the round may have committed: read it again
-                await backoff.wait()
-                continue
-            backoff.reset()
-            if more:
-                continue
-            # A holder renews its lease well before it runs out; the others
-            # look again as often, so one takes over soon after it lapses.
-            wait_s = min(self.limits.poll_s, self.limits.lease_s / 3)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._feed_wake.wait()
-            self._feed_wake.clear()
+    async def renewed(self) -> None:
+        self._subscribed = None  # read again with each lease renewal
 
-    def _leased(self, cursor: str) -> None:
-        """The lease was taken or renewed with ``cursor`` as the stored one."""
-        self._cursor = self._stored = cursor
-        # Renewed well before it runs out; between renewals the cursor is
-        # taken from memory (the compare-and-set catches a takeover).
-        self._renew_at = time.monotonic() + self.limits.lease_s / 3
+    def gap(self) -> Work | None:
+        return None  # the events are gone: not delivered
 
-    def _lease_until(self) -> dt.datetime:
-        return now() + dt.timedelta(seconds=self.limits.lease_s)
-
-    async def feed_once(self) -> bool:
-        """One feeder round; True if there may be more to read at once."""
-        if not self.feeding or self._cursor is None or time.monotonic() >= self._renew_at:
-            stored, fed = self._stored, self._cursor
-            if self.feeding and stored is not None and fed is not None and fed != stored:
-                # Renewing the lease stores how far the passed-over events went.
-                if not await self._advance(stored, fed, []):
-                    return False
-            else:
-                taken = await self.store.take_lease(self._me, self._lease_until())
-                if taken is None:
-                    self.feeding = False
-                    return False
-                self.feeding = True
-                self._leased(taken)
-            self._subscribed = None  # read again with each lease renewal
-        cursor = self._cursor
-        stored = self._stored
-        if cursor is None or stored is None:
-            return False
-        position = parse_cursor(cursor)
-        if position is None:
-            # First run of the deployment (or an unreadable cursor): from the head on.
-            start = logged_part(self._bus.head)
-            return await self._advance(stored, format_cursor(start), [])
-        try:
-            await self._bus.check_cursor(position)
-        except (CursorExpired, CursorAhead):
-            horizon = await self._bus.horizon()
-            log.warning(
-                "webhook feeder cursor is outside the retained event log; events in "
-                "between are not delivered",
-                extra={"cursor": cursor, "resume_after": format_cursor(horizon)},
-            )
-            return await self._advance(stored, format_cursor(horizon), [])
-        upto = logged_part(self._bus.head)
-        if position >= upto:
-            return False
-        items = await self._bus.read(position, upto, FEED_BATCH)
-        if not items:
-            return False
-        if self._subscribed is None:
-            self._subscribed = await self.store.subscribed_workspaces()
-        if not self._concern_webhooks(items, self._subscribed) and not await self._pushed(items):
-            # Nothing for any webhook: no transaction; the cursor is stored
-            # with the next batch that records deliveries, or the lease renewal.
-            self._cursor = items[-1].cursor
-            return len(items) == FEED_BATCH
-        await self._advance(stored, items[-1].cursor, items)
-        return len(items) == FEED_BATCH
+    def written(self, count: int) -> None:
+        self._send_wake.set()
 
     async def _pushed(self, items: Sequence[Logged]) -> bool:
         """Whether a status change in ``items`` is in a workspace that gained a push config
@@ -649,7 +565,12 @@ class WebhookEngine:
                 found = True
         return found
 
-    async def _advance(self, old: str, new: str, items: Sequence[Logged]) -> bool:
+    async def taking(self, items: Sequence[Logged]) -> Work | None:
+        """The deliveries ``items`` make; None if they concern no webhook."""
+        if self._subscribed is None:
+            self._subscribed = await self.store.subscribed_workspaces()
+        if not self._concern_webhooks(items, self._subscribed) and not await self._pushed(items):
+            return None
         workspaces: dict[str, None] = {}
         for item in items:
             workspace = item.workspace.removeprefix("workspaces/")
@@ -671,17 +592,7 @@ class WebhookEngine:
                         rows.append(_delivery(subscriber, item))
             return rows
 
-        recorded = await self.store.feed(
-            self._me, old, new, self._lease_until(), deliveries, list(workspaces)
-        )
-        if recorded is None:
-            self.feeding = False  # another replica took over meanwhile
-            self._cursor = None
-            return False
-        self._leased(new)
-        if recorded:
-            self._send_wake.set()
-        return True
+        return self.store.recording(deliveries, list(workspaces))
 
     # -- the sender ------------------------------------------------------------------
 
@@ -939,7 +850,7 @@ class WebhookEngine:
     async def _maintain_loop(self) -> None:
         while True:
             try:
-                if self.feeding:
+                if self._feeder.feeding:
                     await self.maintain()
             except asyncio.CancelledError:
                 raise
@@ -1014,28 +925,3 @@ class WebhookEngine:
         if row.state == SUCCEEDED:
             return code_pb2.OK, ""
         return code_pb2.UNAVAILABLE, row.last_error or f"HTTP {row.last_http_status}"
-
-
-async def _cancel_until_stopped(
-    tasks: list[asyncio.Task[None]], timeout_s: float
-) -> set[asyncio.Task[None]]:
-    """Cancel ``tasks`` until they end, within ``timeout_s``; those still running after it.
-
-    One cancel is not always enough: a cancellation that lands as an inner wait
-    completes can be consumed there (``asyncio.wait_for`` does on Python 3.11, in
-    the libraries beneath us), and a feeder that lives on after its close keeps
-    renewing a lease no one else can then take. So each task still running
-    is cancelled again every ``_RECANCEL_S``. Bounded: a task stuck in a call that
-    ignores cancellation must not hold the process's shutdown (its claims expire).
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    pending = set(tasks)
-    while pending:
-        for task in pending:
-            task.cancel()
-        left = deadline - loop.time()
-        if left <= 0:
-            break
-        _, pending = await asyncio.wait(pending, timeout=min(_RECANCEL_S, left))
-    return pending

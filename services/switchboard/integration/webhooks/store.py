@@ -1,12 +1,14 @@
-"""Persistence of webhook deliveries: the feeder's cursor and lease, the delivery rows.
+"""Persistence of webhook deliveries: the delivery rows (the feeder's cursor and lease,
+``webhook_cursor``, are the leased feeder's: ``platform/events/feedstore.py``).
 
-The store owns the SQL and the dialect choices; ``webhooks.py`` owns what the
+The store owns the SQL and the dialect choices; ``delivery.py`` owns what the
 rows mean. Two rules keep deliveries exactly-once recorded and ordered:
 
-* The feeder's cursor moves only by compare-and-set (``holder`` and the old
-  ``cursor`` must match) in the same transaction as the delivery inserts, so
-  an event becomes deliveries once whichever replica reads it; the unique
-  (workspace, integration, event) constraint makes any repeat harmless.
+* The deliveries of a batch of events are inserted in the transaction that
+  moves the feeder's cursor past them (``recording``, run by the feeder's
+  compare-and-set), so an event becomes deliveries once whichever replica
+  reads it; the unique (workspace, integration, event) constraint makes any
+  repeat harmless.
 * A delivery is claimed (``claimed_by``/``claimed_until``) only while it is
   the oldest pending one of its endpoint and no live claim holds it, under
   ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite has one writer), so at
@@ -33,12 +35,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.platform.store import leases
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     IntegrationRow,
     PushConfigRow,
-    WebhookCursorRow,
     WebhookDeliveryRow,
 )
 from switchboard.platform.store.storage import transaction
@@ -52,8 +52,6 @@ WEBHOOK: Final = integration_pb2.INTEGRATION_KIND_WEBHOOK
 PENDING: Final = integration_pb2.DELIVERY_STATE_PENDING
 SUCCEEDED: Final = integration_pb2.DELIVERY_STATE_SUCCEEDED
 FAILED: Final = integration_pb2.DELIVERY_STATE_FAILED
-#: The one row of ``webhook_cursor``.
-_CURSOR_ID: Final = leases.ROW_ID
 
 
 @dataclass(frozen=True)
@@ -249,16 +247,7 @@ class WebhookStore:
     async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
         return await transaction(self._database, work, write=write, log=log)
 
-    # -- the feeder's lease and cursor -------------------------------------------------
-
-    async def take_lease(self, holder: str, until: dt.datetime) -> str | None:
-        """Hold or keep the feeder's lease until ``until``: the cursor, or None if another
-        holds it (``platform/store/leases.py``)."""
-        return await leases.take_lease(self._database, WebhookCursorRow, holder, until, log=log)
-
-    async def release_lease(self, holder: str) -> None:
-        """Give the lease up at once (a clean shutdown), so another replica feeds now."""
-        await leases.release_lease(self._database, WebhookCursorRow, holder, log=log)
+    # -- the feeder ----------------------------------------------------------------------
 
     async def subscribers(self, workspace_ids: Sequence[str]) -> list[Subscriber]:
         """The enabled webhooks of these workspaces."""
@@ -304,36 +293,20 @@ class WebhookStore:
 
         return await self._run(work, write=False)
 
-    async def feed(
+    def recording(
         self,
-        holder: str,
-        old_cursor: str,
-        new_cursor: str,
-        lease_until: dt.datetime,
         deliveries: Callable[[list[Subscriber]], list[NewDelivery]],
         workspace_ids: Sequence[str],
-    ) -> int | None:
-        """Record the deliveries of a batch of events and advance the cursor, atomically.
+    ) -> Callable[[Session], int]:
+        """The deliveries of a batch of events, as the work of the feeder's transaction
+        that moves the cursor past them.
 
         ``deliveries`` maps the enabled webhooks of ``workspace_ids`` (read in
-        this transaction) to the rows to insert. None if this replica no longer
-        holds the lease or the cursor moved (nothing is written); else the
-        number of deliveries recorded (repeats are ignored).
+        that transaction) to the rows to insert; the work returns the number of
+        deliveries recorded (repeats are ignored).
         """
 
-        def work(db: Session) -> int | None:
-            # The cursor row first: it is the lock that orders feeders.
-            moved = db.execute(
-                update(WebhookCursorRow)
-                .where(
-                    WebhookCursorRow.id == _CURSOR_ID,
-                    WebhookCursorRow.holder == holder,
-                    WebhookCursorRow.cursor == old_cursor,
-                )
-                .values(cursor=new_cursor, lease_until=lease_until)
-            )
-            if not _count(moved):
-                return None
+        def work(db: Session) -> int:
             rows = deliveries(_subscribers(db, workspace_ids)) if workspace_ids else []
             if not rows:
                 return 0
@@ -383,7 +356,7 @@ class WebhookStore:
             )
             return _count(result)
 
-        return await self._run(work, write=True)
+        return work
 
     # -- the sender --------------------------------------------------------------------
 
