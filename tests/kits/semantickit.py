@@ -5,7 +5,6 @@ settle, and the index's rows."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -124,17 +123,9 @@ async def quiet(domain: ContextDomain) -> bool:
 
 async def settled(domain: ContextDomain, timeout_s: float = 30.0) -> None:
     """Wait until the indexer has read the log to its head and done every job."""
-    indexer = domain.indexer
     async with asyncio.timeout(timeout_s):
-        while True:
-            indexer.progressed.clear()
-            if await quiet(domain):
-                return
-            # Woken by the indexer's next round; the bound covers work another
-            # part of the process did without a round of this indexer.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await indexer.progressed.wait()
+        while not await quiet(domain):  # noqa: ASYNC110 - a stored state, under a deadline
+            await asyncio.sleep(0.05)
 
 
 @dataclass(frozen=True)

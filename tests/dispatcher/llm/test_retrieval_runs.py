@@ -11,7 +11,6 @@ itself, with bad arguments answered to the model rather than failing the run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -135,11 +134,7 @@ async def ready(d: Desk, domain: ContextDomain) -> None:
             index = await get_index(d.stub, d.world.viewer, d.world.name)
             if index.state == cpb.SEMANTIC_INDEX_STATE_READY:
                 return
-            # Not yet: the indexer's next round says when to look again.
-            domain.indexer.progressed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await domain.indexer.progressed.wait()
+            await asyncio.sleep(0.05)  # not yet: polling a stored state, under a deadline
 
 
 def system_texts(body: dict[str, Any]) -> list[str]:

@@ -22,6 +22,7 @@ from switchboard.context.semantic.indexing.chunking import chunk_text
 from switchboard.platform.store.models import ConversationRow, SemanticCursorRow
 from tests.context.files.test_files import upload
 from tests.fakes.embeddings_server import FakeEmbeddings
+from tests.kits.chunkwrites import gated_writes
 from tests.kits.contextkit import (
     append,
     create_conversation,
@@ -48,6 +49,8 @@ MODEL = "sb-hash-64"
 OTHER = "sb-hash-32"
 DEFAULT = "sb-hash-16"
 KEY_1 = f"{MODEL}/8/2"
+#: How often a test looks again at a state the indexer moves.
+POLL_S = 0.05
 
 
 @pytest.fixture
@@ -193,6 +196,7 @@ async def test_a_worker_stopped_between_embedding_and_writing_indexes_nothing_tw
     monkeypatch: pytest.MonkeyPatch, database_url: str, embeddings: FakeEmbeddings
 ) -> None:
     embedder = embeddings
+    writes = gated_writes(monkeypatch)
     async with semantic_mesh(monkeypatch, database_url, embedder) as (mesh, stub, domain):
         indexer = domain.indexer
         indexer.limits = replace(indexer.limits, claim_s=2.0)
@@ -205,7 +209,7 @@ async def test_a_worker_stopped_between_embedding_and_writing_indexes_nothing_tw
                 stopped.set()
                 raise RuntimeError("worker stopped before its write")
 
-        indexer.before_write = crash
+        writes.before = crash
         items = [
             await remember(stub, world.editor, world.name, f"Fact number {n} about the fleet")
             for n in range(5)
@@ -237,11 +241,10 @@ async def test_an_endpoint_down_makes_the_index_wait_and_it_resumes_by_itself(
         await set_index(stub, world.owner, world.name, embedding_model=MODEL, dimensions=8)
         item = await remember(stub, world.editor, world.name, "The VPN certificate expires soon")
         async with asyncio.timeout(20):
-            while (status := await get_index(stub, world.viewer, world.name)).state != (
+            while (status := await get_index(stub, world.viewer, world.name)).state != (  # noqa: ASYNC110 - a stored state, under a deadline
                 pb.SEMANTIC_INDEX_STATE_WAITING
             ):
-                domain.indexer.progressed.clear()
-                await domain.indexer.progressed.wait()
+                await asyncio.sleep(POLL_S)
         assert status.last_error
         assert (status.pending_count, status.indexed_count) == (1, 0)
         await embedder.start()  # the same port answers again
@@ -254,9 +257,8 @@ async def test_an_endpoint_down_makes_the_index_wait_and_it_resumes_by_itself(
         embedder.corrupt_next("dimension", 1000)
         await set_index(stub, world.owner, world.name, embedding_model=OTHER)
         async with asyncio.timeout(20):
-            while not (status := await get_index(stub, world.viewer, world.name)).last_error:
-                domain.indexer.progressed.clear()
-                await domain.indexer.progressed.wait()
+            while not (status := await get_index(stub, world.viewer, world.name)).last_error:  # noqa: ASYNC110 - a stored state, under a deadline
+                await asyncio.sleep(POLL_S)
         assert status.state == pb.SEMANTIC_INDEX_STATE_WAITING
         assert "dimension" in status.last_error
         # The passages under the old model stay (search keeps them) until replaced.
@@ -267,6 +269,7 @@ async def test_a_model_change_re_embeds_everything_while_search_answers(
     monkeypatch: pytest.MonkeyPatch, database_url: str, embeddings: FakeEmbeddings
 ) -> None:
     embedder = embeddings
+    writes = gated_writes(monkeypatch)
     async with semantic_mesh(monkeypatch, database_url, embedder) as (mesh, stub, domain):
         world = await ctx_world(mesh, stub)
         await set_index(stub, world.owner, world.name, embedding_model=MODEL, dimensions=8)
@@ -282,7 +285,7 @@ async def test_a_model_change_re_embeds_everything_while_search_answers(
         async def held() -> None:
             await release.wait()
 
-        domain.indexer.before_write = held
+        writes.before = held
         index = await set_index(stub, world.owner, world.name, embedding_model=OTHER)
         assert index.pending_count == len(items)
         assert index.state == pb.SEMANTIC_INDEX_STATE_INDEXING
@@ -324,7 +327,7 @@ async def test_a_cursor_behind_the_horizon_loses_nothing(
             world.editor,
         )
         # Enough events after them for the log to trim them (it trims every 1000).
-        bus = domain.indexer._bus
+        bus = mesh.shared.bus
         for _ in range(3):
             await bus.publish_many(
                 [
@@ -332,8 +335,9 @@ async def test_a_cursor_behind_the_horizon_loses_nothing(
                     for _ in range(400)
                 ]
             )
-        cursor = await domain.indexer.store.take_lease("probe", domain.indexer._lease_until())
-        await domain.indexer.store.release_lease("probe")
+        feeder = domain.indexer.feeder
+        cursor = await feeder.store.take_lease("probe", feeder.lease_until())
+        await feeder.store.release_lease("probe")
         assert cursor is not None
         from switchboard.platform.errors import CursorExpired
         from switchboard.platform.events.eventlog import parse_cursor
@@ -424,13 +428,12 @@ async def test_the_cursor_advances_only_by_compare_and_set(
             db.execute(update(SemanticCursorRow).values(holder="another", lease_until=None))  # type: ignore[attr-defined]
 
         await store._database.run(moved, write=True)
-        fed = await store.feed(
+        fed = await domain.indexer.feeder.store.advance(
             "me",
             "",
             "1-0",
-            domain.indexer._lease_until(),
-            lambda _: [],
-            [],
+            domain.indexer.feeder.lease_until(),
+            store.feeding(lambda _: [], []),
         )
         assert fed is None
 

@@ -3,13 +3,13 @@ but not yet embedded are not found by meaning, and the response says how many wa
 (``pending_index_count``, ``index_lag_detail``), as does a window's retrieval
 (``retrieval_pending_index_count``). The server is configured as a deployment is,
 embedding through the real client on the local embeddings server; the indexer's worker
-is held between embedding and writing (its ``before_write`` hook), so the items stay
-pending for as long as the test looks, without sleeping."""
+is held between embedding and writing (by the chunk store's batch write:
+``tests/kits/chunkwrites.py``), so the items stay pending for as long as the test looks,
+without sleeping."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ from tests.context.semantic.retrieval.test_search_semantic import (
     ready,
     semantic_mesh,
 )
+from tests.kits.chunkwrites import gated_writes
 from tests.kits.contextkit import Stub, create_conversation, remember
 from tests.kits.semantickit import get_index
 
@@ -39,20 +40,14 @@ async def pending_reaches(
     """Wait until the index counts ``count`` sources waiting (the feeder has read the
     writes' events; the held worker cannot finish them)."""
     async with asyncio.timeout(timeout_s):
-        while True:
-            domain.indexer.progressed.clear()
-            index = await get_index(stub, world.viewer, world.name)
-            if index.pending_count == count:
-                return
-            # The feeder's next round says when to look again.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await domain.indexer.progressed.wait()
+        while (await get_index(stub, world.viewer, world.name)).pending_count != count:  # noqa: ASYNC110 - a stored state, under a deadline
+            await asyncio.sleep(0.05)
 
 
 async def test_a_search_by_meaning_says_how_many_items_are_not_yet_indexed(
-    database_url: str,
+    monkeypatch: pytest.MonkeyPatch, database_url: str
 ) -> None:
+    writes = gated_writes(monkeypatch)
     async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
         world = await indexed_world(stub, mesh)
         conversation = await create_conversation(stub, world.editor, world.name)
@@ -61,7 +56,7 @@ async def test_a_search_by_meaning_says_how_many_items_are_not_yet_indexed(
         async def held() -> None:
             await release.wait()
 
-        domain.indexer.before_write = held
+        writes.before = held
         try:
             note = await remember(stub, world.editor, world.name, NOTE)
             for text in ("Lunch is at noon", "The office closes on Fridays"):
@@ -115,7 +110,10 @@ async def test_a_search_by_meaning_says_how_many_items_are_not_yet_indexed(
         assert window.retrieval_pending_index_count == 0
 
 
-async def test_one_item_waiting_is_said_in_the_singular(database_url: str) -> None:
+async def test_one_item_waiting_is_said_in_the_singular(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    writes = gated_writes(monkeypatch)
     async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
         world = await indexed_world(stub, mesh)
         release = asyncio.Event()
@@ -123,7 +121,7 @@ async def test_one_item_waiting_is_said_in_the_singular(database_url: str) -> No
         async def held() -> None:
             await release.wait()
 
-        domain.indexer.before_write = held
+        writes.before = held
         try:
             await remember(stub, world.editor, world.name, NOTE)
             await pending_reaches(stub, domain, world, 1)

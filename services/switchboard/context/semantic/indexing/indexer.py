@@ -3,10 +3,11 @@ passages (docs/semantic.md, Indexing).
 
 Two loops per process serving ContextService, over ``indexstore.py``:
 
-* **The feeder** (one replica at a time: the lease in ``semantic_cursor``)
-  reads the log after the stored cursor and turns the events that change what
-  is indexed into jobs, one per source, advancing the cursor in the same
-  transaction (compare-and-set on holder and old cursor): memory items
+* **The feeder** (a leased feeder, ``platform/events/feeder.py``, with the
+  indexer as its consumer: one replica at a time, the lease in
+  ``semantic_cursor``) turns the events that change what is indexed into jobs,
+  one per source, written in the transaction that advances the cursor
+  (compare-and-set on holder and old cursor): memory items
   (``MEMORY_CHANGED``), messages of workspaces that index them
   (``MESSAGE_CREATED``), files (``FILE_CHANGED``), and a deleted or restored
   conversation's sources (``CONVERSATION_CHANGED``). A purged workspace's rows
@@ -37,7 +38,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -61,16 +62,14 @@ from switchboard.context.semantic.ports import (
     EmbeddingsUnavailable,
     SourceKind,
 )
-from switchboard.platform.errors import CursorAhead, CursorExpired
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.events.eventlog import (
-    Logged,
-    format_cursor,
-    logged_part,
-    parse_cursor,
-)
+from switchboard.platform.events.eventlog import Logged
+from switchboard.platform.events.feeder import FeedSettings, LeasedFeeder
+from switchboard.platform.events.feedstore import Work
+from switchboard.platform.resilience.background import cancel_within
 from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.store.db import Database, log_failure
+from switchboard.platform.store.models import SemanticCursorRow
 from switchboard.platform.values.names import now
 
 if TYPE_CHECKING:
@@ -248,7 +247,6 @@ class Indexer:
         rng: random.Random | None = None,
     ) -> None:
         self.store = IndexStore(database)
-        self._bus = bus
         self._chunks = chunks
         self._embedder = embedder
         self.limits = limits
@@ -256,29 +254,32 @@ class Indexer:
         #: Whether the database has a vector engine (the chunk store's detection).
         self._vectors = vectors
         self._rng = rng or random.SystemRandom()
-        self._feed_wake = asyncio.Event()
         self._work_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._unlisten: Callable[[], None] | None = None
-        self.feeding = False
-        #: How far this replica has fed (ahead of the stored cursor while the events
-        #: read since made no job: no transaction for them) and the stored cursor.
-        self._cursor: str | None = None
-        self._stored: str | None = None
+        self.feeder = LeasedFeeder(
+            database,
+            bus,
+            SemanticCursorRow,
+            self,
+            FeedSettings(
+                name="semantic feeder",
+                lease_s=limits.lease_s,
+                poll_s=limits.poll_s,
+                batch=FEED_BATCH,
+                gap_warning="semantic indexer cursor is outside the retained event log; every "
+                "source is enqueued again instead",
+            ),
+            instance_id=instance_id,
+            log=log,
+        )
         #: Workspaces that index messages, as last read (only decides whether a
         #: message wakes the feeder; the feed transaction reads the settings).
         self._messaging: set[str] = set()
-        self._renew_at = 0.0
         self._sweep_at = 0.0
         #: Jobs this process holds now (released at a clean close).
         self._held: list[Job] = []
         #: Held while claims are renewed or given back, so both see the same expiry.
         self._claims = asyncio.Lock()
-        #: Test hook: called (and awaited if it returns an awaitable) between
-        #: embedding a batch and writing its passages.
-        self.before_write: Callable[[], object] | None = None
-        #: Set after every round that moved the cursor or did jobs (tests wait on it).
-        self.progressed = asyncio.Event()
 
     # -- what is in effect ---------------------------------------------------------------
 
@@ -316,45 +317,23 @@ class Indexer:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._unlisten = self._bus.listen(self._on_event)
-        loop = asyncio.get_running_loop()
+        await self.feeder.start()
         self._tasks = [
-            loop.create_task(self._feed_loop(), name="semantic-feeder"),
-            loop.create_task(self._work_loop(), name="semantic-worker"),
+            asyncio.get_running_loop().create_task(self._work_loop(), name="semantic-worker")
         ]
 
     async def close(self, *, release: bool = True) -> None:
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
+        await self.feeder.close(release=release)
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
-            if stuck:
-                log.warning("semantic indexer tasks did not stop at close")
-        if release:
+        if await cancel_within(tasks, CLOSE_TIMEOUT_S):
+            log.warning("semantic indexer tasks did not stop at close")
+        if release and self._held:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    if self._held:
-                        await self.store.release(self._held)
-                    if self.feeding:
-                        await self.store.release_lease(self._me)
-            except Exception as exc:  # noqa: BLE001 - claims and lease expire by themselves
-                log_failure(log, "semantic indexer lease not released at close", exc)
+                    await self.store.release(self._held)
+            except Exception as exc:  # noqa: BLE001 - the claims expire by themselves
+                log_failure(log, "semantic indexer claims not released at close", exc)
         self._held = []
-        self.feeding = False
-        self._cursor = self._stored = None
-
-    def _on_event(self, event: events_pb2.Event) -> None:
-        # A message wakes the feeder only where messages are indexed; the others
-        # are read in its next round (a write is never followed by a transaction).
-        if event.type == _MESSAGE:
-            if _workspace_of(event.workspace) in self._messaging:
-                self._feed_wake.set()
-        elif event.type in _WANTED:
-            self._feed_wake.set()
 
     def messages_indexed(self, workspace_id: str, on: bool) -> None:
         """This replica changed a workspace's ``index_messages``."""
@@ -366,117 +345,55 @@ class Indexer:
     @property
     def fed(self) -> str | None:
         """How far this replica has fed the log, if it holds the lease."""
-        return self._cursor if self.feeding else None
+        return self.feeder.fed
 
     def wake(self) -> None:
         """Look for jobs now (settings changed on this replica)."""
         self._work_wake.set()
 
-    # -- the feeder ----------------------------------------------------------------------
+    # -- the feeder's consumer (``LogConsumer``) -------------------------------------------
 
-    async def _feed_loop(self) -> None:
-        backoff = Backoff(0.1, self.limits.poll_s * 5)
-        while True:
-            try:
-                more = await self.feed_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - an outage or a bug must not stop it
-                log_failure(log, "semantic feeder round failed", exc)
-                self._cursor = self._stored = None  # the round may have committed
-                await backoff.wait()
-                continue
-            backoff.reset()
-            if more:
-                continue
-            wait_s = min(self.limits.poll_s, self.limits.lease_s / 3)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._feed_wake.wait()
-            self._feed_wake.clear()
+    def wakes(self, event: events_pb2.Event) -> bool:
+        """A message wakes the feeder only where messages are indexed; the others are
+        read in its next round (a write is never followed by a transaction)."""
+        if event.type == _MESSAGE:
+            return _workspace_of(event.workspace) in self._messaging
+        return event.type in _WANTED
 
-    def _lease_until(self) -> dt.datetime:
-        return now() + dt.timedelta(seconds=self.limits.lease_s)
+    async def taken(self) -> None:
+        """Repair what the index lacks before feeding, and again should this fail
+        (the replica does not feed until it is done)."""
+        if not self.semantic:
+            return
+        made = await self.store.reconcile(self._key_for_owner)
+        if made:
+            log.info("semantic index reconciled", extra={"jobs": made})
+            self._work_wake.set()
 
-    async def _hold_lease(self) -> bool:
-        """Take or renew the feeder's lease; whether this replica holds it."""
-        stored, fed = self._stored, self._cursor
-        if self.feeding and stored is not None and fed is not None and fed != stored:
-            # Renewing the lease stores how far the passed-over events went.
-            if not await self._advance(stored, fed, []):
-                return False
-        else:
-            taken = await self.store.take_lease(self._me, self._lease_until())
-            if taken is None:
-                self.feeding = False
-                self._cursor = self._stored = None
-                return False
-            if not self.feeding and self.semantic:
-                # Taken (not renewed): repair what the index lacks before feeding,
-                # and again should this fail (feeding stays off until it is done).
-                made = await self.store.reconcile(self._key_for_owner)
-                if made:
-                    log.info("semantic index reconciled", extra={"jobs": made})
-                    self._work_wake.set()
-            self.feeding = True
-            self._cursor = self._stored = taken
-            self._renew_at = time.monotonic() + self.limits.lease_s / 3
+    async def renewed(self) -> None:
         if time.monotonic() >= self._sweep_at:
             self._sweep_at = time.monotonic() + SWEEP_EVERY_S
             if await self.store.enqueue_orphans():
                 self._work_wake.set()
         self._messaging = await self.store.messaging_workspaces()
-        return True
 
-    async def feed_once(self) -> bool:
-        """One feeder round; True if there may be more to read at once."""
-        if (
-            not self.feeding or self._cursor is None or time.monotonic() >= self._renew_at
-        ) and not await self._hold_lease():
-            return False
-        cursor, stored = self._cursor, self._stored
-        if cursor is None or stored is None:
-            return False
-        position = parse_cursor(cursor)
-        if position is None:
-            # First run of the deployment: from the head on (existing sources are
-            # enqueued when an index is configured, or by the reconcile above).
-            return await self._advance(stored, format_cursor(logged_part(self._bus.head)), [])
-        try:
-            await self._bus.check_cursor(position)
-        except (CursorExpired, CursorAhead):
-            horizon = await self._bus.horizon()
-            log.warning(
-                "semantic indexer cursor is outside the retained event log; every source "
-                "is enqueued again instead",
-                extra={"cursor": cursor, "resume_after": format_cursor(horizon)},
-            )
-            return await self._advance(stored, format_cursor(horizon), [], rescan=True)
-        upto = logged_part(self._bus.head)
-        if position >= upto:
-            return False
-        items = await self._bus.read(position, upto, FEED_BATCH)
-        if not items:
-            return False
-        if _sorted(items).empty:
-            # Nothing that is indexed changed: no transaction; the cursor is stored
-            # with the next batch that makes jobs, or the lease renewal.
-            self._cursor = items[-1].cursor
-            self.progressed.set()
-            return len(items) == FEED_BATCH
-        await self._advance(stored, items[-1].cursor, items)
-        return len(items) == FEED_BATCH
+    async def taking(self, items: Sequence[Logged]) -> Work | None:
+        """The jobs ``items`` make; None if nothing that is indexed changed."""
+        batch = _sorted(items)
+        return None if batch.empty else self._jobs(batch, rescan=False)
+
+    def gap(self) -> Work:
+        """Any of the events lost may have changed anything: every source is enqueued."""
+        return self._jobs(_sorted(()), rescan=True)
+
+    def written(self, count: int) -> None:
+        self._work_wake.set()
 
     def _key_for_owner(self, owner: str, index: IndexSettings | None) -> str | None:
         return self.key_of(index)
 
-    async def _advance(
-        self, old: str, new: str, items: Sequence[Logged], *, rescan: bool = False
-    ) -> bool:
-        batch = _sorted(items)
-
-        def jobs(indexes: object) -> list[NewJob]:
-            settings: dict[str, IndexSettings] = indexes  # type: ignore[assignment]
+    def _jobs(self, batch: _Batch, *, rescan: bool) -> Work:
+        def jobs(settings: Mapping[str, IndexSettings]) -> list[NewJob]:
             wanted = [
                 job
                 for job in batch.messages
@@ -485,26 +402,7 @@ class Indexer:
             ]
             return [*batch.memory, *wanted, *batch.documents]
 
-        made = await self.store.feed(
-            self._me,
-            old,
-            new,
-            self._lease_until(),
-            jobs,
-            batch.workspaces,
-            batch.conversations,
-            rescan,
-        )
-        if made is None:
-            self.feeding = False  # another replica took over meanwhile
-            self._cursor = self._stored = None
-            return False
-        self._cursor = self._stored = new
-        self._renew_at = time.monotonic() + self.limits.lease_s / 3
-        if made:
-            self._work_wake.set()
-        self.progressed.set()
-        return True
+        return self.store.feeding(jobs, batch.workspaces, batch.conversations, rescan)
 
     # -- the workers ---------------------------------------------------------------------
 
@@ -546,7 +444,6 @@ class Indexer:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewing
             self._held = []
-            self.progressed.set()
         return len(jobs), later
 
     async def _renew(self, jobs: Sequence[Job]) -> None:
@@ -668,10 +565,6 @@ class Indexer:
                 extra={"owner": owner, "jobs": len(group), "reason": reason},
             )
             return
-        if self.before_write is not None:
-            result = self.before_write()
-            if asyncio.iscoroutine(result):
-                await result
         key = model.key(generation)
         finished: list[Job] = []
         replacements: list[tuple[SourceKind, str, Sequence[ChunkRecord]]] = []

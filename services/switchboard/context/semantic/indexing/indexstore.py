@@ -1,12 +1,13 @@
-"""Persistence of the semantic indexer: each workspace's index settings, the feeder's
-lease and cursor over the event log, and the job queue (``semantic_jobs``).
+"""Persistence of the semantic indexer: each workspace's index settings and the job
+queue (``semantic_jobs``); the feeder's lease and cursor over the event log
+(``semantic_cursor``) are the leased feeder's (``platform/events/feedstore.py``).
 
-The same two rules as the webhook feeder's (``integration/webhooks/store.py``):
+The same two rules as the webhook engine's (``integration/webhooks/store.py``):
 
-* The cursor moves only by compare-and-set (holder and old cursor) in the
-  transaction that writes the jobs its events make, so an event becomes its
-  job once whichever replica reads it; a job is one row per source, so a
-  repeat or a later event only replaces it.
+* The jobs of a batch of events are written in the transaction that moves the
+  feeder's cursor past them (``feeding``, run by the feeder's compare-and-set),
+  so an event becomes its job once whichever replica reads it; a job is one row
+  per source, so a repeat or a later event only replaces it.
 * A job is claimed by moving its ``not_before`` to the claim's expiry
   (compare-and-set on the old value), so one worker holds it at a time and
   a dead worker's jobs fall due again when the claim expires. A job is
@@ -38,7 +39,6 @@ from sqlalchemy.orm import Session
 from switchboard.api.context.v1 import context_pb2
 from switchboard.context.semantic.ports import SourceKind
 from switchboard.context.text.parttext import render_parts
-from switchboard.platform.store import leases
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     ConversationRow,
@@ -46,7 +46,6 @@ from switchboard.platform.store.models import (
     MemoryItemRow,
     MessageRow,
     SemanticChunkRow,
-    SemanticCursorRow,
     SemanticIndexRow,
     SemanticJobRow,
     UTCDateTime,
@@ -58,7 +57,6 @@ from switchboard.platform.values.structs import plain
 log = logging.getLogger("switchboard.context.semantic")
 
 _T = TypeVar("_T")
-_CURSOR_ID: Final = leases.ROW_ID
 #: Jobs written per INSERT statement (bound parameters stay well under SQLite's limit).
 _INSERT_BATCH: Final = 500
 MAX_ERROR_CHARS: Final = 500
@@ -241,51 +239,26 @@ class IndexStore:
 
         return await self._run(work, write=False)
 
-    # -- the feeder's lease and cursor ---------------------------------------------------
+    # -- the feeder ----------------------------------------------------------------------
 
-    async def take_lease(self, holder: str, until: dt.datetime) -> str | None:
-        """Hold or keep the feeder's lease until ``until``: the cursor, or None if another
-        holds it (``platform/store/leases.py``)."""
-        return await leases.take_lease(self._database, SemanticCursorRow, holder, until, log=log)
-
-    async def release_lease(self, holder: str) -> None:
-        """Give the lease up at once (a clean shutdown), so another replica feeds now."""
-        await leases.release_lease(self._database, SemanticCursorRow, holder, log=log)
-
-    async def feed(
+    def feeding(
         self,
-        holder: str,
-        old_cursor: str,
-        new_cursor: str,
-        lease_until: dt.datetime,
         jobs: Callable[[Mapping[str, IndexSettings]], Sequence[NewJob]],
         workspace_ids: Sequence[str],
         conversations: Sequence[tuple[str, str, bool]] = (),
         rescan: bool = False,
-    ) -> int | None:
-        """Write the jobs of a batch of events and advance the cursor, atomically.
+    ) -> Callable[[Session], int]:
+        """The jobs of a batch of events, as the work of the feeder's transaction that
+        moves the cursor past them; the work returns the number of jobs written.
 
-        ``jobs`` maps the index settings of ``workspace_ids`` (read in this
+        ``jobs`` maps the index settings of ``workspace_ids`` (read in that
         transaction) to the jobs to write. ``conversations`` are (workspace,
         conversation, only_if_unindexed): their sources are enqueued (a deleted
         or restored conversation). ``rescan`` enqueues every source there is
-        (the cursor fell behind the log's horizon). None if this replica no
-        longer holds the lease or the cursor moved (nothing is written); else
-        the number of jobs written.
+        (the cursor fell behind the log's horizon).
         """
 
-        def work(db: Session) -> int | None:
-            moved = db.execute(
-                update(SemanticCursorRow)
-                .where(
-                    SemanticCursorRow.id == _CURSOR_ID,
-                    SemanticCursorRow.holder == holder,
-                    SemanticCursorRow.cursor == old_cursor,
-                )
-                .values(cursor=new_cursor, lease_until=lease_until)
-            )
-            if not _count(moved):
-                return None
+        def work(db: Session) -> int:
             made = 0
             if rescan:
                 made += self._enqueue_everything(db)
@@ -301,7 +274,7 @@ class IndexStore:
                 made += self._enqueue_conversation(db, workspace_id, conversation_id)
             return made
 
-        return await self._run(work, write=True)
+        return work
 
     # -- enqueuing ---------------------------------------------------------------------
 
