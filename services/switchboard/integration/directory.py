@@ -22,6 +22,7 @@ from switchboard.api.integration.v1 import integration_pb2
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.security.credentials.secretbox import SecretBox, SecretUnreadable
 from switchboard.platform.store.db import Database, log_failure
+from switchboard.platform.values.resources import IntegrationName
 
 log = logging.getLogger("switchboard.integration.directory")
 
@@ -53,10 +54,6 @@ class ExpertEntry:
     kind: int = integration_pb2.INTEGRATION_KIND_GRPC_HANDLER
 
 
-def integration_name(workspace_id: str, integration_id: str) -> str:
-    return f"workspaces/{workspace_id}/integrations/{integration_id}"
-
-
 async def workspace_experts(
     database: Database, secrets: SecretBox, workspace_id: str, *, limit: int
 ) -> list[ExpertEntry]:
@@ -83,7 +80,7 @@ async def workspace_experts(
         if sealed:
             try:
                 credential = secrets.open(
-                    sealed, purpose=integration_name(workspace_id, integration_id)
+                    sealed, purpose=str(IntegrationName(workspace_id, str(integration_id)))
                 )
             except SecretUnreadable as exc:
                 problem = exc.message

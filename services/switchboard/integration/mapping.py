@@ -16,6 +16,7 @@ from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.store import IntegrationRecord
 from switchboard.platform.resilience.breaker import BreakerState
 from switchboard.platform.values.names import etag_of
+from switchboard.platform.values.resources import IntegrationName
 
 _CIRCUIT = {
     "closed": pb.CIRCUIT_STATE_CLOSED,
@@ -25,7 +26,7 @@ _CIRCUIT = {
 
 
 def integration_name(workspace_id: str, integration_id: str) -> str:
-    return f"workspaces/{workspace_id}/integrations/{integration_id}"
+    return str(IntegrationName(workspace_id, integration_id))
 
 
 def name_of(record: IntegrationRecord) -> str:

@@ -36,9 +36,11 @@ from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.values import names
 from switchboard.platform.values.jsonbounds import JsonRejected
+from switchboard.platform.values.resources import IntegrationName
 
 log = logging.getLogger("switchboard.integration")
 
+#: Kept for integration/service.py until it reads names as ``IntegrationName``.
 INTEGRATION: Final = names.INTEGRATION
 
 #: How a webhook offers tools, for the refusal of one that declares none.
@@ -68,8 +70,8 @@ class Limits:
 
 async def find(store: IntegrationStore, name: str, field: str) -> IntegrationRecord:
     """The integration ``name`` names (the request's ``field``), or NOT_FOUND."""
-    found = names.match(INTEGRATION, name, field)
-    record = await store.get(found[1], found[2])
+    integration = IntegrationName.parse(name, field)
+    record = await store.get(integration.workspace, integration.integration)
     if record is None:
         raise NotFound(f"{name} not found")
     return record

@@ -27,7 +27,7 @@ from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.connect.connections import NO_TOOLS, Connections, Limits, find
 from switchboard.integration.connect.connectors import Malformed, ToolNotFound, ToolResult, ToolSpec
 from switchboard.integration.kinds.webhooktools import declares_tools
-from switchboard.integration.mapping import integration_name, name_of
+from switchboard.integration.mapping import name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.integration.tools.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.platform.cache import Cache
@@ -46,10 +46,10 @@ from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.values import idempotency, jsonbounds, names, structs, timefields
 from switchboard.platform.values.jsonbounds import JsonRejected
+from switchboard.platform.values.resources import IntegrationName, ToolName
 
 log = logging.getLogger("switchboard.integration")
 
-TOOL: Final = names.TOOL
 #: Tools an integration's list is cached for before it is asked again.
 TOOLS_TTL_S: Final = 300.0
 #: A record read for calls is dropped on its change's event; this is the backstop.
@@ -110,7 +110,7 @@ class Tools:
         self._records.pop(name, None)
 
     async def _record(self, workspace_id: str, integration_id: str) -> IntegrationRecord | None:
-        name = integration_name(workspace_id, integration_id)
+        name = str(IntegrationName(workspace_id, integration_id))
         cached = self._records.get(name)
         if cached is not None and time.monotonic() - cached[0] < RECORD_TTL_S:
             return cached[1]
@@ -168,6 +168,7 @@ class Tools:
             return pb.ListToolsResponse()
         listed = await self._tool_list(record)
         tools = sorted(listed.tools.items())
+        parent = IntegrationName(record.workspace_id, record.id)
         fingerprint = pagination.fingerprint("tools", request.parent)
         start = 0
         if request.page_token:
@@ -175,17 +176,16 @@ class Tools:
             start = int(position)
         page = tools[start : start + size]
         response = pb.ListToolsResponse(
-            tools=[self._tool_proto(request.parent, segment, tool) for segment, tool in page]
+            tools=[self._tool_proto(parent, segment, tool) for segment, tool in page]
         )
         if start + size < len(tools):
             response.next_page_token = self._pages.encode([start + size], fingerprint)
         return response
 
     @staticmethod
-    def _tool_proto(parent: str, segment: str, tool: ToolSpec) -> pb.Tool:
-        message = pb.Tool(
-            name=f"{parent}/tools/{segment}", description=tool.description, title=tool.title
-        )
+    def _tool_proto(parent: IntegrationName, segment: str, tool: ToolSpec) -> pb.Tool:
+        name = ToolName(parent.workspace, parent.integration, segment)
+        message = pb.Tool(name=str(name), description=tool.description, title=tool.title)
         with contextlib.suppress(json_format.ParseError, TypeError, ValueError):
             json_format.ParseDict(dict(tool.input_schema), message.input_schema)
         if tool.output_schema:
@@ -201,10 +201,14 @@ class Tools:
         deadline_s: float | None = None,
         run: str = "",
     ) -> pb.InvokeToolResponse:
-        found = names.match(TOOL, request.name, "name")
-        workspace_id, integration_id, segment = found[1], found[2], found[3]
+        tool_name = ToolName.parse(request.name, "name")
+        workspace_id, integration_id, segment = (
+            tool_name.workspace,
+            tool_name.integration,
+            tool_name.segment,
+        )
         violations = Violations()
-        if names.tool_from_segment(segment) is None:
+        if tool_name.tool is None:
             violations.add(
                 "name", "names a tool that no name escapes to (see docs/integration.md, Tools)"
             )
@@ -217,7 +221,7 @@ class Tools:
         violations.check()
         await self._spend(workspace_id)
         record = await self._record(workspace_id, integration_id)
-        parent = integration_name(workspace_id, integration_id)
+        parent = tool_name.parent
         if record is None:
             raise NotFound(f"{parent} not found")
         if record.disabled:
