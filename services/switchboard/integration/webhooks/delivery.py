@@ -120,6 +120,13 @@ from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import WebhookCursorRow
 from switchboard.platform.values import structs
 from switchboard.platform.values.names import new_id, now
+from switchboard.platform.values.resources import (
+    DeliveryName,
+    IntegrationName,
+    PushConfigName,
+    RunName,
+    WorkspaceName,
+)
 from switchboard.shared import PushNotifications
 
 if TYPE_CHECKING:
@@ -156,10 +163,6 @@ _ENDED_RUNS: Final = frozenset(
         dispatcher_pb2.RUN_STATE_CANCELLED,
     }
 )
-
-
-def run_name(workspace_id: str, conversation_id: str, run_id: str) -> str:
-    return f"workspaces/{workspace_id}/conversations/{conversation_id}/runs/{run_id}"
 
 
 def status_change(event: events_pb2.Event) -> dispatcher_pb2.RunUpdate | None:
@@ -223,14 +226,6 @@ class Attempt:
     status: int
     error: str
     retry_after_s: float | None = None
-
-
-def integration_name(workspace_id: str, integration_id: str) -> str:
-    return f"workspaces/{workspace_id}/integrations/{integration_id}"
-
-
-def delivery_name(workspace_id: str, integration_id: str, delivery_id: str) -> str:
-    return f"{integration_name(workspace_id, integration_id)}/deliveries/{delivery_id}"
 
 
 def type_name(event_type: int) -> str:
@@ -323,7 +318,7 @@ def safe_text(raw: bytes | str, limit: int = SNIPPET_BYTES) -> str:
 
 def delivery_message(row: WebhookDeliveryRow) -> integration_pb2.WebhookDelivery:
     message = integration_pb2.WebhookDelivery(
-        name=delivery_name(row.workspace_id, row.integration_id, row.id),
+        name=str(DeliveryName(row.workspace_id, row.integration_id, row.id)),
         event_id=row.event_id,
         event_type=row.event_type,
         state=row.state,  # type: ignore[arg-type]
@@ -339,13 +334,19 @@ def delivery_message(row: WebhookDeliveryRow) -> integration_pb2.WebhookDelivery
     return message
 
 
+def _workspace_of(item: Logged) -> str | None:
+    """The id of the workspace an event belongs to; None if it belongs to none."""
+    name = WorkspaceName.parse_or_none(item.workspace)
+    return name.workspace if name is not None else None
+
+
 def _matches(subscriber: Subscriber, item: Logged, created: dt.datetime) -> bool:
     if subscriber.task is not None:
         # A push config takes its task's changes whenever they are read: the
         # ones before it was stored are recorded by its creator, keyed alike.
         update = status_change(item.event)
-        return update is not None and update.state_change.run.name == run_name(
-            subscriber.workspace_id, *subscriber.task
+        return update is not None and update.state_change.run.name == str(
+            RunName(subscriber.workspace_id, *subscriber.task)
         )
     if created < subscriber.created_at:
         return False
@@ -535,9 +536,9 @@ class WebhookEngine:
         if self._push is None:
             return False
         workspaces = {
-            item.workspace.removeprefix("workspaces/")
+            workspace
             for item in items
-            if item.workspace.startswith("workspaces/") and status_change(item.event) is not None
+            if (workspace := _workspace_of(item)) and status_change(item.event) is not None
         }
         if not workspaces:
             return False
@@ -556,8 +557,8 @@ class WebhookEngine:
         """
         found = False
         for item in items:
-            workspace = item.workspace.removeprefix("workspaces/")
-            if not item.workspace.startswith("workspaces/") or not workspace:
+            workspace = _workspace_of(item)
+            if workspace is None:
                 continue
             if _announces_webhook(item.event):
                 subscribed.add(workspace)
@@ -571,11 +572,8 @@ class WebhookEngine:
             self._subscribed = await self.store.subscribed_workspaces()
         if not self._concern_webhooks(items, self._subscribed) and not await self._pushed(items):
             return None
-        workspaces: dict[str, None] = {}
-        for item in items:
-            workspace = item.workspace.removeprefix("workspaces/")
-            if item.workspace.startswith("workspaces/") and workspace:
-                workspaces[workspace] = None
+        # In log order, each once.
+        workspaces = list(dict.fromkeys(w for item in items if (w := _workspace_of(item))))
 
         def deliveries(subscribers: list[Subscriber]) -> list[NewDelivery]:
             by_workspace: dict[str, list[Subscriber]] = {}
@@ -583,8 +581,8 @@ class WebhookEngine:
                 by_workspace.setdefault(subscriber.workspace_id, []).append(subscriber)
             rows: list[NewDelivery] = []
             for item in items:
-                mine = by_workspace.get(item.workspace.removeprefix("workspaces/"))
-                if not mine or not item.workspace.startswith("workspaces/"):
+                mine = by_workspace.get(_workspace_of(item) or "")
+                if not mine:
                     continue
                 created = item.event.time.ToDatetime(tzinfo=dt.UTC)
                 for subscriber in mine:
@@ -592,7 +590,7 @@ class WebhookEngine:
                         rows.append(_delivery(subscriber, item))
             return rows
 
-        return self.store.recording(deliveries, list(workspaces))
+        return self.store.recording(deliveries, workspaces)
 
     # -- the sender ------------------------------------------------------------------
 
@@ -688,7 +686,7 @@ class WebhookEngine:
         secrets, or a push config's A2A body with its own headers; else why it cannot."""
         event = events_pb2.Event.FromString(claimed.data)
         if claimed.push is None:
-            name = integration_name(claimed.workspace_id, claimed.integration_id)
+            name = str(IntegrationName(claimed.workspace_id, claimed.integration_id))
             try:
                 secrets = self._signing_secrets(claimed, name)
             except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
@@ -697,7 +695,7 @@ class WebhookEngine:
             if not secrets:
                 return self._failed(claimed, 0, "the webhook has no signing secret", None)
             return _Request(name, claimed.event_id, payload(event), secrets, {})
-        name = f"workspaces/{claimed.workspace_id}/pushConfigs/{claimed.integration_id}"
+        name = str(PushConfigName(claimed.workspace_id, claimed.integration_id))
         if self._push is None:
             raise RuntimeError("push configs are delivered without their feature")
         target = claimed.push
@@ -840,7 +838,7 @@ class WebhookEngine:
             if self._push is not None:  # it is: a push config was attempted (``_shape``)
                 await self._push.disable(claimed.workspace_id, claimed.integration_id)
         else:
-            name = integration_name(claimed.workspace_id, claimed.integration_id)
+            name = str(IntegrationName(claimed.workspace_id, claimed.integration_id))
             log.warning("disabling a failing webhook", extra={"integration": name})
             await self._on_disable(claimed.workspace_id, claimed.integration_id, reason)
         await self.store.fail_disabled(_DISABLED_ERROR)
@@ -899,12 +897,12 @@ class WebhookEngine:
         place in log order). A pending one is left as it is.
         """
         webhook = await self.store.webhook(workspace_id, integration_id)
-        name = delivery_name(workspace_id, integration_id, delivery_id)
+        name = str(DeliveryName(workspace_id, integration_id, delivery_id))
         if webhook is None:
             raise NotFound(f"{name} not found")
         if webhook[1]:
             raise FailedPrecondition(
-                f"{integration_name(workspace_id, integration_id)} is disabled; enable it to "
+                f"{IntegrationName(workspace_id, integration_id)} is disabled; enable it to "
                 "redeliver"
             )
         row = await self.store.redeliver(workspace_id, integration_id, delivery_id)

@@ -52,6 +52,7 @@ from switchboard.context.semantic.indexing.indexstore import (
     Source,
     Stored,
     memory_owner,
+    owner_ids,
     stale,
 )
 from switchboard.context.semantic.ports import (
@@ -71,6 +72,13 @@ from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import SemanticCursorRow
 from switchboard.platform.values.names import now
+from switchboard.platform.values.resources import (
+    ConversationName,
+    FileName,
+    MemoryName,
+    MessageName,
+    WorkspaceName,
+)
 
 if TYPE_CHECKING:
     from switchboard.context.settings import ContextSettings
@@ -158,11 +166,6 @@ class IndexerLimits:
         )
 
 
-def _workspace_of(name: str) -> str:
-    parts = name.split("/")
-    return parts[1] if len(parts) > 1 and parts[0] == "workspaces" else ""
-
-
 @dataclass(frozen=True)
 class _Batch:
     workspaces: list[str]
@@ -186,33 +189,31 @@ def _sorted(items: Sequence[Logged]) -> _Batch:
         event = item.event
         if event.type == _MEMORY:
             name = event.memory_changed.memory_item.name
-            scope = name.rpartition("/memories/")[0]
-            if scope:
-                memory.append(NewJob("memory", name, memory_owner(scope)))
+            if memory_item := MemoryName.parse_or_none(name):
+                memory.append(NewJob("memory", name, memory_owner(str(memory_item.scope))))
         elif event.type == _MESSAGE:
             name = event.message_created.message.name
-            workspace = _workspace_of(name)
-            if workspace:
-                workspaces[workspace] = None
-                messages.append(NewJob("message", name, f"workspaces/{workspace}"))
+            if message := MessageName.parse_or_none(name):
+                workspaces[message.workspace] = None
+                messages.append(NewJob("message", name, str(message.parent.parent)))
         elif event.type == _FILE:
             name = event.file_changed.file.name
-            workspace = _workspace_of(name)
-            if workspace:
-                documents.append(NewJob("document", name, f"workspaces/{workspace}"))
+            if file := FileName.parse_or_none(name):
+                documents.append(NewJob("document", name, str(file.parent)))
         elif event.type == _CONVERSATION:
             change = event.conversation_changed
-            parts = change.conversation.name.split("/")
-            if len(parts) != 4:
+            conversation = ConversationName.parse_or_none(change.conversation.name)
+            if conversation is None:
                 continue
+            ids = (conversation.workspace, conversation.conversation)
             if change.change == events_pb2.CHANGE_KIND_DELETED:
-                conversations.append((parts[1], parts[3], False))
+                conversations.append((*ids, False))
             elif (
                 change.change == events_pb2.CHANGE_KIND_UPDATED
                 and not change.conversation.HasField("delete_time")
             ):
                 # A restore (or an edit): its sources, unless some are indexed already.
-                conversations.append((parts[1], parts[3], True))
+                conversations.append((*ids, True))
     return _Batch(list(workspaces), conversations, memory, messages, documents)
 
 
@@ -357,7 +358,8 @@ class Indexer:
         """A message wakes the feeder only where messages are indexed; the others are
         read in its next round (a write is never followed by a transaction)."""
         if event.type == _MESSAGE:
-            return _workspace_of(event.workspace) in self._messaging
+            workspace = WorkspaceName.parse_or_none(event.workspace)
+            return workspace is not None and workspace.workspace in self._messaging
         return event.type in _WANTED
 
     async def taken(self) -> None:
@@ -397,7 +399,7 @@ class Indexer:
             wanted = [
                 job
                 for job in batch.messages
-                if (index := settings.get(_workspace_of(job.source))) is not None
+                if (index := settings.get(job.workspace_id or "")) is not None
                 and index.index_messages
             ]
             return [*batch.memory, *wanted, *batch.documents]
@@ -461,8 +463,7 @@ class Indexer:
                 log_failure(log, "semantic job claims not renewed", exc)
 
     def _passages(self, source: Source) -> list[ChunkRecord]:
-        workspace_id = source.owner.removeprefix("workspaces/")
-        user_id = source.owner.removeprefix("users/")
+        workspace_id, user_id = owner_ids(source.owner)
         pieces = chunk_text(
             source.text,
             size=self.limits.chunk_chars,
@@ -482,8 +483,8 @@ class Indexer:
                 label=source.label,
                 conversation_id=source.conversation_id,
                 meta=source.meta,
-                workspace_id=workspace_id if source.owner.startswith("workspaces/") else None,
-                user_id=user_id if source.owner.startswith("users/") else None,
+                workspace_id=workspace_id,
+                user_id=user_id,
             )
             for piece in pieces
         ]
@@ -491,11 +492,7 @@ class Indexer:
     async def _do(self, jobs: Sequence[Job]) -> None:
         sources, stored = await self.store.load(jobs)
         indexes = await self.store.settings(
-            {
-                job.owner.removeprefix("workspaces/")
-                for job in jobs
-                if job.owner.startswith("workspaces/")
-            }
+            {workspace for job in jobs if (workspace := owner_ids(job.owner)[0])}
         )
         done: list[Job] = []
         # (owner, model, generation) -> [(job, passages)]
@@ -511,7 +508,7 @@ class Indexer:
                 continue
             passages = self._passages(source)
             texts = [p.text for p in passages]
-            index = indexes.get(source.owner.removeprefix("workspaces/"))
+            index = indexes.get(owner_ids(source.owner)[0] or "")
             model_key = self.key_of(index)
             if model_key is None:
                 # Not embedded: documents and messages are still searchable by their

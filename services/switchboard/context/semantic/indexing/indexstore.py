@@ -52,6 +52,13 @@ from switchboard.platform.store.models import (
 )
 from switchboard.platform.store.storage import check_etag, transaction
 from switchboard.platform.values.names import now
+from switchboard.platform.values.resources import (
+    FileName,
+    MemoryName,
+    MessageName,
+    WorkspaceName,
+    owner_or_none,
+)
 from switchboard.platform.values.structs import plain
 
 log = logging.getLogger("switchboard.context.semantic")
@@ -83,7 +90,7 @@ class NewJob:
 
     @property
     def workspace_id(self) -> str | None:
-        return _owner_ids(self.owner)[0]
+        return owner_ids(self.owner)[0]
 
 
 @dataclass
@@ -127,11 +134,12 @@ class Status:
     last_error: str
 
 
-def _owner_ids(owner: str) -> tuple[str | None, str | None]:
-    kind, _, ident = owner.partition("/")
-    if kind == "workspaces":
-        return ident, None
-    return None, ident
+def owner_ids(owner: str) -> tuple[str | None, str | None]:
+    """(workspace id, user id) of an index's owner, ``workspaces/{w}`` or ``users/{u}``."""
+    found = owner_or_none(owner)
+    if isinstance(found, WorkspaceName):
+        return found.workspace, None
+    return None, found.user if found is not None else None
 
 
 def _count(result: Any) -> int:
@@ -157,8 +165,8 @@ def _meta_json(data: bytes) -> str:
 
 def memory_owner(scope: str) -> str:
     """The index a memory item of ``scope`` belongs to: its workspace, or its user."""
-    parts = scope.split("/")
-    return "/".join(parts[:2])
+    found = owner_or_none(scope)
+    return str(found) if found is not None else ""
 
 
 class IndexStore:
@@ -219,7 +227,7 @@ class IndexStore:
                 made += self._enqueue_workspace(db, workspace_id, kind)
             if remove_messages(before, after):
                 made += self._enqueue_chunk_sources(
-                    db, SemanticChunkRow.owner == f"workspaces/{workspace_id}", kind="message"
+                    db, SemanticChunkRow.owner == str(WorkspaceName(workspace_id)), kind="message"
                 )
             return after, made
 
@@ -289,8 +297,8 @@ class IndexStore:
                         "source_kind": row.source_kind,
                         "source": row.source,
                         "owner": row.owner,
-                        "workspace_id": _owner_ids(row.owner)[0],
-                        "user_id": _owner_ids(row.owner)[1],
+                        "workspace_id": owner_ids(row.owner)[0],
+                        "user_id": owner_ids(row.owner)[1],
                         "enqueued_at": current,
                         "not_before": current,
                         "attempts": 0,
@@ -395,7 +403,7 @@ class IndexStore:
         made = self._enqueue_select(db, query)
         # What is indexed but no longer there (or no longer wanted) is removed the same way.
         return made + self._enqueue_chunk_sources(
-            db, SemanticChunkRow.owner == f"workspaces/{workspace_id}", kind=kind
+            db, SemanticChunkRow.owner == str(WorkspaceName(workspace_id)), kind=kind
         )
 
     def _enqueue_conversation(self, db: Session, workspace_id: str, conversation_id: str) -> int:
@@ -479,7 +487,7 @@ class IndexStore:
             }
 
             def key_of(owner: str) -> str | None:
-                workspace_id, _ = _owner_ids(owner)
+                workspace_id, _ = owner_ids(owner)
                 return current_keys(owner, indexes.get(workspace_id) if workspace_id else None)
 
             owners = db.execute(
@@ -502,7 +510,7 @@ class IndexStore:
             )
             workspaces = list(db.execute(select(MemoryItemRow.workspace_id).distinct()).scalars())
             for workspace_id in workspaces:
-                if key_of(f"workspaces/{workspace_id}" if workspace_id else "users/") is None:
+                if key_of(str(WorkspaceName(workspace_id)) if workspace_id else "users/") is None:
                     continue
                 condition = (
                     MemoryItemRow.workspace_id == workspace_id
@@ -678,14 +686,14 @@ class IndexStore:
             db: Session,
         ) -> tuple[dict[tuple[str, str], Source | None], dict[tuple[str, str], Stored]]:
             sources: dict[tuple[str, str], Source | None] = {}
-            workspaces = {_owner_ids(job.owner)[0] for job in jobs} - {None}
+            workspaces = {owner_ids(job.owner)[0] for job in jobs} - {None}
             indexes = _settings(db, sorted(w for w in workspaces if w))
             for job in jobs:
                 key = (job.source_kind, job.source)
                 if job.source_kind == "memory":
                     sources[key] = _memory(db, job)
                 elif job.source_kind == "message":
-                    workspace_id = _owner_ids(job.owner)[0] or ""
+                    workspace_id = owner_ids(job.owner)[0] or ""
                     index = indexes.get(workspace_id)
                     wanted = index is not None and index.index_messages
                     sources[key] = _message(db, job) if wanted else None
@@ -773,13 +781,12 @@ def _settings(db: Session, workspace_ids: Sequence[str]) -> dict[str, IndexSetti
     return {row.workspace_id: _settings_of(row) for row in rows}
 
 
-def _last(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
-
-
 def _memory(db: Session, job: Job) -> Source | None:
-    row = db.get(MemoryItemRow, _last(job.source))
-    if row is None or f"{row.scope}/memories/{row.id}" != job.source:
+    name = MemoryName.parse_or_none(job.source)
+    if name is None:
+        return None
+    row = db.get(MemoryItemRow, name.memory)
+    if row is None or row.scope != str(name.scope):
         return None
     if row.conversation_id is not None:
         conversation = db.get(ConversationRow, row.conversation_id)
@@ -798,22 +805,22 @@ def _memory(db: Session, job: Job) -> Source | None:
 
 
 def _message(db: Session, job: Job) -> Source | None:
-    parts = job.source.split("/")
-    if len(parts) != 6:
+    name = MessageName.parse_or_none(job.source)
+    if name is None:
         return None
-    row = db.get(MessageRow, parts[5])
-    if row is None or row.conversation_id != parts[3]:
+    row = db.get(MessageRow, name.message)
+    if row is None or row.conversation_id != name.conversation:
         return None
     conversation = db.get(ConversationRow, row.conversation_id)
     if conversation is None or conversation.deleted_at is not None:
         return None
-    if conversation.workspace_id != parts[1]:
+    if conversation.workspace_id != name.workspace:
         return None
     message = context_pb2.Message.FromString(row.data)
     return Source(
         source_kind="message",
         source=job.source,
-        owner=f"workspaces/{conversation.workspace_id}",
+        owner=str(name.parent.parent),
         text=render_parts(message.parts),
         created_at=row.created_at,
         label=row.role,
@@ -825,13 +832,13 @@ def _message(db: Session, job: Job) -> Source | None:
 
 
 def _document(db: Session, job: Job) -> Source | None:
-    parts = job.source.split("/")
-    if len(parts) != 4:
+    name = FileName.parse_or_none(job.source)
+    if name is None:
         return None
-    row = db.get(FileRow, parts[3])
+    row = db.get(FileRow, name.file)
     if (
         row is None
-        or row.workspace_id != parts[1]
+        or row.workspace_id != name.workspace
         or row.deleted_at is not None
         or row.text_state != "ready"
     ):
@@ -839,7 +846,7 @@ def _document(db: Session, job: Job) -> Source | None:
     return Source(
         source_kind="document",
         source=job.source,
-        owner=f"workspaces/{row.workspace_id}",
+        owner=str(name.parent),
         text=row.text,
         created_at=row.created_at,
         label=row.media_type[:128],
@@ -863,5 +870,6 @@ __all__ = [
     "Status",
     "Stored",
     "memory_owner",
+    "owner_ids",
     "stale",
 ]
