@@ -13,9 +13,9 @@ import pytest
 from grpc import aio
 
 from switchboard.mesh import create_server
+from switchboard.platform.process import Shared
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
-from switchboard.shared import Shared
 from tests.infra.migrated import sqlite_copy
 
 pytest_plugins = [

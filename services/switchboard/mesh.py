@@ -5,6 +5,10 @@ subset a process serves; services reach each other through their stubs.
 Every process, whatever it serves, authenticates and authorizes its callers,
 so each opens what that needs (``open_shared``); then each service it serves
 builds itself from those (``<service>/build.py``), and nothing else is built.
+
+This is the composition root: the one module that may import every service.
+No service imports another, so what one uses of another's in the same process
+it declares as a port, and ``connect`` plugs the other's part into it.
 """
 
 from __future__ import annotations
@@ -27,12 +31,17 @@ from switchboard.auth import build as auth
 from switchboard.auth import servicer as auth_servicer
 from switchboard.context import build as context
 from switchboard.context import servicer as context_servicer
+from switchboard.context.semantic.retrieval.filters import parse_filter
+from switchboard.context.text.tokencount import ApproxTokenCounter
 from switchboard.dispatcher import build as dispatcher
 from switchboard.dispatcher import servicer as dispatcher_servicer
+from switchboard.dispatcher.budgets.embeddings import LedgerCharger, parse_embedding_prices
+from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.events import build as events
 from switchboard.events import servicer as events_servicer
 from switchboard.integration import build as integration
 from switchboard.integration import servicer as integration_servicer
+from switchboard.integration.directory import ExpertEntry, workspace_experts
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, KernelSettings
 from switchboard.platform.events.bus import EventBus
@@ -40,6 +49,7 @@ from switchboard.platform.events.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.events.loglock import EventLogLock, lock_sqlite_file
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.observe.telemetry import Tracing, default_service_name, install
+from switchboard.platform.process import Shared
 from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.authenticator import CredentialAuthenticator
@@ -70,7 +80,6 @@ from switchboard.platform.store.db import (
 from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.settings import Settings
-from switchboard.shared import Shared
 
 log = logging.getLogger("switchboard.mesh")
 
@@ -339,9 +348,35 @@ async def open_shared(
         page_tokens=PageTokens(settings.effective_secret_key()),
         instance_id=instance,
         metrics=metrics,
-        # The webhook engine (integration) sends A2A push notifications without
-        # importing the a2a package, whose feature they are: it is wired here.
-        push=PushDelivery(database, secret_box),
+    )
+
+
+def connect(shared: Shared) -> None:
+    """Plug into each service's ports what it uses of another's in this process."""
+    # The integration service's webhook engine sends the front door's push notifications.
+    shared.plug(integration.PUSH_NOTIFICATIONS, PushDelivery(shared.database, shared.secret_box))
+
+    # A workspace's embedding calls are held and charged in its budgets like model calls
+    # (docs/semantic.md, "Embeddings"); the budgets' database is the process's.
+    def charger(prices: str) -> LedgerCharger:
+        return LedgerCharger(Ledger(shared.database), parse_embedding_prices(prices))
+
+    shared.plug(context.EMBEDDING_CHARGER, charger)
+
+    async def experts(workspace_id: str, *, limit: int) -> list[ExpertEntry]:
+        return await workspace_experts(
+            shared.database, shared.secret_box, workspace_id, limit=limit
+        )
+
+    shared.plug(
+        dispatcher.NEIGHBOURS,
+        dispatcher.Neighbours(
+            context=lambda: context.context_domain(shared),
+            integrations=lambda: integration.integration_hub(shared),
+            experts=experts,
+            filters=parse_filter,
+            count_tokens=ApproxTokenCounter().count,
+        ),
     )
 
 
@@ -368,6 +403,7 @@ async def create_server(
         # Recorded only where they are served: without the port nothing pays for them.
         metrics = Metrics(process=True) if settings.metrics_port is not None else None
         shared = await open_shared(config, resources, metrics)
+        connect(shared)
         registered = await registrations(settings, shared)
         server = await build_server(
             settings,

@@ -16,9 +16,9 @@ from sqlalchemy import select, update
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.process import Shared
 from switchboard.platform.store.models import ApiKeyRow, UserRow
 from switchboard.settings import Settings
-from switchboard.shared import Shared
 from tests.conftest import make_settings
 from tests.kits.authkit import (
     PASSWORD,

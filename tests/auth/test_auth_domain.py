@@ -33,9 +33,9 @@ from switchboard.platform.errors import (
     SessionRevoked,
     Unauthenticated,
 )
+from switchboard.platform.process import Shared
 from switchboard.platform.security.policy import AuthMethod, Principal
 from switchboard.settings import Settings
-from switchboard.shared import Shared
 
 pytestmark = pytest.mark.unit
 

@@ -20,6 +20,7 @@ from sqlalchemy import update
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.auth import accounts
+from switchboard.platform.process import Shared
 from switchboard.platform.security import authenticator, authn, policy
 from switchboard.platform.security.credentials import accesstokens
 from switchboard.platform.security.credentials.accesstokens import (
@@ -28,7 +29,6 @@ from switchboard.platform.security.credentials.accesstokens import (
     SigningKey,
 )
 from switchboard.platform.store.models import ApiKeyRow
-from switchboard.shared import Shared
 from tests.kits.authkit import bearer, reason, register
 
 pytestmark = pytest.mark.service

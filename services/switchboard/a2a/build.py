@@ -19,10 +19,10 @@ from switchboard.a2a.settings import A2ASettings
 from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.config import ConfigError
+from switchboard.platform.process import Shared, setting
 from switchboard.platform.rpc.outbound.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
-from switchboard.shared import Shared, setting
 
 
 async def _runs(peers: PeerSettings, shared: Shared) -> Runs:

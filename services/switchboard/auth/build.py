@@ -15,9 +15,9 @@ from switchboard.auth.passwords import PasswordHasher
 from switchboard.auth.settings import AuthSettings
 from switchboard.auth.store import AuthStore
 from switchboard.platform.config import ConfigError
+from switchboard.platform.process import Shared
 from switchboard.platform.rpc.clientaddr import TrustedProxies
 from switchboard.platform.rpc.server import ServiceRegistration
-from switchboard.shared import Shared
 
 
 def checks(settings: AuthSettings) -> tuple[tuple[str, Callable[[], object]], ...]:

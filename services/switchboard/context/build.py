@@ -2,11 +2,19 @@
 
 The domain is one per process (``context_domain``): the context service serves
 it, and an in-process dispatcher reaches it through ``LocalContext``.
+
+A workspace's embedding calls are held and charged in its budgets like model
+calls (docs/semantic.md, "Embeddings"). The budgets are the dispatcher's, which
+this service may not import: it asks for a ``Charger`` through
+``EMBEDDING_CHARGER``, and the composition root (``mesh.connect``) plugs in the
+budget ledger's.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Final
 
 from switchboard.context import servicer
 from switchboard.context.common import Limits
@@ -15,7 +23,7 @@ from switchboard.context.files.blobs.stores import open_blob_store
 from switchboard.context.files.catalog import FileLimits
 from switchboard.context.files.reading.transcriber import Transcriber
 from switchboard.context.files.reading.transcription import OpenAITranscriber
-from switchboard.context.semantic.embedder import OpenAIEmbedder
+from switchboard.context.semantic.embedder import Charger, OpenAIEmbedder
 from switchboard.context.semantic.indexing.chunkstore import ChunkStore
 from switchboard.context.semantic.indexing.indexer import IndexerLimits
 from switchboard.context.semantic.ports import Embedder
@@ -27,20 +35,22 @@ from switchboard.context.text.plugins import (
     load_token_counter,
 )
 from switchboard.context.windows.cache import WindowCache
-from switchboard.dispatcher.budgets.embeddings import LedgerCharger, parse_embedding_prices
-from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.process import Port, Shared, setting
 from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.vectors import FULL_TEXT_ONLY, vector_support
-from switchboard.shared import Shared, setting
 
 log = logging.getLogger("switchboard.context.semantic")
+
+#: The charger of a workspace's embedding calls at the prices that
+#: SWITCHBOARD_CONTEXT_EMBEDDINGS_PRICES names (a ValueError for bad ones).
+EMBEDDING_CHARGER: Final = Port[Callable[[str], Charger]]("the embedding calls' charger")
 
 
 def context_limits(settings: ContextSettings) -> Limits:
@@ -179,14 +189,12 @@ def context_embedder(settings: ContextSettings, shared: Shared) -> Embedder | No
     with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
         policy = EgressPolicy.from_settings(shared.section(EgressSettings))
     with setting("SWITCHBOARD_CONTEXT_EMBEDDINGS_PRICES"):
-        prices = parse_embedding_prices(settings.context_embeddings_prices)
+        charger = shared.plugged(EMBEDDING_CHARGER)(settings.context_embeddings_prices)
     embedder = OpenAIEmbedder(
         settings.context_embeddings_url,
         api_key=settings.context_embeddings_api_key.get_secret_value(),
         policy=policy,
-        # The database is the dispatcher's too: a workspace's embedding calls are held
-        # and charged in its budgets like model calls (docs/semantic.md, "Embeddings").
-        charger=LedgerCharger(Ledger(shared.database), prices),
+        charger=charger,
         batch=settings.context_embeddings_batch,
         timeout_s=settings.context_embeddings_timeout_s,
         attempts=settings.context_embeddings_attempts,

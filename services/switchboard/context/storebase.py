@@ -1,8 +1,9 @@
 """What the context service's stores share: transactions, the dialect, lookups, records.
 
-All SQL of the context service lives in its stores (``workspacestore.py``,
-``conversationstore.py``, ``messagestore.py``, ``memorystore.py``,
-``windowstore.py``, ``prunestore.py``) and this module. Every write runs in one
+All SQL of the context service lives in its stores (each domain's ``store.py``:
+``workspaces/store.py``, ``conversations/store.py``, ``messages/store.py``,
+``memory/store.py``, ``windows/store.py``, ``pruning/store.py``, ``files/store.py``,
+``semantic/retrieval/store.py``) and this module. Every write runs in one
 transaction; on SQLite it begins IMMEDIATE (``platform/store/db.py``), on PostgreSQL
 the rows that order concurrent writers (a conversation for appends) are
 locked with ``SELECT ... FOR UPDATE``, so sequence numbers and counters stay

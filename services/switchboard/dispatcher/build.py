@@ -1,21 +1,23 @@
 """The dispatcher as a process builds it: handlers, routes, experts, assistants, runs.
 
-It reaches the context service through a port: the process's own context
-domain when both run here, its stub when ``SWITCHBOARD_CONTEXT_ADDRESS`` names
-another process. Tools and experts' breakers come from the process's
-integration hub, built here too when the integration service is not served.
+What the dispatcher uses of the process's other services it declares as its
+``Neighbours``: the context domain (runs reach the context service through a
+port: that domain when no ``SWITCHBOARD_CONTEXT_ADDRESS`` names another
+process, else its stub), the integration hub (tools, and the breakers experts
+share with them; built here too where the integration service is not served),
+the experts' directory, the search filter's grammar and the token counter. No
+service imports another: the composition root plugs them in (``NEIGHBOURS``,
+``mesh.connect``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.context.build import context_domain
-from switchboard.context.semantic.retrieval.filters import parse_filter
-from switchboard.context.text.tokencount import ApproxTokenCounter
 from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
@@ -27,14 +29,23 @@ from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.budgets.store import BudgetStore, UsageStore
 from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.echo import EchoHandler
-from switchboard.dispatcher.handlers.experts import WorkspaceExperts
+from switchboard.dispatcher.handlers.experts import CircuitBreakers, WorkspaceExperts
 from switchboard.dispatcher.handlers.remote import RemoteHandler
 from switchboard.dispatcher.handlers.router import HANDLER_ID, Registry, Router, Routes
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
 from switchboard.dispatcher.llm.handler import LlmHandler
-from switchboard.dispatcher.ports.context import ContextPort, LocalContext, RemoteContext
+from switchboard.dispatcher.ports.context import (
+    ContextDomain,
+    ContextPort,
+    LocalContext,
+    RemoteContext,
+)
+from switchboard.dispatcher.ports.experts import ExpertDirectory, ExpertEntry
 from switchboard.dispatcher.ports.peers import GrpcPeers
-from switchboard.dispatcher.runs.intake.content import BuiltinContentPolicy, load_content_policy
+from switchboard.dispatcher.runs.intake.content import (
+    BuiltinContentPolicy,
+    load_content_policy,
+)
 from switchboard.dispatcher.runs.reading.feed import Feeds
 from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.store import RunStore
@@ -45,23 +56,65 @@ from switchboard.dispatcher.service import Dispatcher, RunLimits
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.session import TalkLimits
 from switchboard.dispatcher.talk.store import VoiceStore
-from switchboard.dispatcher.tools.port import LocalTools
+from switchboard.dispatcher.tools.port import LocalTools, ToolHub
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.dispatcher.voice.speaker import Speech
-from switchboard.integration.build import integration_hub
-from switchboard.integration.directory import workspace_experts
-from switchboard.integration.service import IntegrationHub
 from switchboard.platform.audio.openai import OpenAIAudio
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
+from switchboard.platform.process import Port, Shared, setting
 from switchboard.platform.rpc.outbound.channels import RemoteHandlerSettings, parse_remotes
 from switchboard.platform.rpc.outbound.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
-from switchboard.shared import Shared, setting
+
+
+class HubLimits(Protocol):
+    @property
+    def max_per_workspace(self) -> int:
+        """Most integrations of one workspace: its experts are read within it."""
+        ...
+
+
+class IntegrationHub(ToolHub, Protocol):
+    """What the dispatcher uses of the process's integration hub: its tools, and the
+    breakers an expert's calls share with them (an expert's circuit is one for runs
+    and tools)."""
+
+    @property
+    def breakers(self) -> CircuitBreakers: ...
+
+    @property
+    def limits(self) -> HubLimits: ...
+
+
+class FilterGrammar(Protocol):
+    """The search filter's grammar: ``text`` parsed as GetContextWindow parses a
+    filter, or InvalidArgument naming ``field``."""
+
+    def __call__(self, text: str, *, workspace_id: str, field: str) -> object: ...
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """What the dispatcher uses of the other services in its process."""
+
+    #: The process's context domain, built the first time it is asked for.
+    context: Callable[[], Awaitable[ContextDomain]]
+    #: The process's integration hub, built the first time it is asked for.
+    integrations: Callable[[], Awaitable[IntegrationHub]]
+    #: A workspace's experts as the hub stores them.
+    experts: ExpertDirectory
+    #: An assistant's retrieval filter is refused when saved, in GetContextWindow's words.
+    filters: FilterGrammar
+    #: The context service's token count: a prompt counts as its window did.
+    count_tokens: Callable[[str], int]
+
+
+NEIGHBOURS: Final = Port[Neighbours]("the dispatcher's neighbours")
 
 
 def checks(
@@ -92,8 +145,11 @@ def _remote_ids(text: str) -> None:
         raise ValueError("each handler id may appear once")
 
 
-def handler_registry(settings: DispatcherSettings, remotes: RemoteHandlerSettings) -> Registry:
-    """Built-in handlers, entry-point plugins and the static remote experts."""
+def handler_registry(
+    settings: DispatcherSettings, remotes: RemoteHandlerSettings, count: Callable[[str], int]
+) -> Registry:
+    """Built-in handlers, entry-point plugins and the static remote experts; ``count``:
+    the model handler's token estimate (the context service's counter)."""
     registry = Registry()
     llm_ready = bool(settings.llm_base_url and settings.llm_model)
     note = (
@@ -104,7 +160,7 @@ def handler_registry(settings: DispatcherSettings, remotes: RemoteHandlerSetting
     )
     registry.add(EchoHandler(note=note))
     if llm_ready:
-        registry.add(llm_handler(settings))
+        registry.add(LlmHandler(llm_config(settings), count=count))
     with setting("SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS"):
         for handler_id, address in parse_remotes(remotes.dispatcher_remote_handlers):
             registry.add(
@@ -147,27 +203,27 @@ def llm_config(settings: DispatcherSettings) -> LlmConfig:
     )
 
 
-def llm_handler(settings: DispatcherSettings) -> LlmHandler:
-    return LlmHandler(llm_config(settings), count=ApproxTokenCounter().count)
-
-
-async def context_port(shared: Shared) -> ContextPort:
-    """The context service's own process when configured, else this process's domain."""
+async def context_port(
+    shared: Shared, domain: Callable[[], Awaitable[ContextDomain]]
+) -> ContextPort:
+    """The context service's own process when configured, else this process's ``domain``."""
     address = shared.section(PeerSettings).context_address
     if not address:
-        return LocalContext(await context_domain(shared))
+        return LocalContext(await domain())
     remote = RemoteContext(address, shared.tokens)
     shared.resources.push_async_callback(remote.close)
     return remote
 
 
 async def dispatcher_service(
-    shared: Shared, context: ContextPort, integration: IntegrationHub
+    shared: Shared, context: ContextPort, integration: IntegrationHub, neighbours: Neighbours
 ) -> Dispatcher:
     """``integration``: the hub, for tools and for its breakers (an expert's circuit
     is one for runs and tools)."""
     settings, resources = shared.section(DispatcherSettings), shared.resources
-    registry = handler_registry(settings, shared.section(RemoteHandlerSettings))
+    registry = handler_registry(
+        settings, shared.section(RemoteHandlerSettings), neighbours.count_tokens
+    )
     for handler in registry.all():
         if isinstance(handler, RemoteHandler):
             resources.push_async_callback(handler.close)
@@ -180,8 +236,8 @@ async def dispatcher_service(
             settings.dispatcher_blocklist,
             settings.dispatcher_flag_injection,
         )
-    router = _router(shared, registry, integration)
-    assistants = await _assistants(shared, registry, router, integration)
+    router = _router(shared, registry, integration, neighbours.experts)
+    assistants = await _assistants(shared, registry, router, integration, neighbours.filters)
     schedules = _schedules(shared, context, assistants, router)
     # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
     peers = GrpcPeers()
@@ -271,7 +327,9 @@ def _speech(shared: Shared) -> Speech | None:
     )
 
 
-def _router(shared: Shared, registry: Registry, integration: IntegrationHub) -> Router:
+def _router(
+    shared: Shared, registry: Registry, integration: IntegrationHub, directory: ExpertDirectory
+) -> Router:
     """Routes over the registry and each workspace's experts; ConfigError for an unknown id.
 
     A workspace's experts are read as the hub bounds its integrations, and share its
@@ -288,13 +346,13 @@ def _router(shared: Shared, registry: Registry, integration: IntegrationHub) -> 
     for handler_id in (*routed, *routes.workspaces.values()):
         if registry.get(handler_id) is None:
             raise ConfigError(f"SWITCHBOARD_DISPATCHER_ROUTES: no handler {handler_id!r}")
+    limit = integration.limits.max_per_workspace
+
+    def read(workspace_id: str) -> Awaitable[Sequence[ExpertEntry]]:
+        return directory(workspace_id, limit=limit)
+
     experts = WorkspaceExperts(
-        functools.partial(
-            workspace_experts,
-            shared.database,
-            shared.secret_box,
-            limit=integration.limits.max_per_workspace,
-        ),
+        read,
         EgressPolicy.from_settings(shared.section(EgressSettings)),
         timeout_s=settings.dispatcher_remote_timeout_s,
         reserved=lambda handler_id: registry.get(handler_id) is not None,
@@ -307,7 +365,11 @@ def _router(shared: Shared, registry: Registry, integration: IntegrationHub) -> 
 
 
 async def _assistants(
-    shared: Shared, registry: Registry, router: Router, integration: IntegrationHub
+    shared: Shared,
+    registry: Registry,
+    router: Router,
+    integration: IntegrationHub,
+    filters: FilterGrammar,
 ) -> Assistants:
     """The workspace's assistants, checked against the handlers and integrations that exist."""
     settings = shared.section(DispatcherSettings)
@@ -337,17 +399,15 @@ async def _assistants(
         ),
         handler_exists=handler_exists,
         integration_exists=integration_exists,
-        check_filter=_check_retrieval_filter,
+        # Parsed as GetContextWindow will parse it: a bad one is refused when saved
+        # rather than on every run.
+        check_filter=lambda text, workspace_id: filters(
+            text, workspace_id=workspace_id, field="assistant.retrieval.filter"
+        ),
     )
     await assistants.start()
     shared.resources.push_async_callback(assistants.close)
     return assistants
-
-
-def _check_retrieval_filter(text: str, workspace_id: str) -> object:
-    """An assistant's retrieval filter parsed as GetContextWindow will parse it, so a
-    bad one is refused when saved rather than on every run."""
-    return parse_filter(text, workspace_id=workspace_id, field="assistant.retrieval.filter")
 
 
 def _budgets(shared: Shared, assistants: Assistants, spending: Spending) -> Budgets:
@@ -476,11 +536,12 @@ def _observe(metrics: Metrics, dispatcher: Dispatcher) -> None:
 
 
 async def build(shared: Shared) -> ServiceRegistration:
-    port = await context_port(shared)
-    hub = await integration_hub(shared)
+    neighbours = shared.plugged(NEIGHBOURS)
+    port = await context_port(shared, neighbours.context)
+    hub = await neighbours.integrations()
 
     async def make() -> Dispatcher:
-        return await dispatcher_service(shared, port, hub)
+        return await dispatcher_service(shared, port, hub, neighbours)
 
     dispatcher = await shared.part(Dispatcher, make)
 

@@ -12,8 +12,8 @@ from switchboard.events.settings import EventSettings
 from switchboard.events.streams import Streams
 from switchboard.events.subscriptions import Limits
 from switchboard.platform.config import KernelSettings
+from switchboard.platform.process import Shared
 from switchboard.platform.rpc.server import ServiceRegistration
-from switchboard.shared import Shared
 
 
 def event_limits(settings: EventSettings, kernel: KernelSettings) -> Limits:

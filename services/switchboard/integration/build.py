@@ -4,9 +4,14 @@ The hub is one per process (``integration_hub``): the integration service
 serves it, and the dispatcher calls tools through it and shares its breakers
 (an expert's circuit is one for runs and tools) even where the integration
 service is not served.
+
+Its webhook engine also delivers the A2A front door's push notifications, which
+no service may import: the composition root plugs them in (``PUSH_NOTIFICATIONS``).
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 from switchboard.integration import servicer
 from switchboard.integration.connect.connections import Limits
@@ -20,11 +25,15 @@ from switchboard.integration.settings import IntegrationSettings
 from switchboard.integration.store import IntegrationStore
 from switchboard.integration.webhooks.delivery import WebhookEngine, WebhookLimits
 from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.process import Port, Shared, setting
 from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.rpc.outbound.channels import RemoteHandlerSettings
 from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
-from switchboard.shared import Shared, setting
+from switchboard.shared import PushNotifications
+
+#: The A2A front door's push configs, which the webhook engine delivers (``a2a/push/``).
+PUSH_NOTIFICATIONS: Final = Port[PushNotifications]("the A2A push notifications")
 
 
 def integration_limits(settings: IntegrationSettings, egress: EgressPolicy) -> Limits:
@@ -108,7 +117,7 @@ async def _open_hub(shared: Shared) -> IntegrationHub:
             instance_id=shared.instance_id,
             on_disable=hub.disable,
             page_tokens=shared.page_tokens,
-            push=shared.push,
+            push=shared.plugged(PUSH_NOTIFICATIONS),
         )
         hub.webhooks = webhooks
         hub.webhook_health = webhooks.health

@@ -11,9 +11,9 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.context.text.parttext import render_parts
 from switchboard.context.text.tokencount import MESSAGE_OVERHEAD, ApproxTokenCounter
 from switchboard.settings import Settings
+from switchboard.shared.parttext import render_parts
 from tests.conftest import make_settings
 from tests.kits.authkit import reason
 from tests.kits.contextkit import (

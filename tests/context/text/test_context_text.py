@@ -28,7 +28,6 @@ from switchboard.context.text.fulltext import (
     pg_tsquery,
     query_terms,
 )
-from switchboard.context.text.parttext import render_parts, render_parts_briefly
 from switchboard.context.text.plugins import (
     BUILTIN_ENTITY_EXTRACTORS,
     BUILTIN_SUMMARIZERS,
@@ -48,6 +47,7 @@ from switchboard.context.text.tokencount import (
     message_tokens,
 )
 from switchboard.platform.plugins import load_plugin
+from switchboard.shared.parttext import render_parts, render_parts_briefly
 
 pytestmark = pytest.mark.unit
 

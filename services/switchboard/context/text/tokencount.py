@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2
-from switchboard.context.text.parttext import is_vision_image, render_parts
+from switchboard.shared.parttext import is_vision_image, render_parts
 
 # Chat formats wrap each message in a role marker and separators; counting them
 # keeps a window of many short messages from overflowing.

@@ -10,8 +10,9 @@ model has a price) in one conditional write, the way a model call does, and is
 settled with the tokens the endpoint counted, or released when it failed.
 
 The protocol is structural and speaks plain values: this module imports
-nothing of the context service's, and the context service nothing of this but
-through its composition root (context/build.py).
+nothing of the context service's, nor the context service anything of this;
+the composition root plugs it into the context's port (``mesh.connect``,
+``context.build.EMBEDDING_CHARGER``).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ from switchboard.dispatcher.handlers.base import (
 )
 from switchboard.dispatcher.handlers.remote import RemoteHandler
 from switchboard.dispatcher.handlers.remote_a2a import A2AExpert
-from switchboard.integration.directory import ExpertEntry, integration_name
+from switchboard.dispatcher.ports.experts import ExpertEntry, integration_name
 from switchboard.integration.kinds.a2a import A2AAgent
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.resilience import background

@@ -16,7 +16,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
@@ -26,15 +26,13 @@ from switchboard.platform.config import ConfigError, KernelSettings
 from switchboard.platform.observe.logging import quiet_client_cancellations, quiet_http_requests
 from switchboard.platform.observe.metrics import Metrics, MetricsEndpoint
 from switchboard.platform.observe.telemetry import Tracing
+from switchboard.platform.process import Shared
 from switchboard.platform.resilience import background
 from switchboard.platform.rpc.health import Health
 from switchboard.platform.rpc.interceptors import ErrorInterceptor
 from switchboard.platform.rpc.reflection import enable_reflection
 from switchboard.platform.rpc.registration import register
 from switchboard.platform.security.authn import Guard
-
-if TYPE_CHECKING:
-    from switchboard.shared import Shared
 
 log = logging.getLogger("switchboard.server")
 
