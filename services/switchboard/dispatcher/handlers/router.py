@@ -45,6 +45,7 @@ from switchboard.platform.errors import (
     InvalidArgument,
 )
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import HandlerName
 
 log = logging.getLogger("switchboard.dispatcher.handlers.router")
 
@@ -187,7 +188,7 @@ class Router:
         if not handler.available():
             raise DependencyUnavailable(
                 f"handler {handler_id!r} is unavailable now (unhealthy or circuit open)",
-                metadata={"handler": f"handlers/{handler_id}"},
+                metadata={"handler": str(HandlerName(handler_id))},
             )
         return Choice(handler, reason)
 

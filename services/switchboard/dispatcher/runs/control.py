@@ -10,7 +10,6 @@ another replica owns is reached through ``ports/peers.py`` (``_owner``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,6 +31,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import RunName
 
 #: Decisions in one SubmitToolApprovals.
 _MAX_APPROVALS: Final = 128
@@ -82,11 +82,11 @@ class Control:
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via = IN_PROCESS
     ) -> pb.Run:
         """Decide pending tool calls; ``via``: how the call came (see ``_owner``)."""
-        found = names.match(names.RUN, request.name, "name")
+        target = RunName.parse(request.name, "name")
         _check_approvals(request)
         active = self._held(request.name)
         if active is None:
-            return await self._approvals_there(found, via, request)
+            return await self._approvals_there(target, via, request)
         waiting = {
             pending.call.id: pending
             for pending in active.run.required_action.tool_calls
@@ -127,7 +127,7 @@ class Control:
             # decisions, and watchers see who decided what.
             if await self._publishing.persist(active, "decisions") is False:
                 active.retired = True  # taken over: its owner takes the decisions
-                return await self._approvals_there(found, via, request)
+                return await self._approvals_there(target, via, request)
             runner = active.tools
             if runner is not None:
                 runner.decided()
@@ -139,7 +139,7 @@ class Control:
         """Decide a run paused at a budget's cap: the step goes past it, or the run
         fails (BUDGET_EXHAUSTED). The run acts on it at once; the answer carries
         the decision."""
-        found = names.match(names.RUN, request.name, "name")
+        target = RunName.parse(request.name, "name")
         if request.decision not in _BUDGET_DECISIONS:
             raise InvalidArgument(
                 "the decision is invalid",
@@ -147,7 +147,7 @@ class Control:
             )
         active = self._held(request.name)
         if active is None:
-            return await self._budget_action_there(found, via, request)
+            return await self._budget_action_there(target, via, request)
         run = active.run
         action = run.required_action
         if (
@@ -166,7 +166,7 @@ class Control:
             # Stored and shown before the run goes on: watchers see who decided.
             if await self._publishing.persist(active, "decisions") is False:
                 active.retired = True  # taken over: its owner takes the decision
-                return await self._budget_action_there(found, via, request)
+                return await self._budget_action_there(target, via, request)
             active.budget.decided()
         return self._live.current(run)
 
@@ -182,7 +182,7 @@ class Control:
         """Cancel the run; ``via``: how the call came (see ``_owner``);
         ``heard_through_sequence``: a speaking run's last speech update its listener
         heard (0: every one sent), which decides the answer it stores."""
-        found = names.match(names.RUN, name, "name")
+        target = RunName.parse(name, "name")
         if len(reason) > MAX_REASON_CHARS:
             raise InvalidArgument(
                 "reason is too long",
@@ -205,7 +205,7 @@ class Control:
                 return self._live.current(active.run)
             # What this process held was an attempt another instance had taken
             # over: the cancel ended only that; the run's owner ends the run.
-        stored, owner = await self._owner(found, via)
+        stored, owner = await self._owner(target, via)
         if owner is None:
             return stored.run
         # The owner holds the run's task; it answers with the ended run.
@@ -224,27 +224,27 @@ class Control:
         return None if active is None or active.retired else active
 
     async def _approvals_there(
-        self, found: re.Match[str], via: Via, request: pb.SubmitToolApprovalsRequest
+        self, target: RunName, via: Via, request: pb.SubmitToolApprovalsRequest
     ) -> pb.Run:
-        _, owner = await self._owner(found, via)
+        _, owner = await self._owner(target, via)
         if owner is None:
             raise FailedPrecondition("the run is not waiting for tool approvals")
         # The owner holds the pending calls; it checks the decisions and the caller.
         return await owner.peers.submit_tool_approvals(owner.address, via, request)
 
     async def _budget_action_there(
-        self, found: re.Match[str], via: Via, request: pb.ResolveBudgetActionRequest
+        self, target: RunName, via: Via, request: pb.ResolveBudgetActionRequest
     ) -> pb.Run:
-        _, owner = await self._owner(found, via)
+        _, owner = await self._owner(target, via)
         if owner is None:
             raise FailedPrecondition("the run is not waiting at a budget's cap")
         return await owner.peers.resolve_budget_action(owner.address, via, request)
 
-    async def owner_of(self, found: re.Match[str], via: Via) -> tuple[Stored, _Peer | None]:
+    async def owner_of(self, target: RunName, via: Via) -> tuple[Stored, _Peer | None]:
         """``_owner``, for the other calls that act on a run where it runs (SteerRun)."""
-        return await self._owner(found, via)
+        return await self._owner(target, via)
 
-    async def _owner(self, found: re.Match[str], via: Via) -> tuple[Stored, _Peer | None]:
+    async def _owner(self, target: RunName, via: Via) -> tuple[Stored, _Peer | None]:
         """A run that is not active here: the stored run and, unless it has ended
         (None), the replica that owns it, to forward the call to.
 
@@ -253,7 +253,9 @@ class Control:
         address yet, or ownership moved while the call was being forwarded (a
         forwarded call is never forwarded again, so a call cannot loop).
         """
-        stored, owner = await self._store.get_with_owner(found[1], found[2], found[3])
+        stored, owner = await self._store.get_with_owner(
+            target.workspace, target.conversation, target.run
+        )
         if stored.run.state in TERMINAL:
             return stored, None
         if owner.instance == self._limits.instance_id:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Final
@@ -29,13 +28,19 @@ from switchboard.dispatcher.runs.execution import step_limit
 from switchboard.dispatcher.runs.intake.screening import HANDLER, route
 from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, SEQUENCE_BLOCK, Common, next_block
 from switchboard.dispatcher.runs.reading.feed import Feed, merge_deltas
-from switchboard.dispatcher.runs.store import TERMINAL, Listing
+from switchboard.dispatcher.runs.store import TERMINAL, Listing, Stored
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
-from switchboard.platform.values import names, timefields
+from switchboard.platform.values import timefields
+from switchboard.platform.values.resources import (
+    AssistantName,
+    ConversationName,
+    RunName,
+    WorkspaceName,
+)
 
 #: How long an update of another replica's run that came before the one ahead of it (two
 #: channels: ``_InOrder``) waits for it before it goes out anyway, the gap showing.
@@ -44,26 +49,26 @@ _OVERTAKEN_S: Final = 0.05
 
 def _listing(request: pb.ListRunsRequest) -> Listing:
     """The runs a ListRuns request selects, or INVALID_ARGUMENT naming the field."""
-    conversation = names.CONVERSATION.fullmatch(request.parent)
-    workspace = conversation or names.WORKSPACE.fullmatch(request.parent)
+    conversation = ConversationName.parse_or_none(request.parent)
+    workspace = conversation.parent if conversation else WorkspaceName.parse_or_none(request.parent)
     if workspace is None:
         description = "must be workspaces/{w}/conversations/{c} or workspaces/{w}"
         raise InvalidArgument(f"parent {description}", [FieldViolation("parent", description)])
     assistant_id = ""
     if request.assistant:
-        assistant = names.ASSISTANT.fullmatch(request.assistant)
-        if assistant is None or assistant[1] != workspace[1]:
+        assistant = AssistantName.parse_or_none(request.assistant)
+        if assistant is None or assistant.workspace != workspace.workspace:
             description = "must be workspaces/{w}/assistants/{a} of the parent's workspace"
             raise InvalidArgument(
                 f"assistant {description}", [FieldViolation("assistant", description)]
             )
-        assistant_id = assistant[2]
+        assistant_id = assistant.assistant
     changed_after = None
     if request.HasField("state_changed_after"):
         changed_after = timefields.timestamp(request.state_changed_after, "state_changed_after")
     return Listing(
-        workspace_id=workspace[1],
-        conversation_id=conversation[2] if conversation else "",
+        workspace_id=workspace.workspace,
+        conversation_id=conversation.conversation if conversation else "",
         assistant_id=assistant_id,
         states=sorted(set(request.states)),
         changed_after=changed_after,
@@ -96,12 +101,14 @@ class Queries:
         self.watchers = 0
 
     async def get_run(self, name: str) -> pb.Run:
-        found = names.match(names.RUN, name, "name")
+        target = RunName.parse(name, "name")
         active = self._live.runs.get(name)
         if active is not None:
             return self._live.current(active.run)
-        stored = await self._store.get(found[1], found[2], found[3])
-        return stored.run
+        return (await self._stored(target)).run
+
+    async def _stored(self, target: RunName) -> Stored:
+        return await self._store.get(target.workspace, target.conversation, target.run)
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         listing = _listing(request)
@@ -131,7 +138,7 @@ class Queries:
         return response
 
     async def list_handlers(self, request: pb.ListHandlersRequest) -> pb.ListHandlersResponse:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         size = pagination.page_size(request.page_size, default=50, maximum=100)
         token = pagination.fingerprint("handlers", request.parent)
         after = ""
@@ -165,7 +172,7 @@ class Queries:
     async def _watch(
         self, name: str, after_sequence: int, merge: bool
     ) -> AsyncIterator[pb.RunUpdate | None]:
-        found = names.match(names.RUN, name, "name")
+        target = RunName.parse(name, "name")
         if after_sequence < 0:
             raise InvalidArgument(
                 "after_sequence must not be negative",
@@ -173,10 +180,9 @@ class Queries:
             )
         feed = self._feeds.get(name)
         if feed is None:
-            run = (await self._store.get(found[1], found[2], found[3])).run
+            run = (await self._stored(target)).run
             if run.state in TERMINAL and run.last_sequence > after_sequence:
-                conversation = mapping.conversation_name(found[1], found[2])
-                missed = self._missed_end(run, conversation, after_sequence)
+                missed = self._missed_end(run, str(target.parent), after_sequence)
                 for one in merge_deltas(missed) if merge else missed:
                     yield one
                 return
@@ -187,7 +193,7 @@ class Queries:
             # Older updates are not here (a run recovered here: its attempt's block; an
             # endless stream trimmed).
             start = feed.first - 1
-            first = await self._opening(found, feed)
+            first = await self._opening(target, feed)
             if first is not None:
                 yield first
             after_sequence = start
@@ -202,11 +208,11 @@ class Queries:
         if not ended:
             # The feed closed without an end: another instance took the run over
             # (this one lost its lease). Its end comes from the new owner's events.
-            stored = await self._store.get(found[1], found[2], found[3])
+            stored = await self._stored(target)
             async for update in self._watch_stored(stored.run, position, merge):
                 yield update
 
-    async def _opening(self, found: re.Match[str], feed: Feed) -> pb.RunUpdate | None:
+    async def _opening(self, target: RunName, feed: Feed) -> pb.RunUpdate | None:
         """What a watcher behind ``feed``'s start gets first: a state change that stands
         where the feed begins (None: the first kept is one), never the run as it stands
         now (an ended run's end, and then its attempt replayed after it: issue 67)."""
@@ -219,7 +225,7 @@ class Queries:
         if active is not None:
             current = self._live.current(active.run)
         else:
-            current = (await self._store.get(found[1], found[2], found[3])).run
+            current = (await self._stored(target)).run
         current.last_sequence = feed.first - 1
         kept = feed.updates[0].time.ToNanoseconds() if feed.updates else None
         return mapping.snapshot(current, not_after_ns=kept)
@@ -228,7 +234,7 @@ class Queries:
         self, run: pb.Run, after_sequence: int, merge: bool
     ) -> AsyncIterator[pb.RunUpdate | None]:
         """A run without a feed here: finished long ago, or owned by another replica."""
-        found = names.match(names.RUN, run.name, "name")
+        target = RunName.parse(run.name, "name")
         queue: asyncio.Queue[pb.RunUpdate] = asyncio.Queue(maxsize=10_000)
 
         def listener(event: events_pb2.Event) -> None:
@@ -248,8 +254,7 @@ class Queries:
             if run.state in TERMINAL:
                 return
             order = _InOrder(position)
-            conversation = mapping.conversation_name(found[1], found[2])
-            held = self._held(run.name, conversation, order)
+            held = self._held(run.name, str(target.parent), order)
             ready = merge_deltas(held) if merge else held
             while True:
                 for one in ready:
@@ -273,7 +278,7 @@ class Queries:
                     if not order.early:
                         # Idle: did it end without this process hearing of it (its
                         # end published while this one could not read the log)?
-                        stored = (await self._store.get(found[1], found[2], found[3])).run
+                        stored = (await self._stored(target)).run
                         if stored.state in TERMINAL and stored.last_sequence > order.position:
                             ready = [mapping.snapshot(stored)]
                         else:
@@ -320,8 +325,7 @@ class Queries:
     async def describe_conversation(
         self, principal: Principal, request: pb.DescribeConversationRequest
     ) -> pb.DescribeConversationResponse:
-        found = names.match(names.CONVERSATION, request.conversation, "conversation")
-        workspace_id = found[1]
+        workspace_id = ConversationName.parse(request.conversation, "conversation").workspace
         if request.handler and not HANDLER.fullmatch(request.handler):
             raise InvalidArgument(
                 "the request is invalid", [FieldViolation("handler", "must be handlers/{id}")]

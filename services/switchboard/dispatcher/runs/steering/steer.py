@@ -26,7 +26,6 @@ with CONCURRENCY_POLICY_STEER).
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from typing import Final
 
@@ -50,6 +49,7 @@ from switchboard.platform.errors import (
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store.storage import Idempotency, idempotency
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import ConversationName, RunName
 
 #: Steers one run may take (consumed or waiting): its journal keeps each message.
 MAX_STEERS: Final = 64
@@ -139,7 +139,7 @@ class Steering:
         """SendMessage with CONCURRENCY_POLICY_STEER: a steer of the conversation's
         oldest active run (``active_in``: this replica's, oldest first; else the
         store's), as ENQUEUE when it has none (or it ended meanwhile)."""
-        found = names.match(names.CONVERSATION, request.conversation, "conversation")
+        conversation = ConversationName.parse(request.conversation, "conversation")
         violations = steer_mode_violations(request.steer_mode)
         if violations:
             raise InvalidArgument("the request is invalid", violations)
@@ -148,7 +148,9 @@ class Steering:
             return await self._admission.send_message(principal, request, handed, schedule=schedule)
         target = active_in[0] if active_in else ""
         if not target:
-            oldest = await self._store.oldest_active(found[1], found[2])
+            oldest = await self._store.oldest_active(
+                conversation.workspace, conversation.conversation
+            )
             target = oldest.run.name if oldest is not None else ""
         if target:
             steer = pb.SteerRunRequest(
@@ -171,10 +173,10 @@ class Steering:
         return await self._admission.send_message(principal, request, handed, schedule=schedule)
 
 
-def _checked(request: pb.SteerRunRequest) -> re.Match[str]:
-    """SteerRunRequest's fields; the run name's parts."""
+def _checked(request: pb.SteerRunRequest) -> RunName:
+    """SteerRunRequest's fields; the run's name."""
     violations = Violations()
-    found = names.RUN.fullmatch(request.run)
+    found = RunName.parse_or_none(request.run)
     if found is None:
         violations.add("run", "is required" if not request.run else "is not a valid run name")
     message = request.message
@@ -191,11 +193,11 @@ def _checked(request: pb.SteerRunRequest) -> re.Match[str]:
 
 
 def _as_message(
-    request: pb.SteerRunRequest, found: re.Match[str], append_id: str
+    request: pb.SteerRunRequest, found: RunName, append_id: str
 ) -> pb.SendMessageRequest:
     """The steer as the message admission takes: the target's conversation."""
     return pb.SendMessageRequest(
-        conversation=f"workspaces/{found[1]}/conversations/{found[2]}",
+        conversation=str(found.parent),
         message=request.message,
         request_id=append_id,
     )
