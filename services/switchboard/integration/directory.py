@@ -54,11 +54,6 @@ class ExpertEntry:
     kind: int = integration_pb2.INTEGRATION_KIND_GRPC_HANDLER
 
 
-def integration_name(workspace_id: str, integration_id: str) -> str:
-    """Kept for dispatcher/handlers/experts.py until it reads the dispatcher's port."""
-    return str(IntegrationName(workspace_id, integration_id))
-
-
 async def workspace_experts(
     database: Database, secrets: SecretBox, workspace_id: str, *, limit: int
 ) -> list[ExpertEntry]:

@@ -71,7 +71,7 @@ from switchboard.platform.security.egress import (
     parse_grpc_endpoint,
     parse_http_endpoint,
 )
-from switchboard.platform.values import names
+from switchboard.platform.values.resources import WorkspaceName, owner_or_none
 
 log = logging.getLogger("switchboard.dispatcher.handlers.experts")
 
@@ -283,10 +283,10 @@ class WorkspaceExperts:
             name = event.workspace
         else:
             return
-        found = names.UNDER_WORKSPACE.fullmatch(name)
-        if found is None:
+        owner = owner_or_none(name)
+        if not isinstance(owner, WorkspaceName):
             return
-        workspace_id = found[1]
+        workspace_id = owner.workspace
         if workspace_id in self._loading:
             self._dirty.add(workspace_id)
         cached = self._cache.get(workspace_id)

@@ -57,6 +57,7 @@ from switchboard.integration.kinds.a2a import (
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.resilience import background
 from switchboard.platform.values import idempotency, structs
+from switchboard.platform.values.resources import HandlerName
 
 log = logging.getLogger("switchboard.dispatcher.handlers.remote_a2a")
 
@@ -92,7 +93,7 @@ class A2AExpert:
         self._capabilities = capabilities(
             handler_id, handler_id, f"A2A agent, card at {agent.card_url}"
         )
-        self._author = f"handlers/{handler_id}"
+        self._author = str(HandlerName(handler_id))
         # Unavailable until a probe succeeds again (0: not down).
         self._down_since = 0.0
         self._refreshing: asyncio.Task[bool] | None = None

@@ -2,7 +2,8 @@
 
 The one place that says what an id looks like (``new_id`` makes them, ``ID``
 matches them), what time it is (``now``, always aware UTC), and every name
-pattern with its matcher.
+pattern with its matcher. Code reads and writes names through the typed values
+of ``resources.py``, which wrap these patterns and ``match``.
 
 Every pattern here is matched against the whole string (``fullmatch``):
 ``re.match`` with ``$`` also accepts a final newline, and ``workspaces/acme\\n``
