@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -20,14 +19,11 @@ from typing import Any, Final
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from switchboard.platform.store.db import Database
 from switchboard.platform.store.keyed import BY_CREATION, Created, KeyedStore, Table
 from switchboard.platform.store.models import IntegrationRow, WebhookDeliveryRow
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values.names import now
-
-log = logging.getLogger("switchboard.integration.store")
 
 
 @dataclass(frozen=True)
@@ -160,8 +156,7 @@ INTEGRATIONS: Final = Table(
 
 
 class IntegrationStore(KeyedStore[IntegrationRow, IntegrationRecord, tuple[dt.datetime, str]]):
-    def __init__(self, database: Database) -> None:
-        super().__init__(database, INTEGRATIONS, log)
+    table = INTEGRATIONS
 
     async def create(
         self,
@@ -170,12 +165,11 @@ class IntegrationStore(KeyedStore[IntegrationRow, IntegrationRecord, tuple[dt.da
         max_per_workspace: int,
         staged: Staged[Created[IntegrationRecord]] | None,
     ) -> Created[IntegrationRecord]:
-        """Insert (workspace_id, id, ...) as ``KeyedStore._insert`` allows (the key, the
-        quota, the id)."""
+        """Insert (workspace_id, id, ...), not probed yet, at version 1 (``_create``)."""
 
-        def insert(db: Session) -> Created[IntegrationRecord]:
+        def row() -> IntegrationRow:
             stamp = now()
-            row = IntegrationRow(
+            return IntegrationRow(
                 **_columns(values),
                 created_at=stamp,
                 updated_at=stamp,
@@ -186,16 +180,9 @@ class IntegrationStore(KeyedStore[IntegrationRow, IntegrationRecord, tuple[dt.da
                 last_error=b"",
                 failures=0,
             )
-            return Created(self._added(db, row))
 
-        return await self._insert(
-            values["workspace_id"],
-            values["id"],
-            insert,
-            lambda earlier: Created(earlier, fresh=False),
-            idempotency=idempotency,
-            max_per_workspace=max_per_workspace,
-            staged=staged,
+        return await self._create(
+            values["workspace_id"], values["id"], row, idempotency, max_per_workspace, staged
         )
 
     async def active(self, kinds: Sequence[int] = ()) -> list[IntegrationRecord]:

@@ -15,7 +15,6 @@ store of this file's own, so nothing of the budgets domain is involved.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,7 +60,6 @@ pytestmark = pytest.mark.unit
 
 _After = TypeVar("_After")
 
-log = logging.getLogger("tests.platform.store.test_keyed")
 CREATED = events_pb2.CHANGE_KIND_CREATED
 UPDATED = events_pb2.CHANGE_KIND_UPDATED
 DELETED = events_pb2.CHANGE_KIND_DELETED
@@ -114,9 +112,9 @@ class Things(KeyedStore[BudgetRow, Thing, _After]):
         max_per_workspace: int = 3,
         staged: Staged[Created[Thing]] | None = None,
     ) -> Created[Thing]:
-        def insert(db: Session) -> Created[Thing]:
+        def row() -> BudgetRow:
             stamp = created_at or now()
-            row = BudgetRow(
+            return BudgetRow(
                 workspace_id=workspace_id,
                 id=thing_id,
                 scope_kind="workspace",
@@ -127,17 +125,8 @@ class Things(KeyedStore[BudgetRow, Thing, _After]):
                 updated_at=stamp,
                 version=1,
             )
-            return Created(self._added(db, row))
 
-        return await self._insert(
-            workspace_id,
-            thing_id,
-            insert,
-            lambda earlier: Created(earlier, fresh=False),
-            idempotency=key,
-            max_per_workspace=max_per_workspace,
-            staged=staged,
-        )
+        return await self._create(workspace_id, thing_id, row, key, max_per_workspace, staged)
 
     async def update(
         self,
@@ -152,6 +141,14 @@ class Things(KeyedStore[BudgetRow, Thing, _After]):
             return self._bumped(db, row)
 
         return await self._update(workspace_id, thing_id, etag, change, staged)
+
+
+class ThingsById(Things[str]):
+    table = _table(BY_ID)
+
+
+class ThingsByCreation(Things[tuple[dt.datetime, str]]):
+    table = _table(BY_CREATION)
 
 
 @dataclass
@@ -214,7 +211,7 @@ async def desk(database_url: str) -> AsyncIterator[Desk]:
     await bus.start()
     await _workspace(database, "w1")
     await _workspace(database, "w2")
-    things = Things(database, _table(BY_ID), log)
+    things = ThingsById(database)
     try:
         yield Desk(database, bus, delivered, things, Catalog(things, bus, PageTokens(SECRET)), "w1")
     finally:
@@ -308,7 +305,7 @@ async def test_pages_by_id_carry_the_last_id_in_a_signed_token_of_the_request(
 async def test_pages_by_creation_are_oldest_first_and_exact_across_equal_times(
     desk: Desk,
 ) -> None:
-    things: Things[tuple[dt.datetime, str]] = Things(desk.database, _table(BY_CREATION), log)
+    things = ThingsByCreation(desk.database)
     catalog = Catalog(things, desk.bus, PageTokens(SECRET))
     early = dt.datetime(2026, 1, 2, 3, 4, 5, 600_007, tzinfo=dt.UTC)
     late = early + dt.timedelta(microseconds=1)

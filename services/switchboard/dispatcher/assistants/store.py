@@ -14,7 +14,6 @@ delete) is ``platform/store/keyed.py``'s.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -22,14 +21,11 @@ from typing import Final
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from switchboard.platform.store.db import Database
 from switchboard.platform.store.keyed import BY_ID, KeyedStore, Table
 from switchboard.platform.store.models import AssistantRow
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values.names import now
-
-log = logging.getLogger("switchboard.dispatcher.assistants.store")
 
 
 @dataclass(frozen=True)
@@ -77,8 +73,7 @@ class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
     """``_lock_workspace`` also serializes default changes on PostgreSQL, so "one
     default" holds under concurrency as the quota does."""
 
-    def __init__(self, database: Database) -> None:
-        super().__init__(database, ASSISTANTS, log)
+    table = ASSISTANTS
 
     def _clear_default(
         self, db: Session, workspace_id: str, keep: str, stamp: dt.datetime

@@ -105,8 +105,7 @@ BUDGETS: Final = Table(
 
 
 class BudgetStore(KeyedStore[BudgetRow, BudgetRecord, str]):
-    def __init__(self, database: Database) -> None:
-        super().__init__(database, BUDGETS, log)
+    table = BUDGETS
 
     async def create(
         self,
@@ -116,11 +115,11 @@ class BudgetStore(KeyedStore[BudgetRow, BudgetRecord, str]):
         max_per_workspace: int,
         staged: Staged[Created[BudgetRecord]] | None,
     ) -> Created[BudgetRecord]:
-        """Insert ``record`` (``KeyedStore._insert``: the key, the quota, the id)."""
+        """Insert ``record``, created and changed now, at version 1 (``_create``)."""
 
-        def insert(db: Session) -> Created[BudgetRecord]:
+        def row() -> BudgetRow:
             stamp = now()
-            row = BudgetRow(
+            return BudgetRow(
                 workspace_id=record.workspace_id,
                 id=record.id,
                 scope_kind=record.scope_kind,
@@ -131,16 +130,9 @@ class BudgetStore(KeyedStore[BudgetRow, BudgetRecord, str]):
                 updated_at=stamp,
                 version=1,
             )
-            return Created(self._added(db, row))
 
-        return await self._insert(
-            record.workspace_id,
-            record.id,
-            insert,
-            lambda earlier: Created(earlier, fresh=False),
-            idempotency=idempotency,
-            max_per_workspace=max_per_workspace,
-            staged=staged,
+        return await self._create(
+            record.workspace_id, record.id, row, idempotency, max_per_workspace, staged
         )
 
     async def update(

@@ -15,7 +15,6 @@ key, the quota, etags, pages, the delete) is ``platform/store/keyed.py``'s.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -24,14 +23,12 @@ from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select, u
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform.store.db import Database
 from switchboard.platform.store.keyed import BY_ID, Created, KeyedStore, Table
 from switchboard.platform.store.models import DispatcherLeaseRow, ScheduleFiringRow, ScheduleRow
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values.names import now
 
-log = logging.getLogger("switchboard.dispatcher.schedules.store")
 ACTIVE: Final = int(pb.SCHEDULE_STATE_ACTIVE)
 CLAIMED: Final = int(pb.FIRING_OUTCOME_CLAIMED)
 #: Settled firings kept per schedule (the oldest go as new ticks are claimed): a
@@ -175,6 +172,17 @@ def _orphans(claimer: str) -> Select[int]:
     return select(ScheduleFiringRow.fire_us).where(*_orphan_filter(claimer))
 
 
+def _with_creator() -> Select[ScheduleFiringRow, str]:
+    """Firings beside their schedule's creator (whom the runs they start act as)."""
+    return select(ScheduleFiringRow, ScheduleRow.creator).join(
+        ScheduleRow,
+        and_(
+            ScheduleRow.workspace_id == ScheduleFiringRow.workspace_id,
+            ScheduleRow.id == ScheduleFiringRow.schedule_id,
+        ),
+    )
+
+
 #: A schedule's firings go with it.
 SCHEDULES: Final = Table(
     ScheduleRow,
@@ -187,8 +195,7 @@ SCHEDULES: Final = Table(
 
 
 class ScheduleStore(KeyedStore[ScheduleRow, ScheduleRecord, str]):
-    def __init__(self, database: Database) -> None:
-        super().__init__(database, SCHEDULES, log)
+    table = SCHEDULES
 
     # -- the resource -----------------------------------------------------------------------
 
@@ -200,10 +207,11 @@ class ScheduleStore(KeyedStore[ScheduleRow, ScheduleRecord, str]):
         max_per_workspace: int,
         staged: Staged[Created[ScheduleRecord]] | None,
     ) -> Created[ScheduleRecord]:
-        """Insert ``record`` (``KeyedStore._insert``: the key, the quota, the id)."""
+        """Insert ``record`` as the catalog made it (its uid, times and first tick), never
+        fired yet, at version 1 (``_create``)."""
 
-        def insert(db: Session) -> Created[ScheduleRecord]:
-            row = ScheduleRow(
+        def row() -> ScheduleRow:
+            return ScheduleRow(
                 workspace_id=record.workspace_id,
                 id=record.id,
                 uid=record.uid,
@@ -218,16 +226,9 @@ class ScheduleStore(KeyedStore[ScheduleRow, ScheduleRecord, str]):
                 updated_at=record.updated_at,
                 version=1,
             )
-            return Created(self._added(db, row))
 
-        return await self._insert(
-            record.workspace_id,
-            record.id,
-            insert,
-            lambda earlier: Created(earlier, fresh=False),
-            idempotency=idempotency,
-            max_per_workspace=max_per_workspace,
-            staged=staged,
+        return await self._create(
+            record.workspace_id, record.id, row, idempotency, max_per_workspace, staged
         )
 
     async def update(
@@ -393,14 +394,7 @@ class ScheduleStore(KeyedStore[ScheduleRow, ScheduleRecord, str]):
 
         def tx(db: Session) -> list[FiringRecord]:
             rows = db.execute(
-                select(ScheduleFiringRow, ScheduleRow.creator)
-                .join(
-                    ScheduleRow,
-                    and_(
-                        ScheduleRow.workspace_id == ScheduleFiringRow.workspace_id,
-                        ScheduleRow.id == ScheduleFiringRow.schedule_id,
-                    ),
-                )
+                _with_creator()
                 .where(ScheduleFiringRow.outcome == CLAIMED, ScheduleFiringRow.claimer == claimer)
                 .order_by(ScheduleFiringRow.fire_us)
                 .limit(limit)
@@ -423,14 +417,7 @@ class ScheduleStore(KeyedStore[ScheduleRow, ScheduleRecord, str]):
 
         def tx(db: Session) -> list[FiringRecord]:
             rows = db.execute(
-                select(ScheduleFiringRow, ScheduleRow.creator)
-                .join(
-                    ScheduleRow,
-                    and_(
-                        ScheduleRow.workspace_id == ScheduleFiringRow.workspace_id,
-                        ScheduleRow.id == ScheduleFiringRow.schedule_id,
-                    ),
-                )
+                _with_creator()
                 .where(*_orphan_filter(claimer))
                 .order_by(ScheduleFiringRow.fire_us)
                 .limit(limit)

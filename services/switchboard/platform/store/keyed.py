@@ -178,18 +178,20 @@ class Table(Generic[_Row, _Record, _After]):
 class KeyedStore(Generic[_Row, _Record, _After]):
     """A resource's store: get, page, delete, and the frames of a create and an update.
 
-    A resource's store subclasses it with its ``Table`` and writes what differs:
-    its ``create`` calls ``_insert`` with the row it adds, its ``update`` calls
-    ``_update`` with the change it makes to the locked row.
+    A resource's store subclasses it, sets ``table`` and writes what differs:
+    its ``create`` calls ``_create`` with the row it adds (``_insert`` where it
+    writes more than the row), its ``update`` calls ``_update`` with the change
+    it makes to the locked row.
     """
 
-    def __init__(
-        self, database: Database, table: Table[_Row, _Record, _After], log: logging.Logger
-    ) -> None:
+    #: Set by each subclass: the table it keeps.
+    table: Table[_Row, _Record, _After]
+
+    def __init__(self, database: Database) -> None:
         self._database = database
         self._sqlite = database.dialect_name == "sqlite"
-        self.table = table
-        self._log = log
+        # The subclass's module's logger: "switchboard.dispatcher.budgets.store" ...
+        self._log = logging.getLogger(type(self).__module__)
 
     async def _run(self, work: Callable[[Session], _Result], *, write: bool) -> _Result:
         return await transaction(self._database, work, write=write, log=self._log)
@@ -267,6 +269,26 @@ class KeyedStore(Generic[_Row, _Record, _After]):
             return await self._run(staging(staged, tx), write=True)
 
         return await retrying(run)
+
+    async def _create(
+        self,
+        workspace_id: str,
+        resource_id: str,
+        row: Callable[[], _Row],
+        idempotency: Idempotency | None,
+        max_per_workspace: int,
+        staged: Staged[Created[_Record]] | None,
+    ) -> Created[_Record]:
+        """``_insert`` of the row ``row()`` builds (in the transaction), as ``Created``."""
+        return await self._insert(
+            workspace_id,
+            resource_id,
+            lambda db: Created(self._added(db, row())),
+            lambda earlier: Created(earlier, fresh=False),
+            idempotency=idempotency,
+            max_per_workspace=max_per_workspace,
+            staged=staged,
+        )
 
     async def replayed(self, key: Idempotency) -> _Record | None:
         """The record an earlier create with this key made, if the key is still kept
