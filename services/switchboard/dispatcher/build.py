@@ -1,4 +1,8 @@
-"""The dispatcher as a process builds it: handlers, routes, experts, assistants, runs.
+"""The dispatcher as a process builds it: the one place its parts are built and wired.
+
+Handlers, routes and experts, the workspace's catalogs (``service.Catalogs``)
+and the run pipeline's stages (``service.Stages``) are built here, once, and
+handed to ``Dispatcher``, which only composes them.
 
 What the dispatcher uses of the process's other services it declares as its
 ``Neighbours``: the context domain (runs reach the context service through a
@@ -16,6 +20,8 @@ import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
+
+from opentelemetry.trace import Tracer
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping, servicer
@@ -42,19 +48,30 @@ from switchboard.dispatcher.ports.context import (
 )
 from switchboard.dispatcher.ports.experts import ExpertDirectory, ExpertEntry
 from switchboard.dispatcher.ports.peers import GrpcPeers
+from switchboard.dispatcher.runs.control import Control
+from switchboard.dispatcher.runs.execution import Execution
+from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.intake.content import (
     BuiltinContentPolicy,
+    ContentPolicy,
     load_content_policy,
 )
+from switchboard.dispatcher.runs.live import Common, Live
 from switchboard.dispatcher.runs.reading.feed import Feeds
+from switchboard.dispatcher.runs.reading.publishing import Publishing
+from switchboard.dispatcher.runs.reading.queries import Queries
+from switchboard.dispatcher.runs.reading.streams import Streams
+from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
+from switchboard.dispatcher.runs.steering.book import SteerBook
+from switchboard.dispatcher.runs.steering.steer import Steering
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
 from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
 from switchboard.dispatcher.schedules.store import ScheduleStore
-from switchboard.dispatcher.service import Dispatcher, RunLimits
+from switchboard.dispatcher.service import Catalogs, Dispatcher, Readmission, RunLimits, Stages
 from switchboard.dispatcher.settings import DispatcherSettings
-from switchboard.dispatcher.talk.session import TalkLimits
+from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import LocalTools, ToolHub
 from switchboard.dispatcher.tools.runner import ToolLimits
@@ -63,6 +80,7 @@ from switchboard.platform.audio.openai import OpenAIAudio
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
+from switchboard.platform.observe.telemetry import tracer
 from switchboard.platform.process import Port, Shared, setting
 from switchboard.platform.rpc.outbound.channels import RemoteHandlerSettings, parse_remotes
 from switchboard.platform.rpc.outbound.peers import PeerSettings
@@ -220,22 +238,9 @@ async def dispatcher_service(
 ) -> Dispatcher:
     """``integration``: the hub, for tools and for its breakers (an expert's circuit
     is one for runs and tools)."""
-    settings, resources = shared.section(DispatcherSettings), shared.resources
-    registry = handler_registry(
-        settings, shared.section(RemoteHandlerSettings), neighbours.count_tokens
-    )
-    for handler in registry.all():
-        if isinstance(handler, RemoteHandler):
-            resources.push_async_callback(handler.close)
-            await handler.refresh()
-        elif isinstance(handler, LlmHandler):
-            resources.push_async_callback(handler.aclose)
-    with setting("SWITCHBOARD_DISPATCHER_CONTENT_POLICY"):
-        content = load_content_policy(
-            settings.dispatcher_content_policy,
-            settings.dispatcher_blocklist,
-            settings.dispatcher_flag_injection,
-        )
+    resources = shared.resources
+    registry = await _handlers(shared, neighbours.count_tokens)
+    content = _content_policy(shared.section(DispatcherSettings))
     router = _router(shared, registry, integration, neighbours.experts)
     assistants = await _assistants(shared, registry, router, integration, neighbours.filters)
     schedules = _schedules(shared, context, assistants, router)
@@ -246,51 +251,29 @@ async def dispatcher_service(
     spending = Spending(
         Ledger(shared.database),
         shared.bus,
-        approval_timeout_s=settings.dispatcher_approval_timeout_s,
+        approval_timeout_s=shared.section(DispatcherSettings).dispatcher_approval_timeout_s,
         metrics=shared.metrics,
     )
-    dispatcher = Dispatcher(
-        store=RunStore(shared.database),
-        context=context,
-        bus=shared.bus,
-        counters=shared.cache,
-        router=router,
-        scheduler=Scheduler(
-            limits=CapacityLimits(
-                max_running=settings.dispatcher_max_running,
-                max_running_per_workspace=settings.dispatcher_max_running_per_workspace,
-                max_queued=settings.dispatcher_max_queued,
-                max_queued_per_workspace=settings.dispatcher_max_queued_per_workspace,
-            )
-        ),
-        feeds=Feeds(
-            retention_s=settings.dispatcher_run_retention_s,
-            max_updates=settings.dispatcher_max_updates_per_run,
-        ),
-        policy=shared.policy,
-        access=shared.access,
-        content=content,
-        limits=_limits(shared),
-        page_tokens=shared.page_tokens,
+    catalogs = Catalogs(
         assistants=assistants,
+        schedules=schedules,
         budgets=_budgets(shared, assistants, spending),
         usage=Usage(UsageStore(shared.database), shared.page_tokens),
-        tools=LocalTools(integration, shared.policy),
-        tool_limits=ToolLimits(
-            max_steps=settings.dispatcher_max_tool_steps,
-            max_calls_per_step=settings.dispatcher_max_tool_calls_per_step,
-            approval_timeout_s=settings.dispatcher_approval_timeout_s,
-            max_result_chars=settings.dispatcher_max_tool_result_chars,
-        ),
         quotas=_quotas(shared),
-        peers=peers,
-        metrics=shared.metrics,
-        spending=spending,
-        speech=_speech(shared),
-        voice_store=VoiceStore(shared.database),
-        talk_limits=_talk_limits(settings),
-        schedules=schedules,
     )
+    run = _Run(
+        shared,
+        context,
+        content,
+        router,
+        catalogs,
+        LocalTools(integration, shared.policy),
+        spending,
+        _speech(shared),
+        # None when tracing is off: runs then get no span (decided once, here).
+        tracer("switchboard.dispatcher"),
+    )
+    dispatcher = Dispatcher(_stages(run, peers), catalogs)
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
     # After the dispatcher's start (its lease is renewed, its runs recovered), and
@@ -300,6 +283,181 @@ async def dispatcher_service(
     firing.start()
     resources.push_async_callback(firing.stop)
     return dispatcher
+
+
+async def _handlers(shared: Shared, count: Callable[[str], int]) -> Registry:
+    """The handler registry, each remote expert refreshed; all closed with the process."""
+    registry = handler_registry(
+        shared.section(DispatcherSettings), shared.section(RemoteHandlerSettings), count
+    )
+    for handler in registry.all():
+        if isinstance(handler, RemoteHandler):
+            shared.resources.push_async_callback(handler.close)
+            await handler.refresh()
+        elif isinstance(handler, LlmHandler):
+            shared.resources.push_async_callback(handler.aclose)
+    return registry
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the run pipeline's stages are built from."""
+
+    shared: Shared
+    context: ContextPort
+    content: ContentPolicy
+    router: Router
+    catalogs: Catalogs
+    tools: LocalTools
+    spending: Spending
+    speech: Speech | None
+    tracer: Tracer | None
+
+    @property
+    def settings(self) -> DispatcherSettings:
+        return self.shared.section(DispatcherSettings)
+
+
+def _stages(run: _Run, peers: GrpcPeers) -> Stages:
+    """The run pipeline, in the order a message travels (``service.py``), each stage
+    handed the ones it calls."""
+    shared, common = run.shared, _common(run)
+    scheduler = _scheduler(run.settings)
+    publishing = Publishing(common=common)
+    steers = SteerBook(common=common, scheduler=scheduler, publishing=publishing)
+    execution = _execution(run, common, scheduler, publishing, steers)
+    admission = _admission(run, common, scheduler, publishing, execution)
+    control = Control(
+        common=common,
+        scheduler=scheduler,
+        execution=execution,
+        publishing=publishing,
+        peers=peers,
+    )
+    return Stages(
+        common=common,
+        scheduler=scheduler,
+        publishing=publishing,
+        steers=steers,
+        execution=execution,
+        admission=admission,
+        recovery=Recovery(
+            common=common,
+            publishing=publishing,
+            admit=Readmission(steers, admission),
+            metrics=shared.metrics,
+            release_holds=run.spending.ledger.release_runs,
+            retire=execution.retire,
+        ),
+        queries=Queries(
+            common=common,
+            context=run.context,
+            assistants=run.catalogs.assistants,
+            page_tokens=shared.page_tokens,
+            tools=run.tools,
+            tool_limits=_tool_limits(run.settings),
+        ),
+        control=control,
+        steering=Steering(common=common, book=steers, admission=admission, control=control),
+        streams=lambda actions: Streams(
+            actions=actions, access=shared.access, heartbeat_s=common.limits.heartbeat_s
+        ),
+        talks=lambda actions: Talks(
+            actions=actions,
+            assistants=run.catalogs.assistants,
+            context=run.context,
+            store=VoiceStore(shared.database),
+            access=shared.access,
+            speech=lambda: run.speech,
+            limits=_talk_limits(run.settings),
+        ),
+        spending=run.spending,
+    )
+
+
+def _common(run: _Run) -> Common:
+    """What every stage shares: this process's live runs, the store, the feeds, the
+    bus, the router and the run limits."""
+    settings = run.settings
+    return Common(
+        live=Live(),
+        store=RunStore(run.shared.database),
+        feeds=Feeds(
+            retention_s=settings.dispatcher_run_retention_s,
+            max_updates=settings.dispatcher_max_updates_per_run,
+        ),
+        bus=run.shared.bus,
+        router=run.router,
+        limits=_limits(run.shared),
+    )
+
+
+def _execution(
+    run: _Run, common: Common, scheduler: Scheduler, publishing: Publishing, steers: SteerBook
+) -> Execution:
+    return Execution(
+        common=common,
+        publishing=publishing,
+        scheduler=scheduler,
+        context=run.context,
+        policy=run.shared.policy,
+        tools=run.tools,
+        tool_limits=_tool_limits(run.settings),
+        metrics=run.shared.metrics,
+        tracer=run.tracer,
+        spending=run.spending,
+        speech=run.speech,
+        steers=steers,
+    )
+
+
+def _admission(
+    run: _Run, common: Common, scheduler: Scheduler, publishing: Publishing, execution: Execution
+) -> Admission:
+    return Admission(
+        common=common,
+        context=run.context,
+        counters=run.shared.cache,
+        scheduler=scheduler,
+        content=run.content,
+        assistants=run.catalogs.assistants,
+        publishing=publishing,
+        start=execution.launch,
+        cancel=execution.cancel,
+        tracer=run.tracer,
+        quotas=run.catalogs.quotas,
+        spending=run.spending,
+        speech=run.speech,
+    )
+
+
+def _content_policy(settings: DispatcherSettings) -> ContentPolicy:
+    with setting("SWITCHBOARD_DISPATCHER_CONTENT_POLICY"):
+        return load_content_policy(
+            settings.dispatcher_content_policy,
+            settings.dispatcher_blocklist,
+            settings.dispatcher_flag_injection,
+        )
+
+
+def _scheduler(settings: DispatcherSettings) -> Scheduler:
+    return Scheduler(
+        limits=CapacityLimits(
+            max_running=settings.dispatcher_max_running,
+            max_running_per_workspace=settings.dispatcher_max_running_per_workspace,
+            max_queued=settings.dispatcher_max_queued,
+            max_queued_per_workspace=settings.dispatcher_max_queued_per_workspace,
+        )
+    )
+
+
+def _tool_limits(settings: DispatcherSettings) -> ToolLimits:
+    return ToolLimits(
+        max_steps=settings.dispatcher_max_tool_steps,
+        max_calls_per_step=settings.dispatcher_max_tool_calls_per_step,
+        approval_timeout_s=settings.dispatcher_approval_timeout_s,
+        max_result_chars=settings.dispatcher_max_tool_result_chars,
+    )
 
 
 def _speech(shared: Shared) -> Speech | None:
