@@ -257,6 +257,46 @@ async def open_shared(
     # Configured keys are checked before anything opens; dev mode's once the database is.
     configured = configured_key_ring(settings)
     instance = instance_id(settings)
+    database = await open_locked_database(settings, instance, resources)
+    keys = configured or dev_key_ring(settings)
+    tokens = AccessTokens(
+        keys,
+        TokenPolicy(
+            issuer=settings.auth_issuer,
+            audience=settings.auth_audience,
+            access_ttl_s=settings.access_token_ttl_s,
+        ),
+    )
+    secrets = OpaqueSecrets(settings.effective_secret_key())
+    cache, authenticator = await open_cache(settings, database, tokens, secrets, resources)
+    bus = await open_bus(settings, database, authenticator, resources, metrics)
+    memberships = MembershipStore(database)
+    return Shared(
+        settings=settings,
+        sections=config,
+        resources=resources,
+        database=database,
+        cache=cache,
+        bus=bus,
+        keys=keys,
+        tokens=tokens,
+        secrets=secrets,
+        authenticator=authenticator,
+        memberships=memberships,
+        policy=Policy(memberships),
+        access=watch_access(settings, cache, bus, authenticator, memberships, resources),
+        secret_box=SecretBox(settings.effective_secret_key()),
+        page_tokens=PageTokens(settings.effective_secret_key()),
+        instance_id=instance,
+        metrics=metrics,
+    )
+
+
+async def open_locked_database(
+    settings: KernelSettings, instance: str, resources: contextlib.AsyncExitStack
+) -> Database:
+    """The database, once no other process may write it that must not (a SQLite file
+    has one process; the embedded event log and a dispatcher's instance id, one each)."""
     # Before anything touches the file: a second process on it is refused.
     resources.enter_context(lock_sqlite_file(settings.database_url.get_secret_value()))
     # PostgreSQL: processes with the embedded event log are refused beside any other.
@@ -278,21 +318,23 @@ async def open_shared(
             migrate=settings.database_auto_migrate,
         )
     resources.push_async_callback(database.close)
-    keys = configured or dev_key_ring(settings)
+    return database
+
+
+async def open_cache(
+    settings: KernelSettings,
+    database: Database,
+    tokens: AccessTokens,
+    secrets: OpaqueSecrets,
+    resources: contextlib.AsyncExitStack,
+) -> tuple[Cache, CredentialAuthenticator]:
+    """The cache (Redis, or this process's memory), and the credential authenticator
+    that hears revocations through it."""
     cache = Cache(
         settings.redis_url.get_secret_value(),
         timeout_s=settings.redis_timeout_s,
         lease_s=settings.redis_lease_s,
     )
-    tokens = AccessTokens(
-        keys,
-        TokenPolicy(
-            issuer=settings.auth_issuer,
-            audience=settings.auth_audience,
-            access_ttl_s=settings.access_token_ttl_s,
-        ),
-    )
-    secrets = OpaqueSecrets(settings.effective_secret_key())
     # Subscribes to revocations, so it must exist before the cache starts.
     authenticator = CredentialAuthenticator(
         tokens,
@@ -303,6 +345,17 @@ async def open_shared(
     )
     await cache.start()
     resources.push_async_callback(cache.close)
+    return cache, authenticator
+
+
+async def open_bus(
+    settings: KernelSettings,
+    database: Database,
+    authenticator: CredentialAuthenticator,
+    resources: contextlib.AsyncExitStack,
+    metrics: Metrics | None,
+) -> EventBus:
+    """The event bus over the configured log (``event_log``)."""
     # Events written with their change, published whatever crashes (docs/decisions.md).
     outbox = Outbox(database)
     bus = EventBus(
@@ -317,8 +370,18 @@ async def open_shared(
     bus.listen(authenticator.on_event)
     await bus.start()
     resources.push_async_callback(bus.close)
-    memberships = MembershipStore(database)
-    policy = Policy(memberships)
+    return bus
+
+
+def watch_access(
+    settings: KernelSettings,
+    cache: Cache,
+    bus: EventBus,
+    authenticator: CredentialAuthenticator,
+    memberships: MembershipStore,
+    resources: contextlib.AsyncExitStack,
+) -> AccessWatch:
+    """What keeps every open stream's access current: revocations, memberships."""
     access = AccessWatch(
         bus.fanout,
         authenticator,
@@ -329,26 +392,7 @@ async def open_shared(
     )
     authenticator.on_revocation(access.revoked)
     resources.push_async_callback(access.close)
-    secret_box = SecretBox(settings.effective_secret_key())
-    return Shared(
-        settings=settings,
-        sections=config,
-        resources=resources,
-        database=database,
-        cache=cache,
-        bus=bus,
-        keys=keys,
-        tokens=tokens,
-        secrets=secrets,
-        authenticator=authenticator,
-        memberships=memberships,
-        policy=policy,
-        access=access,
-        secret_box=secret_box,
-        page_tokens=PageTokens(settings.effective_secret_key()),
-        instance_id=instance,
-        metrics=metrics,
-    )
+    return access
 
 
 def connect(shared: Shared) -> None:
