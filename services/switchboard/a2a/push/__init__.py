@@ -16,6 +16,6 @@ The sending itself is the integration service's webhook engine
 (``integration/webhooks/delivery.py``): the same feeder, sender, ordering, retries,
 breaker, egress checks and disabling as a webhook integration's. A service may
 not import the front door, so the engine reaches ``delivery.py`` through
-``shared.PushNotifications``, which the composition root hands it
-(``mesh.open_shared``).
+``shared.PushNotifications``, which the composition root plugs in
+(``mesh.connect``).
 """
