@@ -29,7 +29,6 @@ from google.rpc import code_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.connect.connections import (
-    INTEGRATION,
     Connections,
     ConnectorFactory,
     Limits,
@@ -37,7 +36,7 @@ from switchboard.integration.connect.connections import (
 )
 from switchboard.integration.connect.health import Prober, WebhookHealth, status_bytes
 from switchboard.integration.kinds.webhooktools import check_tools
-from switchboard.integration.mapping import integration_name, integration_proto, name_of
+from switchboard.integration.mapping import integration_proto, name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.integration.tools.calls import Tools
 from switchboard.platform.cache import Cache
@@ -72,13 +71,10 @@ from switchboard.platform.store.storage import idempotency
 from switchboard.platform.values import names, timefields
 from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.names import checked_etag
+from switchboard.platform.values.resources import DeliveryName, IntegrationName, WorkspaceName
 
 log = logging.getLogger("switchboard.integration")
 
-_WORKSPACE: Final = names.WORKSPACE
-_DELIVERY: Final = re.compile(
-    rf"workspaces/({names.ID})/integrations/({names.ID})/deliveries/({names.ID})"
-)
 _CLIENT_ID: Final = names.CLIENT_ID
 _WEBHOOK_SECRET: Final = re.compile(r"whsec_([A-Za-z0-9+/=]{16,200})")
 _EVENT_TYPES: Final = frozenset(
@@ -143,10 +139,6 @@ class WebhookDeliveries(Protocol):
     async def redeliver(
         self, workspace_id: str, integration_id: str, delivery_id: str
     ) -> pb.WebhookDelivery: ...
-
-
-def _match(pattern: re.Pattern[str], value: str, field: str) -> re.Match[str]:
-    return names.match(pattern, value, field)
 
 
 class _Watcher:
@@ -278,7 +270,7 @@ class IntegrationHub:
         return events_pb2.Event(
             type=events_pb2.EVENT_TYPE_INTEGRATION_CHANGED,
             actor=actor,
-            workspace=f"workspaces/{record.workspace_id}",
+            workspace=str(WorkspaceName(record.workspace_id)),
             integration_changed=events_pb2.IntegrationChanged(
                 change=change, integration=self._proto(record)
             ),
@@ -299,10 +291,13 @@ class IntegrationHub:
 
     def _circuit_changed(self, key: str, state: BreakerState) -> None:
         """A circuit opened or closed: announce the integration's new status."""
-        found = INTEGRATION.fullmatch(key)
-        if found is None or self._closed:
+        integration = IntegrationName.parse_or_none(key)
+        if integration is None or self._closed:
             return
-        self._connections.spawn(self._announce_status(found[1], found[2]), "integration-circuit")
+        self._connections.spawn(
+            self._announce_status(integration.workspace, integration.integration),
+            "integration-circuit",
+        )
 
     async def _announce_status(self, workspace_id: str, integration_id: str) -> None:
         try:
@@ -506,7 +501,7 @@ class IntegrationHub:
     async def create(
         self, principal: Principal, request: pb.CreateIntegrationRequest
     ) -> pb.Integration:
-        workspace_id = _match(_WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         given = request.integration
         violations = Violations()
         if request.integration_id and not _CLIENT_ID.fullmatch(request.integration_id):
@@ -545,7 +540,7 @@ class IntegrationHub:
         violations.check()
         if endpoint is None:  # _endpoint added the violation
             raise InvalidArgument("integration.endpoint is invalid")
-        name = integration_name(workspace_id, integration_id)
+        name = str(IntegrationName(workspace_id, integration_id))
         key = idempotency(principal.user_id, "CreateIntegration", request)
         values = {
             "workspace_id": workspace_id,
@@ -584,7 +579,7 @@ class IntegrationHub:
     async def list_integrations(
         self, request: pb.ListIntegrationsRequest
     ) -> pb.ListIntegrationsResponse:
-        workspace_id = _match(_WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         records, token = await self._catalog.listed(
             workspace_id, request.page_size, request.page_token, default=20
         )
@@ -596,8 +591,8 @@ class IntegrationHub:
         self, principal: Principal, request: pb.UpdateIntegrationRequest
     ) -> pb.Integration:
         given = request.integration
-        found = _match(INTEGRATION, given.name, "integration.name")
-        workspace_id, integration_id = found[1], found[2]
+        integration = IntegrationName.parse(given.name, "integration.name")
+        workspace_id, integration_id = integration.workspace, integration.integration
         paths = update_paths(request.update_mask, given, _MUTABLE)
         current = await self._store.get(workspace_id, integration_id)
         if current is None:
@@ -661,12 +656,14 @@ class IntegrationHub:
         return self._proto(record)
 
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
-        found = _match(INTEGRATION, name, "name")
+        integration = IntegrationName.parse(name, "name")
         checked_etag(etag, "etag")
         await self._catalog.changed(
             name,
             lambda done: [self._event(principal, events_pb2.CHANGE_KIND_DELETED, done)],
-            lambda staged: self._store.delete(found[1], found[2], etag, staged),
+            lambda staged: self._store.delete(
+                integration.workspace, integration.integration, etag, staged
+            ),
         )
         await self._breakers.forget(name)
 
@@ -699,8 +696,8 @@ class IntegrationHub:
 
     async def watch(self, parent: str) -> AsyncIterator[pb.WatchIntegrationsResponse]:
         """The workspace's integrations as they stand, then every change (status included)."""
-        workspace_id = _match(_WORKSPACE, parent, "parent")[1]
-        scope = f"workspaces/{workspace_id}"
+        workspace = WorkspaceName.parse(parent, "parent")
+        workspace_id, scope = workspace.workspace, str(workspace)
         watcher = _Watcher()
         # Listening before the snapshot is read: no change can fall in between.
         self._watchers.setdefault(scope, set()).add(watcher)
@@ -766,6 +763,6 @@ class IntegrationHub:
         return pb.ListWebhookDeliveriesResponse(deliveries=deliveries, next_page_token=token)
 
     async def redeliver(self, name: str) -> pb.WebhookDelivery:
-        found = _match(_DELIVERY, name, "name")
-        record = await self.webhook(integration_name(found[1], found[2]), "name")
-        return await self._deliveries().redeliver(record.workspace_id, record.id, found[3])
+        delivery = DeliveryName.parse(name, "name")
+        record = await self.webhook(str(delivery.parent), "name")
+        return await self._deliveries().redeliver(record.workspace_id, record.id, delivery.delivery)

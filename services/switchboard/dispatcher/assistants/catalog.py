@@ -34,7 +34,6 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants import mapping as assistant_mapping
 from switchboard.dispatcher.assistants.store import AssistantRecord, AssistantStore, Written
 from switchboard.platform.errors import FieldViolation, InvalidArgument, NotFound, Violations
@@ -46,11 +45,16 @@ from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
 from switchboard.platform.values import names
 from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.resources import (
+    AssistantName,
+    HandlerName,
+    IntegrationName,
+    WorkspaceName,
+)
 
 log = logging.getLogger("switchboard.dispatcher.assistants.catalog")
 
 _CLIENT_ID: Final = names.CLIENT_ID
-_HANDLER: Final = re.compile(rf"handlers/({names.ID})")
 #: What UpdateAssistant may change, in the contract's order.
 MUTABLE: Final = (
     "display_name",
@@ -243,9 +247,9 @@ class Assistants:
         )
         if event.type != events_pb2.EVENT_TYPE_ASSISTANT_CHANGED and not deleted:
             return
-        found = names.WORKSPACE.fullmatch(event.workspace)
-        if found is not None:
-            self._forget(found[1])
+        workspace = WorkspaceName.parse_or_none(event.workspace)
+        if workspace is not None:
+            self._forget(workspace.workspace)
 
     # -- validation -----------------------------------------------------------------------
 
@@ -272,11 +276,11 @@ class Assistants:
             clean.tools.extend(given.tools)
         handler_id = ""
         if "handler" in paths and given.handler:
-            found = _HANDLER.fullmatch(given.handler)
-            if found is None:
+            handler = HandlerName.parse_or_none(given.handler)
+            if handler is None:
                 violations.add("assistant.handler", "must be handlers/{handler}, or empty for llm")
             else:
-                handler_id = found[1]
+                handler_id = handler.handler
             clean.handler = given.handler
         # The cheap checks first: a request they refuse costs no lookups.
         violations.check()
@@ -373,15 +377,15 @@ class Assistants:
         seen: set[str] = set()
         for index, entry in enumerate(entries):
             field = f"assistant.tools[{index}]"
-            found = names.INTEGRATION.fullmatch(entry.integration)
-            if found is None:
+            integration = IntegrationName.parse_or_none(entry.integration)
+            if integration is None:
                 violations.add(
                     f"{field}.integration",
                     "must be workspaces/{w}/integrations/{i}"
                     if entry.integration
                     else "is required",
                 )
-            elif found[1] != workspace_id:
+            elif integration.workspace != workspace_id:
                 violations.add(f"{field}.integration", "must be an integration of this workspace")
             elif entry.integration in seen:
                 violations.add(f"{field}.integration", "is named by an earlier entry")
@@ -425,7 +429,7 @@ class Assistants:
     async def create(
         self, principal: Principal, request: pb.CreateAssistantRequest
     ) -> pb.Assistant:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         if request.assistant_id and not _CLIENT_ID.fullmatch(request.assistant_id):
             raise InvalidArgument(
                 f"assistant_id {names.CLIENT_ID_RULE.must}",
@@ -451,7 +455,7 @@ class Assistants:
             return written
 
         written = await self._catalog.created(
-            mapping.assistant_name(workspace_id, assistant_id),
+            str(AssistantName(workspace_id, assistant_id)),
             key,
             lambda done: self._written(principal, events_pb2.CHANGE_KIND_CREATED, done),
             write,
@@ -459,11 +463,12 @@ class Assistants:
         return assistant_mapping.message(written.record)
 
     async def get(self, name: str) -> pb.Assistant:
-        found = names.match(names.ASSISTANT, name, "name")
-        return assistant_mapping.message(await self._catalog.found(name, found[1], found[2]))
+        assistant = AssistantName.parse(name, "name")
+        record = await self._catalog.found(name, assistant.workspace, assistant.assistant)
+        return assistant_mapping.message(record)
 
     async def list_assistants(self, request: pb.ListAssistantsRequest) -> pb.ListAssistantsResponse:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         records, token = await self._catalog.listed(
             workspace_id, request.page_size, request.page_token, default=50
         )
@@ -475,8 +480,8 @@ class Assistants:
         self, principal: Principal, request: pb.UpdateAssistantRequest
     ) -> pb.Assistant:
         given = request.assistant
-        found = names.match(names.ASSISTANT, given.name, "assistant.name")
-        workspace_id, assistant_id = found[1], found[2]
+        assistant = AssistantName.parse(given.name, "assistant.name")
+        workspace_id, assistant_id = assistant.workspace, assistant.assistant
         # No mask: the fields the request sets (AIP-134, as for integrations);
         # "*" replaces every field, the way a form that edits the whole
         # assistant saves it.
@@ -510,13 +515,15 @@ class Assistants:
         return assistant_mapping.message(written.record)
 
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
-        found = names.match(names.ASSISTANT, name, "name")
+        assistant = AssistantName.parse(name, "name")
         names.checked_etag(etag, "etag")
 
         async def write(staged: Staged[AssistantRecord | None]) -> AssistantRecord | None:
-            deleted = await self._store.delete(found[1], found[2], etag, staged)
+            deleted = await self._store.delete(
+                assistant.workspace, assistant.assistant, etag, staged
+            )
             if deleted is not None:
-                self._forget(found[1])
+                self._forget(assistant.workspace)
             return deleted
 
         await self._catalog.changed(
@@ -535,13 +542,14 @@ class Assistants:
         workspace's default one (None if it has none). Cached per workspace."""
         assistant_id = ""
         if name:
-            found = names.match(names.ASSISTANT, name, field)
-            if found[1] != workspace_id:
+            named = AssistantName.parse(name, field)
+            workspace = WorkspaceName(workspace_id)
+            if named.parent != workspace:
                 raise InvalidArgument(
-                    f"{field} is not an assistant of workspaces/{workspace_id}",
-                    [FieldViolation(field, f"must be an assistant of workspaces/{workspace_id}")],
+                    f"{field} is not an assistant of {workspace}",
+                    [FieldViolation(field, f"must be an assistant of {workspace}")],
                 )
-            assistant_id = found[2]
+            assistant_id = named.assistant
         cached = await self._workspace(workspace_id)
         if not assistant_id:
             return _copy(cached.default) if cached.default is not None else None

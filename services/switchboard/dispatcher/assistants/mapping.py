@@ -11,11 +11,12 @@ from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.store import AssistantRecord
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import AssistantName
 
 
 def message(record: AssistantRecord) -> pb.Assistant:
     shown = pb.Assistant.FromString(record.data)
-    shown.name = mapping.assistant_name(record.workspace_id, record.id)
+    shown.name = str(AssistantName(record.workspace_id, record.id))
     shown.workspace_default = record.is_default
     shown.etag = names.etag_of(record.version)
     shown.create_time.FromDatetime(record.created_at)

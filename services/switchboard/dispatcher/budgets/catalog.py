@@ -44,6 +44,12 @@ from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
 from switchboard.platform.values import names, timefields
 from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.resources import (
+    ApiKeyName,
+    AssistantName,
+    BudgetName,
+    WorkspaceName,
+)
 
 log = logging.getLogger("switchboard.dispatcher.budgets.catalog")
 
@@ -166,23 +172,21 @@ class Budgets:
         if not scope:
             violations.add(field, f"is required: {_SCOPES}")
             return "", ""
-        found = names.WORKSPACE.fullmatch(scope)
-        if found is not None:
-            if found[1] != workspace_id:
-                violations.add(field, f"must be this workspace (workspaces/{workspace_id})")
+        workspace = WorkspaceName(workspace_id)
+        if (whole := WorkspaceName.parse_or_none(scope)) is not None:
+            if whole != workspace:
+                violations.add(field, f"must be this workspace ({workspace})")
                 return "", ""
             return WORKSPACE, ""
-        found = names.ASSISTANT.fullmatch(scope)
-        if found is not None:
-            if found[1] != workspace_id:
-                violations.add(field, f"must be an assistant of workspaces/{workspace_id}")
+        if (assistant := AssistantName.parse_or_none(scope)) is not None:
+            if assistant.parent != workspace:
+                violations.add(field, f"must be an assistant of {workspace}")
                 return "", ""
             # Checked last (``create`` refuses the cheap faults first).
-            return ASSISTANT, found[2]
-        found = names.API_KEY.fullmatch(scope)
-        if found is not None:
+            return ASSISTANT, assistant.assistant
+        if (key := ApiKeyName.parse_or_none(scope)) is not None:
             # API key ids are unique: the id alone finds the key's runs (runs.api_key_id).
-            return API_KEY, found[2]
+            return API_KEY, key.key
         violations.add(field, f"must be {_SCOPES}")
         return "", ""
 
@@ -220,7 +224,7 @@ class Budgets:
     # -- CRUD -----------------------------------------------------------------------------
 
     async def create(self, principal: Principal, request: pb.CreateBudgetRequest) -> pb.Budget:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         violations = Violations()
         if request.budget_id and not names.CLIENT_ID.fullmatch(request.budget_id):
             violations.add("budget_id", names.CLIENT_ID_RULE.must)
@@ -246,7 +250,7 @@ class Budgets:
             creator=principal.user_name,
         )
         created = await self._catalog.created(
-            budget_mapping.budget_name(workspace_id, budget_id),
+            str(BudgetName(workspace_id, budget_id)),
             key,
             lambda done: [
                 budget_mapping.event(principal, events_pb2.CHANGE_KIND_CREATED, done.record)
@@ -259,13 +263,13 @@ class Budgets:
         return shown
 
     async def get(self, name: str) -> pb.Budget:
-        found = names.match(names.BUDGET, name, "name")
-        record = await self._catalog.found(name, found[1], found[2])
+        budget = BudgetName.parse(name, "name")
+        record = await self._catalog.found(name, budget.workspace, budget.budget)
         (shown,) = await self._shown([record])
         return shown
 
     async def list_budgets(self, request: pb.ListBudgetsRequest) -> pb.ListBudgetsResponse:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         records, token = await self._catalog.listed(
             workspace_id, request.page_size, request.page_token, default=50
         )
@@ -283,8 +287,8 @@ class Budgets:
 
     async def update(self, principal: Principal, request: pb.UpdateBudgetRequest) -> pb.Budget:
         given = request.budget
-        found = names.match(names.BUDGET, given.name, "budget.name")
-        workspace_id, budget_id = found[1], found[2]
+        budget = BudgetName.parse(given.name, "budget.name")
+        workspace_id, budget_id = budget.workspace, budget.budget
         paths = self._paths(request)
         names.checked_etag(given.etag, "budget.etag")
         violations = Violations()
@@ -316,11 +320,11 @@ class Budgets:
         return shown
 
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
-        found = names.match(names.BUDGET, name, "name")
+        budget = BudgetName.parse(name, "name")
         names.checked_etag(etag, "etag")
         await self._catalog.changed(
             name,
             lambda done: [budget_mapping.event(principal, events_pb2.CHANGE_KIND_DELETED, done)],
-            lambda staged: self._store.delete(found[1], found[2], etag, staged),
+            lambda staged: self._store.delete(budget.workspace, budget.budget, etag, staged),
         )
-        self.on_change(found[1])
+        self.on_change(budget.workspace)

@@ -44,6 +44,7 @@ from switchboard.platform.store.models import (
 )
 from switchboard.platform.store.storage import transaction
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import BudgetName
 
 log = logging.getLogger("switchboard.dispatcher.budgets.ledger")
 
@@ -226,7 +227,7 @@ class Applicable:
 
     @property
     def name(self) -> str:
-        return f"workspaces/{self.workspace_id}/budgets/{self.budget_id}"
+        return str(BudgetName(self.workspace_id, self.budget_id))
 
 
 @dataclass(frozen=True)

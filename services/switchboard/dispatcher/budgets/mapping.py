@@ -13,15 +13,12 @@ from switchboard.dispatcher.budgets.periods import Period
 from switchboard.dispatcher.budgets.store import BudgetRecord, UsageSum, Window
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
-
-
-def budget_name(workspace_id: str, budget_id: str) -> str:
-    return f"{mapping.workspace_name(workspace_id)}/budgets/{budget_id}"
+from switchboard.platform.values.resources import ApiKeyName, BudgetName
 
 
 def message(record: BudgetRecord) -> pb.Budget:
     shown = pb.Budget.FromString(record.data)
-    shown.name = budget_name(record.workspace_id, record.id)
+    shown.name = str(BudgetName(record.workspace_id, record.id))
     shown.etag = names.etag_of(record.version)
     shown.create_time.FromDatetime(record.created_at)
     shown.update_time.FromDatetime(record.updated_at)
@@ -74,5 +71,5 @@ def usage_row(workspace_id: str, found: UsageSum) -> pb.UsageRow:
         row.assistant = mapping.assistant_name(workspace_id, assistant_id)
     key_id = keys.get("api_key", "")
     if key_id and found.key_user:
-        row.api_key = f"users/{found.key_user}/apiKeys/{key_id}"
+        row.api_key = str(ApiKeyName(found.key_user, key_id))
     return row

@@ -41,6 +41,7 @@ from switchboard.platform.errors import QuotaExceeded, Violations
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
 from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.resources import ApiKeyName, QuotaName
 
 #: What UpdateWorkspaceQuota may change, in the contract's order.
 MUTABLE: Final = ("messages_per_minute", "max_concurrent_runs", "api_keys")
@@ -97,10 +98,6 @@ class _Cached:
     loaded_at: float
 
 
-def quota_name(workspace_id: str) -> str:
-    return f"workspaces/{workspace_id}/quota"
-
-
 class Quotas:
     def __init__(self, store: QuotaStore, defaults: QuotaDefaults) -> None:
         self._store = store
@@ -127,14 +124,14 @@ class Quotas:
     # -- the RPCs -------------------------------------------------------------------------
 
     async def get(self, name: str) -> pb.WorkspaceQuota:
-        workspace_id = names.match(names.WORKSPACE_QUOTA, name, "name")[1]
+        workspace_id = QuotaName.parse(name, "name").workspace
         return self._message(await self._store.get(workspace_id))
 
     async def update(
         self, principal: Principal, request: pb.UpdateWorkspaceQuotaRequest
     ) -> pb.WorkspaceQuota:
         given = request.quota
-        workspace_id = names.match(names.WORKSPACE_QUOTA, given.name, "quota.name")[1]
+        workspace_id = QuotaName.parse(given.name, "quota.name").workspace
         paths = update_paths(request.update_mask, given, MUTABLE)
         names.checked_etag(given.etag, "quota.etag")
         self._validate(given, paths)
@@ -181,7 +178,7 @@ class Quotas:
             seen: set[str] = set()
             for index, key in enumerate(given.api_keys):
                 prefix = f"quota.api_keys[{index}]"
-                if not names.API_KEY.fullmatch(key.api_key):
+                if ApiKeyName.parse_or_none(key.api_key) is None:
                     violations.add(
                         f"{prefix}.api_key",
                         "must be users/{user}/apiKeys/{key}" if key.api_key else "is required",
@@ -207,7 +204,7 @@ class Quotas:
 
     def _message(self, record: QuotaRecord) -> pb.WorkspaceQuota:
         shown = pb.WorkspaceQuota.FromString(record.data or b"")
-        shown.name = quota_name(record.workspace_id)
+        shown.name = str(QuotaName(record.workspace_id))
         shown.messages_per_minute = shown.messages_per_minute or self.defaults.messages_per_minute
         shown.max_concurrent_runs = shown.max_concurrent_runs or self.defaults.max_concurrent_runs
         shown.etag = names.etag_of(record.version)
@@ -270,7 +267,7 @@ class Quotas:
         if active.workspace >= limits.max_concurrent_runs:
             over.append(
                 (
-                    quota_name(workspace_id),
+                    str(QuotaName(workspace_id)),
                     f"the workspace has {active.workspace} runs queued or running; "
                     f"its quota is {limits.max_concurrent_runs}",
                 )

@@ -27,6 +27,7 @@ from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import RunRow, WorkspaceQuotaRow, WorkspaceRow
 from switchboard.platform.store.storage import transaction
 from switchboard.platform.values.names import etag_version, now
+from switchboard.platform.values.resources import WorkspaceName
 
 log = logging.getLogger("switchboard.dispatcher.budgets.quotastore")
 
@@ -92,9 +93,9 @@ class QuotaStore:
                     select(WorkspaceRow.id).where(WorkspaceRow.id == workspace_id).with_for_update()
                 ).first()
                 if locked is None:
-                    raise NotFound(f"workspaces/{workspace_id} not found")
+                    raise NotFound(f"{WorkspaceName(workspace_id)} not found")
             elif db.get(WorkspaceRow, workspace_id) is None:
-                raise NotFound(f"workspaces/{workspace_id} not found")
+                raise NotFound(f"{WorkspaceName(workspace_id)} not found")
             row = db.get(WorkspaceQuotaRow, workspace_id, with_for_update=True)
             version = row.version if row is not None else 0
             if etag and etag_version(etag) != version:

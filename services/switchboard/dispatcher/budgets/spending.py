@@ -62,6 +62,7 @@ from switchboard.platform.errors import (
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import WorkspaceName
 from switchboard.platform.values.wording import counted, noun
 
 log = logging.getLogger("switchboard.dispatcher.budgets")
@@ -145,7 +146,7 @@ def alert_event(
     event = events_pb2.Event(
         type=events_pb2.EVENT_TYPE_BUDGET_ALERT,
         actor=actor,
-        workspace=f"workspaces/{budget.workspace_id}",
+        workspace=str(WorkspaceName(budget.workspace_id)),
     )
     payload = event.budget_alert
     payload.kind = kind

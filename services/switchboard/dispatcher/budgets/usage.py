@@ -22,7 +22,8 @@ from switchboard.dispatcher.budgets.store import UsageQuery, UsageStore
 from switchboard.platform.errors import Violations
 from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import PageTokens
-from switchboard.platform.values import names, timefields
+from switchboard.platform.values import timefields
+from switchboard.platform.values.resources import ApiKeyName, AssistantName, WorkspaceName
 
 DIMENSIONS: Final = {
     pb.USAGE_DIMENSION_DAY: "day",
@@ -74,7 +75,8 @@ class Usage:
         return start.date().isoformat(), last.isoformat()
 
     def _query(self, request: pb.QueryUsageRequest) -> tuple[UsageQuery, Violations]:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        workspace = WorkspaceName.parse(request.parent, "parent")
+        workspace_id = workspace.workspace
         violations = Violations()
         group_by: list[str] = []
         for index, dimension in enumerate(request.group_by):
@@ -87,20 +89,20 @@ class Usage:
                 group_by.append(name)
         assistant_id: str | None = None
         if request.assistant:
-            found = names.ASSISTANT.fullmatch(request.assistant)
-            if found is None:
+            assistant = AssistantName.parse_or_none(request.assistant)
+            if assistant is None:
                 violations.add("assistant", "must be workspaces/{w}/assistants/{a}")
-            elif found[1] != workspace_id:
-                violations.add("assistant", f"must be an assistant of workspaces/{workspace_id}")
+            elif assistant.parent != workspace:
+                violations.add("assistant", f"must be an assistant of {workspace}")
             else:
-                assistant_id = found[2]
+                assistant_id = assistant.assistant
         api_key: tuple[str, str] | None = None
         if request.api_key:
-            found = names.API_KEY.fullmatch(request.api_key)
-            if found is None:
+            key = ApiKeyName.parse_or_none(request.api_key)
+            if key is None:
                 violations.add("api_key", "must be users/{u}/apiKeys/{k}")
             else:
-                api_key = (found[1], found[2])
+                api_key = (key.user, key.key)
         if len(request.model) > MAX_MODEL:
             violations.add("model", f"is longer than {MAX_MODEL} characters")
         first_day, last_day = self._days(request, violations)

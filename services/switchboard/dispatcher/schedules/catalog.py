@@ -51,12 +51,16 @@ from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import check_etag, idempotency
 from switchboard.platform.values import names, timefields
 from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.resources import (
+    AssistantName,
+    HandlerName,
+    ScheduleName,
+    WorkspaceName,
+)
 from switchboard.platform.values.wording import noun
 
 log = logging.getLogger("switchboard.dispatcher.schedules.catalog")
 
-SCHEDULE: Final = re.compile(rf"workspaces/({names.ID})/schedules/({names.ID})")
-_HANDLER: Final = re.compile(rf"handlers/({names.ID})")
 #: What UpdateSchedule may change, in the contract's order.
 MUTABLE: Final = (
     "display_name",
@@ -242,22 +246,21 @@ class Schedules:
         violations = Violations()
         assistant_id = ""
         if clean.assistant:
-            found = names.ASSISTANT.fullmatch(clean.assistant)
-            if found is None:
+            assistant_name = AssistantName.parse_or_none(clean.assistant)
+            workspace = WorkspaceName(workspace_id)
+            if assistant_name is None:
                 violations.add("schedule.assistant", "must be workspaces/{w}/assistants/{a}")
-            elif found[1] != workspace_id:
-                violations.add(
-                    "schedule.assistant", f"must be an assistant of workspaces/{workspace_id}"
-                )
+            elif assistant_name.parent != workspace:
+                violations.add("schedule.assistant", f"must be an assistant of {workspace}")
             else:
-                assistant_id = found[2]
+                assistant_id = assistant_name.assistant
         handler_id = ""
         if clean.handler:
-            matched = _HANDLER.fullmatch(clean.handler)
-            if matched is None:
+            handler = HandlerName.parse_or_none(clean.handler)
+            if handler is None:
                 violations.add("schedule.handler", "must be handlers/{handler}, or empty")
             else:
-                handler_id = matched[1]
+                handler_id = handler.handler
         violations.check()
         if assistant_id:
             assistant = await self._assistant(workspace_id, clean.assistant)
@@ -294,7 +297,7 @@ class Schedules:
     # -- CRUD -----------------------------------------------------------------------------
 
     async def create(self, principal: Principal, request: pb.CreateScheduleRequest) -> pb.Schedule:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         if request.schedule_id and not names.CLIENT_ID.fullmatch(request.schedule_id):
             raise InvalidArgument(
                 f"schedule_id {names.CLIENT_ID_RULE.must}",
@@ -336,7 +339,7 @@ class Schedules:
         )
         actor = mapping.actor(principal)
         written = await self._catalog.created(
-            schedule_mapping.schedule_name(workspace_id, schedule_id),
+            str(ScheduleName(workspace_id, schedule_id)),
             key,
             lambda done: [
                 schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_CREATED, done.record)
@@ -354,9 +357,7 @@ class Schedules:
     async def _room(self, workspace_id: str, schedule_id: str) -> None:
         """The limit and the id, before a conversation is made for nothing."""
         if await self._store.get(workspace_id, schedule_id) is not None:
-            raise AlreadyExists(
-                f"{schedule_mapping.schedule_name(workspace_id, schedule_id)} already exists"
-            )
+            raise AlreadyExists(f"{ScheduleName(workspace_id, schedule_id)} already exists")
         held = await self._store.page(workspace_id, None, self.limits.max_per_workspace)
         if len(held) >= self.limits.max_per_workspace:
             raise QuotaExceeded(
@@ -391,11 +392,11 @@ class Schedules:
         return schedule_mapping.message(record)
 
     async def _record(self, name: str, field: str) -> ScheduleRecord:
-        found = names.match(SCHEDULE, name, field)
-        return await self._catalog.found(name, found[1], found[2])
+        schedule = ScheduleName.parse(name, field)
+        return await self._catalog.found(name, schedule.workspace, schedule.schedule)
 
     async def list_schedules(self, request: pb.ListSchedulesRequest) -> pb.ListSchedulesResponse:
-        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         records, token = await self._catalog.listed(
             workspace_id, request.page_size, request.page_token, default=50
         )
@@ -405,8 +406,8 @@ class Schedules:
 
     async def update(self, principal: Principal, request: pb.UpdateScheduleRequest) -> pb.Schedule:
         given = request.schedule
-        found = names.match(SCHEDULE, given.name, "schedule.name")
-        workspace_id, schedule_id = found[1], found[2]
+        schedule = ScheduleName.parse(given.name, "schedule.name")
+        workspace_id, schedule_id = schedule.workspace, schedule.schedule
         paths = update_paths(request.update_mask, given, MUTABLE)
         names.checked_etag(given.etag, "schedule.etag")
         current = await self._record(given.name, "schedule.name")
@@ -426,19 +427,19 @@ class Schedules:
             active = record.state == pb.SCHEDULE_STATE_ACTIVE
             return Edit(data, record.state, next_tick if active else None)
 
-        return await self._changed(principal, workspace_id, schedule_id, given.etag, edit)
+        return await self._changed(principal, schedule, given.etag, edit)
 
     async def pause(self, principal: Principal, request: pb.PauseScheduleRequest) -> pb.Schedule:
-        found = names.match(SCHEDULE, request.name, "name")
+        schedule = ScheduleName.parse(request.name, "name")
         names.checked_etag(request.etag, "etag")
 
         def edit(record: ScheduleRecord) -> Edit:
             return Edit(None, pb.SCHEDULE_STATE_PAUSED, None)
 
-        return await self._changed(principal, found[1], found[2], request.etag, edit)
+        return await self._changed(principal, schedule, request.etag, edit)
 
     async def resume(self, principal: Principal, request: pb.ResumeScheduleRequest) -> pb.Schedule:
-        found = names.match(SCHEDULE, request.name, "name")
+        schedule = ScheduleName.parse(request.name, "name")
         names.checked_etag(request.etag, "etag")
         record = await self._record(request.name, "name")
         if record.state == pb.SCHEDULE_STATE_ACTIVE:
@@ -450,29 +451,30 @@ class Schedules:
         def edit(current: ScheduleRecord) -> Edit:
             return Edit(None, pb.SCHEDULE_STATE_ACTIVE, next_tick)
 
-        return await self._changed(principal, found[1], found[2], request.etag, edit)
+        return await self._changed(principal, schedule, request.etag, edit)
 
     async def _changed(
         self,
         principal: Principal,
-        workspace_id: str,
-        schedule_id: str,
+        schedule: ScheduleName,
         etag: str,
         edit: Callable[[ScheduleRecord], Edit],
     ) -> pb.Schedule:
         actor = mapping.actor(principal)
         record = await self._catalog.changed(
-            schedule_mapping.schedule_name(workspace_id, schedule_id),
+            str(schedule),
             lambda done: [
                 schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_UPDATED, done)
             ],
-            lambda staged: self._store.update(workspace_id, schedule_id, etag, edit, staged),
+            lambda staged: self._store.update(
+                schedule.workspace, schedule.schedule, etag, edit, staged
+            ),
         )
         self.on_change()
         return schedule_mapping.message(record)
 
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
-        found = names.match(SCHEDULE, name, "name")
+        schedule = ScheduleName.parse(name, "name")
         names.checked_etag(etag, "etag")
         actor = mapping.actor(principal)
         await self._catalog.changed(
@@ -480,14 +482,14 @@ class Schedules:
             lambda done: [
                 schedule_mapping.changed_event(actor, events_pb2.CHANGE_KIND_DELETED, done)
             ],
-            lambda staged: self._store.delete(found[1], found[2], etag, staged),
+            lambda staged: self._store.delete(schedule.workspace, schedule.schedule, etag, staged),
         )
 
     async def list_firings(
         self, request: pb.ListScheduleFiringsRequest
     ) -> pb.ListScheduleFiringsResponse:
-        found = names.match(SCHEDULE, request.parent, "parent")
-        workspace_id, schedule_id = found[1], found[2]
+        schedule = ScheduleName.parse(request.parent, "parent")
+        workspace_id, schedule_id = schedule.workspace, schedule.schedule
         size = pagination.page_size(request.page_size, default=20, maximum=100)
         fingerprint = pagination.fingerprint("schedule-firings", workspace_id, schedule_id)
         before = None

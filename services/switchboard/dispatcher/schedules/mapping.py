@@ -11,13 +11,14 @@ from switchboard.dispatcher import mapping
 from switchboard.dispatcher.schedules import times
 from switchboard.dispatcher.schedules.store import FiringRecord, ScheduleRecord
 from switchboard.platform.values import names, timefields
+from switchboard.platform.values.resources import RunName, ScheduleName, UserName
 
 #: Fire times a schedule shows (``Schedule.upcoming_fire_times``).
 UPCOMING = 5
 
 
 def schedule_name(workspace_id: str, schedule_id: str) -> str:
-    return f"workspaces/{workspace_id}/schedules/{schedule_id}"
+    return str(ScheduleName(workspace_id, schedule_id))
 
 
 def cadence(schedule: pb.Schedule) -> times.Cadence:
@@ -33,7 +34,7 @@ def message(record: ScheduleRecord) -> pb.Schedule:
     shown = pb.Schedule.FromString(record.data)
     shown.name = schedule_name(record.workspace_id, record.id)
     shown.state = record.state  # type: ignore[assignment]
-    shown.creator = f"users/{record.creator}"
+    shown.creator = str(UserName(record.creator))
     if record.conversation_id:
         shown.conversation = mapping.conversation_name(record.workspace_id, record.conversation_id)
     if record.next_fire_us is not None and record.state == pb.SCHEDULE_STATE_ACTIVE:
@@ -78,13 +79,14 @@ def fired_event(record: FiringRecord) -> events_pb2.Event:
     """A tick's SCHEDULE_FIRED, on its workspace (and its run's conversation)."""
     event = events_pb2.Event(
         type=events_pb2.EVENT_TYPE_SCHEDULE_FIRED,
-        actor=events_pb2.Actor(name=f"users/{record.creator}") if record.creator else None,
+        actor=events_pb2.Actor(name=str(UserName(record.creator))) if record.creator else None,
         workspace=mapping.workspace_name(record.workspace_id),
         schedule_fired=events_pb2.ScheduleFired(
             schedule=schedule_name(record.workspace_id, record.schedule_id),
             firing=firing(record),
         ),
     )
-    if record.run:
-        event.conversation = record.run.rsplit("/runs/", 1)[0]
+    run = RunName.parse_or_none(record.run)
+    if run is not None:
+        event.conversation = str(run.parent)
     return event
