@@ -2,19 +2,20 @@
 
 Budgets, schedules, assistants and integrations are each a table keyed by
 ``(workspace_id, id)`` with ``version`` (the etag), ``created_at`` and
-``updated_at``, and each resource's store and domain did the same things
-around it: create under an idempotency key and a per-workspace quota, get,
-page with signed tokens, update and delete the row locked and checked against
-an etag, and stage the change's event (``outbox.py``) in the same
-transaction. ``KeyedStore`` does those on the table a ``Table`` describes;
-``Catalog`` does what the domain did around them (the page token, NOT_FOUND
-and ALREADY_EXISTS naming the resource, publishing the staged events).
+``updated_at``, and the same things happen to each: a create under an
+idempotency key and a per-workspace quota, get, a page with a signed token,
+an update or delete of the locked row checked against an etag, and the
+change's event staged (``outbox.py``) in the same transaction. ``KeyedStore``
+does those on the table a ``Table`` describes; ``Catalog`` does what the
+domain does around them (the page token, NOT_FOUND and ALREADY_EXISTS naming
+the resource, publishing the staged events).
 
 What differs stays in each resource's own store and domain, in code: the
-columns a create inserts and an update changes (``_insert`` and ``_update``
-take them as functions), the rows deleted with a resource (``Table.dependents``),
-how a list is sorted (``Table.order``), and the validation a domain runs before
-any of this (and inside the update, where it needs the stored row).
+columns a create inserts and an update changes (``_create``, ``_insert`` and
+``_update`` take them as functions), the rows deleted with a resource
+(``Table.dependents``), how a list is sorted (``Table.order``), and the
+validation a domain runs before any of this (and inside an update, where it
+needs the stored row).
 """
 
 from __future__ import annotations
