@@ -31,6 +31,7 @@ from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
 from switchboard.dispatcher.llm.stream import ModelCall
 from switchboard.platform.values import jsonbounds
 from switchboard.platform.values.jsonbounds import JsonRejected
+from switchboard.platform.values.resources import ToolName
 from switchboard.platform.values.structs import plain
 from switchboard.platform.values.wording import counted
 
@@ -88,10 +89,12 @@ class Toolbox:
         if definition is None:
             call.tool = call.function_name
         else:
-            segments = definition.tool.split("/")
-            if len(segments) == 6 and segments[0] == "workspaces" and segments[2] == "integrations":
-                call.integration = "/".join(segments[:4])
-            call.tool = segments[-1]
+            named = ToolName.parse_or_none(definition.tool)
+            if named is not None:
+                call.integration = str(named.parent)
+                call.tool = named.segment
+            else:
+                call.tool = definition.tool.rsplit("/", 1)[-1]
         arguments = _arguments(made.arguments)
         if arguments is None:
             call.invalid_arguments = made.arguments[:MAX_INVALID_ARGUMENTS_CHARS]

@@ -72,6 +72,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import idempotency, names, structs
+from switchboard.platform.values.resources import IntegrationName, RunName
 from switchboard.platform.values.wording import counted
 
 log = logging.getLogger("switchboard.dispatcher.tools")
@@ -266,7 +267,8 @@ class RunTools:
         self._remaining = deadline
         self._text: list[str] = []
         self._writes: asyncio.Future[None] | None = None
-        self._run_id = run.name.rsplit("/", 1)[-1]
+        #: The run's name read once (a name it was given by its own dispatcher).
+        self._run_name = RunName.parse(run.name, "run")
         #: Set (and replaced) when a decision is stored: waiting steps look again.
         self._decided = asyncio.Event()
         #: Shows the answer text not yet shown (set by the relay), so each tool
@@ -435,8 +437,8 @@ class RunTools:
             call.requires_approval = definition.requires_approval
         elif not (
             self._open
-            and (found := names.INTEGRATION.fullmatch(call.integration)) is not None
-            and found[1] == self._workspace_id
+            and (named := IntegrationName.parse_or_none(call.integration)) is not None
+            and named.workspace == self._workspace_id
             and call.tool
         ):
             what = tool or call.function_name or call.tool or "(none)"
@@ -811,13 +813,12 @@ class RunTools:
     def _append_request(
         self, role: cpb.MessageRole.ValueType, parts: list[cpb.ContentPart], suffix: str
     ) -> cpb.AppendMessageRequest:
-        conversation = self._run.name.rsplit("/runs/", 1)[0]
         return cpb.AppendMessageRequest(
-            parent=conversation,
+            parent=str(self._run_name.parent),
             message=cpb.Message(
                 role=role, author=self._run.handler, parts=parts, run=self._run.name
             ),
-            request_id=f"run-{self._run_id}-{suffix}"[:64],
+            request_id=f"run-{self._run_name.run}-{suffix}"[:64],
         )
 
 
