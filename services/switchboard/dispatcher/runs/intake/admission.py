@@ -52,6 +52,7 @@ from switchboard.platform.errors import BudgetExhausted, RunSuperseded, Switchbo
 from switchboard.platform.observe.telemetry import current_ids, traceparent
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import ConversationName, HandlerName, RunName
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -146,11 +147,11 @@ class Admission:
         schedule whose tick sends it (``Run.schedule``; ``schedules/firing.py``).
         ``steer``: the message steers a live run (``steering.py``), through the same
         checks."""
-        found = names.match(names.CONVERSATION, request.conversation, "conversation")
+        conversation = ConversationName.parse(request.conversation, "conversation")
         # A few of a workspace's messages at a time: admissions share the database's
         # writers with every other workspace's, and a flood queued there would hold up
         # the others' first tokens (bench/fairness.py).
-        async with self._turns.held(found[1]):
+        async with self._turns.held(conversation.workspace):
             return await self._send_message(principal, request, handed, schedule, steer)
 
     async def _send_message(
@@ -161,28 +162,27 @@ class Admission:
         schedule: str = "",
         steer: Steered | None = None,
     ) -> pb.SendMessageResponse:
-        found = names.match(names.CONVERSATION, request.conversation, "conversation")
-        workspace_id, conversation_id = found[1], found[2]
-        screened = await self._listening.screen(principal, request, workspace_id, steer)
+        conversation = ConversationName.parse(request.conversation, "conversation")
+        screened = await self._listening.screen(principal, request, conversation.workspace, steer)
         request = screened.request
         if screened.key is not None:
             earlier = await self._store.replayed(screened.key)
             if earlier is not None:
                 return await self.replay(principal, request, earlier)
-        budgets = await self._room(principal, workspace_id, screened, handed)
+        budgets = await self._room(principal, conversation.workspace, screened, handed)
         stored_message = await self._context.append_message(
             principal, _append_request(principal, request), timeout_s=FINISH_TIMEOUT_S
         )
-        run_id = names.new_id()
-        run, job = _new_run(principal, stored_message, run_id, screened)
+        name = RunName(conversation.workspace, conversation.conversation, names.new_id())
+        run, job = _new_run(principal, stored_message, name, screened)
         _carry_trace(self._tracer, run, job)
         _mark_sender(run, job, schedule, steer, handed)
         policy = _policy(request)
         created, replayed = await self._store.create(
             NewRun(
-                run_id=run_id,
-                workspace_id=workspace_id,
-                conversation_id=conversation_id,
+                run_id=name.run,
+                workspace_id=name.workspace,
+                conversation_id=name.conversation,
                 creator=principal.user_id,
                 api_key_id=principal.api_key_id,
                 worker=self._limits.instance_id,
@@ -198,9 +198,9 @@ class Admission:
             await self._supersede(request.conversation, run.name)
         active = Active(
             run=run,
-            run_id=run_id,
-            workspace_id=workspace_id,
-            conversation_id=conversation_id,
+            run_id=name.run,
+            workspace_id=name.workspace,
+            conversation_id=name.conversation,
             principal=principal,
             handler=screened.choice.handler,
             job=job,
@@ -372,14 +372,14 @@ def _append_request(
 
 
 def _new_run(
-    principal: Principal, stored_message: cpb.Message, run_id: str, screened: Screened
+    principal: Principal, stored_message: cpb.Message, name: RunName, screened: Screened
 ) -> tuple[pb.Run, job_pb2.RunJob]:
     """The QUEUED run a stored message starts, and the job its execution reads."""
     request, choice, assistant = screened.request, screened.choice, screened.assistant
     run = pb.Run(
-        name=mapping.run_name(request.conversation, run_id),
+        name=str(name),
         state=pb.RUN_STATE_QUEUED,
-        handler=mapping.handler_name(choice.handler.capabilities.id),
+        handler=str(HandlerName(choice.handler.capabilities.id)),
         input_message=stored_message.name,
         creator=principal.user_name,
         routing_reason=choice.reason,

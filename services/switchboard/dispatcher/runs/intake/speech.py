@@ -34,7 +34,7 @@ from switchboard.platform.errors import (
     SpeechNotConfigured,
 )
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.values import names
+from switchboard.platform.values.resources import FileName
 
 #: The largest recording transcribed (the hosted transcription API takes 25 MB).
 MAX_RECORDING_BYTES: Final = 25 * 1024 * 1024
@@ -62,28 +62,35 @@ class Listening:
         if not request.HasField("speech"):
             return await self._text.screen(principal, request, workspace_id, steer)
         text = self._text
-        timeout = text.validated(request, violations(request, workspace_id))
-        if not wanted(request):
+        more, asked = violations(request, workspace_id), wanted(request)
+        timeout = text.validated(request, more)
+        if not asked:
             return await text.after_fields(principal, request, workspace_id, steer, timeout)
+        speech = configured(self._speech)
+        kept = echoed(request.speech)
         # The key of the request as sent: a retry matches it, whatever its transcript.
         key = text.key(principal, request, steer)
-        speech = configured(self._speech)
         limits = await text.limits(workspace_id)
         await text.rate_limit(principal, workspace_id, request.conversation, limits)
         # Routed on the message as sent: its transcript picks no handler (no /command).
         assistant, choice = await text.choose(workspace_id, request, steer)
-        settings = voice_of(assistant)
-        heard = request
-        if request.speech.transcribe:
-            heard = await transcribed(
-                request,
-                principal=principal,
-                context=self._context,
-                speech=speech,
-                settings=settings,
-            )
+        heard = await self._heard(request, principal, speech, voice_of(assistant))
         flags = await text.filters(principal, heard, workspace_id, limits)
-        return Screened(heard, timeout, key, flags, assistant, choice, echoed(request.speech))
+        return Screened(heard, timeout, key, flags, assistant, choice, kept)
+
+    async def _heard(
+        self,
+        request: pb.SendMessageRequest,
+        principal: Principal,
+        speech: Speech,
+        settings: pb.VoiceSettings,
+    ) -> pb.SendMessageRequest:
+        """The request as the run takes it: with its recording's transcript, if asked."""
+        if not request.speech.transcribe:
+            return request
+        return await transcribed(
+            request, principal=principal, context=self._context, speech=speech, settings=settings
+        )
 
 
 def wanted(request: pb.SendMessageRequest) -> bool:
@@ -136,10 +143,10 @@ def _recording(message: cpb.Message, workspace_id: str) -> list[FieldViolation]:
                 )
             )
     elif reference.file:
-        match = names.FILE.fullmatch(reference.file)
-        if match is None:
+        named = FileName.parse_or_none(reference.file)
+        if named is None:
             found.append(FieldViolation(f"{_PART}.file", "must be workspaces/{w}/files/{f}"))
-        elif match[1] != workspace_id:
+        elif named.workspace != workspace_id:
             found.append(
                 FieldViolation(f"{_PART}.file", "must be a file of the conversation's workspace")
             )
