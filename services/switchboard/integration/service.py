@@ -579,9 +579,8 @@ class IntegrationHub:
     async def list_integrations(
         self, request: pb.ListIntegrationsRequest
     ) -> pb.ListIntegrationsResponse:
-        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         records, token = await self._catalog.listed(
-            workspace_id, request.page_size, request.page_token, default=20
+            request.parent, request.page_size, request.page_token, default=20
         )
         return pb.ListIntegrationsResponse(
             integrations=[self._proto(record) for record in records], next_page_token=token

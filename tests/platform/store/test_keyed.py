@@ -282,7 +282,7 @@ async def test_pages_by_id_carry_the_last_id_in_a_signed_token_of_the_request(
     token = ""
     tokens: list[str] = []
     while True:
-        records, token = await desk.catalog.listed("w1", 2, token, default=50)
+        records, token = await desk.catalog.listed("workspaces/w1", 2, token, default=50)
         seen.extend(record.id for record in records)
         if not token:
             break
@@ -291,15 +291,18 @@ async def test_pages_by_id_carry_the_last_id_in_a_signed_token_of_the_request(
     # The token the lists have always issued: the last id, for this list of this workspace.
     fingerprint = pagination.fingerprint("things", "w1")
     assert tokens == [PageTokens(SECRET).encode([last], fingerprint) for last in ("b", "d")]
-    everything, last = await desk.catalog.listed("w1", 0, "", default=50)
+    everything, last = await desk.catalog.listed("workspaces/w1", 0, "", default=50)
     assert [record.id for record in everything] == seen
     assert last == ""
     with pytest.raises(InvalidArgument) as elsewhere:
-        await desk.catalog.listed("w2", 2, tokens[0], default=50)
+        await desk.catalog.listed("workspaces/w2", 2, tokens[0], default=50)
     assert [v.field for v in elsewhere.value.violations] == ["page_token"]
     with pytest.raises(InvalidArgument) as negative:
-        await desk.catalog.listed("w1", -1, "", default=50)
+        await desk.catalog.listed("workspaces/w1", -1, "", default=50)
     assert [v.field for v in negative.value.violations] == ["page_size"]
+    with pytest.raises(InvalidArgument) as malformed:
+        await desk.catalog.listed("w1", 2, "", default=50)
+    assert [v.field for v in malformed.value.violations] == ["parent"]
 
 
 async def test_pages_by_creation_are_oldest_first_and_exact_across_equal_times(
@@ -314,7 +317,7 @@ async def test_pages_by_creation_are_oldest_first_and_exact_across_equal_times(
     seen: list[str] = []
     token = ""
     while True:
-        records, token = await catalog.listed("w1", 2, token, default=20)
+        records, token = await catalog.listed("workspaces/w1", 2, token, default=20)
         seen.extend(record.id for record in records)
         if not token:
             break

@@ -468,9 +468,8 @@ class Assistants:
         return assistant_mapping.message(record)
 
     async def list_assistants(self, request: pb.ListAssistantsRequest) -> pb.ListAssistantsResponse:
-        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         records, token = await self._catalog.listed(
-            workspace_id, request.page_size, request.page_token, default=50
+            request.parent, request.page_size, request.page_token, default=50
         )
         return pb.ListAssistantsResponse(
             assistants=[assistant_mapping.message(r) for r in records], next_page_token=token

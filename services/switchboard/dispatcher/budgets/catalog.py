@@ -269,9 +269,8 @@ class Budgets:
         return shown
 
     async def list_budgets(self, request: pb.ListBudgetsRequest) -> pb.ListBudgetsResponse:
-        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         records, token = await self._catalog.listed(
-            workspace_id, request.page_size, request.page_token, default=50
+            request.parent, request.page_size, request.page_token, default=50
         )
         return pb.ListBudgetsResponse(budgets=await self._shown(records), next_page_token=token)
 

@@ -396,9 +396,8 @@ class Schedules:
         return await self._catalog.found(name, schedule.workspace, schedule.schedule)
 
     async def list_schedules(self, request: pb.ListSchedulesRequest) -> pb.ListSchedulesResponse:
-        workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
         records, token = await self._catalog.listed(
-            workspace_id, request.page_size, request.page_token, default=50
+            request.parent, request.page_size, request.page_token, default=50
         )
         return pb.ListSchedulesResponse(
             schedules=[schedule_mapping.message(r) for r in records], next_page_token=token

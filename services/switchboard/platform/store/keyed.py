@@ -44,6 +44,7 @@ from switchboard.platform.store.storage import (
     transaction,
 )
 from switchboard.platform.values.names import now
+from switchboard.platform.values.resources import WorkspaceName
 
 
 class Stored(Protocol):
@@ -415,10 +416,11 @@ class Catalog(Generic[_Record, _After]):
         self._pages = page_tokens
 
     async def listed(
-        self, workspace_id: str, page_size: int, page_token: str, *, default: int
+        self, parent: str, page_size: int, page_token: str, *, default: int
     ) -> tuple[list[_Record], str]:
-        """A page of the workspace's records (AIP-158: ``page_size`` 0 is ``default``,
-        at most 100) and the token of the next page ("" after the last)."""
+        """A page of the records of the workspace ``parent`` names (AIP-158: ``page_size``
+        0 is ``default``, at most 100) and the token of the next page ("" after the last)."""
+        workspace_id = WorkspaceName.parse(parent, "parent").workspace
         size = pagination.page_size(page_size, default=default, maximum=100)
         plural, order = self._store.table.plural, self._store.table.order
         fingerprint = pagination.fingerprint(plural, workspace_id)
