@@ -20,7 +20,6 @@ from switchboard.context.records import (
     MessageRecord,
     WorkspaceRecord,
 )
-from switchboard.context.windows.planner import Reason
 from switchboard.platform.security.policy import Role
 from switchboard.platform.values.names import etag_of
 from switchboard.platform.values.resources import (
@@ -54,15 +53,6 @@ KINDS: Final[dict[pb.MemoryKind.ValueType, str]] = {
     pb.MEMORY_KIND_NOTE: "note",
 }
 _KIND_PROTOS: Final = {name: value for value, name in KINDS.items()}
-REASONS: Final = {
-    Reason.PINNED: pb.CONTEXT_ITEM_REASON_PINNED,
-    Reason.RELEVANT: pb.CONTEXT_ITEM_REASON_RELEVANT,
-    Reason.SUMMARY: pb.CONTEXT_ITEM_REASON_SUMMARY,
-    Reason.RECENT: pb.CONTEXT_ITEM_REASON_RECENT,
-    Reason.OVER_BUDGET: pb.CONTEXT_ITEM_REASON_OVER_BUDGET,
-    Reason.EXPIRED: pb.CONTEXT_ITEM_REASON_EXPIRED,
-    Reason.RETRIEVED: pb.CONTEXT_ITEM_REASON_RETRIEVED,
-}
 
 
 def resource_name(kind: Kind, ids: tuple[str, ...]) -> str:

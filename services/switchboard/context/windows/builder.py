@@ -37,7 +37,6 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.common import Common, Domain, check_text, stored
 from switchboard.context.files.reading.sniff import kind_of
 from switchboard.context.mapping import (
-    REASONS,
     memory_name,
     memory_proto,
     message_proto,
@@ -48,7 +47,13 @@ from switchboard.context.semantic.retrieval.search import Ranking, Search, check
 from switchboard.context.text.parttext import render_parts
 from switchboard.context.windows.cache import WindowCache
 from switchboard.context.windows.documents import Texts, cut, fill, measure
-from switchboard.context.windows.planner import Candidate, Choice, PinnedOverBudget, plan_window
+from switchboard.context.windows.planner import (
+    Candidate,
+    Choice,
+    PinnedOverBudget,
+    Reason,
+    plan_window,
+)
 from switchboard.context.windows.store import WindowRows, WindowScopes, WindowStore
 from switchboard.platform.errors import (
     FailedPrecondition,
@@ -69,6 +74,16 @@ MAX_RETRIEVED: Final = 20
 #: How long a cached window showing file text may be served (a deleted file's
 #: text stops showing within this).
 FILE_TEXT_CACHE_S: Final = 60.0
+#: Why an item is in a window, as the contract says it.
+_REASONS: Final = {
+    Reason.PINNED: pb.CONTEXT_ITEM_REASON_PINNED,
+    Reason.RELEVANT: pb.CONTEXT_ITEM_REASON_RELEVANT,
+    Reason.SUMMARY: pb.CONTEXT_ITEM_REASON_SUMMARY,
+    Reason.RECENT: pb.CONTEXT_ITEM_REASON_RECENT,
+    Reason.OVER_BUDGET: pb.CONTEXT_ITEM_REASON_OVER_BUDGET,
+    Reason.EXPIRED: pb.CONTEXT_ITEM_REASON_EXPIRED,
+    Reason.RETRIEVED: pb.CONTEXT_ITEM_REASON_RETRIEVED,
+}
 
 
 class FileTexts(Protocol):
@@ -435,7 +450,7 @@ class Windows(Domain):
             ) from None
 
         def item(choice: Choice, shown: bool) -> pb.ContextItem:
-            entry = pb.ContextItem(reason=REASONS[choice.reason], token_count=choice.tokens)
+            entry = pb.ContextItem(reason=_REASONS[choice.reason], token_count=choice.tokens)
             found = retrieved.get(choice.candidate.key)
             if found is not None:
                 entry.retrieved.CopyFrom(found)
