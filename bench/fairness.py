@@ -68,7 +68,7 @@ from bench.streaming import model_server
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL
 
 SECTION: Final = "## Fairness between workspaces"
 MODEL: Final = "bench-model"

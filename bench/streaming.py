@@ -74,7 +74,7 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
 

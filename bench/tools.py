@@ -81,7 +81,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.api.integration.v1 import integration_pb2_grpc
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.*, tests.*
 

@@ -22,7 +22,7 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.client import CHUNK_BYTES, Client, NotFound, TransferPolicy
-from switchboard.client.transport.backoff import Backoff
+from switchboard.client.backoff import Backoff
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.client.test_clientkit import PASSWORD, Wire, new_workspace, unique_email
 from tests.infra.tcprelay import TcpRelay

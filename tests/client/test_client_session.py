@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from switchboard.api.auth.v1 import auth_pb2
+from switchboard.client.backoff import Backoff
 from switchboard.client.errors import (
     SessionRevoked,
     SignedOut,
@@ -31,7 +32,6 @@ from switchboard.client.session import (
     schedule,
     token_lifetime,
 )
-from switchboard.client.transport.backoff import Backoff
 from switchboard.platform.security.credentials.accesstokens import (
     AccessTokens,
     KeyRing,

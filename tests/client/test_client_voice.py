@@ -26,7 +26,7 @@ from switchboard.client import (
     pcm_from_wav,
     pcm_to_wav,
 )
-from switchboard.client.transport.backoff import Backoff
+from switchboard.client.backoff import Backoff
 from switchboard.client.voice import (
     MAX_FRAME_BYTES,
     TURN_BITS,

@@ -24,7 +24,7 @@ from switchboard.client import (
     pcm_from_wav,
     pcm_to_wav,
 )
-from switchboard.client.transport.backoff import Backoff
+from switchboard.client.backoff import Backoff
 from switchboard.client.voice import TURN_BITS, ReplyBuilder, TalkSession, turn_of
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings

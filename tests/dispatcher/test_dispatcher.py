@@ -26,7 +26,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import Frame, HandleCall, text_of
 from switchboard.dispatcher.handlers.echo import EchoHandler
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.config import ConfigError

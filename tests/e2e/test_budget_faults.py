@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.platform.store.models import BudgetHoldRow, BudgetWindowRow, RunRow
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply

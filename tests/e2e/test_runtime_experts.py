@@ -32,9 +32,9 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
 from switchboard.dispatcher.handlers.experts import WorkspaceExpert, WorkspaceExperts
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.integration.connect.connectors import ToolNotFound, Unreachable
 from switchboard.integration.directory import ExpertEntry
 from switchboard.integration.kinds.experts import GrpcExpertConnector
+from switchboard.integration.ports.connectors import ToolNotFound, Unreachable
 from switchboard.platform.errors import DestinationBlocked, ResultTooLarge
 from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.rpc.server import SwitchboardServer

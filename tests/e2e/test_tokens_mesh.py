@@ -40,7 +40,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply

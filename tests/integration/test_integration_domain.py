@@ -22,15 +22,15 @@ from google.protobuf import duration_pb2
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.connect.connections import Connections, Limits
-from switchboard.integration.connect.connectors import (
+from switchboard.integration.connect.registry import connector_factory, reserved_handler_ids
+from switchboard.integration.kinds.experts import GrpcExpertConnector
+from switchboard.integration.kinds.mcp import McpConnector
+from switchboard.integration.ports.connectors import (
     Connector,
     ToolNotFound,
     ToolSpec,
     Unreachable,
 )
-from switchboard.integration.connect.registry import connector_factory, reserved_handler_ids
-from switchboard.integration.kinds.experts import GrpcExpertConnector
-from switchboard.integration.kinds.mcp import McpConnector
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.platform.cache import Cache

@@ -8,8 +8,8 @@ import graph, TYPE_CHECKING imports included, and names every cycle it finds.
 Two packages can import each other with no module cycle (``context.build`` ->
 ``dispatcher.budgets.ledger`` while ``dispatcher.llm.messages`` ->
 ``context.text.parttext`` was one): every pair of siblings is checked too, each
-as a whole. Between the top-level packages there is none; below them, the
-rooms that still lean on each other are listed, and no pair may join them.
+as a whole, at every level: no two rooms of one folder lean on each other, so every
+folder reads as floors.
 """
 
 from __future__ import annotations
@@ -66,31 +66,6 @@ def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
     return found
 
 
-#: Sibling rooms that import each other today, each pair (a, b) in name order; their
-#: owners untie them (issue 70). A pair that is gone comes off this list.
-KNOWN_ROOM_CYCLES: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("switchboard.client.session", "switchboard.client.transport"),
-        ("switchboard.context.common", "switchboard.context.windows"),
-        ("switchboard.context.files", "switchboard.context.windows"),
-        ("switchboard.context.mapping", "switchboard.context.windows"),
-        ("switchboard.context.semantic", "switchboard.context.windows"),
-        ("switchboard.dispatcher.runs.control", "switchboard.dispatcher.runs.steering"),
-        ("switchboard.dispatcher.runs.durable", "switchboard.dispatcher.runs.reading"),
-        ("switchboard.dispatcher.runs.execution", "switchboard.dispatcher.runs.reading"),
-        ("switchboard.dispatcher.runs.execution", "switchboard.dispatcher.runs.steering"),
-        ("switchboard.dispatcher.runs.intake", "switchboard.dispatcher.runs.reading"),
-        ("switchboard.dispatcher.runs.lifecycle", "switchboard.dispatcher.runs.reading"),
-        ("switchboard.dispatcher.runs.live", "switchboard.dispatcher.runs.reading"),
-        ("switchboard.dispatcher.runs.reading", "switchboard.dispatcher.runs.steering"),
-        ("switchboard.integration.connect", "switchboard.integration.kinds"),
-        ("switchboard.integration.connect", "switchboard.integration.tools"),
-        ("switchboard.integration.kinds", "switchboard.integration.tools"),
-        ("switchboard.platform.cache", "switchboard.platform.resilience"),
-    }
-)
-
-
 def _sibling_cycles(graph: grimp.ImportGraph, package: str) -> set[tuple[str, str]]:
     """Pairs of ``package``'s children (packages or modules) that import each other,
     each child taken whole; then the same below every child that is a package."""
@@ -136,6 +111,4 @@ def test_the_sibling_finder_finds_two_packages_that_import_each_other() -> None:
 
 def test_no_two_packages_import_each_other() -> None:
     graph = grimp.build_graph("switchboard", include_external_packages=False, cache_dir=None)
-    found = _sibling_cycles(graph, "switchboard")
-    assert sorted(pair for pair in found if pair[0].count(".") == 1) == []
-    assert sorted(found - KNOWN_ROOM_CYCLES) == []
+    assert sorted(_sibling_cycles(graph, "switchboard")) == []

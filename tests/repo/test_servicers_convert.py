@@ -78,7 +78,8 @@ def _broken(service: str) -> dict[str, list[str]]:
         for forbidden in FORBIDDEN_MODULES:
             if module == forbidden or module.startswith(forbidden + "."):
                 broken.setdefault(forbidden, []).append(module)
-        # A service's own stores (``context/conversations/store.py``, ``dispatcher/runs/store.py``).
+        # A service's own stores (``context/conversations/store.py``,
+        # ``dispatcher/runs/core/store.py``).
         parts = module.split(".")
         in_service = len(parts) > 2 and parts[0] == "switchboard" and parts[1] in SERVICERS
         if in_service and any(part.endswith("store") for part in parts[2:]):

@@ -13,6 +13,7 @@ behind Envoy. See docs/python-client.md.
             ...
 """
 
+from switchboard.client.backoff import Backoff
 from switchboard.client.client import Client, channel_options, new_request_id
 from switchboard.client.errors import (
     Aborted,
@@ -77,7 +78,6 @@ from switchboard.client.events import Follower, scope
 from switchboard.client.files import CHUNK_BYTES, TransferPolicy
 from switchboard.client.runs import Answer, RunWatch
 from switchboard.client.session import TokenKeeper
-from switchboard.client.transport.backoff import Backoff
 from switchboard.client.transport.interceptors import RetryPolicy
 from switchboard.client.transport.streams import StreamPolicy
 from switchboard.client.voice import (

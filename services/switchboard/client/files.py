@@ -36,13 +36,13 @@ from typing import IO, TYPE_CHECKING, Final
 import grpc
 
 from switchboard.api.context.v1 import context_pb2
+from switchboard.client.backoff import Backoff
 from switchboard.client.errors import (
     DataLoss,
     SwitchboardError,
     UploadOffsetMismatch,
     from_rpc_error,
 )
-from switchboard.client.transport.backoff import Backoff
 from switchboard.client.transport.streams import resumable
 
 if TYPE_CHECKING:

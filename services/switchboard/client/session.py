@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from switchboard.api.auth.v1 import auth_pb2
+from switchboard.client.backoff import Backoff
 from switchboard.client.errors import (
     InvalidArgument,
     SessionRevoked,
@@ -41,7 +42,6 @@ from switchboard.client.errors import (
     SwitchboardError,
     Unauthenticated,
 )
-from switchboard.client.transport.backoff import Backoff
 
 log = logging.getLogger("switchboard.client")
 

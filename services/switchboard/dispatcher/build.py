@@ -49,6 +49,12 @@ from switchboard.dispatcher.ports.context import (
 from switchboard.dispatcher.ports.experts import ExpertDirectory, ExpertEntry
 from switchboard.dispatcher.ports.peers import GrpcPeers
 from switchboard.dispatcher.runs.control import Control
+from switchboard.dispatcher.runs.core.feed import Feeds
+from switchboard.dispatcher.runs.core.live import Common, Live
+from switchboard.dispatcher.runs.core.publishing import Publishing
+from switchboard.dispatcher.runs.core.scheduler import CapacityLimits, Scheduler
+from switchboard.dispatcher.runs.core.steers import SteerBook
+from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.intake.content import (
@@ -56,16 +62,10 @@ from switchboard.dispatcher.runs.intake.content import (
     ContentPolicy,
     load_content_policy,
 )
-from switchboard.dispatcher.runs.live import Common, Live
-from switchboard.dispatcher.runs.reading.feed import Feeds
-from switchboard.dispatcher.runs.reading.publishing import Publishing
 from switchboard.dispatcher.runs.reading.queries import Queries
 from switchboard.dispatcher.runs.reading.streams import Streams
 from switchboard.dispatcher.runs.recovery import Recovery
-from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
-from switchboard.dispatcher.runs.steering.book import SteerBook
-from switchboard.dispatcher.runs.steering.steer import Steering
-from switchboard.dispatcher.runs.store import RunStore
+from switchboard.dispatcher.runs.steering import Steering
 from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
 from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
 from switchboard.dispatcher.schedules.store import ScheduleStore

@@ -39,20 +39,25 @@ from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.ports.peers import Via
 from switchboard.dispatcher.runs.control import IN_PROCESS, Control
+from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.live import (
+    FINISH_TIMEOUT_S,
+    SEQUENCE_BLOCK,
+    Common,
+    RunLimits,
+)
+from switchboard.dispatcher.runs.core.publishing import Publishing
+from switchboard.dispatcher.runs.core.scheduler import Scheduler
+from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
-from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, SEQUENCE_BLOCK, Common, RunLimits
-from switchboard.dispatcher.runs.reading.publishing import Publishing
 from switchboard.dispatcher.runs.reading.queries import Queries
 from switchboard.dispatcher.runs.reading.streams import Streams
 from switchboard.dispatcher.runs.recovery import Recovery
-from switchboard.dispatcher.runs.scheduler import Scheduler
-from switchboard.dispatcher.runs.steering.book import SteerBook
-from switchboard.dispatcher.runs.steering.steer import Steering
+from switchboard.dispatcher.runs.steering import Steering
 from switchboard.dispatcher.schedules.catalog import Schedules
 from switchboard.dispatcher.talk.session import Talks
-from switchboard.platform.resilience import background
+from switchboard.platform import background
 from switchboard.platform.security.policy import Principal
 
 __all__ = ["SEQUENCE_BLOCK", "Dispatcher", "RunLimits"]

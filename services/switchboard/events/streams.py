@@ -35,6 +35,7 @@ from switchboard.events.subscriptions import (
     Waker,
     parse_spec,
 )
+from switchboard.platform import background
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -49,7 +50,6 @@ from switchboard.platform.events.eventlog import (
     length_delimited,
     parse_cursor,
 )
-from switchboard.platform.resilience import background
 from switchboard.platform.security.accesswatch import AccessWatch, Grant
 from switchboard.platform.security.policy import Permission, Principal
 from switchboard.platform.values import names

@@ -38,7 +38,7 @@ from switchboard.integration.connect.health import Prober, WebhookHealth, status
 from switchboard.integration.kinds.webhooktools import check_tools
 from switchboard.integration.mapping import integration_proto, name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.integration.tools.calls import Tools
+from switchboard.integration.tools import Tools
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DestinationBlocked,

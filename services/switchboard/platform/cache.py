@@ -66,7 +66,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from switchboard.platform.resilience.background import FailureNotes, cancel_all
+from switchboard.platform.background import FailureNotes, cancel_all
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from switchboard.api.events.v1 import events_pb2
 SHARED_PARTS: Final[dict[str, str]] = {
     "switchboard.integration.kinds.a2a": "the A2A agent client: a workspace's A2A expert "
     "is a thin handler around the client the hub calls the agent's tools with",
-    "switchboard.integration.connect.connectors": "the errors the A2A agent client raises",
+    "switchboard.integration.ports.connectors": "the errors the A2A agent client raises",
 }
 
 

@@ -24,7 +24,7 @@ from grpc import aio
 from sqlalchemy import select
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs.store import ACTIVE, TERMINAL
+from switchboard.dispatcher.runs.core.store import ACTIVE, TERMINAL
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import DispatcherLeaseRow, RunRow

@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.runs.store import RunStore
+from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.dispatcher.schedules import store as schedule_store
 from switchboard.dispatcher.schedules.firing import creator_principal
 from switchboard.dispatcher.schedules.store import ScheduleStore

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from switchboard.integration.connect.connections import Connections, Limits
-from switchboard.integration.connect.connectors import Malformed
+from switchboard.integration.ports.connectors import Malformed
 from switchboard.platform.errors import CircuitOpen, Code, DependencyUnavailable, InvalidArgument
 from switchboard.platform.resilience.breaker import Breakers, BreakerState
 from switchboard.platform.values.jsonbounds import JsonRejected, too_deep

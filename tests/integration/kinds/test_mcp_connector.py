@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from switchboard.integration.connect.connectors import ToolNotFound, Unreachable
 from switchboard.integration.kinds.mcp import McpConnector, StdioServer, parse_stdio_servers
+from switchboard.integration.ports.connectors import ToolNotFound, Unreachable
 from switchboard.platform.errors import DestinationBlocked, InvalidArgument, ResultTooLarge
 from switchboard.platform.security.egress import EgressPolicy
 from tests.infra.mcpeverything import EVERYTHING_MAIN, EverythingServer

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.integration.connect.connectors import Unreachable
 from switchboard.integration.kinds.mcp import McpConnector
+from switchboard.integration.ports.connectors import Unreachable
 from switchboard.platform.security.egress import EgressPolicy
 from tests.infra.httprecorder import Recorder, Reply, recording
 from tests.kits.contextkit import TIMEOUT_S, refused

@@ -19,9 +19,9 @@ from google.protobuf import struct_pb2
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.remote import _refusal
-from switchboard.integration.connect.connectors import Malformed
 from switchboard.integration.kinds.a2a import TASK_KEY, USAGE_KEY, _Relay, previous_task
 from switchboard.integration.kinds.experts import _decoded
+from switchboard.integration.ports.connectors import Malformed
 from switchboard.platform.values import jsonbounds
 
 pytestmark = pytest.mark.unit

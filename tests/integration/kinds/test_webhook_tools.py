@@ -22,10 +22,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.integration.connect.connectors import ToolResult
 from switchboard.integration.connect.registry import connector_factory
 from switchboard.integration.kinds.webhooktools import MAX_TOOLS, WebhookToolsConnector
 from switchboard.integration.mapping import integration_name
+from switchboard.integration.ports.connectors import ToolResult
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.store import IntegrationRecord
 from switchboard.mesh import create_server

@@ -214,8 +214,8 @@ def test_tool_call_labels_are_bounded() -> None:
     from google.rpc import code_pb2, status_pb2
 
     from switchboard.api.integration.v1 import integration_pb2 as ipb
-    from switchboard.integration.connect.connectors import ToolResult
-    from switchboard.integration.tools.calls import _kind_label, _outcome
+    from switchboard.integration.ports.connectors import ToolResult
+    from switchboard.integration.tools import _kind_label, _outcome
 
     assert _kind_label(ipb.INTEGRATION_KIND_MCP_SERVER) == "mcp_server"
     assert _kind_label(ipb.INTEGRATION_KIND_GRPC_HANDLER) == "grpc_handler"

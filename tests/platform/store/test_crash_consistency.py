@@ -29,7 +29,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.service import SEQUENCE_BLOCK, Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.errors import DependencyUnavailable

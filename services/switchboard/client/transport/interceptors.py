@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from switchboard.client.backoff import Backoff
 from switchboard.client.errors import (
     DeadlineExceeded,
     SwitchboardError,
@@ -37,7 +38,6 @@ from switchboard.client.errors import (
     from_rpc_error,
 )
 from switchboard.client.session import TokenKeeper
-from switchboard.client.transport.backoff import Backoff
 from switchboard.client.transport.methods import Method, method_of, safe_to_repeat
 
 log = logging.getLogger("switchboard.client")

@@ -28,6 +28,7 @@ from typing import Any, Generic, Self, TypeVar
 import grpc
 from grpc import aio
 
+from switchboard.client.backoff import Backoff
 from switchboard.client.errors import (
     DOMAIN,
     SignedOut,
@@ -38,7 +39,6 @@ from switchboard.client.errors import (
     from_rpc_error,
 )
 from switchboard.client.session import TokenKeeper
-from switchboard.client.transport.backoff import Backoff
 
 log = logging.getLogger("switchboard.client")
 

@@ -68,6 +68,7 @@ from switchboard.context.files.reading.pdfworker import PdfExtractor
 from switchboard.context.files.reading.sniff import HEAD_BYTES, Sniffed, check, normalize
 from switchboard.context.files.reading.transcriber import Transcriber
 from switchboard.context.files.store import FileRecord, FileStore, UploadRecord
+from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import (
     ChecksumMismatch,
     DependencyUnavailable,
@@ -81,7 +82,6 @@ from switchboard.platform.errors import (
     UploadOffsetMismatch,
     Violations,
 )
-from switchboard.platform.resilience.background import cancel_all
 from switchboard.platform.security.policy import Permission, Policy, Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import from_micros, micros

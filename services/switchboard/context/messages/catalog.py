@@ -40,7 +40,6 @@ from switchboard.context.messages.attachments import (
 from switchboard.context.messages.store import Appended, EntityRecord, MessageStore, NewMessage
 from switchboard.context.records import ConversationRecord
 from switchboard.context.text.entities import EntityExtractor
-from switchboard.context.text.parttext import render_parts
 from switchboard.context.windows.documents import measure
 from switchboard.platform.errors import FailedPrecondition, RequestTooLarge, Violations
 from switchboard.platform.security.policy import Principal
@@ -52,6 +51,7 @@ from switchboard.platform.values.resources import (
     ToolName,
     WorkspaceName,
 )
+from switchboard.shared.parttext import render_parts
 
 #: A tool call's id, as models and the dispatcher make them.
 _TOOL_CALL_ID: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")

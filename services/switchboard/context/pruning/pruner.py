@@ -40,13 +40,13 @@ from switchboard.context.conversations.store import ConversationStore
 from switchboard.context.mapping import memory_proto, message_proto, struct
 from switchboard.context.pruning.store import PruneStore
 from switchboard.context.records import ConversationRecord, MemoryRecord, MessageRecord
-from switchboard.context.text.parttext import render_parts_briefly
 from switchboard.context.text.summarizer import Summarizer, SummaryInput
+from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import FailedPrecondition, NotFound, Violations
-from switchboard.platform.resilience.background import cancel_all
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.names import new_id, now
 from switchboard.platform.values.resources import ConversationName, HandlerName
+from switchboard.shared.parttext import render_parts_briefly
 
 log = logging.getLogger("switchboard.context")
 

@@ -44,7 +44,6 @@ from switchboard.context.mapping import (
 from switchboard.context.records import MemoryRecord, MessageRecord, Unsearchable
 from switchboard.context.semantic.retrieval.filters import ParsedFilter, parse_filter
 from switchboard.context.semantic.retrieval.search import Ranking, Search, check_mode
-from switchboard.context.text.parttext import render_parts
 from switchboard.context.windows.cache import WindowCache
 from switchboard.context.windows.documents import Texts, cut, fill, measure
 from switchboard.context.windows.planner import (
@@ -64,6 +63,7 @@ from switchboard.platform.errors import (
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.names import now
 from switchboard.platform.values.resources import ConversationName
+from switchboard.shared.parttext import render_parts
 
 # Bump when the cached window's shape or the planning rules change.
 _WINDOW_FORMAT: Final = "w3"

@@ -40,8 +40,8 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.deploy.edge.contracts import API, OPTIONAL_API, served_by
+from switchboard.platform import background
 from switchboard.platform.observe.logging import configure_logging
-from switchboard.platform.resilience import background
 from switchboard.platform.rpc.health import Health
 from switchboard.platform.rpc.reflection import enable_reflection
 

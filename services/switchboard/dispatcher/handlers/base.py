@@ -101,7 +101,7 @@ class StepBudget(Protocol):
 
 
 class Steers(Protocol):
-    """The messages people steer a run with (``dispatcher/runs/steering/steer.py``), for a
+    """The messages people steer a run with (``dispatcher/runs/steering.py``), for a
     handler with step boundaries (the ``llm`` handler: before each model call).
 
     ``journaled`` is what an earlier attempt of the run took, ``(step, message)`` in

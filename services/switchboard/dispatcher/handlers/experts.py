@@ -62,8 +62,8 @@ from switchboard.dispatcher.handlers.remote import RemoteHandler
 from switchboard.dispatcher.handlers.remote_a2a import A2AExpert
 from switchboard.dispatcher.ports.experts import ExpertEntry, integration_name
 from switchboard.integration.kinds.a2a import A2AAgent
+from switchboard.platform import background
 from switchboard.platform.errors import SwitchboardError
-from switchboard.platform.resilience import background
 from switchboard.platform.security.egress import (
     EgressPolicy,
     check_host,

@@ -60,8 +60,8 @@ from switchboard.dispatcher.handlers.base import (
 )
 from switchboard.dispatcher.handlers.handed import HEADER, header_value
 from switchboard.dispatcher.handlers.hops import Hop
+from switchboard.platform import background
 from switchboard.platform.errors import FailedPrecondition, QuotaExceeded, SwitchboardError
-from switchboard.platform.resilience import background
 from switchboard.platform.rpc.outbound.channels import (
     DOWN,
     READY,

@@ -47,15 +47,15 @@ from switchboard.dispatcher.handlers.base import (
 )
 from switchboard.dispatcher.handlers.handed import BUDGET_EXTENSION, extension_value
 from switchboard.dispatcher.handlers.hops import Hop
-from switchboard.integration.connect.connectors import ConnectorError
 from switchboard.integration.kinds.a2a import (
     A2AAgent,
     AgentFailed,
     message_files,
     previous_task,
 )
+from switchboard.integration.ports.connectors import ConnectorError
+from switchboard.platform import background
 from switchboard.platform.errors import SwitchboardError
-from switchboard.platform.resilience import background
 from switchboard.platform.values import idempotency, structs
 from switchboard.platform.values.resources import HandlerName
 

@@ -32,10 +32,10 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.platform import background
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.logging import request_id_var
 from switchboard.platform.observe.telemetry import client_interceptors
-from switchboard.platform.resilience import background
 from switchboard.platform.rpc.outbound.channels import CHANNEL_OPTIONS
 from switchboard.platform.rpc.outbound.peers import call_error
 from switchboard.platform.rpc.status import REQUEST_ID_KEY

@@ -45,10 +45,9 @@ from switchboard.dispatcher.llm.retrieval import (
     search_memory_definition,
 )
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.clock import RunClock
-from switchboard.dispatcher.runs.durable import Durable
-from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import (
+from switchboard.dispatcher.runs.core.clock import RunClock
+from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.live import (
     FINISH_TIMEOUT_S,
     MAX_REASON_CHARS,
     MAX_UPDATES,
@@ -57,15 +56,17 @@ from switchboard.dispatcher.runs.live import (
     handler_label,
     queued_again,
 )
-from switchboard.dispatcher.runs.reading.publishing import Publishing
-from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.runs.steering.book import SteerBook
-from switchboard.dispatcher.runs.store import TERMINAL, Charged
+from switchboard.dispatcher.runs.core.publishing import Publishing
+from switchboard.dispatcher.runs.core.scheduler import Scheduler, Ticket
+from switchboard.dispatcher.runs.core.steers import SteerBook
+from switchboard.dispatcher.runs.core.store import TERMINAL, Charged
+from switchboard.dispatcher.runs.durable import Durable
 from switchboard.dispatcher.tools.journal import Journal, cover
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
 from switchboard.dispatcher.voice.speaker import Speaker, Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
+from switchboard.platform import background
 from switchboard.platform.errors import (
     DeadlineExceeded,
     HandlerFailed,
@@ -75,7 +76,6 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.observe.telemetry import parent_from
-from switchboard.platform.resilience import background
 from switchboard.platform.security.policy import Permission, Policy
 from switchboard.platform.store.db import DatabaseUnavailable, is_outage
 from switchboard.platform.values import names

@@ -23,16 +23,16 @@ from google.protobuf.message import DecodeError
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import (
+from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.live import (
     FINISH_TIMEOUT_S,
     Common,
     handler_label,
     next_block,
     queued_again,
 )
-from switchboard.dispatcher.runs.reading.publishing import Publishing
-from switchboard.dispatcher.runs.store import TERMINAL, Stored
+from switchboard.dispatcher.runs.core.publishing import Publishing
+from switchboard.dispatcher.runs.core.store import TERMINAL, Stored
 from switchboard.dispatcher.tools.journal import cover, unreadable
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (

@@ -58,6 +58,7 @@ from switchboard.dispatcher.schedules.store import (
     ScheduleRecord,
     ScheduleStore,
 )
+from switchboard.platform import background
 from switchboard.platform.errors import (
     Conflict,
     ConversationBusy,
@@ -66,7 +67,6 @@ from switchboard.platform.errors import (
     SwitchboardError,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.resilience import background
 from switchboard.platform.security.policy import AuthMethod, Permission, Policy, Principal, Scope
 from switchboard.platform.store.outbox import Staged
 

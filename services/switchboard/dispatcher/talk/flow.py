@@ -30,13 +30,13 @@ from typing import Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.peers import Via
+from switchboard.platform import background
 from switchboard.platform.errors import (
     FailedPrecondition,
     InvalidArgument,
     SessionIdle,
     SwitchboardError,
 )
-from switchboard.platform.resilience import background
 from switchboard.platform.security.accesswatch import Grant, Hold
 from switchboard.platform.security.policy import Principal
 

@@ -34,9 +34,9 @@ from google.protobuf import struct_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.voice.ports import SpeechEngine
 from switchboard.dispatcher.voice.sentences import Piece, SentenceCutter
+from switchboard.platform import background
 from switchboard.platform.audio import pcm
 from switchboard.platform.errors import SwitchboardError
-from switchboard.platform.resilience import background
 
 log = logging.getLogger("switchboard.dispatcher.voice")
 

@@ -15,14 +15,15 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
-from switchboard.integration.connect.connectors import (
+from switchboard.integration.mapping import name_of
+from switchboard.integration.ports.connectors import (
     Connector,
     ConnectorError,
     Malformed,
     ToolNotFound,
 )
-from switchboard.integration.mapping import name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
+from switchboard.platform import background
 from switchboard.platform.errors import (
     DeadlineExceeded,
     DependencyUnavailable,
@@ -31,7 +32,6 @@ from switchboard.platform.errors import (
     NotFound,
     SwitchboardError,
 )
-from switchboard.platform.resilience import background
 from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.values import names

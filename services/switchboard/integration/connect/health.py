@@ -22,13 +22,13 @@ from google.rpc import code_pb2, status_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.connect.connections import Connections, Limits
-from switchboard.integration.connect.connectors import ConnectorError
 from switchboard.integration.mapping import name_of
+from switchboard.integration.ports.connectors import ConnectorError
 from switchboard.integration.store import Health, IntegrationRecord, IntegrationStore
+from switchboard.platform import background
+from switchboard.platform.background import FailureNotes
 from switchboard.platform.errors import DestinationBlocked, SwitchboardError
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.resilience import background
-from switchboard.platform.resilience.background import FailureNotes
 from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.values.names import now

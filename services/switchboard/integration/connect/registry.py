@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.connect.connections import ConnectorFactory
-from switchboard.integration.connect.connectors import Connector
 from switchboard.integration.kinds.a2a import A2AAgent, A2AAgentConnector
 from switchboard.integration.kinds.experts import GrpcExpertConnector
 from switchboard.integration.kinds.mcp import (
@@ -30,6 +29,7 @@ from switchboard.integration.kinds.webhooktools import (
     signing_secrets,
 )
 from switchboard.integration.mapping import name_of
+from switchboard.integration.ports.connectors import Connector
 from switchboard.integration.settings import IntegrationSettings
 from switchboard.integration.store import IntegrationRecord
 from switchboard.platform.rpc.outbound.channels import RemoteHandlerSettings, parse_remotes

@@ -52,7 +52,7 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.integration.connect.connectors import (
+from switchboard.integration.ports.connectors import (
     ConnectorError,
     Malformed,
     Progress,

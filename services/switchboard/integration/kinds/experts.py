@@ -40,7 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
-from switchboard.integration.connect.connectors import (
+from switchboard.integration.ports.connectors import (
     Malformed,
     Progress,
     ToolNotFound,

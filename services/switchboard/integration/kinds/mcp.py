@@ -94,7 +94,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from switchboard.api.context.v1 import context_pb2
-from switchboard.integration.connect.connectors import (
+from switchboard.integration.ports.connectors import (
     Malformed,
     Progress,
     ToolNotFound,

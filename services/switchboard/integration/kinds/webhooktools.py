@@ -55,7 +55,8 @@ import httpx
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from switchboard.integration.connect.connectors import (
+from switchboard.integration.kinds.mcp import raw_limit
+from switchboard.integration.ports.connectors import (
     Malformed,
     Progress,
     ToolNotFound,
@@ -63,8 +64,7 @@ from switchboard.integration.connect.connectors import (
     ToolSpec,
     Unreachable,
 )
-from switchboard.integration.kinds.mcp import raw_limit
-from switchboard.integration.tools.schemas import compile_schema
+from switchboard.integration.ports.schemas import compile_schema
 from switchboard.integration.webhooks.delivery import describe, signed_headers, webhook_client
 from switchboard.platform.errors import (
     FailedPrecondition,

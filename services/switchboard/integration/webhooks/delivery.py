@@ -98,6 +98,7 @@ from switchboard.integration.webhooks.store import (
     Subscriber,
     WebhookStore,
 )
+from switchboard.platform.background import cancel_within
 from switchboard.platform.errors import (
     CircuitOpen,
     DestinationBlocked,
@@ -110,7 +111,6 @@ from switchboard.platform.events.eventlog import Logged, Position
 from switchboard.platform.events.feeder import FeedSettings, LeasedFeeder
 from switchboard.platform.events.feedstore import Work
 from switchboard.platform.observe import telemetry
-from switchboard.platform.resilience.background import cancel_within
 from switchboard.platform.resilience.backoff import Backoff, full_jitter
 from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.security.credentials.secretbox import SecretBox

@@ -57,10 +57,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.background import FailureNotes, cancel_all
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.observe import telemetry
-from switchboard.platform.resilience.background import FailureNotes, cancel_all
 from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.store.db import Database, Group, after_commit, group_of, log_failure
 from switchboard.platform.store.models import EventLogRow, EventLogStateRow, table_of

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.background import cancel_within
 from switchboard.platform.errors import CursorAhead, CursorExpired
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import Logged, format_cursor, logged_part, parse_cursor
 from switchboard.platform.events.feedstore import FeedStore, Work
-from switchboard.platform.resilience.background import cancel_within
 from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.values.names import now

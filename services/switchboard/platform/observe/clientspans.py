@@ -16,7 +16,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import inject
 from opentelemetry.trace import StatusCode
 
-from switchboard.platform.resilience import background
+from switchboard.platform import background
 
 log = logging.getLogger("switchboard.telemetry")
 

@@ -176,7 +176,7 @@ SPECS: Final[tuple[Spec, ...]] = (
         ("outbox",),
         scraped=True,
     ),
-    # Integrations (platform/resilience/breaker.py, integration/tools/calls.py).
+    # Integrations (platform/resilience/breaker.py, integration/tools.py).
     Spec(
         "switchboard_breakers",
         "gauge",

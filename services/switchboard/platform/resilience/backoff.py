@@ -13,7 +13,7 @@ Three uses of that one schedule:
   flusher, the webhook feeder and sender, the dispatcher's lease loop, an A2A
   stream's resume).
 
-The client package keeps its own (``switchboard.client.transport.backoff``): it imports
+The client package keeps its own (``switchboard.client.backoff``): it imports
 no server module (docs/decisions.md, 38).
 """
 

@@ -61,9 +61,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from switchboard.platform import background
 from switchboard.platform.cache import bounded_options, redacted_url
 from switchboard.platform.errors import CircuitOpen
-from switchboard.platform.resilience import background
 
 logger = logging.getLogger("switchboard.breaker")
 

@@ -22,12 +22,12 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from switchboard.platform import background
 from switchboard.platform.config import ConfigError, KernelSettings
 from switchboard.platform.observe.logging import quiet_client_cancellations, quiet_http_requests
 from switchboard.platform.observe.metrics import Metrics, MetricsEndpoint
 from switchboard.platform.observe.telemetry import Tracing
 from switchboard.platform.process import Shared
-from switchboard.platform.resilience import background
 from switchboard.platform.rpc.health import Health
 from switchboard.platform.rpc.interceptors import ErrorInterceptor
 from switchboard.platform.rpc.reflection import enable_reflection

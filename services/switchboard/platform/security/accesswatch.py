@@ -51,6 +51,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, Final, Protocol, TypeVar
 
+from switchboard.platform import background
 from switchboard.platform.errors import (
     DatabaseUnavailable,
     DependencyUnavailable,
@@ -59,7 +60,6 @@ from switchboard.platform.errors import (
     Unauthenticated,
 )
 from switchboard.platform.events.bus import Fanout
-from switchboard.platform.resilience import background
 from switchboard.platform.security.policy import (
     MembershipReader,
     Permission,

@@ -305,7 +305,7 @@ class IdempotencyRow(Base):
 
 class RunRow(Base):
     """A dispatcher run; ``data`` is the serialized ``Run`` as last persisted,
-    ``job`` what is needed to (re)start it (``dispatcher/runs/store.py``)."""
+    ``job`` what is needed to (re)start it (``dispatcher/runs/core/store.py``)."""
 
     __tablename__ = "runs"
     __table_args__ = (

@@ -35,8 +35,8 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import SwitchboardError
-from switchboard.platform.resilience.background import cancel_all
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import EventOutboxRow, table_of
 from switchboard.platform.values.names import new_id, now, stamp_now

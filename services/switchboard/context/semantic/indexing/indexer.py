@@ -63,11 +63,11 @@ from switchboard.context.semantic.ports import (
     EmbeddingsUnavailable,
     SourceKind,
 )
+from switchboard.platform.background import cancel_within
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import Logged
 from switchboard.platform.events.feeder import FeedSettings, LeasedFeeder
 from switchboard.platform.events.feedstore import Work
-from switchboard.platform.resilience.background import cancel_within
 from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import SemanticCursorRow

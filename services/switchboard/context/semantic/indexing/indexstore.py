@@ -38,7 +38,6 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.context.semantic.ports import SourceKind
-from switchboard.context.text.parttext import render_parts
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     ConversationRow,
@@ -60,6 +59,7 @@ from switchboard.platform.values.resources import (
     owner_or_none,
 )
 from switchboard.platform.values.structs import plain
+from switchboard.shared.parttext import render_parts
 
 log = logging.getLogger("switchboard.context.semantic")
 

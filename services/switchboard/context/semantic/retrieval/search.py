@@ -53,8 +53,8 @@ from switchboard.context.semantic.retrieval.filters import (
 from switchboard.context.semantic.retrieval.fusion import Fused, fuse, single
 from switchboard.context.semantic.retrieval.store import SearchStore, Sources
 from switchboard.context.text.fulltext import query_terms
+from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
-from switchboard.platform.resilience.background import cancel_all
 from switchboard.platform.store import pagination
 from switchboard.platform.values.resources import (
     ConversationName,

@@ -37,14 +37,14 @@ from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Common
+from switchboard.dispatcher.runs.core.publishing import Publishing
+from switchboard.dispatcher.runs.core.scheduler import Scheduler, Ticket
+from switchboard.dispatcher.runs.core.store import NewRun, Stored, raise_busy
 from switchboard.dispatcher.runs.intake.content import ContentPolicy
 from switchboard.dispatcher.runs.intake.screening import Screened, Screening, Steered
 from switchboard.dispatcher.runs.intake.speech import Listening
-from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
-from switchboard.dispatcher.runs.reading.publishing import Publishing
-from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.runs.store import NewRun, Stored, raise_busy
 from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.cache import Cache

@@ -26,9 +26,9 @@ from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.budgets.quotas import Limits, Quotas
 from switchboard.dispatcher.handlers.base import Handler, text_of
 from switchboard.dispatcher.handlers.router import Choice, Router
+from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.live import RunLimits
 from switchboard.dispatcher.runs.intake.content import ContentPolicy
-from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import RunLimits
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     ContentBlocked,

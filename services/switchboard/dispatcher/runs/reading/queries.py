@@ -24,11 +24,16 @@ from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.llm.retrieval import search_memory_definition
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.core.feed import Feed, merge_deltas
+from switchboard.dispatcher.runs.core.live import (
+    FINISH_TIMEOUT_S,
+    SEQUENCE_BLOCK,
+    Common,
+    next_block,
+)
+from switchboard.dispatcher.runs.core.store import TERMINAL, Listing, Stored
 from switchboard.dispatcher.runs.execution import step_limit
 from switchboard.dispatcher.runs.intake.screening import HANDLER, route
-from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, SEQUENCE_BLOCK, Common, next_block
-from switchboard.dispatcher.runs.reading.feed import Feed, merge_deltas
-from switchboard.dispatcher.runs.store import TERMINAL, Listing, Stored
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
 from switchboard.platform.errors import FieldViolation, InvalidArgument

@@ -30,6 +30,7 @@ from typing import Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.peers import Via
+from switchboard.platform import background
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -37,7 +38,6 @@ from switchboard.platform.errors import (
     SwitchboardError,
 )
 from switchboard.platform.observe.logging import request_id_var
-from switchboard.platform.resilience import background
 from switchboard.platform.rpc.status import to_status_proto
 from switchboard.platform.security.accesswatch import AccessWatch, Grant, Hold
 from switchboard.platform.security.policy import Permission, Principal

@@ -25,11 +25,11 @@ from google.rpc import code_pb2, status_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.connect.connections import NO_TOOLS, Connections, Limits, find
-from switchboard.integration.connect.connectors import Malformed, ToolNotFound, ToolResult, ToolSpec
 from switchboard.integration.kinds.webhooktools import declares_tools
 from switchboard.integration.mapping import name_of
+from switchboard.integration.ports.connectors import Malformed, ToolNotFound, ToolResult, ToolSpec
+from switchboard.integration.ports.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.integration.tools.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DependencyUnavailable,

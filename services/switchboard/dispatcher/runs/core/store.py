@@ -51,7 +51,7 @@ from switchboard.platform.store.storage import (
 )
 from switchboard.platform.values.names import now
 
-log = logging.getLogger("switchboard.dispatcher.runs.store")
+log = logging.getLogger("switchboard.dispatcher.runs.core.store")
 
 _T = TypeVar("_T")
 #: Run ids read in one statement.

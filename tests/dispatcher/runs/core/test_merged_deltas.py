@@ -19,7 +19,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.platform.events.deltas import MAX_MERGED_CHARS
 from switchboard.settings import Settings
 from tests.conftest import make_settings

@@ -1,4 +1,4 @@
-"""switchboard.client.transport.backoff: capped exponential delays with bounded jitter."""
+"""switchboard.client.backoff: capped exponential delays with bounded jitter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from switchboard.client.transport.backoff import Backoff
+from switchboard.client.backoff import Backoff
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Background work whose failures are always heard (platform/resilience/background.py)."""
+"""Background work whose failures are always heard (platform/background.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from switchboard.platform.resilience import background
-from switchboard.platform.resilience.background import FailureNotes
+from switchboard.platform import background
+from switchboard.platform.background import FailureNotes
 
 pytestmark = pytest.mark.unit
 

@@ -29,7 +29,7 @@ engine, so ``bound_patterns`` points those modules' ``re`` at a namespace whose
 ``concurrent=True`` (the lock is released while it matches) and a timeout:
 each search at most ``PATTERN_TIMEOUT_S``, and all of one validation's at most
 ``VALIDATION_BUDGET_S``. A validation that runs out is ``SchemaUnusable``.
-``tests/integration/tools/test_tool_schemas.py`` fails if a ``jsonschema`` release moves
+``tests/integration/ports/test_tool_schemas.py`` fails if a ``jsonschema`` release moves
 a match out of reach of this (docs/decisions.md).
 """
 
@@ -54,7 +54,7 @@ from jsonschema_specifications import REGISTRY as SPECIFICATIONS
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 
-from switchboard.integration.connect.connectors import ToolSpec
+from switchboard.integration.ports.connectors import ToolSpec
 
 #: Most violations one call reports.
 MAX_VIOLATIONS: Final = 20

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.base import Steers
-from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import Common
-from switchboard.dispatcher.runs.reading.publishing import Publishing
-from switchboard.dispatcher.runs.scheduler import Scheduler
-from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.live import Common
+from switchboard.dispatcher.runs.core.publishing import Publishing
+from switchboard.dispatcher.runs.core.scheduler import Scheduler
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.platform.errors import RunInterrupted
 from switchboard.platform.values import names
 

@@ -17,7 +17,7 @@ from google.rpc import error_details_pb2
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.kinds.mcp import McpConnector
-from switchboard.integration.tools.calls import KEY_RULE
+from switchboard.integration.tools import KEY_RULE
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.values.idempotency import METADATA, call_key
 from tests.e2e.toolexpert import ToolExpert

@@ -46,9 +46,9 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.spending import Read, RunBudget
 from switchboard.dispatcher.handlers.base import Handler
-from switchboard.dispatcher.runs.reading.feed import Feed
-from switchboard.dispatcher.runs.scheduler import Ticket
-from switchboard.dispatcher.runs.store import Charged
+from switchboard.dispatcher.runs.core.feed import Feed
+from switchboard.dispatcher.runs.core.scheduler import Ticket
+from switchboard.dispatcher.runs.core.store import Charged
 from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.runner import RunTools
 from switchboard.dispatcher.voice.speaker import Speaker

@@ -1,1 +1,0 @@
-"""Tools an integration offers: listing and calling them, and their input schemas."""
