@@ -1,15 +1,15 @@
 """The dispatcher: the composition of its stages, in the order a message travels.
 
-    intake/admission.py ─► scheduler.py ─► execution.py ─► reading/publishing.py
-    (a request             (limits,        (one run's       (its updates to
-     becomes a              fairness,       life through     watchers and to
-     queued run)            one per conv.)  lifecycle.py)    the event log)
+    intake/admission.py ─► core/scheduler.py ─► execution.py ─► core/publishing.py
+    (a request             (limits,             (one run's         (its updates to
+     becomes a              fairness,            life through       watchers and to
+     queued run)            one per conv.)       core/lifecycle.py) the event log)
     recovery.py          leases, takeover, reaping: runs back into the scheduler
     reading/queries.py   get, list, watch, describe (read only)
     control.py           cancel and tool approvals, here or forwarded to the owner
-    steering/steer.py    steers of a live run (SteerRun, policy STEER), taken at its
-                         step boundaries (``steering/book.py``), here or on the owner
-    live.py              what they share (``Common``): this process's live runs, the
+    steering.py          steers of a live run (SteerRun, policy STEER), taken at its
+                         step boundaries (``core/steers.py``), here or on the owner
+    core/live.py         what they share (``Common``): this process's live runs, the
                          store, the feeds, the bus, the router and the run limits
     reading/streams.py   WatchRun and Converse, held to the caller's access
     talk/                voice sessions (Talk): turns in, transcripts and runs' updates out
@@ -208,7 +208,7 @@ class Dispatcher:
         *,
         handed: Handed | None = None,
     ) -> pb.SteerRunResponse:
-        """Steer a live run (``runs/steering/steer.py``), here or on its owner."""
+        """Steer a live run (``runs/steering.py``), here or on its owner."""
         return await self._stages.steering.steer_run(principal, request, via, handed=handed)
 
     async def get_run(self, name: str) -> pb.Run:

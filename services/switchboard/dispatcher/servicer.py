@@ -1,7 +1,7 @@
 """Transport for DispatcherService: converts proto to domain calls and nothing else.
 
 Its two open streams, WatchRun and Converse, are the dispatcher's
-(``runs/streams.py``): it hands them the caller, the request frames and how the
+(``runs/reading/streams.py``): it hands them the caller, the request frames and how the
 call reached this replica, and writes out the frames they give back.
 """
 

@@ -5,8 +5,8 @@ egress policy (``platform/security/egress.py``; again on every connection), seal
 credentials (``platform/security/credentials/secretbox.py``; they leave the hub only towards the
 integration itself) and writes each change with its INTEGRATION_CHANGED
 event. Calls to integrations go through this process's connectors and their
-breakers (``connections.py``); ``tools.py`` lists and invokes tools,
-``health.py`` probes.
+breakers (``connect/connections.py``); ``tools.py`` lists and invokes tools,
+``connect/health.py`` probes.
 
 This module does not import grpc; the servicer is transport only.
 """
@@ -130,7 +130,7 @@ RESOLVE_TIMEOUT_S: Final = 5.0
 
 
 class WebhookDeliveries(Protocol):
-    """The webhook engine's queries and commands (``webhooks.py``)."""
+    """The webhook engine's queries and commands (``webhooks/delivery.py``)."""
 
     async def list_deliveries(
         self, workspace_id: str, integration_id: str, *, page_size: int, page_token: str

@@ -1,7 +1,7 @@
 """Transport for ``switchboard.api.agentcard.v1.AgentCardService``: the public Agent Card.
 
 Public (``platform/security/access.py``): the card holds nothing a stranger may not know
-(``publiccard``). The edge's gRPC-JSON transcoder serves it as plain JSON at
+(``public.py``). The edge's gRPC-JSON transcoder serves it as plain JSON at
 ``/.well-known/agent-card.json`` and ``/{tenant}/.well-known/agent-card.json``,
 forwarding the scheme and Host the request came with (the card names that edge).
 """

@@ -1,7 +1,7 @@
 """Files: a workspace's stored content, its uploads, reads, and maintenance.
 
 A file is a row (``files``: what it is, who stored it, its text) naming a blob
-by SHA-256 in the blob store (``blobs.py``). Storing one always goes blob
+by SHA-256 in the blob store (``blobs/port.py``). Storing one always goes blob
 first, row second: the bytes are staged, checked against the client's
 SHA-256, published under their hash, sniffed against the declared media type,
 and only then is the row inserted (with its FILE_CHANGED event, in one
@@ -16,8 +16,8 @@ results). Every one is bounded: the file size, the workspace's storage quota
 (uploads in progress count at their declared size), uploads in flight per
 workspace, an upload's lifetime.
 
-Documents get their text at upload (``extract.py``; a PDF in a child process bounded
-in time and memory, ``pdfworker.py``); audio files get a
+Documents get their text at upload (``reading/extract.py``; a PDF in a child process bounded
+in time and memory, ``reading/pdfworker.py``); audio files get a
 transcript in the background when a ``Transcriber`` is configured (PENDING
 until then, picked up again after a restart).
 """

@@ -88,7 +88,7 @@ class Memory(Domain):
     def __init__(self, common: Common, store: MemoryStore, search: Search) -> None:
         super().__init__(common)
         self._store = store
-        #: Ranks for SearchMemoryItems (modes, filters: ``semantic/search.py``).
+        #: Ranks for SearchMemoryItems (modes, filters: ``semantic/retrieval/search.py``).
         self._search = search
 
     def _content(self, content: str, field: str, violations: Violations) -> None:

@@ -5,7 +5,7 @@ File parts become stored files of the workspace before the message is stored
 
 An append stores the message, counts it into its conversation and remembers
 the entities its text mentions, in one transaction; a conversation over its
-automatic pruning limit is then pruned in the background (``pruning.py``).
+automatic pruning limit is then pruned in the background (``pruning/pruner.py``).
 """
 
 from __future__ import annotations

@@ -1,2 +1,3 @@
-"""How a message reads as text: its parts as text, token counts, summaries, entities,
-full-text queries, and the pluggable components behind them."""
+"""How a message reads as text: token counts (of its parts as ``shared/parttext.py``
+writes them), summaries, entities, full-text queries, and the pluggable components
+behind them."""

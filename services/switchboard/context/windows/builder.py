@@ -1,8 +1,8 @@
 """The context window: what a handler is given of a conversation, within a token budget.
 
-The store reads everything in one snapshot (``windowstore.py``), the planner
-chooses within the budget (``window.py``), and the answer is cached as the
-serialized response (``windowcache.py``) under the versions it was built from:
+The store reads everything in one snapshot (``windows/store.py``), the planner
+chooses within the budget (``planner.py``), and the answer is cached as the
+serialized response (``windows/cache.py``) under the versions it was built from:
 any write to the conversation or to the memory it draws on changes a version,
 so a cached window is never stale; one is also dropped when a memory item in
 it expires.
@@ -10,7 +10,7 @@ it expires.
 Files: each message's file parts get their file's text (``FileReference.text``:
 a document's extracted text, a recording's transcript), counted in the
 message's tokens, and the one message that does not fit whole may be shown
-with its documents cut to fit (``window.py`` rule 5, ``documents.py``). A
+with its documents cut to fit (``planner.py`` rule 5, ``documents.py``). A
 file's text is written once, when it becomes ready, so the cache key needs no
 version of it: a window is not cached while a file it names may still get its
 text (a document or recording whose text is not ready), and a window that
@@ -18,8 +18,8 @@ shows file text is kept at most ``FILE_TEXT_CACHE_S``, as deleting a file
 changes no version the key holds.
 
 Retrieval (``GetContextWindowRequest.retrieval``): search results for the
-window's query (``semantic/search.py``, in the conversation) go in as
-RETRIEVED items within the retrieval's token budget (``window.py`` rule 3b).
+window's query (``semantic/retrieval/search.py``, in the conversation) go in as
+RETRIEVED items within the retrieval's token budget (``planner.py`` rule 3b).
 A window with retrieval is never cached nor served from the cache: what search
 finds moves with the workspace's memory, other conversations, files and the
 semantic index's progress, none of which has a version in the key.
@@ -408,7 +408,7 @@ class Windows(Domain):
         """The serialized response of the window planned from ``rows``, and until when it holds.
 
         ``messages``: every loaded body (most are shown, and the planner pairs
-        tool calls with their results, window.py rule 6); ``texts``: their files'."""
+        tool calls with their results, planner.py rule 6); ``texts``: their files'."""
         memories = _Memories(stamp=now().timestamp())
         retrieved_tokens: dict[str, int] = {}
         counter, image_tokens = self.common.counter, self.limits.image_tokens

@@ -1,6 +1,6 @@
 """A message's files as a window counts and shows them: their text, cut to fit.
 
-A file part reads ``[file <display_name> <mime_type>]`` (``parttext.py``), and
+A file part reads ``[file <display_name> <mime_type>]`` (``shared/parttext.py``), and
 for a document or a transcribed recording the file's text follows it. That
 text can be far larger than a window, so:
 
@@ -15,7 +15,7 @@ text can be far larger than a window, so:
   later one only its note. It recounts what it shows and never returns more
   than it was given.
 
-Pure: no I/O, so the window (``windows.py``) and the append (``messages.py``)
+Pure: no I/O, so the window (``builder.py``) and the append (``messages/catalog.py``)
 count alike.
 """
 

@@ -287,7 +287,7 @@ class Settled:
 
 #: Records a settlement on its run in the settlement's transaction:
 #: ``(session, cost_micros, input_tokens, output_tokens)``; False refuses it
-#: (``runs/store.py``: ``RunStore.charging``).
+#: (``runs/core/store.py``: ``RunStore.charging``).
 Record = Callable[[Session, int, int, int], bool]
 
 

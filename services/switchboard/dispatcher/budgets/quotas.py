@@ -9,7 +9,7 @@ to the server's default (``SWITCHBOARD_DISPATCHER_MAX_MESSAGES_PER_MINUTE_PER_WO
 workspace's (which bounds the key's messages anyway, so a key is only counted
 on its own when it has a value of its own).
 
-Admission (``runs/admission.py``) asks ``limits`` on every SendMessage: a
+Admission (``runs/intake/admission.py``) asks ``limits`` on every SendMessage: a
 per-workspace cache kept ``CACHE_TTL_S``, dropped at once on this replica when
 the quota changes here; another replica sees a change within ``CACHE_TTL_S``.
 ``check_active`` counts the workspace's queued and running runs in the

@@ -235,7 +235,7 @@ class UsageSum:
 
 
 class UsageStore:
-    """Sums over the usage columns every run's end stores (``runs/store.py``)."""
+    """Sums over the usage columns every run's end stores (``runs/core/store.py``)."""
 
     def __init__(self, database: Database) -> None:
         self._database = database

@@ -1,7 +1,7 @@
 """QueryUsage: what a workspace's runs spent, summed from the usage each run's end stores.
 
 Runs store their tokens, cost, model, assistant, API key and the UTC day they
-ended (``runs/store.py``); this groups them by the dimensions asked, filtered,
+ended (``runs/core/store.py``); this groups them by the dimensions asked, filtered,
 over whole UTC days: a day is counted if any of it lies in
 [``start_time``, ``end_time``). Pages are offsets into the ordered groups,
 signed with the days the first page resolved (so a page read after midnight

@@ -1,1 +1,2 @@
-"""How the dispatcher reaches other services and its peer replicas: their contracts only."""
+"""How the dispatcher reaches other services and its peer replicas: their contracts only,
+and what it reads of a workspace's experts as the integration hub stores them."""

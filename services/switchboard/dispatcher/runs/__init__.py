@@ -1,4 +1,5 @@
 """A run's way through the dispatcher.
 
-Admitted, scheduled, executed, published, recovered; read, watched and controlled.
+Admitted, scheduled, executed (the handler's step inside its journal), published,
+recovered; read, watched, steered and controlled. What every stage shares is ``core/``.
 """

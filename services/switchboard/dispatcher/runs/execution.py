@@ -1,8 +1,8 @@
-"""Execution: one run's life through the ``lifecycle.py`` table.
+"""Execution: one run's life through the ``core/lifecycle.py`` table.
 
 When the scheduler starts a run (``launch``), one asyncio task checks the
 caller may still write, reads the context window (and the assistant's tools),
-drives the handler, turns its frames into the run's updates (``publishing.py``
+drives the handler, turns its frames into the run's updates (``core/publishing.py``
 shows and publishes them), runs its tool steps (pausing for approvals), stores
 the answer as an assistant message and ends the run. A handler that acts
 outside the process is called inside the run's journal (``durable.py``, one
@@ -13,7 +13,7 @@ Cancellation is the task's: ``cancel`` cancels the task, which raises
 ``CancelledError`` inside the handler (a remote handler's gRPC call or the
 LLM's HTTP response is closed by that), and the run ends CANCELLED. The
 deadline is an ``asyncio.timeout`` around the same task, stopped while the run
-waits for approvals (``clock.py``), and remote handlers get the remaining
+waits for approvals (``core/clock.py``), and remote handlers get the remaining
 time as their gRPC deadline.
 """
 

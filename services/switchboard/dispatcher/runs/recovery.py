@@ -8,7 +8,7 @@ their journal (``resume``, the default), fail with RUN_INTERRUPTED (``fail``)
 or are queued again (``requeue``), by ``SWITCHBOARD_DISPATCHER_RECOVERY``; a
 paused one resumes whatever the policy. A recovered run goes back through the
 scheduler (``Admission.admit``) and continues in the next sequence block
-(``live.py``).
+(``core/live.py``).
 """
 
 from __future__ import annotations

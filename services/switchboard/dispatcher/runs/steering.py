@@ -18,7 +18,7 @@ waits in the conversation's queue behind the target. Then one of two things:
   any queued run when its turn comes (``steer.state`` REQUEUED, and the
   target's watchers are told before its end). Never lost.
 
-``SteerBook`` (``steerbook.py``) is the replica's bookkeeping (which steers wait
+``SteerBook`` (``core/steers.py``) is the replica's bookkeeping (which steers wait
 for which live run) and the consumption; ``Steering`` is the call (SteerRun, and SendMessage
 with CONCURRENCY_POLICY_STEER).
 """

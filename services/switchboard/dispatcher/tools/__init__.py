@@ -1,4 +1,5 @@
 """A run's tool calls.
 
-The runner (approvals, limits, results) and the port to the integration hub.
+The runner (approvals, limits, results), the run's journal, and the port to the
+integration hub.
 """

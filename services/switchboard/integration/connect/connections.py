@@ -1,6 +1,6 @@
 """This process's clients of its integrations: one connector each, behind its breaker.
 
-A connector (``connectors.py``) is built from an integration's stored record,
+A connector (``ports/connectors.py``) is built from an integration's stored record,
 for that record's version; a change to the integration (its event, in any
 process) retires it, and the next call builds one for the new version. Every
 call goes through the integration's circuit breaker (``platform/resilience/breaker.py``)

@@ -1,11 +1,11 @@
 """One connector per kind: which client speaks to an integration.
 
-gRPC domain experts get a HandlerService channel (``experts.py``), MCP servers
-an MCP session through the official SDK (``mcp.py``), A2A agents the A2A SDK's
-client over the interface their card names (``remote_a2a.py``), webhooks that
-declare tools in their config a signed POST per call (``webhooktools.py``), and
+gRPC domain experts get a HandlerService channel (``kinds/experts.py``), MCP servers
+an MCP session through the official SDK (``kinds/mcp.py``), A2A agents the A2A SDK's
+client over the interface their card names (``kinds/a2a.py``), webhooks that
+declare tools in their config a signed POST per call (``kinds/webhooktools.py``), and
 other webhooks no connector at all (they are only ever sent events, by
-``webhooks.py``). Every connector dials through the egress policy.
+``webhooks/delivery.py``). Every connector dials through the egress policy.
 """
 
 from __future__ import annotations

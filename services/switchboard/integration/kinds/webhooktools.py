@@ -7,7 +7,7 @@ objects::
 
 ``name`` is its own segment as ``ListTools`` writes it (1-128 ASCII letters,
 digits, ``_``, ``.`` and ``-``), ``description`` at most ``MAX_DESCRIPTION``
-characters, ``input_schema`` a JSON Schema object (compiled by ``schemas.py``
+characters, ``input_schema`` a JSON Schema object (compiled by ``ports/schemas.py``
 when written, as ``tools.py`` does when it lists them), ``path`` optional: a
 relative path appended to the endpoint. ``check_tools`` validates them on
 CreateIntegration and UpdateIntegration; ``WebhookToolsConnector`` lists and
@@ -22,7 +22,7 @@ the call's idempotency key when it has one, else a new id; the key is also
 the ``Idempotency-Key`` header (``platform/values/idempotency.py``). The call's own
 timeout (the integration's ``call_timeout``) bounds it, not the deliveries'.
 
-**The answer**, classified as ``connectors.py`` asks:
+**The answer**, classified as ``ports/connectors.py`` asks:
 
 - 2xx: ``application/json`` ``{"text": str?, "result": object?, "is_error":
   bool?}`` (other keys ignored), ``text/plain`` as the text, or no body (an
@@ -35,7 +35,7 @@ timeout (the integration's ``call_timeout``) bounds it, not the deliveries'.
 - A body over ``raw_limit(max_result_bytes)``, or a result over
   ``max_result_bytes``: ``ResultTooLarge``, the rest unread.
 
-The probe of a webhook stays its deliveries' (``health.py``): ``probe`` asks
+The probe of a webhook stays its deliveries' (``connect/health.py``): ``probe`` asks
 nothing. This module does not import grpc.
 """
 
@@ -289,7 +289,7 @@ class WebhookToolsConnector:
         self._client = webhook_client(egress, timeout_s=connect_timeout_s, in_flight=IN_FLIGHT)
 
     async def probe(self, timeout_s: float) -> None:
-        """Nothing is asked: a webhook's health is its deliveries' (``health.py``)."""
+        """Nothing is asked: a webhook's health is its deliveries' (``connect/health.py``)."""
         return None
 
     async def list_tools(self, timeout_s: float) -> list[ToolSpec]:

@@ -1,2 +1,2 @@
-"""Staying up: backoff, circuit breakers, background work whose failures are heard, and
-the calls in flight."""
+"""Staying up: backoff, circuit breakers and the calls in flight (background work whose
+failures are heard is the kernel's ``platform/background.py``)."""

@@ -8,7 +8,7 @@ nearest neighbours of the query's embedding under the current model). A source
 with several chunks counts once, at its best chunk. FULL_TEXT and SEMANTIC use
 one list, HYBRID fuses both by reciprocal rank (``fusion.py``).
 
-Every ranked source is then read from its own table (``searchstore.py``): one
+Every ranked source is then read from its own table (``retrieval/store.py``): one
 that is gone, expired or outside the searched scope is left out, whatever the
 chunk index still holds (the indexer removes its chunks later). The store only
 ever ranks the searched owner's chunks; the access rule checked READ on
@@ -329,7 +329,7 @@ class Search:
     async def search_memory(
         self, request: pb.SearchMemoryItemsRequest, scope: Scope, kinds: Sequence[str]
     ) -> pb.SearchMemoryItemsResponse:
-        """SearchMemoryItems once ``memory.py`` checked the scope, query and kinds."""
+        """SearchMemoryItems once ``memory/catalog.py`` checked the scope, query and kinds."""
         violations = Violations()
         check_mode(request.mode, "mode", violations)
         violations.check()

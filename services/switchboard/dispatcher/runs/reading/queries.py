@@ -452,5 +452,5 @@ class _InOrder:
 
 
 def _opens_attempt(sequence: int, position: int) -> bool:
-    """Whether ``sequence`` is the first of an attempt after ``position``'s (``live.py``)."""
+    """Whether ``sequence`` is the first of an attempt after ``position``'s (``core/live.py``)."""
     return sequence % SEQUENCE_BLOCK == 1 and sequence > next_block(position)
