@@ -39,7 +39,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_source_imports_only_the_contracts_grpc_and_the_standard_library() -> None:
-    sources = sorted(PACKAGE.glob("*.py"))
+    sources = sorted(PACKAGE.rglob("*.py"))
     assert len(sources) >= 10
     for source in sources:
         for module in _imports(source):

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.service
 STAGES = ("servicer", "service", "admission", "scheduler", "execution", "publishing")
 #: Where each stage lives: the servicer and the service at the top of dispatcher/, the
 #: pipeline's stages in its runs/ room (admission in its intake, publishing in its reading).
-_MODULES = ("", "", "runs.intake.", "runs.", "runs.", "runs.reading.")
+_MODULES = ("", "", "runs.intake.", "runs.core.", "runs.", "runs.core.")
 _ORDER = {
     f"switchboard.dispatcher.{room}{name}": index
     for index, (room, name) in enumerate(zip(_MODULES, STAGES, strict=True))

@@ -20,7 +20,7 @@ class _Item:
     tier: str = ""
 
     def iter_markers(self) -> list[pytest.Mark]:
-        return [pytest.Mark(self.tier, (), {})] if self.tier else []
+        return [getattr(pytest.mark, self.tier).mark] if self.tier else []
 
 
 def _order(
