@@ -107,6 +107,7 @@ async def firing(
     it and those firings (their SCHEDULE_FIRED events'), oldest first."""
     decided: list[pb.ScheduleFiring] = []
     enough = asyncio.Event()
+    settled = asyncio.Event()
     name = f"{world.name}/schedules/{schedule_id}"
 
     def heard(event: events_pb2.Event) -> None:
@@ -115,6 +116,7 @@ async def firing(
         fired = event.schedule_fired
         if fired.schedule == name and fired.firing.outcome != pb.FIRING_OUTCOME_CLAIMED:
             decided.append(fired.firing)
+            settled.set()
             if len(decided) >= count:
                 enough.set()
 
@@ -126,6 +128,15 @@ async def firing(
         await dstub.PauseSchedule(
             pb.PauseScheduleRequest(name=schedule.name), metadata=world.owner.md, timeout=TIMEOUT_S
         )
+        # A tick claimed before the pause still ends after it (under load one was read
+        # while CLAIMED): the schedule is quiet once no stored firing is in flight.
+        async with asyncio.timeout(FIRED_WITHIN_S):
+            while True:
+                settled.clear()
+                stored = await firings(dstub, world, schedule.name)
+                if all(f.outcome != pb.FIRING_OUTCOME_CLAIMED for f in stored):
+                    break
+                await settled.wait()  # the next tick of it that ends
     finally:
         stop()
     yield schedule, sorted(decided, key=lambda f: f.fire_time.ToNanoseconds())
