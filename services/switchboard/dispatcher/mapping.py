@@ -25,7 +25,6 @@ from switchboard.platform.values.resources import (
     AssistantName,
     ConversationName,
     HandlerName,
-    RunName,
     WorkspaceName,
 )
 
@@ -38,12 +37,6 @@ def workspace_name(workspace_id: str) -> str:
 
 def conversation_name(workspace_id: str, conversation_id: str) -> str:
     return str(ConversationName(workspace_id, conversation_id))
-
-
-def run_name(conversation: str, run_id: str) -> str:
-    """``conversation`` is the conversation's full name (one the caller checked)."""
-    found = ConversationName.parse(conversation, "conversation")
-    return str(RunName(found.workspace, found.conversation, run_id))
 
 
 def handler_name(handler_id: str) -> str:

@@ -152,17 +152,19 @@ class Admission:
         # writers with every other workspace's, and a flood queued there would hold up
         # the others' first tokens (bench/fairness.py).
         async with self._turns.held(conversation.workspace):
-            return await self._send_message(principal, request, handed, schedule, steer)
+            return await self._send_message(
+                principal, request, conversation, handed, schedule, steer
+            )
 
     async def _send_message(
         self,
         principal: Principal,
         request: pb.SendMessageRequest,
+        conversation: ConversationName,
         handed: Handed | None,
         schedule: str = "",
         steer: Steered | None = None,
     ) -> pb.SendMessageResponse:
-        conversation = ConversationName.parse(request.conversation, "conversation")
         screened = await self._listening.screen(principal, request, conversation.workspace, steer)
         request = screened.request
         if screened.key is not None:
