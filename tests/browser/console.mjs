@@ -236,8 +236,18 @@ for await (const line of lines) {
           problems: [...document.querySelectorAll('[data-testid="error"], [data-testid="auth-problem"]')].map((e) => e.textContent),
           notice: document.querySelector('[data-testid="notice"]')?.textContent,
           runs: [...document.querySelectorAll('[data-testid="run"]')].map((e) => ({ ...e.dataset, text: e.textContent })),
+          // What the page was doing: calls in flight, where it is, what the composer holds.
+          busy: document.body.dataset.busy,
+          hash: location.hash,
+          composer: document.querySelector('[data-testid="message-input"]')?.value,
+          earlier: [...document.querySelectorAll('[data-testid="inspect-run"]')].map((e) => e.dataset.run),
         }))
         .catch(String);
+      // The page's last calls and how they were answered.
+      answer.network = network
+        .filter((e) => e.page === (command.page ?? 0) && e.type !== "Document")
+        .slice(-8)
+        .map((e) => `${new URL(e.url).pathname} ${e.status} ${e.grpcStatus ?? ""}`);
     }
   }
   process.stdout.write(`${JSON.stringify(answer)}\n`);

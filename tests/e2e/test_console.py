@@ -328,7 +328,8 @@ class Chromium:
             console = self.call("console", page=args["page"])[-20:] if "page" in args else []
             pytest.fail(
                 f"{op} {json.dumps(args)[:300]} failed: {answer['error']}\n"
-                f"page: {json.dumps(answer.get('page'), indent=1)}\nconsole: {console}"
+                f"page: {json.dumps(answer.get('page'), indent=1)}\nconsole: {console}\n"
+                f"calls: {json.dumps(answer.get('network'), indent=1)}"
             )
         return answer["value"]
 
@@ -485,6 +486,13 @@ def open_conversation(browser: Page, workspace: str, conversation: str) -> None:
     browser.click(tid("conversation-item", name=conversation))
     browser.wait_visible(tid("composer"))
     browser.wait_for(f"{tid('conversation-item', name=conversation)}.current")
+    # Its messages and runs listed: nothing moves under the next click.
+    idle(browser)
+
+
+def idle(browser: Page) -> None:
+    """Waits until the page has no call of its own in flight (the console counts them)."""
+    browser.wait("() => (document.body.dataset.busy ?? '0') === '0'")
 
 
 def send(

@@ -63,17 +63,24 @@ async def test_hostile_pdfs_fail_their_text_within_the_bounds(
     stub: Stub, world: World, mesh: SwitchboardServer, tmp_path: Path
 ) -> None:
     domain = built(mesh, ContextDomain)
-    files = Files(
-        domain.files.common,
-        FileStore(mesh.shared.database),
-        DirectoryBlobStore(tmp_path / "files"),
-        limits=FileLimits(extract_timeout_s=TIMEOUT_S, extract_memory_bytes=MEMORY),
-    )
 
+    def files_within(limits: FileLimits, folder: str) -> Files:
+        blobs = DirectoryBlobStore(tmp_path / folder)
+        return Files(domain.files.common, FileStore(mesh.shared.database), blobs, limits=limits)
+
+    # Each bound on a reader of its own, so that each hostile file meets the one it tests
+    # however busy the machine (the greedy one, slowed enough, would otherwise run out of
+    # time before it runs out of memory).
+    timed = files_within(FileLimits(extract_timeout_s=TIMEOUT_S), "timed")
+    capped = files_within(FileLimits(extract_timeout_s=60.0, extract_memory_bytes=MEMORY), "capped")
     try:
         started = time.monotonic()
-        # Both at once, with an ordinary PDF: two readers run side by side.
-        slow, greedy, fine = await store_hostile(files, world)
+        # All at once, with an ordinary PDF: readers run side by side.
+        slow, greedy, fine = await asyncio.gather(
+            store_pdf(timed, world, slow_pdf(), "slow.pdf"),
+            store_pdf(capped, world, greedy_pdf(), "greedy.pdf"),
+            store_pdf(timed, world, pdf(), "ok.pdf"),
+        )
         took = time.monotonic() - started
         assert took < 10 * TIMEOUT_S, took
         for stored in (slow, greedy, fine):
@@ -86,12 +93,14 @@ async def test_hostile_pdfs_fail_their_text_within_the_bounds(
         assert got[fine.name].text_state == pb.FILE_TEXT_STATE_READY
         assert got[fine.name].text == "Quarterly revenue grew by 12 percent"
         # The files are stored and readable whatever their text.
-        assert await files.read_all(slow.name, limit=1 * MiB) == slow_pdf()
-        # And the reader still reads the next PDF.
-        again = await store_pdf(files, world, pdf("Second line of text"), "again.pdf")
-        assert again.text_state == pb.FILE_TEXT_STATE_READY
+        assert await timed.read_all(slow.name, limit=1 * MiB) == slow_pdf()
+        # And the readers still read the next PDF.
+        for files in (timed, capped):
+            again = await store_pdf(files, world, pdf("Second line of text"), "again.pdf")
+            assert again.text_state == pb.FILE_TEXT_STATE_READY
     finally:
-        await files.close()
+        await timed.close()
+        await capped.close()
 
 
 async def store_pdf(files: Files, world: World, data: bytes, name: str) -> pb.File:
@@ -103,17 +112,6 @@ async def store_pdf(files: Files, world: World, data: bytes, name: str) -> pb.Fi
         media_type="application/pdf",
         data=data,
     )
-
-
-async def store_hostile(files: Files, world: World) -> tuple[pb.File, pb.File, pb.File]:
-    """The slow PDF, the greedy one and an ordinary one, stored at once: their readers
-    run side by side."""
-    slow, greedy, fine = await asyncio.gather(
-        store_pdf(files, world, slow_pdf(), "slow.pdf"),
-        store_pdf(files, world, greedy_pdf(), "greedy.pdf"),
-        store_pdf(files, world, pdf(), "ok.pdf"),
-    )
-    return slow, greedy, fine
 
 
 async def shown(stub: Stub, world: World, *stored: pb.File) -> dict[str, pb.File]:
