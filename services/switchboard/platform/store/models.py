@@ -318,6 +318,9 @@ class RunRow(Base):
         # Quotas: a workspace's queued and running runs, and an API key's of them,
         # counted on every SendMessage.
         Index("ix_runs_quota", "workspace_id", "state", "api_key_id"),
+        # A run's children (ListRuns' ``parent_run``), a tree's size (delegation).
+        Index("ix_runs_parent", "parent_id"),
+        Index("ix_runs_root", "root_id"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
@@ -354,6 +357,11 @@ class RunRow(Base):
     # Its model calls the price table has no price for (``Usage.unpriced_calls``),
     # stored with its end: QueryUsage counts the runs whose cost leaves some out.
     unpriced_calls: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The run whose delegate tool call started it ("" for none: ListRuns' ``parent_run``
+    # filter), and the root of its tree (itself for a run with no parent): a tree's
+    # children are counted against ``dispatcher_max_children_per_tree``.
+    parent_id: Mapped[str] = mapped_column(String(ID_LENGTH), server_default="")
+    root_id: Mapped[str] = mapped_column(String(ID_LENGTH), server_default="")
 
 
 #: Schema the migrations create outside the models (full-text search); the drift

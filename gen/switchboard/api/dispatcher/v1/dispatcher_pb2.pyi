@@ -639,6 +639,9 @@ class Run(_message.Message):
     STEER_FIELD_NUMBER: _builtins.int
     STEER_MODE_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    PARENT_TOOL_CALL_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -673,6 +676,19 @@ class Run(_message.Message):
     schedule: _builtins.str
     """The schedule that started it, `workspaces/{w}/schedules/{s}`; empty for a
     run a caller started.
+    """
+    parent: _builtins.str
+    """The run whose assistant asked this run's assistant a question (a delegate
+    tool call, docs/delegation.md), `workspaces/{w}/conversations/{c}/runs/{r}`;
+    empty for a run a caller or a schedule started. Output only.
+    """
+    parent_tool_call: _builtins.str
+    """The parent's tool call this run answers (`ToolCall.id`); empty without a
+    parent. Output only.
+    """
+    depth: _builtins.int
+    """How deep in its tree: 0 for a run with no parent, its parent's depth + 1
+    otherwise. Output only.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -755,10 +771,13 @@ class Run(_message.Message):
         steer: Global___Steer | None = ...,
         steer_mode: Global___SteerMode.ValueType = ...,
         schedule: _builtins.str = ...,
+        parent: _builtins.str = ...,
+        parent_tool_call: _builtins.str = ...,
+        depth: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "steer", b"steer", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1332,6 +1351,56 @@ class GetRunResponse(_message.Message):
 Global___GetRunResponse: _TypeAlias = GetRunResponse  # noqa: Y015
 
 @_typing.final
+class ChildRun(_message.Message):
+    """A child run as its parent's updates show it (RunUpdate.child_run)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The child, `workspaces/{w}/conversations/{c}/runs/{r}` (its conversation is
+    its own).
+    """
+    assistant: _builtins.str
+    """The assistant that answers, `workspaces/{w}/assistants/{a}`."""
+    tool_call_id: _builtins.str
+    """The parent's tool call it answers (`ToolCall.id`)."""
+    state: Global___RunState.ValueType
+    """Its state when this update was made: QUEUED or RUNNING when it started, its
+    terminal state when it ended.
+    """
+    @_builtins.property
+    def usage(self) -> _handler_pb2.Usage:
+        """What it spent (set when it ended)."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why it did not succeed (set when it ended otherwise)."""
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+        tool_call_id: _builtins.str = ...,
+        state: Global___RunState.ValueType = ...,
+        usage: _handler_pb2.Usage | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "error", b"error", "run", b"run", "state", b"state", "tool_call_id", b"tool_call_id", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChildRun: _TypeAlias = ChildRun  # noqa: Y015
+
+@_typing.final
 class ListRunsRequest(_message.Message):
     """Request for ListRuns."""
 
@@ -1343,6 +1412,7 @@ class ListRunsRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     ASSISTANT_FIELD_NUMBER: _builtins.int
     STATE_CHANGED_AFTER_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`workspaces/{w}/conversations/{c}`: that conversation's runs; or
     `workspaces/{w}`: the runs of every conversation of the workspace (READ on
@@ -1357,6 +1427,11 @@ class ListRunsRequest(_message.Message):
     assistant: _builtins.str
     """Only the runs that use this assistant, `workspaces/{w}/assistants/{a}`
     (in the parent's workspace); all if empty.
+    """
+    parent_run: _builtins.str
+    """Only the children of this run, `workspaces/{w}/conversations/{c}/runs/{r}`
+    (in the parent's workspace; `parent` then names the workspace): the runs its
+    delegate tool calls started. All runs if empty.
     """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RunState.ValueType]:
@@ -1377,10 +1452,11 @@ class ListRunsRequest(_message.Message):
         states: _abc.Iterable[Global___RunState.ValueType] | None = ...,
         assistant: _builtins.str = ...,
         state_changed_after: _timestamp_pb2.Timestamp | None = ...,
+        parent_run: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state_changed_after", b"state_changed_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "state_changed_after", b"state_changed_after", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "parent_run", b"parent_run", "state_changed_after", b"state_changed_after", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1551,6 +1627,7 @@ class RunUpdate(_message.Message):
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
     SPEECH_FIELD_NUMBER: _builtins.int
     STEER_FIELD_NUMBER: _builtins.int
+    CHILD_RUN_FIELD_NUMBER: _builtins.int
     FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
@@ -1604,6 +1681,12 @@ class RunUpdate(_message.Message):
     def steer(self) -> Global___SteerUpdate:
         """A steer of this run was accepted, consumed or requeued."""
 
+    @_builtins.property
+    def child_run(self) -> Global___ChildRun:
+        """A child run (a delegate's answer to one of this run's tool calls) started
+        or ended; follow it with WatchRun on its name.
+        """
+
     def __init__(
         self,
         *,
@@ -1618,13 +1701,14 @@ class RunUpdate(_message.Message):
         tool_result: _handler_pb2.ToolResult | None = ...,
         speech: Global___SpeechChunk | None = ...,
         steer: Global___SteerUpdate | None = ...,
+        child_run: Global___ChildRun | None = ...,
         first_sequence: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "first_sequence", b"first_sequence", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "first_sequence", b"first_sequence", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech", "steer"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech", "steer", "child_run"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 
@@ -2066,6 +2150,7 @@ class Assistant(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     VOICE_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FIELD_NUMBER: _builtins.int
+    DELEGATES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/assistants/{a}`."""
     display_name: _builtins.str
@@ -2115,6 +2200,14 @@ class Assistant(_message.Message):
         for each message, and a tool the model can search with itself.
         """
 
+    @_builtins.property
+    def delegates(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssistantDelegate]:
+        """The assistants of the workspace this one may ask (at most 16): each is
+        offered to its model as a tool (`ask_{assistant id}`) whose call runs that
+        assistant as a child run and answers with its final answer
+        (docs/delegation.md).
+        """
+
     def __init__(
         self,
         *,
@@ -2133,14 +2226,45 @@ class Assistant(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         voice: Global___VoiceSettings | None = ...,
         retrieval: Global___RetrievalSettings | None = ...,
+        delegates: _abc.Iterable[Global___AssistantDelegate] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "model", b"model", "retrieval", b"retrieval", "update_time", b"update_time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "retrieval", b"retrieval", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "delegates", b"delegates", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "retrieval", b"retrieval", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assistant: _TypeAlias = Assistant  # noqa: Y015
+
+@_typing.final
+class AssistantDelegate(_message.Message):
+    """An assistant another assistant may ask (Assistant.delegates)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    assistant: _builtins.str
+    """`workspaces/{w}/assistants/{a}`, in the same workspace, not the assistant
+    itself.
+    """
+    description: _builtins.str
+    """What to ask it for, as the asking model reads it (at most 1,000
+    characters); the delegate's own description if empty.
+    """
+    def __init__(
+        self,
+        *,
+        assistant: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssistantDelegate: _TypeAlias = AssistantDelegate  # noqa: Y015
 
 @_typing.final
 class RetrievalSettings(_message.Message):

@@ -52,6 +52,8 @@ class RunJob(_message.Message):
     STEER_TARGET_FIELD_NUMBER: _builtins.int
     STEER_MODE_FIELD_NUMBER: _builtins.int
     CONSUMED_STEERS_FIELD_NUMBER: _builtins.int
+    TREE_ROOT_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user the run acts for (an id, not a resource name)."""
     auth_method: _builtins.str
@@ -85,6 +87,10 @@ class RunJob(_message.Message):
     """
     steer_mode: _dispatcher_pb2.SteerMode.ValueType
     """How the run takes steers that arrive while its model writes."""
+    tree_root: _builtins.str
+    """For a delegate's run (a child): the run id of its tree's root (empty for
+    a run with no parent: it is its own root).
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The credential's scopes."""
@@ -138,6 +144,13 @@ class RunJob(_message.Message):
         again before the same step.
         """
 
+    @_builtins.property
+    def lineage(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For a delegate's run: the assistants (ids) from the root down to its
+        parent's, in order. A delegate call to an assistant already on that line,
+        or the run's own, is a cycle, refused before it starts (docs/delegation.md).
+        """
+
     def __init__(
         self,
         *,
@@ -161,10 +174,12 @@ class RunJob(_message.Message):
         steer_target: _builtins.str = ...,
         steer_mode: _dispatcher_pb2.SteerMode.ValueType = ...,
         consumed_steers: _abc.Iterable[Global___ConsumedSteer] | None = ...,
+        tree_root: _builtins.str = ...,
+        lineage: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "assistant", b"assistant", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "speech", b"speech"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "consumed_steers", b"consumed_steers", "handed_budget", b"handed_budget", "handler_fingerprint", b"handler_fingerprint", "journal_version", b"journal_version", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "speech", b"speech", "steer_mode", b"steer_mode", "steer_target", b"steer_target", "step_records", b"step_records", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "consumed_steers", b"consumed_steers", "handed_budget", b"handed_budget", "handler_fingerprint", b"handler_fingerprint", "journal_version", b"journal_version", "lineage", b"lineage", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "speech", b"speech", "steer_mode", b"steer_mode", "steer_target", b"steer_target", "step_records", b"step_records", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "tree_root", b"tree_root", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,6 +86,8 @@ _RUN_COLUMNS: Final = (
     "data",
     "job",
     "api_key_id",
+    "parent_id",
+    "root_id",
 )
 _INSERT_RUN: Final = Prepared(_RUNS.insert(), columns=_RUN_COLUMNS, name="runs.insert")
 #: A run that has not ended; the states inline, not an expanding IN list, so a
@@ -226,6 +228,10 @@ class NewRun:
     reject_if_active: bool = False
     #: The API key the run was started with ("" for none): quotas count a key's runs.
     api_key_id: str = ""
+    #: The run whose delegate call started it, and its tree's root ("": none; the root
+    #: of a run with no parent is itself).
+    parent_id: str = ""
+    root_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,8 @@ class Listing:
     assistant_id: str = ""
     states: Sequence[int] = ()
     changed_after: dt.datetime | None = None
+    #: Only the children of this run (its id).
+    parent_id: str = ""
 
 
 class RunStore:
@@ -280,6 +288,8 @@ class RunStore:
                     "data": new.run.SerializeToString(),
                     "job": new.job,
                     "api_key_id": new.api_key_id,
+                    "parent_id": new.parent_id,
+                    "root_id": new.root_id or new.run_id,
                 },
             )
             return Stored(new.run, new.job, new.workspace_id, new.conversation_id), False
@@ -541,6 +551,8 @@ class RunStore:
                 where.append(RunRow.state.in_(list(listing.states)))
             if listing.changed_after is not None:
                 where.append(RunRow.state_time > listing.changed_after)
+            if listing.parent_id:
+                where.append(RunRow.parent_id == listing.parent_id)
             total = db.scalar(select(func.count()).select_from(RunRow).where(*where)) or 0
             query = select(RunRow).where(*where)
             if after is not None:
@@ -555,6 +567,28 @@ class RunStore:
             return list(db.scalars(query)), total
 
         return await self._run(work, write=False)
+
+    async def tree_size(self, root_id: str) -> int:
+        """How many runs the tree rooted at ``root_id`` holds, its root included."""
+
+        def work(db: Session) -> int:
+            query = select(func.count()).select_from(RunRow).where(RunRow.root_id == root_id)
+            return db.scalar(query) or 0
+
+        return await self._run(work, write=False)
+
+    async def children(self, parent_id: str) -> list[pb.Run]:
+        """The runs the run ``parent_id`` started (its delegate calls), oldest first."""
+
+        def work(db: Session) -> list[bytes]:
+            query = (
+                select(RunRow.data)
+                .where(RunRow.parent_id == parent_id)
+                .order_by(RunRow.created_at, RunRow.id)
+            )
+            return list(db.scalars(query))
+
+        return [pb.Run.FromString(data) for data in await self._run(work, write=False)]
 
     async def owned_active(self, worker: str) -> list[Stored]:
         """Active runs owned by ``worker``, oldest first (recovery after a restart)."""

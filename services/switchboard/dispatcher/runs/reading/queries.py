@@ -32,6 +32,7 @@ from switchboard.dispatcher.runs.core.live import (
     next_block,
 )
 from switchboard.dispatcher.runs.core.store import TERMINAL, Listing, Stored
+from switchboard.dispatcher.runs.delegation import Delegation
 from switchboard.dispatcher.runs.execution import step_limit
 from switchboard.dispatcher.runs.intake.screening import HANDLER, route
 from switchboard.dispatcher.tools.port import ToolPort
@@ -68,6 +69,17 @@ def _listing(request: pb.ListRunsRequest) -> Listing:
                 f"assistant {description}", [FieldViolation("assistant", description)]
             )
         assistant_id = assistant.assistant
+    parent_id = ""
+    if request.parent_run:
+        parent_run = RunName.parse_or_none(request.parent_run)
+        if parent_run is None or parent_run.workspace != workspace.workspace:
+            description = (
+                "must be workspaces/{w}/conversations/{c}/runs/{r} of the parent's workspace"
+            )
+            raise InvalidArgument(
+                f"parent_run {description}", [FieldViolation("parent_run", description)]
+            )
+        parent_id = parent_run.run
     changed_after = None
     if request.HasField("state_changed_after"):
         changed_after = timefields.timestamp(request.state_changed_after, "state_changed_after")
@@ -77,6 +89,7 @@ def _listing(request: pb.ListRunsRequest) -> Listing:
         assistant_id=assistant_id,
         states=sorted(set(request.states)),
         changed_after=changed_after,
+        parent_id=parent_id,
     )
 
 
@@ -90,9 +103,12 @@ class Queries:
         page_tokens: pagination.PageTokens,
         tools: ToolPort,
         tool_limits: ToolLimits,
+        delegation: Delegation | None = None,
     ) -> None:
         self._live = common.live
         self._store = common.store
+        #: The delegate tools an assistant offers (DescribeConversation lists them).
+        self._delegation = delegation
         self._feeds = common.feeds
         self._bus = common.bus
         self._router = common.router
@@ -124,6 +140,7 @@ class Queries:
             list(listing.states),
             listing.assistant_id,
             listing.changed_after.isoformat() if listing.changed_after else "",
+            listing.parent_id,
         )
         after: tuple[dt.datetime, str] | None = None
         if request.page_token:
@@ -357,6 +374,8 @@ class Queries:
         definitions, unavailable = await offered_tools(self._tools, principal, assistant)
         if assistant is not None and assistant.retrieval.search_tool:
             definitions.append(search_memory_definition())
+        if assistant is not None and self._delegation is not None:
+            definitions.extend(await self._delegation.definitions(assistant))
         response.tools.extend(definitions)
         response.unavailable_tools.extend(unavailable)
         if definitions or handler.capabilities.interactive:
