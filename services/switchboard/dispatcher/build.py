@@ -55,6 +55,7 @@ from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.core.store import RunStore
+from switchboard.dispatcher.runs.delegation import Delegation, DelegationLimits
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.intake.content import (
@@ -325,7 +326,15 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
     scheduler = _scheduler(run.settings)
     publishing = Publishing(common=common)
     steers = SteerBook(common=common, scheduler=scheduler, publishing=publishing)
-    execution = _execution(run, common, scheduler, publishing, steers)
+    delegation = Delegation(
+        limits=_delegation_limits(run.settings),
+        store=common.store,
+        scheduler=scheduler,
+        assistants=run.catalogs.assistants,
+        context=run.context,
+        closing=lambda: common.live.closing,
+    )
+    execution = _execution(run, common, scheduler, publishing, steers, delegation)
     admission = _admission(run, common, scheduler, publishing, execution)
     control = Control(
         common=common,
@@ -356,6 +365,7 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
             page_tokens=shared.page_tokens,
             tools=run.tools,
             tool_limits=_tool_limits(run.settings),
+            delegation=delegation,
         ),
         control=control,
         steering=Steering(common=common, book=steers, admission=admission, control=control),
@@ -372,6 +382,15 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
             limits=_talk_limits(run.settings),
         ),
         spending=run.spending,
+        delegation=delegation,
+    )
+
+
+def _delegation_limits(settings: DispatcherSettings) -> DelegationLimits:
+    return DelegationLimits(
+        max_depth=settings.dispatcher_max_delegation_depth,
+        max_children_per_run=settings.dispatcher_max_children_per_run,
+        max_children_per_tree=settings.dispatcher_max_children_per_tree,
     )
 
 
@@ -393,7 +412,12 @@ def _common(run: _Run) -> Common:
 
 
 def _execution(
-    run: _Run, common: Common, scheduler: Scheduler, publishing: Publishing, steers: SteerBook
+    run: _Run,
+    common: Common,
+    scheduler: Scheduler,
+    publishing: Publishing,
+    steers: SteerBook,
+    delegation: Delegation,
 ) -> Execution:
     return Execution(
         common=common,
@@ -408,6 +432,7 @@ def _execution(
         spending=run.spending,
         speech=run.speech,
         steers=steers,
+        delegation=delegation,
     )
 
 

@@ -49,6 +49,7 @@ from switchboard.dispatcher.runs.core.live import (
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.dispatcher.runs.core.steers import SteerBook
+from switchboard.dispatcher.runs.delegation import Delegation, Parent
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.reading.queries import Queries
@@ -86,6 +87,8 @@ class Stages:
     talks: Callable[[Dispatcher], Talks]
     #: Budgets (None: none are enforced); its ``on_change`` is the budget catalog's hook.
     spending: Spending | None = None
+    #: Delegate runs (``runs/delegation.py``), which call back into the dispatcher.
+    delegation: Delegation | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,10 @@ class Dispatcher:
         self._live = stages.common.live
         self._streams = stages.streams(self)
         self.talks = stages.talks(self)
+        if stages.delegation is not None:
+            # A delegate's child run is a message like any other: sent, watched and
+            # cancelled through these calls.
+            stages.delegation.calls = self
 
     # -- what tests and the build look at ------------------------------------------------
 
@@ -183,10 +190,12 @@ class Dispatcher:
         *,
         via: Via = IN_PROCESS,
         schedule: str = "",
+        parent: Parent | None = None,
     ) -> pb.SendMessageResponse:
         """``handed``: a budget the caller handed over across a hop (``handlers/handed.py``);
         ``via``: how the call came (CONCURRENCY_POLICY_STEER may go to the target's owner);
-        ``schedule``: the schedule whose tick sends it (``schedules/firing.py``)."""
+        ``schedule``: the schedule whose tick sends it (``schedules/firing.py``);
+        ``parent``: the run whose delegate call sends it (``runs/delegation.py``)."""
         if request.concurrency_policy == pb.CONCURRENCY_POLICY_STEER:
             return await self._stages.steering.send_message(
                 principal,
@@ -197,7 +206,7 @@ class Dispatcher:
                 schedule=schedule,
             )
         return await self._stages.admission.send_message(
-            principal, request, handed, schedule=schedule
+            principal, request, handed, schedule=schedule, parent=parent
         )
 
     async def steer_run(

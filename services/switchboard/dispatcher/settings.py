@@ -175,6 +175,25 @@ class DispatcherSettings(Section):
         le=128,
         description="tool calls one model answer may make (more are answered with an error)",
     )
+    dispatcher_max_delegation_depth: int = Field(
+        default=3,
+        ge=1,
+        le=8,
+        description="how deep a tree of delegate runs may grow (a run with no parent is "
+        "at 0; a delegate call past this is refused before it starts)",
+    )
+    dispatcher_max_children_per_run: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="delegate runs one run may have going at once (more calls wait)",
+    )
+    dispatcher_max_children_per_tree: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="delegate runs one tree may start in all (more calls are refused)",
+    )
     dispatcher_approval_timeout_s: float = Field(
         default=600.0,
         gt=0,

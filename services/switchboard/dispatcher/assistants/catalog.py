@@ -68,6 +68,7 @@ MUTABLE: Final = (
     "workspace_default",
     "voice",
     "retrieval",
+    "delegates",
 )
 #: The fields kept in the stored blob (``workspace_default`` is a column).
 _SETTINGS: Final = tuple(path for path in MUTABLE if path != "workspace_default")
@@ -88,6 +89,9 @@ _LANGUAGE: Final = re.compile(r"[a-z]{2}")
 MAX_RETRIEVAL_TOP_K: Final = 20
 MAX_RETRIEVAL_TOKENS: Final = 32_000
 MAX_RETRIEVAL_FILTER: Final = 1_000
+#: ``Assistant.delegates``: how many, and each one's description.
+MAX_DELEGATES: Final = 16
+MAX_DELEGATE_DESCRIPTION: Final = 1_000
 _MODES: Final = frozenset(context_pb2.SearchMode.values())
 #: Parses a retrieval filter as the context service will (``(text, workspace_id)``),
 #: raising InvalidArgument on ``assistant.retrieval.filter``; given by the
@@ -172,6 +176,37 @@ def _retrieval(
             check_filter(retrieval.filter, workspace_id)
         except InvalidArgument as refused:
             violations.items.extend(refused.violations)
+
+
+def _delegates(
+    workspace_id: str,
+    own_id: str,
+    delegates: Sequence[pb.AssistantDelegate],
+    violations: Violations,
+) -> dict[str, str]:
+    """The delegates' assistant ids and the field naming each (their existence is
+    checked after the cheap checks); violations for the rest."""
+    if len(delegates) > MAX_DELEGATES:
+        violations.add("assistant.delegates", f"at most {MAX_DELEGATES} delegates")
+        return {}
+    found: dict[str, str] = {}
+    for index, delegate in enumerate(delegates):
+        field = f"assistant.delegates[{index}].assistant"
+        named = AssistantName.parse_or_none(delegate.assistant)
+        if named is None or named.workspace != workspace_id:
+            violations.add(field, f"must be an assistant of {WorkspaceName(workspace_id)}")
+        elif named.assistant == own_id:
+            violations.add(field, "an assistant cannot ask itself")
+        elif named.assistant in found:
+            violations.add(field, f"{delegate.assistant} is named twice")
+        else:
+            found[named.assistant] = field
+        if len(delegate.description) > MAX_DELEGATE_DESCRIPTION:
+            violations.add(
+                f"assistant.delegates[{index}].description",
+                f"is longer than {MAX_DELEGATE_DESCRIPTION:,} characters",
+            )
+    return found
 
 
 def _copy(assistant: pb.Assistant) -> pb.Assistant:
@@ -274,6 +309,13 @@ class Assistants:
         if "tools" in paths:
             lookups = self._tools(workspace_id, given.tools, violations)
             clean.tools.extend(given.tools)
+        # Kept only where the paths name them (an update's mask copies no more).
+        delegates = (
+            _delegates(workspace_id, fallback_name, given.delegates, violations)
+            if "delegates" in paths
+            else {}
+        )
+        clean.delegates.extend(given.delegates)
         handler_id = ""
         if "handler" in paths and given.handler:
             handler = HandlerName.parse_or_none(given.handler)
@@ -294,8 +336,21 @@ class Assistants:
             for (integration, field), there in zip(lookups.items(), exists, strict=True):
                 if not there:
                     violations.add(field, f"names no integration of this workspace ({integration})")
+        await self._delegates_exist(workspace_id, delegates, violations)
         violations.check()
         return clean
+
+    async def _delegates_exist(
+        self, workspace_id: str, delegates: dict[str, str], violations: Violations
+    ) -> None:
+        """A violation on each field naming an assistant the workspace does not have."""
+        if not delegates:
+            return
+        known = (await self._workspace(workspace_id, fresh=True)).by_id
+        for assistant_id, field in delegates.items():
+            if assistant_id not in known:
+                named = AssistantName(workspace_id, assistant_id)
+                violations.add(field, f"names no assistant of this workspace ({named})")
 
     @staticmethod
     def _texts(
@@ -558,8 +613,14 @@ class Assistants:
         # A copy: callers may change what they are given, and the cache is shared.
         return _copy(assistant)
 
-    async def _workspace(self, workspace_id: str) -> _Workspace:
+    async def _workspace(self, workspace_id: str, *, fresh: bool = False) -> _Workspace:
+        """``fresh``: read again unless this process's cache is known current (an
+        owner's write checks against what is stored, not what another process may
+        have changed since)."""
         cached = self._cache.get(workspace_id)
+        if fresh and cached is not None:
+            self._drop(workspace_id)
+            cached = None
         if cached is not None and self.clock() - cached.loaded_at < CACHE_TTL_S:
             self._cache.move_to_end(workspace_id)
             return cached

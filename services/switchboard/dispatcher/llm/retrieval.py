@@ -173,7 +173,12 @@ class SearchMemory:
         self.definition = search_memory_definition()
 
     async def run(
-        self, principal: Principal, arguments: struct_pb2.Struct, *, timeout_s: float
+        self,
+        principal: Principal,
+        arguments: struct_pb2.Struct,
+        *,
+        timeout_s: float,
+        call_id: str = "",
     ) -> tuple[bool, str]:
         request, problem = _arguments(structs.message_dict(arguments))
         if request is None:

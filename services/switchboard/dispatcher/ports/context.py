@@ -36,6 +36,8 @@ class _Messages(Protocol):
         self, principal: Principal, /, request: cpb.AppendMessageRequest
     ) -> Awaitable[cpb.Message]: ...
 
+    def get(self, name: str) -> Awaitable[cpb.Message]: ...
+
 
 class _Windows(Protocol):
     def window(
@@ -93,6 +95,10 @@ class ContextPort(Protocol):
         self, principal: Principal, name: str, *, timeout_s: float
     ) -> cpb.Conversation: ...
 
+    async def message(self, principal: Principal, name: str, *, timeout_s: float) -> cpb.Message:
+        """A stored message (a delegate run's answer, read by the run that asked)."""
+        ...
+
     async def create_conversation(
         self, principal: Principal, request: cpb.CreateConversationRequest, *, timeout_s: float
     ) -> cpb.Conversation:
@@ -134,6 +140,10 @@ class LocalContext:
         self, principal: Principal, name: str, *, timeout_s: float
     ) -> cpb.Conversation:
         return await self._domain.conversations.get(name)
+
+    async def message(self, principal: Principal, name: str, *, timeout_s: float) -> cpb.Message:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.messages.get(name)
 
     async def create_conversation(
         self, principal: Principal, request: cpb.CreateConversationRequest, *, timeout_s: float
@@ -185,6 +195,12 @@ class RemoteContext:
             self._stub.GetConversation, cpb.GetConversationRequest(name=name), principal, timeout_s
         )
         return response.conversation
+
+    async def message(self, principal: Principal, name: str, *, timeout_s: float) -> cpb.Message:
+        response = await self._peer.call(
+            self._stub.GetMessage, cpb.GetMessageRequest(name=name), principal, timeout_s
+        )
+        return response.message
 
     async def create_conversation(
         self, principal: Principal, request: cpb.CreateConversationRequest, *, timeout_s: float

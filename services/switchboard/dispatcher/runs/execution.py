@@ -60,10 +60,11 @@ from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.core.store import TERMINAL, Charged
+from switchboard.dispatcher.runs.delegation import Delegation
 from switchboard.dispatcher.runs.durable import Durable
 from switchboard.dispatcher.tools.journal import Journal, cover
 from switchboard.dispatcher.tools.port import ToolPort
-from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
+from switchboard.dispatcher.tools.runner import BuiltinTool, RunTools, ToolLimits, offered_tools
 from switchboard.dispatcher.voice.speaker import Speaker, Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import background
@@ -124,8 +125,11 @@ class Execution:
         spending: Spending | None = None,
         speech: Speech | None = None,
         steers: SteerBook | None = None,
+        delegation: Delegation | None = None,
     ) -> None:
         self._live = common.live
+        #: Delegates offered as tools, and the child runs they start (``delegation.py``).
+        self._delegation = delegation
         #: The replica's steers (None: runs take none; their steers run as queued runs).
         self._steers = steers
         #: The server's speech (None: no engine; a run asked to speak answers in text).
@@ -330,15 +334,22 @@ class Execution:
         # gathered is one more task on the path to the first delta).
         budgets = self._admitted_budgets(active)
         reread = self._spending is not None and budgets is None
-        if assistant is not None and (assistant.tools or assistant.retrieval.search_tool):
-            (_, window), (definitions, _), read = await asyncio.gather(
+        delegates = self._delegation is not None and assistant is not None and assistant.delegates
+        if assistant is not None and (
+            assistant.tools or assistant.retrieval.search_tool or delegates
+        ):
+            (_, window), (definitions, _), read, asked = await asyncio.gather(
                 reads,
                 offered_tools(self._tools, active.principal, assistant),
                 self._budgets(active) if reread else _nothing(),
+                self._delegation.definitions(assistant)
+                if self._delegation is not None
+                else _none(),
             )
             budgets = read if reread else budgets
             if assistant.retrieval.search_tool:
                 definitions.append(search_memory_definition())
+            definitions.extend(asked)
         elif reread:
             (_, window), budgets = await asyncio.gather(reads, self._budgets(active))
         else:
@@ -570,16 +581,28 @@ class Execution:
             deadline=clock.left,
             journal=journal,
             budget=active.budget,
-            builtins=(
-                {TOOL_NAME: SearchMemory(self._context, active.conversation)}
-                if assistant is not None and assistant.retrieval.search_tool
-                else None
-            ),
+            builtins=self._builtins(active, definitions),
         )
         if journal.resuming:
             runner.restore()
         active.tools = runner
         return runner
+
+    def _builtins(
+        self, active: Active, definitions: Sequence[handler_pb2.ToolDefinition]
+    ) -> dict[str, BuiltinTool]:
+        """The tools the dispatcher runs itself for ``active``: ``search_memory``, its
+        assistant's delegates."""
+        assistant = active.assistant
+        found: dict[str, BuiltinTool] = {}
+        if assistant is None:
+            return found
+        if assistant.retrieval.search_tool:
+            found[TOOL_NAME] = SearchMemory(self._context, active.conversation)
+        if self._delegation is not None and assistant.delegates:
+            emit = functools.partial(self._publishing.emit, active)
+            found.update(self._delegation.builtins(active, emit, definitions))
+        return found
 
     async def _relay(self, active: Active, call: HandleCall) -> handler_pb2.HandleResult:
         """The handler's frames into the run's updates; returns its result."""
@@ -932,6 +955,10 @@ class Execution:
 
 async def _nothing() -> None:
     return None
+
+
+async def _none() -> list[handler_pb2.ToolDefinition]:
+    return []
 
 
 def _covered(usage: handler_pb2.Usage, charged: Charged) -> handler_pb2.Usage:

@@ -198,18 +198,25 @@ class RunHost(Protocol):
 
 
 class BuiltinTool(Protocol):
-    """A tool the dispatcher runs itself (``search_memory``): offered by the run's
-    assistant, named by its bare name (no integration), read-only (so sent again
-    after a crash, like a retry-safe tool), free, and never sent to the hub."""
+    """A tool the dispatcher runs itself (``search_memory``, a delegate's ``ask_...``):
+    offered by the run's assistant, named by its bare name (no integration), sent
+    again after a crash like a retry-safe tool (read-only, or idempotent on the call's
+    id), free, and never sent to the hub."""
 
     @property
     def definition(self) -> hpb.ToolDefinition: ...
 
     async def run(
-        self, principal: Principal, arguments: struct_pb2.Struct, *, timeout_s: float
+        self,
+        principal: Principal,
+        arguments: struct_pb2.Struct,
+        *,
+        timeout_s: float,
+        call_id: str = "",
     ) -> tuple[bool, str]:
         """Whether it succeeded, and the text for the model; bad arguments and a
-        refused search are ``(False, why)``, never an exception."""
+        refused search are ``(False, why)``, never an exception. ``call_id``: the
+        call's id, the same when a call is sent again after a crash."""
         ...
 
 
@@ -589,7 +596,7 @@ class RunTools:
         started = time.monotonic()
         try:
             succeeded, text = await builtin.run(
-                self._principal, call.arguments, timeout_s=self._remaining()
+                self._principal, call.arguments, timeout_s=self._remaining(), call_id=call.id
             )
         except SwitchboardError as exc:  # an outage of the context service
             succeeded, text = False, f"The tool call failed: {exc.message[:_MAX_ERROR_CHARS]}"

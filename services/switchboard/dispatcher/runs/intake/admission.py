@@ -42,6 +42,7 @@ from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.core.store import NewRun, Stored, raise_busy
+from switchboard.dispatcher.runs.delegation import Parent
 from switchboard.dispatcher.runs.intake.content import ContentPolicy
 from switchboard.dispatcher.runs.intake.screening import Screened, Screening, Steered
 from switchboard.dispatcher.runs.intake.speech import Listening
@@ -141,19 +142,20 @@ class Admission:
         *,
         schedule: str = "",
         steer: Steered | None = None,
+        parent: Parent | None = None,
     ) -> pb.SendMessageResponse:
         """``handed``: the budget a caller handed over (``x-switchboard-budget``), one
         more cap on the run; nothing left of it refuses the message. ``schedule``: the
         schedule whose tick sends it (``Run.schedule``; ``schedules/firing.py``).
         ``steer``: the message steers a live run (``steering.py``), through the same
-        checks."""
+        checks. ``parent``: the run whose delegate call sends it (``delegation.py``)."""
         conversation = ConversationName.parse(request.conversation, "conversation")
         # A few of a workspace's messages at a time: admissions share the database's
         # writers with every other workspace's, and a flood queued there would hold up
         # the others' first tokens (bench/fairness.py).
         async with self._turns.held(conversation.workspace):
             return await self._send_message(
-                principal, request, conversation, handed, schedule, steer
+                principal, request, conversation, handed, schedule, steer, parent
             )
 
     async def _send_message(
@@ -164,6 +166,7 @@ class Admission:
         handed: Handed | None,
         schedule: str = "",
         steer: Steered | None = None,
+        parent: Parent | None = None,
     ) -> pb.SendMessageResponse:
         screened = await self._listening.screen(principal, request, conversation.workspace, steer)
         request = screened.request
@@ -179,6 +182,7 @@ class Admission:
         run, job = _new_run(principal, stored_message, name, screened)
         _carry_trace(self._tracer, run, job)
         _mark_sender(run, job, schedule, steer, handed)
+        _mark_parent(run, job, parent)
         policy = _policy(request)
         created, replayed = await self._store.create(
             NewRun(
@@ -192,6 +196,8 @@ class Admission:
                 job=job.SerializeToString(),
                 idempotency=screened.key,
                 reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
+                parent_id=parent.run.run if parent is not None else "",
+                root_id=parent.root if parent is not None else "",
             )
         )
         if replayed:
@@ -349,6 +355,17 @@ def _mark_sender(
         job.steer_target = steer.target.run.name
     if handed:
         job.handed_budget.CopyFrom(job_pb2.HandedBudget(**handed.capped()))
+
+
+def _mark_parent(run: pb.Run, job: job_pb2.RunJob, parent: Parent | None) -> None:
+    """A delegate's run: linked to the run that asked it, with its place in the tree."""
+    if parent is None:
+        return
+    run.parent = str(parent.run)
+    run.parent_tool_call = parent.tool_call
+    run.depth = parent.depth
+    job.tree_root = parent.root
+    job.lineage.extend(parent.lineage)
 
 
 def _accepted(steer: Steered | None, active: Active) -> None:

@@ -1,0 +1,407 @@
+"""Delegation: an assistant that asks another assistant of its workspace, as a tool.
+
+An assistant's ``delegates`` are offered to its model as tools named
+``ask_{assistant id}`` (input: the question). A call is a **child run**: the
+delegate answers in a conversation of its own, started through admission like any
+message (the same checks, quotas and budgets, as the parent's user), linked to its
+parent (``Run.parent``, ``parent_tool_call``, ``depth``), and its final answer is the
+call's result. The child is a run: it can be watched, cancelled, resumed after a
+crash and charged on its own; the parent's updates name it (``child_run``) when it
+starts and when it ends.
+
+* **Bounded before it starts.** A call is refused (an error result for the parent's
+  model; no conversation, no run, no model call) when the tree would grow deeper than
+  ``max_depth``, when the delegate is already on the line from the tree's root to the
+  parent (a cycle: A asks B asks A), or when the tree already started
+  ``max_children_per_tree`` children. At most ``max_children_per_run`` children of one
+  run go at once; more calls in the same step wait their turn.
+* **The parent waits without a slot.** While a parent waits for its children it gives
+  its scheduler slot back (as a run waiting for a person does), so parents waiting on
+  children cannot fill the workspace's slots and starve the children they wait for.
+* **Cancel cascades; the deadline never outlives the parent's.** A parent that ends
+  while a child runs (cancelled, past its deadline) cancels the child; a process that
+  stops leaves both to be resumed. A child's timeout is what is left of its parent's.
+* **Durable by the journal.** A delegate call is journaled like any tool call: a child
+  that answered is not asked again after a crash. One in flight is asked again with
+  the same request ids, which admission and the context service answer with the
+  conversation and run the first attempt made: the parent follows the same child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from google.protobuf import duration_pb2, struct_pb2
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2 as hpb
+from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.scheduler import Scheduler
+from switchboard.dispatcher.runs.core.store import TERMINAL, RunStore
+from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.values.resources import AssistantName, RunName
+
+log = logging.getLogger("switchboard.dispatcher.delegation")
+
+#: The tool's one argument, and how long a question may be.
+INPUT: Final = "input"
+MAX_INPUT_CHARS: Final = 32_000
+#: A delegate's tool name: ``ask_`` and its id, within the 64 characters models take.
+_PREFIX: Final = "ask_"
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
+#: Bound on each call to the context service a delegate call makes.
+_CONTEXT_TIMEOUT_S: Final = 10.0
+#: The least time a child is given (a parent about to time out refuses instead).
+_MIN_CHILD_S: Final = 1.0
+
+
+@dataclass(frozen=True)
+class DelegationLimits:
+    max_depth: int = 3
+    max_children_per_run: int = 4
+    max_children_per_tree: int = 32
+
+
+@dataclass(frozen=True)
+class Parent:
+    """What a child run keeps of its parent (admission marks the run and job with it)."""
+
+    run: RunName
+    tool_call: str
+    #: The child's depth: its parent's + 1.
+    depth: int
+    #: The run id of the tree's root.
+    root: str
+    #: The assistants from the root down to the parent's, in order.
+    lineage: tuple[str, ...]
+
+
+class Calls(Protocol):
+    """What delegation calls: the dispatcher's own calls (wired once it is built)."""
+
+    async def send_message(
+        self, principal: Principal, request: pb.SendMessageRequest, *, parent: Parent
+    ) -> pb.SendMessageResponse: ...
+
+    def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]: ...
+
+    async def get_run(self, name: str) -> pb.Run: ...
+
+    async def cancel_run(self, principal: Principal, name: str, reason: str) -> pb.Run: ...
+
+
+def tool_name(assistant_id: str) -> str:
+    """The function name a delegate is offered under (``ask_{id}``, hashed to fit)."""
+    name = _PREFIX + _UNSAFE.sub("_", assistant_id)
+    if len(name) <= 64:
+        return name
+    digest = hashlib.sha256(assistant_id.encode()).hexdigest()[:8]
+    return f"{name[:55]}_{digest}"
+
+
+def derived_id(*parts: object) -> str:
+    """A request id (``names.REQUEST_ID``) the same parts always give."""
+    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).hexdigest()
+    return f"delegate-{digest[:48]}"
+
+
+def definition(delegate: pb.AssistantDelegate, target: pb.Assistant) -> hpb.ToolDefinition:
+    """The tool the parent's model is offered for ``delegate`` (``target``: the
+    assistant it names, as stored)."""
+    named = AssistantName.parse(target.name, "assistant")
+    title = target.display_name or named.assistant
+    description = (
+        delegate.description
+        or target.description
+        or f"Ask the assistant {title} and get its answer."
+    )
+    schema = struct_pb2.Struct()
+    schema.update(
+        {
+            "type": "object",
+            "properties": {
+                INPUT: {
+                    "type": "string",
+                    "description": f"What to ask {title}: the whole question, with what it needs "
+                    "to answer (it does not see this conversation).",
+                }
+            },
+            "required": [INPUT],
+        }
+    )
+    name = tool_name(named.assistant)
+    return hpb.ToolDefinition(
+        tool=name, function_name=name, description=description, input_schema=schema
+    )
+
+
+class Delegation:
+    """The process's delegation: the tools a run's assistant offers for its delegates,
+    and the built-in tools that run them (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        limits: DelegationLimits,
+        store: RunStore,
+        scheduler: Scheduler,
+        assistants: Assistants,
+        context: ContextPort,
+        closing: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.limits = limits
+        #: Whether this process is stopping (its runs are left to be resumed).
+        self.closing = closing
+        self._store = store
+        self._scheduler = scheduler
+        self._assistants = assistants
+        self._context = context
+        #: The dispatcher's calls; set by the build once the dispatcher exists.
+        self.calls: Calls | None = None
+
+    async def definitions(self, assistant: pb.Assistant) -> list[hpb.ToolDefinition]:
+        """The delegate tools of ``assistant`` (a delegate deleted since is left out)."""
+        if not assistant.delegates:
+            return []
+        workspace = AssistantName.parse(assistant.name, "assistant").workspace
+        found: list[hpb.ToolDefinition] = []
+        for delegate in assistant.delegates:
+            try:
+                target = await self._assistants.resolve(workspace, delegate.assistant)
+            except SwitchboardError:
+                continue
+            if target is not None:
+                found.append(definition(delegate, target))
+        return found
+
+    def builtins(
+        self,
+        active: Active,
+        emit: Callable[[pb.RunUpdate], None],
+        definitions: Sequence[hpb.ToolDefinition],
+    ) -> dict[str, Delegate]:
+        """The built-in tools of one run (an attempt): one per delegate offered."""
+        assistant = active.assistant
+        if assistant is None or not assistant.delegates:
+            return {}
+        offered = {d.tool for d in definitions}
+        waiting = _Waiting(self._scheduler, active)
+        slots = asyncio.Semaphore(self.limits.max_children_per_run)
+        found: dict[str, Delegate] = {}
+        for delegate in assistant.delegates:
+            named = AssistantName.parse_or_none(delegate.assistant)
+            if named is None:
+                continue
+            name = tool_name(named.assistant)
+            if name in offered:
+                found[name] = Delegate(self, active, named, emit, waiting, slots, name)
+        return found
+
+    def _calls(self) -> Calls:
+        if self.calls is None:  # pragma: no cover - the build wires it before serving
+            raise RuntimeError("delegation is not wired to the dispatcher")
+        return self.calls
+
+
+@dataclass
+class _Waiting:
+    """A parent's slot while its children run: given back when the first starts
+    waiting, taken back (past the limits, as a resumed run does) when the last ends."""
+
+    scheduler: Scheduler
+    active: Active
+    count: int = 0
+
+    def enter(self) -> None:
+        self.count += 1
+        ticket = self.active.ticket
+        if self.count == 1 and ticket is not None:
+            self.scheduler.paused(ticket)
+
+    def leave(self) -> None:
+        self.count -= 1
+        ticket = self.active.ticket
+        if self.count == 0 and ticket is not None:
+            self.scheduler.resumed(ticket)
+
+
+class Delegate:
+    """One delegate of one run, as a built-in tool (``tools.runner.BuiltinTool``)."""
+
+    def __init__(
+        self,
+        delegation: Delegation,
+        active: Active,
+        target: AssistantName,
+        emit: Callable[[pb.RunUpdate], None],
+        waiting: _Waiting,
+        slots: asyncio.Semaphore,
+        name: str,
+    ) -> None:
+        self._delegation = delegation
+        self._active = active
+        self._target = target
+        self._emit = emit
+        self._waiting = waiting
+        self._slots = slots
+        self._name = name
+
+    @property
+    def definition(self) -> hpb.ToolDefinition:
+        return hpb.ToolDefinition(tool=self._name, function_name=self._name)
+
+    async def run(
+        self,
+        principal: Principal,
+        arguments: struct_pb2.Struct,
+        *,
+        timeout_s: float,
+        call_id: str = "",
+    ) -> tuple[bool, str]:
+        question = arguments.fields.get(INPUT)
+        if question is None or question.WhichOneof("kind") != "string_value":
+            return False, f"The call needs {INPUT!r}: the question, as a string."
+        text = question.string_value.strip()
+        if not text:
+            return False, f"{INPUT!r} is empty: write the question."
+        if len(text) > MAX_INPUT_CHARS:
+            return False, f"{INPUT!r} is longer than {MAX_INPUT_CHARS:,} characters."
+        parent = self._parent(call_id)
+        refused = await self._refused(parent, call_id)
+        if refused:
+            return False, refused
+        if timeout_s < _MIN_CHILD_S:
+            return False, "The run has no time left to ask another assistant."
+        async with self._slots:
+            return await self._ask(principal, parent, text, timeout_s)
+
+    def _parent(self, call_id: str) -> Parent:
+        active = self._active
+        own = active.assistant
+        lineage = tuple(active.job.lineage)
+        if own is not None:
+            lineage += (AssistantName.parse(own.name, "assistant").assistant,)
+        return Parent(
+            run=RunName.parse(active.run.name, "run"),
+            tool_call=call_id,
+            depth=active.run.depth + 1,
+            root=active.job.tree_root or active.run_id,
+            lineage=lineage,
+        )
+
+    async def _refused(self, parent: Parent, call_id: str) -> str:
+        """Why the call may not start a child ("": it may); checked before anything is
+        stored or any model is called."""
+        limits = self._delegation.limits
+        target = self._target.assistant
+        if target in parent.lineage:
+            path = " -> ".join((*parent.lineage, target))
+            return (
+                f"Refused: asking {target} would make a cycle ({path}); an assistant "
+                "already asking cannot be asked again down the same line."
+            )
+        if parent.depth > limits.max_depth:
+            return (
+                f"Refused: delegation is at most {limits.max_depth} levels deep, and this "
+                f"run is already at level {parent.depth - 1}."
+            )
+        started = await self._delegation._store.tree_size(parent.root)
+        # The root itself is one of the tree's runs; a call asked again after a crash
+        # finds its own child among them.
+        if started - 1 >= limits.max_children_per_tree and not await self._started(call_id):
+            return (
+                f"Refused: this tree of runs already started {limits.max_children_per_tree} "
+                "delegate runs, its limit."
+            )
+        return ""
+
+    async def _started(self, call_id: str) -> bool:
+        children = await self._delegation._store.children(self._active.run_id)
+        return any(child.parent_tool_call == call_id for child in children)
+
+    async def _ask(
+        self, principal: Principal, parent: Parent, text: str, timeout_s: float
+    ) -> tuple[bool, str]:
+        delegation = self._delegation
+        calls = delegation._calls()
+        active = self._active
+        key = f"{active.run_id}/{parent.tool_call}"
+        conversation = await delegation._context.create_conversation(
+            principal,
+            cpb.CreateConversationRequest(
+                parent=str(self._target.parent),
+                conversation=cpb.Conversation(
+                    title=f"{self._target.assistant}, asked by run {active.run_id}"[:200]
+                ),
+                request_id=derived_id("conversation", key),
+            ),
+            timeout_s=min(_CONTEXT_TIMEOUT_S, timeout_s),
+        )
+        request = pb.SendMessageRequest(
+            conversation=conversation.name,
+            message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text=text)]),
+            assistant=str(self._target),
+            request_id=derived_id("message", key),
+            timeout=duration_pb2.Duration(seconds=max(1, int(timeout_s))),
+        )
+        sent = await calls.send_message(principal, request, parent=parent)
+        child = sent.run
+        self._show(child, parent.tool_call)
+        self._waiting.enter()
+        try:
+            ended = await self._ended(calls, child.name)
+        except BaseException:
+            # The parent ended under it (cancelled, past its deadline): the child must
+            # not run on with nobody to read its answer. A process that is stopping
+            # leaves both to be resumed: the parent follows the same child then.
+            if not delegation.closing():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(
+                        calls.cancel_run(principal, child.name, "the run that asked it ended")
+                    )
+            raise
+        finally:
+            self._waiting.leave()
+        self._show(ended, parent.tool_call)
+        if ended.state != pb.RUN_STATE_SUCCEEDED:
+            why = ended.error.message or pb.RunState.Name(ended.state)
+            return False, f"{self._target.assistant} did not answer ({why})."
+        answer = await delegation._context.message(
+            principal, ended.output_message, timeout_s=_CONTEXT_TIMEOUT_S
+        )
+        return True, _text(answer) or "(an empty answer)"
+
+    async def _ended(self, calls: Calls, name: str) -> pb.Run:
+        """The child as it stands once it ended (followed through its updates)."""
+        async for update in calls.watch(name, 0):
+            if update is not None and update.state_change.run.state in TERMINAL:
+                break
+        return await calls.get_run(name)
+
+    def _show(self, child: pb.Run, call_id: str) -> None:
+        update = pb.RunUpdate()
+        shown = update.child_run
+        shown.run = child.name
+        shown.assistant = child.assistant or str(self._target)
+        shown.tool_call_id = call_id
+        shown.state = child.state
+        if child.state in TERMINAL:
+            shown.usage.CopyFrom(child.usage)
+            if child.HasField("error"):
+                shown.error.CopyFrom(child.error)
+        self._emit(update)
+
+
+def _text(message: cpb.Message) -> str:
+    return "".join(part.text for part in message.parts if part.WhichOneof("part") == "text")

@@ -1,0 +1,359 @@
+"""Delegation (docs/delegation.md): an assistant asks the assistants it lists as
+``delegates``, each offered to its model as an ``ask_{id}`` tool whose call is a child
+run. End to end: the llm handler against the local OpenAI-compatible server (scripted
+per assistant, by the instructions each request carries), the dispatcher and the
+context service over a real database.
+
+What the issue asks to see here: a parent with two children running at once, each in a
+conversation of its own and linked to the parent; the parent's updates naming them;
+ListRuns by parent; a cycle and a depth overflow refused before any model call; a
+cancelled parent ending its child; bad delegates refused at configuration."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from grpc import aio
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.mesh import create_server
+from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import make_settings
+from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.kits.contextkit import World, context_stub, create_conversation, ctx_world
+from tests.kits.dispatchkit import Stub as DStub
+from tests.kits.dispatchkit import dispatcher_stub, until, watch_all
+
+pytestmark = [pytest.mark.service, pytest.mark.asyncio]
+
+TIMEOUT_S = 30.0
+
+
+@dataclass
+class Desk:
+    server: SwitchboardServer
+    fake: FakeOpenAI
+    dstub: DStub
+    cstub: Any
+    world: World
+    conversation: str
+
+    async def assistant(
+        self, assistant_id: str, instructions: str, delegates: tuple[str, ...] = ()
+    ) -> str:
+        created = await self.dstub.CreateAssistant(
+            pb.CreateAssistantRequest(
+                parent=self.world.name,
+                assistant_id=assistant_id,
+                assistant=pb.Assistant(
+                    display_name=assistant_id.title(),
+                    description=f"Knows about {assistant_id}.",
+                    instructions=instructions,
+                    delegates=[
+                        pb.AssistantDelegate(assistant=f"{self.world.name}/assistants/{d}")
+                        for d in delegates
+                    ],
+                ),
+            ),
+            metadata=self.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        name: str = created.assistant.name
+        return name
+
+    async def send(self, assistant: str, text: str) -> pb.Run:
+        sent = await self.dstub.SendMessage(
+            pb.SendMessageRequest(
+                conversation=self.conversation,
+                assistant=assistant,
+                message=cpb.Message(parts=[cpb.ContentPart(text=text)]),
+            ),
+            metadata=self.world.editor.md,
+            timeout=TIMEOUT_S,
+        )
+        run: pb.Run = sent.run
+        return run
+
+    async def children(self, parent: str) -> list[pb.Run]:
+        listed = await self.dstub.ListRuns(
+            pb.ListRunsRequest(parent=self.world.name, parent_run=parent),
+            metadata=self.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        return sorted(listed.runs, key=lambda r: r.parent_tool_call)
+
+
+@asynccontextmanager
+async def desk(database_url: str, **settings: Any) -> AsyncIterator[Desk]:
+    async with FakeOpenAI() as fake:
+        server, _ = await create_server(
+            make_settings(
+                database_url=database_url,
+                llm_base_url=fake.url,
+                llm_model="m-1",
+                llm_max_retries=0,
+                egress_allow_loopback=True,
+                **settings,
+            )
+        )
+        await server.start()
+        try:
+            async with aio.insecure_channel(server.address) as channel:
+                cstub = context_stub(channel)
+                world = await ctx_world(server, cstub)
+                conversation = (await create_conversation(cstub, world.editor, world.name)).name
+                yield Desk(server, fake, dispatcher_stub(channel), cstub, world, conversation)
+        finally:
+            await server.shutdown(grace=0)
+
+
+def instructions(body: dict[str, Any]) -> str:
+    return str(body["messages"][0]["content"])
+
+
+def tool_outputs(body: dict[str, Any]) -> dict[str, str]:
+    return {m["tool_call_id"]: m["content"] for m in body["messages"] if m["role"] == "tool"}
+
+
+def brain(rules: dict[str, Callable[[dict[str, Any]], Reply]]) -> Callable[[dict[str, Any]], Reply]:
+    """One scripted reply for any request: the rule of the assistant whose instructions
+    the request carries."""
+    return lambda body: rules[instructions(body)](body)
+
+
+async def test_a_parent_asks_two_delegates_at_once_and_answers_with_both(
+    database_url: str,
+) -> None:
+    async with desk(database_url) as d:
+        await d.assistant("pricing", "You price things.")
+        await d.assistant("stock", "You count stock.")
+        planner = await d.assistant("planner", "You plan.", ("pricing", "stock"))
+        # Each child's answer waits until both children asked the model: two children
+        # run one after the other would never get there.
+        both = asyncio.Event()
+
+        def plan(body: dict[str, Any]) -> Reply:
+            done = tool_outputs(body)
+            if not done:
+                return Reply.tool_calls(
+                    [
+                        ("ask_pricing", {"input": "price of a kayak?"}, "c-price"),
+                        ("ask_stock", {"input": "kayaks in stock?"}, "c-stock"),
+                    ]
+                )
+            return Reply.text(f"price: {done['c-price']}; stock: {done['c-stock']}")
+
+        d.fake.script(
+            *[
+                brain(
+                    {
+                        "You plan.": plan,
+                        "You price things.": lambda body: Reply(content="400 euros", gate=both),
+                        "You count stock.": lambda body: Reply(content="seven kayaks", gate=both),
+                    }
+                )
+            ]
+            * 4
+        )
+
+        async def release() -> None:
+            await d.fake.wait_requests(3)
+            both.set()
+
+        described = await d.dstub.DescribeConversation(
+            pb.DescribeConversationRequest(conversation=d.conversation, assistant=planner),
+            metadata=d.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        assert [t.function_name for t in described.tools] == ["ask_pricing", "ask_stock"]
+        releasing = asyncio.create_task(release())
+        parent = await d.send(planner, "can I buy a kayak?")
+        seen = await watch_all(d.dstub, d.world.viewer, parent.name)
+        await releasing
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        assert seen.text == "price: 400 euros; stock: seven kayaks"
+        # What the planner's model was offered: one tool per delegate, with its input.
+        offered = {t["function"]["name"]: t["function"] for t in d.fake.requests[0].body["tools"]}
+        assert set(offered) == {"ask_pricing", "ask_stock"}
+        assert offered["ask_pricing"]["description"] == "Knows about pricing."
+        assert offered["ask_pricing"]["parameters"]["required"] == ["input"]
+
+        # The children: linked to the parent, each in a conversation of its own.
+        children = await d.children(parent.name)
+        assert [c.parent_tool_call for c in children] == ["c-price", "c-stock"]
+        for child in children:
+            assert child.parent == parent.name
+            assert child.depth == 1
+            assert child.state == pb.RUN_STATE_SUCCEEDED
+            assert not child.name.startswith(d.conversation + "/")
+        assert len({c.name.rsplit("/runs/", 1)[0] for c in children}) == 2
+        assert [c.assistant.rsplit("/", 1)[-1] for c in children] == ["pricing", "stock"]
+        # The parent's updates name each child when it starts and when it ends.
+        shown = [u.child_run for u in seen.updates if u.WhichOneof("update") == "child_run"]
+        assert sorted((c.tool_call_id, c.state) for c in shown if c.state in TERMINAL) == [
+            ("c-price", pb.RUN_STATE_SUCCEEDED),
+            ("c-stock", pb.RUN_STATE_SUCCEEDED),
+        ]
+        assert {c.run for c in shown} == {c.name for c in children}
+        assert all(c.usage.output_tokens > 0 for c in shown if c.state in TERMINAL)
+        # A run with no parent has none, and no children of its children.
+        assert (parent.parent, parent.depth) == ("", 0)
+        assert await d.children(children[0].name) == []
+
+
+TERMINAL = {
+    pb.RUN_STATE_SUCCEEDED,
+    pb.RUN_STATE_FAILED,
+    pb.RUN_STATE_CANCELLED,
+    pb.RUN_STATE_DEADLINE_EXCEEDED,
+}
+
+
+async def test_a_cycle_is_refused_before_any_model_call(database_url: str) -> None:
+    """A asks B, B asks A back: B's call is refused (an error result for B's model),
+    and A's model is asked nothing more than its own run's steps."""
+    async with desk(database_url) as d:
+        first = await d.assistant("alpha", "You are alpha.")
+        await d.assistant("beta", "You are beta.", ("alpha",))
+        await d.dstub.UpdateAssistant(
+            pb.UpdateAssistantRequest(
+                assistant=pb.Assistant(
+                    name=first,
+                    delegates=[pb.AssistantDelegate(assistant=f"{d.world.name}/assistants/beta")],
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["delegates"]),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+
+        def ask(target: str, then: str) -> Callable[[dict[str, Any]], Reply]:
+            def reply(body: dict[str, Any]) -> Reply:
+                done = tool_outputs(body)
+                if not done:
+                    return Reply.tool_calls([(f"ask_{target}", {"input": "well?"}, "c-1")])
+                return Reply.text(f"{then}: {done['c-1']}")
+
+            return reply
+
+        d.fake.script(
+            *[
+                brain(
+                    {"You are alpha.": ask("beta", "alpha"), "You are beta.": ask("alpha", "beta")}
+                )
+            ]
+            * 4
+        )
+        parent = await d.send(first, "go")
+        seen = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        asked = [instructions(r.body) for r in d.fake.requests]
+        assert asked == ["You are alpha.", "You are beta.", "You are beta.", "You are alpha."]
+        refusal = tool_outputs(d.fake.requests[2].body)["c-1"]
+        assert "cycle (alpha -> beta -> alpha)" in refusal
+        [child] = await d.children(parent.name)
+        assert await d.children(child.name) == []
+
+
+async def test_a_tree_deeper_than_the_setting_is_refused(database_url: str) -> None:
+    async with desk(database_url, dispatcher_max_delegation_depth=1) as d:
+        await d.assistant("gamma", "You are gamma.")
+        await d.assistant("beta", "You are beta.", ("gamma",))
+        first = await d.assistant("alpha", "You are alpha.", ("beta",))
+
+        def ask(target: str) -> Callable[[dict[str, Any]], Reply]:
+            def reply(body: dict[str, Any]) -> Reply:
+                done = tool_outputs(body)
+                if not done:
+                    return Reply.tool_calls([(f"ask_{target}", {"input": "deeper?"}, "c-1")])
+                return Reply.text(done["c-1"])
+
+            return reply
+
+        d.fake.script(*[brain({"You are alpha.": ask("beta"), "You are beta.": ask("gamma")})] * 4)
+        parent = await d.send(first, "go")
+        seen = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        assert "You are gamma." not in [instructions(r.body) for r in d.fake.requests]
+        assert "at most 1 levels deep" in seen.text
+
+
+async def test_cancelling_the_parent_cancels_its_child(database_url: str) -> None:
+    async with desk(database_url) as d:
+        await d.assistant("slow", "You are slow.")
+        first = await d.assistant("boss", "You are the boss.", ("slow",))
+        never = asyncio.Event()
+        d.fake.script(
+            brain(
+                {
+                    "You are the boss.": lambda body: Reply.tool_calls(
+                        [("ask_slow", {"input": "take your time"}, "c-1")]
+                    )
+                }
+            ),
+            brain({"You are slow.": lambda body: Reply(content="later", gate=never)}),
+        )
+        parent = await d.send(first, "go")
+        call, seen = await until(d.dstub, d.world.viewer, parent.name, "child_run")
+        call.cancel()
+        child = seen[-1].child_run.run
+        await d.fake.wait_requests(2)  # the child's model call is under way
+        await d.dstub.CancelRun(
+            pb.CancelRunRequest(name=parent.name, reason="changed my mind"),
+            metadata=d.world.editor.md,
+            timeout=TIMEOUT_S,
+        )
+        ended = await watch_all(d.dstub, d.world.viewer, child)
+        assert ended.final.state == pb.RUN_STATE_CANCELLED
+        assert "the run that asked it ended" in ended.final.error.message
+        finished = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert finished.final.state == pb.RUN_STATE_CANCELLED
+
+
+async def test_bad_delegates_are_refused_and_nothing_is_stored(database_url: str) -> None:
+    async with desk(database_url) as d:
+        await d.assistant("known", "You know.")
+        others = await ctx_world(d.server, d.cstub)
+        cases = {
+            "workspaces/x/assistants/known": "must be an assistant of",
+            f"{d.world.name}/assistants/ghost": "names no assistant of this workspace",
+            f"{d.world.name}/assistants/me": "an assistant cannot ask itself",
+            f"{others.name}/assistants/known": "must be an assistant of",
+            "not a name": "must be an assistant of",
+        }
+        for target, expected in cases.items():
+            with pytest.raises(aio.AioRpcError) as refused:
+                await d.dstub.CreateAssistant(
+                    pb.CreateAssistantRequest(
+                        parent=d.world.name,
+                        assistant_id="me",
+                        assistant=pb.Assistant(
+                            display_name="Me", delegates=[pb.AssistantDelegate(assistant=target)]
+                        ),
+                    ),
+                    metadata=d.world.owner.md,
+                    timeout=TIMEOUT_S,
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, target
+            assert expected in (refused.value.details() or ""), (target, refused.value.details())
+        listed = await d.dstub.ListAssistants(
+            pb.ListAssistantsRequest(parent=d.world.name),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        assert [a.name.rsplit("/", 1)[-1] for a in listed.assistants] == ["known"]
+        with pytest.raises(aio.AioRpcError) as refused:
+            await d.dstub.ListRuns(
+                pb.ListRunsRequest(parent=d.world.name, parent_run="runs/nope"),
+                metadata=d.world.viewer.md,
+                timeout=TIMEOUT_S,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
