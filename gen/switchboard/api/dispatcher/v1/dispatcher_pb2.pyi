@@ -2502,7 +2502,7 @@ class UpdateAssistantRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `description`, `instructions`, `handler`,
         `model`, `tools`, `context_token_budget`, `max_tool_steps`,
-        `workspace_default`, `voice`, `retrieval`.
+        `workspace_default`, `voice`, `retrieval`, `delegates`.
         """
 
     def __init__(

@@ -4747,7 +4747,7 @@ type UpdateAssistantRequest struct {
 	Assistant *Assistant `protobuf:"bytes,1,opt,name=assistant,proto3" json:"assistant,omitempty"`
 	// Fields to change: `display_name`, `description`, `instructions`, `handler`,
 	// `model`, `tools`, `context_token_budget`, `max_tool_steps`,
-	// `workspace_default`, `voice`, `retrieval`.
+	// `workspace_default`, `voice`, `retrieval`, `delegates`.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -2172,7 +2172,7 @@ export type UpdateAssistantRequest = Message<"switchboard.api.dispatcher.v1.Upda
   /**
    * Fields to change: `display_name`, `description`, `instructions`, `handler`,
    * `model`, `tools`, `context_token_budget`, `max_tool_steps`,
-   * `workspace_default`, `voice`, `retrieval`.
+   * `workspace_default`, `voice`, `retrieval`, `delegates`.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
