@@ -76,7 +76,7 @@ from switchboard.client.errors import (
 )
 from switchboard.client.events import Follower, scope
 from switchboard.client.files import CHUNK_BYTES, TransferPolicy
-from switchboard.client.runs import Answer, RunWatch
+from switchboard.client.runs import Answer, Child, RunTree, RunWatch, child_of
 from switchboard.client.session import TokenKeeper
 from switchboard.client.transport.interceptors import RetryPolicy
 from switchboard.client.transport.streams import StreamPolicy
@@ -98,6 +98,7 @@ __all__ = [
     "Backoff",
     "Cancelled",
     "ChecksumMismatch",
+    "Child",
     "CircuitOpen",
     "Client",
     "ContentBlocked",
@@ -137,6 +138,7 @@ __all__ = [
     "RunInterrupted",
     "RunNotResumable",
     "RunSuperseded",
+    "RunTree",
     "RunWatch",
     "SessionEnded",
     "SessionIdle",
@@ -160,6 +162,7 @@ __all__ = [
     "UploadExpired",
     "UploadOffsetMismatch",
     "channel_options",
+    "child_of",
     "from_rpc_error",
     "from_status",
     "new_request_id",

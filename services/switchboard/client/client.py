@@ -29,7 +29,7 @@ from switchboard.client.files import (
     upload_resumable,
     upload_streamed,
 )
-from switchboard.client.runs import Answer, RunWatch
+from switchboard.client.runs import Answer, Child, RunTree, RunWatch
 from switchboard.client.session import (
     DEFAULT_REFRESH_MARGIN_S,
     Clock,
@@ -105,6 +105,30 @@ def _user_message(text: str, files: Sequence[str | context_pb2.File]) -> context
         name = file if isinstance(file, str) else file.name
         parts.append(context_pb2.ContentPart(file=context_pb2.FileReference(file=name)))
     return context_pb2.Message(parts=parts)
+
+
+#: What names a run: its name, the run itself, or a child run as its parent's updates
+#: show it (``Child``, or the ``ChildRun`` message).
+RunLike = str | dispatcher_pb2.Run | dispatcher_pb2.ChildRun | Child
+
+
+def run_name(run: RunLike) -> str:
+    """The name of the run ``run`` stands for."""
+    if isinstance(run, str):
+        return run
+    if isinstance(run, dispatcher_pb2.ChildRun):
+        return run.run
+    return run.name
+
+
+def run_workspace(name: str) -> str:
+    """``workspaces/{w}`` of a run's name; ValueError if it is not one."""
+    parts = name.split("/")
+    shaped = len(parts) == 6 and parts[0::2] == ["workspaces", "conversations", "runs"]
+    if not shaped or not all(parts[1::2]):
+        shape = "workspaces/{w}/conversations/{c}/runs/{r}"
+        raise ValueError(f"{name!r} is not a run's name: {shape}")
+    return f"workspaces/{parts[1]}"
 
 
 def _name_and_etag(schedule: str | dispatcher_pb2.Schedule) -> tuple[str, str]:
@@ -365,13 +389,15 @@ class Client:
         return response.run
 
     def watch(
-        self, run: str | dispatcher_pb2.Run, *, after_sequence: int = 0, merge_deltas: bool = True
+        self, run: RunLike, *, after_sequence: int = 0, merge_deltas: bool = True
     ) -> RunWatch:
         """The run's updates from after ``after_sequence`` to its end, resumed across breaks.
 
-        ``merge_deltas``: the text deltas ready together come as one update
-        (``RunUpdate.first_sequence`` .. ``sequence``); False, one by one."""
-        name = run if isinstance(run, str) else run.name
+        ``run`` may be a child its parent's watch named (``RunWatch.children``,
+        ``child_of``): that follows the child. ``merge_deltas``: the text deltas ready
+        together come as one update (``RunUpdate.first_sequence`` .. ``sequence``);
+        False, one by one."""
+        name = run_name(run)
         return RunWatch(
             self.dispatcher,
             self.tokens,
@@ -392,6 +418,55 @@ class Client:
         run = await self.send(conversation, text, **send)
         async with self.watch(run) as watch:
             return await watch.answer()
+
+    async def get_run(self, run: RunLike, *, timeout_s: float | None = None) -> dispatcher_pb2.Run:
+        """The run as it stands now (``GetRun``): its state, usage and, for a child
+        run, its ``parent``, ``parent_tool_call`` and ``depth``."""
+        response = await self.dispatcher.GetRun(
+            dispatcher_pb2.GetRunRequest(name=run_name(run)), timeout=timeout_s
+        )
+        return response.run
+
+    async def children(
+        self, run: RunLike, *, limit: int = 1000, timeout_s: float | None = None
+    ) -> list[dispatcher_pb2.Run]:
+        """The child runs of ``run``: the runs its delegate tool calls started
+        (docs/delegation.md), newest first, every page up to ``limit``. Each one's
+        ``parent`` is ``run``, its ``parent_tool_call`` the call it answers, and it
+        lives in a conversation of its own (``ListRuns`` with ``parent_run``, over
+        the run's workspace). ``timeout_s`` bounds each page's call. A name that is
+        not a run's raises ValueError before anything is sent."""
+        name = run_name(run)
+        workspace = run_workspace(name)
+        found: list[dispatcher_pb2.Run] = []
+        token = ""
+        while len(found) < limit:
+            response = await self.dispatcher.ListRuns(
+                dispatcher_pb2.ListRunsRequest(
+                    parent=workspace,
+                    parent_run=name,
+                    page_size=min(100, limit - len(found)),
+                    page_token=token,
+                ),
+                timeout=timeout_s,
+            )
+            found += response.runs
+            token = response.next_page_token
+            if not token:
+                break
+        return found[:limit]
+
+    async def tree(self, run: RunLike, *, timeout_s: float | None = None) -> RunTree:
+        """``run`` with its children, theirs below them, and so on (``GetRun``, then
+        ``children`` of each run). The server bounds a tree's depth and size
+        (SWITCHBOARD_DISPATCHER_MAX_DELEGATION_DEPTH and _MAX_CHILDREN_PER_TREE), so
+        this makes at most one call per run of the tree, plus one."""
+        root = await self.get_run(run, timeout_s=timeout_s)
+        return await self._subtree(root, timeout_s)
+
+    async def _subtree(self, run: dispatcher_pb2.Run, timeout_s: float | None) -> RunTree:
+        below = await self.children(run.name, timeout_s=timeout_s)
+        return RunTree(run, [await self._subtree(child, timeout_s) for child in below])
 
     async def cancel(self, run: str | dispatcher_pb2.Run, reason: str = "") -> dispatcher_pb2.Run:
         """Cancel a run (its handler is stopped); the run as it ended."""

@@ -14,12 +14,13 @@ last sequence), and ``missing`` tells whether sequences were skipped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from switchboard.api.handler.v1 import handler_pb2
 from switchboard.client.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -33,6 +34,8 @@ from switchboard.client.session import TokenKeeper
 from switchboard.client.transport.streams import ResumableStream, StreamPolicy
 
 if TYPE_CHECKING:
+    from google.rpc import status_pb2
+
     from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 
 TERMINAL: Final = frozenset(
@@ -125,16 +128,92 @@ class AnswerBuilder:
         return self._result if self._result is not None else "".join(self._deltas)
 
 
+@dataclass(frozen=True)
+class Child:
+    """A child run as its parent's updates name it (``RunUpdate.child_run``): a
+    delegate's answer to one of the parent's tool calls (docs/delegation.md).
+
+    The parent's updates name each child twice: when it starts (``state`` QUEUED or
+    RUNNING) and when it ends (its terminal state, with ``usage``, and ``error``
+    when it did not succeed). Follow it with ``Client.watch(child)``.
+    """
+
+    #: The child, ``workspaces/{w}/conversations/{c}/runs/{r}`` (a conversation of its own).
+    run: str
+    #: The assistant that answers, ``workspaces/{w}/assistants/{a}``.
+    assistant: str
+    #: The parent's tool call it answers (``ToolCall.id``).
+    tool_call_id: str
+    #: Its state when the parent's update was made.
+    state: dispatcher_pb2.RunState.ValueType
+    #: What it spent; None until it ended.
+    usage: handler_pb2.Usage | None
+    #: Why it did not succeed, as a typed error; None otherwise.
+    error: SwitchboardError | None
+    #: The parent's update that named it (its ``sequence``).
+    sequence: int
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def name(self) -> str:
+        """The child run's name (so a ``Child`` goes wherever a run's name does)."""
+        return self.run
+
+
+def child_of(update: dispatcher_pb2.RunUpdate) -> Child | None:
+    """The child run ``update`` names, if it is a ``child_run`` update; else None."""
+    if update.WhichOneof("update") != "child_run":
+        return None
+    child = update.child_run
+    error: SwitchboardError | None = None
+    if child.state in TERMINAL and child.state != dispatcher_pb2.RUN_STATE_SUCCEEDED:
+        error = _ended_without_answer(child.state, child.error if child.HasField("error") else None)
+    return Child(
+        run=child.run,
+        assistant=child.assistant,
+        tool_call_id=child.tool_call_id,
+        state=child.state,
+        usage=child.usage if child.HasField("usage") else None,
+        error=error,
+        sequence=update.sequence,
+    )
+
+
+@dataclass(frozen=True)
+class RunTree:
+    """A run and, below it, the runs its delegate tool calls started (``Client.tree``)."""
+
+    run: dispatcher_pb2.Run
+    #: Its child runs, each with its own, newest first (as ``ListRuns`` orders them).
+    children: list[RunTree] = field(default_factory=list)
+
+    def walk(self) -> list[dispatcher_pb2.Run]:
+        """Every run of the tree, each before its children."""
+        found = [self.run]
+        for child in self.children:
+            found += child.walk()
+        return found
+
+
 def run_error(run: dispatcher_pb2.Run) -> SwitchboardError:
     """Why ``run`` ended without an answer, as a typed error (from ``Run.error``)."""
-    if run.HasField("error") and run.error.code:
-        return from_status(run.error)
-    state = dispatcher_pb2.RunState.Name(run.state)
-    if run.state == dispatcher_pb2.RUN_STATE_CANCELLED:
-        return Cancelled(f"the run ended {state}", code=grpc.StatusCode.CANCELLED)
-    if run.state == dispatcher_pb2.RUN_STATE_DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"the run ended {state}")
-    return Unknown(f"the run ended {state}")
+    return _ended_without_answer(run.state, run.error if run.HasField("error") else None)
+
+
+def _ended_without_answer(
+    state: dispatcher_pb2.RunState.ValueType, error: status_pb2.Status | None
+) -> SwitchboardError:
+    if error is not None and error.code:
+        return from_status(error)
+    named = dispatcher_pb2.RunState.Name(state)
+    if state == dispatcher_pb2.RUN_STATE_CANCELLED:
+        return Cancelled(f"the run ended {named}", code=grpc.StatusCode.CANCELLED)
+    if state == dispatcher_pb2.RUN_STATE_DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"the run ended {named}")
+    return Unknown(f"the run ended {named}")
 
 
 class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdate]):
@@ -144,7 +223,9 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
     ``after_sequence``); ``run`` the run as its latest state change showed it;
     ``missed`` the sequences that never came (``missing``: a delta of another
     replica's run lost on the way; 0 otherwise). ``merge_deltas`` asks the server
-    for the deltas ready together as one update (``first_sequence``).
+    for the deltas ready together as one update (``first_sequence``). ``children``
+    holds each child run the updates named so far (``child_of``), by name, in the
+    order they started, as its latest update showed it.
     """
 
     def __init__(
@@ -166,6 +247,7 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
         self.last_sequence = after_sequence
         self.run: dispatcher_pb2.Run | None = None
         self.missed = 0
+        self.children: dict[str, Child] = {}
         self._call_timeout_s = call_timeout_s
         self._merge = merge_deltas
 
@@ -187,8 +269,13 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
     def _delivered(self, item: dispatcher_pb2.RunUpdate) -> dispatcher_pb2.RunUpdate:
         self.missed += missing(self.last_sequence, item)
         self.last_sequence = item.sequence
-        if item.WhichOneof("update") == "state_change":
+        kind = item.WhichOneof("update")
+        if kind == "state_change":
             self.run = item.state_change.run
+        elif kind == "child_run":
+            child = child_of(item)
+            if child is not None:
+                self.children[child.run] = child
         if is_terminal(item):
             self._finished = True
             self._drop()
