@@ -91,7 +91,11 @@ export class App {
         composer.focus();
       },
       changed: () => void composer.load(),
-      listed: () => this.navigation.firstStepsChanged(),
+      listed: () => {
+        // Run cards name the assistants a run asked by their titles.
+        for (const a of this.assistants.all()) this.names.learn(a.name, a.displayName);
+        this.navigation.firstStepsChanged();
+      },
     });
     this.navigation.firstSteps = () => ({ assistants: this.assistants.count(), integrations: this.integrations.count() });
     this.integrations.onChange = () => this.navigation.firstStepsChanged();

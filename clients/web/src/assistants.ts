@@ -1,7 +1,7 @@
 // The open workspace's assistants: listed (the default marked), created and edited by
 // owners (instructions, handler, model settings, the tools each integration lends it and
-// which of them need a person's approval, context budget, tool-step limit, the workspace
-// default), with the etag sent back so a change made elsewhere meanwhile is refused as
+// which of them need a person's approval, the assistants it may ask (its delegates),
+// context budget, tool-step limit, the workspace default), with the etag sent back so a change made elsewhere meanwhile is refused as
 // such (ABORTED / ERROR_REASON_ETAG_MISMATCH) rather than overwritten; and "Try it", a
 // conversation opened beside the editor with the assistant chosen in the composer.
 import { type Api, PAGE_SIZE, requestId } from "./api";
@@ -9,7 +9,7 @@ import { deleteConfirmation } from "./confirm";
 import { fill, h } from "./dom";
 import { SearchMode } from "./gen/switchboard/api/context/v1/context_pb";
 import { offerCurrentVersion, type Problem, problem, renderProblem } from "./errors";
-import type { Assistant, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import type { Assistant, AssistantDelegate, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { IntegrationKind } from "./gen/switchboard/api/integration/v1/integration_pb";
 import { type Integrations, lastSegment } from "./integrations";
@@ -38,7 +38,13 @@ const FIELDS = [
   "workspace_default",
   "voice",
   "retrieval",
+  "delegates",
 ];
+
+/** The most delegates an assistant may list, and the longest description of one
+ *  (docs/delegation.md); the server refuses more, naming the field. */
+const MAX_DELEGATES = 16;
+const MAX_DELEGATE_DESCRIPTION = 1_000;
 
 export class Assistants {
   readonly elements: HTMLElement[];
@@ -143,11 +149,23 @@ export class Assistants {
       ...this.assistants.map((a) =>
         h(
           "li",
-          { class: "assistant", "data-testid": "assistant", "data-name": a.name, "data-default": String(a.workspaceDefault), "data-voice": String(a.voice !== undefined) },
+          {
+            class: "assistant",
+            "data-testid": "assistant",
+            "data-name": a.name,
+            "data-default": String(a.workspaceDefault),
+            "data-voice": String(a.voice !== undefined),
+            "data-delegates": a.delegates.map((d) => d.assistant).join(" "),
+          },
           h("strong", {}, a.displayName || lastSegment(a.name)),
           a.workspaceDefault ? h("span", { class: "badge", "data-testid": "assistant-default" }, "default") : null,
           a.voice ? h("span", { class: "badge", "data-testid": "assistant-speaks" }, "speaks") : null,
-          h("span", { class: "muted" }, ` ${a.handler || "handlers/llm"}${a.tools.length ? ` · ${a.tools.length} integration${a.tools.length > 1 ? "s" : ""}` : ""}`),
+          h(
+            "span",
+            { class: "muted" },
+            ` ${a.handler || "handlers/llm"}${a.tools.length ? ` · ${a.tools.length} integration${a.tools.length > 1 ? "s" : ""}` : ""}`,
+            a.delegates.length ? h("span", { "data-testid": "assistant-delegates-count" }, ` · asks ${a.delegates.length} assistant${a.delegates.length > 1 ? "s" : ""}`) : null,
+          ),
           h(
             "div",
             { class: "row" },
@@ -260,6 +278,7 @@ export class Assistants {
         field("assistant-steps", "Tool-step limit", numberInput(a?.maxToolSteps, { min: 0, max: 32 })),
       ),
       h("fieldset", { "data-testid": "assistant-tools" }, h("legend", {}, "Tools (✓ enables, ✋ needs approval)"), h("span", { class: "muted" }, "Loading…")),
+      this.delegatesField(a),
       // Voice settings (Assistant.voice): with them the assistant takes recordings and
       // speaks its answers (push-to-talk here, Talk sessions elsewhere); each field left
       // empty is the server's default.
@@ -341,6 +360,48 @@ export class Assistants {
     await this.renderTools(a?.tools ?? []);
   }
 
+  /** Delegates (Assistant.delegates): the workspace's other assistants, each one this
+   *  assistant's model may ask (an `ask_{id}` tool whose call is a child run), with what
+   *  the model reads about it. Those it lists first, in their order; one it lists that is
+   *  no longer in the workspace's list stays until unticked (the server refuses it). */
+  private delegatesField(a: Assistant | null): HTMLElement {
+    const listed = a?.delegates ?? [];
+    const others = this.assistants.filter((x) => x.name !== a?.name && !listed.some((d) => d.assistant === x.name));
+    const row = (name: string, title: string, chosen: AssistantDelegate | undefined, known: boolean): HTMLElement =>
+      h(
+        "div",
+        { class: "row", "data-testid": "assistant-delegate", "data-assistant": name },
+        h(
+          "label",
+          { class: "check" },
+          h("input", { type: "checkbox", "data-testid": "delegate-enabled", checked: chosen !== undefined }),
+          " ",
+          h("strong", { title: name }, title),
+          known ? null : h("span", { class: "muted" }, " (not in this workspace's list)"),
+        ),
+        h("input", {
+          "data-testid": "delegate-description",
+          "aria-label": `What to ask ${title} for`,
+          value: chosen?.description ?? "",
+          placeholder: "what to ask it for (empty: its own description)",
+          maxlength: MAX_DELEGATE_DESCRIPTION,
+        }),
+      );
+    const rows = [
+      ...listed.map((d) => {
+        const known = this.assistants.find((x) => x.name === d.assistant);
+        return row(d.assistant, known ? known.displayName || lastSegment(known.name) : lastSegment(d.assistant), d, known !== undefined);
+      }),
+      ...others.map((x) => row(x.name, x.displayName || lastSegment(x.name), undefined, true)),
+    ];
+    return h(
+      "fieldset",
+      { "data-testid": "assistant-delegates" },
+      h("legend", {}, `Delegates (assistants it may ask, at most ${MAX_DELEGATES})`),
+      ...(rows.length ? rows : [h("span", { class: "muted", "data-testid": "delegates-empty" }, "No other assistant in this workspace yet.")]),
+    );
+  }
+
   private async renderTools(enabled: AssistantTools[]): Promise<void> {
     const box = this.editor.querySelector<HTMLElement>('[data-testid="assistant-tools"]');
     if (!box) return;
@@ -397,6 +458,14 @@ export class Assistants {
         tools.push({ integration: box.dataset.integration ?? "", tools: enabled, approvalRequiredTools: approval, requiresApproval: false } as AssistantTools);
       }
     }
+    const delegates: AssistantDelegate[] = [];
+    for (const row of this.editor.querySelectorAll<HTMLElement>('[data-testid="assistant-delegate"]')) {
+      if (!row.querySelector<HTMLInputElement>('[data-testid="delegate-enabled"]')?.checked) continue;
+      delegates.push({
+        assistant: row.dataset.assistant ?? "",
+        description: row.querySelector<HTMLInputElement>('[data-testid="delegate-description"]')?.value.trim() ?? "",
+      } as AssistantDelegate);
+    }
     const temperature = value("assistant-temperature");
     const speaks = this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-voice-on"]')?.checked ?? false;
     const checked = (testid: string): boolean => this.editor.querySelector<HTMLInputElement>(`[data-testid="${testid}"]`)?.checked ?? false;
@@ -414,6 +483,7 @@ export class Assistants {
         maxOutputTokens: num("assistant-max-output"),
       },
       tools,
+      delegates,
       contextTokenBudget: num("assistant-budget"),
       maxToolSteps: num("assistant-steps"),
       workspaceDefault: this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-default-input"]')?.checked ?? false,

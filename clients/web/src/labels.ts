@@ -75,6 +75,8 @@ const RUN_STATE: Record<RunState, string> = {
   [RunState.DEADLINE_EXCEEDED]: "out of time",
   [RunState.REQUIRES_ACTION]: "waiting for approval",
 };
+const TERMINAL_STATES: ReadonlySet<RunState> = new Set([RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.DEADLINE_EXCEEDED]);
+
 export const runStateLabel = (value: RunState): string => label(RUN_STATE, value);
 
 /** A run's state in words, saying what a paused run waits for (a person, or budget room). */
@@ -310,6 +312,10 @@ export function runUpdateLabel(update: RunUpdate["update"]): string {
       return "spoke";
     case "steer":
       return update.value.step ? `${steerLabel(update.value.state)} at step ${update.value.step}` : steerLabel(update.value.state);
+    case "childRun": {
+      const asked = update.value.assistant.split("/").pop() ?? "an assistant";
+      return TERMINAL_STATES.has(update.value.state) ? `asked ${asked}: ${runStateLabel(update.value.state)}` : `asks ${asked}`;
+    }
     default:
       return "changed";
   }

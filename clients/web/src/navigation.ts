@@ -582,7 +582,7 @@ export class Navigation {
         states: [RunState.QUEUED, RunState.RUNNING, RunState.REQUIRES_ACTION],
       });
       if (name !== this.conversation) return;
-      for (const run of active.runs.reverse()) this.runs.follow(run.name, run);
+      for (const run of active.runs.reverse()) this.runs.follow(run.name, run, true);
       // The finished ones, newest first: inspected on demand.
       const recent = await this.api.dispatcher.listRuns({ parent: name, pageSize: 10 });
       if (name !== this.conversation) return;

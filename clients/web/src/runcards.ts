@@ -2,7 +2,9 @@
 // tool calls and results, Cancel), and the tool calls that wait for a person's decision
 // (Approve, or Deny with a reason the model is told; for a call a crash left in flight, whose
 // outcome is unknown: Retry, Mark done with its result, or Fail run). Each run is a RunView
-// (runs.ts) following WatchRun; which runs to follow is the navigation's call.
+// (runs.ts) following WatchRun; which runs to follow is the navigation's call. A run whose
+// assistant asked others (delegation) lists its child runs, each expandable to follow
+// its own stream in place.
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
 import { learnBudgetTitles } from "./budgets";
@@ -13,7 +15,7 @@ import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { counted, decisionLabel, limitedLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
-import { type Landing, type RunListener, RunView, type TimelineEntry, forgetRuns, stateName, steerStateName } from "./runs";
+import { type ChildInfo, type Landing, type RunListener, RunView, TERMINAL, type TimelineEntry, forgetRuns, stateName, steerStateName } from "./runs";
 
 /** The most a call marked done may say it returned (`ToolApproval.result_text`). */
 export const MAX_RESULT_TEXT = 16_000;
@@ -45,6 +47,12 @@ export class RunCards {
   /** Where each steer message went, by the message's name (from the steers' own runs and
    *  from the SteerUpdates of the runs they steered). */
   private readonly landings = new Map<string, Landing>();
+  /** The child runs expanded to follow their own streams (each a RunView on WatchRun),
+   *  and what shows each, by the child's name. */
+  private readonly childViews = new Map<string, RunView>();
+  private readonly childStreams = new Map<string, HTMLElement>();
+  /** Runs whose children were listed (ListRuns `parent_run`), each once. */
+  private readonly childrenListed = new Set<string>();
   /** Called when a run's state or a steer's landing changed (the composer offers Steer
    *  while a run is going; the messages show where steers landed). */
   onChange: () => void = () => undefined;
@@ -126,13 +134,19 @@ export class RunCards {
     }
   }
 
-  follow(name: string, run?: Run): void {
+  /** Follows a run in a card of its own. `opened`: a run that began before this page
+   *  followed it (listed, or an earlier run inspected): its children are listed, as the
+   *  updates that started them may have come before. */
+  follow(name: string, run?: Run, opened = false): void {
     if (this.runs.has(name)) return;
     const view = new RunView(name, (v) => this.renderRun(v), window.sessionStorage);
     this.runs.set(name, view);
     if (run) view.adopt(run);
     this.render();
     view.watch(this.api);
+    // A reload resumes after the last update seen: the children's start updates are
+    // not sent again.
+    if (opened || view.restored) this.listChildren(view);
   }
 
   /** Follows a followed run's updates too (push-to-talk plays its speech); its view, or
@@ -159,7 +173,7 @@ export class RunCards {
             title: run.name,
             onclick: (event: globalThis.Event) => {
               (event.currentTarget as HTMLElement).remove();
-              this.follow(run.name);
+              this.follow(run.name, undefined, true);
             },
           },
           `${runStateLabel(run.state)} ${run.createTime ? formatTime(timestampDate(run.createTime)) : ""}`,
@@ -172,8 +186,12 @@ export class RunCards {
   stop(): void {
     this.earlierList.replaceChildren();
     for (const run of this.runs.values()) run.stop();
+    for (const child of this.childViews.values()) child.stop();
     this.runs.clear();
     this.cards.clear();
+    this.childViews.clear();
+    this.childStreams.clear();
+    this.childrenListed.clear();
     this.shownMessages.clear();
   }
 
@@ -239,6 +257,9 @@ export class RunCards {
           h("summary", {}, "Run inspector ", h("span", { class: "muted", "data-testid": "run-usage" })),
           h("ol", { class: "timeline", "data-testid": "timeline" }),
         ),
+        // Last in the card: the card's own parts come first in document order, before
+        // any child's expanded stream (which has parts of the same names).
+        h("section", { class: "children", "data-part": "children" }),
       );
       this.cards.set(view.name, card);
     }
@@ -275,24 +296,10 @@ export class RunCards {
     }
     const cancel = card.querySelector<HTMLButtonElement>('[data-testid="cancel-run"]');
     if (cancel) cancel.hidden = view.terminal;
-    const tools = card.querySelector<HTMLElement>('[data-part="tools"]');
-    const toolsKey = `${view.calls.length}/${view.results.length}`;
-    if (tools && tools.dataset.key !== toolsKey) {
-      tools.dataset.key = toolsKey;
-      tools.replaceChildren(
-        ...view.calls.map((call) => {
-          const result = view.results.find((r) => r.id === call.id);
-          return h(
-            "div",
-            { class: "tool", "data-testid": "run-tool", "data-call-id": call.id, "data-outcome": result ? `TOOL_OUTCOME_${ToolOutcome[result.outcome] ?? ""}` : "" },
-            h("code", {}, `${call.functionName || call.tool}(${JSON.stringify(call.arguments ?? {})})`),
-            result ? h("span", { class: "muted" }, ` → ${outcomeLabel(result.outcome)}: `, h("span", { "data-content": true }, result.text)) : null,
-          );
-        }),
-      );
-    }
+    this.renderTools(card, view);
     setText(card, '[data-testid="run-answer"]', view.text);
     this.renderTimeline(card, view);
+    this.renderChildren(card, view);
     // Streamed here while it grows; once the answer is a message of the conversation it is
     // shown there, and only there.
     const output = view.run?.outputMessage ?? "";
@@ -308,6 +315,190 @@ export class RunCards {
           : []),
     );
     return card;
+  }
+
+  /** Its tool calls and their results, rebuilt only when one came. */
+  private renderTools(root: HTMLElement, view: RunView): void {
+    const tools = root.querySelector<HTMLElement>('[data-part="tools"]');
+    const toolsKey = `${view.calls.length}/${view.results.length}`;
+    if (!tools || tools.dataset.key === toolsKey) return;
+    tools.dataset.key = toolsKey;
+    tools.replaceChildren(
+      ...view.calls.map((call) => {
+        const result = view.results.find((r) => r.id === call.id);
+        return h(
+          "div",
+          { class: "tool", "data-testid": "run-tool", "data-call-id": call.id, "data-outcome": result ? `TOOL_OUTCOME_${ToolOutcome[result.outcome] ?? ""}` : "" },
+          h("code", {}, `${call.functionName || call.tool}(${JSON.stringify(call.arguments ?? {})})`),
+          result ? h("span", { class: "muted" }, ` → ${outcomeLabel(result.outcome)}: `, h("span", { "data-content": true }, result.text)) : null,
+        );
+      }),
+    );
+  }
+
+  /** The runs this run's assistant asked (its delegate calls): each with the assistant
+   *  that answers, its state, tokens, cost and time, and a control that follows its own
+   *  stream below it (where its own children show the same way). Rebuilt only when one
+   *  of them changed: an Expand button is not replaced under the pointer while the run
+   *  streams. */
+  private renderChildren(root: HTMLElement, view: RunView): void {
+    const box = root.querySelector<HTMLElement>(':scope > [data-part="children"]');
+    if (!box) return;
+    const children = [...view.children.values()];
+    const key = children
+      .map((c) => `${c.run}:${c.state}:${c.usage?.inputTokens ?? ""}/${c.usage?.outputTokens ?? ""}:${c.startedAt}-${c.endedAt}:${this.names.title(c.assistant)}:${this.childViews.has(c.run)}`)
+      .join(";");
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    if (!children.length) return box.replaceChildren();
+    const depth = (view.run?.depth ?? 0) + 1;
+    box.replaceChildren(
+      h("h4", {}, `Asked ${counted(children.length, "assistant")}`),
+      h("ol", { class: "child-runs", "data-testid": "child-runs", "data-run": view.name }, ...children.map((c) => this.childRow(c, depth))),
+    );
+  }
+
+  private childRow(child: ChildInfo, depth: number): HTMLElement {
+    const expanded = this.childViews.get(child.run);
+    const usage = child.usage;
+    const ended = TERMINAL.has(child.state);
+    const ms = child.startedAt && child.endedAt ? Math.max(0, child.endedAt - child.startedAt) : undefined;
+    const title = this.names.title(child.assistant) || child.assistant;
+    return h(
+      "li",
+      {
+        class: "child-run",
+        "data-testid": "child-run",
+        "data-run": child.run,
+        "data-assistant": child.assistant,
+        "data-call-id": child.toolCallId,
+        "data-state": stateName(child.state),
+        "data-depth": String(depth),
+        "data-input-tokens": usage ? String(usage.inputTokens) : undefined,
+        "data-output-tokens": usage ? String(usage.outputTokens) : undefined,
+        "data-cost-usd": usage ? String(usage.estimatedCostUsd) : undefined,
+        "data-priced": usage ? String(!unpriced(usage)) : undefined,
+        "data-ms": ms !== undefined ? String(ms) : undefined,
+        "data-expanded": String(expanded !== undefined),
+      },
+      h(
+        "div",
+        { class: "child-head" },
+        h("span", { class: `state s-${RunState[child.state]?.toLowerCase() ?? "unspecified"}`, "data-testid": "child-run-state" }, runStateLabel(child.state)),
+        " ",
+        h("strong", { "data-testid": "child-run-assistant", title: child.assistant }, title),
+        h("span", { class: "muted", "data-testid": "child-run-tokens" }, usage ? ` · ${(usage.inputTokens + usage.outputTokens).toLocaleString("en")} tokens` : ""),
+        h("span", { class: "muted", "data-testid": "child-run-cost" }, usage ? ` · ${usageCost(usage, 4)}` : ""),
+        h(
+          "span",
+          { class: "muted", "data-testid": "child-run-time", title: "from its start to its end" },
+          ms !== undefined ? ` · ${(ms / 1000).toFixed(2)} s` : ended ? "" : " · going",
+        ),
+        " ",
+        h(
+          "button",
+          {
+            type: "button",
+            "data-testid": "expand-child-run",
+            "aria-expanded": String(expanded !== undefined),
+            title: child.run,
+            onclick: () => this.toggleChild(child.run),
+          },
+          expanded ? "Hide its stream" : "Follow its stream",
+        ),
+      ),
+      ended && child.error && child.state !== RunState.SUCCEEDED
+        ? h("div", { class: "muted", "data-testid": "child-run-error", "data-content": true }, child.error)
+        : null,
+      expanded ? this.childStream(expanded) : null,
+    );
+  }
+
+  /** Expands a child (a RunView on its WatchRun, its own children listed) or folds it
+   *  (the stream stopped). */
+  private toggleChild(name: string): void {
+    const open = this.childViews.get(name);
+    if (open) {
+      open.stop();
+      this.childViews.delete(name);
+      this.childStreams.delete(name);
+      this.childrenListed.delete(name);
+    } else {
+      const view = new RunView(name, (v) => this.renderChildStream(v));
+      this.childViews.set(name, view);
+      view.watch(this.api);
+      this.listChildren(view);
+    }
+    // Whichever run lists it (a card, or another child's stream) shows the change.
+    for (const [run, card] of this.cards) {
+      const parent = this.runs.get(run);
+      if (parent?.children.has(name)) this.renderChildren(card, parent);
+    }
+    for (const [run, stream] of this.childStreams) {
+      const parent = this.childViews.get(run);
+      if (parent?.children.has(name)) this.renderChildren(stream, parent);
+    }
+  }
+
+  private renderChildStream(view: RunView): void {
+    if (this.childViews.get(view.name) !== view) return;
+    this.childStream(view);
+  }
+
+  /** An expanded child's own stream: its state, tool calls, answer as it grows, its
+   *  inspector (where a call of its own waiting for a person is decided), and its own
+   *  children. Made once, updated in place. */
+  private childStream(view: RunView): HTMLElement {
+    let stream = this.childStreams.get(view.name);
+    if (stream === undefined) {
+      stream = h(
+        "div",
+        { class: "child-stream", "data-testid": "child-run-stream", "data-run": view.name },
+        h("div", { class: "muted" }, h("span", { "data-testid": "run-state" }), h("code", { "data-part": "handler" })),
+        h("div", { "data-part": "tools" }),
+        h("div", { class: "answer", "data-testid": "child-run-answer", "data-content": true }),
+        h("div", { "data-part": "end" }),
+        h(
+          "details",
+          { class: "inspector", "data-testid": "inspector" },
+          h("summary", {}, "Its inspector ", h("span", { class: "muted", "data-testid": "run-usage" })),
+          h("ol", { class: "timeline", "data-testid": "timeline" }),
+        ),
+        h("section", { class: "children", "data-part": "children" }),
+      );
+      this.childStreams.set(view.name, stream);
+    }
+    Object.assign(stream.dataset, { state: stateName(view.state), live: String(view.live), deltas: String(view.deltas) });
+    const badge = stream.querySelector<HTMLElement>('[data-testid="run-state"]');
+    if (badge) {
+      badge.className = `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`;
+      badge.textContent = view.run && view.run.state === view.state ? runLabel(view.run) : runStateLabel(view.state);
+    }
+    setText(stream, '[data-part="handler"]', view.run?.handler ? ` ${view.run.handler}` : "");
+    this.renderTools(stream, view);
+    setText(stream, '[data-testid="child-run-answer"]', view.text);
+    stream.querySelector('[data-part="end"]')?.replaceChildren(
+      ...(view.run?.error && view.terminal && view.run.error.code !== 0
+        ? [h("div", { class: "muted", "data-testid": "run-error", "data-content": true }, view.run.error.message)]
+        : view.problem && !view.terminal
+          ? [renderProblem(view.problem, "run-problem")]
+          : []),
+    );
+    this.renderTimeline(stream, view);
+    this.renderChildren(stream, view);
+    return stream;
+  }
+
+  /** The run's children as the server lists them (ListRuns `parent_run`, `parent` the
+   *  workspace: children live in conversations of their own), once per run. */
+  private listChildren(view: RunView): void {
+    if (this.childrenListed.has(view.name)) return;
+    this.childrenListed.add(view.name);
+    const workspace = view.name.split("/conversations/")[0] ?? "";
+    void this.page.busy("list-child-runs", async () => {
+      const listed = await this.api.dispatcher.listRuns({ parent: workspace, parentRun: view.name, pageSize: 100 });
+      if (listed.runs.length) view.adoptChildren(listed.runs);
+    });
   }
 
   /** A steer's own run: the run it steers and what became of it. Rebuilt only when that

@@ -7,6 +7,7 @@ import type { Api } from "./api";
 import type { Problem } from "./errors";
 import { follow } from "./follow";
 import {
+  type ChildRun,
   type Run,
   type RunUpdate,
   RunState,
@@ -16,11 +17,11 @@ import {
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { type ToolCall, ToolOutcome, type ToolResult, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import { decisionLabel, limitedLabel, outcomeLabel, runLabel, steerLabel, usageCost } from "./labels";
+import { decisionLabel, limitedLabel, outcomeLabel, runLabel, runStateLabel, steerLabel, usageCost } from "./labels";
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
-  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech" | "steer" | "discarded";
+  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech" | "steer" | "discarded" | "child";
   sequence: string;
   /** When it happened (ms since the epoch), 0 if unknown. */
   at: number;
@@ -42,6 +43,21 @@ export interface TimelineEntry {
   steerState?: string;
   step?: number;
   message?: string;
+}
+
+/** A run this run's assistant asked (a delegate tool call, docs/delegation.md), as the
+ *  parent's `child_run` updates and ListRuns' `parent_run` say it. */
+export interface ChildInfo {
+  /** The child, `workspaces/{w}/conversations/{c}/runs/{r}`. */
+  run: string;
+  assistant: string;
+  toolCallId: string;
+  state: RunState;
+  usage: Usage | undefined;
+  error: string;
+  /** When it started and ended (ms since the epoch), 0 while unknown. */
+  startedAt: number;
+  endedAt: number;
 }
 
 /** Where a steer went: the run it steered, what became of it, and at which step. */
@@ -152,6 +168,8 @@ export class RunView {
    *  results with durations, approvals and who gave them, usage and cost. */
   timeline: TimelineEntry[] = [];
   usage: Usage | undefined;
+  /** The runs its delegate tool calls started, in the order they started, by name. */
+  readonly children = new Map<string, ChildInfo>();
   /** The steers this run was handed (SteerUpdate), by the steer's own run, as last said. */
   readonly steers = new Map<string, SteerUpdate>();
   /** Deltas found void (a model call cut by a RESTART_STREAM steer) and dropped from `text`. */
@@ -356,6 +374,9 @@ export class RunView {
         this.deltas += covered(update);
         this.pieces.push({ first: String(firstSequence(update)), last: sequence, length: change.value.text.length });
         break;
+      case "childRun":
+        this.child(change.value, at);
+        break;
       case "steer":
         this.steers.set(change.value.steerRun, change.value);
         if (change.value.discardedFromSequence > 0n) this.discard(change.value.discardedFromSequence, sequence, at);
@@ -389,6 +410,50 @@ export class RunView {
     this.save();
     this.changed(this);
     for (const listener of [...this.listeners]) listener.update(update, this);
+  }
+
+  /** A child started or ended: what the update says, over what was known of it. The
+   *  start and end updates' times are its duration when ListRuns has not said better. */
+  private child(update: ChildRun, at: number): void {
+    const known = this.children.get(update.run);
+    const ended = TERMINAL.has(update.state);
+    // An update replayed after a later one (a resumed watch never does; ListRuns may
+    // have told the end first) does not take an ended child back.
+    if (known && TERMINAL.has(known.state) && !ended) return;
+    this.children.set(update.run, {
+      run: update.run,
+      assistant: update.assistant || known?.assistant || "",
+      toolCallId: update.toolCallId || known?.toolCallId || "",
+      state: update.state,
+      usage: update.usage ?? known?.usage,
+      error: update.error?.message ?? known?.error ?? "",
+      startedAt: known?.startedAt || (ended ? 0 : at),
+      endedAt: known?.endedAt || (ended ? at : 0),
+    });
+  }
+
+  /** The children as the server lists them (ListRuns `parent_run`): a run opened after its
+   *  children started (a reload, an earlier run inspected, a child expanded) has not seen
+   *  their start updates. */
+  adoptChildren(runs: Run[]): void {
+    const ms = (t: Run["startTime"]): number => (t ? timestampDate(t).getTime() : 0);
+    const sorted = [...runs].sort((a, b) => ms(a.createTime) - ms(b.createTime));
+    for (const run of sorted) {
+      const known = this.children.get(run.name);
+      // An end the updates told wins over a listing made before it.
+      if (known && TERMINAL.has(known.state) && !TERMINAL.has(run.state)) continue;
+      this.children.set(run.name, {
+        run: run.name,
+        assistant: run.assistant || known?.assistant || "",
+        toolCallId: run.parentToolCall || known?.toolCallId || "",
+        state: run.state,
+        usage: run.usage ?? known?.usage,
+        error: run.error?.message ?? known?.error ?? "",
+        startedAt: ms(run.startTime) || ms(run.createTime) || known?.startedAt || 0,
+        endedAt: ms(run.endTime) || known?.endedAt || 0,
+      });
+    }
+    this.changed(this);
   }
 
   /** A model call was cut to take a steer (RESTART_STREAM): its deltas, from `from` on, are
@@ -459,6 +524,20 @@ export class RunView {
       case "progress":
         this.add({ kind: "progress", sequence, at, label: "progress", detail: change.value.stage });
         return;
+      case "childRun": {
+        const child = change.value;
+        const ended = TERMINAL.has(child.state);
+        this.add({
+          kind: "child",
+          sequence,
+          at,
+          label: ended ? `child run ${runStateLabel(child.state)}` : "child run started",
+          detail: `${child.assistant.split("/").pop() ?? ""}${ended && child.error?.message ? `: ${child.error.message}` : ""}`,
+          id: child.run,
+          state: stateName(child.state),
+        });
+        return;
+      }
       case "steer": {
         const steer = change.value;
         const consumed = steer.state === SteerState.CONSUMED && steer.step > 0;
