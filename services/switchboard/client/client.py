@@ -468,11 +468,11 @@ class Client:
         below = await self.children(run.name, timeout_s=timeout_s)
         return RunTree(run, [await self._subtree(child, timeout_s) for child in below])
 
-    async def cancel(self, run: str | dispatcher_pb2.Run, reason: str = "") -> dispatcher_pb2.Run:
-        """Cancel a run (its handler is stopped); the run as it ended."""
-        name = run if isinstance(run, str) else run.name
+    async def cancel(self, run: RunLike, reason: str = "") -> dispatcher_pb2.Run:
+        """Cancel a run (its handler is stopped, and so are its children that are
+        still going); the run as it ended."""
         response = await self.dispatcher.CancelRun(
-            dispatcher_pb2.CancelRunRequest(name=name, reason=reason)
+            dispatcher_pb2.CancelRunRequest(name=run_name(run), reason=reason)
         )
         return response.run
 
