@@ -92,6 +92,11 @@ type WatchOptions struct {
 	// OnGap, if set, hears of sequences that never came (Missing: a delta of
 	// another replica's run lost on the way) before the update after them.
 	OnGap func(lastSeen int64, update *dispatcherv1.RunUpdate, missing int64)
+	// OnChild, if set, hears of each child run the updates name, before the
+	// update goes to the handler: once when the child starts (QUEUED or
+	// RUNNING) and once when it ends (with its usage, and ChildError says why
+	// it did not succeed). Follow one with WatchRun on child.GetRun().
+	OnChild func(child *dispatcherv1.ChildRun)
 }
 
 // FirstSequence is the first sequence update covers: a merged delta's
@@ -208,6 +213,9 @@ func (c *Client) watchOnce(ctx context.Context, name string, last *int64, opts W
 		}
 		if missing := Missing(*last, update); missing > 0 && opts.OnGap != nil {
 			opts.OnGap(*last, update, missing)
+		}
+		if child := update.GetChildRun(); child != nil && opts.OnChild != nil {
+			opts.OnChild(child)
 		}
 		if err := handle(update); err != nil {
 			return nil, progressed, used, &handlerError{err}
