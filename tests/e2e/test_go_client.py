@@ -25,7 +25,7 @@ import subprocess
 import sys
 import wave
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -44,6 +44,7 @@ from tests.e2e.restarts import (
     HEARTBEAT_S,
     Caller,
     position,
+    register,
     restart_env,
     restarted,
 )
@@ -282,6 +283,148 @@ def test_quickstart_steers_a_run_that_is_going(
     assert steer_done["steer_state"] == "STEER_STATE_REQUEUED"
     assert steer_done["answer"].startswith("and then stop")
     assert steer_run.steer.state == dispatcher_pb2.STEER_STATE_REQUEUED
+    assert example.lines[-1]["kind"] == "done"
+
+
+@contextmanager
+def _echo_model() -> Iterator[str]:
+    """The local OpenAI-protocol server (tests/fakes/openai_server.py) in a process of its
+    own: its echo model answers with the message, or with the tool calls a
+    ``call NAME {json}`` line asks for, and after tool results with what they returned."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.openai_server", "--port", "0", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://127.0.0.1:"):
+            pytest.fail(f"the OpenAI-protocol server did not start: {url!r}")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=SETTLE_S)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_quickstart_follows_a_delegating_runs_children_and_lists_its_tree(
+    quickstart: Path, python_clients: list[Caller]
+) -> None:
+    """docs/delegation.md through the Go client: ``-assistant`` sends to a planner whose
+    delegates are pricing and stock; the echo model makes one ``ask_`` call for each, so
+    the run has two children. ``WatchOptions.OnChild`` names them on the parent's stream,
+    each is followed with ``WatchRun`` to its end, and ``Client.Tree`` (GetRun, then
+    ``Children``: ListRuns by parent_run) lists the tree, as the server stores it."""
+    email = unique_email("go-tree")
+    with ExitStack() as stack:
+        model = stack.enter_context(_echo_model())
+        server = stack.enter_context(
+            ServeProcess(
+                "--dev",
+                env={
+                    "SWITCHBOARD_LLM_BASE_URL": model,
+                    "SWITCHBOARD_LLM_MODEL": "echo",
+                    "SWITCHBOARD_LLM_MAX_RETRIES": "0",
+                    "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+                },
+            )
+        )
+        register(server, email)
+        python = Caller(server, email)
+        python_clients.append(python)
+        workspace = python.workspace("Trees")
+        assistants: dict[str, str] = {}
+        plan: tuple[tuple[str, tuple[str, ...]], ...] = (
+            ("pricing", ()),
+            ("stock", ()),
+            ("planner", ("pricing", "stock")),
+        )
+        for assistant_id, delegates in plan:
+            assistants[assistant_id] = python.dispatcher.CreateAssistant(
+                dispatcher_pb2.CreateAssistantRequest(
+                    parent=workspace,
+                    assistant_id=assistant_id,
+                    assistant=dispatcher_pb2.Assistant(
+                        display_name=assistant_id.title(),
+                        delegates=[
+                            dispatcher_pb2.AssistantDelegate(
+                                assistant=f"{workspace}/assistants/{d}"
+                            )
+                            for d in delegates
+                        ],
+                    ),
+                ),
+                metadata=python.md,
+                timeout=CALL_TIMEOUT_S,
+            ).assistant.name
+        message = "\n".join(
+            (
+                'call ask_pricing {"input": "price of a kayak"}',
+                'call ask_stock {"input": "kayaks in stock"}',
+            )
+        )
+        with _example(
+            quickstart,
+            server,
+            email,
+            "-workspace",
+            workspace,
+            "-assistant",
+            assistants["planner"],
+            "-message",
+            message,
+            "-tree",
+            "-follow=false",
+        ) as example:
+            sent = example.wait_kind("sent")
+            done = example.wait_kind("run_done", SETTLE_S)
+            tree = example.wait_kind("tree", SETTLE_S)
+            assert example.finish() == 0, example.describe()
+        stored = {r: python.run(r) for r in (line["run"] for line in tree["runs"])}
+
+    parent = sent["run"]
+    assert done["state"] == "RUN_STATE_SUCCEEDED", example.describe()
+    assert (done["parent"], done["depth"]) == ("", 0)
+    named = [
+        u
+        for u in example.of_kind("run_update")
+        if u["run"] == parent and u["update"] == "child_run"
+    ]
+    started = [u for u in named if u["child_state"] in ("RUN_STATE_QUEUED", "RUN_STATE_RUNNING")]
+    ended = [u for u in named if u["child_state"] == "RUN_STATE_SUCCEEDED"]
+    assert len(started) == len(ended) == 2, example.describe()
+    assert {u["child"] for u in started} == {u["child"] for u in ended}
+    by_assistant = {u["assistant"]: u for u in started}
+    assert set(by_assistant) == {assistants["pricing"], assistants["stock"]}
+    # Each child was followed to its end with its own watch: the echo of its question.
+    followed = {line["run"]: line for line in example.of_kind("child_done")}
+    assert list(followed) == [u["child"] for u in started]
+    for assistant, question in (
+        (assistants["pricing"], "price of a kayak"),
+        (assistants["stock"], "kayaks in stock"),
+    ):
+        child = followed[by_assistant[assistant]["child"]]
+        assert child["state"] == "RUN_STATE_SUCCEEDED"
+        assert child["answer"] == question
+        assert (child["parent"], child["depth"]) == (parent, 1)
+    # The parent's model got both answers back as the tools' results.
+    assert "Tool ask_pricing returned: price of a kayak" in done["answer"]
+    assert "Tool ask_stock returned: kayaks in stock" in done["answer"]
+    # The tree the Go client listed is the one the server stores.
+    runs = tree["runs"]
+    assert runs[0]["run"] == parent
+    assert [r["depth"] for r in runs] == [0, 1, 1]
+    assert {r["run"] for r in runs[1:]} == set(followed)
+    for line in runs[1:]:
+        run = stored[line["run"]]
+        assert (line["parent"], line["parent_tool_call"]) == (run.parent, run.parent_tool_call)
+        assert run.parent == parent
+        assert line["parent_tool_call"] == next(
+            u["tool_call_id"] for u in started if u["child"] == line["run"]
+        )
     assert example.lines[-1]["kind"] == "done"
 
 

@@ -1,7 +1,8 @@
 // Command quickstart signs in to a Switchboard server, creates a workspace and
 // a conversation, sends a message and prints the answer as it streams (with
 // -steer, steering the run while it goes and watching what became of the
-// steer), then follows the conversation's events, resuming after every
+// steer; with -assistant and -tree, the child runs its delegates answered in,
+// each followed to its end and the whole tree listed), then follows the conversation's events, resuming after every
 // disconnect.
 //
 // It writes one JSON object per line on stdout, one for each thing it saw
@@ -67,7 +68,8 @@ type config struct {
 	tokensFile                          string
 	workspace, workspaceID              string
 	conversation                        string
-	message, handler                    string
+	message, handler, assistant         string
+	tree                                bool
 	steer                               string
 	params                              params
 	runTimeout                          time.Duration
@@ -94,6 +96,8 @@ func parseFlags() config {
 	flag.StringVar(&c.conversation, "conversation", "", "use this conversation, workspaces/{w}/conversations/{c} (default: create one)")
 	flag.StringVar(&c.message, "message", "Hello from Go", "the message to send")
 	flag.StringVar(&c.handler, "handler", "", "force a handler, handlers/{h} (default: the router picks)")
+	flag.StringVar(&c.assistant, "assistant", "", "send to this assistant, workspaces/{w}/assistants/{a}")
+	flag.BoolVar(&c.tree, "tree", false, "after the run, watch each child run it started (its delegates' answers) and print the run tree")
 	flag.StringVar(&c.steer, "steer", "", "steer the run with this message as soon as it is sent (SteerRun), and watch the steer's run too")
 	flag.Var(c.params, "param", "handler parameter key=value (repeatable; numbers, true and false are typed)")
 	flag.DurationVar(&c.runTimeout, "run-timeout", 5*time.Minute, "give up watching the run after this long")
@@ -377,6 +381,7 @@ func ask(ctx context.Context, client *switchboard.Client, cfg config, conversati
 			{Part: &contextv1.ContentPart_Text{Text: cfg.message}},
 		}},
 		Handler:   cfg.handler,
+		Assistant: cfg.assistant,
 		RequestId: switchboard.NewRequestID(),
 	}
 	if len(cfg.params) > 0 {
@@ -411,22 +416,58 @@ func ask(ctx context.Context, client *switchboard.Client, cfg config, conversati
 			"state":  steered.GetRun().GetState().String(), "steer_state": steered.GetRun().GetSteer().GetState().String(),
 		})
 	}
-	if err := watch(ctx, client, name, "run_done", o); err != nil {
+	children, err := watch(ctx, client, name, "run_done", o)
+	if err != nil {
 		return "ask", err
 	}
+	if cfg.tree {
+		if err := tree(ctx, client, name, children, o); err != nil {
+			return "tree", err
+		}
+	}
 	if steer != "" {
-		if err := watch(ctx, client, steer, "steer_done", o); err != nil {
+		if _, err := watch(ctx, client, steer, "steer_done", o); err != nil {
 			return "steer", err
 		}
 	}
 	return "", nil
 }
 
+// tree follows each child run the parent's updates named (children, in the
+// order they started) to its end, as a line of kind child_done, then prints
+// the run tree as GetRun and ListRuns by parent show it, as a line of kind tree.
+func tree(ctx context.Context, client *switchboard.Client, parent string, children []string, o *out) error {
+	for _, child := range children {
+		if _, err := watch(ctx, client, child, "child_done", o); err != nil {
+			return err
+		}
+	}
+	got, err := client.Tree(ctx, parent)
+	if err != nil {
+		return err
+	}
+	var runs []map[string]any
+	for _, run := range got.Walk() {
+		runs = append(runs, map[string]any{
+			"run": run.GetName(), "parent": run.GetParent(), "parent_tool_call": run.GetParentToolCall(),
+			"depth": run.GetDepth(), "state": run.GetState().String(), "assistant": run.GetAssistant(),
+		})
+	}
+	o.emit("tree", map[string]any{"runs": runs})
+	return nil
+}
+
 // watch prints a run's updates as they stream and then how it ended, as a
-// line of kind done.
-func watch(ctx context.Context, client *switchboard.Client, name, done string, o *out) error {
+// line of kind done; the child runs its updates named, in the order they started.
+func watch(ctx context.Context, client *switchboard.Client, name, done string, o *out) ([]string, error) {
 	var transcript switchboard.Transcript
+	var children []string
 	run, err := client.WatchRun(ctx, name, switchboard.WatchOptions{
+		OnChild: func(child *dispatcherv1.ChildRun) {
+			if !switchboard.Terminal(child.GetState()) {
+				children = append(children, child.GetRun())
+			}
+		},
 		OnRetry: func(err error, delay time.Duration, after int64) {
 			o.emit("watch_retry", map[string]any{
 				"code": status.Code(err).String(), "error": err.Error(),
@@ -453,17 +494,24 @@ func watch(ctx context.Context, client *switchboard.Client, name, done string, o
 		case *dispatcherv1.RunUpdate_Steer:
 			line["update"], line["steer_state"] = "steer", u.Steer.GetState().String()
 			line["steer_run"] = u.Steer.GetSteerRun()
+		case *dispatcherv1.RunUpdate_ChildRun:
+			line["update"], line["child"] = "child_run", u.ChildRun.GetRun()
+			line["tool_call_id"], line["child_state"] = u.ChildRun.GetToolCallId(), u.ChildRun.GetState().String()
+			line["assistant"] = u.ChildRun.GetAssistant()
+			if childErr := switchboard.ChildError(u.ChildRun); childErr != nil {
+				line["code"] = status.Code(childErr).String()
+			}
 		}
 		line["run"] = update.GetRun()
 		o.emit("run_update", line)
 		return nil
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ended := map[string]any{
 		"run": run.GetName(), "state": run.GetState().String(), "answer": transcript.Text(),
-		"output_message": run.GetOutputMessage(),
+		"output_message": run.GetOutputMessage(), "parent": run.GetParent(), "depth": run.GetDepth(),
 	}
 	if steer := run.GetSteer(); steer != nil {
 		ended["steer_state"], ended["steer_step"] = steer.GetState().String(), steer.GetStep()
@@ -475,7 +523,7 @@ func watch(ctx context.Context, client *switchboard.Client, name, done string, o
 		ended["error"] = status.Convert(runErr).Message()
 	}
 	o.emit(done, ended)
-	return nil
+	return children, nil
 }
 
 var errEnough = errors.New("enough events")
