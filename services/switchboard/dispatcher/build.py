@@ -26,6 +26,7 @@ from opentelemetry.trace import Tracer
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
+from switchboard.dispatcher.assistants.holders import HolderStore
 from switchboard.dispatcher.assistants.store import AssistantStore
 from switchboard.dispatcher.budgets.catalog import Budgets
 from switchboard.dispatcher.budgets.ledger import Ledger
@@ -587,6 +588,7 @@ async def _assistants(
         check_filter=lambda text, workspace_id: filters(
             text, workspace_id=workspace_id, field="assistant.retrieval.filter"
         ),
+        holders=HolderStore(shared.database),
     )
     await assistants.start()
     shared.resources.push_async_callback(assistants.close)

@@ -123,6 +123,13 @@ def tool_outputs(body: dict[str, Any]) -> dict[str, str]:
     return {m["tool_call_id"]: m["content"] for m in body["messages"] if m["role"] == "tool"}
 
 
+def this_turns_outputs(body: dict[str, Any]) -> list[str]:
+    """The tool results after the request's last user message (earlier turns' are history)."""
+    messages = body["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [m["content"] for m in messages[last:] if m["role"] == "tool"]
+
+
 def brain(rules: dict[str, Callable[[dict[str, Any]], Reply]]) -> Callable[[dict[str, Any]], Reply]:
     """One scripted reply for any request: the rule of the assistant whose instructions
     the request carries."""
@@ -325,7 +332,7 @@ async def test_bad_delegates_are_refused_and_nothing_is_stored(database_url: str
         cases = {
             "workspaces/x/assistants/known": "must be an assistant of",
             f"{d.world.name}/assistants/ghost": "names no assistant of this workspace",
-            f"{d.world.name}/assistants/me": "an assistant cannot ask itself",
+            f"{d.world.name}/assistants/me": "an assistant cannot name itself in its delegates",
             f"{others.name}/assistants/known": "must be an assistant of",
             "not a name": "must be an assistant of",
         }
@@ -357,3 +364,81 @@ async def test_bad_delegates_are_refused_and_nothing_is_stored(database_url: str
                 timeout=TIMEOUT_S,
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_handoff_and_a_hand_back_route_the_conversation(database_url: str) -> None:
+    """Triage hands the conversation to billing: the next message, naming no assistant,
+    goes to billing, which hands it back; the one after goes to triage again. A message
+    that names an assistant goes to it whoever holds the conversation."""
+    async with desk(database_url) as d:
+        triage = await d.assistant("triage", "You are triage.")
+        billing = await d.assistant("billing", "You are billing.")
+        for name, target in ((triage, "billing"), (billing, "triage")):
+            await d.dstub.UpdateAssistant(
+                pb.UpdateAssistantRequest(
+                    assistant=pb.Assistant(
+                        name=name,
+                        handoffs=[
+                            pb.AssistantHandoff(assistant=f"{d.world.name}/assistants/{target}")
+                        ],
+                        workspace_default=name == triage,
+                    ),
+                    update_mask=field_mask_pb2.FieldMask(paths=["handoffs", "workspace_default"]),
+                ),
+                metadata=d.world.owner.md,
+                timeout=TIMEOUT_S,
+            )
+
+        def hand(target: str, reason: str) -> Callable[[dict[str, Any]], Reply]:
+            def reply(body: dict[str, Any]) -> Reply:
+                if not this_turns_outputs(body):
+                    return Reply.tool_calls([(f"transfer_to_{target}", {"reason": reason}, "h-1")])
+                return Reply.text(f"{target} takes over")
+
+            return reply
+
+        d.fake.script(
+            brain({"You are triage.": hand("billing", "a refund question")}),
+            brain({"You are triage.": hand("billing", "a refund question")}),
+            brain({"You are billing.": hand("triage", "not about money")}),
+            brain({"You are billing.": hand("triage", "not about money")}),
+            brain({"You are triage.": lambda body: Reply.text("triage here")}),
+            brain({"You are billing.": lambda body: Reply.text("billing, named")}),
+        )
+        first = await d.send("", "I want a refund")
+        seen = await watch_all(d.dstub, d.world.viewer, first.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        assert first.assistant == triage
+        [handoff] = [u.handoff for u in seen.updates if u.WhichOneof("update") == "handoff"]
+        assert (handoff.from_assistant, handoff.to_assistant, handoff.reason) == (
+            triage,
+            billing,
+            "a refund question",
+        )
+        offered = [t["function"]["name"] for t in d.fake.requests[0].body["tools"]]
+        assert offered == ["transfer_to_billing"]
+
+        second = await d.send("", "it was order 42")
+        assert second.assistant == billing
+        assert "handed over to" in second.routing_reason
+        ended = await watch_all(d.dstub, d.world.viewer, second.name)
+        assert ended.final.state == pb.RUN_STATE_SUCCEEDED, ended.final.error
+        # Billing's model saw the conversation so far, the handoff included.
+        history = d.fake.requests[2].body["messages"]
+        assert any(m.get("content") == "I want a refund" for m in history)
+        assert any(
+            call["function"]["name"] == "transfer_to_billing"
+            for m in history
+            for call in m.get("tool_calls") or []
+        )
+
+        third = await d.send("", "thanks")
+        assert third.assistant == triage
+        assert (await watch_all(d.dstub, d.world.viewer, third.name)).text == "triage here"
+        # Named, billing answers, and the conversation stays with triage.
+        named = await d.send(billing, "one more thing")
+        assert (await watch_all(d.dstub, d.world.viewer, named.name)).text == "billing, named"
+        d.fake.script(brain({"You are triage.": lambda body: Reply.text("still triage")}))
+        after = await d.send("", "bye")
+        assert after.assistant == triage
+        assert (await watch_all(d.dstub, d.world.viewer, after.name)).text == "still triage"

@@ -35,6 +35,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.assistants import mapping as assistant_mapping
+from switchboard.dispatcher.assistants.holders import Holder, HolderStore
 from switchboard.dispatcher.assistants.store import AssistantRecord, AssistantStore, Written
 from switchboard.platform.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from switchboard.platform.events.bus import EventBus
@@ -69,6 +70,7 @@ MUTABLE: Final = (
     "voice",
     "retrieval",
     "delegates",
+    "handoffs",
 )
 #: The fields kept in the stored blob (``workspace_default`` is a column).
 _SETTINGS: Final = tuple(path for path in MUTABLE if path != "workspace_default")
@@ -89,7 +91,7 @@ _LANGUAGE: Final = re.compile(r"[a-z]{2}")
 MAX_RETRIEVAL_TOP_K: Final = 20
 MAX_RETRIEVAL_TOKENS: Final = 32_000
 MAX_RETRIEVAL_FILTER: Final = 1_000
-#: ``Assistant.delegates``: how many, and each one's description.
+#: ``Assistant.delegates`` and ``handoffs``: how many of each, and each one's description.
 MAX_DELEGATES: Final = 16
 MAX_DELEGATE_DESCRIPTION: Final = 1_000
 _MODES: Final = frozenset(context_pb2.SearchMode.values())
@@ -129,6 +131,9 @@ class _Workspace:
     #: When its read started (monotonic): what it shows is at least that recent.
     loaded_at: float
     size: int
+    #: Whether any of them may hand a conversation over: if none may, no message of
+    #: the workspace looks for a conversation's holder.
+    hands_over: bool = False
 
 
 def _voice(voice: pb.VoiceSettings, violations: Violations) -> None:
@@ -178,32 +183,34 @@ def _retrieval(
             violations.items.extend(refused.violations)
 
 
-def _delegates(
+def _others(
     workspace_id: str,
     own_id: str,
-    delegates: Sequence[pb.AssistantDelegate],
+    entries: Sequence[pb.AssistantDelegate | pb.AssistantHandoff],
+    kind: str,
     violations: Violations,
 ) -> dict[str, str]:
-    """The delegates' assistant ids and the field naming each (their existence is
-    checked after the cheap checks); violations for the rest."""
-    if len(delegates) > MAX_DELEGATES:
-        violations.add("assistant.delegates", f"at most {MAX_DELEGATES} delegates")
+    """The assistants ``entries`` (``delegates`` or ``handoffs``) name, by the field
+    naming each (their existence is checked after the cheap checks); violations for
+    the rest."""
+    if len(entries) > MAX_DELEGATES:
+        violations.add(f"assistant.{kind}", f"at most {MAX_DELEGATES} {kind}")
         return {}
     found: dict[str, str] = {}
-    for index, delegate in enumerate(delegates):
-        field = f"assistant.delegates[{index}].assistant"
-        named = AssistantName.parse_or_none(delegate.assistant)
+    for index, entry in enumerate(entries):
+        field = f"assistant.{kind}[{index}].assistant"
+        named = AssistantName.parse_or_none(entry.assistant)
         if named is None or named.workspace != workspace_id:
             violations.add(field, f"must be an assistant of {WorkspaceName(workspace_id)}")
         elif named.assistant == own_id:
-            violations.add(field, "an assistant cannot ask itself")
-        elif named.assistant in found:
-            violations.add(field, f"{delegate.assistant} is named twice")
+            violations.add(field, f"an assistant cannot name itself in its {kind}")
+        elif named.assistant in found.values():
+            violations.add(field, f"{entry.assistant} is named twice")
         else:
-            found[named.assistant] = field
-        if len(delegate.description) > MAX_DELEGATE_DESCRIPTION:
+            found[field] = named.assistant
+        if len(entry.description) > MAX_DELEGATE_DESCRIPTION:
             violations.add(
-                f"assistant.delegates[{index}].description",
+                f"assistant.{kind}[{index}].description",
                 f"is longer than {MAX_DELEGATE_DESCRIPTION:,} characters",
             )
     return found
@@ -226,8 +233,11 @@ class Assistants:
         handler_exists: Callable[[str, str], Awaitable[bool]],
         integration_exists: Callable[[str], Awaitable[bool]],
         check_filter: FilterCheck | None = None,
+        holders: HolderStore | None = None,
     ) -> None:
         self._store = store
+        #: Which assistant holds each handed-over conversation (None: no handoffs here).
+        self._holders = holders
         self._bus = bus
         self._catalog = Catalog(store, bus, page_tokens)
         self.limits = limits
@@ -310,12 +320,20 @@ class Assistants:
             lookups = self._tools(workspace_id, given.tools, violations)
             clean.tools.extend(given.tools)
         # Kept only where the paths name them (an update's mask copies no more).
-        delegates = (
-            _delegates(workspace_id, fallback_name, given.delegates, violations)
-            if "delegates" in paths
-            else {}
-        )
+        others = {
+            **(
+                _others(workspace_id, fallback_name, [*given.delegates], "delegates", violations)
+                if "delegates" in paths
+                else {}
+            ),
+            **(
+                _others(workspace_id, fallback_name, [*given.handoffs], "handoffs", violations)
+                if "handoffs" in paths
+                else {}
+            ),
+        }
         clean.delegates.extend(given.delegates)
+        clean.handoffs.extend(given.handoffs)
         handler_id = ""
         if "handler" in paths and given.handler:
             handler = HandlerName.parse_or_none(given.handler)
@@ -336,18 +354,18 @@ class Assistants:
             for (integration, field), there in zip(lookups.items(), exists, strict=True):
                 if not there:
                     violations.add(field, f"names no integration of this workspace ({integration})")
-        await self._delegates_exist(workspace_id, delegates, violations)
+        await self._others_exist(workspace_id, others, violations)
         violations.check()
         return clean
 
-    async def _delegates_exist(
-        self, workspace_id: str, delegates: dict[str, str], violations: Violations
+    async def _others_exist(
+        self, workspace_id: str, others: dict[str, str], violations: Violations
     ) -> None:
         """A violation on each field naming an assistant the workspace does not have."""
-        if not delegates:
+        if not others:
             return
         known = (await self._workspace(workspace_id, fresh=True)).by_id
-        for assistant_id, field in delegates.items():
+        for field, assistant_id in others.items():
             if assistant_id not in known:
                 named = AssistantName(workspace_id, assistant_id)
                 violations.add(field, f"names no assistant of this workspace ({named})")
@@ -613,6 +631,25 @@ class Assistants:
         # A copy: callers may change what they are given, and the cache is shared.
         return _copy(assistant)
 
+    async def held(self, workspace_id: str, conversation_id: str) -> pb.Assistant | None:
+        """The assistant a handoff left holding the conversation (None: none did, or it
+        is gone since: the default answers then). Read only in a workspace where some
+        assistant may hand over."""
+        if self._holders is None or not (await self._workspace(workspace_id)).hands_over:
+            return None
+        holder = await self._holders.get(conversation_id)
+        if holder is None:
+            return None
+        cached = await self._workspace(workspace_id)
+        found = cached.by_id.get(holder.assistant_id)
+        return _copy(found) if found is not None else None
+
+    async def hand_over(self, workspace_id: str, conversation_id: str, holder: Holder) -> None:
+        """``holder`` holds the conversation from now on (``runs/handoffs.py``)."""
+        if self._holders is None:  # pragma: no cover - the build always gives one
+            raise RuntimeError("no holder store")
+        await self._holders.hand_over(workspace_id, conversation_id, holder)
+
     async def _workspace(self, workspace_id: str, *, fresh: bool = False) -> _Workspace:
         """``fresh``: read again unless this process's cache is known current (an
         owner's write checks against what is stored, not what another process may
@@ -640,7 +677,9 @@ class Assistants:
         records = await self._store.page(workspace_id, None, MAX_LOADED)
         by_id = {record.id: assistant_mapping.message(record) for record in records}
         default = next((by_id[r.id] for r in records if r.is_default), None)
-        return _Workspace(by_id, default, started, sum(len(r.data) for r in records))
+        size = sum(len(r.data) for r in records)
+        hands_over = any(a.handoffs for a in by_id.values())
+        return _Workspace(by_id, default, started, size, hands_over)
 
     def _loaded(self, workspace_id: str, task: asyncio.Task[_Workspace]) -> None:
         if task.cancelled():

@@ -48,6 +48,8 @@ from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.dispatcher.runs.core.store import TERMINAL, RunStore
+from switchboard.dispatcher.runs.handoffs import Handoffs
+from switchboard.dispatcher.tools.runner import BuiltinTool
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.resources import AssistantName, RunName
@@ -167,11 +169,17 @@ class Delegation:
         self._scheduler = scheduler
         self._assistants = assistants
         self._context = context
+        #: Handoffs, offered and made beside the delegates (``handoffs.py``).
+        self._handoffs = Handoffs(assistants)
         #: The dispatcher's calls; set by the build once the dispatcher exists.
         self.calls: Calls | None = None
 
     async def definitions(self, assistant: pb.Assistant) -> list[hpb.ToolDefinition]:
-        """The delegate tools of ``assistant`` (a delegate deleted since is left out)."""
+        """The delegate and handoff tools of ``assistant`` (an assistant deleted since is
+        left out)."""
+        return [*await self._delegates(assistant), *await self._handoffs.definitions(assistant)]
+
+    async def _delegates(self, assistant: pb.Assistant) -> list[hpb.ToolDefinition]:
         if not assistant.delegates:
             return []
         workspace = AssistantName.parse(assistant.name, "assistant").workspace
@@ -190,8 +198,19 @@ class Delegation:
         active: Active,
         emit: Callable[[pb.RunUpdate], None],
         definitions: Sequence[hpb.ToolDefinition],
+    ) -> dict[str, BuiltinTool]:
+        """The built-in tools of one run (an attempt): one per delegate and handoff offered."""
+        found: dict[str, BuiltinTool] = {}
+        found.update(self._handoffs.builtins(active, emit, definitions))
+        found.update(self._asking(active, emit, definitions))
+        return found
+
+    def _asking(
+        self,
+        active: Active,
+        emit: Callable[[pb.RunUpdate], None],
+        definitions: Sequence[hpb.ToolDefinition],
     ) -> dict[str, Delegate]:
-        """The built-in tools of one run (an attempt): one per delegate offered."""
         assistant = active.assistant
         if assistant is None or not assistant.delegates:
             return {}

@@ -334,7 +334,11 @@ class Execution:
         # gathered is one more task on the path to the first delta).
         budgets = self._admitted_budgets(active)
         reread = self._spending is not None and budgets is None
-        delegates = self._delegation is not None and assistant is not None and assistant.delegates
+        delegates = (
+            self._delegation is not None
+            and assistant is not None
+            and (assistant.delegates or assistant.handoffs)
+        )
         if assistant is not None and (
             assistant.tools or assistant.retrieval.search_tool or delegates
         ):
@@ -599,7 +603,7 @@ class Execution:
             return found
         if assistant.retrieval.search_tool:
             found[TOOL_NAME] = SearchMemory(self._context, active.conversation)
-        if self._delegation is not None and assistant.delegates:
+        if self._delegation is not None and (assistant.delegates or assistant.handoffs):
             emit = functools.partial(self._publishing.emit, active)
             found.update(self._delegation.builtins(active, emit, definitions))
         return found

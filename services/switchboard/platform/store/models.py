@@ -449,6 +449,24 @@ class DispatcherLeaseRow(Base):
     address: Mapped[str] = mapped_column(String(300), default="", server_default="")
 
 
+class ConversationHolderRow(Base):
+    """Which assistant holds a conversation after a handoff (docs/delegation.md): the
+    conversation's later messages that name no assistant go to it. No row: the
+    workspace's default assistant answers, as before any handoff."""
+
+    __tablename__ = "conversation_holders"
+
+    conversation_id: Mapped[str] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    assistant_id: Mapped[str] = mapped_column(String(63))
+    # The run that handed it over, and why (the handing model's words).
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    reason: Mapped[str] = mapped_column(String(1000), server_default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
 class AssistantRow(Base):
     """A workspace's assistant (``dispatcher/assistants/catalog.py``): the serialized
     ``Assistant`` message (``data``) beside the columns that are queried.

@@ -1401,6 +1401,36 @@ class ChildRun(_message.Message):
 Global___ChildRun: _TypeAlias = ChildRun  # noqa: Y015
 
 @_typing.final
+class Handoff(_message.Message):
+    """A conversation handed over (RunUpdate.handoff)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_ASSISTANT_FIELD_NUMBER: _builtins.int
+    TO_ASSISTANT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    from_assistant: _builtins.str
+    """The assistant that held the conversation, `workspaces/{w}/assistants/{a}`."""
+    to_assistant: _builtins.str
+    """The assistant that holds it now."""
+    reason: _builtins.str
+    """Why, in the handing model's words (at most 1,000 characters)."""
+    def __init__(
+        self,
+        *,
+        from_assistant: _builtins.str = ...,
+        to_assistant: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_assistant", b"from_assistant", "reason", b"reason", "to_assistant", b"to_assistant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Handoff: _TypeAlias = Handoff  # noqa: Y015
+
+@_typing.final
 class ListRunsRequest(_message.Message):
     """Request for ListRuns."""
 
@@ -1628,6 +1658,7 @@ class RunUpdate(_message.Message):
     SPEECH_FIELD_NUMBER: _builtins.int
     STEER_FIELD_NUMBER: _builtins.int
     CHILD_RUN_FIELD_NUMBER: _builtins.int
+    HANDOFF_FIELD_NUMBER: _builtins.int
     FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
@@ -1687,6 +1718,12 @@ class RunUpdate(_message.Message):
         or ended; follow it with WatchRun on its name.
         """
 
+    @_builtins.property
+    def handoff(self) -> Global___Handoff:
+        """The run handed its conversation over to another assistant: later
+        messages that name no assistant go to it.
+        """
+
     def __init__(
         self,
         *,
@@ -1702,13 +1739,14 @@ class RunUpdate(_message.Message):
         speech: Global___SpeechChunk | None = ...,
         steer: Global___SteerUpdate | None = ...,
         child_run: Global___ChildRun | None = ...,
+        handoff: Global___Handoff | None = ...,
         first_sequence: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "handoff", b"handoff", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "first_sequence", b"first_sequence", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "first_sequence", b"first_sequence", "handoff", b"handoff", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech", "steer", "child_run"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech", "steer", "child_run", "handoff"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 
@@ -2151,6 +2189,7 @@ class Assistant(_message.Message):
     VOICE_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FIELD_NUMBER: _builtins.int
     DELEGATES_FIELD_NUMBER: _builtins.int
+    HANDOFFS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/assistants/{a}`."""
     display_name: _builtins.str
@@ -2208,6 +2247,15 @@ class Assistant(_message.Message):
         (docs/delegation.md).
         """
 
+    @_builtins.property
+    def handoffs(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssistantHandoff]:
+        """The assistants of the workspace this one may hand its conversation over to
+        (at most 16): each is offered to its model as a tool
+        (`transfer_to_{assistant id}`) whose call makes that assistant the one the
+        conversation's later messages go to, until it hands over again
+        (docs/delegation.md, "Handoffs").
+        """
+
     def __init__(
         self,
         *,
@@ -2227,14 +2275,45 @@ class Assistant(_message.Message):
         voice: Global___VoiceSettings | None = ...,
         retrieval: Global___RetrievalSettings | None = ...,
         delegates: _abc.Iterable[Global___AssistantDelegate] | None = ...,
+        handoffs: _abc.Iterable[Global___AssistantHandoff] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "model", b"model", "retrieval", b"retrieval", "update_time", b"update_time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "delegates", b"delegates", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "retrieval", b"retrieval", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "delegates", b"delegates", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "handoffs", b"handoffs", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "retrieval", b"retrieval", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assistant: _TypeAlias = Assistant  # noqa: Y015
+
+@_typing.final
+class AssistantHandoff(_message.Message):
+    """An assistant another may hand its conversation over to (Assistant.handoffs)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    assistant: _builtins.str
+    """`workspaces/{w}/assistants/{a}`, in the same workspace, not the assistant
+    itself.
+    """
+    description: _builtins.str
+    """When to hand over to it, as the handing model reads it (at most 1,000
+    characters); the assistant's own description if empty.
+    """
+    def __init__(
+        self,
+        *,
+        assistant: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssistantHandoff: _TypeAlias = AssistantHandoff  # noqa: Y015
 
 @_typing.final
 class AssistantDelegate(_message.Message):
@@ -2502,7 +2581,7 @@ class UpdateAssistantRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `description`, `instructions`, `handler`,
         `model`, `tools`, `context_token_budget`, `max_tool_steps`,
-        `workspace_default`, `voice`, `retrieval`, `delegates`.
+        `workspace_default`, `voice`, `retrieval`, `delegates`, `handoffs`.
         """
 
     def __init__(

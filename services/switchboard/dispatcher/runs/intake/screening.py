@@ -44,6 +44,7 @@ from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store.storage import Idempotency, idempotency
 from switchboard.platform.values import names, timefields
+from switchboard.platform.values.resources import ConversationName
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -101,7 +102,8 @@ async def route(
     """The message's assistant, if any, and the handler that answers it (the order
     of the rules: ``router.py``). A named assistant or a forced handler decides;
     otherwise the message's own choice (metadata, content type, a /command) comes
-    before the workspace's default assistant, and a run routed by it has none."""
+    before the assistant a handoff left holding the conversation, which comes before
+    the workspace's default assistant; a run routed by the message has none."""
     local = await router.local(workspace_id)
     if request.assistant:
         assistant = await assistants.resolve(workspace_id, request.assistant, "assistant")
@@ -114,6 +116,15 @@ async def route(
     chosen = router.by_message(message, local)
     if chosen is not None:
         return None, chosen
+    conversation = ConversationName.parse_or_none(request.conversation)
+    held = (
+        await assistants.held(workspace_id, conversation.conversation)
+        if conversation is not None
+        else None
+    )
+    if held is not None:
+        reason = f"the assistant {held.name}, which the conversation was handed over to"
+        return held, _assistant_choice(router, held, reason, local)
     assistant = await assistants.resolve(workspace_id, "", "assistant")
     if assistant is None:
         return None, router.by_default(workspace_id)

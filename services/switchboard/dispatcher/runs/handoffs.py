@@ -1,0 +1,165 @@
+"""Handoffs: an assistant hands its conversation over to another assistant.
+
+An assistant's ``handoffs`` are offered to its model as ``transfer_to_{assistant id}``
+tools (input: the reason). A call makes that assistant the conversation's holder
+(``assistants/holders.py``): the conversation's later messages that name no assistant
+go to it, with its instructions, tools and model, until it hands over again (back,
+or on). The call and its result are stored in the conversation like any tool step,
+so the history says who took over and why, and the run's updates say so too
+(``RunUpdate.handoff``). The handing run goes on to its answer (its model is told to
+say, briefly, who takes over).
+
+A message that names an assistant goes to it whoever holds the conversation, and
+does not change the holder. A handoff is a write of one row, made again with the
+same values if a crash sends the call again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from google.protobuf import struct_pb2
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2 as hpb
+from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.assistants.holders import Holder
+from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.values.resources import AssistantName
+
+#: The tool's one argument, and how long it may be.
+REASON: Final = "reason"
+MAX_REASON_CHARS: Final = 1_000
+_PREFIX: Final = "transfer_to_"
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def tool_name(assistant_id: str) -> str:
+    """The function name a handoff is offered under (``transfer_to_{id}``, hashed to fit)."""
+    name = _PREFIX + _UNSAFE.sub("_", assistant_id)
+    if len(name) <= 64:
+        return name
+    digest = hashlib.sha256(assistant_id.encode()).hexdigest()[:8]
+    return f"{name[:55]}_{digest}"
+
+
+def definition(handoff: pb.AssistantHandoff, target: pb.Assistant) -> hpb.ToolDefinition:
+    """The tool the model is offered for ``handoff`` (``target``: the assistant, as stored)."""
+    named = AssistantName.parse(target.name, "assistant")
+    title = target.display_name or named.assistant
+    description = handoff.description or target.description or f"Hand the conversation to {title}."
+    schema = struct_pb2.Struct()
+    schema.update(
+        {
+            "type": "object",
+            "properties": {
+                REASON: {
+                    "type": "string",
+                    "description": f"Why {title} should take the conversation over.",
+                }
+            },
+            "required": [REASON],
+        }
+    )
+    name = tool_name(named.assistant)
+    return hpb.ToolDefinition(
+        tool=name,
+        function_name=name,
+        description=f"Hand the conversation over to {title}: {description}",
+        input_schema=schema,
+    )
+
+
+class Handoffs:
+    """The tools a run's assistant offers for its handoffs, and the built-ins that
+    make them (see the module doc)."""
+
+    def __init__(self, assistants: Assistants) -> None:
+        self._assistants = assistants
+
+    async def definitions(self, assistant: pb.Assistant) -> list[hpb.ToolDefinition]:
+        """The handoff tools of ``assistant`` (a target deleted since is left out)."""
+        if not assistant.handoffs:
+            return []
+        workspace = AssistantName.parse(assistant.name, "assistant").workspace
+        found: list[hpb.ToolDefinition] = []
+        for handoff in assistant.handoffs:
+            try:
+                target = await self._assistants.resolve(workspace, handoff.assistant)
+            except SwitchboardError:
+                continue
+            if target is not None:
+                found.append(definition(handoff, target))
+        return found
+
+    def builtins(
+        self,
+        active: Active,
+        emit: Callable[[pb.RunUpdate], None],
+        definitions: Sequence[hpb.ToolDefinition],
+    ) -> dict[str, HandOver]:
+        """The built-in tools of one run: one per handoff offered."""
+        assistant = active.assistant
+        if assistant is None or not assistant.handoffs:
+            return {}
+        offered = {d.tool for d in definitions}
+        found: dict[str, HandOver] = {}
+        for handoff in assistant.handoffs:
+            named = AssistantName.parse_or_none(handoff.assistant)
+            if named is not None and tool_name(named.assistant) in offered:
+                found[tool_name(named.assistant)] = HandOver(self._assistants, active, named, emit)
+        return found
+
+
+class HandOver:
+    """One handoff target of one run, as a built-in tool (``tools.runner.BuiltinTool``)."""
+
+    def __init__(
+        self,
+        assistants: Assistants,
+        active: Active,
+        target: AssistantName,
+        emit: Callable[[pb.RunUpdate], None],
+    ) -> None:
+        self._assistants = assistants
+        self._active = active
+        self._target = target
+        self._emit = emit
+
+    @property
+    def definition(self) -> hpb.ToolDefinition:
+        name = tool_name(self._target.assistant)
+        return hpb.ToolDefinition(tool=name, function_name=name)
+
+    async def run(
+        self,
+        principal: Principal,
+        arguments: struct_pb2.Struct,
+        *,
+        timeout_s: float,
+        call_id: str = "",
+    ) -> tuple[bool, str]:
+        given = arguments.fields.get(REASON)
+        if given is None or given.WhichOneof("kind") != "string_value" or not given.string_value:
+            return False, f"The call needs {REASON!r}: why the other assistant should take over."
+        reason = given.string_value.strip()[:MAX_REASON_CHARS]
+        active = self._active
+        await self._assistants.hand_over(
+            active.workspace_id,
+            active.conversation_id,
+            Holder(self._target.assistant, active.run_id, reason),
+        )
+        update = pb.RunUpdate()
+        update.handoff.from_assistant = active.run.assistant
+        update.handoff.to_assistant = str(self._target)
+        update.handoff.reason = reason
+        self._emit(update)
+        return True, (
+            f"The conversation is now with {self._target.assistant}: the next messages go to "
+            "it. Tell the person, in a sentence, who takes over."
+        )
