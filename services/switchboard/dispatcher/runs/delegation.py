@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from google.protobuf import duration_pb2, struct_pb2
+from opentelemetry import trace
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -51,6 +52,7 @@ from switchboard.dispatcher.runs.core.store import TERMINAL, RunStore
 from switchboard.dispatcher.runs.handoffs import Handoffs
 from switchboard.dispatcher.tools.runner import BuiltinTool
 from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.observe.telemetry import tracer
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.resources import AssistantName, RunName
 
@@ -173,6 +175,8 @@ class Delegation:
         self._handoffs = Handoffs(assistants)
         #: The dispatcher's calls; set by the build once the dispatcher exists.
         self.calls: Calls | None = None
+        #: None when tracing is off (decided once, at build time, as the runs' spans are).
+        self.tracer = tracer("switchboard.dispatcher")
 
     async def definitions(self, assistant: pb.Assistant) -> list[hpb.ToolDefinition]:
         """The delegate and handoff tools of ``assistant`` (an assistant deleted since is
@@ -288,6 +292,21 @@ class Delegate:
         timeout_s: float,
         call_id: str = "",
     ) -> tuple[bool, str]:
+        spans = self._delegation.tracer
+        if spans is None:
+            return await self._call(principal, arguments, timeout_s, call_id)
+        # The call's own span, current while the child is admitted: admission stores it
+        # as the child's traceparent, so the child's run (and its own children) nest
+        # under the parent's tool call in the parent's trace (docs/observability.md).
+        with spans.start_as_current_span(
+            f"tool {self._name}",
+            attributes={"switchboard.tool": self._name, "switchboard.tool_call": call_id},
+        ):
+            return await self._call(principal, arguments, timeout_s, call_id)
+
+    async def _call(
+        self, principal: Principal, arguments: struct_pb2.Struct, timeout_s: float, call_id: str
+    ) -> tuple[bool, str]:
         question = arguments.fields.get(INPUT)
         if question is None or question.WhichOneof("kind") != "string_value":
             return False, f"The call needs {INPUT!r}: the question, as a string."
@@ -376,6 +395,8 @@ class Delegate:
         )
         sent = await calls.send_message(principal, request, parent=parent)
         child = sent.run
+        # The tool call's span when tracing is on (a no-op otherwise).
+        trace.get_current_span().set_attribute("switchboard.child_run", child.name)
         self._show(child, parent.tool_call)
         self._waiting.enter()
         try:
