@@ -12,6 +12,7 @@ cancelled parent ending its child; bad delegates refused at configuration."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.kits.contextkit import World, context_stub, create_conversation, ctx_world
 from tests.kits.dispatchkit import Stub as DStub
-from tests.kits.dispatchkit import dispatcher_stub, until, watch_all
+from tests.kits.dispatchkit import dispatcher_stub, read_until, until, watch_all
 
 pytestmark = [pytest.mark.service, pytest.mark.asyncio]
 
@@ -442,3 +443,85 @@ async def test_a_handoff_and_a_hand_back_route_the_conversation(database_url: st
         after = await d.send("", "bye")
         assert after.assistant == triage
         assert (await watch_all(d.dstub, d.world.viewer, after.name)).text == "still triage"
+
+
+async def test_a_cap_of_the_parents_assistant_pauses_the_child_and_the_parent_shows_why(
+    database_url: str,
+) -> None:
+    """A child is charged to its ancestors' assistants' budgets too: a cap on the
+    planner's budget, with room left but less than the child's step asks, pauses the
+    child; the parent's stream shows the child paused and which budget it waits for;
+    raising the cap lets the child, then the parent, finish."""
+    async with desk(database_url) as d:
+        await d.assistant("pricing", "You price things.")
+        planner = await d.assistant("planner", "You plan.", ("pricing",))
+        gate = asyncio.Event()
+
+        def plan(body: dict[str, Any]) -> Reply:
+            if not tool_outputs(body):
+                called = Reply.tool_calls([("ask_pricing", {"input": "price?"}, "c-1")])
+                return dataclasses.replace(called, gate=gate)
+            return Reply.text(f"priced: {tool_outputs(body)['c-1']}")
+
+        rules = {"You plan.": plan, "You price things.": lambda body: Reply.text("400 euros")}
+        d.fake.script(*[brain(rules)] * 3)
+        parent = await d.send(planner, "what does a kayak cost?")
+        await d.fake.wait_requests(1)
+        # Made after the planner's step took its room: only the child's step meets it.
+        created = await d.dstub.CreateBudget(
+            pb.CreateBudgetRequest(
+                parent=d.world.name,
+                budget_id="planner-tokens",
+                budget=pb.Budget(
+                    display_name="Planner",
+                    scope=planner,
+                    period=pb.BUDGET_PERIOD_DAY,
+                    total_token_limit=5,
+                ),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        gate.set()
+        def child_paused(seen: list[pb.RunUpdate]) -> bool:
+            return any(
+                u.child_run.state == pb.RUN_STATE_REQUIRES_ACTION
+                for u in seen
+                if u.WhichOneof("update") == "child_run"
+            )
+
+        call, seen = await until(d.dstub, d.world.viewer, parent.name, "child_run")
+        await read_until(call, seen, child_paused)
+        call.cancel()
+        assert child_paused(seen), "the parent's stream ended without its child pausing"
+        [waiting] = [
+            u.child_run
+            for u in seen
+            if u.WhichOneof("update") == "child_run"
+            and u.child_run.state == pb.RUN_STATE_REQUIRES_ACTION
+        ]
+        assert list(waiting.required_action.budget.budgets) == [created.budget.name]
+        # Not the child's model: it waits for room before its first call.
+        assert [instructions(r.body) for r in d.fake.requests] == ["You plan."]
+
+        await d.dstub.UpdateBudget(
+            pb.UpdateBudgetRequest(
+                budget=pb.Budget(name=created.budget.name, total_token_limit=1_000_000),
+                update_mask=field_mask_pb2.FieldMask(paths=["total_token_limit"]),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        finished = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert finished.final.state == pb.RUN_STATE_SUCCEEDED, finished.final.error
+        assert finished.text == "priced: 400 euros"
+        shown = [u.child_run.state for u in finished.updates if u.HasField("child_run")]
+        assert shown[-2:] == [pb.RUN_STATE_RUNNING, pb.RUN_STATE_SUCCEEDED]
+        # The child's tokens count on the planner's budget.
+        budget = await d.dstub.GetBudget(
+            pb.GetBudgetRequest(name=created.budget.name),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        [child] = await d.children(parent.name)
+        assert budget.budget.usage.output_tokens >= child.usage.output_tokens > 0

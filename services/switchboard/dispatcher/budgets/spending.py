@@ -42,6 +42,7 @@ from typing import Any, Final, Protocol
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.budgets.ledger import (
+    MAX_APPLICABLE,
     Alert,
     Amount,
     Applicable,
@@ -190,7 +191,7 @@ class Spending:
         #: read before the last one reads them again before its next reservation.
         self._versions: dict[str, int] = {}
         #: Budgets read lately, by (workspace, assistant, API key id): when, and what.
-        self._reads: dict[tuple[str, str, str], tuple[float, Read]] = {}
+        self._reads: dict[tuple[str, str, str, tuple[str, ...]], tuple[float, Read]] = {}
 
     # -- the catalog's hook ----------------------------------------------------------------
 
@@ -216,7 +217,9 @@ class Spending:
 
     # -- which apply -----------------------------------------------------------------------
 
-    async def read(self, workspace_id: str, assistant: str, api_key_id: str) -> Read:
+    async def read(
+        self, workspace_id: str, assistant: str, api_key_id: str, ancestors: Sequence[str] = ()
+    ) -> Read:
         """``applicable``, with the version of the workspace's budgets it read.
 
         Kept ``READ_TTL_S`` for the next message of the same workspace, assistant
@@ -227,12 +230,12 @@ class Spending:
         database; a paused run reads its budgets afresh.
         """
         version = self.version(workspace_id)
-        key = (workspace_id, assistant, api_key_id)
+        key = (workspace_id, assistant, api_key_id, tuple(ancestors))
         now = time.monotonic()
         cached = self._reads.get(key)
         if cached is not None and cached[1].version == version and now - cached[0] < READ_TTL_S:
             return cached[1]
-        read = Read(await self.applicable(workspace_id, assistant, api_key_id), version)
+        read = Read(await self.applicable(workspace_id, assistant, api_key_id, ancestors), version)
         if len(self._reads) >= MAX_READS:
             self._reads.clear()
         self._reads[key] = (now, read)
@@ -243,14 +246,24 @@ class Spending:
         return read.version == self.version(workspace_id)
 
     async def applicable(
-        self, workspace_id: str, assistant: str, api_key_id: str
+        self, workspace_id: str, assistant: str, api_key_id: str, ancestors: Sequence[str] = ()
     ) -> tuple[Applicable, ...]:
         """The budgets of a run of ``assistant`` (its name, or "") started with
-        ``api_key_id`` (or "")."""
+        ``api_key_id`` (or ""). ``ancestors``: for a delegate's run, the assistants (ids)
+        of the runs above it, whose budgets it is charged to as well: a parent's caps
+        hold its whole tree (docs/delegation.md)."""
         assistant_id = assistant.rsplit("/", 1)[-1] if assistant else ""
-        return await self.ledger.applicable(
-            workspace_id, assistant_id, api_key_id.rsplit("/", 1)[-1]
-        )
+        key = api_key_id.rsplit("/", 1)[-1]
+        found = await self.ledger.applicable(workspace_id, assistant_id, key)
+        above = sorted(set(ancestors) - {assistant_id})
+        if not above:
+            return found
+        by_id = {budget.budget_id: budget for budget in found}
+        for ancestor in above:
+            for budget in await self.ledger.applicable(workspace_id, ancestor, key):
+                by_id.setdefault(budget.budget_id, budget)
+        # The ledger's lock order (by id), within its bound.
+        return tuple(by_id[budget_id] for budget_id in sorted(by_id))[:MAX_APPLICABLE]
 
     # -- admission -------------------------------------------------------------------------
 
@@ -321,6 +334,7 @@ class Spending:
         host: Pauser,
         handed: Handed | None = None,
         record: Record | None = None,
+        ancestors: Sequence[str] = (),
     ) -> RunBudget | None:
         """The run's budget (None when no budget applies and none was handed to
         it: nothing to reserve). ``record``: the run's record of each settlement,
@@ -329,7 +343,7 @@ class Spending:
             return None
 
         def reload() -> Awaitable[tuple[Applicable, ...]]:
-            return self.applicable(workspace_id, run.assistant, api_key_id)
+            return self.applicable(workspace_id, run.assistant, api_key_id, ancestors)
 
         return RunBudget(
             self,

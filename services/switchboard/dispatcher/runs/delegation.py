@@ -400,7 +400,7 @@ class Delegate:
         self._show(child, parent.tool_call)
         self._waiting.enter()
         try:
-            ended = await self._ended(calls, child.name)
+            ended = await self._ended(calls, child.name, parent.tool_call)
         except BaseException:
             # The parent ended under it (cancelled, past its deadline): the child must
             # not run on with nobody to read its answer. A process that is stopping
@@ -422,11 +422,20 @@ class Delegate:
         )
         return True, _text(answer) or "(an empty answer)"
 
-    async def _ended(self, calls: Calls, name: str) -> pb.Run:
-        """The child as it stands once it ended (followed through its updates)."""
+    async def _ended(self, calls: Calls, name: str, call_id: str) -> pb.Run:
+        """The child as it stands once it ended (followed through its updates). A pause
+        on the way (approvals, a budget's room) shows on the parent, and so does the
+        child going on after it: the parent is where a person sees what its tree waits for."""
+        paused = False
         async for update in calls.watch(name, 0):
-            if update is not None and update.state_change.run.state in TERMINAL:
+            if update is None or not update.HasField("state_change"):
+                continue
+            child = update.state_change.run
+            if child.state in TERMINAL:
                 break
+            if child.state == pb.RUN_STATE_REQUIRES_ACTION or paused:
+                paused = child.state == pb.RUN_STATE_REQUIRES_ACTION
+                self._show(child, call_id)
         return await calls.get_run(name)
 
     def _show(self, child: pb.Run, call_id: str) -> None:
@@ -440,6 +449,8 @@ class Delegate:
             shown.usage.CopyFrom(child.usage)
             if child.HasField("error"):
                 shown.error.CopyFrom(child.error)
+        elif child.state == pb.RUN_STATE_REQUIRES_ACTION:
+            shown.required_action.CopyFrom(child.required_action)
         self._emit(update)
 
 

@@ -376,6 +376,7 @@ class Execution:
                 _RunHost(self, active, clock),
                 _handed(active.job),
                 record=self._charge(active),
+                ancestors=active.job.lineage,
             )
         if active.job.speech.speak:
             self._speak(active)
@@ -550,7 +551,10 @@ class Execution:
         if self._spending is None:
             return None
         return await self._spending.read(
-            active.workspace_id, active.run.assistant, active.principal.api_key_id
+            active.workspace_id,
+            active.run.assistant,
+            active.principal.api_key_id,
+            active.job.lineage,
         )
 
     def _runner(

@@ -1362,6 +1362,7 @@ class ChildRun(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REQUIRED_ACTION_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The child, `workspaces/{w}/conversations/{c}/runs/{r}` (its conversation is
     its own).
@@ -1371,8 +1372,9 @@ class ChildRun(_message.Message):
     tool_call_id: _builtins.str
     """The parent's tool call it answers (`ToolCall.id`)."""
     state: Global___RunState.ValueType
-    """Its state when this update was made: QUEUED or RUNNING when it started, its
-    terminal state when it ended.
+    """Its state when this update was made: QUEUED or RUNNING when it started,
+    REQUIRES_ACTION when it paused (and RUNNING when it went on), its terminal
+    state when it ended.
     """
     @_builtins.property
     def usage(self) -> _handler_pb2.Usage:
@@ -1381,6 +1383,13 @@ class ChildRun(_message.Message):
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Why it did not succeed (set when it ended otherwise)."""
+
+    @_builtins.property
+    def required_action(self) -> Global___RequiredAction:
+        """What it waits for while REQUIRES_ACTION (tool calls to approve, or room in
+        a budget): decided on the child, by its name (SubmitToolApprovals,
+        ResolveBudgetAction).
+        """
 
     def __init__(
         self,
@@ -1391,10 +1400,11 @@ class ChildRun(_message.Message):
         state: Global___RunState.ValueType = ...,
         usage: _handler_pb2.Usage | None = ...,
         error: _status_pb2.Status | None = ...,
+        required_action: Global___RequiredAction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "required_action", b"required_action", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "error", b"error", "run", b"run", "state", b"state", "tool_call_id", b"tool_call_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "error", b"error", "required_action", b"required_action", "run", b"run", "state", b"state", "tool_call_id", b"tool_call_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from google.protobuf import struct_pb2
 from opentelemetry.trace import Tracer
@@ -174,7 +174,7 @@ class Admission:
             earlier = await self._store.replayed(screened.key)
             if earlier is not None:
                 return await self.replay(principal, request, earlier)
-        budgets = await self._room(principal, conversation.workspace, screened, handed)
+        budgets = await self._room(principal, conversation.workspace, screened, handed, parent)
         stored_message = await self._context.append_message(
             principal, _append_request(principal, request), timeout_s=FINISH_TIMEOUT_S
         )
@@ -229,6 +229,7 @@ class Admission:
         workspace_id: str,
         screened: Screened,
         handed: Handed | None,
+        parent: Parent | None = None,
     ) -> Read | None:
         """The run's room, refused before anything is stored (admission itself then
         cannot fail): its conversation free under REJECT, the queue's room, the budgets
@@ -239,7 +240,9 @@ class Admission:
         ):
             raise_busy()
         self._scheduler.check_room(workspace_id)
-        budgets = await self._budgets(principal, workspace_id, screened)
+        budgets = await self._budgets(
+            principal, workspace_id, screened, parent.lineage if parent is not None else ()
+        )
         if handed is not None and handed.empty():
             raise BudgetExhausted(
                 "the message was refused: the budget its caller handed over has nothing left",
@@ -248,15 +251,23 @@ class Admission:
         return budgets
 
     async def _budgets(
-        self, principal: Principal, workspace_id: str, screened: Screened
+        self,
+        principal: Principal,
+        workspace_id: str,
+        screened: Screened,
+        ancestors: Sequence[str] = (),
     ) -> Read | None:
-        """The budgets the run will have; refuses the message when one has no room
-        left, or a cost cap applies and its model has no price (nothing stored)."""
+        """The budgets the run will have (a delegate's run: its ancestors' assistants'
+        too); refuses the message when one has no room left, or a cost cap applies and
+        its model has no price (nothing stored)."""
         if self._spending is None:
             return None
         assistant = screened.assistant
         read = await self._spending.read(
-            workspace_id, assistant.name if assistant is not None else "", principal.api_key_id
+            workspace_id,
+            assistant.name if assistant is not None else "",
+            principal.api_key_id,
+            ancestors,
         )
         if read.budgets:
             handler = screened.choice.handler
