@@ -507,6 +507,12 @@ class FrontDoor:
             return [(mapping.chunk(run, update.delta.text, first, append=streamed), None)]
         if kind == "steer":
             return await self._steered(principal, update, after, now)
+        if kind == "child_run":
+            # A sub-task is progress, not output: a status update, never an artifact (a
+            # client adds every artifact chunk to the answer).
+            if first <= after:
+                return []
+            return [(mapping.child_event(run, update.child_run, now, first), now)]
         if kind != "state_change":
             return []
         changed = update.state_change.run

@@ -263,6 +263,50 @@ def steer_message(target: str, message: cpb.Message, steer_run: str) -> a2a.Mess
     return found
 
 
+def child_event(
+    parent: str, child: pb.ChildRun, state: a2a.TaskState, cursor: Cursor
+) -> a2a.StreamResponse:
+    """A sub-task of ``parent`` (a delegate's child run) started, paused or ended, as a
+    status update that keeps the parent task's ``state``: its message (role agent) says
+    which assistant was asked and how it stands, in a text part and a data part
+    ``{"subtask": {...}}`` naming the child's own task (docs/a2a.md, "Sub-tasks")."""
+    what = pb.RunState.Name(child.state).removeprefix("RUN_STATE_").lower()
+    asked = child.assistant.rsplit("/", 1)[-1]
+    child_task = task_id(child.run)
+    text = f"Sub-task {child_task}: asked {asked}, {what}."
+    if child.HasField("error") and child.error.message:
+        text = f"Sub-task {child_task}: asked {asked}, {what} ({child.error.message})."
+    details: dict[str, Any] = {
+        "task_id": child_task,
+        "context_id": context_id(child.run),
+        "assistant": child.assistant,
+        "tool_call_id": child.tool_call_id,
+        "state": what,
+    }
+    if child.HasField("usage"):
+        details["output_tokens"] = child.usage.output_tokens
+    data = struct_pb2.Value()
+    data.struct_value.update({"subtask": details})
+    status_ = a2a.TaskStatus(
+        state=state,
+        message=a2a.Message(
+            message_id=f"{task_id(parent)}.subtask.{child_task}.{what}",
+            context_id=context_id(parent),
+            task_id=task_id(parent),
+            role=a2a.ROLE_AGENT,
+            parts=[a2a.Part(text=text), a2a.Part(data=data, media_type="application/json")],
+        ),
+    )
+    return a2a.StreamResponse(
+        status_update=a2a.TaskStatusUpdateEvent(
+            task_id=task_id(parent),
+            context_id=context_id(parent),
+            status=status_,
+            metadata=sequenced(cursor),
+        )
+    )
+
+
 def steer_event(
     target: str, steer: pb.SteerUpdate, state: a2a.TaskState, cursor: Cursor
 ) -> a2a.StreamResponse:
