@@ -69,6 +69,11 @@ export class App {
       composer.offerSteer();
       this.navigation.landingsChanged();
     };
+    // A followed run handed the open conversation over, or its holder answered it: the
+    // composer says who holds it.
+    this.runs.onHolder = (claim) => {
+      if (claim.run.startsWith(`${this.navigation.conversation}/runs/`)) composer.held(claim);
+    };
     this.navigation = new Navigation(
       api,
       this.page,

@@ -1,7 +1,8 @@
 // The open workspace's assistants: listed (the default marked), created and edited by
 // owners (instructions, handler, model settings, the tools each integration lends it and
-// which of them need a person's approval, the assistants it may ask (its delegates),
-// context budget, tool-step limit, the workspace default), with the etag sent back so a change made elsewhere meanwhile is refused as
+// which of them need a person's approval, the assistants it may ask (its delegates) and
+// those it may hand its conversations over to (its handoffs), context budget, tool-step
+// limit, the workspace default), with the etag sent back so a change made elsewhere meanwhile is refused as
 // such (ABORTED / ERROR_REASON_ETAG_MISMATCH) rather than overwritten; and "Try it", a
 // conversation opened beside the editor with the assistant chosen in the composer.
 import { type Api, PAGE_SIZE, requestId } from "./api";
@@ -9,7 +10,7 @@ import { deleteConfirmation } from "./confirm";
 import { fill, h } from "./dom";
 import { SearchMode } from "./gen/switchboard/api/context/v1/context_pb";
 import { offerCurrentVersion, type Problem, problem, renderProblem } from "./errors";
-import type { Assistant, AssistantDelegate, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import type { Assistant, AssistantDelegate, AssistantHandoff, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { IntegrationKind } from "./gen/switchboard/api/integration/v1/integration_pb";
 import { type Integrations, lastSegment } from "./integrations";
@@ -39,12 +40,41 @@ const FIELDS = [
   "voice",
   "retrieval",
   "delegates",
+  "handoffs",
 ];
 
-/** The most delegates an assistant may list, and the longest description of one
- *  (docs/delegation.md); the server refuses more, naming the field. */
+/** The most delegates (and handoffs) an assistant may list, and the longest description
+ *  of one (docs/delegation.md); the server refuses more, naming the field. */
 const MAX_DELEGATES = 16;
 const MAX_DELEGATE_DESCRIPTION = 1_000;
+
+/** The other assistants one lists (Assistant.delegates, Assistant.handoffs): each an
+ *  assistant of the workspace with what its model reads about it. */
+interface TargetKind {
+  /** The fieldset's test handle, and the prefix of its rows' and inputs' handles. */
+  testid: string;
+  row: string;
+  legend: string;
+  /** The description's label and placeholder, for the assistant titled `title`. */
+  label(title: string): string;
+  placeholder: string;
+}
+
+const DELEGATES: TargetKind = {
+  testid: "assistant-delegates",
+  row: "delegate",
+  legend: `Delegates (assistants it may ask, at most ${MAX_DELEGATES})`,
+  label: (title) => `What to ask ${title} for`,
+  placeholder: "what to ask it for (empty: its own description)",
+};
+
+const HANDOFFS: TargetKind = {
+  testid: "assistant-handoffs",
+  row: "handoff",
+  legend: `Handoffs (assistants it may hand the conversation over to, at most ${MAX_DELEGATES})`,
+  label: (title) => `When to hand over to ${title}`,
+  placeholder: "when to hand over to it (empty: its own description)",
+};
 
 export class Assistants {
   readonly elements: HTMLElement[];
@@ -156,6 +186,7 @@ export class Assistants {
             "data-default": String(a.workspaceDefault),
             "data-voice": String(a.voice !== undefined),
             "data-delegates": a.delegates.map((d) => d.assistant).join(" "),
+            "data-handoffs": a.handoffs.map((d) => d.assistant).join(" "),
           },
           h("strong", {}, a.displayName || lastSegment(a.name)),
           a.workspaceDefault ? h("span", { class: "badge", "data-testid": "assistant-default" }, "default") : null,
@@ -165,6 +196,7 @@ export class Assistants {
             { class: "muted" },
             ` ${a.handler || "handlers/llm"}${a.tools.length ? ` · ${a.tools.length} integration${a.tools.length > 1 ? "s" : ""}` : ""}`,
             a.delegates.length ? h("span", { "data-testid": "assistant-delegates-count" }, ` · asks ${a.delegates.length} assistant${a.delegates.length > 1 ? "s" : ""}`) : null,
+            a.handoffs.length ? h("span", { "data-testid": "assistant-handoffs-count" }, ` · hands over to ${a.handoffs.length}`) : null,
           ),
           h(
             "div",
@@ -278,7 +310,8 @@ export class Assistants {
         field("assistant-steps", "Tool-step limit", numberInput(a?.maxToolSteps, { min: 0, max: 32 })),
       ),
       h("fieldset", { "data-testid": "assistant-tools" }, h("legend", {}, "Tools (✓ enables, ✋ needs approval)"), h("span", { class: "muted" }, "Loading…")),
-      this.delegatesField(a),
+      this.targetsField(DELEGATES, a, a?.delegates ?? []),
+      this.targetsField(HANDOFFS, a, a?.handoffs ?? []),
       // Voice settings (Assistant.voice): with them the assistant takes recordings and
       // speaks its answers (push-to-talk here, Talk sessions elsewhere); each field left
       // empty is the server's default.
@@ -360,30 +393,31 @@ export class Assistants {
     await this.renderTools(a?.tools ?? []);
   }
 
-  /** Delegates (Assistant.delegates): the workspace's other assistants, each one this
-   *  assistant's model may ask (an `ask_{id}` tool whose call is a child run), with what
-   *  the model reads about it. Those it lists first, in their order; one it lists that is
-   *  no longer in the workspace's list stays until unticked (the server refuses it). */
-  private delegatesField(a: Assistant | null): HTMLElement {
-    const listed = a?.delegates ?? [];
+  /** Delegates (Assistant.delegates) or handoffs (Assistant.handoffs): the workspace's
+   *  other assistants, each one this assistant's model may ask (an `ask_{id}` tool whose
+   *  call is a child run) or hand the conversation over to (a `transfer_to_{id}` tool
+   *  whose call makes it the conversation's holder), with what the model reads about it.
+   *  Those it lists first, in their order; one it lists that is no longer in the
+   *  workspace's list stays until unticked (the server refuses it). */
+  private targetsField(kind: TargetKind, a: Assistant | null, listed: readonly (AssistantDelegate | AssistantHandoff)[]): HTMLElement {
     const others = this.assistants.filter((x) => x.name !== a?.name && !listed.some((d) => d.assistant === x.name));
-    const row = (name: string, title: string, chosen: AssistantDelegate | undefined, known: boolean): HTMLElement =>
+    const row = (name: string, title: string, chosen: AssistantDelegate | AssistantHandoff | undefined, known: boolean): HTMLElement =>
       h(
         "div",
-        { class: "row", "data-testid": "assistant-delegate", "data-assistant": name },
+        { class: "row target", "data-testid": `assistant-${kind.row}`, "data-assistant": name },
         h(
           "label",
           { class: "check" },
-          h("input", { type: "checkbox", "data-testid": "delegate-enabled", checked: chosen !== undefined }),
+          h("input", { type: "checkbox", "data-testid": `${kind.row}-enabled`, checked: chosen !== undefined }),
           " ",
           h("strong", { title: name }, title),
           known ? null : h("span", { class: "muted" }, " (not in this workspace's list)"),
         ),
         h("input", {
-          "data-testid": "delegate-description",
-          "aria-label": `What to ask ${title} for`,
+          "data-testid": `${kind.row}-description`,
+          "aria-label": kind.label(title),
           value: chosen?.description ?? "",
-          placeholder: "what to ask it for (empty: its own description)",
+          placeholder: kind.placeholder,
           maxlength: MAX_DELEGATE_DESCRIPTION,
         }),
       );
@@ -396,10 +430,23 @@ export class Assistants {
     ];
     return h(
       "fieldset",
-      { "data-testid": "assistant-delegates" },
-      h("legend", {}, `Delegates (assistants it may ask, at most ${MAX_DELEGATES})`),
-      ...(rows.length ? rows : [h("span", { class: "muted", "data-testid": "delegates-empty" }, "No other assistant in this workspace yet.")]),
+      { "data-testid": kind.testid },
+      h("legend", {}, kind.legend),
+      ...(rows.length ? rows : [h("span", { class: "muted", "data-testid": `${kind.row}s-empty` }, "No other assistant in this workspace yet.")]),
     );
+  }
+
+  /** The ticked rows of a delegates or handoffs fieldset, in their order. */
+  private readTargets(kind: TargetKind): { assistant: string; description: string }[] {
+    const chosen: { assistant: string; description: string }[] = [];
+    for (const row of this.editor.querySelectorAll<HTMLElement>(`[data-testid="assistant-${kind.row}"]`)) {
+      if (!row.querySelector<HTMLInputElement>(`[data-testid="${kind.row}-enabled"]`)?.checked) continue;
+      chosen.push({
+        assistant: row.dataset.assistant ?? "",
+        description: row.querySelector<HTMLInputElement>(`[data-testid="${kind.row}-description"]`)?.value.trim() ?? "",
+      });
+    }
+    return chosen;
   }
 
   private async renderTools(enabled: AssistantTools[]): Promise<void> {
@@ -458,14 +505,8 @@ export class Assistants {
         tools.push({ integration: box.dataset.integration ?? "", tools: enabled, approvalRequiredTools: approval, requiresApproval: false } as AssistantTools);
       }
     }
-    const delegates: AssistantDelegate[] = [];
-    for (const row of this.editor.querySelectorAll<HTMLElement>('[data-testid="assistant-delegate"]')) {
-      if (!row.querySelector<HTMLInputElement>('[data-testid="delegate-enabled"]')?.checked) continue;
-      delegates.push({
-        assistant: row.dataset.assistant ?? "",
-        description: row.querySelector<HTMLInputElement>('[data-testid="delegate-description"]')?.value.trim() ?? "",
-      } as AssistantDelegate);
-    }
+    const delegates = this.readTargets(DELEGATES) as AssistantDelegate[];
+    const handoffs = this.readTargets(HANDOFFS) as AssistantHandoff[];
     const temperature = value("assistant-temperature");
     const speaks = this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-voice-on"]')?.checked ?? false;
     const checked = (testid: string): boolean => this.editor.querySelector<HTMLInputElement>(`[data-testid="${testid}"]`)?.checked ?? false;
@@ -484,6 +525,7 @@ export class Assistants {
       },
       tools,
       delegates,
+      handoffs,
       contextTokenBudget: num("assistant-budget"),
       maxToolSteps: num("assistant-steps"),
       workspaceDefault: this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-default-input"]')?.checked ?? false,

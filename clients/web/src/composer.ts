@@ -1,9 +1,11 @@
 // The composer under the open conversation: a message, the files attached to it (uploaded
 // as they are attached, files.ts), the handler or assistant it goes to (the workspace's,
-// listed when it opens), handler parameters, and SendMessage. What
+// listed when it opens; once the conversation was handed over, the assistant holding it
+// is said beside the choice), handler parameters, and SendMessage. What
 // is open, and what to do with the answer, is the host's (the navigation's): the composer
 // asks rather than keeps a copy that could fall behind.
 import type { JsonObject } from "@bufbuild/protobuf";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { h } from "./dom";
 import { limitSummary, local, problem } from "./errors";
@@ -14,7 +16,7 @@ import { learnBudgetTitles } from "./budgets";
 import { Attachments } from "./files";
 import type { Names } from "./names";
 import type { Page } from "./page";
-import type { RunListener, RunView } from "./runs";
+import type { HolderClaim, RunListener, RunView } from "./runs";
 import { TalkControl } from "./talk";
 
 export interface ComposerHost {
@@ -69,6 +71,11 @@ export class Composer {
   readonly talk: TalkControl;
   /** The open workspace's assistants (whose `voice` says whether Talk shows). */
   private assistants: Assistant[] = [];
+  /** Who holds the open conversation, as the latest thing seen in it says (a handoff, a
+   *  run the holder answered); undefined until one is seen. */
+  private holder: HolderClaim | undefined;
+  /** Says which assistant holds the conversation, and so where a message naming none goes. */
+  private readonly holderHint = h("p", { class: "muted holder", "data-testid": "conversation-holder", hidden: true });
 
   constructor(
     private readonly api: Api,
@@ -92,6 +99,8 @@ export class Composer {
     });
     this.handler.addEventListener("change", () => this.showTalk());
     this.assistant.addEventListener("change", () => this.showTalk());
+    this.handler.addEventListener("change", () => this.showHolder());
+    this.assistant.addEventListener("change", () => this.showHolder());
     this.element = h(
       "form",
       {
@@ -106,6 +115,7 @@ export class Composer {
       this.text,
       this.attachments.element,
       h("div", { class: "row" }, this.handler, this.assistant, h("button", { type: "submit", "data-testid": "send" }, "Send"), this.steerButton),
+      this.holderHint,
       this.talk.element,
       h(
         "details",
@@ -136,17 +146,103 @@ export class Composer {
    *  before stops. */
   left(): void {
     this.talk.reset();
+    this.holder = undefined;
+    this.showHolder();
+    this.showTalk();
+  }
+
+  /** Something seen in the open conversation says who holds it: kept if it is the latest
+   *  word (an older run inspected later does not take the conversation back). */
+  held(claim: HolderClaim): void {
+    if (this.holder && claim.at < this.holder.at) return;
+    this.holder = claim;
+    this.showHolder();
+    this.showTalk();
+  }
+
+  /** The conversation's history, as listed when it opened: its last handoff that took
+   *  (a `transfer_to_{id}` call whose result succeeded) says who holds it. */
+  history(messages: Message[]): void {
+    const results = new Set<string>();
+    for (const m of messages) {
+      for (const p of m.parts) if (p.part.case === "toolResult" && p.part.value.outcome === "succeeded") results.add(p.part.value.id);
+    }
+    const sorted = [...messages].sort((a, b) => Number(b.sequence - a.sequence));
+    for (const m of sorted) {
+      for (const p of [...m.parts].reverse()) {
+        if (p.part.case !== "toolCall" || !results.has(p.part.value.id)) continue;
+        const assistant = this.handoffTarget(m.name, p.part.value.functionName || p.part.value.tool);
+        if (!assistant) continue;
+        const reason = p.part.value.arguments?.reason;
+        return this.held({
+          assistant,
+          at: m.createTime ? timestampDate(m.createTime).getTime() : 0,
+          reason: typeof reason === "string" ? reason : "",
+          run: "",
+          from: "",
+        });
+      }
+    }
+  }
+
+  /** The assistant a handoff tool (`transfer_to_{assistant id}`, docs/delegation.md) hands
+   *  to, in the workspace of `message`; "" if `tool` is no handoff. A name past 64
+   *  characters is cut to 55 and hashed: matched among the workspace's assistants by the
+   *  part kept (ids have no underscore, so only a cut name ends in `_` and 8 hex digits). */
+  private handoffTarget(message: string, tool: string): string {
+    const prefix = "transfer_to_";
+    if (!tool.startsWith(prefix)) return "";
+    const workspace = message.split("/conversations/")[0] ?? "";
+    const cut = tool.length === 64 ? /^(.{55})_[0-9a-f]{8}$/.exec(tool) : null;
+    if (!cut) return `${workspace}/assistants/${tool.slice(prefix.length)}`;
+    const kept = `${workspace}/assistants/${(cut[1] ?? "").slice(prefix.length)}`;
+    const found = this.assistants.filter((a) => a.name.startsWith(kept));
+    return found.length === 1 ? (found[0]?.name ?? "") : "";
+  }
+
+  /** The assistant holding the conversation, by its title, and whether this message goes
+   *  to it: it does when it names no assistant and forces no handler. */
+  private showHolder(): void {
+    // A holder deleted since: the workspace's default answers again.
+    const claim = this.holder && (this.assistants.length === 0 || this.assistants.some((a) => a.name === this.holder?.assistant)) ? this.holder : undefined;
+    const hint = this.holderHint;
+    const unnamed = this.assistant.options[0];
+    if (unnamed?.value === "") {
+      unnamed.textContent = claim ? `assistant: ${this.names.title(claim.assistant)}, which holds this conversation` : "assistant: the workspace default";
+    }
+    if (!claim) {
+      hint.hidden = true;
+      hint.replaceChildren();
+      delete hint.dataset.assistant;
+      return;
+    }
+    const title = this.names.title(claim.assistant);
+    const chosen = this.assistant.value;
+    const goes = !chosen && !this.handler.value;
+    Object.assign(hint.dataset, { assistant: claim.assistant, run: claim.run, goesToHolder: String(goes) });
+    hint.title = claim.reason ? `Handed over: ${claim.reason}` : "";
+    hint.hidden = false;
+    hint.replaceChildren(
+      "This conversation is with ",
+      h("strong", { "data-testid": "conversation-holder-title" }, title),
+      goes
+        ? ": a message that names no assistant goes to it."
+        : chosen
+          ? `: this message goes to ${chosen === claim.assistant ? "it" : this.names.title(chosen)}, and the conversation stays with ${title}.`
+          : ": this message goes to the handler chosen, and the conversation stays with it.",
+    );
   }
 
   /** Talk shows when the message would go to an assistant with a voice: the one chosen,
    *  or, when none is and no handler is forced, the workspace's default. */
   private showTalk(): void {
     const chosen = this.assistant.value;
+    const holder = this.holder?.assistant;
     const target = chosen
       ? this.assistants.find((a) => a.name === chosen)
       : this.handler.value
         ? undefined
-        : this.assistants.find((a) => a.workspaceDefault);
+        : (holder ? this.assistants.find((a) => a.name === holder) : undefined) ?? this.assistants.find((a) => a.workspaceDefault);
     this.talk.available(target?.voice !== undefined);
   }
 
@@ -178,6 +274,7 @@ export class Composer {
       if (assistants.assistants.some((a) => a.name === chosen)) this.assistant.value = chosen;
       this.assistants = assistants.assistants;
       this.showTalk();
+      this.showHolder();
     });
   }
 
@@ -193,6 +290,7 @@ export class Composer {
     this.assistant.value = assistant;
     this.assistant.dataset.chosen = assistant;
     this.showTalk();
+    this.showHolder();
   }
 
   private async send(): Promise<void> {

@@ -316,6 +316,10 @@ export function runUpdateLabel(update: RunUpdate["update"]): string {
       const asked = update.value.assistant.split("/").pop() ?? "an assistant";
       return TERMINAL_STATES.has(update.value.state) ? `asked ${asked}: ${runStateLabel(update.value.state)}` : `asks ${asked}`;
     }
+    case "handoff": {
+      const to = update.value.toAssistant.split("/").pop() ?? "another assistant";
+      return `handed the conversation to ${to}${update.value.reason ? `: ${update.value.reason}` : ""}`;
+    }
     default:
       return "changed";
   }

@@ -202,6 +202,16 @@ function summarize(event: Event, names: Names): Child[] {
       if (update.update.case === "progress" && update.update.value.stage) {
         return [`${id} progress: `, quote(update.update.value.stage)];
       }
+      // A handoff names the assistant that holds the conversation now, by its title, and
+      // quotes the handing model's reason.
+      if (update.update.case === "handoff") {
+        const handoff = update.update.value;
+        return [
+          `${id} handed the conversation to `,
+          h("strong", { "data-testid": "event-handoff-to", "data-assistant": handoff.toAssistant }, names.title(handoff.toAssistant)),
+          ...(handoff.reason ? [": ", quote(handoff.reason)] : []),
+        ];
+      }
       return [`${id} ${runUpdateLabel(update.update)}`];
     }
     case "security":

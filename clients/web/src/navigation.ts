@@ -19,7 +19,7 @@ import type { Integrations } from "./integrations";
 import type { Names } from "./names";
 import type { Page } from "./page";
 import type { RunCards } from "./runcards";
-import { TERMINAL, steerStateName } from "./runs";
+import { TERMINAL, holderOf, steerStateName } from "./runs";
 
 /** The workspace's pages, each shown in the centre where a conversation would be
  * (`#workspaces/w/<page>`), with the title it gives the centre. */
@@ -182,6 +182,17 @@ export class Navigation {
         const update = payload.value.update;
         if (!update || event.conversation !== this.conversation) break;
         const known = this.runs.has(update.run);
+        // Handed over from a run this page does not follow (another tab, a script).
+        if (update.update.case === "handoff") {
+          const handoff = update.update.value;
+          this.composer.held({
+            assistant: handoff.toAssistant,
+            at: update.time ? timestampDate(update.time).getTime() : Date.now(),
+            reason: handoff.reason,
+            run: update.run,
+            from: handoff.fromAssistant,
+          });
+        }
         if (!known && update.update.case === "stateChange" && update.update.value.run) {
           // A run started elsewhere (another tab, a script): follow it here too.
           const run = update.update.value.run;
@@ -575,6 +586,8 @@ export class Navigation {
       } while (pageToken && found.length < 1_000);
       if (name !== this.conversation) return;
       this.addMessages(found);
+      // Who holds it: its last handoff, in its history.
+      this.composer.history(found);
       // Runs still going (or waiting for a decision) are followed as if sent from here.
       const active = await this.api.dispatcher.listRuns({
         parent: name,
@@ -587,6 +600,11 @@ export class Navigation {
       const recent = await this.api.dispatcher.listRuns({ parent: name, pageSize: 10 });
       if (name !== this.conversation) return;
       this.runs.earlier(recent.runs.filter((r) => TERMINAL.has(r.state)));
+      // Or a run the holder answered (its history may be longer than what was listed).
+      for (const run of [...active.runs, ...recent.runs]) {
+        const claim = holderOf(run);
+        if (claim) this.composer.held(claim);
+      }
       // Steers among them: their messages say where they went.
       this.runs.learnLandings([...active.runs, ...recent.runs]);
     });

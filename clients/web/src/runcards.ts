@@ -4,7 +4,8 @@
 // outcome is unknown: Retry, Mark done with its result, or Fail run). Each run is a RunView
 // (runs.ts) following WatchRun; which runs to follow is the navigation's call. A run whose
 // assistant asked others (delegation) lists its child runs, each expandable to follow
-// its own stream in place.
+// its own stream in place; one whose assistant handed the conversation over says to whom
+// and why, and the host hears who holds the conversation (the composer says so).
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
 import { learnBudgetTitles } from "./budgets";
@@ -15,7 +16,19 @@ import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { counted, decisionLabel, limitedLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
-import { type ChildInfo, type Landing, type RunListener, RunView, TERMINAL, type TimelineEntry, forgetRuns, stateName, steerStateName } from "./runs";
+import {
+  type ChildInfo,
+  type HolderClaim,
+  type Landing,
+  type RunListener,
+  RunView,
+  TERMINAL,
+  type TimelineEntry,
+  forgetRuns,
+  holderOf,
+  stateName,
+  steerStateName,
+} from "./runs";
 
 /** The most a call marked done may say it returned (`ToolApproval.result_text`). */
 export const MAX_RESULT_TEXT = 16_000;
@@ -53,6 +66,12 @@ export class RunCards {
   private readonly childStreams = new Map<string, HTMLElement>();
   /** Runs whose children were listed (ListRuns `parent_run`), each once. */
   private readonly childrenListed = new Set<string>();
+  /** What each followed run has told the host of who holds the conversation: its own
+   *  routing (a run the holder answered) and how many of its handoffs, by run name. */
+  private readonly holdersTold = new Map<string, { routed: boolean; handoffs: number }>();
+  /** Who holds the open conversation, as a followed run says it (a handoff its assistant
+   *  made, or its own routing to the holder); the host keeps the latest. */
+  onHolder: (claim: HolderClaim) => void = () => undefined;
   /** Called when a run's state or a steer's landing changed (the composer offers Steer
    *  while a run is going; the messages show where steers landed). */
   onChange: () => void = () => undefined;
@@ -192,6 +211,7 @@ export class RunCards {
     this.childViews.clear();
     this.childStreams.clear();
     this.childrenListed.clear();
+    this.holdersTold.clear();
     this.shownMessages.clear();
   }
 
@@ -222,6 +242,7 @@ export class RunCards {
     for (const steer of view.steers.values()) {
       if (steer.message) landed = this.land(steer.message, { steerRun: steer.steerRun, target: view.name, state: steer.state, step: steer.step }) || landed;
     }
+    this.tellHolder(view);
     const going = `${view.terminal}`;
     if (landed || card.dataset.going !== going) {
       card.dataset.going = going;
@@ -243,11 +264,13 @@ export class RunCards {
           h("span", { "data-testid": "run-state" }),
           " ",
           h("code", { "data-part": "handler" }),
+          h("span", { class: "muted", "data-testid": "run-assistant" }),
           h("span", { class: "muted", "data-part": "meta" }),
           h("button", { type: "button", "data-testid": "cancel-run", onclick: () => void this.cancel(view) }, "Cancel"),
         ),
         h("div", { "data-part": "steer" }),
         h("div", { "data-part": "tools" }),
+        h("div", { "data-part": "handoff" }),
         h("div", { "data-part": "budget" }),
         h("div", { class: "answer", "data-testid": "run-answer", "data-content": true }),
         h("div", { "data-part": "end" }),
@@ -277,6 +300,8 @@ export class RunCards {
       live: String(view.live),
       discarded: String(view.discarded),
       steers: String(view.steers.size),
+      assistant: view.run?.assistant ?? "",
+      handoffs: String(view.handoffs.length),
     });
     this.renderSteer(card, view);
     const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
@@ -286,6 +311,7 @@ export class RunCards {
     }
     this.renderBudgetAction(card, view);
     setText(card, '[data-part="handler"]', view.run?.handler ?? "");
+    this.renderAssistant(card, view);
     const meta = card.querySelector<HTMLElement>('[data-part="meta"]');
     const counts = `${view.deltas ? ` · ${view.deltas} ${view.deltas === 1 ? "delta" : "deltas"}` : ""}${view.speechChunks ? ` · ${(view.speechMs / 1000).toFixed(1)} s of speech` : ""}`;
     if (meta && (meta.dataset.progress !== view.progress || meta.dataset.counts !== counts)) {
@@ -297,6 +323,7 @@ export class RunCards {
     const cancel = card.querySelector<HTMLButtonElement>('[data-testid="cancel-run"]');
     if (cancel) cancel.hidden = view.terminal;
     this.renderTools(card, view);
+    this.renderHandoffs(card, view);
     setText(card, '[data-testid="run-answer"]', view.text);
     this.renderTimeline(card, view);
     this.renderChildren(card, view);
@@ -315,6 +342,58 @@ export class RunCards {
           : []),
     );
     return card;
+  }
+
+  /** The assistant that answers the run, by its title, and why it does (the routing's
+   *  reason: named, the workspace's default, or the one the conversation was handed to). */
+  private renderAssistant(card: HTMLElement, view: RunView): void {
+    const box = card.querySelector<HTMLElement>('[data-testid="run-assistant"]');
+    const assistant = view.run?.assistant ?? "";
+    if (!box) return;
+    const key = `${assistant}:${this.names.title(assistant)}:${view.run?.routingReason ?? ""}`;
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    box.dataset.assistant = assistant;
+    box.title = view.run?.routingReason ?? "";
+    box.textContent = assistant ? ` · ${this.names.title(assistant)}` : "";
+  }
+
+  /** The conversation handed over by this run's assistant: to whom and why, one line per
+   *  handoff, rebuilt only when one came (or a title was learned). */
+  private renderHandoffs(card: HTMLElement, view: RunView): void {
+    const box = card.querySelector<HTMLElement>('[data-part="handoff"]');
+    if (!box) return;
+    const key = view.handoffs.map((x) => `${x.to}:${this.names.title(x.to)}:${x.reason}`).join(";");
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    box.replaceChildren(
+      ...view.handoffs.map((x) =>
+        h(
+          "p",
+          { class: "handoff", "data-testid": "run-handoff", "data-from": x.from, "data-to": x.to },
+          "Handed the conversation to ",
+          h("strong", { "data-testid": "run-handoff-to", title: x.to }, this.names.title(x.to)),
+          x.reason ? ": " : ".",
+          x.reason ? h("q", { "data-testid": "run-handoff-reason", "data-content": true }, x.reason) : null,
+        ),
+      ),
+    );
+  }
+
+  /** Tells the host who holds the conversation, as this run says it: once for a run the
+   *  holder answered (its routing says so), once per handoff its assistant made. */
+  private tellHolder(view: RunView): void {
+    const told = this.holdersTold.get(view.name) ?? { routed: false, handoffs: 0 };
+    this.holdersTold.set(view.name, told);
+    if (!told.routed && view.run) {
+      told.routed = true;
+      const claim = holderOf(view.run);
+      if (claim) this.onHolder(claim);
+    }
+    for (const handoff of view.handoffs.slice(told.handoffs)) {
+      this.onHolder({ assistant: handoff.to, at: handoff.at, reason: handoff.reason, run: view.name, from: handoff.from });
+    }
+    told.handoffs = view.handoffs.length;
   }
 
   /** Its tool calls and their results, rebuilt only when one came. */
@@ -662,9 +741,11 @@ export class RunCards {
         "data-steer-state": entry.steerState,
         "data-step": entry.step,
         "data-message": entry.message,
+        "data-from": entry.from,
+        "data-to": entry.to,
       },
       h("span", { class: "muted when" }, entry.at && start ? `+${((entry.at - start) / 1000).toFixed(2)} s` : ""),
-      h("strong", {}, entry.label),
+      h("strong", {}, entry.kind === "handoff" && entry.to ? `handed the conversation to ${this.names.title(entry.to)}` : entry.label),
       entry.kind === "steer" && entry.id
         ? h(
             "span",

@@ -21,7 +21,7 @@ import { decisionLabel, limitedLabel, outcomeLabel, runLabel, runStateLabel, ste
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
-  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech" | "steer" | "discarded" | "child";
+  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech" | "steer" | "discarded" | "child" | "handoff";
   sequence: string;
   /** When it happened (ms since the epoch), 0 if unknown. */
   at: number;
@@ -43,6 +43,19 @@ export interface TimelineEntry {
   steerState?: string;
   step?: number;
   message?: string;
+  /** A handoff entry's assistants: the one that handed the conversation over and the one
+   *  that holds it now (`detail` is the reason). */
+  from?: string;
+  to?: string;
+}
+
+/** A conversation handed over by this run's assistant (RunUpdate.handoff), and when
+ *  (ms since the epoch, 0 if unknown). */
+export interface HandoffInfo {
+  from: string;
+  to: string;
+  reason: string;
+  at: number;
 }
 
 /** A run this run's assistant asked (a delegate tool call, docs/delegation.md), as the
@@ -58,6 +71,32 @@ export interface ChildInfo {
   /** When it started and ended (ms since the epoch), 0 while unknown. */
   startedAt: number;
   endedAt: number;
+}
+
+/** Who holds a conversation (docs/delegation.md, "Handoffs"), as one thing the console
+ *  saw says it, and when (ms since the epoch): the latest claim wins. */
+export interface HolderClaim {
+  /** `workspaces/{w}/assistants/{a}`. */
+  assistant: string;
+  at: number;
+  /** The handoff's reason, "" when the claim is a run's routing. */
+  reason: string;
+  /** The run that says so. */
+  run: string;
+  /** The assistant that handed it over, "" when unknown. */
+  from: string;
+}
+
+/** What the server's routing says when the holder answers a message that named no
+ *  assistant (`Run.routing_reason`: "the assistant X, which the conversation was handed
+ *  over to"). */
+const ROUTED_TO_HOLDER = /which the conversation was handed over to/;
+
+/** The holder a run's routing names: its assistant, if the conversation's holder is why
+ *  it answers. */
+export function holderOf(run: Run): HolderClaim | undefined {
+  if (!run.assistant || !ROUTED_TO_HOLDER.test(run.routingReason)) return undefined;
+  return { assistant: run.assistant, at: run.createTime ? timestampDate(run.createTime).getTime() : 0, reason: "", run: run.name, from: "" };
 }
 
 /** Where a steer went: the run it steered, what became of it, and at which step. */
@@ -170,6 +209,9 @@ export class RunView {
   usage: Usage | undefined;
   /** The runs its delegate tool calls started, in the order they started, by name. */
   readonly children = new Map<string, ChildInfo>();
+  /** The handoffs its assistant made (docs/delegation.md, "Handoffs"), in order: the last
+   *  one names who holds the conversation after this run. */
+  handoffs: HandoffInfo[] = [];
   /** The steers this run was handed (SteerUpdate), by the steer's own run, as last said. */
   readonly steers = new Map<string, SteerUpdate>();
   /** Deltas found void (a model call cut by a RESTART_STREAM steer) and dropped from `text`. */
@@ -207,6 +249,8 @@ export class RunView {
         this.state = saved.state as RunState;
         this.timeline = saved.timeline;
         this.pieces = saved.pieces ?? [];
+        // A reload resumes after the last update seen: its handoffs are only in the timeline.
+        this.handoffs = saved.timeline.filter((e) => e.kind === "handoff").map((e) => ({ from: e.from ?? "", to: e.to ?? "", reason: e.detail, at: e.at }));
         this.restored = true;
       } catch {
         storage?.removeItem(SAVED + name);
@@ -377,6 +421,9 @@ export class RunView {
       case "childRun":
         this.child(change.value, at);
         break;
+      case "handoff":
+        this.handoffs.push({ from: change.value.fromAssistant, to: change.value.toAssistant, reason: change.value.reason, at });
+        break;
       case "steer":
         this.steers.set(change.value.steerRun, change.value);
         if (change.value.discardedFromSequence > 0n) this.discard(change.value.discardedFromSequence, sequence, at);
@@ -538,6 +585,17 @@ export class RunView {
         });
         return;
       }
+      case "handoff":
+        this.add({
+          kind: "handoff",
+          sequence,
+          at,
+          label: `handed the conversation to ${change.value.toAssistant.split("/").pop() ?? ""}`,
+          detail: change.value.reason,
+          from: change.value.fromAssistant,
+          to: change.value.toAssistant,
+        });
+        return;
       case "steer": {
         const steer = change.value;
         const consumed = steer.state === SteerState.CONSUMED && steer.step > 0;
