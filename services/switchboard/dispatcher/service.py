@@ -220,8 +220,9 @@ class Dispatcher:
         """Steer a live run (``runs/steering.py``), here or on its owner."""
         return await self._stages.steering.steer_run(principal, request, via, handed=handed)
 
-    async def get_run(self, name: str) -> pb.Run:
-        return await self._stages.queries.get_run(name)
+    async def get_run(self, name: str, *, children: bool = False) -> pb.Run:
+        """``children``: with ``Run.children`` (GetRun's view; one more read)."""
+        return await self._stages.queries.get_run(name, children=children)
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         return await self._stages.queries.list_runs(request)

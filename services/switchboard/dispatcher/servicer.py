@@ -64,7 +64,7 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         )
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
-        return pb.GetRunResponse(run=await self._dispatcher.get_run(request.name))
+        return pb.GetRunResponse(run=await self._dispatcher.get_run(request.name, children=True))
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         return await self._dispatcher.list_runs(request)

@@ -212,6 +212,15 @@ async def test_a_parent_asks_two_delegates_at_once_and_answers_with_both(
         ]
         assert {c.run for c in shown} == {c.name for c in children}
         assert all(c.usage.output_tokens > 0 for c in shown if c.state in TERMINAL)
+        # GetRun shows the tree one level at a time.
+        got = await d.dstub.GetRun(
+            pb.GetRunRequest(name=parent.name), metadata=d.world.viewer.md, timeout=TIMEOUT_S
+        )
+        assert sorted((c.run, c.tool_call_id, c.state) for c in got.run.children) == [
+            (c.name, c.parent_tool_call, pb.RUN_STATE_SUCCEEDED)
+            for c in sorted(children, key=lambda c: c.name)
+        ]
+        assert all(c.usage.output_tokens > 0 for c in got.run.children)
         # A run with no parent has none, and no children of its children.
         assert (parent.parent, parent.depth) == ("", 0)
         assert await d.children(children[0].name) == []
@@ -483,6 +492,7 @@ async def test_a_cap_of_the_parents_assistant_pauses_the_child_and_the_parent_sh
             timeout=TIMEOUT_S,
         )
         gate.set()
+
         def child_paused(seen: list[pb.RunUpdate]) -> bool:
             return any(
                 u.child_run.state == pb.RUN_STATE_REQUIRES_ACTION
@@ -525,3 +535,36 @@ async def test_a_cap_of_the_parents_assistant_pauses_the_child_and_the_parent_sh
         )
         [child] = await d.children(parent.name)
         assert budget.budget.usage.output_tokens >= child.usage.output_tokens > 0
+
+
+async def test_a_cancelled_child_is_an_error_result_for_its_parent(database_url: str) -> None:
+    async with desk(database_url) as d:
+        await d.assistant("slow", "You are slow.")
+        first = await d.assistant("boss", "You are the boss.", ("slow",))
+        never = asyncio.Event()
+
+        def boss(body: dict[str, Any]) -> Reply:
+            done = tool_outputs(body)
+            if not done:
+                return Reply.tool_calls([("ask_slow", {"input": "take your time"}, "c-1")])
+            return Reply.text(f"without slow: {done['c-1']}")
+
+        d.fake.script(
+            brain({"You are the boss.": boss}),
+            brain({"You are slow.": lambda body: Reply(content="later", gate=never)}),
+            brain({"You are the boss.": boss}),
+        )
+        parent = await d.send(first, "go")
+        call, seen = await until(d.dstub, d.world.viewer, parent.name, "child_run")
+        call.cancel()
+        child = seen[-1].child_run.run
+        await d.fake.wait_requests(2)
+        await d.dstub.CancelRun(
+            pb.CancelRunRequest(name=child, reason="not needed"),
+            metadata=d.world.editor.md,
+            timeout=TIMEOUT_S,
+        )
+        finished = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert finished.final.state == pb.RUN_STATE_SUCCEEDED, finished.final.error
+        assert finished.text.startswith("without slow: slow did not answer (")
+        assert "not needed" in finished.text

@@ -642,6 +642,7 @@ class Run(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     PARENT_TOOL_CALL_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -743,6 +744,13 @@ class Run(_message.Message):
         of it.
         """
 
+    @_builtins.property
+    def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChildRun]:
+        """The runs its delegate calls started, oldest first, as GetRun shows them (a
+        child's own children are on its GetRun): the tree one level at a time. Empty
+        in ListRuns and in the updates of a stream. Output only.
+        """
+
     def __init__(
         self,
         *,
@@ -774,10 +782,11 @@ class Run(_message.Message):
         parent: _builtins.str = ...,
         parent_tool_call: _builtins.str = ...,
         depth: _builtins.int = ...,
+        children: _abc.Iterable[Global___ChildRun] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "steer", b"steer", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "children", b"children", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

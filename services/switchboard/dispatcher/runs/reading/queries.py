@@ -121,12 +121,29 @@ class Queries:
         #: Open WatchRun and Converse watches of this process's runs.
         self.watchers = 0
 
-    async def get_run(self, name: str) -> pb.Run:
+    async def get_run(self, name: str, *, children: bool = False) -> pb.Run:
+        """The run; ``children``: with its children (``Run.children``), as GetRun shows it."""
         target = RunName.parse(name, "name")
         active = self._live.runs.get(name)
         if active is not None:
-            return self._live.current(active.run)
-        return (await self._stored(target)).run
+            run = self._live.current(active.run)
+        else:
+            run = (await self._stored(target)).run
+        if children:
+            for stored in await self._store.children(target.run):
+                child = self._live.current(stored)
+                shown = run.children.add(
+                    run=child.name,
+                    assistant=child.assistant,
+                    tool_call_id=child.parent_tool_call,
+                    state=child.state,
+                )
+                shown.usage.CopyFrom(child.usage)
+                if child.HasField("error"):
+                    shown.error.CopyFrom(child.error)
+                if child.state == pb.RUN_STATE_REQUIRES_ACTION:
+                    shown.required_action.CopyFrom(child.required_action)
+        return run
 
     async def _stored(self, target: RunName) -> Stored:
         return await self._store.get(target.workspace, target.conversation, target.run)
