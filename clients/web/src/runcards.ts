@@ -424,13 +424,15 @@ export class RunCards {
     const box = root.querySelector<HTMLElement>(':scope > [data-part="children"]');
     if (!box) return;
     const children = [...view.children.values()];
-    const key = children
+    // The children's depth is known once this run is (ListRuns may list them first): the
+    // rows are made again then.
+    const depth = (view.run?.depth ?? 0) + 1;
+    const key = `${depth}|${children
       .map((c) => `${c.run}:${c.state}:${c.usage?.inputTokens ?? ""}/${c.usage?.outputTokens ?? ""}:${c.startedAt}-${c.endedAt}:${this.names.title(c.assistant)}:${this.childViews.has(c.run)}`)
-      .join(";");
+      .join(";")}`;
     if (box.dataset.key === key) return;
     box.dataset.key = key;
     if (!children.length) return box.replaceChildren();
-    const depth = (view.run?.depth ?? 0) + 1;
     box.replaceChildren(
       h("h4", {}, `Asked ${counted(children.length, "assistant")}`),
       h("ol", { class: "child-runs", "data-testid": "child-runs", "data-run": view.name }, ...children.map((c) => this.childRow(c, depth))),
