@@ -28,12 +28,12 @@ end; a unit is two runs and three model steps (the parent's call, the child's an
 parent's answer). *The parent alone*: the same, but the call's question is blank, which
 the delegate tool refuses before any child starts (an error result): one run, the same two
 model steps and the same tool call. *Client-sent*: ``UNITS`` pairs of messages to the
-echoer, each pair sent at once, each run watched to its end; a unit is two runs and two
-model steps. Every message goes to a conversation created before the case (a child's
-conversation is created by the delegation, inside the measured time). Server CPU (from
-/proc, the whole process) over each case, per unit and per run. The issue's measure is
-parent + child against two client-sent runs, per run; the child's own cost is parent +
-child less the parent alone, against one client-sent run.
+echoer, one after the other (as a parent and its child run), each run watched to its end;
+a unit is two runs and two model steps. Every message goes to a conversation created
+before the case (a child's conversation is created by the delegation, inside the measured
+time). Server CPU (from /proc, the whole process) over each case, per unit and per run.
+The issue's measure is parent + child against two client-sent runs, per run; the child's
+own cost is parent + child less the parent alone, against one client-sent run.
 
 **Starvation** (the model paced, ``INTERVAL_MS`` a token: a step of about half a
 second), as ``bench/fairness.py`` measures: workspace B, its own client process, sends
@@ -313,7 +313,7 @@ class Case:
     #: The assistant each message goes to (``DELEGATE`` or ``PLANNER``).
     assistant: str
     text: str
-    #: Messages a unit sends at once (a conversation each).
+    #: Messages a unit sends, one after the other (a conversation each).
     messages: int
     #: Runs a unit makes (a parent's child counted).
     runs: int
@@ -352,18 +352,19 @@ async def cost_case(
         async def unit(index: int) -> None:
             nonlocal children
             try:
-                outcomes = await asyncio.gather(
-                    *(
-                        send_and_watch(
-                            stub,
-                            account.metadata,
-                            conversations[case.messages * index + k],
-                            names[case.assistant],
-                            case.text,
-                        )
-                        for k in range(case.messages)
+                # One after the other, as a parent's run and its child's go: the same runs
+                # in flight in every case, so SQLite's group commit (most of a run's CPU
+                # here) shares its commits among as many writers in each.
+                outcomes = [
+                    await send_and_watch(
+                        stub,
+                        account.metadata,
+                        conversations[case.messages * index + k],
+                        names[case.assistant],
+                        case.text,
                     )
-                )
+                    for k in range(case.messages)
+                ]
                 for outcome in outcomes:
                     children += outcome.children
                     if outcome.state != pb.RUN_STATE_SUCCEEDED:
@@ -687,7 +688,8 @@ def _cost(cost: dict[str, Any], sizes: Sizes) -> list[str]:
         "created by the delegation inside the measured time. *The parent alone*: the same "
         "message but its question blank, which the delegate tool refuses before a child "
         "starts: the same two model steps and tool call, an error result, no child. *Two "
-        "client-sent runs*: two messages to the echoer sent at once, conversations created "
+        "client-sent runs*: two messages to the echoer, one after the other (as a parent's and "
+        "its child's runs go: the same runs in flight as the other cases), conversations created "
         "before. Server CPU of the whole process over each case, per unit and per run.",
         "",
         "| case | runs a unit | server CPU ms per unit | per run, median | rounds' min / "
