@@ -25,7 +25,7 @@ the voice section from ``bench/voice.py`` (about 4 minutes; ``--no-voice`` skips
 the semantic memory section from ``bench/semantic.py`` (about 10 minutes; ``--no-semantic``
 skips it), the scale section from ``bench/scale.py`` (whole-run processes behind the edge,
 about 5 minutes; ``--no-scale`` skips it), the delegation section from ``bench/delegation.py``
-(about 5 minutes; ``--no-delegation`` skips it).
+(about 3 minutes; ``--no-delegation`` skips it).
 Each of those
 scripts also runs alone (``--write`` puts its section into BENCHMARKS.md). Every section
 replaces the one with its heading in BENCHMARKS.md (``bench/harness.py``); a skipped
