@@ -9,6 +9,7 @@ import {
   ConcurrencyPolicy,
   FiringOutcome,
   MissedTickPolicy,
+  type RequiredAction,
   type Run,
   RunState,
   type RunUpdate,
@@ -85,11 +86,17 @@ export function runLabel(run: Run): string {
   if (run.steer?.state === SteerState.CONSUMED && run.state === RunState.SUCCEEDED) {
     return run.steer.step ? `steer consumed at step ${run.steer.step}` : "steer consumed";
   }
-  if (run.state !== RunState.REQUIRES_ACTION) return runStateLabel(run.state);
-  if (run.requiredAction?.budget) return "waiting for budget room";
+  return waitingLabel(run.state, run.requiredAction);
+}
+
+/** A state, and for REQUIRES_ACTION what the run waits for (a run's own, or a child's as
+ *  its parent's `child_run` update says it). */
+export function waitingLabel(state: RunState, action: RequiredAction | undefined): string {
+  if (state !== RunState.REQUIRES_ACTION) return runStateLabel(state);
+  if (action?.budget) return "waiting for budget room";
   // A call in flight at a crash: a person says what became of it, not whether to make it.
-  const unknown = run.requiredAction?.toolCalls.some((c) => c.outcomeUnknown && c.decision === ToolApprovalDecision.UNSPECIFIED);
-  return unknown ? "waiting for a decision (outcome unknown)" : runStateLabel(run.state);
+  const unknown = action?.toolCalls.some((c) => c.outcomeUnknown && c.decision === ToolApprovalDecision.UNSPECIFIED);
+  return unknown ? "waiting for a decision (outcome unknown)" : runStateLabel(state);
 }
 
 const DECISION: Record<ToolApprovalDecision, string> = {
@@ -314,7 +321,9 @@ export function runUpdateLabel(update: RunUpdate["update"]): string {
       return update.value.step ? `${steerLabel(update.value.state)} at step ${update.value.step}` : steerLabel(update.value.state);
     case "childRun": {
       const asked = update.value.assistant.split("/").pop() ?? "an assistant";
-      return TERMINAL_STATES.has(update.value.state) ? `asked ${asked}: ${runStateLabel(update.value.state)}` : `asks ${asked}`;
+      if (TERMINAL_STATES.has(update.value.state)) return `asked ${asked}: ${runStateLabel(update.value.state)}`;
+      // A child's pause shows on its parent: what it waits for (decided on the parent's card).
+      return update.value.state === RunState.REQUIRES_ACTION ? `asks ${asked}, ${waitingLabel(update.value.state, update.value.requiredAction)}` : `asks ${asked}`;
     }
     case "handoff": {
       const to = update.value.toAssistant.split("/").pop() ?? "another assistant";

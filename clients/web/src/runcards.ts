@@ -4,16 +4,27 @@
 // outcome is unknown: Retry, Mark done with its result, or Fail run). Each run is a RunView
 // (runs.ts) following WatchRun; which runs to follow is the navigation's call. A run whose
 // assistant asked others (delegation) lists its child runs, each expandable to follow
-// its own stream in place; one whose assistant handed the conversation over says to whom
-// and why, and the host hears who holds the conversation (the composer says so).
+// its own stream in place; a child that waits (its tool calls, room in a budget) is
+// decided right in its row, on the child, without expanding it; one whose assistant
+// handed the conversation over says to whom and why, and the host hears who holds the
+// conversation (the composer says so).
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
 import { learnBudgetTitles } from "./budgets";
 import { fill, formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
-import { BudgetDecision, type PendingToolCall, type Run, RunState, SteerState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import {
+  type BudgetAction,
+  BudgetDecision,
+  type PendingToolCall,
+  type RequiredAction,
+  type Run,
+  RunState,
+  SteerState,
+  ToolApprovalDecision,
+} from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
-import { counted, decisionLabel, limitedLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost } from "./labels";
+import { counted, decisionLabel, limitedLabel, money, outcomeLabel, runLabel, runStateLabel, unpriced, usageCost, waitingLabel } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
 import {
@@ -36,6 +47,14 @@ export const MAX_RESULT_TEXT = 16_000;
 /** A decision as the contracts name it (`TOOL_APPROVAL_DECISION_COMPLETE`), for data-* attributes. */
 function decisionName(decision: ToolApprovalDecision): string {
   return `TOOL_APPROVAL_DECISION_${ToolApprovalDecision[decision] ?? "UNSPECIFIED"}`;
+}
+
+/** What a decision is made on, by its name: a run a card follows, or a child a card lists
+ *  (docs/delegation.md: a child's pause is decided on the child), and what takes the
+ *  answer (the run as it stands after the decision). A RunView is one. */
+interface Decidable {
+  readonly name: string;
+  adopt(run: Run): void;
 }
 
 export class RunCards {
@@ -90,6 +109,8 @@ export class RunCards {
     this.owner = owner;
     for (const card of this.cards.values()) delete card.querySelector<HTMLElement>('[data-part="budget"]')?.dataset.key;
     this.render();
+    // A child paused at a budget, listed in an expanded child's stream, has the controls too.
+    this.renderAllChildren();
   }
 
   has(name: string): boolean {
@@ -428,18 +449,75 @@ export class RunCards {
     // rows are made again then.
     const depth = (view.run?.depth ?? 0) + 1;
     const key = `${depth}|${children
-      .map((c) => `${c.run}:${c.state}:${c.usage?.inputTokens ?? ""}/${c.usage?.outputTokens ?? ""}:${c.startedAt}-${c.endedAt}:${this.names.title(c.assistant)}:${this.childViews.has(c.run)}`)
-      .join(";")}`;
+      .map((c) => `${c.run}:${c.state}:${c.usage?.inputTokens ?? ""}/${c.usage?.outputTokens ?? ""}:${c.startedAt}-${c.endedAt}:${this.names.title(c.assistant)}:${this.childViews.has(c.run)}:${this.waitKey(c.requiredAction)}`)
+      .join(";")}|${this.owner}`;
     if (box.dataset.key === key) return;
     box.dataset.key = key;
     if (!children.length) return box.replaceChildren();
     box.replaceChildren(
       h("h4", {}, `Asked ${counted(children.length, "assistant")}`),
-      h("ol", { class: "child-runs", "data-testid": "child-runs", "data-run": view.name }, ...children.map((c) => this.childRow(c, depth))),
+      h("ol", { class: "child-runs", "data-testid": "child-runs", "data-run": view.name }, ...children.map((c) => this.childRow(c, depth, view))),
     );
   }
 
-  private childRow(child: ChildInfo, depth: number): HTMLElement {
+  /** What a paused child waits for, as far as its row shows it: its calls and their
+   *  decisions, or the budgets (by their titles) and the budget's decision. */
+  private waitKey(action: RequiredAction | undefined): string {
+    if (!action) return "";
+    const calls = action.toolCalls.map((c) => `${c.call?.id}=${c.decision}${c.outcomeUnknown ? "?" : ""}`).join(",");
+    const budget = action.budget;
+    return `${calls}|${budget ? `${budget.budgets.map((b) => this.names.title(b)).join(",")}:${budget.decision}:${budget.costMicros}:${budget.description}` : ""}`;
+  }
+
+  /** Every children list shown (cards' and expanded children's), made again where what
+   *  it shows changed (a budget's title learned, the caller's role). */
+  private renderAllChildren(): void {
+    for (const [run, card] of this.cards) {
+      const view = this.runs.get(run);
+      if (view) this.renderChildren(card, view);
+    }
+    for (const [run, stream] of this.childStreams) {
+      const view = this.childViews.get(run);
+      if (view) this.renderChildren(stream, view);
+    }
+  }
+
+  /** A paused child, decided in its parent's row (one place where a person decides, its
+   *  stream not expanded): its tool calls with Approve and Deny (or, for a call of unknown
+   *  outcome, Retry, Mark done and Fail run), or the budget it waits for with Allow
+   *  overdraft and Fail run for owners. The decision goes to the child, by its name; its
+   *  answer updates the row until the parent's next child_run update says it went on. */
+  private childWaits(child: ChildInfo, parent: RunView): HTMLElement | null {
+    const action = child.requiredAction;
+    if (child.state !== RunState.REQUIRES_ACTION || !action) return null;
+    const target: Decidable = {
+      name: child.run,
+      adopt: (run: Run) => {
+        parent.adoptChildDecision(run);
+        this.childViews.get(run.name)?.adopt(run);
+      },
+    };
+    const budget = action.budget;
+    if (budget) {
+      if (budget.decision !== BudgetDecision.UNSPECIFIED) return null;
+      return this.budgetBox(target, budget, action, () => this.renderAllChildren());
+    }
+    if (!action.toolCalls.length) return null;
+    const title = this.names.title(child.assistant) || child.assistant;
+    return h(
+      "section",
+      { class: "approval child-approval", "data-testid": "child-approval", "data-run": child.run },
+      h(
+        "h5",
+        {},
+        `${title} waits for your decision`,
+        action.expireTime ? h("span", { class: "muted" }, ` (until ${formatTime(timestampDate(action.expireTime))})`) : null,
+      ),
+      ...this.pendingCalls(target, action),
+    );
+  }
+
+  private childRow(child: ChildInfo, depth: number, parent: RunView): HTMLElement {
     const expanded = this.childViews.get(child.run);
     const usage = child.usage;
     const ended = TERMINAL.has(child.state);
@@ -461,11 +539,12 @@ export class RunCards {
         "data-priced": usage ? String(!unpriced(usage)) : undefined,
         "data-ms": ms !== undefined ? String(ms) : undefined,
         "data-expanded": String(expanded !== undefined),
+        "data-waiting": child.requiredAction ? (child.requiredAction.budget ? "budget" : "tool-calls") : undefined,
       },
       h(
         "div",
         { class: "child-head" },
-        h("span", { class: `state s-${RunState[child.state]?.toLowerCase() ?? "unspecified"}`, "data-testid": "child-run-state" }, runStateLabel(child.state)),
+        h("span", { class: `state s-${RunState[child.state]?.toLowerCase() ?? "unspecified"}`, "data-testid": "child-run-state" }, waitingLabel(child.state, child.requiredAction)),
         " ",
         h("strong", { "data-testid": "child-run-assistant", title: child.assistant }, title),
         h("span", { class: "muted", "data-testid": "child-run-tokens" }, usage ? ` · ${(usage.inputTokens + usage.outputTokens).toLocaleString("en")} tokens` : ""),
@@ -491,6 +570,7 @@ export class RunCards {
       ended && child.error && child.state !== RunState.SUCCEEDED
         ? h("div", { class: "muted", "data-testid": "child-run-error", "data-content": true }, child.error)
         : null,
+      this.childWaits(child, parent),
       expanded ? this.childStream(expanded) : null,
     );
   }
@@ -630,51 +710,60 @@ export class RunCards {
     if (box.dataset.key === key) return;
     box.dataset.key = key;
     if (!waiting) return box.replaceChildren();
+    const required = view.run?.requiredAction;
+    if (!required) return box.replaceChildren();
+    box.replaceChildren(
+      this.budgetBox(view, action, required, () => {
+        delete box.dataset.key;
+        this.renderBudgetAction(card, view);
+      }),
+    );
+  }
+
+  /** What a run paused at a budget's cap waits for, and (owners) Allow overdraft or Fail
+   *  run on `target`: the card's own run, or a child its row lists. `retitled` shows it
+   *  again once the budgets' titles are learned. */
+  private budgetBox(target: Decidable, action: BudgetAction, required: RequiredAction, retitled: () => void): HTMLElement {
     const unknown = action.budgets.filter((b) => !this.names.knows(b) && !this.askedTitles.has(b));
     if (unknown.length) {
       // Said by their titles once known (each asked for once): shown now, again when they are.
       for (const b of unknown) this.askedTitles.add(b);
-      void learnBudgetTitles(this.api, this.names, unknown).then(() => {
-        delete box.dataset.key;
-        this.renderBudgetAction(card, view);
-      });
+      void learnBudgetTitles(this.api, this.names, unknown).then(retitled);
     }
-    const expires = view.run?.requiredAction?.expireTime;
+    const expires = required.expireTime;
     const asks = [
       action.costMicros ? money(action.costMicros) : "",
       action.inputTokens || action.outputTokens ? `${action.inputTokens} input and ${action.outputTokens} output tokens` : "",
     ].filter(Boolean);
-    box.replaceChildren(
+    return h(
+      "div",
+      { class: "approval budget-action", "data-testid": "budget-action", "data-budgets": action.budgets.join(" "), "data-run": target.name },
       h(
-        "div",
-        { class: "approval budget-action", "data-testid": "budget-action", "data-budgets": action.budgets.join(" ") },
-        h(
-          "p",
-          {},
-          `Paused: its next step does not fit in ${action.budgets.length > 1 ? "the budgets" : "the budget"} `,
-          ...action.budgets.flatMap((b, i) => [i ? ", " : "", h("a", { href: `#${b.split("/budgets/")[0] ?? ""}/budgets`, "data-testid": "budget-action-budget", "data-budget": b }, this.names.title(b))]),
-          asks.length ? ` (it asks ${asks.join(" and ")}).` : ".",
-          " Raising the cap lets it go on by itself",
-          expires ? `; undecided, it fails at ${formatTime(timestampDate(expires))}.` : ".",
-        ),
-        // The server's account of the shortfall: what the call needs at least, and how much
-        // of which budget is left.
-        action.description
-          ? h("p", { class: "muted", "data-testid": "budget-action-description" }, "Why: ", h("q", { "data-content": true }, action.description))
-          : null,
-        this.owner
-          ? h(
-              "div",
-              { class: "row" },
-              h("button", { type: "button", class: "approve", "data-testid": "allow-overdraft", onclick: (e: globalThis.Event) => void this.resolve(view, BudgetDecision.ALLOW_OVERDRAFT, e) }, "Allow overdraft"),
-              h("button", { type: "button", class: "danger", "data-testid": "fail-run", onclick: (e: globalThis.Event) => void this.resolve(view, BudgetDecision.FAIL, e) }, "Fail run"),
-            )
-          : h("p", { class: "muted" }, "An owner of the workspace can allow this step past the cap or fail the run."),
+        "p",
+        {},
+        `Paused: its next step does not fit in ${action.budgets.length > 1 ? "the budgets" : "the budget"} `,
+        ...action.budgets.flatMap((b, i) => [i ? ", " : "", h("a", { href: `#${b.split("/budgets/")[0] ?? ""}/budgets`, "data-testid": "budget-action-budget", "data-budget": b }, this.names.title(b))]),
+        asks.length ? ` (it asks ${asks.join(" and ")}).` : ".",
+        " Raising the cap lets it go on by itself",
+        expires ? `; undecided, it fails at ${formatTime(timestampDate(expires))}.` : ".",
       ),
+      // The server's account of the shortfall: what the call needs at least, and how much
+      // of which budget is left.
+      action.description
+        ? h("p", { class: "muted", "data-testid": "budget-action-description" }, "Why: ", h("q", { "data-content": true }, action.description))
+        : null,
+      this.owner
+        ? h(
+            "div",
+            { class: "row" },
+            h("button", { type: "button", class: "approve", "data-testid": "allow-overdraft", onclick: (e: globalThis.Event) => void this.resolve(target, BudgetDecision.ALLOW_OVERDRAFT, e) }, "Allow overdraft"),
+            h("button", { type: "button", class: "danger", "data-testid": "fail-run", onclick: (e: globalThis.Event) => void this.resolve(target, BudgetDecision.FAIL, e) }, "Fail run"),
+          )
+        : h("p", { class: "muted" }, "An owner of the workspace can allow this step past the cap or fail the run."),
     );
   }
 
-  private async resolve(view: RunView, decision: BudgetDecision, event: globalThis.Event): Promise<void> {
+  private async resolve(view: Decidable, decision: BudgetDecision, event: globalThis.Event): Promise<void> {
     const button = event.currentTarget as HTMLButtonElement;
     await this.page.busy(
       decision === BudgetDecision.FAIL ? "fail-run" : "allow-overdraft",
@@ -794,7 +883,7 @@ export class RunCards {
 
   /** What a person decides for a call a crash left in flight (outcome unknown): not whether
    *  to make it, but what became of it. Approve and Deny would be refused for it. */
-  private outcomeControls(view: RunView, pending: PendingToolCall, prefix: string): HTMLElement {
+  private outcomeControls(view: Decidable, pending: PendingToolCall, prefix: string): HTMLElement {
     const id = pending.call?.id ?? "";
     const result: HTMLTextAreaElement = h("textarea", {
       "data-testid": `${prefix}outcome-result`,
@@ -884,8 +973,6 @@ export class RunCards {
     list.replaceChildren(
       ...waiting.map((view) => {
         const action = view.run?.requiredAction;
-        const calls = action?.toolCalls.filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED) ?? [];
-        const decided = action?.toolCalls.filter((c) => c.decision !== ToolApprovalDecision.UNSPECIFIED) ?? [];
         return h(
           "section",
           { class: "approval", "data-testid": "approval", "data-run": view.name },
@@ -895,43 +982,55 @@ export class RunCards {
             "Waiting for your decision",
             action?.expireTime ? h("span", { class: "muted" }, ` (until ${formatTime(timestampDate(action.expireTime))})`) : null,
           ),
-          ...calls.map((pending) => {
-            const call = pending.call;
-            const id = call?.id ?? "";
-            if (pending.outcomeUnknown) {
-              return h(
-                "div",
-                { class: "pending unknown", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "", "data-outcome-unknown": "true" },
-                h("code", {}, call?.functionName || call?.tool || id),
-                h("pre", {}, JSON.stringify(call?.arguments ?? {}, null, 2)),
-                this.outcomeControls(view, pending, ""),
-              );
-            }
-            const reason = h("input", {
-              "data-testid": "deny-reason",
-              placeholder: "reason (shown to the model)",
-              maxlength: 500,
-              value: this.reasons.get(id) ?? "",
-              oninput: () => this.reasons.set(id, reason.value),
-            });
-            return h(
-              "div",
-              { class: "pending", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "" },
-              h("code", {}, call?.functionName || call?.tool || id),
-              h("pre", {}, JSON.stringify(call?.arguments ?? {}, null, 2)),
-              reason,
-              h("button", { type: "button", "data-testid": "approve", onclick: () => void this.decide(view, id, ToolApprovalDecision.APPROVE, "") }, "Approve"),
-              h("button", { type: "button", "data-testid": "deny", onclick: () => void this.decide(view, id, ToolApprovalDecision.DENY, reason.value) }, "Deny"),
-            );
-          }),
-          ...decided.map((pending) => this.decided(pending)),
+          ...(action ? this.pendingCalls(view, action) : []),
         );
       }),
     );
   }
 
+  /** A paused run's tool calls (the card's own run, or a child its row lists): each
+   *  undecided one with its arguments and Approve / Deny (with a reason the model is
+   *  told), or for a call of unknown outcome Retry / Mark done / Fail run; then those
+   *  decided already while others wait. */
+  private pendingCalls(view: Decidable, action: RequiredAction): HTMLElement[] {
+    const calls = action.toolCalls.filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED);
+    const decided = action.toolCalls.filter((c) => c.decision !== ToolApprovalDecision.UNSPECIFIED);
+    return [
+      ...calls.map((pending) => {
+        const call = pending.call;
+        const id = call?.id ?? "";
+        if (pending.outcomeUnknown) {
+          return h(
+            "div",
+            { class: "pending unknown", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "", "data-outcome-unknown": "true" },
+            h("code", {}, call?.functionName || call?.tool || id),
+            h("pre", {}, JSON.stringify(call?.arguments ?? {}, null, 2)),
+            this.outcomeControls(view, pending, ""),
+          );
+        }
+        const reason = h("input", {
+          "data-testid": "deny-reason",
+          placeholder: "reason (shown to the model)",
+          maxlength: 500,
+          value: this.reasons.get(id) ?? "",
+          oninput: () => this.reasons.set(id, reason.value),
+        });
+        return h(
+          "div",
+          { class: "pending", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "" },
+          h("code", {}, call?.functionName || call?.tool || id),
+          h("pre", {}, JSON.stringify(call?.arguments ?? {}, null, 2)),
+          reason,
+          h("button", { type: "button", "data-testid": "approve", onclick: () => void this.decide(view, id, ToolApprovalDecision.APPROVE, "") }, "Approve"),
+          h("button", { type: "button", "data-testid": "deny", onclick: () => void this.decide(view, id, ToolApprovalDecision.DENY, reason.value) }, "Deny"),
+        );
+      }),
+      ...decided.map((pending) => this.decided(pending)),
+    ];
+  }
+
   private async decide(
-    view: RunView,
+    view: Decidable,
     toolCallId: string,
     decision: ToolApprovalDecision,
     reason: string,

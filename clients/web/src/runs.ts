@@ -8,6 +8,7 @@ import type { Problem } from "./errors";
 import { follow } from "./follow";
 import {
   type ChildRun,
+  type RequiredAction,
   type Run,
   type RunUpdate,
   RunState,
@@ -17,7 +18,7 @@ import {
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { type ToolCall, ToolOutcome, type ToolResult, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import { decisionLabel, limitedLabel, outcomeLabel, runLabel, runStateLabel, steerLabel, usageCost } from "./labels";
+import { decisionLabel, limitedLabel, outcomeLabel, runLabel, steerLabel, usageCost, waitingLabel } from "./labels";
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
@@ -71,6 +72,9 @@ export interface ChildInfo {
   /** When it started and ended (ms since the epoch), 0 while unknown. */
   startedAt: number;
   endedAt: number;
+  /** What it waits for while REQUIRES_ACTION (tool calls to decide, or room in a budget),
+   *  decided on the child by its name; undefined otherwise. */
+  requiredAction: RequiredAction | undefined;
 }
 
 /** Who holds a conversation (docs/delegation.md, "Handoffs"), as one thing the console
@@ -476,7 +480,18 @@ export class RunView {
       error: update.error?.message ?? known?.error ?? "",
       startedAt: known?.startedAt || (ended ? 0 : at),
       endedAt: known?.endedAt || (ended ? at : 0),
+      requiredAction: update.state === RunState.REQUIRES_ACTION ? update.requiredAction : undefined,
     });
+  }
+
+  /** A decision's answer for a paused child (SubmitToolApprovals on it): the calls it
+   *  decided show as decided while others still wait. Its state stays what this run's
+   *  updates say (a RUNNING that came first is not taken back by the answer). */
+  adoptChildDecision(child: Run): void {
+    const known = this.children.get(child.name);
+    if (!known || known.state !== RunState.REQUIRES_ACTION || child.state !== RunState.REQUIRES_ACTION) return;
+    known.requiredAction = child.requiredAction;
+    this.changed(this);
   }
 
   /** The children as the server lists them (ListRuns `parent_run`): a run opened after its
@@ -498,6 +513,7 @@ export class RunView {
         error: run.error?.message ?? known?.error ?? "",
         startedAt: ms(run.startTime) || ms(run.createTime) || known?.startedAt || 0,
         endedAt: ms(run.endTime) || known?.endedAt || 0,
+        requiredAction: run.state === RunState.REQUIRES_ACTION ? run.requiredAction : undefined,
       });
     }
     this.changed(this);
@@ -574,11 +590,18 @@ export class RunView {
       case "childRun": {
         const child = change.value;
         const ended = TERMINAL.has(child.state);
+        // Started, paused (what it waits for), went on after a pause, or ended.
+        const seen = this.timeline.some((e) => e.kind === "child" && e.id === child.run);
         this.add({
           kind: "child",
           sequence,
           at,
-          label: ended ? `child run ${runStateLabel(child.state)}` : "child run started",
+          label:
+            ended || child.state === RunState.REQUIRES_ACTION
+              ? `child run ${waitingLabel(child.state, child.requiredAction)}`
+              : seen
+                ? "child run going on"
+                : "child run started",
           detail: `${child.assistant.split("/").pop() ?? ""}${ended && child.error?.message ? `: ${child.error.message}` : ""}`,
           id: child.run,
           state: stateName(child.state),
