@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -66,6 +67,8 @@ _PREFIX: Final = "ask_"
 _UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
 #: Bound on each call to the context service a delegate call makes.
 _CONTEXT_TIMEOUT_S: Final = 10.0
+#: Trees whose children this process counts (the least recently used forgotten).
+_MAX_TREES: Final = 10_000
 #: The least time a child is given (a parent about to time out refuses instead).
 _MIN_CHILD_S: Final = 1.0
 
@@ -173,6 +176,8 @@ class Delegation:
         self._context = context
         #: Handoffs, offered and made beside the delegates (``handoffs.py``).
         self._handoffs = Handoffs(assistants)
+        #: Children started per tree (by its root's run id), as far as this process knows.
+        self._trees: OrderedDict[str, int] = OrderedDict()
         #: The dispatcher's calls; set by the build once the dispatcher exists.
         self.calls: Calls | None = None
         #: None when tracing is off (decided once, at build time, as the runs' spans are).
@@ -230,6 +235,27 @@ class Delegation:
             if name in offered:
                 found[name] = Delegate(self, active, named, emit, waiting, slots, name)
         return found
+
+    async def room_in_tree(self, root: str) -> bool:
+        """Whether the tree rooted at ``root`` may start one more child. A tree's runs are
+        admitted by the process that runs its parents, so the count is kept here, read
+        from the database once per tree (and again whenever it says the tree is full: a
+        takeover may have started children elsewhere)."""
+        limit = self.limits.max_children_per_tree
+        known = self._trees.get(root)
+        if known is None or known >= limit:
+            # The root itself is one of the tree's runs.
+            known = await self._store.tree_size(root) - 1
+            self._trees[root] = known
+            while len(self._trees) > _MAX_TREES:
+                self._trees.popitem(last=False)
+        self._trees.move_to_end(root)
+        return known < limit
+
+    def started(self, root: str) -> None:
+        """A child of the tree rooted at ``root`` was admitted here."""
+        if root in self._trees:
+            self._trees[root] += 1
 
     def _calls(self) -> Calls:
         if self.calls is None:  # pragma: no cover - the build wires it before serving
@@ -354,10 +380,10 @@ class Delegate:
                 f"Refused: delegation is at most {limits.max_depth} levels deep, and this "
                 f"run is already at level {parent.depth - 1}."
             )
-        started = await self._delegation._store.tree_size(parent.root)
-        # The root itself is one of the tree's runs; a call asked again after a crash
-        # finds its own child among them.
-        if started - 1 >= limits.max_children_per_tree and not await self._started(call_id):
+        # A call asked again after a crash finds its own child among them.
+        if not await self._delegation.room_in_tree(parent.root) and not await self._started(
+            call_id
+        ):
             return (
                 f"Refused: this tree of runs already started {limits.max_children_per_tree} "
                 "delegate runs, its limit."
@@ -395,12 +421,13 @@ class Delegate:
         )
         sent = await calls.send_message(principal, request, parent=parent)
         child = sent.run
+        delegation.started(parent.root)
         # The tool call's span when tracing is on (a no-op otherwise).
         trace.get_current_span().set_attribute("switchboard.child_run", child.name)
         self._show(child, parent.tool_call)
         self._waiting.enter()
         try:
-            ended = await self._ended(calls, child.name, parent.tool_call)
+            ended, said = await self._ended(calls, child.name, parent.tool_call)
         except BaseException:
             # The parent ended under it (cancelled, past its deadline): the child must
             # not run on with nobody to read its answer. A process that is stopping
@@ -417,26 +444,40 @@ class Delegate:
         if ended.state != pb.RUN_STATE_SUCCEEDED:
             why = ended.error.message or pb.RunState.Name(ended.state)
             return False, f"{self._target.assistant} did not answer ({why})."
-        answer = await delegation._context.message(
-            principal, ended.output_message, timeout_s=_CONTEXT_TIMEOUT_S
-        )
-        return True, _text(answer) or "(an empty answer)"
+        if said is None:
+            # Its answer went by before this watch began (a child that ended before a
+            # crash of its parent's process): read as stored.
+            answer = await delegation._context.message(
+                principal, ended.output_message, timeout_s=_CONTEXT_TIMEOUT_S
+            )
+            said = _text(answer)
+        return True, said or "(an empty answer)"
 
-    async def _ended(self, calls: Calls, name: str, call_id: str) -> pb.Run:
-        """The child as it stands once it ended (followed through its updates). A pause
-        on the way (approvals, a budget's room) shows on the parent, and so does the
-        child going on after it: the parent is where a person sees what its tree waits for."""
+    async def _ended(self, calls: Calls, name: str, call_id: str) -> tuple[pb.Run, str | None]:
+        """The child as its end shows it, and its answer's text as its result update
+        said it (None: the watch began after it). A pause on the way (approvals, a
+        budget's room) shows on the parent, and so does the child going on after it: the
+        parent is where a person sees what its tree waits for."""
         paused = False
+        said: str | None = None
         async for update in calls.watch(name, 0):
-            if update is None or not update.HasField("state_change"):
+            if update is None:
+                continue
+            if update.HasField("result"):
+                said = "".join(
+                    part.text for part in update.result.parts if part.WhichOneof("part") == "text"
+                )
+                continue
+            if not update.HasField("state_change"):
                 continue
             child = update.state_change.run
             if child.state in TERMINAL:
-                break
+                return child, said
             if child.state == pb.RUN_STATE_REQUIRES_ACTION or paused:
                 paused = child.state == pb.RUN_STATE_REQUIRES_ACTION
                 self._show(child, call_id)
-        return await calls.get_run(name)
+        # The watch closed without the end (a watch can; a run always ends): as stored.
+        return await calls.get_run(name), None
 
     def _show(self, child: pb.Run, call_id: str) -> None:
         update = pb.RunUpdate()
