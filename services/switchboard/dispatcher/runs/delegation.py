@@ -69,6 +69,9 @@ _UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
 _CONTEXT_TIMEOUT_S: Final = 10.0
 #: Trees whose children this process counts (the least recently used forgotten).
 _MAX_TREES: Final = 10_000
+#: A workspace's children started at once (as admission admits a few of a workspace's
+#: messages at a time).
+_STARTS_PER_WORKSPACE: Final = 4
 #: The least time a child is given (a parent about to time out refuses instead).
 _MIN_CHILD_S: Final = 1.0
 
@@ -176,6 +179,8 @@ class Delegation:
         self._context = context
         #: Handoffs, offered and made beside the delegates (``handoffs.py``).
         self._handoffs = Handoffs(assistants)
+        #: Per workspace, the children being started now (``starting``).
+        self._starting: OrderedDict[str, asyncio.Semaphore] = OrderedDict()
         #: Children started per tree (by its root's run id), as far as this process knows.
         self._trees: OrderedDict[str, int] = OrderedDict()
         #: The dispatcher's calls; set by the build once the dispatcher exists.
@@ -251,6 +256,18 @@ class Delegation:
                 self._trees.popitem(last=False)
         self._trees.move_to_end(root)
         return known < limit
+
+    def starting(self, workspace_id: str) -> asyncio.Semaphore:
+        """The bound on a workspace's children being started at once (their conversation
+        and their admission, each a write): a hundred parents asking ten each must not
+        queue a thousand writes ahead of other workspaces' messages (bench/delegation.py)."""
+        found = self._starting.get(workspace_id)
+        if found is None:
+            found = self._starting[workspace_id] = asyncio.Semaphore(_STARTS_PER_WORKSPACE)
+            while len(self._starting) > _MAX_TREES:
+                self._starting.popitem(last=False)
+        self._starting.move_to_end(workspace_id)
+        return found
 
     def started(self, root: str) -> None:
         """A child of the tree rooted at ``root`` was admitted here."""
@@ -401,25 +418,8 @@ class Delegate:
         calls = delegation._calls()
         active = self._active
         key = f"{active.run_id}/{parent.tool_call}"
-        conversation = await delegation._context.create_conversation(
-            principal,
-            cpb.CreateConversationRequest(
-                parent=str(self._target.parent),
-                conversation=cpb.Conversation(
-                    title=f"{self._target.assistant}, asked by run {active.run_id}"[:200]
-                ),
-                request_id=derived_id("conversation", key),
-            ),
-            timeout_s=min(_CONTEXT_TIMEOUT_S, timeout_s),
-        )
-        request = pb.SendMessageRequest(
-            conversation=conversation.name,
-            message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text=text)]),
-            assistant=str(self._target),
-            request_id=derived_id("message", key),
-            timeout=duration_pb2.Duration(seconds=max(1, int(timeout_s))),
-        )
-        sent = await calls.send_message(principal, request, parent=parent)
+        async with delegation.starting(active.workspace_id):
+            sent = await self._start(principal, parent, text, timeout_s, key)
         child = sent.run
         delegation.started(parent.root)
         # The tool call's span when tracing is on (a no-op otherwise).
@@ -452,6 +452,34 @@ class Delegate:
             )
             said = _text(answer)
         return True, said or "(an empty answer)"
+
+    async def _start(
+        self, principal: Principal, parent: Parent, text: str, timeout_s: float, key: str
+    ) -> pb.SendMessageResponse:
+        """The child's conversation, then its message through admission (each idempotent
+        on ``key``: a call sent again after a crash gets the same child)."""
+        delegation = self._delegation
+        calls = delegation._calls()
+        active = self._active
+        conversation = await delegation._context.create_conversation(
+            principal,
+            cpb.CreateConversationRequest(
+                parent=str(self._target.parent),
+                conversation=cpb.Conversation(
+                    title=f"{self._target.assistant}, asked by run {active.run_id}"[:200]
+                ),
+                request_id=derived_id("conversation", key),
+            ),
+            timeout_s=min(_CONTEXT_TIMEOUT_S, timeout_s),
+        )
+        request = pb.SendMessageRequest(
+            conversation=conversation.name,
+            message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text=text)]),
+            assistant=str(self._target),
+            request_id=derived_id("message", key),
+            timeout=duration_pb2.Duration(seconds=max(1, int(timeout_s))),
+        )
+        return await calls.send_message(principal, request, parent=parent)
 
     async def _ended(self, calls: Calls, name: str, call_id: str) -> tuple[pb.Run, str | None]:
         """The child as its end shows it, and its answer's text as its result update
