@@ -568,3 +568,55 @@ async def test_a_cancelled_child_is_an_error_result_for_its_parent(database_url:
         assert finished.final.state == pb.RUN_STATE_SUCCEEDED, finished.final.error
         assert finished.text.startswith("without slow: slow did not answer (")
         assert "not needed" in finished.text
+
+
+async def test_a_handoff_since_the_handoff_shows_the_holder_only_what_came_from_it(
+    database_url: str,
+) -> None:
+    """``history: HANDOFF_HISTORY_SINCE_HANDOFF``: billing, holding the conversation, is
+    asked with the handoff's step (its reason) and the messages after it, not what the
+    person said to triage before."""
+    async with desk(database_url) as d:
+        triage = await d.assistant("triage", "You are triage.")
+        await d.assistant("billing", "You are billing.")
+        await d.dstub.UpdateAssistant(
+            pb.UpdateAssistantRequest(
+                assistant=pb.Assistant(
+                    name=triage,
+                    handoffs=[
+                        pb.AssistantHandoff(
+                            assistant=f"{d.world.name}/assistants/billing",
+                            history=pb.HANDOFF_HISTORY_SINCE_HANDOFF,
+                        )
+                    ],
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["handoffs"]),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+
+        def hand(body: dict[str, Any]) -> Reply:
+            if not this_turns_outputs(body):
+                return Reply.tool_calls(
+                    [("transfer_to_billing", {"reason": "a refund question"}, "h-1")]
+                )
+            return Reply.text("billing takes over")
+
+        d.fake.script(
+            brain({"You are triage.": hand}),
+            brain({"You are triage.": hand}),
+            brain({"You are billing.": lambda body: Reply.text("refund noted")}),
+        )
+        first = await d.send(triage, "my secret account note, then: I want a refund")
+        assert (await watch_all(d.dstub, d.world.viewer, first.name)).final.state == (
+            pb.RUN_STATE_SUCCEEDED
+        )
+        second = await d.send("", "it was order 42")
+        seen = await watch_all(d.dstub, d.world.viewer, second.name)
+        assert seen.text == "refund noted"
+        history = d.fake.requests[2].body["messages"]
+        said = [str(m.get("content")) for m in history]
+        assert not any("secret account note" in text for text in said)
+        assert said[-1] == "it was order 42"
+        assert any("a refund question" in text for text in said), said

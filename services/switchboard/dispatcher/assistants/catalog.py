@@ -94,6 +94,7 @@ MAX_RETRIEVAL_FILTER: Final = 1_000
 #: ``Assistant.delegates`` and ``handoffs``: how many of each, and each one's description.
 MAX_DELEGATES: Final = 16
 MAX_DELEGATE_DESCRIPTION: Final = 1_000
+_HISTORIES: Final = frozenset(pb.HandoffHistory.values())
 _MODES: Final = frozenset(context_pb2.SearchMode.values())
 #: Parses a retrieval filter as the context service will (``(text, workspace_id)``),
 #: raising InvalidArgument on ``assistant.retrieval.filter``; given by the
@@ -208,6 +209,8 @@ def _others(
             violations.add(field, f"{entry.assistant} is named twice")
         else:
             found[field] = named.assistant
+        if isinstance(entry, pb.AssistantHandoff) and entry.history not in _HISTORIES:
+            violations.add(f"assistant.{kind}[{index}].history", "is not a HandoffHistory")
         if len(entry.description) > MAX_DELEGATE_DESCRIPTION:
             violations.add(
                 f"assistant.{kind}[{index}].description",
@@ -643,6 +646,13 @@ class Assistants:
         cached = await self._workspace(workspace_id)
         found = cached.by_id.get(holder.assistant_id)
         return _copy(found) if found is not None else None
+
+    async def holder(self, workspace_id: str, conversation_id: str) -> Holder | None:
+        """The conversation's holder as stored (None: none, or no assistant of the
+        workspace hands over, so none is looked up)."""
+        if self._holders is None or not (await self._workspace(workspace_id)).hands_over:
+            return None
+        return await self._holders.get(conversation_id)
 
     async def hand_over(self, workspace_id: str, conversation_id: str, holder: Holder) -> None:
         """``holder`` holds the conversation from now on (``runs/handoffs.py``)."""

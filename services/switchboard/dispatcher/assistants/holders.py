@@ -8,6 +8,7 @@ Plain values out; no ORM row leaves this module.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ class Holder:
     assistant_id: str
     run_id: str
     reason: str
+    #: The holder sees only what came from the handoff (``since``) on.
+    since_handoff: bool = False
+    #: When the conversation was handed over (set when read).
+    since: dt.datetime | None = None
 
 
 class HolderStore:
@@ -43,7 +48,11 @@ class HolderStore:
     async def get(self, conversation_id: str) -> Holder | None:
         def work(db: Session) -> Holder | None:
             row = db.get(ConversationHolderRow, conversation_id)
-            return None if row is None else Holder(row.assistant_id, row.run_id, row.reason)
+            if row is None:
+                return None
+            return Holder(
+                row.assistant_id, row.run_id, row.reason, row.since_handoff, row.updated_at
+            )
 
         return await self._run(work, write=False)
 
@@ -63,6 +72,7 @@ class HolderStore:
                     assistant_id=holder.assistant_id,
                     run_id=holder.run_id,
                     reason=holder.reason,
+                    since_handoff=holder.since_handoff,
                     updated_at=now(),
                 )
             )

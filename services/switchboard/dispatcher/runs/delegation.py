@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import logging
 import re
@@ -206,6 +207,22 @@ class Delegation:
             if target is not None:
                 found.append(definition(delegate, target))
         return found
+
+    async def history_since(self, active: Active) -> dt.datetime | None:
+        """When the history ``active``'s model sees begins: the handoff, when the run
+        answers for the conversation's holder and the handoff said the holder sees only
+        what came from it on (``HANDOFF_HISTORY_SINCE_HANDOFF``); None: all of it."""
+        assistant = active.assistant
+        if assistant is None:
+            return None
+        holder = await self._assistants.holder(active.workspace_id, active.conversation_id)
+        if (
+            holder is None
+            or not holder.since_handoff
+            or holder.assistant_id != AssistantName.parse(assistant.name, "assistant").assistant
+        ):
+            return None
+        return holder.since
 
     def builtins(
         self,

@@ -358,6 +358,10 @@ class Execution:
             (_, window), budgets = await asyncio.gather(reads, self._budgets(active))
         else:
             _, window = await reads
+        if self._delegation is not None and assistant is not None:
+            since = await self._delegation.history_since(active)
+            if since is not None:
+                _since(window, since)
         return _Read(window, definitions, budgets)
 
     async def _handle(
@@ -959,6 +963,20 @@ class Execution:
                     task.cancel()
         finally:
             self._cancelling.pop(task, None)
+
+
+def _since(window: cpb.ContextWindow, since: dt.datetime) -> None:
+    """Leave out of ``window`` the messages from before ``since`` (a handoff whose target
+    sees only what came from it on); memory and retrieved passages stay."""
+    kept = [
+        item
+        for item in window.included
+        if not item.HasField("message") or item.message.create_time.ToDatetime(dt.UTC) >= since
+    ]
+    if len(kept) < len(window.included):
+        del window.included[:]
+        window.included.extend(kept)
+        window.total_tokens = sum(item.token_count for item in kept)
 
 
 async def _nothing() -> None:

@@ -112,7 +112,13 @@ class Handoffs:
         for handoff in assistant.handoffs:
             named = AssistantName.parse_or_none(handoff.assistant)
             if named is not None and tool_name(named.assistant) in offered:
-                found[tool_name(named.assistant)] = HandOver(self._assistants, active, named, emit)
+                found[tool_name(named.assistant)] = HandOver(
+                    self._assistants,
+                    active,
+                    named,
+                    emit,
+                    since_handoff=handoff.history == pb.HANDOFF_HISTORY_SINCE_HANDOFF,
+                )
         return found
 
 
@@ -125,11 +131,14 @@ class HandOver:
         active: Active,
         target: AssistantName,
         emit: Callable[[pb.RunUpdate], None],
+        *,
+        since_handoff: bool = False,
     ) -> None:
         self._assistants = assistants
         self._active = active
         self._target = target
         self._emit = emit
+        self._since_handoff = since_handoff
 
     @property
     def definition(self) -> hpb.ToolDefinition:
@@ -152,7 +161,7 @@ class HandOver:
         await self._assistants.hand_over(
             active.workspace_id,
             active.conversation_id,
-            Holder(self._target.assistant, active.run_id, reason),
+            Holder(self._target.assistant, active.run_id, reason, self._since_handoff),
         )
         update = pb.RunUpdate()
         update.handoff.from_assistant = active.run.assistant
@@ -160,6 +169,6 @@ class HandOver:
         update.handoff.reason = reason
         self._emit(update)
         return True, (
-            f"The conversation is now with {self._target.assistant}: the next messages go to "
-            "it. Tell the person, in a sentence, who takes over."
+            f"The conversation is now with {self._target.assistant} ({reason}): the next "
+            "messages go to it. Tell the person, in a sentence, who takes over."
         )

@@ -464,6 +464,8 @@ class ConversationHolderRow(Base):
     # The run that handed it over, and why (the handing model's words).
     run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
     reason: Mapped[str] = mapped_column(String(1000), server_default="")
+    # Whether the holder sees only what came from the handoff (``updated_at``) on.
+    since_handoff: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 

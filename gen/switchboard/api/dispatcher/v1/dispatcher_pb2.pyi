@@ -311,6 +311,30 @@ HANDLER_KIND_REMOTE: HandlerKind.ValueType  # 3
 """A remote domain expert implementing HandlerService."""
 Global___HandlerKind: _TypeAlias = HandlerKind  # noqa: Y015
 
+class _HandoffHistory:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HandoffHistoryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HandoffHistory.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HANDOFF_HISTORY_UNSPECIFIED: _HandoffHistory.ValueType  # 0
+    """The whole history, the handoff included (the default)."""
+    HANDOFF_HISTORY_SINCE_HANDOFF: _HandoffHistory.ValueType  # 1
+    """Only what came from the handoff on: the handoff's own step (its reason) and
+    the messages after it.
+    """
+
+class HandoffHistory(_HandoffHistory, metaclass=_HandoffHistoryEnumTypeWrapper):
+    """What of a conversation the assistant it is handed over to sees."""
+
+HANDOFF_HISTORY_UNSPECIFIED: HandoffHistory.ValueType  # 0
+"""The whole history, the handoff included (the default)."""
+HANDOFF_HISTORY_SINCE_HANDOFF: HandoffHistory.ValueType  # 1
+"""Only what came from the handoff on: the handoff's own step (its reason) and
+the messages after it.
+"""
+Global___HandoffHistory: _TypeAlias = HandoffHistory  # noqa: Y015
+
 class _BudgetPeriod:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -2312,6 +2336,7 @@ class AssistantHandoff(_message.Message):
 
     ASSISTANT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     assistant: _builtins.str
     """`workspaces/{w}/assistants/{a}`, in the same workspace, not the assistant
     itself.
@@ -2320,15 +2345,18 @@ class AssistantHandoff(_message.Message):
     """When to hand over to it, as the handing model reads it (at most 1,000
     characters); the assistant's own description if empty.
     """
+    history: Global___HandoffHistory.ValueType
+    """What of the conversation it sees once it holds it."""
     def __init__(
         self,
         *,
         assistant: _builtins.str = ...,
         description: _builtins.str = ...,
+        history: Global___HandoffHistory.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "description", b"description"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "description", b"description", "history", b"history"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.Column("assistant_id", sa.String(63), nullable=False),
         sa.Column("run_id", sa.String(32), nullable=False),
         sa.Column("reason", sa.String(1000), server_default="", nullable=False),
+        sa.Column("since_handoff", sa.Boolean(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
 
