@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 from grpc import aio
 
+from bench import fairness
 from bench.fixtures import Account, create_conversations, create_workspace, register
 from bench.harness import (
     SERVED,
@@ -109,25 +110,15 @@ IN_FLIGHT: Final = 4
 #: The starvation check: messages to A's planner in flight at once while it sends.
 SEND_CALLS: Final = 64
 #: Admission's turns as bench/fairness.py sets them (a multi-tenant deployment's).
-ADMITTING: Final = 4
+ADMITTING: Final = fairness.ADMITTING
 WARMUP_MESSAGES: Final = 3
 #: The issue's goals: a child costs no more than a client-sent run (the ratio of server
 #: CPU per run, delegated / client-sent, at most this, given the rounds' spread), and B's
 #: first-token p99 with A's trees at most this times its p99 with A idle (fairness.py's).
 COST_GOAL: Final = 1.0
 STARVE_GOAL: Final = 2.0
-SETTINGS: Final[dict[str, str]] = {
-    "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-    "SWITCHBOARD_LLM_MODEL": MODEL,
-    "SWITCHBOARD_LLM_MAX_RETRIES": "0",
-    "SWITCHBOARD_DISPATCHER_MAX_QUEUED": "10000",
-    "SWITCHBOARD_DISPATCHER_MAX_QUEUED_PER_WORKSPACE": "5000",
-    "SWITCHBOARD_DISPATCHER_MAX_ACTIVE_RUNS_PER_WORKSPACE": "5000",
-    "SWITCHBOARD_DISPATCHER_MAX_ADMITTING_PER_WORKSPACE": str(ADMITTING),
-    "SWITCHBOARD_DISPATCHER_MAX_MESSAGES_PER_MINUTE_PER_USER": "10000000",
-    "SWITCHBOARD_DISPATCHER_MAX_MESSAGES_PER_MINUTE_PER_WORKSPACE": "10000000",
-    "SWITCHBOARD_CONTEXT_MAX_WRITES_PER_MINUTE": "10000000",
-}
+#: The server's settings as bench/fairness.py sets them (its admission turns included).
+SETTINGS: Final = fairness.SETTINGS
 
 
 @dataclass(frozen=True)

@@ -636,15 +636,11 @@ class Assistants:
 
     async def held(self, workspace_id: str, conversation_id: str) -> pb.Assistant | None:
         """The assistant a handoff left holding the conversation (None: none did, or it
-        is gone since: the default answers then). Read only in a workspace where some
-        assistant may hand over."""
-        if self._holders is None or not (await self._workspace(workspace_id)).hands_over:
-            return None
-        holder = await self._holders.get(conversation_id)
+        is gone since: the default answers then)."""
+        holder = await self.holder(workspace_id, conversation_id)
         if holder is None:
             return None
-        cached = await self._workspace(workspace_id)
-        found = cached.by_id.get(holder.assistant_id)
+        found = (await self._workspace(workspace_id)).by_id.get(holder.assistant_id)
         return _copy(found) if found is not None else None
 
     async def holder(self, workspace_id: str, conversation_id: str) -> Holder | None:

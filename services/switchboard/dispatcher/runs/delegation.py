@@ -32,9 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import logging
-import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -52,10 +50,11 @@ from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.dispatcher.runs.core.store import TERMINAL, RunStore
 from switchboard.dispatcher.runs.handoffs import Handoffs
-from switchboard.dispatcher.tools.runner import BuiltinTool
+from switchboard.dispatcher.tools.runner import BuiltinTool, fitted_name, string_tool
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.telemetry import tracer
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values.idempotency import derived_request_id
 from switchboard.platform.values.resources import AssistantName, RunName
 
 log = logging.getLogger("switchboard.dispatcher.delegation")
@@ -65,7 +64,6 @@ INPUT: Final = "input"
 MAX_INPUT_CHARS: Final = 32_000
 #: A delegate's tool name: ``ask_`` and its id, within the 64 characters models take.
 _PREFIX: Final = "ask_"
-_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
 #: Bound on each call to the context service a delegate call makes.
 _CONTEXT_TIMEOUT_S: Final = 10.0
 #: Trees whose children this process counts (the least recently used forgotten).
@@ -114,17 +112,7 @@ class Calls(Protocol):
 
 def tool_name(assistant_id: str) -> str:
     """The function name a delegate is offered under (``ask_{id}``, hashed to fit)."""
-    name = _PREFIX + _UNSAFE.sub("_", assistant_id)
-    if len(name) <= 64:
-        return name
-    digest = hashlib.sha256(assistant_id.encode()).hexdigest()[:8]
-    return f"{name[:55]}_{digest}"
-
-
-def derived_id(*parts: object) -> str:
-    """A request id (``names.REQUEST_ID``) the same parts always give."""
-    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).hexdigest()
-    return f"delegate-{digest[:48]}"
+    return fitted_name(_PREFIX + assistant_id, assistant_id)
 
 
 def definition(delegate: pb.AssistantDelegate, target: pb.Assistant) -> hpb.ToolDefinition:
@@ -137,23 +125,12 @@ def definition(delegate: pb.AssistantDelegate, target: pb.Assistant) -> hpb.Tool
         or target.description
         or f"Ask the assistant {title} and get its answer."
     )
-    schema = struct_pb2.Struct()
-    schema.update(
-        {
-            "type": "object",
-            "properties": {
-                INPUT: {
-                    "type": "string",
-                    "description": f"What to ask {title}: the whole question, with what it needs "
-                    "to answer (it does not see this conversation).",
-                }
-            },
-            "required": [INPUT],
-        }
-    )
-    name = tool_name(named.assistant)
-    return hpb.ToolDefinition(
-        tool=name, function_name=name, description=description, input_schema=schema
+    return string_tool(
+        tool_name(named.assistant),
+        description,
+        INPUT,
+        f"What to ask {title}: the whole question, with what it needs to answer (it does not "
+        "see this conversation).",
     )
 
 
@@ -485,7 +462,7 @@ class Delegate:
                 conversation=cpb.Conversation(
                     title=f"{self._target.assistant}, asked by run {active.run_id}"[:200]
                 ),
-                request_id=derived_id("conversation", key),
+                request_id=derived_request_id("delegate", "conversation", key),
             ),
             timeout_s=min(_CONTEXT_TIMEOUT_S, timeout_s),
         )
@@ -493,7 +470,7 @@ class Delegate:
             conversation=conversation.name,
             message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text=text)]),
             assistant=str(self._target),
-            request_id=derived_id("message", key),
+            request_id=derived_request_id("delegate", "message", key),
             timeout=duration_pb2.Duration(seconds=max(1, int(timeout_s))),
         )
         return await calls.send_message(principal, request, parent=parent)

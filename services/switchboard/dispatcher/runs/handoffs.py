@@ -16,8 +16,6 @@ same values if a crash sends the call again.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -28,6 +26,7 @@ from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.assistants.holders import Holder
 from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.tools.runner import fitted_name, string_tool
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.resources import AssistantName
@@ -36,16 +35,11 @@ from switchboard.platform.values.resources import AssistantName
 REASON: Final = "reason"
 MAX_REASON_CHARS: Final = 1_000
 _PREFIX: Final = "transfer_to_"
-_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def tool_name(assistant_id: str) -> str:
     """The function name a handoff is offered under (``transfer_to_{id}``, hashed to fit)."""
-    name = _PREFIX + _UNSAFE.sub("_", assistant_id)
-    if len(name) <= 64:
-        return name
-    digest = hashlib.sha256(assistant_id.encode()).hexdigest()[:8]
-    return f"{name[:55]}_{digest}"
+    return fitted_name(_PREFIX + assistant_id, assistant_id)
 
 
 def definition(handoff: pb.AssistantHandoff, target: pb.Assistant) -> hpb.ToolDefinition:
@@ -53,25 +47,11 @@ def definition(handoff: pb.AssistantHandoff, target: pb.Assistant) -> hpb.ToolDe
     named = AssistantName.parse(target.name, "assistant")
     title = target.display_name or named.assistant
     description = handoff.description or target.description or f"Hand the conversation to {title}."
-    schema = struct_pb2.Struct()
-    schema.update(
-        {
-            "type": "object",
-            "properties": {
-                REASON: {
-                    "type": "string",
-                    "description": f"Why {title} should take the conversation over.",
-                }
-            },
-            "required": [REASON],
-        }
-    )
-    name = tool_name(named.assistant)
-    return hpb.ToolDefinition(
-        tool=name,
-        function_name=name,
-        description=f"Hand the conversation over to {title}: {description}",
-        input_schema=schema,
+    return string_tool(
+        tool_name(named.assistant),
+        f"Hand the conversation over to {title}: {description}",
+        REASON,
+        f"Why {title} should take the conversation over.",
     )
 
 

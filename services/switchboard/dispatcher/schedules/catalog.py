@@ -17,7 +17,6 @@ This module does not import grpc; the servicer is transport only.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import re
 import time
@@ -51,6 +50,7 @@ from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import check_etag, idempotency
 from switchboard.platform.values import names, timefields
 from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.idempotency import derived_request_id
 from switchboard.platform.values.resources import (
     AssistantName,
     HandlerName,
@@ -122,8 +122,7 @@ def render(template: str, fire_time: dt.datetime, display_name: str) -> str:
 
 def derived_id(*parts: object) -> str:
     """A request id (``names.REQUEST_ID``) that the same parts always give."""
-    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).hexdigest()
-    return f"schedule-{digest[:48]}"
+    return derived_request_id("schedule", *parts)
 
 
 def _nothing() -> None:

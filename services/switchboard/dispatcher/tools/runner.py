@@ -110,16 +110,39 @@ class ToolLimits:
 # Offered tools
 
 
+def fitted_name(name: str, key: str, *, clash: bool = False) -> str:
+    """``name`` made model-safe, shortened with a hash of ``key`` when it would not fit
+    (models see 64 characters at most) or ``clash``es with another name."""
+    base = _UNSAFE.sub("_", name)
+    if len(base) <= 64 and not clash:
+        return base
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return f"{base[:55]}_{digest}"
+
+
 def function_name(integration_id: str, tool: str, taken: set[str]) -> str:
     """A model-safe, run-unique name: ``{integration}__{tool}``, shortened with a
-    hash when it would not fit (models see 64 characters at most)."""
-    base = _UNSAFE.sub("_", f"{integration_id}__{tool}")
-    candidate = base
-    if len(candidate) > 64 or candidate in taken:
-        digest = hashlib.sha256(f"{integration_id}/{tool}".encode()).hexdigest()[:8]
-        candidate = f"{base[:55]}_{digest}"
+    hash when it would not fit."""
+    plain = _UNSAFE.sub("_", f"{integration_id}__{tool}")
+    candidate = fitted_name(plain, f"{integration_id}/{tool}", clash=plain in taken)
     taken.add(candidate)
     return candidate
+
+
+def string_tool(name: str, description: str, field: str, about: str) -> hpb.ToolDefinition:
+    """A built-in tool named ``name`` whose one argument, ``field``, is a required string
+    (``about`` says what it holds): a delegate's ``ask_...``, a handoff's ``transfer_to_...``."""
+    schema = struct_pb2.Struct()
+    schema.update(
+        {
+            "type": "object",
+            "properties": {field: {"type": "string", "description": about}},
+            "required": [field],
+        }
+    )
+    return hpb.ToolDefinition(
+        tool=name, function_name=name, description=description, input_schema=schema
+    )
 
 
 async def offered_tools(

@@ -39,3 +39,12 @@ def call_key(run: str, call_id: str) -> str:
 def handler_key(run: str) -> str:
     """The key of ``run``'s call to its remote handler (every attempt sends it)."""
     return _uuid8(f"switchboard/handler-call\n{run}")
+
+
+def derived_request_id(kind: str, *parts: object) -> str:
+    """A request id (``names.REQUEST_ID``: 1-64 letters, digits, ``-``, ``_``) that the
+    same ``parts`` always give: what a caller inside the server (a schedule's tick, a
+    delegate call) sends again after a crash, so the retry is answered with the first
+    attempt's result. ``kind`` (a few letters) keeps the callers' ids apart."""
+    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).hexdigest()
+    return f"{kind}-{digest[:48]}"
