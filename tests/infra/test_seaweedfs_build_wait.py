@@ -41,9 +41,16 @@ def test_a_pid_file_naming_a_thread_of_another_program_is_no_build(tmp_path: Pat
 def test_a_running_install_script_is_a_build_and_its_end_is_not(tmp_path: Path) -> None:
     pid_file = tmp_path / "weed-build.pid"
     script = tmp_path / "install-tools.sh"
-    script.write_text("read -r line\n")
-    build = subprocess.Popen(["bash", str(script)], stdin=subprocess.PIPE, text=True)
+    script.write_text("echo started\nread -r line\n")
+    build = subprocess.Popen(
+        ["bash", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
+        # Popen returns once the exec has begun, and the kernel fills the new image's
+        # command line only later: a loaded machine read it empty in that gap. A line
+        # from the script itself says the exec is done.
+        assert build.stdout is not None
+        assert build.stdout.readline() == "started\n"
         pid_file.write_text(f"{build.pid}\n")
         assert _building(pid_file)
     finally:
@@ -51,6 +58,8 @@ def test_a_running_install_script_is_a_build_and_its_end_is_not(tmp_path: Path) 
         build.stdin.write("done\n")
         build.stdin.close()
         build.wait(timeout=30)
+        if build.stdout is not None:
+            build.stdout.close()
     assert not _building(pid_file)
 
 
