@@ -323,6 +323,11 @@ class _HandoffHistoryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Handof
     """Only what came from the handoff on: the handoff's own step (its reason) and
     the messages after it.
     """
+    HANDOFF_HISTORY_SUMMARY: _HandoffHistory.ValueType  # 2
+    """A summary of the conversation before the handoff, written by the handing
+    model as the handoff's `summary` argument, and what came from the handoff
+    on: the handoff's step (its reason and summary) and the messages after it.
+    """
 
 class HandoffHistory(_HandoffHistory, metaclass=_HandoffHistoryEnumTypeWrapper):
     """What of a conversation the assistant it is handed over to sees."""
@@ -332,6 +337,11 @@ HANDOFF_HISTORY_UNSPECIFIED: HandoffHistory.ValueType  # 0
 HANDOFF_HISTORY_SINCE_HANDOFF: HandoffHistory.ValueType  # 1
 """Only what came from the handoff on: the handoff's own step (its reason) and
 the messages after it.
+"""
+HANDOFF_HISTORY_SUMMARY: HandoffHistory.ValueType  # 2
+"""A summary of the conversation before the handoff, written by the handing
+model as the handoff's `summary` argument, and what came from the handoff
+on: the handoff's step (its reason and summary) and the messages after it.
 """
 Global___HandoffHistory: _TypeAlias = HandoffHistory  # noqa: Y015
 
@@ -1396,6 +1406,8 @@ class ChildRun(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     REQUIRED_ACTION_FIELD_NUMBER: _builtins.int
+    PARENT_FIELD_NUMBER: _builtins.int
+    HANDLER_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The child, `workspaces/{w}/conversations/{c}/runs/{r}` (its conversation is
     its own).
@@ -1408,6 +1420,14 @@ class ChildRun(_message.Message):
     """Its state when this update was made: QUEUED or RUNNING when it started,
     REQUIRES_ACTION when it paused (and RUNNING when it went on), its terminal
     state when it ended.
+    """
+    parent: _builtins.str
+    """The run that asked it: the run watched, or (for a grandchild and below,
+    whose updates its ancestors' streams carry too) one of its descendants.
+    """
+    handler: _builtins.str
+    """The handler that answers, `handlers/{h}`, when the delegate names a handler
+    (a domain expert or an A2A agent) rather than an assistant.
     """
     @_builtins.property
     def usage(self) -> _handler_pb2.Usage:
@@ -1434,10 +1454,12 @@ class ChildRun(_message.Message):
         usage: _handler_pb2.Usage | None = ...,
         error: _status_pb2.Status | None = ...,
         required_action: Global___RequiredAction | None = ...,
+        parent: _builtins.str = ...,
+        handler: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "required_action", b"required_action", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "error", b"error", "required_action", b"required_action", "run", b"run", "state", b"state", "tool_call_id", b"tool_call_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "error", b"error", "handler", b"handler", "parent", b"parent", "required_action", b"required_action", "run", b"run", "state", b"state", "tool_call_id", b"tool_call_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2370,23 +2392,30 @@ class AssistantDelegate(_message.Message):
 
     ASSISTANT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    HANDLER_FIELD_NUMBER: _builtins.int
     assistant: _builtins.str
     """`workspaces/{w}/assistants/{a}`, in the same workspace, not the assistant
-    itself.
+    itself. Exactly one of `assistant` and `handler`.
     """
     description: _builtins.str
     """What to ask it for, as the asking model reads it (at most 1,000
-    characters); the delegate's own description if empty.
+    characters); the delegate's own description (or the handler's) if empty.
+    """
+    handler: _builtins.str
+    """Instead of an assistant: a handler asked directly, `handlers/{h}` (a domain
+    expert or an A2A agent registered with the integration service, or a
+    built-in handler), offered as `ask_{h}`. Its child run has no assistant.
     """
     def __init__(
         self,
         *,
         assistant: _builtins.str = ...,
         description: _builtins.str = ...,
+        handler: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "description", b"description"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "description", b"description", "handler", b"handler"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -520,6 +520,10 @@ const (
 	// Only what came from the handoff on: the handoff's own step (its reason) and
 	// the messages after it.
 	HandoffHistory_HANDOFF_HISTORY_SINCE_HANDOFF HandoffHistory = 1
+	// A summary of the conversation before the handoff, written by the handing
+	// model as the handoff's `summary` argument, and what came from the handoff
+	// on: the handoff's step (its reason and summary) and the messages after it.
+	HandoffHistory_HANDOFF_HISTORY_SUMMARY HandoffHistory = 2
 )
 
 // Enum value maps for HandoffHistory.
@@ -527,10 +531,12 @@ var (
 	HandoffHistory_name = map[int32]string{
 		0: "HANDOFF_HISTORY_UNSPECIFIED",
 		1: "HANDOFF_HISTORY_SINCE_HANDOFF",
+		2: "HANDOFF_HISTORY_SUMMARY",
 	}
 	HandoffHistory_value = map[string]int32{
 		"HANDOFF_HISTORY_UNSPECIFIED":   0,
 		"HANDOFF_HISTORY_SINCE_HANDOFF": 1,
+		"HANDOFF_HISTORY_SUMMARY":       2,
 	}
 )
 
@@ -2488,8 +2494,14 @@ type ChildRun struct {
 	// a budget): decided on the child, by its name (SubmitToolApprovals,
 	// ResolveBudgetAction).
 	RequiredAction *RequiredAction `protobuf:"bytes,7,opt,name=required_action,json=requiredAction,proto3" json:"required_action,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// The run that asked it: the run watched, or (for a grandchild and below,
+	// whose updates its ancestors' streams carry too) one of its descendants.
+	Parent string `protobuf:"bytes,8,opt,name=parent,proto3" json:"parent,omitempty"`
+	// The handler that answers, `handlers/{h}`, when the delegate names a handler
+	// (a domain expert or an A2A agent) rather than an assistant.
+	Handler       string `protobuf:"bytes,9,opt,name=handler,proto3" json:"handler,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ChildRun) Reset() {
@@ -2569,6 +2581,20 @@ func (x *ChildRun) GetRequiredAction() *RequiredAction {
 		return x.RequiredAction
 	}
 	return nil
+}
+
+func (x *ChildRun) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *ChildRun) GetHandler() string {
+	if x != nil {
+		return x.Handler
+	}
+	return ""
 }
 
 // A conversation handed over (RunUpdate.handoff).
@@ -4491,11 +4517,15 @@ func (x *AssistantHandoff) GetHistory() HandoffHistory {
 type AssistantDelegate struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// `workspaces/{w}/assistants/{a}`, in the same workspace, not the assistant
-	// itself.
+	// itself. Exactly one of `assistant` and `handler`.
 	Assistant string `protobuf:"bytes,1,opt,name=assistant,proto3" json:"assistant,omitempty"`
 	// What to ask it for, as the asking model reads it (at most 1,000
-	// characters); the delegate's own description if empty.
-	Description   string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// characters); the delegate's own description (or the handler's) if empty.
+	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	// Instead of an assistant: a handler asked directly, `handlers/{h}` (a domain
+	// expert or an A2A agent registered with the integration service, or a
+	// built-in handler), offered as `ask_{h}`. Its child run has no assistant.
+	Handler       string `protobuf:"bytes,3,opt,name=handler,proto3" json:"handler,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4540,6 +4570,13 @@ func (x *AssistantDelegate) GetAssistant() string {
 func (x *AssistantDelegate) GetDescription() string {
 	if x != nil {
 		return x.Description
+	}
+	return ""
+}
+
+func (x *AssistantDelegate) GetHandler() string {
+	if x != nil {
+		return x.Handler
 	}
 	return ""
 }
@@ -9248,7 +9285,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\rGetRunRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"F\n" +
 	"\x0eGetRunResponse\x124\n" +
-	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\xd6\x02\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\x88\x03\n" +
 	"\bChildRun\x12\x10\n" +
 	"\x03run\x18\x01 \x01(\tR\x03run\x12\x1c\n" +
 	"\tassistant\x18\x02 \x01(\tR\tassistant\x12 \n" +
@@ -9257,7 +9294,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x05state\x18\x04 \x01(\x0e2'.switchboard.api.dispatcher.v1.RunStateR\x05state\x127\n" +
 	"\x05usage\x18\x05 \x01(\v2!.switchboard.api.handler.v1.UsageR\x05usage\x12(\n" +
 	"\x05error\x18\x06 \x01(\v2\x12.google.rpc.StatusR\x05error\x12V\n" +
-	"\x0frequired_action\x18\a \x01(\v2-.switchboard.api.dispatcher.v1.RequiredActionR\x0erequiredAction\"k\n" +
+	"\x0frequired_action\x18\a \x01(\v2-.switchboard.api.dispatcher.v1.RequiredActionR\x0erequiredAction\x12\x16\n" +
+	"\x06parent\x18\b \x01(\tR\x06parent\x12\x18\n" +
+	"\ahandler\x18\t \x01(\tR\ahandler\"k\n" +
 	"\aHandoff\x12%\n" +
 	"\x0efrom_assistant\x18\x01 \x01(\tR\rfromAssistant\x12!\n" +
 	"\fto_assistant\x18\x02 \x01(\tR\vtoAssistant\x12\x16\n" +
@@ -9388,10 +9427,11 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x10AssistantHandoff\x12\x1c\n" +
 	"\tassistant\x18\x01 \x01(\tR\tassistant\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12G\n" +
-	"\ahistory\x18\x03 \x01(\x0e2-.switchboard.api.dispatcher.v1.HandoffHistoryR\ahistory\"S\n" +
+	"\ahistory\x18\x03 \x01(\x0e2-.switchboard.api.dispatcher.v1.HandoffHistoryR\ahistory\"m\n" +
 	"\x11AssistantDelegate\x12\x1c\n" +
 	"\tassistant\x18\x01 \x01(\tR\tassistant\x12 \n" +
-	"\vdescription\x18\x02 \x01(\tR\vdescription\"\xda\x01\n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\x12\x18\n" +
+	"\ahandler\x18\x03 \x01(\tR\ahandler\"\xda\x01\n" +
 	"\x11RetrievalSettings\x12\x18\n" +
 	"\aenabled\x18\x01 \x01(\bR\aenabled\x12\x13\n" +
 	"\x05top_k\x18\x02 \x01(\x05R\x04topK\x12!\n" +
@@ -9764,10 +9804,11 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x18HANDLER_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14HANDLER_KIND_BUILTIN\x10\x01\x12\x14\n" +
 	"\x10HANDLER_KIND_LLM\x10\x02\x12\x17\n" +
-	"\x13HANDLER_KIND_REMOTE\x10\x03*T\n" +
+	"\x13HANDLER_KIND_REMOTE\x10\x03*q\n" +
 	"\x0eHandoffHistory\x12\x1f\n" +
 	"\x1bHANDOFF_HISTORY_UNSPECIFIED\x10\x00\x12!\n" +
-	"\x1dHANDOFF_HISTORY_SINCE_HANDOFF\x10\x01*\xa5\x01\n" +
+	"\x1dHANDOFF_HISTORY_SINCE_HANDOFF\x10\x01\x12\x1b\n" +
+	"\x17HANDOFF_HISTORY_SUMMARY\x10\x02*\xa5\x01\n" +
 	"\fBudgetPeriod\x12\x1d\n" +
 	"\x19BUDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11BUDGET_PERIOD_RUN\x10\x01\x12\x15\n" +
