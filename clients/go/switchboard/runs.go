@@ -93,9 +93,11 @@ type WatchOptions struct {
 	// another replica's run lost on the way) before the update after them.
 	OnGap func(lastSeen int64, update *dispatcherv1.RunUpdate, missing int64)
 	// OnChild, if set, hears of each child run the updates name, before the
-	// update goes to the handler: once when the child starts (QUEUED or
-	// RUNNING) and once when it ends (with its usage, and ChildError says why
-	// it did not succeed). Follow one with WatchRun on child.GetRun().
+	// update goes to the handler: when the child starts (QUEUED or RUNNING),
+	// pauses and goes on, and when it ends (with its usage, and ChildError says
+	// why it did not succeed). Grandchildren and further down are named too;
+	// child.GetParent() is the run that asked each. Follow one with WatchRun on
+	// child.GetRun().
 	OnChild func(child *dispatcherv1.ChildRun)
 }
 

@@ -271,7 +271,7 @@ def child_event(
     which assistant was asked and how it stands, in a text part and a data part
     ``{"subtask": {...}}`` naming the child's own task (docs/a2a.md, "Sub-tasks")."""
     what = pb.RunState.Name(child.state).removeprefix("RUN_STATE_").lower()
-    asked = child.assistant.rsplit("/", 1)[-1]
+    asked = (child.assistant or child.handler).rsplit("/", 1)[-1]
     child_task = task_id(child.run)
     text = f"Sub-task {child_task}: asked {asked}, {what}."
     if child.HasField("error") and child.error.message:
@@ -283,6 +283,11 @@ def child_event(
         "tool_call_id": child.tool_call_id,
         "state": what,
     }
+    if child.handler:
+        details["handler"] = child.handler
+    if child.parent and child.parent != parent:
+        # A grandchild or further down: the sub-task that asked it.
+        details["parent_task_id"] = task_id(child.parent)
     if child.HasField("usage"):
         details["output_tokens"] = child.usage.output_tokens
     data = struct_pb2.Value()

@@ -133,9 +133,11 @@ class Child:
     """A child run as its parent's updates name it (``RunUpdate.child_run``): a
     delegate's answer to one of the parent's tool calls (docs/delegation.md).
 
-    The parent's updates name each child twice: when it starts (``state`` QUEUED or
-    RUNNING) and when it ends (its terminal state, with ``usage``, and ``error``
-    when it did not succeed). Follow it with ``Client.watch(child)``.
+    The parent's updates name each child when it starts (``state`` QUEUED or
+    RUNNING), when it pauses and goes on, and when it ends (its terminal state, with
+    ``usage``, and ``error`` when it did not succeed). A child's own children (and
+    theirs) are named on the same stream, ``parent`` saying which run asked each.
+    Follow one with ``Client.watch(child)``.
     """
 
     #: The child, ``workspaces/{w}/conversations/{c}/runs/{r}`` (a conversation of its own).
@@ -152,6 +154,11 @@ class Child:
     error: SwitchboardError | None
     #: The parent's update that named it (its ``sequence``).
     sequence: int
+    #: The run that asked it: the run watched, or one of its descendants.
+    parent: str = ""
+    #: The handler that answers (``handlers/{h}``) when the delegate names a handler;
+    #: ``assistant`` is empty then.
+    handler: str = ""
 
     @property
     def ended(self) -> bool:
@@ -179,6 +186,8 @@ def child_of(update: dispatcher_pb2.RunUpdate) -> Child | None:
         usage=child.usage if child.HasField("usage") else None,
         error=error,
         sequence=update.sequence,
+        parent=child.parent,
+        handler=child.handler,
     )
 
 

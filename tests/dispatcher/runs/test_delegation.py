@@ -620,3 +620,93 @@ async def test_a_handoff_since_the_handoff_shows_the_holder_only_what_came_from_
         assert not any("secret account note" in text for text in said)
         assert said[-1] == "it was order 42"
         assert any("a refund question" in text for text in said), said
+
+
+async def test_a_grandchilds_pause_shows_on_the_roots_stream_naming_who_asked_it(
+    database_url: str,
+) -> None:
+    """A tree of three runs (alpha asks beta asks gamma): the root's stream names the
+    grandchild too (started, paused for a budget's room, going on, ended), each update
+    naming the run that asked it, so a person watching the root sees what the tree
+    waits for; raising the cap lets the tree finish."""
+    async with desk(database_url) as d:
+        gamma = await d.assistant("gamma", "You are gamma.")
+        await d.assistant("beta", "You are beta.", ("gamma",))
+        alpha = await d.assistant("alpha", "You are alpha.", ("beta",))
+        capped = await d.dstub.CreateBudget(
+            pb.CreateBudgetRequest(
+                parent=d.world.name,
+                budget_id="gamma-tokens",
+                budget=pb.Budget(
+                    display_name="Gamma",
+                    scope=gamma,
+                    period=pb.BUDGET_PERIOD_DAY,
+                    total_token_limit=5,
+                ),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+
+        def ask(target: str) -> Callable[[dict[str, Any]], Reply]:
+            def reply(body: dict[str, Any]) -> Reply:
+                done = tool_outputs(body)
+                if not done:
+                    return Reply.tool_calls([(f"ask_{target}", {"input": "and you?"}, "c-1")])
+                return Reply.text(f"{target} said {done['c-1']}")
+
+            return reply
+
+        rules = {
+            "You are alpha.": ask("beta"),
+            "You are beta.": ask("gamma"),
+            "You are gamma.": lambda body: Reply.text("fine"),
+        }
+        d.fake.script(*[brain(rules)] * 5)
+        root = await d.send(alpha, "how are you all?")
+
+        def grandchild_paused(seen: list[pb.RunUpdate]) -> bool:
+            return any(
+                u.child_run.state == pb.RUN_STATE_REQUIRES_ACTION and u.child_run.assistant == gamma
+                for u in seen
+                if u.WhichOneof("update") == "child_run"
+            )
+
+        call, seen = await until(d.dstub, d.world.viewer, root.name, "child_run")
+        await read_until(call, seen, grandchild_paused)
+        call.cancel()
+        assert grandchild_paused(seen), "the root's stream ended without its grandchild pausing"
+        [middle] = await d.children(root.name)
+        [grandchild] = await d.children(middle.name)
+        [waiting] = [
+            u.child_run
+            for u in seen
+            if u.WhichOneof("update") == "child_run"
+            and u.child_run.state == pb.RUN_STATE_REQUIRES_ACTION
+        ]
+        assert waiting.run == grandchild.name
+        assert waiting.parent == middle.name
+        assert waiting.tool_call_id == grandchild.parent_tool_call
+        assert list(waiting.required_action.budget.budgets) == [capped.budget.name]
+
+        await d.dstub.UpdateBudget(
+            pb.UpdateBudgetRequest(
+                budget=pb.Budget(name=capped.budget.name, total_token_limit=1_000_000),
+                update_mask=field_mask_pb2.FieldMask(paths=["total_token_limit"]),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        finished = await watch_all(d.dstub, d.world.viewer, root.name)
+        assert finished.final.state == pb.RUN_STATE_SUCCEEDED, finished.final.error
+        assert finished.text == "beta said gamma said fine"
+        shown = [
+            (u.child_run.run, u.child_run.parent, u.child_run.state)
+            for u in finished.updates
+            if u.HasField("child_run")
+        ]
+        assert shown[0][:2] == (middle.name, root.name)
+        below = [(parent, state) for run, parent, state in shown if run == grandchild.name]
+        assert {parent for parent, _ in below} == {middle.name}
+        assert [state for _, state in below][-2:] == [pb.RUN_STATE_RUNNING, pb.RUN_STATE_SUCCEEDED]
+        assert shown[-1] == (middle.name, root.name, pb.RUN_STATE_SUCCEEDED)

@@ -490,6 +490,14 @@ class Delegate:
                     part.text for part in update.result.parts if part.WhichOneof("part") == "text"
                 )
                 continue
+            if update.HasField("child_run"):
+                # A grandchild (or further down): its start, pause and end go up the
+                # tree as they are, naming the run that asked it, so the root's stream
+                # shows the whole tree and a person decides its pauses there.
+                forwarded = pb.RunUpdate()
+                forwarded.child_run.CopyFrom(update.child_run)
+                self._emit(forwarded)
+                continue
             if not update.HasField("state_change"):
                 continue
             child = update.state_change.run
@@ -507,6 +515,7 @@ class Delegate:
         shown.run = child.name
         shown.assistant = child.assistant or str(self._target)
         shown.tool_call_id = call_id
+        shown.parent = self._active.run.name
         shown.state = child.state
         if child.state in TERMINAL:
             shown.usage.CopyFrom(child.usage)
