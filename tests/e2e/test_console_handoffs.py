@@ -220,6 +220,11 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
         browser.fill(
             f"{tid('assistant-handoff', assistant=billing)} {tid('handoff-description')}", WHEN
         )
+        # What billing sees once it holds the conversation (AssistantHandoff.history).
+        browser.select(
+            f"{tid('assistant-handoff', assistant=billing)} {tid('handoff-history')}",
+            str(dispatcher_pb2.HANDOFF_HISTORY_SINCE_HANDOFF),
+        )
         chosen: list[str] = browser.eval(
             "(s) => [...document.querySelectorAll(s)]"
             ".filter((e) => e.querySelector('[data-testid=\"handoff-enabled\"]').checked)"
@@ -250,7 +255,9 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
         )
         assert counted == " · hands over to 1"
         stored = _stored(server, owner, triage)
-        assert [(x.assistant, x.description) for x in stored.handoffs] == [(billing, WHEN)]
+        assert [(x.assistant, x.description, x.history) for x in stored.handoffs] == [
+            (billing, WHEN, dispatcher_pb2.HANDOFF_HISTORY_SINCE_HANDOFF)
+        ]
         assert stored.workspace_default
         assert list(stored.delegates) == []
         browser.click(tid("close-editor"))
@@ -319,12 +326,10 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
         assert shown["title"] == stored_second.routing_reason
         history = model.requests[before].body["messages"]
         assert "You are billing." in str(history[0]["content"])
-        assert any(m.get("content") == "I want a refund" for m in history)
-        assert any(
-            call["function"]["name"] == "transfer_to_billing"
-            for m in history
-            for call in m.get("tool_calls") or []
-        )
+        # Set in the editor above: billing sees only what came from the handoff on (its
+        # step, whose result says why), not the person's first message to triage.
+        assert not any(m.get("content") == "I want a refund" for m in history)
+        assert any(m["role"] == "tool" and REASON in str(m["content"]) for m in history), history
         assert _holder(browser)["assistant"] == billing
         assert raw_text(browser) == []
 

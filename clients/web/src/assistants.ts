@@ -11,6 +11,7 @@ import { fill, h } from "./dom";
 import { SearchMode } from "./gen/switchboard/api/context/v1/context_pb";
 import { offerCurrentVersion, type Problem, problem, renderProblem } from "./errors";
 import type { Assistant, AssistantDelegate, AssistantHandoff, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { HandoffHistory } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { IntegrationKind } from "./gen/switchboard/api/integration/v1/integration_pb";
 import { type Integrations, lastSegment } from "./integrations";
@@ -75,6 +76,20 @@ const HANDOFFS: TargetKind = {
   label: (title) => `When to hand over to ${title}`,
   placeholder: "when to hand over to it (empty: its own description)",
 };
+
+/** What of the conversation a handoff's target sees (AssistantHandoff.history); kept as
+ *  stored when the assistant is saved again. */
+function historySelect(title: string, history: HandoffHistory): HTMLSelectElement {
+  const select = h(
+    "select",
+    { "data-testid": "handoff-history", "aria-label": `What ${title} sees of the conversation` },
+    h("option", { value: String(HandoffHistory.UNSPECIFIED) }, "sees the whole history"),
+    h("option", { value: String(HandoffHistory.SINCE_HANDOFF) }, "sees only what comes from the handoff on"),
+    h("option", { value: String(HandoffHistory.SUMMARY) }, "sees a summary, then what comes from the handoff on"),
+  );
+  select.value = String(history);
+  return select;
+}
 
 export class Assistants {
   readonly elements: HTMLElement[];
@@ -420,6 +435,7 @@ export class Assistants {
           placeholder: kind.placeholder,
           maxlength: MAX_DELEGATE_DESCRIPTION,
         }),
+        kind === HANDOFFS ? historySelect(title, chosen && "history" in chosen ? chosen.history : HandoffHistory.UNSPECIFIED) : null,
       );
     const rows = [
       ...listed.map((d) => {
@@ -437,13 +453,15 @@ export class Assistants {
   }
 
   /** The ticked rows of a delegates or handoffs fieldset, in their order. */
-  private readTargets(kind: TargetKind): { assistant: string; description: string }[] {
-    const chosen: { assistant: string; description: string }[] = [];
+  private readTargets(kind: TargetKind): { assistant: string; description: string; history?: HandoffHistory }[] {
+    const chosen: { assistant: string; description: string; history?: HandoffHistory }[] = [];
     for (const row of this.editor.querySelectorAll<HTMLElement>(`[data-testid="assistant-${kind.row}"]`)) {
       if (!row.querySelector<HTMLInputElement>(`[data-testid="${kind.row}-enabled"]`)?.checked) continue;
+      const history = row.querySelector<HTMLSelectElement>('[data-testid="handoff-history"]');
       chosen.push({
         assistant: row.dataset.assistant ?? "",
         description: row.querySelector<HTMLInputElement>(`[data-testid="${kind.row}-description"]`)?.value.trim() ?? "",
+        ...(history ? { history: Number(history.value) as HandoffHistory } : {}),
       });
     }
     return chosen;

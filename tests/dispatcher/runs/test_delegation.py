@@ -710,3 +710,65 @@ async def test_a_grandchilds_pause_shows_on_the_roots_stream_naming_who_asked_it
         assert {parent for parent, _ in below} == {middle.name}
         assert [state for _, state in below][-2:] == [pb.RUN_STATE_RUNNING, pb.RUN_STATE_SUCCEEDED]
         assert shown[-1] == (middle.name, root.name, pb.RUN_STATE_SUCCEEDED)
+
+
+async def test_a_handoff_with_a_summary_shows_the_holder_the_summary_not_the_history(
+    database_url: str,
+) -> None:
+    """``history: HANDOFF_HISTORY_SUMMARY``: the handoff tool asks for a ``summary``
+    too; a call without one is refused (an error result, nothing handed over), and the
+    holder is asked with the summary and what came after, not what came before."""
+    async with desk(database_url) as d:
+        triage = await d.assistant("triage", "You are triage.")
+        await d.assistant("billing", "You are billing.")
+        await d.dstub.UpdateAssistant(
+            pb.UpdateAssistantRequest(
+                assistant=pb.Assistant(
+                    name=triage,
+                    handoffs=[
+                        pb.AssistantHandoff(
+                            assistant=f"{d.world.name}/assistants/billing",
+                            history=pb.HANDOFF_HISTORY_SUMMARY,
+                        )
+                    ],
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["handoffs"]),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        offered: list[dict[str, Any]] = []
+
+        def hand(body: dict[str, Any]) -> Reply:
+            outputs = this_turns_outputs(body)
+            if not outputs:
+                offered.extend(body["tools"])
+                return Reply.tool_calls([("transfer_to_billing", {"reason": "refund"}, "h-1")])
+            if len(outputs) == 1:
+                summary = "Ana wants a refund of order 42, paid by card."
+                return Reply.tool_calls(
+                    [("transfer_to_billing", {"reason": "refund", "summary": summary}, "h-2")]
+                )
+            return Reply.text("billing takes over")
+
+        d.fake.script(
+            *[brain({"You are triage.": hand})] * 3,
+            brain({"You are billing.": lambda body: Reply.text("refund noted")}),
+        )
+        first = await d.send(triage, "my secret account note, then: I want a refund")
+        seen = await watch_all(d.dstub, d.world.viewer, first.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        [tool] = [t for t in offered if t["function"]["name"] == "transfer_to_billing"]
+        assert tool["function"]["parameters"]["required"] == ["reason", "summary"]
+        refused = this_turns_outputs(d.fake.requests[1].body)
+        assert "needs 'summary'" in refused[0]
+        # Only the second call handed over.
+        assert [u.handoff.reason for u in seen.updates if u.HasField("handoff")] == ["refund"]
+
+        second = await d.send("", "is it done?")
+        answered = await watch_all(d.dstub, d.world.viewer, second.name)
+        assert answered.text == "refund noted"
+        said = [str(m.get("content")) for m in d.fake.requests[3].body["messages"]]
+        assert not any("secret account note" in text for text in said), said
+        assert any("Ana wants a refund of order 42" in text for text in said), said
+        assert said[-1] == "is it done?"

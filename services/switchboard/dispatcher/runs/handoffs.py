@@ -9,6 +9,13 @@ so the history says who took over and why, and the run's updates say so too
 (``RunUpdate.handoff``). The handing run goes on to its answer (its model is told to
 say, briefly, who takes over).
 
+What the holder sees of the conversation is the handoff's ``history``: all of it, only
+what came from the handoff on, or (``HANDOFF_HISTORY_SUMMARY``) that and a summary of
+what came before, which the handing model writes as the call's ``summary`` argument
+(no model call of its own: the handing model knows the conversation, and its call is
+journaled like any). The summary is in the call's result, the first thing of the
+conversation the holder sees.
+
 A message that names an assistant goes to it whoever holds the conversation, and
 does not change the holder. A handoff is a write of one row, made again with the
 same values if a crash sends the call again.
@@ -31,9 +38,13 @@ from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.resources import AssistantName
 
-#: The tool's one argument, and how long it may be.
+#: The tool's argument, and how long it may be.
 REASON: Final = "reason"
 MAX_REASON_CHARS: Final = 1_000
+#: The summary a ``HANDOFF_HISTORY_SUMMARY`` handoff asks for too, and its bound.
+SUMMARY: Final = "summary"
+MAX_SUMMARY_CHARS: Final = 8_000
+_SINCE: Final = frozenset({pb.HANDOFF_HISTORY_SINCE_HANDOFF, pb.HANDOFF_HISTORY_SUMMARY})
 _PREFIX: Final = "transfer_to_"
 
 
@@ -47,11 +58,23 @@ def definition(handoff: pb.AssistantHandoff, target: pb.Assistant) -> hpb.ToolDe
     named = AssistantName.parse(target.name, "assistant")
     title = target.display_name or named.assistant
     description = handoff.description or target.description or f"Hand the conversation to {title}."
+    summary: tuple[tuple[str, str], ...] = ()
+    if handoff.history == pb.HANDOFF_HISTORY_SUMMARY:
+        summary = (
+            (
+                SUMMARY,
+                f"What {title} needs to know of the conversation so far (it sees only this "
+                "and what comes after the handoff): who the person is, what they asked, "
+                f"what was found or decided, what is still open; at most {MAX_SUMMARY_CHARS:,} "
+                "characters.",
+            ),
+        )
     return string_tool(
         tool_name(named.assistant),
         f"Hand the conversation over to {title}: {description}",
         REASON,
         f"Why {title} should take the conversation over.",
+        *summary,
     )
 
 
@@ -97,7 +120,8 @@ class Handoffs:
                     active,
                     named,
                     emit,
-                    since_handoff=handoff.history == pb.HANDOFF_HISTORY_SINCE_HANDOFF,
+                    since_handoff=handoff.history in _SINCE,
+                    summary=handoff.history == pb.HANDOFF_HISTORY_SUMMARY,
                 )
         return found
 
@@ -113,12 +137,15 @@ class HandOver:
         emit: Callable[[pb.RunUpdate], None],
         *,
         since_handoff: bool = False,
+        summary: bool = False,
     ) -> None:
         self._assistants = assistants
         self._active = active
         self._target = target
         self._emit = emit
         self._since_handoff = since_handoff
+        #: Whether the call must bring a summary of the conversation for its target.
+        self._summary = summary
 
     @property
     def definition(self) -> hpb.ToolDefinition:
@@ -137,6 +164,21 @@ class HandOver:
         if given is None or given.WhichOneof("kind") != "string_value" or not given.string_value:
             return False, f"The call needs {REASON!r}: why the other assistant should take over."
         reason = given.string_value.strip()[:MAX_REASON_CHARS]
+        summary = ""
+        if self._summary:
+            written = arguments.fields.get(SUMMARY)
+            if written is None or written.WhichOneof("kind") != "string_value":
+                return False, (
+                    f"The call needs {SUMMARY!r}: what {self._target.assistant} needs to know "
+                    "of the conversation so far (it sees nothing before the handoff)."
+                )
+            summary = written.string_value.strip()
+            if not summary:
+                return False, f"{SUMMARY!r} is empty: write what the conversation was about."
+            if len(summary) > MAX_SUMMARY_CHARS:
+                return False, (
+                    f"{SUMMARY!r} is longer than {MAX_SUMMARY_CHARS:,} characters: shorten it."
+                )
         active = self._active
         await self._assistants.hand_over(
             active.workspace_id,
@@ -148,7 +190,11 @@ class HandOver:
         update.handoff.to_assistant = str(self._target)
         update.handoff.reason = reason
         self._emit(update)
-        return True, (
+        said = (
             f"The conversation is now with {self._target.assistant} ({reason}): the next "
             "messages go to it. Tell the person, in a sentence, who takes over."
         )
+        if summary:
+            # The holder sees this result and nothing before it: the summary goes in it.
+            said += f"\n\nThe conversation so far, in summary:\n{summary}"
+        return True, said

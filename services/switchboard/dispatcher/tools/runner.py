@@ -129,15 +129,19 @@ def function_name(integration_id: str, tool: str, taken: set[str]) -> str:
     return candidate
 
 
-def string_tool(name: str, description: str, field: str, about: str) -> hpb.ToolDefinition:
-    """A built-in tool named ``name`` whose one argument, ``field``, is a required string
-    (``about`` says what it holds): a delegate's ``ask_...``, a handoff's ``transfer_to_...``."""
+def string_tool(
+    name: str, description: str, field: str, about: str, *more: tuple[str, str]
+) -> hpb.ToolDefinition:
+    """A built-in tool named ``name`` whose argument ``field`` is a required string
+    (``about`` says what it holds), and so is each of ``more`` (field, about): a
+    delegate's ``ask_...``, a handoff's ``transfer_to_...``."""
+    fields = ((field, about), *more)
     schema = struct_pb2.Struct()
     schema.update(
         {
             "type": "object",
-            "properties": {field: {"type": "string", "description": about}},
-            "required": [field],
+            "properties": {key: {"type": "string", "description": text} for key, text in fields},
+            "required": [key for key, _ in fields],
         }
     )
     return hpb.ToolDefinition(
