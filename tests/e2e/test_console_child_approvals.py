@@ -362,3 +362,130 @@ def test_a_child_paused_for_a_budgets_room_says_why_on_its_parents_card(
             assert browser.count(box) == 0
             assert raw_text(browser) == []
             assert problems(browser) == []
+
+
+def test_a_grandchilds_tool_call_is_approved_on_the_roots_card(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """A tree of three runs (the planner asks the desk, which asks the clerk): the clerk's
+    call waits, and the root's card shows it nested under the desk's row, neither row
+    expanded, from the root's own stream (and from ListRuns after a reload); Approve
+    there is decided on the grandchild, and the tree finishes."""
+    shots = artifacts_dir(tmp_path) / "child-approvals"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("grandapprove")
+    workspace, conversation = server.workspace(owner, f"grandapprove-{os.getpid()}")
+    with McpTestServer() as mcp:
+        kit = _kit(server, owner, workspace, mcp)
+        clerk = _assistant(
+            server,
+            owner,
+            workspace,
+            "clerk",
+            tools=[
+                dispatcher_pb2.AssistantTools(
+                    integration=kit, tools=["echo"], approval_required_tools=["echo"]
+                )
+            ],
+        )
+        desk = _assistant(server, owner, workspace, "desk", delegates=("clerk",))
+        _assistant(server, owner, workspace, "planner", delegates=("desk",), default=True)
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, owner.email)
+            open_conversation(browser, workspace, conversation)
+
+            root = send(
+                browser, _ask("desk", _ask("clerk", 'call kit__echo {"message": "stamp it"}'))
+            )
+            card = tid("run", run=root)
+            row = _paused_child(browser, card)
+            middle = _child(server, owner, workspace, root)
+            grandchild = _child(server, owner, workspace, middle.name)
+            # The waiting row is the grandchild's, one level below the desk's, naming the
+            # desk as the run that asked it.
+            assert row["run"] == grandchild.name
+            assert row["assistant"] == clerk == grandchild.assistant
+            assert row["parent"] == middle.name
+            assert row["depth"] == "2"
+            assert grandchild.depth == 2
+            assert row["waiting"] == "tool-calls"
+            assert middle.assistant == desk
+            assert middle.state == dispatcher_pb2.RUN_STATE_RUNNING
+            [waiting] = grandchild.required_action.tool_calls
+            middle_row = f"{card} {tid('child-run', run=middle.name)}"
+            grand_row = f"{middle_row} {tid('child-run', run=grandchild.name)}"
+            pending = (
+                f"{grand_row} {tid('child-approval', run=grandchild.name)} {tid('pending-call')}"
+            )
+            browser.wait_for(pending)
+            assert browser.data(pending)["callId"] == waiting.call.id
+            shown = browser.eval(
+                "(s) => document.querySelector(s).querySelector('pre').textContent", pending
+            )
+            assert json.loads(shown) == {"message": "stamp it"}
+            # Nothing expanded: the root's stream alone named the grandchild.
+            assert browser.data(middle_row)["expanded"] == "false"
+            assert browser.data(middle_row)["depth"] == "1"
+            # The desk asked, so it runs: its row does not stay at its start's "queued".
+            assert browser.data(middle_row)["state"] == "RUN_STATE_RUNNING"
+            assert browser.count(tid("child-run-stream")) == 0
+            assert browser.count(f"{card} {tid('child-run', run=grandchild.name)}") == 1
+            assert browser.count(tid("approval")) == 0
+            # The root's timeline names the grandchild's pause, as one the desk asked.
+            paused = browser.eval(
+                "([s, run]) => [...document.querySelectorAll(s)].filter((e) =>"
+                " e.dataset.callId === run && e.dataset.state === 'RUN_STATE_REQUIRES_ACTION')"
+                ".map((e) => ({ ...e.dataset, text: e.querySelector('strong').textContent }))",
+                [
+                    f"{card} > {tid('inspector')} {tid('timeline-entry', kind='child')}",
+                    grandchild.name,
+                ],
+            )
+            assert [(p["parent"], p["text"]) for p in paused] == [
+                (middle.name, "grandchild run waiting for approval")
+            ], paused
+            browser.shots(shots / "grandchild-waiting.png")
+
+            # A reload: the grandchild's pause is listed again (ListRuns below the going
+            # child), still on the root's card, nothing expanded.
+            browser.reload()
+            browser.wait_visible(tid("console"))
+            open_conversation(browser, workspace, conversation)
+            browser.wait_for(pending)
+            assert browser.count(tid("child-run-stream")) == 0
+            assert browser.count(f"{card} {tid('child-run', run=grandchild.name)}") == 1
+
+            browser.eval(RECORD_STATES_JS, card)
+            browser.click(f"{pending} {tid('approve')}")
+            done = run_state(browser, root, SUCCEEDED)
+            assert done["answer"] == (
+                "Tool ask_desk returned: Tool ask_clerk returned: Tool kit__echo returned: stamp it"
+            )
+            for run in (middle.name, grandchild.name):
+                browser.wait(
+                    "([row, state]) => document.querySelector(row)?.dataset.state === state",
+                    [f"{card} {tid('child-run', run=run)}", SUCCEEDED],
+                )
+            [decided] = server.run(owner, grandchild.name).required_action.tool_calls
+            assert decided.decision == dispatcher_pb2.TOOL_APPROVAL_DECISION_APPROVE
+            assert decided.decided_by == owner.name
+            assert _states_seen(browser, grandchild.name) == [
+                WAITING,
+                "RUN_STATE_RUNNING",
+                SUCCEEDED,
+            ]
+            assert browser.count(f"{card} {tid('child-approval')}") == 0
+            browser.shots(shots / "grandchild-approved.png")
+
+            # The desk expanded: its own stream lists the clerk, and the root's card shows
+            # the clerk's row once (there, not also under the desk's row).
+            browser.click(f"{middle_row} > .child-head > {tid('expand-child-run')}")
+            stream = tid("child-run-stream", run=middle.name)
+            browser.wait(
+                "(s) => document.querySelector(s)?.dataset.state === 'RUN_STATE_SUCCEEDED'",
+                stream,
+            )
+            browser.wait_for(f"{stream} {tid('child-run', run=grandchild.name)}")
+            assert browser.count(f"{card} {tid('child-run', run=grandchild.name)}") == 1
+            assert raw_text(browser) == []
+            assert problems(browser) == []

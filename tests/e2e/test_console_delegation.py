@@ -271,11 +271,35 @@ def test_the_editor_sets_delegates_and_the_inspector_shows_the_tree_of_runs(
             assert states[0] in ("RUN_STATE_QUEUED", "RUN_STATE_RUNNING"), entries
             assert states[1] == SUCCEEDED, entries
 
+        # The root's own stream names the grandchild too: nested under stock's row (its
+        # parent the stock run, depth 2), nothing expanded, and on the root's timeline.
+        stock_run = by_assistant[stock].name
+        [counter_run] = _children(server, owner, workspace, stock_run)
+        nested_rows = f"{tid('child-run', run=stock_run)} > {tid('child-runs', run=stock_run)}"
+        nested_row = f"{nested_rows} > {tid('child-run', run=counter_run.name)}"
+        browser.wait(
+            "(s) => document.querySelector(s)?.dataset.state === 'RUN_STATE_SUCCEEDED'", nested_row
+        )
+        shown = browser.data(nested_row)
+        assert shown["parent"] == stock_run
+        assert shown["assistant"] == counter
+        assert shown["depth"] == "2"
+        assert shown["expanded"] == "false"
+        assert browser.count(tid("child-run-stream")) == 0
+        below: list[list[str]] = browser.eval(
+            "(s) => [...document.querySelectorAll(s)].map((e) =>"
+            " [e.dataset.callId, e.dataset.parent, e.querySelector('strong').textContent])",
+            f"{tid('run', run=parent)} > {tid('inspector')} {tid('timeline-entry', kind='child')}",
+        )
+        said = [(p, text) for run, p, text in below if run == counter_run.name]
+        assert said[0] == (stock_run, "grandchild run started"), below
+        assert said[-1] == (stock_run, "grandchild run succeeded"), below
+
         # Expanded, a child follows its own stream: pricing's answer.
         pricing_stream = _expand(browser, by_assistant[pricing].name)
         assert _answer(browser, pricing_stream) == "price of a kayak"
-        # Stock asked the counter: its stream lists that child (depth 2) the same way.
-        stock_run = by_assistant[stock].name
+        # Stock asked the counter: its stream lists that child (depth 2) the same way, and
+        # the root's card shows it there only (not also under stock's row).
         stock_stream = _expand(browser, stock_run)
         assert _answer(browser, stock_stream) == "Tool ask_counter returned: count the kayaks"
         grandchildren = _children(server, owner, workspace, stock_run)
@@ -285,6 +309,8 @@ def test_the_editor_sets_delegates_and_the_inspector_shows_the_tree_of_runs(
         _same_as_server(nested, grandchildren)
         assert nested[0]["depth"] == "2"
         assert browser.count(f"{stock_stream} {tid('child-run', run=grandchildren[0].name)}") == 1
+        assert browser.count(tid("child-run", run=grandchildren[0].name)) == 1
+        assert browser.count(nested_rows) == 0
         counter_stream = _expand(browser, grandchildren[0].name)
         assert _answer(browser, counter_stream) == "count the kayaks"
         assert browser.count(f"{stock_stream} {counter_stream}") == 1
@@ -306,6 +332,10 @@ def test_the_editor_sets_delegates_and_the_inspector_shows_the_tree_of_runs(
         browser.click(tid("inspect-run", run=parent))
         run_state(browser, parent, SUCCEEDED)
         _same_as_server(_rows(browser, parent, 2), children)
+        # Its stream, replayed from the start, names the grandchild under stock's row.
+        browser.wait(
+            "(s) => document.querySelector(s)?.dataset.state === 'RUN_STATE_SUCCEEDED'", nested_row
+        )
         stock_again = _expand(browser, stock_run)
         assert _answer(browser, stock_again) == "Tool ask_counter returned: count the kayaks"
         _same_as_server(_rows(browser, stock_run, 1), grandchildren)

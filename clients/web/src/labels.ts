@@ -300,8 +300,10 @@ export function limitedLabel(usage: Usage): string {
   return `${calls} answers limited by a budget${usage.lowestMaxTokens ? ` (the shortest to ${to} tokens)` : ""}`;
 }
 
-/** What a run update says, for the live feed: "succeeded", "wrote text", "calls echo". */
-export function runUpdateLabel(update: RunUpdate["update"]): string {
+/** What a run update says, for the live feed: "succeeded", "wrote text", "calls echo".
+ *  `run` is the run whose update it is: a child_run update naming another run as the one
+ *  that asked is a grandchild's (or deeper), forwarded up the tree, and says who asked. */
+export function runUpdateLabel(update: RunUpdate["update"], run = ""): string {
   switch (update.case) {
     case "stateChange":
       return update.value.run ? runLabel(update.value.run) : "changed state";
@@ -320,10 +322,12 @@ export function runUpdateLabel(update: RunUpdate["update"]): string {
     case "steer":
       return update.value.step ? `${steerLabel(update.value.state)} at step ${update.value.step}` : steerLabel(update.value.state);
     case "childRun": {
-      const asked = update.value.assistant.split("/").pop() ?? "an assistant";
-      if (TERMINAL_STATES.has(update.value.state)) return `asked ${asked}: ${runStateLabel(update.value.state)}`;
+      const asked = (update.value.assistant || update.value.handler).split("/").pop() || "an assistant";
+      const parent = update.value.parent;
+      const by = parent && run && parent !== run ? `its run ${parent.split("/").pop()?.slice(0, 8) ?? ""} ` : "";
+      if (TERMINAL_STATES.has(update.value.state)) return `${by}asked ${asked}: ${runStateLabel(update.value.state)}`;
       // A child's pause shows on its parent: what it waits for (decided on the parent's card).
-      return update.value.state === RunState.REQUIRES_ACTION ? `asks ${asked}, ${waitingLabel(update.value.state, update.value.requiredAction)}` : `asks ${asked}`;
+      return update.value.state === RunState.REQUIRES_ACTION ? `${by}asks ${asked}, ${waitingLabel(update.value.state, update.value.requiredAction)}` : `${by}asks ${asked}`;
     }
     case "handoff": {
       const to = update.value.toAssistant.split("/").pop() ?? "another assistant";

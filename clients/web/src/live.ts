@@ -212,7 +212,7 @@ function summarize(event: Event, names: Names): Child[] {
           ...(handoff.reason ? [": ", quote(handoff.reason)] : []),
         ];
       }
-      return [`${id} ${runUpdateLabel(update.update)}`];
+      return [`${id} ${runUpdateLabel(update.update, update.run)}`];
     }
     case "security":
       return [`${securityLabel(payload.value.kind)}${by}`];

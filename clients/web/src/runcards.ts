@@ -4,8 +4,9 @@
 // outcome is unknown: Retry, Mark done with its result, or Fail run). Each run is a RunView
 // (runs.ts) following WatchRun; which runs to follow is the navigation's call. A run whose
 // assistant asked others (delegation) lists its child runs, each expandable to follow
-// its own stream in place; a child that waits (its tool calls, room in a budget) is
-// decided right in its row, on the child, without expanding it; one whose assistant
+// its own stream in place, and below each the runs it asked in turn (the run's own stream
+// names the whole tree); a child at any depth that waits (its tool calls, room in a
+// budget) is decided right in its row, on the child, without expanding it; one whose assistant
 // handed the conversation over says to whom and why, and the host hears who holds the
 // conversation (the composer says so).
 import { timestampDate } from "@bufbuild/protobuf/wkt";
@@ -30,6 +31,7 @@ import type { Names } from "./names";
 import {
   type ChildInfo,
   type HolderClaim,
+  MAX_TREE_DEPTH,
   type Landing,
   type RunListener,
   RunView,
@@ -438,9 +440,10 @@ export class RunCards {
 
   /** The runs this run's assistant asked (its delegate calls): each with the assistant
    *  that answers, its state, tokens, cost and time, and a control that follows its own
-   *  stream below it (where its own children show the same way). Rebuilt only when one
-   *  of them changed: an Expand button is not replaced under the pointer while the run
-   *  streams. */
+   *  stream below it (where its own children show the same way); under a row not
+   *  expanded, the runs that child asked in turn, as this run's stream names them (so a
+   *  grandchild's pause is decided here). Rebuilt only when one of them changed: an
+   *  Expand button is not replaced under the pointer while the run streams. */
   private renderChildren(root: HTMLElement, view: RunView): void {
     const box = root.querySelector<HTMLElement>(':scope > [data-part="children"]');
     if (!box) return;
@@ -448,8 +451,8 @@ export class RunCards {
     // The children's depth is known once this run is (ListRuns may list them first): the
     // rows are made again then.
     const depth = (view.run?.depth ?? 0) + 1;
-    const key = `${depth}|${children
-      .map((c) => `${c.run}:${c.state}:${c.usage?.inputTokens ?? ""}/${c.usage?.outputTokens ?? ""}:${c.startedAt}-${c.endedAt}:${this.names.title(c.assistant)}:${this.childViews.has(c.run)}:${this.waitKey(c.requiredAction)}`)
+    const key = `${depth}|${[...children, ...view.descendants.values()]
+      .map((c) => `${c.run}<${c.parent}:${c.state}:${c.usage?.inputTokens ?? ""}/${c.usage?.outputTokens ?? ""}:${c.startedAt}-${c.endedAt}:${this.childTitle(c)}:${this.childViews.has(c.run)}:${this.waitKey(c.requiredAction)}`)
       .join(";")}|${this.owner}`;
     if (box.dataset.key === key) return;
     box.dataset.key = key;
@@ -458,6 +461,12 @@ export class RunCards {
       h("h4", {}, `Asked ${counted(children.length, "assistant")}`),
       h("ol", { class: "child-runs", "data-testid": "child-runs", "data-run": view.name }, ...children.map((c) => this.childRow(c, depth, view))),
     );
+  }
+
+  /** A child's title: its assistant's, or the id of the handler a delegate named. */
+  private childTitle(child: ChildInfo): string {
+    if (child.assistant) return this.names.title(child.assistant) || child.assistant;
+    return child.handler.split("/").pop() ?? "";
   }
 
   /** What a paused child waits for, as far as its row shows it: its calls and their
@@ -482,18 +491,19 @@ export class RunCards {
     }
   }
 
-  /** A paused child, decided in its parent's row (one place where a person decides, its
-   *  stream not expanded): its tool calls with Approve and Deny (or, for a call of unknown
-   *  outcome, Retry, Mark done and Fail run), or the budget it waits for with Allow
-   *  overdraft and Fail run for owners. The decision goes to the child, by its name; its
-   *  answer updates the row until the parent's next child_run update says it went on. */
-  private childWaits(child: ChildInfo, parent: RunView): HTMLElement | null {
+  /** A paused child, decided in its row (one place where a person decides, its stream
+   *  not expanded; a grandchild's on the root's card, its parent not expanded either): its
+   *  tool calls with Approve and Deny (or, for a call of unknown outcome, Retry, Mark done
+   *  and Fail run), or the budget it waits for with Allow overdraft and Fail run for
+   *  owners. The decision goes to the child, by its name; its answer updates every view
+   *  that lists it until the next child_run update says it went on. */
+  private childWaits(child: ChildInfo): HTMLElement | null {
     const action = child.requiredAction;
     if (child.state !== RunState.REQUIRES_ACTION || !action) return null;
     const target: Decidable = {
       name: child.run,
       adopt: (run: Run) => {
-        parent.adoptChildDecision(run);
+        for (const view of [...this.runs.values(), ...this.childViews.values()]) view.adoptChildDecision(run);
         this.childViews.get(run.name)?.adopt(run);
       },
     };
@@ -503,7 +513,7 @@ export class RunCards {
       return this.budgetBox(target, budget, action, () => this.renderAllChildren());
     }
     if (!action.toolCalls.length) return null;
-    const title = this.names.title(child.assistant) || child.assistant;
+    const title = this.childTitle(child);
     return h(
       "section",
       { class: "approval child-approval", "data-testid": "child-approval", "data-run": child.run },
@@ -517,12 +527,16 @@ export class RunCards {
     );
   }
 
-  private childRow(child: ChildInfo, depth: number, parent: RunView): HTMLElement {
+  /** A child's row in `view`'s list (`depth` its depth in the tree): then, expanded, its
+   *  own stream; not expanded, the runs it asked as `view`'s stream names them, nested
+   *  (an expanded stream lists them itself: a run shows once). */
+  private childRow(child: ChildInfo, depth: number, view: RunView): HTMLElement {
     const expanded = this.childViews.get(child.run);
     const usage = child.usage;
     const ended = TERMINAL.has(child.state);
     const ms = child.startedAt && child.endedAt ? Math.max(0, child.endedAt - child.startedAt) : undefined;
-    const title = this.names.title(child.assistant) || child.assistant;
+    const title = this.childTitle(child);
+    const below = expanded || depth - ((view.run?.depth ?? 0) + 1) >= MAX_TREE_DEPTH ? [] : view.asked(child.run);
     return h(
       "li",
       {
@@ -530,6 +544,8 @@ export class RunCards {
         "data-testid": "child-run",
         "data-run": child.run,
         "data-assistant": child.assistant,
+        "data-handler": child.handler || undefined,
+        "data-parent": child.parent,
         "data-call-id": child.toolCallId,
         "data-state": stateName(child.state),
         "data-depth": String(depth),
@@ -546,7 +562,7 @@ export class RunCards {
         { class: "child-head" },
         h("span", { class: `state s-${RunState[child.state]?.toLowerCase() ?? "unspecified"}`, "data-testid": "child-run-state" }, waitingLabel(child.state, child.requiredAction)),
         " ",
-        h("strong", { "data-testid": "child-run-assistant", title: child.assistant }, title),
+        h("strong", { "data-testid": "child-run-assistant", title: child.assistant || child.handler }, title),
         h("span", { class: "muted", "data-testid": "child-run-tokens" }, usage ? ` · ${(usage.inputTokens + usage.outputTokens).toLocaleString("en")} tokens` : ""),
         h("span", { class: "muted", "data-testid": "child-run-cost" }, usage ? ` · ${usageCost(usage, 4)}` : ""),
         h(
@@ -570,7 +586,10 @@ export class RunCards {
       ended && child.error && child.state !== RunState.SUCCEEDED
         ? h("div", { class: "muted", "data-testid": "child-run-error", "data-content": true }, child.error)
         : null,
-      this.childWaits(child, parent),
+      this.childWaits(child),
+      below.length
+        ? h("ol", { class: "child-runs nested", "data-testid": "child-runs", "data-run": child.run }, ...below.map((c) => this.childRow(c, depth + 1, view)))
+        : null,
       expanded ? this.childStream(expanded) : null,
     );
   }
@@ -590,15 +609,9 @@ export class RunCards {
       view.watch(this.api);
       this.listChildren(view);
     }
-    // Whichever run lists it (a card, or another child's stream) shows the change.
-    for (const [run, card] of this.cards) {
-      const parent = this.runs.get(run);
-      if (parent?.children.has(name)) this.renderChildren(card, parent);
-    }
-    for (const [run, stream] of this.childStreams) {
-      const parent = this.childViews.get(run);
-      if (parent?.children.has(name)) this.renderChildren(stream, parent);
-    }
+    // Whichever run lists it (a card, or another child's stream, as a child or further
+    // down) shows the change.
+    this.renderAllChildren();
   }
 
   private renderChildStream(view: RunView): void {
@@ -651,14 +664,22 @@ export class RunCards {
   }
 
   /** The run's children as the server lists them (ListRuns `parent_run`, `parent` the
-   *  workspace: children live in conversations of their own), once per run. */
+   *  workspace: children live in conversations of their own), once per run; and below
+   *  each child still going, the runs it asked, and so on (their start and pause updates,
+   *  which the run's stream carries too, came before the page followed it). */
   private listChildren(view: RunView): void {
     if (this.childrenListed.has(view.name)) return;
     this.childrenListed.add(view.name);
+    this.listBelow(view, view.name, 1);
+  }
+
+  private listBelow(view: RunView, run: string, level: number): void {
     const workspace = view.name.split("/conversations/")[0] ?? "";
     void this.page.busy("list-child-runs", async () => {
-      const listed = await this.api.dispatcher.listRuns({ parent: workspace, parentRun: view.name, pageSize: 100 });
+      const listed = await this.api.dispatcher.listRuns({ parent: workspace, parentRun: run, pageSize: 100 });
       if (listed.runs.length) view.adoptChildren(listed.runs);
+      if (level >= MAX_TREE_DEPTH) return;
+      for (const child of listed.runs) if (!TERMINAL.has(child.state)) this.listBelow(view, child.name, level + 1);
     });
   }
 
@@ -834,6 +855,7 @@ export class RunCards {
         "data-message": entry.message,
         "data-from": entry.from,
         "data-to": entry.to,
+        "data-parent": entry.parent,
       },
       h("span", { class: "muted when" }, entry.at && start ? `+${((entry.at - start) / 1000).toFixed(2)} s` : ""),
       h("strong", {}, entry.kind === "handoff" && entry.to ? `handed the conversation to ${this.names.title(entry.to)}` : entry.label),

@@ -48,6 +48,8 @@ export interface TimelineEntry {
    *  that holds it now (`detail` is the reason). */
   from?: string;
   to?: string;
+  /** A child entry's run that asked it, when that is not this run (a grandchild's). */
+  parent?: string;
 }
 
 /** A conversation handed over by this run's assistant (RunUpdate.handoff), and when
@@ -64,7 +66,13 @@ export interface HandoffInfo {
 export interface ChildInfo {
   /** The child, `workspaces/{w}/conversations/{c}/runs/{r}`. */
   run: string;
+  /** The assistant that answers, or "" for a delegate that names a handler instead. */
   assistant: string;
+  /** The handler that answers (`handlers/{h}`) when the delegate names one, else "". */
+  handler: string;
+  /** The run that asked it: the run followed, or (a grandchild and below, whose updates
+   *  the followed run's stream carries too) one of its descendants. */
+  parent: string;
   toolCallId: string;
   state: RunState;
   usage: Usage | undefined;
@@ -76,6 +84,10 @@ export interface ChildInfo {
    *  decided on the child by its name; undefined otherwise. */
   requiredAction: RequiredAction | undefined;
 }
+
+/** How many levels below the followed run a child list goes at most (a bound on walking
+ *  the tree: the server's own limit on a tree's depth is far below it). */
+export const MAX_TREE_DEPTH = 32;
 
 /** Who holds a conversation (docs/delegation.md, "Handoffs"), as one thing the console
  *  saw says it, and when (ms since the epoch): the latest claim wins. */
@@ -213,6 +225,10 @@ export class RunView {
   usage: Usage | undefined;
   /** The runs its delegate tool calls started, in the order they started, by name. */
   readonly children = new Map<string, ChildInfo>();
+  /** The runs below its children (grandchildren and deeper), by name: each run forwards
+   *  its children's `child_run` updates up the tree, naming the run that asked each
+   *  (`ChildRun.parent`), so this run's stream shows the whole tree and its pauses. */
+  readonly descendants = new Map<string, ChildInfo>();
   /** The handoffs its assistant made (docs/delegation.md, "Handoffs"), in order: the last
    *  one names who holds the conversation after this run. */
   handoffs: HandoffInfo[] = [];
@@ -466,14 +482,22 @@ export class RunView {
   /** A child started or ended: what the update says, over what was known of it. The
    *  start and end updates' times are its duration when ListRuns has not said better. */
   private child(update: ChildRun, at: number): void {
-    const known = this.children.get(update.run);
+    const own = this.asks(update.parent);
+    const tree = own ? this.children : this.descendants;
+    const known = tree.get(update.run);
     const ended = TERMINAL.has(update.state);
     // An update replayed after a later one (a resumed watch never does; ListRuns may
     // have told the end first) does not take an ended child back.
     if (known && TERMINAL.has(known.state) && !ended) return;
-    this.children.set(update.run, {
+    // A run that asked is running (a child's own updates say QUEUED at its start, then
+    // nothing until it pauses or ends): its row does not stay "queued" above its child.
+    const asker = own ? undefined : this.children.get(update.parent) ?? this.descendants.get(update.parent);
+    if (asker?.state === RunState.QUEUED) asker.state = RunState.RUNNING;
+    tree.set(update.run, {
       run: update.run,
       assistant: update.assistant || known?.assistant || "",
+      handler: update.handler || known?.handler || "",
+      parent: own ? this.name : update.parent,
       toolCallId: update.toolCallId || known?.toolCallId || "",
       state: update.state,
       usage: update.usage ?? known?.usage,
@@ -488,7 +512,7 @@ export class RunView {
    *  decided show as decided while others still wait. Its state stays what this run's
    *  updates say (a RUNNING that came first is not taken back by the answer). */
   adoptChildDecision(child: Run): void {
-    const known = this.children.get(child.name);
+    const known = this.children.get(child.name) ?? this.descendants.get(child.name);
     if (!known || known.state !== RunState.REQUIRES_ACTION || child.state !== RunState.REQUIRES_ACTION) return;
     known.requiredAction = child.requiredAction;
     this.changed(this);
@@ -496,17 +520,22 @@ export class RunView {
 
   /** The children as the server lists them (ListRuns `parent_run`): a run opened after its
    *  children started (a reload, an earlier run inspected, a child expanded) has not seen
-   *  their start updates. */
+   *  their start updates. Runs a child asked (listed below it) are its descendants. */
   adoptChildren(runs: Run[]): void {
     const ms = (t: Run["startTime"]): number => (t ? timestampDate(t).getTime() : 0);
     const sorted = [...runs].sort((a, b) => ms(a.createTime) - ms(b.createTime));
     for (const run of sorted) {
-      const known = this.children.get(run.name);
+      const own = this.asks(run.parent);
+      const tree = own ? this.children : this.descendants;
+      const known = tree.get(run.name);
       // An end the updates told wins over a listing made before it.
       if (known && TERMINAL.has(known.state) && !TERMINAL.has(run.state)) continue;
-      this.children.set(run.name, {
+      tree.set(run.name, {
         run: run.name,
         assistant: run.assistant || known?.assistant || "",
+        // A run of no assistant is a handler's, asked directly (AssistantDelegate.handler).
+        handler: run.assistant ? "" : run.handler || known?.handler || "",
+        parent: own ? this.name : run.parent,
         toolCallId: run.parentToolCall || known?.toolCallId || "",
         state: run.state,
         usage: run.usage ?? known?.usage,
@@ -517,6 +546,27 @@ export class RunView {
       });
     }
     this.changed(this);
+  }
+
+  /** Whether this run asked the child `parent` names: an update of an older server names
+   *  no parent (and its stream carries no grandchildren). */
+  private asks(parent: string): boolean {
+    return parent === "" || parent === this.name;
+  }
+
+  /** The runs `run` asked, as far as this view knows: its own children for itself, the
+   *  descendants that name it for a run below. */
+  asked(run: string): ChildInfo[] {
+    if (run === this.name) return [...this.children.values()];
+    return [...this.descendants.values()].filter((c) => c.parent === run);
+  }
+
+  /** How far below this run `run` is (1 for a child), walking up through the runs that
+   *  asked; a run not known here counts as a child. */
+  levelOf(run: string): number {
+    let level = 1;
+    for (let at = this.descendants.get(run); at !== undefined && level < MAX_TREE_DEPTH; at = this.descendants.get(at.parent)) level += 1;
+    return level;
   }
 
   /** A model call was cut to take a steer (RESTART_STREAM): its deltas, from `from` on, are
@@ -592,19 +642,27 @@ export class RunView {
         const ended = TERMINAL.has(child.state);
         // Started, paused (what it waits for), went on after a pause, or ended.
         const seen = this.timeline.some((e) => e.kind === "child" && e.id === child.run);
+        // A grandchild (or deeper) is named as such, with the run that asked it (whose
+        // start came first, so it is known here).
+        const own = this.asks(child.parent);
+        const level = own ? 1 : this.levelOf(child.parent) + 1;
+        const who = level === 1 ? "child" : level === 2 ? "grandchild" : "descendant";
+        const asker = own ? undefined : this.children.get(child.parent) ?? this.descendants.get(child.parent);
+        const askerId = asker ? (asker.assistant || asker.handler).split("/").pop() ?? "" : "";
         this.add({
           kind: "child",
           sequence,
           at,
           label:
             ended || child.state === RunState.REQUIRES_ACTION
-              ? `child run ${waitingLabel(child.state, child.requiredAction)}`
+              ? `${who} run ${waitingLabel(child.state, child.requiredAction)}`
               : seen
-                ? "child run going on"
-                : "child run started",
-          detail: `${child.assistant.split("/").pop() ?? ""}${ended && child.error?.message ? `: ${child.error.message}` : ""}`,
+                ? `${who} run going on`
+                : `${who} run started`,
+          detail: `${(child.assistant || child.handler).split("/").pop() ?? ""}${askerId ? ` (asked by ${askerId})` : ""}${ended && child.error?.message ? `: ${child.error.message}` : ""}`,
           id: child.run,
           state: stateName(child.state),
+          ...(own ? {} : { parent: child.parent }),
         });
         return;
       }
