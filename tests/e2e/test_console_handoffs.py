@@ -220,6 +220,10 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
         browser.fill(
             f"{tid('assistant-handoff', assistant=billing)} {tid('handoff-description')}", WHEN
         )
+        # A delegate may be a handler, asked directly (AssistantDelegate.handler): the
+        # built-in echo, offered beside the workspace's assistants.
+        echo_row = f"{editor} {tid('assistant-delegate-handler', handler='handlers/echo')}"
+        browser.click(f"{echo_row} {tid('delegate-enabled')}")
         # What billing sees once it holds the conversation (AssistantHandoff.history).
         browser.select(
             f"{tid('assistant-handoff', assistant=billing)} {tid('handoff-history')}",
@@ -259,7 +263,7 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
             (billing, WHEN, dispatcher_pb2.HANDOFF_HISTORY_SINCE_HANDOFF)
         ]
         assert stored.workspace_default
-        assert list(stored.delegates) == []
+        assert [(x.assistant, x.handler) for x in stored.delegates] == [("", "handlers/echo")]
         browser.click(tid("close-editor"))
 
         # A message naming no assistant: triage answers, and hands the conversation over.

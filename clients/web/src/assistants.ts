@@ -200,7 +200,7 @@ export class Assistants {
             "data-name": a.name,
             "data-default": String(a.workspaceDefault),
             "data-voice": String(a.voice !== undefined),
-            "data-delegates": a.delegates.map((d) => d.assistant).join(" "),
+            "data-delegates": a.delegates.map((d) => d.assistant || d.handler).join(" "),
             "data-handoffs": a.handoffs.map((d) => d.assistant).join(" "),
           },
           h("strong", {}, a.displayName || lastSegment(a.name)),
@@ -416,10 +416,16 @@ export class Assistants {
    *  workspace's list stays until unticked (the server refuses it). */
   private targetsField(kind: TargetKind, a: Assistant | null, listed: readonly (AssistantDelegate | AssistantHandoff)[]): HTMLElement {
     const others = this.assistants.filter((x) => x.name !== a?.name && !listed.some((d) => d.assistant === x.name));
-    const row = (name: string, title: string, chosen: AssistantDelegate | AssistantHandoff | undefined, known: boolean): HTMLElement =>
+    // A delegate may name a handler (an expert, an A2A agent) instead of an assistant.
+    const handlerDelegates = kind === DELEGATES ? (listed as readonly AssistantDelegate[]).filter((d) => d.handler) : [];
+    const otherHandlers =
+      kind === DELEGATES ? this.handlers.filter((name) => name !== "handlers/llm" && !handlerDelegates.some((d) => d.handler === name)) : [];
+    const row = (name: string, title: string, chosen: AssistantDelegate | AssistantHandoff | undefined, known: boolean, handler = ""): HTMLElement =>
       h(
         "div",
-        { class: "row target", "data-testid": `assistant-${kind.row}`, "data-assistant": name },
+        handler
+          ? { class: "row target", "data-testid": `assistant-${kind.row}-handler`, "data-handler": handler }
+          : { class: "row target", "data-testid": `assistant-${kind.row}`, "data-assistant": name },
         h(
           "label",
           { class: "check" },
@@ -438,11 +444,15 @@ export class Assistants {
         kind === HANDOFFS ? historySelect(title, chosen && "history" in chosen ? chosen.history : HandoffHistory.UNSPECIFIED) : null,
       );
     const rows = [
-      ...listed.map((d) => {
-        const known = this.assistants.find((x) => x.name === d.assistant);
-        return row(d.assistant, known ? known.displayName || lastSegment(known.name) : lastSegment(d.assistant), d, known !== undefined);
-      }),
+      ...listed
+        .filter((d) => !("handler" in d && d.handler))
+        .map((d) => {
+          const known = this.assistants.find((x) => x.name === d.assistant);
+          return row(d.assistant, known ? known.displayName || lastSegment(known.name) : lastSegment(d.assistant), d, known !== undefined);
+        }),
+      ...handlerDelegates.map((d) => row("", `${d.handler} (handler)`, d, this.handlers.includes(d.handler), d.handler)),
       ...others.map((x) => row(x.name, x.displayName || lastSegment(x.name), undefined, true)),
+      ...otherHandlers.map((name) => row("", `${name} (handler)`, undefined, true, name)),
     ];
     return h(
       "fieldset",
@@ -453,13 +463,16 @@ export class Assistants {
   }
 
   /** The ticked rows of a delegates or handoffs fieldset, in their order. */
-  private readTargets(kind: TargetKind): { assistant: string; description: string; history?: HandoffHistory }[] {
-    const chosen: { assistant: string; description: string; history?: HandoffHistory }[] = [];
-    for (const row of this.editor.querySelectorAll<HTMLElement>(`[data-testid="assistant-${kind.row}"]`)) {
+  private readTargets(kind: TargetKind): { assistant: string; handler?: string; description: string; history?: HandoffHistory }[] {
+    const chosen: { assistant: string; handler?: string; description: string; history?: HandoffHistory }[] = [];
+    // Assistants' rows and handlers' rows, in the order they are shown.
+    const rows = this.editor.querySelectorAll<HTMLElement>(`[data-testid="assistant-${kind.row}"], [data-testid="assistant-${kind.row}-handler"]`);
+    for (const row of rows) {
       if (!row.querySelector<HTMLInputElement>(`[data-testid="${kind.row}-enabled"]`)?.checked) continue;
       const history = row.querySelector<HTMLSelectElement>('[data-testid="handoff-history"]');
       chosen.push({
-        assistant: row.dataset.assistant ?? "",
+        assistant: row.dataset.handler ? "" : (row.dataset.assistant ?? ""),
+        ...(row.dataset.handler ? { handler: row.dataset.handler } : {}),
         description: row.querySelector<HTMLInputElement>(`[data-testid="${kind.row}-description"]`)?.value.trim() ?? "",
         ...(history ? { history: Number(history.value) as HandoffHistory } : {}),
       });

@@ -24,6 +24,7 @@ from typing import Final, Protocol
 from opentelemetry.trace import Tracer
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.holders import HolderStore
@@ -56,7 +57,7 @@ from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.core.store import RunStore
-from switchboard.dispatcher.runs.delegation import Delegation, DelegationLimits
+from switchboard.dispatcher.runs.delegation import Delegation, DelegationLimits, FindHandler
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.intake.content import (
@@ -320,6 +321,16 @@ class _Run:
         return self.shared.section(DispatcherSettings)
 
 
+def _handler_finder(router: Router) -> FindHandler:
+    """A workspace's handler's capabilities by id (a delegate naming a handler)."""
+
+    async def find(workspace_id: str, handler_id: str) -> handler_pb2.HandlerCapabilities | None:
+        found = await router.find(workspace_id, handler_id)
+        return found.capabilities if found is not None else None
+
+    return find
+
+
 def _stages(run: _Run, peers: GrpcPeers) -> Stages:
     """The run pipeline, in the order a message travels (``service.py``), each stage
     handed the ones it calls."""
@@ -334,6 +345,7 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
         assistants=run.catalogs.assistants,
         context=run.context,
         closing=lambda: common.live.closing,
+        find_handler=_handler_finder(run.router),
     )
     execution = _execution(run, common, scheduler, publishing, steers, delegation)
     admission = _admission(run, common, scheduler, publishing, execution)

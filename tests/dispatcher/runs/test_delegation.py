@@ -772,3 +772,110 @@ async def test_a_handoff_with_a_summary_shows_the_holder_the_summary_not_the_his
         assert not any("secret account note" in text for text in said), said
         assert any("Ana wants a refund of order 42" in text for text in said), said
         assert said[-1] == "is it done?"
+
+
+async def test_a_delegate_naming_a_handler_asks_it_directly(database_url: str) -> None:
+    """``AssistantDelegate.handler``: the handler is offered as ``ask_{id}`` (its own
+    description when the delegate gives none) and answers as a child run with no
+    assistant, named on the parent's stream by its handler."""
+    async with desk(database_url) as d:
+        created = await d.dstub.CreateAssistant(
+            pb.CreateAssistantRequest(
+                parent=d.world.name,
+                assistant_id="asker",
+                assistant=pb.Assistant(
+                    display_name="Asker",
+                    instructions="You ask echo.",
+                    delegates=[pb.AssistantDelegate(handler="handlers/echo")],
+                ),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        offered: list[dict[str, Any]] = []
+
+        def ask(body: dict[str, Any]) -> Reply:
+            done = tool_outputs(body)
+            if not done:
+                offered.extend(body["tools"])
+                return Reply.tool_calls([("ask_echo", {"input": "ping pong"}, "c-1")])
+            return Reply.text(f"echo said: {done['c-1'].split(chr(10))[0]}")
+
+        d.fake.script(*[brain({"You ask echo.": ask})] * 2)
+        parent = await d.send(created.assistant.name, "try echo")
+        seen = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        assert seen.text == "echo said: ping pong"
+        [tool] = [t["function"] for t in offered if t["function"]["name"] == "ask_echo"]
+        assert tool["description"].startswith("Repeats the message back")
+        [child] = await d.children(parent.name)
+        assert (child.handler, child.assistant, child.parent_tool_call) == (
+            "handlers/echo",
+            "",
+            "c-1",
+        )
+        shown = [u.child_run for u in seen.updates if u.HasField("child_run")]
+        assert {(c.handler, c.assistant, c.parent) for c in shown} == {
+            ("handlers/echo", "", parent.name)
+        }
+        got = await d.dstub.GetRun(
+            pb.GetRunRequest(name=parent.name), metadata=d.world.viewer.md, timeout=TIMEOUT_S
+        )
+        assert [(c.run, c.handler) for c in got.run.children] == [(child.name, "handlers/echo")]
+
+
+async def test_bad_handler_delegates_are_refused_naming_the_field(database_url: str) -> None:
+    async with desk(database_url) as d:
+        known = await d.assistant("known", "You know.")
+        echo_assistant = await d.assistant("echo", "You are an assistant named echo.")
+        cases: list[tuple[list[pb.AssistantDelegate], str, str]] = [
+            (
+                [pb.AssistantDelegate(handler="handlers/ghost")],
+                "assistant.delegates[0].handler",
+                "names no handler of this workspace",
+            ),
+            (
+                [pb.AssistantDelegate(handler="ghost")],
+                "assistant.delegates[0].handler",
+                "must be handlers/{handler}",
+            ),
+            (
+                [pb.AssistantDelegate(handler="handlers/echo", assistant=known)],
+                "assistant.delegates[0].assistant",
+                "name an assistant or a handler, not both",
+            ),
+            (
+                [pb.AssistantDelegate(handler="handlers/echo")] * 2,
+                "assistant.delegates[1].handler",
+                "is named twice",
+            ),
+            (
+                [
+                    pb.AssistantDelegate(handler="handlers/echo"),
+                    pb.AssistantDelegate(assistant=echo_assistant),
+                ],
+                "assistant.delegates[1]",
+                "each offered as ask_echo",
+            ),
+        ]
+        for delegates, field, expected in cases:
+            with pytest.raises(aio.AioRpcError) as refused:
+                await d.dstub.CreateAssistant(
+                    pb.CreateAssistantRequest(
+                        parent=d.world.name,
+                        assistant_id="me",
+                        assistant=pb.Assistant(display_name="Me", delegates=delegates),
+                    ),
+                    metadata=d.world.owner.md,
+                    timeout=TIMEOUT_S,
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+            details = refused.value.details() or ""
+            assert expected in details, (field, details)
+            assert field in details, (field, details)
+        listed = await d.dstub.ListAssistants(
+            pb.ListAssistantsRequest(parent=d.world.name),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        assert sorted(a.name.rsplit("/", 1)[-1] for a in listed.assistants) == ["echo", "known"]

@@ -162,3 +162,44 @@ async def test_cancelling_the_parent_reaches_the_agents_task(database_url: str) 
         )
         ended = await watch_all(d.dstub, callee.viewer, remote.name)
         assert ended.final.state == pb.RUN_STATE_CANCELLED
+
+
+async def test_a_delegate_naming_the_agents_handler_asks_it_without_an_assistant(
+    database_url: str,
+) -> None:
+    """The same agent named directly (``AssistantDelegate.handler``): the child run is
+    the agent's task with no assistant of this workspace in between."""
+    async with (
+        desk(database_url, integration_probe_interval_s=0) as d,
+        agent_delegate(d) as callee,
+    ):
+        await d.dstub.CreateAssistant(
+            pb.CreateAssistantRequest(
+                parent=d.world.name,
+                assistant_id="direct",
+                assistant=pb.Assistant(
+                    display_name="Direct",
+                    instructions="You ask directly.",
+                    delegates=[pb.AssistantDelegate(handler="handlers/remote-agent")],
+                ),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+
+        def ask(body: dict[str, Any]) -> Reply:
+            done = tool_outputs(body)
+            if not done:
+                return Reply.tool_calls([("ask_remote-agent", {"input": "hello"}, "c-1")])
+            return Reply.text(f"they said: {done['c-1']}")
+
+        rules = {"You ask directly.": ask, "You are remote.": lambda body: Reply.text("hi back")}
+        d.fake.script(*[brain(rules)] * 3)
+        parent = await d.send(f"{d.world.name}/assistants/direct", "say hello to them")
+        seen = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        assert seen.text == "they said: hi back"
+        [child] = await d.children(parent.name)
+        assert (child.handler, child.assistant) == ("handlers/remote-agent", "")
+        [remote] = await callee_runs(d, callee)
+        assert remote.state == pb.RUN_STATE_SUCCEEDED

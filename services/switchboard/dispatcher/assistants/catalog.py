@@ -190,25 +190,31 @@ def _others(
     entries: Sequence[pb.AssistantDelegate | pb.AssistantHandoff],
     kind: str,
     violations: Violations,
+    handlers: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The assistants ``entries`` (``delegates`` or ``handoffs``) name, by the field
-    naming each (their existence is checked after the cheap checks); violations for
-    the rest."""
+    naming each (their existence is checked after the cheap checks); the handlers a
+    delegate names instead go into ``handlers`` likewise; violations for the rest."""
     if len(entries) > MAX_DELEGATES:
         violations.add(f"assistant.{kind}", f"at most {MAX_DELEGATES} {kind}")
         return {}
     found: dict[str, str] = {}
     for index, entry in enumerate(entries):
         field = f"assistant.{kind}[{index}].assistant"
-        named = AssistantName.parse_or_none(entry.assistant)
-        if named is None or named.workspace != workspace_id:
-            violations.add(field, f"must be an assistant of {WorkspaceName(workspace_id)}")
-        elif named.assistant == own_id:
-            violations.add(field, f"an assistant cannot name itself in its {kind}")
-        elif named.assistant in found.values():
-            violations.add(field, f"{entry.assistant} is named twice")
+        if isinstance(entry, pb.AssistantDelegate) and entry.handler:
+            _handler_delegate(entry, f"assistant.{kind}[{index}]", found, handlers, violations)
+            if entry.assistant:
+                violations.add(field, "name an assistant or a handler, not both")
         else:
-            found[field] = named.assistant
+            _other(entry, workspace_id, own_id, kind, field, found, violations)
+        if handlers and set(handlers.values()) & set(found.values()):
+            # Both would be offered as ask_{id}: the model could not tell them apart.
+            shared = sorted(set(handlers.values()) & set(found.values()))[0]
+            violations.add(
+                f"assistant.{kind}[{index}]",
+                f"an assistant and a handler both named {shared} (each offered as ask_{shared})",
+            )
+            handlers.clear()
         if isinstance(entry, pb.AssistantHandoff) and entry.history not in _HISTORIES:
             violations.add(f"assistant.{kind}[{index}].history", "is not a HandoffHistory")
         if len(entry.description) > MAX_DELEGATE_DESCRIPTION:
@@ -217,6 +223,45 @@ def _others(
                 f"is longer than {MAX_DELEGATE_DESCRIPTION:,} characters",
             )
     return found
+
+
+def _handler_delegate(
+    entry: pb.AssistantDelegate,
+    prefix: str,
+    found: dict[str, str],
+    handlers: dict[str, str] | None,
+    violations: Violations,
+) -> None:
+    """A delegate that names a handler: a handler's name, named once, whose ``ask_{id}``
+    is no assistant delegate's too."""
+    field = f"{prefix}.handler"
+    handler = HandlerName.parse_or_none(entry.handler)
+    if handler is None or handlers is None:
+        violations.add(field, "must be handlers/{handler}")
+    elif handler.handler in handlers.values():
+        violations.add(field, f"{entry.handler} is named twice")
+    else:
+        handlers[field] = handler.handler
+
+
+def _other(
+    entry: pb.AssistantDelegate | pb.AssistantHandoff,
+    workspace_id: str,
+    own_id: str,
+    kind: str,
+    field: str,
+    found: dict[str, str],
+    violations: Violations,
+) -> None:
+    named = AssistantName.parse_or_none(entry.assistant)
+    if named is None or named.workspace != workspace_id:
+        violations.add(field, f"must be an assistant of {WorkspaceName(workspace_id)}")
+    elif named.assistant == own_id:
+        violations.add(field, f"an assistant cannot name itself in its {kind}")
+    elif named.assistant in found.values():
+        violations.add(field, f"{entry.assistant} is named twice")
+    else:
+        found[field] = named.assistant
 
 
 def _copy(assistant: pb.Assistant) -> pb.Assistant:
@@ -323,9 +368,18 @@ class Assistants:
             lookups = self._tools(workspace_id, given.tools, violations)
             clean.tools.extend(given.tools)
         # Kept only where the paths name them (an update's mask copies no more).
+        # The handlers delegates name instead of assistants, by the field naming each.
+        asked: dict[str, str] = {}
         others = {
             **(
-                _others(workspace_id, fallback_name, [*given.delegates], "delegates", violations)
+                _others(
+                    workspace_id,
+                    fallback_name,
+                    [*given.delegates],
+                    "delegates",
+                    violations,
+                    asked,
+                )
                 if "delegates" in paths
                 else {}
             ),
@@ -358,8 +412,23 @@ class Assistants:
                 if not there:
                     violations.add(field, f"names no integration of this workspace ({integration})")
         await self._others_exist(workspace_id, others, violations)
+        await self._handlers_exist(workspace_id, asked, violations)
         violations.check()
         return clean
+
+    async def _handlers_exist(
+        self, workspace_id: str, asked: dict[str, str], violations: Violations
+    ) -> None:
+        """A violation on each field naming a handler the workspace does not have."""
+        there = await asyncio.gather(
+            *(self._handler_exists(workspace_id, h) for h in asked.values())
+        )
+        for (field, handler_id), exists in zip(asked.items(), there, strict=True):
+            if not exists:
+                violations.add(
+                    field,
+                    f"names no handler of this workspace (handlers/{handler_id}); see ListHandlers",
+                )
 
     async def _others_exist(
         self, workspace_id: str, others: dict[str, str], violations: Violations

@@ -34,7 +34,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -55,7 +55,12 @@ from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.telemetry import tracer
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.idempotency import derived_request_id
-from switchboard.platform.values.resources import AssistantName, RunName
+from switchboard.platform.values.resources import (
+    AssistantName,
+    HandlerName,
+    RunName,
+    WorkspaceName,
+)
 
 log = logging.getLogger("switchboard.dispatcher.delegation")
 
@@ -96,6 +101,40 @@ class Parent:
     lineage: tuple[str, ...]
 
 
+#: A handler of a workspace, as its capabilities say (None: the workspace has none of
+#: that id): what a delegate naming a handler is offered as.
+FindHandler = Callable[[str, str], Awaitable[hpb.HandlerCapabilities | None]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Whom a delegate asks: an assistant of the workspace, or (``handler``) a handler
+    asked directly (a domain expert, an A2A agent), whose child run has no assistant."""
+
+    workspace: str
+    id: str
+    handler: bool = False
+
+    def __str__(self) -> str:
+        if self.handler:
+            return str(HandlerName(self.id))
+        return str(AssistantName(self.workspace, self.id))
+
+    @property
+    def parent(self) -> WorkspaceName:
+        return WorkspaceName(self.workspace)
+
+    @staticmethod
+    def of(delegate: pb.AssistantDelegate, workspace: str) -> Target | None:
+        """The target ``delegate`` names (None: a name that does not parse, as stored
+        before a check that refuses it now)."""
+        if delegate.handler:
+            handler = HandlerName.parse_or_none(delegate.handler)
+            return Target(workspace, handler.handler, handler=True) if handler else None
+        named = AssistantName.parse_or_none(delegate.assistant)
+        return Target(named.workspace, named.assistant) if named else None
+
+
 class Calls(Protocol):
     """What delegation calls: the dispatcher's own calls (wired once it is built)."""
 
@@ -115,18 +154,22 @@ def tool_name(assistant_id: str) -> str:
     return fitted_name(_PREFIX + assistant_id, assistant_id)
 
 
-def definition(delegate: pb.AssistantDelegate, target: pb.Assistant) -> hpb.ToolDefinition:
+def definition(
+    delegate: pb.AssistantDelegate, target: pb.Assistant | hpb.HandlerCapabilities
+) -> hpb.ToolDefinition:
     """The tool the parent's model is offered for ``delegate`` (``target``: the
-    assistant it names, as stored)."""
-    named = AssistantName.parse(target.name, "assistant")
-    title = target.display_name or named.assistant
+    assistant it names, as stored, or the handler, as its capabilities say)."""
+    if isinstance(target, pb.Assistant):
+        target_id = AssistantName.parse(target.name, "assistant").assistant
+        kind = "the assistant"
+    else:
+        target_id, kind = target.id, "the handler"
+    title = target.display_name or target_id
     description = (
-        delegate.description
-        or target.description
-        or f"Ask the assistant {title} and get its answer."
+        delegate.description or target.description or f"Ask {kind} {title} and get its answer."
     )
     return string_tool(
-        tool_name(named.assistant),
+        tool_name(target_id),
         description,
         INPUT,
         f"What to ask {title}: the whole question, with what it needs to answer (it does not "
@@ -147,6 +190,7 @@ class Delegation:
         assistants: Assistants,
         context: ContextPort,
         closing: Callable[[], bool] = lambda: False,
+        find_handler: FindHandler | None = None,
     ) -> None:
         self.limits = limits
         #: Whether this process is stopping (its runs are left to be resumed).
@@ -155,6 +199,8 @@ class Delegation:
         self._scheduler = scheduler
         self._assistants = assistants
         self._context = context
+        #: A workspace's handler by id (None: delegates naming handlers are not offered).
+        self._find_handler = find_handler
         #: Handoffs, offered and made beside the delegates (``handoffs.py``).
         self._handoffs = Handoffs(assistants)
         #: Per workspace, the children being started now (``starting``).
@@ -177,8 +223,14 @@ class Delegation:
         workspace = AssistantName.parse(assistant.name, "assistant").workspace
         found: list[hpb.ToolDefinition] = []
         for delegate in assistant.delegates:
+            target: pb.Assistant | hpb.HandlerCapabilities | None = None
             try:
-                target = await self._assistants.resolve(workspace, delegate.assistant)
+                if not delegate.handler:
+                    target = await self._assistants.resolve(workspace, delegate.assistant)
+                elif self._find_handler is not None:
+                    named = HandlerName.parse_or_none(delegate.handler)
+                    if named is not None:
+                        target = await self._find_handler(workspace, named.handler)
             except SwitchboardError:
                 continue
             if target is not None:
@@ -227,12 +279,12 @@ class Delegation:
         slots = asyncio.Semaphore(self.limits.max_children_per_run)
         found: dict[str, Delegate] = {}
         for delegate in assistant.delegates:
-            named = AssistantName.parse_or_none(delegate.assistant)
-            if named is None:
+            target = Target.of(delegate, active.workspace_id)
+            if target is None:
                 continue
-            name = tool_name(named.assistant)
+            name = tool_name(target.id)
             if name in offered:
-                found[name] = Delegate(self, active, named, emit, waiting, slots, name)
+                found[name] = Delegate(self, active, target, emit, waiting, slots, name)
         return found
 
     async def room_in_tree(self, root: str) -> bool:
@@ -303,7 +355,7 @@ class Delegate:
         self,
         delegation: Delegation,
         active: Active,
-        target: AssistantName,
+        target: Target,
         emit: Callable[[pb.RunUpdate], None],
         waiting: _Waiting,
         slots: asyncio.Semaphore,
@@ -379,8 +431,9 @@ class Delegate:
         """Why the call may not start a child ("": it may); checked before anything is
         stored or any model is called."""
         limits = self._delegation.limits
-        target = self._target.assistant
-        if target in parent.lineage:
+        target = self._target.id
+        # A handler asked directly is a leaf here: it asks no assistant of this tree.
+        if not self._target.handler and target in parent.lineage:
             path = " -> ".join((*parent.lineage, target))
             return (
                 f"Refused: asking {target} would make a cycle ({path}); an assistant "
@@ -437,7 +490,7 @@ class Delegate:
         self._show(ended, parent.tool_call)
         if ended.state != pb.RUN_STATE_SUCCEEDED:
             why = ended.error.message or pb.RunState.Name(ended.state)
-            return False, f"{self._target.assistant} did not answer ({why})."
+            return False, f"{self._target.id} did not answer ({why})."
         if said is None:
             # Its answer went by before this watch began (a child that ended before a
             # crash of its parent's process): read as stored.
@@ -460,7 +513,7 @@ class Delegate:
             cpb.CreateConversationRequest(
                 parent=str(self._target.parent),
                 conversation=cpb.Conversation(
-                    title=f"{self._target.assistant}, asked by run {active.run_id}"[:200]
+                    title=f"{self._target.id}, asked by run {active.run_id}"[:200]
                 ),
                 request_id=derived_request_id("delegate", "conversation", key),
             ),
@@ -469,7 +522,8 @@ class Delegate:
         request = pb.SendMessageRequest(
             conversation=conversation.name,
             message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text=text)]),
-            assistant=str(self._target),
+            assistant="" if self._target.handler else str(self._target),
+            handler=str(self._target) if self._target.handler else "",
             request_id=derived_request_id("delegate", "message", key),
             timeout=duration_pb2.Duration(seconds=max(1, int(timeout_s))),
         )
@@ -513,7 +567,10 @@ class Delegate:
         update = pb.RunUpdate()
         shown = update.child_run
         shown.run = child.name
-        shown.assistant = child.assistant or str(self._target)
+        if self._target.handler:
+            shown.handler = str(self._target)
+        else:
+            shown.assistant = child.assistant or str(self._target)
         shown.tool_call_id = call_id
         shown.parent = self._active.run.name
         shown.state = child.state

@@ -137,6 +137,8 @@ class Queries:
                     assistant=child.assistant,
                     tool_call_id=child.parent_tool_call,
                     state=child.state,
+                    parent=run.name,
+                    handler="" if child.assistant else child.handler,
                 )
                 shown.usage.CopyFrom(child.usage)
                 if child.HasField("error"):
