@@ -25,6 +25,7 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
@@ -879,3 +880,89 @@ async def test_bad_handler_delegates_are_refused_naming_the_field(database_url: 
             timeout=TIMEOUT_S,
         )
         assert sorted(a.name.rsplit("/", 1)[-1] for a in listed.assistants) == ["echo", "known"]
+
+
+async def test_a_budget_handed_to_the_parent_is_handed_down_to_its_children(
+    database_url: str,
+) -> None:
+    """A parent sent with ``x-switchboard-budget`` hands its children what is left of
+    it: two children asked at once go one at a time, each handed (and holding) what the
+    parent's step and the earlier child left, and the parent's next step has what all
+    of them left (each model call's ``max_tokens`` shows it)."""
+    async with desk(database_url) as d:
+        await d.assistant("beta", "You are beta.")
+        await d.assistant("gamma", "You are gamma.")
+        alpha = await d.assistant("alpha", "You are alpha.", ("beta", "gamma"))
+
+        def plan(body: dict[str, Any]) -> Reply:
+            done = tool_outputs(body)
+            if not done:
+                called = Reply.tool_calls(
+                    [("ask_beta", {"input": "b?"}, "c-1"), ("ask_gamma", {"input": "g?"}, "c-2")]
+                )
+                return dataclasses.replace(called, usage=(10, 30))
+            return Reply(content=f"{done['c-1']} and {done['c-2']}", usage=(10, 5))
+
+        rules = {
+            "You are alpha.": plan,
+            "You are beta.": lambda body: Reply(content="b!", usage=(7, 40)),
+            "You are gamma.": lambda body: Reply(content="g!", usage=(7, 50)),
+        }
+        d.fake.script(*[brain(rules)] * 4)
+        sent = await d.dstub.SendMessage(
+            pb.SendMessageRequest(
+                conversation=d.conversation,
+                assistant=alpha,
+                message=cpb.Message(parts=[cpb.ContentPart(text="ask both")]),
+            ),
+            metadata=(*d.world.editor.md, ("x-switchboard-budget", "output_tokens=300")),
+            timeout=TIMEOUT_S,
+        )
+        seen = await watch_all(d.dstub, d.world.viewer, sent.run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        assert seen.text == "b! and g!"
+
+        def limit(body: dict[str, Any]) -> int:
+            return int(body.get("max_completion_tokens", body.get("max_tokens")))
+
+        asked = [(instructions(r.body), limit(r.body)) for r in d.fake.requests]
+        assert asked[0] == ("You are alpha.", 300)
+        # The children, one at a time: the first is handed 300 - 30, the second what the
+        # first left of that.
+        first, second = asked[1], asked[2]
+        assert first[1] == 270, asked
+        used_first = 40 if first[0] == "You are beta." else 50
+        assert second[1] == 270 - used_first, asked
+        assert {first[0], second[0]} == {"You are beta.", "You are gamma."}
+        assert asked[3] == ("You are alpha.", 300 - 30 - 40 - 50)
+
+
+async def test_a_child_is_not_started_when_nothing_is_left_of_the_handed_budget(
+    database_url: str,
+) -> None:
+    async with desk(database_url) as d:
+        await d.assistant("beta", "You are beta.")
+        alpha = await d.assistant("alpha", "You are alpha.", ("beta",))
+        called = Reply.tool_calls([("ask_beta", {"input": "b?"}, "c-1")])
+        d.fake.script(
+            brain({"You are alpha.": lambda body: dataclasses.replace(called, usage=(5, 200))})
+        )
+        sent = await d.dstub.SendMessage(
+            pb.SendMessageRequest(
+                conversation=d.conversation,
+                assistant=alpha,
+                message=cpb.Message(parts=[cpb.ContentPart(text="ask beta")]),
+            ),
+            metadata=(*d.world.editor.md, ("x-switchboard-budget", "output_tokens=200")),
+            timeout=TIMEOUT_S,
+        )
+        seen = await watch_all(d.dstub, d.world.viewer, sent.run.name)
+        # Its own next step has no room either: the run ends there, and no child started.
+        assert seen.final.state == pb.RUN_STATE_FAILED
+        assert "handed over" in seen.final.error.message
+        assert await d.children(sent.run.name) == []
+        assert [instructions(r.body) for r in d.fake.requests] == ["You are alpha."]
+        results = [u.tool_result for u in seen.updates if u.HasField("tool_result")]
+        [result] = results
+        assert result.outcome == hpb.TOOL_OUTCOME_ERROR
+        assert result.text.startswith("Refused: nothing is left of the budget handed"), result

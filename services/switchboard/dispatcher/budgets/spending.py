@@ -558,6 +558,22 @@ class RunBudget:
 
     # -- the caps a caller handed over -----------------------------------------------------
 
+    def hand_down(self) -> tuple[Amount, Handed] | None:
+        """What is left of the caps the run's caller handed over, to hand to a child run
+        (``runs/delegation.py``), held whole until ``handed_back``: no step of this run
+        spends it meanwhile. None: no caps were handed to this run."""
+        if self.handed is None:
+            return None
+        left = self._handed_left()
+        held = _rest(left)
+        self._handed_taken = self._handed_taken + held
+        return held, Handed(**left)
+
+    def handed_back(self, held: Amount, used: Amount) -> None:
+        """A child handed ``held`` (``hand_down``) ended having used ``used``: that much
+        is spent of the handed caps, the rest is free again."""
+        self._handed_settle(held, used)
+
     def _handed_left(self) -> dict[str, int]:
         handed = self.handed
         if handed is None:

@@ -35,7 +35,7 @@ import datetime as dt
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from google.protobuf import duration_pb2, struct_pb2
@@ -45,6 +45,9 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.ledger import Amount
+from switchboard.dispatcher.budgets.spending import RunBudget
+from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
@@ -139,7 +142,12 @@ class Calls(Protocol):
     """What delegation calls: the dispatcher's own calls (wired once it is built)."""
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest, *, parent: Parent
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        handed: Handed | None = None,
+        *,
+        parent: Parent,
     ) -> pb.SendMessageResponse: ...
 
     def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]: ...
@@ -334,6 +342,9 @@ class _Waiting:
     scheduler: Scheduler
     active: Active
     count: int = 0
+    #: Children under a budget the run's caller handed over go one at a time, each
+    #: handed (and holding) what is left of it.
+    handing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def enter(self) -> None:
         self.count += 1
@@ -411,7 +422,42 @@ class Delegate:
         if timeout_s < _MIN_CHILD_S:
             return False, "The run has no time left to ask another assistant."
         async with self._slots:
-            return await self._ask(principal, parent, text, timeout_s)
+            budget = self._active.budget
+            if budget is None or budget.handed is None:
+                answer, _ = await self._ask(principal, parent, text, timeout_s)
+                return answer
+            async with self._waiting.handing:
+                return await self._handing(budget, principal, parent, text, timeout_s)
+
+    async def _handing(
+        self,
+        budget: RunBudget,
+        principal: Principal,
+        parent: Parent,
+        text: str,
+        timeout_s: float,
+    ) -> tuple[bool, str]:
+        """The child, under a budget the run's caller handed over: it is handed what is
+        left of it (held until it ends), and what it used is spent of it."""
+        given = budget.hand_down()
+        if given is None:  # pragma: no cover - checked by the caller
+            answer, _ = await self._ask(principal, parent, text, timeout_s)
+            return answer
+        held, handed = given
+        used = Amount()
+        try:
+            if handed.empty():
+                return False, (
+                    "Refused: nothing is left of the budget handed to this run "
+                    f"({', '.join(f'{k} {v}' for k, v in handed.capped().items())})."
+                )
+            answer, usage = await self._ask(principal, parent, text, timeout_s, handed)
+            if usage is not None:
+                cost = usage.cost_micros or round(usage.estimated_cost_usd * 1e6)
+                used = Amount(max(0, cost), max(0, usage.input_tokens), max(0, usage.output_tokens))
+            return answer
+        finally:
+            budget.handed_back(held, used)
 
     def _parent(self, call_id: str) -> Parent:
         active = self._active
@@ -459,14 +505,21 @@ class Delegate:
         return any(child.parent_tool_call == call_id for child in children)
 
     async def _ask(
-        self, principal: Principal, parent: Parent, text: str, timeout_s: float
-    ) -> tuple[bool, str]:
+        self,
+        principal: Principal,
+        parent: Parent,
+        text: str,
+        timeout_s: float,
+        handed: Handed | None = None,
+    ) -> tuple[tuple[bool, str], hpb.Usage | None]:
+        """The child's answer (the tool's result) and what it used (None: it did not
+        start)."""
         delegation = self._delegation
         calls = delegation._calls()
         active = self._active
         key = f"{active.run_id}/{parent.tool_call}"
         async with delegation.starting(active.workspace_id):
-            sent = await self._start(principal, parent, text, timeout_s, key)
+            sent = await self._start(principal, parent, text, timeout_s, key, handed)
         child = sent.run
         delegation.started(parent.root)
         # The tool call's span when tracing is on (a no-op otherwise).
@@ -490,7 +543,7 @@ class Delegate:
         self._show(ended, parent.tool_call)
         if ended.state != pb.RUN_STATE_SUCCEEDED:
             why = ended.error.message or pb.RunState.Name(ended.state)
-            return False, f"{self._target.id} did not answer ({why})."
+            return (False, f"{self._target.id} did not answer ({why})."), ended.usage
         if said is None:
             # Its answer went by before this watch began (a child that ended before a
             # crash of its parent's process): read as stored.
@@ -498,10 +551,16 @@ class Delegate:
                 principal, ended.output_message, timeout_s=_CONTEXT_TIMEOUT_S
             )
             said = _text(answer)
-        return True, said or "(an empty answer)"
+        return (True, said or "(an empty answer)"), ended.usage
 
     async def _start(
-        self, principal: Principal, parent: Parent, text: str, timeout_s: float, key: str
+        self,
+        principal: Principal,
+        parent: Parent,
+        text: str,
+        timeout_s: float,
+        key: str,
+        handed: Handed | None,
     ) -> pb.SendMessageResponse:
         """The child's conversation, then its message through admission (each idempotent
         on ``key``: a call sent again after a crash gets the same child)."""
@@ -527,7 +586,7 @@ class Delegate:
             request_id=derived_request_id("delegate", "message", key),
             timeout=duration_pb2.Duration(seconds=max(1, int(timeout_s))),
         )
-        return await calls.send_message(principal, request, parent=parent)
+        return await calls.send_message(principal, request, handed, parent=parent)
 
     async def _ended(self, calls: Calls, name: str, call_id: str) -> tuple[pb.Run, str | None]:
         """The child as its end shows it, and its answer's text as its result update
