@@ -923,7 +923,8 @@ async def test_a_budget_handed_to_the_parent_is_handed_down_to_its_children(
         assert seen.text == "b! and g!"
 
         def limit(body: dict[str, Any]) -> int:
-            return int(body.get("max_completion_tokens", body.get("max_tokens")))
+            given: int = body.get("max_completion_tokens", body.get("max_tokens", 0))
+            return given
 
         asked = [(instructions(r.body), limit(r.body)) for r in d.fake.requests]
         assert asked[0] == ("You are alpha.", 300)

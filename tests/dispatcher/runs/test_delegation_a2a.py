@@ -22,6 +22,7 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.platform.values import structs
 from tests.dispatcher.runs.test_delegation import (
     TIMEOUT_S,
     Desk,
@@ -96,7 +97,22 @@ def plan(body: dict[str, Any]) -> Reply:
     done = tool_outputs(body)
     if not done:
         return Reply.tool_calls([("ask_agent", {"input": "hello over there"}, "c-1")])
-    return Reply.text(f"they said: {done['c-1']}")
+    return Reply.text(f"they said: {said(done['c-1'])}")
+
+
+def said(output: str) -> str:
+    """The agent's words in a tool output (its answer's data follows, as JSON)."""
+    return output.split("\n\n", maxsplit=1)[0]
+
+
+def task_tie(seen: list[pb.RunUpdate]) -> dict[str, Any]:
+    """The ``a2a_task`` data part of the child's answer, as the parent's tool result
+    keeps it (``ToolResult.result``'s ``data``)."""
+    [result] = [u.tool_result for u in seen if u.HasField("tool_result")]
+    listed = structs.plain(result.result.fields["data"])
+    assert isinstance(listed, list)
+    [tie] = [item["a2a_task"] for item in listed]
+    return dict(tie)
 
 
 async def callee_runs(d: Desk, callee: World) -> list[pb.Run]:
@@ -191,7 +207,8 @@ async def test_a_delegate_naming_the_agents_handler_asks_it_without_an_assistant
             done = tool_outputs(body)
             if not done:
                 return Reply.tool_calls([("ask_remote-agent", {"input": "hello"}, "c-1")])
-            return Reply.text(f"they said: {done['c-1']}")
+            assert '"a2a_task"' in done["c-1"]  # the model reads the answer's data too
+            return Reply.text(f"they said: {said(done['c-1'])}")
 
         rules = {"You ask directly.": ask, "You are remote.": lambda body: Reply.text("hi back")}
         d.fake.script(*[brain(rules)] * 3)
@@ -203,3 +220,5 @@ async def test_a_delegate_naming_the_agents_handler_asks_it_without_an_assistant
         assert (child.handler, child.assistant) == ("handlers/remote-agent", "")
         [remote] = await callee_runs(d, callee)
         assert remote.state == pb.RUN_STATE_SUCCEEDED
+        conversation, run = remote.name.split("/")[3], remote.name.split("/")[5]
+        assert task_tie(seen.updates)["task"] == f"{conversation}.{run}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -53,10 +54,16 @@ from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.dispatcher.runs.core.store import TERMINAL, RunStore
 from switchboard.dispatcher.runs.handoffs import Handoffs
-from switchboard.dispatcher.tools.runner import BuiltinTool, fitted_name, string_tool
+from switchboard.dispatcher.tools.runner import (
+    BuiltinAnswer,
+    BuiltinTool,
+    fitted_name,
+    string_tool,
+)
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.telemetry import tracer
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values import structs
 from switchboard.platform.values.idempotency import derived_request_id
 from switchboard.platform.values.resources import (
     AssistantName,
@@ -391,7 +398,7 @@ class Delegate:
         *,
         timeout_s: float,
         call_id: str = "",
-    ) -> tuple[bool, str]:
+    ) -> tuple[bool, str] | BuiltinAnswer:
         spans = self._delegation.tracer
         if spans is None:
             return await self._call(principal, arguments, timeout_s, call_id)
@@ -406,7 +413,7 @@ class Delegate:
 
     async def _call(
         self, principal: Principal, arguments: struct_pb2.Struct, timeout_s: float, call_id: str
-    ) -> tuple[bool, str]:
+    ) -> tuple[bool, str] | BuiltinAnswer:
         question = arguments.fields.get(INPUT)
         if question is None or question.WhichOneof("kind") != "string_value":
             return False, f"The call needs {INPUT!r}: the question, as a string."
@@ -436,7 +443,7 @@ class Delegate:
         parent: Parent,
         text: str,
         timeout_s: float,
-    ) -> tuple[bool, str]:
+    ) -> tuple[bool, str] | BuiltinAnswer:
         """The child, under a budget the run's caller handed over: it is handed what is
         left of it (held until it ends), and what it used is spent of it."""
         given = budget.hand_down()
@@ -511,7 +518,7 @@ class Delegate:
         text: str,
         timeout_s: float,
         handed: Handed | None = None,
-    ) -> tuple[tuple[bool, str], hpb.Usage | None]:
+    ) -> tuple[tuple[bool, str] | BuiltinAnswer, hpb.Usage | None]:
         """The child's answer (the tool's result) and what it used (None: it did not
         start)."""
         delegation = self._delegation
@@ -547,11 +554,11 @@ class Delegate:
         if said is None:
             # Its answer went by before this watch began (a child that ended before a
             # crash of its parent's process): read as stored.
-            answer = await delegation._context.message(
+            stored = await delegation._context.message(
                 principal, ended.output_message, timeout_s=_CONTEXT_TIMEOUT_S
             )
-            said = _text(answer)
-        return (True, said or "(an empty answer)"), ended.usage
+            said = list(stored.parts)
+        return answered(said), ended.usage
 
     async def _start(
         self,
@@ -588,20 +595,20 @@ class Delegate:
         )
         return await calls.send_message(principal, request, handed, parent=parent)
 
-    async def _ended(self, calls: Calls, name: str, call_id: str) -> tuple[pb.Run, str | None]:
-        """The child as its end shows it, and its answer's text as its result update
-        said it (None: the watch began after it). A pause on the way (approvals, a
+    async def _ended(
+        self, calls: Calls, name: str, call_id: str
+    ) -> tuple[pb.Run, list[cpb.ContentPart] | None]:
+        """The child as its end shows it, and its answer as its result update said it
+        (None: the watch began after it). A pause on the way (approvals, a
         budget's room) shows on the parent, and so does the child going on after it: the
         parent is where a person sees what its tree waits for."""
         paused = False
-        said: str | None = None
+        said: list[cpb.ContentPart] | None = None
         async for update in calls.watch(name, 0):
             if update is None:
                 continue
             if update.HasField("result"):
-                said = "".join(
-                    part.text for part in update.result.parts if part.WhichOneof("part") == "text"
-                )
+                said = list(update.result.parts)
                 continue
             if update.HasField("child_run"):
                 # A grandchild (or further down): its start, pause and end go up the
@@ -642,5 +649,26 @@ class Delegate:
         self._emit(update)
 
 
-def _text(message: cpb.Message) -> str:
-    return "".join(part.text for part in message.parts if part.WhichOneof("part") == "text")
+def answered(parts: Sequence[cpb.ContentPart]) -> tuple[bool, str] | BuiltinAnswer:
+    """A child's answer as its parent's tool result: its text; its data parts as the
+    result's structured output (``{"data": [...]}``) and, as JSON, after the text (the
+    model reads the text); its files as the result's files."""
+    text = "".join(part.text for part in parts if part.WhichOneof("part") == "text")
+    data = [part.data for part in parts if part.WhichOneof("part") == "data"]
+    files = tuple(part.file for part in parts if part.WhichOneof("part") == "file")
+    if not data and not files:
+        return True, text or "(an empty answer)"
+    result: struct_pb2.Struct | None = None
+    if data:
+        result = struct_pb2.Struct()
+        listed = result.get_or_create_list("data")
+        for item in data:
+            listed.add_struct().CopyFrom(item)
+        written = json.dumps(
+            {"data": [structs.plain(v) for v in listed.values]},
+            separators=(",", ":"),
+            ensure_ascii=False,
+            sort_keys=True,
+        )
+        text = f"{text}\n\n{written}" if text else written
+    return BuiltinAnswer(True, text, result, files)

@@ -224,6 +224,18 @@ class RunHost(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class BuiltinAnswer:
+    """A built-in's answer with more than text (a delegate's child answered with data or
+    files): ``result`` is the structured output, ``files`` the files, both kept on the
+    call's result (``ToolResult.result``, ``.files``) beside the text the model reads."""
+
+    succeeded: bool
+    text: str
+    result: struct_pb2.Struct | None = None
+    files: tuple[cpb.FileReference, ...] = ()
+
+
 class BuiltinTool(Protocol):
     """A tool the dispatcher runs itself (``search_memory``, a delegate's ``ask_...``):
     offered by the run's assistant, named by its bare name (no integration), sent
@@ -240,10 +252,11 @@ class BuiltinTool(Protocol):
         *,
         timeout_s: float,
         call_id: str = "",
-    ) -> tuple[bool, str]:
-        """Whether it succeeded, and the text for the model; bad arguments and a
-        refused search are ``(False, why)``, never an exception. ``call_id``: the
-        call's id, the same when a call is sent again after a crash."""
+    ) -> tuple[bool, str] | BuiltinAnswer:
+        """Whether it succeeded, and the text for the model (or a ``BuiltinAnswer``,
+        with data and files too); bad arguments and a refused search are
+        ``(False, why)``, never an exception. ``call_id``: the call's id, the same when
+        a call is sent again after a crash."""
         ...
 
 
@@ -622,12 +635,19 @@ class RunTools:
     ) -> None:
         started = time.monotonic()
         try:
-            succeeded, text = await builtin.run(
+            answer = await builtin.run(
                 self._principal, call.arguments, timeout_s=self._remaining(), call_id=call.id
             )
         except SwitchboardError as exc:  # an outage of the context service
-            succeeded, text = False, f"The tool call failed: {exc.message[:_MAX_ERROR_CHARS]}"
+            answer = False, f"The tool call failed: {exc.message[:_MAX_ERROR_CHARS]}"
             result.error.CopyFrom(_status(int(exc.code), exc.message))
+        if isinstance(answer, BuiltinAnswer):
+            succeeded, text = answer.succeeded, answer.text
+            if answer.result is not None:
+                result.result.CopyFrom(answer.result)
+            result.files.extend(answer.files)
+        else:
+            succeeded, text = answer
         result.outcome = hpb.TOOL_OUTCOME_SUCCEEDED if succeeded else hpb.TOOL_OUTCOME_ERROR
         result.text = self._cut(text)
         result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
