@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -28,7 +29,6 @@ from switchboard.integration.connect.connections import NO_TOOLS, Connections, L
 from switchboard.integration.kinds.webhooktools import declares_tools
 from switchboard.integration.mapping import name_of
 from switchboard.integration.ports.connectors import Malformed, ToolNotFound, ToolResult, ToolSpec
-from switchboard.integration.ports.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
@@ -42,6 +42,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.schemas import Compiled, SchemaUnusable, compile_schema
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.values import idempotency, jsonbounds, names, structs, timefields
@@ -156,7 +157,7 @@ class Tools:
             by_segment[segment] = tool
         # Schemas are the server's: compiling and resolving their references is
         # work of unknown size, kept off the loop and done once per list.
-        compiled = await asyncio.to_thread(compile_tools, by_segment)
+        compiled = await asyncio.to_thread(_compile_tools, by_segment)
         listed = _Tools(record.version, time.monotonic(), by_segment, compiled)
         self._tools[name] = listed
         return listed
@@ -406,3 +407,9 @@ def _outcome(status: status_pb2.Status, result: ToolResult | None) -> str:
         name: str = code_pb2.Code.Name(status.code)
         return name.lower()
     return "tool_error" if result is not None and result.is_error else "ok"
+
+
+def _compile_tools(tools: Mapping[str, ToolSpec]) -> dict[str, Compiled]:
+    """Every tool's checker under the key it has in ``tools``: run in a worker thread,
+    once per list."""
+    return {key: compile_schema(tool.input_schema) for key, tool in tools.items()}

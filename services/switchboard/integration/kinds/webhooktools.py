@@ -7,7 +7,7 @@ objects::
 
 ``name`` is its own segment as ``ListTools`` writes it (1-128 ASCII letters,
 digits, ``_``, ``.`` and ``-``), ``description`` at most ``MAX_DESCRIPTION``
-characters, ``input_schema`` a JSON Schema object (compiled by ``ports/schemas.py``
+characters, ``input_schema`` a JSON Schema object (compiled by ``platform/schemas.py``
 when written, as ``tools.py`` does when it lists them), ``path`` optional: a
 relative path appended to the endpoint. ``check_tools`` validates them on
 CreateIntegration and UpdateIntegration; ``WebhookToolsConnector`` lists and
@@ -64,7 +64,6 @@ from switchboard.integration.ports.connectors import (
     ToolSpec,
     Unreachable,
 )
-from switchboard.integration.ports.schemas import compile_schema
 from switchboard.integration.webhooks.delivery import describe, signed_headers, webhook_client
 from switchboard.platform.errors import (
     FailedPrecondition,
@@ -72,6 +71,7 @@ from switchboard.platform.errors import (
     ResultTooLarge,
     Violations,
 )
+from switchboard.platform.schemas import compile_schema
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.values import idempotency, jsonbounds, names, structs
 from switchboard.platform.values.jsonbounds import JsonRejected

@@ -1,4 +1,5 @@
-"""Tool input schemas: compiled once per tool list, off the event loop, never fetching.
+"""Input schemas (an integration's tools', a delegate's): compiled once, off the event loop,
+never fetching.
 
 An integration's server writes its tools' schemas, so a schema is untrusted
 input that the hub *runs*. Two things keep it from reaching anything:
@@ -9,7 +10,7 @@ input that the hub *runs*. Two things keep it from reaching anything:
   ``urllib`` (following redirects, outside the egress policy, blocking the
   thread it runs on). With it, only the schema itself (and the meta-schemas
   the library ships) can be referred to.
-- ``compile_tools`` resolves every ``$ref``, ``$dynamicRef`` and
+- ``compile_schema`` resolves every ``$ref``, ``$dynamicRef`` and
   ``$recursiveRef`` against that registry when the list is read, so a tool
   that refers outside its own schema is known before any call, and a call
   never resolves anything new.
@@ -53,8 +54,6 @@ import regex
 from jsonschema_specifications import REGISTRY as SPECIFICATIONS
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
-
-from switchboard.integration.ports.connectors import ToolSpec
 
 #: Most violations one call reports.
 MAX_VIOLATIONS: Final = 20
@@ -213,9 +212,3 @@ def _references(resource: Resource[Any], base: str) -> Iterator[tuple[str, str]]
                 yield base, value
     for subresource in resource.subresources():
         yield from _references(subresource, base)
-
-
-def compile_tools(tools: Mapping[str, ToolSpec]) -> dict[str, Compiled]:
-    """Every tool's checker under the key it has in ``tools``: run in a worker
-    thread, once per list."""
-    return {key: compile_schema(tool.input_schema) for key, tool in tools.items()}
