@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 import pytest
+from google.protobuf import field_mask_pb2, struct_pb2
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from tests.e2e import test_console as console
@@ -196,6 +197,19 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
     billing = _assistant(server, owner, workspace, "billing")
     gone = _assistant(server, owner, workspace, "gone")
     triage = _assistant(server, owner, workspace, "triage", default=True)
+    # Triage asks the built-in echo directly, with an input schema the editor does not
+    # show (and must keep when it saves).
+    schema = struct_pb2.Struct()
+    schema.update({"type": "object", "properties": {"words": {"type": "string"}}})
+    echo_delegate = dispatcher_pb2.AssistantDelegate(handler="handlers/echo", input_schema=schema)
+    server.dispatcher.UpdateAssistant(
+        dispatcher_pb2.UpdateAssistantRequest(
+            assistant=dispatcher_pb2.Assistant(name=triage, delegates=[echo_delegate]),
+            update_mask=field_mask_pb2.FieldMask(paths=["delegates"]),
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    )
 
     with chromium.open(stack.origin + "/") as browser:
         sign_in(browser, owner.email)
@@ -220,10 +234,12 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
         browser.fill(
             f"{tid('assistant-handoff', assistant=billing)} {tid('handoff-description')}", WHEN
         )
-        # A delegate may be a handler, asked directly (AssistantDelegate.handler): the
-        # built-in echo, offered beside the workspace's assistants.
+        # A delegate may be a handler, asked directly (AssistantDelegate.handler): echo,
+        # listed ticked, and the other built-in offered unticked beside the assistants.
         echo_row = f"{editor} {tid('assistant-delegate-handler', handler='handlers/echo')}"
-        browser.click(f"{echo_row} {tid('delegate-enabled')}")
+        assert browser.eval(
+            "(s) => document.querySelector(s).checked", f"{echo_row} {tid('delegate-enabled')}"
+        )
         # What billing sees once it holds the conversation (AssistantHandoff.history).
         browser.select(
             f"{tid('assistant-handoff', assistant=billing)} {tid('handoff-history')}",
@@ -263,7 +279,7 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
             (billing, WHEN, dispatcher_pb2.HANDOFF_HISTORY_SINCE_HANDOFF)
         ]
         assert stored.workspace_default
-        assert [(x.assistant, x.handler) for x in stored.delegates] == [("", "handlers/echo")]
+        assert list(stored.delegates) == [echo_delegate]
         browser.click(tid("close-editor"))
 
         # A message naming no assistant: triage answers, and hands the conversation over.

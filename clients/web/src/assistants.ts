@@ -536,7 +536,12 @@ export class Assistants {
         tools.push({ integration: box.dataset.integration ?? "", tools: enabled, approvalRequiredTools: approval, requiresApproval: false } as AssistantTools);
       }
     }
-    const delegates = this.readTargets(DELEGATES) as AssistantDelegate[];
+    // What the editor does not show of a delegate (its input schema) is kept as stored.
+    const stored = this.assistants.find((x) => x.name === this.editing)?.delegates ?? [];
+    const delegates = (this.readTargets(DELEGATES) as AssistantDelegate[]).map((d) => {
+      const before = stored.find((x) => (d.handler ? x.handler === d.handler : x.assistant === d.assistant));
+      return before?.inputSchema ? ({ ...d, inputSchema: before.inputSchema } as AssistantDelegate) : d;
+    });
     const handoffs = this.readTargets(HANDOFFS) as AssistantHandoff[];
     const temperature = value("assistant-temperature");
     const speaks = this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-voice-on"]')?.checked ?? false;

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, struct_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -28,6 +29,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.values import structs
 from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.kits.contextkit import World, context_stub, create_conversation, ctx_world
@@ -967,3 +969,113 @@ async def test_a_child_is_not_started_when_nothing_is_left_of_the_handed_budget(
         [result] = results
         assert result.outcome == hpb.TOOL_OUTCOME_ERROR
         assert result.text.startswith("Refused: nothing is left of the budget handed"), result
+
+
+QUOTE_SCHEMA: Final = {
+    "type": "object",
+    "properties": {
+        "item": {"type": "string", "minLength": 1},
+        "quantity": {"type": "integer", "minimum": 1},
+    },
+    "required": ["item", "quantity"],
+    "additionalProperties": False,
+}
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    found = struct_pb2.Struct()
+    found.update(value)
+    return found
+
+
+async def test_a_delegates_input_schema_is_offered_checked_and_sent_as_data(
+    database_url: str,
+) -> None:
+    """``AssistantDelegate.input_schema``: the tool takes that schema; a call whose
+    arguments break it is an error result naming each violation, with no child; one that
+    keeps it sends the child its arguments as JSON text and as a data part."""
+    async with desk(database_url) as d:
+        await d.assistant("pricing", "You price things.")
+        created = await d.dstub.CreateAssistant(
+            pb.CreateAssistantRequest(
+                parent=d.world.name,
+                assistant_id="planner",
+                assistant=pb.Assistant(
+                    display_name="Planner",
+                    instructions="You plan.",
+                    delegates=[
+                        pb.AssistantDelegate(
+                            assistant=f"{d.world.name}/assistants/pricing",
+                            input_schema=struct(QUOTE_SCHEMA),
+                        )
+                    ],
+                ),
+            ),
+            metadata=d.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        offered: list[dict[str, Any]] = []
+
+        def plan(body: dict[str, Any]) -> Reply:
+            outputs = this_turns_outputs(body)
+            if not outputs:
+                offered.extend(body["tools"])
+                return Reply.tool_calls([("ask_pricing", {"item": "kayak", "quantity": 0}, "c-1")])
+            if len(outputs) == 1:
+                return Reply.tool_calls([("ask_pricing", {"item": "kayak", "quantity": 2}, "c-2")])
+            return Reply.text(f"priced: {outputs[-1]}")
+
+        rules = {"You plan.": plan, "You price things.": lambda body: Reply.text("800 euros")}
+        d.fake.script(*[brain(rules)] * 4)
+        parent = await d.send(created.assistant.name, "two kayaks?")
+        seen = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        assert seen.text == "priced: 800 euros"
+        [tool] = [t["function"] for t in offered if t["function"]["name"] == "ask_pricing"]
+        assert tool["parameters"] == QUOTE_SCHEMA
+        refused = this_turns_outputs(d.fake.requests[1].body)[0]
+        assert refused.startswith("The arguments break the delegate's input schema")
+        assert "arguments.quantity" in refused
+        # One child: the call that kept the schema.
+        [child] = await d.children(parent.name)
+        assert child.parent_tool_call == "c-2"
+        asked = await d.cstub.GetMessage(
+            cpb.GetMessageRequest(name=child.input_message),
+            metadata=d.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        parts = [p.WhichOneof("part") for p in asked.message.parts]
+        assert parts == ["text", "data"]
+        assert json.loads(asked.message.parts[0].text) == {"item": "kayak", "quantity": 2}
+        assert structs.plain_struct(asked.message.parts[1].data) == {"item": "kayak", "quantity": 2}
+
+
+async def test_bad_input_schemas_are_refused_naming_the_field(database_url: str) -> None:
+    async with desk(database_url) as d:
+        known = await d.assistant("known", "You know.")
+        cases: dict[str, dict[str, Any]] = {
+            "must be the schema of an object": {"type": "string"},
+            "is not a schema that can be applied": {"type": "object", "minProperties": "x"},
+            "remote $ref": {"type": "object", "properties": {"a": {"$ref": "https://x.test/s"}}},
+            "larger than 16 KiB": {"type": "object", "description": "x" * 17_000},
+        }
+        for expected, schema in cases.items():
+            with pytest.raises(aio.AioRpcError) as refused:
+                await d.dstub.CreateAssistant(
+                    pb.CreateAssistantRequest(
+                        parent=d.world.name,
+                        assistant_id="me",
+                        assistant=pb.Assistant(
+                            display_name="Me",
+                            delegates=[
+                                pb.AssistantDelegate(assistant=known, input_schema=struct(schema))
+                            ],
+                        ),
+                    ),
+                    metadata=d.world.owner.md,
+                    timeout=TIMEOUT_S,
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, expected
+            details = refused.value.details() or ""
+            assert expected in details, (expected, details)
+            assert "assistant.delegates[0].input_schema" in details, details

@@ -39,12 +39,13 @@ from switchboard.dispatcher.assistants.holders import Holder, HolderStore
 from switchboard.dispatcher.assistants.store import AssistantRecord, AssistantStore, Written
 from switchboard.platform.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.schemas import compile_schema
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store.keyed import Catalog
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
-from switchboard.platform.values import names
+from switchboard.platform.values import names, structs
 from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.resources import (
     AssistantName,
@@ -94,6 +95,8 @@ MAX_RETRIEVAL_FILTER: Final = 1_000
 #: ``Assistant.delegates`` and ``handoffs``: how many of each, and each one's description.
 MAX_DELEGATES: Final = 16
 MAX_DELEGATE_DESCRIPTION: Final = 1_000
+#: The largest input schema a delegate may give (its serialized size).
+MAX_INPUT_SCHEMA_BYTES: Final = 16 * 1024
 _HISTORIES: Final = frozenset(pb.HandoffHistory.values())
 _MODES: Final = frozenset(context_pb2.SearchMode.values())
 #: Parses a retrieval filter as the context service will (``(text, workspace_id)``),
@@ -223,6 +226,26 @@ def _others(
                 f"is longer than {MAX_DELEGATE_DESCRIPTION:,} characters",
             )
     return found
+
+
+async def _input_schemas(delegates: Sequence[pb.AssistantDelegate], violations: Violations) -> None:
+    """A violation on each delegate's ``input_schema`` that is too large, not an object's
+    schema, or not a schema the platform can apply (compiled off the loop: a schema is
+    the caller's, and its size is bounded first)."""
+    for index, delegate in enumerate(delegates):
+        if not delegate.HasField("input_schema"):
+            continue
+        field = f"assistant.delegates[{index}].input_schema"
+        if delegate.input_schema.ByteSize() > MAX_INPUT_SCHEMA_BYTES:
+            violations.add(field, f"is larger than {MAX_INPUT_SCHEMA_BYTES // 1024} KiB")
+            continue
+        schema = structs.plain_struct(delegate.input_schema)
+        if schema.get("type") != "object":
+            violations.add(field, 'must be the schema of an object ("type": "object")')
+            continue
+        compiled = await asyncio.to_thread(compile_schema, schema)
+        if compiled.problem:
+            violations.add(field, f"is not a schema that can be applied: {compiled.problem}")
 
 
 def _handler_delegate(
@@ -413,6 +436,8 @@ class Assistants:
                     violations.add(field, f"names no integration of this workspace ({integration})")
         await self._others_exist(workspace_id, others, violations)
         await self._handlers_exist(workspace_id, asked, violations)
+        if "delegates" in paths:
+            await _input_schemas(given.delegates, violations)
         violations.check()
         return clean
 

@@ -62,6 +62,7 @@ from switchboard.dispatcher.tools.runner import (
 )
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.telemetry import tracer
+from switchboard.platform.schemas import Compiled, SchemaUnusable, compile_schema
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import structs
 from switchboard.platform.values.idempotency import derived_request_id
@@ -86,6 +87,8 @@ _MAX_TREES: Final = 10_000
 #: A workspace's children started at once (as admission admits a few of a workspace's
 #: messages at a time).
 _STARTS_PER_WORKSPACE: Final = 4
+#: Delegates' input schemas kept compiled (the least recently used forgotten).
+_MAX_CHECKERS: Final = 256
 #: The least time a child is given (a parent about to time out refuses instead).
 _MIN_CHILD_S: Final = 1.0
 
@@ -183,6 +186,14 @@ def definition(
     description = (
         delegate.description or target.description or f"Ask {kind} {title} and get its answer."
     )
+    if delegate.HasField("input_schema"):
+        name = tool_name(target_id)
+        return hpb.ToolDefinition(
+            tool=name,
+            function_name=name,
+            description=description,
+            input_schema=delegate.input_schema,
+        )
     return string_tool(
         tool_name(target_id),
         description,
@@ -220,6 +231,8 @@ class Delegation:
         self._handoffs = Handoffs(assistants)
         #: Per workspace, the children being started now (``starting``).
         self._starting: OrderedDict[str, asyncio.Semaphore] = OrderedDict()
+        #: Delegates' input schemas' validators, by the schema's JSON.
+        self._checkers: OrderedDict[str, Compiled] = OrderedDict()
         #: Children started per tree (by its root's run id), as far as this process knows.
         self._trees: OrderedDict[str, int] = OrderedDict()
         #: The dispatcher's calls; set by the build once the dispatcher exists.
@@ -299,7 +312,8 @@ class Delegation:
                 continue
             name = tool_name(target.id)
             if name in offered:
-                found[name] = Delegate(self, active, target, emit, waiting, slots, name)
+                schema = delegate.input_schema if delegate.HasField("input_schema") else None
+                found[name] = Delegate(self, active, target, emit, waiting, slots, name, schema)
         return found
 
     async def room_in_tree(self, root: str) -> bool:
@@ -317,6 +331,19 @@ class Delegation:
                 self._trees.popitem(last=False)
         self._trees.move_to_end(root)
         return known < limit
+
+    async def checker(self, schema: struct_pb2.Struct) -> Compiled:
+        """``schema``'s validator, compiled once (off the loop) and kept for the next
+        calls of any run whose delegate gives the same schema."""
+        key = json.dumps(structs.plain_struct(schema), sort_keys=True)
+        found = self._checkers.get(key)
+        if found is None:
+            found = await asyncio.to_thread(compile_schema, structs.plain_struct(schema))
+            self._checkers[key] = found
+            while len(self._checkers) > _MAX_CHECKERS:
+                self._checkers.popitem(last=False)
+        self._checkers.move_to_end(key)
+        return found
 
     def starting(self, workspace_id: str) -> asyncio.Semaphore:
         """The bound on a workspace's children being started at once (their conversation
@@ -378,8 +405,11 @@ class Delegate:
         waiting: _Waiting,
         slots: asyncio.Semaphore,
         name: str,
+        schema: struct_pb2.Struct | None = None,
     ) -> None:
         self._delegation = delegation
+        #: The delegate's input schema (None: the one ``input`` string).
+        self._schema = schema
         self._active = active
         self._target = target
         self._emit = emit
@@ -414,14 +444,9 @@ class Delegate:
     async def _call(
         self, principal: Principal, arguments: struct_pb2.Struct, timeout_s: float, call_id: str
     ) -> tuple[bool, str] | BuiltinAnswer:
-        question = arguments.fields.get(INPUT)
-        if question is None or question.WhichOneof("kind") != "string_value":
-            return False, f"The call needs {INPUT!r}: the question, as a string."
-        text = question.string_value.strip()
-        if not text:
-            return False, f"{INPUT!r} is empty: write the question."
-        if len(text) > MAX_INPUT_CHARS:
-            return False, f"{INPUT!r} is longer than {MAX_INPUT_CHARS:,} characters."
+        text = await self._question(arguments)
+        if isinstance(text, str):
+            return False, text
         parent = self._parent(call_id)
         refused = await self._refused(parent, call_id)
         if refused:
@@ -436,12 +461,42 @@ class Delegate:
             async with self._waiting.handing:
                 return await self._handing(budget, principal, parent, text, timeout_s)
 
+    async def _question(self, arguments: struct_pb2.Struct) -> list[cpb.ContentPart] | str:
+        """The child's message, from the call's arguments; or why they are refused."""
+        if self._schema is None:
+            question = arguments.fields.get(INPUT)
+            if question is None or question.WhichOneof("kind") != "string_value":
+                return f"The call needs {INPUT!r}: the question, as a string."
+            text = question.string_value.strip()
+            if not text:
+                return f"{INPUT!r} is empty: write the question."
+            if len(text) > MAX_INPUT_CHARS:
+                return f"{INPUT!r} is longer than {MAX_INPUT_CHARS:,} characters."
+            return [cpb.ContentPart(text=text)]
+        given = structs.plain_struct(arguments)
+        written = json.dumps(given, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        if len(written) > MAX_INPUT_CHARS:
+            return f"The arguments are longer than {MAX_INPUT_CHARS:,} characters as JSON."
+        checker = await self._delegation.checker(self._schema)
+        try:
+            broken = await asyncio.to_thread(checker.violations, given)
+        except SchemaUnusable as exc:
+            return f"The delegate's input schema cannot be applied: {exc.reason}."
+        if broken:
+            said = "; ".join(f"{path}: {why}" for path, why in broken)
+            return (
+                f"The arguments break the delegate's input schema ({said}). "
+                "Fix them and call again."
+            )
+        # The arguments as JSON text (what a model reads) and as data (what code reads).
+        return [cpb.ContentPart(text=written), cpb.ContentPart(data=arguments)]
+
     async def _handing(
         self,
         budget: RunBudget,
         principal: Principal,
         parent: Parent,
-        text: str,
+        text: list[cpb.ContentPart],
         timeout_s: float,
     ) -> tuple[bool, str] | BuiltinAnswer:
         """The child, under a budget the run's caller handed over: it is handed what is
@@ -515,7 +570,7 @@ class Delegate:
         self,
         principal: Principal,
         parent: Parent,
-        text: str,
+        text: list[cpb.ContentPart],
         timeout_s: float,
         handed: Handed | None = None,
     ) -> tuple[tuple[bool, str] | BuiltinAnswer, hpb.Usage | None]:
@@ -564,7 +619,7 @@ class Delegate:
         self,
         principal: Principal,
         parent: Parent,
-        text: str,
+        text: list[cpb.ContentPart],
         timeout_s: float,
         key: str,
         handed: Handed | None,
@@ -587,7 +642,7 @@ class Delegate:
         )
         request = pb.SendMessageRequest(
             conversation=conversation.name,
-            message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text=text)]),
+            message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=text),
             assistant="" if self._target.handler else str(self._target),
             handler=str(self._target) if self._target.handler else "",
             request_id=derived_request_id("delegate", "message", key),

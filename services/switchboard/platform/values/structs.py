@@ -48,6 +48,11 @@ def plain(value: struct_pb2.Value) -> object:
     return None
 
 
+def plain_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A ``Struct`` as a plain ``dict`` (its values as ``plain`` writes them)."""
+    return {key: plain(item) for key, item in struct.fields.items()}
+
+
 def finite(message: _M) -> _M:
     """``message``, or a copy of it whose JSON values' numbers that are not finite are
     ``null``: what protobuf's JSON mapping can write (it raises on them). Asked for

@@ -2393,6 +2393,7 @@ class AssistantDelegate(_message.Message):
     ASSISTANT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     HANDLER_FIELD_NUMBER: _builtins.int
+    INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     assistant: _builtins.str
     """`workspaces/{w}/assistants/{a}`, in the same workspace, not the assistant
     itself. Exactly one of `assistant` and `handler`.
@@ -2406,16 +2407,26 @@ class AssistantDelegate(_message.Message):
     expert or an A2A agent registered with the integration service, or a
     built-in handler), offered as `ask_{h}`. Its child run has no assistant.
     """
+    @_builtins.property
+    def input_schema(self) -> _struct_pb2.Struct:
+        """The tool's input, a JSON Schema of an object (at most 16 KiB, no remote
+        `$ref`); empty: one required string, `input`, the whole question. With a
+        schema, a call whose arguments break it is refused before anything starts
+        (an error result naming each violation), and the child's message holds the
+        arguments as a data part, after their JSON as text.
+        """
+
     def __init__(
         self,
         *,
         assistant: _builtins.str = ...,
         description: _builtins.str = ...,
         handler: _builtins.str = ...,
+        input_schema: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_schema", b"input_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "description", b"description", "handler", b"handler"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "description", b"description", "handler", b"handler", "input_schema", b"input_schema"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
