@@ -1079,3 +1079,31 @@ async def test_bad_input_schemas_are_refused_naming_the_field(database_url: str)
             details = refused.value.details() or ""
             assert expected in details, (expected, details)
             assert "assistant.delegates[0].input_schema" in details, details
+
+
+async def test_calls_made_at_once_do_not_pass_the_trees_limit_together(database_url: str) -> None:
+    """``max_children_per_tree`` 2 and three delegate calls in one step, which start at
+    once: two children, and the third call refused before anything is stored (each call
+    takes its place in the tree when it is checked, not when its child is stored)."""
+    async with desk(database_url, dispatcher_max_children_per_tree=2) as d:
+        await d.assistant("beta", "You are beta.")
+        alpha = await d.assistant("alpha", "You are alpha.", ("beta",))
+
+        def plan(body: dict[str, Any]) -> Reply:
+            done = tool_outputs(body)
+            if not done:
+                return Reply.tool_calls(
+                    [("ask_beta", {"input": f"q{i}"}, f"c-{i}") for i in range(1, 4)]
+                )
+            return Reply.text(" | ".join(done[f"c-{i}"] for i in range(1, 4)))
+
+        rules = {"You are alpha.": plan, "You are beta.": lambda body: Reply.text("a")}
+        d.fake.script(*[brain(rules)] * 5)
+        parent = await d.send(alpha, "three questions")
+        seen = await watch_all(d.dstub, d.world.viewer, parent.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        answers = seen.text.split(" | ")
+        assert answers.count("a") == 2, answers
+        [refused] = [a for a in answers if a != "a"]
+        assert "already started 2 delegate runs" in refused
+        assert len(await d.children(parent.name)) == 2

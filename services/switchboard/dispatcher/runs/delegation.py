@@ -233,6 +233,8 @@ class Delegation:
         self._starting: OrderedDict[str, asyncio.Semaphore] = OrderedDict()
         #: Delegates' input schemas' validators, by the schema's JSON.
         self._checkers: OrderedDict[str, Compiled] = OrderedDict()
+        #: Places claimed per tree for children not yet stored (``claim``).
+        self._claimed: dict[str, int] = {}
         #: Children started per tree (by its root's run id), as far as this process knows.
         self._trees: OrderedDict[str, int] = OrderedDict()
         #: The dispatcher's calls; set by the build once the dispatcher exists.
@@ -316,21 +318,44 @@ class Delegation:
                 found[name] = Delegate(self, active, target, emit, waiting, slots, name, schema)
         return found
 
-    async def room_in_tree(self, root: str) -> bool:
-        """Whether the tree rooted at ``root`` may start one more child. A tree's runs are
-        admitted by the process that runs its parents, so the count is kept here, read
-        from the database once per tree (and again whenever it says the tree is full: a
-        takeover may have started children elsewhere)."""
+    async def claim(self, root: str, *, new: bool = False) -> Claim | None:
+        """A place for one more child in the tree rooted at ``root`` (None: it is full),
+        taken now, so calls of one step that start at once cannot pass the limit
+        together; the claim is settled when the child is stored or the call gives up.
+        A tree's runs are admitted by the process that runs its parents, so the count
+        is kept here, read from the database once per tree (and again whenever it says
+        the tree is full: a takeover may have started children elsewhere). ``new``: the
+        asking run is the root, started here and not recovered, so the tree has no
+        child yet (no read)."""
         limit = self.limits.max_children_per_tree
         known = self._trees.get(root)
-        if known is None or known >= limit:
+        if known is None and new:
+            known = self._keep(root, 0)
+        if known is None or known + self._claimed.get(root, 0) >= limit:
             # The root itself is one of the tree's runs.
-            known = await self._store.tree_size(root) - 1
-            self._trees[root] = known
-            while len(self._trees) > _MAX_TREES:
-                self._trees.popitem(last=False)
+            known = self._keep(root, await self._store.tree_size(root) - 1)
         self._trees.move_to_end(root)
-        return known < limit
+        claimed = self._claimed.get(root, 0)
+        if known + claimed >= limit:
+            return None
+        self._claimed[root] = claimed + 1
+        return Claim(self, root)
+
+    def _keep(self, root: str, count: int) -> int:
+        self._trees[root] = count
+        while len(self._trees) > _MAX_TREES:
+            self._trees.popitem(last=False)
+        return count
+
+    def settle(self, root: str, *, started: bool) -> None:
+        """A claim on ``root``'s tree ends: its child was stored (``started``), or not."""
+        left = self._claimed.get(root, 0) - 1
+        if left > 0:
+            self._claimed[root] = left
+        else:
+            self._claimed.pop(root, None)
+        if started and root in self._trees:
+            self._trees[root] += 1
 
     async def checker(self, schema: struct_pb2.Struct) -> Compiled:
         """``schema``'s validator, compiled once (off the loop) and kept for the next
@@ -357,15 +382,24 @@ class Delegation:
         self._starting.move_to_end(workspace_id)
         return found
 
-    def started(self, root: str) -> None:
-        """A child of the tree rooted at ``root`` was admitted here."""
-        if root in self._trees:
-            self._trees[root] += 1
-
     def _calls(self) -> Calls:
         if self.calls is None:  # pragma: no cover - the build wires it before serving
             raise RuntimeError("delegation is not wired to the dispatcher")
         return self.calls
+
+
+@dataclass
+class Claim:
+    """One child's place in its tree (``Delegation.claim``), settled once."""
+
+    delegation: Delegation
+    root: str
+    done: bool = False
+
+    def settle(self, *, started: bool) -> None:
+        if not self.done:
+            self.done = True
+            self.delegation.settle(self.root, started=started)
 
 
 @dataclass
@@ -449,17 +483,21 @@ class Delegate:
             return False, text
         parent = self._parent(call_id)
         refused = await self._refused(parent, call_id)
-        if refused:
+        if isinstance(refused, str):
             return False, refused
-        if timeout_s < _MIN_CHILD_S:
-            return False, "The run has no time left to ask another assistant."
-        async with self._slots:
-            budget = self._active.budget
-            if budget is None or budget.handed is None:
-                answer, _ = await self._ask(principal, parent, text, timeout_s)
-                return answer
-            async with self._waiting.handing:
-                return await self._handing(budget, principal, parent, text, timeout_s)
+        try:
+            if timeout_s < _MIN_CHILD_S:
+                return False, "The run has no time left to ask another assistant."
+            async with self._slots:
+                budget = self._active.budget
+                if budget is None or budget.handed is None:
+                    answer, _ = await self._ask(principal, parent, text, timeout_s, refused)
+                    return answer
+                async with self._waiting.handing:
+                    return await self._handing(budget, principal, parent, text, timeout_s, refused)
+        finally:
+            if refused is not None:
+                refused.settle(started=False)  # a no-op once the child was stored
 
     async def _question(self, arguments: struct_pb2.Struct) -> list[cpb.ContentPart] | str:
         """The child's message, from the call's arguments; or why they are refused."""
@@ -498,12 +536,13 @@ class Delegate:
         parent: Parent,
         text: list[cpb.ContentPart],
         timeout_s: float,
+        claim: Claim | None,
     ) -> tuple[bool, str] | BuiltinAnswer:
         """The child, under a budget the run's caller handed over: it is handed what is
         left of it (held until it ends), and what it used is spent of it."""
         given = budget.hand_down()
         if given is None:  # pragma: no cover - checked by the caller
-            answer, _ = await self._ask(principal, parent, text, timeout_s)
+            answer, _ = await self._ask(principal, parent, text, timeout_s, claim)
             return answer
         held, handed = given
         used = Amount()
@@ -513,7 +552,7 @@ class Delegate:
                     "Refused: nothing is left of the budget handed to this run "
                     f"({', '.join(f'{k} {v}' for k, v in handed.capped().items())})."
                 )
-            answer, usage = await self._ask(principal, parent, text, timeout_s, handed)
+            answer, usage = await self._ask(principal, parent, text, timeout_s, claim, handed)
             if usage is not None:
                 cost = usage.cost_micros or round(usage.estimated_cost_usd * 1e6)
                 used = Amount(max(0, cost), max(0, usage.input_tokens), max(0, usage.output_tokens))
@@ -535,9 +574,10 @@ class Delegate:
             lineage=lineage,
         )
 
-    async def _refused(self, parent: Parent, call_id: str) -> str:
-        """Why the call may not start a child ("": it may); checked before anything is
-        stored or any model is called."""
+    async def _refused(self, parent: Parent, call_id: str) -> str | Claim | None:
+        """Why the call may not start a child; else its place in the tree (None: a
+        recovered call that follows the child it started before). Checked before
+        anything is stored or any model is called."""
         limits = self._delegation.limits
         target = self._target.id
         # A handler asked directly is a leaf here: it asks no assistant of this tree.
@@ -552,15 +592,16 @@ class Delegate:
                 f"Refused: delegation is at most {limits.max_depth} levels deep, and this "
                 f"run is already at level {parent.depth - 1}."
             )
+        # A root not recovered has started no child before its first call here.
+        new = parent.depth == 1 and not self._active.recovered
+        claim = await self._delegation.claim(parent.root, new=new)
         # A call asked again after a crash finds its own child among them.
-        if not await self._delegation.room_in_tree(parent.root) and not await self._started(
-            call_id
-        ):
+        if claim is None and not await self._started(call_id):
             return (
                 f"Refused: this tree of runs already started {limits.max_children_per_tree} "
                 "delegate runs, its limit."
             )
-        return ""
+        return claim
 
     async def _started(self, call_id: str) -> bool:
         children = await self._delegation._store.children(self._active.run_id)
@@ -572,6 +613,7 @@ class Delegate:
         parent: Parent,
         text: list[cpb.ContentPart],
         timeout_s: float,
+        claim: Claim | None,
         handed: Handed | None = None,
     ) -> tuple[tuple[bool, str] | BuiltinAnswer, hpb.Usage | None]:
         """The child's answer (the tool's result) and what it used (None: it did not
@@ -583,7 +625,8 @@ class Delegate:
         async with delegation.starting(active.workspace_id):
             sent = await self._start(principal, parent, text, timeout_s, key, handed)
         child = sent.run
-        delegation.started(parent.root)
+        if claim is not None:
+            claim.settle(started=True)
         # The tool call's span when tracing is on (a no-op otherwise).
         trace.get_current_span().set_attribute("switchboard.child_run", child.name)
         self._show(child, parent.tool_call)
