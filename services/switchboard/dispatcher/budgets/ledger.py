@@ -142,7 +142,8 @@ _APPLICABLE: Final = (
         or_(
             _BUDGETS.c.scope_kind == "workspace",
             and_(
-                _BUDGETS.c.scope_kind == "assistant", _BUDGETS.c.scope_id == bindparam("assistant")
+                _BUDGETS.c.scope_kind == "assistant",
+                _BUDGETS.c.scope_id.in_(bindparam("assistants", expanding=True)),
             ),
             and_(_BUDGETS.c.scope_kind == "api_key", _BUDGETS.c.scope_id == bindparam("key")),
         ),
@@ -370,11 +371,21 @@ class Ledger:
     # -- which budgets apply -------------------------------------------------------------
 
     async def applicable(
-        self, workspace_id: str, assistant_id: str = "", api_key_id: str = ""
+        self,
+        workspace_id: str,
+        assistant_id: str = "",
+        api_key_id: str = "",
+        above: Sequence[str] = (),
     ) -> tuple[Applicable, ...]:
         """The budgets of ``workspace_id`` that apply to a run of ``assistant_id``
-        started with ``api_key_id`` (either "" for none), in lock order."""
-        values = {"ws": workspace_id, "assistant": assistant_id, "key": api_key_id}
+        started with ``api_key_id`` (either "" for none), in lock order; ``above``: the
+        assistants whose budgets it is charged to as well (a delegate's ancestors), in
+        the same read."""
+        values = {
+            "ws": workspace_id,
+            "assistants": [assistant_id, *above],
+            "key": api_key_id,
+        }
 
         def work(db: Session) -> list[tuple[str, bytes]]:
             return [(row[0], row[1]) for row in db.connection().execute(_APPLICABLE, values)]

@@ -42,7 +42,6 @@ from typing import Any, Final, Protocol
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.budgets.ledger import (
-    MAX_APPLICABLE,
     Alert,
     Amount,
     Applicable,
@@ -254,16 +253,10 @@ class Spending:
         hold its whole tree (docs/delegation.md)."""
         assistant_id = assistant.rsplit("/", 1)[-1] if assistant else ""
         key = api_key_id.rsplit("/", 1)[-1]
-        found = await self.ledger.applicable(workspace_id, assistant_id, key)
         above = sorted(set(ancestors) - {assistant_id})
-        if not above:
-            return found
-        by_id = {budget.budget_id: budget for budget in found}
-        for ancestor in above:
-            for budget in await self.ledger.applicable(workspace_id, ancestor, key):
-                by_id.setdefault(budget.budget_id, budget)
-        # The ledger's lock order (by id), within its bound.
-        return tuple(by_id[budget_id] for budget_id in sorted(by_id))[:MAX_APPLICABLE]
+        # One read for the run's assistant and those above it, in the ledger's lock
+        # order (by id) and within its bound.
+        return await self.ledger.applicable(workspace_id, assistant_id, key, above)
 
     # -- admission -------------------------------------------------------------------------
 
