@@ -329,6 +329,18 @@ def test_the_editor_sets_delegates_and_the_inspector_shows_the_tree_of_runs(
         browser.reload()
         browser.wait_visible(tid("console"))
         open_conversation(browser, workspace, conversation)
+        # The delegates' conversations are the tree's: listed apart, on asking.
+        listing = "(s) => [...document.querySelectorAll(s)].map((e) => e.dataset.name)"
+        delegated = {c.name.rsplit("/runs/", 1)[0] for c in [*children, *grandchildren]}
+        listed = browser.eval(listing, tid("conversation-item"))
+        assert conversation in listed
+        assert not delegated & set(listed), listed
+        toggle = tid("show-delegated")
+        assert browser.eval("(s) => document.querySelector(s).dataset.count", toggle) == "3"
+        browser.click(toggle)
+        assert delegated <= set(browser.eval(listing, tid("conversation-item")))
+        browser.click(toggle)
+        assert not delegated & set(browser.eval(listing, tid("conversation-item")))
         browser.click(tid("inspect-run", run=parent))
         run_state(browser, parent, SUCCEEDED)
         _same_as_server(_rows(browser, parent, 2), children)

@@ -78,6 +78,8 @@ export class Navigation {
   /** Whether the workspaces were listed since signing in (the picker waits for it). */
   private listed = false;
   private conversations: Conversation[] = [];
+  /** Whether delegates' conversations are listed too (hidden by default). */
+  private showDelegated = false;
   private readonly messages = new Map<string, Message>();
   private readonly files: FileViews;
 
@@ -431,8 +433,12 @@ export class Navigation {
   }
 
   private renderConversations(): void {
+    // A delegate's conversation (its metadata names the run that asked it) is the tree's,
+    // not the person's: listed only on asking, or when it is the one open.
+    const delegated = this.conversations.filter((c) => delegatedBy(c) && c.name !== this.conversation);
+    const shown = this.showDelegated ? this.conversations : this.conversations.filter((c) => !delegated.includes(c));
     this.conversationList.replaceChildren(
-      ...this.conversations.map((c) =>
+      ...shown.map((c) =>
         h(
           "li",
           {},
@@ -449,6 +455,31 @@ export class Navigation {
           ),
         ),
       ),
+      ...(delegated.length
+        ? [
+            h(
+              "li",
+              {},
+              h(
+                "button",
+                {
+                  type: "button",
+                  class: "link muted",
+                  "data-testid": "show-delegated",
+                  "data-count": String(delegated.length),
+                  "aria-pressed": String(this.showDelegated),
+                  onclick: () => {
+                    this.showDelegated = !this.showDelegated;
+                    this.renderConversations();
+                  },
+                },
+                this.showDelegated
+                  ? `Hide ${delegated.length} delegated conversation${delegated.length > 1 ? "s" : ""}`
+                  : `Show ${delegated.length} delegated conversation${delegated.length > 1 ? "s" : ""}`,
+              ),
+            ),
+          ]
+        : []),
     );
     this.renderOverview();
   }
@@ -714,4 +745,10 @@ function messageText(message: Message): string {
     })
     .filter((text) => text !== "")
     .join("\n");
+}
+
+/** The run whose delegate call made conversation `c` (its metadata's `delegated_by`), or "". */
+function delegatedBy(c: Conversation): string {
+  const by = c.metadata?.["delegated_by"];
+  return typeof by === "string" ? by : "";
 }

@@ -1046,6 +1046,16 @@ async def test_a_delegates_input_schema_is_offered_checked_and_sent_as_data(
         )
         parts = [p.WhichOneof("part") for p in asked.message.parts]
         assert parts == ["text", "data"]
+        # Its conversation names the run that asked (the console lists it apart).
+        made = await d.cstub.GetConversation(
+            cpb.GetConversationRequest(name=child.name.rsplit("/runs/", 1)[0]),
+            metadata=d.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        assert structs.plain_struct(made.conversation.metadata) == {
+            "delegated_by": parent.name,
+            "tool_call": "c-2",
+        }
         assert json.loads(asked.message.parts[0].text) == {"item": "kayak", "quantity": 2}
         assert structs.plain_struct(asked.message.parts[1].data) == {"item": "kayak", "quantity": 2}
 

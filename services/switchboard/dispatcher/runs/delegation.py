@@ -677,7 +677,9 @@ class Delegate:
             cpb.CreateConversationRequest(
                 parent=str(self._target.parent),
                 conversation=cpb.Conversation(
-                    title=f"{self._target.id}, asked by run {active.run_id}"[:200]
+                    title=f"{self._target.id}, asked by run {active.run_id}"[:200],
+                    # Which run asked (the console lists such conversations apart).
+                    metadata=_delegated(active.run.name, parent.tool_call),
                 ),
                 request_id=derived_request_id("delegate", "conversation", key),
             ),
@@ -745,6 +747,16 @@ class Delegate:
         elif child.state == pb.RUN_STATE_REQUIRES_ACTION:
             shown.required_action.CopyFrom(child.required_action)
         self._emit(update)
+
+
+#: The conversation metadata key naming the run whose delegate call made it.
+DELEGATED_BY: Final = "delegated_by"
+
+
+def _delegated(run: str, tool_call: str) -> struct_pb2.Struct:
+    found = struct_pb2.Struct()
+    found.update({DELEGATED_BY: run, "tool_call": tool_call})
+    return found
 
 
 def answered(parts: Sequence[cpb.ContentPart]) -> tuple[bool, str] | BuiltinAnswer:
