@@ -441,6 +441,100 @@ TURN_DETECTION_SERVER_VAD: TurnDetection.ValueType  # 2
 """
 Global___TurnDetection: _TypeAlias = TurnDetection  # noqa: Y015
 
+class _TurnDetector:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TurnDetectorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnDetector.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TURN_DETECTOR_UNSPECIFIED: _TurnDetector.ValueType  # 0
+    """Not set: the assistant's (VoiceSettings.turn_detector), else SMART_TURN."""
+    TURN_DETECTOR_SILENCE: _TurnDetector.ValueType  # 1
+    """Silence alone: the turn ends after the session's `silence`."""
+    TURN_DETECTOR_SMART_TURN: _TurnDetector.ValueType  # 2
+    """After a short pause (200 ms), the Smart Turn model reads the turn's audio
+    and ends the turn when it judges the speaker finished; otherwise the
+    session's `silence` still ends it. A server without the model runs
+    SILENCE instead, and the session's settings say so.
+    """
+
+class TurnDetector(_TurnDetector, metaclass=_TurnDetectorEnumTypeWrapper):
+    """What decides that a spoken turn is over, with SERVER_VAD detection."""
+
+TURN_DETECTOR_UNSPECIFIED: TurnDetector.ValueType  # 0
+"""Not set: the assistant's (VoiceSettings.turn_detector), else SMART_TURN."""
+TURN_DETECTOR_SILENCE: TurnDetector.ValueType  # 1
+"""Silence alone: the turn ends after the session's `silence`."""
+TURN_DETECTOR_SMART_TURN: TurnDetector.ValueType  # 2
+"""After a short pause (200 ms), the Smart Turn model reads the turn's audio
+and ends the turn when it judges the speaker finished; otherwise the
+session's `silence` still ends it. A server without the model runs
+SILENCE instead, and the session's settings say so.
+"""
+Global___TurnDetector: _TypeAlias = TurnDetector  # noqa: Y015
+
+class _TurnEagerness:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TurnEagernessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnEagerness.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TURN_EAGERNESS_UNSPECIFIED: _TurnEagerness.ValueType  # 0
+    """Not set: the assistant's (VoiceSettings.turn_eagerness), else MEDIUM."""
+    TURN_EAGERNESS_LOW: _TurnEagerness.ValueType  # 1
+    """At 0.7: fewer turns cut mid-phrase, more that wait for the silence."""
+    TURN_EAGERNESS_MEDIUM: _TurnEagerness.ValueType  # 2
+    """At 0.5."""
+    TURN_EAGERNESS_HIGH: _TurnEagerness.ValueType  # 3
+    """At 0.3: quicker answers, more turns cut mid-phrase."""
+
+class TurnEagerness(_TurnEagerness, metaclass=_TurnEagernessEnumTypeWrapper):
+    """How readily SMART_TURN ends a turn: the model's probability that the
+    speaker finished which ends it.
+    """
+
+TURN_EAGERNESS_UNSPECIFIED: TurnEagerness.ValueType  # 0
+"""Not set: the assistant's (VoiceSettings.turn_eagerness), else MEDIUM."""
+TURN_EAGERNESS_LOW: TurnEagerness.ValueType  # 1
+"""At 0.7: fewer turns cut mid-phrase, more that wait for the silence."""
+TURN_EAGERNESS_MEDIUM: TurnEagerness.ValueType  # 2
+"""At 0.5."""
+TURN_EAGERNESS_HIGH: TurnEagerness.ValueType  # 3
+"""At 0.3: quicker answers, more turns cut mid-phrase."""
+Global___TurnEagerness: _TypeAlias = TurnEagerness  # noqa: Y015
+
+class _TurnEndReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TurnEndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnEndReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TURN_END_REASON_UNSPECIFIED: _TurnEndReason.ValueType  # 0
+    """Not set."""
+    TURN_END_REASON_MODEL: _TurnEndReason.ValueType  # 1
+    """The end-of-turn model judged the speaker finished, after a short pause."""
+    TURN_END_REASON_SILENCE: _TurnEndReason.ValueType  # 2
+    """The session's silence passed (with SMART_TURN: the model had not ended it)."""
+    TURN_END_REASON_CLIENT: _TurnEndReason.ValueType  # 3
+    """The client's `end_turn` control."""
+    TURN_END_REASON_MAX_LENGTH: _TurnEndReason.ValueType  # 4
+    """The turn reached the server's longest turn."""
+
+class TurnEndReason(_TurnEndReason, metaclass=_TurnEndReasonEnumTypeWrapper):
+    """Why a spoken turn ended."""
+
+TURN_END_REASON_UNSPECIFIED: TurnEndReason.ValueType  # 0
+"""Not set."""
+TURN_END_REASON_MODEL: TurnEndReason.ValueType  # 1
+"""The end-of-turn model judged the speaker finished, after a short pause."""
+TURN_END_REASON_SILENCE: TurnEndReason.ValueType  # 2
+"""The session's silence passed (with SMART_TURN: the model had not ended it)."""
+TURN_END_REASON_CLIENT: TurnEndReason.ValueType  # 3
+"""The client's `end_turn` control."""
+TURN_END_REASON_MAX_LENGTH: TurnEndReason.ValueType  # 4
+"""The turn reached the server's longest turn."""
+Global___TurnEndReason: _TypeAlias = TurnEndReason  # noqa: Y015
+
 class _TalkAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1229,6 +1323,8 @@ class VoiceSettings(_message.Message):
     SPEECH_MODEL_FIELD_NUMBER: _builtins.int
     VOICE_FIELD_NUMBER: _builtins.int
     LANGUAGE_FIELD_NUMBER: _builtins.int
+    TURN_DETECTOR_FIELD_NUMBER: _builtins.int
+    TURN_EAGERNESS_FIELD_NUMBER: _builtins.int
     transcription_model: _builtins.str
     """The transcription model; the server's default
     (SWITCHBOARD_VOICE_TRANSCRIPTION_MODEL) if empty.
@@ -1245,6 +1341,14 @@ class VoiceSettings(_message.Message):
     """The language spoken to it, ISO-639-1 (for example "en"); the endpoint
     detects it if empty.
     """
+    turn_detector: Global___TurnDetector.ValueType
+    """How its voice sessions decide that a spoken turn is over (SERVER_VAD);
+    a session's TalkStart.turn_detector overrides it. SMART_TURN if unset.
+    """
+    turn_eagerness: Global___TurnEagerness.ValueType
+    """How readily SMART_TURN ends a turn; a session's TalkStart.turn_eagerness
+    overrides it. MEDIUM if unset.
+    """
     def __init__(
         self,
         *,
@@ -1252,10 +1356,12 @@ class VoiceSettings(_message.Message):
         speech_model: _builtins.str = ...,
         voice: _builtins.str = ...,
         language: _builtins.str = ...,
+        turn_detector: Global___TurnDetector.ValueType = ...,
+        turn_eagerness: Global___TurnEagerness.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "speech_model", b"speech_model", "transcription_model", b"transcription_model", "voice", b"voice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "speech_model", b"speech_model", "transcription_model", b"transcription_model", "turn_detector", b"turn_detector", "turn_eagerness", b"turn_eagerness", "voice", b"voice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3724,6 +3830,8 @@ class TalkStart(_message.Message):
     CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
     PARTIAL_TRANSCRIPTS_FIELD_NUMBER: _builtins.int
     BARGE_IN_FIELD_NUMBER: _builtins.int
+    TURN_DETECTOR_FIELD_NUMBER: _builtins.int
+    TURN_EAGERNESS_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{w}/conversations/{c}` (WRITE on it)."""
     assistant: _builtins.str
@@ -3741,6 +3849,14 @@ class TalkStart(_message.Message):
     barge_in: _builtins.bool
     """Whether the user's speech while the assistant speaks interrupts it
     (barge-in); an `interrupt` control always does.
+    """
+    turn_detector: Global___TurnDetector.ValueType
+    """SERVER_VAD: what decides the turn is over; the assistant's
+    (VoiceSettings.turn_detector) if unset, else SMART_TURN.
+    """
+    turn_eagerness: Global___TurnEagerness.ValueType
+    """SMART_TURN: how readily the model ends a turn; the assistant's if unset,
+    else MEDIUM.
     """
     @_builtins.property
     def input_format(self) -> Global___AudioFormat:
@@ -3768,10 +3884,12 @@ class TalkStart(_message.Message):
         concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
         partial_transcripts: _builtins.bool = ...,
         barge_in: _builtins.bool = ...,
+        turn_detector: Global___TurnDetector.ValueType = ...,
+        turn_eagerness: Global___TurnEagerness.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input_format", b"input_format", "output_format", b"output_format", "silence", b"silence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "input_format", b"input_format", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_detection", b"turn_detection"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "input_format", b"input_format", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_detection", b"turn_detection", "turn_detector", b"turn_detector", "turn_eagerness", b"turn_eagerness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3940,6 +4058,8 @@ class VoiceSession(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     PARTIAL_TRANSCRIPTS_FIELD_NUMBER: _builtins.int
     BARGE_IN_FIELD_NUMBER: _builtins.int
+    TURN_DETECTOR_FIELD_NUMBER: _builtins.int
+    TURN_EAGERNESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/voiceSessions/{s}`."""
     assistant: _builtins.str
@@ -3954,6 +4074,12 @@ class VoiceSession(_message.Message):
     """Whether partial transcripts are sent."""
     barge_in: _builtins.bool
     """Whether speech interrupts the assistant."""
+    turn_detector: Global___TurnDetector.ValueType
+    """SERVER_VAD: the detector in use (SILENCE where SMART_TURN was asked of a
+    server without the model).
+    """
+    turn_eagerness: Global___TurnEagerness.ValueType
+    """SMART_TURN: how readily the model ends a turn."""
     @_builtins.property
     def input_format(self) -> Global___AudioFormat:
         """The format of the audio the server takes."""
@@ -3989,10 +4115,12 @@ class VoiceSession(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         partial_transcripts: _builtins.bool = ...,
         barge_in: _builtins.bool = ...,
+        turn_detector: Global___TurnDetector.ValueType = ...,
+        turn_eagerness: Global___TurnEagerness.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "input_format", b"input_format", "output_format", b"output_format", "silence", b"silence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "expire_time", b"expire_time", "input_format", b"input_format", "name", b"name", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_count", b"turn_count", "turn_detection", b"turn_detection"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "expire_time", b"expire_time", "input_format", b"input_format", "name", b"name", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_count", b"turn_count", "turn_detection", b"turn_detection", "turn_detector", b"turn_detector", "turn_eagerness", b"turn_eagerness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4053,22 +4181,32 @@ class TalkEvent(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     TURN_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    END_CONFIDENCE_FIELD_NUMBER: _builtins.int
     kind: Global___TalkEventKind.ValueType
     """What happened."""
     turn: _builtins.int
     """The turn it concerns."""
     run: _builtins.str
     """The run it concerns (SPEECH_INTERRUPTED)."""
+    end_reason: Global___TurnEndReason.ValueType
+    """SPEECH_STOPPED: why the turn ended (MODEL or SILENCE)."""
+    end_confidence: _builtins.float
+    """SPEECH_STOPPED: the end-of-turn model's probability that the speaker had
+    finished, at its last reading of the turn (0 when it did not read it).
+    """
     def __init__(
         self,
         *,
         kind: Global___TalkEventKind.ValueType = ...,
         turn: _builtins.int = ...,
         run: _builtins.str = ...,
+        end_reason: Global___TurnEndReason.ValueType = ...,
+        end_confidence: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "run", b"run", "turn", b"turn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_confidence", b"end_confidence", "end_reason", b"end_reason", "kind", b"kind", "run", b"run", "turn", b"turn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -747,6 +747,181 @@ func (TurnDetection) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
 }
 
+// What decides that a spoken turn is over, with SERVER_VAD detection.
+type TurnDetector int32
+
+const (
+	// Not set: the assistant's (VoiceSettings.turn_detector), else SMART_TURN.
+	TurnDetector_TURN_DETECTOR_UNSPECIFIED TurnDetector = 0
+	// Silence alone: the turn ends after the session's `silence`.
+	TurnDetector_TURN_DETECTOR_SILENCE TurnDetector = 1
+	// After a short pause (200 ms), the Smart Turn model reads the turn's audio
+	// and ends the turn when it judges the speaker finished; otherwise the
+	// session's `silence` still ends it. A server without the model runs
+	// SILENCE instead, and the session's settings say so.
+	TurnDetector_TURN_DETECTOR_SMART_TURN TurnDetector = 2
+)
+
+// Enum value maps for TurnDetector.
+var (
+	TurnDetector_name = map[int32]string{
+		0: "TURN_DETECTOR_UNSPECIFIED",
+		1: "TURN_DETECTOR_SILENCE",
+		2: "TURN_DETECTOR_SMART_TURN",
+	}
+	TurnDetector_value = map[string]int32{
+		"TURN_DETECTOR_UNSPECIFIED": 0,
+		"TURN_DETECTOR_SILENCE":     1,
+		"TURN_DETECTOR_SMART_TURN":  2,
+	}
+)
+
+func (x TurnDetector) Enum() *TurnDetector {
+	p := new(TurnDetector)
+	*p = x
+	return p
+}
+
+func (x TurnDetector) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TurnDetector) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[12].Descriptor()
+}
+
+func (TurnDetector) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[12]
+}
+
+func (x TurnDetector) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TurnDetector.Descriptor instead.
+func (TurnDetector) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
+}
+
+// How readily SMART_TURN ends a turn: the model's probability that the
+// speaker finished which ends it.
+type TurnEagerness int32
+
+const (
+	// Not set: the assistant's (VoiceSettings.turn_eagerness), else MEDIUM.
+	TurnEagerness_TURN_EAGERNESS_UNSPECIFIED TurnEagerness = 0
+	// At 0.7: fewer turns cut mid-phrase, more that wait for the silence.
+	TurnEagerness_TURN_EAGERNESS_LOW TurnEagerness = 1
+	// At 0.5.
+	TurnEagerness_TURN_EAGERNESS_MEDIUM TurnEagerness = 2
+	// At 0.3: quicker answers, more turns cut mid-phrase.
+	TurnEagerness_TURN_EAGERNESS_HIGH TurnEagerness = 3
+)
+
+// Enum value maps for TurnEagerness.
+var (
+	TurnEagerness_name = map[int32]string{
+		0: "TURN_EAGERNESS_UNSPECIFIED",
+		1: "TURN_EAGERNESS_LOW",
+		2: "TURN_EAGERNESS_MEDIUM",
+		3: "TURN_EAGERNESS_HIGH",
+	}
+	TurnEagerness_value = map[string]int32{
+		"TURN_EAGERNESS_UNSPECIFIED": 0,
+		"TURN_EAGERNESS_LOW":         1,
+		"TURN_EAGERNESS_MEDIUM":      2,
+		"TURN_EAGERNESS_HIGH":        3,
+	}
+)
+
+func (x TurnEagerness) Enum() *TurnEagerness {
+	p := new(TurnEagerness)
+	*p = x
+	return p
+}
+
+func (x TurnEagerness) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TurnEagerness) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[13].Descriptor()
+}
+
+func (TurnEagerness) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[13]
+}
+
+func (x TurnEagerness) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TurnEagerness.Descriptor instead.
+func (TurnEagerness) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
+}
+
+// Why a spoken turn ended.
+type TurnEndReason int32
+
+const (
+	// Not set.
+	TurnEndReason_TURN_END_REASON_UNSPECIFIED TurnEndReason = 0
+	// The end-of-turn model judged the speaker finished, after a short pause.
+	TurnEndReason_TURN_END_REASON_MODEL TurnEndReason = 1
+	// The session's silence passed (with SMART_TURN: the model had not ended it).
+	TurnEndReason_TURN_END_REASON_SILENCE TurnEndReason = 2
+	// The client's `end_turn` control.
+	TurnEndReason_TURN_END_REASON_CLIENT TurnEndReason = 3
+	// The turn reached the server's longest turn.
+	TurnEndReason_TURN_END_REASON_MAX_LENGTH TurnEndReason = 4
+)
+
+// Enum value maps for TurnEndReason.
+var (
+	TurnEndReason_name = map[int32]string{
+		0: "TURN_END_REASON_UNSPECIFIED",
+		1: "TURN_END_REASON_MODEL",
+		2: "TURN_END_REASON_SILENCE",
+		3: "TURN_END_REASON_CLIENT",
+		4: "TURN_END_REASON_MAX_LENGTH",
+	}
+	TurnEndReason_value = map[string]int32{
+		"TURN_END_REASON_UNSPECIFIED": 0,
+		"TURN_END_REASON_MODEL":       1,
+		"TURN_END_REASON_SILENCE":     2,
+		"TURN_END_REASON_CLIENT":      3,
+		"TURN_END_REASON_MAX_LENGTH":  4,
+	}
+)
+
+func (x TurnEndReason) Enum() *TurnEndReason {
+	p := new(TurnEndReason)
+	*p = x
+	return p
+}
+
+func (x TurnEndReason) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TurnEndReason) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[14].Descriptor()
+}
+
+func (TurnEndReason) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[14]
+}
+
+func (x TurnEndReason) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TurnEndReason.Descriptor instead.
+func (TurnEndReason) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
+}
+
 // What a control frame asks.
 type TalkAction int32
 
@@ -793,11 +968,11 @@ func (x TalkAction) String() string {
 }
 
 func (TalkAction) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[12].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[15].Descriptor()
 }
 
 func (TalkAction) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[12]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[15]
 }
 
 func (x TalkAction) Number() protoreflect.EnumNumber {
@@ -806,7 +981,7 @@ func (x TalkAction) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use TalkAction.Descriptor instead.
 func (TalkAction) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
 }
 
 // What a session noticed.
@@ -855,11 +1030,11 @@ func (x TalkEventKind) String() string {
 }
 
 func (TalkEventKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[13].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[16].Descriptor()
 }
 
 func (TalkEventKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[13]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[16]
 }
 
 func (x TalkEventKind) Number() protoreflect.EnumNumber {
@@ -868,7 +1043,7 @@ func (x TalkEventKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use TalkEventKind.Descriptor instead.
 func (TalkEventKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
 }
 
 // Whether a schedule fires.
@@ -908,11 +1083,11 @@ func (x ScheduleState) String() string {
 }
 
 func (ScheduleState) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[14].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[17].Descriptor()
 }
 
 func (ScheduleState) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[14]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[17]
 }
 
 func (x ScheduleState) Number() protoreflect.EnumNumber {
@@ -921,7 +1096,7 @@ func (x ScheduleState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ScheduleState.Descriptor instead.
 func (ScheduleState) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
 }
 
 // Which conversation a schedule's runs use.
@@ -963,11 +1138,11 @@ func (x ScheduleConversationMode) String() string {
 }
 
 func (ScheduleConversationMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[15].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[18].Descriptor()
 }
 
 func (ScheduleConversationMode) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[15]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[18]
 }
 
 func (x ScheduleConversationMode) Number() protoreflect.EnumNumber {
@@ -976,7 +1151,7 @@ func (x ScheduleConversationMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ScheduleConversationMode.Descriptor instead.
 func (ScheduleConversationMode) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
 }
 
 // What a schedule does with ticks that fell while no replica could fire them
@@ -1020,11 +1195,11 @@ func (x MissedTickPolicy) String() string {
 }
 
 func (MissedTickPolicy) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[16].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[19].Descriptor()
 }
 
 func (MissedTickPolicy) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[16]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[19]
 }
 
 func (x MissedTickPolicy) Number() protoreflect.EnumNumber {
@@ -1033,7 +1208,7 @@ func (x MissedTickPolicy) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use MissedTickPolicy.Descriptor instead.
 func (MissedTickPolicy) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
 }
 
 // How a schedule's tick ended.
@@ -1083,11 +1258,11 @@ func (x FiringOutcome) String() string {
 }
 
 func (FiringOutcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[17].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[20].Descriptor()
 }
 
 func (FiringOutcome) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[17]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[20]
 }
 
 func (x FiringOutcome) Number() protoreflect.EnumNumber {
@@ -1096,7 +1271,7 @@ func (x FiringOutcome) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FiringOutcome.Descriptor instead.
 func (FiringOutcome) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
 }
 
 // One execution of a handler answering one user message.
@@ -2144,7 +2319,13 @@ type VoiceSettings struct {
 	Voice string `protobuf:"bytes,3,opt,name=voice,proto3" json:"voice,omitempty"`
 	// The language spoken to it, ISO-639-1 (for example "en"); the endpoint
 	// detects it if empty.
-	Language      string `protobuf:"bytes,4,opt,name=language,proto3" json:"language,omitempty"`
+	Language string `protobuf:"bytes,4,opt,name=language,proto3" json:"language,omitempty"`
+	// How its voice sessions decide that a spoken turn is over (SERVER_VAD);
+	// a session's TalkStart.turn_detector overrides it. SMART_TURN if unset.
+	TurnDetector TurnDetector `protobuf:"varint,5,opt,name=turn_detector,json=turnDetector,proto3,enum=switchboard.api.dispatcher.v1.TurnDetector" json:"turn_detector,omitempty"`
+	// How readily SMART_TURN ends a turn; a session's TalkStart.turn_eagerness
+	// overrides it. MEDIUM if unset.
+	TurnEagerness TurnEagerness `protobuf:"varint,6,opt,name=turn_eagerness,json=turnEagerness,proto3,enum=switchboard.api.dispatcher.v1.TurnEagerness" json:"turn_eagerness,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2205,6 +2386,20 @@ func (x *VoiceSettings) GetLanguage() string {
 		return x.Language
 	}
 	return ""
+}
+
+func (x *VoiceSettings) GetTurnDetector() TurnDetector {
+	if x != nil {
+		return x.TurnDetector
+	}
+	return TurnDetector_TURN_DETECTOR_UNSPECIFIED
+}
+
+func (x *VoiceSettings) GetTurnEagerness() TurnEagerness {
+	if x != nil {
+		return x.TurnEagerness
+	}
+	return TurnEagerness_TURN_EAGERNESS_UNSPECIFIED
 }
 
 // A piece of a run's spoken answer: audio in the run's output format.
@@ -7114,7 +7309,13 @@ type TalkStart struct {
 	PartialTranscripts bool `protobuf:"varint,8,opt,name=partial_transcripts,json=partialTranscripts,proto3" json:"partial_transcripts,omitempty"`
 	// Whether the user's speech while the assistant speaks interrupts it
 	// (barge-in); an `interrupt` control always does.
-	BargeIn       bool `protobuf:"varint,9,opt,name=barge_in,json=bargeIn,proto3" json:"barge_in,omitempty"`
+	BargeIn bool `protobuf:"varint,9,opt,name=barge_in,json=bargeIn,proto3" json:"barge_in,omitempty"`
+	// SERVER_VAD: what decides the turn is over; the assistant's
+	// (VoiceSettings.turn_detector) if unset, else SMART_TURN.
+	TurnDetector TurnDetector `protobuf:"varint,10,opt,name=turn_detector,json=turnDetector,proto3,enum=switchboard.api.dispatcher.v1.TurnDetector" json:"turn_detector,omitempty"`
+	// SMART_TURN: how readily the model ends a turn; the assistant's if unset,
+	// else MEDIUM.
+	TurnEagerness TurnEagerness `protobuf:"varint,11,opt,name=turn_eagerness,json=turnEagerness,proto3,enum=switchboard.api.dispatcher.v1.TurnEagerness" json:"turn_eagerness,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -7210,6 +7411,20 @@ func (x *TalkStart) GetBargeIn() bool {
 		return x.BargeIn
 	}
 	return false
+}
+
+func (x *TalkStart) GetTurnDetector() TurnDetector {
+	if x != nil {
+		return x.TurnDetector
+	}
+	return TurnDetector_TURN_DETECTOR_UNSPECIFIED
+}
+
+func (x *TalkStart) GetTurnEagerness() TurnEagerness {
+	if x != nil {
+		return x.TurnEagerness
+	}
+	return TurnEagerness_TURN_EAGERNESS_UNSPECIFIED
 }
 
 // Resuming a voice session.
@@ -7565,7 +7780,12 @@ type VoiceSession struct {
 	// Whether partial transcripts are sent.
 	PartialTranscripts bool `protobuf:"varint,11,opt,name=partial_transcripts,json=partialTranscripts,proto3" json:"partial_transcripts,omitempty"`
 	// Whether speech interrupts the assistant.
-	BargeIn       bool `protobuf:"varint,12,opt,name=barge_in,json=bargeIn,proto3" json:"barge_in,omitempty"`
+	BargeIn bool `protobuf:"varint,12,opt,name=barge_in,json=bargeIn,proto3" json:"barge_in,omitempty"`
+	// SERVER_VAD: the detector in use (SILENCE where SMART_TURN was asked of a
+	// server without the model).
+	TurnDetector TurnDetector `protobuf:"varint,13,opt,name=turn_detector,json=turnDetector,proto3,enum=switchboard.api.dispatcher.v1.TurnDetector" json:"turn_detector,omitempty"`
+	// SMART_TURN: how readily the model ends a turn.
+	TurnEagerness TurnEagerness `protobuf:"varint,14,opt,name=turn_eagerness,json=turnEagerness,proto3,enum=switchboard.api.dispatcher.v1.TurnEagerness" json:"turn_eagerness,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -7684,6 +7904,20 @@ func (x *VoiceSession) GetBargeIn() bool {
 	return false
 }
 
+func (x *VoiceSession) GetTurnDetector() TurnDetector {
+	if x != nil {
+		return x.TurnDetector
+	}
+	return TurnDetector_TURN_DETECTOR_UNSPECIFIED
+}
+
+func (x *VoiceSession) GetTurnEagerness() TurnEagerness {
+	if x != nil {
+		return x.TurnEagerness
+	}
+	return TurnEagerness_TURN_EAGERNESS_UNSPECIFIED
+}
+
 // A transcript of a user's turn.
 type Transcript struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -7792,7 +8026,12 @@ type TalkEvent struct {
 	// The turn it concerns.
 	Turn int64 `protobuf:"varint,2,opt,name=turn,proto3" json:"turn,omitempty"`
 	// The run it concerns (SPEECH_INTERRUPTED).
-	Run           string `protobuf:"bytes,3,opt,name=run,proto3" json:"run,omitempty"`
+	Run string `protobuf:"bytes,3,opt,name=run,proto3" json:"run,omitempty"`
+	// SPEECH_STOPPED: why the turn ended (MODEL or SILENCE).
+	EndReason TurnEndReason `protobuf:"varint,4,opt,name=end_reason,json=endReason,proto3,enum=switchboard.api.dispatcher.v1.TurnEndReason" json:"end_reason,omitempty"`
+	// SPEECH_STOPPED: the end-of-turn model's probability that the speaker had
+	// finished, at its last reading of the turn (0 when it did not read it).
+	EndConfidence float32 `protobuf:"fixed32,5,opt,name=end_confidence,json=endConfidence,proto3" json:"end_confidence,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -7846,6 +8085,20 @@ func (x *TalkEvent) GetRun() string {
 		return x.Run
 	}
 	return ""
+}
+
+func (x *TalkEvent) GetEndReason() TurnEndReason {
+	if x != nil {
+		return x.EndReason
+	}
+	return TurnEndReason_TURN_END_REASON_UNSPECIFIED
+}
+
+func (x *TalkEvent) GetEndConfidence() float32 {
+	if x != nil {
+		return x.EndConfidence
+	}
+	return 0
 }
 
 // Request for SteerRun.
@@ -9273,12 +9526,14 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\routput_format\x18\x02 \x01(\v2*.switchboard.api.dispatcher.v1.AudioFormatR\foutputFormat\x12\x1e\n" +
 	"\n" +
 	"transcribe\x18\x03 \x01(\bR\n" +
-	"transcribe\"\x95\x01\n" +
+	"transcribe\"\xbc\x02\n" +
 	"\rVoiceSettings\x12/\n" +
 	"\x13transcription_model\x18\x01 \x01(\tR\x12transcriptionModel\x12!\n" +
 	"\fspeech_model\x18\x02 \x01(\tR\vspeechModel\x12\x14\n" +
 	"\x05voice\x18\x03 \x01(\tR\x05voice\x12\x1a\n" +
-	"\blanguage\x18\x04 \x01(\tR\blanguage\"\xae\x02\n" +
+	"\blanguage\x18\x04 \x01(\tR\blanguage\x12P\n" +
+	"\rturn_detector\x18\x05 \x01(\x0e2+.switchboard.api.dispatcher.v1.TurnDetectorR\fturnDetector\x12S\n" +
+	"\x0eturn_eagerness\x18\x06 \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnEagernessR\rturnEagerness\"\xae\x02\n" +
 	"\vSpeechChunk\x12\x14\n" +
 	"\x05audio\x18\x01 \x01(\fR\x05audio\x12B\n" +
 	"\x06format\x18\x02 \x01(\v2*.switchboard.api.dispatcher.v1.AudioFormatR\x06format\x12\x18\n" +
@@ -9622,7 +9877,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x05audio\x18\x03 \x01(\v2).switchboard.api.dispatcher.v1.AudioChunkH\x00R\x05audio\x12F\n" +
 	"\acontrol\x18\x04 \x01(\v2*.switchboard.api.dispatcher.v1.TalkControlH\x00R\acontrol\x12\x14\n" +
 	"\x04text\x18\x05 \x01(\tH\x00R\x04textB\a\n" +
-	"\x05frame\"\xa4\x04\n" +
+	"\x05frame\"\xcb\x05\n" +
 	"\tTalkStart\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12\x1c\n" +
 	"\tassistant\x18\x02 \x01(\tR\tassistant\x12M\n" +
@@ -9632,7 +9887,10 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\asilence\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\asilence\x12_\n" +
 	"\x12concurrency_policy\x18\a \x01(\x0e20.switchboard.api.dispatcher.v1.ConcurrencyPolicyR\x11concurrencyPolicy\x12/\n" +
 	"\x13partial_transcripts\x18\b \x01(\bR\x12partialTranscripts\x12\x19\n" +
-	"\bbarge_in\x18\t \x01(\bR\abargeIn\"M\n" +
+	"\bbarge_in\x18\t \x01(\bR\abargeIn\x12P\n" +
+	"\rturn_detector\x18\n" +
+	" \x01(\x0e2+.switchboard.api.dispatcher.v1.TurnDetectorR\fturnDetector\x12S\n" +
+	"\x0eturn_eagerness\x18\v \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnEagernessR\rturnEagerness\"M\n" +
 	"\n" +
 	"TalkResume\x12\x18\n" +
 	"\asession\x18\x01 \x01(\tR\asession\x12%\n" +
@@ -9653,7 +9911,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x05event\x18\x05 \x01(\v2(.switchboard.api.dispatcher.v1.TalkEventH\x00R\x05event\x12*\n" +
 	"\x05error\x18\x06 \x01(\v2\x12.google.rpc.StatusH\x00R\x05error\x12H\n" +
 	"\theartbeat\x18\a \x01(\v2(.switchboard.api.dispatcher.v1.HeartbeatH\x00R\theartbeatB\a\n" +
-	"\x05frame\"\xb0\x05\n" +
+	"\x05frame\"\xd7\x06\n" +
 	"\fVoiceSession\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tassistant\x18\x02 \x01(\tR\tassistant\x12M\n" +
@@ -9670,7 +9928,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"expireTime\x12/\n" +
 	"\x13partial_transcripts\x18\v \x01(\bR\x12partialTranscripts\x12\x19\n" +
-	"\bbarge_in\x18\f \x01(\bR\abargeIn\"\xaf\x01\n" +
+	"\bbarge_in\x18\f \x01(\bR\abargeIn\x12P\n" +
+	"\rturn_detector\x18\r \x01(\x0e2+.switchboard.api.dispatcher.v1.TurnDetectorR\fturnDetector\x12S\n" +
+	"\x0eturn_eagerness\x18\x0e \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnEagernessR\rturnEagerness\"\xaf\x01\n" +
 	"\n" +
 	"Transcript\x12\x12\n" +
 	"\x04turn\x18\x01 \x01(\x03R\x04turn\x12\x12\n" +
@@ -9679,11 +9939,14 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\amessage\x18\x04 \x01(\tR\amessage\x12\x10\n" +
 	"\x03run\x18\x05 \x01(\tR\x03run\x12\x1c\n" +
 	"\trecording\x18\x06 \x01(\tR\trecording\x12\x19\n" +
-	"\baudio_ms\x18\a \x01(\x03R\aaudioMs\"s\n" +
+	"\baudio_ms\x18\a \x01(\x03R\aaudioMs\"\xe7\x01\n" +
 	"\tTalkEvent\x12@\n" +
 	"\x04kind\x18\x01 \x01(\x0e2,.switchboard.api.dispatcher.v1.TalkEventKindR\x04kind\x12\x12\n" +
 	"\x04turn\x18\x02 \x01(\x03R\x04turn\x12\x10\n" +
-	"\x03run\x18\x03 \x01(\tR\x03run\"\x81\x01\n" +
+	"\x03run\x18\x03 \x01(\tR\x03run\x12K\n" +
+	"\n" +
+	"end_reason\x18\x04 \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnEndReasonR\tendReason\x12%\n" +
+	"\x0eend_confidence\x18\x05 \x01(\x02R\rendConfidence\"\x81\x01\n" +
 	"\x0fSteerRunRequest\x12\x10\n" +
 	"\x03run\x18\x01 \x01(\tR\x03run\x12=\n" +
 	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\x12\x1d\n" +
@@ -9839,7 +10102,22 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\rTurnDetection\x12\x1e\n" +
 	"\x1aTURN_DETECTION_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15TURN_DETECTION_CLIENT\x10\x01\x12\x1d\n" +
-	"\x19TURN_DETECTION_SERVER_VAD\x10\x02*\x97\x01\n" +
+	"\x19TURN_DETECTION_SERVER_VAD\x10\x02*f\n" +
+	"\fTurnDetector\x12\x1d\n" +
+	"\x19TURN_DETECTOR_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TURN_DETECTOR_SILENCE\x10\x01\x12\x1c\n" +
+	"\x18TURN_DETECTOR_SMART_TURN\x10\x02*{\n" +
+	"\rTurnEagerness\x12\x1e\n" +
+	"\x1aTURN_EAGERNESS_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12TURN_EAGERNESS_LOW\x10\x01\x12\x19\n" +
+	"\x15TURN_EAGERNESS_MEDIUM\x10\x02\x12\x17\n" +
+	"\x13TURN_EAGERNESS_HIGH\x10\x03*\xa4\x01\n" +
+	"\rTurnEndReason\x12\x1f\n" +
+	"\x1bTURN_END_REASON_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TURN_END_REASON_MODEL\x10\x01\x12\x1b\n" +
+	"\x17TURN_END_REASON_SILENCE\x10\x02\x12\x1a\n" +
+	"\x16TURN_END_REASON_CLIENT\x10\x03\x12\x1e\n" +
+	"\x1aTURN_END_REASON_MAX_LENGTH\x10\x04*\x97\x01\n" +
 	"\n" +
 	"TalkAction\x12\x1b\n" +
 	"\x17TALK_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n" +
@@ -9920,7 +10198,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescData
 }
 
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 18)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 21)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 102)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(RunState)(0),                        // 0: switchboard.api.dispatcher.v1.RunState
@@ -9935,379 +10213,389 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(BudgetPeriod)(0),                    // 9: switchboard.api.dispatcher.v1.BudgetPeriod
 	(UsageDimension)(0),                  // 10: switchboard.api.dispatcher.v1.UsageDimension
 	(TurnDetection)(0),                   // 11: switchboard.api.dispatcher.v1.TurnDetection
-	(TalkAction)(0),                      // 12: switchboard.api.dispatcher.v1.TalkAction
-	(TalkEventKind)(0),                   // 13: switchboard.api.dispatcher.v1.TalkEventKind
-	(ScheduleState)(0),                   // 14: switchboard.api.dispatcher.v1.ScheduleState
-	(ScheduleConversationMode)(0),        // 15: switchboard.api.dispatcher.v1.ScheduleConversationMode
-	(MissedTickPolicy)(0),                // 16: switchboard.api.dispatcher.v1.MissedTickPolicy
-	(FiringOutcome)(0),                   // 17: switchboard.api.dispatcher.v1.FiringOutcome
-	(*Run)(nil),                          // 18: switchboard.api.dispatcher.v1.Run
-	(*Steer)(nil),                        // 19: switchboard.api.dispatcher.v1.Steer
-	(*SteerUpdate)(nil),                  // 20: switchboard.api.dispatcher.v1.SteerUpdate
-	(*RequiredAction)(nil),               // 21: switchboard.api.dispatcher.v1.RequiredAction
-	(*BudgetAction)(nil),                 // 22: switchboard.api.dispatcher.v1.BudgetAction
-	(*PendingToolCall)(nil),              // 23: switchboard.api.dispatcher.v1.PendingToolCall
-	(*SendMessageRequest)(nil),           // 24: switchboard.api.dispatcher.v1.SendMessageRequest
-	(*AudioFormat)(nil),                  // 25: switchboard.api.dispatcher.v1.AudioFormat
-	(*SpeechOptions)(nil),                // 26: switchboard.api.dispatcher.v1.SpeechOptions
-	(*VoiceSettings)(nil),                // 27: switchboard.api.dispatcher.v1.VoiceSettings
-	(*SpeechChunk)(nil),                  // 28: switchboard.api.dispatcher.v1.SpeechChunk
-	(*SendMessageResponse)(nil),          // 29: switchboard.api.dispatcher.v1.SendMessageResponse
-	(*GetRunRequest)(nil),                // 30: switchboard.api.dispatcher.v1.GetRunRequest
-	(*GetRunResponse)(nil),               // 31: switchboard.api.dispatcher.v1.GetRunResponse
-	(*ChildRun)(nil),                     // 32: switchboard.api.dispatcher.v1.ChildRun
-	(*Handoff)(nil),                      // 33: switchboard.api.dispatcher.v1.Handoff
-	(*ListRunsRequest)(nil),              // 34: switchboard.api.dispatcher.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),             // 35: switchboard.api.dispatcher.v1.ListRunsResponse
-	(*CancelRunRequest)(nil),             // 36: switchboard.api.dispatcher.v1.CancelRunRequest
-	(*CancelRunResponse)(nil),            // 37: switchboard.api.dispatcher.v1.CancelRunResponse
-	(*WatchRunRequest)(nil),              // 38: switchboard.api.dispatcher.v1.WatchRunRequest
-	(*RunStateChange)(nil),               // 39: switchboard.api.dispatcher.v1.RunStateChange
-	(*RunUpdate)(nil),                    // 40: switchboard.api.dispatcher.v1.RunUpdate
-	(*WatchRunResponse)(nil),             // 41: switchboard.api.dispatcher.v1.WatchRunResponse
-	(*Heartbeat)(nil),                    // 42: switchboard.api.dispatcher.v1.Heartbeat
-	(*ConverseRequest)(nil),              // 43: switchboard.api.dispatcher.v1.ConverseRequest
-	(*ConverseResponse)(nil),             // 44: switchboard.api.dispatcher.v1.ConverseResponse
-	(*Handler)(nil),                      // 45: switchboard.api.dispatcher.v1.Handler
-	(*ListHandlersRequest)(nil),          // 46: switchboard.api.dispatcher.v1.ListHandlersRequest
-	(*ListHandlersResponse)(nil),         // 47: switchboard.api.dispatcher.v1.ListHandlersResponse
-	(*ToolApproval)(nil),                 // 48: switchboard.api.dispatcher.v1.ToolApproval
-	(*SubmitToolApprovalsRequest)(nil),   // 49: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	(*SubmitToolApprovalsResponse)(nil),  // 50: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	(*AssistantTools)(nil),               // 51: switchboard.api.dispatcher.v1.AssistantTools
-	(*Assistant)(nil),                    // 52: switchboard.api.dispatcher.v1.Assistant
-	(*AssistantHandoff)(nil),             // 53: switchboard.api.dispatcher.v1.AssistantHandoff
-	(*AssistantDelegate)(nil),            // 54: switchboard.api.dispatcher.v1.AssistantDelegate
-	(*RetrievalSettings)(nil),            // 55: switchboard.api.dispatcher.v1.RetrievalSettings
-	(*CreateAssistantRequest)(nil),       // 56: switchboard.api.dispatcher.v1.CreateAssistantRequest
-	(*CreateAssistantResponse)(nil),      // 57: switchboard.api.dispatcher.v1.CreateAssistantResponse
-	(*GetAssistantRequest)(nil),          // 58: switchboard.api.dispatcher.v1.GetAssistantRequest
-	(*GetAssistantResponse)(nil),         // 59: switchboard.api.dispatcher.v1.GetAssistantResponse
-	(*ListAssistantsRequest)(nil),        // 60: switchboard.api.dispatcher.v1.ListAssistantsRequest
-	(*ListAssistantsResponse)(nil),       // 61: switchboard.api.dispatcher.v1.ListAssistantsResponse
-	(*UpdateAssistantRequest)(nil),       // 62: switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	(*UpdateAssistantResponse)(nil),      // 63: switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	(*DeleteAssistantRequest)(nil),       // 64: switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	(*DeleteAssistantResponse)(nil),      // 65: switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	(*DescribeConversationRequest)(nil),  // 66: switchboard.api.dispatcher.v1.DescribeConversationRequest
-	(*DescribeConversationResponse)(nil), // 67: switchboard.api.dispatcher.v1.DescribeConversationResponse
-	(*Budget)(nil),                       // 68: switchboard.api.dispatcher.v1.Budget
-	(*BudgetUsage)(nil),                  // 69: switchboard.api.dispatcher.v1.BudgetUsage
-	(*CreateBudgetRequest)(nil),          // 70: switchboard.api.dispatcher.v1.CreateBudgetRequest
-	(*CreateBudgetResponse)(nil),         // 71: switchboard.api.dispatcher.v1.CreateBudgetResponse
-	(*GetBudgetRequest)(nil),             // 72: switchboard.api.dispatcher.v1.GetBudgetRequest
-	(*GetBudgetResponse)(nil),            // 73: switchboard.api.dispatcher.v1.GetBudgetResponse
-	(*ListBudgetsRequest)(nil),           // 74: switchboard.api.dispatcher.v1.ListBudgetsRequest
-	(*ListBudgetsResponse)(nil),          // 75: switchboard.api.dispatcher.v1.ListBudgetsResponse
-	(*UpdateBudgetRequest)(nil),          // 76: switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	(*UpdateBudgetResponse)(nil),         // 77: switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	(*DeleteBudgetRequest)(nil),          // 78: switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	(*DeleteBudgetResponse)(nil),         // 79: switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	(*ResolveBudgetActionRequest)(nil),   // 80: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	(*ResolveBudgetActionResponse)(nil),  // 81: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	(*QueryUsageRequest)(nil),            // 82: switchboard.api.dispatcher.v1.QueryUsageRequest
-	(*UsageRow)(nil),                     // 83: switchboard.api.dispatcher.v1.UsageRow
-	(*QueryUsageResponse)(nil),           // 84: switchboard.api.dispatcher.v1.QueryUsageResponse
-	(*ApiKeyQuota)(nil),                  // 85: switchboard.api.dispatcher.v1.ApiKeyQuota
-	(*WorkspaceQuota)(nil),               // 86: switchboard.api.dispatcher.v1.WorkspaceQuota
-	(*GetWorkspaceQuotaRequest)(nil),     // 87: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	(*GetWorkspaceQuotaResponse)(nil),    // 88: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	(*UpdateWorkspaceQuotaRequest)(nil),  // 89: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	(*UpdateWorkspaceQuotaResponse)(nil), // 90: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	(*TalkRequest)(nil),                  // 91: switchboard.api.dispatcher.v1.TalkRequest
-	(*TalkStart)(nil),                    // 92: switchboard.api.dispatcher.v1.TalkStart
-	(*TalkResume)(nil),                   // 93: switchboard.api.dispatcher.v1.TalkResume
-	(*AudioChunk)(nil),                   // 94: switchboard.api.dispatcher.v1.AudioChunk
-	(*TalkControl)(nil),                  // 95: switchboard.api.dispatcher.v1.TalkControl
-	(*TalkResponse)(nil),                 // 96: switchboard.api.dispatcher.v1.TalkResponse
-	(*VoiceSession)(nil),                 // 97: switchboard.api.dispatcher.v1.VoiceSession
-	(*Transcript)(nil),                   // 98: switchboard.api.dispatcher.v1.Transcript
-	(*TalkEvent)(nil),                    // 99: switchboard.api.dispatcher.v1.TalkEvent
-	(*SteerRunRequest)(nil),              // 100: switchboard.api.dispatcher.v1.SteerRunRequest
-	(*SteerRunResponse)(nil),             // 101: switchboard.api.dispatcher.v1.SteerRunResponse
-	(*Schedule)(nil),                     // 102: switchboard.api.dispatcher.v1.Schedule
-	(*ScheduleFiring)(nil),               // 103: switchboard.api.dispatcher.v1.ScheduleFiring
-	(*CreateScheduleRequest)(nil),        // 104: switchboard.api.dispatcher.v1.CreateScheduleRequest
-	(*CreateScheduleResponse)(nil),       // 105: switchboard.api.dispatcher.v1.CreateScheduleResponse
-	(*GetScheduleRequest)(nil),           // 106: switchboard.api.dispatcher.v1.GetScheduleRequest
-	(*GetScheduleResponse)(nil),          // 107: switchboard.api.dispatcher.v1.GetScheduleResponse
-	(*ListSchedulesRequest)(nil),         // 108: switchboard.api.dispatcher.v1.ListSchedulesRequest
-	(*ListSchedulesResponse)(nil),        // 109: switchboard.api.dispatcher.v1.ListSchedulesResponse
-	(*UpdateScheduleRequest)(nil),        // 110: switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	(*UpdateScheduleResponse)(nil),       // 111: switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	(*PauseScheduleRequest)(nil),         // 112: switchboard.api.dispatcher.v1.PauseScheduleRequest
-	(*PauseScheduleResponse)(nil),        // 113: switchboard.api.dispatcher.v1.PauseScheduleResponse
-	(*ResumeScheduleRequest)(nil),        // 114: switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	(*ResumeScheduleResponse)(nil),       // 115: switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	(*DeleteScheduleRequest)(nil),        // 116: switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	(*DeleteScheduleResponse)(nil),       // 117: switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	(*ListScheduleFiringsRequest)(nil),   // 118: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	(*ListScheduleFiringsResponse)(nil),  // 119: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	(*timestamppb.Timestamp)(nil),        // 120: google.protobuf.Timestamp
-	(*status.Status)(nil),                // 121: google.rpc.Status
-	(*v1.Progress)(nil),                  // 122: switchboard.api.handler.v1.Progress
-	(*v1.Usage)(nil),                     // 123: switchboard.api.handler.v1.Usage
-	(*v1.ToolCall)(nil),                  // 124: switchboard.api.handler.v1.ToolCall
-	(*v11.Message)(nil),                  // 125: switchboard.api.context.v1.Message
-	(*structpb.Struct)(nil),              // 126: google.protobuf.Struct
-	(*durationpb.Duration)(nil),          // 127: google.protobuf.Duration
-	(*v1.TextDelta)(nil),                 // 128: switchboard.api.handler.v1.TextDelta
-	(*v1.HandleResult)(nil),              // 129: switchboard.api.handler.v1.HandleResult
-	(*v1.ToolResult)(nil),                // 130: switchboard.api.handler.v1.ToolResult
-	(*v1.HandlerCapabilities)(nil),       // 131: switchboard.api.handler.v1.HandlerCapabilities
-	(*v1.ModelSettings)(nil),             // 132: switchboard.api.handler.v1.ModelSettings
-	(v11.SearchMode)(0),                  // 133: switchboard.api.context.v1.SearchMode
-	(*fieldmaskpb.FieldMask)(nil),        // 134: google.protobuf.FieldMask
-	(*v1.ToolDefinition)(nil),            // 135: switchboard.api.handler.v1.ToolDefinition
+	(TurnDetector)(0),                    // 12: switchboard.api.dispatcher.v1.TurnDetector
+	(TurnEagerness)(0),                   // 13: switchboard.api.dispatcher.v1.TurnEagerness
+	(TurnEndReason)(0),                   // 14: switchboard.api.dispatcher.v1.TurnEndReason
+	(TalkAction)(0),                      // 15: switchboard.api.dispatcher.v1.TalkAction
+	(TalkEventKind)(0),                   // 16: switchboard.api.dispatcher.v1.TalkEventKind
+	(ScheduleState)(0),                   // 17: switchboard.api.dispatcher.v1.ScheduleState
+	(ScheduleConversationMode)(0),        // 18: switchboard.api.dispatcher.v1.ScheduleConversationMode
+	(MissedTickPolicy)(0),                // 19: switchboard.api.dispatcher.v1.MissedTickPolicy
+	(FiringOutcome)(0),                   // 20: switchboard.api.dispatcher.v1.FiringOutcome
+	(*Run)(nil),                          // 21: switchboard.api.dispatcher.v1.Run
+	(*Steer)(nil),                        // 22: switchboard.api.dispatcher.v1.Steer
+	(*SteerUpdate)(nil),                  // 23: switchboard.api.dispatcher.v1.SteerUpdate
+	(*RequiredAction)(nil),               // 24: switchboard.api.dispatcher.v1.RequiredAction
+	(*BudgetAction)(nil),                 // 25: switchboard.api.dispatcher.v1.BudgetAction
+	(*PendingToolCall)(nil),              // 26: switchboard.api.dispatcher.v1.PendingToolCall
+	(*SendMessageRequest)(nil),           // 27: switchboard.api.dispatcher.v1.SendMessageRequest
+	(*AudioFormat)(nil),                  // 28: switchboard.api.dispatcher.v1.AudioFormat
+	(*SpeechOptions)(nil),                // 29: switchboard.api.dispatcher.v1.SpeechOptions
+	(*VoiceSettings)(nil),                // 30: switchboard.api.dispatcher.v1.VoiceSettings
+	(*SpeechChunk)(nil),                  // 31: switchboard.api.dispatcher.v1.SpeechChunk
+	(*SendMessageResponse)(nil),          // 32: switchboard.api.dispatcher.v1.SendMessageResponse
+	(*GetRunRequest)(nil),                // 33: switchboard.api.dispatcher.v1.GetRunRequest
+	(*GetRunResponse)(nil),               // 34: switchboard.api.dispatcher.v1.GetRunResponse
+	(*ChildRun)(nil),                     // 35: switchboard.api.dispatcher.v1.ChildRun
+	(*Handoff)(nil),                      // 36: switchboard.api.dispatcher.v1.Handoff
+	(*ListRunsRequest)(nil),              // 37: switchboard.api.dispatcher.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),             // 38: switchboard.api.dispatcher.v1.ListRunsResponse
+	(*CancelRunRequest)(nil),             // 39: switchboard.api.dispatcher.v1.CancelRunRequest
+	(*CancelRunResponse)(nil),            // 40: switchboard.api.dispatcher.v1.CancelRunResponse
+	(*WatchRunRequest)(nil),              // 41: switchboard.api.dispatcher.v1.WatchRunRequest
+	(*RunStateChange)(nil),               // 42: switchboard.api.dispatcher.v1.RunStateChange
+	(*RunUpdate)(nil),                    // 43: switchboard.api.dispatcher.v1.RunUpdate
+	(*WatchRunResponse)(nil),             // 44: switchboard.api.dispatcher.v1.WatchRunResponse
+	(*Heartbeat)(nil),                    // 45: switchboard.api.dispatcher.v1.Heartbeat
+	(*ConverseRequest)(nil),              // 46: switchboard.api.dispatcher.v1.ConverseRequest
+	(*ConverseResponse)(nil),             // 47: switchboard.api.dispatcher.v1.ConverseResponse
+	(*Handler)(nil),                      // 48: switchboard.api.dispatcher.v1.Handler
+	(*ListHandlersRequest)(nil),          // 49: switchboard.api.dispatcher.v1.ListHandlersRequest
+	(*ListHandlersResponse)(nil),         // 50: switchboard.api.dispatcher.v1.ListHandlersResponse
+	(*ToolApproval)(nil),                 // 51: switchboard.api.dispatcher.v1.ToolApproval
+	(*SubmitToolApprovalsRequest)(nil),   // 52: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	(*SubmitToolApprovalsResponse)(nil),  // 53: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	(*AssistantTools)(nil),               // 54: switchboard.api.dispatcher.v1.AssistantTools
+	(*Assistant)(nil),                    // 55: switchboard.api.dispatcher.v1.Assistant
+	(*AssistantHandoff)(nil),             // 56: switchboard.api.dispatcher.v1.AssistantHandoff
+	(*AssistantDelegate)(nil),            // 57: switchboard.api.dispatcher.v1.AssistantDelegate
+	(*RetrievalSettings)(nil),            // 58: switchboard.api.dispatcher.v1.RetrievalSettings
+	(*CreateAssistantRequest)(nil),       // 59: switchboard.api.dispatcher.v1.CreateAssistantRequest
+	(*CreateAssistantResponse)(nil),      // 60: switchboard.api.dispatcher.v1.CreateAssistantResponse
+	(*GetAssistantRequest)(nil),          // 61: switchboard.api.dispatcher.v1.GetAssistantRequest
+	(*GetAssistantResponse)(nil),         // 62: switchboard.api.dispatcher.v1.GetAssistantResponse
+	(*ListAssistantsRequest)(nil),        // 63: switchboard.api.dispatcher.v1.ListAssistantsRequest
+	(*ListAssistantsResponse)(nil),       // 64: switchboard.api.dispatcher.v1.ListAssistantsResponse
+	(*UpdateAssistantRequest)(nil),       // 65: switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	(*UpdateAssistantResponse)(nil),      // 66: switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	(*DeleteAssistantRequest)(nil),       // 67: switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	(*DeleteAssistantResponse)(nil),      // 68: switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	(*DescribeConversationRequest)(nil),  // 69: switchboard.api.dispatcher.v1.DescribeConversationRequest
+	(*DescribeConversationResponse)(nil), // 70: switchboard.api.dispatcher.v1.DescribeConversationResponse
+	(*Budget)(nil),                       // 71: switchboard.api.dispatcher.v1.Budget
+	(*BudgetUsage)(nil),                  // 72: switchboard.api.dispatcher.v1.BudgetUsage
+	(*CreateBudgetRequest)(nil),          // 73: switchboard.api.dispatcher.v1.CreateBudgetRequest
+	(*CreateBudgetResponse)(nil),         // 74: switchboard.api.dispatcher.v1.CreateBudgetResponse
+	(*GetBudgetRequest)(nil),             // 75: switchboard.api.dispatcher.v1.GetBudgetRequest
+	(*GetBudgetResponse)(nil),            // 76: switchboard.api.dispatcher.v1.GetBudgetResponse
+	(*ListBudgetsRequest)(nil),           // 77: switchboard.api.dispatcher.v1.ListBudgetsRequest
+	(*ListBudgetsResponse)(nil),          // 78: switchboard.api.dispatcher.v1.ListBudgetsResponse
+	(*UpdateBudgetRequest)(nil),          // 79: switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	(*UpdateBudgetResponse)(nil),         // 80: switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	(*DeleteBudgetRequest)(nil),          // 81: switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	(*DeleteBudgetResponse)(nil),         // 82: switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	(*ResolveBudgetActionRequest)(nil),   // 83: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	(*ResolveBudgetActionResponse)(nil),  // 84: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	(*QueryUsageRequest)(nil),            // 85: switchboard.api.dispatcher.v1.QueryUsageRequest
+	(*UsageRow)(nil),                     // 86: switchboard.api.dispatcher.v1.UsageRow
+	(*QueryUsageResponse)(nil),           // 87: switchboard.api.dispatcher.v1.QueryUsageResponse
+	(*ApiKeyQuota)(nil),                  // 88: switchboard.api.dispatcher.v1.ApiKeyQuota
+	(*WorkspaceQuota)(nil),               // 89: switchboard.api.dispatcher.v1.WorkspaceQuota
+	(*GetWorkspaceQuotaRequest)(nil),     // 90: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	(*GetWorkspaceQuotaResponse)(nil),    // 91: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	(*UpdateWorkspaceQuotaRequest)(nil),  // 92: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	(*UpdateWorkspaceQuotaResponse)(nil), // 93: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	(*TalkRequest)(nil),                  // 94: switchboard.api.dispatcher.v1.TalkRequest
+	(*TalkStart)(nil),                    // 95: switchboard.api.dispatcher.v1.TalkStart
+	(*TalkResume)(nil),                   // 96: switchboard.api.dispatcher.v1.TalkResume
+	(*AudioChunk)(nil),                   // 97: switchboard.api.dispatcher.v1.AudioChunk
+	(*TalkControl)(nil),                  // 98: switchboard.api.dispatcher.v1.TalkControl
+	(*TalkResponse)(nil),                 // 99: switchboard.api.dispatcher.v1.TalkResponse
+	(*VoiceSession)(nil),                 // 100: switchboard.api.dispatcher.v1.VoiceSession
+	(*Transcript)(nil),                   // 101: switchboard.api.dispatcher.v1.Transcript
+	(*TalkEvent)(nil),                    // 102: switchboard.api.dispatcher.v1.TalkEvent
+	(*SteerRunRequest)(nil),              // 103: switchboard.api.dispatcher.v1.SteerRunRequest
+	(*SteerRunResponse)(nil),             // 104: switchboard.api.dispatcher.v1.SteerRunResponse
+	(*Schedule)(nil),                     // 105: switchboard.api.dispatcher.v1.Schedule
+	(*ScheduleFiring)(nil),               // 106: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*CreateScheduleRequest)(nil),        // 107: switchboard.api.dispatcher.v1.CreateScheduleRequest
+	(*CreateScheduleResponse)(nil),       // 108: switchboard.api.dispatcher.v1.CreateScheduleResponse
+	(*GetScheduleRequest)(nil),           // 109: switchboard.api.dispatcher.v1.GetScheduleRequest
+	(*GetScheduleResponse)(nil),          // 110: switchboard.api.dispatcher.v1.GetScheduleResponse
+	(*ListSchedulesRequest)(nil),         // 111: switchboard.api.dispatcher.v1.ListSchedulesRequest
+	(*ListSchedulesResponse)(nil),        // 112: switchboard.api.dispatcher.v1.ListSchedulesResponse
+	(*UpdateScheduleRequest)(nil),        // 113: switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	(*UpdateScheduleResponse)(nil),       // 114: switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	(*PauseScheduleRequest)(nil),         // 115: switchboard.api.dispatcher.v1.PauseScheduleRequest
+	(*PauseScheduleResponse)(nil),        // 116: switchboard.api.dispatcher.v1.PauseScheduleResponse
+	(*ResumeScheduleRequest)(nil),        // 117: switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	(*ResumeScheduleResponse)(nil),       // 118: switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	(*DeleteScheduleRequest)(nil),        // 119: switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	(*DeleteScheduleResponse)(nil),       // 120: switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	(*ListScheduleFiringsRequest)(nil),   // 121: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	(*ListScheduleFiringsResponse)(nil),  // 122: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	(*timestamppb.Timestamp)(nil),        // 123: google.protobuf.Timestamp
+	(*status.Status)(nil),                // 124: google.rpc.Status
+	(*v1.Progress)(nil),                  // 125: switchboard.api.handler.v1.Progress
+	(*v1.Usage)(nil),                     // 126: switchboard.api.handler.v1.Usage
+	(*v1.ToolCall)(nil),                  // 127: switchboard.api.handler.v1.ToolCall
+	(*v11.Message)(nil),                  // 128: switchboard.api.context.v1.Message
+	(*structpb.Struct)(nil),              // 129: google.protobuf.Struct
+	(*durationpb.Duration)(nil),          // 130: google.protobuf.Duration
+	(*v1.TextDelta)(nil),                 // 131: switchboard.api.handler.v1.TextDelta
+	(*v1.HandleResult)(nil),              // 132: switchboard.api.handler.v1.HandleResult
+	(*v1.ToolResult)(nil),                // 133: switchboard.api.handler.v1.ToolResult
+	(*v1.HandlerCapabilities)(nil),       // 134: switchboard.api.handler.v1.HandlerCapabilities
+	(*v1.ModelSettings)(nil),             // 135: switchboard.api.handler.v1.ModelSettings
+	(v11.SearchMode)(0),                  // 136: switchboard.api.context.v1.SearchMode
+	(*fieldmaskpb.FieldMask)(nil),        // 137: google.protobuf.FieldMask
+	(*v1.ToolDefinition)(nil),            // 138: switchboard.api.handler.v1.ToolDefinition
 }
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	0,   // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	120, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	120, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	120, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
-	120, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
-	121, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
-	122, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
-	123, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
+	123, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	123, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	123, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	123, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
+	124, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
+	125, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
+	126, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
 	5,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	21,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
-	26,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
-	19,  // 11: switchboard.api.dispatcher.v1.Run.steer:type_name -> switchboard.api.dispatcher.v1.Steer
+	24,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
+	29,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	22,  // 11: switchboard.api.dispatcher.v1.Run.steer:type_name -> switchboard.api.dispatcher.v1.Steer
 	2,   // 12: switchboard.api.dispatcher.v1.Run.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
-	32,  // 13: switchboard.api.dispatcher.v1.Run.children:type_name -> switchboard.api.dispatcher.v1.ChildRun
+	35,  // 13: switchboard.api.dispatcher.v1.Run.children:type_name -> switchboard.api.dispatcher.v1.ChildRun
 	1,   // 14: switchboard.api.dispatcher.v1.Steer.state:type_name -> switchboard.api.dispatcher.v1.SteerState
-	120, // 15: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
+	123, // 15: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
 	1,   // 16: switchboard.api.dispatcher.v1.SteerUpdate.state:type_name -> switchboard.api.dispatcher.v1.SteerState
-	23,  // 17: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
-	120, // 18: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
-	22,  // 19: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
+	26,  // 17: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
+	123, // 18: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
+	25,  // 19: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
 	3,   // 20: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	120, // 21: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
-	124, // 22: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
+	123, // 21: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
+	127, // 22: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
 	4,   // 23: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	120, // 24: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
-	125, // 25: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	126, // 26: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
-	127, // 27: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
+	123, // 24: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
+	128, // 25: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	129, // 26: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
+	130, // 27: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
 	5,   // 28: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	26,  // 29: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	29,  // 29: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
 	2,   // 30: switchboard.api.dispatcher.v1.SendMessageRequest.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
 	6,   // 31: switchboard.api.dispatcher.v1.AudioFormat.encoding:type_name -> switchboard.api.dispatcher.v1.AudioEncoding
-	25,  // 32: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	25,  // 33: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	18,  // 34: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	125, // 35: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	18,  // 36: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	0,   // 37: switchboard.api.dispatcher.v1.ChildRun.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	123, // 38: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
-	121, // 39: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
-	21,  // 40: switchboard.api.dispatcher.v1.ChildRun.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
-	0,   // 41: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	120, // 42: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
-	18,  // 43: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
-	18,  // 44: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	18,  // 45: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	120, // 46: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
-	39,  // 47: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	122, // 48: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	128, // 49: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	124, // 50: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	129, // 51: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	130, // 52: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
-	28,  // 53: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
-	20,  // 54: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
-	32,  // 55: switchboard.api.dispatcher.v1.RunUpdate.child_run:type_name -> switchboard.api.dispatcher.v1.ChildRun
-	33,  // 56: switchboard.api.dispatcher.v1.RunUpdate.handoff:type_name -> switchboard.api.dispatcher.v1.Handoff
-	40,  // 57: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	42,  // 58: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	120, // 59: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	24,  // 60: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
-	36,  // 61: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
-	38,  // 62: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
-	49,  // 63: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	100, // 64: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
-	29,  // 65: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
-	37,  // 66: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
-	40,  // 67: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	121, // 68: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
-	42,  // 69: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	50,  // 70: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	101, // 71: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
-	7,   // 72: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	131, // 73: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
-	45,  // 74: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
-	4,   // 75: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	48,  // 76: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
-	18,  // 77: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	132, // 78: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
-	51,  // 79: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	120, // 80: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	120, // 81: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
-	27,  // 82: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
-	55,  // 83: switchboard.api.dispatcher.v1.Assistant.retrieval:type_name -> switchboard.api.dispatcher.v1.RetrievalSettings
-	54,  // 84: switchboard.api.dispatcher.v1.Assistant.delegates:type_name -> switchboard.api.dispatcher.v1.AssistantDelegate
-	53,  // 85: switchboard.api.dispatcher.v1.Assistant.handoffs:type_name -> switchboard.api.dispatcher.v1.AssistantHandoff
-	8,   // 86: switchboard.api.dispatcher.v1.AssistantHandoff.history:type_name -> switchboard.api.dispatcher.v1.HandoffHistory
-	126, // 87: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
-	133, // 88: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
-	52,  // 89: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	52,  // 90: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	52,  // 91: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	52,  // 92: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
-	52,  // 93: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	134, // 94: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
-	52,  // 95: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	52,  // 96: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	45,  // 97: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	135, // 98: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
-	9,   // 99: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
-	69,  // 100: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	120, // 101: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
-	120, // 102: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
-	120, // 103: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
-	120, // 104: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
-	68,  // 105: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	68,  // 106: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	68,  // 107: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	68,  // 108: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
-	68,  // 109: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	134, // 110: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
-	68,  // 111: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	3,   // 112: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	18,  // 113: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	10,  // 114: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
-	120, // 115: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	120, // 116: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	83,  // 117: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
-	85,  // 118: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
-	120, // 119: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
-	86,  // 120: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	86,  // 121: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	134, // 122: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
-	86,  // 123: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	92,  // 124: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
-	93,  // 125: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
-	94,  // 126: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
-	95,  // 127: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
-	25,  // 128: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	25,  // 129: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	11,  // 130: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	127, // 131: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
-	5,   // 132: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	12,  // 133: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
-	97,  // 134: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
-	98,  // 135: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
-	40,  // 136: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	99,  // 137: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
-	121, // 138: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
-	42,  // 139: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	25,  // 140: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	25,  // 141: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	11,  // 142: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	127, // 143: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
-	5,   // 144: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	120, // 145: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
-	120, // 146: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
-	13,  // 147: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
-	125, // 148: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
-	18,  // 149: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	125, // 150: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
-	127, // 151: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
-	15,  // 152: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
-	5,   // 153: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	16,  // 154: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
-	14,  // 155: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
-	120, // 156: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
-	120, // 157: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
-	120, // 158: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
-	127, // 159: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
-	120, // 160: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
-	120, // 161: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
-	120, // 162: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
-	120, // 163: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
-	17,  // 164: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
-	121, // 165: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
-	102, // 166: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	102, // 167: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	102, // 168: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	102, // 169: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
-	102, // 170: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	134, // 171: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
-	102, // 172: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	102, // 173: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	102, // 174: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	103, // 175: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
-	24,  // 176: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	30,  // 177: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	34,  // 178: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	36,  // 179: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	38,  // 180: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	43,  // 181: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	91,  // 182: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
-	46,  // 183: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	49,  // 184: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	56,  // 185: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	58,  // 186: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	60,  // 187: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	62,  // 188: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	64,  // 189: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	66,  // 190: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	70,  // 191: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
-	72,  // 192: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
-	74,  // 193: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
-	76,  // 194: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	78,  // 195: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	80,  // 196: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	82,  // 197: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
-	87,  // 198: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	89,  // 199: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	100, // 200: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
-	104, // 201: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
-	106, // 202: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
-	108, // 203: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
-	110, // 204: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	112, // 205: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
-	114, // 206: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	116, // 207: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	118, // 208: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	29,  // 209: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	31,  // 210: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	35,  // 211: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	37,  // 212: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	41,  // 213: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	44,  // 214: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	96,  // 215: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
-	47,  // 216: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	50,  // 217: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	57,  // 218: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	59,  // 219: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	61,  // 220: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	63,  // 221: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	65,  // 222: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	67,  // 223: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	71,  // 224: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
-	73,  // 225: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
-	75,  // 226: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
-	77,  // 227: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	79,  // 228: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	81,  // 229: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	84,  // 230: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
-	88,  // 231: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	90,  // 232: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	101, // 233: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
-	105, // 234: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
-	107, // 235: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
-	109, // 236: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
-	111, // 237: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	113, // 238: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
-	115, // 239: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	117, // 240: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	119, // 241: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	209, // [209:242] is the sub-list for method output_type
-	176, // [176:209] is the sub-list for method input_type
-	176, // [176:176] is the sub-list for extension type_name
-	176, // [176:176] is the sub-list for extension extendee
-	0,   // [0:176] is the sub-list for field type_name
+	28,  // 32: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	12,  // 33: switchboard.api.dispatcher.v1.VoiceSettings.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
+	13,  // 34: switchboard.api.dispatcher.v1.VoiceSettings.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
+	28,  // 35: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	21,  // 36: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	128, // 37: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	21,  // 38: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	0,   // 39: switchboard.api.dispatcher.v1.ChildRun.state:type_name -> switchboard.api.dispatcher.v1.RunState
+	126, // 40: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
+	124, // 41: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
+	24,  // 42: switchboard.api.dispatcher.v1.ChildRun.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
+	0,   // 43: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
+	123, // 44: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	21,  // 45: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
+	21,  // 46: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	21,  // 47: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
+	123, // 48: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	42,  // 49: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
+	125, // 50: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	131, // 51: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	127, // 52: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	132, // 53: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	133, // 54: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	31,  // 55: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
+	23,  // 56: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
+	35,  // 57: switchboard.api.dispatcher.v1.RunUpdate.child_run:type_name -> switchboard.api.dispatcher.v1.ChildRun
+	36,  // 58: switchboard.api.dispatcher.v1.RunUpdate.handoff:type_name -> switchboard.api.dispatcher.v1.Handoff
+	43,  // 59: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	45,  // 60: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	123, // 61: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	27,  // 62: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
+	39,  // 63: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
+	41,  // 64: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
+	52,  // 65: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	103, // 66: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
+	32,  // 67: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
+	40,  // 68: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
+	43,  // 69: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	124, // 70: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	45,  // 71: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	53,  // 72: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	104, // 73: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
+	7,   // 74: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
+	134, // 75: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	48,  // 76: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
+	4,   // 77: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	51,  // 78: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
+	21,  // 79: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	135, // 80: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	54,  // 81: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
+	123, // 82: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	123, // 83: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	30,  // 84: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
+	58,  // 85: switchboard.api.dispatcher.v1.Assistant.retrieval:type_name -> switchboard.api.dispatcher.v1.RetrievalSettings
+	57,  // 86: switchboard.api.dispatcher.v1.Assistant.delegates:type_name -> switchboard.api.dispatcher.v1.AssistantDelegate
+	56,  // 87: switchboard.api.dispatcher.v1.Assistant.handoffs:type_name -> switchboard.api.dispatcher.v1.AssistantHandoff
+	8,   // 88: switchboard.api.dispatcher.v1.AssistantHandoff.history:type_name -> switchboard.api.dispatcher.v1.HandoffHistory
+	129, // 89: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
+	136, // 90: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
+	55,  // 91: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	55,  // 92: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	55,  // 93: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	55,  // 94: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
+	55,  // 95: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	137, // 96: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	55,  // 97: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	55,  // 98: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	48,  // 99: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
+	138, // 100: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	9,   // 101: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
+	72,  // 102: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	123, // 103: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
+	123, // 104: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	123, // 105: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
+	123, // 106: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
+	71,  // 107: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	71,  // 108: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	71,  // 109: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	71,  // 110: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
+	71,  // 111: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	137, // 112: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	71,  // 113: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	3,   // 114: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
+	21,  // 115: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	10,  // 116: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
+	123, // 117: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	123, // 118: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	86,  // 119: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
+	88,  // 120: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
+	123, // 121: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
+	89,  // 122: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	89,  // 123: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	137, // 124: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
+	89,  // 125: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	95,  // 126: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
+	96,  // 127: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
+	97,  // 128: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
+	98,  // 129: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
+	28,  // 130: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	28,  // 131: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	11,  // 132: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	130, // 133: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
+	5,   // 134: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	12,  // 135: switchboard.api.dispatcher.v1.TalkStart.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
+	13,  // 136: switchboard.api.dispatcher.v1.TalkStart.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
+	15,  // 137: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
+	100, // 138: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
+	101, // 139: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
+	43,  // 140: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	102, // 141: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
+	124, // 142: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
+	45,  // 143: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	28,  // 144: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	28,  // 145: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	11,  // 146: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	130, // 147: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
+	5,   // 148: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	123, // 149: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
+	123, // 150: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
+	12,  // 151: switchboard.api.dispatcher.v1.VoiceSession.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
+	13,  // 152: switchboard.api.dispatcher.v1.VoiceSession.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
+	16,  // 153: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
+	14,  // 154: switchboard.api.dispatcher.v1.TalkEvent.end_reason:type_name -> switchboard.api.dispatcher.v1.TurnEndReason
+	128, // 155: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
+	21,  // 156: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	128, // 157: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
+	130, // 158: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
+	18,  // 159: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
+	5,   // 160: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	19,  // 161: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
+	17,  // 162: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
+	123, // 163: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
+	123, // 164: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
+	123, // 165: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
+	130, // 166: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
+	123, // 167: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
+	123, // 168: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
+	123, // 169: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
+	123, // 170: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
+	20,  // 171: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
+	124, // 172: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
+	105, // 173: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	105, // 174: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	105, // 175: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	105, // 176: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
+	105, // 177: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	137, // 178: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
+	105, // 179: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	105, // 180: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	105, // 181: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	106, // 182: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	27,  // 183: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	33,  // 184: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	37,  // 185: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	39,  // 186: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	41,  // 187: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	46,  // 188: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	94,  // 189: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
+	49,  // 190: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	52,  // 191: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	59,  // 192: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	61,  // 193: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	63,  // 194: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	65,  // 195: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	67,  // 196: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	69,  // 197: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	73,  // 198: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
+	75,  // 199: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
+	77,  // 200: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
+	79,  // 201: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	81,  // 202: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	83,  // 203: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	85,  // 204: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
+	90,  // 205: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	92,  // 206: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	103, // 207: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
+	107, // 208: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
+	109, // 209: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
+	111, // 210: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
+	113, // 211: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	115, // 212: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
+	117, // 213: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	119, // 214: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	121, // 215: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	32,  // 216: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	34,  // 217: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	38,  // 218: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	40,  // 219: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	44,  // 220: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	47,  // 221: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	99,  // 222: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
+	50,  // 223: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	53,  // 224: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	60,  // 225: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	62,  // 226: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	64,  // 227: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	66,  // 228: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	68,  // 229: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	70,  // 230: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	74,  // 231: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
+	76,  // 232: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
+	78,  // 233: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
+	80,  // 234: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	82,  // 235: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	84,  // 236: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	87,  // 237: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
+	91,  // 238: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	93,  // 239: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	104, // 240: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
+	108, // 241: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
+	110, // 242: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
+	112, // 243: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
+	114, // 244: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	116, // 245: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
+	118, // 246: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	120, // 247: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	122, // 248: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	216, // [216:249] is the sub-list for method output_type
+	183, // [183:216] is the sub-list for method input_type
+	183, // [183:183] is the sub-list for extension type_name
+	183, // [183:183] is the sub-list for extension extendee
+	0,   // [0:183] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
@@ -10368,7 +10656,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc), len(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc)),
-			NumEnums:      18,
+			NumEnums:      21,
 			NumMessages:   102,
 			NumExtensions: 0,
 			NumServices:   1,
