@@ -8,7 +8,10 @@
 #                                    the Node client's packages, the A2A client's
 #                                    (clients/a2a-js: the official @a2a-js/sdk and its gRPC
 #                                    transport's peers) and the browser console's (clients/web:
-#                                    protoc-gen-es, Connect-ES, esbuild, TypeScript)
+#                                    protoc-gen-es, Connect-ES, esbuild, TypeScript), and the
+#                                    voice models (.tools/models: Smart Turn v3.2, the end-of-
+#                                    turn model Talk asks, and Silero VAD, out of PyPI's
+#                                    pipecat-ai wheel, each file's hash checked)
 #   scripts/install-tools.sh --gen   (make gen, the contract checks) that, and protoc-gen-go
 #                                    and protoc-gen-go-grpc
 #   scripts/install-tools.sh --test  (make test) all of that, and what only the tests use:
@@ -59,6 +62,22 @@ declare -A SEAWEEDFS_WHEEL_SHA256=(
 # downloaded module like grpc-health-probe.
 SEAWEEDFS_VERSION=v0.0.0-20261109003541-7506e5f91cd6
 SEAWEEDFS_SUM="h1:LOYZFToHq9F7pSR6lkPGfkM8RmHlVFrzndKdhmNZjrU="
+
+# The voice models: Smart Turn v3.2 (the end-of-turn model, platform/audio/endpoint.py) and
+# Silero VAD, both BSD-2, as the pipecat-ai wheel ships them. Only the two files are taken
+# out of it (Switchboard does not depend on pipecat): the wheel's hash and each file's are
+# pinned, and the server reads them from SWITCHBOARD_VOICE_TURN_MODELS (.tools/models).
+MODELS="$ROOT/.tools/models"
+PIPECAT_VERSION=1.14.0
+PIPECAT_WHEEL_SHA256=0352f504b44e78bdf524e45af4bc759601c835b9b7dc195efe5e03384b974a44
+declare -A MODEL_SHA256=(
+  [smart-turn-v3.2-cpu.onnx]=2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f
+  [silero_vad.onnx]=1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3
+)
+declare -A MODEL_MEMBER=(
+  [smart-turn-v3.2-cpu.onnx]=pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx
+  [silero_vad.onnx]=pipecat/audio/vad/data/silero_vad.onnx
+)
 
 stamp() { echo "$BIN/.$1-$2"; }
 
@@ -202,6 +221,52 @@ fi
 npm_stale clients/node @grpc/grpc-js && npm_install clients/node "the Node client's packages"
 npm_stale clients/a2a-js @a2a-js/sdk && npm_install clients/a2a-js "the A2A JavaScript SDK client's packages"
 npm_stale clients/web .bin/protoc-gen-es && npm_install clients/web "the browser console's packages"
+
+# The voice models, out of the pipecat-ai wheel (12 MB; pip downloads it, nothing installs it).
+models_current() {
+  local name
+  for name in "${!MODEL_SHA256[@]}"; do
+    [[ -f $MODELS/$name ]] || return 1
+  done
+  [[ -e "$MODELS/.pipecat-$PIPECAT_VERSION" ]]
+}
+if ! models_current; then
+  begin "installing the voice models (Smart Turn v3.2, Silero VAD; pipecat-ai $PIPECAT_VERSION's wheel)"
+  python=python3
+  [[ -x $ROOT/.venv/bin/python ]] && python=$ROOT/.venv/bin/python
+  tmp=$(mktemp -d)
+  "$python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --dest "$tmp" "pipecat-ai==$PIPECAT_VERSION"
+  wheel=$(echo "$tmp"/pipecat_ai-*.whl)
+  sum=$(sha256sum "$wheel" | cut -d' ' -f1)
+  if [[ $sum != "$PIPECAT_WHEEL_SHA256" ]]; then
+    echo "tools: pipecat-ai wheel hash mismatch: got $sum, want $PIPECAT_WHEEL_SHA256" >&2
+    rm -rf "$tmp"
+    exit 1
+  fi
+  mkdir -p "$MODELS"
+  for name in "${!MODEL_SHA256[@]}"; do
+    python3 - "$wheel" "${MODEL_MEMBER[$name]}" "$MODELS/$name.tmp" <<'PY'
+import shutil
+import sys
+import zipfile
+
+wheel, member, target = sys.argv[1:]
+with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(target, "wb") as out:
+    shutil.copyfileobj(source, out)
+PY
+    sum=$(sha256sum "$MODELS/$name.tmp" | cut -d' ' -f1)
+    if [[ $sum != "${MODEL_SHA256[$name]}" ]]; then
+      echo "tools: $name hash mismatch: got $sum, want ${MODEL_SHA256[$name]}" >&2
+      rm -rf "$tmp" "$MODELS/$name.tmp"
+      exit 1
+    fi
+    mv "$MODELS/$name.tmp" "$MODELS/$name"
+  done
+  rm -rf "$tmp"
+  touch "$MODELS/.pipecat-$PIPECAT_VERSION"
+  done_in
+fi
 
 # The Go code generators `make gen` runs (not the README's: not `make tools`).
 [[ $scope == readme ]] || for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTOC_GEN_GO_VERSION" \

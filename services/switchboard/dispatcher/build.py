@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, Protocol
 
 from opentelemetry.trace import Tracer
@@ -79,6 +80,7 @@ from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import LocalTools, ToolHub
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.dispatcher.voice.speaker import Speech
+from switchboard.platform.audio.endpoint import SmartTurn
 from switchboard.platform.audio.openai import OpenAIAudio
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import NotFound
@@ -393,6 +395,7 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
             access=shared.access,
             speech=lambda: run.speech,
             limits=_talk_limits(run.settings),
+            judge=_smart_turn(shared),
         ),
         spending=run.spending,
         delegation=delegation,
@@ -521,6 +524,17 @@ def _speech(shared: Shared) -> Speech | None:
         voice=settings.voice_voice,
         lead_ms=settings.voice_lead_ms,
     )
+
+
+def _smart_turn(shared: Shared) -> SmartTurn | None:
+    """The end-of-turn model voice sessions ask (``SWITCHBOARD_VOICE_TURN_MODELS``); none
+    without a speech engine (no session starts)."""
+    settings = shared.section(DispatcherSettings)
+    if not settings.voice_url:
+        return None
+    model = SmartTurn(Path(settings.voice_turn_models))
+    shared.resources.callback(model.close)
+    return model
 
 
 def _router(

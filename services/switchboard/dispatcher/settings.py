@@ -415,6 +415,11 @@ class DispatcherSettings(Section):
         description="how far ahead of playback a run sends its speech: less stops speech sooner "
         "on barge-in, more rides out network jitter",
     )
+    voice_turn_models: str = Field(
+        default=".tools/models",
+        description="the folder of the end-of-turn model (`smart-turn-v3.2-cpu.onnx`, put there "
+        "by `make tools`); without it, voice turns end on silence alone",
+    )
 
     @model_validator(mode="after")
     def _check_llm(self) -> DispatcherSettings:

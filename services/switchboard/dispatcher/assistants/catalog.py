@@ -154,6 +154,10 @@ def _voice(voice: pb.VoiceSettings, violations: Violations) -> None:
             "assistant.voice.language",
             "must be an ISO-639-1 code (two lowercase letters, for example en), or empty",
         )
+    if voice.turn_detector not in pb.TurnDetector.values():
+        violations.add("assistant.voice.turn_detector", "is not a known detector")
+    if voice.turn_eagerness not in pb.TurnEagerness.values():
+        violations.add("assistant.voice.turn_eagerness", "is not a known eagerness")
 
 
 def _retrieval(

@@ -69,10 +69,13 @@ class Actions(Protocol):
 
 @dataclass(frozen=True)
 class Said:
-    """A turn the user finished: spoken (``audio``) or typed (``text``)."""
+    """A turn the user finished: spoken (``audio``) or typed (``text``); a spoken one
+    says why it ended and the end-of-turn model's last probability (0: not asked)."""
 
     audio: bytes | None = None
     text: str = ""
+    end_reason: pb.TurnEndReason.ValueType = pb.TURN_END_REASON_UNSPECIFIED
+    end_confidence: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,12 @@
 
 The **intake** reads the client's frames: audio goes through the detector
 (``turns.py``) into the turn being spoken; controls start, end and interrupt;
-a typed ``text`` is a turn of its own. A turn that ends is queued for the
+a typed ``text`` is a turn of its own. With ``SMART_TURN``, a pause in speech
+asks the end-of-turn model whether the speaker has finished: the intake waits
+for its answer (tens of milliseconds, on the model's own thread; the client's
+frames wait in the stream meanwhile), so a turn's end depends on its audio
+alone, never on how fast the frames came; a turn it does not end ends at the
+session's silence. A turn that ends is queued for the
 worker (the backlog, ``flow.py``), so reading (and hearing a barge-in) never
 waits on a transcription. While a turn is spoken, **partials** transcribe it
 so far, about once a second of new speech, in the background.
@@ -26,7 +31,7 @@ from switchboard.dispatcher.talk.flow import (
     Said,
 )
 from switchboard.dispatcher.talk.outbound import Floor, Outbox
-from switchboard.dispatcher.talk.turns import Detector, TurnAudio
+from switchboard.dispatcher.talk.turns import THRESHOLDS, Detector, Heard, Judge, TurnAudio
 from switchboard.dispatcher.talk.worker import Transcriber
 from switchboard.platform.audio import pcm
 from switchboard.platform.errors import (
@@ -107,6 +112,7 @@ class Intake:
         outbox: Outbox,
         outcome: Outcome,
         errands: Errands,
+        judge: Judge | None = None,
     ) -> None:
         self._client = client
         self._backlog = backlog
@@ -123,6 +129,15 @@ class Intake:
             Detector(rate, settings.silence.ToMilliseconds()) if needs_detector else None
         )
         self._audio = TurnAudio(rate, round(max_turn_s * 1000))
+        self._rate = rate
+        self._judge = (
+            judge if self._vad and settings.turn_detector == pb.TURN_DETECTOR_SMART_TURN else None
+        )
+        self._threshold = THRESHOLDS.get(
+            settings.turn_eagerness, THRESHOLDS[pb.TURN_EAGERNESS_MEDIUM]
+        )
+        #: The model's last probability for the open turn (0: not asked yet).
+        self._confidence = 0.0
         self._partials = (
             Partials(audio=self._audio, transcriber=transcriber, outbox=outbox, errands=errands)
             if settings.partial_transcripts
@@ -145,6 +160,7 @@ class Intake:
             if self._audio.open:
                 # A turn the client was still speaking is discarded: nothing half-stored.
                 self._audio.end()
+                self._confidence = 0.0
             self._backlog.close()
             self._outbox.wake()
 
@@ -182,29 +198,52 @@ class Intake:
                 [FieldViolation("audio.data", "must be whole 16-bit samples (an even length)")],
             )
         detector = self._detector
-        changes = detector.feed(data) if detector is not None else []
-        for speaking in changes:
-            if speaking:
+        heard = detector.hear(data) if detector is not None else []
+        for change in heard:
+            if change is Heard.START:
                 await self._speech_began()
         self._audio.add(data)
         if (
             self._vad
             and self._audio.open
-            and False in changes
+            and Heard.STOP in heard
             and detector is not None
             and not detector.speaking
         ):
-            await self._outbox.put(
-                mapping.event(pb.TALK_EVENT_KIND_SPEECH_STOPPED, self._backlog.next_turn)
-            )
-            self._end_turn()
+            await self._speech_stopped(pb.TURN_END_REASON_SILENCE)
+        elif (
+            heard
+            and heard[-1] is Heard.PAUSE
+            and self._judge is not None
+            and self._audio.open
+            and detector is not None
+            and await self._finished(self._judge)
+        ):
+            detector.cut()
+            await self._speech_stopped(pb.TURN_END_REASON_MODEL)
         elif self._audio.full:
-            self._end_turn()
+            self._end_turn(pb.TURN_END_REASON_MAX_LENGTH)
             if self._vad and detector is not None and detector.speaking:
                 # Still speaking at the limit: the rest is the next turn, not lost.
                 self._audio.begin(pre_roll=False)
         elif self._partials is not None:
             self._partials.maybe(self._backlog.next_turn)
+
+    async def _finished(self, judge: Judge) -> bool:
+        """Whether the model judges the open turn's speaker finished (its probability
+        kept for the turn's end, whoever ends it)."""
+        probability = await judge.probability(self._audio.audio(), self._rate)
+        if probability is None:
+            return False  # no model after all: the silence decides
+        self._confidence = probability
+        return probability >= self._threshold
+
+    async def _speech_stopped(self, reason: pb.TurnEndReason.ValueType) -> None:
+        stopped = mapping.event(pb.TALK_EVENT_KIND_SPEECH_STOPPED, self._backlog.next_turn)
+        stopped.event.end_reason = reason
+        stopped.event.end_confidence = self._confidence
+        await self._outbox.put(stopped)
+        self._end_turn(reason)
 
     async def _speech_began(self) -> None:
         if self._barge_in:
@@ -221,7 +260,7 @@ class Intake:
             self._audio.begin(pre_roll=False)
         elif action == pb.TALK_ACTION_END_TURN:
             if self._audio.open:
-                self._end_turn()
+                self._end_turn(pb.TURN_END_REASON_CLIENT)
             else:
                 await self._outbox.put(
                     mapping.event(pb.TALK_EVENT_KIND_TURN_EMPTY, self._backlog.next_turn)
@@ -231,6 +270,7 @@ class Intake:
         elif action == pb.TALK_ACTION_END_SESSION:
             if self._audio.open:
                 self._audio.end()  # a turn not ended is not taken
+                self._confidence = 0.0
             self._client.ending = True
             self._outbox.wake()
         else:
@@ -254,10 +294,11 @@ class Intake:
                 )
             )
 
-    def _end_turn(self) -> None:
+    def _end_turn(self, reason: pb.TurnEndReason.ValueType) -> None:
         if self._partials is not None:
             self._partials.stop()
         audio = self._audio.end()
+        confidence, self._confidence = self._confidence, 0.0
         if audio is None:
             return
         if not audio:
@@ -268,4 +309,4 @@ class Intake:
                 )
             )
             return
-        self._queue(Said(audio=audio))
+        self._queue(Said(audio=audio, end_reason=reason, end_confidence=confidence))

@@ -55,6 +55,7 @@ from switchboard.dispatcher.talk.flow import (
 from switchboard.dispatcher.talk.intake import Intake
 from switchboard.dispatcher.talk.outbound import Floor, Outbox, Relay, Writer
 from switchboard.dispatcher.talk.store import SessionRecord, VoiceStore
+from switchboard.dispatcher.talk.turns import THRESHOLDS, Judge
 from switchboard.dispatcher.talk.worker import Transcriber, Worker
 from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.platform.audio import pcm
@@ -89,6 +90,10 @@ _POLICIES: Final = frozenset(
 _DETECTIONS: Final = frozenset(
     {pb.TURN_DETECTION_UNSPECIFIED, pb.TURN_DETECTION_CLIENT, pb.TURN_DETECTION_SERVER_VAD}
 )
+TURN_DETECTORS: Final = frozenset(
+    {pb.TURN_DETECTOR_UNSPECIFIED, pb.TURN_DETECTOR_SILENCE, pb.TURN_DETECTOR_SMART_TURN}
+)
+TURN_EAGERNESSES: Final = frozenset({pb.TURN_EAGERNESS_UNSPECIFIED, *THRESHOLDS})
 _ENCODINGS: Final = frozenset({pb.AUDIO_ENCODING_UNSPECIFIED, pb.AUDIO_ENCODING_PCM16})
 _CONTEXT_TIMEOUT_S: Final = 10.0
 
@@ -119,8 +124,10 @@ class Talks:
         access: AccessWatch,
         speech: Callable[[], Speech | None],
         limits: TalkLimits,
+        judge: Judge | None = None,
     ) -> None:
         self._actions = actions
+        self.judge = judge
         self._assistants = assistants
         self._context = context
         self._store = store
@@ -231,6 +238,7 @@ class Talks:
                 metadata={"assistant": assistant.name},
             )
         speech = configured(self._speech())
+        _turn_settings(settings, start, assistant.voice, self.judge)
         self._claim(principal)
         try:
             session_id = names.new_id()
@@ -384,6 +392,10 @@ def _start_settings(start: pb.TalkStart) -> pb.VoiceSession:
             violations.add("start.silence", "must be 200 ms to 5 s")
     if start.turn_detection not in _DETECTIONS:
         violations.add("start.turn_detection", "is not a known detection")
+    if start.turn_detector not in TURN_DETECTORS:
+        violations.add("start.turn_detector", "is not a known detector")
+    if start.turn_eagerness not in TURN_EAGERNESSES:
+        violations.add("start.turn_eagerness", "is not a known eagerness")
     if start.concurrency_policy not in _POLICIES:
         violations.add("start.concurrency_policy", "is not a known policy")
     violations.check()
@@ -397,6 +409,27 @@ def _start_settings(start: pb.TalkStart) -> pb.VoiceSession:
     )
     settings.silence.FromMilliseconds(silence_ms)
     return settings
+
+
+def _turn_settings(
+    settings: pb.VoiceSession,
+    start: pb.TalkStart,
+    voice: pb.VoiceSettings,
+    judge: Judge | None,
+) -> None:
+    """SERVER_VAD's detector and eagerness: the start's, else the assistant's, else
+    SMART_TURN at MEDIUM; SILENCE where this server has no model (the session's
+    settings say what it got, rather than the stream failing over a missing file)."""
+    if settings.turn_detection != pb.TURN_DETECTION_SERVER_VAD:
+        return
+    detector = start.turn_detector or voice.turn_detector or pb.TURN_DETECTOR_SMART_TURN
+    if detector == pb.TURN_DETECTOR_SMART_TURN and (judge is None or not judge.available):
+        detector = pb.TURN_DETECTOR_SILENCE
+    settings.turn_detector = detector
+    if detector == pb.TURN_DETECTOR_SMART_TURN:
+        settings.turn_eagerness = (
+            start.turn_eagerness or voice.turn_eagerness or pb.TURN_EAGERNESS_MEDIUM
+        )
 
 
 class _Waker:
@@ -456,6 +489,7 @@ class _Session:
             outbox=outbox,
             outcome=outcome,
             errands=errands,
+            judge=talks.judge,
         )
         self._worker = Worker(
             actions=talks.actions,

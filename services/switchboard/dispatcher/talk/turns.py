@@ -7,7 +7,10 @@ speech or not; it takes 8, 16, 32 or 48 kHz, so 24 kHz input is resampled to
 click or a breath would start a turn. Speech begins when most of the last
 ``ONSET_FRAMES`` frames are voiced, and ends when the frames of the last
 ``silence`` hold almost no voice, so a short pause inside a sentence does not
-end the turn.
+end the turn. Within speech, ``PAUSE_MS`` of unvoiced frames is a pause: the
+moment the end-of-turn model (``platform/audio/endpoint.py``) is asked whether
+the speaker has finished, long before the silence would end the turn (the
+intake, ``intake.py``, asks it and cuts the turn when it says so).
 
 ``TurnAudio`` keeps the turn's PCM, and before a turn a little of what came
 just before it (``PRE_ROLL_MS``): the detector needs a few frames to be sure,
@@ -16,11 +19,13 @@ and the first syllable is in them.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
-from typing import Final
+from typing import Final, Protocol
 
 import webrtcvad
 
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.audio import pcm
 
 FRAME_MS: Final = 20
@@ -31,16 +36,47 @@ ONSET_VOICED: Final = 4
 OFFSET_VOICED_SHARE: Final = 0.1
 #: Audio kept from before a turn begins (the detector's own delay, and a little more).
 PRE_ROLL_MS: Final = 300
+#: Unvoiced frames within speech that make a pause, when the end-of-turn model is asked.
+PAUSE_MS: Final = 200
 #: 0 (least) to 3 (most) aggressive in calling a frame not speech.
 AGGRESSIVENESS: Final = 2
+#: The model's probability that the speaker finished which ends a turn, by eagerness:
+#: MEDIUM is Pipecat's own default; BENCHMARKS.md ("Turn detection") measures each.
+THRESHOLDS: Final = {
+    pb.TURN_EAGERNESS_LOW: 0.7,
+    pb.TURN_EAGERNESS_MEDIUM: 0.5,
+    pb.TURN_EAGERNESS_HIGH: 0.3,
+}
 _DETECTOR_RATES: Final = frozenset({8_000, 16_000, 32_000, 48_000})
 _DETECTOR_RATE: Final = 16_000
+
+
+class Judge(Protocol):
+    """The end-of-turn model (``platform/audio/endpoint.SmartTurn``)."""
+
+    @property
+    def available(self) -> bool: ...
+
+    async def probability(self, audio: bytes, rate: int) -> float | None:
+        """The probability that the speaker of ``audio`` has finished (None: no model)."""
+        ...
+
+
+class Heard(enum.Enum):
+    """What a frame changed."""
+
+    #: Speech began.
+    START = "start"
+    #: Speech paused (``PAUSE_MS`` unvoiced); it may go on, or the silence end it.
+    PAUSE = "pause"
+    #: The silence after speech passed: speech ended.
+    STOP = "stop"
 
 
 class Detector:
     """Speech onset and offset in a stream of mono PCM16 at ``rate``."""
 
-    def __init__(self, rate: int, silence_ms: int) -> None:
+    def __init__(self, rate: int, silence_ms: int, pause_ms: int = PAUSE_MS) -> None:
         self._vad = webrtcvad.Vad(AGGRESSIVENESS)
         self._rate = rate
         self._vad_rate = rate if rate in _DETECTOR_RATES else _DETECTOR_RATE
@@ -50,13 +86,20 @@ class Detector:
         self._silence_frames = max(1, silence_ms // FRAME_MS)
         self._recent: deque[bool] = deque(maxlen=self._silence_frames)
         self._allowed_voiced = int(self._silence_frames * OFFSET_VOICED_SHARE)
+        self._pause_frames = max(1, pause_ms // FRAME_MS)
+        #: Unvoiced frames in a row, within speech.
+        self._quiet = 0
         #: Whether speech is going on now.
         self.speaking = False
 
     def feed(self, data: bytes) -> list[bool]:
         """The changes ``data`` brought, in order: True when speech began, False when
         it ended (usually none, rarely more than one)."""
-        changes: list[bool] = []
+        return [heard is Heard.START for heard in self.hear(data) if heard is not Heard.PAUSE]
+
+    def hear(self, data: bytes) -> list[Heard]:
+        """What ``data`` changed, in order (usually nothing, rarely more than one)."""
+        changes: list[Heard] = []
         buffered = self._rest + data
         whole = len(buffered) - len(buffered) % self._frame_bytes
         for start in range(0, whole, self._frame_bytes):
@@ -70,21 +113,33 @@ class Detector:
         self._rest = buffered[whole:]
         return changes
 
-    def _step(self, voiced: bool) -> bool | None:
+    def cut(self) -> None:
+        """The turn ended before the silence did (the model's decision): what follows
+        is heard as before any speech, its onset a new turn."""
+        self.speaking = False
+        self._recent.clear()
+        self._onset.clear()
+        self._quiet = 0
+
+    def _step(self, voiced: bool) -> Heard | None:
         if not self.speaking:
             self._onset.append(voiced)
             if sum(self._onset) >= ONSET_VOICED:
                 self.speaking = True
                 self._onset.clear()
                 self._recent.clear()
-                return True
+                self._quiet = 0
+                return Heard.START
             return None
         self._recent.append(voiced)
         if len(self._recent) == self._silence_frames and sum(self._recent) <= self._allowed_voiced:
             self.speaking = False
             self._recent.clear()
-            return False
-        return None
+            self._quiet = 0
+            return Heard.STOP
+        self._quiet = 0 if voiced else self._quiet + 1
+        # Once per pause: a voiced frame starts counting again.
+        return Heard.PAUSE if self._quiet == self._pause_frames else None
 
 
 class TurnAudio:

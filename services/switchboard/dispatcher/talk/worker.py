@@ -132,10 +132,19 @@ class Worker:
         else:
             text = said.text
             parts = [cpb.ContentPart(text=text)]
+        voice: dict[str, str | float] = {
+            "session": self._settings.name,
+            "turn": turn,
+            "audio_ms": audio_ms,
+        }
+        if said.end_reason != pb.TURN_END_REASON_UNSPECIFIED:
+            # How the turn was judged over, kept with it (the event that said so is not).
+            voice["end_reason"] = pb.TurnEndReason.Name(said.end_reason).removeprefix(
+                "TURN_END_REASON_"
+            )
+            voice["end_confidence"] = round(said.end_confidence, 3)
         metadata = struct_pb2.Struct()
-        metadata.update(
-            {"voice": {"session": self._settings.name, "turn": turn, "audio_ms": audio_ms}}
-        )
+        metadata.update({"voice": voice})
         request = pb.SendMessageRequest(
             conversation=str(mapping.conversation_name(self._record)),
             message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=parts, metadata=metadata),

@@ -1,0 +1,1 @@
+"""Talk over WebRTC: a browser's peer connection bridged into a Talk session."""

@@ -1,0 +1,325 @@
+"""One browser's Talk session over a WebRTC peer connection (``aiortc``).
+
+A browser cannot hold a bidirectional gRPC stream through grpc-web, so its voice
+takes the media path it has: the page's SDP offer comes in, ``TalkPeer.answer``
+returns the server's, and then
+
+- the page's microphone track (Opus) is decoded, made mono PCM16 at Talk's input
+  rate and fed to the Talk session as its audio frames, so the session's turn
+  detection, barge-in, transcription and runs are Talk's own (``session.py``);
+- the session's answer speech goes back as one outbound audio track
+  (``media.SpeechTrack``), and a ``SPEECH_INTERRUPTED`` event drops what is queued
+  for it at once;
+- every other frame of the session (its ``session``, transcripts, run updates,
+  events, errors; speech updates without their audio) goes to the page as JSON on
+  the data channel the page opened (``talk``), in order; the page's control frames
+  and typed turns come back on it (a ``TalkRequest`` as JSON: ``{"control":
+  {"action": "TALK_ACTION_INTERRUPT"}}``, ``{"text": "..."}``). An interrupt that
+  names no ``heard_through_sequence`` gets the last speech update the track sent
+  whole.
+
+The peer is bounded: an offer without audio, or without Opus, is refused before
+anything starts; a peer that does not connect within ``connect_timeout_s`` is
+closed; frames the page sends are at most ``MAX_MESSAGE_BYTES``; the queue of
+audio towards the session drops (and counts) frames past ``MAX_PENDING_FRAMES``
+rather than grow. The session starts once the peer connects (a peer that never
+connects stores nothing); closing the peer ends the session's stream abnormally, so
+the session can be resumed (Talk's resume); the session ending closes the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from google.protobuf import json_format
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.talk.webrtc.media import Inbound, SpeechTrack
+from switchboard.platform.errors import FieldViolation, InvalidArgument
+
+log = logging.getLogger("switchboard.dispatcher.talk.webrtc")
+
+#: The longest SDP offer taken, and the largest data channel message from the page.
+MAX_OFFER_BYTES: Final = 64 * 1024
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+#: Audio frames waiting for the session (20 ms each): 5 s.
+MAX_PENDING_FRAMES: Final = 250
+#: Frames for the page waiting for its data channel to open.
+MAX_UNSENT: Final = 1_000
+#: The data channel the page opens for the session's frames.
+CHANNEL: Final = "talk"
+_OPUS: Final = re.compile(r"^a=rtpmap:\d+ opus/48000", re.IGNORECASE | re.MULTILINE)
+_AUDIO: Final = re.compile(r"^m=audio [1-9]\d*", re.MULTILINE)
+
+#: Talk's stream, bound to its caller: requests in, frames out.
+TalkCall = Callable[[AsyncIterator[pb.TalkRequest]], AsyncIterator[pb.TalkResponse]]
+
+
+def offer_problems(sdp: str) -> list[str]:
+    """Why ``sdp`` cannot start a session (empty: it can)."""
+    if len(sdp.encode()) > MAX_OFFER_BYTES:
+        return [f"is longer than {MAX_OFFER_BYTES // 1024} KiB"]
+    if not sdp.startswith("v=0"):
+        return ["is not an SDP offer (it must start with v=0)"]
+    problems = []
+    if not _AUDIO.search(sdp):
+        problems.append("offers no audio (a microphone track is needed)")
+    elif not _OPUS.search(sdp):
+        problems.append("offers no Opus audio (the only codec taken)")
+    return problems
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """How this process's peers connect (``SWITCHBOARD_WEBRTC_*``)."""
+
+    #: STUN and TURN servers handed to ICE (none: host candidates only, as on loopback).
+    ice_servers: Sequence[RTCIceServer] = ()
+    #: How long a peer may take to connect after its answer.
+    connect_timeout_s: float = 15.0
+    #: Talk's rates: the audio fed to the session, and the speech it sends back.
+    input_rate: int = 16_000
+    output_rate: int = 24_000
+
+
+class TalkPeer:
+    """One peer connection bridged into one Talk session (see the module doc)."""
+
+    def __init__(self, talk: TalkCall, start: pb.TalkStart, settings: PeerSettings) -> None:
+        self._talk = talk
+        self._start = pb.TalkStart()
+        self._start.CopyFrom(start)
+        # The session speaks what this bridge converts: PCM16 both ways.
+        self._start.input_format.encoding = pb.AUDIO_ENCODING_PCM16
+        self._start.input_format.sample_rate_hz = settings.input_rate
+        self._start.output_format.encoding = pb.AUDIO_ENCODING_PCM16
+        self._start.output_format.sample_rate_hz = settings.output_rate
+        self._settings = settings
+        self._pc = RTCPeerConnection(RTCConfiguration(iceServers=list(settings.ice_servers)))
+        self.speech = SpeechTrack()
+        self._requests: asyncio.Queue[pb.TalkRequest | None] = asyncio.Queue()
+        self._pending = 0
+        self._channel: RTCDataChannel | None = None
+        self._unsent: list[str] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connected = asyncio.Event()
+        #: Set once the bridge has ended, and why ("" for a session that ended well).
+        self.ended = asyncio.Event()
+        self.outcome = ""
+        #: The session's name, once its first frame said it.
+        self.session = ""
+        #: Audio frames dropped because the session did not keep up.
+        self.dropped_frames = 0
+        self._pc.on("track", self._on_track)
+        self._pc.on("datachannel", self._on_channel)
+        self._pc.on("connectionstatechange", self._on_state)
+
+    async def answer(self, offer: str) -> str:
+        """The answer to the page's ``offer`` (SDP); the bridge runs from here on.
+        INVALID_ARGUMENT naming ``offer`` for one that cannot start a session."""
+        problems = offer_problems(offer)
+        if problems:
+            raise InvalidArgument(
+                f"offer: {problems[0]}",
+                [FieldViolation(field="offer", description=p) for p in problems],
+            )
+        try:
+            await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        except ValueError as exc:
+            await self._pc.close()
+            raise InvalidArgument(
+                "offer: it cannot be negotiated",
+                [FieldViolation(field="offer", description=f"cannot be negotiated: {exc}"[:300])],
+            ) from None
+        # Sent on the offer's audio transceiver (aiortc reuses it), both ways.
+        self._pc.addTrack(self.speech)
+        await self._pc.setLocalDescription(await self._pc.createAnswer())
+        self._spawn(self._deadline(), "talk-webrtc-connect")
+        return str(self._pc.localDescription.sdp)
+
+    async def close(self, why: str = "closed") -> None:
+        """End the bridge: the peer closes and the session's stream ends (abnormally,
+        unless the session ended first), so the session may be resumed."""
+        if not self.ended.is_set():
+            self.outcome = why
+            self.ended.set()
+        self._requests.put_nowait(None)
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self.speech.stop()
+        await self._pc.close()
+
+    # -- media and channel in ---------------------------------------------------------
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and not any(t.get_name() == "talk-webrtc-in" for t in self._tasks):
+            self._spawn(self._inbound(track), "talk-webrtc-in")
+
+    async def _inbound(self, track: MediaStreamTrack) -> None:
+        converter = Inbound(self._settings.input_rate)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return  # the page's track ended (the peer is closing)
+            data = converter.feed(frame)  # type: ignore[arg-type]
+            if not data:
+                continue
+            if self._pending >= MAX_PENDING_FRAMES:
+                self.dropped_frames += 1
+                continue
+            self._pending += 1
+            self._requests.put_nowait(pb.TalkRequest(audio=pb.AudioChunk(data=data)))
+
+    def _on_channel(self, channel: RTCDataChannel) -> None:
+        if channel.label != CHANNEL or self._channel is not None:
+            channel.close()
+            return
+        self._channel = channel
+        channel.on("message", self._on_message)
+        channel.on("open", self._flush)
+        if channel.readyState == "open":
+            self._flush()
+
+    def _on_message(self, message: str | bytes) -> None:
+        text = message.decode(errors="replace") if isinstance(message, bytes) else message
+        if len(text) > MAX_MESSAGE_BYTES:
+            self._say_error("a data channel message is longer than 64 KiB: ignored")
+            return
+        request = pb.TalkRequest()
+        try:
+            json_format.Parse(text, request)
+        except json_format.ParseError:
+            self._say_error("a data channel message is not a TalkRequest as JSON: ignored")
+            return
+        kind = request.WhichOneof("frame")
+        if kind not in ("control", "text"):
+            self._say_error(f"only control and text frames go on the data channel, not {kind}")
+            return
+        control = request.control
+        if (
+            kind == "control"
+            and control.action == pb.TALK_ACTION_INTERRUPT
+            and not control.heard_through_sequence
+        ):
+            # What the page heard is what the track sent whole, not what Talk sent it.
+            control.heard_through_sequence = self.speech.heard_through
+        self._requests.put_nowait(request)
+
+    def _on_state(self) -> None:
+        state = self._pc.connectionState
+        if state == "connected" and not self._connected.is_set():
+            # The session starts once media can flow: a peer that never connects
+            # stores nothing.
+            self._connected.set()
+            self._requests.put_nowait(pb.TalkRequest(start=self._start))
+            self._spawn(self._relay(), "talk-webrtc-relay")
+        elif state in ("failed", "closed") and not self.ended.is_set():
+            self._spawn(self.close(f"the peer connection {state}"), "talk-webrtc-close")
+
+    # -- the session ------------------------------------------------------------------
+
+    async def _requests_out(self) -> AsyncIterator[pb.TalkRequest]:
+        while (request := await self._requests.get()) is not None:
+            if request.WhichOneof("frame") == "audio":
+                self._pending -= 1
+            yield request
+
+    async def _relay(self) -> None:
+        """The session's frames: speech to the track, the rest to the data channel."""
+        why = ""
+        try:
+            frames = self._talk(self._requests_out())
+            async for frame in frames:
+                self._deliver(frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the session's end, told to the page
+            why = _said(exc)
+            self._send({"error": {"message": why}})
+        await self.close(why)
+
+    def _deliver(self, frame: pb.TalkResponse) -> None:
+        kind = frame.WhichOneof("frame")
+        if kind == "session" and not self.session:
+            self.session = frame.session.name
+        if kind == "update" and frame.update.WhichOneof("update") == "speech":
+            speech = frame.update.speech
+            if not self.speech.push(frame.sequence, speech.audio, self._settings.output_rate):
+                self._say_error("the answer's speech is longer than the track may queue")
+            shown = pb.TalkResponse()
+            shown.CopyFrom(frame)
+            shown.update.speech.ClearField("audio")  # it went on the track
+            self._send(json_format.MessageToDict(shown))
+            return
+        if kind == "event" and frame.event.kind == pb.TALK_EVENT_KIND_SPEECH_INTERRUPTED:
+            self.speech.clear()
+        if kind == "heartbeat":
+            return
+        self._send(json_format.MessageToDict(frame))
+
+    async def _deadline(self) -> None:
+        try:
+            async with asyncio.timeout(self._settings.connect_timeout_s):
+                await self._connected.wait()
+        except TimeoutError:
+            self.outcome = "the peer did not connect in time"
+            await self.close(self.outcome)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _send(self, value: dict[str, Any]) -> None:
+        text = json.dumps(value, separators=(",", ":"))
+        channel = self._channel
+        if channel is None or channel.readyState != "open":
+            if len(self._unsent) < MAX_UNSENT:
+                self._unsent.append(text)
+            return
+        channel.send(text)
+
+    def _flush(self) -> None:
+        channel = self._channel
+        if channel is None:
+            return
+        unsent, self._unsent = self._unsent, []
+        for text in unsent:
+            channel.send(text)
+
+    def _say_error(self, message: str) -> None:
+        self._send({"error": {"message": message}})
+
+    def _spawn(self, work: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(_heard)
+
+
+def _heard(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a WebRTC talk task failed", exc_info=task.exception())
+
+
+def _said(exc: BaseException) -> str:
+    """What the page is told of the session's end: the status's words, never a trace."""
+    details = getattr(exc, "details", None)
+    if callable(details):
+        with contextlib.suppress(Exception):
+            return str(details() or "the session ended")[:500]
+    message = getattr(exc, "message", "")
+    return str(message)[:500] if message else "the session ended"
