@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -181,7 +182,7 @@ async def test_the_assistants_settings_apply_and_the_start_overrides_them(
                     turn_eagerness=pb.TURN_EAGERNESS_LOW,
                 ),
             ),
-            update_mask={"paths": ["voice"]},
+            update_mask=field_mask_pb2.FieldMask(paths=["voice"]),
         ),
         metadata=owner.md,
         timeout=TIMEOUT_S,
@@ -231,7 +232,7 @@ async def test_an_assistant_with_an_unknown_detector_is_refused(
                     name=place.assistant,
                     voice=pb.VoiceSettings(turn_detector=9, turn_eagerness=9),  # type: ignore[arg-type]
                 ),
-                update_mask={"paths": ["voice"]},
+                update_mask=field_mask_pb2.FieldMask(paths=["voice"]),
             ),
             metadata=place.world.owner.md,
             timeout=TIMEOUT_S,
