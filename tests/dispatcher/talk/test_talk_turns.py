@@ -1,7 +1,9 @@
 """Turn detection on real speech: eSpeak NG's voice through WebRTC's detector.
 
 Speech begins once the detector is sure of it, ends only after the session's
-silence, and a pause shorter than that does not end it; 24 kHz input (which the
+silence, and a pause shorter than that does not end it (it is heard as a pause,
+once, when the end-of-turn model would be asked; a turn the model cut starts
+again at the next words); 24 kHz input (which the
 detector does not take) is resampled for it; the turn keeps the moment before
 the onset and stops growing at the longest turn.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from switchboard.dispatcher.talk.turns import PRE_ROLL_MS, Detector, TurnAudio
+from switchboard.dispatcher.talk.turns import PRE_ROLL_MS, Detector, Heard, TurnAudio
 from switchboard.platform.audio import pcm
 from tests.infra.speech import COUNTING, speak
 
@@ -93,3 +95,40 @@ def test_a_turn_keeps_what_came_just_before_it_and_stops_at_its_limit() -> None:
     assert len(audio) == pcm.byte_count(1_000, 16_000)
     assert not turn.open
     assert turn.end() is None
+
+
+def heard_in(detector: Detector, audio: bytes, rate: int) -> list[tuple[int, Heard]]:
+    size = pcm.byte_count(20, rate)
+    seen = []
+    for start in range(0, len(audio), size):
+        for heard in detector.hear(audio[start : start + size]):
+            seen.append((pcm.duration_ms(start + size, rate), heard))
+    return seen
+
+
+def test_a_pause_is_heard_once_before_the_silence_ends_the_speech(
+    spoken: tuple[bytes, int],
+) -> None:
+    speech = trimmed(at(16_000, spoken))
+    pause = bytes(pcm.byte_count(400, 16_000))
+    audio = speech + pause + speech + bytes(pcm.byte_count(1_500, 16_000))
+    seen = heard_in(Detector(16_000, silence_ms=700), audio, 16_000)
+    assert [heard for _, heard in seen] == [Heard.START, Heard.PAUSE, Heard.PAUSE, Heard.STOP]
+    speech_ms = pcm.duration_ms(len(speech), 16_000)
+    first_pause, last_pause, stop = seen[1][0], seen[2][0], seen[3][0]
+    # 200 ms of unvoiced frames after the words (and the detector's own tail), once each.
+    assert speech_ms + 200 <= first_pause <= speech_ms + 400
+    # The silence ends it later (its window may hold a tenth of voiced frames: a little less).
+    assert 700 - 200 - 100 <= stop - last_pause <= 700 - 200
+
+
+def test_a_cut_turn_starts_again_at_the_next_speech(spoken: tuple[bytes, int]) -> None:
+    speech = trimmed(at(16_000, spoken))
+    detector = Detector(16_000, silence_ms=700)
+    first = heard_in(detector, speech + bytes(pcm.byte_count(300, 16_000)), 16_000)
+    assert [heard for _, heard in first] == [Heard.START, Heard.PAUSE]
+    detector.cut()
+    assert not detector.speaking
+    # No STOP for the turn that was cut; the next words are a new START.
+    again = heard_in(detector, bytes(pcm.byte_count(1_000, 16_000)) + speech, 16_000)
+    assert [heard for _, heard in again][:1] == [Heard.START]
