@@ -6,10 +6,11 @@ A phrase with a pause in it (longer than the model's 200 ms, shorter than the si
 one turn with SMART_TURN, its transcript whole, where the silence detector with a short
 window cuts it in two; an ended sentence ends at the model's word, before the silence
 would, and the client sees why (SPEECH_STOPPED's end_reason and end_confidence, the stored
-message's metadata); the settings come from the start, else the assistant, else SMART_TURN
-at MEDIUM, and a server without the model says it runs SILENCE; unknown values are refused
-with the field named. The audio goes in as fast as the stream takes it: the intake waits
-for the model's answer at each pause, so what ends a turn is its audio, not the timing.
+message's metadata); the settings come from the start, else the assistant, else SILENCE
+(SMART_TURN at MEDIUM when asked), and a server without the model says it runs SILENCE;
+unknown values are refused with the field named. The audio goes in as fast as the stream
+takes it: the intake waits for the model's answer at each pause, so what ends a turn is its
+audio, not the timing.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ async def place(mesh: SwitchboardServer, channel: aio.Channel) -> Place:
     return await voice_place(mesh, channel)
 
 
+def smart(place: Place) -> pb.TalkRequest:
+    return start(place.conversation, place.assistant, turn_detector=pb.TURN_DETECTOR_SMART_TURN)
+
+
 def stops(talk: Talk) -> list[pb.TalkEvent]:
     return [
         f.event
@@ -108,7 +113,7 @@ async def turns_of(talk: Talk, count: int) -> list[pb.Transcript]:
 async def test_a_pause_mid_phrase_is_not_the_end_with_smart_turn(
     stub: Stub, place: Place, paused: bytes
 ) -> None:
-    talk = open_talk(stub, place.world.editor, start(place.conversation, place.assistant))
+    talk = open_talk(stub, place.world.editor, smart(place))
     session = await session_of(talk)
     assert session.turn_detector == pb.TURN_DETECTOR_SMART_TURN
     assert session.turn_eagerness == pb.TURN_EAGERNESS_MEDIUM
@@ -127,11 +132,13 @@ async def test_a_pause_mid_phrase_is_not_the_end_with_smart_turn(
 async def test_the_silence_detector_with_a_short_window_cuts_the_same_phrase(
     stub: Stub, place: Place, paused: bytes
 ) -> None:
-    request = start(place.conversation, place.assistant, turn_detector=pb.TURN_DETECTOR_SILENCE)
+    request = start(place.conversation, place.assistant)
     request.start.silence.FromMilliseconds(300)
     talk = open_talk(stub, place.world.editor, request)
     session = await session_of(talk)
+    # The default detector.
     assert session.turn_detector == pb.TURN_DETECTOR_SILENCE
+    assert session.turn_eagerness == pb.TURN_EAGERNESS_UNSPECIFIED
     await talk.send_audio(paused + silence(1_500))
     first, second = await turns_of(talk, 2)
     assert "three" not in first.text.lower()
@@ -147,7 +154,7 @@ async def test_an_ended_sentence_ends_at_the_models_word_before_the_silence(
     stub: Stub, place: Place, channel: aio.Channel, ended: bytes
 ) -> None:
     editor = place.world.editor
-    talk = open_talk(stub, editor, start(place.conversation, place.assistant))
+    talk = open_talk(stub, editor, smart(place))
     await session_of(talk)
     # Only the model can end this turn: 400 ms of silence is less than the window (700 ms).
     await talk.send_audio(ended + silence(400))

@@ -418,11 +418,14 @@ def _turn_settings(
     judge: Judge | None,
 ) -> None:
     """SERVER_VAD's detector and eagerness: the start's, else the assistant's, else
-    SMART_TURN at MEDIUM; SILENCE where this server has no model (the session's
-    settings say what it got, rather than the stream failing over a missing file)."""
+    SILENCE (SMART_TURN at MEDIUM when asked); SILENCE where this server has no model
+    (the session's settings say what it got, rather than the stream failing over a
+    missing file). SILENCE is the default because on the labelled set we can measure
+    (eSpeak NG's speech, BENCHMARKS.md "Turn detection") the model ends turns sooner
+    but cuts more phrases paused mid-way than the silence does: decisions.md entry 88."""
     if settings.turn_detection != pb.TURN_DETECTION_SERVER_VAD:
         return
-    detector = start.turn_detector or voice.turn_detector or pb.TURN_DETECTOR_SMART_TURN
+    detector = start.turn_detector or voice.turn_detector or pb.TURN_DETECTOR_SILENCE
     if detector == pb.TURN_DETECTOR_SMART_TURN and (judge is None or not judge.available):
         detector = pb.TURN_DETECTOR_SILENCE
     settings.turn_detector = detector

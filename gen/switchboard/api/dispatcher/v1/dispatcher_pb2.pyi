@@ -448,7 +448,7 @@ class _TurnDetector:
 class _TurnDetectorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnDetector.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     TURN_DETECTOR_UNSPECIFIED: _TurnDetector.ValueType  # 0
-    """Not set: the assistant's (VoiceSettings.turn_detector), else SMART_TURN."""
+    """Not set: the assistant's (VoiceSettings.turn_detector), else SILENCE."""
     TURN_DETECTOR_SILENCE: _TurnDetector.ValueType  # 1
     """Silence alone: the turn ends after the session's `silence`."""
     TURN_DETECTOR_SMART_TURN: _TurnDetector.ValueType  # 2
@@ -462,7 +462,7 @@ class TurnDetector(_TurnDetector, metaclass=_TurnDetectorEnumTypeWrapper):
     """What decides that a spoken turn is over, with SERVER_VAD detection."""
 
 TURN_DETECTOR_UNSPECIFIED: TurnDetector.ValueType  # 0
-"""Not set: the assistant's (VoiceSettings.turn_detector), else SMART_TURN."""
+"""Not set: the assistant's (VoiceSettings.turn_detector), else SILENCE."""
 TURN_DETECTOR_SILENCE: TurnDetector.ValueType  # 1
 """Silence alone: the turn ends after the session's `silence`."""
 TURN_DETECTOR_SMART_TURN: TurnDetector.ValueType  # 2
@@ -1343,7 +1343,7 @@ class VoiceSettings(_message.Message):
     """
     turn_detector: Global___TurnDetector.ValueType
     """How its voice sessions decide that a spoken turn is over (SERVER_VAD);
-    a session's TalkStart.turn_detector overrides it. SMART_TURN if unset.
+    a session's TalkStart.turn_detector overrides it. SILENCE if unset.
     """
     turn_eagerness: Global___TurnEagerness.ValueType
     """How readily SMART_TURN ends a turn; a session's TalkStart.turn_eagerness
@@ -3852,7 +3852,7 @@ class TalkStart(_message.Message):
     """
     turn_detector: Global___TurnDetector.ValueType
     """SERVER_VAD: what decides the turn is over; the assistant's
-    (VoiceSettings.turn_detector) if unset, else SMART_TURN.
+    (VoiceSettings.turn_detector) if unset, else SILENCE.
     """
     turn_eagerness: Global___TurnEagerness.ValueType
     """SMART_TURN: how readily the model ends a turn; the assistant's if unset,

@@ -751,7 +751,7 @@ func (TurnDetection) EnumDescriptor() ([]byte, []int) {
 type TurnDetector int32
 
 const (
-	// Not set: the assistant's (VoiceSettings.turn_detector), else SMART_TURN.
+	// Not set: the assistant's (VoiceSettings.turn_detector), else SILENCE.
 	TurnDetector_TURN_DETECTOR_UNSPECIFIED TurnDetector = 0
 	// Silence alone: the turn ends after the session's `silence`.
 	TurnDetector_TURN_DETECTOR_SILENCE TurnDetector = 1
@@ -2321,7 +2321,7 @@ type VoiceSettings struct {
 	// detects it if empty.
 	Language string `protobuf:"bytes,4,opt,name=language,proto3" json:"language,omitempty"`
 	// How its voice sessions decide that a spoken turn is over (SERVER_VAD);
-	// a session's TalkStart.turn_detector overrides it. SMART_TURN if unset.
+	// a session's TalkStart.turn_detector overrides it. SILENCE if unset.
 	TurnDetector TurnDetector `protobuf:"varint,5,opt,name=turn_detector,json=turnDetector,proto3,enum=switchboard.api.dispatcher.v1.TurnDetector" json:"turn_detector,omitempty"`
 	// How readily SMART_TURN ends a turn; a session's TalkStart.turn_eagerness
 	// overrides it. MEDIUM if unset.
@@ -7311,7 +7311,7 @@ type TalkStart struct {
 	// (barge-in); an `interrupt` control always does.
 	BargeIn bool `protobuf:"varint,9,opt,name=barge_in,json=bargeIn,proto3" json:"barge_in,omitempty"`
 	// SERVER_VAD: what decides the turn is over; the assistant's
-	// (VoiceSettings.turn_detector) if unset, else SMART_TURN.
+	// (VoiceSettings.turn_detector) if unset, else SILENCE.
 	TurnDetector TurnDetector `protobuf:"varint,10,opt,name=turn_detector,json=turnDetector,proto3,enum=switchboard.api.dispatcher.v1.TurnDetector" json:"turn_detector,omitempty"`
 	// SMART_TURN: how readily the model ends a turn; the assistant's if unset,
 	// else MEDIUM.

@@ -740,7 +740,7 @@ export type VoiceSettings = Message<"switchboard.api.dispatcher.v1.VoiceSettings
 
   /**
    * How its voice sessions decide that a spoken turn is over (SERVER_VAD);
-   * a session's TalkStart.turn_detector overrides it. SMART_TURN if unset.
+   * a session's TalkStart.turn_detector overrides it. SILENCE if unset.
    *
    * @generated from field: switchboard.api.dispatcher.v1.TurnDetector turn_detector = 5;
    */
@@ -3534,7 +3534,7 @@ export type TalkStart = Message<"switchboard.api.dispatcher.v1.TalkStart"> & {
 
   /**
    * SERVER_VAD: what decides the turn is over; the assistant's
-   * (VoiceSettings.turn_detector) if unset, else SMART_TURN.
+   * (VoiceSettings.turn_detector) if unset, else SILENCE.
    *
    * @generated from field: switchboard.api.dispatcher.v1.TurnDetector turn_detector = 10;
    */
@@ -5226,7 +5226,7 @@ export const TurnDetectionSchema: GenEnum<TurnDetection> = /*@__PURE__*/
  */
 export enum TurnDetector {
   /**
-   * Not set: the assistant's (VoiceSettings.turn_detector), else SMART_TURN.
+   * Not set: the assistant's (VoiceSettings.turn_detector), else SILENCE.
    *
    * @generated from enum value: TURN_DETECTOR_UNSPECIFIED = 0;
    */
