@@ -22,6 +22,8 @@ between workspaces section from ``bench/fairness.py`` (about 90 s; ``--no-fairne
 it), the budgets section from ``bench/budgets.py`` (about 4 minutes; ``--no-budgets`` skips
 it), the files section from ``bench/files.py`` (about 3 minutes; ``--no-files`` skips it),
 the voice section from ``bench/voice.py`` (about 4 minutes; ``--no-voice`` skips it),
+the turn detection section from ``bench/turns.py`` (Smart Turn against silence on a labelled
+set, about 15 seconds; ``--no-turns`` skips it),
 the semantic memory section from ``bench/semantic.py`` (about 10 minutes; ``--no-semantic``
 skips it), the scale section from ``bench/scale.py`` (whole-run processes behind the edge,
 about 5 minutes; ``--no-scale`` skips it), the delegation section from ``bench/delegation.py``
@@ -83,6 +85,7 @@ SECTIONS: Final = (
     ("budgets", 900),
     ("files", 900),
     ("voice", 900),
+    ("turns", 300),
     ("semantic", 1500),
     ("scale", 1500),
     ("delegation", 900),
