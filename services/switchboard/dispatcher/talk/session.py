@@ -422,7 +422,7 @@ def _turn_settings(
     (the session's settings say what it got, rather than the stream failing over a
     missing file). SILENCE is the default because on the labelled set we can measure
     (eSpeak NG's speech, BENCHMARKS.md "Turn detection") the model ends turns sooner
-    but cuts more phrases paused mid-way than the silence does: decisions.md entry 88."""
+    but cuts more phrases paused mid-way than the silence does: decisions.md entry 60."""
     if settings.turn_detection != pb.TURN_DETECTION_SERVER_VAD:
         return
     detector = start.turn_detector or voice.turn_detector or pb.TURN_DETECTOR_SILENCE

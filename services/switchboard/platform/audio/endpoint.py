@@ -1,6 +1,6 @@
 """Has the speaker finished? Smart Turn v3.2 on the audio of a turn, with onnxruntime.
 
-Smart Turn (Pipecat's open model, BSD-2; decisions.md entry 88) reads the last
+Smart Turn (Pipecat's open model, BSD-2; decisions.md entry 60) reads the last
 8 s of a turn as Whisper's log-mel features (``melspec.py``) and gives the
 probability that the speaker has finished, from the sound alone: intonation,
 a word cut short, a breath before more. Its file comes out of the ``pipecat-ai``

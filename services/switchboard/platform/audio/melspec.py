@@ -1,7 +1,7 @@
 """Whisper's log-mel features, in numpy: what Smart Turn v3 reads (``endpoint.py``).
 
-Written from Whisper's published front end (OpenAI's ``whisper/audio.py`` and the
-``WhisperFeatureExtractor`` that Smart Turn was trained with), step by step:
+Written from Whisper's published front end (OpenAI Whisper's ``log_mel_spectrogram``
+and the ``WhisperFeatureExtractor`` that Smart Turn was trained with), step by step:
 
 1. 16 kHz mono samples as floats in [-1, 1], normalized to zero mean and unit
    variance over the whole window (the extractor's ``do_normalize``);
