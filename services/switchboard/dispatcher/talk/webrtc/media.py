@@ -86,6 +86,9 @@ class SpeechTrack(MediaStreamTrack):
         #: Frames sent, and how many of them held speech.
         self.frames = 0
         self.speech_frames = 0
+        #: Set while no speech is queued (cleared by ``push``, set when it is all sent).
+        self.drained = asyncio.Event()
+        self.drained.set()
 
     def push(self, sequence: int, audio: bytes, rate: int) -> bool:
         """Queue ``audio`` (mono PCM16 at ``rate``), the speech update ``sequence``;
@@ -98,6 +101,7 @@ class SpeechTrack(MediaStreamTrack):
             return False
         self._queue.append((sequence, bytearray(data)))
         self._queued += len(data)
+        self.drained.clear()
         return True
 
     def clear(self) -> int:
@@ -106,6 +110,7 @@ class SpeechTrack(MediaStreamTrack):
         self._queue.clear()
         self._queued = 0
         self._converters.clear()
+        self.drained.set()
         return dropped
 
     @property
@@ -148,4 +153,6 @@ class SpeechTrack(MediaStreamTrack):
         self._queued -= len(out)
         if out:
             self.speech_frames += 1
+            if not self._queue:
+                self.drained.set()
         return bytes(out + bytes(_FRAME_BYTES - len(out)))

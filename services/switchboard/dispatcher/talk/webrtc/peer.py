@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -67,7 +67,7 @@ _OPUS: Final = re.compile(r"^a=rtpmap:\d+ opus/48000", re.IGNORECASE | re.MULTIL
 _AUDIO: Final = re.compile(r"^m=audio [1-9]\d*", re.MULTILINE)
 
 #: Talk's stream, bound to its caller: requests in, frames out.
-TalkCall = Callable[[AsyncIterator[pb.TalkRequest]], AsyncIterator[pb.TalkResponse]]
+TalkCall = Callable[[AsyncIterator[pb.TalkRequest]], AsyncIterable[pb.TalkResponse]]
 
 
 def offer_problems(sdp: str) -> list[str]:
@@ -118,6 +118,7 @@ class TalkPeer:
         self._unsent: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
+        self._closing: asyncio.Task[None] | None = None
         #: Set once the bridge has ended, and why ("" for a session that ended well).
         self.ended = asyncio.Event()
         self.outcome = ""
@@ -154,16 +155,24 @@ class TalkPeer:
 
     async def close(self, why: str = "closed") -> None:
         """End the bridge: the peer closes and the session's stream ends (abnormally,
-        unless the session ended first), so the session may be resumed."""
-        if not self.ended.is_set():
-            self.outcome = why
-            self.ended.set()
-        self._requests.put_nowait(None)
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        self.speech.stop()
-        await self._pc.close()
+        unless the session ended first), so the session may be resumed. Called again
+        (or from the bridge's own tasks), it waits for the same close."""
+        if self._closing is None:
+            if not self.ended.is_set():
+                self.outcome = why
+                self.ended.set()
+            self._requests.put_nowait(None)
+            current = asyncio.current_task()
+            for task in self._tasks:
+                if task is not current:
+                    task.cancel()
+            self.speech.stop()
+            # A task of its own: cancelling whoever waits must not cut aiortc's close
+            # short (a second close would then wait for it forever).
+            self._closing = asyncio.get_running_loop().create_task(
+                self._pc.close(), name="talk-webrtc-pc-close"
+            )
+        await asyncio.shield(self._closing)
 
     # -- media and channel in ---------------------------------------------------------
 
