@@ -281,8 +281,27 @@ def test_the_start_frame_says_what_was_asked() -> None:
     assert start.turn_detection == pb.TURN_DETECTION_SERVER_VAD
     assert start.silence.ToMilliseconds() == 500
     assert start.barge_in
+    # The end-of-turn detector: unset (the assistant's), or named either way.
+    assert start.turn_detector == pb.TURN_DETECTOR_UNSPECIFIED
+    assert start.turn_eagerness == pb.TURN_EAGERNESS_UNSPECIFIED
+    smart = talk_start(CONVERSATION, turn_detector="smart_turn", turn_eagerness="HIGH")
+    assert smart.turn_detector == pb.TURN_DETECTOR_SMART_TURN
+    assert smart.turn_eagerness == pb.TURN_EAGERNESS_HIGH
+    named = talk_start(
+        CONVERSATION,
+        turn_detector=pb.TURN_DETECTOR_SILENCE,
+        turn_eagerness="turn_eagerness_low",
+    )
+    assert (named.turn_detector, named.turn_eagerness) == (
+        pb.TURN_DETECTOR_SILENCE,
+        pb.TURN_EAGERNESS_LOW,
+    )
     with pytest.raises(ValueError, match="input_rate_hz"):
         talk_start(CONVERSATION, input_rate_hz=22_050)
+    unset = talk_start(CONVERSATION, turn_detector="", turn_eagerness="")
+    assert unset.turn_detector == pb.TURN_DETECTOR_UNSPECIFIED
+    with pytest.raises(ValueError, match="TURN_DETECTOR_PSYCHIC"):
+        talk_start(CONVERSATION, turn_detector="psychic")
 
 
 # -- the session against a scripted server ---------------------------------------------------

@@ -57,6 +57,12 @@ type TalkOptions struct {
 	Silence time.Duration
 	// BargeIn lets the user's speech interrupt the assistant's.
 	BargeIn bool
+	// TurnDetector decides when a turn is over with SERVER_VAD: SILENCE, or
+	// SMART_TURN (the end-of-turn model, the silence as its fallback); 0: the
+	// assistant's own setting (docs/voice.md).
+	TurnDetector dispatcherv1.TurnDetector
+	// TurnEagerness of SMART_TURN: LOW, MEDIUM or HIGH; 0: the assistant's.
+	TurnEagerness dispatcherv1.TurnEagerness
 	// PartialTranscripts asks for transcripts while the user speaks.
 	PartialTranscripts bool
 	// ConcurrencyPolicy of each turn's message (0: INTERRUPT).
@@ -187,6 +193,8 @@ func talkStart(conversation string, opts TalkOptions) (*dispatcherv1.TalkStart, 
 		BargeIn:            opts.BargeIn,
 		PartialTranscripts: opts.PartialTranscripts,
 		ConcurrencyPolicy:  opts.ConcurrencyPolicy,
+		TurnDetector:       opts.TurnDetector,
+		TurnEagerness:      opts.TurnEagerness,
 	}
 	if opts.Silence > 0 {
 		start.Silence = durationpb.New(opts.Silence)

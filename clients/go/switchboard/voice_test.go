@@ -401,3 +401,25 @@ func TestWAVRoundTripsAndResamples(t *testing.T) {
 		t.Error("junk read as a WAV")
 	}
 }
+
+func TestTheStartFrameCarriesTheTurnDetector(t *testing.T) {
+	start, err := talkStart("workspaces/w/conversations/c", TalkOptions{
+		TurnDetector:  dispatcherv1.TurnDetector_TURN_DETECTOR_SMART_TURN,
+		TurnEagerness: dispatcherv1.TurnEagerness_TURN_EAGERNESS_HIGH,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if start.GetTurnDetector() != dispatcherv1.TurnDetector_TURN_DETECTOR_SMART_TURN ||
+		start.GetTurnEagerness() != dispatcherv1.TurnEagerness_TURN_EAGERNESS_HIGH {
+		t.Fatalf("start frame: %v", start)
+	}
+	unset, err := talkStart("workspaces/w/conversations/c", TalkOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Unset: the assistant's own settings apply.
+	if unset.GetTurnDetector() != dispatcherv1.TurnDetector_TURN_DETECTOR_UNSPECIFIED {
+		t.Fatalf("unset detector: %v", unset.GetTurnDetector())
+	}
+}

@@ -44,6 +44,8 @@ from switchboard.client.voice import (
     OnResume,
     TalkSession,
     TurnDetectionLike,
+    TurnDetectorLike,
+    TurnEagernessLike,
     talk_start,
 )
 
@@ -785,6 +787,8 @@ class Client:
         max_frame_bytes: int = MAX_FRAME_BYTES,
         resend_lost: bool = True,
         on_resume: OnResume | None = None,
+        turn_detector: TurnDetectorLike = dispatcher_pb2.TURN_DETECTOR_UNSPECIFIED,
+        turn_eagerness: TurnEagernessLike = dispatcher_pb2.TURN_EAGERNESS_UNSPECIFIED,
     ) -> TalkSession:
         """A voice session on ``conversation`` (``Talk``), resumed across dropped
         connections; open it with ``async with``.
@@ -797,6 +801,9 @@ class Client:
         frame limit (SWITCHBOARD_VOICE_MAX_FRAME_BYTES). After a resume the session
         sends the turns the server lost again unless ``resend_lost`` is False (then
         ``resend`` them); ``on_resume`` hears of each resume (docs/voice.md).
+        ``turn_detector`` (``"smart_turn"`` or ``"silence"``) and ``turn_eagerness``
+        (``"low"``, ``"medium"``, ``"high"``): how the server decides a turn is over;
+        the assistant's own settings when unset.
         """
         start = talk_start(
             conversation,
@@ -808,6 +815,8 @@ class Client:
             barge_in=barge_in,
             partial_transcripts=partial_transcripts,
             concurrency_policy=concurrency_policy,
+            turn_detector=turn_detector,
+            turn_eagerness=turn_eagerness,
         )
         return TalkSession(
             self.dispatcher,

@@ -91,6 +91,9 @@ MAX_PENDING_TURNS: Final = 64
 Detection: TypeAlias = dispatcher_pb2.TurnDetection.ValueType
 #: A turn detection: the enum, or its name (``"client"``, ``"SERVER_VAD"``).
 TurnDetectionLike: TypeAlias = dispatcher_pb2.TurnDetection.ValueType | str
+#: The end-of-turn detector and its eagerness (docs/voice.md), as the enum or its name.
+TurnDetectorLike: TypeAlias = dispatcher_pb2.TurnDetector.ValueType | str
+TurnEagernessLike: TypeAlias = dispatcher_pb2.TurnEagerness.ValueType | str
 
 _Frame = dispatcher_pb2.TalkResponse
 
@@ -969,6 +972,32 @@ def detection_of(value: TurnDetectionLike) -> Detection:
     )
 
 
+def detector_of(value: TurnDetectorLike) -> dispatcher_pb2.TurnDetector.ValueType:
+    """A ``TurnDetector`` from the enum or its name (``"smart_turn"``, ``"SILENCE"``,
+    ``"TURN_DETECTOR_SMART_TURN"``; ``""``: unset)."""
+    if isinstance(value, int):
+        return dispatcher_pb2.TurnDetector.ValueType(value)
+    if not value:
+        return dispatcher_pb2.TURN_DETECTOR_UNSPECIFIED
+    name = value.upper()
+    return dispatcher_pb2.TurnDetector.Value(
+        name if name.startswith("TURN_DETECTOR_") else f"TURN_DETECTOR_{name}"
+    )
+
+
+def eagerness_of(value: TurnEagernessLike) -> dispatcher_pb2.TurnEagerness.ValueType:
+    """A ``TurnEagerness`` from the enum or its name (``"high"``, ``"TURN_EAGERNESS_LOW"``;
+    ``""``: unset)."""
+    if isinstance(value, int):
+        return dispatcher_pb2.TurnEagerness.ValueType(value)
+    if not value:
+        return dispatcher_pb2.TURN_EAGERNESS_UNSPECIFIED
+    name = value.upper()
+    return dispatcher_pb2.TurnEagerness.Value(
+        name if name.startswith("TURN_EAGERNESS_") else f"TURN_EAGERNESS_{name}"
+    )
+
+
 def talk_start(
     conversation: str,
     *,
@@ -982,6 +1011,8 @@ def talk_start(
     concurrency_policy: dispatcher_pb2.ConcurrencyPolicy.ValueType = (
         dispatcher_pb2.CONCURRENCY_POLICY_UNSPECIFIED
     ),
+    turn_detector: TurnDetectorLike = dispatcher_pb2.TURN_DETECTOR_UNSPECIFIED,
+    turn_eagerness: TurnEagernessLike = dispatcher_pb2.TURN_EAGERNESS_UNSPECIFIED,
 ) -> dispatcher_pb2.TalkStart:
     """The ``TalkStart`` frame of ``Client.talk``'s arguments."""
     for name, rate in (("input_rate_hz", input_rate_hz), ("output_rate_hz", output_rate_hz)):
@@ -1000,6 +1031,8 @@ def talk_start(
         barge_in=barge_in,
         partial_transcripts=partial_transcripts,
         concurrency_policy=concurrency_policy,
+        turn_detector=detector_of(turn_detector),
+        turn_eagerness=eagerness_of(turn_eagerness),
     )
     if silence_s is not None:
         start.silence.FromNanoseconds(round(silence_s * 1e9))
