@@ -961,41 +961,33 @@ def _no_session(why: str) -> NoReturn:
     raise Unavailable(why)
 
 
+def _named(enum: Any, prefix: str, value: int | str) -> int:
+    """An enum's value from itself (as given: the server says if it knows it) or its
+    name, with or without ``prefix``, in any case."""
+    if isinstance(value, int):
+        return value
+    name = value.upper()
+    return int(enum.Value(name if name.startswith(prefix) else prefix + name))
+
+
 def detection_of(value: TurnDetectionLike) -> Detection:
     """A ``TurnDetection`` from the enum or its name (``"client"``, ``"SERVER_VAD"``,
     ``"TURN_DETECTION_CLIENT"``)."""
-    if isinstance(value, int):
-        return dispatcher_pb2.TurnDetection.ValueType(value)
-    name = value.upper()
-    return dispatcher_pb2.TurnDetection.Value(
-        name if name.startswith("TURN_DETECTION_") else f"TURN_DETECTION_{name}"
-    )
+    return Detection(_named(dispatcher_pb2.TurnDetection, "TURN_DETECTION_", value))
 
 
 def detector_of(value: TurnDetectorLike) -> dispatcher_pb2.TurnDetector.ValueType:
     """A ``TurnDetector`` from the enum or its name (``"smart_turn"``, ``"SILENCE"``,
     ``"TURN_DETECTOR_SMART_TURN"``; ``""``: unset)."""
-    if isinstance(value, int):
-        return dispatcher_pb2.TurnDetector.ValueType(value)
-    if not value:
-        return dispatcher_pb2.TURN_DETECTOR_UNSPECIFIED
-    name = value.upper()
-    return dispatcher_pb2.TurnDetector.Value(
-        name if name.startswith("TURN_DETECTOR_") else f"TURN_DETECTOR_{name}"
-    )
+    found = _named(dispatcher_pb2.TurnDetector, "TURN_DETECTOR_", value or 0)
+    return dispatcher_pb2.TurnDetector.ValueType(found)
 
 
 def eagerness_of(value: TurnEagernessLike) -> dispatcher_pb2.TurnEagerness.ValueType:
     """A ``TurnEagerness`` from the enum or its name (``"high"``, ``"TURN_EAGERNESS_LOW"``;
     ``""``: unset)."""
-    if isinstance(value, int):
-        return dispatcher_pb2.TurnEagerness.ValueType(value)
-    if not value:
-        return dispatcher_pb2.TURN_EAGERNESS_UNSPECIFIED
-    name = value.upper()
-    return dispatcher_pb2.TurnEagerness.Value(
-        name if name.startswith("TURN_EAGERNESS_") else f"TURN_EAGERNESS_{name}"
-    )
+    found = _named(dispatcher_pb2.TurnEagerness, "TURN_EAGERNESS_", value or 0)
+    return dispatcher_pb2.TurnEagerness.ValueType(found)
 
 
 def talk_start(

@@ -18,7 +18,6 @@ message with its calls and one ``tool`` message per result, also what
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +33,7 @@ from switchboard.platform.values.jsonbounds import JsonRejected
 from switchboard.platform.values.resources import ToolName
 from switchboard.platform.values.structs import plain
 from switchboard.platform.values.wording import counted
+from switchboard.shared.parttext import compact_json
 
 # The handler's logger: one name for every part of it, as before it was split.
 log = logging.getLogger("switchboard.dispatcher.llm")
@@ -288,12 +288,7 @@ class ToolLoop:
 def json_text(struct: struct_pb2.Struct) -> str:
     # Sorted: a Struct's map has no order of its own (it differs between
     # processes), and the same call must read the same to the model every time.
-    return json.dumps(
-        {key: plain(value) for key, value in struct.fields.items()},
-        separators=(",", ":"),
-        ensure_ascii=False,
-        sort_keys=True,
-    )
+    return compact_json(struct)
 
 
 def _wire_name(name: str) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -72,6 +71,7 @@ from switchboard.platform.values.resources import (
     RunName,
     WorkspaceName,
 )
+from switchboard.shared.parttext import compact_json
 
 log = logging.getLogger("switchboard.dispatcher.delegation")
 
@@ -360,7 +360,7 @@ class Delegation:
     async def checker(self, schema: struct_pb2.Struct) -> Compiled:
         """``schema``'s validator, compiled once (off the loop) and kept for the next
         calls of any run whose delegate gives the same schema."""
-        key = json.dumps(structs.plain_struct(schema), sort_keys=True)
+        key = compact_json(schema)
         found = self._checkers.get(key)
         if found is None:
             found = await asyncio.to_thread(compile_schema, structs.plain_struct(schema))
@@ -511,13 +511,12 @@ class Delegate:
             if len(text) > MAX_INPUT_CHARS:
                 return f"{INPUT!r} is longer than {MAX_INPUT_CHARS:,} characters."
             return [cpb.ContentPart(text=text)]
-        given = structs.plain_struct(arguments)
-        written = json.dumps(given, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        written = compact_json(arguments)
         if len(written) > MAX_INPUT_CHARS:
             return f"The arguments are longer than {MAX_INPUT_CHARS:,} characters as JSON."
         checker = await self._delegation.checker(self._schema)
         try:
-            broken = await asyncio.to_thread(checker.violations, given)
+            broken = await asyncio.to_thread(checker.violations, structs.plain_struct(arguments))
         except SchemaUnusable as exc:
             return f"The delegate's input schema cannot be applied: {exc.reason}."
         if broken:
@@ -774,11 +773,6 @@ def answered(parts: Sequence[cpb.ContentPart]) -> tuple[bool, str] | BuiltinAnsw
         listed = result.get_or_create_list("data")
         for item in data:
             listed.add_struct().CopyFrom(item)
-        written = json.dumps(
-            {"data": [structs.plain(v) for v in listed.values]},
-            separators=(",", ":"),
-            ensure_ascii=False,
-            sort_keys=True,
-        )
+        written = compact_json(result)
         text = f"{text}\n\n{written}" if text else written
     return BuiltinAnswer(True, text, result, files)
