@@ -73,6 +73,27 @@ class Desk:
         name: str = created.assistant.name
         return name
 
+    async def hands_over(
+        self, assistant: str, target: str, history: pb.HandoffHistory.ValueType
+    ) -> None:
+        """``assistant`` may hand its conversations to ``target`` (an id), which then
+        sees ``history`` of them."""
+        await self.dstub.UpdateAssistant(
+            pb.UpdateAssistantRequest(
+                assistant=pb.Assistant(
+                    name=assistant,
+                    handoffs=[
+                        pb.AssistantHandoff(
+                            assistant=f"{self.world.name}/assistants/{target}", history=history
+                        )
+                    ],
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["handoffs"]),
+            ),
+            metadata=self.world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+
     async def send(self, assistant: str, text: str) -> pb.Run:
         sent = await self.dstub.SendMessage(
             pb.SendMessageRequest(
@@ -582,22 +603,7 @@ async def test_a_handoff_since_the_handoff_shows_the_holder_only_what_came_from_
     async with desk(database_url) as d:
         triage = await d.assistant("triage", "You are triage.")
         await d.assistant("billing", "You are billing.")
-        await d.dstub.UpdateAssistant(
-            pb.UpdateAssistantRequest(
-                assistant=pb.Assistant(
-                    name=triage,
-                    handoffs=[
-                        pb.AssistantHandoff(
-                            assistant=f"{d.world.name}/assistants/billing",
-                            history=pb.HANDOFF_HISTORY_SINCE_HANDOFF,
-                        )
-                    ],
-                ),
-                update_mask=field_mask_pb2.FieldMask(paths=["handoffs"]),
-            ),
-            metadata=d.world.owner.md,
-            timeout=TIMEOUT_S,
-        )
+        await d.hands_over(triage, "billing", pb.HANDOFF_HISTORY_SINCE_HANDOFF)
 
         def hand(body: dict[str, Any]) -> Reply:
             if not this_turns_outputs(body):
@@ -724,22 +730,7 @@ async def test_a_handoff_with_a_summary_shows_the_holder_the_summary_not_the_his
     async with desk(database_url) as d:
         triage = await d.assistant("triage", "You are triage.")
         await d.assistant("billing", "You are billing.")
-        await d.dstub.UpdateAssistant(
-            pb.UpdateAssistantRequest(
-                assistant=pb.Assistant(
-                    name=triage,
-                    handoffs=[
-                        pb.AssistantHandoff(
-                            assistant=f"{d.world.name}/assistants/billing",
-                            history=pb.HANDOFF_HISTORY_SUMMARY,
-                        )
-                    ],
-                ),
-                update_mask=field_mask_pb2.FieldMask(paths=["handoffs"]),
-            ),
-            metadata=d.world.owner.md,
-            timeout=TIMEOUT_S,
-        )
+        await d.hands_over(triage, "billing", pb.HANDOFF_HISTORY_SUMMARY)
         offered: list[dict[str, Any]] = []
 
         def hand(body: dict[str, Any]) -> Reply:
