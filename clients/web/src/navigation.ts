@@ -464,7 +464,7 @@ export class Navigation {
                 "button",
                 {
                   type: "button",
-                  class: "link muted",
+                  class: "item muted",
                   "data-testid": "show-delegated",
                   "data-count": String(delegated.length),
                   "aria-pressed": String(this.showDelegated),
