@@ -7,6 +7,7 @@ import base64
 import hashlib
 import os
 import shutil
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,14 @@ def artifacts_dir(tmp_path: Path) -> Path:
     directory = Path(os.environ.get("SWITCHBOARD_TEST_ARTIFACTS") or tmp_path)
     directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+def js_fixed(value: float, digits: int) -> str:
+    """``value.toFixed(digits)`` as the page's JavaScript writes it.
+
+    Python's ``f"{x:.2f}"`` rounds an exact tie to even (0.125 -> "0.12") where ``toFixed``
+    takes the larger (0.125 -> "0.13"); both round the double's exact value, so only ties
+    differ. A test that rebuilds a page's figure must round the page's way.
+    """
+    exact = Decimal(value)  # the double's exact binary value, as toFixed reads it
+    return str(exact.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))

@@ -82,7 +82,7 @@ from switchboard.deploy.edge.envoy import (
 )
 from switchboard.platform.security.credentials.devkey import dev_key_path
 from switchboard.platform.values import names
-from tests.e2e.chromium import artifacts_dir, required, spki_sha256
+from tests.e2e.chromium import artifacts_dir, js_fixed, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
 from tests.infra.mcpserver import McpTestServer
@@ -2521,7 +2521,7 @@ def test_budgets_are_edited_on_their_page_the_chart_shows_the_days_spend_and_a_r
             "(s) => document.querySelector(s).textContent",
             tid("usage-series", assistant=assistant, model=row.model),
         )
-        assert legend == f"Helper · {row.model}: ${spent / 1e6:.4f}"
+        assert legend == f"Helper · {row.model}: ${js_fixed(spent / 1e6, 4)}"
         browser.wait_for(f"{cost_cap}[data-used='{spent}']")
         assert browser.data(cost_cap)["held"] == "0"
         assert raw_text(browser) == []
@@ -2785,7 +2785,7 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
                 "input": str(r.input_tokens),
                 "output": str(r.output_tokens),
                 # Grouped by model, a row's runs are all unpriced or none.
-                "cost": "unpriced" if r.unpriced_runs else f"${r.cost_micros / 1e6:.4f}",
+                "cost": "unpriced" if r.unpriced_runs else f"${js_fixed(r.cost_micros / 1e6, 4)}",
                 "unpriced": str(r.unpriced_runs),
             }
             for r in rows

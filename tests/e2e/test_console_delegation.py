@@ -31,7 +31,7 @@ import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from tests.e2e import test_console as console
-from tests.e2e.chromium import artifacts_dir
+from tests.e2e.chromium import artifacts_dir, js_fixed
 from tests.e2e.test_console import (
     CALL_S,
     Chromium,
@@ -136,12 +136,12 @@ def _same_as_server(rows: list[dict[str, Any]], children: list[dispatcher_pb2.Ru
         assert row["tokens"] == f" · {total:,} tokens"
         assert float(row["costUsd"]) == pytest.approx(child.usage.estimated_cost_usd)
         assert child.usage.estimated_cost_usd > 0
-        assert row["cost"] == f" · ${child.usage.estimated_cost_usd:.4f}"
+        assert row["cost"] == f" · ${js_fixed(child.usage.estimated_cost_usd, 4)}"
         # Its time: from its start to its end, never longer than the server's whole run.
         ms = int(row["ms"])
         lasted = child.end_time.ToMilliseconds() - child.create_time.ToMilliseconds()
         assert 0 < ms <= lasted + 1_000, (ms, lasted)
-        assert row["time"] == f" · {ms / 1000:.2f} s"
+        assert row["time"] == f" · {js_fixed(ms / 1000, 2)} s"
 
 
 def _expand(browser: Page, child: str) -> str:
