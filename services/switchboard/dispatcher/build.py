@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
+from aiortc import RTCIceServer
 from opentelemetry.trace import Tracer
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -74,9 +75,12 @@ from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
 from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.dispatcher.service import Catalogs, Dispatcher, Readmission, RunLimits, Stages
-from switchboard.dispatcher.settings import DispatcherSettings
+from switchboard.dispatcher.settings import DispatcherSettings, ice_servers
 from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
+from switchboard.dispatcher.talk.webrtc.peer import PeerSettings as WebRtcSettings
+from switchboard.dispatcher.talk.webrtc.peers import PeerLimits, Peers
+from switchboard.dispatcher.talk.webrtc.ports import PortRange
 from switchboard.dispatcher.tools.port import LocalTools, ToolHub
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.dispatcher.voice.speaker import Speech
@@ -397,6 +401,7 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
             limits=_talk_limits(run.settings),
             judge=_smart_turn(shared),
         ),
+        peers=lambda talks: Peers(talks, _peer_settings(run.settings), _peer_limits(run.settings)),
         spending=run.spending,
         delegation=delegation,
     )
@@ -729,6 +734,29 @@ def _talk_limits(settings: DispatcherSettings) -> TalkLimits:
         max_sessions=settings.voice_max_sessions,
         max_sessions_per_user=settings.voice_max_sessions_per_user,
         heartbeat_s=settings.dispatcher_heartbeat_s,
+    )
+
+
+def _peer_settings(settings: DispatcherSettings) -> WebRtcSettings:
+    servers = ice_servers(settings.webrtc_ice_servers.get_secret_value())
+    return WebRtcSettings(
+        ice_servers=tuple(
+            RTCIceServer(
+                urls=server["urls"],
+                username=str(server.get("username", "")) or None,
+                credential=str(server.get("credential", "")) or None,
+            )
+            for server in servers
+        ),
+        connect_timeout_s=settings.webrtc_connect_timeout_s,
+        ports=PortRange.parse(settings.webrtc_ports),
+    )
+
+
+def _peer_limits(settings: DispatcherSettings) -> PeerLimits:
+    return PeerLimits(
+        max_peers=settings.webrtc_max_peers,
+        max_peers_per_user=settings.webrtc_max_peers_per_user,
     )
 
 

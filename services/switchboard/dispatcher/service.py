@@ -58,6 +58,7 @@ from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.steering import Steering
 from switchboard.dispatcher.schedules.catalog import Schedules
 from switchboard.dispatcher.talk.session import Talks
+from switchboard.dispatcher.talk.webrtc.peers import Peers
 from switchboard.platform import background
 from switchboard.platform.security.policy import Principal
 
@@ -85,6 +86,8 @@ class Stages:
     streams: Callable[[Dispatcher], Streams]
     #: Talk's voice sessions, likewise.
     talks: Callable[[Dispatcher], Talks]
+    #: ConnectTalk's WebRTC peers, each carrying one of those sessions.
+    peers: Callable[[Talks], Peers]
     #: Budgets (None: none are enforced); its ``on_change`` is the budget catalog's hook.
     spending: Spending | None = None
     #: Delegate runs (``runs/delegation.py``), which call back into the dispatcher.
@@ -142,6 +145,7 @@ class Dispatcher:
         self._live = stages.common.live
         self._streams = stages.streams(self)
         self.talks = stages.talks(self)
+        self.peers = stages.peers(self.talks)
         if stages.delegation is not None:
             # A delegate's child run is a message like any other: sent, watched and
             # cancelled through these calls.
@@ -170,6 +174,8 @@ class Dispatcher:
     async def close(self) -> None:
         """Stop every run this process owns; each ends by the recovery policy."""
         self._live.closing = True
+        # Peers first: their sessions end as dropped streams do, resumable elsewhere.
+        await self.peers.close()
         await self._stages.recovery.stop()
         await self._stages.execution.stop()
         await self._stages.publishing.drain(timeout_s=FINISH_TIMEOUT_S)
@@ -259,6 +265,12 @@ class Dispatcher:
     ) -> AsyncGenerator[pb.TalkResponse, None]:
         """Talk's frames: a voice session on a conversation (``talk/session.py``)."""
         return self.talks.talk(principal, requests, via)
+
+    async def connect_talk(
+        self, principal: Principal, request: pb.ConnectTalkRequest, via: Via
+    ) -> pb.ConnectTalkResponse:
+        """ConnectTalk: a browser's WebRTC peer for a Talk session (``talk/webrtc/``)."""
+        return await self.peers.connect(principal, request, via)
 
     async def submit_tool_approvals(
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via = IN_PROCESS

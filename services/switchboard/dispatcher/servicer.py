@@ -213,6 +213,13 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
             async for frame in frames:
                 yield frame
 
+    async def ConnectTalk(
+        self, request: pb.ConnectTalkRequest, context: Context
+    ) -> pb.ConnectTalkResponse:
+        # The session outlives this call: the call's deadline is the answer's only.
+        via = _via(context, deadline=False)
+        return await self._dispatcher.connect_talk(current_principal(), request, via)
+
     async def CreateSchedule(
         self, request: pb.CreateScheduleRequest, context: Context
     ) -> pb.CreateScheduleResponse:

@@ -10,7 +10,8 @@ front door reaches it too). A new dispatcher setting is a field here, read in
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Final, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -421,6 +422,46 @@ class DispatcherSettings(Section):
         "by `make tools`); without it, voice turns end on silence alone",
     )
 
+    webrtc_ice_servers: SecretStr = Field(
+        default=SecretStr(""),
+        description="STUN and TURN servers the server's WebRTC peers gather candidates with, as "
+        'JSON: `[{"urls": "stun:stun.example.net:3478"}, {"urls": ["turn:turn.example.net:3478"], '
+        '"username": "u", "credential": "p"}]` (at most 8); none: host candidates only, enough '
+        "when browsers reach the server's address directly",
+    )
+    webrtc_ports: str = Field(
+        default="",
+        description="the UDP ports the server's WebRTC peers bind for media, as `low-high` "
+        "(`40000-40099`, within 1024-65535; one port per connected peer and local address, so "
+        "at least `SWITCHBOARD_WEBRTC_MAX_PEERS` of them); empty: any port the system picks",
+    )
+    webrtc_connect_timeout_s: float = Field(
+        default=15.0,
+        ge=1,
+        le=120,
+        description="how long a WebRTC peer may take to connect after its answer; one that does "
+        "not is closed, and its session never starts",
+    )
+    webrtc_max_peers: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="WebRTC peers (`ConnectTalk`) carried at once by this process "
+        "(`RESOURCE_EXHAUSTED` above)",
+    )
+    webrtc_max_peers_per_user: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="WebRTC peers one user may hold at once in this process",
+    )
+
+    @model_validator(mode="after")
+    def _check_ice(self) -> DispatcherSettings:
+        ice_servers(_text(self.webrtc_ice_servers))
+        port_range(self.webrtc_ports)
+        return self
+
     @model_validator(mode="after")
     def _check_llm(self) -> DispatcherSettings:
         # Half an LLM configuration used to be ignored without a word: the
@@ -449,3 +490,64 @@ class DispatcherSettings(Section):
 
 def _text(value: object) -> str:
     return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+_ICE_SCHEMES: Final = ("stun:", "turn:", "turns:")
+
+
+def ice_servers(text: str) -> list[dict[str, str | list[str]]]:
+    """``SWITCHBOARD_WEBRTC_ICE_SERVERS`` read: each server's ``urls`` (a list), and its
+    ``username`` and ``credential`` when given. ValueError says what is wrong, never the
+    credential."""
+    if not text.strip():
+        return []
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError("SWITCHBOARD_WEBRTC_ICE_SERVERS is not JSON") from None
+    if not isinstance(given, list) or len(given) > 8:
+        raise ValueError("SWITCHBOARD_WEBRTC_ICE_SERVERS must be a JSON list of at most 8 servers")
+    servers: list[dict[str, str | list[str]]] = []
+    for i, item in enumerate(given):
+        where = f"SWITCHBOARD_WEBRTC_ICE_SERVERS[{i}]"
+        if not isinstance(item, dict) or set(item) - {"urls", "username", "credential"}:
+            raise ValueError(f"{where} must be an object of urls, username and credential")
+        urls = item.get("urls")
+        urls = [urls] if isinstance(urls, str) else urls
+        if (
+            not isinstance(urls, list)
+            or not 1 <= len(urls) <= 8
+            or not all(isinstance(u, str) and u.startswith(_ICE_SCHEMES) for u in urls)
+        ):
+            raise ValueError(f"{where}.urls must be 1 to 8 stun:, turn: or turns: URLs")
+        server: dict[str, str | list[str]] = {"urls": urls}
+        for key in ("username", "credential"):
+            if key in item:
+                if not isinstance(item[key], str):
+                    raise ValueError(f"{where}.{key} must be a string")
+                server[key] = item[key]
+        if any(u.startswith(("turn:", "turns:")) for u in urls) and not (
+            "username" in server and "credential" in server
+        ):
+            raise ValueError(f"{where}: a TURN server needs a username and a credential")
+        servers.append(server)
+    return servers
+
+
+def port_range(text: str) -> tuple[int, int] | None:
+    """``SWITCHBOARD_WEBRTC_PORTS`` read: its first and last port, or None for any."""
+    if not text.strip():
+        return None
+    low, sep, high = text.partition("-")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit()):
+        raise ValueError(
+            f"SWITCHBOARD_WEBRTC_PORTS={text!r} is not two ports joined by a hyphen "
+            "(like 40000-40099), nor empty (any port)"
+        )
+    first, last = int(low), int(high)
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(
+            f"SWITCHBOARD_WEBRTC_PORTS={text!r} must lie within 1024-65535 and start at or "
+            "below its end"
+        )
+    return first, last

@@ -9,31 +9,38 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from google.protobuf import duration_pb2
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.service import Dispatcher
 from switchboard.dispatcher.talk.webrtc.media import SpeechTrack, pcm_of
-from switchboard.dispatcher.talk.webrtc.peer import CHANNEL, PeerSettings, TalkPeer
+from switchboard.dispatcher.talk.webrtc.peer import CHANNEL
+from switchboard.dispatcher.talk.webrtc.peers import Peers
 from switchboard.platform.audio import pcm
-from switchboard.platform.errors import InvalidArgument
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
+from tests.conftest import built
 from tests.dispatcher.talk.test_talk import Place, stored_sessions, voice_place, voice_settings
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.speech import COUNTING, says, speak
-from tests.kits.dispatchkit import Stub, dispatcher_stub
+from tests.kits.contextkit import Caller, refused, violations
+from tests.kits.dispatchkit import Stub, dispatcher_stub, eventually
 
 pytestmark = pytest.mark.service
 
 WAIT_S = 20.0
+SUCCEEDED = "RUN_STATE_SUCCEEDED"
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +56,15 @@ async def audio_server() -> AsyncIterator[FakeAudio]:
 
 
 @pytest.fixture
-def settings(database_url: str, audio_server: FakeAudio) -> Settings:
-    return voice_settings(database_url, audio_server.url)
+def settings_overrides() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def settings(
+    database_url: str, audio_server: FakeAudio, settings_overrides: dict[str, Any]
+) -> Settings:
+    return voice_settings(database_url, audio_server.url, **settings_overrides)
 
 
 @pytest.fixture
@@ -119,43 +133,71 @@ def page() -> Page:
     return opened
 
 
-def bridged(stub: Stub, place: Place, **settings: Any) -> TalkPeer:
-    editor = place.world.editor
-    return TalkPeer(
-        lambda requests: stub.Talk(requests, metadata=editor.md, timeout=WAIT_S * 2),
-        pb.TalkStart(conversation=place.conversation, assistant=place.assistant),
-        PeerSettings(**settings),
-    )
-
-
 async def offer_of(opened: Page) -> str:
     await opened.pc.setLocalDescription(await opened.pc.createOffer())
     return str(opened.pc.localDescription.sdp)
 
 
+def peers_of(mesh: SwitchboardServer) -> Peers:
+    return built(mesh, Dispatcher).peers
+
+
+async def connect(
+    stub: Stub, caller: Caller, opened: Page, **session: Any
+) -> pb.ConnectTalkResponse:
+    """ConnectTalk with the page's offer; the page takes the answer."""
+    connected = await stub.ConnectTalk(
+        pb.ConnectTalkRequest(offer=await offer_of(opened), **session),
+        metadata=caller.md,
+        timeout=WAIT_S,
+    )
+    await opened.pc.setRemoteDescription(RTCSessionDescription(sdp=connected.answer, type="answer"))
+    return connected
+
+
+def starting(place: Place, **settings: Any) -> dict[str, Any]:
+    return {
+        "start": pb.TalkStart(
+            conversation=place.conversation, assistant=place.assistant, **settings
+        )
+    }
+
+
+def numbered(opened: Page) -> list[int]:
+    return [int(f["sequence"]) for f in opened.frames if "sequence" in f]
+
+
+def ended_well(run: str) -> Callable[[dict[str, Any]], bool]:
+    def done(frame: dict[str, Any]) -> bool:
+        change = frame.get("update", {}).get("stateChange", {}).get("run", {})
+        return bool(frame.get("update", {}).get("run") == run and change.get("state") == SUCCEEDED)
+
+    return done
+
+
+async def closed(opened: Page) -> None:
+    await opened.pc.close()
+    for task in opened.tasks:
+        task.cancel()
+
+
 async def test_a_spoken_turn_is_answered_with_speech_on_the_track(
-    channel: aio.Channel, place: Place, counting: bytes
+    channel: aio.Channel, place: Place, counting: bytes, mesh: SwitchboardServer
 ) -> None:
     stub = dispatcher_stub(channel)
-    peer = bridged(stub, place)
     opened = page()
     try:
-        answer = await peer.answer(await offer_of(opened))
-        await opened.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        connected = await connect(stub, place.world.editor, opened, **starting(place))
+        assert connected.session == ""  # a new session is named on the channel
         session = await opened.until(lambda f: "session" in f)
         assert session["session"]["name"].startswith(place.conversation + "/voiceSessions/")
+        peer = next(iter(peers_of(mesh)))
         # The microphone: the words, then a second of silence to end the turn.
         opened.microphone.push(1, counting + bytes(pcm.byte_count(1500, 16_000)), 16_000)
         heard = await opened.until(lambda f: f.get("transcript", {}).get("final", False))
         assert says(heard["transcript"]["text"]), heard
         run = heard["transcript"]["run"]
-        await opened.until(
-            lambda f: (
-                f.get("update", {}).get("run") == run
-                and f["update"].get("stateChange", {}).get("run", {}).get("state")
-                == "RUN_STATE_SUCCEEDED"
-            )
-        )
+        await opened.until(ended_well(run))
         spoken = [f for f in opened.frames if "speech" in f.get("update", {})]
         assert spoken, opened.kinds()
         # The speech went on the track, not the channel.
@@ -165,24 +207,44 @@ async def test_a_spoken_turn_is_answered_with_speech_on_the_track(
         # All of it went out on the track, and the page heard speech, not silence.
         assert peer.speech.heard_through == int(spoken[-1]["sequence"])
         assert opened.voiced_frames >= 10, (opened.heard_frames, opened.voiced_frames)
-        # The page ends the session: the stream ends well and the peer closes.
+        # The page ends the session: the stream ends well, the peer closes and is let go.
         opened.channel.send(  # type: ignore[attr-defined]
             json.dumps({"control": {"action": "TALK_ACTION_END_SESSION"}})
         )
         async with asyncio.timeout(WAIT_S):
             await peer.ended.wait()
         assert peer.outcome == ""
+        await eventually(_no_peers(mesh), "the ended peer let go")
+        # Media after the session ended goes nowhere: no turn is stored from it.
+        turns = await stored_sessions(mesh)
+        opened.microphone.push(2, counting + bytes(pcm.byte_count(1500, 16_000)), 16_000)
+        async with asyncio.timeout(WAIT_S):
+            while opened.pc.connectionState not in ("closed", "failed"):
+                opened.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):  # the page's own state, polled
+                        await opened.arrived.wait()
+        assert await stored_sessions(mesh) == turns
     finally:
-        await peer.close()
-        await opened.pc.close()
-        for task in opened.tasks:
-            task.cancel()
+        await closed(opened)
 
 
-async def test_offers_that_cannot_start_a_session_are_refused_naming_the_offer(
+def _peers(mesh: SwitchboardServer, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return peers_of(mesh).open_peers == count
+
+    return check
+
+
+def _no_peers(mesh: SwitchboardServer) -> Callable[[], Awaitable[bool]]:
+    return _peers(mesh, 0)
+
+
+async def test_offers_and_sessions_that_cannot_start_are_refused_by_the_call(
     channel: aio.Channel, place: Place, mesh: SwitchboardServer
 ) -> None:
     stub = dispatcher_stub(channel)
+    editor = place.world.editor
     silent = RTCPeerConnection()
     silent.createDataChannel(CHANNEL)
     await silent.setLocalDescription(await silent.createOffer())
@@ -190,37 +252,230 @@ async def test_offers_that_cannot_start_a_session_are_refused_naming_the_offer(
     await silent.close()
     opened = page()
     with_audio = await offer_of(opened)
-    await opened.pc.close()
+    await closed(opened)
     no_opus = "\n".join(line for line in with_audio.splitlines() if "opus" not in line.lower())
     cases = {
         no_audio: "offers no audio",
         no_opus: "offers no Opus audio",
         "hello": "is not an SDP offer",
+        "": "is not an SDP offer",
         "v=0\n" + "a=x\n" * 20_000: "is longer than 64 KiB",
     }
     for offer, expected in cases.items():
-        peer = bridged(stub, place)
-        with pytest.raises(InvalidArgument) as refused:
-            await peer.answer(offer)
-        assert [v.field for v in refused.value.violations] == ["offer"]
-        assert expected in refused.value.violations[0].description
-        await peer.close()
+        error = await refused(
+            stub.ConnectTalk(
+                pb.ConnectTalkRequest(offer=offer, **starting(place)),
+                metadata=editor.md,
+                timeout=WAIT_S,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert violations(error) == ["offer"]
+        assert expected in (error.details() or "")
+    # No session named, a malformed session name, and both at once: every field named.
+    error = await refused(
+        stub.ConnectTalk(pb.ConnectTalkRequest(offer="hello"), metadata=editor.md),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert violations(error) == ["offer", "session"]
+    error = await refused(
+        stub.ConnectTalk(
+            pb.ConnectTalkRequest(offer=with_audio, resume=pb.TalkResume(session="nope")),
+            metadata=editor.md,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert violations(error) == ["resume.session"]
+    # Talk's own checks, before any peer: the start's fields, access, the conversation.
+    bad_start = pb.TalkStart(
+        conversation=place.conversation, silence=duration_pb2.Duration(seconds=60)
+    )
+    error = await refused(
+        stub.ConnectTalk(
+            pb.ConnectTalkRequest(offer=with_audio, start=bad_start), metadata=editor.md
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert violations(error) == ["start.silence"]
+    for caller, code in (
+        (place.world.viewer, grpc.StatusCode.PERMISSION_DENIED),
+        (place.world.outsider, grpc.StatusCode.NOT_FOUND),
+    ):
+        await refused(
+            stub.ConnectTalk(
+                pb.ConnectTalkRequest(offer=with_audio, **starting(place)), metadata=caller.md
+            ),
+            code,
+        )
+    await refused(
+        stub.ConnectTalk(pb.ConnectTalkRequest(offer=with_audio, **starting(place))),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+    gone = place.conversation + "x"
+    await refused(
+        stub.ConnectTalk(
+            pb.ConnectTalkRequest(
+                offer=with_audio, start=pb.TalkStart(conversation=gone, assistant=place.assistant)
+            ),
+            metadata=editor.md,
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert peers_of(mesh).open_peers == 0
     assert await stored_sessions(mesh) == 0
 
 
+@pytest.mark.parametrize("settings_overrides", [{"webrtc_connect_timeout_s": 1.0}])
 async def test_a_peer_that_never_connects_is_closed_and_stores_nothing(
     channel: aio.Channel, place: Place, mesh: SwitchboardServer
 ) -> None:
     stub = dispatcher_stub(channel)
-    peer = bridged(stub, place, connect_timeout_s=1.0)
     opened = page()
     try:
-        await peer.answer(await offer_of(opened))  # and the page never takes the answer
+        # The page never takes the answer.
+        await stub.ConnectTalk(
+            pb.ConnectTalkRequest(offer=await offer_of(opened), **starting(place)),
+            metadata=place.world.editor.md,
+            timeout=WAIT_S,
+        )
+        peer = next(iter(peers_of(mesh)))
         async with asyncio.timeout(WAIT_S):
             await peer.ended.wait()
         assert peer.outcome == "the peer did not connect in time"
         assert peer.session == ""
+        await eventually(_no_peers(mesh), "the peer that never connected let go")
         assert await stored_sessions(mesh) == 0
     finally:
-        await peer.close()
-        await opened.pc.close()
+        await closed(opened)
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"webrtc_max_peers_per_user": 1, "webrtc_connect_timeout_s": 1.0}]
+)
+async def test_peers_are_limited_per_user_and_the_room_comes_back(
+    channel: aio.Channel, place: Place, mesh: SwitchboardServer
+) -> None:
+    stub = dispatcher_stub(channel)
+    first, second = page(), page()
+    try:
+        await stub.ConnectTalk(
+            pb.ConnectTalkRequest(offer=await offer_of(first), **starting(place)),
+            metadata=place.world.editor.md,
+            timeout=WAIT_S,
+        )
+        offer = await offer_of(second)
+        error = await refused(
+            stub.ConnectTalk(
+                pb.ConnectTalkRequest(offer=offer, **starting(place)),
+                metadata=place.world.editor.md,
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert "at most 1 WebRTC peers" in (error.details() or "")
+        # Another user is not held back by the editor's peers.
+        await connect(stub, place.world.owner, second, **starting(place))
+        await second.until(lambda f: "session" in f)
+        # The first never connects; once it is closed, the editor has room again.
+        await eventually(_peers(mesh, 1), "the unconnected peer let go")
+        third = page()
+        second.tasks.extend(third.tasks)
+        await connect(stub, place.world.editor, third, **starting(place))
+        await third.until(lambda f: "session" in f)
+        await closed(third)
+    finally:
+        await closed(first)
+        await closed(second)
+
+
+async def test_a_dropped_peer_resumes_on_a_new_one_with_nothing_repeated_or_lost(
+    channel: aio.Channel, place: Place, counting: bytes, mesh: SwitchboardServer
+) -> None:
+    stub = dispatcher_stub(channel)
+    editor = place.world.editor
+    first = page()
+    try:
+        await connect(stub, editor, first, **starting(place))
+        session = (await first.until(lambda f: "session" in f))["session"]["name"]
+        first.microphone.push(1, counting + bytes(pcm.byte_count(1500, 16_000)), 16_000)
+        heard = await first.until(lambda f: f.get("transcript", {}).get("final", False))
+        run = heard["transcript"]["run"]
+        await first.until(ended_well(run))
+        seen = numbered(first)
+        # A second peer for a session still carried is refused, naming the session.
+        other = page()
+        error = await refused(
+            stub.ConnectTalk(
+                pb.ConnectTalkRequest(
+                    offer=await offer_of(other), resume=pb.TalkResume(session=session)
+                ),
+                metadata=editor.md,
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert "carried by another peer" in (error.details() or "")
+        await closed(other)
+        # The connection drops. Resumed from the transcript's frame, the new peer gets
+        # every frame after it again, the same ones, and then carries on.
+        await closed(first)
+        await eventually(_no_peers(mesh), "the dropped peer let go")
+        after = int(heard["sequence"])
+        second = page()
+        try:
+            connected = await connect(
+                stub, editor, second, resume=pb.TalkResume(session=session, after_sequence=after)
+            )
+            assert connected.session == session
+            await second.until(ended_well(run))
+            again = [s for s in numbered(second) if s <= seen[-1]]
+            assert again == [s for s in seen if s > after]
+            replayed = {int(f["sequence"]): f for f in second.frames if "sequence" in f}
+            for frame in first.frames:
+                if "sequence" in frame and int(frame["sequence"]) > after:
+                    assert replayed[int(frame["sequence"])] == frame
+            # A second turn on the new peer: numbered after everything before.
+            second.microphone.push(2, counting + bytes(pcm.byte_count(1500, 16_000)), 16_000)
+            turn = await second.until(
+                lambda f: (
+                    f.get("transcript", {}).get("final", False) and f["transcript"]["run"] != run
+                )
+            )
+            assert int(turn["sequence"]) > seen[-1]
+            await second.until(ended_well(turn["transcript"]["run"]))
+        finally:
+            await closed(second)
+    finally:
+        await closed(first)
+
+
+async def test_speaking_over_the_answer_interrupts_it_and_clears_the_track(
+    channel: aio.Channel, place: Place, counting: bytes, mesh: SwitchboardServer
+) -> None:
+    stub = dispatcher_stub(channel)
+    opened = page()
+    try:
+        await connect(stub, place.world.editor, opened, **starting(place, barge_in=True))
+        await opened.until(lambda f: "session" in f)
+        peer = next(iter(peers_of(mesh)))
+        opened.microphone.push(1, counting + bytes(pcm.byte_count(1500, 16_000)), 16_000)
+        heard = await opened.until(lambda f: f.get("transcript", {}).get("final", False))
+        run = heard["transcript"]["run"]
+        # The answer is being spoken on the track: the person speaks over it.
+        await opened.until(lambda f: "speech" in f.get("update", {}))
+        opened.microphone.push(2, counting, 16_000)
+        interrupted = await opened.until(
+            lambda f: f.get("event", {}).get("kind") == "TALK_EVENT_KIND_SPEECH_INTERRUPTED"
+        )
+        assert interrupted["event"].get("run") == run, interrupted
+        # What was queued for the track is dropped: it stops short of the answer's speech.
+        spoken = [int(f["sequence"]) for f in opened.frames if "speech" in f.get("update", {})]
+        assert peer.speech.heard_through < spoken[-1] or len(spoken) == 1
+        cancelled = await opened.until(
+            lambda f: (
+                f.get("update", {}).get("run") == run
+                and f["update"].get("stateChange", {}).get("run", {}).get("state")
+                == "RUN_STATE_CANCELLED"
+            )
+        )
+        assert cancelled
+    finally:
+        await closed(opened)

@@ -169,6 +169,37 @@ class Talks:
         finally:
             grant.close()
 
+    async def check(self, principal: Principal, first: pb.TalkRequest) -> pb.VoiceSession | None:
+        """Refuses now, with the status the stream would end with, a first frame that
+        could not open a session: its fields, the caller's access, the conversation,
+        the assistant's voice, the process's and the user's limits. Nothing is stored
+        or held. For a resume: the session's stored settings (a start has none yet).
+
+        WebRTC's signalling (``webrtc/peers.py``) asks this before answering an offer,
+        since its session starts only once the peer connects."""
+        grant = self._access.open(principal)
+        try:
+            await grant.verify()
+            kind = first.WhichOneof("frame")
+            if kind == "start":
+                opening = await self._open_start(grant, first.start)
+                stored = None
+            elif kind == "resume":
+                opening, _ = await self._open_resume(grant, first.resume)
+                stored = opening.settings
+            else:
+                raise InvalidArgument(
+                    "the first frame must be start or resume",
+                    [FieldViolation("frame", "the first frame must be start or resume")],
+                )
+            opening.hold.release()
+            refusal = self._refusal(principal)
+            if refusal is not None:
+                raise refusal
+            return stored
+        finally:
+            grant.close()
+
     async def _first(self, frames: AsyncIterator[pb.TalkRequest]) -> pb.TalkRequest:
         idle = self.limits.idle_timeout_s
         try:
@@ -184,21 +215,27 @@ class Talks:
 
     # -- limits --------------------------------------------------------------------------
 
-    def _claim(self, principal: Principal) -> None:
+    def _refusal(self, principal: Principal) -> QuotaExceeded | None:
+        """Why ``principal`` may not open one more session now (None: it may)."""
         if self._open >= self.limits.max_sessions:
-            raise QuotaExceeded(
+            return QuotaExceeded(
                 f"this server holds at most {self.limits.max_sessions} voice sessions at once",
                 subject="voice/sessions",
             )
-        held = self._by_user.get(principal.user_id, 0)
-        if held >= self.limits.max_sessions_per_user:
-            raise QuotaExceeded(
+        if self._by_user.get(principal.user_id, 0) >= self.limits.max_sessions_per_user:
+            return QuotaExceeded(
                 f"a user may hold at most {self.limits.max_sessions_per_user} voice sessions "
                 "at once",
                 subject=f"voice/sessions/{principal.user_name}",
             )
+        return None
+
+    def _claim(self, principal: Principal) -> None:
+        refusal = self._refusal(principal)
+        if refusal is not None:
+            raise refusal
         self._open += 1
-        self._by_user[principal.user_id] = held + 1
+        self._by_user[principal.user_id] = self._by_user.get(principal.user_id, 0) + 1
 
     def _release(self, principal: Principal) -> None:
         self._open -= 1
@@ -210,10 +247,8 @@ class Talks:
 
     # -- start and resume ------------------------------------------------------------------
 
-    async def _start(
-        self, grant: Grant, start: pb.TalkStart, via: Via
-    ) -> tuple[_Session, pb.TalkResponse]:
-        principal = grant.principal
+    async def _open_start(self, grant: Grant, start: pb.TalkStart) -> _Opening:
+        """A start's checks, in the order a client's mistakes are most useful told."""
         conversation = ConversationName.parse(start.conversation, "start.conversation")
         waker = _Waker()
         hold = await grant.hold(
@@ -222,7 +257,7 @@ class Talks:
         settings = _start_settings(start)
         # NOT_FOUND for a conversation that does not exist (or was deleted).
         await self._context.conversation(
-            principal, start.conversation, timeout_s=_CONTEXT_TIMEOUT_S
+            grant.principal, start.conversation, timeout_s=_CONTEXT_TIMEOUT_S
         )
         assistant = await self._assistants.resolve(
             conversation.workspace, start.assistant, "start.assistant"
@@ -239,6 +274,15 @@ class Talks:
             )
         speech = configured(self._speech())
         _turn_settings(settings, start, assistant.voice, self.judge)
+        return _Opening(hold, waker, settings, assistant, speech)
+
+    async def _start(
+        self, grant: Grant, start: pb.TalkStart, via: Via
+    ) -> tuple[_Session, pb.TalkResponse]:
+        principal = grant.principal
+        opening = await self._open_start(grant, start)
+        conversation = ConversationName.parse(start.conversation, "start.conversation")
+        settings, assistant = opening.settings, opening.assistant
         self._claim(principal)
         try:
             session_id = names.new_id()
@@ -267,21 +311,22 @@ class Talks:
         session = _Session(
             talks=self,
             grant=grant,
-            hold=hold,
-            waker=waker,
+            hold=opening.hold,
+            waker=opening.waker,
             via=via,
             record=record,
             settings=settings,
-            speech=speech,
+            speech=opening.speech,
             voice=assistant.voice,
             turns_taken=0,
             owed=[],
         )
         return session, pb.TalkResponse(session=mapping.session(record, 0, expire_at))
 
-    async def _resume(
-        self, grant: Grant, resume: pb.TalkResume, via: Via
-    ) -> tuple[_Session, pb.TalkResponse]:
+    async def _open_resume(
+        self, grant: Grant, resume: pb.TalkResume
+    ) -> tuple[_Opening, SessionRecord]:
+        """A resume's checks: the session, the caller's own, not ended, the position."""
         principal = grant.principal
         name = VoiceSessionName.parse(resume.session, "resume.session")
         if resume.after_sequence < 0:
@@ -297,7 +342,7 @@ class Talks:
             raise NotFound(f"{resume.session} not found")
         if record.ended_at is not None or record.expire_at <= names.now():
             raise SessionEnded(f"{resume.session} has ended; start a new session")
-        after_turn, after_position = mapping.position(resume.after_sequence)
+        after_turn, _ = mapping.position(resume.after_sequence)
         if after_turn > record.turn_count:
             raise InvalidArgument(
                 "resume.after_sequence is past the session's last turn",
@@ -316,6 +361,15 @@ class Talks:
                 metadata={"assistant": settings.assistant},
             )
         speech = configured(self._speech())
+        return _Opening(hold, waker, settings, assistant, speech), record
+
+    async def _resume(
+        self, grant: Grant, resume: pb.TalkResume, via: Via
+    ) -> tuple[_Session, pb.TalkResponse]:
+        principal = grant.principal
+        opening, record = await self._open_resume(grant, resume)
+        name = VoiceSessionName.parse(resume.session, "resume.session")
+        after_turn, after_position = mapping.position(resume.after_sequence)
         owed: list[Owed] = []
         for turn in await self._store.turns(name.session, max(after_turn, 1)):
             if turn.turn == after_turn:
@@ -328,13 +382,13 @@ class Talks:
         session = _Session(
             talks=self,
             grant=grant,
-            hold=hold,
-            waker=waker,
+            hold=opening.hold,
+            waker=opening.waker,
             via=via,
             record=record,
-            settings=settings,
-            speech=speech,
-            voice=assistant.voice,
+            settings=opening.settings,
+            speech=opening.speech,
+            voice=opening.assistant.voice,
             turns_taken=record.turn_count,
             owed=owed,
         )
@@ -433,6 +487,18 @@ def _turn_settings(
         settings.turn_eagerness = (
             start.turn_eagerness or voice.turn_eagerness or pb.TURN_EAGERNESS_MEDIUM
         )
+
+
+@dataclass(frozen=True)
+class _Opening:
+    """What a start's or a resume's checks found: the conversation held, the session's
+    settings, its assistant and the speech engines."""
+
+    hold: Hold
+    waker: _Waker
+    settings: pb.VoiceSession
+    assistant: pb.Assistant
+    speech: Speech
 
 
 class _Waker:

@@ -146,6 +146,9 @@ RULES: Final[dict[str, Rule]] = {
     # A voice session holds its conversation for WRITE through the stream's grant,
     # checked when it starts or resumes (the session's own creator only).
     _DISPATCHER + "Talk": per_item(Scope.WRITE),
+    # ConnectTalk opens the same session (start or resume, named in the request's oneof):
+    # the session's own checks authorize it before any peer is made.
+    _DISPATCHER + "ConnectTalk": per_item(Scope.WRITE),
     _DISPATCHER + "ListHandlers": resource("parent", READ),
     # Deciding what a run may do is an editor's, like sending it; viewers watch.
     _DISPATCHER + "SubmitToolApprovals": resource("name", WRITE),

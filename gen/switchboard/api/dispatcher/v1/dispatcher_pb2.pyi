@@ -3975,6 +3975,79 @@ class TalkControl(_message.Message):
 Global___TalkControl: _TypeAlias = TalkControl  # noqa: Y015
 
 @_typing.final
+class ConnectTalkRequest(_message.Message):
+    """Request for ConnectTalk."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    offer: _builtins.str
+    """The page's SDP offer, with its ICE candidates gathered (no trickle ICE):
+    an audio section offering Opus and a data channel; at most 64 KiB.
+    """
+    @_builtins.property
+    def start(self) -> Global___TalkStart:
+        """A new session: Talk's start frame. Its audio formats are the bridge's
+        (Opus on the wire, PCM16 inside): leave them unset.
+        """
+
+    @_builtins.property
+    def resume(self) -> Global___TalkResume:
+        """A session whose peer dropped: continues after the last numbered frame
+        the page received, with nothing repeated or lost (Talk's resume). Refused
+        (FAILED_PRECONDITION) while another peer of this server still carries
+        the session.
+        """
+
+    def __init__(
+        self,
+        *,
+        offer: _builtins.str = ...,
+        start: Global___TalkStart | None = ...,
+        resume: Global___TalkResume | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resume", b"resume", "session", b"session", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer", b"offer", "resume", b"resume", "session", b"session", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_session: _TypeAlias = _typing.Literal["start", "resume"]  # noqa: Y015
+    _WhichOneofArgType_session: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_session) -> _WhichOneofReturnType_session | None: ...
+
+Global___ConnectTalkRequest: _TypeAlias = ConnectTalkRequest  # noqa: Y015
+
+@_typing.final
+class ConnectTalkResponse(_message.Message):
+    """Response for ConnectTalk."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWER_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    answer: _builtins.str
+    """The server's SDP answer, with its ICE candidates."""
+    session: _builtins.str
+    """The session resumed, for `resume`; empty for `start`, whose session is
+    named by the first frame on the data channel (it exists once the peer
+    connects).
+    """
+    def __init__(
+        self,
+        *,
+        answer: _builtins.str = ...,
+        session: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectTalkResponse: _TypeAlias = ConnectTalkResponse  # noqa: Y015
+
+@_typing.final
 class TalkResponse(_message.Message):
     """Response for Talk: one frame sent by the server."""
 

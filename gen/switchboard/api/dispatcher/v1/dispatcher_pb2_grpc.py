@@ -76,6 +76,11 @@ class DispatcherServiceStub:
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkResponse.FromString,
                 _registered_method=True)
+        self.ConnectTalk = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/ConnectTalk',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkResponse.FromString,
+                _registered_method=True)
         self.ListHandlers = channel.unary_unary(
                 '/switchboard.api.dispatcher.v1.DispatcherService/ListHandlers',
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListHandlersRequest.SerializeToString,
@@ -268,6 +273,20 @@ class DispatcherServiceServicer:
         dropped session resumes exactly, on any replica (TalkResume). Each turn is
         a stored user message and a run under the conversation's usual routing,
         policies and budgets (docs/voice.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConnectTalk(self, request, context):
+        """A voice session for a browser, over WebRTC: grpc-web cannot hold Talk's
+        stream, so the page sends its SDP offer (an Opus microphone track and a
+        data channel named `talk`) with Talk's first frame, and gets the server's
+        SDP answer. Audio then flows both ways on the peer connection into a Talk
+        session (its turns, transcripts, barge-in and resume); the session's other
+        frames go to the page as JSON on the data channel, and its control frames
+        come back there. The session starts once the peer connects: a peer that
+        never connects stores nothing (docs/voice.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -508,6 +527,11 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     servicer.Talk,
                     request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkResponse.SerializeToString,
+            ),
+            'ConnectTalk': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConnectTalk,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkResponse.SerializeToString,
             ),
             'ListHandlers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListHandlers,
@@ -835,6 +859,33 @@ class DispatcherService:
             '/switchboard.api.dispatcher.v1.DispatcherService/Talk',
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkRequest.SerializeToString,
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConnectTalk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/ConnectTalk',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,16 @@ class DispatcherServiceStub:
     a stored user message and a run under the conversation's usual routing,
     policies and budgets (docs/voice.md).
     """
+    ConnectTalk: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ConnectTalkRequest, _dispatcher_pb2.ConnectTalkResponse]
+    """A voice session for a browser, over WebRTC: grpc-web cannot hold Talk's
+    stream, so the page sends its SDP offer (an Opus microphone track and a
+    data channel named `talk`) with Talk's first frame, and gets the server's
+    SDP answer. Audio then flows both ways on the peer connection into a Talk
+    session (its turns, transcripts, barge-in and resume); the session's other
+    frames go to the page as JSON on the data channel, and its control frames
+    come back there. The session starts once the peer connects: a peer that
+    never connects stores nothing (docs/voice.md).
+    """
     ListHandlers: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListHandlersRequest, _dispatcher_pb2.ListHandlersResponse]
     """Lists the handlers a workspace can route to."""
     SubmitToolApprovals: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.SubmitToolApprovalsRequest, _dispatcher_pb2.SubmitToolApprovalsResponse]
@@ -178,6 +188,16 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     dropped session resumes exactly, on any replica (TalkResume). Each turn is
     a stored user message and a run under the conversation's usual routing,
     policies and budgets (docs/voice.md).
+    """
+    ConnectTalk: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ConnectTalkRequest, _dispatcher_pb2.ConnectTalkResponse]  # type: ignore[assignment]
+    """A voice session for a browser, over WebRTC: grpc-web cannot hold Talk's
+    stream, so the page sends its SDP offer (an Opus microphone track and a
+    data channel named `talk`) with Talk's first frame, and gets the server's
+    SDP answer. Audio then flows both ways on the peer connection into a Talk
+    session (its turns, transcripts, barge-in and resume); the session's other
+    frames go to the page as JSON on the data channel, and its control frames
+    come back there. The session starts once the peer connects: a peer that
+    never connects stores nothing (docs/voice.md).
     """
     ListHandlers: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListHandlersRequest, _dispatcher_pb2.ListHandlersResponse]  # type: ignore[assignment]
     """Lists the handlers a workspace can route to."""
@@ -332,6 +352,22 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         dropped session resumes exactly, on any replica (TalkResume). Each turn is
         a stored user message and a run under the conversation's usual routing,
         policies and budgets (docs/voice.md).
+        """
+
+    @_abc_1.abstractmethod
+    def ConnectTalk(
+        self,
+        request: _dispatcher_pb2.ConnectTalkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ConnectTalkResponse, _abc.Awaitable[_dispatcher_pb2.ConnectTalkResponse]]:
+        """A voice session for a browser, over WebRTC: grpc-web cannot hold Talk's
+        stream, so the page sends its SDP offer (an Opus microphone track and a
+        data channel named `talk`) with Talk's first frame, and gets the server's
+        SDP answer. Audio then flows both ways on the peer connection into a Talk
+        session (its turns, transcripts, barge-in and resume); the session's other
+        frames go to the page as JSON on the data channel, and its control frames
+        come back there. The session starts once the peer connects: a peer that
+        never connects stores nothing (docs/voice.md).
         """
 
     @_abc_1.abstractmethod

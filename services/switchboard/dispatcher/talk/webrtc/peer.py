@@ -50,6 +50,7 @@ from google.protobuf import json_format
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.talk.webrtc.media import Inbound, SpeechTrack
+from switchboard.dispatcher.talk.webrtc.ports import PortRange, PortsExhausted, confine
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 
 log = logging.getLogger("switchboard.dispatcher.talk.webrtc")
@@ -92,6 +93,8 @@ class PeerSettings:
     ice_servers: Sequence[RTCIceServer] = ()
     #: How long a peer may take to connect after its answer.
     connect_timeout_s: float = 15.0
+    #: The UDP ports its media sockets bind (None: any the system picks).
+    ports: PortRange | None = None
     #: Talk's rates: the audio fed to the session, and the speech it sends back.
     input_rate: int = 16_000
     output_rate: int = 24_000
@@ -100,15 +103,19 @@ class PeerSettings:
 class TalkPeer:
     """One peer connection bridged into one Talk session (see the module doc)."""
 
-    def __init__(self, talk: TalkCall, start: pb.TalkStart, settings: PeerSettings) -> None:
+    def __init__(self, talk: TalkCall, first: pb.TalkRequest, settings: PeerSettings) -> None:
+        """``first``: Talk's first frame, a ``start`` or a ``resume``."""
         self._talk = talk
-        self._start = pb.TalkStart()
-        self._start.CopyFrom(start)
-        # The session speaks what this bridge converts: PCM16 both ways.
-        self._start.input_format.encoding = pb.AUDIO_ENCODING_PCM16
-        self._start.input_format.sample_rate_hz = settings.input_rate
-        self._start.output_format.encoding = pb.AUDIO_ENCODING_PCM16
-        self._start.output_format.sample_rate_hz = settings.output_rate
+        self._first = pb.TalkRequest()
+        self._first.CopyFrom(first)
+        if self._first.WhichOneof("frame") == "start":
+            # The session speaks what this bridge converts: PCM16 both ways. (A resumed
+            # session's formats are its own: ``peers.py`` takes only the bridge's.)
+            start = self._first.start
+            start.input_format.encoding = pb.AUDIO_ENCODING_PCM16
+            start.input_format.sample_rate_hz = settings.input_rate
+            start.output_format.encoding = pb.AUDIO_ENCODING_PCM16
+            start.output_format.sample_rate_hz = settings.output_rate
         self._settings = settings
         self._pc = RTCPeerConnection(RTCConfiguration(iceServers=list(settings.ice_servers)))
         self.speech = SpeechTrack()
@@ -122,8 +129,8 @@ class TalkPeer:
         #: Set once the bridge has ended, and why ("" for a session that ended well).
         self.ended = asyncio.Event()
         self.outcome = ""
-        #: The session's name, once its first frame said it.
-        self.session = ""
+        #: The session's name: the resumed one's, or a new one's once its first frame said it.
+        self.session = self._first.resume.session
         #: Audio frames dropped because the session did not keep up.
         self.dropped_frames = 0
         self._pc.on("track", self._on_track)
@@ -149,7 +156,14 @@ class TalkPeer:
             ) from None
         # Sent on the offer's audio transceiver (aiortc reuses it), both ways.
         self._pc.addTrack(self.speech)
-        await self._pc.setLocalDescription(await self._pc.createAnswer())
+        if self._settings.ports is not None:
+            confine(self._pc, self._settings.ports)
+        try:
+            await self._pc.setLocalDescription(await self._pc.createAnswer())
+        except PortsExhausted:
+            # The answer would carry no candidate: the page could never connect.
+            await self._pc.close()
+            raise
         self._spawn(self._deadline(), "talk-webrtc-connect")
         return str(self._pc.localDescription.sdp)
 
@@ -237,7 +251,7 @@ class TalkPeer:
             # The session starts once media can flow: a peer that never connects
             # stores nothing.
             self._connected.set()
-            self._requests.put_nowait(pb.TalkRequest(start=self._start))
+            self._requests.put_nowait(self._first)
             self._spawn(self._relay(), "talk-webrtc-relay")
         elif state in ("failed", "closed") and not self.ended.is_set():
             self._spawn(self.close(f"the peer connection {state}"), "talk-webrtc-close")

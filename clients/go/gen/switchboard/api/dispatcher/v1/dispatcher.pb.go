@@ -7586,6 +7586,164 @@ func (x *TalkControl) GetHeardThroughSequence() int64 {
 	return 0
 }
 
+// Request for ConnectTalk.
+type ConnectTalkRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The page's SDP offer, with its ICE candidates gathered (no trickle ICE):
+	// an audio section offering Opus and a data channel; at most 64 KiB.
+	Offer string `protobuf:"bytes,1,opt,name=offer,proto3" json:"offer,omitempty"`
+	// The session the peer carries (one of them is required).
+	//
+	// Types that are valid to be assigned to Session:
+	//
+	//	*ConnectTalkRequest_Start
+	//	*ConnectTalkRequest_Resume
+	Session       isConnectTalkRequest_Session `protobuf_oneof:"session"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConnectTalkRequest) Reset() {
+	*x = ConnectTalkRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConnectTalkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConnectTalkRequest) ProtoMessage() {}
+
+func (x *ConnectTalkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConnectTalkRequest.ProtoReflect.Descriptor instead.
+func (*ConnectTalkRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{78}
+}
+
+func (x *ConnectTalkRequest) GetOffer() string {
+	if x != nil {
+		return x.Offer
+	}
+	return ""
+}
+
+func (x *ConnectTalkRequest) GetSession() isConnectTalkRequest_Session {
+	if x != nil {
+		return x.Session
+	}
+	return nil
+}
+
+func (x *ConnectTalkRequest) GetStart() *TalkStart {
+	if x != nil {
+		if x, ok := x.Session.(*ConnectTalkRequest_Start); ok {
+			return x.Start
+		}
+	}
+	return nil
+}
+
+func (x *ConnectTalkRequest) GetResume() *TalkResume {
+	if x != nil {
+		if x, ok := x.Session.(*ConnectTalkRequest_Resume); ok {
+			return x.Resume
+		}
+	}
+	return nil
+}
+
+type isConnectTalkRequest_Session interface {
+	isConnectTalkRequest_Session()
+}
+
+type ConnectTalkRequest_Start struct {
+	// A new session: Talk's start frame. Its audio formats are the bridge's
+	// (Opus on the wire, PCM16 inside): leave them unset.
+	Start *TalkStart `protobuf:"bytes,2,opt,name=start,proto3,oneof"`
+}
+
+type ConnectTalkRequest_Resume struct {
+	// A session whose peer dropped: continues after the last numbered frame
+	// the page received, with nothing repeated or lost (Talk's resume). Refused
+	// (FAILED_PRECONDITION) while another peer of this server still carries
+	// the session.
+	Resume *TalkResume `protobuf:"bytes,3,opt,name=resume,proto3,oneof"`
+}
+
+func (*ConnectTalkRequest_Start) isConnectTalkRequest_Session() {}
+
+func (*ConnectTalkRequest_Resume) isConnectTalkRequest_Session() {}
+
+// Response for ConnectTalk.
+type ConnectTalkResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The server's SDP answer, with its ICE candidates.
+	Answer string `protobuf:"bytes,1,opt,name=answer,proto3" json:"answer,omitempty"`
+	// The session resumed, for `resume`; empty for `start`, whose session is
+	// named by the first frame on the data channel (it exists once the peer
+	// connects).
+	Session       string `protobuf:"bytes,2,opt,name=session,proto3" json:"session,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConnectTalkResponse) Reset() {
+	*x = ConnectTalkResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConnectTalkResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConnectTalkResponse) ProtoMessage() {}
+
+func (x *ConnectTalkResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConnectTalkResponse.ProtoReflect.Descriptor instead.
+func (*ConnectTalkResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{79}
+}
+
+func (x *ConnectTalkResponse) GetAnswer() string {
+	if x != nil {
+		return x.Answer
+	}
+	return ""
+}
+
+func (x *ConnectTalkResponse) GetSession() string {
+	if x != nil {
+		return x.Session
+	}
+	return ""
+}
+
 // Response for Talk: one frame sent by the server.
 type TalkResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -7611,7 +7769,7 @@ type TalkResponse struct {
 
 func (x *TalkResponse) Reset() {
 	*x = TalkResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7623,7 +7781,7 @@ func (x *TalkResponse) String() string {
 func (*TalkResponse) ProtoMessage() {}
 
 func (x *TalkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7636,7 +7794,7 @@ func (x *TalkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkResponse.ProtoReflect.Descriptor instead.
 func (*TalkResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{78}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *TalkResponse) GetSequence() int64 {
@@ -7792,7 +7950,7 @@ type VoiceSession struct {
 
 func (x *VoiceSession) Reset() {
 	*x = VoiceSession{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7804,7 +7962,7 @@ func (x *VoiceSession) String() string {
 func (*VoiceSession) ProtoMessage() {}
 
 func (x *VoiceSession) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7817,7 +7975,7 @@ func (x *VoiceSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VoiceSession.ProtoReflect.Descriptor instead.
 func (*VoiceSession) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{79}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *VoiceSession) GetName() string {
@@ -7941,7 +8099,7 @@ type Transcript struct {
 
 func (x *Transcript) Reset() {
 	*x = Transcript{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7953,7 +8111,7 @@ func (x *Transcript) String() string {
 func (*Transcript) ProtoMessage() {}
 
 func (x *Transcript) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7966,7 +8124,7 @@ func (x *Transcript) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Transcript.ProtoReflect.Descriptor instead.
 func (*Transcript) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{80}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *Transcript) GetTurn() int64 {
@@ -8038,7 +8196,7 @@ type TalkEvent struct {
 
 func (x *TalkEvent) Reset() {
 	*x = TalkEvent{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8050,7 +8208,7 @@ func (x *TalkEvent) String() string {
 func (*TalkEvent) ProtoMessage() {}
 
 func (x *TalkEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8063,7 +8221,7 @@ func (x *TalkEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkEvent.ProtoReflect.Descriptor instead.
 func (*TalkEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{81}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *TalkEvent) GetKind() TalkEventKind {
@@ -8124,7 +8282,7 @@ type SteerRunRequest struct {
 
 func (x *SteerRunRequest) Reset() {
 	*x = SteerRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8136,7 +8294,7 @@ func (x *SteerRunRequest) String() string {
 func (*SteerRunRequest) ProtoMessage() {}
 
 func (x *SteerRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8149,7 +8307,7 @@ func (x *SteerRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SteerRunRequest.ProtoReflect.Descriptor instead.
 func (*SteerRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{82}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *SteerRunRequest) GetRun() string {
@@ -8187,7 +8345,7 @@ type SteerRunResponse struct {
 
 func (x *SteerRunResponse) Reset() {
 	*x = SteerRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8199,7 +8357,7 @@ func (x *SteerRunResponse) String() string {
 func (*SteerRunResponse) ProtoMessage() {}
 
 func (x *SteerRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8212,7 +8370,7 @@ func (x *SteerRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SteerRunResponse.ProtoReflect.Descriptor instead.
 func (*SteerRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{83}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *SteerRunResponse) GetRun() *Run {
@@ -8297,7 +8455,7 @@ type Schedule struct {
 
 func (x *Schedule) Reset() {
 	*x = Schedule{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8309,7 +8467,7 @@ func (x *Schedule) String() string {
 func (*Schedule) ProtoMessage() {}
 
 func (x *Schedule) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8322,7 +8480,7 @@ func (x *Schedule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Schedule.ProtoReflect.Descriptor instead.
 func (*Schedule) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{84}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *Schedule) GetName() string {
@@ -8500,7 +8658,7 @@ type ScheduleFiring struct {
 
 func (x *ScheduleFiring) Reset() {
 	*x = ScheduleFiring{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8512,7 +8670,7 @@ func (x *ScheduleFiring) String() string {
 func (*ScheduleFiring) ProtoMessage() {}
 
 func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8525,7 +8683,7 @@ func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleFiring.ProtoReflect.Descriptor instead.
 func (*ScheduleFiring) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{85}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *ScheduleFiring) GetFireTime() *timestamppb.Timestamp {
@@ -8591,7 +8749,7 @@ type CreateScheduleRequest struct {
 
 func (x *CreateScheduleRequest) Reset() {
 	*x = CreateScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8603,7 +8761,7 @@ func (x *CreateScheduleRequest) String() string {
 func (*CreateScheduleRequest) ProtoMessage() {}
 
 func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8616,7 +8774,7 @@ func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateScheduleRequest.ProtoReflect.Descriptor instead.
 func (*CreateScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{86}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *CreateScheduleRequest) GetParent() string {
@@ -8658,7 +8816,7 @@ type CreateScheduleResponse struct {
 
 func (x *CreateScheduleResponse) Reset() {
 	*x = CreateScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8670,7 +8828,7 @@ func (x *CreateScheduleResponse) String() string {
 func (*CreateScheduleResponse) ProtoMessage() {}
 
 func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8683,7 +8841,7 @@ func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateScheduleResponse.ProtoReflect.Descriptor instead.
 func (*CreateScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{87}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *CreateScheduleResponse) GetSchedule() *Schedule {
@@ -8704,7 +8862,7 @@ type GetScheduleRequest struct {
 
 func (x *GetScheduleRequest) Reset() {
 	*x = GetScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8716,7 +8874,7 @@ func (x *GetScheduleRequest) String() string {
 func (*GetScheduleRequest) ProtoMessage() {}
 
 func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8729,7 +8887,7 @@ func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleRequest.ProtoReflect.Descriptor instead.
 func (*GetScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{88}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *GetScheduleRequest) GetName() string {
@@ -8750,7 +8908,7 @@ type GetScheduleResponse struct {
 
 func (x *GetScheduleResponse) Reset() {
 	*x = GetScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8762,7 +8920,7 @@ func (x *GetScheduleResponse) String() string {
 func (*GetScheduleResponse) ProtoMessage() {}
 
 func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8775,7 +8933,7 @@ func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleResponse.ProtoReflect.Descriptor instead.
 func (*GetScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{89}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *GetScheduleResponse) GetSchedule() *Schedule {
@@ -8800,7 +8958,7 @@ type ListSchedulesRequest struct {
 
 func (x *ListSchedulesRequest) Reset() {
 	*x = ListSchedulesRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8812,7 +8970,7 @@ func (x *ListSchedulesRequest) String() string {
 func (*ListSchedulesRequest) ProtoMessage() {}
 
 func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8825,7 +8983,7 @@ func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSchedulesRequest.ProtoReflect.Descriptor instead.
 func (*ListSchedulesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{90}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *ListSchedulesRequest) GetParent() string {
@@ -8862,7 +9020,7 @@ type ListSchedulesResponse struct {
 
 func (x *ListSchedulesResponse) Reset() {
 	*x = ListSchedulesResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8874,7 +9032,7 @@ func (x *ListSchedulesResponse) String() string {
 func (*ListSchedulesResponse) ProtoMessage() {}
 
 func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8887,7 +9045,7 @@ func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSchedulesResponse.ProtoReflect.Descriptor instead.
 func (*ListSchedulesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{91}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *ListSchedulesResponse) GetSchedules() []*Schedule {
@@ -8919,7 +9077,7 @@ type UpdateScheduleRequest struct {
 
 func (x *UpdateScheduleRequest) Reset() {
 	*x = UpdateScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8931,7 +9089,7 @@ func (x *UpdateScheduleRequest) String() string {
 func (*UpdateScheduleRequest) ProtoMessage() {}
 
 func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8944,7 +9102,7 @@ func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateScheduleRequest.ProtoReflect.Descriptor instead.
 func (*UpdateScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{92}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *UpdateScheduleRequest) GetSchedule() *Schedule {
@@ -8972,7 +9130,7 @@ type UpdateScheduleResponse struct {
 
 func (x *UpdateScheduleResponse) Reset() {
 	*x = UpdateScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8984,7 +9142,7 @@ func (x *UpdateScheduleResponse) String() string {
 func (*UpdateScheduleResponse) ProtoMessage() {}
 
 func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8997,7 +9155,7 @@ func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateScheduleResponse.ProtoReflect.Descriptor instead.
 func (*UpdateScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{93}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *UpdateScheduleResponse) GetSchedule() *Schedule {
@@ -9020,7 +9178,7 @@ type PauseScheduleRequest struct {
 
 func (x *PauseScheduleRequest) Reset() {
 	*x = PauseScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9032,7 +9190,7 @@ func (x *PauseScheduleRequest) String() string {
 func (*PauseScheduleRequest) ProtoMessage() {}
 
 func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9045,7 +9203,7 @@ func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseScheduleRequest.ProtoReflect.Descriptor instead.
 func (*PauseScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{94}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *PauseScheduleRequest) GetName() string {
@@ -9073,7 +9231,7 @@ type PauseScheduleResponse struct {
 
 func (x *PauseScheduleResponse) Reset() {
 	*x = PauseScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9085,7 +9243,7 @@ func (x *PauseScheduleResponse) String() string {
 func (*PauseScheduleResponse) ProtoMessage() {}
 
 func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9098,7 +9256,7 @@ func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseScheduleResponse.ProtoReflect.Descriptor instead.
 func (*PauseScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{95}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *PauseScheduleResponse) GetSchedule() *Schedule {
@@ -9121,7 +9279,7 @@ type ResumeScheduleRequest struct {
 
 func (x *ResumeScheduleRequest) Reset() {
 	*x = ResumeScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9133,7 +9291,7 @@ func (x *ResumeScheduleRequest) String() string {
 func (*ResumeScheduleRequest) ProtoMessage() {}
 
 func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9146,7 +9304,7 @@ func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeScheduleRequest.ProtoReflect.Descriptor instead.
 func (*ResumeScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{96}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *ResumeScheduleRequest) GetName() string {
@@ -9174,7 +9332,7 @@ type ResumeScheduleResponse struct {
 
 func (x *ResumeScheduleResponse) Reset() {
 	*x = ResumeScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9186,7 +9344,7 @@ func (x *ResumeScheduleResponse) String() string {
 func (*ResumeScheduleResponse) ProtoMessage() {}
 
 func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9199,7 +9357,7 @@ func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeScheduleResponse.ProtoReflect.Descriptor instead.
 func (*ResumeScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{97}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *ResumeScheduleResponse) GetSchedule() *Schedule {
@@ -9222,7 +9380,7 @@ type DeleteScheduleRequest struct {
 
 func (x *DeleteScheduleRequest) Reset() {
 	*x = DeleteScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9234,7 +9392,7 @@ func (x *DeleteScheduleRequest) String() string {
 func (*DeleteScheduleRequest) ProtoMessage() {}
 
 func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9247,7 +9405,7 @@ func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteScheduleRequest.ProtoReflect.Descriptor instead.
 func (*DeleteScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{98}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *DeleteScheduleRequest) GetName() string {
@@ -9273,7 +9431,7 @@ type DeleteScheduleResponse struct {
 
 func (x *DeleteScheduleResponse) Reset() {
 	*x = DeleteScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9285,7 +9443,7 @@ func (x *DeleteScheduleResponse) String() string {
 func (*DeleteScheduleResponse) ProtoMessage() {}
 
 func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9298,7 +9456,7 @@ func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteScheduleResponse.ProtoReflect.Descriptor instead.
 func (*DeleteScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{99}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{101}
 }
 
 // Request for ListScheduleFirings.
@@ -9316,7 +9474,7 @@ type ListScheduleFiringsRequest struct {
 
 func (x *ListScheduleFiringsRequest) Reset() {
 	*x = ListScheduleFiringsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9328,7 +9486,7 @@ func (x *ListScheduleFiringsRequest) String() string {
 func (*ListScheduleFiringsRequest) ProtoMessage() {}
 
 func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9341,7 +9499,7 @@ func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListScheduleFiringsRequest.ProtoReflect.Descriptor instead.
 func (*ListScheduleFiringsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{100}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *ListScheduleFiringsRequest) GetParent() string {
@@ -9378,7 +9536,7 @@ type ListScheduleFiringsResponse struct {
 
 func (x *ListScheduleFiringsResponse) Reset() {
 	*x = ListScheduleFiringsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9390,7 +9548,7 @@ func (x *ListScheduleFiringsResponse) String() string {
 func (*ListScheduleFiringsResponse) ProtoMessage() {}
 
 func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9403,7 +9561,7 @@ func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListScheduleFiringsResponse.ProtoReflect.Descriptor instead.
 func (*ListScheduleFiringsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{101}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *ListScheduleFiringsResponse) GetFirings() []*ScheduleFiring {
@@ -9900,7 +10058,15 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"\x86\x01\n" +
 	"\vTalkControl\x12A\n" +
 	"\x06action\x18\x01 \x01(\x0e2).switchboard.api.dispatcher.v1.TalkActionR\x06action\x124\n" +
-	"\x16heard_through_sequence\x18\x02 \x01(\x03R\x14heardThroughSequence\"\xc5\x03\n" +
+	"\x16heard_through_sequence\x18\x02 \x01(\x03R\x14heardThroughSequence\"\xbc\x01\n" +
+	"\x12ConnectTalkRequest\x12\x14\n" +
+	"\x05offer\x18\x01 \x01(\tR\x05offer\x12@\n" +
+	"\x05start\x18\x02 \x01(\v2(.switchboard.api.dispatcher.v1.TalkStartH\x00R\x05start\x12C\n" +
+	"\x06resume\x18\x03 \x01(\v2).switchboard.api.dispatcher.v1.TalkResumeH\x00R\x06resumeB\t\n" +
+	"\asession\"G\n" +
+	"\x13ConnectTalkResponse\x12\x16\n" +
+	"\x06answer\x18\x01 \x01(\tR\x06answer\x12\x18\n" +
+	"\asession\x18\x02 \x01(\tR\asession\"\xc5\x03\n" +
 	"\fTalkResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x03R\bsequence\x12G\n" +
 	"\asession\x18\x02 \x01(\v2+.switchboard.api.dispatcher.v1.VoiceSessionH\x00R\asession\x12K\n" +
@@ -10148,7 +10314,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x16FIRING_OUTCOME_CLAIMED\x10\x01\x12\x1a\n" +
 	"\x16FIRING_OUTCOME_STARTED\x10\x02\x12\x1a\n" +
 	"\x16FIRING_OUTCOME_SKIPPED\x10\x03\x12\x19\n" +
-	"\x15FIRING_OUTCOME_FAILED\x10\x042\xc8 \n" +
+	"\x15FIRING_OUTCOME_FAILED\x10\x042\xbe!\n" +
 	"\x11DispatcherService\x12t\n" +
 	"\vSendMessage\x121.switchboard.api.dispatcher.v1.SendMessageRequest\x1a2.switchboard.api.dispatcher.v1.SendMessageResponse\x12j\n" +
 	"\x06GetRun\x12,.switchboard.api.dispatcher.v1.GetRunRequest\x1a-.switchboard.api.dispatcher.v1.GetRunResponse\"\x03\x90\x02\x01\x12p\n" +
@@ -10156,7 +10322,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\tCancelRun\x12/.switchboard.api.dispatcher.v1.CancelRunRequest\x1a0.switchboard.api.dispatcher.v1.CancelRunResponse\"\x03\x90\x02\x02\x12m\n" +
 	"\bWatchRun\x12..switchboard.api.dispatcher.v1.WatchRunRequest\x1a/.switchboard.api.dispatcher.v1.WatchRunResponse0\x01\x12o\n" +
 	"\bConverse\x12..switchboard.api.dispatcher.v1.ConverseRequest\x1a/.switchboard.api.dispatcher.v1.ConverseResponse(\x010\x01\x12c\n" +
-	"\x04Talk\x12*.switchboard.api.dispatcher.v1.TalkRequest\x1a+.switchboard.api.dispatcher.v1.TalkResponse(\x010\x01\x12|\n" +
+	"\x04Talk\x12*.switchboard.api.dispatcher.v1.TalkRequest\x1a+.switchboard.api.dispatcher.v1.TalkResponse(\x010\x01\x12t\n" +
+	"\vConnectTalk\x121.switchboard.api.dispatcher.v1.ConnectTalkRequest\x1a2.switchboard.api.dispatcher.v1.ConnectTalkResponse\x12|\n" +
 	"\fListHandlers\x122.switchboard.api.dispatcher.v1.ListHandlersRequest\x1a3.switchboard.api.dispatcher.v1.ListHandlersResponse\"\x03\x90\x02\x01\x12\x8c\x01\n" +
 	"\x13SubmitToolApprovals\x129.switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest\x1a:.switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse\x12\x80\x01\n" +
 	"\x0fCreateAssistant\x125.switchboard.api.dispatcher.v1.CreateAssistantRequest\x1a6.switchboard.api.dispatcher.v1.CreateAssistantResponse\x12|\n" +
@@ -10199,7 +10366,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 21)
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 102)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 104)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(RunState)(0),                        // 0: switchboard.api.dispatcher.v1.RunState
 	(SteerState)(0),                      // 1: switchboard.api.dispatcher.v1.SteerState
@@ -10300,56 +10467,58 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(*TalkResume)(nil),                   // 96: switchboard.api.dispatcher.v1.TalkResume
 	(*AudioChunk)(nil),                   // 97: switchboard.api.dispatcher.v1.AudioChunk
 	(*TalkControl)(nil),                  // 98: switchboard.api.dispatcher.v1.TalkControl
-	(*TalkResponse)(nil),                 // 99: switchboard.api.dispatcher.v1.TalkResponse
-	(*VoiceSession)(nil),                 // 100: switchboard.api.dispatcher.v1.VoiceSession
-	(*Transcript)(nil),                   // 101: switchboard.api.dispatcher.v1.Transcript
-	(*TalkEvent)(nil),                    // 102: switchboard.api.dispatcher.v1.TalkEvent
-	(*SteerRunRequest)(nil),              // 103: switchboard.api.dispatcher.v1.SteerRunRequest
-	(*SteerRunResponse)(nil),             // 104: switchboard.api.dispatcher.v1.SteerRunResponse
-	(*Schedule)(nil),                     // 105: switchboard.api.dispatcher.v1.Schedule
-	(*ScheduleFiring)(nil),               // 106: switchboard.api.dispatcher.v1.ScheduleFiring
-	(*CreateScheduleRequest)(nil),        // 107: switchboard.api.dispatcher.v1.CreateScheduleRequest
-	(*CreateScheduleResponse)(nil),       // 108: switchboard.api.dispatcher.v1.CreateScheduleResponse
-	(*GetScheduleRequest)(nil),           // 109: switchboard.api.dispatcher.v1.GetScheduleRequest
-	(*GetScheduleResponse)(nil),          // 110: switchboard.api.dispatcher.v1.GetScheduleResponse
-	(*ListSchedulesRequest)(nil),         // 111: switchboard.api.dispatcher.v1.ListSchedulesRequest
-	(*ListSchedulesResponse)(nil),        // 112: switchboard.api.dispatcher.v1.ListSchedulesResponse
-	(*UpdateScheduleRequest)(nil),        // 113: switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	(*UpdateScheduleResponse)(nil),       // 114: switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	(*PauseScheduleRequest)(nil),         // 115: switchboard.api.dispatcher.v1.PauseScheduleRequest
-	(*PauseScheduleResponse)(nil),        // 116: switchboard.api.dispatcher.v1.PauseScheduleResponse
-	(*ResumeScheduleRequest)(nil),        // 117: switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	(*ResumeScheduleResponse)(nil),       // 118: switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	(*DeleteScheduleRequest)(nil),        // 119: switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	(*DeleteScheduleResponse)(nil),       // 120: switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	(*ListScheduleFiringsRequest)(nil),   // 121: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	(*ListScheduleFiringsResponse)(nil),  // 122: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	(*timestamppb.Timestamp)(nil),        // 123: google.protobuf.Timestamp
-	(*status.Status)(nil),                // 124: google.rpc.Status
-	(*v1.Progress)(nil),                  // 125: switchboard.api.handler.v1.Progress
-	(*v1.Usage)(nil),                     // 126: switchboard.api.handler.v1.Usage
-	(*v1.ToolCall)(nil),                  // 127: switchboard.api.handler.v1.ToolCall
-	(*v11.Message)(nil),                  // 128: switchboard.api.context.v1.Message
-	(*structpb.Struct)(nil),              // 129: google.protobuf.Struct
-	(*durationpb.Duration)(nil),          // 130: google.protobuf.Duration
-	(*v1.TextDelta)(nil),                 // 131: switchboard.api.handler.v1.TextDelta
-	(*v1.HandleResult)(nil),              // 132: switchboard.api.handler.v1.HandleResult
-	(*v1.ToolResult)(nil),                // 133: switchboard.api.handler.v1.ToolResult
-	(*v1.HandlerCapabilities)(nil),       // 134: switchboard.api.handler.v1.HandlerCapabilities
-	(*v1.ModelSettings)(nil),             // 135: switchboard.api.handler.v1.ModelSettings
-	(v11.SearchMode)(0),                  // 136: switchboard.api.context.v1.SearchMode
-	(*fieldmaskpb.FieldMask)(nil),        // 137: google.protobuf.FieldMask
-	(*v1.ToolDefinition)(nil),            // 138: switchboard.api.handler.v1.ToolDefinition
+	(*ConnectTalkRequest)(nil),           // 99: switchboard.api.dispatcher.v1.ConnectTalkRequest
+	(*ConnectTalkResponse)(nil),          // 100: switchboard.api.dispatcher.v1.ConnectTalkResponse
+	(*TalkResponse)(nil),                 // 101: switchboard.api.dispatcher.v1.TalkResponse
+	(*VoiceSession)(nil),                 // 102: switchboard.api.dispatcher.v1.VoiceSession
+	(*Transcript)(nil),                   // 103: switchboard.api.dispatcher.v1.Transcript
+	(*TalkEvent)(nil),                    // 104: switchboard.api.dispatcher.v1.TalkEvent
+	(*SteerRunRequest)(nil),              // 105: switchboard.api.dispatcher.v1.SteerRunRequest
+	(*SteerRunResponse)(nil),             // 106: switchboard.api.dispatcher.v1.SteerRunResponse
+	(*Schedule)(nil),                     // 107: switchboard.api.dispatcher.v1.Schedule
+	(*ScheduleFiring)(nil),               // 108: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*CreateScheduleRequest)(nil),        // 109: switchboard.api.dispatcher.v1.CreateScheduleRequest
+	(*CreateScheduleResponse)(nil),       // 110: switchboard.api.dispatcher.v1.CreateScheduleResponse
+	(*GetScheduleRequest)(nil),           // 111: switchboard.api.dispatcher.v1.GetScheduleRequest
+	(*GetScheduleResponse)(nil),          // 112: switchboard.api.dispatcher.v1.GetScheduleResponse
+	(*ListSchedulesRequest)(nil),         // 113: switchboard.api.dispatcher.v1.ListSchedulesRequest
+	(*ListSchedulesResponse)(nil),        // 114: switchboard.api.dispatcher.v1.ListSchedulesResponse
+	(*UpdateScheduleRequest)(nil),        // 115: switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	(*UpdateScheduleResponse)(nil),       // 116: switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	(*PauseScheduleRequest)(nil),         // 117: switchboard.api.dispatcher.v1.PauseScheduleRequest
+	(*PauseScheduleResponse)(nil),        // 118: switchboard.api.dispatcher.v1.PauseScheduleResponse
+	(*ResumeScheduleRequest)(nil),        // 119: switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	(*ResumeScheduleResponse)(nil),       // 120: switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	(*DeleteScheduleRequest)(nil),        // 121: switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	(*DeleteScheduleResponse)(nil),       // 122: switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	(*ListScheduleFiringsRequest)(nil),   // 123: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	(*ListScheduleFiringsResponse)(nil),  // 124: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	(*timestamppb.Timestamp)(nil),        // 125: google.protobuf.Timestamp
+	(*status.Status)(nil),                // 126: google.rpc.Status
+	(*v1.Progress)(nil),                  // 127: switchboard.api.handler.v1.Progress
+	(*v1.Usage)(nil),                     // 128: switchboard.api.handler.v1.Usage
+	(*v1.ToolCall)(nil),                  // 129: switchboard.api.handler.v1.ToolCall
+	(*v11.Message)(nil),                  // 130: switchboard.api.context.v1.Message
+	(*structpb.Struct)(nil),              // 131: google.protobuf.Struct
+	(*durationpb.Duration)(nil),          // 132: google.protobuf.Duration
+	(*v1.TextDelta)(nil),                 // 133: switchboard.api.handler.v1.TextDelta
+	(*v1.HandleResult)(nil),              // 134: switchboard.api.handler.v1.HandleResult
+	(*v1.ToolResult)(nil),                // 135: switchboard.api.handler.v1.ToolResult
+	(*v1.HandlerCapabilities)(nil),       // 136: switchboard.api.handler.v1.HandlerCapabilities
+	(*v1.ModelSettings)(nil),             // 137: switchboard.api.handler.v1.ModelSettings
+	(v11.SearchMode)(0),                  // 138: switchboard.api.context.v1.SearchMode
+	(*fieldmaskpb.FieldMask)(nil),        // 139: google.protobuf.FieldMask
+	(*v1.ToolDefinition)(nil),            // 140: switchboard.api.handler.v1.ToolDefinition
 }
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	0,   // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	123, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	123, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	123, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
-	123, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
-	124, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
-	125, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
-	126, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
+	125, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	125, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	125, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	125, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
+	126, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
+	127, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
+	128, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
 	5,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	24,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
 	29,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
@@ -10357,19 +10526,19 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	2,   // 12: switchboard.api.dispatcher.v1.Run.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
 	35,  // 13: switchboard.api.dispatcher.v1.Run.children:type_name -> switchboard.api.dispatcher.v1.ChildRun
 	1,   // 14: switchboard.api.dispatcher.v1.Steer.state:type_name -> switchboard.api.dispatcher.v1.SteerState
-	123, // 15: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
+	125, // 15: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
 	1,   // 16: switchboard.api.dispatcher.v1.SteerUpdate.state:type_name -> switchboard.api.dispatcher.v1.SteerState
 	26,  // 17: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
-	123, // 18: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
+	125, // 18: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
 	25,  // 19: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
 	3,   // 20: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	123, // 21: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
-	127, // 22: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
+	125, // 21: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
+	129, // 22: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
 	4,   // 23: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	123, // 24: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
-	128, // 25: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	129, // 26: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
-	130, // 27: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
+	125, // 24: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
+	130, // 25: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	131, // 26: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
+	132, // 27: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
 	5,   // 28: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	29,  // 29: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
 	2,   // 30: switchboard.api.dispatcher.v1.SendMessageRequest.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
@@ -10379,94 +10548,94 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	13,  // 34: switchboard.api.dispatcher.v1.VoiceSettings.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
 	28,  // 35: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	21,  // 36: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	128, // 37: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	130, // 37: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
 	21,  // 38: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	0,   // 39: switchboard.api.dispatcher.v1.ChildRun.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	126, // 40: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
-	124, // 41: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
+	128, // 40: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
+	126, // 41: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
 	24,  // 42: switchboard.api.dispatcher.v1.ChildRun.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
 	0,   // 43: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	123, // 44: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	125, // 44: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
 	21,  // 45: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
 	21,  // 46: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	21,  // 47: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	123, // 48: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	125, // 48: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
 	42,  // 49: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	125, // 50: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	131, // 51: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	127, // 52: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	132, // 53: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	133, // 54: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	127, // 50: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	133, // 51: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	129, // 52: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	134, // 53: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	135, // 54: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
 	31,  // 55: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
 	23,  // 56: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
 	35,  // 57: switchboard.api.dispatcher.v1.RunUpdate.child_run:type_name -> switchboard.api.dispatcher.v1.ChildRun
 	36,  // 58: switchboard.api.dispatcher.v1.RunUpdate.handoff:type_name -> switchboard.api.dispatcher.v1.Handoff
 	43,  // 59: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
 	45,  // 60: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	123, // 61: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	125, // 61: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
 	27,  // 62: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
 	39,  // 63: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
 	41,  // 64: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
 	52,  // 65: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	103, // 66: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
+	105, // 66: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
 	32,  // 67: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
 	40,  // 68: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
 	43,  // 69: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	124, // 70: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	126, // 70: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
 	45,  // 71: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
 	53,  // 72: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	104, // 73: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
+	106, // 73: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
 	7,   // 74: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	134, // 75: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	136, // 75: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
 	48,  // 76: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
 	4,   // 77: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
 	51,  // 78: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
 	21,  // 79: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	135, // 80: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	137, // 80: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
 	54,  // 81: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	123, // 82: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	123, // 83: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	125, // 82: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	125, // 83: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
 	30,  // 84: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
 	58,  // 85: switchboard.api.dispatcher.v1.Assistant.retrieval:type_name -> switchboard.api.dispatcher.v1.RetrievalSettings
 	57,  // 86: switchboard.api.dispatcher.v1.Assistant.delegates:type_name -> switchboard.api.dispatcher.v1.AssistantDelegate
 	56,  // 87: switchboard.api.dispatcher.v1.Assistant.handoffs:type_name -> switchboard.api.dispatcher.v1.AssistantHandoff
 	8,   // 88: switchboard.api.dispatcher.v1.AssistantHandoff.history:type_name -> switchboard.api.dispatcher.v1.HandoffHistory
-	129, // 89: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
-	136, // 90: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
+	131, // 89: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
+	138, // 90: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
 	55,  // 91: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 92: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 93: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 94: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 95: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	137, // 96: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	139, // 96: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
 	55,  // 97: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 98: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	48,  // 99: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	138, // 100: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	140, // 100: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
 	9,   // 101: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
 	72,  // 102: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	123, // 103: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
-	123, // 104: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
-	123, // 105: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
-	123, // 106: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
+	125, // 103: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
+	125, // 104: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	125, // 105: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
+	125, // 106: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
 	71,  // 107: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	71,  // 108: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	71,  // 109: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	71,  // 110: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
 	71,  // 111: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	137, // 112: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	139, // 112: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
 	71,  // 113: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	3,   // 114: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
 	21,  // 115: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	10,  // 116: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
-	123, // 117: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	123, // 118: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	125, // 117: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	125, // 118: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
 	86,  // 119: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
 	88,  // 120: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
-	123, // 121: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
+	125, // 121: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
 	89,  // 122: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
 	89,  // 123: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	137, // 124: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
+	139, // 124: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
 	89,  // 125: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
 	95,  // 126: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
 	96,  // 127: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
@@ -10475,127 +10644,131 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	28,  // 130: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	28,  // 131: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	11,  // 132: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	130, // 133: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
+	132, // 133: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
 	5,   // 134: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	12,  // 135: switchboard.api.dispatcher.v1.TalkStart.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
 	13,  // 136: switchboard.api.dispatcher.v1.TalkStart.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
 	15,  // 137: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
-	100, // 138: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
-	101, // 139: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
-	43,  // 140: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	102, // 141: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
-	124, // 142: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
-	45,  // 143: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	28,  // 144: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	28,  // 145: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	11,  // 146: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	130, // 147: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
-	5,   // 148: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	123, // 149: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
-	123, // 150: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
-	12,  // 151: switchboard.api.dispatcher.v1.VoiceSession.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
-	13,  // 152: switchboard.api.dispatcher.v1.VoiceSession.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
-	16,  // 153: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
-	14,  // 154: switchboard.api.dispatcher.v1.TalkEvent.end_reason:type_name -> switchboard.api.dispatcher.v1.TurnEndReason
-	128, // 155: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
-	21,  // 156: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	128, // 157: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
-	130, // 158: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
-	18,  // 159: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
-	5,   // 160: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	19,  // 161: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
-	17,  // 162: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
-	123, // 163: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
-	123, // 164: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
-	123, // 165: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
-	130, // 166: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
-	123, // 167: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
-	123, // 168: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
-	123, // 169: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
-	123, // 170: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
-	20,  // 171: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
-	124, // 172: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
-	105, // 173: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	105, // 174: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	105, // 175: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	105, // 176: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
-	105, // 177: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	137, // 178: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
-	105, // 179: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	105, // 180: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	105, // 181: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	106, // 182: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
-	27,  // 183: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	33,  // 184: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	37,  // 185: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	39,  // 186: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	41,  // 187: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	46,  // 188: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	94,  // 189: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
-	49,  // 190: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	52,  // 191: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	59,  // 192: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	61,  // 193: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	63,  // 194: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	65,  // 195: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	67,  // 196: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	69,  // 197: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	73,  // 198: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
-	75,  // 199: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
-	77,  // 200: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
-	79,  // 201: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	81,  // 202: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	83,  // 203: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	85,  // 204: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
-	90,  // 205: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	92,  // 206: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	103, // 207: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
-	107, // 208: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
-	109, // 209: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
-	111, // 210: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
-	113, // 211: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	115, // 212: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
-	117, // 213: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	119, // 214: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	121, // 215: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	32,  // 216: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	34,  // 217: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	38,  // 218: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	40,  // 219: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	44,  // 220: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	47,  // 221: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	99,  // 222: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
-	50,  // 223: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	53,  // 224: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	60,  // 225: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	62,  // 226: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	64,  // 227: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	66,  // 228: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	68,  // 229: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	70,  // 230: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	74,  // 231: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
-	76,  // 232: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
-	78,  // 233: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
-	80,  // 234: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	82,  // 235: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	84,  // 236: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	87,  // 237: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
-	91,  // 238: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	93,  // 239: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	104, // 240: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
-	108, // 241: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
-	110, // 242: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
-	112, // 243: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
-	114, // 244: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	116, // 245: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
-	118, // 246: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	120, // 247: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	122, // 248: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	216, // [216:249] is the sub-list for method output_type
-	183, // [183:216] is the sub-list for method input_type
-	183, // [183:183] is the sub-list for extension type_name
-	183, // [183:183] is the sub-list for extension extendee
-	0,   // [0:183] is the sub-list for field type_name
+	95,  // 138: switchboard.api.dispatcher.v1.ConnectTalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
+	96,  // 139: switchboard.api.dispatcher.v1.ConnectTalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
+	102, // 140: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
+	103, // 141: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
+	43,  // 142: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	104, // 143: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
+	126, // 144: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
+	45,  // 145: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	28,  // 146: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	28,  // 147: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	11,  // 148: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	132, // 149: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
+	5,   // 150: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	125, // 151: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
+	125, // 152: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
+	12,  // 153: switchboard.api.dispatcher.v1.VoiceSession.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
+	13,  // 154: switchboard.api.dispatcher.v1.VoiceSession.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
+	16,  // 155: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
+	14,  // 156: switchboard.api.dispatcher.v1.TalkEvent.end_reason:type_name -> switchboard.api.dispatcher.v1.TurnEndReason
+	130, // 157: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
+	21,  // 158: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	130, // 159: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
+	132, // 160: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
+	18,  // 161: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
+	5,   // 162: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	19,  // 163: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
+	17,  // 164: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
+	125, // 165: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
+	125, // 166: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
+	125, // 167: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
+	132, // 168: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
+	125, // 169: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
+	125, // 170: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
+	125, // 171: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
+	125, // 172: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
+	20,  // 173: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
+	126, // 174: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
+	107, // 175: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	107, // 176: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	107, // 177: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	107, // 178: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
+	107, // 179: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	139, // 180: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
+	107, // 181: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	107, // 182: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	107, // 183: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	108, // 184: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	27,  // 185: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	33,  // 186: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	37,  // 187: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	39,  // 188: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	41,  // 189: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	46,  // 190: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	94,  // 191: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
+	99,  // 192: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:input_type -> switchboard.api.dispatcher.v1.ConnectTalkRequest
+	49,  // 193: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	52,  // 194: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	59,  // 195: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	61,  // 196: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	63,  // 197: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	65,  // 198: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	67,  // 199: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	69,  // 200: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	73,  // 201: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
+	75,  // 202: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
+	77,  // 203: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
+	79,  // 204: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	81,  // 205: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	83,  // 206: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	85,  // 207: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
+	90,  // 208: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	92,  // 209: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	105, // 210: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
+	109, // 211: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
+	111, // 212: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
+	113, // 213: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
+	115, // 214: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	117, // 215: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
+	119, // 216: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	121, // 217: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	123, // 218: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	32,  // 219: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	34,  // 220: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	38,  // 221: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	40,  // 222: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	44,  // 223: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	47,  // 224: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	101, // 225: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
+	100, // 226: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:output_type -> switchboard.api.dispatcher.v1.ConnectTalkResponse
+	50,  // 227: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	53,  // 228: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	60,  // 229: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	62,  // 230: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	64,  // 231: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	66,  // 232: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	68,  // 233: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	70,  // 234: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	74,  // 235: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
+	76,  // 236: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
+	78,  // 237: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
+	80,  // 238: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	82,  // 239: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	84,  // 240: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	87,  // 241: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
+	91,  // 242: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	93,  // 243: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	106, // 244: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
+	110, // 245: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
+	112, // 246: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
+	114, // 247: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
+	116, // 248: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	118, // 249: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
+	120, // 250: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	122, // 251: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	124, // 252: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	219, // [219:253] is the sub-list for method output_type
+	185, // [185:219] is the sub-list for method input_type
+	185, // [185:185] is the sub-list for extension type_name
+	185, // [185:185] is the sub-list for extension extendee
+	0,   // [0:185] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
@@ -10644,6 +10817,10 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		(*TalkRequest_Text)(nil),
 	}
 	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78].OneofWrappers = []any{
+		(*ConnectTalkRequest_Start)(nil),
+		(*ConnectTalkRequest_Resume)(nil),
+	}
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80].OneofWrappers = []any{
 		(*TalkResponse_Session)(nil),
 		(*TalkResponse_Transcript)(nil),
 		(*TalkResponse_Update)(nil),
@@ -10657,7 +10834,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc), len(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc)),
 			NumEnums:      21,
-			NumMessages:   102,
+			NumMessages:   104,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

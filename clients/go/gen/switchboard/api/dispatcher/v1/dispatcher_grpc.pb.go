@@ -26,6 +26,7 @@ const (
 	DispatcherService_WatchRun_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/WatchRun"
 	DispatcherService_Converse_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/Converse"
 	DispatcherService_Talk_FullMethodName                 = "/switchboard.api.dispatcher.v1.DispatcherService/Talk"
+	DispatcherService_ConnectTalk_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/ConnectTalk"
 	DispatcherService_ListHandlers_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/ListHandlers"
 	DispatcherService_SubmitToolApprovals_FullMethodName  = "/switchboard.api.dispatcher.v1.DispatcherService/SubmitToolApprovals"
 	DispatcherService_CreateAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/CreateAssistant"
@@ -86,6 +87,15 @@ type DispatcherServiceClient interface {
 	// a stored user message and a run under the conversation's usual routing,
 	// policies and budgets (docs/voice.md).
 	Talk(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TalkRequest, TalkResponse], error)
+	// A voice session for a browser, over WebRTC: grpc-web cannot hold Talk's
+	// stream, so the page sends its SDP offer (an Opus microphone track and a
+	// data channel named `talk`) with Talk's first frame, and gets the server's
+	// SDP answer. Audio then flows both ways on the peer connection into a Talk
+	// session (its turns, transcripts, barge-in and resume); the session's other
+	// frames go to the page as JSON on the data channel, and its control frames
+	// come back there. The session starts once the peer connects: a peer that
+	// never connects stores nothing (docs/voice.md).
+	ConnectTalk(ctx context.Context, in *ConnectTalkRequest, opts ...grpc.CallOption) (*ConnectTalkResponse, error)
 	// Lists the handlers a workspace can route to.
 	ListHandlers(ctx context.Context, in *ListHandlersRequest, opts ...grpc.CallOption) (*ListHandlersResponse, error)
 	// Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
@@ -248,6 +258,16 @@ func (c *dispatcherServiceClient) Talk(ctx context.Context, opts ...grpc.CallOpt
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type DispatcherService_TalkClient = grpc.BidiStreamingClient[TalkRequest, TalkResponse]
+
+func (c *dispatcherServiceClient) ConnectTalk(ctx context.Context, in *ConnectTalkRequest, opts ...grpc.CallOption) (*ConnectTalkResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ConnectTalkResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_ConnectTalk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
 
 func (c *dispatcherServiceClient) ListHandlers(ctx context.Context, in *ListHandlersRequest, opts ...grpc.CallOption) (*ListHandlersResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -541,6 +561,15 @@ type DispatcherServiceServer interface {
 	// a stored user message and a run under the conversation's usual routing,
 	// policies and budgets (docs/voice.md).
 	Talk(grpc.BidiStreamingServer[TalkRequest, TalkResponse]) error
+	// A voice session for a browser, over WebRTC: grpc-web cannot hold Talk's
+	// stream, so the page sends its SDP offer (an Opus microphone track and a
+	// data channel named `talk`) with Talk's first frame, and gets the server's
+	// SDP answer. Audio then flows both ways on the peer connection into a Talk
+	// session (its turns, transcripts, barge-in and resume); the session's other
+	// frames go to the page as JSON on the data channel, and its control frames
+	// come back there. The session starts once the peer connects: a peer that
+	// never connects stores nothing (docs/voice.md).
+	ConnectTalk(context.Context, *ConnectTalkRequest) (*ConnectTalkResponse, error)
 	// Lists the handlers a workspace can route to.
 	ListHandlers(context.Context, *ListHandlersRequest) (*ListHandlersResponse, error)
 	// Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
@@ -639,6 +668,9 @@ func (UnimplementedDispatcherServiceServer) Converse(grpc.BidiStreamingServer[Co
 }
 func (UnimplementedDispatcherServiceServer) Talk(grpc.BidiStreamingServer[TalkRequest, TalkResponse]) error {
 	return status.Error(codes.Unimplemented, "method Talk not implemented")
+}
+func (UnimplementedDispatcherServiceServer) ConnectTalk(context.Context, *ConnectTalkRequest) (*ConnectTalkResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ConnectTalk not implemented")
 }
 func (UnimplementedDispatcherServiceServer) ListHandlers(context.Context, *ListHandlersRequest) (*ListHandlersResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListHandlers not implemented")
@@ -835,6 +867,24 @@ func _DispatcherService_Talk_Handler(srv interface{}, stream grpc.ServerStream) 
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type DispatcherService_TalkServer = grpc.BidiStreamingServer[TalkRequest, TalkResponse]
+
+func _DispatcherService_ConnectTalk_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ConnectTalkRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).ConnectTalk(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_ConnectTalk_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).ConnectTalk(ctx, req.(*ConnectTalkRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
 
 func _DispatcherService_ListHandlers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListHandlersRequest)
@@ -1326,6 +1376,10 @@ var DispatcherService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelRun",
 			Handler:    _DispatcherService_CancelRun_Handler,
+		},
+		{
+			MethodName: "ConnectTalk",
+			Handler:    _DispatcherService_ConnectTalk_Handler,
 		},
 		{
 			MethodName: "ListHandlers",
