@@ -741,3 +741,32 @@ async def test_sessions_in_the_process_are_limited_and_a_turn_at_its_limit_ends_
         )
         assert final.transcript.audio_ms == 1_000
         talk.cancel()
+
+
+async def test_a_detected_turn_at_the_longest_says_it_stopped_there(
+    database_url: str, audio_server: FakeAudio, counting: bytes
+) -> None:
+    """With the server's detection, a turn that reaches the longest turn ends with
+    SPEECH_STOPPED saying MAX_LENGTH, as one the silence ends says SILENCE: a client
+    that shows "listening" from SPEECH_STARTED learns the turn was cut."""
+    async with limited(
+        database_url=database_url,
+        voice_url=audio_server.url,
+        egress_allow_loopback=True,
+        voice_max_turn_s=1.0,
+    ) as (server, _context, dstub):
+        async with aio.insecure_channel(server.address) as channel:
+            place = await voice_place(server, channel)
+        talk = open_talk(dstub, place.world.editor, start(place.conversation, place.assistant))
+        await session_of(talk)
+        await talk.send_audio(counting)
+        stopped = await talk.until(
+            lambda f: f.WhichOneof("frame") == "event"
+            and f.event.kind == pb.TALK_EVENT_KIND_SPEECH_STOPPED
+        )
+        assert stopped.event.end_reason == pb.TURN_END_REASON_MAX_LENGTH
+        final = await talk.until(
+            lambda f: f.WhichOneof("frame") == "transcript" and f.transcript.final
+        )
+        assert final.transcript.audio_ms <= 1_000 + 300  # with the speech just before it
+        talk.cancel()

@@ -222,7 +222,11 @@ class Intake:
             detector.cut()
             await self._speech_stopped(pb.TURN_END_REASON_MODEL)
         elif self._audio.full:
-            self._end_turn(pb.TURN_END_REASON_MAX_LENGTH)
+            if self._vad:
+                # Said as the silence's end is: whoever heard SPEECH_STARTED hears why it ended.
+                await self._speech_stopped(pb.TURN_END_REASON_MAX_LENGTH)
+            else:
+                self._end_turn(pb.TURN_END_REASON_MAX_LENGTH)
             if self._vad and detector is not None and detector.speaking:
                 # Still speaking at the limit: the rest is the next turn, not lost.
                 self._audio.begin(pre_roll=False)

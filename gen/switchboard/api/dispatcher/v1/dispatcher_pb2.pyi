@@ -4263,7 +4263,9 @@ class TalkEvent(_message.Message):
     run: _builtins.str
     """The run it concerns (SPEECH_INTERRUPTED)."""
     end_reason: Global___TurnEndReason.ValueType
-    """SPEECH_STOPPED: why the turn ended (MODEL or SILENCE)."""
+    """SPEECH_STOPPED: why the turn ended (MODEL, SILENCE, or MAX_LENGTH: the
+    turn reached the server's longest turn while the person spoke on).
+    """
     end_confidence: _builtins.float
     """SPEECH_STOPPED: the end-of-turn model's probability that the speaker had
     finished, at its last reading of the turn (0 when it did not read it).

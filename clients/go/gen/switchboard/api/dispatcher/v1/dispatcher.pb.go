@@ -8185,7 +8185,8 @@ type TalkEvent struct {
 	Turn int64 `protobuf:"varint,2,opt,name=turn,proto3" json:"turn,omitempty"`
 	// The run it concerns (SPEECH_INTERRUPTED).
 	Run string `protobuf:"bytes,3,opt,name=run,proto3" json:"run,omitempty"`
-	// SPEECH_STOPPED: why the turn ended (MODEL or SILENCE).
+	// SPEECH_STOPPED: why the turn ended (MODEL, SILENCE, or MAX_LENGTH: the
+	// turn reached the server's longest turn while the person spoke on).
 	EndReason TurnEndReason `protobuf:"varint,4,opt,name=end_reason,json=endReason,proto3,enum=switchboard.api.dispatcher.v1.TurnEndReason" json:"end_reason,omitempty"`
 	// SPEECH_STOPPED: the end-of-turn model's probability that the speaker had
 	// finished, at its last reading of the turn (0 when it did not read it).

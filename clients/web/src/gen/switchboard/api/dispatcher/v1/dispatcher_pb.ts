@@ -3999,7 +3999,8 @@ export type TalkEvent = Message<"switchboard.api.dispatcher.v1.TalkEvent"> & {
   run: string;
 
   /**
-   * SPEECH_STOPPED: why the turn ended (MODEL or SILENCE).
+   * SPEECH_STOPPED: why the turn ended (MODEL, SILENCE, or MAX_LENGTH: the
+   * turn reached the server's longest turn while the person spoke on).
    *
    * @generated from field: switchboard.api.dispatcher.v1.TurnEndReason end_reason = 4;
    */
