@@ -1,9 +1,12 @@
-"""Talk over WebRTC (``talk/webrtc/``): a Python peer (``aiortc``, the stack the server
-uses) sends eSpeak NG speech as its microphone track and reads the session's frames on
-the ``talk`` data channel and the answer's speech on its inbound track, against a real
-Talk session in one process (the local audio server recognizes and speaks, webrtcvad
-ends the turn). Bad offers are refused naming the field, and a peer that never connects
-is closed and stores nothing."""
+"""Talk over WebRTC (``ConnectTalk``, ``talk/webrtc/``): a Python peer (``aiortc``, the stack
+the server uses) plays the browser. It sends eSpeak NG speech as its microphone track and
+reads the session's frames on the ``talk`` data channel and the answer's speech on its
+inbound track, against the real server (the local audio server recognizes and speaks,
+webrtcvad ends the turn). Bad offers and starts are refused by the call before any peer; a
+peer that never connects, or never opens its channel, is closed and stores nothing; peers
+are limited per user; a dropped peer resumes on a new one with nothing repeated or lost,
+and a second one for a carried session is refused; speaking over the answer interrupts it;
+a page that stops reading ends its peer without losing a frame."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.service import Dispatcher
+from switchboard.dispatcher.talk.webrtc import peer as peer_module
 from switchboard.dispatcher.talk.webrtc.media import SpeechTrack, pcm_of
 from switchboard.dispatcher.talk.webrtc.peer import CHANNEL
 from switchboard.dispatcher.talk.webrtc.peers import Peers
@@ -477,5 +481,62 @@ async def test_speaking_over_the_answer_interrupts_it_and_clears_the_track(
             )
         )
         assert cancelled
+    finally:
+        await closed(opened)
+
+
+def page_with_channel(label: str) -> Page:
+    """A page whose data channel is not the session's (it offers audio all the same)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    microphone = SpeechTrack()
+    pc.addTrack(microphone)
+    pc.createDataChannel(label)
+    return Page(pc, microphone)
+
+
+@pytest.mark.parametrize("settings_overrides", [{"webrtc_connect_timeout_s": 2.0}])
+async def test_a_page_without_the_talk_channel_is_closed_and_stores_nothing(
+    channel: aio.Channel, place: Place, mesh: SwitchboardServer
+) -> None:
+    stub = dispatcher_stub(channel)
+    opened = page_with_channel("chat")
+    try:
+        await connect(stub, place.world.editor, opened, **starting(place))
+        peer = next(iter(peers_of(mesh)))
+        async with asyncio.timeout(WAIT_S):
+            await peer.ended.wait()
+        assert peer.outcome == "the page opened no 'talk' data channel in time"
+        await eventually(_no_peers(mesh), "the peer without its channel let go")
+        assert await stored_sessions(mesh) == 0
+    finally:
+        await closed(opened)
+
+
+async def test_a_page_that_does_not_read_its_channel_ends_the_peer_and_loses_nothing(
+    channel: aio.Channel, place: Place, mesh: SwitchboardServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stub = dispatcher_stub(channel)
+    opened = page()
+    try:
+        await connect(stub, place.world.editor, opened, **starting(place))
+        await opened.until(lambda f: "session" in f)
+        peer = next(iter(peers_of(mesh)))
+        # From now on the channel counts as full: the next frame ends the peer instead.
+        monkeypatch.setattr(peer_module, "MAX_BUFFERED_BYTES", -1)
+        opened.channel.send(json.dumps({"text": "hello"}))  # type: ignore[attr-defined]
+        async with asyncio.timeout(WAIT_S):
+            await peer.ended.wait()
+        assert peer.outcome == "the page is not reading its data channel"
+        await eventually(_no_peers(mesh), "the peer let go")
+        session = opened.frames[0]["session"]["name"]
+        monkeypatch.undo()
+        # The turn's frames were not lost: a new peer resuming from the start gets them.
+        again = page()
+        try:
+            await connect(stub, place.world.editor, again, resume=pb.TalkResume(session=session))
+            heard = await again.until(lambda f: f.get("transcript", {}).get("text") == "hello")
+            await again.until(ended_well(heard["transcript"]["run"]))
+        finally:
+            await closed(again)
     finally:
         await closed(opened)

@@ -19,12 +19,15 @@ returns the server's, and then
   whole.
 
 The peer is bounded: an offer without audio, or without Opus, is refused before
-anything starts; a peer that does not connect within ``connect_timeout_s`` is
-closed; frames the page sends are at most ``MAX_MESSAGE_BYTES``; the queue of
-audio towards the session drops (and counts) frames past ``MAX_PENDING_FRAMES``
-rather than grow. The session starts once the peer connects (a peer that never
-connects stores nothing); closing the peer ends the session's stream abnormally, so
-the session can be resumed (Talk's resume); the session ending closes the peer.
+anything starts; a peer that does not connect and open its ``talk`` channel within
+``connect_timeout_s`` is closed; frames the page sends are at most
+``MAX_MESSAGE_BYTES``; the queue of audio towards the session drops (and counts)
+frames past ``MAX_PENDING_FRAMES`` rather than grow; a page that stops reading its
+channel (``MAX_BUFFERED_BYTES`` unsent) ends the peer rather than lose a frame. The
+session starts once the peer connects and the channel opens (a peer that never does
+stores nothing); closing the peer ends the session's stream abnormally, so the
+session can be resumed (Talk's resume, which sends the numbered frames again); the
+session ending closes the peer.
 """
 
 from __future__ import annotations
@@ -60,8 +63,10 @@ MAX_OFFER_BYTES: Final = 64 * 1024
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 #: Audio frames waiting for the session (20 ms each): 5 s.
 MAX_PENDING_FRAMES: Final = 250
-#: Frames for the page waiting for its data channel to open.
+#: Frames for the page waiting for its data channel to open, and the bytes its open
+#: channel may hold unsent (a page that stops reading): past either the peer ends.
 MAX_UNSENT: Final = 1_000
+MAX_BUFFERED_BYTES: Final = 4 * 1024 * 1024
 #: The data channel the page opens for the session's frames.
 CHANNEL: Final = "talk"
 _OPUS: Final = re.compile(r"^a=rtpmap:\d+ opus/48000", re.IGNORECASE | re.MULTILINE)
@@ -125,6 +130,8 @@ class TalkPeer:
         self._unsent: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
+        self._opened = asyncio.Event()  # the page's ``talk`` channel
+        self._started = False
         self._closing: asyncio.Task[None] | None = None
         #: Set once the bridge has ended, and why ("" for a session that ended well).
         self.ended = asyncio.Event()
@@ -248,11 +255,8 @@ class TalkPeer:
     def _on_state(self) -> None:
         state = self._pc.connectionState
         if state == "connected" and not self._connected.is_set():
-            # The session starts once media can flow: a peer that never connects
-            # stores nothing.
             self._connected.set()
-            self._requests.put_nowait(self._first)
-            self._spawn(self._relay(), "talk-webrtc-relay")
+            self._begin()
         elif state in ("failed", "closed") and not self.ended.is_set():
             self._spawn(self.close(f"the peer connection {state}"), "talk-webrtc-close")
 
@@ -301,25 +305,54 @@ class TalkPeer:
         try:
             async with asyncio.timeout(self._settings.connect_timeout_s):
                 await self._connected.wait()
+                await self._opened.wait()
         except TimeoutError:
-            self.outcome = "the peer did not connect in time"
+            if self._connected.is_set():
+                self.outcome = f"the page opened no {CHANNEL!r} data channel in time"
+            else:
+                self.outcome = "the peer did not connect in time"
             await self.close(self.outcome)
 
     # -- helpers ----------------------------------------------------------------------
 
     def _send(self, value: dict[str, Any]) -> None:
+        if self.ended.is_set():
+            return
         text = json.dumps(value, separators=(",", ":"))
         channel = self._channel
         if channel is None or channel.readyState != "open":
             if len(self._unsent) < MAX_UNSENT:
                 self._unsent.append(text)
+            else:
+                # Never a frame silently dropped: the peer ends, and a resume sends the
+                # numbered frames again from where the page got to.
+                self._end_soon("the page's data channel did not take the session's frames")
+            return
+        if channel.bufferedAmount > MAX_BUFFERED_BYTES:
+            self._end_soon("the page is not reading its data channel")
             return
         channel.send(text)
 
+    def _end_soon(self, why: str) -> None:
+        if not self.ended.is_set():
+            self.outcome = why
+            self.ended.set()
+            self._spawn(self.close(why), "talk-webrtc-close")
+
+    def _begin(self) -> None:
+        """The session starts once media can flow and its frames have a way to the page:
+        a peer that never connects, or never opens its ``talk`` channel, stores nothing."""
+        if self._connected.is_set() and self._opened.is_set() and not self._started:
+            self._started = True
+            self._requests.put_nowait(self._first)
+            self._spawn(self._relay(), "talk-webrtc-relay")
+
     def _flush(self) -> None:
         channel = self._channel
-        if channel is None:
+        if channel is None or channel.readyState != "open":
             return
+        self._opened.set()
+        self._begin()
         unsent, self._unsent = self._unsent, []
         for text in unsent:
             channel.send(text)
