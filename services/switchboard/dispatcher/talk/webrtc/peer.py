@@ -209,7 +209,8 @@ class TalkPeer:
             except MediaStreamError:
                 return  # the page's track ended (the peer is closing)
             data = converter.feed(frame)  # type: ignore[arg-type]
-            if not data:
+            if not data or not self._started:
+                # Before the session's first frame went, audio would be taken for it.
                 continue
             if self._pending >= MAX_PENDING_FRAMES:
                 self.dropped_frames += 1
@@ -239,6 +240,9 @@ class TalkPeer:
             self._say_error("a data channel message is not a TalkRequest as JSON: ignored")
             return
         kind = request.WhichOneof("frame")
+        if not self._started:
+            self._say_error("the session has not started yet: wait for its session frame")
+            return
         if kind not in ("control", "text"):
             self._say_error(f"only control and text frames go on the data channel, not {kind}")
             return
