@@ -18,6 +18,7 @@ import type { Names } from "./names";
 import type { Page } from "./page";
 import type { HolderClaim, RunListener, RunView } from "./runs";
 import { TalkControl } from "./talk";
+import { LiveTalk } from "./livetalk";
 
 export interface ComposerHost {
   /** The open workspace's name ("" for none). */
@@ -69,6 +70,10 @@ export class Composer {
   private attachmentsWorkspace = "";
   /** Push-to-talk, shown when the chosen assistant has a voice. */
   readonly talk: TalkControl;
+  /** Live voice (a Talk session over WebRTC), beside push-to-talk. */
+  readonly live: LiveTalk;
+  /** The assistant with a voice that Talk and Live speak to ("" when none would). */
+  private voiced = "";
   /** The open workspace's assistants (whose `voice` says whether Talk shows). */
   private assistants: Assistant[] = [];
   /** Who holds the open conversation, as the latest thing seen in it says (a handoff, a
@@ -97,6 +102,11 @@ export class Composer {
       sent: (conversation, answer) => this.host.sent(conversation, answer),
       listen: (run, listener) => this.host.listen(run, listener),
     });
+    this.live = new LiveTalk(api, page, {
+      target: () => ({ conversation: this.host.conversation(), assistant: this.voiced }),
+      started: (conversation, run) => this.host.sent(conversation, { run }),
+      activeChanged: () => this.showTalk(),
+    });
     this.handler.addEventListener("change", () => this.showTalk());
     this.assistant.addEventListener("change", () => this.showTalk());
     this.handler.addEventListener("change", () => this.showHolder());
@@ -117,6 +127,7 @@ export class Composer {
       h("div", { class: "row" }, this.handler, this.assistant, h("button", { type: "submit", "data-testid": "send" }, "Send"), this.steerButton),
       this.holderHint,
       this.talk.element,
+      this.live.element,
       h(
         "details",
         { "data-testid": "advanced" },
@@ -146,6 +157,7 @@ export class Composer {
    *  before stops. */
   left(): void {
     this.talk.reset();
+    this.live.reset();
     this.holder = undefined;
     this.showHolder();
     this.showTalk();
@@ -233,8 +245,9 @@ export class Composer {
     );
   }
 
-  /** Talk shows when the message would go to an assistant with a voice: the one chosen,
-   *  or, when none is and no handler is forced, the workspace's default. */
+  /** Talk and Live show when the message would go to an assistant with a voice: the one
+   *  chosen, or, when none is and no handler is forced, the one holding the conversation,
+   *  else the workspace's default. */
   private showTalk(): void {
     const chosen = this.assistant.value;
     const holder = this.holder?.assistant;
@@ -243,7 +256,11 @@ export class Composer {
       : this.handler.value
         ? undefined
         : (holder ? this.assistants.find((a) => a.name === holder) : undefined) ?? this.assistants.find((a) => a.workspaceDefault);
-    this.talk.available(target?.voice !== undefined);
+    const voice = target?.voice !== undefined;
+    this.voiced = voice ? (target?.name ?? "") : "";
+    // While a live session goes, it has the microphone: push-to-talk steps aside.
+    this.talk.available(voice && !this.live.active);
+    this.live.available(voice);
   }
 
   /** The open workspace's handlers and assistants, as the choices. */
