@@ -58,6 +58,7 @@ if [[ $scope == test ]]; then
   absent redis-server && want redis-server "redis-server (the suite starts its own)"
   postgres_present || want postgresql "initdb, pg_ctl, postgres (the suite starts its own)"
   absent chromium && want chromium "chromium (tests/e2e/test_browser.py drives it headless)"
+  absent turnserver && want coturn "turnserver (coturn: the WebRTC tests' TURN relay, with minted credentials)"
 fi
 if [[ $scope == test || $scope == tools ]]; then
   absent jq && want jq "jq (the README's examples keep values with it; tests/e2e/test_docs_run.py)"

@@ -35,6 +35,7 @@ TEST_COMMANDS = (
     "npm",
     "redis-server",
     "chromium",
+    "turnserver",
     "jq",
     "espeak-ng",
 )
@@ -47,6 +48,7 @@ PROVIDES = {
     "npm": ["npm"],
     "redis-server": ["redis-server"],
     "chromium": ["chromium"],
+    "coturn": ["turnserver"],
     "jq": ["jq"],
     "espeak-ng": ["espeak-ng"],
     "postgresql": ["pg/15/bin/initdb", "pg/15/bin/pg_ctl", "pg/15/bin/postgres"],

@@ -233,7 +233,14 @@ export class LiveTalk {
   private async connect(call: (offer: string) => Promise<{ answer: string; session: string }>): Promise<Problem | null> {
     const microphone = this.microphone;
     if (microphone === null) return null;
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    let iceServers: RTCIceServer[];
+    try {
+      iceServers = await this.iceServers();
+    } catch (error) {
+      return refusal(error);
+    }
+    if (this.microphone !== microphone) return null;
+    const pc = new RTCPeerConnection({ iceServers });
     this.pc = pc;
     for (const track of microphone.getAudioTracks()) pc.addTrack(track, microphone);
     const channel = pc.createDataChannel("talk", { ordered: true });
@@ -577,6 +584,15 @@ export class LiveTalk {
       return;
     }
     void this.resume(why);
+  }
+
+  /** The deployment's STUN and TURN servers (GetIceServers), each TURN credential minted
+   *  for this user: asked before every offer, since a minted one expires. */
+  private async iceServers(): Promise<RTCIceServer[]> {
+    const given = await this.api.dispatcher.getIceServers({});
+    return given.iceServers.map((server) =>
+      server.username ? { urls: server.urls, username: server.username, credential: server.credential } : { urls: server.urls },
+    );
   }
 
   private async resume(why: string): Promise<void> {

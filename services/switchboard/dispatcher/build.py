@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from aiortc import RTCIceServer
 from opentelemetry.trace import Tracer
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -78,6 +77,7 @@ from switchboard.dispatcher.service import Catalogs, Dispatcher, Readmission, Ru
 from switchboard.dispatcher.settings import DispatcherSettings, ice_servers
 from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
+from switchboard.dispatcher.talk.webrtc.ice import IceServers
 from switchboard.dispatcher.talk.webrtc.peer import PeerSettings as WebRtcSettings
 from switchboard.dispatcher.talk.webrtc.peers import PeerLimits, Peers
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
@@ -401,7 +401,9 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
             limits=_talk_limits(run.settings),
             judge=_smart_turn(shared),
         ),
-        peers=lambda talks: Peers(talks, _peer_settings(run.settings), _peer_limits(run.settings)),
+        peers=lambda talks: Peers(
+            talks, _peer_settings(run.settings), _peer_limits(run.settings), _ice(run.settings)
+        ),
         spending=run.spending,
         delegation=delegation,
     )
@@ -738,18 +740,18 @@ def _talk_limits(settings: DispatcherSettings) -> TalkLimits:
 
 
 def _peer_settings(settings: DispatcherSettings) -> WebRtcSettings:
-    servers = ice_servers(settings.webrtc_ice_servers.get_secret_value())
     return WebRtcSettings(
-        ice_servers=tuple(
-            RTCIceServer(
-                urls=server["urls"],
-                username=str(server.get("username", "")) or None,
-                credential=str(server.get("credential", "")) or None,
-            )
-            for server in servers
-        ),
         connect_timeout_s=settings.webrtc_connect_timeout_s,
         ports=PortRange.parse(settings.webrtc_ports),
+    )
+
+
+def _ice(settings: DispatcherSettings) -> IceServers:
+    secret = settings.webrtc_turn_secret.get_secret_value()
+    return IceServers.read(
+        ice_servers(settings.webrtc_ice_servers.get_secret_value(), minting=bool(secret)),
+        turn_secret=secret,
+        ttl_s=settings.webrtc_turn_ttl_s,
     )
 
 

@@ -272,6 +272,10 @@ class Dispatcher:
         """ConnectTalk: a browser's WebRTC peer for a Talk session (``talk/webrtc/``)."""
         return await self.peers.connect(principal, request, via)
 
+    def get_ice_servers(self, principal: Principal) -> pb.GetIceServersResponse:
+        """GetIceServers: the STUN and TURN servers for the caller's page (``webrtc/ice.py``)."""
+        return self.peers.ice_servers(principal)
+
     async def submit_tool_approvals(
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via = IN_PROCESS
     ) -> pb.Run:

@@ -220,6 +220,11 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         via = _via(context, deadline=False)
         return await self._dispatcher.connect_talk(current_principal(), request, via)
 
+    async def GetIceServers(
+        self, request: pb.GetIceServersRequest, context: Context
+    ) -> pb.GetIceServersResponse:
+        return self._dispatcher.get_ice_servers(current_principal())
+
     async def CreateSchedule(
         self, request: pb.CreateScheduleRequest, context: Context
     ) -> pb.CreateScheduleResponse:

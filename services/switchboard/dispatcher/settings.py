@@ -429,6 +429,19 @@ class DispatcherSettings(Section):
         '"username": "u", "credential": "p"}]` (at most 8); none: host candidates only, enough '
         "when browsers reach the server's address directly",
     )
+    webrtc_turn_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="the secret shared with the TURN server (coturn's `static-auth-secret`): a "
+        "TURN server listed without a username gets a credential minted per caller, valid for "
+        "`SWITCHBOARD_WEBRTC_TURN_TTL_S` (the TURN REST API's scheme); empty: TURN servers "
+        "need their own username and credential",
+    )
+    webrtc_turn_ttl_s: float = Field(
+        default=3600.0,
+        ge=60,
+        le=86_400,
+        description="how long a minted TURN credential is valid",
+    )
     webrtc_ports: str = Field(
         default="",
         description="the UDP ports the server's WebRTC peers bind for media, as `low-high` "
@@ -458,7 +471,7 @@ class DispatcherSettings(Section):
 
     @model_validator(mode="after")
     def _check_ice(self) -> DispatcherSettings:
-        ice_servers(_text(self.webrtc_ice_servers))
+        ice_servers(_text(self.webrtc_ice_servers), minting=bool(_text(self.webrtc_turn_secret)))
         port_range(self.webrtc_ports)
         return self
 
@@ -495,10 +508,10 @@ def _text(value: object) -> str:
 _ICE_SCHEMES: Final = ("stun:", "turn:", "turns:")
 
 
-def ice_servers(text: str) -> list[dict[str, str | list[str]]]:
+def ice_servers(text: str, *, minting: bool = False) -> list[dict[str, str | list[str]]]:
     """``SWITCHBOARD_WEBRTC_ICE_SERVERS`` read: each server's ``urls`` (a list), and its
-    ``username`` and ``credential`` when given. ValueError says what is wrong, never the
-    credential."""
+    ``username`` and ``credential`` when given (a TURN server needs both unless ``minting``:
+    a TURN secret mints them). ValueError says what is wrong, never the credential."""
     if not text.strip():
         return []
     try:
@@ -526,10 +539,17 @@ def ice_servers(text: str) -> list[dict[str, str | list[str]]]:
                 if not isinstance(item[key], str):
                     raise ValueError(f"{where}.{key} must be a string")
                 server[key] = item[key]
-        if any(u.startswith(("turn:", "turns:")) for u in urls) and not (
-            "username" in server and "credential" in server
+        if ("username" in server) != ("credential" in server):
+            raise ValueError(f"{where}: a username and a credential go together")
+        if (
+            any(u.startswith(("turn:", "turns:")) for u in urls)
+            and "username" not in server
+            and not minting
         ):
-            raise ValueError(f"{where}: a TURN server needs a username and a credential")
+            raise ValueError(
+                f"{where}: a TURN server needs a username and a credential, or "
+                "SWITCHBOARD_WEBRTC_TURN_SECRET to mint them"
+            )
         servers.append(server)
     return servers
 

@@ -3,13 +3,17 @@ with a message naming it, never echoing a TURN credential; a good one reaches th
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 
 import pytest
 from pydantic import ValidationError
 
-from switchboard.dispatcher.build import _peer_settings
+from switchboard.dispatcher.build import _ice, _peer_settings
 from switchboard.dispatcher.settings import DispatcherSettings
+from switchboard.dispatcher.talk.webrtc.ice import IceServer, IceServers
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
 
 pytestmark = pytest.mark.unit
@@ -31,7 +35,8 @@ def settings(**values: object) -> DispatcherSettings:
         (json.dumps([{"urls": "http://a"}]), "[0].urls must be 1 to 8 stun:"),
         (json.dumps([{"urls": []}]), "[0].urls must be 1 to 8"),
         (json.dumps([{"urls": "stun:a", "port": 1}]), "[0] must be an object of urls"),
-        (json.dumps([{"urls": "turn:t", "credential": SECRET}]), "needs a username and a"),
+        (json.dumps([{"urls": "turn:t", "credential": SECRET}]), "go together"),
+        (json.dumps([{"urls": "turn:t"}]), "needs a username and a credential, or"),
         (json.dumps([{"urls": "turn:t", "username": 1, "credential": SECRET}]), ".username must"),
     ],
 )
@@ -58,23 +63,56 @@ def test_good_settings_reach_the_peers() -> None:
         {"urls": "stun:stun.example.net:3478"},
         {"urls": ["turn:turn.example.net:3478"], "username": "u", "credential": SECRET},
     ]
-    made = _peer_settings(
-        settings(
-            webrtc_ice_servers=json.dumps(servers),
-            webrtc_ports="40000-40099",
-            webrtc_connect_timeout_s=3,
-        )
+    chosen = settings(
+        webrtc_ice_servers=json.dumps(servers),
+        webrtc_ports="40000-40099",
+        webrtc_connect_timeout_s=3,
     )
-    assert [s.urls for s in made.ice_servers] == [
-        ["stun:stun.example.net:3478"],
-        servers[1]["urls"],
-    ]
-    assert (made.ice_servers[1].username, made.ice_servers[1].credential) == ("u", SECRET)
-    assert made.ice_servers[0].username is None
+    made = _peer_settings(chosen)
     assert made.ports == PortRange(40000, 40099)
     assert made.connect_timeout_s == 3
+    rtc = _ice(chosen).for_server()
+    assert [s.urls for s in rtc] == [["stun:stun.example.net:3478"], ["turn:turn.example.net:3478"]]
+    assert (rtc[1].username, rtc[1].credential) == ("u", SECRET)
+    assert rtc[0].username is None
+    # A listed credential is handed as it is, and nothing was minted.
+    page = _ice(chosen).for_page("someone")
+    assert [(s.username, s.credential) for s in page.ice_servers] == [("", ""), ("u", SECRET)]
+    assert not page.HasField("expire_time")
     # The credential is a secret: the settings' own text never shows it.
-    assert SECRET not in repr(settings(webrtc_ice_servers=json.dumps(servers)))
+    assert SECRET not in repr(chosen)
     # Unset: host candidates only, any port.
-    plain = _peer_settings(settings())
-    assert (plain.ice_servers, plain.ports) == ((), None)
+    plain = settings()
+    assert (_ice(plain).for_server(), _peer_settings(plain).ports) == ([], None)
+
+
+def test_a_turn_server_without_a_credential_needs_the_secret_to_mint_one() -> None:
+    turn = json.dumps([{"urls": "turn:turn.example.net:3478"}])
+    with pytest.raises(ValidationError) as refused:
+        settings(webrtc_ice_servers=turn)
+    assert "SWITCHBOARD_WEBRTC_TURN_SECRET to mint them" in str(refused.value)
+    half = json.dumps([{"urls": "turn:t", "username": "u"}])
+    with pytest.raises(ValidationError) as refused:
+        settings(webrtc_ice_servers=half, webrtc_turn_secret=SECRET)
+    assert "a username and a credential go together" in str(refused.value)
+    minting = settings(webrtc_ice_servers=turn, webrtc_turn_secret=SECRET, webrtc_turn_ttl_s=120)
+    assert SECRET not in repr(minting)
+
+
+def test_minted_credentials_are_the_turn_rest_apis() -> None:
+    """username ``{expiry}:{user}``, credential base64(HMAC-SHA1(secret, username)): what
+    coturn's ``use-auth-secret`` checks (against a real coturn: test_webrtc_turn.py)."""
+    ice = IceServers(
+        [IceServer(("stun:s",)), IceServer(("turn:t", "turns:t"))],
+        turn_secret=SECRET,
+        ttl_s=120,
+        clock=lambda: 1_000_000.5,
+    )
+    servers, expiry = ice.minted_for("u1")
+    assert expiry == 1_000_120
+    assert servers[0] == IceServer(("stun:s",))
+    assert servers[1].username == "1000120:u1"
+    signed = hmac.new(SECRET.encode(), b"1000120:u1", hashlib.sha1).digest()
+    assert servers[1].credential == base64.b64encode(signed).decode()
+    assert ice.for_page("u1").expire_time.seconds == 1_000_120
+    assert ice.for_server()[1].username == "1000120:switchboard"

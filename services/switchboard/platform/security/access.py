@@ -149,6 +149,9 @@ RULES: Final[dict[str, Rule]] = {
     # ConnectTalk opens the same session (start or resume, named in the request's oneof):
     # the session's own checks authorize it before any peer is made.
     _DISPATCHER + "ConnectTalk": per_item(Scope.WRITE),
+    # The servers a page gathers with before ConnectTalk; a TURN credential is minted for
+    # the caller, so only a credential that may talk gets one.
+    _DISPATCHER + "GetIceServers": authenticated(Scope.WRITE),
     _DISPATCHER + "ListHandlers": resource("parent", READ),
     # Deciding what a run may do is an editor's, like sending it; viewers watch.
     _DISPATCHER + "SubmitToolApprovals": resource("name", WRITE),

@@ -4048,6 +4048,87 @@ class ConnectTalkResponse(_message.Message):
 Global___ConnectTalkResponse: _TypeAlias = ConnectTalkResponse  # noqa: Y015
 
 @_typing.final
+class GetIceServersRequest(_message.Message):
+    """Request for GetIceServers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIceServersRequest: _TypeAlias = GetIceServersRequest  # noqa: Y015
+
+@_typing.final
+class GetIceServersResponse(_message.Message):
+    """Response for GetIceServers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ICE_SERVERS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ice_servers(self) -> _containers.RepeatedCompositeFieldContainer[Global___IceServer]:
+        """The servers, as a browser's RTCIceServer: at most 8."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the minted TURN credentials expire (unset: none were minted); ask
+        again before a new ConnectTalk after it.
+        """
+
+    def __init__(
+        self,
+        *,
+        ice_servers: _abc.Iterable[Global___IceServer] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "ice_servers", b"ice_servers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIceServersResponse: _TypeAlias = GetIceServersResponse  # noqa: Y015
+
+@_typing.final
+class IceServer(_message.Message):
+    """A STUN or TURN server, as WebRTC's RTCIceServer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URLS_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    """A TURN server's username (empty for STUN)."""
+    credential: _builtins.str
+    """A TURN server's credential (empty for STUN)."""
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its URLs: `stun:`, `turn:` or `turns:`."""
+
+    def __init__(
+        self,
+        *,
+        urls: _abc.Iterable[_builtins.str] | None = ...,
+        username: _builtins.str = ...,
+        credential: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "urls", b"urls", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IceServer: _TypeAlias = IceServer  # noqa: Y015
+
+@_typing.final
 class TalkResponse(_message.Message):
     """Response for Talk: one frame sent by the server."""
 

@@ -81,6 +81,11 @@ class DispatcherServiceStub:
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkResponse.FromString,
                 _registered_method=True)
+        self.GetIceServers = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/GetIceServers',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetIceServersRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetIceServersResponse.FromString,
+                _registered_method=True)
         self.ListHandlers = channel.unary_unary(
                 '/switchboard.api.dispatcher.v1.DispatcherService/ListHandlers',
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListHandlersRequest.SerializeToString,
@@ -287,6 +292,17 @@ class DispatcherServiceServicer:
         frames go to the page as JSON on the data channel, and its control frames
         come back there. The session starts once the peer connects: a peer that
         never connects stores nothing (docs/voice.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIceServers(self, request, context):
+        """The STUN and TURN servers a browser's peer connection should use for
+        ConnectTalk (its `iceServers`, set before it makes its offer): this
+        deployment's, each TURN server with a username and credential minted for
+        the caller that expire at `expire_time` when the server holds a TURN
+        secret. Empty when the deployment names none (host candidates only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -532,6 +548,11 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     servicer.ConnectTalk,
                     request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkResponse.SerializeToString,
+            ),
+            'GetIceServers': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIceServers,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetIceServersRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetIceServersResponse.SerializeToString,
             ),
             'ListHandlers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListHandlers,
@@ -886,6 +907,33 @@ class DispatcherService:
             '/switchboard.api.dispatcher.v1.DispatcherService/ConnectTalk',
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkRequest.SerializeToString,
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConnectTalkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIceServers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/GetIceServers',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetIceServersRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetIceServersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,13 @@ class DispatcherServiceStub:
     come back there. The session starts once the peer connects: a peer that
     never connects stores nothing (docs/voice.md).
     """
+    GetIceServers: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.GetIceServersRequest, _dispatcher_pb2.GetIceServersResponse]
+    """The STUN and TURN servers a browser's peer connection should use for
+    ConnectTalk (its `iceServers`, set before it makes its offer): this
+    deployment's, each TURN server with a username and credential minted for
+    the caller that expire at `expire_time` when the server holds a TURN
+    secret. Empty when the deployment names none (host candidates only).
+    """
     ListHandlers: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListHandlersRequest, _dispatcher_pb2.ListHandlersResponse]
     """Lists the handlers a workspace can route to."""
     SubmitToolApprovals: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.SubmitToolApprovalsRequest, _dispatcher_pb2.SubmitToolApprovalsResponse]
@@ -198,6 +205,13 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     frames go to the page as JSON on the data channel, and its control frames
     come back there. The session starts once the peer connects: a peer that
     never connects stores nothing (docs/voice.md).
+    """
+    GetIceServers: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.GetIceServersRequest, _dispatcher_pb2.GetIceServersResponse]  # type: ignore[assignment]
+    """The STUN and TURN servers a browser's peer connection should use for
+    ConnectTalk (its `iceServers`, set before it makes its offer): this
+    deployment's, each TURN server with a username and credential minted for
+    the caller that expire at `expire_time` when the server holds a TURN
+    secret. Empty when the deployment names none (host candidates only).
     """
     ListHandlers: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListHandlersRequest, _dispatcher_pb2.ListHandlersResponse]  # type: ignore[assignment]
     """Lists the handlers a workspace can route to."""
@@ -368,6 +382,19 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         frames go to the page as JSON on the data channel, and its control frames
         come back there. The session starts once the peer connects: a peer that
         never connects stores nothing (docs/voice.md).
+        """
+
+    @_abc_1.abstractmethod
+    def GetIceServers(
+        self,
+        request: _dispatcher_pb2.GetIceServersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.GetIceServersResponse, _abc.Awaitable[_dispatcher_pb2.GetIceServersResponse]]:
+        """The STUN and TURN servers a browser's peer connection should use for
+        ConnectTalk (its `iceServers`, set before it makes its offer): this
+        deployment's, each TURN server with a username and credential minted for
+        the caller that expire at `expire_time` when the server holds a TURN
+        secret. Empty when the deployment names none (host candidates only).
         """
 
     @_abc_1.abstractmethod

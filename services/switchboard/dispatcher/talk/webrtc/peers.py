@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.peers import Via
 from switchboard.dispatcher.talk.session import Talks
+from switchboard.dispatcher.talk.webrtc.ice import IceServers
 from switchboard.dispatcher.talk.webrtc.peer import PeerSettings, TalkPeer, offer_problems
 from switchboard.platform.errors import (
     FailedPrecondition,
@@ -49,9 +51,16 @@ class PeerLimits:
 class Peers:
     """The peers of this process, by session and by user (see the module doc)."""
 
-    def __init__(self, talks: Talks, settings: PeerSettings, limits: PeerLimits) -> None:
+    def __init__(
+        self,
+        talks: Talks,
+        settings: PeerSettings,
+        limits: PeerLimits,
+        ice: IceServers | None = None,
+    ) -> None:
         self._talks = talks
         self._settings = settings
+        self.ice = ice or IceServers(())
         self._limits = limits
         self._peers: dict[TalkPeer, str] = {}  # each peer: its user's id
         self._by_user: dict[str, int] = {}
@@ -93,7 +102,9 @@ class Peers:
         def talk(requests: AsyncIterator[pb.TalkRequest]) -> AsyncGenerator[pb.TalkResponse]:
             return self._talks.talk(principal, requests, via)
 
-        peer = TalkPeer(talk, first, self._settings)
+        # Each peer's TURN credential is minted when it is made: it outlives no peer long.
+        settings = dataclasses.replace(self._settings, ice_servers=self.ice.for_server())
+        peer = TalkPeer(talk, first, settings)
         self._hold(peer, principal)
         try:
             answer = await peer.answer(request.offer)
@@ -106,6 +117,10 @@ class Peers:
             self._until_ended(peer), name="talk-webrtc-peer"
         ).add_done_callback(_heard)
         return pb.ConnectTalkResponse(answer=answer, session=resumed)
+
+    def ice_servers(self, principal: Principal) -> pb.GetIceServersResponse:
+        """GetIceServers: what the caller's page gathers with before its offer."""
+        return self.ice.for_page(principal.user_id)
 
     async def close(self) -> None:
         """Close every peer (the process stops): their sessions end as a dropped

@@ -7744,6 +7744,163 @@ func (x *ConnectTalkResponse) GetSession() string {
 	return ""
 }
 
+// Request for GetIceServers.
+type GetIceServersRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetIceServersRequest) Reset() {
+	*x = GetIceServersRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetIceServersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetIceServersRequest) ProtoMessage() {}
+
+func (x *GetIceServersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetIceServersRequest.ProtoReflect.Descriptor instead.
+func (*GetIceServersRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{80}
+}
+
+// Response for GetIceServers.
+type GetIceServersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The servers, as a browser's RTCIceServer: at most 8.
+	IceServers []*IceServer `protobuf:"bytes,1,rep,name=ice_servers,json=iceServers,proto3" json:"ice_servers,omitempty"`
+	// When the minted TURN credentials expire (unset: none were minted); ask
+	// again before a new ConnectTalk after it.
+	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetIceServersResponse) Reset() {
+	*x = GetIceServersResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetIceServersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetIceServersResponse) ProtoMessage() {}
+
+func (x *GetIceServersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetIceServersResponse.ProtoReflect.Descriptor instead.
+func (*GetIceServersResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *GetIceServersResponse) GetIceServers() []*IceServer {
+	if x != nil {
+		return x.IceServers
+	}
+	return nil
+}
+
+func (x *GetIceServersResponse) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+// A STUN or TURN server, as WebRTC's RTCIceServer.
+type IceServer struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Its URLs: `stun:`, `turn:` or `turns:`.
+	Urls []string `protobuf:"bytes,1,rep,name=urls,proto3" json:"urls,omitempty"`
+	// A TURN server's username (empty for STUN).
+	Username string `protobuf:"bytes,2,opt,name=username,proto3" json:"username,omitempty"`
+	// A TURN server's credential (empty for STUN).
+	Credential    string `protobuf:"bytes,3,opt,name=credential,proto3" json:"credential,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IceServer) Reset() {
+	*x = IceServer{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IceServer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IceServer) ProtoMessage() {}
+
+func (x *IceServer) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IceServer.ProtoReflect.Descriptor instead.
+func (*IceServer) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{82}
+}
+
+func (x *IceServer) GetUrls() []string {
+	if x != nil {
+		return x.Urls
+	}
+	return nil
+}
+
+func (x *IceServer) GetUsername() string {
+	if x != nil {
+		return x.Username
+	}
+	return ""
+}
+
+func (x *IceServer) GetCredential() string {
+	if x != nil {
+		return x.Credential
+	}
+	return ""
+}
+
 // Response for Talk: one frame sent by the server.
 type TalkResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -7769,7 +7926,7 @@ type TalkResponse struct {
 
 func (x *TalkResponse) Reset() {
 	*x = TalkResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7781,7 +7938,7 @@ func (x *TalkResponse) String() string {
 func (*TalkResponse) ProtoMessage() {}
 
 func (x *TalkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7794,7 +7951,7 @@ func (x *TalkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkResponse.ProtoReflect.Descriptor instead.
 func (*TalkResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{80}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *TalkResponse) GetSequence() int64 {
@@ -7950,7 +8107,7 @@ type VoiceSession struct {
 
 func (x *VoiceSession) Reset() {
 	*x = VoiceSession{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7962,7 +8119,7 @@ func (x *VoiceSession) String() string {
 func (*VoiceSession) ProtoMessage() {}
 
 func (x *VoiceSession) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7975,7 +8132,7 @@ func (x *VoiceSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VoiceSession.ProtoReflect.Descriptor instead.
 func (*VoiceSession) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{81}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *VoiceSession) GetName() string {
@@ -8099,7 +8256,7 @@ type Transcript struct {
 
 func (x *Transcript) Reset() {
 	*x = Transcript{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8111,7 +8268,7 @@ func (x *Transcript) String() string {
 func (*Transcript) ProtoMessage() {}
 
 func (x *Transcript) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8124,7 +8281,7 @@ func (x *Transcript) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Transcript.ProtoReflect.Descriptor instead.
 func (*Transcript) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{82}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *Transcript) GetTurn() int64 {
@@ -8197,7 +8354,7 @@ type TalkEvent struct {
 
 func (x *TalkEvent) Reset() {
 	*x = TalkEvent{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8209,7 +8366,7 @@ func (x *TalkEvent) String() string {
 func (*TalkEvent) ProtoMessage() {}
 
 func (x *TalkEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8222,7 +8379,7 @@ func (x *TalkEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkEvent.ProtoReflect.Descriptor instead.
 func (*TalkEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{83}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *TalkEvent) GetKind() TalkEventKind {
@@ -8283,7 +8440,7 @@ type SteerRunRequest struct {
 
 func (x *SteerRunRequest) Reset() {
 	*x = SteerRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8295,7 +8452,7 @@ func (x *SteerRunRequest) String() string {
 func (*SteerRunRequest) ProtoMessage() {}
 
 func (x *SteerRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8308,7 +8465,7 @@ func (x *SteerRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SteerRunRequest.ProtoReflect.Descriptor instead.
 func (*SteerRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{84}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *SteerRunRequest) GetRun() string {
@@ -8346,7 +8503,7 @@ type SteerRunResponse struct {
 
 func (x *SteerRunResponse) Reset() {
 	*x = SteerRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8358,7 +8515,7 @@ func (x *SteerRunResponse) String() string {
 func (*SteerRunResponse) ProtoMessage() {}
 
 func (x *SteerRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8371,7 +8528,7 @@ func (x *SteerRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SteerRunResponse.ProtoReflect.Descriptor instead.
 func (*SteerRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{85}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *SteerRunResponse) GetRun() *Run {
@@ -8456,7 +8613,7 @@ type Schedule struct {
 
 func (x *Schedule) Reset() {
 	*x = Schedule{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8468,7 +8625,7 @@ func (x *Schedule) String() string {
 func (*Schedule) ProtoMessage() {}
 
 func (x *Schedule) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8481,7 +8638,7 @@ func (x *Schedule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Schedule.ProtoReflect.Descriptor instead.
 func (*Schedule) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{86}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *Schedule) GetName() string {
@@ -8659,7 +8816,7 @@ type ScheduleFiring struct {
 
 func (x *ScheduleFiring) Reset() {
 	*x = ScheduleFiring{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8671,7 +8828,7 @@ func (x *ScheduleFiring) String() string {
 func (*ScheduleFiring) ProtoMessage() {}
 
 func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8684,7 +8841,7 @@ func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleFiring.ProtoReflect.Descriptor instead.
 func (*ScheduleFiring) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{87}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *ScheduleFiring) GetFireTime() *timestamppb.Timestamp {
@@ -8750,7 +8907,7 @@ type CreateScheduleRequest struct {
 
 func (x *CreateScheduleRequest) Reset() {
 	*x = CreateScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8762,7 +8919,7 @@ func (x *CreateScheduleRequest) String() string {
 func (*CreateScheduleRequest) ProtoMessage() {}
 
 func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8775,7 +8932,7 @@ func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateScheduleRequest.ProtoReflect.Descriptor instead.
 func (*CreateScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{88}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *CreateScheduleRequest) GetParent() string {
@@ -8817,7 +8974,7 @@ type CreateScheduleResponse struct {
 
 func (x *CreateScheduleResponse) Reset() {
 	*x = CreateScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8829,7 +8986,7 @@ func (x *CreateScheduleResponse) String() string {
 func (*CreateScheduleResponse) ProtoMessage() {}
 
 func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8842,7 +8999,7 @@ func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateScheduleResponse.ProtoReflect.Descriptor instead.
 func (*CreateScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{89}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *CreateScheduleResponse) GetSchedule() *Schedule {
@@ -8863,7 +9020,7 @@ type GetScheduleRequest struct {
 
 func (x *GetScheduleRequest) Reset() {
 	*x = GetScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8875,7 +9032,7 @@ func (x *GetScheduleRequest) String() string {
 func (*GetScheduleRequest) ProtoMessage() {}
 
 func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8888,7 +9045,7 @@ func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleRequest.ProtoReflect.Descriptor instead.
 func (*GetScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{90}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *GetScheduleRequest) GetName() string {
@@ -8909,7 +9066,7 @@ type GetScheduleResponse struct {
 
 func (x *GetScheduleResponse) Reset() {
 	*x = GetScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8921,7 +9078,7 @@ func (x *GetScheduleResponse) String() string {
 func (*GetScheduleResponse) ProtoMessage() {}
 
 func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8934,7 +9091,7 @@ func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleResponse.ProtoReflect.Descriptor instead.
 func (*GetScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{91}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *GetScheduleResponse) GetSchedule() *Schedule {
@@ -8959,7 +9116,7 @@ type ListSchedulesRequest struct {
 
 func (x *ListSchedulesRequest) Reset() {
 	*x = ListSchedulesRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8971,7 +9128,7 @@ func (x *ListSchedulesRequest) String() string {
 func (*ListSchedulesRequest) ProtoMessage() {}
 
 func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8984,7 +9141,7 @@ func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSchedulesRequest.ProtoReflect.Descriptor instead.
 func (*ListSchedulesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{92}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *ListSchedulesRequest) GetParent() string {
@@ -9021,7 +9178,7 @@ type ListSchedulesResponse struct {
 
 func (x *ListSchedulesResponse) Reset() {
 	*x = ListSchedulesResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9033,7 +9190,7 @@ func (x *ListSchedulesResponse) String() string {
 func (*ListSchedulesResponse) ProtoMessage() {}
 
 func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9046,7 +9203,7 @@ func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSchedulesResponse.ProtoReflect.Descriptor instead.
 func (*ListSchedulesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{93}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *ListSchedulesResponse) GetSchedules() []*Schedule {
@@ -9078,7 +9235,7 @@ type UpdateScheduleRequest struct {
 
 func (x *UpdateScheduleRequest) Reset() {
 	*x = UpdateScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9090,7 +9247,7 @@ func (x *UpdateScheduleRequest) String() string {
 func (*UpdateScheduleRequest) ProtoMessage() {}
 
 func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9103,7 +9260,7 @@ func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateScheduleRequest.ProtoReflect.Descriptor instead.
 func (*UpdateScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{94}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *UpdateScheduleRequest) GetSchedule() *Schedule {
@@ -9131,7 +9288,7 @@ type UpdateScheduleResponse struct {
 
 func (x *UpdateScheduleResponse) Reset() {
 	*x = UpdateScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9143,7 +9300,7 @@ func (x *UpdateScheduleResponse) String() string {
 func (*UpdateScheduleResponse) ProtoMessage() {}
 
 func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9156,7 +9313,7 @@ func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateScheduleResponse.ProtoReflect.Descriptor instead.
 func (*UpdateScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{95}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *UpdateScheduleResponse) GetSchedule() *Schedule {
@@ -9179,7 +9336,7 @@ type PauseScheduleRequest struct {
 
 func (x *PauseScheduleRequest) Reset() {
 	*x = PauseScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9191,7 +9348,7 @@ func (x *PauseScheduleRequest) String() string {
 func (*PauseScheduleRequest) ProtoMessage() {}
 
 func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9204,7 +9361,7 @@ func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseScheduleRequest.ProtoReflect.Descriptor instead.
 func (*PauseScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{96}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *PauseScheduleRequest) GetName() string {
@@ -9232,7 +9389,7 @@ type PauseScheduleResponse struct {
 
 func (x *PauseScheduleResponse) Reset() {
 	*x = PauseScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9244,7 +9401,7 @@ func (x *PauseScheduleResponse) String() string {
 func (*PauseScheduleResponse) ProtoMessage() {}
 
 func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9257,7 +9414,7 @@ func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseScheduleResponse.ProtoReflect.Descriptor instead.
 func (*PauseScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{97}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *PauseScheduleResponse) GetSchedule() *Schedule {
@@ -9280,7 +9437,7 @@ type ResumeScheduleRequest struct {
 
 func (x *ResumeScheduleRequest) Reset() {
 	*x = ResumeScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9292,7 +9449,7 @@ func (x *ResumeScheduleRequest) String() string {
 func (*ResumeScheduleRequest) ProtoMessage() {}
 
 func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9305,7 +9462,7 @@ func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeScheduleRequest.ProtoReflect.Descriptor instead.
 func (*ResumeScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{98}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *ResumeScheduleRequest) GetName() string {
@@ -9333,7 +9490,7 @@ type ResumeScheduleResponse struct {
 
 func (x *ResumeScheduleResponse) Reset() {
 	*x = ResumeScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9345,7 +9502,7 @@ func (x *ResumeScheduleResponse) String() string {
 func (*ResumeScheduleResponse) ProtoMessage() {}
 
 func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9358,7 +9515,7 @@ func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeScheduleResponse.ProtoReflect.Descriptor instead.
 func (*ResumeScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{99}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *ResumeScheduleResponse) GetSchedule() *Schedule {
@@ -9381,7 +9538,7 @@ type DeleteScheduleRequest struct {
 
 func (x *DeleteScheduleRequest) Reset() {
 	*x = DeleteScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9393,7 +9550,7 @@ func (x *DeleteScheduleRequest) String() string {
 func (*DeleteScheduleRequest) ProtoMessage() {}
 
 func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9406,7 +9563,7 @@ func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteScheduleRequest.ProtoReflect.Descriptor instead.
 func (*DeleteScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{100}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *DeleteScheduleRequest) GetName() string {
@@ -9432,7 +9589,7 @@ type DeleteScheduleResponse struct {
 
 func (x *DeleteScheduleResponse) Reset() {
 	*x = DeleteScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9444,7 +9601,7 @@ func (x *DeleteScheduleResponse) String() string {
 func (*DeleteScheduleResponse) ProtoMessage() {}
 
 func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9457,7 +9614,7 @@ func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteScheduleResponse.ProtoReflect.Descriptor instead.
 func (*DeleteScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{101}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{104}
 }
 
 // Request for ListScheduleFirings.
@@ -9475,7 +9632,7 @@ type ListScheduleFiringsRequest struct {
 
 func (x *ListScheduleFiringsRequest) Reset() {
 	*x = ListScheduleFiringsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9487,7 +9644,7 @@ func (x *ListScheduleFiringsRequest) String() string {
 func (*ListScheduleFiringsRequest) ProtoMessage() {}
 
 func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9500,7 +9657,7 @@ func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListScheduleFiringsRequest.ProtoReflect.Descriptor instead.
 func (*ListScheduleFiringsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{102}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{105}
 }
 
 func (x *ListScheduleFiringsRequest) GetParent() string {
@@ -9537,7 +9694,7 @@ type ListScheduleFiringsResponse struct {
 
 func (x *ListScheduleFiringsResponse) Reset() {
 	*x = ListScheduleFiringsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9549,7 +9706,7 @@ func (x *ListScheduleFiringsResponse) String() string {
 func (*ListScheduleFiringsResponse) ProtoMessage() {}
 
 func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9562,7 +9719,7 @@ func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListScheduleFiringsResponse.ProtoReflect.Descriptor instead.
 func (*ListScheduleFiringsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{103}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *ListScheduleFiringsResponse) GetFirings() []*ScheduleFiring {
@@ -10067,7 +10224,19 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\asession\"G\n" +
 	"\x13ConnectTalkResponse\x12\x16\n" +
 	"\x06answer\x18\x01 \x01(\tR\x06answer\x12\x18\n" +
-	"\asession\x18\x02 \x01(\tR\asession\"\xc5\x03\n" +
+	"\asession\x18\x02 \x01(\tR\asession\"\x16\n" +
+	"\x14GetIceServersRequest\"\x9f\x01\n" +
+	"\x15GetIceServersResponse\x12I\n" +
+	"\vice_servers\x18\x01 \x03(\v2(.switchboard.api.dispatcher.v1.IceServerR\n" +
+	"iceServers\x12;\n" +
+	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\"[\n" +
+	"\tIceServer\x12\x12\n" +
+	"\x04urls\x18\x01 \x03(\tR\x04urls\x12\x1a\n" +
+	"\busername\x18\x02 \x01(\tR\busername\x12\x1e\n" +
+	"\n" +
+	"credential\x18\x03 \x01(\tR\n" +
+	"credential\"\xc5\x03\n" +
 	"\fTalkResponse\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x03R\bsequence\x12G\n" +
 	"\asession\x18\x02 \x01(\v2+.switchboard.api.dispatcher.v1.VoiceSessionH\x00R\asession\x12K\n" +
@@ -10315,7 +10484,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x16FIRING_OUTCOME_CLAIMED\x10\x01\x12\x1a\n" +
 	"\x16FIRING_OUTCOME_STARTED\x10\x02\x12\x1a\n" +
 	"\x16FIRING_OUTCOME_SKIPPED\x10\x03\x12\x19\n" +
-	"\x15FIRING_OUTCOME_FAILED\x10\x042\xbe!\n" +
+	"\x15FIRING_OUTCOME_FAILED\x10\x042\xbf\"\n" +
 	"\x11DispatcherService\x12t\n" +
 	"\vSendMessage\x121.switchboard.api.dispatcher.v1.SendMessageRequest\x1a2.switchboard.api.dispatcher.v1.SendMessageResponse\x12j\n" +
 	"\x06GetRun\x12,.switchboard.api.dispatcher.v1.GetRunRequest\x1a-.switchboard.api.dispatcher.v1.GetRunResponse\"\x03\x90\x02\x01\x12p\n" +
@@ -10324,7 +10493,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\bWatchRun\x12..switchboard.api.dispatcher.v1.WatchRunRequest\x1a/.switchboard.api.dispatcher.v1.WatchRunResponse0\x01\x12o\n" +
 	"\bConverse\x12..switchboard.api.dispatcher.v1.ConverseRequest\x1a/.switchboard.api.dispatcher.v1.ConverseResponse(\x010\x01\x12c\n" +
 	"\x04Talk\x12*.switchboard.api.dispatcher.v1.TalkRequest\x1a+.switchboard.api.dispatcher.v1.TalkResponse(\x010\x01\x12t\n" +
-	"\vConnectTalk\x121.switchboard.api.dispatcher.v1.ConnectTalkRequest\x1a2.switchboard.api.dispatcher.v1.ConnectTalkResponse\x12|\n" +
+	"\vConnectTalk\x121.switchboard.api.dispatcher.v1.ConnectTalkRequest\x1a2.switchboard.api.dispatcher.v1.ConnectTalkResponse\x12\x7f\n" +
+	"\rGetIceServers\x123.switchboard.api.dispatcher.v1.GetIceServersRequest\x1a4.switchboard.api.dispatcher.v1.GetIceServersResponse\"\x03\x90\x02\x01\x12|\n" +
 	"\fListHandlers\x122.switchboard.api.dispatcher.v1.ListHandlersRequest\x1a3.switchboard.api.dispatcher.v1.ListHandlersResponse\"\x03\x90\x02\x01\x12\x8c\x01\n" +
 	"\x13SubmitToolApprovals\x129.switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest\x1a:.switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse\x12\x80\x01\n" +
 	"\x0fCreateAssistant\x125.switchboard.api.dispatcher.v1.CreateAssistantRequest\x1a6.switchboard.api.dispatcher.v1.CreateAssistantResponse\x12|\n" +
@@ -10367,7 +10537,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 21)
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 104)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 107)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(RunState)(0),                        // 0: switchboard.api.dispatcher.v1.RunState
 	(SteerState)(0),                      // 1: switchboard.api.dispatcher.v1.SteerState
@@ -10470,56 +10640,59 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(*TalkControl)(nil),                  // 98: switchboard.api.dispatcher.v1.TalkControl
 	(*ConnectTalkRequest)(nil),           // 99: switchboard.api.dispatcher.v1.ConnectTalkRequest
 	(*ConnectTalkResponse)(nil),          // 100: switchboard.api.dispatcher.v1.ConnectTalkResponse
-	(*TalkResponse)(nil),                 // 101: switchboard.api.dispatcher.v1.TalkResponse
-	(*VoiceSession)(nil),                 // 102: switchboard.api.dispatcher.v1.VoiceSession
-	(*Transcript)(nil),                   // 103: switchboard.api.dispatcher.v1.Transcript
-	(*TalkEvent)(nil),                    // 104: switchboard.api.dispatcher.v1.TalkEvent
-	(*SteerRunRequest)(nil),              // 105: switchboard.api.dispatcher.v1.SteerRunRequest
-	(*SteerRunResponse)(nil),             // 106: switchboard.api.dispatcher.v1.SteerRunResponse
-	(*Schedule)(nil),                     // 107: switchboard.api.dispatcher.v1.Schedule
-	(*ScheduleFiring)(nil),               // 108: switchboard.api.dispatcher.v1.ScheduleFiring
-	(*CreateScheduleRequest)(nil),        // 109: switchboard.api.dispatcher.v1.CreateScheduleRequest
-	(*CreateScheduleResponse)(nil),       // 110: switchboard.api.dispatcher.v1.CreateScheduleResponse
-	(*GetScheduleRequest)(nil),           // 111: switchboard.api.dispatcher.v1.GetScheduleRequest
-	(*GetScheduleResponse)(nil),          // 112: switchboard.api.dispatcher.v1.GetScheduleResponse
-	(*ListSchedulesRequest)(nil),         // 113: switchboard.api.dispatcher.v1.ListSchedulesRequest
-	(*ListSchedulesResponse)(nil),        // 114: switchboard.api.dispatcher.v1.ListSchedulesResponse
-	(*UpdateScheduleRequest)(nil),        // 115: switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	(*UpdateScheduleResponse)(nil),       // 116: switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	(*PauseScheduleRequest)(nil),         // 117: switchboard.api.dispatcher.v1.PauseScheduleRequest
-	(*PauseScheduleResponse)(nil),        // 118: switchboard.api.dispatcher.v1.PauseScheduleResponse
-	(*ResumeScheduleRequest)(nil),        // 119: switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	(*ResumeScheduleResponse)(nil),       // 120: switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	(*DeleteScheduleRequest)(nil),        // 121: switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	(*DeleteScheduleResponse)(nil),       // 122: switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	(*ListScheduleFiringsRequest)(nil),   // 123: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	(*ListScheduleFiringsResponse)(nil),  // 124: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	(*timestamppb.Timestamp)(nil),        // 125: google.protobuf.Timestamp
-	(*status.Status)(nil),                // 126: google.rpc.Status
-	(*v1.Progress)(nil),                  // 127: switchboard.api.handler.v1.Progress
-	(*v1.Usage)(nil),                     // 128: switchboard.api.handler.v1.Usage
-	(*v1.ToolCall)(nil),                  // 129: switchboard.api.handler.v1.ToolCall
-	(*v11.Message)(nil),                  // 130: switchboard.api.context.v1.Message
-	(*structpb.Struct)(nil),              // 131: google.protobuf.Struct
-	(*durationpb.Duration)(nil),          // 132: google.protobuf.Duration
-	(*v1.TextDelta)(nil),                 // 133: switchboard.api.handler.v1.TextDelta
-	(*v1.HandleResult)(nil),              // 134: switchboard.api.handler.v1.HandleResult
-	(*v1.ToolResult)(nil),                // 135: switchboard.api.handler.v1.ToolResult
-	(*v1.HandlerCapabilities)(nil),       // 136: switchboard.api.handler.v1.HandlerCapabilities
-	(*v1.ModelSettings)(nil),             // 137: switchboard.api.handler.v1.ModelSettings
-	(v11.SearchMode)(0),                  // 138: switchboard.api.context.v1.SearchMode
-	(*fieldmaskpb.FieldMask)(nil),        // 139: google.protobuf.FieldMask
-	(*v1.ToolDefinition)(nil),            // 140: switchboard.api.handler.v1.ToolDefinition
+	(*GetIceServersRequest)(nil),         // 101: switchboard.api.dispatcher.v1.GetIceServersRequest
+	(*GetIceServersResponse)(nil),        // 102: switchboard.api.dispatcher.v1.GetIceServersResponse
+	(*IceServer)(nil),                    // 103: switchboard.api.dispatcher.v1.IceServer
+	(*TalkResponse)(nil),                 // 104: switchboard.api.dispatcher.v1.TalkResponse
+	(*VoiceSession)(nil),                 // 105: switchboard.api.dispatcher.v1.VoiceSession
+	(*Transcript)(nil),                   // 106: switchboard.api.dispatcher.v1.Transcript
+	(*TalkEvent)(nil),                    // 107: switchboard.api.dispatcher.v1.TalkEvent
+	(*SteerRunRequest)(nil),              // 108: switchboard.api.dispatcher.v1.SteerRunRequest
+	(*SteerRunResponse)(nil),             // 109: switchboard.api.dispatcher.v1.SteerRunResponse
+	(*Schedule)(nil),                     // 110: switchboard.api.dispatcher.v1.Schedule
+	(*ScheduleFiring)(nil),               // 111: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*CreateScheduleRequest)(nil),        // 112: switchboard.api.dispatcher.v1.CreateScheduleRequest
+	(*CreateScheduleResponse)(nil),       // 113: switchboard.api.dispatcher.v1.CreateScheduleResponse
+	(*GetScheduleRequest)(nil),           // 114: switchboard.api.dispatcher.v1.GetScheduleRequest
+	(*GetScheduleResponse)(nil),          // 115: switchboard.api.dispatcher.v1.GetScheduleResponse
+	(*ListSchedulesRequest)(nil),         // 116: switchboard.api.dispatcher.v1.ListSchedulesRequest
+	(*ListSchedulesResponse)(nil),        // 117: switchboard.api.dispatcher.v1.ListSchedulesResponse
+	(*UpdateScheduleRequest)(nil),        // 118: switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	(*UpdateScheduleResponse)(nil),       // 119: switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	(*PauseScheduleRequest)(nil),         // 120: switchboard.api.dispatcher.v1.PauseScheduleRequest
+	(*PauseScheduleResponse)(nil),        // 121: switchboard.api.dispatcher.v1.PauseScheduleResponse
+	(*ResumeScheduleRequest)(nil),        // 122: switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	(*ResumeScheduleResponse)(nil),       // 123: switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	(*DeleteScheduleRequest)(nil),        // 124: switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	(*DeleteScheduleResponse)(nil),       // 125: switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	(*ListScheduleFiringsRequest)(nil),   // 126: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	(*ListScheduleFiringsResponse)(nil),  // 127: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	(*timestamppb.Timestamp)(nil),        // 128: google.protobuf.Timestamp
+	(*status.Status)(nil),                // 129: google.rpc.Status
+	(*v1.Progress)(nil),                  // 130: switchboard.api.handler.v1.Progress
+	(*v1.Usage)(nil),                     // 131: switchboard.api.handler.v1.Usage
+	(*v1.ToolCall)(nil),                  // 132: switchboard.api.handler.v1.ToolCall
+	(*v11.Message)(nil),                  // 133: switchboard.api.context.v1.Message
+	(*structpb.Struct)(nil),              // 134: google.protobuf.Struct
+	(*durationpb.Duration)(nil),          // 135: google.protobuf.Duration
+	(*v1.TextDelta)(nil),                 // 136: switchboard.api.handler.v1.TextDelta
+	(*v1.HandleResult)(nil),              // 137: switchboard.api.handler.v1.HandleResult
+	(*v1.ToolResult)(nil),                // 138: switchboard.api.handler.v1.ToolResult
+	(*v1.HandlerCapabilities)(nil),       // 139: switchboard.api.handler.v1.HandlerCapabilities
+	(*v1.ModelSettings)(nil),             // 140: switchboard.api.handler.v1.ModelSettings
+	(v11.SearchMode)(0),                  // 141: switchboard.api.context.v1.SearchMode
+	(*fieldmaskpb.FieldMask)(nil),        // 142: google.protobuf.FieldMask
+	(*v1.ToolDefinition)(nil),            // 143: switchboard.api.handler.v1.ToolDefinition
 }
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	0,   // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	125, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	125, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	125, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
-	125, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
-	126, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
-	127, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
-	128, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
+	128, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	128, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	128, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	128, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
+	129, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
+	130, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
+	131, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
 	5,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	24,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
 	29,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
@@ -10527,19 +10700,19 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	2,   // 12: switchboard.api.dispatcher.v1.Run.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
 	35,  // 13: switchboard.api.dispatcher.v1.Run.children:type_name -> switchboard.api.dispatcher.v1.ChildRun
 	1,   // 14: switchboard.api.dispatcher.v1.Steer.state:type_name -> switchboard.api.dispatcher.v1.SteerState
-	125, // 15: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
+	128, // 15: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
 	1,   // 16: switchboard.api.dispatcher.v1.SteerUpdate.state:type_name -> switchboard.api.dispatcher.v1.SteerState
 	26,  // 17: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
-	125, // 18: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
+	128, // 18: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
 	25,  // 19: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
 	3,   // 20: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	125, // 21: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
-	129, // 22: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
+	128, // 21: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
+	132, // 22: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
 	4,   // 23: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	125, // 24: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
-	130, // 25: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	131, // 26: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
-	132, // 27: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
+	128, // 24: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
+	133, // 25: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	134, // 26: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
+	135, // 27: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
 	5,   // 28: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	29,  // 29: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
 	2,   // 30: switchboard.api.dispatcher.v1.SendMessageRequest.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
@@ -10549,94 +10722,94 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	13,  // 34: switchboard.api.dispatcher.v1.VoiceSettings.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
 	28,  // 35: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	21,  // 36: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	130, // 37: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	133, // 37: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
 	21,  // 38: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	0,   // 39: switchboard.api.dispatcher.v1.ChildRun.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	128, // 40: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
-	126, // 41: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
+	131, // 40: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
+	129, // 41: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
 	24,  // 42: switchboard.api.dispatcher.v1.ChildRun.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
 	0,   // 43: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	125, // 44: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	128, // 44: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
 	21,  // 45: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
 	21,  // 46: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	21,  // 47: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	125, // 48: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	128, // 48: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
 	42,  // 49: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	127, // 50: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	133, // 51: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	129, // 52: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	134, // 53: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	135, // 54: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	130, // 50: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	136, // 51: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	132, // 52: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	137, // 53: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	138, // 54: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
 	31,  // 55: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
 	23,  // 56: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
 	35,  // 57: switchboard.api.dispatcher.v1.RunUpdate.child_run:type_name -> switchboard.api.dispatcher.v1.ChildRun
 	36,  // 58: switchboard.api.dispatcher.v1.RunUpdate.handoff:type_name -> switchboard.api.dispatcher.v1.Handoff
 	43,  // 59: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
 	45,  // 60: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	125, // 61: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	128, // 61: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
 	27,  // 62: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
 	39,  // 63: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
 	41,  // 64: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
 	52,  // 65: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	105, // 66: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
+	108, // 66: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
 	32,  // 67: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
 	40,  // 68: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
 	43,  // 69: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	126, // 70: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	129, // 70: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
 	45,  // 71: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
 	53,  // 72: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	106, // 73: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
+	109, // 73: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
 	7,   // 74: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	136, // 75: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	139, // 75: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
 	48,  // 76: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
 	4,   // 77: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
 	51,  // 78: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
 	21,  // 79: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	137, // 80: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	140, // 80: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
 	54,  // 81: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	125, // 82: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	125, // 83: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	128, // 82: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	128, // 83: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
 	30,  // 84: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
 	58,  // 85: switchboard.api.dispatcher.v1.Assistant.retrieval:type_name -> switchboard.api.dispatcher.v1.RetrievalSettings
 	57,  // 86: switchboard.api.dispatcher.v1.Assistant.delegates:type_name -> switchboard.api.dispatcher.v1.AssistantDelegate
 	56,  // 87: switchboard.api.dispatcher.v1.Assistant.handoffs:type_name -> switchboard.api.dispatcher.v1.AssistantHandoff
 	8,   // 88: switchboard.api.dispatcher.v1.AssistantHandoff.history:type_name -> switchboard.api.dispatcher.v1.HandoffHistory
-	131, // 89: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
-	138, // 90: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
+	134, // 89: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
+	141, // 90: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
 	55,  // 91: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 92: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 93: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 94: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 95: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	139, // 96: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	142, // 96: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
 	55,  // 97: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	55,  // 98: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	48,  // 99: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	140, // 100: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	143, // 100: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
 	9,   // 101: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
 	72,  // 102: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	125, // 103: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
-	125, // 104: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
-	125, // 105: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
-	125, // 106: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
+	128, // 103: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
+	128, // 104: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	128, // 105: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
+	128, // 106: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
 	71,  // 107: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	71,  // 108: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	71,  // 109: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	71,  // 110: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
 	71,  // 111: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	139, // 112: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	142, // 112: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
 	71,  // 113: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	3,   // 114: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
 	21,  // 115: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	10,  // 116: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
-	125, // 117: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	125, // 118: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	128, // 117: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	128, // 118: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
 	86,  // 119: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
 	88,  // 120: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
-	125, // 121: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
+	128, // 121: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
 	89,  // 122: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
 	89,  // 123: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	139, // 124: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
+	142, // 124: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
 	89,  // 125: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
 	95,  // 126: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
 	96,  // 127: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
@@ -10645,131 +10818,135 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	28,  // 130: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	28,  // 131: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	11,  // 132: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	132, // 133: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
+	135, // 133: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
 	5,   // 134: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	12,  // 135: switchboard.api.dispatcher.v1.TalkStart.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
 	13,  // 136: switchboard.api.dispatcher.v1.TalkStart.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
 	15,  // 137: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
 	95,  // 138: switchboard.api.dispatcher.v1.ConnectTalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
 	96,  // 139: switchboard.api.dispatcher.v1.ConnectTalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
-	102, // 140: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
-	103, // 141: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
-	43,  // 142: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	104, // 143: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
-	126, // 144: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
-	45,  // 145: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	28,  // 146: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	28,  // 147: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	11,  // 148: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	132, // 149: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
-	5,   // 150: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	125, // 151: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
-	125, // 152: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
-	12,  // 153: switchboard.api.dispatcher.v1.VoiceSession.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
-	13,  // 154: switchboard.api.dispatcher.v1.VoiceSession.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
-	16,  // 155: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
-	14,  // 156: switchboard.api.dispatcher.v1.TalkEvent.end_reason:type_name -> switchboard.api.dispatcher.v1.TurnEndReason
-	130, // 157: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
-	21,  // 158: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	130, // 159: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
-	132, // 160: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
-	18,  // 161: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
-	5,   // 162: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	19,  // 163: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
-	17,  // 164: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
-	125, // 165: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
-	125, // 166: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
-	125, // 167: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
-	132, // 168: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
-	125, // 169: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
-	125, // 170: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
-	125, // 171: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
-	125, // 172: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
-	20,  // 173: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
-	126, // 174: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
-	107, // 175: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	107, // 176: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	107, // 177: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	107, // 178: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
-	107, // 179: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	139, // 180: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
-	107, // 181: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	107, // 182: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	107, // 183: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	108, // 184: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
-	27,  // 185: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	33,  // 186: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	37,  // 187: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	39,  // 188: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	41,  // 189: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	46,  // 190: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	94,  // 191: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
-	99,  // 192: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:input_type -> switchboard.api.dispatcher.v1.ConnectTalkRequest
-	49,  // 193: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	52,  // 194: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	59,  // 195: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	61,  // 196: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	63,  // 197: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	65,  // 198: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	67,  // 199: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	69,  // 200: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	73,  // 201: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
-	75,  // 202: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
-	77,  // 203: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
-	79,  // 204: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	81,  // 205: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	83,  // 206: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	85,  // 207: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
-	90,  // 208: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	92,  // 209: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	105, // 210: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
-	109, // 211: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
-	111, // 212: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
-	113, // 213: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
-	115, // 214: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	117, // 215: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
-	119, // 216: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	121, // 217: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	123, // 218: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	32,  // 219: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	34,  // 220: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	38,  // 221: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	40,  // 222: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	44,  // 223: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	47,  // 224: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	101, // 225: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
-	100, // 226: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:output_type -> switchboard.api.dispatcher.v1.ConnectTalkResponse
-	50,  // 227: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	53,  // 228: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	60,  // 229: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	62,  // 230: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	64,  // 231: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	66,  // 232: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	68,  // 233: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	70,  // 234: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	74,  // 235: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
-	76,  // 236: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
-	78,  // 237: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
-	80,  // 238: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	82,  // 239: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	84,  // 240: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	87,  // 241: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
-	91,  // 242: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	93,  // 243: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	106, // 244: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
-	110, // 245: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
-	112, // 246: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
-	114, // 247: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
-	116, // 248: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	118, // 249: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
-	120, // 250: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	122, // 251: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	124, // 252: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	219, // [219:253] is the sub-list for method output_type
-	185, // [185:219] is the sub-list for method input_type
-	185, // [185:185] is the sub-list for extension type_name
-	185, // [185:185] is the sub-list for extension extendee
-	0,   // [0:185] is the sub-list for field type_name
+	103, // 140: switchboard.api.dispatcher.v1.GetIceServersResponse.ice_servers:type_name -> switchboard.api.dispatcher.v1.IceServer
+	128, // 141: switchboard.api.dispatcher.v1.GetIceServersResponse.expire_time:type_name -> google.protobuf.Timestamp
+	105, // 142: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
+	106, // 143: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
+	43,  // 144: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	107, // 145: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
+	129, // 146: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
+	45,  // 147: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	28,  // 148: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	28,  // 149: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	11,  // 150: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	135, // 151: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
+	5,   // 152: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	128, // 153: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
+	128, // 154: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
+	12,  // 155: switchboard.api.dispatcher.v1.VoiceSession.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
+	13,  // 156: switchboard.api.dispatcher.v1.VoiceSession.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
+	16,  // 157: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
+	14,  // 158: switchboard.api.dispatcher.v1.TalkEvent.end_reason:type_name -> switchboard.api.dispatcher.v1.TurnEndReason
+	133, // 159: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
+	21,  // 160: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	133, // 161: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
+	135, // 162: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
+	18,  // 163: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
+	5,   // 164: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	19,  // 165: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
+	17,  // 166: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
+	128, // 167: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
+	128, // 168: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
+	128, // 169: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
+	135, // 170: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
+	128, // 171: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
+	128, // 172: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
+	128, // 173: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
+	128, // 174: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
+	20,  // 175: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
+	129, // 176: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
+	110, // 177: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	110, // 178: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	110, // 179: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	110, // 180: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
+	110, // 181: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	142, // 182: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
+	110, // 183: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	110, // 184: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	110, // 185: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	111, // 186: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	27,  // 187: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	33,  // 188: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	37,  // 189: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	39,  // 190: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	41,  // 191: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	46,  // 192: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	94,  // 193: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
+	99,  // 194: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:input_type -> switchboard.api.dispatcher.v1.ConnectTalkRequest
+	101, // 195: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:input_type -> switchboard.api.dispatcher.v1.GetIceServersRequest
+	49,  // 196: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	52,  // 197: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	59,  // 198: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	61,  // 199: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	63,  // 200: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	65,  // 201: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	67,  // 202: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	69,  // 203: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	73,  // 204: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
+	75,  // 205: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
+	77,  // 206: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
+	79,  // 207: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	81,  // 208: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	83,  // 209: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	85,  // 210: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
+	90,  // 211: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	92,  // 212: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	108, // 213: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
+	112, // 214: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
+	114, // 215: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
+	116, // 216: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
+	118, // 217: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	120, // 218: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
+	122, // 219: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	124, // 220: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	126, // 221: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	32,  // 222: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	34,  // 223: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	38,  // 224: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	40,  // 225: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	44,  // 226: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	47,  // 227: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	104, // 228: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
+	100, // 229: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:output_type -> switchboard.api.dispatcher.v1.ConnectTalkResponse
+	102, // 230: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:output_type -> switchboard.api.dispatcher.v1.GetIceServersResponse
+	50,  // 231: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	53,  // 232: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	60,  // 233: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	62,  // 234: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	64,  // 235: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	66,  // 236: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	68,  // 237: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	70,  // 238: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	74,  // 239: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
+	76,  // 240: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
+	78,  // 241: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
+	80,  // 242: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	82,  // 243: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	84,  // 244: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	87,  // 245: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
+	91,  // 246: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	93,  // 247: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	109, // 248: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
+	113, // 249: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
+	115, // 250: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
+	117, // 251: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
+	119, // 252: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	121, // 253: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
+	123, // 254: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	125, // 255: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	127, // 256: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	222, // [222:257] is the sub-list for method output_type
+	187, // [187:222] is the sub-list for method input_type
+	187, // [187:187] is the sub-list for extension type_name
+	187, // [187:187] is the sub-list for extension extendee
+	0,   // [0:187] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
@@ -10821,7 +10998,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		(*ConnectTalkRequest_Start)(nil),
 		(*ConnectTalkRequest_Resume)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83].OneofWrappers = []any{
 		(*TalkResponse_Session)(nil),
 		(*TalkResponse_Transcript)(nil),
 		(*TalkResponse_Update)(nil),
@@ -10835,7 +11012,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc), len(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc)),
 			NumEnums:      21,
-			NumMessages:   104,
+			NumMessages:   107,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -27,6 +27,7 @@ const (
 	DispatcherService_Converse_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/Converse"
 	DispatcherService_Talk_FullMethodName                 = "/switchboard.api.dispatcher.v1.DispatcherService/Talk"
 	DispatcherService_ConnectTalk_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/ConnectTalk"
+	DispatcherService_GetIceServers_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/GetIceServers"
 	DispatcherService_ListHandlers_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/ListHandlers"
 	DispatcherService_SubmitToolApprovals_FullMethodName  = "/switchboard.api.dispatcher.v1.DispatcherService/SubmitToolApprovals"
 	DispatcherService_CreateAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/CreateAssistant"
@@ -96,6 +97,12 @@ type DispatcherServiceClient interface {
 	// come back there. The session starts once the peer connects: a peer that
 	// never connects stores nothing (docs/voice.md).
 	ConnectTalk(ctx context.Context, in *ConnectTalkRequest, opts ...grpc.CallOption) (*ConnectTalkResponse, error)
+	// The STUN and TURN servers a browser's peer connection should use for
+	// ConnectTalk (its `iceServers`, set before it makes its offer): this
+	// deployment's, each TURN server with a username and credential minted for
+	// the caller that expire at `expire_time` when the server holds a TURN
+	// secret. Empty when the deployment names none (host candidates only).
+	GetIceServers(ctx context.Context, in *GetIceServersRequest, opts ...grpc.CallOption) (*GetIceServersResponse, error)
 	// Lists the handlers a workspace can route to.
 	ListHandlers(ctx context.Context, in *ListHandlersRequest, opts ...grpc.CallOption) (*ListHandlersResponse, error)
 	// Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
@@ -263,6 +270,16 @@ func (c *dispatcherServiceClient) ConnectTalk(ctx context.Context, in *ConnectTa
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ConnectTalkResponse)
 	err := c.cc.Invoke(ctx, DispatcherService_ConnectTalk_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) GetIceServers(ctx context.Context, in *GetIceServersRequest, opts ...grpc.CallOption) (*GetIceServersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetIceServersResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_GetIceServers_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -570,6 +587,12 @@ type DispatcherServiceServer interface {
 	// come back there. The session starts once the peer connects: a peer that
 	// never connects stores nothing (docs/voice.md).
 	ConnectTalk(context.Context, *ConnectTalkRequest) (*ConnectTalkResponse, error)
+	// The STUN and TURN servers a browser's peer connection should use for
+	// ConnectTalk (its `iceServers`, set before it makes its offer): this
+	// deployment's, each TURN server with a username and credential minted for
+	// the caller that expire at `expire_time` when the server holds a TURN
+	// secret. Empty when the deployment names none (host candidates only).
+	GetIceServers(context.Context, *GetIceServersRequest) (*GetIceServersResponse, error)
 	// Lists the handlers a workspace can route to.
 	ListHandlers(context.Context, *ListHandlersRequest) (*ListHandlersResponse, error)
 	// Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
@@ -671,6 +694,9 @@ func (UnimplementedDispatcherServiceServer) Talk(grpc.BidiStreamingServer[TalkRe
 }
 func (UnimplementedDispatcherServiceServer) ConnectTalk(context.Context, *ConnectTalkRequest) (*ConnectTalkResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ConnectTalk not implemented")
+}
+func (UnimplementedDispatcherServiceServer) GetIceServers(context.Context, *GetIceServersRequest) (*GetIceServersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetIceServers not implemented")
 }
 func (UnimplementedDispatcherServiceServer) ListHandlers(context.Context, *ListHandlersRequest) (*ListHandlersResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListHandlers not implemented")
@@ -882,6 +908,24 @@ func _DispatcherService_ConnectTalk_Handler(srv interface{}, ctx context.Context
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(DispatcherServiceServer).ConnectTalk(ctx, req.(*ConnectTalkRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_GetIceServers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetIceServersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).GetIceServers(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_GetIceServers_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).GetIceServers(ctx, req.(*GetIceServersRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -1380,6 +1424,10 @@ var DispatcherService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ConnectTalk",
 			Handler:    _DispatcherService_ConnectTalk_Handler,
+		},
+		{
+			MethodName: "GetIceServers",
+			Handler:    _DispatcherService_GetIceServers_Handler,
 		},
 		{
 			MethodName: "ListHandlers",
