@@ -22,6 +22,8 @@ between workspaces section from ``bench/fairness.py`` (about 90 s; ``--no-fairne
 it), the budgets section from ``bench/budgets.py`` (about 4 minutes; ``--no-budgets`` skips
 it), the files section from ``bench/files.py`` (about 3 minutes; ``--no-files`` skips it),
 the voice section from ``bench/voice.py`` (about 4 minutes; ``--no-voice`` skips it),
+the voice over WebRTC section from ``bench/webrtc.py`` (about 7 minutes; ``--no-webrtc``
+skips it),
 the turn detection section from ``bench/turns.py`` (Smart Turn against silence on a labelled
 set, about 15 seconds; ``--no-turns`` skips it),
 the semantic memory section from ``bench/semantic.py`` (about 10 minutes; ``--no-semantic``
@@ -85,6 +87,7 @@ SECTIONS: Final = (
     ("budgets", 900),
     ("files", 900),
     ("voice", 900),
+    ("webrtc", 1200),
     ("turns", 300),
     ("semantic", 1500),
     ("scale", 1500),
