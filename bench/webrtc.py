@@ -296,7 +296,7 @@ class Microphone(SpeechTrack):
     frame holding each utterance's last sample went to the sender."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(send_silence=True)
         self.ended: dict[int, asyncio.Future[float]] = {}
         self.sent: list[float] = []
 

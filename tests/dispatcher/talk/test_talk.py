@@ -761,8 +761,10 @@ async def test_a_detected_turn_at_the_longest_says_it_stopped_there(
         await session_of(talk)
         await talk.send_audio(counting)
         stopped = await talk.until(
-            lambda f: f.WhichOneof("frame") == "event"
-            and f.event.kind == pb.TALK_EVENT_KIND_SPEECH_STOPPED
+            lambda f: (
+                f.WhichOneof("frame") == "event"
+                and f.event.kind == pb.TALK_EVENT_KIND_SPEECH_STOPPED
+            )
         )
         assert stopped.event.end_reason == pb.TURN_END_REASON_MAX_LENGTH
         final = await talk.until(

@@ -107,7 +107,7 @@ class Page:
 
 def page() -> Page:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    microphone = SpeechTrack()
+    microphone = SpeechTrack(send_silence=True)  # a microphone sends its silence too
     pc.addTrack(microphone)
     opened = Page(pc, microphone)
     channel = pc.createDataChannel(CHANNEL)
@@ -488,7 +488,7 @@ async def test_speaking_over_the_answer_interrupts_it_and_clears_the_track(
 def page_with_channel(label: str) -> Page:
     """A page whose data channel is not the session's (it offers audio all the same)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    microphone = SpeechTrack()
+    microphone = SpeechTrack(send_silence=True)  # a microphone sends its silence too
     pc.addTrack(microphone)
     pc.createDataChannel(label)
     return Page(pc, microphone)

@@ -69,7 +69,7 @@ async def place(mesh: SwitchboardServer, channel: aio.Channel) -> Place:
 
 def _page(servers: list[RTCIceServer]) -> Page:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-    microphone = SpeechTrack()
+    microphone = SpeechTrack(send_silence=True)  # a microphone sends its silence too
     pc.addTrack(microphone)
     opened = Page(pc, microphone)
     talk = pc.createDataChannel(CHANNEL)

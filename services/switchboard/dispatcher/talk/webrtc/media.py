@@ -7,10 +7,11 @@ stereo frame (Opus decoders give two channels even for a mono microphone, the sa
 samples twice) keeps its left channel by one strided slice.
 
 ``SpeechTrack`` is the answer's audio as the browser hears it: a track that sends a
-20 ms frame every 20 ms, the speech queued for it or silence, so the browser's
-jitter buffer sees one steady stream; ``clear`` drops what is queued at once (the
-person spoke over it), and ``heard_through`` says which speech update was sent
-whole, for an interrupt's ``heard_through_sequence``.
+20 ms frame every 20 ms while speech is queued for it, and nothing between answers
+(the page plays silence, as with Opus DTX; the timestamps say how long the pause
+was); ``clear`` drops what is queued at once (the person spoke over it), and
+``heard_through`` says which speech update was sent whole, for an interrupt's
+``heard_through_sequence``.
 """
 
 from __future__ import annotations
@@ -73,8 +74,12 @@ class SpeechTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self) -> None:
+    def __init__(self, *, send_silence: bool = False) -> None:
+        """``send_silence``: a frame every 20 ms even with nothing queued, as a
+        microphone sends (a page's, in tests and benchmarks); the answer's track sends
+        only speech."""
         super().__init__()
+        self._send_silence = send_silence
         #: Speech waiting to be sent: (the speech update's sequence, its PCM at RATE).
         self._queue: deque[tuple[int, bytearray]] = deque()
         self._queued = 0
@@ -89,6 +94,8 @@ class SpeechTrack(MediaStreamTrack):
         #: Set while no speech is queued (cleared by ``push``, set when it is all sent).
         self.drained = asyncio.Event()
         self.drained.set()
+        #: Set while speech is queued: ``recv`` waits on it rather than send silence.
+        self._speech = asyncio.Event()
 
     def push(self, sequence: int, audio: bytes, rate: int) -> bool:
         """Queue ``audio`` (mono PCM16 at ``rate``), the speech update ``sequence``;
@@ -102,7 +109,12 @@ class SpeechTrack(MediaStreamTrack):
         self._queue.append((sequence, bytearray(data)))
         self._queued += len(data)
         self.drained.clear()
+        self._speech.set()
         return True
+
+    def stop(self) -> None:
+        super().stop()
+        self._speech.set()  # a recv waiting for speech ends (MediaStreamError)
 
     def clear(self) -> int:
         """Drop the speech queued (bytes dropped); what was sent stays sent."""
@@ -111,6 +123,7 @@ class SpeechTrack(MediaStreamTrack):
         self._queued = 0
         self._converters.clear()
         self.drained.set()
+        self._speech.clear()
         return dropped
 
     @property
@@ -120,6 +133,18 @@ class SpeechTrack(MediaStreamTrack):
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
+        if not self._queue and not self._send_silence:
+            # Silence is not sent: each frame of it would be encoded, encrypted and sent
+            # (a fifth of a peer's CPU while no one speaks), and a page plays silence
+            # when no packet comes, as with Opus's own DTX. The media clock runs on, so
+            # the next speech's timestamps say how long the pause was.
+            await self._speech.wait()
+            if self.readyState != "live":
+                raise MediaStreamError
+            if self._start is not None:
+                behind = time.monotonic() - (self._start + self._pts / RATE)
+                if behind > 0:
+                    self._pts += int(behind * 1000) // FRAME_MS * FRAME_SAMPLES
         now = time.monotonic()
         if self._start is None:
             self._start = now
@@ -153,6 +178,7 @@ class SpeechTrack(MediaStreamTrack):
         self._queued -= len(out)
         if out:
             self.speech_frames += 1
-            if not self._queue:
-                self.drained.set()
+        if not self._queue:
+            self.drained.set()
+            self._speech.clear()
         return bytes(out + bytes(_FRAME_BYTES - len(out)))
