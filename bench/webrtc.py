@@ -332,7 +332,11 @@ class Ear:
         self._mark = float("inf")
         self.first_packet: asyncio.Future[float] | None = None
         self.first_frame: asyncio.Future[float] | None = None
+        #: Set while the track is quiet: the server sends nothing between answers, so
+        #: quiet is no voiced packet for a while (or that many silent ones in a row).
         self.settled = asyncio.Event()
+        self.settled.set()
+        self._quiet: asyncio.TimerHandle | None = None
 
     def listen_from(self, at: float) -> tuple[asyncio.Future[float], asyncio.Future[float]]:
         """The next sound heard after ``at`` is the answer's first: when its packet
@@ -346,7 +350,12 @@ class Ear:
     def packet(self, packet: Any) -> None:
         now = time.monotonic()
         self.packets += 1
-        if self._last_at is not None and now - self._last_at > STALL_S:
+        if (
+            self._last_at is not None
+            and now - self._last_at > STALL_S
+            and not self.settled.is_set()
+        ):
+            # A gap within an answer (between answers nothing is sent at all).
             self.stalls += 1
         self._last_at = now
         number = int(packet.sequence_number)
@@ -359,6 +368,11 @@ class Ear:
             self.voiced.append(now)
             self._silent_run = 0
             self.settled.clear()
+            if self._quiet is not None:
+                self._quiet.cancel()
+            self._quiet = asyncio.get_running_loop().call_later(
+                SETTLED_PACKETS * 0.02, self.settled.set
+            )
             first = self.first_packet
             if now >= self._mark and first is not None and not first.done():
                 first.set_result(now)

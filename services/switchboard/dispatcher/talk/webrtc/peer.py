@@ -69,6 +69,10 @@ MAX_PENDING_FRAMES: Final = 250
 #: channel may hold unsent (a page that stops reading): past either the peer ends.
 MAX_UNSENT: Final = 1_000
 MAX_BUFFERED_BYTES: Final = 4 * 1024 * 1024
+#: How long a run's text deltas are held to go to the page as one, and the most text one
+#: merged delta holds.
+DELTA_WINDOW_S: Final = 0.05
+MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
 #: Audio frames the server's jitter buffer holds before it hands one on (aiortc's: 4).
 PREFETCH_FRAMES: Final = 1
 #: The data channel the page opens for the session's frames.
@@ -134,6 +138,9 @@ class TalkPeer:
         self._unsent: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
+        #: A run's text deltas held to go as one (``_hold_delta``).
+        self._held: pb.TalkResponse | None = None
+        self._held_timer: asyncio.TimerHandle | None = None
         self._opened = asyncio.Event()  # the page's ``talk`` channel
         self._started = False
         self._closing: asyncio.Task[None] | None = None
@@ -195,6 +202,8 @@ class TalkPeer:
                 if task is not current:
                     task.cancel()
             self.speech.stop()
+            if self._held_timer is not None:
+                self._held_timer.cancel()  # a resume sends what it held again
             # A task of its own: cancelling whoever waits must not cut aiortc's close
             # short (a second close would then wait for it forever).
             self._closing = asyncio.get_running_loop().create_task(
@@ -286,15 +295,21 @@ class TalkPeer:
             frames = self._talk(self._requests_out())
             async for frame in frames:
                 self._deliver(frame)
+            self._release_delta()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the session's end, told to the page
+            self._release_delta()
             why = _said(exc)
             self._send({"error": {"message": why}})
         await self.close(why)
 
     def _deliver(self, frame: pb.TalkResponse) -> None:
         kind = frame.WhichOneof("frame")
+        if kind == "update" and frame.update.WhichOneof("update") == "delta":
+            self._hold_delta(frame)
+            return
+        self._release_delta()  # what came before goes first
         if kind == "session" and not self.session:
             self.session = frame.session.name
         if kind == "update" and frame.update.WhichOneof("update") == "speech":
@@ -311,6 +326,41 @@ class TalkPeer:
         if kind == "heartbeat":
             return
         self._send(json_format.MessageToDict(frame))
+
+    def _hold_delta(self, frame: pb.TalkResponse) -> None:
+        """A model writes a delta per word: each its own message would cost a JSON
+        encoding and an SCTP message (with its acknowledgement) per word per page. So a
+        run's deltas that come within ``DELTA_WINDOW_S`` go as one, merged as WatchRun's
+        ``merge_deltas`` merges them: the text joined, ``first_sequence`` ..
+        ``sequence`` the updates it holds, the frame numbered as the last (a resume
+        after it is exact)."""
+        held = self._held
+        if (
+            held is not None
+            and held.update.run == frame.update.run
+            and len(held.update.delta.text) < MAX_MERGED_DELTA_CHARS
+        ):
+            if not held.update.first_sequence:
+                held.update.first_sequence = held.update.sequence
+            held.update.delta.text += frame.update.delta.text
+            held.update.sequence = frame.update.sequence
+            held.update.time.CopyFrom(frame.update.time)
+            held.sequence = frame.sequence
+            return
+        self._release_delta()
+        self._held = pb.TalkResponse()
+        self._held.CopyFrom(frame)
+        self._held_timer = asyncio.get_running_loop().call_later(
+            DELTA_WINDOW_S, self._release_delta
+        )
+
+    def _release_delta(self) -> None:
+        held, self._held = self._held, None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        if held is not None:
+            self._send(json_format.MessageToDict(held))
 
     async def _deadline(self) -> None:
         try:
