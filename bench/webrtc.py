@@ -469,6 +469,12 @@ class Page:
         return await within(what, seen(start))
 
     def send(self, frame: dict[str, Any]) -> None:
+        if self.channel.readyState != "open":
+            said = next(
+                (str(f["error"].get("message")) for f in reversed(self.frames) if "error" in f),
+                "no error frame",
+            )
+            raise RuntimeError(f"the data channel closed ({said[:80]})")
         self.channel.send(json.dumps(frame))
 
     async def close(self) -> None:
