@@ -182,6 +182,16 @@ class Peers:
             await peer.close(peer.outcome)
         finally:
             self._let_go(peer)
+        # Frames dropped because the session did not keep up say the process is
+        # overloaded (BENCHMARKS.md, "Voice over WebRTC"): worth a line when there were any.
+        level = logging.WARNING if peer.dropped_frames else logging.INFO
+        log.log(
+            level,
+            "a WebRTC peer ended (%s); %d audio frames dropped",
+            peer.outcome or "the session ended",
+            peer.dropped_frames,
+            extra={"session": peer.session},
+        )
 
 
 def _first_frame(request: pb.ConnectTalkRequest) -> pb.TalkRequest:
