@@ -222,6 +222,11 @@ class BudgetExhausted(QuotaExceeded):
     reason = "ERROR_REASON_BUDGET_EXHAUSTED"
 
 
+class PortsExhausted(QuotaExceeded):
+    """Every port of a configured range is in use (the WebRTC media ports): a peer
+    answered now would have no candidate to be reached at."""
+
+
 class ModelNotPriced(FailedPrecondition):
     """A cost budget applies and the model has no price: its cost cannot be reserved."""
 

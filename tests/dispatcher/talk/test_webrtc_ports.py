@@ -20,8 +20,8 @@ from aioice import Connection, stun
 from aioice.ice import get_host_addresses
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from switchboard.dispatcher.talk.webrtc.ports import PortRange, PortsExhausted, confine
-from switchboard.platform.errors import Code
+from switchboard.dispatcher.talk.webrtc.ports import PortRange, confine
+from switchboard.platform.errors import Code, PortsExhausted
 
 pytestmark = pytest.mark.unit
 

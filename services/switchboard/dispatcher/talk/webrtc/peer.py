@@ -55,8 +55,8 @@ from google.protobuf import json_format
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.talk.webrtc.media import Inbound, SpeechTrack
-from switchboard.dispatcher.talk.webrtc.ports import PortRange, PortsExhausted, confine
-from switchboard.platform.errors import FieldViolation, InvalidArgument
+from switchboard.dispatcher.talk.webrtc.ports import PortRange, confine
+from switchboard.platform.errors import FieldViolation, InvalidArgument, PortsExhausted
 
 log = logging.getLogger("switchboard.dispatcher.talk.webrtc")
 

@@ -43,7 +43,7 @@ from aioice.ice import Connection, StunProtocol, server_reflexive_candidate
 from aioice.turn import UDP_SOCKET_BUFFER_SIZE
 from aiortc import RTCPeerConnection
 
-from switchboard.platform.errors import QuotaExceeded
+from switchboard.platform.errors import PortsExhausted
 
 log = logging.getLogger("switchboard.dispatcher.talk.webrtc")
 
@@ -91,18 +91,6 @@ class PortRange:
                 "(like 40000-40099), nor empty (any port)"
             )
         return cls(int(matched[1]), int(matched[2]))
-
-
-class PortsExhausted(QuotaExceeded):
-    """Every port of the range is in use: the peer would have no candidate."""
-
-    def __init__(self, ports: PortRange) -> None:
-        super().__init__(
-            f"all {len(ports)} WebRTC media ports (UDP {ports}) are in use: "
-            "try again when a voice session ends",
-            subject="webrtc media ports",
-        )
-        self.ports = ports
 
 
 def confine(pc: RTCPeerConnection, ports: PortRange) -> None:
@@ -179,7 +167,11 @@ async def _gather(
     candidates = [p.local_candidate for p in hosts] + reflexive + relayed
     if full and not candidates:
         log.warning("WebRTC: every port of %s is in use on %s", ports, ", ".join(full))
-        raise PortsExhausted(ports)
+        raise PortsExhausted(
+            f"all {len(ports)} WebRTC media ports (UDP {ports}) are in use: "
+            "try again when a voice session ends",
+            subject="webrtc media ports",
+        )
     if full:
         log.warning(
             "WebRTC: every port of %s is in use on %s: a peer has no candidate there",
