@@ -14,13 +14,13 @@ import array
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from google.protobuf import duration_pb2
 from grpc import aio
@@ -105,8 +105,9 @@ class Page:
         return [next(iter(k for k in f if k != "sequence"), "") for f in self.frames]
 
 
-def page() -> Page:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+def page(ice_servers: Sequence[RTCIceServer] = ()) -> Page:
+    """A browser's side: its microphone, its ``talk`` channel, its ear on the answer."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers)))
     microphone = SpeechTrack(send_silence=True)  # a microphone sends its silence too
     pc.addTrack(microphone)
     opened = Page(pc, microphone)

@@ -19,16 +19,14 @@ from typing import Any
 
 import grpc
 import pytest
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCIceServer, RTCSessionDescription
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.talk.webrtc.media import SpeechTrack
-from switchboard.dispatcher.talk.webrtc.peer import CHANNEL
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
 from tests.dispatcher.talk.test_talk import Place, voice_place, voice_settings
-from tests.dispatcher.talk.test_talk_webrtc import Page, closed, starting
+from tests.dispatcher.talk.test_talk_webrtc import closed, page, starting
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.turn import TurnServer, turn_server
 from tests.kits.contextkit import refused
@@ -67,21 +65,6 @@ async def place(mesh: SwitchboardServer, channel: aio.Channel) -> Place:
     return await voice_place(mesh, channel)
 
 
-def _page(servers: list[RTCIceServer]) -> Page:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-    microphone = SpeechTrack(send_silence=True)  # a microphone sends its silence too
-    pc.addTrack(microphone)
-    opened = Page(pc, microphone)
-    talk = pc.createDataChannel(CHANNEL)
-
-    @talk.on("message")
-    def on_message(message: str) -> None:
-        opened.frames.append(json.loads(message))
-        opened.arrived.set()
-
-    return opened
-
-
 def _relays(sdp: str) -> list[str]:
     return [line for line in sdp.splitlines() if " typ relay" in line]
 
@@ -108,7 +91,7 @@ async def test_the_page_and_the_server_relay_through_turn_with_minted_credential
     assert other.ice_servers[0].username.partition(":")[2] != user
 
     # The page gathers with it: coturn grants a relay; a tampered credential gets none.
-    tampered = _page(
+    tampered = page(
         [
             RTCIceServer(
                 urls=[turn.url], username=server.username, credential="AAAA" + server.credential[4:]
@@ -118,7 +101,7 @@ async def test_the_page_and_the_server_relay_through_turn_with_minted_credential
     await tampered.pc.setLocalDescription(await tampered.pc.createOffer())
     assert _relays(tampered.pc.localDescription.sdp) == []
     await closed(tampered)
-    opened = _page(
+    opened = page(
         [
             RTCIceServer(
                 urls=list(server.urls), username=server.username, credential=server.credential
