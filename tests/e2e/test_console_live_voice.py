@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import wave
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -46,12 +45,11 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
-from tests.e2e.chromium import artifacts_dir, required
+from tests.e2e.chromium import artifacts_dir
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess
 from tests.e2e.test_console import (
     CALL_S,
-    WEB,
     Chromium,
     Page,
     Server,
@@ -64,7 +62,7 @@ from tests.e2e.test_console import (
     text_of,
     tid,
 )
-from tests.e2e.test_console_voice import HEARD, _audio_server
+from tests.e2e.test_console_voice import HEARD, _audio_server, built_console, voice_env
 from tests.infra.speech import COUNTING, says, speak
 from tests.infra.tcprelay import TcpRelay
 
@@ -130,33 +128,15 @@ def _looped_words() -> bytes:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    node = required("node", "scripts/install-deps.sh")
-    if not (WEB / "node_modules" / "esbuild").is_dir():
-        pytest.fail("clients/web has no node_modules; run `make tools` (npm ci in clients/web)")
     root = tmp_path_factory.mktemp("console-live")
-    console_dir = root / "dist"
-    built = subprocess.run(
-        [node, str(WEB / "build.mjs"), f"--outdir={console_dir}"],
-        cwd=WEB,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr
+    console_dir = built_console(root)
     speech = root / "counting-looped.wav"
     speech.write_bytes(_looped_words())
     with ExitStack() as cleanup:
         voice_url = cleanup.enter_context(_audio_server())
         upstream = cleanup.enter_context(TcpRelay())
         env = {
-            "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{root}/switchboard.db",
-            "SWITCHBOARD_VOICE_URL": voice_url,
-            # The audio server is on this machine's loopback, which egress refuses by default.
-            "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-            "SWITCHBOARD_EVENTS_HEARTBEAT_S": "1",
-            "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": "1",
-            "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
+            **voice_env(root, voice_url),
             # One live session per user: the second is refused (RESOURCE_EXHAUSTED).
             "SWITCHBOARD_WEBRTC_MAX_PEERS_PER_USER": "1",
         }

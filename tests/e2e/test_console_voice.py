@@ -119,12 +119,11 @@ def _audio_server() -> Iterator[str]:
             proc.stdout.close()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VoiceStack]:
+def built_console(root: Path) -> Path:
+    """The console built (clients/web/build.mjs) into ``root``/dist, which Envoy serves."""
     node = required("node", "scripts/install-deps.sh")
     if not (WEB / "node_modules" / "esbuild").is_dir():
         pytest.fail("clients/web has no node_modules; run `make tools` (npm ci in clients/web)")
-    root = tmp_path_factory.mktemp("console-voice")
     console_dir = root / "dist"
     built = subprocess.run(
         [node, str(WEB / "build.mjs"), f"--outdir={console_dir}"],
@@ -135,6 +134,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VoiceStack]:
         check=False,
     )
     assert built.returncode == 0, built.stderr
+    return console_dir
+
+
+def voice_env(root: Path, voice_url: str) -> dict[str, str]:
+    """A `serve --dev` of the voice stacks: its database in ``root``, the audio server."""
+    return {
+        "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{root}/switchboard.db",
+        "SWITCHBOARD_VOICE_URL": voice_url,
+        # The audio server is on this machine's loopback, which egress refuses by default.
+        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+        "SWITCHBOARD_EVENTS_HEARTBEAT_S": "1",
+        "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": "1",
+        "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VoiceStack]:
+    root = tmp_path_factory.mktemp("console-voice")
+    console_dir = built_console(root)
     spoken = speak(COUNTING)
     speech = root / "counting.wav"
     speech.write_bytes(spoken)
@@ -142,16 +161,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VoiceStack]:
         speech_ms = round(1000 * w.getnframes() / w.getframerate())
     with ExitStack() as cleanup:
         voice_url = cleanup.enter_context(_audio_server())
-        env = {
-            "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{root}/switchboard.db",
-            "SWITCHBOARD_VOICE_URL": voice_url,
-            # The audio server is on this machine's loopback, which egress refuses by default.
-            "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-            "SWITCHBOARD_EVENTS_HEARTBEAT_S": "1",
-            "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": "1",
-            "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
-        }
-        serve = ServeProcess("--dev", env=env)
+        serve = ServeProcess("--dev", env=voice_env(root, voice_url))
         cleanup.push(serve.__exit__)
         serve.start()
         envoy = EnvoyProcess(f"127.0.0.1:{serve.port}", tls=True, console=console_dir)
