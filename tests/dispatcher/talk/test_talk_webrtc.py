@@ -541,3 +541,43 @@ async def test_a_page_that_does_not_read_its_channel_ends_the_peer_and_loses_not
             await closed(again)
     finally:
         await closed(opened)
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"webrtc_max_peers_per_user": 1, "webrtc_connect_timeout_s": 2.0}]
+)
+async def test_calls_made_at_once_each_get_their_own_precise_answer(
+    channel: aio.Channel, place: Place, mesh: SwitchboardServer
+) -> None:
+    """Three of one user's calls at once, under a limit of one: one peer, two refusals
+    (each checked before it waited, and again when it came to hold its place); another
+    user's call at the same time is answered as if alone."""
+    stub = dispatcher_stub(channel)
+    pages = [page() for _ in range(4)]
+    try:
+        offers = [await offer_of(p) for p in pages]
+        callers = [place.world.editor] * 3 + [place.world.owner]
+        results = await asyncio.gather(
+            *(
+                stub.ConnectTalk(
+                    pb.ConnectTalkRequest(offer=offer, **starting(place)),
+                    metadata=caller.md,
+                    timeout=WAIT_S,
+                )
+                for offer, caller in zip(offers, callers, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        editors, owners = results[:3], results[3:]
+        answered = [r for r in editors if isinstance(r, pb.ConnectTalkResponse)]
+        refused_ = [r for r in editors if isinstance(r, aio.AioRpcError)]
+        assert len(answered) == 1, results
+        assert [r.code() for r in refused_] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        assert all("at most 1 WebRTC peers" in (r.details() or "") for r in refused_)
+        assert isinstance(owners[0], pb.ConnectTalkResponse), owners
+        assert peers_of(mesh).open_peers == 2
+    finally:
+        for opened in pages:
+            await closed(opened)
+    # Neither page took its answer: both peers time out and are let go.
+    await eventually(_no_peers(mesh), "the unconnected peers let go")
