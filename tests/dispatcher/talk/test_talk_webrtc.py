@@ -259,9 +259,16 @@ async def test_offers_and_sessions_that_cannot_start_are_refused_by_the_call(
     with_audio = await offer_of(opened)
     await closed(opened)
     no_opus = "\n".join(line for line in with_audio.splitlines() if "opus" not in line.lower())
+    # A microphone and no data channel: its session could never start.
+    mute = RTCPeerConnection()
+    mute.addTrack(SpeechTrack(send_silence=True))
+    await mute.setLocalDescription(await mute.createOffer())
+    no_channel = str(mute.localDescription.sdp)
+    await mute.close()
     cases = {
         no_audio: "offers no audio",
         no_opus: "offers no Opus audio",
+        no_channel: "offers no data channel",
         "hello": "is not an SDP offer",
         "": "is not an SDP offer",
         "v=0\n" + "a=x\n" * 20_000: "is longer than 64 KiB",

@@ -18,9 +18,9 @@ returns the server's, and then
   names no ``heard_through_sequence`` gets the last speech update the track sent
   whole.
 
-The peer is bounded: an offer without audio, or without Opus, is refused before
-anything starts; a peer that does not connect and open its ``talk`` channel within
-``connect_timeout_s`` is closed; frames the page sends are at most
+The peer is bounded: an offer without audio, without Opus, or without a data
+channel is refused before anything starts; a peer that does not connect and open
+its ``talk`` channel within ``connect_timeout_s`` is closed; frames the page sends are at most
 ``MAX_MESSAGE_BYTES``; the queue of audio towards the session drops (and counts)
 frames past ``MAX_PENDING_FRAMES`` rather than grow; a page that stops reading its
 channel (``MAX_BUFFERED_BYTES`` unsent) ends the peer rather than lose a frame. The
@@ -79,6 +79,8 @@ PREFETCH_FRAMES: Final = 1
 CHANNEL: Final = "talk"
 _OPUS: Final = re.compile(r"^a=rtpmap:\d+ opus/48000", re.IGNORECASE | re.MULTILINE)
 _AUDIO: Final = re.compile(r"^m=audio [1-9]\d*", re.MULTILINE)
+#: A data channel's section (SCTP over DTLS), not rejected (port 0).
+_DATA: Final = re.compile(r"^m=application [1-9]\d* \S*SCTP", re.MULTILINE)
 
 #: Talk's stream, bound to its caller: requests in, frames out.
 TalkCall = Callable[[AsyncIterator[pb.TalkRequest]], AsyncIterable[pb.TalkResponse]]
@@ -95,6 +97,10 @@ def offer_problems(sdp: str) -> list[str]:
         problems.append("offers no audio (a microphone track is needed)")
     elif not _OPUS.search(sdp):
         problems.append("offers no Opus audio (the only codec taken)")
+    if not _DATA.search(sdp):
+        # Its session could never start: the peer would only hold a place until the
+        # connect timeout.
+        problems.append(f"offers no data channel (the page's {CHANNEL!r} channel is needed)")
     return problems
 
 
