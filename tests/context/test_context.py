@@ -1617,6 +1617,11 @@ async def test_create_memory_item_validation(stub: Stub, world: World) -> None:
             INVALID,
         )
         assert violations(error) == fields, fields
+        if fields == ["memory_item.source_messages[0]"]:
+            # The refusal says what a message's name looks like.
+            assert "workspaces/{workspace}/conversations/{conversation}/messages/{message}" in (
+                error.details() or ""
+            )
     assert await _list_memory(stub, world.viewer, world.name) == []
     future = await remember(
         stub, world.editor, world.name, "expires later", expire_time=from_now(hours=1)

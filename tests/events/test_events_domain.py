@@ -57,6 +57,7 @@ from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.models import UserRow
 from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.values.names import new_id, now
+from switchboard.platform.values.resources import ConversationName, UserName, WorkspaceName
 
 pytestmark = pytest.mark.unit
 
@@ -98,12 +99,17 @@ def test_every_problem_of_a_request_is_named_with_its_field() -> None:
         parse_spec(scopes, "not-a-cursor", [CREATED, 999], limits(), "add.")
     assert [(v.field, v.description) for v in refused.value.violations] == [
         ("add.scopes[0]", "set one of user, workspace, conversation"),
-        ("add.scopes[1].user", "is not a valid user name"),
-        ("add.scopes[2].workspace", "is not a valid workspace name"),
-        ("add.scopes[3].conversation", "is not a valid conversation name"),
+        ("add.scopes[1].user", UserName.refusal("users/A B")),
+        ("add.scopes[2].workspace", WorkspaceName.refusal("workspaces/w\n")),
+        ("add.scopes[3].conversation", ConversationName.refusal("workspaces/w")),
         ("add.after_cursor", "is not a cursor this server issued"),
         ("add.types[1]", "is not a known event type"),
     ]
+    # Each says the form its scope's name must have.
+    assert "users/{user}" in refused.value.violations[1].description
+    assert "workspaces/{workspace}/conversations/{conversation}" in (
+        refused.value.violations[3].description
+    )
 
 
 @pytest.mark.parametrize(

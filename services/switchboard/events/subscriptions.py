@@ -182,7 +182,7 @@ def parse_spec(
             continue
         name = getattr(scope, kind)
         if _SCOPE_KINDS[kind].parse_or_none(name) is None:
-            violations.append(FieldViolation(f"{path}.{kind}", f"is not a valid {kind} name"))
+            violations.append(FieldViolation(f"{path}.{kind}", _SCOPE_KINDS[kind].refusal(name)))
             continue
         parsed.append((kind, name))
     after: Position | None = None

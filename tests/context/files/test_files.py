@@ -28,7 +28,7 @@ from switchboard.context.files.blobs.directory import DirectoryBlobStore
 from switchboard.context.files.catalog import FileLimits, Files
 from switchboard.context.files.store import FileStore
 from switchboard.mesh import create_server
-from switchboard.platform.errors import NotFound, RequestTooLarge
+from switchboard.platform.errors import InvalidArgument, NotFound, RequestTooLarge
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.models import UploadRow
@@ -271,6 +271,15 @@ async def test_images_and_documents_get_their_kind_and_text(
     )
     assert (inline.size_bytes, inline.source_uri) == (len(png(3, 3)), "https://example.com/a.png")
     assert inline.creator == world.editor.name
+    with pytest.raises(InvalidArgument) as caught:
+        await files.store_bytes(
+            world.editor.name, "Acme", display_name="x", media_type="text/plain", data=b"x"
+        )
+    # What the workspace must be, not only that it is not.
+    assert str(caught.value) == (
+        "workspace must be a resource name of the form workspaces/{workspace} or its id "
+        "(ids: lowercase letters, digits and hyphens)"
+    )
     other = await create_workspace(stub, world.owner, "Other")
     with pytest.raises(NotFound):
         await files.resolve(other.name, image.name)

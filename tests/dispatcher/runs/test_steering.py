@@ -464,6 +464,10 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
                 grpc.StatusCode.INVALID_ARGUMENT,
             )
             assert violations(error) == ["run"]
+            # The refusal says what a run's name looks like.
+            assert "workspaces/{workspace}/conversations/{conversation}/runs/{run}" in (
+                error.details() or ""
+            )
         missing = run.name.rsplit("/", 1)[0] + "/nosuchrun"
         await refused(
             tools.dstub.SteerRun(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 from hypothesis import given
@@ -144,10 +145,12 @@ def test_a_name_with_anything_around_it_is_refused_naming_the_field(
         assert kind.parse_or_none(broken) is None
         with pytest.raises(InvalidArgument) as caught:
             kind.parse(broken, "request.parent")
-        assert str(caught.value) == "request.parent is not a valid resource name"
+        expected = f"must be a resource name of the form {kind.form} ({names.ID_WORDS})"
+        assert str(caught.value) == f"request.parent {expected}"
         assert [(v.field, v.description) for v in caught.value.violations] == [
-            ("request.parent", "is not a valid resource name")
+            ("request.parent", expected)
         ]
+        assert kind.refusal(broken) == expected
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.__name__)
@@ -212,8 +215,33 @@ def test_a_malformed_name_is_refused_naming_the_field(kind: type[ResourceName], 
     assert kind.parse_or_none(text) is None
     with pytest.raises(InvalidArgument) as caught:
         kind.parse(text, "conversation")
-    assert str(caught.value) == "conversation is not a valid resource name"
+    assert str(caught.value) == f"conversation {kind.refusal(text)}"
+    assert kind.form in str(caught.value)
     assert [v.field for v in caught.value.violations] == ["conversation"]
+
+
+def test_a_refusal_says_the_form_the_name_must_have() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        ConversationName.parse("trip", "name")
+    assert str(caught.value) == (
+        "name must be a resource name of the form "
+        "workspaces/{workspace}/conversations/{conversation} "
+        "(ids: lowercase letters, digits and hyphens)"
+    )
+    assert [(v.field, v.description) for v in caught.value.violations] == [
+        ("name", str(caught.value).removeprefix("name "))
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.__name__)
+def test_each_kind_s_form_is_its_pattern_in_words(kind: type[ResourceName]) -> None:
+    """Every form a refusal names, its braces filled with ids, is a name of that kind
+    (each alternative, for memory), with as many ids as the pattern has."""
+    for alternative in kind.form.split(" or "):
+        filled = re.sub(r"\{\w+\}", "a1", alternative)
+        assert kind.parse_or_none(filled) is not None, (kind.__name__, alternative)
+    if kind is not MemoryName:
+        assert len(re.findall(r"\{\w+\}", kind.form)) == kind.pattern.groups
 
 
 @pytest.mark.parametrize(("text", "value"), [(t, v) for t, v, _ in SAMPLES], ids=str)
@@ -291,7 +319,13 @@ def test_anything_else_is_no_memory_scope(text: str) -> None:
     assert resources.memory_scope_or_none(text) is None
     with pytest.raises(InvalidArgument) as caught:
         resources.parse_memory_scope(text, "parent")
-    description = "is required" if not text else "is not a valid resource name"
+    description = (
+        "is required"
+        if not text
+        else "must be a resource name of the form users/{user} or workspaces/{workspace} or "
+        "workspaces/{workspace}/conversations/{conversation} "
+        "(ids: lowercase letters, digits and hyphens)"
+    )
     assert str(caught.value) == f"parent {description}"
     assert [(v.field, v.description) for v in caught.value.violations] == [("parent", description)]
 
@@ -323,6 +357,8 @@ def test_a_name_under_no_workspace_or_user_has_no_owner(text: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         resources.owner(text, "parent")
     assert [v.field for v in caught.value.violations] == ["parent"]
+    if text:
+        assert resources.OWNED_FORM in str(caught.value)
 
 
 def test_names_inside_text_are_replaced_by_what_their_values_say() -> None:

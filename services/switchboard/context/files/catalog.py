@@ -231,7 +231,7 @@ class Files(Domain):
         who stored it (``users/u``, ``handlers/h``). The caller has authorized the write."""
         workspace_id = workspace.removeprefix("workspaces/")
         if not _ID.fullmatch(workspace_id):
-            raise _invalid("workspace", "is not a valid resource name")
+            raise names.invalid_name(workspace, "workspace", f"{WorkspaceName.form} or its id")
         limit = self.file_limits.max_inline_bytes
         if len(data) > limit:
             raise RequestTooLarge(f"the file is larger than {limit} bytes")

@@ -114,7 +114,7 @@ class Memory(Domain):
             violations.add("memory_item.source_messages", "has more than 50 entries")
         for index, source in enumerate(item.source_messages):
             if MessageName.parse_or_none(source) is None:
-                violations.add(f"memory_item.source_messages[{index}]", "is not a message name")
+                violations.add(f"memory_item.source_messages[{index}]", MessageName.refusal(source))
         violations.check()
         stamp = now()
         record = MemoryRecord(

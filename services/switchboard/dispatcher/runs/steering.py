@@ -40,7 +40,6 @@ from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.intake.screening import Steered, steer_mode_violations
 from switchboard.platform.errors import (
-    FieldViolation,
     InvalidArgument,
     QuotaExceeded,
     RunEnded,
@@ -178,7 +177,7 @@ def _checked(request: pb.SteerRunRequest) -> RunName:
     violations = Violations()
     found = RunName.parse_or_none(request.run)
     if found is None:
-        violations.add("run", "is required" if not request.run else "is not a valid run name")
+        violations.add("run", RunName.refusal(request.run))
     message = request.message
     if message.role not in (cpb.MESSAGE_ROLE_UNSPECIFIED, cpb.MESSAGE_ROLE_USER):
         violations.add("message.role", "must be USER or unset")
@@ -187,9 +186,8 @@ def _checked(request: pb.SteerRunRequest) -> RunName:
     if request.request_id and not names.REQUEST_ID.fullmatch(request.request_id):
         violations.add("request_id", "must be 1-64 of [A-Za-z0-9_-]")
     violations.check()
-    if found is None:  # reported above
-        raise InvalidArgument("run is not a valid run name", [FieldViolation("run", "invalid")])
-    return found
+    # Reported above, with the other fields; parsing again says the same.
+    return found if found is not None else RunName.parse(request.run, "run")
 
 
 def _as_message(

@@ -212,17 +212,33 @@ def tool_from_segment(segment: str) -> str | None:
     return name if tool_segment(name) == segment else None
 
 
-def match(pattern: re.Pattern[str], value: str, field: str) -> re.Match[str]:
-    """``pattern``'s match of the whole of ``value``, or INVALID_ARGUMENT naming ``field``."""
+#: The ids of a name (``ID``) in words, for a refusal that shows the name's form.
+ID_WORDS: Final = "ids: lowercase letters, digits and hyphens"
+
+
+def match(pattern: re.Pattern[str], value: str, field: str, form: str) -> re.Match[str]:
+    """``pattern``'s match of the whole of ``value``, or INVALID_ARGUMENT naming ``field``
+    and ``form``, the pattern as a person reads it (``workspaces/{workspace}``)."""
     found = pattern.fullmatch(value)
     if found is None:
-        raise invalid_name(value, field)
+        raise invalid_name(value, field, form)
     return found
 
 
-def invalid_name(value: str, field: str) -> InvalidArgument:
-    """The refusal of ``value`` in ``field``, which is no name of the kind it must be."""
-    description = "is required" if not value else "is not a valid resource name"
+def name_refusal(value: str, form: str) -> str:
+    """What a field holding ``value`` is told when it must be a name of ``form``.
+
+    The form is said, as every other field's refusal says what it must be: "not a
+    valid resource name" alone left a caller guessing which name, and how written.
+    """
+    if not value:
+        return "is required"
+    return f"must be a resource name of the form {form} ({ID_WORDS})"
+
+
+def invalid_name(value: str, field: str, form: str) -> InvalidArgument:
+    """The refusal of ``value`` in ``field``, which is no name of ``form``."""
+    description = name_refusal(value, form)
     return InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
 
 

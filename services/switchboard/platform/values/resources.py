@@ -11,10 +11,11 @@ ids by name; ``str()`` writes it back, canonical::
     str(RunName(w, c, run_id))             # building one: never an f-string
 
 - ``Kind.parse(text, field)`` is the request check: INVALID_ARGUMENT with a
-  violation on ``field``, "is required" for an empty value and "is not a valid
-  resource name" for anything else that is not the whole of such a name (the
-  words ``names.match`` always said; the patterns are ``names.py``'s, matched
-  with ``fullmatch``, so ``workspaces/acme\\n`` is not a name).
+  violation on ``field``, "is required" for an empty value and "must be a
+  resource name of the form ``Kind.form``" for anything else that is not the
+  whole of such a name (``Kind.refusal(text)`` is those words, for a caller that
+  collects violations; the patterns are ``names.py``'s, matched with
+  ``fullmatch``, so ``workspaces/acme\\n`` is not a name).
 - ``Kind.parse_or_none(text)``: the name, or None, for a caller that words its
   own refusal (a filter, an optional field, one kind among several) or reads a
   name it wrote itself.
@@ -46,11 +47,19 @@ class ResourceName:
     #: The whole name, one group per id (``names.py``'s, or this module's for the
     #: kinds only one service reads).
     pattern: ClassVar[re.Pattern[str]]
+    #: The pattern as a person reads it, each id in braces (AIP-123's resource
+    #: pattern): what a refusal says the name must look like.
+    form: ClassVar[str]
 
     @classmethod
     def parse(cls, text: str, field: str) -> Self:
         """The name ``text`` is, or INVALID_ARGUMENT with a violation on ``field``."""
-        return cls._from(names.match(cls.pattern, text, field))
+        return cls._from(names.match(cls.pattern, text, field, cls.form))
+
+    @classmethod
+    def refusal(cls, text: str) -> str:
+        """What a field holding ``text``, which is no such name, is told."""
+        return names.name_refusal(text, cls.form)
 
     @classmethod
     def parse_or_none(cls, text: str) -> Self | None:
@@ -78,6 +87,7 @@ class WorkspaceName(ResourceName):
 
     workspace: str
     pattern = names.WORKSPACE
+    form = "workspaces/{workspace}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}"
@@ -90,6 +100,7 @@ class ConversationName(ResourceName):
     workspace: str
     conversation: str
     pattern = names.CONVERSATION
+    form = "workspaces/{workspace}/conversations/{conversation}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/conversations/{self.conversation}"
@@ -107,6 +118,7 @@ class MessageName(ResourceName):
     conversation: str
     message: str
     pattern = names.MESSAGE
+    form = "workspaces/{workspace}/conversations/{conversation}/messages/{message}"
 
     def __str__(self) -> str:
         return (
@@ -126,6 +138,7 @@ class RunName(ResourceName):
     conversation: str
     run: str
     pattern = names.RUN
+    form = "workspaces/{workspace}/conversations/{conversation}/runs/{run}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/conversations/{self.conversation}/runs/{self.run}"
@@ -143,6 +156,7 @@ class VoiceSessionName(ResourceName):
     conversation: str
     session: str
     pattern = names.VOICE_SESSION
+    form = "workspaces/{workspace}/conversations/{conversation}/voiceSessions/{session}"
 
     def __str__(self) -> str:
         return (
@@ -162,6 +176,7 @@ class MemberName(ResourceName):
     workspace: str
     user: str
     pattern = names.MEMBER
+    form = "workspaces/{workspace}/members/{user}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/members/{self.user}"
@@ -178,6 +193,7 @@ class AssistantName(ResourceName):
     workspace: str
     assistant: str
     pattern = names.ASSISTANT
+    form = "workspaces/{workspace}/assistants/{assistant}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/assistants/{self.assistant}"
@@ -194,6 +210,7 @@ class IntegrationName(ResourceName):
     workspace: str
     integration: str
     pattern = names.INTEGRATION
+    form = "workspaces/{workspace}/integrations/{integration}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/integrations/{self.integration}"
@@ -212,6 +229,7 @@ class ToolName(ResourceName):
     integration: str
     segment: str
     pattern = names.TOOL
+    form = "workspaces/{workspace}/integrations/{integration}/tools/{tool}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/integrations/{self.integration}/tools/{self.segment}"
@@ -244,6 +262,7 @@ class DeliveryName(ResourceName):
     integration: str
     delivery: str
     pattern = re.compile(rf"workspaces/({ID})/integrations/({ID})/deliveries/({ID})")
+    form = "workspaces/{workspace}/integrations/{integration}/deliveries/{delivery}"
 
     def __str__(self) -> str:
         return (
@@ -264,6 +283,7 @@ class PushConfigName(ResourceName):
     workspace: str
     config: str
     pattern = re.compile(rf"workspaces/({ID})/pushConfigs/({ID})")
+    form = "workspaces/{workspace}/pushConfigs/{config}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/pushConfigs/{self.config}"
@@ -280,6 +300,7 @@ class BudgetName(ResourceName):
     workspace: str
     budget: str
     pattern = names.BUDGET
+    form = "workspaces/{workspace}/budgets/{budget}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/budgets/{self.budget}"
@@ -296,6 +317,7 @@ class ScheduleName(ResourceName):
     workspace: str
     schedule: str
     pattern = re.compile(rf"workspaces/({ID})/schedules/({ID})")
+    form = "workspaces/{workspace}/schedules/{schedule}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/schedules/{self.schedule}"
@@ -312,6 +334,7 @@ class FileName(ResourceName):
     workspace: str
     file: str
     pattern = names.FILE
+    form = "workspaces/{workspace}/files/{file}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/files/{self.file}"
@@ -328,6 +351,7 @@ class UploadName(ResourceName):
     workspace: str
     upload: str
     pattern = names.UPLOAD
+    form = "workspaces/{workspace}/uploads/{upload}"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/uploads/{self.upload}"
@@ -343,6 +367,7 @@ class QuotaName(ResourceName):
 
     workspace: str
     pattern = names.WORKSPACE_QUOTA
+    form = "workspaces/{workspace}/quota"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/quota"
@@ -358,6 +383,7 @@ class SemanticIndexName(ResourceName):
 
     workspace: str
     pattern = names.SEMANTIC_INDEX
+    form = "workspaces/{workspace}/semanticIndex"
 
     def __str__(self) -> str:
         return f"workspaces/{self.workspace}/semanticIndex"
@@ -376,6 +402,7 @@ class UserName(ResourceName):
 
     user: str
     pattern = names.USER
+    form = "users/{user}"
 
     def __str__(self) -> str:
         return f"users/{self.user}"
@@ -388,6 +415,7 @@ class SessionName(ResourceName):
     user: str
     session: str
     pattern = names.SESSION
+    form = "users/{user}/sessions/{session}"
 
     def __str__(self) -> str:
         return f"users/{self.user}/sessions/{self.session}"
@@ -404,6 +432,7 @@ class ApiKeyName(ResourceName):
     user: str
     key: str
     pattern = names.API_KEY
+    form = "users/{user}/apiKeys/{key}"
 
     def __str__(self) -> str:
         return f"users/{self.user}/apiKeys/{self.key}"
@@ -422,6 +451,7 @@ class HandlerName(ResourceName):
 
     handler: str
     pattern = re.compile(rf"handlers/({ID})")
+    form = "handlers/{handler}"
 
     def __str__(self) -> str:
         return f"handlers/{self.handler}"
@@ -432,6 +462,7 @@ class HandlerName(ResourceName):
 #: Where memory lives: a user, a workspace or a conversation.
 MemoryScope: TypeAlias = UserName | WorkspaceName | ConversationName
 _MEMORY_SCOPES: Final = (UserName, WorkspaceName, ConversationName)
+MEMORY_SCOPE_FORM: Final = " or ".join(scope.form for scope in _MEMORY_SCOPES)
 
 
 def memory_scope_or_none(text: str) -> MemoryScope | None:
@@ -446,7 +477,7 @@ def parse_memory_scope(text: str, field: str) -> MemoryScope:
     """The memory scope ``text`` is, or INVALID_ARGUMENT with a violation on ``field``."""
     scope = memory_scope_or_none(text)
     if scope is None:
-        raise names.invalid_name(text, field)
+        raise names.invalid_name(text, field, MEMORY_SCOPE_FORM)
     return scope
 
 
@@ -457,6 +488,7 @@ class MemoryName(ResourceName):
     scope: MemoryScope
     memory: str
     pattern = names.MEMORY_ITEM
+    form = " or ".join(f"{scope.form}/memories/{{memory}}" for scope in _MEMORY_SCOPES)
 
     def __str__(self) -> str:
         return f"{self.scope}/memories/{self.memory}"
@@ -474,6 +506,10 @@ class MemoryName(ResourceName):
 # The owner of any name.
 
 
+#: Any name ``owner`` reads: a workspace's or a user's, or one under either.
+OWNED_FORM: Final = "workspaces/{workspace}[/...] or users/{user}[/...]"
+
+
 def owner_or_none(text: str) -> WorkspaceName | UserName | None:
     """The workspace or user any name ``text`` lives under (itself, for
     ``workspaces/{w}`` and ``users/{u}``); None when it is no name under either."""
@@ -488,5 +524,5 @@ def owner(text: str, field: str) -> WorkspaceName | UserName:
     """As ``owner_or_none``, with INVALID_ARGUMENT naming ``field`` for no such name."""
     found = owner_or_none(text)
     if found is None:
-        raise names.invalid_name(text, field)
+        raise names.invalid_name(text, field, OWNED_FORM)
     return found
