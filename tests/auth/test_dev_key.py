@@ -89,6 +89,15 @@ async def test_a_dev_server_with_a_new_data_directory_says_the_key_changed(
     assert caught.value.details() == accesstokens.UNKNOWN_KEY
 
 
+def test_a_token_of_another_key_is_said_to_be_another_server_s_first() -> None:
+    # Most such tokens are another deployment's: that is said before dev mode's new key.
+    said = accesstokens.UNKNOWN_KEY
+    assert said.startswith("the access token is not one this server issued")
+    assert "another deployment's" in said
+    assert said.index("another deployment's") < said.index("dev mode")
+    assert "no longer has" not in said  # it may never have had it
+
+
 async def test_outside_dev_mode_the_dev_key_is_neither_read_nor_written(tmp_path: Path) -> None:
     dev_access = await _register(_settings(tmp_path))
     key_file = tmp_path / "app.dev-signing-key.pem"

@@ -49,10 +49,13 @@ FOREIGN: Final = (
     "the bearer token is not an access token issued by this server (its header names "
     "another algorithm, type or key id form); sign in here for one"
 )
-#: Signed by a key id this server does not have.
+#: Signed by a key id this server does not have. Most often another deployment's token
+#: (a reader's other server, a mesh beside make run), so that comes first; dev mode's
+#: new key after a new data directory is the hint after it.
 UNKNOWN_KEY: Final = (
-    "the token was signed by a key this server no longer has (dev mode makes a new key "
-    "when its data directory is new); sign in again"
+    "the access token is not one this server issued: it was signed by a key this server "
+    "does not have (another deployment's, or a retired one; dev mode makes a new key when "
+    "its data directory is new); sign in here"
 )
 BAD_SIGNATURE: Final = (
     "the access token's signature does not verify (it was altered, or signed by another "
