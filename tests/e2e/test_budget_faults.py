@@ -10,8 +10,12 @@ through CreateBudget.
   and once the paused runs are cancelled nothing is held. (The same in one process on
   SQLite: tests/dispatcher/budgets/test_budget_runs.py.)
 - A replica killed with SIGKILL while its runs' model calls hold reservations: the
-  survivor takes the runs over, the dead attempts' holds are gone and the windows
-  hold exactly what the survivor's calls in flight hold; when those end, nothing.
+  survivor takes the runs over, the dead attempts' holds are charged at what they
+  reserved (a call in flight may have been billed) and the windows hold exactly what
+  the survivor's calls in flight hold; when those end, nothing.
+- The same kill under a cap that leaves room for one more call, the replica
+  restarted at once or left dead: sampled throughout, used + held never passes the
+  cap; one run asks the model again, the others wait at the cap.
 
 The budget tables are read straight from PostgreSQL: what is held is not in any
 response, and that is what is proved.
@@ -20,6 +24,7 @@ response, and that is what is proved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
@@ -433,19 +438,163 @@ async def test_a_replica_killed_holding_reservations_leaks_none(
             after = await read_ledger(database, workspace)
 
     run_ids = [name.rsplit("/", 1)[-1] for name in names]
-    # After the takeover: none of the dead attempts' holds, and the windows hold
-    # exactly what the survivor's calls in flight hold.
+    # After the takeover: none of the dead attempts' holds (each charged at what it
+    # reserved: its call may have been billed), and the windows hold exactly what
+    # the survivor's calls in flight hold.
     assert not dead & {hold_id for hold_id, _, _ in taken.holds}
     assert all(taken.workers[run_id] == "replica-2" for _, run_id, _ in taken.holds)
     assert taken.held == sum(cost for _, _, cost in taken.holds)
     in_flight = run_ids if recovery == "resume" else run_ids[on_dead:]
     assert sorted(run_id for _, run_id, _ in taken.holds) == sorted(in_flight)
-    assert taken.used == 0
-    # When they end, nothing is held; only the calls that finished were charged.
+    assert taken.used == COST * on_dead
+    # When they end, nothing is held; the calls that finished and the dead ones were
+    # charged, and the runs report what their budgets were charged.
     assert after.holds == []
     assert after.held == 0
     finished = [r for r in final.values() if r.state == pb.RUN_STATE_SUCCEEDED]
     assert len(finished) == len(in_flight)
-    assert after.used == sum(after.run_costs.values()) == COST * len(in_flight)
+    assert after.used == sum(after.run_costs.values()) == COST * (len(in_flight) + on_dead)
+    assert sum(run.usage.cost_micros for run in final.values()) == after.used
     if recovery == "fail":
         assert all(final[n].state == pb.RUN_STATE_FAILED for n in names[:on_dead])
+
+
+#: Runs on the replica that dies (the crash test below), each with a call in flight.
+DOOMED_RUNS: Final = 4
+#: Room for one more call after those: one run asks again, the others wait at the cap.
+CRASH_CAP: Final = (DOOMED_RUNS + 1) * COST
+
+
+class Sampler:
+    """The budget's window read again and again until stopped: every (used, held) seen."""
+
+    def __init__(self, engine: AsyncEngine, workspace: str) -> None:
+        self._engine = engine
+        self._workspace_id = workspace.removeprefix("workspaces/")
+        self.samples: list[tuple[int, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _loop(self) -> None:
+        statement = select(BudgetWindowRow.cost_used, BudgetWindowRow.cost_held).where(
+            BudgetWindowRow.workspace_id == self._workspace_id
+        )
+        while True:
+            async with self._engine.connect() as db:
+                for used, held in (await db.execute(statement)).all():
+                    self.samples.append((int(used), int(held)))
+            await asyncio.sleep(0.01)  # a sampling interval, not synchronization
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Sampler]:
+        self._task = asyncio.create_task(self._loop())
+        try:
+            yield self
+        finally:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def over(self) -> list[tuple[int, int]]:
+        return [(used, held) for used, held in self.samples if used + held > CRASH_CAP]
+
+
+@pytest.mark.parametrize("restart", [True, False], ids=["restarted", "taken-over"])
+async def test_a_killed_replica_never_lets_the_budget_pass_its_cap(
+    env: dict[str, str], database: AsyncEngine, restart: bool
+) -> None:
+    gate = asyncio.Event()
+    async with FakeOpenAI() as fake:
+        # Every call streams one chunk, then holds its reservation until the gate opens.
+        fake.default = Reply.text(
+            "one two three", usage=(0, ANSWER), hold_after_chunks=1, hold=gate
+        )
+        async with (
+            replicas(env, fake, "resume") as (doomed, survivor),
+            aio.insecure_channel(survivor.address) as on_other,
+            watching() as runs,
+        ):
+            caller = await sign_up(survivor.address)
+            cstub = context_stub(on_other)
+            other = dispatcher_stub(on_other)
+            workspace = (await create_workspace(cstub, caller, "Crash")).name
+            await daily_budget(other, caller, workspace, CRASH_CAP)
+            sampler = Sampler(database, workspace)
+            async with (
+                sampler.running(),
+                aio.insecure_channel(doomed.address) as on_doomed,
+                contextlib.AsyncExitStack() as stack,
+            ):
+                first = dispatcher_stub(on_doomed)
+                names: list[str] = []
+
+                async def send(stub: DStub) -> None:
+                    conversation = (await create_conversation(cstub, caller, workspace)).name
+                    sent = await stub.SendMessage(
+                        request(conversation, "hello"), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                    )
+                    names.append(sent.run.name)
+                    runs.watch(other, caller, sent.run.name)
+
+                # Four calls in flight on the doomed replica, each holding its reservation.
+                for _ in range(DOOMED_RUNS):
+                    await send(first)
+                await fake.wait_requests(DOOMED_RUNS)
+                held = await read_ledger(database, workspace)
+                assert held.held == DOOMED_RUNS * COST, held
+                for name in names[:DOOMED_RUNS]:
+                    await stored_running(other, caller, name)
+                assert doomed.proc is not None
+                doomed.proc.kill()  # SIGKILL while its calls hold: no release, no shutdown code
+                doomed.proc.wait(timeout=10)
+                if restart:
+                    # The same instance id: it takes its runs back as it starts.
+                    stack.enter_context(ServeProcess(env=doomed.env))
+                # Whoever resumes them: the dead calls are counted, so one call's room is
+                # left, which one run takes (asking the model again) while the others wait.
+                await runs.until(
+                    lambda: (
+                        sorted(runs.latest[n].state for n in names if n in runs.latest)
+                        == [pb.RUN_STATE_RUNNING]
+                        + [pb.RUN_STATE_REQUIRES_ACTION] * (DOOMED_RUNS - 1)
+                    ),
+                    "one run asking again and the others paused at the spent cap",
+                )
+                await fake.wait_requests(DOOMED_RUNS + 1)
+                resumed = await read_ledger(database, workspace)
+                gate.set()
+                await runs.until(
+                    lambda: pb.RUN_STATE_SUCCEEDED in {runs.latest[n].state for n in names},
+                    "the run that asked again succeeding",
+                )
+                # Nothing more fits: the paused runs are cancelled.
+                paused = [n for n in names if runs.latest[n].state == pb.RUN_STATE_REQUIRES_ACTION]
+                for name in paused:
+                    await other.CancelRun(
+                        pb.CancelRunRequest(name=name),
+                        metadata=caller.md,
+                        timeout=CALL_TIMEOUT_S,
+                    )
+                await runs.until(
+                    lambda: all(runs.latest[n].state in TERMINAL for n in names),
+                    "every run ending",
+                )
+                after = await read_ledger(database, workspace)
+
+    assert sampler.samples
+    assert sampler.over() == [], sampler.over()[:5]
+    # The calls in flight at the crash are counted at what they reserved (the budget errs
+    # toward its cap, never past it), and the one run that asked again holds the rest.
+    assert resumed.used == DOOMED_RUNS * COST
+    assert resumed.held == COST
+    assert len(fake.requests) == DOOMED_RUNS + 1
+    # At rest: the cap spent exactly, nothing held, and the budget's used is what its
+    # runs report (each the dead call it made, the one that asked again both).
+    assert after.used == CRASH_CAP
+    assert after.held == 0
+    assert after.holds == []
+    assert sum(after.run_costs.values()) == after.used
+    assert sorted(after.run_costs.values()) == [COST] * (DOOMED_RUNS - 1) + [2 * COST]
+    final = {n: runs.latest[n] for n in names}
+    assert sorted(run.usage.cost_micros for run in final.values()) == [COST] * (DOOMED_RUNS - 1) + [
+        2 * COST
+    ]

@@ -142,10 +142,11 @@ async def test_a_failed_call_releases_its_hold(db: Database, server: FakeEmbeddi
     assert await ledger.window(budget, WINDOW) == (Amount(), Amount())
 
 
-async def test_a_hold_left_by_a_dead_process_is_released_once_stale(db: Database) -> None:
+async def test_a_hold_left_by_a_dead_process_is_charged_once_stale(db: Database) -> None:
     """A process killed between reserving and settling leaves its hold; a later
-    reservation (of any process) releases it once older than STALE_HOLD_S, never
-    a younger one, which may be a live call of another replica."""
+    reservation (of any process) charges it at what it reserved once older than
+    STALE_HOLD_S (the endpoint may have billed the call), never a younger one,
+    which may be a live call of another replica: the room it took stays taken."""
     await _budget(db, "month", input_token_limit=1_000)
     now = [NOW]
     ledger = Ledger(db, clock=lambda: now[0])
@@ -160,14 +161,19 @@ async def test_a_hold_left_by_a_dead_process_is_released_once_stale(db: Database
     third = LedgerCharger(ledger, PRICES, clock=lambda: now[0])
     assert await third.reserve("acme", model=HASH_MODEL, input_tokens=600) is None
     assert await _holds(db) == 1
-    # ... and once it is stale, the next reservation finds the room.
-    now[0] = NOW + dt.timedelta(seconds=STALE_HOLD_S + 1)
-    held = await live.reserve("acme", model=HASH_MODEL, input_tokens=600)
-    assert held is not None
-    await live.settle(held, model=HASH_MODEL, input_tokens=500)
-    assert await _holds(db) == 0
     (budget,) = await ledger.applicable("acme")
-    assert await ledger.window(budget, WINDOW) == (Amount(500, 500, 0), Amount())
+    assert await ledger.window(budget, WINDOW) == (Amount(), Amount(600, 600, 0))
+    # ... and once it is stale, the next reservation's sweep charges it: used, not free.
+    now[0] = NOW + dt.timedelta(seconds=STALE_HOLD_S + 1)
+    assert await live.reserve("acme", model=HASH_MODEL, input_tokens=600) is None
+    assert await _holds(db) == 0
+    assert await ledger.window(budget, WINDOW) == (Amount(600, 600, 0), Amount())
+    # What is left is free.
+    held = await live.reserve("acme", model=HASH_MODEL, input_tokens=400)
+    assert held is not None
+    await live.settle(held, model=HASH_MODEL, input_tokens=300)
+    assert await _holds(db) == 0
+    assert await ledger.window(budget, WINDOW) == (Amount(900, 900, 0), Amount())
 
 
 async def test_a_user_s_memory_is_not_charged(db: Database, server: FakeEmbeddings) -> None:

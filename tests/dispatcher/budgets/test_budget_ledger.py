@@ -117,7 +117,7 @@ async def test_settling_moves_the_hold_to_what_was_used_and_frees_the_rest(
     assert isinstance(await ledger.reserve(budgets, "r2", Amount(0, 5, 10)), Hold)
 
 
-async def test_release_gives_a_hold_back_and_takeover_releases_a_run_s_holds(
+async def test_release_gives_a_hold_back_and_takeover_charges_a_run_s_holds(
     db: Database,
 ) -> None:
     await _budget(db, "b", cost_limit_micros=100)
@@ -128,16 +128,31 @@ async def test_release_gives_a_hold_back_and_takeover_releases_a_run_s_holds(
     two = await ledger.reserve(budgets, "r2", Amount(cost_micros=50))
     assert isinstance(one, Hold)
     assert isinstance(two, Hold)
+    recorded: list[tuple[str, int, int, int]] = []
+
+    def record(_db: object, run_id: str, cost: int, tokens_in: int, out: int) -> None:
+        recorded.append((run_id, cost, tokens_in, out))
 
     await ledger.release(one)
-    assert await ledger.release_runs(["r2", "r3"]) == 2
+    # Its attempt lost: charged at what it reserved, in both of its budgets, and
+    # recorded once on its run.
+    assert await ledger.charge_lost(["r2", "r3"], record=record) == {"r2": Amount(50)}
+    assert recorded == [("r2", 50, 0, 0)]
 
-    assert await ledger.window(budgets[0], "d:2026-11-26") == (Amount(), Amount())
+    assert await ledger.window(budgets[0], "d:2026-11-26") == (Amount(50), Amount())
+    assert await ledger.window(budgets[1], "r:r2") == (Amount(50), Amount())
     assert await _holds(db) == 0
-    # Settled after its run was taken over: only what it used counts, once.
-    await ledger.settle(two, Amount(cost_micros=10))
-    assert await ledger.window(budgets[0], "d:2026-11-26") == (Amount(10), Amount())
-    assert await ledger.window(budgets[1], "r:r2") == (Amount(10), Amount())
+    # The room it took stays taken: another run gets only what is left ...
+    assert isinstance(await ledger.reserve(budgets, "r4", Amount(cost_micros=51)), list)
+    four = await ledger.reserve(budgets, "r4", Amount(cost_micros=50))
+    assert isinstance(four, Hold)
+    # ... and the lost attempt, had it lived on to settle, adds nothing more: the cap holds.
+    settled = await ledger.settle(two, Amount(cost_micros=10))
+    assert settled.charged_before
+    assert await ledger.window(budgets[0], "d:2026-11-26") == (Amount(50), Amount(50))
+    await ledger.settle(four, Amount(cost_micros=50))
+    assert await ledger.window(budgets[0], "d:2026-11-26") == (Amount(100), Amount())
+    assert await ledger.charge_lost(["r2"], record=record) == {}
 
 
 async def test_overdraft_holds_past_the_cap(db: Database) -> None:

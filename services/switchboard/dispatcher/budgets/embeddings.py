@@ -32,7 +32,8 @@ from switchboard.platform.values import names
 RUN_ID: Final = "embeddings"
 #: An embedding hold older than this belongs to a call whose process died between
 #: reserving and settling (a call lasts at most its attempts' timeouts and backoff,
-#: minutes): released, so a crash cannot keep a budget's room held for ever.
+#: minutes): charged at what it reserved (the endpoint may have billed it), so a
+#: crash neither keeps a budget's room held for ever nor frees room that was spent.
 STALE_HOLD_S: Final = 3600.0
 #: How often one process looks for such holds (on its next reservation).
 _SWEEP_EVERY_S: Final = 600.0
@@ -83,13 +84,14 @@ class LedgerCharger:
         self._clock = clock
         self._swept: dt.datetime | None = None
 
-    async def release_stale(self) -> int:
-        """Release embedding holds older than ``STALE_HOLD_S`` (their process died
-        mid-call); how many there were."""
+    async def release_stale(self) -> Amount:
+        """Charge embedding holds older than ``STALE_HOLD_S`` (their process died
+        mid-call) at what they reserved; what that came to."""
         self._swept = self._clock()
-        return await self._ledger.release_runs(
+        charged = await self._ledger.charge_lost(
             [RUN_ID], created_before=self._swept - dt.timedelta(seconds=STALE_HOLD_S)
         )
+        return charged.get(RUN_ID, Amount())
 
     def cost_micros(self, model: str, input_tokens: int) -> int:
         """Micro-dollars, rounded up (a hold never undercounts); 0 for an unpriced model."""

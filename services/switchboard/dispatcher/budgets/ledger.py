@@ -12,11 +12,18 @@ cannot both take the last of a budget. Rows are taken in budget order, so two
 reservations over the same budgets cannot deadlock.
 
 Each reservation writes one ``budget_holds`` row per budget with the run's id:
-settling or releasing deletes them, and a replica that takes a dead one's runs
-over releases theirs (``release_runs``). Settling moves the hold to used by
-what the call actually used; a threshold crossed is claimed by a conditional
+settling or releasing deletes them. Settling moves the hold to used by what the
+call actually used; a threshold crossed is claimed by a conditional
 ``UPDATE ... SET alerted = :p WHERE alerted < :p``, so each is reported once
 per period across replicas.
+
+A hold is never given back unless its call is known not to have been made: a
+replica that takes a dead one's runs over charges their holds at what they
+reserved (``charge_lost``), since a call in flight at a crash may have been
+billed, and a settlement that finds its hold already charged so adds nothing.
+Room is only ever freed by the hold's own settlement, so no reservation can
+take room that a call still in flight will use, and used + held never passes a
+cap (an owner's overdraft aside).
 """
 
 from __future__ import annotations
@@ -284,12 +291,19 @@ class Settled:
     #: The run's record of it refused it (the run is another instance's now):
     #: nothing was written, the hold is still held.
     refused: bool = False
+    #: The hold was already charged at what it reserved (its attempt was given up
+    #: for dead, ``Ledger.charge_lost``): nothing more was written.
+    charged_before: bool = False
 
 
 #: Records a settlement on its run in the settlement's transaction:
 #: ``(session, cost_micros, input_tokens, output_tokens)``; False refuses it
 #: (``runs/core/store.py``: ``RunStore.charging``).
 Record = Callable[[Session, int, int, int], bool]
+#: Records on a run the charge of a hold its lost attempt left, in the charge's
+#: transaction: ``(session, run_id, cost_micros, input_tokens, output_tokens)``
+#: (``runs/core/store.py``: ``RunStore.charge_lost``).
+LostRecord = Callable[[Session, str, int, int, int], None]
 
 
 class _Refused(Exception):
@@ -517,8 +531,9 @@ class Ledger:
     async def settle(self, hold: Hold, actual: Amount, *, record: Record | None = None) -> Settled:
         """Move ``hold`` to used by ``actual`` (what the call used; the rest of the
         hold is released) and report the thresholds this crossed (each once per
-        period, whichever replica crosses it). A hold already released (its run
-        taken over meanwhile) only adds ``actual``.
+        period, whichever replica crosses it). A hold already charged at what it
+        reserved (its attempt was given up for dead meanwhile: ``charge_lost``)
+        adds nothing more: that charge was the call's worst case.
 
         ``record``: the run's record of the charge, written in the same
         transaction, so what the budgets used is always what their runs were
@@ -533,17 +548,27 @@ class Ledger:
         }
         reserved = hold.amount
 
-        def work(db: Session) -> list[Alert]:
+        def work(db: Session) -> Settled:
+            connection = db.connection()
+            keys = [
+                {"ws": budget.workspace_id, "budget": budget.budget_id, "win": window}
+                for budget, window in hold.windows
+            ]
+            # The holds first, in lock order: one a takeover charged is gone whole
+            # (both take a hold's rows in the same order, in one transaction).
+            removed = [
+                _rowcount(connection.execute(_DELETE_HOLD, {**key, "hold": hold.id})) == 1
+                for key in keys
+            ]
+            if keys and not any(removed):
+                return Settled(charged_before=True)
             if record is not None and not record(
                 db, actual.cost_micros, actual.input_tokens, actual.output_tokens
             ):
                 raise _Refused
-            connection = db.connection()
             alerts: list[Alert] = []
-            for budget, window in hold.windows:
-                key = {"ws": budget.workspace_id, "budget": budget.budget_id, "win": window}
-                removed = connection.execute(_DELETE_HOLD, {**key, "hold": hold.id})
-                held = reserved if _rowcount(removed) == 1 else Amount()
+            for (budget, window), key, had in zip(hold.windows, keys, removed, strict=True):
+                held = reserved if had else Amount()
                 connection.execute(
                     _SETTLE,
                     {
@@ -556,10 +581,10 @@ class Ledger:
                 )
                 if budget.thresholds:
                     alerts.extend(self._crossed(connection, budget, window, key))
-            return alerts
+            return Settled(tuple(alerts))
 
         try:
-            return Settled(tuple(await self._run(work, write=True)))
+            return await self._run(work, write=True)
         except _Refused:
             return Settled(refused=True)
 
@@ -586,23 +611,33 @@ class Ledger:
         """Give ``hold`` back unused (its call was never made)."""
         await self.settle(hold, Amount())
 
-    async def release_runs(
-        self, run_ids: Sequence[str], *, created_before: dt.datetime | None = None
-    ) -> int:
-        """Release every hold of ``run_ids`` (runs taken over from a replica that
-        died holding them), or only those made before ``created_before``; returns
-        how many hold rows there were."""
-        released = 0
+    async def charge_lost(
+        self,
+        run_ids: Sequence[str],
+        *,
+        record: LostRecord | None = None,
+        created_before: dt.datetime | None = None,
+    ) -> dict[str, Amount]:
+        """Charge every hold of ``run_ids`` at what it reserved (their attempts died
+        holding them: a call in flight may have been billed, and nothing will settle
+        it), or only those made before ``created_before``; ``record`` adds each
+        hold's charge to its run in the same transaction. Returns what each run was
+        charged (runs without a hold are absent).
+
+        Held moves to used, so used + held is unchanged: the budget errs toward its
+        cap, never past it, and a step asked again reserves from what is left."""
+        charged: dict[str, Amount] = {}
         for start in range(0, len(run_ids), _RELEASE_BATCH):
             batch = list(run_ids[start : start + _RELEASE_BATCH])
 
-            def work(db: Session, batch: list[str] = batch) -> int:
+            def work(db: Session, batch: list[str] = batch) -> dict[str, Amount]:
                 rows = db.execute(
                     select(
                         BudgetHoldRow.id,
                         BudgetHoldRow.workspace_id,
                         BudgetHoldRow.budget_id,
                         BudgetHoldRow.window,
+                        BudgetHoldRow.run_id,
                         BudgetHoldRow.cost,
                         BudgetHoldRow.input_tokens,
                         BudgetHoldRow.output_tokens,
@@ -615,10 +650,11 @@ class Ledger:
                             else (BudgetHoldRow.created_at < created_before,)
                         ),
                     )
+                    # The settlements' lock order: by budget, then hold.
                     .order_by(BudgetHoldRow.budget_id, BudgetHoldRow.id)
                 ).all()
-                count = 0
-                for hold_id, workspace_id, budget_id, window, cost, input_tokens, output in rows:
+                holds: dict[str, tuple[str, Amount]] = {}
+                for hold_id, workspace_id, budget_id, window, run_id, cost, tokens_in, out in rows:
                     removed = db.execute(
                         delete(BudgetHoldRow)
                         .where(
@@ -630,7 +666,9 @@ class Ledger:
                     )
                     if _rowcount(removed) != 1:
                         continue  # settled meanwhile
-                    count += 1
+                    # Every budget's row of one hold holds the same amount: the run is
+                    # charged it once.
+                    holds[hold_id] = (run_id, Amount(cost, tokens_in, out))
                     db.execute(
                         update(BudgetWindowRow)
                         .where(
@@ -640,15 +678,36 @@ class Ledger:
                         )
                         .values(
                             cost_held=BudgetWindowRow.cost_held - cost,
-                            input_held=BudgetWindowRow.input_held - input_tokens,
-                            output_held=BudgetWindowRow.output_held - output,
+                            input_held=BudgetWindowRow.input_held - tokens_in,
+                            output_held=BudgetWindowRow.output_held - out,
+                            cost_used=BudgetWindowRow.cost_used + cost,
+                            input_used=BudgetWindowRow.input_used + tokens_in,
+                            output_used=BudgetWindowRow.output_used + out,
                         )
                         .execution_options(synchronize_session=False)
                     )
-                return count
+                per_run: dict[str, Amount] = {}
+                for run_id, amount in holds.values():
+                    per_run[run_id] = per_run.get(run_id, Amount()) + amount
+                if record is not None:
+                    for run_id, amount in sorted(per_run.items()):
+                        record(
+                            db,
+                            run_id,
+                            amount.cost_micros,
+                            amount.input_tokens,
+                            amount.output_tokens,
+                        )
+                return per_run
 
-            released += await self._run(work, write=True)
-        return released
+            for run_id, amount in (await self._run(work, write=True)).items():
+                charged[run_id] = charged.get(run_id, Amount()) + amount
+        if charged:
+            log.info(
+                "budget holds of lost attempts charged at what they reserved",
+                extra={"runs": len(charged)},
+            )
+        return charged
 
     async def room(self, budgets: Sequence[Applicable], run_id: str) -> dict[str, int]:
         """What is left in the current period of ``budgets`` for ``run_id``, per cap

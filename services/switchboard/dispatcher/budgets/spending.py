@@ -532,6 +532,10 @@ class RunBudget:
                 # Another instance took the run over: its charges are that one's now.
                 self._holds[hold] = kept
                 raise RunInterrupted("another dispatcher instance took the run over")
+            if settled.charged_before:
+                # Its hold was charged whole when this attempt was taken for lost, and
+                # that is what the run's row and the budgets count: so does its report.
+                actual = kept.amount
         self.charged = self.charged + actual
         self._handed_settle(kept.amount, actual)
         if not kept.windows:

@@ -14,15 +14,17 @@ scheduler (``Admission.admit``) and continues in the next sequence block
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from google.protobuf.message import DecodeError
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
+from switchboard.dispatcher.budgets.ledger import Amount, LostRecord
 from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.live import (
     FINISH_TIMEOUT_S,
@@ -32,7 +34,7 @@ from switchboard.dispatcher.runs.core.live import (
     queued_again,
 )
 from switchboard.dispatcher.runs.core.publishing import Publishing
-from switchboard.dispatcher.runs.core.store import TERMINAL, Stored
+from switchboard.dispatcher.runs.core.store import TERMINAL, Charged, Stored
 from switchboard.dispatcher.tools.journal import cover, unreadable
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (
@@ -72,7 +74,7 @@ class Recovery:
         publishing: Publishing,
         admit: Callable[[Active], None],
         metrics: Metrics | None,
-        release_holds: Callable[[Sequence[str]], Awaitable[int]] | None = None,
+        charge_holds: ChargeHolds | None = None,
         retire: Callable[[Sequence[Active]], list[asyncio.Task[None]]] | None = None,
     ) -> None:
         self._live = common.live
@@ -85,8 +87,9 @@ class Recovery:
         #: Back to the scheduler (``Admission.admit``, forced: the run is already stored).
         self._admit = admit
         self._metrics = metrics
-        #: Releases the budget holds of runs (``budgets/ledger.py``); None: no budgets.
-        self._release_holds = release_holds
+        #: Charges the budget holds the lost attempts of runs left, at what they
+        #: reserved (``Ledger.charge_lost``); None: no budgets.
+        self._charge_holds = charge_holds
         #: Lets go of runs this process holds that another instance took over
         #: (``Execution.retire``); None: nothing to let go of (tests of recovery alone).
         self._retire = retire
@@ -217,19 +220,29 @@ class Recovery:
 
     async def _recover_now(self, stored: Sequence[Stored], why: str) -> None:
         stored = await self._without_stale(stored, why)
-        if self._release_holds is not None:
-            # What their last owner held for steps in flight went with it: the
-            # steps run again (or the runs end) and reserve anew.
-            run_ids = [item.run.name.rsplit("/", 1)[-1] for item in stored]
+        if self._charge_holds is not None:
+            # What their last owner held for steps in flight went with it, and a call
+            # in flight may have been billed: charged at what it reserved, never given
+            # back for another run to take while it may still be spent. The steps run
+            # again (or the runs end) and reserve from what is left. Only runs with no
+            # attempt here: a live attempt's holds are its own to settle.
+            run_ids = [
+                item.run.name.rsplit("/", 1)[-1]
+                for item in stored
+                if item.run.name not in self._live.runs
+            ]
             if run_ids:
                 try:
-                    released = await self._release_holds(run_ids)
+                    charged = await self._charge_holds(
+                        run_ids, self._store.charging_lost(self._limits.instance_id)
+                    )
                 except SwitchboardError:
-                    log.warning("budget holds not released yet; retrying")
+                    log.warning("budget holds not charged yet; retrying")
                     self._unrecovered.extend((item, why) for item in stored)
                     return
-                if released:
-                    log.info("budget holds released", extra={"count": released, "why": why})
+                if charged:
+                    log.info("budget holds charged", extra={"runs": len(charged), "why": why})
+                    stored = [_with_charge(item, charged) for item in stored]
         for item in stored:
             try:
                 await self._recover_one(item, why)
@@ -395,6 +408,24 @@ class Recovery:
         if self._metrics is not None:
             label = handler_label(self._router, run.handler.removeprefix("handlers/"))
             self._metrics.run_ended(label, run_state_label(pb.RunState.Name(run.state)), None)
+
+
+#: Charges the holds of runs whose attempts were lost (``Ledger.charge_lost``), each
+#: run's charge recorded on it by the callable given: what each run was charged.
+ChargeHolds = Callable[[Sequence[str], LostRecord], Awaitable[Mapping[str, Amount]]]
+
+
+def _with_charge(item: Stored, charged: Mapping[str, Amount]) -> Stored:
+    """``item`` with what its lost attempt's holds were just charged added to what
+    its earlier attempts were: what its next attempt reports covers it."""
+    amount = charged.get(item.run.name.rsplit("/", 1)[-1])
+    if amount is None:
+        return item
+    return dataclasses.replace(
+        item,
+        charged=item.charged
+        + Charged(amount.cost_micros, amount.input_tokens, amount.output_tokens),
+    )
 
 
 def _action(state: int, policy: str) -> str:

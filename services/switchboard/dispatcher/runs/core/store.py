@@ -393,6 +393,23 @@ class RunStore:
 
         return charge
 
+    def charging_lost(self, owner: str) -> Callable[[Session, str, int, int, int], None]:
+        """What records on a run, inside the ledger's transaction
+        (``Ledger.charge_lost``), the charge of the holds its lost attempt left:
+        ``(session, run_id, cost, input, output)``, for runs ``owner`` took over."""
+
+        def charge(db: Session, run_id: str, cost: int, input_tokens: int, output: int) -> None:
+            values = {
+                "run": run_id,
+                "owner": owner,
+                "cost": cost,
+                "input_tokens": input_tokens,
+                "output_tokens": output,
+            }
+            _CHARGE.execute(db, values)
+
+        return charge
+
     async def renew_lease(self, instance: str, until: dt.datetime, address: str = "") -> bool:
         """Record that ``instance`` lives until ``until`` (its runs are not taken before)
         and that other replicas reach it at ``address``.
