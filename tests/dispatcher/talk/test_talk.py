@@ -653,6 +653,44 @@ async def test_an_idle_session_ends_deadline_exceeded_and_resumes(
         )
 
 
+async def test_someone_elses_session_is_not_found_whatever_state_it_is_in(
+    stub: Stub, place: Place
+) -> None:
+    """Whose session a resume names is the first thing checked: for anyone but its
+    creator (an owner, a viewer, a stranger to the workspace) it is NOT_FOUND as a
+    session that never was, open or ended, and whatever the resume asks of it."""
+    editor = place.world.editor
+    talk = open_talk(stub, editor, start(place.conversation, place.assistant))
+    session = (await session_of(talk)).name
+    never = session[:-1] + ("0" if session[-1] != "0" else "1")
+
+    async def as_absent(**resume: Any) -> None:
+        for caller in (place.world.owner, place.world.viewer, place.world.outsider):
+            answers = []
+            for name in (session, never):
+                error = await refused_talk(
+                    stub,
+                    caller,
+                    grpc.StatusCode.NOT_FOUND,
+                    pb.TalkRequest(resume=pb.TalkResume(session=name, **resume)),
+                )
+                answers.append((error.details() or "").replace(name, "<session>"))
+            assert answers[0] == answers[1], answers
+
+    await as_absent()  # open on its stream
+    await as_absent(after_sequence=99 << SHIFT)  # past its last turn
+    await talk.send(control_frame(pb.TALK_ACTION_END_SESSION))
+    assert await talk.rest() == []
+    await as_absent()  # ended
+    error = await refused_talk(
+        stub,
+        editor,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        pb.TalkRequest(resume=pb.TalkResume(session=session)),
+    )
+    assert reason(error) == "ERROR_REASON_SESSION_ENDED"
+
+
 async def test_a_resume_continues_after_the_last_frame_seen(stub: Stub, place: Place) -> None:
     editor = place.world.editor
     talk = open_talk(stub, editor, start(place.conversation, place.assistant))

@@ -459,6 +459,71 @@ async def test_a_dropped_peer_resumes_on_a_new_one_with_nothing_repeated_or_lost
         await closed(first)
 
 
+async def test_someone_elses_session_is_not_found_whatever_state_it_is_in(
+    channel: aio.Channel, place: Place, mesh: SwitchboardServer
+) -> None:
+    """A resume of another user's session is NOT_FOUND, the same answer as for a session
+    that never was, while a peer carries it and once it has ended: no refusal tells a
+    stranger that it exists, is live or is over (the caller's own gets those)."""
+    stub = dispatcher_stub(channel)
+    editor = place.world.editor
+    strangers = (place.world.owner, place.world.viewer, place.world.outsider)
+    opened = page()
+    try:
+        await connect(stub, editor, opened, **starting(place))
+        session = (await opened.until(lambda f: "session" in f))["session"]["name"]
+        never = session[:-1] + ("0" if session[-1] != "0" else "1")
+        peer = next(iter(peers_of(mesh)))
+
+        async def as_absent() -> None:
+            for caller in strangers:
+                answers = []
+                for name in (session, never):
+                    other = page()
+                    try:
+                        error = await refused(
+                            stub.ConnectTalk(
+                                pb.ConnectTalkRequest(
+                                    offer=await offer_of(other),
+                                    resume=pb.TalkResume(session=name),
+                                ),
+                                metadata=caller.md,
+                            ),
+                            grpc.StatusCode.NOT_FOUND,
+                        )
+                    finally:
+                        await closed(other)
+                    answers.append((error.details() or "").replace(name, "<session>"))
+                assert answers[0] == answers[1], (caller, answers)
+
+        await as_absent()  # carried by a peer of this process
+        opened.channel.send(  # type: ignore[attr-defined]
+            json.dumps({"control": {"action": "TALK_ACTION_END_SESSION"}})
+        )
+        async with asyncio.timeout(WAIT_S):
+            await peer.ended.wait()
+        await eventually(_no_peers(mesh), "the ended peer let go")
+        await as_absent()  # ended
+        # Its creator is told.
+        again = page()
+        try:
+            error = await refused(
+                stub.ConnectTalk(
+                    pb.ConnectTalkRequest(
+                        offer=await offer_of(again), resume=pb.TalkResume(session=session)
+                    ),
+                    metadata=editor.md,
+                ),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        finally:
+            await closed(again)
+        assert "has ended" in (error.details() or "")
+        assert peers_of(mesh).open_peers == 0
+    finally:
+        await closed(opened)
+
+
 async def test_speaking_over_the_answer_interrupts_it_and_clears_the_track(
     channel: aio.Channel, place: Place, counting: bytes, mesh: SwitchboardServer
 ) -> None:

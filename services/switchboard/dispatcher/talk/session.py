@@ -326,7 +326,8 @@ class Talks:
     async def _open_resume(
         self, grant: Grant, resume: pb.TalkResume
     ) -> tuple[_Opening, SessionRecord]:
-        """A resume's checks: the session, the caller's own, not ended, the position."""
+        """A resume's checks: the request's fields, then whose session it is, then the
+        rest (access to the conversation, not ended, the position)."""
         principal = grant.principal
         name = VoiceSessionName.parse(resume.session, "resume.session")
         if resume.after_sequence < 0:
@@ -334,12 +335,13 @@ class Talks:
                 "resume.after_sequence must not be negative",
                 [FieldViolation("resume.after_sequence", "must not be negative")],
             )
-        waker = _Waker()
-        hold = await grant.hold(((str(name.parent), "resume.session"),), Permission.WRITE, waker)
         record = await self._store.get(name.workspace, name.conversation, name.session)
-        # Someone else's session is as good as absent: its name tells nothing.
+        # Someone else's session is as good as absent, before anything about it or its
+        # conversation is told: no refusal may say that it exists, is carried or ended.
         if record is None or record.creator != principal.user_name:
             raise NotFound(f"{resume.session} not found")
+        waker = _Waker()
+        hold = await grant.hold(((str(name.parent), "resume.session"),), Permission.WRITE, waker)
         if record.ended_at is not None or record.expire_at <= names.now():
             raise SessionEnded(f"{resume.session} has ended; start a new session")
         after_turn, _ = mapping.position(resume.after_sequence)

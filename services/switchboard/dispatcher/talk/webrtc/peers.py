@@ -2,12 +2,14 @@
 
 The page's offer comes with Talk's first frame (a ``start`` or a ``resume``). Before any
 peer is made, the call is refused with the status the session would end with
-(``Talks.check``: the fields, access, the conversation, the assistant's voice, the
-sessions' limits), so a browser learns of a mistake from the call, not from a data channel
-that never opens. Then ``TalkPeer`` answers and bridges (``peer.py``); this registry holds
-it until it ends, within limits of its own: peers per process and per user (a peer that
-has not connected yet holds no session, so Talk's limits alone would not bound them), and
-one peer per session, so a resumed session is never fed by two microphones.
+(``Talks.check``: the fields, whose session a resume names, access, the conversation, the
+assistant's voice, the sessions' limits), so a browser learns of a mistake from the call,
+not from a data channel that never opens; this registry's own refusals come after those,
+so someone else's session is NOT_FOUND whatever state it is in. Then ``TalkPeer`` answers
+and bridges (``peer.py``); this registry holds it until it ends, within limits of its own:
+peers per process and per user (a peer that has not connected yet holds no session, so
+Talk's limits alone would not bound them), and one peer per session, so a resumed session
+is never fed by two microphones.
 """
 
 from __future__ import annotations
@@ -82,21 +84,19 @@ class Peers:
     ) -> pb.ConnectTalkResponse:
         first = _first_frame(request)
         resumed = first.resume.session if first.WhichOneof("frame") == "resume" else ""
+        # Talk's checks come first: they refuse someone else's session as absent
+        # (NOT_FOUND) before anything is looked at, and every refusal below depends on
+        # state (this process's peers, the session's formats) that a stranger must not
+        # learn. From here to ``_hold`` nothing awaits, so no other call comes between.
+        stored = await self._talks.check(principal, first)
+        self._check_room(principal)
+        if stored is not None:
+            self._check_formats(stored)
         if resumed and self.carrying(resumed):
             raise FailedPrecondition(
                 f"{resumed} is carried by another peer; close that peer (or let its "
                 "connection fail) before resuming the session on a new one",
                 metadata={"session": resumed},
-            )
-        self._check_room(principal)
-        stored = await self._talks.check(principal, first)
-        if stored is not None:
-            self._check_formats(stored)
-        # Checked again: the checks above awaited, and other calls may have come in.
-        self._check_room(principal)
-        if resumed and self.carrying(resumed):
-            raise FailedPrecondition(
-                f"{resumed} is carried by another peer", metadata={"session": resumed}
             )
 
         def talk(requests: AsyncIterator[pb.TalkRequest]) -> AsyncGenerator[pb.TalkResponse]:
