@@ -15,7 +15,8 @@ it. The points:
 - ``journaled``: the answer journaled, the run's end not yet stored. The
   survivor answers from the journal.
 - ``answered``: the model answered, its charge not yet settled. The survivor
-  asks again.
+  charges the dead call's hold at what it reserved (the provider billed it) and
+  asks again: the run reports both calls.
 
 Then, for the workspace: the budget's used cost (GetBudget and its window),
 the run's own usage (GetRun) and QueryUsage's sum are one number, and nothing
@@ -218,9 +219,10 @@ async def test_a_crash_at_any_point_of_a_model_call_leaves_runs_and_budgets_agre
         after,
     )
     assert sum(row.output_tokens for row in usage.rows) == run.usage.output_tokens
-    assert after.used == COST
     # charged: asked again, the call did not fit; journaled: answered from the
-    # journal; answered: never charged before the crash, so asked again.
+    # journal; answered: never settled before the crash, so its hold is charged at
+    # what it reserved when the run is taken over, and the model asked again.
+    assert after.used == COST * (2 if where == "answered" else 1)
     assert asked == {"charged": 1, "journaled": 1, "answered": 2}[where]
     expected = pb.RUN_STATE_CANCELLED if where == "charged" else pb.RUN_STATE_SUCCEEDED
     assert run.state == expected
