@@ -1304,6 +1304,118 @@ def _until_paused(server: Server, user: User, run: str) -> None:
     pytest.fail(f"{run} ended its watch without pausing")
 
 
+def _approval_kit(server: Server, user: User, workspace: str, mcp: McpTestServer) -> str:
+    """An MCP integration ("kit") and the workspace's default assistant with its echo
+    tool, every call of which waits for a person's decision; the integration's name."""
+    integration: str = server.integration.CreateIntegration(
+        integration_pb2.CreateIntegrationRequest(
+            parent=workspace,
+            integration_id="kit",
+            integration=integration_pb2.Integration(
+                display_name="Tool kit",
+                kind=integration_pb2.INTEGRATION_KIND_MCP_SERVER,
+                endpoint=mcp.url,
+            ),
+        ),
+        metadata=user.md,
+        timeout=CALL_S,
+    ).integration.name
+    server.dispatcher.CreateAssistant(
+        dispatcher_pb2.CreateAssistantRequest(
+            parent=workspace,
+            assistant_id="helper",
+            assistant=dispatcher_pb2.Assistant(
+                display_name="Helper",
+                instructions="Use the tools.",
+                tools=[
+                    dispatcher_pb2.AssistantTools(
+                        integration=integration, tools=["echo"], approval_required_tools=["echo"]
+                    )
+                ],
+                workspace_default=True,
+            ),
+        ),
+        metadata=user.md,
+        timeout=CALL_S,
+    )
+    return integration
+
+
+def test_a_paused_call_is_decided_in_one_place_and_its_arguments_read_as_the_model_reads_them(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    user = server.register("once")
+    workspace, conversation = server.workspace(user, f"once-{os.getpid()}")
+    # Keys a Struct (a map) carries in no order of its own, nested, and integer-like ones
+    # that JSON.stringify would put first: the page shows them sorted, as the server reads
+    # the call back to the model (shared/parttext.py), the same on every card.
+    arguments = {
+        "message": "hi",
+        "zeta": 1,
+        "alpha": {"b": 2, "a": 1},
+        "mid": [3, {"y": 1, "x": 2}],
+        "b": True,
+        "a": None,
+        "10": "ten",
+        "2": "two",
+    }
+    compact = json.dumps(arguments, separators=(",", ":"), sort_keys=True)
+    with McpTestServer() as mcp:
+        _approval_kit(server, user, workspace, mcp)
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, user.email)
+            open_conversation(browser, workspace, conversation)
+            run = send(browser, f"call kit__echo {json.dumps(arguments)}")
+            pending = f"{tid('approval', run=run)} {tid('pending-call')}"
+            browser.wait_for(pending)
+            call_id = browser.data(pending)["callId"]
+            entry = f"{tid('run', run=run)} {tid('timeline-entry', kind='tool-call')}"
+            browser.wait_for(f"{entry} {tid('inspector-decide', call_id=call_id)}")
+            assert browser.eval("(s) => document.querySelector(s).open", tid("inspector"))
+
+            # One call waits: one Approve and one Deny on the whole page, in the approvals.
+            buttons = browser.eval(
+                "() => [...document.querySelectorAll('button')]"
+                ".filter((b) => b.checkVisibility()).map((b) => b.textContent)"
+            )
+            assert buttons.count("Approve") == 1, buttons
+            assert buttons.count("Deny") == 1, buttons
+            assert browser.count(f"{pending} {tid('approve')}") == 1
+
+            # The timeline's entry leads to it: the reason field takes the focus.
+            browser.click(f"{entry} {tid('inspector-decide', call_id=call_id)}")
+            browser.wait(
+                "(s) => document.activeElement === document.querySelector(s)",
+                f"{pending} {tid('deny-reason')}",
+            )
+
+            shown = browser.eval(
+                "([pending, card, entry]) => ({"
+                " approval: document.querySelector(pending + ' pre').textContent,"
+                " card: document.querySelector(card).textContent,"
+                " timeline: document.querySelector(entry + ' .detail').textContent })",
+                [pending, f"{tid('run', run=run)} {tid('run-tool')} code", entry],
+            )
+            assert shown == {
+                "approval": json.dumps(arguments, indent=2, sort_keys=True),
+                "card": f"kit__echo({compact})",
+                "timeline": f"kit__echo({compact})",
+            }
+
+            browser.fill(f"{pending} {tid('deny-reason')}", "not now")
+            browser.click(f"{pending} {tid('deny')}")
+            run_state(browser, run, "RUN_STATE_SUCCEEDED")
+            assert browser.count(tid("approval")) == 0
+            # The conversation's stored call reads the same.
+            calls = browser.wait(
+                "() => { const t = [...document.querySelectorAll("
+                "'[data-testid=\"message-text\"]')].map((e) => e.textContent)"
+                ".filter((t) => t.startsWith('→')); return t.length && t; }"
+            )
+            assert calls == [f"→ kit__echo({compact})"]
+            assert problems(browser) == []
+
+
 def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
     stack: Stack, chromium: Chromium, server: Server
 ) -> None:
@@ -1724,7 +1836,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             done = run_state(browser, summed, "RUN_STATE_SUCCEEDED")
             assert "42" in done["answer"], done
             run = send(browser, 'call ref__echo {"message": "hello"}')
-            approve = f"{tid('run', run=run)} {tid('inspector-approve')}"
+            approve = f"{tid('approval', run=run)} {tid('approve')}"
             browser.wait_visible(approve)
             browser.screenshot(shots / "04-run-waiting-for-approval.png")
             # A reload: the inspector comes back with what it had and resumes WatchRun

@@ -13,6 +13,7 @@ import { fill, formatTime, h } from "./dom";
 import { offerCurrentVersion, problem, renderProblem } from "./errors";
 import { follow } from "./follow";
 import { idAttributes, idRule } from "./ids";
+import { jsonText } from "./jsontext";
 import { EventType } from "./gen/switchboard/api/events/v1/events_pb";
 import { circuitLabel, deliveryLabel, eventTypeLabel, eventTypeNameLabel, healthLabel, kindLabel } from "./labels";
 import {
@@ -561,7 +562,7 @@ export class Integrations {
             { "data-testid": "tool-result", "data-error": String(answer.isError) },
             h("span", { class: "muted" }, `${answer.isError ? "tool error" : "result"} · ${ms} ms`),
             answer.text ? h("pre", { "data-testid": "tool-result-text" }, answer.text) : null,
-            answer.result && Object.keys(answer.result).length ? h("pre", {}, JSON.stringify(answer.result, null, 2)) : null,
+            answer.result && Object.keys(answer.result).length ? h("pre", {}, jsonText(answer.result, 2)) : null,
           ),
         );
       } catch (error) {
@@ -594,7 +595,7 @@ export class Integrations {
           },
           form.element,
           button,
-          h("details", {}, h("summary", { class: "muted" }, "input schema"), h("pre", { "data-testid": "tool-schema" }, JSON.stringify(tool.inputSchema ?? {}, null, 2))),
+          h("details", {}, h("summary", { class: "muted" }, "input schema"), h("pre", { "data-testid": "tool-schema" }, jsonText(tool.inputSchema, 2))),
         ),
         output,
       ),

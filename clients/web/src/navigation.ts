@@ -11,6 +11,7 @@ import { browserZone, dateTime } from "./moments";
 import { FileViews } from "./files";
 import { local } from "./errors";
 import { idAttributes, idRule } from "./ids";
+import { jsonText } from "./jsontext";
 import { messageRoleLabel, roleLabel, storedOutcomeLabel } from "./labels";
 import { type Conversation, type Message, MessageRole, type Workspace, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
 import { type Run, RunState, SteerState } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
@@ -731,11 +732,11 @@ function messageText(message: Message): string {
         case "text":
           return part.part.value;
         case "toolCall":
-          return `→ ${part.part.value.functionName || part.part.value.tool}(${JSON.stringify(part.part.value.arguments ?? {})})`;
+          return `→ ${part.part.value.functionName || part.part.value.tool}(${jsonText(part.part.value.arguments)})`;
         case "toolResult":
           return `← ${storedOutcomeLabel(part.part.value.outcome)}: ${part.part.value.text}`;
         case "data":
-          return JSON.stringify(part.part.value);
+          return jsonText(part.part.value);
         case "file":
           // A stored file is shown beside the text (FileViews); a bare URL as itself.
           return part.part.value.file ? "" : `[file ${part.part.value.uri}]`;

@@ -14,6 +14,7 @@ import type { Api } from "./api";
 import { learnBudgetTitles } from "./budgets";
 import { fill, formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
+import { jsonText } from "./jsontext";
 import {
   type BudgetAction,
   BudgetDecision,
@@ -431,7 +432,7 @@ export class RunCards {
         return h(
           "div",
           { class: "tool", "data-testid": "run-tool", "data-call-id": call.id, "data-outcome": result ? `TOOL_OUTCOME_${ToolOutcome[result.outcome] ?? ""}` : "" },
-          h("code", {}, `${call.functionName || call.tool}(${JSON.stringify(call.arguments ?? {})})`),
+          h("code", {}, `${call.functionName || call.tool}(${jsonText(call.arguments)})`),
           result ? h("span", { class: "muted" }, ` → ${outcomeLabel(result.outcome)}: `, h("span", { "data-content": true }, result.text)) : null,
         );
       }),
@@ -797,7 +798,7 @@ export class RunCards {
   }
 
   /** The inspector: every entry of the run's timeline, rebuilt only when it changed; a
-   *  tool call still waiting for a decision has its Approve and Deny right there. */
+   *  tool call still waiting for a decision links to the one place it is decided. */
   private renderTimeline(card: HTMLElement, view: RunView): void {
     const list = card.querySelector<HTMLElement>('[data-testid="timeline"]');
     if (!list) return;
@@ -831,11 +832,6 @@ export class RunCards {
 
   private entry(view: RunView, entry: TimelineEntry, start: number, pending: Map<string, PendingToolCall>): HTMLElement {
     const call = entry.kind === "tool-call" && entry.id !== undefined ? pending.get(entry.id) : undefined;
-    const waiting = call !== undefined && !call.outcomeUnknown;
-    const id = entry.id ?? "";
-    const reason = waiting
-      ? h("input", { "data-testid": "inspector-deny-reason", placeholder: "reason (shown to the model)", maxlength: 500 })
-      : null;
     return h(
       "li",
       {
@@ -889,26 +885,42 @@ export class RunCards {
         : null,
       entry.by ? h("span", { "data-testid": "entry-by" }, ` by ${this.names.title(entry.by)}`) : null,
       entry.detail ? h(entry.kind === "text" || entry.kind === "speech" ? "div" : "code", { class: "detail", "data-content": true }, entry.detail) : null,
-      waiting
-        ? h(
-            "div",
-            { class: "row" },
-            reason,
-            h("button", { type: "button", "data-testid": "inspector-approve", class: "approve", onclick: () => void this.decide(view, id, ToolApprovalDecision.APPROVE, "") }, "Approve"),
-            h("button", { type: "button", "data-testid": "inspector-deny", onclick: () => void this.decide(view, id, ToolApprovalDecision.DENY, reason?.value ?? "") }, "Deny"),
-          )
-        : call?.outcomeUnknown
-          ? this.outcomeControls(view, call, "inspector-")
-          : null,
+      call ? this.decisionLink(view.name, call) : null,
+    );
+  }
+
+  /** A call in the timeline that waits for a decision points at where it is decided (the
+   *  approvals below the cards, or a child's row), rather than offering the buttons again:
+   *  two Approve / Deny pairs for one call read as two calls. */
+  private decisionLink(run: string, call: PendingToolCall): HTMLElement {
+    const id = call.call?.id ?? "";
+    const where = [`[data-testid="approval"]`, `[data-testid="child-approval"]`]
+      .map((box) => `${box}[data-run="${CSS.escape(run)}"] [data-testid="pending-call"][data-call-id="${CSS.escape(id)}"]`)
+      .join(", ");
+    return h(
+      "a",
+      {
+        href: "#",
+        class: "decision-link",
+        "data-testid": "inspector-decide",
+        "data-call-id": id,
+        onclick: (e: globalThis.Event) => {
+          e.preventDefault();
+          const target = document.querySelector<HTMLElement>(where);
+          target?.scrollIntoView({ block: "center" });
+          target?.querySelector<HTMLElement>("input, textarea, button")?.focus({ preventScroll: true });
+        },
+      },
+      call.outcomeUnknown ? "outcome unknown: go to its decision" : "waiting for your decision: go to it",
     );
   }
 
   /** What a person decides for a call a crash left in flight (outcome unknown): not whether
    *  to make it, but what became of it. Approve and Deny would be refused for it. */
-  private outcomeControls(view: Decidable, pending: PendingToolCall, prefix: string): HTMLElement {
+  private outcomeControls(view: Decidable, pending: PendingToolCall): HTMLElement {
     const id = pending.call?.id ?? "";
     const result: HTMLTextAreaElement = h("textarea", {
-      "data-testid": `${prefix}outcome-result`,
+      "data-testid": "outcome-result",
       placeholder: "what the call returned (required for Mark done; the model is given it as its result)",
       maxlength: MAX_RESULT_TEXT,
       rows: 2,
@@ -922,7 +934,7 @@ export class RunCards {
       "button",
       {
         type: "button",
-        "data-testid": `${prefix}outcome-complete`,
+        "data-testid": "outcome-complete",
         class: "approve",
         title: "It took effect: the model is given the result above",
         onclick: (e: globalThis.Event) => {
@@ -936,7 +948,7 @@ export class RunCards {
     done.disabled = result.value.trim() === "";
     return h(
       "div",
-      { class: "outcome-unknown", "data-testid": `${prefix}outcome-unknown`, "data-call-id": id },
+      { class: "outcome-unknown", "data-testid": "outcome-unknown", "data-call-id": id },
       h(
         "p",
         {},
@@ -948,9 +960,9 @@ export class RunCards {
       h(
         "div",
         { class: "row" },
-        h("button", { type: "button", "data-testid": `${prefix}outcome-retry`, title: "Send it again, with the same idempotency key", onclick: (e: globalThis.Event) => void this.decide(view, id, ToolApprovalDecision.RETRY, "", e) }, "Retry"),
+        h("button", { type: "button", "data-testid": "outcome-retry", title: "Send it again, with the same idempotency key", onclick: (e: globalThis.Event) => void this.decide(view, id, ToolApprovalDecision.RETRY, "", e) }, "Retry"),
         done,
-        h("button", { type: "button", "data-testid": `${prefix}outcome-fail-run`, class: "danger", title: "End the run FAILED without sending it again", onclick: (e: globalThis.Event) => void this.decide(view, id, ToolApprovalDecision.FAIL_RUN, "", e) }, "Fail run"),
+        h("button", { type: "button", "data-testid": "outcome-fail-run", class: "danger", title: "End the run FAILED without sending it again", onclick: (e: globalThis.Event) => void this.decide(view, id, ToolApprovalDecision.FAIL_RUN, "", e) }, "Fail run"),
       ),
     );
   }
@@ -1026,8 +1038,8 @@ export class RunCards {
             "div",
             { class: "pending unknown", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "", "data-outcome-unknown": "true" },
             h("code", {}, call?.functionName || call?.tool || id),
-            h("pre", {}, JSON.stringify(call?.arguments ?? {}, null, 2)),
-            this.outcomeControls(view, pending, ""),
+            h("pre", {}, jsonText(call?.arguments, 2)),
+            this.outcomeControls(view, pending),
           );
         }
         const reason = h("input", {
@@ -1041,7 +1053,7 @@ export class RunCards {
           "div",
           { class: "pending", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "" },
           h("code", {}, call?.functionName || call?.tool || id),
-          h("pre", {}, JSON.stringify(call?.arguments ?? {}, null, 2)),
+          h("pre", {}, jsonText(call?.arguments, 2)),
           reason,
           h("button", { type: "button", "data-testid": "approve", onclick: () => void this.decide(view, id, ToolApprovalDecision.APPROVE, "") }, "Approve"),
           h("button", { type: "button", "data-testid": "deny", onclick: () => void this.decide(view, id, ToolApprovalDecision.DENY, reason.value) }, "Deny"),

@@ -6,6 +6,7 @@ import { durationMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
 import type { Problem } from "./errors";
 import { follow } from "./follow";
+import { jsonText } from "./jsontext";
 import {
   type ChildRun,
   type RequiredAction,
@@ -718,7 +719,7 @@ export class RunView {
           sequence,
           at,
           label: call.requiresApproval ? "tool call (needs approval)" : "tool call",
-          detail: `${call.functionName || call.tool}(${call.invalidArguments || JSON.stringify(call.arguments ?? {})})`,
+          detail: `${call.functionName || call.tool}(${call.invalidArguments || jsonText(call.arguments)})`,
           id: call.id,
         });
         return;
@@ -730,7 +731,7 @@ export class RunView {
           sequence,
           at,
           label: `result: ${outcomeLabel(result.outcome)}`,
-          detail: result.text || (result.result ? JSON.stringify(result.result) : ""),
+          detail: result.text || (result.result ? jsonText(result.result) : ""),
           ms: result.duration ? durationMs(result.duration) : 0,
           id: result.id,
           outcome: `TOOL_OUTCOME_${ToolOutcome[result.outcome] ?? ""}`,
