@@ -247,6 +247,9 @@ class Messages(Domain):
             # outputs come from outside), not entities a person mentioned.
             entities=self._entities(render_parts(p for p in message.parts if p.HasField("text"))),
             entity_creator="system",
+            # Searchable by its words from the moment it is stored, as the indexer
+            # would read it (whatever the semantic index's state).
+            words=render_parts(stored_message.parts),
         )
         key = request_key(principal, "AppendMessage", request)
         staged = self.common.staged(

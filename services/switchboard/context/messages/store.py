@@ -1,4 +1,10 @@
-"""Persistence of messages and the entity memory an append writes (see ``storebase.py``)."""
+"""Persistence of messages and the entity memory an append writes (see ``storebase.py``).
+
+A message's words are indexed for full-text search in its append's transaction, so a
+message is found by them as soon as it is stored, whatever the semantic index holds
+(migration 0023): on SQLite a row of ``messages_fts`` keyed by ``fts_rowid`` (a trigger
+removes it with the message), on PostgreSQL the ``search`` column, inserted with the row.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import bindparam, select, update
+import sqlalchemy as sa
+from sqlalchemy import bindparam, func, literal_column, select, text, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from switchboard.context.records import (
@@ -37,7 +45,26 @@ _CONVERSATIONS: Final = table_of(ConversationRow)
 _MESSAGE_FIELDS: Final = tuple(MessageRecord.__dataclass_fields__)
 # An append's statements compiled once and run on the driver (``prepared.py``): the
 # ORM's unit of work, and even Core's execute, cost more than SQLite's own work.
-_INSERT_MESSAGE: Final = Prepared(_MESSAGES.insert(), columns=_MESSAGE_FIELDS)
+_INSERT_MESSAGE: Final = Prepared(_MESSAGES.insert(), columns=(*_MESSAGE_FIELDS, "fts_rowid"))
+#: The FTS5 row's key: SQLite's own rowid of ``messages`` could change at a VACUUM.
+_NEXT_FTS_ROWID: Final = Prepared(select(func.coalesce(func.max(_MESSAGES.c.fts_rowid), 0) + 1))
+_INDEX_WORDS_SQLITE: Final = Prepared(
+    text("INSERT INTO messages_fts(rowid, text) VALUES (:rowid, :text)")
+)
+# ``search`` is outside the models (``models.SEARCH_COLUMNS``): the same table, with it.
+_SEARCHABLE: Final = sa.table(
+    "messages",
+    *(sa.column(column.name, column.type) for column in _MESSAGES.c),
+    sa.column("search"),
+)
+_INSERT_MESSAGE_PG: Final = Prepared(
+    _SEARCHABLE.insert().values(
+        search=func.to_tsvector(
+            literal_column("'english'::regconfig"), bindparam("words", type_=sa.Text())
+        )
+    ),
+    columns=(*_MESSAGE_FIELDS, "words"),
+)
 _COUNT_MESSAGE: Final = Prepared(
     update(_CONVERSATIONS)
     .where(_CONVERSATIONS.c.id == bindparam("conversation"))
@@ -93,6 +120,8 @@ class NewMessage:
     encode: Callable[[int, dt.datetime], bytes]
     entities: Sequence[EntityRecord]
     entity_creator: str
+    #: What full-text search matches the message by (its text as a model reads it).
+    words: str = ""
 
 
 class MessageStore(StoreBase):
@@ -130,7 +159,7 @@ class MessageStore(StoreBase):
                 "created_at": stamp,
                 "data": new.encode(seq, stamp),
             }
-            _INSERT_MESSAGE.execute(connection, values)
+            self._insert_message(connection, values, new.words)
             _COUNT_MESSAGE.execute(
                 connection,
                 {"conversation": conversation_id, "seq": seq, "stamp": stamp, "tokens": new.tokens},
@@ -150,6 +179,15 @@ class MessageStore(StoreBase):
             return Appended(MessageRecord(**values), after, created, updated)
 
         return await retrying(lambda: self._run(staging(staged, tx), write=True))
+
+    def _insert_message(self, connection: Connection, values: dict[str, Any], words: str) -> None:
+        """The message's row and its words' full-text index, in the append's transaction."""
+        if not self._sqlite:
+            _INSERT_MESSAGE_PG.execute(connection, {**values, "words": words})
+            return
+        rowid = _NEXT_FTS_ROWID.scalar(connection)
+        _INSERT_MESSAGE.execute(connection, {**values, "fts_rowid": rowid})
+        _INDEX_WORDS_SQLITE.execute(connection, {"rowid": rowid, "text": words})
 
     def _remember_entities(
         self,

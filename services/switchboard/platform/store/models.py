@@ -215,12 +215,18 @@ class ConversationRow(Base):
 
 class MessageRow(Base):
     """One message; ``data`` is the serialized ``Message`` (messages never change
-    after the append, except for the archive marks pruning sets)."""
+    after the append, except for the archive marks pruning sets).
+
+    Its full-text index lives outside the models, in migration 0023: an FTS5 table
+    (``messages_fts``, keyed by ``fts_rowid``) on SQLite, a ``tsvector`` column with a
+    GIN index on PostgreSQL; both written by the append.
+    """
 
     __tablename__ = "messages"
     __table_args__ = (
         UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
         Index("ix_messages_live", "conversation_id", "archived", "seq"),
+        Index("uq_messages_fts_rowid", "fts_rowid", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
@@ -232,6 +238,8 @@ class MessageRow(Base):
     summary_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    # The SQLite FTS5 rowid (messages_fts); NULL on PostgreSQL.
+    fts_rowid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class MemoryItemRow(Base):
@@ -367,12 +375,16 @@ class RunRow(Base):
 #: Schema the migrations create outside the models (full-text search); the drift
 #: check and table listings ignore it.
 _FTS_PARTS = ("data", "idx", "content", "docsize", "config")
+_FTS_TABLES = ("memory_fts", "semantic_chunks_fts", "messages_fts")
 SEARCH_TABLES = frozenset(
-    {"memory_fts", "semantic_chunks_fts"}
-    | {f"{table}_{part}" for table in ("memory_fts", "semantic_chunks_fts") for part in _FTS_PARTS}
+    {*_FTS_TABLES} | {f"{table}_{part}" for table in _FTS_TABLES for part in _FTS_PARTS}
 )
-SEARCH_COLUMNS = frozenset({("memory_items", "search"), ("semantic_chunks", "search")})
-SEARCH_INDEXES = frozenset({"ix_memory_items_search", "ix_semantic_chunks_search"})
+SEARCH_COLUMNS = frozenset(
+    {("memory_items", "search"), ("semantic_chunks", "search"), ("messages", "search")}
+)
+SEARCH_INDEXES = frozenset(
+    {"ix_memory_items_search", "ix_semantic_chunks_search", "ix_messages_search"}
+)
 #: The semantic index's vector tables, one per dimension count (``semantic_vec_384``...),
 #: are made by the chunk store on first use, outside the models and migrations.
 VECTOR_TABLE_PREFIX = "semantic_vec_"

@@ -34,6 +34,7 @@ from tests.kits.contextkit import (
     remember,
     struct,
     stub_fixture,
+    text_message,
     violations,
     world_fixture,
 )
@@ -337,6 +338,59 @@ async def test_context_search_finds_messages_and_document_passages(
         search_context(stub, world.viewer, conversation.name, "kestrel", filter="source = message"),
         NOT_FOUND,
     )
+
+
+async def test_a_message_is_found_by_its_words_as_soon_as_it_is_stored(
+    mesh: Any, stub: Stub, world: World
+) -> None:
+    """Issue 79: FULL_TEXT found a conversation's messages only once the semantic index
+    held their passages (``index_messages`` on and the indexer done). A message's words
+    are indexed with it, whatever the semantic index holds."""
+    conversation = await create_conversation(stub, world.editor, world.name)
+    other = await create_conversation(stub, world.editor, world.name)
+    asked = text_message("the osprey dived into the lake")
+    asked.metadata.update({"topic": "birds"})
+    question = await append(stub, world.editor, conversation.name, message=asked)
+    answer = await append(
+        stub, world.editor, conversation.name, "an osprey eats fish", role=pb.MESSAGE_ROLE_ASSISTANT
+    )
+    elsewhere = await append(stub, world.editor, other.name, "an osprey elsewhere")
+    # The semantic index holds nothing of the workspace (messages are not indexed there).
+    assert (await chunks(mesh).counts(world.name, "")).total == 0
+
+    async def found(
+        filter: str = "", parent: str = conversation.name, query: str = "osprey", mode: int = 0
+    ) -> set[str]:
+        response = await search_context(stub, world.viewer, parent, query, filter=filter, mode=mode)
+        names = source_names(response.results)
+        assert len(names) == len(set(names))  # each message once
+        return set(names)
+
+    both = {question.name, answer.name}
+    assert await found(mode=FULL_TEXT) == both
+    assert await found(mode=HYBRID) == both  # runs in FULL_TEXT without an endpoint
+    assert await found(query="dives") == {question.name}  # stemmed, as memory items are
+    assert await found(parent=world.name) == {*both, elsewhere.name}
+    assert await found("role = user") == {question.name}
+    assert await found("role != user") == {answer.name}
+    assert await found("metadata.topic = birds", world.name) == {question.name}
+    assert await found("metadata.topic != birds", world.name) == {answer.name, elsewhere.name}
+    assert await found(f"conversation = {other.name}", world.name) == {elsewhere.name}
+    assert await found(f"conversation != {other.name}", world.name) == both
+    assert await found("source = message AND create_time > 2000-01-01T00:00:00Z") == both
+    assert await found("create_time < 2000-01-01T00:00:00Z") == set()
+    assert await found("source = memory") == set()
+    assert await found("source = document") == set()
+    # Passages the indexer wrote as well (index_messages): still one result per message.
+    await index_message(mesh, question, "the osprey dived into the lake")
+    assert await found() == both
+    # A deleted conversation's messages are left out.
+    await stub.DeleteConversation(
+        pb.DeleteConversationRequest(name=other.name),
+        metadata=world.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    assert await found(parent=world.name) == both
 
 
 async def test_paging_by_position(stub: Stub, world: World) -> None:

@@ -2,8 +2,8 @@
 retrieval of a context window (docs/semantic.md, "Searching").
 
 A search builds up to two ranked lists of sources: the full-text list (memory
-items through their own full-text index, immediate; messages and document
-chunks through the chunk store's) and the semantic list (the chunk store's
+items and messages through their own full-text indexes, written with them, so
+immediate; document chunks through the chunk store's) and the semantic list (the chunk store's
 nearest neighbours of the query's embedding under the current model). A source
 with several chunks counts once, at its best chunk. FULL_TEXT and SEMANTIC use
 one list, HYBRID fuses both by reciprocal rank (``fusion.py``).
@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Final, Protocol, TypeAlias
 
@@ -262,6 +262,21 @@ def memory_matches(conditions: SearchFilter, record: MemoryRecord) -> bool:
     ):
         return False
     return metadata_matches(conditions.metadata, record.meta)
+
+
+def _message_keeper(conditions: SearchFilter) -> Callable[[bytes], bool] | None:
+    """Whether a stored message holds the filter's metadata comparisons (None: no such
+    comparison, every message the SQL found holds the filter)."""
+    if not conditions.metadata:
+        return None
+    comparisons = conditions.metadata
+
+    def keep(data: bytes) -> bool:
+        message = pb.Message.FromString(data)
+        meta = message.metadata.SerializeToString() if message.HasField("metadata") else b""
+        return metadata_matches(comparisons, meta)
+
+    return keep
 
 
 def _merge(lists: Sequence[Sequence[Hit]]) -> list[Hit]:
@@ -612,10 +627,29 @@ class Search:
                     raise _unsearchable() from None
             for row, score in rows:
                 entries.append((("memory", str(memory_name(row))), score, None))
+        if where.memory_scope is None:
+            assert where.workspace_id is not None  # noqa: S101 (a context search's)
+            # Messages through their own index, written with the message: found by their
+            # words at once, whatever the semantic index holds (its passages of messages
+            # serve the list by meaning).
+            try:
+                messages = await stored(
+                    self._store.context_messages(
+                        where.workspace_id,
+                        where.conversation_id,
+                        query,
+                        conditions,
+                        limit=limit,
+                        keep=_message_keeper(conditions),
+                    )
+                )
+            except Unsearchable:
+                raise _unsearchable() from None
+            for hit in messages:
+                name = MessageName(where.workspace_id, hit.conversation_id, hit.message_id)
+                entries.append((("message", str(name)), hit.score, None))
         if where.memory_scope is None and self._chunks is not None:
-            hits, _ = await self._chunk_lists(
-                where, conditions, ("message", "document"), query=query
-            )
+            hits, _ = await self._chunk_lists(where, conditions, ("document",), query=query)
             entries += [((hit.source_kind, hit.source), hit.score, hit.chunk_id) for hit in hits]
         entries.sort(key=lambda entry: -entry[1])
         ranked: list[tuple[Key, float]] = []

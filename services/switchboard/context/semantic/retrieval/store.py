@@ -1,6 +1,7 @@
 """The reads of a search (``search.py``) besides the chunk store's ranked lists:
-memory items' full-text search over a workspace or a conversation, and the sources
-of ranked chunks (memory items, messages, files, the chunks themselves).
+memory items' and messages' full-text search over a workspace or a conversation (each
+through its own index, written with the item or the message), and the sources of
+ranked results (memory items, messages, files, the chunks themselves).
 
 Hydration is where visibility is decided: a source that is gone (deleted
 item, deleted conversation or file, expired item) or outside the searched
@@ -10,14 +11,16 @@ workspace is left out, whatever the chunk index still holds.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, Final, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, text
+from sqlalchemy.exc import DataError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
 
-from switchboard.context.records import MemoryRecord, MessageRecord, Scope
+from switchboard.context.records import MemoryRecord, MessageRecord, Scope, Unsearchable
 from switchboard.context.semantic.ports import SearchFilter
 from switchboard.context.storebase import StoreBase, memory_record, message_record
 from switchboard.platform.store.models import (
@@ -26,6 +29,7 @@ from switchboard.platform.store.models import (
     MemoryItemRow,
     MessageRow,
     SemanticChunkRow,
+    table_of,
 )
 from switchboard.platform.values.names import now
 from switchboard.platform.values.resources import ConversationName
@@ -33,6 +37,16 @@ from switchboard.platform.values.resources import ConversationName
 _Id = TypeVar("_Id", str, int)
 #: Ids per ``IN`` list (well under SQLite's bound-parameter limit).
 _BATCH = 500
+_MESSAGE_CREATED: Final = table_of(MessageRow).c.created_at.type
+
+
+@dataclass(frozen=True)
+class MessageHit:
+    """A message full-text search found: its conversation, id and relevance."""
+
+    conversation_id: str
+    message_id: str
+    score: float
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,60 @@ class SearchStore(StoreBase):
 
         return await self._run(tx, write=False)
 
+    async def context_messages(
+        self,
+        workspace_id: str,
+        conversation_id: str | None,
+        query: str,
+        conditions: SearchFilter,
+        *,
+        limit: int,
+        keep: Callable[[bytes], bool] | None = None,
+    ) -> list[MessageHit]:
+        """Messages of the workspace's live conversations (or of one conversation)
+        matching ``query`` through their own full-text index, best first, under the
+        filter's conditions on messages (role, conversation, create_time); ``keep``
+        decides the rest from a message's stored bytes. A deleted conversation's
+        messages are left out; Unsearchable if the engine refuses the query."""
+        match = self._match(query)
+        if not match or limit <= 0 or not _may_match_messages(conditions):
+            return []
+        where = ["cv.workspace_id = :workspace", "cv.deleted_at IS NULL"]
+        params: dict[str, Any] = {"match": match, "workspace": workspace_id}
+        binds: list[BindParameter[Any]] = []
+        if conversation_id is not None:
+            where.append("m.conversation_id = :conversation")
+            params["conversation"] = conversation_id
+        _message_conditions(conditions, where, params, binds)
+        sql = _message_search_sql(" AND ".join(where), sqlite=self._sqlite, data=keep is not None)
+        statement = text(sql).bindparams(*binds)
+        # Pages of candidates until ``limit`` are kept: ``keep`` may drop some.
+        page = limit if keep is None else max(limit, _BATCH)
+
+        def tx(db: Session) -> list[MessageHit]:
+            found: list[MessageHit] = []
+            offset = 0
+            while len(found) < limit:
+                try:
+                    rows = (
+                        db.connection()
+                        .execute(statement, {**params, "limit": page, "offset": offset})
+                        .all()
+                    )
+                except (OperationalError, ProgrammingError, DataError) as exc:
+                    if not any(w in str(exc.orig).lower() for w in ("fts5", "tsquery", "syntax")):
+                        raise
+                    raise Unsearchable() from None
+                for message_id, conversation, data, score in rows:
+                    if keep is None or keep(data):
+                        found.append(MessageHit(conversation, message_id, float(score)))
+                if len(rows) < page:
+                    break
+                offset += page
+            return found[:limit]
+
+        return await self._run(tx, write=False)
+
     async def check_live(self, scope: Scope) -> None:
         """Missing unless the scope (workspace, conversation, user) exists."""
         await self._run(lambda db: self._check_scope_live(db, scope, writable=False), write=False)
@@ -201,6 +269,73 @@ class SearchStore(StoreBase):
         if not (memory_ids or message_ids or file_ids or chunk_ids):
             return Sources()
         return await self._run(tx, write=False)
+
+
+def _may_match_messages(conditions: SearchFilter) -> bool:
+    """Whether a message can hold the conditions: it belongs to a conversation and is
+    no document passage."""
+    if conditions.sources is not None and "message" not in conditions.sources:
+        return False
+    if "message" in conditions.exclude_sources:
+        return False
+    return not conditions.without_conversation and conditions.files is None
+
+
+def _message_conditions(
+    conditions: SearchFilter,
+    where: list[str],
+    params: dict[str, Any],
+    binds: list[BindParameter[Any]],
+) -> None:
+    """A search filter's conditions on messages, as SQL on ``messages m`` (values bound);
+    a message's label is its role, as its passages' is."""
+
+    def one_of(column: str, name: str, values: frozenset[str] | None, negate: bool) -> None:
+        if values is None or (negate and not values):
+            return
+        if not values:  # "one of nothing"
+            where.append("1 = 0")
+            return
+        where.append(f"{column} {'NOT IN' if negate else 'IN'} :{name}")
+        params[name] = sorted(values)
+        binds.append(bindparam(name, expanding=True))
+
+    one_of("m.role", "roles", conditions.labels, False)
+    one_of("m.role", "not_roles", conditions.exclude_labels, True)
+    one_of("m.conversation_id", "conversations", conditions.conversation_ids, False)
+    one_of("m.conversation_id", "not_conversations", conditions.exclude_conversation_ids, True)
+    if conditions.created_after is not None:
+        op = ">=" if conditions.created_after_inclusive else ">"
+        where.append(f"m.created_at {op} :created_after")
+        params["created_after"] = conditions.created_after
+        binds.append(bindparam("created_after", type_=_MESSAGE_CREATED))
+    if conditions.created_before is not None:
+        op = "<=" if conditions.created_before_inclusive else "<"
+        where.append(f"m.created_at {op} :created_before")
+        params["created_before"] = conditions.created_before
+        binds.append(bindparam("created_before", type_=_MESSAGE_CREATED))
+
+
+def _message_search_sql(where: str, *, sqlite: bool, data: bool) -> str:
+    """The messages' full-text query; ``data``: with each message's stored bytes."""
+    # ``where`` is built from constant fragments; values are bound.
+    columns = f"m.id, m.conversation_id, {'m.data' if data else 'NULL'}"
+    if sqlite:
+        return (
+            f"SELECT {columns}, -bm25(messages_fts) AS score FROM messages_fts "  # noqa: S608
+            "JOIN messages m ON m.fts_rowid = messages_fts.rowid "
+            "JOIN conversations cv ON cv.id = m.conversation_id "
+            f"WHERE messages_fts MATCH :match AND {where} "
+            "ORDER BY score DESC, m.id LIMIT :limit OFFSET :offset"
+        )
+    # ts_rank, as the chunk index ranks passages, so one list reads the same either way.
+    return (
+        f"SELECT {columns}, ts_rank(m.search, q) AS score "  # noqa: S608
+        "FROM messages m JOIN conversations cv ON cv.id = m.conversation_id, "
+        "to_tsquery('english', :match) q "
+        f"WHERE m.search @@ q AND {where} "
+        "ORDER BY score DESC, m.id LIMIT :limit OFFSET :offset"
+    )
 
 
 def _aware(when: dt.datetime) -> dt.datetime:
