@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -542,6 +543,30 @@ def test_bad_options_exit_2_before_anything_starts(
     assert done.stderr.startswith(f"switchboard mesh: {message}"), done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "mesh").exists()
+
+
+def test_a_taken_port_stops_the_mesh_before_anything_starts(data_dir: Path) -> None:
+    """Envoy starts last: its admin port held by another process (here this one) is
+    named with its holder at once, before PostgreSQL, Redis or any service starts."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = switchboard(
+            "mesh",
+            f"--data-dir={data_dir}",
+            "--listen=127.0.0.1:0",
+            f"--admin=127.0.0.1:{port}",
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"switchboard mesh: 127.0.0.1:{port}, Envoy's admin interface (--admin), is not free"
+    ), done.stderr
+    assert f"pid {os.getpid()} (" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""  # no process started, not even PostgreSQL's initdb
+    assert not (data_dir / "mesh.json").exists()
+    assert not (data_dir / "postgres" / "data").exists()
 
 
 @pytest.fixture

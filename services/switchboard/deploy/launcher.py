@@ -56,6 +56,7 @@ from switchboard.deploy.machine import (
     ensure_secrets,
     guard,
 )
+from switchboard.deploy.ports import Wanted, check_free
 from switchboard.deploy.processes import (
     EVERY_SERVICE,
     Child,
@@ -109,6 +110,8 @@ def run_mesh(args: argparse.Namespace) -> int:
         print(f"switchboard mesh: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        # Envoy starts last: a port it cannot have must stop the mesh before the rest starts.
+        check_free(options.fixed_ports())
         keys = ensure_secrets(layout)
     except MeshError as exc:
         lock.close()
@@ -211,6 +214,23 @@ class Options:
         except SpecError as exc:
             raise MeshError(str(exc)) from None
         return options
+
+    def fixed_ports(self) -> list[Wanted]:
+        """The ports the mesh binds by number (every other one is picked free)."""
+        wanted = [
+            Wanted(self.listen.host, self.listen.port, "Envoy's listener", "--listen"),
+            Wanted(self.admin.host, self.admin.port, "Envoy's admin interface", "--admin"),
+        ]
+        if self.tls_listen is not None:
+            wanted.append(
+                Wanted(
+                    self.tls_listen.host,
+                    self.tls_listen.port,
+                    "Envoy's TLS listener",
+                    "--tls-listen",
+                )
+            )
+        return wanted
 
     def replica_names(self) -> list[str]:
         return [name for _, name, _ in self.service_processes()]
