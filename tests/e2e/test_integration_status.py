@@ -106,6 +106,9 @@ async def test_probes_follow_an_expert_down_and_back_and_watchers_see_each_chang
                 back = frames[-1].integration.status
                 assert back.health == ipb.HEALTH_STATE_HEALTHY
                 assert back.consecutive_failures == 0
+                # Recovered: the old failure is not its status any more.
+                assert not back.HasField("last_error")
+                assert not (await _status(stub, world, made.name)).HasField("last_error")
                 # A healthy verdict that changes nothing writes nothing (not even the time).
                 await prober.probe_all()
                 still = await _status(stub, world, made.name)

@@ -243,8 +243,14 @@ class IntegrationStore(KeyedStore[IntegrationRow, IntegrationRecord, tuple[dt.da
             row = db.get(IntegrationRow, (workspace_id, integration_id))
             if row is None or row.version != version:
                 return None
-            if row.health == health.health and row.failures == health.failures:
-                # Unchanged: not even the probe time is written (one write per change).
+            if (
+                row.health == health.health
+                and row.failures == health.failures
+                and row.last_error == health.last_error
+            ):
+                # Unchanged: not even the probe time is written (one write per change). A
+                # healthy row still holding an old failure (kept by earlier versions) is
+                # written once, to clear it.
                 return None
             if row.health != health.health:
                 row.health_since = health.probed_at

@@ -147,19 +147,7 @@ class Prober:
             # working. The status is the outage's; the why is in the log.
             self._failures.failed("integration probe failed unexpectedly", exc, integration=name)
             code, error = code_pb2.UNAVAILABLE, "the probe failed unexpectedly"
-        failures = 0 if code == code_pb2.OK else record.failures + 1
-        if code == code_pb2.OK:
-            health = pb.HEALTH_STATE_HEALTHY
-            if self._breakers.state(name).state != "closed":
-                health = pb.HEALTH_STATE_DEGRADED
-        else:
-            health = pb.HEALTH_STATE_DEGRADED if failures < 2 else pb.HEALTH_STATE_UNHEALTHY
-        verdict = Health(
-            health=health,
-            last_error=status_bytes(code, error) if code != code_pb2.OK else record.last_error,
-            failures=failures,
-            probed_at=now(),
-        )
+        verdict = _verdict(record, code, error, self._breakers.state(name).state == "closed")
         staged: Staged[IntegrationRecord | None] = Staged(
             self._bus.outbox, lambda done: [self._announce(done)] if done else []
         )
@@ -167,7 +155,28 @@ class Prober:
             record.workspace_id, record.id, record.version, verdict, staged
         )
         await self._bus.publish_staged(staged.events)
-        _log_change(changed, record, health, failures, error)
+        health = pb.HealthState.ValueType(verdict.health)
+        _log_change(changed, record, health, verdict.failures, error)
+
+
+def _verdict(record: IntegrationRecord, code: int, error: str, closed: bool) -> Health:
+    """What a probe answering ``code`` (``error`` its why) makes of ``record``'s status;
+    ``closed``: whether calls flow (the circuit is closed)."""
+    failures = 0 if code == code_pb2.OK else record.failures + 1
+    if code != code_pb2.OK:
+        health = pb.HEALTH_STATE_DEGRADED if failures < 2 else pb.HEALTH_STATE_UNHEALTHY
+        last_error = status_bytes(code, error)
+    elif closed:
+        health = pb.HEALTH_STATE_HEALTHY
+        # Recovered: the old failure is no longer the integration's state, and a status
+        # that said HEALTHY beside it read as a live failure.
+        last_error = b""
+    else:
+        # Answering, but the circuit is still open: the failure that opened it explains
+        # the DEGRADED until calls flow again.
+        health = pb.HEALTH_STATE_DEGRADED
+        last_error = record.last_error
+    return Health(health=health, last_error=last_error, failures=failures, probed_at=now())
 
 
 def _log_change(
