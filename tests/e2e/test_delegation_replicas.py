@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ class Model:
 
     hold: asyncio.Event | None = None
     asked: list[str] = field(default_factory=list)
+    #: Seconds the planner's first answer (its delegate calls) takes to begin.
+    planner_s: float = 0.0
 
     def __call__(self, body: dict[str, Any]) -> Reply:
         who = instructions(body)
@@ -81,12 +84,13 @@ class Model:
         if who == PLANNER:
             done = tool_outputs(body)
             if not done:
-                return Reply.tool_calls(
+                calls = Reply.tool_calls(
                     [
                         ("ask_pricing", {"input": "price of a kayak?"}, PRICE_CALL),
                         ("ask_stock", {"input": "kayaks in stock?"}, STOCK_CALL),
                     ]
                 )
+                return dataclasses.replace(calls, first_byte_after_s=self.planner_s)
             return Reply.text(f"price: {done[PRICE_CALL]}; stock: {done[STOCK_CALL]}")
         if who == PRICING:
             return Reply.text("400 euros")
@@ -194,11 +198,15 @@ async def answer_of(replica: Replica, caller: Caller, run: pb.Run) -> str:
     return "".join(part.text for part in got.message.parts)
 
 
+# A planner slower than a second to make its calls: the resumed parent makes them at
+# once, from its journal, so a delegate call that carried the time left on the
+# parent's deadline was "a different request" when sent again (issue 79).
+@pytest.mark.parametrize("planner_s", [0.0, 1.5], ids=["quick-planner", "slow-planner"])
 async def test_a_tree_taken_over_after_sigkill_asks_no_done_child_again(
-    env: dict[str, str], postgres_engine: AsyncEngine
+    env: dict[str, str], postgres_engine: AsyncEngine, planner_s: float
 ) -> None:
     database = postgres_engine
-    model = Model()
+    model = Model(planner_s=planner_s)
     async with (
         FakeOpenAI(default=model) as fake,
         replicas({**env, "SWITCHBOARD_LLM_BASE_URL": fake.url}) as both,
@@ -252,6 +260,12 @@ async def test_a_tree_taken_over_after_sigkill_asks_no_done_child_again(
                 timeout_s=SETTLE_S,
             )
             job, owner_name = await stored(database, parent.name)
+            deadline = (
+                await first.stub.GetRun(
+                    pb.GetRunRequest(name=parent.name), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                )
+            ).run.deadline
+            assert deadline.seconds > 0
             assert journaled_results(job)[PRICE_CALL] == "400 euros"
             assert STOCK_CALL not in journaled_results(job)
             before = await children(first.stub, caller, workspace, parent.name)
@@ -288,6 +302,14 @@ async def test_a_tree_taken_over_after_sigkill_asks_no_done_child_again(
         # and it streamed the uninterrupted run's answer.
         resumed = [u for u in updates if u.sequence >= SEQUENCE_BLOCK]
         assert "".join(u.delta.text for u in resumed) == calm_answer
+        # It ran under the deadline its first attempt had: a crash gives no new time.
+        running = [
+            u.state_change.run
+            for u in resumed
+            if u.HasField("state_change") and u.state_change.run.state == pb.RUN_STATE_RUNNING
+        ]
+        assert running
+        assert all(run.deadline == deadline for run in running), (running, deadline)
         followed = {u.child_run.tool_call_id for u in resumed if u.HasField("child_run")}
         assert followed == {STOCK_CALL}
         results = [u.tool_result.id for u in resumed if u.HasField("tool_result")]

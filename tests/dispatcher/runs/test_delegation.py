@@ -357,6 +357,20 @@ async def test_cancelling_the_parent_cancels_its_child(database_url: str) -> Non
         assert "the run that asked it ended" in ended.final.error.message
         finished = await watch_all(d.dstub, d.world.viewer, parent.name)
         assert finished.final.state == pb.RUN_STATE_CANCELLED
+        # The parent's stream shows the child end before its own end: a client
+        # building the tree from it sees every child it saw start also end.
+        shown = [
+            (index, u.child_run.state)
+            for index, u in enumerate(finished.updates)
+            if u.HasField("child_run") and u.child_run.run == child
+        ]
+        assert shown[-1][1] == pb.RUN_STATE_CANCELLED, shown
+        ends = [
+            index
+            for index, u in enumerate(finished.updates)
+            if u.HasField("state_change") and u.state_change.run.state == pb.RUN_STATE_CANCELLED
+        ]
+        assert shown[-1][0] < ends[0]
 
 
 async def test_bad_delegates_are_refused_and_nothing_is_stored(database_url: str) -> None:
@@ -590,7 +604,8 @@ async def test_a_cancelled_child_is_an_error_result_for_its_parent(database_url:
         )
         finished = await watch_all(d.dstub, d.world.viewer, parent.name)
         assert finished.final.state == pb.RUN_STATE_SUCCEEDED, finished.final.error
-        assert finished.text.startswith("without slow: slow did not answer (")
+        # The result names the state the child ended in, then why.
+        assert finished.text.startswith("without slow: slow did not answer (it ended cancelled: ")
         assert "not needed" in finished.text
 
 

@@ -112,6 +112,10 @@ class Parent:
     root: str
     #: The assistants from the root down to the parent's, in order.
     lineage: tuple[str, ...]
+    #: When the parent must have finished (wall clock; None: no deadline known): the
+    #: child's time is what is left of it at its admission. An absolute time, so the
+    #: call sent again after a crash is the same request, whenever it is sent.
+    deadline: dt.datetime | None = None
 
 
 #: A handler of a workspace, as its capabilities say (None: the workspace has none of
@@ -357,6 +361,39 @@ class Delegation:
         if started and root in self._trees:
             self._trees[root] += 1
 
+    async def end_orphans(self, active: Active, emit: Callable[[pb.RunUpdate], None]) -> None:
+        """A recovered run ends: children an earlier attempt of it started that are still
+        active (a call of that attempt its model did not make again) are cancelled and
+        their end shown on its stream, so that no child outlives its parent."""
+        if self.closing():
+            return  # both are resumed after the restart
+        calls = self._calls()
+        for child in await self._store.children(active.run_id):
+            if child.state in TERMINAL:
+                continue
+            try:
+                ended = await calls.cancel_run(
+                    active.principal, child.name, "the run that asked it ended"
+                )
+            except SwitchboardError:
+                log.warning("a child of an ended run was not cancelled", extra={"run": child.name})
+                continue
+            update = pb.RunUpdate()
+            shown = update.child_run
+            shown.run = ended.name
+            if ended.assistant:
+                shown.assistant = ended.assistant
+            else:
+                shown.handler = ended.handler
+            shown.tool_call_id = ended.parent_tool_call
+            shown.parent = active.run.name
+            shown.state = ended.state
+            if ended.state in TERMINAL:
+                shown.usage.CopyFrom(ended.usage)
+                if ended.HasField("error"):
+                    shown.error.CopyFrom(ended.error)
+            emit(update)
+
     async def checker(self, schema: struct_pb2.Struct) -> Compiled:
         """``schema``'s validator, compiled once (off the loop) and kept for the next
         calls of any run whose delegate gives the same schema."""
@@ -571,6 +608,9 @@ class Delegate:
             depth=active.run.depth + 1,
             root=active.job.tree_root or active.run_id,
             lineage=lineage,
+            deadline=(
+                active.run.deadline.ToDatetime(dt.UTC) if active.run.HasField("deadline") else None
+            ),
         )
 
     async def _refused(self, parent: Parent, call_id: str) -> str | Claim | None:
@@ -638,16 +678,13 @@ class Delegate:
             # leaves both to be resumed: the parent follows the same child then.
             if not delegation.closing():
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(
-                        calls.cancel_run(principal, child.name, "the run that asked it ended")
-                    )
+                    await asyncio.shield(self._end_child(calls, principal, child.name, parent))
             raise
         finally:
             self._waiting.leave()
         self._show(ended, parent.tool_call)
         if ended.state != pb.RUN_STATE_SUCCEEDED:
-            why = ended.error.message or pb.RunState.Name(ended.state)
-            return (False, f"{self._target.id} did not answer ({why})."), ended.usage
+            return (False, f"{self._target.id} did not answer ({_ended_as(ended)})."), ended.usage
         if said is None:
             # Its answer went by before this watch began (a child that ended before a
             # crash of its parent's process): read as stored.
@@ -656,6 +693,19 @@ class Delegate:
             )
             said = list(stored.parts)
         return answered(said), ended.usage
+
+    async def _end_child(
+        self, calls: Calls, principal: Principal, name: str, parent: Parent
+    ) -> None:
+        """Cancel the child of a parent that ends, and show its end on the parent's
+        stream before the parent's own end: a client building the tree from the
+        root's stream sees every child it saw start also end."""
+        ended = await calls.cancel_run(principal, name, "the run that asked it ended")
+        if ended.state not in TERMINAL:
+            # Its owner is another replica that answered before the end was stored.
+            ended = await calls.get_run(name)
+        if ended.state in TERMINAL:
+            self._show(ended, parent.tool_call)
 
     async def _start(
         self,
@@ -690,8 +740,10 @@ class Delegate:
             assistant="" if self._target.handler else str(self._target),
             handler=str(self._target) if self._target.handler else "",
             request_id=derived_request_id("delegate", "message", key),
-            timeout=duration_pb2.Duration(seconds=max(1, int(timeout_s))),
         )
+        if parent.deadline is None:
+            # No wall-clock deadline to hand down: what is left, as a duration.
+            request.timeout.CopyFrom(duration_pb2.Duration(seconds=max(1, int(timeout_s))))
         return await calls.send_message(principal, request, handed, parent=parent)
 
     async def _ended(
@@ -746,6 +798,15 @@ class Delegate:
         elif child.state == pb.RUN_STATE_REQUIRES_ACTION:
             shown.required_action.CopyFrom(child.required_action)
         self._emit(update)
+
+
+def _ended_as(child: pb.Run) -> str:
+    """How a child that did not succeed ended, in the parent's tool result: its state
+    always (a model reading "not needed" alone cannot tell a cancel from a failure),
+    then its error's message."""
+    state = pb.RunState.Name(child.state).removeprefix("RUN_STATE_").lower().replace("_", " ")
+    message = child.error.message
+    return f"it ended {state}: {message}" if message else f"it ended {state}"
 
 
 #: The conversation metadata key naming the run whose delegate call made it.

@@ -20,6 +20,7 @@ time as their gRPC deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -219,12 +220,12 @@ class Execution:
         try:
             active.to(pb.RUN_STATE_RUNNING)
             self._started(active)
-            run.deadline.FromDatetime(names.now() + dt.timedelta(seconds=active.timeout_s))
+            allowed = active.begin_deadline(names.now())
             # Watchers see RUNNING now (the feed); storing it and publishing
             # its events wait until the run has read its context (``_begin``).
             active.held = True
             self._publishing.state_changed(active)
-            output, result = await self._drive(active)
+            output, result = await self._drive(active, allowed)
             run.output_message = output.name
             # What its budgets were charged, every attempt's, is the run's usage at
             # least: a model call charged before a crash, whose step the journal
@@ -282,11 +283,26 @@ class Execution:
             await asyncio.shield(budget.close())
             active.charged = self._charged(active)
             active.budget = None
+        assistant = active.assistant
+        if (
+            active.recovered
+            and self._delegation is not None
+            and assistant is not None
+            and assistant.delegates
+            and active.run.state in TERMINAL
+        ):
+            # Children an earlier attempt started and this one never followed end too.
+            emit = functools.partial(self._publishing.emit, active)
+            with contextlib.suppress(SwitchboardError):
+                await asyncio.shield(self._delegation.end_orphans(active, emit))
 
-    async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
-        """Context, handler, answer: everything a run does under its deadline."""
-        clock = RunClock(active.timeout_s)
-        async with asyncio.timeout(active.timeout_s) as scope:
+    async def _drive(
+        self, active: Active, allowed_s: float
+    ) -> tuple[cpb.Message, handler_pb2.HandleResult]:
+        """Context, handler, answer: everything a run does under its deadline
+        (``allowed_s`` from now)."""
+        clock = RunClock(allowed_s)
+        async with asyncio.timeout(allowed_s) as scope:
             clock.scope = scope
             read = await self._read(active, clock.left)
             self._begin(active)

@@ -338,6 +338,13 @@ class Recovery:
         # state it was meant to be stored in, and its steps are in its job.
         requeued = run.state in (pb.RUN_STATE_RUNNING, pb.RUN_STATE_REQUIRES_ACTION)
         was, action = run.state, _action(run.state, self._limits.recovery)
+        # A running run keeps the deadline it ran under: a crash gives it no new time.
+        # (A paused one's deadline stopped with it: it gets its timeout again.)
+        kept = (
+            run.deadline.ToDatetime(dt.UTC)
+            if run.state == pb.RUN_STATE_RUNNING and run.HasField("deadline")
+            else None
+        )
         if requeued:
             queued_again(run)
             run.last_sequence += 1  # its QUEUED update opens the new block
@@ -367,6 +374,7 @@ class Recovery:
             recovered=self._limits.recovery if self._limits.recovery != "fail" else "resume",
             # What its earlier attempts were charged: what it reports covers it.
             charged=item.charged,
+            deadline_at=kept,
         )
         if requeued:
             self._publishing.state_changed(active)  # the QUEUED update, at run.last_sequence

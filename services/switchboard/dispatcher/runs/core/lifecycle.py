@@ -34,6 +34,7 @@ run, not as a run that says RUNNING after it ended.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
@@ -136,6 +137,9 @@ class Active:
     #: Another instance took it over while this process held it (``Execution.retire``):
     #: it writes nothing more and leaves this process.
     retired: bool = False
+    #: The deadline an earlier attempt ran under (wall clock), kept by a recovered
+    #: run: a crash gives it no new time, and its delegate calls hand down the same.
+    deadline_at: dt.datetime | None = None
 
     @property
     def conversation(self) -> str:
@@ -152,6 +156,21 @@ class Active:
     @property
     def timeout_s(self) -> float:
         return self.job.timeout_seconds
+
+    def begin_deadline(self, now: dt.datetime) -> float:
+        """Set the run's deadline as it starts (the one an earlier attempt ran under,
+        when it was recovered); returns the time it has from ``now``."""
+        allowed = self.time_left_s(now)
+        self.run.deadline.FromDatetime(self.deadline_at or now + dt.timedelta(seconds=allowed))
+        return allowed
+
+    def time_left_s(self, now: dt.datetime) -> float:
+        """The time this attempt has: its whole timeout, or what is left of the
+        deadline an earlier attempt ran under (a little at least: the deadline then
+        ends it at once, as DEADLINE_EXCEEDED)."""
+        if self.deadline_at is None:
+            return self.timeout_s
+        return max(0.001, min(self.timeout_s, (self.deadline_at - now).total_seconds()))
 
     @property
     def assistant(self) -> pb.Assistant | None:

@@ -24,6 +24,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Final
 
 from google.protobuf import struct_pb2
 from opentelemetry.trace import Tracer
@@ -54,6 +55,10 @@ from switchboard.platform.observe.telemetry import current_ids, traceparent
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
 from switchboard.platform.values.resources import ConversationName, HandlerName, RunName
+
+#: A child admitted as its parent's deadline passes still gets this long: its parent's
+#: own deadline ends the tree (and cancels the child) anyway.
+_LEAST_CHILD_S: Final = 0.001
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -377,6 +382,12 @@ def _mark_parent(run: pb.Run, job: job_pb2.RunJob, parent: Parent | None) -> Non
     run.depth = parent.depth
     job.tree_root = parent.root
     job.lineage.extend(parent.lineage)
+    if parent.deadline is not None:
+        # What is left of the parent's deadline now: a child never outlives it. (The
+        # request carries no duration: sent again after a crash, it is the same request
+        # and admission answers with the child it started.)
+        left = (parent.deadline - names.now()).total_seconds()
+        job.timeout_seconds = max(_LEAST_CHILD_S, min(job.timeout_seconds, left))
 
 
 def _accepted(steer: Steered | None, active: Active) -> None:
