@@ -3037,6 +3037,97 @@ def pdf_document(text: str) -> bytes:
     return out
 
 
+def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_named_zone(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    """A budget is charged as calls are made; QueryUsage sums ended runs. A run paused for a
+    decision is in the budget's used amount and not in the table: the page says so, and once
+    the run has ended the budget's tokens and the table's total are the same number. When a
+    period resets is said in the budget's own zone, by name."""
+    owner = server.register("sums")
+    workspace, conversation = server.workspace(owner, f"sums-{os.getpid()}")
+    zone = "Pacific/Kiritimati"  # UTC+14: never the browser's
+    with McpTestServer() as mcp:
+        _approval_kit(server, owner, workspace, mcp)
+        for budget_id, period, time_zone in (
+            ("everything", dispatcher_pb2.BUDGET_PERIOD_TOTAL, ""),
+            ("daily", dispatcher_pb2.BUDGET_PERIOD_DAY, zone),
+        ):
+            server.dispatcher.CreateBudget(
+                dispatcher_pb2.CreateBudgetRequest(
+                    parent=workspace,
+                    budget_id=budget_id,
+                    budget=dispatcher_pb2.Budget(
+                        display_name=budget_id.title(),
+                        scope=workspace,
+                        period=period,
+                        time_zone=time_zone,
+                        total_token_limit=1_000_000,
+                    ),
+                ),
+                metadata=owner.md,
+                timeout=CALL_S,
+            )
+        everything = f"{workspace}/budgets/everything"
+        daily = f"{workspace}/budgets/daily"
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, owner.email)
+            open_conversation(browser, workspace, conversation)
+            ended = send(browser, "an answer that ends")
+            run_state(browser, ended, "RUN_STATE_SUCCEEDED")
+            paused = send(browser, 'call kit__echo {"message": "later"}')
+            pending = f"{tid('approval', run=paused)} {tid('pending-call')}"
+            browser.wait_for(pending)
+
+            browser.click(tid("open-budgets"))
+            browser.wait_visible(tid("usage-table"))
+            browser.wait_for(tid("usage-not-ended", runs="1"))
+            note = browser.eval(
+                "(s) => document.querySelector(s).textContent", tid("usage-not-ended")
+            )
+            assert note.startswith("1 run has not ended yet"), note
+            total = browser.data(tid("usage-total-row"))
+            cap = f"{tid('budget', name=everything)} {tid('budget-cap', cap='total_tokens')}"
+            used = int(browser.data(cap)["used"])
+            table = int(total["inputTokens"]) + int(total["outputTokens"])
+            stored = server.run(owner, ended).usage
+            assert (total["runs"], table) == ("1", stored.input_tokens + stored.output_tokens)
+            # The paused run's model call is charged already: in the budget, not the table.
+            assert used > table
+
+            # The day's budget resets at midnight in its zone, and says which.
+            got = server.dispatcher.GetBudget(
+                dispatcher_pb2.GetBudgetRequest(name=daily), metadata=owner.md, timeout=CALL_S
+            ).budget
+            there = got.usage.reset_time.ToDatetime(UTC).astimezone(ZoneInfo(zone))
+            assert (there.hour, there.minute) == (0, 0)
+            reset = browser.eval(
+                "(s) => document.querySelector(s).textContent",
+                f"{tid('budget', name=daily)} {tid('budget-reset')}",
+            )
+            assert reset.startswith(
+                f"Resets {there:%a} {there.day} {there:%b %Y}, 00:00 {zone} ("
+            ), reset
+            mine = browser.eval("() => Intl.DateTimeFormat().resolvedOptions().timeZone")
+            assert reset.endswith(f"{mine}, your time)."), reset
+
+            # Decided and ended: the table has it, and the two totals agree.
+            open_conversation(browser, workspace, conversation)
+            browser.wait_for(pending)
+            browser.click(f"{pending} {tid('approve')}")
+            run_state(browser, paused, "RUN_STATE_SUCCEEDED")
+            browser.click(tid("open-budgets"))
+            browser.wait_for(tid("usage-total-row", runs="2"))
+            assert browser.count(tid("usage-not-ended")) == 0
+            total = browser.data(tid("usage-total-row"))
+            table = int(total["inputTokens"]) + int(total["outputTokens"])
+            browser.wait(
+                "([s, n]) => document.querySelector(s)?.dataset.used === n",
+                [cap, str(table)],
+            )
+            assert problems(browser) == []
+
+
 def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_for_byte(
     stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
 ) -> None:

@@ -13,13 +13,14 @@ import {
   type Assistant,
   type Budget,
   BudgetPeriod,
+  RunState,
   UsageDimension,
   type UsageRow,
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { idAttributes, idRule } from "./ids";
 import { counted, money, periodLabel, rowCost } from "./labels";
-import { calendarDay } from "./moments";
+import { browserZone, calendarDay, dateTime, knownZone } from "./moments";
 import type { Names } from "./names";
 import type { Page } from "./page";
 import { TERMINAL } from "./runs";
@@ -95,6 +96,17 @@ function caps(b: Budget): Cap[] {
   return found;
 }
 
+/** When a budget's period resets, in the budget's own zone (its days begin at midnight
+ *  there, UTC when it names none), and in the reader's when that differs: a bare "11:00 PM"
+ *  said neither which zone nor whose midnight it was. */
+function resetText(reset: Date, zone: string): string {
+  const own = knownZone(zone || "UTC");
+  const mine = browserZone();
+  const there = `${dateTime(reset, own)} ${own}`;
+  const here = dateTime(reset, mine);
+  return here === dateTime(reset, own) ? `Resets ${there}.` : `Resets ${there} (${here} ${knownZone(mine)}, your time).`;
+}
+
 function svg<K extends keyof SVGElementTagNameMap>(tag: K, attrs: Record<string, string | number>, ...children: (SVGElement | string)[]): SVGElementTagNameMap[K] {
   const element = document.createElementNS(SVG, tag);
   // Attributes only: the CSP allows no inline style, and SVG's presentation attributes are not style.
@@ -157,7 +169,7 @@ export class Budgets {
       this.role,
       h("h3", {}, `Spend per day, last ${DAYS} days`),
       this.chart,
-      h("h3", {}, "Tokens per day, by assistant and model"),
+      h("h3", {}, "Tokens per day of ended runs, by assistant and model"),
       this.tokens,
       h("h3", {}, "Budgets"),
       this.list,
@@ -197,10 +209,14 @@ export class Budgets {
     const parent = this.workspace;
     if (!parent || !this.visible) return;
     await this.page.busy("list-budgets", async () => {
-      const [budgets, assistants, rows] = await Promise.all([
+      const [budgets, assistants, rows, notEnded] = await Promise.all([
         this.api.dispatcher.listBudgets({ parent, pageSize: PAGE_SIZE }),
         this.api.dispatcher.listAssistants({ parent, pageSize: PAGE_SIZE }),
         this.usage(parent),
+        // QueryUsage sums ended runs only, while a budget is charged as calls are made: a
+        // run paused for a decision is in one and not the other, so the page says how many
+        // such runs there are rather than leave two totals that disagree unexplained.
+        this.api.dispatcher.listRuns({ parent, states: [RunState.QUEUED, RunState.RUNNING, RunState.REQUIRES_ACTION], pageSize: 1 }),
       ]);
       if (parent !== this.workspace) return;
       this.budgets = budgets.budgets;
@@ -209,7 +225,7 @@ export class Budgets {
       for (const a of this.assistants) this.names.learn(a.name, a.displayName);
       this.render();
       this.renderChart(rows);
-      this.renderTokens(rows);
+      this.renderTokens(rows, notEnded.totalSize);
     });
   }
 
@@ -392,12 +408,29 @@ export class Budgets {
    *  whether or not a price table prices them, and the cost, or "unpriced" for runs whose
    *  model has no price in the server's price table (`UsageRow.unpriced_runs`; a model
    *  priced at 0 costs "$0.0000"). */
-  private renderTokens(rows: UsageRow[]): void {
+  private renderTokens(rows: UsageRow[], notEnded: number): void {
     const used = rows.filter((r) => r.runCount > 0n || r.inputTokens > 0n || r.outputTokens > 0n);
+    const pending =
+      notEnded > 0
+        ? h(
+            "p",
+            { class: "muted", "data-testid": "usage-not-ended", "data-runs": String(notEnded) },
+            `${notEnded === 1 ? "1 run has" : `${notEnded} runs have`} not ended yet (going, queued, or waiting for a decision or for room in a budget): ` +
+              "this table counts a run once it ends, while the budgets below already count what its calls were charged.",
+          )
+        : null;
     if (used.length === 0) {
-      fill(this.tokens, h("p", { class: "muted", "data-testid": "usage-tokens-empty" }, `No runs in the last ${DAYS} days.`));
+      fill(this.tokens, h("p", { class: "muted", "data-testid": "usage-tokens-empty" }, `No ended runs in the last ${DAYS} days.`), pending);
       return;
     }
+    const sum = (pick: (r: UsageRow) => bigint): bigint => used.reduce((total, r) => total + pick(r), 0n);
+    const totals = {
+      runs: sum((r) => r.runCount),
+      input: sum((r) => r.inputTokens),
+      output: sum((r) => r.outputTokens),
+      cost: sum((r) => r.costMicros),
+      unpriced: sum((r) => r.unpricedRuns),
+    };
     const sorted = [...used].sort((a, b) => (a.day !== b.day ? (a.day < b.day ? 1 : -1) : this.seriesLabel(a.assistant, a.model).localeCompare(this.seriesLabel(b.assistant, b.model))));
     const count = (n: bigint): string => n.toLocaleString("en");
     const shown = sorted.slice(0, TABLE_ROWS);
@@ -462,8 +495,28 @@ export class Budgets {
             );
           }),
         ),
+        h(
+          "tfoot",
+          {},
+          h(
+            "tr",
+            {
+              "data-testid": "usage-total-row",
+              "data-runs": String(totals.runs),
+              "data-input-tokens": String(totals.input),
+              "data-output-tokens": String(totals.output),
+              "data-cost-micros": String(totals.cost),
+            },
+            h("th", { scope: "row", colspan: 2 }, `Total, ${DAYS} days (${(totals.input + totals.output).toLocaleString("en")} tokens)`),
+            h("td", { class: "n" }, count(totals.runs)),
+            h("td", { class: "n" }, count(totals.input)),
+            h("td", { class: "n" }, count(totals.output)),
+            h("td", { class: totals.unpriced > 0n ? "n unpriced" : "n" }, rowCost(totals.cost, totals.runs, totals.unpriced)),
+          ),
+        ),
       ),
-      sorted.length > shown.length ? h("p", { class: "muted" }, `${sorted.length - shown.length} older rows not shown.`) : null,
+      sorted.length > shown.length ? h("p", { class: "muted" }, `${sorted.length - shown.length} older rows not shown (in the total).`) : null,
+      pending,
     );
   }
 
@@ -531,7 +584,7 @@ export class Budgets {
         b.period === BudgetPeriod.RUN
           ? "Applies to each run on its own."
           : reset
-            ? `Resets ${reset.toLocaleString([], { dateStyle: "medium", timeStyle: "short" })}.`
+            ? resetText(reset, b.timeZone)
             : "Never resets.",
         b.alertThresholds.length ? ` Alerts at ${b.alertThresholds.join(", ")}%.` : "",
       ),
