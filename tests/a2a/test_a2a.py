@@ -330,6 +330,42 @@ async def test_a_file_part_is_stored_with_the_message(agent: Agent) -> None:
     assert not file.file.inline_data
 
 
+async def test_a_new_context_is_a_conversation_titled_by_its_first_message(
+    agent: Agent,
+) -> None:
+    """Two conversations an A2A client started read apart in a list: each is titled by the
+    text it began with (on one line, cut at a word), or by its files when it had no text."""
+    long = "Please   summarise\nthe quarterly report " + "and its appendix " * 8
+    files_only = a2a.SendMessageRequest(
+        tenant=agent.tenant,
+        message=a2a.Message(
+            message_id=str(uuid.uuid4()),
+            role=a2a.ROLE_USER,
+            parts=[a2a.Part(raw=png(), media_type="image/png", filename="dot.png")],
+        ),
+    )
+    titles = []
+    async with aio.insecure_channel(agent.server.address) as channel:
+        for sent in (
+            request("What is the weather in Oslo?", agent.tenant),
+            request(long, agent.tenant),
+            files_only,
+        ):
+            answered = await agent.stub(channel).SendMessage(
+                sent, metadata=agent.world.editor.md, timeout=TIMEOUT_S
+            )
+            conversation = answered.task.metadata["run"].rsplit("/runs/", 1)[0]
+            found = await context_stub(channel).GetConversation(
+                cpb.GetConversationRequest(name=conversation),
+                metadata=agent.world.viewer.md,
+                timeout=TIMEOUT_S,
+            )
+            titles.append(found.conversation.title)
+    cut = "Please summarise the quarterly report and its appendix and its appendix and…"
+    assert titles == ["What is the weather in Oslo?", cut, "Files: dot.png"]
+    assert len(cut) <= 80
+
+
 async def test_a_slow_task_is_cancelled(agent: Agent) -> None:
     async with aio.insecure_channel(agent.server.address) as channel:
         stub = agent.stub(channel)

@@ -114,7 +114,7 @@ class Texts(Protocol):
     bytes of an answer's small files."""
 
     def create_conversation(
-        self, principal: Principal, parent: str, request_id: str
+        self, principal: Principal, parent: str, request_id: str, title: str
     ) -> Awaitable[str]: ...
 
     def text(self, principal: Principal, message: str) -> Awaitable[str]: ...
@@ -235,7 +235,7 @@ class FrontDoor:
             # in the conversation its first attempt made, and is replayed there.
             key = hashlib.sha256(message.message_id.encode()).hexdigest()[:32]
             conversation = await self._texts.create_conversation(
-                principal, str(workspace), f"a2a-{key}"
+                principal, str(workspace), f"a2a-{key}", mapping.title_of(parts)
             )
         await self._policy.authorize(
             principal, conversation, Permission.WRITE, "message.context_id"

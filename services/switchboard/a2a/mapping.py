@@ -216,6 +216,28 @@ def parts_in(message: a2a.Message, field: str = "message") -> list[cpb.ContentPa
     return parts
 
 
+#: The most of a first message a new conversation's title takes.
+MAX_TITLE_CHARS: Final = 80
+_SPACE: Final = re.compile(r"\s+")
+
+
+def title_of(parts: list[cpb.ContentPart]) -> str:
+    """A new conversation's title, from the message that starts it: its text on one line,
+    cut at a word within ``MAX_TITLE_CHARS``; for files alone, their names. Every
+    conversation an A2A client started was titled "A2A", so a list of them told none apart."""
+    text = _SPACE.sub(" ", " ".join(p.text for p in parts if p.WhichOneof("part") == "text"))
+    text = text.strip()
+    if not text:
+        files = [p.file.display_name or p.file.mime_type for p in parts if p.HasField("file")]
+        text = f"Files: {', '.join(f for f in files if f)}" if any(files) else ""
+    if len(text) > MAX_TITLE_CHARS:
+        cut = text[: MAX_TITLE_CHARS - 1]
+        # At a word, unless the first word alone is that long.
+        cut = cut.rsplit(" ", 1)[0] if " " in cut else cut
+        text = f"{cut.rstrip(' ,;:.')}…"
+    return text or "A2A message"
+
+
 def _file(part: a2a.Part, **content: Any) -> cpb.FileReference:
     return cpb.FileReference(
         mime_type=part.media_type,

@@ -88,11 +88,13 @@ class LocalTexts:
     def __init__(self, domain: ContextDomain) -> None:
         self._domain = domain
 
-    async def create_conversation(self, principal: Principal, parent: str, request_id: str) -> str:
+    async def create_conversation(
+        self, principal: Principal, parent: str, request_id: str, title: str
+    ) -> str:
         made = await self._domain.conversations.create(
             principal,
             cpb.CreateConversationRequest(
-                parent=parent, conversation=cpb.Conversation(title="A2A"), request_id=request_id
+                parent=parent, conversation=cpb.Conversation(title=title), request_id=request_id
             ),
         )
         return made.name
@@ -194,9 +196,11 @@ class RemoteTexts:
     async def close(self) -> None:
         await self._peer.close()
 
-    async def create_conversation(self, principal: Principal, parent: str, request_id: str) -> str:
+    async def create_conversation(
+        self, principal: Principal, parent: str, request_id: str, title: str
+    ) -> str:
         request = cpb.CreateConversationRequest(
-            parent=parent, conversation=cpb.Conversation(title="A2A"), request_id=request_id
+            parent=parent, conversation=cpb.Conversation(title=title), request_id=request_id
         )
         made = await self._peer.call(
             self._stub.CreateConversation, request, principal, _CALL_TIMEOUT_S
