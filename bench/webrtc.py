@@ -23,18 +23,18 @@ server heard. The end of speech is the moment the client's microphone handed its
 the frame holding the utterance's last voiced sample (the utterances are eSpeak NG
 speech, trimmed to their voice). The detector's own wait is exact, not the nominal
 700 ms: the driver feeds each utterance, after a silence, through the server's path
-offline (``pcm.Resampler`` to 48 kHz as the microphone does, Opus encoded and decoded
-with aiortc's codecs, ``media.Inbound``, Talk's ``turns.Detector`` and ``TurnAudio`` as
-the intake uses them) and counts the 20 ms frames after the last voiced one that the
-server must receive before the detector ends the turn (about 32 to 35 of them: the
+offline (``pcm.Resampler`` to 48 kHz as the microphone does, Opus encoded by the
+track's encoder and decoded by aiortc's, ``media.Inbound``, Talk's ``turns.Detector`` and
+``TurnAudio`` as the intake uses them) and counts the 20 ms frames after the last voiced
+one that the server must receive before the detector ends the turn (about 32 to 35 of them: the
 silence rule allows 10 % voiced frames in the window); that many frames' time is what is
 subtracted as the detector's wait. The same simulation gives each turn's size, which
 tells whose turn a transcription request was (each session speaks at its own pace, so
 its utterance has its own length).
 
 - **The total**: from the end of speech to the arrival, at the client, of the first RTP
-  packet of the answer whose audio level (the RFC 6464 header extension aiortc's sender
-  writes from the frame itself) is not silence: the packet the server sent, before the
+  packet of the answer with sound in it (an Opus packet longer than digital silence's
+  3 bytes): the packet the server sent, before the
   client's own jitter buffer (the decoded frame's time is reported beside it).
 - **Switchboard's own share** = the total minus the detector's wait, minus the endpoints'
   time from the fakes' records on the shared monotonic clock (the transcription request to
@@ -66,8 +66,6 @@ import dataclasses
 import fractions
 import functools
 import json
-import math
-import operator
 import random
 import shutil
 import subprocess
@@ -81,10 +79,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.codecs.opus import OpusDecoder, OpusEncoder
+from aiortc.codecs.opus import OpusDecoder
 from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
+from av import AudioFrame, Packet
 from grpc import aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
@@ -122,7 +120,7 @@ from bench.voice import (
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.dispatcher.talk.turns import Detector, Heard, TurnAudio
-from switchboard.dispatcher.talk.webrtc.media import Inbound, SpeechTrack, pcm_of
+from switchboard.dispatcher.talk.webrtc.media import Inbound, SpeechTrack, opus_encoder, pcm_of
 from switchboard.dispatcher.talk.webrtc.peer import CHANNEL
 from switchboard.platform.audio import pcm
 
@@ -142,8 +140,9 @@ SETTINGS: Final[dict[str, str]] = {
 OWN_P99_BUDGET_MS: Final = 150.0
 #: Issue 52's figure for Talk (real engines, audio in counted as the turns alone).
 TALK_ISSUE_52_MS: Final = 18.4
-#: A packet whose RFC 6464 level is at most this (-dBov) carries sound, not silence.
-VOICED_LEVEL: Final = 100
+#: An Opus packet longer than this carries sound: one of digital silence is 3 bytes. (The
+#: server's track encodes its own packets, which carry no RFC 6464 audio level.)
+SILENT_PAYLOAD_BYTES: Final = 8
 #: Silent packets in a row after the answer that say it is over on the track.
 SETTLED_PACKETS: Final = 10
 #: Inbound packets further apart than this are counted as a stall of the server's sender.
@@ -236,15 +235,16 @@ class Heard16:
 
 def simulate(utterance: bytes) -> Heard16:
     """Feed ``utterance``, after a second of silence and followed by silence, through the
-    server's path: the microphone's conversion to 48 kHz, Opus both ways (aiortc's codecs),
-    ``media.Inbound``, and the intake's ``Detector`` and ``TurnAudio``."""
+    server's path: the microphone's conversion to 48 kHz, Opus both ways (the track's
+    encoder, aiortc's decoder), ``media.Inbound``, and the intake's ``Detector`` and
+    ``TurnAudio``."""
     frame_bytes = pcm.byte_count(FRAME_MS, 48_000)
     lead = bytes(pcm.byte_count(1000, 48_000))
     # As ``SpeechTrack.push`` converts it (a fresh converter), then silence.
     said = pcm.Resampler(RATE, 48_000).feed(utterance)
     last_frame = (len(lead) + len(said) - 1) // frame_bytes
     stream = lead + said + bytes(pcm.byte_count(3000, 48_000))
-    encoder, decoder = OpusEncoder(), OpusDecoder()
+    encoder, decoder = opus_encoder(), OpusDecoder()  # as the microphone's track encodes
     inbound = Inbound(RATE)
     detector = Detector(RATE, SILENCE_MS)
     turn = TurnAudio(RATE, 60_000)
@@ -256,9 +256,8 @@ def simulate(utterance: bytes) -> Heard16:
         frame.sample_rate = 48_000
         frame.pts = index * samples
         frame.time_base = base
-        payloads, timestamp = encoder.encode(frame)
-        for payload in payloads:
-            for decoded in decoder.decode(JitterFrame(payload, timestamp)):
+        for packet in encoder.encode(frame):
+            for decoded in decoder.decode(JitterFrame(bytes(packet), frame.pts)):
                 data = inbound.feed(decoded)  # type: ignore[arg-type]
                 heard = detector.hear(data)
                 if Heard.START in heard:
@@ -271,24 +270,6 @@ def simulate(utterance: bytes) -> Heard16:
 
 # ---------------------------------------------------------------------------------
 # The client's side of a peer.
-
-
-def _level_dbov(frame: AudioFrame) -> int:
-    """aiortc's ``rtp.compute_audio_level_dbov`` (RFC 6465's level) without its ``struct``
-    call per sample: the client's peers are measuring, not measured."""
-    data = bytes(frame.planes[0])[: frame.samples * pcm.SAMPLE_BYTES]
-    if not data.strip(b"\0"):
-        return -127
-    samples = array.array("h")
-    samples.frombytes(data)
-    energy = sum(map(operator.mul, samples, samples)) / (len(samples) * 32767 * 32767)
-    return max(-127, min(0, round(10 * math.log10(energy)))) if energy > 0 else -127
-
-
-def _quicker_levels() -> None:
-    from aiortc import rtp
-
-    rtp.compute_audio_level_dbov = _level_dbov
 
 
 class Microphone(SpeechTrack):
@@ -305,7 +286,7 @@ class Microphone(SpeechTrack):
         self.push(sequence, utterance, RATE)
         return future
 
-    async def recv(self) -> AudioFrame:
+    async def recv(self) -> Packet[Any]:
         before = self.heard_through
         frame = await super().recv()
         now = time.monotonic()
@@ -362,8 +343,7 @@ class Ear:
         if self._last_sequence is not None:
             self.lost += max(0, (number - self._last_sequence - 1) % 65536)
         self._last_sequence = number
-        level = packet.extensions.audio_level
-        sound = level is not None and int(level[1]) <= VOICED_LEVEL
+        sound = len(packet.payload) > SILENT_PAYLOAD_BYTES
         if sound:
             self.voiced.append(now)
             self._silent_run = 0
@@ -577,7 +557,6 @@ def _counted(errors: collections.Counter[str], exc: BaseException) -> None:
 async def client_latency(spec: dict[str, Any]) -> dict[str, Any]:
     """``sessions`` pages in closed loops: the utterance, the first answer packet,
     ``listen_ms`` of the answer, INTERRUPT, the run's end."""
-    _quicker_levels()
     utterances = _utterances(spec)
     stubs, channels, metadata = _grpc(spec)
     errors: collections.Counter[str] = collections.Counter()
@@ -808,7 +787,6 @@ def _guarded(
 async def client_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     """``sessions`` closed loops over ``spec['transport']``: an utterance, the whole
     answer, the next; the server's CPU over the measured window."""
-    _quicker_levels()
     stubs, channels, metadata = _grpc(spec)
     errors: collections.Counter[str] = collections.Counter()
     turns: collections.Counter[str] = collections.Counter()
@@ -1147,8 +1125,8 @@ def render(results: dict[str, Any], command: str, plan: Plan) -> str:
             "server heard",
             "- the total: from the moment the client's microphone handed its sender the "
             "frame with the utterance's last voiced sample to the arrival at the client of "
-            "the answer's first packet with sound in it (its RFC 6464 audio level, written "
-            "by the server's sender from the frame; before the client's jitter buffer)",
+            "the answer's first packet with sound in it (an Opus packet longer than digital "
+            "silence's 3 bytes; before the client's jitter buffer)",
             "- subtracted: the detector's wait, exactly: the frames after the last voiced "
             "one that the server must receive before Talk's detector ends the turn, found "
             "by feeding each utterance offline through the server's path (48 kHz, Opus both "

@@ -116,3 +116,45 @@ async def test_a_merged_delta_is_bounded() -> None:
         assert len(sizes) == 2
     finally:
         await peer.close()
+
+
+def speech(sequence: int, run: str, run_sequence: int, ms: int) -> pb.TalkResponse:
+    audio = bytes(24_000 * 2 * ms // 1000)  # the session's output: PCM16 at 24 kHz
+    return pb.TalkResponse(
+        sequence=sequence,
+        update=pb.RunUpdate(run=run, sequence=run_sequence, speech=pb.SpeechChunk(audio=audio)),
+    )
+
+
+def ended(
+    sequence: int, run: str, run_sequence: int, state: pb.RunState.ValueType
+) -> pb.TalkResponse:
+    return pb.TalkResponse(
+        sequence=sequence,
+        update=pb.RunUpdate(
+            run=run,
+            sequence=run_sequence,
+            state_change=pb.RunStateChange(run=pb.Run(name=run, state=state)),
+        ),
+    )
+
+
+async def test_a_cancelled_runs_speech_is_dropped_when_its_end_comes() -> None:
+    """A run cancelled otherwise than by barge-in (a newer message, CancelRun) says
+    nothing more on the track once its end reaches the page; a run that succeeded says
+    the rest of its answer."""
+    channel = Channel()
+    peer = await peer_with(channel)
+    try:
+        peer._deliver(speech(40, RUN, 1, 400))
+        peer._deliver(ended(41, RUN, 2, pb.RUN_STATE_SUCCEEDED))
+        first = peer.speech.queued_ms
+        assert first >= 390  # (the resampler holds a few samples back)
+        peer._deliver(speech(42, OTHER, 1, 600))
+        assert peer.speech.queued_ms >= first + 590
+        peer._deliver(ended(43, OTHER, 2, pb.RUN_STATE_CANCELLED))
+        # The first run's rest, not the cancelled one's.
+        assert peer.speech.queued_ms == first
+        assert [m["sequence"] for m in channel.sent] == ["40", "41", "42", "43"]
+    finally:
+        await peer.close()

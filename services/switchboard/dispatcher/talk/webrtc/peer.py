@@ -9,7 +9,7 @@ returns the server's, and then
   detection, barge-in, transcription and runs are Talk's own (``session.py``);
 - the session's answer speech goes back as one outbound audio track
   (``media.SpeechTrack``), and a ``SPEECH_INTERRUPTED`` event drops what is queued
-  for it at once;
+  for it at once, as a run's cancellation drops that run's;
 - every other frame of the session (its ``session``, transcripts, run updates,
   events, errors; speech updates without their audio) goes to the page as JSON on
   the data channel the page opened (``talk``), in order; the page's control frames
@@ -320,7 +320,10 @@ class TalkPeer:
             self.session = frame.session.name
         if kind == "update" and frame.update.WhichOneof("update") == "speech":
             speech = frame.update.speech
-            if not self.speech.push(frame.sequence, speech.audio, self._settings.output_rate):
+            pushed = self.speech.push(
+                frame.sequence, speech.audio, self._settings.output_rate, frame.update.run
+            )
+            if not pushed:
                 self._say_error("the answer's speech is longer than the track may queue")
             shown = pb.TalkResponse()
             shown.CopyFrom(frame)
@@ -329,6 +332,14 @@ class TalkPeer:
             return
         if kind == "event" and frame.event.kind == pb.TALK_EVENT_KIND_SPEECH_INTERRUPTED:
             self.speech.clear()
+        if (
+            kind == "update"
+            and frame.update.WhichOneof("update") == "state_change"
+            and frame.update.state_change.run.state == pb.RUN_STATE_CANCELLED
+        ):
+            # A run cancelled otherwise than by barge-in (a newer message, CancelRun) says
+            # nothing more once its end reached the page: its queued speech goes with it.
+            self.speech.clear(frame.update.run)
         if kind == "heartbeat":
             return
         self._send(json_format.MessageToDict(frame))

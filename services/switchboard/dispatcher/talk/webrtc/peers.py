@@ -182,14 +182,17 @@ class Peers:
             await peer.close(peer.outcome)
         finally:
             self._let_go(peer)
-        # Frames dropped because the session did not keep up say the process is
-        # overloaded (BENCHMARKS.md, "Voice over WebRTC"): worth a line when there were any.
-        level = logging.WARNING if peer.dropped_frames else logging.INFO
+        # Frames dropped because the session did not keep up, or sent too late for the
+        # page, say the process is overloaded (BENCHMARKS.md, "Voice over WebRTC"): worth
+        # a warning when there were any.
+        late = peer.speech.late_frames
+        level = logging.WARNING if peer.dropped_frames or late else logging.INFO
         log.log(
             level,
-            "a WebRTC peer ended (%s); %d audio frames dropped",
+            "a WebRTC peer ended (%s); %d audio frames dropped, %d answer frames too late",
             peer.outcome or "the session ended",
             peer.dropped_frames,
+            late,
             extra={"session": peer.session},
         )
 
