@@ -6,12 +6,13 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from switchboard.deploy import launcher
+from switchboard.deploy import launcher, processes
 from switchboard.deploy.machine import MeshError
-from switchboard.deploy.ports import Wanted, bind_error, check_free, holder_of
+from switchboard.deploy.ports import Wanted, bind_error, bind_failure, check_free, holder_of
 
 pytestmark = pytest.mark.unit
 
@@ -118,3 +119,17 @@ def test_the_mesh_checks_envoy_s_three_ports() -> None:
         ("127.0.0.1", 0, "--admin"),
         ("127.0.0.1", 8443, "--tls-listen"),
     ]
+
+
+def test_envoy_s_cannot_bind_line_is_followed_by_who_holds_the_port(held: int) -> None:
+    """A port taken after the check (before a restart of Envoy): the start's failure names
+    its holder under Envoy's last lines."""
+    said = f"[critical][main] cannot bind '127.0.0.1:{held}': Address already in use"
+    assert bind_failure(["starting", said]).startswith(
+        f"127.0.0.1:{held} is held by pid {os.getpid()} ("
+    )
+    assert bind_failure(["starting", "all good"]) == ""
+    envoy = processes.Child(cast(processes.Host, None), "envoy")
+    envoy.tail.extend(["starting", said])
+    assert envoy.last_lines().endswith(bind_failure([said]))
+    assert said in envoy.last_lines()

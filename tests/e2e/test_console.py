@@ -2451,6 +2451,78 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
             assert problems(browser) == []
 
 
+#: Where the assistant editor stands: its column, its box and its column's, the side
+#: column's width, and anything inside it that reaches past its right edge.
+EDITOR_LAYOUT_JS: Final = """(s) => {
+  const editor = document.querySelector(s);
+  const column = editor.closest('.column');
+  const box = (e) => e.getBoundingClientRect();
+  const e = box(editor);
+  const c = box(column);
+  return {
+    centre: column.classList.contains('chat'),
+    within: e.left >= c.left - 0.5 && e.right <= c.right + 0.5,
+    wider: e.width > box(document.querySelector('aside.column')).width,
+    past: [...editor.querySelectorAll('fieldset, fieldset *')]
+      .filter((x) => x.checkVisibility() && box(x).right > e.right + 0.5)
+      .map((x) => x.dataset.testid || x.tagName),
+    fieldsets: [...editor.querySelectorAll('fieldset')].map((f) => f.dataset.testid),
+  };
+}"""
+
+
+def test_the_assistant_editor_takes_the_centre_and_its_fieldsets_fit_it(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """The editor is some 2,600 px tall with an integration's tools, delegates and
+    handoffs: it opens at the top of the centre column, wider than the side column, every
+    fieldset inside it (a handoff's row and its history choice included), and leaves the
+    centre when it closes."""
+    shots = artifacts_dir(tmp_path) / "editor"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("editor")
+    workspace, conversation = server.workspace(owner, f"editor-{os.getpid()}")
+    with McpTestServer() as mcp:
+        _approval_kit(server, owner, workspace, mcp)
+        for assistant_id, title in (("billing", "Billing"), ("support", "Customer support")):
+            server.dispatcher.CreateAssistant(
+                dispatcher_pb2.CreateAssistantRequest(
+                    parent=workspace,
+                    assistant_id=assistant_id,
+                    assistant=dispatcher_pb2.Assistant(display_name=title),
+                ),
+                metadata=owner.md,
+                timeout=CALL_S,
+            )
+        helper = f"{workspace}/assistants/helper"
+        with chromium.open(stack.origin + "/") as browser:
+            browser.viewport(DESKTOP_WIDTH, 900)
+            sign_in(browser, owner.email)
+            open_conversation(browser, workspace, conversation)
+            browser.click(f"{tid('assistant', name=helper)} {tid('edit-assistant')}")
+            editor = tid("assistant-editor")
+            browser.wait_visible(f"{editor} {tid('assistant-handoffs')}")
+            browser.wait_for(f"{editor} {tid('assistant-tool', tool='echo')}")
+            layout = browser.eval(EDITOR_LAYOUT_JS, editor)
+            assert layout["fieldsets"][:3] == [
+                "assistant-tools",
+                "assistant-delegates",
+                "assistant-handoffs",
+            ], layout
+            assert layout["centre"], layout
+            assert layout["within"], layout
+            assert layout["wider"], layout
+            assert layout["past"] == [], layout
+            browser.screenshot(shots / "assistant-editor.png")
+            # What the centre showed is still there, below the editor.
+            assert browser.visible(tid("composer"))
+
+            browser.click(tid("close-editor"))
+            browser.wait("(s) => !document.querySelector(s).checkVisibility()", editor)
+            assert browser.count(".column.chat.editing") == 0
+            assert problems(browser) == []
+
+
 def test_a_problem_goes_when_its_cause_does_and_covers_nothing(
     stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
 ) -> None:

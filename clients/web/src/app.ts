@@ -29,6 +29,8 @@ export class App {
   private readonly page: Page;
   private readonly auth: AuthScreen;
   private readonly consoleView: HTMLElement;
+  /** The centre column: the assistant editor, then the open conversation or page. */
+  private readonly centre: HTMLElement;
   private readonly navigation: Navigation;
   private readonly runs: RunCards;
   private readonly integrations: Integrations;
@@ -101,18 +103,34 @@ export class App {
         for (const a of this.assistants.all()) this.names.learn(a.name, a.displayName);
         this.navigation.firstStepsChanged();
       },
+      editing: (open) => {
+        this.centre.classList.toggle("editing", open);
+        if (open) this.assistants.editor.scrollIntoView({ block: "nearest" });
+      },
     });
     this.navigation.firstSteps = () => ({ assistants: this.assistants.count(), integrations: this.integrations.count() });
     this.integrations.onChange = () => this.navigation.firstStepsChanged();
     this.account = new Account(api, this.page, this.names, () => api.tokens.end("signed out everywhere"));
     this.navigation.column.append(...this.account.elements);
+    // The assistant editor first in the centre, above what the centre shows.
+    this.centre = h(
+      "section",
+      { class: "column chat" },
+      this.assistants.editor,
+      ...this.navigation.chat,
+      this.budgets.element,
+      this.schedules.element,
+      this.search.element,
+      ...this.runs.elements,
+      composer.element,
+    );
     this.consoleView = h(
       "div",
       { class: "console", "data-testid": "console" },
       // Atop the columns, in the page's flow: a problem shown here covers nothing.
       h("div", { class: "problems", "data-testid": "problems", "aria-live": "polite" }),
       this.navigation.column,
-      h("section", { class: "column chat" }, ...this.navigation.chat, this.budgets.element, this.schedules.element, this.search.element, ...this.runs.elements, composer.element),
+      this.centre,
       h("aside", { class: "column" }, ...this.assistants.elements, ...this.files.elements, ...this.integrations.elements, ...this.live.elements),
     );
     root.replaceChildren(this.auth.element, this.consoleView);

@@ -26,6 +26,8 @@ export interface AssistantsHost {
   changed(): void;
   /** The list was read again (the overview's hint follows). */
   listed(): void;
+  /** The editor opened (true) or closed (false): the host gives it the centre. */
+  editing(open: boolean): void;
 }
 
 const FIELDS = [
@@ -92,9 +94,13 @@ function historySelect(title: string, history: HandoffHistory): HTMLSelectElemen
 }
 
 export class Assistants {
+  /** The list and its New button, in the side column. */
   readonly elements: HTMLElement[];
+  /** The editor, which the host puts in the centre: it is some 2,600 px tall with an
+   *  integration's tools, delegates and handoffs, and squeezed into the side column it
+   *  overflowed it while the centre stood empty. */
+  readonly editor = h("form", { class: "inline editor assistant-editor", "data-testid": "assistant-editor", hidden: true });
   private readonly list = h("ul", { class: "list", "data-testid": "assistants" });
-  private readonly editor = h("form", { class: "inline editor", "data-testid": "assistant-editor", hidden: true });
   private readonly newButton = h(
     "button",
     { type: "button", class: "manage", "data-testid": "new-assistant", hidden: true, onclick: () => void this.edit(null) },
@@ -116,7 +122,7 @@ export class Assistants {
     private readonly integrations: Integrations,
     private readonly host: AssistantsHost,
   ) {
-    this.elements = [h("h2", {}, "Assistants"), this.list, this.newButton, this.editor];
+    this.elements = [h("h2", {}, "Assistants"), this.list, this.newButton];
     this.editor.addEventListener("submit", (event) => {
       event.preventDefault();
       void this.save();
@@ -265,9 +271,11 @@ export class Assistants {
   }
 
   private close(): void {
+    const open = this.editing !== null;
     this.editing = null;
     this.editor.hidden = true;
     this.editor.replaceChildren();
+    if (open) this.host.editing(false);
   }
 
   /** Opens the editor on `assistant` (null: a new one). */
@@ -403,6 +411,7 @@ export class Assistants {
       ),
     );
     this.editor.hidden = false;
+    this.host.editing(true);
     const textarea = this.editor.querySelector<HTMLTextAreaElement>('[data-testid="assistant-instructions"]');
     if (textarea) textarea.value = a?.instructions ?? "";
     await this.renderTools(a?.tools ?? []);

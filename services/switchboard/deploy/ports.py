@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,6 +29,8 @@ _LISTEN: Final = "0A"
 #: A command line is shown up to this many characters.
 _COMMAND_CHARS: Final = 200
 _PROC: Final = Path("/proc")
+#: Envoy's words for a listener or admin port it cannot have.
+_CANNOT_BIND: Final = re.compile(r"cannot bind '(.+):(\d+)': Address already in use")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,20 @@ def bind_error(host: str, port: int) -> str | None:
         except OSError as exc:
             return exc.strerror or str(exc)
     return None
+
+
+def bind_failure(lines: Iterable[str]) -> str:
+    """Who holds the port a process's ``lines`` say it could not bind, in words; "" when
+    they say no such thing. The check before the start cannot rule out a port taken later
+    (before a restart of Envoy, which keeps its ports): this names that one's holder too."""
+    for line in lines:
+        found = _CANNOT_BIND.search(line)
+        if found is None:
+            continue
+        address, port = f"{found[1]}:{found[2]}", int(found[2])
+        holder = holder_of(port)
+        return f"{address} is held by {holder or 'another process'}"
+    return ""
 
 
 @dataclass(frozen=True)

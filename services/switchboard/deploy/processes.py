@@ -63,6 +63,7 @@ from switchboard.deploy.machine import (
     postgres_owner,
     redis_server_binary,
 )
+from switchboard.deploy.ports import bind_failure
 from switchboard.platform.observe.otelenv import OtelEnv
 
 log = logging.getLogger("switchboard.mesh")
@@ -389,7 +390,10 @@ class Child:
             await self.poll(serving, deadline, what)
 
     def last_lines(self) -> str:
-        return "; its last lines:\n  " + "\n  ".join(self.tail) if self.tail else ""
+        if not self.tail:
+            return ""
+        held = bind_failure(self.tail)
+        return "; its last lines:\n  " + "\n  ".join(self.tail) + (f"\n{held}" if held else "")
 
 
 class Postgres(Child):
