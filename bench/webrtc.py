@@ -827,6 +827,75 @@ async def client_cpu(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+async def client_idle(spec: dict[str, Any]) -> dict[str, Any]:
+    """Connected pages that say nothing, ``spec['steps']`` of them in turn (each step adds
+    pages to those connected): their microphones send silence, as a browser's does, and
+    the server's CPU is measured over ``seconds`` at each step."""
+    stubs, channels, metadata = _grpc({**spec, "sessions": max(spec["steps"])})
+    pages: list[Page] = []
+    rows = []
+    for count in spec["steps"]:
+        more = await _pages({**spec, "sessions": count - len(pages)}, stubs, metadata, len(pages))
+        for page in more:
+            page.index += len(pages)
+        pages += more
+        await asyncio.sleep(spec["warmup_s"])
+        started = (time.monotonic(), process_cpu_s(spec["server_pid"]), time.process_time())
+        await asyncio.sleep(spec["seconds"])
+        stopped = (time.monotonic(), process_cpu_s(spec["server_pid"]), time.process_time())
+        wall, server, client = (b - a for a, b in zip(started, stopped, strict=True))
+        errors = sum(sum(page.errors.values()) for page in pages)
+        rows.append(
+            {
+                "peers": len(pages),
+                "wall_s": round(wall, 1),
+                "server_cores": round(server / wall, 3),
+                "client_cores": round(client / wall, 2),
+                "errors": errors,
+            }
+        )
+    for page in pages:
+        await page.close()
+    for channel in channels:
+        await channel.close(None)
+    return {"rows": rows}
+
+
+async def idle_phase(directory: Path, steps: Sequence[int], seconds: float) -> dict[str, Any]:
+    """What a connected, quiet peer costs the server: ``--idle N,N,...``."""
+    async with (
+        child("audio", json.dumps("tone")) as (_, audio_port),
+        child("model", json.dumps(MODEL_INTERVAL_MS)) as (_, model_port),
+    ):
+        url = f"sqlite+aiosqlite:///{directory / 'webrtc-idle.db'}"
+        with serve(directory, url, _servers(model_port, audio_port)) as server:
+            place = await _place(server.address, max(steps), "idle")
+            say(f"idle: {', '.join(map(str, steps))} quiet peers, {seconds:g} s each")
+            seen = await asyncio.to_thread(
+                run_client,
+                __file__,
+                {
+                    "mode": "idle",
+                    "address": server.address,
+                    "token": place.account.token,
+                    "conversations": place.conversations,
+                    "assistants": place.assistants,
+                    "steps": list(steps),
+                    "warmup_s": 5.0,
+                    "seconds": seconds,
+                    "server_pid": server.pid,
+                },
+            )
+    rows = seen["rows"]
+    base = rows[0]
+    for row in rows[1:]:
+        added = row["peers"] - base["peers"]
+        row["server_ms_per_peer_s"] = round(
+            (row["server_cores"] - base["server_cores"]) * 1000 / added, 1
+        )
+    return {"rows": rows}
+
+
 # ---------------------------------------------------------------------------------
 # The driver.
 
@@ -1026,6 +1095,12 @@ def attribute(
 
 async def drive(args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
+    if args.idle:
+        steps = [0, *(int(n) for n in args.idle.split(","))]
+        async with session({}, "switchboard-webrtc-idle-") as directory:
+            idle = await idle_phase(directory, steps, 10.0 if args.quick else 30.0)
+        print(json.dumps(idle))
+        return 0
     if args.sessions:
         plan = dataclasses.replace(plan, rows=tuple(int(n) for n in args.sessions.split(",")))
     results: dict[str, Any] = {"plan": dataclasses.asdict(plan)}
@@ -1180,6 +1255,12 @@ def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sessions", default="", help="the loop phase's rows: sessions at once, N,N,..."
     )
+    parser.add_argument(
+        "--idle",
+        default="",
+        help="only what quiet, connected peers cost the server: N,N,... peers in turn "
+        "(after none), 30 s each (10 with --quick); prints JSON",
+    )
 
 
 def main() -> int:
@@ -1188,7 +1269,11 @@ def main() -> int:
         drive,
         quick="fewer sessions and seconds",
         options=options,
-        roles={"client": client_roles({"latency": client_latency, "cpu": client_cpu})},
+        roles={
+            "client": client_roles(
+                {"latency": client_latency, "cpu": client_cpu, "idle": client_idle}
+            )
+        },
     )
 
 

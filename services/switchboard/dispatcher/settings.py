@@ -456,11 +456,14 @@ class DispatcherSettings(Section):
         "not is closed, and its session never starts",
     )
     webrtc_max_peers: int = Field(
-        default=100,
+        # A connected peer costs 30-58 ms of CPU a second while no one speaks, more while it
+        # does, and a process runs on one core (docs/operations.md, "Live voice").
+        default=12,
         ge=1,
         le=10_000,
         description="WebRTC peers (`ConnectTalk`) carried at once by this process "
-        "(`RESOURCE_EXHAUSTED` above)",
+        "(`RESOURCE_EXHAUSTED` above); each costs 30-58 ms of CPU a second even while no one "
+        "speaks (docs/operations.md)",
     )
     webrtc_max_peers_per_user: int = Field(
         default=4,

@@ -7,6 +7,8 @@ import base64
 import hashlib
 import hmac
 import json
+import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -14,6 +16,7 @@ from pydantic import ValidationError
 from switchboard.dispatcher.build import _ice, _peer_settings
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.webrtc.ice import IceServer, IceServers
+from switchboard.dispatcher.talk.webrtc.peers import PeerLimits
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
 
 pytestmark = pytest.mark.unit
@@ -116,3 +119,13 @@ def test_minted_credentials_are_the_turn_rest_apis() -> None:
     assert servers[1].credential == base64.b64encode(signed).decode()
     assert ice.for_page("u1").expire_time.seconds == 1_000_120
     assert ice.for_server()[1].username == "1000120:switchboard"
+
+
+def test_the_default_peer_limit_is_what_operations_md_measured_a_process_carries() -> None:
+    """``SWITCHBOARD_WEBRTC_MAX_PEERS`` defaults to the count docs/operations.md derives
+    from its measurement of what a quiet peer costs, and the registry's own default agrees."""
+    text = (Path(__file__).parents[3] / "docs" / "operations.md").read_text()
+    section = text.split("### Live voice: peers per process", 1)[1].split("\n#", 1)[0]
+    stated = re.search(r"`SWITCHBOARD_WEBRTC_MAX_PEERS`' default, (\d+)", section)
+    assert stated is not None, "docs/operations.md names no default peer count"
+    assert settings().webrtc_max_peers == int(stated[1]) == PeerLimits().max_peers

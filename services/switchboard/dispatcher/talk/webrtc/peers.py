@@ -46,7 +46,7 @@ CLOSE_TIMEOUT_S: Final = 5.0
 class PeerLimits:
     """How many peers this process carries (``SWITCHBOARD_WEBRTC_MAX_PEERS*``)."""
 
-    max_peers: int = 100
+    max_peers: int = 12
     max_peers_per_user: int = 4
 
 
