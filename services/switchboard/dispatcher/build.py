@@ -58,6 +58,7 @@ from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.core.store import RunStore
+from switchboard.dispatcher.runs.core.waiting import QueueNotes
 from switchboard.dispatcher.runs.delegation import Delegation, DelegationLimits, FindHandler
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
@@ -343,6 +344,8 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
     shared, common = run.shared, _common(run)
     scheduler = _scheduler(run.settings)
     publishing = Publishing(common=common)
+    # The scheduler's ``on_change``: each queued run says what it waits behind.
+    QueueNotes(common=common, scheduler=scheduler, publishing=publishing)
     steers = SteerBook(common=common, scheduler=scheduler, publishing=publishing)
     delegation = Delegation(
         limits=_delegation_limits(run.settings),

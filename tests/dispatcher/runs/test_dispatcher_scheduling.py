@@ -70,6 +70,40 @@ def test_one_conversation_runs_one_run_at_a_time_in_order() -> None:
     assert sched.active_in("c") == ["r1", "r2"]
 
 
+def test_a_conversation_s_line_and_each_change_of_it_are_told() -> None:
+    """What ``waiting.py`` reads to say what a queued run waits behind (issue 79): the
+    run holding the conversation, paused included, and those queued, in order; and a
+    word after every transition that changed a line."""
+    rec = Recorder()
+    sched = Scheduler(limits=limits(running=10, per_ws=10))
+    told: list[tuple[str, str]] = []
+    sched.on_change = lambda ws, conv: told.append((ws, conv))
+    first, second, third = (ticket(rec, f"r{i}", "w", "c") for i in range(3))
+    sched.admit(first)
+    assert told == [("w", "c")]
+    sched.admit(second)
+    sched.admit(third)
+    assert sched.line("w", "c") == (first, [second, third])
+    told.clear()
+    sched.paused(first)  # waits for a person: it still holds the conversation
+    assert told == [("w", "c")]
+    assert sched.line("w", "c") == (first, [second, third])
+    told.clear()
+    sched.resumed(first)
+    assert told == [("w", "c")]
+    told.clear()
+    sched.finished(first)
+    assert told == [("w", "c")]  # once, though it freed the line and started the next
+    assert sched.line("w", "c") == (second, [third])
+    told.clear()
+    assert sched.withdraw(third)
+    assert told == [("w", "c")]
+    assert sched.line("w", "c") == (second, [])
+    sched.finished(second)
+    assert sched.line("w", "c") == (None, [])
+    assert sched.line("elsewhere", "c") == (None, [])
+
+
 def test_limits_global_and_per_workspace() -> None:
     rec = Recorder()
     sched = Scheduler(limits=limits(running=3, per_ws=2, queued=4, per_ws_q=3))

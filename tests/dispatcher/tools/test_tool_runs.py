@@ -31,9 +31,11 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
+from switchboard.platform.values.resources import RunName
 from tests.conftest import fresh_database_url, make_settings
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -472,6 +474,80 @@ async def test_an_approved_call_runs_after_the_pause(everything: EverythingServe
         await refused(
             _decide(tools, run.name, "c1", pb.TOOL_APPROVAL_DECISION_APPROVE),
             grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+
+async def test_a_message_queued_behind_a_run_waiting_for_approval_says_what_it_waits_behind(
+    everything: EverythingServer,
+) -> None:
+    """Issue 79: the next message of a conversation whose run waits for a person's
+    approval sat QUEUED for up to the approval timeout, and nothing said why. GetRun,
+    WatchRun and the stored run (another replica's GetRun) name the run it waits
+    behind, its state and why, until it starts."""
+    async with tool_mesh(everything, approval=("get-sum",)) as tools:
+        tools.fake.script(
+            Reply.tool_calls([(SUM, {"a": 4, "b": 5}, "c1")]),
+            answer_with_tool_output,
+            Reply.text("Nothing after that."),
+        )
+        first = await _send(tools, ask(tools, "4 + 5?"))
+        call, paused = await _paused(tools, first.name)
+        call.cancel()
+
+        second = await _send(tools, ask(tools, "and after that?"))
+        behind = pb.QueuedBehind(
+            run=first.name,
+            state=pb.RUN_STATE_REQUIRES_ACTION,
+            reason="waiting for a person's approval of 1 tool call",
+            ahead=1,
+            expire_time=paused.required_action.expire_time,
+        )
+        assert second.state == pb.RUN_STATE_QUEUED
+        assert second.queued_behind == behind
+        shown = await get_run(tools.dstub, tools.world.viewer, second.name)
+        assert (shown.state, shown.queued_behind) == (pb.RUN_STATE_QUEUED, behind)
+
+        watch = tools.dstub.WatchRun(
+            pb.WatchRunRequest(name=second.name), metadata=tools.world.viewer.md, timeout=TIMEOUT_S
+        )
+        seen: list[pb.RunUpdate] = []
+
+        def noted(updates: list[pb.RunUpdate]) -> bool:
+            return updates[-1].queued_behind == behind
+
+        await read_until(watch, seen, noted)
+        # Announced once stored: a replica that does not hold the run reads it too.
+        target = RunName.parse(second.name, "name")
+        stored = await RunStore(tools.server.shared.database).get(
+            target.workspace, target.conversation, target.run
+        )
+        assert stored.run.queued_behind == behind
+
+        await _decide(tools, first.name, "c1", pb.TOOL_APPROVAL_DECISION_APPROVE)
+
+        def ended(updates: list[pb.RunUpdate]) -> bool:
+            return updates[-1].state_change.run.state == pb.RUN_STATE_SUCCEEDED
+
+        await read_until(watch, seen, ended)
+        # Not a state change: the state did not change.
+        runs = [u.state_change.run for u in seen if u.WhichOneof("update") == "state_change"]
+        assert [run.state for run in runs] == [
+            pb.RUN_STATE_QUEUED,
+            pb.RUN_STATE_RUNNING,
+            pb.RUN_STATE_SUCCEEDED,
+        ]
+        notes = [u.queued_behind for u in seen if u.WhichOneof("update") == "queued_behind"]
+        # Every note named the run ahead (its state as it went), and came before the start.
+        assert {n.run for n in notes} == {first.name}
+        kinds_seen = [u.WhichOneof("update") for u in seen]
+        assert kinds_seen.index("queued_behind") < kinds_seen.index("result")
+        # Once it starts it waits behind nothing.
+        assert not any(run.HasField("queued_behind") for run in runs[1:])
+        assert (await get_run(tools.dstub, tools.world.viewer, first.name)).state == (
+            pb.RUN_STATE_SUCCEEDED
+        )
+        assert not (await get_run(tools.dstub, tools.world.viewer, second.name)).HasField(
+            "queued_behind"
         )
 
 

@@ -771,6 +771,7 @@ class Run(_message.Message):
     PARENT_TOOL_CALL_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
+    QUEUED_BEHIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -879,6 +880,15 @@ class Run(_message.Message):
         in ListRuns and in the updates of a stream. Output only.
         """
 
+    @_builtins.property
+    def queued_behind(self) -> Global___QueuedBehind:
+        """While the run is QUEUED behind another run of its conversation (a
+        conversation answers its messages one at a time, in order): the run it
+        waits for and why, kept current (each change is a `RunUpdate.queued_behind`
+        on WatchRun). Unset when it waits for no run of its conversation (only for
+        the dispatcher's capacity), and once it starts. Output only.
+        """
+
     def __init__(
         self,
         *,
@@ -911,14 +921,67 @@ class Run(_message.Message):
         parent_tool_call: _builtins.str = ...,
         depth: _builtins.int = ...,
         children: _abc.Iterable[Global___ChildRun] | None = ...,
+        queued_behind: Global___QueuedBehind | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "steer", b"steer", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "queued_behind", b"queued_behind", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "steer", b"steer", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "children", b"children", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "children", b"children", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "queued_behind", b"queued_behind", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class QueuedBehind(_message.Message):
+    """What a queued run waits behind: the run of its conversation that goes first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AHEAD_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run it waits for, `workspaces/{w}/conversations/{c}/runs/{run}`: the
+    one its conversation is answering (running, or waiting for a person), else
+    the earliest queued before it.
+    """
+    state: Global___RunState.ValueType
+    """That run's state when this was said: RUNNING, REQUIRES_ACTION (it waits
+    for a person's approval, and holds the conversation until it has one or
+    its wait expires), or QUEUED.
+    """
+    reason: _builtins.str
+    """Why, in words, for people (for example "waiting for a person's approval of
+    2 tool calls").
+    """
+    ahead: _builtins.int
+    """How many runs of the conversation start before this one, the one named
+    included.
+    """
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """For REQUIRES_ACTION: when that run's wait for a person ends at the latest
+        (its `required_action.expire_time`); unset otherwise.
+        """
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        state: Global___RunState.ValueType = ...,
+        reason: _builtins.str = ...,
+        ahead: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ahead", b"ahead", "expire_time", b"expire_time", "reason", b"reason", "run", b"run", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueuedBehind: _TypeAlias = QueuedBehind  # noqa: Y015
 
 @_typing.final
 class Steer(_message.Message):
@@ -1830,6 +1893,7 @@ class RunUpdate(_message.Message):
     STEER_FIELD_NUMBER: _builtins.int
     CHILD_RUN_FIELD_NUMBER: _builtins.int
     HANDOFF_FIELD_NUMBER: _builtins.int
+    QUEUED_BEHIND_FIELD_NUMBER: _builtins.int
     FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
@@ -1895,6 +1959,12 @@ class RunUpdate(_message.Message):
         messages that name no assistant go to it.
         """
 
+    @_builtins.property
+    def queued_behind(self) -> Global___QueuedBehind:
+        """While QUEUED: what it waits behind changed (`Run.queued_behind` as it now
+        stands; empty when it no longer waits behind a run of its conversation).
+        """
+
     def __init__(
         self,
         *,
@@ -1911,13 +1981,14 @@ class RunUpdate(_message.Message):
         steer: Global___SteerUpdate | None = ...,
         child_run: Global___ChildRun | None = ...,
         handoff: Global___Handoff | None = ...,
+        queued_behind: Global___QueuedBehind | None = ...,
         first_sequence: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "handoff", b"handoff", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "handoff", b"handoff", "progress", b"progress", "queued_behind", b"queued_behind", "result", b"result", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "first_sequence", b"first_sequence", "handoff", b"handoff", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child_run", b"child_run", "delta", b"delta", "first_sequence", b"first_sequence", "handoff", b"handoff", "progress", b"progress", "queued_behind", b"queued_behind", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech", "steer", "child_run", "handoff"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech", "steer", "child_run", "handoff", "queued_behind"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 

@@ -184,3 +184,6 @@ class Active:
                 f"run {self.run.name}: {pb.RunState.Name(current)} -> {pb.RunState.Name(state)}"
             )
         self.run.state = state
+        if state != pb.RUN_STATE_QUEUED:
+            # It waits behind nothing any more (``waiting.py``): it started or ended.
+            self.run.ClearField("queued_behind")

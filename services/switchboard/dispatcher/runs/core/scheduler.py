@@ -11,6 +11,10 @@ Pure asyncio bookkeeping, no I/O. Rules:
   others however many runs it queues;
 * the queue is bounded globally and per workspace; ``admit`` refuses past
   either bound with ``QueueFull`` (RESOURCE_EXHAUSTED).
+
+After every transition ``on_change`` hears which conversations' lines changed
+(a run joined, left, started, paused or resumed), so what each queued run waits
+behind is said while it waits (``runs/core/waiting.py``), not found out later.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class Scheduler:
         # Paused runs (waiting for a person): their conversation stays busy,
         # their worker slot is free for others.
         self._paused: dict[str, Ticket] = {}
+        # conversation -> the ticket holding it (running or paused).
+        self._holders: dict[str, Ticket] = {}
+        #: Told (workspace, conversation) after a transition changed that line.
+        self.on_change: Callable[[str, str], None] | None = None
+        self._touched: dict[tuple[str, str], None] = {}
 
     # -- counts -------------------------------------------------------------------
 
@@ -91,6 +100,13 @@ class Scheduler:
                 found.extend(t.run_id for t in tickets)
         return found
 
+    def line(self, workspace: str, conversation: str) -> tuple[Ticket | None, list[Ticket]]:
+        """The ticket holding the conversation (running or paused; None if none) and
+        its queued tickets, in the order they start."""
+        conversations = self._queued.get(workspace)
+        tickets = conversations.get(conversation) if conversations else None
+        return self._holders.get(conversation), list(tickets or ())
+
     # -- transitions ----------------------------------------------------------------
 
     def check_room(self, workspace: str) -> None:
@@ -117,7 +133,9 @@ class Scheduler:
         conversations.setdefault(ticket.conversation, deque()).append(ticket)
         self._queued_count += 1
         self._queued_by_workspace[ws] = self._queued_by_workspace.get(ws, 0) + 1
+        self._touch(ticket)
         self._pump()
+        self._notify()
 
     def withdraw(self, ticket: Ticket) -> bool:
         """Remove a queued ticket (cancelled before it started); False if not queued."""
@@ -130,7 +148,9 @@ class Scheduler:
         tickets.remove(ticket)
         self._dequeued(ticket, conversations, tickets)
         ticket.queued = False
+        self._touch(ticket)
         self._pump()
+        self._notify()
         return True
 
     def paused(self, ticket: Ticket) -> None:
@@ -140,7 +160,9 @@ class Scheduler:
             return
         self._paused[ticket.run_id] = ticket
         self._release_slot(ticket.workspace)
+        self._touch(ticket)
         self._pump()
+        self._notify()
 
     def resumed(self, ticket: Ticket) -> None:
         """A paused ticket runs again. It takes its slot back even past the limits:
@@ -151,6 +173,8 @@ class Scheduler:
         self._running[ticket.run_id] = ticket
         ws = ticket.workspace
         self._running_by_workspace[ws] = self._running_by_workspace.get(ws, 0) + 1
+        self._touch(ticket)
+        self._notify()
 
     def finished(self, ticket: Ticket) -> None:
         """A running (or paused) ticket ended; start what can start now.
@@ -159,14 +183,33 @@ class Scheduler:
         its own slots, so execution never calls back up to give one back.
         """
         if _take(self._paused, ticket):
-            self._running_conversations.discard(ticket.conversation)
+            self._let_go(ticket)
             self._pump()
+            self._notify()
             return
         if not _take(self._running, ticket):
             return
         self._release_slot(ticket.workspace)
-        self._running_conversations.discard(ticket.conversation)
+        self._let_go(ticket)
         self._pump()
+        self._notify()
+
+    def _let_go(self, ticket: Ticket) -> None:
+        """The conversation ``ticket`` held is free for its next run."""
+        self._running_conversations.discard(ticket.conversation)
+        if self._holders.get(ticket.conversation) is ticket:
+            del self._holders[ticket.conversation]
+        self._touch(ticket)
+
+    def _touch(self, ticket: Ticket) -> None:
+        self._touched[ticket.workspace, ticket.conversation] = None
+
+    def _notify(self) -> None:
+        """Tell ``on_change`` of the lines this transition changed."""
+        touched, self._touched = self._touched, {}
+        if self.on_change is not None:
+            for workspace, conversation in touched:
+                self.on_change(workspace, conversation)
 
     def _release_slot(self, ws: str) -> None:
         left = self._running_by_workspace[ws] - 1
@@ -227,6 +270,8 @@ class Scheduler:
         ws = ticket.workspace
         self._running_by_workspace[ws] = self._running_by_workspace.get(ws, 0) + 1
         self._running_conversations.add(ticket.conversation)
+        self._holders[ticket.conversation] = ticket
+        self._touch(ticket)
         task = ticket.start(ticket)
         if task is not None:
             task.add_done_callback(lambda _task: self.finished(ticket))

@@ -138,6 +138,14 @@ def _save(*, job: bool, end: bool) -> Update:
     return update(_RUNS).where(*fence, or_(_IS_ACTIVE, ended)).values(values)
 
 
+#: A queued run's note of what it waits behind (``Run.queued_behind``): only while it is
+#: still stored QUEUED, so a note written late never takes a started run back.
+_SAVE_QUEUED: Final = Prepared(
+    update(_RUNS)
+    .where(*_FENCE[:2], _RUNS.c.state == literal_column(str(int(pb.RUN_STATE_QUEUED))))
+    .values(data=bindparam("data"), updated_at=bindparam("stamp")),
+    name="runs.save_queued",
+)
 #: By (with the job, ended).
 _SAVE_RUN: Final = {
     (job, end): Prepared(_save(job=job, end=end), name="runs.save")
@@ -343,6 +351,16 @@ class RunStore:
             return await self._run(staging(staged, work), write=True)
         except _Fenced:
             return False
+
+    async def save_queued(self, run_id: str, run: pb.Run, *, owner: str) -> bool:
+        """Store a queued run's new ``queued_behind``; False unless the run is still
+        stored QUEUED and ``owner``'s (it started, ended or was taken over meanwhile)."""
+        values = {"run": run_id, "owner": owner, "data": run.SerializeToString(), "stamp": now()}
+
+        def work(db: Session) -> bool:
+            return bool(_SAVE_QUEUED.execute(db, values))
+
+        return await self._run(work, write=True)
 
     async def oldest_active(self, workspace_id: str, conversation_id: str) -> Stored | None:
         """The conversation's oldest active run (any replica's), if it has one."""

@@ -310,6 +310,9 @@ class Admission:
         self.admit(active, force=True)
         if active.task is None:  # it waits its turn: say so now
             self._publishing.release(active)
+            if active.run.HasField("queued_behind"):
+                # What it waits behind, as the scheduler said on taking it.
+                response.run.queued_behind.CopyFrom(active.run.queued_behind)
         return response
 
     def admit(self, active: Active, *, force: bool) -> None:
