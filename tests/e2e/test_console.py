@@ -2523,6 +2523,44 @@ def test_the_assistant_editor_takes_the_centre_and_its_fieldsets_fit_it(
             assert problems(browser) == []
 
 
+def test_a_member_is_added_by_user_name_and_an_email_is_explained_not_sent(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    """AddWorkspaceMember takes a user's name and nothing looks a user up by email: the page
+    says so beside the form, shows the caller's own name to copy and give, and answers an
+    email typed anyway on the page, without a call."""
+    owner = server.register("members")
+    colleague = server.register("colleague")
+    workspace, _ = server.workspace(owner, f"members-{os.getpid()}")
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, owner.email)
+        browser.click(tid("workspace-item", name=workspace))
+        browser.wait_visible(tid("members-panel"))
+        text = "(s) => document.querySelector(s).textContent"
+        assert "not by email" in browser.eval(text, tid("member-user-help"))
+        browser.click(f"{tid('account')} > summary")
+        browser.wait_visible(tid("own-user-name"))
+        assert browser.eval(text, tid("own-user-name")) == owner.name
+
+        browser.fill(tid("member-user"), colleague.email)
+        browser.click(tid("add-member"))
+        refused = tid("error", action="add-member")
+        browser.wait_for(refused)
+        assert browser.data(refused)["code"] == "INVALID_ARGUMENT"
+        assert browser.data(f"{refused} {tid('error-violation')}")["field"] == "user"
+        assert "cannot look a user up by email" in browser.eval(text, refused)
+        idle(browser)
+        calls = grpc_web_calls(browser.network(), stack.origin)
+        assert "AddWorkspaceMember" not in [method(c) for c in calls]
+
+        # By name, as the colleague's own page shows it: added.
+        browser.fill(tid("member-user"), colleague.name)
+        browser.click(tid("add-member"))
+        browser.wait_for(tid("member", user=colleague.name))
+        assert browser.count(refused) == 0
+        assert problems(browser) == []
+
+
 def test_a_problem_goes_when_its_cause_does_and_covers_nothing(
     stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
 ) -> None:

@@ -5,6 +5,7 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Api, PAGE_SIZE } from "./api";
 import { fill, formatTime, h } from "./dom";
+import { local } from "./errors";
 import { type WorkspaceMember, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
 import { roleLabel } from "./labels";
 import type { Names } from "./names";
@@ -27,7 +28,9 @@ export class Account {
   private readonly keys = h("ul", { class: "list keys", "data-testid": "api-keys" });
   private readonly sessions = h("ul", { class: "list sessions", "data-testid": "sessions" });
   private readonly secret = h("div", { "data-testid": "api-key-secret-box" });
-  private readonly newMember = h("input", { "data-testid": "member-user", "aria-label": "user", placeholder: "users/…" });
+  private readonly newMember = h("input", { "data-testid": "member-user", "aria-label": "user name (users/…)", placeholder: "user name: users/…" });
+  /** The caller's own user name, to copy and give to an owner who adds them. */
+  private readonly ownName = h("code", { "data-testid": "own-user-name", "data-content": true });
   private readonly newRole = h(
     "select",
     { "data-testid": "member-role", "aria-label": "role" },
@@ -68,6 +71,14 @@ export class Account {
         this.newRole,
         h("button", { type: "submit", "data-testid": "add-member" }, "Add member"),
       ),
+      // The server adds a member by user name and has no way to find a user by email
+      // (AuthService looks no one up), so the page says what to ask for and where it is.
+      h(
+        "small",
+        { class: "muted", "data-testid": "member-user-help" },
+        "A member is added by user name (users/…), not by email: Switchboard looks no one up by email. " +
+          "Each person finds theirs under Your account, with a Copy button.",
+      ),
     );
     this.elements = [
       this.membersPanel,
@@ -75,6 +86,14 @@ export class Account {
         "details",
         { "data-testid": "account", ontoggle: (e: Event) => (e.target as HTMLDetailsElement).open && void this.loadAccount() },
         h("summary", {}, h("h2", { class: "inline-heading" }, "Your account")),
+        h(
+          "p",
+          { class: "row" },
+          "Your user name: ",
+          this.ownName,
+          h("button", { type: "button", "data-testid": "copy-own-user-name", onclick: (e: Event) => void this.copyOwnName(e) }, "Copy"),
+        ),
+        h("small", { class: "muted" }, "An owner adds you to a workspace by this name."),
         h("h3", {}, "API keys"),
         this.keys,
         form(
@@ -96,6 +115,25 @@ export class Account {
     ];
   }
 
+  /** The signed-in user's name, shown to copy. */
+  signedIn(user: string): void {
+    this.ownName.textContent = user;
+  }
+
+  private async copyOwnName(event: Event): Promise<void> {
+    const button = event.currentTarget as HTMLButtonElement;
+    try {
+      await navigator.clipboard.writeText(this.ownName.textContent ?? "");
+      button.textContent = "Copied";
+    } catch {
+      // No clipboard (an insecure origin, a refusal): the name is selected to copy by hand.
+      const range = document.createRange();
+      range.selectNodeContents(this.ownName);
+      window.getSelection()?.removeAllRanges();
+      window.getSelection()?.addRange(range);
+    }
+  }
+
   /** A workspace opened: its members, for an owner. */
   open(workspace: string, owner: boolean): void {
     this.workspace = workspace;
@@ -111,6 +149,7 @@ export class Account {
     this.keys.replaceChildren();
     this.sessions.replaceChildren();
     this.secret.replaceChildren();
+    this.ownName.textContent = "";
   }
 
   // -- Members -----------------------------------------------------------------------------
@@ -176,9 +215,15 @@ export class Account {
 
   private async addMember(): Promise<void> {
     await this.page.busy("add-member", async () => {
+      const user = this.newMember.value.trim();
+      if (user.includes("@")) {
+        throw local("INVALID_ARGUMENT", `${user} is an email address: a member is added by user name (users/…), and Switchboard cannot look a user up by email.`, [
+          { field: "user", description: "must be a user name, users/{id}: ask the person for theirs (Your account shows it)" },
+        ]);
+      }
       await this.api.context.addWorkspaceMember({
         parent: this.workspace,
-        user: this.newMember.value.trim(),
+        user,
         role: Number(this.newRole.value) as WorkspaceRole,
       });
       this.newMember.value = "";

@@ -155,6 +155,7 @@ export class App {
       case "signed-in":
         this.page.part("user").textContent = change.identity.email || change.identity.user;
         this.names.learn(change.identity.user, change.identity.email);
+        this.account.signedIn(change.identity.user);
         info.dataset.session = change.identity.session;
         this.renderSessionInfo();
         break;
