@@ -2561,6 +2561,76 @@ def test_a_member_is_added_by_user_name_and_an_email_is_explained_not_sent(
         assert problems(browser) == []
 
 
+def test_files_have_a_page_of_their_own_with_each_files_details_by_kind(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """The side panel's "All files" opens the Files page (``#workspaces/w/files``) in the
+    centre, where the side list steps aside: every file with its type, who stored it and
+    whether its text was read, filtered by kind through ListFiles."""
+    owner = server.register("filing")
+    workspace, _ = server.workspace(owner, f"filing-{os.getpid()}")
+    stored = {}
+    for display_name, media_type, data in (
+        ("notes.txt", "text/plain", b"the ferry leaves at nine\n"),
+        ("minutes.txt", "text/plain", b"the minutes of the meeting\n"),
+        ("dot.png", "image/png", png_image(2, 2)),
+    ):
+        frames = [
+            context_pb2.UploadFileRequest(
+                header=context_pb2.UploadFileHeader(
+                    parent=workspace,
+                    file=context_pb2.File(
+                        display_name=display_name, media_type=media_type, size_bytes=len(data)
+                    ),
+                )
+            ),
+            context_pb2.UploadFileRequest(chunk=data),
+            context_pb2.UploadFileRequest(sha256=hashlib.sha256(data).hexdigest()),
+        ]
+        made = server.context.UploadFile(iter(frames), metadata=owner.md, timeout=CALL_S)
+        stored[display_name] = made.file.name
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, owner.email)
+        browser.click(tid("workspace-item", name=workspace))
+        browser.wait("(s) => document.querySelectorAll(s).length === 3", tid("file-entry"))
+        browser.click(tid("all-files"))
+        page = tid("files-page")
+        browser.wait_visible(page)
+        assert browser.eval("() => location.hash") == f"#{workspace}/files"
+        assert not browser.visible(tid("files-panel"))
+        assert browser.eval(
+            "(s) => document.querySelector(s).closest('.column.chat') !== null", page
+        )
+        browser.wait(
+            "(s) => document.querySelectorAll(s).length === 3", f"{page} {tid('file-entry')}"
+        )
+        # Each file once on the page, with what it is, who stored it and its text's state.
+        assert browser.count(tid("file-entry")) == 3
+        details = browser.eval(
+            "(s) => Object.fromEntries([...document.querySelectorAll(s)].map((e) =>"
+            " [e.dataset.file, e.querySelector('[data-testid=\"file-details\"]').textContent]))",
+            f"{page} {tid('file-entry')}",
+        )
+        assert set(details) == set(stored.values())
+        for name, file in stored.items():
+            said = details[file]
+            assert said.startswith("text/plain" if name.endswith(".txt") else "image/png"), said
+            assert f"by {owner.email}" in said, said
+
+        browser.select(tid("files-kind"), str(context_pb2.FILE_KIND_IMAGE))
+        browser.wait(
+            "(s) => document.querySelectorAll(s).length === 1", f"{page} {tid('file-entry')}"
+        )
+        assert browser.data(f"{page} {tid('file-entry')}")["file"] == stored["dot.png"]
+        browser.screenshot(artifacts_dir(tmp_path) / "files-page.png")
+
+        # Leaving it: the side list is back.
+        browser.click(tid("open-budgets"))
+        browser.wait_visible(tid("files-panel"))
+        assert not browser.visible(page)
+        assert problems(browser) == []
+
+
 def test_a_problem_goes_when_its_cause_does_and_covers_nothing(
     stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
 ) -> None:

@@ -56,7 +56,7 @@ export class App {
     this.budgets = new Budgets(api, this.page, this.names);
     this.schedules = new Schedules(api, this.page, this.names, { openRun: (run) => void this.navigation.openRun(run) });
     this.search = new SearchPage(api, this.page, this.names);
-    this.files = new FilesPanel(api, this.page);
+    this.files = new FilesPanel(api, this.page, this.names);
     // The composer asks the navigation, built next, what is open when it needs to know.
     const composer = (this.composer = new Composer(api, this.page, {
       workspace: () => this.navigation.workspace,
@@ -87,6 +87,7 @@ export class App {
       (open) => this.budgets.show(open),
       (open) => this.schedules.show(open),
       (open) => this.search.show(open),
+      (open) => this.files.show(open),
     );
     this.assistants = new Assistants(api, this.page, this.integrations, {
       workspace: () => this.navigation.workspace,
@@ -121,6 +122,7 @@ export class App {
       this.budgets.element,
       this.schedules.element,
       this.search.element,
+      this.files.pageElement,
       ...this.runs.elements,
       composer.element,
     );

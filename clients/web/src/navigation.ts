@@ -24,7 +24,7 @@ import { TERMINAL, holderOf, steerStateName } from "./runs";
 
 /** The workspace's pages, each shown in the centre where a conversation would be
  * (`#workspaces/w/<page>`), with the title it gives the centre. */
-const WORKSPACE_PAGES = { budgets: "Budgets", schedules: "Schedules", search: "Search" } as const;
+const WORKSPACE_PAGES = { budgets: "Budgets", schedules: "Schedules", search: "Search", files: "Files" } as const;
 type WorkspacePage = keyof typeof WORKSPACE_PAGES;
 const PAGE_IDS = Object.keys(WORKSPACE_PAGES) as WorkspacePage[];
 
@@ -33,7 +33,7 @@ export class Navigation {
   workspace = "";
   /** The open conversation, "" before one is picked. */
   conversation = "";
-  /** The open workspace's page that is open (`#workspaces/w/budgets`, `/schedules`, `/search`), "" when none is. */
+  /** The open workspace's page that is open (`#workspaces/w/budgets`, `/schedules`, `/search`, `/files`), "" when none is. */
   workspacePage: WorkspacePage | "" = "";
   /** The left column: the lists, and the forms that add to them. */
   readonly column: HTMLElement;
@@ -74,6 +74,7 @@ export class Navigation {
     h("a", { href: "#", class: "item", "data-testid": "open-budgets" }, "Budgets and spend"),
     h("a", { href: "#", class: "item", "data-testid": "open-schedules" }, "Schedules"),
     h("a", { href: "#", class: "item", "data-testid": "open-search" }, "Search"),
+    h("a", { href: "#", class: "item", "data-testid": "open-files" }, "Files"),
   );
   private workspaces: Workspace[] = [];
   /** Whether the workspaces were listed since signing in (the picker waits for it). */
@@ -99,6 +100,8 @@ export class Navigation {
     private readonly schedules: (open: boolean) => void = () => undefined,
     /** The Search page shown (true) or left (false). */
     private readonly search: (open: boolean) => void = () => undefined,
+    /** The Files page shown (true) or left (false). */
+    private readonly filesPage: (open: boolean) => void = () => undefined,
   ) {
     this.files = new FileViews(api, page);
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
@@ -153,7 +156,7 @@ export class Navigation {
 
   async followHash(): Promise<void> {
     const target = decodeURIComponent(location.hash.slice(1));
-    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets|\/schedules|\/search)?$/.exec(target);
+    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets|\/schedules|\/search|\/files)?$/.exec(target);
     if (match === null || !this.api.tokens.signedIn) return;
     const workspace = match[1] ?? "";
     const page = PAGE_IDS.find((id) => target === `${workspace}/${id}`);
@@ -316,6 +319,7 @@ export class Navigation {
     this.pages.querySelector('[data-testid="open-budgets"]')?.setAttribute("href", `#${this.workspace}/budgets`);
     this.pages.querySelector('[data-testid="open-schedules"]')?.setAttribute("href", `#${this.workspace}/schedules`);
     this.pages.querySelector('[data-testid="open-search"]')?.setAttribute("href", `#${this.workspace}/search`);
+    this.pages.querySelector('[data-testid="open-files"]')?.setAttribute("href", `#${this.workspace}/files`);
     if (this.workspaces.length === 0) {
       // The first sign-in: nothing to pick yet, so say what comes first.
       this.workspaceList.replaceChildren(
@@ -383,7 +387,7 @@ export class Navigation {
 
   /** Tells the page's own view it is shown (true) or left (false). */
   private shown(page: WorkspacePage, open: boolean): void {
-    ({ budgets: this.budgets, schedules: this.schedules, search: this.search })[page](open);
+    ({ budgets: this.budgets, schedules: this.schedules, search: this.search, files: this.filesPage })[page](open);
   }
 
   /** Opens the conversation of `run` (`workspaces/w/conversations/c/runs/r`) with the run's
