@@ -103,10 +103,12 @@ def test_a_pattern_refuses_anything_after_a_valid_value(attr: str, suffix: str) 
 
 
 def test_match_refuses_a_trailing_newline_naming_the_field() -> None:
-    assert names.match(names.WORKSPACE, "workspaces/acme", "name").group(1) == "acme"
+    form = "workspaces/{workspace}"
+    assert names.match(names.WORKSPACE, "workspaces/acme", "name", form).group(1) == "acme"
     with pytest.raises(InvalidArgument) as caught:
-        names.match(names.WORKSPACE, "workspaces/acme\n", "name")
+        names.match(names.WORKSPACE, "workspaces/acme\n", "name", form)
     assert [v.field for v in caught.value.violations] == ["name"]
+    assert form in caught.value.violations[0].description
 
 
 def test_owner_of_refuses_a_trailing_newline() -> None:
