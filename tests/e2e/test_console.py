@@ -188,6 +188,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         names = {p.name for p in console_dir.iterdir()}
         assert names == {"index.html", "app.js", "app.css", "favicon.svg", "capture.js"}
         llm_url = cleanup.enter_context(_openai_server())
+        embeddings_url = cleanup.enter_context(_embeddings_server())
         # Both relays refuse connections until they have a target.
         upstream = cleanup.enter_context(TcpRelay())
         front = cleanup.enter_context(TcpRelay())
@@ -211,6 +212,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             ),
             # A schedule may tick every 2 s, so the Schedules page sees one fire.
             "SWITCHBOARD_SCHEDULES_MIN_INTERVAL_S": "1",
+            # An embeddings endpoint with no default model: only a workspace that names one
+            # (UpdateSemanticIndex) is indexed, the others search by words alone.
+            "SWITCHBOARD_CONTEXT_EMBEDDINGS_URL": embeddings_url,
+            "SWITCHBOARD_CONTEXT_SEMANTIC_POLL_S": "0.2",
         }
         envoy = EnvoyProcess(
             f"127.0.0.1:{upstream.port}",
@@ -256,6 +261,29 @@ def _openai_server() -> Iterator[str]:
         url = proc.stdout.readline().strip()
         if not url.startswith("http://127.0.0.1:"):
             pytest.fail(f"the OpenAI-protocol server did not start: {url!r}")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@contextmanager
+def _embeddings_server() -> Iterator[str]:
+    """The local embeddings server (tests/fakes/embeddings_server.py): deterministic
+    vectors, texts sharing words close and texts sharing none nearly orthogonal."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.embeddings_server", "--port", "0", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://127.0.0.1:"):
+            pytest.fail(f"the embeddings server did not start: {url!r}")
         yield url
     finally:
         proc.kill()
@@ -2628,6 +2656,82 @@ def test_files_have_a_page_of_their_own_with_each_files_details_by_kind(
         browser.click(tid("open-budgets"))
         browser.wait_visible(tid("files-panel"))
         assert not browser.visible(page)
+        assert problems(browser) == []
+
+
+def test_a_search_by_meaning_folds_the_weaker_matches_below_the_others(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    """A hybrid search answers its page size whatever the query: the semantic list brings
+    the nearest vectors however far. Two notes share the query's words; eight share none
+    (nearly orthogonal to it): those are folded under "8 weaker matches", closed, with the
+    cut-off (half the best similarity) said, and the two are the results."""
+    owner = server.register("meaning")
+    workspace, _ = server.workspace(owner, f"meaning-{os.getpid()}")
+    index = f"{workspace}/semanticIndex"
+    server.context.UpdateSemanticIndex(
+        context_pb2.UpdateSemanticIndexRequest(
+            semantic_index=context_pb2.SemanticIndex(name=index, embedding_model="sb-hash-384"),
+            update_mask=field_mask_pb2.FieldMask(paths=["embedding_model"]),
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    )
+    related = ["The ferry timetable changes in winter", "Ferry timetable: boats leave hourly"]
+    unrelated = [
+        "Quarterly budget review with finance",
+        "The cat sleeps on the sofa",
+        "Paint the kitchen walls green",
+        "Dentist appointment on Tuesday",
+        "Renew the passport before June",
+        "Buy flour, eggs and butter",
+        "The printer on floor two is jammed",
+        "Water the tomatoes every evening",
+    ]
+    for content in related + unrelated:
+        server.context.CreateMemoryItem(
+            context_pb2.CreateMemoryItemRequest(
+                parent=workspace,
+                memory_item=context_pb2.MemoryItem(
+                    kind=context_pb2.MEMORY_KIND_NOTE, content=content
+                ),
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        )
+    # Indexing is the server's own work: its index says when every note is embedded.
+    deadline = time.monotonic() + 60
+    while True:
+        state = server.context.GetSemanticIndex(
+            context_pb2.GetSemanticIndexRequest(name=index), metadata=owner.md, timeout=CALL_S
+        ).semantic_index
+        if state.indexed_count >= len(related + unrelated) and state.pending_count == 0:
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)  # polling the server's stored state, under a deadline
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, owner.email)
+        browser.click(tid("workspace-item", name=workspace))
+        browser.click(tid("open-search"))
+        browser.wait_visible(tid("search-page"))
+        browser.fill(tid("search-query"), "ferry timetable")
+        browser.click(tid("search-mode-hybrid"))
+        browser.click(tid("run-search"))
+        weaker = tid("search-weaker")
+        browser.wait_for(weaker)
+        shown = browser.eval(
+            "(s) => [...document.querySelectorAll(s)].map((e) =>"
+            " e.querySelector('[data-testid=\"result-text\"]').textContent)",
+            f"{tid('search-results')} > {tid('search-result')}",
+        )
+        assert sorted(shown) == sorted(related)
+        folded = browser.data(weaker)
+        assert folded["count"] == str(len(unrelated))
+        assert not browser.eval("(s) => document.querySelector(s).open", weaker)
+        status = browser.eval("(s) => document.querySelector(s).textContent", tid("search-status"))
+        assert status.startswith(f"2 results, ranked hybrid · {len(unrelated)} weaker below"), (
+            status
+        )
         assert problems(browser) == []
 
 

@@ -4,7 +4,9 @@
 // came from (a memory item with its kind and scope; a message with its role and a link to
 // its conversation; a document with its file name and character range), its score and its
 // rank in each list; a search that fell back to full-text says why. A bad filter or query
-// is the server's INVALID_ARGUMENT, shown beside the field it names.
+// is the server's INVALID_ARGUMENT, shown beside the field it names. A search by meaning
+// answers its page size whatever the query (the nearest vectors, however far): results found
+// by meaning alone and much less similar than the best are folded away below the others.
 import { type Api } from "./api";
 import { h } from "./dom";
 import { type Problem, problem, renderProblem } from "./errors";
@@ -55,6 +57,29 @@ const ROLES: Record<MessageRole, string> = {
   [MessageRole.SYSTEM]: "system",
   [MessageRole.TOOL]: "tool",
 };
+
+/** A result found by meaning alone (no full-text rank) is a weaker match when its similarity
+ *  is under this share of the best result's: with no words in common, the semantic list
+ *  still fills its page with the nearest vectors, and those tail off into the unrelated. */
+export const WEAK_SHARE = 0.5;
+
+/** The results worth showing first, and the weaker ones (found by meaning alone, under
+ *  WEAK_SHARE of the best similarity), each list in the server's order; `cutoff` the
+ *  similarity under which a result is weaker (undefined when no result has one). */
+export function splitWeak(results: SearchResult[]): { strong: [SearchResult, number][]; weak: [SearchResult, number][]; cutoff: number | undefined } {
+  const similarities = results.map((r) => r.scores?.similarity).filter((x): x is number => x !== undefined);
+  const best = similarities.length ? Math.max(...similarities) : undefined;
+  const cutoff = best !== undefined && best > 0 ? best * WEAK_SHARE : undefined;
+  const strong: [SearchResult, number][] = [];
+  const weak: [SearchResult, number][] = [];
+  results.forEach((r, i) => {
+    const scores = r.scores;
+    const byMeaningOnly = scores?.fullTextRank === undefined && scores?.semanticRank !== undefined;
+    const similarity = scores?.similarity ?? Number.NEGATIVE_INFINITY;
+    (cutoff !== undefined && byMeaningOnly && similarity < cutoff ? weak : strong).push([r, i + 1]);
+  });
+  return { strong, weak, cutoff };
+}
 
 /** `workspaces/w/conversations/c` of a message's or memory item's name, or "". */
 function conversationOf(name: string): string {
@@ -185,8 +210,9 @@ export class SearchPage {
   private render(response: SearchContextResponse): void {
     this.filter.setAttribute("aria-invalid", "false");
     this.query.setAttribute("aria-invalid", "false");
-    const count = response.results.length;
-    const said = `${count} result${count === 1 ? "" : "s"}, ranked ${MODE_WORDS[response.mode]}`;
+    const { strong, weak, cutoff } = splitWeak(response.results);
+    const count = strong.length;
+    const said = `${count} result${count === 1 ? "" : "s"}, ranked ${MODE_WORDS[response.mode]}${weak.length ? ` · ${weak.length} weaker below` : ""}`;
     const fallback = FALLBACKS[response.fallbackReason];
     this.status.replaceChildren(said);
     if (fallback) {
@@ -208,7 +234,26 @@ export class SearchPage {
         ),
       );
     }
-    this.results.replaceChildren(...response.results.map((result, i) => this.item(result, i + 1)));
+    this.results.replaceChildren(...strong.map(([result, rank]) => this.item(result, rank)));
+    this.results.dataset.weak = String(weak.length);
+    if (weak.length && cutoff !== undefined) {
+      this.results.append(
+        h(
+          "li",
+          { class: "weaker" },
+          h(
+            "details",
+            { "data-testid": "search-weaker", "data-count": String(weak.length), "data-cutoff": cutoff.toFixed(3) },
+            h(
+              "summary",
+              { class: "muted" },
+              `${weak.length} weaker ${weak.length === 1 ? "match" : "matches"}: found by meaning alone, less than half as similar as the best (similarity under ${cutoff.toFixed(3)})`,
+            ),
+            h("ol", { class: "list results" }, ...weak.map(([result, rank]) => this.item(result, rank))),
+          ),
+        ),
+      );
+    }
   }
 
   private item(result: SearchResult, rank: number): HTMLElement {
