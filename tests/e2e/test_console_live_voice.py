@@ -271,6 +271,16 @@ def test_a_live_session_hears_answers_aloud_and_is_interrupted_by_speech(
         browser.wait_for(tid("run", run=run))
         # While an answer speaks, Stop is offered (INTERRUPT on the channel).
         browser.wait_visible(tid("live-stop"))
+        # End stays where it is as Stop comes and goes with the answers: a click aimed at
+        # End never lands on Stop (the looping words start answers at any moment).
+        places = browser.wait(
+            "([end, stop]) => { const e = document.querySelector(end);"
+            " const seen = (window.__endPlaces ??= {});"
+            " seen[document.querySelector(stop).checkVisibility()] = [e.offsetLeft, e.offsetTop];"
+            " return seen.true && seen.false && seen; }",
+            [tid("live-end"), tid("live-stop")],
+        )
+        assert places["true"] == places["false"], places
         # Its speech plays from the inbound track: the page counted sound, not silence.
         audio = browser.wait(
             "([s, ms, rms]) => { const d = document.querySelector(s).dataset;"

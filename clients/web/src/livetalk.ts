@@ -146,7 +146,9 @@ export class LiveTalk {
     this.element = h(
       "div",
       { class: "talk live", "data-testid": "live-control", "data-state": "idle", hidden: true },
-      h("div", { class: "row" }, this.button, this.level, this.stopButton, this.endButton, this.status),
+      // End before Stop: Stop comes and goes with each answer, and a control that moved
+      // under the pointer when an answer began would take a click meant for End.
+      h("div", { class: "row" }, this.button, this.level, this.endButton, this.stopButton, this.status),
       this.hint,
       this.note,
       this.turnList,
