@@ -437,7 +437,7 @@ async def test_a_cost_cap_refuses_a_model_without_a_price() -> None:
     assert run.usage.cost_micros == 0
 
 
-async def test_a_dead_replicas_holds_are_released_when_its_runs_are_taken_over(
+async def test_a_dead_replicas_holds_are_charged_when_its_runs_are_taken_over(
     tmp_path: Path, postgres_url: str, redis_server: RedisServer
 ) -> None:
     gate = asyncio.Event()
@@ -464,15 +464,26 @@ async def test_a_dead_replicas_holds_are_released_when_its_runs_are_taken_over(
                 assert await holds(a) == 1  # the model call in flight holds its worst case
                 ledger = Ledger(b.shared.database)
                 (budget,) = await ledger.applicable(_id(world.name))
+                window_key = ledger.window_of(budget, "")
+                held = await ledger.window(budget, window_key)
+                assert held is not None
+                assert held[0] == Amount()
+                reserved = held[1]
+                assert reserved.output_tokens > 0
                 # Replica a "dies": its lease lapses and b takes its run over.
                 Renewals(a).paused = True
                 async with aio.insecure_channel(b.address) as on_b:
                     run = await finished(dispatcher_stub(on_b), world.editor, sent.run.name)
                 assert run.state == pb.RUN_STATE_FAILED
                 assert await holds(b) == 0
-                window_key = ledger.window_of(budget, "")
-                assert await ledger.window(budget, window_key) == (Amount(), Amount())
+                # The call in flight may have been billed: charged at what it reserved,
+                # and the failed run reports it.
+                assert await ledger.window(budget, window_key) == (reserved, Amount())
+                assert run.usage.cost_micros == reserved.cost_micros
+                # The lost attempt, let go on, adds nothing when its call ends.
                 gate.set()
+                await fake.wait_requests(1)
+                assert await ledger.window(budget, window_key) == (reserved, Amount())
         finally:
             await a.shutdown(grace=0)
             await b.shutdown(grace=0)

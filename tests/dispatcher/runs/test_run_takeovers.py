@@ -308,13 +308,15 @@ async def test_a_paused_run_taken_over_from_a_live_replica_leaves_its_conversati
             await b.shutdown(grace=0)
 
 
-async def test_a_replica_that_lost_a_run_charges_nothing_for_it(
+async def test_a_replica_that_lost_a_run_charges_nothing_more_for_it(
     tmp_path: Path, postgres_url: str, redis_server: RedisServer
 ) -> None:
     """Replica a's model call is in flight when b takes the run over (a's renewals
-    stopped, its process going on) and asks the model again. Both calls then
-    answer: a's charge is refused (the run is b's), so the budget's used cost is
-    the run's reported cost, b's call alone."""
+    stopped, its process going on) and asks the model again. b charges a's hold at
+    what it reserved (the call may be billed: docs/budgets.md, "A call in flight at
+    a crash"). Both calls then answer: a's settlement adds nothing more (its hold
+    was charged), so the budget's used cost is the run's reported cost: a's
+    reservation and b's call."""
     gate = asyncio.Event()
     async with FakeOpenAI() as fake:
         fake.default = Reply.text(
@@ -334,6 +336,8 @@ async def test_a_replica_that_lost_a_run_charges_nothing_for_it(
                         dispatcher_stub(on_a), world.editor, request(conversation, "hello")
                     )
                 await fake.wait_requests(1)
+                _, reserved = await window(a, "daily")
+                assert reserved >= COST
                 renewals.paused = True
                 # b takes the run over and asks the model again; both calls wait.
                 await fake.wait_requests(2)
@@ -350,8 +354,8 @@ async def test_a_replica_that_lost_a_run_charges_nothing_for_it(
             await b.shutdown(grace=0)
 
     assert run.state == pb.RUN_STATE_SUCCEEDED
-    assert run.usage.cost_micros == COST
-    assert (used, held) == (COST, 0)
+    assert run.usage.cost_micros == reserved + COST
+    assert (used, held) == (reserved + COST, 0)
 
 
 async def test_an_attempt_ending_as_its_run_is_taken_over_leaves_its_replica(
