@@ -119,3 +119,22 @@ def test_merged_deltas_follow_and_a_real_gap_is_still_seen() -> None:
     assert missing(9, _merged(10, 20, "x")) == 0
     assert missing(9, _state(30, pb.RUN_STATE_RUNNING)) == 0
     assert missing(9, _delta((1 << ATTEMPT_BITS) + 5, "x")) == 0
+
+
+def test_a_queued_behind_update_changes_what_the_run_says_it_waits_behind() -> None:
+    builder = AnswerBuilder()
+    builder.add(_state(1, pb.RUN_STATE_QUEUED))
+    assert builder.run is not None
+    assert not builder.run.HasField("queued_behind")
+    waiting = pb.RunUpdate(run="r", sequence=2)
+    waiting.queued_behind.run = "workspaces/w/conversations/c/runs/ahead"
+    waiting.queued_behind.state = pb.RUN_STATE_REQUIRES_ACTION
+    waiting.queued_behind.reason = "waiting for a person's approval of 1 tool call"
+    builder.add(waiting)
+    assert builder.run.queued_behind.run == "workspaces/w/conversations/c/runs/ahead"
+    assert builder.run.queued_behind.state == pb.RUN_STATE_REQUIRES_ACTION
+    # An empty note: it waits behind nothing now.
+    builder.add(pb.RunUpdate(run="r", sequence=3, queued_behind=pb.QueuedBehind()))
+    assert not builder.run.HasField("queued_behind")
+    builder.add(_state(4, pb.RUN_STATE_RUNNING))
+    assert builder.run.state == pb.RUN_STATE_RUNNING

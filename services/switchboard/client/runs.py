@@ -122,6 +122,8 @@ class AnswerBuilder:
             if self.run.state == dispatcher_pb2.RUN_STATE_QUEUED:
                 self._deltas.clear()
                 self._result = None
+        elif kind == "queued_behind" and self.run is not None:
+            _note_queued(self.run, update)
 
     @property
     def text(self) -> str:
@@ -281,6 +283,8 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
         kind = item.WhichOneof("update")
         if kind == "state_change":
             self.run = item.state_change.run
+        elif kind == "queued_behind" and self.run is not None:
+            _note_queued(self.run, item)
         elif kind == "child_run":
             child = child_of(item)
             if child is not None:
@@ -318,3 +322,12 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
         if run.state != dispatcher_pb2.RUN_STATE_SUCCEEDED:
             raise RunFailed(run, run_error(run))
         return Answer(run=run, text=builder.text)
+
+
+def _note_queued(run: dispatcher_pb2.Run, update: dispatcher_pb2.RunUpdate) -> None:
+    """A ``queued_behind`` update changes what the queued run waits behind (empty:
+    nothing now): the run as last seen says it, as GetRun would."""
+    if update.queued_behind.ByteSize():
+        run.queued_behind.CopyFrom(update.queued_behind)
+    else:
+        run.ClearField("queued_behind")
