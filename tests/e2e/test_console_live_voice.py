@@ -271,12 +271,15 @@ def test_a_live_session_hears_answers_aloud_and_is_interrupted_by_speech(
         browser.wait_for(tid("run", run=run))
         # While an answer speaks, Stop is offered (INTERRUPT on the channel).
         browser.wait_visible(tid("live-stop"))
-        # End stays where it is as Stop comes and goes with the answers: a click aimed at
-        # End never lands on Stop (the looping words start answers at any moment).
+        # End stays where it is in its row as Stop comes and goes with the answers: a click
+        # aimed at End never lands on Stop (the looping words start answers at any moment).
+        # (The row itself moves as the conversation above it grows.)
         places = browser.wait(
             "([end, stop]) => { const e = document.querySelector(end);"
+            " const at = e.getBoundingClientRect(), row = e.parentElement.getBoundingClientRect();"
             " const seen = (window.__endPlaces ??= {});"
-            " seen[document.querySelector(stop).checkVisibility()] = [e.offsetLeft, e.offsetTop];"
+            " seen[document.querySelector(stop).checkVisibility()] ="
+            " [Math.round(at.x - row.x), Math.round(at.y - row.y)];"
             " return seen.true && seen.false && seen; }",
             [tid("live-end"), tid("live-stop")],
         )
