@@ -373,3 +373,27 @@ def test_a_value_is_frozen() -> None:
     name = ConversationName("acme", "c1")
     with pytest.raises(AttributeError):
         name.workspace = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "form"),
+    [
+        # The field says which kind it wants.
+        ("workspaces/w/runs/y/z", "run", resources.RunName.form),
+        ("nonsense", "request.conversation", resources.ConversationName.form),
+        # Else the kind whose collections start the most of the text's.
+        ("workspaces/w/conversations/c/runs/r/more", "name", resources.RunName.form),
+        ("workspaces/w/budgets/B@d", "name", resources.BudgetName.form),
+        ("users/u/apiKeys/k/x", "name", resources.ApiKeyName.form),
+        # Else any workspace's or user's name.
+        ("nonsense", "name", resources.OWNED_FORM),
+    ],
+)
+def test_a_name_that_owns_nothing_is_told_the_form_it_was_meant_to_have(
+    text: str, field: str, form: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        resources.owner(text, field)
+    (violation,) = caught.value.violations
+    assert violation.field == field
+    assert f"of the form {form}" in violation.description

@@ -521,8 +521,69 @@ def owner_or_none(text: str) -> WorkspaceName | UserName | None:
 
 
 def owner(text: str, field: str) -> WorkspaceName | UserName:
-    """As ``owner_or_none``, with INVALID_ARGUMENT naming ``field`` for no such name."""
+    """As ``owner_or_none``, with INVALID_ARGUMENT naming ``field`` for no such name,
+    and the form the name was most likely meant to have (``meant_form``)."""
     found = owner_or_none(text)
     if found is None:
-        raise names.invalid_name(text, field, OWNED_FORM)
+        raise names.invalid_name(text, field, meant_form(text, field))
     return found
+
+
+#: Every kind with a form of its own, for ``meant_form``.
+_KINDS: Final[tuple[type[ResourceName], ...]] = (
+    WorkspaceName,
+    ConversationName,
+    MessageName,
+    RunName,
+    VoiceSessionName,
+    MemberName,
+    AssistantName,
+    IntegrationName,
+    ToolName,
+    DeliveryName,
+    PushConfigName,
+    BudgetName,
+    ScheduleName,
+    FileName,
+    UploadName,
+    UserName,
+    SessionName,
+    ApiKeyName,
+    HandlerName,
+)
+#: A field named for one kind of resource (the last segment of its path).
+_FIELD_KINDS: Final[dict[str, type[ResourceName]]] = {
+    "run": RunName,
+    "conversation": ConversationName,
+    "workspace": WorkspaceName,
+    "assistant": AssistantName,
+    "integration": IntegrationName,
+    "budget": BudgetName,
+    "schedule": ScheduleName,
+    "file": FileName,
+    "user": UserName,
+    "handler": HandlerName,
+}
+
+
+def _collections(form_or_name: str) -> list[str]:
+    """The collection words of a form or a name: every other segment from the first."""
+    return form_or_name.split("/")[0::2]
+
+
+def meant_form(text: str, field: str) -> str:
+    """The form a name that is none was most likely meant to have, for its refusal: the
+    kind its field is named for, else the kind whose collections start the most of
+    the text's ("workspaces/w/conversations/c/runs/r/x" meant a run's), else any
+    workspace's or user's name. A refusal that says which name is wanted, not only
+    that this is none."""
+    kind = _FIELD_KINDS.get(field.rsplit(".", 1)[-1].split("[", 1)[0])
+    if kind is not None:
+        return kind.form
+    words = _collections(text)
+    best: tuple[int, str] = (0, OWNED_FORM)
+    for candidate in _KINDS:
+        expected = _collections(candidate.form)
+        if len(expected) > best[0] and words[: len(expected)] == expected:
+            best = (len(expected), candidate.form)
+    return best[1]
