@@ -3325,9 +3325,10 @@ def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_n
     stack: Stack, chromium: Chromium, server: Server
 ) -> None:
     """A budget is charged as calls are made; QueryUsage sums ended runs. A run paused for a
-    decision is in the budget's used amount and not in the table: the page says so, and once
-    the run has ended the budget's tokens and the table's total are the same number. When a
-    period resets is said in the budget's own zone, by name."""
+    decision is in the budget's used amount and not in the table: the open page says so as
+    soon as the run pauses, and once the run has ended the budget's tokens and the table's
+    total are the same number. When a period resets is said in the budget's own zone, by
+    name."""
     owner = server.register("sums")
     workspace, conversation = server.workspace(owner, f"sums-{os.getpid()}")
     zone = "Pacific/Kiritimati"  # UTC+14: never the browser's
@@ -3359,12 +3360,28 @@ def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_n
             open_conversation(browser, workspace, conversation)
             ended = send(browser, "an answer that ends")
             run_state(browser, ended, "RUN_STATE_SUCCEEDED")
-            paused = send(browser, 'call kit__echo {"message": "later"}')
-            pending = f"{tid('approval', run=paused)} {tid('pending-call')}"
-            browser.wait_for(pending)
-
             browser.click(tid("open-budgets"))
-            browser.wait_visible(tid("usage-table"))
+            browser.wait_for(tid("usage-total-row", runs="1"))
+            assert browser.count(tid("usage-not-ended")) == 0
+
+            # A script's message pauses for approval after its model call: the open page
+            # hears the run's state change and says it has not ended.
+            paused = server.dispatcher.SendMessage(
+                dispatcher_pb2.SendMessageRequest(
+                    conversation=conversation,
+                    message=context_pb2.Message(
+                        parts=[context_pb2.ContentPart(text='call kit__echo {"message": "later"}')]
+                    ),
+                ),
+                metadata=owner.md,
+                timeout=CALL_S,
+            ).run.name
+            deadline = time.monotonic() + 60
+            while (
+                run := server.run(owner, paused)
+            ).state != dispatcher_pb2.RUN_STATE_REQUIRES_ACTION:
+                assert time.monotonic() < deadline, run
+                time.sleep(0.1)  # polling the server's stored run, under a deadline
             browser.wait_for(tid("usage-not-ended", runs="1"))
             note = browser.eval(
                 "(s) => document.querySelector(s).textContent", tid("usage-not-ended")
@@ -3372,12 +3389,13 @@ def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_n
             assert note.startswith("1 run has not ended yet"), note
             total = browser.data(tid("usage-total-row"))
             cap = f"{tid('budget', name=everything)} {tid('budget-cap', cap='total_tokens')}"
-            used = int(browser.data(cap)["used"])
             table = int(total["inputTokens"]) + int(total["outputTokens"])
             stored = server.run(owner, ended).usage
             assert (total["runs"], table) == ("1", stored.input_tokens + stored.output_tokens)
             # The paused run's model call is charged already: in the budget, not the table.
-            assert used > table
+            browser.wait(
+                "([s, n]) => Number(document.querySelector(s)?.dataset.used) > n", [cap, table]
+            )
 
             # The day's budget resets at midnight in its zone, and says which.
             got = server.dispatcher.GetBudget(
@@ -3395,14 +3413,24 @@ def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_n
             mine = browser.eval("() => Intl.DateTimeFormat().resolvedOptions().timeZone")
             assert reset.endswith(f"{mine}, your time)."), reset
 
-            # Decided and ended: the table has it, and the two totals agree.
-            open_conversation(browser, workspace, conversation)
-            browser.wait_for(pending)
-            browser.click(f"{pending} {tid('approve')}")
-            run_state(browser, paused, "RUN_STATE_SUCCEEDED")
-            browser.click(tid("open-budgets"))
+            # Decided and ended: the open page has it in the table, and the totals agree.
+            [call] = run.required_action.tool_calls
+            server.dispatcher.SubmitToolApprovals(
+                dispatcher_pb2.SubmitToolApprovalsRequest(
+                    name=paused,
+                    approvals=[
+                        dispatcher_pb2.ToolApproval(
+                            tool_call_id=call.call.id,
+                            decision=dispatcher_pb2.TOOL_APPROVAL_DECISION_APPROVE,
+                        )
+                    ],
+                ),
+                metadata=owner.md,
+                timeout=CALL_S,
+            )
             browser.wait_for(tid("usage-total-row", runs="2"))
             assert browser.count(tid("usage-not-ended")) == 0
+            assert server.run(owner, paused).state == dispatcher_pb2.RUN_STATE_SUCCEEDED
             total = browser.data(tid("usage-total-row"))
             table = int(total["inputTokens"]) + int(total["outputTokens"])
             browser.wait(

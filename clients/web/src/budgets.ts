@@ -23,7 +23,6 @@ import { counted, money, periodLabel, rowCost } from "./labels";
 import { browserZone, calendarDay, dateTime, knownZone } from "./moments";
 import type { Names } from "./names";
 import type { Page } from "./page";
-import { TERMINAL } from "./runs";
 
 /** Days the chart covers, today (UTC) included. */
 const DAYS = 30;
@@ -229,15 +228,14 @@ export class Budgets {
     });
   }
 
-  /** An event from the feed: a budget changed, or a run ended (its spend is in the chart). */
+  /** An event from the feed: a budget changed, or a run changed state (one that ended is
+   *  in the chart and the table; one that started or paused changes how many have not
+   *  ended, and a pause comes after the charges of its step). */
   apply(event: Event): void {
     if (!this.visible || event.workspace !== this.workspace) return;
     const payload = event.payload;
-    const ended =
-      payload.case === "runUpdated" &&
-      payload.value.update?.update.case === "stateChange" &&
-      TERMINAL.has(payload.value.update.update.value.run?.state ?? 0);
-    if (payload.case !== "budgetChanged" && payload.case !== "budgetAlert" && !ended) return;
+    const moved = payload.case === "runUpdated" && payload.value.update?.update.case === "stateChange";
+    if (payload.case !== "budgetChanged" && payload.case !== "budgetAlert" && !moved) return;
     // Several at once (a burst of runs) make one reload.
     clearTimeout(this.reloadTimer);
     this.reloadTimer = setTimeout(() => void this.load(), 300);
