@@ -1,7 +1,10 @@
 """The answer's track (``webrtc/media.SpeechTrack``) and the server's receiving side: speech
 goes out paced, nothing goes out between answers (a page plays silence, as with Opus DTX)
-while the timestamps keep the pause's length, and the server's audio jitter buffer hands a
-frame on after one later packet, not aiortc's four (80 ms at the end of every turn)."""
+while the timestamps keep the pause's length (a real page gets the whole jump on the first
+packet after a pause), frames keep to the clock after a stall (caught up, or the answer's
+audio dropped when too late; a microphone's never), and the server's audio jitter buffer
+hands a frame on after one later packet, not aiortc's four (80 ms at the end of every
+turn)."""
 
 from __future__ import annotations
 
@@ -234,3 +237,21 @@ async def test_the_track_keeps_to_the_clock_when_the_loop_falls_behind() -> None
     assert track.heard_through == 1
     # The speech's two seconds (and the closing frame) were over by their time on the clock.
     assert now[0] <= start + 2.02 + MAX_LATE_S + FRAME_MS / 1000
+
+
+async def test_a_microphone_sends_all_its_words_however_late() -> None:
+    """The page's microphone (tests, benchmarks) catches up after a stall rather than
+    drop: what it says must be heard whole."""
+    now = [100.0]
+
+    async def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    microphone = SpeechTrack(send_silence=True, clock=lambda: now[0], sleep=sleep)
+    microphone.push(1, tone(200, 8000), RATE)
+    first = await microphone.recv()
+    now[0] += 1.0
+    rest = [await microphone.recv() for _ in range(9)]
+    assert [p.pts for p in [first, *rest]] == [i * FRAME_SAMPLES for i in range(10)]
+    assert (microphone.speech_frames, microphone.late_frames) == (10, 0)
+    assert microphone.heard_through == 1

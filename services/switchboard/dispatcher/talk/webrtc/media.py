@@ -23,9 +23,10 @@ Two things make the timestamps and the pace exact:
   (6.5 ms), so an answer's tail is not heard at the start of the next one.
 - **Each frame is due at a time on the clock** (the talkspurt's start plus its
   timestamp), not after a sleep from the previous one: a frame that is late (a busy
-  event loop) goes at once, so the track catches up rather than fall behind, and
-  audio later than ``MAX_LATE_S`` is dropped (counted in ``late_frames``) rather than
-  sent: the page would play it behind real time, after the run's end reached it.
+  event loop) goes at once, so the track catches up rather than fall behind, and the
+  answer's audio later than ``MAX_LATE_S`` is dropped (counted in ``late_frames``)
+  rather than sent: the page would play it behind real time, after the run's end
+  reached it. (A microphone's track, ``send_silence``, sends every word, late or not.)
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ class SpeechTrack(MediaStreamTrack):
             await self._sleep(wait)  # the media clock: each frame at its time
             if self.readyState != "live":
                 raise MediaStreamError
-        elif -wait > MAX_LATE_S:
+        elif -wait > MAX_LATE_S and not self._send_silence:
+            # (A microphone's words are all sent, late or not: the page of the tests and
+            # benchmarks must be heard whole.)
             self._drop_late(now)
         chunk = self._take()
         frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
