@@ -1332,9 +1332,12 @@ def _until_paused(server: Server, user: User, run: str) -> None:
     pytest.fail(f"{run} ended its watch without pausing")
 
 
-def _approval_kit(server: Server, user: User, workspace: str, mcp: McpTestServer) -> str:
-    """An MCP integration ("kit") and the workspace's default assistant with its echo
-    tool, every call of which waits for a person's decision; the integration's name."""
+def _approval_kit(
+    server: Server, user: User, workspace: str, mcp: McpTestServer, *, title: str = "Helper"
+) -> str:
+    """An MCP integration ("kit") and the workspace's default assistant (``title``) with
+    its echo tool, every call of which waits for a person's decision; the integration's
+    name."""
     integration: str = server.integration.CreateIntegration(
         integration_pb2.CreateIntegrationRequest(
             parent=workspace,
@@ -1353,7 +1356,7 @@ def _approval_kit(server: Server, user: User, workspace: str, mcp: McpTestServer
             parent=workspace,
             assistant_id="helper",
             assistant=dispatcher_pb2.Assistant(
-                display_name="Helper",
+                display_name=title,
                 instructions="Use the tools.",
                 tools=[
                     dispatcher_pb2.AssistantTools(
@@ -1441,6 +1444,114 @@ def test_a_paused_call_is_decided_in_one_place_and_its_arguments_read_as_the_mod
                 ".filter((t) => t.startsWith('→')); return t.length && t; }"
             )
             assert calls == [f"→ kit__echo({compact})"]
+            assert problems(browser) == []
+
+
+#: What a queued run's card says of the run ahead, and the text of each part of it.
+QUEUED_NOTE_JS: Final = """(run) => {
+  const note = document.querySelector(
+    `[data-testid="run"][data-run="${run}"] [data-testid="queued-behind"]`);
+  if (!note) return null;
+  const part = (id) => note.querySelector(`[data-testid="${id}"]`);
+  return { ...note.dataset, text: note.textContent, link: part('queued-behind-run').title,
+    reason: part('queued-behind-reason')?.textContent ?? null,
+    until: part('queued-behind-until')?.textContent ?? null };
+}"""
+
+
+def test_a_message_queued_behind_a_run_waiting_for_approval_says_what_it_waits_for(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    """Issue 79: a run waiting for a person's approval holds its conversation's next
+    message QUEUED for up to the approval timeout. The queued run's card names the run
+    ahead (a link to its card), says why and until when, within a phone's width even
+    with a long unbroken assistant title, and the note goes when the run starts."""
+    user = server.register("queued")
+    workspace, conversation = server.workspace(user, f"queued-{os.getpid()}")
+    title = "Helper" + "Withaverylongunbrokentitle" * 3
+    with McpTestServer() as mcp:
+        _approval_kit(server, user, workspace, mcp, title=title)
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, user.email)
+            open_conversation(browser, workspace, conversation)
+            first = send(browser, 'call kit__echo {"message": "first"}')
+            pending = f"{tid('approval', run=first)} {tid('pending-call')}"
+            browser.wait_for(pending)
+
+            second = send(browser, "and then this")
+            assert second != first
+            # Until the server's note for it came (the SendMessage answer may carry it, the
+            # stream says it as it changes).
+            note: dict[str, str] = browser.wait(
+                f"([run, ahead]) => {{ const n = ({QUEUED_NOTE_JS})(run);"
+                " return n && n.run === ahead && n.reason && n; }",
+                [second, first],
+            )
+            behind = server.run(user, second).queued_behind
+            assert server.run(user, second).state == dispatcher_pb2.RUN_STATE_QUEUED
+            assert behind.run == first
+            assert behind.state == dispatcher_pb2.RUN_STATE_REQUIRES_ACTION
+            assert behind.reason == "waiting for a person's approval of 1 tool call"
+            assert behind.ahead == 1
+            # In milliseconds as the page's Date has it (bufbuild's timestampDate rounds).
+            expire = behind.expire_time
+            expires_ms = expire.seconds * 1000 + (expire.nanos + 500_000) // 1_000_000
+            assert expires_ms > 0
+            until = browser.eval(
+                "(ms) => new Date(ms).toLocaleTimeString([],"
+                " { hour: '2-digit', minute: '2-digit', second: '2-digit' })",
+                expires_ms,
+            )
+            assert note["state"] == "RUN_STATE_REQUIRES_ACTION"
+            assert note["ahead"] == "1"
+            assert note["link"] == first
+            expires = datetime.fromtimestamp(expires_ms // 1000, UTC).replace(
+                microsecond=expires_ms % 1000 * 1000
+            )
+            assert note["expireTime"] == expires.isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z"
+            )
+            assert note["reason"] == behind.reason
+            assert note["until"] == f" (until {until})"
+            assert note["text"] == (
+                f"Waiting behind run {first.rsplit('/', 1)[1][:8]} ({title}):"
+                f" {behind.reason} (until {until})."
+            )
+            # The run ahead is a run of the same conversation: its card is on the page.
+            assert browser.count(tid("run", run=first)) == 1
+            # Said on the queued run's timeline too, as its stream told it.
+            browser.wait_for(
+                f"{tid('run', run=second)} {tid('timeline-entry', kind='queued', call_id=first)}"
+            )
+
+            # A phone's width: the long title breaks where it must, nothing reaches out.
+            browser.viewport(PHONE_WIDTH, 900)
+            browser.wait_stacked()
+            assert overflowing(browser, tid("queued-behind")) == []
+            assert overflowing(browser, tid("run", run=second)) == []
+            browser.viewport(DESKTOP_WIDTH, 900)
+
+            # Approved: the first run goes on and ends, the second starts (its note gone)
+            # and answers.
+            browser.click(f"{pending} {tid('approve')}")
+            browser.call(
+                "wait",
+                fn="(run) => document.querySelector("
+                '`[data-testid="run"][data-run="${run}"]`)?.dataset.state'
+                " === 'RUN_STATE_SUCCEEDED'",
+                arg=second,
+                # The second run starts only after the first has ended, on a machine that
+                # may be busy: more time than one page condition gets.
+                timeoutMs=55_000,
+            )
+            assert run_state(browser, first, "RUN_STATE_SUCCEEDED")["answer"] == (
+                "Tool kit__echo returned: first"
+            )
+            done = run_state(browser, second, "RUN_STATE_SUCCEEDED")
+            assert done["answer"] == "and then this"
+            assert browser.count(f"{tid('run', run=second)} {tid('queued-behind')}") == 0
+            stored = server.run(user, second)
+            assert not stored.HasField("queued_behind")
             assert problems(browser) == []
 
 

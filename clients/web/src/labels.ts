@@ -329,6 +329,10 @@ export function runUpdateLabel(update: RunUpdate["update"], run = ""): string {
       // A child's pause shows on its parent: what it waits for (decided on the parent's card).
       return update.value.state === RunState.REQUIRES_ACTION ? `${by}asks ${asked}, ${waitingLabel(update.value.state, update.value.requiredAction)}` : `${by}asks ${asked}`;
     }
+    case "queuedBehind":
+      return update.value.run
+        ? `waits behind run ${update.value.run.split("/").pop()?.slice(0, 8) ?? ""}${update.value.reason ? `: ${update.value.reason}` : ""}`
+        : "waits behind no run now";
     case "handoff": {
       const to = update.value.toAssistant.split("/").pop() ?? "another assistant";
       return `handed the conversation to ${to}${update.value.reason ? `: ${update.value.reason}` : ""}`;

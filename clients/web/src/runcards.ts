@@ -40,6 +40,7 @@ import {
   type TimelineEntry,
   forgetRuns,
   holderOf,
+  shortRun,
   stateName,
   steerStateName,
 } from "./runs";
@@ -267,6 +268,11 @@ export class RunCards {
       if (steer.message) landed = this.land(steer.message, { steerRun: steer.steerRun, target: view.name, state: steer.state, step: steer.step }) || landed;
     }
     this.tellHolder(view);
+    // The runs queued behind this one name it (its assistant's title, once this run says it).
+    for (const other of this.runs.values()) {
+      const waiting = this.cards.get(other.name);
+      if (other.queuedBehind?.run === view.name && waiting) this.renderQueued(waiting, other);
+    }
     const going = `${view.terminal}`;
     if (landed || card.dataset.going !== going) {
       card.dataset.going = going;
@@ -293,6 +299,7 @@ export class RunCards {
           h("button", { type: "button", "data-testid": "cancel-run", onclick: () => void this.cancel(view) }, "Cancel"),
         ),
         h("div", { "data-part": "steer" }),
+        h("div", { "data-part": "queued" }),
         h("div", { "data-part": "tools" }),
         h("div", { "data-part": "handoff" }),
         h("div", { "data-part": "budget" }),
@@ -328,6 +335,7 @@ export class RunCards {
       handoffs: String(view.handoffs.length),
     });
     this.renderSteer(card, view);
+    this.renderQueued(card, view);
     const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
     if (badge) {
       badge.className = `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`;
@@ -682,6 +690,45 @@ export class RunCards {
       if (level >= MAX_TREE_DEPTH) return;
       for (const child of listed.runs) if (!TERMINAL.has(child.state)) this.listBelow(view, child.name, level + 1);
     });
+  }
+
+  /** A queued run says what it waits behind: the run ahead (linked to its card, a run of
+   *  the same conversation), why, and until when a person's approval may hold it; gone
+   *  when it starts. Rebuilt only when the note changed. */
+  private renderQueued(card: HTMLElement, view: RunView): void {
+    const box = card.querySelector<HTMLElement>(':scope > [data-part="queued"]');
+    if (!box) return;
+    const behind = view.state === RunState.QUEUED ? view.queuedBehind : undefined;
+    const assistant = behind ? this.runs.get(behind.run)?.run?.assistant ?? "" : "";
+    const title = assistant ? this.names.title(assistant) : "";
+    const expires = behind?.expireTime ? timestampDate(behind.expireTime) : undefined;
+    const key = behind ? `${behind.run}:${behind.state}:${behind.reason}:${behind.ahead}:${expires?.getTime() ?? ""}:${title}` : "";
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    if (!behind) return box.replaceChildren();
+    const ahead = behind.run;
+    box.replaceChildren(
+      h(
+        "p",
+        {
+          class: "muted queued-behind",
+          "data-testid": "queued-behind",
+          "data-run": ahead,
+          "data-state": stateName(behind.state),
+          "data-ahead": String(behind.ahead),
+          "data-expire-time": expires?.toISOString(),
+        },
+        "Waiting behind ",
+        h("a", { href: "#", "data-testid": "queued-behind-run", title: ahead, onclick: (e: globalThis.Event) => { e.preventDefault(); this.reveal(ahead); } }, `run ${shortRun(ahead)}`),
+        title ? ` (${title})` : "",
+        behind.reason ? ": " : "",
+        behind.reason ? h("span", { "data-testid": "queued-behind-reason", "data-content": true }, behind.reason) : null,
+        expires ? h("span", { "data-testid": "queued-behind-until" }, ` (until ${formatTime(expires)})`) : null,
+        // "ahead" counts the run named: more than it means others queued in between.
+        behind.ahead > 1 ? `; ${counted(behind.ahead, "run")} start before this one` : "",
+        ".",
+      ),
+    );
   }
 
   /** A steer's own run: the run it steers and what became of it. Rebuilt only when that

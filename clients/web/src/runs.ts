@@ -9,6 +9,7 @@ import { follow } from "./follow";
 import { jsonText } from "./jsontext";
 import {
   type ChildRun,
+  type QueuedBehind,
   type RequiredAction,
   type Run,
   type RunUpdate,
@@ -23,7 +24,7 @@ import { decisionLabel, limitedLabel, outcomeLabel, runLabel, steerLabel, usageC
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
-  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech" | "steer" | "discarded" | "child" | "handoff";
+  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech" | "steer" | "discarded" | "child" | "handoff" | "queued";
   sequence: string;
   /** When it happened (ms since the epoch), 0 if unknown. */
   at: number;
@@ -31,7 +32,8 @@ export interface TimelineEntry {
   detail: string;
   /** Milliseconds it took (a tool call's, a state's time since the previous one). */
   ms?: number;
-  /** Folded deltas (for "text"), the tool call id (for tool entries), a decision's user. */
+  /** Folded deltas (for "text"), the tool call id (for tool entries, the run ahead for
+   *  "queued"), a decision's user. */
   count?: number;
   id?: string;
   by?: string;
@@ -184,6 +186,17 @@ export const TERMINAL = new Set([
   RunState.DEADLINE_EXCEEDED,
 ]);
 
+/** What a run says it waits behind, while it is QUEUED: the server clears the note when
+ *  the run leaves QUEUED, and a snapshot from before that must not outlive it here. */
+function queuedNote(run: Run): QueuedBehind | undefined {
+  return run.state === RunState.QUEUED && run.queuedBehind?.run ? run.queuedBehind : undefined;
+}
+
+/** A run's id as the page abbreviates it (its first 8 characters), for a line that names it. */
+export function shortRun(name: string): string {
+  return name.split("/").pop()?.slice(0, 8) ?? "";
+}
+
 export function stateName(state: RunState): string {
   return `RUN_STATE_${RunState[state] ?? "UNSPECIFIED"}`;
 }
@@ -235,6 +248,11 @@ export class RunView {
   handoffs: HandoffInfo[] = [];
   /** The steers this run was handed (SteerUpdate), by the steer's own run, as last said. */
   readonly steers = new Map<string, SteerUpdate>();
+  /** While QUEUED behind another run of its conversation: that run, its state, why and until
+   *  when (a run waiting for a person's approval holds the conversation for up to the
+   *  approval timeout, which without a word looks like a stuck run). From the run's
+   *  snapshots and its `queued_behind` updates; undefined once it waits behind nothing. */
+  queuedBehind: QueuedBehind | undefined;
   /** Deltas found void (a model call cut by a RESTART_STREAM steer) and dropped from `text`. */
   discarded = 0;
   /** The current attempt's delta updates, in order: what to cut when deltas turn void. */
@@ -374,6 +392,7 @@ export class RunView {
     if (run.lastSequence < this.lastSequence) return;
     this.run = run;
     this.state = run.state;
+    this.queuedBehind = queuedNote(run);
     this.noteDecisions(run, Date.now(), String(this.lastSequence));
     this.changed(this);
   }
@@ -411,7 +430,8 @@ export class RunView {
       this.deltas = 0;
       this.pieces = [];
     }
-    if (update.sequence >> ATTEMPT_BITS > this.lastSequence >> ATTEMPT_BITS && this.lastSequence > 0n) {
+    const recovered = update.sequence >> ATTEMPT_BITS > this.lastSequence >> ATTEMPT_BITS && this.lastSequence > 0n;
+    if (recovered) {
       this.add({ kind: "attempt", sequence: String(update.sequence), at: 0, label: "new attempt", detail: "the run was recovered after a restart" });
     }
     this.missed += Number(missing(this.lastSequence, update));
@@ -430,10 +450,19 @@ export class RunView {
           this.deltas = 0;
           this.pieces = [];
         }
+        // The QUEUED change a run's stream opens with was stored before the scheduler
+        // took the run, so it carries no note: the one SendMessage answered with stays
+        // until the stream's own `queued_behind` update (a card's line would flicker).
+        const kept = run.state === RunState.QUEUED && this.state === RunState.QUEUED && !recovered ? this.queuedBehind : undefined;
         this.run = run;
         this.state = run.state;
+        this.queuedBehind = queuedNote(run) ?? kept;
         break;
       }
+      case "queuedBehind":
+        // An empty note: it waits behind no run of its conversation now (only for room).
+        this.queuedBehind = this.state === RunState.QUEUED && change.value.run ? change.value : undefined;
+        break;
       case "delta":
         this.text += change.value.text;
         this.deltas += covered(update);
@@ -664,6 +693,18 @@ export class RunView {
           id: child.run,
           state: stateName(child.state),
           ...(own ? {} : { parent: child.parent }),
+        });
+        return;
+      }
+      case "queuedBehind": {
+        const behind = change.value;
+        this.add({
+          kind: "queued",
+          sequence,
+          at,
+          label: behind.run ? `waiting behind run ${shortRun(behind.run)}` : "waiting behind no run now",
+          detail: behind.reason,
+          ...(behind.run ? { id: behind.run } : {}),
         });
         return;
       }
