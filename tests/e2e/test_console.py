@@ -55,7 +55,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -247,49 +247,38 @@ def _reap(proc: subprocess.Popen[str]) -> None:
 
 
 @contextmanager
-def _openai_server() -> Iterator[str]:
+def _local_server(module: str, what: str) -> Iterator[str]:
+    """One of the suite's local protocol servers (``tests/fakes/``), started on a free
+    port: its URL, from its first line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--port", "0", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://127.0.0.1:"):
+            pytest.fail(f"the {what} did not start: {url!r}")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _openai_server() -> AbstractContextManager[str]:
     """The local OpenAI-protocol server (tests/fakes/openai_server.py): its echo model
     answers with the message, or with the tool calls a ``call NAME {json}`` line asks for."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_server", "--port", "0", "--quiet"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        if not url.startswith("http://127.0.0.1:"):
-            pytest.fail(f"the OpenAI-protocol server did not start: {url!r}")
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    return _local_server("tests.fakes.openai_server", "OpenAI-protocol server")
 
 
-@contextmanager
-def _embeddings_server() -> Iterator[str]:
+def _embeddings_server() -> AbstractContextManager[str]:
     """The local embeddings server (tests/fakes/embeddings_server.py): deterministic
     vectors, texts sharing words close and texts sharing none nearly orthogonal."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.embeddings_server", "--port", "0", "--quiet"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        if not url.startswith("http://127.0.0.1:"):
-            pytest.fail(f"the embeddings server did not start: {url!r}")
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    return _local_server("tests.fakes.embeddings_server", "embeddings server")
 
 
 # -- The browser ---------------------------------------------------------------------------
