@@ -350,15 +350,23 @@ def test_the_owner_of_a_name_is_its_workspace_or_user(
 
 
 @pytest.mark.parametrize(
-    "text", ["", "workspaces/acme\n", "users/u1/apiKeys/k1\n", "handlers/echo", "workspaces/acme/x"]
+    ("text", "form"),
+    [
+        ("", ""),
+        ("workspaces/acme\n", resources.WorkspaceName.form),
+        ("users/u1/apiKeys/k1\n", resources.ApiKeyName.form),
+        ("handlers/echo", resources.OWNED_FORM),
+        ("workspaces/acme/x", resources.WorkspaceName.form),
+    ],
 )
-def test_a_name_under_no_workspace_or_user_has_no_owner(text: str) -> None:
+def test_a_name_under_no_workspace_or_user_has_no_owner(text: str, form: str) -> None:
     assert resources.owner_or_none(text) is None
     with pytest.raises(InvalidArgument) as caught:
         resources.owner(text, "parent")
     assert [v.field for v in caught.value.violations] == ["parent"]
     if text:
-        assert resources.OWNED_FORM in str(caught.value)
+        # The form it was most likely meant to have (``meant_form``).
+        assert f"of the form {form} " in str(caught.value)
 
 
 def test_names_inside_text_are_replaced_by_what_their_values_say() -> None:

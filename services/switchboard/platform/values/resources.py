@@ -529,7 +529,7 @@ def owner(text: str, field: str) -> WorkspaceName | UserName:
     return found
 
 
-#: Every kind with a form of its own, for ``meant_form``.
+#: Every kind under a workspace or a user, for ``meant_form``.
 _KINDS: Final[tuple[type[ResourceName], ...]] = (
     WorkspaceName,
     ConversationName,
@@ -549,7 +549,6 @@ _KINDS: Final[tuple[type[ResourceName], ...]] = (
     UserName,
     SessionName,
     ApiKeyName,
-    HandlerName,
 )
 #: A field named for one kind of resource (the last segment of its path).
 _FIELD_KINDS: Final[dict[str, type[ResourceName]]] = {
@@ -562,7 +561,6 @@ _FIELD_KINDS: Final[dict[str, type[ResourceName]]] = {
     "schedule": ScheduleName,
     "file": FileName,
     "user": UserName,
-    "handler": HandlerName,
 }
 
 
