@@ -378,21 +378,15 @@ class Delegation:
             except SwitchboardError:
                 log.warning("a child of an ended run was not cancelled", extra={"run": child.name})
                 continue
-            update = pb.RunUpdate()
-            shown = update.child_run
-            shown.run = ended.name
-            if ended.assistant:
-                shown.assistant = ended.assistant
-            else:
-                shown.handler = ended.handler
-            shown.tool_call_id = ended.parent_tool_call
-            shown.parent = active.run.name
-            shown.state = ended.state
-            if ended.state in TERMINAL:
-                shown.usage.CopyFrom(ended.usage)
-                if ended.HasField("error"):
-                    shown.error.CopyFrom(ended.error)
-            emit(update)
+            emit(
+                child_update(
+                    ended,
+                    parent=active.run.name,
+                    call_id=ended.parent_tool_call,
+                    assistant=ended.assistant,
+                    handler="" if ended.assistant else ended.handler,
+                )
+            )
 
     async def checker(self, schema: struct_pb2.Struct) -> Compiled:
         """``schema``'s validator, compiled once (off the loop) and kept for the next
@@ -781,23 +775,40 @@ class Delegate:
         return await calls.get_run(name), None
 
     def _show(self, child: pb.Run, call_id: str) -> None:
-        update = pb.RunUpdate()
-        shown = update.child_run
-        shown.run = child.name
-        if self._target.handler:
-            shown.handler = str(self._target)
-        else:
-            shown.assistant = child.assistant or str(self._target)
-        shown.tool_call_id = call_id
-        shown.parent = self._active.run.name
-        shown.state = child.state
-        if child.state in TERMINAL:
-            shown.usage.CopyFrom(child.usage)
-            if child.HasField("error"):
-                shown.error.CopyFrom(child.error)
-        elif child.state == pb.RUN_STATE_REQUIRES_ACTION:
-            shown.required_action.CopyFrom(child.required_action)
-        self._emit(update)
+        handler = str(self._target) if self._target.handler else ""
+        self._emit(
+            child_update(
+                child,
+                parent=self._active.run.name,
+                call_id=call_id,
+                assistant="" if handler else child.assistant or str(self._target),
+                handler=handler,
+            )
+        )
+
+
+def child_update(
+    child: pb.Run, *, parent: str, call_id: str, assistant: str, handler: str
+) -> pb.RunUpdate:
+    """The ``child_run`` update that shows ``child`` as its parent's call ``call_id``
+    started it: its state, its usage and error once ended, its action while paused."""
+    update = pb.RunUpdate()
+    shown = update.child_run
+    shown.run = child.name
+    if handler:
+        shown.handler = handler
+    else:
+        shown.assistant = assistant
+    shown.tool_call_id = call_id
+    shown.parent = parent
+    shown.state = child.state
+    if child.state in TERMINAL:
+        shown.usage.CopyFrom(child.usage)
+        if child.HasField("error"):
+            shown.error.CopyFrom(child.error)
+    elif child.state == pb.RUN_STATE_REQUIRES_ACTION:
+        shown.required_action.CopyFrom(child.required_action)
+    return update
 
 
 def _ended_as(child: pb.Run) -> str:
