@@ -17,7 +17,7 @@ service imports another: the composition root plugs them in (``NEIGHBOURS``,
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -31,7 +31,7 @@ from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistant
 from switchboard.dispatcher.assistants.holders import HolderStore
 from switchboard.dispatcher.assistants.store import AssistantStore
 from switchboard.dispatcher.budgets.catalog import Budgets
-from switchboard.dispatcher.budgets.ledger import Amount, Ledger, LostRecord
+from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.dispatcher.budgets.quotas import QuotaDefaults, Quotas
 from switchboard.dispatcher.budgets.quotastore import QuotaStore
 from switchboard.dispatcher.budgets.spending import Spending
@@ -69,7 +69,7 @@ from switchboard.dispatcher.runs.intake.content import (
 )
 from switchboard.dispatcher.runs.reading.queries import Queries
 from switchboard.dispatcher.runs.reading.streams import Streams
-from switchboard.dispatcher.runs.recovery import ChargeHolds, Recovery
+from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.steering import Steering
 from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
 from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
@@ -377,7 +377,7 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
             publishing=publishing,
             admit=Readmission(steers, admission),
             metrics=shared.metrics,
-            charge_holds=_charging(run.spending.ledger),
+            charge_holds=run.spending.ledger.charge_lost,
             retire=execution.retire,
         ),
         queries=Queries(
@@ -798,12 +798,3 @@ async def build(shared: Shared) -> ServiceRegistration:
         on_bound=advertise,
         observe=lambda metrics: _observe(metrics, dispatcher),
     )
-
-
-def _charging(ledger: Ledger) -> ChargeHolds:
-    """Recovery's charge of the holds lost attempts left (``Ledger.charge_lost``)."""
-
-    async def charge(run_ids: Sequence[str], record: LostRecord) -> Mapping[str, Amount]:
-        return await ledger.charge_lost(run_ids, record=record)
-
-    return charge

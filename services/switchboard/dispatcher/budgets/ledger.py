@@ -302,7 +302,7 @@ class Settled:
 Record = Callable[[Session, int, int, int], bool]
 #: Records on a run the charge of a hold its lost attempt left, in the charge's
 #: transaction: ``(session, run_id, cost_micros, input_tokens, output_tokens)``
-#: (``runs/core/store.py``: ``RunStore.charge_lost``).
+#: (``runs/core/store.py``: ``RunStore.charging_lost``).
 LostRecord = Callable[[Session, str, int, int, int], None]
 
 
@@ -614,8 +614,8 @@ class Ledger:
     async def charge_lost(
         self,
         run_ids: Sequence[str],
-        *,
         record: LostRecord | None = None,
+        *,
         created_before: dt.datetime | None = None,
     ) -> dict[str, Amount]:
         """Charge every hold of ``run_ids`` at what it reserved (their attempts died
