@@ -286,6 +286,18 @@ async def drive(args: argparse.Namespace) -> int:
     return 0
 
 
+def int8_isa() -> str:
+    """Which x86 instructions onnxruntime multiplies int8 with here: a reading's cost
+    depends on it (decisions 60, "Why the sums are wide")."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "VNNI"
+    return "AVX2" if "avx2" in flags else "neither AVX2 nor VNNI"
+
+
 def render(figures: dict[str, Any], items: list[Item], took_s: int) -> str:
     import onnxruntime
 
@@ -296,7 +308,8 @@ def render(figures: dict[str, Any], items: list[Item], took_s: int) -> str:
         "",
         *provenance(
             command_line("bench/turns.py"),
-            versions=f", onnxruntime {onnxruntime.__version__}, Smart Turn v3.2 (CPU, int8)",
+            versions=f", onnxruntime {onnxruntime.__version__}, Smart Turn v3.2 (CPU, int8, "
+            f"summed wide; this host's int8 products: {int8_isa()})",
             took_s=took_s,
         ),
         f"- set: {figures['items']} recordings, {figures['audio_s']:.0f} s of audio: "
