@@ -16,6 +16,7 @@ from typing import Any, Self
 
 import pytest
 
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 from tests.infra import processlogs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,6 +136,10 @@ class ServeProcess(ManagedProcess):
         full_env["SWITCHBOARD_INSTANCE_ID"] = f"e2e-{os.path.basename(self._tmp.name)}"
         # Files too (with PostgreSQL they would go to the working directory otherwise).
         full_env["SWITCHBOARD_CONTEXT_FILES_DIR"] = f"{self._tmp.name}/files"
+        # The in-process servers' database timeout (make_settings says why): on a slow
+        # host under the suite's load, replicas on PostgreSQL waited past the product's
+        # 5 s and failed runs as if the database were down. Tests of outages set theirs.
+        full_env["SWITCHBOARD_DATABASE_TIMEOUT_S"] = str(TEST_DATABASE_TIMEOUT_S)
         full_env.update(env or {})
         self.env = full_env
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
