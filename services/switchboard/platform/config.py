@@ -51,7 +51,7 @@ PREFIX = "SWITCHBOARD_"
 #: the tools around it (tests/e2e/procs.py finds grpcurl through the first; the
 #: browser test writes its screenshot where the second says).
 NOT_SETTINGS = frozenset({"SWITCHBOARD_TOOLS_BIN", "SWITCHBOARD_TEST_ARTIFACTS"})
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 #: The key of a field's ``json_schema_extra`` that the README's default column shows
 #: instead of the default itself (``shown``).
 SHOWN_DEFAULT: Final = "shown_default"
@@ -478,11 +478,14 @@ class KernelSettings(Section):
             raise ValueError("not a valid Redis URL (the port must be a number)") from None
         if parts.scheme not in REDIS_SCHEMES:
             raise ValueError(
-                "must start with redis://, rediss:// or unix:// "
+                "must start with redis://, rediss://, unix://, or redis+cluster:// or "
+                "rediss+cluster:// for a Redis Cluster "
                 "(redis://host:6379/0; empty for the in-memory cache)"
             )
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError("has no host (redis://host:6379/0)")
+        if parts.scheme.endswith("+cluster") and parts.path not in ("", "/", "/0"):
+            raise ValueError("a Redis Cluster has only database 0 (redis+cluster://host:6379)")
         return value
 
     @model_validator(mode="after")
