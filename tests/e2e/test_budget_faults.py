@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.runs.core.store import TERMINAL
+from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.platform.store.models import BudgetHoldRow, BudgetWindowRow, RunRow
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -69,6 +70,8 @@ CAP: Final = 10 * COST
 MESSAGES: Final = 50
 #: A replica's lease: its runs are taken over this long after it dies.
 LEASE_S: Final = "2"
+#: The dispatcher's default lease.
+PRODUCT_LEASE_S: Final = str(DispatcherSettings.model_fields["dispatcher_lease_s"].default)
 RUNNING_OR_PAUSED: Final = frozenset({pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_REQUIRES_ACTION})
 
 
@@ -104,7 +107,7 @@ def database(postgres_engine: AsyncEngine) -> AsyncEngine:
 
 @asynccontextmanager
 async def replicas(
-    env: dict[str, str], fake: FakeOpenAI, recovery: str = "fail"
+    env: dict[str, str], fake: FakeOpenAI, recovery: str = "fail", lease_s: str = LEASE_S
 ) -> AsyncIterator[tuple[ServeProcess, ServeProcess]]:
     """Two replicas started side by side, each killed on the way out whatever happened."""
     with ExitStack() as stack:
@@ -115,6 +118,7 @@ async def replicas(
                     "SWITCHBOARD_INSTANCE_ID": f"replica-{i}",
                     "SWITCHBOARD_LLM_BASE_URL": fake.url,
                     "SWITCHBOARD_DISPATCHER_RECOVERY": recovery,
+                    "SWITCHBOARD_DISPATCHER_LEASE_S": lease_s,
                 }
             )
             for i in (1, 2)
@@ -261,7 +265,10 @@ async def test_fifty_messages_on_two_replicas_never_charge_past_the_cap(
         # A few chunks at a model's pace: calls overlap, so reservations race for the last room.
         fake.default = Reply(content="fine thank you", usage=(0, ANSWER), interval_s=0.02)
         async with (
-            replicas(env, fake) as (first, second),
+            # Nobody dies here, so the product's lease: the short one the takeover tests
+            # use lapsed beside the suite's load (a replica's renewal waited for a core)
+            # and the other replica failed its runs as if it had died.
+            replicas(env, fake, lease_s=PRODUCT_LEASE_S) as (first, second),
             aio.insecure_channel(first.address) as on_first,
             aio.insecure_channel(second.address) as on_second,
             watching() as runs,
