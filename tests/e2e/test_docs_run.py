@@ -795,6 +795,7 @@ def data_dir() -> Iterator[Path]:
         subprocess.run(["rm", "-rf", str(path)], check=False, timeout=60)
 
 
+@pytest.mark.timeout(2 * READY_TIMEOUT_S)
 def test_the_mesh_blocks_run_against_make_mesh_and_again(data_dir: Path, tmp_path: Path) -> None:
     """Twice, as a reader who runs them again: a second ``make mesh`` keeps its data
     directory, so the users and workspaces of the first run are there (here the same

@@ -66,7 +66,7 @@ from tests.kits.contextkit import (
 from tests.kits.dispatchkit import request
 from tests.kits.integrationkit import create, integration_stub
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 
 RUNS: Final = 200
 #: Conversations, each sending its share of RUNS one after another: this many runs at once.
@@ -76,8 +76,10 @@ SEED: Final = 54
 LEASE_S: Final = "2"
 #: Every unary call's deadline, and how long a stream may stay silent.
 CALL_TIMEOUT_S: Final = 10.0
-#: How long the whole load, or one wait for the system to settle, may take.
-SETTLE_S: Final = 150.0
+#: How long the whole load, or one wait for the system to settle, may take: a hang guard,
+#: not a budget. Beside the suite's load on a slow host, 150 s was not enough (167 of 200
+#: runs done, none failed).
+SETTLE_S: Final = 300.0
 REPLICAS: Final = ("replica-1", "replica-2")
 #: A run's first sequence after a takeover (dispatcher: each attempt numbers in its own block).
 SEQUENCE_BLOCK: Final = 2**32
