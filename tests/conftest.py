@@ -26,6 +26,7 @@ pytest_plugins = [
     "tests.infra.longestfirst",
     "tests.infra.postgres",
     "tests.infra.redis",
+    "tests.infra.rediscluster",
     "tests.infra.seaweedfs",
 ]
 

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -112,10 +112,19 @@ class RedisServer:
     """
 
     def __init__(
-        self, executable: str, directory: Path | None = None, *, durable: bool = False
+        self,
+        executable: str,
+        directory: Path | None = None,
+        *,
+        durable: bool = False,
+        extra_args: Sequence[str] = (),
+        free_port: Callable[[], int] = _free_port,
     ) -> None:
         self._executable = executable
         self._durable = durable
+        # A cluster node's options, and its port picker (its bus port is port + 10000).
+        self._extra_args = tuple(extra_args)
+        self._free_port = free_port
         self._owns_directory = directory is None
         self._directory = (
             Path(tempfile.mkdtemp(prefix="redis-test-")) if directory is None else directory
@@ -153,7 +162,7 @@ class RedisServer:
         last_error: RedisServerError | None = None
         for _ in range(PORT_ATTEMPTS):
             try:
-                self._launch(_free_port())
+                self._launch(self._free_port())
                 return
             except _PortCollisionError as exc:
                 last_error = exc
@@ -244,6 +253,7 @@ class RedisServer:
             str(log_path),
             "--daemonize",
             "no",
+            *self._extra_args,
         ]
         # A new session keeps a terminal's Ctrl-C away from the server, so the
         # fixture's teardown is the only thing that stops it.

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from switchboard.platform.cache import Cache
+from switchboard.platform.cache import Cache, hash_tag, is_cluster
 from tests.infra.redis import RedisServer
 
 pytestmark = pytest.mark.unit
@@ -364,3 +364,16 @@ async def test_subscribe_after_start_is_refused(make_cache: CacheFactory) -> Non
     await cache.start()
     with pytest.raises(RuntimeError):
         cache.subscribe("invalidate", lambda _message: None, lambda: None)
+
+
+# -- Redis Cluster names ---------------------------------------------------------------
+
+
+def test_hash_tags_follow_redis_clusters_rule() -> None:
+    assert hash_tag("switchboard:events") == "{switchboard:events}"
+    assert hash_tag("{app}:events") == "{app}:events", "a name with a tag keeps it"
+    # "{}" is no tag (Redis hashes the whole key): the name is wrapped.
+    assert hash_tag("a{}b") == "{a{}b}"
+    assert is_cluster("redis+cluster://node:6379")
+    assert is_cluster("rediss+cluster://node:6380")
+    assert not is_cluster("redis://node:6379/0")

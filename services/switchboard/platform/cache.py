@@ -60,11 +60,11 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from switchboard.platform.background import FailureNotes, cancel_all
 
@@ -74,9 +74,10 @@ CacheState = Literal["memory", "ok", "degraded"]
 
 _T = TypeVar("_T")
 
-#: What a Redis failure looks like from here: a client error, a socket error,
-#: or our own ``asyncio.timeout`` firing.
-_REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
+#: What a Redis failure looks like from here: a client error (a cluster's own too:
+#: no node reachable, a slot not covered), a socket error, or our own
+#: ``asyncio.timeout`` firing.
+_REDIS_FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 #: Enough for many concurrent requests; beyond it callers wait (bounded by
 #: ``timeout_s``) instead of opening unbounded sockets during a load spike.
@@ -87,6 +88,9 @@ DEFAULT_MAX_CONNECTIONS: Final = 32
 #: when Redis stopped answering relative to our failed command.
 _LEASE_MARGIN_FRACTION: Final = 0.1
 _LEASE_MARGIN_FLOOR_S: Final = 0.01
+#: On a Redis Cluster every invalidation channel carries this hash tag: one slot,
+#: so one SSUBSCRIBE on one master covers them all.
+_CLUSTER_CHANNEL_TAG: Final = "{switchboard:invalidation}"
 
 
 class _Failed(enum.Enum):
@@ -140,14 +144,42 @@ class _MemoryCounters:
         self._windows.pop(key, None)
 
 
+#: A client of either shape: one Redis, or a Redis Cluster (``redis+cluster://``).
+AnyRedis = Redis | RedisCluster
+
+#: URL schemes that name a Redis Cluster (any one node: the client learns the rest).
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster rather than one Redis."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def hash_tag(name: str) -> str:
+    """``name`` as a Redis Cluster hash tag: ``{name}``, unless it already holds one.
+
+    Keys that share a tag share a slot, so one script, transaction or pipeline may
+    touch them all; on one Redis the braces are only characters of the name.
+    """
+    # Redis's rule: the first "{" and the first "}" after it, with something between.
+    start = name.find("{")
+    if start >= 0 and name.find("}", start + 1) > start + 1:
+        return name
+    return "{" + name + "}"
+
+
 def _url_options(url: str, forced: dict[str, Any]) -> dict[str, Any]:
     """Connection settings from ``url``, with ``forced`` taking precedence.
 
     ``from_url`` lets query parameters (``?socket_timeout=30``, ``?protocol=3``)
     override keyword arguments; the bounds and reply shapes this module relies
     on must not be negotiable from a config string, so the URL is parsed here
-    (exactly as ``from_url`` does) and our settings are applied last.
+    (exactly as ``from_url`` does) and our settings are applied last. A cluster
+    URL is read as the plain URL of its seed node.
     """
+    if is_cluster(url):
+        url = url.replace("+cluster", "", 1)
     options: dict[str, Any] = dict(parse_url(url))
     options.update(forced)
     return options
@@ -172,20 +204,52 @@ def bounded_options(
     return _url_options(url, forced)
 
 
+def cluster_client(options: dict[str, Any], *, max_connections: int) -> RedisCluster:
+    """A cluster client from ``bounded_options``: it learns the nodes from the seed in
+    ``options``, and holds at most ``max_connections`` to each node.
+
+    With retries off, a command to a master that died fails at once; the client
+    then asks the cluster for its slots again on the next command, so a promoted
+    replica is found by the caller's own retry, not behind its back.
+    """
+    # RESP2: replies of the shapes one Redis gives here, and no maintenance push
+    # notifications (RESP3 only), which a subscriber's own connection cannot take.
+    options = {**options, "protocol": 2}
+    options.pop("db", None)  # a cluster has only database 0 (checked in the settings)
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True  # rediss+cluster://: the cluster client's own TLS switch
+    return RedisCluster(
+        **options,
+        max_connections=max_connections,
+        dynamic_startup_nodes=True,
+    )
+
+
+def pooled_client(
+    url: str, *, timeout_s: float, max_connections: int, decode_responses: bool
+) -> AnyRedis:
+    """A bounded client whose callers wait (up to ``timeout_s``) for a free connection."""
+    options = bounded_options(url, timeout_s=timeout_s, decode_responses=decode_responses)
+    if is_cluster(url):
+        return cluster_client(options, max_connections=max_connections)
+    pool = BlockingConnectionPool(max_connections=max_connections, timeout=timeout_s, **options)
+    return Redis.from_pool(pool)
+
+
 def binary_client(
     url: str, *, timeout_s: float, max_connections: int, socket_timeout_s: float | None = None
-) -> Redis:
+) -> AnyRedis:
     """A bounded client for binary payloads (stream entries): bytes replies over RESP2."""
-    return Redis(
-        **bounded_options(
-            url,
-            timeout_s=timeout_s,
-            socket_timeout_s=socket_timeout_s,
-            decode_responses=False,
-            protocol=2,
-            max_connections=max_connections,
-        )
+    options = bounded_options(
+        url,
+        timeout_s=timeout_s,
+        socket_timeout_s=socket_timeout_s,
+        decode_responses=False,
+        protocol=2,
     )
+    if is_cluster(url):
+        return cluster_client(options, max_connections=max_connections)
+    return Redis(**options, max_connections=max_connections)
 
 
 def redacted_url(url: str) -> str:
@@ -229,7 +293,8 @@ class Cache:
         self._memory = _MemoryCounters(max_memory_entries)
         self._subscriptions: dict[str, list[_Subscription]] = {}
 
-        self._client: Redis | None = None
+        self._client: AnyRedis | None = None
+        self._cluster = bool(redis_url) and is_cluster(redis_url)
         self._sub_pool: ConnectionPool | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -257,20 +322,22 @@ class Cache:
         if not self._url:
             return
         options = bounded_options(self._url, timeout_s=self._timeout_s, decode_responses=True)
-        pool = BlockingConnectionPool(
-            max_connections=self._max_connections, timeout=self._timeout_s, **options
+        self._client = pooled_client(
+            self._url,
+            timeout_s=self._timeout_s,
+            max_connections=self._max_connections,
+            decode_responses=True,
         )
-        self._client = Redis.from_pool(pool)
-        if self._subscriptions:
+        if self._subscriptions and not self._cluster:
             # Only used to turn the URL into connection settings: the subscriber
             # makes and owns its connections. RESP2 keeps pub/sub replies plain
             # arrays whatever the URL asks for.
             self._sub_pool = ConnectionPool(max_connections=1, **{**options, "protocol": 2})
         await self._probe()
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="cache-probe"))
-        if self._sub_pool is not None:
+        if self._subscriptions:
             self._tasks.append(
-                asyncio.create_task(self._subscriber_loop(self._sub_pool), name="cache-subscriber")
+                asyncio.create_task(self._subscriber_loop(), name="cache-subscriber")
             )
 
     async def close(self) -> None:
@@ -377,8 +444,10 @@ class Cache:
         if client is None:
             return
 
-        def send(c: Redis) -> Awaitable[None]:
-            return _redis_publish(c, channel, message)
+        wire = self._wire(channel)
+
+        def send(c: AnyRedis) -> Awaitable[None]:
+            return _redis_publish(c, wire, message)
 
         # PUBLISH is attempted even when the cache is known to be down: the
         # probe may lag a recovery by up to lease_s / 4, and a subscriber whose
@@ -417,7 +486,12 @@ class Cache:
 
     # -- internals: command path ---------------------------------------------------
 
-    def _usable_client(self) -> Redis | None:
+    def _wire(self, channel: str) -> str:
+        """The channel's name in Redis: on a cluster, every channel under one hash tag,
+        so one sharded subscription on one master hears them all."""
+        return f"{_CLUSTER_CHANNEL_TAG}:{channel}" if self._cluster else channel
+
+    def _usable_client(self) -> AnyRedis | None:
         # Known down: serve from memory without waiting on Redis at all.
         if self._down_since is not None:
             return None
@@ -425,8 +499,8 @@ class Cache:
 
     async def _bounded(
         self,
-        client: Redis,
-        operation: Callable[[Redis], Awaitable[_T]],
+        client: AnyRedis,
+        operation: Callable[[AnyRedis], Awaitable[_T]],
         timeout_s: float | None = None,
     ) -> _T | Literal[_Failed.FAILED]:
         """Run one Redis operation under ``timeout_s``; ``FAILED`` (and marked down) if it fails."""
@@ -490,10 +564,10 @@ class Cache:
                 self._last_confirmed = -math.inf
                 subscription.on_resync()
 
-    async def _subscriber_loop(self, pool: ConnectionPool) -> None:
+    async def _subscriber_loop(self) -> None:
         while not self._closed:
             try:
-                await self._subscriber_session(pool)
+                await self._subscriber_session()
             except (*_REDIS_FAILURES, _Unresponsive) as exc:
                 if not self._subscription_lost and not self._closed:
                     self._subscription_lost = True
@@ -510,16 +584,41 @@ class Cache:
             self._last_confirmed = -math.inf
             await asyncio.sleep(self._interval_s)
 
-    async def _subscriber_session(self, pool: ConnectionPool) -> None:
-        # A new connection each session, never one from a pool: it must not be
-        # shared or silently re-opened, and its pongs vouch only for itself.
-        connection = pool.connection_class(**pool.connection_kwargs)
+    async def _subscriber_connection(self) -> AbstractConnection:
+        """A new connection each session, never one from a pool: it must not be shared
+        or silently re-opened, and its pongs vouch only for itself.
+
+        On a cluster it goes to the master that owns the channels' slot, asked of the
+        cluster anew each time (after a failover it is the promoted replica): a pong
+        there follows every SPUBLISH that master took before the ping, which is what
+        the lease needs. A plain PUBLISH crosses the cluster bus to other nodes after
+        it is acknowledged, so a pong on one node would vouch for nothing published
+        on another.
+        """
+        client = self._client
+        if isinstance(client, RedisCluster):
+            async with asyncio.timeout(self._timeout_s):
+                await client.nodes_manager.initialize()
+            node = client.get_node_from_key(self._wire(next(iter(self._subscriptions))))
+            if node is None:
+                raise _Unresponsive("no master owns the invalidation channels' slot")
+            return node.connection_class(**{**node.connection_kwargs, "protocol": 2})
+        pool = self._sub_pool
+        if pool is None:
+            raise RuntimeError("the cache subscribes only after start()")
+        return pool.connection_class(**pool.connection_kwargs)
+
+    async def _subscriber_session(self) -> None:
         pending: deque[tuple[str, float]] = deque()
         reader: asyncio.Task[None] | None = None
+        connection = await self._subscriber_connection()
+        subscribe = "SSUBSCRIBE" if self._cluster else "SUBSCRIBE"
         try:
             async with asyncio.timeout(self._timeout_s):
                 await connection.connect()  # type: ignore[no-untyped-call]  # unannotated upstream
-                await connection.send_command("SUBSCRIBE", *self._subscriptions, check_health=False)
+                await connection.send_command(
+                    subscribe, *map(self._wire, self._subscriptions), check_health=False
+                )
             # No need to wait for the subscribe confirmations: the first pong
             # follows them on this connection, and only a pong confers freshness.
             reader = asyncio.create_task(self._read_loop(connection, pending))
@@ -579,10 +678,13 @@ class Cache:
             if not isinstance(response, list) or not response:
                 continue
             kind = response[0]
-            if kind == "message" and len(response) == 3:
-                self._deliver_remote(str(response[1]), str(response[2]))
+            if kind in ("message", "smessage") and len(response) == 3:
+                self._deliver_remote(self._unwire(str(response[1])), str(response[2]))
             elif kind == "pong" and len(response) == 2:
                 self._confirm(str(response[1]), pending)
+
+    def _unwire(self, wire: str) -> str:
+        return wire.removeprefix(f"{_CLUSTER_CHANNEL_TAG}:") if self._cluster else wire
 
     def _deliver_remote(self, channel: str, message: str) -> None:
         for subscription in self._subscriptions.get(channel, ()):
@@ -635,7 +737,7 @@ class _Unresponsive(Exception):
     """The subscription connection stopped answering or closed."""
 
 
-async def _redis_hit(client: Redis, key: str, window_s: int) -> tuple[int, float]:
+async def _redis_hit(client: AnyRedis, key: str, window_s: int) -> tuple[int, float]:
     window_ms = window_s * 1000
     # One round trip, atomic: create the window with its expiry only if it does
     # not exist (so the expiry is set on the first hit and never extended),
@@ -653,13 +755,21 @@ async def _redis_hit(client: Redis, key: str, window_s: int) -> tuple[int, float
     return int(count), ttl_ms / 1000
 
 
-async def _redis_delete(client: Redis, key: str) -> None:
+async def _redis_delete(client: AnyRedis, key: str) -> None:
     await client.delete(key)
 
 
-async def _redis_publish(client: Redis, channel: str, message: str) -> None:
-    await client.publish(channel, message)
+async def _redis_publish(client: AnyRedis, channel: str, message: str) -> None:
+    if isinstance(client, RedisCluster):
+        # Sharded: to the master of the channel's slot, where its subscribers listen.
+        await client.spublish(channel, message)
+    else:
+        await client.publish(channel, message)
 
 
-async def _redis_ping(client: Redis) -> None:
-    await client.ping()
+async def _redis_ping(client: AnyRedis) -> None:
+    if isinstance(client, RedisCluster):
+        # Every master: the cache serves keys on any of them.
+        await client.ping(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        await client.ping()

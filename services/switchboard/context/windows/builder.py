@@ -54,6 +54,7 @@ from switchboard.context.windows.planner import (
     plan_window,
 )
 from switchboard.context.windows.store import WindowRows, WindowScopes, WindowStore
+from switchboard.platform.cache import hash_tag
 from switchboard.platform.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -185,7 +186,9 @@ class Windows(Domain):
             workspace=str(conversation.parent),
             user=principal.user_name,
         )
-        prefix = ("ctxwin", _WINDOW_FORMAT, self.common.counter.name, conversation_id)
+        # The conversation as a hash tag: on a Redis Cluster every window of one
+        # conversation is in one slot (on one Redis the braces are characters).
+        prefix = ("ctxwin", _WINDOW_FORMAT, self.common.counter.name, hash_tag(conversation_id))
         suffix = (
             str(request.token_budget),
             hashlib.sha256(request.query.encode()).hexdigest()[:16],

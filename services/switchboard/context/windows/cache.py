@@ -26,15 +26,14 @@ from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import Any, Final
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-from switchboard.platform.cache import binary_client, redacted_url
+from switchboard.platform.cache import AnyRedis, binary_client, redacted_url
 
 log = logging.getLogger("switchboard.context.cache")
 
 _HEADER: Final = struct.Struct(">d")
-_FAILURES: Final = (RedisError, OSError, TimeoutError)
+_FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class WindowCache:
@@ -48,7 +47,7 @@ class WindowCache:
         max_bytes: int,
         retry_s: float = 1.0,
     ) -> None:
-        self._client: Redis | None = (
+        self._client: AnyRedis | None = (
             binary_client(redis_url, timeout_s=timeout_s, max_connections=16) if redis_url else None
         )
         self._target = redacted_url(redis_url) if redis_url else "memory"

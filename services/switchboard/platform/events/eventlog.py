@@ -51,14 +51,17 @@ from functools import partial
 from typing import Any, Final, Literal, Protocol
 
 from google.protobuf.message import DecodeError
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import RedisCluster
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.background import FailureNotes, cancel_all
-from switchboard.platform.cache import binary_client, redacted_url
+from switchboard.platform.cache import binary_client, hash_tag, is_cluster, redacted_url
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.observe import telemetry
 from switchboard.platform.resilience.backoff import Backoff
@@ -80,7 +83,7 @@ LogState = Literal["ok", "degraded"]
 
 _CURSOR_RE: Final = re.compile(r"([0-9]{1,20})-([0-9]{1,20})(?:-([0-9]{1,20}))?")
 _MAX_U64: Final = 2**64 - 1
-_REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
+_REDIS_FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 _DB_FAILURES: Final = (SQLAlchemyError, OSError, TimeoutError)
 #: Events written to the database in one transaction.
 _WRITE_BATCH: Final = 1000
@@ -724,11 +727,15 @@ end
 # only a first sighting is added. Atomic, so a retry racing the original cannot
 # slip between the check and the add. Trimming by count happens here too, in
 # steps of ARGV[4] entries, so the horizon is always exact.
+# A sighting again still writes (the dedupe key's expiry): on a cluster the WAIT
+# after a retry then covers the master's stream up to now, the original append
+# included, not only a connection that wrote nothing.
 # KEYS: stream, dedupe key, horizon key. ARGV: dedupe ms, retention, data, step.
 _APPEND_SCRIPT: Final = (
     _TRIM_THROUGH
     + """
 if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
   return false
 end
 local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[3])
@@ -753,6 +760,23 @@ trim_through(KEYS[1], KEYS[2], expired[1][1])
 return 1
 """
 )
+
+
+class NotReplicatedError(RedisError):
+    """On a cluster, no replica acknowledged an append in time (``WAIT``)."""
+
+
+#: A channel message, plain or sharded, as text or bytes.
+_MESSAGE_TYPES: Final = ("message", b"message", "smessage", b"smessage")
+
+
+async def _next_message(pubsub: PubSub | ClusterPubSub) -> Any:
+    if isinstance(pubsub, ClusterPubSub):
+        if not pubsub.node_pubsub_mapping:
+            # The node dropped the subscription (its slot moved): subscribe anew.
+            raise ConnectionError("the token subscription was dropped")
+        return await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=_BLOCK_S)
+    return await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_S)
 
 
 def _entries(entries: Any) -> list[Logged]:
@@ -804,6 +828,11 @@ class RedisLog:
         self._target = redacted_url(redis_url)
         # The database outbox (events staged with their change), not ``_outbox``.
         self._staged = outbox
+        #: On a cluster every key and channel of the log shares the stream's hash tag
+        #: (the configured name in braces): one slot, so the append script and its
+        #: dedupe key, the horizon and the pipelines all run on one master.
+        self._cluster = is_cluster(redis_url)
+        key = hash_tag(key) if self._cluster else key
         self._key = key
         self._timeout_s = timeout_s
         self._retention = retention
@@ -840,6 +869,8 @@ class RedisLog:
         self._token_sender: asyncio.Task[None] | None = None
         self._heard: Carry = _nobody
         self._append = self._client.register_script(_APPEND_SCRIPT)
+        # WAIT's own bound, inside the append's (2 x timeout_s on a cluster).
+        self._wait_ms = max(1, int(self._timeout_s * 1000))
         self._age_trim = self._client.register_script(_AGE_TRIM_SCRIPT)
         self._horizon_key = f"{key}:horizon"
         # Trim in steps of about 1% of retention: one XRANGE + XTRIM per step.
@@ -898,8 +929,9 @@ class RedisLog:
                 self._hold(event)
             return
         try:
-            async with asyncio.timeout(self._timeout_s):
-                if len(events) == 1:  # no pipeline needed for one command
+            # On a cluster the append also waits (WAIT, up to timeout_s) for a replica.
+            async with asyncio.timeout(self._timeout_s * (2 if self._cluster else 1)):
+                if len(events) == 1 and not self._cluster:  # no pipeline for one command
                     entry_ids = [await self._append_one(events[0])]
                 else:
                     entry_ids = await self._append_pipelined(events)
@@ -935,8 +967,28 @@ class RedisLog:
         async with self._client.pipeline(transaction=False) as pipe:
             for event in events:
                 keys = self._append_keys(event)
-                pipe.evalsha(self._append.sha, len(keys), *keys, *self._append_args(event))
+                # The command, not ``pipe.evalsha``: a cluster pipeline refuses that
+                # method, and routes the command by its first key like any other.
+                pipe.execute_command(
+                    "EVALSHA", self._append.sha, len(keys), *keys, *self._append_args(event)
+                )
+            if isinstance(self._client, RedisCluster):
+                # Replication is asynchronous: a master that dies before its replica
+                # has an append loses it in the failover. WAIT on the same connection
+                # (the node of the stream's slot: the pipeline sends each node's
+                # commands on one connection, in order) answers once a replica holds
+                # every write before it. Short of one, the appends count as failed:
+                # the outbox holds them and appends them again (the dedupe keys make
+                # that safe), so no publisher is told of an unreplicated append.
+                node = self._client.get_node_from_key(self._key)
+                pipe.execute_command("WAIT", 1, self._wait_ms, target_nodes=node)
             entry_ids: list[Any] = await pipe.execute()
+        if isinstance(self._client, RedisCluster):
+            replicas = entry_ids.pop()
+            if not isinstance(replicas, int) or replicas < 1:
+                raise NotReplicatedError(
+                    f"no replica acknowledged the appends within {self._wait_ms} ms"
+                )
         return entry_ids
 
     def _append_keys(self, event: events_pb2.Event) -> list[str]:
@@ -1088,9 +1140,13 @@ class RedisLog:
             self._token_queue = []
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    await self._client.publish(
-                        self._token_channel, self._origin + batch.SerializeToString()
-                    )
+                    payload = self._origin + batch.SerializeToString()
+                    if isinstance(self._client, RedisCluster):
+                        # Sharded: only the master of the log's slot (and its replica)
+                        # carries them, not every node over the cluster bus.
+                        await self._client.spublish(self._token_channel, payload)
+                    else:
+                        await self._client.publish(self._token_channel, payload)
             except _REDIS_FAILURES as exc:
                 log.warning(
                     "tokens not carried to other processes",
@@ -1102,17 +1158,21 @@ class RedisLog:
     async def _hear_loop(self) -> None:
         backoff = Backoff()
         while not self._closed:
-            pubsub = self._token_client.pubsub()
+            client = self._token_client
+            pubsub: PubSub | ClusterPubSub = client.pubsub()
             try:
                 async with asyncio.timeout(self._timeout_s * 4):
-                    await pubsub.subscribe(self._token_channel)
+                    if isinstance(client, RedisCluster) and isinstance(pubsub, ClusterPubSub):
+                        # The slot's master now (after a failover, the promoted replica).
+                        await client.nodes_manager.initialize()
+                        await pubsub.ssubscribe(self._token_channel)
+                    else:
+                        await pubsub.subscribe(self._token_channel)
                 while not self._closed:
                     async with asyncio.timeout(_BLOCK_S + self._timeout_s * 2):
-                        message: Any = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=_BLOCK_S
-                        )
+                        message: Any = await _next_message(pubsub)
                     backoff.reset()
-                    if message is None or message.get("type") not in ("message", b"message"):
+                    if message is None or message.get("type") not in _MESSAGE_TYPES:
                         continue
                     data: bytes = message["data"]
                     if data[:8] == self._origin:
@@ -1129,7 +1189,7 @@ class RedisLog:
                 await backoff.wait()
             finally:
                 with contextlib.suppress(*_REDIS_FAILURES):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
         try:

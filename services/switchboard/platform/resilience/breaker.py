@@ -25,7 +25,8 @@ circuit: a failure counted by any replica counts for all, a replica learns
 another's open circuit on its next ``acquire``, and only one replica gets the
 half-open trial. Times are wall-clock (``clock``, epoch seconds), so replicas'
 clocks should agree to well within ``reset_s`` (NTP). Without Redis the state
-is per process.
+is per process. On a Redis Cluster (``redis+cluster://``) each script touches
+its one hash, so it runs on the master of that key's slot.
 
 **When Redis is away** no caller waits on it or sees its error: the call that
 meets the outage (bounded by ``timeout_s``) and every call for the next
@@ -57,12 +58,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from switchboard.platform import background
-from switchboard.platform.cache import bounded_options, redacted_url
+from switchboard.platform.cache import AnyRedis, pooled_client, redacted_url
 from switchboard.platform.errors import CircuitOpen
 
 logger = logging.getLogger("switchboard.breaker")
@@ -76,7 +76,7 @@ KEY_PREFIX: Final = "switchboard:breaker:"
 #: Redis connections per process; acquire/verdict are one short script each.
 MAX_CONNECTIONS: Final = 16
 
-_REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
+_REDIS_FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 # ---------------------------------------------------------------------------
@@ -369,7 +369,7 @@ class Breakers:
         self._callbacks: list[Callable[[str, BreakerState], None]] = []
         #: Changes of state this process made, by the state entered (a metric's source).
         self.transitions: Counter[str] = Counter()
-        self._client: Redis | None = None
+        self._client: AnyRedis | None = None
         self._script: AsyncScript | None = None
         # monotonic time until which Redis is not tried; None while it answers.
         self._down_until: float | None = None
@@ -382,11 +382,12 @@ class Breakers:
         """Connect to Redis if configured; an unreachable Redis starts degraded."""
         if not self._url or self._client is not None:
             return
-        options = bounded_options(self._url, timeout_s=self._timeout_s, decode_responses=True)
-        pool = BlockingConnectionPool(
-            max_connections=MAX_CONNECTIONS, timeout=self._timeout_s, **options
+        self._client = pooled_client(
+            self._url,
+            timeout_s=self._timeout_s,
+            max_connections=MAX_CONNECTIONS,
+            decode_responses=True,
         )
-        self._client = Redis.from_pool(pool)
         self._script = self._client.register_script(_SCRIPT)
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -565,7 +566,7 @@ class Breakers:
                 # A status listener's bug must not fail the call it observes.
                 logger.exception("circuit breaker change callback failed", extra={"key": key})
 
-    def _usable_client(self) -> Redis | None:
+    def _usable_client(self) -> AnyRedis | None:
         if self._client is None:
             return None
         if self._down_until is not None and time.monotonic() < self._down_until:

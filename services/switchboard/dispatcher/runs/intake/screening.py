@@ -29,7 +29,7 @@ from switchboard.dispatcher.handlers.router import Choice, Router
 from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.live import RunLimits
 from switchboard.dispatcher.runs.intake.content import ContentPolicy
-from switchboard.platform.cache import Cache
+from switchboard.platform.cache import Cache, hash_tag
 from switchboard.platform.errors import (
     ContentBlocked,
     FieldViolation,
@@ -300,6 +300,7 @@ class Screening:
     async def rate_limit(
         self, principal: Principal, workspace_id: str, conversation: str, limits: Limits
     ) -> None:
+        # A workspace's counters carry its id as a hash tag: one slot on a Redis Cluster.
         checks = [
             (
                 "rate-user",
@@ -309,7 +310,7 @@ class Screening:
             ),
             (
                 "rate-workspace",
-                f"dispatch:workspace:{workspace_id}",
+                f"dispatch:workspace:{hash_tag(workspace_id)}",
                 limits.messages_per_minute,
                 "in this workspace",
             ),
@@ -319,7 +320,7 @@ class Screening:
             checks.append(
                 (
                     "rate-api-key",
-                    f"dispatch:apikey:{workspace_id}:{principal.api_key_id}",
+                    f"dispatch:apikey:{hash_tag(workspace_id)}:{principal.api_key_id}",
                     own.messages_per_minute,
                     "with this API key in this workspace",
                 )
