@@ -74,23 +74,21 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import functools
+import importlib
 import json
 import logging
 import mimetypes
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import anyio
 import httpx
 import httpx2
-import mcp_types as types
-from mcp.client.session import ClientSession, IncomingMessage
-from mcp.client.stdio import StdioServerParameters, stdio_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from switchboard.api.context.v1 import context_pb2
@@ -119,6 +117,14 @@ from switchboard.platform.security.egress import (
 from switchboard.platform.values import idempotency, jsonbounds, names
 from switchboard.platform.values.jsonbounds import JsonRejected
 
+# The SDK is imported when the first session opens (``_import_sdk``), not with this
+# module: about a second of CPU (its client brings its server side), which every process
+# would spend at start though most never speak to an MCP server.
+if TYPE_CHECKING:
+    import mcp_types as types
+    from mcp.client.session import ClientSession, IncomingMessage
+    from mcp.shared.exceptions import MCPError
+
 log = logging.getLogger("switchboard.integration.kinds.mcp")
 
 STDIO_PREFIX: Final = "stdio:"
@@ -134,10 +140,6 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1_048_576
 _MAX_STDIO_ARGS: Final = 256
 _MAX_STDIO_ENV: Final = 256
 
-#: How this client introduces itself to MCP servers: the installed release's version.
-_CLIENT_INFO: Final = types.Implementation(
-    name="switchboard", version=metadata.version("switchboard-mesh")
-)
 #: A tool call's response stream may stay silent while the tool works; the
 #: caller's deadline (at most the hub's cap) ends the call, this only bounds
 #: a response stream the caller has already abandoned.
@@ -155,6 +157,23 @@ _NOT_FORWARDED: Final = frozenset(
 _SESSION_GONE: Final = frozenset({400, 404})
 
 _T = TypeVar("_T")
+
+
+#: The SDK's modules a session uses, the last of them imported last.
+_SDK: Final = ("mcp_types", "mcp.client.session", "mcp.client.stdio", "mcp.client.streamable_http")
+
+
+def _import_sdk() -> None:
+    for name in _SDK:
+        importlib.import_module(name)
+
+
+@functools.cache
+def _client_info() -> types.Implementation:
+    """How this client introduces itself to MCP servers: the installed release's version."""
+    import mcp_types as types
+
+    return types.Implementation(name="switchboard", version=metadata.version("switchboard-mesh"))
 
 
 def raw_limit(max_result_bytes: int) -> int:
@@ -605,6 +624,8 @@ class McpConnector:
 
     async def _request(self, what: str, send: Callable[[ClientSession], Awaitable[_T]]) -> _T:
         """Send a request that is safe to repeat, once more on a new session if one failed."""
+        from mcp.shared.exceptions import MCPError
+
         task = asyncio.current_task()
         for attempt in range(2):
             live, session = await self._session()
@@ -639,6 +660,8 @@ class McpConnector:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _listing(self) -> dict[str, ToolSpec]:
+        import mcp_types as types
+
         # A new session drops the cache: open it before noting the epoch.
         await self._session()
         epoch = self._tools_epoch
@@ -680,6 +703,9 @@ class McpConnector:
         on_progress: Progress | None,
         key: str,
     ) -> ToolResult:
+        import mcp_types as types
+        from mcp.shared.exceptions import MCPError
+
         finished = False
 
         async def forward(progress: float, total: float | None, message: str | None) -> None:
@@ -741,6 +767,8 @@ class McpConnector:
 
     async def _tool_error(self, name: str, exc: MCPError) -> ToolResult:
         """A JSON-RPC error the server answered a call with."""
+        import mcp_types as types
+
         if exc.code in (types.INVALID_PARAMS, types.METHOD_NOT_FOUND):
             # Unknown tool (the spec's answer is INVALID_PARAMS): our list was stale.
             self._invalidate_tools()
@@ -773,6 +801,8 @@ class McpConnector:
         or stream ended (a stdio server that exited, a response stream that
         broke and could not be resumed).
         """
+        import mcp_types as types
+
         return record.broken or record.rejected or exc.code == types.CONNECTION_CLOSED
 
     def _unreachable(self, live: _Live) -> Exception:
@@ -782,6 +812,8 @@ class McpConnector:
         return self._lost(live)
 
     def _lost(self, live: _Live) -> Exception:
+        from mcp.shared.exceptions import MCPError
+
         error = live.transport_error or live.error
         blocked = _find(error, DestinationBlocked)
         if blocked is not None:
@@ -819,6 +851,10 @@ class McpConnector:
         if live is None or live.dead or live.session is None:
             if self._closed:
                 raise Unreachable(f"MCP server {self._label}: the connector is closed")
+            if _SDK[-1] not in sys.modules:
+                # In a worker thread: a second of importing on the loop would stall every
+                # call this process serves, not only this one.
+                await asyncio.to_thread(_import_sdk)
             async with self._lock:
                 live = self._live
                 if live is None or live.dead:
@@ -853,6 +889,10 @@ class McpConnector:
     async def _own(self, live: _Live) -> None:
         """Open the session, serve until told to stop or the connection ends, close it."""
         try:
+            # Within the try: a session that cannot start fails its callers, never hangs them.
+            import mcp_types as types
+            from mcp.client.session import ClientSession
+
             async with contextlib.AsyncExitStack() as stack:
                 read, write = await stack.enter_async_context(self._transport(live))
                 # Forward what the transport reads, to learn when it ends (a stdio
@@ -884,7 +924,7 @@ class McpConnector:
 
                 session = await stack.enter_async_context(
                     ClientSession(
-                        session_read, write, message_handler=on_message, client_info=_CLIENT_INFO
+                        session_read, write, message_handler=on_message, client_info=_client_info()
                     )
                 )
                 with anyio.fail_after(self._connect_timeout_s):
@@ -904,6 +944,9 @@ class McpConnector:
 
     @contextlib.asynccontextmanager
     async def _transport(self, live: _Live) -> AsyncIterator[tuple[Any, Any]]:
+        from mcp.client.stdio import StdioServerParameters, stdio_client
+        from mcp.client.streamable_http import streamable_http_client
+
         if self._stdio is not None:
             server = self._stdio
             parameters = StdioServerParameters(
@@ -975,6 +1018,8 @@ def _spec(tool: types.Tool) -> ToolSpec:
 
 
 def _result(result: types.CallToolResult, max_result_bytes: int) -> ToolResult:
+    import mcp_types as types
+
     parts: list[str] = []
     files: list[context_pb2.FileReference] = []
     size = 0
