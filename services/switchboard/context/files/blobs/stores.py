@@ -9,7 +9,6 @@ from pathlib import Path
 
 from switchboard.context.files.blobs.directory import DirectoryBlobStore
 from switchboard.context.files.blobs.port import BlobStore
-from switchboard.context.files.blobs.s3 import S3BlobStore
 from switchboard.context.settings import ContextSettings
 from switchboard.platform.config import SQLITE_DRIVER
 from switchboard.platform.store.db import is_sqlite_memory, parse_database_url
@@ -49,6 +48,10 @@ def temporary_store() -> DirectoryBlobStore:
 def open_blob_store(settings: ContextSettings, *, database_url: str, dev_mode: bool) -> BlobStore:
     """The configured blob store (``context_blob_store``)."""
     if settings.context_blob_store == "s3":
+        # Only here: boto3 and botocore take about a second to import, which a process
+        # on the directory store (the default) would pay at every start for nothing.
+        from switchboard.context.files.blobs.s3 import S3BlobStore
+
         return S3BlobStore.from_settings(settings, dev_mode=dev_mode)
     directory = files_directory(settings, database_url=database_url, dev_mode=dev_mode)
     return temporary_store() if directory is None else DirectoryBlobStore(directory)

@@ -17,8 +17,6 @@ import logging
 from dataclasses import dataclass
 from typing import IO, Final
 
-from pypdf import PdfReader
-
 from switchboard.context.files.reading.sniff import is_text
 
 log = logging.getLogger("switchboard.context.files")
@@ -61,6 +59,9 @@ def _text(source: IO[bytes], *, max_chars: int) -> Extracted:
 def pdf_text(source: IO[bytes], *, max_chars: int, max_pages: int) -> Extracted:
     """The text of a PDF, without any bound on time or memory: run it where it is
     bounded (``pdfworker``). MemoryError is raised, for the bound to name."""
+    # Imported here, in the worker that reads a PDF: the server never needs pypdf itself.
+    from pypdf import PdfReader
+
     try:
         reader = PdfReader(source)
         if reader.is_encrypted and not reader.decrypt(""):
