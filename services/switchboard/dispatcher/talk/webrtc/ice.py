@@ -19,10 +19,12 @@ import hmac
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-from aiortc import RTCIceServer
+from typing import TYPE_CHECKING
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+
+if TYPE_CHECKING:
+    from aiortc import RTCIceServer
 
 #: The name the server's own peers mint their TURN credentials for.
 SERVER_USER = "switchboard"
@@ -105,6 +107,10 @@ class IceServers:
 
     def for_server(self) -> list[RTCIceServer]:
         """The servers for one of this process's peers (its TURN credential minted now)."""
+        # aiortc only once a peer is made: a process that serves no browser's voice
+        # never loads it (it brings PyAV's FFmpeg and aioice, a second of CPU at start).
+        from aiortc import RTCIceServer
+
         servers, _ = self.minted_for(SERVER_USER)
         return [
             RTCIceServer(

@@ -39,24 +39,20 @@ import logging
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from aiortc import (
-    RTCConfiguration,
-    RTCDataChannel,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCRtpReceiver,
-    RTCSessionDescription,
-)
-from aiortc.jitterbuffer import JitterBuffer
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from google.protobuf import json_format
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.talk.webrtc.media import Inbound, SpeechTrack
 from switchboard.dispatcher.talk.webrtc.ports import PortRange, confine
 from switchboard.platform.errors import FieldViolation, InvalidArgument, PortsExhausted
+
+# aiortc (with PyAV's FFmpeg and aioice) and the media bridge over it are imported when
+# the first peer is made: a process reads its peer settings at start, and one that never
+# carries a browser's voice never loads them.
+if TYPE_CHECKING:
+    from aiortc import RTCDataChannel, RTCIceServer, RTCRtpReceiver
+    from aiortc.mediastreams import MediaStreamTrack
 
 log = logging.getLogger("switchboard.dispatcher.talk.webrtc")
 
@@ -124,6 +120,10 @@ class TalkPeer:
 
     def __init__(self, talk: TalkCall, first: pb.TalkRequest, settings: PeerSettings) -> None:
         """``first``: Talk's first frame, a ``start`` or a ``resume``."""
+        from aiortc import RTCConfiguration, RTCPeerConnection
+
+        from switchboard.dispatcher.talk.webrtc.media import SpeechTrack
+
         self._talk = talk
         self._first = pb.TalkRequest()
         self._first.CopyFrom(first)
@@ -164,6 +164,8 @@ class TalkPeer:
     async def answer(self, offer: str) -> str:
         """The answer to the page's ``offer`` (SDP); the bridge runs from here on.
         INVALID_ARGUMENT naming ``offer`` for one that cannot start a session."""
+        from aiortc import RTCSessionDescription
+
         problems = offer_problems(offer)
         if problems:
             raise InvalidArgument(
@@ -224,6 +226,10 @@ class TalkPeer:
             self._spawn(self._inbound(track), "talk-webrtc-in")
 
     async def _inbound(self, track: MediaStreamTrack) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        from switchboard.dispatcher.talk.webrtc.media import Inbound
+
         converter = Inbound(self._settings.input_rate)
         while True:
             try:
@@ -451,6 +457,8 @@ def _prompt_jitter_buffer(receiver: RTCRtpReceiver) -> None:
     packet still holds the buffer as before (until its 16 slots overflow). aiortc has no
     setting for it, so its private buffer is replaced before any packet came (aiortc is
     pinned, and test_talk_webrtc.py checks the buffer is this one)."""
+    from aiortc.jitterbuffer import JitterBuffer
+
     name = "_RTCRtpReceiver__jitter_buffer"
     if isinstance(getattr(receiver, name, None), JitterBuffer):
         setattr(receiver, name, JitterBuffer(capacity=16, prefetch=PREFETCH_FRAMES))

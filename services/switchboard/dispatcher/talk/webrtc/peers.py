@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import logging
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -40,6 +42,8 @@ log = logging.getLogger("switchboard.dispatcher.talk.webrtc")
 
 #: How long closing every peer may take when the process stops.
 CLOSE_TIMEOUT_S: Final = 5.0
+#: The media bridge, which imports aiortc and PyAV.
+_MEDIA: Final = "switchboard.dispatcher.talk.webrtc.media"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ class Peers:
     ) -> pb.ConnectTalkResponse:
         first = _first_frame(request)
         resumed = first.resume.session if first.WhichOneof("frame") == "resume" else ""
+        if _MEDIA not in sys.modules:
+            # The process's first peer imports aiortc and PyAV (``peer.py`` says why so
+            # late) in a worker thread, not on the loop every other call shares.
+            await asyncio.to_thread(importlib.import_module, _MEDIA)
         # Talk's checks come first: they refuse someone else's session as absent
         # (NOT_FOUND) before anything is looked at, and every refusal below depends on
         # state (this process's peers, the session's formats) that a stranger must not

@@ -35,15 +35,18 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
-
-from aioice import Candidate
-from aioice.candidate import candidate_foundation, candidate_priority
-from aioice.ice import Connection, StunProtocol, server_reflexive_candidate
-from aioice.turn import UDP_SOCKET_BUFFER_SIZE
-from aiortc import RTCPeerConnection
+from typing import TYPE_CHECKING, Final
 
 from switchboard.platform.errors import PortsExhausted
+
+# aioice and aiortc are imported where a peer's candidates are gathered: the process
+# reads its port range at start, and serving no browser's voice it never loads them.
+if TYPE_CHECKING:
+    from aioice import Candidate
+    from aioice.ice import Connection, StunProtocol
+    from aiortc import RTCPeerConnection
+
+    _Gather = Callable[[int, list[str], int], Awaitable[list[Candidate]]]
 
 log = logging.getLogger("switchboard.dispatcher.talk.webrtc")
 
@@ -51,8 +54,6 @@ log = logging.getLogger("switchboard.dispatcher.talk.webrtc")
 LOWEST: Final = 1024
 HIGHEST: Final = 65535
 _RANGE: Final = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")
-
-_Gather = Callable[[int, list[str], int], Awaitable[list[Candidate]]]
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ async def _gather(
     wait_s: int = 5,
 ) -> list[Candidate]:
     """aioice's ``get_component_candidates``, its host sockets bound within ``ports``."""
+    from aioice import Candidate
+    from aioice.candidate import candidate_foundation, candidate_priority
+    from aioice.ice import StunProtocol
+
     loop = asyncio.get_running_loop()
     hosts: list[StunProtocol] = []
     full: list[str] = []
@@ -202,6 +207,8 @@ def _close_bound(binding: asyncio.Future[socket.socket | OSError | None]) -> Non
 def _bind(address: str, ports: PortRange) -> socket.socket | OSError | None:
     """A UDP socket bound to ``address`` at a free port of ``ports``: the first free
     one from a random port on; ``None`` when all are in use, or why it cannot bind."""
+    from aioice.turn import UDP_SOCKET_BUFFER_SIZE
+
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -231,6 +238,8 @@ async def _reflexive(
     connection: Connection, hosts: list[StunProtocol], wait_s: int
 ) -> list[Candidate]:
     """The STUN server's view of the IPv4 host sockets (as aioice asks it)."""
+    from aioice.ice import server_reflexive_candidate
+
     stun = connection.stun_server
     if stun is None:
         return []
