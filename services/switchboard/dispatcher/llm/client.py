@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import logging
 import random
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
 import httpx
 
 from switchboard.dispatcher.handlers.base import HandlerFailure
@@ -46,6 +47,11 @@ from switchboard.dispatcher.llm.stream import (
 from switchboard.platform.observe.telemetry import http_request_span
 from switchboard.platform.resilience.backoff import retry_after
 from switchboard.platform.resilience.breaker import CircuitBreaker
+
+# aiohttp is imported with the connection pool (``ProviderClient._http``), at the first
+# model call: a process whose runs never reach a model does not load it.
+if TYPE_CHECKING:
+    import aiohttp
 
 # The handler's logger: one name for every part of it, as before it was split.
 log = logging.getLogger("switchboard.dispatcher.llm")
@@ -157,6 +163,8 @@ class ProviderClient:
 
     def _http(self) -> aiohttp.ClientSession:
         """The connection pool, made on first use (it belongs to the running loop)."""
+        import aiohttp
+
         if self._closed:
             raise HandlerFailure("the LLM handler is shut down", retryable=True)
         if self._session is None:
@@ -309,6 +317,10 @@ class ProviderClient:
         outcome: Outcome,
     ) -> AsyncGenerator[str, None]:
         """One POST; yields the answer's text pieces, raises ``AttemptFailed``."""
+        if "aiohttp" not in sys.modules:
+            # The process's first model call imports aiohttp in a worker thread, not on
+            # the loop every other call shares.
+            await asyncio.to_thread(importlib.import_module, "aiohttp")
         response = await self._open(self._http(), provider, body, remaining)
         # One timer for the whole body rather than a timeout per read (a read per token):
         # at the deadline the response is closed, which ends the read waiting on it.
@@ -357,6 +369,8 @@ class ProviderClient:
         remaining: Callable[[], float],
     ) -> aiohttp.ClientResponse:
         """Send the request and wait for the response's head, within the deadline."""
+        import aiohttp
+
         left = remaining()
         if left <= 0:
             raise deadline_failure()
@@ -422,7 +436,13 @@ class ProviderClient:
     async def _next(self, chunks: AsyncIterator[bytes], deadline: _Deadline) -> bytes | None:
         try:
             chunk = await anext(chunks, None)
-        except aiohttp.ClientError as exc:
+        except Exception as exc:
+            # aiohttp is looked up only when a read fails, not on every chunk (a chunk per
+            # token): ``_http`` has imported it by now.
+            import aiohttp
+
+            if not isinstance(exc, aiohttp.ClientError):
+                raise
             if deadline.reached:
                 raise deadline_failure() from None
             raise self._transport_failure("connection dropped", exc) from None
