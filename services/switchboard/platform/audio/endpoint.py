@@ -21,9 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
-import numpy as np
-
-from switchboard.platform.audio import melspec, pcm
+from switchboard.platform.audio import pcm
 
 log = logging.getLogger("switchboard.platform.audio.endpoint")
 
@@ -31,7 +29,6 @@ log = logging.getLogger("switchboard.platform.audio.endpoint")
 SMART_TURN_FILE: Final = "smart-turn-v3.2-cpu.onnx"
 #: The window the model reads: the turn's last 8 s at 16 kHz, zeros before a shorter one.
 WINDOW_S: Final = 8
-_SAMPLES: Final = WINDOW_S * melspec.RATE
 
 
 class Model:
@@ -59,11 +56,17 @@ class Model:
 
     def probability(self, audio: bytes, rate: int) -> float:
         """The probability that ``audio`` (mono PCM16 at ``rate``) ends a finished turn."""
+        # Imported with the model, as onnxruntime is: numpy is only the features' algebra.
+        import numpy as np
+
+        from switchboard.platform.audio import melspec
+
+        window = WINDOW_S * melspec.RATE
         if rate != melspec.RATE:
             audio = pcm.resample(audio, rate, melspec.RATE)
-        samples = melspec.from_pcm16(audio[-_SAMPLES * pcm.SAMPLE_BYTES :])
-        if len(samples) < _SAMPLES:
-            samples = np.concatenate([np.zeros(_SAMPLES - len(samples), np.float32), samples])
+        samples = melspec.from_pcm16(audio[-window * pcm.SAMPLE_BYTES :])
+        if len(samples) < window:
+            samples = np.concatenate([np.zeros(window - len(samples), np.float32), samples])
         features = melspec.log_mel(samples)[None, :, :]
         out = self._session.run(None, {self._input: features})[0]
         return float(np.asarray(out).reshape(-1)[0])
