@@ -36,6 +36,7 @@ a match out of reach of this (docs/decisions.md).
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -43,17 +44,13 @@ import types
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import jsonschema
-import jsonschema._keywords
-import jsonschema._legacy_keywords
-import jsonschema._utils
-import referencing.jsonschema
-import regex
-from jsonschema_specifications import REGISTRY as SPECIFICATIONS
-from referencing import Registry, Resource
-from referencing.exceptions import Unresolvable
+# jsonschema, referencing, their meta-schemas and regex are imported when the first schema
+# is compiled (``_registries``): every process imports this module, few check a schema.
+if TYPE_CHECKING:
+    import jsonschema
+    from referencing import Registry, Resource
 
 #: Most violations one call reports.
 MAX_VIOLATIONS: Final = 20
@@ -63,7 +60,6 @@ MAX_REFERENCES: Final = 1000
 PATTERN_TIMEOUT_S: Final = 0.25
 VALIDATION_BUDGET_S: Final = 1.0
 _REFERENCE_KEYWORDS: Final = ("$ref", "$dynamicRef", "$recursiveRef")
-_DEFAULT: Final = jsonschema.Draft202012Validator
 
 
 class SchemaUnusable(Exception):
@@ -79,18 +75,13 @@ def _refuse(uri: str) -> Resource[Any]:
     raise LookupError(f"{uri} is outside the schema and is not fetched")
 
 
-#: No resources of its own (the validators add the meta-schemas the library ships), no retrieval.
-# (attrs' alias of ``_retrieve``, which mypy's attrs support does not see)
-_REGISTRY: Final[Registry[Any]] = Registry(retrieve=_refuse)  # type: ignore[call-arg]
-#: What the reference walk resolves against: the same, meta-schemas included.
-_KNOWN: Final[Registry[Any]] = _REGISTRY.combine(SPECIFICATIONS)
-
-
 _budget = threading.local()
 
 
 def _bounded_search(pattern: str, string: str, flags: int = 0) -> Any:
     """``re.search`` as jsonschema calls it, with the lock released and a deadline."""
+    import regex
+
     timeout = PATTERN_TIMEOUT_S
     deadline: float | None = getattr(_budget, "deadline", None)
     if deadline is not None:
@@ -102,13 +93,29 @@ def _bounded_search(pattern: str, string: str, flags: int = 0) -> Any:
 
 def bound_patterns() -> None:
     """Make jsonschema's pattern matching release the lock and end in time (idempotent)."""
+    import jsonschema._keywords
+    import jsonschema._legacy_keywords
+    import jsonschema._utils
+
     bounded = types.SimpleNamespace(**{name: getattr(re, name) for name in dir(re)})
     bounded.search = _bounded_search
     for module in (jsonschema._keywords, jsonschema._legacy_keywords, jsonschema._utils):
         module.re = bounded  # type: ignore[attr-defined]
 
 
-bound_patterns()
+@functools.cache
+def _registries() -> tuple[Registry[Any], Registry[Any]]:
+    """What validators resolve against: no resources of its own (they add the meta-schemas
+    the library ships), no retrieval; and what the reference walk resolves against: the
+    same, meta-schemas included. Made with the first schema, and jsonschema's patterns are
+    bounded before it can check anything."""
+    from jsonschema_specifications import REGISTRY as SPECIFICATIONS
+    from referencing import Registry
+
+    bound_patterns()
+    # (attrs' alias of ``_retrieve``, which mypy's attrs support does not see)
+    registry: Registry[Any] = Registry(retrieve=_refuse)  # type: ignore[call-arg]
+    return registry, registry.combine(SPECIFICATIONS)
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,10 @@ class Compiled:
     def violations(self, arguments: Any) -> list[tuple[str, str]]:
         """``(path, message)`` of each way ``arguments`` break the schema (at most
         MAX_VIOLATIONS); SchemaUnusable when the schema cannot be applied."""
+        import jsonschema
+        import regex
+        from referencing.exceptions import Unresolvable
+
         if self.problem:
             raise SchemaUnusable(self.problem)
         _budget.deadline = time.monotonic() + VALIDATION_BUDGET_S
@@ -157,29 +168,38 @@ def _path(error: jsonschema.ValidationError) -> str:
 
 def compile_schema(schema: Mapping[str, Any]) -> Compiled:
     """The checker of one input schema (an empty schema accepts any object)."""
+    import jsonschema
+
+    registry, known = _registries()
     contents: dict[str, Any] = dict(schema) or {"type": "object"}
     try:
-        validator_class = jsonschema.validators.validator_for(contents, default=_DEFAULT)
+        validator_class = jsonschema.validators.validator_for(
+            contents, default=jsonschema.Draft202012Validator
+        )
         validator_class.check_schema(contents)
     except jsonschema.SchemaError:
         return Compiled(problem="it declares an invalid input schema")
     except (RecursionError, ValueError, TypeError):
         return Compiled(problem="its input schema cannot be read")
-    validator = validator_class(contents, registry=_REGISTRY)
+    validator = validator_class(contents, registry=registry)
     try:
-        _check_references(contents, validator_class)
+        _check_references(contents, validator_class, known)
     except SchemaUnusable as exc:
         return Compiled(problem=exc.reason)
     return Compiled(validator=validator)
 
 
-def _check_references(contents: dict[str, Any], validator_class: Any) -> None:
-    """Resolve every reference in the schema now, against a registry that fetches nothing."""
+def _check_references(contents: dict[str, Any], validator_class: Any, known: Registry[Any]) -> None:
+    """Resolve every reference in the schema now, against ``known`` (it fetches nothing)."""
+    import referencing.jsonschema
+    from referencing import Resource
+    from referencing.exceptions import Unresolvable
+
     default = referencing.jsonschema.specification_with(
         validator_class.META_SCHEMA.get("$schema", ""), default=referencing.jsonschema.DRAFT202012
     )
     root = Resource.from_contents(contents, default_specification=default)
-    resolver = _KNOWN.resolver_with_root(root)
+    resolver = known.resolver_with_root(root)
     try:
         for count, (base, reference) in enumerate(_references(root, root.id() or "")):
             if count >= MAX_REFERENCES:
