@@ -1,6 +1,7 @@
 """A token is not an event (docs/events.md, "Tokens") on the scaled-out shape: two
 `switchboard serve` replicas (every service in each) as separate processes on one
-PostgreSQL and one Redis, a real Envoy in front of both (one cluster, round robin),
+PostgreSQL and one Redis, a real Envoy in front of both (one cluster; these calls carry
+no routing header unless a test steers one, so Envoy picks a replica),
 the llm handler pointed at the in-test fake model (tests/fakes/openai_server.py).
 
 The model holds its answer after a few chunks until the test lets it go, so "mid-run"
@@ -41,6 +42,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.dispatcher.runs.core.store import TERMINAL
+from tests.e2e.affinity import keys_to, steer
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -229,15 +231,16 @@ class Follower:
     call: Any = None
     breaks: int = 0
 
-    async def open(self) -> None:
-        """A new stream after the cursor; returns once it is registered (its heartbeat)."""
+    async def open(self, to: str = "") -> None:
+        """A new stream after the cursor (routed by the key ``to`` if given); returns once
+        it is registered (its heartbeat)."""
         self.call = events_pb2_grpc.EventServiceStub(self.channel).Subscribe(
             events_pb2.SubscribeRequest(
                 scopes=[events_pb2.Scope(conversation=self.conversation)],
                 types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
                 after_cursor=self.cursor,
             ),
-            metadata=self.caller.md,
+            metadata=(*self.caller.md, *(steer(to) if to else ())),
             timeout=4 * WAIT_S,
         )
         self.streams.append([])
@@ -297,11 +300,12 @@ class Watcher:
     def updates(self) -> list[pb.RunUpdate]:
         return [update for stream in self.streams for update in stream]
 
-    def open(self) -> None:
+    def open(self, to: str = "") -> None:
+        """A new stream after the newest sequence (routed by the key ``to`` if given)."""
         after = self.updates[-1].sequence if self.updates else 0
         self.call = self.stub.WatchRun(
             pb.WatchRunRequest(name=self.run, after_sequence=after),
-            metadata=self.caller.md,
+            metadata=(*self.caller.md, *(steer(to) if to else ())),
             timeout=4 * WAIT_S,
         )
         self.streams.append([])
@@ -397,21 +401,21 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
     Subscribe, ids seen before dropped (as clients do): the run's updates once each, their
     sequences contiguous, the tokens in sequence order, their text the whole answer, one
     result carrying it, SUCCEEDED. WatchRun, as sent: the same, with no update twice.
-    Which replica served each stream is printed. Both streams share Envoy's stream
-    cluster (round robin) and the second resume opens them in the other order, so each
-    kind is resumed once on the replica that owns the run and once on the other
-    (asserted), in one order or the other: the resume into the gap lands on the other
-    replica in about half the runs (tests/auth/test_tokens.py holds that case every
-    time).
+    Which replica served each stream is printed. Each resume is sent to a replica chosen
+    with the routing header (tests/e2e/affinity.py): the first, into the gap, to the
+    replica without the run, the second to the run's own, so each kind is resumed once on
+    each (asserted).
     """
     first_byte, rest = asyncio.Event(), asyncio.Event()
     async with running_mesh(env) as mesh, aio.insecure_channel(mesh.edge) as channel:
         mesh.fake.script(
             Reply(content=ANSWER, gate=first_byte, hold_after_chunks=HELD_AFTER, hold=rest)
         )
+        keys = await keys_to(channel, mesh.logs, REPLICAS)
         caller, conversation, follower, run = await a_followed_run(channel)
         dispatcher = dispatcher_stub(channel)
         owner = await mesh.logs.owner(run)
+        [other] = set(REPLICAS) - {owner}
         await mesh.fake.wait_requests(1)
         await stored_running(dispatcher, caller, run)
         watcher = Watcher(dispatcher, caller, run)
@@ -436,18 +440,18 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
             await observer.until(has_text(HELD_TEXT))
             await drop(observer, WATCH_RUN)
 
-        # Back through Envoy: the tokens made meanwhile, once; then lost again mid-answer.
-        await follower.open()
-        watcher.open()
+        # Back through Envoy, on the replica without the run: the tokens made meanwhile,
+        # once; then lost again mid-answer.
+        await follower.open(to=keys[other])
+        watcher.open(to=keys[other])
         await follower.until(run, has_text(HELD_TEXT))
         await watcher.until(has_text(HELD_TEXT))
         await drop(follower, SUBSCRIBE)
         await drop(watcher, WATCH_RUN)
 
-        # Back again (in the other order: Envoy's round robin, one stream cluster, now
-        # sends each to the replica the other had); the model finishes.
-        watcher.open()
-        await follower.open()
+        # Back again, on the run's own replica; the model finishes.
+        watcher.open(to=keys[owner])
+        await follower.open(to=keys[owner])
         rest.set()
         await watcher.until(ended)
         await follower.until(run, ended)
@@ -485,9 +489,9 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
     assert [u.WhichOneof("update") for u in history].count("delta") == 0
     assert states(history) == [pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING, pb.RUN_STATE_SUCCEEDED]
     assert results(history) == [ANSWER]
-    # Each kind of stream was resumed through Envoy on both replicas, the run's and the other.
-    assert set(subscribes[1:]) == set(REPLICAS), (owner, subscribes)
-    assert set(watches[1:]) == set(REPLICAS), (owner, watches)
+    # Each kind of stream was resumed through Envoy on the other replica, then the run's.
+    assert subscribes[1:] == [other, owner], (owner, subscribes)
+    assert watches[1:] == [other, owner], (owner, watches)
 
 
 async def test_a_subscriber_on_the_replica_without_the_run_sees_its_tokens_live(

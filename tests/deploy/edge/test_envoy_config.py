@@ -29,6 +29,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from switchboard.cli import main as cli_main
 from switchboard.deploy.edge.devcert import CertError, make_dev_cert
 from switchboard.deploy.edge.envoy import (
+    AFFINITY_HEADER,
     API,
     CONSOLE_CSP,
     MAX_CONSOLE_FILE_BYTES,
@@ -167,6 +168,42 @@ def test_the_mesh_routes_each_service_to_its_own_replicas() -> None:
         7001,
         7002,
     ]
+
+
+@pytest.mark.parametrize("shape", ["all-in-one", "mesh"])
+def test_every_service_route_hashes_the_affinity_header_onto_maglev(shape: str) -> None:
+    replicas = (HostPort("127.0.0.1", 7001), HostPort("127.0.0.1", 7002))
+    spec = (
+        EdgeSpec.all_in_one(replicas[0], allow_origins=("https://console.example",))
+        if shape == "all-in-one"
+        else EdgeSpec(
+            upstreams=_mesh(dispatcher=replicas),
+            edge_health=HostPort("127.0.0.1", 50999),
+            allow_origins=("https://console.example",),
+        )
+    )
+    config = _config(spec)
+    clusters = _clusters(config)
+    services = {name for name in clusters if name != "edge_health"}
+    assert services
+    for name in services:
+        assert clusters[name]["lb_policy"] == "MAGLEV", name
+    # Its own answer for the deployment: nothing to keep together there.
+    assert "lb_policy" not in clusters.get("edge_health", {})
+    hashed = 0
+    for route in _routes(config):
+        action = route.get("route")
+        if action is None or action["cluster"] not in services:
+            continue
+        assert action["hash_policy"] == [{"header": {"header_name": AFFINITY_HEADER}}], route
+        hashed += 1
+    assert hashed > len(API)
+    # The browser console sends it cross-origin too (grpc-web): the preflight allows it.
+    [listener] = config["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    host = manager["route_config"]["virtual_hosts"][0]
+    cors = host["typed_per_filter_config"]["envoy.filters.http.cors"]
+    assert AFFINITY_HEADER in [h.strip() for h in cors["allow_headers"].split(",")]
 
 
 def test_health_and_reflection_go_to_edge_health_when_the_mesh_has_it() -> None:

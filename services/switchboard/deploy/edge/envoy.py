@@ -20,6 +20,12 @@ it derives, and from where:
 - **Limits match the server's**: request header size (``max_metadata_bytes``),
   upstream HTTP/2 streams per connection (``max_concurrent_streams``), keepalive
   pings no more often than the server tolerates.
+- **Affinity**: every service's clusters pick a replica by Maglev, a consistent
+  hash of the ``AFFINITY_HEADER`` the clients set to the conversation a call is
+  about, so a conversation's calls land on one replica (the same one in every
+  cluster: their replicas are the same addresses, and Maglev's table depends
+  only on them). A call without the header gets a random replica; every replica
+  serves any call, so affinity saves work and never decides an answer.
 - **Health**: active gRPC health checks per service name (grpc.health.v1) and
   outlier detection on local-origin failures only (a refused or reset
   connection), so a client's own deadline or a handler's error never ejects a
@@ -65,6 +71,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     Cluster,
     ClusterDiscoveryType,
     ClusterDnsLookupFamily,
+    ClusterLbPolicy,
     OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
@@ -101,6 +108,8 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RetryPolicyRetryHostPredicate,
     Route,
     RouteAction,
+    RouteActionHashPolicy,
+    RouteActionHashPolicyHeader,
     RouteActionMaxStreamDuration,
     RouteConfiguration,
     RouteMatch,
@@ -198,10 +207,16 @@ CHUNK_METHODS: Final = frozenset(
 _RETRY_UNSENT: Final = "connect-failure,refused-stream"
 #: ... and, for methods the contract marks safe to repeat, after UNAVAILABLE or a reset.
 _RETRY_SAFE: Final = f"{_RETRY_UNSENT},unavailable,reset"
+#: The routing header: the conversation a call is about (``workspaces/{w}/conversations/{c}``),
+#: set by Switchboard's clients from the request. Envoy hashes it to pick the replica;
+#: the servers never read it, so a wrong or missing value costs speed, never an answer.
+AFFINITY_HEADER: Final = "switchboard-affinity"
 _CORS_HEADERS: Final = (
     "authorization, content-type, x-grpc-web, x-user-agent, x-request-id, grpc-timeout, "
     # A2A's HTTP+JSON binding and the resume extension (docs/a2a.md).
-    "a2a-version, a2a-extensions, switchboard-after-sequence"
+    "a2a-version, a2a-extensions, switchboard-after-sequence, "
+    # The browser console sets it on every call that names a conversation.
+    f"{AFFINITY_HEADER}"
 )
 _CORS_EXPOSE: Final = (
     "grpc-status, grpc-message, grpc-status-details-bin, x-request-id, a2a-extensions"
@@ -1264,6 +1279,7 @@ def _service_routes(service: ServiceDescriptor, cluster: str, spec: EdgeSpec) ->
 def _route(match: RouteMatch, cluster: str, spec: EdgeSpec, *, unary: bool, safe: bool) -> Route:
     action = RouteAction(
         cluster=cluster if unary else f"{cluster}_streams",
+        hash_policy=list(_AFFINITY),
         # Streams have no route timeout; unary calls without a deadline get one.
         timeout=_seconds(spec.unary_timeout_s if unary else 0),
         # A client's grpc-timeout wins over the route timeout, uncapped.
@@ -1273,6 +1289,13 @@ def _route(match: RouteMatch, cluster: str, spec: EdgeSpec, *, unary: bool, safe
         # Every other route inherits the virtual host's unsent-only policy.
         action.retry_policy = _retry_policy(_RETRY_SAFE)
     return Route(match=match, route=action)
+
+
+#: A call with the header goes where its conversation's runs live; one without has no
+#: hash, and the cluster's hashing balancer then picks a replica at random.
+_AFFINITY: Final = [
+    RouteActionHashPolicy(header=RouteActionHashPolicyHeader(header_name=AFFINITY_HEADER))
+]
 
 
 def _edge_health_route(match: RouteMatch, spec: EdgeSpec, *, unary: bool) -> Route:
@@ -1352,6 +1375,12 @@ def _cluster(service: str, spec: EdgeSpec, *, streams: bool) -> Cluster:
             )
         },
         load_assignment=_endpoints(name, replicas),
+        # Maglev, not a ring: its table (65,537 entries) shares the keys out evenly
+        # among the few replicas a deployment has, where a ring of Envoy's default
+        # size leaves one several percent more. A replica joining or leaving moves
+        # about twice the keys a ring would move, a price paid once per change:
+        # the calls it moves are served anyway, following the runs over Redis.
+        lb_policy=ClusterLbPolicy.MAGLEV,
         circuit_breakers=CircuitBreakers(thresholds=[thresholds]),
         health_checks=[_health_check(service, spec)],
         outlier_detection=OutlierDetection(
@@ -1475,6 +1504,7 @@ def _health_check(service: str, spec: EdgeSpec) -> HealthCheck:
 
 
 __all__ = [
+    "AFFINITY_HEADER",
     "ALPN",
     "API",
     "COMPANION_API",
