@@ -78,6 +78,7 @@ from switchboard.client.events import Follower, scope
 from switchboard.client.files import CHUNK_BYTES, TransferPolicy
 from switchboard.client.runs import Answer, Child, RunTree, RunWatch, child_of
 from switchboard.client.session import TokenKeeper
+from switchboard.client.transport.affinity import AFFINITY_HEADER, affinity
 from switchboard.client.transport.interceptors import RetryPolicy
 from switchboard.client.transport.streams import StreamPolicy
 from switchboard.client.voice import (
@@ -90,6 +91,7 @@ from switchboard.client.voice import (
 )
 
 __all__ = [
+    "AFFINITY_HEADER",
     "CHUNK_BYTES",
     "Aborted",
     "AlreadyExists",
@@ -161,6 +163,7 @@ __all__ = [
     "Unknown",
     "UploadExpired",
     "UploadOffsetMismatch",
+    "affinity",
     "channel_options",
     "child_of",
     "from_rpc_error",

@@ -62,6 +62,7 @@ from switchboard.client.errors import (
 )
 from switchboard.client.runs import TERMINAL, AnswerBuilder
 from switchboard.client.session import TokenKeeper
+from switchboard.client.transport.affinity import AFFINITY_HEADER, affinity
 from switchboard.client.transport.streams import EOF, StreamPolicy, resumable
 
 if TYPE_CHECKING:
@@ -783,6 +784,9 @@ class TalkSession:
         send the turns the server lacks again (before any other writer goes on)."""
         self._used = await self._keeper.bearer()
         metadata = (("authorization", f"Bearer {self._used}"),) if self._used else ()
+        # Its requests come after it opens: the routing header is ours to add.
+        if key := affinity(self.name or self._start.conversation):
+            metadata = (*metadata, (AFFINITY_HEADER, key))
         resuming = bool(self.name)
         call = self._stub.Talk(None, metadata=metadata)
         lost: list[_Turn] = []

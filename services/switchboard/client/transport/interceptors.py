@@ -2,7 +2,9 @@
 
 One policy, applied by an interceptor for each of the four call shapes. Every
 call that needs a credential gets ``authorization: Bearer ...`` from the token
-keeper (renewed first when due). Unary calls additionally get:
+keeper (renewed first when due). Every call whose request names a conversation
+(or a run of it) gets the routing header (``affinity``); a bidirectional call's
+requests come later, so whoever opens one adds it. Unary calls additionally get:
 
 - a deadline (the client's default when the caller gave none), which bounds
   all attempts together, waits included;
@@ -38,6 +40,7 @@ from switchboard.client.errors import (
     from_rpc_error,
 )
 from switchboard.client.session import TokenKeeper
+from switchboard.client.transport.affinity import AFFINITY_HEADER, affinity
 from switchboard.client.transport.methods import Method, method_of, safe_to_repeat
 
 log = logging.getLogger("switchboard.client")
@@ -71,8 +74,8 @@ def retryable(error: SwitchboardError) -> bool:
     return code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay_s is not None
 
 
-def _has_authorization(metadata: Iterable[tuple[str, Any]] | None) -> bool:
-    return any(key == AUTHORIZATION for key, _ in metadata or ())
+def _has(metadata: Iterable[tuple[str, Any]] | None, name: str) -> bool:
+    return any(key == name for key, _ in metadata or ())
 
 
 class CallPolicy:
@@ -94,18 +97,26 @@ class CallPolicy:
         return [_UnaryUnary(self), _UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
 
     async def prepare(
-        self, details: aio.ClientCallDetails, method: Method, call_timeout: float | None
+        self,
+        details: aio.ClientCallDetails,
+        method: Method,
+        call_timeout: float | None,
+        request: object = None,
     ) -> tuple[aio.ClientCallDetails, str]:
-        """``details`` with the bearer and ``call_timeout``; and the bearer added ('' if none).
+        """``details`` with the bearer, the routing header for ``request`` and
+        ``call_timeout``; and the bearer added ('' if none).
 
         A caller's own ``authorization`` metadata wins: such a call presents what
-        it was given, and is never refreshed for.
+        it was given, and is never refreshed for. So does its own routing header.
         """
         metadata = aio.Metadata()
         for key, value in details.metadata or ():
             metadata.add(key, value)
+        key = affinity(request)
+        if key and not _has(details.metadata, AFFINITY_HEADER):
+            metadata.add(AFFINITY_HEADER, key)
         bearer = ""
-        if not method.public and not _has_authorization(details.metadata):
+        if not method.public and not _has(details.metadata, AUTHORIZATION):
             bearer = await self._keeper.bearer()
             if bearer:
                 metadata.add(AUTHORIZATION, f"Bearer {bearer}")
@@ -123,7 +134,7 @@ class CallPolicy:
             try:
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     prepared, used = await self.prepare(
-                        details, method, max(deadline - time.monotonic(), 0.001)
+                        details, method, max(deadline - time.monotonic(), 0.001), request
                     )
                     call = await continuation(prepared, request)
                     try:
@@ -168,7 +179,7 @@ class CallPolicy:
 
     async def stream(self, continuation: Any, details: aio.ClientCallDetails, request: Any) -> Any:
         method = method_of(details.method)
-        prepared, _ = await self.prepare(details, method, details.timeout)
+        prepared, _ = await self.prepare(details, method, details.timeout, request)
         return await continuation(prepared, request)
 
 
