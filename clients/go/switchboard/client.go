@@ -243,11 +243,13 @@ func bearer(ctx context.Context, token string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 }
 
-// unary adds a deadline if the call has none, the credentials, and retries
+// unary adds the routing header (AffinityHeader) when the request names a
+// conversation, a deadline if the call has none, the credentials, and retries
 // once with a refreshed token if the server says UNAUTHENTICATED (the call was
 // refused before it did anything, so the retry is safe for any method).
 func (c *Client) unary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn,
 	invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	ctx = WithAffinity(ctx, Affinity(req))
 	if _, ok := ctx.Deadline(); !ok && c.opts.callTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.opts.callTimeout)

@@ -192,7 +192,8 @@ func (c *Client) watchOnce(ctx context.Context, name string, last *int64, opts W
 	defer cancel()
 	dog := startWatchdog(c.opts.idleTimeout, cancel)
 	defer dog.stop()
-	stream, err := c.Dispatcher.WatchRun(attempt, &dispatcherv1.WatchRunRequest{
+	// A stream's request is sent after it opens, past the interceptor's reach.
+	stream, err := c.Dispatcher.WatchRun(WithAffinity(attempt, Affinity(name)), &dispatcherv1.WatchRunRequest{
 		Name: name, AfterSequence: *last, MergeDeltas: !opts.OneByOne,
 	})
 	if err != nil {

@@ -584,10 +584,17 @@ func (s *TalkSession) connect() error {
 		stop()
 		return dog.explain(err)
 	}
-	stream, err := s.client.Dispatcher.Talk(attempt)
+	s.mu.Lock()
+	name, after, resuming := s.name, s.ledger.received, s.name != ""
+	s.mu.Unlock()
+	// Its requests come after it opens: the routing header is ours to add.
+	key := Affinity(name)
+	if key == "" {
+		key = Affinity(s.start.GetConversation())
+	}
+	stream, err := s.client.Dispatcher.Talk(WithAffinity(attempt, key))
 	s.mu.Lock()
 	s.used = used
-	name, after, resuming := s.name, s.ledger.received, s.name != ""
 	s.mu.Unlock()
 	if err != nil {
 		return fail(err)
