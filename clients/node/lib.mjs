@@ -41,14 +41,85 @@ const packageDefinition = protoLoader.loadSync(
 const loaded = grpc.loadPackageDefinition(packageDefinition);
 
 /**
+ * The routing header: the conversation a call is about. Envoy in front of several
+ * Switchboard processes picks the process by a hash of it, so a conversation's
+ * calls reach the process where its runs live. The servers never read it: a call
+ * without it is served the same, with more work behind it.
+ */
+export const AFFINITY_HEADER = 'switchboard-affinity';
+const NAMED_BY = new Set(['conversation', 'name', 'run', 'parent', 'session']);
+
+/**
+ * The conversation (`workspaces/{w}/conversations/{c}`) that `request` names:
+ * `request` itself when it is a resource name (a run's gives its conversation's),
+ * else the first of a request's conversation, name, run, parent or session fields
+ * that names one, or those of a message it holds (a Converse action, a Talk
+ * start or resume); '' if none.
+ */
+export function affinity(request, depth = 0) {
+  if (typeof request === 'string') {
+    const [workspaces, w, conversations, c] = request.split('/');
+    const shaped = workspaces === 'workspaces' && w && conversations === 'conversations' && c;
+    return shaped ? `workspaces/${w}/conversations/${c}` : '';
+  }
+  if (request === null || typeof request !== 'object' || depth > 1) return '';
+  for (const [field, value] of Object.entries(request)) {
+    if (NAMED_BY.has(field) && typeof value === 'string' && affinity(value)) return affinity(value);
+  }
+  for (const value of Object.values(request)) {
+    if (value !== null && typeof value === 'object' && !Array.isArray(value) && !Buffer.isBuffer(value)) {
+      const key = affinity(value, depth + 1);
+      if (key) return key;
+    }
+  }
+  return '';
+}
+
+/**
+ * A grpc-js interceptor that adds AFFINITY_HEADER to every call whose request
+ * names a conversation. The call's headers wait for its request (grpc-js sends
+ * a unary or server-streaming call's request right after starting it); a call
+ * that streams requests passes as it is: set the header yourself when you open
+ * one (`metadata.set(AFFINITY_HEADER, affinity(conversation))`).
+ */
+export function affinityInterceptor(options, nextCall) {
+  if (options.method_definition?.requestStream) return new grpc.InterceptingCall(nextCall(options));
+  let started = null;
+  const start = (message) => {
+    if (started === null) return;
+    const { metadata, listener, next } = started;
+    started = null;
+    const key = affinity(message);
+    if (key && metadata.get(AFFINITY_HEADER).length === 0) metadata.set(AFFINITY_HEADER, key);
+    next(metadata, listener);
+  };
+  return new grpc.InterceptingCall(nextCall(options), {
+    start(metadata, listener, next) {
+      started = { metadata, listener, next };
+    },
+    sendMessage(message, next) {
+      start(message);
+      next(message);
+    },
+    halfClose(next) {
+      start(null);
+      next();
+    },
+  });
+}
+
+/**
  * Creates AuthService, ContextService, DispatcherService, EventService,
  * IntegrationService and Health clients for `address` ("host:port") that share
- * one channel. Call close() when done.
+ * one channel, each call carrying the routing header when its request names a
+ * conversation (affinityInterceptor). Call close() when done.
  */
 export function createClients(address, credentials = grpc.credentials.createInsecure()) {
   const api = loaded.switchboard.api;
-  const auth = new api.auth.v1.AuthService(address, credentials);
-  const shared = { channelOverride: auth.getChannel() };
+  const auth = new api.auth.v1.AuthService(address, credentials, {
+    interceptors: [affinityInterceptor],
+  });
+  const shared = { channelOverride: auth.getChannel(), interceptors: [affinityInterceptor] };
   const health = new loaded.grpc.health.v1.Health(address, credentials, shared);
   const events = new api.events.v1.EventService(address, credentials, shared);
   const context = new api.context.v1.ContextService(address, credentials, shared);
