@@ -144,6 +144,9 @@ class _MemoryCounters:
         self._windows.pop(key, None)
 
 
+#: A cluster client's connections per node, as a multiple of one Redis's pool bound.
+_CLUSTER_CONNECTIONS_FACTOR: Final = 8
+
 #: A client of either shape: one Redis, or a Redis Cluster (``redis+cluster://``).
 AnyRedis = Redis | RedisCluster
 
@@ -206,7 +209,7 @@ def bounded_options(
 
 def cluster_client(options: dict[str, Any], *, max_connections: int) -> RedisCluster:
     """A cluster client from ``bounded_options``: it learns the nodes from the seed in
-    ``options``, and holds at most ``max_connections`` to each node.
+    ``options``, and holds at most 8 x ``max_connections`` to each node.
 
     With retries off, a command to a master that died fails at once; the client
     then asks the cluster for its slots again on the next command, so a promoted
@@ -220,7 +223,10 @@ def cluster_client(options: dict[str, Any], *, max_connections: int) -> RedisClu
         options["ssl"] = True  # rediss+cluster://: the cluster client's own TLS switch
     return RedisCluster(
         **options,
-        max_connections=max_connections,
+        # A cluster node's pool does not wait for a free connection: past its bound a
+        # command fails (MaxConnectionsError), which would count as Redis failing. So
+        # the bound is set where a burst does not reach it, not where callers queue.
+        max_connections=max_connections * _CLUSTER_CONNECTIONS_FACTOR,
         dynamic_startup_nodes=True,
     )
 

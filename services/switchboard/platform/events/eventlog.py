@@ -26,6 +26,12 @@ the process dies during an outage, its unflushed events are lost (documented in
 docs/operations.md). Redis itself must persist the stream (``appendonly yes``
 with ``appendfsync always``) for an acknowledged event to survive a Redis crash.
 
+**On a Redis Cluster** (``redis+cluster://``) the log is still one stream, on the
+master of its slot: its keys and token channel carry the stream's hash tag, tokens
+go over sharded pub/sub, and every append is followed by ``WAIT 1`` so that an
+append is acknowledged (given its cursor) only once a replica holds it; short of
+that it is held and appended again, so a failover loses nothing acknowledged.
+
 Both backends keep the newest events in memory (``Ring``) for fast replay, and
 answer older replays from storage. Trimming is by count and by age; the
 *horizon* is the newest trimmed position, and a cursor below it is OUT_OF_RANGE
