@@ -629,11 +629,11 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(
             following = background.start(events.run())
             await events.until(lambda: bool(events.start_cursor))
 
-            # Slow runs until each replica owns at least one. The conversations first:
-            # with whole-run processes every call shares one cluster's round robin, and a
-            # create between two sends would hand every send to the same process.
+            # Slow runs until each replica owns at least one. These sends carry no routing
+            # header, so Envoy picks a replica at random for each: 24 conversations all on
+            # one replica would take a chance of 2^-23.
             owners: dict[str, str] = {}
-            for conversation in await conversations(contexts, caller, workspace.name, 8):
+            for conversation in await conversations(contexts, caller, workspace.name, 24):
                 run, request_id = await send(
                     dispatcher,
                     caller,
