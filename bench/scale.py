@@ -532,7 +532,8 @@ def render(results: dict[str, Any], command: str, plan: Plan) -> str:
         f"process(es) on one window; every part on the same {results['cores']} cores",
         "- `all-in-one`: `switchboard serve --dev` on SQLite (the first-hour shape), the client "
         "straight to it; `N processes`: `switchboard mesh --processes N` (each process serves "
-        "every service, PostgreSQL, Redis and Envoy shared, round robin), the client through "
+        "every service, PostgreSQL, Redis and Envoy shared; the bench's calls carry no routing "
+        "header, so Envoy's Maglev picks a process at random per call), the client through "
         f"Envoy; {settings_text(SERVER_SETTINGS)} reach every process",
         "- CPU from /proc over the measured window, every process of each part (PostgreSQL "
         "with its backends); server CPU: every part but the model and the client. Bound by: "

@@ -1239,7 +1239,8 @@ def render_replicas(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         f"{results['cores']} cores as everything below",
         "- `mesh`: a fresh `switchboard mesh` per case (PostgreSQL, Redis, one process per "
         f"service: {', '.join(MESH_OTHERS)} and the dispatcher replicas given, Envoy in front; "
-        "its config rendered by `switchboard.deploy.edge.envoy`, round robin over the replicas), "
+        "its config rendered by `switchboard.deploy.edge.envoy`: without a routing header, a "
+        "random replica per call), "
         f"the client through Envoy's plain listener; {settings_text(SERVER_SETTINGS)} reach "
         "every service. SendMessage and WatchRun land on any replica: a WatchRun on a replica "
         "that does not own the run follows it over Redis. `all-in-one`: `switchboard serve "
