@@ -193,9 +193,10 @@ class KernelSettings(Section):
     )
     redis_url: SecretStr = Field(
         default=SecretStr(""),
-        description="`redis://host:port/db`; empty runs on the in-memory cache, which is "
-        "right for one process only. Needed when several processes share a "
-        "deployment (revocation, rate limits)",
+        description="`redis://host:port/db`, or `redis+cluster://host:port` for a Redis "
+        "Cluster (any one node); empty runs on the in-memory cache, which is right for one "
+        "process only. Needed when several processes share a deployment (revocation, rate "
+        "limits)",
     )
     redis_timeout_s: float = Field(
         default=0.25,
