@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from redis.asyncio import Redis
 
 from switchboard.platform.cache import Cache, hash_tag, is_cluster
 from tests.infra.redis import RedisServer
@@ -130,6 +131,55 @@ async def test_expiry_is_set_on_first_hit_only(make_cache: CacheFactory, backend
     await asyncio.sleep(0.05)
     _, later_reset = await cache.hit("k", 5)
     assert later_reset < first_reset, "later hits must not extend the window"
+
+
+async def test_first_over_stops_at_the_first_counter_past_its_limit(
+    make_cache: CacheFactory, backend_url: str
+) -> None:
+    cache = make_cache(backend_url)
+    await cache.start()
+    limits = [("user:1", 2), ("workspace:1", 5)]
+    assert await cache.first_over(limits, 60) is None
+    assert await cache.first_over(limits, 60) is None
+    over = await cache.first_over(limits, 60)
+    assert over is not None
+    index, reset_s = over
+    assert index == 0
+    assert 59 < reset_s <= 60
+    # The workspace's counter was not counted when the user's passed: twice, not three times.
+    assert (await cache.hit("workspace:1", 60))[0] == 3
+    # The workspace's own limit: its index when the user's is fine.
+    over = await cache.first_over([("user:2", 10), ("workspace:1", 3)], 60)
+    assert over is not None
+    assert over[0] == 1
+
+
+async def test_first_over_is_one_command_on_redis(
+    make_cache: CacheFactory, redis_server: RedisServer
+) -> None:
+    cache = make_cache(redis_server.url)
+    await cache.start()
+    limits = [("user:1", 10), ("workspace:1", 10), ("apikey:1", 10)]
+    await cache.first_over(limits, 60)  # the script is compiled and cached by Redis now
+
+    async def commands() -> dict[str, int]:
+        stats = await admin.info("commandstats")
+        return {name: int(stat["calls"]) for name, stat in stats.items()}
+
+    admin = Redis.from_url(redis_server.url)
+    try:
+        before = await commands()
+        await cache.first_over(limits, 60)
+        after = await commands()
+    finally:
+        await admin.aclose()
+    sent = {name: after[name] - before.get(name, 0) for name in after}
+    # One EVAL from the cache (and the INFO asking); the three counters' commands run
+    # inside the script, not as round trips of their own (no MULTI per counter).
+    assert sent.get("cmdstat_eval") == 1
+    assert sent.get("cmdstat_multi", 0) == 0
+    assert sent.get("cmdstat_incr") == 3
+    assert [(await cache.hit(key, 60))[0] for key, _ in limits] == [3, 3, 3]
 
 
 async def test_clear_resets_the_window(make_cache: CacheFactory, backend_url: str) -> None:

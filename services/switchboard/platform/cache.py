@@ -55,7 +55,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -389,6 +389,34 @@ class Cache:
             if result is not _Failed.FAILED:
                 return result
         return self._memory.hit(key, window_s, time.monotonic())
+
+    async def first_over(
+        self, limits: Sequence[tuple[str, int]], window_s: int
+    ) -> tuple[int, float] | None:
+        """Count one event in the fixed window of each ``(key, limit)``, in order,
+        stopping at the first whose count passes its limit: that one's index and the
+        seconds until its window resets, or None when none passed.
+
+        A counter after the one that passed is not counted, so one member over their
+        own limit does not use up the workspace's. On one Redis it is one round trip
+        (a script), where a hit per counter was one each; on a Redis Cluster the
+        counters live in different slots, so each is its own ``hit``. Never raises for
+        Redis trouble.
+        """
+        if window_s < 1:
+            raise ValueError("window_s must be at least 1")
+        client = self._usable_client()
+        if client is not None and not isinstance(client, RedisCluster):
+            result = await self._bounded(
+                client, lambda c: _redis_first_over(c, limits, window_s * 1000)
+            )
+            if result is not _Failed.FAILED:
+                return result
+        for index, (key, limit) in enumerate(limits):
+            count, reset_s = await self.hit(key, window_s)
+            if count > limit:
+                return index, reset_s
+        return None
 
     async def clear(self, key: str) -> None:
         """Forget ``key``'s window, in Redis (if reachable) and in memory."""
@@ -759,6 +787,39 @@ async def _redis_hit(client: AnyRedis, key: str, window_s: int) -> tuple[int, fl
         await client.pexpire(key, window_ms)
         ttl_ms = window_ms
     return int(count), ttl_ms / 1000
+
+
+#: ``_redis_hit`` for each of KEYS in order, stopping at the first whose count passes
+#: its limit (ARGV[i + 1]); ARGV[1] is the window in ms. Returns that key's index
+#: (from 1), its count and its time left in ms; 0 for the index when none passed.
+_FIRST_OVER_SCRIPT: Final = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, 0, 'PX', ARGV[1], 'NX')
+  local count = redis.call('INCR', key)
+  local ttl = redis.call('PTTL', key)
+  if ttl < 0 then
+    redis.call('PEXPIRE', key, ARGV[1])
+    ttl = tonumber(ARGV[1])
+  end
+  if count > tonumber(ARGV[i + 1]) then
+    return {i, count, ttl}
+  end
+end
+return {0, 0, 0}
+"""
+
+
+async def _redis_first_over(
+    client: AnyRedis, limits: Sequence[tuple[str, int]], window_ms: int
+) -> tuple[int, float] | None:
+    keys = [key for key, _ in limits]
+    reply: Any = await client.eval(
+        _FIRST_OVER_SCRIPT, len(keys), *keys, window_ms, *(limit for _, limit in limits)
+    )
+    index, _count, ttl_ms = (int(value) for value in reply)
+    if index == 0:
+        return None
+    return index - 1, ttl_ms / 1000
 
 
 async def _redis_delete(client: AnyRedis, key: str) -> None:

@@ -325,14 +325,16 @@ class Screening:
                     "with this API key in this workspace",
                 )
             )
-        for kind, key, limit, where in checks:
-            count, reset_s = await self._counters.hit(key, 60)
-            if count > limit:
-                await self.filtered(principal, conversation, kind, RateLimited.reason)
-                raise RateLimited(
-                    f"more than {limit} messages in a minute ({where}); slow down",
-                    retry_after_s=max(reset_s, 1.0),
-                )
+        # One round trip for all of them; the first over its limit stops the count.
+        over = await self._counters.first_over([(key, limit) for _, key, limit, _ in checks], 60)
+        if over is not None:
+            index, reset_s = over
+            kind, _, limit, where = checks[index]
+            await self.filtered(principal, conversation, kind, RateLimited.reason)
+            raise RateLimited(
+                f"more than {limit} messages in a minute ({where}); slow down",
+                retry_after_s=max(reset_s, 1.0),
+            )
 
     async def filtered(
         self,
