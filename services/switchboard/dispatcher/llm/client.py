@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib
 import logging
 import random
-import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -44,6 +42,7 @@ from switchboard.dispatcher.llm.stream import (
     parse_completion,
     scrub,
 )
+from switchboard.platform.imports import imported
 from switchboard.platform.observe.telemetry import http_request_span
 from switchboard.platform.resilience.backoff import retry_after
 from switchboard.platform.resilience.breaker import CircuitBreaker
@@ -317,10 +316,9 @@ class ProviderClient:
         outcome: Outcome,
     ) -> AsyncGenerator[str, None]:
         """One POST; yields the answer's text pieces, raises ``AttemptFailed``."""
-        if "aiohttp" not in sys.modules:
-            # The process's first model call imports aiohttp in a worker thread, not on
-            # the loop every other call shares.
-            await asyncio.to_thread(importlib.import_module, "aiohttp")
+        # The process's first model call imports aiohttp in a worker thread, not on
+        # the loop every other call shares.
+        await imported("aiohttp")
         response = await self._open(self._http(), provider, body, remaining)
         # One timer for the whole body rather than a timeout per read (a read per token):
         # at the deadline the response is closed, which ends the read waiting on it.

@@ -75,11 +75,9 @@ import binascii
 import contextlib
 import contextvars
 import functools
-import importlib
 import json
 import logging
 import mimetypes
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -108,6 +106,7 @@ from switchboard.platform.errors import (
     ResolutionFailed,
     ResultTooLarge,
 )
+from switchboard.platform.imports import imported
 from switchboard.platform.security.egress import (
     EgressPolicy,
     HttpEndpoint,
@@ -161,11 +160,6 @@ _T = TypeVar("_T")
 
 #: The SDK's modules a session uses, the last of them imported last.
 _SDK: Final = ("mcp_types", "mcp.client.session", "mcp.client.stdio", "mcp.client.streamable_http")
-
-
-def _import_sdk() -> None:
-    for name in _SDK:
-        importlib.import_module(name)
 
 
 @functools.cache
@@ -851,10 +845,9 @@ class McpConnector:
         if live is None or live.dead or live.session is None:
             if self._closed:
                 raise Unreachable(f"MCP server {self._label}: the connector is closed")
-            if _SDK[-1] not in sys.modules:
-                # In a worker thread: a second of importing on the loop would stall every
-                # call this process serves, not only this one.
-                await asyncio.to_thread(_import_sdk)
+            # In a worker thread: a second of importing on the loop would stall every
+            # call this process serves, not only this one.
+            await imported(*_SDK)
             async with self._lock:
                 live = self._live
                 if live is None or live.dead:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import logging
-import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -35,6 +33,7 @@ from switchboard.platform.errors import (
     InvalidArgument,
     QuotaExceeded,
 )
+from switchboard.platform.imports import imported
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.resources import VoiceSessionName
 
@@ -88,10 +87,9 @@ class Peers:
     ) -> pb.ConnectTalkResponse:
         first = _first_frame(request)
         resumed = first.resume.session if first.WhichOneof("frame") == "resume" else ""
-        if _MEDIA not in sys.modules:
-            # The process's first peer imports aiortc and PyAV (``peer.py`` says why so
-            # late) in a worker thread, not on the loop every other call shares.
-            await asyncio.to_thread(importlib.import_module, _MEDIA)
+        # The process's first peer imports aiortc and PyAV (``peer.py`` says why so
+        # late) in a worker thread, not on the loop every other call shares.
+        await imported(_MEDIA)
         # Talk's checks come first: they refuse someone else's session as absent
         # (NOT_FOUND) before anything is looked at, and every refusal below depends on
         # state (this process's peers, the session's formats) that a stranger must not
