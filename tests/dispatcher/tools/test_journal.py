@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -52,6 +53,35 @@ async def test_a_checkpoint_returns_once_the_job_as_it_was_is_stored() -> None:
     # The second and third shared one write, made after the first: never an older
     # state after a newer one.
     assert store.stored == [1, 2]
+
+
+async def test_a_write_that_fails_after_its_waiter_was_cancelled_is_not_an_error() -> None:
+    # A run let go of after a takeover is cancelled while its checkpoint writes; the write
+    # then finds the run taken over. Nobody awaits it any more: asyncio must not log the
+    # expected RunInterrupted as "Task exception was never retrieved".
+    job = job_pb2.RunJob()
+    store = Store(job)
+    store.owner = False
+    journal = Journal(job, store.write)
+    unretrieved: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        waiter = asyncio.ensure_future(journal.checkpoint())
+        await store.started.wait()
+        writing = journal._writing
+        assert writing is not None
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        store.gate.set()
+        # The write goes on, shielded, and ends (``wait`` retrieves nothing).
+        await asyncio.wait([writing])
+        del writing, waiter, journal
+        gc.collect()  # a task's unretrieved exception is reported when it is collected
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
 
 
 async def test_a_run_taken_over_may_not_go_on_and_a_failed_write_is_raised() -> None:

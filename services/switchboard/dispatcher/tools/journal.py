@@ -166,6 +166,10 @@ class Journal:
         while self._written < target:
             if self._writing is None:
                 self._writing = asyncio.ensure_future(self._write_once())
+                # Its waiters see its failure; when every one was cancelled (a run let
+                # go of after a takeover), nobody is left to, and asyncio would log the
+                # expected RunInterrupted as an error "never retrieved".
+                self._writing.add_done_callback(_seen)
             # Shielded: one run's cancel does not abandon a write others wait on.
             await asyncio.shield(self._writing)
 
@@ -177,3 +181,9 @@ class Journal:
             self._written = max(self._written, upto)
         finally:
             self._writing = None
+
+
+def _seen(write: asyncio.Future[None]) -> None:
+    """Mark a journal write's outcome as retrieved (its waiters raise it themselves)."""
+    if not write.cancelled():
+        write.exception()
