@@ -15,8 +15,10 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -36,6 +38,7 @@ from switchboard.dispatcher.llm.handler import (
     parse_prices,
     parse_providers,
 )
+from switchboard.platform import imports
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.clock import FakeClock
 from tests.kits.llmkit import Sleeps, fail, run
@@ -670,6 +673,29 @@ async def test_the_deadline_bounds_the_wait_for_the_response(
     assert 0.25 < time.monotonic() - started < 2.0
     assert failure.message == "all LLM providers failed: primary: run deadline reached"
     await asyncio.wait_for(primary.wait_client_closed(), WAIT_S)
+
+
+async def test_the_deadline_bounds_the_first_calls_import_of_its_http_client(
+    primary: FakeOpenAI, make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process's first model call imports aiohttp in a worker thread; under load that
+    # took seconds, past a run's deadline. The import here never ends on its own.
+    gate = threading.Event()
+
+    def slow_import(name: str) -> ModuleType:
+        gate.wait(WAIT_S)
+        return ModuleType(name)
+
+    monkeypatch.setattr(imports, "_DONE", set())
+    monkeypatch.setattr(imports, "_import_module", slow_import)
+    try:
+        started = time.monotonic()
+        _, failure = await fail(make(primary), make_call(deadline_s=0.3))
+        assert time.monotonic() - started < 2.0
+    finally:
+        gate.set()
+    assert failure.message == "all LLM providers failed: primary: run deadline reached"
+    assert primary.requests == []
 
 
 async def test_the_deadline_bounds_the_wait_between_chunks(primary: FakeOpenAI, make: Make) -> None:

@@ -317,8 +317,13 @@ class ProviderClient:
     ) -> AsyncGenerator[str, None]:
         """One POST; yields the answer's text pieces, raises ``AttemptFailed``."""
         # The process's first model call imports aiohttp in a worker thread, not on
-        # the loop every other call shares.
-        await imported("aiohttp")
+        # the loop every other call shares; within the run's deadline like the rest
+        # (the import goes on in its thread, for the next call).
+        try:
+            async with asyncio.timeout(max(remaining(), 0.0)):
+                await imported("aiohttp")
+        except TimeoutError:
+            raise deadline_failure() from None
         response = await self._open(self._http(), provider, body, remaining)
         # One timer for the whole body rather than a timeout per read (a read per token):
         # at the deadline the response is closed, which ends the read waiting on it.
