@@ -574,12 +574,18 @@ class McpConnector:
 
     # -- the Connector interface ----------------------------------------------
 
+    # Each entry point imports the SDK (off the loop, within its timeout) before anything
+    # else: the methods below import its modules where they use them, and a first use on
+    # the loop while a worker thread imports the same package can deadlock its locks.
+
     async def probe(self, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):
+            await imported(*_SDK)
             await self._request("ping", lambda session: session.send_ping())
 
     async def list_tools(self, timeout_s: float) -> list[ToolSpec]:
         async with asyncio.timeout(timeout_s):
+            await imported(*_SDK)
             tools = self._tools if self._tools is not None else await self._listing()
             return list(tools.values())
 
@@ -594,6 +600,7 @@ class McpConnector:
         idempotency_key: str = "",
     ) -> ToolResult:
         async with asyncio.timeout(timeout_s):
+            await imported(*_SDK)
             tools = self._tools
             if tools is None or name not in tools:
                 tools = await self._listing()
