@@ -31,6 +31,7 @@ from switchboard.dispatcher.runs.core.live import (
     Common,
     next_block,
 )
+from switchboard.dispatcher.runs.core.publishing import is_token
 from switchboard.dispatcher.runs.core.store import TERMINAL, Listing, Stored
 from switchboard.dispatcher.runs.delegation import Delegation
 from switchboard.dispatcher.runs.execution import step_limit
@@ -48,9 +49,16 @@ from switchboard.platform.values.resources import (
     WorkspaceName,
 )
 
-#: How long an update of another replica's run that came before the one ahead of it (two
-#: channels: ``_InOrder``) waits for it before it goes out anyway, the gap showing.
+#: How long a logged update of another replica's run that came before the token ahead of
+#: it (two channels: ``_InOrder``) waits for that token before it goes out anyway, the gap
+#: showing: the log is read in order, so only tokens can be missing below it.
 _OVERTAKEN_S: Final = 0.05
+#: How long a token that came before what is ahead of it waits. What is missing may be a
+#: logged update (a tool call, a result, a state change), which does come, over the log,
+#: unless its owner died first (then the next attempt's first update ends the wait): on
+#: a busy host the log's reader lags pub/sub by seconds, and with 50 ms a watcher was
+#: seen to skip a run's tool calls and result (the durable-runs e2e beside four busy loops).
+_BEHIND_LOG_S: Final = 5.0
 
 
 def _listing(request: pb.ListRunsRequest) -> Listing:
@@ -436,10 +444,13 @@ class _InOrder:
     update before it: a token before the logged update it follows, or a logged update
     before the token right ahead of it (issue 67: the delta the echo handler yields
     just before a progress update). An update that leaves a gap waits for what comes
-    before it, all together at most ``_OVERTAKEN_S`` from the first such arrival
-    (``due``); what never comes (a token lost on the way) then leaves a gap, which
-    the sequences show, never a stall. A new attempt's first update (the first of a
-    newer block) waits for nothing of the attempt before it."""
+    before it. A logged update waits at most ``_OVERTAKEN_S``: the log is read in
+    order, so what it waits for can only be a token. A token waits up to
+    ``_BEHIND_LOG_S``, as what it waits for may be logged, and that comes; a logged
+    update that comes after it ends that wait (everything waits then until the
+    earliest ``due``). What never comes (a token lost on the way) then leaves a gap,
+    which the sequences show, never a lasting stall. A new attempt's first update (the
+    first of a newer block) waits for nothing of the attempt before it."""
 
     __slots__ = ("_clock", "due", "early", "position")
 
@@ -458,8 +469,8 @@ class _InOrder:
             return []
         early = self.early
         if sequence != position + 1 and not _opens_attempt(sequence, position):
-            if not early:
-                self.due = self._clock() + _OVERTAKEN_S
+            due = self._clock() + (_BEHIND_LOG_S if is_token(update) else _OVERTAKEN_S)
+            self.due = min(self.due, due) if early else due
             early[sequence] = update
             return []
         self.position = sequence
