@@ -94,14 +94,21 @@ async def test_a_one_second_schedule_fires_runs_and_events() -> None:
             (f.fire_time for f in listed), key=lambda t: t.ToDatetime(), reverse=True
         )
         assert {f.firing.run for f in fired} <= {f.run for f in listed}
-        assert len({f.run for f in listed}) == len(listed)
+        # On a busy host some ticks have no run: one claimed when the schedule was paused
+        # and not yet settled (CLAIMED), or one claimed past the grace (SKIPPED).
+        started = [f for f in listed if f.outcome == STARTED]
+        assert len({f.run for f in started}) == len(started)
+        assert all(not f.run for f in listed if f.outcome != STARTED), ticks(listed)
         shown = (
             await desk.stub.GetSchedule(
                 pb.GetScheduleRequest(name=made.name), metadata=world.owner.md, timeout=TIMEOUT_S
             )
         ).schedule
-        assert shown.last_run == listed[0].run
         assert shown.last_fire_time == listed[0].fire_time
+        # The run of the latest firing that started one (a firing still CLAIMED may settle
+        # between the listing and GetSchedule, and start a later one).
+        claimed = any(f.outcome == pb.FIRING_OUTCOME_CLAIMED for f in listed)
+        assert shown.last_run == started[0].run or claimed, (shown.last_run, ticks(listed))
 
 
 async def test_two_loops_on_one_database_never_fire_a_tick_twice(desk: Desk) -> None:
