@@ -6,6 +6,12 @@ come last keeps one worker busy while the others idle, so the run takes as long 
 its most unlucky worker. Ordering the files longest first (the "longest processing
 time" rule) bounds that tail by the shortest files instead.
 
+One exception to the rule: two files that start processes (the ``e2e`` tier) never
+follow each other while other files remain. The longest files are mostly those, and
+all of them at once on a two-core host (servers, Chromium, Go builds, each starting
+and waiting at the same moments) slowed each other past what their tests allowed:
+interleaved with in-process files, at most about half the workers start processes.
+
 The expected time of each file comes from ``tests/durations.json``, which
 ``scripts/test-durations.py`` writes from a run's JUnit report. A file it does not
 know (new, or renamed) gets its tier's typical time (its marker, ``tests/infra/tiers.py``),
@@ -48,7 +54,8 @@ def expected_s(file: str, table: dict[str, float], tier: str | None = None) -> f
 
 
 def longest_first(items: list[pytest.Item], table: dict[str, float]) -> list[pytest.Item]:
-    """``items`` with whole files moved, longest expected first; ties keep their order.
+    """``items`` with whole files moved, longest expected first (ties keep their order),
+    but no ``e2e`` file right after another while other files remain.
 
     Every xdist worker collects and sorts the same files with the same table, so the
     collections they report stay identical, as xdist requires.
@@ -56,7 +63,20 @@ def longest_first(items: list[pytest.Item], table: dict[str, float]) -> list[pyt
     files: dict[str, list[pytest.Item]] = {}
     for item in items:
         files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
-    order = sorted(files, key=lambda file: -expected_s(file, table, tier_of(files[file][0])))
+    tiers = {file: tier_of(found[0]) for file, found in files.items()}
+    longest = sorted(files, key=lambda file: -expected_s(file, table, tiers[file]))
+    e2e = [file for file in longest if tiers[file] == "e2e"]
+    other = [file for file in longest if tiers[file] != "e2e"]
+    order: list[str] = []
+    while e2e or other:
+        e2e_next = bool(e2e) and (
+            not other
+            or (
+                (not order or tiers[order[-1]] != "e2e")
+                and expected_s(e2e[0], table, "e2e") >= expected_s(other[0], table, tiers[other[0]])
+            )
+        )
+        order.append((e2e if e2e_next else other).pop(0))
     return [item for file in order for item in files[file]]
 
 

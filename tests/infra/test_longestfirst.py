@@ -49,6 +49,16 @@ def test_files_go_longest_first_and_keep_their_tests_together_in_order() -> None
     ]
 
 
+def test_files_that_start_processes_never_follow_each_other_while_others_remain() -> None:
+    nodeids = [f"tests/x/test_{name}.py::t" for name in "abcdefg"]
+    table = {f"tests/x/test_{name}.py": 100.0 - i for i, name in enumerate("abcdefg")}
+    tiers = dict.fromkeys(nodeids, "e2e")
+    for name in "ef":
+        tiers[f"tests/x/test_{name}.py::t"] = "unit"
+    # Longest first would be a..g; e and f go between the e2e files, the rest at the end.
+    assert [n[len("tests/x/test_")] for n in _order(nodeids, table, tiers)] == list("aebfcdg")
+
+
 def test_an_unknown_file_gets_its_tiers_time_and_ties_keep_collection_order() -> None:
     assert expected_s("tests/e2e/test_new.py", {}) == 10.0
     assert expected_s("tests/service/test_new.py", {}) == 5.0
