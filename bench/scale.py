@@ -64,6 +64,8 @@ from bench.harness import (
     verdict,
     wait_quiet,
 )
+from bench.sizing import TALK_SESSION_MS, Point
+from bench.sizing import Model as SizingModel
 from bench.streaming import SERVER_SETTINGS, Model, Row, TreeCpu, model_server
 from switchboard.deploy.launcher import usable_cores
 
@@ -514,6 +516,27 @@ def projection(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def sizing(results: dict[str, Any]) -> list[str]:
+    """The sizing model (``bench/sizing.py``) fed by this run's counts, every round's."""
+    points = [
+        Point(
+            processes=int(count),
+            process_ms=parts.get("processes", 0.0),
+            postgres_ms=parts.get("postgres", 0.0),
+            redis_ms=parts.get("redis", 0.0),
+            envoy_ms=parts.get("envoy", 0.0),
+        )
+        for r in results["rounds"]
+        for count, figures in r["processes"].items()
+        for parts in [by_part(figures)]
+        if parts.get("processes")
+    ]
+    if not points:
+        return []
+    model = SizingModel.from_points(points, TALK_SESSION_MS, "this run's counts")
+    return ["Sizing on paper (`bench/sizing.py`'s model):", "", *model.lines()]
+
+
 def render(results: dict[str, Any], command: str, plan: Plan) -> str:
     row = plan.row
     apart = f"{row.interval_ms} ms apart" if row.interval_ms else "unpaced"
@@ -563,6 +586,8 @@ def render(results: dict[str, Any], command: str, plan: Plan) -> str:
         *goals(results),
         "",
         *projection(results),
+        "",
+        *sizing(results),
     ]
     return "\n".join(lines)
 
