@@ -100,3 +100,21 @@ def test_goals_are_read_within_each_round() -> None:
 def test_the_paced_model_allows_conversations_over_a_runs_length() -> None:
     assert paced_limit(Row(20, 800)) == 1250.0
     assert paced_limit(Row(20, 100, 64)) == 78.125
+
+
+def test_the_flat_cost_goal_compares_the_processes_alone_at_four_and_one() -> None:
+    def shape(process_ms: float) -> dict[str, Any]:
+        return {"ms_per_run": {"switchboard-1": process_ms, "postgres": 9.0, "redis": 9.0}}
+
+    rounds = [
+        {
+            "all_in_one": {"ms_per_run": {"server": 20.0}},
+            "processes": {"1": shape(30.0), "4": shape(36.0)},
+        }
+    ]
+    results = {"processes": (1, 4), "rounds": rounds, "cores": 2, "row": {"conversations": 100}}
+    flat = [line for line in goals(results) if line.startswith("- Flat per-process cost")]
+    # 36 / 30 = 1.2: the shared parts' costs (PostgreSQL, Redis) do not count here.
+    assert len(flat) == 1
+    assert "**missed**, 1.20x" in flat[0]
+    assert "more processes than cores, on purpose" in flat[0]

@@ -862,3 +862,12 @@ def test_whole_run_processes_serve_every_service_behind_one_cluster() -> None:
     for bad, why in (("0", "at least 1"), ("-1", "a number or auto"), ("x", "a number or auto")):
         with pytest.raises(MeshError, match=why):
             _mesh_options(f"--processes={bad}")
+
+
+def test_more_processes_than_cores_only_when_oversubscribing_on_purpose() -> None:
+    above = launcher.usable_cores() + 1
+    with pytest.raises(MeshError, match="--oversubscribe allows it"):
+        _mesh_options(f"--processes={above}")
+    assert _mesh_options(f"--processes={above}", "--oversubscribe").processes == above
+    with pytest.raises(MeshError, match=f"at most {launcher.MAX_PROCESSES}"):
+        _mesh_options(f"--processes={launcher.MAX_PROCESSES + 1}", "--oversubscribe")

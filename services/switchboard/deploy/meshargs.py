@@ -69,6 +69,12 @@ def add_mesh_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "Redis; auto: one per core this launcher may use. Instead of --replicas",
     )
     mesh.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="allow --processes above the cores this launcher may use (they take turns on "
+        "the cores: for measuring what processes cost each other, not for serving)",
+    )
+    mesh.add_argument(
         "--health-interval",
         type=float,
         default=5.0,
