@@ -70,7 +70,7 @@ from switchboard.platform.security.credentials.devkey import key_id as dev_key_i
 from switchboard.platform.security.credentials.opaque import OpaqueSecrets
 from switchboard.platform.security.credentials.records import CredentialRecords
 from switchboard.platform.security.credentials.secretbox import SecretBox
-from switchboard.platform.security.membership import MembershipStore
+from switchboard.platform.security.membership import CachedMemberships, MembershipStore
 from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import (
     Database,
@@ -268,9 +268,11 @@ async def open_shared(
         ),
     )
     secrets = OpaqueSecrets(settings.effective_secret_key())
-    cache, authenticator = await open_cache(settings, database, tokens, secrets, resources)
-    bus = await open_bus(settings, database, authenticator, resources, metrics)
     memberships = MembershipStore(database)
+    cache, authenticator, cached = await open_cache(
+        settings, database, tokens, secrets, memberships, resources
+    )
+    bus = await open_bus(settings, database, authenticator, cached, resources, metrics)
     return Shared(
         settings=settings,
         sections=config,
@@ -283,7 +285,8 @@ async def open_shared(
         secrets=secrets,
         authenticator=authenticator,
         memberships=memberships,
-        policy=Policy(memberships),
+        # Unary calls' checks from the cache; open streams re-check against the database.
+        policy=Policy(cached),
         access=watch_access(settings, cache, bus, authenticator, memberships, resources),
         secret_box=SecretBox(settings.effective_secret_key()),
         page_tokens=PageTokens(settings.effective_secret_key()),
@@ -326,10 +329,11 @@ async def open_cache(
     database: Database,
     tokens: AccessTokens,
     secrets: OpaqueSecrets,
+    memberships: MembershipStore,
     resources: contextlib.AsyncExitStack,
-) -> tuple[Cache, CredentialAuthenticator]:
-    """The cache (Redis, or this process's memory), and the credential authenticator
-    that hears revocations through it."""
+) -> tuple[Cache, CredentialAuthenticator, CachedMemberships]:
+    """The cache (Redis, or this process's memory), and the credential authenticator and
+    the membership cache that hear invalidations through it."""
     cache = Cache(
         settings.redis_url.get_secret_value(),
         timeout_s=settings.redis_timeout_s,
@@ -343,15 +347,17 @@ async def open_cache(
         cache,
         token_cache_size=settings.token_cache_size,
     )
+    cached = CachedMemberships(memberships, cache, size=settings.membership_cache_size)
     await cache.start()
     resources.push_async_callback(cache.close)
-    return cache, authenticator
+    return cache, authenticator, cached
 
 
 async def open_bus(
     settings: KernelSettings,
     database: Database,
     authenticator: CredentialAuthenticator,
+    memberships: CachedMemberships,
     resources: contextlib.AsyncExitStack,
     metrics: Metrics | None,
 ) -> EventBus:
@@ -368,6 +374,10 @@ async def open_bus(
     )
     # A revocation's event backs up its message (lost if the revoker died in between).
     bus.listen(authenticator.on_event)
+    # A membership's change drops what the cache holds of it: here before the call that
+    # made it returns, and in every process by its message, or else by its event.
+    bus.listen(memberships.on_event)
+    bus.on_publishing(memberships.publishing)
     await bus.start()
     resources.push_async_callback(bus.close)
     return bus

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -285,6 +286,45 @@ async def test_removal_and_logout_through_a_end_streams_on_b(
             await dispatcher_stub(cb).CancelRun(
                 dpb.CancelRunRequest(name=run), metadata=world.owner.md, timeout=CALL_TIMEOUT_S
             )
+
+
+async def test_a_role_changed_through_a_holds_on_bs_very_next_call(
+    pair: tuple[ServeProcess, ServeProcess],
+) -> None:
+    """B answers workspace calls' access checks from its membership cache: a change made
+    through A drops it (the change's message) before the caller can reach B."""
+    a, b = pair
+    async with aio.insecure_channel(a.address) as ca, aio.insecure_channel(b.address) as cb:
+        world = _Streams(ca, cb)
+        await world.start()
+        on_b = context_stub(cb)
+
+        async def create_on_b() -> grpc.StatusCode:
+            try:
+                await create_conversation(on_b, world.member, world.workspace)
+            except aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        # B checks (and caches) the editor's role, twice.
+        assert await create_on_b() == grpc.StatusCode.OK
+        assert await create_on_b() == grpc.StatusCode.OK
+        member_name = f"{world.workspace}/members/{world.member.id}"
+        await context_stub(ca).UpdateWorkspaceMember(
+            cpb.UpdateWorkspaceMemberRequest(
+                member=cpb.WorkspaceMember(name=member_name, role=cpb.WORKSPACE_ROLE_VIEWER),
+                update_mask=field_mask_pb2.FieldMask(paths=["role"]),
+            ),
+            metadata=world.owner.md,
+            timeout=CALL_TIMEOUT_S,
+        )
+        assert await create_on_b() == grpc.StatusCode.PERMISSION_DENIED
+        await context_stub(ca).RemoveWorkspaceMember(
+            cpb.RemoveWorkspaceMemberRequest(name=member_name),
+            metadata=world.owner.md,
+            timeout=CALL_TIMEOUT_S,
+        )
+        assert await create_on_b() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_logout_through_a_ends_a_stream_on_b_while_redis_is_paused(

@@ -51,6 +51,17 @@ async def publish(mesh: Any, events: Sequence[events_pb2.Event]) -> list[events_
     return [await mesh.shared.bus.publish(event) for event in events]
 
 
+async def set_role(mesh: Any, workspace_id: str, user_id: str, role: Role) -> None:
+    """``user_id``'s role in ``workspace_id`` changed as UpdateWorkspaceMember changes it:
+    committed, then its MEMBER_CHANGED event published (which drops every process's
+    cached memberships of the workspace, ``platform/security/membership.py``)."""
+    await mesh.shared.memberships.set_member(workspace_id, user_id, role)
+    changed = workspace_event(workspace_id, kind=events_pb2.EVENT_TYPE_MEMBER_CHANGED)
+    changed.member_changed.change = events_pb2.CHANGE_KIND_UPDATED
+    changed.member_changed.member.user = f"users/{user_id}"
+    await publish(mesh, [changed])
+
+
 async def member(mesh: Any, workspace_id: str, role: Role = Role.VIEWER) -> tuple[str, str]:
     """(user id, token) of a new user with ``role`` in ``workspace_id``.
 

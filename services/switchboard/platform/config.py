@@ -302,6 +302,13 @@ class KernelSettings(Section):
         le=1_000_000,
         description="verified tokens, session states and API keys kept per process (each bounded)",
     )
+    membership_cache_size: int = Field(
+        default=10_000,
+        ge=0,
+        le=1_000_000,
+        description="workspace roles (a user's in a workspace) kept per process for the access "
+        "check of unary calls, exact while Redis confirms its invalidations; 0: none",
+    )
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",

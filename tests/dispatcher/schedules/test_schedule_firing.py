@@ -28,7 +28,7 @@ from tests.infra.clock import FakeClock
 from tests.infra.postgres import PostgresServer
 from tests.kits.contextkit import TIMEOUT_S, struct
 from tests.kits.dispatchkit import get_run
-from tests.kits.eventkit import Subscriber, ws
+from tests.kits.eventkit import Subscriber, set_role, ws
 from tests.kits.schedulekit import (
     DAY,
     Desk,
@@ -246,10 +246,9 @@ async def test_a_creator_who_may_no_longer_write_gets_a_failed_firing(desk: Desk
     clock = FakeClock(at(DAY))
     on(desk, clock)
     world = desk.world
-    memberships = desk.server.shared.memberships
-    await memberships.set_member(world.id, world.editor.id, Role.OWNER)
+    await set_role(desk.server, world.id, world.editor.id, Role.OWNER)
     made = await create(desk, every(1), caller=world.editor)
-    await memberships.set_member(world.id, world.editor.id, Role.VIEWER)
+    await set_role(desk.server, world.id, world.editor.id, Role.VIEWER)
     firing = loop(desk, clock, "replica-a")
     clock.advance(1)
     await firing.run_once()

@@ -39,7 +39,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from switchboard.api.events.v1 import events_pb2
@@ -320,6 +320,7 @@ class EventBus:
         #: position, when to stop waiting, the tokens, and whether they are this process's.
         self._early: deque[tuple[Position, float, Sequence[events_pb2.Event], bool]] = deque()
         self._early_timer: asyncio.TimerHandle | None = None
+        self._publishing: list[Callable[[Sequence[events_pb2.Event]], Awaitable[None]]] = []
 
     async def start(self) -> None:
         await self._backend.start(self._deliver_logged, self.ring)
@@ -354,6 +355,19 @@ class EventBus:
 
     # -- publishing ----------------------------------------------------------------
 
+    def on_publishing(self, hook: Callable[[Sequence[events_pb2.Event]], Awaitable[None]]) -> None:
+        """Await ``hook(events)`` before this process appends events it publishes (their
+        write has committed): what this process caches about what they change is dropped
+        before the call that made the change returns (``CachedMemberships``)."""
+        self._publishing.append(hook)
+
+    async def _before_publishing(self, events: Sequence[events_pb2.Event]) -> None:
+        for hook in self._publishing:
+            try:
+                await hook(events)
+            except Exception:  # the events go out whatever a hook met; each keeps its own
+                log.exception("a publishing hook failed")
+
     async def publish(self, event: events_pb2.Event) -> events_pb2.Event:
         """Stamp ``event`` (id, time) and append it to the log; returns the envelope.
 
@@ -361,6 +375,8 @@ class EventBus:
         embedded log; on Redis unless the event waits in the outbox).
         """
         stamp(event)
+        if self._publishing:
+            await self._before_publishing((event,))
         if self._append_seconds is None:
             return await self._backend.append(event)
         started = time.perf_counter()
@@ -377,6 +393,8 @@ class EventBus:
         """
         for event in events:
             stamp(event)
+        if self._publishing:
+            await self._before_publishing(events)
         await self._append_many(events)
 
     async def _append_many(self, events: Sequence[events_pb2.Event]) -> None:
@@ -396,6 +414,9 @@ class EventBus:
         take now is published by the outbox relay later. Events that have their
         cursor were logged in the write's own transaction, and delivered: passed by.
         """
+        if self._publishing:
+            # All of them, even those logged already in the write's own transaction.
+            await self._before_publishing(events)
         events = [event for event in events if not event.cursor]
         outbox = self.outbox
         if outbox is not None:

@@ -1,17 +1,40 @@
 """Workspace membership, as the policy module reads it.
 
 The context service owns creating workspaces and managing members;
-this store is the read side every service's policy check uses, plus the
-writes the context service and tests need. One query per check: membership
-changes (a member removed) must apply to the very next call.
+``MembershipStore`` is the read side, plus the writes the context service and
+tests need. ``CachedMemberships`` puts it behind a per-process cache for the
+unary calls' policy check (every workspace RPC makes one; a run makes three),
+kept exact the way the authenticator keeps its session cache
+(``authenticator.py``):
+
+- An entry is trusted only while the cache layer is *fresh* (``Cache.fresh``:
+  this process's Redis subscription has confirmed, within the lease, that it has
+  seen every invalidation); otherwise every check reads the database.
+- The process that changes a membership or a workspace drops that workspace's
+  entries itself, before its call returns, and publishes the workspace's id on
+  ``MEMBERSHIP_CHANNEL`` (after the commit: the bus hands it the change's events
+  as it publishes them, ``EventBus.on_publishing``); a publish Redis cannot take
+  waits out the lease, so no other process trusts a stale entry past it.
+- The change's event (MEMBER_CHANGED, WORKSPACE_CHANGED, written in its
+  transaction) drops the entries in every process too, whatever crashed between
+  the commit and the message (``on_event``).
+- An invalidation racing a database read keeps the stale read out: each one bumps
+  a generation, and a read is cached only if the generation did not move.
+
+Open streams do not use it: their re-checks (``accesswatch.py``) run because
+something said access changed, and read the database.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Final
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.cache import Cache
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.security.policy import Role
 from switchboard.platform.store.db import Database, log_failure
@@ -94,3 +117,88 @@ class MembershipStore:
                 return False
             await db.delete(row)
             return True
+
+
+MEMBERSHIP_CHANNEL: Final = "switchboard:access:memberships"
+#: Events that may change who is a member of a workspace, or whether it is live.
+_CHANGES: Final = frozenset(
+    {events_pb2.EVENT_TYPE_MEMBER_CHANGED, events_pb2.EVENT_TYPE_WORKSPACE_CHANGED}
+)
+_WORKSPACES: Final = "workspaces/"
+
+
+def _workspace_of(event: events_pb2.Event) -> str:
+    """The id of the workspace a membership or workspace event concerns ("" if none)."""
+    if event.type not in _CHANGES:
+        return ""
+    name = event.workspace
+    if not name.startswith(_WORKSPACES):
+        return ""
+    return name[len(_WORKSPACES) :].partition("/")[0]
+
+
+class CachedMemberships:
+    """``MembershipStore.role_of`` from memory while that is exact (module doc)."""
+
+    def __init__(self, store: MembershipStore, cache: Cache, *, size: int) -> None:
+        self._store = store
+        self._cache = cache
+        self._size = size
+        #: workspace id -> user id -> role (None: not a member, or the workspace is gone).
+        self._roles: dict[str, dict[str, Role | None]] = {}
+        self._count = 0
+        self._generation = 0
+        cache.subscribe(MEMBERSHIP_CHANNEL, self._on_message, self._on_resync)
+
+    async def role_of(
+        self, workspace_id: str, user_id: str, *, include_deleted: bool = False
+    ) -> Role | None:
+        if include_deleted or self._size <= 0 or not self._cache.fresh():
+            return await self._store.role_of(workspace_id, user_id, include_deleted=include_deleted)
+        members = self._roles.get(workspace_id)
+        if members is not None and user_id in members:
+            return members[user_id]
+        generation = self._generation
+        role = await self._store.role_of(workspace_id, user_id)
+        if generation == self._generation and self._cache.fresh():
+            self._put(workspace_id, user_id, role)
+        return role
+
+    def _put(self, workspace_id: str, user_id: str, role: Role | None) -> None:
+        while self._count >= self._size and self._roles:
+            # The workspace cached longest ago goes, with all of its entries.
+            oldest = next(iter(self._roles))
+            self._count -= len(self._roles.pop(oldest))
+        members = self._roles.setdefault(workspace_id, {})
+        if user_id not in members:
+            self._count += 1
+        members[user_id] = role
+
+    def _drop(self, workspace_id: str) -> None:
+        self._generation += 1
+        members = self._roles.pop(workspace_id, None)
+        if members is not None:
+            self._count -= len(members)
+
+    def _on_message(self, message: str) -> None:
+        self._drop(message)
+
+    def _on_resync(self) -> None:
+        self._generation += 1
+        self._roles.clear()
+        self._count = 0
+
+    def on_event(self, event: events_pb2.Event) -> None:
+        """A delivered event (``EventBus.listen``): a membership or workspace change drops
+        the workspace's entries here, whatever happened to its message."""
+        if workspace_id := _workspace_of(event):
+            self._drop(workspace_id)
+
+    async def publishing(self, events: Sequence[events_pb2.Event]) -> None:
+        """Events this process is publishing after their write committed
+        (``EventBus.on_publishing``): for each workspace whose members or life they
+        change, drop its entries here and tell every other process."""
+        changed = dict.fromkeys(w for event in events if (w := _workspace_of(event)))
+        for workspace_id in changed:
+            self._drop(workspace_id)
+            await self._cache.publish(MEMBERSHIP_CHANNEL, workspace_id)
