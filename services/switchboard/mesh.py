@@ -287,7 +287,7 @@ async def open_shared(
         memberships=memberships,
         # Unary calls' checks from the cache; open streams re-check against the database.
         policy=Policy(cached),
-        access=watch_access(settings, cache, bus, authenticator, memberships, resources),
+        access=watch_access(settings, cache, bus, authenticator, memberships, cached, resources),
         secret_box=SecretBox(settings.effective_secret_key()),
         page_tokens=PageTokens(settings.effective_secret_key()),
         instance_id=instance,
@@ -389,13 +389,17 @@ def watch_access(
     bus: EventBus,
     authenticator: CredentialAuthenticator,
     memberships: MembershipStore,
+    cached: CachedMemberships,
     resources: contextlib.AsyncExitStack,
 ) -> AccessWatch:
-    """What keeps every open stream's access current: revocations, memberships."""
+    """What keeps every open stream's access current: revocations, memberships (a
+    stream's new actions checked as unary calls are, from the cache; its re-checks
+    after a change, from the database)."""
     access = AccessWatch(
         bus.fanout,
         authenticator,
         memberships,
+        action_memberships=cached,
         reauthorize_s=settings.events_reauthorize_s,
         # Redis away: revocation messages and other processes' events may be missed.
         degraded=lambda: not cache.fresh() or bus.state != "ok",

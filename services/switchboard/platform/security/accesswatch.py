@@ -189,9 +189,15 @@ class AccessWatch:
         degraded: Callable[[], bool],
         degraded_recheck_s: float = DEGRADED_RECHECK_S,
         clock: Callable[[], float] = time.time,
+        action_memberships: MembershipReader | None = None,
     ) -> None:
+        """``memberships`` is what the re-checks read (a change said access may have
+        changed: they must read what it wrote); ``action_memberships`` (default the
+        same) what a stream's new action is checked with, as its unary call would be
+        (the membership cache, ``platform/security/membership.py``)."""
         self._verifier = verifier
         self._memberships = memberships
+        self._action_memberships = action_memberships or memberships
         self._reauthorize_s = reauthorize_s
         self._degraded = degraded
         self._degraded_recheck_s = degraded_recheck_s
@@ -237,8 +243,10 @@ class AccessWatch:
         for name in new:
             self._by_name.setdefault(name, {})[grant] = None
 
-    def lookups(self, limit: asyncio.Semaphore | None = None) -> _Lookups:
-        return _Lookups(self._verifier, self._memberships, limit)
+    def lookups(self, limit: asyncio.Semaphore | None = None, *, action: bool = False) -> _Lookups:
+        """One round's lookups: a re-check's, or (``action``) a new action's."""
+        memberships = self._action_memberships if action else self._memberships
+        return _Lookups(self._verifier, memberships, limit)
 
     @property
     def reauthorize_s(self) -> float:
@@ -482,7 +490,7 @@ class Grant:
         self._authorizing[watch_name] = self._authorizing.get(watch_name, 0) + 1
         self._update_watches()
         try:
-            lookups = self._watch.lookups()
+            lookups = self._watch.lookups(action=True)
             await self._credential(lookups, fail_closed=False)
             return await lookups.policy.authorize(self.principal, name, permission, field)
         finally:
@@ -516,7 +524,7 @@ class Grant:
         self._holds[hold] = None
         self._update_watches()
         try:
-            lookups = self._watch.lookups()
+            lookups = self._watch.lookups(action=True)
             await self._credential(lookups, fail_closed=False)
             for name, field in hold.names:
                 await lookups.policy.authorize(self.principal, name, permission, field)
