@@ -5,10 +5,13 @@ then 3 s of silence, again and again; the server ends each turn by its voice act
 detection, transcribes it with PocketSphinx and speaks the echo handler's answer with
 eSpeak NG, both behind the local audio server (tests/fakes/audio_server.py).
 
-The loop is the design: a turn's answer starts about 1 to 2 s after its words end and
-lasts about 2 s, so the next pass of the words (3 s after the last) is spoken over it
-(barge-in), whatever this machine's speed within that margin; every later pass does the
-same, so a turn whose answer was already over by then is followed by one that is not.
+The loop is the design: the next pass of the words begins 5 s after the last ended, and
+a turn's answer (its words and the echo handler's trailer, about 9 words, spoken at 80 a
+minute: about 6.5 s) begins 1 to 2 s after its words end on a quiet host, so the next pass
+is spoken over it (barge-in) whenever the answer begins within those 5 s. At eSpeak's
+usual 140 words a minute and a 3 s gap the margin was 3 s, and beside the suite's load on
+two cores the transcription backlog pushed every answer past it: the next turn superseded
+each run before it spoke.
 
 One stack for the module: the console built into a temporary directory, the audio server,
 ``switchboard serve --dev`` with the voice settings (at most one WebRTC peer per user),
@@ -72,7 +75,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 #: The silence after each pass of the words: longer than the turn's end (700 ms of
 #: silence) plus the answer's start, shorter than that plus the answer (module doc).
-GAP_MS: Final = 3_000
+GAP_MS: Final = 5_000
+#: The answers' pace (the audio server's eSpeak, words a minute): slow, so an answer
+#: outlasts the gap (module doc).
+ANSWER_WPM: Final = 80
 #: The inbound track's sound, as the page counts it: at least this much of it voiced,
 #: at this level (RMS of the voiced blocks; eSpeak's speech is about 0.1, silence 0).
 SPOKEN_MS: Final = 500
@@ -135,7 +141,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     speech = root / "counting-looped.wav"
     speech.write_bytes(_looped_words())
     with ExitStack() as cleanup:
-        voice_url = cleanup.enter_context(_audio_server())
+        voice_url = cleanup.enter_context(_audio_server("--speech-wpm", str(ANSWER_WPM)))
         upstream = cleanup.enter_context(TcpRelay())
         env = {
             **voice_env(root, voice_url),

@@ -98,10 +98,11 @@ class VoiceStack:
 
 
 @contextmanager
-def _audio_server() -> Iterator[str]:
-    """The local audio server (PocketSphinx recognition, eSpeak NG speech); its base URL."""
+def _audio_server(*options: str) -> Iterator[str]:
+    """The local audio server (PocketSphinx recognition, eSpeak NG speech) with
+    ``options`` (its command line's); its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.audio_server", "--port", "0", "--quiet"],
+        [sys.executable, "-m", "tests.fakes.audio_server", "--port", "0", "--quiet", *options],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

@@ -200,6 +200,8 @@ class FakeAudio(LoopbackServer):
 
     api_key: str | None = None
     engine: Engine = "real"
+    #: eSpeak's pace at ``speed`` 1 (words a minute; ``speed`` scales it, within 80-450).
+    speech_wpm: int = ESPEAK_WPM
     tone_transcript: str = TONE_TRANSCRIPT
     host: str = "127.0.0.1"
     #: The port to listen on; 0 picks a free one.
@@ -468,8 +470,11 @@ class FakeAudio(LoopbackServer):
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if response_format == "wav":
             writer.write(_chunk(_streamed_wav_header(SPEECH_RATE)))
-        voice = tone if self.engine == "tone" else espeak
-        pieces = voice(text, float(speed))
+        pieces = (
+            tone(text, float(speed))
+            if self.engine == "tone"
+            else espeak(text, float(speed), self.speech_wpm)
+        )
         try:
             async for piece in pieces:
                 if timing.first_byte is None:
@@ -488,13 +493,15 @@ class FakeAudio(LoopbackServer):
 # -- speech -------------------------------------------------------------------
 
 
-async def espeak(text: str, speed: float) -> AsyncGenerator[bytes, None]:
+async def espeak(
+    text: str, speed: float, base_wpm: int = ESPEAK_WPM
+) -> AsyncGenerator[bytes, None]:
     """``text`` spoken by eSpeak NG, PCM16 at 24 kHz, as it synthesizes: its WAV
     stream (22,050 Hz) read from the pipe and converted piece by piece."""
     program = shutil.which("espeak-ng")
     if program is None:
         raise RuntimeError("espeak-ng is not installed; run scripts/install-deps.sh")
-    words_per_minute = max(80, min(450, round(ESPEAK_WPM * speed)))
+    words_per_minute = max(80, min(450, round(base_wpm * speed)))
     process = await asyncio.create_subprocess_exec(
         program,
         "-v",
@@ -648,6 +655,7 @@ async def _serve(args: argparse.Namespace) -> None:
     fake = FakeAudio(
         api_key=args.api_key,
         engine=args.engine,
+        speech_wpm=args.speech_wpm,
         host=args.host,
         listen_port=args.port,
         on_request=None if args.quiet else _log_request,
@@ -672,6 +680,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="real",
         help="real: PocketSphinx and eSpeak NG (the default); tone: instant, for benchmarks "
         "(a fixed transcript, and a tone as long as the text for speech)",
+    )
+    parser.add_argument(
+        "--speech-wpm",
+        type=int,
+        default=ESPEAK_WPM,
+        help=f"eSpeak's pace, words a minute (default {ESPEAK_WPM}; a request's speed scales "
+        "it, within 80 to 450): slower speech makes longer answers",
     )
     parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
     args = parser.parse_args(argv)
