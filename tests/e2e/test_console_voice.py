@@ -114,8 +114,13 @@ def _audio_server(*options: str) -> Iterator[str]:
             pytest.fail(f"the audio server did not start: {url!r}")
         yield url
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        # SIGTERM: the server stops its recognition process before it exits.
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
 

@@ -16,6 +16,7 @@ subscribed or watching a run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -694,6 +695,13 @@ class AudioServerProcess(ManagedProcess):
         self.url = self.proc.stdout.readline().strip()
         assert self.url.startswith("http://127.0.0.1:"), self.url
         return self
+
+    def __exit__(self, *exc: object) -> None:
+        # SIGTERM first: the server stops its recognition process before it exits.
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.terminate(timeout=self.STOP_TIMEOUT_S)
+        super().__exit__(*exc)
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,13 @@ after a header of unknown length; the API's other formats (``mp3``, its default,
 is eSpeak's ``en-us+m3`` at 140 words a minute (times ``speed``), after a short
 pause: what PocketSphinx recognizes (tests/infra/speech.py).
 
-Recognition runs in a worker thread, one request at a time (one decoder), so
-the server keeps accepting connections meanwhile. Tests can make the next
+Recognition runs one request at a time (one decoder). Run on its own (the
+command line below, as the e2e tests run it), the server recognizes in a process of
+its own: PocketSphinx holds the interpreter lock while it decodes (about 0.75 s of
+a 1.6 s utterance on two cores), so in a thread it stalled the server's loop, and
+every speech request with it, behind each transcription (on a busy host the
+backlog held answers back by seconds; tests/fakes/recognizer_worker.py). In a
+test's own process (``FakeAudio()``) it stays in a worker thread. Tests can make the next
 requests fail (``fail_next``) to check a client's retries, and see every
 request (``requests``) and when each arrived and its answer's first and last
 bytes left (``timings``, on ``time.monotonic()``: a benchmark in the same
@@ -212,6 +217,12 @@ class FakeAudio(LoopbackServer):
     #: Every request to an endpoint, in order of arrival (a 404 or 401 is not).
     timings: list[Timing] = field(default_factory=list)
     recognizer: Recognizer = field(default_factory=Recognizer)
+    #: Recognize in a process of its own (the command line's server), not a thread.
+    recognize_apart: bool = False
+    #: That process (``tests/fakes/recognizer_worker.py``, started at the first
+    #: transcription), and the lock that keeps its requests one at a time.
+    _apart: asyncio.subprocess.Process | None = field(default=None, init=False, repr=False)
+    _apart_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _failures: deque[int] = field(default_factory=deque)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -222,6 +233,38 @@ class FakeAudio(LoopbackServer):
         self._failures.extend([status] * count)
 
     # -- connections -------------------------------------------------------
+
+    async def _transcribe(self, data: bytes) -> tuple[str, float]:
+        if not self.recognize_apart:
+            return await asyncio.to_thread(self.recognizer.transcribe, data)
+        async with self._apart_lock:
+            process = self._apart
+            if process is None or process.returncode is not None:
+                process = self._apart = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "tests.fakes.recognizer_worker",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            assert process.stdin is not None
+            assert process.stdout is not None
+            process.stdin.write(struct.pack(">Q", len(data)) + data)
+            await process.stdin.drain()
+            line = await process.stdout.readline()
+        if not line:
+            raise RuntimeError("the recognition process ended")
+        answer = json.loads(line)
+        if answer.get("unsupported"):
+            raise Unsupported
+        return str(answer["text"]), float(answer["duration"])
+
+    async def close(self) -> None:
+        process, self._apart = self._apart, None
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+        await super().close()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; whether the connection stays open."""
@@ -343,7 +386,7 @@ class FakeAudio(LoopbackServer):
             if self.engine == "tone":
                 text, duration = self.tone_transcript, len(upload[2]) / (2 * MODEL_RATE)
             else:
-                text, duration = await asyncio.to_thread(self.recognizer.transcribe, upload[2])
+                text, duration = await self._transcribe(upload[2])
         except Unsupported:
             await send_error(
                 writer, 400, UNSUPPORTED, param="file", code="invalid_value", keep_alive=keep_alive
@@ -656,6 +699,7 @@ async def _serve(args: argparse.Namespace) -> None:
         api_key=args.api_key,
         engine=args.engine,
         speech_wpm=args.speech_wpm,
+        recognize_apart=True,
         host=args.host,
         listen_port=args.port,
         on_request=None if args.quiet else _log_request,
