@@ -830,8 +830,8 @@ class Database:
                     return await waiting
                 ran = time.monotonic() - started[0] if started else 0.0
                 # Against the whole bound, not this round's wait: a second round waits
-                # only the rest, and comparing with that failed a write that had run
-                # 0.29 s of its 0.3 s ("did not answer within 0.00525s", seen in the suite).
+                # only the rest, and comparing with that could fail a write before its
+                # bound, naming the rest as the bound ("within 0.00525s", seen in the suite).
                 if ran >= self._thread_wait_s:
                     raise TimeoutError(
                         f"database {self.display_url} did not answer within "
