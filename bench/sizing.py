@@ -40,7 +40,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -130,14 +130,11 @@ class Model:
 
     @classmethod
     def from_points(cls, points: Sequence[Point], session_ms: float, source: str) -> Model:
-        def line(values: Iterable[tuple[int, float]]) -> Line:
-            return fit(list(values))
-
         return cls(
-            process=line((p.processes, p.process_ms) for p in points),
-            postgres=line((p.processes, p.postgres_ms) for p in points),
-            redis=line((p.processes, p.redis_ms) for p in points),
-            envoy=line((p.processes, p.envoy_ms) for p in points),
+            process=fit([(p.processes, p.process_ms) for p in points]),
+            postgres=fit([(p.processes, p.postgres_ms) for p in points]),
+            redis=fit([(p.processes, p.redis_ms) for p in points]),
+            envoy=fit([(p.processes, p.envoy_ms) for p in points]),
             session_ms=session_ms,
             source=source,
         )
