@@ -77,6 +77,10 @@ class _Recheck:
 RECHECK: Final = _Recheck()
 
 
+def _nothing() -> None:
+    return None
+
+
 def _until_recheck(queue: Iterable[Logged | _Recheck]) -> Iterator[Logged]:
     for entry in queue:
         if isinstance(entry, _Recheck):
@@ -264,6 +268,7 @@ class Subscription:
         self.sent: Position = (0, 0)
         self.acked: Position | None = None
         self._replay_from: Position | None = None
+        self._unfollow: Callable[[], None] = _nothing
         self._replay_upto: Position = (0, 0)
         self._merge = spec.merge_deltas
 
@@ -289,6 +294,8 @@ class Subscription:
             self._merge = False
         if after is not None:
             await self._bus.check_cursor(after)
+        # The other processes' tokens of what it shows, those said before included.
+        self._unfollow = await self._bus.follow(self.keys)
         # No await between these lines: the mark and the attach are one step.
         mark = self._bus.head
         self._bus.fanout.attach(self)
@@ -307,6 +314,7 @@ class Subscription:
         if self._attached:
             self._bus.fanout.detach(self)
             self._attached = False
+        self._unfollow()
         if self._hold is not None:
             self._hold.release()
         self._queue.clear()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
+from typing import Final
 
 import pytest
 import redis.asyncio as redis
@@ -278,31 +279,109 @@ async def test_starting_while_redis_is_down_recovers_on_its_own(
     assert [i.event.id for i in await collector.until(1)] == [new.id]
 
 
-async def test_a_process_that_serves_no_stream_of_runs_sends_tokens_but_does_not_listen(
+C1: Final = "workspaces/w/conversations/c1"
+C2: Final = "workspaces/w/conversations/c2"
+
+
+def _token(note: str, conversation: str) -> events_pb2.Event:
+    event = _event(note)
+    event.type = events_pb2.EVENT_TYPE_RUN_UPDATED
+    event.conversation = conversation
+    return event
+
+
+async def _logged(bus: EventBus, note: str) -> tuple[int, ...]:
+    logged = await bus.publish(_event(note))
+    position = parse_cursor(logged.cursor)
+    assert position is not None
+    return position
+
+
+def _tokens_in(bus: EventBus) -> list[str]:
+    """The tokens a process's ring holds, in ring order."""
+    return [item.event.actor.name for item in bus.ring.items() if item.token]
+
+
+async def test_a_process_hears_the_tokens_of_the_conversations_it_follows_only(
     buses: list[EventBus], redis_server: RedisServer
 ) -> None:
-    """A process that serves no WatchRun, Subscribe or A2A stream (``hear_tokens=False``:
-    auth, context, integration alone) still carries its own tokens to the others, but
-    never subscribes to theirs: it would decode every token of every run to drop it."""
+    """Each conversation's tokens go on a stream of their own: a process that follows one
+    conversation reads that one (not the other's), one that serves no stream of runs
+    (``hear_tokens=False``) reads none, and a process does not hear its own back."""
+    sender = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    follower = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
     deaf = await _open(buses, redis_server.url, hear_tokens=False)
-    hearing = await _open(buses, redis_server.url)
-    on_hearing = _Collector(hearing)
-    probe = redis.Redis.from_url(redis_server.url)
-    try:
-        # Pub/sub keeps nothing: the token is sent once the hearing process listens.
-        async with asyncio.timeout(TIMEOUT_S):
-            while (await probe.pubsub_numsub("test:events:tokens"))[0][1] < 1:  # noqa: ASYNC110 - Redis has no event for a subscription
-                await asyncio.sleep(0.01)
-        logged = await deaf.publish(_event("logged"))
-        position = parse_cursor(logged.cursor)
-        assert position is not None
-        deaf.announce([_event("token")], after=position)
-        seen = [item.event.actor.name for item in await on_hearing.until(2)]
-        listeners = await probe.pubsub_numsub("test:events:tokens")
-    finally:
-        await probe.aclose()
-    assert seen == ["logged", "token"]
-    assert listeners == [(b"test:events:tokens", 1)]  # the hearing process alone
+    unfollow = await follower.follow([C1])
+    own = await sender.follow([C1])
+    on_follower, on_sender = _Collector(follower, C1), _Collector(sender, C1)
+    after = await _logged(sender, "logged")
+    sender.announce([_token("c1-a", C1)], after=after)
+    sender.announce([_token("c2", C2)], after=after)
+    sender.announce([_token("c1-b", C1)], after=after)
+    seen = [item.event.actor.name for item in await on_follower.until(2)]
+    unfollow()
+    own()
+    assert seen == ["c1-a", "c1-b"]
+    assert _tokens_in(follower) == ["c1-a", "c1-b"], "the other conversation's never came"
+    assert [i.event.actor.name for i in on_sender.items] == ["c1-a", "c1-b"], "once each"
+    assert _tokens_in(deaf) == []
+
+
+async def test_a_conversation_followed_mid_run_is_read_back_where_its_tokens_were_said(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """Tokens said while nothing on a process followed their conversation are read back
+    when it is followed: filed after the logged event each followed, ahead of later
+    ones, so a replay or a watch begun now has them; a subscriber already live is not
+    sent them, and following it again hears none of them twice."""
+    sender = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    late = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    # A process that follows all along: once it heard them, Redis has them.
+    witness = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    await witness.follow([C1])
+    on_late, on_witness = _Collector(late), _Collector(witness)
+    first = await _logged(sender, "first")
+    sender.announce([_token("one", C1), _token("two", C1)], after=first)
+    second = await _logged(sender, "second")
+    sender.announce([_token("three", C1)], after=second)
+    await _logged(sender, "third")
+    await on_witness.until(6)
+    await on_late.until(3)
+    assert _tokens_in(late) == []
+    unfollow = await late.follow([C1])
+    held = [item.event.actor.name for item in late.ring.items()]
+    assert held == ["first", "one", "two", "second", "three", "third"]
+    assert [i.event.actor.name for i in on_late.items] == ["first", "second", "third"]
+    unfollow()
+    again = await late.follow([C1])
+    sender.announce([_token("four", C1)], after=second)
+    async with asyncio.timeout(DEADLINE_S):
+        while "four" not in _tokens_in(late):  # noqa: ASYNC110 - read by a background task
+            await asyncio.sleep(0.01)
+    again()
+    assert _tokens_in(late) == ["one", "two", "three", "four"]
+
+
+async def test_a_workspace_follower_hears_every_conversation_from_when_it_follows(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """A workspace's or a user's subscriber spans conversations: its process reads the
+    stream of every conversation's tokens, written while some process follows it."""
+    sender = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    follower = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    witness = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    await witness.follow([C1])
+    on_witness = _Collector(witness, C1)
+    after = await _logged(sender, "logged")
+    sender.announce([_token("before", C1)], after=after)
+    await on_witness.until(1)  # said, and in Redis, before the follower follows
+    unfollow = await follower.follow(["workspaces/w"])
+    sender.announce([_token("c1", C1), _token("c2", C2)], after=after)
+    async with asyncio.timeout(DEADLINE_S):
+        while len(_tokens_in(follower)) < 2:  # noqa: ASYNC110 - read by a background task
+            await asyncio.sleep(0.01)
+    unfollow()
+    assert _tokens_in(follower) == ["c1", "c2"]
 
 
 async def test_an_entry_or_a_message_that_is_not_ours_is_skipped_and_the_readers_go_on(
@@ -314,18 +393,21 @@ async def test_an_entry_or_a_message_that_is_not_ours_is_skipped_and_the_readers
     on (they caught only Redis errors: one such entry stopped delivery for good)."""
     a = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
     b = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    await b.follow([C1])
     on_b = _Collector(b)
     stranger = redis.Redis.from_url(redis_server.url)
     try:
         await stranger.xadd("test:events", {b"e": b"\xff not a protobuf"})
         await stranger.xadd("test:events", {b"other": b"field"})
-        await stranger.publish("test:events:tokens", b"12345678\xff\xff not a batch")
+        tokens = f"test:events:tokens:{C1}"
+        await stranger.xadd(tokens, {b"o": b"12345678", b"b": b"\xff\xff not a batch"})
+        await stranger.xadd(tokens, {b"other": b"field"})
     finally:
         await stranger.aclose()
     after = await a.publish(_event("after"))
     position = parse_cursor(after.cursor)
     assert position is not None
-    a.announce([_event("token")], after=position)
+    a.announce([_token("token", C1)], after=position)
     seen = [item.event.actor.name for item in await on_b.until(2)]
     assert seen == ["after", "token"]
 

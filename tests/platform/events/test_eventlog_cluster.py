@@ -1,6 +1,6 @@
 """The event log on a real Redis Cluster (three masters, three replicas): its keys in
-one slot, one order for every process, replay and resume from a cursor, tokens over
-sharded pub/sub, and a master killed (SIGKILL) while a process appends: every
+one slot, one order for every process, replay and resume from a cursor, tokens on
+their conversations' streams in the log's slot, and a master killed (SIGKILL) while a process appends: every
 acknowledged append is still there, in order, and a reader resumes from its cursor.
 
 The cluster comes from ``redis_cluster`` (tests/infra/rediscluster.py); every wait is
@@ -18,7 +18,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import RedisLog, format_cursor, parse_cursor
 from tests.infra.rediscluster import Cluster
-from tests.platform.events.test_eventlog import _Collector, _event
+from tests.platform.events.test_eventlog import _Collector, _event, _token
 
 # Real processes: six redis-servers, redis-cli, and a master killed on purpose.
 pytestmark = pytest.mark.e2e
@@ -107,25 +107,39 @@ async def test_one_ordered_log_with_replay_and_resume(
     assert [item.event.id for item in rest] == [event.id for event in published[10:]]
 
 
-async def test_tokens_cross_processes_over_sharded_pub_sub(
+async def test_tokens_cross_processes_on_their_conversations_streams_in_the_logs_slot(
     buses: list[EventBus], redis_cluster: Cluster
 ) -> None:
+    """A conversation's tokens go on its own stream under the log's hash tag (one slot,
+    so one read covers every followed conversation); a process that follows it mid-run
+    reads back what was said, then hears the rest live."""
     sender = await _open(buses, redis_cluster.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
     hearing = await _open(buses, redis_cluster.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
-    on_hearing = _Collector(hearing)
+    conversation = "workspaces/w/conversations/c"
+    stream = f"{STREAM}:tokens:{conversation}"
     master = redis_cluster.master_of(STREAM)
 
-    def listeners() -> int:
+    def said() -> int:
         with master.client() as c:
-            return int(c.execute_command("PUBSUB", "SHARDNUMSUB", f"{STREAM}:tokens")[1])
+            return int(c.xlen(stream))
 
-    await _until(lambda: listeners() >= 2, "both processes to listen")
     logged = await sender.publish(_event("logged"))
     position = parse_cursor(logged.cursor)
     assert position is not None
-    sender.announce([_event("token")], after=position)
-    seen = [item.event.actor.name for item in await on_hearing.until(2)]
-    assert seen == ["logged", "token"]
+    sender.announce([_token("before", conversation)], after=position)
+    await _until(lambda: said() >= 1, "the first token on its conversation's stream")
+    unfollow = await hearing.follow([conversation])
+    on_hearing = _Collector(hearing)
+    sender.announce([_token("live", conversation)], after=position)
+    await on_hearing.until(1)
+    unfollow()
+    with redis_cluster.nodes[0].client() as c:
+        assert int(c.execute_command("CLUSTER", "KEYSLOT", stream)) == int(
+            c.execute_command("CLUSTER", "KEYSLOT", STREAM)
+        )
+    held = [item.event.actor.name for item in hearing.ring.items()]
+    assert held[-2:] == ["before", "live"] or held == ["logged", "before", "live"]
+    assert [item.event.actor.name for item in on_hearing.items if item.token] == ["live"]
 
 
 async def test_a_master_killed_while_appending_loses_nothing_acknowledged(

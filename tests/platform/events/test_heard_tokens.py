@@ -67,6 +67,12 @@ class ThisProcessesLog:
         self.heard = heard
         return self._relay
 
+    async def follow_tokens(self, conversation: str) -> list[events_pb2.Event]:
+        return []
+
+    def unfollow_tokens(self, conversation: str) -> None:
+        return None
+
     def _relay(self, events: Sequence[events_pb2.Event]) -> None:
         self.relayed += [(event.actor.name, event.cursor) for event in events]
 

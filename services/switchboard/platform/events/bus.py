@@ -39,12 +39,13 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.errors import CursorAhead, CursorExpired, SwitchboardError
 from switchboard.platform.events.eventlog import (
+    EVERY_CONVERSATION,
     Carry,
     LogBackend,
     Logged,
@@ -91,6 +92,19 @@ TOKEN_EPOCH_BITS: Final = 40
 #: Longest a token heard from another process waits for the logged event it follows
 #: (``EventBus.heard``): that event is normally a Redis read behind, a millisecond or two.
 EARLY_TOKEN_WAIT_S: Final = 0.05
+
+
+def _followed(name: str) -> str:
+    """What following ``name``'s tokens follows: a conversation, or every conversation
+    (a workspace's or a user's events span conversations)."""
+    parts = name.split("/")
+    if len(parts) == 4 and parts[0] == "workspaces" and parts[2] == "conversations":
+        return name
+    return EVERY_CONVERSATION
+
+
+def _nothing() -> None:
+    return None
 
 
 def _base(cursor: str) -> Position:
@@ -447,6 +461,56 @@ class EventBus:
         for event in events:
             stamp(event)
         self._file(logged_part(after), events, own=True)
+
+    async def follow(self, names: Iterable[str]) -> Callable[[], None]:
+        """Hear the other processes' tokens of the conversations ``names`` name (a
+        workspace or a user: of every conversation) until the function returned is
+        called. A subscriber or a watcher of another process's run follows what it
+        shows: no process hears the tokens of conversations nothing on it follows.
+
+        A conversation followed anew is read back first (the tokens said before that this
+        process had not heard, as many as Redis keeps): they are filed in the ring where
+        they were said, so a replay or a watch begun now finds them, and no subscriber
+        already past that point is sent them.
+        """
+        if self.relay is None or not self._hear_tokens:
+            return _nothing
+        followed: list[str] = []
+        try:
+            for conversation in dict.fromkeys(_followed(name) for name in names):
+                said = await self._backend.follow_tokens(conversation)
+                followed.append(conversation)
+                if said:
+                    self._said_before(said)
+        except BaseException:
+            for conversation in followed:
+                self._backend.unfollow_tokens(conversation)
+            raise
+
+        def unfollow() -> None:
+            while followed:
+                self._backend.unfollow_tokens(followed.pop())
+
+        return unfollow
+
+    def _said_before(self, events: Sequence[events_pb2.Event]) -> None:
+        """File tokens read back when their conversation was followed: after the logged
+        event each was said after, where that is held (one older than the ring is gone
+        with it); one after the head waits for its event like a token heard live."""
+        ring = self.ring
+        head, floor = logged_part(ring.head()), logged_part(ring.floor)
+        filed: list[Logged] = []
+        for event in events:
+            base = _base(event.cursor)
+            if not base or base < floor:
+                continue
+            if base > head:
+                self.heard([event])
+                continue
+            self._tokens += 1
+            filed.append(Logged((*base, self._tokens), event))
+        if filed:
+            ring.merge(filed)
 
     def heard(self, events: Sequence[events_pb2.Event]) -> None:
         """Tokens another process announced: delivered here as if announced here.

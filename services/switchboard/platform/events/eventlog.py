@@ -51,15 +51,13 @@ import logging
 import re
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Final, Literal, Protocol
 
 from google.protobuf.message import DecodeError
 from redis.asyncio import RedisCluster
-from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterPubSub
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -84,6 +82,8 @@ _UNREADABLE = FailureNotes(log)
 #: the k-th this process delivered after the logged position ``(major, minor)``, so it sorts
 #: between that event and the next. ``k`` begins with the process's epoch (``TOKEN_EPOCH``).
 Position = tuple[int, ...]
+#: A stream's name or an entry id, as redis-py's stream commands type them.
+_Key = bytes | str | memoryview
 ORIGIN: Final[Position] = (0, 0)
 LogState = Literal["ok", "degraded"]
 
@@ -112,6 +112,27 @@ _REDIS_PAGE: Final = 1000
 _BLOCK_S: Final = 2.0
 #: Tokens waiting to be carried to the other processes before the oldest are given up.
 _TOKEN_BACKLOG: Final = 100_000
+#: Token batches a conversation's token stream keeps (about: ``MAXLEN ~``), so that a
+#: process that begins to follow it mid-run reads what was said before.
+_TOKEN_KEEP: Final = 1000
+#: ... and the stream of every conversation's tokens, written while a process follows it.
+_TOKEN_KEEP_ALL: Final = 10_000
+#: A token stream nobody wrote to for this long is gone (Redis expires it).
+_TOKEN_TTL_MS: Final = 600_000
+#: How long one read of the followed token streams blocks: a conversation followed since
+#: joins the next read (what it said meanwhile was read back when it was followed).
+_TOKEN_BLOCK_S: Final = 0.25
+#: How long a process goes on reading a conversation's tokens once nothing on it follows
+#: the conversation: a client that resumes here soon finds them held.
+TOKEN_LINGER_S: Final = 30.0
+#: While a process follows every conversation's tokens, it says so this often (the key
+#: that makes senders write the all-conversations stream lives three times as long).
+_ALL_WANTED_EVERY_S: Final = 10.0
+#: Token event ids remembered per process: a batch read twice (from a conversation's
+#: stream and the all-conversations stream, or read back when followed again) is heard once.
+_TOKEN_IDS: Final = 50_000
+#: ``follow_tokens``' name for every conversation (a workspace or user is followed so).
+EVERY_CONVERSATION: Final = ""
 
 
 def format_cursor(position: Position) -> str:
@@ -239,6 +260,14 @@ class Ring:
             del self._items[:excess]
             del self._positions[:excess]
 
+    def merge(self, items: Sequence[Logged]) -> None:
+        """Add ``items`` (each past ``floor`` and not after ``head()``, none held yet)
+        where their positions fall among what is held."""
+        merged = sorted([*self._items, *items], key=lambda item: item.position)
+        self._items = merged
+        self._positions = [item.position for item in merged]
+        self.append(())
+
     def covers(self, after: Position) -> bool:
         return self.known and after >= self.floor
 
@@ -300,9 +329,17 @@ class LogBackend(Protocol):
 
     def carry_tokens(self, heard: Carry | None) -> Carry | None:
         """How tokens reach the other processes sharing this log: the function that
-        sends them (``heard`` is called with theirs; None: this process does not
-        listen), or None for one process."""
+        sends them (``heard`` is called with the conversations' this process follows;
+        None: this process never listens), or None for one process."""
         ...
+
+    async def follow_tokens(self, conversation: str) -> list[events_pb2.Event]:
+        """Hear the other processes' tokens of ``conversation`` (``EVERY_CONVERSATION``:
+        all) until as many ``unfollow_tokens``; returns those said before that this
+        process had not heard (as many as are kept), oldest first."""
+        ...
+
+    def unfollow_tokens(self, conversation: str) -> None: ...
 
     @property
     def held(self) -> int:
@@ -689,6 +726,12 @@ class LocalLog:
     def carry_tokens(self, heard: Carry | None) -> Carry | None:
         return None  # one process: nobody else to tell
 
+    async def follow_tokens(self, conversation: str) -> list[events_pb2.Event]:
+        return []  # one process: every token is its own
+
+    def unfollow_tokens(self, conversation: str) -> None:
+        return None
+
     async def close(self) -> None:
         self._closed = True
         writer = self._writer
@@ -772,17 +815,26 @@ class NotReplicatedError(RedisError):
     """On a cluster, no replica acknowledged an append in time (``WAIT``)."""
 
 
-#: A channel message, plain or sharded, as text or bytes.
-_MESSAGE_TYPES: Final = ("message", b"message", "smessage", b"smessage")
-
-
-async def _next_message(pubsub: PubSub | ClusterPubSub) -> Any:
-    if isinstance(pubsub, ClusterPubSub):
-        if not pubsub.node_pubsub_mapping:
-            # The node dropped the subscription (its slot moved): subscribe anew.
-            raise ConnectionError("the token subscription was dropped")
-        return await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=_BLOCK_S)
-    return await pubsub.get_message(ignore_subscribe_messages=True, timeout=_BLOCK_S)
+# Tokens: each conversation's batches on a stream of its own, kept short and expiring, so a
+# process reads only the conversations it follows, and one that begins to follow mid-run
+# reads back what was said. While some process follows every conversation (a workspace's
+# or a user's subscriber: ``KEYS[2]`` exists), the batches go on the all-conversations
+# stream too. One script, one round trip, per batch a sender carries.
+# KEYS: the all-conversations stream, its wanted key, then one stream per conversation.
+# ARGV: ttl ms, keep, keep all, origin, then each conversation's batch (an EventBatch's
+# bytes: their concatenation is the whole batch).
+_TOKENS_SCRIPT: Final = """
+for i = 3, #KEYS do
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[2], '*', 'o', ARGV[4], 'b', ARGV[i + 2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local whole = table.concat(ARGV, '', 5)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'o', ARGV[4], 'b', whole)
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return #KEYS - 2
+"""
 
 
 def _entries(entries: Any) -> list[Logged]:
@@ -799,6 +851,18 @@ def _entries(entries: Any) -> list[Logged]:
         except (DecodeError, KeyError, TypeError, ValueError) as exc:
             _UNREADABLE.failed("an event log entry that is not an event was skipped", exc)
     return logged
+
+
+def _streams(reads: dict[str, str]) -> dict[_Key, int | _Key]:
+    """``reads`` as redis-py's XREAD types its streams."""
+    streams: dict[_Key, int | _Key] = {}
+    for stream, after in reads.items():
+        streams[stream] = after
+    return streams
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _last_id(entries: Any) -> Position | None:
@@ -864,16 +928,35 @@ class RedisLog:
         self._reader_client = binary_client(
             redis_url, timeout_s=timeout_s, max_connections=1, socket_timeout_s=_BLOCK_S + timeout_s
         )
-        # Tokens: pub/sub on their own connection (a subscribed connection does nothing else).
+        # Tokens: the followed streams' blocking read holds a connection of its own.
         self._token_client = binary_client(
-            redis_url, timeout_s=timeout_s, max_connections=1, socket_timeout_s=_BLOCK_S + timeout_s
+            redis_url,
+            timeout_s=timeout_s,
+            max_connections=1,
+            socket_timeout_s=_TOKEN_BLOCK_S + timeout_s,
         )
-        self._token_channel = f"{key}:tokens"
-        # Tells this process's own token messages from the others' (it hears them too).
+        self._tokens_key = f"{key}:tokens"
+        self._all_wanted_key = f"{key}:tokens:every"
+        # Tells this process's own token batches from the others' (it may follow its own).
         self._origin = secrets.token_bytes(8)
         self._token_queue: list[events_pb2.Event] = []
         self._token_sender: asyncio.Task[None] | None = None
+        self._send_tokens_script = self._client.register_script(_TOKENS_SCRIPT)
         self._heard: Carry = _nobody
+        self._hearing = False
+        self.token_linger_s = TOKEN_LINGER_S
+        #: Conversations followed (``EVERY_CONVERSATION``: all), and by how many.
+        self._follows: dict[str, int] = {}
+        #: Conversations no longer followed, still read until then (monotonic time).
+        self._lingering: dict[str, float] = {}
+        #: The read-back of a conversation being followed anew (a second follower waits on it).
+        self._backfills: dict[str, asyncio.Future[list[events_pb2.Event]]] = {}
+        #: Each token stream's last entry read (the next read starts after it).
+        self._token_last: OrderedDict[str, str] = OrderedDict()
+        #: Token event ids heard lately: a batch read twice is heard once.
+        self._token_ids: OrderedDict[str, None] = OrderedDict()
+        self._follows_changed = asyncio.Event()
+        self._all_said_at = 0.0
         self._append = self._client.register_script(_APPEND_SCRIPT)
         # WAIT's own bound, inside the append's (2 x timeout_s on a cluster).
         self._wait_ms = max(1, int(self._timeout_s * 1000))
@@ -1114,19 +1197,149 @@ class RedisLog:
     # -- tokens ------------------------------------------------------------------
 
     def carry_tokens(self, heard: Carry | None) -> Carry | None:
-        """Tokens cross processes over Redis pub/sub (``<key>:tokens``), not the stream.
+        """Tokens cross processes over short Redis streams, one per conversation
+        (``<key>:tokens:<conversation>``, ``_TOKENS_SCRIPT``), not the log.
 
-        Pub/sub keeps nothing: a process that is not listening at that moment
-        (restarting, Redis away) does not hear them, and the run's result,
-        which is logged, carries its whole text. One sender task per process
-        keeps a process's tokens in the order it announced them. A process that
-        serves no stream of runs (``heard`` None) does not listen: it would decode
-        every token of every run only to drop it.
+        A process reads only the conversations it follows (``follow_tokens``: a
+        subscriber's or a watcher of another process's run), so no process decodes the
+        tokens of conversations nobody on it follows. The streams keep the last
+        ``_TOKEN_KEEP`` batches of a conversation for ``_TOKEN_TTL_MS``: a process that
+        begins to follow mid-run reads back what was said. Past that they are gone, and
+        the run's result, which is logged, carries its whole text. One sender task per
+        process keeps a process's tokens in the order it announced them. A process that
+        serves no stream of runs (``heard`` None) never reads them.
         """
         if heard is not None:
             self._heard = heard
-            self._tasks.append(asyncio.create_task(self._hear_loop(), name="eventlog-tokens"))
+            self._hearing = True
+            self._tasks.append(asyncio.create_task(self._tokens_loop(), name="eventlog-tokens"))
         return self._relay
+
+    def _token_stream(self, conversation: str) -> str:
+        if conversation == EVERY_CONVERSATION:
+            return self._tokens_key
+        return f"{self._tokens_key}:{conversation}"
+
+    async def follow_tokens(self, conversation: str) -> list[events_pb2.Event]:
+        """Follow ``conversation``'s tokens (see the protocol); the other processes' ones
+        said before it that this process had not heard (``[]`` if it was following it, or
+        every conversation, already): read back from its stream, oldest first."""
+        if not self._hearing or self._closed:
+            return []
+        count = self._follows.get(conversation, 0)
+        self._follows[conversation] = count + 1
+        if count:
+            pending = self._backfills.get(conversation)
+            if pending is not None:
+                try:
+                    # Its first follower files what is read back (before this one resumes).
+                    await asyncio.shield(pending)
+                except BaseException:
+                    self.unfollow_tokens(conversation)
+                    raise
+            return []
+        heard_already = self._lingering.pop(conversation, None) is not None or (
+            conversation != EVERY_CONVERSATION
+            and (EVERY_CONVERSATION in self._follows or EVERY_CONVERSATION in self._lingering)
+        )
+        self._follows_changed.set()
+        if heard_already:
+            return []
+        future: asyncio.Future[list[events_pb2.Event]] = asyncio.get_running_loop().create_future()
+        self._backfills[conversation] = future
+        said: list[events_pb2.Event] = []
+        try:
+            said = await self._read_back(conversation)
+        except BaseException:
+            self.unfollow_tokens(conversation)
+            raise
+        finally:
+            del self._backfills[conversation]
+            future.set_result(said)
+            self._follows_changed.set()  # the reader reads it from here on
+        return said
+
+    async def _read_back(self, conversation: str) -> list[events_pb2.Event]:
+        """Where reading ``conversation``'s stream starts, and what it holds before that."""
+        stream = self._token_stream(conversation)
+        try:
+            async with asyncio.timeout(self._timeout_s * 2):
+                if conversation == EVERY_CONVERSATION:
+                    # Written only while someone follows it: what it holds is old news.
+                    await self._say_all_wanted()
+                    newest: Any = await self._client.xrevrange(stream, count=1)
+                    self._token_last[stream] = _text(newest[0][0]) if newest else "0-0"
+                    return []
+                after = self._token_last.get(stream)
+                entries: Any = await self._client.xrange(
+                    stream, min=f"({after}" if after else "-", count=_TOKEN_KEEP
+                )
+        except _REDIS_FAILURES as exc:
+            # The reader starts from what it knows (or the start) and catches up.
+            log.warning(
+                "tokens said before a conversation was followed not read back",
+                extra={"error": type(exc).__name__},
+            )
+            return []
+        return self._took(stream, entries)
+
+    def unfollow_tokens(self, conversation: str) -> None:
+        count = self._follows.get(conversation, 0)
+        if count > 1:
+            self._follows[conversation] = count - 1
+            return
+        if count == 1:
+            del self._follows[conversation]
+            self._lingering[conversation] = time.monotonic() + self.token_linger_s
+            self._follows_changed.set()
+
+    def _token_reads(self) -> dict[str, str]:
+        """The token streams to read now, each with where its read starts."""
+        lingering = self._lingering
+        if lingering:
+            now = time.monotonic()
+            for conversation in [c for c, until in lingering.items() if until <= now]:
+                del lingering[conversation]
+        if EVERY_CONVERSATION in self._follows or EVERY_CONVERSATION in lingering:
+            followed: Sequence[str] = (EVERY_CONVERSATION,)
+        else:
+            followed = [*self._follows, *lingering]
+        reads: dict[str, str] = {}
+        for conversation in followed:
+            if conversation in self._backfills:
+                continue  # read from where its read-back ends
+            stream = self._token_stream(conversation)
+            reads[stream] = self._token_last.get(stream, "0-0")
+        return reads
+
+    def _took(self, stream: str, entries: Any) -> list[events_pb2.Event]:
+        """The other processes' tokens in ``entries`` of ``stream``, each heard once."""
+        heard: list[events_pb2.Event] = []
+        ids = self._token_ids
+        for entry_id, fields in entries or ():
+            self._token_last[stream] = _text(entry_id)
+            self._token_last.move_to_end(stream)
+            try:
+                if fields[b"o"] == self._origin:
+                    continue
+                events = events_pb2.EventBatch.FromString(fields[b"b"]).events
+            except (DecodeError, KeyError, TypeError, ValueError) as exc:
+                _UNREADABLE.failed("a token stream entry that is not a batch was skipped", exc)
+                continue
+            for event in events:
+                if event.id in ids:
+                    continue
+                ids[event.id] = None
+                heard.append(event)
+        while len(ids) > _TOKEN_IDS:
+            ids.popitem(last=False)
+        while len(self._token_last) > _TOKEN_IDS // 10:
+            self._token_last.popitem(last=False)
+        return heard
+
+    async def _say_all_wanted(self) -> None:
+        self._all_said_at = time.monotonic()
+        await self._client.set(self._all_wanted_key, b"1", px=int(_ALL_WANTED_EVERY_S * 3000))
 
     def _relay(self, events: Sequence[events_pb2.Event]) -> None:
         if self._closed:
@@ -1142,60 +1355,94 @@ class RedisLog:
 
     async def _send_tokens(self) -> None:
         while self._token_queue and not self._closed:
-            batch = events_pb2.EventBatch(events=self._token_queue)
-            self._token_queue = []
+            queued, self._token_queue = self._token_queue, []
+            by_conversation: dict[str, list[events_pb2.Event]] = {}
+            for event in queued:
+                by_conversation.setdefault(event.conversation, []).append(event)
+            keys = [self._tokens_key, self._all_wanted_key]
+            batches = []
+            for conversation, events in by_conversation.items():
+                # A token of no conversation goes on the all-conversations stream alone.
+                # (A token of no conversation, were there one: the all-conversations stream.)
+                keys.append(self._token_stream(conversation))
+                batches.append(events_pb2.EventBatch(events=events).SerializeToString())
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    payload = self._origin + batch.SerializeToString()
-                    if isinstance(self._client, RedisCluster):
-                        # Sharded: only the master of the log's slot (and its replica)
-                        # carries them, not every node over the cluster bus.
-                        await self._client.spublish(self._token_channel, payload)
-                    else:
-                        await self._client.publish(self._token_channel, payload)
+                    await self._send_tokens_script(
+                        keys=keys,
+                        args=[_TOKEN_TTL_MS, _TOKEN_KEEP, _TOKEN_KEEP_ALL, self._origin, *batches],
+                    )
             except _REDIS_FAILURES as exc:
                 log.warning(
                     "tokens not carried to other processes",
-                    extra={"tokens": len(batch.events), "error": type(exc).__name__},
+                    extra={"tokens": len(queued), "error": type(exc).__name__},
                 )
             except Exception as exc:  # noqa: BLE001 - live only: these go, the next ones follow
                 self._notes.failed("tokens not carried to other processes", exc)
 
-    async def _hear_loop(self) -> None:
+    async def _tokens_loop(self) -> None:
+        """Read the followed conversations' token streams (all of them in one blocking
+        read), hand the other processes' tokens to ``heard``."""
         backoff = Backoff()
+        every = False
+        reading: dict[str, str] = {}
         while not self._closed:
-            client = self._token_client
-            pubsub: PubSub | ClusterPubSub = client.pubsub()
+            reads = self._token_reads()
+            if not reads:
+                self._follows_changed.clear()
+                await self._follows_changed.wait()
+                continue
             try:
-                async with asyncio.timeout(self._timeout_s * 4):
-                    if isinstance(client, RedisCluster) and isinstance(pubsub, ClusterPubSub):
-                        # The slot's master now (after a failover, the promoted replica).
-                        await client.nodes_manager.initialize()
-                        await pubsub.ssubscribe(self._token_channel)
-                    else:
-                        await pubsub.subscribe(self._token_channel)
-                while not self._closed:
-                    async with asyncio.timeout(_BLOCK_S + self._timeout_s * 2):
-                        message: Any = await _next_message(pubsub)
-                    backoff.reset()
-                    if message is None or message.get("type") not in _MESSAGE_TYPES:
+                async with asyncio.timeout(_TOKEN_BLOCK_S + self._timeout_s * 2):
+                    if (self._tokens_key in reads) != every:
+                        await self._switch(reading, reads)
+                        every = not every
                         continue
-                    data: bytes = message["data"]
-                    if data[:8] == self._origin:
-                        continue
-                    try:
-                        heard = events_pb2.EventBatch.FromString(data[8:]).events
-                        self._heard(heard)
-                    except Exception as exc:  # noqa: BLE001 - one message, not the listener
-                        self._notes.failed("tokens heard from another process were dropped", exc)
+                    if (
+                        self._tokens_key in reads
+                        and time.monotonic() - self._all_said_at >= _ALL_WANTED_EVERY_S
+                    ):
+                        await self._say_all_wanted()
+                    reply: Any = await self._token_client.xread(
+                        _streams(reads), count=_REDIS_PAGE, block=int(_TOKEN_BLOCK_S * 1000)
+                    )
             except _REDIS_FAILURES:
                 await backoff.wait()
-            except Exception as exc:  # noqa: BLE001 - the listener goes on whatever a round meets
-                self._notes.failed("listening for other processes' tokens failed", exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - the reader goes on whatever a round meets
+                self._notes.failed("reading other processes' tokens failed", exc)
                 await backoff.wait()
-            finally:
-                with contextlib.suppress(*_REDIS_FAILURES):
-                    await pubsub.aclose()
+                continue
+            backoff.reset()
+            reading = reads
+            self._hand(reply)
+
+    def _hand(self, reply: Any) -> None:
+        for stream, entries in reply or ():
+            heard = self._took(_text(stream), entries)
+            if heard:
+                try:
+                    self._heard(heard)
+                except Exception as exc:  # noqa: BLE001 - one batch, not the reader
+                    self._notes.failed("tokens heard from another process were dropped", exc)
+
+    async def _switch(self, reading: dict[str, str], reads: dict[str, str]) -> None:
+        """From each conversation's stream to the all-conversations stream, or back: the
+        streams read next start where they end now, then the streams left are read to
+        their end (what the two both hold is heard once), so nothing said in between
+        is missed and nothing old is heard again."""
+        entering = [stream for stream in reads if stream not in reading]
+        if entering:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for stream in entering:
+                    pipe.xrevrange(stream, count=1)
+                newest: list[Any] = await pipe.execute()
+            for stream, found in zip(entering, newest, strict=True):
+                self._token_last[stream] = _text(found[0][0]) if found else "0-0"
+        left = {stream: self._token_last.get(stream, start) for stream, start in reading.items()}
+        left = {stream: start for stream, start in left.items() if stream not in reads}
+        if left:
+            self._hand(await self._client.xread(_streams(left), count=_TOKEN_KEEP_ALL))
 
     async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
         try:

@@ -302,40 +302,53 @@ class Queries:
                 yield mapping.snapshot(run)
             if run.state in TERMINAL:
                 return
-            order = _InOrder(position)
-            held = self._held(run.name, str(target.parent), order)
-            ready = merge_deltas(held) if merge else held
-            while True:
-                for one in ready:
-                    yield one
-                    if _ends(one):
-                        return
-                wait = self._limits.heartbeat_s
-                if order.early:
-                    wait = order.left()
-                    if wait <= 0:
-                        # What they waited for is not coming (it was before this watch
-                        # began, or lost on the way): they go out, the gap showing.
-                        flushed = order.flush()
-                        ready = merge_deltas(flushed) if merge else flushed
-                        continue
-                try:
-                    async with asyncio.timeout(wait):
-                        update = await queue.get()
-                except TimeoutError:
-                    ready = []
-                    if not order.early:
-                        # Idle: did it end without this process hearing of it (its
-                        # end published while this one could not read the log)?
-                        stored = (await self._stored(target)).run
-                        if stored.state in TERMINAL and stored.last_sequence > order.position:
-                            ready = [mapping.snapshot(stored)]
-                        else:
-                            yield None
-                    continue
-                ready = _ready(order, update, queue, merge)
+            # Its tokens, those said before this watch included (read back into the ring).
+            unfollow = await self._bus.follow((str(target.parent),))
+            try:
+                async for update in self._follow(target, position, queue, merge):
+                    yield update
+            finally:
+                unfollow()
         finally:
             unsubscribe()
+
+    async def _follow(
+        self, target: RunName, position: int, queue: asyncio.Queue[pb.RunUpdate], merge: bool
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        """Another replica's live run past ``position``: what this process holds of it,
+        then what its listener hears (``queue``), in order, to its end."""
+        order = _InOrder(position)
+        held = self._held(str(target), str(target.parent), order)
+        ready = merge_deltas(held) if merge else held
+        while True:
+            for one in ready:
+                yield one
+                if _ends(one):
+                    return
+            wait = self._limits.heartbeat_s
+            if order.early:
+                wait = order.left()
+                if wait <= 0:
+                    # What they waited for is not coming (it was before this watch
+                    # began, or lost on the way): they go out, the gap showing.
+                    flushed = order.flush()
+                    ready = merge_deltas(flushed) if merge else flushed
+                    continue
+            try:
+                async with asyncio.timeout(wait):
+                    update = await queue.get()
+            except TimeoutError:
+                ready = []
+                if not order.early:
+                    # Idle: did it end without this process hearing of it (its
+                    # end published while this one could not read the log)?
+                    stored = (await self._stored(target)).run
+                    if stored.state in TERMINAL and stored.last_sequence > order.position:
+                        ready = [mapping.snapshot(stored)]
+                    else:
+                        yield None
+                continue
+            ready = _ready(order, update, queue, merge)
 
     def _missed_end(
         self, run: pb.Run, conversation: str, after_sequence: int
