@@ -104,6 +104,8 @@ class Plan:
     quiet_wait_s: float
     #: Also each count N > 1 at N times the row's conversations (``one_round``).
     matched: bool = True
+    #: The client's calls carry the routing header, as Switchboard's clients' do.
+    affinity: bool = True
 
 
 def _clients(row: Row) -> int:
@@ -149,6 +151,7 @@ async def measure(
             "address": address,
             "token": account.token,
             "conversations_names": part,
+            "affinity": plan.affinity,
             "trees": {},
         }
         for part in _slices(names, _clients(plan.row))
@@ -365,6 +368,7 @@ async def drive(args: argparse.Namespace) -> int:
         seconds=6.0 if args.quick else 12.0,
         quiet_wait_s=5.0 if args.quick else 20.0,
         matched=not args.no_matched,
+        affinity=not args.no_affinity,
     )
     cores = usable_cores()
     results: dict[str, Any] = {
@@ -573,9 +577,15 @@ def render(results: dict[str, Any], command: str, plan: Plan) -> str:
         f"process(es) on one window; every part on the same {results['cores']} cores",
         "- `all-in-one`: `switchboard serve --dev` on SQLite (the first-hour shape), the client "
         "straight to it; `N processes`: `switchboard mesh --processes N` (each process serves "
-        "every service, PostgreSQL, Redis and Envoy shared; the bench's calls carry no routing "
-        "header, so Envoy's Maglev picks a process at random per call), the client through "
-        f"Envoy; {settings_text(SERVER_SETTINGS)} reach every process",
+        "every service, PostgreSQL, Redis and Envoy shared), the client through Envoy"
+        + (
+            " with the routing header Switchboard's clients send (`switchboard-affinity`: a "
+            "conversation's SendMessage and WatchRun reach one process)"
+            if plan.affinity
+            else " without the routing header (`--no-affinity`: Envoy's Maglev picks a "
+            "process at random per call, and a WatchRun elsewhere follows the run over Redis)"
+        )
+        + f"; {settings_text(SERVER_SETTINGS)} reach every process",
         "- CPU from /proc over the measured window, every process of each part (PostgreSQL "
         "with its backends); server CPU: every part but the model and the client. Bound by: "
         f"a one-thread part at {BUSY:g} of a core or more, else the host when every part together "
@@ -627,6 +637,11 @@ def options(parser: argparse.ArgumentParser) -> None:
         "oversubscribed (the mesh's --oversubscribe), for CPU per run, not throughput",
     )
     parser.add_argument("--rounds", type=int, default=0, help="rounds (default 2, quick 1)")
+    parser.add_argument(
+        "--no-affinity",
+        action="store_true",
+        help="the client's calls without the routing header (a process at random per call)",
+    )
     parser.add_argument(
         "--no-matched",
         action="store_true",

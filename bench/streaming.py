@@ -74,6 +74,7 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.client.transport.affinity import AFFINITY_HEADER
 from switchboard.dispatcher.runs.core.store import TERMINAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
@@ -463,7 +464,6 @@ async def client_direct(spec: dict[str, Any]) -> dict[str, Any]:
 async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
     """Each loop: SendMessage (the llm handler), WatchRun to the end, again."""
     load = Load(spec)
-    metadata = bearer(spec["token"])
     names: list[str] = spec["conversations_names"]
     channels = [dedicated_channel(spec["address"]) for _ in range(max(1, len(names) // 50))]
     stubs = [dispatcher_pb2_grpc.DispatcherServiceStub(c) for c in channels]
@@ -471,6 +471,11 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
 
     async def one(index: int, name: str) -> None:
         stub = stubs[index % len(stubs)]
+        # The routing header, as Switchboard's clients send it (``spec["affinity"]``): the
+        # edge sends a conversation's SendMessage and WatchRun to one process.
+        metadata: tuple[tuple[str, str], ...] = bearer(spec["token"])
+        if spec.get("affinity"):
+            metadata = (*metadata, (AFFINITY_HEADER, name))
         started = time.perf_counter()
         request = pb.SendMessageRequest(
             conversation=name,
