@@ -55,7 +55,7 @@ class History:
         # The log's history: tokens are not in it (a token's cursor reads from the event before).
         start = logged_part(start)
         await self._bus.check_cursor(start)
-        upto = logged_part(self._bus.head)
+        upto = logged_part(await self._bus.newest())
         keys = frozenset(spec.keys)
         events: list[events_pb2.Event] = []
         position, scanned = start, 0

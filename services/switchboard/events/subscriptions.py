@@ -280,9 +280,6 @@ class Subscription:
         ``hold`` is the access to its scopes, granted with ``recheck`` as its listener.
         """
         self._hold = hold
-        if not self._bus.ring.known:
-            # Started while Redis was away: where the live tail is is unknown.
-            raise DependencyUnavailable("the event log is not reachable yet; retry")
         after = self.spec.after
         if after is not None and len(after) > 2 and not self._bus.own_token(after):
             # A token another process numbered (a resume on another replica): from the
@@ -294,8 +291,12 @@ class Subscription:
             self._merge = False
         if after is not None:
             await self._bus.check_cursor(after)
-        # The other processes' tokens of what it shows, those said before included.
+        # The whole log, and the other processes' tokens of what it shows (those said
+        # before included).
         self._unfollow = await self._bus.follow(self.keys)
+        if not self._bus.ring.known:
+            # Redis away since this process started: where the live tail is is unknown.
+            raise DependencyUnavailable("the event log is not reachable yet; retry")
         # No await between these lines: the mark and the attach are one step.
         mark = self._bus.head
         self._bus.fanout.attach(self)

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as redis
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.errors import CursorExpired
+from switchboard.platform.errors import CursorExpired, DependencyUnavailable
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import (
     _APPEND_SCRIPT,
@@ -121,6 +121,7 @@ async def _open(
     memory: int = 100,
     timeout_s: float = TIMEOUT_S,
     hear_tokens: bool = True,
+    tail: bool = True,
 ) -> EventBus:
     log = RedisLog(
         url,
@@ -135,6 +136,8 @@ async def _open(
     bus = EventBus(log, memory=memory, hear_tokens=hear_tokens)
     await bus.start()
     buses.append(bus)
+    if tail:
+        await bus.tail()  # as a process serving a subscriber does
     return bus
 
 
@@ -265,14 +268,18 @@ async def test_starting_while_redis_is_down_recovers_on_its_own(
     old = await seed.publish(_event("old"))
     redis_server.pause()
     try:
-        bus = await _open(buses, redis_server.url)
+        bus = await _open(buses, redis_server.url, tail=False)
         assert bus.state == "degraded"
         assert not bus.ring.known, "nothing is served from an unknown log"
+        with pytest.raises(DependencyUnavailable):
+            await bus.tail()  # a subscriber now is told to retry
     finally:
         redis_server.resume()
     async with asyncio.timeout(DEADLINE_S):
-        while not _known(bus):  # noqa: ASYNC110 - loaded by a background task
+        while _state(bus) != "ok":  # noqa: ASYNC110 - found by a background task
             await asyncio.sleep(0.01)
+    await bus.tail()
+    assert _known(bus)
     assert old.id in [e.id for e in bus.recent()]
     collector = _Collector(bus)
     new = await bus.publish(_event("new"))
@@ -451,3 +458,127 @@ async def _script_exists_calls(client: redis.Redis) -> int:
 def bus_sha(_bus: EventBus) -> str:
     """The append script's digest, as Redis names it."""
     return hashlib.sha1(_APPEND_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis's own name
+
+
+# -- the whole log, or its control events --------------------------------------------------
+
+
+def _member_changed(note: str) -> events_pb2.Event:
+    event = _event(note)
+    event.type = events_pb2.EVENT_TYPE_MEMBER_CHANGED
+    return event
+
+
+def _message(note: str) -> events_pb2.Event:
+    event = _event(note)
+    event.type = events_pb2.EVENT_TYPE_MESSAGE_CREATED
+    event.conversation = C1
+    return event
+
+
+class _Heard:
+    """A listener's events (as a cache's invalidation hears them), awaitable by count."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.notes: list[str] = []
+        self._changed = asyncio.Event()
+        bus.listen(self._on_event)
+
+    def _on_event(self, event: events_pb2.Event) -> None:
+        if not event.cursor or len(event.cursor.split("-")) == 2:  # logged, not a token
+            self.notes.append(event.actor.name)
+            self._changed.set()
+
+    async def until(self, *notes: str) -> list[str]:
+        async with asyncio.timeout(DEADLINE_S):
+            while not set(notes) <= set(self.notes):
+                self._changed.clear()
+                await self._changed.wait()
+        return self.notes
+
+
+async def _open_lingering(buses: list[EventBus], url: str, linger_s: float) -> EventBus:
+    log = RedisLog(
+        url,
+        key="test:events",
+        timeout_s=OUTAGE_FREE_TIMEOUT_S,
+        retention=10_000,
+        retention_s=86_400,
+        memory=100,
+        outbox_limit=1_000,
+        dedupe_window_s=60,
+    )
+    log.tail_linger_s = linger_s
+    bus = EventBus(log, memory=100)
+    await bus.start()
+    buses.append(bus)
+    return bus
+
+
+async def test_a_process_that_needs_no_whole_log_hears_only_the_control_events(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """A process that serves no subscriber, follows no other process's run and holds no
+    feeder's lease reads the control stream, not the log: its caches' listeners hear a
+    membership change, never another process's message; its ring serves nothing."""
+    writer = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    idle = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S, tail=False)
+    heard = _Heard(idle)
+    on_writer = _Collector(writer)
+    await writer.publish(_message("message"))
+    await writer.publish(_member_changed("member"))
+    await on_writer.until(2)
+    assert await heard.until("member") == ["member"]
+    assert not idle.ring.known
+    assert [e.actor.name for e in idle.recent() if e.type != _member_changed("").type] == []
+    newest = await idle.newest()
+    assert newest == writer.head, "the log's head, asked of Redis"
+
+
+async def test_a_process_that_begins_to_read_the_whole_log_misses_no_control_event(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """Beginning to read the whole log: the control events said since the control stream
+    was last read reach the listeners once each, the newest events are in the ring, and
+    everything after is delivered; once nothing needs it (past its linger) the process
+    goes back to the control stream from where it was, hearing nothing twice."""
+    writer = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    process = await _open_lingering(buses, redis_server.url, linger_s=0.0)
+    heard = _Heard(process)
+    await writer.publish(_member_changed("first"))
+    await heard.until("first")
+    await writer.publish(_member_changed("second"))
+    await writer.publish(_message("message"))
+    untail = await process.tail()
+    assert _known(process)
+    ring = [item.event.actor.name for item in process.ring.items()]
+    assert ring[-3:] == ["first", "second", "message"]
+    await writer.publish(_message("live"))
+    await heard.until("second", "live")
+    assert heard.notes == ["first", "second", "live"]
+    untail()
+    async with asyncio.timeout(DEADLINE_S):
+        while _known(process):  # noqa: ASYNC110 - the reader goes back in its next round
+            await asyncio.sleep(0.01)
+    await writer.publish(_message("unheard"))
+    await writer.publish(_member_changed("third"))
+    assert await heard.until("third") == ["first", "second", "live", "third"]
+
+
+async def test_tokens_of_a_process_that_reads_no_whole_log_still_reach_a_follower(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """A run's owner that serves no subscriber has nothing to show its tokens to: they go
+    to the processes that follow the conversation at once (no wait for the owner's own
+    read of the log), each numbered after the logged event it follows."""
+    owner = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S, tail=False)
+    follower = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    await follower.follow([C1])
+    on_follower = _Collector(follower, C1)
+    after = await _logged(owner, "logged")
+    owner.announce([_token("token", C1)], after=after)
+    await on_follower.until(1)
+    assert _tokens_in(follower) == ["token"]
+    [token] = [item for item in follower.ring.items() if item.token]
+    assert token.position[:2] >= after
+    assert _tokens_in(owner) == []

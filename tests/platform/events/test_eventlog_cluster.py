@@ -1,7 +1,8 @@
 """The event log on a real Redis Cluster (three masters, three replicas): its keys in
 one slot, one order for every process, replay and resume from a cursor, tokens on
-their conversations' streams in the log's slot, and a master killed (SIGKILL) while a process appends: every
-acknowledged append is still there, in order, and a reader resumes from its cursor.
+their conversations' streams in the log's slot, and a master killed (SIGKILL) while a
+process appends: every acknowledged append is still there, in order, and a reader
+resumes from its cursor.
 
 The cluster comes from ``redis_cluster`` (tests/infra/rediscluster.py); every wait is
 a poll or an event under a deadline.
@@ -42,7 +43,12 @@ async def buses() -> AsyncIterator[list[EventBus]]:
 
 
 async def _open(
-    buses: list[EventBus], url: str, *, memory: int = 1_000, timeout_s: float = TIMEOUT_S
+    buses: list[EventBus],
+    url: str,
+    *,
+    memory: int = 1_000,
+    timeout_s: float = TIMEOUT_S,
+    tail: bool = True,
 ) -> EventBus:
     log = RedisLog(
         url,
@@ -57,6 +63,8 @@ async def _open(
     bus = EventBus(log, memory=memory)
     await bus.start()
     buses.append(bus)
+    if tail:
+        await bus.tail()  # as a process serving a subscriber does
     return bus
 
 

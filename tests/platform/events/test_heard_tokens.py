@@ -73,6 +73,16 @@ class ThisProcessesLog:
     def unfollow_tokens(self, conversation: str) -> None:
         return None
 
+    @property
+    def tailing(self) -> bool:
+        return True
+
+    async def tail(self) -> None:
+        return None
+
+    def untail(self) -> None:
+        return None
+
     def _relay(self, events: Sequence[events_pb2.Event]) -> None:
         self.relayed += [(event.actor.name, event.cursor) for event in events]
 

@@ -103,10 +103,6 @@ def _followed(name: str) -> str:
     return EVERY_CONVERSATION
 
 
-def _nothing() -> None:
-    return None
-
-
 def _base(cursor: str) -> Position:
     """The logged position a token's cursor (or a logged event's) names; () if none."""
     position = parse_cursor(cursor) if cursor else None
@@ -473,8 +469,9 @@ class EventBus:
         they were said, so a replay or a watch begun now finds them, and no subscriber
         already past that point is sent them.
         """
+        untail = await self.tail()
         if self.relay is None or not self._hear_tokens:
-            return _nothing
+            return untail
         followed: list[str] = []
         try:
             for conversation in dict.fromkeys(_followed(name) for name in names):
@@ -485,13 +482,40 @@ class EventBus:
         except BaseException:
             for conversation in followed:
                 self._backend.unfollow_tokens(conversation)
+            untail()
             raise
 
         def unfollow() -> None:
             while followed:
                 self._backend.unfollow_tokens(followed.pop())
+            untail()
 
         return unfollow
+
+    async def tail(self) -> Callable[[], None]:
+        """Read the whole log until the function returned is called: what serves a
+        subscriber, follows another process's run, or feeds a leased feeder needs every
+        event, in the ring and delivered. A process that needs none reads only the control
+        events (``CONTROL_TYPES``, which every process's caches and open streams hear),
+        so its cost does not grow with the events of conversations it does not serve.
+        UNAVAILABLE if the log cannot be reached to begin."""
+        await self._backend.tail()
+        done = False
+
+        def untail() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._backend.untail()
+
+        return untail
+
+    async def newest(self) -> Position:
+        """The newest logged position: this process's head while it reads the whole log,
+        else the log's own (asking storage)."""
+        if self._backend.tailing:
+            return self.head
+        return await self._backend.last_position()
 
     def _said_before(self, events: Sequence[events_pb2.Event]) -> None:
         """File tokens read back when their conversation was followed: after the logged
@@ -527,6 +551,15 @@ class EventBus:
         after it would never be sent them. So they wait for it (in order, behind any tokens
         already waiting), at most ``EARLY_TOKEN_WAIT_S``: a token is never held back
         longer than that for an event that may not come."""
+        if not self._backend.tailing:
+            # Nothing here follows the log, so nothing here shows a token: they go to the
+            # processes that do, numbered after the event they follow.
+            if own and self.relay is not None:
+                for event in events:
+                    self._tokens += 1
+                    event.cursor = format_cursor((*base, self._tokens))
+                self.relay(events)
+            return
         if not self._early and base <= logged_part(self.ring.head()):
             self._deliver_tokens(events, own)
             return

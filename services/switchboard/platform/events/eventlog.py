@@ -11,9 +11,13 @@ c" means exactly "every event whose position is greater than c".
 * ``RedisLog`` (scaled out): one Redis Stream is the log; positions are stream
   entry ids. Each process runs one ``XREAD BLOCK`` reader and fans out what it
   reads, so an event published through process A reaches subscribers on B, and
-  every process sees the same order. Appends go through a small Lua script that
-  also remembers the event id for ``dedupe_window_s``, so a publish retried
-  after an uncertain failure (a timeout while Redis was stopped) lands once.
+  every process sees the same order. It reads the whole log only while something
+  on it needs every event (``tail``: a subscriber, a watch of another process's
+  run, a leased feeder), else the control stream: the events of ``CONTROL_TYPES``,
+  which every process's caches hear, appended there too under the same id.
+  Appends go through a small Lua script that also remembers the event id for
+  ``dedupe_window_s``, so a publish retried after an uncertain failure (a
+  timeout while Redis was stopped) lands once.
 
 **When Redis is unreachable** a process keeps serving: publishing never blocks
 the publisher; events go to an in-memory outbox (bounded) and are appended to
@@ -27,10 +31,10 @@ docs/operations.md). Redis itself must persist the stream (``appendonly yes``
 with ``appendfsync always``) for an acknowledged event to survive a Redis crash.
 
 **On a Redis Cluster** (``redis+cluster://``) the log is still one stream, on the
-master of its slot: its keys and token channel carry the stream's hash tag, tokens
-go over sharded pub/sub, and every append is followed by ``WAIT 1`` so that an
-append is acknowledged (given its cursor) only once a replica holds it; short of
-that it is held and appended again, so a failover loses nothing acknowledged.
+master of its slot: its keys and token streams carry the stream's hash tag, and
+every append is followed by ``WAIT 1`` so that an append is acknowledged (given
+its cursor) only once a replica holds it; short of that it is held and appended
+again, so a failover loses nothing acknowledged.
 
 Both backends keep the newest events in memory (``Ring``) for fast replay, and
 answer older replays from storage. Trimming is by count and by age; the
@@ -133,6 +137,27 @@ _ALL_WANTED_EVERY_S: Final = 10.0
 _TOKEN_IDS: Final = 50_000
 #: ``follow_tokens``' name for every conversation (a workspace or user is followed so).
 EVERY_CONVERSATION: Final = ""
+#: Events every process hears, whatever it serves: what they change is cached in every
+#: process (sessions and API keys, roles, assistants, integrations and experts) or
+#: changes who may see an open stream. On Redis they also go on the control stream,
+#: which a process that does not read the whole log reads instead (``RedisLog.tail``).
+CONTROL_TYPES: Final = frozenset(
+    {
+        events_pb2.EVENT_TYPE_WORKSPACE_CHANGED,
+        events_pb2.EVENT_TYPE_MEMBER_CHANGED,
+        events_pb2.EVENT_TYPE_INTEGRATION_CHANGED,
+        events_pb2.EVENT_TYPE_SECURITY,
+        events_pb2.EVENT_TYPE_ASSISTANT_CHANGED,
+    }
+)
+#: How long one read of the control stream blocks: a process that begins to read the
+#: whole log stops reading it within this.
+_CONTROL_BLOCK_S: Final = 0.1
+#: At least this long a subscriber waits for its process to begin reading the whole log
+#: (Redis away, or a cluster's failover) before it is told to retry.
+_TAIL_START_S: Final = 10.0
+#: How long a process goes on reading the whole log once nothing on it needs it.
+TAIL_LINGER_S: Final = 30.0
 
 
 def format_cursor(position: Position) -> str:
@@ -340,6 +365,19 @@ class LogBackend(Protocol):
         ...
 
     def unfollow_tokens(self, conversation: str) -> None: ...
+
+    @property
+    def tailing(self) -> bool:
+        """Whether this process reads (and its ring holds) the whole log now."""
+        ...
+
+    async def tail(self) -> None:
+        """Read the whole log until as many ``untail``: a subscriber, a watcher of another
+        process's run or a leased feeder needs it. Returns once the ring holds the
+        newest events and every event after them will be delivered."""
+        ...
+
+    def untail(self) -> None: ...
 
     @property
     def held(self) -> int:
@@ -732,6 +770,16 @@ class LocalLog:
     def unfollow_tokens(self, conversation: str) -> None:
         return None
 
+    @property
+    def tailing(self) -> bool:
+        return True  # one process: it writes, and so delivers, every event
+
+    async def tail(self) -> None:
+        return None
+
+    def untail(self) -> None:
+        return None
+
     async def close(self) -> None:
         self._closed = True
         writer = self._writer
@@ -779,7 +827,10 @@ end
 # A sighting again still writes (the dedupe key's expiry): on a cluster the WAIT
 # after a retry then covers the master's stream up to now, the original append
 # included, not only a connection that wrote nothing.
-# KEYS: stream, dedupe key, horizon key. ARGV: dedupe ms, retention, data, step.
+# An event of ``CONTROL_TYPES`` (ARGV[5] '1') goes on the control stream too, under the
+# same id, so a process that reads it instead of the log knows where in the log it is.
+# KEYS: stream, dedupe key, horizon key, control stream. ARGV: dedupe ms, retention,
+# data, step, control.
 _APPEND_SCRIPT: Final = (
     _TRIM_THROUGH
     + """
@@ -788,6 +839,9 @@ if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
   return false
 end
 local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[3])
+if ARGV[5] == '1' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], id, 'e', ARGV[3])
+end
 local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
 if excess >= tonumber(ARGV[4]) then
   local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
@@ -797,10 +851,11 @@ return id
 """
 )
 
-# Trimming by age. KEYS: stream, horizon key. ARGV: the oldest id to keep.
+# Trimming by age. KEYS: stream, horizon key, control stream. ARGV: the oldest id to keep.
 _AGE_TRIM_SCRIPT: Final = (
     _TRIM_THROUGH
     + """
+redis.call('XTRIM', KEYS[3], 'MINID', ARGV[1])
 local expired = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[1], '-', 'COUNT', 1)
 if #expired == 0 then
   return 0
@@ -913,8 +968,8 @@ class RedisLog:
         self._outbox: deque[events_pb2.Event] = deque()
         self._deliver: Deliver = _nowhere
         self._ring: Ring | None = None
-        # None until the newest entries were loaded (Redis may be away at start).
-        self._last_id: Position | None = ORIGIN
+        # The last entry read of the whole log (None: not reading it; see ``tail``).
+        self._last_id: Position | None = None
         self._horizon: Position = ORIGIN
         self._down_since: float | None = None
         self._callbacks: list[Callable[[LogState], None]] = []
@@ -935,6 +990,28 @@ class RedisLog:
             max_connections=1,
             socket_timeout_s=_TOKEN_BLOCK_S + timeout_s,
         )
+        self._init_tokens(key)
+        self._append = self._client.register_script(_APPEND_SCRIPT)
+        # WAIT's own bound, inside the append's (2 x timeout_s on a cluster).
+        self._wait_ms = max(1, int(self._timeout_s * 1000))
+        self._age_trim = self._client.register_script(_AGE_TRIM_SCRIPT)
+        self._horizon_key = f"{key}:horizon"
+        self._control_key = f"{key}:control"
+        #: Whether the reader reads the whole log (else the control stream), how many
+        #: need it to, and until when it goes on once none does.
+        self._tailing = False
+        self._tails = 0
+        self._tail_until = 0.0
+        self.tail_linger_s = TAIL_LINGER_S
+        #: Resolved once the reader reads the whole log (``tail``).
+        self._tail_started: asyncio.Future[None] | None = None
+        #: The newest position the control stream was read to (None: not known yet).
+        self._control_last: Position | None = None
+        # Trim in steps of about 1% of retention: one XRANGE + XTRIM per step.
+        self._trim_step = max(1, retention // 100)
+
+    def _init_tokens(self, key: str) -> None:
+        """The tokens' side of ``__init__`` (``carry_tokens``)."""
         self._tokens_key = f"{key}:tokens"
         self._all_wanted_key = f"{key}:tokens:every"
         # Tells this process's own token batches from the others' (it may follow its own).
@@ -957,13 +1034,6 @@ class RedisLog:
         self._token_ids: OrderedDict[str, None] = OrderedDict()
         self._follows_changed = asyncio.Event()
         self._all_said_at = 0.0
-        self._append = self._client.register_script(_APPEND_SCRIPT)
-        # WAIT's own bound, inside the append's (2 x timeout_s on a cluster).
-        self._wait_ms = max(1, int(self._timeout_s * 1000))
-        self._age_trim = self._client.register_script(_AGE_TRIM_SCRIPT)
-        self._horizon_key = f"{key}:horizon"
-        # Trim in steps of about 1% of retention: one XRANGE + XTRIM per step.
-        self._trim_step = max(1, retention // 100)
 
     @property
     def state(self) -> LogState:
@@ -977,24 +1047,83 @@ class RedisLog:
         return len(self._outbox)
 
     async def start(self, deliver: Deliver, ring: Ring) -> Position:
-        """Preload the newest entries; an unreachable Redis starts degraded, not failed."""
+        """Start reading the control stream from the log's head (the whole log is read
+        once something needs it: ``tail``); an unreachable Redis starts degraded, not failed."""
         self._deliver = deliver
         self._ring = ring
+        ring.reset([], ORIGIN, known=False)
         try:
-            await self._preload()
+            await self._find_head()
         except _REDIS_FAILURES as exc:
             self._mark_down(exc)
-            ring.reset([], ORIGIN, known=False)
-            self._last_id = None
         self._tasks.append(asyncio.create_task(self._read_loop(), name="eventlog-reader"))
         self._tasks.append(asyncio.create_task(self._trim_loop(), name="eventlog-trim"))
         return ring.head()
 
+    async def _find_head(self) -> None:
+        """Where the control stream is read from: the log's newest entry now."""
+        async with asyncio.timeout(self._timeout_s * 4):
+            newest: Any = await self._client.xrevrange(self._key, count=1)
+            self._horizon = await self._fetch_horizon()
+        self._mark_up()
+        head = max(_position(newest[0][0]) if newest else ORIGIN, self._horizon)
+        self._control_last = head
+        if self._ring is not None and not self._tailing:
+            self._ring.reset([], head, known=False)
+
+    # -- the whole log, or its control events ----------------------------------------
+
+    @property
+    def tailing(self) -> bool:
+        return self._tailing
+
+    async def tail(self) -> None:
+        if self._closed:
+            raise DependencyUnavailable("the event log is closed")
+        self._tails += 1
+        if self._tailing:
+            return
+        started = self._tail_started
+        if started is None or started.done():
+            # The reader begins in its next round (its reads of the control stream are
+            # short), so the ring and the reads that follow are one reader's, in order.
+            started = self._tail_started = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(max(self._timeout_s * 4, _TAIL_START_S)):
+                await asyncio.shield(started)
+        except TimeoutError:
+            self.untail()
+            raise DependencyUnavailable("the event log is unavailable; retry") from None
+        except BaseException:
+            self.untail()
+            raise
+
+    def untail(self) -> None:
+        self._tails = max(0, self._tails - 1)
+        if not self._tails:
+            self._tail_until = time.monotonic() + self.tail_linger_s
+
     async def _preload(self) -> None:
+        """Begin to read the whole log: the newest entries into the ring, then every entry
+        after them. The control events between what the control stream was read to and
+        there are delivered first, so no listener misses one and none hears one twice."""
         async with asyncio.timeout(self._timeout_s * 4):
             entries: Any = await self._client.xrevrange(self._key, count=self._memory + 1)
             self._horizon = await self._fetch_horizon()
+            head = max(_position(entries[0][0]) if entries else ORIGIN, self._horizon)
+            after = self._control_last
+            missed: Any = None
+            if after is not None and head > after:
+                missed = await self._client.xrange(
+                    self._control_key, min=f"({format_cursor(after)}", max=format_cursor(head)
+                )
         self._mark_up()
+        delivered = _entries(missed)
+        if delivered:
+            try:
+                self._deliver(delivered)
+            except Exception as exc:  # noqa: BLE001 - one delivery, not the reader
+                self._notes.failed("delivering logged events failed", exc)
         logged = _entries(reversed(entries or ()))
         floor = self._horizon
         if len(logged) > self._memory:
@@ -1002,7 +1131,22 @@ class RedisLog:
             logged = logged[1:]
         if self._ring is not None:
             self._ring.reset(logged, floor)
-        self._last_id = logged[-1].position if logged else floor
+        self._last_id = head
+        self._tailing = True
+
+    async def _start_tailing(self) -> None:
+        await self._preload()
+        started = self._tail_started
+        if started is not None and not started.done():
+            started.set_result(None)
+
+    def _stop_tailing(self) -> None:
+        """Nothing here has needed the whole log for a while: the control stream from here."""
+        self._tailing = False
+        self._control_last = self._last_id
+        self._last_id = None
+        if self._ring is not None:
+            self._ring.reset([], self._control_last or ORIGIN, known=False)
 
     # -- appending ---------------------------------------------------------------
 
@@ -1081,10 +1225,17 @@ class RedisLog:
         return entry_ids
 
     def _append_keys(self, event: events_pb2.Event) -> list[str]:
-        return [self._key, f"{self._key}:id:{event.id}", self._horizon_key]
+        return [self._key, f"{self._key}:id:{event.id}", self._horizon_key, self._control_key]
 
     def _append_args(self, event: events_pb2.Event) -> list[Any]:
-        return [self._dedupe_ms, self._retention, event.SerializeToString(), self._trim_step]
+        control = "1" if event.type in CONTROL_TYPES else "0"
+        return [
+            self._dedupe_ms,
+            self._retention,
+            event.SerializeToString(),
+            self._trim_step,
+            control,
+        ]
 
     async def _append_one(self, event: events_pb2.Event) -> Any:
         return await self._append(keys=self._append_keys(event), args=self._append_args(event))
@@ -1128,18 +1279,16 @@ class RedisLog:
         backoff = Backoff()
         while not self._closed:
             try:
-                last_id = self._last_id
-                if last_id is None:
-                    await self._preload()
+                if not self._tailing:
+                    if self._tails:
+                        await self._start_tailing()
+                    else:
+                        await self._read_control()
+                elif self._tails or time.monotonic() < self._tail_until:
+                    await self._read_log()
+                else:
+                    self._stop_tailing()
                     continue
-                async with asyncio.timeout(_BLOCK_S + self._timeout_s * 2):
-                    if self._down_since is not None:
-                        last_id = await self._check_gap(last_id)
-                    reply: Any = await self._reader_client.xread(
-                        {self._key: format_cursor(last_id)},
-                        count=_REDIS_PAGE,
-                        block=int(_BLOCK_S * 1000),
-                    )
             except _REDIS_FAILURES as exc:
                 self._mark_down(exc)
                 await backoff.wait()
@@ -1151,17 +1300,53 @@ class RedisLog:
             backoff.reset()
             if not self._outbox:
                 self._mark_up()
-            for _key, entries in reply or ():
-                last = _last_id(entries)
-                if last is not None:
-                    self._last_id = last
-                logged = _entries(entries)
-                if logged:
-                    try:
-                        self._deliver(logged)
-                    except Exception as exc:  # noqa: BLE001 - one delivery, not the reader
-                        self._notes.failed("delivering logged events failed", exc)
             self._notes.succeeded()
+
+    async def _read_log(self) -> None:
+        last_id = self._last_id
+        if last_id is None:
+            await self._preload()
+            return
+        async with asyncio.timeout(_BLOCK_S + self._timeout_s * 2):
+            if self._down_since is not None:
+                last_id = await self._check_gap(last_id)
+            reply: Any = await self._reader_client.xread(
+                {self._key: format_cursor(last_id)},
+                count=_REDIS_PAGE,
+                block=int(_BLOCK_S * 1000),
+            )
+        if not self._tailing:
+            return  # stopped meanwhile (a check of the gap)
+        for _key, entries in reply or ():
+            last = _last_id(entries)
+            if last is not None:
+                self._last_id = last
+            self._hand_logged(_entries(entries))
+
+    async def _read_control(self) -> None:
+        """The control stream's new entries, while nothing here needs the whole log."""
+        after = self._control_last
+        if after is None:
+            await self._find_head()
+            return
+        async with asyncio.timeout(_CONTROL_BLOCK_S + self._timeout_s * 2):
+            reply: Any = await self._reader_client.xread(
+                {self._control_key: format_cursor(after)},
+                count=_REDIS_PAGE,
+                block=int(_CONTROL_BLOCK_S * 1000),
+            )
+        for _key, entries in reply or ():
+            last = _last_id(entries)
+            if last is not None:
+                self._control_last = last
+            self._hand_logged(_entries(entries))
+
+    def _hand_logged(self, logged: list[Logged]) -> None:
+        if logged:
+            try:
+                self._deliver(logged)
+            except Exception as exc:  # noqa: BLE001 - one delivery, not the reader
+                self._notes.failed("delivering logged events failed", exc)
 
     async def _check_gap(self, last_id: Position) -> Position:
         """After an outage: were entries we never read trimmed meanwhile?"""
@@ -1188,7 +1373,9 @@ class RedisLog:
             min_id = f"{int((time.time() - self._retention_s) * 1000)}-0"
             try:
                 async with asyncio.timeout(self._timeout_s * 4):
-                    await self._age_trim(keys=[self._key, self._horizon_key], args=[min_id])
+                    await self._age_trim(
+                        keys=[self._key, self._horizon_key, self._control_key], args=[min_id]
+                    )
             except _REDIS_FAILURES:
                 continue  # Redis away: the next round trims
             except Exception as exc:  # noqa: BLE001 - trimming goes on
@@ -1506,6 +1693,9 @@ class RedisLog:
         if self._closed:
             return
         self._closed = True
+        if self._tail_started is not None and not self._tail_started.done():
+            self._tail_started.set_exception(DependencyUnavailable("the event log is closed"))
+            self._tail_started.exception()  # told to whoever waits; nobody else to tell
         if self._outbox:
             log.warning("closing with unflushed events", extra={"events": len(self._outbox)})
         tasks = [

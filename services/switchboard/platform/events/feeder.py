@@ -123,6 +123,7 @@ class LeasedFeeder:
         self._cursor: str | None = None
         self._stored: str | None = None
         self._renew_at = 0.0
+        self._untail: Callable[[], None] | None = None
 
     @property
     def fed(self) -> str | None:
@@ -234,6 +235,10 @@ class LeasedFeeder:
                 self._lost()
                 return False
             if not self.feeding:
+                # The holder reads the whole log (a process without one reads only its
+                # control events) while it holds the lease.
+                if self._untail is None:
+                    self._untail = await self._bus.tail()
                 await self._consumer.taken()
             self.feeding = True
             self._leased(taken)
@@ -260,6 +265,9 @@ class LeasedFeeder:
     def _lost(self) -> None:
         self.feeding = False
         self._cursor = self._stored = None
+        if self._untail is not None:
+            self._untail()
+            self._untail = None
 
 
 __all__ = ["FeedSettings", "LeasedFeeder", "LogConsumer"]

@@ -38,7 +38,7 @@ from switchboard.dispatcher.runs.execution import step_limit
 from switchboard.dispatcher.runs.intake.screening import HANDLER, route
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
-from switchboard.platform.errors import FieldViolation, InvalidArgument
+from switchboard.platform.errors import DependencyUnavailable, FieldViolation, InvalidArgument
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.values import timefields
@@ -231,7 +231,7 @@ class Queries:
         if feed is None:
             run = (await self._stored(target)).run
             if run.state in TERMINAL and run.last_sequence > after_sequence:
-                missed = self._missed_end(run, str(target.parent), after_sequence)
+                missed = await self._missed_end_here(run, str(target.parent), after_sequence)
                 for one in merge_deltas(missed) if merge else missed:
                     yield one
                 return
@@ -349,6 +349,21 @@ class Queries:
                         yield None
                 continue
             ready = _ready(order, update, queue, merge)
+
+    async def _missed_end_here(
+        self, run: pb.Run, conversation: str, after_sequence: int
+    ) -> list[pb.RunUpdate]:
+        """``_missed_end`` from the ring of a process reading the whole log and following
+        the conversation's tokens (it does now, if it did not: the run's logged updates are
+        among the newest it loads, and its tokens are read back where they were said)."""
+        try:
+            unfollow = await self._bus.follow((conversation,))
+        except DependencyUnavailable:
+            return [mapping.snapshot(run)]  # the log is away: the run as stored
+        try:
+            return self._missed_end(run, conversation, after_sequence)
+        finally:
+            unfollow()
 
     def _missed_end(
         self, run: pb.Run, conversation: str, after_sequence: int
