@@ -44,6 +44,9 @@ from switchboard.platform.values.names import now
 
 #: Bound on a close: stopping the round, then giving the lease up.
 CLOSE_TIMEOUT_S: Final = 5.0
+#: A replica that does not hold the lease is woken by events at most this often: each
+#: time it tries to take the lease, which is a write, and usually held.
+_TAKE_AGAIN_S: Final = 1.0
 
 
 class LogConsumer(Protocol):
@@ -124,6 +127,8 @@ class LeasedFeeder:
         self._stored: str | None = None
         self._renew_at = 0.0
         self._untail: Callable[[], None] | None = None
+        #: When this replica last tried to take the lease (monotonic).
+        self._tried_at = -_TAKE_AGAIN_S
 
     @property
     def fed(self) -> str | None:
@@ -158,7 +163,11 @@ class LeasedFeeder:
         self._lost()
 
     def _on_event(self, event: events_pb2.Event) -> None:
-        if self._consumer.wakes(event):
+        # Another replica woken tries to take the lease (a write): at most once a
+        # second, not once per event, since it is usually held.
+        if self._consumer.wakes(event) and (
+            self.feeding or time.monotonic() - self._tried_at >= _TAKE_AGAIN_S
+        ):
             self._wake.set()
 
     # -- rounds ----------------------------------------------------------------------
@@ -230,6 +239,7 @@ class LeasedFeeder:
             if not await self._advance(stored, fed, None):
                 return False
         else:
+            self._tried_at = time.monotonic()
             taken = await self.store.take_lease(self._me, self.lease_until())
             if taken is None:
                 self._lost()
