@@ -10,12 +10,12 @@ CPU per second (BENCHMARKS.md "Voice over WebRTC", the gRPC row). The model:
 
 - **A process's CPU per run grows with the count**: ``p(N) = a + b (N - 1)``, a straight
   line fitted (least squares) to the measured counts. ``b`` is what one more process costs
-  each of the others per run: today every process reads every event of the log and hears
-  every token, so ``b`` is above zero and a process's share of a core per run grows with N
-  (the total work with N squared). One process then carries ``H / p(N)`` runs/s, with
-  ``H`` the share of a core a part is planned to (``HEADROOM``), and N of them ``N H / p(N)``,
-  which stops growing past ``a / b``: the ceiling of the broadcast shape. A shared-nothing
-  mesh (issue 80: channels per conversation) has ``b = 0``; the model shows both.
+  each of the others per run: when every process read every event of the log and heard
+  every token (before issue 80's channels), ``b`` was above zero and a process's share of a
+  core per run grew with N (the total work with N squared). One process then carries
+  ``H / p(N)`` runs/s, with ``H`` the share of a core a part is planned to (``HEADROOM``),
+  and N of them ``N H / p(N)``, which stops growing past ``a / b``. The model shows the
+  fitted line (``b`` as measured) and ``b = 0`` (shared-nothing, what issue 80 aims at).
 - **PostgreSQL and Redis per run grow with the count too** (fitted the same way: more
   connections, more readers of the log). PostgreSQL gets as many cores as it needs (its
   column), up to what one primary has (``PG_CORES``). Redis's log is one stream on one
@@ -180,8 +180,8 @@ class Model:
             f"{PG_CORES} cores.",
             "",
             (
-                f"With every process hearing every other (today), the processes together "
-                f"carry at most about {HEADROOM * 1000 / p.per_process:.0f} runs/s, however "
+                f"With what one process costs each other as measured (b), the processes "
+                f"together carry at most about {HEADROOM * 1000 / p.per_process:.0f} runs/s, however "
                 f"many there are: past N = {ceiling:.0f} a process spends more of its core on "
                 "the others' runs than on its own."
                 if p.per_process
@@ -194,7 +194,7 @@ class Model:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for shared_nothing in (False, True):
-            shape = "shared-nothing (b = 0)" if shared_nothing else "broadcast (today)"
+            shape = "shared-nothing (b = 0)" if shared_nothing else "as measured (b fitted)"
             for count in COUNTS:
                 row = self.row(count, shared_nothing=shared_nothing)
                 out.append(

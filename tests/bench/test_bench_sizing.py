@@ -99,4 +99,4 @@ def test_the_scale_bench_prints_the_model_from_its_own_counts() -> None:
     lines = sizing(results)
     assert lines[0].startswith("Sizing on paper")
     assert "a Switchboard process 30.0 + 3.00 (N - 1) ms" in lines[2]
-    assert any(line.startswith("| broadcast (today) | 64 |") for line in lines)
+    assert any(line.startswith("| as measured (b fitted) | 64 |") for line in lines)
