@@ -73,7 +73,9 @@ def answering(call_id: str, text: str = "5") -> dict[str, Any]:
 
 
 async def post(fake: FakeOpenAI, body: dict[str, Any]) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=fake.url) as client:
+    # The file's bound, not httpx's 5 s: beside the suite's load a loopback connect to the
+    # fake (served on this test's own loop) once took longer (ConnectTimeout in a full run).
+    async with httpx.AsyncClient(base_url=fake.url, timeout=WAIT_S) as client:
         return await client.post("/chat/completions", json={"model": "m", **body})
 
 
