@@ -181,9 +181,9 @@ class Model:
             "",
             (
                 f"With what one process costs each other as measured (b), the processes "
-                f"together carry at most about {HEADROOM * 1000 / p.per_process:.0f} runs/s, however "
-                f"many there are: past N = {ceiling:.0f} a process spends more of its core on "
-                "the others' runs than on its own."
+                f"together carry at most about {HEADROOM * 1000 / p.per_process:.0f} runs/s, "
+                f"however many there are: past N = {ceiling:.0f} a process spends more of its "
+                "core on the others' runs than on its own."
                 if p.per_process
                 else "The measured counts show no cost of one process to the others."
             ),
