@@ -74,7 +74,7 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from switchboard.client.transport.affinity import AFFINITY_HEADER
+from switchboard.client.transport.affinity import AFFINITY_HEADER, affinity
 from switchboard.dispatcher.runs.core.store import TERMINAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
@@ -475,7 +475,7 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
         # edge sends a conversation's SendMessage and WatchRun to one process.
         metadata: tuple[tuple[str, str], ...] = bearer(spec["token"])
         if spec.get("affinity"):
-            metadata = (*metadata, (AFFINITY_HEADER, name))
+            metadata = (*metadata, (AFFINITY_HEADER, affinity(name)))
         started = time.perf_counter()
         request = pb.SendMessageRequest(
             conversation=name,

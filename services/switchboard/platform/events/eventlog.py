@@ -910,10 +910,7 @@ def _entries(entries: Any) -> list[Logged]:
 
 def _streams(reads: dict[str, str]) -> dict[_Key, int | _Key]:
     """``reads`` as redis-py's XREAD types its streams."""
-    streams: dict[_Key, int | _Key] = {}
-    for stream, after in reads.items():
-        streams[stream] = after
-    return streams
+    return {stream: after for stream, after in reads.items()}
 
 
 def _text(value: Any) -> str:
@@ -1027,7 +1024,7 @@ class RedisLog:
         #: Conversations no longer followed, still read until then (monotonic time).
         self._lingering: dict[str, float] = {}
         #: The read-back of a conversation being followed anew (a second follower waits on it).
-        self._backfills: dict[str, asyncio.Future[list[events_pb2.Event]]] = {}
+        self._backfills: dict[str, asyncio.Future[None]] = {}
         #: Each token stream's last entry read (the next read starts after it).
         self._token_last: OrderedDict[str, str] = OrderedDict()
         #: Token event ids heard lately: a batch read twice is heard once.
@@ -1118,12 +1115,7 @@ class RedisLog:
                     self._control_key, min=f"({format_cursor(after)}", max=format_cursor(head)
                 )
         self._mark_up()
-        delivered = _entries(missed)
-        if delivered:
-            try:
-                self._deliver(delivered)
-            except Exception as exc:  # noqa: BLE001 - one delivery, not the reader
-                self._notes.failed("delivering logged events failed", exc)
+        self._hand_logged(_entries(missed))
         logged = _entries(reversed(entries or ()))
         floor = self._horizon
         if len(logged) > self._memory:
@@ -1432,19 +1424,15 @@ class RedisLog:
         self._follows_changed.set()
         if heard_already:
             return []
-        future: asyncio.Future[list[events_pb2.Event]] = asyncio.get_running_loop().create_future()
-        self._backfills[conversation] = future
-        said: list[events_pb2.Event] = []
+        self._backfills[conversation] = asyncio.get_running_loop().create_future()
         try:
-            said = await self._read_back(conversation)
+            return await self._read_back(conversation)
         except BaseException:
             self.unfollow_tokens(conversation)
             raise
         finally:
-            del self._backfills[conversation]
-            future.set_result(said)
+            self._backfills.pop(conversation).set_result(None)
             self._follows_changed.set()  # the reader reads it from here on
-        return said
 
     async def _read_back(self, conversation: str) -> list[events_pb2.Event]:
         """Where reading ``conversation``'s stream starts, and what it holds before that."""
@@ -1503,9 +1491,9 @@ class RedisLog:
         """The other processes' tokens in ``entries`` of ``stream``, each heard once."""
         heard: list[events_pb2.Event] = []
         ids = self._token_ids
+        last = None
         for entry_id, fields in entries or ():
-            self._token_last[stream] = _text(entry_id)
-            self._token_last.move_to_end(stream)
+            last = entry_id
             try:
                 if fields[b"o"] == self._origin:
                     continue
@@ -1518,6 +1506,9 @@ class RedisLog:
                     continue
                 ids[event.id] = None
                 heard.append(event)
+        if last is not None:
+            self._token_last[stream] = _text(last)
+            self._token_last.move_to_end(stream)
         while len(ids) > _TOKEN_IDS:
             ids.popitem(last=False)
         while len(self._token_last) > _TOKEN_IDS // 10:
@@ -1549,7 +1540,6 @@ class RedisLog:
             keys = [self._tokens_key, self._all_wanted_key]
             batches = []
             for conversation, events in by_conversation.items():
-                # A token of no conversation goes on the all-conversations stream alone.
                 # (A token of no conversation, were there one: the all-conversations stream.)
                 keys.append(self._token_stream(conversation))
                 batches.append(events_pb2.EventBatch(events=events).SerializeToString())
@@ -1626,8 +1616,11 @@ class RedisLog:
                 newest: list[Any] = await pipe.execute()
             for stream, found in zip(entering, newest, strict=True):
                 self._token_last[stream] = _text(found[0][0]) if found else "0-0"
-        left = {stream: self._token_last.get(stream, start) for stream, start in reading.items()}
-        left = {stream: start for stream, start in left.items() if stream not in reads}
+        left = {
+            stream: self._token_last.get(stream, start)
+            for stream, start in reading.items()
+            if stream not in reads
+        }
         if left:
             self._hand(await self._client.xread(_streams(left), count=_TOKEN_KEEP_ALL))
 
