@@ -217,9 +217,12 @@ async def test_a_spoken_turn_is_answered_with_speech_on_the_track(
         assert peer.speech.heard_through == int(spoken[-1]["sequence"])
         assert opened.voiced_frames >= 10, (opened.heard_frames, opened.voiced_frames)
         # The page ends the session: the stream ends well, the peer closes and is let go.
+        # What the page sends after that (a frame of its own, and the microphone, which
+        # goes on) is not taken for the session: Talk would refuse it, failing the end.
         opened.channel.send(  # type: ignore[attr-defined]
             json.dumps({"control": {"action": "TALK_ACTION_END_SESSION"}})
         )
+        opened.channel.send(json.dumps({"text": "and one more thing"}))  # type: ignore[attr-defined]
         async with asyncio.timeout(WAIT_S):
             await peer.ended.wait()
         assert peer.outcome == ""

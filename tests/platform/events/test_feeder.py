@@ -2,8 +2,8 @@
 PostgreSQL, and the embedded event log: every event taken once and in log order
 whichever replica feeds, the lease handed over at close and taken over after a
 crash, what concerns the consumer not at all passed over without a transaction, a
-new deployment starting at the head, a cursor behind the log's horizon, and the
-cursor's compare-and-set.
+new deployment starting at the head its replica started at, a cursor behind the log's
+horizon, and the cursor's compare-and-set.
 
 The consumer writes one row per event it takes (a workspace named by the event's
 id) in the transaction that moves the cursor: a second take of an event would break
@@ -12,6 +12,7 @@ the row's key, and the rows and the stored cursor are read in one snapshot."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import logging
 import time
@@ -266,6 +267,24 @@ async def test_a_new_deployment_starts_at_the_head(database_url: str) -> None:
         later = await w.publish(2)
         await eventually(lambda: _has(w, ids(later)), "the later events taken")
         assert (await w.stored())[0] == ids(later)
+
+
+async def test_a_new_deployment_takes_what_came_after_its_start_before_its_lease(
+    database_url: str,
+) -> None:
+    # Another replica's lease, never fed, lapses 1 s from now: the feeder started now
+    # takes it over then with no cursor stored. What was published after it started is
+    # its to take (a process reads the whole log only once it holds the lease).
+    async with world(database_url) as w:
+        earlier = await w.publish(2)
+        feeder = w.feeder("a")
+        assert await feeder.store.take_lease("b", now() + dt.timedelta(seconds=1)) == ""
+        await feeder.start()
+        meanwhile = await w.publish(3)
+        await eventually(lambda: _true(feeder.feeding), "the feeder taking the lapsed lease")
+        await eventually(lambda: _has(w, ids(meanwhile)), "the events published meanwhile")
+        assert (await w.stored())[0] == ids(meanwhile)
+        assert earlier[-1].cursor < meanwhile[0].cursor
 
 
 async def test_a_cursor_behind_the_horizon_writes_the_gap_and_feeds_on(

@@ -13,7 +13,8 @@ Two loops per process, over the tables of ``store.py``:
   harmless. It wakes on live events and catches up every ``poll_s``. A cursor
   older than the log's horizon (the feeder was away longer than the
   retention) skips to the horizon with a warning: those events are gone. A
-  new deployment starts at the log's head. Events from before a webhook was
+  new deployment starts at the log's head when its feeding replica started
+  (``LeasedFeeder``). Events from before a webhook was
   created are not delivered to it.
 * **The sender** claims due deliveries and POSTs them. Deliveries to one
   endpoint go out **in log order, one at a time**: a delivery is sent only

@@ -13,7 +13,10 @@ memory and is stored with the next batch that writes, or the lease's renewal.
 
 The feeder wakes on the live events the consumer asks for (``EventBus.listen``)
 and catches up every ``poll_s`` (a third of the lease at most, so a waiting replica
-looks as often as the holder renews). A new deployment starts at the log's head. A
+looks as often as the holder renews). A new deployment starts where the log's head was
+when its feeding replica started (not when it first took the lease: a process that reads
+only the log's control events reads the rest once it holds it, and what was published
+meanwhile is fed too). A
 cursor outside the retained log (the feeder was away longer than the retention)
 moves to the log's horizon with a warning, writing what the consumer does instead
 (``LogConsumer.gap``).
@@ -36,7 +39,13 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.background import cancel_within
 from switchboard.platform.errors import CursorAhead, CursorExpired
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.events.eventlog import Logged, format_cursor, logged_part, parse_cursor
+from switchboard.platform.events.eventlog import (
+    Logged,
+    Position,
+    format_cursor,
+    logged_part,
+    parse_cursor,
+)
 from switchboard.platform.events.feedstore import FeedStore, Work
 from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.store.db import Database, log_failure
@@ -129,6 +138,9 @@ class LeasedFeeder:
         self._untail: Callable[[], None] | None = None
         #: When this replica last tried to take the lease (monotonic).
         self._tried_at = -_TAKE_AGAIN_S
+        #: Where a new deployment's cursor starts: the log's head at ``start`` (before
+        #: it, a round driven by hand starts at the head then).
+        self._origin: Position | None = None
 
     @property
     def fed(self) -> str | None:
@@ -142,6 +154,7 @@ class LeasedFeeder:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._origin = logged_part(self._bus.head)
         self._unlisten = self._bus.listen(self._on_event)
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.settings.name)
 
@@ -207,8 +220,10 @@ class LeasedFeeder:
             return False
         position = parse_cursor(cursor)
         if position is None:
-            # First run of the deployment (or an unreadable cursor): from the head on.
-            return await self._advance(stored, format_cursor(logged_part(self._bus.head)), None)
+            # First run of the deployment (or an unreadable cursor): from the head this
+            # replica started at on.
+            origin = logged_part(self._bus.head) if self._origin is None else self._origin
+            return await self._advance(stored, format_cursor(origin), None)
         try:
             await self._bus.check_cursor(position)
         except (CursorExpired, CursorAhead):

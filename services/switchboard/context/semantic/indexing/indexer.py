@@ -12,10 +12,10 @@ Two loops per process serving ContextService, over ``indexstore.py``:
   (``MESSAGE_CREATED``), files (``FILE_CHANGED``), and a deleted or restored
   conversation's sources (``CONVERSATION_CHANGED``). A purged workspace's rows
   go by the database's cascade. It wakes on live events and catches up every
-  ``poll_s``. A new deployment starts at the head; a cursor behind the log's
-  horizon enqueues every source there is (a rescan), since the events in
-  between are gone and any of them may have changed anything. Taking the
-  lease also reconciles: passages under another model key, of conversations
+  ``poll_s``. A new deployment starts at the head its replica started at; a
+  cursor behind the log's horizon enqueues every source there is (a rescan),
+  since the events in between are gone and any of them may have changed
+  anything. Taking the lease also reconciles: passages under another model key, of conversations
   gone, and memory items and documents never indexed are enqueued.
 * **The workers** (every replica) claim due jobs with an expiry, load each
   source's *current* text from its table (so an out-of-order or repeated event

@@ -140,6 +140,8 @@ class TalkPeer:
         self.speech = SpeechTrack()
         self._requests: asyncio.Queue[pb.TalkRequest | None] = asyncio.Queue()
         self._pending = 0
+        #: The page sent END_SESSION: nothing more goes to Talk, which would refuse it.
+        self._ending = False
         self._channel: RTCDataChannel | None = None
         self._unsent: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -237,8 +239,9 @@ class TalkPeer:
             except MediaStreamError:
                 return  # the page's track ended (the peer is closing)
             data = converter.feed(frame)  # type: ignore[arg-type]
-            if not data or not self._started:
-                # Before the session's first frame went, audio would be taken for it.
+            if not data or not self._started or self._ending:
+                # Before the session's first frame went, audio would be taken for it; after
+                # the page ended the session, Talk refuses any frame (the track goes on).
                 continue
             if self._pending >= MAX_PENDING_FRAMES:
                 self.dropped_frames += 1
@@ -274,7 +277,12 @@ class TalkPeer:
         if kind not in ("control", "text"):
             self._say_error(f"only control and text frames go on the data channel, not {kind}")
             return
+        if self._ending:
+            self._say_error("the session is ending (END_SESSION): ignored")
+            return
         control = request.control
+        if kind == "control" and control.action == pb.TALK_ACTION_END_SESSION:
+            self._ending = True
         if (
             kind == "control"
             and control.action == pb.TALK_ACTION_INTERRUPT
