@@ -10,7 +10,8 @@ A store writes the events of a change into ``event_outbox`` in the change's own
 transaction (``Staged``); after the commit the service publishes them
 (``EventBus.publish_staged``), and a row is deleted once its event is in the
 log: by the embedded log in the transaction that stores the event (exactly
-once), by the Redis log after the stream has it (``landed``). A row that stays
+once), by the Redis log after the stream has it (``landed``; gathered for up to
+``GATHER_S``, so that one transaction deletes the rows of many changes). A row that stays
 (the process died between commit and publish, or the log was away and the
 process died with events in its memory) is published by the relay of any
 process sharing the database once it is ``GRACE_S`` old, with the same event id:
@@ -61,6 +62,9 @@ GRACE_S: Final = 5.0
 RELAY_EVERY_S: Final = 1.0
 #: Rows one relay round or one delete handles.
 _BATCH: Final = 200
+#: How long landed rows are gathered before one transaction deletes them (sooner once a
+#: batch is full): a delete per landing would be a write transaction per change.
+GATHER_S: Final = 0.25
 
 _ROWS: Final = table_of(EventOutboxRow)
 _INSERT: Final = _ROWS.insert()
@@ -86,9 +90,12 @@ def stamp(event: events_pb2.Event) -> None:
 class Outbox:
     """The outbox table of one database, and this process's relay of it."""
 
-    def __init__(self, database: Database, *, grace_s: float = GRACE_S) -> None:
+    def __init__(
+        self, database: Database, *, grace_s: float = GRACE_S, gather_s: float = GATHER_S
+    ) -> None:
         self._database = database
         self._grace_s = grace_s
+        self._gather_s = gather_s
         #: Set by the embedded log on a group-commit database: events go to the log
         #: in their change's transaction, not to the outbox (see the module docstring).
         self.inline: InlineLog | None = None
@@ -96,6 +103,7 @@ class Outbox:
         self.pending: set[str] = set()
         self._landed: list[str] = []
         self._wake = asyncio.Event()
+        self._full = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -174,6 +182,8 @@ class Outbox:
         if ids:
             self._landed.extend(ids)
             self._wake.set()
+            if len(self._landed) >= _BATCH:
+                self._full.set()
 
     # -- background ---------------------------------------------------------------------
 
@@ -220,7 +230,14 @@ class Outbox:
     async def _deleter(self) -> None:
         while not self._closed:
             await self._wake.wait()
+            # The rows of the changes landing meanwhile go in the same transaction. Their
+            # ids stay pending, so the relay leaves them alone; a crash before the delete
+            # leaves rows the relay publishes again, which the log's dedupe key drops.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._gather_s):
+                    await self._full.wait()
             self._wake.clear()
+            self._full.clear()
             while self._landed:
                 ids = self._landed[:_BATCH]
                 try:
@@ -245,10 +262,18 @@ class Outbox:
 
     async def close(self) -> None:
         self._closed = True
-        if self._landed:
-            with contextlib.suppress(Exception):
-                await self._delete(self._landed[:_BATCH])
         await cancel_all(self._tasks)
+        # What the deleter was gathering (a delete it was cancelled in may have committed:
+        # deleting again is harmless). Rows left by a failure here are published again by
+        # another process's relay, and the log's dedupe key drops them.
+        while self._landed:
+            ids = self._landed[:_BATCH]
+            try:
+                await self._delete(ids)
+            except Exception:  # noqa: BLE001 - closing: the relay covers what is left
+                break
+            del self._landed[: len(ids)]
+            self.retired(ids)
 
 
 class Staged(Generic[_T]):
