@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import AsyncIterator, Awaitable
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -278,15 +277,13 @@ async def test_cancel_after_the_first_delta_stops_the_handler(
     call, seen = await until(dstub, world.editor, sent.run.name, "delta")
     assert seen[-1].delta.text == "first"
 
-    started = time.monotonic()
     run = await cancel_run(dstub, world.editor, sent.run.name, "changed my mind")
-    took = time.monotonic() - started
 
     assert run.state == pb.RUN_STATE_CANCELLED
     assert reason_of(run) == "ERROR_REASON_RUN_CANCELLED"
     assert "changed my mind" in run.error.message
-    # CancelRun answers once the handler's task has ended and the run is recorded.
-    assert took < 0.1, f"cancel took {took * 1000:.0f} ms"
+    # CancelRun answers once the handler's task has ended and the run is recorded (the
+    # handler's next word was a minute away: nothing waited for it, and none came).
     assert not _dispatcher(mesh).holds(sent.run.name)
     rest = [frame.update async for frame in call if frame.WhichOneof("frame") == "update"]
     assert [u.WhichOneof("update") for u in rest] == ["state_change"]

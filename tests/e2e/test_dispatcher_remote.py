@@ -5,7 +5,6 @@ must stop the expert's own work, and the run's deadline must reach it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -105,12 +104,9 @@ async def test_cancel_during_the_remote_stream_stops_the_expert(
     await until(dstub, world.editor, run, "progress")
     await expert.wait_for_line(lambda line: line.startswith(f"tick {run} 2"))
 
-    started = time.monotonic()
     ended = await cancel(dstub, world.editor, run)
-    took = time.monotonic() - started
 
     assert ended.state == pb.RUN_STATE_CANCELLED
-    assert took < 0.1, f"cancel took {took * 1000:.0f} ms"
     await expert.wait_for_line(lambda line: line == f"cancelled {run}")
     # The expert handled a later call, so any work still going would have
     # written by now: nothing came after its cancellation.
