@@ -29,7 +29,9 @@ set, about 15 seconds; ``--no-turns`` skips it),
 the semantic memory section from ``bench/semantic.py`` (about 10 minutes; ``--no-semantic``
 skips it), the scale section from ``bench/scale.py`` (whole-run processes behind the edge,
 about 5 minutes; ``--no-scale`` skips it), the delegation section from ``bench/delegation.py``
-(about 3 minutes; ``--no-delegation`` skips it).
+(about 3 minutes; ``--no-delegation`` skips it), the round trips section from
+``bench/roundtrips.py`` (PostgreSQL's and Redis's work per run, counted; about a minute;
+``--no-roundtrips`` skips it).
 Each of those
 scripts also runs alone (``--write`` puts its section into BENCHMARKS.md). Every section
 replaces the one with its heading in BENCHMARKS.md (``bench/harness.py``); a skipped
@@ -92,6 +94,7 @@ SECTIONS: Final = (
     ("semantic", 1500),
     ("scale", 1500),
     ("delegation", 900),
+    ("roundtrips", 300),
 )
 
 Figures = dict[str, float]
