@@ -71,7 +71,12 @@ async def test_the_answer_track_sends_speech_and_nothing_between() -> None:
     assert second.pts is not None
     assert after.pts - second.pts >= int(QUIET_S * 1000) // 20 * FRAME_SAMPLES
     assert after.pts % FRAME_SAMPLES == 0
-    # Stopped while waiting for speech: the waiting recv ends.
+    # Its closing frame of silence, then nothing more: the next recv waits for speech.
+    ending = await asyncio.wait_for(track.recv(), 5)
+    assert ending.pts == after.pts + FRAME_SAMPLES
+    assert track.drained.is_set()
+    # Stopped while waiting for speech: the waiting recv ends (a recv begun before the
+    # closing frame went could have been answered with it, paced a frame later).
     waiting = asyncio.ensure_future(track.recv())
     await asyncio.sleep(0)
     track.stop()
