@@ -76,11 +76,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 #: The silence after each pass of the words: longer than the turn's end (700 ms of
 #: silence) plus the answer's start, shorter than that plus the answer (module doc).
 GAP_MS: Final = 5_000
-#: The looped words' pace: slow enough that a turn lasts over three seconds. A partial
-#: transcript (one per second of a turn's speech) that comes after its turn ended is
-#: dropped, and beside the suite's load the recogniser took longer than a turn at eSpeak's
-#: 140 words a minute (about two seconds): no partial came in 30 s.
-LOOP_WPM: Final = 90
 #: The answers' pace (the audio server's eSpeak, words a minute): slow, so an answer
 #: outlasts the gap (module doc).
 ANSWER_WPM: Final = 80
@@ -126,8 +121,8 @@ class LiveStack:
 
 
 def _looped_words() -> bytes:
-    """The counting words, slowly, then GAP_MS of silence (a WAV at eSpeak's rate)."""
-    spoken = speak(COUNTING, wpm=LOOP_WPM)
+    """The counting words, then GAP_MS of silence (a WAV at eSpeak's rate)."""
+    spoken = speak(COUNTING)
     with wave.open(io.BytesIO(spoken)) as w:
         params = w.getparams()
         frames = w.readframes(w.getnframes())
