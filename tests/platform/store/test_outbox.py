@@ -81,7 +81,6 @@ async def test_the_rows_of_changes_landing_apart_go_in_one_delete(database: Data
     outbox.deletes = []
     events = await staged(database, outbox, 5)
     outbox.start(relayed_nothing)
-    closed = False
     try:
         outbox.publishing(events)
         for event in events:
@@ -90,13 +89,11 @@ async def test_the_rows_of_changes_landing_apart_go_in_one_delete(database: Data
             assert await rows(database) == 5
         assert outbox.deletes == []
         await outbox.close()
-        closed = True
         assert outbox.deletes == [5]
         assert await rows(database) == 0
         assert outbox.pending == set()
     finally:
-        if not closed:
-            await outbox.close()
+        await outbox.close()  # again, if the test stopped before it: nothing left to do
 
 
 async def test_a_full_batch_is_deleted_without_waiting_for_the_gathering(

@@ -239,9 +239,8 @@ class Outbox:
             self._wake.clear()
             self._full.clear()
             while self._landed:
-                ids = self._landed[:_BATCH]
                 try:
-                    await self._delete(ids)
+                    await self._delete_batch()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - logged by log_failure
@@ -249,9 +248,13 @@ class Outbox:
                         log_failure(log, "outbox rows not deleted; retrying later", exc)
                     # Kept pending, so the relay does not publish them again meanwhile.
                     await asyncio.sleep(RELAY_EVERY_S)  # retry backoff, not synchronization
-                    continue
-                del self._landed[: len(ids)]
-                self.retired(ids)
+
+    async def _delete_batch(self) -> None:
+        """Delete the oldest batch of landed rows; they stop being pending once gone."""
+        ids = self._landed[:_BATCH]
+        await self._delete(ids)
+        del self._landed[: len(ids)]
+        self.retired(ids)
 
     async def _delete(self, ids: list[str]) -> None:
         def work(db: Session) -> None:
@@ -267,13 +270,10 @@ class Outbox:
         # deleting again is harmless). Rows left by a failure here are published again by
         # another process's relay, and the log's dedupe key drops them.
         while self._landed:
-            ids = self._landed[:_BATCH]
             try:
-                await self._delete(ids)
+                await self._delete_batch()
             except Exception:  # noqa: BLE001 - closing: the relay covers what is left
                 break
-            del self._landed[: len(ids)]
-            self.retired(ids)
 
 
 class Staged(Generic[_T]):

@@ -15,8 +15,9 @@ Two loops per process serving ContextService, over ``indexstore.py``:
   ``poll_s``. A new deployment starts at the head its replica started at; a
   cursor behind the log's horizon enqueues every source there is (a rescan),
   since the events in between are gone and any of them may have changed
-  anything. Taking the lease also reconciles: passages under another model key, of conversations
-  gone, and memory items and documents never indexed are enqueued.
+  anything. Taking the lease also reconciles: passages under another model key,
+  of conversations gone, and memory items and documents never indexed are
+  enqueued.
 * **The workers** (every replica) claim due jobs with an expiry, load each
   source's *current* text from its table (so an out-of-order or repeated event
   cannot index stale text), cut it into passages, embed what changed, and
