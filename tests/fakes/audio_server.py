@@ -36,7 +36,9 @@ a 1.6 s utterance on two cores), so in a thread it stalled the server's loop, an
 every speech request with it, behind each transcription (on a busy host the
 backlog held answers back by seconds; tests/fakes/recognizer_worker.py). In a
 test's own process (``FakeAudio()``) it stays in a worker thread. Tests can make the next
-requests fail (``fail_next``) to check a client's retries, and see every
+requests fail (``fail_next``) to check a client's retries, hold transcriptions and let
+them through one by one in an order they choose (``hold``, ``held``, ``release``: a
+slow recognizer, made deterministic), and see every
 request (``requests``) and when each arrived and its answer's first and last
 bytes left (``timings``, on ``time.monotonic()``: a benchmark in the same
 process takes the time spent in here out of its own). ``engine="tone"``
@@ -224,6 +226,9 @@ class FakeAudio(LoopbackServer):
     _apart: asyncio.subprocess.Process | None = field(default=None, init=False, repr=False)
     _apart_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _failures: deque[int] = field(default_factory=deque)
+    #: Transcriptions waiting for ``release``, in order of arrival (None: not holding).
+    _held: list[asyncio.Future[None]] | None = field(default=None, init=False, repr=False)
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition, init=False, repr=False)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -231,6 +236,30 @@ class FakeAudio(LoopbackServer):
         """Answer the next ``count`` well-formed requests with ``status`` (429 with
         ``Retry-After: 0``), as an overloaded or failing API would."""
         self._failures.extend([status] * count)
+
+    def hold(self) -> None:
+        """Hold every transcription from now on until ``release`` lets it through."""
+        if self._held is None:
+            self._held = []
+
+    async def held(self, count: int) -> None:
+        """Wait until ``count`` transcriptions are held."""
+        async with self._arrived:
+            await self._arrived.wait_for(lambda: len(self._held or ()) >= count)
+
+    def release(self, index: int = 0) -> None:
+        """Let the ``index``-th transcription still held (in order of arrival) through."""
+        assert self._held is not None, "hold() first"
+        self._held.pop(index).set_result(None)
+
+    async def _gate(self) -> None:
+        if self._held is None:
+            return
+        gate = asyncio.get_running_loop().create_future()
+        self._held.append(gate)
+        async with self._arrived:
+            self._arrived.notify_all()
+        await gate
 
     # -- connections -------------------------------------------------------
 
@@ -382,6 +411,7 @@ class FakeAudio(LoopbackServer):
             return
         if await self._failed(writer, keep_alive=keep_alive):
             return
+        await self._gate()
         try:
             if self.engine == "tone":
                 text, duration = self.tone_transcript, len(upload[2]) / (2 * MODEL_RATE)

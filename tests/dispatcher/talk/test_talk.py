@@ -273,6 +273,72 @@ async def test_a_spoken_question_becomes_a_message_and_a_spoken_answer(
     talk.cancel()
 
 
+def _transcript(final: bool) -> Any:
+    return lambda f: f.WhichOneof("frame") == "transcript" and f.transcript.final is final
+
+
+async def _a_turn_with_both_transcriptions_held(
+    stub: Stub, place: Place, counting: bytes, audio_server: FakeAudio
+) -> Any:
+    """A spoken turn whose partial (asked at its first second) and final
+    transcriptions the recognizer holds, both asked: a recognizer slower than speech."""
+    audio_server.hold()
+    talk = open_talk(
+        stub,
+        place.world.editor,
+        start(place.conversation, place.assistant, partial_transcripts=True),
+    )
+    await session_of(talk)
+    # Sent as fast as it goes: partials count the turn's audio, not the clock.
+    for frame in frames_of(silence(300) + counting + silence(1_200), 16_000):
+        await talk.send(audio(frame))
+    await talk.until(
+        lambda f: (
+            f.WhichOneof("frame") == "event" and f.event.kind == pb.TALK_EVENT_KIND_SPEECH_STOPPED
+        )
+    )
+    await asyncio.wait_for(audio_server.held(2), TIMEOUT_S)
+    assert "transcript:partial" not in talk.kinds()
+    return talk
+
+
+async def test_a_partial_still_transcribing_when_its_turn_ends_comes_before_its_final(
+    stub: Stub, place: Place, counting: bytes, audio_server: FakeAudio
+) -> None:
+    talk = await _a_turn_with_both_transcriptions_held(stub, place, counting, audio_server)
+    # The partial answers after its turn ended, but before the final: it is said.
+    audio_server.release(0)
+    partial = await talk.until(_transcript(final=False))
+    assert partial.transcript.turn == 1
+    assert partial.transcript.text
+    assert 1_000 <= partial.transcript.audio_ms < 2_000
+    audio_server.release(0)
+    final = await talk.until(_transcript(final=True))
+    assert final.transcript.turn == 1
+    assert says(final.transcript.text), final.transcript.text
+    kinds = talk.kinds()
+    assert kinds.count("transcript:partial") == 1
+    assert kinds.index("transcript:partial") < kinds.index("transcript:final")
+    assert (await talk.until(ended)).update.state_change.run.state == pb.RUN_STATE_SUCCEEDED
+    await talk.send(control_frame(pb.TALK_ACTION_END_SESSION))
+    await talk.rest()
+
+
+async def test_a_partial_slower_than_its_turns_final_transcript_is_never_said(
+    stub: Stub, place: Place, counting: bytes, audio_server: FakeAudio
+) -> None:
+    talk = await _a_turn_with_both_transcriptions_held(stub, place, counting, audio_server)
+    # The final answers first; the partial, let through after it, would only mislead.
+    audio_server.release(1)
+    final = await talk.until(_transcript(final=True))
+    assert says(final.transcript.text), final.transcript.text
+    audio_server.release(0)
+    assert (await talk.until(ended)).update.state_change.run.state == pb.RUN_STATE_SUCCEEDED
+    await talk.send(control_frame(pb.TALK_ACTION_END_SESSION))
+    await talk.rest()
+    assert "transcript:partial" not in talk.kinds(), talk.kinds()
+
+
 async def test_silence_alone_is_no_turn_and_end_turn_without_one_is_empty(
     stub: Stub, place: Place, mesh: SwitchboardServer
 ) -> None:

@@ -76,6 +76,9 @@ class Said:
     text: str = ""
     end_reason: pb.TurnEndReason.ValueType = pb.TURN_END_REASON_UNSPECIFIED
     end_confidence: float = 0.0
+    #: The turn's partial transcript still being made when it ended: the worker
+    #: cancels it once the final transcript is known, so it never comes after it.
+    partial: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True)

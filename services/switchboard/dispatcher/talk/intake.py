@@ -10,7 +10,9 @@ alone, never on how fast the frames came; a turn it does not end ends at the
 session's silence. A turn that ends is queued for the
 worker (the backlog, ``flow.py``), so reading (and hearing a barge-in) never
 waits on a transcription. While a turn is spoken, **partials** transcribe it
-so far, about once a second of new speech, in the background.
+so far, about once a second of new speech, in the background; one still
+transcribing when its turn ends is said before the turn's final transcript, or
+not at all.
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ PARTIAL_EVERY_MS: Final = 1_000
 
 
 class Partials:
-    """Partial transcripts of the turn being spoken, one at a time."""
+    """Partial transcripts of the turn being spoken, one at a time.
+
+    A partial still transcribing when its turn ends is not cancelled: it goes with
+    the turn (``hand_over``) to the worker, which cancels it once the turn's final
+    transcript is known. So a slow recogniser (one busy with the previous turn, or
+    a loaded host's) still shows the words before the final transcript replaces them,
+    and no partial ever follows its turn's final transcript.
+    """
 
     def __init__(
         self, *, audio: TurnAudio, transcriber: Transcriber, outbox: Outbox, errands: Errands
@@ -71,8 +80,15 @@ class Partials:
         self._at_ms = self._audio.ms
         self._task = self._errands.spawn(self._send(self._audio.audio(), turn))
 
+    def hand_over(self) -> asyncio.Task[None] | None:
+        """The turn ended and goes to the worker: the partial still going, if any, goes
+        with it (the worker cancels it when the final transcript is known)."""
+        task, self._task = self._task, None
+        self._at_ms = 0
+        return task if task is not None and not task.done() else None
+
     def stop(self) -> None:
-        """The turn ended: its final transcript says it all."""
+        """The turn was discarded: no transcript of it is said, partial or final."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -83,7 +99,7 @@ class Partials:
             text = await self._transcriber.transcribe(audio, turn)
         except SwitchboardError:
             return  # the final transcript says what went wrong, if anything does
-        if text and self._audio.open:
+        if text:
             await self._outbox.put(
                 pb.TalkResponse(
                     transcript=pb.Transcript(
@@ -159,7 +175,7 @@ class Intake:
             self._client.reading = False
             if self._audio.open:
                 # A turn the client was still speaking is discarded: nothing half-stored.
-                self._audio.end()
+                self._discard()
                 self._confidence = 0.0
             self._backlog.close()
             self._outbox.wake()
@@ -273,8 +289,7 @@ class Intake:
             await self._floor.interrupt(control.heard_through_sequence)
         elif action == pb.TALK_ACTION_END_SESSION:
             if self._audio.open:
-                self._audio.end()  # a turn not ended is not taken
-                self._confidence = 0.0
+                self._discard()  # a turn not ended is not taken
             self._client.ending = True
             self._outbox.wake()
         else:
@@ -285,6 +300,8 @@ class Intake:
 
     def _queue(self, said: Said) -> None:
         if not self._backlog.queue(said):
+            if said.partial is not None:
+                said.partial.cancel()
             # Said on the stream, not fatal: the user may go on once the engines catch up.
             self._errands.spawn(
                 self._outbox.put(
@@ -298,19 +315,28 @@ class Intake:
                 )
             )
 
-    def _end_turn(self, reason: pb.TurnEndReason.ValueType) -> None:
+    def _discard(self) -> None:
+        """The open turn is dropped, not taken: neither transcript of it is said."""
         if self._partials is not None:
             self._partials.stop()
+        self._audio.end()
+        self._confidence = 0.0
+
+    def _end_turn(self, reason: pb.TurnEndReason.ValueType) -> None:
+        partial = self._partials.hand_over() if self._partials is not None else None
         audio = self._audio.end()
         confidence, self._confidence = self._confidence, 0.0
-        if audio is None:
-            return
         if not audio:
-            # Nothing to transcribe: said at once, without asking the engine.
-            self._errands.spawn(
-                self._outbox.put(
-                    mapping.event(pb.TALK_EVENT_KIND_TURN_EMPTY, self._backlog.next_turn)
+            if partial is not None:
+                partial.cancel()
+            if audio is not None:
+                # Nothing to transcribe: said at once, without asking the engine.
+                self._errands.spawn(
+                    self._outbox.put(
+                        mapping.event(pb.TALK_EVENT_KIND_TURN_EMPTY, self._backlog.next_turn)
+                    )
                 )
-            )
             return
-        self._queue(Said(audio=audio, end_reason=reason, end_confidence=confidence))
+        self._queue(
+            Said(audio=audio, end_reason=reason, end_confidence=confidence, partial=partial)
+        )

@@ -104,6 +104,8 @@ class Worker:
                 self._outcome.fail(InternalError("the turn failed on the server"))
                 return
             finally:
+                if said.partial is not None:
+                    said.partial.cancel()
                 if not relayed:
                     self._backlog.settle()
 
@@ -118,6 +120,9 @@ class Worker:
             recording_rate = min(rate, RECORDING_MAX_RATE)
             wav = pcm.to_wav(pcm.resample(said.audio, rate, recording_rate), recording_rate)
             text = await self._transcriber.transcribe(wav, turn, wrapped=True)
+            if said.partial is not None:
+                # The final transcript is known: a partial not said by now never is.
+                said.partial.cancel()
             if not text:
                 await self._outbox.put(mapping.event(pb.TALK_EVENT_KIND_TURN_EMPTY, turn))
                 return False
