@@ -52,6 +52,7 @@ from tests.kits.authkit import (
 from tests.kits.contextkit import Stub as ContextStub
 from tests.kits.contextkit import (
     World,
+    all_messages,
     context_stub,
     create_conversation,
     ctx_world,
@@ -753,6 +754,73 @@ async def test_a_model_is_called_only_once_the_runs_start_is_stored() -> None:
     assert order == ["start refused", "start refused", "start stored", "model called"]
 
 
+async def test_a_message_whose_run_is_not_stored_is_not_stored_either(database_url: str) -> None:
+    """The user's message and its run commit in one transaction: the database refusing
+    the run (after its row was written) leaves neither, and the retry stores both once."""
+    async with limited(database_url=database_url) as (server, stub, dstub):
+        store = built(server, Dispatcher)._store
+        creating = store.creating
+        refused: list[str] = []
+
+        def refusing(new: Any) -> Callable[[Session], Any]:
+            work = creating(new)
+
+            def refused_after_writing(db: Session) -> Any:
+                work(db)
+                assert db.get(RunRow, new.run_id) is not None  # written, then refused
+                refused.append(new.run_id)
+                raise DatabaseUnavailable()
+
+            return refused_after_writing if not refused else work
+
+        store.creating = refusing  # type: ignore[method-assign]
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        sent = request(conversation, "stored together", request_id="together-1")
+        with pytest.raises(aio.AioRpcError) as failed:
+            await send(dstub, world.editor, sent)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused
+        assert await all_messages(stub, world.editor, conversation) == []
+
+        def runs(db: Session) -> int:
+            return len(db.execute(select(RunRow.id).where(RunRow.id == refused[0])).all())
+
+        assert await server.shared.database.run(runs, write=False) == 0
+        # The same request again: both stored, once.
+        again = await send(dstub, world.editor, sent)
+        seen = await watch_all(dstub, world.editor, again.run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED
+        messages = await all_messages(stub, world.editor, conversation)
+        assert [m.role for m in messages] == [cpb.MESSAGE_ROLE_USER, cpb.MESSAGE_ROLE_ASSISTANT]
+        assert messages[0].name == again.message.name
+        assert messages[0].parts[0].text == "stored together"
+
+
+async def test_a_run_whose_answer_is_refused_fails_and_stores_neither(database_url: str) -> None:
+    """A run's answer is stored in its end's transaction: the context service refusing
+    it (here its size) fails the run saying why, with no answer and no SUCCEEDED stored."""
+    async with limited(database_url=database_url, context_max_message_bytes=1024) as (
+        server,
+        stub,
+        dstub,
+    ):
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        # Within the limit; the echo's answer (the words and a note after them) is not.
+        sent = await send(dstub, world.editor, request(conversation, "word " * 180))
+        seen = await watch_all(dstub, world.editor, sent.run.name)
+        assert seen.final.state == pb.RUN_STATE_FAILED
+        assert seen.final.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "1024" in seen.final.error.message
+        assert seen.final.output_message == ""
+        stored = await get_run(dstub, world.editor, sent.run.name)
+        assert stored.state == pb.RUN_STATE_FAILED
+        assert stored.output_message == ""
+        messages = await all_messages(stub, world.editor, conversation)
+        assert [m.name for m in messages] == [sent.message.name]
+
+
 async def test_a_run_taken_over_while_its_start_was_stored_is_left_to_its_new_owner() -> None:
     """Another instance took the run over (this one's lease had lapsed) before
     its start landed: the save finds the run no longer this instance's, so it
@@ -822,6 +890,9 @@ async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> N
         await eventually(refused_twice, "the final save to be retried")
         stored = await store.get(found[1], found[3], found[5])
         assert stored.run.state not in TERMINAL
+        # Its answer goes in its end's transaction: not stored either, meanwhile.
+        messages = await all_messages(stub, world.editor, conversation)
+        assert [m.role for m in messages] == [cpb.MESSAGE_ROLE_USER]
         ends = [
             e
             for e in server.shared.bus.recent()
@@ -845,6 +916,9 @@ async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> N
         await eventually(stored_end, "the run's end to be stored once the database is back")
         final = (await store.get(found[1], found[3], found[5])).run
         assert final.state == pb.RUN_STATE_SUCCEEDED
+        answer = (await all_messages(stub, world.editor, conversation))[-1]
+        assert answer.role == cpb.MESSAGE_ROLE_ASSISTANT
+        assert final.output_message == answer.name
         assert (await get_run(dstub, world.editor, name)).state == final.state
 
         async def announced() -> bool:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 from google.protobuf import struct_pb2
+from sqlalchemy.orm import Session
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
@@ -54,6 +55,8 @@ from switchboard.platform.values.resources import (
 from switchboard.shared.parttext import render_parts
 
 #: A tool call's id, as models and the dispatcher make them.
+_T = TypeVar("_T")
+
 _TOOL_CALL_ID: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: A function name as chat APIs accept it.
 _FUNCTION_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -193,6 +196,34 @@ class Messages(Domain):
 
     @write
     async def append(self, principal: Principal, request: pb.AppendMessageRequest) -> pb.Message:
+        message, _ = await self._appending(principal, request, _nothing)
+        return message
+
+    @write
+    async def append_with(
+        self,
+        principal: Principal,
+        request: pb.AppendMessageRequest,
+        after: Callable[[Session, pb.Message], _T],
+        *,
+        message_id: str = "",
+    ) -> tuple[pb.Message, _T]:
+        """``append``, and ``after`` with the stored message in the same transaction:
+        a write the message starts (the dispatcher's run) or ends (its end, with the
+        answer) commits with it or not at all, and the two cost one transaction.
+        ``after`` is synchronous ORM code on the same database; a refusal it raises
+        leaves nothing stored. ``message_id``: the new message's id, chosen by the
+        caller (a run's end names its answer before the two are written); a replay
+        answers with the first attempt's message, under its own name."""
+        return await self._appending(principal, request, after, message_id)
+
+    async def _appending(
+        self,
+        principal: Principal,
+        request: pb.AppendMessageRequest,
+        after: Callable[[Session, pb.Message], _T],
+        message_id: str = "",
+    ) -> tuple[pb.Message, _T]:
         workspace_id = ConversationName.parse(request.parent, "parent").workspace
         message = request.message
         author = self._check(principal, message, workspace_id)
@@ -211,7 +242,9 @@ class Messages(Domain):
                 principal, author, workspace_id, stored_message.parts
             )
         try:
-            return await self._append(principal, request, stored_message, attached)
+            return await self._append(
+                principal, request, stored_message, attached, after, message_id
+            )
         except BaseException:
             if self._attachments is not None:
                 await self._attachments.discard(attached)
@@ -223,12 +256,14 @@ class Messages(Domain):
         request: pb.AppendMessageRequest,
         stored_message: pb.Message,
         attached: Attached,
-    ) -> pb.Message:
+        after: Callable[[Session, pb.Message], _T],
+        message_id: str = "",
+    ) -> tuple[pb.Message, _T]:
         conversation = ConversationName.parse(request.parent, "parent")
         workspace_id, conversation_id = conversation.workspace, conversation.conversation
         message = request.message
         stored_message.token_count = await self._tokens(stored_message.parts, attached)
-        message_id = new_id()
+        message_id = message_id or new_id()
         stored_message.name = str(MessageName(workspace_id, conversation_id, message_id))
 
         def encode(seq: int, when: dt.datetime) -> bytes:
@@ -256,11 +291,19 @@ class Messages(Domain):
             lambda done: _events(principal, workspace_id, request.parent, done),
             key.key if key else "",
         )
-        appended = await stored(
-            self._store.append_message(
+
+        def message_of(appended: Appended) -> pb.Message:
+            if appended.replayed:
+                # The first attempt's message.
+                return message_proto(appended.message, workspace_id)
+            return staged.events[0].message_created.message
+
+        appended, result = await stored(
+            self._store.append_message_with(
                 workspace_id,
                 conversation_id,
                 new,
+                lambda db, appended: after(db, message_of(appended)),
                 max_memory_per_scope=self.limits.max_memory_items,
                 idempotency=key,
                 staged=staged,
@@ -272,9 +315,9 @@ class Messages(Domain):
             # The first attempt's message names its own files; this one's are unused.
             if self._attachments is not None:
                 await self._attachments.discard(attached)
-            return message_proto(appended.message, workspace_id)
-        self._appended(appended.conversation)
-        return staged.events[0].message_created.message
+        else:
+            self._appended(appended.conversation)
+        return message_of(appended), result
 
     def _stored_size(self, message: pb.Message) -> int:
         """The serialized size of ``message`` as stored: inline bytes become files
@@ -375,3 +418,7 @@ def _events(
             for row in done.updated_memory
         ),
     ]
+
+
+def _nothing(db: Session, message: pb.Message) -> None:
+    """A plain append's: nothing written beside the message."""

@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import bindparam, func, literal_column, select, text, update
@@ -36,6 +36,8 @@ from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import Idempotency, claim, retrying
 from switchboard.platform.values.names import new_id, now
+
+_T = TypeVar("_T")
 
 #: An entity memory item keeps the names of this many of the newest messages mentioning it.
 MAX_SOURCES: Final = 20
@@ -135,6 +137,43 @@ class MessageStore(StoreBase):
         idempotency: Idempotency | None,
         staged: Staged[Any] | None = None,
     ) -> Appended:
+        tx = self._append_tx(workspace_id, conversation_id, new, max_memory_per_scope, idempotency)
+        return await retrying(lambda: self._run(staging(staged, tx), write=True))
+
+    async def append_message_with(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        new: NewMessage,
+        after: Callable[[Session, Appended], _T],
+        *,
+        max_memory_per_scope: int,
+        idempotency: Idempotency | None,
+        staged: Staged[Any] | None = None,
+    ) -> tuple[Appended, _T]:
+        """``append_message``, and ``after`` (another domain's write that the message
+        starts: a run's row) in the same transaction, once the message and its events
+        are written: both commit, or neither does (``after`` refusing rolls the message
+        back). A conflict retries the two together."""
+        tx = staging(
+            staged,
+            self._append_tx(workspace_id, conversation_id, new, max_memory_per_scope, idempotency),
+        )
+
+        def both(db: Session) -> tuple[Appended, _T]:
+            appended = tx(db)
+            return appended, after(db, appended)
+
+        return await retrying(lambda: self._run(both, write=True))
+
+    def _append_tx(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        new: NewMessage,
+        max_memory_per_scope: int,
+        idempotency: Idempotency | None,
+    ) -> Callable[[Session], Appended]:
         def tx(db: Session) -> Appended:
             connection = db.connection()
             conversation = self._conversation_record(
@@ -178,7 +217,7 @@ class MessageStore(StoreBase):
             )
             return Appended(MessageRecord(**values), after, created, updated)
 
-        return await retrying(lambda: self._run(staging(staged, tx), write=True))
+        return tx
 
     def _insert_message(self, connection: Connection, values: dict[str, Any], words: str) -> None:
         """The message's row and its words' full-text index, in the append's transaction."""

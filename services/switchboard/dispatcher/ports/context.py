@@ -14,15 +14,22 @@ request and response messages (``AppendMessageRequest``,
   dispatcher mints for the run's user and session from the shared key ring,
   so the context service authorizes the user itself, and the call's
   deadline is the run's.
+
+A message that starts a write of the dispatcher's (a run's row) is appended with
+``append_message_with``: in this process the write goes in the message's own
+transaction (one commit for both, and neither without the other); across
+processes it follows the stored message in a transaction of its own, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 from grpc import aio
+from sqlalchemy.orm import Session
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
@@ -30,11 +37,33 @@ from switchboard.platform.errors import RequestTooLarge
 from switchboard.platform.rpc.outbound.peers import PeerService, TokenIssuer
 from switchboard.platform.security.policy import Principal
 
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Started(Generic[_T]):
+    """A write that a stored message starts: ``within`` the message's transaction
+    where the context service shares this process's database, else ``alone``, in a
+    transaction of its own once the message is stored. Both get the stored message."""
+
+    within: Callable[[Session, cpb.Message], _T]
+    alone: Callable[[cpb.Message], Awaitable[_T]]
+
 
 class _Messages(Protocol):
     def append(
         self, principal: Principal, /, request: cpb.AppendMessageRequest
     ) -> Awaitable[cpb.Message]: ...
+
+    def append_with(
+        self,
+        principal: Principal,
+        /,
+        request: cpb.AppendMessageRequest,
+        after: Callable[[Session, cpb.Message], _T],
+        *,
+        message_id: str = "",
+    ) -> Awaitable[tuple[cpb.Message, _T]]: ...
 
     def get(self, name: str) -> Awaitable[cpb.Message]: ...
 
@@ -83,9 +112,27 @@ class ContextDomain(Protocol):
 
 
 class ContextPort(Protocol):
+    #: Whether ``append_message_with`` runs its write in the message's own transaction
+    #: (the context service is this process's, on its database).
+    shares_transactions: bool
+
     async def append_message(
         self, principal: Principal, request: cpb.AppendMessageRequest, *, timeout_s: float
     ) -> cpb.Message: ...
+
+    async def append_message_with(
+        self,
+        principal: Principal,
+        request: cpb.AppendMessageRequest,
+        started: Started[_T],
+        *,
+        timeout_s: float,
+        message_id: str = "",
+    ) -> tuple[cpb.Message, _T]:
+        """The stored message and what ``started`` wrote with it. ``message_id``: the new
+        message's id, chosen by the caller (where transactions are shared; else, and
+        when the request id was seen before, the stored message's name says its own)."""
+        ...
 
     async def window(
         self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float
@@ -122,6 +169,8 @@ class ContextPort(Protocol):
 
 
 class LocalContext:
+    shares_transactions = True
+
     def __init__(self, domain: ContextDomain) -> None:
         self._domain = domain
 
@@ -129,6 +178,19 @@ class LocalContext:
         self, principal: Principal, request: cpb.AppendMessageRequest, *, timeout_s: float
     ) -> cpb.Message:
         return await self._domain.messages.append(principal, request)
+
+    async def append_message_with(
+        self,
+        principal: Principal,
+        request: cpb.AppendMessageRequest,
+        started: Started[_T],
+        *,
+        timeout_s: float,
+        message_id: str = "",
+    ) -> tuple[cpb.Message, _T]:
+        return await self._domain.messages.append_with(
+            principal, request, started.within, message_id=message_id
+        )
 
     async def window(
         self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float
@@ -169,6 +231,8 @@ class LocalContext:
 
 
 class RemoteContext:
+    shares_transactions = False
+
     def __init__(self, address: str, tokens: TokenIssuer) -> None:
         self._peer = PeerService(address, tokens, "the context service")
         self._stub = context_pb2_grpc.ContextServiceStub(self._peer.channel)
@@ -181,6 +245,21 @@ class RemoteContext:
     ) -> cpb.Message:
         response = await self._peer.call(self._stub.AppendMessage, request, principal, timeout_s)
         return response.message
+
+    async def append_message_with(
+        self,
+        principal: Principal,
+        request: cpb.AppendMessageRequest,
+        started: Started[_T],
+        *,
+        timeout_s: float,
+        message_id: str = "",
+    ) -> tuple[cpb.Message, _T]:
+        # Another process's transaction cannot take ours: the message first, then ours
+        # (a crash between them leaves the message without its run, as a client's
+        # AppendMessage alone would).
+        message = await self.append_message(principal, request, timeout_s=timeout_s)
+        return message, await started.alone(message)
 
     async def window(
         self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float

@@ -46,6 +46,7 @@ from switchboard.dispatcher.llm.retrieval import (
     search_memory_definition,
 )
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.core.answers import Renamed, answering
 from switchboard.dispatcher.runs.core.clock import RunClock
 from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.live import (
@@ -81,6 +82,7 @@ from switchboard.platform.observe.telemetry import parent_from
 from switchboard.platform.security.policy import Permission, Policy
 from switchboard.platform.store.db import DatabaseUnavailable, is_outage
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import MessageName
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -457,15 +459,20 @@ class Execution:
         if active.speaker is not None:
             # The answer is stored once it has been spoken (under the deadline).
             await _spoken(active.speaker, result, answer)
-        output = await self._context.append_message(
-            active.principal,
-            cpb.AppendMessageRequest(
-                parent=active.conversation,
-                message=answer,
-                request_id=f"run-{active.run_id}",
-            ),
-            timeout_s=left(),
+        request = cpb.AppendMessageRequest(
+            parent=active.conversation, message=answer, request_id=f"run-{active.run_id}"
         )
+        if self._context.shares_transactions and not any(
+            part.HasField("file") for part in answer.parts
+        ):
+            # Stored with the run's end, in its transaction (``finish``): one write fewer
+            # a run, and never an answer without its end or an end without its answer.
+            # (An answer's files are stored first: the result shows their names.)
+            message_id = names.new_id()
+            active.answer = (request, message_id)
+            name = MessageName(active.workspace_id, active.conversation_id, message_id)
+            return cpb.Message(name=str(name), parts=answer.parts), result
+        output = await self._context.append_message(active.principal, request, timeout_s=left())
         return output, result
 
     def _replayed(self, active: Active, result: handler_pb2.HandleResult) -> None:
@@ -736,11 +743,43 @@ class Execution:
         if active.journal is not None:
             # Charges say nothing of prices: the journal counts the unpriced calls.
             run.usage.unpriced_calls = max(run.usage.unpriced_calls, active.journal.unpriced_calls)
-        if await self._publishing.persist(active, "end") is False:
+        if await self._persist_end(active) is False:
             active.retired = True  # another instance's: a call on it goes there
         self._feeds.close(active.feed)
         self._forget(active)
         self._ended(active, error)
+
+    async def _persist_end(self, active: Active) -> bool | None:
+        """The end stored (with the answer, where it waits), then announced."""
+        around = answering(active, self._context, self._store)
+        try:
+            return await self._publishing.persist(active, "end", around=around)
+        except Renamed as renamed:
+            active.run.output_message = renamed.name
+            return await self._publishing.persist(active, "end")
+        except SwitchboardError as refused:
+            if around is None:
+                raise
+            return await self._answer_refused(active, refused)
+        finally:
+            active.answer = None
+
+    async def _answer_refused(self, active: Active, refused: SwitchboardError) -> bool | None:
+        """The context service refused the answer (its conversation went away, a limit
+        of its own): the run fails saying why, as it did when the answer was stored
+        before the end. Its watchers saw the result; its end says it was not kept."""
+        log.warning(
+            "a run's answer was refused; the run fails",
+            extra={"run": active.run.name, "error": type(refused).__name__},
+        )
+        active.answer = None
+        run = active.run
+        # Set, not moved (``Active.to``): its end was not stored, so SUCCEEDED never was.
+        run.state = pb.RUN_STATE_FAILED
+        run.ClearField("output_message")
+        run.error.CopyFrom(mapping.error_status(refused))
+        active.ending.clear()  # the result's event: the log never says it
+        return await self._publishing.persist(active, "end")
 
     def _forget(self, active: Active) -> None:
         """``active`` leaves this process's live runs (if it still stands for its run)."""

@@ -104,6 +104,9 @@ class Active:
     #: Events that go out with the run's end (its result): written in the
     #: transaction that stores the end, and published in one batch with it.
     ending: list[events_pb2.Event] = field(default_factory=list)
+    #: Its answer, stored with its end in one transaction (``Execution.finish``), and
+    #: the id the answer's message gets; None once stored, or stored on its own.
+    answer: tuple[cpb.AppendMessageRequest, str] | None = None
     publisher: asyncio.Task[None] | None = None
     #: The position of its last logged event (its tokens are filed after it; () until one).
     logged: tuple[int, ...] = ()

@@ -29,7 +29,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Common
-from switchboard.dispatcher.runs.core.store import TERMINAL
+from switchboard.dispatcher.runs.core.store import TERMINAL, Around
 from switchboard.platform.errors import Conflict, DependencyUnavailable, SwitchboardError
 from switchboard.platform.events.eventlog import parse_cursor
 from switchboard.platform.resilience.backoff import Backoff
@@ -168,6 +168,7 @@ class Publishing:
         *,
         job: bool = False,
         other_job: tuple[str, bytes] | None = None,
+        around: Around | None = None,
     ) -> bool | None:
         """Store the run as it now stands, then announce it as a state change.
 
@@ -178,13 +179,19 @@ class Publishing:
         next owner applies the recovery policy to what is stored.
 
         ``other_job``: another run's job stored in the same transaction (``RunStore.save``).
-        Returns what ``save_until_stored`` does.
+        ``around``: the transaction the save goes in (``RunStore.save``: an end with its
+        answer). Returns what ``save_until_stored`` does.
         """
         async with active.persisting:
-            return await self._persist_now(active, what, job, other_job)
+            return await self._persist_now(active, what, job, other_job, around)
 
     async def _persist_now(
-        self, active: Active, what: str, job: bool, other_job: tuple[str, bytes] | None = None
+        self,
+        active: Active,
+        what: str,
+        job: bool,
+        other_job: tuple[str, bytes] | None = None,
+        around: Around | None = None,
     ) -> bool | None:
         run = active.run
         run.last_sequence = active.feed.last + 1
@@ -210,7 +217,7 @@ class Publishing:
             outbox, lambda stored: events if stored else [], inline=inline
         )
         data = active.job.SerializeToString() if job else None
-        saved = await self.save_until_stored(active, what, staged, data, other_job)
+        saved = await self.save_until_stored(active, what, staged, data, other_job, around)
         if saved and inline and events[-1].cursor:
             # Logged and delivered with the end: the feed shows it now, numbered and
             # stamped as the log has it (WatchRun and Subscribe tell the same update).
@@ -256,8 +263,10 @@ class Publishing:
         staged: Staged[bool] | None,
         job: bytes | None = None,
         other_job: tuple[str, bytes] | None = None,
+        around: Around | None = None,
     ) -> bool | None:
-        """True once saved, False if another instance owns it now, None if stopping first."""
+        """True once saved, False if another instance owns it now, None if stopping first.
+        An outage of ``around``'s write is retried with the save; its refusal is raised."""
         backoff = Backoff(0.05, 2.0)
         began = time.monotonic()
         warned = False
@@ -271,6 +280,7 @@ class Publishing:
                         staged=staged,
                         job=job,
                         other_job=other_job,
+                        around=around,
                     )
             except (DependencyUnavailable, Conflict, TimeoutError):
                 if self._live.closing and time.monotonic() - began >= FINISH_TIMEOUT_S:

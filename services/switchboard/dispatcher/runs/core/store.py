@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -54,6 +54,9 @@ from switchboard.platform.values.names import now
 log = logging.getLogger("switchboard.dispatcher.runs.core.store")
 
 _T = TypeVar("_T")
+
+#: Runs a save's work in another write's transaction (``RunStore.save``).
+Around = Callable[[Callable[[Session], bool]], Awaitable[bool]]
 #: Run ids read in one statement.
 _BATCH: Final = 500
 #: The states of a run that has not ended (a paused one is active: it resumes).
@@ -269,6 +272,11 @@ class RunStore:
 
     async def create(self, new: NewRun) -> tuple[Stored, bool]:
         """Insert the run; (the run, True) if an earlier request with the key made it."""
+        return await retrying(lambda: self._run(self.creating(new), write=True))
+
+    def creating(self, new: NewRun) -> Callable[[Session], tuple[Stored, bool]]:
+        """``create`` as a work of another transaction (its input message's: both
+        commit together, ``ports/context.py``); the caller retries a conflict."""
 
         def work(db: Session) -> tuple[Stored, bool]:
             first = claim(db, new.idempotency, new.run.name)
@@ -302,7 +310,7 @@ class RunStore:
             )
             return Stored(new.run, new.job, new.workspace_id, new.conversation_id), False
 
-        return await retrying(lambda: self._run(work, write=True))
+        return work
 
     async def save(
         self,
@@ -313,6 +321,7 @@ class RunStore:
         staged: Staged[bool] | None = None,
         job: bytes | None = None,
         other_job: tuple[str, bytes] | None = None,
+        around: Around | None = None,
     ) -> bool:
         """Persist the run's current state; False if ``owner`` no longer owns it
         (taken over by another instance, or purged with its conversation), or it
@@ -323,6 +332,8 @@ class RunStore:
         ``other_job``: another run's id and job, stored in the same transaction and
         fenced alike (a consumed steer: its end and the target's journal of it land
         together or not at all; False, nothing stored, if either is not ``owner``'s).
+        ``around``: runs the save's work in the transaction of another write (an end
+        with its answer, ``execution.py``), fenced alike: False rolls that back too.
         """
         values: dict[str, object] = {
             "run": run_id,
@@ -345,12 +356,21 @@ class RunStore:
                 other = {"run": other_job[0], "owner": owner, "job": other_job[1]}
                 if not _SAVE_JOB.execute(db, other):
                     raise _Fenced  # rolls the run's save back with it
+            if not saved and around is not None:
+                raise _Fenced  # nor is the write it goes with
             return saved
 
         try:
+            if around is not None:
+                return await around(staging(staged, work))
             return await self._run(staging(staged, work), write=True)
         except _Fenced:
             return False
+
+    async def transaction(self, work: Callable[[Session], _T]) -> _T:
+        """``work`` as a write transaction of its own (what an ``Around`` runs a save in
+        where it cannot share another's)."""
+        return await self._run(work, write=True)
 
     async def save_queued(self, run_id: str, run: pb.Run, *, owner: str) -> bool:
         """Store a queued run's new ``queued_behind``; False unless the run is still

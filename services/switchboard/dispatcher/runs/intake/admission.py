@@ -6,7 +6,9 @@ the rate limits and the pre-dispatch filters, the assistant and the handler;
 a message with ``speech`` passes them through the stage that wraps them,
 ``speech.py``), a retry answered from the first attempt (the request id),
 the room in the queue and in the budgets, the message stored through the
-context service's contract, the QUEUED run stored with its job, and last the
+context service's contract with the QUEUED run and its job in the same
+transaction (``ContextPort.append_message_with``: one commit, and a run refused
+there, a busy conversation under REJECT, leaves no message either), and last the
 run handed to the scheduler, whose start is the execution stage's
 (``execution.py``). Nothing is stored before every check has passed, and the
 run is handed over before anything else is awaited.
@@ -28,6 +30,7 @@ from typing import Final
 
 from google.protobuf import struct_pb2
 from opentelemetry.trace import Tracer
+from sqlalchemy.orm import Session
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -37,7 +40,7 @@ from switchboard.dispatcher.budgets.quotas import Quotas
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.dispatcher.llm.handler import LlmHandler
-from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.ports.context import ContextPort, Started
 from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.core.publishing import Publishing
@@ -59,6 +62,10 @@ from switchboard.platform.values.resources import ConversationName, HandlerName,
 #: A child admitted as its parent's deadline passes still gets this long: its parent's
 #: own deadline ends the tree (and cancels the child) anyway.
 _LEAST_CHILD_S: Final = 0.001
+
+#: The run admission built and stored with its message, and the stored run (or, with
+#: True, the earlier request's run, when the request id was seen before).
+_Created = tuple[pb.Run, job_pb2.RunJob, Stored, bool]
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -180,33 +187,56 @@ class Admission:
             if earlier is not None:
                 return await self.replay(principal, request, earlier)
         budgets = await self._room(principal, conversation.workspace, screened, handed, parent)
-        stored_message = await self._context.append_message(
-            principal, _append_request(principal, request), timeout_s=FINISH_TIMEOUT_S
-        )
         name = RunName(conversation.workspace, conversation.conversation, names.new_id())
-        run, job = _new_run(principal, stored_message, name, screened)
-        _carry_trace(self._tracer, run, job)
-        _mark_sender(run, job, schedule, steer, handed)
-        _mark_parent(run, job, parent)
         policy = _policy(request)
-        created, replayed = await self._store.create(
-            NewRun(
-                run_id=name.run,
-                workspace_id=name.workspace,
-                conversation_id=name.conversation,
-                creator=principal.user_id,
-                api_key_id=principal.api_key_id,
-                worker=self._limits.instance_id,
-                run=run,
-                job=job.SerializeToString(),
-                idempotency=screened.key,
-                reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
-                parent_id=parent.run.run if parent is not None else "",
-                root_id=parent.root if parent is not None else "",
+        # Read here, not in the transaction's work (on PostgreSQL its span is current there).
+        trace = _trace(self._tracer)
+
+        def new_run(stored_message: cpb.Message) -> tuple[pb.Run, job_pb2.RunJob, NewRun]:
+            run, job = _new_run(principal, stored_message, name, screened)
+            if trace is not None:
+                run.trace_id, job.traceparent = trace
+            _mark_sender(run, job, schedule, steer, handed)
+            _mark_parent(run, job, parent)
+            return (
+                run,
+                job,
+                NewRun(
+                    run_id=name.run,
+                    workspace_id=name.workspace,
+                    conversation_id=name.conversation,
+                    creator=principal.user_id,
+                    api_key_id=principal.api_key_id,
+                    worker=self._limits.instance_id,
+                    run=run,
+                    job=job.SerializeToString(),
+                    idempotency=screened.key,
+                    reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
+                    parent_id=parent.run.run if parent is not None else "",
+                    root_id=parent.root if parent is not None else "",
+                ),
             )
+
+        def within(db: Session, stored_message: cpb.Message) -> _Created:
+            run, job, new = new_run(stored_message)
+            return run, job, *self._store.creating(new)(db)
+
+        async def alone(stored_message: cpb.Message) -> _Created:
+            run, job, new = new_run(stored_message)
+            return run, job, *await self._store.create(new)
+
+        # The message and its run in one transaction: neither is stored without the other.
+        stored_message, (run, job, created, replayed) = await self._context.append_message_with(
+            principal,
+            _append_request(principal, request),
+            Started(within, alone),
+            timeout_s=FINISH_TIMEOUT_S,
         )
         if replayed:
-            return await self.replay(principal, request, created)
+            # A twin request's run (it won the request id meanwhile); the message is its.
+            response = pb.SendMessageResponse(run=self._live.current(created.run))
+            response.message.CopyFrom(stored_message)
+            return response
         if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
             await self._supersede(request.conversation, run.name)
         active = Active(
@@ -474,15 +504,14 @@ def _new_job(
     return job
 
 
-def _carry_trace(tracer: Tracer | None, run: pb.Run, job: job_pb2.RunJob) -> None:
-    """The run carries the current call's trace; its execution continues it from
-    the job, in whichever process runs it (``Execution._execute_traced``)."""
-    if tracer is None:  # tracing is off
-        return
+def _trace(tracer: Tracer | None) -> tuple[str, str] | None:
+    """The current call's trace id and ``traceparent``, which the run and its job carry:
+    its execution continues the trace from the job, in whichever process runs it
+    (``Execution._execute_traced``). None when tracing is off or outside a trace."""
+    if tracer is None:
+        return None
     ids = current_ids()
-    if ids is not None:
-        run.trace_id = ids[0]
-        job.traceparent = traceparent()
+    return None if ids is None else (ids[0], traceparent())
 
 
 def _strip_prefix(message: cpb.Message, prefix: str) -> None:
