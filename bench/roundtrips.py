@@ -62,6 +62,10 @@ TITLE: Final = "## Round trips per run (PostgreSQL and Redis)"
 WRITE_GOAL: Final = 4.0
 #: PostgreSQL flushes a backend's statistics at most about once a second.
 STATS_FLUSH_S: Final = 1.5
+#: ... and an idle backend's within about ten.
+STATS_SETTLE_S: Final = 12.0
+#: The tables a run writes: their counters settle once the runs' connections flushed.
+RUN_TABLES: Final = ("conversations", "event_outbox", "idempotency_keys", "messages", "runs")
 DATABASE: Final = "postgres"
 #: Transaction ids handed out so far (reading it hands out none).
 _XMAX: Final = "SELECT txid_snapshot_xmax(txid_current_snapshot())"
@@ -80,6 +84,27 @@ class Reading:
     transactions: int
     rows: dict[str, tuple[int, int, int]]
     commands: dict[str, int]
+
+
+async def settled(engine: AsyncEngine, client: aioredis.Redis) -> Reading:
+    """A reading once PostgreSQL's statistics have caught up: a pooled connection that
+    goes idle flushes its counters up to ``STATS_SETTLE_S`` later (PostgreSQL 15's
+    idle interval), so they are read until two readings a ``STATS_FLUSH_S`` apart agree
+    on the rows of the tables a run writes (the leases' go on changing meanwhile), or
+    that long has passed."""
+    last = await read(engine, client)
+    deadline = time.monotonic() + STATS_SETTLE_S
+    while time.monotonic() < deadline:
+        await asyncio.sleep(STATS_FLUSH_S)  # the statistics' own flush period
+        now = await read(engine, client)
+        if _runs_rows(now) == _runs_rows(last):
+            return last
+        last = now
+    return last
+
+
+def _runs_rows(reading: Reading) -> list[tuple[int, int, int]]:
+    return [reading.rows.get(table, (0, 0, 0)) for table in RUN_TABLES]
 
 
 async def read(engine: AsyncEngine, client: aioredis.Redis) -> Reading:
@@ -205,15 +230,13 @@ async def _measure(plan: Plan, address: str, url: str, redis_url: str) -> dict[s
             stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
             for _ in range(plan.warmup):
                 await one_run(stub, account.metadata, conversation)
-            await asyncio.sleep(STATS_FLUSH_S)  # the warm-up's statistics flushed
-            start = await read(engine, client)
+            start = await settled(engine, client)
             for _ in range(plan.runs):
                 await one_run(stub, account.metadata, conversation)
-            await asyncio.sleep(STATS_FLUSH_S)  # the runs' statistics flushed, rows deleted
-            busy = rates(start, await read(engine, client))
+            busy = rates(start, await settled(engine, client))
             idle_start = await read(engine, client)
             await asyncio.sleep(busy["seconds"])  # the idle window, as long as the busy one
-            idle = rates(idle_start, await read(engine, client))
+            idle = rates(idle_start, await settled(engine, client))
     finally:
         await engine.dispose()
         await client.aclose()
