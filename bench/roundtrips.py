@@ -17,7 +17,9 @@ with no run), the bench reads:
   statement in autocommit counts as one; its statistics are flushed within a second);
 - **rows** inserted, updated and deleted, by table (``pg_stat_user_tables``);
 - **Redis commands**, by command (``INFO commandstats``; the commands a script runs count
-  one each, beside the ``EVALSHA`` that ran it).
+  one each, beside the ``EVALSHA`` that ran it);
+- **the process's CPU** (``/proc``), reported for the idle window: what every process of a
+  mesh pays whatever its load (its pollers, leases and health).
 
 Each figure is (during the runs - the idle window's) / runs. Issue 80's goal: at most 4
 write transactions per run.
@@ -45,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from bench.fixtures import create_conversations, create_workspace, register
 from bench.harness import (
     command_line,
+    process_cpu_s,
     provenance,
     report,
     say,
@@ -84,19 +87,21 @@ class Reading:
     transactions: int
     rows: dict[str, tuple[int, int, int]]
     commands: dict[str, int]
+    #: The ``serve`` process's CPU so far.
+    cpu_s: float
 
 
-async def settled(engine: AsyncEngine, client: aioredis.Redis) -> Reading:
+async def settled(engine: AsyncEngine, client: aioredis.Redis, pid: int) -> Reading:
     """A reading once PostgreSQL's statistics have caught up: a pooled connection that
     goes idle flushes its counters up to ``STATS_SETTLE_S`` later (PostgreSQL 15's
     idle interval), so they are read until two readings a ``STATS_FLUSH_S`` apart agree
     on the rows of the tables a run writes (the leases' go on changing meanwhile), or
     that long has passed."""
-    last = await read(engine, client)
+    last = await read(engine, client, pid)
     deadline = time.monotonic() + STATS_SETTLE_S
     while time.monotonic() < deadline:
         await asyncio.sleep(STATS_FLUSH_S)  # the statistics' own flush period
-        now = await read(engine, client)
+        now = await read(engine, client, pid)
         if _runs_rows(now) == _runs_rows(last):
             return last
         last = now
@@ -107,7 +112,7 @@ def _runs_rows(reading: Reading) -> list[tuple[int, int, int]]:
     return [reading.rows.get(table, (0, 0, 0)) for table in RUN_TABLES]
 
 
-async def read(engine: AsyncEngine, client: aioredis.Redis) -> Reading:
+async def read(engine: AsyncEngine, client: aioredis.Redis, pid: int) -> Reading:
     async with engine.connect() as db:
         xmax = (await db.execute(text(_XMAX))).scalar()
         transactions = (
@@ -130,6 +135,7 @@ async def read(engine: AsyncEngine, client: aioredis.Redis) -> Reading:
         commands={
             name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()
         },
+        cpu_s=process_cpu_s(pid),
     )
 
 
@@ -147,6 +153,7 @@ def rates(before: Reading, after: Reading) -> dict[str, Any]:
         # The reading's own query (its connection's transaction) is one of them.
         "transactions": (after.transactions - before.transactions - 1) / seconds,
         "write_transactions": (after.xmax - before.xmax) / seconds,
+        "cpu_ms": (after.cpu_s - before.cpu_s) * 1000 / seconds,
         "rows": rows,
         "commands": {
             name: (count - before.commands.get(name, 0)) / seconds
@@ -179,6 +186,8 @@ def per_run(busy: Mapping[str, Any], idle: Mapping[str, Any], runs: int) -> dict
             sorted(((n, c) for n, c in commands.items() if c >= 0.1), key=lambda x: -x[1])
         ),
         "idle_write_transactions_per_s": round(idle["write_transactions"], 2),
+        "idle_transactions_per_s": round(idle["transactions"], 2),
+        "idle_cpu_ms_per_s": round(idle["cpu_ms"], 1),
         "idle_commands_per_s": round(sum(idle["commands"].values()), 1),
     }
 
@@ -214,12 +223,12 @@ async def measure(plan: Plan, directory: Path) -> dict[str, Any]:
             url = postgres.url(DATABASE)
             settings = {"SWITCHBOARD_REDIS_URL": redis_server.url}
             with serve(directory, url, settings) as server:
-                return await _measure(plan, server.address, url, redis_server.url)
+                return await _measure(plan, server.address, server.pid, url, redis_server.url)
     finally:
         redis_server.stop()
 
 
-async def _measure(plan: Plan, address: str, url: str, redis_url: str) -> dict[str, Any]:
+async def _measure(plan: Plan, address: str, pid: int, url: str, redis_url: str) -> dict[str, Any]:
     engine = create_async_engine(url)
     client = aioredis.from_url(redis_url)
     try:
@@ -230,13 +239,13 @@ async def _measure(plan: Plan, address: str, url: str, redis_url: str) -> dict[s
             stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
             for _ in range(plan.warmup):
                 await one_run(stub, account.metadata, conversation)
-            start = await settled(engine, client)
+            start = await settled(engine, client, pid)
             for _ in range(plan.runs):
                 await one_run(stub, account.metadata, conversation)
-            busy = rates(start, await settled(engine, client))
-            idle_start = await read(engine, client)
+            busy = rates(start, await settled(engine, client, pid))
+            idle_start = await read(engine, client, pid)
             await asyncio.sleep(busy["seconds"])  # the idle window, as long as the busy one
-            idle = rates(idle_start, await settled(engine, client))
+            idle = rates(idle_start, await settled(engine, client, pid))
     finally:
         await engine.dispose()
         await client.aclose()
@@ -258,6 +267,10 @@ def render(results: Mapping[str, Any], command: str, plan: Plan) -> str:
         f"- PostgreSQL write transactions per run: **{f['write_transactions']}** (goal: at "
         f"most {WRITE_GOAL:g}): {verdict(f['write_transactions'] <= WRITE_GOAL)}",
         f"- PostgreSQL transactions per run, reads in autocommit included: {f['transactions']}",
+        f"- the process idle (what every process of a mesh pays whatever its load: its "
+        f"pollers, leases and health): {f['idle_cpu_ms_per_s']} ms of CPU a second, "
+        f"{f['idle_transactions_per_s']} PostgreSQL transactions a second "
+        f"({f['idle_write_transactions_per_s']} writing)",
         "",
         "| table | inserted | updated | deleted |",
         "|---|---|---|---|",

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from switchboard.platform.resilience.backoff import Backoff, ceiling, full_jitter
+from switchboard.platform.resilience.backoff import Backoff, IdlePoll, ceiling, full_jitter
 
 pytestmark = pytest.mark.unit
 
@@ -51,3 +51,16 @@ async def test_the_pacer_doubles_to_its_cap_and_resets(monkeypatch: pytest.Monke
     assert slept == [0.1, 0.2, 0.4, 0.5, 0.5]
     backoff.reset()
     assert backoff.next_s == 0.1
+
+
+def test_an_idle_poll_stretches_while_nothing_is_found_and_snaps_back() -> None:
+    idle = IdlePoll(1.0)
+    assert [idle.after(found=False) for _ in range(5)] == [1.0, 2.0, 4.0, 4.0, 4.0]
+    assert idle.after(found=True) == 1.0
+    assert idle.after(found=False) == 1.0  # the look after a find comes at the low period
+    assert idle.after(found=False) == 2.0
+    idle.reset()  # woken by this process's own work
+    assert idle.after(found=False) == 1.0
+    assert IdlePoll(0.5, 0.5).after(found=False) == 0.5
+    capped = IdlePoll(0.1, 0.3)
+    assert [capped.after(found=False) for _ in range(4)] == [0.1, 0.2, 0.3, 0.3]

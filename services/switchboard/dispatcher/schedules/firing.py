@@ -67,6 +67,7 @@ from switchboard.platform.errors import (
     SwitchboardError,
 )
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.resilience.backoff import IdlePoll
 from switchboard.platform.security.policy import AuthMethod, Permission, Policy, Principal, Scope
 from switchboard.platform.store.outbox import Staged
 
@@ -140,6 +141,8 @@ class Firing:
         self.clock = clock
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        #: The wait between passes while nothing is due (``poll_s``, stretched while idle).
+        self._idle = IdlePoll(self.settings.poll_s)
         #: Ticks being sent by this process: (workspace, schedule, tick).
         self._sending: set[tuple[str, str, int]] = set()
         self._scanned_at: float | None = None
@@ -199,6 +202,7 @@ class Firing:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(seconds, 0.0)):
                 await self._wake.wait()
+                self._idle.reset()
         self._wake.clear()
 
     def _now(self) -> dt.datetime:
@@ -216,7 +220,7 @@ class Firing:
             await self.replay_claimed(wait=wait)
             self._scanned_at = started
         now_us = times.to_us(self._now())
-        due = await self._store.due(now_us, BATCH)
+        due, next_us = await self._store.due(now_us, BATCH)
         claimed: list[FiringRecord] = []
         for record in due:
             try:
@@ -234,10 +238,14 @@ class Firing:
         await self._send_all(claimed, wait=wait)
         if len(due) == BATCH:
             return 0.0
-        next_us = await self._store.next_due()
+        if due:
+            next_us = await self._store.next_due()  # the claims moved the ticks on
+        # Schedules changed here wake the loop; the looks between are for other
+        # processes' changes (their own loops fire them), less often while none are due.
+        longest = self._idle.after(found=bool(due))
         if next_us is None:
-            return self.settings.poll_s
-        return min(max((next_us - times.to_us(self._now())) / 1e6, 0.0), self.settings.poll_s)
+            return longest
+        return min(max((next_us - times.to_us(self._now())) / 1e6, 0.0), longest)
 
     async def replay_claimed(self, *, wait: bool = True) -> int:
         """Send again the ticks this replica claimed and did not settle, and take over

@@ -23,7 +23,9 @@ Two loops per process, over the tables of ``store.py``:
   (never those of other endpoints) until it succeeds or runs out of
   attempts. Claims carry an expiry, so a replica that dies mid-send leaves
   its deliveries to the others after ``claim_s``; the attempt may then reach
-  the receiver twice (at least once: receivers dedupe by ``webhook-id``).
+  the receiver twice (at least once: receivers dedupe by ``webhook-id``). The
+  deliveries its own process records wake it; its looks for other processes'
+  come every ``poll_s``, stretched up to four times that while none are found.
 
 The request (Standard Webhooks, https://www.standardwebhooks.com): ``POST``
 with ``content-type: application/json`` and the body
@@ -112,7 +114,7 @@ from switchboard.platform.events.eventlog import Logged, Position
 from switchboard.platform.events.feeder import FeedSettings, LeasedFeeder
 from switchboard.platform.events.feedstore import Work
 from switchboard.platform.observe import telemetry
-from switchboard.platform.resilience.backoff import Backoff, full_jitter
+from switchboard.platform.resilience.backoff import Backoff, IdlePoll, full_jitter
 from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import EgressPolicy, ResolutionFailed, http_client
@@ -597,6 +599,9 @@ class WebhookEngine:
 
     async def _send_loop(self) -> None:
         backoff = Backoff(0.1, self.limits.poll_s * 5)
+        # Deliveries recorded here, and a worker done, wake the sender; the looks
+        # between are for other processes' deliveries, less often while none come.
+        idle = IdlePoll(self.limits.poll_s)
         while True:
             wait_s = self.limits.poll_s
             free = self.limits.max_in_flight - len(self._workers)
@@ -614,6 +619,7 @@ class WebhookEngine:
                 backoff.reset()
                 for delivery in claimed:
                     self._spawn(delivery)
+                wait_s = idle.after(found=bool(claimed))
                 if due is not None:
                     wait_s = min(wait_s, max(0.0, (due - now()).total_seconds()))
                 if len(claimed) == free:
@@ -622,6 +628,7 @@ class WebhookEngine:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait_s):
                         await self._send_wake.wait()
+                        idle.reset()
 
     def _spawn(self, claimed: Claimed) -> None:
         task = asyncio.get_running_loop().create_task(

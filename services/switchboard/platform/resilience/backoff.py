@@ -11,7 +11,11 @@ Three uses of that one schedule:
 - ``Backoff``: a pacer for a loop that waits out an outage, ``wait()`` after a
   failure and ``reset()`` after a success (the event log's readers and
   flusher, the webhook feeder and sender, the dispatcher's lease loop, an A2A
-  stream's resume).
+  stream's resume);
+- ``IdlePoll``: the same doubling for a loop that looks for work left by other
+  processes, after each look that found none (the webhook sender, schedule
+  firing, the outbox relay): an idle process's looks cost every process of a
+  mesh, each on its own.
 
 The client package keeps its own (``switchboard.client.backoff``): it imports
 no server module (docs/decisions.md, 38).
@@ -88,4 +92,37 @@ class Backoff:
         self._next_s = min(self._next_s * 2, self._high_s)
 
     def reset(self) -> None:
+        self._next_s = self._low_s
+
+
+#: How many times its base period an idle poll may wait (``IdlePoll``).
+IDLE_STRETCH: Final = 4.0
+
+
+class IdlePoll:
+    """How long a loop waits before it looks for work again: ``low_s`` after a look
+    that found some, doubling after each that found none, up to ``high_s``.
+
+    The loops that use it are woken at once by their own process's work (a delivery
+    recorded here, a schedule changed here); the polls are for what other processes
+    left (a crashed one's rows, work a busy one could not take), which the ceiling
+    bounds. The low period still applies while there is work.
+    """
+
+    def __init__(self, low_s: float, high_s: float | None = None) -> None:
+        self._low_s = low_s
+        self._high_s = max(low_s, high_s if high_s is not None else low_s * IDLE_STRETCH)
+        self._next_s = low_s
+
+    def after(self, *, found: bool) -> float:
+        """The wait after a look (``found``: it found work)."""
+        if found:
+            self._next_s = self._low_s
+            return self._low_s
+        wait = self._next_s
+        self._next_s = min(wait * 2, self._high_s)
+        return wait
+
+    def reset(self) -> None:
+        """Work came by another way (a wake): the next look comes at the low period."""
         self._next_s = self._low_s

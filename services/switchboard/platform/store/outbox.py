@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.resilience.backoff import IdlePoll
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import EventOutboxRow, table_of
 from switchboard.platform.values.names import new_id, now, stamp_now
@@ -58,7 +59,7 @@ class InlineLog(Protocol):
 
 #: A row this old was not published by the process that wrote it (normally milliseconds).
 GRACE_S: Final = 5.0
-#: How often the relay looks for such rows.
+#: How often the relay looks for such rows (stretched up to four times while it finds none).
 RELAY_EVERY_S: Final = 1.0
 #: Rows one relay round or one delete handles.
 _BATCH: Final = 200
@@ -192,10 +193,15 @@ class Outbox:
         self._tasks.append(asyncio.create_task(self._deleter(), name="outbox-deleter"))
 
     async def _relay(self, publish: Publish) -> None:
+        # Rows are left only by a process that died (or failed to publish): looked for
+        # every second while some turn up, less often (up to 4 s) while none do.
+        idle = IdlePoll(RELAY_EVERY_S)
+        found = 0
         while not self._closed:
-            await asyncio.sleep(RELAY_EVERY_S)  # a periodic job, not synchronization
+            await asyncio.sleep(idle.after(found=found > 0))  # a periodic job
+            found = 0
             try:
-                await self.relay_once(publish)
+                found = await self.relay_once(publish)
             except asyncio.CancelledError:
                 raise
             except SwitchboardError:
