@@ -359,7 +359,7 @@ class ContextSettings(Section):
         gt=0,
         le=300,
         description="how often the indexer checks the event log and its queue when no live "
-        "event woke it",
+        "event woke it (its queue up to four times less often while it finds no job)",
     )
     context_semantic_lease_s: float = Field(
         default=15.0,

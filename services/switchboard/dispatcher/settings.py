@@ -242,7 +242,8 @@ class DispatcherSettings(Section):
         gt=0,
         le=60,
         description="how often each dispatcher replica looks for due schedule ticks, at most "
-        "(sooner when the next tick is sooner, or a schedule changed here)",
+        "(sooner when the next tick is sooner, or a schedule changed here; up to four times "
+        "that while none come due, never past the next tick)",
     )
     # The LLM handler (OpenAI-compatible Chat Completions). Off unless a base URL is set.
     llm_base_url: str = Field(
