@@ -247,8 +247,14 @@ def heard_turn(browser: Page, other_than: str = "") -> dict[str, Any]:
 
 
 def end(browser: Page) -> None:
+    before = live_data(browser)
     browser.click(tid("live-end"))
-    browser.wait("(s) => document.querySelector(s).dataset.state === 'ended'", LIVE)
+    try:
+        browser.wait("(s) => document.querySelector(s).dataset.state === 'ended'", LIVE)
+    except pytest.fail.Exception as failed:
+        # What the control went through (a dropped connection, a resume, its state when
+        # End was pressed) says why it did not end: the page's own record, not a guess.
+        pytest.fail(f"{failed}\nthe live control before End: {before}\nnow: {live_data(browser)}")
 
 
 def test_a_live_session_hears_answers_aloud_and_is_interrupted_by_speech(
