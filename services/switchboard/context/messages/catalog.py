@@ -54,9 +54,9 @@ from switchboard.platform.values.resources import (
 )
 from switchboard.shared.parttext import render_parts
 
-#: A tool call's id, as models and the dispatcher make them.
 _T = TypeVar("_T")
 
+#: A tool call's id, as models and the dispatcher make them.
 _TOOL_CALL_ID: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: A function name as chat APIs accept it.
 _FUNCTION_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")

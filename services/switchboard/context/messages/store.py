@@ -137,8 +137,16 @@ class MessageStore(StoreBase):
         idempotency: Idempotency | None,
         staged: Staged[Any] | None = None,
     ) -> Appended:
-        tx = self._append_tx(workspace_id, conversation_id, new, max_memory_per_scope, idempotency)
-        return await retrying(lambda: self._run(staging(staged, tx), write=True))
+        appended, _ = await self.append_message_with(
+            workspace_id,
+            conversation_id,
+            new,
+            _nothing,
+            max_memory_per_scope=max_memory_per_scope,
+            idempotency=idempotency,
+            staged=staged,
+        )
+        return appended
 
     async def append_message_with(
         self,
@@ -324,3 +332,7 @@ class MessageStore(StoreBase):
             return [message_record(row) for row in db.execute(query.limit(limit)).scalars()]
 
         return await self._run(tx, write=False, snapshot=True)
+
+
+def _nothing(db: Session, appended: Appended) -> None:
+    """A plain append's: nothing written beside the message."""

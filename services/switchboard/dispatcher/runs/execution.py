@@ -772,7 +772,6 @@ class Execution:
             "a run's answer was refused; the run fails",
             extra={"run": active.run.name, "error": type(refused).__name__},
         )
-        active.answer = None
         run = active.run
         # Set, not moved (``Active.to``): its end was not stored, so SUCCEEDED never was.
         run.state = pb.RUN_STATE_FAILED

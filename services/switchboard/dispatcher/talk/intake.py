@@ -176,7 +176,6 @@ class Intake:
             if self._audio.open:
                 # A turn the client was still speaking is discarded: nothing half-stored.
                 self._discard()
-                self._confidence = 0.0
             self._backlog.close()
             self._outbox.wake()
 

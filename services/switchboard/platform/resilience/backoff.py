@@ -14,8 +14,8 @@ Three uses of that one schedule:
   stream's resume);
 - ``IdlePoll``: the same doubling for a loop that looks for work left by other
   processes, after each look that found none (the webhook sender, schedule
-  firing, the outbox relay): an idle process's looks cost every process of a
-  mesh, each on its own.
+  firing, the outbox relay, the semantic indexer's workers): an idle process's
+  looks cost every process of a mesh, each on its own.
 
 The client package keeps its own (``switchboard.client.backoff``): it imports
 no server module (docs/decisions.md, 38).

@@ -360,10 +360,11 @@ class RunStore:
                 raise _Fenced  # nor is the write it goes with
             return saved
 
+        saving = staging(staged, work)
         try:
             if around is not None:
-                return await around(staging(staged, work))
-            return await self._run(staging(staged, work), write=True)
+                return await around(saving)
+            return await self._run(saving, write=True)
         except _Fenced:
             return False
 
