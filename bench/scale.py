@@ -76,6 +76,16 @@ COST_GOAL: Final = 1.3
 SCALE_GOAL: Final = 1.1
 #: Issue 80: the Switchboard processes' CPU per run with 4 processes against 1's.
 FLAT_GOAL: Final = 1.1
+#: Issue 80, streaming within one process: the all-in-one's runs/s on the paced row at
+#: least this share of the model's limit, and its CPU per streamed token at most this many
+#: times the model server's.
+STREAM_SHARE_GOAL: Final = 0.5
+STREAM_TOKEN_GOAL: Final = 3.0
+#: Issue 80, many cores: runs/s with N processes at least this times N one process's, at
+#: N = 4 and 8, with the first token's p99 under ``MANY_P99_MS`` below saturation.
+MANY_GOAL: Final = 0.75
+MANY_COUNTS: Final = (4, 8)
+MANY_P99_MS: Final = 1000.0
 #: Conversations per client process, and tokens per second per model process.
 PER_CLIENT: Final = 200
 PER_MODEL_TOKENS_S: Final = 20_000
@@ -490,7 +500,59 @@ def goals(results: dict[str, Any]) -> list[str]:
             "is this ratio; the row above adds what a process costs per run at half the load "
             "(fewer runs share each write, each frame, each wake-up)."
         )
+    lines.extend(_streaming_goal(results))
+    lines.append(_many_cores_goal(results))
     return lines
+
+
+def _streaming_goal(results: dict[str, Any]) -> list[str]:
+    """Issue 80's streaming goal, read from the all-in-one rows: one process on the paced
+    row, against the model's limit (its pace) and the model server's CPU per token."""
+    rounds, row = results["rounds"], results["row"]
+    limit = paced_limit(Row(row["interval_ms"], row["conversations"], row["tokens"]))
+    shares = [r["all_in_one"]["runs_per_s"] / limit for r in rounds]
+    # Per token, both divide by the same token count: the ratio of their CPU per run.
+    ratios = [
+        server_ms(r["all_in_one"]) / max(by_part(r["all_in_one"]).get("model", 0.0), 1e-9)
+        for r in rounds
+    ]
+    share, ratio = _mean(shares), _mean(ratios)
+    return [
+        f"- Streaming within one process: the all-in-one completes at least "
+        f"{STREAM_SHARE_GOAL:g} of the model's limit on the paced row ({limit:.0f} runs/s): "
+        f"{verdict(share >= STREAM_SHARE_GOAL)}, {share:.2f} (rounds: "
+        f"{', '.join(f'{x:.2f}' for x in shares)}).",
+        f"- Its CPU per streamed token at most {STREAM_TOKEN_GOAL:g}x the model server's: "
+        f"{verdict(ratio <= STREAM_TOKEN_GOAL)}, {ratio:.1f}x (rounds: "
+        f"{', '.join(f'{x:.1f}x' for x in ratios)}). Where the rest goes: docs/decisions.md, "
+        "decision 74.",
+    ]
+
+
+def _many_cores_goal(results: dict[str, Any]) -> str:
+    """Issue 80's many-core goal: measured only where every count has a core of its own."""
+    counts = [int(c) for c in results["processes"]]
+    if results["cores"] < 16 or 1 not in counts or not all(n in counts for n in MANY_COUNTS):
+        return (
+            f"- Many cores: runs/s with N processes at least {MANY_GOAL:g} x N one process's at "
+            f"N = {' and '.join(str(n) for n in MANY_COUNTS)}, first token p99 under "
+            f"{MANY_P99_MS / 1000:g} s: not measured here ({results['cores']} cores; it needs "
+            "16: `python bench/scale.py --row 20:800 --processes 1,2,4,8`)."
+        )
+    rounds = results["rounds"]
+    one = _mean([r["processes"]["1"]["runs_per_s"] for r in rounds])
+    parts = []
+    met = True
+    for n in MANY_COUNTS:
+        rate = _mean([r["processes"][str(n)]["runs_per_s"] for r in rounds])
+        p99 = max(r["processes"][str(n)]["first_p99_ms"] for r in rounds)
+        ok = rate >= MANY_GOAL * n * one and p99 < MANY_P99_MS
+        met = met and ok
+        parts.append(f"N = {n}: {rate / max(one, 1e-9):.2f}x one process's, p99 {p99:.0f} ms")
+    return (
+        f"- Many cores: runs/s with N processes at least {MANY_GOAL:g} x N one process's, "
+        f"first token p99 under {MANY_P99_MS / 1000:g} s: {verdict(met)} ({'; '.join(parts)})."
+    )
 
 
 def projection(results: dict[str, Any]) -> list[str]:

@@ -77,15 +77,20 @@ def _shape(process_ms: float, runs_per_s: float = 10.0) -> dict[str, Any]:
     }
 
 
+#: The paced row (156 runs/s allowed) and an all-in-one on it.
+_ROW = {"interval_ms": 20, "conversations": 100, "tokens": 32}
+_ALL_IN_ONE = {"ms_per_run": {"server": 20.0, "model": 4.0}, "runs_per_s": 50.0}
+
+
 def test_goals_are_read_within_each_round() -> None:
     rounds = [
         {
-            "all_in_one": {"ms_per_run": {"server": 20.0}},
+            "all_in_one": _ALL_IN_ONE,
             "processes": {"1": _shape(21.0), "2": _shape(24.0)},
             "matched": {"2": _shape(22.0)},
         }
     ]
-    results = {"processes": (1, 2), "rounds": rounds, "cores": 2, "row": {"conversations": 100}}
+    results = {"processes": (1, 2), "rounds": rounds, "cores": 2, "row": _ROW}
     lines = goals(results)
     # 26 / 20 = 1.30: the cost goal holds at its bound; 29 / 26 = 1.12 misses 1.1.
     assert "met, 1.30x" in lines[0]
@@ -108,13 +113,55 @@ def test_the_flat_cost_goal_compares_the_processes_alone_at_four_and_one() -> No
 
     rounds = [
         {
-            "all_in_one": {"ms_per_run": {"server": 20.0}},
+            "all_in_one": _ALL_IN_ONE,
             "processes": {"1": shape(30.0), "4": shape(36.0)},
         }
     ]
-    results = {"processes": (1, 4), "rounds": rounds, "cores": 2, "row": {"conversations": 100}}
+    results = {"processes": (1, 4), "rounds": rounds, "cores": 2, "row": _ROW}
     flat = [line for line in goals(results) if line.startswith("- Flat per-process cost")]
     # 36 / 30 = 1.2: the shared parts' costs (PostgreSQL, Redis) do not count here.
     assert len(flat) == 1
     assert "**missed**, 1.20x" in flat[0]
     assert "more processes than cores, on purpose" in flat[0]
+
+
+def test_the_streaming_goal_reads_the_all_in_one_against_the_models_pace_and_cpu() -> None:
+    rounds = [
+        {
+            "all_in_one": {"ms_per_run": {"server": 20.0, "model": 4.0}, "runs_per_s": 50.0},
+            "processes": {"1": _shape(30.0)},
+        },
+        {
+            "all_in_one": {"ms_per_run": {"server": 12.0, "model": 4.0}, "runs_per_s": 90.0},
+            "processes": {"1": _shape(30.0)},
+        },
+    ]
+    results = {"processes": (1,), "rounds": rounds, "cores": 2, "row": _ROW}
+    lines = goals(results)
+    share = next(line for line in lines if line.startswith("- Streaming within one process"))
+    token = next(line for line in lines if line.startswith("- Its CPU per streamed token"))
+    # 50 and 90 of the 156.25 runs/s the pace allows: 0.32 and 0.58, 0.45 on average.
+    assert "(156 runs/s): **missed**, 0.45 (rounds: 0.32, 0.58)" in share
+    # Per token both divide by 32: 20 / 4 and 12 / 4.
+    assert "**missed**, 4.0x (rounds: 5.0x, 3.0x)" in token
+
+
+def test_the_many_core_goal_is_measured_only_with_a_core_per_process() -> None:
+    def at(rate: float, p99: float) -> dict[str, Any]:
+        return {**_shape(30.0, rate), "first_p99_ms": p99}
+
+    processes = {"1": at(30.0, 200.0), "4": at(96.0, 400.0), "8": at(170.0, 900.0)}
+    rounds = [{"all_in_one": _ALL_IN_ONE, "processes": processes}]
+    results: dict[str, Any] = {"processes": (1, 4, 8), "rounds": rounds, "cores": 2, "row": _ROW}
+    many = next(line for line in goals(results) if line.startswith("- Many cores"))
+    assert "not measured here (2 cores; it needs 16" in many
+    results["cores"] = 16
+    many = next(line for line in goals(results) if line.startswith("- Many cores"))
+    # 96 >= 0.75 x 4 x 30 = 90, but 170 < 0.75 x 8 x 30 = 180.
+    assert "**missed** (N = 4: 3.20x one process's, p99 400 ms; N = 8: 5.67x" in many
+    processes["8"] = at(190.0, 1200.0)
+    many = next(line for line in goals(results) if line.startswith("- Many cores"))
+    assert "**missed**" in many  # fast enough, but the first token's p99 is over a second
+    processes["8"] = at(190.0, 900.0)
+    many = next(line for line in goals(results) if line.startswith("- Many cores"))
+    assert many.split(": ", 2)[2].startswith("met (N = 4")
