@@ -421,8 +421,7 @@ async def seed_in_process(
     database = await open_database(database_url, timeout_s=30.0, migrate=False)
     counters = Cache("", timeout_s=1.0, lease_s=1.0)
     service = context_service(
-        settings.context,
-        settings.kernel,
+        settings,
         database,
         cast(EventBus, _NoBus()),
         counters,

@@ -518,10 +518,10 @@ async def engine_queries(
     asks first only about as deep as its page)."""
     from switchboard.context.semantic.indexing.chunkstore import ChunkStore
     from switchboard.context.semantic.ports import EmbeddingModel, SearchFilter
-    from switchboard.context.settings import ContextSettings
+    from switchboard.context.semantic.settings import SemanticSettings
     from switchboard.platform.store.db import Database
 
-    fields = ContextSettings.model_fields
+    fields = SemanticSettings.model_fields
     default_ef = fields["context_semantic_ef_search"].default
     candidates = fields["context_semantic_candidates"].default
     database = Database(url, timeout_s=60.0)

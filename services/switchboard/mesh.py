@@ -186,7 +186,7 @@ def check_settings(settings: Settings) -> None:
     """
     problems = []
     for variable, parse in (
-        *dispatcher.checks(settings.dispatcher, settings.remote_handlers),
+        *dispatcher.checks(settings.dispatcher, settings.remote_handlers, settings.llm),
         *auth.checks(settings.auth),
     ):
         try:

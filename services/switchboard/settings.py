@@ -25,8 +25,15 @@ from pydantic.fields import FieldInfo
 
 from switchboard.a2a.settings import A2ASettings
 from switchboard.auth.settings import AuthSettings
+from switchboard.context.files.settings import FileSettings
+from switchboard.context.semantic.settings import SemanticSettings
 from switchboard.context.settings import ContextSettings
+from switchboard.context.windows.settings import WindowSettings
+from switchboard.dispatcher.llm.settings import LlmSettings
+from switchboard.dispatcher.schedules.settings import ScheduleSettings
 from switchboard.dispatcher.settings import DispatcherSettings
+from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings
+from switchboard.dispatcher.voice.settings import VoiceSettings
 from switchboard.events.settings import EventSettings
 from switchboard.integration.settings import IntegrationSettings
 from switchboard.platform import config
@@ -52,8 +59,15 @@ class Settings:
     kernel: KernelSettings
     events: EventSettings
     context: ContextSettings
+    windows: WindowSettings
+    files: FileSettings
+    semantic: SemanticSettings
     peers: PeerSettings
     dispatcher: DispatcherSettings
+    schedules: ScheduleSettings
+    llm: LlmSettings
+    voice: VoiceSettings
+    webrtc: WebRtcSettings
     remote_handlers: RemoteHandlerSettings
     integration: IntegrationSettings
     egress: EgressSettings

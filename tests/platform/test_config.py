@@ -227,7 +227,7 @@ def test_half_an_llm_configuration_is_refused(values: dict[str, str], fragment: 
 
 def test_a_complete_llm_configuration_is_accepted() -> None:
     settings = load_settings(dev_mode=True, llm_base_url="http://llm/v1", llm_model="m-1")
-    assert settings.dispatcher.llm_model == "m-1"
+    assert settings.llm.llm_model == "m-1"
 
 
 @pytest.mark.parametrize(

@@ -23,11 +23,13 @@ from switchboard.context.files.blobs.stores import open_blob_store
 from switchboard.context.files.catalog import FileLimits
 from switchboard.context.files.reading.transcriber import Transcriber
 from switchboard.context.files.reading.transcription import OpenAITranscriber
+from switchboard.context.files.settings import FileSettings
 from switchboard.context.semantic.embedder import Charger, OpenAIEmbedder
 from switchboard.context.semantic.indexing.chunkstore import ChunkStore
 from switchboard.context.semantic.indexing.indexer import IndexerLimits
 from switchboard.context.semantic.ports import Embedder
 from switchboard.context.semantic.retrieval.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
+from switchboard.context.semantic.settings import SemanticSettings
 from switchboard.context.settings import ContextSettings
 from switchboard.context.text.plugins import (
     load_entity_extractor,
@@ -35,8 +37,9 @@ from switchboard.context.text.plugins import (
     load_token_counter,
 )
 from switchboard.context.windows.cache import WindowCache
+from switchboard.context.windows.settings import WindowSettings
 from switchboard.platform.cache import Cache
-from switchboard.platform.config import KernelSettings
+from switchboard.platform.config import KernelSettings, Sections
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.process import Port, Shared, setting
 from switchboard.platform.rpc.server import ServiceRegistration
@@ -53,7 +56,7 @@ log = logging.getLogger("switchboard.context.semantic")
 EMBEDDING_CHARGER: Final = Port[Callable[[str], Charger]]("the embedding calls' charger")
 
 
-def context_limits(settings: ContextSettings) -> Limits:
+def context_limits(settings: ContextSettings, windows: WindowSettings) -> Limits:
     return Limits(
         max_title_chars=200,
         max_metadata_bytes=settings.context_max_metadata_bytes,
@@ -65,18 +68,18 @@ def context_limits(settings: ContextSettings) -> Limits:
         max_conversations=settings.context_max_conversations,
         max_memory_items=settings.context_max_memory_items,
         max_pinned=settings.context_max_pinned,
-        max_window_tokens=settings.context_max_window_tokens,
-        image_tokens=settings.context_image_tokens,
-        relevant_limit=settings.context_relevant_limit,
-        auto_prune_messages=settings.context_auto_prune_messages,
-        auto_prune_tokens=settings.context_auto_prune_tokens,
-        summary_tokens=settings.context_summary_tokens,
+        max_window_tokens=windows.context_max_window_tokens,
+        image_tokens=windows.context_image_tokens,
+        relevant_limit=windows.context_relevant_limit,
+        auto_prune_messages=windows.context_auto_prune_messages,
+        auto_prune_tokens=windows.context_auto_prune_tokens,
+        summary_tokens=windows.context_summary_tokens,
         purge_after_s=settings.context_purge_after_s,
         writes_per_minute=settings.context_max_writes_per_minute,
     )
 
 
-def file_limits(settings: ContextSettings) -> FileLimits:
+def file_limits(settings: FileSettings, purge_after_s: int) -> FileLimits:
     return FileLimits(
         max_bytes=settings.context_files_max_bytes,
         quota_bytes=settings.context_files_quota_bytes,
@@ -91,13 +94,11 @@ def file_limits(settings: ContextSettings) -> FileLimits:
         max_transcribe_bytes=settings.context_files_max_transcribe_bytes,
         transcribe_concurrency=settings.context_files_transcribe_concurrency,
         orphan_grace_s=settings.context_files_orphan_grace_s,
-        purge_after_s=settings.context_purge_after_s,
+        purge_after_s=purge_after_s,
     )
 
 
-def context_transcriber(
-    settings: ContextSettings, egress: EgressSettings
-) -> OpenAITranscriber | None:
+def context_transcriber(settings: FileSettings, egress: EgressSettings) -> OpenAITranscriber | None:
     """The audio transcriber the settings configure, or None (no URL: audio files get no
     transcript). Its endpoint is reached through the egress policy like any other."""
     if not settings.context_transcription_url:
@@ -114,8 +115,7 @@ def context_transcriber(
 
 
 def context_service(
-    settings: ContextSettings,
-    kernel: KernelSettings,
+    sections: Sections,
     database: Database,
     bus: EventBus,
     counters: Cache,
@@ -130,22 +130,25 @@ def context_service(
 ) -> ContextDomain:
     """The context domain with its configured plugins; raises ConfigError for unknown ones.
     Its window cache is in the kernel's Redis."""
+    settings, kernel = sections.section(ContextSettings), sections.section(KernelSettings)
+    windows, files = sections.section(WindowSettings), sections.section(FileSettings)
+    semantic = sections.section(SemanticSettings)
     with setting("SWITCHBOARD_CONTEXT_TOKENIZER"):
-        counter = load_token_counter(settings.context_tokenizer)
+        counter = load_token_counter(windows.context_tokenizer)
     with setting("SWITCHBOARD_CONTEXT_SUMMARIZER"):
-        summarizer = load_summarizer(settings.context_summarizer)
+        summarizer = load_summarizer(windows.context_summarizer)
     with setting("SWITCHBOARD_CONTEXT_ENTITY_EXTRACTOR"):
         extractor = load_entity_extractor(settings.context_entity_extractor)
     cache = WindowCache(
         kernel.redis_url.get_secret_value(),
         timeout_s=kernel.redis_timeout_s,
-        ttl_s=settings.context_window_cache_ttl_s,
-        max_entries=settings.context_window_cache_entries,
-        max_bytes=settings.context_window_cache_bytes,
+        ttl_s=windows.context_window_cache_ttl_s,
+        max_entries=windows.context_window_cache_entries,
+        max_bytes=windows.context_window_cache_bytes,
     )
     with setting("SWITCHBOARD_CONTEXT_FILES_DIR"):
         blobs = open_blob_store(
-            settings,
+            files,
             database_url=kernel.database_url.get_secret_value(),
             dev_mode=kernel.dev_mode,
         )
@@ -157,30 +160,30 @@ def context_service(
         counter=counter,
         summarizer=summarizer,
         extractor=extractor,
-        limits=context_limits(settings),
+        limits=context_limits(settings, windows),
         page_tokens=page_tokens,
         blobs=blobs,
-        file_limits=file_limits(settings),
+        file_limits=file_limits(files, settings.context_purge_after_s),
         policy=policy,
         transcriber=transcriber,
         egress=egress,
-        fetch_timeout_s=settings.context_files_fetch_timeout_s,
+        fetch_timeout_s=files.context_files_fetch_timeout_s,
         chunks=ChunkStore(database),
         embedder=embedder,
         vectors=vectors,
-        indexer_limits=IndexerLimits.from_settings(settings),
+        indexer_limits=IndexerLimits.from_settings(semantic),
         instance_id=instance_id,
         search=SearchParts(
-            candidates=settings.context_semantic_candidates,
-            ef_search=settings.context_semantic_ef_search,
+            candidates=semantic.context_semantic_candidates,
+            ef_search=semantic.context_semantic_ef_search,
             # A search waits on its query's embedding at most this, then falls back:
             # a reader is waiting, unlike the indexer.
-            embed_timeout_s=min(settings.context_embeddings_timeout_s, SEARCH_EMBED_TIMEOUT_S),
+            embed_timeout_s=min(semantic.context_embeddings_timeout_s, SEARCH_EMBED_TIMEOUT_S),
         ),
     )
 
 
-def context_embedder(settings: ContextSettings, shared: Shared) -> Embedder | None:
+def context_embedder(settings: SemanticSettings, shared: Shared) -> Embedder | None:
     """The embeddings client for ``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL`` (None without a
     URL), reached through the egress policy like any other endpoint; closed with the
     process (after the domain that uses it)."""
@@ -205,7 +208,7 @@ def context_embedder(settings: ContextSettings, shared: Shared) -> Embedder | No
 
 
 async def semantic_engines(
-    settings: ContextSettings, shared: Shared, *, say: bool
+    settings: SemanticSettings, shared: Shared, *, say: bool
 ) -> tuple[Embedder | None, bool]:
     """The embedder and whether the database has a vector engine; ``say``: log once
     (in a process serving ContextService) when semantic search is off, and why."""
@@ -230,17 +233,17 @@ async def context_domain(shared: Shared) -> ContextDomain:
 
     async def make() -> ContextDomain:
         transcriber = context_transcriber(
-            shared.section(ContextSettings), shared.section(EgressSettings)
+            shared.section(FileSettings), shared.section(EgressSettings)
         )
         if transcriber is not None:
             # Closed after the domain (the stack unwinds in reverse): transcriptions stop first.
             shared.resources.push_async_callback(transcriber.close)
-        settings = shared.section(ContextSettings)
         serving = "context" in shared.settings.services
-        embedder, vectors = await semantic_engines(settings, shared, say=serving)
+        embedder, vectors = await semantic_engines(
+            shared.section(SemanticSettings), shared, say=serving
+        )
         domain = context_service(
-            settings,
-            shared.settings,
+            shared.sections,
             shared.database,
             shared.bus,
             shared.cache,

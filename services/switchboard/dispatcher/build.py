@@ -43,6 +43,7 @@ from switchboard.dispatcher.handlers.remote import RemoteHandler
 from switchboard.dispatcher.handlers.router import HANDLER_ID, Registry, Router, Routes
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
 from switchboard.dispatcher.llm.handler import LlmHandler
+from switchboard.dispatcher.llm.settings import LlmSettings
 from switchboard.dispatcher.ports.context import (
     ContextDomain,
     ContextPort,
@@ -73,21 +74,24 @@ from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.steering import Steering
 from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
 from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
+from switchboard.dispatcher.schedules.settings import ScheduleSettings
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.dispatcher.service import Catalogs, Dispatcher, Readmission, RunLimits, Stages
-from switchboard.dispatcher.settings import DispatcherSettings, ice_servers
+from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.talk.webrtc.ice import IceServers
-from switchboard.dispatcher.talk.webrtc.peer import PeerSettings as WebRtcSettings
+from switchboard.dispatcher.talk.webrtc.peer import PeerOptions
 from switchboard.dispatcher.talk.webrtc.peers import PeerLimits, Peers
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
+from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings, ice_servers
 from switchboard.dispatcher.tools.port import LocalTools, ToolHub
 from switchboard.dispatcher.tools.runner import ToolLimits
+from switchboard.dispatcher.voice.settings import VoiceSettings
 from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.platform.audio.endpoint import SmartTurn
 from switchboard.platform.audio.openai import OpenAIAudio
-from switchboard.platform.config import ConfigError
+from switchboard.platform.config import ConfigError, Sections
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.observe.telemetry import tracer
@@ -146,7 +150,7 @@ NEIGHBOURS: Final = Port[Neighbours]("the dispatcher's neighbours")
 
 
 def checks(
-    settings: DispatcherSettings, remotes: RemoteHandlerSettings
+    settings: DispatcherSettings, remotes: RemoteHandlerSettings, llm: LlmSettings
 ) -> tuple[tuple[str, Callable[[], object]], ...]:
     """The dispatcher's text settings to parse before anything opens (``mesh.check_settings``)."""
     return (
@@ -160,7 +164,7 @@ def checks(
             lambda: BuiltinContentPolicy(settings.dispatcher_blocklist),
         ),
         # Names its own variables; without a base URL the settings refuse the rest.
-        ("SWITCHBOARD_LLM_BASE_URL", lambda: settings.llm_base_url and llm_config(settings)),
+        ("SWITCHBOARD_LLM_BASE_URL", lambda: llm.llm_base_url and llm_config(llm)),
     )
 
 
@@ -173,13 +177,13 @@ def _remote_ids(text: str) -> None:
         raise ValueError("each handler id may appear once")
 
 
-def handler_registry(
-    settings: DispatcherSettings, remotes: RemoteHandlerSettings, count: Callable[[str], int]
-) -> Registry:
+def handler_registry(sections: Sections, count: Callable[[str], int]) -> Registry:
     """Built-in handlers, entry-point plugins and the static remote experts; ``count``:
     the model handler's token estimate (the context service's counter)."""
+    settings, llm = sections.section(DispatcherSettings), sections.section(LlmSettings)
+    remotes = sections.section(RemoteHandlerSettings)
     registry = Registry()
-    llm_ready = bool(settings.llm_base_url and settings.llm_model)
+    llm_ready = bool(llm.llm_base_url and llm.llm_model)
     note = (
         ""
         if llm_ready
@@ -188,7 +192,7 @@ def handler_registry(
     )
     registry.add(EchoHandler(note=note))
     if llm_ready:
-        registry.add(LlmHandler(llm_config(settings), count=count))
+        registry.add(LlmHandler(llm_config(llm), count=count))
     with setting("SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS"):
         for handler_id, address in parse_remotes(remotes.dispatcher_remote_handlers):
             registry.add(
@@ -196,11 +200,13 @@ def handler_registry(
             )
     if settings.dispatcher_handler_plugins:
         with setting("SWITCHBOARD_DISPATCHER_HANDLER_PLUGINS"):
-            registry.load_entry_points({"settings": settings})
+            # ``settings``: the dispatcher's own section; ``sections``: any other by its
+            # class (``sections.section(LlmSettings)``).
+            registry.load_entry_points({"settings": settings, "sections": sections})
     return registry
 
 
-def llm_config(settings: DispatcherSettings) -> LlmConfig:
+def llm_config(settings: LlmSettings) -> LlmConfig:
     """The LLM handler's configuration; ConfigError naming the variable at fault."""
     with setting("SWITCHBOARD_LLM_BASE_URL"):
         primary = Provider(
@@ -297,9 +303,7 @@ async def dispatcher_service(
 
 async def _handlers(shared: Shared, count: Callable[[str], int]) -> Registry:
     """The handler registry, each remote expert refreshed; all closed with the process."""
-    registry = handler_registry(
-        shared.section(DispatcherSettings), shared.section(RemoteHandlerSettings), count
-    )
+    registry = handler_registry(shared.sections, count)
     for handler in registry.all():
         if isinstance(handler, RemoteHandler):
             shared.resources.push_async_callback(handler.close)
@@ -401,12 +405,10 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
             store=VoiceStore(shared.database),
             access=shared.access,
             speech=lambda: run.speech,
-            limits=_talk_limits(run.settings),
+            limits=_talk_limits(shared.section(VoiceSettings), run.settings),
             judge=_smart_turn(shared),
         ),
-        peers=lambda talks: Peers(
-            talks, _peer_settings(run.settings), _peer_limits(run.settings), _ice(run.settings)
-        ),
+        peers=lambda talks: _peers(talks, shared.section(WebRtcSettings)),
         spending=run.spending,
         delegation=delegation,
     )
@@ -515,7 +517,7 @@ def _speech(shared: Shared) -> Speech | None:
     """The speech engine at ``SWITCHBOARD_VOICE_URL`` and its defaults; None without one.
     The audio API is the operator's, reached through the egress policy like every
     outbound call (a local server needs ``SWITCHBOARD_EGRESS_ALLOW_LOOPBACK``)."""
-    settings = shared.section(DispatcherSettings)
+    settings = shared.section(VoiceSettings)
     if not settings.voice_url:
         return None
     engine = OpenAIAudio(
@@ -539,7 +541,7 @@ def _speech(shared: Shared) -> Speech | None:
 def _smart_turn(shared: Shared) -> SmartTurn | None:
     """The end-of-turn model voice sessions ask (``SWITCHBOARD_VOICE_TURN_MODELS``); none
     without a speech engine (no session starts)."""
-    settings = shared.section(DispatcherSettings)
+    settings = shared.section(VoiceSettings)
     if not settings.voice_url:
         return None
     model = SmartTurn(Path(settings.voice_turn_models))
@@ -614,7 +616,7 @@ async def _assistants(
             providers=(
                 tuple(p.name for p in llm.config.providers) if isinstance(llm, LlmHandler) else ()
             ),
-            max_output_tokens=settings.llm_max_output_tokens,
+            max_output_tokens=shared.section(LlmSettings).llm_max_output_tokens,
             max_tool_steps=settings.dispatcher_max_tool_steps,
         ),
         handler_exists=handler_exists,
@@ -655,7 +657,7 @@ def _schedules(
     shared: Shared, context: ContextPort, assistants: Assistants, router: Router
 ) -> Schedules:
     """A workspace's schedules; an assistant or a handler they name must exist."""
-    settings = shared.section(DispatcherSettings)
+    settings = shared.section(ScheduleSettings)
 
     async def assistant(workspace_id: str, name: str) -> pb.Assistant | None:
         return await assistants.resolve(workspace_id, name, "schedule.assistant")
@@ -679,7 +681,7 @@ def _schedules(
 
 def _firing(shared: Shared, context: ContextPort, dispatcher: Dispatcher) -> Firing:
     """The firing loop: each tick through the dispatcher's admission, as its creator."""
-    settings = shared.section(DispatcherSettings)
+    settings = shared.section(ScheduleSettings)
 
     async def send(
         principal: Principal, request: pb.SendMessageRequest, schedule: str
@@ -696,7 +698,7 @@ def _firing(shared: Shared, context: ContextPort, dispatcher: Dispatcher) -> Fir
             instance_id=shared.instance_id,
             poll_s=settings.schedules_poll_s,
             grace_s=settings.schedules_missed_grace_s,
-            lease_s=settings.dispatcher_lease_s,
+            lease_s=shared.section(DispatcherSettings).dispatcher_lease_s,
         ),
     )
 
@@ -730,7 +732,7 @@ def _limits(shared: Shared) -> RunLimits:
     )
 
 
-def _talk_limits(settings: DispatcherSettings) -> TalkLimits:
+def _talk_limits(settings: VoiceSettings, dispatcher: DispatcherSettings) -> TalkLimits:
     return TalkLimits(
         max_turn_s=settings.voice_max_turn_s,
         max_frame_bytes=settings.voice_max_frame_bytes,
@@ -738,30 +740,31 @@ def _talk_limits(settings: DispatcherSettings) -> TalkLimits:
         resume_window_s=settings.voice_resume_window_s,
         max_sessions=settings.voice_max_sessions,
         max_sessions_per_user=settings.voice_max_sessions_per_user,
-        heartbeat_s=settings.dispatcher_heartbeat_s,
+        heartbeat_s=dispatcher.dispatcher_heartbeat_s,
     )
 
 
-def _peer_settings(settings: DispatcherSettings) -> WebRtcSettings:
-    return WebRtcSettings(
+def _peers(talks: Talks, settings: WebRtcSettings) -> Peers:
+    limits = PeerLimits(
+        max_peers=settings.webrtc_max_peers,
+        max_peers_per_user=settings.webrtc_max_peers_per_user,
+    )
+    return Peers(talks, _peer_options(settings), limits, _ice(settings))
+
+
+def _peer_options(settings: WebRtcSettings) -> PeerOptions:
+    return PeerOptions(
         connect_timeout_s=settings.webrtc_connect_timeout_s,
         ports=PortRange.parse(settings.webrtc_ports),
     )
 
 
-def _ice(settings: DispatcherSettings) -> IceServers:
+def _ice(settings: WebRtcSettings) -> IceServers:
     secret = settings.webrtc_turn_secret.get_secret_value()
     return IceServers.read(
         ice_servers(settings.webrtc_ice_servers.get_secret_value(), minting=bool(secret)),
         turn_secret=secret,
         ttl_s=settings.webrtc_turn_ttl_s,
-    )
-
-
-def _peer_limits(settings: DispatcherSettings) -> PeerLimits:
-    return PeerLimits(
-        max_peers=settings.webrtc_max_peers,
-        max_peers_per_user=settings.webrtc_max_peers_per_user,
     )
 
 

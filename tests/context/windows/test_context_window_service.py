@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context import storebase as store_module
 from switchboard.context.domain import ContextDomain
-from switchboard.context.settings import ContextSettings
 from switchboard.context.windows import builder as windows_module
 from switchboard.context.windows import cache as windowcache_module
+from switchboard.context.windows.settings import WindowSettings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
 from tests.conftest import built, make_settings, started
@@ -210,7 +210,7 @@ async def test_worked_example(mesh: SwitchboardServer, channel: aio.Channel) -> 
     assert win.total_tokens == fits
     assert win.total_tokens == sum(i.token_count for i in win.included)
     assert win.total_tokens <= win.token_budget == budget
-    assert win.tokenizer == mesh.shared.section(ContextSettings).context_tokenizer
+    assert win.tokenizer == mesh.shared.section(WindowSettings).context_tokenizer
     assert win.conversation == c.conversation
     assert (
         win.conversation_version

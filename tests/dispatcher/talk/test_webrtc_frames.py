@@ -17,7 +17,7 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.talk.webrtc.peer import (
     DELTA_WINDOW_S,
     MAX_MERGED_DELTA_CHARS,
-    PeerSettings,
+    PeerOptions,
     TalkPeer,
 )
 
@@ -52,7 +52,7 @@ async def peer_with(channel: Channel) -> TalkPeer:
     def talk(requests: object) -> object:
         raise AssertionError("not asked here")
 
-    peer = TalkPeer(talk, pb.TalkRequest(start=pb.TalkStart()), PeerSettings())  # type: ignore[arg-type]
+    peer = TalkPeer(talk, pb.TalkRequest(start=pb.TalkStart()), PeerOptions())  # type: ignore[arg-type]
     peer._channel = channel  # type: ignore[assignment]
     peer._started = True
     return peer

@@ -32,7 +32,7 @@ from switchboard.dispatcher.talk.webrtc.media import (
 from switchboard.dispatcher.talk.webrtc.peer import (
     CHANNEL,
     PREFETCH_FRAMES,
-    PeerSettings,
+    PeerOptions,
     TalkPeer,
 )
 from switchboard.platform.audio import pcm
@@ -101,7 +101,7 @@ async def test_the_servers_audio_jitter_buffer_waits_for_one_later_packet() -> N
     def talk(requests: object) -> object:
         raise AssertionError("the peer never connects here")
 
-    peer = TalkPeer(talk, pb.TalkRequest(start=pb.TalkStart()), PeerSettings())  # type: ignore[arg-type]
+    peer = TalkPeer(talk, pb.TalkRequest(start=pb.TalkStart()), PeerOptions())  # type: ignore[arg-type]
     try:
         await peer.answer(page.localDescription.sdp)
         [receiver] = [t.receiver for t in peer._pc.getTransceivers() if t.kind == "audio"]

@@ -13,19 +13,20 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from switchboard.dispatcher.build import _ice, _peer_settings
-from switchboard.dispatcher.settings import DispatcherSettings
+from switchboard.dispatcher.build import _ice, _peer_options
 from switchboard.dispatcher.talk.webrtc.ice import IceServer, IceServers
 from switchboard.dispatcher.talk.webrtc.peers import PeerLimits
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
+from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings
+from switchboard.platform.config import problems
 
 pytestmark = pytest.mark.unit
 
 SECRET = "s3cr3t-turn-credential"
 
 
-def settings(**values: object) -> DispatcherSettings:
-    return DispatcherSettings.model_validate(values)
+def settings(**values: object) -> WebRtcSettings:
+    return WebRtcSettings.model_validate(values)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,11 @@ def test_bad_ice_servers_are_refused_naming_the_setting_and_never_the_credential
 def test_a_bad_port_range_is_refused(ports: str) -> None:
     with pytest.raises(ValidationError) as refused:
         settings(webrtc_ports=ports)
-    assert "SWITCHBOARD_WEBRTC_PORTS" in str(refused.value)
+    # What the operator reads at start: the variable, in the words of the one parser the
+    # peers use too.
+    with pytest.raises(ValueError, match="the WebRTC port range") as parsed:
+        PortRange.parse(ports)
+    assert problems(refused.value) == [f"SWITCHBOARD_WEBRTC_PORTS: {parsed.value}"]
 
 
 def test_good_settings_reach_the_peers() -> None:
@@ -71,7 +76,7 @@ def test_good_settings_reach_the_peers() -> None:
         webrtc_ports="40000-40099",
         webrtc_connect_timeout_s=3,
     )
-    made = _peer_settings(chosen)
+    made = _peer_options(chosen)
     assert made.ports == PortRange(40000, 40099)
     assert made.connect_timeout_s == 3
     rtc = _ice(chosen).for_server()
@@ -86,7 +91,7 @@ def test_good_settings_reach_the_peers() -> None:
     assert SECRET not in repr(chosen)
     # Unset: host candidates only, any port.
     plain = settings()
-    assert (_ice(plain).for_server(), _peer_settings(plain).ports) == ([], None)
+    assert (_ice(plain).for_server(), _peer_options(plain).ports) == ([], None)
 
 
 def test_a_turn_server_without_a_credential_needs_the_secret_to_mint_one() -> None:

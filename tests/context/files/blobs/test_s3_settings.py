@@ -8,7 +8,7 @@ from pydantic import SecretStr
 
 from switchboard.context.files.blobs.s3 import S3BlobStore
 from switchboard.context.files.blobs.stores import open_blob_store
-from switchboard.context.settings import ContextSettings
+from switchboard.context.files.settings import FileSettings
 from switchboard.platform.config import ConfigError
 from switchboard.settings import Settings
 
@@ -18,9 +18,9 @@ ENDPOINT = "http://127.0.0.1:8333"
 
 
 def test_the_directory_store_needs_no_s3_settings() -> None:
-    assert ContextSettings().context_blob_store == "directory"
+    assert FileSettings().context_blob_store == "directory"
     # Leftover S3 values are harmless while the store is the directory.
-    ContextSettings(context_s3_endpoint="not a url", context_s3_bucket="B")
+    FileSettings(context_s3_endpoint="not a url", context_s3_bucket="B")
 
 
 @pytest.mark.parametrize(
@@ -51,14 +51,14 @@ def test_s3_settings_are_checked(values: dict[str, str], named: str) -> None:
 
 
 def test_credentials_are_required_outside_dev_mode() -> None:
-    settings = ContextSettings(context_blob_store="s3", context_s3_endpoint=ENDPOINT)
+    settings = FileSettings(context_blob_store="s3", context_s3_endpoint=ENDPOINT)
     with pytest.raises(ConfigError, match=r"required .* outside dev mode"):
         open_blob_store(settings, database_url="sqlite+aiosqlite:///x.db", dev_mode=False)
 
 
 async def test_the_factory_opens_the_s3_store() -> None:
     secret = "a-secret-that-is-never-shown"
-    settings = ContextSettings(
+    settings = FileSettings(
         context_blob_store="s3",
         context_s3_endpoint=ENDPOINT,
         context_s3_access_key_id=SecretStr("key-id"),
@@ -73,6 +73,6 @@ async def test_the_factory_opens_the_s3_store() -> None:
         assert store.kind == "s3"
         await store.close()
     # Dev mode takes an empty pair (the AWS SDK's own credential chain then applies).
-    bare = ContextSettings(context_blob_store="s3", context_s3_endpoint=ENDPOINT)
+    bare = FileSettings(context_blob_store="s3", context_s3_endpoint=ENDPOINT)
     store = open_blob_store(bare, database_url="sqlite+aiosqlite:///x.db", dev_mode=True)
     await store.close()

@@ -65,7 +65,7 @@ from switchboard.context.files.blobs.port import (
     ReferencedCheck,
     settle,
 )
-from switchboard.context.settings import ContextSettings
+from switchboard.context.files.settings import FileSettings
 from switchboard.platform.config import ConfigError
 
 if TYPE_CHECKING:
@@ -215,8 +215,8 @@ class S3BlobStore:
         self._marker_life_s = COLLECT_LIMIT_S + 2 * MAX_ATTEMPTS * timeout_s + 60.0
 
     @classmethod
-    def from_settings(cls, settings: ContextSettings, *, dev_mode: bool) -> S3BlobStore:
-        """The store ``SWITCHBOARD_CONTEXT_S3_*`` describe (ContextSettings checked their
+    def from_settings(cls, settings: FileSettings, *, dev_mode: bool) -> S3BlobStore:
+        """The store ``SWITCHBOARD_CONTEXT_S3_*`` describe (FileSettings checked their
         shape). Outside dev mode the credentials are required: an empty pair would fall
         back on whatever the AWS SDK finds in the environment, which a deployment must
         choose, not inherit by accident."""

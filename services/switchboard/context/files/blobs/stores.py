@@ -9,14 +9,14 @@ from pathlib import Path
 
 from switchboard.context.files.blobs.directory import DirectoryBlobStore
 from switchboard.context.files.blobs.port import BlobStore
-from switchboard.context.settings import ContextSettings
+from switchboard.context.files.settings import FileSettings
 from switchboard.platform.config import SQLITE_DRIVER
 from switchboard.platform.store.db import is_sqlite_memory, parse_database_url
 
 log = logging.getLogger("switchboard.context.files")
 
 
-def files_directory(settings: ContextSettings, *, database_url: str, dev_mode: bool) -> Path | None:
+def files_directory(settings: FileSettings, *, database_url: str, dev_mode: bool) -> Path | None:
     """The directory store's root: ``context_files_dir``, else ``files`` beside the
     SQLite database file; with another database, None in dev mode (a temporary
     directory) and otherwise ``files`` in the working directory, said once at start:
@@ -45,7 +45,7 @@ def temporary_store() -> DirectoryBlobStore:
     return DirectoryBlobStore(directory, ephemeral=True)
 
 
-def open_blob_store(settings: ContextSettings, *, database_url: str, dev_mode: bool) -> BlobStore:
+def open_blob_store(settings: FileSettings, *, database_url: str, dev_mode: bool) -> BlobStore:
     """The configured blob store (``context_blob_store``)."""
     if settings.context_blob_store == "s3":
         # Only here: boto3 and botocore take about a second to import, which a process

@@ -82,7 +82,7 @@ from switchboard.platform.values.resources import (
 )
 
 if TYPE_CHECKING:
-    from switchboard.context.settings import ContextSettings
+    from switchboard.context.semantic.settings import SemanticSettings
 
 log = logging.getLogger("switchboard.context.semantic")
 
@@ -154,7 +154,7 @@ class IndexerLimits:
     default_dimensions: int = 0
 
     @classmethod
-    def from_settings(cls, settings: ContextSettings) -> IndexerLimits:
+    def from_settings(cls, settings: SemanticSettings) -> IndexerLimits:
         return cls(
             chunk_chars=settings.context_semantic_chunk_chars,
             chunk_overlap=settings.context_semantic_chunk_overlap,

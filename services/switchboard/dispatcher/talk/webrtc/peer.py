@@ -101,7 +101,7 @@ def offer_problems(sdp: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class PeerSettings:
+class PeerOptions:
     """How this process's peers connect (``SWITCHBOARD_WEBRTC_*``)."""
 
     #: STUN and TURN servers handed to ICE (none: host candidates only, as on loopback).
@@ -118,7 +118,7 @@ class PeerSettings:
 class TalkPeer:
     """One peer connection bridged into one Talk session (see the module doc)."""
 
-    def __init__(self, talk: TalkCall, first: pb.TalkRequest, settings: PeerSettings) -> None:
+    def __init__(self, talk: TalkCall, first: pb.TalkRequest, settings: PeerOptions) -> None:
         """``first``: Talk's first frame, a ``start`` or a ``resume``."""
         from aiortc import RTCConfiguration, RTCPeerConnection
 

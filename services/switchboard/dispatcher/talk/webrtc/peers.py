@@ -26,7 +26,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.peers import Via
 from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.webrtc.ice import IceServers
-from switchboard.dispatcher.talk.webrtc.peer import PeerSettings, TalkPeer, offer_problems
+from switchboard.dispatcher.talk.webrtc.peer import PeerOptions, TalkPeer, offer_problems
 from switchboard.platform.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -59,7 +59,7 @@ class Peers:
     def __init__(
         self,
         talks: Talks,
-        settings: PeerSettings,
+        settings: PeerOptions,
         limits: PeerLimits,
         ice: IceServers | None = None,
     ) -> None:
