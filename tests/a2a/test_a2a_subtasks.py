@@ -4,7 +4,7 @@ task, in the task's state (WORKING), whose message names the child's own task, t
 assistant asked and how it stands (a text part and a data part ``{"subtask": ...}``);
 never an artifact, which a client would add to the answer. Driven by the official
 ``a2a-sdk`` client over gRPC against a real server, the local model server scripted per
-assistant as in tests/dispatcher/runs/test_delegation.py."""
+assistant as in tests/dispatcher/runs/delegation/test_delegation.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.a2a.test_a2a import stub
 from tests.a2a.test_a2a_steer_service import _client
-from tests.dispatcher.runs.test_delegation import (
+from tests.dispatcher.runs.delegation.test_delegation import (
     TIMEOUT_S,
     brain,
     desk,

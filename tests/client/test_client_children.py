@@ -3,7 +3,7 @@ children (``RunWatch.children``, ``child_of``), ``children`` lists them with the
 ``tree`` walks a tree of three levels, and a child named by its parent is followed with
 the same ``watch``. Against a real in-process server whose llm handler talks to the
 local OpenAI-compatible server, scripted per assistant by the instructions each request
-carries (as tests/dispatcher/runs/test_delegation.py does)."""
+carries (as tests/dispatcher/runs/delegation/test_delegation.py does)."""
 
 from __future__ import annotations
 

@@ -60,7 +60,8 @@ from switchboard.dispatcher.runs.core.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.dispatcher.runs.core.waiting import QueueNotes
-from switchboard.dispatcher.runs.delegation import Delegation, DelegationLimits, FindHandler
+from switchboard.dispatcher.runs.delegation.delegation import Delegation
+from switchboard.dispatcher.runs.delegation.limits import DelegationLimits, FindHandler
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.intake.content import (

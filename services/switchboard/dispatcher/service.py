@@ -49,7 +49,8 @@ from switchboard.dispatcher.runs.core.live import (
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.dispatcher.runs.core.steers import SteerBook
-from switchboard.dispatcher.runs.delegation import Delegation, Parent
+from switchboard.dispatcher.runs.delegation.delegation import Delegation
+from switchboard.dispatcher.runs.delegation.limits import Parent
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.reading.queries import Queries
@@ -90,7 +91,7 @@ class Stages:
     peers: Callable[[Talks], Peers]
     #: Budgets (None: none are enforced); its ``on_change`` is the budget catalog's hook.
     spending: Spending | None = None
-    #: Delegate runs (``runs/delegation.py``), which call back into the dispatcher.
+    #: Delegate runs (``runs/delegation/``), which call back into the dispatcher.
     delegation: Delegation | None = None
 
 
@@ -201,7 +202,7 @@ class Dispatcher:
         """``handed``: a budget the caller handed over across a hop (``handlers/handed.py``);
         ``via``: how the call came (CONCURRENCY_POLICY_STEER may go to the target's owner);
         ``schedule``: the schedule whose tick sends it (``schedules/firing.py``);
-        ``parent``: the run whose delegate call sends it (``runs/delegation.py``)."""
+        ``parent``: the run whose delegate call sends it (``runs/delegation/``)."""
         if request.concurrency_policy == pb.CONCURRENCY_POLICY_STEER:
             return await self._stages.steering.send_message(
                 principal,

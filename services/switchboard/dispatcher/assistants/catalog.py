@@ -749,7 +749,7 @@ class Assistants:
         return await self._holders.get(conversation_id)
 
     async def hand_over(self, workspace_id: str, conversation_id: str, holder: Holder) -> None:
-        """``holder`` holds the conversation from now on (``runs/handoffs.py``)."""
+        """``holder`` holds the conversation from now on (``runs/delegation/handoffs.py``)."""
         if self._holders is None:  # pragma: no cover - the build always gives one
             raise RuntimeError("no holder store")
         await self._holders.hand_over(workspace_id, conversation_id, holder)

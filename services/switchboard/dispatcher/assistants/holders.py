@@ -1,6 +1,6 @@
 """Which assistant holds a conversation after a handoff (``conversation_holders``).
 
-A run's ``transfer_to_...`` call (``runs/handoffs.py``) writes the row; admission
+A run's ``transfer_to_...`` call (``runs/delegation/handoffs.py``) writes the row; admission
 reads it for a message that names no assistant, forces no handler and picks none
 itself (``runs/intake/screening.py``'s ``route``), before the workspace's default.
 Plain values out; no ORM row leaves this module.

@@ -557,7 +557,7 @@ class RunBudget:
 
     def hand_down(self) -> tuple[Amount, Handed] | None:
         """What is left of the caps the run's caller handed over, to hand to a child run
-        (``runs/delegation.py``), held whole until ``handed_back``: no step of this run
+        (``runs/delegation/``), held whole until ``handed_back``: no step of this run
         spends it meanwhile. None: no caps were handed to this run."""
         if self.handed is None:
             return None

@@ -62,7 +62,7 @@ from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.core.store import TERMINAL, Charged
-from switchboard.dispatcher.runs.delegation import Delegation
+from switchboard.dispatcher.runs.delegation.delegation import NO_OFFER, Delegation, Offer
 from switchboard.dispatcher.runs.durable import Durable
 from switchboard.dispatcher.tools.journal import Journal, cover
 from switchboard.dispatcher.tools.port import ToolPort
@@ -131,7 +131,7 @@ class Execution:
         delegation: Delegation | None = None,
     ) -> None:
         self._live = common.live
-        #: Delegates offered as tools, and the child runs they start (``delegation.py``).
+        #: Delegates offered as tools, and the child runs they start (``delegation/``).
         self._delegation = delegation
         #: The replica's steers (None: runs take none; their steers run as queued runs).
         self._steers = steers
@@ -360,27 +360,32 @@ class Execution:
         if assistant is not None and (
             assistant.tools or assistant.retrieval.search_tool or delegates
         ):
-            (_, window), (definitions, _), read, asked = await asyncio.gather(
+            (_, window), (definitions, _), read, offer = await asyncio.gather(
                 reads,
                 offered_tools(self._tools, active.principal, assistant),
                 self._budgets(active) if reread else _nothing(),
-                self._delegation.definitions(assistant)
-                if self._delegation is not None
-                else _none(),
+                self._offer(active),
             )
             budgets = read if reread else budgets
             if assistant.retrieval.search_tool:
                 definitions.append(search_memory_definition())
-            definitions.extend(asked)
-        elif reread:
-            (_, window), budgets = await asyncio.gather(reads, self._budgets(active))
+            definitions.extend(offer.definitions)
         else:
-            _, window = await reads
-        if self._delegation is not None and assistant is not None:
-            since = await self._delegation.history_since(active)
-            if since is not None:
-                _since(window, since)
+            if reread:
+                (_, window), budgets = await asyncio.gather(reads, self._budgets(active))
+            else:
+                _, window = await reads
+            offer = await self._offer(active)
+        if offer.since is not None:
+            _since(window, offer.since)
         return _Read(window, definitions, budgets)
+
+    async def _offer(self, active: Active) -> Offer:
+        """What delegation adds to the run's read (one hook: its tools, and where the
+        history its model sees begins); nothing without delegation or an assistant."""
+        if self._delegation is None or active.assistant is None:
+            return NO_OFFER
+        return await self._delegation.offer(active)
 
     async def _handle(
         self, active: Active, clock: RunClock, read: _Read, journal: Journal | None
@@ -1035,10 +1040,6 @@ def _since(window: cpb.ContextWindow, since: dt.datetime) -> None:
 
 async def _nothing() -> None:
     return None
-
-
-async def _none() -> list[handler_pb2.ToolDefinition]:
-    return []
 
 
 def _covered(usage: handler_pb2.Usage, charged: Charged) -> handler_pb2.Usage:

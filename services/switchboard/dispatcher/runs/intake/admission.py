@@ -46,7 +46,7 @@ from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.core.store import NewRun, Stored, raise_busy
-from switchboard.dispatcher.runs.delegation import Parent
+from switchboard.dispatcher.runs.delegation.limits import Parent
 from switchboard.dispatcher.runs.intake.content import ContentPolicy
 from switchboard.dispatcher.runs.intake.screening import Screened, Screening, Steered
 from switchboard.dispatcher.runs.intake.speech import Listening
@@ -160,7 +160,7 @@ class Admission:
         more cap on the run; nothing left of it refuses the message. ``schedule``: the
         schedule whose tick sends it (``Run.schedule``; ``schedules/firing.py``).
         ``steer``: the message steers a live run (``steering.py``), through the same
-        checks. ``parent``: the run whose delegate call sends it (``delegation.py``)."""
+        checks. ``parent``: the run whose delegate call sends it (``delegation/``)."""
         conversation = ConversationName.parse(request.conversation, "conversation")
         # A few of a workspace's messages at a time: admissions share the database's
         # writers with every other workspace's, and a flood queued there would hold up

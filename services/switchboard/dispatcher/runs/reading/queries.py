@@ -33,7 +33,7 @@ from switchboard.dispatcher.runs.core.live import (
 )
 from switchboard.dispatcher.runs.core.publishing import is_token
 from switchboard.dispatcher.runs.core.store import TERMINAL, Listing, Stored
-from switchboard.dispatcher.runs.delegation import Delegation
+from switchboard.dispatcher.runs.delegation.delegation import Delegation
 from switchboard.dispatcher.runs.execution import step_limit
 from switchboard.dispatcher.runs.intake.screening import HANDLER, route
 from switchboard.dispatcher.tools.port import ToolPort

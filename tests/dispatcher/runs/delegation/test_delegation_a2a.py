@@ -23,7 +23,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform.values import structs
-from tests.dispatcher.runs.test_delegation import (
+from tests.dispatcher.runs.delegation.test_delegation import (
     TIMEOUT_S,
     Desk,
     brain,

@@ -33,7 +33,8 @@ from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.assistants.holders import Holder
 from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.tools.runner import fitted_name, string_tool
+from switchboard.dispatcher.runs.delegation.offer import about, named_tool
+from switchboard.dispatcher.tools.runner import string_tool
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.resources import AssistantName
@@ -50,14 +51,14 @@ _PREFIX: Final = "transfer_to_"
 
 def tool_name(assistant_id: str) -> str:
     """The function name a handoff is offered under (``transfer_to_{id}``, hashed to fit)."""
-    return fitted_name(_PREFIX + assistant_id, assistant_id)
+    return named_tool(_PREFIX, assistant_id)
 
 
 def definition(handoff: pb.AssistantHandoff, target: pb.Assistant) -> hpb.ToolDefinition:
     """The tool the model is offered for ``handoff`` (``target``: the assistant, as stored)."""
-    named = AssistantName.parse(target.name, "assistant")
-    title = target.display_name or named.assistant
-    description = handoff.description or target.description or f"Hand the conversation to {title}."
+    target_id, title, description = about(
+        target, handoff.description, "Hand the conversation to {title}."
+    )
     summary: tuple[tuple[str, str], ...] = ()
     if handoff.history == pb.HANDOFF_HISTORY_SUMMARY:
         summary = (
@@ -70,7 +71,7 @@ def definition(handoff: pb.AssistantHandoff, target: pb.Assistant) -> hpb.ToolDe
             ),
         )
     return string_tool(
-        tool_name(named.assistant),
+        tool_name(target_id),
         f"Hand the conversation over to {title}: {description}",
         REASON,
         f"Why {title} should take the conversation over.",

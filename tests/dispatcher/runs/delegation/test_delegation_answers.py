@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
-from switchboard.dispatcher.runs.delegation import answered
+from switchboard.dispatcher.runs.delegation.delegate import answered
 from switchboard.dispatcher.tools.runner import BuiltinAnswer
 from switchboard.platform.values import structs
 
