@@ -16,10 +16,9 @@ service imports another: the composition root plugs them in (``NEIGHBOURS``,
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, Protocol
 
 from opentelemetry.trace import Tracer
@@ -41,7 +40,7 @@ from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.experts import CircuitBreakers, WorkspaceExperts
 from switchboard.dispatcher.handlers.remote import RemoteHandler
 from switchboard.dispatcher.handlers.router import HANDLER_ID, Registry, Router, Routes
-from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
+from switchboard.dispatcher.llm.build import llm_config
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.llm.settings import LlmSettings
 from switchboard.dispatcher.ports.context import (
@@ -73,25 +72,18 @@ from switchboard.dispatcher.runs.reading.queries import Queries
 from switchboard.dispatcher.runs.reading.streams import Streams
 from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.steering import Steering
-from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
-from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
-from switchboard.dispatcher.schedules.settings import ScheduleSettings
-from switchboard.dispatcher.schedules.store import ScheduleStore
+from switchboard.dispatcher.schedules.build import schedule_firing, schedules_catalog
 from switchboard.dispatcher.service import Catalogs, Dispatcher, Readmission, RunLimits, Stages
 from switchboard.dispatcher.settings import DispatcherSettings
-from switchboard.dispatcher.talk.session import TalkLimits, Talks
+from switchboard.dispatcher.talk.build import peers_of, smart_turn, talk_limits
+from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.store import VoiceStore
-from switchboard.dispatcher.talk.webrtc.ice import IceServers
-from switchboard.dispatcher.talk.webrtc.peer import PeerOptions
-from switchboard.dispatcher.talk.webrtc.peers import PeerLimits, Peers
-from switchboard.dispatcher.talk.webrtc.ports import PortRange
-from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings, ice_servers
+from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings
 from switchboard.dispatcher.tools.port import LocalTools, ToolHub
 from switchboard.dispatcher.tools.runner import ToolLimits
+from switchboard.dispatcher.voice.build import speech
 from switchboard.dispatcher.voice.settings import VoiceSettings
 from switchboard.dispatcher.voice.speaker import Speech
-from switchboard.platform.audio.endpoint import SmartTurn
-from switchboard.platform.audio.openai import OpenAIAudio
 from switchboard.platform.config import ConfigError, Sections
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
@@ -207,37 +199,6 @@ def handler_registry(sections: Sections, count: Callable[[str], int]) -> Registr
     return registry
 
 
-def llm_config(settings: LlmSettings) -> LlmConfig:
-    """The LLM handler's configuration; ConfigError naming the variable at fault."""
-    with setting("SWITCHBOARD_LLM_BASE_URL"):
-        primary = Provider(
-            name="primary",
-            base_url=settings.llm_base_url,
-            api_key=settings.llm_api_key.get_secret_value(),
-            model=settings.llm_model,
-            vision=settings.llm_vision,
-        )
-    with setting("SWITCHBOARD_LLM_FALLBACKS"):
-        fallbacks = parse_providers(settings.llm_fallbacks.get_secret_value() or "[]")
-        if any(provider.name == primary.name for provider in fallbacks):
-            raise ValueError(f"the name {primary.name!r} is the primary provider's")
-    with setting("SWITCHBOARD_LLM_PRICES"):
-        prices = parse_prices(settings.llm_prices or "{}")
-    return LlmConfig(
-        providers=(primary, *fallbacks),
-        prices=prices,
-        max_retries=settings.llm_max_retries,
-        breaker_failures=settings.llm_breaker_failures,
-        breaker_reset_s=settings.llm_breaker_reset_s,
-        max_output_tokens=settings.llm_max_output_tokens,
-        min_output_tokens=settings.llm_min_output_tokens,
-        max_connections=settings.llm_max_connections,
-        image_policy=settings.llm_image_policy,
-        max_image_bytes=settings.llm_max_image_bytes,
-        max_images=settings.llm_max_images,
-    )
-
-
 async def context_port(
     shared: Shared, domain: Callable[[], Awaitable[ContextDomain]]
 ) -> ContextPort:
@@ -260,7 +221,7 @@ async def dispatcher_service(
     content = _content_policy(shared.section(DispatcherSettings))
     router = _router(shared, registry, integration, neighbours.experts)
     assistants = await _assistants(shared, registry, router, integration, neighbours.filters)
-    schedules = _schedules(shared, context, assistants, router)
+    schedules = schedules_catalog(shared, context, assistants, router)
     # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
     peers = GrpcPeers()
     resources.push_async_callback(peers.close)
@@ -286,7 +247,7 @@ async def dispatcher_service(
         catalogs,
         LocalTools(integration, shared.policy),
         spending,
-        _speech(shared),
+        speech(shared),
         # None when tracing is off: runs then get no span (decided once, here).
         tracer("switchboard.dispatcher"),
     )
@@ -295,7 +256,12 @@ async def dispatcher_service(
     resources.push_async_callback(dispatcher.close)
     # After the dispatcher's start (its lease is renewed, its runs recovered), and
     # stopped before it closes (the stack unwinds in reverse).
-    firing = _firing(shared, context, dispatcher)
+    firing = schedule_firing(
+        shared,
+        context,
+        functools.partial(_send_scheduled, dispatcher),
+        lease_s=shared.section(DispatcherSettings).dispatcher_lease_s,
+    )
     schedules.on_change = firing.wake
     firing.start()
     resources.push_async_callback(firing.stop)
@@ -406,10 +372,10 @@ def _stages(run: _Run, peers: GrpcPeers) -> Stages:
             store=VoiceStore(shared.database),
             access=shared.access,
             speech=lambda: run.speech,
-            limits=_talk_limits(shared.section(VoiceSettings), run.settings),
-            judge=_smart_turn(shared),
+            limits=talk_limits(shared.section(VoiceSettings), run.settings.dispatcher_heartbeat_s),
+            judge=smart_turn(shared),
         ),
-        peers=lambda talks: _peers(talks, shared.section(WebRtcSettings)),
+        peers=lambda talks: peers_of(talks, shared.section(WebRtcSettings)),
         spending=run.spending,
         delegation=delegation,
     )
@@ -512,42 +478,6 @@ def _tool_limits(settings: DispatcherSettings) -> ToolLimits:
         approval_timeout_s=settings.dispatcher_approval_timeout_s,
         max_result_chars=settings.dispatcher_max_tool_result_chars,
     )
-
-
-def _speech(shared: Shared) -> Speech | None:
-    """The speech engine at ``SWITCHBOARD_VOICE_URL`` and its defaults; None without one.
-    The audio API is the operator's, reached through the egress policy like every
-    outbound call (a local server needs ``SWITCHBOARD_EGRESS_ALLOW_LOOPBACK``)."""
-    settings = shared.section(VoiceSettings)
-    if not settings.voice_url:
-        return None
-    engine = OpenAIAudio(
-        settings.voice_url,
-        api_key=settings.voice_api_key.get_secret_value(),
-        policy=EgressPolicy.from_settings(shared.section(EgressSettings)),
-        timeout_s=settings.voice_timeout_s,
-        max_retries=settings.voice_max_retries,
-    )
-    # Closed after the dispatcher (the stack unwinds in reverse): runs stop speaking first.
-    shared.resources.push_async_callback(engine.close)
-    return Speech(
-        engine=engine,
-        transcription_model=settings.voice_transcription_model,
-        speech_model=settings.voice_speech_model,
-        voice=settings.voice_voice,
-        lead_ms=settings.voice_lead_ms,
-    )
-
-
-def _smart_turn(shared: Shared) -> SmartTurn | None:
-    """The end-of-turn model voice sessions ask (``SWITCHBOARD_VOICE_TURN_MODELS``); none
-    without a speech engine (no session starts)."""
-    settings = shared.section(VoiceSettings)
-    if not settings.voice_url:
-        return None
-    model = SmartTurn(Path(settings.voice_turn_models))
-    shared.resources.callback(model.close)
-    return model
 
 
 def _router(
@@ -654,56 +584,6 @@ def _budgets(shared: Shared, assistants: Assistants, spending: Spending) -> Budg
     )
 
 
-def _schedules(
-    shared: Shared, context: ContextPort, assistants: Assistants, router: Router
-) -> Schedules:
-    """A workspace's schedules; an assistant or a handler they name must exist."""
-    settings = shared.section(ScheduleSettings)
-
-    async def assistant(workspace_id: str, name: str) -> pb.Assistant | None:
-        return await assistants.resolve(workspace_id, name, "schedule.assistant")
-
-    async def handler_exists(workspace_id: str, handler_id: str) -> bool:
-        return await router.find(workspace_id, handler_id) is not None
-
-    return Schedules(
-        ScheduleStore(shared.database),
-        shared.bus,
-        shared.page_tokens,
-        context,
-        ScheduleLimits(
-            max_per_workspace=settings.schedules_max_per_workspace,
-            min_interval=dt.timedelta(seconds=settings.schedules_min_interval_s),
-        ),
-        assistant=assistant,
-        handler_exists=handler_exists,
-    )
-
-
-def _firing(shared: Shared, context: ContextPort, dispatcher: Dispatcher) -> Firing:
-    """The firing loop: each tick through the dispatcher's admission, as its creator."""
-    settings = shared.section(ScheduleSettings)
-
-    async def send(
-        principal: Principal, request: pb.SendMessageRequest, schedule: str
-    ) -> pb.SendMessageResponse:
-        return await dispatcher.send_message(principal, request, schedule=schedule)
-
-    return Firing(
-        store=ScheduleStore(shared.database),
-        bus=shared.bus,
-        context=context,
-        policy=shared.policy,
-        send=send,
-        settings=FiringSettings(
-            instance_id=shared.instance_id,
-            poll_s=settings.schedules_poll_s,
-            grace_s=settings.schedules_missed_grace_s,
-            lease_s=shared.section(DispatcherSettings).dispatcher_lease_s,
-        ),
-    )
-
-
 def _quotas(shared: Shared) -> Quotas:
     """Workspaces' quotas, with the settings' defaults for what a workspace does not set."""
     settings = shared.section(DispatcherSettings)
@@ -733,40 +613,11 @@ def _limits(shared: Shared) -> RunLimits:
     )
 
 
-def _talk_limits(settings: VoiceSettings, dispatcher: DispatcherSettings) -> TalkLimits:
-    return TalkLimits(
-        max_turn_s=settings.voice_max_turn_s,
-        max_frame_bytes=settings.voice_max_frame_bytes,
-        idle_timeout_s=settings.voice_idle_timeout_s,
-        resume_window_s=settings.voice_resume_window_s,
-        max_sessions=settings.voice_max_sessions,
-        max_sessions_per_user=settings.voice_max_sessions_per_user,
-        heartbeat_s=dispatcher.dispatcher_heartbeat_s,
-    )
-
-
-def _peers(talks: Talks, settings: WebRtcSettings) -> Peers:
-    limits = PeerLimits(
-        max_peers=settings.webrtc_max_peers,
-        max_peers_per_user=settings.webrtc_max_peers_per_user,
-    )
-    return Peers(talks, _peer_options(settings), limits, _ice(settings))
-
-
-def _peer_options(settings: WebRtcSettings) -> PeerOptions:
-    return PeerOptions(
-        connect_timeout_s=settings.webrtc_connect_timeout_s,
-        ports=PortRange.parse(settings.webrtc_ports),
-    )
-
-
-def _ice(settings: WebRtcSettings) -> IceServers:
-    secret = settings.webrtc_turn_secret.get_secret_value()
-    return IceServers.read(
-        ice_servers(settings.webrtc_ice_servers.get_secret_value(), minting=bool(secret)),
-        turn_secret=secret,
-        ttl_s=settings.webrtc_turn_ttl_s,
-    )
+async def _send_scheduled(
+    dispatcher: Dispatcher, principal: Principal, request: pb.SendMessageRequest, schedule: str
+) -> pb.SendMessageResponse:
+    """A schedule's tick through the dispatcher's admission, as its creator."""
+    return await dispatcher.send_message(principal, request, schedule=schedule)
 
 
 def _observe(metrics: Metrics, dispatcher: Dispatcher) -> None:

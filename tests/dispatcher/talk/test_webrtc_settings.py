@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from switchboard.dispatcher.build import _ice, _peer_options
+from switchboard.dispatcher.talk.build import ice, peer_options
 from switchboard.dispatcher.talk.webrtc.ice import IceServer, IceServers
 from switchboard.dispatcher.talk.webrtc.peers import PeerLimits
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
@@ -76,22 +76,22 @@ def test_good_settings_reach_the_peers() -> None:
         webrtc_ports="40000-40099",
         webrtc_connect_timeout_s=3,
     )
-    made = _peer_options(chosen)
+    made = peer_options(chosen)
     assert made.ports == PortRange(40000, 40099)
     assert made.connect_timeout_s == 3
-    rtc = _ice(chosen).for_server()
+    rtc = ice(chosen).for_server()
     assert [s.urls for s in rtc] == [["stun:stun.example.net:3478"], ["turn:turn.example.net:3478"]]
     assert (rtc[1].username, rtc[1].credential) == ("u", SECRET)
     assert rtc[0].username is None
     # A listed credential is handed as it is, and nothing was minted.
-    page = _ice(chosen).for_page("someone")
+    page = ice(chosen).for_page("someone")
     assert [(s.username, s.credential) for s in page.ice_servers] == [("", ""), ("u", SECRET)]
     assert not page.HasField("expire_time")
     # The credential is a secret: the settings' own text never shows it.
     assert SECRET not in repr(chosen)
     # Unset: host candidates only, any port.
     plain = settings()
-    assert (_ice(plain).for_server(), _peer_options(plain).ports) == ([], None)
+    assert (ice(plain).for_server(), peer_options(plain).ports) == ([], None)
 
 
 def test_a_turn_server_without_a_credential_needs_the_secret_to_mint_one() -> None:
