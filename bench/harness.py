@@ -8,7 +8,8 @@
   runs now (``host_speed``), CPU time from /proc (``CpuMeter``).
 - One report writer (``write_sections``): a section replaces the section of
   BENCHMARKS.md with the same ``## `` heading, or is appended; the file's preamble is
-  ``PREAMBLE``.
+  ``PREAMBLE``, followed by the current figures (``current``): each area's goals as its
+  latest run left them, above the sections.
 - The processes a benchmark starts: ``switchboard serve`` (``serve``), a child that
   answers one JSON line per command (``Child`` / ``answer``), a client process that
   prints its figures (``run_client`` / ``clients``).
@@ -672,14 +673,83 @@ def _split(document: str) -> tuple[str, list[str]]:
 
 def replace_sections(document: str, text: str) -> str:
     """``document`` with each ``## `` section of ``text`` in place of the one with the same
-    heading (or appended), under ``PREAMBLE``."""
+    heading (or appended), under ``PREAMBLE`` and the current figures (``current``)."""
     before, fresh = _split(text)
     if before.strip():
         raise ValueError(f"a section starts with its '## ' heading, not {before[:40]!r}")
     by_heading = {section.partition("\n")[0]: section for section in fresh}
     _, kept = _split(document)
-    sections = [by_heading.pop(section.partition("\n")[0], section) for section in kept]
-    return PREAMBLE + "\n" + "\n\n".join([*sections, *by_heading.values()]) + "\n"
+    sections = [*(by_heading.pop(s.partition("\n")[0], s) for s in kept), *by_heading.values()]
+    digest = current(sections)
+    return PREAMBLE + "\n" + (digest + "\n" if digest else "") + "\n\n".join(sections) + "\n"
+
+
+#: Headings of the dated history: a change's before and after, kept but not current.
+_HISTORY: Final = re.compile(r"^## (Issue \d+|.*\(A/B|.*\(\d{4}-\d{2}-\d{2}\)|.*before and after)")
+#: A goal's verdict, as the sections write it.
+_MET: Final = re.compile(r"(?<![\w*])met\b")
+_MISSED: Final = "**missed**"
+_NOT_GOALS: Final = ("- when:", "- machine:", "- command:", "- host speed")
+
+
+def current(sections: Sequence[str]) -> str:
+    """The current figures, area by area: each section's goal lines (its bullets that say
+    a goal is met or missed) with the date and command of the run that wrote them, a
+    table per area; the dated history (before and after of a change) is left out."""
+    blocks = []
+    for section in sections:
+        heading, _, body = section.partition("\n")
+        if _HISTORY.match(heading):
+            continue
+        goals = [
+            line[2:]
+            for line in body.splitlines()
+            if line.startswith("- ")
+            and not line.startswith(_NOT_GOALS)
+            and (_MISSED in line or _MET.search(line))
+        ]
+        if not goals:
+            continue
+        title = heading[3:]
+        when, command = _field(body, "when"), _field(body, "command")
+        said = ", ".join(part for part in (when, command) if part) or "no date recorded"
+        rows = [f"| {_cell(goal)} | {_verdict(goal)} |" for goal in goals]
+        blocks.append(
+            f"**[{title}](#{_anchor(title)})**: {said}\n\n| goal, with the latest figure | "
+            "verdict |\n|---|---|\n" + "\n".join(rows)
+        )
+    if not blocks:
+        return ""
+    return (
+        "Current figures, area by area: each goal as the latest run of its section left it\n"
+        "(the sections below hold the whole of each run; the dated ones, a change's before\n"
+        "and after, are its history).\n\n" + "\n\n".join(blocks) + "\n"
+    )
+
+
+def _field(body: str, name: str) -> str:
+    prefix = f"- {name}: "
+    for line in body.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    return ""
+
+
+def _cell(text: str) -> str:
+    """``text`` in a table cell: its pipes escaped."""
+    return text.replace("|", r"\|")
+
+
+def _verdict(goal: str) -> str:
+    met, missed = bool(_MET.search(goal)), _MISSED in goal
+    if met and missed:
+        return "met and **missed**"
+    return "**missed**" if missed else "met"
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor for a heading: lowercased, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
 
 
 def write_sections(text: str, path: Path = BENCHMARKS) -> None:

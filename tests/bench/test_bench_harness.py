@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bench.harness import (
+    BENCHMARKS,
     PREAMBLE,
     Window,
     clients,
@@ -237,3 +238,31 @@ def test_a_window_holds_the_measured_time_only() -> None:
     assert window.begin - 1 not in window
     assert window.deadline not in window
     assert window.open()
+
+
+def test_the_current_figures_list_each_areas_goals_above_the_sections() -> None:
+    scale = (
+        "## Scale\n\n- when: 2026-11-29 07:03 UTC\n- command: `python bench/scale.py` (333 s)\n"
+        "- machine: 2 cores\n\n| a | b |\n\n- Cost: at most 1.3x: **missed**, 1.85x.\n"
+        "- Flat: at most 1.1x: met, 1.02x (a | b).\n- a note that states no goal\n"
+    )
+    history = "## Issue 38: the dispatcher section before and after\n\n- goal: met\n"
+    dated = "## Budgets (A/B, 2026-11-26)\n\n- goal: **missed**\n"
+    updated = replace_sections(OLD, scale + "\n" + history + "\n" + dated)
+    head = updated.split("\n## ", 1)[0]
+    assert head.startswith(PREAMBLE + "\nCurrent figures, area by area")
+    assert "**[Scale](#scale)**: 2026-11-29 07:03 UTC, `python bench/scale.py` (333 s)" in head
+    assert "| Cost: at most 1.3x: **missed**, 1.85x. | **missed** |" in head
+    # A pipe in a goal's text stays inside its cell.
+    assert "| Flat: at most 1.1x: met, 1.02x (a \\| b). | met |" in head
+    assert "states no goal" not in head
+    assert "machine" not in head
+    # The dated history is not current.
+    assert "Issue 38" not in head
+    assert "A/B" not in head
+    assert replace_sections(updated, "") == updated
+
+
+def test_benchmarks_md_shows_its_current_figures() -> None:
+    text = BENCHMARKS.read_text()
+    assert replace_sections(text, "") == text, "write_sections('') brings it up to date"
