@@ -10,7 +10,7 @@ The same parts as ``bench/voice.py`` (whose pieces it uses): a fresh ``switchboa
 --dev`` per phase (``SERVER_SETTINGS``, and room for the peers), the local audio server
 with its fast engine (``--engine tone``) and the local model server, each in its own
 process. The clients are ``aiortc`` peers (the server's own stack) in one client process:
-each a page as ``tests/dispatcher/talk/test_talk_webrtc.py`` drives it, its microphone a
+each a page as ``tests/dispatcher/talk/webrtc/test_peers.py`` drives it, its microphone a
 ``media.SpeechTrack`` (a 20 ms frame every 20 ms: the session's utterance when one is
 pushed, silence otherwise), the ``talk`` data channel for the session's frames, the
 answer on its inbound track.

@@ -464,7 +464,7 @@ def _prompt_jitter_buffer(receiver: RTCRtpReceiver) -> None:
     packets seldom need. One later packet is enough to know a frame is whole; a lost
     packet still holds the buffer as before (until its 16 slots overflow). aiortc has no
     setting for it, so its private buffer is replaced before any packet came (aiortc is
-    pinned, and test_talk_webrtc.py checks the buffer is this one)."""
+    pinned, and tests/dispatcher/talk/webrtc/test_peers.py checks the buffer is this one)."""
     from aiortc.jitterbuffer import JitterBuffer
 
     name = "_RTCRtpReceiver__jitter_buffer"

@@ -109,7 +109,7 @@ def test_a_turn_server_without_a_credential_needs_the_secret_to_mint_one() -> No
 
 def test_minted_credentials_are_the_turn_rest_apis() -> None:
     """username ``{expiry}:{user}``, credential base64(HMAC-SHA1(secret, username)): what
-    coturn's ``use-auth-secret`` checks (against a real coturn: test_webrtc_turn.py)."""
+    coturn's ``use-auth-secret`` checks (against a real coturn: test_ice.py)."""
     ice = IceServers(
         [IceServer(("stun:s",)), IceServer(("turn:t", "turns:t"))],
         turn_secret=SECRET,
@@ -129,7 +129,7 @@ def test_minted_credentials_are_the_turn_rest_apis() -> None:
 def test_the_default_peer_limit_is_what_operations_md_measured_a_process_carries() -> None:
     """``SWITCHBOARD_WEBRTC_MAX_PEERS`` defaults to the count docs/operations.md derives
     from its measurement of what a quiet peer costs, and the registry's own default agrees."""
-    text = (Path(__file__).parents[3] / "docs" / "operations.md").read_text()
+    text = (Path(__file__).parents[4] / "docs" / "operations.md").read_text()
     section = text.split("### Live voice: peers per process", 1)[1].split("\n#", 1)[0]
     stated = re.search(r"`SWITCHBOARD_WEBRTC_MAX_PEERS`' default, (\d+)", section)
     assert stated is not None, "docs/operations.md names no default peer count"

@@ -26,7 +26,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
 from tests.dispatcher.talk.test_talk import Place, voice_place, voice_settings
-from tests.dispatcher.talk.test_talk_webrtc import closed, page, starting
+from tests.dispatcher.talk.webrtc.test_peers import closed, page, starting
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.turn import TurnServer, turn_server
 from tests.kits.contextkit import refused
