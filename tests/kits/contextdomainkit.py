@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.common import Limits
-from switchboard.context.domain import ContextDomain
+from switchboard.context.domain import ContextDomain, Plugins
 from switchboard.context.text.entities import BuiltinEntityExtractor
 from switchboard.context.text.summarizer import ExtractiveSummarizer
 from switchboard.context.text.tokencount import ApproxTokenCounter
@@ -110,9 +110,7 @@ async def open_domain(tmp_path: pathlib.Path, limits: Limits | None = None) -> A
         bus,
         WindowCache("", timeout_s=1.0, ttl_s=60, max_entries=100, max_bytes=1 << 20),
         counters,
-        counter=ApproxTokenCounter(),
-        summarizer=ExtractiveSummarizer(),
-        extractor=BuiltinEntityExtractor(),
+        plugins=Plugins(ApproxTokenCounter(), ExtractiveSummarizer(), BuiltinEntityExtractor()),
         limits=limits or Limits(),
         page_tokens=PageTokens("unit-test-secret"),
     )

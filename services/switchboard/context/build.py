@@ -18,7 +18,7 @@ from typing import Final
 
 from switchboard.context import servicer
 from switchboard.context.common import Limits
-from switchboard.context.domain import ContextDomain
+from switchboard.context.domain import ContextDomain, FileParts, Plugins, SemanticParts
 from switchboard.context.files.blobs.stores import open_blob_store
 from switchboard.context.files.catalog import FileLimits
 from switchboard.context.files.reading.transcriber import Transcriber
@@ -157,29 +157,31 @@ def context_service(
         bus,
         cache,
         counters,
-        counter=counter,
-        summarizer=summarizer,
-        extractor=extractor,
+        plugins=Plugins(counter, summarizer, extractor),
         limits=context_limits(settings, windows),
         page_tokens=page_tokens,
-        blobs=blobs,
-        file_limits=file_limits(files, settings.context_purge_after_s),
-        policy=policy,
-        transcriber=transcriber,
-        egress=egress,
-        fetch_timeout_s=files.context_files_fetch_timeout_s,
-        chunks=ChunkStore(database),
-        embedder=embedder,
-        vectors=vectors,
-        indexer_limits=IndexerLimits.from_settings(semantic),
-        instance_id=instance_id,
-        search=SearchParts(
-            candidates=semantic.context_semantic_candidates,
-            ef_search=semantic.context_semantic_ef_search,
-            # A search waits on its query's embedding at most this, then falls back:
-            # a reader is waiting, unlike the indexer.
-            embed_timeout_s=min(semantic.context_embeddings_timeout_s, SEARCH_EMBED_TIMEOUT_S),
+        files=FileParts(
+            blobs=blobs,
+            limits=file_limits(files, settings.context_purge_after_s),
+            policy=policy,
+            transcriber=transcriber,
+            egress=egress,
+            fetch_timeout_s=files.context_files_fetch_timeout_s,
         ),
+        semantic=SemanticParts(
+            chunks=ChunkStore(database),
+            embedder=embedder,
+            vectors=vectors,
+            indexer_limits=IndexerLimits.from_settings(semantic),
+            search=SearchParts(
+                candidates=semantic.context_semantic_candidates,
+                ef_search=semantic.context_semantic_ef_search,
+                # A search waits on its query's embedding at most this, then falls back:
+                # a reader is waiting, unlike the indexer.
+                embed_timeout_s=min(semantic.context_embeddings_timeout_s, SEARCH_EMBED_TIMEOUT_S),
+            ),
+        ),
+        instance_id=instance_id,
     )
 
 

@@ -7,7 +7,8 @@ closing the background work.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Final
 
 from switchboard.context.common import Common, Limits
 from switchboard.context.conversations.catalog import Conversations
@@ -48,6 +49,46 @@ from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
 
+@dataclass(frozen=True)
+class Plugins:
+    """The domain's plugins (``SWITCHBOARD_CONTEXT_TOKENIZER``, ``..._SUMMARIZER``,
+    ``..._ENTITY_EXTRACTOR``)."""
+
+    counter: TokenCounter
+    summarizer: Summarizer
+    extractor: EntityExtractor
+
+
+@dataclass(frozen=True)
+class FileParts:
+    """Where files live and what reaches outside for them. ``blobs`` None: a fresh
+    temporary directory; ``egress`` None: the strictest policy for URL parts."""
+
+    blobs: BlobStore | None = None
+    limits: FileLimits | None = None
+    policy: Policy | None = None
+    transcriber: Transcriber | None = None
+    egress: EgressPolicy | None = None
+    fetch_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SemanticParts:
+    """The semantic index's parts. ``chunks`` None: nothing is indexed (the indexes'
+    settings still are) and search is full-text over memory items only."""
+
+    chunks: ChunkStore | None = None
+    embedder: Embedder | None = None
+    vectors: bool = False
+    indexer_limits: IndexerLimits | None = None
+    #: Search's tuning.
+    search: SearchParts | None = None
+
+
+FILES_IN_A_TEMPORARY_DIRECTORY: Final = FileParts()
+NOTHING_INDEXED: Final = SemanticParts()
+
+
 class ContextDomain:
     def __init__(
         self,
@@ -56,27 +97,18 @@ class ContextDomain:
         cache: WindowCache,
         counters: Cache,
         *,
-        counter: TokenCounter,
-        summarizer: Summarizer,
-        extractor: EntityExtractor,
+        plugins: Plugins,
         limits: Limits,
         page_tokens: PageTokens,
-        blobs: BlobStore | None = None,
-        file_limits: FileLimits | None = None,
-        policy: Policy | None = None,
-        transcriber: Transcriber | None = None,
-        egress: EgressPolicy | None = None,
-        fetch_timeout_s: float = 30.0,
-        chunks: ChunkStore | None = None,
-        embedder: Embedder | None = None,
-        vectors: bool = False,
-        indexer_limits: IndexerLimits | None = None,
+        files: FileParts = FILES_IN_A_TEMPORARY_DIRECTORY,
+        semantic: SemanticParts = NOTHING_INDEXED,
         instance_id: str = "context",
-        search: SearchParts | None = None,
     ) -> None:
-        """``blobs`` None: files in a fresh temporary directory (tests, benchmarks).
-        ``chunks`` None: nothing is indexed (the semantic index's settings still are)
-        and search is full-text over memory items only. ``search``: its tuning."""
+        """``files`` and ``semantic`` default to what tests and benchmarks need: files in a
+        fresh temporary directory, nothing indexed (search full-text over memory items)."""
+        counter, summarizer, extractor = plugins.counter, plugins.summarizer, plugins.extractor
+        blobs, file_limits = files.blobs, files.limits
+        chunks, embedder, vectors = semantic.chunks, semantic.embedder, semantic.vectors
         common = Common(bus, counters, limits=limits, page_tokens=page_tokens, counter=counter)
         self.limits = limits
         workspace_store = WorkspaceStore(database)
@@ -94,14 +126,14 @@ class ContextDomain:
             FileStore(database),
             blobs,
             limits=file_limits or FileLimits(purge_after_s=limits.purge_after_s),
-            policy=policy,
-            transcriber=transcriber,
+            policy=files.policy,
+            transcriber=files.transcriber,
         )
         # A message's file parts become files of its workspace; URL parts are
         # fetched under the egress policy (the strictest when none is given).
         self._attachments = Attachments(
             self.files,
-            UrlFetcher(egress or EgressPolicy(), timeout_s=fetch_timeout_s),
+            UrlFetcher(files.egress or EgressPolicy(), timeout_s=files.fetch_timeout_s),
             max_inline_bytes=self.files.file_limits.max_inline_bytes,
         )
         self.messages = Messages(
@@ -117,7 +149,7 @@ class ContextDomain:
             bus,
             chunks or _NoChunks(),
             embedder,
-            indexer_limits or IndexerLimits(),
+            semantic.indexer_limits or IndexerLimits(),
             instance_id=instance_id,
             vectors=vectors,
         )
@@ -126,7 +158,7 @@ class ContextDomain:
             common,
             SearchStore(database),
             replace(
-                search or SearchParts(),
+                semantic.search or SearchParts(),
                 embedder=embedder,
                 settings=IndexerSettings(self.indexer),
                 chunks=chunks,
