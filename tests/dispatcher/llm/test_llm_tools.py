@@ -534,6 +534,29 @@ async def test_tool_calls_when_none_were_offered_fail(primary: FakeOpenAI, make:
     assert failure.message == "the model asked for a tool, but this run may call none"
 
 
+async def test_a_call_made_when_no_tool_could_be_offered_is_answered_not_fatal(
+    primary: FakeOpenAI, make: Make
+) -> None:
+    """The run has a runner (its assistant enables tools) but none could be offered now
+    (an integration unreachable): the request describes no tools, and a call the model
+    makes anyway is answered by the runner, and the run goes on to its answer."""
+    primary.script(
+        Reply.tool_calls([("calc__add", {"a": 1, "b": 1})]),
+        Reply.text("I could not add them."),
+    )
+    runner = Runner()
+
+    _, result = await run(make(primary), make_call(runner=runner, tools=()))
+
+    assert "tools" not in body(primary, 0)
+    assert "tool_choice" not in body(primary, 0)
+    assert [[call.function_name for call in batch] for batch in runner.batches] == [["calc__add"]]
+    assert [part.text for part in result.parts] == ["I could not add them."]
+    tool_message = body(primary, 1)["messages"][-1]
+    assert tool_message["role"] == "tool"
+    assert "There is no tool named" in tool_message["content"]
+
+
 # -- failures across passes --------------------------------------------------------------
 
 

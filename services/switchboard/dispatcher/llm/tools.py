@@ -161,10 +161,11 @@ class ToolLoop:
         self._call = call
         self._limit = request.max_tool_steps
         self._toolbox: Toolbox | None = None
-        if call.tools is not None and request.tools and request.max_tool_steps > 0:
-            toolbox = Toolbox(request.tools)
-            if toolbox.specs:
-                self._toolbox = toolbox
+        # A run with a runner answers the calls its model makes, even when none of its
+        # tools can be offered now (an integration unreachable): a call made anyway gets
+        # the runner's "no tool named ..." result, and the run goes on.
+        if call.tools is not None and request.max_tool_steps > 0:
+            self._toolbox = Toolbox(request.tools)
         self._steps = 0
         #: Tool call ids of the run so far (they must be unique within it).
         self._used_ids: set[str] = set()
@@ -172,7 +173,7 @@ class ToolLoop:
 
     def offer(self) -> dict[str, Any]:
         """What the next model request says about tools (nothing when the run offers none)."""
-        if self._toolbox is None:
+        if self._toolbox is None or not self._toolbox.specs:
             return {}
         # Past the limit the tools stay described (the conversation shows
         # calls to them) but may not be called.
