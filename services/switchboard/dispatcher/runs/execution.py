@@ -382,8 +382,8 @@ class Execution:
 
     async def _offer(self, active: Active) -> Offer:
         """What delegation adds to the run's read (one hook: its tools, and where the
-        history its model sees begins); nothing without delegation or an assistant."""
-        if self._delegation is None or active.assistant is None:
+        history its model sees begins); nothing without delegation."""
+        if self._delegation is None:
             return NO_OFFER
         return await self._delegation.offer(active)
 
