@@ -1007,6 +1007,35 @@ async def test_a_connection_given_back_just_now_is_not_pinged(
         await database.close()
 
 
+async def test_a_connection_found_dead_by_a_driver_statement_is_not_given_out_again(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement run on the driver (``Prepared``: every RPC's membership check through
+    ``Database.fetch``) that finds its connection closed invalidates it and the pool's
+    older ones, as ``Connection.execute`` does. It was checked back in as if alive, just
+    used, so never pinged: after a restart the access checks failed UNAVAILABLE until
+    the pool happened to rest a second (the CI's database-outage test)."""
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 3600.0)  # never pinged
+    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
+    killer = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=False)
+    try:
+        ((victim,),) = await database.fetch("SELECT pg_backend_pid()", {})
+        await killer.run(
+            lambda db: db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": victim}),
+            write=False,
+        )
+        with pytest.raises(DBAPIError) as caught:
+            await database.fetch("SELECT pg_backend_pid()", {})
+        assert caught.value.connection_invalidated
+        assert is_outage(caught.value)
+        ((after,),) = await database.fetch("SELECT pg_backend_pid()", {})
+        assert after != victim
+        assert await _backend_pid(database) != victim
+    finally:
+        await killer.close()
+        await database.close()
+
+
 def _in_transaction(db: Session) -> bool:
     db.execute(text("SELECT 1"))  # the driver begins at the first statement
     driver = db.connection().connection.driver_connection

@@ -12,9 +12,11 @@ session's own connection, inside the session's transaction and savepoints:
   UTC check included) and passed positionally in the compiled order;
 * rows as plain tuples, converted by the types' result processors, so a
   ``DateTime`` comes back a UTC datetime on both backends as through the ORM;
-* a DB-API error raised as SQLAlchemy's own exception (``IntegrityError``,
+* a DB-API error handled by the connection as ``Connection.execute`` handles
+  it: raised as SQLAlchemy's own exception (``IntegrityError``,
   ``OperationalError``, ...), so callers, the group commit and ``is_outage``
-  classify it as they always did.
+  classify it as they always did, and a connection found closed invalidated
+  with the pool's older ones.
 
 On PostgreSQL the cursor is SQLAlchemy's asyncpg adapter, which begins the
 transaction, prepares each statement once per connection and awaits inside
@@ -31,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
@@ -140,7 +141,12 @@ class Prepared:
         try:
             run(cursor, compiled)
         except dialect.loaded_dbapi.Error as exc:
-            raise _wrapped(compiled.sql, exc, dialect) from exc
+            # The connection's own handling, as ``Connection.execute`` gives it: a
+            # connection the server closed is invalidated, with every older one in the
+            # pool, and the ``handle_error`` listeners (the database health) hear it.
+            # Raised as is, a dead connection went back to the pool as if alive and,
+            # just used, was never pinged: every call on it failed until it rested.
+            connection._handle_dbapi_exception(exc, compiled.sql, None, cursor, None)
         return cursor, compiled
 
     def _compiled(self, dialect: Dialect) -> _Compiled:
@@ -195,10 +201,3 @@ def _bind(compiled: _Compiled, params: Mapping[str, Any]) -> tuple[Any, ...]:
             raise KeyError(f"parameter {name!r} is missing")
         values.append(value if processor is None else processor(value))
     return tuple(values)
-
-
-def _wrapped(sql: str, exc: Exception, dialect: Dialect) -> BaseException:
-    """SQLAlchemy's exception for a DB-API error, as ``Connection.execute`` raises it."""
-    return DBAPIError.instance(
-        sql, None, exc, dialect.loaded_dbapi.Error, hide_parameters=True, dialect=dialect
-    )
