@@ -56,7 +56,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 from typing import Any, Final, Literal, Protocol
 
@@ -449,7 +449,7 @@ class LocalLog:
 
     async def start(self, deliver: Deliver, ring: Ring) -> Position:
         self._deliver = deliver
-        async with self._bounded(), self._database.readers() as session:
+        async with self._bounded(3), self._database.readers() as session:
             horizon = await session.scalar(
                 select(EventLogStateRow.horizon).where(EventLogStateRow.id == 1)
             )
@@ -738,7 +738,7 @@ class LocalLog:
 
     async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
         try:
-            async with self._bounded(), self._database.readers() as session:
+            async with self._bounded(1), self._database.readers() as session:
                 rows = (
                     await session.execute(
                         select(EventLogRow.seq, EventLogRow.data)
@@ -758,8 +758,23 @@ class LocalLog:
     async def last_position(self) -> Position:
         return self._head, 0
 
-    def _bounded(self) -> Any:
-        return asyncio.timeout(self._database.timeout_s)
+    @contextlib.asynccontextmanager
+    async def _bounded(self, statements: int) -> AsyncIterator[None]:
+        """A whole read's bound: as long as its parts (a pooled connection, then each
+        statement) may each take by the database's own bounds. One ``timeout_s`` for
+        the whole failed the start of a log on a saturated host (a CI run's setup)
+        while no part had overrun its own."""
+        bound = self._database.timeout_s * (statements + 1)
+        scope = asyncio.timeout(bound)
+        try:
+            async with scope:
+                yield
+        except TimeoutError:
+            if scope.expired():
+                raise TimeoutError(
+                    f"the event log's database did not answer within {bound:g}s"
+                ) from None
+            raise
 
     def carry_tokens(self, heard: Carry | None) -> Carry | None:
         return None  # one process: nobody else to tell
