@@ -2,11 +2,13 @@
 
     python scripts/housestats.py [ROOT]
 
-Prints the largest hand-written files under services/, the functions longer than 80 lines
-(by their first and last line, decorators excluded), the line counts of services/,
-tests/ and bench/, and each settings section's field count (read from the source: a
-field is a line ``    <name>: <type> = Field(``). Generated code (gen/, clients/*/gen) is
-not counted.
+Prints the largest hand-written files (services/ and the Python client,
+clients/python/switchboard/), the packages with the most top-level modules, the largest
+modules of the dispatcher's rooms, the functions longer than 80 lines (by their first and
+last line, decorators excluded), the line counts of services/, tests/ and bench/, and each
+settings section's field count (read from the source: a field is a line
+``    <name>: <type> = Field(``). Generated code (gen/, clients/*/gen) is not counted.
+tests/repo/test_house.py holds the limits these figures are read against.
 """
 
 from __future__ import annotations
@@ -17,6 +19,30 @@ import sys
 from pathlib import Path
 
 LONG = 80
+#: Where the hand-written Python of the `switchboard` namespace package lives.
+HAND_WRITTEN = ("services", "clients/python/switchboard")
+
+
+def hand_written(root: Path) -> list[Path]:
+    return sorted(p for folder in HAND_WRITTEN for p in (root / folder).rglob("*.py"))
+
+
+def modules_per_package(root: Path) -> list[tuple[int, Path]]:
+    """Each package's top-level modules (``__init__`` and migrations' versions not counted)."""
+    packages = {p.parent for p in hand_written(root) if p.name == "__init__.py"}
+    counted = [
+        (len([m for m in package.glob("*.py") if m.name != "__init__.py"]), package)
+        for package in packages
+        if package.name != "versions"
+    ]
+    return sorted(counted, key=lambda item: (-item[0], item[1]))
+
+
+def dispatcher_rooms(root: Path) -> list[tuple[int, Path]]:
+    """The modules of the dispatcher's rooms (its subpackages), largest first."""
+    dispatcher = root / "services" / "switchboard" / "dispatcher"
+    rooms = [p for p in dispatcher.rglob("*.py") if p.parent != dispatcher]
+    return sorted(((_lines(p), p) for p in rooms), key=lambda item: (-item[0], item[1]))
 
 
 def _lines(path: Path) -> int:
@@ -40,7 +66,7 @@ _FIELD = re.compile(r"^    \w+: [^=]+= Field\(", re.MULTILINE)
 
 def _sections(root: Path) -> list[tuple[int, str, Path]]:
     found = []
-    for path in sorted((root / "services").rglob("*.py")):
+    for path in hand_written(root):
         text = path.read_text(encoding="utf-8")
         heads = list(_SECTION.finditer(text))
         for i, head in enumerate(heads):
@@ -50,10 +76,15 @@ def _sections(root: Path) -> list[tuple[int, str, Path]]:
 
 
 def main(root: Path) -> None:
-    services = sorted((root / "services").rglob("*.py"))
-    sized = sorted(((_lines(p), p) for p in services), reverse=True)
-    print("largest hand-written files (services/):")
+    sized = sorted(((_lines(p), p) for p in hand_written(root)), reverse=True)
+    print("largest hand-written files (services/, clients/python/switchboard/):")
     for count, path in sized[:8]:
+        print(f"  {count:5d}  {path.relative_to(root)}")
+    print("packages with the most top-level modules:")
+    for count, package in modules_per_package(root)[:6]:
+        print(f"  {count:5d}  {package.relative_to(root)}/")
+    print("largest modules of the dispatcher's rooms:")
+    for count, path in dispatcher_rooms(root)[:6]:
         print(f"  {count:5d}  {path.relative_to(root)}")
     print(f"functions over {LONG} lines:")
     for folder in ("services", "tests", "bench"):

@@ -13,7 +13,7 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 #: Repository path -> where it lands in the wheel.
 FILES = {
-    "services/switchboard/client": "switchboard/client",
+    "clients/python/switchboard/client": "switchboard/client",
     "gen/switchboard/api": "switchboard/api",
 }
 

@@ -18,7 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-PACKAGE = Path(__file__).resolve().parents[2] / "services" / "switchboard" / "client"
+PACKAGE = Path(__file__).resolve().parents[2] / "clients" / "python" / "switchboard" / "client"
 ALLOWED = ("grpc", "google.protobuf", "google.rpc", "switchboard.api.", "switchboard.client")
 PROBE = """
 import json, sys
