@@ -36,7 +36,7 @@ from switchboard.platform.values.resources import RunName
 #: Decisions in one SubmitToolApprovals.
 _MAX_APPROVALS: Final = 128
 _DECISIONS: Final = frozenset({pb.TOOL_APPROVAL_DECISION_APPROVE, pb.TOOL_APPROVAL_DECISION_DENY})
-#: What decides a call whose outcome a crash left unknown (``tools/runner.py``).
+#: What decides a call whose outcome a crash left unknown (``tools/approvals.py``).
 _UNKNOWN_DECISIONS: Final = frozenset(
     {
         pb.TOOL_APPROVAL_DECISION_RETRY,

@@ -108,7 +108,7 @@ SPECS: Final[tuple[Spec, ...]] = (
         "Calls in progress, open streams included, by method.",
         ("method",),
     ),
-    # Runs (dispatcher/runs/: execution.py, recovery.py, scheduler.py).
+    # Runs (dispatcher/runs/: execution.py, finishing.py, recovery.py, scheduler.py).
     Spec(
         "switchboard_runs_active",
         "gauge",

@@ -13,7 +13,7 @@
 * ``start``: the scheduler gave it a slot; RUNNING is shown at once and stored
   once the run has read its context (``Execution._begin``: the writes waited
   for the reads on the path to the first delta).
-* ``pause``: tool calls wait for a person (``tools/runner.py``); stored with the
+* ``pause``: tool calls wait for a person (``tools/approvals.py``); stored with the
   job's steps before it is shown, so a restart resumes it; the scheduler gives
   its slot to others.
 * ``resume``: every call decided; stored and shown.
@@ -104,8 +104,8 @@ class Active:
     #: Events that go out with the run's end (its result): written in the
     #: transaction that stores the end, and published in one batch with it.
     ending: list[events_pb2.Event] = field(default_factory=list)
-    #: Its answer, stored with its end in one transaction (``Execution.finish``), and
-    #: the id the answer's message gets; None once stored, or stored on its own.
+    #: Its answer, stored with its end in one transaction (``runs/finishing.py``), and the
+    #: id the answer's message gets; None once stored, or stored on its own.
     answer: tuple[cpb.AppendMessageRequest, str] | None = None
     publisher: asyncio.Task[None] | None = None
     #: The position of its last logged event (its tokens are filed after it; () until one).
