@@ -602,7 +602,7 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
     of the answer once: nothing lost, nothing repeated."""
     extensions = {e.uri: e for e in agent.card.capabilities.extensions}
     # The budget extension is declared beside it
-    # (tests/dispatcher/budgets/test_budget_hops_service.py).
+    # (tests/dispatcher/budgets/test_service.py).
     assert set(extensions) == {RESUME, "https://switchboard.dev/a2a/extensions/budget/v1"}
     assert not extensions[RESUME].required
     client = agent.client(agent.world.editor)

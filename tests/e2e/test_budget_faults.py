@@ -8,7 +8,7 @@ through CreateBudget.
   the cap; every other message is refused (BUDGET_EXHAUSTED, the budget named in a
   QuotaFailure, when it resets) or its run paused (REQUIRES_ACTION naming the budget);
   and once the paused runs are cancelled nothing is held. (The same in one process on
-  SQLite: tests/dispatcher/budgets/test_budget_runs.py.)
+  SQLite: tests/dispatcher/budgets/test_service.py.)
 - A replica killed with SIGKILL while its runs' model calls hold reservations: the
   survivor takes the runs over, the dead attempts' holds are charged at what they
   reserved (a call in flight may have been billed) and the windows hold exactly what

@@ -26,15 +26,16 @@ from opentelemetry.trace import Tracer
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping, servicer
-from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
+from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.assistants.holders import HolderStore
 from switchboard.dispatcher.assistants.store import AssistantStore
-from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.assistants.validation import AssistantLimits
 from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.dispatcher.budgets.quotas import QuotaDefaults, Quotas
 from switchboard.dispatcher.budgets.quotastore import QuotaStore
+from switchboard.dispatcher.budgets.resources.catalog import Budgets
+from switchboard.dispatcher.budgets.resources.store import BudgetStore, UsageStore
 from switchboard.dispatcher.budgets.spending import Spending
-from switchboard.dispatcher.budgets.store import BudgetStore, UsageStore
 from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.experts import CircuitBreakers, WorkspaceExperts

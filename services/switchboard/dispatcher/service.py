@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
-from switchboard.dispatcher.budgets.catalog import Budgets
 from switchboard.dispatcher.budgets.quotas import Quotas
+from switchboard.dispatcher.budgets.resources.catalog import Budgets
 from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.handed import Handed

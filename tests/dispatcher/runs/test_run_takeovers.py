@@ -29,7 +29,7 @@ from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import DispatcherLeaseRow, RunRow
 from tests.conftest import built
-from tests.dispatcher.budgets.test_budget_runs import (
+from tests.dispatcher.budgets.test_service import (
     ANSWER,
     _settings,
     add_budget,

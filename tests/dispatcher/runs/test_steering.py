@@ -28,7 +28,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.mesh import create_server
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from tests.conftest import fresh_database_url, make_settings
-from tests.dispatcher.budgets.test_budget_runs import add_budget, daily, window
+from tests.dispatcher.budgets.test_service import add_budget, daily, window
 from tests.dispatcher.tools.test_run_journal import (
     SLOW_ARGS,
     SLOW_CALLS,

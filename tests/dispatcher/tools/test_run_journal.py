@@ -31,7 +31,7 @@ from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from tests.conftest import fresh_database_url, make_settings
-from tests.dispatcher.budgets.test_budget_runs import add_budget, daily, window
+from tests.dispatcher.budgets.test_service import add_budget, daily, window
 from tests.dispatcher.tools.test_tool_runs import (
     SLOW,
     TIMEOUT_S,

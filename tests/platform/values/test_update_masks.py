@@ -20,8 +20,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.integration.v1 import integration_pb2
 from switchboard.context.semantic.indexing import indexes
 from switchboard.dispatcher.assistants import catalog as assistants
-from switchboard.dispatcher.budgets import catalog as budgets
 from switchboard.dispatcher.budgets import quotas
+from switchboard.dispatcher.budgets.resources import catalog as budgets
 from switchboard.dispatcher.schedules import catalog as schedules
 from switchboard.integration import service as integrations
 

@@ -8,7 +8,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.budgets.ledger import Applicable, Caps, Full
-from switchboard.dispatcher.budgets.spending import refusal
+from switchboard.dispatcher.budgets.room import refusal
 from switchboard.dispatcher.llm.retrieval import _arguments
 from switchboard.dispatcher.llm.tools import _result_text
 from switchboard.platform.values.wording import counted, noun

@@ -1,5 +1,5 @@
 """The budget ledger: reservations in the database (``budget_windows``,
-``budget_holds``); plain values out.
+``budget_holds``); plain values out. Its statements, built once, are ``ledgersql.py``'s.
 
 A reservation is, per budget that applies, one conditional ``UPDATE`` of the
 budget's period row that adds the ask to what it holds only if used + held +
@@ -35,20 +35,25 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from google.protobuf.message import DecodeError
-from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.budgets.periods import period_of
-from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import (
-    BudgetHoldRow,
-    BudgetRow,
-    BudgetWindowRow,
-    table_of,
+from switchboard.dispatcher.budgets.ledgersql import (
+    APPLICABLE,
+    CLAIM,
+    DELETE_HOLD,
+    INSERT_HOLD,
+    OPEN_WINDOW,
+    READ_WINDOW,
+    SETTLE,
+    UNCAPPED,
+    WINDOWS_OF,
+    reserving,
 )
+from switchboard.dispatcher.budgets.resources.periods import period_of
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import BudgetHoldRow, BudgetWindowRow
 from switchboard.platform.store.storage import transaction
 from switchboard.platform.values import names
 from switchboard.platform.values.resources import BudgetName
@@ -57,158 +62,8 @@ log = logging.getLogger("switchboard.dispatcher.budgets.ledger")
 
 _T = TypeVar("_T")
 
-#: Budgets one run can have apply (a workspace has at most this many, the crud's limit is lower).
-MAX_APPLICABLE: Final = 100
 #: Run ids released in one statement.
 _RELEASE_BATCH: Final = 500
-
-# A reservation is on every model call's path, and the admission's read of the
-# windows on every budgeted message's: Core statements built once (the
-# conditional UPDATE once per combination of caps), not per call. Building and
-# keying a statement costs several times what SQLite takes to run it.
-_WINDOWS: Final = table_of(BudgetWindowRow)
-_HOLDS: Final = table_of(BudgetHoldRow)
-_BUDGETS: Final = table_of(BudgetRow)
-_WC = _WINDOWS.c
-_KEY: Final = (
-    _WC.workspace_id == bindparam("ws"),
-    _WC.budget_id == bindparam("budget"),
-    _WC.window == bindparam("win"),
-)
-_NEW_WINDOW: Final = {
-    "workspace_id": bindparam("ws"),
-    "budget_id": bindparam("budget"),
-    "window": bindparam("win"),
-    "cost_used": 0,
-    "cost_held": 0,
-    "input_used": 0,
-    "input_held": 0,
-    "output_used": 0,
-    "output_held": 0,
-    "alerted": 0,
-    "created_at": bindparam("at"),
-}
-_OPEN_WINDOW: Final = {
-    "sqlite": sqlite_insert(_WINDOWS).values(_NEW_WINDOW).on_conflict_do_nothing(),
-    "postgresql": pg_insert(_WINDOWS).values(_NEW_WINDOW).on_conflict_do_nothing(),
-}
-_INSERT_HOLD: Final = _HOLDS.insert()
-_HOLD_KEY: Final = (
-    _HOLDS.c.id == bindparam("hold"),
-    _HOLDS.c.workspace_id == bindparam("ws"),
-    _HOLDS.c.budget_id == bindparam("budget"),
-)
-_DELETE_HOLD: Final = delete(_HOLDS).where(*_HOLD_KEY)
-_SETTLE: Final = (
-    update(_WINDOWS)
-    .where(*_KEY)
-    .values(
-        cost_held=_WC.cost_held - bindparam("held_cost"),
-        input_held=_WC.input_held - bindparam("held_in"),
-        output_held=_WC.output_held - bindparam("held_out"),
-        cost_used=_WC.cost_used + bindparam("used_cost"),
-        input_used=_WC.input_used + bindparam("used_in"),
-        output_used=_WC.output_used + bindparam("used_out"),
-    )
-)
-_READ_WINDOW: Final = select(
-    _WC.cost_used,
-    _WC.input_used,
-    _WC.output_used,
-    _WC.cost_held,
-    _WC.input_held,
-    _WC.output_held,
-    _WC.alerted,
-).where(*_KEY)
-#: The current windows of a message's budgets, read at its admission.
-_WINDOWS_OF: Final = select(
-    _WC.budget_id,
-    _WC.window,
-    _WC.cost_used,
-    _WC.cost_held,
-    _WC.input_used,
-    _WC.input_held,
-    _WC.output_used,
-    _WC.output_held,
-).where(
-    _WC.workspace_id == bindparam("ws"),
-    _WC.budget_id.in_(bindparam("budgets", expanding=True)),
-    _WC.window.in_(bindparam("windows", expanding=True)),
-)
-_CLAIM: Final = (
-    update(_WINDOWS)
-    .where(*_KEY, _WC.alerted < bindparam("percent"))
-    .values(alerted=bindparam("percent"))
-)
-# Every kind of scope in one statement: no budget has an assistant or key scope with an
-# empty id, so "" (no assistant, no key) matches none of those.
-_APPLICABLE: Final = (
-    select(_BUDGETS.c.id, _BUDGETS.c.data)
-    .where(
-        _BUDGETS.c.workspace_id == bindparam("ws"),
-        or_(
-            _BUDGETS.c.scope_kind == "workspace",
-            and_(
-                _BUDGETS.c.scope_kind == "assistant",
-                _BUDGETS.c.scope_id.in_(bindparam("assistants", expanding=True)),
-            ),
-            and_(_BUDGETS.c.scope_kind == "api_key", _BUDGETS.c.scope_id == bindparam("key")),
-        ),
-    )
-    .order_by(_BUDGETS.c.id)
-    .limit(MAX_APPLICABLE)
-)
-_RESERVES: dict[tuple[bool, bool, bool, bool], Any] = {}
-
-
-def _reserving(caps: Caps | None) -> Any:
-    """The conditional UPDATE that holds an ask if it fits ``caps`` (None: whatever they say)."""
-    shape = (
-        (False, False, False, False)
-        if caps is None
-        else (
-            caps.cost is not None,
-            caps.input_tokens is not None,
-            caps.output_tokens is not None,
-            caps.total_tokens is not None,
-        )
-    )
-    statement = _RESERVES.get(shape)
-    if statement is None:
-        has_cost, has_in, has_out, has_total = shape
-        conditions: list[Any] = []
-        if has_cost:
-            conditions.append(
-                _WC.cost_used + _WC.cost_held + bindparam("ask_cost") <= bindparam("cap_cost")
-            )
-        if has_in:
-            conditions.append(
-                _WC.input_used + _WC.input_held + bindparam("ask_in") <= bindparam("cap_in")
-            )
-        if has_out:
-            conditions.append(
-                _WC.output_used + _WC.output_held + bindparam("ask_out") <= bindparam("cap_out")
-            )
-        if has_total:
-            conditions.append(
-                _WC.input_used
-                + _WC.input_held
-                + _WC.output_used
-                + _WC.output_held
-                + bindparam("ask_in")
-                + bindparam("ask_out")
-                <= bindparam("cap_total")
-            )
-        statement = _RESERVES[shape] = (
-            update(_WINDOWS)
-            .where(*_KEY, *conditions)
-            .values(
-                cost_held=_WC.cost_held + bindparam("ask_cost"),
-                input_held=_WC.input_held + bindparam("ask_in"),
-                output_held=_WC.output_held + bindparam("ask_out"),
-            )
-        )
-    return statement
 
 
 @dataclass(frozen=True)
@@ -317,6 +172,20 @@ class _NoRoom(Exception):
     full: list[Full] = field(default_factory=list)
 
 
+def _reserving(caps: Caps | None) -> Any:
+    """The conditional UPDATE that holds an ask if it fits ``caps`` (None: whatever they say)."""
+    if caps is None:
+        return reserving(UNCAPPED)
+    return reserving(
+        (
+            caps.cost is not None,
+            caps.input_tokens is not None,
+            caps.output_tokens is not None,
+            caps.total_tokens is not None,
+        )
+    )
+
+
 def applicable_of(workspace_id: str, budget_id: str, data: bytes) -> Applicable | None:
     """A stored budget as the ledger reads it (None: unreadable, logged and skipped)."""
     try:
@@ -402,7 +271,7 @@ class Ledger:
         }
 
         def work(db: Session) -> list[tuple[str, bytes]]:
-            return [(row[0], row[1]) for row in db.connection().execute(_APPLICABLE, values)]
+            return [(row[0], row[1]) for row in db.connection().execute(APPLICABLE, values)]
 
         found = []
         for budget_id, data in await self._run(work, write=False):
@@ -438,7 +307,7 @@ class Ledger:
         }
 
         def work(db: Session) -> list[tuple[Any, ...]]:
-            return [tuple(row) for row in db.connection().execute(_WINDOWS_OF, values)]
+            return [tuple(row) for row in db.connection().execute(WINDOWS_OF, values)]
 
         out: list[Full] = []
         for row in await self._run(work, write=False):
@@ -472,7 +341,7 @@ class Ledger:
         )
         hold_id = names.new_id()
 
-        opening = _OPEN_WINDOW[self._dialect]
+        opening = OPEN_WINDOW[self._dialect]
         asks = {
             "ask_cost": ask.cost_micros,
             "ask_in": ask.input_tokens,
@@ -503,7 +372,7 @@ class Ledger:
                 raise _NoRoom(no_room)
             if windows:
                 connection.execute(
-                    _INSERT_HOLD,
+                    INSERT_HOLD,
                     [
                         {
                             "id": hold_id,
@@ -557,7 +426,7 @@ class Ledger:
             # The holds first, in lock order: one a takeover charged is gone whole
             # (both take a hold's rows in the same order, in one transaction).
             removed = [
-                _rowcount(connection.execute(_DELETE_HOLD, {**key, "hold": hold.id})) == 1
+                _rowcount(connection.execute(DELETE_HOLD, {**key, "hold": hold.id})) == 1
                 for key in keys
             ]
             if keys and not any(removed):
@@ -570,7 +439,7 @@ class Ledger:
             for (budget, window), key, had in zip(hold.windows, keys, removed, strict=True):
                 held = reserved if had else Amount()
                 connection.execute(
-                    _SETTLE,
+                    SETTLE,
                     {
                         **key,
                         **used,
@@ -593,7 +462,7 @@ class Ledger:
     ) -> list[Alert]:
         """Claim the thresholds of ``budget`` its window's usage has reached and no
         one claimed yet (the row is locked by this transaction's update)."""
-        row = connection.execute(_READ_WINDOW, key).one_or_none()
+        row = connection.execute(READ_WINDOW, key).one_or_none()
         if row is None:
             return []
         used, held = Amount(row[0], row[1], row[2]), Amount(row[3], row[4], row[5])
@@ -602,7 +471,7 @@ class Ledger:
         for percent in budget.thresholds:
             if percent <= row[6] or share * 100 < percent:
                 continue
-            claimed = connection.execute(_CLAIM, {**key, "percent": percent})
+            claimed = connection.execute(CLAIM, {**key, "percent": percent})
             if _rowcount(claimed) == 1:
                 alerts.append(Alert(budget, percent, cap, used, held, window))
         return alerts

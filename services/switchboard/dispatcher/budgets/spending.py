@@ -1,4 +1,5 @@
-"""Spending: what runs do with the budgets that apply to them (the ledger holds the numbers).
+"""Spending: what runs do with the budgets that apply to them (the ledger holds the numbers;
+``room.py`` counts what fits and words what does not).
 
 * **A message** whose budgets have no room left (used + held reached a cap) is
   refused before anything is stored: ``BudgetExhausted`` with one violation
@@ -45,11 +46,21 @@ from switchboard.dispatcher.budgets.ledger import (
     Alert,
     Amount,
     Applicable,
-    Caps,
     Full,
     Hold,
     Ledger,
     Record,
+)
+from switchboard.dispatcher.budgets.room import (
+    Call,
+    HandedCaps,
+    alert_event,
+    alert_usage,
+    limits,
+    refusal,
+    rest,
+    shortfall,
+    step_needs,
 )
 from switchboard.dispatcher.handlers.base import CallHold
 from switchboard.dispatcher.handlers.handed import HEADER, Handed
@@ -62,8 +73,6 @@ from switchboard.platform.errors import (
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.values import names
-from switchboard.platform.values.resources import WorkspaceName
-from switchboard.platform.values.wording import counted, noun
 
 log = logging.getLogger("switchboard.dispatcher.budgets")
 
@@ -77,14 +86,6 @@ READ_TTL_S: Final = 1.0
 MAX_READS: Final = 10_000
 #: Times a hop reads what is left and loses it to another run before it waits like any step.
 REST_ATTEMPTS: Final = 4
-SYSTEM: Final = events_pb2.Actor(name="system")
-#: How each cap is said in a message.
-_CAP_WORDS: Final = {
-    "cost_micros": "micro-units of cost",
-    "input_tokens": "input tokens",
-    "output_tokens": "output tokens",
-    "total_tokens": "total tokens",
-}
 
 
 class Pauser(Protocol):
@@ -93,70 +94,6 @@ class Pauser(Protocol):
     async def pause(self) -> None: ...
 
     async def resume(self) -> None: ...
-
-
-def rfc3339(at: dt.datetime) -> str:
-    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def refusal(full: Sequence[Full], what: str, detail: str = "") -> BudgetExhausted:
-    """``BudgetExhausted`` naming each budget of ``full`` and the earliest reset;
-    ``detail`` says what the step needed and what was left."""
-    subjects = [
-        (f.budget.name, f"the budget {f.budget.display_name or f.budget.budget_id} has no room")
-        for f in full
-    ]
-    resets = [f.reset for f in full if f.reset is not None]
-    metadata = {"reset_time": rfc3339(min(resets))} if resets else {}
-    verb = noun(len(full), "applies has", "apply have")
-    return BudgetExhausted(
-        f"{what}: {counted(len(full), 'budget')} that {verb} no room left "
-        f"({', '.join(f.budget.name for f in full)})" + (f"; {detail}" if detail else ""),
-        subject=full[0].budget.name,
-        subjects=subjects,
-        metadata=metadata,
-    )
-
-
-def _usage(used: Amount, held: Amount, reset: dt.datetime | None) -> pb.BudgetUsage:
-    usage = pb.BudgetUsage(
-        cost_micros=used.cost_micros,
-        input_tokens=used.input_tokens,
-        output_tokens=used.output_tokens,
-        reserved_cost_micros=held.cost_micros,
-        reserved_input_tokens=held.input_tokens,
-        reserved_output_tokens=held.output_tokens,
-    )
-    if reset is not None:
-        usage.reset_time.FromDatetime(reset)
-    return usage
-
-
-def alert_event(
-    budget: Applicable,
-    kind: events_pb2.BudgetAlertKind.ValueType,
-    *,
-    actor: events_pb2.Actor = SYSTEM,
-    run: str = "",
-    percent: int = 0,
-    cap: str = "",
-    usage: pb.BudgetUsage | None = None,
-) -> events_pb2.Event:
-    """A BUDGET_ALERT on the budget's workspace."""
-    event = events_pb2.Event(
-        type=events_pb2.EVENT_TYPE_BUDGET_ALERT,
-        actor=actor,
-        workspace=str(WorkspaceName(budget.workspace_id)),
-    )
-    payload = event.budget_alert
-    payload.kind = kind
-    payload.budget = budget.name
-    payload.percent = percent
-    payload.cap = cap
-    payload.run = run
-    if usage is not None:
-        payload.usage.CopyFrom(usage)
-    return event
 
 
 @dataclass(frozen=True)
@@ -304,7 +241,7 @@ class Spending:
                     events_pb2.BUDGET_ALERT_KIND_THRESHOLD,
                     percent=alert.percent,
                     cap=alert.cap,
-                    usage=_usage(alert.used, alert.held, reset),
+                    usage=alert_usage(alert.used, alert.held, reset),
                 )
             )
 
@@ -387,7 +324,7 @@ class RunBudget:
         #: The caps a caller handed to this run (None: it was not called across a hop),
         #: and what its steps used and hold of them (in memory: one run, one process).
         self.handed = handed
-        self._handed_taken = Amount()
+        self._handed = HandedCaps(handed)
         #: What the run's settled steps used: its charge, which a run that does not
         #: succeed (no result to carry its usage) still reports (execution's ``_unwind``).
         self.charged = Amount()
@@ -423,10 +360,10 @@ class RunBudget:
         else the run pauses there as at any cap, and goes on with what fits then."""
         prompt = max(0, prompt_tokens)
         least = max(1, min(min_tokens, max_tokens))
-        call = _Call(prompt, max_tokens, least, cost)
+        call = Call(prompt, max_tokens, least, cost)
         whole = call.ask(max_tokens)
         await self._current()
-        if self._handed_holds(whole):
+        if self._handed.holds(whole):
             outcome = await self._hold(whole)
             if isinstance(outcome, Hold):
                 self._spending.reserved("reserved")
@@ -454,7 +391,7 @@ class RunBudget:
         async def attempt(overdraft: bool) -> Hold | list[Full]:
             if overdraft:
                 # An owner let the call past the cap: all it asked, within a handed cap.
-                handed = call.fit({HEADER: self._handed_left()} if self.handed else {})
+                handed = call.fit({HEADER: self._handed.left()} if self.handed else {})
                 ask = call.ask(max(least, handed.tokens))
                 self._check_handed(ask)
                 return await self._hold(ask, overdraft=True)
@@ -489,7 +426,7 @@ class RunBudget:
         while True:
             await self._current()
             room = await self._ledger.room(self.budgets, self._run_id) if self.budgets else {}
-            for name, left in self._handed_left().items():
+            for name, left in self._handed.left().items():
                 room[name] = min(room.get(name, left), left)
             empty = {name for name, left in room.items() if left <= 0}
             if empty:
@@ -503,7 +440,7 @@ class RunBudget:
                 )
                 await self.release(waited)
                 continue
-            ask = _rest(room) if hold else Amount()
+            ask = rest(room) if hold else Amount()
             if races >= REST_ATTEMPTS:
                 # Runs of the same budgets keep taking room first: wait like any step.
                 return await self.reserve(
@@ -537,7 +474,7 @@ class RunBudget:
                 # that is what the run's row and the budgets count: so does its report.
                 actual = kept.amount
         self.charged = self.charged + actual
-        self._handed_settle(kept.amount, actual)
+        self._handed.settle(kept.amount, actual)
         if not kept.windows:
             return
         # What the hold kept beyond what was used is free again: runs paused here look.
@@ -548,7 +485,7 @@ class RunBudget:
     async def release(self, hold: str) -> None:
         kept = self._holds.pop(hold, None)
         if kept is not None:
-            self._handed_settle(kept.amount, Amount())
+            self._handed.settle(kept.amount, Amount())
             if kept.windows:
                 await self._ledger.release(kept)
                 self._spending.wake(self._workspace_id)
@@ -559,30 +496,12 @@ class RunBudget:
         """What is left of the caps the run's caller handed over, to hand to a child run
         (``runs/delegation/``), held whole until ``handed_back``: no step of this run
         spends it meanwhile. None: no caps were handed to this run."""
-        if self.handed is None:
-            return None
-        left = self._handed_left()
-        held = _rest(left)
-        self._handed_taken = self._handed_taken + held
-        return held, Handed(**left)
+        return self._handed.hand_down()
 
     def handed_back(self, held: Amount, used: Amount) -> None:
         """A child handed ``held`` (``hand_down``) ended having used ``used``: that much
         is spent of the handed caps, the rest is free again."""
-        self._handed_settle(held, used)
-
-    def _handed_left(self) -> dict[str, int]:
-        handed = self.handed
-        if handed is None:
-            return {}
-        spent = _asks(self._handed_taken)
-        return {name: max(0, cap - spent[name]) for name, cap in handed.capped().items()}
-
-    def _handed_holds(self, ask: Amount) -> bool:
-        """Whether ``ask`` fits in what is left of the caps a caller handed over."""
-        left = self._handed_left()
-        asks = _asks(ask)
-        return all(asks[name] <= room for name, room in left.items())
+        self._handed.settle(held, used)
 
     async def _rooms(self) -> dict[str, dict[str, int]]:
         """What is left of each cap, per budget (its name) and of the handed caps
@@ -591,54 +510,23 @@ class RunBudget:
         for budget in self.budgets:
             rooms[budget.name] = await self._ledger.room((budget,), self._run_id)
         if self.handed is not None:
-            rooms[HEADER] = self._handed_left()
+            rooms[HEADER] = self._handed.left()
         return rooms
 
     async def _shortfall(self, needed: Amount, step: str) -> str:
         """``step`` needs ``needed``, and each budget (or handed cap) without room for it:
         how much of which cap is left, in words."""
-        caps = {budget.name: budget.caps for budget in self.budgets}
-        asks = _asks(needed)
-        short: list[str] = []
-        for name, room in (await self._rooms()).items():
-            over = [cap for cap, left in room.items() if asks[cap] > left]
-            if not over:
-                continue
-            limits = _limits(caps[name]) if name in caps else (self.handed or Handed()).capped()
-            said = ", ".join(
-                f"{room[cap]:,} of its {limits.get(cap, room[cap]):,} {_CAP_WORDS[cap]}"
-                for cap in over
-            )
-            short.append(f"{name} has {said} left")
-        return f"{step}: {'; '.join(short)}" if short else step
+        caps = {budget.name: limits(budget.caps) for budget in self.budgets}
+        handed = (self.handed or Handed()).capped()
+        return shortfall(needed, step, await self._rooms(), caps, handed)
 
     def _check_handed(self, ask: Amount) -> None:
         """A step with no room in a handed cap ends the run: no one here can raise it."""
-        left = self._handed_left()
-        if not left:
-            return
-        asks = _asks(ask)
-        over = sorted(name for name, room in left.items() if asks[name] > room)
-        if over:
+        refused = self._handed.refusal(ask)
+        if refused is not None:
             self._spending.reserved("refused")
             self._spending.refused(BudgetExhausted.reason)
-            detail = ", ".join(f"{name} {left[name]} left, {asks[name]} asked" for name in over)
-            raise BudgetExhausted(
-                f"the step needs more than is left of the budget the run's caller handed "
-                f"over ({detail})",
-                subject=HEADER,
-                subjects=[(f"{HEADER}.{name}", f"{left[name]} left") for name in over],
-            )
-
-    def _handed_settle(self, held: Amount, actual: Amount) -> None:
-        if self.handed is None:
-            return
-        taken = self._handed_taken
-        self._handed_taken = Amount(
-            max(0, taken.cost_micros - held.cost_micros + actual.cost_micros),
-            max(0, taken.input_tokens - held.input_tokens + actual.input_tokens),
-            max(0, taken.output_tokens - held.output_tokens + actual.output_tokens),
-        )
+            raise refused
 
     async def _hold(self, ask: Amount, *, overdraft: bool = False) -> Hold | list[Full]:
         """Hold ``ask`` in the stored budgets and the handed caps (checked before)."""
@@ -648,8 +536,8 @@ class RunBudget:
             )
         else:
             outcome = Hold(names.new_id(), self._run_id, ask, ())
-        if isinstance(outcome, Hold) and self.handed is not None:
-            self._handed_taken = self._handed_taken + ask
+        if isinstance(outcome, Hold):
+            self._handed.take(ask)
         return outcome
 
     async def close(self) -> None:
@@ -719,7 +607,7 @@ class RunBudget:
         budget.input_tokens = ask.input_tokens
         budget.output_tokens = ask.output_tokens
         budget.min_output_tokens = least
-        budget.description = await self._shortfall(needed, step or _step_needs(needed))
+        budget.description = await self._shortfall(needed, step or step_needs(needed))
         wait_s = max(0.0, (action.expire_time.ToDatetime(dt.UTC) - now).total_seconds())
         # Logged before the pause is shown: whoever sees the run paused can find why.
         for item in full:
@@ -764,139 +652,6 @@ class RunBudget:
         if run.state == pb.RUN_STATE_REQUIRES_ACTION:
             await self._host.resume()
         return hold
-
-
-def _asks(ask: Amount) -> dict[str, int]:
-    """What ``ask`` takes (or has taken) of each cap (a total-token cap counts input and
-    output)."""
-    return {
-        "cost_micros": ask.cost_micros,
-        "input_tokens": ask.input_tokens,
-        "output_tokens": ask.output_tokens,
-        "total_tokens": ask.input_tokens + ask.output_tokens,
-    }
-
-
-def _limits(caps: Caps) -> dict[str, int]:
-    """A stored budget's caps by the names rooms use."""
-    named = {
-        "cost_micros": caps.cost,
-        "input_tokens": caps.input_tokens,
-        "output_tokens": caps.output_tokens,
-        "total_tokens": caps.total_tokens,
-    }
-    return {name: value for name, value in named.items() if value is not None}
-
-
-def _step_needs(needed: Amount) -> str:
-    parts = []
-    if needed.input_tokens + needed.output_tokens:
-        parts.append(f"{needed.input_tokens + needed.output_tokens:,} tokens")
-    if needed.cost_micros or not parts:
-        parts.append(f"{needed.cost_micros:,} micro-units of cost")
-    return f"the step needs {' and '.join(parts)}"
-
-
-@dataclass(frozen=True)
-class _Fit:
-    """The answer tokens of a model call that fit now (below its least: no useful
-    answer fits), and why fewer than it asked, in words."""
-
-    tokens: int
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class _Call:
-    """A model call as a budget sees it: its prompt, its ``max_tokens``, the least
-    answer it goes on with, and its price."""
-
-    prompt: int
-    max_tokens: int
-    least: int
-    cost: Callable[[int, int], int]
-
-    def ask(self, tokens: int) -> Amount:
-        return Amount(max(0, self.cost(self.prompt, tokens)), self.prompt, tokens)
-
-    def what(self, tokens: int, *, priced: bool) -> str:
-        """What the call needs with ``tokens`` of answer, in words (its cost too when
-        ``priced``: a cost cap applies)."""
-        needed = self.ask(tokens)
-        cost = f", {needed.cost_micros:,} micro-units of cost" if priced else ""
-        return (
-            f"the model call needs at least {self.prompt + tokens:,} tokens "
-            f"({self.prompt:,} of prompt and {tokens:,} of answer{cost})"
-        )
-
-    def _tokens_in(self, room: dict[str, int]) -> int:
-        """The most answer tokens (up to ``max_tokens``) that fit in ``room``; -1 if
-        not even the prompt does."""
-        tokens = self.max_tokens
-        if "input_tokens" in room and self.prompt > room["input_tokens"]:
-            return -1
-        if "output_tokens" in room:
-            tokens = min(tokens, room["output_tokens"])
-        if "total_tokens" in room:
-            tokens = min(tokens, room["total_tokens"] - self.prompt)
-        if "cost_micros" in room:
-            tokens = min(tokens, self._affordable(room["cost_micros"]))
-        return max(tokens, -1)
-
-    def _affordable(self, micros: int) -> int:
-        """The most answer tokens whose call costs at most ``micros`` (-1: none)."""
-        if self.cost(self.prompt, 0) > micros:
-            return -1
-        low, high = 0, self.max_tokens
-        while low < high:
-            middle = (low + high + 1) // 2
-            if self.cost(self.prompt, middle) <= micros:
-                low = middle
-            else:
-                high = middle - 1
-        return low
-
-    def fit(self, rooms: dict[str, dict[str, int]]) -> _Fit:
-        """What fits in every budget's room (``RunBudget._rooms``), and which budgets
-        lowered it."""
-        each = {name: self._tokens_in(room) for name, room in rooms.items()}
-        tokens = min(each.values(), default=self.max_tokens)
-        if tokens >= self.max_tokens or tokens < self.least:
-            return _Fit(tokens)
-        return _Fit(
-            tokens, self.lowered(tokens, {n: rooms[n] for n, t in each.items() if t == tokens})
-        )
-
-    def lowered(self, tokens: int, binding: dict[str, dict[str, int]]) -> str:
-        """The note a call lowered to ``tokens`` by the budgets ``binding`` shows."""
-        said = "; ".join(
-            f"{name} has "
-            + ", ".join(f"{left:,} {_CAP_WORDS[cap]}" for cap, left in room.items())
-            + " left"
-            for name, room in binding.items()
-        )
-        return f"max_tokens lowered from {self.max_tokens:,} to {tokens:,} to fit the budget" + (
-            f" ({said})" if said else ""
-        )
-
-
-def _rest(room: dict[str, int]) -> Amount:
-    """What a hop holds of ``room``: all of it, with input and output tokens
-    together within a total cap (the hop settles what it used, however split)."""
-    inp, out, total = (room.get(k) for k in ("input_tokens", "output_tokens", "total_tokens"))
-    if total is not None:
-        if inp is None and out is None:
-            inp, out = total, 0
-        elif out is None:
-            inp = min(inp or 0, total)
-            out = total - inp
-        elif inp is None:
-            out = min(out, total)
-            inp = total - out
-        else:
-            out = min(out, total)
-            inp = min(inp, total - out)
-    return Amount(room.get("cost_micros", 0), inp or 0, out or 0)
 
 
 async def _first(*waits: Coroutine[Any, Any, object], timeout_s: float) -> None:

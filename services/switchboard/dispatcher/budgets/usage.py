@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.budgets import mapping as budget_mapping
-from switchboard.dispatcher.budgets.store import UsageQuery, UsageStore
+from switchboard.dispatcher.budgets.resources import mapping as budget_mapping
+from switchboard.dispatcher.budgets.resources.store import UsageQuery, UsageStore
 from switchboard.platform.errors import Violations
 from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import PageTokens

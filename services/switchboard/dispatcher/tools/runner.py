@@ -10,12 +10,10 @@ handler (``handlers.ToolRunner``):
   an interactive expert may still name any tool of the run's workspace (no
   approval: nobody asked for one), within its user's rights.
 * **One step** is the calls a handler makes together. Each call is shown as a
-  ``tool_call`` run update. If any needs approval, the run pauses
-  (REQUIRES_ACTION, stored with its steps so a restart resumes it) until every
-  one is decided, the approval timeout passes (APPROVAL_EXPIRED) or the run
-  is cancelled; its deadline stops meanwhile (execution's ``_RunClock``).
-  Then the approved calls run concurrently through the integration hub, each
-  ``tool_result`` shown as it finishes.
+  ``tool_call`` run update. If any needs approval, the run pauses until every
+  one is decided (``approvals.py``). Then the approved calls run concurrently,
+  through the integration hub (``hub.py``: priced against the run's budgets)
+  or, for a built-in, here, each ``tool_result`` shown as it finishes.
 * **Failures are results.** An unknown or disabled tool, invalid arguments, an
   open circuit, a timeout, a denial: the handler gets a FAILED or DENIED
   result that explains it, and its model decides what to do. Only the run's
@@ -26,29 +24,22 @@ handler (``handlers.ToolRunner``):
   sent again (same idempotency key) only to a retry-safe tool; otherwise the
   run pauses with the call ``outcome_unknown`` for a person to RETRY,
   COMPLETE or FAIL_RUN. Every call carries ``idempotency.call_key``.
-* **Stored as messages.** Each step becomes an ASSISTANT message (its text and
-  calls) and one TOOL message per result, written in the background in order
-  (the next model request does not wait for them) and awaited before the final
-  answer is stored, so the next run's context window holds them.
+* **Stored as messages** (``messages.py``): each step an ASSISTANT message and
+  one TOOL message per result, written in the background in order and awaited
+  before the final answer is stored.
 * **Files** a tool returns (``InvokeToolResponse.files``: an MCP image, audio,
   embedded resource) reach the handler in ``ToolResult.files`` with their bytes
-  and are stored with the TOOL message (``ToolResultContent.files``; the context
-  service stores inline bytes as the workspace's files on append). Watchers'
-  ``tool_result`` updates and the stored job carry only their names, types and
-  sizes, never the bytes. A file the context service refuses (its type or size)
-  does not lose the result: the message is stored again without it, with a note.
+  and are stored with the TOOL message. Watchers' ``tool_result`` updates and
+  the stored job carry only their names, types and sizes, never the bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
-import json
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -59,39 +50,34 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.dispatcher.tools.approvals import Approvals, PauseHost, sends
+from switchboard.dispatcher.tools.hub import CallBudget, HubCalls
 from switchboard.dispatcher.tools.journal import Journal
+from switchboard.dispatcher.tools.messages import MessageHost, StepMessages
 from switchboard.dispatcher.tools.port import ToolPort
+from switchboard.dispatcher.tools.results import (
+    MAX_ARGUMENT_BYTES,
+    MAX_ERROR_CHARS,
+    UNSAFE,
+    cut,
+    status,
+    tool_name,
+    without_bytes,
+)
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (
-    ApprovalExpired,
-    CircuitOpen,
     NotFound,
     RunNotResumable,
     SwitchboardError,
     ToolOutcomeUnknown,
 )
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.values import idempotency, names, structs
-from switchboard.platform.values.resources import IntegrationName, RunName
-from switchboard.platform.values.wording import counted
+from switchboard.platform.values.resources import IntegrationName
 
 log = logging.getLogger("switchboard.dispatcher.tools")
 
-#: What OpenAI-style APIs accept as a function name.
-FUNCTION_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
 #: Bound on listing one integration's tools when a run starts.
 _LIST_TIMEOUT_S: Final = 10.0
-_MAX_ERROR_CHARS: Final = 300
-#: Arguments of one call, serialized (the context service stores no more with a message).
-MAX_ARGUMENT_BYTES: Final = 16 * 1024
-#: Outcome names stored in ToolResultContent (the context service checks them).
-OUTCOMES: Final = {
-    hpb.TOOL_OUTCOME_SUCCEEDED: "succeeded",
-    hpb.TOOL_OUTCOME_ERROR: "error",
-    hpb.TOOL_OUTCOME_FAILED: "failed",
-    hpb.TOOL_OUTCOME_DENIED: "denied",
-}
 
 
 @dataclass(frozen=True)
@@ -113,7 +99,7 @@ class ToolLimits:
 def fitted_name(name: str, key: str, *, clash: bool = False) -> str:
     """``name`` made model-safe, shortened with a hash of ``key`` when it would not fit
     (models see 64 characters at most) or ``clash``es with another name."""
-    base = _UNSAFE.sub("_", name)
+    base = UNSAFE.sub("_", name)
     if len(base) <= 64 and not clash:
         return base
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
@@ -123,7 +109,7 @@ def fitted_name(name: str, key: str, *, clash: bool = False) -> str:
 def function_name(integration_id: str, tool: str, taken: set[str]) -> str:
     """A model-safe, run-unique name: ``{integration}__{tool}``, shortened with a
     hash when it would not fit."""
-    plain = _UNSAFE.sub("_", f"{integration_id}__{tool}")
+    plain = UNSAFE.sub("_", f"{integration_id}__{tool}")
     candidate = fitted_name(plain, f"{integration_id}/{tool}", clash=plain in taken)
     taken.add(candidate)
     return candidate
@@ -197,30 +183,18 @@ async def _listed(
     except TimeoutError:
         return [], "listing its tools timed out"
     except SwitchboardError as exc:
-        return [], exc.message[:_MAX_ERROR_CHARS]
+        return [], exc.message[:MAX_ERROR_CHARS]
 
 
 # ---------------------------------------------------------------------------
 # Running one run's calls
 
 
-class RunHost(Protocol):
+class RunHost(PauseHost, MessageHost, Protocol):
     """What the runner needs of the dispatcher for one run."""
 
     def emit(self, update: pb.RunUpdate) -> None:
         """Show an update (text not yet shown goes first)."""
-        ...
-
-    async def pause(self) -> None:
-        """REQUIRES_ACTION, stored (with the job) and announced."""
-        ...
-
-    async def resume(self) -> None:
-        """RUNNING again, stored and announced."""
-        ...
-
-    def append(self, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
-        """Store a message in the run's conversation as the run's user."""
         ...
 
 
@@ -260,19 +234,6 @@ class BuiltinTool(Protocol):
         ...
 
 
-class CallBudget(Protocol):
-    """The run's budgets, as a priced call reserves its price in them
-    (``budgets/spending.py``; the handlers' ``StepBudget``, seen from here)."""
-
-    async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str: ...
-
-    async def settle(
-        self, hold: str, cost_micros: int, input_tokens: int, output_tokens: int
-    ) -> None: ...
-
-    async def release(self, hold: str) -> None: ...
-
-
 class RunTools:
     """The ``ToolRunner`` of one run."""
 
@@ -296,12 +257,7 @@ class RunTools:
     ) -> None:
         self._host = host
         self._builtins: Mapping[str, BuiltinTool] = builtins or {}
-        self._budget = budget
         self._journal = journal
-        #: The integrations this run called, by name (read once per run: prices, retry safety).
-        self._integrations: dict[str, ipb.Integration | None] = {}
-        #: What the run's priced tool calls cost (added to its usage at its end).
-        self.spent_micros = 0
         self._port = port
         self._limits = limits
         self._principal = principal
@@ -313,14 +269,25 @@ class RunTools:
         self._max_steps = max_steps
         self._remaining = deadline
         self._text: list[str] = []
-        self._writes: asyncio.Future[None] | None = None
-        #: The run's name read once (a name it was given by its own dispatcher).
-        self._run_name = RunName.parse(run.name, "run")
-        #: Set (and replaced) when a decision is stored: waiting steps look again.
-        self._decided = asyncio.Event()
+        self._hub = HubCalls(
+            port,
+            principal=principal,
+            run=run.name,
+            deadline=deadline,
+            max_result_chars=limits.max_result_chars,
+            record=self._record,
+            budget=budget,
+        )
+        self._messages = StepMessages(host, run, journal)
+        self._approvals = Approvals(host, run, timeout_s=limits.approval_timeout_s)
         #: Shows the answer text not yet shown (set by the relay), so each tool
         #: update comes after the text the handler streamed before it.
         self.flush: Callable[[], None] = lambda: None
+
+    @property
+    def spent_micros(self) -> int:
+        """What the run's priced tool calls cost (added to its usage at its end)."""
+        return self._hub.spent_micros
 
     # -- what the relay tells it --------------------------------------------------------
 
@@ -334,8 +301,15 @@ class RunTools:
 
     async def drain(self) -> None:
         """Wait for the steps' messages to be stored (before the final answer is)."""
-        if self._writes is not None:
-            await self._writes
+        await self._messages.drain()
+
+    def restore(self) -> None:
+        """Store the messages of journaled steps a crash left unstored."""
+        self._messages.restore(self._job.steps)
+
+    def decided(self) -> None:
+        """A decision was stored: every waiting step looks again."""
+        self._approvals.decided()
 
     # -- ToolRunner ---------------------------------------------------------------------
 
@@ -374,7 +348,7 @@ class RunTools:
             step, index, errors = self._open_step(calls)
             record = self._journal.open_step(index)
             pending = list(step.calls)
-        decisions = await self._approve(
+        decisions = await self._approvals.wait(
             [c for c in pending if c.requires_approval and c.id not in done],
             unknown=unknown,
         )
@@ -387,7 +361,7 @@ class RunTools:
             if call.id not in done
             and call.id not in errors
             and call.id not in record.sent
-            and _sends(decisions.get(call.id))
+            and sends(decisions.get(call.id))
         )
         await self._journal.checkpoint()
         results = await asyncio.gather(
@@ -398,7 +372,7 @@ class RunTools:
         )
         step.results.extend(results)
         del record.results[:]
-        self._stored(index, step)
+        self._messages.store(index, step)
         return list(results)
 
     async def _in_flight(self, calls: list[hpb.ToolCall]) -> list[hpb.ToolCall]:
@@ -410,7 +384,7 @@ class RunTools:
         for call in calls:
             if self._builtin(call) is not None:
                 continue  # read-only: sent again
-            tool = _tool_name(call)
+            tool = tool_name(call)
             # Only what is gone ends the run; an outage of the hub fails it as one.
             try:
                 integration = await self._port.integration(self._principal, call.integration)
@@ -419,7 +393,7 @@ class RunTools:
                     f"the integration {call.integration} of call {call.id}, in flight when "
                     "the run was interrupted, is gone"
                 ) from None
-            self._integrations[call.integration] = integration
+            self._hub.integrations[call.integration] = integration
             try:
                 offered = await self._port.tools(self._principal, call.integration)
             except NotFound:
@@ -454,12 +428,12 @@ class RunTools:
             if not call.id:
                 call.id = f"call_{len(self._job.steps)}_{index}"
             if over_steps:
-                problem: status_pb2.Status | None = _status(
+                problem: status_pb2.Status | None = status(
                     code_pb2.RESOURCE_EXHAUSTED,
                     f"the run reached its limit of {self._max_steps} tool steps",
                 )
             elif index >= self._limits.max_calls_per_step:
-                problem = _status(
+                problem = status(
                     code_pb2.RESOURCE_EXHAUSTED,
                     f"at most {self._limits.max_calls_per_step} tool calls per step",
                 )
@@ -477,7 +451,7 @@ class RunTools:
     def _problem(self, call: hpb.ToolCall, seen: set[str]) -> status_pb2.Status | None:
         """Why ``call`` cannot run (None if it can); sets ``requires_approval``."""
         if call.id in seen:
-            return _status(code_pb2.INVALID_ARGUMENT, f"the call id {call.id!r} was used before")
+            return status(code_pb2.INVALID_ARGUMENT, f"the call id {call.id!r} was used before")
         tool = self._name(call)
         definition = self._by_tool.get(tool)
         if definition is not None:
@@ -489,89 +463,15 @@ class RunTools:
             and call.tool
         ):
             what = tool or call.function_name or call.tool or "(none)"
-            return _status(code_pb2.NOT_FOUND, f"no tool {what} is enabled for this run")
+            return status(code_pb2.NOT_FOUND, f"no tool {what} is enabled for this run")
         if call.invalid_arguments:
-            return _status(code_pb2.INVALID_ARGUMENT, "the arguments are not a JSON object")
+            return status(code_pb2.INVALID_ARGUMENT, "the arguments are not a JSON object")
         if call.arguments.ByteSize() > MAX_ARGUMENT_BYTES:
-            return _status(
+            return status(
                 code_pb2.INVALID_ARGUMENT,
                 f"the arguments are larger than {MAX_ARGUMENT_BYTES} bytes",
             )
         return None
-
-    # -- approvals ----------------------------------------------------------------------
-
-    async def _approve(
-        self, needs: list[hpb.ToolCall], *, unknown: Sequence[hpb.ToolCall] = ()
-    ) -> dict[str, pb.PendingToolCall]:
-        """Wait until every call of ``needs`` and ``unknown`` (calls whose outcome a
-        crash left unknown) is decided; their decisions by call id.
-
-        Several steps may wait at once (an interactive expert's concurrent
-        calls): the run pauses when the first starts waiting and resumes when
-        nothing is left undecided.
-        """
-        action = self._run.required_action
-        if unknown:
-            # An approval given before they were sent, or a RETRY that may have been
-            # sent again, no longer answers the question: did they take effect? A
-            # person's COMPLETE or FAIL_RUN still does (a crash came before it acted).
-            ids = {call.id for call in unknown}
-            kept = [
-                p
-                for p in action.tool_calls
-                if p.call.id not in ids or (p.outcome_unknown and not _sends(p))
-            ]
-            del action.tool_calls[:]
-            action.tool_calls.extend(kept)
-            needs = [c for c in needs if c.id not in ids] + list(unknown)
-        if not needs:
-            return {}
-        known = {pending.call.id for pending in action.tool_calls}
-        fresh = [call for call in needs if call.id not in known]
-        unknown_ids = {call.id for call in unknown}
-        if fresh:
-            if not self._undecided():
-                # A new pause; one resumed after a restart keeps its calls and decisions.
-                action.Clear()
-                # The run's deadline stops while it waits (execution's _RunClock):
-                # only the approval timeout bounds the pause.
-                wait_s = self._limits.approval_timeout_s
-                action.expire_time.FromDatetime(names.now() + dt.timedelta(seconds=wait_s))
-            for call in fresh:
-                pending = action.tool_calls.add(outcome_unknown=call.id in unknown_ids)
-                pending.call.CopyFrom(call)
-        ids = {call.id for call in needs}
-        if self._undecided(ids):
-            if self._run.state == pb.RUN_STATE_RUNNING:
-                await self._host.pause()
-            try:
-                # Its own timeout: the run's deadline (the asyncio.timeout
-                # around the whole run) is stopped while the run is paused.
-                async with asyncio.timeout(self._limits.approval_timeout_s):
-                    while self._undecided(ids):
-                        await self._decided.wait()
-            except TimeoutError:
-                raise ApprovalExpired(
-                    f"{counted(self._undecided(ids), 'tool call')} waited for approval longer than "
-                    f"{self._limits.approval_timeout_s:g} s"
-                ) from None
-            if not self._undecided() and self._run.state == pb.RUN_STATE_REQUIRES_ACTION:
-                await self._host.resume()
-        return {p.call.id: p for p in action.tool_calls if p.call.id in ids}
-
-    def decided(self) -> None:
-        """A decision was stored: every waiting step looks again."""
-        event, self._decided = self._decided, asyncio.Event()
-        event.set()
-
-    def _undecided(self, ids: set[str] | None = None) -> int:
-        return sum(
-            1
-            for pending in self._run.required_action.tool_calls
-            if pending.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED
-            and (ids is None or pending.call.id in ids)
-        )
 
     # -- one call -----------------------------------------------------------------------
 
@@ -600,26 +500,26 @@ class RunTools:
             result.outcome = hpb.TOOL_OUTCOME_DENIED
             why = decision.reason or "no reason given"
             result.error.CopyFrom(
-                _status(code_pb2.PERMISSION_DENIED, f"denied by {decision.decided_by}: {why}")
+                status(code_pb2.PERMISSION_DENIED, f"denied by {decision.decided_by}: {why}")
             )
             result.text = f"The call was denied by a person ({why}). Do not retry it."
         elif verdict == pb.TOOL_APPROVAL_DECISION_COMPLETE and decision is not None:
             # A person says it took effect (it was in flight at a crash): its result
             # is theirs, and it is not sent again.
             result.outcome = hpb.TOOL_OUTCOME_SUCCEEDED
-            result.text = self._cut(decision.result_text)
+            result.text = cut(decision.result_text, self._limits.max_result_chars)
             await self._journaled(call, result)
         else:
             builtin = self._builtin(call)
             if builtin is not None:
                 await self._run_builtin(builtin, call, result)
             else:
-                await self._invoke(call, tool, result)
+                await self._hub.invoke(call, tool, result)
             # Journaled as it comes in: a crash from here on does not send it again.
             await self._journaled(call, result)
         update = pb.RunUpdate()
         update.tool_result.CopyFrom(result)
-        _without_bytes(update.tool_result.files)
+        without_bytes(update.tool_result.files)
         self._emit(update)
         return result
 
@@ -628,7 +528,7 @@ class RunTools:
 
     def _name(self, call: hpb.ToolCall) -> str:
         """The call's tool: a built-in's bare name, else its resource name."""
-        return call.tool if self._builtin(call) is not None else _tool_name(call)
+        return call.tool if self._builtin(call) is not None else tool_name(call)
 
     async def _run_builtin(
         self, builtin: BuiltinTool, call: hpb.ToolCall, result: hpb.ToolResult
@@ -639,8 +539,8 @@ class RunTools:
                 self._principal, call.arguments, timeout_s=self._remaining(), call_id=call.id
             )
         except SwitchboardError as exc:  # an outage of the context service
-            answer = False, f"The tool call failed: {exc.message[:_MAX_ERROR_CHARS]}"
-            result.error.CopyFrom(_status(int(exc.code), exc.message))
+            answer = False, f"The tool call failed: {exc.message[:MAX_ERROR_CHARS]}"
+            result.error.CopyFrom(status(int(exc.code), exc.message))
         if isinstance(answer, BuiltinAnswer):
             succeeded, text = answer.succeeded, answer.text
             if answer.result is not None:
@@ -649,7 +549,7 @@ class RunTools:
         else:
             succeeded, text = answer
         result.outcome = hpb.TOOL_OUTCOME_SUCCEEDED if succeeded else hpb.TOOL_OUTCOME_ERROR
-        result.text = self._cut(text)
+        result.text = cut(text, self._limits.max_result_chars)
         result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
 
     def _emit(self, update: pb.RunUpdate) -> None:
@@ -658,262 +558,14 @@ class RunTools:
 
     async def _journaled(self, call: hpb.ToolCall, result: hpb.ToolResult) -> None:
         """Return once ``result`` of ``call`` is in the stored journal."""
-        journaled = self._journal.record(self._step_of(call.id)).results.add()
+        journaled = self._record(call.id).results.add()
         journaled.CopyFrom(result)
-        _without_bytes(journaled.files)
+        without_bytes(journaled.files)
         await self._journal.checkpoint()
 
-    def _step_of(self, call_id: str) -> int:
-        """The index of the (last) step holding the call ``call_id``."""
+    def _record(self, call_id: str) -> job_pb2.StepRecord:
+        """The journal's record of the (last) step holding the call ``call_id``."""
         for index in range(len(self._job.steps) - 1, -1, -1):
             if any(c.id == call_id for c in self._job.steps[index].calls):
-                return index
+                return self._journal.record(index)
         raise LookupError(call_id)
-
-    async def _integration(self, call: hpb.ToolCall) -> ipb.Integration | None:
-        """``call``'s integration as the hub describes it (None: it cannot be read)."""
-        integration = call.integration
-        if integration not in self._integrations:
-            try:
-                self._integrations[integration] = await self._port.integration(
-                    self._principal, integration
-                )
-            except SwitchboardError:
-                # The call itself fails the same way, and a failed call costs nothing.
-                self._integrations[integration] = None
-        return self._integrations[integration]
-
-    async def _price(self, call: hpb.ToolCall) -> int:
-        """The price of one call of ``call``'s tool: its integration's
-        ``tool_call_price_micros`` for it, else its ``call_price_micros``."""
-        found = await self._integration(call)
-        if found is None:
-            return 0
-        return found.tool_call_price_micros.get(call.tool, found.call_price_micros)
-
-    async def _invoke(self, call: hpb.ToolCall, tool: str, result: hpb.ToolResult) -> None:
-        price = await self._price(call)
-        hold = ""
-        if price and self._budget is not None:
-            # May pause the run at a cap, or end it (BudgetExhausted).
-            hold = await self._budget.reserve(price, 0, 0)
-        answered = False
-        try:
-            answered = await self._call(call, tool, result)
-        finally:
-            # A call the tool answered (even with an error result) owes its
-            # price; one that never reached it (refused, unreachable, timed
-            # out, cancelled) costs nothing.
-            if answered:
-                self.spent_micros += price
-                if price:
-                    # The step's share of the run's usage, kept for a later attempt.
-                    usage = self._journal.record(self._step_of(call.id)).usage
-                    usage.cost_micros += price
-                    usage.estimated_cost_usd = usage.cost_micros / 1e6
-            if hold and self._budget is not None:
-                if answered:
-                    await self._budget.settle(hold, price, 0, 0)
-                else:
-                    await asyncio.shield(self._budget.release(hold))
-
-    async def _call(self, call: hpb.ToolCall, tool: str, result: hpb.ToolResult) -> bool:
-        """Invoke the tool; whether it answered."""
-        started = time.monotonic()
-        # The same key on every attempt at this call (docs/integration.md).
-        request = ipb.InvokeToolRequest(
-            name=tool, idempotency_key=idempotency.call_key(self._run.name, call.id)
-        )
-        request.arguments.CopyFrom(call.arguments)
-        answered = False
-        try:
-            response = await self._port.invoke(
-                self._principal, request, deadline_s=self._remaining(), run=self._run.name
-            )
-        except CircuitOpen as exc:
-            result.outcome = hpb.TOOL_OUTCOME_FAILED
-            result.error.CopyFrom(_status(int(exc.code), exc.message))
-            result.text = (
-                "The tool is unavailable now (its integration keeps failing); "
-                f"retry in about {exc.retry_after_s or 30:.0f} s or answer without it."
-            )
-        except SwitchboardError as exc:
-            result.outcome = hpb.TOOL_OUTCOME_FAILED
-            result.error.CopyFrom(_status(int(exc.code), exc.message))
-            result.text = f"The tool call failed: {exc.message[:_MAX_ERROR_CHARS]}"
-        except Exception:  # the run goes on; the model hears of a failure, the log of why
-            log.exception("tool call failed unexpectedly", extra={"tool": tool})
-            result.outcome = hpb.TOOL_OUTCOME_FAILED
-            result.error.CopyFrom(_status(code_pb2.INTERNAL, "the tool call failed"))
-            result.text = "The tool call failed."
-        else:
-            answered = True
-            result.outcome = (
-                hpb.TOOL_OUTCOME_ERROR if response.is_error else hpb.TOOL_OUTCOME_SUCCEEDED
-            )
-            if response.HasField("result"):
-                result.result.CopyFrom(response.result)
-            result.files.extend(response.files)
-            text = response.text
-            if not text and response.HasField("result"):
-                text = json.dumps(structs.message_dict(response.result), sort_keys=True)
-            result.text = self._cut(text)
-        result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
-        return answered
-
-    def _cut(self, text: str) -> str:
-        limit = self._limits.max_result_chars
-        if len(text) <= limit:
-            return text
-        return text[:limit] + f"\n[cut: the output had {len(text)} characters]"
-
-    # -- messages -----------------------------------------------------------------------
-
-    def restore(self) -> None:
-        """Store the messages of journaled steps a crash left unstored (their
-        request ids are the first attempt's: what was stored is not stored twice)."""
-        for index, step in enumerate(self._job.steps):
-            complete = len(step.results) == len(step.calls)
-            if complete and not self._journal.record(index).stored:
-                self._stored(index, step)
-
-    def _stored(self, index: int, step: hpb.ToolStep) -> None:
-        """Store the step's messages, then the job, after the steps before (in the background)."""
-        previous = self._writes
-        self._writes = asyncio.ensure_future(self._write(previous, index, step))
-
-    async def _write(
-        self, previous: asyncio.Future[None] | None, index: int, step: hpb.ToolStep
-    ) -> None:
-        if previous is not None:
-            await previous
-        try:
-            await self._host.append(self._call_message(index, step))
-            for position, result in enumerate(step.results):
-                stored = await self._store_result(index, position, result)
-                # The job keeps what the message names (stored files), not the bytes.
-                _named(result.files, stored)
-            # Rides on the journal's next write (the next step's, or the answer's): a
-            # crash before that stores these messages again, under the same request ids.
-            self._journal.record(index).stored = True
-        except SwitchboardError as exc:
-            # The run goes on; its messages are incomplete, which the final
-            # answer's own store (the same database) will report if it persists.
-            log.warning("tool step not stored", extra={"run": self._run.name, "reason": exc.reason})
-        except Exception:
-            # Not awaited if the run ends first (only drain() awaits the chain):
-            # logged here, never left unread in the future, and the chain goes on.
-            log.exception("tool step not stored", extra={"run": self._run.name})
-
-    def _call_message(self, index: int, step: hpb.ToolStep) -> cpb.AppendMessageRequest:
-        parts: list[cpb.ContentPart] = []
-        if step.text:
-            parts.append(cpb.ContentPart(text=step.text))
-        for call in step.calls:
-            content = cpb.ToolCallContent(
-                id=call.id,
-                tool=_tool_name(call),
-                # Stored calls are named like the model names them (the context
-                # service requires a name when the tool is unknown).
-                function_name=(call.function_name or _UNSAFE.sub("_", call.tool))[:64] or "unknown",
-            )
-            if call.arguments.ByteSize() <= MAX_ARGUMENT_BYTES:
-                content.arguments.CopyFrom(call.arguments)
-            parts.append(cpb.ContentPart(tool_call=content))
-        return self._append_request(cpb.MESSAGE_ROLE_ASSISTANT, parts, f"s{index}-calls")
-
-    async def _store_result(
-        self, index: int, position: int, result: hpb.ToolResult
-    ) -> cpb.Message | None:
-        """Store the TOOL message of ``result``; with its files refused, once more
-        without them (the result's text says which were left out, and why)."""
-        request = self._result_message(index, position, result)
-        if not result.files:
-            await self._host.append(request)
-            return None
-        try:
-            return await self._host.append(request)
-        except SwitchboardError as exc:
-            if exc.code not in _FILE_REFUSALS:
-                raise
-            log.warning(
-                "a tool's files were not stored",
-                extra={"run": self._run.name, "reason": exc.reason},
-            )
-            content = request.message.parts[0].tool_result
-            names_ = ", ".join(f.display_name or f.mime_type or "file" for f in content.files)
-            note = f"[files not stored ({names_}): {exc.message[:_MAX_ERROR_CHARS]}]"
-            content.text = f"{content.text}\n{note}" if content.text else note
-            del content.files[:]
-            request.request_id = request.request_id[:60] + "-nf"
-            await self._host.append(request)
-            return None
-
-    def _result_message(
-        self, index: int, position: int, result: hpb.ToolResult
-    ) -> cpb.AppendMessageRequest:
-        content = cpb.ToolResultContent(
-            id=result.id,
-            # A built-in's bare name is no tool resource: stored by its call's id only.
-            tool=result.tool if "/" in result.tool else "",
-            outcome=OUTCOMES.get(result.outcome, "failed"),
-            text=result.text,
-            files=result.files,
-        )
-        return self._append_request(
-            cpb.MESSAGE_ROLE_TOOL, [cpb.ContentPart(tool_result=content)], f"s{index}-r{position}"
-        )
-
-    def _append_request(
-        self, role: cpb.MessageRole.ValueType, parts: list[cpb.ContentPart], suffix: str
-    ) -> cpb.AppendMessageRequest:
-        return cpb.AppendMessageRequest(
-            parent=str(self._run_name.parent),
-            message=cpb.Message(
-                role=role, author=self._run.handler, parts=parts, run=self._run.name
-            ),
-            request_id=f"run-{self._run_name.run}-{suffix}"[:64],
-        )
-
-
-def _sends(decision: pb.PendingToolCall | None) -> bool:
-    """Whether a call so decided (None: no decision needed) is sent to its tool."""
-    return decision is None or decision.decision in (
-        pb.TOOL_APPROVAL_DECISION_APPROVE,
-        pb.TOOL_APPROVAL_DECISION_RETRY,
-    )
-
-
-def _status(code: int, message: str) -> status_pb2.Status:
-    return status_pb2.Status(code=code, message=message[:_MAX_ERROR_CHARS])
-
-
-def _tool_name(call: hpb.ToolCall) -> str:
-    """The call's tool resource name; empty when it names no integration or tool."""
-    return f"{call.integration}/tools/{call.tool}" if call.integration and call.tool else ""
-
-
-#: What the context service answers for a file it will not store (a lying media
-#: type, too large, over the quota, a URL it may not fetch): the message is stored
-#: without the files rather than lost.
-_FILE_REFUSALS: Final = frozenset(
-    {code_pb2.INVALID_ARGUMENT, code_pb2.RESOURCE_EXHAUSTED, code_pb2.FAILED_PRECONDITION}
-)
-
-
-def _without_bytes(files: Sequence[cpb.FileReference]) -> None:
-    """Names, types and sizes only: what watchers and the stored job may hold."""
-    for found in files:
-        if found.inline_data:
-            found.size_bytes = found.size_bytes or len(found.inline_data)
-            found.ClearField("inline_data")
-
-
-def _named(files: Sequence[cpb.FileReference], stored: cpb.Message | None) -> None:
-    """``files`` as the stored message names them (``file`` set by the context
-    service), else without their bytes."""
-    kept = stored.parts[0].tool_result.files if stored is not None and stored.parts else []
-    if len(kept) == len(files):
-        for found, named in zip(files, kept, strict=True):
-            found.CopyFrom(named)
-    _without_bytes(files)

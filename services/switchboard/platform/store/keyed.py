@@ -192,7 +192,7 @@ class KeyedStore(Generic[_Row, _Record, _After]):
     def __init__(self, database: Database) -> None:
         self._database = database
         self._sqlite = database.dialect_name == "sqlite"
-        # The subclass's module's logger: "switchboard.dispatcher.budgets.store" ...
+        # The subclass's module's logger: "switchboard.dispatcher.budgets.resources.store" ...
         self._log = logging.getLogger(type(self).__module__)
 
     async def _run(self, work: Callable[[Session], _Result], *, write: bool) -> _Result:

@@ -1,7 +1,7 @@
 """A delegate whose handler is an A2A agent (docs/delegation.md, "Experts and A2A agents as
 children"): the child run is the agent's task. Here the agent is this very deployment's
 own front door, in another workspace, reached through a card served over HTTP, as
-tests/dispatcher/budgets/test_budget_hops_service.py reaches it. The child's answer names
+tests/dispatcher/budgets/test_service.py reaches it. The child's answer names
 the agent's task (its ``a2a_task`` part), which is the callee's own run; cancelling the
 parent cancels the child, and the child's cancel reaches the agent (CancelTask): the
 callee's run ends CANCELLED too."""

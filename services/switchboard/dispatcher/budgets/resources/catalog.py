@@ -25,9 +25,9 @@ from google.protobuf import field_mask_pb2
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.budgets import mapping as budget_mapping
-from switchboard.dispatcher.budgets import periods
-from switchboard.dispatcher.budgets.store import (
+from switchboard.dispatcher.budgets.resources import mapping as budget_mapping
+from switchboard.dispatcher.budgets.resources import periods
+from switchboard.dispatcher.budgets.resources.store import (
     API_KEY,
     ASSISTANT,
     WORKSPACE,
@@ -51,7 +51,7 @@ from switchboard.platform.values.resources import (
     WorkspaceName,
 )
 
-log = logging.getLogger("switchboard.dispatcher.budgets.catalog")
+log = logging.getLogger("switchboard.dispatcher.budgets.resources.catalog")
 
 #: The caps, each optional (unset: no cap); at least one is set.
 CAPS: Final = ("cost_limit_micros", "input_token_limit", "output_token_limit", "total_token_limit")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.budgets.periods import Period
-from switchboard.dispatcher.budgets.store import BudgetRecord, UsageSum, Window
+from switchboard.dispatcher.budgets.resources.periods import Period
+from switchboard.dispatcher.budgets.resources.store import BudgetRecord, UsageSum, Window
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
 from switchboard.platform.values.resources import ApiKeyName, BudgetName

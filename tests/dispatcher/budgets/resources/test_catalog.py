@@ -19,8 +19,8 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.budgets import periods
-from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.resources import periods
+from switchboard.dispatcher.budgets.resources.catalog import Budgets
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import BudgetRow, BudgetWindowRow

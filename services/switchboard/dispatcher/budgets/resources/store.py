@@ -29,7 +29,7 @@ from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import Idempotency, transaction
 from switchboard.platform.values.names import now
 
-log = logging.getLogger("switchboard.dispatcher.budgets.store")
+log = logging.getLogger("switchboard.dispatcher.budgets.resources.store")
 
 #: ``scope_kind`` of each kind of scope. ``scope_id`` is "" for the workspace, the
 #: assistant's id, or the API key's id (the last segment of ``users/{u}/apiKeys/{k}``:
@@ -193,7 +193,7 @@ class BudgetStore(KeyedStore[BudgetRow, BudgetRecord, str]):
 
 # -- usage ------------------------------------------------------------------------------------
 
-#: The ``runs`` column of each grouping dimension (``usage.py`` names them).
+#: The ``runs`` column of each grouping dimension (``budgets/usage.py`` names them).
 _COLUMNS: Final = {
     "day": RunRow.usage_day,
     "assistant": RunRow.assistant_id,
