@@ -1,7 +1,8 @@
 """Heavy libraries imported where a feature first needs them, off the event loop, once.
 
-A process imports the MCP SDK, aiortc and aiohttp only when a call first needs one
-(decision 66), and in a worker thread, so a second of importing never stalls the loop.
+A process imports the MCP SDK, the a2a SDK's client, aiortc and aiohttp only when a call
+first needs one (decision 66), and in a worker thread, so a second of importing never
+stalls the loop.
 Two first uses at once must not import in two threads: Python's per-module import
 locks then deadlock on a package whose modules import each other (``mcp``'s did:
 ``_DeadlockError`` on ``mcp.shared.exceptions``). One lock takes the imports one at a

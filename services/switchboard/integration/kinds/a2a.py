@@ -37,13 +37,10 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import httpx
-from a2a.client import Client, ClientCallContext, ClientConfig, ClientFactory
-from a2a.client.card_resolver import parse_agent_card
-from a2a.client.errors import A2AClientError, A2AClientTimeoutError
 from a2a.types import a2a_pb2 as a2a
 from a2a.utils.errors import A2AError, TaskNotFoundError, UnsupportedOperationError
 from google.protobuf import struct_pb2
@@ -67,6 +64,7 @@ from switchboard.platform.errors import (
     ResultTooLarge,
     SwitchboardError,
 )
+from switchboard.platform.imports import imported
 from switchboard.platform.resilience.backoff import Backoff
 from switchboard.platform.rpc.outbound.channels import expert_channel
 from switchboard.platform.security.egress import (
@@ -80,6 +78,13 @@ from switchboard.platform.security.egress import (
 )
 from switchboard.platform.values import jsonbounds, structs
 from switchboard.platform.values.jsonbounds import JsonRejected
+
+# The SDK's client is imported when a card is first read (``_SDK``), not with this
+# module: over a hundred modules (its JSON-RPC, REST and gRPC transports) that every
+# process would import at start though most never call a remote agent.
+if TYPE_CHECKING:
+    from a2a.client import Client, ClientCallContext
+    from a2a.client.errors import A2AClientError
 
 log = logging.getLogger("switchboard.integration.kinds.a2a")
 
@@ -125,6 +130,8 @@ EXTENSIONS_HEADER: Final = "a2a-extensions"
 
 GRPC: Final = "GRPC"
 JSONRPC: Final = "JSONRPC"
+#: The SDK's client (``imported`` before the first card is parsed or client built).
+_SDK: Final = ("a2a.client", "a2a.client.card_resolver", "a2a.client.errors")
 
 _TERMINAL: Final = frozenset(
     {
@@ -264,6 +271,9 @@ async def fetch_card(
         document = jsonbounds.loads(body, max_bytes=MAX_CARD_BYTES)
     except JsonRejected as rejected:
         raise Malformed(f"the agent card at {host!r} is {rejected}") from None
+    await imported(*_SDK)
+    from a2a.client.card_resolver import parse_agent_card
+
     try:
         return parse_agent_card(document)
     except (ValueError, TypeError, AttributeError, KeyError, ParseError):
@@ -668,6 +678,9 @@ class A2AAgent:
             return self._link
 
     async def _build(self, card: a2a.AgentCard, timeout_s: float) -> _Link:
+        await imported(*_SDK)
+        from a2a.client import ClientConfig, ClientFactory
+
         interface = choose_interface(card)
         chosen = a2a.AgentCard()
         chosen.CopyFrom(card)
@@ -711,6 +724,8 @@ class A2AAgent:
         await link.close()
 
     def _context(self, timeout_s: float, extensions: tuple[str, ...] = ()) -> ClientCallContext:
+        from a2a.client import ClientCallContext  # imported with the client this is for
+
         parameters = {"authorization": f"Bearer {self._credential}"} if self._credential else {}
         if extensions:
             parameters[EXTENSIONS_HEADER] = ",".join(extensions)
@@ -727,6 +742,8 @@ class A2AAgent:
             # Health is the card's too: read it on every probe, not from the cache.
             await fetch_card(self.card_url, self._policy, timeout_s=timeout_s)
             link = await self._fresh(timeout_s)
+            from a2a.client.errors import A2AClientError, A2AClientTimeoutError
+
             try:
                 await link.client.get_task(
                     a2a.GetTaskRequest(id=f"switchboard-probe-{uuid.uuid4().hex}"),
@@ -811,6 +828,8 @@ class A2AAgent:
     ) -> AsyncGenerator[handler_pb2.HandleResponse, None]:
         """The task's frames until it is over, across dropped streams; the agent's own
         protocol errors (A2AError) pass through, transport ones become Unreachable."""
+        from a2a.client.errors import A2AClientError, A2AClientTimeoutError
+
         call.stream = call.link.client.send_message(
             request, context=self._context(call.left, call.extensions)
         )
@@ -868,6 +887,8 @@ class A2AAgent:
 
     async def _resume(self, call: _Call) -> None:
         """SubscribeToTask on a fresh client, until it answers or the window closes."""
+        from a2a.client.errors import A2AClientError
+
         await self._forget(call.link)
         window_ends = min(call.deadline, time.monotonic() + RESUME_WINDOW_S)
         backoff = Backoff(*RESUME_BACKOFF_S)
