@@ -11,7 +11,9 @@ status a unary call would get at that moment, and nothing produced after the
 loss may reach the client.
 
 The periodic re-check is set to an hour, so a stream that ends within the
-read deadline (seconds) was ended by the change itself, not by the timer.
+read deadline (seconds) was ended by the change itself, not by the timer. A
+credential runs out when the test moves the process's clock past its expiry
+(``AheadClock``), not after seconds of waiting for it.
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ pytestmark = [pytest.mark.service, pytest.mark.asyncio]
 # What read() returns once a stream has ended (not in the type stubs).
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 
-#: The access token of an "expiry" case stops verifying this long after it is issued:
-#: long enough for the stream to open first on a machine at full load (5 s was not,
-#: beside a CPU burner), since the server's expiry follows the real clock.
+#: The credential of an "expiry" case stops holding this long after it is issued: the
+#: process's clock stands still until the test moves it, unless the real one gets there
+#: first, so this is how long the stream has to open on a machine at full load.
 EXPIRES_IN_S = 10
+#: While the stream opens the clock stands this short of the expiry: the stream's expiry
+#: timer (armed for this long) keeps finding the credential good until the test moves
+#: the clock past it, then ends the stream within this much real time.
+BEFORE_EXPIRY_S = 0.5
 #: A run that keeps producing deltas for the whole test: 3,000 words, 20 ms apart.
 STEADY = " ".join(["w"] * 3000)
 STEADY_DELAY_MS = 20
@@ -93,6 +99,21 @@ def settings() -> Settings:
     )
 
 
+class AheadClock:
+    """The real clock (epoch seconds), or the later instant a test moved it to.
+
+    Never behind the real one, so every other credential (issued on the real clock)
+    reads as it would; the expiry cases move it ahead to the instant their credential
+    runs out, as waiting for it would.
+    """
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def __call__(self) -> float:
+        return max(time.time(), self.at)
+
+
 @dataclass
 class Scene:
     """A workspace with a conversation, its owner, and the member who will lose access."""
@@ -111,6 +132,10 @@ class Scene:
     admin: str
     api_key: str
     loss: str
+    #: What the authenticator and the streams' access watch read the time from.
+    clock: AheadClock
+    #: When the credential of an expiry case stops holding (epoch seconds); 0 otherwise.
+    until: float = 0.0
 
     @property
     def expires(self) -> bool:
@@ -173,8 +198,10 @@ class Scene:
             raise AssertionError(self.loss)
 
     async def expired(self) -> None:
-        """Wait (polling a unary call, with a deadline) until the credential no longer works."""
-        async with asyncio.timeout(EXPIRES_IN_S + DEADLINE_S):
+        """Move the clock to the credential's expiry, and wait (polling a unary call, with a
+        deadline) until the credential no longer works."""
+        self.clock.at = self.until
+        async with asyncio.timeout(DEADLINE_S):
             # Polling a unary call: the server offers no signal for "expired".
             while await self._works():  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
@@ -215,11 +242,12 @@ async def scene(
     victim = Caller(user.id, stream_in.tokens.access_token)
     await add_member(context, owner, workspace, victim, cpb.WORKSPACE_ROLE_EDITOR)
     session = f"users/{user.id}/sessions/{stream_in.session.id}"
-    credential, api_key = stream_in.tokens.access_token, ""
+    credential, api_key, until = stream_in.tokens.access_token, "", 0.0
     if loss in ("api_key_revoked", "api_key_expired"):
         key = auth_pb2.CreateApiKeyRequest(display_name="stream", scopes=["read", "write"])
         if loss == "api_key_expired":
             key.expire_time.FromSeconds(int(time.time()) + EXPIRES_IN_S)
+            until = float(key.expire_time.seconds)
         created = await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
             key, metadata=bearer(admin_in.tokens.access_token), timeout=DEADLINE_S
         )
@@ -233,12 +261,18 @@ async def scene(
         leeway = short.policy.leeway_s
         # Issued in the past, so that (with the verifier's leeway) it stops
         # verifying EXPIRES_IN_S from now.
-        credential, _ = short.issue(
+        credential, claims = short.issue(
             subject=user.id,
             session=stream_in.session.id,
             scopes=["read", "write", "manage"],
             now=time.time() - leeway - 1 + EXPIRES_IN_S,
         )
+        until = float(claims.expires_at + leeway)
+    clock = AheadClock()
+    mesh.shared.authenticator.clock = clock
+    mesh.shared.access.clock = clock
+    if until:
+        clock.at = until - BEFORE_EXPIRY_S
     return Scene(
         mesh=mesh,
         channel=channel,
@@ -251,6 +285,8 @@ async def scene(
         admin=admin_in.tokens.access_token,
         api_key=api_key,
         loss=loss,
+        clock=clock,
+        until=until,
     )
 
 

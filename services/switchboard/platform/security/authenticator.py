@@ -52,7 +52,6 @@ from switchboard.platform.security.credentials.opaque import OpaqueSecrets, pars
 from switchboard.platform.security.credentials.records import CredentialRecords, SessionStatus
 from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal, Scope
 from switchboard.platform.store.db import log_failure
-from switchboard.platform.values import names
 
 log = logging.getLogger("switchboard.auth")
 
@@ -139,7 +138,8 @@ class CredentialAuthenticator:
         self._store = store
         self._secrets = secrets
         self._cache = cache
-        self._clock = clock
+        #: Epoch seconds now: what every expiry (token, session, API key) is judged by.
+        self.clock = clock
         self._leeway = tokens.policy.leeway_s
         self._verified: _Bounded[str, tuple[AccessClaims, Principal]] = _Bounded(token_cache_size)
         self._sessions: _Bounded[str, SessionStatus] = _Bounded(token_cache_size)
@@ -218,7 +218,7 @@ class CredentialAuthenticator:
     async def authenticate(self, credential: str) -> Principal:
         if credential.startswith(_API_KEY_PREFIX):
             return await self._api_key(credential)
-        now = self._clock()
+        now = self.clock()
         cached = self._verified.data.get(credential)
         if cached is None:
             claims = self._tokens.verify(credential, now=now)
@@ -249,7 +249,7 @@ class CredentialAuthenticator:
         """
         if principal.api_key_id:
             return await self._check_key(principal.api_key_id)
-        if principal.expires_at and principal.expires_at <= self._clock() - self._leeway:
+        if principal.expires_at and principal.expires_at <= self.clock() - self._leeway:
             raise TokenExpired(EXPIRED)
         session_until = await self._check_session(principal.session_id, principal.user_id)
         if not principal.expires_at:
@@ -271,7 +271,7 @@ class CredentialAuthenticator:
             if state.revoked:
                 raise Unauthenticated(API_KEY_REVOKED)
             expires_at = state.expires_at
-        if expires_at is not None and expires_at <= names.now():
+        if expires_at is not None and expires_at <= self._now():
             raise Unauthenticated(API_KEY_EXPIRED)
         return expires_at.timestamp() if expires_at is not None else None
 
@@ -289,7 +289,7 @@ class CredentialAuthenticator:
                 self._sessions.put(session_id, state)
         if state is None or state.revoked or state.user_id != user_id:
             raise SessionRevoked(SESSION_ENDED)
-        if state.expires_at <= names.now():
+        if state.expires_at <= self._now():
             raise SessionRevoked(SESSION_EXPIRED)
         return state.expires_at.timestamp()
 
@@ -320,7 +320,7 @@ class CredentialAuthenticator:
         # Constant-time comparison of the digests: the id alone proves nothing.
         if not self._secrets.matches(credential, state.digest):
             raise Unauthenticated(API_KEY_INVALID)
-        now = names.now()
+        now = self._now()
         if state.revoked:
             raise Unauthenticated(API_KEY_REVOKED)
         if state.expires_at is not None and state.expires_at <= now:
@@ -334,6 +334,9 @@ class CredentialAuthenticator:
             api_key_id=key_id,
             expires_at=int(state.expires_at.timestamp()) if state.expires_at else 0,
         )
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
 
     async def _touch(self, key_id: str, state: _KeyState, now: dt.datetime) -> None:
         try:
