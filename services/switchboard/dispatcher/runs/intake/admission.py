@@ -126,9 +126,8 @@ class Admission:
             router=common.router,
             quotas=quotas,
             bus=common.bus,
+            speech=Listening(speech, context),
         )
-        #: The checks before anything is stored: the text path's, with speech around them.
-        self._listening = Listening(self._screening, speech, context)
         #: Budgets: a message they have no room for is refused (None: no budgets).
         self._spending = spending
         self._store = common.store
@@ -180,7 +179,7 @@ class Admission:
         steer: Steered | None = None,
         parent: Parent | None = None,
     ) -> pb.SendMessageResponse:
-        screened = await self._listening.screen(principal, request, conversation.workspace, steer)
+        screened = await self._screening.screen(principal, request, conversation.workspace, steer)
         request = screened.request
         if screened.key is not None:
             earlier = await self._store.replayed(screened.key)

@@ -7,8 +7,12 @@ assistant and the handler (``choose``: a named assistant, a forced handler,
 the message's own choice, the workspace's default). What passes is a
 ``Screened`` request, which admission (``admission.py``) stores and queues.
 
-This is the text path. A message with ``speech`` takes the same checks in
-the order its recording needs, in ``speech.py``, which wraps this one.
+The order is written once, in ``Screening.screen``. A message with ``speech``
+fills one slot in it (``SpeechStep``, ``speech.py``): its options' fields join
+the others, the server's speech is required once the fields pass, and after the
+rate limits the assistant is chosen on the message as sent (its voice settings
+transcribe; a transcript picks no handler), the recording is transcribed, and
+the filters read the transcript.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -142,8 +146,32 @@ def handler_id(handler: str) -> str:
     return handler.removeprefix("handlers/")
 
 
+class Listener(Protocol):
+    """Speech's part of a request's checks (``Screening.screen`` holds its slot)."""
+
+    async def hear(
+        self, principal: Principal, request: pb.SendMessageRequest, assistant: pb.Assistant | None
+    ) -> tuple[pb.SendMessageRequest, pb.SpeechOptions]:
+        """The request as the run takes it (with its recording's transcript, if asked)
+        and the speech options the run keeps."""
+        ...
+
+
+class SpeechStep(Protocol):
+    """The slot's checks before the rate limits, and the listener it hands on."""
+
+    def violations(self, request: pb.SendMessageRequest, workspace_id: str) -> list[FieldViolation]:
+        """The field checks of ``speech`` (refused with the others)."""
+        ...
+
+    def listener(self, request: pb.SendMessageRequest) -> Listener | None:
+        """None when the options ask for nothing; SPEECH_NOT_CONFIGURED when they ask
+        and this server cannot."""
+        ...
+
+
 class Screening:
-    """The text path's checks, each also a step a wrapper may take in its own order."""
+    """Admission's checks, in their one order."""
 
     def __init__(
         self,
@@ -155,7 +183,10 @@ class Screening:
         router: Router,
         quotas: Quotas,
         bus: EventBus,
+        speech: SpeechStep,
     ) -> None:
+        #: The slot a request with ``speech`` fills.
+        self._speech = speech
         self._limits = limits
         self._counters = counters
         self._content = content
@@ -171,26 +202,25 @@ class Screening:
         workspace_id: str,
         steer: Steered | None,
     ) -> Screened:
-        """The text path, whole."""
-        timeout_s = self.validated(request)
-        return await self.after_fields(principal, request, workspace_id, steer, timeout_s)
-
-    async def after_fields(
-        self,
-        principal: Principal,
-        request: pb.SendMessageRequest,
-        workspace_id: str,
-        steer: Steered | None,
-        timeout_s: float,
-    ) -> Screened:
-        """The checks after the fields: the rate limits (a flood of refused messages
-        is still a flood), the filters, then the assistant and the handler."""
+        """Every check, in order: the fields; the rate limits (a flood of refused
+        messages is still a flood); the filters, then the assistant and the handler.
+        Speech moves the choice before the filters, which read its transcript."""
+        step = self._speech if request.HasField("speech") else None
+        more = step.violations(request, workspace_id) if step is not None else []
+        timeout_s = self.validated(request, more)
+        listener = step.listener(request) if step is not None else None
+        # Of the request as sent: a retry matches it, whatever its transcript.
         key = self.key(principal, request, steer)
         limits = await self.limits(workspace_id)
         await self.rate_limit(principal, workspace_id, request.conversation, limits)
+        chosen: tuple[pb.Assistant | None, Choice] | None = None
+        kept: pb.SpeechOptions | None = None
+        if listener is not None:
+            chosen = await self.choose(workspace_id, request, steer)
+            request, kept = await listener.hear(principal, request, chosen[0])
         flags = await self.filters(principal, request, workspace_id, limits)
-        assistant, choice = await self.choose(workspace_id, request, steer)
-        return Screened(request, timeout_s, key, flags, assistant, choice)
+        assistant, choice = chosen or await self.choose(workspace_id, request, steer)
+        return Screened(request, timeout_s, key, flags, assistant, choice, kept)
 
     def validated(
         self, request: pb.SendMessageRequest, more: Sequence[FieldViolation] = ()

@@ -1,13 +1,13 @@
-"""SendMessage's ``speech``: a stage around the text path's checks that turns a
-recording into the message's text.
+"""SendMessage's ``speech``: the step of admission's checks that turns a recording
+into the message's text.
 
-``Listening`` wraps admission's checks (``screening.py``) and is the one place
-where speech enters a message's admission: a request without ``speech`` passes
-straight through to them. One with it takes the same checks in the order its
-recording needs: its options' fields with the others, the rate limits, the
-assistant (whose voice settings transcribe), the recording transcribed, then
-the filters on the transcript. What they refuse, they refuse before anything
-is stored: the options' fields (INVALID_ARGUMENT naming each), a server or an
+``Listening`` fills speech's slot in admission's checks (``Screening.screen``,
+which writes their order once) and is the one place where speech enters a
+message's admission: its options' fields are checked with the others, the
+server's speech is required once they pass, and after the rate limits and the
+choice of the assistant (whose voice settings transcribe) the recording is
+transcribed, for the filters to read. What it refuses, it refuses before
+anything is stored: the options' fields (INVALID_ARGUMENT naming each), a server or an
 assistant without speech (FAILED_PRECONDITION ``SPEECH_NOT_CONFIGURED``), a
 recording that is not a WAV or has no words (INVALID_ARGUMENT), an engine that
 fails (``SPEECH_UNAVAILABLE``) or refuses (``SPEECH_REFUSED``). What passes
@@ -23,7 +23,6 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S
-from switchboard.dispatcher.runs.intake.screening import Screened, Screening, Steered
 from switchboard.dispatcher.voice.speaker import DEFAULT_RATE, Speech
 from switchboard.platform.audio import pcm
 from switchboard.platform.errors import (
@@ -43,54 +42,44 @@ _PART: Final = "message.parts[0].file"
 
 
 class Listening:
-    """Admission's checks (``Screening``) with speech around them."""
+    """Speech's step in admission's checks (``screening.SpeechStep``)."""
 
-    def __init__(self, text: Screening, speech: Speech | None, context: ContextPort) -> None:
-        self._text = text
+    def __init__(self, speech: Speech | None, context: ContextPort) -> None:
         #: The server's speech (None: ``speech`` is SPEECH_NOT_CONFIGURED).
         self._speech = speech
         self._context = context
 
-    async def screen(
-        self,
-        principal: Principal,
-        request: pb.SendMessageRequest,
-        workspace_id: str,
-        steer: Steered | None,
-    ) -> Screened:
-        """The checks of ``request``: the text path's alone for a message without speech."""
-        if not request.HasField("speech"):
-            return await self._text.screen(principal, request, workspace_id, steer)
-        text = self._text
-        more, asked = violations(request, workspace_id), wanted(request)
-        timeout = text.validated(request, more)
-        if not asked:
-            return await text.after_fields(principal, request, workspace_id, steer, timeout)
-        speech = configured(self._speech)
-        kept = echoed(request.speech)
-        # The key of the request as sent: a retry matches it, whatever its transcript.
-        key = text.key(principal, request, steer)
-        limits = await text.limits(workspace_id)
-        await text.rate_limit(principal, workspace_id, request.conversation, limits)
-        # Routed on the message as sent: its transcript picks no handler (no /command).
-        assistant, choice = await text.choose(workspace_id, request, steer)
-        heard = await self._heard(request, principal, speech, voice_of(assistant))
-        flags = await text.filters(principal, heard, workspace_id, limits)
-        return Screened(heard, timeout, key, flags, assistant, choice, kept)
+    def violations(self, request: pb.SendMessageRequest, workspace_id: str) -> list[FieldViolation]:
+        return violations(request, workspace_id)
 
-    async def _heard(
-        self,
-        request: pb.SendMessageRequest,
-        principal: Principal,
-        speech: Speech,
-        settings: pb.VoiceSettings,
-    ) -> pb.SendMessageRequest:
-        """The request as the run takes it: with its recording's transcript, if asked."""
+    def listener(self, request: pb.SendMessageRequest) -> Heard | None:
+        if not wanted(request):
+            return None
+        return Heard(configured(self._speech), self._context)
+
+
+class Heard:
+    """A request's speech, once the server can give it (``screening.Listener``)."""
+
+    def __init__(self, speech: Speech, context: ContextPort) -> None:
+        self._speech = speech
+        self._context = context
+
+    async def hear(
+        self, principal: Principal, request: pb.SendMessageRequest, assistant: pb.Assistant | None
+    ) -> tuple[pb.SendMessageRequest, pb.SpeechOptions]:
+        settings = voice_of(assistant)
+        kept = echoed(request.speech)
         if not request.speech.transcribe:
-            return request
-        return await transcribed(
-            request, principal=principal, context=self._context, speech=speech, settings=settings
+            return request, kept
+        heard = await transcribed(
+            request,
+            principal=principal,
+            context=self._context,
+            speech=self._speech,
+            settings=settings,
         )
+        return heard, kept
 
 
 def wanted(request: pb.SendMessageRequest) -> bool:
