@@ -33,8 +33,9 @@ pytestmark = pytest.mark.service
 #: The stages in the order a message travels them.
 STAGES = ("servicer", "service", "admission", "scheduler", "execution", "publishing")
 #: Where each stage lives: the servicer and the service at the top of dispatcher/, the
-#: pipeline's stages in its runs/ room (admission in its intake, publishing in its reading).
-_MODULES = ("", "", "runs.intake.", "runs.core.", "runs.", "runs.core.")
+#: pipeline's stages in its runs/ room (admission in intake/, the scheduler and publishing
+#: in core/, execution in a room of its own).
+_MODULES = ("", "", "runs.intake.", "runs.core.", "runs.execution.", "runs.core.")
 _ORDER = {
     f"switchboard.dispatcher.{room}{name}": index
     for index, (room, name) in enumerate(zip(_MODULES, STAGES, strict=True))

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs.core.live import SEQUENCE_BLOCK
+from switchboard.dispatcher.runs.core.active.live import SEQUENCE_BLOCK
 from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.store.models import RunRow

@@ -33,7 +33,7 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.dispatcher.runs.core.live import SEQUENCE_BLOCK
+from switchboard.dispatcher.runs.core.active.live import SEQUENCE_BLOCK
 from switchboard.dispatcher.runs.core.store import TERMINAL
 from tests.dispatcher.runs.reading.test_recovered_watch import _trail, assert_watchable
 from tests.dispatcher.tools.test_tool_runs import answer_with_tool_output

@@ -53,8 +53,8 @@ from switchboard.dispatcher.ports.context import (
 from switchboard.dispatcher.ports.experts import ExpertDirectory, ExpertEntry
 from switchboard.dispatcher.ports.peers import GrpcPeers
 from switchboard.dispatcher.runs.control import Control
-from switchboard.dispatcher.runs.core.feed import Feeds
-from switchboard.dispatcher.runs.core.live import Common, Live
+from switchboard.dispatcher.runs.core.active.feed import Feeds
+from switchboard.dispatcher.runs.core.active.live import Common, Live
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.core.steers import SteerBook
@@ -62,7 +62,7 @@ from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.dispatcher.runs.core.waiting import QueueNotes
 from switchboard.dispatcher.runs.delegation.delegation import Delegation
 from switchboard.dispatcher.runs.delegation.limits import DelegationLimits, FindHandler
-from switchboard.dispatcher.runs.execution import Execution
+from switchboard.dispatcher.runs.execution.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.intake.content import (
     BuiltinContentPolicy,

@@ -1,16 +1,17 @@
 """The dispatcher: the composition of its stages, in the order a message travels.
 
-    intake/admission.py ─► core/scheduler.py ─► execution.py ─► core/publishing.py
+    intake/admission.py ─► core/scheduler.py ─► execution/     ─► core/publishing.py
     (a request             (limits,             (one run's         (its updates to
      becomes a              fairness,            life through       watchers and to
-     queued run)            one per conv.)       core/lifecycle.py) the event log)
+     queued run)            one per conv.)       its states)        the event log)
     recovery.py          leases, takeover, reaping: runs back into the scheduler
     reading/queries.py   get, list, watch, describe (read only)
     control.py           cancel and tool approvals, here or forwarded to the owner
     steering.py          steers of a live run (SteerRun, policy STEER), taken at its
                          step boundaries (``core/steers.py``), here or on the owner
-    core/live.py         what they share (``Common``): this process's live runs, the
-                         store, the feeds, the bus, the router and the run limits
+    core/active/         a live run and its states (``lifecycle.py``); what they share
+                         (``Common``, ``live.py``): this process's live runs, the store,
+                         the feeds, the bus, the router and the run limits
     reading/streams.py   WatchRun and Converse, held to the caller's access
     talk/                voice sessions (Talk): turns in, transcripts and runs' updates out
     schedules/           schedules (the catalog) and their firing loop, which sends each
@@ -39,8 +40,8 @@ from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.ports.peers import Via
 from switchboard.dispatcher.runs.control import IN_PROCESS, Control
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import (
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import (
     FINISH_TIMEOUT_S,
     SEQUENCE_BLOCK,
     Common,
@@ -51,7 +52,7 @@ from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.delegation.delegation import Delegation
 from switchboard.dispatcher.runs.delegation.limits import Parent
-from switchboard.dispatcher.runs.execution import Execution
+from switchboard.dispatcher.runs.execution.execution import Execution
 from switchboard.dispatcher.runs.intake.admission import Admission
 from switchboard.dispatcher.runs.reading.queries import Queries
 from switchboard.dispatcher.runs.reading.streams import Streams

@@ -1,4 +1,4 @@
-"""Images for vision models (dispatcher/llm/images.py and messages.py): a user
+"""Images for vision models (dispatcher/llm/conversation/images.py and messages.py): a user
 message's image files become Chat Completions image parts with their bytes for a
 model with vision, a note for one without, or the run's refusal by setting;
 against the local model server, which checks content arrays as the API does."""
@@ -14,9 +14,9 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import HandleCall
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_providers
+from switchboard.dispatcher.llm.conversation.images import for_model
+from switchboard.dispatcher.llm.conversation.messages import build_messages
 from switchboard.dispatcher.llm.handler import LlmHandler
-from switchboard.dispatcher.llm.images import for_model
-from switchboard.dispatcher.llm.messages import build_messages
 from switchboard.platform.errors import ModalityUnsupported, NotFound, RequestTooLarge
 from tests.fakes.openai_server import FakeOpenAI, Reply, images_of
 from tests.kits.llmkit import fail, run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from switchboard.dispatcher.llm.conversation.tools import _arguments
 from switchboard.dispatcher.llm.stream import (
     AttemptFailed,
     Outcome,
@@ -12,7 +13,6 @@ from switchboard.dispatcher.llm.stream import (
     parse_chunk,
     parse_completion,
 )
-from switchboard.dispatcher.llm.tools import _arguments
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ import pytest
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
-from switchboard.dispatcher.llm.messages import build_messages
+from switchboard.dispatcher.llm.conversation.messages import build_messages
 from switchboard.dispatcher.llm.retrieval import _arguments, retrieval_options
 
 pytestmark = pytest.mark.unit

@@ -17,8 +17,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.base import Handler
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.router import Registry, Router, Routes
-from switchboard.dispatcher.runs.core.feed import Feeds
-from switchboard.dispatcher.runs.core.lifecycle import Active, IllegalTransition
+from switchboard.dispatcher.runs.core.active.feed import Feeds
+from switchboard.dispatcher.runs.core.active.lifecycle import Active, IllegalTransition
 from switchboard.dispatcher.runs.core.scheduler import CapacityLimits, Scheduler, Ticket
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (
@@ -40,7 +40,7 @@ PAUSED = pb.RUN_STATE_REQUIRES_ACTION
 SUCCEEDED = pb.RUN_STATE_SUCCEEDED
 ENDS = (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED, pb.RUN_STATE_DEADLINE_EXCEEDED)
 STATES = (QUEUED, RUNNING, PAUSED, SUCCEEDED, *ENDS)
-#: The diagram of dispatcher/runs/core/lifecycle.py, written out: each state's next states.
+#: The diagram of dispatcher/runs/core/active/lifecycle.py, written out: each state's next states.
 DIAGRAM = {
     # SUCCEEDED from QUEUED: a steer's run, consumed by the run it steers.
     QUEUED: {RUNNING, SUCCEEDED, *ENDS},

@@ -15,7 +15,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.router import Registry, Router, Routes
-from switchboard.dispatcher.runs.core.feed import Feeds
+from switchboard.dispatcher.runs.core.active.feed import Feeds
 from switchboard.dispatcher.runs.core.scheduler import CapacityLimits, Scheduler, Ticket
 from switchboard.platform.errors import DependencyUnavailable, InvalidArgument, QueueFull
 

@@ -9,7 +9,7 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
-from switchboard.dispatcher.runs.execution import _show
+from switchboard.dispatcher.runs.execution.execution import _show
 from switchboard.integration.kinds import experts
 
 pytestmark = pytest.mark.unit

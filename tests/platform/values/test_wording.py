@@ -9,8 +9,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.budgets.ledger import Applicable, Caps, Full
 from switchboard.dispatcher.budgets.room import refusal
+from switchboard.dispatcher.llm.conversation.tools import _result_text
 from switchboard.dispatcher.llm.retrieval import _arguments
-from switchboard.dispatcher.llm.tools import _result_text
 from switchboard.platform.values.wording import counted, noun
 
 pytestmark = pytest.mark.unit

@@ -30,7 +30,7 @@ import httpx
 
 from switchboard.dispatcher.handlers.base import HandlerFailure
 from switchboard.dispatcher.llm.config import LlmConfig, Provider
-from switchboard.dispatcher.llm.images import for_model
+from switchboard.dispatcher.llm.conversation.images import for_model
 from switchboard.dispatcher.llm.stream import (
     AttemptFailed,
     Outcome,

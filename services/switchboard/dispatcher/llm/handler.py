@@ -7,10 +7,10 @@ token usage summed over every call and its price from the configured table.
 This module composes the handler from parts that each do one job:
 
 - ``config``: the providers, prices and limits, parsed from settings;
-- ``messages``: the run's context as Chat Completions messages, and
-  ``images`` the image files in it for vision models (notes for the others);
-- ``tools``: the tools offered, each tool step of the run and the messages
-  it adds to the conversation;
+- ``conversation/``: ``messages``, the run's context as Chat Completions
+  messages, and ``images`` the image files in it for vision models (notes for
+  the others); ``tools``, the tools offered, each tool step of the run and the
+  messages it adds to the conversation;
 - ``client``: one model call along the provider chain, with retries,
   fallback and a circuit breaker per provider (``stream`` parses the
   responses: server-sent events, chunks, tool call fragments);
@@ -49,10 +49,10 @@ from switchboard.dispatcher.handlers.base import (
 )
 from switchboard.dispatcher.llm.client import Answer, ProviderClient
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
-from switchboard.dispatcher.llm.images import check_policy, load
-from switchboard.dispatcher.llm.messages import build_messages, user_message
+from switchboard.dispatcher.llm.conversation.images import check_policy, load
+from switchboard.dispatcher.llm.conversation.messages import build_messages, user_message
+from switchboard.dispatcher.llm.conversation.tools import ToolLoop
 from switchboard.dispatcher.llm.stream import ModelCall, Outcome
-from switchboard.dispatcher.llm.tools import ToolLoop
 from switchboard.dispatcher.llm.usage import INT32_MAX, Price, Tally, estimate_tokens
 from switchboard.platform.errors import ModelNotPriced
 

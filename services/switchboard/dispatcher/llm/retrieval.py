@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
-from switchboard.dispatcher.llm.messages import result_source
+from switchboard.dispatcher.llm.conversation.messages import result_source
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.platform.errors import InvalidArgument
 from switchboard.platform.security.policy import Principal

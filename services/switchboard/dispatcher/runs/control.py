@@ -15,12 +15,13 @@ from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.peers import PeerPort, Via
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import MAX_REASON_CHARS, Common
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import MAX_REASON_CHARS, Common
 from switchboard.dispatcher.runs.core.publishing import Publishing
+from switchboard.dispatcher.runs.core.records import Stored
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
-from switchboard.dispatcher.runs.core.store import TERMINAL, Stored
-from switchboard.dispatcher.runs.execution import Execution
+from switchboard.dispatcher.runs.core.store import TERMINAL
+from switchboard.dispatcher.runs.execution.execution import Execution
 from switchboard.platform.errors import (
     DependencyUnavailable,
     FailedPrecondition,

@@ -23,8 +23,8 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import Handler
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Live, RunLimits
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import FINISH_TIMEOUT_S, Live, RunLimits
 from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.dispatcher.tools.journal import Journal, add_usage
 from switchboard.platform.errors import Conflict, DependencyUnavailable, RunNotResumable

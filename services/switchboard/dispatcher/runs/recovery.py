@@ -8,7 +8,7 @@ their journal (``resume``, the default), fail with RUN_INTERRUPTED (``fail``)
 or are queued again (``requeue``), by ``SWITCHBOARD_DISPATCHER_RECOVERY``; a
 paused one resumes whatever the policy. A recovered run goes back through the
 scheduler (``Admission.admit``) and continues in the next sequence block
-(``core/live.py``).
+(``core/active/live.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from google.protobuf.message import DecodeError
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.ledger import Amount, LostRecord
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import (
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import (
     FINISH_TIMEOUT_S,
     Common,
     handler_label,
@@ -34,7 +34,8 @@ from switchboard.dispatcher.runs.core.live import (
     queued_again,
 )
 from switchboard.dispatcher.runs.core.publishing import Publishing
-from switchboard.dispatcher.runs.core.store import TERMINAL, Charged, Stored
+from switchboard.dispatcher.runs.core.records import Charged, Stored
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.tools.journal import cover, unreadable
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (

@@ -34,7 +34,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.ports.peers import Via
 from switchboard.dispatcher.runs.control import IN_PROCESS, Control
-from switchboard.dispatcher.runs.core.live import Common
+from switchboard.dispatcher.runs.core.active.live import Common
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.runs.intake.admission import Admission

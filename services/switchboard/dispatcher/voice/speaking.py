@@ -41,7 +41,7 @@ Relay = Callable[[Callable[[str], None] | None], Awaitable[handler_pb2.HandleRes
 
 
 class SpeakingRun(Protocol):
-    """What speech needs of a live run (``runs/core/lifecycle.py``'s ``Active``)."""
+    """What speech needs of a live run (``runs/core/active/lifecycle.py``'s ``Active``)."""
 
     #: Its speech, while it speaks its answer.
     speaker: Speaker | None

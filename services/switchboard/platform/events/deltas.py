@@ -15,7 +15,7 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 
 #: A merged delta stops growing at this many characters (as the run's own merge of the
-#: deltas a handler yields together: ``dispatcher/runs/relay.py``) ...
+#: deltas a handler yields together: ``dispatcher/runs/execution/relay.py``) ...
 MAX_MERGED_CHARS: Final = 16 * 1024
 #: ... and at this many updates.
 MAX_MERGED_UPDATES: Final = 256

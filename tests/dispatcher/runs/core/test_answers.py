@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.context.domain import ContextDomain
 from switchboard.dispatcher.ports.context import LocalContext
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
 from switchboard.dispatcher.runs.core.answers import Renamed, answering
-from switchboard.dispatcher.runs.core.lifecycle import Active
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import AuthMethod, Principal, Scope

@@ -9,7 +9,7 @@ import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.runs.core import feed
+from switchboard.dispatcher.runs.core.active import feed
 from switchboard.dispatcher.runs.reading.queries import _InOrder
 from switchboard.events import subscriptions
 from switchboard.platform.events import deltas

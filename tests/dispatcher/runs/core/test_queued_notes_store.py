@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs.core.store import NewRun, RunStore
+from switchboard.dispatcher.runs.core.records import NewRun
+from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import ConversationRow, WorkspaceRow
 

@@ -8,7 +8,7 @@ import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.runs.core.feed import Feed
+from switchboard.dispatcher.runs.core.active.feed import Feed
 
 pytestmark = pytest.mark.unit
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs.core.live import SEQUENCE_BLOCK
+from switchboard.dispatcher.runs.core.active.live import SEQUENCE_BLOCK
 from switchboard.dispatcher.runs.core.store import TERMINAL
 from tests.dispatcher.tools.test_run_journal import _decide, restarted, stopped_mid_call
 from tests.dispatcher.tools.test_tool_runs import _paused

@@ -18,8 +18,8 @@ import asyncio
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs.core import feed as feeds
-from switchboard.dispatcher.runs.core.live import SEQUENCE_BLOCK
+from switchboard.dispatcher.runs.core.active import feed as feeds
+from switchboard.dispatcher.runs.core.active.live import SEQUENCE_BLOCK
 from switchboard.dispatcher.runs.reading.queries import _InOrder, _ready
 
 pytestmark = pytest.mark.unit

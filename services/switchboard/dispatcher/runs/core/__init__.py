@@ -1,3 +1,4 @@
-"""What every stage of a run shares: its lifecycle and the live runs of this replica, its
-rows, its ordered updates and their publishing, the queue and its fairness, its deadline
-clock, and the steers waiting for a live run."""
+"""What every stage of a run shares: a live run, its lifecycle, its ordered updates and the
+live runs of this replica (``active/``), its rows (``store.py``, with ``records.py`` the
+values it takes and returns), the updates' publishing, the queue and its fairness, its
+deadline clock, and the steers waiting for a live run."""

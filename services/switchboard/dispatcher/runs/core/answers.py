@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.dispatcher.ports.context import ContextPort, Started
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import FINISH_TIMEOUT_S
 from switchboard.dispatcher.runs.core.store import Around, RunStore
 
 

@@ -27,8 +27,8 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Common
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.core.store import TERMINAL, Around
 from switchboard.platform.errors import Conflict, DependencyUnavailable, SwitchboardError
 from switchboard.platform.events.eventlog import parse_cursor

@@ -11,6 +11,9 @@ Each instance keeps a lease (``dispatcher_leases``) while it lives; the active
 runs of an instance whose lease expired are taken over by another one, and
 saves are fenced by the owner, so a replica that lost its runs cannot
 overwrite what their new owner stored.
+
+What the store takes and returns as plain values, and its refusal of a REJECT-policy
+message, are ``records.py``'s.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from sqlalchemy import (
@@ -37,7 +39,15 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.mapping import state_time
-from switchboard.platform.errors import ConversationBusy, NotFound
+from switchboard.dispatcher.runs.core.records import (
+    Charged,
+    Listing,
+    NewRun,
+    Owner,
+    Stored,
+    raise_busy,
+)
+from switchboard.platform.errors import NotFound
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import DispatcherLeaseRow, RunRow, table_of
 from switchboard.platform.store.outbox import Staged, staging
@@ -180,83 +190,6 @@ _RENEW: Final = Prepared(
     .values(expires_at=bindparam("until"), address=bindparam("address")),
     name="leases.renew",
 )
-
-
-@dataclass(frozen=True)
-class Charged:
-    """What a run's budgets were charged: its settlements' sum, kept on its row."""
-
-    cost_micros: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-    def __add__(self, other: Charged) -> Charged:
-        return Charged(
-            self.cost_micros + other.cost_micros,
-            self.input_tokens + other.input_tokens,
-            self.output_tokens + other.output_tokens,
-        )
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A run as the store returns it, with its restart data."""
-
-    run: pb.Run
-    job: bytes
-    workspace_id: str
-    conversation_id: str
-    #: What its budgets were charged so far (an active run's settlements, every
-    #: attempt's); an ended run's usage columns.
-    charged: Charged = Charged()
-
-
-@dataclass(frozen=True)
-class Owner:
-    """The dispatcher instance a run belongs to, as its lease describes it."""
-
-    instance: str
-    #: Where other replicas reach it (``SWITCHBOARD_ADVERTISE_ADDRESS``); "" if unknown.
-    address: str
-    #: Its lease has not expired: it is running (or about to recover) the run.
-    live: bool
-
-
-@dataclass(frozen=True)
-class NewRun:
-    """What ``create`` inserts."""
-
-    run_id: str
-    workspace_id: str
-    conversation_id: str
-    creator: str
-    worker: str
-    run: pb.Run
-    job: bytes
-    #: The request's ``request_id`` key, if it has one.
-    idempotency: Idempotency | None = None
-    #: Refuse (ConversationBusy) if the conversation has an active run.
-    reject_if_active: bool = False
-    #: The API key the run was started with ("" for none): quotas count a key's runs.
-    api_key_id: str = ""
-    #: The run whose delegate call started it, and its tree's root ("": none; the root
-    #: of a run with no parent is itself).
-    parent_id: str = ""
-    root_id: str = ""
-
-
-@dataclass(frozen=True)
-class Listing:
-    """Which runs ``RunStore.page`` lists: a workspace's, or one conversation's, with
-    the filters that are set."""
-
-    workspace_id: str
-    conversation_id: str = ""
-    assistant_id: str = ""
-    states: Sequence[int] = ()
-    changed_after: dt.datetime | None = None
-    #: Only the children of this run (its id).
-    parent_id: str = ""
 
 
 class RunStore:
@@ -680,14 +613,6 @@ def usage_values(run: pb.Run) -> dict[str, object]:
         "budget_lowered_calls": usage.budget_lowered_calls,
         "unpriced_calls": usage.unpriced_calls,
     }
-
-
-def raise_busy() -> None:
-    """Refuse a REJECT-policy message: the conversation has an active run."""
-    raise ConversationBusy(
-        "the conversation already has an active run (policy REJECT); "
-        "retry when it ends, or send with ENQUEUE or INTERRUPT"
-    )
 
 
 def _replayed(db: Session, resource: str | None) -> Stored | None:

@@ -20,7 +20,7 @@ from switchboard.dispatcher.budgets.ledger import Amount
 from switchboard.dispatcher.budgets.spending import RunBudget
 from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
 from switchboard.dispatcher.runs.core.store import TERMINAL, RunStore
 from switchboard.dispatcher.runs.delegation.limits import Calls, DelegationLimits, Parent, Target
 from switchboard.dispatcher.runs.delegation.offer import INPUT, MAX_INPUT_CHARS

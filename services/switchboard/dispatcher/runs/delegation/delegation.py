@@ -17,7 +17,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.dispatcher.runs.core.store import TERMINAL, RunStore
 from switchboard.dispatcher.runs.delegation.delegate import Delegate, child_update

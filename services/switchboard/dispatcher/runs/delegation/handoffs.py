@@ -32,7 +32,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.assistants.holders import Holder
-from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
 from switchboard.dispatcher.runs.delegation.offer import about, named_tool
 from switchboard.dispatcher.tools.runner import string_tool
 from switchboard.platform.errors import SwitchboardError

@@ -41,11 +41,11 @@ from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort, Started
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Common
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.core.publishing import Publishing
+from switchboard.dispatcher.runs.core.records import NewRun, Stored, raise_busy
 from switchboard.dispatcher.runs.core.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.runs.core.store import NewRun, Stored, raise_busy
 from switchboard.dispatcher.runs.delegation.limits import Parent
 from switchboard.dispatcher.runs.intake.content import ContentPolicy
 from switchboard.dispatcher.runs.intake.screening import Screened, Screening, Steered

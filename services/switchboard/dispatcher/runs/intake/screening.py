@@ -30,8 +30,8 @@ from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.budgets.quotas import Limits, Quotas
 from switchboard.dispatcher.handlers.base import Handler, text_of
 from switchboard.dispatcher.handlers.router import Choice, Router
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import RunLimits
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import RunLimits
 from switchboard.dispatcher.runs.intake.content import ContentPolicy
 from switchboard.platform.cache import Cache, hash_tag
 from switchboard.platform.errors import (

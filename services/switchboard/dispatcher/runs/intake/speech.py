@@ -22,7 +22,7 @@ from typing import Final
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S
+from switchboard.dispatcher.runs.core.active.live import FINISH_TIMEOUT_S
 from switchboard.dispatcher.voice.speaker import DEFAULT_RATE, Speech
 from switchboard.platform.audio import pcm
 from switchboard.platform.errors import (

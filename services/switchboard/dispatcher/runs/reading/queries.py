@@ -24,17 +24,18 @@ from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.llm.retrieval import search_memory_definition
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.core.feed import Feed, merge_deltas
-from switchboard.dispatcher.runs.core.live import (
+from switchboard.dispatcher.runs.core.active.feed import Feed, merge_deltas
+from switchboard.dispatcher.runs.core.active.live import (
     FINISH_TIMEOUT_S,
     SEQUENCE_BLOCK,
     Common,
     next_block,
 )
 from switchboard.dispatcher.runs.core.publishing import is_token
-from switchboard.dispatcher.runs.core.store import TERMINAL, Listing, Stored
+from switchboard.dispatcher.runs.core.records import Listing, Stored
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.runs.delegation.delegation import Delegation
-from switchboard.dispatcher.runs.execution import step_limit
+from switchboard.dispatcher.runs.execution.execution import step_limit
 from switchboard.dispatcher.runs.intake.screening import HANDLER, route
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
@@ -529,5 +530,6 @@ class _InOrder:
 
 
 def _opens_attempt(sequence: int, position: int) -> bool:
-    """Whether ``sequence`` is the first of an attempt after ``position``'s (``core/live.py``)."""
+    """Whether ``sequence`` is the first of an attempt after ``position``'s
+    (``core/active/live.py``)."""
     return sequence % SEQUENCE_BLOCK == 1 and sequence > next_block(position)

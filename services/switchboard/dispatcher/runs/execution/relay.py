@@ -20,8 +20,8 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import MAX_UPDATES, SEQUENCE_BLOCK
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import MAX_UPDATES, SEQUENCE_BLOCK
 from switchboard.dispatcher.tools.runner import RunTools
 
 #: Largest delta made of merged ones (a bigger one goes out as it is).

@@ -47,9 +47,9 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.spending import Read, RunBudget
 from switchboard.dispatcher.handlers.base import Handler
-from switchboard.dispatcher.runs.core.feed import Feed
+from switchboard.dispatcher.runs.core.active.feed import Feed
+from switchboard.dispatcher.runs.core.records import Charged
 from switchboard.dispatcher.runs.core.scheduler import Ticket
-from switchboard.dispatcher.runs.core.store import Charged
 from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.runner import RunTools
 from switchboard.dispatcher.voice.speaker import Speaker
@@ -104,7 +104,7 @@ class Active:
     #: Events that go out with the run's end (its result): written in the
     #: transaction that stores the end, and published in one batch with it.
     ending: list[events_pb2.Event] = field(default_factory=list)
-    #: Its answer, stored with its end in one transaction (``runs/finishing.py``), and the
+    #: Its answer, stored with its end in one transaction (``runs/execution/finishing.py``), and the
     #: id the answer's message gets; None once stored, or stored on its own.
     answer: tuple[cpb.AppendMessageRequest, str] | None = None
     publisher: asyncio.Task[None] | None = None

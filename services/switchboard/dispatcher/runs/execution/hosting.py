@@ -22,9 +22,9 @@ from collections.abc import Awaitable
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import FINISH_TIMEOUT_S
 from switchboard.dispatcher.runs.core.clock import RunClock
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.platform.errors import RunInterrupted, SwitchboardError

@@ -1,4 +1,4 @@
-"""Execution: one run's life through the ``core/lifecycle.py`` table.
+"""Execution: one run's life through the ``core/active/lifecycle.py`` table.
 
 When the scheduler starts a run (``launch``), one asyncio task checks the
 caller may still write, reads the context window (and the assistant's tools;
@@ -37,21 +37,21 @@ from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.handlers.base import FileReader, HandleCall, HandlerFailure
 from switchboard.dispatcher.llm.retrieval import TOOL_NAME, SearchMemory
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.cancelling import Cancelling
-from switchboard.dispatcher.runs.charges import Charges
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import MAX_REASON_CHARS, Common
 from switchboard.dispatcher.runs.core.clock import RunClock
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import MAX_REASON_CHARS, Common
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.core.steers import SteerBook
 from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.runs.delegation.delegation import Delegation
 from switchboard.dispatcher.runs.durable import Durable
-from switchboard.dispatcher.runs.finishing import Finishing
-from switchboard.dispatcher.runs.hosting import Hosting
-from switchboard.dispatcher.runs.inputs import InputReader, Inputs
-from switchboard.dispatcher.runs.relay import relay
+from switchboard.dispatcher.runs.execution.cancelling import Cancelling
+from switchboard.dispatcher.runs.execution.charges import Charges
+from switchboard.dispatcher.runs.execution.finishing import Finishing
+from switchboard.dispatcher.runs.execution.hosting import Hosting
+from switchboard.dispatcher.runs.execution.inputs import InputReader, Inputs
+from switchboard.dispatcher.runs.execution.relay import relay
 from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import BuiltinTool, RunTools, ToolLimits

@@ -16,8 +16,8 @@ from typing import Any, Final
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.llm.images import ImagePart
-from switchboard.dispatcher.llm.tools import assistant_calls, json_text, tool_message
+from switchboard.dispatcher.llm.conversation.images import ImagePart
+from switchboard.dispatcher.llm.conversation.tools import assistant_calls, json_text, tool_message
 from switchboard.shared.parttext import is_vision_image, render_parts
 
 _TOOL_PARTS: Final = frozenset({"tool_call", "tool_result"})

@@ -21,10 +21,11 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.budgets.ledger import Record
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.handed import Handed
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import RunLimits
-from switchboard.dispatcher.runs.core.store import Charged, RunStore
-from switchboard.dispatcher.runs.hosting import Host
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import RunLimits
+from switchboard.dispatcher.runs.core.records import Charged
+from switchboard.dispatcher.runs.core.store import RunStore
+from switchboard.dispatcher.runs.execution.hosting import Host
 from switchboard.dispatcher.tools.journal import cover
 from switchboard.internal.dispatcher.v1 import job_pb2
 

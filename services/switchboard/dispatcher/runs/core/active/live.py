@@ -18,8 +18,8 @@ from typing import Final, Literal
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.base import Handler
 from switchboard.dispatcher.handlers.router import Router
-from switchboard.dispatcher.runs.core.feed import Feeds
-from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.feed import Feeds
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
 from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import WORKSPACE_HANDLER

@@ -25,9 +25,9 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.budgets.spending import Read
 from switchboard.dispatcher.llm.retrieval import retrieval_options, search_memory_definition
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.charges import Charges
-from switchboard.dispatcher.runs.core.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
 from switchboard.dispatcher.runs.delegation.delegation import NO_OFFER, Delegation, Offer
+from switchboard.dispatcher.runs.execution.charges import Charges
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import offered_tools
 from switchboard.platform.security.policy import Permission, Policy

@@ -24,13 +24,13 @@ import time
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.charges import Charges
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import Common, handler_label, queued_again
 from switchboard.dispatcher.runs.core.answers import Renamed, answering
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import Common, handler_label, queued_again
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.steers import SteerBook
-from switchboard.dispatcher.runs.hosting import saved_start
+from switchboard.dispatcher.runs.execution.charges import Charges
+from switchboard.dispatcher.runs.execution.hosting import saved_start
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.values import names

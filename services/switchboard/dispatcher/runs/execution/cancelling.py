@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.runs.core.lifecycle import Active
-from switchboard.dispatcher.runs.core.live import FINISH_TIMEOUT_S, Live
+from switchboard.dispatcher.runs.core.active.lifecycle import Active
+from switchboard.dispatcher.runs.core.active.live import FINISH_TIMEOUT_S, Live
 from switchboard.dispatcher.runs.core.publishing import Publishing
 from switchboard.dispatcher.runs.core.scheduler import Scheduler
 from switchboard.dispatcher.runs.core.store import TERMINAL
-from switchboard.dispatcher.runs.finishing import Finishing
+from switchboard.dispatcher.runs.execution.finishing import Finishing
 from switchboard.dispatcher.voice.speaking import Speaking
 from switchboard.platform import background
 from switchboard.platform.errors import RunInterrupted, SwitchboardError
