@@ -178,7 +178,7 @@ def answer_of(task: a2a.Task) -> str:
 async def test_the_card_names_the_grpc_interface_tenant_and_bearer_scheme(agent: Agent) -> None:
     card = agent.card
     # Asked for directly (not through the edge, no SWITCHBOARD_PUBLIC_URL): the server's
-    # own gRPC address only; HTTP+JSON is the edge's (tests/e2e/test_a2a_http.py).
+    # own gRPC address only; HTTP+JSON is the edge's (tests/a2a/test_a2a_http.py).
     [interface] = card.supported_interfaces
     assert interface.protocol_binding == "GRPC"
     assert interface.url == agent.server.address

@@ -9,7 +9,7 @@ master that holds the event log's slot is SIGKILLed and its replica promoted.
   acknowledged by ``WAIT 1``: they wait in the outbox), and after. Every subscriber
   then holds exactly the log after its start, in log order, each event once, and the
   log holds exactly one event per CreateApiKey that returned OK, read through either
-  process (the checks of the single-Redis fault suite, ``test_event_faults.py``).
+  process (the checks of the single-Redis fault suite, ``tests/events/test_event_faults.py``).
 - Runs: after the failover, runs sent through each process stream to their end, each
   watched through the other process (its updates over the cluster's channels), and the
   answers are stored.
@@ -31,7 +31,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.cache import hash_tag
 from tests.e2e.procs import ServeProcess, shared_secrets
-from tests.e2e.test_event_faults import (
+from tests.events.test_event_faults import (
     PER_PHASE,
     Publisher,
     _assert_exact,

@@ -6,7 +6,8 @@ Counted, and all must be 0: acknowledged writes lost, acknowledged writes
 without their event, events delivered twice, INTERNAL statuses, calls that
 hung past their deadline. A run on the killed replica must reach its terminal
 state under ``fail``, and a WatchRun on the survivor must end with it, with
-strictly increasing sequences (``resume`` under SIGKILL: test_durable_runs.py).
+strictly increasing sequences (``resume`` under SIGKILL:
+tests/dispatcher/runs/test_durable_runs.py).
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ async def test_a_run_on_a_killed_replica_ends_for_its_watcher_on_the_survivor(
     env: dict[str, str],
 ) -> None:
     # Under ``fail``; a killed replica's runs continued (``resume``, ``requeue``) with
-    # watchers on the survivor are tests/e2e/test_durable_runs.py's, and a requeued
+    # watchers on the survivor are tests/dispatcher/runs/test_durable_runs.py's, and a requeued
     # echo run's unspliced answer is tests/platform/store/test_crash_consistency.py's.
     recovery = "fail"
     first, second = _replicas(env, recovery)

@@ -111,10 +111,10 @@ def test_envoy_runs_the_generated_configuration(envoy: EnvoyProcess) -> None:
         assert [f["name"] for f in manager["http_filters"]] == [
             "envoy.filters.http.grpc_web",
             "envoy.filters.http.cors",
-            # A2A's HTTP+JSON binding and the public Agent Card (test_a2a_http.py); the
-            # Lua filter puts every error of an HTTP+JSON request in A2A's {"error": ...}
+            # A2A's HTTP+JSON binding and the public Agent Card (tests/a2a/test_a2a_http.py);
+            # the Lua filter puts every error of an HTTP+JSON request in A2A's {"error": ...}
             # shape, the buffer holds an HTTP+JSON body to the servers' message limit
-            # (test_a2a_conformance.py; every route turns it off).
+            # (tests/a2a/test_a2a_conformance.py; every route turns it off).
             "envoy.filters.http.lua",
             "envoy.filters.http.buffer",
             "envoy.filters.http.grpc_json_transcoder",

@@ -3,7 +3,7 @@ retry-safe tools"): a malformed key is INVALID_ARGUMENT on the field before anyt
 is sent; a good one reaches the tool the integration's way. Against real servers: the
 suite's MCP server (tests/infra/mcpserver.py, which records the ``_meta`` key of each
 call) and a gRPC expert (tests/e2e/toolexpert.py, which records each call's
-metadata). A2A agents get it as the message id: tests/e2e/test_a2a_experts.py."""
+metadata). A2A agents get it as the message id: tests/integration/kinds/test_a2a_experts.py."""
 
 from __future__ import annotations
 

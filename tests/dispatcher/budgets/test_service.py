@@ -24,7 +24,7 @@ handler is a gRPC domain expert hands it what is left of the run's budgets and i
 what it reports; one whose handler is an A2A agent (here this very deployment's own front
 door, reached through a card served over HTTP, in another workspace) hands it the budget
 extension, and the agent's run spends within it and reports its usage back, which the
-caller's run and budget are charged. tests/e2e/test_budget_hops.py has the same with
+caller's run and budget are charged. tests/dispatcher/budgets/test_budget_hops.py has the same with
 separate processes.
 
 A2A callers at a budget's cap: A2A has no error of its own for a spent budget, so a

@@ -2,7 +2,7 @@
 process on SQLite and PostgreSQL: the bytes land in the bucket under their hash and
 nowhere else, uploads of both kinds round-trip, a mismatch leaves the bucket as it was,
 and a store that cannot be reached is UNAVAILABLE (never UNKNOWN), with nothing stored.
-(Several processes sharing PostgreSQL and the bucket: tests/e2e/test_files_s3.py.)"""
+(Several processes sharing PostgreSQL and the bucket: tests/context/files/test_files_s3.py.)"""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ attempt again and SUCCEEDED a second time.
 Real parts: the llm handler against the local OpenAI-compatible server, the reference
 MCP server whose slow tool is in flight at the stop, the replica stopped (it stores the
 run QUEUED again) and restarted on the same database (``test_run_journal.py``'s harness).
-The same after a SIGKILL, on PostgreSQL and Redis: ``tests/e2e/test_run_streams.py``.
+The same after a SIGKILL, on PostgreSQL and Redis: ``test_run_streams_sigkill.py``.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ async def test_a_run_recovered_after_a_stop_replays_its_attempt_from_its_opening
             # On the process that recovered it: while it goes on, and once it has ended
             # (its feed kept). Stopped (not killed), the replica stored the run QUEUED
             # again, so the attempt opens with RUNNING (after a SIGKILL, with QUEUED:
-            # tests/e2e/test_run_streams.py); nothing comes before it.
+            # test_run_streams_sigkill.py, beside this file); nothing comes before it.
             live = await watch_all(tools.dstub, tools.world.editor, run)
             seen = await watch_all(tools.dstub, tools.world.editor, run)
             for watched in (live, seen):

@@ -13,7 +13,7 @@ and one Redis, the run's owner killed and started again as the same replica.
   over the stream, and was passed over: "w13" never came, the stream ended OK), with and
   without merged deltas; on the owner, a watch from the start shows the attempt once.
 
-What every stream must keep is ``tests/service/test_recovered_watch.assert_watchable``.
+What every stream must keep is ``test_recovered_watch.assert_watchable`` (beside this file).
 """
 
 from __future__ import annotations

@@ -15,8 +15,7 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from tests.e2e.procs import ServeProcess
-from tests.e2e.test_dispatcher_forwarding import (
+from tests.dispatcher.runs.test_dispatcher_forwarding import (
     TIMEOUT_S,
     code_of,
     env,
@@ -26,6 +25,7 @@ from tests.e2e.test_dispatcher_forwarding import (
     slow_run,
     stubs,
 )
+from tests.e2e.procs import ServeProcess
 from tests.kits.dispatchkit import cancel, finished, get_run
 
 pytestmark = pytest.mark.e2e

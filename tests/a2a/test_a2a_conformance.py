@@ -35,9 +35,9 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.a2a.test_a2a import stub as a2a_stub
+from tests.a2a.test_a2a_http import CALL_TIMEOUT_S, _register, _Token
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
-from tests.e2e.test_a2a_http import CALL_TIMEOUT_S, _register, _Token
 from tests.kits.contextkit import Caller, context_stub, create_workspace
 from tests.kits.dispatchkit import dispatcher_stub
 

@@ -35,8 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.runs.core.store import TERMINAL
-from tests.e2e import test_budget_faults
-from tests.e2e.test_budget_faults import (
+from tests.dispatcher.budgets import test_budget_faults
+from tests.dispatcher.budgets.test_budget_faults import (
     ANSWER,
     CALL_TIMEOUT_S,
     COST,

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from tests.dispatcher.runs.test_dispatcher_forwarding import people, replica, stubs
 from tests.e2e.procs import ServeProcess, shared_env
-from tests.e2e.test_dispatcher_forwarding import people, replica, stubs
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.redis import RedisServer
 from tests.kits.dispatchkit import watch_all

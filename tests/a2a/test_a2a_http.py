@@ -1,5 +1,5 @@
 """A2A's HTTP+JSON binding and the public Agent Card, through a real Envoy in front of a real
-``switchboard serve`` (the embedded shape; the mesh's edge is in test_mesh.py).
+``switchboard serve`` (the embedded shape; the mesh's edge is in tests/e2e/test_mesh.py).
 
 The official ``a2a-sdk`` client discovers the agent from
 ``/{tenant}/.well-known/agent-card.json`` and talks to it over its HTTP+JSON
