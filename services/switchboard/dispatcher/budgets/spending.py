@@ -323,11 +323,15 @@ class RunBudget:
         self._pausing = asyncio.Lock()
         #: The caps a caller handed to this run (None: it was not called across a hop),
         #: and what its steps used and hold of them (in memory: one run, one process).
-        self.handed = handed
         self._handed = HandedCaps(handed)
         #: What the run's settled steps used: its charge, which a run that does not
         #: succeed (no result to carry its usage) still reports (execution's ``_unwind``).
         self.charged = Amount()
+
+    @property
+    def handed(self) -> Handed | None:
+        """The caps a caller handed to this run (None: it was not called across a hop)."""
+        return self._handed.caps
 
     @property
     def caps_cost(self) -> bool:
