@@ -124,6 +124,25 @@ def check_password_policy(password: str, *, email: str = "", field: str = "passw
         )
 
 
+@functools.cache
+def _timing_hash(params: Argon2Params) -> str:
+    """A hash of a password nobody has, with ``params``' cost. One per process and cost:
+    it is made when the process starts, and each server a process builds (tests build
+    thousands) would otherwise spend a whole argon2 hash on it."""
+    return _argon(params).hash("dummy-password-for-timing-equalization")
+
+
+def _argon(params: Argon2Params) -> argon2.PasswordHasher:
+    return argon2.PasswordHasher(
+        time_cost=params.time_cost,
+        memory_cost=params.memory_kib,
+        parallelism=params.parallelism,
+        hash_len=32,
+        salt_len=16,
+        type=argon2.Type.ID,
+    )
+
+
 class PasswordHasher:
     """argon2id hashing and verification in a bounded thread pool."""
 
@@ -135,20 +154,13 @@ class PasswordHasher:
         max_pending: int = 64,
     ) -> None:
         self.params = params or Argon2Params()
-        self._argon = argon2.PasswordHasher(
-            time_cost=self.params.time_cost,
-            memory_cost=self.params.memory_kib,
-            parallelism=self.params.parallelism,
-            hash_len=32,
-            salt_len=16,
-            type=argon2.Type.ID,
-        )
+        self._argon = _argon(self.params)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
         self._slots = asyncio.Semaphore(max_pending)
         self._max_pending = max_pending
         # Verifying against this when a user does not exist makes "unknown user"
         # cost the same as "wrong password", so timing reveals nothing.
-        self._dummy_hash = self._argon.hash("dummy-password-for-timing-equalization")
+        self._dummy_hash = _timing_hash(self.params)
 
     async def _run(self, fn: Callable[[], T]) -> T:
         if self._slots.locked():

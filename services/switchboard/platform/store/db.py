@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -35,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import aiosqlite
 from alembic import command
@@ -223,6 +224,23 @@ def _alembic_lock() -> asyncio.Lock:
     if lock is None:
         lock = _alembic_locks[loop] = asyncio.Lock()
     return lock
+
+
+class Revisions(NamedTuple):
+    head: str
+    known: frozenset[str]
+
+
+@functools.cache
+def _revisions() -> Revisions:
+    """This code's newest revision and every revision it knows. Read once per process:
+    Alembic builds the map by executing each revision's script, and the packaged
+    scripts do not change while it runs."""
+    scripts = ScriptDirectory.from_config(alembic_config())
+    head = scripts.get_current_head()
+    if head is None:
+        raise RuntimeError("the packaged migrations have no head revision")
+    return Revisions(head, frozenset(revision.revision for revision in scripts.walk_revisions()))
 
 
 def alembic_config() -> Config:
@@ -855,6 +873,10 @@ class Database:
         timeout; raise SWITCHBOARD_DATABASE_TIMEOUT_S for a migration with
         slow statements.
         """
+        # Most starts find the schema current (every replica, every restart): one read of
+        # the version table then, not Alembic's walk of every revision script under its lock.
+        if await self._schema_heads() == [_revisions().head]:
+            return
         await self._run_alembic(lambda config: command.upgrade(config, "head"))
 
     async def check_schema(self) -> None:
@@ -864,17 +886,8 @@ class Database:
         new version migrates first and old replicas keep serving (migrations
         only add), and a rollback starts old code on the new schema.
         """
-        found: list[str | None] = []
-
-        def read(connection: Connection) -> None:
-            migration = MigrationContext.configure(connection)
-            found.extend(migration.get_current_heads() or [None])
-
-        async with _alembic_lock(), self.engine.connect() as connection:
-            await connection.run_sync(read)
-        scripts = ScriptDirectory.from_config(alembic_config())
-        head = scripts.get_current_head()
-        known = {revision.revision for revision in scripts.walk_revisions()}
+        found = await self._schema_heads()
+        head, known = _revisions()
         if any(current is None or (current in known and current != head) for current in found):
             at = ", ".join(current or "empty" for current in found)
             raise ConfigError(
@@ -923,6 +936,18 @@ class Database:
                 bound,
                 extra={"database": self.display_url},
             )
+
+    async def _schema_heads(self) -> list[str | None]:
+        """The revisions the database's schema is at (``[None]`` when it has none)."""
+        found: list[str | None] = []
+
+        def read(connection: Connection) -> None:
+            migration = MigrationContext.configure(connection)
+            found.extend(migration.get_current_heads() or [None])
+
+        async with _alembic_lock(), self.engine.connect() as connection:
+            await connection.run_sync(read)
+        return found
 
     async def _run_alembic(self, operation: Callable[[Config], None]) -> None:
         def run(connection: Connection) -> None:
