@@ -79,13 +79,16 @@ RECONNECT_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
 )
 
 
-def channel_options(user_agent: str = USER_AGENT) -> list[tuple[str, Any]]:
-    """The options every client channel uses (callers' options come after them)."""
-    return [
-        *KEEPALIVE_OPTIONS,
-        *RECONNECT_OPTIONS,
-        ("grpc.primary_user_agent", user_agent),
-    ]
+def channel_options(
+    user_agent: str = USER_AGENT, options: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """The options a client channel uses: ``options``, then each default they do not name.
+
+    gRPC takes an option's first value, so a caller's option must come before the
+    default it replaces (placed after it, it would be ignored)."""
+    named = {name for name, _ in options}
+    defaults = [*KEEPALIVE_OPTIONS, *RECONNECT_OPTIONS, ("grpc.primary_user_agent", user_agent)]
+    return [*options, *(option for option in defaults if option[0] not in named)]
 
 
 def new_request_id() -> str:
@@ -211,7 +214,7 @@ class Client:
         # bearer, as it goes on the wire.
         ours = CallPolicy(self.tokens, default_timeout_s=timeout_s, retry=retry or RetryPolicy())
         chain: list[Any] = [*ours.interceptors(), *interceptors]
-        merged = [*channel_options(user_agent), *options]
+        merged = channel_options(user_agent, options)
         if tls is False:
             self.channel = aio.insecure_channel(target, options=merged, interceptors=chain)
         else:

@@ -67,13 +67,13 @@ CHANNEL_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
 
 
 def expert_channel(target: str, options: ChannelOptions = (), *, tls: bool = False) -> aio.Channel:
-    """A channel to one expert at ``target``; ``options`` come after (and override) the defaults.
+    """A channel to one expert at ``target``; ``options`` override the defaults of the same name.
 
     ``options`` carry what the egress check decided (``platform/security/egress.py``):
     the checked address is the target, the host name stays the authority and
     the name TLS verifies. ``tls`` uses the system's trusted roots.
     """
-    merged = (*CHANNEL_OPTIONS, *options)
+    merged = over_defaults(options, CHANNEL_OPTIONS)
     # With tracing on: a client span per call, its context sent to the expert.
     interceptors = client_interceptors()
     if tls:
@@ -81,6 +81,16 @@ def expert_channel(target: str, options: ChannelOptions = (), *, tls: bool = Fal
             target, grpc.ssl_channel_credentials(), options=merged, interceptors=interceptors
         )
     return aio.insecure_channel(target, options=merged, interceptors=interceptors)
+
+
+def over_defaults(
+    options: Sequence[tuple[str, Any]], defaults: Sequence[tuple[str, Any]]
+) -> tuple[tuple[str, Any], ...]:
+    """``options``, then each of ``defaults`` they do not name. gRPC takes an option's
+    FIRST value (tests/platform/rpc/outbound/test_channel_options.py shows it), so a caller's option
+    placed after a default of the same name would be ignored."""
+    named = {name for name, _ in options}
+    return (*options, *(option for option in defaults if option[0] not in named))
 
 
 async def connected(channel: aio.Channel, within_s: float) -> bool:
