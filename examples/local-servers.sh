@@ -114,15 +114,31 @@ start() {
     echo "hook:       http://127.0.0.1:$HOOK_PORT/hook (its secret in $DIR/hook.secret; deliveries in $DIR/hook.log)"
 }
 
+# Whether the process still holds anything: a zombie (ended, not yet reaped by whoever
+# inherited it, which can take a second) has closed its ports already.
+alive() {
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $state != Z* ]]
+}
+
 stop() {
     local name pid
+    local -A stopping=()
+    # Every server is asked first and then all are waited for: one at a time, each
+    # server's exit would add to the next one's.
     for name in "${SERVERS[@]}"; do
         if running "$name"; then
             pid=$(<"$DIR/$name.pid")
             kill "$pid"
-            # Gone before this returns: a start right after must find the port free.
-            local deadline=$((SECONDS + 10))
-            while kill -0 "$pid" 2>/dev/null; do
+            stopping[$name]=$pid
+        fi
+    done
+    # Gone before this returns: a start right after must find the ports free.
+    local deadline=$((SECONDS + 10))
+    for name in "${SERVERS[@]}"; do
+        if [[ -n ${stopping[$name]:-} ]]; then
+            pid=${stopping[$name]}
+            while alive "$pid"; do
                 ((SECONDS <= deadline)) || kill -KILL "$pid" 2>/dev/null || true
                 sleep 0.05
             done
