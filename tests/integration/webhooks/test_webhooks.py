@@ -514,13 +514,18 @@ async def test_a_webhook_failing_for_long_is_disabled(receiver: WebhookReceiver)
         up = receiver.endpoint("up", [secret])
         await add_webhook(part, "w1", "down", receiver.url("down"), secret)
         await add_webhook(part, "w1", "up", receiver.url("up"), secret)
+        published = time.monotonic()
         events = [await publish(part.bus, "w1") for _ in range(3)]
         await until(lambda: bool(part.disabled.calls), "the webhook disabled")
+        # Not at its first failure: once it has failed for disable_after_s. How many
+        # attempts fit in that time is the host's load's to say (one, when the first
+        # attempt itself came late), so the time is what is asserted.
+        assert time.monotonic() - published >= limits.disable_after_s
         ((workspace_id, integration_id, reason),) = part.disabled.calls
         assert (workspace_id, integration_id) == ("w1", "down")
         assert reason.startswith("webhook disabled: no successful delivery for ")
         assert "HTTP 503" in reason
-        assert down.requests >= 2
+        assert down.requests >= 1
         assert down.ids == []
         health = await part.engine.health("w1", "down")
         assert health is not None
