@@ -40,10 +40,11 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import CALL_DEADLINE_S
 from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer
 from tests.kits.authkit import reasons
-from tests.kits.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world, refused
+from tests.kits.contextkit import Caller, World, context_stub, ctx_world, refused
 from tests.kits.contextkit import violations as fields
 from tests.kits.dispatchkit import careful_assistant, dispatcher_stub, script_two_echoes
 from tests.kits.filekit import png
@@ -94,17 +95,17 @@ class Agent:
         the conversation stores it (read by the viewer)."""
         async with aio.insecure_channel(self.server.address) as channel:
             answered = await self.stub(channel).SendMessage(
-                sent, metadata=self.world.editor.md, timeout=TIMEOUT_S
+                sent, metadata=self.world.editor.md, timeout=CALL_DEADLINE_S
             )
             run = await dispatcher_stub(channel).GetRun(
                 dpb.GetRunRequest(name=answered.task.metadata["run"]),
                 metadata=self.world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             stored = await context_stub(channel).GetMessage(
                 cpb.GetMessageRequest(name=run.run.input_message),
                 metadata=self.world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         return answered, stored
 
@@ -134,13 +135,13 @@ async def running_agent(**settings: Any) -> AsyncIterator[Agent]:
                 ),
             ),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         workspace_id = world.name.removeprefix("workspaces/")
         card = await stub(channel).GetExtendedAgentCard(
             a2a.GetExtendedAgentCardRequest(tenant=f"{workspace_id}.echoer"),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert card.name == made.assistant.display_name
         yield Agent(server, world, card)
@@ -254,14 +255,14 @@ async def test_a_streamed_send_sends_the_task_then_chunks_then_the_end(agent: Ag
         got = await stub.GetTask(
             a2a.GetTaskRequest(tenant=agent.tenant, id=final.task_id),
             metadata=agent.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert got.status.state == a2a.TASK_STATE_COMPLETED
         assert answer_of(got) == streamed
         listed = await stub.ListTasks(
             a2a.ListTasksRequest(tenant=agent.tenant, context_id=final.context_id),
             metadata=agent.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert [task.id for task in listed.tasks] == [final.task_id]
 
@@ -273,30 +274,32 @@ async def test_send_and_list_honour_history_length_modes_and_status_time(agent: 
         first = request("first", agent.tenant)
         first.configuration.history_length = 0
         first.configuration.accepted_output_modes.extend(["application/json", "text/plain"])
-        sent = (await a2a_stub.SendMessage(first, metadata=md, timeout=TIMEOUT_S)).task
+        sent = (await a2a_stub.SendMessage(first, metadata=md, timeout=CALL_DEADLINE_S)).task
         assert sent.status.state == a2a.TASK_STATE_COMPLETED
         assert not sent.history
         assert answer_of(sent).startswith("first")
         context = sent.context_id
         second = (
             await a2a_stub.SendMessage(
-                request("second", agent.tenant, context_id=context), metadata=md, timeout=TIMEOUT_S
+                request("second", agent.tenant, context_id=context),
+                metadata=md,
+                timeout=CALL_DEADLINE_S,
             )
         ).task
         assert [part.text for part in second.history[0].parts] == ["second"]
         listing = a2a.ListTasksRequest(tenant=agent.tenant, context_id=context)
-        every = await a2a_stub.ListTasks(listing, metadata=md, timeout=TIMEOUT_S)
+        every = await a2a_stub.ListTasks(listing, metadata=md, timeout=CALL_DEADLINE_S)
         assert {task.id for task in every.tasks} == {sent.id, second.id}
         assert every.total_size == 2
         # Only tasks whose status changed at or after the given time (A2A: "greater than
         # or equal").
         listing.status_timestamp_after.CopyFrom(second.status.timestamp)
-        later = await a2a_stub.ListTasks(listing, metadata=md, timeout=TIMEOUT_S)
+        later = await a2a_stub.ListTasks(listing, metadata=md, timeout=CALL_DEADLINE_S)
         assert [task.id for task in later.tasks] == [second.id]
         assert later.total_size == 1
         after_both = second.status.timestamp.ToNanoseconds() + 1000
         listing.status_timestamp_after.FromNanoseconds(after_both)
-        none = await a2a_stub.ListTasks(listing, metadata=md, timeout=TIMEOUT_S)
+        none = await a2a_stub.ListTasks(listing, metadata=md, timeout=CALL_DEADLINE_S)
         assert (list(none.tasks), none.total_size) == ([], 0)
 
 
@@ -307,8 +310,12 @@ async def test_a_message_id_sent_twice_is_one_task(agent: Agent) -> None:
         stub = agent.stub(channel)
         for message_id in ids:
             once = request("only once", agent.tenant, message_id=message_id)
-            first = await stub.SendMessage(once, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
-            second = await stub.SendMessage(once, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
+            first = await stub.SendMessage(
+                once, metadata=agent.world.editor.md, timeout=CALL_DEADLINE_S
+            )
+            second = await stub.SendMessage(
+                once, metadata=agent.world.editor.md, timeout=CALL_DEADLINE_S
+            )
             assert first.task.id == second.task.id
             assert first.task.context_id == second.task.context_id
 
@@ -352,13 +359,13 @@ async def test_a_new_context_is_a_conversation_titled_by_its_first_message(
             files_only,
         ):
             answered = await agent.stub(channel).SendMessage(
-                sent, metadata=agent.world.editor.md, timeout=TIMEOUT_S
+                sent, metadata=agent.world.editor.md, timeout=CALL_DEADLINE_S
             )
             conversation = answered.task.metadata["run"].rsplit("/runs/", 1)[0]
             found = await context_stub(channel).GetConversation(
                 cpb.GetConversationRequest(name=conversation),
                 metadata=agent.world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             titles.append(found.conversation.title)
     cut = "Please summarise the quarterly report and its appendix and its appendix and…"
@@ -371,20 +378,20 @@ async def test_a_slow_task_is_cancelled(agent: Agent) -> None:
         stub = agent.stub(channel)
         slow = request("slow words here", agent.tenant, metadata={"delay_ms": 60_000})
         slow.configuration.return_immediately = True
-        sent = await stub.SendMessage(slow, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
+        sent = await stub.SendMessage(slow, metadata=agent.world.editor.md, timeout=CALL_DEADLINE_S)
         assert sent.task.status.state in (a2a.TASK_STATE_SUBMITTED, a2a.TASK_STATE_WORKING)
         await refused(
             stub.CancelTask(
                 a2a.CancelTaskRequest(tenant=agent.tenant, id=sent.task.id),
                 metadata=agent.world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.PERMISSION_DENIED,
         )
         cancelled = await stub.CancelTask(
             a2a.CancelTaskRequest(tenant=agent.tenant, id=sent.task.id),
             metadata=agent.world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     assert cancelled.status.state == a2a.TASK_STATE_CANCELED
 
@@ -394,18 +401,18 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
     async with aio.insecure_channel(agent.server.address) as channel:
         stub = agent.stub(channel)
         done = await stub.SendMessage(
-            request("mine", agent.tenant), metadata=world.editor.md, timeout=TIMEOUT_S
+            request("mine", agent.tenant), metadata=world.editor.md, timeout=CALL_DEADLINE_S
         )
         task = a2a.GetTaskRequest(tenant=agent.tenant, id=done.task.id)
         # A stranger learns nothing: the task, the agent and its card are not found.
         await refused(
-            stub.GetTask(task, metadata=world.outsider.md, timeout=TIMEOUT_S), CODE.NOT_FOUND
+            stub.GetTask(task, metadata=world.outsider.md, timeout=CALL_DEADLINE_S), CODE.NOT_FOUND
         )
         await refused(
             stub.GetExtendedAgentCard(
                 a2a.GetExtendedAgentCardRequest(tenant=agent.tenant),
                 metadata=world.outsider.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.NOT_FOUND,
         )
@@ -413,19 +420,19 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
             stub.SendMessage(
                 request("not mine", agent.tenant, context_id=done.task.context_id),
                 metadata=world.outsider.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.NOT_FOUND,
         )
         # A viewer reads but does not send.
         await refused(
             stub.SendMessage(
-                request("viewer", agent.tenant), metadata=world.viewer.md, timeout=TIMEOUT_S
+                request("viewer", agent.tenant), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
             ),
             CODE.PERMISSION_DENIED,
         )
         # No credential at all.
-        await refused(stub.GetTask(task, timeout=TIMEOUT_S), CODE.UNAUTHENTICATED)
+        await refused(stub.GetTask(task, timeout=CALL_DEADLINE_S), CODE.UNAUTHENTICATED)
         # Malformed names and content: precise field violations.
         cases: list[tuple[Any, Any, list[str]]] = [
             (stub.GetTask, a2a.GetTaskRequest(tenant="nope", id=done.task.id), ["tenant"]),
@@ -460,14 +467,15 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
         ]
         for method, bad, expected in cases:
             error = await refused(
-                method(bad, metadata=world.editor.md, timeout=TIMEOUT_S), CODE.INVALID_ARGUMENT
+                method(bad, metadata=world.editor.md, timeout=CALL_DEADLINE_S),
+                CODE.INVALID_ARGUMENT,
             )
             assert fields(error) == expected, bad
         deep = await refused(
             stub.SendMessage(
                 request("x", agent.tenant, metadata=_nested(30)),
                 metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.INVALID_ARGUMENT,
         )
@@ -477,7 +485,7 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
             stub.CreateTaskPushNotificationConfig(
                 a2a.TaskPushNotificationConfig(tenant=agent.tenant, task_id=done.task.id),
                 metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.INVALID_ARGUMENT,
         )
@@ -490,7 +498,7 @@ async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
     world = agent.world
     async with aio.insecure_channel(agent.server.address) as channel:
         done = await stub(channel).SendMessage(
-            request("finished", agent.tenant), metadata=world.editor.md, timeout=TIMEOUT_S
+            request("finished", agent.tenant), metadata=world.editor.md, timeout=CALL_DEADLINE_S
         )
     ended = done.task
     assert ended.status.state == a2a.TASK_STATE_COMPLETED
@@ -565,7 +573,7 @@ async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
             stub(channel).GetTask(
                 a2a.GetTaskRequest(tenant=agent.tenant, id=ended.id),
                 metadata=world.outsider.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.NOT_FOUND,
         )
@@ -647,7 +655,7 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
         got = await stub(channel).GetTask(
             a2a.GetTaskRequest(tenant=agent.tenant, id=task_id),
             metadata=agent.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert _text(first) + _text(rest) == answer_of(got)
         assert answer_of(got).startswith(words)
@@ -661,7 +669,7 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
             async for event in stub(channel).SubscribeToTask(
                 ended,
                 metadata=(*md, ("a2a-extensions", RESUME), (AFTER, _cursor(last_chunk))),
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         ]
         assert [event.WhichOneof("payload") for event in between] == ["task", "status_update"]
@@ -669,7 +677,9 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
         after_end = [
             event
             async for event in stub(channel).SubscribeToTask(
-                ended, metadata=(*md, ("a2a-extensions", RESUME), (AFTER, last)), timeout=TIMEOUT_S
+                ended,
+                metadata=(*md, ("a2a-extensions", RESUME), (AFTER, last)),
+                timeout=CALL_DEADLINE_S,
             )
         ]
         assert [event.WhichOneof("payload") for event in after_end] == ["task"]
@@ -678,7 +688,9 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
         replayed = [
             event
             async for event in stub(channel).SubscribeToTask(
-                ended, metadata=(*md, ("a2a-extensions", RESUME), (AFTER, "0")), timeout=TIMEOUT_S
+                ended,
+                metadata=(*md, ("a2a-extensions", RESUME), (AFTER, "0")),
+                timeout=CALL_DEADLINE_S,
             )
         ]
         assert replayed[0].task.status.state == a2a.TASK_STATE_COMPLETED
@@ -689,7 +701,7 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
         ] == [a2a.TASK_STATE_SUBMITTED, a2a.TASK_STATE_WORKING, a2a.TASK_STATE_COMPLETED]
         assert _text(replayed) == answer_of(got)
         await refused(
-            _drain(stub(channel).SubscribeToTask(ended, metadata=md, timeout=TIMEOUT_S)),
+            _drain(stub(channel).SubscribeToTask(ended, metadata=md, timeout=CALL_DEADLINE_S)),
             CODE.FAILED_PRECONDITION,
         )
         error = await refused(
@@ -697,7 +709,7 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
                 stub(channel).SubscribeToTask(
                     ended,
                     metadata=(*md, ("a2a-extensions", RESUME), (AFTER, "-1")),
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
             ),
             CODE.INVALID_ARGUMENT,
@@ -729,14 +741,14 @@ async def test_a_task_waiting_for_approval_is_input_required_and_continued_by_a_
                         assistant=careful_assistant(hub.integration, handler="handlers/llm"),
                     ),
                     metadata=world.owner.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 script_two_echoes(fake)
                 tenant = world.name.removeprefix("workspaces/") + ".careful"
                 a2a_stub = stub(channel)
                 editor = world.editor.md
                 sent = await a2a_stub.SendMessage(
-                    request("echo twice", tenant), metadata=editor, timeout=TIMEOUT_S
+                    request("echo twice", tenant), metadata=editor, timeout=CALL_DEADLINE_S
                 )
                 task = sent.task
                 assert task.status.state == a2a.TASK_STATE_INPUT_REQUIRED
@@ -767,7 +779,7 @@ async def test_a_task_waiting_for_approval_is_input_required_and_continued_by_a_
                 # A viewer may not decide; a malformed decision names its place.
                 await refused(
                     a2a_stub.SendMessage(
-                        decide(approve), metadata=world.viewer.md, timeout=TIMEOUT_S
+                        decide(approve), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
                     ),
                     CODE.PERMISSION_DENIED,
                 )
@@ -775,13 +787,13 @@ async def test_a_task_waiting_for_approval_is_input_required_and_continued_by_a_
                     a2a_stub.SendMessage(
                         decide({"tool_call_id": "c1", "decision": "maybe"}),
                         metadata=editor,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     ),
                     CODE.INVALID_ARGUMENT,
                 )
                 assert fields(error) == ["message.parts[0].data.approvals[0].decision"]
                 done = await a2a_stub.SendMessage(
-                    decide(approve, deny), metadata=editor, timeout=TIMEOUT_S
+                    decide(approve, deny), metadata=editor, timeout=CALL_DEADLINE_S
                 )
                 assert done.task.id == task.id
                 assert done.task.status.state == a2a.TASK_STATE_COMPLETED
@@ -790,7 +802,7 @@ async def test_a_task_waiting_for_approval_is_input_required_and_continued_by_a_
                 assert "not that one" in answer
                 # A task that is not waiting for input takes no more messages.
                 await refused(
-                    a2a_stub.SendMessage(decide(approve), metadata=editor, timeout=TIMEOUT_S),
+                    a2a_stub.SendMessage(decide(approve), metadata=editor, timeout=CALL_DEADLINE_S),
                     CODE.FAILED_PRECONDITION,
                 )
 
@@ -835,7 +847,7 @@ async def test_subscribing_after_a_dropped_stream_sends_the_task_then_only_what_
         got = await stub(channel).GetTask(
             a2a.GetTaskRequest(tenant=agent.tenant, id=task_id),
             metadata=agent.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     # Nothing twice, nothing missing.
     assert so_far + _text(rest) == answer_of(got)
@@ -858,13 +870,13 @@ async def test_list_tasks_spans_contexts_counts_pages_and_keeps_to_the_agent(
                 assistant=dpb.Assistant(display_name="Other", handler="handlers/echo"),
             ),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         a2a_stub, md = stub(channel), world.editor.md
 
         async def send(text: str, tenant: str = agent.tenant, **fields: Any) -> a2a.Task:
             sent = await a2a_stub.SendMessage(
-                request(text, tenant, **fields), metadata=md, timeout=TIMEOUT_S
+                request(text, tenant, **fields), metadata=md, timeout=CALL_DEADLINE_S
             )
             task: a2a.Task = sent.task
             return task
@@ -878,13 +890,15 @@ async def test_list_tasks_spans_contexts_counts_pages_and_keeps_to_the_agent(
             return a2a.ListTasksRequest(tenant=agent.tenant, **fields)
 
         page = await a2a_stub.ListTasks(
-            listing(page_size=2), metadata=world.viewer.md, timeout=TIMEOUT_S
+            listing(page_size=2), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
         )
         assert [task.id for task in page.tasks] == [three.id, two.id]
         assert (page.total_size, page.page_size) == (3, 2)
         assert page.next_page_token
         rest = await a2a_stub.ListTasks(
-            listing(page_size=2, page_token=page.next_page_token), metadata=md, timeout=TIMEOUT_S
+            listing(page_size=2, page_token=page.next_page_token),
+            metadata=md,
+            timeout=CALL_DEADLINE_S,
         )
         assert [task.id for task in rest.tasks] == [one.id]
         assert (rest.total_size, rest.next_page_token) == (3, "")
@@ -892,18 +906,18 @@ async def test_list_tasks_spans_contexts_counts_pages_and_keeps_to_the_agent(
         context = await a2a_stub.ListTasks(
             listing(context_id=one.context_id, include_artifacts=True),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert [task.id for task in context.tasks] == [two.id, one.id]
         assert (context.total_size, context.page_size) == (2, 50)  # A2A's default page
         assert answer_of(context.tasks[1]).startswith("one")
         completed = await a2a_stub.ListTasks(
-            listing(status=a2a.TASK_STATE_COMPLETED), metadata=md, timeout=TIMEOUT_S
+            listing(status=a2a.TASK_STATE_COMPLETED), metadata=md, timeout=CALL_DEADLINE_S
         )
         assert completed.total_size == 3
         for nobody in ("nosuchcontext", "Not An Id"):
             empty = await a2a_stub.ListTasks(
-                listing(context_id=nobody), metadata=md, timeout=TIMEOUT_S
+                listing(context_id=nobody), metadata=md, timeout=CALL_DEADLINE_S
             )
             assert (list(empty.tasks), empty.total_size, empty.next_page_token) == ([], 0, "")
         # A token is for the request it came from.
@@ -911,7 +925,7 @@ async def test_list_tasks_spans_contexts_counts_pages_and_keeps_to_the_agent(
             a2a_stub.ListTasks(
                 listing(page_size=2, page_token=page.next_page_token, context_id=one.context_id),
                 metadata=md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.INVALID_ARGUMENT,
         )
@@ -922,7 +936,7 @@ async def test_list_tasks_spans_contexts_counts_pages_and_keeps_to_the_agent(
         ):
             error = await refused(
                 a2a_stub.ListTasks(
-                    a2a.ListTasksRequest(tenant=tenant), metadata=who, timeout=TIMEOUT_S
+                    a2a.ListTasksRequest(tenant=tenant), metadata=who, timeout=CALL_DEADLINE_S
                 ),
                 CODE.NOT_FOUND,
             )
@@ -940,13 +954,13 @@ async def test_every_error_names_what_the_a2a_caller_sent(agent: Agent) -> None:
         first = await a2a_stub.SendMessage(
             request("the first text", agent.tenant, message_id="same-id"),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         reused = await refused(
             a2a_stub.SendMessage(
                 request("other text", agent.tenant, message_id="same-id"),
                 metadata=md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.INVALID_ARGUMENT,
         )
@@ -956,13 +970,13 @@ async def test_every_error_names_what_the_a2a_caller_sent(agent: Agent) -> None:
             a2a_stub.SendMessage(
                 request("hi", agent.tenant, context_id="nosuchcontext"),
                 metadata=md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.NOT_FOUND,
         )
         missing_agent = await refused(
             a2a_stub.SendMessage(
-                request("hi", f"{world.id}.nosuchagent"), metadata=md, timeout=TIMEOUT_S
+                request("hi", f"{world.id}.nosuchagent"), metadata=md, timeout=CALL_DEADLINE_S
             ),
             CODE.NOT_FOUND,
         )
@@ -970,7 +984,7 @@ async def test_every_error_names_what_the_a2a_caller_sent(agent: Agent) -> None:
             a2a_stub.GetTask(
                 a2a.GetTaskRequest(tenant=agent.tenant, id=f"{first.task.context_id}.nosuchrun"),
                 metadata=md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.NOT_FOUND,
         )
@@ -979,7 +993,7 @@ async def test_every_error_names_what_the_a2a_caller_sent(agent: Agent) -> None:
         )
         wrong_context.message.task_id = first.task.id
         mismatch = await refused(
-            a2a_stub.SendMessage(wrong_context, metadata=md, timeout=TIMEOUT_S),
+            a2a_stub.SendMessage(wrong_context, metadata=md, timeout=CALL_DEADLINE_S),
             CODE.INVALID_ARGUMENT,
         )
         assert fields(mismatch) == ["message.context_id"]
@@ -1015,6 +1029,6 @@ async def test_a_run_stopped_at_its_deadline_is_a_failed_task_that_ends() -> Non
             blocking = await stub(channel).SendMessage(
                 request("too slow again", slow.tenant, metadata={"delay_ms": 5_000}),
                 metadata=slow.world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         assert blocking.task.status.state == a2a.TASK_STATE_FAILED

@@ -35,7 +35,8 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.a2a.test_a2a import stub as a2a_stub
-from tests.a2a.test_a2a_http import CALL_TIMEOUT_S, _register, _Token
+from tests.a2a.test_a2a_http import _register, _Token
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
 from tests.kits.contextkit import Caller, context_stub, create_workspace
@@ -91,19 +92,19 @@ async def _world(envoy: EnvoyProcess) -> World:
                 assistant=pb.Assistant(display_name="Helper", handler="handlers/echo"),
             ),
             metadata=owner.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     return World(envoy.url, f"127.0.0.1:{envoy.port}", owner, stranger)
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S, trust_env=False) as client:
+    async with httpx.AsyncClient(timeout=CALL_DEADLINE_S, trust_env=False) as client:
         yield client
 
 
 async def _card(world: World, path: str = "") -> a2a.AgentCard:
-    async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S, trust_env=False) as http:
+    async with httpx.AsyncClient(timeout=CALL_DEADLINE_S, trust_env=False) as http:
         card: a2a.AgentCard = await A2ACardResolver(http, world.edge + path).get_agent_card()
     return card
 
@@ -381,6 +382,6 @@ async def test_the_edge_answers_its_own_errors_in_a2a_shape(
         answer = await a2a_stub(channel).SendMessage(
             a2a.SendMessageRequest(message=_message("plain grpc")),
             metadata=world.owner.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     assert answer.task.status.state == a2a.TASK_STATE_COMPLETED

@@ -35,6 +35,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.a2a.test_a2a import stub as a2a_stub
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
 from tests.infra.webhookreceiver import running_receiver, until
@@ -45,7 +46,6 @@ from tests.kits.integrationkit import webhook_secret
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-CALL_TIMEOUT_S: Final = 20.0
 RESUME: Final = "https://switchboard.dev/a2a/extensions/resume/v1"
 
 
@@ -83,7 +83,7 @@ class World:
 async def _register(channel: aio.Channel, who: str) -> Caller:
     made = await auth_pb2_grpc.AuthServiceStub(channel).Register(
         auth_pb2.RegisterRequest(email=unique_email(who), password=PASSWORD),
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Caller(made.user.name.removeprefix("users/"), made.tokens.access_token)
 
@@ -107,7 +107,7 @@ async def world(envoy: EnvoyProcess) -> World:
                 ),
             ),
             metadata=owner.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     tenant = workspace.name.removeprefix("workspaces/") + ".echoer"
     return World(envoy.url, owner, stranger, tenant)
@@ -115,14 +115,14 @@ async def world(envoy: EnvoyProcess) -> World:
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S) as client:
+    async with httpx.AsyncClient(timeout=CALL_DEADLINE_S) as client:
         yield client
 
 
 async def _client(world: World, caller: Caller, *, streaming: bool = True) -> Client:
     """The SDK's client as an A2A caller makes it: the card from the agent's URL, then
     the HTTP+JSON interface it names."""
-    async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S) as http:
+    async with httpx.AsyncClient(timeout=CALL_DEADLINE_S) as http:
         card = await A2ACardResolver(http, f"{world.edge}/{world.tenant}").get_agent_card()
     assert card.supported_interfaces[0].protocol_binding == "HTTP+JSON"
     assert card.supported_interfaces[0].url == world.edge
@@ -245,10 +245,10 @@ def _curl(*args: str) -> subprocess.CompletedProcess[str]:
     curl = shutil.which("curl")
     assert curl is not None, "curl is needed for this test"
     return subprocess.run(
-        [curl, "-sS", "--max-time", str(CALL_TIMEOUT_S), *args],
+        [curl, "-sS", "--max-time", str(CALL_DEADLINE_S), *args],
         capture_output=True,
         text=True,
-        timeout=CALL_TIMEOUT_S + 5,
+        timeout=CALL_DEADLINE_S + 5,
         check=False,
     )
 
@@ -359,7 +359,7 @@ async def test_grpc_still_reaches_the_same_servicer_through_the_edge(
         sent = await a2a_stub(channel).SendMessage(
             a2a.SendMessageRequest(tenant=world.tenant, message=_message("over grpc").message),
             metadata=world.owner.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     assert sent.task.status.state == a2a.TASK_STATE_COMPLETED
 

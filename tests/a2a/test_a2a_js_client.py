@@ -21,9 +21,10 @@ from typing import Any, Final
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess, tool
-from tests.e2e.restarts import CALL_TIMEOUT_S, Caller, register
+from tests.e2e.restarts import Caller, register
 from tests.kits.authkit import unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -84,7 +85,7 @@ def agent() -> Iterator[Agent]:
                     ),
                 ),
                 metadata=owner.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             yield Agent(
                 server=server,

@@ -26,6 +26,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.a2a.test_a2a import _Token, stub
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, shared_env
 from tests.infra.redis import RedisServer
 from tests.kits.authkit import PASSWORD, reason, unique_email
@@ -34,7 +35,6 @@ from tests.kits.dispatchkit import dispatcher_stub
 
 pytestmark = pytest.mark.e2e
 
-TIMEOUT_S = 20.0
 BUDGET = "https://switchboard.dev/a2a/extensions/budget/v1"
 
 
@@ -59,7 +59,8 @@ def processes(env: dict[str, str]) -> Iterator[tuple[ServeProcess, ServeProcess,
 
 async def _register(channel: aio.Channel) -> Caller:
     response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
-        auth_pb2.RegisterRequest(email=unique_email("a2a"), password=PASSWORD), timeout=TIMEOUT_S
+        auth_pb2.RegisterRequest(email=unique_email("a2a"), password=PASSWORD),
+        timeout=CALL_DEADLINE_S,
     )
     return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
 
@@ -79,19 +80,21 @@ async def test_the_front_door_in_its_own_process(
                 assistant=dpb.Assistant(display_name="Echoer", handler="handlers/echo"),
             ),
             metadata=owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     tenant = workspace.removeprefix("workspaces/") + ".echoer"
     async with aio.insecure_channel(front_door.address) as channel:
         card = await stub(channel).GetExtendedAgentCard(
-            a2a.GetExtendedAgentCardRequest(tenant=tenant), metadata=owner.md, timeout=TIMEOUT_S
+            a2a.GetExtendedAgentCardRequest(tenant=tenant),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
         )
         assert card.supported_interfaces[0].url == front_door.address
         await refused(
             stub(channel).GetExtendedAgentCard(
                 a2a.GetExtendedAgentCardRequest(tenant=tenant),
                 metadata=stranger.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.NOT_FOUND,
         )
@@ -125,7 +128,9 @@ async def test_the_front_door_in_its_own_process(
     task_id = events[-1].status_update.task_id
     async with aio.insecure_channel(front_door.address) as channel:
         got = await stub(channel).GetTask(
-            a2a.GetTaskRequest(tenant=tenant, id=task_id), metadata=owner.md, timeout=TIMEOUT_S
+            a2a.GetTaskRequest(tenant=tenant, id=task_id),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
         )
         assert got.status.state == a2a.TASK_STATE_COMPLETED
         assert got.history[0].parts[0].text == "across three processes"
@@ -133,18 +138,18 @@ async def test_the_front_door_in_its_own_process(
         listed = await stub(channel).ListTasks(
             a2a.ListTasksRequest(tenant=tenant, context_id=got.context_id),
             metadata=owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert [task.id for task in listed.tasks] == [task_id]
         # Every context's (the dispatcher's ListRuns of the workspace, over its contract),
         # counted; a stranger learns nothing.
         everywhere = await stub(channel).ListTasks(
-            a2a.ListTasksRequest(tenant=tenant), metadata=owner.md, timeout=TIMEOUT_S
+            a2a.ListTasksRequest(tenant=tenant), metadata=owner.md, timeout=CALL_DEADLINE_S
         )
         assert ([task.id for task in everywhere.tasks], everywhere.total_size) == ([task_id], 1)
         await refused(
             stub(channel).ListTasks(
-                a2a.ListTasksRequest(tenant=tenant), metadata=stranger.md, timeout=TIMEOUT_S
+                a2a.ListTasksRequest(tenant=tenant), metadata=stranger.md, timeout=CALL_DEADLINE_S
             ),
             grpc.StatusCode.NOT_FOUND,
         )
@@ -152,7 +157,7 @@ async def test_the_front_door_in_its_own_process(
             stub(channel).GetTask(
                 a2a.GetTaskRequest(tenant=tenant, id=task_id),
                 metadata=stranger.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.NOT_FOUND,
         )
@@ -163,10 +168,10 @@ async def test_the_front_door_in_its_own_process(
                 message_id="same-id", role=a2a.ROLE_USER, parts=[a2a.Part(text="one")]
             ),
         )
-        await stub(channel).SendMessage(first, metadata=owner.md, timeout=TIMEOUT_S)
+        await stub(channel).SendMessage(first, metadata=owner.md, timeout=CALL_DEADLINE_S)
         first.message.parts[0].text = "another"
         error = await refused(
-            stub(channel).SendMessage(first, metadata=owner.md, timeout=TIMEOUT_S),
+            stub(channel).SendMessage(first, metadata=owner.md, timeout=CALL_DEADLINE_S),
             grpc.StatusCode.INVALID_ARGUMENT,
         )
         assert violations(error) == ["message.message_id"]
@@ -180,7 +185,7 @@ async def test_the_front_door_in_its_own_process(
         )
         spent.message.metadata.update({BUDGET: {"cost_micros": 0}})
         error = await refused(
-            stub(channel).SendMessage(spent, metadata=owner.md, timeout=TIMEOUT_S),
+            stub(channel).SendMessage(spent, metadata=owner.md, timeout=CALL_DEADLINE_S),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
         assert reason(error) == "ERROR_REASON_BUDGET_EXHAUSTED"

@@ -28,10 +28,11 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.a2a.test_a2a import CODE, _Token, answer_of, request, stub
+from tests.conftest import CALL_DEADLINE_S
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpserver import McpTestServer
 from tests.kits.authkit import reasons
-from tests.kits.contextkit import TIMEOUT_S, Caller, context_stub, refused
+from tests.kits.contextkit import Caller, context_stub, refused
 from tests.kits.dispatchkit import dispatcher_stub
 from tests.kits.integrationkit import McpHub, mcp_hub
 
@@ -83,12 +84,12 @@ async def _tooled_agent(hub: McpHub) -> a2a.AgentCard:
             ),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     card: a2a.AgentCard = await stub(hub.channel).GetExtendedAgentCard(
         a2a.GetExtendedAgentCardRequest(tenant=world.name.removeprefix("workspaces/") + ".worker"),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return card
 
@@ -161,7 +162,7 @@ async def test_a_message_to_a_working_task_is_consumed_between_two_tool_steps() 
                     assert _steer_task(again.history[-1]) == steer_task
 
                     gate.set()
-                    streamed = await asyncio.wait_for(rest, TIMEOUT_S)
+                    streamed = await asyncio.wait_for(rest, CALL_DEADLINE_S)
                 finally:
                     await client.close()
                     await streaming.close()
@@ -190,12 +191,12 @@ async def test_a_message_to_a_working_task_is_consumed_between_two_tool_steps() 
                     own = await stub(channel).GetTask(
                         a2a.GetTaskRequest(tenant=tenant, id=steer_task),
                         metadata=editor.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     done = await stub(channel).GetTask(
                         a2a.GetTaskRequest(tenant=tenant, id=started.id),
                         metadata=editor.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                 assert own.status.state == a2a.TASK_STATE_COMPLETED
                 assert STEER in answer_of(done)
@@ -216,12 +217,12 @@ async def test_a_message_to_a_task_that_ended_is_refused_and_stores_nothing() ->
                     assistant=dpb.Assistant(display_name="Echoer", handler="handlers/echo"),
                 ),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             tenant = world.name.removeprefix("workspaces/") + ".echoer"
             a2a_stub = stub(hub.channel)
             done = await a2a_stub.SendMessage(
-                request("hello", tenant), metadata=world.editor.md, timeout=TIMEOUT_S
+                request("hello", tenant), metadata=world.editor.md, timeout=CALL_DEADLINE_S
             )
             ended = done.task
             assert ended.status.state == a2a.TASK_STATE_COMPLETED
@@ -231,7 +232,7 @@ async def test_a_message_to_a_task_that_ended_is_refused_and_stores_nothing() ->
                 listed = await context_stub(hub.channel).ListMessages(
                     cpb.ListMessagesRequest(parent=conversation, page_size=100),
                     metadata=world.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 return [m.name for m in listed.messages]
 
@@ -240,7 +241,7 @@ async def test_a_message_to_a_task_that_ended_is_refused_and_stores_nothing() ->
             late.message.task_id = ended.id
             # Over the wire: A2A's reason first, then ours (the dispatcher's RUN_ENDED).
             error = await refused(
-                a2a_stub.SendMessage(late, metadata=world.editor.md, timeout=TIMEOUT_S),
+                a2a_stub.SendMessage(late, metadata=world.editor.md, timeout=CALL_DEADLINE_S),
                 CODE.FAILED_PRECONDITION,
             )
             assert reasons(error) == [
@@ -253,7 +254,7 @@ async def test_a_message_to_a_task_that_ended_is_refused_and_stores_nothing() ->
             card = await a2a_stub.GetExtendedAgentCard(
                 a2a.GetExtendedAgentCardRequest(tenant=tenant),
                 metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             for streaming in (False, True):
                 client = _client(card, world.editor, streaming=streaming)
@@ -270,6 +271,6 @@ async def test_a_message_to_a_task_that_ended_is_refused_and_stores_nothing() ->
             listed = await a2a_stub.ListTasks(
                 a2a.ListTasksRequest(tenant=tenant, context_id=ended.context_id),
                 metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert [task.id for task in listed.tasks] == [ended.id]

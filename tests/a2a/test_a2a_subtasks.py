@@ -19,8 +19,8 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.a2a.test_a2a import stub
 from tests.a2a.test_a2a_steer_service import _client
+from tests.conftest import CALL_DEADLINE_S
 from tests.dispatcher.runs.delegation.test_delegation import (
-    TIMEOUT_S,
     brain,
     desk,
     tool_outputs,
@@ -64,7 +64,7 @@ async def test_a_delegating_agents_task_streams_its_subtasks_as_status_updates(
                     tenant=d.world.name.removeprefix("workspaces/") + ".planner"
                 ),
                 metadata=d.world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         client = _client(card, d.world.editor)
         try:
@@ -104,7 +104,7 @@ async def test_a_delegating_agents_task_streams_its_subtasks_as_status_updates(
                 parent=d.world.name, assistant=f"{d.world.name}/assistants/pricing"
             ),
             metadata=d.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         [child] = listed.runs
         parts = child.name.split("/")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.protobuf import field_mask_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
@@ -17,9 +19,9 @@ from sqlalchemy import select, update
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.process import Shared
+from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import ApiKeyRow, UserRow
-from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings, started
 from tests.kits.authkit import (
     PASSWORD,
     bearer,
@@ -29,18 +31,31 @@ from tests.kits.authkit import (
     unique_email,
     user_id,
 )
+from tests.kits.modulekit import module_channel_fixture, module_database_url_fixture
 
-pytestmark = pytest.mark.service
+# One server per backend for the module (starting one per test was most of its time):
+# each test registers users of its own (``unique_email``). Tests of other limits start
+# their own.
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 
-@pytest.fixture
-def settings(database_url: str) -> Settings:
-    # Every test here runs on SQLite and on a real PostgreSQL server.
-    return make_settings(
-        database_url=database_url,
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(module_database_url: str) -> AsyncIterator[SwitchboardServer]:
+    # Every test here runs on SQLite and on a real PostgreSQL server. The module's tests
+    # all log in from 127.0.0.1: the per-address limit stays out of their way.
+    settings = make_settings(
+        database_url=module_database_url,
         login_max_failures_per_account=3,
         login_max_attempts_per_address=1000,
     )
+    async with started(settings) as server:
+        yield server
+
+
+channel = module_channel_fixture
 
 
 @pytest.fixture
@@ -52,7 +67,7 @@ async def _principal(
     stub: auth_pb2_grpc.AuthServiceAsyncStub, credential: str
 ) -> auth_pb2.GetPrincipalResponse:
     response: auth_pb2.GetPrincipalResponse = await stub.GetPrincipal(
-        auth_pb2.GetPrincipalRequest(), metadata=bearer(credential), timeout=10
+        auth_pb2.GetPrincipalRequest(), metadata=bearer(credential), timeout=CALL_DEADLINE_S
     )
     return response
 
@@ -72,7 +87,7 @@ async def _login(
             password=auth_pb2.PasswordCredential(email=email, password=password),
             client_info=auth_pb2.ClientInfo(user_agent="pytest", device_name="ci"),
         ),
-        timeout=30,
+        timeout=CALL_DEADLINE_S,
     )
     return response
 
@@ -119,7 +134,7 @@ async def test_register_rejects_bad_input_with_field_violations(
     with pytest.raises(aio.AioRpcError) as caught:
         await stub.Register(
             auth_pb2.RegisterRequest(email="not-an-email", password="password", display_name="x"),
-            timeout=10,
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     bad = detail(caught.value, error_details_pb2.BadRequest)
@@ -162,7 +177,9 @@ async def test_login_creates_a_new_session(
     assert second.session.client_info.user_agent == "pytest"
     assert second.session.client_address == "127.0.0.1"
     listed = await stub.ListSessions(
-        auth_pb2.ListSessionsRequest(), metadata=bearer(second.tokens.access_token), timeout=10
+        auth_pb2.ListSessionsRequest(),
+        metadata=bearer(second.tokens.access_token),
+        timeout=CALL_DEADLINE_S,
     )
     assert {s.name for s in listed.sessions} == {first.session.name, second.session.name}
     assert [s.current for s in listed.sessions if s.name == second.session.name] == [True]
@@ -214,7 +231,7 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(
     registered = await register(channel)
     first_refresh = registered.tokens.refresh_token
     rotated = await stub.RefreshToken(
-        auth_pb2.RefreshTokenRequest(refresh_token=first_refresh), timeout=10
+        auth_pb2.RefreshTokenRequest(refresh_token=first_refresh), timeout=CALL_DEADLINE_S
     )
     assert rotated.tokens.refresh_token != first_refresh
     assert rotated.tokens.access_token != registered.tokens.access_token
@@ -223,13 +240,14 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(
     # The spent token comes back: someone copied it. The whole session ends.
     with pytest.raises(aio.AioRpcError) as caught:
         await stub.RefreshToken(
-            auth_pb2.RefreshTokenRequest(refresh_token=first_refresh), timeout=10
+            auth_pb2.RefreshTokenRequest(refresh_token=first_refresh), timeout=CALL_DEADLINE_S
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert reason(caught.value) == "ERROR_REASON_SESSION_REVOKED"
     with pytest.raises(aio.AioRpcError) as caught:
         await stub.RefreshToken(
-            auth_pb2.RefreshTokenRequest(refresh_token=rotated.tokens.refresh_token), timeout=10
+            auth_pb2.RefreshTokenRequest(refresh_token=rotated.tokens.refresh_token),
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     for access in (registered.tokens.access_token, rotated.tokens.access_token):
@@ -244,10 +262,12 @@ async def test_refresh_token_garbage_is_unauthenticated(
 ) -> None:
     for token in ("sbr_" + "A" * 43, "nonsense", "x" * 5000):
         with pytest.raises(aio.AioRpcError) as caught:
-            await stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=token), timeout=10)
+            await stub.RefreshToken(
+                auth_pb2.RefreshTokenRequest(refresh_token=token), timeout=CALL_DEADLINE_S
+            )
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(aio.AioRpcError) as caught:
-        await stub.RefreshToken(auth_pb2.RefreshTokenRequest(), timeout=10)
+        await stub.RefreshToken(auth_pb2.RefreshTokenRequest(), timeout=CALL_DEADLINE_S)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -268,14 +288,15 @@ async def test_revoke_session_rejects_its_tokens_at_once(
     revoked = await stub.RevokeSession(
         auth_pb2.RevokeSessionRequest(name=phone.session.name),
         metadata=bearer(laptop.tokens.access_token),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     assert revoked.session.HasField("revoke_time")
     await _rejected(stub, phone.tokens.access_token)
     await _principal(stub, laptop.tokens.access_token)
     with pytest.raises(aio.AioRpcError) as caught:
         await stub.RefreshToken(
-            auth_pb2.RefreshTokenRequest(refresh_token=phone.tokens.refresh_token), timeout=10
+            auth_pb2.RefreshTokenRequest(refresh_token=phone.tokens.refresh_token),
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     kinds = [e.security.kind for e in shared.bus.recent() if e.user == phone.user.name]
@@ -291,7 +312,7 @@ async def test_another_users_session_is_not_found_and_untouched(
         await stub.RevokeSession(
             auth_pb2.RevokeSessionRequest(name=victim.session.name),
             metadata=bearer(attacker.tokens.access_token),
-            timeout=10,
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     await _principal(stub, victim.tokens.access_token)
@@ -307,7 +328,7 @@ async def test_revoke_all_sessions_keeping_the_current_one(
     result = await stub.RevokeAllSessions(
         auth_pb2.RevokeAllSessionsRequest(keep_current=True),
         metadata=bearer(current.tokens.access_token),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     assert result.revoked_count == 2
     for other in sessions[:-1]:
@@ -316,7 +337,7 @@ async def test_revoke_all_sessions_keeping_the_current_one(
     result = await stub.RevokeAllSessions(
         auth_pb2.RevokeAllSessionsRequest(),
         metadata=bearer(current.tokens.access_token),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     assert result.revoked_count == 1
     await _rejected(stub, current.tokens.access_token)
@@ -327,7 +348,9 @@ async def test_logout_ends_the_session(
 ) -> None:
     registered = await register(channel)
     await stub.Logout(
-        auth_pb2.LogoutRequest(), metadata=bearer(registered.tokens.access_token), timeout=10
+        auth_pb2.LogoutRequest(),
+        metadata=bearer(registered.tokens.access_token),
+        timeout=CALL_DEADLINE_S,
     )
     await _rejected(stub, registered.tokens.access_token)
     listed_error = None
@@ -335,7 +358,7 @@ async def test_logout_ends_the_session(
         await stub.ListSessions(
             auth_pb2.ListSessionsRequest(),
             metadata=bearer(registered.tokens.access_token),
-            timeout=10,
+            timeout=CALL_DEADLINE_S,
         )
     except aio.AioRpcError as exc:
         listed_error = exc
@@ -377,7 +400,7 @@ async def test_list_sessions_pages(
         page = await stub.ListSessions(
             auth_pb2.ListSessionsRequest(page_size=2, page_token=token),
             metadata=bearer(first.tokens.access_token),
-            timeout=10,
+            timeout=CALL_DEADLINE_S,
         )
         assert len(page.sessions) <= 2
         seen += [s.name for s in page.sessions]
@@ -389,7 +412,7 @@ async def test_list_sessions_pages(
         await stub.ListSessions(
             auth_pb2.ListSessionsRequest(page_token="garbage!"),
             metadata=bearer(first.tokens.access_token),
-            timeout=10,
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -403,7 +426,7 @@ async def _create_key(
     response: auth_pb2.CreateApiKeyResponse = await stub.CreateApiKey(
         auth_pb2.CreateApiKeyRequest(display_name="ci bot", scopes=scopes, **extra),
         metadata=bearer(access),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     return response
 
@@ -425,7 +448,8 @@ async def test_api_key_shown_once_works_and_records_use(
     assert listed.api_keys[0].HasField("last_used_time")
     assert created.secret not in str(listed)
     async with shared.database.sessions() as db:
-        row = (await db.execute(select(ApiKeyRow))).scalars().one()
+        mine = select(ApiKeyRow).where(ApiKeyRow.user_id == user_id(owner.user.name))
+        row = (await db.execute(mine)).scalars().one()
     assert created.secret not in (row.digest, row.id, row.scopes)
 
 
@@ -451,7 +475,7 @@ async def test_revoked_api_key_is_rejected(
     revoked = await stub.RevokeApiKey(
         auth_pb2.RevokeApiKeyRequest(name=created.api_key.name),
         metadata=bearer(owner.tokens.access_token),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     assert revoked.api_key.HasField("revoke_time")
     await _rejected(stub, created.secret)
@@ -467,7 +491,9 @@ async def test_expired_api_key_is_rejected(
     # Move its expiry into the past, as the clock would.
     async with shared.database.sessions.begin() as db:
         await db.execute(
-            update(ApiKeyRow).values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+            update(ApiKeyRow)
+            .where(ApiKeyRow.user_id == user_id(owner.user.name))
+            .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
         )
     await _rejected(stub, created.secret)
     past = Timestamp()
@@ -518,19 +544,25 @@ async def test_update_user_with_etag(
     user.display_name = "Ada"
     mask = field_mask_pb2.FieldMask(paths=["display_name"])
     updated = await stub.UpdateUser(
-        auth_pb2.UpdateUserRequest(user=user, update_mask=mask), metadata=access, timeout=10
+        auth_pb2.UpdateUserRequest(user=user, update_mask=mask),
+        metadata=access,
+        timeout=CALL_DEADLINE_S,
     )
     assert updated.user.display_name == "Ada"
     assert updated.user.etag != registered.user.etag
     with pytest.raises(aio.AioRpcError) as caught:  # stale etag
         await stub.UpdateUser(
-            auth_pb2.UpdateUserRequest(user=user, update_mask=mask), metadata=access, timeout=10
+            auth_pb2.UpdateUserRequest(user=user, update_mask=mask),
+            metadata=access,
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.ABORTED
     other = auth_pb2.User(name="users/" + "0" * 32, display_name="x")
     with pytest.raises(aio.AioRpcError) as caught:  # someone else's user
         await stub.UpdateUser(
-            auth_pb2.UpdateUserRequest(user=other, update_mask=mask), metadata=access, timeout=10
+            auth_pb2.UpdateUserRequest(user=other, update_mask=mask),
+            metadata=access,
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(aio.AioRpcError) as caught:  # email is not updatable here
@@ -539,7 +571,7 @@ async def test_update_user_with_etag(
                 user=updated.user, update_mask=field_mask_pb2.FieldMask(paths=["email"])
             ),
             metadata=access,
-            timeout=10,
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -547,7 +579,7 @@ async def test_update_user_with_etag(
 async def test_jwks_publishes_the_signing_key(
     channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, shared: Shared
 ) -> None:
-    jwks = await stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10)
+    jwks = await stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=CALL_DEADLINE_S)
     expected = shared.keys.jwks()
     assert json.loads(jwks.jwks_json) == {"keys": expected}
     assert [k.kid for k in jwks.keys] == [k["kid"] for k in expected]

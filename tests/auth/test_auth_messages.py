@@ -29,6 +29,7 @@ from switchboard.platform.security.credentials.accesstokens import (
     SigningKey,
 )
 from switchboard.platform.store.models import ApiKeyRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.authkit import bearer, reason, register
 
 pytestmark = pytest.mark.service
@@ -39,7 +40,7 @@ Metadata = tuple[tuple[str, str], ...]
 async def _refusal(channel: aio.Channel, metadata: Metadata) -> aio.AioRpcError:
     with pytest.raises(aio.AioRpcError) as caught:
         await auth_pb2_grpc.AuthServiceStub(channel).GetPrincipal(
-            auth_pb2.GetPrincipalRequest(), metadata=metadata, timeout=10
+            auth_pb2.GetPrincipalRequest(), metadata=metadata, timeout=CALL_DEADLINE_S
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value.details()
     return caught.value
@@ -205,7 +206,7 @@ async def test_a_signed_out_session_s_token_is_told_to_sign_in_again(
     registered = await register(channel)
     access = registered.tokens.access_token
     await auth_pb2_grpc.AuthServiceStub(channel).Logout(
-        auth_pb2.LogoutRequest(), metadata=bearer(access), timeout=10
+        auth_pb2.LogoutRequest(), metadata=bearer(access), timeout=CALL_DEADLINE_S
     )
     error = await _refusal(channel, bearer(access))
     _assert_refused(error, authenticator.SESSION_ENDED, "ERROR_REASON_SESSION_REVOKED", access)
@@ -220,7 +221,7 @@ async def _api_key(channel: aio.Channel, access: str) -> auth_pb2.CreateApiKeyRe
     request.expire_time.FromDatetime(soon)
     response: auth_pb2.CreateApiKeyResponse = await auth_pb2_grpc.AuthServiceStub(
         channel
-    ).CreateApiKey(request, metadata=bearer(access), timeout=10)
+    ).CreateApiKey(request, metadata=bearer(access), timeout=CALL_DEADLINE_S)
     return response
 
 
@@ -253,7 +254,7 @@ async def _revoked(
     await auth_pb2_grpc.AuthServiceStub(channel).RevokeApiKey(
         auth_pb2.RevokeApiKeyRequest(name=key.api_key.name),
         metadata=bearer(owner.tokens.access_token),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     return key.secret
 
@@ -303,7 +304,9 @@ async def test_a_refused_api_key_is_told_why_and_what_to_do(
 async def _refresh(channel: aio.Channel, refresh_token: str) -> auth_pb2.RefreshTokenResponse:
     response: auth_pb2.RefreshTokenResponse = await auth_pb2_grpc.AuthServiceStub(
         channel
-    ).RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=refresh_token), timeout=10)
+    ).RefreshToken(
+        auth_pb2.RefreshTokenRequest(refresh_token=refresh_token), timeout=CALL_DEADLINE_S
+    )
     return response
 
 

@@ -22,7 +22,7 @@ from switchboard.platform.config import ConfigError
 from switchboard.platform.security.credentials import accesstokens, devkey
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.authkit import bearer, register
 
 pytestmark = pytest.mark.service
@@ -50,7 +50,9 @@ async def _principal(settings: Settings, access: str) -> auth_pb2.GetPrincipalRe
         async with aio.insecure_channel(server.address) as channel:
             response: auth_pb2.GetPrincipalResponse = await auth_pb2_grpc.AuthServiceStub(
                 channel
-            ).GetPrincipal(auth_pb2.GetPrincipalRequest(), metadata=bearer(access), timeout=10)
+            ).GetPrincipal(
+                auth_pb2.GetPrincipalRequest(), metadata=bearer(access), timeout=CALL_DEADLINE_S
+            )
             return response
     finally:
         await server.shutdown(grace=0)

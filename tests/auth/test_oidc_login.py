@@ -14,7 +14,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.authkit import ISSUER, bearer, id_token, oidc_settings
 
 pytestmark = pytest.mark.service
@@ -42,7 +42,7 @@ async def oidc_channel(
 async def _login(channel: aio.Channel, token: str) -> auth_pb2.LoginResponse:
     stub = auth_pb2_grpc.AuthServiceStub(channel)
     response: auth_pb2.LoginResponse = await stub.Login(
-        auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)), timeout=10
+        auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)), timeout=CALL_DEADLINE_S
     )
     return response
 
@@ -63,7 +63,9 @@ async def test_first_sight_creates_a_user_and_later_logins_find_it(
     assert again.session.name != first.session.name
     stub = auth_pb2_grpc.AuthServiceStub(channel)
     me = await stub.GetPrincipal(
-        auth_pb2.GetPrincipalRequest(), metadata=bearer(again.tokens.access_token), timeout=10
+        auth_pb2.GetPrincipalRequest(),
+        metadata=bearer(again.tokens.access_token),
+        timeout=CALL_DEADLINE_S,
     )
     assert me.principal.user == first.user.name
 

@@ -18,6 +18,7 @@ from switchboard.auth.passwords import (
     check_password_policy,
 )
 from switchboard.platform.errors import InvalidArgument, QuotaExceeded
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = pytest.mark.unit
 
@@ -97,13 +98,13 @@ async def test_pending_hashes_are_bounded() -> None:
 
     def blocking() -> str:
         started.set()
-        release.wait(10)
+        release.wait(CALL_DEADLINE_S)
         return "done"
 
     try:
         # Occupy the only slot with work that blocks until released.
         first = asyncio.ensure_future(hasher._run(blocking))
-        assert await asyncio.to_thread(started.wait, 10)
+        assert await asyncio.to_thread(started.wait, CALL_DEADLINE_S)
         with pytest.raises(QuotaExceeded) as caught:
             await hasher.hash(GOOD)
         assert caught.value.subject == "password_hashing_queue"

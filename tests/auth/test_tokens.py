@@ -29,7 +29,7 @@ from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
 from tests.kits.authkit import detail, reason
@@ -173,14 +173,14 @@ async def test_a_subscriber_resuming_mid_run_gets_every_token_once_and_a_late_re
                 async for frame in dstub.WatchRun(
                     pb.WatchRunRequest(name=run, after_sequence=middle),
                     metadata=caller.md,
-                    timeout=20,
+                    timeout=CALL_DEADLINE_S,
                 )
                 if frame.WhichOneof("frame") == "update"
             ]
             listed = await events_pb2_grpc.EventServiceStub(channel).ListEvents(
                 events_pb2.ListEventsRequest(scopes=[_scope(conversation)], page_size=100),
                 metadata=caller.md,
-                timeout=20,
+                timeout=CALL_DEADLINE_S,
             )
     # On the same process, nothing is sent twice: the ids are all new.
     assert not {e.id for e in first.events} & {e.id for e in again.events}
@@ -221,7 +221,7 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
             # WatchRun on B, which does not own the run: the run as stored, the tokens B
             # has heard since (its ring), then live.
             watch: Any = dispatcher_stub(channel_b).WatchRun(
-                pb.WatchRunRequest(name=run), metadata=caller.md, timeout=20
+                pb.WatchRunRequest(name=run), metadata=caller.md, timeout=CALL_DEADLINE_S
             )
             frame: Any = await watch.read()
             watched: list[pb.RunUpdate] = [frame.update]
@@ -371,7 +371,7 @@ async def test_a_watch_resumed_on_the_replica_without_the_run_gets_the_tokens_ma
             watch: Any = dispatcher_stub(channel_b).WatchRun(
                 pb.WatchRunRequest(name=run, after_sequence=before[-1].sequence),
                 metadata=caller.md,
-                timeout=20,
+                timeout=CALL_DEADLINE_S,
             )
             rest.set()
             resumed = [f.update async for f in watch if f.WhichOneof("frame") == "update"]

@@ -40,11 +40,11 @@ from switchboard.client.voice import (
 )
 from switchboard.platform import errors
 from switchboard.platform.rpc.status import to_grpc_status
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.scriptedtalk import CONVERSATION, SPEECH_CHUNK, TURN, ScriptedTalk, scripted
 
 pytestmark = pytest.mark.unit
 
-DEADLINE_S = 10.0
 FAST = StreamPolicy(backoff=Backoff(initial_s=0.01, max_s=0.05), idle_timeout_s=5.0)
 CLIENT = pb.TURN_DETECTION_CLIENT
 
@@ -315,7 +315,7 @@ async def test_a_spoken_turn_comes_back_as_a_reply(server: tuple[ScriptedTalk, C
         await talk.start_turn()
         await talk.send_audio(pcm)
         await talk.end_turn()
-        reply = await asyncio.wait_for(talk.reply(), DEADLINE_S)
+        reply = await asyncio.wait_for(talk.reply(), CALL_DEADLINE_S)
     assert reply.transcript == f"heard {len(pcm)} bytes"
     assert reply.text == f"you said: heard {len(pcm)} bytes"
     assert reply.speech == SPEECH_CHUNK * 3
@@ -343,7 +343,7 @@ async def test_a_drop_mid_answer_resumes_with_no_frame_repeated_or_lost(
     async with _talk(client, on_resume=resumes.append) as talk:
         await talk.say("hello")
         await talk.end()
-        frames = await asyncio.wait_for(_frames_until_end(talk), DEADLINE_S)
+        frames = await asyncio.wait_for(_frames_until_end(talk), CALL_DEADLINE_S)
     session = servicer.only
     numbered = [f.sequence for f in frames if f.sequence]
     assert numbered == [f.sequence for f in session.log]
@@ -370,7 +370,7 @@ async def test_a_silent_stream_is_taken_for_dead_and_resumed(
         _talk(client) as talk,
     ):
         await talk.say("hello")
-        reply = await asyncio.wait_for(talk.reply(), DEADLINE_S)
+        reply = await asyncio.wait_for(talk.reply(), CALL_DEADLINE_S)
     assert reply.transcript == "typed hello"
     assert reply.speech == SPEECH_CHUNK * 3
     assert talk.resumes == 1
@@ -390,7 +390,7 @@ async def test_a_turn_being_spoken_when_the_connection_drops_is_sent_again(
         for chunk in chunks:
             await talk.send_audio(chunk)
         await talk.end_turn()
-        reply = await asyncio.wait_for(talk.reply(), DEADLINE_S)
+        reply = await asyncio.wait_for(talk.reply(), CALL_DEADLINE_S)
     # Every byte reached the turn the server answered: none twice, none lost.
     assert reply.transcript == f"heard {sum(map(len, chunks))} bytes"
     assert talk.resumes == 1
@@ -412,14 +412,14 @@ async def test_without_resending_a_lost_turn_is_reported_to_resend_by_hand(
         await talk.start_turn()
         await talk.send_audio(_pcm(4_000))
         await talk.send_audio(_pcm(4_000, start=7))
-        await asyncio.wait_for(resumed.wait(), DEADLINE_S)
+        await asyncio.wait_for(resumed.wait(), CALL_DEADLINE_S)
         (lost,) = talk.lost_turns
         assert lost.audio == _pcm(4_000) + _pcm(4_000, start=7)
         assert not lost.resent
         assert not lost.ended
         await talk.resend(lost)
         await talk.end_turn()
-        reply = await asyncio.wait_for(talk.reply(), DEADLINE_S)
+        reply = await asyncio.wait_for(talk.reply(), CALL_DEADLINE_S)
     assert reply.transcript == "heard 16000 bytes"
     assert servicer.only.controls[:2] == [
         (pb.TALK_ACTION_START_TURN, 0),
@@ -443,9 +443,9 @@ async def test_an_on_resume_hook_may_send_the_lost_turn_itself(
     async with _talk(client, resend_lost=False, on_resume=resend) as talk:
         await talk.start_turn()
         await talk.send_audio(_pcm(3_000))
-        await asyncio.wait_for(resent.wait(), DEADLINE_S)
+        await asyncio.wait_for(resent.wait(), CALL_DEADLINE_S)
         await talk.end_turn()
-        reply = await asyncio.wait_for(talk.reply(), DEADLINE_S)
+        reply = await asyncio.wait_for(talk.reply(), CALL_DEADLINE_S)
     assert reply.transcript == "heard 6000 bytes"
     assert [lost.resent for lost in talk.lost_turns] == [False]
 
@@ -456,7 +456,7 @@ async def test_an_interrupt_reaches_the_server_with_what_was_heard(
     servicer, client = server
     async with _talk(client) as talk:
         await talk.interrupt(heard_through_sequence=TURN + 4)
-        frame = await asyncio.wait_for(anext(talk), DEADLINE_S)
+        frame = await asyncio.wait_for(anext(talk), CALL_DEADLINE_S)
     assert frame.event.kind == pb.TALK_EVENT_KIND_SPEECH_INTERRUPTED
     assert servicer.only.controls[0] == (pb.TALK_ACTION_INTERRUPT, TURN + 4)
 
@@ -470,7 +470,7 @@ async def test_a_session_past_its_window_ends_with_session_ended(
     async with _talk(client) as talk:
         await talk.say("hello")
         with pytest.raises(SessionEnded):
-            await asyncio.wait_for(_frames_until_end(talk), DEADLINE_S)
+            await asyncio.wait_for(_frames_until_end(talk), CALL_DEADLINE_S)
         # Sending after the end says why too.
         with pytest.raises(SessionEnded):
             await talk.say("anyone?")
@@ -493,10 +493,10 @@ async def test_a_session_is_resumed_by_name_after_the_last_sequence(
     servicer, client = server
     async with _talk(client) as first:
         await first.say("one")
-        reply = await asyncio.wait_for(first.reply(), DEADLINE_S)
+        reply = await asyncio.wait_for(first.reply(), CALL_DEADLINE_S)
         name, position = first.name, first.last_sequence
         await first.say("two")
-        heard = await asyncio.wait_for(anext(first), DEADLINE_S)
+        heard = await asyncio.wait_for(anext(first), CALL_DEADLINE_S)
         # The process stops here, as a crash leaves it: no END_SESSION.
         pump = first._pump
         assert pump is not None
@@ -507,7 +507,7 @@ async def test_a_session_is_resumed_by_name_after_the_last_sequence(
     assert reply.transcript == "typed one"
     assert heard.transcript.text == "typed two"
     async with client.resume_talk(name, after_sequence=position) as again:
-        second = await asyncio.wait_for(again.reply(), DEADLINE_S)
+        second = await asyncio.wait_for(again.reply(), CALL_DEADLINE_S)
     assert second.transcript == "typed two"
     assert servicer.only.calls == ["start", f"resume:{position}"]
 

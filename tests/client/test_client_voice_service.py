@@ -6,6 +6,10 @@ Connections are really dropped: the client talks to the server through a TCP rel
 (tests/infra/tcprelay.py) that the test resets mid-answer or mid-turn; the session
 resumes by itself. What the client received is compared with what the server stored:
 the run's own updates, watched again from the start.
+
+One server per backend and one audio server serve the whole module (starting them,
+and loading the recognizer's model, per test was a good part of its time): each test
+signs up a user of its own, with its own workspace, assistants and conversation.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+import pytest_asyncio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.client import (
@@ -27,14 +32,14 @@ from switchboard.client import (
 from switchboard.client.backoff import Backoff
 from switchboard.client.voice import TURN_BITS, ReplyBuilder, TalkSession, turn_of
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.settings import Settings
 from tests.client.test_clientkit import PASSWORD, new_conversation, new_workspace, unique_email
-from tests.conftest import make_settings
+from tests.conftest import make_settings, started
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.speech import COUNTING, says, speak
 from tests.infra.tcprelay import TcpRelay
+from tests.kits.modulekit import module_database_url_fixture
 
-pytestmark = pytest.mark.service
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 #: A turn's transcription, the echo's answer and its paced speech, on two busy cores.
 DEADLINE_S = 90.0
@@ -48,22 +53,29 @@ def counting() -> bytes:
     return pcm
 
 
-@pytest.fixture
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def audio_server() -> AsyncIterator[FakeAudio]:
     async with FakeAudio() as fake:
         yield fake
 
 
-@pytest.fixture
-def settings(database_url: str, audio_server: FakeAudio) -> Settings:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(
+    module_database_url: str, audio_server: FakeAudio
+) -> AsyncIterator[SwitchboardServer]:
     # Speech sent up to ten seconds ahead of playback: the echo assistant's answers end
     # with a long note, which the tests need not wait out at the speed of speech.
-    return make_settings(
-        database_url=database_url,
+    settings = make_settings(
+        database_url=module_database_url,
         voice_url=audio_server.url,
         egress_allow_loopback=True,
         voice_lead_ms=10_000,
     )
+    async with started(settings) as server:
+        yield server
 
 
 class Place:

@@ -30,10 +30,9 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import MemoryItemRow, MessageRow
-from tests.conftest import make_settings, started
+from tests.conftest import CALL_DEADLINE_S, make_settings, started
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Caller,
     EventTap,
     Stub,
@@ -1478,7 +1477,9 @@ async def test_paging_under_concurrent_appends_returns_every_message_once(
                 return  # the last page, read after every writer finished
             tail = names
             async with progress:
-                await asyncio.wait_for(progress.wait_for(functools.partial(grown, mark)), TIMEOUT_S)
+                await asyncio.wait_for(
+                    progress.wait_for(functools.partial(grown, mark)), CALL_DEADLINE_S
+                )
 
     await asyncio.gather(reader(), *(writer(i) for i in range(WRITERS)))
 
@@ -2188,14 +2189,16 @@ async def write_update_workspace(scene: Scene) -> Published:
             update_mask=mask("description"),
         ),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Published(WS_CHANGED, UPDATED, scene.workspace)
 
 
 async def write_delete_workspace(scene: Scene) -> Published:
     await scene.stub.DeleteWorkspace(
-        pb.DeleteWorkspaceRequest(name=scene.workspace), metadata=scene.owner.md, timeout=TIMEOUT_S
+        pb.DeleteWorkspaceRequest(name=scene.workspace),
+        metadata=scene.owner.md,
+        timeout=CALL_DEADLINE_S,
     )
     return Published(WS_CHANGED, DELETED, scene.workspace)
 
@@ -2204,7 +2207,7 @@ async def write_undelete_workspace(scene: Scene) -> Published:
     await scene.stub.UndeleteWorkspace(
         pb.UndeleteWorkspaceRequest(name=scene.workspace),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Published(WS_CHANGED, UPDATED, scene.workspace)
 
@@ -2244,7 +2247,7 @@ async def write_delete_conversation(scene: Scene) -> Published:
     await scene.stub.DeleteConversation(
         pb.DeleteConversationRequest(name=scene.conversation),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Published(CONV_CHANGED, DELETED, scene.conversation, scene.conversation)
 
@@ -2253,7 +2256,7 @@ async def write_undelete_conversation(scene: Scene) -> Published:
     await scene.stub.UndeleteConversation(
         pb.UndeleteConversationRequest(name=scene.conversation),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Published(CONV_CHANGED, UPDATED, scene.conversation, scene.conversation)
 
@@ -2274,14 +2277,16 @@ async def write_update_memory_item(scene: Scene) -> Published:
             memory_item=pb.MemoryItem(name=scene.memory, pinned=True), update_mask=mask("pinned")
         ),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Published(MEMORY_CHANGED, UPDATED, scene.memory, scene.conversation)
 
 
 async def write_delete_memory_item(scene: Scene) -> Published:
     await scene.stub.DeleteMemoryItem(
-        pb.DeleteMemoryItemRequest(name=scene.memory), metadata=scene.owner.md, timeout=TIMEOUT_S
+        pb.DeleteMemoryItemRequest(name=scene.memory),
+        metadata=scene.owner.md,
+        timeout=CALL_DEADLINE_S,
     )
     return Published(MEMORY_CHANGED, DELETED, scene.memory, scene.conversation)
 
@@ -2335,7 +2340,7 @@ async def update_workspace_stale(scene: Scene) -> object:
             update_mask=mask("display_name"),
         ),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -2343,7 +2348,7 @@ async def delete_workspace_stale(scene: Scene) -> object:
     return await scene.stub.DeleteWorkspace(
         pb.DeleteWorkspaceRequest(name=scene.workspace, etag=STALE),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -2360,7 +2365,7 @@ async def delete_conversation_stale(scene: Scene) -> object:
     return await scene.stub.DeleteConversation(
         pb.DeleteConversationRequest(name=scene.conversation, etag=STALE),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -2385,7 +2390,7 @@ async def update_memory_item_stale(scene: Scene) -> object:
             update_mask=mask("content"),
         ),
         metadata=scene.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 

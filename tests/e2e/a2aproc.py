@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.expertproc import ExpertProcess, ListeningProcess
 from tests.e2e.procs import ROOT
 
@@ -63,7 +64,7 @@ class A2AAgentProcess(ExpertProcess):
 
     async def release(self) -> None:
         """Let a ``hold`` task stream its second half."""
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(timeout=CALL_DEADLINE_S) as client:
             answer = await client.post(f"http://127.0.0.1:{self.port}/release")
             assert answer.status_code == 200
 

@@ -32,11 +32,11 @@ import pytest
 
 from switchboard.deploy import machine
 from switchboard.deploy.edge.envoy import PLAIN_LISTENER, TLS_LISTENER
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ManagedProcess
 from tests.infra import processlogs
 
 START_TIMEOUT_S: Final = 30.0
-STOP_TIMEOUT_S: Final = 10.0
 _POLL_S: Final = 0.02
 
 
@@ -216,7 +216,7 @@ class EnvoyProcess(ManagedProcess):
                 self._new_line.clear()
 
     def _listener_port(self, name: str) -> int:
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
+        with httpx.Client(timeout=CALL_DEADLINE_S, trust_env=False) as client:
             listeners = client.get(f"{self.admin_url}/listeners", params={"format": "json"})
         listeners.raise_for_status()
         for status in listeners.json()["listener_statuses"]:
@@ -229,7 +229,7 @@ class EnvoyProcess(ManagedProcess):
 
     def config_dump(self) -> dict[str, Any]:
         """Envoy's own view of its configuration (admin ``/config_dump``)."""
-        with httpx.Client(timeout=10.0, trust_env=False) as client:
+        with httpx.Client(timeout=CALL_DEADLINE_S, trust_env=False) as client:
             dump = client.get(f"{self.admin_url}/config_dump")
         dump.raise_for_status()
         result: dict[str, Any] = dump.json()
@@ -237,7 +237,7 @@ class EnvoyProcess(ManagedProcess):
 
     def stats(self, prefix: str) -> dict[str, int]:
         """Counters and gauges whose names start with ``prefix`` (admin ``/stats``)."""
-        with httpx.Client(timeout=10.0, trust_env=False) as client:
+        with httpx.Client(timeout=CALL_DEADLINE_S, trust_env=False) as client:
             answer = client.get(f"{self.admin_url}/stats", params={"format": "json"})
         answer.raise_for_status()
         return {
@@ -246,7 +246,7 @@ class EnvoyProcess(ManagedProcess):
             if "value" in item and item["name"].startswith(prefix)
         }
 
-    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
+    def terminate(self, timeout: float = CALL_DEADLINE_S) -> int:
         """SIGTERM and wait: Envoy drains nothing on SIGTERM and exits 0 at once."""
         return super().terminate(timeout)
 

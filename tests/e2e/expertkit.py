@@ -16,6 +16,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.contextkit import Stub as CStub
 from tests.kits.contextkit import World, ctx_world
 from tests.kits.dispatchkit import Stub as DStub
@@ -24,7 +25,6 @@ from tests.kits.integrationkit import Stub as IStub
 from tests.kits.integrationkit import integration_stub
 
 POLL_S = 0.05
-WAIT_S = 15.0
 
 Served = tuple[SwitchboardServer, CStub, DStub]
 
@@ -52,7 +52,7 @@ async def listed(dstub: DStub, world: World, workspace: str = "") -> dict[str, p
     response = await dstub.ListHandlers(
         pb.ListHandlersRequest(parent=workspace or world.name, page_size=100),
         metadata=world.owner.md,
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     return {h.name: h for h in response.handlers}
 
@@ -62,7 +62,7 @@ async def until_listed(
 ) -> pb.Handler | None:
     """Poll ListHandlers until ``name`` is listed with ``available`` (None: until it is
     not listed). Another process's channel and the event relay change it: nothing to await."""
-    async with asyncio.timeout(WAIT_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while True:
             found = (await listed(dstub, world)).get(name)
             if available is None and found is None:

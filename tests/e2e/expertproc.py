@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess
 from tests.infra import processlogs
 
@@ -72,7 +73,7 @@ class ListeningProcess(ManagedProcess):
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
-        self.proc.wait(timeout=self.STOP_TIMEOUT_S)
+        self.proc.wait(timeout=CALL_DEADLINE_S)
 
     @property
     def address(self) -> str:
@@ -115,7 +116,7 @@ class ExpertProcess(ListeningProcess):
         self,
         predicate: Callable[[str], bool],
         # A caller's asyncio.timeout could not put the file's content in the failure.
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = CALL_DEADLINE_S,  # noqa: ASYNC109
     ) -> str:
         """The first side-effects line for which ``predicate`` holds, once it is written.
 

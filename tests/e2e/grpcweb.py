@@ -24,7 +24,8 @@ import httpx
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-DEADLINE_S: Final = 10.0
+from tests.conftest import CALL_DEADLINE_S
+
 ORIGIN: Final = "http://console.switchboard.test:5173"
 CONTENT_TYPE: Final = "application/grpc-web+proto"
 _HEADER: Final = struct.Struct(">BI")
@@ -100,7 +101,7 @@ class WebCall:
     async def _fill(self, size: int) -> bool:
         """Read until ``size`` bytes are buffered; False if the body ended first."""
         while len(self.buffer) < size:
-            async with asyncio.timeout(DEADLINE_S):
+            async with asyncio.timeout(CALL_DEADLINE_S):
                 chunk = await anext(self.chunks, None)
             if chunk is None:
                 return False
@@ -169,7 +170,7 @@ class GrpcWeb:
         sent = self.client.build_request(
             "POST", path, content=encode(request), headers=self.headers()
         )
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             response = await self.client.send(sent, stream=True)
         try:
             assert response.status_code == 200, response.status_code
@@ -177,7 +178,7 @@ class GrpcWeb:
             assert response.headers["access-control-allow-origin"] == ORIGIN
             yield WebCall(response, response.aiter_raw())
         finally:
-            async with asyncio.timeout(DEADLINE_S):
+            async with asyncio.timeout(CALL_DEADLINE_S):
                 await response.aclose()
 
     async def unary(

@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import pytest
 
-from tests.conftest import TEST_DATABASE_TIMEOUT_S
+from tests.conftest import CALL_DEADLINE_S, TEST_DATABASE_TIMEOUT_S
 from tests.infra import processlogs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +87,6 @@ class ManagedProcess:
     """A child process with a private temporary directory: SIGTERM to stop it
     politely, and a kill plus cleanup on context exit whatever happened."""
 
-    STOP_TIMEOUT_S = 10.0
-
     def __init__(self, prefix: str) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
         self.proc: subprocess.Popen[str] | None = None
@@ -116,7 +114,7 @@ class ManagedProcess:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(timeout=self.STOP_TIMEOUT_S)
+            self.proc.wait(timeout=CALL_DEADLINE_S)
         self._tmp.cleanup()
 
 

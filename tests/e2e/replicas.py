@@ -17,13 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.store.models import RunRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess
 from tests.kits.authkit import PASSWORD, unique_email
 from tests.kits.contextkit import Caller
 from tests.kits.dispatchkit import Stub, dispatcher_stub
 
-#: How long a killed or stopped process may take to be gone, and a sign-up to answer.
-CALL_TIMEOUT_S: Final = 10.0
 ACTIVE: Final = (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING)
 
 
@@ -55,7 +54,7 @@ class Replica:
         assert self.process.proc is not None
         self.up = False
         self.process.proc.kill()  # SIGKILL: no drain, no shutdown code
-        self.process.proc.wait(timeout=CALL_TIMEOUT_S)
+        self.process.proc.wait(timeout=CALL_DEADLINE_S)
 
     async def stop(self) -> int:
         """SIGTERM, as a deployment stops it: its exit code."""
@@ -78,7 +77,7 @@ async def sign_up(address: str, who: str) -> Caller:
     async with aio.insecure_channel(address) as channel:
         response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
             auth_pb2.RegisterRequest(email=unique_email(who), password=PASSWORD),
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
 

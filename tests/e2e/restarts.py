@@ -21,11 +21,10 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.kits.authkit import PASSWORD, bearer
 
-#: Deadline of every call a Caller makes.
-CALL_TIMEOUT_S: Final = 20.0
 #: Heartbeats often enough that cursors also advance by heartbeats in tests.
 HEARTBEAT_S: Final = "0.5"
 
@@ -60,7 +59,7 @@ def register(server: ServeProcess, email: str) -> str:
     with grpc.insecure_channel(server.address) as channel:
         response = auth_pb2_grpc.AuthServiceStub(channel).Register(
             auth_pb2.RegisterRequest(email=email, password=PASSWORD, display_name="Restarts"),
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     return response.user.name
 
@@ -74,7 +73,7 @@ class Caller:
             auth_pb2.LoginRequest(
                 password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
             ),
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         self.md = bearer(response.tokens.access_token)
         self.user = response.user.name
@@ -99,7 +98,7 @@ class Caller:
                 workspace=context_pb2.Workspace(display_name=display_name)
             ),
             metadata=self.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ).workspace.name
 
     def conversation(self) -> str:
@@ -109,7 +108,7 @@ class Caller:
                 parent=self.workspace(), conversation=context_pb2.Conversation(title="Restarts")
             ),
             metadata=self.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ).conversation.name
 
     def append(self, conversation: str, text: str) -> str:
@@ -122,7 +121,7 @@ class Caller:
                 ),
             ),
             metadata=self.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         return response.message.name
 
@@ -132,12 +131,12 @@ class Caller:
         key = self.auth.CreateApiKey(
             auth_pb2.CreateApiKeyRequest(display_name="elsewhere"),
             metadata=self.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ).api_key.name
         listed = self.events.ListEvents(
             events_pb2.ListEventsRequest(scopes=[events_pb2.Scope(user=self.user)], page_size=500),
             metadata=self.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ).events
         return next(e.cursor for e in listed if e.security.api_key == key)
 
@@ -154,7 +153,7 @@ class Caller:
                     page_token=page_token,
                 ),
                 metadata=self.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             events.extend(page.events)
             page_token = page.next_page_token
@@ -163,11 +162,11 @@ class Caller:
 
     def run(self, name: str) -> dispatcher_pb2.Run:
         return self.dispatcher.GetRun(
-            dispatcher_pb2.GetRunRequest(name=name), metadata=self.md, timeout=CALL_TIMEOUT_S
+            dispatcher_pb2.GetRunRequest(name=name), metadata=self.md, timeout=CALL_DEADLINE_S
         ).run
 
     def text_of(self, message: str) -> str:
         stored = self.context.GetMessage(
-            context_pb2.GetMessageRequest(name=message), metadata=self.md, timeout=CALL_TIMEOUT_S
+            context_pb2.GetMessageRequest(name=message), metadata=self.md, timeout=CALL_DEADLINE_S
         ).message
         return "".join(part.text for part in stored.parts)

@@ -38,6 +38,7 @@ from google.protobuf.message import Message
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.deploy.edge.envoy import PLAIN_LISTENER, TLS_LISTENER
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.chromium import artifacts_dir, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
@@ -57,8 +58,9 @@ HTTP1_STREAMS: Final = 6
 #: A unary call's deadline on the page; over HTTP/2 it completes far sooner.
 DEADLINE_MS: Final = 3_000
 #: How long the driver waits for any one page condition (streams' frames, a call).
-WAIT_MS: Final = 10_000
-DRIVER_TIMEOUT_S: Final = 60.0
+WAIT_MS: Final = int(CALL_DEADLINE_S * 1000)
+#: Above WAIT_MS, so a condition that never comes fails with the driver's own message.
+DRIVER_TIMEOUT_S: Final = 2 * CALL_DEADLINE_S
 
 M = TypeVar("M", bound=Message)
 
@@ -92,7 +94,7 @@ def page_server() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-        thread.join(timeout=5)
+        thread.join(timeout=CALL_DEADLINE_S)
 
 
 def drive(config: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +120,7 @@ def drive(config: dict[str, Any]) -> dict[str, Any]:
     finally:
         if driver.poll() is None:
             driver.kill()
-            driver.wait(timeout=10)
+            driver.wait(timeout=CALL_DEADLINE_S)
     assert driver.returncode == 0, f"driver exited {driver.returncode}: {stderr}"
     result: dict[str, Any] = json.loads(stdout)
     assert "error" not in result, json.dumps(result, indent=1)

@@ -14,7 +14,9 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -22,6 +24,8 @@ import pytest
 from switchboard import cli as switchboard_cli
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.platform.security.credentials.accesstokens import load_key_ring
+from tests.conftest import CALL_DEADLINE_S
+from tests.e2e import servekit_batch
 from tests.e2e.procs import START_TIMEOUT_S, cli
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +41,14 @@ def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
     return env
 
 
-# keygen
+# keygen: the first test through the real command, the others through its entry point in
+# this process (the command is the same code; a process each only adds its start).
+
+
+def _keygen(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``switchboard keygen ARGS`` in this process: its exit code and what it wrote to stderr."""
+    code = switchboard_cli.main(["keygen", *args])
+    return code, capsys.readouterr().err
 
 
 def test_keygen_creates_missing_directories_owner_only(tmp_path: Path) -> None:
@@ -51,23 +62,27 @@ def test_keygen_creates_missing_directories_owner_only(tmp_path: Path) -> None:
     assert [p.name for p in key.parent.iterdir()] == ["k1.pem"]  # no temporary file left
 
 
-def test_keygen_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
-    assert cli("keygen", str(tmp_path / "k1.pem")).returncode == 0
+def test_keygen_refuses_to_overwrite_a_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _keygen(capsys, str(tmp_path / "k1.pem"))[0] == 0
     before = (tmp_path / "k1.pem").read_bytes()
-    done = cli("keygen", str(tmp_path / "k1.pem"))
-    assert done.returncode == EXIT_CONFIG
-    assert "Traceback" not in done.stderr
-    assert f"{tmp_path / 'k1.pem'} exists" in done.stderr
-    assert "--force" in done.stderr
+    code, stderr = _keygen(capsys, str(tmp_path / "k1.pem"))
+    assert code == EXIT_CONFIG
+    assert "Traceback" not in stderr
+    assert f"{tmp_path / 'k1.pem'} exists" in stderr
+    assert "--force" in stderr
     assert (tmp_path / "k1.pem").read_bytes() == before
 
 
-def test_keygen_force_replaces_the_key_owner_only(tmp_path: Path) -> None:
+def test_keygen_force_replaces_the_key_owner_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = tmp_path / "k1.pem"
     key.write_text("old")
     key.chmod(0o644)
-    done = cli("keygen", "--force", str(key))
-    assert done.returncode == 0, done.stderr
+    code, stderr = _keygen(capsys, "--force", str(key))
+    assert code == 0, stderr
     assert key.stat().st_mode & 0o777 == 0o600
     assert load_key_ring([str(key)]).active.kid == "k1"
 
@@ -81,13 +96,19 @@ def test_keygen_force_replaces_the_key_owner_only(tmp_path: Path) -> None:
     ],
 )
 def test_keygen_explains_a_path_it_cannot_use(
-    tmp_path: Path, make: Callable[[Path], object], target: str, fragment: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path], object],
+    target: str,
+    fragment: str,
 ) -> None:
     make(tmp_path)
-    done = cli("keygen", target, cwd=tmp_path)
-    assert done.returncode == EXIT_CONFIG
-    assert "Traceback" not in done.stderr
-    assert fragment in done.stderr
+    monkeypatch.chdir(tmp_path)
+    code, stderr = _keygen(capsys, target)
+    assert code == EXIT_CONFIG
+    assert "Traceback" not in stderr
+    assert fragment in stderr
 
 
 # Every bad setting: exit 2, one line naming the variable, no traceback, no secret.
@@ -161,14 +182,16 @@ def _refusal_is_clean(code: int, stderr: str, named: str) -> None:
     assert SECRET[:12] not in stderr
 
 
-@pytest.mark.parametrize(("variables", "named"), REFUSED_EARLY)
-def test_serve_refuses_a_bad_setting_by_name(
+def _serve_here(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     variables: dict[str, str],
-    named: str,
-) -> None:
+    port: str = "0",
+) -> tuple[int, str]:
+    """``switchboard serve --dev --port PORT`` through the command's entry point in this
+    process, with only ``variables`` of SWITCHBOARD_*, refused before its server starts:
+    its exit code and what it wrote to stderr."""
     for key in [k for k in os.environ if k.upper().startswith("SWITCHBOARD_")]:
         monkeypatch.delenv(key)
     for key, value in _env(tmp_path, **variables).items():
@@ -180,39 +203,85 @@ def test_serve_refuses_a_bad_setting_by_name(
 
     # The command starts its server with asyncio.run; a refusal comes before it.
     monkeypatch.setattr(asyncio, "run", started)
-    code = switchboard_cli.main(["serve", "--dev", "--port", "0"])
-    _refusal_is_clean(code, capsys.readouterr().err, named)
+    code = switchboard_cli.main(["serve", "--dev", "--port", port])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("variables", "named"), REFUSED_EARLY)
+def test_serve_refuses_a_bad_setting_by_name(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variables: dict[str, str],
+    named: str,
+) -> None:
+    code, stderr = _serve_here(tmp_path, monkeypatch, capsys, variables)
+    _refusal_is_clean(code, stderr, named)
+
+
+_MIGRATE_CANNOT_OPEN = "test_migrate_names_a_database_it_cannot_open"
+
+
+def _plan(
+    test: pytest.Function, directory: Callable[[], Path], _: ExitStack
+) -> servekit_batch.Command | None:
+    """The real command of each test below that runs one to its end (``ran``)."""
+    if test.originalname == "test_the_command_refuses_a_bad_setting_by_name":
+        variables = cast("dict[str, str]", test.callspec.params["variables"])
+        return servekit_batch.Command(
+            ("serve", "--dev", "--port", "0"), env=_env(directory(), **variables)
+        )
+    if test.originalname == _MIGRATE_CANNOT_OPEN:
+        env = _env(
+            directory(),
+            SWITCHBOARD_DEV_MODE="true",
+            SWITCHBOARD_DATABASE_URL="sqlite+aiosqlite:////nonexistent/dir/x.db",
+        )
+        return servekit_batch.Command(("migrate",), env=env)
+    return None
+
+
+@pytest.fixture(scope="module")
+def at_once(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servekit_batch.Started]:
+    yield from servekit_batch.started(request, tmp_path_factory, _plan)
+
+
+@pytest.fixture
+def ran(
+    at_once: servekit_batch.Started, request: pytest.FixtureRequest
+) -> subprocess.CompletedProcess[str]:
+    """This test's command (``_plan``), run ahead beside the module's others, to its end."""
+    return at_once.result(request.node.nodeid)
 
 
 @pytest.mark.parametrize(("variables", "named"), REFUSED_AT_START)
 def test_the_command_refuses_a_bad_setting_by_name(
-    tmp_path: Path, variables: dict[str, str], named: str
+    ran: subprocess.CompletedProcess[str], variables: dict[str, str], named: str
 ) -> None:
-    done = cli("serve", "--dev", "--port", "0", env=_env(tmp_path, **variables))
-    _refusal_is_clean(done.returncode, done.stderr, named)
+    # ``variables`` are the command's environment: ``_plan`` reads them from the test.
+    _refusal_is_clean(ran.returncode, ran.stderr, named)
 
 
-def test_migrate_names_a_database_it_cannot_open(tmp_path: Path) -> None:
-    env = _env(
-        tmp_path,
-        SWITCHBOARD_DEV_MODE="true",
-        SWITCHBOARD_DATABASE_URL="sqlite+aiosqlite:////nonexistent/dir/x.db",
-    )
-    done = cli("migrate", env=env)
-    assert done.returncode == EXIT_CONFIG
-    assert "SWITCHBOARD_DATABASE_URL: cannot open the database" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_migrate_names_a_database_it_cannot_open(ran: subprocess.CompletedProcess[str]) -> None:
+    assert ran.args[-1] == "migrate"
+    assert ran.returncode == EXIT_CONFIG
+    assert "SWITCHBOARD_DATABASE_URL: cannot open the database" in ran.stderr
+    assert "Traceback" not in ran.stderr
 
 
-def test_the_e2e_harness_variable_is_not_refused(tmp_path: Path) -> None:
+def test_the_e2e_harness_variable_is_not_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # tests/e2e/procs.py reads SWITCHBOARD_TOOLS_BIN; a server started from the
     # same shell must not refuse it. `--port -1` stops the start right after
     # the settings are read (a variable refused would be named first).
-    env = _env(tmp_path, SWITCHBOARD_TOOLS_BIN=str(tmp_path))
-    done = cli("serve", "--dev", "--port", "-1", env=env)
-    assert done.returncode == EXIT_CONFIG
-    assert "SWITCHBOARD_PORT" in done.stderr
-    assert "SWITCHBOARD_TOOLS_BIN" not in done.stderr
+    variables = {"SWITCHBOARD_TOOLS_BIN": str(tmp_path)}
+    code, stderr = _serve_here(tmp_path, monkeypatch, capsys, variables, port="-1")
+    assert code == EXIT_CONFIG
+    assert "SWITCHBOARD_PORT" in stderr
+    assert "SWITCHBOARD_TOOLS_BIN" not in stderr
 
 
 # Text logs carry what JSON logs carry.
@@ -269,7 +338,7 @@ def test_text_logs_show_the_address_and_each_call(
     assert "switchboard.api.auth.v1.AuthService" in listening["services"].split(",")
     with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError):
         auth_pb2_grpc.AuthServiceStub(channel).GetPrincipal(
-            auth_pb2.GetPrincipalRequest(), timeout=10
+            auth_pb2.GetPrincipalRequest(), timeout=CALL_DEADLINE_S
         )
     access = _fields(lines.until("rpc finished"), "rpc finished")
     assert access["method"] == "/switchboard.api.auth.v1.AuthService/GetPrincipal"

@@ -24,8 +24,9 @@ from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess, fronting
-from tests.e2e.grpcweb import AUTH, DEADLINE_S, ORIGIN, GrpcWeb, WebStatus
+from tests.e2e.grpcweb import AUTH, ORIGIN, GrpcWeb, WebStatus
 from tests.e2e.procs import ServeProcess
 from tests.kits.authkit import PASSWORD, bearer, detail, unique_email
 
@@ -74,7 +75,7 @@ async def browser(envoy: EnvoyProcess, source: str) -> AsyncIterator[httpx.Async
     """An HTTP/1.1 client whose connections to Envoy come from ``source``."""
     transport = httpx.AsyncHTTPTransport(local_address=source)
     async with httpx.AsyncClient(
-        transport=transport, base_url=envoy.url, timeout=DEADLINE_S, trust_env=False
+        transport=transport, base_url=envoy.url, timeout=CALL_DEADLINE_S, trust_env=False
     ) as client:
         yield client
 
@@ -184,7 +185,9 @@ async def _native_register(
     stub: auth_pb2_grpc.AuthServiceAsyncStub, forged: str
 ) -> auth_pb2.RegisterResponse:
     response: auth_pb2.RegisterResponse = await stub.Register(
-        _register_request("native"), metadata=(("x-forwarded-for", forged),), timeout=DEADLINE_S
+        _register_request("native"),
+        metadata=(("x-forwarded-for", forged),),
+        timeout=CALL_DEADLINE_S,
     )
     return response
 
@@ -199,7 +202,7 @@ async def test_a_trusted_peer_is_believed_about_its_client(serve: ServeProcess) 
         sessions = await stub.ListSessions(
             auth_pb2.ListSessionsRequest(),
             metadata=bearer(registered.tokens.access_token),
-            timeout=DEADLINE_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert [s.client_address for s in sessions.sessions] == ["127.0.0.9"]
 

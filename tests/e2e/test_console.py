@@ -82,6 +82,7 @@ from switchboard.deploy.edge.envoy import (
 )
 from switchboard.platform.security.credentials.devkey import dev_key_path
 from switchboard.platform.values import names
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.chromium import artifacts_dir, js_fixed, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
@@ -99,7 +100,6 @@ DRIVER: Final = BROWSER_DIR / "console.mjs"
 WAIT_MS: Final = 30_000
 #: How long the test waits for the driver's answer to one step.
 STEP_S: Final = 60.0
-CALL_S: Final = 20.0
 
 
 # -- The stack ----------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def _reap(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.kill()
-    proc.wait(timeout=10)
+    proc.wait(timeout=CALL_DEADLINE_S)
     if proc.stdout is not None:
         proc.stdout.close()
 
@@ -264,7 +264,7 @@ def _local_server(module: str, what: str) -> Iterator[str]:
         yield url
     finally:
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait(timeout=CALL_DEADLINE_S)
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -377,7 +377,7 @@ class Chromium:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=CALL_DEADLINE_S)
 
 
 @pytest.fixture(scope="module")
@@ -812,7 +812,7 @@ class Server:
             auth_pb2.RegisterRequest(
                 email=unique_email(prefix), password=PASSWORD, display_name=prefix
             ),
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         return User.signed_in(answer)
 
@@ -821,7 +821,7 @@ class Server:
             auth_pb2.LoginRequest(
                 password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
             ),
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         return User.signed_in(answer)
 
@@ -833,14 +833,14 @@ class Server:
                 workspace=context_pb2.Workspace(display_name=workspace_id.title()),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).workspace.name
         conversation = self.context.CreateConversation(
             context_pb2.CreateConversationRequest(
                 parent=workspace, conversation=context_pb2.Conversation(title="Plans")
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).conversation.name
         return workspace, conversation
 
@@ -855,7 +855,7 @@ class Server:
                     ),
                 ),
                 metadata=user.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).message.name
         )
 
@@ -864,13 +864,13 @@ class Server:
             self.context.ListMessages(
                 context_pb2.ListMessagesRequest(parent=conversation, page_size=100),
                 metadata=user.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).messages
         )
 
     def run(self, user: User, name: str) -> dispatcher_pb2.Run:
         run: dispatcher_pb2.Run = self.dispatcher.GetRun(
-            dispatcher_pb2.GetRunRequest(name=name), metadata=user.md, timeout=CALL_S
+            dispatcher_pb2.GetRunRequest(name=name), metadata=user.md, timeout=CALL_DEADLINE_S
         ).run
         return run
 
@@ -878,7 +878,7 @@ class Server:
         listed = self.auth.ListSessions(
             auth_pb2.ListSessionsRequest(show_inactive=True, page_size=100),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         return {s.name: s for s in listed.sessions}
 
@@ -893,7 +893,7 @@ class Server:
                     scopes=scopes, after_cursor=after, page_size=500, page_token=token
                 ),
                 metadata=user.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             )
             found += page.events
             token = page.next_page_token
@@ -1214,7 +1214,7 @@ def test_integrations_show_their_status_live_and_tool_calls_wait_for_approval(
                 ),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).integration.name
         # The workspace's default assistant: the llm handler with the kit's echo tool,
         # whose every call needs a person's decision.
@@ -1236,7 +1236,7 @@ def test_integrations_show_their_status_live_and_tool_calls_wait_for_approval(
                 ),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         with chromium.open(stack.origin + "/") as browser:
             sign_in(browser, user.email)
@@ -1252,7 +1252,7 @@ def test_integrations_show_their_status_live_and_tool_calls_wait_for_approval(
             status = server.integration.GetIntegration(
                 integration_pb2.GetIntegrationRequest(name=integration),
                 metadata=user.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).integration.status
             assert status.health == integration_pb2.HEALTH_STATE_HEALTHY
             assert status.circuit == integration_pb2.CIRCUIT_STATE_CLOSED
@@ -1290,7 +1290,7 @@ def test_integrations_show_their_status_live_and_tool_calls_wait_for_approval(
             status = server.integration.GetIntegration(
                 integration_pb2.GetIntegrationRequest(name=integration),
                 metadata=user.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).integration.status
             assert status.health == integration_pb2.HEALTH_STATE_UNHEALTHY
             shown = browser.eval(
@@ -1307,7 +1307,7 @@ def _slow_calls_started(server: Server, user: User, integration: str) -> list[st
     answer = server.integration.InvokeTool(
         integration_pb2.InvokeToolRequest(name=f"{integration}/tools/stats"),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return [tag.string_value for tag in answer.result.fields["started"].list_value.values]
 
@@ -1344,7 +1344,7 @@ def _approval_kit(
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     ).integration.name
     server.dispatcher.CreateAssistant(
         dispatcher_pb2.CreateAssistantRequest(
@@ -1362,7 +1362,7 @@ def _approval_kit(
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return integration
 
@@ -1569,7 +1569,7 @@ def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
                 parent=workspace, conversation=context_pb2.Conversation(title=title)
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).conversation.name
         for title in ("Retried", "Failed")
     ]
@@ -1586,7 +1586,7 @@ def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
                 ),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).integration
         assert not integration.retry_safe
         server.dispatcher.CreateAssistant(
@@ -1602,7 +1602,7 @@ def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
                 ),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         tags = ["done", "retried", "failed"]
         runs = [
@@ -1618,7 +1618,7 @@ def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
                     ),
                 ),
                 metadata=user.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).run.name
             for conversation, tag in zip(conversations, tags, strict=True)
         ]
@@ -1746,7 +1746,7 @@ def _reference_mcp() -> Iterator[str]:
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
-    proc.wait(timeout=10)
+    proc.wait(timeout=CALL_DEADLINE_S)
 
 
 @contextmanager
@@ -1763,7 +1763,7 @@ def _webhook_receiver() -> Iterator[WebhookReceiver]:
     finally:
         asyncio.run_coroutine_threadsafe(receiver.close(), loop).result(timeout=30)
         loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+        thread.join(timeout=CALL_DEADLINE_S)
         loop.close()
 
 
@@ -1797,14 +1797,14 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             workspace=context_pb2.Workspace(display_name="Studio"),
         ),
         metadata=owner.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     ).workspace.name
     server.context.AddWorkspaceMember(
         context_pb2.AddWorkspaceMemberRequest(
             parent=workspace, user=viewer.name, role=context_pb2.WORKSPACE_ROLE_VIEWER
         ),
         metadata=owner.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     with _reference_mcp() as mcp_url, _webhook_receiver() as receiver:
         with chromium.open(stack.origin + "/") as browser:
@@ -1841,7 +1841,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             stored = server.integration.GetIntegration(
                 integration_pb2.GetIntegrationRequest(name=integration),
                 metadata=owner.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).integration
             assert stored.endpoint == mcp_url
             assert stored.has_credential
@@ -1922,7 +1922,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             made = server.dispatcher.GetAssistant(
                 dispatcher_pb2.GetAssistantRequest(name=assistant),
                 metadata=owner.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).assistant
             assert made.workspace_default
             [binding] = made.tools
@@ -1937,7 +1937,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
                     update_mask=field_mask_pb2.FieldMask(paths=["description"]),
                 ),
                 metadata=owner.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             )
             browser.fill(tid("assistant-name"), "Helper 2")
             browser.click(tid("save-assistant"))
@@ -2070,7 +2070,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             delivered = server.integration.ListWebhookDeliveries(
                 integration_pb2.ListWebhookDeliveriesRequest(parent=webhook, page_size=100),
                 metadata=owner.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).deliveries
             [chosen] = [d for d in delivered if d.name == first["name"]]
             assert hooks.attempts[chosen.event_id] == 1
@@ -2096,7 +2096,9 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
                 "(s) => document.querySelector(s).textContent", tid("api-key-secret")
             )
             [key] = server.auth.ListApiKeys(
-                auth_pb2.ListApiKeysRequest(page_size=10), metadata=owner.md, timeout=CALL_S
+                auth_pb2.ListApiKeysRequest(page_size=10),
+                metadata=owner.md,
+                timeout=CALL_DEADLINE_S,
             ).api_keys
             assert secret.startswith(key.prefix)
             assert key.display_name == "ci"
@@ -2229,7 +2231,8 @@ def test_the_session_survives_a_reload_and_renews_once_when_its_token_is_refused
         # server revokes the session, and the page says why it signed out.
         with pytest.raises(grpc.RpcError) as refused:
             server.auth.RefreshToken(
-                auth_pb2.RefreshTokenRequest(refresh_token=first["refreshToken"]), timeout=CALL_S
+                auth_pb2.RefreshTokenRequest(refresh_token=first["refreshToken"]),
+                timeout=CALL_DEADLINE_S,
             )
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert _reason(refused.value) == "ERROR_REASON_SESSION_REVOKED"
@@ -2319,7 +2322,7 @@ def test_several_workspaces_are_offered_to_pick_and_the_workspaces_panels_fit(
             parent=first, user=member.name, role=context_pb2.WORKSPACE_ROLE_EDITOR
         ),
         metadata=owner.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     names = ("quarterly-planning-notes-for-the-platform-and-infrastructure-teams.txt", "a.txt")
     for display_name in names:
@@ -2336,7 +2339,7 @@ def test_several_workspaces_are_offered_to_pick_and_the_workspaces_panels_fit(
             context_pb2.UploadFileRequest(chunk=data),
             context_pb2.UploadFileRequest(sha256=hashlib.sha256(data).hexdigest()),
         ]
-        server.context.UploadFile(iter(frames), metadata=owner.md, timeout=CALL_S)
+        server.context.UploadFile(iter(frames), metadata=owner.md, timeout=CALL_DEADLINE_S)
     with chromium.open(stack.origin + "/") as browser:
         sign_in(browser, owner.email)
         picker = tid("workspace-picker")
@@ -2399,7 +2402,9 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
 
     def get(name: str) -> integration_pb2.Integration:
         found: integration_pb2.Integration = server.integration.GetIntegration(
-            integration_pb2.GetIntegrationRequest(name=name), metadata=user.md, timeout=CALL_S
+            integration_pb2.GetIntegrationRequest(name=name),
+            metadata=user.md,
+            timeout=CALL_DEADLINE_S,
         ).integration
         return found
 
@@ -2410,7 +2415,7 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
                 update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
 
     with McpTestServer() as mcp:
@@ -2429,7 +2434,7 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
                     ),
                 ),
                 metadata=user.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).integration.name
             for integration_id, title, disabled, retry_safe in (
                 ("kit", "Kit", False, True),
@@ -2444,7 +2449,7 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
                 assistant=dispatcher_pb2.Assistant(display_name="Helper", workspace_default=True),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).assistant.name
         with chromium.open(stack.origin + "/") as browser:
             sign_in(browser, user.email)
@@ -2566,7 +2571,7 @@ def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
                 server.dispatcher.GetAssistant(
                     dispatcher_pb2.GetAssistantRequest(name=assistant),
                     metadata=user.md,
-                    timeout=CALL_S,
+                    timeout=CALL_DEADLINE_S,
                 )
             assert gone.value.code() == grpc.StatusCode.NOT_FOUND
             browser.wait(
@@ -2626,7 +2631,7 @@ def test_the_assistant_editor_takes_the_centre_and_its_fieldsets_fit_it(
                     assistant=dispatcher_pb2.Assistant(display_name=title),
                 ),
                 metadata=owner.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             )
         helper = f"{workspace}/assistants/helper"
         with chromium.open(stack.origin + "/") as browser:
@@ -2721,7 +2726,7 @@ def test_files_have_a_page_of_their_own_with_each_files_details_by_kind(
             context_pb2.UploadFileRequest(chunk=data),
             context_pb2.UploadFileRequest(sha256=hashlib.sha256(data).hexdigest()),
         ]
-        made = server.context.UploadFile(iter(frames), metadata=owner.md, timeout=CALL_S)
+        made = server.context.UploadFile(iter(frames), metadata=owner.md, timeout=CALL_DEADLINE_S)
         stored[display_name] = made.file.name
     with chromium.open(stack.origin + "/") as browser:
         sign_in(browser, owner.email)
@@ -2781,7 +2786,7 @@ def test_a_search_by_meaning_folds_the_weaker_matches_below_the_others(
             update_mask=field_mask_pb2.FieldMask(paths=["embedding_model"]),
         ),
         metadata=owner.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     related = ["The ferry timetable changes in winter", "Ferry timetable: boats leave hourly"]
     unrelated = [
@@ -2803,13 +2808,15 @@ def test_a_search_by_meaning_folds_the_weaker_matches_below_the_others(
                 ),
             ),
             metadata=owner.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
     # Indexing is the server's own work: its index says when every note is embedded.
     deadline = time.monotonic() + 60
     while True:
         state = server.context.GetSemanticIndex(
-            context_pb2.GetSemanticIndexRequest(name=index), metadata=owner.md, timeout=CALL_S
+            context_pb2.GetSemanticIndexRequest(name=index),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
         ).semantic_index
         if state.indexed_count >= len(related + unrelated) and state.pending_count == 0:
             break
@@ -2902,7 +2909,7 @@ def test_a_problem_goes_when_its_cause_does_and_covers_nothing(
 
 def _budget(server: Server, user: User, name: str) -> dispatcher_pb2.Budget:
     found: dispatcher_pb2.Budget = server.dispatcher.GetBudget(
-        dispatcher_pb2.GetBudgetRequest(name=name), metadata=user.md, timeout=CALL_S
+        dispatcher_pb2.GetBudgetRequest(name=name), metadata=user.md, timeout=CALL_DEADLINE_S
     ).budget
     return found
 
@@ -2927,7 +2934,7 @@ def test_budgets_are_edited_on_their_page_the_chart_shows_the_days_spend_and_a_r
             parent=workspace, user=viewer.name, role=context_pb2.WORKSPACE_ROLE_VIEWER
         ),
         metadata=owner.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     # The llm handler on the local model server's priced echo model answers the messages.
     assistant = server.dispatcher.CreateAssistant(
@@ -2937,7 +2944,7 @@ def test_budgets_are_edited_on_their_page_the_chart_shows_the_days_spend_and_a_r
             assistant=dispatcher_pb2.Assistant(display_name="Helper", workspace_default=True),
         ),
         metadata=owner.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     ).assistant.name
     budget = f"{workspace}/budgets/daily"
     page_link = tid("open-budgets")
@@ -3010,7 +3017,7 @@ def test_budgets_are_edited_on_their_page_the_chart_shows_the_days_spend_and_a_r
                 ],
             ),
             metadata=owner.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).rows
         [row] = [r for r in rows if r.day == today]
         assert row.assistant == assistant
@@ -3112,7 +3119,7 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
                 ),
             ),
             metadata=owner.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).integration.name
         server.dispatcher.CreateAssistant(
             dispatcher_pb2.CreateAssistantRequest(
@@ -3126,7 +3133,7 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
                 ),
             ),
             metadata=owner.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         budget = server.dispatcher.CreateBudget(
             dispatcher_pb2.CreateBudgetRequest(
@@ -3140,7 +3147,7 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
                 ),
             ),
             metadata=owner.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).budget.name
         with chromium.open(stack.origin + "/") as browser:
             sign_in(browser, owner.email)
@@ -3255,7 +3262,7 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
                 assistant=dispatcher_pb2.Assistant(display_name=title, **settings),
             ),
             metadata=owner.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).assistant.name
         return name
 
@@ -3276,7 +3283,7 @@ def test_the_budgets_page_shows_tokens_by_day_and_model_and_an_unpriced_model_as
                 ],
             ),
             metadata=owner.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).rows
         return [
             {
@@ -3457,7 +3464,7 @@ def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_n
                     ),
                 ),
                 metadata=owner.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             )
         everything = f"{workspace}/budgets/everything"
         daily = f"{workspace}/budgets/daily"
@@ -3480,7 +3487,7 @@ def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_n
                     ),
                 ),
                 metadata=owner.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             ).run.name
             deadline = time.monotonic() + 60
             while (
@@ -3505,7 +3512,9 @@ def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_n
 
             # The day's budget resets at midnight in its zone, and says which.
             got = server.dispatcher.GetBudget(
-                dispatcher_pb2.GetBudgetRequest(name=daily), metadata=owner.md, timeout=CALL_S
+                dispatcher_pb2.GetBudgetRequest(name=daily),
+                metadata=owner.md,
+                timeout=CALL_DEADLINE_S,
             ).budget
             there = got.usage.reset_time.ToDatetime(UTC).astimezone(ZoneInfo(zone))
             assert (there.hour, there.minute) == (0, 0)
@@ -3532,7 +3541,7 @@ def test_the_budgets_page_says_which_runs_its_table_leaves_out_and_resets_in_a_n
                     ],
                 ),
                 metadata=owner.md,
-                timeout=CALL_S,
+                timeout=CALL_DEADLINE_S,
             )
             browser.wait_for(tid("usage-total-row", runs="2"))
             assert browser.count(tid("usage-not-ended")) == 0
@@ -3641,7 +3650,7 @@ def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_fo
         network = grpc_web_calls(browser.network(), stack.origin)
     with pytest.raises(grpc.RpcError) as gone:
         server.context.GetFile(
-            context_pb2.GetFileRequest(name=blob), metadata=user.md, timeout=CALL_S
+            context_pb2.GetFileRequest(name=blob), metadata=user.md, timeout=CALL_DEADLINE_S
         )
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     del files["blob.bin"]
@@ -3663,7 +3672,7 @@ def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_fo
         stored = server.context.GetFile(
             context_pb2.GetFileRequest(name=named[name].file),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).file
         assert stored.sha256 == hashlib.sha256(data).hexdigest()
     assert named["otter.png"].mime_type == "image/png"
@@ -3695,7 +3704,7 @@ def test_a_steer_sent_from_the_page_lands_in_the_running_run_at_its_next_step(
                 ),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).integration.name
         # Its echo tool needs a person: the run stops at its first step boundary until
         # the call is approved, so the steer is there before the second model call.
@@ -3717,7 +3726,7 @@ def test_a_steer_sent_from_the_page_lands_in_the_running_run_at_its_next_step(
                 ),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         with chromium.open(stack.origin + "/") as browser:
             sign_in(browser, user.email)
@@ -3853,7 +3862,7 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         listed = server.dispatcher.ListSchedules(
             dispatcher_pb2.ListSchedulesRequest(parent=workspace),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert list(listed.schedules) == []
         browser.shots(shots / "bad-cron.png")
@@ -3866,7 +3875,7 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         browser.wait_for(f'{entry}[data-state="SCHEDULE_STATE_ACTIVE"]')
         assert not browser.visible(editor)
         stored = server.dispatcher.GetSchedule(
-            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_DEADLINE_S
         ).schedule
         assert stored.interval.seconds == 2
         assert stored.handler == "handlers/echo"
@@ -3881,7 +3890,7 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         firings = server.dispatcher.ListScheduleFirings(
             dispatcher_pb2.ListScheduleFiringsRequest(parent=name),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).firings
         assert run in {f.run for f in firings}
         assert server.run(user, run).schedule == name
@@ -3892,7 +3901,7 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         browser.click(f"{entry} {tid('pause-schedule')}")
         browser.wait_for(f'{entry}[data-state="SCHEDULE_STATE_PAUSED"]')
         stored = server.dispatcher.GetSchedule(
-            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_DEADLINE_S
         ).schedule
         assert stored.state == dispatcher_pb2.SCHEDULE_STATE_PAUSED
         assert not stored.HasField("next_fire_time")
@@ -3905,7 +3914,7 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         browser.click(f"{entry} {tid('edit-schedule')}")
         browser.wait_visible(editor)
         current = server.dispatcher.GetSchedule(
-            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_DEADLINE_S
         ).schedule
         server.dispatcher.UpdateSchedule(
             dispatcher_pb2.UpdateScheduleRequest(
@@ -3915,7 +3924,7 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
                 update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         )
         browser.fill(f"{editor} {tid('schedule-template')}", "tock for {{schedule}}")
         browser.click(tid("save-schedule"))
@@ -3924,7 +3933,9 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         assert browser.data(f"{editor} {tid('error')}")["reason"] == "ERROR_REASON_ETAG_MISMATCH"
         assert (
             server.dispatcher.GetSchedule(
-                dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+                dispatcher_pb2.GetScheduleRequest(name=name),
+                metadata=user.md,
+                timeout=CALL_DEADLINE_S,
             ).schedule.message_template
             == "tick for {{schedule}}"
         )
@@ -3937,7 +3948,7 @@ def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
         browser.click(tid("save-schedule"))
         browser.wait("(s) => document.querySelector(s).hidden", editor)
         stored = server.dispatcher.GetSchedule(
-            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_DEADLINE_S
         ).schedule
         assert stored.message_template == "tock for {{schedule}}"
         assert stored.display_name == "Ticker (renamed elsewhere)"
@@ -4019,13 +4030,13 @@ def test_a_schedules_times_read_as_dates_in_its_own_zone_and_its_titles_fit_thei
                 parent=workspace, schedule_id=schedule_id, schedule=schedule
             ),
             metadata=user.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).schedule.name
         return name
 
     def get(name: str) -> dispatcher_pb2.Schedule:
         found: dispatcher_pb2.Schedule = server.dispatcher.GetSchedule(
-            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_DEADLINE_S
         ).schedule
         return found
 
@@ -4061,7 +4072,9 @@ def test_a_schedules_times_read_as_dates_in_its_own_zone_and_its_titles_fit_thei
             [tid("overview-conversation"), title],
         )
         server.dispatcher.PauseSchedule(
-            dispatcher_pb2.PauseScheduleRequest(name=per_run), metadata=user.md, timeout=CALL_S
+            dispatcher_pb2.PauseScheduleRequest(name=per_run),
+            metadata=user.md,
+            timeout=CALL_DEADLINE_S,
         )
         browser.wait_visible(tid("overview-conversation", name=titled))
         assert overflowing(browser, tid("overview-conversation")) == []
@@ -4128,7 +4141,7 @@ def test_search_with_the_mode_switch_shows_each_result_with_its_source(
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     ).memory_item
     server.context.CreateMemoryItem(
         context_pb2.CreateMemoryItemRequest(
@@ -4138,7 +4151,7 @@ def test_search_with_the_mode_switch_shows_each_result_with_its_source(
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     result = tid("search-result")
     with chromium.open(stack.origin + "/") as browser:

@@ -34,10 +34,10 @@ import pytest
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e import test_console as console
 from tests.e2e.chromium import artifacts_dir
 from tests.e2e.test_console import (
-    CALL_S,
     Chromium,
     Page,
     Server,
@@ -93,7 +93,7 @@ def _kit(server: Server, user: User, workspace: str, mcp: McpTestServer) -> str:
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(made.integration.name)
 
@@ -127,7 +127,7 @@ def _assistant(
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(made.assistant.name)
 
@@ -152,7 +152,7 @@ def _child(server: Server, user: User, workspace: str, parent: str) -> dispatche
     listed = server.dispatcher.ListRuns(
         dispatcher_pb2.ListRunsRequest(parent=workspace, parent_run=parent, page_size=100),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     [child] = listed.runs
     return child
@@ -200,7 +200,9 @@ def test_a_childs_tool_call_is_approved_and_denied_on_its_parents_card(
             assert stored.state == dispatcher_pb2.RUN_STATE_REQUIRES_ACTION
             [waiting] = stored.required_action.tool_calls
             tree = server.dispatcher.GetRun(
-                dispatcher_pb2.GetRunRequest(name=parent), metadata=owner.md, timeout=CALL_S
+                dispatcher_pb2.GetRunRequest(name=parent),
+                metadata=owner.md,
+                timeout=CALL_DEADLINE_S,
             ).run
             assert [(c.run, c.state) for c in tree.children] == [
                 (child, dispatcher_pb2.RUN_STATE_REQUIRES_ACTION)
@@ -305,7 +307,7 @@ def test_a_child_paused_for_a_budgets_room_says_why_on_its_parents_card(
                 ),
             ),
             metadata=owner.md,
-            timeout=CALL_S,
+            timeout=CALL_DEADLINE_S,
         ).budget.name
         with chromium.open(stack.origin + "/") as browser:
             sign_in(browser, owner.email)

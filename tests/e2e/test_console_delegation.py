@@ -30,10 +30,10 @@ from typing import Any, Final
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e import test_console as console
 from tests.e2e.chromium import artifacts_dir, js_fixed
 from tests.e2e.test_console import (
-    CALL_S,
     Chromium,
     Page,
     Server,
@@ -97,7 +97,7 @@ def _assistant(
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(made.assistant.name)
 
@@ -106,7 +106,7 @@ def _children(server: Server, user: User, workspace: str, run: str) -> list[disp
     listed = server.dispatcher.ListRuns(
         dispatcher_pb2.ListRunsRequest(parent=workspace, parent_run=run, page_size=100),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return sorted(listed.runs, key=lambda r: r.parent_tool_call)
 
@@ -204,7 +204,9 @@ def test_the_editor_sets_delegates_and_the_inspector_shows_the_tree_of_runs(
             f"{editor} {tid('assistant-delegate')}",
         )
         server.dispatcher.DeleteAssistant(
-            dispatcher_pb2.DeleteAssistantRequest(name=gone), metadata=owner.md, timeout=CALL_S
+            dispatcher_pb2.DeleteAssistantRequest(name=gone),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
         )
         browser.click(tid("save-assistant"))
         refused = f"{editor} {tid('error', code='INVALID_ARGUMENT')}"
@@ -215,7 +217,9 @@ def test_the_editor_sets_delegates_and_the_inspector_shows_the_tree_of_runs(
         )
         assert violations == [f"assistant.delegates[{chosen.index(gone)}].assistant"]
         stored = server.dispatcher.GetAssistant(
-            dispatcher_pb2.GetAssistantRequest(name=planner), metadata=owner.md, timeout=CALL_S
+            dispatcher_pb2.GetAssistantRequest(name=planner),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
         ).assistant
         assert list(stored.delegates) == []
         browser.shots(shots / "delegate-refused.png")
@@ -225,7 +229,9 @@ def test_the_editor_sets_delegates_and_the_inspector_shows_the_tree_of_runs(
         browser.wait_for(tid("assistant", name=planner, delegates=f"{pricing} {stock}"))
         assert not browser.visible(refused)
         stored = server.dispatcher.GetAssistant(
-            dispatcher_pb2.GetAssistantRequest(name=planner), metadata=owner.md, timeout=CALL_S
+            dispatcher_pb2.GetAssistantRequest(name=planner),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
         ).assistant
         assert [(d.assistant, d.description) for d in stored.delegates] == [
             (pricing, ""),

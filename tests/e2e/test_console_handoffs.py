@@ -38,10 +38,10 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e import test_console as console
 from tests.e2e.chromium import artifacts_dir
 from tests.e2e.test_console import (
-    CALL_S,
     Chromium,
     Page,
     Server,
@@ -163,14 +163,14 @@ def _assistant(
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(made.assistant.name)
 
 
 def _stored(server: Server, user: User, name: str) -> dispatcher_pb2.Assistant:
     answer = server.dispatcher.GetAssistant(
-        dispatcher_pb2.GetAssistantRequest(name=name), metadata=user.md, timeout=CALL_S
+        dispatcher_pb2.GetAssistantRequest(name=name), metadata=user.md, timeout=CALL_DEADLINE_S
     )
     return answer.assistant
 
@@ -208,7 +208,7 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
             update_mask=field_mask_pb2.FieldMask(paths=["delegates"]),
         ),
         metadata=owner.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
 
     with chromium.open(stack.origin + "/") as browser:
@@ -252,7 +252,9 @@ def test_the_editor_sets_handoffs_and_the_conversation_shows_who_holds_it(
             f"{editor} {tid('assistant-handoff')}",
         )
         server.dispatcher.DeleteAssistant(
-            dispatcher_pb2.DeleteAssistantRequest(name=gone), metadata=owner.md, timeout=CALL_S
+            dispatcher_pb2.DeleteAssistantRequest(name=gone),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
         )
         browser.click(tid("save-assistant"))
         refused = f"{editor} {tid('error', code='INVALID_ARGUMENT')}"

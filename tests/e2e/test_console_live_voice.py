@@ -48,11 +48,11 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.chromium import artifacts_dir
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess
 from tests.e2e.test_console import (
-    CALL_S,
     Chromium,
     Page,
     Server,
@@ -196,7 +196,7 @@ def _voice_assistant(server: Server, user: User, workspace: str, *, voice: bool 
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(made.assistant.name)
 

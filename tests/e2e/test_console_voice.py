@@ -39,11 +39,11 @@ from google.protobuf import json_format
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.chromium import artifacts_dir, required
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
 from tests.e2e.test_console import (
-    CALL_S,
     WEB,
     Chromium,
     Page,
@@ -120,7 +120,7 @@ def _audio_server(*options: str) -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(timeout=10)
+            proc.wait(timeout=CALL_DEADLINE_S)
         if proc.stdout is not None:
             proc.stdout.close()
 
@@ -219,7 +219,7 @@ def _voice_assistant(server: Server, user: User, workspace: str, *, voice: bool 
             ),
         ),
         metadata=user.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(made.assistant.name)
 
@@ -260,7 +260,7 @@ def replay(server: Server, user: User, run: str) -> tuple[list[dispatcher_pb2.Ru
     speech: list[dispatcher_pb2.RunUpdate] = []
     text = ""
     for response in server.dispatcher.WatchRun(
-        dispatcher_pb2.WatchRunRequest(name=run), metadata=user.md, timeout=CALL_S
+        dispatcher_pb2.WatchRunRequest(name=run), metadata=user.md, timeout=CALL_DEADLINE_S
     ):
         if response.WhichOneof("frame") != "update":
             continue
@@ -350,7 +350,9 @@ def test_push_to_talk_sends_the_recording_and_plays_the_spoken_answer(
     data = b"".join(
         chunk.data
         for chunk in server.context.DownloadFile(
-            context_pb2.DownloadFileRequest(name=recording.file), metadata=user.md, timeout=CALL_S
+            context_pb2.DownloadFileRequest(name=recording.file),
+            metadata=user.md,
+            timeout=CALL_DEADLINE_S,
         )
     )
     with wave.open(io.BytesIO(data)) as w:
@@ -359,7 +361,9 @@ def test_push_to_talk_sends_the_recording_and_plays_the_spoken_answer(
     assert stack.speech_ms + TAIL_MS - 50 <= recorded_ms <= stack.speech_ms + TAIL_MS + 1000
     assert abs(recorded_ms - int(played["recordedMs"])) <= 1
     given = server.dispatcher.GetAssistant(
-        dispatcher_pb2.GetAssistantRequest(name=assistant), metadata=user.md, timeout=CALL_S
+        dispatcher_pb2.GetAssistantRequest(name=assistant),
+        metadata=user.md,
+        timeout=CALL_DEADLINE_S,
     ).assistant
     assert given.HasField("voice")
     assert given.voice.language == "en"

@@ -30,6 +30,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.dispatcher.runs.core.store import TERMINAL
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.postgres import (
     PostgresServer,
@@ -52,8 +53,6 @@ from tests.kits.dispatchkit import (
 
 pytestmark = pytest.mark.e2e
 
-#: Every call's deadline: a call that needs longer counts as a hang.
-CALL_TIMEOUT_S: Final = 10.0
 #: How long a test waits for the system to settle (relay, takeover) before failing.
 SETTLE_S: Final = 45.0
 WRITERS: Final = 6
@@ -111,7 +110,7 @@ async def _register(address: str) -> Caller:
     async with aio.insecure_channel(address) as channel:
         response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
             auth_pb2.RegisterRequest(email=unique_email("crash"), password=PASSWORD),
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
 
@@ -129,7 +128,7 @@ async def _append_with_retries(
     for attempt in itertools.count():
         stub = stubs[attempt % len(stubs)]
         try:
-            response = await stub.AppendMessage(append, metadata=caller.md, timeout=CALL_TIMEOUT_S)
+            response = await stub.AppendMessage(append, metadata=caller.md, timeout=CALL_DEADLINE_S)
         except aio.AioRpcError as error:
             code = error.code()
             if code == grpc.StatusCode.INTERNAL:
@@ -161,7 +160,7 @@ async def _logged(address: str, caller: Caller, workspace: str) -> list[events_p
                     page_token=page_token,
                 ),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             events.extend(page.events)
             page_token = page.next_page_token
@@ -181,7 +180,7 @@ async def _stored(address: str, caller: Caller, conversations: list[str]) -> set
                         parent=conversation, page_size=500, page_token=page_token
                     ),
                     metadata=caller.md,
-                    timeout=CALL_TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 names.update(m.name for m in page.messages)
                 page_token = page.next_page_token
@@ -312,7 +311,7 @@ async def test_a_run_on_a_killed_replica_ends_for_its_watcher_on_the_survivor(
             sent = await dispatcher_stub(on_first).SendMessage(
                 request(conversation, words, delay_ms=250),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             name = sent.run.name
             survivor = dispatcher_stub(on_second)
@@ -334,7 +333,7 @@ async def test_a_run_on_a_killed_replica_ends_for_its_watcher_on_the_survivor(
             end = seen[-1].state_change.run
             stored = (
                 await survivor.GetRun(
-                    pb.GetRunRequest(name=name), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                    pb.GetRunRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
                 )
             ).run
             assert stored.state == end.state
@@ -344,7 +343,7 @@ async def test_a_run_on_a_killed_replica_ends_for_its_watcher_on_the_survivor(
             again = await survivor.SendMessage(
                 request(conversation, "next", policy=pb.CONCURRENCY_POLICY_REJECT),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert again.run.name
 
@@ -379,7 +378,7 @@ async def test_a_run_across_a_database_outage_ends_stored_as_announced(
             sent = await dstub.SendMessage(
                 request(conversation, "a b c d e f g h", delay_ms=300),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             call = dstub.WatchRun(
                 pb.WatchRunRequest(name=sent.run.name), metadata=caller.md, timeout=SETTLE_S
@@ -407,13 +406,13 @@ async def test_a_run_across_a_database_outage_ends_stored_as_announced(
                         await dispatcher_stub(other).GetRun(
                             pb.GetRunRequest(name=sent.run.name),
                             metadata=caller.md,
-                            timeout=CALL_TIMEOUT_S,
+                            timeout=CALL_DEADLINE_S,
                         )
                     ).run
                 assert stored.state == end.state
             again = await dstub.SendMessage(
                 request(conversation, "next", policy=pb.CONCURRENCY_POLICY_REJECT),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert again.run.name

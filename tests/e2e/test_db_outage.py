@@ -40,6 +40,7 @@ from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, shared_secrets, tool
 from tests.infra import postgres as pg
 from tests.infra.redis import RedisServer
@@ -49,9 +50,6 @@ pytestmark = pytest.mark.e2e
 
 #: The replicas' database timeout: connect, statement and pool waits.
 DATABASE_TIMEOUT_S: Final = 1.0
-#: Deadline of every call: far above the database timeout (a store call is
-#: bounded by three times it), so reaching it means the call hung.
-CALL_TIMEOUT_S: Final = 10.0
 #: The outage lasts at least this long.
 OUTAGE_S: Final = 5.0
 #: How long health and recovery may take before the test fails.
@@ -179,18 +177,18 @@ async def owner_on(stubs: Stubs) -> Owner:
     """A user with a workspace and a conversation, and a second account to sign in with."""
     registered = await stubs.auth.Register(
         auth_pb2.RegisterRequest(email=email("owner"), password=PASSWORD),
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     login_email = email("login")
     await stubs.auth.Register(
-        auth_pb2.RegisterRequest(email=login_email, password=PASSWORD), timeout=CALL_TIMEOUT_S
+        auth_pb2.RegisterRequest(email=login_email, password=PASSWORD), timeout=CALL_DEADLINE_S
     )
     md = bearer(registered.tokens.access_token)
     workspace = (
         await stubs.context.CreateWorkspace(
             cpb.CreateWorkspaceRequest(workspace=cpb.Workspace(display_name="Outage")),
             metadata=md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     ).workspace.name
     conversation = (
@@ -199,7 +197,7 @@ async def owner_on(stubs: Stubs) -> Owner:
                 parent=workspace, conversation=cpb.Conversation(title="Outage")
             ),
             metadata=md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     ).conversation.name
     return Owner(
@@ -219,7 +217,7 @@ async def one_round(
     ``accounts=False`` leaves out the calls that are rate limited per address
     (Register, Login) or counted per user (CreateWorkspace).
     """
-    md, t = owner.md, CALL_TIMEOUT_S
+    md, t = owner.md, CALL_DEADLINE_S
     if accounts and round_no % 4 == 0:
         await tally.unary(
             "Register",
@@ -327,7 +325,7 @@ async def load(stubs: Stubs, owner: Owner, tally: Tally, stop: asyncio.Event) ->
 
 async def python_health(stubs: Stubs, service: str) -> int:
     reply = await stubs.health.Check(
-        health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S
+        health_pb2.HealthCheckRequest(service=service), timeout=CALL_DEADLINE_S
     )
     return int(reply.status)
 
@@ -337,7 +335,7 @@ async def database_metrics(server: ServeProcess) -> tuple[float, float]:
     listening = next(e for e in server.log if e.get("message") == "switchboard listening")
     async with httpx.AsyncClient() as client:
         response = await client.get(
-            f"http://127.0.0.1:{listening['metrics_port']}/metrics", timeout=CALL_TIMEOUT_S
+            f"http://127.0.0.1:{listening['metrics_port']}/metrics", timeout=CALL_DEADLINE_S
         )
     found = {}
     for family in text_string_to_metric_families(response.text):
@@ -355,12 +353,12 @@ async def probe_health(address: str, service: str) -> int:
             tool("grpc-health-probe"),
             f"-addr={address}",
             f"-service={service}",
-            f"-connect-timeout={CALL_TIMEOUT_S}s",
-            f"-rpc-timeout={CALL_TIMEOUT_S}s",
+            f"-connect-timeout={CALL_DEADLINE_S}s",
+            f"-rpc-timeout={CALL_DEADLINE_S}s",
         ],
         capture_output=True,
         text=True,
-        timeout=CALL_TIMEOUT_S * 3,
+        timeout=CALL_DEADLINE_S * 3,
         check=False,
     )
     if done.returncode == 0:
@@ -447,7 +445,7 @@ async def test_a_database_outage_under_load_is_unavailable_never_internal_or_a_h
             await until("calls succeeding again", _oks_after(tally, ok_before), clients)
         finally:
             stop.set()
-            await asyncio.wait_for(asyncio.gather(*clients), CALL_TIMEOUT_S * 20)
+            await asyncio.wait_for(asyncio.gather(*clients), CALL_DEADLINE_S * 20)
 
         # Writes succeed on both replicas after the outage.
         for stubs, server in ((on_a, a), (on_b, b)):

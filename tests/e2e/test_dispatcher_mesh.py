@@ -8,13 +8,16 @@ ones when it is back.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e import modulescope
+from tests.e2e.meshkit_procs import serving
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.postgres import PostgresServer
 from tests.infra.redis import RedisServer
@@ -79,7 +82,8 @@ async def _caller(address: str) -> Caller:
 
     async with aio.insecure_channel(address) as channel:
         response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
-            auth_pb2.RegisterRequest(email=unique_email("mesh"), password=PASSWORD), timeout=20
+            auth_pb2.RegisterRequest(email=unique_email("mesh"), password=PASSWORD),
+            timeout=CALL_DEADLINE_S,
         )
     return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
 
@@ -162,14 +166,14 @@ async def test_another_replica_follows_a_run_through_the_shared_log(
         stub = context_stub(ctx_channel)
         workspace = await create_workspace(stub, owner, "Replicas")
         conversation = (await create_conversation(stub, owner, workspace.name)).name
-    with (
-        ServeProcess(
-            "--services", "dispatcher", env={**shared, "SWITCHBOARD_INSTANCE_ID": "replica-a"}
-        ) as a,
-        ServeProcess(
-            "--services", "dispatcher", env={**shared, "SWITCHBOARD_INSTANCE_ID": "replica-b"}
-        ) as b,
-    ):
+    with ExitStack() as stack:
+        a, b = (
+            ServeProcess(
+                "--services", "dispatcher", env={**shared, "SWITCHBOARD_INSTANCE_ID": name}
+            )
+            for name in ("replica-a", "replica-b")
+        )
+        serving(stack, a, b)
         async with (
             aio.insecure_channel(f"127.0.0.1:{a.port}") as channel_a,
             aio.insecure_channel(f"127.0.0.1:{b.port}") as channel_b,

@@ -25,8 +25,9 @@ from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.deploy.edge.envoy import ALPN, API, PLAIN_LISTENER, TLS_LISTENER, safe_to_retry
 from switchboard.settings import FIELDS
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess, fronting
-from tests.e2e.grpcweb import AUTH, DEADLINE_S, EVENTS, ORIGIN, GrpcWeb, WebCall
+from tests.e2e.grpcweb import AUTH, EVENTS, ORIGIN, GrpcWeb, WebCall
 from tests.e2e.procs import ServeProcess
 from tests.kits.authkit import PASSWORD, unique_email
 
@@ -187,7 +188,7 @@ async def h2_web(envoy: EnvoyProcess) -> AsyncIterator[httpx.AsyncClient]:
         http1=True,
         http2=True,
         verify=trust,
-        timeout=DEADLINE_S,
+        timeout=CALL_DEADLINE_S,
         trust_env=False,
     ) as client:
         yield client
@@ -249,7 +250,7 @@ async def test_native_grpc_over_tls_negotiates_http2(envoy: EnvoyProcess) -> Non
     credentials = grpc.ssl_channel_credentials(root_certificates=envoy.cert_file.read_bytes())
     async with aio.secure_channel(f"localhost:{envoy.tls_port}", credentials) as channel:
         jwks = await auth_pb2_grpc.AuthServiceStub(channel).GetJwks(
-            auth_pb2.GetJwksRequest(), timeout=DEADLINE_S
+            auth_pb2.GetJwksRequest(), timeout=CALL_DEADLINE_S
         )
     assert jwks.jwks_json
 
@@ -257,7 +258,7 @@ async def test_native_grpc_over_tls_negotiates_http2(envoy: EnvoyProcess) -> Non
 async def _native_register(channel: aio.Channel) -> auth_pb2.RegisterResponse:
     stub = auth_pb2_grpc.AuthServiceStub(channel)
     request = auth_pb2.RegisterRequest(email=unique_email("edge"), password=PASSWORD)
-    response: auth_pb2.RegisterResponse = await stub.Register(request, timeout=DEADLINE_S)
+    response: auth_pb2.RegisterResponse = await stub.Register(request, timeout=CALL_DEADLINE_S)
     return response
 
 
@@ -323,7 +324,7 @@ async def test_more_open_streams_than_envoys_default_breaker_leave_room_for_call
                 workspace=context_pb2.Workspace(display_name="Busy")
             ),
             metadata=opened.metadata,
-            timeout=DEADLINE_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert created.workspace.name
         stats = envoy.stats("cluster.switchboard")
@@ -344,7 +345,7 @@ async def test_an_envoy_with_two_workers_as_deployed_serves_streams_and_calls_on
     and upstream pools. A stream on either worker sees what a call on the other did."""
     with EnvoyProcess(serve.address, concurrency=2) as proxy:
         target = f"127.0.0.1:{proxy.port}"
-        async with _subscribed(target, SPREAD_CONNECTIONS, 1, DEADLINE_S) as opened:
+        async with _subscribed(target, SPREAD_CONNECTIONS, 1, CALL_DEADLINE_S) as opened:
             by_worker: dict[str, int] = {}
             for name, value in proxy.stats("listener.").items():
                 if ".worker_" in name and name.endswith(".downstream_cx_active"):
@@ -356,10 +357,10 @@ async def test_an_envoy_with_two_workers_as_deployed_serves_streams_and_calls_on
             created = await auth_pb2_grpc.AuthServiceStub(opened.channels[-1]).CreateApiKey(
                 auth_pb2.CreateApiKeyRequest(display_name="workers", scopes=["read"]),
                 metadata=opened.metadata,
-                timeout=DEADLINE_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert created.api_key.name
-            async with asyncio.timeout(DEADLINE_S):
+            async with asyncio.timeout(CALL_DEADLINE_S):
                 seen = await asyncio.gather(*(_next_native_event(s) for s in opened.streams))
             assert {event.security.kind for event in seen} == {
                 events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED
@@ -396,12 +397,12 @@ async def test_messages_up_to_the_servers_limit_pass_and_larger_get_its_status(
         # Just under the limit: Envoy forwards it and the server judges the content.
         with pytest.raises(aio.AioRpcError) as under:
             await context.CreateWorkspace(
-                workspace(limit - 1024), metadata=metadata, timeout=DEADLINE_S
+                workspace(limit - 1024), metadata=metadata, timeout=CALL_DEADLINE_S
             )
         assert under.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # Over it: the server's own answer, not a proxy error.
         with pytest.raises(aio.AioRpcError) as over:
             await context.CreateWorkspace(
-                workspace(limit + 1024), metadata=metadata, timeout=DEADLINE_S
+                workspace(limit + 1024), metadata=metadata, timeout=CALL_DEADLINE_S
             )
         assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

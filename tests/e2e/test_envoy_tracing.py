@@ -20,8 +20,9 @@ import pytest
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.deploy.edge.envoy import ENVOY_SERVICE_NAME, OTLP_CLUSTER
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess, fronting
-from tests.e2e.grpcweb import AUTH, DEADLINE_S, ORIGIN, GrpcWeb, encode
+from tests.e2e.grpcweb import AUTH, ORIGIN, GrpcWeb, encode
 from tests.e2e.procs import ServeProcess
 from tests.infra.otlp import OtlpReceiver, Span, traceparent
 
@@ -94,7 +95,7 @@ def test_a_native_grpc_call_is_one_trace_through_envoy(
         auth_pb2_grpc.AuthServiceStub(channel).GetJwks(
             auth_pb2.GetJwksRequest(),
             metadata=(("traceparent", traceparent(trace_id, caller_span)),),
-            timeout=DEADLINE_S,
+            timeout=CALL_DEADLINE_S,
         )
     _assert_one_trace(otlp, trace_id, caller_span)
     # Envoy's configuration as it runs it: the tracer and its collector cluster.
@@ -107,7 +108,7 @@ async def test_a_grpc_web_call_is_one_trace_through_envoy(
     envoy: EnvoyProcess, otlp: OtlpReceiver
 ) -> None:
     trace_id, caller_span = _ids()
-    async with httpx.AsyncClient(base_url=envoy.url, timeout=DEADLINE_S) as client:
+    async with httpx.AsyncClient(base_url=envoy.url, timeout=CALL_DEADLINE_S) as client:
         headers = {**GrpcWeb(client).headers(), "traceparent": traceparent(trace_id, caller_span)}
         answer = await client.post(
             f"{AUTH}GetJwks", content=encode(auth_pb2.GetJwksRequest()), headers=headers
@@ -130,7 +131,7 @@ def test_a_caller_that_does_not_sample_is_obeyed(envoy: EnvoyProcess, otlp: Otlp
             stub.GetJwks(
                 auth_pb2.GetJwksRequest(),
                 metadata=(("traceparent", traceparent(trace_id, parent, sampled=sample)),),
-                timeout=DEADLINE_S,
+                timeout=CALL_DEADLINE_S,
             )
     # The sampled call came second: once its spans are in, the first one's would be too.
     _assert_one_trace(otlp, sampled, sampled_parent)

@@ -38,10 +38,10 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.goclient import Line, Quickstart, build_example, build_quickstart, go, gofmt
 from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess, ServeProcess
 from tests.e2e.restarts import (
-    CALL_TIMEOUT_S,
     HEARTBEAT_S,
     Caller,
     position,
@@ -72,11 +72,56 @@ def _env(directory: Path, **extra: str) -> dict[str, str]:
     return restart_env(directory, "go-client-e2e", SWITCHBOARD_SHUTDOWN_GRACE_S="0.5", **extra)
 
 
+class AudioServerProcess(ManagedProcess):
+    """The local audio server (tests/fakes/audio_server.py) as a process of its own: the
+    Go example's test waits on lines in this process's thread, so the server cannot
+    share its event loop. Its first stdout line is its base URL."""
+
+    def __init__(self) -> None:
+        super().__init__("audio-server-")
+        self.url = ""
+
+    def start(self) -> AudioServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fakes.audio_server", "--port", "0"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT_S)
+        assert ready, f"the audio server printed nothing within {START_TIMEOUT_S}s"
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("http://127.0.0.1:"), self.url
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # SIGTERM first: the server stops its recognition process before it exits.
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.terminate(timeout=CALL_DEADLINE_S)
+        super().__exit__(*exc)
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServeProcess]:
-    """One dev-mode server for the tests that neither stop nor restart theirs: each
-    test signs up a user of its own."""
-    with ServeProcess("--dev", env={"SWITCHBOARD_EVENTS_HEARTBEAT_S": HEARTBEAT_S}) as served:
+    """One dev-mode server for the tests that neither stop nor restart theirs, each a
+    user of its own. Its voice is the local audio server, for the talk example's tests:
+    a server of their own cost them a start of several seconds on a busy machine."""
+    with (
+        AudioServerProcess() as audio,
+        ServeProcess(
+            "--dev",
+            env={
+                "SWITCHBOARD_EVENTS_HEARTBEAT_S": HEARTBEAT_S,
+                "SWITCHBOARD_VOICE_URL": audio.url,
+                "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+                # The echo answer's long note goes out ahead of playback, not waited out.
+                "SWITCHBOARD_VOICE_LEAD_MS": "10000",
+            },
+        ) as served,
+    ):
         yield served
 
 
@@ -359,7 +404,7 @@ def test_quickstart_follows_a_delegating_runs_children_and_lists_its_tree(
                     ),
                 ),
                 metadata=python.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ).assistant.name
         message = "\n".join(
             (
@@ -610,7 +655,7 @@ def test_a_saved_session_survives_a_key_rotation_and_ends_when_its_token_is_reus
         channel = stack.enter_context(grpc.insecure_channel(second.address))
         with pytest.raises(grpc.RpcError) as reused:
             auth_pb2_grpc.AuthServiceStub(channel).RefreshToken(
-                auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=CALL_TIMEOUT_S
+                auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=CALL_DEADLINE_S
             )
         error = resumed.wait_kind("error", SETTLE_S)
         assert resumed.finish() == 1
@@ -672,59 +717,9 @@ def test_the_files_example_uploads_and_downloads_the_same_bytes(
 # -- voice: examples/talk ---------------------------------------------------------------
 
 
-class AudioServerProcess(ManagedProcess):
-    """The local audio server (tests/fakes/audio_server.py) as a process of its own: the
-    Go example's test waits on lines in this process's thread, so the server cannot
-    share its event loop. Its first stdout line is its base URL."""
-
-    def __init__(self) -> None:
-        super().__init__("audio-server-")
-        self.url = ""
-
-    def start(self) -> AudioServerProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.audio_server", "--port", "0"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT_S)
-        assert ready, f"the audio server printed nothing within {START_TIMEOUT_S}s"
-        self.url = self.proc.stdout.readline().strip()
-        assert self.url.startswith("http://127.0.0.1:"), self.url
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        # SIGTERM first: the server stops its recognition process before it exits.
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.terminate(timeout=self.STOP_TIMEOUT_S)
-        super().__exit__(*exc)
-
-
 @pytest.fixture(scope="module")
 def talk_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_example(tmp_path_factory.mktemp("go-talk"), "talk")
-
-
-@pytest.fixture(scope="module")
-def voice_server() -> Iterator[ServeProcess]:
-    """One voice server for the talk example's tests, each a user of its own."""
-    with (
-        AudioServerProcess() as audio,
-        ServeProcess(
-            "--dev",
-            env={
-                "SWITCHBOARD_VOICE_URL": audio.url,
-                "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-                # The echo answer's long note goes out ahead of playback, not waited out.
-                "SWITCHBOARD_VOICE_LEAD_MS": "10000",
-            },
-        ) as server,
-    ):
-        yield server
 
 
 def _talk(binary: Path, address: str, email: str, *args: str) -> Quickstart:
@@ -766,13 +761,13 @@ def _check_turn(example: Quickstart, stored: list[dispatcher_pb2.RunUpdate]) -> 
 
 
 def test_the_talk_example_sends_a_wav_as_a_turn_and_writes_the_spoken_answer(
-    talk_example: Path, voice_server: ServeProcess, tmp_path: Path
+    talk_example: Path, server: ServeProcess, tmp_path: Path
 ) -> None:
     question, answer = tmp_path / "question.wav", tmp_path / "answer.wav"
     question.write_bytes(speak(COUNTING))
     email = unique_email("go-talk")
     with _talk(
-        talk_example, voice_server.address, email, "-wav", str(question), "-out", str(answer)
+        talk_example, server.address, email, "-wav", str(question), "-out", str(answer)
     ) as example:
         session = example.wait_kind("session")
         heard = example.wait_for(
@@ -780,7 +775,7 @@ def test_the_talk_example_sends_a_wav_as_a_turn_and_writes_the_spoken_answer(
         )
         done = example.wait_kind("answer", SETTLE_S)
         assert example.finish() == 0, example.describe()
-    stored = _stored_run(voice_server, email, done["run"])
+    stored = _stored_run(server, email, done["run"])
 
     assert session["name"].endswith("/voiceSessions/" + session["name"].rsplit("/", 1)[1])
     assert says(heard["text"]), heard["text"]
@@ -799,13 +794,13 @@ def test_the_talk_example_sends_a_wav_as_a_turn_and_writes_the_spoken_answer(
 
 
 def test_the_talk_example_resumes_a_session_cut_mid_answer(
-    talk_example: Path, voice_server: ServeProcess, tmp_path: Path
+    talk_example: Path, server: ServeProcess, tmp_path: Path
 ) -> None:
     answer = tmp_path / "answer.wav"
     email = unique_email("go-talk-cut")
     said = "one two three. four five six. seven eight nine."
     with (
-        TcpRelay(voice_server.port) as relay,
+        TcpRelay(server.port) as relay,
         _talk(
             talk_example, f"127.0.0.1:{relay.port}", email, "-say", said, "-out", str(answer)
         ) as example,
@@ -821,7 +816,7 @@ def test_the_talk_example_resumes_a_session_cut_mid_answer(
         resumed = example.wait_kind("resumed", SETTLE_S)
         done = example.wait_kind("answer", SETTLE_S)
         assert example.finish() == 0, example.describe()
-    stored = _stored_run(voice_server, email, done["run"])
+    stored = _stored_run(server, email, done["run"])
 
     assert retry["code"] == "Unavailable"
     assert resumed["after_sequence"] == retry["after_sequence"]

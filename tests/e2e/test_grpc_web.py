@@ -24,16 +24,9 @@ from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess, fronting
-from tests.e2e.grpcweb import (
-    AUTH,
-    CONTEXT,
-    DEADLINE_S,
-    DISPATCHER,
-    EVENTS,
-    ORIGIN,
-    GrpcWeb,
-)
+from tests.e2e.grpcweb import AUTH, CONTEXT, DISPATCHER, EVENTS, ORIGIN, GrpcWeb
 from tests.e2e.procs import ServeProcess
 from tests.kits.authkit import PASSWORD, unique_email
 
@@ -63,7 +56,9 @@ def envoy(serve: ServeProcess) -> Iterator[EnvoyProcess]:
 @pytest.fixture
 async def http(envoy: EnvoyProcess) -> AsyncIterator[httpx.AsyncClient]:
     # HTTP/1.1 only (httpx without h2), the way most browsers reach a grpc-web proxy.
-    async with httpx.AsyncClient(base_url=envoy.url, timeout=DEADLINE_S, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=envoy.url, timeout=CALL_DEADLINE_S, trust_env=False
+    ) as client:
         yield client
 
 
@@ -275,7 +270,7 @@ PREFLIGHT_HEADERS: Final = (
 
 
 async def test_cors_preflight_allows_the_grpc_web_headers(http: httpx.AsyncClient) -> None:
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         answer = await http.options(
             EVENTS + "Subscribe",
             headers={
@@ -299,7 +294,7 @@ async def test_cors_preflight_allows_the_grpc_web_headers(http: httpx.AsyncClien
 
 
 async def test_cors_preflight_from_another_origin_gets_no_grant(http: httpx.AsyncClient) -> None:
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         answer = await http.options(
             EVENTS + "Subscribe",
             headers={

@@ -60,6 +60,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.deploy.launcher import usable_cores
 from tests.a2a.test_a2a import stub as a2a_stub
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import cli
 from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
 from tests.kits.authkit import PASSWORD, unique_email
@@ -82,7 +83,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 READY_TIMEOUT_S = 300.0
 RESTART_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 90.0
-CALL_TIMEOUT_S = 20.0
 #: Slow runs: the first word at once, the last after this; still running when the replica dies.
 SLOW_DELAY_MS = 10_000
 MAX_UNAVAILABLE = 3
@@ -289,7 +289,7 @@ def broken(error: aio.AioRpcError) -> bool:
 def owner_of(mesh: MeshProcess, request_id: str) -> str:
     """The process whose access line logged this SendMessage (``dispatcher-2 | ...``)."""
     line = mesh.wait_line(
-        lambda line: f"request_id={request_id}" in line and "/SendMessage" in line, CALL_TIMEOUT_S
+        lambda line: f"request_id={request_id}" in line and "/SendMessage" in line, CALL_DEADLINE_S
     )
     return line.split("|", 1)[0].strip()
 
@@ -300,7 +300,7 @@ async def conversations(contexts: Any, caller: Caller, workspace: str, count: in
 
 async def send(stub: Stub, caller: Caller, req: pb.SendMessageRequest) -> tuple[str, str]:
     """SendMessage; the run's name and the request id the server used."""
-    call = stub.SendMessage(req, metadata=caller.md, timeout=CALL_TIMEOUT_S)
+    call = stub.SendMessage(req, metadata=caller.md, timeout=CALL_DEADLINE_S)
     response = await call
     trailers = dict(await call.trailing_metadata() or ())
     return response.run.name, str(trailers["x-request-id"])
@@ -381,7 +381,7 @@ class Events:
                 call.cancel()
 
     async def until(self, done: Callable[[], bool]) -> None:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while not done():
                 self.changed.clear()
                 await self.changed.wait()
@@ -452,7 +452,7 @@ async def list_events(stub: Any, caller: Caller, scope: events_pb2.Scope, after:
                 scopes=[scope], after_cursor=after, page_size=500, page_token=token
             ),
             metadata=caller.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         ids += [event.id for event in page.events]
         token = page.next_page_token
@@ -464,7 +464,7 @@ async def list_events(stub: Any, caller: Caller, scope: events_pb2.Scope, after:
 async def serving(address: str, service: str) -> int:
     async with aio.insecure_channel(address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S
+            health_pb2.HealthCheckRequest(service=service), timeout=CALL_DEADLINE_S
         )
     return int(reply.status)
 
@@ -482,7 +482,7 @@ async def _an_a2a_task_through_the_edge(
             assistant=pb.Assistant(display_name="Echoer", handler="handlers/echo"),
         ),
         metadata=caller.md,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     request = a2a.SendMessageRequest(
         tenant=workspace.removeprefix("workspaces/") + ".echoer",
@@ -498,7 +498,7 @@ async def _an_a2a_task_through_the_edge(
     push.url = receiver.url("mesh-task")
     push.authentication.scheme = "StandardWebhooks"
     push.authentication.credentials = secret
-    sent = await a2a_stub(channel).SendMessage(request, metadata=caller.md, timeout=CALL_TIMEOUT_S)
+    sent = await a2a_stub(channel).SendMessage(request, metadata=caller.md, timeout=CALL_DEADLINE_S)
     assert sent.task.status.state == a2a.TASK_STATE_COMPLETED
     assert sent.task.artifacts[0].parts[0].text.startswith("via envoy")
 
@@ -509,7 +509,7 @@ async def _an_a2a_task_through_the_edge(
     assert pushed_states() == ["TASK_STATE_SUBMITTED", "TASK_STATE_WORKING", "TASK_STATE_COMPLETED"]
     assert endpoint.bad == []  # each verified with the secret
     tenant = workspace.removeprefix("workspaces/") + ".echoer"
-    async with httpx.AsyncClient(base_url=f"http://{edge}", timeout=CALL_TIMEOUT_S) as http:
+    async with httpx.AsyncClient(base_url=f"http://{edge}", timeout=CALL_DEADLINE_S) as http:
         card = await http.get(f"/{tenant}/.well-known/agent-card.json")
         assert card.status_code == 200, card.text
         assert card.json()["supportedInterfaces"][0]["url"] == f"http://{edge}"
@@ -610,15 +610,18 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(
         assert edge in ready
         # Logs come prefixed by their process's name.
         mesh.wait_line(lambda line: line.startswith(f"{survivor} | "), 1)
-        # One launcher per data directory.
-        second = switchboard("mesh", f"--data-dir={data_dir}", "--listen=127.0.0.1:0")
-        assert second.returncode == 2
-        assert f"another switchboard mesh (pid {state['launcher_pid']})" in second.stderr
 
         async with aio.insecure_channel(edge) as channel, Background() as background:
+            # One launcher per data directory: a second one, tried while the test goes on
+            # (its seconds are the imports of a command that stops at the lock).
+            second_launcher = background.start(
+                asyncio.to_thread(
+                    switchboard, "mesh", f"--data-dir={data_dir}", "--listen=127.0.0.1:0"
+                )
+            )
             registered = await auth_pb2_grpc.AuthServiceStub(channel).Register(
                 auth_pb2.RegisterRequest(email=unique_email("mesh"), password=PASSWORD),
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             caller = Caller(
                 registered.user.name.removeprefix("users/"), registered.tokens.access_token
@@ -654,7 +657,7 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(
                 dispatcher, caller, chatting.name, restarted, output=lambda: list(mesh.lines)
             )
             chatting_task = background.start(chatter.run())
-            async with asyncio.timeout(CALL_TIMEOUT_S):
+            async with asyncio.timeout(CALL_DEADLINE_S):
                 await chatter.first.wait()
 
             # Only a run stored as RUNNING fails by the recovery policy; one
@@ -723,13 +726,17 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(
             # In the reverse order: Envoy's turns do not line up with the sends'.
             for run in reversed(list(cancelling)):
                 call = dispatcher.CancelRun(
-                    pb.CancelRunRequest(name=run), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                    pb.CancelRunRequest(name=run), metadata=caller.md, timeout=CALL_DEADLINE_S
                 )
                 answer_run = (await call).run
                 cancels[run] = (
                     answer_run,
                     str(dict(await call.trailing_metadata() or ())["x-request-id"]),
                 )
+            second = await second_launcher
+
+        assert second.returncode == 2
+        assert f"another switchboard mesh (pid {state['launcher_pid']})" in second.stderr
 
         # SendMessage kept succeeding through Envoy, also while the replica was away.
         assert any(killed_at < at < restarted_at for at in chatter.sent_at), (

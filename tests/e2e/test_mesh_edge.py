@@ -60,10 +60,16 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
 
 def probe(edge: str, service: str) -> int:
     done = subprocess.run(
-        [tool("grpc-health-probe"), f"-addr={edge}", f"-service={service}", "-connect-timeout=5s"],
+        [
+            tool("grpc-health-probe"),
+            f"-addr={edge}",
+            f"-service={service}",
+            f"-connect-timeout={CALL_TIMEOUT_S:g}s",
+            f"-rpc-timeout={CALL_TIMEOUT_S:g}s",
+        ],
         capture_output=True,
         text=True,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_TIMEOUT_S * 3,
         check=False,
     )
     return done.returncode

@@ -47,6 +47,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.deploy.edge.envoy import ENVOY_SERVICE_NAME
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.expertproc import ListeningProcess
 from tests.e2e.procs import ROOT, ServeProcess, shared_secrets
@@ -62,8 +63,6 @@ CONTEXT_SERVICE: Final = "mesh-context"
 DISPATCHER_SERVICE: Final = "mesh-dispatcher"
 EXPERT_SERVICE: Final = "mesh-expert"
 EXPERT_ID: Final = "weather"
-CALL_TIMEOUT_S: Final = 20.0
-LOG_TIMEOUT_S: Final = 20.0
 SEND: Final = "/switchboard.api.dispatcher.v1.DispatcherService/SendMessage"
 CONTEXT_PREFIX: Final = "/switchboard.api.context.v1.ContextService/"
 HANDLE: Final = "/switchboard.api.handler.v1.HandlerService/Handle"
@@ -87,7 +86,7 @@ class TracedExpert(ListeningProcess):
         self._launch(argv, "the traced expert", env=env, cwd=ROOT)
         return self
 
-    def traceparent_of(self, method: str, timeout_s: float = LOG_TIMEOUT_S) -> str:
+    def traceparent_of(self, method: str, timeout_s: float = CALL_DEADLINE_S) -> str:
         """The ``traceparent`` the next call of ``method`` brought ("-" for none), as the
         expert printed it (every call to it before that one is passed over)."""
         deadline = time.monotonic() + timeout_s
@@ -123,7 +122,7 @@ def otlp() -> Iterator[OtlpReceiver]:
 async def _sign_up(channel: aio.Channel) -> Caller:
     answer = await auth_pb2_grpc.AuthServiceStub(channel).Register(
         auth_pb2.RegisterRequest(email=unique_email("traced"), password=PASSWORD),
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Caller(answer.user.name.removeprefix("users/"), answer.tokens.access_token)
 
@@ -136,12 +135,12 @@ def _log_line(
     for seen in process.log:
         if match(seen):
             return seen
-    deadline = time.monotonic() + LOG_TIMEOUT_S
+    deadline = time.monotonic() + CALL_DEADLINE_S
     while True:
         try:
             entry = process.lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            pytest.fail(f"no log line of {what} within {LOG_TIMEOUT_S}s; log: {process.log}")
+            pytest.fail(f"no log line of {what} within {CALL_DEADLINE_S}s; log: {process.log}")
         if entry is None:
             pytest.fail(f"the process ended before logging {what}; log: {process.log}")
         process.log.append(entry)
@@ -229,7 +228,7 @@ async def test_one_request_is_one_trace_across_envoy_dispatcher_context_and_expe
             sent = await dstub.SendMessage(
                 request(conversation, "rain tomorrow?", handler=f"handlers/{EXPERT_ID}"),
                 metadata=(*owner.md, ("traceparent", traceparent(trace_id, client_span))),
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             # The run carries the caller's trace.
             assert sent.run.trace_id == trace_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, run, tool
 
 pytestmark = pytest.mark.e2e
@@ -15,7 +16,7 @@ CHECKS = 3
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=CALL_DEADLINE_S)
     assert response.status_code == 200
     found = {}
     for family in text_string_to_metric_families(response.text):
@@ -46,7 +47,7 @@ def test_serve_exposes_metrics_on_its_metrics_port() -> None:
         assert found[("process_resident_memory_bytes", frozenset())] > 0
         assert serve.terminate() == 0
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=CALL_DEADLINE_S)
 
 
 def test_serve_without_the_port_serves_no_metrics() -> None:

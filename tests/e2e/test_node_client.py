@@ -31,9 +31,9 @@ from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ROOT, ServeProcess, tool
 from tests.e2e.restarts import (
-    CALL_TIMEOUT_S,
     Caller,
     position,
     register,
@@ -185,7 +185,7 @@ def _answered(caller: Caller, conversation: str, text: str) -> list[dispatcher_p
             parameters=struct_pb2.Struct(fields={"delay_ms": struct_pb2.Value(number_value=20)}),
         ),
         metadata=caller.md,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     watch = caller.dispatcher.WatchRun(
         dispatcher_pb2.WatchRunRequest(name=sent.run.name), metadata=caller.md, timeout=SETTLE_S

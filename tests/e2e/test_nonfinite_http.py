@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
-from typing import Final
 
 import httpx
 import pytest
@@ -20,6 +19,7 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
 from tests.kits.authkit import PASSWORD, unique_email
@@ -27,8 +27,6 @@ from tests.kits.contextkit import Caller, context_stub, create_workspace
 from tests.kits.dispatchkit import dispatcher_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
-
-CALL_TIMEOUT_S: Final = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +46,7 @@ async def agent(envoy: EnvoyProcess) -> tuple[str, Caller]:
     async with aio.insecure_channel(f"127.0.0.1:{envoy.port}") as channel:
         made = await auth_pb2_grpc.AuthServiceStub(channel).Register(
             auth_pb2.RegisterRequest(email=unique_email("nonfinite"), password=PASSWORD),
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         owner = Caller(made.user.name.removeprefix("users/"), made.tokens.access_token)
         workspace = await create_workspace(context_stub(channel), owner, "NaN")
@@ -59,14 +57,14 @@ async def agent(envoy: EnvoyProcess) -> tuple[str, Caller]:
                 assistant=pb.Assistant(display_name="Echoer", handler="handlers/echo"),
             ),
             metadata=owner.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     return workspace.name.removeprefix("workspaces/") + ".echoer", owner
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=CALL_TIMEOUT_S) as client:
+    async with httpx.AsyncClient(timeout=CALL_DEADLINE_S) as client:
         yield client
 
 

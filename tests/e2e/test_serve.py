@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from functools import partial
@@ -21,9 +21,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from switchboard import cli as switchboard_cli
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.platform.events.loglock import EVENT_LOG_LOCK_KEY
+from tests.conftest import CALL_DEADLINE_S
+from tests.e2e import servekit_batch
 from tests.e2e.procs import START_TIMEOUT_S, ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.kits.authkit import PASSWORD, bearer, unique_email
@@ -58,7 +61,7 @@ def test_serve_logs_bound_address_and_stops_gracefully_on_sigterm() -> None:
         assert listening["services"] == SERVED
         with grpc.insecure_channel(serve.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=CALL_DEADLINE_S)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             assert serve.proc is not None
             serve.proc.send_signal(signal.SIGTERM)
@@ -88,28 +91,72 @@ def test_serve_warns_loudly_in_dev_mode() -> None:
         assert serve.terminate() == 0
 
 
-def test_serve_refuses_default_secret_outside_dev_mode() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "switchboard.cli", "serve", "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-        check=False,
-    )
-    assert done.returncode == 2
-    assert "SWITCHBOARD_SECRET_KEY is required outside dev mode" in done.stderr
+# The commands that end at once (refused) are each test's own process, run ahead beside the
+# one before (servekit_batch): run in turn, each would wait on the other's imports.
 
 
-def test_serve_runs_outside_dev_mode_with_a_real_secret_and_keys(tmp_path: Path) -> None:
-    keygen = subprocess.run(
-        [sys.executable, "-m", "switchboard.cli", "keygen", str(tmp_path / "k1.pem")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert keygen.returncode == 0, keygen.stderr
+def _plan(
+    test: pytest.Function, directory: Callable[[], Path], held: ExitStack
+) -> servekit_batch.Command | None:
+    """The real command of each test below that runs one to its end (``ran``)."""
+    serve = ("serve", "--port", "0")
+    name = test.originalname
+    if name == "test_serve_refuses_default_secret_outside_dev_mode":
+        return servekit_batch.Command(serve, env={"PATH": "/usr/bin:/bin"})
+    if name == "test_serve_refuses_to_run_without_signing_keys_outside_dev_mode":
+        env = {"PATH": "/usr/bin:/bin", "SWITCHBOARD_SECRET_KEY": "s" * 40}
+        return servekit_batch.Command(serve, env=env)
+    if name == "test_serve_refuses_an_unreadable_signing_key":
+        where = directory()
+        (where / "bad.pem").write_text("not a key")
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "SWITCHBOARD_SECRET_KEY": "s" * 40,
+            "SWITCHBOARD_SIGNING_KEYS": str(where / "bad.pem"),
+            "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{where}/db.sqlite",
+        }
+        return servekit_batch.Command(serve, env=env)
+    if name == "test_serve_reports_a_port_in_use":
+        where = directory()
+        # Its own database: the default one is ./switchboard.db, in the checkout.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+        env["SWITCHBOARD_DATABASE_URL"] = f"sqlite+aiosqlite:///{where}/switchboard.db"
+        # Held until the module ends, so beyond the command's end.
+        taken = held.enter_context(socket.socket())
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        return servekit_batch.Command(("serve", "--dev", "--port", port), env=env, cwd=where)
+    return None
+
+
+@pytest.fixture(scope="module")
+def at_once(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servekit_batch.Started]:
+    yield from servekit_batch.started(request, tmp_path_factory, _plan)
+
+
+@pytest.fixture
+def ran(
+    at_once: servekit_batch.Started, request: pytest.FixtureRequest
+) -> subprocess.CompletedProcess[str]:
+    """This test's command (``_plan``), run ahead beside the module's others, to its end."""
+    return at_once.result(request.node.nodeid)
+
+
+def test_serve_refuses_default_secret_outside_dev_mode(
+    ran: subprocess.CompletedProcess[str],
+) -> None:
+    assert ran.returncode == 2
+    assert "SWITCHBOARD_SECRET_KEY is required outside dev mode" in ran.stderr
+
+
+def test_serve_runs_outside_dev_mode_with_a_real_secret_and_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The command's entry point in this process: tests/e2e/test_cli.py runs its process.
+    assert switchboard_cli.main(["keygen", str(tmp_path / "k1.pem")]) == 0, capsys.readouterr()
     assert (tmp_path / "k1.pem").stat().st_mode & 0o077 == 0  # owner-only
     env = {"SWITCHBOARD_SECRET_KEY": "s" * 40, "SWITCHBOARD_SIGNING_KEYS": str(tmp_path / "k1.pem")}
     with ServeProcess(env=env) as serve:
@@ -117,59 +164,24 @@ def test_serve_runs_outside_dev_mode_with_a_real_secret_and_keys(tmp_path: Path)
         assert serve.terminate() == 0
 
 
-def test_serve_refuses_to_run_without_signing_keys_outside_dev_mode() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "switchboard.cli", "serve", "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "SWITCHBOARD_SECRET_KEY": "s" * 40},
-        check=False,
-    )
-    assert done.returncode == 2
-    assert "SWITCHBOARD_SIGNING_KEYS is required outside dev mode" in done.stderr
+def test_serve_refuses_to_run_without_signing_keys_outside_dev_mode(
+    ran: subprocess.CompletedProcess[str],
+) -> None:
+    assert ran.returncode == 2
+    assert "SWITCHBOARD_SIGNING_KEYS is required outside dev mode" in ran.stderr
 
 
-def test_serve_refuses_an_unreadable_signing_key(tmp_path: Path) -> None:
-    (tmp_path / "bad.pem").write_text("not a key")
-    done = subprocess.run(
-        [sys.executable, "-m", "switchboard.cli", "serve", "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "SWITCHBOARD_SECRET_KEY": "s" * 40,
-            "SWITCHBOARD_SIGNING_KEYS": str(tmp_path / "bad.pem"),
-            "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/db.sqlite",
-        },
-        check=False,
-    )
-    assert done.returncode == 2
-    assert "is not an unencrypted Ed25519 PEM" in done.stderr
-    assert "not a key" not in done.stderr
+def test_serve_refuses_an_unreadable_signing_key(ran: subprocess.CompletedProcess[str]) -> None:
+    assert ran.returncode == 2
+    assert "is not an unencrypted Ed25519 PEM" in ran.stderr
+    assert "not a key" not in ran.stderr
 
 
-def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
-    # Its own database: the default one is ./switchboard.db, in the checkout.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-    env["SWITCHBOARD_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/switchboard.db"
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "switchboard.cli", "serve", "--dev", "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env=env,
-            cwd=tmp_path,
-        )
-    assert done.returncode == 2
-    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in done.stderr
-    assert "GRPC_VERBOSITY" not in done.stderr
+def test_serve_reports_a_port_in_use(ran: subprocess.CompletedProcess[str]) -> None:
+    port = ran.args[ran.args.index("--port") + 1]  # a port the module holds (``_plan``)
+    assert ran.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in ran.stderr
+    assert "GRPC_VERBOSITY" not in ran.stderr
 
 
 def test_serve_a_subset_of_services() -> None:
@@ -188,17 +200,17 @@ def _write_and_see_its_event(write_to: str, read_from: str) -> None:
         auth = auth_pb2_grpc.AuthServiceStub(channel)
         email = unique_email("serve")
         registered = auth.Register(
-            auth_pb2.RegisterRequest(email=email, password=PASSWORD), timeout=30
+            auth_pb2.RegisterRequest(email=email, password=PASSWORD), timeout=CALL_DEADLINE_S
         )
         auth.CreateApiKey(
             auth_pb2.CreateApiKeyRequest(display_name="after the refusal"),
             metadata=bearer(registered.tokens.access_token),
-            timeout=30,
+            timeout=CALL_DEADLINE_S,
         )
         events = events_pb2_grpc.EventServiceStub(reader).ListEvents(
             events_pb2.ListEventsRequest(scopes=[events_pb2.Scope(user=registered.user.name)]),
             metadata=bearer(registered.tokens.access_token),
-            timeout=30,
+            timeout=CALL_DEADLINE_S,
         )
         assert events.events, "the write's event was not published"
         # The account is whole (a half-committed Register once failed this).
@@ -206,7 +218,7 @@ def _write_and_see_its_event(write_to: str, read_from: str) -> None:
             auth_pb2.LoginRequest(
                 password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
             ),
-            timeout=30,
+            timeout=CALL_DEADLINE_S,
         )
 
 
@@ -285,10 +297,13 @@ def test_a_second_server_on_one_postgresql_database_without_redis_is_refused(
     with ExitStack() as stack:
         a, b = ServeProcess(env=with_redis), ServeProcess(env=with_redis)
         _serving(stack, a, b)
-        _write_and_see_its_event(a.address, b.address)
-        # An embedded-log process is refused beside them.
+        # An embedded-log process is refused beside them (while they serve a write).
         without = {k: v for k, v in a.env.items() if k != "SWITCHBOARD_REDIS_URL"}
-        assert "with Redis, and this process has none" in _refused(without)
+        beside = _together(
+            partial(_write_and_see_its_event, a.address, b.address), partial(_refused, without)
+        )[1]
+        assert isinstance(beside, str)
+        assert "with Redis, and this process has none" in beside
         assert a.terminate() == 0
         assert b.terminate() == 0
 
@@ -318,9 +333,11 @@ def test_two_dispatchers_with_one_instance_id_are_refused(
         assert isinstance(refusal, str)
         assert "SWITCHBOARD_INSTANCE_ID='replica-a'" in refusal
         assert f"process {first.proc.pid} on " in refusal
-        _write_and_see_its_event(first.address, events_only.address)
+        _together(
+            partial(_write_and_see_its_event, first.address, events_only.address),
+            partial(_write_and_see_its_event, other.address, first.address),
+        )
         assert events_only.terminate() == 0
-        _write_and_see_its_event(other.address, first.address)
         assert other.terminate() == 0
         assert first.terminate() == 0
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, tool
 from tests.infra.otlp import OtlpReceiver, Span
 from tests.kits.authkit import register, user_id
@@ -33,10 +34,15 @@ TIMEOUT_S = 30.0
 
 def probe(address: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [tool("grpc-health-probe"), f"-addr={address}", "-connect-timeout=10s", "-rpc-timeout=10s"],
+        [
+            tool("grpc-health-probe"),
+            f"-addr={address}",
+            f"-connect-timeout={CALL_DEADLINE_S:g}s",
+            f"-rpc-timeout={CALL_DEADLINE_S:g}s",
+        ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=CALL_DEADLINE_S * 3,
         check=False,
     )
 

@@ -18,6 +18,10 @@ tokens can be made while a client is away.
   ``RUN_INTERRUPTED``, recovery policy ``fail``) and the log holds its state changes
   and nothing of the half answer.
 
+The first two share one mesh, started once for the module (each with a user, a
+conversation and a scripted reply of its own); the third, which kills a replica, starts
+its own.
+
 Which replica owns a run: the one that accepted SendMessage, found by its JSON log line
 ``run started``; which replica served a stream: the one whose ``rpc finished`` line
 names the stream's method when the client cancelled it.
@@ -27,40 +31,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
 import pytest
+import pytest_asyncio
 from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.dispatcher.runs.core.store import TERMINAL
+from tests.conftest import CALL_DEADLINE_S
+from tests.e2e import modulescope
 from tests.e2e.affinity import keys_to, steer
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.infra.postgres import PostgresServer
 from tests.infra.redis import RedisServer
 from tests.kits.authkit import PASSWORD, unique_email
 from tests.kits.contextkit import Caller, context_stub, create_conversation, create_workspace
 from tests.kits.dispatchkit import Stub, dispatcher_stub, reason_of, request, stored_running
 from tests.kits.eventkit import delta_text, is_token, run_updates, unique
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+# On the module's loop: the first two tests share one mesh (and its fake model).
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(240),
+    pytest.mark.asyncio(loop_scope="module"),
+]
 
 ANSWER: Final = "one two three four five six seven"
 HELD_AFTER: Final = 3  # chunks the model sends before it waits for the test
 HELD_TEXT: Final = "one two three"
 REPLICAS: Final = ("replica-1", "replica-2")
 SERVICES: Final = ("auth", "context", "dispatcher", "events", "integration")
-#: Every call's deadline, and every wait's bound: generous, the machine may be busy.
-CALL_TIMEOUT_S: Final = 30.0
+#: Every wait's bound: generous, the machine may be busy.
 WAIT_S: Final = 60.0
 SUBSCRIBE: Final = "/switchboard.api.events.v1.EventService/Subscribe"
 WATCH_RUN: Final = "/switchboard.api.dispatcher.v1.DispatcherService/WatchRun"
@@ -75,8 +88,12 @@ class Logs:
 
     def __init__(self, processes: dict[str, ServeProcess]) -> None:
         self.entries: list[tuple[str, dict[str, Any]]] = []
+        #: Lines before this index are an earlier test's (``from_now``).
+        self.start = 0
         self._changed = threading.Condition()
-        self._open = len(processes)
+        self._processes = len(processes)
+        #: Processes whose output has ended (shared by every ``from_now`` view).
+        self._ended: set[str] = set()
         for name, process in processes.items():
             threading.Thread(target=self._pump, args=(name, process), daemon=True).start()
 
@@ -86,8 +103,16 @@ class Logs:
                 self.entries.append((name, entry))
                 self._changed.notify_all()
         with self._changed:
-            self._open -= 1
+            self._ended.add(name)
             self._changed.notify_all()
+
+    def from_now(self) -> Logs:
+        """The same lines for a test that starts now on processes an earlier test used:
+        only the lines logged from here on count."""
+        view = copy.copy(self)
+        with self._changed:
+            view.start = len(self.entries)
+        return view
 
     def wait(
         self, match: Callable[[dict[str, Any]], bool], count: int = 1
@@ -96,11 +121,13 @@ class Logs:
         deadline = time.monotonic() + WAIT_S
         with self._changed:
             while True:
-                found = [(name, entry) for name, entry in self.entries if match(entry)]
+                found = [
+                    (name, entry) for name, entry in self.entries[self.start :] if match(entry)
+                ]
                 if len(found) >= count:
                     return found[:count]
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._open:
+                if remaining <= 0 or len(self._ended) == self._processes:
                     tail = "\n".join(f"{n}: {e}" for n, e in self.entries[-40:])
                     pytest.fail(f"{count} matching log lines never came; the last:\n{tail}")
                 self._changed.wait(remaining)
@@ -128,21 +155,62 @@ class Mesh:
     replicas: dict[str, ServeProcess]
     envoy: EnvoyProcess
     logs: Logs
+    #: The model's requests before the test began (earlier tests' on a shared mesh).
+    requests_before: int = 0
 
     @property
     def edge(self) -> str:
         return f"127.0.0.1:{self.envoy.port}"
 
 
-@pytest.fixture
-def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
+def mesh_env(directory: Path, postgres_url: str, redis_url: str) -> dict[str, str]:
     return {
         # The model is the fake, on loopback (which scaled_env lets the server reach).
-        **scaled_env(tmp_path, postgres_url, redis_server.url),
+        **scaled_env(directory, postgres_url, redis_url),
         "SWITCHBOARD_LLM_MODEL": "m-1",
         "SWITCHBOARD_LLM_MAX_RETRIES": "0",
         "PYTHONFAULTHANDLER": "1",
     }
+
+
+@pytest.fixture
+def env(tmp_path: Path, migrated_postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
+    """A mesh of a test's own (one that kills a replica), on a database and a Redis of its
+    own: its replicas' names are the shared mesh's too."""
+    return mesh_env(tmp_path, migrated_postgres_url, redis_server.url)
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    yield from modulescope.redis(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def module_database_url(postgres_server: PostgresServer, migrated_template: str) -> Iterator[str]:
+    yield from modulescope.database(postgres_server, migrated_template)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_mesh(
+    tmp_path_factory: pytest.TempPathFactory, module_database_url: str, module_redis: RedisServer
+) -> AsyncIterator[Mesh]:
+    """One mesh for the tests that neither start nor stop its processes: each signs up a
+    user of its own and scripts the model's reply to its own run."""
+    directory = tmp_path_factory.mktemp("tokens")
+    async with running_mesh(mesh_env(directory, module_database_url, module_redis.url)) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def mesh(shared_mesh: Mesh) -> Mesh:
+    """The module's mesh as a test that starts now sees it: the log lines and the model's
+    requests from here on, and no reply an earlier (failed) test scripted and left unused."""
+    shared_mesh.fake.reset()
+    return replace(
+        shared_mesh,
+        logs=shared_mesh.logs.from_now(),
+        requests_before=len(shared_mesh.fake.requests),
+    )
 
 
 @contextlib.asynccontextmanager
@@ -178,7 +246,7 @@ async def running_mesh(env: dict[str, str]) -> AsyncIterator[Mesh]:
 async def sign_up(channel: aio.Channel) -> Caller:
     answer = await auth_pb2_grpc.AuthServiceStub(channel).Register(
         auth_pb2.RegisterRequest(email=unique_email("tokens"), password=PASSWORD),
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Caller(answer.user.name.removeprefix("users/"), answer.tokens.access_token)
 
@@ -199,7 +267,7 @@ async def a_followed_run(channel: aio.Channel) -> tuple[Caller, str, Follower, s
     sent = await dispatcher_stub(channel).SendMessage(
         request(conversation, ANSWER, handler="handlers/llm"),
         metadata=caller.md,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return caller, conversation, follower, sent.run.name
 
@@ -368,7 +436,7 @@ async def logged(channel: aio.Channel, caller: Caller, conversation: str) -> lis
                 page_token=token,
             ),
             metadata=caller.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         events += page.events
         token = page.next_page_token
@@ -378,7 +446,7 @@ async def logged(channel: aio.Channel, caller: Caller, conversation: str) -> lis
 
 async def get_run(stub: Stub, caller: Caller, run: str) -> pb.Run:
     answer = await stub.GetRun(
-        pb.GetRunRequest(name=run), metadata=caller.md, timeout=CALL_TIMEOUT_S
+        pb.GetRunRequest(name=run), metadata=caller.md, timeout=CALL_DEADLINE_S
     )
     return answer.run
 
@@ -387,7 +455,7 @@ async def get_run(stub: Stub, caller: Caller, run: str) -> pb.Run:
 
 
 async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_once(
-    env: dict[str, str],
+    mesh: Mesh,
 ) -> None:
     """Subscribe and WatchRun through Envoy, each lost twice while the run is live:
 
@@ -407,7 +475,7 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
     each (asserted).
     """
     first_byte, rest = asyncio.Event(), asyncio.Event()
-    async with running_mesh(env) as mesh, aio.insecure_channel(mesh.edge) as channel:
+    async with aio.insecure_channel(mesh.edge) as channel:
         mesh.fake.script(
             Reply(content=ANSWER, gate=first_byte, hold_after_chunks=HELD_AFTER, hold=rest)
         )
@@ -416,7 +484,7 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
         dispatcher = dispatcher_stub(channel)
         owner = await mesh.logs.owner(run)
         [other] = set(REPLICAS) - {owner}
-        await mesh.fake.wait_requests(1)
+        await mesh.fake.wait_requests(mesh.requests_before + 1)
         await stored_running(dispatcher, caller, run)
         watcher = Watcher(dispatcher, caller, run)
         watcher.open()
@@ -495,14 +563,14 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
 
 
 async def test_a_subscriber_on_the_replica_without_the_run_sees_its_tokens_live(
-    env: dict[str, str],
+    mesh: Mesh,
 ) -> None:
     """A Subscribe opened directly on each replica before the run: the one on the replica
     that does not own the run sees the first three tokens while the model holds the rest
     (the run RUNNING, no result, no end), with the ids the owner stamped, and then the
     rest of the run once, in sequence order."""
     rest = asyncio.Event()
-    async with running_mesh(env) as mesh, aio.insecure_channel(mesh.edge) as channel:
+    async with aio.insecure_channel(mesh.edge) as channel:
         mesh.fake.script(Reply.text(ANSWER, hold_after_chunks=HELD_AFTER, hold=rest))
         caller, conversation = await a_conversation(channel)
         async with (
@@ -519,7 +587,7 @@ async def test_a_subscriber_on_the_replica_without_the_run_sees_its_tokens_live(
             sent = await dispatcher.SendMessage(
                 request(conversation, ANSWER, handler="handlers/llm"),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             run = sent.run.name
             owner = await mesh.logs.owner(run)
@@ -534,6 +602,8 @@ async def test_a_subscriber_on_the_replica_without_the_run_sees_its_tokens_live(
             for follower in direct.values():
                 await follower.until(run, ended)
                 follower.drop()
+            # Their ends logged before the next test on these processes counts streams.
+            await mesh.logs.served(SUBSCRIBE, len(direct))
 
     assert live_then == (False, [], pb.RUN_STATE_RUNNING)
     token_ids = {
@@ -594,7 +664,7 @@ async def test_a_run_whose_replica_is_killed_mid_answer_ends_and_the_log_has_no_
         killed = mesh.replicas[owner]
         assert killed.proc is not None
         killed.proc.kill()
-        killed.proc.wait(timeout=CALL_TIMEOUT_S)
+        killed.proc.wait(timeout=CALL_DEADLINE_S)
 
         await follower.until(run, ended)
         await watcher.until(ended)

@@ -23,6 +23,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.httprecorder import Reply as HttpReply
@@ -36,7 +37,6 @@ from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = pytest.mark.e2e
 
-TIMEOUT_S = 20.0
 CREDENTIAL = "s3cret-in-the-mesh"
 
 
@@ -74,7 +74,7 @@ async def test_tool_names_schemas_and_redirects_across_processes(
                             auth_pb2.RegisterRequest(
                                 email=unique_email("safety"), password=PASSWORD
                             ),
-                            timeout=TIMEOUT_S,
+                            timeout=CALL_DEADLINE_S,
                         )
                         owner = Caller(
                             registered.user.name.removeprefix("users/"),
@@ -106,7 +106,7 @@ async def test_tool_names_schemas_and_redirects_across_processes(
                                 ),
                             ),
                             metadata=owner.md,
-                            timeout=TIMEOUT_S,
+                            timeout=CALL_DEADLINE_S,
                         )
                         fake.script(
                             Reply.tool_calls(
@@ -125,7 +125,7 @@ async def test_tool_names_schemas_and_redirects_across_processes(
                                 assistant=assistant.assistant.name,
                             ),
                             metadata=owner.md,
-                            timeout=TIMEOUT_S,
+                            timeout=CALL_DEADLINE_S,
                         )
                         seen = await watch_all(dispatch, owner, sent.run.name)
                         assert seen.final.state == pb.RUN_STATE_SUCCEEDED
@@ -159,7 +159,7 @@ async def test_tool_names_schemas_and_redirects_across_processes(
                             await hub.ListTools(
                                 ipb.ListToolsRequest(parent=redirecting.name),
                                 metadata=owner.md,
-                                timeout=TIMEOUT_S,
+                                timeout=CALL_DEADLINE_S,
                             )
                         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
                         assert "HTTP 308" in (raised.value.details() or "")

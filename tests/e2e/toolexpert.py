@@ -57,9 +57,8 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
+from tests.conftest import CALL_DEADLINE_S
 
-#: How long ``ToolExpert.call`` and ``ExpertCall.result`` wait by default.
-WAIT_S: Final = 10.0
 MAX_CALLS: Final = 64
 
 Request = handler_pb2.HandleInteractiveRequest
@@ -91,13 +90,17 @@ class ExpertCall:
         default_factory=lambda: defaultdict(asyncio.Event)
     )
 
-    async def result(self, call_id: str, timeout: float = WAIT_S) -> handler_pb2.ToolResult:  # noqa: ASYNC109
+    async def result(
+        self,
+        call_id: str,
+        timeout: float = CALL_DEADLINE_S,  # noqa: ASYNC109
+    ) -> handler_pb2.ToolResult:
         """The result it got for ``call_id``, once it arrives."""
         async with asyncio.timeout(timeout):
             await self._arrived[call_id].wait()
         return next(result for result in self.results if result.id == call_id)
 
-    async def was_cancelled(self, timeout: float = WAIT_S) -> None:  # noqa: ASYNC109
+    async def was_cancelled(self, timeout: float = CALL_DEADLINE_S) -> None:  # noqa: ASYNC109
         """Return once the expert saw its call cancelled (TimeoutError if it did not)."""
         async with asyncio.timeout(timeout):
             await self.cancelled.wait()
@@ -174,7 +177,7 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def call(self, run: str, timeout: float = WAIT_S) -> ExpertCall:  # noqa: ASYNC109
+    async def call(self, run: str, timeout: float = CALL_DEADLINE_S) -> ExpertCall:  # noqa: ASYNC109
         """The (latest) call for ``run``, once it started."""
         async with asyncio.timeout(timeout):
             await self._by_run[run].wait()
@@ -293,7 +296,7 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
                 if frame is None:
                     # The dispatcher never half-closes: an early end is its call
                     # going away, and the cancellation of this task follows.
-                    async with asyncio.timeout(WAIT_S):
+                    async with asyncio.timeout(CALL_DEADLINE_S):
                         await ended.wait()
                     if context.cancelled():
                         seen.cancelled.set()

@@ -41,6 +41,7 @@ from redis.asyncio import Redis
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.kits.authkit import bearer, register
@@ -48,8 +49,6 @@ from tests.kits.authkit import bearer, register
 # A hang guard above the streams' budget.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-#: Deadline of every unary call: far above the bounded Redis fallbacks (0.2 s).
-CALL_TIMEOUT_S: Final = 5.0
 #: The log's stream (the product's default ``SWITCHBOARD_EVENTS_STREAM_KEY``).
 LOG_STREAM: Final = "switchboard:events"
 #: Deadline of every stream (Subscribe, Health.Watch) in one test.
@@ -110,7 +109,7 @@ def _assert_survived(*servers: ServeProcess) -> None:
             continue
         stack: list[str] = []
         with contextlib.suppress(queue.Empty):
-            while (entry := server.lines.get(timeout=CALL_TIMEOUT_S)) is not None:
+            while (entry := server.lines.get(timeout=CALL_DEADLINE_S)) is not None:
                 if entry.get("raw"):
                     stack.append(str(entry["message"]))
         pytest.fail(f"server {server.address} died with exit code {code}:\n" + "\n".join(stack))
@@ -255,7 +254,7 @@ class Publisher:
             response = await self._stub.CreateApiKey(
                 auth_pb2.CreateApiKeyRequest(display_name=f"{self.label} {len(self.keys)}"),
                 metadata=bearer(self._token),
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         except aio.AioRpcError as exc:
             failure = f"{exc.code().name}: {exc.details()}"
@@ -308,7 +307,7 @@ class HealthWatch:
 
 async def _check_health(channel: aio.Channel, service: str) -> int:
     reply = await health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S
+        health_pb2.HealthCheckRequest(service=service), timeout=CALL_DEADLINE_S
     )
     return int(reply.status)
 
@@ -324,7 +323,7 @@ async def _list_events(channel: aio.Channel, user: str, token: str) -> list[even
                 scopes=[events_pb2.Scope(user=user)], page_size=500, page_token=page_token
             ),
             metadata=bearer(token),
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         events.extend(page.events)
         page_token = page.next_page_token
@@ -423,7 +422,7 @@ class Mesh:
 
         async def stopped() -> None:
             stop.set()
-            async with asyncio.timeout(CALL_TIMEOUT_S * 2):
+            async with asyncio.timeout(CALL_DEADLINE_S * 2):
                 await asyncio.gather(*tasks)
 
         return stopped
@@ -467,7 +466,7 @@ async def _deduplicated_appends(redis: RedisServer) -> int:
     server (these calls start no run, so no token is sent), and nothing restarted it: the
     stream's entries added are those of this server's run."""
     client = Redis.from_url(
-        redis.url, socket_timeout=CALL_TIMEOUT_S, socket_connect_timeout=CALL_TIMEOUT_S
+        redis.url, socket_timeout=CALL_DEADLINE_S, socket_connect_timeout=CALL_DEADLINE_S
     )
     try:
         stats: dict[str, dict[str, int]] = await client.info("commandstats")
@@ -611,7 +610,7 @@ async def test_a_subscriber_resumes_on_b_after_its_server_is_killed(
 
         assert server_a.proc is not None
         server_a.proc.kill()
-        server_a.proc.wait(timeout=CALL_TIMEOUT_S)
+        server_a.proc.wait(timeout=CALL_DEADLINE_S)
         victim.channel = mesh.b  # it resumes from its last cursor, on B
         before = len(publisher.keys)
         await scenario.until(
@@ -641,7 +640,7 @@ async def test_subscribers_hanging_up_do_not_take_the_server_down() -> None:
             metadata = bearer(response.tokens.access_token)
             try:
                 for _ in range(HANG_UPS):
-                    call = stub.Subscribe(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+                    call = stub.Subscribe(request, metadata=metadata, timeout=CALL_DEADLINE_S)
                     first = await call.read()
                     assert isinstance(first, events_pb2.SubscribeResponse)
                     assert first.WhichOneof("frame") == "heartbeat"

@@ -16,10 +16,9 @@ from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import Role
 from switchboard.settings import Settings
-from tests.conftest import fresh_database_url, make_settings
+from tests.conftest import CALL_DEADLINE_S, fresh_database_url, make_settings
 from tests.kits.authkit import bearer, detail, reason
 from tests.kits.eventkit import (
-    DEADLINE_S,
     Commands,
     Subscriber,
     conv,
@@ -233,7 +232,7 @@ async def test_subscriptions_per_principal_are_limited(
     await extra.live()
     # Ending one frees its slot (the server notices the cancellation on its own time).
     subs[0].cancel()
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while True:
             retry = Subscriber(channel, token, scopes=[ws("alpha")])
             try:
@@ -448,7 +447,7 @@ async def test_list_events_pages_through_history(
 
 
 async def _read(call: Any) -> events_pb2.StreamResponse:
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         async for response in call:
             return response  # type: ignore[no-any-return]
     raise AssertionError("the stream ended")
@@ -509,7 +508,7 @@ async def test_stream_adds_removes_acks_and_pings() -> None:
 
             # Half-closing ends the stream cleanly.
             commands.close()
-            async with asyncio.timeout(DEADLINE_S):
+            async with asyncio.timeout(CALL_DEADLINE_S):
                 assert [r async for r in call] == []
             assert await call.code() == grpc.StatusCode.OK
     finally:

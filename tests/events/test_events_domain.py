@@ -58,12 +58,12 @@ from switchboard.platform.store.models import UserRow
 from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.values.names import new_id, now
 from switchboard.platform.values.resources import ConversationName, UserName, WorkspaceName
+from tests.conftest import CALL_DEADLINE_S, TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
 CREATED = events_pb2.EVENT_TYPE_MESSAGE_CREATED
 CHANGED = events_pb2.EVENT_TYPE_CONVERSATION_CHANGED
-TIMEOUT_S = 10.0
 
 
 LIMITS = Limits(
@@ -224,7 +224,9 @@ class World:
 @pytest.fixture
 async def world(tmp_path: pathlib.Path) -> AsyncIterator[World]:
     database = await open_database(
-        f"sqlite+aiosqlite:///{tmp_path / 'events.db'}", timeout_s=5.0, migrate=True
+        f"sqlite+aiosqlite:///{tmp_path / 'events.db'}",
+        timeout_s=TEST_DATABASE_TIMEOUT_S,
+        migrate=True,
     )
     outbox = Outbox(database)
     log = LocalLog(database, retention=10_000, retention_s=3600, memory=1000, outbox=outbox)
@@ -257,7 +259,7 @@ async def batches(subscription: Subscription, waker: Waker, count: int) -> list[
         if batch:
             found.append(batch)
         else:
-            assert await waker.wait(TIMEOUT_S), "no event came"
+            assert await waker.wait(CALL_DEADLINE_S), "no event came"
     return found
 
 

@@ -252,6 +252,16 @@ class FakeAudio(LoopbackServer):
         assert self._held is not None, "hold() first"
         self._held.pop(index).set_result(None)
 
+    def reset(self) -> None:
+        """Forget the failures still owed and stop holding, letting every held
+        transcription through: the state a fresh server starts in, for a server one
+        test leaves to the next."""
+        self._failures.clear()
+        held, self._held = self._held, None
+        for gate in held or ():
+            if not gate.done():  # its request may have gone (a cancelled client)
+                gate.set_result(None)
+
     async def _gate(self) -> None:
         if self._held is None:
             return

@@ -346,6 +346,13 @@ class FakeOpenAI(LoopbackServer):
         """Scripted replies not used yet."""
         return len(self._script)
 
+    def reset(self) -> None:
+        """Forget the replies not used yet and the requests recorded: for a server one
+        test leaves to the next (which reads its requests by their index). The
+        connection counts, and ``default``, stay."""
+        self._script.clear()
+        self.requests.clear()
+
     async def wait_requests(self, count: int) -> None:
         """Return once ``count`` requests have arrived."""
         await self._wait(lambda: len(self.requests) >= count)

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import CALL_DEADLINE_S
 from tests.fakes.openai_server import (
     FakeOpenAI,
     FakeToolCall,
@@ -26,7 +27,6 @@ from tests.fakes.openai_server import (
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-WAIT_S = 10.0
 
 TOOLS = [
     {
@@ -75,7 +75,7 @@ def answering(call_id: str, text: str = "5") -> dict[str, Any]:
 async def post(fake: FakeOpenAI, body: dict[str, Any]) -> httpx.Response:
     # The file's bound, not httpx's 5 s: beside the suite's load a loopback connect to the
     # fake (served on this test's own loop) once took longer (ConnectTimeout in a full run).
-    async with httpx.AsyncClient(base_url=fake.url, timeout=WAIT_S) as client:
+    async with httpx.AsyncClient(base_url=fake.url, timeout=CALL_DEADLINE_S) as client:
         return await client.post("/chat/completions", json={"model": "m", **body})
 
 
@@ -315,7 +315,7 @@ def test_call_lines() -> None:
 
 
 async def read_line(stream: asyncio.StreamReader) -> str:
-    return (await asyncio.wait_for(stream.readline(), WAIT_S)).decode().strip()
+    return (await asyncio.wait_for(stream.readline(), CALL_DEADLINE_S)).decode().strip()
 
 
 async def start(*args: str) -> asyncio.subprocess.Process:
@@ -335,7 +335,7 @@ async def start(*args: str) -> asyncio.subprocess.Process:
 async def stop(process: asyncio.subprocess.Process) -> int:
     if process.returncode is None:
         process.terminate()
-    return await asyncio.wait_for(process.wait(), WAIT_S)
+    return await asyncio.wait_for(process.wait(), CALL_DEADLINE_S)
 
 
 async def test_the_command_line_serves_the_echo_model_until_terminated() -> None:
@@ -350,7 +350,7 @@ async def test_the_command_line_serves_the_echo_model_until_terminated() -> None
             "messages": [asked('call demo__add {"a": 2, "b": 3}')],
             "tools": TOOLS,
         }
-        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=CALL_DEADLINE_S) as client:
             first = (await client.post("/chat/completions", json=request)).json()
             [made] = first["choices"][0]["message"]["tool_calls"]
             assert made["function"] == {"name": "demo__add", "arguments": '{"a": 2, "b": 3}'}
@@ -382,7 +382,7 @@ async def test_the_command_line_serves_a_script(tmp_path: Path) -> None:
     try:
         assert process.stdout is not None
         url = await read_line(process.stdout)
-        async with httpx.AsyncClient(base_url=url, timeout=WAIT_S) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=CALL_DEADLINE_S) as client:
             bodies = [
                 (await client.post("/chat/completions", json={"model": "m", "messages": messages}))
                 for messages in (
@@ -404,7 +404,7 @@ async def test_the_command_line_refuses_a_bad_script(tmp_path: Path) -> None:
     script = tmp_path / "replies.json"
     script.write_text('[{"nothing": 1}]')
     process = await start("--model", "scripted", "--script", str(script))
-    code = await asyncio.wait_for(process.wait(), WAIT_S)
+    code = await asyncio.wait_for(process.wait(), CALL_DEADLINE_S)
     assert process.stderr is not None
     assert code == 2
     assert "needs 'text', 'tool_calls' or 'error'" in (await process.stderr.read()).decode()

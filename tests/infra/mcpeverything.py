@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CALL_DEADLINE_S
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ROOT / "tests" / "mcp"
 EVERYTHING = PACKAGES / "node_modules" / "@modelcontextprotocol" / "server-everything"
@@ -61,7 +63,7 @@ class EverythingServer:
                     stdout=subprocess.DEVNULL,
                     stderr=err,
                 )
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + CALL_DEADLINE_S
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if f"listening on port {self.port}" in self.stderr():
                     return
@@ -75,7 +77,7 @@ class EverythingServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
         if self.proc is not None:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=CALL_DEADLINE_S)
 
     def __enter__(self) -> EverythingServer:
         self.start()

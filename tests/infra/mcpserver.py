@@ -311,7 +311,9 @@ class _Announcing(uvicorn.Server):
 class McpTestServer:
     """``python -m tests.infra.mcpserver`` in a subprocess, restartable on its port."""
 
-    START_TIMEOUT_S = 20.0
+    #: A bound on a hang, never a speed check (as tests/conftest.py's CALL_DEADLINE_S; run
+    #: with ``python -m``, this module does not import conftest).
+    START_TIMEOUT_S = 60.0
     #: The server's module (``python -m``); a sibling server names its own.
     MODULE = "tests.infra.mcpserver"
 
@@ -354,7 +356,7 @@ class McpTestServer:
             return
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait(timeout=10)
+        self.proc.wait(timeout=self.START_TIMEOUT_S)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

@@ -32,6 +32,11 @@ FORM_DEADLINE_S: Final = 30.0
 FAILOVER_DEADLINE_S: Final = 30.0
 #: ms without an answer before a master is judged failed and its replica promoted.
 NODE_TIMEOUT_MS: Final = 1000
+#: A node's answer to a test's client: a bound on a hang, never a speed check (tests/
+#: conftest.py's CALL_DEADLINE_S; a plugin, this module does not import conftest).
+#: Nodes are only ever SIGKILLed (refused at once), never frozen; 2 s failed calls that
+#: only waited for a core.
+CLIENT_TIMEOUT_S: Final = 60.0
 _POLL_S: Final = 0.02
 _BUS_OFFSET: Final = 10_000
 _PORTS: Final = (20_000, 55_000)
@@ -66,7 +71,7 @@ class ClusterNode:
 
     def client(self) -> redis.Redis:
         return redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=2.0, decode_responses=True
+            host="127.0.0.1", port=self.port, socket_timeout=CLIENT_TIMEOUT_S, decode_responses=True
         )
 
     def role(self) -> str:

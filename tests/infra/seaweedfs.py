@@ -54,8 +54,11 @@ HOST: Final = "127.0.0.1"
 #: A fresh server on a busy two-core machine takes a few seconds to elect its master,
 #: register its volume server and open the gateway.
 STARTUP_DEADLINE_S: Final = 60.0
-#: How long ``stop`` waits for the killed process to be reaped.
-STOP_DEADLINE_S: Final = 10.0
+#: ``client()``'s default timeout, and how long ``stop`` waits for the killed process to
+#: be reaped: bounds on a hang, never speed checks (tests/conftest.py's CALL_DEADLINE_S;
+#: a plugin, this module does not import conftest).
+CLIENT_TIMEOUT_S: Final = 60.0
+STOP_DEADLINE_S: Final = 60.0
 #: Several ports are picked at once, and any of them can be taken by someone else
 #: before weed binds it; that race is retried with new ports this many times.
 PORT_ATTEMPTS: Final = 5
@@ -147,6 +150,8 @@ class SeaweedServer:
         self._ports: dict[str, int] = {}
         self._paused = False
         self.startup_s = 0.0
+        #: ``client()``'s for its default timeout, and the endpoint it was built for.
+        self._client: tuple[str, S3Client] | None = None
         # Outside the directory ``stop`` removes: kept if the test that owns it fails.
         self._log_path = processlogs.log_file("seaweedfs")
 
@@ -170,8 +175,22 @@ class SeaweedServer:
         """weed's output (every start's, each after a ``---`` line naming its command)."""
         return self._log_path
 
-    def client(self, *, timeout_s: float = 10.0) -> S3Client:
-        return s3_client(self.endpoint, self.access_key, self.secret_key, timeout_s=timeout_s)
+    def client(self, *, timeout_s: float = CLIENT_TIMEOUT_S) -> S3Client:
+        """A plain boto3 client of the gateway; with the default timeout, the server's one.
+
+        Building a client took 0.3-1 s on a loaded machine, longer than the bucket it was
+        built to make or delete, so the default one is built once per endpoint (a restart
+        picks new ports) and shared: boto3's clients are thread-safe (its sessions are
+        not, and ``s3_client`` makes each client in a session of its own). Two threads
+        asking first may both build one; the last kept is as good as the other.
+        """
+        if timeout_s != CLIENT_TIMEOUT_S:
+            return s3_client(self.endpoint, self.access_key, self.secret_key, timeout_s=timeout_s)
+        cached = self._client
+        if cached is None or cached[0] != self.endpoint:
+            made = s3_client(self.endpoint, self.access_key, self.secret_key, timeout_s=timeout_s)
+            cached = self._client = (self.endpoint, made)
+        return cached[1]
 
     def start(self) -> None:
         """Start on free ports, retrying with others if another process takes one first."""
@@ -216,6 +235,9 @@ class SeaweedServer:
         if process is not None and process.poll() is None:
             process.kill()
             process.wait(timeout=STOP_DEADLINE_S)
+        if self._client is not None:
+            self._client[1].close()
+            self._client = None
         self._paused = False
         # weed names its parts' gRPC Unix sockets in /tmp by port, not in its directory.
         for name in ("master", "volume", "filer", "s3"):

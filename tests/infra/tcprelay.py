@@ -27,9 +27,10 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from tests.conftest import CALL_DEADLINE_S
+
 T = TypeVar("T")
 
-CALL_TIMEOUT_S: Final = 10.0
 CHUNK: Final = 65536
 
 
@@ -139,7 +140,7 @@ class TcpRelay:
         with contextlib.suppress(Exception):
             self._call(close())
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=CALL_TIMEOUT_S)
+        self._thread.join(timeout=CALL_DEADLINE_S)
         if not self._thread.is_alive():
             self._loop.close()
 
@@ -152,7 +153,7 @@ class TcpRelay:
     # -- the loop's side ------------------------------------------------------------------
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(CALL_TIMEOUT_S)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(CALL_DEADLINE_S)
 
     async def _listen(self) -> int:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)

@@ -17,6 +17,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.otlp import OtlpReceiver, WaitTimeout, points_by, traceparent
 
 pytestmark = pytest.mark.unit
@@ -30,7 +31,7 @@ def otlp() -> Iterator[OtlpReceiver]:
 
 def _provider(otlp: OtlpReceiver, service: str, *, batch: bool = False) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    exporter = OTLPSpanExporter(endpoint=otlp.endpoint, insecure=True, timeout=10)
+    exporter = OTLPSpanExporter(endpoint=otlp.endpoint, insecure=True, timeout=CALL_DEADLINE_S)
     processor = (
         BatchSpanProcessor(exporter, schedule_delay_millis=50)
         if batch
@@ -105,7 +106,7 @@ def test_a_span_continues_a_remote_traceparent(otlp: OtlpReceiver) -> None:
 
 def test_metrics_arrive_with_their_points(otlp: OtlpReceiver) -> None:
     reader = PeriodicExportingMetricReader(
-        OTLPMetricExporter(endpoint=otlp.endpoint, insecure=True, timeout=10),
+        OTLPMetricExporter(endpoint=otlp.endpoint, insecure=True, timeout=CALL_DEADLINE_S),
         export_interval_millis=60_000,
     )
     provider = MeterProvider(

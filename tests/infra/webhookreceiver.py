@@ -31,6 +31,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.conftest import CALL_DEADLINE_S
+
 # A ceiling, not a wait: generous, because retries back off and a loaded machine
 # (four test workers on two cores) can take many seconds to run them.
 DEADLINE_S = 90.0
@@ -121,7 +123,7 @@ class WebhookReceiver:
         self._server.should_exit = True
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(CALL_DEADLINE_S):
                     await self._task
 
     async def _handle(self, request: Request) -> Response:

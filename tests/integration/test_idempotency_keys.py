@@ -20,10 +20,11 @@ from switchboard.integration.kinds.mcp import McpConnector
 from switchboard.integration.tools import KEY_RULE
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.values.idempotency import METADATA, call_key
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.toolexpert import ToolExpert
 from tests.infra.mcpserver import McpTestServer
 from tests.kits.authkit import detail
-from tests.kits.contextkit import TIMEOUT_S, World, context_stub, ctx_world, refused
+from tests.kits.contextkit import World, context_stub, ctx_world, refused
 from tests.kits.integrationkit import (
     McpHub,
     Stub,
@@ -69,7 +70,7 @@ async def _invoke(hub: McpHub, tool: str, key: str, **arguments: Any) -> ipb.Inv
             idempotency_key=key,
         ),
         metadata=hub.world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -102,7 +103,7 @@ async def test_a_malformed_key_is_refused_before_the_call(hub: McpHub) -> None:
         hub.stub.InvokeTool(
             ipb.InvokeToolRequest(name=f"{hub.integration}/tools/~41", idempotency_key="a b"),
             metadata=hub.world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.INVALID_ARGUMENT,
     )
@@ -113,7 +114,9 @@ async def test_a_malformed_key_is_refused_before_the_call(hub: McpHub) -> None:
 
 async def test_the_key_goes_beside_the_progress_token(server: McpTestServer) -> None:
     """The SDK adds ``progressToken`` to the same ``_meta``: both arrive."""
-    mcp = McpConnector(server.url, egress=EgressPolicy(allow_loopback=True), connect_timeout_s=10.0)
+    mcp = McpConnector(
+        server.url, egress=EgressPolicy(allow_loopback=True), connect_timeout_s=CALL_DEADLINE_S
+    )
     steps: list[str] = []
 
     async def progress(value: float, total: float | None, message: str) -> None:
@@ -123,13 +126,15 @@ async def test_the_key_goes_beside_the_progress_token(server: McpTestServer) -> 
         done = await mcp.call_tool(
             "slow",
             {"seconds": 0.01, "tag": "keyed"},
-            timeout_s=10,
+            timeout_s=CALL_DEADLINE_S,
             max_result_bytes=1000,
             progress=progress,
             idempotency_key=RUN_KEY,
         )
         assert done.text == "slow keyed done"
-        stats = await mcp.call_tool("stats", {}, timeout_s=10, max_result_bytes=100_000)
+        stats = await mcp.call_tool(
+            "stats", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100_000
+        )
     finally:
         await mcp.close()
     assert stats.structured is not None
@@ -158,7 +163,7 @@ async def test_a_key_reaches_a_grpc_expert_in_metadata() -> None:
                     idempotency_key=key,
                 ),
                 metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert answer.text == "reported 0 tool calls"
         error = await refused(
@@ -169,7 +174,7 @@ async def test_a_key_reaches_a_grpc_expert_in_metadata() -> None:
                     idempotency_key="k" * 65,
                 ),
                 metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.INVALID_ARGUMENT,
         )

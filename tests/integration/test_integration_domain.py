@@ -56,7 +56,7 @@ from switchboard.platform.store.models import UserRow
 from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.values.names import new_id, now
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, TEST_DATABASE_TIMEOUT_S, make_settings
 from tests.infra.clock import FakeClock
 from tests.kits.integrationkit import integration_record
 
@@ -137,7 +137,7 @@ async def test_a_record_keeps_its_connector_until_its_version_changes(
     second = connections.get(record(version=2))
     assert second is not first
     # The retired one is closed in the background.
-    await asyncio.wait_for(factory.remotes[0].closed.wait(), 5)
+    await asyncio.wait_for(factory.remotes[0].closed.wait(), CALL_DEADLINE_S)
     assert not factory.remotes[1].closed.is_set()
 
 
@@ -149,7 +149,7 @@ async def test_forget_retires_a_connector_built_for_another_version(
     assert not connections.forget(NAME, 3)  # the event of the version it was built for
     assert not connections.forget("workspaces/w/integrations/none", None)
     assert connections.forget(NAME, 4)
-    await asyncio.wait_for(factory.remotes[0].closed.wait(), 5)
+    await asyncio.wait_for(factory.remotes[0].closed.wait(), CALL_DEADLINE_S)
     connections.get(record(version=3))
     assert len(factory.remotes) == 2  # built afresh
     assert connections.forget(NAME, None)
@@ -292,7 +292,9 @@ class Hub:
 @pytest.fixture
 async def hub(tmp_path: pathlib.Path, breakers: Breakers) -> AsyncIterator[Hub]:
     database = await open_database(
-        f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}", timeout_s=5.0, migrate=True
+        f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}",
+        timeout_s=TEST_DATABASE_TIMEOUT_S,
+        migrate=True,
     )
     outbox = Outbox(database)
     log = LocalLog(database, retention=1000, retention_s=3600, memory=100, outbox=outbox)

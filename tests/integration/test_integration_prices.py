@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import pytest_asyncio
+from grpc import aio
 from sqlalchemy import select
 
 from switchboard.api.events.v1 import events_pb2
@@ -16,43 +18,60 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import MAX_CALL_PRICE_MICROS, MAX_TOOL_PRICES
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import IntegrationRow
-from tests.kits.contextkit import (
-    TIMEOUT_S,
-    World,
-    refused,
-    tap,
-    violations,
-)
+from tests.conftest import CALL_DEADLINE_S
+from tests.kits.contextkit import World, context_stub, ctx_world, refused, tap, violations
 from tests.kits.integrationkit import (
     Stub,
     create,
     expert,
-    hub_world,
+    hub_mesh,
+    integration_stub,
     list_integrations,
     mcp,
     update_integration,
     webhook,
 )
+from tests.kits.modulekit import module_database_url_fixture
 
-pytestmark = pytest.mark.service
+# One server per backend for the module (starting one per test was most of the module's
+# time); each test prices integrations of a workspace of its own, and reads back that
+# workspace's rows.
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 CODE = grpc.StatusCode
 PRICES = "integration.tool_call_price_micros"
 
 
-@pytest.fixture
-async def hub(database_url: str) -> AsyncIterator[tuple[SwitchboardServer, Stub, World]]:
-    async with hub_world(database_url) as found:
-        yield found
+module_database_url = module_database_url_fixture
 
 
-async def _stored(server: SwitchboardServer) -> list[tuple[str, int, str]]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def hub_server(
+    module_database_url: str,
+) -> AsyncIterator[tuple[SwitchboardServer, aio.Channel]]:
+    async with hub_mesh(database_url=module_database_url) as served:
+        yield served
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def hub(
+    hub_server: tuple[SwitchboardServer, aio.Channel],
+) -> tuple[SwitchboardServer, Stub, World]:
+    """The module's server, an integration stub to it, and a workspace of this test's own."""
+    server, channel = hub_server
+    world = await ctx_world(server, context_stub(channel))
+    return server, integration_stub(channel), world
+
+
+async def _stored(server: SwitchboardServer, world: World | None) -> list[tuple[str, int, str]]:
+    """The integrations' rows of ``world``'s workspace (None: of every workspace)."""
+    query = select(
+        IntegrationRow.id, IntegrationRow.call_price_micros, IntegrationRow.tool_call_prices
+    ).order_by(IntegrationRow.workspace_id, IntegrationRow.id)
+    if world is not None:
+        query = query.where(IntegrationRow.workspace_id == world.id)
     async with server.shared.database.readers() as session:
-        rows = await session.execute(
-            select(
-                IntegrationRow.id, IntegrationRow.call_price_micros, IntegrationRow.tool_call_prices
-            ).order_by(IntegrationRow.id)
-        )
+        rows = await session.execute(query)
         return [(row[0], row[1], row[2]) for row in rows]
 
 
@@ -72,7 +91,9 @@ async def test_prices_are_stored_returned_listed_changed_and_announced(
         assert made.call_price_micros == 2_500
         assert dict(made.tool_call_price_micros) == tools
         got = await stub.GetIntegration(
-            ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+            ipb.GetIntegrationRequest(name=made.name),
+            metadata=world.viewer.md,
+            timeout=CALL_DEADLINE_S,
         )
         assert got.integration == made
         assert await list_integrations(stub, world) == [made]
@@ -119,7 +140,9 @@ async def test_prices_are_stored_returned_listed_changed_and_announced(
                 dict(e.integration_changed.integration.tool_call_price_micros),
             )
             for e in events.take()
+            # Another test's events may reach the module's bus late (the outbox).
             if e.type == events_pb2.EVENT_TYPE_INTEGRATION_CHANGED
+            and e.integration_changed.integration.name == made.name
         ]
     assert announced == [
         (2_500, tools),
@@ -128,7 +151,7 @@ async def test_prices_are_stored_returned_listed_changed_and_announced(
         (1, {"echo": 9}),
         (0, {}),
     ]
-    assert await _stored(server) == [("priced", 0, "")]
+    assert await _stored(server, world) == [("priced", 0, "")]
 
 
 async def test_an_integration_without_prices_is_free_and_an_expert_may_be_priced(
@@ -146,7 +169,7 @@ async def test_an_integration_without_prices_is_free_and_an_expert_may_be_priced
     assert (free.call_price_micros, dict(free.tool_call_price_micros)) == (0, {})
     assert (priced.call_price_micros, dict(priced.tool_call_price_micros)) == (40, {"handle": 50})
     assert await list_integrations(stub, world) == [free, priced]
-    assert await _stored(server) == [("free", 0, ""), ("sage", 40, '{"handle":50}')]
+    assert await _stored(server, world) == [("free", 0, ""), ("sage", 40, '{"handle":50}')]
 
 
 async def test_the_contract_s_most_tool_prices_are_accepted(
@@ -203,10 +226,13 @@ async def test_bad_prices_are_named_and_nothing_is_stored(
     hub: tuple[SwitchboardServer, Stub, World], integration: ipb.Integration, fields: list[str]
 ) -> None:
     server, stub, world = hub
+    # Nothing else writes integrations while a test of the module runs (no probes).
+    before = await _stored(server, None)
     error = await refused(create(stub, world.owner, world.name, integration), CODE.INVALID_ARGUMENT)
     assert violations(error) == fields
     assert await list_integrations(stub, world) == []
-    assert await _stored(server) == []
+    assert await _stored(server, world) == []
+    assert await _stored(server, None) == before
 
 
 async def test_a_bad_price_in_an_update_changes_nothing(
@@ -259,6 +285,8 @@ async def test_a_bad_price_in_an_update_changes_nothing(
             for e in events.take()
             if e.type == events_pb2.EVENT_TYPE_INTEGRATION_CHANGED
             and e.integration_changed.change != events_pb2.CHANGE_KIND_CREATED
+            # Another test's events may reach the module's bus late (the outbox).
+            and e.integration_changed.integration.name in (made.name, hook.name)
         ]
     assert await list_integrations(stub, world) == [made, hook]
-    assert await _stored(server) == [("hook", 0, ""), ("priced", 5, '{"echo":6}')]
+    assert await _stored(server, world) == [("hook", 0, ""), ("priced", 5, '{"echo":6}')]

@@ -19,14 +19,9 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import MAX_RETRY_SAFE_TOOLS
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import IntegrationRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.authkit import detail
-from tests.kits.contextkit import (
-    TIMEOUT_S,
-    World,
-    refused,
-    tap,
-    violations,
-)
+from tests.kits.contextkit import World, refused, tap, violations
 from tests.kits.integrationkit import (
     Stub,
     create,
@@ -82,7 +77,9 @@ async def test_retry_safety_is_stored_returned_listed_changed_and_announced(
         )
         assert (made.retry_safe, list(made.retry_safe_tools)) == (False, tools)
         got = await stub.GetIntegration(
-            ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+            ipb.GetIntegrationRequest(name=made.name),
+            metadata=world.viewer.md,
+            timeout=CALL_DEADLINE_S,
         )
         assert got.integration == made
         assert await list_integrations(stub, world) == [made]

@@ -22,18 +22,10 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.e2e.expertproc import NodeExpert
 from tests.kits.authkit import detail, reason
-from tests.kits.contextkit import (
-    TIMEOUT_S,
-    World,
-    context_stub,
-    ctx_world,
-    refused,
-    tap,
-    violations,
-)
+from tests.kits.contextkit import World, context_stub, ctx_world, refused, tap, violations
 from tests.kits.integrationkit import Stub, create, expert, hub_mesh, integration_stub
 
 pytestmark = pytest.mark.e2e
@@ -53,13 +45,13 @@ async def hub() -> AsyncIterator[tuple[SwitchboardServer, Stub, World]]:
 
 
 async def _next(stream: Any) -> ipb.WatchIntegrationsResponse:
-    frame: ipb.WatchIntegrationsResponse = await asyncio.wait_for(stream.read(), TIMEOUT_S)
+    frame: ipb.WatchIntegrationsResponse = await asyncio.wait_for(stream.read(), CALL_DEADLINE_S)
     return frame
 
 
 async def _status(stub: Stub, world: World, name: str) -> ipb.IntegrationStatus:
     got = await stub.GetIntegration(
-        ipb.GetIntegrationRequest(name=name), metadata=world.viewer.md, timeout=TIMEOUT_S
+        ipb.GetIntegrationRequest(name=name), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
     )
     return got.integration.status
 
@@ -127,7 +119,9 @@ async def test_an_experts_tool_is_listed_validated_invoked_and_audited(
         )
         tools = (
             await stub.ListTools(
-                ipb.ListToolsRequest(parent=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+                ipb.ListToolsRequest(parent=made.name),
+                metadata=world.viewer.md,
+                timeout=CALL_DEADLINE_S,
             )
         ).tools
         assert [t.name for t in tools] == [f"{made.name}/tools/summarizer"]
@@ -138,7 +132,7 @@ async def test_an_experts_tool_is_listed_validated_invoked_and_audited(
             answer = await stub.InvokeTool(
                 ipb.InvokeToolRequest(name=tools[0].name, arguments=arguments),
                 metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert "three little words" in answer.text
             assert not answer.is_error
@@ -147,7 +141,7 @@ async def test_an_experts_tool_is_listed_validated_invoked_and_audited(
                 stub.InvokeTool(
                     ipb.InvokeToolRequest(name=tools[0].name, arguments=struct_pb2.Struct()),
                     metadata=world.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 CODE.INVALID_ARGUMENT,
             )
@@ -156,7 +150,7 @@ async def test_an_experts_tool_is_listed_validated_invoked_and_audited(
                 stub.InvokeTool(
                     ipb.InvokeToolRequest(name=f"{made.name}/tools/nope", arguments=arguments),
                     metadata=world.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 CODE.NOT_FOUND,
             )
@@ -170,7 +164,7 @@ async def test_an_experts_tool_is_listed_validated_invoked_and_audited(
                         return found
                     await asyncio.sleep(0.02)  # polling a condition with a deadline
 
-            records = await asyncio.wait_for(audited(), TIMEOUT_S)
+            records = await asyncio.wait_for(audited(), CALL_DEADLINE_S)
         assert [r.tool_invoked.tool for r in records] == [tools[0].name]
         record = records[0]
         assert record.actor.name == world.editor.name
@@ -192,16 +186,16 @@ async def test_an_open_circuit_answers_unavailable_at_once_with_a_retry_delay(
         arguments = struct_pb2.Struct()
         arguments.update({"input": "hello"})
         invoke = ipb.InvokeToolRequest(name=tool, arguments=arguments)
-        await stub.InvokeTool(invoke, metadata=world.editor.md, timeout=TIMEOUT_S)
+        await stub.InvokeTool(invoke, metadata=world.editor.md, timeout=CALL_DEADLINE_S)
         process.kill()
     for _ in range(2):
         failed = await refused(
-            stub.InvokeTool(invoke, metadata=world.editor.md, timeout=TIMEOUT_S),
+            stub.InvokeTool(invoke, metadata=world.editor.md, timeout=CALL_DEADLINE_S),
             CODE.UNAVAILABLE,
         )
         assert reason(failed) == "ERROR_REASON_DEPENDENCY_UNAVAILABLE"
     opened = await refused(
-        stub.InvokeTool(invoke, metadata=world.editor.md, timeout=TIMEOUT_S), CODE.UNAVAILABLE
+        stub.InvokeTool(invoke, metadata=world.editor.md, timeout=CALL_DEADLINE_S), CODE.UNAVAILABLE
     )
     assert reason(opened) == "ERROR_REASON_CIRCUIT_OPEN"
     assert made.name in (opened.details() or "")
@@ -221,7 +215,7 @@ async def test_a_caller_who_may_not_invoke_is_refused_before_anything_is_called(
         stub.InvokeTool(
             ipb.InvokeToolRequest(name=f"{made.name}/tools/x"),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.PERMISSION_DENIED,
     )

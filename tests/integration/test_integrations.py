@@ -19,10 +19,9 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import IntegrationRow
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     World,
     awaiting_event,
     context_stub,
@@ -70,7 +69,7 @@ async def test_the_timer_probes_an_integration_and_an_interval_of_zero_turns_it_
             ),
         ) as unhealthy:
             made = await create(integration_stub(channel), world.owner, world.name, expert())
-            event = await asyncio.wait_for(unhealthy, TIMEOUT_S)
+            event = await asyncio.wait_for(unhealthy, CALL_DEADLINE_S)
         assert event.integration_changed.integration.name == made.name
         assert event.integration_changed.change == events_pb2.CHANGE_KIND_UPDATED
     async with hub_mesh(integration_probe_interval_s=0) as (server, channel):
@@ -82,7 +81,9 @@ async def test_the_timer_probes_an_integration_and_an_interval_of_zero_turns_it_
         # Asked, a probe still runs: only the timer is off.
         await hub.probe_all()
         got = await stub.GetIntegration(
-            ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+            ipb.GetIntegrationRequest(name=made.name),
+            metadata=world.viewer.md,
+            timeout=CALL_DEADLINE_S,
         )
         assert got.integration.status.health == ipb.HEALTH_STATE_DEGRADED
 
@@ -108,7 +109,9 @@ async def test_an_owner_registers_reads_lists_updates_and_deletes_an_integration
         assert made.etag == '"1"'
         assert made.call_timeout.ToMilliseconds() == 2500
         got = await stub.GetIntegration(
-            ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+            ipb.GetIntegrationRequest(name=made.name),
+            metadata=world.viewer.md,
+            timeout=CALL_DEADLINE_S,
         )
         assert got.integration == made
         renamed = ipb.Integration(name=made.name, display_name="Billing expert", etag=made.etag)
@@ -119,7 +122,7 @@ async def test_an_owner_registers_reads_lists_updates_and_deletes_an_integration
                     update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
                 ),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         ).integration
         assert updated.display_name == "Billing expert"
@@ -132,7 +135,7 @@ async def test_an_owner_registers_reads_lists_updates_and_deletes_an_integration
                     update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
                 ),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.ABORTED,
         )
@@ -140,13 +143,13 @@ async def test_an_owner_registers_reads_lists_updates_and_deletes_an_integration
         await stub.DeleteIntegration(
             ipb.DeleteIntegrationRequest(name=made.name, etag=updated.etag),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         await refused(
             stub.GetIntegration(
                 ipb.GetIntegrationRequest(name=made.name),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.NOT_FOUND,
         )
@@ -194,7 +197,7 @@ async def test_list_pages_through_every_integration_once(
         page = await stub.ListIntegrations(
             ipb.ListIntegrationsRequest(parent=world.name, page_size=2, page_token=token),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         seen += [i.name for i in page.integrations]
         token = page.next_page_token
@@ -205,7 +208,7 @@ async def test_list_pages_through_every_integration_once(
         stub.ListIntegrations(
             ipb.ListIntegrationsRequest(parent=world.name, page_token="forged"),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.INVALID_ARGUMENT,
     )
@@ -252,13 +255,13 @@ async def _calls(stub: Stub, world: World, name: str) -> dict[str, Any]:
         "CreateIntegration": lambda md: stub.CreateIntegration(
             ipb.CreateIntegrationRequest(parent=world.name, integration=expert()),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "GetIntegration": lambda md: stub.GetIntegration(
-            ipb.GetIntegrationRequest(name=name), metadata=md, timeout=TIMEOUT_S
+            ipb.GetIntegrationRequest(name=name), metadata=md, timeout=CALL_DEADLINE_S
         ),
         "ListIntegrations": lambda md: stub.ListIntegrations(
-            ipb.ListIntegrationsRequest(parent=world.name), metadata=md, timeout=TIMEOUT_S
+            ipb.ListIntegrationsRequest(parent=world.name), metadata=md, timeout=CALL_DEADLINE_S
         ),
         "UpdateIntegration": lambda md: stub.UpdateIntegration(
             ipb.UpdateIntegrationRequest(
@@ -266,28 +269,28 @@ async def _calls(stub: Stub, world: World, name: str) -> dict[str, Any]:
                 update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
             ),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "ListTools": lambda md: stub.ListTools(
             ipb.ListToolsRequest(parent=f"{world.name}/integrations/hook"),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "InvokeTool": lambda md: stub.InvokeTool(
-            ipb.InvokeToolRequest(name=tool), metadata=md, timeout=TIMEOUT_S
+            ipb.InvokeToolRequest(name=tool), metadata=md, timeout=CALL_DEADLINE_S
         ),
         "ListWebhookDeliveries": lambda md: stub.ListWebhookDeliveries(
             ipb.ListWebhookDeliveriesRequest(parent=f"{world.name}/integrations/hook"),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "RedeliverWebhook": lambda md: stub.RedeliverWebhook(
             ipb.RedeliverWebhookRequest(name=f"{world.name}/integrations/hook/deliveries/d1"),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "DeleteIntegration": lambda md: stub.DeleteIntegration(
-            ipb.DeleteIntegrationRequest(name=name), metadata=md, timeout=TIMEOUT_S
+            ipb.DeleteIntegrationRequest(name=name), metadata=md, timeout=CALL_DEADLINE_S
         ),
     }
 
@@ -482,7 +485,7 @@ async def test_plain_http_to_an_allowed_address_says_what_allows_it() -> None:
 
 
 async def _next(stream: Any) -> ipb.WatchIntegrationsResponse:
-    frame: ipb.WatchIntegrationsResponse = await asyncio.wait_for(stream.read(), TIMEOUT_S)
+    frame: ipb.WatchIntegrationsResponse = await asyncio.wait_for(stream.read(), CALL_DEADLINE_S)
     return frame
 
 
@@ -504,7 +507,7 @@ async def test_watch_streams_the_snapshot_then_every_change(
         await stub.DeleteIntegration(
             ipb.DeleteIntegrationRequest(name=first.name),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         gone = await _next(stream)
         assert gone.deleted
@@ -525,7 +528,7 @@ async def test_watch_ends_when_the_caller_leaves_the_workspace(
         await context_stub(channel).RemoveWorkspaceMember(
             cpb.RemoveWorkspaceMemberRequest(name=f"{world.name}/members/{world.viewer.id}"),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     with pytest.raises(aio.AioRpcError) as ended:
         await _next(stream)
@@ -548,10 +551,11 @@ async def test_tool_calls_are_rate_limited_per_workspace() -> None:
         call = ipb.InvokeToolRequest(name=f"{world.name}/integrations/none/tools/t")
         for _ in range(2):
             await refused(
-                stub.InvokeTool(call, metadata=world.editor.md, timeout=TIMEOUT_S), CODE.NOT_FOUND
+                stub.InvokeTool(call, metadata=world.editor.md, timeout=CALL_DEADLINE_S),
+                CODE.NOT_FOUND,
             )
         limited = await refused(
-            stub.InvokeTool(call, metadata=world.editor.md, timeout=TIMEOUT_S),
+            stub.InvokeTool(call, metadata=world.editor.md, timeout=CALL_DEADLINE_S),
             CODE.RESOURCE_EXHAUSTED,
         )
         assert reason(limited) == "ERROR_REASON_RATE_LIMITED"
@@ -574,6 +578,6 @@ async def test_the_server_disabling_a_failing_webhook_announces_it(
     assert changed[0].integration.status.last_error.message == "no success for a day"
     assert changed[0].integration.etag != made.etag
     got = await stub.GetIntegration(
-        ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+        ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
     )
     assert got.integration.disabled

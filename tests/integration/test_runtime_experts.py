@@ -41,7 +41,7 @@ from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.store.models import IntegrationRow
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.e2e.expertkit import (
     istub_fixture,
     listed,
@@ -72,7 +72,6 @@ pytestmark = pytest.mark.e2e
 
 TOKEN = "expert-token-0123456789"
 POLL_S = 0.05
-WAIT_S = 15.0
 LOOPBACK = EgressPolicy(allow_loopback=True)
 
 
@@ -231,7 +230,9 @@ async def test_a_node_expert_registered_at_runtime_is_routed_stops_restarts_and_
         # Deleted: not listed, and naming it is the caller's mistake again.
         cached = await _expert_of(server, world.id, "node-expert")
         await istub.DeleteIntegration(
-            ipb.DeleteIntegrationRequest(name=registered.name), metadata=world.owner.md, timeout=10
+            ipb.DeleteIntegrationRequest(name=registered.name),
+            metadata=world.owner.md,
+            timeout=CALL_DEADLINE_S,
         )
         await until_listed(dstub, world, name, available=None)
         code = await refused(dstub, world, conversation, name)
@@ -253,7 +254,7 @@ async def _expert_of(
 
 async def _until(condition: Callable[[], bool]) -> None:
     """Poll ``condition`` (a channel's or a circuit's state: nothing to await)."""
-    async with asyncio.timeout(WAIT_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while True:
             if condition():
                 return
@@ -290,7 +291,7 @@ async def _set_disabled(istub: IStub, world: World, name: str, disabled: bool) -
             update_mask=field_mask_pb2.FieldMask(paths=["disabled"]),
         ),
         metadata=world.owner.md,
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -376,7 +377,7 @@ async def test_an_open_circuit_makes_the_expert_unavailable_and_a_success_closes
 
     breakers = Breakers(failures=1, reset_s=0.2)
     experts = WorkspaceExperts(
-        read, LOOPBACK, timeout_s=5, reserved=lambda _: False, breakers=breakers
+        read, LOOPBACK, timeout_s=CALL_DEADLINE_S, reserved=lambda _: False, breakers=breakers
     )
     try:
         found = (await experts.of("w1"))["breaking"]
@@ -404,7 +405,8 @@ async def test_an_open_circuit_makes_the_expert_unavailable_and_a_success_closes
 def _call(text: str) -> HandleCall:
     message = context_pb2.Message(parts=[context_pb2.ContentPart(text=text)])
     return HandleCall(
-        request=handler_pb2.HandleRequest(message=message), deadline=time.monotonic() + 10
+        request=handler_pb2.HandleRequest(message=message),
+        deadline=time.monotonic() + CALL_DEADLINE_S,
     )
 
 
@@ -414,8 +416,8 @@ def _call(text: str) -> HandleCall:
 async def test_the_connector_probes_lists_and_calls_the_expert(expert: NodeExpert) -> None:
     connector = GrpcExpertConnector(expert.address, LOOPBACK, credential=TOKEN)
     try:
-        await connector.probe(5)
-        tools = await connector.list_tools(5)
+        await connector.probe(CALL_DEADLINE_S)
+        tools = await connector.list_tools(CALL_DEADLINE_S)
         assert [tool.name for tool in tools] == ["translator"]
         assert tools[0].title == "Node expert translator"
         assert tools[0].input_schema == {
@@ -434,7 +436,7 @@ async def test_the_connector_probes_lists_and_calls_the_expert(expert: NodeExper
         result = await connector.call_tool(
             "translator",
             {"input": "quiet please", "parameters": {"shout": True}},
-            timeout_s=5,
+            timeout_s=CALL_DEADLINE_S,
             max_result_bytes=10_000,
             progress=report,
         )
@@ -447,16 +449,18 @@ async def test_the_connector_probes_lists_and_calls_the_expert(expert: NodeExper
         failed = await connector.call_tool(
             "translator",
             {"input": "x", "parameters": {"fail": "no can do"}},
-            timeout_s=5,
+            timeout_s=CALL_DEADLINE_S,
             max_result_bytes=10_000,
         )
         assert failed.is_error
         assert failed.text == "FAILED_PRECONDITION: no can do"
         with pytest.raises(ToolNotFound):
-            await connector.call_tool("other", {"input": "x"}, timeout_s=5, max_result_bytes=100)
+            await connector.call_tool(
+                "other", {"input": "x"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100
+            )
         with pytest.raises(ResultTooLarge):
             await connector.call_tool(
-                "translator", {"input": "y" * 200}, timeout_s=5, max_result_bytes=100
+                "translator", {"input": "y" * 200}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100
             )
     finally:
         await connector.close()
@@ -466,7 +470,7 @@ async def test_the_connector_without_the_credential_is_refused(expert: NodeExper
     connector = GrpcExpertConnector(expert.address, LOOPBACK)
     try:
         with pytest.raises(Unreachable, match="UNAUTHENTICATED"):
-            await connector.list_tools(5)
+            await connector.list_tools(CALL_DEADLINE_S)
     finally:
         await connector.close()
 
@@ -474,16 +478,16 @@ async def test_the_connector_without_the_credential_is_refused(expert: NodeExper
 async def test_the_connector_probe_follows_the_expert_down_and_up(expert: NodeExpert) -> None:
     connector = GrpcExpertConnector(expert.address, LOOPBACK, credential=TOKEN)
     try:
-        await connector.probe(5)
+        await connector.probe(CALL_DEADLINE_S)
         port = expert.port
         expert.kill()
         with pytest.raises(Unreachable):
-            await connector.probe(5)
+            await connector.probe(CALL_DEADLINE_S)
         # Back: the very next probe answers (a fresh channel, no reconnect backoff).
         with NodeExpert("--token", TOKEN, port=port):
-            await connector.probe(5)
+            await connector.probe(CALL_DEADLINE_S)
             result = await connector.call_tool(
-                "translator", {"input": "again"}, timeout_s=5, max_result_bytes=10_000
+                "translator", {"input": "again"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
             )
             assert result.text == "translator heard: again"
     finally:
@@ -494,7 +498,7 @@ async def test_an_expert_without_the_health_service_is_probed_by_its_capabilitie
     with NodeExpert("--no-health") as bare:
         connector = GrpcExpertConnector(bare.address, LOOPBACK)
         try:
-            await connector.probe(5)
+            await connector.probe(CALL_DEADLINE_S)
         finally:
             await connector.close()
 
@@ -503,7 +507,7 @@ async def test_the_connector_refuses_a_blocked_destination(expert: NodeExpert) -
     connector = GrpcExpertConnector(expert.address, EgressPolicy(), credential=TOKEN)
     try:
         with pytest.raises(DestinationBlocked):
-            await connector.probe(5)
+            await connector.probe(CALL_DEADLINE_S)
     finally:
         await connector.close()
 
@@ -550,7 +554,9 @@ async def test_an_expert_registered_through_one_process_is_routed_by_another(
         assert seen.text == "translator heard: from afar"
 
         await istub.DeleteIntegration(
-            ipb.DeleteIntegrationRequest(name=registered.name), metadata=me.md, timeout=10
+            ipb.DeleteIntegrationRequest(name=registered.name),
+            metadata=me.md,
+            timeout=CALL_DEADLINE_S,
         )
         await until_listed(dstub, world, "handlers/far", available=None)
         code = await refused(dstub, world, conversation, "handlers/far")

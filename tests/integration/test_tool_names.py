@@ -19,8 +19,9 @@ from google.protobuf import struct_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform.values import names
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.mcpserver import McpTestServer
-from tests.kits.contextkit import TIMEOUT_S, World, refused, violations
+from tests.kits.contextkit import World, refused, violations
 from tests.kits.dispatchkit import dispatcher_stub
 from tests.kits.integrationkit import Stub, mcp_hub
 
@@ -81,7 +82,7 @@ async def test_listed_names_are_invoked_by_their_listed_names(
     listed = await stub.ListTools(
         ipb.ListToolsRequest(parent=parent, page_size=200),
         metadata=world.viewer.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     segments = {tool.name.removeprefix(f"{parent}/tools/") for tool in listed.tools}
     expected = {**SPEC_NAMES, **OTHER_NAMES}
@@ -91,7 +92,7 @@ async def test_listed_names_are_invoked_by_their_listed_names(
         done = await stub.InvokeTool(
             ipb.InvokeToolRequest(name=f"{parent}/tools/{segment}", arguments=struct_pb2.Struct()),
             metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert done.text == name, segment
 
@@ -106,7 +107,7 @@ async def test_the_access_check_reads_every_tool_name(
             stub.InvokeTool(
                 ipb.InvokeToolRequest(name=f"{parent}/tools/{segment}"),
                 metadata=world.outsider.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.NOT_FOUND,
         )
@@ -115,7 +116,7 @@ async def test_the_access_check_reads_every_tool_name(
             stub.InvokeTool(
                 ipb.InvokeToolRequest(name=f"{parent}/tools/{segment}"),
                 metadata=world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.PERMISSION_DENIED,
         )
@@ -124,7 +125,7 @@ async def test_the_access_check_reads_every_tool_name(
             stub.InvokeTool(
                 ipb.InvokeToolRequest(name=f"{parent}/tools/{bad}"),
                 metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.INVALID_ARGUMENT,
         )
@@ -152,7 +153,7 @@ async def test_an_assistant_enables_tools_by_their_listed_names(
             ),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert list(made.assistant.tools[0].tools) == segments
     error = await refused(
@@ -167,7 +168,7 @@ async def test_an_assistant_enables_tools_by_their_listed_names(
                 ),
             ),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.INVALID_ARGUMENT,
     )

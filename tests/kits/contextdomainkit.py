@@ -30,6 +30,7 @@ from switchboard.platform.store.models import UserRow
 from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.values.names import new_id, now
+from tests.conftest import CALL_DEADLINE_S, TEST_DATABASE_TIMEOUT_S
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Kit:
         self._arrived.set()
 
     async def event_where(
-        self, wanted: Callable[[events_pb2.Event], bool], timeout_s: float = 10.0
+        self, wanted: Callable[[events_pb2.Event], bool], timeout_s: float = CALL_DEADLINE_S
     ) -> events_pb2.Event:
         """The first event published that is ``wanted``, waiting for it if need be."""
         async with asyncio.timeout(timeout_s):
@@ -94,7 +95,9 @@ class Kit:
 @contextlib.asynccontextmanager
 async def open_domain(tmp_path: pathlib.Path, limits: Limits | None = None) -> AsyncIterator[Kit]:
     database = await open_database(
-        f"sqlite+aiosqlite:///{tmp_path / 'context.db'}", timeout_s=5.0, migrate=True
+        f"sqlite+aiosqlite:///{tmp_path / 'context.db'}",
+        timeout_s=TEST_DATABASE_TIMEOUT_S,
+        migrate=True,
     )
     outbox = Outbox(database)
     bus = EventBus(

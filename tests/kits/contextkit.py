@@ -25,13 +25,13 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.store.models import MemoryItemRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.authkit import bearer, detail, quick_user
 
 # Only the type stubs know the async stub class; at run time it is ContextServiceStub.
 Stub: TypeAlias = "context_pb2_grpc.ContextServiceAsyncStub"
 Metadata = tuple[tuple[str, str], ...]
 
-TIMEOUT_S = 20.0
 _serial = itertools.count()
 _Q = TypeVar("_Q")
 _R = TypeVar("_R")
@@ -62,7 +62,7 @@ def rpc(
     method: aio.UnaryUnaryMultiCallable[_Q, _R], request: _Q, caller: Caller
 ) -> aio.UnaryUnaryCall[_Q, _R]:
     """``method(request)`` as ``caller``, within the time every call here is given."""
-    return method(request, metadata=caller.md, timeout=TIMEOUT_S)
+    return method(request, metadata=caller.md, timeout=CALL_DEADLINE_S)
 
 
 class _Page(Protocol):
@@ -142,7 +142,7 @@ async def create_workspace(
             request_id=request_id,
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.workspace
 
@@ -157,7 +157,7 @@ async def add_member(
     response = await stub.AddWorkspaceMember(
         pb.AddWorkspaceMemberRequest(parent=workspace, user=user.name, role=role),
         metadata=owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.member
 
@@ -192,7 +192,7 @@ def events_fixture(mesh: Any) -> Iterator[EventTap]:
 
 async def get_workspace(stub: Stub, caller: Caller, name: str) -> pb.Workspace:
     response = await stub.GetWorkspace(
-        pb.GetWorkspaceRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
+        pb.GetWorkspaceRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
     )
     return response.workspace
 
@@ -230,14 +230,14 @@ async def create_conversation(
             request_id=request_id,
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.conversation
 
 
 async def get_conversation(stub: Stub, caller: Caller, name: str) -> pb.Conversation:
     response = await stub.GetConversation(
-        pb.GetConversationRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
+        pb.GetConversationRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
     )
     return response.conversation
 
@@ -266,7 +266,7 @@ async def append(
             request_id=request_id,
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.message
 
@@ -293,7 +293,7 @@ async def all_messages(
                 show_archived=show_archived,
             ),
             metadata=caller.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         found.extend(page.messages)
         token = page.next_page_token
@@ -343,14 +343,14 @@ async def remember(
             memory_item=memory_item(content, kind, pinned=pinned, expire_time=expire_time),
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.memory_item
 
 
 async def get_memory_item(stub: Stub, caller: Caller, name: str) -> pb.MemoryItem:
     response = await stub.GetMemoryItem(
-        pb.GetMemoryItemRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
+        pb.GetMemoryItemRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
     )
     return response.memory_item
 
@@ -386,7 +386,7 @@ async def search(
             parent=parent, query=query, kinds=list(kinds), page_size=page_size
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return list(response.results)
 
@@ -431,7 +431,7 @@ async def window(
     response = await stub.GetContextWindow(
         pb.GetContextWindowRequest(conversation=conversation, token_budget=budget, query=query),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.window
 
@@ -453,7 +453,7 @@ async def prune(
             validate_only=dry_run,
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response
 

@@ -21,9 +21,9 @@ from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.db import DatabaseUnavailable
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.kits.contextkit import TIMEOUT_S, Caller, context_stub, struct
+from tests.kits.contextkit import Caller, context_stub, struct
 from tests.kits.contextkit import Stub as ContextStub
 
 Stub: TypeAlias = "dispatcher_pb2_grpc.DispatcherServiceAsyncStub"
@@ -85,7 +85,7 @@ def script_two_echoes(fake: FakeOpenAI) -> None:
 
 
 async def send(stub: Stub, caller: Caller, req: pb.SendMessageRequest) -> pb.SendMessageResponse:
-    return await stub.SendMessage(req, metadata=caller.md, timeout=TIMEOUT_S)
+    return await stub.SendMessage(req, metadata=caller.md, timeout=CALL_DEADLINE_S)
 
 
 async def updates(
@@ -93,7 +93,9 @@ async def updates(
 ) -> AsyncIterator[pb.RunUpdate]:
     """The run's updates (heartbeats skipped) until the stream ends."""
     call = stub.WatchRun(
-        pb.WatchRunRequest(name=run, after_sequence=after), metadata=caller.md, timeout=TIMEOUT_S
+        pb.WatchRunRequest(name=run, after_sequence=after),
+        metadata=caller.md,
+        timeout=CALL_DEADLINE_S,
     )
     async for frame in call:
         if frame.WhichOneof("frame") == "update":
@@ -140,7 +142,7 @@ async def until(
     stub: Stub, caller: Caller, run: str, kind: str, *, state: int = 0
 ) -> tuple[aio.UnaryStreamCall[Any, Any], list[pb.RunUpdate]]:
     """Watch ``run`` until an update of ``kind`` (and ``state``) arrives; the call stays open."""
-    call = stub.WatchRun(pb.WatchRunRequest(name=run), metadata=caller.md, timeout=TIMEOUT_S)
+    call = stub.WatchRun(pb.WatchRunRequest(name=run), metadata=caller.md, timeout=CALL_DEADLINE_S)
     seen: list[pb.RunUpdate] = []
     async for frame in call:
         if frame.WhichOneof("frame") != "update":
@@ -168,13 +170,15 @@ async def read_until(
 
 
 async def get_run(stub: Stub, caller: Caller, name: str) -> pb.Run:
-    response = await stub.GetRun(pb.GetRunRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S)
+    response = await stub.GetRun(
+        pb.GetRunRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
+    )
     return response.run
 
 
 async def cancel(stub: Stub, caller: Caller, name: str, reason: str = "") -> pb.Run:
     response = await stub.CancelRun(
-        pb.CancelRunRequest(name=name, reason=reason), metadata=caller.md, timeout=TIMEOUT_S
+        pb.CancelRunRequest(name=name, reason=reason), metadata=caller.md, timeout=CALL_DEADLINE_S
     )
     return response.run
 
@@ -197,9 +201,9 @@ async def stored_running(stub: Stub, caller: Caller, name: str) -> None:
     """
     parent = name.rsplit("/runs/", 1)[0]
     listing = pb.ListRunsRequest(parent=parent, states=[pb.RUN_STATE_RUNNING], page_size=100)
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + CALL_DEADLINE_S
     while True:
-        response = await stub.ListRuns(listing, metadata=caller.md, timeout=TIMEOUT_S)
+        response = await stub.ListRuns(listing, metadata=caller.md, timeout=CALL_DEADLINE_S)
         if any(run.name == name for run in response.runs):
             return
         assert time.monotonic() < deadline, f"{name} was never stored as RUNNING"
@@ -230,7 +234,7 @@ async def limited(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[object]], what: str, *, timeout_s: float = TIMEOUT_S
+    check: Callable[[], Awaitable[object]], what: str, *, timeout_s: float = CALL_DEADLINE_S
 ) -> None:
     """Poll ``check`` until it holds; fail naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

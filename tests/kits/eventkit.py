@@ -12,9 +12,9 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.platform.security.policy import Role
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.authkit import bearer, quick_user
 
-DEADLINE_S = 10.0
 # What read() returns once a stream has ended (not in the type stubs).
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 
@@ -99,7 +99,7 @@ class Subscriber:
         self.heartbeats: list[events_pb2.Heartbeat] = []
 
     async def frame(self) -> events_pb2.SubscribeResponse:
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             response: Any = await self.call.read()
         assert response is not _EOF, "the stream ended"
         self.frames += 1
@@ -129,7 +129,7 @@ class Subscriber:
     async def error(self) -> aio.AioRpcError:
         """Read until the stream fails; returns the error."""
         try:
-            async with asyncio.timeout(DEADLINE_S):
+            async with asyncio.timeout(CALL_DEADLINE_S):
                 while True:
                     response: Any = await self.call.read()
                     assert response is not _EOF, "the stream ended without an error"

@@ -19,8 +19,8 @@ from switchboard.integration.store import IntegrationRecord
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.values.names import now
-from tests.conftest import make_settings
-from tests.kits.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world
+from tests.conftest import CALL_DEADLINE_S, make_settings
+from tests.kits.contextkit import Caller, World, context_stub, ctx_world
 
 Stub: TypeAlias = "integration_pb2_grpc.IntegrationServiceAsyncStub"
 
@@ -81,7 +81,7 @@ async def update_integration(
             integration=integration, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.integration
 
@@ -89,7 +89,9 @@ async def update_integration(
 async def list_integrations(stub: Stub, world: World) -> list[ipb.Integration]:
     """The workspace's integrations, as a viewer lists them (one page)."""
     page = await stub.ListIntegrations(
-        ipb.ListIntegrationsRequest(parent=world.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+        ipb.ListIntegrationsRequest(parent=world.name),
+        metadata=world.viewer.md,
+        timeout=CALL_DEADLINE_S,
     )
     return list(page.integrations)
 
@@ -130,7 +132,7 @@ async def create(
             request_id=request_id,
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.integration
 

@@ -1,5 +1,14 @@
 """Helpers for schedule tests: a mesh with a populated workspace, the RPCs, and firing
-loops of the test's own on a controllable clock."""
+loops of the test's own on a controllable clock.
+
+A schedule test module shares one mesh per backend among its tests and gives each a
+desk (a workspace and users) of its own; it binds the fixtures under the names its
+tests take, and runs its tests on the module's event loop (the mesh's)::
+
+    pytestmark = pytest.mark.asyncio(loop_scope="module")
+    module_database_url = module_database_url_fixture
+    desk_server, desk = desk_server_fixture, desk_fixture
+"""
 
 from __future__ import annotations
 
@@ -9,9 +18,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
+import pytest_asyncio
 from google.protobuf import field_mask_pb2
 from grpc import aio
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.context.domain import ContextDomain
@@ -20,9 +31,10 @@ from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import built
+from switchboard.platform.store.models import ScheduleFiringRow, ScheduleRow
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.infra.clock import FakeClock
-from tests.kits.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world
+from tests.kits.contextkit import Caller, World, context_stub, ctx_world
 from tests.kits.dispatchkit import Stub, dispatcher_stub
 from tests.kits.integrationkit import hub_mesh
 
@@ -45,25 +57,57 @@ class Desk:
         return built(self.server, Dispatcher)
 
 
-@asynccontextmanager
-async def desk_mesh(**overrides: Any) -> AsyncIterator[Desk]:
+def _desk_settings(overrides: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {
         "schedules_max_per_workspace": QUOTA,
         "schedules_min_interval_s": 1.0,
     }
     values.update(overrides)
-    async with hub_mesh(**values) as (server, channel):
+    return values
+
+
+@asynccontextmanager
+async def desk_mesh(**overrides: Any) -> AsyncIterator[Desk]:
+    async with hub_mesh(**_desk_settings(overrides)) as (server, channel):
         world = await ctx_world(server, context_stub(channel))
         yield Desk(server, channel, dispatcher_stub(channel), world)
 
 
-# A schedule test module's fixture, bound there as ``desk = desk_fixture`` (pytest
-# registers a module's fixture under the attribute's name).
-@pytest.fixture
-async def desk_fixture(database_url: str) -> AsyncIterator[Desk]:
-    """A desk on the test's database (``database_url``: SQLite, or PostgreSQL too)."""
-    async with desk_mesh(database_url=database_url) as made:
+# A schedule test module's fixtures, bound there as ``desk_server, desk =
+# desk_server_fixture, desk_fixture`` beside ``module_database_url`` (pytest registers
+# a module's fixture under the attribute's name).
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def desk_server_fixture(
+    module_database_url: str,
+) -> AsyncIterator[tuple[SwitchboardServer, aio.Channel]]:
+    """The module's mesh on its database (SQLite, or PostgreSQL too), and a channel to it."""
+    async with hub_mesh(**_desk_settings({"database_url": module_database_url})) as made:
         yield made
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def desk_fixture(
+    desk_server: tuple[SwitchboardServer, aio.Channel],
+) -> AsyncIterator[Desk]:
+    """A desk of the test's own on the module's mesh: a new workspace and users. Firing
+    loops claim due ticks of every workspace, and a loop's claimer name (``replica-a``)
+    recurs across tests, so the test's schedules and firings go with it, and the
+    catalog gets its real clock back (``on``)."""
+    server, channel = desk_server
+    world = await ctx_world(server, context_stub(channel))
+    made = Desk(server, channel, dispatcher_stub(channel), world)
+    catalog = made.dispatcher.schedules
+    clock = catalog.clock
+    try:
+        yield made
+    finally:
+        catalog.clock = clock
+
+        def forget(db: Session) -> None:
+            db.execute(delete(ScheduleFiringRow).where(ScheduleFiringRow.workspace_id == world.id))
+            db.execute(delete(ScheduleRow).where(ScheduleRow.workspace_id == world.id))
+
+        await server.shared.database.run(forget, write=True)
 
 
 def on(desk: Desk, clock: FakeClock) -> None:
@@ -124,14 +168,16 @@ async def create(
             request_id=request_id,
         ),
         metadata=(caller or d.world.owner).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.schedule
 
 
 async def get(d: Desk, name: str, caller: Caller | None = None) -> pb.Schedule:
     response = await d.stub.GetSchedule(
-        pb.GetScheduleRequest(name=name), metadata=(caller or d.world.owner).md, timeout=TIMEOUT_S
+        pb.GetScheduleRequest(name=name),
+        metadata=(caller or d.world.owner).md,
+        timeout=CALL_DEADLINE_S,
     )
     return response.schedule
 
@@ -144,7 +190,7 @@ async def update(
             schedule=schedule, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
         ),
         metadata=(caller or d.world.owner).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.schedule
 
@@ -156,7 +202,7 @@ async def listed(d: Desk, caller: Caller | None = None) -> list[pb.Schedule]:
         page = await d.stub.ListSchedules(
             pb.ListSchedulesRequest(parent=d.world.name, page_size=2, page_token=token),
             metadata=(caller or d.world.owner).md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         found.extend(page.schedules)
         token = page.next_page_token
@@ -173,7 +219,7 @@ async def firings(
         page = await d.stub.ListScheduleFirings(
             pb.ListScheduleFiringsRequest(parent=name, page_size=page_size, page_token=token),
             metadata=(caller or d.world.owner).md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         found.extend(page.firings)
         token = page.next_page_token

@@ -29,7 +29,7 @@ from switchboard.platform.store.models import (
     SemanticJobRow,
 )
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings, started
+from tests.conftest import CALL_DEADLINE_S, built, make_settings, started
 from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.kits.contextkit import Caller, Stub, context_stub, mask, rpc
 
@@ -48,7 +48,7 @@ def client(fake: FakeEmbeddings) -> OpenAIEmbedder:
         api_key="",
         policy=EgressPolicy(allow_loopback=True),
         attempts=1,
-        timeout_s=5.0,
+        timeout_s=CALL_DEADLINE_S,
         breaker_reset_s=0.2,
     )
 
@@ -85,7 +85,7 @@ async def deployed_mesh(
         "database_url": database_url,
         "context_embeddings_url": fake.url,
         "context_embeddings_attempts": 1,
-        "context_embeddings_timeout_s": 5.0,
+        "context_embeddings_timeout_s": CALL_DEADLINE_S,
         "context_semantic_poll_s": 0.2,
         "egress_allow_loopback": True,
     }
@@ -121,7 +121,7 @@ async def quiet(domain: ContextDomain) -> bool:
     return outbox == 0 and jobs == 0 and fed is not None and fed == f"{head}-0" and bool(cursor)
 
 
-async def settled(domain: ContextDomain, timeout_s: float = 30.0) -> None:
+async def settled(domain: ContextDomain, timeout_s: float = CALL_DEADLINE_S) -> None:
     """Wait until the indexer has read the log to its head and done every job."""
     async with asyncio.timeout(timeout_s):
         while not await quiet(domain):  # noqa: ASYNC110 - a stored state, under a deadline

@@ -13,11 +13,12 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.audio import pcm
-from tests.kits.contextkit import TIMEOUT_S, Caller
+from tests.conftest import CALL_DEADLINE_S
+from tests.kits.contextkit import Caller
 from tests.kits.dispatchkit import Stub
 
-#: What a Talk test's session and run may take at most.
-TALK_TIMEOUT_S = 60.0
+#: What a Talk test's session and run may take at most (a hang guard).
+TALK_TIMEOUT_S = CALL_DEADLINE_S
 #: 20 ms of PCM16 at 16 kHz.
 FRAME_BYTES_16K = pcm.byte_count(20, 16_000)
 POSITION_MASK = (1 << 40) - 1
@@ -176,6 +177,3 @@ def ended(frame: pb.TalkResponse) -> bool:
             pb.RUN_STATE_DEADLINE_EXCEEDED,
         )
     )
-
-
-__all__ = ["TIMEOUT_S"]

@@ -17,11 +17,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from switchboard.mesh import create_server
 from switchboard.platform.observe.telemetry import Tracing, installed
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 
 H = TypeVar("H", bound=logging.Handler)
-#: How long a test waits for a span to end.
-SPAN_WAIT_S = 20.0
 
 
 @asynccontextmanager
@@ -91,7 +89,7 @@ class Spans(InMemorySpanExporter):
         self, found: Callable[[list[ReadableSpan]], list[ReadableSpan]], what: str
     ) -> list[ReadableSpan]:
         """Until ``found`` picks something from the finished spans; returns it."""
-        async with asyncio.timeout(SPAN_WAIT_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while True:
                 self._changed.clear()
                 picked = found(list(self.get_finished_spans()))

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from switchboard.platform.cache import Cache, hash_tag, is_cluster
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.redis import RedisServer
 
 pytestmark = pytest.mark.unit
@@ -25,8 +26,6 @@ TIMEOUT_S = 0.1
 LEASE_S = 0.3
 #: Slack for event-loop scheduling on a busy machine; never a correctness margin.
 SLACK_S = 0.2
-#: Generous bound for "eventually" (recovery, delivery); tests finish far sooner.
-EVENTUALLY_S = 2.0
 
 CACHE_LOGGER = "switchboard.platform.cache"
 
@@ -247,7 +246,7 @@ async def test_pause_falls_back_without_hanging_then_recovers(
             assert (await cache.hit("k", 60))[0] == expected
 
     redis_server.resume()
-    await wait_until(lambda: cache.state == "ok", EVENTUALLY_S, "recovery after SIGCONT")
+    await wait_until(lambda: cache.state == "ok", CALL_DEADLINE_S, "recovery after SIGCONT")
     # Back on Redis, which kept its count (memory would say 4). The hit that timed
     # out was already written to the paused server's socket and may have been
     # executed on SIGCONT: a timeout does not mean "not done".
@@ -261,7 +260,7 @@ async def test_kill_and_restart_recovers_and_resyncs(
     make_cache: CacheFactory, redis_server: RedisServer
 ) -> None:
     cache, recorder = await started_subscriber(make_cache, redis_server.url)
-    await wait_until(cache.fresh, EVENTUALLY_S, "first confirmation")
+    await wait_until(cache.fresh, CALL_DEADLINE_S, "first confirmation")
     assert recorder.resyncs == 1, "the first subscription resyncs too"
     await cache.hit("k", 60)
 
@@ -275,8 +274,8 @@ async def test_kill_and_restart_recovers_and_resyncs(
     await wait_until(lambda: not cache.fresh(), LEASE_S, "freshness withdrawn")
 
     redis_server.restart()
-    await wait_until(lambda: cache.state == "ok", EVENTUALLY_S, "recovery after restart")
-    await wait_until(cache.fresh, EVENTUALLY_S, "resubscription")
+    await wait_until(lambda: cache.state == "ok", CALL_DEADLINE_S, "recovery after restart")
+    await wait_until(cache.fresh, CALL_DEADLINE_S, "resubscription")
     assert recorder.resyncs == 2, "reconnecting resyncs exactly once"
     assert (await cache.hit("k", 60))[0] == 1, "the restarted server starts empty"
 
@@ -286,9 +285,9 @@ async def test_url_options_cannot_loosen_the_bounds(
 ) -> None:
     url = f"{redis_server.url}?socket_timeout=30&protocol=3&decode_responses=false"
     cache, recorder = await started_subscriber(make_cache, url)
-    await wait_until(cache.fresh, EVENTUALLY_S, "subscription despite ?protocol=3")
+    await wait_until(cache.fresh, CALL_DEADLINE_S, "subscription despite ?protocol=3")
     await cache.publish("invalidate", "x")
-    await wait_until(lambda: recorder.messages.count("x") == 2, EVENTUALLY_S, "local + echo")
+    await wait_until(lambda: recorder.messages.count("x") == 2, CALL_DEADLINE_S, "local + echo")
 
     redis_server.pause()
     async with asyncio.timeout(TIMEOUT_S * 4):
@@ -319,11 +318,11 @@ async def test_publish_reaches_the_other_process(
 ) -> None:
     a, a_seen = await started_subscriber(make_cache, redis_server.url)
     b, b_seen = await started_subscriber(make_cache, redis_server.url)
-    await wait_until(lambda: a.fresh() and b.fresh(), EVENTUALLY_S, "both subscribed")
+    await wait_until(lambda: a.fresh() and b.fresh(), CALL_DEADLINE_S, "both subscribed")
 
     await a.publish("invalidate", "session:7")
     assert "session:7" in a_seen.messages, "local subscribers do not wait for the echo"
-    await wait_until(lambda: "session:7" in b_seen.messages, EVENTUALLY_S, "delivery to B")
+    await wait_until(lambda: "session:7" in b_seen.messages, CALL_DEADLINE_S, "delivery to B")
     assert b.fresh()
 
 
@@ -331,7 +330,7 @@ async def test_pause_lapses_the_lease_silently(
     make_cache: CacheFactory, redis_server: RedisServer
 ) -> None:
     cache, recorder = await started_subscriber(make_cache, redis_server.url)
-    await wait_until(cache.fresh, EVENTUALLY_S, "first confirmation")
+    await wait_until(cache.fresh, CALL_DEADLINE_S, "first confirmation")
 
     redis_server.pause()
     paused_at = time.monotonic()
@@ -339,7 +338,7 @@ async def test_pause_lapses_the_lease_silently(
     assert time.monotonic() - paused_at <= LEASE_S + SLACK_S
 
     redis_server.resume()
-    await wait_until(cache.fresh, EVENTUALLY_S, "freshness after SIGCONT")
+    await wait_until(cache.fresh, CALL_DEADLINE_S, "freshness after SIGCONT")
     assert recorder.resyncs == 2, "regaining freshness after a lapse resyncs"
 
 
@@ -349,7 +348,7 @@ async def test_failed_publish_returns_only_after_other_leases_lapsed(
     caplog.set_level(logging.WARNING, logger=CACHE_LOGGER)
     a, a_seen = await started_subscriber(make_cache, redis_server.url)
     b, _ = await started_subscriber(make_cache, redis_server.url)
-    await wait_until(lambda: a.fresh() and b.fresh(), EVENTUALLY_S, "both subscribed")
+    await wait_until(lambda: a.fresh() and b.fresh(), CALL_DEADLINE_S, "both subscribed")
 
     redis_server.pause()
     # Right after the pause B is typically still fresh; publish must not return
@@ -366,7 +365,7 @@ async def test_publish_while_known_down_still_waits_for_leases(
 ) -> None:
     a, _ = await started_subscriber(make_cache, redis_server.url)
     b, _ = await started_subscriber(make_cache, redis_server.url)
-    await wait_until(lambda: a.fresh() and b.fresh(), EVENTUALLY_S, "both subscribed")
+    await wait_until(lambda: a.fresh() and b.fresh(), CALL_DEADLINE_S, "both subscribed")
 
     redis_server.pause()
     await a.hit("k", 60)
@@ -382,7 +381,7 @@ async def test_publish_lost_during_a_short_stall_is_retried(
     caplog.set_level(logging.WARNING, logger=CACHE_LOGGER)
     a, _ = await started_subscriber(make_cache, redis_server.url)
     b, b_seen = await started_subscriber(make_cache, redis_server.url)
-    await wait_until(lambda: a.fresh() and b.fresh(), EVENTUALLY_S, "both subscribed")
+    await wait_until(lambda: a.fresh() and b.fresh(), CALL_DEADLINE_S, "both subscribed")
 
     redis_server.pause()
     # The failed hit drops A's pooled connection, so the PUBLISH needs a new one,
@@ -391,14 +390,16 @@ async def test_publish_lost_during_a_short_stall_is_retried(
     publishing = asyncio.create_task(a.publish("invalidate", "session:11"))
     await wait_until(
         lambda: any("publish failed" in r.getMessage() for r in caplog.records),
-        EVENTUALLY_S,
+        CALL_DEADLINE_S,
         "the first PUBLISH to fail",
     )
     # Resume before B's lease can lapse: B never resyncs, so only a retry helps.
     redis_server.resume()
     async with asyncio.timeout(TIMEOUT_S + LEASE_S + SLACK_S + 0.1):
         await publishing
-    await wait_until(lambda: "session:11" in b_seen.messages, EVENTUALLY_S, "the retried PUBLISH")
+    await wait_until(
+        lambda: "session:11" in b_seen.messages, CALL_DEADLINE_S, "the retried PUBLISH"
+    )
 
 
 async def test_publish_requires_a_started_cache(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from switchboard.platform.cache import Cache, hash_tag
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.rediscluster import Cluster
 from tests.platform.test_cache import Recorder, wait_until
 
@@ -26,7 +27,6 @@ LEASE_S = 2.0
 #: For the counters, which are not about outages: no command may time out under CPU load
 #: (as test_eventlog.py's OUTAGE_FREE_TIMEOUT_S), or a hit is counted in memory.
 OUTAGE_FREE_TIMEOUT_S = 10.0
-EVENTUALLY_S = 10.0
 CHANNEL = "invalidate"
 
 
@@ -80,7 +80,7 @@ async def test_invalidations_travel_over_sharded_pub_sub(
     publisher, _ = await subscribed(caches, redis_cluster.url)
     subscriber, heard = await subscribed(caches, redis_cluster.url)
     await wait_until(
-        lambda: publisher.fresh() and subscriber.fresh(), EVENTUALLY_S, "both subscriptions"
+        lambda: publisher.fresh() and subscriber.fresh(), CALL_DEADLINE_S, "both subscriptions"
     )
     wire = "{switchboard:invalidation}:" + CHANNEL
     master = redis_cluster.master_of(wire)
@@ -88,7 +88,7 @@ async def test_invalidations_travel_over_sharded_pub_sub(
         # Both subscribers listen on the master of the channel's slot, sharded.
         assert c.execute_command("PUBSUB", "SHARDNUMSUB", wire) == [wire, 2]
     await publisher.publish(CHANNEL, "session:1")
-    await wait_until(lambda: "session:1" in heard.messages, EVENTUALLY_S, "the invalidation")
+    await wait_until(lambda: "session:1" in heard.messages, CALL_DEADLINE_S, "the invalidation")
     assert subscriber.fresh()
 
 
@@ -97,18 +97,18 @@ async def test_a_subscriber_resyncs_on_the_promoted_replica(
 ) -> None:
     publisher, _ = await subscribed(caches, redis_cluster.url)
     subscriber, heard = await subscribed(caches, redis_cluster.url)
-    await wait_until(subscriber.fresh, EVENTUALLY_S, "the subscription")
+    await wait_until(subscriber.fresh, CALL_DEADLINE_S, "the subscription")
     resyncs = heard.resyncs
     master = redis_cluster.master_of("{switchboard:invalidation}:" + CHANNEL)
     replica = redis_cluster.replica_of(master)
     master.server.kill()
     # The lease lapses: nobody trusts a cache while its master is gone.
-    await wait_until(lambda: not subscriber.fresh(), EVENTUALLY_S, "the lease to lapse")
+    await wait_until(lambda: not subscriber.fresh(), CALL_DEADLINE_S, "the lease to lapse")
     redis_cluster.wait_promoted(replica)
-    await wait_until(subscriber.fresh, EVENTUALLY_S, "freshness on the promoted replica")
+    await wait_until(subscriber.fresh, CALL_DEADLINE_S, "freshness on the promoted replica")
     assert heard.resyncs > resyncs  # its cache was dropped before it was trusted again
     await publisher.publish(CHANNEL, "session:2")
-    await wait_until(lambda: "session:2" in heard.messages, EVENTUALLY_S, "the invalidation")
+    await wait_until(lambda: "session:2" in heard.messages, CALL_DEADLINE_S, "the invalidation")
     with replica.client() as c:
         assert c.execute_command("ROLE")[0] == "master"
         assert (

@@ -24,10 +24,10 @@ from grpc import aio
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.webhooks.delivery import WebhookEngine
 from tests.a2a.test_a2a import Agent, message, running_agent, stub
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.infra.webhookreceiver import Endpoint, WebhookReceiver, running_receiver, until
 from tests.kits.authkit import reasons
-from tests.kits.contextkit import TIMEOUT_S, refused
+from tests.kits.contextkit import refused
 from tests.kits.contextkit import violations as fields
 from tests.kits.integrationkit import webhook_secret
 
@@ -198,14 +198,14 @@ async def test_push_configs_are_created_read_listed_deleted_as_the_task_allows(
             )
             await refused(
                 raw.CreateTaskPushNotificationConfig(
-                    again, metadata=world.editor.md, timeout=TIMEOUT_S
+                    again, metadata=world.editor.md, timeout=CALL_DEADLINE_S
                 ),
                 CODE.ALREADY_EXISTS,
             )
             # A viewer may not create or delete; a stranger does not see the task.
             await refused(
                 raw.CreateTaskPushNotificationConfig(
-                    again, metadata=world.viewer.md, timeout=TIMEOUT_S
+                    again, metadata=world.viewer.md, timeout=CALL_DEADLINE_S
                 ),
                 CODE.PERMISSION_DENIED,
             )
@@ -215,13 +215,13 @@ async def test_push_configs_are_created_read_listed_deleted_as_the_task_allows(
                         tenant=tenant, task_id=task.id, id="mine"
                     ),
                     metadata=world.viewer.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 CODE.PERMISSION_DENIED,
             )
             hidden = await refused(
                 raw.CreateTaskPushNotificationConfig(
-                    again, metadata=world.outsider.md, timeout=TIMEOUT_S
+                    again, metadata=world.outsider.md, timeout=CALL_DEADLINE_S
                 ),
                 CODE.NOT_FOUND,
             )
@@ -233,7 +233,7 @@ async def test_push_configs_are_created_read_listed_deleted_as_the_task_allows(
                         tenant=tenant, task_id=task.id, url="http://169.254.169.254/latest"
                     ),
                     metadata=world.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 CODE.INVALID_ARGUMENT,
             )
@@ -256,7 +256,7 @@ async def test_push_configs_are_created_read_listed_deleted_as_the_task_allows(
                         ),
                     ),
                     metadata=world.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 CODE.INVALID_ARGUMENT,
             )
@@ -268,7 +268,7 @@ async def test_push_configs_are_created_read_listed_deleted_as_the_task_allows(
                         tenant=tenant, task_id=task.id, id=f"n{index}", url=url
                     ),
                     metadata=world.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
             await refused(
                 raw.CreateTaskPushNotificationConfig(
@@ -276,7 +276,7 @@ async def test_push_configs_are_created_read_listed_deleted_as_the_task_allows(
                         tenant=tenant, task_id=task.id, id="eleventh", url=url
                     ),
                     metadata=world.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 CODE.RESOURCE_EXHAUSTED,
             )

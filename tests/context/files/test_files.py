@@ -11,12 +11,13 @@ import hashlib
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import update
@@ -32,11 +33,9 @@ from switchboard.platform.errors import InvalidArgument, NotFound, RequestTooLar
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.models import UploadRow
-from switchboard.settings import Settings
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings, started
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Caller,
     EventTap,
     Stub,
@@ -49,12 +48,17 @@ from tests.kits.contextkit import (
     refused,
     rpc,
     stub_fixture,
+    tap,
     violations,
-    world_fixture,
 )
 from tests.kits.filekit import elf, pdf, png
+from tests.kits.modulekit import module_channel_fixture, module_database_url_fixture
 
-pytestmark = [pytest.mark.service, pytest.mark.asyncio]
+# One server per backend for the module (starting one per test was most of the module's
+# time); each test stores files in a workspace of its own, with users of its own. A test
+# that counts what the whole blob store holds, or runs the files' maintenance, has a
+# server of its own (``own_*``).
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 MiB = 1024 * 1024
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -66,12 +70,46 @@ OUT_OF_RANGE = grpc.StatusCode.OUT_OF_RANGE
 FILE_CHANGED = events_pb2.EVENT_TYPE_FILE_CHANGED
 
 
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(module_database_url: str) -> AsyncIterator[SwitchboardServer]:
+    async with started(make_settings(database_url=module_database_url)) as server:
+        yield server
+
+
+channel, stub, events = module_channel_fixture, stub_fixture, events_fixture
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def world(mesh: SwitchboardServer, stub: Stub) -> World:
+    """A workspace of this test's own, with users of its own in each role."""
+    return await ctx_world(mesh, stub)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def own_mesh(database_url: str) -> AsyncIterator[SwitchboardServer]:
+    """A server of this test's own."""
+    async with started(make_settings(database_url=database_url)) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def own_stub(own_mesh: SwitchboardServer) -> AsyncIterator[Stub]:
+    async with aio.insecure_channel(own_mesh.address) as chan:
+        yield context_stub(chan)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def own_world(own_mesh: SwitchboardServer, own_stub: Stub) -> World:
+    return await ctx_world(own_mesh, own_stub)
+
+
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return make_settings(database_url=database_url)
-
-
-stub, world, events = stub_fixture, world_fixture, events_fixture
+def own_events(own_mesh: SwitchboardServer) -> Iterator[EventTap]:
+    with tap(own_mesh) as recorder:
+        yield recorder
 
 
 @asynccontextmanager
@@ -130,7 +168,7 @@ async def send(stub: Stub, caller: Caller, frames: Iterable[pb.UploadFileRequest
         for frame in frames:
             yield frame
 
-    response = await stub.UploadFile(stream(), metadata=caller.md, timeout=TIMEOUT_S)
+    response = await stub.UploadFile(stream(), metadata=caller.md, timeout=CALL_DEADLINE_S)
     return response.file
 
 
@@ -146,7 +184,7 @@ async def download(
         async for frame in stub.DownloadFile(
             pb.DownloadFileRequest(name=name, read_offset=offset, read_limit=limit),
             metadata=caller.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     ]
     return frames[0].file, b"".join(frame.data for frame in frames), frames
@@ -167,11 +205,13 @@ def metadata(error: aio.AioRpcError) -> dict[str, str]:
     return dict(info.metadata)
 
 
-def file_events(tap: EventTap) -> list[tuple[int, str]]:
+def file_events(recorder: EventTap, parent: str) -> list[tuple[int, str]]:
+    """The file events about ``parent``'s files (on PostgreSQL another test's events may
+    reach the module's bus late, through the outbox)."""
     return [
         (e.file_changed.change, e.file_changed.file.name)
-        for e in tap.take()
-        if e.type == FILE_CHANGED
+        for e in recorder.take()
+        if e.type == FILE_CHANGED and e.file_changed.file.name.startswith(parent + "/")
     ]
 
 
@@ -189,7 +229,7 @@ async def test_a_streamed_upload_downloads_as_the_same_bytes(
     assert (stored.media_type, stored.kind) == ("application/octet-stream", pb.FILE_KIND_OTHER)
     assert stored.text_state == pb.FILE_TEXT_STATE_NONE
     assert stored.creator == world.editor.name
-    assert file_events(events) == [(events_pb2.CHANGE_KIND_CREATED, stored.name)]
+    assert file_events(events, parent) == [(events_pb2.CHANGE_KIND_CREATED, stored.name)]
 
     # Viewers read and download.
     first, body, frames = await download(stub, world.viewer, stored.name)
@@ -217,7 +257,7 @@ async def test_a_streamed_upload_downloads_as_the_same_bytes(
     assert violations(reused) == ["request_id"]
     found = await listed(stub, world.viewer, parent)
     assert [f.name for f in found.files] == [keyed.name, stored.name]
-    assert file_events(events) == [(events_pb2.CHANGE_KIND_CREATED, keyed.name)]
+    assert file_events(events, parent) == [(events_pb2.CHANGE_KIND_CREATED, keyed.name)]
 
 
 async def test_images_and_documents_get_their_kind_and_text(
@@ -619,15 +659,17 @@ async def test_a_read_offset_past_the_end_is_out_of_range(stub: Stub, world: Wor
 
 
 async def test_a_deleted_file_is_gone_and_its_blob_collected(
-    stub: Stub, world: World, mesh: SwitchboardServer, events: EventTap
+    own_stub: Stub, own_world: World, own_mesh: SwitchboardServer, own_events: EventTap
 ) -> None:
+    # Its maintenance counts what it collects in the whole blob store.
+    stub, world, mesh, events = own_stub, own_world, own_mesh, own_events
     parent = world.workspace.name
     kept = await upload(stub, world.editor, parent, png(), media_type="image/png")
     twin = await upload(stub, world.editor, parent, png(), media_type="image/png")
     doomed = await upload(stub, world.editor, parent, content(5000))
     events.take()
     await rpc(stub.DeleteFile, pb.DeleteFileRequest(name=doomed.name), world.editor)
-    assert file_events(events) == [(events_pb2.CHANGE_KIND_DELETED, doomed.name)]
+    assert file_events(events, parent) == [(events_pb2.CHANGE_KIND_DELETED, doomed.name)]
     await refused(rpc(stub.GetFile, pb.GetFileRequest(name=doomed.name), world.viewer), NOT_FOUND)
     await refused(download(stub, world.viewer, doomed.name), NOT_FOUND)
     await refused(
@@ -710,14 +752,16 @@ async def settle(mesh: SwitchboardServer, name: str, transcriber: Scripted) -> p
     """Let ``transcriber`` answer; the file as its UPDATED event shows it."""
     async with awaiting_event(mesh, text_settled(name)) as settled:
         transcriber.release.set()
-        event = await asyncio.wait_for(settled, TIMEOUT_S)
+        event = await asyncio.wait_for(settled, CALL_DEADLINE_S)
     assert event.actor.name == "system"
     return event.file_changed.file
 
 
 async def test_audio_is_transcribed_in_the_background(
-    world: World, mesh: SwitchboardServer, tmp_path: Path
+    own_world: World, own_mesh: SwitchboardServer, tmp_path: Path
 ) -> None:
+    # Its files' maintenance runs over the whole database.
+    world, mesh = own_world, own_mesh
     domain = built(mesh, ContextDomain)
     parent = world.workspace.name
 

@@ -32,13 +32,12 @@ from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.context.files.blobs.test_blob_races import held_delete, held_unlink, wait_until
 from tests.context.files.blobs.test_files_s3 import s3_values
 from tests.infra.redis import RedisServer
 from tests.infra.seaweedfs import SeaweedServer
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     EventTap,
     Stub,
     World,
@@ -141,7 +140,9 @@ async def test_concurrent_finishes_all_answer_the_one_stored_file(
         [
             frame.data
             async for frame in stub.DownloadFile(
-                pb.DownloadFileRequest(name=stored.name), metadata=world.viewer.md, timeout=20
+                pb.DownloadFileRequest(name=stored.name),
+                metadata=world.viewer.md,
+                timeout=CALL_DEADLINE_S,
             )
         ]
     )
@@ -251,7 +252,7 @@ async def test_content_stored_again_while_another_replica_collects_it_is_kept(
         with held:
             await collecting.maintain_once()
         assert stored, "the collector never came to delete the blob"
-        again = await asyncio.wait_for(stored[0], TIMEOUT_S)
+        again = await asyncio.wait_for(stored[0], CALL_DEADLINE_S)
         assert again.sha256 == digest
         for stub in (stub_a, stub_b):
             body = b"".join(
@@ -260,7 +261,7 @@ async def test_content_stored_again_while_another_replica_collects_it_is_kept(
                     async for frame in stub.DownloadFile(
                         pb.DownloadFileRequest(name=again.name),
                         metadata=world.viewer.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                 ]
             )
@@ -282,5 +283,5 @@ async def upload_once(stub: Stub, world: World, data: bytes) -> pb.File:
         yield pb.UploadFileRequest(chunk=data)
         yield pb.UploadFileRequest(sha256=sha(data))
 
-    response = await stub.UploadFile(frames(), metadata=world.editor.md, timeout=TIMEOUT_S)
+    response = await stub.UploadFile(frames(), metadata=world.editor.md, timeout=CALL_DEADLINE_S)
     return response.file

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc import aio
 
@@ -27,18 +28,18 @@ from switchboard.dispatcher.ports.context import RemoteContext
 from switchboard.platform.errors import NotFound, RequestTooLarge
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import AuthMethod, Principal, Scope
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built, make_settings, started
 from tests.context.files.test_files import Scripted, settle, wav
 from tests.fakes.openai_server import FakeOpenAI, Reply, images_of
 from tests.infra.httprecorder import Recorder, recording
 from tests.infra.httprecorder import Reply as HttpReply
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Caller,
     Stub,
     World,
     all_messages,
+    context_stub,
     create_conversation,
     create_workspace,
     ctx_world,
@@ -47,10 +48,14 @@ from tests.kits.contextkit import (
     violations,
 )
 from tests.kits.dispatchkit import Stub as DStub
-from tests.kits.dispatchkit import limited, reason_of, send, watch_all
+from tests.kits.dispatchkit import dispatcher_stub, limited, reason_of, send, watch_all
 from tests.kits.filekit import pdf, png
+from tests.kits.modulekit import module_database_url_fixture
 
-pytestmark = [pytest.mark.service, pytest.mark.asyncio]
+# The tests of the default settings share one server per backend (starting one per test
+# was most of their time), each in a workspace and conversation of its own; a test of
+# other settings, or one that closes the server's blob store, starts its own.
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -64,15 +69,43 @@ def server() -> Iterator[Recorder]:
         yield recorder
 
 
+#: A started server, and its context and dispatcher stubs.
+Served = tuple[SwitchboardServer, Stub, DStub]
+
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_mesh(module_database_url: str) -> AsyncIterator[Served]:
+    """The module's server, of the default settings."""
+    async with (
+        started(make_settings(database_url=module_database_url)) as server,
+        aio.insecure_channel(server.address) as channel,
+    ):
+        yield server, context_stub(channel), dispatcher_stub(channel)
+
+
 @asynccontextmanager
 async def mesh(
     database_url: str, **overrides: Any
 ) -> AsyncIterator[tuple[SwitchboardServer, Stub, DStub, World, str]]:
     """A mesh with these settings, a workspace world and a conversation in it."""
-    async with limited(database_url=database_url, **overrides) as (server, stub, dstub):
-        world = await ctx_world(server, stub)
-        conversation = (await create_conversation(stub, world.editor, world.workspace.name)).name
-        yield server, stub, dstub, world, conversation
+    async with (
+        limited(database_url=database_url, **overrides) as served,
+        within(served) as found,
+    ):
+        yield found
+
+
+@asynccontextmanager
+async def within(
+    served: Served,
+) -> AsyncIterator[tuple[SwitchboardServer, Stub, DStub, World, str]]:
+    """``served``, with a workspace world of its own and a conversation in it."""
+    server, stub, dstub = served
+    world = await ctx_world(server, stub)
+    conversation = (await create_conversation(stub, world.editor, world.workspace.name)).name
+    yield server, stub, dstub, world, conversation
 
 
 async def upload(
@@ -90,7 +123,7 @@ async def upload(
         yield cpb.UploadFileRequest(chunk=data)
         yield cpb.UploadFileRequest(sha256=hashlib.sha256(data).hexdigest())
 
-    response = await stub.UploadFile(frames(), metadata=caller.md, timeout=TIMEOUT_S)
+    response = await stub.UploadFile(frames(), metadata=caller.md, timeout=CALL_DEADLINE_S)
     return response.file
 
 
@@ -281,8 +314,8 @@ async def test_a_model_without_vision_refuses_by_setting(database_url: str) -> N
 # -- parts that are refused store nothing ----------------------------------------------
 
 
-async def test_another_workspaces_file_is_not_found(database_url: str) -> None:
-    async with mesh(database_url) as (_, stub, _dstub, world, conversation):
+async def test_another_workspaces_file_is_not_found(module_mesh: Served) -> None:
+    async with within(module_mesh) as (_, stub, _dstub, world, conversation):
         theirs = await create_workspace(stub, world.outsider, "Theirs")
         secret = await upload(
             stub, world.outsider, theirs.name, b"the other workspace's notes", "text/plain", "n.txt"
@@ -298,8 +331,8 @@ async def test_another_workspaces_file_is_not_found(database_url: str) -> None:
 @pytest.mark.parametrize(
     "url", ["http://127.0.0.1:8080/notes.txt", "http://169.254.169.254/latest/meta-data/"]
 )
-async def test_a_url_to_a_blocked_address_is_refused(database_url: str, url: str) -> None:
-    async with mesh(database_url) as (_, stub, _dstub, world, conversation):
+async def test_a_url_to_a_blocked_address_is_refused(module_mesh: Served, url: str) -> None:
+    async with within(module_mesh) as (_, stub, _dstub, world, conversation):
         error = await refused(append(stub, world.editor, conversation, at(url)), INVALID)
         assert reason(error) == "ERROR_REASON_DESTINATION_BLOCKED"
         assert violations(error) == ["message.parts[0].file.uri"]
@@ -307,9 +340,9 @@ async def test_a_url_to_a_blocked_address_is_refused(database_url: str, url: str
 
 
 async def test_files_stored_for_earlier_parts_go_when_a_later_one_fails(
-    database_url: str,
+    module_mesh: Served,
 ) -> None:
-    async with mesh(database_url) as (_, stub, _dstub, world, conversation):
+    async with within(module_mesh) as (_, stub, _dstub, world, conversation):
         error = await refused(
             append(
                 stub,
@@ -397,10 +430,10 @@ async def test_a_url_body_over_the_limit_is_refused_while_it_streams(
 
 
 async def test_the_window_cuts_a_big_document_with_a_note_within_budget(
-    database_url: str,
+    module_mesh: Served,
 ) -> None:
     words = " ".join(f"finding{n} holds" for n in range(3000))
-    async with mesh(database_url) as (_, stub, _dstub, world, conversation):
+    async with within(module_mesh) as (_, stub, _dstub, world, conversation):
         document = await upload(
             stub, world.editor, world.workspace.name, words.encode(), "text/plain", "notes.txt"
         )
@@ -467,11 +500,11 @@ async def test_a_transcript_ready_later_shows_in_the_window_which_waited_for_it(
 
 
 async def test_the_dispatcher_reads_a_file_from_a_context_service_elsewhere(
-    database_url: str,
+    module_mesh: Served,
 ) -> None:
     """The remote shape of the context port: DownloadFile as the run's user."""
     image = png(4, 4)
-    async with mesh(database_url) as (server, stub, _dstub, world, _conversation):
+    async with within(module_mesh) as (server, stub, _dstub, world, _conversation):
         stored = await upload(stub, world.editor, world.workspace.name, image, "image/png", "a.png")
         remote = RemoteContext(server.address, _OwnersToken(world.owner.token))
         owner = Principal(
@@ -480,12 +513,18 @@ async def test_the_dispatcher_reads_a_file_from_a_context_service_elsewhere(
             scopes=frozenset({Scope.READ, Scope.WRITE}),
         )
         try:
-            read = await remote.download(owner, stored.name, limit=len(image), timeout_s=10)
+            read = await remote.download(
+                owner, stored.name, limit=len(image), timeout_s=CALL_DEADLINE_S
+            )
             with pytest.raises(RequestTooLarge):
-                await remote.download(owner, stored.name, limit=len(image) - 1, timeout_s=10)
+                await remote.download(
+                    owner, stored.name, limit=len(image) - 1, timeout_s=CALL_DEADLINE_S
+                )
             await rpc(stub.DeleteFile, cpb.DeleteFileRequest(name=stored.name), world.editor)
             with pytest.raises(NotFound):
-                await remote.download(owner, stored.name, limit=len(image), timeout_s=10)
+                await remote.download(
+                    owner, stored.name, limit=len(image), timeout_s=CALL_DEADLINE_S
+                )
         finally:
             await remote.close()
     assert read == image

@@ -35,6 +35,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.context.files.blobs.s3 import PART_SIZE, S3BlobStore
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.infra.redis import RedisServer
 from tests.infra.seaweedfs import SeaweedServer
@@ -307,7 +308,7 @@ async def test_a_replica_killed_mid_resumable_upload_is_finished_by_another(
                 await asyncio.sleep(0.01)
             assert doomed.proc is not None
             doomed.proc.kill()
-            doomed.proc.wait(timeout=10)
+            doomed.proc.wait(timeout=CALL_DEADLINE_S)
             # Answered before the kill, or cut off by it: nothing else.
             (answer,) = await asyncio.gather(in_flight, return_exceptions=True)
             if isinstance(answer, aio.AioRpcError):
@@ -360,7 +361,7 @@ async def test_a_replica_killed_mid_streamed_upload_leaves_nothing_served(
                 await asyncio.sleep(0.05)
             assert doomed.proc is not None
             doomed.proc.kill()
-            doomed.proc.wait(timeout=10)
+            doomed.proc.wait(timeout=CALL_DEADLINE_S)
             with pytest.raises(aio.AioRpcError) as refused:
                 await outcome
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

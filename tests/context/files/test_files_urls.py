@@ -19,6 +19,7 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from tests.a2a.test_a2a import Agent, request, running_agent
 from tests.a2a.test_a2a import stub as a2a_stub
+from tests.conftest import CALL_DEADLINE_S
 from tests.context.files.test_files_runs import (
     append,
     asking,
@@ -31,7 +32,7 @@ from tests.context.files.test_files_runs import (
 from tests.infra.httprecorder import Recorder, recording
 from tests.infra.httprecorder import Reply as HttpReply
 from tests.kits.authkit import error_infos
-from tests.kits.contextkit import TIMEOUT_S, refused, rpc, violations
+from tests.kits.contextkit import refused, rpc, violations
 from tests.kits.dispatchkit import send
 from tests.kits.filekit import pdf, png
 
@@ -136,7 +137,9 @@ async def test_an_a2a_url_part_that_cannot_be_fetched_is_invalid_params(agent: A
     sent.message.parts.append(a2a.Part(url=UNRESOLVABLE, filename="chart.png"))
     async with aio.insecure_channel(agent.server.address) as channel:
         error = await refused(
-            a2a_stub(channel).SendMessage(sent, metadata=agent.world.editor.md, timeout=TIMEOUT_S),
+            a2a_stub(channel).SendMessage(
+                sent, metadata=agent.world.editor.md, timeout=CALL_DEADLINE_S
+            ),
             INVALID,
         )
     found = infos(error)

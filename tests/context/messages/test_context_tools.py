@@ -14,13 +14,12 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.context.text.tokencount import MESSAGE_OVERHEAD, ApproxTokenCounter
 from switchboard.settings import Settings
 from switchboard.shared.parttext import render_parts
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.authkit import reason
 from tests.kits.contextkit import (
     OVER_BUDGET,
     RECENT,
     SUMMARY,
-    TIMEOUT_S,
     EventTap,
     Stub,
     World,
@@ -273,7 +272,7 @@ async def test_pruning_summarizes_tool_outcomes_briefly_and_windows_skip_orphane
     response = await stub.PruneConversation(
         pb.PruneConversationRequest(conversation=name, keep_last_messages=2),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert (response.pruned_message_count, response.kept_message_count) == (2, 2)
     summary = response.summary.content
@@ -293,7 +292,7 @@ async def test_pruning_summarizes_tool_outcomes_briefly_and_windows_skip_orphane
     response = await stub.PruneConversation(
         pb.PruneConversationRequest(conversation=name, keep_last_messages=1),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert response.pruned_message_count == 1
     assert f"tool: [tool result {forecast(world)}: succeeded]" in response.summary.content

@@ -23,7 +23,7 @@ from switchboard.context.domain import ContextDomain
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import AuthMethod
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings, started
+from tests.conftest import CALL_DEADLINE_S, built, make_settings, started
 from tests.infra.redis import RedisServer
 from tests.kits.contextkit import (
     PINNED,
@@ -78,7 +78,7 @@ async def stored(redis: RedisServer, c: Chat) -> dict[bytes, bytes]:
     A new client each time: the server may have been restarted since the last look.
     """
     found: dict[bytes, bytes] = {}
-    client = Redis.from_url(redis.url, socket_timeout=5)
+    client = Redis.from_url(redis.url, socket_timeout=CALL_DEADLINE_S)
     try:
         async for key in client.scan_iter(match=f"*{conversation_id(c)}*"):
             value = await client.get(key)

@@ -34,7 +34,7 @@ from switchboard.context.windows import cache as windowcache_module
 from switchboard.context.windows.settings import WindowSettings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings, started
+from tests.conftest import CALL_DEADLINE_S, built, make_settings, started
 from tests.kits.authkit import detail
 from tests.kits.contextkit import (
     EXPIRED,
@@ -43,7 +43,6 @@ from tests.kits.contextkit import (
     RECENT,
     RELEVANT,
     SUMMARY,
-    TIMEOUT_S,
     Chat,
     add_member,
     all_messages,
@@ -355,7 +354,7 @@ async def test_unknown_conversations_are_not_found(
     elsewhere = await c.stub.CreateWorkspace(
         pb.CreateWorkspaceRequest(workspace=pb.Workspace(display_name="Elsewhere")),
         metadata=c.caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     conversation_id = c.conversation.rsplit("/", 1)[1]
     wrong = f"{elsewhere.workspace.name}/conversations/{conversation_id}"
@@ -415,7 +414,7 @@ async def test_an_archived_conversation_is_read_only_for_pruning(
             update_mask=field_mask_pb2.FieldMask(paths=["archived"]),
         ),
         metadata=c.caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     before = await all_messages(c.stub, c.caller, c.conversation, show_archived=True)
     version = (await get_conversation(c.stub, c.caller, c.conversation)).version
@@ -438,7 +437,9 @@ async def test_a_deleted_conversation_has_no_window_even_when_one_was_cached(
     win = await window(c.stub, c.caller, c.conversation, 1000)
     assert await window(c.stub, c.caller, c.conversation, 1000) == win
     await c.stub.DeleteConversation(
-        pb.DeleteConversationRequest(name=c.conversation), metadata=c.caller.md, timeout=TIMEOUT_S
+        pb.DeleteConversationRequest(name=c.conversation),
+        metadata=c.caller.md,
+        timeout=CALL_DEADLINE_S,
     )
     for call in (
         window(c.stub, c.caller, c.conversation, 1000),
@@ -448,7 +449,9 @@ async def test_a_deleted_conversation_has_no_window_even_when_one_was_cached(
             await call
         assert code_of(error) == grpc.StatusCode.NOT_FOUND
     await c.stub.UndeleteConversation(
-        pb.UndeleteConversationRequest(name=c.conversation), metadata=c.caller.md, timeout=TIMEOUT_S
+        pb.UndeleteConversationRequest(name=c.conversation),
+        metadata=c.caller.md,
+        timeout=CALL_DEADLINE_S,
     )
     restored = await window(c.stub, c.caller, c.conversation, 1000)
     assert [m.name for m in included_messages(restored)] == [m.name for m in included_messages(win)]
@@ -467,7 +470,7 @@ async def test_a_removed_member_loses_the_window_even_when_one_was_cached(
     await c.stub.RemoveWorkspaceMember(
         pb.RemoveWorkspaceMemberRequest(name=member_name(c.workspace, member)),
         metadata=c.caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     with pytest.raises(aio.AioRpcError) as error:
         await window(c.stub, member, c.conversation, 1000)
@@ -784,7 +787,7 @@ async def test_automatic_pruning_keeps_three_quarters_and_loses_nothing(
 
     async with awaiting_event(mesh, summary_created(c.conversation)) as created:
         appended.append(await append(c.stub, c.caller, c.conversation, "message number 21"))
-        event = await asyncio.wait_for(created, TIMEOUT_S)
+        event = await asyncio.wait_for(created, CALL_DEADLINE_S)
     first = event.memory_changed.memory_item
     # The service pruned on its own: the event does not name the user who appended.
     assert event.actor.name == "system"
@@ -804,7 +807,7 @@ async def test_automatic_pruning_keeps_three_quarters_and_loses_nothing(
     assert len(await all_messages(c.stub, c.caller, c.conversation)) == 20
     async with awaiting_event(mesh, summary_created(c.conversation)) as created:
         appended.append(await append(c.stub, c.caller, c.conversation, "message number 27"))
-        event = await asyncio.wait_for(created, TIMEOUT_S)
+        event = await asyncio.wait_for(created, CALL_DEADLINE_S)
     second = event.memory_changed.memory_item
     live = await all_messages(c.stub, c.caller, c.conversation)
     assert [m.name for m in live] == [m.name for m in appended[12:]]
@@ -867,7 +870,7 @@ async def test_a_write_is_always_seen_by_the_next_window(
                     update_mask=field_mask_pb2.FieldMask(paths=["content"]),
                 ),
                 metadata=c.caller.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         ).memory_item
         win = await cached(mesh, c, budget)
@@ -881,7 +884,7 @@ async def test_a_write_is_always_seen_by_the_next_window(
                 update_mask=field_mask_pb2.FieldMask(paths=["pinned"]),
             ),
             metadata=c.caller.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         win = await cached(mesh, c, budget)
         assert item.name not in names(win.included, PINNED)
@@ -890,7 +893,9 @@ async def test_a_write_is_always_seen_by_the_next_window(
     for item in added:
         await cached(mesh, c, budget)
         await c.stub.DeleteMemoryItem(
-            pb.DeleteMemoryItemRequest(name=item.name), metadata=c.caller.md, timeout=TIMEOUT_S
+            pb.DeleteMemoryItemRequest(name=item.name),
+            metadata=c.caller.md,
+            timeout=CALL_DEADLINE_S,
         )
         win = await cached(mesh, c, budget)
         assert item.name not in names(win.included) + names(win.excluded)

@@ -21,10 +21,9 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.authkit import detail
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Caller,
     Stub,
     create_conversation,
@@ -69,7 +68,7 @@ Probe = Callable[[Stub, Caller, str], Awaitable[Any]]
 
 PROBES: dict[str, Probe] = {
     "GetWorkspace": lambda stub, who, ws: stub.GetWorkspace(
-        pb.GetWorkspaceRequest(name=f"workspaces/{ws}"), metadata=who.md, timeout=TIMEOUT_S
+        pb.GetWorkspaceRequest(name=f"workspaces/{ws}"), metadata=who.md, timeout=CALL_DEADLINE_S
     ),
     "UpdateWorkspace": lambda stub, who, ws: stub.UpdateWorkspace(
         pb.UpdateWorkspaceRequest(
@@ -77,37 +76,39 @@ PROBES: dict[str, Probe] = {
             update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
         ),
         metadata=who.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     ),
     "DeleteWorkspace": lambda stub, who, ws: stub.DeleteWorkspace(
-        pb.DeleteWorkspaceRequest(name=f"workspaces/{ws}"), metadata=who.md, timeout=TIMEOUT_S
+        pb.DeleteWorkspaceRequest(name=f"workspaces/{ws}"), metadata=who.md, timeout=CALL_DEADLINE_S
     ),
     "ListWorkspaceMembers": lambda stub, who, ws: stub.ListWorkspaceMembers(
         pb.ListWorkspaceMembersRequest(parent=f"workspaces/{ws}"),
         metadata=who.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     ),
     "AddWorkspaceMember": lambda stub, who, ws: stub.AddWorkspaceMember(
         pb.AddWorkspaceMemberRequest(
             parent=f"workspaces/{ws}", user=who.name, role=pb.WORKSPACE_ROLE_OWNER
         ),
         metadata=who.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     ),
     "ListConversations": lambda stub, who, ws: stub.ListConversations(
-        pb.ListConversationsRequest(parent=f"workspaces/{ws}"), metadata=who.md, timeout=TIMEOUT_S
+        pb.ListConversationsRequest(parent=f"workspaces/{ws}"),
+        metadata=who.md,
+        timeout=CALL_DEADLINE_S,
     ),
     "CreateConversation": lambda stub, who, ws: stub.CreateConversation(
         pb.CreateConversationRequest(
             parent=f"workspaces/{ws}", conversation=pb.Conversation(title="x")
         ),
         metadata=who.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     ),
     "SearchMemoryItems": lambda stub, who, ws: stub.SearchMemoryItems(
         pb.SearchMemoryItemsRequest(parent=f"workspaces/{ws}", query="merger"),
         metadata=who.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     ),
 }
 
@@ -122,7 +123,7 @@ async def test_a_stranger_learns_that_a_workspace_id_is_taken_and_nothing_else(
     await create_conversation(stub, owner, live.name)
     deleted = await create_workspace(stub, owner, TITLE, workspace_id="acme-gone")
     await stub.DeleteWorkspace(
-        pb.DeleteWorkspaceRequest(name=deleted.name), metadata=owner.md, timeout=TIMEOUT_S
+        pb.DeleteWorkspaceRequest(name=deleted.name), metadata=owner.md, timeout=CALL_DEADLINE_S
     )
 
     # Taken is public, to anyone: live or deleted, the same answer...
@@ -146,7 +147,7 @@ async def test_a_stranger_learns_that_a_workspace_id_is_taken_and_nothing_else(
         assert on_taken == on_free, rpc
         assert on_taken[0] == grpc.StatusCode.NOT_FOUND.name, (rpc, on_taken)
     workspaces = await stub.ListWorkspaces(
-        pb.ListWorkspacesRequest(), metadata=stranger.md, timeout=TIMEOUT_S
+        pb.ListWorkspacesRequest(), metadata=stranger.md, timeout=CALL_DEADLINE_S
     )
     assert list(workspaces.workspaces) == []
 
@@ -154,6 +155,6 @@ async def test_a_stranger_learns_that_a_workspace_id_is_taken_and_nothing_else(
     mine = await create_workspace(stub, stranger, "Mine", workspace_id="never-taken")
     assert mine.name == "workspaces/never-taken"
     again = await stub.GetWorkspace(
-        pb.GetWorkspaceRequest(name=live.name), metadata=owner.md, timeout=TIMEOUT_S
+        pb.GetWorkspaceRequest(name=live.name), metadata=owner.md, timeout=CALL_DEADLINE_S
     )
     assert (again.workspace.display_name, again.workspace.description) == (TITLE, DESCRIPTION)

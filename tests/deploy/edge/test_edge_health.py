@@ -20,13 +20,13 @@ from grpc_health.v1._async import HealthServicer
 
 from switchboard.deploy.edge.contracts import API, served_by
 from switchboard.deploy.edge.health import Address, Deployment, EdgeHealth, serve
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import tool
 
 pytestmark = pytest.mark.service
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-WAIT_S = 10.0
 
 
 class Replica:
@@ -87,13 +87,13 @@ Watch = aio.UnaryStreamCall[health_pb2.HealthCheckRequest, health_pb2.HealthChec
 
 async def check(channel: aio.Channel, service: str) -> int:
     reply = await health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service=service), timeout=5
+        health_pb2.HealthCheckRequest(service=service), timeout=CALL_DEADLINE_S
     )
     return int(reply.status)
 
 
 async def watch_until(watch: Watch, status: int) -> None:
-    async with asyncio.timeout(WAIT_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         async for reply in watch:
             if reply.status == status:
                 return

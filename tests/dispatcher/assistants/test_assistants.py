@@ -26,11 +26,10 @@ from switchboard.dispatcher.assistants.store import AssistantRecord, AssistantSt
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.errors import InvalidArgument, NotFound
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.infra.clock import FakeClock
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     World,
     context_stub,
     create_workspace,
@@ -115,14 +114,16 @@ async def create(
             request_id=request_id,
         ),
         metadata=(caller or d.world.owner).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.assistant
 
 
 async def get(d: Desk, name: str, caller: Any = None) -> pb.Assistant:
     response = await d.stub.GetAssistant(
-        pb.GetAssistantRequest(name=name), metadata=(caller or d.world.owner).md, timeout=TIMEOUT_S
+        pb.GetAssistantRequest(name=name),
+        metadata=(caller or d.world.owner).md,
+        timeout=CALL_DEADLINE_S,
     )
     return response.assistant
 
@@ -133,7 +134,7 @@ async def update(d: Desk, assistant: pb.Assistant, *paths: str, caller: Any = No
             assistant=assistant, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
         ),
         metadata=(caller or d.world.owner).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.assistant
 
@@ -142,7 +143,7 @@ async def delete(d: Desk, name: str, etag: str = "", caller: Any = None) -> None
     await d.stub.DeleteAssistant(
         pb.DeleteAssistantRequest(name=name, etag=etag),
         metadata=(caller or d.world.owner).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -153,7 +154,7 @@ async def list_all(d: Desk, caller: Any = None, page_size: int = 0) -> list[pb.A
         page = await d.stub.ListAssistants(
             pb.ListAssistantsRequest(parent=d.world.name, page_size=page_size, page_token=token),
             metadata=(caller or d.world.owner).md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         found.extend(page.assistants)
         token = page.next_page_token
@@ -309,7 +310,7 @@ async def test_list_pages_by_id_through_every_assistant_once(desk: Desk) -> None
         desk.stub.ListAssistants(
             pb.ListAssistantsRequest(parent=desk.world.name, page_token="forged"),
             metadata=desk.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.INVALID_ARGUMENT,
     )
@@ -324,13 +325,13 @@ def _calls(d: Desk, name: str) -> dict[str, Any]:
         "CreateAssistant": lambda md: d.stub.CreateAssistant(
             pb.CreateAssistantRequest(parent=d.world.name, assistant=pb.Assistant()),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "GetAssistant": lambda md: d.stub.GetAssistant(
-            pb.GetAssistantRequest(name=name), metadata=md, timeout=TIMEOUT_S
+            pb.GetAssistantRequest(name=name), metadata=md, timeout=CALL_DEADLINE_S
         ),
         "ListAssistants": lambda md: d.stub.ListAssistants(
-            pb.ListAssistantsRequest(parent=d.world.name), metadata=md, timeout=TIMEOUT_S
+            pb.ListAssistantsRequest(parent=d.world.name), metadata=md, timeout=CALL_DEADLINE_S
         ),
         "UpdateAssistant": lambda md: d.stub.UpdateAssistant(
             pb.UpdateAssistantRequest(
@@ -338,10 +339,10 @@ def _calls(d: Desk, name: str) -> dict[str, Any]:
                 update_mask=field_mask_pb2.FieldMask(paths=["description"]),
             ),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "DeleteAssistant": lambda md: d.stub.DeleteAssistant(
-            pb.DeleteAssistantRequest(name=name), metadata=md, timeout=TIMEOUT_S
+            pb.DeleteAssistantRequest(name=name), metadata=md, timeout=CALL_DEADLINE_S
         ),
     }
 

@@ -44,6 +44,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.platform.store.models import BudgetHoldRow, BudgetWindowRow, RunRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
@@ -54,8 +55,6 @@ from tests.kits.dispatchkit import dispatcher_stub, request, stored_running
 
 pytestmark = pytest.mark.e2e
 
-#: Every unary call's deadline.
-CALL_TIMEOUT_S: Final = 20.0
 #: How long a test waits for runs to settle or be taken over before failing.
 SETTLE_S: Final = 60.0
 #: Dollars per million tokens: 2 micro-dollars an answer token. Prompts are free, so a
@@ -133,7 +132,7 @@ async def sign_up(address: str) -> Caller:
     async with aio.insecure_channel(address) as channel:
         response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
             auth_pb2.RegisterRequest(email=unique_email("budget"), password=PASSWORD),
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
 
@@ -152,7 +151,7 @@ async def daily_budget(stub: DStub, owner: Caller, workspace: str, cap: int) -> 
             ),
         ),
         metadata=owner.md,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.budget.name
 
@@ -289,7 +288,7 @@ async def test_fifty_messages_on_two_replicas_never_charge_past_the_cap(
                     sent = await stub.SendMessage(
                         request(conversation, f"hello {index}"),
                         metadata=caller.md,
-                        timeout=CALL_TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                 except aio.AioRpcError as refused:
                     return refused
@@ -332,7 +331,7 @@ async def test_fifty_messages_on_two_replicas_never_charge_past_the_cap(
             waiting = [n for n, r in final.items() if r.state == pb.RUN_STATE_REQUIRES_ACTION]
             for index, name in enumerate(waiting):
                 await stubs[index % 2].CancelRun(
-                    pb.CancelRunRequest(name=name), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                    pb.CancelRunRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
                 )
             await runs.until(
                 lambda: all(runs.latest[n].state == pb.RUN_STATE_CANCELLED for n in waiting),
@@ -400,7 +399,7 @@ async def test_a_replica_killed_holding_reservations_leaks_none(
             for stub in [stubs[0]] * on_dead + [stubs[1]] * on_survivor:
                 conversation = (await create_conversation(cstub, caller, workspace)).name
                 sent = await stub.SendMessage(
-                    request(conversation, "hello"), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                    request(conversation, "hello"), metadata=caller.md, timeout=CALL_DEADLINE_S
                 )
                 names.append(sent.run.name)
             # Each run's model call is in flight, so its reservation is made.
@@ -537,7 +536,7 @@ async def test_a_killed_replica_never_lets_the_budget_pass_its_cap(
                 async def send(stub: DStub) -> None:
                     conversation = (await create_conversation(cstub, caller, workspace)).name
                     sent = await stub.SendMessage(
-                        request(conversation, "hello"), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                        request(conversation, "hello"), metadata=caller.md, timeout=CALL_DEADLINE_S
                     )
                     names.append(sent.run.name)
                     runs.watch(other, caller, sent.run.name)
@@ -552,7 +551,7 @@ async def test_a_killed_replica_never_lets_the_budget_pass_its_cap(
                     await stored_running(other, caller, name)
                 assert doomed.proc is not None
                 doomed.proc.kill()  # SIGKILL while its calls hold: no release, no shutdown code
-                doomed.proc.wait(timeout=10)
+                doomed.proc.wait(timeout=CALL_DEADLINE_S)
                 if restart:
                     # The same instance id: it takes its runs back as it starts.
                     stack.enter_context(ServeProcess(env=doomed.env))
@@ -579,7 +578,7 @@ async def test_a_killed_replica_never_lets_the_budget_pass_its_cap(
                     await other.CancelRun(
                         pb.CancelRunRequest(name=name),
                         metadata=caller.md,
-                        timeout=CALL_TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                 await runs.until(
                     lambda: all(runs.latest[n].state in TERMINAL for n in names),

@@ -26,6 +26,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.handlers.handed import HEADER
 from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, BudgetWindowRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.expertkit import until_listed
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.e2e.toolexpert import ToolExpert
@@ -54,7 +55,6 @@ MODEL_COST: Final = 2 * ANSWER
 EXPERT_COST: Final = 300
 #: The caller's daily cap: the expert, one answer of the callee, then 100 left.
 CAP: Final = EXPERT_COST + MODEL_COST + 100
-CALL_S: Final = 20.0
 
 
 async def _me(channel: aio.Channel, name: str) -> World:
@@ -111,12 +111,14 @@ async def _callee_card(channel: aio.Channel, world: World) -> a2a.AgentCard:
             assistant=pb.Assistant(display_name="Priced", handler="handlers/llm"),
         ),
         metadata=world.owner.md,
-        timeout=CALL_S,
+        timeout=CALL_DEADLINE_S,
     )
     tenant = f"{world.name.removeprefix('workspaces/')}.priced"
     stub: Any = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
     card: a2a.AgentCard = await stub.GetExtendedAgentCard(
-        a2a.GetExtendedAgentCardRequest(tenant=tenant), metadata=world.owner.md, timeout=CALL_S
+        a2a.GetExtendedAgentCardRequest(tenant=tenant),
+        metadata=world.owner.md,
+        timeout=CALL_DEADLINE_S,
     )
     return card
 
@@ -197,7 +199,7 @@ async def test_both_hops_are_charged_to_the_callers_run_and_stop_at_its_cap(
                 callee_runs = await dispatcher_stub(far).ListRuns(
                     pb.ListRunsRequest(parent=callee.name),
                     metadata=callee.owner.md,
-                    timeout=CALL_S,
+                    timeout=CALL_DEADLINE_S,
                 )
             used, held, holds = _ledger(caller_process)
 

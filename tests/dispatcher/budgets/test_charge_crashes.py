@@ -35,10 +35,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.runs.core.store import TERMINAL
+from tests.conftest import CALL_DEADLINE_S
 from tests.dispatcher.budgets import test_budget_faults
 from tests.dispatcher.budgets.test_budget_faults import (
     ANSWER,
-    CALL_TIMEOUT_S,
     COST,
     SETTLE_S,
     daily_budget,
@@ -166,7 +166,7 @@ async def test_a_crash_at_any_point_of_a_model_call_leaves_runs_and_budgets_agre
             conversation = (await create_conversation(cstub, caller, workspace)).name
             await _hold_writes(holder, point)
             sent = await dispatcher_stub(on_doomed).SendMessage(
-                request(conversation, "hello"), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                request(conversation, "hello"), metadata=caller.md, timeout=CALL_DEADLINE_S
             )
             name = sent.run.name
             runs.watch(stub, caller, name)
@@ -178,7 +178,7 @@ async def test_a_crash_at_any_point_of_a_model_call_leaves_runs_and_budgets_agre
             assert before.used == COST * point.charged_before_kill, before
             assert doomed.proc is not None
             doomed.proc.kill()  # SIGKILL: no drain, no shutdown code
-            doomed.proc.wait(timeout=CALL_TIMEOUT_S)
+            doomed.proc.wait(timeout=CALL_DEADLINE_S)
             await _let_writes_go(holder, point)
 
             await runs.until(
@@ -190,20 +190,22 @@ async def test_a_crash_at_any_point_of_a_model_call_leaves_runs_and_budgets_agre
             )
             if point.after == pb.RUN_STATE_REQUIRES_ACTION:
                 await stub.CancelRun(
-                    pb.CancelRunRequest(name=name), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                    pb.CancelRunRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
                 )
                 await runs.until(
                     lambda: runs.latest[name].state == pb.RUN_STATE_CANCELLED, "the cancel"
                 )
             run = (
-                await stub.GetRun(pb.GetRunRequest(name=name), metadata=caller.md, timeout=10)
+                await stub.GetRun(
+                    pb.GetRunRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
+                )
             ).run
             got = await stub.GetBudget(
-                pb.GetBudgetRequest(name=budget), metadata=caller.md, timeout=10
+                pb.GetBudgetRequest(name=budget), metadata=caller.md, timeout=CALL_DEADLINE_S
             )
             shown = got.budget
             usage = await stub.QueryUsage(
-                pb.QueryUsageRequest(parent=workspace), metadata=caller.md, timeout=10
+                pb.QueryUsageRequest(parent=workspace), metadata=caller.md, timeout=CALL_DEADLINE_S
             )
             after = await read_ledger(database, workspace)
             asked = len(fake.requests)

@@ -14,6 +14,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets.ledger import Amount, Full, Hold, Ledger
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, WorkspaceRow
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -22,7 +23,7 @@ NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url, timeout_s=10.0)
+    database = Database(database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         await database.migrate()
         async with database.sessions() as session:
@@ -203,7 +204,7 @@ async def test_racing_reservations_from_two_engines_never_pass_the_cap(
 ) -> None:
     await _budget(db, "shared", cost_limit_micros=1_000, total_token_limit=10_000)
     await _budget(db, "per-key", kind="api_key", scope_id="k1", cost_limit_micros=5_000)
-    second = Database(database_url, timeout_s=10.0)
+    second = Database(database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         ledgers = [Ledger(db, clock=lambda: NOW), Ledger(second, clock=lambda: NOW)]
         budgets = await ledgers[0].applicable("acme", "", "k1")

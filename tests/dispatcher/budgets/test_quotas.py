@@ -21,10 +21,9 @@ from switchboard.dispatcher.budgets.quotastore import QuotaStore
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Caller,
     Stub,
     World,
@@ -66,7 +65,7 @@ def _name(world: World) -> str:
 
 async def _get(dstub: DStub, caller: Caller, name: str) -> pb.WorkspaceQuota:
     response = await dstub.GetWorkspaceQuota(
-        pb.GetWorkspaceQuotaRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
+        pb.GetWorkspaceQuotaRequest(name=name), metadata=caller.md, timeout=CALL_DEADLINE_S
     )
     return response.quota
 
@@ -79,7 +78,7 @@ async def _update(
             quota=quota, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.quota
 
@@ -89,7 +88,7 @@ async def _api_key(channel: aio.Channel, owner: Caller) -> tuple[str, Caller]:
     created = await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
         auth_pb2.CreateApiKeyRequest(display_name="bot", scopes=["read", "write"]),
         metadata=owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return created.api_key.name, Caller(owner.id, created.secret)
 

@@ -72,7 +72,7 @@ from switchboard.platform.security.credentials.accesstokens import SigningKey, p
 from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, BudgetWindowRow
 from tests.a2a.test_a2a import request as a2a_request
 from tests.a2a.test_a2a import running_agent, stub
-from tests.conftest import built, fresh_database_url, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, fresh_database_url, make_settings
 from tests.dispatcher.tools.test_tool_runs import (
     SUM,
     _decide,
@@ -89,15 +89,7 @@ from tests.infra.cardserver import card_server
 from tests.infra.mcpeverything import EverythingServer
 from tests.infra.redis import RedisServer
 from tests.kits.authkit import detail, reason, reasons
-from tests.kits.contextkit import (
-    TIMEOUT_S,
-    Caller,
-    World,
-    context_stub,
-    create_conversation,
-    ctx_world,
-    tap,
-)
+from tests.kits.contextkit import Caller, World, context_stub, create_conversation, ctx_world, tap
 from tests.kits.contextkit import Stub as CStub
 from tests.kits.contextkit import violations as fields
 from tests.kits.dispatchkit import (
@@ -224,7 +216,7 @@ async def resolve(
     response = await dstub.ResolveBudgetAction(
         pb.ResolveBudgetActionRequest(name=run, decision=decision),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.run
 
@@ -414,7 +406,7 @@ async def test_a_cancel_that_a_wait_drops_still_ends_a_run_paused_at_its_cap(
             conversation = (await create_conversation(stub, world.editor, world.name)).name
             sent = await send(dstub, world.editor, request(conversation, "hello"))
             await paused(dstub, world.editor, sent.run.name)
-            await asyncio.wait_for(waiting.wait(), TIMEOUT_S)
+            await asyncio.wait_for(waiting.wait(), CALL_DEADLINE_S)
             cancelled = await cancel(dstub, world.editor, sent.run.name)
             after = await send(
                 dstub, world.editor, request(conversation, "next", handler="handlers/echo")
@@ -622,7 +614,7 @@ async def send_with(
 ) -> pb.SendMessageResponse:
     metadata = (*world.editor.md, (HEADER, handed)) if handed else world.editor.md
     return await dstub.SendMessage(
-        request(conversation, text), metadata=metadata, timeout=TIMEOUT_S
+        request(conversation, text), metadata=metadata, timeout=CALL_DEADLINE_S
     )
 
 
@@ -632,7 +624,7 @@ async def query_usage(dstub: DStub, world: World) -> pb.QueryUsageResponse:
             parent=world.name, end_time=_tomorrow(), group_by=[pb.USAGE_DIMENSION_MODEL]
         ),
         metadata=world.viewer.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -780,7 +772,9 @@ COST = 2 * ANSWER
 async def send_handed(
     dstub: DStub, caller: Caller, req: pb.SendMessageRequest, handed: str
 ) -> pb.SendMessageResponse:
-    return await dstub.SendMessage(req, metadata=(*caller.md, (HEADER, handed)), timeout=TIMEOUT_S)
+    return await dstub.SendMessage(
+        req, metadata=(*caller.md, (HEADER, handed)), timeout=CALL_DEADLINE_S
+    )
 
 
 # -- the callee: a budget handed to SendMessage ----------------------------------------------
@@ -922,12 +916,14 @@ async def callee_card(channel: aio.Channel, world: World, assistant_id: str) -> 
             assistant=pb.Assistant(display_name="Priced", handler="handlers/llm"),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     tenant = f"{world.name.removeprefix('workspaces/')}.{assistant_id}"
     a2a_stub: Any = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
     card: a2a.AgentCard = await a2a_stub.GetExtendedAgentCard(
-        a2a.GetExtendedAgentCardRequest(tenant=tenant), metadata=world.viewer.md, timeout=TIMEOUT_S
+        a2a.GetExtendedAgentCardRequest(tenant=tenant),
+        metadata=world.viewer.md,
+        timeout=CALL_DEADLINE_S,
     )
     return card
 
@@ -1001,7 +997,7 @@ async def test_an_a2a_hop_to_a_switchboard_deployment_spends_within_what_was_han
 
 async def _runs_of(dstub: DStub, world: World) -> list[pb.Run]:
     listed = await dstub.ListRuns(
-        pb.ListRunsRequest(parent=world.name), metadata=world.owner.md, timeout=TIMEOUT_S
+        pb.ListRunsRequest(parent=world.name), metadata=world.owner.md, timeout=CALL_DEADLINE_S
     )
     return list(listed.runs)
 
@@ -1038,7 +1034,9 @@ async def test_a_spent_budget_refuses_an_a2a_message_with_switchboards_reason() 
         async with aio.insecure_channel(agent.server.address) as channel:
             with pytest.raises(aio.AioRpcError) as caught:
                 await stub(channel).SendMessage(
-                    a2a_request("hello", agent.tenant), metadata=world.editor.md, timeout=TIMEOUT_S
+                    a2a_request("hello", agent.tenant),
+                    metadata=world.editor.md,
+                    timeout=CALL_DEADLINE_S,
                 )
     error = caught.value
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -1076,7 +1074,7 @@ async def test_a_cap_lowered_during_an_approval_holds_for_the_next_model_call(
         await set_cap(tools.server, world.name, "daily", 100)
         await _decide(tools, run.name, "c1", pb.TOOL_APPROVAL_DECISION_APPROVE)
         watch = tools.dstub.WatchRun(
-            pb.WatchRunRequest(name=run.name), metadata=world.editor.md, timeout=20
+            pb.WatchRunRequest(name=run.name), metadata=world.editor.md, timeout=CALL_DEADLINE_S
         )
         seen: list[pb.RunUpdate] = []
         await read_until(

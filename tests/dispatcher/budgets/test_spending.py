@@ -53,6 +53,7 @@ from switchboard.platform.events.eventlog import LocalLog
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import BudgetRow, WorkspaceRow
 from switchboard.platform.store.outbox import Outbox
+from tests.conftest import CALL_DEADLINE_S, TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -78,7 +79,7 @@ class Host:
 
 @pytest.fixture
 async def database(database_url: str) -> AsyncIterator[Database]:
-    found = Database(database_url, timeout_s=10.0)
+    found = Database(database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         await found.migrate()
         async with found.sessions() as session:
@@ -179,11 +180,11 @@ async def test_a_hop_with_nothing_left_waits_until_room_is_freed(
     hold, _ = await first.reserve_rest()
 
     waiting = asyncio.create_task(second.reserve_rest())
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         await host.paused.wait()
     assert host.run.required_action.budget.budgets == ["workspaces/acme/budgets/daily"]
     await first.settle(hold, 200, 0, 0)  # 300 freed: the paused hop looks again
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         second_hold, handed = await waiting
 
     assert handed == Handed(cost_micros=300)
@@ -265,7 +266,7 @@ async def test_a_cancel_while_the_wait_lets_go_of_its_wakeups_cancels_the_waiter
     await letting_go.wait()  # the wait timed out and is letting go of its wake-up
     waiter.cancel()  # the run is cancelled right then
     let_go.set()
-    done, _ = await asyncio.wait([waiter], timeout=5)
+    done, _ = await asyncio.wait([waiter], timeout=CALL_DEADLINE_S)
     assert done, "the waiter never ended"
     assert waiter.cancelled(), "the cancel was swallowed: the waiter returned as if woken"
 

@@ -33,10 +33,11 @@ from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import RunRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpserver import McpTestServer
+from tests.kits.contextkit import Stub as ContextStub
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     World,
     create_conversation,
     create_workspace,
@@ -44,7 +45,6 @@ from tests.kits.contextkit import (
     refused,
     violations,
 )
-from tests.kits.contextkit import Stub as ContextStub
 from tests.kits.dispatchkit import Stub, finished, limited, request, send
 from tests.kits.integrationkit import create, integration_stub
 
@@ -80,7 +80,7 @@ class Spent:
         return await self.stub.QueryUsage(
             pb.QueryUsageRequest(parent=self.world.name, **fields),
             metadata=self.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
 
 
@@ -102,7 +102,7 @@ async def spent_mesh(database_url: str) -> AsyncIterator[Spent]:
                     parent=world.name, assistant=pb.Assistant(), assistant_id="helper"
                 ),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         ).assistant.name
         conversation = (await create_conversation(context, world.editor, world.name)).name
@@ -300,7 +300,7 @@ async def test_bad_queries_name_each_bad_field() -> None:
                 stub.QueryUsage(
                     pb.QueryUsageRequest(parent=world.name, **fields),
                     metadata=world.viewer.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 CODE.INVALID_ARGUMENT,
             )
@@ -310,7 +310,7 @@ async def test_bad_queries_name_each_bad_field() -> None:
             stub.QueryUsage(
                 pb.QueryUsageRequest(parent=other.name),
                 metadata=world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.NOT_FOUND,
         )
@@ -318,7 +318,7 @@ async def test_bad_queries_name_each_bad_field() -> None:
         page = await stub.QueryUsage(
             pb.QueryUsageRequest(parent=world.name, page_size=5000),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert list(page.rows) == []
 
@@ -360,7 +360,7 @@ class Mesh:
                 message=cpb.Message(parts=[cpb.ContentPart(text=text)]),
             ),
             metadata=self.world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         return await finished(self.stub, self.world.editor, sent.run.name)
 
@@ -368,7 +368,7 @@ class Mesh:
         response = await self.stub.QueryUsage(
             pb.QueryUsageRequest(parent=self.world.name, group_by=group_by),
             metadata=self.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         return list(response.rows)
 
@@ -422,7 +422,7 @@ async def priced_mesh(database_url: str, mcp: McpTestServer | None = None) -> As
                     assistant=pb.Assistant(model=hpb.ModelSettings(model=model), tools=tools),
                 ),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assistants[model] = created.assistant.name
         conversation = (await create_conversation(context, world.editor, world.name)).name
@@ -508,7 +508,7 @@ async def test_a_run_that_fails_after_an_unpriced_call_says_so(
                 ),
             ),
             metadata=mesh.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         mesh.fake.script(
             Reply.tool_calls([(ECHO, {"message": "hi"}, "call_1")], usage=(100, 10)),

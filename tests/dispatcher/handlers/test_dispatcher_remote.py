@@ -16,7 +16,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.e2e.expertkit import until_listed
 from tests.e2e.expertproc import ExpertProcess
 from tests.kits.contextkit import Stub, World, context_stub, create_conversation, ctx_world
@@ -72,7 +72,7 @@ async def test_the_expert_is_listed_and_answers_with_the_context(
 ) -> None:
     _, dstub = stubs
     listed = await dstub.ListHandlers(
-        pb.ListHandlersRequest(parent=world.name), metadata=world.viewer.md, timeout=10
+        pb.ListHandlersRequest(parent=world.name), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
     )
     weather = next(h for h in listed.handlers if h.name == "handlers/weather")
     assert weather.kind == pb.HANDLER_KIND_REMOTE
@@ -112,7 +112,7 @@ async def test_cancel_during_the_remote_stream_stops_the_expert(
     # written by now: nothing came after its cancellation.
     async with aio.insecure_channel(expert.address) as channel:
         await handler_pb2_grpc.HandlerServiceStub(channel).GetCapabilities(
-            handler_pb2.GetCapabilitiesRequest(), timeout=10
+            handler_pb2.GetCapabilitiesRequest(), timeout=CALL_DEADLINE_S
         )
     lines = [line for line in expert.lines() if run in line]
     assert lines[-1] == f"cancelled {run}"

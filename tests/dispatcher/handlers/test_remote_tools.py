@@ -20,12 +20,14 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure, ToolRunner
 from switchboard.dispatcher.handlers.remote import MAX_TOOL_CALLS_IN_FLIGHT, RemoteHandler
 from switchboard.platform.values.idempotency import METADATA, handler_key
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.expertproc import ExpertProcess
 from tests.e2e.toolexpert import ToolExpert
 
 pytestmark = pytest.mark.service
 
-WAIT_S = 10.0
+#: What a run's deadline may lose on its way to the expert (asserted, not a hang guard).
+TRANSIT_S = 10.0
 RUN_S = 30.0
 DEADLINE_ROUNDING_S = 0.5
 ADD = handler_pb2.ToolDefinition(
@@ -71,7 +73,7 @@ class ScriptedTools:
         return [answer(call) for call in calls]
 
     async def started(self, call_id: str) -> None:
-        async with asyncio.timeout(WAIT_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             await self._started[call_id].wait()
 
     def release(self, call_id: str) -> None:
@@ -110,7 +112,7 @@ def handle_call(
 
 
 async def collect(remote: RemoteHandler, call: HandleCall) -> list[handler_pb2.HandleResponse]:
-    async with asyncio.timeout(RUN_S + WAIT_S):
+    async with asyncio.timeout(RUN_S + CALL_DEADLINE_S):
         return [frame async for frame in remote.handle(call)]
 
 
@@ -132,7 +134,10 @@ async def expert() -> AsyncIterator[ToolExpert]:
 @pytest.fixture
 async def remote(expert: ToolExpert) -> AsyncIterator[RemoteHandler]:
     handler = RemoteHandler(
-        "calc", expert.address, timeout_s=WAIT_S, metadata=[("authorization", "Bearer s3cret")]
+        "calc",
+        expert.address,
+        timeout_s=CALL_DEADLINE_S,
+        metadata=[("authorization", "Bearer s3cret")],
     )
     assert await handler.refresh()
     try:
@@ -165,7 +170,7 @@ async def test_a_tool_result_goes_back_to_the_expert_and_into_its_answer(
     assert seen.metadata[METADATA] == handler_key("runs/r1")
     assert seen.time_remaining is not None
     # The run's deadline, as gRPC carries it (its timeout header is rounded up).
-    assert RUN_S - WAIT_S < seen.time_remaining <= RUN_S + DEADLINE_ROUNDING_S
+    assert RUN_S - TRANSIT_S < seen.time_remaining <= RUN_S + DEADLINE_ROUNDING_S
     assert list(seen.request.tools) == [ADD]
     assert seen.request.max_tool_steps == 4
     (result,) = seen.results
@@ -315,7 +320,7 @@ async def test_a_resumed_run_resolves_the_unanswered_calls_of_its_last_step(
 async def test_a_non_interactive_expert_is_still_called_on_handle() -> None:
     tools = ScriptedTools()
     async with ToolExpert("reporter", interactive=False) as expert:
-        remote = RemoteHandler("reporter", expert.address, timeout_s=WAIT_S)
+        remote = RemoteHandler("reporter", expert.address, timeout_s=CALL_DEADLINE_S)
         try:
             assert await remote.refresh()
             assert not remote.capabilities.interactive
@@ -338,7 +343,7 @@ async def test_the_retry_of_a_call_not_processed_carries_the_same_key(interactiv
     """A call the expert failed UNAVAILABLE before answering is sent once more: both
     attempts carry the run's key, so an expert that saw the first knows the second."""
     async with ToolExpert("flaky", interactive=interactive) as expert:
-        remote = RemoteHandler("flaky", expert.address, timeout_s=WAIT_S)
+        remote = RemoteHandler("flaky", expert.address, timeout_s=CALL_DEADLINE_S)
         try:
             assert await remote.refresh()
             frames = await collect(remote, handle_call("runs/r11", "flaky", ScriptedTools()))
@@ -367,7 +372,7 @@ def example_call(run: str, tools: ToolRunner | None, **params: Any) -> HandleCal
 async def test_the_example_expert_asks_for_a_tool_when_interactive(tmp_path: Path) -> None:
     tools = ScriptedTools()
     with ExpertProcess("calc", tmp_path / "effects.log", args=["--interactive"]) as expert:
-        remote = RemoteHandler("calc", expert.address, timeout_s=WAIT_S)
+        remote = RemoteHandler("calc", expert.address, timeout_s=CALL_DEADLINE_S)
         try:
             assert await remote.refresh()
             assert remote.capabilities.interactive
@@ -397,7 +402,7 @@ async def test_the_example_expert_stops_when_its_interactive_call_is_cancelled(
 ) -> None:
     tools = ScriptedTools(hold=True)
     with ExpertProcess("calc", tmp_path / "effects.log", args=["--interactive"]) as expert:
-        remote = RemoteHandler("calc", expert.address, timeout_s=WAIT_S)
+        remote = RemoteHandler("calc", expert.address, timeout_s=CALL_DEADLINE_S)
         try:
             assert await remote.refresh()
             running = asyncio.create_task(

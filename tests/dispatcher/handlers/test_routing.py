@@ -18,14 +18,8 @@ from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from tests.kits.contextkit import (
-    TIMEOUT_S,
-    Caller,
-    create_conversation,
-    create_workspace,
-    new_caller,
-    struct,
-)
+from tests.conftest import CALL_DEADLINE_S
+from tests.kits.contextkit import Caller, create_conversation, create_workspace, new_caller, struct
 from tests.kits.dispatchkit import Stub, limited, request, send, watch_all
 
 pytestmark = pytest.mark.service
@@ -71,7 +65,7 @@ async def _assistant(
     await stub.CreateAssistant(
         pb.CreateAssistantRequest(parent=workspace, assistant_id=assistant_id, assistant=assistant),
         metadata=owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 

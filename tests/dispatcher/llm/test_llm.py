@@ -39,6 +39,7 @@ from switchboard.dispatcher.llm.handler import (
     parse_providers,
 )
 from switchboard.platform import imports
+from tests.conftest import CALL_DEADLINE_S
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.clock import FakeClock
 from tests.kits.llmkit import Sleeps, fail, run
@@ -49,7 +50,6 @@ KEY = "sk-test-9f8e7d6c5b4a39281706"
 MODEL = "gpt-fake"
 BACKUP_MODEL = "gpt-backup"
 # Bounds waits on the fake's events, so a broken test fails instead of hanging.
-WAIT_S = 5.0
 
 
 class CeilingRandom(random.Random):
@@ -117,7 +117,7 @@ def text_part(text: str) -> context_pb2.ContentPart:
 def make_call(
     text: str = "Hello?",
     *,
-    deadline_s: float = 10.0,
+    deadline_s: float = CALL_DEADLINE_S,
     parameters: dict[str, Any] | None = None,
     context: context_pb2.ContextWindow | None = None,
     name: str = "",
@@ -535,7 +535,7 @@ async def test_half_open_lets_one_trial_call_through(
     gate = asyncio.Event()
     primary.script(Reply.slow("trial answer", gate=gate))
     trial = asyncio.create_task(run(handler, make_call()))
-    await asyncio.wait_for(primary.wait_requests(2), WAIT_S)
+    await asyncio.wait_for(primary.wait_requests(2), CALL_DEADLINE_S)
 
     # The trial is in flight: another call goes straight to the backup.
     _, other = await run(handler, make_call())
@@ -560,7 +560,7 @@ async def test_a_cancelled_trial_lets_the_next_call_try(
 
     primary.script(Reply.slow(gate=asyncio.Event()), Reply.text("second trial"))
     trial = asyncio.create_task(run(handler, make_call()))
-    await asyncio.wait_for(primary.wait_requests(2), WAIT_S)
+    await asyncio.wait_for(primary.wait_requests(2), CALL_DEADLINE_S)
     trial.cancel()
     with pytest.raises(asyncio.CancelledError):
         await trial
@@ -672,7 +672,7 @@ async def test_the_deadline_bounds_the_wait_for_the_response(
 
     assert 0.25 < time.monotonic() - started < 2.0
     assert failure.message == "all LLM providers failed: primary: run deadline reached"
-    await asyncio.wait_for(primary.wait_client_closed(), WAIT_S)
+    await asyncio.wait_for(primary.wait_client_closed(), CALL_DEADLINE_S)
 
 
 async def test_the_deadline_bounds_the_first_calls_import_of_its_http_client(
@@ -683,7 +683,7 @@ async def test_the_deadline_bounds_the_first_calls_import_of_its_http_client(
     gate = threading.Event()
 
     def slow_import(name: str) -> ModuleType:
-        gate.wait(WAIT_S)
+        gate.wait(CALL_DEADLINE_S)
         return ModuleType(name)
 
     monkeypatch.setattr(imports, "_DONE", set())
@@ -719,7 +719,7 @@ async def test_a_consumer_that_stops_reading_closes_the_connection(
         first = await anext(stream)
 
     assert first.delta.text == "one"
-    await asyncio.wait_for(primary.wait_client_closed(), WAIT_S)
+    await asyncio.wait_for(primary.wait_client_closed(), CALL_DEADLINE_S)
     assert primary.client_closed_mid_response == 1
     assert handler.breaker_state("primary") == "closed"
 
@@ -745,14 +745,14 @@ async def test_cancelling_closes_the_connection(
 
     task = asyncio.create_task(consume())
     if where == "mid-stream":
-        await asyncio.wait_for(first.wait(), WAIT_S)
+        await asyncio.wait_for(first.wait(), CALL_DEADLINE_S)
     else:
-        await asyncio.wait_for(primary.wait_requests(1), WAIT_S)
+        await asyncio.wait_for(primary.wait_requests(1), CALL_DEADLINE_S)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    await asyncio.wait_for(primary.wait_client_closed(), WAIT_S)
+    await asyncio.wait_for(primary.wait_client_closed(), CALL_DEADLINE_S)
     assert primary.client_closed_mid_response == 1
     assert [frame.delta.text for frame in frames] == (["one"] if where == "mid-stream" else [])
     # Cancelling says nothing about the provider.

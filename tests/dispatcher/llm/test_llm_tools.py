@@ -29,6 +29,7 @@ from switchboard.dispatcher.llm.handler import (
     Provider,
     build_messages,
 )
+from tests.conftest import CALL_DEADLINE_S
 from tests.fakes.openai_server import FakeOpenAI, FakeToolCall, Reply
 from tests.infra.clock import FakeClock
 from tests.kits.llmkit import Sleeps, fail, run
@@ -37,7 +38,6 @@ pytestmark = pytest.mark.unit
 
 MODEL = "gpt-fake"
 BACKUP_MODEL = "gpt-backup"
-WAIT_S = 5.0
 RUN = "workspaces/w/conversations/c/runs/r"
 
 SUCCEEDED = handler_pb2.TOOL_OUTCOME_SUCCEEDED
@@ -167,7 +167,7 @@ def make_call(
         parameters=struct(parameters or {}),
         context=context,
     )
-    return HandleCall(request=request, deadline=time.monotonic() + 10.0, tools=runner)
+    return HandleCall(request=request, deadline=time.monotonic() + CALL_DEADLINE_S, tools=runner)
 
 
 def body(fake: FakeOpenAI, index: int) -> dict[str, Any]:
@@ -615,7 +615,7 @@ async def test_cancelling_while_tools_run_propagates(primary: FakeOpenAI, make: 
                 pass
 
     task = asyncio.create_task(consume())
-    await asyncio.wait_for(runner.entered.wait(), WAIT_S)
+    await asyncio.wait_for(runner.entered.wait(), CALL_DEADLINE_S)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

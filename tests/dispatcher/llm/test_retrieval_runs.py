@@ -25,7 +25,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.context.domain import ContextDomain
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.context.semantic.retrieval.test_search import add_document
 from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -45,7 +45,6 @@ from tests.kits.semantickit import get_index, set_index, settled
 
 pytestmark = pytest.mark.service
 
-TIMEOUT_S = 20.0
 MODEL = "sb-concept-384"
 
 
@@ -104,7 +103,7 @@ async def desk(
                         ),
                     ),
                     metadata=world.owner.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 yield Desk(server, fake, stub, dstub, world, conversation, created.assistant.name)
         finally:
@@ -119,7 +118,7 @@ async def run(d: Desk, text: str) -> pb.Run:
             message=cpb.Message(parts=[cpb.ContentPart(text=text)]),
         ),
         metadata=d.world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     seen = await watch_all(d.dstub, d.world.viewer, sent.run.name)
     assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
@@ -180,7 +179,7 @@ async def test_the_model_searches_memory_itself_and_bad_arguments_are_tool_error
         described = await d.dstub.DescribeConversation(
             pb.DescribeConversationRequest(conversation=d.conversation, assistant=d.assistant),
             metadata=d.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert [t.function_name for t in described.tools] == ["search_memory"]
         assert not described.tools[0].requires_approval

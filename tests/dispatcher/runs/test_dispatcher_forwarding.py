@@ -39,6 +39,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.ports.peers import FORWARDED_KEY
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ServeProcess, shared_env
 from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer
@@ -66,7 +67,6 @@ from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = pytest.mark.e2e
 
-TIMEOUT_S = 20.0
 #: A's lease in the crash test: short, so B takes its runs over within seconds.
 LEASE_S = 3.0
 #: Bound on the crash test's retries (the lease, a lease-loop round, and slack).
@@ -118,7 +118,8 @@ async def stubs(*processes: ServeProcess) -> AsyncIterator[list[Stub]]:
 
 async def register(channel: aio.Channel) -> Caller:
     response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
-        auth_pb2.RegisterRequest(email=unique_email("fwd"), password=PASSWORD), timeout=TIMEOUT_S
+        auth_pb2.RegisterRequest(email=unique_email("fwd"), password=PASSWORD),
+        timeout=CALL_DEADLINE_S,
     )
     return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
 
@@ -144,7 +145,7 @@ def logged(process: ServeProcess) -> list[dict[str, Any]]:
     entries = list(process.log)
     while True:
         try:
-            entry = process.lines.get(timeout=TIMEOUT_S)
+            entry = process.lines.get(timeout=CALL_DEADLINE_S)
         except queue.Empty:
             return entries
         if entry is None:
@@ -164,7 +165,7 @@ async def slow_run(on_a: Stub, caller: Caller, conversation: str) -> str:
     sent = await on_a.SendMessage(
         request(conversation, "slow words here", delay_ms=60_000),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     await until(on_a, caller, sent.run.name, "delta")
     return sent.run.name
@@ -181,12 +182,14 @@ async def test_cancels_sent_to_another_replica_end_the_run_where_it_runs(
             # The mark grants nothing: the viewer is refused by B and by the owner.
             for stub in (on_b, on_a):
                 refused = stub.CancelRun(
-                    pb.CancelRunRequest(name=run), metadata=forged(who.viewer), timeout=TIMEOUT_S
+                    pb.CancelRunRequest(name=run),
+                    metadata=forged(who.viewer),
+                    timeout=CALL_DEADLINE_S,
                 )
                 assert await code_of(refused) == grpc.StatusCode.PERMISSION_DENIED
             # On a replica that does not own the run, it only stops the forwarding.
             marked = on_b.CancelRun(
-                pb.CancelRunRequest(name=run), metadata=forged(who.editor), timeout=TIMEOUT_S
+                pb.CancelRunRequest(name=run), metadata=forged(who.editor), timeout=CALL_DEADLINE_S
             )
             assert await code_of(marked) == grpc.StatusCode.UNAVAILABLE
             assert (await get_run(on_b, who.editor, run)).state == pb.RUN_STATE_RUNNING
@@ -196,7 +199,7 @@ async def test_cancels_sent_to_another_replica_end_the_run_where_it_runs(
             call_b = on_b.CancelRun(
                 pb.CancelRunRequest(name=run, reason="changed my mind"),
                 metadata=who.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             cancelled = (await call_b).run
             request_id = dict(await call_b.trailing_metadata() or ())["x-request-id"]
@@ -225,7 +228,7 @@ async def test_cancels_sent_to_another_replica_end_the_run_where_it_runs(
                     ]
                 ),
                 metadata=who.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             frames = [f async for f in call if f.WhichOneof("frame") != "heartbeat"]
             assert [f.client_request_id for f in frames] == ["c"], frames
@@ -238,13 +241,13 @@ async def test_cancels_sent_to_another_replica_end_the_run_where_it_runs(
                 key = await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
                     auth_pb2.CreateApiKeyRequest(display_name="bot", scopes=["read", "write"]),
                     metadata=who.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
             third = await slow_run(on_a, who.editor, who.conversation)
             by_key = await on_b.CancelRun(
                 pb.CancelRunRequest(name=third),
                 metadata=(("authorization", f"Bearer {key.secret}"),),
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert by_key.run.state == pb.RUN_STATE_CANCELLED
             assert by_key.run.error.message.endswith(f"(by {who.editor.name})")
@@ -290,7 +293,7 @@ async def test_approvals_sent_to_another_replica_reach_the_paused_run(
                             assistant=careful_assistant(made.name),
                         ),
                         metadata=who.owner.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     script_two_echoes(fake)
                     sent = await on_a.SendMessage(
@@ -300,7 +303,7 @@ async def test_approvals_sent_to_another_replica_reach_the_paused_run(
                             assistant=assistant.assistant.name,
                         ),
                         metadata=who.editor.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     run = sent.run.name
                     watch, _ = await until(
@@ -323,7 +326,7 @@ async def test_approvals_sent_to_another_replica_reach_the_paused_run(
                     refused = on_b.SubmitToolApprovals(
                         (approval("c1", pb.TOOL_APPROVAL_DECISION_APPROVE, "")),
                         metadata=who.viewer.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     assert await code_of(refused) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -331,7 +334,7 @@ async def test_approvals_sent_to_another_replica_reach_the_paused_run(
                     first = await on_b.SubmitToolApprovals(
                         (approval("c1", pb.TOOL_APPROVAL_DECISION_APPROVE, "fine")),
                         metadata=who.editor.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     assert first.run.state == pb.RUN_STATE_REQUIRES_ACTION
                     decided = {p.call.id: p for p in first.run.required_action.tool_calls}
@@ -342,7 +345,7 @@ async def test_approvals_sent_to_another_replica_reach_the_paused_run(
                     opposite = on_b.SubmitToolApprovals(
                         (approval("c1", pb.TOOL_APPROVAL_DECISION_DENY, "")),
                         metadata=who.editor.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     assert await code_of(opposite) == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -359,7 +362,7 @@ async def test_approvals_sent_to_another_replica_reach_the_paused_run(
                             ]
                         ),
                         metadata=who.owner.md,
-                        timeout=TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     frames = [f async for f in call if f.WhichOneof("frame") != "heartbeat"]
                     assert [f.client_request_id for f in frames] == ["d"], frames

@@ -51,6 +51,7 @@ from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.store.models import RunRow
 from switchboard.platform.values.idempotency import call_key
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up, taken_over
 from tests.fakes.openai_server import FakeOpenAI, Reply, _text
@@ -78,8 +79,6 @@ SEED: Final = 54
 #: runs over about 30 times each (leases lapsed, not deaths), which slowed the load past
 #: its hang guard.
 LEASE_S: Final = "5"
-#: Every unary call's deadline, and how long a stream may stay silent.
-CALL_TIMEOUT_S: Final = 10.0
 #: How long the whole load, or one wait for the system to settle, may take: a hang guard,
 #: not a budget. Beside the suite's load on a slow host, 150 s was not enough (167 of 200
 #: runs done, none failed).
@@ -241,7 +240,7 @@ class Load:
                 sent = await replica.stub.SendMessage(
                     sent_request,
                     metadata=self.caller.md,
-                    timeout=CALL_TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
             except aio.AioRpcError as error:
                 if error.code() not in RETRYABLE or time.monotonic() > deadline:
@@ -337,7 +336,7 @@ class Load:
                 await replica.stub.SubmitToolApprovals(
                     pb.SubmitToolApprovalsRequest(name=run.name, approvals=approvals),
                     metadata=self.caller.md,
-                    timeout=CALL_TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 return
             except aio.AioRpcError as error:
@@ -502,7 +501,7 @@ async def test_two_hundred_runs_survive_sigkills_without_repeating_a_step(
                             ),
                         ),
                         metadata=caller.md,
-                        timeout=CALL_TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                 ).assistant
                 conversations = [

@@ -15,8 +15,8 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from tests.conftest import CALL_DEADLINE_S
 from tests.dispatcher.runs.test_dispatcher_forwarding import (
-    TIMEOUT_S,
     code_of,
     env,
     front,
@@ -48,7 +48,7 @@ async def test_steers_sent_to_another_replica_queue_behind_the_run_where_it_runs
             steered = await on_b.SteerRun(
                 pb.SteerRunRequest(run=run, message=_message("one more thing")),
                 metadata=who.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert steered.run.state == pb.RUN_STATE_QUEUED
             assert steered.run.steer.target == run
@@ -61,14 +61,14 @@ async def test_steers_sent_to_another_replica_queue_behind_the_run_where_it_runs
                     concurrency_policy=pb.CONCURRENCY_POLICY_STEER,
                 ),
                 metadata=who.editor.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert sent.run.steer.target == run
             # A viewer may not steer, through B either.
             refused = on_b.SteerRun(
                 pb.SteerRunRequest(run=run, message=_message("no")),
                 metadata=who.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert await code_of(refused) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -87,6 +87,6 @@ async def test_steers_sent_to_another_replica_queue_behind_the_run_where_it_runs
                 late = stub.SteerRun(
                     pb.SteerRunRequest(run=run, message=_message("too late")),
                     metadata=who.editor.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 assert await code_of(late) == grpc.StatusCode.FAILED_PRECONDITION

@@ -27,7 +27,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.mesh import create_server
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
-from tests.conftest import fresh_database_url, make_settings
+from tests.conftest import CALL_DEADLINE_S, fresh_database_url, make_settings
 from tests.dispatcher.budgets.test_service import add_budget, daily, window
 from tests.dispatcher.tools.test_run_journal import (
     SLOW_ARGS,
@@ -41,7 +41,6 @@ from tests.dispatcher.tools.test_run_journal import _decide as _decide_unknown
 from tests.dispatcher.tools.test_tool_runs import (
     SLOW,
     SUM,
-    TIMEOUT_S,
     Tools,
     _decide,
     _paused,
@@ -78,7 +77,7 @@ async def _steer(
     response: pb.SteerRunResponse = await tools.dstub.SteerRun(
         pb.SteerRunRequest(run=run, message=_message(text), request_id=request_id),
         metadata=(caller or tools.world.editor).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response
 
@@ -104,7 +103,7 @@ def _held_tool_call(hold: asyncio.Event) -> Reply:
 
 
 async def _request_count(tools: Tools, count: int) -> None:
-    await asyncio.wait_for(tools.fake.wait_requests(count), TIMEOUT_S)
+    await asyncio.wait_for(tools.fake.wait_requests(count), CALL_DEADLINE_S)
 
 
 # -- taken at a step boundary -------------------------------------------------------------
@@ -169,7 +168,7 @@ async def test_three_steers_are_consumed_in_order_via_steer_run_and_send_message
                 concurrency_policy=pb.CONCURRENCY_POLICY_STEER,
             ),
             metadata=tools.world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         third = await _steer(tools, run.name, "three")
         assert second.run.steer.target == run.name
@@ -275,7 +274,9 @@ async def test_a_steer_of_a_cancelled_run_is_never_lost(everything: EverythingSe
         await _request_count(tools, 1)
         steered = await _steer(tools, run.name, "Never mind the sum; say hello.")
         await tools.dstub.CancelRun(
-            pb.CancelRunRequest(name=run.name), metadata=tools.world.editor.md, timeout=TIMEOUT_S
+            pb.CancelRunRequest(name=run.name),
+            metadata=tools.world.editor.md,
+            timeout=CALL_DEADLINE_S,
         )
         mine = await watch_all(tools.dstub, tools.world.viewer, steered.run.name)
         assert mine.final.state == pb.RUN_STATE_SUCCEEDED, mine.final.error
@@ -329,7 +330,7 @@ async def test_restart_stream_cuts_the_model_call_and_asks_again_with_the_steer(
             {"role": "user", "content": "What is 2 + 3?"},
             {"role": "user", "content": "In French, please."},
         ]
-        await asyncio.wait_for(tools.fake.wait_client_closed(1), TIMEOUT_S)
+        await asyncio.wait_for(tools.fake.wait_client_closed(1), CALL_DEADLINE_S)
         messages = await all_messages(tools.stub, tools.world.viewer, tools.conversation)
         answers = [m for m in messages if m.role == cpb.MESSAGE_ROLE_ASSISTANT]
         assert [m.parts[0].text for m in answers] == ["Cinq."]
@@ -345,11 +346,13 @@ async def test_a_restart_stream_run_cancelled_while_it_streams_ends_cancelled(
         call, _ = await until(tools.dstub, tools.world.viewer, run.name, "delta")
         call.cancel()
         await tools.dstub.CancelRun(
-            pb.CancelRunRequest(name=run.name), metadata=tools.world.editor.md, timeout=TIMEOUT_S
+            pb.CancelRunRequest(name=run.name),
+            metadata=tools.world.editor.md,
+            timeout=CALL_DEADLINE_S,
         )
         seen = await watch_all(tools.dstub, tools.world.viewer, run.name)
         assert seen.final.state == pb.RUN_STATE_CANCELLED
-        await asyncio.wait_for(tools.fake.wait_client_closed(1), TIMEOUT_S)
+        await asyncio.wait_for(tools.fake.wait_client_closed(1), CALL_DEADLINE_S)
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
@@ -369,7 +372,9 @@ async def test_converse_steers_and_relays_the_steer_run(everything: EverythingSe
             while (item := await requests.get()) is not None:
                 yield item
 
-        stream = tools.dstub.Converse(frames(), metadata=tools.world.editor.md, timeout=TIMEOUT_S)
+        stream = tools.dstub.Converse(
+            frames(), metadata=tools.world.editor.md, timeout=CALL_DEADLINE_S
+        )
         await requests.put(
             pb.ConverseRequest(
                 client_request_id="s1",
@@ -424,7 +429,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
             tools.dstub.SteerRun(
                 pb.SteerRunRequest(run=run.name, message=_message("too late")),
                 metadata=editor,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.FAILED_PRECONDITION,
         )
@@ -434,7 +439,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
             tools.dstub.SteerRun(
                 pb.SteerRunRequest(run=run.name, message=cpb.Message()),
                 metadata=editor,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
         )
@@ -449,7 +454,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
                     request_id="not ok!",
                 ),
                 metadata=editor,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
         )
@@ -459,7 +464,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
                 tools.dstub.SteerRun(
                     pb.SteerRunRequest(run=bad, message=_message("x")),
                     metadata=editor,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 grpc.StatusCode.INVALID_ARGUMENT,
             )
@@ -473,7 +478,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
             tools.dstub.SteerRun(
                 pb.SteerRunRequest(run=missing, message=_message("x")),
                 metadata=editor,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.NOT_FOUND,
         )
@@ -482,7 +487,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
             tools.dstub.SteerRun(
                 pb.SteerRunRequest(run=run.name, message=_message("x")),
                 metadata=tools.world.outsider.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.NOT_FOUND,
         )
@@ -491,7 +496,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
             tools.dstub.SteerRun(
                 pb.SteerRunRequest(run=run.name, message=_message("x")),
                 metadata=tools.world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.PERMISSION_DENIED,
         )
@@ -499,7 +504,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
             tools.dstub.SendMessage(
                 ask(tools, "x", steer_mode=7),
                 metadata=editor,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
         )
@@ -507,7 +512,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
         after = await all_messages(tools.stub, tools.world.viewer, tools.conversation)
         assert [m.name for m in after] == [m.name for m in before]
         listed = await tools.dstub.ListRuns(
-            pb.ListRunsRequest(parent=tools.conversation), metadata=editor, timeout=TIMEOUT_S
+            pb.ListRunsRequest(parent=tools.conversation), metadata=editor, timeout=CALL_DEADLINE_S
         )
         assert [r.name for r in listed.runs] == [run.name]
 
@@ -572,7 +577,7 @@ async def test_a_steer_queued_when_the_replica_stopped_is_taken_by_the_resumed_r
         runs = await tools.dstub.ListRuns(
             pb.ListRunsRequest(parent=tools.conversation),
             metadata=tools.world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         steered.append(await _steer(tools, runs.runs[0].name, "and then stop"))
 
@@ -622,7 +627,7 @@ async def test_a_resumed_run_gives_its_consumed_steer_to_the_model_again(
         async with aio.insecure_channel(server.address) as channel:
             tools = await _prepare(server, channel, fake, everything)
             run = await _send(tools, ask(tools, "Add, then wait", timeout={"seconds": 60}))
-            await asyncio.wait_for(fake.wait_requests(1), TIMEOUT_S)
+            await asyncio.wait_for(fake.wait_requests(1), CALL_DEADLINE_S)
             steered = await _steer(tools, run.name, "wait a little longer")
             hold.set()
             await eventually(

@@ -27,16 +27,8 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.budgets.ledger import Amount, Hold, Ledger
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
-from tests.conftest import make_settings
-from tests.kits.contextkit import (
-    TIMEOUT_S,
-    Stub,
-    World,
-    all_messages,
-    stub_fixture,
-    tap,
-    world_fixture,
-)
+from tests.conftest import CALL_DEADLINE_S, make_settings
+from tests.kits.contextkit import Stub, World, all_messages, stub_fixture, tap, world_fixture
 from tests.kits.dispatchkit import Stub as DStub
 from tests.kits.dispatchkit import dispatcher_stub
 
@@ -94,7 +86,7 @@ async def create_schedule(dstub: DStub, world: World, schedule_id: str) -> pb.Sc
             ),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.schedule
 
@@ -126,7 +118,9 @@ async def firing(
         async with asyncio.timeout(FIRED_WITHIN_S):
             await enough.wait()
         await dstub.PauseSchedule(
-            pb.PauseScheduleRequest(name=schedule.name), metadata=world.owner.md, timeout=TIMEOUT_S
+            pb.PauseScheduleRequest(name=schedule.name),
+            metadata=world.owner.md,
+            timeout=CALL_DEADLINE_S,
         )
         # A tick claimed before the pause still ends after it (under load one was read
         # while CLAIMED): the schedule is quiet once no stored firing is in flight.
@@ -150,7 +144,7 @@ async def firings(dstub: DStub, world: World, schedule: str) -> list[pb.Schedule
         page = await dstub.ListScheduleFirings(
             pb.ListScheduleFiringsRequest(parent=schedule, page_size=100, page_token=page_token),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         found.extend(page.firings)
         page_token = page.next_page_token
@@ -162,7 +156,7 @@ async def runs_of(dstub: DStub, world: World) -> list[pb.Run]:
     response = await dstub.ListRuns(
         pb.ListRunsRequest(parent=world.name, page_size=100),
         metadata=world.viewer.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return list(response.runs)
 
@@ -191,7 +185,7 @@ async def test_a_tick_a_spent_budget_has_no_room_for_fails_and_starts_no_run(
                 ),
             ),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     ).budget
     # Spent, as a run that cost the whole cap would have spent it.
@@ -240,7 +234,7 @@ async def test_a_tick_past_the_workspaces_messages_per_minute_fails_and_starts_n
             update_mask=field_mask_pb2.FieldMask(paths=["messages_per_minute"]),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
     async with firing(mesh, dstub, world, "quota", 2) as (schedule, fired):

@@ -11,8 +11,9 @@ import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.schedules import firing as firing_module
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.clock import FakeClock
-from tests.kits.contextkit import TIMEOUT_S
+from tests.kits.modulekit import module_database_url_fixture
 from tests.kits.schedulekit import (
     DAY,
     Desk,
@@ -20,19 +21,23 @@ from tests.kits.schedulekit import (
     create,
     cron,
     desk_fixture,
+    desk_server_fixture,
     every,
     firings,
     loop,
     on,
 )
 
-pytestmark = pytest.mark.service
+# One mesh per backend for the module; each test has a workspace and users of its own,
+# and its schedules and firings go with it (``desk_fixture``).
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 STARTED = pb.FIRING_OUTCOME_STARTED
 SKIPPED = pb.FIRING_OUTCOME_SKIPPED
 
 
-desk = desk_fixture
+module_database_url = module_database_url_fixture
+desk_server, desk = desk_server_fixture, desk_fixture
 
 
 def offsets(found: list[pb.ScheduleFiring]) -> list[tuple[float, int]]:
@@ -44,7 +49,7 @@ def offsets(found: list[pb.ScheduleFiring]) -> list[tuple[float, int]]:
 async def next_fire(desk: Desk, name: str) -> float:
     shown = (
         await desk.stub.GetSchedule(
-            pb.GetScheduleRequest(name=name), metadata=desk.world.owner.md, timeout=TIMEOUT_S
+            pb.GetScheduleRequest(name=name), metadata=desk.world.owner.md, timeout=CALL_DEADLINE_S
         )
     ).schedule
     return shown.next_fire_time.ToDatetime(dt.UTC).timestamp() - at(DAY)

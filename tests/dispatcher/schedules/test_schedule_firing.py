@@ -23,12 +23,14 @@ from switchboard.dispatcher.schedules import store as schedule_store
 from switchboard.dispatcher.schedules.firing import creator_principal
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.platform.security.policy import Role
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra import postgres as postgres_infra
 from tests.infra.clock import FakeClock
 from tests.infra.postgres import PostgresServer
-from tests.kits.contextkit import TIMEOUT_S, struct
+from tests.kits.contextkit import struct
 from tests.kits.dispatchkit import get_run
 from tests.kits.eventkit import Subscriber, set_role, ws
+from tests.kits.modulekit import module_database_url_fixture
 from tests.kits.schedulekit import (
     DAY,
     Desk,
@@ -37,13 +39,17 @@ from tests.kits.schedulekit import (
     cron,
     desk_fixture,
     desk_mesh,
+    desk_server_fixture,
     every,
     firings,
     loop,
     on,
 )
 
-pytestmark = pytest.mark.service
+# One mesh per backend for the module; each test has a workspace and users of its own,
+# and its schedules and firings go with it (``desk_fixture``). The tests of the mesh's
+# own loop (its poll interval, a database outage) start a mesh of their own.
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 FIRED = events_pb2.EVENT_TYPE_SCHEDULE_FIRED
 STARTED = pb.FIRING_OUTCOME_STARTED
@@ -51,7 +57,8 @@ SKIPPED = pb.FIRING_OUTCOME_SKIPPED
 FAILED = pb.FIRING_OUTCOME_FAILED
 
 
-desk = desk_fixture
+module_database_url = module_database_url_fixture
+desk_server, desk = desk_server_fixture, desk_fixture
 
 
 def ticks(found: list[pb.ScheduleFiring]) -> list[tuple[str, int]]:
@@ -62,7 +69,7 @@ async def runs_in(desk: Desk, conversation: str) -> list[pb.Run]:
     page = await desk.stub.ListRuns(
         pb.ListRunsRequest(parent=conversation, page_size=100),
         metadata=desk.world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return list(page.runs)
 
@@ -77,7 +84,9 @@ async def test_a_one_second_schedule_fires_runs_and_events() -> None:
         made = await create(desk, every(1))
         events = await subscriber.until(3)
         await desk.stub.PauseSchedule(
-            pb.PauseScheduleRequest(name=made.name), metadata=world.owner.md, timeout=TIMEOUT_S
+            pb.PauseScheduleRequest(name=made.name),
+            metadata=world.owner.md,
+            timeout=CALL_DEADLINE_S,
         )
         fired = [e.schedule_fired for e in events[:3]]
         assert {f.schedule for f in fired} == {made.name}
@@ -101,7 +110,9 @@ async def test_a_one_second_schedule_fires_runs_and_events() -> None:
         assert all(not f.run for f in listed if f.outcome != STARTED), ticks(listed)
         shown = (
             await desk.stub.GetSchedule(
-                pb.GetScheduleRequest(name=made.name), metadata=world.owner.md, timeout=TIMEOUT_S
+                pb.GetScheduleRequest(name=made.name),
+                metadata=world.owner.md,
+                timeout=CALL_DEADLINE_S,
             )
         ).schedule
         assert shown.last_fire_time == listed[0].fire_time
@@ -143,7 +154,9 @@ async def test_a_0230_schedule_on_the_spring_forward_day_fires_once_at_0300(desk
     assert ticks(await firings(desk, made.name)) == [("2027-03-28T01:00:00+00:00", STARTED)]
     shown = (
         await desk.stub.GetSchedule(
-            pb.GetScheduleRequest(name=made.name), metadata=desk.world.owner.md, timeout=TIMEOUT_S
+            pb.GetScheduleRequest(name=made.name),
+            metadata=desk.world.owner.md,
+            timeout=CALL_DEADLINE_S,
         )
     ).schedule
     # The next day it is 02:30 again, in summer time.
@@ -166,7 +179,9 @@ async def test_a_0230_schedule_on_the_fall_back_day_fires_once(desk: Desk) -> No
     assert ticks(await firings(desk, made.name)) == [("2027-10-31T00:30:00+00:00", STARTED)]
     shown = (
         await desk.stub.GetSchedule(
-            pb.GetScheduleRequest(name=made.name), metadata=desk.world.owner.md, timeout=TIMEOUT_S
+            pb.GetScheduleRequest(name=made.name),
+            metadata=desk.world.owner.md,
+            timeout=CALL_DEADLINE_S,
         )
     ).schedule
     assert shown.next_fire_time.ToDatetime(dt.UTC).isoformat() == "2027-11-01T01:30:00+00:00"
@@ -199,7 +214,9 @@ async def test_missed_ticks_follow_the_policy(
     # On from now, in the same phase.
     shown = (
         await desk.stub.GetSchedule(
-            pb.GetScheduleRequest(name=made.name), metadata=desk.world.owner.md, timeout=TIMEOUT_S
+            pb.GetScheduleRequest(name=made.name),
+            metadata=desk.world.owner.md,
+            timeout=CALL_DEADLINE_S,
         )
     ).schedule
     assert shown.next_fire_time.ToDatetime(dt.UTC).timestamp() == base + 210
@@ -277,7 +294,7 @@ async def test_a_busy_conversation_under_reject_skips_the_tick(desk: Desk) -> No
             parameters=struct(delay_ms=50),
         ),
         metadata=desk.world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     clock.advance(1)
     await firing.run_once()
@@ -326,16 +343,16 @@ async def _outage(
         )
         try:
             made = await create(desk, every(1))
-            async with asyncio.timeout(TIMEOUT_S):
+            async with asyncio.timeout(CALL_DEADLINE_S):
                 await fired.get()
             await asyncio.to_thread(postgres_infra.stop_postgres, own_postgres)
             try:
-                async with asyncio.timeout(TIMEOUT_S):
+                async with asyncio.timeout(CALL_DEADLINE_S):
                     await said.wait()
             finally:
                 await asyncio.to_thread(postgres_infra.start_postgres, own_postgres)
             back = dt.datetime.now(dt.UTC)
-            async with asyncio.timeout(TIMEOUT_S * 3):
+            async with asyncio.timeout(CALL_DEADLINE_S * 3):
                 while True:
                     event = await fired.get()
                     firing = event.schedule_fired.firing
@@ -344,7 +361,7 @@ async def _outage(
             await desk.stub.PauseSchedule(
                 pb.PauseScheduleRequest(name=made.name),
                 metadata=desk.world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         finally:
             stop()

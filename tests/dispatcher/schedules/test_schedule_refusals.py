@@ -11,22 +11,27 @@ from google.rpc import error_details_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.kits.authkit import detail
 from tests.kits.contextkit import refused
+from tests.kits.modulekit import module_database_url_fixture
 from tests.kits.schedulekit import (
     Desk,
     create,
     cron,
     desk_fixture,
+    desk_server_fixture,
     get,
     listed,
     update,
 )
 
-pytestmark = pytest.mark.service
+# One mesh per backend for the module; each test has a workspace and users of its own,
+# and its schedules and firings go with it (``desk_fixture``).
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 CODE = grpc.StatusCode
 
 
-desk = desk_fixture
+module_database_url = module_database_url_fixture
+desk_server, desk = desk_server_fixture, desk_fixture
 
 
 def described(error: grpc.aio.AioRpcError) -> dict[str, str]:

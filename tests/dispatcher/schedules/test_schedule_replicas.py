@@ -55,6 +55,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.dispatcher.schedules.firing import MAX_RECORDED_MISSED
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up
 from tests.infra.redis import RedisServer
@@ -80,7 +81,6 @@ TAKEN_OVER_WITHIN_S: Final = 5 * LEASE_S
 MISSED: Final = 2
 #: Ticks each schedule fires after the restart before the test stops them.
 AFTER: Final = 3
-CALL_TIMEOUT_S: Final = 10.0
 #: How long one wait for the system to move on may take.
 SETTLE_S: Final = 60.0
 REPLICAS: Final = ("replica-1", "replica-2")
@@ -165,7 +165,7 @@ class Cluster:
                         parent=schedule, page_size=100, page_token=page_token
                     ),
                     metadata=self.caller.md,
-                    timeout=CALL_TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 found.extend(page.firings)
                 page_token = page.next_page_token
@@ -198,7 +198,7 @@ class Cluster:
                 page = await replica.stub.ListRuns(
                     pb.ListRunsRequest(parent=workspace, page_size=100, page_token=page_token),
                     metadata=self.caller.md,
-                    timeout=CALL_TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 found.extend(page.runs)
                 page_token = page.next_page_token
@@ -233,7 +233,7 @@ class Cluster:
                         parent=workspace, page_size=100, page_token=page_token
                     ),
                     metadata=self.caller.md,
-                    timeout=CALL_TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 names.extend(c.name for c in page.conversations)
                 page_token = page.next_page_token
@@ -265,7 +265,7 @@ class Cluster:
                         page_token=page_token,
                     ),
                     metadata=self.caller.md,
-                    timeout=CALL_TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 found.extend(event.schedule_fired for event in page.events)
                 page_token = page.next_page_token
@@ -303,7 +303,7 @@ async def create_schedule(
 
     async def created(replica: Replica) -> pb.Schedule:
         response = await replica.stub.CreateSchedule(
-            request, metadata=cluster.caller.md, timeout=CALL_TIMEOUT_S
+            request, metadata=cluster.caller.md, timeout=CALL_DEADLINE_S
         )
         return response.schedule
 
@@ -315,7 +315,7 @@ async def pause(cluster: Cluster, schedule: str) -> None:
         await replica.stub.PauseSchedule(
             pb.PauseScheduleRequest(name=schedule),
             metadata=cluster.caller.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
 
     await cluster.call("PauseSchedule", paused)

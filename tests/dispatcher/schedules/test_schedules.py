@@ -13,14 +13,17 @@ from google.protobuf import duration_pb2
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.authkit import reason
-from tests.kits.contextkit import TIMEOUT_S, context_stub, refused, tap, violations
+from tests.kits.contextkit import context_stub, refused, tap, violations
+from tests.kits.modulekit import module_database_url_fixture
 from tests.kits.schedulekit import (
     QUOTA,
     Desk,
     create,
     cron,
     desk_fixture,
+    desk_server_fixture,
     every,
     firings,
     get,
@@ -28,20 +31,23 @@ from tests.kits.schedulekit import (
     update,
 )
 
-pytestmark = pytest.mark.service
+# One mesh per backend for the module; each test has a workspace and users of its own,
+# and its schedules and firings go with it (``desk_fixture``).
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 CODE = grpc.StatusCode
 CHANGED = events_pb2.EVENT_TYPE_SCHEDULE_CHANGED
 
 
-desk = desk_fixture
+module_database_url = module_database_url_fixture
+desk_server, desk = desk_server_fixture, desk_fixture
 
 
 async def conversations(d: Desk) -> list[str]:
     page = await context_stub(d.channel).ListConversations(
         cpb.ListConversationsRequest(parent=d.world.name, page_size=100),
         metadata=d.world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return [c.name for c in page.conversations]
 
@@ -108,21 +114,21 @@ async def test_create_get_list_update_delete_with_etags(desk: Desk) -> None:
             desk.stub.DeleteSchedule(
                 pb.DeleteScheduleRequest(name=made.name, etag=made.etag),
                 metadata=desk.world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.ABORTED,
         )
         await desk.stub.DeleteSchedule(
             pb.DeleteScheduleRequest(name=made.name, etag=switched.etag),
             metadata=desk.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         await refused(get(desk, made.name), CODE.NOT_FOUND)
         await refused(firings(desk, made.name), CODE.NOT_FOUND)
     changes = [
         (e.schedule_changed.change, e.schedule_changed.schedule.etag)
         for e in events.events
-        if e.type == CHANGED
+        if e.type == CHANGED and e.schedule_changed.schedule.name.startswith(desk.world.name + "/")
     ]
     assert changes == [
         (events_pb2.CHANGE_KIND_CREATED, made.etag),
@@ -138,7 +144,7 @@ async def test_pause_and_resume(desk: Desk) -> None:
         await desk.stub.PauseSchedule(
             pb.PauseScheduleRequest(name=made.name, etag=made.etag),
             metadata=desk.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     ).schedule
     assert paused.state == pb.SCHEDULE_STATE_PAUSED
@@ -148,7 +154,7 @@ async def test_pause_and_resume(desk: Desk) -> None:
         desk.stub.ResumeSchedule(
             pb.ResumeScheduleRequest(name=made.name, etag=made.etag),
             metadata=desk.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.ABORTED,
     )
@@ -157,7 +163,7 @@ async def test_pause_and_resume(desk: Desk) -> None:
         await desk.stub.ResumeSchedule(
             pb.ResumeScheduleRequest(name=made.name, etag=paused.etag),
             metadata=desk.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     ).schedule
     assert resumed.state == pb.SCHEDULE_STATE_ACTIVE
@@ -185,13 +191,17 @@ async def test_only_owners_change_schedules_and_members_read_them(desk: Desk) ->
     assert await firings(desk, made.name, caller=world.viewer) == []
     await refused(
         desk.stub.PauseSchedule(
-            pb.PauseScheduleRequest(name=made.name), metadata=world.editor.md, timeout=TIMEOUT_S
+            pb.PauseScheduleRequest(name=made.name),
+            metadata=world.editor.md,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.PERMISSION_DENIED,
     )
     await refused(
         desk.stub.ResumeSchedule(
-            pb.ResumeScheduleRequest(name=made.name), metadata=world.editor.md, timeout=TIMEOUT_S
+            pb.ResumeScheduleRequest(name=made.name),
+            metadata=world.editor.md,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.PERMISSION_DENIED,
     )
@@ -258,7 +268,7 @@ async def test_an_unknown_assistant_is_not_found_and_a_foreign_handler_refused(d
                 assistant=pb.Assistant(display_name="Helper", handler="handlers/echo"),
             ),
             metadata=desk.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     ).assistant
     error = await refused(

@@ -16,11 +16,12 @@ limits and the longest turn hold.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import func, select
@@ -32,12 +33,11 @@ from switchboard.platform.audio import pcm
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import VoiceSessionRow, VoiceTurnRow
 from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings, started
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.speech import COUNTING, says, speak
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     World,
     context_stub,
     create_conversation,
@@ -46,6 +46,7 @@ from tests.kits.contextkit import (
     violations,
 )
 from tests.kits.dispatchkit import Stub, dispatcher_stub, limited
+from tests.kits.modulekit import module_channel_fixture, module_database_url_fixture
 from tests.kits.talkkit import (
     audio,
     ended,
@@ -58,7 +59,12 @@ from tests.kits.talkkit import (
 )
 from tests.kits.talkkit import control as control_frame
 
-pytestmark = pytest.mark.service
+# One server per backend and one audio server for the module (a server per test was
+# most of the module's time): each test works in a workspace, users and a conversation of
+# its own, and counts only its own workspace's sessions. A test whose subject is a
+# setting of the server starts a server of its own (``limited``), on the module's audio
+# server.
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 SHIFT = 40
 
@@ -70,10 +76,20 @@ def counting() -> bytes:
     return pcm.resample(samples, rate, 16_000)
 
 
-@pytest.fixture
-async def audio_server() -> AsyncIterator[FakeAudio]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_audio() -> AsyncIterator[FakeAudio]:
+    # One recognizer for the module: PocketSphinx loads its model once.
     async with FakeAudio() as fake:
         yield fake
+
+
+@pytest.fixture
+def audio_server(module_audio: FakeAudio) -> Iterator[FakeAudio]:
+    """The module's audio server, left as the next test expects it: nothing held, no
+    failure still owed (a test fails more requests than the retries take, and may
+    stop with a transcription still held)."""
+    yield module_audio
+    module_audio.reset()
 
 
 def voice_settings(database_url: str, url: str, **overrides: object) -> Settings:
@@ -82,19 +98,40 @@ def voice_settings(database_url: str, url: str, **overrides: object) -> Settings
         "voice_url": url,
         "egress_allow_loopback": True,
         "voice_max_sessions_per_user": 2,
-        # The echo assistant's answers end with a long note (no model here): sent up to
-        # ten seconds ahead of playback, a run is not held for most of its speech, and
-        # one spoken in full still is for a while (the tests of a busy conversation).
+        # Sent up to ten seconds ahead of playback, a run is not held for most of its
+        # speech, and a long one still is for a while (the tests of a busy conversation):
+        # the echo's answers end with a long note where no model is configured (see
+        # ``SHORT_ANSWERS``).
         "voice_lead_ms": 10_000,
     }
     values.update(overrides)
     return make_settings(**values)
 
 
-@pytest.fixture
-def settings(database_url: str, audio_server: FakeAudio) -> Settings:
+#: Without a model configured, the echo ends every answer with a note on configuring one:
+#: about ten seconds more of speech, which a test that waits for its run's end heard out
+#: (past the ten seconds the speech is sent ahead). With one configured (never called:
+#: every assistant here is the echo), an answer is its words, spoken in a few seconds.
+SHORT_ANSWERS: dict[str, object] = {
+    "llm_base_url": "https://llm.invalid/v1",
+    "llm_model": "unused",
+    "dispatcher_default_handler": "echo",
+}
+
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(
+    module_database_url: str, module_audio: FakeAudio
+) -> AsyncIterator[SwitchboardServer]:
     # On SQLite and on a real PostgreSQL server.
-    return voice_settings(database_url, audio_server.url)
+    settings = voice_settings(module_database_url, module_audio.url, **SHORT_ANSWERS)
+    async with started(settings) as server:
+        yield server
+
+
+channel = module_channel_fixture
 
 
 class Place:
@@ -117,7 +154,7 @@ async def voice_place(
     created = await dispatcher_stub(channel).CreateAssistant(
         pb.CreateAssistantRequest(parent=world.name, assistant=assistant),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     conversation = (await create_conversation(cstub, world.owner, world.name)).name
     return Place(world, created.assistant.name, conversation)
@@ -128,17 +165,27 @@ def stub(channel: aio.Channel) -> Stub:
     return dispatcher_stub(channel)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def place(mesh: SwitchboardServer, channel: aio.Channel) -> Place:
     return await voice_place(mesh, channel)
 
 
-async def stored_sessions(server: SwitchboardServer) -> int:
-    """Voice sessions and turns stored: a refused start leaves neither."""
+async def stored_sessions(server: SwitchboardServer, workspace: str) -> int:
+    """Voice sessions and turns stored in ``workspace``: a refused start leaves neither."""
+    workspace_id = workspace.removeprefix("workspaces/")
 
     def count(db: Session) -> int:
-        sessions = db.execute(select(func.count()).select_from(VoiceSessionRow)).scalar_one()
-        turns = db.execute(select(func.count()).select_from(VoiceTurnRow)).scalar_one()
+        sessions = db.execute(
+            select(func.count())
+            .select_from(VoiceSessionRow)
+            .where(VoiceSessionRow.workspace_id == workspace_id)
+        ).scalar_one()
+        turns = db.execute(
+            select(func.count())
+            .select_from(VoiceTurnRow)
+            .join(VoiceSessionRow, VoiceTurnRow.session_id == VoiceSessionRow.id)
+            .where(VoiceSessionRow.workspace_id == workspace_id)
+        ).scalar_one()
         return int(sessions) + int(turns)
 
     return await server.shared.database.run(count, write=False)
@@ -188,7 +235,7 @@ async def test_a_typed_turn_is_a_message_and_a_run_numbered_from_its_turn(
     message = await context_stub(channel).GetMessage(
         cpb.GetMessageRequest(name=transcript.transcript.message),
         metadata=editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert message.message.parts[0].text == "hello there"
     voice = message.message.metadata.fields["voice"].struct_value.fields
@@ -241,7 +288,7 @@ async def test_a_spoken_question_becomes_a_message_and_a_spoken_answer(
     # The stored user message: the words, and the recording as a file.
     message = (
         await context_stub(channel).GetMessage(
-            cpb.GetMessageRequest(name=heard.message), metadata=editor.md, timeout=TIMEOUT_S
+            cpb.GetMessageRequest(name=heard.message), metadata=editor.md, timeout=CALL_DEADLINE_S
         )
     ).message
     assert message.parts[0].text == heard.text
@@ -297,7 +344,7 @@ async def _a_turn_with_both_transcriptions_held(
             f.WhichOneof("frame") == "event" and f.event.kind == pb.TALK_EVENT_KIND_SPEECH_STOPPED
         )
     )
-    await asyncio.wait_for(audio_server.held(2), TIMEOUT_S)
+    await asyncio.wait_for(audio_server.held(2), CALL_DEADLINE_S)
     assert "transcript:partial" not in talk.kinds()
     return talk
 
@@ -353,7 +400,7 @@ async def test_silence_alone_is_no_turn_and_end_turn_without_one_is_empty(
     talk.half_close()
     assert await talk.rest() == []
     assert not [f for f in talk.frames if f.WhichOneof("frame") == "transcript"]
-    assert await stored_sessions(mesh) == 1  # the session, and no turn
+    assert await stored_sessions(mesh, place.world.name) == 1  # the session, and no turn
 
 
 async def test_client_detection_ignores_audio_outside_a_turn(stub: Stub, place: Place) -> None:
@@ -377,7 +424,9 @@ async def test_client_detection_ignores_audio_outside_a_turn(stub: Stub, place: 
 
 # -- barge-in ------------------------------------------------------------------------------
 
-LONG = "one two three four five six seven eight nine ten. " * 3
+#: An answer spoken for about half a minute: its run is still sending speech, at least
+#: fifteen seconds ahead of its end, when the test stops or speaks over it.
+LONG = "one two three four five six seven eight nine ten. " * 6
 
 
 def first_speech(frame: pb.TalkResponse) -> bool:
@@ -472,7 +521,7 @@ async def test_a_failed_transcription_drops_the_turn_and_the_session_goes_on(
     info = error_details_pb2.ErrorInfo()
     assert any(d.Unpack(info) for d in failed.error.details)
     assert info.reason == "ERROR_REASON_SPEECH_UNAVAILABLE"
-    assert await stored_sessions(mesh) == 1  # the session, no turn
+    assert await stored_sessions(mesh, place.world.name) == 1  # the session, no turn
     # The next turn is taken as the first.
     await talk.send(pb.TalkRequest(text="and now in writing"))
     transcript = await talk.until(lambda f: f.WhichOneof("frame") == "transcript")
@@ -499,13 +548,13 @@ async def test_a_refused_message_drops_the_turn_with_its_status(
     refused = await talk.until(lambda f: f.WhichOneof("frame") == "error")
     assert refused.error.code == grpc.StatusCode.ABORTED.value[0]
     assert refused.sequence == 0
-    # Stopped rather than heard out: its speech plays in real time (ten seconds more).
+    # Stopped rather than heard out: its speech plays in real time (a quarter minute more).
     await talk.send(control_frame(pb.TALK_ACTION_INTERRUPT, heard.sequence))
     await talk.until(ended)
     talk.half_close()
     await talk.rest()
     assert [f.transcript.turn for f in talk.frames if f.WhichOneof("frame") == "transcript"] == [1]
-    assert await stored_sessions(mesh) == 2  # the session and its one turn
+    assert await stored_sessions(mesh, place.world.name) == 2  # the session and its one turn
 
 
 # -- bad starts: precise errors, nothing stored ------------------------------------------
@@ -537,7 +586,7 @@ async def test_a_bad_start_is_invalid_argument_naming_the_field(
         start(place.conversation, place.assistant, **fields),
     )
     assert violations(error) == [field]
-    assert await stored_sessions(mesh) == 0
+    assert await stored_sessions(mesh, place.world.name) == 0
 
 
 @pytest.mark.parametrize("ms", [100, 6_000])
@@ -576,7 +625,7 @@ async def test_access_to_the_conversation_is_checked_at_start(
         grpc.StatusCode.NOT_FOUND,
         start(place.world.name + "/conversations/nosuchconversation", place.assistant),
     )
-    assert await stored_sessions(mesh) == 0
+    assert await stored_sessions(mesh, place.world.name) == 0
 
 
 async def test_an_assistant_without_voice_is_speech_not_configured(
@@ -597,7 +646,7 @@ async def test_an_assistant_without_voice_is_speech_not_configured(
         stub, mute.world.editor, grpc.StatusCode.FAILED_PRECONDITION, start(mute.conversation)
     )
     assert reason(error) == "ERROR_REASON_SPEECH_NOT_CONFIGURED"
-    assert await stored_sessions(mesh) == 0
+    assert await stored_sessions(mesh, mute.world.name) == 0
 
 
 async def test_a_server_without_a_speech_endpoint_is_speech_not_configured(
@@ -625,7 +674,7 @@ async def test_a_session_ends_when_its_user_loses_the_conversation(
     await context_stub(channel).RemoveWorkspaceMember(
         cpb.RemoveWorkspaceMemberRequest(name=member_name(place.world.name, editor)),
         metadata=place.world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     error = await talk.failure()
     assert error.code() == grpc.StatusCode.NOT_FOUND
@@ -687,8 +736,9 @@ async def test_an_idle_session_ends_deadline_exceeded_and_resumes(
         voice_url=audio_server.url,
         egress_allow_loopback=True,
         voice_idle_timeout_s=1.0,
-        # The answer is sent ahead of playback, not at its pace (13 s of it).
+        # The answer is sent ahead of playback, not at its pace.
         voice_lead_ms=10_000,
+        **SHORT_ANSWERS,
     ) as (server, _context, dstub):
         async with aio.insecure_channel(server.address) as channel:
             place = await voice_place(server, channel)

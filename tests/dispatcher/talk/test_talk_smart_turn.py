@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.protobuf import field_mask_pb2
 from grpc import aio
 
@@ -28,15 +29,19 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.audio import pcm
 from switchboard.platform.audio.endpoint import SMART_TURN_FILE
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.settings import Settings
+from tests.conftest import CALL_DEADLINE_S, started
 from tests.dispatcher.talk.test_talk import Place, session_of, voice_place, voice_settings
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.speech import COUNTING, says, speak
-from tests.kits.contextkit import TIMEOUT_S, context_stub, violations
+from tests.kits.contextkit import context_stub, violations
 from tests.kits.dispatchkit import Stub, dispatcher_stub
+from tests.kits.modulekit import module_channel_fixture, module_database_url_fixture
 from tests.kits.talkkit import Talk, open_talk, refused_talk, silence, start
 
-pytestmark = pytest.mark.service
+# One server per backend and one audio server for the module (a server and a model per
+# test were a third of its time): each test works in a workspace, users and a
+# conversation of its own.
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 MODELS = Path(__file__).resolve().parents[3] / ".tools" / "models"
 
@@ -61,17 +66,27 @@ def ended() -> bytes:
     return silence(300) + spoken(COUNTING)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def audio_server() -> AsyncIterator[FakeAudio]:
     async with FakeAudio() as fake:
         yield fake
 
 
-@pytest.fixture
-def settings(database_url: str, audio_server: FakeAudio) -> Settings:
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(
+    module_database_url: str, audio_server: FakeAudio
+) -> AsyncIterator[SwitchboardServer]:
     if not (MODELS / SMART_TURN_FILE).is_file():
         pytest.fail(f"no {SMART_TURN_FILE} in {MODELS}: run scripts/install-tools.sh")
-    return voice_settings(database_url, audio_server.url, voice_turn_models=str(MODELS))
+    settings = voice_settings(module_database_url, audio_server.url, voice_turn_models=str(MODELS))
+    async with started(settings) as server:
+        yield server
+
+
+channel = module_channel_fixture
 
 
 @pytest.fixture
@@ -79,7 +94,7 @@ def stub(channel: aio.Channel) -> Stub:
     return dispatcher_stub(channel)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def place(mesh: SwitchboardServer, channel: aio.Channel) -> Place:
     return await voice_place(mesh, channel)
 
@@ -166,7 +181,7 @@ async def test_an_ended_sentence_ends_at_the_models_word_before_the_silence(
     assert heard.audio_ms < pcm.duration_ms(len(ended), 16_000) + 400
     message = (
         await context_stub(channel).GetMessage(
-            cpb.GetMessageRequest(name=heard.message), metadata=editor.md, timeout=TIMEOUT_S
+            cpb.GetMessageRequest(name=heard.message), metadata=editor.md, timeout=CALL_DEADLINE_S
         )
     ).message
     voice = message.metadata.fields["voice"].struct_value.fields
@@ -192,7 +207,7 @@ async def test_the_assistants_settings_apply_and_the_start_overrides_them(
             update_mask=field_mask_pb2.FieldMask(paths=["voice"]),
         ),
         metadata=owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     talk = open_talk(stub, place.world.editor, start(place.conversation, place.assistant))
     session = await session_of(talk)
@@ -242,7 +257,7 @@ async def test_an_assistant_with_an_unknown_detector_is_refused(
                 update_mask=field_mask_pb2.FieldMask(paths=["voice"]),
             ),
             metadata=place.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(caught.value) == [

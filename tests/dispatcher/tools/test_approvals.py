@@ -25,11 +25,10 @@ from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.mesh import create_server
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.values.resources import RunName
-from tests.conftest import fresh_database_url, make_settings
+from tests.conftest import CALL_DEADLINE_S, fresh_database_url, make_settings
 from tests.dispatcher.tools.test_tool_runs import (
     SLOW,
     SUM,
-    TIMEOUT_S,
     _decide,
     _paused,
     _prepare,
@@ -89,7 +88,7 @@ async def test_an_approved_call_runs_after_the_pause(everything: EverythingServe
                     ],
                 ),
                 metadata=tools.world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.PERMISSION_DENIED,
         )
@@ -145,7 +144,9 @@ async def test_a_message_queued_behind_a_run_waiting_for_approval_says_what_it_w
         assert (shown.state, shown.queued_behind) == (pb.RUN_STATE_QUEUED, behind)
 
         watch = tools.dstub.WatchRun(
-            pb.WatchRunRequest(name=second.name), metadata=tools.world.viewer.md, timeout=TIMEOUT_S
+            pb.WatchRunRequest(name=second.name),
+            metadata=tools.world.viewer.md,
+            timeout=CALL_DEADLINE_S,
         )
         seen: list[pb.RunUpdate] = []
 
@@ -355,7 +356,9 @@ async def test_approvals_over_converse(everything: EverythingServer) -> None:
             while (frame := await outgoing.get()) is not None:
                 yield frame
 
-        stream = tools.dstub.Converse(frames(), metadata=tools.world.editor.md, timeout=TIMEOUT_S)
+        stream = tools.dstub.Converse(
+            frames(), metadata=tools.world.editor.md, timeout=CALL_DEADLINE_S
+        )
         await outgoing.put(
             pb.ConverseRequest(client_request_id="s", send_message=ask(tools, "1+1"))
         )

@@ -30,11 +30,10 @@ from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import SigningKey, private_key_pem
-from tests.conftest import fresh_database_url, make_settings
+from tests.conftest import CALL_DEADLINE_S, fresh_database_url, make_settings
 from tests.dispatcher.budgets.test_service import add_budget, daily, window
 from tests.dispatcher.tools.test_tool_runs import (
     SLOW,
-    TIMEOUT_S,
     Tools,
     _paused,
     _prepare,
@@ -148,7 +147,7 @@ async def _decide(
             ],
         ),
         metadata=tools.world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.run
 
@@ -251,7 +250,7 @@ async def test_a_retry_safe_tool_in_flight_is_sent_again_without_asking(
                 update_mask=field_mask_pb2.FieldMask(paths=["retry_safe"]),
             ),
             metadata=tools.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
 
     async with (

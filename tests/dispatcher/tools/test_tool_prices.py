@@ -30,7 +30,7 @@ from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpeverything import EverythingServer
 from tests.infra.mcpserver import McpTestServer
@@ -41,7 +41,6 @@ from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = pytest.mark.service
 
-TIMEOUT_S = 20.0
 SUM = "ev__get-sum"
 ECHO = "ev__echo"
 #: get-sum's own price; any other tool of the integration costs DEFAULT.
@@ -112,7 +111,7 @@ async def priced_mesh(everything: EverythingServer) -> AsyncIterator[Priced]:
                         ),
                     ),
                     metadata=world.owner.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 dstub = dispatcher_stub(channel)
                 assistant = await dstub.CreateAssistant(
@@ -127,7 +126,7 @@ async def priced_mesh(everything: EverythingServer) -> AsyncIterator[Priced]:
                         ),
                     ),
                     metadata=world.owner.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 conversation = await create_conversation(stub, world.editor, world.name)
                 yield Priced(
@@ -157,14 +156,14 @@ async def budget(priced: Priced, cost: int) -> pb.Budget:
             ),
         ),
         metadata=priced.world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.budget
 
 
 async def usage(priced: Priced, name: str) -> pb.BudgetUsage:
     response = await priced.dstub.GetBudget(
-        pb.GetBudgetRequest(name=name), metadata=priced.world.viewer.md, timeout=TIMEOUT_S
+        pb.GetBudgetRequest(name=name), metadata=priced.world.viewer.md, timeout=CALL_DEADLINE_S
     )
     return response.budget.usage
 
@@ -177,7 +176,7 @@ async def send(priced: Priced, text: str) -> pb.Run:
             message=cpb.Message(parts=[cpb.ContentPart(text=text)]),
         ),
         metadata=priced.world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return sent.run
 
@@ -274,7 +273,7 @@ async def test_a_budget_without_room_for_the_price_pauses_before_the_call(
                 update_mask=field_mask_pb2.FieldMask(paths=["cost_limit_micros"]),
             ),
             metadata=priced.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert raised.budget.cost_limit_micros == 1_000_000
         seen = await watch_all(priced.dstub, priced.world.viewer, run.name)
@@ -315,7 +314,7 @@ async def test_a_run_cancelled_at_the_cap_reports_what_it_was_charged(
         cancelled = await priced.dstub.CancelRun(
             pb.CancelRunRequest(name=run.name),
             metadata=priced.world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         spent = await usage(priced, made.name)
 
@@ -352,7 +351,7 @@ async def test_a_call_the_tool_answered_with_an_error_is_charged(
                     ),
                 ),
                 metadata=priced.world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             priced.assistant = assistant.assistant.name
             priced.fake.script(

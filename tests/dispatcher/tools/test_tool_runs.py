@@ -29,7 +29,7 @@ from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpeverything import EverythingServer
@@ -56,7 +56,6 @@ from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = pytest.mark.service
 
-TIMEOUT_S = 20.0
 SUM = "ev__get-sum"
 SLOW = "ev__trigger-long-running-operation"
 IMAGE = "ev__get-tiny-image"
@@ -132,7 +131,7 @@ async def _prepare(
             ),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return Tools(
         channel,
@@ -196,14 +195,16 @@ def kinds(seen: Watched) -> list[str]:
 
 
 async def _send(tools: Tools, request: pb.SendMessageRequest) -> pb.Run:
-    sent = await tools.dstub.SendMessage(request, metadata=tools.world.editor.md, timeout=TIMEOUT_S)
+    sent = await tools.dstub.SendMessage(
+        request, metadata=tools.world.editor.md, timeout=CALL_DEADLINE_S
+    )
     return sent.run
 
 
 async def _paused(tools: Tools, run: str) -> tuple[aio.UnaryStreamCall[Any, Any], pb.Run]:
     """Watch ``run`` until it is REQUIRES_ACTION; the call stays open."""
     call = tools.dstub.WatchRun(
-        pb.WatchRunRequest(name=run), metadata=tools.world.viewer.md, timeout=TIMEOUT_S
+        pb.WatchRunRequest(name=run), metadata=tools.world.viewer.md, timeout=CALL_DEADLINE_S
     )
     seen: list[pb.RunUpdate] = []
 
@@ -231,7 +232,7 @@ async def _decide(tools: Tools, run: str, call_id: str, decision: int, reason: s
             ],
         ),
         metadata=tools.world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.run
 
@@ -449,7 +450,7 @@ async def test_describe_conversation_shows_the_assistant_tools_and_approvals(
                 conversation=tools.conversation, assistant=tools.assistant
             ),
             metadata=tools.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert described.assistant.name == tools.assistant
         assert described.handler.name == "handlers/llm"
@@ -464,7 +465,7 @@ async def test_describe_conversation_shows_the_assistant_tools_and_approvals(
             tools.dstub.DescribeConversation(
                 pb.DescribeConversationRequest(conversation=tools.conversation),
                 metadata=tools.world.outsider.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.NOT_FOUND,
         )
@@ -474,7 +475,7 @@ async def test_describe_conversation_shows_the_assistant_tools_and_approvals(
                     conversation=f"{tools.world.name}/conversations/gone"
                 ),
                 metadata=tools.world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             grpc.StatusCode.NOT_FOUND,
         )
@@ -539,7 +540,7 @@ async def test_a_dropped_tool_call_and_then_its_open_circuit_are_told_to_the_mod
                     ),
                 ),
                 metadata=tools.world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             # The server dies during the first call (the connection drops): one
             # failure opens the circuit, so the model's next call is refused at once.
@@ -575,7 +576,7 @@ async def test_tool_calls_and_results_are_run_updated_events(everything: Everyth
                 types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
             ),
             metadata=tools.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         await stream.wait_for_connection()
         await _send(tools, ask(tools, "7 + 8?"))

@@ -29,12 +29,12 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.audio import pcm
 from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import CALL_DEADLINE_S
 from tests.fakes.audio_server import FakeAudio
 from tests.fakes.openai_server import FakeOpenAI, Reply, echo_reply
 from tests.infra.speech import COUNTING, says, speak
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Caller,
     Stub,
     World,
@@ -109,7 +109,7 @@ async def room(*, voice: pb.VoiceSettings | None = None, **overrides: Any) -> As
                     ),
                 ),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             yield Room(server, stub, dstub, world, conversation, made.assistant, llm, audio)
 
@@ -155,13 +155,13 @@ async def upload(r: Room, data: bytes, media_type: str, display_name: str) -> cp
         yield cpb.UploadFileRequest(chunk=data)
         yield cpb.UploadFileRequest(sha256=hashlib.sha256(data).hexdigest())
 
-    response = await r.stub.UploadFile(frames(), metadata=r.caller.md, timeout=TIMEOUT_S)
+    response = await r.stub.UploadFile(frames(), metadata=r.caller.md, timeout=CALL_DEADLINE_S)
     return response.file
 
 
 async def send(r: Room, request: pb.SendMessageRequest) -> pb.SendMessageResponse:
     response: pb.SendMessageResponse = await r.dstub.SendMessage(
-        request, metadata=r.caller.md, timeout=TIMEOUT_S
+        request, metadata=r.caller.md, timeout=CALL_DEADLINE_S
     )
     return response
 
@@ -190,7 +190,9 @@ def voice_of(message: cpb.Message) -> dict[str, Any]:
 async def watching_until(
     r: Room, run: str, done: Callable[[list[pb.RunUpdate]], bool]
 ) -> tuple[Any, list[pb.RunUpdate]]:
-    call = r.dstub.WatchRun(pb.WatchRunRequest(name=run), metadata=r.caller.md, timeout=TIMEOUT_S)
+    call = r.dstub.WatchRun(
+        pb.WatchRunRequest(name=run), metadata=r.caller.md, timeout=CALL_DEADLINE_S
+    )
     seen: list[pb.RunUpdate] = []
     await read_until(call, seen, done)
     return call, seen
@@ -293,7 +295,7 @@ async def test_cancel_with_heard_through_stores_what_was_heard() -> None:
                 name=sent.run.name, reason="barge-in", heard_through_sequence=last_heard.sequence
             ),
             metadata=r.caller.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         gate.set()
         seen = await watch_all(r.dstub, r.caller, sent.run.name)
@@ -430,7 +432,7 @@ async def test_transcription_errors_are_precise_and_store_nothing(counting: byte
 
         async def refuses(request: pb.SendMessageRequest, code: grpc.StatusCode) -> Any:
             return await refused(
-                r.dstub.SendMessage(request, metadata=r.caller.md, timeout=TIMEOUT_S), code
+                r.dstub.SendMessage(request, metadata=r.caller.md, timeout=CALL_DEADLINE_S), code
             )
 
         def transcribing(*parts: cpb.ContentPart) -> pb.SendMessageRequest:
@@ -484,12 +486,12 @@ async def test_speech_needs_an_engine_and_an_assistant_with_a_voice() -> None:
                 parent=r.world.name, assistant=pb.Assistant(display_name="Mute")
             ),
             metadata=r.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         request = asking(r.conversation, text("hello there"))
         request.assistant = plain.assistant.name
         error = await refused(
-            r.dstub.SendMessage(request, metadata=r.caller.md, timeout=TIMEOUT_S),
+            r.dstub.SendMessage(request, metadata=r.caller.md, timeout=CALL_DEADLINE_S),
             CODE.FAILED_PRECONDITION,
         )
         assert reason(error) == "ERROR_REASON_SPEECH_NOT_CONFIGURED"
@@ -498,7 +500,7 @@ async def test_speech_needs_an_engine_and_an_assistant_with_a_voice() -> None:
         forced = asking(r.conversation, text("hello there"))
         forced.handler = "handlers/echo"
         error = await refused(
-            r.dstub.SendMessage(forced, metadata=r.caller.md, timeout=TIMEOUT_S),
+            r.dstub.SendMessage(forced, metadata=r.caller.md, timeout=CALL_DEADLINE_S),
             CODE.FAILED_PRECONDITION,
         )
         assert reason(error) == "ERROR_REASON_SPEECH_NOT_CONFIGURED"
@@ -508,7 +510,7 @@ async def test_speech_needs_an_engine_and_an_assistant_with_a_voice() -> None:
                 conversation=r.conversation, message=cpb.Message(parts=[text("hi")])
             ),
             metadata=r.caller.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert not sent.run.HasField("speech")
     async with (
@@ -519,7 +521,9 @@ async def test_speech_needs_an_engine_and_an_assistant_with_a_voice() -> None:
         conversation = (await create_conversation(stub, world.editor, world.name)).name
         error = await refused(
             dstub.SendMessage(
-                asking(conversation, text("hello")), metadata=world.editor.md, timeout=TIMEOUT_S
+                asking(conversation, text("hello")),
+                metadata=world.editor.md,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.FAILED_PRECONDITION,
         )
@@ -548,7 +552,7 @@ async def test_assistant_voice_settings_are_validated_and_stored() -> None:
                     parent=r.world.name, assistant=pb.Assistant(display_name="Bad", voice=bad)
                 ),
                 metadata=owner,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ),
             CODE.INVALID_ARGUMENT,
         )
@@ -567,7 +571,7 @@ async def test_assistant_voice_settings_are_validated_and_stored() -> None:
                     parent=r.world.name, assistant=pb.Assistant(display_name="Good", voice=good)
                 ),
                 metadata=owner,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         ).assistant
         assert made.voice == good
@@ -578,13 +582,13 @@ async def test_assistant_voice_settings_are_validated_and_stored() -> None:
                     assistant=changed, update_mask=field_mask_pb2.FieldMask(paths=["voice"])
                 ),
                 metadata=owner,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         ).assistant
         assert updated.voice == pb.VoiceSettings(voice="nova", language="fr")
         assert updated.display_name == "Good"
         got = await r.dstub.GetAssistant(
-            pb.GetAssistantRequest(name=made.name), metadata=owner, timeout=TIMEOUT_S
+            pb.GetAssistantRequest(name=made.name), metadata=owner, timeout=CALL_DEADLINE_S
         )
         assert got.assistant.voice == updated.voice
         # Cleared with the mask and no value.
@@ -595,7 +599,7 @@ async def test_assistant_voice_settings_are_validated_and_stored() -> None:
                     update_mask=field_mask_pb2.FieldMask(paths=["voice"]),
                 ),
                 metadata=owner,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         ).assistant
         assert not cleared.HasField("voice")

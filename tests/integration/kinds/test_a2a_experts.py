@@ -32,6 +32,7 @@ from switchboard.platform.errors import DestinationBlocked
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.values.idempotency import call_key, handler_key
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.a2aproc import A2AAgentProcess
 from tests.e2e.expertkit import (
     istub_fixture,
@@ -225,7 +226,7 @@ async def test_cancelling_the_run_cancels_the_remote_task(
     assert f"cancel {task_id}" in agent.lines()
     async with aio.insecure_channel(f"127.0.0.1:{agent.grpc_port}") as channel:
         stub = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
-        task = await stub.GetTask(a2a.GetTaskRequest(id=task_id), timeout=10)
+        task = await stub.GetTask(a2a.GetTaskRequest(id=task_id), timeout=CALL_DEADLINE_S)
     assert task.status.state == a2a.TASK_STATE_CANCELED
 
 
@@ -311,7 +312,7 @@ async def test_a_card_naming_a_refused_interface_is_not_followed(
         client = A2AAgent(pointing.card_url, only_card_host, allow_plain_http=True)
         try:
             with pytest.raises(DestinationBlocked):
-                await client.probe(5)
+                await client.probe(CALL_DEADLINE_S)
         finally:
             await client.close()
 
@@ -324,14 +325,14 @@ async def test_the_connector_probes_lists_and_calls_the_agent(agent: A2AAgentPro
         A2AAgent(agent.card_url, LOOPBACK, credential=TOKEN, allow_plain_http=True)
     )
     try:
-        await connector.probe(5)
-        tools = await connector.list_tools(5)
+        await connector.probe(CALL_DEADLINE_S)
+        tools = await connector.list_tools(CALL_DEADLINE_S)
         assert [(tool.name, tool.title) for tool in tools] == [(TOOL_NAME, "Test agent")]
         key = call_key("workspaces/w1/runs/r1", "call-1")
         result = await connector.call_tool(
             TOOL_NAME,
             {"input": "a tool call"},
-            timeout_s=10,
+            timeout_s=CALL_DEADLINE_S,
             max_result_bytes=10_000,
             idempotency_key=key,
         )
@@ -343,13 +344,13 @@ async def test_the_connector_probes_lists_and_calls_the_agent(agent: A2AAgentPro
         task = result.structured["a2a_task"]["task"]
         assert f"message {task} {key}" in agent.lines()
         failed = await connector.call_tool(
-            TOOL_NAME, {"input": "fail"}, timeout_s=10, max_result_bytes=10_000
+            TOOL_NAME, {"input": "fail"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
         )
         assert failed.is_error
         assert failed.text.endswith("failed the task: cannot do that")
         # Without a key, an id of its own for each call.
         unkeyed = await connector.call_tool(
-            TOOL_NAME, {"input": "no key"}, timeout_s=10, max_result_bytes=10_000
+            TOOL_NAME, {"input": "no key"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
         )
         assert unkeyed.structured is not None
         task = unkeyed.structured["a2a_task"]["task"]
@@ -361,7 +362,7 @@ async def test_the_connector_probes_lists_and_calls_the_agent(agent: A2AAgentPro
     bare = A2AAgentConnector(A2AAgent(agent.card_url, LOOPBACK, allow_plain_http=True))
     try:
         refused = await bare.call_tool(
-            TOOL_NAME, {"input": "x"}, timeout_s=10, max_result_bytes=10_000
+            TOOL_NAME, {"input": "x"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
         )
         assert refused.is_error
         assert "rejected the task: no valid token" in refused.text
@@ -372,12 +373,12 @@ async def test_the_connector_probes_lists_and_calls_the_agent(agent: A2AAgentPro
 async def test_the_probe_follows_the_agent_down_and_up(agent: A2AAgentProcess) -> None:
     client = A2AAgent(agent.card_url, LOOPBACK, allow_plain_http=True)
     try:
-        await client.probe(5)
+        await client.probe(CALL_DEADLINE_S)
         agent.kill()
         with pytest.raises(Exception, match=r"unreachable|could not be read"):
-            await client.probe(5)
+            await client.probe(CALL_DEADLINE_S)
         with A2AAgentProcess(port=agent.port, grpc_port=agent.grpc_port):
-            await client.probe(5)
+            await client.probe(CALL_DEADLINE_S)
     finally:
         await client.close()
 
@@ -436,6 +437,6 @@ async def test_an_agent_registered_through_one_process_is_routed_by_another(
             await istub.DeleteIntegration(
                 ipb.DeleteIntegrationRequest(name=f"{workspace.name}/integrations/faraway"),
                 metadata=me.md,
-                timeout=10,
+                timeout=CALL_DEADLINE_S,
             )
             await until_listed(dstub, world, handler, available=None)

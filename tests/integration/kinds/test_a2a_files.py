@@ -22,12 +22,13 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.kinds.a2a import MAX_SENT_FILE_BYTES
 from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import CALL_DEADLINE_S
 from tests.context.files.test_files_runs import asking, at, inline, named, text
 from tests.e2e.a2aproc import A2AAgentProcess
 from tests.e2e.expertkit import istub_fixture, served_fixture, until_listed, world_fixture
 from tests.infra.httprecorder import Recorder, recording
 from tests.infra.httprecorder import Reply as HttpReply
-from tests.kits.contextkit import TIMEOUT_S, Caller, World, create_conversation
+from tests.kits.contextkit import Caller, World, create_conversation
 from tests.kits.contextkit import Stub as CStub
 from tests.kits.dispatchkit import Stub as DStub
 from tests.kits.dispatchkit import send, watch_all
@@ -81,7 +82,7 @@ async def _upload(
             yield cpb.UploadFileRequest(chunk=data[start : start + CHUNK_BYTES])
         yield cpb.UploadFileRequest(sha256=hashlib.sha256(data).hexdigest())
 
-    response = await stub.UploadFile(frames(), metadata=caller.md, timeout=TIMEOUT_S)
+    response = await stub.UploadFile(frames(), metadata=caller.md, timeout=CALL_DEADLINE_S)
     return response.file
 
 

@@ -15,9 +15,10 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.mcpeverything import EVERYTHING_MAIN, PACKAGES, EverythingServer
 from tests.infra.webhookreceiver import until
-from tests.kits.contextkit import TIMEOUT_S, World, context_stub, ctx_world, refused, violations
+from tests.kits.contextkit import World, context_stub, ctx_world, refused, violations
 from tests.kits.integrationkit import Stub, create, hub_mesh, integration_stub
 
 pytestmark = pytest.mark.service
@@ -60,7 +61,7 @@ async def _all_tools(stub: Stub, world: World, parent: str) -> list[ipb.Tool]:
         page = await stub.ListTools(
             ipb.ListToolsRequest(parent=parent, page_size=3, page_token=token),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         tools += page.tools
         token = page.next_page_token
@@ -79,14 +80,14 @@ async def test_the_reference_servers_tools_are_listed_and_invoked(
     echoed = await stub.InvokeTool(
         ipb.InvokeToolRequest(name=tools["echo"].name, arguments=arguments(message="hello hub")),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert "hello hub" in echoed.text
     assert not echoed.is_error
     summed = await stub.InvokeTool(
         ipb.InvokeToolRequest(name=tools["get-sum"].name, arguments=arguments(a=2, b=3)),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert "5" in summed.text
 
@@ -101,7 +102,7 @@ async def test_arguments_that_break_the_schema_never_reach_the_server(
         stub.InvokeTool(
             ipb.InvokeToolRequest(name=tool, arguments=arguments(a="two")),
             metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.INVALID_ARGUMENT,
     )
@@ -120,7 +121,7 @@ async def test_a_deadline_cancels_the_call_on_the_server(
     )
     before = everything.stderr().count("observed cancel")
     error = await refused(
-        stub.InvokeTool(slow, metadata=world.editor.md, timeout=TIMEOUT_S),
+        stub.InvokeTool(slow, metadata=world.editor.md, timeout=CALL_DEADLINE_S),
         CODE.DEADLINE_EXCEEDED,
     )
     assert made.name in (error.details() or "")
@@ -138,7 +139,7 @@ async def test_an_operator_configured_stdio_server_is_named_not_defined(
     echoed = await stub.InvokeTool(
         ipb.InvokeToolRequest(name=f"{made.name}/tools/echo", arguments=arguments(message="hi")),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert "hi" in echoed.text
     # A command in the request is not a thing: only the operator's ids exist.

@@ -25,16 +25,18 @@ from switchboard.integration.kinds.mcp import McpConnector, StdioServer, parse_s
 from switchboard.integration.ports.connectors import ToolNotFound, Unreachable
 from switchboard.platform.errors import DestinationBlocked, InvalidArgument, ResultTooLarge
 from switchboard.platform.security.egress import EgressPolicy
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.mcpeverything import EVERYTHING_MAIN, EverythingServer
 from tests.infra.mcpserver import McpTestServer
 
 pytestmark = pytest.mark.service
 
 LOOPBACK = EgressPolicy(allow_loopback=True)
-DEADLINE_S = 15.0
 
 
-async def eventually(condition: Callable[[], Any], what: str, timeout_s: float = DEADLINE_S) -> Any:
+async def eventually(
+    condition: Callable[[], Any], what: str, timeout_s: float = CALL_DEADLINE_S
+) -> Any:
     """Poll ``condition`` until it returns something truthy, or fail naming ``what``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -87,7 +89,7 @@ async def sdk(sdk_server: McpTestServer) -> AsyncIterator[McpConnector]:
 
 
 async def stats(mcp: McpConnector) -> dict[str, Any]:
-    result = await mcp.call_tool("stats", {}, timeout_s=10, max_result_bytes=100_000)
+    result = await mcp.call_tool("stats", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100_000)
     assert result.structured is not None
     return dict(result.structured)
 
@@ -140,8 +142,10 @@ def test_an_unconfigured_stdio_server_is_refused() -> None:
 
 
 async def test_everything_lists_its_tools(everything_http: McpConnector) -> None:
-    await everything_http.probe(timeout_s=10)
-    tools = {tool.name: tool for tool in await everything_http.list_tools(timeout_s=10)}
+    await everything_http.probe(timeout_s=CALL_DEADLINE_S)
+    tools = {
+        tool.name: tool for tool in await everything_http.list_tools(timeout_s=CALL_DEADLINE_S)
+    }
     assert {"echo", "get-sum", "trigger-long-running-operation"} <= tools.keys()
     # Registered once the client is initialized, and announced with list_changed.
     assert "simulate-research-query" in tools
@@ -152,12 +156,12 @@ async def test_everything_lists_its_tools(everything_http: McpConnector) -> None
 
 async def test_everything_echo_and_add(everything_http: McpConnector) -> None:
     echo = await everything_http.call_tool(
-        "echo", {"message": "hello"}, timeout_s=10, max_result_bytes=10_000
+        "echo", {"message": "hello"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
     )
     assert echo.text == "Echo: hello"
     assert not echo.is_error
     total = await everything_http.call_tool(
-        "get-sum", {"a": 2, "b": 3}, timeout_s=10, max_result_bytes=10_000
+        "get-sum", {"a": 2, "b": 3}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
     )
     assert total.text == "The sum of 2 and 3 is 5."
 
@@ -165,7 +169,7 @@ async def test_everything_echo_and_add(everything_http: McpConnector) -> None:
 async def test_everything_image_comes_back_as_a_file(everything_http: McpConnector) -> None:
     """server-everything's get-tiny-image: text, a PNG, text."""
     result = await everything_http.call_tool(
-        "get-tiny-image", {}, timeout_s=10, max_result_bytes=100_000
+        "get-tiny-image", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100_000
     )
     (image,) = result.files
     assert image.inline_data.startswith(b"\x89PNG\r\n\x1a\n")
@@ -179,7 +183,7 @@ async def test_everything_image_comes_back_as_a_file(everything_http: McpConnect
     # The decoded image counts against the result's limit.
     with pytest.raises(ResultTooLarge):
         await everything_http.call_tool(
-            "get-tiny-image", {}, timeout_s=10, max_result_bytes=len(image.inline_data)
+            "get-tiny-image", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=len(image.inline_data)
         )
 
 
@@ -190,7 +194,7 @@ async def test_everything_embedded_resources_come_back_as_files(
     result = await everything_http.call_tool(
         "get-resource-reference",
         {"resourceType": kind, "resourceId": 3},
-        timeout_s=10,
+        timeout_s=CALL_DEADLINE_S,
         max_result_bytes=100_000,
     )
     (found,) = result.files
@@ -204,7 +208,9 @@ async def test_everything_embedded_resources_come_back_as_files(
 
 async def test_everything_unknown_tool_is_not_found(everything_http: McpConnector) -> None:
     with pytest.raises(ToolNotFound, match="no-such-tool"):
-        await everything_http.call_tool("no-such-tool", {}, timeout_s=10, max_result_bytes=1000)
+        await everything_http.call_tool(
+            "no-such-tool", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000
+        )
 
 
 async def test_everything_long_running_operation_reports_progress_and_is_cancelled(
@@ -226,7 +232,7 @@ async def test_everything_long_running_operation_reports_progress_and_is_cancell
             progress=progress,
         )
     )
-    await asyncio.wait_for(first.wait(), DEADLINE_S)
+    await asyncio.wait_for(first.wait(), CALL_DEADLINE_S)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -267,15 +273,15 @@ async def test_everything_over_stdio() -> None:
     mcp = McpConnector(
         "stdio:everything",
         egress=EgressPolicy(),
-        connect_timeout_s=20,
+        connect_timeout_s=CALL_DEADLINE_S,
         stdio=server,
         on_tools_changed=lambda: changes.append(1),
     )
     try:
-        names = {tool.name for tool in await mcp.list_tools(timeout_s=20)}
+        names = {tool.name for tool in await mcp.list_tools(timeout_s=CALL_DEADLINE_S)}
         assert {"echo", "get-sum"} <= names
         result = await mcp.call_tool(
-            "echo", {"message": "over stdio"}, timeout_s=10, max_result_bytes=1000
+            "echo", {"message": "over stdio"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000
         )
         assert result.text == "Echo: over stdio"
         # Over stdio the list_changed sent after initialization always arrives.
@@ -297,32 +303,34 @@ async def test_tools_list_is_paginated_and_cached_until_list_changed(
     changes: list[int] = []
     mcp = connector(sdk_server.url, on_tools_changed=lambda: changes.append(1))
     try:
-        tools = await mcp.list_tools(timeout_s=10)
+        tools = await mcp.list_tools(timeout_s=CALL_DEADLINE_S)
         names = [tool.name for tool in tools]
         # Three tools a page: the listing took four pages.
         assert len(names) == len(set(names)) >= 10
         assert {"echo", "slow", "filler3", "stats"} <= set(names)
         assert next(t for t in tools if t.name == "slow").title == "Slow tool"
         before = (await stats(mcp))["list_calls"]
-        await mcp.list_tools(timeout_s=10)
+        await mcp.list_tools(timeout_s=CALL_DEADLINE_S)
         assert (await stats(mcp))["list_calls"] == before
 
         # The notification arrives on the standalone GET stream: wait until it is open.
         await eventually_async(lambda: _get_stream_open(mcp), "the GET stream")
         name = f"added-{uuid.uuid4().hex[:8]}"
-        await mcp.call_tool("add_tool", {"name": name}, timeout_s=10, max_result_bytes=1000)
+        await mcp.call_tool(
+            "add_tool", {"name": name}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000
+        )
         await eventually(lambda: changes, "notifications/tools/list_changed")
-        names_after = {tool.name for tool in await mcp.list_tools(timeout_s=10)}
+        names_after = {tool.name for tool in await mcp.list_tools(timeout_s=CALL_DEADLINE_S)}
         assert name in names_after
         # The new tool is callable without a listing of the caller's own.
-        result = await mcp.call_tool(name, {}, timeout_s=10, max_result_bytes=1000)
+        result = await mcp.call_tool(name, {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000)
         assert result.text == name
     finally:
         await mcp.close()
 
 
 async def eventually_async(condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + CALL_DEADLINE_S
     while time.monotonic() < deadline:
         value = await condition()
         if value:
@@ -343,7 +351,7 @@ async def test_a_timeout_cancels_the_call_on_the_server(sdk: McpConnector) -> No
         steps.append(message)
 
     # A session and a tool list first, so the deadline falls while the tool runs.
-    await sdk.list_tools(timeout_s=10)
+    await sdk.list_tools(timeout_s=CALL_DEADLINE_S)
     with pytest.raises(TimeoutError):
         await sdk.call_tool(
             "slow",
@@ -358,7 +366,9 @@ async def test_a_timeout_cancels_the_call_on_the_server(sdk: McpConnector) -> No
     )
     # The session is still good.
     assert (
-        await sdk.call_tool("echo", {"message": "after"}, timeout_s=10, max_result_bytes=1000)
+        await sdk.call_tool(
+            "echo", {"message": "after"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000
+        )
     ).text == "after"
 
 
@@ -367,13 +377,15 @@ async def _cancelled(mcp: McpConnector, tag: str) -> bool:
 
 
 async def test_an_erroring_tool_is_a_tool_error(sdk: McpConnector) -> None:
-    result = await sdk.call_tool("fail", {}, timeout_s=10, max_result_bytes=1000)
+    result = await sdk.call_tool("fail", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000)
     assert result.is_error
     assert result.text == "it broke"
 
 
 async def test_structured_content_is_kept(sdk: McpConnector) -> None:
-    result = await sdk.call_tool("echo", {"message": "hi"}, timeout_s=10, max_result_bytes=1000)
+    result = await sdk.call_tool(
+        "echo", {"message": "hi"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000
+    )
     assert result.structured == {"echo": "hi"}
     assert result.text == "hi"
 
@@ -381,34 +393,44 @@ async def test_structured_content_is_kept(sdk: McpConnector) -> None:
 async def test_oversized_results_are_refused(sdk: McpConnector) -> None:
     # Just over the limit: the result is read, then refused.
     with pytest.raises(ResultTooLarge):
-        await sdk.call_tool("big", {"size": 1500}, timeout_s=10, max_result_bytes=1024)
+        await sdk.call_tool("big", {"size": 1500}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1024)
     # Far over: the response is cut off while it arrives.
     with pytest.raises(ResultTooLarge):
-        await sdk.call_tool("big", {"size": 2_000_000}, timeout_s=10, max_result_bytes=1024)
-    fits = await sdk.call_tool("big", {"size": 1000}, timeout_s=10, max_result_bytes=1024)
+        await sdk.call_tool(
+            "big", {"size": 2_000_000}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1024
+        )
+    fits = await sdk.call_tool(
+        "big", {"size": 1000}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1024
+    )
     assert fits.text == "x" * 1000
 
 
 async def test_audio_and_links_come_back_as_files_or_notes(sdk: McpConnector) -> None:
-    audio = await sdk.call_tool("media", {"kind": "audio"}, timeout_s=10, max_result_bytes=10_000)
+    audio = await sdk.call_tool(
+        "media", {"kind": "audio"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
+    )
     (found,) = audio.files
     assert (found.mime_type, found.display_name) == ("audio/wav", "audio-1.wav")
     assert found.inline_data.startswith(b"RIFF")
     assert audio.text == "[audio: audio-1.wav, audio/wav]"
     # A link names something the server holds: nothing is read, nothing stored.
-    link = await sdk.call_tool("media", {"kind": "link"}, timeout_s=10, max_result_bytes=10_000)
+    link = await sdk.call_tool(
+        "media", {"kind": "link"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
+    )
     assert link.files == ()
     assert link.text == "[resource_link content]\nlinked"
 
 
 async def test_image_content_that_is_not_base64_is_a_malformed_answer(sdk: McpConnector) -> None:
     with pytest.raises(Unreachable, match="image content that is not base64"):
-        await sdk.call_tool("media", {"kind": "bad-image"}, timeout_s=10, max_result_bytes=10_000)
+        await sdk.call_tool(
+            "media", {"kind": "bad-image"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=10_000
+        )
 
 
 async def test_unknown_tool_is_not_found(sdk: McpConnector) -> None:
     with pytest.raises(ToolNotFound):
-        await sdk.call_tool("nope", {}, timeout_s=10, max_result_bytes=1000)
+        await sdk.call_tool("nope", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000)
 
 
 async def test_headers_reach_the_server(sdk_server: McpTestServer) -> None:
@@ -421,9 +443,11 @@ async def test_headers_reach_the_server(sdk_server: McpTestServer) -> None:
 
 async def test_a_forgotten_session_is_replaced_without_an_error(sdk: McpConnector) -> None:
     first = await stats(sdk)
-    await sdk.call_tool("forget_sessions", {}, timeout_s=10, max_result_bytes=1000)
+    await sdk.call_tool("forget_sessions", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000)
     # The server answers the old session id with 404: a new session, and the call runs.
-    result = await sdk.call_tool("echo", {"message": "again"}, timeout_s=10, max_result_bytes=1000)
+    result = await sdk.call_tool(
+        "echo", {"message": "again"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=1000
+    )
     assert result.text == "again"
     assert (await stats(sdk))["initializes"] == first["initializes"] + 1
 
@@ -433,31 +457,33 @@ async def test_a_dropped_connection_then_a_restarted_server() -> None:
         mcp = connector(server.url, headers={"Authorization": "Bearer s3cret-token"})
         try:
             assert (
-                await mcp.call_tool("echo", {"message": "1"}, timeout_s=10, max_result_bytes=100)
+                await mcp.call_tool(
+                    "echo", {"message": "1"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100
+                )
             ).text == "1"
             # The server dies mid-call: the call may have run, so it is not repeated.
             with pytest.raises(Unreachable) as caught:
-                await mcp.call_tool("crash", {}, timeout_s=10, max_result_bytes=100)
+                await mcp.call_tool("crash", {}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100)
             message = str(caught.value)
             assert f"127.0.0.1:{server.port}" in message
             assert "s3cret" not in message
             assert "/mcp" not in message
             assert server.proc is not None
-            server.proc.wait(timeout=10)
+            server.proc.wait(timeout=CALL_DEADLINE_S)
             # Down: the next call cannot connect.
             with pytest.raises(Unreachable, match="refused"):
-                await mcp.probe(timeout_s=10)
+                await mcp.probe(timeout_s=CALL_DEADLINE_S)
             # Back on the same port: the next call opens a new session by itself.
             server.start()
             result = await mcp.call_tool(
-                "echo", {"message": "2"}, timeout_s=10, max_result_bytes=100
+                "echo", {"message": "2"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100
             )
             assert result.text == "2"
             # Killed while idle and restarted: still no error for the caller.
             server.kill()
             server.start()
             result = await mcp.call_tool(
-                "echo", {"message": "3"}, timeout_s=10, max_result_bytes=100
+                "echo", {"message": "3"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100
             )
             assert result.text == "3"
         finally:
@@ -466,11 +492,11 @@ async def test_a_dropped_connection_then_a_restarted_server() -> None:
 
 async def test_close_is_idempotent_and_final(sdk_server: McpTestServer) -> None:
     mcp = connector(sdk_server.url)
-    await mcp.probe(timeout_s=10)
+    await mcp.probe(timeout_s=CALL_DEADLINE_S)
     await mcp.close()
     await mcp.close()
     with pytest.raises(Unreachable, match="closed"):
-        await mcp.probe(timeout_s=10)
+        await mcp.probe(timeout_s=CALL_DEADLINE_S)
 
 
 # -- egress --------------------------------------------------------------------
@@ -479,12 +505,16 @@ async def test_close_is_idempotent_and_final(sdk_server: McpTestServer) -> None:
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
 async def test_loopback_is_refused_unless_allowed(sdk_server: McpTestServer, host: str) -> None:
     mcp = McpConnector(
-        f"http://{host}:{sdk_server.port}/mcp", egress=EgressPolicy(), connect_timeout_s=10
+        f"http://{host}:{sdk_server.port}/mcp",
+        egress=EgressPolicy(),
+        connect_timeout_s=CALL_DEADLINE_S,
     )
     try:
         with pytest.raises(DestinationBlocked):
-            await mcp.probe(timeout_s=10)
+            await mcp.probe(timeout_s=CALL_DEADLINE_S)
         with pytest.raises(DestinationBlocked):
-            await mcp.call_tool("echo", {"message": "x"}, timeout_s=10, max_result_bytes=100)
+            await mcp.call_tool(
+                "echo", {"message": "x"}, timeout_s=CALL_DEADLINE_S, max_result_bytes=100
+            )
     finally:
         await mcp.close()

@@ -20,8 +20,9 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.kinds.mcp import McpConnector
 from switchboard.integration.ports.connectors import Unreachable
 from switchboard.platform.security.egress import EgressPolicy
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.httprecorder import Recorder, Reply, recording
-from tests.kits.contextkit import TIMEOUT_S, refused
+from tests.kits.contextkit import refused
 from tests.kits.integrationkit import mcp_hub
 
 pytestmark = pytest.mark.service
@@ -48,12 +49,12 @@ async def _refused_listing(endpoint: Recorder) -> Unreachable:
     mcp = McpConnector(
         endpoint.url("/mcp"),
         egress=LOOPBACK,
-        connect_timeout_s=10.0,
+        connect_timeout_s=CALL_DEADLINE_S,
         headers={"Authorization": f"Bearer {CREDENTIAL}"},
     )
     try:
         with pytest.raises(Unreachable) as raised:
-            await mcp.list_tools(10.0)
+            await mcp.list_tools(CALL_DEADLINE_S)
     finally:
         await mcp.close()
     return raised.value
@@ -96,7 +97,7 @@ async def test_list_tools_names_the_redirect_without_following_it(
         stub, world, made = hub.stub, hub.world, hub.integration
         error = await refused(
             stub.ListTools(
-                ipb.ListToolsRequest(parent=made), metadata=world.viewer.md, timeout=TIMEOUT_S
+                ipb.ListToolsRequest(parent=made), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
             ),
             grpc.StatusCode.UNAVAILABLE,
         )

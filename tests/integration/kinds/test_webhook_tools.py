@@ -35,11 +35,10 @@ from switchboard.platform.security.credentials.secretbox import SecretBox
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.values import idempotency
 from switchboard.platform.values.names import now
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.webhookreceiver import Endpoint, Received, WebhookReceiver, running_receiver
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     World,
     context_stub,
     create_conversation,
@@ -115,7 +114,9 @@ class Hooks:
     async def invoke(self, tool: str, **arguments: Any) -> ipb.InvokeToolResponse:
         request = ipb.InvokeToolRequest(name=tool)
         request.arguments.update(arguments)
-        return await self.stub.InvokeTool(request, metadata=self.world.editor.md, timeout=TIMEOUT_S)
+        return await self.stub.InvokeTool(
+            request, metadata=self.world.editor.md, timeout=CALL_DEADLINE_S
+        )
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ async def test_declared_tools_are_listed_and_called_with_a_signed_post(hooks: Ho
 
     name, endpoint, _ = await hooks.declare("desk", answer=answer)
     listed = await hooks.stub.ListTools(
-        ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=TIMEOUT_S
+        ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=CALL_DEADLINE_S
     )
     assert [(t.name, t.description) for t in listed.tools] == [
         (f"{name}/tools/create_ticket", "Open a ticket."),
@@ -240,7 +241,7 @@ async def test_a_slow_tool_is_past_its_deadline(hooks: Hooks) -> None:
     request.arguments.update({"title": "a"})
     request.timeout.FromMilliseconds(200)
     await refused(
-        hooks.stub.InvokeTool(request, metadata=hooks.world.editor.md, timeout=TIMEOUT_S),
+        hooks.stub.InvokeTool(request, metadata=hooks.world.editor.md, timeout=CALL_DEADLINE_S),
         CODE.DEADLINE_EXCEEDED,
     )
 
@@ -254,7 +255,7 @@ async def test_a_schema_the_hub_cannot_apply_is_listed_and_not_called(hooks: Hoo
     ]
     name, endpoint, _ = await hooks.declare("regex", tools, answering(text="ok"))
     listed = await hooks.stub.ListTools(
-        ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=TIMEOUT_S
+        ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=CALL_DEADLINE_S
     )
     assert [t.name for t in listed.tools] == [f"{name}/tools/match"]
     error = await refused(
@@ -269,7 +270,9 @@ async def test_a_webhook_without_tools_says_how_to_declare_them(hooks: Hooks) ->
         hooks.stub, hooks.world.owner, hooks.world.name, webhook(hooks.receiver.url("plain"))
     )
     listed = await hooks.stub.ListTools(
-        ipb.ListToolsRequest(parent=made.name), metadata=hooks.world.viewer.md, timeout=TIMEOUT_S
+        ipb.ListToolsRequest(parent=made.name),
+        metadata=hooks.world.viewer.md,
+        timeout=CALL_DEADLINE_S,
     )
     assert list(listed.tools) == []
     error = await refused(hooks.invoke(f"{made.name}/tools/anything"), CODE.FAILED_PRECONDITION)
@@ -285,11 +288,11 @@ async def test_tools_declared_by_an_update_are_listed_at_once(hooks: Hooks) -> N
             update_mask=mask("config"),
         ),
         metadata=hooks.world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert len(json_format.MessageToDict(updated.integration.config)["tools"]) == 2
     listed = await hooks.stub.ListTools(
-        ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=TIMEOUT_S
+        ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=CALL_DEADLINE_S
     )
     assert len(listed.tools) == 2
 
@@ -352,7 +355,7 @@ async def test_bad_tools_are_named_and_nothing_is_stored(
     listed = await hooks.stub.ListIntegrations(
         ipb.ListIntegrationsRequest(parent=hooks.world.name),
         metadata=hooks.world.viewer.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert list(listed.integrations) == []
 
@@ -366,13 +369,13 @@ async def test_bad_tools_in_an_update_change_nothing(hooks: Hooks) -> None:
                 update_mask=mask("config"),
             ),
             metadata=hooks.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.INVALID_ARGUMENT,
     )
     assert violations(error) == [f"{AT}[0].name", f"{AT}[0].input_schema"]
     listed = await hooks.stub.ListTools(
-        ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=TIMEOUT_S
+        ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=CALL_DEADLINE_S
     )
     assert len(listed.tools) == 2
 
@@ -434,7 +437,7 @@ async def call(connector: Any, key: str = "") -> ToolResult:
     result: ToolResult = await connector.call_tool(
         "create_ticket",
         {"title": "a"},
-        timeout_s=10.0,
+        timeout_s=CALL_DEADLINE_S,
         max_result_bytes=4096,
         idempotency_key=key,
     )
@@ -543,7 +546,7 @@ async def _run(
             ),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     conversation = await create_conversation(contexts, world.editor, world.name)
     fake.script(
@@ -559,7 +562,7 @@ async def _run(
             message=cpb.Message(parts=[cpb.ContentPart(text="Open a ticket for the printer")]),
         ),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     seen = await watch_all(dispatcher, world.viewer, sent.run.name)
     assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error

@@ -24,9 +24,10 @@ from google.protobuf import struct_pb2
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.httprecorder import Recorder, Reply, recording
 from tests.infra.mcpserver import McpTestServer
-from tests.kits.contextkit import TIMEOUT_S, World, refused, violations
+from tests.kits.contextkit import World, refused, violations
 from tests.kits.integrationkit import Stub, mcp_hub
 
 pytestmark = pytest.mark.service
@@ -144,7 +145,7 @@ async def _invoke(stub: Stub, world: World, name: str, **values: Any) -> ipb.Inv
     response: ipb.InvokeToolResponse = await stub.InvokeTool(
         ipb.InvokeToolRequest(name=name, arguments=arguments(**values)),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response
 
@@ -159,7 +160,7 @@ async def test_a_schema_that_refers_outside_itself_is_refused_and_nothing_is_fet
     listed = await stub.ListTools(
         ipb.ListToolsRequest(parent=parent, page_size=200),
         metadata=world.viewer.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert f"{parent}/tools/{tool}" in {listed_tool.name for listed_tool in listed.tools}
     error = await refused(
@@ -205,7 +206,7 @@ async def test_a_slow_remote_ref_stalls_no_other_caller(
         auth = auth_pb2_grpc.AuthServiceStub(channel)
         for _ in range(3):
             principal = await auth.GetPrincipal(
-                auth_pb2.GetPrincipalRequest(), metadata=world.viewer.md, timeout=TIMEOUT_S
+                auth_pb2.GetPrincipalRequest(), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
             )
             assert principal.user.name
         assert not release.is_set(), "the other caller was answered only after the hold ended"
@@ -233,7 +234,7 @@ async def test_a_pattern_that_backtracks_forever_stalls_no_one(
     invoking = asyncio.ensure_future(_invoke(stub, world, name, **bad))
     auth = auth_pb2_grpc.AuthServiceStub(channel)
     principal = await auth.GetPrincipal(
-        auth_pb2.GetPrincipalRequest(), metadata=world.viewer.md, timeout=TIMEOUT_S
+        auth_pb2.GetPrincipalRequest(), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
     )
     assert principal.user.name
     error = await refused(invoking, CODE.FAILED_PRECONDITION)

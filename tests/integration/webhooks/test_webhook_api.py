@@ -20,10 +20,10 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.infra.webhookreceiver import Endpoint, WebhookReceiver, running_receiver, until
+from tests.kits.contextkit import Stub as CStub
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     World,
     append,
     context_stub,
@@ -32,7 +32,6 @@ from tests.kits.contextkit import (
     ctx_world,
     refused,
 )
-from tests.kits.contextkit import Stub as CStub
 from tests.kits.integrationkit import (
     Stub,
     create,
@@ -62,7 +61,7 @@ async def _deliveries(stub: Stub, world: World, name: str) -> list[ipb.WebhookDe
         page = await stub.ListWebhookDeliveries(
             ipb.ListWebhookDeliveriesRequest(parent=name, page_size=2, page_token=token),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         found += page.deliveries
         token = page.next_page_token
@@ -73,7 +72,7 @@ async def _deliveries(stub: Stub, world: World, name: str) -> list[ipb.WebhookDe
 async def _recorded(stub: Stub, world: World, name: str, count: int) -> list[ipb.WebhookDelivery]:
     """The deliveries, once ``count`` are listed and none is still pending: the receiver
     has a request before the server has read its answer and stored the outcome."""
-    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    deadline = asyncio.get_running_loop().time() + CALL_DEADLINE_S
     while True:
         listed = await _deliveries(stub, world, name)
         settled = all(d.state != ipb.DELIVERY_STATE_PENDING for d in listed)
@@ -115,14 +114,14 @@ async def test_a_registered_webhook_receives_each_subscribed_event_once_signed(
     # Health comes from the latest delivery.
     await built(server, IntegrationHub).probe_all()
     got = await stub.GetIntegration(
-        ipb.GetIntegrationRequest(name=hook.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+        ipb.GetIntegrationRequest(name=hook.name), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
     )
     assert got.integration.status.health == ipb.HEALTH_STATE_HEALTHY
 
     again = await stub.RedeliverWebhook(
         ipb.RedeliverWebhookRequest(name=listed[0].name),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert again.delivery.state == ipb.DELIVERY_STATE_PENDING
     await until(lambda: len(endpoint.accepted) >= 4, "the redelivery")
@@ -131,7 +130,7 @@ async def test_a_registered_webhook_receives_each_subscribed_event_once_signed(
         stub.RedeliverWebhook(
             ipb.RedeliverWebhookRequest(name=listed[0].name),
             metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.PERMISSION_DENIED,
     )
@@ -170,7 +169,7 @@ async def test_a_rotated_secret_signs_beside_the_new_one(
             update_mask=field_mask_pb2.FieldMask(paths=["credential"]),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert rotated.integration.credential == ""
     # Every request must verify with each secret: both sign during the overlap.
@@ -187,7 +186,7 @@ async def test_deliveries_are_only_for_webhooks_and_members(
         stub.ListWebhookDeliveries(
             ipb.ListWebhookDeliveriesRequest(parent=hook.name),
             metadata=world.outsider.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.NOT_FOUND,
     )
@@ -195,7 +194,7 @@ async def test_deliveries_are_only_for_webhooks_and_members(
         stub.RedeliverWebhook(
             ipb.RedeliverWebhookRequest(name=f"{hook.name}/deliveries/nope"),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.NOT_FOUND,
     )
@@ -203,7 +202,7 @@ async def test_deliveries_are_only_for_webhooks_and_members(
         stub.RedeliverWebhook(
             ipb.RedeliverWebhookRequest(name=f"{hook.name}/deliveries/Not_A_Name"),
             metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.INVALID_ARGUMENT,
     )

@@ -23,6 +23,7 @@ from switchboard.platform.events.eventlog import (
     format_cursor,
     parse_cursor,
 )
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.redis import RedisServer
 
 pytestmark = pytest.mark.unit
@@ -30,7 +31,6 @@ pytestmark = pytest.mark.unit
 TIMEOUT_S = 0.2
 #: For tests that are not about outages: no append may time out under CPU load.
 OUTAGE_FREE_TIMEOUT_S = 10.0
-DEADLINE_S = 10.0
 
 
 def _event(note: str, workspace: str = "workspaces/w") -> events_pb2.Event:
@@ -163,7 +163,7 @@ class _Collector:
         return None
 
     async def until(self, count: int) -> list[Logged]:
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while len(self.items) < count:
                 self._changed.clear()
                 await self._changed.wait()
@@ -222,7 +222,7 @@ async def test_publishing_during_a_pause_lands_exactly_once_after(
     # The first "during" publish timed out with its command already in Redis's
     # socket: it executed on SIGCONT and the retry was recognised as a duplicate.
     assert [i.event.id for i in got] == [e.id for e in [first, *held, after]]
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while _state(bus) != "ok":  # noqa: ASYNC110 - state has no event to wait on
             await asyncio.sleep(0.01)
     assert states[0] == "degraded"
@@ -275,7 +275,7 @@ async def test_starting_while_redis_is_down_recovers_on_its_own(
             await bus.tail()  # a subscriber now is told to retry
     finally:
         redis_server.resume()
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while _state(bus) != "ok":  # noqa: ASYNC110 - found by a background task
             await asyncio.sleep(0.01)
     await bus.tail()
@@ -362,7 +362,7 @@ async def test_a_conversation_followed_mid_run_is_read_back_where_its_tokens_wer
     unfollow()
     again = await late.follow([C1])
     sender.announce([_token("four", C1)], after=second)
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while "four" not in _tokens_in(late):  # noqa: ASYNC110 - read by a background task
             await asyncio.sleep(0.01)
     again()
@@ -384,7 +384,7 @@ async def test_a_workspace_follower_hears_every_conversation_from_when_it_follow
     await on_witness.until(1)  # said, and in Redis, before the follower follows
     unfollow = await follower.follow(["workspaces/w"])
     sender.announce([_token("c1", C1), _token("c2", C2)], after=after)
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while len(_tokens_in(follower)) < 2:  # noqa: ASYNC110 - read by a background task
             await asyncio.sleep(0.01)
     unfollow()
@@ -490,7 +490,7 @@ class _Heard:
             self._changed.set()
 
     async def until(self, *notes: str) -> list[str]:
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while not set(notes) <= set(self.notes):
                 self._changed.clear()
                 await self._changed.wait()
@@ -557,7 +557,7 @@ async def test_a_process_that_begins_to_read_the_whole_log_misses_no_control_eve
     await heard.until("second", "live")
     assert heard.notes == ["first", "second", "live"]
     untail()
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while _known(process):  # noqa: ASYNC110 - the reader goes back in its next round
             await asyncio.sleep(0.01)
     await writer.publish(_message("unheard"))

@@ -31,6 +31,7 @@ from switchboard.platform.store.db import Database, Group, open_database
 from switchboard.platform.store.models import EventLogRow, EventOutboxRow, RunRow
 from switchboard.platform.store.outbox import Outbox, Staged, staging
 from switchboard.platform.values.names import new_id, now
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -46,7 +47,7 @@ class Log:
 
 
 async def _open(url: str) -> Log:
-    database = await open_database(url, timeout_s=5.0, migrate=True)
+    database = await open_database(url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     outbox = Outbox(database, grace_s=0.0)
     local = LocalLog(database, retention=10_000, retention_s=3600, memory=1000, outbox=outbox)
     bus = EventBus(local, memory=1000, outbox=outbox)

@@ -22,6 +22,7 @@ from switchboard.platform.events.eventlog import ORIGIN, LocalLog, Logged, Ring
 from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.outbox import stamp
 from switchboard.platform.values.names import new_id
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -45,7 +46,9 @@ class AnswerLost:
 @pytest.fixture
 async def log(tmp_path: pathlib.Path) -> AsyncIterator[tuple[LocalLog, AnswerLost, list[Logged]]]:
     database = await open_database(
-        f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", timeout_s=5.0, migrate=True
+        f"sqlite+aiosqlite:///{tmp_path / 'log.db'}",
+        timeout_s=TEST_DATABASE_TIMEOUT_S,
+        migrate=True,
     )
     lost = AnswerLost(database)
     database._commit_group = lost.commit_group  # type: ignore[method-assign]

@@ -20,6 +20,7 @@ from switchboard.platform.events import bus
 from switchboard.platform.events.bus import IN_FLIGHT, PROMPT_FANOUT, WAKE_CHUNK, Fanout
 from switchboard.platform.events.eventlog import Logged
 from switchboard.platform.resilience.inflight import CALLS
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = pytest.mark.unit
 
@@ -191,7 +192,7 @@ async def test_a_busy_loop_serves_unary_callers_before_a_large_fan_out(
     everyone = asyncio.Event()
     sinks[-1].then = everyone.set
     monkeypatch.setattr(CALLS, "unary", 0)  # the caller has its answer
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         await everyone.wait()
     assert woken == sinks
 

@@ -32,7 +32,7 @@ from switchboard.platform.events.feedstore import ROW_ID, Work
 from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.models import WebhookCursorRow, WorkspaceRow
 from switchboard.platform.values.names import now
-from tests.conftest import TEST_DATABASE_TIMEOUT_S
+from tests.conftest import CALL_DEADLINE_S, TEST_DATABASE_TIMEOUT_S
 
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
@@ -42,7 +42,6 @@ log = logging.getLogger("tests.feeder")
 MINE = "workspaces/mine"
 OTHER = "workspaces/other"
 GAP_WARNING = "test feeder cursor is outside the retained event log"
-DEADLINE_S = 20.0
 
 
 @dataclass
@@ -170,7 +169,7 @@ async def world(url: str, *, retention: int = 10_000) -> AsyncIterator[World]:
 
 
 async def eventually(check: Callable[[], Awaitable[object]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + CALL_DEADLINE_S
     while not await check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)  # polling a stored state, under a deadline

@@ -21,10 +21,9 @@ from switchboard.platform.events.eventlog import (
     Ring,
     format_cursor,
 )
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = pytest.mark.unit
-
-DEADLINE_S = 5.0
 
 
 class ThisProcessesLog:
@@ -164,7 +163,7 @@ async def test_a_token_waits_for_its_event_only_briefly(log: ThisProcessesLog) -
     loop = asyncio.get_running_loop()
     heard_at = loop.time()
     log.tokens((9, 0), "lonely")
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         await arrived.wait()
     assert loop.time() - heard_at >= EARLY_TOKEN_WAIT_S * 0.9
     assert _ring(log) == ["lonely"]

@@ -14,8 +14,9 @@ import pytest
 from google.protobuf import struct_pb2
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.mcpeverything import EverythingServer
-from tests.kits.contextkit import TIMEOUT_S, World, context_stub, ctx_world
+from tests.kits.contextkit import World, context_stub, ctx_world
 from tests.kits.integrationkit import Stub, create, hub_mesh, integration_stub
 
 pytestmark = pytest.mark.service
@@ -76,7 +77,7 @@ async def test_an_mcp_call_logs_each_request_once_at_debug(
     answer = await stub.InvokeTool(
         ipb.InvokeToolRequest(name=f"{made.name}/tools/echo", arguments=arguments),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert "hello" in answer.text
     if level == logging.INFO:

@@ -20,7 +20,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.mesh import create_server
 from switchboard.platform.observe.metrics import SPECS, series_names
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.contextkit import (
     context_stub,
     create_conversation,
@@ -54,7 +54,9 @@ async def served() -> AsyncIterator[SwitchboardServer]:
 
 async def scrape(server: SwitchboardServer) -> tuple[str, Samples]:
     async with httpx.AsyncClient() as client:
-        response = await client.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
+        response = await client.get(
+            f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=CALL_DEADLINE_S
+        )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -83,14 +85,16 @@ async def test_a_known_load_moves_the_counters_by_its_size(served: SwitchboardSe
 
         for _ in range(OK_CALLS):
             await context.GetWorkspace(
-                cpb.GetWorkspaceRequest(name=workspace.name), metadata=caller.md, timeout=10
+                cpb.GetWorkspaceRequest(name=workspace.name),
+                metadata=caller.md,
+                timeout=CALL_DEADLINE_S,
             )
         for _ in range(BAD_CALLS):
             await refused(
                 context.GetWorkspace(
                     cpb.GetWorkspaceRequest(name="workspaces/Not Valid"),
                     metadata=caller.md,
-                    timeout=10,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 grpc.StatusCode.INVALID_ARGUMENT,
             )

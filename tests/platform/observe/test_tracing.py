@@ -31,6 +31,7 @@ from switchboard.platform.observe.telemetry import installed
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.rpc.status import REQUEST_ID_KEY
 from switchboard.platform.security.policy import AuthMethod, Principal, Scope
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.authkit import code_of
 from tests.kits.contextkit import Caller, context_stub, create_conversation, ctx_world
 from tests.kits.dispatchkit import cancel as cancel_run
@@ -111,7 +112,7 @@ async def test_server_span_has_the_callers_parent_and_the_access_line_its_ids(
     reply = await stub.CreateWorkspace(
         cpb.CreateWorkspaceRequest(workspace=cpb.Workspace(display_name="Traced")),
         metadata=traced(caller.md),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     assert reply.workspace.name.startswith("workspaces/")
     span = only(server_spans(exporter, "CreateWorkspace"))
@@ -146,7 +147,9 @@ async def test_error_statuses_are_unchanged_and_the_span_says_error(
     stub = context_stub(channel)
     with pytest.raises(aio.AioRpcError) as caught:
         await stub.GetWorkspace(
-            cpb.GetWorkspaceRequest(name="workspaces/nope"), metadata=traced(), timeout=10
+            cpb.GetWorkspaceRequest(name="workspaces/nope"),
+            metadata=traced(),
+            timeout=CALL_DEADLINE_S,
         )
     assert code_of(caught.value) == grpc.StatusCode.UNAUTHENTICATED
     assert REQUEST_ID_KEY in str(caught.value.trailing_metadata())
@@ -171,7 +174,7 @@ async def test_an_unknown_method_is_still_unimplemented(
         response_deserializer=lambda b: b,
     )
     with pytest.raises(aio.AioRpcError) as caught:
-        await method(b"", metadata=traced(), timeout=10)
+        await method(b"", metadata=traced(), timeout=CALL_DEADLINE_S)
     assert code_of(caught.value) == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -179,10 +182,10 @@ async def test_health_check_and_watch_work_and_are_not_traced(
     mesh: SwitchboardServer, channel: aio.Channel, exporter: InMemorySpanExporter
 ) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
-    check = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    check = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_DEADLINE_S)
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     watch = stub.Watch(
-        health_pb2.HealthCheckRequest(service="switchboard.tracing-test"), timeout=10
+        health_pb2.HealthCheckRequest(service="switchboard.tracing-test"), timeout=CALL_DEADLINE_S
     )
     first = await watch.read()
     assert first.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -206,7 +209,7 @@ async def test_a_run_is_a_child_of_send_message_and_carries_its_trace_id(
     sent = await dstub.SendMessage(
         request(conversation.name, "hello traced world", handler="echo"),
         metadata=traced(world.owner.md),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     assert sent.run.trace_id == TRACE_ID
     # Server streaming with tracing on: every update, to the end.
@@ -246,7 +249,9 @@ async def test_an_untraced_caller_still_gets_a_trace_of_its_own(
     world = await ctx_world(mesh, stub)
     conversation = await create_conversation(stub, world.owner, world.name)
     sent = await dstub.SendMessage(
-        request(conversation.name, "hi", handler="echo"), metadata=world.owner.md, timeout=10
+        request(conversation.name, "hi", handler="echo"),
+        metadata=world.owner.md,
+        timeout=CALL_DEADLINE_S,
     )
     assert len(sent.run.trace_id) == 32
     assert sent.run.trace_id != TRACE_ID
@@ -262,7 +267,7 @@ async def test_streams_and_cancellation_behave_as_without_tracing(
     sent = await dstub.SendMessage(
         request(conversation.name, "one two three", handler="echo", delay_ms=SLOW),
         metadata=traced(world.owner.md),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
     # A watcher that goes away mid-stream: the server ends its call, the run goes on.
     call, _seen = await until(dstub, world.owner, sent.run.name, "delta")
@@ -299,7 +304,7 @@ async def test_the_context_channel_sends_its_trace_to_the_context_service(
     tracer = mesh_tracer(mesh)
     try:
         with tracer.start_as_current_span("caller") as caller:
-            await remote.conversation(principal, conversation.name, timeout_s=10)
+            await remote.conversation(principal, conversation.name, timeout_s=CALL_DEADLINE_S)
     finally:
         await remote.close()
     caller_id = caller.get_span_context().span_id

@@ -37,19 +37,13 @@ from switchboard.platform.observe.telemetry import Tracing
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.rpc.status import REQUEST_ID_KEY
 from switchboard.platform.security.policy import Role
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.webhookreceiver import running_receiver, until
 from tests.kits.authkit import bearer, quick_user, rich_status
-from tests.kits.contextkit import (
-    TIMEOUT_S,
-    append,
-    context_stub,
-    create_conversation,
-    ctx_world,
-)
+from tests.kits.contextkit import append, context_stub, create_conversation, ctx_world
 from tests.kits.dispatchkit import dispatcher_stub, finished, request
 from tests.kits.eventkit import Commands, Subscriber, ids, member, publish, workspace_event, ws
 from tests.kits.integrationkit import (
@@ -67,7 +61,6 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 LLM_KEY = "sk-test-secret-never-logged"
-DEADLINE_S = 20.0
 SUBSCRIBE = "/switchboard.api.events.v1.EventService/Subscribe"
 STREAM = "/switchboard.api.events.v1.EventService/Stream"
 # A small receive window and no BDP probing: the server's sends block after a
@@ -149,7 +142,7 @@ async def _cleaned_up(handler: Trouble, unhandled: list[dict[str, Any]], method:
     grpc leaves a stream's generator at a ``yield`` when the client goes away
     mid-send; Python finalizes it once it is collected, in a task of its own.
     """
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while not handler.ended(method) and not unhandled:
             handler.finished_changed.clear()
             gc.collect()
@@ -162,7 +155,7 @@ async def _cleaned_up(handler: Trouble, unhandled: list[dict[str, Any]], method:
 
 
 async def _read(call: Any) -> Any:
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         response = await call.read()
     assert response is not _EOF, "the stream ended"
     return response
@@ -254,7 +247,7 @@ async def test_stream_adds_replays_pongs_and_half_closes_cleanly(
         pass
     assert ids(frame.events.batch.events) == [live.id]
     commands.close()
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         last: Any
         while (last := await call.read()) is not _EOF:
             assert last.WhichOneof("frame") == "heartbeat", last
@@ -348,7 +341,7 @@ async def _invalid_argument(channel: aio.Channel, token: str, md: Metadata) -> A
     return await context_stub(channel).CreateWorkspace(
         cpb.CreateWorkspaceRequest(workspace=cpb.Workspace(display_name="")),
         metadata=(*bearer(token), *md),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -356,13 +349,13 @@ async def _not_found(channel: aio.Channel, token: str, md: Metadata) -> Any:
     return await context_stub(channel).GetWorkspace(
         cpb.GetWorkspaceRequest(name="workspaces/nope"),
         metadata=(*bearer(token), *md),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
 
 
 async def _unauthenticated(channel: aio.Channel, token: str, md: Metadata) -> Any:
     return await context_stub(channel).GetWorkspace(
-        cpb.GetWorkspaceRequest(name="workspaces/nope"), metadata=md, timeout=10
+        cpb.GetWorkspaceRequest(name="workspaces/nope"), metadata=md, timeout=CALL_DEADLINE_S
     )
 
 
@@ -501,7 +494,7 @@ async def test_the_llm_handlers_request_carries_the_runs_trace(exporter: Spans) 
             sent = await dstub.SendMessage(
                 request(conversation.name, "Capital of France?"),
                 metadata=with_trace(world.editor.md),
-                timeout=10,
+                timeout=CALL_DEADLINE_S,
             )
             final = await finished(dstub, world.editor, sent.run.name)
     assert final.state == pb.RUN_STATE_SUCCEEDED
@@ -547,7 +540,7 @@ async def test_an_mcp_tool_call_carries_the_calls_trace(
             # ``stats`` answers with the traceparent of the POST that carried the call.
             ipb.InvokeToolRequest(name=f"{made.name}/tools/stats"),
             metadata=with_trace(world.editor.md),
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     trace_id, parent_id = parse_traceparent(answer.result.fields["traceparent"].string_value)
     assert trace_id == TRACE_ID
@@ -632,7 +625,7 @@ async def test_health_probes_start_no_traces(exporter: Spans, mcp_server: McpTes
             got = await stub.GetIntegration(
                 ipb.GetIntegrationRequest(name=integration.name),
                 metadata=world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             assert got.integration.status.health == ipb.HEALTH_STATE_HEALTHY  # it was probed
     # Only the GetIntegration calls above started traces.

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from switchboard.platform.errors import CircuitOpen
 from switchboard.platform.resilience.breaker import KEY_PREFIX, Breakers, BreakerState
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.clock import FakeClock
 from tests.infra.redis import RedisServer
 
@@ -19,7 +20,6 @@ pytestmark = pytest.mark.service
 
 KEY = "workspaces/w/integrations/i"
 LABEL = f"integration {KEY}"
-DEADLINE_S = 10.0
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ async def refused(breakers: Breakers) -> CircuitOpen:
 
 
 async def until(condition: Callable[[], Awaitable[bool]]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + CALL_DEADLINE_S
     while not await condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)

@@ -27,6 +27,7 @@ from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServ
 from switchboard.platform.rpc.status import STATUS_DETAILS_KEY
 from switchboard.platform.security.policy import AuthMethod, Principal
 from switchboard.settings import Settings
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.errorserver import start_error_server
 
 pytestmark = pytest.mark.service
@@ -52,7 +53,7 @@ async def test_a_peer_call_on_a_closed_channel_is_unavailable(settings: Settings
     stub = auth_pb2_grpc.AuthServiceStub(peer.channel)
     await peer.close()  # closed under a caller that still holds it (a process stopping)
     with pytest.raises(DependencyUnavailable) as raised:
-        await peer.call(stub.Logout, auth_pb2.LogoutRequest(), _principal(), 5.0)
+        await peer.call(stub.Logout, auth_pb2.LogoutRequest(), _principal(), CALL_DEADLINE_S)
     assert "the other service" in raised.value.message
 
 
@@ -64,7 +65,7 @@ async def test_a_call_forwarded_to_a_replica_that_is_gone_is_unavailable(
         with pytest.raises(DependencyUnavailable):
             await peers.cancel_run(
                 await _gone_address(settings),
-                Via(credential="key", timeout_s=5.0),
+                Via(credential="key", timeout_s=CALL_DEADLINE_S),
                 pb.CancelRunRequest(name=RUN),
             )
     finally:
@@ -84,7 +85,7 @@ class _Calling(AuthServiceServicer):
     async def Logout(
         self, request: auth_pb2.LogoutRequest, context: Any
     ) -> auth_pb2.LogoutResponse:
-        await self.stub.Logout(request, timeout=5.0)
+        await self.stub.Logout(request, timeout=CALL_DEADLINE_S)
         return auth_pb2.LogoutResponse()
 
 
@@ -115,7 +116,7 @@ async def test_an_unmapped_failed_call_to_another_process_answers_unavailable(
         async with aio.insecure_channel(server.address) as channel:
             with pytest.raises(aio.AioRpcError) as raised:
                 await auth_pb2_grpc.AuthServiceStub(channel).Logout(
-                    auth_pb2.LogoutRequest(), timeout=10.0
+                    auth_pb2.LogoutRequest(), timeout=CALL_DEADLINE_S
                 )
     finally:
         await server.shutdown(grace=0)

@@ -24,6 +24,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import Role
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.authkit import bearer
 from tests.kits.contextkit import Caller, context_stub
 from tests.kits.dispatchkit import dispatcher_stub, finished
@@ -35,7 +36,6 @@ pytestmark = pytest.mark.service
 # A small receive window and no BDP probing: the server's sends block after a
 # few KiB the client does not read.
 TIGHT = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
-DEADLINE_S = 20.0
 
 
 class Trouble(logging.Handler):
@@ -62,7 +62,7 @@ async def trouble(mesh: SwitchboardServer) -> AsyncIterator[tuple[Trouble, list[
 
 async def _finished(handler: Trouble, unhandled: list[dict[str, Any]]) -> None:
     """Until the cancelled call's cleanup has run (collecting its abandoned generator)."""
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while not handler.finished and not unhandled:
             gc.collect()
             await asyncio.sleep(0.01)  # polling for a condition, with a deadline

@@ -20,6 +20,7 @@ from switchboard.platform import errors
 from switchboard.platform.rpc.interceptors import GENERIC_INTERNAL_MESSAGE
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.errorserver import LEAKY_TEXT, RaisingAuth, all_error_classes, start_error_server
 
 pytestmark = pytest.mark.service
@@ -93,7 +94,9 @@ async def test_domain_error_maps_to_rich_status(
     stub = auth_pb2_grpc.AuthServiceStub(error_channel)
     with pytest.raises(aio.AioRpcError) as caught:
         await stub.Logout(
-            auth_pb2.LogoutRequest(), metadata=(("x-test-error", cls.__name__),), timeout=5
+            auth_pb2.LogoutRequest(),
+            metadata=(("x-test-error", cls.__name__),),
+            timeout=CALL_DEADLINE_S,
         )
     err = caught.value
     assert err.code().value[0] == int(cls.code)
@@ -130,7 +133,7 @@ async def test_unexpected_exception_is_generic_internal(
         await stub.Logout(
             auth_pb2.LogoutRequest(),
             metadata=(("x-test-error", "RuntimeError"), ("x-request-id", "req-abc-123")),
-            timeout=5,
+            timeout=CALL_DEADLINE_S,
         )
     err = caught.value
     assert err.code() == grpc.StatusCode.INTERNAL
@@ -153,11 +156,15 @@ async def test_unexpected_exception_is_generic_internal(
 
 async def test_request_id_echoed_or_generated(error_channel: aio.Channel) -> None:
     stub = auth_pb2_grpc.AuthServiceStub(error_channel)
-    call = stub.Logout(auth_pb2.LogoutRequest(), metadata=(("x-request-id", "abc-1"),), timeout=5)
+    call = stub.Logout(
+        auth_pb2.LogoutRequest(), metadata=(("x-request-id", "abc-1"),), timeout=CALL_DEADLINE_S
+    )
     await call
     assert ("x-request-id", "abc-1") in metadata_pairs(await call.trailing_metadata())
     bad = stub.Logout(
-        auth_pb2.LogoutRequest(), metadata=(("x-request-id", "no spaces allowed!"),), timeout=5
+        auth_pb2.LogoutRequest(),
+        metadata=(("x-request-id", "no spaces allowed!"),),
+        timeout=CALL_DEADLINE_S,
     )
     await bad
     ids = [v for k, v in metadata_pairs(await bad.trailing_metadata()) if k == "x-request-id"]
@@ -169,7 +176,9 @@ async def test_request_id_echoed_or_generated(error_channel: aio.Channel) -> Non
 async def test_error_midway_through_a_stream(error_channel: aio.Channel) -> None:
     stub = events_pb2_grpc.EventServiceStub(error_channel)
     call = stub.Subscribe(
-        events_pb2.SubscribeRequest(), metadata=(("x-test-error", "CursorExpired"),), timeout=5
+        events_pb2.SubscribeRequest(),
+        metadata=(("x-test-error", "CursorExpired"),),
+        timeout=CALL_DEADLINE_S,
     )
     first = await call.read()
     assert isinstance(first, events_pb2.SubscribeResponse)
@@ -185,7 +194,9 @@ async def test_unexpected_exception_in_stream_is_generic_internal(
 ) -> None:
     stub = events_pb2_grpc.EventServiceStub(error_channel)
     call = stub.Subscribe(
-        events_pb2.SubscribeRequest(), metadata=(("x-test-error", "RuntimeError"),), timeout=5
+        events_pb2.SubscribeRequest(),
+        metadata=(("x-test-error", "RuntimeError"),),
+        timeout=CALL_DEADLINE_S,
     )
     await call.read()
     with pytest.raises(aio.AioRpcError) as caught:
@@ -219,12 +230,12 @@ async def _call_raw(
     # No serializers: requests and responses travel as raw bytes.
     raw: Any = channel
     if kind == (False, False):
-        await raw.unary_unary(path)(b"", timeout=5)
+        await raw.unary_unary(path)(b"", timeout=CALL_DEADLINE_S)
     elif kind == (False, True):
-        async for _ in raw.unary_stream(path)(b"", timeout=5):
+        async for _ in raw.unary_stream(path)(b"", timeout=CALL_DEADLINE_S):
             pass
     elif kind == (True, False):
-        await raw.stream_unary(path)(iter([b""]), timeout=5)
+        await raw.stream_unary(path)(iter([b""]), timeout=CALL_DEADLINE_S)
     else:
-        async for _ in raw.stream_stream(path)(iter([b""]), timeout=5):
+        async for _ in raw.stream_stream(path)(iter([b""]), timeout=CALL_DEADLINE_S):
             pass

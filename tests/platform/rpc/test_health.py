@@ -8,6 +8,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = pytest.mark.service
 
@@ -30,14 +31,18 @@ SERVED = [
 @pytest.mark.parametrize("service", ["", *SERVED])
 async def test_check_reports_serving(channel: aio.Channel, service: str) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
-    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    reply = await stub.Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=CALL_DEADLINE_S
+    )
     assert reply.status == SERVING
 
 
 async def test_check_unknown_service_is_not_found(channel: aio.Channel) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     with pytest.raises(aio.AioRpcError) as caught:
-        await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        await stub.Check(
+            health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=CALL_DEADLINE_S
+        )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     # It says what was asked for and what to ask for instead (grpc's own says nothing).
     details = caught.value.details() or ""
@@ -48,7 +53,9 @@ async def test_check_unknown_service_is_not_found(channel: aio.Channel) -> None:
 
 async def test_watch_unknown_service_reports_service_unknown(channel: aio.Channel) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
-    call = stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    call = stub.Watch(
+        health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=CALL_DEADLINE_S
+    )
     first = await call.read()
     assert first.status == SERVICE_UNKNOWN
     call.cancel()
@@ -58,14 +65,14 @@ async def test_watch_sees_not_serving_on_shutdown(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
-    overall = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
-    one = stub.Watch(health_pb2.HealthCheckRequest(service=SERVED[0]), timeout=10)
+    overall = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=CALL_DEADLINE_S)
+    one = stub.Watch(health_pb2.HealthCheckRequest(service=SERVED[0]), timeout=CALL_DEADLINE_S)
     assert (await overall.read()).status == SERVING
     assert (await one.read()).status == SERVING
     await mesh.health.enter_graceful_shutdown()
     assert (await overall.read()).status == NOT_SERVING
     assert (await one.read()).status == NOT_SERVING
-    check = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    check = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=CALL_DEADLINE_S)
     assert check.status == NOT_SERVING
     overall.cancel()
     one.cancel()

@@ -16,7 +16,7 @@ from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.config import MiB
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.errorserver import start_error_server
 
 pytestmark = pytest.mark.service
@@ -42,7 +42,7 @@ def _message(size: int) -> context_pb2.AppendMessageRequest:
 
 async def _healthy(channel: aio.Channel) -> bool:
     reply = await health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(), timeout=5
+        health_pb2.HealthCheckRequest(), timeout=CALL_DEADLINE_S
     )
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -50,20 +50,20 @@ async def _healthy(channel: aio.Channel) -> bool:
 async def test_five_megabyte_request_is_resource_exhausted(echo_channel: aio.Channel) -> None:
     stub = context_pb2_grpc.ContextServiceStub(echo_channel)
     with pytest.raises(aio.AioRpcError) as caught:
-        await stub.AppendMessage(_message(5 * MiB), timeout=10)
+        await stub.AppendMessage(_message(5 * MiB), timeout=CALL_DEADLINE_S)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # The same channel still works, for small calls and for the next big refusal.
     assert await _healthy(echo_channel)
-    ok = await stub.AppendMessage(_message(1024), timeout=5)
+    ok = await stub.AppendMessage(_message(1024), timeout=CALL_DEADLINE_S)
     assert len(ok.message.parts[0].text) == 1024
     with pytest.raises(aio.AioRpcError) as again:
-        await stub.AppendMessage(_message(5 * MiB), timeout=10)
+        await stub.AppendMessage(_message(5 * MiB), timeout=CALL_DEADLINE_S)
     assert again.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def test_request_just_under_the_limit_is_accepted(echo_channel: aio.Channel) -> None:
     stub = context_pb2_grpc.ContextServiceStub(echo_channel)
-    reply = await stub.AppendMessage(_message(4 * MiB - 1024), timeout=10)
+    reply = await stub.AppendMessage(_message(4 * MiB - 1024), timeout=CALL_DEADLINE_S)
     assert len(reply.message.parts[0].text) == 4 * MiB - 1024
 
 
@@ -73,7 +73,7 @@ async def test_oversized_metadata_is_refused_and_channel_survives(
     stub = health_pb2_grpc.HealthStub(channel)
     huge = (("x-padding", "p" * (mesh.settings.max_metadata_bytes * 2)),)
     with pytest.raises(aio.AioRpcError) as caught:
-        await stub.Check(health_pb2.HealthCheckRequest(), metadata=huge, timeout=5)
+        await stub.Check(health_pb2.HealthCheckRequest(), metadata=huge, timeout=CALL_DEADLINE_S)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await _healthy(channel)
 
@@ -111,14 +111,14 @@ async def test_calls_beyond_the_process_limit_are_resource_exhausted() -> None:
             first = asyncio.ensure_future(
                 stub.GetPrincipal(auth_pb2.GetPrincipalRequest(), timeout=30)
             )
-            await asyncio.wait_for(auth.entered.wait(), 10)
+            await asyncio.wait_for(auth.entered.wait(), CALL_DEADLINE_S)
             with pytest.raises(aio.AioRpcError) as caught:
-                await stub.Logout(auth_pb2.LogoutRequest(), timeout=10)
+                await stub.Logout(auth_pb2.LogoutRequest(), timeout=CALL_DEADLINE_S)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             auth.release.set()
             assert (await first).principal.user == "users/slow"
             # Capacity is back once the first call is done.
-            await stub.Logout(auth_pb2.LogoutRequest(), timeout=10)
+            await stub.Logout(auth_pb2.LogoutRequest(), timeout=CALL_DEADLINE_S)
     finally:
         auth.release.set()
         await server.shutdown(grace=0)

@@ -49,14 +49,13 @@ from switchboard.platform.rpc.interceptors import MALFORMED_LOG_INTERVAL_S
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import AuthMethod
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.kits.authkit import bearer, unique_email
 from tests.kits.contextkit import violations
 
 pytestmark = pytest.mark.service
 
 T = TypeVar("T")
-CALL_TIMEOUT_S = 10.0
 MAX_BYTES_EXAMPLES = 8
 MAX_TYPED_EXAMPLES = 40
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
@@ -181,21 +180,21 @@ def _populate(served: Served) -> None:
             ctx.CreateWorkspace(
                 cpb.CreateWorkspaceRequest(workspace=cpb.Workspace(display_name=f"W{i}")),
                 metadata=md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ).workspace.name
             for i in range(2)
         ]
         foreign = ctx.CreateWorkspace(
             cpb.CreateWorkspaceRequest(workspace=cpb.Workspace(display_name="Other")),
             metadata=other,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ).workspace.name
         conversation = ctx.CreateConversation(
             cpb.CreateConversationRequest(
                 parent=workspaces[0], conversation=cpb.Conversation(title="T")
             ),
             metadata=md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ).conversation.name
         sent = disp.SendMessage(
             dpb.SendMessageRequest(
@@ -203,7 +202,7 @@ def _populate(served: Served) -> None:
                 message=cpb.Message(parts=[cpb.ContentPart(text="hello there")]),
             ),
             metadata=md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         memories = [
             ctx.CreateMemoryItem(
@@ -212,7 +211,7 @@ def _populate(served: Served) -> None:
                     memory_item=cpb.MemoryItem(content=f"a fact {i}", kind=cpb.MEMORY_KIND_FACT),
                 ),
                 metadata=md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             ).memory_item.name
             for i in range(2)
         ]
@@ -222,18 +221,18 @@ def _populate(served: Served) -> None:
                     parent=workspaces[0], conversation=cpb.Conversation(title="more")
                 ),
                 metadata=md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         page = ctx.ListConversations(
             cpb.ListConversationsRequest(parent=workspaces[0], page_size=1),
             metadata=md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         served.page_tokens.append(page.next_page_token)
         found = ctx.SearchMemoryItems(
             cpb.SearchMemoryItemsRequest(parent=workspaces[0], query="fact", page_size=1),
             metadata=md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         served.page_tokens.append(found.next_page_token)
     user = f"users/{served.user.id}"
@@ -302,14 +301,14 @@ def call(channel: Any, method: MethodDescriptor, body: bytes, md: tuple[Any, ...
     try:
         if not method.server_streaming:
             if method.client_streaming:
-                channel.stream_unary(path)(iter([body]), metadata=md, timeout=CALL_TIMEOUT_S)
+                channel.stream_unary(path)(iter([body]), metadata=md, timeout=CALL_DEADLINE_S)
             else:
-                channel.unary_unary(path)(body, metadata=md, timeout=CALL_TIMEOUT_S)
+                channel.unary_unary(path)(body, metadata=md, timeout=CALL_DEADLINE_S)
             return Answer(grpc.StatusCode.OK, "")
         if method.client_streaming:
-            stream = channel.stream_stream(path)(iter([body]), metadata=md, timeout=CALL_TIMEOUT_S)
+            stream = channel.stream_stream(path)(iter([body]), metadata=md, timeout=CALL_DEADLINE_S)
         else:
-            stream = channel.unary_stream(path)(body, metadata=md, timeout=CALL_TIMEOUT_S)
+            stream = channel.unary_stream(path)(body, metadata=md, timeout=CALL_DEADLINE_S)
         try:
             next(stream)
         except StopIteration:
@@ -644,7 +643,7 @@ def _new_conversation(channel: Any, md: Any, workspace: str) -> str:
     created = _context(channel).CreateConversation(
         cpb.CreateConversationRequest(parent=workspace, conversation=cpb.Conversation(title="t")),
         metadata=md,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(created.conversation.name)
 
@@ -654,7 +653,7 @@ def _new_workspace(channel: Any, md: Any) -> str:
     created = _context(channel).CreateWorkspace(
         cpb.CreateWorkspaceRequest(workspace=cpb.Workspace(display_name="pinned")),
         metadata=md,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(created.workspace.name)
 
@@ -669,7 +668,7 @@ def _page_tokens(channel: Any, md: Any, workspace: str) -> tuple[str, str]:
                 memory_item=cpb.MemoryItem(content=f"a fact {i}", kind=cpb.MEMORY_KIND_FACT),
             ),
             metadata=md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     listed = _context(channel).ListConversations(
         cpb.ListConversationsRequest(parent=workspace, page_size=1), metadata=md
@@ -798,7 +797,7 @@ def test_a_malformed_frame_ends_a_busy_converse_with_invalid_argument(
         message=cpb.Message(parts=[cpb.ContentPart(text="one two three four five six")]),
     )
     slow.parameters.update({"delay_ms": 20_000})  # about two minutes in all
-    run = stub.SendMessage(slow, metadata=md, timeout=CALL_TIMEOUT_S).run.name
+    run = stub.SendMessage(slow, metadata=md, timeout=CALL_DEADLINE_S).run.name
     pending, frames = _frames()
     stream = channel.stream_stream("/switchboard.api.dispatcher.v1.DispatcherService/Converse")(
         frames, metadata=md, timeout=60
@@ -816,11 +815,11 @@ def test_a_malformed_frame_ends_a_busy_converse_with_invalid_argument(
         assert error.details() == "the request body is not a valid " + (
             "switchboard.api.dispatcher.v1.ConverseRequest"
         )
-        state = stub.GetRun(dpb.GetRunRequest(name=run), metadata=md, timeout=CALL_TIMEOUT_S)
+        state = stub.GetRun(dpb.GetRunRequest(name=run), metadata=md, timeout=CALL_DEADLINE_S)
         assert state.run.state == dpb.RUN_STATE_RUNNING  # the stream did not wait for the run
     finally:
         pending.put(None)
-        stub.CancelRun(dpb.CancelRunRequest(name=run), metadata=md, timeout=CALL_TIMEOUT_S)
+        stub.CancelRun(dpb.CancelRunRequest(name=run), metadata=md, timeout=CALL_DEADLINE_S)
     check(Answer(grpc.StatusCode.OK, ""), errors, "logs")
 
 

@@ -7,6 +7,7 @@ from google.protobuf import descriptor_pb2
 from grpc import aio
 from grpc_reflection.v1alpha import reflection_pb2
 
+from tests.conftest import CALL_DEADLINE_S
 from tests.platform.rpc.test_health import SERVED
 
 pytestmark = pytest.mark.service
@@ -35,7 +36,7 @@ def _reflection_call(
 async def _ask(
     channel: aio.Channel, version: str, request: reflection_pb2.ServerReflectionRequest
 ) -> reflection_pb2.ServerReflectionResponse:
-    call = _reflection_call(channel, version)(iter([request]), timeout=5)
+    call = _reflection_call(channel, version)(iter([request]), timeout=CALL_DEADLINE_S)
     async for reply in call:
         return reply
     raise AssertionError("reflection stream ended without a reply")

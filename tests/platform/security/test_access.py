@@ -24,7 +24,7 @@ from switchboard.platform.security.access import RULES, rule_for
 from switchboard.platform.security.authn import Guard
 from switchboard.platform.security.policy import Permission, Role
 from switchboard.platform.store.models import Base
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.authkit import bearer, quick_user, reason
 
 pytestmark = pytest.mark.service
@@ -125,15 +125,15 @@ async def _call_or_raise(
     raw: Any = channel
     payload = request.SerializeToString()
     if not method.client_streaming and not method.server_streaming:
-        await raw.unary_unary(path)(payload, metadata=metadata, timeout=10)
+        await raw.unary_unary(path)(payload, metadata=metadata, timeout=CALL_DEADLINE_S)
     elif not method.client_streaming:
-        async for _ in raw.unary_stream(path)(payload, metadata=metadata, timeout=10):
+        async for _ in raw.unary_stream(path)(payload, metadata=metadata, timeout=CALL_DEADLINE_S):
             pass
     else:
         for attempt in range(_WRITE_RACE_TRIES):
             try:
                 async for _ in raw.stream_stream(path)(
-                    iter([payload]), metadata=metadata, timeout=10
+                    iter([payload]), metadata=metadata, timeout=CALL_DEADLINE_S
                 ):
                     pass
                 return

@@ -37,6 +37,7 @@ from switchboard.platform.security.egress import (
     parse_http_endpoint,
     resolve_checked,
 )
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = pytest.mark.unit
 
@@ -310,19 +311,23 @@ def test_parse_grpc_endpoint_refuses(target: str, problem: str) -> None:
 
 async def test_resolve_checked_refuses_a_name_resolving_to_loopback() -> None:
     with pytest.raises(DestinationBlocked) as caught:
-        await resolve_checked("localhost", 80, STRICT, timeout_s=5, field="integration.endpoint")
+        await resolve_checked(
+            "localhost", 80, STRICT, timeout_s=CALL_DEADLINE_S, field="integration.endpoint"
+        )
     # The host the user gave, never the address it resolved to.
     assert "'localhost'" in caught.value.message
     assert "127.0.0.1" not in caught.value.message
     assert [v.field for v in caught.value.violations] == ["integration.endpoint"]
-    assert "127.0.0.1" in await resolve_checked("localhost", 80, LOOPBACK, timeout_s=5)
+    assert "127.0.0.1" in await resolve_checked(
+        "localhost", 80, LOOPBACK, timeout_s=CALL_DEADLINE_S
+    )
 
 
 async def test_resolve_checked_literals_need_no_lookup() -> None:
-    assert await resolve_checked("[::1]", 1, LOOPBACK, timeout_s=5) == ["::1"]
-    assert await resolve_checked("8.8.8.8", 1, STRICT, timeout_s=5) == ["8.8.8.8"]
+    assert await resolve_checked("[::1]", 1, LOOPBACK, timeout_s=CALL_DEADLINE_S) == ["::1"]
+    assert await resolve_checked("8.8.8.8", 1, STRICT, timeout_s=CALL_DEADLINE_S) == ["8.8.8.8"]
     with pytest.raises(DestinationBlocked):
-        await check_host("169.254.169.254", 80, OPEN, timeout_s=5)
+        await check_host("169.254.169.254", 80, OPEN, timeout_s=CALL_DEADLINE_S)
 
 
 async def test_an_unknown_name_is_a_resolution_failure() -> None:
@@ -429,7 +434,7 @@ def tls_web(tmp_path: Path) -> Iterator[_Tls]:
 
 
 async def test_http_client_refuses_a_name_resolving_to_loopback(web: _Server) -> None:
-    async with http_client(STRICT, timeout_s=5) as client:
+    async with http_client(STRICT, timeout_s=CALL_DEADLINE_S) as client:
         with pytest.raises(DestinationBlocked):
             await client.get(f"http://localhost:{web.port}/")
         with pytest.raises(DestinationBlocked):
@@ -440,7 +445,7 @@ async def test_http_client_refuses_a_name_resolving_to_loopback(web: _Server) ->
 
 
 async def test_http_client_reaches_an_allowed_server_and_keeps_the_host(web: _Server) -> None:
-    async with http_client(LOOPBACK, timeout_s=5, headers={"x-test": "1"}) as client:
+    async with http_client(LOOPBACK, timeout_s=CALL_DEADLINE_S, headers={"x-test": "1"}) as client:
         response = await client.get(f"http://localhost:{web.port}/hello")
     assert response.status_code == 200
     # The connection went to the checked IP; the request still names the host.
@@ -449,7 +454,7 @@ async def test_http_client_reaches_an_allowed_server_and_keeps_the_host(web: _Se
 
 
 async def test_http_client_does_not_follow_redirects(web: _Server) -> None:
-    async with http_client(OPEN, timeout_s=5) as client:
+    async with http_client(OPEN, timeout_s=CALL_DEADLINE_S) as client:
         response = await client.get(f"http://localhost:{web.port}/redirect")
     assert response.status_code == 302
     assert [path for path, _ in web.seen.requests] == ["/redirect"]
@@ -457,7 +462,7 @@ async def test_http_client_does_not_follow_redirects(web: _Server) -> None:
 
 async def test_http_client_verifies_tls_against_the_name(tls_web: _Tls) -> None:
     verify = ssl.create_default_context(cafile=str(tls_web.ca_file))
-    async with http_client(LOOPBACK, timeout_s=5, verify=verify) as client:
+    async with http_client(LOOPBACK, timeout_s=CALL_DEADLINE_S, verify=verify) as client:
         response = await client.get(f"https://localhost:{tls_web.server.port}/tls")
         assert response.text == f"localhost:{tls_web.server.port}"
         # The certificate names localhost only: had the connection been
@@ -490,13 +495,13 @@ async def grpc_port() -> AsyncIterator[int]:
 
 async def test_grpc_target_dials_the_checked_address(grpc_port: int) -> None:
     endpoint = parse_grpc_endpoint(f"localhost:{grpc_port}", "integration.endpoint")
-    target, options = await grpc_target(endpoint, LOOPBACK, timeout_s=5)
+    target, options = await grpc_target(endpoint, LOOPBACK, timeout_s=CALL_DEADLINE_S)
     assert target == f"ipv4:127.0.0.1:{grpc_port}"
     assert ("grpc.default_authority", f"localhost:{grpc_port}") in options
     assert ("grpc.enable_http_proxy", 0) in options
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=5
+            health_pb2.HealthCheckRequest(), timeout=CALL_DEADLINE_S
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -505,13 +510,15 @@ async def test_grpc_target_refused_without_loopback(grpc_port: int) -> None:
     for text in (f"localhost:{grpc_port}", f"[::1]:{grpc_port}", f"127.0.0.1:{grpc_port}"):
         endpoint = parse_grpc_endpoint(text, "integration.endpoint")
         with pytest.raises(DestinationBlocked) as caught:
-            await grpc_target(endpoint, STRICT, timeout_s=5, field="integration.endpoint")
+            await grpc_target(
+                endpoint, STRICT, timeout_s=CALL_DEADLINE_S, field="integration.endpoint"
+            )
         assert caught.value.violations[0].field == "integration.endpoint"
 
 
 async def test_grpc_target_keeps_the_tls_name() -> None:
     endpoint = parse_grpc_endpoint("grpcs://[::1]:8443", "f")
-    target, options = await grpc_target(endpoint, LOOPBACK, timeout_s=5)
+    target, options = await grpc_target(endpoint, LOOPBACK, timeout_s=CALL_DEADLINE_S)
     assert target == "ipv6:[::1]:8443"
     assert ("grpc.ssl_target_name_override", "::1") in options
     assert ("grpc.default_authority", "[::1]:8443") in options
@@ -521,7 +528,7 @@ async def test_grpc_target_keeps_the_tls_name() -> None:
 async def test_odd_spellings_of_loopback_are_refused_after_resolution(host: str) -> None:
     endpoint = parse_http_endpoint(f"http://{host}:8080/", "f")
     with pytest.raises(DestinationBlocked):
-        await check_host(endpoint.host, endpoint.port, STRICT, timeout_s=5)
+        await check_host(endpoint.host, endpoint.port, STRICT, timeout_s=CALL_DEADLINE_S)
 
 
 async def test_clients_share_one_verifying_context_per_alpn_choice_and_still_verify(
@@ -529,13 +536,16 @@ async def test_clients_share_one_verifying_context_per_alpn_choice_and_still_ver
 ) -> None:
     """Loading the CA bundle per client took most of a server's start: clients of one
     ALPN choice share one context, and it still verifies (the test CA is not in it)."""
-    clients = [http_client(LOOPBACK, timeout_s=5, http2=http2) for http2 in (False, False, True)]
+    clients = [
+        http_client(LOOPBACK, timeout_s=CALL_DEADLINE_S, http2=http2)
+        for http2 in (False, False, True)
+    ]
     contexts = [client._transport._pool._ssl_context for client in clients]  # type: ignore[attr-defined]
     assert contexts[0] is contexts[1]
     assert contexts[2] is not contexts[0]
     assert all(context.verify_mode == ssl.CERT_REQUIRED for context in contexts)
     own = ssl.create_default_context(cafile=str(tls_web.ca_file))
-    with_own = http_client(LOOPBACK, timeout_s=5, verify=own)
+    with_own = http_client(LOOPBACK, timeout_s=CALL_DEADLINE_S, verify=own)
     assert with_own._transport._pool._ssl_context is own  # type: ignore[attr-defined]
     for client in clients:
         async with client:

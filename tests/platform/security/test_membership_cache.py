@@ -15,6 +15,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.cache import Cache
 from switchboard.platform.security.membership import CachedMemberships, MembershipStore
 from switchboard.platform.security.policy import Role
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.redis import RedisServer
 
 pytestmark = pytest.mark.unit
@@ -64,7 +65,7 @@ async def make() -> AsyncIterator[Make]:
         caches.append(cache)
         cached = CachedMemberships(cast(MembershipStore, store), cache, size=size)
         await cache.start()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while not cache.fresh():  # noqa: ASYNC110 - the subscription's first confirmation
                 await asyncio.sleep(0.01)
         return cached
@@ -107,7 +108,7 @@ async def test_a_change_published_in_one_process_drops_the_others_entries(
     # ``here`` dropped its entries before ``publishing`` returned.
     assert await here.role_of("w1", "u1") == Role.VIEWER
     # ``there`` hears the message (polled: the message's arrival is all it waits for).
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while await there.role_of("w1", "u1") != Role.VIEWER:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     # Another workspace's entries stay: answered from memory.
@@ -148,7 +149,7 @@ async def test_nothing_is_trusted_while_the_cache_is_not_fresh(
     assert store.reads == 1
     redis_server.pause()
     try:
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while cached._cache.fresh():  # noqa: ASYNC110 - the lease running out
                 await asyncio.sleep(0.05)
         # Redis cannot vouch for the invalidations: every check reads the database.
@@ -165,7 +166,7 @@ async def test_a_read_racing_a_change_is_not_kept(make: Make) -> None:
     cached = await make("", store)
     store.gate = asyncio.Event()
     read = asyncio.create_task(cached.role_of("w1", "u1"))
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while store.reads == 0:  # noqa: ASYNC110 - the read has begun
             await asyncio.sleep(0)
     # The change commits and is published while the read is in flight (it read OWNER).

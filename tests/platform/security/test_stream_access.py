@@ -40,7 +40,7 @@ from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.credentials.accesstokens import AccessTokens, TokenPolicy
 from switchboard.platform.security.policy import AuthMethod
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.kits.authkit import bearer, reason, unique_email
 from tests.kits.contextkit import (
     Caller,
@@ -52,7 +52,7 @@ from tests.kits.contextkit import (
     new_caller,
 )
 from tests.kits.dispatchkit import dispatcher_stub, request, send
-from tests.kits.eventkit import DEADLINE_S, Subscriber, ids, publish, workspace_event, ws
+from tests.kits.eventkit import Subscriber, ids, publish, workspace_event, ws
 
 pytestmark = [pytest.mark.service, pytest.mark.asyncio]
 
@@ -158,20 +158,24 @@ class Scene:
         auth, context = self.auth(), context_stub(self.channel)
         admin, owner = bearer(self.admin), self.owner.md
         if self.loss == "logout":
-            await auth.Logout(auth_pb2.LogoutRequest(), metadata=self.md, timeout=DEADLINE_S)
+            await auth.Logout(auth_pb2.LogoutRequest(), metadata=self.md, timeout=CALL_DEADLINE_S)
         elif self.loss == "revoke_session":
             await auth.RevokeSession(
-                auth_pb2.RevokeSessionRequest(name=self.session), metadata=admin, timeout=DEADLINE_S
+                auth_pb2.RevokeSessionRequest(name=self.session),
+                metadata=admin,
+                timeout=CALL_DEADLINE_S,
             )
         elif self.loss == "revoke_all_sessions":
             await auth.RevokeAllSessions(
                 auth_pb2.RevokeAllSessionsRequest(keep_current=True),
                 metadata=admin,
-                timeout=DEADLINE_S,
+                timeout=CALL_DEADLINE_S,
             )
         elif self.loss == "api_key_revoked":
             await auth.RevokeApiKey(
-                auth_pb2.RevokeApiKeyRequest(name=self.api_key), metadata=admin, timeout=DEADLINE_S
+                auth_pb2.RevokeApiKeyRequest(name=self.api_key),
+                metadata=admin,
+                timeout=CALL_DEADLINE_S,
             )
         elif self.loss in ("token_expired", "api_key_expired"):
             await self.expired()
@@ -179,11 +183,13 @@ class Scene:
             await context.RemoveWorkspaceMember(
                 cpb.RemoveWorkspaceMemberRequest(name=self.member),
                 metadata=owner,
-                timeout=DEADLINE_S,
+                timeout=CALL_DEADLINE_S,
             )
         elif self.loss == "workspace_deleted":
             await context.DeleteWorkspace(
-                cpb.DeleteWorkspaceRequest(name=self.workspace), metadata=owner, timeout=DEADLINE_S
+                cpb.DeleteWorkspaceRequest(name=self.workspace),
+                metadata=owner,
+                timeout=CALL_DEADLINE_S,
             )
         elif self.loss == "role_lowered":
             await context.UpdateWorkspaceMember(
@@ -192,7 +198,7 @@ class Scene:
                     update_mask=mask("role"),
                 ),
                 metadata=owner,
-                timeout=DEADLINE_S,
+                timeout=CALL_DEADLINE_S,
             )
         else:
             raise AssertionError(self.loss)
@@ -201,7 +207,7 @@ class Scene:
         """Move the clock to the credential's expiry, and wait (polling a unary call, with a
         deadline) until the credential no longer works."""
         self.clock.at = self.until
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             # Polling a unary call: the server offers no signal for "expired".
             while await self._works():  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
@@ -209,7 +215,7 @@ class Scene:
     async def _works(self) -> bool:
         try:
             await self.auth().GetPrincipal(
-                auth_pb2.GetPrincipalRequest(), metadata=self.md, timeout=DEADLINE_S
+                auth_pb2.GetPrincipalRequest(), metadata=self.md, timeout=CALL_DEADLINE_S
             )
         except aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
@@ -249,7 +255,7 @@ async def scene(
             key.expire_time.FromSeconds(int(time.time()) + EXPIRES_IN_S)
             until = float(key.expire_time.seconds)
         created = await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
-            key, metadata=bearer(admin_in.tokens.access_token), timeout=DEADLINE_S
+            key, metadata=bearer(admin_in.tokens.access_token), timeout=CALL_DEADLINE_S
         )
         credential, api_key, session = created.secret, created.api_key.name, ""
     elif loss == "token_expired":
@@ -331,7 +337,7 @@ class Duplex:
 
     async def read(self) -> Any:
         """The next frame; raises AioRpcError if the stream failed, AssertionError at its end."""
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             frame = await self.call.read()
         assert frame is not _EOF, "the stream ended"
         return frame
@@ -339,7 +345,7 @@ class Duplex:
     async def rest(self) -> list[Any]:
         """The frames up to a clean end (heartbeats left out)."""
         frames = []
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while (frame := await self.call.read()) is not _EOF:
                 if frame.WhichOneof("frame") != "heartbeat":
                     frames.append(frame)
@@ -347,7 +353,7 @@ class Duplex:
 
     async def until(self, wanted: Callable[[Any], bool], frames: list[Any] | None = None) -> Any:
         """Read until a ``wanted`` frame (the others go to ``frames``), in one deadline."""
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while not wanted(frame := await self.read()):
                 if frames is not None:
                     frames.append(frame)
@@ -466,14 +472,14 @@ async def _cancel(scene: Scene, run: str) -> None:
     if scene.loss == "workspace_deleted":
         return
     await dispatcher_stub(scene.channel).CancelRun(
-        pb.CancelRunRequest(name=run), metadata=scene.owner.md, timeout=DEADLINE_S
+        pb.CancelRunRequest(name=run), metadata=scene.owner.md, timeout=CALL_DEADLINE_S
     )
 
 
 async def _failure(call: Any, seen: list[pb.RunUpdate]) -> aio.AioRpcError:
     """Read a WatchRun (collecting updates) until it fails; returns the failure."""
     try:
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while True:
                 frame = await call.read()
                 assert frame is not _EOF, "the stream ended without an error"
@@ -491,7 +497,7 @@ async def test_watch_run_ends_with_the_status_and_no_later_delta(scene: Scene) -
     )
     seen: list[pb.RunUpdate] = []
     try:
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while len([u for u in seen if u.HasField("delta")]) < 2:
                 frame = await call.read()
                 assert frame is not _EOF
@@ -523,7 +529,7 @@ async def test_an_idle_watch_run_ends_with_the_status_when_access_is_lost(scene:
     )
     seen: list[pb.RunUpdate] = []
     try:
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while not any(u.HasField("delta") for u in seen):
                 frame = await call.read()
                 assert frame is not _EOF
@@ -627,7 +633,7 @@ async def test_converse_action_after_the_loss_is_refused(scene: Scene) -> None:
         await dispatcher_stub(scene.channel).ListRuns(
             pb.ListRunsRequest(parent=scene.conversation),
             metadata=scene.owner.md,
-            timeout=DEADLINE_S,
+            timeout=CALL_DEADLINE_S,
         )
         if scene.loss != "workspace_deleted"
         else None

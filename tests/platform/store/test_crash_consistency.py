@@ -37,7 +37,7 @@ from switchboard.platform.events.eventlog import LocalLog, Logged
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.db import DatabaseUnavailable, Group
 from switchboard.platform.store.models import EventLogRow, EventOutboxRow, RunRow, UserRow
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
 from tests.kits.authkit import (
@@ -170,11 +170,13 @@ async def test_a_retried_append_publishes_the_event_its_first_attempt_lost() -> 
         )
         try:
             first: cpb.Message | None = (
-                await stub.AppendMessage(append, metadata=world.editor.md, timeout=10)
+                await stub.AppendMessage(append, metadata=world.editor.md, timeout=CALL_DEADLINE_S)
             ).message
         except aio.AioRpcError:
             first = None  # the client did not hear back: it retries
-        again = (await stub.AppendMessage(append, metadata=world.editor.md, timeout=10)).message
+        again = (
+            await stub.AppendMessage(append, metadata=world.editor.md, timeout=CALL_DEADLINE_S)
+        ).message
         if first is not None:
             assert again.name == first.name
         # The retry's answer is acknowledged: its event is in the log now, once.
@@ -198,7 +200,7 @@ async def test_a_write_whose_event_was_lost_gets_it_without_a_retry() -> None:
         update = cpb.UpdateWorkspaceRequest(workspace=workspace)
         update.update_mask.paths.append("display_name")
         with contextlib.suppress(aio.AioRpcError):  # committed either way; nobody retries
-            await stub.UpdateWorkspace(update, metadata=world.owner.md, timeout=10)
+            await stub.UpdateWorkspace(update, metadata=world.owner.md, timeout=CALL_DEADLINE_S)
 
         async def published() -> bool:
             events = logged(server, events_pb2.EVENT_TYPE_WORKSPACE_CHANGED, name)
@@ -256,10 +258,10 @@ async def test_a_retry_that_read_the_leftovers_before_they_were_logged_does_not_
             request_id="append-raced",
         )
         first = asyncio.ensure_future(
-            stub.AppendMessage(append, metadata=world.editor.md, timeout=10)
+            stub.AppendMessage(append, metadata=world.editor.md, timeout=CALL_DEADLINE_S)
         )
-        await asyncio.wait_for(first_committed.wait(), 10)
-        again = await stub.AppendMessage(append, metadata=world.editor.md, timeout=10)
+        await asyncio.wait_for(first_committed.wait(), CALL_DEADLINE_S)
+        again = await stub.AppendMessage(append, metadata=world.editor.md, timeout=CALL_DEADLINE_S)
         assert (await first).message.name == again.message.name
         assert retry_read.is_set()
         assert calls == 2
@@ -283,7 +285,7 @@ class AuthWorld:
             auth_pb2.LoginRequest(
                 password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
             ),
-            timeout=30,
+            timeout=CALL_DEADLINE_S,
         )
         return response
 
@@ -301,7 +303,7 @@ async def _login(world: AuthWorld) -> Act:
 async def _oidc_first_login(world: AuthWorld) -> Act:
     token = id_token(world.idp_key)
     return lambda: world.stub.Login(
-        auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)), timeout=10
+        auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)), timeout=CALL_DEADLINE_S
     )
 
 
@@ -313,7 +315,9 @@ async def _evicting_login(world: AuthWorld) -> Act:
 
 async def _logout(world: AuthWorld) -> Act:
     token = (await register(world.channel)).tokens.access_token
-    return lambda: world.stub.Logout(auth_pb2.LogoutRequest(), metadata=bearer(token), timeout=10)
+    return lambda: world.stub.Logout(
+        auth_pb2.LogoutRequest(), metadata=bearer(token), timeout=CALL_DEADLINE_S
+    )
 
 
 async def _revoke_session(world: AuthWorld) -> Act:
@@ -322,7 +326,7 @@ async def _revoke_session(world: AuthWorld) -> Act:
     return lambda: world.stub.RevokeSession(
         auth_pb2.RevokeSessionRequest(name=other),
         metadata=bearer(registered.tokens.access_token),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -332,32 +336,40 @@ async def _revoke_all_sessions(world: AuthWorld) -> Act:
     return lambda: world.stub.RevokeAllSessions(
         auth_pb2.RevokeAllSessionsRequest(keep_current=True),
         metadata=bearer(registered.tokens.access_token),
-        timeout=10,
+        timeout=CALL_DEADLINE_S,
     )
 
 
 async def _refresh_reuse(world: AuthWorld) -> Act:
     spent = (await register(world.channel)).tokens.refresh_token
-    await world.stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=10)
+    await world.stub.RefreshToken(
+        auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=CALL_DEADLINE_S
+    )
     return lambda: world.stub.RefreshToken(
-        auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=10
+        auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=CALL_DEADLINE_S
     )
 
 
 async def _create_api_key(world: AuthWorld) -> Act:
     token = (await register(world.channel)).tokens.access_token
     return lambda: world.stub.CreateApiKey(
-        auth_pb2.CreateApiKeyRequest(display_name="ci"), metadata=bearer(token), timeout=10
+        auth_pb2.CreateApiKeyRequest(display_name="ci"),
+        metadata=bearer(token),
+        timeout=CALL_DEADLINE_S,
     )
 
 
 async def _revoke_api_key(world: AuthWorld) -> Act:
     token = (await register(world.channel)).tokens.access_token
     key = await world.stub.CreateApiKey(
-        auth_pb2.CreateApiKeyRequest(display_name="ci"), metadata=bearer(token), timeout=10
+        auth_pb2.CreateApiKeyRequest(display_name="ci"),
+        metadata=bearer(token),
+        timeout=CALL_DEADLINE_S,
     )
     return lambda: world.stub.RevokeApiKey(
-        auth_pb2.RevokeApiKeyRequest(name=key.api_key.name), metadata=bearer(token), timeout=10
+        auth_pb2.RevokeApiKeyRequest(name=key.api_key.name),
+        metadata=bearer(token),
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -564,7 +576,8 @@ async def test_a_first_sign_in_that_fails_midway_leaves_no_account_and_its_retry
                 registered = await register(world.channel, email)
                 return registered.user, registered.session
             response = await world.stub.Login(
-                auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)), timeout=10
+                auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)),
+                timeout=CALL_DEADLINE_S,
             )
             return response.user, response.session
 
@@ -599,7 +612,9 @@ async def _logout_on(channel: aio.Channel) -> tuple[Act, str, int]:
     token = (await register(channel)).tokens.access_token
 
     def act() -> Awaitable[object]:
-        return stub.Logout(auth_pb2.LogoutRequest(), metadata=bearer(token), timeout=10)
+        return stub.Logout(
+            auth_pb2.LogoutRequest(), metadata=bearer(token), timeout=CALL_DEADLINE_S
+        )
 
     return act, token, S.SECURITY_EVENT_KIND_SESSION_REVOKED
 
@@ -611,14 +626,14 @@ async def _revoke_all_on(channel: aio.Channel) -> tuple[Act, str, int]:
         auth_pb2.LoginRequest(
             password=auth_pb2.PasswordCredential(email=registered.user.email, password=PASSWORD)
         ),
-        timeout=30,
+        timeout=CALL_DEADLINE_S,
     )
 
     def act() -> Awaitable[object]:
         return stub.RevokeAllSessions(
             auth_pb2.RevokeAllSessionsRequest(keep_current=True),
             metadata=bearer(registered.tokens.access_token),
-            timeout=10,
+            timeout=CALL_DEADLINE_S,
         )
 
     return act, other.tokens.access_token, S.SECURITY_EVENT_KIND_SESSION_REVOKED
@@ -628,12 +643,16 @@ async def _revoke_key_on(channel: aio.Channel) -> tuple[Act, str, int]:
     stub = auth_pb2_grpc.AuthServiceStub(channel)
     token = (await register(channel)).tokens.access_token
     key = await stub.CreateApiKey(
-        auth_pb2.CreateApiKeyRequest(display_name="ci"), metadata=bearer(token), timeout=10
+        auth_pb2.CreateApiKeyRequest(display_name="ci"),
+        metadata=bearer(token),
+        timeout=CALL_DEADLINE_S,
     )
 
     def act() -> Awaitable[object]:
         return stub.RevokeApiKey(
-            auth_pb2.RevokeApiKeyRequest(name=key.api_key.name), metadata=bearer(token), timeout=10
+            auth_pb2.RevokeApiKeyRequest(name=key.api_key.name),
+            metadata=bearer(token),
+            timeout=CALL_DEADLINE_S,
         )
 
     return act, key.secret, S.SECURITY_EVENT_KIND_API_KEY_REVOKED
@@ -663,7 +682,9 @@ async def test_a_revocation_whose_message_died_with_its_process_reaches_cached_c
             async def principal_on_b() -> grpc.StatusCode:
                 try:
                     await on_b_stub.GetPrincipal(
-                        auth_pb2.GetPrincipalRequest(), metadata=bearer(credential), timeout=10
+                        auth_pb2.GetPrincipalRequest(),
+                        metadata=bearer(credential),
+                        timeout=CALL_DEADLINE_S,
                     )
                 except aio.AioRpcError as exc:
                     return exc.code()
@@ -1083,7 +1104,7 @@ async def test_a_dead_replicas_run_is_taken_over_and_numbered_after_all_it_showe
             name = sent.run.name
             # The watcher is on the replica that survives; the run is on the other.
             call = dstub_b.WatchRun(
-                pb.WatchRunRequest(name=name), metadata=world.editor.md, timeout=60
+                pb.WatchRunRequest(name=name), metadata=world.editor.md, timeout=CALL_DEADLINE_S
             )
             seen: list[pb.RunUpdate] = []
             await read_until(

@@ -48,12 +48,12 @@ from switchboard.platform.store.db import (
 from switchboard.platform.store.models import SEARCH_TABLES, Base, SessionRow, UserRow, modelled
 from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import transaction
+from tests.conftest import CALL_DEADLINE_S, TEST_DATABASE_TIMEOUT_S
 from tests.infra import postgres as postgres_infra
 from tests.infra.postgres import PostgresServer
 
 pytestmark = pytest.mark.unit
 
-TIMEOUT_S = 10.0
 MODEL_TABLES = frozenset(Base.metadata.tables)
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=dt.UTC)
 
@@ -61,7 +61,7 @@ NOW = dt.datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=dt.UTC)
 @pytest.fixture
 async def db(empty_database_url: str) -> AsyncIterator[Database]:
     """An empty database (not migrated), on each backend."""
-    database = Database(empty_database_url, timeout_s=TIMEOUT_S)
+    database = Database(empty_database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         yield database
     finally:
@@ -228,7 +228,7 @@ async def test_drift_check_notices_a_missing_migration(db: Database) -> None:
 
 async def test_concurrent_migrations_in_one_process(empty_database_url: str) -> None:
     """Alembic's state is process-global; overlapping migrate() calls must not mix it up."""
-    databases = [Database(empty_database_url, timeout_s=TIMEOUT_S) for _ in range(3)]
+    databases = [Database(empty_database_url, timeout_s=TEST_DATABASE_TIMEOUT_S) for _ in range(3)]
     try:
         await asyncio.gather(*(database.migrate() for database in databases))
         assert await table_names(databases[0]) == MODEL_TABLES | {"alembic_version"}
@@ -291,7 +291,7 @@ async def test_processes_migrating_at_once_are_serialized(empty_database_url: st
                 await process.wait()
     for process, (_out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err.decode()
-    database = Database(empty_database_url, timeout_s=TIMEOUT_S)
+    database = Database(empty_database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         assert await table_names(database) == MODEL_TABLES | {"alembic_version"}
         assert await current_revision(database) == head_revision()
@@ -379,7 +379,9 @@ async def test_sqlite_connection_pragmas(tmp_path: Path) -> None:
 
 
 async def test_sqlite_in_memory_is_one_shared_database() -> None:
-    database = await open_database("sqlite+aiosqlite://", timeout_s=TIMEOUT_S, migrate=True)
+    database = await open_database(
+        "sqlite+aiosqlite://", timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True
+    )
     try:
         async with database.sessions() as session, session.begin():
             session.add(user())
@@ -396,7 +398,7 @@ async def test_sqlite_in_memory_is_one_shared_database() -> None:
 async def test_sqlite_transactions_are_atomic(tmp_path: Path) -> None:
     """SQLAlchemy, not the sqlite3 driver, opens transactions: a rollback undoes everything."""
     database = await open_database(
-        f"sqlite+aiosqlite:///{tmp_path / 'tx.db'}", timeout_s=TIMEOUT_S, migrate=True
+        f"sqlite+aiosqlite:///{tmp_path / 'tx.db'}", timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True
     )
     try:
         async with database.engine.connect() as connection:
@@ -415,7 +417,7 @@ async def test_sqlite_savepoints_on_the_driver_roll_back_alone_and_fail_the_grou
     rolled-back savepoint undoes only its own writes, and one the driver refuses
     is SQLAlchemy's OperationalError, which fails the whole group."""
     database = await open_database(
-        f"sqlite+aiosqlite:///{tmp_path / 'sp.db'}", timeout_s=TIMEOUT_S, migrate=True
+        f"sqlite+aiosqlite:///{tmp_path / 'sp.db'}", timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True
     )
     try:
         engine = database._sync_engine
@@ -453,7 +455,7 @@ async def test_sqlite_savepoints_on_the_driver_roll_back_alone_and_fail_the_grou
 
 async def test_sqlite_deferred_begin_can_be_chosen_for_reads(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'rw.db'}"
-    database = await open_database(url, timeout_s=TIMEOUT_S, migrate=True)
+    database = await open_database(url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     try:
         async with database.engine.connect() as writer:
             await writer.execute(text("DELETE FROM users"))  # holds the write lock (IMMEDIATE)
@@ -467,7 +469,7 @@ async def test_sqlite_deferred_begin_can_be_chosen_for_reads(tmp_path: Path) -> 
 
 
 async def test_ping_and_dialect_name(empty_database_url: str) -> None:
-    database = Database(empty_database_url, timeout_s=TIMEOUT_S)
+    database = Database(empty_database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         await database.ping()
         assert database.dialect_name == empty_database_url.split("+", 1)[0]
@@ -478,7 +480,7 @@ async def test_ping_and_dialect_name(empty_database_url: str) -> None:
 
 async def test_opening_without_migrating_refuses_an_empty_database(empty_database_url: str) -> None:
     with pytest.raises(ConfigError, match="switchboard migrate"):
-        await open_database(empty_database_url, timeout_s=TIMEOUT_S, migrate=False)
+        await open_database(empty_database_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=False)
 
 
 async def test_ping_is_bounded_by_the_timeout() -> None:
@@ -517,7 +519,7 @@ async def test_open_database_never_logs_the_password(
     )
     assert "hunter2-secret" in url
     caplog.set_level(logging.DEBUG)
-    database = await open_database(url, timeout_s=TIMEOUT_S, migrate=True)
+    database = await open_database(url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     try:
         await database.ping()
     finally:
@@ -541,7 +543,7 @@ async def test_open_database_never_logs_the_password(
 )
 def test_other_url_schemes_are_refused(url: str) -> None:
     with pytest.raises(ValueError, match="SWITCHBOARD_DATABASE_URL") as caught:
-        Database(url, timeout_s=TIMEOUT_S)
+        Database(url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     assert "hunter2" not in str(caught.value)
 
 
@@ -624,7 +626,7 @@ async def stoppable(own_postgres: PostgresServer) -> AsyncIterator[Database]:
 
 async def answers(server: PostgresServer) -> bool:
     try:
-        connection = await asyncpg.connect(server.dsn(), timeout=3)
+        connection = await asyncpg.connect(server.dsn(), timeout=CALL_DEADLINE_S)
     except (OSError, asyncpg.PostgresError):
         return False
     await connection.close()
@@ -640,9 +642,9 @@ def sleeping(seconds: int) -> Callable[[Session], None]:
 
 async def until_sleeping(server: PostgresServer) -> list[int]:
     """The pids of backends running ``sleeping``, once there is one."""
-    admin = await asyncpg.connect(server.dsn(), timeout=3)
+    admin = await asyncpg.connect(server.dsn(), timeout=CALL_DEADLINE_S)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + CALL_DEADLINE_S
         while time.monotonic() < deadline:
             rows = await admin.fetch(
                 "SELECT pid FROM pg_stat_activity "
@@ -674,7 +676,7 @@ async def test_a_connection_terminated_mid_statement_is_an_outage(
     driver's error (which reached clients as INTERNAL)."""
     call = asyncio.create_task(transaction(stoppable, sleeping(30), write=False, log=STORE_LOG))
     pids = await until_sleeping(own_postgres)
-    admin = await asyncpg.connect(own_postgres.dsn(), timeout=3)
+    admin = await asyncpg.connect(own_postgres.dsn(), timeout=CALL_DEADLINE_S)
     try:
         await admin.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", pids)
     finally:
@@ -725,7 +727,7 @@ async def test_database_health_goes_down_with_the_server_and_comes_back_by_itsel
     assert seen == [False, True]
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+async def until(condition: Callable[[], bool], timeout_s: float = CALL_DEADLINE_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -778,7 +780,7 @@ async def test_a_statement_cancelled_twice_while_its_connection_closes_leaves_no
     force-stopped the connection's worker thread while the graceful close was still
     queued on it, and that close, cancelled in turn by the loop's shutdown, waited
     forever for a thread that no longer ran."""
-    database = Database(empty_database_url, timeout_s=TIMEOUT_S)
+    database = Database(empty_database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     sqlite = database.dialect_name == "sqlite"
     in_flight, release = threading.Event(), threading.Event()
     invalidated: list[object] = []
@@ -786,7 +788,7 @@ async def test_a_statement_cancelled_twice_while_its_connection_closes_leaves_no
     def block() -> int:
         # Runs in aiosqlite's worker thread: holds it, as a slow statement would.
         in_flight.set()
-        release.wait(TIMEOUT_S)
+        release.wait(TEST_DATABASE_TIMEOUT_S)
         return 1
 
     @event.listens_for(database.engine.sync_engine, "connect")
@@ -822,7 +824,9 @@ async def test_a_statement_cancelled_twice_while_its_connection_closes_leaves_no
         for task in leftovers:
             task.cancel()
         release.set()
-        _done, pending = await asyncio.wait(leftovers, timeout=5) if leftovers else (set(), set())
+        _done, pending = (
+            await asyncio.wait(leftovers, timeout=CALL_DEADLINE_S) if leftovers else (set(), set())
+        )
         assert not pending, f"tasks that never end: {pending}"
     finally:
         release.set()
@@ -931,7 +935,7 @@ async def test_a_connection_left_inside_a_transaction_is_not_handed_out_again(
     the next session on it failed with asyncpg's "nested transaction has a
     different isolation level" (an UNAVAILABLE for a caller that did nothing
     wrong). Such a connection is discarded when it is checked out."""
-    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
+    database = await open_database(postgres_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     try:
         async with database.engine.connect() as connection:
             raw = await connection.get_raw_connection()
@@ -964,8 +968,8 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_on_checkout
     timeout): one the server closed meanwhile is replaced, and the caller's statement
     runs on a new one instead of failing."""
     monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 0.0)  # every checkout is "idle"
-    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
-    killer = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=False)
+    database = await open_database(postgres_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
+    killer = await open_database(postgres_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=False)
     try:
         victim = await _backend_pid(database)
         await killer.run(
@@ -985,7 +989,7 @@ async def test_a_connection_given_back_just_now_is_not_pinged(
     """Under load a connection goes out again within milliseconds of coming back: no
     round trip for a ping before each transaction (pre-ping's cost). One that sat
     longer than ``PING_AFTER_IDLE_S`` is pinged."""
-    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
+    database = await open_database(postgres_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     pings = 0
     dialect = database.engine.sync_engine.dialect
     real = dialect.do_ping
@@ -1016,8 +1020,8 @@ async def test_a_connection_found_dead_by_a_driver_statement_is_not_given_out_ag
     used, so never pinged: after a restart the access checks failed UNAVAILABLE until
     the pool happened to rest a second (the CI's database-outage test)."""
     monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 3600.0)  # never pinged
-    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
-    killer = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=False)
+    database = await open_database(postgres_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
+    killer = await open_database(postgres_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=False)
     try:
         ((victim,),) = await database.fetch("SELECT pg_backend_pid()", {})
         await killer.run(
@@ -1050,7 +1054,7 @@ async def test_a_per_call_check_on_postgresql_runs_without_begin_and_rollback(
     runs without a transaction block: BEGIN and ROLLBACK were two of its three round
     trips. A work given to ``run`` keeps its transaction, a read's too: it may lock rows
     or SET LOCAL for the transaction."""
-    database = await open_database(postgres_url, timeout_s=TIMEOUT_S, migrate=True)
+    database = await open_database(postgres_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     try:
         seen: list[bool] = []
         real = Prepared.rows

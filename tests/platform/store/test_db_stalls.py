@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from switchboard.platform.store.db import Database
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = pytest.mark.unit
 
@@ -102,7 +103,7 @@ async def test_a_write_the_database_itself_is_too_slow_with_fails_and_the_next_i
     finally:
         release.set()
     # Once the disk answers again, so does the database.
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while True:
             try:
                 assert await database.run(_insert(2), write=True) == 2

@@ -55,6 +55,7 @@ from switchboard.platform.store.outbox import Outbox, Staged
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values.names import etag_of, now
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -202,7 +203,7 @@ async def _workspace(database: Database, workspace_id: str) -> None:
 
 @pytest.fixture
 async def desk(database_url: str) -> AsyncIterator[Desk]:
-    database = await open_database(database_url, timeout_s=10.0, migrate=True)
+    database = await open_database(database_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     outbox = Outbox(database)
     local = LocalLog(database, retention=1000, retention_s=3600, memory=100, outbox=outbox)
     bus = EventBus(local, memory=100, outbox=outbox)

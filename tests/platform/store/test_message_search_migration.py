@@ -16,6 +16,7 @@ from switchboard.context.semantic.ports import SearchFilter
 from switchboard.context.semantic.retrieval.store import SearchStore
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import ConversationRow, WorkspaceRow
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +25,7 @@ NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
 @pytest.fixture
 async def db(empty_database_url: str) -> AsyncIterator[Database]:
-    database = Database(empty_database_url, timeout_s=10.0)
+    database = Database(empty_database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         yield database
     finally:

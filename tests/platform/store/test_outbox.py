@@ -18,15 +18,14 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.models import EventOutboxRow
 from switchboard.platform.store.outbox import Outbox
+from tests.conftest import CALL_DEADLINE_S, TEST_DATABASE_TIMEOUT_S
 
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
-
-DEADLINE_S = 20.0
 
 
 @pytest.fixture
 async def database(database_url: str) -> AsyncIterator[Database]:
-    made = await open_database(database_url, timeout_s=10.0, migrate=True)
+    made = await open_database(database_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     try:
         yield made
     finally:
@@ -69,7 +68,7 @@ async def relayed_nothing(events: Sequence[events_pb2.Event]) -> None:
 
 
 async def until_rows(database: Database, count: int) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + CALL_DEADLINE_S
     while await rows(database) != count:
         assert time.monotonic() < deadline, f"timed out waiting for {count} rows left"
         await asyncio.sleep(0.02)  # polling a stored state, under a deadline

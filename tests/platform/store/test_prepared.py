@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from switchboard.platform.store.db import Database, open_database
 from switchboard.platform.store.models import UserRow, table_of
 from switchboard.platform.store.prepared import NotPreparable, Prepared
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -45,7 +46,7 @@ _COUNT = Prepared(select(func.count()).select_from(USERS))
 
 @pytest.fixture
 async def database(database_url: str) -> AsyncIterator[Database]:
-    database = await open_database(database_url, timeout_s=10.0, migrate=True)
+    database = await open_database(database_url, timeout_s=TEST_DATABASE_TIMEOUT_S, migrate=True)
     try:
         yield database
     finally:

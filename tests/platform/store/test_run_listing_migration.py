@@ -13,6 +13,7 @@ from sqlalchemy import text
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import ConversationRow, WorkspaceRow
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
 
@@ -21,7 +22,7 @@ NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
 @pytest.fixture
 async def db(empty_database_url: str) -> AsyncIterator[Database]:
-    database = Database(empty_database_url, timeout_s=10.0)
+    database = Database(empty_database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         yield database
     finally:

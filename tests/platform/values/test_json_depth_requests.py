@@ -25,14 +25,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.values.jsonbounds import MAX_DEPTH
-from tests.kits.contextkit import (
-    TIMEOUT_S,
-    append,
-    context_stub,
-    create_conversation,
-    ctx_world,
-    violations,
-)
+from tests.conftest import CALL_DEADLINE_S
+from tests.kits.contextkit import append, context_stub, create_conversation, ctx_world, violations
 from tests.kits.dispatchkit import dispatcher_stub
 from tests.kits.eventkit import Subscriber
 
@@ -104,14 +98,14 @@ async def test_a_run_request_too_deep_is_refused_on_unary_and_bidirectional_call
     deep = dpb.SendMessageRequest(conversation=conversation, message=with_data(1))
     deep.parameters.CopyFrom(nested(MAX_DEPTH + 1))
     with pytest.raises(aio.AioRpcError) as refused:
-        await stub.SendMessage(deep, metadata=made.editor.md, timeout=TIMEOUT_S)
+        await stub.SendMessage(deep, metadata=made.editor.md, timeout=CALL_DEADLINE_S)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violations(refused.value) == ["parameters"]
 
     async def frames() -> AsyncIterator[dpb.ConverseRequest]:
         yield dpb.ConverseRequest(send_message=deep)
 
-    call = stub.Converse(frames(), metadata=made.editor.md, timeout=TIMEOUT_S)
+    call = stub.Converse(frames(), metadata=made.editor.md, timeout=CALL_DEADLINE_S)
     with pytest.raises(aio.AioRpcError) as ended:
         async for _ in call:
             pass

@@ -33,14 +33,13 @@ from switchboard.dispatcher.handlers import remote_a2a
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.values.jsonbounds import MAX_DEPTH
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.httprecorder import Reply as HttpReply
 from tests.infra.httprecorder import recording
 from tests.infra.nestedjson import NestedExpert, NestedMcp, nested_objects, stdio_setting
 from tests.kits.authkit import reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     World,
     append,
     context_stub,
@@ -91,7 +90,7 @@ def nothing_lost(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 20.0
+    check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = CALL_DEADLINE_S
 ) -> Any:
     """Poll ``check`` until it returns something truthy, within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -130,7 +129,7 @@ async def invoke(stub: Stub, world: World, tool: str, **arguments: Any) -> ipb.I
     response: ipb.InvokeToolResponse = await stub.InvokeTool(
         ipb.InvokeToolRequest(name=tool, arguments=struct(**arguments)),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response
 
@@ -178,7 +177,7 @@ async def test_an_agent_card_nested_too_deep_is_unavailable_until_the_circuit_op
             got = await stub.GetIntegration(
                 ipb.GetIntegrationRequest(name=made.name),
                 metadata=world.viewer.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             status = got.integration.status
             assert status.health == ipb.HEALTH_STATE_UNHEALTHY
@@ -206,7 +205,7 @@ async def test_a_workspace_expert_whose_card_is_too_deep_is_down_until_its_card_
                 listed = await dispatcher.ListHandlers(
                     pb.ListHandlersRequest(parent=world.name),
                     metadata=world.viewer.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 return any(
                     h.integration.endswith("/integrations/ag") and h.available == available
@@ -291,7 +290,7 @@ async def test_an_mcp_tool_schema_nested_too_deep(over: str) -> None:
                 hub.stub.ListTools(
                     ipb.ListToolsRequest(parent=hub.integration),
                     metadata=hub.world.viewer.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 ),
                 DEEP,
             )
@@ -379,7 +378,7 @@ async def _settled(stub: Stub, world: World, name: str, count: int) -> list[ipb.
         page = await stub.ListWebhookDeliveries(
             ipb.ListWebhookDeliveriesRequest(parent=name, page_size=100),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         found = list(page.deliveries)
         done = all(d.last_http_status for d in found)
@@ -427,7 +426,7 @@ async def test_the_log_says_why_an_agent_is_down(caplog: pytest.LogCaptureFixtur
                 await dispatcher.ListHandlers(
                     pb.ListHandlersRequest(parent=world.name),
                     metadata=world.viewer.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 return any(r.getMessage() == "A2A agent unreachable" for r in caplog.records)
 

@@ -37,9 +37,9 @@ from switchboard.mesh import COMPANIONS, SERVICES
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.access import rule_for
 from tests.a2a.test_a2a import stub as a2a_stub
+from tests.conftest import CALL_DEADLINE_S
 from tests.kits.authkit import reasons
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     World,
     context_stub,
     create_conversation,
@@ -195,12 +195,16 @@ async def call(channel: aio.Channel, method: MethodDescriptor, request: Message,
             yield request
 
         stream = channel.stream_stream(path, encode, decode)(
-            frames(), metadata=md, timeout=TIMEOUT_S
+            frames(), metadata=md, timeout=CALL_DEADLINE_S
         )
     elif method.server_streaming:
-        stream = channel.unary_stream(path, encode, decode)(request, metadata=md, timeout=TIMEOUT_S)
+        stream = channel.unary_stream(path, encode, decode)(
+            request, metadata=md, timeout=CALL_DEADLINE_S
+        )
     else:
-        await channel.unary_unary(path, encode, decode)(request, metadata=md, timeout=TIMEOUT_S)
+        await channel.unary_unary(path, encode, decode)(
+            request, metadata=md, timeout=CALL_DEADLINE_S
+        )
         return
     async for _ in stream:
         break
@@ -292,30 +296,35 @@ async def test_a_memory_item_a_message_and_a_file_with_nan_are_refused_and_not_s
         return cpb.StartUploadRequest(parent=made.name, file=file)
 
     error = await refused(
-        stub.CreateMemoryItem(memory(bad), metadata=made.editor.md, timeout=TIMEOUT_S), INVALID
+        stub.CreateMemoryItem(memory(bad), metadata=made.editor.md, timeout=CALL_DEADLINE_S),
+        INVALID,
     )
     # The first key in order: "big" (Infinity) before "n" (NaN).
     assert violations(error) == ["memory_item.metadata.big"]
     error = await refused(
-        stub.AppendMessage(message(bad), metadata=made.editor.md, timeout=TIMEOUT_S), INVALID
+        stub.AppendMessage(message(bad), metadata=made.editor.md, timeout=CALL_DEADLINE_S), INVALID
     )
     assert violations(error) == ["message.parts[1].data.big"]
     error = await refused(
-        stub.StartUpload(upload(bad), metadata=made.editor.md, timeout=TIMEOUT_S), INVALID
+        stub.StartUpload(upload(bad), metadata=made.editor.md, timeout=CALL_DEADLINE_S), INVALID
     )
     assert violations(error) == ["file.metadata.big"]
     listed = await stub.ListMemoryItems(
-        cpb.ListMemoryItemsRequest(parent=made.name), metadata=made.editor.md, timeout=TIMEOUT_S
+        cpb.ListMemoryItemsRequest(parent=made.name),
+        metadata=made.editor.md,
+        timeout=CALL_DEADLINE_S,
     )
     assert list(listed.memory_items) == []
     messages = await stub.ListMessages(
-        cpb.ListMessagesRequest(parent=conversation), metadata=made.editor.md, timeout=TIMEOUT_S
+        cpb.ListMessagesRequest(parent=conversation),
+        metadata=made.editor.md,
+        timeout=CALL_DEADLINE_S,
     )
     assert list(messages.messages) == []
     # Finite: the same requests are served.
-    await stub.CreateMemoryItem(memory(good), metadata=made.editor.md, timeout=TIMEOUT_S)
-    await stub.AppendMessage(message(good), metadata=made.editor.md, timeout=TIMEOUT_S)
-    await stub.StartUpload(upload(good), metadata=made.editor.md, timeout=TIMEOUT_S)
+    await stub.CreateMemoryItem(memory(good), metadata=made.editor.md, timeout=CALL_DEADLINE_S)
+    await stub.AppendMessage(message(good), metadata=made.editor.md, timeout=CALL_DEADLINE_S)
+    await stub.StartUpload(upload(good), metadata=made.editor.md, timeout=CALL_DEADLINE_S)
 
 
 async def test_a_nan_deep_in_a_list_and_a_quoted_key_are_named_exactly(
@@ -329,7 +338,7 @@ async def test_a_nan_deep_in_a_list_and_a_quoted_key_are_named_exactly(
     )
     request.parameters.update({"a": [1, {"b c": [2, -math.inf]}]})
     error = await refused(
-        stub.SendMessage(request, metadata=made.editor.md, timeout=TIMEOUT_S), INVALID
+        stub.SendMessage(request, metadata=made.editor.md, timeout=CALL_DEADLINE_S), INVALID
     )
     assert violations(error) == ['parameters.a[1]["b c"][1]']
 
@@ -343,7 +352,7 @@ async def test_an_assistant_and_an_integration_with_nan_are_refused(
         dispatcher_stub(channel).CreateAssistant(
             dpb.CreateAssistantRequest(parent=made.name, assistant=assistant),
             metadata=made.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         INVALID,
     )
@@ -353,7 +362,7 @@ async def test_an_assistant_and_an_integration_with_nan_are_refused(
         integration_pb2_grpc.IntegrationServiceStub(channel).CreateIntegration(
             ipb.CreateIntegrationRequest(parent=made.name, integration=integration),
             metadata=made.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         INVALID,
     )
@@ -370,7 +379,7 @@ async def test_an_a2a_caller_gets_invalid_params_in_its_own_terms(
     )
     request.message.parts.add().data.struct_value.update({"rows": [1, math.nan]})
     error = await refused(
-        a2a_stub(channel).SendMessage(request, metadata=made.editor.md, timeout=TIMEOUT_S),
+        a2a_stub(channel).SendMessage(request, metadata=made.editor.md, timeout=CALL_DEADLINE_S),
         INVALID,
     )
     assert violations(error) == ["message.parts[1].data.rows[1]"]

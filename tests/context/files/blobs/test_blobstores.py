@@ -25,6 +25,7 @@ from switchboard.context.files.blobs.port import (
     Published,
 )
 from switchboard.context.files.blobs.s3 import CHUNK_SIZE, PART_SIZE, S3BlobStore
+from tests.conftest import CALL_DEADLINE_S
 from tests.infra.seaweedfs import SeaweedServer
 
 pytestmark = pytest.mark.service
@@ -53,7 +54,9 @@ class Known:
         return {upload for upload in uploads if upload in self._uploads}
 
 
-def s3_store(server: SeaweedServer, bucket: str, *, timeout_s: float = 10.0) -> S3BlobStore:
+def s3_store(
+    server: SeaweedServer, bucket: str, *, timeout_s: float = CALL_DEADLINE_S
+) -> S3BlobStore:
     return S3BlobStore(
         endpoint=server.endpoint,
         bucket=bucket,
@@ -360,7 +363,7 @@ async def test_s3_streamed_blob_over_one_copy_is_copied_in_parts(
         region="us-east-1",
         access_key_id=seaweedfs.access_key,
         secret_access_key=seaweedfs.secret_key,
-        timeout_s=10.0,
+        timeout_s=CALL_DEADLINE_S,
         max_copy_size=5 * MiB,
     )
     try:
@@ -430,7 +433,7 @@ async def test_s3_store_with_wrong_credentials_is_unavailable(
         region="us-east-1",
         access_key_id=seaweedfs.access_key,
         secret_access_key="not-the-secret",
-        timeout_s=5.0,
+        timeout_s=CALL_DEADLINE_S,
     )
     try:
         with pytest.raises(BlobUnavailable):

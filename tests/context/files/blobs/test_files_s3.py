@@ -17,11 +17,10 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.mesh import create_server
 from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.infra.seaweedfs import SeaweedServer
 from tests.kits.authkit import reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Stub,
     World,
     context_stub,
@@ -80,7 +79,7 @@ async def upload_stream(stub: Stub, world: World, data: bytes, checksum: str) ->
             yield pb.UploadFileRequest(chunk=data[offset : offset + MiB])
         yield pb.UploadFileRequest(sha256=checksum)
 
-    response = await stub.UploadFile(frames(), metadata=world.editor.md, timeout=TIMEOUT_S)  # type: ignore[arg-type]
+    response = await stub.UploadFile(frames(), metadata=world.editor.md, timeout=CALL_DEADLINE_S)  # type: ignore[arg-type]
     return response.file
 
 
@@ -88,7 +87,7 @@ async def download(stub: Stub, world: World, name: str) -> bytes:
     chunks = [
         frame.data
         async for frame in stub.DownloadFile(
-            pb.DownloadFileRequest(name=name), metadata=world.viewer.md, timeout=TIMEOUT_S
+            pb.DownloadFileRequest(name=name), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
         )
     ]
     return b"".join(chunks)

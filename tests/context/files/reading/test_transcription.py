@@ -30,10 +30,10 @@ from switchboard.context.files.reading.transcription import (
 )
 from switchboard.mesh import create_server
 from switchboard.platform.security.egress import EgressPolicy
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.speech import COUNTING, says, speak
-from tests.kits.contextkit import TIMEOUT_S, awaiting_event, context_stub, ctx_world
+from tests.kits.contextkit import awaiting_event, context_stub, ctx_world
 
 pytestmark = pytest.mark.service
 
@@ -309,19 +309,19 @@ async def test_an_uploaded_recording_gets_its_transcript_and_an_updated_event(
                             yield frame
 
                     uploaded = await stub.UploadFile(
-                        frames(), metadata=world.editor.md, timeout=TIMEOUT_S
+                        frames(), metadata=world.editor.md, timeout=CALL_DEADLINE_S
                     )
                     stored = uploaded.file
                     assert stored.kind == cpb.FILE_KIND_AUDIO
                     assert stored.text_state == cpb.FILE_TEXT_STATE_PENDING
-                    event = await asyncio.wait_for(updated, TIMEOUT_S)
+                    event = await asyncio.wait_for(updated, CALL_DEADLINE_S)
                 assert event.file_changed.file.name == stored.name
                 assert event.file_changed.file.text_state == cpb.FILE_TEXT_STATE_READY
                 assert not event.file_changed.file.text  # the BASIC view
                 got = await stub.GetFile(
                     cpb.GetFileRequest(name=stored.name, view=cpb.FILE_VIEW_FULL),
                     metadata=world.viewer.md,
-                    timeout=TIMEOUT_S,
+                    timeout=CALL_DEADLINE_S,
                 )
                 assert got.file.text_state == cpb.FILE_TEXT_STATE_READY
                 assert says(got.file.text), got.file.text
@@ -359,8 +359,10 @@ async def test_a_refused_endpoint_leaves_the_recording_failed_with_why(
                         for frame in _upload_frames(world.name, counting):
                             yield frame
 
-                    await stub.UploadFile(frames(), metadata=world.editor.md, timeout=TIMEOUT_S)
-                    event = await asyncio.wait_for(updated, TIMEOUT_S)
+                    await stub.UploadFile(
+                        frames(), metadata=world.editor.md, timeout=CALL_DEADLINE_S
+                    )
+                    event = await asyncio.wait_for(updated, CALL_DEADLINE_S)
             failed = event.file_changed.file
             assert failed.text_state == cpb.FILE_TEXT_STATE_FAILED
             assert "refused by the egress policy" in failed.text_error

@@ -21,10 +21,10 @@ from switchboard.context.semantic.ports import ChunkRecord, Comparison, SearchFi
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import ConversationRow, WorkspaceRow
 from switchboard.platform.store.vectors import vector_support
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.service
 
-TIMEOUT_S = 10.0
 DIMS = 8
 KEY = "test-model/8/1"
 OWNER = "workspaces/w1"
@@ -35,7 +35,7 @@ EVERYTHING = SearchFilter()
 
 @pytest.fixture
 async def database(database_url: str) -> AsyncIterator[Database]:
-    db = Database(database_url, timeout_s=TIMEOUT_S)
+    db = Database(database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         support = await vector_support(db)
         assert support.available, support.reason
@@ -468,7 +468,7 @@ async def test_a_role_that_may_not_create_pgvector_gets_the_reason_not_an_error(
 ) -> None:
     """The server has pgvector, this database does not, and the service's role may not
     create it (pgvector is not a trusted extension): full-text only, said in one sentence."""
-    admin = Database(migrated_postgres_url, timeout_s=TIMEOUT_S)
+    admin = Database(migrated_postgres_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     role = f"app_{random.randrange(10**9)}"  # noqa: S311 - a name
 
     def make_role(db: Session) -> None:
@@ -479,7 +479,8 @@ async def test_a_role_that_may_not_create_pgvector_gets_the_reason_not_an_error(
     finally:
         await admin.close()
     database = Database(
-        migrated_postgres_url.replace("//postgres@", f"//{role}@"), timeout_s=TIMEOUT_S
+        migrated_postgres_url.replace("//postgres@", f"//{role}@"),
+        timeout_s=TEST_DATABASE_TIMEOUT_S,
     )
     try:
         support = await vector_support(database)

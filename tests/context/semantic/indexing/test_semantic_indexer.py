@@ -20,6 +20,7 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.semantic.indexing.chunking import chunk_text
 from switchboard.platform.store.models import ConversationRow, SemanticCursorRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.context.files.test_files import upload
 from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.kits.chunkwrites import gated_writes
@@ -240,7 +241,7 @@ async def test_an_endpoint_down_makes_the_index_wait_and_it_resumes_by_itself(
         world = await ctx_world(mesh, stub)
         await set_index(stub, world.owner, world.name, embedding_model=MODEL, dimensions=8)
         item = await remember(stub, world.editor, world.name, "The VPN certificate expires soon")
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while (status := await get_index(stub, world.viewer, world.name)).state != (  # noqa: ASYNC110 - a stored state, under a deadline
                 pb.SEMANTIC_INDEX_STATE_WAITING
             ):
@@ -256,7 +257,7 @@ async def test_an_endpoint_down_makes_the_index_wait_and_it_resumes_by_itself(
         # Vectors of the wrong size are refused the same way.
         embedder.corrupt_next("dimension", 1000)
         await set_index(stub, world.owner, world.name, embedding_model=OTHER)
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while not (status := await get_index(stub, world.viewer, world.name)).last_error:  # noqa: ASYNC110 - a stored state, under a deadline
                 await asyncio.sleep(POLL_S)
         assert status.state == pb.SEMANTIC_INDEX_STATE_WAITING

@@ -33,6 +33,7 @@ from sqlalchemy.pool import NullPool
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.context.semantic.indexing.chunking import chunk_text
 from switchboard.platform.store.models import SemanticCursorRow, SemanticJobRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up
 from tests.fakes.embeddings_server import FakeEmbeddings
@@ -47,7 +48,6 @@ ITEMS: Final = 90
 EDITED: Final = 10
 MODEL: Final = "sb-hash-64"
 KEY: Final = f"{MODEL}/64/1"
-CALL_TIMEOUT_S: Final = 10.0
 SETTLE_S: Final = 45.0
 REPLICAS: Final = ("indexer-1", "indexer-2")
 _R = TypeVar("_R")
@@ -152,7 +152,7 @@ async def test_a_replica_killed_while_indexing_leaves_nothing_unindexed_or_doubl
                             memory_item=cpb.MemoryItem(kind=cpb.MEMORY_KIND_FACT, content=note(n)),
                         ),
                         metadata=owner.md,
-                        timeout=CALL_TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     return response.memory_item
 
@@ -169,7 +169,7 @@ async def test_a_replica_killed_while_indexing_leaves_nothing_unindexed_or_doubl
                             memory_item=changed, update_mask=mask("content")
                         ),
                         metadata=owner.md,
-                        timeout=CALL_TIMEOUT_S,
+                        timeout=CALL_DEADLINE_S,
                     )
                     return response.memory_item
 

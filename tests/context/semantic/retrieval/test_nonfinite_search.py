@@ -33,7 +33,7 @@ from switchboard.auth.store import AuthStore
 from switchboard.platform.security.policy import AuthMethod
 from switchboard.platform.store.db import Database, alembic_config
 from switchboard.platform.store.models import MemoryItemRow, SemanticChunkRow
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.context.semantic.retrieval.test_search import (
     get_window,
     search_context,
@@ -42,7 +42,7 @@ from tests.context.semantic.retrieval.test_search import (
 )
 from tests.context.semantic.retrieval.test_search_semantic import indexed_world, ready
 from tests.fakes.embeddings_server import FakeEmbeddings
-from tests.kits.contextkit import TIMEOUT_S, Caller, World, create_conversation, mask, rpc
+from tests.kits.contextkit import Caller, World, create_conversation, mask, rpc
 from tests.kits.semantickit import deployed_mesh
 
 pytestmark = pytest.mark.service
@@ -170,7 +170,7 @@ async def test_passages_an_older_server_wrote_with_nan_are_repaired_at_start(
         # The database as an older server left it: its schema at the revision before
         # the repair (every later revision undone too, as a real downgrade does), and
         # its passage's metadata not JSON.
-        database = Database(database_url, timeout_s=TIMEOUT_S)
+        database = Database(database_url, timeout_s=CALL_DEADLINE_S)
         try:
             await database.downgrade(BEFORE)
 

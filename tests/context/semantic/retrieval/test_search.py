@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from sqlalchemy import update
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.semantic.indexing.chunkstore import ChunkStore
 from switchboard.context.semantic.ports import ChunkRecord, SourceKind
+from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import FileRow, MemoryItemRow
-from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings, started
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Caller,
     Stub,
     World,
@@ -36,10 +37,12 @@ from tests.kits.contextkit import (
     stub_fixture,
     text_message,
     violations,
-    world_fixture,
 )
+from tests.kits.modulekit import module_channel_fixture, module_database_url_fixture
 
-pytestmark = [pytest.mark.service, pytest.mark.asyncio]
+# One server per backend for the module (starting one per test was most of the module's
+# time); each test searches a workspace of its own, whose users are its own too.
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -50,12 +53,22 @@ RETRIEVED = pb.CONTEXT_ITEM_REASON_RETRIEVED
 OVER_BUDGET = pb.CONTEXT_ITEM_REASON_OVER_BUDGET
 
 
-@pytest.fixture
-def settings(database_url: str) -> Settings:
-    return make_settings(database_url=database_url)
+module_database_url = module_database_url_fixture
 
 
-stub, world = stub_fixture, world_fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(module_database_url: str) -> AsyncIterator[SwitchboardServer]:
+    async with started(make_settings(database_url=module_database_url)) as server:
+        yield server
+
+
+channel, stub = module_channel_fixture, stub_fixture
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def world(mesh: SwitchboardServer, stub: Stub) -> World:
+    """A workspace of this test's own, with users of its own in each role."""
+    return await ctx_world(mesh, stub)
 
 
 async def search_context(
@@ -79,7 +92,7 @@ async def search_context(
             page_token=page_token,
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response
 
@@ -95,7 +108,7 @@ async def search_memory(
             filter=filter,
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response
 
@@ -247,7 +260,7 @@ async def test_every_memory_filter_field(mesh: Any, stub: Stub, world: World) ->
             ),
         ),
         metadata=world.editor.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     note = await remember(stub, world.editor, conversation.name, "heron note", pb.MEMORY_KIND_NOTE)
     elsewhere = await remember(stub, world.editor, other.name, "heron elsewhere")
@@ -331,7 +344,7 @@ async def test_context_search_finds_messages_and_document_passages(
     await stub.DeleteConversation(
         pb.DeleteConversationRequest(name=conversation.name),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert set(await found("")) == {memory.name, f"{document}#1"}
     await refused(
@@ -388,7 +401,7 @@ async def test_a_message_is_found_by_its_words_as_soon_as_it_is_stored(
     await stub.DeleteConversation(
         pb.DeleteConversationRequest(name=other.name),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     assert await found(parent=world.name) == both
 
@@ -506,7 +519,7 @@ async def get_window(
             conversation=conversation, token_budget=budget, retrieval=retrieval, query=query
         ),
         metadata=caller.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.window
 

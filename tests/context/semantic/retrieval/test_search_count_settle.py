@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from switchboard.context.semantic.retrieval import search
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
@@ -32,7 +33,7 @@ async def test_a_cancel_while_the_count_ends_cancels_the_search() -> None:
     counting = asyncio.create_task(count())
     await began.wait()
     settling = asyncio.create_task(search._settle(counting))
-    async with asyncio.timeout(10):  # the settle has cancelled the count
+    async with asyncio.timeout(CALL_DEADLINE_S):  # the settle has cancelled the count
         await ending.wait()
     settling.cancel()
     release.set()

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
@@ -23,10 +24,10 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.context import build
 from switchboard.context.domain import ContextDomain
 from switchboard.platform.store.vectors import VectorSupport
+from tests.conftest import CALL_DEADLINE_S
 from tests.context.semantic.retrieval.test_search import search_context, search_memory, source_names
 from tests.fakes.embeddings_server import CONCEPT_MODEL, FakeEmbeddings
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Stub,
     append,
     create_conversation,
@@ -35,6 +36,7 @@ from tests.kits.contextkit import (
     remember,
     rpc,
 )
+from tests.kits.modulekit import module_database_url_fixture
 from tests.kits.semantickit import (
     by_source,
     chunk_rows,
@@ -44,7 +46,11 @@ from tests.kits.semantickit import (
     settled,
 )
 
-pytestmark = [pytest.mark.service, pytest.mark.asyncio]
+# The tests that leave the server and its embeddings endpoint as they found them share
+# one of each per backend (starting them per test was most of those tests' time), each
+# in workspaces of its own; a test that stops the indexer or the endpoint, or that needs
+# other settings, starts its own.
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = CONCEPT_MODEL
 DIMS = 64
@@ -71,13 +77,24 @@ async def semantic_mesh(
         yield fake, server, stub, domain
 
 
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_mesh(
+    module_database_url: str,
+) -> AsyncIterator[tuple[FakeEmbeddings, Any, Stub, ContextDomain]]:
+    async with semantic_mesh(module_database_url) as served:
+        yield served
+
+
 async def indexed_world(stub: Any, mesh: Any, name: str = "World") -> Any:
     world = await ctx_world(mesh, stub, name)
     await set_index(stub, world.owner, world.name, embedding_model=MODEL, dimensions=DIMS)
     return world
 
 
-async def ready(stub: Any, domain: Any, world: Any, timeout_s: float = 30.0) -> None:
+async def ready(stub: Any, domain: Any, world: Any, timeout_s: float = CALL_DEADLINE_S) -> None:
     """Every item indexed: the indexer settled and GetSemanticIndex says READY."""
     async with asyncio.timeout(timeout_s):
         while True:
@@ -88,71 +105,77 @@ async def ready(stub: Any, domain: Any, world: Any, timeout_s: float = 30.0) -> 
             await asyncio.sleep(0.05)  # not yet: polling a stored state, under a deadline
 
 
-async def test_a_paraphrase_is_found_by_meaning_and_missed_by_words(database_url: str) -> None:
-    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
-        world = await indexed_world(stub, mesh)
-        note = await remember(stub, world.editor, world.name, NOTE)
-        await remember(stub, world.editor, world.name, "Lunch is at noon")
-        await ready(stub, domain, world)
-        words = await search_memory(stub, world.viewer, world.name, QUESTION, mode=FULL_TEXT)
-        assert list(words.results) == []
-        meaning = await search_memory(stub, world.viewer, world.name, QUESTION, mode=SEMANTIC)
-        assert meaning.mode == SEMANTIC
-        assert meaning.fallback_reason == pb.SEARCH_FALLBACK_REASON_UNSPECIFIED
-        assert meaning.results[0].memory_item.name == note.name
-        scores = meaning.results[0].scores
-        assert scores.semantic_rank == 1
-        assert 0.5 < scores.similarity <= 1.0
-        assert not scores.HasField("full_text_rank")
-        # Unspecified is hybrid once the index is configured.
-        default = await search_context(stub, world.viewer, world.name, QUESTION)
-        assert default.mode == HYBRID
-        assert source_names(default.results)[0] == note.name
+async def test_a_paraphrase_is_found_by_meaning_and_missed_by_words(
+    shared_mesh: tuple[FakeEmbeddings, Any, Stub, ContextDomain],
+) -> None:
+    _fake, mesh, stub, domain = shared_mesh
+    world = await indexed_world(stub, mesh)
+    note = await remember(stub, world.editor, world.name, NOTE)
+    await remember(stub, world.editor, world.name, "Lunch is at noon")
+    await ready(stub, domain, world)
+    words = await search_memory(stub, world.viewer, world.name, QUESTION, mode=FULL_TEXT)
+    assert list(words.results) == []
+    meaning = await search_memory(stub, world.viewer, world.name, QUESTION, mode=SEMANTIC)
+    assert meaning.mode == SEMANTIC
+    assert meaning.fallback_reason == pb.SEARCH_FALLBACK_REASON_UNSPECIFIED
+    assert meaning.results[0].memory_item.name == note.name
+    scores = meaning.results[0].scores
+    assert scores.semantic_rank == 1
+    assert 0.5 < scores.similarity <= 1.0
+    assert not scores.HasField("full_text_rank")
+    # Unspecified is hybrid once the index is configured.
+    default = await search_context(stub, world.viewer, world.name, QUESTION)
+    assert default.mode == HYBRID
+    assert source_names(default.results)[0] == note.name
 
 
-async def test_hybrid_ranks_an_exact_keyword_match_first(database_url: str) -> None:
-    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
-        world = await indexed_world(stub, mesh)
-        exact = await remember(stub, world.editor, world.name, "invoice zx81 payment received")
-        # Near the query in meaning (the invoice concept), but sharing none of its words.
-        for text in ("the bill was paid", "billing charge for the bill", "pay the bill in full"):
-            await remember(stub, world.editor, world.name, text)
-        await ready(stub, domain, world)
-        hybrid = await search_context(stub, world.viewer, world.name, "zx81 payment", mode=HYBRID)
-        assert hybrid.mode == HYBRID
-        first = hybrid.results[0]
-        assert first.memory_item.name == exact.name
-        assert first.scores.full_text_rank == 1
-        assert first.scores.HasField("semantic_rank")
-        assert first.score == pytest.approx(1 / 61 + 1 / (60 + first.scores.semantic_rank))
-        assert len(hybrid.results) == 4
-        scores = [r.score for r in hybrid.results]
-        assert scores == sorted(scores, reverse=True)
+async def test_hybrid_ranks_an_exact_keyword_match_first(
+    shared_mesh: tuple[FakeEmbeddings, Any, Stub, ContextDomain],
+) -> None:
+    _fake, mesh, stub, domain = shared_mesh
+    world = await indexed_world(stub, mesh)
+    exact = await remember(stub, world.editor, world.name, "invoice zx81 payment received")
+    # Near the query in meaning (the invoice concept), but sharing none of its words.
+    for text in ("the bill was paid", "billing charge for the bill", "pay the bill in full"):
+        await remember(stub, world.editor, world.name, text)
+    await ready(stub, domain, world)
+    hybrid = await search_context(stub, world.viewer, world.name, "zx81 payment", mode=HYBRID)
+    assert hybrid.mode == HYBRID
+    first = hybrid.results[0]
+    assert first.memory_item.name == exact.name
+    assert first.scores.full_text_rank == 1
+    assert first.scores.HasField("semantic_rank")
+    assert first.score == pytest.approx(1 / 61 + 1 / (60 + first.scores.semantic_rank))
+    assert len(hybrid.results) == 4
+    scores = [r.score for r in hybrid.results]
+    assert scores == sorted(scores, reverse=True)
 
 
-async def test_another_workspaces_items_never_appear(database_url: str) -> None:
-    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
-        mine = await indexed_world(stub, mesh, "Mine")
-        theirs = await indexed_world(stub, mesh, "Theirs")
-        own = await remember(stub, mine.editor, mine.name, NOTE)
-        other = await remember(stub, theirs.editor, theirs.name, NOTE)
-        conversation = await create_conversation(stub, theirs.editor, theirs.name)
-        await append(stub, theirs.editor, conversation.name, NOTE)
-        await ready(stub, domain, mine)
-        await ready(stub, domain, theirs)
-        for mode in (SEMANTIC, HYBRID):
-            found = await search_context(stub, mine.viewer, mine.name, QUESTION, mode=mode)
-            assert found.mode == mode
-            assert source_names(found.results) == [own.name]
-            memory = await search_memory(stub, mine.viewer, mine.name, "tea drinks", mode=mode)
-            assert [r.memory_item.name for r in memory.results] == [own.name]
-            found = await search_context(stub, theirs.viewer, theirs.name, QUESTION, mode=mode)
-            assert other.name in source_names(found.results)
-            assert own.name not in source_names(found.results)
-            await refused(
-                search_context(stub, mine.outsider, mine.name, "tea", mode=mode),
-                grpc.StatusCode.NOT_FOUND,
-            )
+async def test_another_workspaces_items_never_appear(
+    shared_mesh: tuple[FakeEmbeddings, Any, Stub, ContextDomain],
+) -> None:
+    _fake, mesh, stub, domain = shared_mesh
+    mine = await indexed_world(stub, mesh, "Mine")
+    theirs = await indexed_world(stub, mesh, "Theirs")
+    own = await remember(stub, mine.editor, mine.name, NOTE)
+    other = await remember(stub, theirs.editor, theirs.name, NOTE)
+    conversation = await create_conversation(stub, theirs.editor, theirs.name)
+    await append(stub, theirs.editor, conversation.name, NOTE)
+    await ready(stub, domain, mine)
+    await ready(stub, domain, theirs)
+    for mode in (SEMANTIC, HYBRID):
+        found = await search_context(stub, mine.viewer, mine.name, QUESTION, mode=mode)
+        assert found.mode == mode
+        assert source_names(found.results) == [own.name]
+        memory = await search_memory(stub, mine.viewer, mine.name, "tea drinks", mode=mode)
+        assert [r.memory_item.name for r in memory.results] == [own.name]
+        found = await search_context(stub, theirs.viewer, theirs.name, QUESTION, mode=mode)
+        assert other.name in source_names(found.results)
+        assert own.name not in source_names(found.results)
+        await refused(
+            search_context(stub, mine.outsider, mine.name, "tea", mode=mode),
+            grpc.StatusCode.NOT_FOUND,
+        )
 
 
 async def test_a_deleted_item_is_never_returned_even_with_its_chunks_left(
@@ -258,7 +281,7 @@ async def test_an_endpoint_down_or_a_budget_without_room_falls_back_to_full_text
                     ),
                 ),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             sent = len(fake.requests)
             await falls_back(pb.SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED, "no room")
@@ -266,35 +289,37 @@ async def test_an_endpoint_down_or_a_budget_without_room_falls_back_to_full_text
             await budgets.DeleteBudget(
                 dpb.DeleteBudgetRequest(name=tiny.budget.name),
                 metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
         # The budget gone, the endpoint goes away.
         await fake.close()
         await falls_back(pb.SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE, "could not be embedded")
 
 
-async def test_window_retrieval_by_meaning(database_url: str) -> None:
-    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
-        world = await indexed_world(stub, mesh)
-        note = await remember(stub, world.editor, world.name, NOTE)
-        conversation = await create_conversation(stub, world.editor, world.name)
-        await append(stub, world.editor, conversation.name, QUESTION)
-        await ready(stub, domain, world)
-        response = await stub.GetContextWindow(
-            pb.GetContextWindowRequest(
-                conversation=conversation.name,
-                token_budget=500,
-                retrieval=pb.RetrievalOptions(top_k=3, token_budget=100),
-            ),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
-        )
-        window = response.window
-        assert window.retrieval_mode == HYBRID
-        retrieved = [i for i in window.included if i.reason == pb.CONTEXT_ITEM_REASON_RETRIEVED]
-        assert source_names(i.retrieved for i in retrieved)[0] == note.name
-        assert retrieved[0].retrieved.scores.HasField("semantic_rank")
-        assert sum(i.token_count for i in retrieved) <= 100
+async def test_window_retrieval_by_meaning(
+    shared_mesh: tuple[FakeEmbeddings, Any, Stub, ContextDomain],
+) -> None:
+    _fake, mesh, stub, domain = shared_mesh
+    world = await indexed_world(stub, mesh)
+    note = await remember(stub, world.editor, world.name, NOTE)
+    conversation = await create_conversation(stub, world.editor, world.name)
+    await append(stub, world.editor, conversation.name, QUESTION)
+    await ready(stub, domain, world)
+    response = await stub.GetContextWindow(
+        pb.GetContextWindowRequest(
+            conversation=conversation.name,
+            token_budget=500,
+            retrieval=pb.RetrievalOptions(top_k=3, token_budget=100),
+        ),
+        metadata=world.viewer.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    window = response.window
+    assert window.retrieval_mode == HYBRID
+    retrieved = [i for i in window.included if i.reason == pb.CONTEXT_ITEM_REASON_RETRIEVED]
+    assert source_names(i.retrieved for i in retrieved)[0] == note.name
+    assert retrieved[0].retrieved.scores.HasField("semantic_rank")
+    assert sum(i.token_count for i in retrieved) <= 100
 
 
 async def test_without_a_vector_engine_search_says_so(

@@ -24,10 +24,9 @@ from switchboard.dispatcher.budgets.resources.catalog import Budgets
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import BudgetRow, BudgetWindowRow
-from tests.conftest import built
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.kits.authkit import detail, reason
 from tests.kits.contextkit import (
-    TIMEOUT_S,
     Caller,
     World,
     create_workspace,
@@ -113,14 +112,16 @@ async def create(
             request_id=request_id,
         ),
         metadata=(caller or d.world.owner).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.budget
 
 
 async def get(d: Desk, name: str, caller: Caller | None = None) -> pb.Budget:
     response = await d.stub.GetBudget(
-        pb.GetBudgetRequest(name=name), metadata=(caller or d.world.owner).md, timeout=TIMEOUT_S
+        pb.GetBudgetRequest(name=name),
+        metadata=(caller or d.world.owner).md,
+        timeout=CALL_DEADLINE_S,
     )
     return response.budget
 
@@ -131,7 +132,7 @@ async def update(
     response = await d.stub.UpdateBudget(
         pb.UpdateBudgetRequest(budget=budget, update_mask=field_mask_pb2.FieldMask(paths=paths)),
         metadata=(caller or d.world.owner).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.budget
 
@@ -140,7 +141,7 @@ async def delete(d: Desk, name: str, etag: str = "", caller: Caller | None = Non
     await d.stub.DeleteBudget(
         pb.DeleteBudgetRequest(name=name, etag=etag),
         metadata=(caller or d.world.owner).md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
 
 
@@ -151,7 +152,7 @@ async def list_all(d: Desk, caller: Caller | None = None, page_size: int = 0) ->
         page = await d.stub.ListBudgets(
             pb.ListBudgetsRequest(parent=d.world.name, page_size=page_size, page_token=token),
             metadata=(caller or d.world.owner).md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         found.extend(page.budgets)
         token = page.next_page_token
@@ -165,7 +166,7 @@ async def assistant(d: Desk, workspace: str, assistant_id: str) -> str:
             parent=workspace, assistant=pb.Assistant(), assistant_id=assistant_id
         ),
         metadata=d.world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return response.assistant.name
 
@@ -297,7 +298,7 @@ async def test_list_pages_by_id_through_every_budget_once(desk: Desk) -> None:
         desk.stub.ListBudgets(
             pb.ListBudgetsRequest(parent=desk.world.name, page_token="forged"),
             metadata=desk.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         CODE.INVALID_ARGUMENT,
     )
@@ -312,13 +313,13 @@ def _calls(d: Desk, name: str) -> dict[str, Any]:
         "CreateBudget": lambda md: d.stub.CreateBudget(
             pb.CreateBudgetRequest(parent=d.world.name, budget=daily(d)),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "GetBudget": lambda md: d.stub.GetBudget(
-            pb.GetBudgetRequest(name=name), metadata=md, timeout=TIMEOUT_S
+            pb.GetBudgetRequest(name=name), metadata=md, timeout=CALL_DEADLINE_S
         ),
         "ListBudgets": lambda md: d.stub.ListBudgets(
-            pb.ListBudgetsRequest(parent=d.world.name), metadata=md, timeout=TIMEOUT_S
+            pb.ListBudgetsRequest(parent=d.world.name), metadata=md, timeout=CALL_DEADLINE_S
         ),
         "UpdateBudget": lambda md: d.stub.UpdateBudget(
             pb.UpdateBudgetRequest(
@@ -326,13 +327,13 @@ def _calls(d: Desk, name: str) -> dict[str, Any]:
                 update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
             ),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         "QueryUsage": lambda md: d.stub.QueryUsage(
-            pb.QueryUsageRequest(parent=d.world.name), metadata=md, timeout=TIMEOUT_S
+            pb.QueryUsageRequest(parent=d.world.name), metadata=md, timeout=CALL_DEADLINE_S
         ),
         "DeleteBudget": lambda md: d.stub.DeleteBudget(
-            pb.DeleteBudgetRequest(name=name), metadata=md, timeout=TIMEOUT_S
+            pb.DeleteBudgetRequest(name=name), metadata=md, timeout=CALL_DEADLINE_S
         ),
     }
 

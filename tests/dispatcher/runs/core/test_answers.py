@@ -24,7 +24,7 @@ from switchboard.platform.security.policy import AuthMethod, Principal, Scope
 from switchboard.platform.values import names
 from switchboard.platform.values.resources import ConversationName, MessageName
 from switchboard.settings import Settings
-from tests.conftest import built, make_settings
+from tests.conftest import CALL_DEADLINE_S, built, make_settings
 from tests.kits.contextkit import (
     Caller,
     all_messages,
@@ -98,7 +98,9 @@ async def test_the_end_is_saved_inside_the_answers_append_under_its_name(
 
     assert await around(work) is True
     assert seen == ["saved"]
-    stored = await place.context.message(place.principal, active.run.output_message, timeout_s=10)
+    stored = await place.context.message(
+        place.principal, active.run.output_message, timeout_s=CALL_DEADLINE_S
+    )
     assert stored.parts[0].text == "the answer"
 
 
@@ -123,7 +125,9 @@ async def test_an_answer_stored_before_under_its_request_id_is_named_instead(
 ) -> None:
     first = place.active("run-a3", names.new_id())
     stored = await place.context.append_message(
-        place.principal, cast(tuple[cpb.AppendMessageRequest, str], first.answer)[0], timeout_s=10
+        place.principal,
+        cast(tuple[cpb.AppendMessageRequest, str], first.answer)[0],
+        timeout_s=CALL_DEADLINE_S,
     )
     # A second attempt at the same run: the same request, a name of its own.
     again = place.active("run-a3", names.new_id())

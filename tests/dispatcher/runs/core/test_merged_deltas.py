@@ -22,7 +22,7 @@ from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.platform.events.deltas import MAX_MERGED_CHARS
 from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.authkit import bearer
 from tests.kits.contextkit import Caller, World, create_conversation, stub_fixture, world_fixture
 from tests.kits.contextkit import Stub as CStub
@@ -59,7 +59,7 @@ async def _watch(
     call = dstub.WatchRun(
         pb.WatchRunRequest(name=run, after_sequence=after, merge_deltas=merge),
         metadata=caller.md,
-        timeout=20,
+        timeout=CALL_DEADLINE_S,
     )
     return [frame.update async for frame in call if frame.WhichOneof("frame") == "update"]
 
@@ -174,7 +174,7 @@ async def test_converse_watch_run_merges_when_asked(
         while (item := await outgoing.get()) is not None:
             yield item
 
-    call = dstub.Converse(requests(), metadata=world.editor.md, timeout=20)
+    call = dstub.Converse(requests(), metadata=world.editor.md, timeout=CALL_DEADLINE_S)
     await outgoing.put(
         pb.ConverseRequest(watch_run=pb.WatchRunRequest(name=run, merge_deltas=True))
     )
@@ -278,7 +278,7 @@ async def test_a_stream_subscription_merges_when_added_with_the_flag(
     def ended(sid: str) -> bool:
         return any(u.state_change.run.state in TERMINAL for u in run_updates(got[sid], run))
 
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         async for frame in call:
             if frame.WhichOneof("frame") == "events":
                 got[frame.events.subscription_id].extend(frame.events.batch.events)

@@ -14,6 +14,7 @@ from switchboard.dispatcher.runs.core.records import NewRun
 from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import ConversationRow, WorkspaceRow
+from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = [pytest.mark.unit, pytest.mark.asyncio]
 
@@ -23,7 +24,7 @@ NAME = "workspaces/acme/conversations/c1/runs/r2"
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[RunStore]:
-    database = Database(database_url, timeout_s=10.0)
+    database = Database(database_url, timeout_s=TEST_DATABASE_TIMEOUT_S)
     try:
         async with database.sessions() as session, session.begin():
             session.add(WorkspaceRow(id="acme", created_at=NOW, updated_at=NOW))

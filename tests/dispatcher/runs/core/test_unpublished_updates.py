@@ -25,8 +25,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import make_settings
-from tests.kits.contextkit import TIMEOUT_S, context_stub, create_conversation, ctx_world
+from tests.conftest import CALL_DEADLINE_S, make_settings
+from tests.kits.contextkit import context_stub, create_conversation, ctx_world
 from tests.kits.dispatchkit import dispatcher_stub, request, send
 from tests.kits.eventkit import run_updates
 from tests.kits.tracekit import watching
@@ -48,7 +48,7 @@ class Said(logging.Handler):
         self.changed.set()
 
     async def until(self, text: str) -> None:
-        async with asyncio.timeout(TIMEOUT_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while not any(text in message for message in self.messages):
                 self.changed.clear()
                 await self.changed.wait()
@@ -79,7 +79,7 @@ async def _listed(channel: aio.Channel, md: Any, conversation: str) -> list[even
                 page_token=token,
             ),
             metadata=md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         listed += page.events
         token = page.next_page_token
@@ -141,7 +141,7 @@ async def test_progress_that_the_log_could_not_take_lands_later_once_and_in_orde
             frame: Any = await watch.read()
             if frame.WhichOneof("frame") == "update":
                 watched.append(frame.update)
-        async with asyncio.timeout(TIMEOUT_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while True:  # until the run's end is in the log (it is stored after the retries)
                 listed = await _listed(channel, world.editor.md, conversation.name)
                 ended = run_updates(listed, sent.run.name)

@@ -23,8 +23,8 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform.values import structs
+from tests.conftest import CALL_DEADLINE_S
 from tests.dispatcher.runs.delegation.test_delegation import (
-    TIMEOUT_S,
     Desk,
     brain,
     desk,
@@ -54,13 +54,13 @@ async def agent_delegate(d: Desk) -> AsyncIterator[World]:
                 assistant=pb.Assistant(display_name="Remote", instructions="You are remote."),
             ),
             metadata=callee.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         a2a_stub: Any = a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
         card = await a2a_stub.GetExtendedAgentCard(
             a2a.GetExtendedAgentCardRequest(tenant=f"{callee.id}.remote"),
             metadata=callee.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         async with card_server(card) as card_url:
             await create(
@@ -87,7 +87,7 @@ async def agent_delegate(d: Desk) -> AsyncIterator[World]:
                     ),
                 ),
                 metadata=d.world.owner.md,
-                timeout=TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             await d.assistant("planner", "You plan.", ("agent",))
             yield callee
@@ -117,7 +117,7 @@ def task_tie(seen: list[pb.RunUpdate]) -> dict[str, Any]:
 
 async def callee_runs(d: Desk, callee: World) -> list[pb.Run]:
     listed = await d.dstub.ListRuns(
-        pb.ListRunsRequest(parent=callee.name), metadata=callee.viewer.md, timeout=TIMEOUT_S
+        pb.ListRunsRequest(parent=callee.name), metadata=callee.viewer.md, timeout=CALL_DEADLINE_S
     )
     return list(listed.runs)
 
@@ -139,7 +139,7 @@ async def test_an_a2a_agent_answers_as_a_child_and_its_task_is_named(database_ur
         answer = await d.cstub.GetMessage(
             cpb.GetMessageRequest(name=child.output_message),
             metadata=d.world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         [tie] = [
             json_format.MessageToDict(p.data)["a2a_task"]
@@ -171,7 +171,7 @@ async def test_cancelling_the_parent_reaches_the_agents_task(database_url: str) 
         await d.dstub.CancelRun(
             pb.CancelRunRequest(name=parent.name, reason="never mind"),
             metadata=d.world.editor.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
         assert (await watch_all(d.dstub, d.world.viewer, child)).final.state == (
             pb.RUN_STATE_CANCELLED
@@ -200,7 +200,7 @@ async def test_a_delegate_naming_the_agents_handler_asks_it_without_an_assistant
                 ),
             ),
             metadata=d.world.owner.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
 
         def ask(body: dict[str, Any]) -> Reply:

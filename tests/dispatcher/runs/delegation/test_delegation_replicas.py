@@ -36,6 +36,7 @@ from switchboard.dispatcher.runs.core.active.live import SEQUENCE_BLOCK
 from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.store.models import RunRow
+from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import scaled_env
 from tests.e2e.replicas import Replica, sign_up, taken_over
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -45,8 +46,6 @@ from tests.kits.dispatchkit import Stub, eventually, read_until, watch_all
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
-#: Every unary call's deadline.
-CALL_TIMEOUT_S: Final = 10.0
 #: How long the system may take to reach what the test waits for (a takeover, a run's end).
 SETTLE_S: Final = 60.0
 LEASE_S: Final = "2"
@@ -157,7 +156,7 @@ async def children(stub: Stub, caller: Caller, workspace: str, parent: str) -> d
     listed = await stub.ListRuns(
         pb.ListRunsRequest(parent=workspace, parent_run=parent, page_size=100),
         metadata=caller.md,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     found = {run.parent_tool_call: run for run in listed.runs}
     assert len(found) == len(listed.runs), listed.runs
@@ -185,7 +184,7 @@ async def create_assistant(
             ),
         ),
         metadata=caller.md,
-        timeout=CALL_TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     return str(created.assistant.name)
 
@@ -193,7 +192,7 @@ async def create_assistant(
 async def answer_of(replica: Replica, caller: Caller, run: pb.Run) -> str:
     """The text of the run's stored answer."""
     got = await context_stub(_channel(replica)).GetMessage(
-        cpb.GetMessageRequest(name=run.output_message), metadata=caller.md, timeout=CALL_TIMEOUT_S
+        cpb.GetMessageRequest(name=run.output_message), metadata=caller.md, timeout=CALL_DEADLINE_S
     )
     return "".join(part.text for part in got.message.parts)
 
@@ -231,7 +230,7 @@ async def test_a_tree_taken_over_after_sigkill_asks_no_done_child_again(
                     message=cpb.Message(parts=[cpb.ContentPart(text=text)]),
                 ),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             return sent.run
 
@@ -262,7 +261,7 @@ async def test_a_tree_taken_over_after_sigkill_asks_no_done_child_again(
             job, owner_name = await stored(database, parent.name)
             deadline = (
                 await first.stub.GetRun(
-                    pb.GetRunRequest(name=parent.name), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                    pb.GetRunRequest(name=parent.name), metadata=caller.md, timeout=CALL_DEADLINE_S
                 )
             ).run.deadline
             assert deadline.seconds > 0

@@ -13,7 +13,7 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
-from tests.conftest import make_settings
+from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.kits.contextkit import (
     World,
     context_stub,
@@ -25,8 +25,6 @@ from tests.kits.contextkit import (
 from tests.kits.dispatchkit import dispatcher_stub, finished, request, send
 
 pytestmark = pytest.mark.service
-
-TIMEOUT_S = 10.0
 
 
 @pytest.fixture
@@ -42,7 +40,7 @@ async def _assistant(dstub: object, world: World, assistant_id: str) -> str:
             assistant=pb.Assistant(display_name=assistant_id, handler="handlers/echo"),
         ),
         metadata=world.owner.md,
-        timeout=TIMEOUT_S,
+        timeout=CALL_DEADLINE_S,
     )
     name: str = made.assistant.name
     return name
@@ -68,7 +66,7 @@ async def test_a_workspaces_runs_by_assistant_and_state_time_with_their_total(
 
     async def listed(**fields: Any) -> pb.ListRunsResponse:
         response: pb.ListRunsResponse = await dstub.ListRuns(
-            pb.ListRunsRequest(**fields), metadata=world.viewer.md, timeout=TIMEOUT_S
+            pb.ListRunsRequest(**fields), metadata=world.viewer.md, timeout=CALL_DEADLINE_S
         )
         return response
 
@@ -95,14 +93,16 @@ async def test_a_workspaces_runs_by_assistant_and_state_time_with_their_total(
         dstub.ListRuns(
             pb.ListRunsRequest(parent=world.name, assistant="workspaces/other/assistants/x"),
             metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert violations(error) == ["assistant"]
     await refused(
         dstub.ListRuns(
-            pb.ListRunsRequest(parent=world.name), metadata=world.outsider.md, timeout=TIMEOUT_S
+            pb.ListRunsRequest(parent=world.name),
+            metadata=world.outsider.md,
+            timeout=CALL_DEADLINE_S,
         ),
         grpc.StatusCode.NOT_FOUND,
     )
@@ -118,12 +118,14 @@ async def test_every_member_lists_a_workspaces_runs_and_a_stranger_finds_no_work
     await finished(dstub, world.editor, sent.run.name)
     for member in (world.owner, world.editor, world.viewer):
         listed = await dstub.ListRuns(
-            pb.ListRunsRequest(parent=world.name), metadata=member.md, timeout=TIMEOUT_S
+            pb.ListRunsRequest(parent=world.name), metadata=member.md, timeout=CALL_DEADLINE_S
         )
         assert ([run.name for run in listed.runs], listed.total_size) == ([sent.run.name], 1)
     await refused(
         dstub.ListRuns(
-            pb.ListRunsRequest(parent=world.name), metadata=world.outsider.md, timeout=TIMEOUT_S
+            pb.ListRunsRequest(parent=world.name),
+            metadata=world.outsider.md,
+            timeout=CALL_DEADLINE_S,
         ),
         grpc.StatusCode.NOT_FOUND,
     )

@@ -35,6 +35,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.runs.core.active.live import SEQUENCE_BLOCK
 from switchboard.dispatcher.runs.core.store import TERMINAL
+from tests.conftest import CALL_DEADLINE_S
 from tests.dispatcher.runs.reading.test_recovered_watch import _trail, assert_watchable
 from tests.dispatcher.tools.test_tool_runs import answer_with_tool_output
 from tests.e2e.procs import scaled_env
@@ -48,8 +49,6 @@ from tests.kits.integrationkit import create, integration_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
-#: Every unary call's deadline.
-CALL_TIMEOUT_S: Final = 10.0
 #: How long a stream may take to reach what a test waits for.
 SETTLE_S: Final = 90.0
 ONCE: Final = "once__count_once"
@@ -150,12 +149,12 @@ async def test_a_run_killed_mid_call_and_completed_replays_once_from_its_queued_
                     ),
                 ),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             sent = request(conversation, "count once")
             sent.assistant = assistant.assistant.name
             run = (
-                await owner.stub.SendMessage(sent, metadata=caller.md, timeout=CALL_TIMEOUT_S)
+                await owner.stub.SendMessage(sent, metadata=caller.md, timeout=CALL_DEADLINE_S)
             ).run.name
             await _until_in_flight(http, counter)
             owner.kill()  # during the tool call: the run is stored RUNNING, its call in flight
@@ -178,7 +177,7 @@ async def test_a_run_killed_mid_call_and_completed_replays_once_from_its_queued_
                     ],
                 ),
                 metadata=caller.md,
-                timeout=CALL_TIMEOUT_S,
+                timeout=CALL_DEADLINE_S,
             )
             live = await watch_all(owner.stub, caller, run)
             ended = await watch_all(owner.stub, caller, run)
@@ -207,7 +206,7 @@ async def _stored_text(replica: Replica, caller: Caller, run: pb.Run) -> str:
         await context_stub(_channel(replica)).GetMessage(
             cpb.GetMessageRequest(name=run.output_message),
             metadata=caller.md,
-            timeout=CALL_TIMEOUT_S,
+            timeout=CALL_DEADLINE_S,
         )
     ).message
     return "".join(part.text for part in message.parts)
@@ -241,7 +240,7 @@ async def test_a_follower_relays_every_token_of_an_attempt_requeued_after_a_kill
         # per attempt where the delta before a logged update may come second.
         words = " ".join(f"w{i}" for i in range(160))
         sent = await owner.stub.SendMessage(
-            request(conversation, words, delay_ms=20), metadata=caller.md, timeout=CALL_TIMEOUT_S
+            request(conversation, words, delay_ms=20), metadata=caller.md, timeout=CALL_DEADLINE_S
         )
         name = sent.run.name
         watches: dict[bool, tuple[aio.UnaryStreamCall[Any, Any], list[pb.RunUpdate]]] = {}

@@ -25,6 +25,7 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
+from tests.conftest import CALL_DEADLINE_S
 from tests.dispatcher.talk.test_talk import Place, voice_place, voice_settings
 from tests.dispatcher.talk.webrtc.test_peers import closed, page, starting
 from tests.fakes.audio_server import FakeAudio
@@ -33,8 +34,6 @@ from tests.kits.contextkit import refused
 from tests.kits.dispatchkit import dispatcher_stub
 
 pytestmark = pytest.mark.service
-
-WAIT_S = 20.0
 
 
 @pytest.fixture
@@ -75,7 +74,9 @@ async def test_the_page_and_the_server_relay_through_turn_with_minted_credential
     stub = dispatcher_stub(channel)
     editor = place.world.editor
     before = time.time()
-    given = await stub.GetIceServers(pb.GetIceServersRequest(), metadata=editor.md, timeout=WAIT_S)
+    given = await stub.GetIceServers(
+        pb.GetIceServersRequest(), metadata=editor.md, timeout=CALL_DEADLINE_S
+    )
     [server] = given.ice_servers
     assert list(server.urls) == [turn.url]
     # The TURN REST API's credential: the expiry and the caller, signed with the secret.
@@ -114,7 +115,7 @@ async def test_the_page_and_the_server_relay_through_turn_with_minted_credential
         connected = await stub.ConnectTalk(
             pb.ConnectTalkRequest(offer=opened.pc.localDescription.sdp, **starting(place)),
             metadata=editor.md,
-            timeout=WAIT_S,
+            timeout=CALL_DEADLINE_S,
         )
         # The server's peer minted its own credential, and coturn granted it a relay too.
         assert _relays(connected.answer)

@@ -36,6 +36,7 @@ from switchboard.dispatcher.talk.webrtc.peer import (
     TalkPeer,
 )
 from switchboard.platform.audio import pcm
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = pytest.mark.unit
 
@@ -49,14 +50,14 @@ async def test_the_answer_track_sends_speech_and_nothing_between() -> None:
     await asyncio.sleep(QUIET_S)  # nothing queued: nothing may come in this time
     assert not waiting.done()
     track.push(1, bytes(pcm.byte_count(40, RATE)), RATE)  # two frames of speech
-    first = await asyncio.wait_for(waiting, 5)
-    second = await asyncio.wait_for(track.recv(), 5)
+    first = await asyncio.wait_for(waiting, CALL_DEADLINE_S)
+    second = await asyncio.wait_for(track.recv(), CALL_DEADLINE_S)
     assert (first.pts, second.pts) == (0, FRAME_SAMPLES)
     assert track.heard_through == 1
     assert not track.drained.is_set()
     # One frame of silence closes the answer (it flushes the encoder's lookahead), then
     # nothing.
-    closing = await asyncio.wait_for(track.recv(), 5)
+    closing = await asyncio.wait_for(track.recv(), CALL_DEADLINE_S)
     assert closing.pts == 2 * FRAME_SAMPLES
     assert track.drained.is_set()
     assert (track.frames, track.speech_frames) == (3, 2)
@@ -65,14 +66,14 @@ async def test_the_answer_track_sends_speech_and_nothing_between() -> None:
     await asyncio.sleep(QUIET_S)
     assert not waiting.done()
     track.push(2, bytes(pcm.byte_count(20, RATE)), RATE)
-    after = await asyncio.wait_for(waiting, 5)
+    after = await asyncio.wait_for(waiting, CALL_DEADLINE_S)
     # The pause is in the timestamps: at least the time waited, in whole frames.
     assert after.pts is not None
     assert second.pts is not None
     assert after.pts - second.pts >= int(QUIET_S * 1000) // 20 * FRAME_SAMPLES
     assert after.pts % FRAME_SAMPLES == 0
     # Its closing frame of silence, then nothing more: the next recv waits for speech.
-    ending = await asyncio.wait_for(track.recv(), 5)
+    ending = await asyncio.wait_for(track.recv(), CALL_DEADLINE_S)
     assert ending.pts == after.pts + FRAME_SAMPLES
     assert track.drained.is_set()
     # Stopped while waiting for speech: the waiting recv ends (a recv begun before the
@@ -81,12 +82,12 @@ async def test_the_answer_track_sends_speech_and_nothing_between() -> None:
     await asyncio.sleep(0)
     track.stop()
     with pytest.raises(MediaStreamError):
-        await asyncio.wait_for(waiting, 5)
+        await asyncio.wait_for(waiting, CALL_DEADLINE_S)
 
 
 async def test_a_microphone_track_sends_its_silence() -> None:
     microphone = SpeechTrack(send_silence=True)
-    frames = [await asyncio.wait_for(microphone.recv(), 5) for _ in range(3)]
+    frames = [await asyncio.wait_for(microphone.recv(), CALL_DEADLINE_S) for _ in range(3)]
     assert [f.pts for f in frames] == [0, FRAME_SAMPLES, 2 * FRAME_SAMPLES]
     assert microphone.speech_frames == 0
     microphone.stop()
@@ -134,7 +135,7 @@ class Heard:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def until(self, count: int) -> None:
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while len(self.frames) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
@@ -187,7 +188,7 @@ async def test_the_first_packet_after_a_pause_carries_the_pause(
     before is stamped after the pause."""
     track, heard, skew = ear
     track.push(1, tone(200, 40), RATE)  # a quiet answer, 10 frames
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(CALL_DEADLINE_S):
         while not track.drained.is_set():
             await track.drained.wait()
     pause_s = 1.5

@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from google.protobuf import duration_pb2
@@ -33,22 +35,45 @@ from switchboard.dispatcher.talk.webrtc.peer import CHANNEL
 from switchboard.dispatcher.talk.webrtc.peers import Peers
 from switchboard.platform.audio import pcm
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.settings import Settings
-from tests.conftest import built
-from tests.dispatcher.talk.test_talk import Place, stored_sessions, voice_place, voice_settings
+from tests.conftest import CALL_DEADLINE_S, built, fresh_database_url, started
+from tests.dispatcher.talk.test_talk import (
+    SHORT_ANSWERS,
+    Place,
+    stored_sessions,
+    voice_place,
+    voice_settings,
+)
 from tests.fakes.audio_server import FakeAudio
+from tests.infra.postgres import PostgresServer, throwaway_database
 from tests.infra.speech import COUNTING, says, speak
 from tests.kits.contextkit import Caller, refused, violations
 from tests.kits.dispatchkit import Stub, dispatcher_stub, eventually
+from tests.kits.modulekit import module_database_url_fixture
 
-# A hang guard: beside the suite's load one peer's course took past the default 120 s.
-pytestmark = [pytest.mark.service, pytest.mark.timeout(300)]
+# The module's servers, per backend, are three: one of the default settings whose echo's
+# answers are short (``SHORT_ANSWERS``), one whose answers are long (a test that speaks
+# over one), one of the peers' limits (``LIMITS``); a server per test was a third of the
+# module's time. Each test works in a workspace, users and a conversation of its own, and
+# its peers are let go before the next test counts its own. The timeout is a hang guard:
+# beside the suite's load one peer's course took past the default 120 s.
+pytestmark = [
+    pytest.mark.service,
+    pytest.mark.timeout(300),
+    pytest.mark.asyncio(loop_scope="module"),
+]
 
 #: How long one wait may take (a hang guard). An answer is spoken at the track's pace (the
-#: echo's, about 13 s) and a resumed peer is sent it again at that pace: beside the
+#: echo's with its note, about 13 s) and a resumed peer is sent it again at that pace: beside the
 #: suite's load on two cores a resumed peer's replay ran past 20 s before its run's end.
 WAIT_S = 45.0
 SUCCEEDED = "RUN_STATE_SUCCEEDED"
+
+
+#: The settings of the tests of the peers' limits and connect timeout: one peer per user
+#: (the page's first peer is the limit), and a page that never connects or never opens
+#: its channel let go in two seconds (long enough for one that does, beside the suite's
+#: load, to do both).
+LIMITS: dict[str, Any] = {"webrtc_max_peers_per_user": 1, "webrtc_connect_timeout_s": 2.0}
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +82,57 @@ def counting() -> bytes:
     return pcm.resample(samples, rate, 16_000)
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def audio_server() -> AsyncIterator[FakeAudio]:
     async with FakeAudio() as fake:
         yield fake
+
+
+module_database_url = module_database_url_fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def default_mesh(
+    module_database_url: str, audio_server: FakeAudio
+) -> AsyncIterator[SwitchboardServer]:
+    settings = voice_settings(module_database_url, audio_server.url, **SHORT_ANSWERS)
+    async with started(settings) as server:
+        yield server
+
+
+@asynccontextmanager
+async def database_beside(request: pytest.FixtureRequest, url: str) -> AsyncIterator[str]:
+    """Another database of ``url``'s backend at the newest schema, for the block: two
+    servers may not share a SQLite file."""
+    if url.startswith("sqlite"):
+        yield fresh_database_url()
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    template: str = request.getfixturevalue("migrated_template")
+    async with throwaway_database(server, template) as other:
+        yield other
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def limits_mesh(
+    request: pytest.FixtureRequest, module_database_url: str, audio_server: FakeAudio
+) -> AsyncIterator[SwitchboardServer]:
+    async with (
+        database_beside(request, module_database_url) as url,
+        started(voice_settings(url, audio_server.url, **LIMITS)) as server,
+    ):
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def long_mesh(
+    request: pytest.FixtureRequest, module_database_url: str, audio_server: FakeAudio
+) -> AsyncIterator[SwitchboardServer]:
+    async with (
+        database_beside(request, module_database_url) as url,
+        started(voice_settings(url, audio_server.url)) as server,
+    ):
+        yield server
 
 
 @pytest.fixture
@@ -69,13 +141,43 @@ def settings_overrides() -> dict[str, Any]:
 
 
 @pytest.fixture
-def settings(
-    database_url: str, audio_server: FakeAudio, settings_overrides: dict[str, Any]
-) -> Settings:
-    return voice_settings(database_url, audio_server.url, **settings_overrides)
+def long_answers() -> None:
+    """Taken by a test that speaks over an answer: its server's echo ends each answer
+    with its note on configuring a model, so that the answer to a short question is
+    still being spoken when the page speaks again (``SHORT_ANSWERS``)."""
 
 
 @pytest.fixture
+def mesh(
+    request: pytest.FixtureRequest, module_database_url: str, settings_overrides: dict[str, Any]
+) -> SwitchboardServer:
+    """The module's server for the test (three per backend: answers without the echo's
+    note, answers with it, and ``LIMITS``)."""
+    assert settings_overrides in ({}, LIMITS), settings_overrides
+    if settings_overrides:
+        name = "limits_mesh"
+    elif "long_answers" in request.fixturenames:
+        name = "long_mesh"
+    else:
+        name = "default_mesh"
+    server: SwitchboardServer = request.getfixturevalue(name)
+    return server
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def peers_let_go(mesh: SwitchboardServer) -> AsyncIterator[None]:
+    """After each test, its peers are let go: the next one counts its own."""
+    yield
+    await eventually(_no_peers(mesh), "the test's peers let go", timeout_s=CALL_DEADLINE_S)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def channel(mesh: SwitchboardServer) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(mesh.address) as chan:
+        yield chan
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def place(mesh: SwitchboardServer, channel: aio.Channel) -> Place:
     return await voice_place(mesh, channel)
 
@@ -228,7 +330,7 @@ async def test_a_spoken_turn_is_answered_with_speech_on_the_track(
         assert peer.outcome == ""
         await eventually(_no_peers(mesh), "the ended peer let go")
         # Media after the session ended goes nowhere: no turn is stored from it.
-        turns = await stored_sessions(mesh)
+        turns = await stored_sessions(mesh, place.world.name)
         opened.microphone.push(2, counting + bytes(pcm.byte_count(1500, 16_000)), 16_000)
         async with asyncio.timeout(WAIT_S):
             while opened.pc.connectionState not in ("closed", "failed"):
@@ -236,7 +338,7 @@ async def test_a_spoken_turn_is_answered_with_speech_on_the_track(
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.2):  # the page's own state, polled
                         await opened.arrived.wait()
-        assert await stored_sessions(mesh) == turns
+        assert await stored_sessions(mesh, place.world.name) == turns
     finally:
         await closed(opened)
 
@@ -341,10 +443,10 @@ async def test_offers_and_sessions_that_cannot_start_are_refused_by_the_call(
         grpc.StatusCode.NOT_FOUND,
     )
     assert peers_of(mesh).open_peers == 0
-    assert await stored_sessions(mesh) == 0
+    assert await stored_sessions(mesh, place.world.name) == 0
 
 
-@pytest.mark.parametrize("settings_overrides", [{"webrtc_connect_timeout_s": 1.0}])
+@pytest.mark.parametrize("settings_overrides", [LIMITS])
 async def test_a_peer_that_never_connects_is_closed_and_stores_nothing(
     channel: aio.Channel, place: Place, mesh: SwitchboardServer
 ) -> None:
@@ -363,14 +465,12 @@ async def test_a_peer_that_never_connects_is_closed_and_stores_nothing(
         assert peer.outcome == "the peer did not connect in time"
         assert peer.session == ""
         await eventually(_no_peers(mesh), "the peer that never connected let go")
-        assert await stored_sessions(mesh) == 0
+        assert await stored_sessions(mesh, place.world.name) == 0
     finally:
         await closed(opened)
 
 
-@pytest.mark.parametrize(
-    "settings_overrides", [{"webrtc_max_peers_per_user": 1, "webrtc_connect_timeout_s": 1.0}]
-)
+@pytest.mark.parametrize("settings_overrides", [LIMITS])
 async def test_peers_are_limited_per_user_and_the_room_comes_back(
     channel: aio.Channel, place: Place, mesh: SwitchboardServer
 ) -> None:
@@ -532,7 +632,11 @@ async def test_someone_elses_session_is_not_found_whatever_state_it_is_in(
 
 
 async def test_speaking_over_the_answer_interrupts_it_and_clears_the_track(
-    channel: aio.Channel, place: Place, counting: bytes, mesh: SwitchboardServer
+    channel: aio.Channel,
+    place: Place,
+    counting: bytes,
+    mesh: SwitchboardServer,
+    long_answers: None,
 ) -> None:
     stub = dispatcher_stub(channel)
     opened = page()
@@ -574,7 +678,7 @@ def page_with_channel(label: str) -> Page:
     return Page(pc, microphone)
 
 
-@pytest.mark.parametrize("settings_overrides", [{"webrtc_connect_timeout_s": 2.0}])
+@pytest.mark.parametrize("settings_overrides", [LIMITS])
 async def test_a_page_without_the_talk_channel_is_closed_and_stores_nothing(
     channel: aio.Channel, place: Place, mesh: SwitchboardServer
 ) -> None:
@@ -587,7 +691,7 @@ async def test_a_page_without_the_talk_channel_is_closed_and_stores_nothing(
             await peer.ended.wait()
         assert peer.outcome == "the page opened no 'talk' data channel in time"
         await eventually(_no_peers(mesh), "the peer without its channel let go")
-        assert await stored_sessions(mesh) == 0
+        assert await stored_sessions(mesh, place.world.name) == 0
     finally:
         await closed(opened)
 
@@ -622,9 +726,7 @@ async def test_a_page_that_does_not_read_its_channel_ends_the_peer_and_loses_not
         await closed(opened)
 
 
-@pytest.mark.parametrize(
-    "settings_overrides", [{"webrtc_max_peers_per_user": 1, "webrtc_connect_timeout_s": 2.0}]
-)
+@pytest.mark.parametrize("settings_overrides", [LIMITS])
 async def test_calls_made_at_once_each_get_their_own_precise_answer(
     channel: aio.Channel, place: Place, mesh: SwitchboardServer
 ) -> None:

@@ -22,10 +22,10 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 
 from switchboard.dispatcher.talk.webrtc.ports import PortRange, confine
 from switchboard.platform.errors import Code, PortsExhausted
+from tests.conftest import CALL_DEADLINE_S
 
 pytestmark = pytest.mark.unit
 
-WAIT_S = 20.0
 #: Below Linux's ephemeral ports (32768 on): nothing binding port 0 takes them meanwhile.
 _SEARCH = (20_000, 32_000)
 _CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ udp \d+ (\S+) (\d+) typ (\w+)", re.MULTILINE)
@@ -119,13 +119,15 @@ async def connected(pc: RTCPeerConnection) -> None:
     changed = asyncio.Event()
     pc.on("connectionstatechange", changed.set)
     try:
-        async with asyncio.timeout(WAIT_S):
+        async with asyncio.timeout(CALL_DEADLINE_S):
             while pc.connectionState != "connected":
                 assert pc.connectionState not in ("failed", "closed"), pc.connectionState
                 changed.clear()
                 await changed.wait()
     except TimeoutError:
-        raise AssertionError(f"not connected in {WAIT_S:g} s: still {pc.connectionState}") from None
+        raise AssertionError(
+            f"not connected in {CALL_DEADLINE_S:g} s: still {pc.connectionState}"
+        ) from None
 
 
 def ice_connections(pc: RTCPeerConnection) -> list[Connection]:
