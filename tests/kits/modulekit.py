@@ -13,12 +13,14 @@ module's event loop (the server's)::
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import pytest_asyncio
 from grpc import aio
 
 from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import fresh_database_url
 from tests.infra.migrated import sqlite_copy
 from tests.infra.postgres import PostgresServer, throwaway_database
 
@@ -34,6 +36,23 @@ async def module_database_url_fixture(
         path = sqlite_copy(tmp_path_factory.mktemp("module") / "switchboard.db")
         yield f"sqlite+aiosqlite:///{path}"
         return
+    async with _postgres_database(request) as url:
+        yield url
+
+
+@asynccontextmanager
+async def database_beside(request: pytest.FixtureRequest, url: str) -> AsyncIterator[str]:
+    """Another database of ``url``'s backend at the newest schema, for the block: for a
+    second module server, since two servers may not share a SQLite file."""
+    if url.startswith("sqlite"):
+        yield fresh_database_url()
+        return
+    async with _postgres_database(request) as other:
+        yield other
+
+
+@asynccontextmanager
+async def _postgres_database(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     # Looked up lazily so SQLite-only runs never start PostgreSQL.
     server: PostgresServer = request.getfixturevalue("postgres_server")
     template: str = request.getfixturevalue("migrated_template")

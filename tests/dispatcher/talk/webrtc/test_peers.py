@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +34,7 @@ from switchboard.dispatcher.talk.webrtc.peer import CHANNEL
 from switchboard.dispatcher.talk.webrtc.peers import Peers
 from switchboard.platform.audio import pcm
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import CALL_DEADLINE_S, built, fresh_database_url, started
+from tests.conftest import CALL_DEADLINE_S, built, started
 from tests.dispatcher.talk.test_talk import (
     SHORT_ANSWERS,
     Place,
@@ -44,11 +43,10 @@ from tests.dispatcher.talk.test_talk import (
     voice_settings,
 )
 from tests.fakes.audio_server import FakeAudio
-from tests.infra.postgres import PostgresServer, throwaway_database
 from tests.infra.speech import COUNTING, says, speak
 from tests.kits.contextkit import Caller, refused, violations
 from tests.kits.dispatchkit import Stub, dispatcher_stub, eventually
-from tests.kits.modulekit import module_database_url_fixture
+from tests.kits.modulekit import database_beside, module_database_url_fixture
 
 # The module's servers, per backend, are three: one of the default settings whose echo's
 # answers are short (``SHORT_ANSWERS``), one whose answers are long (a test that speaks
@@ -98,19 +96,6 @@ async def default_mesh(
     settings = voice_settings(module_database_url, audio_server.url, **SHORT_ANSWERS)
     async with started(settings) as server:
         yield server
-
-
-@asynccontextmanager
-async def database_beside(request: pytest.FixtureRequest, url: str) -> AsyncIterator[str]:
-    """Another database of ``url``'s backend at the newest schema, for the block: two
-    servers may not share a SQLite file."""
-    if url.startswith("sqlite"):
-        yield fresh_database_url()
-        return
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    template: str = request.getfixturevalue("migrated_template")
-    async with throwaway_database(server, template) as other:
-        yield other
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
