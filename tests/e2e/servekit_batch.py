@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
@@ -138,3 +138,21 @@ def started(
                 batch.plan(item.nodeid, command, directory())
         batch.fill()
         yield batch
+
+
+def fixtures(plan: Plan) -> tuple[Any, Any]:
+    """A module's two fixtures, bound as ``at_once, ran = fixtures(_plan)``: ``at_once``
+    (module scope) starts the selected tests' commands, and ``ran`` is the test's own
+    command, run ahead beside the module's others, to its end."""
+
+    @pytest.fixture(scope="module", name="at_once")
+    def at_once(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[Started]:
+        yield from started(request, tmp_path_factory, plan)
+
+    @pytest.fixture(name="ran")
+    def ran(at_once: Started, request: pytest.FixtureRequest) -> subprocess.CompletedProcess[str]:
+        return at_once.result(request.node.nodeid)
+
+    return at_once, ran

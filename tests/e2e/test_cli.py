@@ -241,19 +241,7 @@ def _plan(
     return None
 
 
-@pytest.fixture(scope="module")
-def at_once(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[servekit_batch.Started]:
-    yield from servekit_batch.started(request, tmp_path_factory, _plan)
-
-
-@pytest.fixture
-def ran(
-    at_once: servekit_batch.Started, request: pytest.FixtureRequest
-) -> subprocess.CompletedProcess[str]:
-    """This test's command (``_plan``), run ahead beside the module's others, to its end."""
-    return at_once.result(request.node.nodeid)
+at_once, ran = servekit_batch.fixtures(_plan)
 
 
 @pytest.mark.parametrize(("variables", "named"), REFUSED_AT_START)

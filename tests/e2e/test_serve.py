@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from functools import partial
@@ -130,19 +130,7 @@ def _plan(
     return None
 
 
-@pytest.fixture(scope="module")
-def at_once(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[servekit_batch.Started]:
-    yield from servekit_batch.started(request, tmp_path_factory, _plan)
-
-
-@pytest.fixture
-def ran(
-    at_once: servekit_batch.Started, request: pytest.FixtureRequest
-) -> subprocess.CompletedProcess[str]:
-    """This test's command (``_plan``), run ahead beside the module's others, to its end."""
-    return at_once.result(request.node.nodeid)
+at_once, ran = servekit_batch.fixtures(_plan)
 
 
 def test_serve_refuses_default_secret_outside_dev_mode(
