@@ -17,8 +17,8 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.conftest import CALL_DEADLINE_S
 from tests.e2e import modulescope
-from tests.e2e.meshkit_procs import serving
 from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.starts import serving
 from tests.infra.postgres import PostgresServer
 from tests.infra.redis import RedisServer
 from tests.kits.contextkit import (

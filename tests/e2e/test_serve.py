@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,7 @@ from switchboard.platform.events.loglock import EVENT_LOG_LOCK_KEY
 from tests.conftest import CALL_DEADLINE_S
 from tests.e2e import servekit_batch
 from tests.e2e.procs import START_TIMEOUT_S, ServeProcess, shared_secrets
+from tests.e2e.starts import serving, together
 from tests.infra.redis import RedisServer
 from tests.kits.authkit import PASSWORD, bearer, unique_email
 from tests.platform.rpc.test_health import SERVED
@@ -37,21 +37,6 @@ _T = TypeVar("_T")
 #: A test here starts up to four processes, each importing the whole server: minutes
 #: on two busy cores.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
-
-
-def _together(*calls: Callable[[], _T]) -> list[_T]:
-    """Each call's result, the calls made at once (process starts that wait on each
-    other's imports for nothing when made in turn); the first failure is raised."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-        return [future.result() for future in futures]
-
-
-def _serving(stack: ExitStack, *servers: ServeProcess) -> None:
-    """Start ``servers`` at once; each is stopped with ``stack``, whatever happened."""
-    for server in servers:
-        stack.callback(server.__exit__, None, None, None)
-    _together(*(server.start for server in servers))
 
 
 def test_serve_logs_bound_address_and_stops_gracefully_on_sigterm() -> None:
@@ -272,7 +257,7 @@ def test_a_second_server_on_one_postgresql_database_without_redis_is_refused(
     with ServeProcess(env=env) as first:
         assert first.proc is not None
         extras: list[dict[str, str]] = [{}, {"SWITCHBOARD_REDIS_URL": redis_server.url}]
-        refusals = _together(*(partial(_refused, {**first.env, **extra}) for extra in extras))
+        refusals = together(*(partial(_refused, {**first.env, **extra}) for extra in extras))
         for refusal in refusals:
             assert "set SWITCHBOARD_REDIS_URL on every process" in refusal
             assert f"process {first.proc.pid} on " in refusal
@@ -284,10 +269,10 @@ def test_a_second_server_on_one_postgresql_database_without_redis_is_refused(
     with_redis = {**env, "SWITCHBOARD_REDIS_URL": redis_server.url}
     with ExitStack() as stack:
         a, b = ServeProcess(env=with_redis), ServeProcess(env=with_redis)
-        _serving(stack, a, b)
+        serving(stack, a, b)
         # An embedded-log process is refused beside them (while they serve a write).
         without = {k: v for k, v in a.env.items() if k != "SWITCHBOARD_REDIS_URL"}
-        beside = _together(
+        beside = together(
             partial(_write_and_see_its_event, a.address, b.address), partial(_refused, without)
         )[1]
         assert isinstance(beside, str)
@@ -317,11 +302,11 @@ def test_two_dispatchers_with_one_instance_id_are_refused(
         for server in (events_only, other):
             stack.callback(server.__exit__, None, None, None)
         refusing = partial(_refused, first.env)
-        refusal = _together(refusing, events_only.start, other.start)[0]
+        refusal = together(refusing, events_only.start, other.start)[0]
         assert isinstance(refusal, str)
         assert "SWITCHBOARD_INSTANCE_ID='replica-a'" in refusal
         assert f"process {first.proc.pid} on " in refusal
-        _together(
+        together(
             partial(_write_and_see_its_event, first.address, events_only.address),
             partial(_write_and_see_its_event, other.address, first.address),
         )
