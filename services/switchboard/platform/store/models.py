@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Float,
     DateTime,
     ForeignKey,
     ForeignKeyConstraint,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -167,6 +169,10 @@ class WorkspaceRow(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
+    # Serialized MemoryPolicy: the default of its assistants that set none (b"": off).
+    memory_policy: Mapped[bytes] = mapped_column(
+        LargeBinary, default=b"", server_default=text("''")
+    )
 
 
 class WorkspaceMemberRow(Base):
@@ -254,6 +260,7 @@ class MemoryItemRow(Base):
     __table_args__ = (
         Index("ix_memory_items_listing", "scope", "created_at", "id"),
         Index("ix_memory_items_pinned", "scope", "pinned"),
+        Index("ix_memory_items_valid", "scope", "valid_until"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
@@ -283,6 +290,43 @@ class MemoryItemRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     # The SQLite FTS5 rowid (memory_fts); NULL on PostgreSQL.
     fts_rowid: Mapped[int | None] = mapped_column(BigInteger, nullable=True, unique=True)
+    # When what it says became true (NULL: at its creation) and stopped (NULL: current).
+    valid_from: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Ids of the item it replaced and of the one that replaced it ("" for none).
+    supersedes: Mapped[str] = mapped_column(String(ID_LENGTH), default="", server_default="")
+    superseded_by: Mapped[str] = mapped_column(String(ID_LENGTH), default="", server_default="")
+    invalid_reason: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    confidence: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # Serialized MemoryFormation (b"" for items people wrote).
+    formation: Mapped[bytes] = mapped_column(
+        LargeBinary, default=b"", server_default=text("''")
+    )
+    # A user's item formed in a workspace: that workspace (its windows alone use it).
+    origin_workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=True
+    )
+
+
+class MemoryVersionRow(Base):
+    """One version of a memory item (docs/memory.md, "History"): what it said and
+    when it was true as of a change; deleted with the item, so forgetting an item
+    forgets its history."""
+
+    __tablename__ = "memory_versions"
+
+    memory_id: Mapped[str] = mapped_column(
+        ForeignKey("memory_items.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # "created", "edited" or "retired".
+    change: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    editor: Mapped[str] = mapped_column(String(160))
+    valid_from: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    invalid_reason: Mapped[str] = mapped_column(String(200), default="")
 
 
 class MemoryScopeRow(Base):
@@ -921,6 +965,50 @@ class SemanticCursorRow(Base):
     cursor: Mapped[str] = mapped_column(String(64), default="")
     holder: Mapped[str] = mapped_column(String(64), default="")
     lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class MemoryCursorRow(Base):
+    """How far memory forming has read the event log, and who reads it now (one row;
+    the lease-and-compare-and-set of ``semantic_cursor``)."""
+
+    __tablename__ = "memory_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    cursor: Mapped[str] = mapped_column(String(64), default="")
+    holder: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class MemoryJobRow(Base):
+    """An exchange waiting to be formed into memory, or a workspace's consolidation
+    (docs/memory.md, "Forming"). Written in the transaction that moves the feeder's
+    cursor past the run's end, so no exchange is lost; ``plan`` holds the model's
+    decisions once stored (``state`` "decided"), applied idempotently until done."""
+
+    __tablename__ = "memory_jobs"
+    __table_args__ = (Index("ix_memory_jobs_due", "state", "not_before"),)
+
+    # "run:{run name}", "idle:{conversation name}" or "consolidate:{workspace id}".
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # "exchange" or "consolidate".
+    kind: Mapped[str] = mapped_column(String(16))
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    conversation: Mapped[str] = mapped_column(String(160), default="")
+    run: Mapped[str] = mapped_column(String(255), default="")
+    assistant: Mapped[str] = mapped_column(String(160), default="")
+    user_id: Mapped[str] = mapped_column(String(ID_LENGTH), default="")
+    # JSON: the exchange's messages and the run's facts the worker needs.
+    exchange: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    # JSON: the decisions, once the model made them ("decided").
+    plan: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    # "pending", "decided", "paused" (a budget at its cap).
+    state: Mapped[str] = mapped_column(String(16))
+    enqueued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    not_before: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    claimer: Mapped[str] = mapped_column(String(64), default="")
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(String(512), default="")
 
 
 class SemanticJobRow(Base):

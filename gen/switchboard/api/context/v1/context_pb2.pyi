@@ -6,6 +6,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
@@ -189,6 +190,8 @@ class _MemoryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryKind
     """An entity extracted from messages (mention, link, email, date...)."""
     MEMORY_KIND_NOTE: _MemoryKind.ValueType  # 5
     """A free-form note."""
+    MEMORY_KIND_PLAN: _MemoryKind.ValueType  # 6
+    """A plan or a date: something the person means to do or that will happen."""
 
 class MemoryKind(_MemoryKind, metaclass=_MemoryKindEnumTypeWrapper):
     """The kind of a memory item."""
@@ -205,7 +208,133 @@ MEMORY_KIND_ENTITY: MemoryKind.ValueType  # 4
 """An entity extracted from messages (mention, link, email, date...)."""
 MEMORY_KIND_NOTE: MemoryKind.ValueType  # 5
 """A free-form note."""
+MEMORY_KIND_PLAN: MemoryKind.ValueType  # 6
+"""A plan or a date: something the person means to do or that will happen."""
 Global___MemoryKind: _TypeAlias = MemoryKind  # noqa: Y015
+
+class _MemoryValidity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemoryValidityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryValidity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMORY_VALIDITY_UNSPECIFIED: _MemoryValidity.ValueType  # 0
+    """The default: CURRENT."""
+    MEMORY_VALIDITY_CURRENT: _MemoryValidity.ValueType  # 1
+    """Items true now: no `invalid_time`, or one in the future."""
+    MEMORY_VALIDITY_RETIRED: _MemoryValidity.ValueType  # 2
+    """Items no longer true (retired)."""
+    MEMORY_VALIDITY_ALL: _MemoryValidity.ValueType  # 3
+    """Every item."""
+
+class MemoryValidity(_MemoryValidity, metaclass=_MemoryValidityEnumTypeWrapper):
+    """Which memory items a list takes, by whether they are true."""
+
+MEMORY_VALIDITY_UNSPECIFIED: MemoryValidity.ValueType  # 0
+"""The default: CURRENT."""
+MEMORY_VALIDITY_CURRENT: MemoryValidity.ValueType  # 1
+"""Items true now: no `invalid_time`, or one in the future."""
+MEMORY_VALIDITY_RETIRED: MemoryValidity.ValueType  # 2
+"""Items no longer true (retired)."""
+MEMORY_VALIDITY_ALL: MemoryValidity.ValueType  # 3
+"""Every item."""
+Global___MemoryValidity: _TypeAlias = MemoryValidity  # noqa: Y015
+
+class _MemoryChange:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemoryChangeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryChange.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMORY_CHANGE_UNSPECIFIED: _MemoryChange.ValueType  # 0
+    """Not set."""
+    MEMORY_CHANGE_CREATED: _MemoryChange.ValueType  # 1
+    """The item was created (written, or formed as an addition)."""
+    MEMORY_CHANGE_EDITED: _MemoryChange.ValueType  # 2
+    """Its content or settings were edited."""
+    MEMORY_CHANGE_RETIRED: _MemoryChange.ValueType  # 3
+    """It was retired: invalidated, superseded, merged or expired."""
+
+class MemoryChange(_MemoryChange, metaclass=_MemoryChangeEnumTypeWrapper):
+    """How a memory item's version came about."""
+
+MEMORY_CHANGE_UNSPECIFIED: MemoryChange.ValueType  # 0
+"""Not set."""
+MEMORY_CHANGE_CREATED: MemoryChange.ValueType  # 1
+"""The item was created (written, or formed as an addition)."""
+MEMORY_CHANGE_EDITED: MemoryChange.ValueType  # 2
+"""Its content or settings were edited."""
+MEMORY_CHANGE_RETIRED: MemoryChange.ValueType  # 3
+"""It was retired: invalidated, superseded, merged or expired."""
+Global___MemoryChange: _TypeAlias = MemoryChange  # noqa: Y015
+
+class _MemoryFormingMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemoryFormingModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryFormingMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMORY_FORMING_MODE_UNSPECIFIED: _MemoryFormingMode.ValueType  # 0
+    """Inherit: an assistant takes the workspace's policy; a workspace's is off."""
+    MEMORY_FORMING_MODE_OFF: _MemoryFormingMode.ValueType  # 1
+    """Off."""
+    MEMORY_FORMING_MODE_USER: _MemoryFormingMode.ValueType  # 2
+    """Facts about the person, in their user scope (`users/{user}`, marked with
+    the workspace).
+    """
+    MEMORY_FORMING_MODE_WORKSPACE: _MemoryFormingMode.ValueType  # 3
+    """Facts of the workspace, in its scope."""
+    MEMORY_FORMING_MODE_USER_AND_WORKSPACE: _MemoryFormingMode.ValueType  # 4
+    """Both."""
+
+class MemoryFormingMode(_MemoryFormingMode, metaclass=_MemoryFormingModeEnumTypeWrapper):
+    """Which scopes memory is formed in."""
+
+MEMORY_FORMING_MODE_UNSPECIFIED: MemoryFormingMode.ValueType  # 0
+"""Inherit: an assistant takes the workspace's policy; a workspace's is off."""
+MEMORY_FORMING_MODE_OFF: MemoryFormingMode.ValueType  # 1
+"""Off."""
+MEMORY_FORMING_MODE_USER: MemoryFormingMode.ValueType  # 2
+"""Facts about the person, in their user scope (`users/{user}`, marked with
+the workspace).
+"""
+MEMORY_FORMING_MODE_WORKSPACE: MemoryFormingMode.ValueType  # 3
+"""Facts of the workspace, in its scope."""
+MEMORY_FORMING_MODE_USER_AND_WORKSPACE: MemoryFormingMode.ValueType  # 4
+"""Both."""
+Global___MemoryFormingMode: _TypeAlias = MemoryFormingMode  # noqa: Y015
+
+class _MemoryCategory:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemoryCategoryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryCategory.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMORY_CATEGORY_UNSPECIFIED: _MemoryCategory.ValueType  # 0
+    """Not set; rejected."""
+    MEMORY_CATEGORY_PREFERENCES: _MemoryCategory.ValueType  # 1
+    """The person's preferences (user scope, kind PREFERENCE)."""
+    MEMORY_CATEGORY_PERSON_FACTS: _MemoryCategory.ValueType  # 2
+    """Facts about the person (user scope, kind FACT)."""
+    MEMORY_CATEGORY_PLANS: _MemoryCategory.ValueType  # 3
+    """The person's plans and dates (user scope, kind PLAN)."""
+    MEMORY_CATEGORY_WORKSPACE_FACTS: _MemoryCategory.ValueType  # 4
+    """The workspace's facts (workspace scope, kind FACT)."""
+
+class MemoryCategory(_MemoryCategory, metaclass=_MemoryCategoryEnumTypeWrapper):
+    """A category of formed memory."""
+
+MEMORY_CATEGORY_UNSPECIFIED: MemoryCategory.ValueType  # 0
+"""Not set; rejected."""
+MEMORY_CATEGORY_PREFERENCES: MemoryCategory.ValueType  # 1
+"""The person's preferences (user scope, kind PREFERENCE)."""
+MEMORY_CATEGORY_PERSON_FACTS: MemoryCategory.ValueType  # 2
+"""Facts about the person (user scope, kind FACT)."""
+MEMORY_CATEGORY_PLANS: MemoryCategory.ValueType  # 3
+"""The person's plans and dates (user scope, kind PLAN)."""
+MEMORY_CATEGORY_WORKSPACE_FACTS: MemoryCategory.ValueType  # 4
+"""The workspace's facts (workspace scope, kind FACT)."""
+Global___MemoryCategory: _TypeAlias = MemoryCategory  # noqa: Y015
 
 class _SearchMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -365,6 +494,7 @@ class Workspace(_message.Message):
     DELETE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     CALLER_ROLE_FIELD_NUMBER: _builtins.int
+    MEMORY_POLICY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{workspace}`."""
     display_name: _builtins.str
@@ -387,6 +517,12 @@ class Workspace(_message.Message):
     def delete_time(self) -> _timestamp_pb2.Timestamp:
         """When the workspace was soft-deleted; unset while live."""
 
+    @_builtins.property
+    def memory_policy(self) -> Global___MemoryPolicy:
+        """The memory forming policy of its assistants that set none (off if unset);
+        set by owners (docs/memory.md).
+        """
+
     def __init__(
         self,
         *,
@@ -398,10 +534,11 @@ class Workspace(_message.Message):
         delete_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
         caller_role: Global___WorkspaceRole.ValueType = ...,
+        memory_policy: Global___MemoryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "memory_policy", b"memory_policy", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_role", b"caller_role", "create_time", b"create_time", "delete_time", b"delete_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_role", b"caller_role", "create_time", b"create_time", "delete_time", b"delete_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "memory_policy", b"memory_policy", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -940,6 +1077,15 @@ class MemoryItem(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    VALID_TIME_FIELD_NUMBER: _builtins.int
+    INVALID_TIME_FIELD_NUMBER: _builtins.int
+    SUPERSEDES_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_FIELD_NUMBER: _builtins.int
+    FORMATION_FIELD_NUMBER: _builtins.int
+    INVALID_REASON_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `{parent}/memories/{memory}` where parent is `users/{user}`,
     `workspaces/{workspace}` or `workspaces/{workspace}/conversations/{conversation}`.
@@ -956,6 +1102,29 @@ class MemoryItem(_message.Message):
     """Token count under the server's counter (output only)."""
     etag: _builtins.str
     """Opaque version for optimistic concurrency."""
+    supersedes: _builtins.str
+    """The item this one replaced (`{parent}/memories/{memory}`, same parent),
+    set on create: that item is retired at this one's `valid_time` in the same
+    transaction. FAILED_PRECONDITION if it is already retired.
+    """
+    superseded_by: _builtins.str
+    """The item that replaced this one, if one did (output only)."""
+    confidence: _builtins.float
+    """How sure the model that formed it was, 0 to 1; 0 for items people wrote."""
+    invalid_reason: _builtins.str
+    """Why it stopped being true, in words ("superseded", "retracted",
+    "expired", "merged", or what the person wrote); at most 200 characters.
+    """
+    workspace: _builtins.str
+    """For an item of a user's scope formed in a workspace, that workspace
+    (`workspaces/{workspace}`): only that workspace's windows and searches use
+    it, so what was learned in one workspace never reaches another. Empty for
+    items people wrote (they follow the user everywhere).
+    """
+    version: _builtins.int
+    """How many times it has changed, from 1 (output only); GetMemoryItem's
+    `history` lists each version.
+    """
     @_builtins.property
     def source_messages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Messages this item was derived from."""
@@ -976,6 +1145,24 @@ class MemoryItem(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last changed (output only)."""
 
+    @_builtins.property
+    def valid_time(self) -> _timestamp_pb2.Timestamp:
+        """When what it says became true: as stated, else the time of the message it
+        came from, else its creation. Defaults to `create_time`.
+        """
+
+    @_builtins.property
+    def invalid_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stopped being true; unset while it is current. Set by an
+        invalidation (UpdateMemoryItem with `invalid_time`), by a newer item that
+        supersedes it, by consolidation (a merge, an expiry). Nothing is deleted by
+        it: a retired item stays in its history until a person forgets it.
+        """
+
+    @_builtins.property
+    def formation(self) -> Global___MemoryFormation:
+        """How a formed item was formed; unset for items people wrote."""
+
     def __init__(
         self,
         *,
@@ -991,14 +1178,213 @@ class MemoryItem(_message.Message):
         token_count: _builtins.int = ...,
         etag: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        valid_time: _timestamp_pb2.Timestamp | None = ...,
+        invalid_time: _timestamp_pb2.Timestamp | None = ...,
+        supersedes: _builtins.str = ...,
+        superseded_by: _builtins.str = ...,
+        confidence: _builtins.float = ...,
+        formation: Global___MemoryFormation | None = ...,
+        invalid_reason: _builtins.str = ...,
+        workspace: _builtins.str = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "metadata", b"metadata", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "formation", b"formation", "invalid_time", b"invalid_time", "metadata", b"metadata", "update_time", b"update_time", "valid_time", b"valid_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "creator", b"creator", "etag", b"etag", "expire_time", b"expire_time", "kind", b"kind", "metadata", b"metadata", "name", b"name", "pinned", b"pinned", "source_messages", b"source_messages", "token_count", b"token_count", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidence", b"confidence", "content", b"content", "create_time", b"create_time", "creator", b"creator", "etag", b"etag", "expire_time", b"expire_time", "formation", b"formation", "invalid_reason", b"invalid_reason", "invalid_time", b"invalid_time", "kind", b"kind", "metadata", b"metadata", "name", b"name", "pinned", b"pinned", "source_messages", b"source_messages", "superseded_by", b"superseded_by", "supersedes", b"supersedes", "token_count", b"token_count", "update_time", b"update_time", "valid_time", b"valid_time", "version", b"version", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MemoryItem: _TypeAlias = MemoryItem  # noqa: Y015
+
+@_typing.final
+class MemoryFormation(_message.Message):
+    """Who and what formed a memory item from a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    assistant: _builtins.str
+    """The assistant whose policy formed it, `workspaces/{w}/assistants/{a}`;
+    empty when the workspace's default policy did for a run without one.
+    """
+    policy: _builtins.str
+    """The policy that applied: `assistant` or `workspace`."""
+    model: _builtins.str
+    """The model that formed it, `{provider}/{model}`."""
+    run: _builtins.str
+    """The run whose exchange it was formed from, `runs/{run}`."""
+    def __init__(
+        self,
+        *,
+        assistant: _builtins.str = ...,
+        policy: _builtins.str = ...,
+        model: _builtins.str = ...,
+        run: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "model", b"model", "policy", b"policy", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryFormation: _TypeAlias = MemoryFormation  # noqa: Y015
+
+@_typing.final
+class MemoryItemVersion(_message.Message):
+    """One version of a memory item, as GetMemoryItem's `history` lists it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    EDITOR_FIELD_NUMBER: _builtins.int
+    VALID_TIME_FIELD_NUMBER: _builtins.int
+    INVALID_TIME_FIELD_NUMBER: _builtins.int
+    INVALID_REASON_FIELD_NUMBER: _builtins.int
+    memory_item: _builtins.str
+    """The item the version belongs to: the item asked for, or an item it
+    superseded (directly or through others).
+    """
+    version: _builtins.int
+    """The version number, from 1, per item."""
+    change: Global___MemoryChange.ValueType
+    """What changed."""
+    content: _builtins.str
+    """The content as of this version."""
+    editor: _builtins.str
+    """Who made it: `users/{user}`, `handlers/{handler}`, an assistant's name
+    (formed), or `system` (consolidation).
+    """
+    invalid_reason: _builtins.str
+    """Its `invalid_reason` as of this version."""
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the version was made."""
+
+    @_builtins.property
+    def valid_time(self) -> _timestamp_pb2.Timestamp:
+        """Its `valid_time` as of this version."""
+
+    @_builtins.property
+    def invalid_time(self) -> _timestamp_pb2.Timestamp:
+        """Its `invalid_time` as of this version; unset while it was current."""
+
+    def __init__(
+        self,
+        *,
+        memory_item: _builtins.str = ...,
+        version: _builtins.int = ...,
+        change: Global___MemoryChange.ValueType = ...,
+        content: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+        editor: _builtins.str = ...,
+        valid_time: _timestamp_pb2.Timestamp | None = ...,
+        invalid_time: _timestamp_pb2.Timestamp | None = ...,
+        invalid_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "invalid_time", b"invalid_time", "valid_time", b"valid_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "change_time", b"change_time", "content", b"content", "editor", b"editor", "invalid_reason", b"invalid_reason", "invalid_time", b"invalid_time", "memory_item", b"memory_item", "valid_time", b"valid_time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryItemVersion: _TypeAlias = MemoryItemVersion  # noqa: Y015
+
+@_typing.final
+class MemoryPolicy(_message.Message):
+    """When and how an assistant forms memory from its conversations
+    (docs/memory.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    IDLE_MINUTES_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
+    MAX_CANDIDATES_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    mode: Global___MemoryFormingMode.ValueType
+    """Which scopes it forms memory in; UNSPECIFIED on an assistant takes the
+    workspace's policy (off on a workspace).
+    """
+    provider: _builtins.str
+    """The model that forms memories: `provider` names a configured provider,
+    `model` a model at it; the assistant's model if unset.
+    """
+    model: _builtins.str
+    """As `provider`; the provider's (or the assistant's) model if empty."""
+    idle_minutes: _builtins.int
+    """After how many idle minutes a conversation's new exchanges are formed
+    (1 to 1,440); 0 forms after each run.
+    """
+    max_candidates: _builtins.int
+    """Most candidate facts taken from one exchange (1 to 20; 5 if 0)."""
+    max_items: _builtins.int
+    """Most current formed items per scope (1 to the server's limit on items per
+    scope; 200 if 0): an addition beyond it is recorded as NONE ("scope full").
+    """
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryCategoryRule]:
+        """The categories kept, each with an optional time to live; every category
+        the mode's scopes allow, kept for ever, if empty (at most 4, each once).
+        """
+
+    def __init__(
+        self,
+        *,
+        mode: Global___MemoryFormingMode.ValueType = ...,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        idle_minutes: _builtins.int = ...,
+        categories: _abc.Iterable[Global___MemoryCategoryRule] | None = ...,
+        max_candidates: _builtins.int = ...,
+        max_items: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "idle_minutes", b"idle_minutes", "max_candidates", b"max_candidates", "max_items", b"max_items", "mode", b"mode", "model", b"model", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryPolicy: _TypeAlias = MemoryPolicy  # noqa: Y015
+
+@_typing.final
+class MemoryCategoryRule(_message.Message):
+    """A category kept, and for how long."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    category: Global___MemoryCategory.ValueType
+    """The category."""
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long an item of it lives (its `expire_time` after its creation); for
+        ever if unset. At least a minute, at most ten years.
+        """
+
+    def __init__(
+        self,
+        *,
+        category: Global___MemoryCategory.ValueType = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryCategoryRule: _TypeAlias = MemoryCategoryRule  # noqa: Y015
 
 @_typing.final
 class CreateWorkspaceRequest(_message.Message):
@@ -1182,7 +1568,9 @@ class UpdateWorkspaceRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: `display_name`, `description`."""
+        """Fields to change: `display_name`, `description`, `memory_policy` (owners
+        only).
+        """
 
     def __init__(
         self,
@@ -2035,9 +2423,16 @@ class CreateMemoryItemRequest(_message.Message):
 
     PARENT_FIELD_NUMBER: _builtins.int
     MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    MEMORY_ITEM_ID_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`users/{user}`, `workspaces/{workspace}` or
     `workspaces/{workspace}/conversations/{conversation}`.
+    """
+    memory_item_id: _builtins.str
+    """Optional client-chosen id, 3 to 32 characters: lowercase letters, digits
+    and hyphens, starting with a letter (`[a-z][a-z0-9-]{2,31}`); a random id
+    if empty. A create repeated with the same id is ALREADY_EXISTS, so a
+    retried create is applied once.
     """
     @_builtins.property
     def memory_item(self) -> Global___MemoryItem:
@@ -2048,10 +2443,11 @@ class CreateMemoryItemRequest(_message.Message):
         *,
         parent: _builtins.str = ...,
         memory_item: Global___MemoryItem | None = ...,
+        memory_item_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item", "parent", b"parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item", "memory_item_id", b"memory_item_id", "parent", b"parent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2088,16 +2484,22 @@ class GetMemoryItemRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    INCLUDE_HISTORY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`{parent}/memories/{memory}`."""
+    include_history: _builtins.bool
+    """Also return the item's history: its versions and those of the items it
+    superseded.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        include_history: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_history", b"include_history", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2110,18 +2512,26 @@ class GetMemoryItemResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def memory_item(self) -> Global___MemoryItem:
         """The memory item."""
+
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryItemVersion]:
+        """With `include_history`: every version of the item and of the items it
+        superseded, oldest first (at most 200, the newest kept).
+        """
 
     def __init__(
         self,
         *,
         memory_item: Global___MemoryItem | None = ...,
+        history: _abc.Iterable[Global___MemoryItemVersion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "memory_item", b"memory_item"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2141,7 +2551,11 @@ class UpdateMemoryItemRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: `content`, `pinned`, `metadata`, `expire_time`."""
+        """Fields to change: `content`, `pinned`, `metadata`, `expire_time`,
+        `valid_time`, `invalid_time` (retires it: now or a past time; clearing it
+        makes a retired item current again unless another superseded it) and
+        `invalid_reason`. Each change is a version in its history.
+        """
 
     def __init__(
         self,
@@ -2192,6 +2606,9 @@ class ListMemoryItemsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     KINDS_FIELD_NUMBER: _builtins.int
     PINNED_ONLY_FIELD_NUMBER: _builtins.int
+    VALIDITY_FIELD_NUMBER: _builtins.int
+    VALID_AT_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The scope to list, as in CreateMemoryItemRequest.parent."""
     page_size: _builtins.int
@@ -2200,9 +2617,21 @@ class ListMemoryItemsRequest(_message.Message):
     """Token from a previous response."""
     pinned_only: _builtins.bool
     """Only pinned items."""
+    validity: Global___MemoryValidity.ValueType
+    """Which items by whether they are true; CURRENT if unspecified."""
+    workspace: _builtins.str
+    """In a user's scope: only the items formed in this workspace
+    (`workspaces/{workspace}`) and those written by people.
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___MemoryKind.ValueType]:
         """Only these kinds; all kinds if empty."""
+
+    @_builtins.property
+    def valid_at(self) -> _timestamp_pb2.Timestamp:
+        """Only the items true at this time (`valid_time` at or before it,
+        `invalid_time` unset or after it); `validity` is then ignored.
+        """
 
     def __init__(
         self,
@@ -2212,10 +2641,13 @@ class ListMemoryItemsRequest(_message.Message):
         page_token: _builtins.str = ...,
         kinds: _abc.Iterable[Global___MemoryKind.ValueType] | None = ...,
         pinned_only: _builtins.bool = ...,
+        validity: Global___MemoryValidity.ValueType = ...,
+        valid_at: _timestamp_pb2.Timestamp | None = ...,
+        workspace: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_at", b"valid_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "pinned_only", b"pinned_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "pinned_only", b"pinned_only", "valid_at", b"valid_at", "validity", b"validity", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2855,6 +3287,7 @@ class GetContextWindowRequest(_message.Message):
     TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     QUERY_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FIELD_NUMBER: _builtins.int
+    VALID_AT_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """`workspaces/{workspace}/conversations/{conversation}`."""
     token_budget: _builtins.int
@@ -2865,6 +3298,12 @@ class GetContextWindowRequest(_message.Message):
     def retrieval(self) -> Global___RetrievalOptions:
         """Passages to retrieve into the window; none if unset."""
 
+    @_builtins.property
+    def valid_at(self) -> _timestamp_pb2.Timestamp:
+        """Take the memory true at this time instead of now (a window asked for a
+        time is never cached).
+        """
+
     def __init__(
         self,
         *,
@@ -2872,10 +3311,11 @@ class GetContextWindowRequest(_message.Message):
         token_budget: _builtins.int = ...,
         query: _builtins.str = ...,
         retrieval: Global___RetrievalOptions | None = ...,
+        valid_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retrieval", b"retrieval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retrieval", b"retrieval", "valid_at", b"valid_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "query", b"query", "retrieval", b"retrieval", "token_budget", b"token_budget"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "query", b"query", "retrieval", b"retrieval", "token_budget", b"token_budget", "valid_at", b"valid_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2432,6 +2432,7 @@ class Assistant(_message.Message):
     RETRIEVAL_FIELD_NUMBER: _builtins.int
     DELEGATES_FIELD_NUMBER: _builtins.int
     HANDOFFS_FIELD_NUMBER: _builtins.int
+    MEMORY_POLICY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/assistants/{a}`."""
     display_name: _builtins.str
@@ -2498,6 +2499,13 @@ class Assistant(_message.Message):
         (docs/delegation.md, "Handoffs").
         """
 
+    @_builtins.property
+    def memory_policy(self) -> _context_pb2.MemoryPolicy:
+        """Whether and how it forms memory from its conversations' exchanges; the
+        workspace's policy (Workspace.memory_policy) if unset or its mode is
+        UNSPECIFIED (docs/memory.md).
+        """
+
     def __init__(
         self,
         *,
@@ -2518,10 +2526,11 @@ class Assistant(_message.Message):
         retrieval: Global___RetrievalSettings | None = ...,
         delegates: _abc.Iterable[Global___AssistantDelegate] | None = ...,
         handoffs: _abc.Iterable[Global___AssistantHandoff] | None = ...,
+        memory_policy: _context_pb2.MemoryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "model", b"model", "retrieval", b"retrieval", "update_time", b"update_time", "voice", b"voice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "memory_policy", b"memory_policy", "model", b"model", "retrieval", b"retrieval", "update_time", b"update_time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "delegates", b"delegates", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "handoffs", b"handoffs", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "retrieval", b"retrieval", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "delegates", b"delegates", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "handoffs", b"handoffs", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "memory_policy", b"memory_policy", "model", b"model", "name", b"name", "retrieval", b"retrieval", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2845,7 +2854,8 @@ class UpdateAssistantRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `description`, `instructions`, `handler`,
         `model`, `tools`, `context_token_budget`, `max_tool_steps`,
-        `workspace_default`, `voice`, `retrieval`, `delegates`, `handoffs`.
+        `workspace_default`, `voice`, `retrieval`, `delegates`, `handoffs`,
+        `memory_policy`.
         """
 
     def __init__(

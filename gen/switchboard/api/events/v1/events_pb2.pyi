@@ -70,6 +70,10 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A schedule was created, updated, paused, resumed or deleted."""
     EVENT_TYPE_SCHEDULE_FIRED: _EventType.ValueType  # 16
     """A schedule's tick was claimed and fired (or skipped, or refused)."""
+    EVENT_TYPE_MEMORY_DECIDED: _EventType.ValueType  # 17
+    """Memory forming or consolidation decided about a memory (or failed or
+    paused for an exchange).
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -110,6 +114,10 @@ EVENT_TYPE_SCHEDULE_CHANGED: EventType.ValueType  # 15
 """A schedule was created, updated, paused, resumed or deleted."""
 EVENT_TYPE_SCHEDULE_FIRED: EventType.ValueType  # 16
 """A schedule's tick was claimed and fired (or skipped, or refused)."""
+EVENT_TYPE_MEMORY_DECIDED: EventType.ValueType  # 17
+"""Memory forming or consolidation decided about a memory (or failed or
+paused for an exchange).
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -139,6 +147,86 @@ CHANGE_KIND_UPDATED: ChangeKind.ValueType  # 2
 CHANGE_KIND_DELETED: ChangeKind.ValueType  # 3
 """Deleted (or soft-deleted)."""
 Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
+
+class _MemoryDecisionAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemoryDecisionActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryDecisionAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMORY_DECISION_ACTION_UNSPECIFIED: _MemoryDecisionAction.ValueType  # 0
+    """Not set."""
+    MEMORY_DECISION_ACTION_ADD: _MemoryDecisionAction.ValueType  # 1
+    """A new item was added."""
+    MEMORY_DECISION_ACTION_UPDATE: _MemoryDecisionAction.ValueType  # 2
+    """A new item replaced an existing one (`replaces`), which was retired."""
+    MEMORY_DECISION_ACTION_INVALIDATE: _MemoryDecisionAction.ValueType  # 3
+    """An existing item (`replaces`) was retired: it is no longer true."""
+    MEMORY_DECISION_ACTION_NONE: _MemoryDecisionAction.ValueType  # 4
+    """Nothing: the fact was known already, out of the policy's categories, or
+    the scope was full (`reason` says which).
+    """
+    MEMORY_DECISION_ACTION_MERGE: _MemoryDecisionAction.ValueType  # 5
+    """Consolidation: a near-duplicate (`replaces`) was merged into `memory_item`."""
+    MEMORY_DECISION_ACTION_EXPIRE: _MemoryDecisionAction.ValueType  # 6
+    """Consolidation: an item past its time to live (`replaces`) was retired."""
+
+class MemoryDecisionAction(_MemoryDecisionAction, metaclass=_MemoryDecisionActionEnumTypeWrapper):
+    """What memory forming or consolidation decided about one candidate fact."""
+
+MEMORY_DECISION_ACTION_UNSPECIFIED: MemoryDecisionAction.ValueType  # 0
+"""Not set."""
+MEMORY_DECISION_ACTION_ADD: MemoryDecisionAction.ValueType  # 1
+"""A new item was added."""
+MEMORY_DECISION_ACTION_UPDATE: MemoryDecisionAction.ValueType  # 2
+"""A new item replaced an existing one (`replaces`), which was retired."""
+MEMORY_DECISION_ACTION_INVALIDATE: MemoryDecisionAction.ValueType  # 3
+"""An existing item (`replaces`) was retired: it is no longer true."""
+MEMORY_DECISION_ACTION_NONE: MemoryDecisionAction.ValueType  # 4
+"""Nothing: the fact was known already, out of the policy's categories, or
+the scope was full (`reason` says which).
+"""
+MEMORY_DECISION_ACTION_MERGE: MemoryDecisionAction.ValueType  # 5
+"""Consolidation: a near-duplicate (`replaces`) was merged into `memory_item`."""
+MEMORY_DECISION_ACTION_EXPIRE: MemoryDecisionAction.ValueType  # 6
+"""Consolidation: an item past its time to live (`replaces`) was retired."""
+Global___MemoryDecisionAction: _TypeAlias = MemoryDecisionAction  # noqa: Y015
+
+class _MemoryFormingOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MemoryFormingOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryFormingOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MEMORY_FORMING_OUTCOME_UNSPECIFIED: _MemoryFormingOutcome.ValueType  # 0
+    """Not set (a consolidation's decision)."""
+    MEMORY_FORMING_OUTCOME_APPLIED: _MemoryFormingOutcome.ValueType  # 1
+    """Its decisions were applied."""
+    MEMORY_FORMING_OUTCOME_FAILED: _MemoryFormingOutcome.ValueType  # 2
+    """The model's answer broke the schema twice, or the model failed: nothing
+    of it was applied.
+    """
+    MEMORY_FORMING_OUTCOME_PAUSED: _MemoryFormingOutcome.ValueType  # 3
+    """A budget of the workspace is at its cap: forming waits for room (the runs
+    do not).
+    """
+
+class MemoryFormingOutcome(_MemoryFormingOutcome, metaclass=_MemoryFormingOutcomeEnumTypeWrapper):
+    """How a forming round for one exchange ended."""
+
+MEMORY_FORMING_OUTCOME_UNSPECIFIED: MemoryFormingOutcome.ValueType  # 0
+"""Not set (a consolidation's decision)."""
+MEMORY_FORMING_OUTCOME_APPLIED: MemoryFormingOutcome.ValueType  # 1
+"""Its decisions were applied."""
+MEMORY_FORMING_OUTCOME_FAILED: MemoryFormingOutcome.ValueType  # 2
+"""The model's answer broke the schema twice, or the model failed: nothing
+of it was applied.
+"""
+MEMORY_FORMING_OUTCOME_PAUSED: MemoryFormingOutcome.ValueType  # 3
+"""A budget of the workspace is at its cap: forming waits for room (the runs
+do not).
+"""
+Global___MemoryFormingOutcome: _TypeAlias = MemoryFormingOutcome  # noqa: Y015
 
 class _BudgetAlertKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -401,6 +489,56 @@ class MemoryChanged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MemoryChanged: _TypeAlias = MemoryChanged  # noqa: Y015
+
+@_typing.final
+class MemoryDecided(_message.Message):
+    """Payload: memory forming or consolidation decided."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    REPLACES_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    action: Global___MemoryDecisionAction.ValueType
+    """The decision; UNSPECIFIED on an outcome of a whole exchange (FAILED, PAUSED)."""
+    memory_item: _builtins.str
+    """The item added or kept (ADD, UPDATE, MERGE)."""
+    replaces: _builtins.str
+    """The item retired (UPDATE, INVALIDATE, MERGE, EXPIRE)."""
+    candidate: _builtins.str
+    """The candidate fact in words (empty for consolidation's)."""
+    reason: _builtins.str
+    """Why, in words (the model's reason, "scope full", "duplicate")."""
+    outcome: Global___MemoryFormingOutcome.ValueType
+    """The exchange's outcome; APPLIED on each applied decision."""
+    run: _builtins.str
+    """The run whose exchange was formed, `runs/{run}` (empty for consolidation)."""
+    assistant: _builtins.str
+    """The assistant whose policy applied (empty for consolidation)."""
+    def __init__(
+        self,
+        *,
+        action: Global___MemoryDecisionAction.ValueType = ...,
+        memory_item: _builtins.str = ...,
+        replaces: _builtins.str = ...,
+        candidate: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        outcome: Global___MemoryFormingOutcome.ValueType = ...,
+        run: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "assistant", b"assistant", "candidate", b"candidate", "memory_item", b"memory_item", "outcome", b"outcome", "reason", b"reason", "replaces", b"replaces", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryDecided: _TypeAlias = MemoryDecided  # noqa: Y015
 
 @_typing.final
 class FileChanged(_message.Message):
@@ -796,6 +934,7 @@ class Event(_message.Message):
     FILE_CHANGED_FIELD_NUMBER: _builtins.int
     SCHEDULE_CHANGED_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIRED_FIELD_NUMBER: _builtins.int
+    MEMORY_DECIDED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -880,6 +1019,10 @@ class Event(_message.Message):
     def schedule_fired(self) -> Global___ScheduleFired:
         """A schedule's tick fired."""
 
+    @_builtins.property
+    def memory_decided(self) -> Global___MemoryDecided:
+        """Memory forming or consolidation decided."""
+
     def __init__(
         self,
         *,
@@ -907,12 +1050,13 @@ class Event(_message.Message):
         file_changed: Global___FileChanged | None = ...,
         schedule_changed: Global___ScheduleChanged | None = ...,
         schedule_fired: Global___ScheduleFired | None = ...,
+        memory_decided: Global___MemoryDecided | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed", "schedule_changed", "schedule_fired"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed", "schedule_changed", "schedule_fired", "memory_decided"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -9,6 +9,7 @@ package contextv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	fieldmaskpb "google.golang.org/protobuf/types/known/fieldmaskpb"
 	structpb "google.golang.org/protobuf/types/known/structpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
@@ -333,6 +334,8 @@ const (
 	MemoryKind_MEMORY_KIND_ENTITY MemoryKind = 4
 	// A free-form note.
 	MemoryKind_MEMORY_KIND_NOTE MemoryKind = 5
+	// A plan or a date: something the person means to do or that will happen.
+	MemoryKind_MEMORY_KIND_PLAN MemoryKind = 6
 )
 
 // Enum value maps for MemoryKind.
@@ -344,6 +347,7 @@ var (
 		3: "MEMORY_KIND_SUMMARY",
 		4: "MEMORY_KIND_ENTITY",
 		5: "MEMORY_KIND_NOTE",
+		6: "MEMORY_KIND_PLAN",
 	}
 	MemoryKind_value = map[string]int32{
 		"MEMORY_KIND_UNSPECIFIED": 0,
@@ -352,6 +356,7 @@ var (
 		"MEMORY_KIND_SUMMARY":     3,
 		"MEMORY_KIND_ENTITY":      4,
 		"MEMORY_KIND_NOTE":        5,
+		"MEMORY_KIND_PLAN":        6,
 	}
 )
 
@@ -380,6 +385,243 @@ func (x MemoryKind) Number() protoreflect.EnumNumber {
 // Deprecated: Use MemoryKind.Descriptor instead.
 func (MemoryKind) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{5}
+}
+
+// Which memory items a list takes, by whether they are true.
+type MemoryValidity int32
+
+const (
+	// The default: CURRENT.
+	MemoryValidity_MEMORY_VALIDITY_UNSPECIFIED MemoryValidity = 0
+	// Items true now: no `invalid_time`, or one in the future.
+	MemoryValidity_MEMORY_VALIDITY_CURRENT MemoryValidity = 1
+	// Items no longer true (retired).
+	MemoryValidity_MEMORY_VALIDITY_RETIRED MemoryValidity = 2
+	// Every item.
+	MemoryValidity_MEMORY_VALIDITY_ALL MemoryValidity = 3
+)
+
+// Enum value maps for MemoryValidity.
+var (
+	MemoryValidity_name = map[int32]string{
+		0: "MEMORY_VALIDITY_UNSPECIFIED",
+		1: "MEMORY_VALIDITY_CURRENT",
+		2: "MEMORY_VALIDITY_RETIRED",
+		3: "MEMORY_VALIDITY_ALL",
+	}
+	MemoryValidity_value = map[string]int32{
+		"MEMORY_VALIDITY_UNSPECIFIED": 0,
+		"MEMORY_VALIDITY_CURRENT":     1,
+		"MEMORY_VALIDITY_RETIRED":     2,
+		"MEMORY_VALIDITY_ALL":         3,
+	}
+)
+
+func (x MemoryValidity) Enum() *MemoryValidity {
+	p := new(MemoryValidity)
+	*p = x
+	return p
+}
+
+func (x MemoryValidity) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MemoryValidity) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[6].Descriptor()
+}
+
+func (MemoryValidity) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[6]
+}
+
+func (x MemoryValidity) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MemoryValidity.Descriptor instead.
+func (MemoryValidity) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{6}
+}
+
+// How a memory item's version came about.
+type MemoryChange int32
+
+const (
+	// Not set.
+	MemoryChange_MEMORY_CHANGE_UNSPECIFIED MemoryChange = 0
+	// The item was created (written, or formed as an addition).
+	MemoryChange_MEMORY_CHANGE_CREATED MemoryChange = 1
+	// Its content or settings were edited.
+	MemoryChange_MEMORY_CHANGE_EDITED MemoryChange = 2
+	// It was retired: invalidated, superseded, merged or expired.
+	MemoryChange_MEMORY_CHANGE_RETIRED MemoryChange = 3
+)
+
+// Enum value maps for MemoryChange.
+var (
+	MemoryChange_name = map[int32]string{
+		0: "MEMORY_CHANGE_UNSPECIFIED",
+		1: "MEMORY_CHANGE_CREATED",
+		2: "MEMORY_CHANGE_EDITED",
+		3: "MEMORY_CHANGE_RETIRED",
+	}
+	MemoryChange_value = map[string]int32{
+		"MEMORY_CHANGE_UNSPECIFIED": 0,
+		"MEMORY_CHANGE_CREATED":     1,
+		"MEMORY_CHANGE_EDITED":      2,
+		"MEMORY_CHANGE_RETIRED":     3,
+	}
+)
+
+func (x MemoryChange) Enum() *MemoryChange {
+	p := new(MemoryChange)
+	*p = x
+	return p
+}
+
+func (x MemoryChange) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MemoryChange) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[7].Descriptor()
+}
+
+func (MemoryChange) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[7]
+}
+
+func (x MemoryChange) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MemoryChange.Descriptor instead.
+func (MemoryChange) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{7}
+}
+
+// Which scopes memory is formed in.
+type MemoryFormingMode int32
+
+const (
+	// Inherit: an assistant takes the workspace's policy; a workspace's is off.
+	MemoryFormingMode_MEMORY_FORMING_MODE_UNSPECIFIED MemoryFormingMode = 0
+	// Off.
+	MemoryFormingMode_MEMORY_FORMING_MODE_OFF MemoryFormingMode = 1
+	// Facts about the person, in their user scope (`users/{user}`, marked with
+	// the workspace).
+	MemoryFormingMode_MEMORY_FORMING_MODE_USER MemoryFormingMode = 2
+	// Facts of the workspace, in its scope.
+	MemoryFormingMode_MEMORY_FORMING_MODE_WORKSPACE MemoryFormingMode = 3
+	// Both.
+	MemoryFormingMode_MEMORY_FORMING_MODE_USER_AND_WORKSPACE MemoryFormingMode = 4
+)
+
+// Enum value maps for MemoryFormingMode.
+var (
+	MemoryFormingMode_name = map[int32]string{
+		0: "MEMORY_FORMING_MODE_UNSPECIFIED",
+		1: "MEMORY_FORMING_MODE_OFF",
+		2: "MEMORY_FORMING_MODE_USER",
+		3: "MEMORY_FORMING_MODE_WORKSPACE",
+		4: "MEMORY_FORMING_MODE_USER_AND_WORKSPACE",
+	}
+	MemoryFormingMode_value = map[string]int32{
+		"MEMORY_FORMING_MODE_UNSPECIFIED":        0,
+		"MEMORY_FORMING_MODE_OFF":                1,
+		"MEMORY_FORMING_MODE_USER":               2,
+		"MEMORY_FORMING_MODE_WORKSPACE":          3,
+		"MEMORY_FORMING_MODE_USER_AND_WORKSPACE": 4,
+	}
+)
+
+func (x MemoryFormingMode) Enum() *MemoryFormingMode {
+	p := new(MemoryFormingMode)
+	*p = x
+	return p
+}
+
+func (x MemoryFormingMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MemoryFormingMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[8].Descriptor()
+}
+
+func (MemoryFormingMode) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[8]
+}
+
+func (x MemoryFormingMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MemoryFormingMode.Descriptor instead.
+func (MemoryFormingMode) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{8}
+}
+
+// A category of formed memory.
+type MemoryCategory int32
+
+const (
+	// Not set; rejected.
+	MemoryCategory_MEMORY_CATEGORY_UNSPECIFIED MemoryCategory = 0
+	// The person's preferences (user scope, kind PREFERENCE).
+	MemoryCategory_MEMORY_CATEGORY_PREFERENCES MemoryCategory = 1
+	// Facts about the person (user scope, kind FACT).
+	MemoryCategory_MEMORY_CATEGORY_PERSON_FACTS MemoryCategory = 2
+	// The person's plans and dates (user scope, kind PLAN).
+	MemoryCategory_MEMORY_CATEGORY_PLANS MemoryCategory = 3
+	// The workspace's facts (workspace scope, kind FACT).
+	MemoryCategory_MEMORY_CATEGORY_WORKSPACE_FACTS MemoryCategory = 4
+)
+
+// Enum value maps for MemoryCategory.
+var (
+	MemoryCategory_name = map[int32]string{
+		0: "MEMORY_CATEGORY_UNSPECIFIED",
+		1: "MEMORY_CATEGORY_PREFERENCES",
+		2: "MEMORY_CATEGORY_PERSON_FACTS",
+		3: "MEMORY_CATEGORY_PLANS",
+		4: "MEMORY_CATEGORY_WORKSPACE_FACTS",
+	}
+	MemoryCategory_value = map[string]int32{
+		"MEMORY_CATEGORY_UNSPECIFIED":     0,
+		"MEMORY_CATEGORY_PREFERENCES":     1,
+		"MEMORY_CATEGORY_PERSON_FACTS":    2,
+		"MEMORY_CATEGORY_PLANS":           3,
+		"MEMORY_CATEGORY_WORKSPACE_FACTS": 4,
+	}
+)
+
+func (x MemoryCategory) Enum() *MemoryCategory {
+	p := new(MemoryCategory)
+	*p = x
+	return p
+}
+
+func (x MemoryCategory) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MemoryCategory) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[9].Descriptor()
+}
+
+func (MemoryCategory) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[9]
+}
+
+func (x MemoryCategory) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MemoryCategory.Descriptor instead.
+func (MemoryCategory) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{9}
 }
 
 // How a search ranks what it finds.
@@ -424,11 +666,11 @@ func (x SearchMode) String() string {
 }
 
 func (SearchMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_context_v1_context_proto_enumTypes[6].Descriptor()
+	return file_switchboard_api_context_v1_context_proto_enumTypes[10].Descriptor()
 }
 
 func (SearchMode) Type() protoreflect.EnumType {
-	return &file_switchboard_api_context_v1_context_proto_enumTypes[6]
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[10]
 }
 
 func (x SearchMode) Number() protoreflect.EnumNumber {
@@ -437,7 +679,7 @@ func (x SearchMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SearchMode.Descriptor instead.
 func (SearchMode) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{6}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{10}
 }
 
 // Why a search ranked in another mode than the one asked (FULL_TEXT instead).
@@ -486,11 +728,11 @@ func (x SearchFallbackReason) String() string {
 }
 
 func (SearchFallbackReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_context_v1_context_proto_enumTypes[7].Descriptor()
+	return file_switchboard_api_context_v1_context_proto_enumTypes[11].Descriptor()
 }
 
 func (SearchFallbackReason) Type() protoreflect.EnumType {
-	return &file_switchboard_api_context_v1_context_proto_enumTypes[7]
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[11]
 }
 
 func (x SearchFallbackReason) Number() protoreflect.EnumNumber {
@@ -499,7 +741,7 @@ func (x SearchFallbackReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SearchFallbackReason.Descriptor instead.
 func (SearchFallbackReason) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{11}
 }
 
 // Where a workspace's semantic index stands.
@@ -547,11 +789,11 @@ func (x SemanticIndexState) String() string {
 }
 
 func (SemanticIndexState) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_context_v1_context_proto_enumTypes[8].Descriptor()
+	return file_switchboard_api_context_v1_context_proto_enumTypes[12].Descriptor()
 }
 
 func (SemanticIndexState) Type() protoreflect.EnumType {
-	return &file_switchboard_api_context_v1_context_proto_enumTypes[8]
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[12]
 }
 
 func (x SemanticIndexState) Number() protoreflect.EnumNumber {
@@ -560,7 +802,7 @@ func (x SemanticIndexState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SemanticIndexState.Descriptor instead.
 func (SemanticIndexState) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{12}
 }
 
 // Why a candidate was included in or left out of a context window.
@@ -620,11 +862,11 @@ func (x ContextItemReason) String() string {
 }
 
 func (ContextItemReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_context_v1_context_proto_enumTypes[9].Descriptor()
+	return file_switchboard_api_context_v1_context_proto_enumTypes[13].Descriptor()
 }
 
 func (ContextItemReason) Type() protoreflect.EnumType {
-	return &file_switchboard_api_context_v1_context_proto_enumTypes[9]
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[13]
 }
 
 func (x ContextItemReason) Number() protoreflect.EnumNumber {
@@ -633,7 +875,7 @@ func (x ContextItemReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ContextItemReason.Descriptor instead.
 func (ContextItemReason) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{13}
 }
 
 // A tenant: members, conversations, memory and integrations live inside it.
@@ -654,7 +896,10 @@ type Workspace struct {
 	// Opaque version for optimistic concurrency.
 	Etag string `protobuf:"bytes,7,opt,name=etag,proto3" json:"etag,omitempty"`
 	// The caller's own role in this workspace (output only).
-	CallerRole    WorkspaceRole `protobuf:"varint,8,opt,name=caller_role,json=callerRole,proto3,enum=switchboard.api.context.v1.WorkspaceRole" json:"caller_role,omitempty"`
+	CallerRole WorkspaceRole `protobuf:"varint,8,opt,name=caller_role,json=callerRole,proto3,enum=switchboard.api.context.v1.WorkspaceRole" json:"caller_role,omitempty"`
+	// The memory forming policy of its assistants that set none (off if unset);
+	// set by owners (docs/memory.md).
+	MemoryPolicy  *MemoryPolicy `protobuf:"bytes,9,opt,name=memory_policy,json=memoryPolicy,proto3" json:"memory_policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -743,6 +988,13 @@ func (x *Workspace) GetCallerRole() WorkspaceRole {
 		return x.CallerRole
 	}
 	return WorkspaceRole_WORKSPACE_ROLE_UNSPECIFIED
+}
+
+func (x *Workspace) GetMemoryPolicy() *MemoryPolicy {
+	if x != nil {
+		return x.MemoryPolicy
+	}
+	return nil
 }
 
 // A user's membership in a workspace.
@@ -1824,7 +2076,36 @@ type MemoryItem struct {
 	// Opaque version for optimistic concurrency.
 	Etag string `protobuf:"bytes,11,opt,name=etag,proto3" json:"etag,omitempty"`
 	// When it was last changed (output only).
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// When what it says became true: as stated, else the time of the message it
+	// came from, else its creation. Defaults to `create_time`.
+	ValidTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=valid_time,json=validTime,proto3" json:"valid_time,omitempty"`
+	// When it stopped being true; unset while it is current. Set by an
+	// invalidation (UpdateMemoryItem with `invalid_time`), by a newer item that
+	// supersedes it, by consolidation (a merge, an expiry). Nothing is deleted by
+	// it: a retired item stays in its history until a person forgets it.
+	InvalidTime *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=invalid_time,json=invalidTime,proto3" json:"invalid_time,omitempty"`
+	// The item this one replaced (`{parent}/memories/{memory}`, same parent),
+	// set on create: that item is retired at this one's `valid_time` in the same
+	// transaction. FAILED_PRECONDITION if it is already retired.
+	Supersedes string `protobuf:"bytes,15,opt,name=supersedes,proto3" json:"supersedes,omitempty"`
+	// The item that replaced this one, if one did (output only).
+	SupersededBy string `protobuf:"bytes,16,opt,name=superseded_by,json=supersededBy,proto3" json:"superseded_by,omitempty"`
+	// How sure the model that formed it was, 0 to 1; 0 for items people wrote.
+	Confidence float32 `protobuf:"fixed32,17,opt,name=confidence,proto3" json:"confidence,omitempty"`
+	// How a formed item was formed; unset for items people wrote.
+	Formation *MemoryFormation `protobuf:"bytes,18,opt,name=formation,proto3" json:"formation,omitempty"`
+	// Why it stopped being true, in words ("superseded", "retracted",
+	// "expired", "merged", or what the person wrote); at most 200 characters.
+	InvalidReason string `protobuf:"bytes,19,opt,name=invalid_reason,json=invalidReason,proto3" json:"invalid_reason,omitempty"`
+	// For an item of a user's scope formed in a workspace, that workspace
+	// (`workspaces/{workspace}`): only that workspace's windows and searches use
+	// it, so what was learned in one workspace never reaches another. Empty for
+	// items people wrote (they follow the user everywhere).
+	Workspace string `protobuf:"bytes,20,opt,name=workspace,proto3" json:"workspace,omitempty"`
+	// How many times it has changed, from 1 (output only); GetMemoryItem's
+	// `history` lists each version.
+	Version       int32 `protobuf:"varint,21,opt,name=version,proto3" json:"version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1943,6 +2224,425 @@ func (x *MemoryItem) GetUpdateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *MemoryItem) GetValidTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ValidTime
+	}
+	return nil
+}
+
+func (x *MemoryItem) GetInvalidTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.InvalidTime
+	}
+	return nil
+}
+
+func (x *MemoryItem) GetSupersedes() string {
+	if x != nil {
+		return x.Supersedes
+	}
+	return ""
+}
+
+func (x *MemoryItem) GetSupersededBy() string {
+	if x != nil {
+		return x.SupersededBy
+	}
+	return ""
+}
+
+func (x *MemoryItem) GetConfidence() float32 {
+	if x != nil {
+		return x.Confidence
+	}
+	return 0
+}
+
+func (x *MemoryItem) GetFormation() *MemoryFormation {
+	if x != nil {
+		return x.Formation
+	}
+	return nil
+}
+
+func (x *MemoryItem) GetInvalidReason() string {
+	if x != nil {
+		return x.InvalidReason
+	}
+	return ""
+}
+
+func (x *MemoryItem) GetWorkspace() string {
+	if x != nil {
+		return x.Workspace
+	}
+	return ""
+}
+
+func (x *MemoryItem) GetVersion() int32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+// Who and what formed a memory item from a conversation.
+type MemoryFormation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The assistant whose policy formed it, `workspaces/{w}/assistants/{a}`;
+	// empty when the workspace's default policy did for a run without one.
+	Assistant string `protobuf:"bytes,1,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// The policy that applied: `assistant` or `workspace`.
+	Policy string `protobuf:"bytes,2,opt,name=policy,proto3" json:"policy,omitempty"`
+	// The model that formed it, `{provider}/{model}`.
+	Model string `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
+	// The run whose exchange it was formed from, `runs/{run}`.
+	Run           string `protobuf:"bytes,4,opt,name=run,proto3" json:"run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemoryFormation) Reset() {
+	*x = MemoryFormation{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemoryFormation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemoryFormation) ProtoMessage() {}
+
+func (x *MemoryFormation) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemoryFormation.ProtoReflect.Descriptor instead.
+func (*MemoryFormation) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *MemoryFormation) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *MemoryFormation) GetPolicy() string {
+	if x != nil {
+		return x.Policy
+	}
+	return ""
+}
+
+func (x *MemoryFormation) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *MemoryFormation) GetRun() string {
+	if x != nil {
+		return x.Run
+	}
+	return ""
+}
+
+// One version of a memory item, as GetMemoryItem's `history` lists it.
+type MemoryItemVersion struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The item the version belongs to: the item asked for, or an item it
+	// superseded (directly or through others).
+	MemoryItem string `protobuf:"bytes,1,opt,name=memory_item,json=memoryItem,proto3" json:"memory_item,omitempty"`
+	// The version number, from 1, per item.
+	Version int32 `protobuf:"varint,2,opt,name=version,proto3" json:"version,omitempty"`
+	// What changed.
+	Change MemoryChange `protobuf:"varint,3,opt,name=change,proto3,enum=switchboard.api.context.v1.MemoryChange" json:"change,omitempty"`
+	// The content as of this version.
+	Content string `protobuf:"bytes,4,opt,name=content,proto3" json:"content,omitempty"`
+	// When the version was made.
+	ChangeTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=change_time,json=changeTime,proto3" json:"change_time,omitempty"`
+	// Who made it: `users/{user}`, `handlers/{handler}`, an assistant's name
+	// (formed), or `system` (consolidation).
+	Editor string `protobuf:"bytes,6,opt,name=editor,proto3" json:"editor,omitempty"`
+	// Its `valid_time` as of this version.
+	ValidTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=valid_time,json=validTime,proto3" json:"valid_time,omitempty"`
+	// Its `invalid_time` as of this version; unset while it was current.
+	InvalidTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=invalid_time,json=invalidTime,proto3" json:"invalid_time,omitempty"`
+	// Its `invalid_reason` as of this version.
+	InvalidReason string `protobuf:"bytes,9,opt,name=invalid_reason,json=invalidReason,proto3" json:"invalid_reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemoryItemVersion) Reset() {
+	*x = MemoryItemVersion{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemoryItemVersion) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemoryItemVersion) ProtoMessage() {}
+
+func (x *MemoryItemVersion) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemoryItemVersion.ProtoReflect.Descriptor instead.
+func (*MemoryItemVersion) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *MemoryItemVersion) GetMemoryItem() string {
+	if x != nil {
+		return x.MemoryItem
+	}
+	return ""
+}
+
+func (x *MemoryItemVersion) GetVersion() int32 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *MemoryItemVersion) GetChange() MemoryChange {
+	if x != nil {
+		return x.Change
+	}
+	return MemoryChange_MEMORY_CHANGE_UNSPECIFIED
+}
+
+func (x *MemoryItemVersion) GetContent() string {
+	if x != nil {
+		return x.Content
+	}
+	return ""
+}
+
+func (x *MemoryItemVersion) GetChangeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ChangeTime
+	}
+	return nil
+}
+
+func (x *MemoryItemVersion) GetEditor() string {
+	if x != nil {
+		return x.Editor
+	}
+	return ""
+}
+
+func (x *MemoryItemVersion) GetValidTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ValidTime
+	}
+	return nil
+}
+
+func (x *MemoryItemVersion) GetInvalidTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.InvalidTime
+	}
+	return nil
+}
+
+func (x *MemoryItemVersion) GetInvalidReason() string {
+	if x != nil {
+		return x.InvalidReason
+	}
+	return ""
+}
+
+// When and how an assistant forms memory from its conversations
+// (docs/memory.md).
+type MemoryPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Which scopes it forms memory in; UNSPECIFIED on an assistant takes the
+	// workspace's policy (off on a workspace).
+	Mode MemoryFormingMode `protobuf:"varint,1,opt,name=mode,proto3,enum=switchboard.api.context.v1.MemoryFormingMode" json:"mode,omitempty"`
+	// The model that forms memories: `provider` names a configured provider,
+	// `model` a model at it; the assistant's model if unset.
+	Provider string `protobuf:"bytes,2,opt,name=provider,proto3" json:"provider,omitempty"`
+	// As `provider`; the provider's (or the assistant's) model if empty.
+	Model string `protobuf:"bytes,3,opt,name=model,proto3" json:"model,omitempty"`
+	// After how many idle minutes a conversation's new exchanges are formed
+	// (1 to 1,440); 0 forms after each run.
+	IdleMinutes int32 `protobuf:"varint,4,opt,name=idle_minutes,json=idleMinutes,proto3" json:"idle_minutes,omitempty"`
+	// The categories kept, each with an optional time to live; every category
+	// the mode's scopes allow, kept for ever, if empty (at most 4, each once).
+	Categories []*MemoryCategoryRule `protobuf:"bytes,5,rep,name=categories,proto3" json:"categories,omitempty"`
+	// Most candidate facts taken from one exchange (1 to 20; 5 if 0).
+	MaxCandidates int32 `protobuf:"varint,6,opt,name=max_candidates,json=maxCandidates,proto3" json:"max_candidates,omitempty"`
+	// Most current formed items per scope (1 to the server's limit on items per
+	// scope; 200 if 0): an addition beyond it is recorded as NONE ("scope full").
+	MaxItems      int32 `protobuf:"varint,7,opt,name=max_items,json=maxItems,proto3" json:"max_items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemoryPolicy) Reset() {
+	*x = MemoryPolicy{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemoryPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemoryPolicy) ProtoMessage() {}
+
+func (x *MemoryPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemoryPolicy.ProtoReflect.Descriptor instead.
+func (*MemoryPolicy) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *MemoryPolicy) GetMode() MemoryFormingMode {
+	if x != nil {
+		return x.Mode
+	}
+	return MemoryFormingMode_MEMORY_FORMING_MODE_UNSPECIFIED
+}
+
+func (x *MemoryPolicy) GetProvider() string {
+	if x != nil {
+		return x.Provider
+	}
+	return ""
+}
+
+func (x *MemoryPolicy) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *MemoryPolicy) GetIdleMinutes() int32 {
+	if x != nil {
+		return x.IdleMinutes
+	}
+	return 0
+}
+
+func (x *MemoryPolicy) GetCategories() []*MemoryCategoryRule {
+	if x != nil {
+		return x.Categories
+	}
+	return nil
+}
+
+func (x *MemoryPolicy) GetMaxCandidates() int32 {
+	if x != nil {
+		return x.MaxCandidates
+	}
+	return 0
+}
+
+func (x *MemoryPolicy) GetMaxItems() int32 {
+	if x != nil {
+		return x.MaxItems
+	}
+	return 0
+}
+
+// A category kept, and for how long.
+type MemoryCategoryRule struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The category.
+	Category MemoryCategory `protobuf:"varint,1,opt,name=category,proto3,enum=switchboard.api.context.v1.MemoryCategory" json:"category,omitempty"`
+	// How long an item of it lives (its `expire_time` after its creation); for
+	// ever if unset. At least a minute, at most ten years.
+	Ttl           *durationpb.Duration `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemoryCategoryRule) Reset() {
+	*x = MemoryCategoryRule{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemoryCategoryRule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemoryCategoryRule) ProtoMessage() {}
+
+func (x *MemoryCategoryRule) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemoryCategoryRule.ProtoReflect.Descriptor instead.
+func (*MemoryCategoryRule) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *MemoryCategoryRule) GetCategory() MemoryCategory {
+	if x != nil {
+		return x.Category
+	}
+	return MemoryCategory_MEMORY_CATEGORY_UNSPECIFIED
+}
+
+func (x *MemoryCategoryRule) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
 // Request for CreateWorkspace.
 type CreateWorkspaceRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1964,7 +2664,7 @@ type CreateWorkspaceRequest struct {
 
 func (x *CreateWorkspaceRequest) Reset() {
 	*x = CreateWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[11]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1976,7 +2676,7 @@ func (x *CreateWorkspaceRequest) String() string {
 func (*CreateWorkspaceRequest) ProtoMessage() {}
 
 func (x *CreateWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[11]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1989,7 +2689,7 @@ func (x *CreateWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*CreateWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CreateWorkspaceRequest) GetWorkspace() *Workspace {
@@ -2024,7 +2724,7 @@ type CreateWorkspaceResponse struct {
 
 func (x *CreateWorkspaceResponse) Reset() {
 	*x = CreateWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[12]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2036,7 +2736,7 @@ func (x *CreateWorkspaceResponse) String() string {
 func (*CreateWorkspaceResponse) ProtoMessage() {}
 
 func (x *CreateWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[12]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2049,7 +2749,7 @@ func (x *CreateWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*CreateWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CreateWorkspaceResponse) GetWorkspace() *Workspace {
@@ -2070,7 +2770,7 @@ type GetWorkspaceRequest struct {
 
 func (x *GetWorkspaceRequest) Reset() {
 	*x = GetWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[13]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2082,7 +2782,7 @@ func (x *GetWorkspaceRequest) String() string {
 func (*GetWorkspaceRequest) ProtoMessage() {}
 
 func (x *GetWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[13]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2095,7 +2795,7 @@ func (x *GetWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *GetWorkspaceRequest) GetName() string {
@@ -2116,7 +2816,7 @@ type GetWorkspaceResponse struct {
 
 func (x *GetWorkspaceResponse) Reset() {
 	*x = GetWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[14]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2128,7 +2828,7 @@ func (x *GetWorkspaceResponse) String() string {
 func (*GetWorkspaceResponse) ProtoMessage() {}
 
 func (x *GetWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[14]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2141,7 +2841,7 @@ func (x *GetWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *GetWorkspaceResponse) GetWorkspace() *Workspace {
@@ -2166,7 +2866,7 @@ type ListWorkspacesRequest struct {
 
 func (x *ListWorkspacesRequest) Reset() {
 	*x = ListWorkspacesRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[15]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2178,7 +2878,7 @@ func (x *ListWorkspacesRequest) String() string {
 func (*ListWorkspacesRequest) ProtoMessage() {}
 
 func (x *ListWorkspacesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[15]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2191,7 +2891,7 @@ func (x *ListWorkspacesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspacesRequest.ProtoReflect.Descriptor instead.
 func (*ListWorkspacesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListWorkspacesRequest) GetPageSize() int32 {
@@ -2228,7 +2928,7 @@ type ListWorkspacesResponse struct {
 
 func (x *ListWorkspacesResponse) Reset() {
 	*x = ListWorkspacesResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[16]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2240,7 +2940,7 @@ func (x *ListWorkspacesResponse) String() string {
 func (*ListWorkspacesResponse) ProtoMessage() {}
 
 func (x *ListWorkspacesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[16]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2253,7 +2953,7 @@ func (x *ListWorkspacesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspacesResponse.ProtoReflect.Descriptor instead.
 func (*ListWorkspacesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListWorkspacesResponse) GetWorkspaces() []*Workspace {
@@ -2275,7 +2975,8 @@ type UpdateWorkspaceRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The workspace with `name` set and the new field values.
 	Workspace *Workspace `protobuf:"bytes,1,opt,name=workspace,proto3" json:"workspace,omitempty"`
-	// Fields to change: `display_name`, `description`.
+	// Fields to change: `display_name`, `description`, `memory_policy` (owners
+	// only).
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2283,7 +2984,7 @@ type UpdateWorkspaceRequest struct {
 
 func (x *UpdateWorkspaceRequest) Reset() {
 	*x = UpdateWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[17]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2295,7 +2996,7 @@ func (x *UpdateWorkspaceRequest) String() string {
 func (*UpdateWorkspaceRequest) ProtoMessage() {}
 
 func (x *UpdateWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[17]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2308,7 +3009,7 @@ func (x *UpdateWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *UpdateWorkspaceRequest) GetWorkspace() *Workspace {
@@ -2336,7 +3037,7 @@ type UpdateWorkspaceResponse struct {
 
 func (x *UpdateWorkspaceResponse) Reset() {
 	*x = UpdateWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[18]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2348,7 +3049,7 @@ func (x *UpdateWorkspaceResponse) String() string {
 func (*UpdateWorkspaceResponse) ProtoMessage() {}
 
 func (x *UpdateWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[18]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2361,7 +3062,7 @@ func (x *UpdateWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *UpdateWorkspaceResponse) GetWorkspace() *Workspace {
@@ -2384,7 +3085,7 @@ type DeleteWorkspaceRequest struct {
 
 func (x *DeleteWorkspaceRequest) Reset() {
 	*x = DeleteWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[19]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2396,7 +3097,7 @@ func (x *DeleteWorkspaceRequest) String() string {
 func (*DeleteWorkspaceRequest) ProtoMessage() {}
 
 func (x *DeleteWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[19]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2409,7 +3110,7 @@ func (x *DeleteWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*DeleteWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DeleteWorkspaceRequest) GetName() string {
@@ -2437,7 +3138,7 @@ type DeleteWorkspaceResponse struct {
 
 func (x *DeleteWorkspaceResponse) Reset() {
 	*x = DeleteWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[20]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2449,7 +3150,7 @@ func (x *DeleteWorkspaceResponse) String() string {
 func (*DeleteWorkspaceResponse) ProtoMessage() {}
 
 func (x *DeleteWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[20]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2462,7 +3163,7 @@ func (x *DeleteWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*DeleteWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *DeleteWorkspaceResponse) GetWorkspace() *Workspace {
@@ -2485,7 +3186,7 @@ type UndeleteWorkspaceRequest struct {
 
 func (x *UndeleteWorkspaceRequest) Reset() {
 	*x = UndeleteWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[21]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2497,7 +3198,7 @@ func (x *UndeleteWorkspaceRequest) String() string {
 func (*UndeleteWorkspaceRequest) ProtoMessage() {}
 
 func (x *UndeleteWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[21]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2510,7 +3211,7 @@ func (x *UndeleteWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndeleteWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*UndeleteWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *UndeleteWorkspaceRequest) GetName() string {
@@ -2538,7 +3239,7 @@ type UndeleteWorkspaceResponse struct {
 
 func (x *UndeleteWorkspaceResponse) Reset() {
 	*x = UndeleteWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[22]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2550,7 +3251,7 @@ func (x *UndeleteWorkspaceResponse) String() string {
 func (*UndeleteWorkspaceResponse) ProtoMessage() {}
 
 func (x *UndeleteWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[22]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2563,7 +3264,7 @@ func (x *UndeleteWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndeleteWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*UndeleteWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *UndeleteWorkspaceResponse) GetWorkspace() *Workspace {
@@ -2588,7 +3289,7 @@ type AddWorkspaceMemberRequest struct {
 
 func (x *AddWorkspaceMemberRequest) Reset() {
 	*x = AddWorkspaceMemberRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[23]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2600,7 +3301,7 @@ func (x *AddWorkspaceMemberRequest) String() string {
 func (*AddWorkspaceMemberRequest) ProtoMessage() {}
 
 func (x *AddWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[23]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2613,7 +3314,7 @@ func (x *AddWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddWorkspaceMemberRequest.ProtoReflect.Descriptor instead.
 func (*AddWorkspaceMemberRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *AddWorkspaceMemberRequest) GetParent() string {
@@ -2648,7 +3349,7 @@ type AddWorkspaceMemberResponse struct {
 
 func (x *AddWorkspaceMemberResponse) Reset() {
 	*x = AddWorkspaceMemberResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[24]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2660,7 +3361,7 @@ func (x *AddWorkspaceMemberResponse) String() string {
 func (*AddWorkspaceMemberResponse) ProtoMessage() {}
 
 func (x *AddWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[24]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2673,7 +3374,7 @@ func (x *AddWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddWorkspaceMemberResponse.ProtoReflect.Descriptor instead.
 func (*AddWorkspaceMemberResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *AddWorkspaceMemberResponse) GetMember() *WorkspaceMember {
@@ -2696,7 +3397,7 @@ type UpdateWorkspaceMemberRequest struct {
 
 func (x *UpdateWorkspaceMemberRequest) Reset() {
 	*x = UpdateWorkspaceMemberRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[25]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2708,7 +3409,7 @@ func (x *UpdateWorkspaceMemberRequest) String() string {
 func (*UpdateWorkspaceMemberRequest) ProtoMessage() {}
 
 func (x *UpdateWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[25]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2721,7 +3422,7 @@ func (x *UpdateWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceMemberRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceMemberRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *UpdateWorkspaceMemberRequest) GetMember() *WorkspaceMember {
@@ -2749,7 +3450,7 @@ type UpdateWorkspaceMemberResponse struct {
 
 func (x *UpdateWorkspaceMemberResponse) Reset() {
 	*x = UpdateWorkspaceMemberResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[26]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2761,7 +3462,7 @@ func (x *UpdateWorkspaceMemberResponse) String() string {
 func (*UpdateWorkspaceMemberResponse) ProtoMessage() {}
 
 func (x *UpdateWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[26]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2774,7 +3475,7 @@ func (x *UpdateWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceMemberResponse.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceMemberResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *UpdateWorkspaceMemberResponse) GetMember() *WorkspaceMember {
@@ -2795,7 +3496,7 @@ type RemoveWorkspaceMemberRequest struct {
 
 func (x *RemoveWorkspaceMemberRequest) Reset() {
 	*x = RemoveWorkspaceMemberRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[27]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2807,7 +3508,7 @@ func (x *RemoveWorkspaceMemberRequest) String() string {
 func (*RemoveWorkspaceMemberRequest) ProtoMessage() {}
 
 func (x *RemoveWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[27]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2820,7 +3521,7 @@ func (x *RemoveWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveWorkspaceMemberRequest.ProtoReflect.Descriptor instead.
 func (*RemoveWorkspaceMemberRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RemoveWorkspaceMemberRequest) GetName() string {
@@ -2839,7 +3540,7 @@ type RemoveWorkspaceMemberResponse struct {
 
 func (x *RemoveWorkspaceMemberResponse) Reset() {
 	*x = RemoveWorkspaceMemberResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[28]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2851,7 +3552,7 @@ func (x *RemoveWorkspaceMemberResponse) String() string {
 func (*RemoveWorkspaceMemberResponse) ProtoMessage() {}
 
 func (x *RemoveWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[28]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2864,7 +3565,7 @@ func (x *RemoveWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveWorkspaceMemberResponse.ProtoReflect.Descriptor instead.
 func (*RemoveWorkspaceMemberResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{32}
 }
 
 // Request for ListWorkspaceMembers.
@@ -2882,7 +3583,7 @@ type ListWorkspaceMembersRequest struct {
 
 func (x *ListWorkspaceMembersRequest) Reset() {
 	*x = ListWorkspaceMembersRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[29]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2894,7 +3595,7 @@ func (x *ListWorkspaceMembersRequest) String() string {
 func (*ListWorkspaceMembersRequest) ProtoMessage() {}
 
 func (x *ListWorkspaceMembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[29]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2907,7 +3608,7 @@ func (x *ListWorkspaceMembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspaceMembersRequest.ProtoReflect.Descriptor instead.
 func (*ListWorkspaceMembersRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ListWorkspaceMembersRequest) GetParent() string {
@@ -2944,7 +3645,7 @@ type ListWorkspaceMembersResponse struct {
 
 func (x *ListWorkspaceMembersResponse) Reset() {
 	*x = ListWorkspaceMembersResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[30]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2956,7 +3657,7 @@ func (x *ListWorkspaceMembersResponse) String() string {
 func (*ListWorkspaceMembersResponse) ProtoMessage() {}
 
 func (x *ListWorkspaceMembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[30]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2969,7 +3670,7 @@ func (x *ListWorkspaceMembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspaceMembersResponse.ProtoReflect.Descriptor instead.
 func (*ListWorkspaceMembersResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListWorkspaceMembersResponse) GetMembers() []*WorkspaceMember {
@@ -3005,7 +3706,7 @@ type CreateConversationRequest struct {
 
 func (x *CreateConversationRequest) Reset() {
 	*x = CreateConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[31]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3017,7 +3718,7 @@ func (x *CreateConversationRequest) String() string {
 func (*CreateConversationRequest) ProtoMessage() {}
 
 func (x *CreateConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[31]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3030,7 +3731,7 @@ func (x *CreateConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateConversationRequest.ProtoReflect.Descriptor instead.
 func (*CreateConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CreateConversationRequest) GetParent() string {
@@ -3065,7 +3766,7 @@ type CreateConversationResponse struct {
 
 func (x *CreateConversationResponse) Reset() {
 	*x = CreateConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[32]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3077,7 +3778,7 @@ func (x *CreateConversationResponse) String() string {
 func (*CreateConversationResponse) ProtoMessage() {}
 
 func (x *CreateConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[32]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3090,7 +3791,7 @@ func (x *CreateConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateConversationResponse.ProtoReflect.Descriptor instead.
 func (*CreateConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CreateConversationResponse) GetConversation() *Conversation {
@@ -3111,7 +3812,7 @@ type GetConversationRequest struct {
 
 func (x *GetConversationRequest) Reset() {
 	*x = GetConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[33]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3123,7 +3824,7 @@ func (x *GetConversationRequest) String() string {
 func (*GetConversationRequest) ProtoMessage() {}
 
 func (x *GetConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[33]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3136,7 +3837,7 @@ func (x *GetConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConversationRequest.ProtoReflect.Descriptor instead.
 func (*GetConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *GetConversationRequest) GetName() string {
@@ -3157,7 +3858,7 @@ type GetConversationResponse struct {
 
 func (x *GetConversationResponse) Reset() {
 	*x = GetConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[34]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3169,7 +3870,7 @@ func (x *GetConversationResponse) String() string {
 func (*GetConversationResponse) ProtoMessage() {}
 
 func (x *GetConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[34]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3182,7 +3883,7 @@ func (x *GetConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConversationResponse.ProtoReflect.Descriptor instead.
 func (*GetConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *GetConversationResponse) GetConversation() *Conversation {
@@ -3211,7 +3912,7 @@ type ListConversationsRequest struct {
 
 func (x *ListConversationsRequest) Reset() {
 	*x = ListConversationsRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[35]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3223,7 +3924,7 @@ func (x *ListConversationsRequest) String() string {
 func (*ListConversationsRequest) ProtoMessage() {}
 
 func (x *ListConversationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[35]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3236,7 +3937,7 @@ func (x *ListConversationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConversationsRequest.ProtoReflect.Descriptor instead.
 func (*ListConversationsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ListConversationsRequest) GetParent() string {
@@ -3287,7 +3988,7 @@ type ListConversationsResponse struct {
 
 func (x *ListConversationsResponse) Reset() {
 	*x = ListConversationsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[36]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3299,7 +4000,7 @@ func (x *ListConversationsResponse) String() string {
 func (*ListConversationsResponse) ProtoMessage() {}
 
 func (x *ListConversationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[36]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3312,7 +4013,7 @@ func (x *ListConversationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConversationsResponse.ProtoReflect.Descriptor instead.
 func (*ListConversationsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{36}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ListConversationsResponse) GetConversations() []*Conversation {
@@ -3342,7 +4043,7 @@ type UpdateConversationRequest struct {
 
 func (x *UpdateConversationRequest) Reset() {
 	*x = UpdateConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[37]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3354,7 +4055,7 @@ func (x *UpdateConversationRequest) String() string {
 func (*UpdateConversationRequest) ProtoMessage() {}
 
 func (x *UpdateConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[37]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3367,7 +4068,7 @@ func (x *UpdateConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConversationRequest.ProtoReflect.Descriptor instead.
 func (*UpdateConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{37}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *UpdateConversationRequest) GetConversation() *Conversation {
@@ -3395,7 +4096,7 @@ type UpdateConversationResponse struct {
 
 func (x *UpdateConversationResponse) Reset() {
 	*x = UpdateConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[38]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3407,7 +4108,7 @@ func (x *UpdateConversationResponse) String() string {
 func (*UpdateConversationResponse) ProtoMessage() {}
 
 func (x *UpdateConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[38]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3420,7 +4121,7 @@ func (x *UpdateConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConversationResponse.ProtoReflect.Descriptor instead.
 func (*UpdateConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{38}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *UpdateConversationResponse) GetConversation() *Conversation {
@@ -3443,7 +4144,7 @@ type DeleteConversationRequest struct {
 
 func (x *DeleteConversationRequest) Reset() {
 	*x = DeleteConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[39]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3455,7 +4156,7 @@ func (x *DeleteConversationRequest) String() string {
 func (*DeleteConversationRequest) ProtoMessage() {}
 
 func (x *DeleteConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[39]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3468,7 +4169,7 @@ func (x *DeleteConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteConversationRequest.ProtoReflect.Descriptor instead.
 func (*DeleteConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{39}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DeleteConversationRequest) GetName() string {
@@ -3496,7 +4197,7 @@ type DeleteConversationResponse struct {
 
 func (x *DeleteConversationResponse) Reset() {
 	*x = DeleteConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[40]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3508,7 +4209,7 @@ func (x *DeleteConversationResponse) String() string {
 func (*DeleteConversationResponse) ProtoMessage() {}
 
 func (x *DeleteConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[40]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3521,7 +4222,7 @@ func (x *DeleteConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteConversationResponse.ProtoReflect.Descriptor instead.
 func (*DeleteConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{40}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DeleteConversationResponse) GetConversation() *Conversation {
@@ -3544,7 +4245,7 @@ type UndeleteConversationRequest struct {
 
 func (x *UndeleteConversationRequest) Reset() {
 	*x = UndeleteConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[41]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3556,7 +4257,7 @@ func (x *UndeleteConversationRequest) String() string {
 func (*UndeleteConversationRequest) ProtoMessage() {}
 
 func (x *UndeleteConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[41]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3569,7 +4270,7 @@ func (x *UndeleteConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndeleteConversationRequest.ProtoReflect.Descriptor instead.
 func (*UndeleteConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{41}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *UndeleteConversationRequest) GetName() string {
@@ -3597,7 +4298,7 @@ type UndeleteConversationResponse struct {
 
 func (x *UndeleteConversationResponse) Reset() {
 	*x = UndeleteConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[42]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3609,7 +4310,7 @@ func (x *UndeleteConversationResponse) String() string {
 func (*UndeleteConversationResponse) ProtoMessage() {}
 
 func (x *UndeleteConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[42]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3622,7 +4323,7 @@ func (x *UndeleteConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndeleteConversationResponse.ProtoReflect.Descriptor instead.
 func (*UndeleteConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{42}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *UndeleteConversationResponse) GetConversation() *Conversation {
@@ -3651,7 +4352,7 @@ type AppendMessageRequest struct {
 
 func (x *AppendMessageRequest) Reset() {
 	*x = AppendMessageRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[43]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3663,7 +4364,7 @@ func (x *AppendMessageRequest) String() string {
 func (*AppendMessageRequest) ProtoMessage() {}
 
 func (x *AppendMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[43]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3676,7 +4377,7 @@ func (x *AppendMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendMessageRequest.ProtoReflect.Descriptor instead.
 func (*AppendMessageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{43}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *AppendMessageRequest) GetParent() string {
@@ -3711,7 +4412,7 @@ type AppendMessageResponse struct {
 
 func (x *AppendMessageResponse) Reset() {
 	*x = AppendMessageResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[44]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3723,7 +4424,7 @@ func (x *AppendMessageResponse) String() string {
 func (*AppendMessageResponse) ProtoMessage() {}
 
 func (x *AppendMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[44]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3736,7 +4437,7 @@ func (x *AppendMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendMessageResponse.ProtoReflect.Descriptor instead.
 func (*AppendMessageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{44}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *AppendMessageResponse) GetMessage() *Message {
@@ -3757,7 +4458,7 @@ type GetMessageRequest struct {
 
 func (x *GetMessageRequest) Reset() {
 	*x = GetMessageRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[45]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3769,7 +4470,7 @@ func (x *GetMessageRequest) String() string {
 func (*GetMessageRequest) ProtoMessage() {}
 
 func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[45]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3782,7 +4483,7 @@ func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessageRequest.ProtoReflect.Descriptor instead.
 func (*GetMessageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{45}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *GetMessageRequest) GetName() string {
@@ -3803,7 +4504,7 @@ type GetMessageResponse struct {
 
 func (x *GetMessageResponse) Reset() {
 	*x = GetMessageResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[46]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3815,7 +4516,7 @@ func (x *GetMessageResponse) String() string {
 func (*GetMessageResponse) ProtoMessage() {}
 
 func (x *GetMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[46]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3828,7 +4529,7 @@ func (x *GetMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessageResponse.ProtoReflect.Descriptor instead.
 func (*GetMessageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{46}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *GetMessageResponse) GetMessage() *Message {
@@ -3857,7 +4558,7 @@ type ListMessagesRequest struct {
 
 func (x *ListMessagesRequest) Reset() {
 	*x = ListMessagesRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[47]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3869,7 +4570,7 @@ func (x *ListMessagesRequest) String() string {
 func (*ListMessagesRequest) ProtoMessage() {}
 
 func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[47]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3882,7 +4583,7 @@ func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesRequest.ProtoReflect.Descriptor instead.
 func (*ListMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{47}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListMessagesRequest) GetParent() string {
@@ -3933,7 +4634,7 @@ type ListMessagesResponse struct {
 
 func (x *ListMessagesResponse) Reset() {
 	*x = ListMessagesResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[48]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3945,7 +4646,7 @@ func (x *ListMessagesResponse) String() string {
 func (*ListMessagesResponse) ProtoMessage() {}
 
 func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[48]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3958,7 +4659,7 @@ func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesResponse.ProtoReflect.Descriptor instead.
 func (*ListMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{48}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListMessagesResponse) GetMessages() []*Message {
@@ -3982,14 +4683,19 @@ type CreateMemoryItemRequest struct {
 	// `workspaces/{workspace}/conversations/{conversation}`.
 	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
 	// The memory item; `name` is assigned.
-	MemoryItem    *MemoryItem `protobuf:"bytes,2,opt,name=memory_item,json=memoryItem,proto3" json:"memory_item,omitempty"`
+	MemoryItem *MemoryItem `protobuf:"bytes,2,opt,name=memory_item,json=memoryItem,proto3" json:"memory_item,omitempty"`
+	// Optional client-chosen id, 3 to 32 characters: lowercase letters, digits
+	// and hyphens, starting with a letter (`[a-z][a-z0-9-]{2,31}`); a random id
+	// if empty. A create repeated with the same id is ALREADY_EXISTS, so a
+	// retried create is applied once.
+	MemoryItemId  string `protobuf:"bytes,3,opt,name=memory_item_id,json=memoryItemId,proto3" json:"memory_item_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateMemoryItemRequest) Reset() {
 	*x = CreateMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[49]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4001,7 +4707,7 @@ func (x *CreateMemoryItemRequest) String() string {
 func (*CreateMemoryItemRequest) ProtoMessage() {}
 
 func (x *CreateMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[49]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4014,7 +4720,7 @@ func (x *CreateMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*CreateMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{49}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *CreateMemoryItemRequest) GetParent() string {
@@ -4031,6 +4737,13 @@ func (x *CreateMemoryItemRequest) GetMemoryItem() *MemoryItem {
 	return nil
 }
 
+func (x *CreateMemoryItemRequest) GetMemoryItemId() string {
+	if x != nil {
+		return x.MemoryItemId
+	}
+	return ""
+}
+
 // Response for CreateMemoryItem.
 type CreateMemoryItemResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4042,7 +4755,7 @@ type CreateMemoryItemResponse struct {
 
 func (x *CreateMemoryItemResponse) Reset() {
 	*x = CreateMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[50]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4054,7 +4767,7 @@ func (x *CreateMemoryItemResponse) String() string {
 func (*CreateMemoryItemResponse) ProtoMessage() {}
 
 func (x *CreateMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[50]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4067,7 +4780,7 @@ func (x *CreateMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*CreateMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{50}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *CreateMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -4081,14 +4794,17 @@ func (x *CreateMemoryItemResponse) GetMemoryItem() *MemoryItem {
 type GetMemoryItemRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// `{parent}/memories/{memory}`.
-	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Also return the item's history: its versions and those of the items it
+	// superseded.
+	IncludeHistory bool `protobuf:"varint,2,opt,name=include_history,json=includeHistory,proto3" json:"include_history,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GetMemoryItemRequest) Reset() {
 	*x = GetMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[51]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4100,7 +4816,7 @@ func (x *GetMemoryItemRequest) String() string {
 func (*GetMemoryItemRequest) ProtoMessage() {}
 
 func (x *GetMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[51]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4113,7 +4829,7 @@ func (x *GetMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*GetMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{51}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *GetMemoryItemRequest) GetName() string {
@@ -4123,18 +4839,28 @@ func (x *GetMemoryItemRequest) GetName() string {
 	return ""
 }
 
+func (x *GetMemoryItemRequest) GetIncludeHistory() bool {
+	if x != nil {
+		return x.IncludeHistory
+	}
+	return false
+}
+
 // Response for GetMemoryItem.
 type GetMemoryItemResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The memory item.
-	MemoryItem    *MemoryItem `protobuf:"bytes,1,opt,name=memory_item,json=memoryItem,proto3" json:"memory_item,omitempty"`
+	MemoryItem *MemoryItem `protobuf:"bytes,1,opt,name=memory_item,json=memoryItem,proto3" json:"memory_item,omitempty"`
+	// With `include_history`: every version of the item and of the items it
+	// superseded, oldest first (at most 200, the newest kept).
+	History       []*MemoryItemVersion `protobuf:"bytes,2,rep,name=history,proto3" json:"history,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetMemoryItemResponse) Reset() {
 	*x = GetMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[52]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4146,7 +4872,7 @@ func (x *GetMemoryItemResponse) String() string {
 func (*GetMemoryItemResponse) ProtoMessage() {}
 
 func (x *GetMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[52]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4159,7 +4885,7 @@ func (x *GetMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*GetMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{52}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *GetMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -4169,12 +4895,22 @@ func (x *GetMemoryItemResponse) GetMemoryItem() *MemoryItem {
 	return nil
 }
 
+func (x *GetMemoryItemResponse) GetHistory() []*MemoryItemVersion {
+	if x != nil {
+		return x.History
+	}
+	return nil
+}
+
 // Request for UpdateMemoryItem.
 type UpdateMemoryItemRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The memory item with `name`, optionally `etag`, and the new field values.
 	MemoryItem *MemoryItem `protobuf:"bytes,1,opt,name=memory_item,json=memoryItem,proto3" json:"memory_item,omitempty"`
-	// Fields to change: `content`, `pinned`, `metadata`, `expire_time`.
+	// Fields to change: `content`, `pinned`, `metadata`, `expire_time`,
+	// `valid_time`, `invalid_time` (retires it: now or a past time; clearing it
+	// makes a retired item current again unless another superseded it) and
+	// `invalid_reason`. Each change is a version in its history.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -4182,7 +4918,7 @@ type UpdateMemoryItemRequest struct {
 
 func (x *UpdateMemoryItemRequest) Reset() {
 	*x = UpdateMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[53]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4194,7 +4930,7 @@ func (x *UpdateMemoryItemRequest) String() string {
 func (*UpdateMemoryItemRequest) ProtoMessage() {}
 
 func (x *UpdateMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[53]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4207,7 +4943,7 @@ func (x *UpdateMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*UpdateMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{53}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *UpdateMemoryItemRequest) GetMemoryItem() *MemoryItem {
@@ -4235,7 +4971,7 @@ type UpdateMemoryItemResponse struct {
 
 func (x *UpdateMemoryItemResponse) Reset() {
 	*x = UpdateMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[54]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4247,7 +4983,7 @@ func (x *UpdateMemoryItemResponse) String() string {
 func (*UpdateMemoryItemResponse) ProtoMessage() {}
 
 func (x *UpdateMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[54]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4260,7 +4996,7 @@ func (x *UpdateMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*UpdateMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{54}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *UpdateMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -4282,14 +5018,22 @@ type ListMemoryItemsRequest struct {
 	// Only these kinds; all kinds if empty.
 	Kinds []MemoryKind `protobuf:"varint,4,rep,packed,name=kinds,proto3,enum=switchboard.api.context.v1.MemoryKind" json:"kinds,omitempty"`
 	// Only pinned items.
-	PinnedOnly    bool `protobuf:"varint,5,opt,name=pinned_only,json=pinnedOnly,proto3" json:"pinned_only,omitempty"`
+	PinnedOnly bool `protobuf:"varint,5,opt,name=pinned_only,json=pinnedOnly,proto3" json:"pinned_only,omitempty"`
+	// Which items by whether they are true; CURRENT if unspecified.
+	Validity MemoryValidity `protobuf:"varint,6,opt,name=validity,proto3,enum=switchboard.api.context.v1.MemoryValidity" json:"validity,omitempty"`
+	// Only the items true at this time (`valid_time` at or before it,
+	// `invalid_time` unset or after it); `validity` is then ignored.
+	ValidAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=valid_at,json=validAt,proto3" json:"valid_at,omitempty"`
+	// In a user's scope: only the items formed in this workspace
+	// (`workspaces/{workspace}`) and those written by people.
+	Workspace     string `protobuf:"bytes,8,opt,name=workspace,proto3" json:"workspace,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListMemoryItemsRequest) Reset() {
 	*x = ListMemoryItemsRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4301,7 +5045,7 @@ func (x *ListMemoryItemsRequest) String() string {
 func (*ListMemoryItemsRequest) ProtoMessage() {}
 
 func (x *ListMemoryItemsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4314,7 +5058,7 @@ func (x *ListMemoryItemsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMemoryItemsRequest.ProtoReflect.Descriptor instead.
 func (*ListMemoryItemsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{55}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListMemoryItemsRequest) GetParent() string {
@@ -4352,6 +5096,27 @@ func (x *ListMemoryItemsRequest) GetPinnedOnly() bool {
 	return false
 }
 
+func (x *ListMemoryItemsRequest) GetValidity() MemoryValidity {
+	if x != nil {
+		return x.Validity
+	}
+	return MemoryValidity_MEMORY_VALIDITY_UNSPECIFIED
+}
+
+func (x *ListMemoryItemsRequest) GetValidAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ValidAt
+	}
+	return nil
+}
+
+func (x *ListMemoryItemsRequest) GetWorkspace() string {
+	if x != nil {
+		return x.Workspace
+	}
+	return ""
+}
+
 // Response for ListMemoryItems.
 type ListMemoryItemsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4365,7 +5130,7 @@ type ListMemoryItemsResponse struct {
 
 func (x *ListMemoryItemsResponse) Reset() {
 	*x = ListMemoryItemsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4377,7 +5142,7 @@ func (x *ListMemoryItemsResponse) String() string {
 func (*ListMemoryItemsResponse) ProtoMessage() {}
 
 func (x *ListMemoryItemsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4390,7 +5155,7 @@ func (x *ListMemoryItemsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMemoryItemsResponse.ProtoReflect.Descriptor instead.
 func (*ListMemoryItemsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{56}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *ListMemoryItemsResponse) GetMemoryItems() []*MemoryItem {
@@ -4433,7 +5198,7 @@ type SearchMemoryItemsRequest struct {
 
 func (x *SearchMemoryItemsRequest) Reset() {
 	*x = SearchMemoryItemsRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4445,7 +5210,7 @@ func (x *SearchMemoryItemsRequest) String() string {
 func (*SearchMemoryItemsRequest) ProtoMessage() {}
 
 func (x *SearchMemoryItemsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4458,7 +5223,7 @@ func (x *SearchMemoryItemsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchMemoryItemsRequest.ProtoReflect.Descriptor instead.
 func (*SearchMemoryItemsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{57}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *SearchMemoryItemsRequest) GetParent() string {
@@ -4526,7 +5291,7 @@ type SearchScores struct {
 
 func (x *SearchScores) Reset() {
 	*x = SearchScores{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4538,7 +5303,7 @@ func (x *SearchScores) String() string {
 func (*SearchScores) ProtoMessage() {}
 
 func (x *SearchScores) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4551,7 +5316,7 @@ func (x *SearchScores) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchScores.ProtoReflect.Descriptor instead.
 func (*SearchScores) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{58}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *SearchScores) GetFullTextRank() int32 {
@@ -4590,7 +5355,7 @@ type ScoredMemoryItem struct {
 
 func (x *ScoredMemoryItem) Reset() {
 	*x = ScoredMemoryItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4602,7 +5367,7 @@ func (x *ScoredMemoryItem) String() string {
 func (*ScoredMemoryItem) ProtoMessage() {}
 
 func (x *ScoredMemoryItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4615,7 +5380,7 @@ func (x *ScoredMemoryItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScoredMemoryItem.ProtoReflect.Descriptor instead.
 func (*ScoredMemoryItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{59}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *ScoredMemoryItem) GetMemoryItem() *MemoryItem {
@@ -4668,7 +5433,7 @@ type SearchMemoryItemsResponse struct {
 
 func (x *SearchMemoryItemsResponse) Reset() {
 	*x = SearchMemoryItemsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4680,7 +5445,7 @@ func (x *SearchMemoryItemsResponse) String() string {
 func (*SearchMemoryItemsResponse) ProtoMessage() {}
 
 func (x *SearchMemoryItemsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4693,7 +5458,7 @@ func (x *SearchMemoryItemsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchMemoryItemsResponse.ProtoReflect.Descriptor instead.
 func (*SearchMemoryItemsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{60}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *SearchMemoryItemsResponse) GetResults() []*ScoredMemoryItem {
@@ -4777,7 +5542,7 @@ type SearchContextRequest struct {
 
 func (x *SearchContextRequest) Reset() {
 	*x = SearchContextRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4789,7 +5554,7 @@ func (x *SearchContextRequest) String() string {
 func (*SearchContextRequest) ProtoMessage() {}
 
 func (x *SearchContextRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4802,7 +5567,7 @@ func (x *SearchContextRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchContextRequest.ProtoReflect.Descriptor instead.
 func (*SearchContextRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{61}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *SearchContextRequest) GetParent() string {
@@ -4868,7 +5633,7 @@ type DocumentChunk struct {
 
 func (x *DocumentChunk) Reset() {
 	*x = DocumentChunk{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4880,7 +5645,7 @@ func (x *DocumentChunk) String() string {
 func (*DocumentChunk) ProtoMessage() {}
 
 func (x *DocumentChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4893,7 +5658,7 @@ func (x *DocumentChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DocumentChunk.ProtoReflect.Descriptor instead.
 func (*DocumentChunk) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{62}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *DocumentChunk) GetFile() string {
@@ -4959,7 +5724,7 @@ type SearchResult struct {
 
 func (x *SearchResult) Reset() {
 	*x = SearchResult{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4971,7 +5736,7 @@ func (x *SearchResult) String() string {
 func (*SearchResult) ProtoMessage() {}
 
 func (x *SearchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4984,7 +5749,7 @@ func (x *SearchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchResult.ProtoReflect.Descriptor instead.
 func (*SearchResult) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{63}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *SearchResult) GetSource() isSearchResult_Source {
@@ -5089,7 +5854,7 @@ type SearchContextResponse struct {
 
 func (x *SearchContextResponse) Reset() {
 	*x = SearchContextResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5101,7 +5866,7 @@ func (x *SearchContextResponse) String() string {
 func (*SearchContextResponse) ProtoMessage() {}
 
 func (x *SearchContextResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5114,7 +5879,7 @@ func (x *SearchContextResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchContextResponse.ProtoReflect.Descriptor instead.
 func (*SearchContextResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{64}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *SearchContextResponse) GetResults() []*SearchResult {
@@ -5200,7 +5965,7 @@ type SemanticIndex struct {
 
 func (x *SemanticIndex) Reset() {
 	*x = SemanticIndex{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5212,7 +5977,7 @@ func (x *SemanticIndex) String() string {
 func (*SemanticIndex) ProtoMessage() {}
 
 func (x *SemanticIndex) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5225,7 +5990,7 @@ func (x *SemanticIndex) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SemanticIndex.ProtoReflect.Descriptor instead.
 func (*SemanticIndex) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{65}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *SemanticIndex) GetName() string {
@@ -5316,7 +6081,7 @@ type GetSemanticIndexRequest struct {
 
 func (x *GetSemanticIndexRequest) Reset() {
 	*x = GetSemanticIndexRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5328,7 +6093,7 @@ func (x *GetSemanticIndexRequest) String() string {
 func (*GetSemanticIndexRequest) ProtoMessage() {}
 
 func (x *GetSemanticIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5341,7 +6106,7 @@ func (x *GetSemanticIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSemanticIndexRequest.ProtoReflect.Descriptor instead.
 func (*GetSemanticIndexRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{66}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *GetSemanticIndexRequest) GetName() string {
@@ -5362,7 +6127,7 @@ type GetSemanticIndexResponse struct {
 
 func (x *GetSemanticIndexResponse) Reset() {
 	*x = GetSemanticIndexResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5374,7 +6139,7 @@ func (x *GetSemanticIndexResponse) String() string {
 func (*GetSemanticIndexResponse) ProtoMessage() {}
 
 func (x *GetSemanticIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5387,7 +6152,7 @@ func (x *GetSemanticIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSemanticIndexResponse.ProtoReflect.Descriptor instead.
 func (*GetSemanticIndexResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{67}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *GetSemanticIndexResponse) GetSemanticIndex() *SemanticIndex {
@@ -5410,7 +6175,7 @@ type UpdateSemanticIndexRequest struct {
 
 func (x *UpdateSemanticIndexRequest) Reset() {
 	*x = UpdateSemanticIndexRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5422,7 +6187,7 @@ func (x *UpdateSemanticIndexRequest) String() string {
 func (*UpdateSemanticIndexRequest) ProtoMessage() {}
 
 func (x *UpdateSemanticIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5435,7 +6200,7 @@ func (x *UpdateSemanticIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSemanticIndexRequest.ProtoReflect.Descriptor instead.
 func (*UpdateSemanticIndexRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{68}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *UpdateSemanticIndexRequest) GetSemanticIndex() *SemanticIndex {
@@ -5463,7 +6228,7 @@ type UpdateSemanticIndexResponse struct {
 
 func (x *UpdateSemanticIndexResponse) Reset() {
 	*x = UpdateSemanticIndexResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5475,7 +6240,7 @@ func (x *UpdateSemanticIndexResponse) String() string {
 func (*UpdateSemanticIndexResponse) ProtoMessage() {}
 
 func (x *UpdateSemanticIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5488,7 +6253,7 @@ func (x *UpdateSemanticIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSemanticIndexResponse.ProtoReflect.Descriptor instead.
 func (*UpdateSemanticIndexResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{69}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *UpdateSemanticIndexResponse) GetSemanticIndex() *SemanticIndex {
@@ -5509,7 +6274,7 @@ type DeleteMemoryItemRequest struct {
 
 func (x *DeleteMemoryItemRequest) Reset() {
 	*x = DeleteMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5521,7 +6286,7 @@ func (x *DeleteMemoryItemRequest) String() string {
 func (*DeleteMemoryItemRequest) ProtoMessage() {}
 
 func (x *DeleteMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5534,7 +6299,7 @@ func (x *DeleteMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*DeleteMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{70}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *DeleteMemoryItemRequest) GetName() string {
@@ -5553,7 +6318,7 @@ type DeleteMemoryItemResponse struct {
 
 func (x *DeleteMemoryItemResponse) Reset() {
 	*x = DeleteMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5565,7 +6330,7 @@ func (x *DeleteMemoryItemResponse) String() string {
 func (*DeleteMemoryItemResponse) ProtoMessage() {}
 
 func (x *DeleteMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5578,7 +6343,7 @@ func (x *DeleteMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*DeleteMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{71}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{75}
 }
 
 // Request for GetContextWindow.
@@ -5591,14 +6356,17 @@ type GetContextWindowRequest struct {
 	// Text to rank memories against; defaults to the latest user message.
 	Query string `protobuf:"bytes,3,opt,name=query,proto3" json:"query,omitempty"`
 	// Passages to retrieve into the window; none if unset.
-	Retrieval     *RetrievalOptions `protobuf:"bytes,4,opt,name=retrieval,proto3" json:"retrieval,omitempty"`
+	Retrieval *RetrievalOptions `protobuf:"bytes,4,opt,name=retrieval,proto3" json:"retrieval,omitempty"`
+	// Take the memory true at this time instead of now (a window asked for a
+	// time is never cached).
+	ValidAt       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=valid_at,json=validAt,proto3" json:"valid_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetContextWindowRequest) Reset() {
 	*x = GetContextWindowRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5610,7 +6378,7 @@ func (x *GetContextWindowRequest) String() string {
 func (*GetContextWindowRequest) ProtoMessage() {}
 
 func (x *GetContextWindowRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5623,7 +6391,7 @@ func (x *GetContextWindowRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContextWindowRequest.ProtoReflect.Descriptor instead.
 func (*GetContextWindowRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{72}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *GetContextWindowRequest) GetConversation() string {
@@ -5654,6 +6422,13 @@ func (x *GetContextWindowRequest) GetRetrieval() *RetrievalOptions {
 	return nil
 }
 
+func (x *GetContextWindowRequest) GetValidAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ValidAt
+	}
+	return nil
+}
+
 // What a context window retrieves from search (SearchContext) for its query.
 type RetrievalOptions struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -5672,7 +6447,7 @@ type RetrievalOptions struct {
 
 func (x *RetrievalOptions) Reset() {
 	*x = RetrievalOptions{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5684,7 +6459,7 @@ func (x *RetrievalOptions) String() string {
 func (*RetrievalOptions) ProtoMessage() {}
 
 func (x *RetrievalOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5697,7 +6472,7 @@ func (x *RetrievalOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetrievalOptions.ProtoReflect.Descriptor instead.
 func (*RetrievalOptions) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{73}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *RetrievalOptions) GetTopK() int32 {
@@ -5749,7 +6524,7 @@ type ContextItem struct {
 
 func (x *ContextItem) Reset() {
 	*x = ContextItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5761,7 +6536,7 @@ func (x *ContextItem) String() string {
 func (*ContextItem) ProtoMessage() {}
 
 func (x *ContextItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5774,7 +6549,7 @@ func (x *ContextItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextItem.ProtoReflect.Descriptor instead.
 func (*ContextItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{74}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *ContextItem) GetItem() isContextItem_Item {
@@ -5886,7 +6661,7 @@ type ContextWindow struct {
 
 func (x *ContextWindow) Reset() {
 	*x = ContextWindow{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5898,7 +6673,7 @@ func (x *ContextWindow) String() string {
 func (*ContextWindow) ProtoMessage() {}
 
 func (x *ContextWindow) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5911,7 +6686,7 @@ func (x *ContextWindow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextWindow.ProtoReflect.Descriptor instead.
 func (*ContextWindow) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{75}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *ContextWindow) GetConversation() string {
@@ -6002,7 +6777,7 @@ type GetContextWindowResponse struct {
 
 func (x *GetContextWindowResponse) Reset() {
 	*x = GetContextWindowResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6014,7 +6789,7 @@ func (x *GetContextWindowResponse) String() string {
 func (*GetContextWindowResponse) ProtoMessage() {}
 
 func (x *GetContextWindowResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6027,7 +6802,7 @@ func (x *GetContextWindowResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContextWindowResponse.ProtoReflect.Descriptor instead.
 func (*GetContextWindowResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{76}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *GetContextWindowResponse) GetWindow() *ContextWindow {
@@ -6055,7 +6830,7 @@ type PruneConversationRequest struct {
 
 func (x *PruneConversationRequest) Reset() {
 	*x = PruneConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6067,7 +6842,7 @@ func (x *PruneConversationRequest) String() string {
 func (*PruneConversationRequest) ProtoMessage() {}
 
 func (x *PruneConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6080,7 +6855,7 @@ func (x *PruneConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PruneConversationRequest.ProtoReflect.Descriptor instead.
 func (*PruneConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{77}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *PruneConversationRequest) GetConversation() string {
@@ -6126,7 +6901,7 @@ type PruneConversationResponse struct {
 
 func (x *PruneConversationResponse) Reset() {
 	*x = PruneConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6138,7 +6913,7 @@ func (x *PruneConversationResponse) String() string {
 func (*PruneConversationResponse) ProtoMessage() {}
 
 func (x *PruneConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6151,7 +6926,7 @@ func (x *PruneConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PruneConversationResponse.ProtoReflect.Descriptor instead.
 func (*PruneConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{78}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *PruneConversationResponse) GetSummary() *MemoryItem {
@@ -6195,7 +6970,7 @@ type UploadFileHeader struct {
 
 func (x *UploadFileHeader) Reset() {
 	*x = UploadFileHeader{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6207,7 +6982,7 @@ func (x *UploadFileHeader) String() string {
 func (*UploadFileHeader) ProtoMessage() {}
 
 func (x *UploadFileHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6220,7 +6995,7 @@ func (x *UploadFileHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileHeader.ProtoReflect.Descriptor instead.
 func (*UploadFileHeader) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{79}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *UploadFileHeader) GetParent() string {
@@ -6261,7 +7036,7 @@ type UploadFileRequest struct {
 
 func (x *UploadFileRequest) Reset() {
 	*x = UploadFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6273,7 +7048,7 @@ func (x *UploadFileRequest) String() string {
 func (*UploadFileRequest) ProtoMessage() {}
 
 func (x *UploadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6286,7 +7061,7 @@ func (x *UploadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileRequest.ProtoReflect.Descriptor instead.
 func (*UploadFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{80}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *UploadFileRequest) GetFrame() isUploadFileRequest_Frame {
@@ -6359,7 +7134,7 @@ type UploadFileResponse struct {
 
 func (x *UploadFileResponse) Reset() {
 	*x = UploadFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6371,7 +7146,7 @@ func (x *UploadFileResponse) String() string {
 func (*UploadFileResponse) ProtoMessage() {}
 
 func (x *UploadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6384,7 +7159,7 @@ func (x *UploadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileResponse.ProtoReflect.Descriptor instead.
 func (*UploadFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{81}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *UploadFileResponse) GetFile() *File {
@@ -6414,7 +7189,7 @@ type StartUploadRequest struct {
 
 func (x *StartUploadRequest) Reset() {
 	*x = StartUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6426,7 +7201,7 @@ func (x *StartUploadRequest) String() string {
 func (*StartUploadRequest) ProtoMessage() {}
 
 func (x *StartUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6439,7 +7214,7 @@ func (x *StartUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartUploadRequest.ProtoReflect.Descriptor instead.
 func (*StartUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{82}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *StartUploadRequest) GetParent() string {
@@ -6474,7 +7249,7 @@ type StartUploadResponse struct {
 
 func (x *StartUploadResponse) Reset() {
 	*x = StartUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6486,7 +7261,7 @@ func (x *StartUploadResponse) String() string {
 func (*StartUploadResponse) ProtoMessage() {}
 
 func (x *StartUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6499,7 +7274,7 @@ func (x *StartUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartUploadResponse.ProtoReflect.Descriptor instead.
 func (*StartUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{83}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *StartUploadResponse) GetUpload() *Upload {
@@ -6524,7 +7299,7 @@ type AppendUploadRequest struct {
 
 func (x *AppendUploadRequest) Reset() {
 	*x = AppendUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6536,7 +7311,7 @@ func (x *AppendUploadRequest) String() string {
 func (*AppendUploadRequest) ProtoMessage() {}
 
 func (x *AppendUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6549,7 +7324,7 @@ func (x *AppendUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendUploadRequest.ProtoReflect.Descriptor instead.
 func (*AppendUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{84}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *AppendUploadRequest) GetName() string {
@@ -6584,7 +7359,7 @@ type AppendUploadResponse struct {
 
 func (x *AppendUploadResponse) Reset() {
 	*x = AppendUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6596,7 +7371,7 @@ func (x *AppendUploadResponse) String() string {
 func (*AppendUploadResponse) ProtoMessage() {}
 
 func (x *AppendUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6609,7 +7384,7 @@ func (x *AppendUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendUploadResponse.ProtoReflect.Descriptor instead.
 func (*AppendUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{85}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *AppendUploadResponse) GetUpload() *Upload {
@@ -6630,7 +7405,7 @@ type GetUploadRequest struct {
 
 func (x *GetUploadRequest) Reset() {
 	*x = GetUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6642,7 +7417,7 @@ func (x *GetUploadRequest) String() string {
 func (*GetUploadRequest) ProtoMessage() {}
 
 func (x *GetUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6655,7 +7430,7 @@ func (x *GetUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadRequest.ProtoReflect.Descriptor instead.
 func (*GetUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{86}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *GetUploadRequest) GetName() string {
@@ -6676,7 +7451,7 @@ type GetUploadResponse struct {
 
 func (x *GetUploadResponse) Reset() {
 	*x = GetUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6688,7 +7463,7 @@ func (x *GetUploadResponse) String() string {
 func (*GetUploadResponse) ProtoMessage() {}
 
 func (x *GetUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6701,7 +7476,7 @@ func (x *GetUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadResponse.ProtoReflect.Descriptor instead.
 func (*GetUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{87}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *GetUploadResponse) GetUpload() *Upload {
@@ -6724,7 +7499,7 @@ type FinishUploadRequest struct {
 
 func (x *FinishUploadRequest) Reset() {
 	*x = FinishUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6736,7 +7511,7 @@ func (x *FinishUploadRequest) String() string {
 func (*FinishUploadRequest) ProtoMessage() {}
 
 func (x *FinishUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6749,7 +7524,7 @@ func (x *FinishUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishUploadRequest.ProtoReflect.Descriptor instead.
 func (*FinishUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{88}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *FinishUploadRequest) GetName() string {
@@ -6777,7 +7552,7 @@ type FinishUploadResponse struct {
 
 func (x *FinishUploadResponse) Reset() {
 	*x = FinishUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6789,7 +7564,7 @@ func (x *FinishUploadResponse) String() string {
 func (*FinishUploadResponse) ProtoMessage() {}
 
 func (x *FinishUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6802,7 +7577,7 @@ func (x *FinishUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishUploadResponse.ProtoReflect.Descriptor instead.
 func (*FinishUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{89}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *FinishUploadResponse) GetFile() *File {
@@ -6823,7 +7598,7 @@ type CancelUploadRequest struct {
 
 func (x *CancelUploadRequest) Reset() {
 	*x = CancelUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6835,7 +7610,7 @@ func (x *CancelUploadRequest) String() string {
 func (*CancelUploadRequest) ProtoMessage() {}
 
 func (x *CancelUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6848,7 +7623,7 @@ func (x *CancelUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelUploadRequest.ProtoReflect.Descriptor instead.
 func (*CancelUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{90}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *CancelUploadRequest) GetName() string {
@@ -6867,7 +7642,7 @@ type CancelUploadResponse struct {
 
 func (x *CancelUploadResponse) Reset() {
 	*x = CancelUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6879,7 +7654,7 @@ func (x *CancelUploadResponse) String() string {
 func (*CancelUploadResponse) ProtoMessage() {}
 
 func (x *CancelUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6892,7 +7667,7 @@ func (x *CancelUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelUploadResponse.ProtoReflect.Descriptor instead.
 func (*CancelUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{91}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{95}
 }
 
 // Request for GetFile.
@@ -6908,7 +7683,7 @@ type GetFileRequest struct {
 
 func (x *GetFileRequest) Reset() {
 	*x = GetFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6920,7 +7695,7 @@ func (x *GetFileRequest) String() string {
 func (*GetFileRequest) ProtoMessage() {}
 
 func (x *GetFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6933,7 +7708,7 @@ func (x *GetFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFileRequest.ProtoReflect.Descriptor instead.
 func (*GetFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{92}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *GetFileRequest) GetName() string {
@@ -6961,7 +7736,7 @@ type GetFileResponse struct {
 
 func (x *GetFileResponse) Reset() {
 	*x = GetFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6973,7 +7748,7 @@ func (x *GetFileResponse) String() string {
 func (*GetFileResponse) ProtoMessage() {}
 
 func (x *GetFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6986,7 +7761,7 @@ func (x *GetFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFileResponse.ProtoReflect.Descriptor instead.
 func (*GetFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{93}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *GetFileResponse) GetFile() *File {
@@ -7013,7 +7788,7 @@ type ListFilesRequest struct {
 
 func (x *ListFilesRequest) Reset() {
 	*x = ListFilesRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7025,7 +7800,7 @@ func (x *ListFilesRequest) String() string {
 func (*ListFilesRequest) ProtoMessage() {}
 
 func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7038,7 +7813,7 @@ func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesRequest.ProtoReflect.Descriptor instead.
 func (*ListFilesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{94}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *ListFilesRequest) GetParent() string {
@@ -7084,7 +7859,7 @@ type ListFilesResponse struct {
 
 func (x *ListFilesResponse) Reset() {
 	*x = ListFilesResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7096,7 +7871,7 @@ func (x *ListFilesResponse) String() string {
 func (*ListFilesResponse) ProtoMessage() {}
 
 func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7109,7 +7884,7 @@ func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesResponse.ProtoReflect.Descriptor instead.
 func (*ListFilesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{95}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *ListFilesResponse) GetFiles() []*File {
@@ -7151,7 +7926,7 @@ type DownloadFileRequest struct {
 
 func (x *DownloadFileRequest) Reset() {
 	*x = DownloadFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7163,7 +7938,7 @@ func (x *DownloadFileRequest) String() string {
 func (*DownloadFileRequest) ProtoMessage() {}
 
 func (x *DownloadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7176,7 +7951,7 @@ func (x *DownloadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadFileRequest.ProtoReflect.Descriptor instead.
 func (*DownloadFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{96}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *DownloadFileRequest) GetName() string {
@@ -7215,7 +7990,7 @@ type DownloadFileResponse struct {
 
 func (x *DownloadFileResponse) Reset() {
 	*x = DownloadFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7227,7 +8002,7 @@ func (x *DownloadFileResponse) String() string {
 func (*DownloadFileResponse) ProtoMessage() {}
 
 func (x *DownloadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7240,7 +8015,7 @@ func (x *DownloadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadFileResponse.ProtoReflect.Descriptor instead.
 func (*DownloadFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{97}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *DownloadFileResponse) GetFile() *File {
@@ -7275,7 +8050,7 @@ type DeleteFileRequest struct {
 
 func (x *DeleteFileRequest) Reset() {
 	*x = DeleteFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7287,7 +8062,7 @@ func (x *DeleteFileRequest) String() string {
 func (*DeleteFileRequest) ProtoMessage() {}
 
 func (x *DeleteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7300,7 +8075,7 @@ func (x *DeleteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteFileRequest.ProtoReflect.Descriptor instead.
 func (*DeleteFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{98}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *DeleteFileRequest) GetName() string {
@@ -7319,7 +8094,7 @@ type DeleteFileResponse struct {
 
 func (x *DeleteFileResponse) Reset() {
 	*x = DeleteFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7331,7 +8106,7 @@ func (x *DeleteFileResponse) String() string {
 func (*DeleteFileResponse) ProtoMessage() {}
 
 func (x *DeleteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7344,14 +8119,14 @@ func (x *DeleteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteFileResponse.ProtoReflect.Descriptor instead.
 func (*DeleteFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{99}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{103}
 }
 
 var File_switchboard_api_context_v1_context_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\n" +
-	"(switchboard/api/context/v1/context.proto\x12\x1aswitchboard.api.context.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x02\n" +
+	"(switchboard/api/context/v1/context.proto\x12\x1aswitchboard.api.context.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x03\n" +
 	"\tWorkspace\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12 \n" +
@@ -7364,7 +8139,8 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"deleteTime\x12\x12\n" +
 	"\x04etag\x18\a \x01(\tR\x04etag\x12J\n" +
 	"\vcaller_role\x18\b \x01(\x0e2).switchboard.api.context.v1.WorkspaceRoleR\n" +
-	"callerRole\"\xf2\x01\n" +
+	"callerRole\x12M\n" +
+	"\rmemory_policy\x18\t \x01(\v2(.switchboard.api.context.v1.MemoryPolicyR\fmemoryPolicy\"\xf2\x01\n" +
 	"\x0fWorkspaceMember\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\x12=\n" +
@@ -7469,7 +8245,7 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\vtoken_count\x18\n" +
 	" \x01(\x05R\n" +
 	"tokenCount\x12\x18\n" +
-	"\asummary\x18\v \x01(\tR\asummary\"\xf2\x03\n" +
+	"\asummary\x18\v \x01(\tR\asummary\"\xfb\x06\n" +
 	"\n" +
 	"MemoryItem\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12:\n" +
@@ -7488,7 +8264,52 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"tokenCount\x12\x12\n" +
 	"\x04etag\x18\v \x01(\tR\x04etag\x12;\n" +
 	"\vupdate_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\x9f\x01\n" +
+	"updateTime\x129\n" +
+	"\n" +
+	"valid_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tvalidTime\x12=\n" +
+	"\finvalid_time\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\vinvalidTime\x12\x1e\n" +
+	"\n" +
+	"supersedes\x18\x0f \x01(\tR\n" +
+	"supersedes\x12#\n" +
+	"\rsuperseded_by\x18\x10 \x01(\tR\fsupersededBy\x12\x1e\n" +
+	"\n" +
+	"confidence\x18\x11 \x01(\x02R\n" +
+	"confidence\x12I\n" +
+	"\tformation\x18\x12 \x01(\v2+.switchboard.api.context.v1.MemoryFormationR\tformation\x12%\n" +
+	"\x0einvalid_reason\x18\x13 \x01(\tR\rinvalidReason\x12\x1c\n" +
+	"\tworkspace\x18\x14 \x01(\tR\tworkspace\x12\x18\n" +
+	"\aversion\x18\x15 \x01(\x05R\aversion\"o\n" +
+	"\x0fMemoryFormation\x12\x1c\n" +
+	"\tassistant\x18\x01 \x01(\tR\tassistant\x12\x16\n" +
+	"\x06policy\x18\x02 \x01(\tR\x06policy\x12\x14\n" +
+	"\x05model\x18\x03 \x01(\tR\x05model\x12\x10\n" +
+	"\x03run\x18\x04 \x01(\tR\x03run\"\xa0\x03\n" +
+	"\x11MemoryItemVersion\x12\x1f\n" +
+	"\vmemory_item\x18\x01 \x01(\tR\n" +
+	"memoryItem\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\x05R\aversion\x12@\n" +
+	"\x06change\x18\x03 \x01(\x0e2(.switchboard.api.context.v1.MemoryChangeR\x06change\x12\x18\n" +
+	"\acontent\x18\x04 \x01(\tR\acontent\x12;\n" +
+	"\vchange_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"changeTime\x12\x16\n" +
+	"\x06editor\x18\x06 \x01(\tR\x06editor\x129\n" +
+	"\n" +
+	"valid_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tvalidTime\x12=\n" +
+	"\finvalid_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\vinvalidTime\x12%\n" +
+	"\x0einvalid_reason\x18\t \x01(\tR\rinvalidReason\"\xba\x02\n" +
+	"\fMemoryPolicy\x12A\n" +
+	"\x04mode\x18\x01 \x01(\x0e2-.switchboard.api.context.v1.MemoryFormingModeR\x04mode\x12\x1a\n" +
+	"\bprovider\x18\x02 \x01(\tR\bprovider\x12\x14\n" +
+	"\x05model\x18\x03 \x01(\tR\x05model\x12!\n" +
+	"\fidle_minutes\x18\x04 \x01(\x05R\vidleMinutes\x12N\n" +
+	"\n" +
+	"categories\x18\x05 \x03(\v2..switchboard.api.context.v1.MemoryCategoryRuleR\n" +
+	"categories\x12%\n" +
+	"\x0emax_candidates\x18\x06 \x01(\x05R\rmaxCandidates\x12\x1b\n" +
+	"\tmax_items\x18\a \x01(\x05R\bmaxItems\"\x89\x01\n" +
+	"\x12MemoryCategoryRule\x12F\n" +
+	"\bcategory\x18\x01 \x01(\x0e2*.switchboard.api.context.v1.MemoryCategoryR\bcategory\x12+\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\x9f\x01\n" +
 	"\x16CreateWorkspaceRequest\x12C\n" +
 	"\tworkspace\x18\x01 \x01(\v2%.switchboard.api.context.v1.WorkspaceR\tworkspace\x12!\n" +
 	"\fworkspace_id\x18\x02 \x01(\tR\vworkspaceId\x12\x1d\n" +
@@ -7606,19 +8427,22 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\fnewest_first\x18\x05 \x01(\bR\vnewestFirst\"\x7f\n" +
 	"\x14ListMessagesResponse\x12?\n" +
 	"\bmessages\x18\x01 \x03(\v2#.switchboard.api.context.v1.MessageR\bmessages\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"z\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xa0\x01\n" +
 	"\x17CreateMemoryItemRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12G\n" +
 	"\vmemory_item\x18\x02 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
-	"memoryItem\"c\n" +
+	"memoryItem\x12$\n" +
+	"\x0ememory_item_id\x18\x03 \x01(\tR\fmemoryItemId\"c\n" +
 	"\x18CreateMemoryItemResponse\x12G\n" +
 	"\vmemory_item\x18\x01 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
-	"memoryItem\"*\n" +
+	"memoryItem\"S\n" +
 	"\x14GetMemoryItemRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"`\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12'\n" +
+	"\x0finclude_history\x18\x02 \x01(\bR\x0eincludeHistory\"\xa9\x01\n" +
 	"\x15GetMemoryItemResponse\x12G\n" +
 	"\vmemory_item\x18\x01 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
-	"memoryItem\"\x9f\x01\n" +
+	"memoryItem\x12G\n" +
+	"\ahistory\x18\x02 \x03(\v2-.switchboard.api.context.v1.MemoryItemVersionR\ahistory\"\x9f\x01\n" +
 	"\x17UpdateMemoryItemRequest\x12G\n" +
 	"\vmemory_item\x18\x01 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
 	"memoryItem\x12;\n" +
@@ -7626,7 +8450,7 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"updateMask\"c\n" +
 	"\x18UpdateMemoryItemResponse\x12G\n" +
 	"\vmemory_item\x18\x01 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
-	"memoryItem\"\xcb\x01\n" +
+	"memoryItem\"\xe8\x02\n" +
 	"\x16ListMemoryItemsRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
@@ -7634,7 +8458,10 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\x12<\n" +
 	"\x05kinds\x18\x04 \x03(\x0e2&.switchboard.api.context.v1.MemoryKindR\x05kinds\x12\x1f\n" +
 	"\vpinned_only\x18\x05 \x01(\bR\n" +
-	"pinnedOnly\"\x8c\x01\n" +
+	"pinnedOnly\x12F\n" +
+	"\bvalidity\x18\x06 \x01(\x0e2*.switchboard.api.context.v1.MemoryValidityR\bvalidity\x125\n" +
+	"\bvalid_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\avalidAt\x12\x1c\n" +
+	"\tworkspace\x18\b \x01(\tR\tworkspace\"\x8c\x01\n" +
 	"\x17ListMemoryItemsResponse\x12I\n" +
 	"\fmemory_items\x18\x01 \x03(\v2&.switchboard.api.context.v1.MemoryItemR\vmemoryItems\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x96\x02\n" +
@@ -7731,12 +8558,13 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x0esemantic_index\x18\x01 \x01(\v2).switchboard.api.context.v1.SemanticIndexR\rsemanticIndex\"-\n" +
 	"\x17DeleteMemoryItemRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
-	"\x18DeleteMemoryItemResponse\"\xc2\x01\n" +
+	"\x18DeleteMemoryItemResponse\"\xf9\x01\n" +
 	"\x17GetContextWindowRequest\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12!\n" +
 	"\ftoken_budget\x18\x02 \x01(\x05R\vtokenBudget\x12\x14\n" +
 	"\x05query\x18\x03 \x01(\tR\x05query\x12J\n" +
-	"\tretrieval\x18\x04 \x01(\v2,.switchboard.api.context.v1.RetrievalOptionsR\tretrieval\"\x9e\x01\n" +
+	"\tretrieval\x18\x04 \x01(\v2,.switchboard.api.context.v1.RetrievalOptionsR\tretrieval\x125\n" +
+	"\bvalid_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\avalidAt\"\x9e\x01\n" +
 	"\x10RetrievalOptions\x12\x13\n" +
 	"\x05top_k\x18\x01 \x01(\x05R\x04topK\x12!\n" +
 	"\ftoken_budget\x18\x02 \x01(\x05R\vtokenBudget\x12:\n" +
@@ -7867,7 +8695,7 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\bFileView\x12\x19\n" +
 	"\x15FILE_VIEW_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fFILE_VIEW_BASIC\x10\x01\x12\x12\n" +
-	"\x0eFILE_VIEW_FULL\x10\x02*\xa2\x01\n" +
+	"\x0eFILE_VIEW_FULL\x10\x02*\xb8\x01\n" +
 	"\n" +
 	"MemoryKind\x12\x1b\n" +
 	"\x17MEMORY_KIND_UNSPECIFIED\x10\x00\x12\x14\n" +
@@ -7875,7 +8703,30 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x16MEMORY_KIND_PREFERENCE\x10\x02\x12\x17\n" +
 	"\x13MEMORY_KIND_SUMMARY\x10\x03\x12\x16\n" +
 	"\x12MEMORY_KIND_ENTITY\x10\x04\x12\x14\n" +
-	"\x10MEMORY_KIND_NOTE\x10\x05*v\n" +
+	"\x10MEMORY_KIND_NOTE\x10\x05\x12\x14\n" +
+	"\x10MEMORY_KIND_PLAN\x10\x06*\x84\x01\n" +
+	"\x0eMemoryValidity\x12\x1f\n" +
+	"\x1bMEMORY_VALIDITY_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17MEMORY_VALIDITY_CURRENT\x10\x01\x12\x1b\n" +
+	"\x17MEMORY_VALIDITY_RETIRED\x10\x02\x12\x17\n" +
+	"\x13MEMORY_VALIDITY_ALL\x10\x03*}\n" +
+	"\fMemoryChange\x12\x1d\n" +
+	"\x19MEMORY_CHANGE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15MEMORY_CHANGE_CREATED\x10\x01\x12\x18\n" +
+	"\x14MEMORY_CHANGE_EDITED\x10\x02\x12\x19\n" +
+	"\x15MEMORY_CHANGE_RETIRED\x10\x03*\xc2\x01\n" +
+	"\x11MemoryFormingMode\x12#\n" +
+	"\x1fMEMORY_FORMING_MODE_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17MEMORY_FORMING_MODE_OFF\x10\x01\x12\x1c\n" +
+	"\x18MEMORY_FORMING_MODE_USER\x10\x02\x12!\n" +
+	"\x1dMEMORY_FORMING_MODE_WORKSPACE\x10\x03\x12*\n" +
+	"&MEMORY_FORMING_MODE_USER_AND_WORKSPACE\x10\x04*\xb4\x01\n" +
+	"\x0eMemoryCategory\x12\x1f\n" +
+	"\x1bMEMORY_CATEGORY_UNSPECIFIED\x10\x00\x12\x1f\n" +
+	"\x1bMEMORY_CATEGORY_PREFERENCES\x10\x01\x12 \n" +
+	"\x1cMEMORY_CATEGORY_PERSON_FACTS\x10\x02\x12\x19\n" +
+	"\x15MEMORY_CATEGORY_PLANS\x10\x03\x12#\n" +
+	"\x1fMEMORY_CATEGORY_WORKSPACE_FACTS\x10\x04*v\n" +
 	"\n" +
 	"SearchMode\x12\x1b\n" +
 	"\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x19\n" +
@@ -7961,8 +8812,8 @@ func file_switchboard_api_context_v1_context_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_context_v1_context_proto_rawDescData
 }
 
-var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 10)
-var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 100)
+var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 14)
+var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 104)
 var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(WorkspaceRole)(0),                    // 0: switchboard.api.context.v1.WorkspaceRole
 	(MessageRole)(0),                      // 1: switchboard.api.context.v1.MessageRole
@@ -7970,315 +8821,340 @@ var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(FileTextState)(0),                    // 3: switchboard.api.context.v1.FileTextState
 	(FileView)(0),                         // 4: switchboard.api.context.v1.FileView
 	(MemoryKind)(0),                       // 5: switchboard.api.context.v1.MemoryKind
-	(SearchMode)(0),                       // 6: switchboard.api.context.v1.SearchMode
-	(SearchFallbackReason)(0),             // 7: switchboard.api.context.v1.SearchFallbackReason
-	(SemanticIndexState)(0),               // 8: switchboard.api.context.v1.SemanticIndexState
-	(ContextItemReason)(0),                // 9: switchboard.api.context.v1.ContextItemReason
-	(*Workspace)(nil),                     // 10: switchboard.api.context.v1.Workspace
-	(*WorkspaceMember)(nil),               // 11: switchboard.api.context.v1.WorkspaceMember
-	(*Conversation)(nil),                  // 12: switchboard.api.context.v1.Conversation
-	(*ContentPart)(nil),                   // 13: switchboard.api.context.v1.ContentPart
-	(*ToolCallContent)(nil),               // 14: switchboard.api.context.v1.ToolCallContent
-	(*ToolResultContent)(nil),             // 15: switchboard.api.context.v1.ToolResultContent
-	(*FileReference)(nil),                 // 16: switchboard.api.context.v1.FileReference
-	(*File)(nil),                          // 17: switchboard.api.context.v1.File
-	(*Upload)(nil),                        // 18: switchboard.api.context.v1.Upload
-	(*Message)(nil),                       // 19: switchboard.api.context.v1.Message
-	(*MemoryItem)(nil),                    // 20: switchboard.api.context.v1.MemoryItem
-	(*CreateWorkspaceRequest)(nil),        // 21: switchboard.api.context.v1.CreateWorkspaceRequest
-	(*CreateWorkspaceResponse)(nil),       // 22: switchboard.api.context.v1.CreateWorkspaceResponse
-	(*GetWorkspaceRequest)(nil),           // 23: switchboard.api.context.v1.GetWorkspaceRequest
-	(*GetWorkspaceResponse)(nil),          // 24: switchboard.api.context.v1.GetWorkspaceResponse
-	(*ListWorkspacesRequest)(nil),         // 25: switchboard.api.context.v1.ListWorkspacesRequest
-	(*ListWorkspacesResponse)(nil),        // 26: switchboard.api.context.v1.ListWorkspacesResponse
-	(*UpdateWorkspaceRequest)(nil),        // 27: switchboard.api.context.v1.UpdateWorkspaceRequest
-	(*UpdateWorkspaceResponse)(nil),       // 28: switchboard.api.context.v1.UpdateWorkspaceResponse
-	(*DeleteWorkspaceRequest)(nil),        // 29: switchboard.api.context.v1.DeleteWorkspaceRequest
-	(*DeleteWorkspaceResponse)(nil),       // 30: switchboard.api.context.v1.DeleteWorkspaceResponse
-	(*UndeleteWorkspaceRequest)(nil),      // 31: switchboard.api.context.v1.UndeleteWorkspaceRequest
-	(*UndeleteWorkspaceResponse)(nil),     // 32: switchboard.api.context.v1.UndeleteWorkspaceResponse
-	(*AddWorkspaceMemberRequest)(nil),     // 33: switchboard.api.context.v1.AddWorkspaceMemberRequest
-	(*AddWorkspaceMemberResponse)(nil),    // 34: switchboard.api.context.v1.AddWorkspaceMemberResponse
-	(*UpdateWorkspaceMemberRequest)(nil),  // 35: switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	(*UpdateWorkspaceMemberResponse)(nil), // 36: switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	(*RemoveWorkspaceMemberRequest)(nil),  // 37: switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	(*RemoveWorkspaceMemberResponse)(nil), // 38: switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	(*ListWorkspaceMembersRequest)(nil),   // 39: switchboard.api.context.v1.ListWorkspaceMembersRequest
-	(*ListWorkspaceMembersResponse)(nil),  // 40: switchboard.api.context.v1.ListWorkspaceMembersResponse
-	(*CreateConversationRequest)(nil),     // 41: switchboard.api.context.v1.CreateConversationRequest
-	(*CreateConversationResponse)(nil),    // 42: switchboard.api.context.v1.CreateConversationResponse
-	(*GetConversationRequest)(nil),        // 43: switchboard.api.context.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),       // 44: switchboard.api.context.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),      // 45: switchboard.api.context.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil),     // 46: switchboard.api.context.v1.ListConversationsResponse
-	(*UpdateConversationRequest)(nil),     // 47: switchboard.api.context.v1.UpdateConversationRequest
-	(*UpdateConversationResponse)(nil),    // 48: switchboard.api.context.v1.UpdateConversationResponse
-	(*DeleteConversationRequest)(nil),     // 49: switchboard.api.context.v1.DeleteConversationRequest
-	(*DeleteConversationResponse)(nil),    // 50: switchboard.api.context.v1.DeleteConversationResponse
-	(*UndeleteConversationRequest)(nil),   // 51: switchboard.api.context.v1.UndeleteConversationRequest
-	(*UndeleteConversationResponse)(nil),  // 52: switchboard.api.context.v1.UndeleteConversationResponse
-	(*AppendMessageRequest)(nil),          // 53: switchboard.api.context.v1.AppendMessageRequest
-	(*AppendMessageResponse)(nil),         // 54: switchboard.api.context.v1.AppendMessageResponse
-	(*GetMessageRequest)(nil),             // 55: switchboard.api.context.v1.GetMessageRequest
-	(*GetMessageResponse)(nil),            // 56: switchboard.api.context.v1.GetMessageResponse
-	(*ListMessagesRequest)(nil),           // 57: switchboard.api.context.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),          // 58: switchboard.api.context.v1.ListMessagesResponse
-	(*CreateMemoryItemRequest)(nil),       // 59: switchboard.api.context.v1.CreateMemoryItemRequest
-	(*CreateMemoryItemResponse)(nil),      // 60: switchboard.api.context.v1.CreateMemoryItemResponse
-	(*GetMemoryItemRequest)(nil),          // 61: switchboard.api.context.v1.GetMemoryItemRequest
-	(*GetMemoryItemResponse)(nil),         // 62: switchboard.api.context.v1.GetMemoryItemResponse
-	(*UpdateMemoryItemRequest)(nil),       // 63: switchboard.api.context.v1.UpdateMemoryItemRequest
-	(*UpdateMemoryItemResponse)(nil),      // 64: switchboard.api.context.v1.UpdateMemoryItemResponse
-	(*ListMemoryItemsRequest)(nil),        // 65: switchboard.api.context.v1.ListMemoryItemsRequest
-	(*ListMemoryItemsResponse)(nil),       // 66: switchboard.api.context.v1.ListMemoryItemsResponse
-	(*SearchMemoryItemsRequest)(nil),      // 67: switchboard.api.context.v1.SearchMemoryItemsRequest
-	(*SearchScores)(nil),                  // 68: switchboard.api.context.v1.SearchScores
-	(*ScoredMemoryItem)(nil),              // 69: switchboard.api.context.v1.ScoredMemoryItem
-	(*SearchMemoryItemsResponse)(nil),     // 70: switchboard.api.context.v1.SearchMemoryItemsResponse
-	(*SearchContextRequest)(nil),          // 71: switchboard.api.context.v1.SearchContextRequest
-	(*DocumentChunk)(nil),                 // 72: switchboard.api.context.v1.DocumentChunk
-	(*SearchResult)(nil),                  // 73: switchboard.api.context.v1.SearchResult
-	(*SearchContextResponse)(nil),         // 74: switchboard.api.context.v1.SearchContextResponse
-	(*SemanticIndex)(nil),                 // 75: switchboard.api.context.v1.SemanticIndex
-	(*GetSemanticIndexRequest)(nil),       // 76: switchboard.api.context.v1.GetSemanticIndexRequest
-	(*GetSemanticIndexResponse)(nil),      // 77: switchboard.api.context.v1.GetSemanticIndexResponse
-	(*UpdateSemanticIndexRequest)(nil),    // 78: switchboard.api.context.v1.UpdateSemanticIndexRequest
-	(*UpdateSemanticIndexResponse)(nil),   // 79: switchboard.api.context.v1.UpdateSemanticIndexResponse
-	(*DeleteMemoryItemRequest)(nil),       // 80: switchboard.api.context.v1.DeleteMemoryItemRequest
-	(*DeleteMemoryItemResponse)(nil),      // 81: switchboard.api.context.v1.DeleteMemoryItemResponse
-	(*GetContextWindowRequest)(nil),       // 82: switchboard.api.context.v1.GetContextWindowRequest
-	(*RetrievalOptions)(nil),              // 83: switchboard.api.context.v1.RetrievalOptions
-	(*ContextItem)(nil),                   // 84: switchboard.api.context.v1.ContextItem
-	(*ContextWindow)(nil),                 // 85: switchboard.api.context.v1.ContextWindow
-	(*GetContextWindowResponse)(nil),      // 86: switchboard.api.context.v1.GetContextWindowResponse
-	(*PruneConversationRequest)(nil),      // 87: switchboard.api.context.v1.PruneConversationRequest
-	(*PruneConversationResponse)(nil),     // 88: switchboard.api.context.v1.PruneConversationResponse
-	(*UploadFileHeader)(nil),              // 89: switchboard.api.context.v1.UploadFileHeader
-	(*UploadFileRequest)(nil),             // 90: switchboard.api.context.v1.UploadFileRequest
-	(*UploadFileResponse)(nil),            // 91: switchboard.api.context.v1.UploadFileResponse
-	(*StartUploadRequest)(nil),            // 92: switchboard.api.context.v1.StartUploadRequest
-	(*StartUploadResponse)(nil),           // 93: switchboard.api.context.v1.StartUploadResponse
-	(*AppendUploadRequest)(nil),           // 94: switchboard.api.context.v1.AppendUploadRequest
-	(*AppendUploadResponse)(nil),          // 95: switchboard.api.context.v1.AppendUploadResponse
-	(*GetUploadRequest)(nil),              // 96: switchboard.api.context.v1.GetUploadRequest
-	(*GetUploadResponse)(nil),             // 97: switchboard.api.context.v1.GetUploadResponse
-	(*FinishUploadRequest)(nil),           // 98: switchboard.api.context.v1.FinishUploadRequest
-	(*FinishUploadResponse)(nil),          // 99: switchboard.api.context.v1.FinishUploadResponse
-	(*CancelUploadRequest)(nil),           // 100: switchboard.api.context.v1.CancelUploadRequest
-	(*CancelUploadResponse)(nil),          // 101: switchboard.api.context.v1.CancelUploadResponse
-	(*GetFileRequest)(nil),                // 102: switchboard.api.context.v1.GetFileRequest
-	(*GetFileResponse)(nil),               // 103: switchboard.api.context.v1.GetFileResponse
-	(*ListFilesRequest)(nil),              // 104: switchboard.api.context.v1.ListFilesRequest
-	(*ListFilesResponse)(nil),             // 105: switchboard.api.context.v1.ListFilesResponse
-	(*DownloadFileRequest)(nil),           // 106: switchboard.api.context.v1.DownloadFileRequest
-	(*DownloadFileResponse)(nil),          // 107: switchboard.api.context.v1.DownloadFileResponse
-	(*DeleteFileRequest)(nil),             // 108: switchboard.api.context.v1.DeleteFileRequest
-	(*DeleteFileResponse)(nil),            // 109: switchboard.api.context.v1.DeleteFileResponse
-	(*timestamppb.Timestamp)(nil),         // 110: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),               // 111: google.protobuf.Struct
-	(*fieldmaskpb.FieldMask)(nil),         // 112: google.protobuf.FieldMask
+	(MemoryValidity)(0),                   // 6: switchboard.api.context.v1.MemoryValidity
+	(MemoryChange)(0),                     // 7: switchboard.api.context.v1.MemoryChange
+	(MemoryFormingMode)(0),                // 8: switchboard.api.context.v1.MemoryFormingMode
+	(MemoryCategory)(0),                   // 9: switchboard.api.context.v1.MemoryCategory
+	(SearchMode)(0),                       // 10: switchboard.api.context.v1.SearchMode
+	(SearchFallbackReason)(0),             // 11: switchboard.api.context.v1.SearchFallbackReason
+	(SemanticIndexState)(0),               // 12: switchboard.api.context.v1.SemanticIndexState
+	(ContextItemReason)(0),                // 13: switchboard.api.context.v1.ContextItemReason
+	(*Workspace)(nil),                     // 14: switchboard.api.context.v1.Workspace
+	(*WorkspaceMember)(nil),               // 15: switchboard.api.context.v1.WorkspaceMember
+	(*Conversation)(nil),                  // 16: switchboard.api.context.v1.Conversation
+	(*ContentPart)(nil),                   // 17: switchboard.api.context.v1.ContentPart
+	(*ToolCallContent)(nil),               // 18: switchboard.api.context.v1.ToolCallContent
+	(*ToolResultContent)(nil),             // 19: switchboard.api.context.v1.ToolResultContent
+	(*FileReference)(nil),                 // 20: switchboard.api.context.v1.FileReference
+	(*File)(nil),                          // 21: switchboard.api.context.v1.File
+	(*Upload)(nil),                        // 22: switchboard.api.context.v1.Upload
+	(*Message)(nil),                       // 23: switchboard.api.context.v1.Message
+	(*MemoryItem)(nil),                    // 24: switchboard.api.context.v1.MemoryItem
+	(*MemoryFormation)(nil),               // 25: switchboard.api.context.v1.MemoryFormation
+	(*MemoryItemVersion)(nil),             // 26: switchboard.api.context.v1.MemoryItemVersion
+	(*MemoryPolicy)(nil),                  // 27: switchboard.api.context.v1.MemoryPolicy
+	(*MemoryCategoryRule)(nil),            // 28: switchboard.api.context.v1.MemoryCategoryRule
+	(*CreateWorkspaceRequest)(nil),        // 29: switchboard.api.context.v1.CreateWorkspaceRequest
+	(*CreateWorkspaceResponse)(nil),       // 30: switchboard.api.context.v1.CreateWorkspaceResponse
+	(*GetWorkspaceRequest)(nil),           // 31: switchboard.api.context.v1.GetWorkspaceRequest
+	(*GetWorkspaceResponse)(nil),          // 32: switchboard.api.context.v1.GetWorkspaceResponse
+	(*ListWorkspacesRequest)(nil),         // 33: switchboard.api.context.v1.ListWorkspacesRequest
+	(*ListWorkspacesResponse)(nil),        // 34: switchboard.api.context.v1.ListWorkspacesResponse
+	(*UpdateWorkspaceRequest)(nil),        // 35: switchboard.api.context.v1.UpdateWorkspaceRequest
+	(*UpdateWorkspaceResponse)(nil),       // 36: switchboard.api.context.v1.UpdateWorkspaceResponse
+	(*DeleteWorkspaceRequest)(nil),        // 37: switchboard.api.context.v1.DeleteWorkspaceRequest
+	(*DeleteWorkspaceResponse)(nil),       // 38: switchboard.api.context.v1.DeleteWorkspaceResponse
+	(*UndeleteWorkspaceRequest)(nil),      // 39: switchboard.api.context.v1.UndeleteWorkspaceRequest
+	(*UndeleteWorkspaceResponse)(nil),     // 40: switchboard.api.context.v1.UndeleteWorkspaceResponse
+	(*AddWorkspaceMemberRequest)(nil),     // 41: switchboard.api.context.v1.AddWorkspaceMemberRequest
+	(*AddWorkspaceMemberResponse)(nil),    // 42: switchboard.api.context.v1.AddWorkspaceMemberResponse
+	(*UpdateWorkspaceMemberRequest)(nil),  // 43: switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	(*UpdateWorkspaceMemberResponse)(nil), // 44: switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	(*RemoveWorkspaceMemberRequest)(nil),  // 45: switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	(*RemoveWorkspaceMemberResponse)(nil), // 46: switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	(*ListWorkspaceMembersRequest)(nil),   // 47: switchboard.api.context.v1.ListWorkspaceMembersRequest
+	(*ListWorkspaceMembersResponse)(nil),  // 48: switchboard.api.context.v1.ListWorkspaceMembersResponse
+	(*CreateConversationRequest)(nil),     // 49: switchboard.api.context.v1.CreateConversationRequest
+	(*CreateConversationResponse)(nil),    // 50: switchboard.api.context.v1.CreateConversationResponse
+	(*GetConversationRequest)(nil),        // 51: switchboard.api.context.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),       // 52: switchboard.api.context.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),      // 53: switchboard.api.context.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil),     // 54: switchboard.api.context.v1.ListConversationsResponse
+	(*UpdateConversationRequest)(nil),     // 55: switchboard.api.context.v1.UpdateConversationRequest
+	(*UpdateConversationResponse)(nil),    // 56: switchboard.api.context.v1.UpdateConversationResponse
+	(*DeleteConversationRequest)(nil),     // 57: switchboard.api.context.v1.DeleteConversationRequest
+	(*DeleteConversationResponse)(nil),    // 58: switchboard.api.context.v1.DeleteConversationResponse
+	(*UndeleteConversationRequest)(nil),   // 59: switchboard.api.context.v1.UndeleteConversationRequest
+	(*UndeleteConversationResponse)(nil),  // 60: switchboard.api.context.v1.UndeleteConversationResponse
+	(*AppendMessageRequest)(nil),          // 61: switchboard.api.context.v1.AppendMessageRequest
+	(*AppendMessageResponse)(nil),         // 62: switchboard.api.context.v1.AppendMessageResponse
+	(*GetMessageRequest)(nil),             // 63: switchboard.api.context.v1.GetMessageRequest
+	(*GetMessageResponse)(nil),            // 64: switchboard.api.context.v1.GetMessageResponse
+	(*ListMessagesRequest)(nil),           // 65: switchboard.api.context.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),          // 66: switchboard.api.context.v1.ListMessagesResponse
+	(*CreateMemoryItemRequest)(nil),       // 67: switchboard.api.context.v1.CreateMemoryItemRequest
+	(*CreateMemoryItemResponse)(nil),      // 68: switchboard.api.context.v1.CreateMemoryItemResponse
+	(*GetMemoryItemRequest)(nil),          // 69: switchboard.api.context.v1.GetMemoryItemRequest
+	(*GetMemoryItemResponse)(nil),         // 70: switchboard.api.context.v1.GetMemoryItemResponse
+	(*UpdateMemoryItemRequest)(nil),       // 71: switchboard.api.context.v1.UpdateMemoryItemRequest
+	(*UpdateMemoryItemResponse)(nil),      // 72: switchboard.api.context.v1.UpdateMemoryItemResponse
+	(*ListMemoryItemsRequest)(nil),        // 73: switchboard.api.context.v1.ListMemoryItemsRequest
+	(*ListMemoryItemsResponse)(nil),       // 74: switchboard.api.context.v1.ListMemoryItemsResponse
+	(*SearchMemoryItemsRequest)(nil),      // 75: switchboard.api.context.v1.SearchMemoryItemsRequest
+	(*SearchScores)(nil),                  // 76: switchboard.api.context.v1.SearchScores
+	(*ScoredMemoryItem)(nil),              // 77: switchboard.api.context.v1.ScoredMemoryItem
+	(*SearchMemoryItemsResponse)(nil),     // 78: switchboard.api.context.v1.SearchMemoryItemsResponse
+	(*SearchContextRequest)(nil),          // 79: switchboard.api.context.v1.SearchContextRequest
+	(*DocumentChunk)(nil),                 // 80: switchboard.api.context.v1.DocumentChunk
+	(*SearchResult)(nil),                  // 81: switchboard.api.context.v1.SearchResult
+	(*SearchContextResponse)(nil),         // 82: switchboard.api.context.v1.SearchContextResponse
+	(*SemanticIndex)(nil),                 // 83: switchboard.api.context.v1.SemanticIndex
+	(*GetSemanticIndexRequest)(nil),       // 84: switchboard.api.context.v1.GetSemanticIndexRequest
+	(*GetSemanticIndexResponse)(nil),      // 85: switchboard.api.context.v1.GetSemanticIndexResponse
+	(*UpdateSemanticIndexRequest)(nil),    // 86: switchboard.api.context.v1.UpdateSemanticIndexRequest
+	(*UpdateSemanticIndexResponse)(nil),   // 87: switchboard.api.context.v1.UpdateSemanticIndexResponse
+	(*DeleteMemoryItemRequest)(nil),       // 88: switchboard.api.context.v1.DeleteMemoryItemRequest
+	(*DeleteMemoryItemResponse)(nil),      // 89: switchboard.api.context.v1.DeleteMemoryItemResponse
+	(*GetContextWindowRequest)(nil),       // 90: switchboard.api.context.v1.GetContextWindowRequest
+	(*RetrievalOptions)(nil),              // 91: switchboard.api.context.v1.RetrievalOptions
+	(*ContextItem)(nil),                   // 92: switchboard.api.context.v1.ContextItem
+	(*ContextWindow)(nil),                 // 93: switchboard.api.context.v1.ContextWindow
+	(*GetContextWindowResponse)(nil),      // 94: switchboard.api.context.v1.GetContextWindowResponse
+	(*PruneConversationRequest)(nil),      // 95: switchboard.api.context.v1.PruneConversationRequest
+	(*PruneConversationResponse)(nil),     // 96: switchboard.api.context.v1.PruneConversationResponse
+	(*UploadFileHeader)(nil),              // 97: switchboard.api.context.v1.UploadFileHeader
+	(*UploadFileRequest)(nil),             // 98: switchboard.api.context.v1.UploadFileRequest
+	(*UploadFileResponse)(nil),            // 99: switchboard.api.context.v1.UploadFileResponse
+	(*StartUploadRequest)(nil),            // 100: switchboard.api.context.v1.StartUploadRequest
+	(*StartUploadResponse)(nil),           // 101: switchboard.api.context.v1.StartUploadResponse
+	(*AppendUploadRequest)(nil),           // 102: switchboard.api.context.v1.AppendUploadRequest
+	(*AppendUploadResponse)(nil),          // 103: switchboard.api.context.v1.AppendUploadResponse
+	(*GetUploadRequest)(nil),              // 104: switchboard.api.context.v1.GetUploadRequest
+	(*GetUploadResponse)(nil),             // 105: switchboard.api.context.v1.GetUploadResponse
+	(*FinishUploadRequest)(nil),           // 106: switchboard.api.context.v1.FinishUploadRequest
+	(*FinishUploadResponse)(nil),          // 107: switchboard.api.context.v1.FinishUploadResponse
+	(*CancelUploadRequest)(nil),           // 108: switchboard.api.context.v1.CancelUploadRequest
+	(*CancelUploadResponse)(nil),          // 109: switchboard.api.context.v1.CancelUploadResponse
+	(*GetFileRequest)(nil),                // 110: switchboard.api.context.v1.GetFileRequest
+	(*GetFileResponse)(nil),               // 111: switchboard.api.context.v1.GetFileResponse
+	(*ListFilesRequest)(nil),              // 112: switchboard.api.context.v1.ListFilesRequest
+	(*ListFilesResponse)(nil),             // 113: switchboard.api.context.v1.ListFilesResponse
+	(*DownloadFileRequest)(nil),           // 114: switchboard.api.context.v1.DownloadFileRequest
+	(*DownloadFileResponse)(nil),          // 115: switchboard.api.context.v1.DownloadFileResponse
+	(*DeleteFileRequest)(nil),             // 116: switchboard.api.context.v1.DeleteFileRequest
+	(*DeleteFileResponse)(nil),            // 117: switchboard.api.context.v1.DeleteFileResponse
+	(*timestamppb.Timestamp)(nil),         // 118: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),               // 119: google.protobuf.Struct
+	(*durationpb.Duration)(nil),           // 120: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 121: google.protobuf.FieldMask
 }
 var file_switchboard_api_context_v1_context_proto_depIdxs = []int32{
-	110, // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
-	110, // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
-	110, // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
+	118, // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
+	118, // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
+	118, // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
 	0,   // 3: switchboard.api.context.v1.Workspace.caller_role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	0,   // 4: switchboard.api.context.v1.WorkspaceMember.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	110, // 5: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
-	110, // 6: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
-	111, // 7: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
-	110, // 8: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
-	110, // 9: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
-	110, // 10: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
-	111, // 11: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
-	16,  // 12: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
-	14,  // 13: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
-	15,  // 14: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
-	111, // 15: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
-	16,  // 16: switchboard.api.context.v1.ToolResultContent.files:type_name -> switchboard.api.context.v1.FileReference
-	2,   // 17: switchboard.api.context.v1.File.kind:type_name -> switchboard.api.context.v1.FileKind
-	3,   // 18: switchboard.api.context.v1.File.text_state:type_name -> switchboard.api.context.v1.FileTextState
-	111, // 19: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
-	110, // 20: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
-	110, // 21: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
-	110, // 22: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
-	111, // 23: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
-	1,   // 24: switchboard.api.context.v1.Message.role:type_name -> switchboard.api.context.v1.MessageRole
-	13,  // 25: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
-	111, // 26: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
-	110, // 27: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
-	5,   // 28: switchboard.api.context.v1.MemoryItem.kind:type_name -> switchboard.api.context.v1.MemoryKind
-	111, // 29: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
-	110, // 30: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
-	110, // 31: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
-	110, // 32: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
-	10,  // 33: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	10,  // 34: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	10,  // 35: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	10,  // 36: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
-	10,  // 37: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	112, // 38: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
-	10,  // 39: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	10,  // 40: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	10,  // 41: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	0,   // 42: switchboard.api.context.v1.AddWorkspaceMemberRequest.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	11,  // 43: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	11,  // 44: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	112, // 45: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
-	11,  // 46: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	11,  // 47: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
-	12,  // 48: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	12,  // 49: switchboard.api.context.v1.CreateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	12,  // 50: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	12,  // 51: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
-	12,  // 52: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	112, // 53: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
-	12,  // 54: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	12,  // 55: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	12,  // 56: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	19,  // 57: switchboard.api.context.v1.AppendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	19,  // 58: switchboard.api.context.v1.AppendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	19,  // 59: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	19,  // 60: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
-	20,  // 61: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	20,  // 62: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	20,  // 63: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	20,  // 64: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	112, // 65: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
-	20,  // 66: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	5,   // 67: switchboard.api.context.v1.ListMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
-	20,  // 68: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
-	5,   // 69: switchboard.api.context.v1.SearchMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
-	6,   // 70: switchboard.api.context.v1.SearchMemoryItemsRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
-	20,  // 71: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	68,  // 72: switchboard.api.context.v1.ScoredMemoryItem.scores:type_name -> switchboard.api.context.v1.SearchScores
-	69,  // 73: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
-	6,   // 74: switchboard.api.context.v1.SearchMemoryItemsResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
-	7,   // 75: switchboard.api.context.v1.SearchMemoryItemsResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
-	6,   // 76: switchboard.api.context.v1.SearchContextRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
-	20,  // 77: switchboard.api.context.v1.SearchResult.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	19,  // 78: switchboard.api.context.v1.SearchResult.message:type_name -> switchboard.api.context.v1.Message
-	72,  // 79: switchboard.api.context.v1.SearchResult.document_chunk:type_name -> switchboard.api.context.v1.DocumentChunk
-	68,  // 80: switchboard.api.context.v1.SearchResult.scores:type_name -> switchboard.api.context.v1.SearchScores
-	73,  // 81: switchboard.api.context.v1.SearchContextResponse.results:type_name -> switchboard.api.context.v1.SearchResult
-	6,   // 82: switchboard.api.context.v1.SearchContextResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
-	7,   // 83: switchboard.api.context.v1.SearchContextResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
-	8,   // 84: switchboard.api.context.v1.SemanticIndex.state:type_name -> switchboard.api.context.v1.SemanticIndexState
-	110, // 85: switchboard.api.context.v1.SemanticIndex.update_time:type_name -> google.protobuf.Timestamp
-	75,  // 86: switchboard.api.context.v1.GetSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	75,  // 87: switchboard.api.context.v1.UpdateSemanticIndexRequest.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	112, // 88: switchboard.api.context.v1.UpdateSemanticIndexRequest.update_mask:type_name -> google.protobuf.FieldMask
-	75,  // 89: switchboard.api.context.v1.UpdateSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	83,  // 90: switchboard.api.context.v1.GetContextWindowRequest.retrieval:type_name -> switchboard.api.context.v1.RetrievalOptions
-	6,   // 91: switchboard.api.context.v1.RetrievalOptions.mode:type_name -> switchboard.api.context.v1.SearchMode
-	19,  // 92: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
-	20,  // 93: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	73,  // 94: switchboard.api.context.v1.ContextItem.retrieved:type_name -> switchboard.api.context.v1.SearchResult
-	9,   // 95: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
-	84,  // 96: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
-	84,  // 97: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
-	6,   // 98: switchboard.api.context.v1.ContextWindow.retrieval_mode:type_name -> switchboard.api.context.v1.SearchMode
-	7,   // 99: switchboard.api.context.v1.ContextWindow.retrieval_fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
-	85,  // 100: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
-	20,  // 101: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
-	17,  // 102: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
-	89,  // 103: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
-	17,  // 104: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
-	17,  // 105: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
-	18,  // 106: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	18,  // 107: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	18,  // 108: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	17,  // 109: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
-	4,   // 110: switchboard.api.context.v1.GetFileRequest.view:type_name -> switchboard.api.context.v1.FileView
-	17,  // 111: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
-	2,   // 112: switchboard.api.context.v1.ListFilesRequest.kinds:type_name -> switchboard.api.context.v1.FileKind
-	17,  // 113: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
-	17,  // 114: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
-	21,  // 115: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
-	23,  // 116: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
-	25,  // 117: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
-	27,  // 118: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
-	29,  // 119: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
-	31,  // 120: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
-	33,  // 121: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
-	35,  // 122: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	37,  // 123: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	39,  // 124: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
-	41,  // 125: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
-	43,  // 126: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
-	45,  // 127: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
-	47,  // 128: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
-	49,  // 129: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
-	51,  // 130: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
-	53,  // 131: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
-	55,  // 132: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
-	57,  // 133: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
-	59,  // 134: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
-	61,  // 135: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
-	63,  // 136: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
-	65,  // 137: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
-	67,  // 138: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
-	71,  // 139: switchboard.api.context.v1.ContextService.SearchContext:input_type -> switchboard.api.context.v1.SearchContextRequest
-	76,  // 140: switchboard.api.context.v1.ContextService.GetSemanticIndex:input_type -> switchboard.api.context.v1.GetSemanticIndexRequest
-	78,  // 141: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:input_type -> switchboard.api.context.v1.UpdateSemanticIndexRequest
-	80,  // 142: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
-	82,  // 143: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
-	87,  // 144: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
-	90,  // 145: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
-	92,  // 146: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
-	94,  // 147: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
-	96,  // 148: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
-	98,  // 149: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
-	100, // 150: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
-	102, // 151: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
-	104, // 152: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
-	106, // 153: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
-	108, // 154: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
-	22,  // 155: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
-	24,  // 156: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
-	26,  // 157: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
-	28,  // 158: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
-	30,  // 159: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
-	32,  // 160: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
-	34,  // 161: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
-	36,  // 162: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	38,  // 163: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	40,  // 164: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
-	42,  // 165: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
-	44,  // 166: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
-	46,  // 167: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
-	48,  // 168: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
-	50,  // 169: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
-	52,  // 170: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
-	54,  // 171: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
-	56,  // 172: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
-	58,  // 173: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
-	60,  // 174: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
-	62,  // 175: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
-	64,  // 176: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
-	66,  // 177: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
-	70,  // 178: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
-	74,  // 179: switchboard.api.context.v1.ContextService.SearchContext:output_type -> switchboard.api.context.v1.SearchContextResponse
-	77,  // 180: switchboard.api.context.v1.ContextService.GetSemanticIndex:output_type -> switchboard.api.context.v1.GetSemanticIndexResponse
-	79,  // 181: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:output_type -> switchboard.api.context.v1.UpdateSemanticIndexResponse
-	81,  // 182: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
-	86,  // 183: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
-	88,  // 184: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
-	91,  // 185: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
-	93,  // 186: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
-	95,  // 187: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
-	97,  // 188: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
-	99,  // 189: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
-	101, // 190: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
-	103, // 191: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
-	105, // 192: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
-	107, // 193: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
-	109, // 194: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
-	155, // [155:195] is the sub-list for method output_type
-	115, // [115:155] is the sub-list for method input_type
-	115, // [115:115] is the sub-list for extension type_name
-	115, // [115:115] is the sub-list for extension extendee
-	0,   // [0:115] is the sub-list for field type_name
+	27,  // 4: switchboard.api.context.v1.Workspace.memory_policy:type_name -> switchboard.api.context.v1.MemoryPolicy
+	0,   // 5: switchboard.api.context.v1.WorkspaceMember.role:type_name -> switchboard.api.context.v1.WorkspaceRole
+	118, // 6: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
+	118, // 7: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
+	119, // 8: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
+	118, // 9: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
+	118, // 10: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
+	118, // 11: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
+	119, // 12: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
+	20,  // 13: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
+	18,  // 14: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
+	19,  // 15: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
+	119, // 16: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
+	20,  // 17: switchboard.api.context.v1.ToolResultContent.files:type_name -> switchboard.api.context.v1.FileReference
+	2,   // 18: switchboard.api.context.v1.File.kind:type_name -> switchboard.api.context.v1.FileKind
+	3,   // 19: switchboard.api.context.v1.File.text_state:type_name -> switchboard.api.context.v1.FileTextState
+	119, // 20: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
+	118, // 21: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
+	118, // 22: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
+	118, // 23: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
+	119, // 24: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
+	1,   // 25: switchboard.api.context.v1.Message.role:type_name -> switchboard.api.context.v1.MessageRole
+	17,  // 26: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
+	119, // 27: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
+	118, // 28: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
+	5,   // 29: switchboard.api.context.v1.MemoryItem.kind:type_name -> switchboard.api.context.v1.MemoryKind
+	119, // 30: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
+	118, // 31: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
+	118, // 32: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
+	118, // 33: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
+	118, // 34: switchboard.api.context.v1.MemoryItem.valid_time:type_name -> google.protobuf.Timestamp
+	118, // 35: switchboard.api.context.v1.MemoryItem.invalid_time:type_name -> google.protobuf.Timestamp
+	25,  // 36: switchboard.api.context.v1.MemoryItem.formation:type_name -> switchboard.api.context.v1.MemoryFormation
+	7,   // 37: switchboard.api.context.v1.MemoryItemVersion.change:type_name -> switchboard.api.context.v1.MemoryChange
+	118, // 38: switchboard.api.context.v1.MemoryItemVersion.change_time:type_name -> google.protobuf.Timestamp
+	118, // 39: switchboard.api.context.v1.MemoryItemVersion.valid_time:type_name -> google.protobuf.Timestamp
+	118, // 40: switchboard.api.context.v1.MemoryItemVersion.invalid_time:type_name -> google.protobuf.Timestamp
+	8,   // 41: switchboard.api.context.v1.MemoryPolicy.mode:type_name -> switchboard.api.context.v1.MemoryFormingMode
+	28,  // 42: switchboard.api.context.v1.MemoryPolicy.categories:type_name -> switchboard.api.context.v1.MemoryCategoryRule
+	9,   // 43: switchboard.api.context.v1.MemoryCategoryRule.category:type_name -> switchboard.api.context.v1.MemoryCategory
+	120, // 44: switchboard.api.context.v1.MemoryCategoryRule.ttl:type_name -> google.protobuf.Duration
+	14,  // 45: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
+	14,  // 46: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	14,  // 47: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	14,  // 48: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
+	14,  // 49: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
+	121, // 50: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
+	14,  // 51: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	14,  // 52: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	14,  // 53: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	0,   // 54: switchboard.api.context.v1.AddWorkspaceMemberRequest.role:type_name -> switchboard.api.context.v1.WorkspaceRole
+	15,  // 55: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	15,  // 56: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	121, // 57: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
+	15,  // 58: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	15,  // 59: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
+	16,  // 60: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 61: switchboard.api.context.v1.CreateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 62: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 63: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 64: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	121, // 65: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	16,  // 66: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 67: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 68: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	23,  // 69: switchboard.api.context.v1.AppendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	23,  // 70: switchboard.api.context.v1.AppendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	23,  // 71: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	23,  // 72: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
+	24,  // 73: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	24,  // 74: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	24,  // 75: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	26,  // 76: switchboard.api.context.v1.GetMemoryItemResponse.history:type_name -> switchboard.api.context.v1.MemoryItemVersion
+	24,  // 77: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	121, // 78: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
+	24,  // 79: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	5,   // 80: switchboard.api.context.v1.ListMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
+	6,   // 81: switchboard.api.context.v1.ListMemoryItemsRequest.validity:type_name -> switchboard.api.context.v1.MemoryValidity
+	118, // 82: switchboard.api.context.v1.ListMemoryItemsRequest.valid_at:type_name -> google.protobuf.Timestamp
+	24,  // 83: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
+	5,   // 84: switchboard.api.context.v1.SearchMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
+	10,  // 85: switchboard.api.context.v1.SearchMemoryItemsRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
+	24,  // 86: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	76,  // 87: switchboard.api.context.v1.ScoredMemoryItem.scores:type_name -> switchboard.api.context.v1.SearchScores
+	77,  // 88: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
+	10,  // 89: switchboard.api.context.v1.SearchMemoryItemsResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
+	11,  // 90: switchboard.api.context.v1.SearchMemoryItemsResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	10,  // 91: switchboard.api.context.v1.SearchContextRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
+	24,  // 92: switchboard.api.context.v1.SearchResult.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	23,  // 93: switchboard.api.context.v1.SearchResult.message:type_name -> switchboard.api.context.v1.Message
+	80,  // 94: switchboard.api.context.v1.SearchResult.document_chunk:type_name -> switchboard.api.context.v1.DocumentChunk
+	76,  // 95: switchboard.api.context.v1.SearchResult.scores:type_name -> switchboard.api.context.v1.SearchScores
+	81,  // 96: switchboard.api.context.v1.SearchContextResponse.results:type_name -> switchboard.api.context.v1.SearchResult
+	10,  // 97: switchboard.api.context.v1.SearchContextResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
+	11,  // 98: switchboard.api.context.v1.SearchContextResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	12,  // 99: switchboard.api.context.v1.SemanticIndex.state:type_name -> switchboard.api.context.v1.SemanticIndexState
+	118, // 100: switchboard.api.context.v1.SemanticIndex.update_time:type_name -> google.protobuf.Timestamp
+	83,  // 101: switchboard.api.context.v1.GetSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	83,  // 102: switchboard.api.context.v1.UpdateSemanticIndexRequest.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	121, // 103: switchboard.api.context.v1.UpdateSemanticIndexRequest.update_mask:type_name -> google.protobuf.FieldMask
+	83,  // 104: switchboard.api.context.v1.UpdateSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	91,  // 105: switchboard.api.context.v1.GetContextWindowRequest.retrieval:type_name -> switchboard.api.context.v1.RetrievalOptions
+	118, // 106: switchboard.api.context.v1.GetContextWindowRequest.valid_at:type_name -> google.protobuf.Timestamp
+	10,  // 107: switchboard.api.context.v1.RetrievalOptions.mode:type_name -> switchboard.api.context.v1.SearchMode
+	23,  // 108: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
+	24,  // 109: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	81,  // 110: switchboard.api.context.v1.ContextItem.retrieved:type_name -> switchboard.api.context.v1.SearchResult
+	13,  // 111: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
+	92,  // 112: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
+	92,  // 113: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
+	10,  // 114: switchboard.api.context.v1.ContextWindow.retrieval_mode:type_name -> switchboard.api.context.v1.SearchMode
+	11,  // 115: switchboard.api.context.v1.ContextWindow.retrieval_fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	93,  // 116: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
+	24,  // 117: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
+	21,  // 118: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
+	97,  // 119: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
+	21,  // 120: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	21,  // 121: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
+	22,  // 122: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	22,  // 123: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	22,  // 124: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	21,  // 125: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
+	4,   // 126: switchboard.api.context.v1.GetFileRequest.view:type_name -> switchboard.api.context.v1.FileView
+	21,  // 127: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
+	2,   // 128: switchboard.api.context.v1.ListFilesRequest.kinds:type_name -> switchboard.api.context.v1.FileKind
+	21,  // 129: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
+	21,  // 130: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	29,  // 131: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
+	31,  // 132: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
+	33,  // 133: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
+	35,  // 134: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
+	37,  // 135: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
+	39,  // 136: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
+	41,  // 137: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
+	43,  // 138: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	45,  // 139: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	47,  // 140: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
+	49,  // 141: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
+	51,  // 142: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
+	53,  // 143: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
+	55,  // 144: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
+	57,  // 145: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
+	59,  // 146: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
+	61,  // 147: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
+	63,  // 148: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
+	65,  // 149: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
+	67,  // 150: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
+	69,  // 151: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
+	71,  // 152: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
+	73,  // 153: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
+	75,  // 154: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
+	79,  // 155: switchboard.api.context.v1.ContextService.SearchContext:input_type -> switchboard.api.context.v1.SearchContextRequest
+	84,  // 156: switchboard.api.context.v1.ContextService.GetSemanticIndex:input_type -> switchboard.api.context.v1.GetSemanticIndexRequest
+	86,  // 157: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:input_type -> switchboard.api.context.v1.UpdateSemanticIndexRequest
+	88,  // 158: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
+	90,  // 159: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
+	95,  // 160: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
+	98,  // 161: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
+	100, // 162: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
+	102, // 163: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
+	104, // 164: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
+	106, // 165: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
+	108, // 166: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
+	110, // 167: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
+	112, // 168: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
+	114, // 169: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
+	116, // 170: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
+	30,  // 171: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
+	32,  // 172: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
+	34,  // 173: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
+	36,  // 174: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
+	38,  // 175: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
+	40,  // 176: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
+	42,  // 177: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
+	44,  // 178: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	46,  // 179: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	48,  // 180: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
+	50,  // 181: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
+	52,  // 182: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
+	54,  // 183: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
+	56,  // 184: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
+	58,  // 185: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
+	60,  // 186: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
+	62,  // 187: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
+	64,  // 188: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
+	66,  // 189: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
+	68,  // 190: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
+	70,  // 191: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
+	72,  // 192: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
+	74,  // 193: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
+	78,  // 194: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
+	82,  // 195: switchboard.api.context.v1.ContextService.SearchContext:output_type -> switchboard.api.context.v1.SearchContextResponse
+	85,  // 196: switchboard.api.context.v1.ContextService.GetSemanticIndex:output_type -> switchboard.api.context.v1.GetSemanticIndexResponse
+	87,  // 197: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:output_type -> switchboard.api.context.v1.UpdateSemanticIndexResponse
+	89,  // 198: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
+	94,  // 199: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
+	96,  // 200: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
+	99,  // 201: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
+	101, // 202: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
+	103, // 203: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
+	105, // 204: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
+	107, // 205: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
+	109, // 206: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
+	111, // 207: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
+	113, // 208: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
+	115, // 209: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
+	117, // 210: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
+	171, // [171:211] is the sub-list for method output_type
+	131, // [131:171] is the sub-list for method input_type
+	131, // [131:131] is the sub-list for extension type_name
+	131, // [131:131] is the sub-list for extension extendee
+	0,   // [0:131] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_context_v1_context_proto_init() }
@@ -8293,18 +9169,18 @@ func file_switchboard_api_context_v1_context_proto_init() {
 		(*ContentPart_ToolCall)(nil),
 		(*ContentPart_ToolResult)(nil),
 	}
-	file_switchboard_api_context_v1_context_proto_msgTypes[58].OneofWrappers = []any{}
-	file_switchboard_api_context_v1_context_proto_msgTypes[63].OneofWrappers = []any{
+	file_switchboard_api_context_v1_context_proto_msgTypes[62].OneofWrappers = []any{}
+	file_switchboard_api_context_v1_context_proto_msgTypes[67].OneofWrappers = []any{
 		(*SearchResult_MemoryItem)(nil),
 		(*SearchResult_Message)(nil),
 		(*SearchResult_DocumentChunk)(nil),
 	}
-	file_switchboard_api_context_v1_context_proto_msgTypes[74].OneofWrappers = []any{
+	file_switchboard_api_context_v1_context_proto_msgTypes[78].OneofWrappers = []any{
 		(*ContextItem_Message)(nil),
 		(*ContextItem_MemoryItem)(nil),
 		(*ContextItem_Retrieved)(nil),
 	}
-	file_switchboard_api_context_v1_context_proto_msgTypes[80].OneofWrappers = []any{
+	file_switchboard_api_context_v1_context_proto_msgTypes[84].OneofWrappers = []any{
 		(*UploadFileRequest_Header)(nil),
 		(*UploadFileRequest_Chunk)(nil),
 		(*UploadFileRequest_Sha256)(nil),
@@ -8314,8 +9190,8 @@ func file_switchboard_api_context_v1_context_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_context_v1_context_proto_rawDesc), len(file_switchboard_api_context_v1_context_proto_rawDesc)),
-			NumEnums:      10,
-			NumMessages:   100,
+			NumEnums:      14,
+			NumMessages:   104,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -68,6 +68,9 @@ const (
 	EventType_EVENT_TYPE_SCHEDULE_CHANGED EventType = 15
 	// A schedule's tick was claimed and fired (or skipped, or refused).
 	EventType_EVENT_TYPE_SCHEDULE_FIRED EventType = 16
+	// Memory forming or consolidation decided about a memory (or failed or
+	// paused for an exchange).
+	EventType_EVENT_TYPE_MEMORY_DECIDED EventType = 17
 )
 
 // Enum value maps for EventType.
@@ -90,6 +93,7 @@ var (
 		14: "EVENT_TYPE_FILE_CHANGED",
 		15: "EVENT_TYPE_SCHEDULE_CHANGED",
 		16: "EVENT_TYPE_SCHEDULE_FIRED",
+		17: "EVENT_TYPE_MEMORY_DECIDED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":          0,
@@ -109,6 +113,7 @@ var (
 		"EVENT_TYPE_FILE_CHANGED":         14,
 		"EVENT_TYPE_SCHEDULE_CHANGED":     15,
 		"EVENT_TYPE_SCHEDULE_FIRED":       16,
+		"EVENT_TYPE_MEMORY_DECIDED":       17,
 	}
 )
 
@@ -196,6 +201,135 @@ func (ChangeKind) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{1}
 }
 
+// What memory forming or consolidation decided about one candidate fact.
+type MemoryDecisionAction int32
+
+const (
+	// Not set.
+	MemoryDecisionAction_MEMORY_DECISION_ACTION_UNSPECIFIED MemoryDecisionAction = 0
+	// A new item was added.
+	MemoryDecisionAction_MEMORY_DECISION_ACTION_ADD MemoryDecisionAction = 1
+	// A new item replaced an existing one (`replaces`), which was retired.
+	MemoryDecisionAction_MEMORY_DECISION_ACTION_UPDATE MemoryDecisionAction = 2
+	// An existing item (`replaces`) was retired: it is no longer true.
+	MemoryDecisionAction_MEMORY_DECISION_ACTION_INVALIDATE MemoryDecisionAction = 3
+	// Nothing: the fact was known already, out of the policy's categories, or
+	// the scope was full (`reason` says which).
+	MemoryDecisionAction_MEMORY_DECISION_ACTION_NONE MemoryDecisionAction = 4
+	// Consolidation: a near-duplicate (`replaces`) was merged into `memory_item`.
+	MemoryDecisionAction_MEMORY_DECISION_ACTION_MERGE MemoryDecisionAction = 5
+	// Consolidation: an item past its time to live (`replaces`) was retired.
+	MemoryDecisionAction_MEMORY_DECISION_ACTION_EXPIRE MemoryDecisionAction = 6
+)
+
+// Enum value maps for MemoryDecisionAction.
+var (
+	MemoryDecisionAction_name = map[int32]string{
+		0: "MEMORY_DECISION_ACTION_UNSPECIFIED",
+		1: "MEMORY_DECISION_ACTION_ADD",
+		2: "MEMORY_DECISION_ACTION_UPDATE",
+		3: "MEMORY_DECISION_ACTION_INVALIDATE",
+		4: "MEMORY_DECISION_ACTION_NONE",
+		5: "MEMORY_DECISION_ACTION_MERGE",
+		6: "MEMORY_DECISION_ACTION_EXPIRE",
+	}
+	MemoryDecisionAction_value = map[string]int32{
+		"MEMORY_DECISION_ACTION_UNSPECIFIED": 0,
+		"MEMORY_DECISION_ACTION_ADD":         1,
+		"MEMORY_DECISION_ACTION_UPDATE":      2,
+		"MEMORY_DECISION_ACTION_INVALIDATE":  3,
+		"MEMORY_DECISION_ACTION_NONE":        4,
+		"MEMORY_DECISION_ACTION_MERGE":       5,
+		"MEMORY_DECISION_ACTION_EXPIRE":      6,
+	}
+)
+
+func (x MemoryDecisionAction) Enum() *MemoryDecisionAction {
+	p := new(MemoryDecisionAction)
+	*p = x
+	return p
+}
+
+func (x MemoryDecisionAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MemoryDecisionAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_events_v1_events_proto_enumTypes[2].Descriptor()
+}
+
+func (MemoryDecisionAction) Type() protoreflect.EnumType {
+	return &file_switchboard_api_events_v1_events_proto_enumTypes[2]
+}
+
+func (x MemoryDecisionAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MemoryDecisionAction.Descriptor instead.
+func (MemoryDecisionAction) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{2}
+}
+
+// How a forming round for one exchange ended.
+type MemoryFormingOutcome int32
+
+const (
+	// Not set (a consolidation's decision).
+	MemoryFormingOutcome_MEMORY_FORMING_OUTCOME_UNSPECIFIED MemoryFormingOutcome = 0
+	// Its decisions were applied.
+	MemoryFormingOutcome_MEMORY_FORMING_OUTCOME_APPLIED MemoryFormingOutcome = 1
+	// The model's answer broke the schema twice, or the model failed: nothing
+	// of it was applied.
+	MemoryFormingOutcome_MEMORY_FORMING_OUTCOME_FAILED MemoryFormingOutcome = 2
+	// A budget of the workspace is at its cap: forming waits for room (the runs
+	// do not).
+	MemoryFormingOutcome_MEMORY_FORMING_OUTCOME_PAUSED MemoryFormingOutcome = 3
+)
+
+// Enum value maps for MemoryFormingOutcome.
+var (
+	MemoryFormingOutcome_name = map[int32]string{
+		0: "MEMORY_FORMING_OUTCOME_UNSPECIFIED",
+		1: "MEMORY_FORMING_OUTCOME_APPLIED",
+		2: "MEMORY_FORMING_OUTCOME_FAILED",
+		3: "MEMORY_FORMING_OUTCOME_PAUSED",
+	}
+	MemoryFormingOutcome_value = map[string]int32{
+		"MEMORY_FORMING_OUTCOME_UNSPECIFIED": 0,
+		"MEMORY_FORMING_OUTCOME_APPLIED":     1,
+		"MEMORY_FORMING_OUTCOME_FAILED":      2,
+		"MEMORY_FORMING_OUTCOME_PAUSED":      3,
+	}
+)
+
+func (x MemoryFormingOutcome) Enum() *MemoryFormingOutcome {
+	p := new(MemoryFormingOutcome)
+	*p = x
+	return p
+}
+
+func (x MemoryFormingOutcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MemoryFormingOutcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_events_v1_events_proto_enumTypes[3].Descriptor()
+}
+
+func (MemoryFormingOutcome) Type() protoreflect.EnumType {
+	return &file_switchboard_api_events_v1_events_proto_enumTypes[3]
+}
+
+func (x MemoryFormingOutcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MemoryFormingOutcome.Descriptor instead.
+func (MemoryFormingOutcome) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{3}
+}
+
 // What a budget alert is about.
 type BudgetAlertKind int32
 
@@ -237,11 +371,11 @@ func (x BudgetAlertKind) String() string {
 }
 
 func (BudgetAlertKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_events_v1_events_proto_enumTypes[2].Descriptor()
+	return file_switchboard_api_events_v1_events_proto_enumTypes[4].Descriptor()
 }
 
 func (BudgetAlertKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_events_v1_events_proto_enumTypes[2]
+	return &file_switchboard_api_events_v1_events_proto_enumTypes[4]
 }
 
 func (x BudgetAlertKind) Number() protoreflect.EnumNumber {
@@ -250,7 +384,7 @@ func (x BudgetAlertKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use BudgetAlertKind.Descriptor instead.
 func (BudgetAlertKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{2}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{4}
 }
 
 // The kind of a security event.
@@ -306,11 +440,11 @@ func (x SecurityEventKind) String() string {
 }
 
 func (SecurityEventKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_events_v1_events_proto_enumTypes[3].Descriptor()
+	return file_switchboard_api_events_v1_events_proto_enumTypes[5].Descriptor()
 }
 
 func (SecurityEventKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_events_v1_events_proto_enumTypes[3]
+	return &file_switchboard_api_events_v1_events_proto_enumTypes[5]
 }
 
 func (x SecurityEventKind) Number() protoreflect.EnumNumber {
@@ -319,7 +453,7 @@ func (x SecurityEventKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SecurityEventKind.Descriptor instead.
 func (SecurityEventKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{3}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{5}
 }
 
 // Which log partition a subscription follows. Exactly one field is set.
@@ -747,6 +881,115 @@ func (x *MemoryChanged) GetMemoryItem() *v1.MemoryItem {
 	return nil
 }
 
+// Payload: memory forming or consolidation decided.
+type MemoryDecided struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The decision; UNSPECIFIED on an outcome of a whole exchange (FAILED, PAUSED).
+	Action MemoryDecisionAction `protobuf:"varint,1,opt,name=action,proto3,enum=switchboard.api.events.v1.MemoryDecisionAction" json:"action,omitempty"`
+	// The item added or kept (ADD, UPDATE, MERGE).
+	MemoryItem string `protobuf:"bytes,2,opt,name=memory_item,json=memoryItem,proto3" json:"memory_item,omitempty"`
+	// The item retired (UPDATE, INVALIDATE, MERGE, EXPIRE).
+	Replaces string `protobuf:"bytes,3,opt,name=replaces,proto3" json:"replaces,omitempty"`
+	// The candidate fact in words (empty for consolidation's).
+	Candidate string `protobuf:"bytes,4,opt,name=candidate,proto3" json:"candidate,omitempty"`
+	// Why, in words (the model's reason, "scope full", "duplicate").
+	Reason string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The exchange's outcome; APPLIED on each applied decision.
+	Outcome MemoryFormingOutcome `protobuf:"varint,6,opt,name=outcome,proto3,enum=switchboard.api.events.v1.MemoryFormingOutcome" json:"outcome,omitempty"`
+	// The run whose exchange was formed, `runs/{run}` (empty for consolidation).
+	Run string `protobuf:"bytes,7,opt,name=run,proto3" json:"run,omitempty"`
+	// The assistant whose policy applied (empty for consolidation).
+	Assistant     string `protobuf:"bytes,8,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemoryDecided) Reset() {
+	*x = MemoryDecided{}
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemoryDecided) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemoryDecided) ProtoMessage() {}
+
+func (x *MemoryDecided) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemoryDecided.ProtoReflect.Descriptor instead.
+func (*MemoryDecided) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *MemoryDecided) GetAction() MemoryDecisionAction {
+	if x != nil {
+		return x.Action
+	}
+	return MemoryDecisionAction_MEMORY_DECISION_ACTION_UNSPECIFIED
+}
+
+func (x *MemoryDecided) GetMemoryItem() string {
+	if x != nil {
+		return x.MemoryItem
+	}
+	return ""
+}
+
+func (x *MemoryDecided) GetReplaces() string {
+	if x != nil {
+		return x.Replaces
+	}
+	return ""
+}
+
+func (x *MemoryDecided) GetCandidate() string {
+	if x != nil {
+		return x.Candidate
+	}
+	return ""
+}
+
+func (x *MemoryDecided) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *MemoryDecided) GetOutcome() MemoryFormingOutcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return MemoryFormingOutcome_MEMORY_FORMING_OUTCOME_UNSPECIFIED
+}
+
+func (x *MemoryDecided) GetRun() string {
+	if x != nil {
+		return x.Run
+	}
+	return ""
+}
+
+func (x *MemoryDecided) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
 // Payload: a file was stored or deleted, or its text state changed.
 type FileChanged struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -760,7 +1003,7 @@ type FileChanged struct {
 
 func (x *FileChanged) Reset() {
 	*x = FileChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -772,7 +1015,7 @@ func (x *FileChanged) String() string {
 func (*FileChanged) ProtoMessage() {}
 
 func (x *FileChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -785,7 +1028,7 @@ func (x *FileChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChanged.ProtoReflect.Descriptor instead.
 func (*FileChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *FileChanged) GetChange() ChangeKind {
@@ -815,7 +1058,7 @@ type ScheduleChanged struct {
 
 func (x *ScheduleChanged) Reset() {
 	*x = ScheduleChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -827,7 +1070,7 @@ func (x *ScheduleChanged) String() string {
 func (*ScheduleChanged) ProtoMessage() {}
 
 func (x *ScheduleChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -840,7 +1083,7 @@ func (x *ScheduleChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleChanged.ProtoReflect.Descriptor instead.
 func (*ScheduleChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ScheduleChanged) GetChange() ChangeKind {
@@ -870,7 +1113,7 @@ type ScheduleFired struct {
 
 func (x *ScheduleFired) Reset() {
 	*x = ScheduleFired{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -882,7 +1125,7 @@ func (x *ScheduleFired) String() string {
 func (*ScheduleFired) ProtoMessage() {}
 
 func (x *ScheduleFired) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -895,7 +1138,7 @@ func (x *ScheduleFired) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleFired.ProtoReflect.Descriptor instead.
 func (*ScheduleFired) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ScheduleFired) GetSchedule() string {
@@ -923,7 +1166,7 @@ type RunUpdated struct {
 
 func (x *RunUpdated) Reset() {
 	*x = RunUpdated{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -935,7 +1178,7 @@ func (x *RunUpdated) String() string {
 func (*RunUpdated) ProtoMessage() {}
 
 func (x *RunUpdated) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -948,7 +1191,7 @@ func (x *RunUpdated) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdated.ProtoReflect.Descriptor instead.
 func (*RunUpdated) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RunUpdated) GetUpdate() *v11.RunUpdate {
@@ -979,7 +1222,7 @@ type MessageFiltered struct {
 
 func (x *MessageFiltered) Reset() {
 	*x = MessageFiltered{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -991,7 +1234,7 @@ func (x *MessageFiltered) String() string {
 func (*MessageFiltered) ProtoMessage() {}
 
 func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1004,7 +1247,7 @@ func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageFiltered.ProtoReflect.Descriptor instead.
 func (*MessageFiltered) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *MessageFiltered) GetConversation() string {
@@ -1062,7 +1305,7 @@ type IntegrationChanged struct {
 
 func (x *IntegrationChanged) Reset() {
 	*x = IntegrationChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1074,7 +1317,7 @@ func (x *IntegrationChanged) String() string {
 func (*IntegrationChanged) ProtoMessage() {}
 
 func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1087,7 +1330,7 @@ func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IntegrationChanged.ProtoReflect.Descriptor instead.
 func (*IntegrationChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *IntegrationChanged) GetChange() ChangeKind {
@@ -1117,7 +1360,7 @@ type AssistantChanged struct {
 
 func (x *AssistantChanged) Reset() {
 	*x = AssistantChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1129,7 +1372,7 @@ func (x *AssistantChanged) String() string {
 func (*AssistantChanged) ProtoMessage() {}
 
 func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1142,7 +1385,7 @@ func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantChanged.ProtoReflect.Descriptor instead.
 func (*AssistantChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AssistantChanged) GetChange() ChangeKind {
@@ -1172,7 +1415,7 @@ type BudgetChanged struct {
 
 func (x *BudgetChanged) Reset() {
 	*x = BudgetChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1184,7 +1427,7 @@ func (x *BudgetChanged) String() string {
 func (*BudgetChanged) ProtoMessage() {}
 
 func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1197,7 +1440,7 @@ func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetChanged.ProtoReflect.Descriptor instead.
 func (*BudgetChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *BudgetChanged) GetChange() ChangeKind {
@@ -1235,7 +1478,7 @@ type BudgetAlert struct {
 
 func (x *BudgetAlert) Reset() {
 	*x = BudgetAlert{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1247,7 +1490,7 @@ func (x *BudgetAlert) String() string {
 func (*BudgetAlert) ProtoMessage() {}
 
 func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1260,7 +1503,7 @@ func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetAlert.ProtoReflect.Descriptor instead.
 func (*BudgetAlert) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *BudgetAlert) GetKind() BudgetAlertKind {
@@ -1325,7 +1568,7 @@ type ToolInvoked struct {
 
 func (x *ToolInvoked) Reset() {
 	*x = ToolInvoked{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1337,7 +1580,7 @@ func (x *ToolInvoked) String() string {
 func (*ToolInvoked) ProtoMessage() {}
 
 func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1350,7 +1593,7 @@ func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolInvoked.ProtoReflect.Descriptor instead.
 func (*ToolInvoked) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ToolInvoked) GetTool() string {
@@ -1407,7 +1650,7 @@ type SecurityEvent struct {
 
 func (x *SecurityEvent) Reset() {
 	*x = SecurityEvent{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1419,7 +1662,7 @@ func (x *SecurityEvent) String() string {
 func (*SecurityEvent) ProtoMessage() {}
 
 func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1432,7 +1675,7 @@ func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SecurityEvent.ProtoReflect.Descriptor instead.
 func (*SecurityEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SecurityEvent) GetKind() SecurityEventKind {
@@ -1509,6 +1752,7 @@ type Event struct {
 	//	*Event_FileChanged
 	//	*Event_ScheduleChanged
 	//	*Event_ScheduleFired
+	//	*Event_MemoryDecided
 	Payload       isEvent_Payload `protobuf_oneof:"payload"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1516,7 +1760,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1528,7 +1772,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1541,7 +1785,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Event) GetId() string {
@@ -1751,6 +1995,15 @@ func (x *Event) GetScheduleFired() *ScheduleFired {
 	return nil
 }
 
+func (x *Event) GetMemoryDecided() *MemoryDecided {
+	if x != nil {
+		if x, ok := x.Payload.(*Event_MemoryDecided); ok {
+			return x.MemoryDecided
+		}
+	}
+	return nil
+}
+
 type isEvent_Payload interface {
 	isEvent_Payload()
 }
@@ -1835,6 +2088,11 @@ type Event_ScheduleFired struct {
 	ScheduleFired *ScheduleFired `protobuf:"bytes,25,opt,name=schedule_fired,json=scheduleFired,proto3,oneof"`
 }
 
+type Event_MemoryDecided struct {
+	// Memory forming or consolidation decided.
+	MemoryDecided *MemoryDecided `protobuf:"bytes,26,opt,name=memory_decided,json=memoryDecided,proto3,oneof"`
+}
+
 func (*Event_WorkspaceChanged) isEvent_Payload() {}
 
 func (*Event_MemberChanged) isEvent_Payload() {}
@@ -1867,6 +2125,8 @@ func (*Event_ScheduleChanged) isEvent_Payload() {}
 
 func (*Event_ScheduleFired) isEvent_Payload() {}
 
+func (*Event_MemoryDecided) isEvent_Payload() {}
+
 // Request for Subscribe.
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1886,7 +2146,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1898,7 +2158,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1911,7 +2171,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SubscribeRequest) GetScopes() []*Scope {
@@ -1955,7 +2215,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1967,7 +2227,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1980,7 +2240,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *EventBatch) GetEvents() []*Event {
@@ -2010,7 +2270,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2022,7 +2282,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2035,7 +2295,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -2068,7 +2328,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2080,7 +2340,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2093,7 +2353,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SubscribeResponse) GetFrame() isSubscribeResponse_Frame {
@@ -2158,7 +2418,7 @@ type AddSubscription struct {
 
 func (x *AddSubscription) Reset() {
 	*x = AddSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2170,7 +2430,7 @@ func (x *AddSubscription) String() string {
 func (*AddSubscription) ProtoMessage() {}
 
 func (x *AddSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2183,7 +2443,7 @@ func (x *AddSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddSubscription.ProtoReflect.Descriptor instead.
 func (*AddSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *AddSubscription) GetSubscriptionId() string {
@@ -2232,7 +2492,7 @@ type RemoveSubscription struct {
 
 func (x *RemoveSubscription) Reset() {
 	*x = RemoveSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2244,7 +2504,7 @@ func (x *RemoveSubscription) String() string {
 func (*RemoveSubscription) ProtoMessage() {}
 
 func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2257,7 +2517,7 @@ func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSubscription.ProtoReflect.Descriptor instead.
 func (*RemoveSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RemoveSubscription) GetSubscriptionId() string {
@@ -2281,7 +2541,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2293,7 +2553,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2306,7 +2566,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Ack) GetSubscriptionId() string {
@@ -2334,7 +2594,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2346,7 +2606,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2359,7 +2619,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Ping) GetNonce() string {
@@ -2387,7 +2647,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2399,7 +2659,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2412,7 +2672,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StreamRequest) GetFrame() isStreamRequest_Frame {
@@ -2503,7 +2763,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2515,7 +2775,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2528,7 +2788,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Pong) GetNonce() string {
@@ -2556,7 +2816,7 @@ type SubscriptionAdded struct {
 
 func (x *SubscriptionAdded) Reset() {
 	*x = SubscriptionAdded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2568,7 +2828,7 @@ func (x *SubscriptionAdded) String() string {
 func (*SubscriptionAdded) ProtoMessage() {}
 
 func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2581,7 +2841,7 @@ func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionAdded.ProtoReflect.Descriptor instead.
 func (*SubscriptionAdded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SubscriptionAdded) GetSubscriptionId() string {
@@ -2609,7 +2869,7 @@ type SubscriptionEnded struct {
 
 func (x *SubscriptionEnded) Reset() {
 	*x = SubscriptionEnded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2621,7 +2881,7 @@ func (x *SubscriptionEnded) String() string {
 func (*SubscriptionEnded) ProtoMessage() {}
 
 func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2634,7 +2894,7 @@ func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEnded.ProtoReflect.Descriptor instead.
 func (*SubscriptionEnded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SubscriptionEnded) GetSubscriptionId() string {
@@ -2678,7 +2938,7 @@ type SubscriptionEvents struct {
 
 func (x *SubscriptionEvents) Reset() {
 	*x = SubscriptionEvents{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2690,7 +2950,7 @@ func (x *SubscriptionEvents) String() string {
 func (*SubscriptionEvents) ProtoMessage() {}
 
 func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2703,7 +2963,7 @@ func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEvents.ProtoReflect.Descriptor instead.
 func (*SubscriptionEvents) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SubscriptionEvents) GetSubscriptionId() string {
@@ -2739,7 +2999,7 @@ type StreamResponse struct {
 
 func (x *StreamResponse) Reset() {
 	*x = StreamResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2751,7 +3011,7 @@ func (x *StreamResponse) String() string {
 func (*StreamResponse) ProtoMessage() {}
 
 func (x *StreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2764,7 +3024,7 @@ func (x *StreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamResponse.ProtoReflect.Descriptor instead.
 func (*StreamResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *StreamResponse) GetFrame() isStreamResponse_Frame {
@@ -2877,7 +3137,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2889,7 +3149,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2902,7 +3162,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListEventsRequest) GetScopes() []*Scope {
@@ -2955,7 +3215,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2967,7 +3227,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2980,7 +3240,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -3033,7 +3293,17 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\rMemoryChanged\x12=\n" +
 	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x12G\n" +
 	"\vmemory_item\x18\x02 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
-	"memoryItem\"\x82\x01\n" +
+	"memoryItem\"\xc6\x02\n" +
+	"\rMemoryDecided\x12G\n" +
+	"\x06action\x18\x01 \x01(\x0e2/.switchboard.api.events.v1.MemoryDecisionActionR\x06action\x12\x1f\n" +
+	"\vmemory_item\x18\x02 \x01(\tR\n" +
+	"memoryItem\x12\x1a\n" +
+	"\breplaces\x18\x03 \x01(\tR\breplaces\x12\x1c\n" +
+	"\tcandidate\x18\x04 \x01(\tR\tcandidate\x12\x16\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\x12I\n" +
+	"\aoutcome\x18\x06 \x01(\x0e2/.switchboard.api.events.v1.MemoryFormingOutcomeR\aoutcome\x12\x10\n" +
+	"\x03run\x18\a \x01(\tR\x03run\x12\x1c\n" +
+	"\tassistant\x18\b \x01(\tR\tassistant\"\x82\x01\n" +
 	"\vFileChanged\x12=\n" +
 	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x124\n" +
 	"\x04file\x18\x02 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\"\x95\x01\n" +
@@ -3081,7 +3351,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\aapi_key\x18\x03 \x01(\tR\x06apiKey\x12%\n" +
 	"\x0eclient_address\x18\x04 \x01(\tR\rclientAddress\x12D\n" +
 	"\vclient_info\x18\x05 \x01(\v2#.switchboard.api.auth.v1.ClientInfoR\n" +
-	"clientInfo\"\xfe\f\n" +
+	"clientInfo\"\xd1\r\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x128\n" +
@@ -3108,7 +3378,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\fbudget_alert\x18\x16 \x01(\v2&.switchboard.api.events.v1.BudgetAlertH\x00R\vbudgetAlert\x12K\n" +
 	"\ffile_changed\x18\x17 \x01(\v2&.switchboard.api.events.v1.FileChangedH\x00R\vfileChanged\x12W\n" +
 	"\x10schedule_changed\x18\x18 \x01(\v2*.switchboard.api.events.v1.ScheduleChangedH\x00R\x0fscheduleChanged\x12Q\n" +
-	"\x0eschedule_fired\x18\x19 \x01(\v2(.switchboard.api.events.v1.ScheduleFiredH\x00R\rscheduleFiredB\t\n" +
+	"\x0eschedule_fired\x18\x19 \x01(\v2(.switchboard.api.events.v1.ScheduleFiredH\x00R\rscheduleFired\x12Q\n" +
+	"\x0ememory_decided\x18\x1a \x01(\v2(.switchboard.api.events.v1.MemoryDecidedH\x00R\rmemoryDecidedB\t\n" +
 	"\apayload\"\xce\x01\n" +
 	"\x10SubscribeRequest\x128\n" +
 	"\x06scopes\x18\x01 \x03(\v2 .switchboard.api.events.v1.ScopeR\x06scopes\x12!\n" +
@@ -3175,7 +3446,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x12ListEventsResponse\x128\n" +
 	"\x06events\x18\x01 \x03(\v2 .switchboard.api.events.v1.EventR\x06events\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12#\n" +
-	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\x9e\x04\n" +
+	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xbd\x04\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cEVENT_TYPE_WORKSPACE_CHANGED\x10\x01\x12\x1d\n" +
@@ -3194,13 +3465,27 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x17EVENT_TYPE_BUDGET_ALERT\x10\r\x12\x1b\n" +
 	"\x17EVENT_TYPE_FILE_CHANGED\x10\x0e\x12\x1f\n" +
 	"\x1bEVENT_TYPE_SCHEDULE_CHANGED\x10\x0f\x12\x1d\n" +
-	"\x19EVENT_TYPE_SCHEDULE_FIRED\x10\x10*t\n" +
+	"\x19EVENT_TYPE_SCHEDULE_FIRED\x10\x10\x12\x1d\n" +
+	"\x19EVENT_TYPE_MEMORY_DECIDED\x10\x11*t\n" +
 	"\n" +
 	"ChangeKind\x12\x1b\n" +
 	"\x17CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13CHANGE_KIND_CREATED\x10\x01\x12\x17\n" +
 	"\x13CHANGE_KIND_UPDATED\x10\x02\x12\x17\n" +
-	"\x13CHANGE_KIND_DELETED\x10\x03*\x9e\x01\n" +
+	"\x13CHANGE_KIND_DELETED\x10\x03*\x8e\x02\n" +
+	"\x14MemoryDecisionAction\x12&\n" +
+	"\"MEMORY_DECISION_ACTION_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aMEMORY_DECISION_ACTION_ADD\x10\x01\x12!\n" +
+	"\x1dMEMORY_DECISION_ACTION_UPDATE\x10\x02\x12%\n" +
+	"!MEMORY_DECISION_ACTION_INVALIDATE\x10\x03\x12\x1f\n" +
+	"\x1bMEMORY_DECISION_ACTION_NONE\x10\x04\x12 \n" +
+	"\x1cMEMORY_DECISION_ACTION_MERGE\x10\x05\x12!\n" +
+	"\x1dMEMORY_DECISION_ACTION_EXPIRE\x10\x06*\xa8\x01\n" +
+	"\x14MemoryFormingOutcome\x12&\n" +
+	"\"MEMORY_FORMING_OUTCOME_UNSPECIFIED\x10\x00\x12\"\n" +
+	"\x1eMEMORY_FORMING_OUTCOME_APPLIED\x10\x01\x12!\n" +
+	"\x1dMEMORY_FORMING_OUTCOME_FAILED\x10\x02\x12!\n" +
+	"\x1dMEMORY_FORMING_OUTCOME_PAUSED\x10\x03*\x9e\x01\n" +
 	"\x0fBudgetAlertKind\x12!\n" +
 	"\x1dBUDGET_ALERT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n" +
 	"\x1bBUDGET_ALERT_KIND_THRESHOLD\x10\x01\x12%\n" +
@@ -3233,148 +3518,154 @@ func file_switchboard_api_events_v1_events_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_events_v1_events_proto_rawDescData
 }
 
-var file_switchboard_api_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_switchboard_api_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(EventType)(0),                // 0: switchboard.api.events.v1.EventType
 	(ChangeKind)(0),               // 1: switchboard.api.events.v1.ChangeKind
-	(BudgetAlertKind)(0),          // 2: switchboard.api.events.v1.BudgetAlertKind
-	(SecurityEventKind)(0),        // 3: switchboard.api.events.v1.SecurityEventKind
-	(*Scope)(nil),                 // 4: switchboard.api.events.v1.Scope
-	(*Actor)(nil),                 // 5: switchboard.api.events.v1.Actor
-	(*WorkspaceChanged)(nil),      // 6: switchboard.api.events.v1.WorkspaceChanged
-	(*MemberChanged)(nil),         // 7: switchboard.api.events.v1.MemberChanged
-	(*ConversationChanged)(nil),   // 8: switchboard.api.events.v1.ConversationChanged
-	(*MessageCreated)(nil),        // 9: switchboard.api.events.v1.MessageCreated
-	(*MemoryChanged)(nil),         // 10: switchboard.api.events.v1.MemoryChanged
-	(*FileChanged)(nil),           // 11: switchboard.api.events.v1.FileChanged
-	(*ScheduleChanged)(nil),       // 12: switchboard.api.events.v1.ScheduleChanged
-	(*ScheduleFired)(nil),         // 13: switchboard.api.events.v1.ScheduleFired
-	(*RunUpdated)(nil),            // 14: switchboard.api.events.v1.RunUpdated
-	(*MessageFiltered)(nil),       // 15: switchboard.api.events.v1.MessageFiltered
-	(*IntegrationChanged)(nil),    // 16: switchboard.api.events.v1.IntegrationChanged
-	(*AssistantChanged)(nil),      // 17: switchboard.api.events.v1.AssistantChanged
-	(*BudgetChanged)(nil),         // 18: switchboard.api.events.v1.BudgetChanged
-	(*BudgetAlert)(nil),           // 19: switchboard.api.events.v1.BudgetAlert
-	(*ToolInvoked)(nil),           // 20: switchboard.api.events.v1.ToolInvoked
-	(*SecurityEvent)(nil),         // 21: switchboard.api.events.v1.SecurityEvent
-	(*Event)(nil),                 // 22: switchboard.api.events.v1.Event
-	(*SubscribeRequest)(nil),      // 23: switchboard.api.events.v1.SubscribeRequest
-	(*EventBatch)(nil),            // 24: switchboard.api.events.v1.EventBatch
-	(*Heartbeat)(nil),             // 25: switchboard.api.events.v1.Heartbeat
-	(*SubscribeResponse)(nil),     // 26: switchboard.api.events.v1.SubscribeResponse
-	(*AddSubscription)(nil),       // 27: switchboard.api.events.v1.AddSubscription
-	(*RemoveSubscription)(nil),    // 28: switchboard.api.events.v1.RemoveSubscription
-	(*Ack)(nil),                   // 29: switchboard.api.events.v1.Ack
-	(*Ping)(nil),                  // 30: switchboard.api.events.v1.Ping
-	(*StreamRequest)(nil),         // 31: switchboard.api.events.v1.StreamRequest
-	(*Pong)(nil),                  // 32: switchboard.api.events.v1.Pong
-	(*SubscriptionAdded)(nil),     // 33: switchboard.api.events.v1.SubscriptionAdded
-	(*SubscriptionEnded)(nil),     // 34: switchboard.api.events.v1.SubscriptionEnded
-	(*SubscriptionEvents)(nil),    // 35: switchboard.api.events.v1.SubscriptionEvents
-	(*StreamResponse)(nil),        // 36: switchboard.api.events.v1.StreamResponse
-	(*ListEventsRequest)(nil),     // 37: switchboard.api.events.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),    // 38: switchboard.api.events.v1.ListEventsResponse
-	(*v1.Workspace)(nil),          // 39: switchboard.api.context.v1.Workspace
-	(*v1.WorkspaceMember)(nil),    // 40: switchboard.api.context.v1.WorkspaceMember
-	(*v1.Conversation)(nil),       // 41: switchboard.api.context.v1.Conversation
-	(*v1.Message)(nil),            // 42: switchboard.api.context.v1.Message
-	(*v1.MemoryItem)(nil),         // 43: switchboard.api.context.v1.MemoryItem
-	(*v1.File)(nil),               // 44: switchboard.api.context.v1.File
-	(*v11.Schedule)(nil),          // 45: switchboard.api.dispatcher.v1.Schedule
-	(*v11.ScheduleFiring)(nil),    // 46: switchboard.api.dispatcher.v1.ScheduleFiring
-	(*v11.RunUpdate)(nil),         // 47: switchboard.api.dispatcher.v1.RunUpdate
-	(v12.ErrorReason)(0),          // 48: switchboard.api.common.v1.ErrorReason
-	(*v13.Integration)(nil),       // 49: switchboard.api.integration.v1.Integration
-	(*v11.Assistant)(nil),         // 50: switchboard.api.dispatcher.v1.Assistant
-	(*v11.Budget)(nil),            // 51: switchboard.api.dispatcher.v1.Budget
-	(*v11.BudgetUsage)(nil),       // 52: switchboard.api.dispatcher.v1.BudgetUsage
-	(*durationpb.Duration)(nil),   // 53: google.protobuf.Duration
-	(*status.Status)(nil),         // 54: google.rpc.Status
-	(*v14.ClientInfo)(nil),        // 55: switchboard.api.auth.v1.ClientInfo
-	(*timestamppb.Timestamp)(nil), // 56: google.protobuf.Timestamp
+	(MemoryDecisionAction)(0),     // 2: switchboard.api.events.v1.MemoryDecisionAction
+	(MemoryFormingOutcome)(0),     // 3: switchboard.api.events.v1.MemoryFormingOutcome
+	(BudgetAlertKind)(0),          // 4: switchboard.api.events.v1.BudgetAlertKind
+	(SecurityEventKind)(0),        // 5: switchboard.api.events.v1.SecurityEventKind
+	(*Scope)(nil),                 // 6: switchboard.api.events.v1.Scope
+	(*Actor)(nil),                 // 7: switchboard.api.events.v1.Actor
+	(*WorkspaceChanged)(nil),      // 8: switchboard.api.events.v1.WorkspaceChanged
+	(*MemberChanged)(nil),         // 9: switchboard.api.events.v1.MemberChanged
+	(*ConversationChanged)(nil),   // 10: switchboard.api.events.v1.ConversationChanged
+	(*MessageCreated)(nil),        // 11: switchboard.api.events.v1.MessageCreated
+	(*MemoryChanged)(nil),         // 12: switchboard.api.events.v1.MemoryChanged
+	(*MemoryDecided)(nil),         // 13: switchboard.api.events.v1.MemoryDecided
+	(*FileChanged)(nil),           // 14: switchboard.api.events.v1.FileChanged
+	(*ScheduleChanged)(nil),       // 15: switchboard.api.events.v1.ScheduleChanged
+	(*ScheduleFired)(nil),         // 16: switchboard.api.events.v1.ScheduleFired
+	(*RunUpdated)(nil),            // 17: switchboard.api.events.v1.RunUpdated
+	(*MessageFiltered)(nil),       // 18: switchboard.api.events.v1.MessageFiltered
+	(*IntegrationChanged)(nil),    // 19: switchboard.api.events.v1.IntegrationChanged
+	(*AssistantChanged)(nil),      // 20: switchboard.api.events.v1.AssistantChanged
+	(*BudgetChanged)(nil),         // 21: switchboard.api.events.v1.BudgetChanged
+	(*BudgetAlert)(nil),           // 22: switchboard.api.events.v1.BudgetAlert
+	(*ToolInvoked)(nil),           // 23: switchboard.api.events.v1.ToolInvoked
+	(*SecurityEvent)(nil),         // 24: switchboard.api.events.v1.SecurityEvent
+	(*Event)(nil),                 // 25: switchboard.api.events.v1.Event
+	(*SubscribeRequest)(nil),      // 26: switchboard.api.events.v1.SubscribeRequest
+	(*EventBatch)(nil),            // 27: switchboard.api.events.v1.EventBatch
+	(*Heartbeat)(nil),             // 28: switchboard.api.events.v1.Heartbeat
+	(*SubscribeResponse)(nil),     // 29: switchboard.api.events.v1.SubscribeResponse
+	(*AddSubscription)(nil),       // 30: switchboard.api.events.v1.AddSubscription
+	(*RemoveSubscription)(nil),    // 31: switchboard.api.events.v1.RemoveSubscription
+	(*Ack)(nil),                   // 32: switchboard.api.events.v1.Ack
+	(*Ping)(nil),                  // 33: switchboard.api.events.v1.Ping
+	(*StreamRequest)(nil),         // 34: switchboard.api.events.v1.StreamRequest
+	(*Pong)(nil),                  // 35: switchboard.api.events.v1.Pong
+	(*SubscriptionAdded)(nil),     // 36: switchboard.api.events.v1.SubscriptionAdded
+	(*SubscriptionEnded)(nil),     // 37: switchboard.api.events.v1.SubscriptionEnded
+	(*SubscriptionEvents)(nil),    // 38: switchboard.api.events.v1.SubscriptionEvents
+	(*StreamResponse)(nil),        // 39: switchboard.api.events.v1.StreamResponse
+	(*ListEventsRequest)(nil),     // 40: switchboard.api.events.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),    // 41: switchboard.api.events.v1.ListEventsResponse
+	(*v1.Workspace)(nil),          // 42: switchboard.api.context.v1.Workspace
+	(*v1.WorkspaceMember)(nil),    // 43: switchboard.api.context.v1.WorkspaceMember
+	(*v1.Conversation)(nil),       // 44: switchboard.api.context.v1.Conversation
+	(*v1.Message)(nil),            // 45: switchboard.api.context.v1.Message
+	(*v1.MemoryItem)(nil),         // 46: switchboard.api.context.v1.MemoryItem
+	(*v1.File)(nil),               // 47: switchboard.api.context.v1.File
+	(*v11.Schedule)(nil),          // 48: switchboard.api.dispatcher.v1.Schedule
+	(*v11.ScheduleFiring)(nil),    // 49: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*v11.RunUpdate)(nil),         // 50: switchboard.api.dispatcher.v1.RunUpdate
+	(v12.ErrorReason)(0),          // 51: switchboard.api.common.v1.ErrorReason
+	(*v13.Integration)(nil),       // 52: switchboard.api.integration.v1.Integration
+	(*v11.Assistant)(nil),         // 53: switchboard.api.dispatcher.v1.Assistant
+	(*v11.Budget)(nil),            // 54: switchboard.api.dispatcher.v1.Budget
+	(*v11.BudgetUsage)(nil),       // 55: switchboard.api.dispatcher.v1.BudgetUsage
+	(*durationpb.Duration)(nil),   // 56: google.protobuf.Duration
+	(*status.Status)(nil),         // 57: google.rpc.Status
+	(*v14.ClientInfo)(nil),        // 58: switchboard.api.auth.v1.ClientInfo
+	(*timestamppb.Timestamp)(nil), // 59: google.protobuf.Timestamp
 }
 var file_switchboard_api_events_v1_events_proto_depIdxs = []int32{
 	1,  // 0: switchboard.api.events.v1.WorkspaceChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	39, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
+	42, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
 	1,  // 2: switchboard.api.events.v1.MemberChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	40, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	43, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
 	1,  // 4: switchboard.api.events.v1.ConversationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	41, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
-	42, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
+	44, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
+	45, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
 	1,  // 7: switchboard.api.events.v1.MemoryChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	43, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	1,  // 9: switchboard.api.events.v1.FileChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	44, // 10: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
-	1,  // 11: switchboard.api.events.v1.ScheduleChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	45, // 12: switchboard.api.events.v1.ScheduleChanged.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	46, // 13: switchboard.api.events.v1.ScheduleFired.firing:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
-	47, // 14: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	48, // 15: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
-	1,  // 16: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	49, // 17: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
-	1,  // 18: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	50, // 19: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	1,  // 20: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	51, // 21: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	2,  // 22: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
-	52, // 23: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	53, // 24: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
-	54, // 25: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
-	3,  // 26: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
-	55, // 27: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
-	0,  // 28: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
-	56, // 29: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
-	5,  // 30: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
-	6,  // 31: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
-	7,  // 32: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
-	8,  // 33: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
-	9,  // 34: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
-	10, // 35: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
-	14, // 36: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
-	16, // 37: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
-	21, // 38: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
-	15, // 39: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
-	20, // 40: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
-	17, // 41: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
-	18, // 42: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
-	19, // 43: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
-	11, // 44: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
-	12, // 45: switchboard.api.events.v1.Event.schedule_changed:type_name -> switchboard.api.events.v1.ScheduleChanged
-	13, // 46: switchboard.api.events.v1.Event.schedule_fired:type_name -> switchboard.api.events.v1.ScheduleFired
-	4,  // 47: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 48: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
-	22, // 49: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
-	56, // 50: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	24, // 51: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
-	25, // 52: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	4,  // 53: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 54: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
-	27, // 55: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
-	28, // 56: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
-	29, // 57: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
-	30, // 58: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
-	56, // 59: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
-	24, // 60: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
-	35, // 61: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
-	33, // 62: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
-	34, // 63: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
-	32, // 64: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
-	25, // 65: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	4,  // 66: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 67: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
-	22, // 68: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
-	23, // 69: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
-	31, // 70: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
-	37, // 71: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
-	26, // 72: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
-	36, // 73: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
-	38, // 74: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
-	72, // [72:75] is the sub-list for method output_type
-	69, // [69:72] is the sub-list for method input_type
-	69, // [69:69] is the sub-list for extension type_name
-	69, // [69:69] is the sub-list for extension extendee
-	0,  // [0:69] is the sub-list for field type_name
+	46, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	2,  // 9: switchboard.api.events.v1.MemoryDecided.action:type_name -> switchboard.api.events.v1.MemoryDecisionAction
+	3,  // 10: switchboard.api.events.v1.MemoryDecided.outcome:type_name -> switchboard.api.events.v1.MemoryFormingOutcome
+	1,  // 11: switchboard.api.events.v1.FileChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	47, // 12: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
+	1,  // 13: switchboard.api.events.v1.ScheduleChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	48, // 14: switchboard.api.events.v1.ScheduleChanged.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	49, // 15: switchboard.api.events.v1.ScheduleFired.firing:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	50, // 16: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	51, // 17: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
+	1,  // 18: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	52, // 19: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
+	1,  // 20: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	53, // 21: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	1,  // 22: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	54, // 23: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	4,  // 24: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
+	55, // 25: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	56, // 26: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
+	57, // 27: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
+	5,  // 28: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
+	58, // 29: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	0,  // 30: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
+	59, // 31: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
+	7,  // 32: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
+	8,  // 33: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
+	9,  // 34: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
+	10, // 35: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
+	11, // 36: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
+	12, // 37: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
+	17, // 38: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
+	19, // 39: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
+	24, // 40: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
+	18, // 41: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
+	23, // 42: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
+	20, // 43: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
+	21, // 44: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
+	22, // 45: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
+	14, // 46: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
+	15, // 47: switchboard.api.events.v1.Event.schedule_changed:type_name -> switchboard.api.events.v1.ScheduleChanged
+	16, // 48: switchboard.api.events.v1.Event.schedule_fired:type_name -> switchboard.api.events.v1.ScheduleFired
+	13, // 49: switchboard.api.events.v1.Event.memory_decided:type_name -> switchboard.api.events.v1.MemoryDecided
+	6,  // 50: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 51: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
+	25, // 52: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
+	59, // 53: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	27, // 54: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
+	28, // 55: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	6,  // 56: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 57: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
+	30, // 58: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
+	31, // 59: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
+	32, // 60: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
+	33, // 61: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
+	59, // 62: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
+	27, // 63: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
+	38, // 64: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
+	36, // 65: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
+	37, // 66: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
+	35, // 67: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
+	28, // 68: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	6,  // 69: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 70: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
+	25, // 71: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
+	26, // 72: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
+	34, // 73: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
+	40, // 74: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
+	29, // 75: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
+	39, // 76: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
+	41, // 77: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
+	75, // [75:78] is the sub-list for method output_type
+	72, // [72:75] is the sub-list for method input_type
+	72, // [72:72] is the sub-list for extension type_name
+	72, // [72:72] is the sub-list for extension extendee
+	0,  // [0:72] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_events_v1_events_proto_init() }
@@ -3387,7 +3678,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Scope_Workspace)(nil),
 		(*Scope_Conversation)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[18].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[19].OneofWrappers = []any{
 		(*Event_WorkspaceChanged)(nil),
 		(*Event_MemberChanged)(nil),
 		(*Event_ConversationChanged)(nil),
@@ -3404,18 +3695,19 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Event_FileChanged)(nil),
 		(*Event_ScheduleChanged)(nil),
 		(*Event_ScheduleFired)(nil),
+		(*Event_MemoryDecided)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[22].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[23].OneofWrappers = []any{
 		(*SubscribeResponse_Batch)(nil),
 		(*SubscribeResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[27].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[28].OneofWrappers = []any{
 		(*StreamRequest_Add)(nil),
 		(*StreamRequest_Remove)(nil),
 		(*StreamRequest_Ack)(nil),
 		(*StreamRequest_Ping)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[32].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[33].OneofWrappers = []any{
 		(*StreamResponse_Events)(nil),
 		(*StreamResponse_Added)(nil),
 		(*StreamResponse_Ended)(nil),
@@ -3427,8 +3719,8 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_events_v1_events_proto_rawDesc), len(file_switchboard_api_events_v1_events_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   35,
+			NumEnums:      6,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
