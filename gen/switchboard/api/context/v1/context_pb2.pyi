@@ -2683,7 +2683,9 @@ Global___ListMemoryItemsResponse: _TypeAlias = ListMemoryItemsResponse  # noqa: 
 
 @_typing.final
 class SearchMemoryItemsRequest(_message.Message):
-    """Request for SearchMemoryItems."""
+    """Request for SearchMemoryItems. It finds current items only (no
+    `invalid_time`, or one in the future).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -2694,6 +2696,7 @@ class SearchMemoryItemsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    WORKSPACE_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The scope to search, as in CreateMemoryItemRequest.parent."""
     query: _builtins.str
@@ -2710,6 +2713,11 @@ class SearchMemoryItemsRequest(_message.Message):
     """A filter in the AIP-160 subset described at SearchContextRequest.filter
     (`source` is always `memory` here). A field it does not know is
     INVALID_ARGUMENT on `filter`.
+    In a user's scope: only the items formed in this workspace
+    """
+    workspace: _builtins.str
+    """(`workspaces/{workspace}`) and those written by people, as in
+    ListMemoryItemsRequest.workspace.
     """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___MemoryKind.ValueType]:
@@ -2725,10 +2733,11 @@ class SearchMemoryItemsRequest(_message.Message):
         page_token: _builtins.str = ...,
         mode: Global___SearchMode.ValueType = ...,
         filter: _builtins.str = ...,
+        workspace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "kinds", b"kinds", "mode", b"mode", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "query", b"query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "kinds", b"kinds", "mode", b"mode", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "query", b"query", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5172,7 +5172,8 @@ func (x *ListMemoryItemsResponse) GetNextPageToken() string {
 	return ""
 }
 
-// Request for SearchMemoryItems.
+// Request for SearchMemoryItems. It finds current items only (no
+// `invalid_time`, or one in the future).
 type SearchMemoryItemsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The scope to search, as in CreateMemoryItemRequest.parent.
@@ -5191,7 +5192,10 @@ type SearchMemoryItemsRequest struct {
 	// A filter in the AIP-160 subset described at SearchContextRequest.filter
 	// (`source` is always `memory` here). A field it does not know is
 	// INVALID_ARGUMENT on `filter`.
-	Filter        string `protobuf:"bytes,7,opt,name=filter,proto3" json:"filter,omitempty"`
+	Filter string `protobuf:"bytes,7,opt,name=filter,proto3" json:"filter,omitempty"` // In a user's scope: only the items formed in this workspace
+	// (`workspaces/{workspace}`) and those written by people, as in
+	// ListMemoryItemsRequest.workspace.
+	Workspace     string `protobuf:"bytes,8,opt,name=workspace,proto3" json:"workspace,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5271,6 +5275,13 @@ func (x *SearchMemoryItemsRequest) GetMode() SearchMode {
 func (x *SearchMemoryItemsRequest) GetFilter() string {
 	if x != nil {
 		return x.Filter
+	}
+	return ""
+}
+
+func (x *SearchMemoryItemsRequest) GetWorkspace() string {
+	if x != nil {
+		return x.Workspace
 	}
 	return ""
 }
@@ -8464,7 +8475,7 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\tworkspace\x18\b \x01(\tR\tworkspace\"\x8c\x01\n" +
 	"\x17ListMemoryItemsResponse\x12I\n" +
 	"\fmemory_items\x18\x01 \x03(\v2&.switchboard.api.context.v1.MemoryItemR\vmemoryItems\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x96\x02\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb4\x02\n" +
 	"\x18SearchMemoryItemsRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x14\n" +
 	"\x05query\x18\x02 \x01(\tR\x05query\x12<\n" +
@@ -8473,7 +8484,8 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\n" +
 	"page_token\x18\x05 \x01(\tR\tpageToken\x12:\n" +
 	"\x04mode\x18\x06 \x01(\x0e2&.switchboard.api.context.v1.SearchModeR\x04mode\x12\x16\n" +
-	"\x06filter\x18\a \x01(\tR\x06filter\"\xbc\x01\n" +
+	"\x06filter\x18\a \x01(\tR\x06filter\x12\x1c\n" +
+	"\tworkspace\x18\b \x01(\tR\tworkspace\"\xbc\x01\n" +
 	"\fSearchScores\x12)\n" +
 	"\x0efull_text_rank\x18\x01 \x01(\x05H\x00R\ffullTextRank\x88\x01\x01\x12(\n" +
 	"\rsemantic_rank\x18\x02 \x01(\x05H\x01R\fsemanticRank\x88\x01\x01\x12#\n" +
