@@ -35,6 +35,8 @@ from switchboard.context.records import (
     Missing,
     NotDeleted,
     Refused,
+    Retired,
+    Superseded,
     WorkspaceRecord,
 )
 from switchboard.context.text.tokencount import TokenCounter
@@ -165,6 +167,12 @@ def refusal(refused: Refused) -> SwitchboardError:
         return NotFound(f"{name} not found")
     if isinstance(refused, Exists):
         return AlreadyExists(f"{name} already exists")
+    if isinstance(refused, Retired):
+        return FailedPrecondition(f"{name} is already retired")
+    if isinstance(refused, Superseded):
+        return FailedPrecondition(
+            f"{name} was superseded by a newer item; it cannot become current again"
+        )
     if isinstance(refused, Archived):
         return FailedPrecondition(f"{name} is archived; unarchive it to change it")
     if isinstance(refused, AlreadyDeleted):

@@ -17,6 +17,7 @@ from switchboard.context.records import (
     Kind,
     MemberRecord,
     MemoryRecord,
+    MemoryVersionRecord,
     MessageRecord,
     WorkspaceRecord,
 )
@@ -51,6 +52,7 @@ KINDS: Final[dict[pb.MemoryKind.ValueType, str]] = {
     pb.MEMORY_KIND_SUMMARY: "summary",
     pb.MEMORY_KIND_ENTITY: "entity",
     pb.MEMORY_KIND_NOTE: "note",
+    pb.MEMORY_KIND_PLAN: "plan",
 }
 _KIND_PROTOS: Final = {name: value for value, name in KINDS.items()}
 
@@ -112,6 +114,9 @@ def workspace_proto(row: WorkspaceRecord, role: str | None = None) -> pb.Workspa
         delete_time=timestamp(row.deleted_at),
         etag=etag_of(row.version),
         caller_role=_ROLE_PROTOS.get(role or "", pb.WORKSPACE_ROLE_UNSPECIFIED),
+        memory_policy=(
+            pb.MemoryPolicy.FromString(row.memory_policy) if row.memory_policy else None
+        ),
     )
 
 
@@ -165,4 +170,43 @@ def memory_proto(row: MemoryRecord) -> pb.MemoryItem:
         token_count=row.token_count,
         etag=etag_of(row.version),
         update_time=timestamp(row.updated_at),
+        valid_time=timestamp(row.valid_from or row.created_at),
+        invalid_time=timestamp(row.valid_until),
+        supersedes=_sibling(row, row.supersedes),
+        superseded_by=_sibling(row, row.superseded_by),
+        confidence=row.confidence_milli / 1000,
+        formation=_formation(row.formation),
+        invalid_reason=row.invalid_reason,
+        workspace=str(WorkspaceName(row.origin_workspace_id)) if row.origin_workspace_id else "",
+        version=row.version,
+    )
+
+
+def _sibling(row: MemoryRecord, memory_id: str) -> str:
+    """The name of another item of ``row``'s scope ("" for none)."""
+    return f"{row.scope}/memories/{memory_id}" if memory_id else ""
+
+
+def _formation(data: bytes) -> pb.MemoryFormation | None:
+    return pb.MemoryFormation.FromString(data) if data else None
+
+
+_CHANGE_PROTOS: Final = {
+    "created": pb.MEMORY_CHANGE_CREATED,
+    "edited": pb.MEMORY_CHANGE_EDITED,
+    "retired": pb.MEMORY_CHANGE_RETIRED,
+}
+
+
+def memory_version_proto(scope: str, row: MemoryVersionRecord) -> pb.MemoryItemVersion:
+    return pb.MemoryItemVersion(
+        memory_item=f"{scope}/memories/{row.memory_id}",
+        version=row.version,
+        change=_CHANGE_PROTOS.get(row.change, pb.MEMORY_CHANGE_UNSPECIFIED),
+        content=row.content,
+        change_time=timestamp(row.changed_at),
+        editor=row.editor,
+        valid_time=timestamp(row.valid_from),
+        invalid_time=timestamp(row.valid_until),
+        invalid_reason=row.invalid_reason,
     )

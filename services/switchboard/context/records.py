@@ -29,6 +29,8 @@ class WorkspaceRecord:
     updated_at: dt.datetime
     deleted_at: dt.datetime | None
     version: int
+    #: A serialized ``MemoryPolicy`` (b"": none, off).
+    memory_policy: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,40 @@ class MemoryRecord:
     expires_at: dt.datetime | None
     token_count: int
     version: int
+    #: When what it says became true (None: at its creation) and stopped (None: current).
+    valid_from: dt.datetime | None = None
+    valid_until: dt.datetime | None = None
+    #: Ids of the item it replaced and of the one that replaced it ("" for none).
+    supersedes: str = ""
+    superseded_by: str = ""
+    invalid_reason: str = ""
+    #: The forming model's confidence in thousandths (0 for items people wrote).
+    confidence_milli: int = 0
+    #: A serialized ``MemoryFormation`` (b"" for items people wrote).
+    formation: bytes = b""
+    #: A user's item formed in a workspace: that workspace's id.
+    origin_workspace_id: str | None = None
+
+    def current(self, at: dt.datetime) -> bool:
+        """Whether it is true at ``at`` (not retired by then, and not expired)."""
+        return (self.valid_until is None or self.valid_until > at) and (
+            self.expires_at is None or self.expires_at > at
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryVersionRecord:
+    """One version of a memory item (``memory_versions``)."""
+
+    memory_id: str
+    version: int
+    change: str
+    content: str
+    changed_at: dt.datetime
+    editor: str
+    valid_from: dt.datetime | None
+    valid_until: dt.datetime | None
+    invalid_reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +156,14 @@ class Missing(Refused):
 
 class Exists(Refused):
     """A row with that key is already there."""
+
+
+class Retired(Refused):
+    """A memory item is already retired (superseded or invalidated)."""
+
+
+class Superseded(Refused):
+    """A memory item another replaced cannot become current again."""
 
 
 class Archived(Refused):

@@ -162,7 +162,7 @@ class ContextServiceServicer:
     async def GetMemoryItem(
         self, request: pb.GetMemoryItemRequest, context: Context
     ) -> pb.GetMemoryItemResponse:
-        return pb.GetMemoryItemResponse(memory_item=await self._domain.memory.get(request.name))
+        return await self._domain.memory.read(request)
 
     async def UpdateMemoryItem(
         self, request: pb.UpdateMemoryItemRequest, context: Context

@@ -190,10 +190,18 @@ class StoreBase:
         return record
 
     def _search_window(
-        self, db: Session | Connection, scopes: Sequence[str], query: str, *, limit: int
+        self,
+        db: Session | Connection,
+        scopes: Sequence[str],
+        query: str,
+        *,
+        limit: int,
+        workspace_id: str,
+        at: dt.datetime | None = None,
     ) -> list[tuple[MemoryRecord, float]]:
         """``_search(db, scopes, query, kinds=(), limit=limit, exclude_kinds=("summary",),
-        unpinned_only=True)`` for a window's three scopes, on the driver, as records."""
+        unpinned_only=True)`` for a window's three scopes, on the driver, as records:
+        the memory true ``at`` (now if None) of the window's workspace ``workspace_id``."""
         match = self._match(query)
         if not match:
             return []
@@ -205,7 +213,8 @@ class StoreBase:
             "match": match,
             "limit": limit,
             "offset": 0,
-            "now": now(),
+            "now": at or now(),
+            "origin": workspace_id,
             "exclude": "summary",
         }
         try:
@@ -276,17 +285,23 @@ class StoreBase:
         unpinned_only: bool = False,
         conditions: MemoryConditions | None = None,
         workspace_id: str | None = None,
+        origin_workspace_id: str | None = None,
     ) -> list[tuple[MemoryItemRow, float]]:
-        """Items of ``scopes`` matching any term of ``query``, best first.
+        """Current items of ``scopes`` matching any term of ``query``, best first.
 
         ``workspace_id`` instead of ``scopes``: every item of the workspace and of
         its live conversations. ``conditions``: a search filter's memory conditions
         (kind, conversation, create_time; its metadata is for the caller to check).
+        ``origin_workspace_id``: of a user's items, only those formed there or
+        written by people.
         """
         match = self._match(query)
         if not match or not (scopes or workspace_id):
             return []
-        filters = ["(m.expires_at IS NULL OR m.expires_at > :now)"]
+        filters = [
+            "(m.expires_at IS NULL OR m.expires_at > :now)",
+            "(m.valid_until IS NULL OR m.valid_until > :now)",
+        ]
         params: dict[str, Any] = {"match": match, "limit": limit, "offset": offset, "now": now()}
         binds: list[BindParameter[Any]] = []
 
@@ -304,6 +319,11 @@ class StoreBase:
             params["workspace"] = workspace_id
         else:
             one_of("m.scope", "scopes", scopes)
+        if origin_workspace_id is not None:
+            filters.append(
+                "(m.origin_workspace_id IS NULL OR m.origin_workspace_id = :origin_workspace)"
+            )
+            params["origin_workspace"] = origin_workspace_id
         if kinds:
             one_of("m.kind", "kinds", kinds)
         if exclude_kinds:
@@ -377,12 +397,22 @@ MEMORY_COLUMNS: Final = tuple(_MEMORY.c[field] for field in MemoryRecord.__datac
 _MEMORY_SELECT: Final = ", ".join(f"m.{column.name}" for column in MEMORY_COLUMNS)
 
 
+#: A window's memory: true at ``:now`` (as of then: stated by then, not retired by
+#: then), and of a user's items only those of the window's workspace or people's.
+CURRENT_AT: Final = (
+    "COALESCE(m.valid_from, m.created_at) <= :now "
+    "AND (m.valid_until IS NULL OR m.valid_until > :now)"
+)
+FROM_WORKSPACE: Final = "(m.origin_workspace_id IS NULL OR m.origin_workspace_id = :origin)"
+
+
 def _window_search(sqlite: bool) -> Prepared:
     """The window's search (``_search`` with its three scopes, no summaries, unpinned
     only), on the driver: the items' columns with their score, in one statement."""
     where = (
         "m.scope IN (:scope0, :scope1, :scope2) "
         "AND (m.expires_at IS NULL OR m.expires_at > :now) "
+        f"AND {CURRENT_AT} AND {FROM_WORKSPACE} "
         "AND m.kind NOT IN (:exclude) AND NOT m.pinned"
     )
     sql = _search_sql(where, sqlite=sqlite, columns=_MEMORY_SELECT)
@@ -488,6 +518,7 @@ def workspace_record(row: WorkspaceRow) -> WorkspaceRecord:
         updated_at=row.updated_at,
         deleted_at=row.deleted_at,
         version=row.version,
+        memory_policy=row.memory_policy or b"",
     )
 
 

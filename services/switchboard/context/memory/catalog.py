@@ -22,8 +22,8 @@ from switchboard.context.common import (
     stored,
     write,
 )
-from switchboard.context.mapping import KINDS, memory_proto
-from switchboard.context.memory.store import MemoryStore
+from switchboard.context.mapping import KINDS, memory_proto, memory_version_proto
+from switchboard.context.memory.store import MemoryStore, Validity, Written
 from switchboard.context.records import MemoryRecord, Scope
 from switchboard.context.semantic.retrieval.search import Search
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
@@ -32,17 +32,26 @@ from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import from_micros, micros
 from switchboard.platform.values import timefields
 from switchboard.platform.values.fieldmask import update_paths
-from switchboard.platform.values.names import checked_etag, new_id, now
+from switchboard.platform.values.names import MEMORY_ID_RULE, checked_etag, new_id, now
 from switchboard.platform.values.resources import (
     ConversationName,
     MemoryName,
     MessageName,
     UserName,
+    WorkspaceName,
     parse_memory_scope,
 )
 
 #: How many messages one memory item may cite.
 MAX_SOURCE_MESSAGES: Final = 50
+MAX_REASON_CHARS: Final = 200
+MAX_FORMATION_CHARS: Final = 255
+_VALIDITY: Final = {
+    pb.MEMORY_VALIDITY_UNSPECIFIED: "current",
+    pb.MEMORY_VALIDITY_CURRENT: "current",
+    pb.MEMORY_VALIDITY_RETIRED: "retired",
+    pb.MEMORY_VALIDITY_ALL: "all",
+}
 
 
 def scope_of(name: str, field: str) -> Scope:
@@ -77,6 +86,41 @@ def _expiry(item: pb.MemoryItem, field: str) -> dt.datetime | None:
             f"{field} is in the past", [FieldViolation(field, "must be in the future")]
         )
     return when
+
+
+def _past(item: pb.MemoryItem, name: str, field: str) -> dt.datetime | None:
+    """``item``'s timestamp field ``name``, which may not be in the future."""
+    if not item.HasField(name):  # type: ignore[arg-type]
+        return None
+    when = timefields.timestamp(getattr(item, name), field)
+    if when > now():
+        raise InvalidArgument(
+            f"{field} is in the future", [FieldViolation(field, "must not be in the future")]
+        )
+    return when
+
+
+def _origin(scope: Scope, workspace: str, field: str) -> str | None:
+    """The workspace id a user's item is marked with (None: none)."""
+    if not workspace:
+        return None
+    if scope.user_id is None:
+        raise InvalidArgument(
+            f"{field} applies to a user's items only",
+            [FieldViolation(field, "applies to a user's items only")],
+        )
+    return WorkspaceName.parse(workspace, field).workspace
+
+
+def _check_formation(item: pb.MemoryItem, violations: Violations) -> None:
+    formation = item.formation
+    for name in ("assistant", "policy", "model", "run"):
+        if len(getattr(formation, name)) > MAX_FORMATION_CHARS:
+            violations.add(
+                f"memory_item.formation.{name}", f"is longer than {MAX_FORMATION_CHARS} characters"
+            )
+    if not 0.0 <= item.confidence <= 1.0:
+        violations.add("memory_item.confidence", "must be 0 to 1")
 
 
 def _memory_name(name: str, field: str) -> tuple[str, str]:
@@ -115,10 +159,22 @@ class Memory(Domain):
         for index, source in enumerate(item.source_messages):
             if MessageName.parse_or_none(source) is None:
                 violations.add(f"memory_item.source_messages[{index}]", MessageName.refusal(source))
+        _check_formation(item, violations)
+        if request.memory_item_id and not MEMORY_ID_RULE.regex.fullmatch(request.memory_item_id):
+            violations.add("memory_item_id", MEMORY_ID_RULE.must)
+        supersedes = ""
+        if item.supersedes:
+            memory = MemoryName.parse_or_none(item.supersedes)
+            if memory is None or str(memory.scope) != scope.scope:
+                violations.add("memory_item.supersedes", "must name an item of the same parent")
+            else:
+                supersedes = memory.memory
         violations.check()
+        origin = _origin(scope, item.workspace, "memory_item.workspace")
+        valid_from = _past(item, "valid_time", "memory_item.valid_time")
         stamp = now()
         record = MemoryRecord(
-            id=new_id(),
+            id=request.memory_item_id or new_id(),
             scope=scope.scope,
             workspace_id=scope.workspace_id,
             conversation_id=scope.conversation_id,
@@ -134,11 +190,14 @@ class Memory(Domain):
             expires_at=_expiry(item, "memory_item.expire_time"),
             token_count=self.common.counter.count(item.content),
             version=1,
+            valid_from=valid_from,
+            supersedes=supersedes,
+            confidence_milli=round(item.confidence * 1000),
+            formation=item.formation.SerializeToString() if item.HasField("formation") else b"",
+            origin_workspace_id=origin,
         )
-        staged = self.common.staged(
-            lambda done: [memory_event(principal, events_pb2.CHANGE_KIND_CREATED, done)]
-        )
-        created = await stored(
+        staged = self.common.staged(lambda done: _written_events(principal, done))
+        created: Written = await stored(
             self._store.create_memory(
                 record,
                 max_per_scope=self.limits.max_memory_items,
@@ -147,11 +206,22 @@ class Memory(Domain):
             )
         )
         await self.common.announce(staged)
-        return memory_proto(created)
+        return memory_proto(created.item)
 
     async def get(self, name: str) -> pb.MemoryItem:
         scope, memory_id = _memory_name(name, "name")
         return memory_proto(await stored(self._store.get_memory(scope, memory_id)))
+
+    async def read(self, request: pb.GetMemoryItemRequest) -> pb.GetMemoryItemResponse:
+        """GetMemoryItem: the item, with its history if asked."""
+        if not request.include_history:
+            return pb.GetMemoryItemResponse(memory_item=await self.get(request.name))
+        scope, memory_id = _memory_name(request.name, "name")
+        item, versions = await stored(self._store.history(scope, memory_id))
+        return pb.GetMemoryItemResponse(
+            memory_item=memory_proto(item),
+            history=[memory_version_proto(scope, version) for version in versions],
+        )
 
     @write
     async def update(
@@ -162,7 +232,15 @@ class Memory(Domain):
         paths = update_paths(
             request.update_mask,
             item,
-            ("content", "pinned", "metadata", "expire_time"),
+            (
+                "content",
+                "pinned",
+                "metadata",
+                "expire_time",
+                "valid_time",
+                "invalid_time",
+                "invalid_reason",
+            ),
             "update_mask",
         )
         violations = Violations()
@@ -178,6 +256,22 @@ class Memory(Domain):
             changes["meta"] = self._metadata(item)
         if "expire_time" in paths:
             changes["expires_at"] = _expiry(item, "memory_item.expire_time")
+        if "valid_time" in paths:
+            changes["valid_from"] = _past(item, "valid_time", "memory_item.valid_time")
+        if "invalid_time" in paths:
+            changes["valid_until"] = _past(item, "invalid_time", "memory_item.invalid_time")
+        if "invalid_reason" in paths:
+            if len(item.invalid_reason) > MAX_REASON_CHARS:
+                raise InvalidArgument(
+                    "memory_item.invalid_reason is too long",
+                    [
+                        FieldViolation(
+                            "memory_item.invalid_reason",
+                            f"is longer than {MAX_REASON_CHARS} characters",
+                        )
+                    ],
+                )
+            changes["invalid_reason"] = item.invalid_reason
         staged = self.common.staged(
             lambda done: [memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
         )
@@ -187,6 +281,7 @@ class Memory(Domain):
                 memory_id,
                 checked_etag(item.etag, "memory_item.etag"),
                 changes,
+                editor=principal.user_name,
                 max_pinned=self.limits.max_pinned,
                 staged=staged,
             )
@@ -197,8 +292,11 @@ class Memory(Domain):
     @write
     async def delete(self, principal: Principal, name: str) -> None:
         scope, memory_id = _memory_name(name, "name")
+        # One DELETED event per item forgotten: the indexer drops each one's passages.
         staged = self.common.staged(
-            lambda done: [memory_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
+            lambda done: [
+                memory_event(principal, events_pb2.CHANGE_KIND_DELETED, item) for item in done
+            ]
         )
         await stored(self._store.delete_memory(scope, memory_id, staged=staged))
         await self.common.announce(staged)
@@ -208,7 +306,26 @@ class Memory(Domain):
         kinds = kinds_of(request.kinds, "kinds")
         pages = self.common.pages
         size = pagination.page_size(request.page_size, default=20, maximum=100)
-        token = pagination.fingerprint("memory", request.parent, sorted(kinds), request.pinned_only)
+        origin = _origin(scope, request.workspace, "workspace")
+        validity = Validity(
+            which=_VALIDITY.get(request.validity, "current"),
+            at=(
+                timefields.timestamp(request.valid_at, "valid_at")
+                if request.HasField("valid_at")
+                else None
+            ),
+            origin_workspace_id=origin,
+        )
+        if request.validity not in _VALIDITY:
+            raise InvalidArgument(
+                "validity is not a memory validity",
+                [FieldViolation("validity", "is not a memory validity")],
+            )
+        parts: list[object] = ["memory", request.parent, sorted(kinds), request.pinned_only]
+        if request.validity or request.HasField("valid_at") or request.workspace:
+            # Tokens of a listing without them stay as they were before.
+            parts += [validity.which, str(validity.at), request.workspace]
+        token = pagination.fingerprint(*parts)
         before = None
         if request.page_token:
             stamp, last = pages.decode(
@@ -217,7 +334,12 @@ class Memory(Domain):
             before = (from_micros(stamp), str(last))
         rows = await stored(
             self._store.list_memory(
-                scope, before, size + 1, kinds=kinds, pinned_only=request.pinned_only
+                scope,
+                before,
+                size + 1,
+                kinds=kinds,
+                pinned_only=request.pinned_only,
+                validity=validity,
             )
         )
         response = pb.ListMemoryItemsResponse(memory_items=[memory_proto(r) for r in rows[:size]])
@@ -236,4 +358,14 @@ class Memory(Domain):
         check_text(request.query, "query", self.limits.max_query_chars, violations)
         violations.check()
         kinds = kinds_of(request.kinds, "kinds")
-        return await self._search.search_memory(request, scope, kinds)
+        origin = _origin(scope, request.workspace, "workspace")
+        return await self._search.search_memory(request, scope, kinds, origin)
+
+
+def _written_events(principal: Principal, done: Written) -> list[events_pb2.Event]:
+    """A create's events: the retired item's change first, then the new item."""
+    events = []
+    if done.retired is not None:
+        events.append(memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, done.retired))
+    events.append(memory_event(principal, events_pb2.CHANGE_KIND_CREATED, done.item))
+    return events

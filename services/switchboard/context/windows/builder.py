@@ -27,6 +27,7 @@ semantic index's progress, none of which has a version in the key.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -62,6 +63,7 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.values import timefields
 from switchboard.platform.values.names import now
 from switchboard.platform.values.resources import ConversationName
 from switchboard.shared.parttext import render_parts
@@ -177,6 +179,12 @@ class Windows(Domain):
         if retrieval is not None:
             _check_retrieval(retrieval, request.token_budget, violations)
         violations.check()
+        at = (
+            timefields.timestamp(request.valid_at, "valid_at")
+            if request.HasField("valid_at")
+            else None
+        )
+        parsed = None
         if retrieval is not None:
             parsed = parse_filter(
                 retrieval.filter, workspace_id=workspace_id, field="retrieval.filter"
@@ -207,9 +215,9 @@ class Windows(Domain):
                 )
             )
 
-        if retrieval is not None:
+        if retrieval is not None or at is not None:
             return await self._retrieving(
-                workspace_id, conversation_id, scopes, request, retrieval, parsed
+                workspace_id, conversation_id, scopes, request, retrieval, parsed, at
             )
         rows: WindowRows | None = None
         polled = ":".join((*prefix, principal.user_id, *suffix))
@@ -265,16 +273,23 @@ class Windows(Domain):
         conversation_id: str,
         scopes: WindowScopes,
         request: pb.GetContextWindowRequest,
-        retrieval: pb.RetrievalOptions,
-        parsed: ParsedFilter,
+        retrieval: pb.RetrievalOptions | None,
+        parsed: ParsedFilter | None,
+        at: dt.datetime | None,
     ) -> bytes:
-        """A window with retrieval, built afresh (never cached, see the module docstring)."""
+        """A window with retrieval or of a past time (``at``), built afresh (never
+        cached, see the module docstring)."""
         asked: list[str] = []
-        rows = await self._rows(workspace_id, conversation_id, scopes, request, asked=asked)
+        rows = await self._rows(workspace_id, conversation_id, scopes, request, asked=asked, at=at)
         # The latest user message may be longer than a query may be: its start is searched.
         query = (asked[0] if asked else request.query)[: self.limits.max_query_chars]
         ranking = None
-        if query.strip() and self._search is not None:
+        if (
+            retrieval is not None
+            and parsed is not None
+            and query.strip()
+            and self._search is not None
+        ):
             ranking = await self._search.retrieve(
                 workspace_id, conversation_id, query, retrieval, parsed
             )
@@ -287,7 +302,8 @@ class Windows(Domain):
             texts,
             request.token_budget,
             ranking=ranking,
-            retrieval_budget=retrieval.token_budget,
+            retrieval_budget=retrieval.token_budget if retrieval is not None else 0,
+            at=at,
         )
         return payload
 
@@ -300,6 +316,7 @@ class Windows(Domain):
         request: pb.GetContextWindowRequest,
         *,
         asked: list[str] | None = None,
+        at: dt.datetime | None = None,
     ) -> WindowRows: ...
 
     @overload
@@ -312,6 +329,7 @@ class Windows(Domain):
         cached: Callable[[tuple[int, int, int]], bool],
         *,
         asked: list[str] | None = None,
+        at: dt.datetime | None = None,
     ) -> tuple[tuple[int, int, int], WindowRows | None]: ...
 
     async def _rows(
@@ -323,6 +341,7 @@ class Windows(Domain):
         cached: Callable[[tuple[int, int, int]], bool] | None = None,
         *,
         asked: list[str] | None = None,
+        at: dt.datetime | None = None,
     ) -> WindowRows | tuple[tuple[int, int, int], WindowRows | None]:
         """The window's rows; with ``cached``, its versions and its rows unless
         ``cached(versions)`` (``WindowStore.window_read``). ``asked`` gets the query
@@ -352,6 +371,7 @@ class Windows(Domain):
                         query=query,
                         relevant_limit=limits.relevant_limit,
                         max_pinned=limits.max_pinned,
+                        at=at,
                     )
                 )
             return await stored(
@@ -407,12 +427,13 @@ class Windows(Domain):
         *,
         ranking: Ranking | None = None,
         retrieval_budget: int = 0,
+        at: dt.datetime | None = None,
     ) -> tuple[bytes, float]:
         """The serialized response of the window planned from ``rows``, and until when it holds.
 
         ``messages``: every loaded body (most are shown, and the planner pairs
         tool calls with their results, planner.py rule 6); ``texts``: their files'."""
-        memories = _Memories(stamp=now().timestamp())
+        memories = _Memories(stamp=(at or now()).timestamp())
         retrieved_tokens: dict[str, int] = {}
         counter, image_tokens = self.common.counter, self.limits.image_tokens
         recent = []

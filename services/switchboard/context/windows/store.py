@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import bindparam, func, or_, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -20,6 +21,7 @@ from switchboard.context.storebase import MEMORY_COLUMNS, StoreBase, log
 from switchboard.platform.store.db import DatabaseUnavailable, is_outage
 from switchboard.platform.store.models import MemoryItemRow, MessageRow, table_of
 from switchboard.platform.store.prepared import Prepared
+from switchboard.platform.values.names import now
 
 _WINDOW_VERSIONS: Final = (
     "SELECT c.workspace_id, c.deleted_at IS NOT NULL, c.version, "
@@ -31,11 +33,19 @@ _WINDOW_VERSIONS: Final = (
 # snapshot per window (see ``window_rows``); rows are tuples in the records' order.
 _MESSAGES: Final = table_of(MessageRow)
 _WINDOW_VERSIONS_PREPARED: Final = Prepared(text(_WINDOW_VERSIONS), name="window versions")
+_NOW: Final = bindparam("now", type_=MemoryItemRow.__table__.c.valid_until.type)
 _PINNED: Final = Prepared(
     select(*MEMORY_COLUMNS)
     .where(
         MemoryItemRow.scope.in_([bindparam("scope0"), bindparam("scope1"), bindparam("scope2")]),
         MemoryItemRow.pinned.is_(True),
+        # True at the window's time (``storebase.CURRENT_AT``) and of its workspace.
+        func.coalesce(MemoryItemRow.valid_from, MemoryItemRow.created_at) <= _NOW,
+        or_(MemoryItemRow.valid_until.is_(None), MemoryItemRow.valid_until > _NOW),
+        or_(
+            MemoryItemRow.origin_workspace_id.is_(None),
+            MemoryItemRow.origin_workspace_id == bindparam("origin"),
+        ),
     )
     .order_by(MemoryItemRow.created_at, MemoryItemRow.id)
     .limit(bindparam("limit")),
@@ -122,10 +132,12 @@ class WindowStore(StoreBase):
         query: Callable[[MessageRecord | None], str],
         relevant_limit: int,
         max_pinned: int,
+        at: dt.datetime | None = None,
     ) -> WindowRows:
         """Read everything a window needs in one snapshot.
 
-        ``query(latest user message)`` is the text relevant memory is searched with.
+        ``query(latest user message)`` is the text relevant memory is searched with;
+        ``at``: the memory true then (now if None).
         """
 
         def tx(db: Session) -> WindowRows:
@@ -136,7 +148,15 @@ class WindowStore(StoreBase):
             )
             found = _window_versions(versions, workspace_id, conversation_id)
             return self._window_rows(
-                connection, conversation, found, scopes, budget, query, relevant_limit, max_pinned
+                connection,
+                conversation,
+                found,
+                scopes,
+                budget,
+                query,
+                relevant_limit,
+                max_pinned,
+                at,
             )
 
         return await self._run(tx, write=False, snapshot=True)
@@ -186,9 +206,11 @@ class WindowStore(StoreBase):
         query: Callable[[MessageRecord | None], str],
         relevant_limit: int,
         max_pinned: int,
+        at: dt.datetime | None = None,
     ) -> WindowRows:
         """The rest of a window's reads, in the snapshot ``versions`` were read in."""
         every = scopes.all()
+        stamp = at or now()
         pinned = _PINNED.rows(
             connection,
             {
@@ -196,6 +218,8 @@ class WindowStore(StoreBase):
                 "scope1": every[1],
                 "scope2": every[2],
                 "limit": max_pinned * len(every),
+                "now": stamp,
+                "origin": conversation.workspace_id,
             },
         )
         latest = _LATEST_USER_MESSAGE.first(connection, {"conversation": conversation.id})
@@ -204,6 +228,8 @@ class WindowStore(StoreBase):
             every,
             query(MessageRecord(*latest) if latest is not None else None),
             limit=relevant_limit,
+            workspace_id=conversation.workspace_id,
+            at=at,
         )
         summary = None
         if conversation.summary_id:

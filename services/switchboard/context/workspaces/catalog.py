@@ -35,6 +35,7 @@ from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import from_micros, micros
 from switchboard.platform.values import names
 from switchboard.platform.values.fieldmask import update_paths
+from switchboard.platform.values.memorypolicy import check_policy
 from switchboard.platform.values.names import checked_etag, new_id
 from switchboard.platform.values.resources import MemberName, UserName, WorkspaceName
 
@@ -139,16 +140,33 @@ class Workspaces(Domain):
         workspace = request.workspace
         workspace_id = WorkspaceName.parse(workspace.name, "workspace.name").workspace
         paths = update_paths(
-            request.update_mask, workspace, ("display_name", "description"), "update_mask"
+            request.update_mask,
+            workspace,
+            ("display_name", "description", "memory_policy"),
+            "update_mask",
         )
         violations = Violations()
         self._check_fields(workspace, set(paths), violations)
+        if "memory_policy" in paths:
+            check_policy(
+                workspace.memory_policy,
+                "workspace.memory_policy",
+                violations,
+                max_items=self.limits.max_memory_items,
+            )
         violations.check()
         changes: dict[str, Any] = {}
         if "display_name" in paths:
             changes["display_name"] = workspace.display_name.strip()
         if "description" in paths:
             changes["description"] = workspace.description
+        if "memory_policy" in paths:
+            # An unset policy is stored as none (off), not as an empty message's bytes.
+            changes["memory_policy"] = (
+                workspace.memory_policy.SerializeToString()
+                if workspace.HasField("memory_policy")
+                else b""
+            )
         staged = self.common.staged(
             lambda done: [workspace_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
         )

@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Float,
     DateTime,
     ForeignKey,
     ForeignKeyConstraint,
@@ -297,11 +296,11 @@ class MemoryItemRow(Base):
     supersedes: Mapped[str] = mapped_column(String(ID_LENGTH), default="", server_default="")
     superseded_by: Mapped[str] = mapped_column(String(ID_LENGTH), default="", server_default="")
     invalid_reason: Mapped[str] = mapped_column(String(200), default="", server_default="")
-    confidence: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # The forming model's confidence in thousandths (an integer: a float column's
+    # result processor on asyncpg needs the cursor's types, which prepared reads lack).
+    confidence_milli: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Serialized MemoryFormation (b"" for items people wrote).
-    formation: Mapped[bytes] = mapped_column(
-        LargeBinary, default=b"", server_default=text("''")
-    )
+    formation: Mapped[bytes] = mapped_column(LargeBinary, default=b"", server_default=text("''"))
     # A user's item formed in a workspace: that workspace (its windows alone use it).
     origin_workspace_id: Mapped[str | None] = mapped_column(
         ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=True

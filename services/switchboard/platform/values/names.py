@@ -156,9 +156,12 @@ CLIENT_ID: Final = CLIENT_ID_RULE.regex
 #: A client-chosen workspace id: as ``CLIENT_ID``, at least three characters.
 WORKSPACE_ID_RULE: Final = IdRule(3)
 WORKSPACE_ID: Final = WORKSPACE_ID_RULE.regex
+#: A client-chosen memory item id: 3 to 32 characters (the id column's width).
+MEMORY_ID_RULE: Final = IdRule(3, 32)
 #: Every id a client chooses, by the request field that carries it.
 CHOSEN_IDS: Final = {
     "workspace_id": WORKSPACE_ID_RULE,
+    "memory_item_id": MEMORY_ID_RULE,
     "assistant_id": CLIENT_ID_RULE,
     "integration_id": CLIENT_ID_RULE,
 }

@@ -191,6 +191,9 @@ class _Where:
     conversation_id: str | None = None
     #: SearchMemoryItems: exactly this memory scope.
     memory_scope: Scope | None = None
+    #: Of a user's items, only those formed in this workspace or people's (a
+    #: window's or a search's workspace).
+    origin_workspace_id: str | None = None
 
 
 def _scores(fused: Fused[Key]) -> pb.SearchScores:
@@ -342,7 +345,11 @@ class Search:
         )
 
     async def search_memory(
-        self, request: pb.SearchMemoryItemsRequest, scope: Scope, kinds: Sequence[str]
+        self,
+        request: pb.SearchMemoryItemsRequest,
+        scope: Scope,
+        kinds: Sequence[str],
+        origin_workspace_id: str | None = None,
     ) -> pb.SearchMemoryItemsResponse:
         """SearchMemoryItems once ``memory/catalog.py`` checked the scope, query and kinds."""
         violations = Violations()
@@ -370,6 +377,8 @@ class Search:
         if request.mode or request.filter:
             # Tokens of a search without either stay as they were before modes.
             parts += [int(request.mode), request.filter]
+        if request.workspace:
+            parts.append(request.workspace)
         token = pagination.fingerprint(*parts)
         offset = self._offset(request.page_token, token)
         if offset >= MAX_SEARCH_RESULTS:
@@ -378,9 +387,17 @@ class Search:
         plan = await self._plan(request.mode, owner, request.query, embed=not parsed.impossible)
         if plan.mode == FULL_TEXT and not parsed.filter.metadata and not parsed.impossible:
             # Checks the scope itself, in the search's transaction.
-            return await self._memory_full_text(request, scope, parsed, plan, size, offset, token)
+            return await self._memory_full_text(
+                request, scope, parsed, plan, size, offset, token, origin_workspace_id
+            )
         await stored(self._store.check_live(scope))
-        where = _Where(owner, scope.workspace_id, scope.conversation_id, memory_scope=scope)
+        where = _Where(
+            owner,
+            scope.workspace_id,
+            scope.conversation_id,
+            memory_scope=scope,
+            origin_workspace_id=origin_workspace_id,
+        )
         ranking = await self._ranked(where, request.query, plan, parsed, wanted=offset + size + 1)
         return pb.SearchMemoryItemsResponse(
             results=[
@@ -404,10 +421,16 @@ class Search:
         size: int,
         offset: int,
         token: str,
+        origin_workspace_id: str | None,
     ) -> pb.SearchMemoryItemsResponse:
         """Today's memory search, the filter's conditions in its SQL, paged in SQL."""
         rows = await self._memory_rows(
-            scope, request.query, parsed.filter, limit=size + 1, offset=offset
+            scope,
+            request.query,
+            parsed.filter,
+            limit=size + 1,
+            offset=offset,
+            origin_workspace_id=origin_workspace_id,
         )
         return pb.SearchMemoryItemsResponse(
             results=[
@@ -425,12 +448,24 @@ class Search:
         )
 
     async def _memory_rows(
-        self, scope: Scope, query: str, conditions: SearchFilter, *, limit: int, offset: int = 0
+        self,
+        scope: Scope,
+        query: str,
+        conditions: SearchFilter,
+        *,
+        limit: int,
+        offset: int = 0,
+        origin_workspace_id: str | None = None,
     ) -> list[tuple[MemoryRecord, float]]:
         try:
             return await stored(
                 self._store.search_memory_scope(
-                    scope, query, conditions=conditions, limit=limit, offset=offset
+                    scope,
+                    query,
+                    conditions=conditions,
+                    limit=limit,
+                    offset=offset,
+                    origin_workspace_id=origin_workspace_id,
                 )
             )
         except Unsearchable:
@@ -830,6 +865,12 @@ class Search:
 
     @staticmethod
     def _memory_visible(where: _Where, record: MemoryRecord) -> bool:
+        if (
+            where.origin_workspace_id is not None
+            and record.origin_workspace_id is not None
+            and record.origin_workspace_id != where.origin_workspace_id
+        ):
+            return False
         if where.memory_scope is not None:
             return record.scope == where.memory_scope.scope
         if record.workspace_id is None or record.workspace_id != where.workspace_id:

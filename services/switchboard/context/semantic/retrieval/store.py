@@ -128,7 +128,14 @@ class SearchStore(StoreBase):
         return await self._run(tx, write=False)
 
     async def search_memory_scope(
-        self, scope: Scope, query: str, *, conditions: SearchFilter, limit: int, offset: int = 0
+        self,
+        scope: Scope,
+        query: str,
+        *,
+        conditions: SearchFilter,
+        limit: int,
+        offset: int = 0,
+        origin_workspace_id: str | None = None,
     ) -> list[tuple[MemoryRecord, float]]:
         """A memory scope's items matching ``query`` under the filter's conditions
         (not its metadata), best first; Missing if the scope is gone."""
@@ -143,6 +150,7 @@ class SearchStore(StoreBase):
                 limit=limit,
                 offset=offset,
                 conditions=conditions,
+                origin_workspace_id=origin_workspace_id,
             )
             return [(memory_record(row), score) for row, score in found]
 
@@ -236,6 +244,8 @@ class SearchStore(StoreBase):
                 ).scalars():
                     if row.expires_at is not None and _aware(row.expires_at) <= stamp:
                         continue
+                    if row.valid_until is not None and _aware(row.valid_until) <= stamp:
+                        continue  # retired: history, not something to find
                     if row.conversation_id is not None and not live_conversation(
                         row.conversation_id
                     ):

@@ -3,7 +3,8 @@ workspace's default policy, and the forming worker's cursor and jobs.
 
 * ``memory_items`` gains when a fact became true (``valid_from``; NULL reads as its
   creation) and stopped (``valid_until``), the items it replaced and was replaced by,
-  why it was retired, the model's confidence, how it was formed (a serialized
+  why it was retired, the model's confidence (in thousandths: an integer reads the same on
+  every driver), how it was formed (a serialized
   ``MemoryFormation``), and for a user's item formed in a workspace, that workspace
   (deleted with it).
 * ``memory_versions``: each version of an item (created, edited, retired), deleted with
@@ -44,7 +45,9 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("invalid_reason", sa.String(length=200), server_default="", nullable=False)
         )
-        batch.add_column(sa.Column("confidence", sa.Float(), server_default="0", nullable=False))
+        batch.add_column(
+            sa.Column("confidence_milli", sa.Integer(), server_default="0", nullable=False)
+        )
         batch.add_column(
             sa.Column("formation", sa.LargeBinary(), server_default=sa.text("''"), nullable=False)
         )
@@ -134,7 +137,7 @@ def downgrade() -> None:
         for column in (
             "origin_workspace_id",
             "formation",
-            "confidence",
+            "confidence_milli",
             "invalid_reason",
             "superseded_by",
             "supersedes",
