@@ -212,7 +212,11 @@ class MemoryStore(StoreBase):
                     .limit(MAX_HISTORY)
                 ).scalars()
             )
-            found = [_version_record(v) for v in reversed(versions)]
+            # A supersession retires the old item and creates the new one at the same
+            # instant: the older item's version reads first.
+            age = {item.id: position for position, item in enumerate(chain)}
+            versions.sort(key=lambda v: (v.changed_at, -age[v.memory_id], v.version))
+            found = [_version_record(v) for v in versions]
             if not found:
                 # Written before versions were kept: its one known state.
                 found = [_synthesized(row)]
