@@ -220,6 +220,21 @@ def user_message(message: context_pb2.Message) -> dict[str, Any]:
     return {"role": "user", "content": _user_content(message.parts) or ""}
 
 
+def _learned(memory: context_pb2.MemoryItem) -> str:
+    """When a remembered item was learned, and since when it is true if that was
+    earlier, for the model to weigh an older fact against the conversation:
+    `` (learned 2026-11-29)``; nothing for an item without times."""
+    if not memory.HasField("create_time"):
+        return ""
+    learned = memory.create_time.ToDatetime().date()
+    note = f" (learned {learned.isoformat()}"
+    if memory.HasField("valid_time"):
+        since = memory.valid_time.ToDatetime().date()
+        if since < learned:
+            note += f", true since {since.isoformat()}"
+    return note + ")"
+
+
 def _context_messages(
     summaries: list[str], remembered: list[str], retrieved: list[context_pb2.SearchResult]
 ) -> list[dict[str, Any]]:
@@ -265,7 +280,7 @@ def build_messages(
             if memory.kind == context_pb2.MEMORY_KIND_SUMMARY:
                 summaries.append(memory.content.strip())
             else:
-                remembered.append(f"- {memory.content.strip()}")
+                remembered.append(f"- {memory.content.strip()}{_learned(memory)}")
         elif kind == "message":
             # The dispatcher stores the message before the window is built, so
             # the window may already hold it; it is sent once, last.
