@@ -45,6 +45,8 @@ from switchboard.platform.values.resources import (
 #: How many messages one memory item may cite.
 MAX_SOURCE_MESSAGES: Final = 50
 MAX_REASON_CHARS: Final = 200
+#: How far ahead of the server's clock a client's "now" may be.
+CLOCK_SKEW: Final = dt.timedelta(seconds=60)
 MAX_FORMATION_CHARS: Final = 255
 _VALIDITY: Final = {
     pb.MEMORY_VALIDITY_UNSPECIFIED: "current",
@@ -93,11 +95,13 @@ def _past(item: pb.MemoryItem, name: str, field: str) -> dt.datetime | None:
     if not item.HasField(name):  # type: ignore[arg-type]
         return None
     when = timefields.timestamp(getattr(item, name), field)
-    if when > now():
+    stamp = now()
+    if when > stamp + CLOCK_SKEW:
         raise InvalidArgument(
             f"{field} is in the future", [FieldViolation(field, "must not be in the future")]
         )
-    return when
+    # A client whose clock runs a little ahead means "now".
+    return min(when, stamp)
 
 
 def _origin(scope: Scope, workspace: str, field: str) -> str | None:
@@ -152,7 +156,9 @@ class Memory(Domain):
         violations = Violations()
         kind = KINDS.get(item.kind)
         if kind is None:
-            violations.add("memory_item.kind", "must be fact, preference, summary, entity or note")
+            violations.add(
+                "memory_item.kind", "must be fact, preference, summary, entity, note or plan"
+            )
         self._content(item.content, "memory_item.content", violations)
         if len(item.source_messages) > MAX_SOURCE_MESSAGES:
             violations.add("memory_item.source_messages", "has more than 50 entries")

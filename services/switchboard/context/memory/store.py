@@ -20,6 +20,7 @@ from typing import Any, Final
 from sqlalchemy import delete, or_, select, text
 from sqlalchemy.orm import Session
 
+from switchboard.api.context.v1.context_pb2 import MemoryFormation
 from switchboard.context.records import (
     Exists,
     MemoryRecord,
@@ -88,6 +89,8 @@ class MemoryStore(StoreBase):
         retire that item of the scope at the new one's ``valid_from`` (Retired if it
         already is)."""
 
+        editor = _editor(record)
+
         def tx(db: Session) -> Written:
             row = memory_row(record)
             self._check_scope_live(db, scope_of(row))
@@ -112,10 +115,10 @@ class MemoryStore(StoreBase):
                 old.invalid_reason = "superseded"
                 old.version += 1
                 old.updated_at = row.created_at
-                _add_version(db, old, "retired", row.creator)
+                _add_version(db, old, "retired", editor)
                 retired = memory_record(old)
             self._add_memory_row(db, row)
-            _add_version(db, row, "created", row.creator)
+            _add_version(db, row, "created", editor)
             self._touch_scope(db, row)
             return Written(memory_record(row), retired)
 
@@ -315,6 +318,15 @@ def _check_conversation(db: Session, row: MemoryItemRow, scope: str, memory_id: 
         conversation = db.get(ConversationRow, row.conversation_id)
         if conversation is None or conversation.deleted_at is not None:
             raise Missing("memory", scope, memory_id)
+
+
+def _editor(record: MemoryRecord) -> str:
+    """Who a creation's versions name: the assistant that formed it, else its creator."""
+    if record.formation:
+        assistant = MemoryFormation.FromString(record.formation).assistant
+        if assistant:
+            return assistant
+    return record.creator
 
 
 def _check_member(db: Session, workspace_id: str, user_id: str) -> None:

@@ -1116,10 +1116,11 @@ class MemoryItem(_message.Message):
     "expired", "merged", or what the person wrote); at most 200 characters.
     """
     workspace: _builtins.str
-    """For an item of a user's scope formed in a workspace, that workspace
-    (`workspaces/{workspace}`): only that workspace's windows and searches use
-    it, so what was learned in one workspace never reaches another. Empty for
-    items people wrote (they follow the user everywhere).
+    """For an item of a user's scope, the workspace it belongs to
+    (`workspaces/{workspace}`, one the user is a member of; NOT_FOUND otherwise):
+    only that workspace's windows and searches use it, so what was learned in
+    one workspace never reaches another. Memory forming always sets it; empty,
+    the item follows the user everywhere (what people write, usually).
     """
     version: _builtins.int
     """How many times it has changed, from 1 (output only); GetMemoryItem's
@@ -1258,8 +1259,9 @@ class MemoryItemVersion(_message.Message):
     content: _builtins.str
     """The content as of this version."""
     editor: _builtins.str
-    """Who made it: `users/{user}`, `handlers/{handler}`, an assistant's name
-    (formed), or `system` (consolidation).
+    """Who made it: `users/{user}` (a person, or the person memory forming acted
+    for), or, for a formed item's creation and the retirement it caused, the
+    assistant that formed it (`workspaces/{w}/assistants/{a}`).
     """
     invalid_reason: _builtins.str
     """Its `invalid_reason` as of this version."""

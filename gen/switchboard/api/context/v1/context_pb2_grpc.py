@@ -446,7 +446,8 @@ class ContextServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteMemoryItem(self, request, context):
-        """Deletes a memory item.
+        """Forgets a memory item: deletes it, the items it superseded (its history),
+        all their versions, and their passages in the semantic index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

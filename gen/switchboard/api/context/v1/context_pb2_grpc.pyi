@@ -103,7 +103,9 @@ class ContextServiceStub:
     answering (full-text for what is not embedded yet) meanwhile.
     """
     DeleteMemoryItem: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryItemRequest, _context_pb2.DeleteMemoryItemResponse]
-    """Deletes a memory item."""
+    """Forgets a memory item: deletes it, the items it superseded (its history),
+    all their versions, and their passages in the semantic index.
+    """
     GetContextWindow: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetContextWindowRequest, _context_pb2.GetContextWindowResponse]
     """Synthesizes the context a handler should see for a conversation, within a token budget."""
     PruneConversation: _grpc.UnaryUnaryMultiCallable[_context_pb2.PruneConversationRequest, _context_pb2.PruneConversationResponse]
@@ -210,7 +212,9 @@ class ContextServiceAsyncStub(ContextServiceStub):
     answering (full-text for what is not embedded yet) meanwhile.
     """
     DeleteMemoryItem: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryItemRequest, _context_pb2.DeleteMemoryItemResponse]  # type: ignore[assignment]
-    """Deletes a memory item."""
+    """Forgets a memory item: deletes it, the items it superseded (its history),
+    all their versions, and their passages in the semantic index.
+    """
     GetContextWindow: _aio.UnaryUnaryMultiCallable[_context_pb2.GetContextWindowRequest, _context_pb2.GetContextWindowResponse]  # type: ignore[assignment]
     """Synthesizes the context a handler should see for a conversation, within a token budget."""
     PruneConversation: _aio.UnaryUnaryMultiCallable[_context_pb2.PruneConversationRequest, _context_pb2.PruneConversationResponse]  # type: ignore[assignment]
@@ -482,7 +486,9 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _context_pb2.DeleteMemoryItemRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.DeleteMemoryItemResponse, _abc.Awaitable[_context_pb2.DeleteMemoryItemResponse]]:
-        """Deletes a memory item."""
+        """Forgets a memory item: deletes it, the items it superseded (its history),
+        all their versions, and their passages in the semantic index.
+        """
 
     @_abc_1.abstractmethod
     def GetContextWindow(

@@ -2098,10 +2098,11 @@ type MemoryItem struct {
 	// Why it stopped being true, in words ("superseded", "retracted",
 	// "expired", "merged", or what the person wrote); at most 200 characters.
 	InvalidReason string `protobuf:"bytes,19,opt,name=invalid_reason,json=invalidReason,proto3" json:"invalid_reason,omitempty"`
-	// For an item of a user's scope formed in a workspace, that workspace
-	// (`workspaces/{workspace}`): only that workspace's windows and searches use
-	// it, so what was learned in one workspace never reaches another. Empty for
-	// items people wrote (they follow the user everywhere).
+	// For an item of a user's scope, the workspace it belongs to
+	// (`workspaces/{workspace}`, one the user is a member of; NOT_FOUND otherwise):
+	// only that workspace's windows and searches use it, so what was learned in
+	// one workspace never reaches another. Memory forming always sets it; empty,
+	// the item follows the user everywhere (what people write, usually).
 	Workspace string `protobuf:"bytes,20,opt,name=workspace,proto3" json:"workspace,omitempty"`
 	// How many times it has changed, from 1 (output only); GetMemoryItem's
 	// `history` lists each version.
@@ -2375,8 +2376,9 @@ type MemoryItemVersion struct {
 	Content string `protobuf:"bytes,4,opt,name=content,proto3" json:"content,omitempty"`
 	// When the version was made.
 	ChangeTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=change_time,json=changeTime,proto3" json:"change_time,omitempty"`
-	// Who made it: `users/{user}`, `handlers/{handler}`, an assistant's name
-	// (formed), or `system` (consolidation).
+	// Who made it: `users/{user}` (a person, or the person memory forming acted
+	// for), or, for a formed item's creation and the retirement it caused, the
+	// assistant that formed it (`workspaces/{w}/assistants/{a}`).
 	Editor string `protobuf:"bytes,6,opt,name=editor,proto3" json:"editor,omitempty"`
 	// Its `valid_time` as of this version.
 	ValidTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=valid_time,json=validTime,proto3" json:"valid_time,omitempty"`

@@ -131,7 +131,8 @@ type ContextServiceClient interface {
 	// dimension count re-embeds everything in the background; search keeps
 	// answering (full-text for what is not embedded yet) meanwhile.
 	UpdateSemanticIndex(ctx context.Context, in *UpdateSemanticIndexRequest, opts ...grpc.CallOption) (*UpdateSemanticIndexResponse, error)
-	// Deletes a memory item.
+	// Forgets a memory item: deletes it, the items it superseded (its history),
+	// all their versions, and their passages in the semantic index.
 	DeleteMemoryItem(ctx context.Context, in *DeleteMemoryItemRequest, opts ...grpc.CallOption) (*DeleteMemoryItemResponse, error)
 	// Synthesizes the context a handler should see for a conversation, within a token budget.
 	GetContextWindow(ctx context.Context, in *GetContextWindowRequest, opts ...grpc.CallOption) (*GetContextWindowResponse, error)
@@ -653,7 +654,8 @@ type ContextServiceServer interface {
 	// dimension count re-embeds everything in the background; search keeps
 	// answering (full-text for what is not embedded yet) meanwhile.
 	UpdateSemanticIndex(context.Context, *UpdateSemanticIndexRequest) (*UpdateSemanticIndexResponse, error)
-	// Deletes a memory item.
+	// Forgets a memory item: deletes it, the items it superseded (its history),
+	// all their versions, and their passages in the semantic index.
 	DeleteMemoryItem(context.Context, *DeleteMemoryItemRequest) (*DeleteMemoryItemResponse, error)
 	// Synthesizes the context a handler should see for a conversation, within a token budget.
 	GetContextWindow(context.Context, *GetContextWindowRequest) (*GetContextWindowResponse, error)

@@ -897,10 +897,11 @@ export type MemoryItem = Message$1<"switchboard.api.context.v1.MemoryItem"> & {
   invalidReason: string;
 
   /**
-   * For an item of a user's scope formed in a workspace, that workspace
-   * (`workspaces/{workspace}`): only that workspace's windows and searches use
-   * it, so what was learned in one workspace never reaches another. Empty for
-   * items people wrote (they follow the user everywhere).
+   * For an item of a user's scope, the workspace it belongs to
+   * (`workspaces/{workspace}`, one the user is a member of; NOT_FOUND otherwise):
+   * only that workspace's windows and searches use it, so what was learned in
+   * one workspace never reaches another. Memory forming always sets it; empty,
+   * the item follows the user everywhere (what people write, usually).
    *
    * @generated from field: string workspace = 20;
    */
@@ -1008,8 +1009,9 @@ export type MemoryItemVersion = Message$1<"switchboard.api.context.v1.MemoryItem
   changeTime?: Timestamp | undefined;
 
   /**
-   * Who made it: `users/{user}`, `handlers/{handler}`, an assistant's name
-   * (formed), or `system` (consolidation).
+   * Who made it: `users/{user}` (a person, or the person memory forming acted
+   * for), or, for a formed item's creation and the retirement it caused, the
+   * assistant that formed it (`workspaces/{w}/assistants/{a}`).
    *
    * @generated from field: string editor = 6;
    */
@@ -5012,7 +5014,8 @@ export const ContextService: GenService<{
     output: typeof UpdateSemanticIndexResponseSchema;
   },
   /**
-   * Deletes a memory item.
+   * Forgets a memory item: deletes it, the items it superseded (its history),
+   * all their versions, and their passages in the semantic index.
    *
    * @generated from rpc switchboard.api.context.v1.ContextService.DeleteMemoryItem
    */
