@@ -44,6 +44,8 @@ from switchboard.dispatcher.handlers.router import HANDLER_ID, Registry, Router,
 from switchboard.dispatcher.llm.build import llm_config
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.llm.settings import LlmSettings
+from switchboard.dispatcher.memory.build import memory_forming
+from switchboard.dispatcher.memory.worker import MemoryForming
 from switchboard.dispatcher.ports.context import (
     ContextDomain,
     ContextPort,
@@ -266,7 +268,20 @@ async def dispatcher_service(
     schedules.on_change = firing.wake
     firing.start()
     resources.push_async_callback(firing.stop)
+    # Memory forming reads finished runs from the event log, never on a run's path;
+    # closed before the dispatcher (the stack unwinds in reverse).
+    forming = memory_forming(
+        shared, shared.section(DispatcherSettings), context, registry, assistants
+    )
+    if forming is not None:
+        await shared.part(MemoryForming, functools.partial(_started, forming))
+        resources.push_async_callback(forming.close)
     return dispatcher
+
+
+async def _started(forming: MemoryForming) -> MemoryForming:
+    await forming.start()
+    return forming
 
 
 async def _handlers(shared: Shared, count: Callable[[str], int]) -> Registry:
@@ -550,6 +565,7 @@ async def _assistants(
             ),
             max_output_tokens=shared.section(LlmSettings).llm_max_output_tokens,
             max_tool_steps=settings.dispatcher_max_tool_steps,
+            max_memory_items=settings.memory_max_items_per_scope,
         ),
         handler_exists=handler_exists,
         integration_exists=integration_exists,

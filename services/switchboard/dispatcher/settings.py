@@ -216,3 +216,85 @@ class DispatcherSettings(Section):
         le=10_000,
         description="assistants one workspace may define",
     )
+    # Memory forming (``dispatcher/memory/``, docs/memory.md): ``SWITCHBOARD_MEMORY_*``.
+    memory_forming: bool = Field(
+        default=True,
+        description="whether this process forms memory from finished runs under the "
+        "assistants' and workspaces' memory policies (off: their exchanges wait in "
+        "`memory_jobs` for a process that does)",
+    )
+    memory_poll_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="how often a replica looks for due memory-forming jobs and, not feeding, "
+        "whether the feeder's lease is free, at most",
+    )
+    memory_lease_s: float = Field(
+        default=15.0,
+        ge=1,
+        le=3600,
+        description="the memory feeder's lease: another replica takes the feeding over "
+        "this long after its holder stopped renewing it",
+    )
+    memory_claim_s: float = Field(
+        default=60.0,
+        ge=3,
+        le=3600,
+        description="how long a worker's claim on a forming job lasts unless renewed (a "
+        "crashed worker's job is taken again this long after)",
+    )
+    memory_call_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=900,
+        description="the longest one forming model call (or one context call) may take",
+    )
+    memory_max_output_tokens: int = Field(
+        default=1024,
+        ge=64,
+        le=32_000,
+        description="`max_tokens` of a forming model call",
+    )
+    memory_context_tokens: int = Field(
+        default=1500,
+        ge=100,
+        le=100_000,
+        description="the conversation's summary and recent turns given with an exchange, "
+        "in tokens at most",
+    )
+    memory_similar: int = Field(
+        default=5,
+        ge=1,
+        le=20,
+        description="the existing memories of the same scope shown with each candidate "
+        "fact, the most similar first",
+    )
+    memory_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="attempts of a forming job whose model or context could not be reached "
+        "before it is recorded FAILED",
+    )
+    memory_paused_retry_s: float = Field(
+        default=300.0,
+        ge=1,
+        le=86_400,
+        description="how often forming paused at a budget's cap tries again (a change of "
+        "the workspace's budgets wakes it at once)",
+    )
+    memory_consolidate_delay_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="how long after forming in a workspace its memory is consolidated "
+        "(near-duplicates merged, expired items retired)",
+    )
+    memory_max_items_per_scope: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="the largest `max_items` an assistant's memory policy may set (keep it "
+        "at most `SWITCHBOARD_CONTEXT_MAX_MEMORY_ITEMS`)",
+    )

@@ -69,6 +69,7 @@ MUTABLE: Final = (
     "retrieval",
     "delegates",
     "handoffs",
+    "memory_policy",
 )
 #: The fields kept in the stored blob (``workspace_default`` is a column).
 _SETTINGS: Final = tuple(path for path in MUTABLE if path != "workspace_default")

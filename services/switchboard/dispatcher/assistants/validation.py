@@ -22,7 +22,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.platform.errors import InvalidArgument, Violations
 from switchboard.platform.schemas import compile_schema
-from switchboard.platform.values import names, structs
+from switchboard.platform.values import memorypolicy, names, structs
 from switchboard.platform.values.resources import (
     AssistantName,
     HandlerName,
@@ -69,6 +69,8 @@ class AssistantLimits:
     max_output_tokens: int
     #: The ceiling of ``max_tool_steps``.
     max_tool_steps: int
+    #: The ceiling of ``memory_policy.max_items`` (the context service's items per scope).
+    max_memory_items: int = memorypolicy.DEFAULT_MAX_ITEMS * 50
 
 
 def _voice(voice: pb.VoiceSettings, violations: Violations) -> None:
@@ -249,15 +251,7 @@ class AssistantRules:
         clean = pb.Assistant()
         self._texts(given, paths, fallback_name, clean, violations)
         self._numbers(given, paths, clean, violations)
-        if "model" in paths and given.HasField("model"):
-            self._model(given.model, violations)
-            clean.model.CopyFrom(given.model)
-        if "voice" in paths and given.HasField("voice"):
-            _voice(given.voice, violations)
-            clean.voice.CopyFrom(given.voice)
-        if "retrieval" in paths and given.HasField("retrieval"):
-            _retrieval(given.retrieval, workspace_id, self._check_filter, violations)
-            clean.retrieval.CopyFrom(given.retrieval)
+        self._nested(workspace_id, given, paths, clean, violations)
         lookups: dict[str, str] = {}
         if "tools" in paths:
             lookups = self._tools(workspace_id, given.tools, violations)
@@ -386,6 +380,42 @@ class AssistantRules:
                     f"must be 0 (the server's default) to {self.limits.max_tool_steps}",
                 )
             clean.max_tool_steps = given.max_tool_steps
+
+    def _nested(
+        self,
+        workspace_id: str,
+        given: pb.Assistant,
+        paths: Sequence[str],
+        clean: pb.Assistant,
+        violations: Violations,
+    ) -> None:
+        """The settings held in messages of their own."""
+        if "model" in paths and given.HasField("model"):
+            self._model(given.model, violations)
+            clean.model.CopyFrom(given.model)
+        if "voice" in paths and given.HasField("voice"):
+            _voice(given.voice, violations)
+            clean.voice.CopyFrom(given.voice)
+        if "retrieval" in paths and given.HasField("retrieval"):
+            _retrieval(given.retrieval, workspace_id, self._check_filter, violations)
+            clean.retrieval.CopyFrom(given.retrieval)
+        if "memory_policy" in paths and given.HasField("memory_policy"):
+            self._memory_policy(given.memory_policy, violations)
+            clean.memory_policy.CopyFrom(given.memory_policy)
+
+    def _memory_policy(self, policy: context_pb2.MemoryPolicy, violations: Violations) -> None:
+        """The policy's own rules, and a provider it names must be configured (the
+        workspace's default takes the same check in the context service)."""
+        memorypolicy.check_policy(
+            policy, "assistant.memory_policy", violations, max_items=self.limits.max_memory_items
+        )
+        if policy.provider and policy.provider not in self.limits.providers:
+            configured = ", ".join(self.limits.providers) or "none"
+            violations.add(
+                "assistant.memory_policy.provider",
+                f"is not a configured provider (configured: {configured}); empty for the "
+                "assistant's",
+            )
 
     def _model(self, model: handler_pb2.ModelSettings, violations: Violations) -> None:
         if model.provider and model.provider not in self.limits.providers:

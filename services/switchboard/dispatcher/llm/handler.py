@@ -110,6 +110,12 @@ class LlmHandler:
     def config(self) -> LlmConfig:
         return self._config
 
+    @property
+    def client(self) -> ProviderClient:
+        """The provider client runs ask through: memory forming's calls share its
+        connection pool, chain and breakers."""
+        return self._client
+
     def available(self) -> bool:
         return self._client.available()
 

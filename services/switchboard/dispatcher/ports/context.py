@@ -3,7 +3,9 @@
 The dispatcher stores messages, reads context windows and reads the files a
 window names (an image for a vision model) with the context service's own
 request and response messages (``AppendMessageRequest``,
-``GetContextWindowRequest``, ``DownloadFileRequest``). Two adapters carry them:
+``GetContextWindowRequest``, ``DownloadFileRequest``); memory forming
+(``memory/``) reads a workspace's memory policy and searches, lists, creates
+and retires memory items as a run's creator. Two adapters carry them:
 
 * ``LocalContext``: the context service runs in this process (the embedded
   default). The request goes straight to its domain object: the same
@@ -35,7 +37,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.platform.errors import RequestTooLarge
 from switchboard.platform.rpc.outbound.peers import PeerService, TokenIssuer
-from switchboard.platform.security.policy import Principal
+from switchboard.platform.security.policy import Principal, Role
 
 _T = TypeVar("_T")
 
@@ -92,6 +94,30 @@ class _Files(Protocol):
     def read_all(self, name: str, *, limit: int) -> Awaitable[bytes]: ...
 
 
+class _Workspaces(Protocol):
+    def get(self, role: Role | None, name: str) -> Awaitable[cpb.Workspace]: ...
+
+
+class _Memory(Protocol):
+    def create(
+        self, principal: Principal, request: cpb.CreateMemoryItemRequest
+    ) -> Awaitable[cpb.MemoryItem]: ...
+
+    def get(self, name: str) -> Awaitable[cpb.MemoryItem]: ...
+
+    def update(
+        self, principal: Principal, request: cpb.UpdateMemoryItemRequest
+    ) -> Awaitable[cpb.MemoryItem]: ...
+
+    def list(
+        self, request: cpb.ListMemoryItemsRequest
+    ) -> Awaitable[cpb.ListMemoryItemsResponse]: ...
+
+    def search(
+        self, request: cpb.SearchMemoryItemsRequest
+    ) -> Awaitable[cpb.SearchMemoryItemsResponse]: ...
+
+
 class ContextDomain(Protocol):
     """What ``LocalContext`` needs of the context service's domain (``context/domain.py``)."""
 
@@ -109,6 +135,12 @@ class ContextDomain(Protocol):
 
     @property
     def search(self) -> _Search: ...
+
+    @property
+    def workspaces(self) -> _Workspaces: ...
+
+    @property
+    def memory(self) -> _Memory: ...
 
 
 class ContextPort(Protocol):
@@ -166,6 +198,38 @@ class ContextPort(Protocol):
         """A stored file's whole content; RequestTooLarge beyond ``limit`` bytes,
         NotFound for a file that is gone."""
         ...
+
+    async def workspace(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.Workspace:
+        """A workspace as its member ``principal`` reads it (memory forming reads its
+        ``memory_policy``)."""
+        ...
+
+    async def create_memory(
+        self, principal: Principal, request: cpb.CreateMemoryItemRequest, *, timeout_s: float
+    ) -> cpb.MemoryItem:
+        """CreateMemoryItem as ``principal``: ALREADY_EXISTS for a ``memory_item_id``
+        taken (memory forming applies its decisions idempotently by it)."""
+        ...
+
+    async def get_memory(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.MemoryItem: ...
+
+    async def update_memory(
+        self, principal: Principal, request: cpb.UpdateMemoryItemRequest, *, timeout_s: float
+    ) -> cpb.MemoryItem:
+        """UpdateMemoryItem as ``principal`` (memory forming retires items with it)."""
+        ...
+
+    async def list_memory(
+        self, principal: Principal, request: cpb.ListMemoryItemsRequest, *, timeout_s: float
+    ) -> cpb.ListMemoryItemsResponse: ...
+
+    async def search_memory(
+        self, principal: Principal, request: cpb.SearchMemoryItemsRequest, *, timeout_s: float
+    ) -> cpb.SearchMemoryItemsResponse: ...
 
 
 class LocalContext:
@@ -228,6 +292,46 @@ class LocalContext:
         # read; in this process the domain reads the blob without a loopback call.
         async with asyncio.timeout(timeout_s):
             return await self._domain.files.read_all(name, limit=limit)
+
+    # Memory forming acts as a run's creator on the run's own workspace and the
+    # creator's own scope, which admission authorized when the run began; in this
+    # process the domain is called directly, as for the window.
+
+    async def workspace(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.Workspace:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.workspaces.get(None, name)
+
+    async def create_memory(
+        self, principal: Principal, request: cpb.CreateMemoryItemRequest, *, timeout_s: float
+    ) -> cpb.MemoryItem:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.memory.create(principal, request)
+
+    async def get_memory(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.MemoryItem:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.memory.get(name)
+
+    async def update_memory(
+        self, principal: Principal, request: cpb.UpdateMemoryItemRequest, *, timeout_s: float
+    ) -> cpb.MemoryItem:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.memory.update(principal, request)
+
+    async def list_memory(
+        self, principal: Principal, request: cpb.ListMemoryItemsRequest, *, timeout_s: float
+    ) -> cpb.ListMemoryItemsResponse:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.memory.list(request)
+
+    async def search_memory(
+        self, principal: Principal, request: cpb.SearchMemoryItemsRequest, *, timeout_s: float
+    ) -> cpb.SearchMemoryItemsResponse:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.memory.search(request)
 
 
 class RemoteContext:
@@ -314,3 +418,41 @@ class RemoteContext:
         except aio.AioRpcError as exc:
             raise self._peer.error(exc) from None
         return bytes(data)
+
+    async def workspace(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.Workspace:
+        response = await self._peer.call(
+            self._stub.GetWorkspace, cpb.GetWorkspaceRequest(name=name), principal, timeout_s
+        )
+        return response.workspace
+
+    async def create_memory(
+        self, principal: Principal, request: cpb.CreateMemoryItemRequest, *, timeout_s: float
+    ) -> cpb.MemoryItem:
+        response = await self._peer.call(self._stub.CreateMemoryItem, request, principal, timeout_s)
+        return response.memory_item
+
+    async def get_memory(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.MemoryItem:
+        response = await self._peer.call(
+            self._stub.GetMemoryItem, cpb.GetMemoryItemRequest(name=name), principal, timeout_s
+        )
+        return response.memory_item
+
+    async def update_memory(
+        self, principal: Principal, request: cpb.UpdateMemoryItemRequest, *, timeout_s: float
+    ) -> cpb.MemoryItem:
+        response = await self._peer.call(self._stub.UpdateMemoryItem, request, principal, timeout_s)
+        return response.memory_item
+
+    async def list_memory(
+        self, principal: Principal, request: cpb.ListMemoryItemsRequest, *, timeout_s: float
+    ) -> cpb.ListMemoryItemsResponse:
+        return await self._peer.call(self._stub.ListMemoryItems, request, principal, timeout_s)
+
+    async def search_memory(
+        self, principal: Principal, request: cpb.SearchMemoryItemsRequest, *, timeout_s: float
+    ) -> cpb.SearchMemoryItemsResponse:
+        return await self._peer.call(self._stub.SearchMemoryItems, request, principal, timeout_s)
