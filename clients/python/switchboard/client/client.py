@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +29,14 @@ from switchboard.client.files import (
     download,
     upload_resumable,
     upload_streamed,
+)
+from switchboard.client.memory import (
+    MemoryLike,
+    ValidityLike,
+    memory_kind,
+    memory_validity,
+    name_and_etag,
+    timestamp,
 )
 from switchboard.client.runs import Answer, Child, RunTree, RunWatch
 from switchboard.client.session import (
@@ -693,13 +702,21 @@ class Client:
         mode: context_pb2.SearchMode.ValueType = context_pb2.SEARCH_MODE_UNSPECIFIED,
         filter: str = "",
         page_size: int = 0,
+        workspace: str = "",
         timeout_s: float | None = None,
     ) -> context_pb2.SearchMemoryItemsResponse:
-        """SearchMemoryItems: memory items of ``parent`` (a workspace, conversation or
-        ``users/me``) matching ``query``, ranked in ``mode`` with their scores."""
+        """SearchMemoryItems: current memory items of ``parent`` (a workspace,
+        conversation or ``users/me``) matching ``query``, ranked in ``mode`` with their
+        scores. ``workspace`` (``workspaces/w``), in a user's scope: only what was formed
+        in that workspace, and what people wrote."""
         return await self.context.SearchMemoryItems(
             context_pb2.SearchMemoryItemsRequest(
-                parent=parent, query=query, mode=mode, filter=filter, page_size=page_size
+                parent=parent,
+                query=query,
+                mode=mode,
+                filter=filter,
+                page_size=page_size,
+                workspace=workspace,
             ),
             timeout=timeout_s,
         )
@@ -722,6 +739,196 @@ class Client:
         request.update_mask.paths.extend(fields)
         response = await self.context.UpdateSemanticIndex(request)
         return response.semantic_index
+
+    # -- memory -------------------------------------------------------------------------
+
+    async def remember(
+        self,
+        parent: str,
+        content: str,
+        *,
+        kind: int | str = context_pb2.MEMORY_KIND_FACT,
+        supersedes: str = "",
+        valid_time: dt.datetime | None = None,
+        pinned: bool = False,
+        expire_time: dt.datetime | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        memory_item_id: str = "",
+        timeout_s: float | None = None,
+    ) -> context_pb2.MemoryItem:
+        """CreateMemoryItem: ``content`` remembered in ``parent`` (``users/u``,
+        ``workspaces/w`` or a conversation of it) as a ``kind`` (``"fact"``,
+        ``"preference"``, ``"plan"``, ``"note"`` or the enum). ``supersedes`` names an
+        item of the same parent that this one replaces: it is retired at this one's
+        ``valid_time`` (when what it says became true; now if unset) in the same
+        transaction, and a retired one is ``FailedPrecondition``. ``memory_item_id``
+        makes a retried create apply once (the second is ``AlreadyExists``)."""
+        item = context_pb2.MemoryItem(
+            kind=memory_kind(kind), content=content, pinned=pinned, supersedes=supersedes
+        )
+        if valid_time is not None:
+            item.valid_time.CopyFrom(timestamp(valid_time))
+        if expire_time is not None:
+            item.expire_time.CopyFrom(timestamp(expire_time))
+        if metadata is not None:
+            item.metadata.update(metadata)
+        response = await self.context.CreateMemoryItem(
+            context_pb2.CreateMemoryItemRequest(
+                parent=parent, memory_item=item, memory_item_id=memory_item_id
+            ),
+            timeout=timeout_s,
+        )
+        return response.memory_item
+
+    async def list_memory(
+        self,
+        parent: str,
+        *,
+        validity: ValidityLike = context_pb2.MEMORY_VALIDITY_CURRENT,
+        valid_at: dt.datetime | None = None,
+        workspace: str = "",
+        kinds: Iterable[int | str] = (),
+        pinned_only: bool = False,
+        limit: int = 1000,
+        timeout_s: float | None = None,
+    ) -> list[context_pb2.MemoryItem]:
+        """ListMemoryItems: ``parent``'s items, newest first, every page up to ``limit``.
+
+        ``validity``: ``"current"`` (true now; the default), ``"retired"`` (no longer
+        true: superseded, retracted, expired, merged) or ``"all"``. ``valid_at``: the
+        items true at that time instead (``validity`` is then ignored). ``workspace``
+        (``workspaces/w``), in a user's scope: only what was formed in that workspace,
+        and what people wrote. ``timeout_s`` bounds each page."""
+        request = context_pb2.ListMemoryItemsRequest(
+            parent=parent,
+            kinds=[memory_kind(k) for k in kinds],
+            pinned_only=pinned_only,
+            validity=memory_validity(validity),
+            workspace=workspace,
+        )
+        if valid_at is not None:
+            request.valid_at.CopyFrom(timestamp(valid_at))
+        found: list[context_pb2.MemoryItem] = []
+        while len(found) < limit:
+            request.page_size = min(100, limit - len(found))
+            response = await self.context.ListMemoryItems(request, timeout=timeout_s)
+            found += response.memory_items
+            request.page_token = response.next_page_token
+            if not request.page_token:
+                break
+        return found[:limit]
+
+    async def get_memory(
+        self, item: MemoryLike, *, history: bool = False, timeout_s: float | None = None
+    ) -> context_pb2.GetMemoryItemResponse:
+        """GetMemoryItem: the item (``.memory_item``), and with ``history`` every version
+        of it and of the items it superseded, oldest first (``.history``: each
+        ``MemoryItemVersion`` with its change, content, editor, and validity then)."""
+        name, _ = name_and_etag(item)
+        return await self.context.GetMemoryItem(
+            context_pb2.GetMemoryItemRequest(name=name, include_history=history),
+            timeout=timeout_s,
+        )
+
+    async def _update_memory(
+        self, item: context_pb2.MemoryItem, fields: Sequence[str], timeout_s: float | None
+    ) -> context_pb2.MemoryItem:
+        request = context_pb2.UpdateMemoryItemRequest(memory_item=item)
+        request.update_mask.paths.extend(fields)
+        response = await self.context.UpdateMemoryItem(request, timeout=timeout_s)
+        return response.memory_item
+
+    async def correct_memory(
+        self,
+        item: MemoryLike,
+        content: str,
+        *,
+        etag: str = "",
+        timeout_s: float | None = None,
+    ) -> context_pb2.MemoryItem:
+        """UpdateMemoryItem of ``content``: a new version in the item's history. The
+        version changed is the one ``etag`` names (an item passed as itself sends its
+        own): a stale one is ``EtagMismatch``, so an edit never overwrites another
+        unseen. Without one, the latest version is changed."""
+        name, own = name_and_etag(item)
+        changed = context_pb2.MemoryItem(name=name, etag=etag or own, content=content)
+        return await self._update_memory(changed, ["content"], timeout_s)
+
+    async def retire_memory(
+        self,
+        item: MemoryLike,
+        *,
+        reason: str = "",
+        at: dt.datetime | None = None,
+        etag: str = "",
+        timeout_s: float | None = None,
+    ) -> context_pb2.MemoryItem:
+        """Mark an item no longer true (``invalid_time``: ``at``, now by this client's
+        clock if unset; a time in the future is refused) with ``reason`` in words (at
+        most 200 characters). Nothing is deleted: it leaves the context window and the
+        current list, and stays in ``list_memory(..., validity="retired")`` and its
+        history until forgotten."""
+        name, own = name_and_etag(item)
+        retired = context_pb2.MemoryItem(name=name, etag=etag or own, invalid_reason=reason)
+        retired.invalid_time.CopyFrom(timestamp(at or dt.datetime.now(dt.UTC)))
+        return await self._update_memory(retired, ["invalid_time", "invalid_reason"], timeout_s)
+
+    async def restore_memory(
+        self, item: MemoryLike, *, etag: str = "", timeout_s: float | None = None
+    ) -> context_pb2.MemoryItem:
+        """Make a retired item current again (its ``invalid_time`` and reason cleared),
+        unless a newer item superseded it (that one is ``FailedPrecondition``)."""
+        name, own = name_and_etag(item)
+        cleared = context_pb2.MemoryItem(name=name, etag=etag or own)
+        return await self._update_memory(cleared, ["invalid_time", "invalid_reason"], timeout_s)
+
+    async def forget_memory(self, item: MemoryLike, *, timeout_s: float | None = None) -> None:
+        """DeleteMemoryItem: the item is gone for good, and so is its history: the
+        items it superseded (theirs too), every version and embedding of them
+        (``NotFound`` afterwards). An item that superseded it stays, current. To keep
+        the record that it was once true, ``retire_memory`` instead."""
+        name, _ = name_and_etag(item)
+        await self.context.DeleteMemoryItem(
+            context_pb2.DeleteMemoryItemRequest(name=name), timeout=timeout_s
+        )
+
+    async def set_assistant_memory_policy(
+        self,
+        assistant: str,
+        policy: context_pb2.MemoryPolicy | None,
+        *,
+        etag: str = "",
+        timeout_s: float | None = None,
+    ) -> dispatcher_pb2.Assistant:
+        """UpdateAssistant of ``memory_policy``: whether and how ``assistant``
+        (``workspaces/w/assistants/a``) forms memory from its conversations. None (or a
+        policy whose mode is unset) takes the workspace's. A policy the server refuses
+        (an idle time, a count or a time to live out of range, a category twice) is
+        ``InvalidArgument`` naming the field, and nothing changes."""
+        changed = dispatcher_pb2.Assistant(name=assistant, etag=etag)
+        if policy is not None:
+            changed.memory_policy.CopyFrom(policy)
+        request = dispatcher_pb2.UpdateAssistantRequest(assistant=changed)
+        request.update_mask.paths.append("memory_policy")
+        response = await self.dispatcher.UpdateAssistant(request, timeout=timeout_s)
+        return response.assistant
+
+    async def set_workspace_memory_policy(
+        self,
+        workspace: str,
+        policy: context_pb2.MemoryPolicy | None,
+        *,
+        timeout_s: float | None = None,
+    ) -> context_pb2.Workspace:
+        """UpdateWorkspace of ``memory_policy`` (owners only): the policy of the
+        workspace's assistants that set none. None turns forming off for them."""
+        changed = context_pb2.Workspace(name=workspace)
+        if policy is not None:
+            changed.memory_policy.CopyFrom(policy)
+        request = context_pb2.UpdateWorkspaceRequest(workspace=changed)
+        request.update_mask.paths.append("memory_policy")
+        response = await self.context.UpdateWorkspace(request, timeout=timeout_s)
+        return response.workspace
 
     # -- files --------------------------------------------------------------------------
 
