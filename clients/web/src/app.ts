@@ -17,6 +17,7 @@ import { WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { Event, Scope } from "./gen/switchboard/api/events/v1/events_pb";
 import { Integrations } from "./integrations";
 import { LiveEvents } from "./live";
+import { MemoryPage } from "./memory";
 import { Names } from "./names";
 import { Navigation } from "./navigation";
 import { Page } from "./page";
@@ -40,6 +41,7 @@ export class App {
   private readonly schedules: Schedules;
   private readonly search: SearchPage;
   private readonly files: FilesPanel;
+  private readonly memory: MemoryPage;
   private readonly composer: Composer;
   private readonly names = new Names();
   private readonly account: Account;
@@ -57,6 +59,7 @@ export class App {
     this.schedules = new Schedules(api, this.page, this.names, { openRun: (run) => void this.navigation.openRun(run) });
     this.search = new SearchPage(api, this.page, this.names);
     this.files = new FilesPanel(api, this.page, this.names);
+    this.memory = new MemoryPage(api, this.page, this.names);
     // The composer asks the navigation, built next, what is open when it needs to know.
     const composer = (this.composer = new Composer(api, this.page, {
       workspace: () => this.navigation.workspace,
@@ -88,6 +91,7 @@ export class App {
       (open) => this.schedules.show(open),
       (open) => this.search.show(open),
       (open) => this.files.show(open),
+      (open) => this.memory.show(open),
     );
     this.assistants = new Assistants(api, this.page, this.integrations, {
       workspace: () => this.navigation.workspace,
@@ -123,6 +127,7 @@ export class App {
       this.schedules.element,
       this.search.element,
       this.files.pageElement,
+      this.memory.element,
       ...this.runs.elements,
       composer.element,
     );
@@ -213,6 +218,7 @@ export class App {
     this.schedules.clear();
     this.search.clear();
     this.files.clear();
+    this.memory.clear();
     this.account.clear();
     this.runs.clear();
     this.composer.left();
@@ -242,6 +248,7 @@ export class App {
     this.schedules.open(workspace, owner);
     this.search.open(workspace);
     this.files.open(workspace, owner || role === WorkspaceRole.EDITOR);
+    this.memory.open(workspace, role);
     this.runs.canResolve(owner);
     void this.assistants.load();
     const identity = this.api.tokens.identity;
@@ -296,6 +303,7 @@ export class App {
       this.budgets.apply(event);
       this.schedules.apply(event);
       this.files.apply(event);
+      this.memory.apply(event);
     }
     if (this.feed !== null) this.live.cursor(this.feed.cursor);
   }

@@ -2,8 +2,9 @@
 // owners (instructions, handler, model settings, the tools each integration lends it and
 // which of them need a person's approval, the assistants it may ask (its delegates) and
 // those it may hand its conversations over to (its handoffs), context budget, tool-step
-// limit, the workspace default), with the etag sent back so a change made elsewhere meanwhile is refused as
-// such (ABORTED / ERROR_REASON_ETAG_MISMATCH) rather than overwritten; and "Try it", a
+// limit, the workspace default, what it learns from conversations (its memory policy)),
+// with the etag sent back so a change made elsewhere meanwhile is refused as such
+// (ABORTED / ERROR_REASON_ETAG_MISMATCH) rather than overwritten; and "Try it", a
 // conversation opened beside the editor with the assistant chosen in the composer.
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { deleteConfirmation } from "./confirm";
@@ -16,6 +17,7 @@ import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { IntegrationKind } from "./gen/switchboard/api/integration/v1/integration_pb";
 import { type Integrations, lastSegment } from "./integrations";
 import { idAttributes, idRule } from "./ids";
+import { type PolicyForm, policyForm, samePolicy } from "./memorypolicy";
 import type { Page } from "./page";
 
 export interface AssistantsHost {
@@ -115,6 +117,8 @@ export class Assistants {
   /** The assistant being edited ("" for a new one), null when the editor is closed. */
   private editing: string | null = null;
   private etag = "";
+  /** The open editor's memory policy form. */
+  private policy: PolicyForm | null = null;
 
   constructor(
     private readonly api: Api,
@@ -273,6 +277,7 @@ export class Assistants {
   private close(): void {
     const open = this.editing !== null;
     this.editing = null;
+    this.policy = null;
     this.editor.hidden = true;
     this.editor.replaceChildren();
     if (open) this.host.editing(false);
@@ -396,6 +401,9 @@ export class Assistants {
           " Let the model search memory itself (a search tool it can call)",
         ),
       ),
+      // Memory (Assistant.memory_policy): what it learns from its conversations, by which
+      // model and when; "as the workspace's default" takes the workspace's policy.
+      (this.policy = policyForm("assistant", a?.memoryPolicy)).element,
       h(
         "label",
         { class: "check" },
@@ -596,8 +604,16 @@ export class Assistants {
             },
           }
         : {}),
+      ...(this.policy?.read() ? { memoryPolicy: this.policy.read() } : {}),
       etag: this.etag,
     } as Assistant;
+  }
+
+  /** The fields a save changes: the editor's, and the memory policy only when the form
+   *  changed it (a server without memory forming is not asked to store an empty one). */
+  private mask(assistant: Assistant): string[] {
+    const stored = this.assistants.find((x) => x.name === this.editing)?.memoryPolicy;
+    return samePolicy(stored, assistant.memoryPolicy) ? FIELDS : [...FIELDS, "memory_policy"];
   }
 
   private async save(): Promise<void> {
@@ -611,7 +627,7 @@ export class Assistants {
     if (button) button.disabled = true;
     try {
       const saved = editing
-        ? (await this.api.dispatcher.updateAssistant({ assistant, updateMask: { paths: FIELDS } })).assistant
+        ? (await this.api.dispatcher.updateAssistant({ assistant, updateMask: { paths: this.mask(assistant) } })).assistant
         : (
             await this.api.dispatcher.createAssistant({
               parent,

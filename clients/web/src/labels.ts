@@ -3,7 +3,14 @@
 // `mcp_server`, `stateChange`); the names stay in data-* attributes, for scripts and tests.
 // One module, so a value the contracts add is named once and the same everywhere.
 import { Code } from "@connectrpc/connect";
-import { MessageRole, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
+import {
+  MemoryCategory,
+  MemoryChange,
+  MemoryFormingMode,
+  MemoryKind,
+  MessageRole,
+  WorkspaceRole,
+} from "./gen/switchboard/api/context/v1/context_pb";
 import {
   BudgetPeriod,
   ConcurrencyPolicy,
@@ -18,7 +25,14 @@ import {
   SteerState,
   ToolApprovalDecision,
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import { BudgetAlertKind, ChangeKind, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
+import {
+  BudgetAlertKind,
+  ChangeKind,
+  EventType,
+  MemoryDecisionAction,
+  MemoryFormingOutcome,
+  SecurityEventKind,
+} from "./gen/switchboard/api/events/v1/events_pb";
 import { ToolOutcome, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import {
   CircuitState,
@@ -143,6 +157,7 @@ const EVENT_TYPE: Record<EventType, string> = {
   [EventType.FILE_CHANGED]: "File",
   [EventType.SCHEDULE_CHANGED]: "Schedule",
   [EventType.SCHEDULE_FIRED]: "Schedule fired",
+  [EventType.MEMORY_DECIDED]: "Memory decision",
 };
 /** An event type as the feed's entries and its filter name it. */
 export const eventTypeLabel = (value: EventType): string => label(EVENT_TYPE, value);
@@ -171,6 +186,66 @@ const SECURITY: Record<SecurityEventKind, string> = {
   [SecurityEventKind.API_KEY_REVOKED]: "an API key was revoked",
 };
 export const securityLabel = (value: SecurityEventKind): string => label(SECURITY, value);
+
+const MEMORY_KIND: Record<MemoryKind, string> = {
+  [MemoryKind.UNSPECIFIED]: "memory",
+  [MemoryKind.FACT]: "fact",
+  [MemoryKind.PREFERENCE]: "preference",
+  [MemoryKind.SUMMARY]: "summary",
+  [MemoryKind.ENTITY]: "entity",
+  [MemoryKind.NOTE]: "note",
+  [MemoryKind.PLAN]: "plan or date",
+};
+export const memoryKindLabel = (value: MemoryKind): string => label(MEMORY_KIND, value);
+
+const MEMORY_CHANGE: Record<MemoryChange, string> = {
+  [MemoryChange.UNSPECIFIED]: "changed",
+  [MemoryChange.CREATED]: "learned",
+  [MemoryChange.EDITED]: "edited",
+  [MemoryChange.RETIRED]: "retired",
+};
+/** How a version of a memory item came about, as its history says it. */
+export const memoryChangeLabel = (value: MemoryChange): string => label(MEMORY_CHANGE, value);
+
+const MEMORY_DECISION: Record<MemoryDecisionAction, string> = {
+  [MemoryDecisionAction.UNSPECIFIED]: "decided",
+  [MemoryDecisionAction.ADD]: "remembered",
+  [MemoryDecisionAction.UPDATE]: "updated",
+  [MemoryDecisionAction.INVALIDATE]: "retired",
+  [MemoryDecisionAction.NONE]: "kept nothing",
+  [MemoryDecisionAction.MERGE]: "merged",
+  [MemoryDecisionAction.EXPIRE]: "expired",
+};
+/** What memory forming or consolidation decided about a fact. */
+export const memoryDecisionLabel = (value: MemoryDecisionAction): string => label(MEMORY_DECISION, value);
+
+const FORMING_OUTCOME: Record<MemoryFormingOutcome, string> = {
+  [MemoryFormingOutcome.UNSPECIFIED]: "",
+  [MemoryFormingOutcome.APPLIED]: "",
+  [MemoryFormingOutcome.FAILED]: "forming failed: nothing of it was applied",
+  [MemoryFormingOutcome.PAUSED]: "forming paused: a budget is at its cap",
+};
+/** How a forming round ended, when that is news ("" when its decisions were applied). */
+export const formingOutcomeLabel = (value: MemoryFormingOutcome): string => label(FORMING_OUTCOME, value);
+
+const FORMING_MODE: Record<MemoryFormingMode, string> = {
+  [MemoryFormingMode.UNSPECIFIED]: "as the workspace's default",
+  [MemoryFormingMode.OFF]: "off",
+  [MemoryFormingMode.USER]: "about the person",
+  [MemoryFormingMode.WORKSPACE]: "about the workspace",
+  [MemoryFormingMode.USER_AND_WORKSPACE]: "about the person and the workspace",
+};
+/** Which scopes an assistant (or a workspace's default) forms memory in. */
+export const formingModeLabel = (value: MemoryFormingMode): string => label(FORMING_MODE, value);
+
+const MEMORY_CATEGORY: Record<MemoryCategory, string> = {
+  [MemoryCategory.UNSPECIFIED]: "category",
+  [MemoryCategory.PREFERENCES]: "the person's preferences",
+  [MemoryCategory.PERSON_FACTS]: "facts about the person",
+  [MemoryCategory.PLANS]: "plans and dates",
+  [MemoryCategory.WORKSPACE_FACTS]: "the workspace's facts",
+};
+export const memoryCategoryLabel = (value: MemoryCategory): string => label(MEMORY_CATEGORY, value);
 
 const ROLE: Record<WorkspaceRole, string> = {
   [WorkspaceRole.UNSPECIFIED]: "no role",

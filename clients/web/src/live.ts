@@ -6,7 +6,17 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Child, formatTime, h } from "./dom";
 import type { EventFeed, FeedState } from "./feed";
 import { type Event, EventType } from "./gen/switchboard/api/events/v1/events_pb";
-import { budgetAlertLabel, changeLabel, eventTypeLabel, firingLabel, messageRoleLabel, runUpdateLabel, securityLabel } from "./labels";
+import {
+  budgetAlertLabel,
+  changeLabel,
+  eventTypeLabel,
+  firingLabel,
+  formingOutcomeLabel,
+  memoryDecisionLabel,
+  messageRoleLabel,
+  runUpdateLabel,
+  securityLabel,
+} from "./labels";
 import type { Names } from "./names";
 import type { Page } from "./page";
 
@@ -140,6 +150,10 @@ function subject(event: Event): string {
       return payload.value.schedule?.name ?? "";
     case "scheduleFired":
       return payload.value.schedule;
+    case "memoryChanged":
+      return payload.value.memoryItem?.name ?? "";
+    case "memoryDecided":
+      return payload.value.memoryItem || payload.value.replaces || payload.value.run;
     default:
       return event.conversation || event.workspace || event.user;
   }
@@ -154,11 +168,14 @@ function link(event: Event, names: Names): HTMLElement | null {
   const budget = !event.conversation && (event.payload.case === "budgetChanged" || event.payload.case === "budgetAlert");
   // And a schedule's to its Schedules page.
   const schedule = !event.conversation && (event.payload.case === "scheduleChanged" || event.payload.case === "scheduleFired");
-  const href = budget ? `#${target}/budgets` : schedule ? `#${target}/schedules` : `#${target}`;
+  // And memory's to its Memory page.
+  const memory = !event.conversation && (event.payload.case === "memoryChanged" || event.payload.case === "memoryDecided");
+  const page = budget ? "budgets" : schedule ? "schedules" : memory ? "memory" : "";
+  const href = page ? `#${target}/${page}` : `#${target}`;
   return h(
     "a",
     { href, class: "event-link", "data-testid": "event-link", title: target },
-    ` → ${names.title(target)}${budget ? " › budgets" : schedule ? " › schedules" : ""}`,
+    ` → ${names.title(target)}${page ? ` › ${page}` : ""}`,
   );
 }
 
@@ -250,6 +267,26 @@ function summarize(event: Event, names: Names): Child[] {
     case "scheduleFired": {
       const firing = payload.value.firing;
       return [`${names.title(payload.value.schedule) || "a schedule"} fired: ${firing ? firingLabel(firing.outcome) : "fired"}`];
+    }
+    case "memoryChanged": {
+      // Said by who acted: a person, or the assistant that formed it (the event's user is
+      // whose memory it is, not who changed it).
+      const item = payload.value.memoryItem;
+      const actor = event.actor?.name ?? "";
+      const formedBy = item?.formation?.assistant ? ` by ${names.title(item.formation.assistant)}` : "";
+      const who = actor.startsWith("users/") ? ` by ${names.title(actor)}` : formedBy;
+      return [quote(item?.content ?? ""), ` ${changeLabel(payload.value.change)}${who}`];
+    }
+    case "memoryDecided": {
+      const decided = payload.value;
+      const outcome = formingOutcomeLabel(decided.outcome);
+      if (outcome) return [outcome];
+      const who = decided.assistant ? ` by ${names.title(decided.assistant)}` : "";
+      return [
+        `${memoryDecisionLabel(decided.action)}${who}`,
+        ...(decided.candidate ? [": ", quote(decided.candidate)] : []),
+        ...(decided.reason ? [" (", quote(decided.reason), ")"] : []),
+      ];
     }
     case "messageFiltered":
       return [`${payload.value.rejected ? "refused" : "flagged"} by the content filter${by}`];

@@ -1,6 +1,7 @@
 // Where the user is: the workspaces and their conversations (listed, created, picked),
 // the open conversation's messages, and the URL (#workspaces/w/conversations/c) that
-// opens them again, after a reload too. Opening a workspace or a conversation is where
+// opens them again, after a reload too (…/messages/m opens it at that message, marked: a
+// memory's source links there). Opening a workspace or a conversation is where
 // the other parts learn of it: the runs followed, the integrations watched, the
 // composer's choices, and (through `opened`) the feed's scopes.
 import { type Api, PAGE_SIZE, requestId } from "./api";
@@ -24,7 +25,7 @@ import { TERMINAL, holderOf, steerStateName } from "./runs";
 
 /** The workspace's pages, each shown in the centre where a conversation would be
  * (`#workspaces/w/<page>`), with the title it gives the centre. */
-const WORKSPACE_PAGES = { budgets: "Budgets", schedules: "Schedules", search: "Search", files: "Files" } as const;
+const WORKSPACE_PAGES = { budgets: "Budgets", schedules: "Schedules", search: "Search", files: "Files", memory: "Memory" } as const;
 type WorkspacePage = keyof typeof WORKSPACE_PAGES;
 const PAGE_IDS = Object.keys(WORKSPACE_PAGES) as WorkspacePage[];
 
@@ -75,6 +76,7 @@ export class Navigation {
     h("a", { href: "#", class: "item", "data-testid": "open-schedules" }, "Schedules"),
     h("a", { href: "#", class: "item", "data-testid": "open-search" }, "Search"),
     h("a", { href: "#", class: "item", "data-testid": "open-files" }, "Files"),
+    h("a", { href: "#", class: "item", "data-testid": "open-memory" }, "Memory"),
   );
   private workspaces: Workspace[] = [];
   /** Whether the workspaces were listed since signing in (the picker waits for it). */
@@ -84,6 +86,8 @@ export class Navigation {
   private showDelegated = false;
   private readonly messages = new Map<string, Message>();
   private readonly files: FileViews;
+  /** The message a link opened the conversation at (`#…/messages/m`), marked among the others. */
+  private highlighted = "";
 
   constructor(
     private readonly api: Api,
@@ -102,6 +106,8 @@ export class Navigation {
     private readonly search: (open: boolean) => void = () => undefined,
     /** The Files page shown (true) or left (false). */
     private readonly filesPage: (open: boolean) => void = () => undefined,
+    /** The Memory page shown (true) or left (false). */
+    private readonly memoryPage: (open: boolean) => void = () => undefined,
   ) {
     this.files = new FileViews(api, page);
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
@@ -156,12 +162,23 @@ export class Navigation {
 
   async followHash(): Promise<void> {
     const target = decodeURIComponent(location.hash.slice(1));
-    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets|\/schedules|\/search|\/files)?$/.exec(target);
+    const match = /^(workspaces\/[^/]+)(?:(\/conversations\/[^/]+)(\/messages\/[^/]+)?|\/budgets|\/schedules|\/search|\/files|\/memory)?$/.exec(target);
     if (match === null || !this.api.tokens.signedIn) return;
     const workspace = match[1] ?? "";
     const page = PAGE_IDS.find((id) => target === `${workspace}/${id}`);
     if (page) return this.openPage(workspace, page);
-    await this.pickWorkspace(workspace, target === workspace ? "" : target);
+    // A message (a memory's source links to it): its conversation, opened at it.
+    const conversation = match[2] ? `${workspace}${match[2]}` : "";
+    this.highlighted = match[3] ? target : "";
+    await this.pickWorkspace(workspace, conversation);
+    if (this.highlighted) this.revealMessage();
+  }
+
+  /** Scrolls the highlighted message into view, if the open conversation has it. */
+  private revealMessage(): void {
+    this.renderMessages();
+    const shown = [...this.messageList.querySelectorAll<HTMLElement>('[data-testid="message"]')].find((m) => m.dataset.name === this.highlighted);
+    shown?.scrollIntoView({ block: "center" });
   }
 
   /** Everything listed again, the open conversation too: events were missed. */
@@ -232,6 +249,8 @@ export class Navigation {
 
   /** SendMessage's (or SteerRun's) answer, shown if its conversation is still the open one. */
   sent(conversation: string, answer: { run?: Run | undefined; message?: Message | undefined }): void {
+    // Writing in it: the conversation follows its newest message again.
+    this.highlighted = "";
     if (answer.message && conversation === this.conversation) this.addMessages([answer.message]);
     if (answer.run && conversation === this.conversation) this.runs.follow(answer.run.name, answer.run);
   }
@@ -279,6 +298,7 @@ export class Navigation {
 
   /** Signed out: nothing open, nothing listed. */
   clear(): void {
+    this.highlighted = "";
     this.messages.clear();
     this.files.clear();
     this.workspaces = [];
@@ -320,6 +340,7 @@ export class Navigation {
     this.pages.querySelector('[data-testid="open-schedules"]')?.setAttribute("href", `#${this.workspace}/schedules`);
     this.pages.querySelector('[data-testid="open-search"]')?.setAttribute("href", `#${this.workspace}/search`);
     this.pages.querySelector('[data-testid="open-files"]')?.setAttribute("href", `#${this.workspace}/files`);
+    this.pages.querySelector('[data-testid="open-memory"]')?.setAttribute("href", `#${this.workspace}/memory`);
     if (this.workspaces.length === 0) {
       // The first sign-in: nothing to pick yet, so say what comes first.
       this.workspaceList.replaceChildren(
@@ -387,7 +408,7 @@ export class Navigation {
 
   /** Tells the page's own view it is shown (true) or left (false). */
   private shown(page: WorkspacePage, open: boolean): void {
-    ({ budgets: this.budgets, schedules: this.schedules, search: this.search, files: this.filesPage })[page](open);
+    ({ budgets: this.budgets, schedules: this.schedules, search: this.search, files: this.filesPage, memory: this.memoryPage })[page](open);
   }
 
   /** Opens the conversation of `run` (`workspaces/w/conversations/c/runs/r`) with the run's
@@ -604,6 +625,7 @@ export class Navigation {
   // -- One conversation ------------------------------------------------------------------
 
   private async pickConversation(name: string): Promise<void> {
+    if (this.highlighted && !this.highlighted.startsWith(`${name}/messages/`)) this.highlighted = "";
     if (name === this.conversation) return;
     this.conversation = name;
     this.messages.clear();
@@ -680,7 +702,13 @@ export class Navigation {
         const role = MessageRole[m.role]?.toLowerCase() ?? "unspecified";
         return h(
           "li",
-          { "data-testid": "message", "data-name": m.name, "data-role": role, class: `message ${role}` },
+          {
+            "data-testid": "message",
+            "data-name": m.name,
+            "data-role": role,
+            class: m.name === this.highlighted ? `message ${role} highlighted` : `message ${role}`,
+            "data-highlighted": m.name === this.highlighted ? "true" : undefined,
+          },
           h("span", { class: "role" }, messageRoleLabel(m.role)),
           h("div", { class: "text", "data-testid": "message-text", "data-content": true }, messageText(m)),
           this.landingNote(m.name),
@@ -691,7 +719,11 @@ export class Navigation {
         );
       }),
     );
-    list.scrollTop = list.scrollHeight;
+    if (this.highlighted && this.messages.has(this.highlighted)) {
+      [...list.children].find((m) => m instanceof HTMLElement && m.dataset.name === this.highlighted)?.scrollIntoView({ block: "center" });
+    } else {
+      list.scrollTop = list.scrollHeight;
+    }
   }
 }
 

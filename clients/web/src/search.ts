@@ -11,13 +11,13 @@ import { type Api } from "./api";
 import { h } from "./dom";
 import { type Problem, problem, renderProblem } from "./errors";
 import {
-  MemoryKind,
   MessageRole,
   SearchFallbackReason,
   SearchMode,
   type SearchContextResponse,
   type SearchResult,
 } from "./gen/switchboard/api/context/v1/context_pb";
+import { memoryKindLabel } from "./labels";
 import type { Names } from "./names";
 import type { Page } from "./page";
 
@@ -41,14 +41,6 @@ const FALLBACKS: Record<SearchFallbackReason, string> = {
   [SearchFallbackReason.NO_VECTOR_ENGINE]: "the database has no vector engine",
   [SearchFallbackReason.EMBEDDINGS_UNAVAILABLE]: "the embeddings endpoint could not embed the query",
   [SearchFallbackReason.BUDGET_EXHAUSTED]: "a budget had no room for the query's embedding",
-};
-const KINDS: Record<MemoryKind, string> = {
-  [MemoryKind.UNSPECIFIED]: "memory",
-  [MemoryKind.FACT]: "fact",
-  [MemoryKind.PREFERENCE]: "preference",
-  [MemoryKind.SUMMARY]: "summary",
-  [MemoryKind.ENTITY]: "entity",
-  [MemoryKind.NOTE]: "note",
 };
 const ROLES: Record<MessageRole, string> = {
   [MessageRole.UNSPECIFIED]: "message",
@@ -267,7 +259,7 @@ export class SearchPage {
       kind = "memory";
       text = item.content;
       where = [
-        `memory · ${KINDS[item.kind]} · `,
+        `memory · ${memoryKindLabel(item.kind)} · `,
         conversation
           ? h("a", { href: `#${conversation}`, "data-testid": "result-conversation" }, this.names.title(conversation))
           : h("span", { "data-testid": "result-scope" }, item.name.startsWith("users/") ? "your memory" : "workspace memory"),
