@@ -14,12 +14,17 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from grpc import aio
+from sqlalchemy import update
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.memory.worker import MemoryForming
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import CALL_DEADLINE_S
+from switchboard.platform.store.models import MemoryJobRow
+from switchboard.platform.values.names import now
+from tests.conftest import CALL_DEADLINE_S, built
 from tests.dispatcher.memory.memorykit import (
     Decided,
     Model,
@@ -36,6 +41,7 @@ from tests.dispatcher.memory.memorykit import (
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.kits.contextkit import Stub, World, create_conversation, stub_fixture
 from tests.kits.dispatchkit import Stub as DStub
+from tests.kits.dispatchkit import eventually
 from tests.kits.modulekit import module_channel_fixture, module_database_url_fixture
 
 pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
@@ -156,3 +162,54 @@ async def test_tell_change_ask_and_forget_a_fact(
     fourth = (await create_conversation(stub, me, world.name, "fourth")).name
     again = await told(dstub, me, fourth, keeper, "Where do I live these days, Berlin or Paris?")
     assert await answer_text(stub, world, again.output_message) == "I remember nothing."
+
+
+async def test_nothing_is_formed_for_a_person_who_may_no_longer_write_there(
+    mesh: SwitchboardServer,
+    stub: Stub,
+    dstub: DStub,
+    world: World,
+    model: tuple[FakeOpenAI, Model],
+    decided: Decided,
+) -> None:
+    idle = cpb.MemoryPolicy(mode=cpb.MEMORY_FORMING_MODE_USER_AND_WORKSPACE, idle_minutes=30)
+    keeper = await assistant(dstub, world, idle)
+    me = world.editor
+    model[1].facts["My badge number is 4411."] = [[fact("Badge number 4411.")]]
+    conversation = (await create_conversation(stub, me, world.name, "badge")).name
+    run = await told(dstub, me, conversation, keeper, "My badge number is 4411.")
+    job_id = f"idle:{conversation}:{me.id}"
+    await eventually(
+        lambda: _has_job(mesh, job_id), "the exchange waits for the conversation to be idle"
+    )
+    # Made a viewer before the conversation went idle: forming may not act for them.
+    await stub.UpdateWorkspaceMember(
+        cpb.UpdateWorkspaceMemberRequest(
+            member=cpb.WorkspaceMember(
+                name=f"{world.name}/members/{me.id}", role=cpb.WORKSPACE_ROLE_VIEWER
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["role"]),
+        ),
+        metadata=world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+
+    def due(db: Any) -> None:
+        db.execute(update(MemoryJobRow).where(MemoryJobRow.id == job_id).values(not_before=now()))
+
+    await mesh.shared.database.run(due, write=True)
+    built(mesh, MemoryForming).wake()
+    await decided.count(run.name, 1)
+    [outcome] = decided.of(run.name)
+    assert outcome.outcome == events_pb2.MEMORY_FORMING_OUTCOME_FAILED
+    assert "no longer write" in outcome.reason
+    assert await items(stub, me, me.name, validity=cpb.MEMORY_VALIDITY_ALL) == []
+    assert "My badge number is 4411." not in model[1].exchanges
+
+
+async def _has_job(mesh: SwitchboardServer, job_id: str) -> bool:
+    def read(db: Any) -> bool:
+        return db.get(MemoryJobRow, job_id) is not None
+
+    found: bool = await mesh.shared.database.run(read, write=False)
+    return found

@@ -88,6 +88,7 @@ def memory_forming(
         applier=Applier(context, shared.bus, JobStore(shared.database), timeout_s=timeout_s),
         consolidator=Consolidator(context, shared.bus, timeout_s=timeout_s),
         policies=Policies(context, assistant, timeout_s=timeout_s),
+        access=shared.policy,
     )
     return MemoryForming(
         shared.database,

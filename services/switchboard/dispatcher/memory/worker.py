@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.memory.apply import Applier, ClaimLost, outcome_event
+from switchboard.dispatcher.memory.apply import Applier, ClaimLost, acting_as, outcome_event
 from switchboard.dispatcher.memory.consolidate import Consolidator
 from switchboard.dispatcher.memory.feed import MemoryFeed, Policies
 from switchboard.dispatcher.memory.forming import Former
@@ -43,9 +43,11 @@ from switchboard.dispatcher.memory.plans.plan import CONSOLIDATE, PAUSED, Exchan
 from switchboard.dispatcher.memory.plans.schema import Unusable
 from switchboard.dispatcher.memory.store import Job, JobStore
 from switchboard.platform.background import cancel_within
+from switchboard.platform.errors import NotFound, PermissionDenied
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.feeder import FeedSettings, LeasedFeeder
 from switchboard.platform.resilience.backoff import Backoff, IdlePoll
+from switchboard.platform.security.policy import Permission, Policy
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import MemoryCursorRow
 from switchboard.platform.values.names import now
@@ -81,6 +83,9 @@ class Parts:
     applier: Applier
     consolidator: Consolidator
     policies: Policies
+    #: The access policy: a round acts for its person only while they may still write
+    #: in the workspace (the Local port does not pass the interceptors' checks).
+    access: Policy
 
 
 class MemoryForming:
@@ -265,6 +270,18 @@ class MemoryForming:
             await self._later(job, exchange, type(exc).__name__)
 
     async def _form(self, job: Job, whole: Exchange) -> None:
+        try:
+            await self._parts.access.authorize(
+                acting_as(whole.user_id),
+                str(WorkspaceName(job.workspace_id)),
+                Permission.WRITE,
+                "memory",
+            )
+        except (NotFound, PermissionDenied):
+            # Removed from the workspace, or made a viewer, since the run: nothing of
+            # the exchange is remembered for them.
+            await self._failed(job, whole, "the person may no longer write in the workspace")
+            return
         if job.plan:
             plan = Plan.loads(job.plan)
         else:
