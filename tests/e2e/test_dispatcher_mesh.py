@@ -7,7 +7,7 @@ ones when it is back.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack
 
 import pytest
@@ -16,9 +16,11 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.conftest import CALL_DEADLINE_S
+from tests.dispatcher.memory.memorykit import Model, fact
 from tests.e2e import modulescope
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.e2e.starts import serving
+from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.postgres import PostgresServer
 from tests.infra.redis import RedisServer
 from tests.kits.contextkit import (
@@ -32,6 +34,7 @@ from tests.kits.contextkit import (
 from tests.kits.dispatchkit import (
     cancel,
     dispatcher_stub,
+    eventually,
     finished,
     get_run,
     reason_of,
@@ -199,3 +202,81 @@ async def test_another_replica_follows_a_run_through_the_shared_log(
     assert rest[-1].state_change.run.error.message == cancelled.error.message
     assert [u.sequence for u in rest] == sorted({u.sequence for u in rest})
     assert rest[0].sequence > seen[-1].sequence
+
+
+async def test_memory_forms_across_the_mesh(
+    context_process: ServeProcess, env: dict[str, str]
+) -> None:
+    """Memory forming in a dispatcher process of its own: it reads the exchange, searches
+    the nearest memories and applies its decisions through the context service's contract,
+    as the run's person (docs/memory.md)."""
+    ctx_address = f"127.0.0.1:{context_process.port}"
+    script = Model()
+    script.facts["I live in Porto."] = [[fact("Lives in Porto.")]]
+    script.facts["I moved to Lyon."] = [[fact("Lives in Lyon.")]]
+    script.decisions["Lives in Lyon."] = ("update", "Lives in Porto.")
+    async with FakeOpenAI(default=script) as model:
+        with ServeProcess(
+            "--services",
+            "dispatcher",
+            env={
+                **env,
+                "SWITCHBOARD_CONTEXT_ADDRESS": ctx_address,
+                "SWITCHBOARD_INSTANCE_ID": "dispatcher-memory",
+                "SWITCHBOARD_LLM_BASE_URL": model.url,
+                "SWITCHBOARD_LLM_MODEL": "m-1",
+                "SWITCHBOARD_MEMORY_POLL_S": "0.2",
+            },
+        ) as dispatcher_process:
+            owner = await _caller(ctx_address)
+            async with (
+                aio.insecure_channel(ctx_address) as ctx_channel,
+                aio.insecure_channel(f"127.0.0.1:{dispatcher_process.port}") as d_channel,
+            ):
+                stub, dstub = context_stub(ctx_channel), dispatcher_stub(d_channel)
+                workspace = await create_workspace(stub, owner, "Mesh memory")
+                keeper = await dstub.CreateAssistant(
+                    pb.CreateAssistantRequest(
+                        parent=workspace.name,
+                        assistant=pb.Assistant(
+                            display_name="Keeper",
+                            memory_policy=cpb.MemoryPolicy(mode=cpb.MEMORY_FORMING_MODE_USER),
+                        ),
+                    ),
+                    metadata=owner.md,
+                    timeout=CALL_DEADLINE_S,
+                )
+                conversation = (await create_conversation(stub, owner, workspace.name)).name
+
+                async def remembered(content: str) -> list[cpb.MemoryItem]:
+                    async def current() -> list[cpb.MemoryItem]:
+                        listed = await stub.ListMemoryItems(
+                            cpb.ListMemoryItemsRequest(parent=owner.name, workspace=workspace.name),
+                            metadata=owner.md,
+                            timeout=CALL_DEADLINE_S,
+                        )
+                        return list(listed.memory_items)
+
+                    await eventually(lambda: _holds(current, content), f"{content!r} remembered")
+                    return await current()
+
+                for said in ("I live in Porto.", "I moved to Lyon."):
+                    sent_request = request(conversation, said)
+                    sent_request.assistant = keeper.assistant.name
+                    sent = await send(dstub, owner, sent_request)
+                    run = await finished(dstub, owner, sent.run.name)
+                    assert run.state == pb.RUN_STATE_SUCCEEDED
+                    if said.startswith("I live"):
+                        [porto] = await remembered("Lives in Porto.")
+                        assert list(porto.source_messages) == [
+                            run.input_message,
+                            run.output_message,
+                        ]
+                [lyon] = await remembered("Lives in Lyon.")
+                assert lyon.supersedes == porto.name
+                assert lyon.formation.assistant == keeper.assistant.name
+                assert lyon.workspace == workspace.name
+
+
+async def _holds(read: Callable[[], Awaitable[list[cpb.MemoryItem]]], content: str) -> bool:
+    return [item.content for item in await read()] == [content]

@@ -50,7 +50,14 @@ from switchboard.platform.security.credentials.accesstokens import (
 )
 from switchboard.platform.security.credentials.opaque import OpaqueSecrets, parse_api_key
 from switchboard.platform.security.credentials.records import CredentialRecords, SessionStatus
-from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal, Scope
+from switchboard.platform.security.policy import (
+    ALL_SCOPES,
+    DELEGATED_BACKGROUND,
+    DELEGATED_KEY,
+    AuthMethod,
+    Principal,
+    Scope,
+)
 from switchboard.platform.store.db import log_failure
 
 log = logging.getLogger("switchboard.auth")
@@ -222,20 +229,20 @@ class CredentialAuthenticator:
         cached = self._verified.data.get(credential)
         if cached is None:
             claims = self._tokens.verify(credential, now=now)
-            principal = Principal(
-                user_id=claims.subject,
-                auth_method=AuthMethod.PASSWORD,
-                scopes=_scopes(claims.scopes),
-                session_id=claims.session,
-                expires_at=claims.expires_at,
-            )
+            principal = _principal_of(claims)
             self._verified.put(credential, (claims, principal))
         else:
             claims, principal = cached
             if claims.expires_at <= now - self._leeway:
                 del self._verified.data[credential]
                 raise TokenExpired(EXPIRED)
-        await self._check_session(claims.session, claims.subject)
+        if principal.api_key_id:
+            # A server acting for a call made with this key: the key must still hold.
+            await self._check_key(principal.api_key_id)
+        elif principal.session_id:
+            await self._check_session(claims.session, claims.subject)
+        # Else a server's own work for the person (``DELEGATED_BACKGROUND``): no
+        # credential of theirs to check; each act is authorized on its resource.
         return principal
 
     async def verify_principal(self, principal: Principal) -> float | None:
@@ -251,6 +258,9 @@ class CredentialAuthenticator:
             return await self._check_key(principal.api_key_id)
         if principal.expires_at and principal.expires_at <= self.clock() - self._leeway:
             raise TokenExpired(EXPIRED)
+        if not principal.session_id:
+            # A server's own work for the person: its token's expiry alone.
+            return float(principal.expires_at + self._leeway) if principal.expires_at else None
         session_until = await self._check_session(principal.session_id, principal.user_id)
         if not principal.expires_at:
             return session_until
@@ -347,3 +357,22 @@ class CredentialAuthenticator:
             return
         if key_id in self._keys.data:
             self._keys.data[key_id] = dataclasses.replace(state, last_used_at=now)
+
+
+def _principal_of(claims: AccessClaims) -> Principal:
+    """The principal an access token names: a person's session, or a server acting for a
+    call made with an API key (``key:``) or for the person's background work (``bg:``),
+    as ``rpc/outbound/peers.delegated_session`` mints them."""
+    session, key = claims.session, ""
+    if session.startswith(DELEGATED_KEY):
+        session, key = "", session.removeprefix(DELEGATED_KEY)
+    elif session.startswith(DELEGATED_BACKGROUND):
+        session = ""
+    return Principal(
+        user_id=claims.subject,
+        auth_method=AuthMethod.API_KEY if key else AuthMethod.PASSWORD,
+        scopes=_scopes(claims.scopes),
+        session_id=session,
+        api_key_id=key,
+        expires_at=claims.expires_at,
+    )

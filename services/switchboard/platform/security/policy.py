@@ -87,6 +87,14 @@ class Permission(enum.Enum):
         return self.value[1]
 
 
+#: A token a server mints to act for a person in another service
+#: (``rpc/outbound/peers.delegated_session``) names in its ``sid``, instead of a session:
+#: the API key the call came with (``key:{id}``), or nothing of theirs (``bg:{user}``:
+#: a schedule's tick, memory forming). Sign-in sessions never hold a colon.
+DELEGATED_KEY: Final = "key:"
+DELEGATED_BACKGROUND: Final = "bg:"
+
+
 @dataclass(frozen=True)
 class Principal:
     """An authenticated caller."""

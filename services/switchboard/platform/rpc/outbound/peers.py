@@ -23,7 +23,7 @@ from switchboard.platform.config import GrpcTarget, Section
 from switchboard.platform.errors import DependencyUnavailable, SwitchboardError
 from switchboard.platform.observe.telemetry import client_interceptors
 from switchboard.platform.rpc.outbound.rpcerrors import from_rpc_error
-from switchboard.platform.security.policy import Principal
+from switchboard.platform.security.policy import DELEGATED_BACKGROUND, DELEGATED_KEY, Principal
 
 _R = TypeVar("_R")
 
@@ -53,6 +53,19 @@ class TokenIssuer(Protocol):
     ) -> tuple[str, object]: ...
 
 
+def delegated_session(principal: Principal) -> str:
+    """The ``sid`` of a token minted to act for ``principal`` in another service: its
+    session; for a call made with an API key, the key (``key:{id}``, checked as the key
+    is); for work a server does for a person without their credential (a schedule's
+    tick, memory forming: ``bg:{user}``), no session at all. Sessions issued at sign-in
+    never hold a colon, and only a server holding the signing key mints tokens."""
+    if principal.session_id:
+        return principal.session_id
+    if principal.api_key_id:
+        return f"{DELEGATED_KEY}{principal.api_key_id}"
+    return f"{DELEGATED_BACKGROUND}{principal.user_id}"
+
+
 class PeerService:
     """A channel to another service's process, and how to call it as a principal."""
 
@@ -67,7 +80,7 @@ class PeerService:
     def metadata(self, principal: Principal) -> tuple[tuple[str, str], ...]:
         token, _ = self._tokens.issue(
             subject=principal.user_id,
-            session=principal.session_id,
+            session=delegated_session(principal),
             scopes=[scope.value for scope in principal.scopes],
         )
         return (("authorization", f"Bearer {token}"),)
