@@ -69,7 +69,7 @@ from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import Logged
 from switchboard.platform.events.feeder import FeedSettings, LeasedFeeder
 from switchboard.platform.events.feedstore import Work
-from switchboard.platform.resilience.backoff import Backoff, IdlePoll
+from switchboard.platform.events.workers import work_rounds
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import SemanticCursorRow
 from switchboard.platform.values.names import now
@@ -410,32 +410,19 @@ class Indexer:
     # -- the workers ---------------------------------------------------------------------
 
     async def _work_loop(self) -> None:
-        backoff = Backoff(0.1, self.limits.poll_s * 5)
         # Jobs queued here wake the workers; the looks between are for other
         # processes' jobs, less often while none are found.
-        idle = IdlePoll(self.limits.poll_s)
-        while True:
-            self._work_wake.clear()
-            try:
-                done, later = await self.work_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the claims expire; retried
-                log_failure(log, "semantic indexing round failed", exc)
-                self._held = []
-                await backoff.wait()
-                continue
-            backoff.reset()
-            if done:
-                idle.after(found=True)
-                continue
-            wait_s = idle.after(found=False)
-            if later is not None:
-                wait_s = min(wait_s, max(0.0, (later - now()).total_seconds()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    await self._work_wake.wait()
-                    idle.reset()
+        await work_rounds(
+            self.work_once,
+            self._work_wake,
+            poll_s=self.limits.poll_s,
+            what="semantic indexing",
+            log=log,
+            failed=self._forget_claims,
+        )
+
+    def _forget_claims(self) -> None:
+        self._held = []
 
     async def work_once(self) -> tuple[int, dt.datetime | None]:
         """Claim and do one batch of jobs: (jobs claimed, when the next falls due)."""
