@@ -31,7 +31,8 @@ skips it), the scale section from ``bench/scale.py`` (whole-run processes behind
 about 5 minutes; ``--no-scale`` skips it), the delegation section from ``bench/delegation.py``
 (about 3 minutes; ``--no-delegation`` skips it), the round trips section from
 ``bench/roundtrips.py`` (PostgreSQL's and Redis's work per run, counted; about a minute;
-``--no-roundtrips`` skips it).
+``--no-roundtrips`` skips it), the memory forming section from ``bench/memory.py`` (about 2
+minutes; ``--no-memory`` skips it).
 Each of those
 scripts also runs alone (``--write`` puts its section into BENCHMARKS.md). Every section
 replaces the one with its heading in BENCHMARKS.md (``bench/harness.py``); a skipped
@@ -95,6 +96,7 @@ SECTIONS: Final = (
     ("scale", 1500),
     ("delegation", 900),
     ("roundtrips", 300),
+    ("memory", 600),
 )
 
 Figures = dict[str, float]
