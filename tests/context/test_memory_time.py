@@ -18,8 +18,10 @@ from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.context.domain import ContextDomain
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import CALL_DEADLINE_S, make_settings, started
+from switchboard.platform.security.policy import AuthMethod, Principal, Scope
+from tests.conftest import CALL_DEADLINE_S, built, make_settings, started
 from tests.kits.authkit import detail
 from tests.kits.contextkit import (
     RELEVANT,
@@ -78,8 +80,6 @@ async def create(
         supersedes=supersedes,
         workspace=workspace,
         source_messages=sources,
-        confidence=0.75,
-        formation=pb.MemoryFormation(policy="assistant", model="local/scripted"),
     )
     if valid_time is not None:
         item.valid_time.CopyFrom(stamp(valid_time))
@@ -146,8 +146,6 @@ async def test_a_newer_item_supersedes_an_older_one_which_stays_in_its_history(
     assert old.valid_time == old.create_time
     assert not old.HasField("invalid_time")
     assert old.version == 1
-    assert old.confidence == pytest.approx(0.75)
-    assert old.formation.model == "local/scripted"
     before_move = dt.datetime.now(dt.UTC)
     new = await create(
         c.stub, c.caller, c.workspace, "The team moved to Berlin.", supersedes=old.name
@@ -413,3 +411,30 @@ async def test_a_workspace_memory_policy_is_set_by_owners_and_checked(
             timeout=CALL_DEADLINE_S,
         )
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_formed_items_provenance_is_memory_formings_to_write(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_chat(mesh, channel)
+    formed = pb.MemoryItem(
+        kind=pb.MEMORY_KIND_FACT,
+        content="Prefers tea.",
+        confidence=0.75,
+        formation=pb.MemoryFormation(
+            assistant=f"{c.workspace}/assistants/keeper", policy="assistant", model="p/m"
+        ),
+    )
+    request = pb.CreateMemoryItemRequest(parent=c.workspace, memory_item=formed)
+    # A person cannot claim an assistant formed what they wrote.
+    with pytest.raises(aio.AioRpcError) as error:
+        await c.stub.CreateMemoryItem(request, metadata=c.caller.md, timeout=CALL_DEADLINE_S)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fields(error.value) == ["memory_item.formation", "memory_item.confidence"]
+    # Memory forming acts for the person without their session or key.
+    forming = Principal(c.caller.id, AuthMethod.PASSWORD, frozenset({Scope.READ, Scope.WRITE}))
+    item = await built(mesh, ContextDomain).memory.create(forming, request)
+    assert item.confidence == pytest.approx(0.75)
+    assert item.formation == formed.formation
+    [version] = (await history(c.stub, c.caller, item.name)).history
+    assert version.editor == formed.formation.assistant

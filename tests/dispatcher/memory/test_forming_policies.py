@@ -18,6 +18,8 @@ from sqlalchemy import update
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.context.domain import ContextDomain
+from switchboard.dispatcher.memory.apply import acting_as
 from switchboard.dispatcher.memory.plans.plan import Exchange
 from switchboard.dispatcher.memory.worker import MemoryForming
 from switchboard.platform.rpc.server import SwitchboardServer
@@ -40,7 +42,14 @@ from tests.dispatcher.memory.memorykit import (
     world_fixture,
 )
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.kits.contextkit import Stub, World, create_conversation, stub_fixture, violations
+from tests.kits.contextkit import (
+    Stub,
+    World,
+    create_conversation,
+    expire_in_database,
+    stub_fixture,
+    violations,
+)
 from tests.kits.dispatchkit import Stub as DStub
 from tests.kits.dispatchkit import eventually, watch_all
 from tests.kits.modulekit import module_channel_fixture, module_database_url_fixture
@@ -220,7 +229,9 @@ async def test_consolidation_merges_near_duplicates_and_retires_expired_items(
     formation = cpb.MemoryFormation(policy="assistant", model="primary/m-1")
 
     async def create(content: str, **fields: Any) -> cpb.MemoryItem:
-        response = await stub.CreateMemoryItem(
+        # As forming writes them: a formed item's provenance is not a person's to write.
+        return await built(mesh, ContextDomain).memory.create(
+            acting_as(world.editor.id),
             cpb.CreateMemoryItemRequest(
                 parent=scope,
                 memory_item=cpb.MemoryItem(
@@ -231,22 +242,21 @@ async def test_consolidation_merges_near_duplicates_and_retires_expired_items(
                     **fields,
                 ),
             ),
-            metadata=world.editor.md,
-            timeout=CALL_DEADLINE_S,
         )
-        return response.memory_item
 
     older = await create("Likes green tea.")
     newer = await create("likes  green tea!")
-    soon = cpb.MemoryItem().expire_time
-    soon.FromDatetime(now() + dt.timedelta(seconds=1))
-    passing = await create("Is in Oslo this week.", expire_time=soon)
+    later = cpb.MemoryItem().expire_time
+    later.FromDatetime(now() + dt.timedelta(hours=1))
+    passing = await create("Is in Oslo this week.", expire_time=later)
+    # Its time passes (written as its passing leaves the row: no sleep).
+    await expire_in_database(mesh, passing.name)
 
     def expired() -> bool:
         return any(e.memory_decided.replaces == passing.name for e in decided.events)
 
     async def consolidated() -> bool:
-        # Asked again until the item's time has passed (the pass is idempotent).
+        # Asked again until the pass has run (it is idempotent).
         await forming.store.consolidate(world.id, world.editor.id, [world.editor.id], now())
         forming.wake()
         return expired()

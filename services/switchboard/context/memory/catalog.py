@@ -116,7 +116,15 @@ def _origin(scope: Scope, workspace: str, field: str) -> str | None:
     return WorkspaceName.parse(workspace, field).workspace
 
 
-def _check_formation(item: pb.MemoryItem, violations: Violations) -> None:
+def _check_formation(principal: Principal, item: pb.MemoryItem, violations: Violations) -> None:
+    """A formed item's provenance is memory forming's to write: the console shows it as
+    "formed by" an assistant, so a person cannot claim it for what they wrote."""
+    if not _forming(principal):
+        if item.HasField("formation"):
+            violations.add("memory_item.formation", "is set by memory forming only")
+        if item.confidence:
+            violations.add("memory_item.confidence", "is set by memory forming only")
+        return
     formation = item.formation
     for name in ("assistant", "policy", "model", "run"):
         if len(getattr(formation, name)) > MAX_FORMATION_CHARS:
@@ -125,6 +133,12 @@ def _check_formation(item: pb.MemoryItem, violations: Violations) -> None:
             )
     if not 0.0 <= item.confidence <= 1.0:
         violations.add("memory_item.confidence", "must be 0 to 1")
+
+
+def _forming(principal: Principal) -> bool:
+    """Whether the caller is a server's own work for the person (memory forming acts
+    without their session or key: ``platform/rpc/outbound/peers.delegated_session``)."""
+    return not principal.session_id and not principal.api_key_id
 
 
 def _memory_name(name: str, field: str) -> tuple[str, str]:
@@ -165,7 +179,7 @@ class Memory(Domain):
         for index, source in enumerate(item.source_messages):
             if MessageName.parse_or_none(source) is None:
                 violations.add(f"memory_item.source_messages[{index}]", MessageName.refusal(source))
-        _check_formation(item, violations)
+        _check_formation(principal, item, violations)
         if request.memory_item_id and not MEMORY_ID_RULE.regex.fullmatch(request.memory_item_id):
             violations.add("memory_item_id", MEMORY_ID_RULE.must)
         supersedes = ""

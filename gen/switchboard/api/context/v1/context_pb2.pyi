@@ -1110,7 +1110,9 @@ class MemoryItem(_message.Message):
     superseded_by: _builtins.str
     """The item that replaced this one, if one did (output only)."""
     confidence: _builtins.float
-    """How sure the model that formed it was, 0 to 1; 0 for items people wrote."""
+    """How sure the model that formed it was, 0 to 1; 0 for items people wrote.
+    Set by memory forming only (INVALID_ARGUMENT from a person's call).
+    """
     invalid_reason: _builtins.str
     """Why it stopped being true, in words ("superseded", "retracted",
     "expired", "merged", or what the person wrote); at most 200 characters.
@@ -1162,7 +1164,9 @@ class MemoryItem(_message.Message):
 
     @_builtins.property
     def formation(self) -> Global___MemoryFormation:
-        """How a formed item was formed; unset for items people wrote."""
+        """How a formed item was formed; unset for items people wrote. Set by memory
+        forming only (INVALID_ARGUMENT from a person's call).
+        """
 
     def __init__(
         self,

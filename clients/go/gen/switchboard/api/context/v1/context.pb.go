@@ -2092,8 +2092,10 @@ type MemoryItem struct {
 	// The item that replaced this one, if one did (output only).
 	SupersededBy string `protobuf:"bytes,16,opt,name=superseded_by,json=supersededBy,proto3" json:"superseded_by,omitempty"`
 	// How sure the model that formed it was, 0 to 1; 0 for items people wrote.
+	// Set by memory forming only (INVALID_ARGUMENT from a person's call).
 	Confidence float32 `protobuf:"fixed32,17,opt,name=confidence,proto3" json:"confidence,omitempty"`
-	// How a formed item was formed; unset for items people wrote.
+	// How a formed item was formed; unset for items people wrote. Set by memory
+	// forming only (INVALID_ARGUMENT from a person's call).
 	Formation *MemoryFormation `protobuf:"bytes,18,opt,name=formation,proto3" json:"formation,omitempty"`
 	// Why it stopped being true, in words ("superseded", "retracted",
 	// "expired", "merged", or what the person wrote); at most 200 characters.

@@ -876,13 +876,15 @@ export type MemoryItem = Message$1<"switchboard.api.context.v1.MemoryItem"> & {
 
   /**
    * How sure the model that formed it was, 0 to 1; 0 for items people wrote.
+   * Set by memory forming only (INVALID_ARGUMENT from a person's call).
    *
    * @generated from field: float confidence = 17;
    */
   confidence: number;
 
   /**
-   * How a formed item was formed; unset for items people wrote.
+   * How a formed item was formed; unset for items people wrote. Set by memory
+   * forming only (INVALID_ARGUMENT from a person's call).
    *
    * @generated from field: switchboard.api.context.v1.MemoryFormation formation = 18;
    */
