@@ -15,7 +15,7 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.semantic.ports import SearchFilter
 from switchboard.context.semantic.retrieval.store import SearchStore
 from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import ConversationRow, WorkspaceRow
+from switchboard.platform.store.models import ConversationRow
 from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
@@ -42,8 +42,14 @@ async def test_messages_stored_before_are_found_by_their_words(db: Database) -> 
     await db.migrate()
     await db.downgrade("0022")
     async with db.sessions() as session, session.begin():
-        session.add(WorkspaceRow(id="acme", created_at=NOW, updated_at=NOW))
-        await session.flush()
+        # In SQL: the model has columns a later revision adds (``memory_policy``).
+        await session.execute(
+            text(
+                "INSERT INTO workspaces (id, display_name, description, created_at, updated_at,"
+                " version) VALUES ('acme', '', '', :at, :at, 1)"
+            ),
+            {"at": NOW},
+        )
         session.add(ConversationRow(id="c1", workspace_id="acme", created_at=NOW, updated_at=NOW))
     async with db.engine.begin() as connection:
         for seq, (message_id, data) in enumerate(

@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import ConversationRow, WorkspaceRow
+from switchboard.platform.store.models import ConversationRow
 from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
@@ -45,10 +45,16 @@ async def test_runs_stored_before_get_their_assistant_and_state_time(db: Databas
         ("r1", _run("workspaces/acme/assistants/helper", ended=True)),
         ("r2", _run("", ended=False)),
     ]
-    # Workspaces and conversations are as they were at 0009: the models write them.
+    # Conversations are as they were at 0009: the model writes them.
     async with db.sessions() as session, session.begin():
-        session.add(WorkspaceRow(id="acme", created_at=NOW, updated_at=NOW))
-        await session.flush()
+        # In SQL: the model has columns a later revision adds (``memory_policy``).
+        await session.execute(
+            text(
+                "INSERT INTO workspaces (id, display_name, description, created_at, updated_at,"
+                " version) VALUES ('acme', '', '', :at, :at, 1)"
+            ),
+            {"at": NOW},
+        )
         session.add(ConversationRow(id="c1", workspace_id="acme", created_at=NOW, updated_at=NOW))
     async with db.engine.begin() as connection:
         for run_id, run in rows:
