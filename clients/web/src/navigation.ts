@@ -36,6 +36,8 @@ export class Navigation {
   conversation = "";
   /** The open workspace's page that is open (`#workspaces/w/budgets`, `/schedules`, `/search`, `/files`), "" when none is. */
   workspacePage: WorkspacePage | "" = "";
+  /** Counts navigations (a workspace or its page picked): a slower earlier one yields. */
+  private navigations = 0;
   /** The left column: the lists, and the forms that add to them. */
   readonly column: HTMLElement;
   /** The open conversation's title and messages, atop the chat column. */
@@ -422,6 +424,9 @@ export class Navigation {
   }
 
   private async pickWorkspace(name: string, conversation = ""): Promise<void> {
+    // A later navigation (a page opened while this one's lists load) wins: this one
+    // must not put its own address back when its loads end.
+    const turn = ++this.navigations;
     if (this.workspacePage) {
       const left = this.workspacePage;
       this.workspacePage = "";
@@ -440,6 +445,7 @@ export class Navigation {
       this.opened(name);
       this.integrations.watch(name);
       await Promise.all([this.loadConversations(), this.composer.load()]);
+      if (turn !== this.navigations) return;
     }
     const wanted = conversation ? `#${conversation}` : `#${name}`;
     if (location.hash !== wanted) history.replaceState(null, "", wanted);
