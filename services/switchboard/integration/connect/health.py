@@ -33,6 +33,10 @@ from switchboard.platform.resilience.breaker import Breakers
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.values.names import now
 
+#: Jitter's own generator: the module-level one is the process's (a library or a test
+#: may seed it), and jitter neither needs nor should disturb it.
+_JITTER: Final = random.Random()  # noqa: S311 - jitter, not security
+
 log = logging.getLogger("switchboard.integration")
 
 #: Probes run at once (each bounded by its own timeout).
@@ -91,7 +95,7 @@ class Prober:
     async def _probe_loop(self) -> None:
         interval = self._limits.probe_interval_s
         # Replicas started together do not probe in step.
-        await asyncio.sleep(random.uniform(0, min(interval, 5.0)))  # noqa: S311 - jitter
+        await asyncio.sleep(_JITTER.uniform(0, min(interval, 5.0)))
         while not self._closed:
             try:
                 await self.probe_all()
@@ -103,7 +107,7 @@ class Prober:
                 self._failures.failed("integration probes failed", exc)
             else:
                 self._failures.succeeded()
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+            await asyncio.sleep(interval * _JITTER.uniform(0.8, 1.2))
 
     async def probe_all(self) -> None:
         """Probe every enabled integration once (bounded concurrency)."""

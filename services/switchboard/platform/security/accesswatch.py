@@ -70,6 +70,10 @@ from switchboard.platform.security.policy import (
 )
 from switchboard.platform.store.db import is_outage, log_failure
 
+#: Jitter's own generator: the module-level one is the process's (a library or a test
+#: may seed it), and jitter neither needs nor should disturb it.
+_JITTER: Final = random.Random()  # noqa: S311 - jitter, not security
+
 log = logging.getLogger("switchboard.access")
 
 T = TypeVar("T")
@@ -611,7 +615,7 @@ class Grant:
     def _arm_periodic(self) -> None:
         # Jittered, so streams opened together (after a restart) do not all
         # re-check in the same instant.
-        delay = self._watch.reauthorize_s * random.uniform(0.8, 1.2)  # noqa: S311 - not security
+        delay = self._watch.reauthorize_s * _JITTER.uniform(0.8, 1.2)
         self._arm_timer("_periodic", delay, self._periodic_due)
 
     def _periodic_due(self) -> None:
