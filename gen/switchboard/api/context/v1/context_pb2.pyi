@@ -2719,10 +2719,10 @@ class SearchMemoryItemsRequest(_message.Message):
     """A filter in the AIP-160 subset described at SearchContextRequest.filter
     (`source` is always `memory` here). A field it does not know is
     INVALID_ARGUMENT on `filter`.
-    In a user's scope: only the items formed in this workspace
     """
     workspace: _builtins.str
-    """(`workspaces/{workspace}`) and those written by people, as in
+    """In a user's scope: only the items formed in this workspace
+    (`workspaces/{workspace}`) and those written by people, as in
     ListMemoryItemsRequest.workspace.
     """
     @_builtins.property

@@ -5196,7 +5196,8 @@ type SearchMemoryItemsRequest struct {
 	// A filter in the AIP-160 subset described at SearchContextRequest.filter
 	// (`source` is always `memory` here). A field it does not know is
 	// INVALID_ARGUMENT on `filter`.
-	Filter string `protobuf:"bytes,7,opt,name=filter,proto3" json:"filter,omitempty"` // In a user's scope: only the items formed in this workspace
+	Filter string `protobuf:"bytes,7,opt,name=filter,proto3" json:"filter,omitempty"`
+	// In a user's scope: only the items formed in this workspace
 	// (`workspaces/{workspace}`) and those written by people, as in
 	// ListMemoryItemsRequest.workspace.
 	Workspace     string `protobuf:"bytes,8,opt,name=workspace,proto3" json:"workspace,omitempty"`

@@ -2495,13 +2495,12 @@ export type SearchMemoryItemsRequest = Message$1<"switchboard.api.context.v1.Sea
    * (`source` is always `memory` here). A field it does not know is
    * INVALID_ARGUMENT on `filter`.
    *
-   * In a user's scope: only the items formed in this workspace
-   *
    * @generated from field: string filter = 7;
    */
   filter: string;
 
   /**
+   * In a user's scope: only the items formed in this workspace
    * (`workspaces/{workspace}`) and those written by people, as in
    * ListMemoryItemsRequest.workspace.
    *
