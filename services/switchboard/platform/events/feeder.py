@@ -1,5 +1,6 @@
 """One leased follower of the event log, for every background task that turns events
-into rows of its own: the webhook engine's deliveries, the semantic indexer's jobs.
+into rows of its own: the webhook engine's deliveries, the semantic indexer's jobs,
+memory forming's jobs.
 
 One replica at a time feeds: the one holding the lease in the consumer's cursor
 table (``feedstore.py``), renewed every third of ``lease_s`` and taken over by
