@@ -59,7 +59,7 @@ async def own_memory(channel: aio.Channel, user_id: str, token: str) -> list[str
     return [item.content for item in response.memory_items]
 
 
-def test_a_delegated_sid_names_the_session_else_the_key_else_the_work() -> None:
+async def test_a_delegated_sid_names_the_session_else_the_key_else_the_work() -> None:
     base = Principal(user_id="u1", auth_method=AuthMethod.PASSWORD, scopes=READ_WRITE)
     assert delegated_session(Principal("u1", AuthMethod.PASSWORD, READ_WRITE, "s1")) == "s1"
     keyed = Principal("u1", AuthMethod.API_KEY, READ_WRITE, api_key_id="k1")
