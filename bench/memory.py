@@ -466,6 +466,7 @@ def settings_for(model: Model) -> dict[str, str]:
         **SERVER_SETTINGS,
         "SWITCHBOARD_LLM_BASE_URL": model.url,
         "SWITCHBOARD_LLM_MODEL": model.name,
+        "SWITCHBOARD_MEMORY_FORMING": "true",
     }
 
 

@@ -355,6 +355,7 @@ async def forming(database_url: str) -> AsyncIterator[tuple[Person, Model]]:
             llm_base_url=fake.url,
             llm_model="m-1",
             llm_max_retries=0,
+            memory_forming=True,
             memory_poll_s=0.2,
             memory_consolidate_delay_s=3600.0,
         )

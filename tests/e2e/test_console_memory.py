@@ -555,6 +555,7 @@ def _with_former(stack: Stack, url: str) -> Iterator[None]:
     stack.env["SWITCHBOARD_LLM_FALLBACKS"] = json.dumps(
         [{"name": "former", "base_url": url, "model": "former"}]
     )
+    stack.env["SWITCHBOARD_MEMORY_FORMING"] = "true"
     stack.env["SWITCHBOARD_MEMORY_POLL_S"] = "0.2"
     stack.restart_server()
     try:

@@ -225,6 +225,7 @@ async def test_memory_forms_across_the_mesh(
                 "SWITCHBOARD_INSTANCE_ID": "dispatcher-memory",
                 "SWITCHBOARD_LLM_BASE_URL": model.url,
                 "SWITCHBOARD_LLM_MODEL": "m-1",
+                "SWITCHBOARD_MEMORY_FORMING": "true",
                 "SWITCHBOARD_MEMORY_POLL_S": "0.2",
             },
         ) as dispatcher_process:

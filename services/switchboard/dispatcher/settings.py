@@ -218,10 +218,10 @@ class DispatcherSettings(Section):
     )
     # Memory forming (``dispatcher/memory/``, docs/memory.md): ``SWITCHBOARD_MEMORY_*``.
     memory_forming: bool = Field(
-        default=True,
+        default=False,
         description="whether this process forms memory from finished runs under the "
-        "assistants' and workspaces' memory policies (off: their exchanges wait in "
-        "`memory_jobs` for a process that does)",
+        "assistants' and workspaces' memory policies (off by default until the run "
+        "recovery interaction in docs/memory.md is resolved)",
     )
     memory_poll_s: float = Field(
         default=2.0,

@@ -100,6 +100,7 @@ async def mesh_fixture(
         llm_prices=json.dumps({"m-1": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}}),
         llm_max_output_tokens=64,
         llm_max_retries=0,
+        memory_forming=True,
         memory_poll_s=0.2,
         memory_lease_s=3.0,
         memory_max_output_tokens=4000,

@@ -56,6 +56,7 @@ SETTLE_S: Final = 120.0
 def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
     return {
         **scaled_env(tmp_path, postgres_url, redis_server.url),
+        "SWITCHBOARD_MEMORY_FORMING": "true",
         "SWITCHBOARD_MEMORY_CLAIM_S": "3",
         "SWITCHBOARD_MEMORY_LEASE_S": "2",
         "SWITCHBOARD_MEMORY_POLL_S": "0.2",
