@@ -253,7 +253,9 @@ async def test_consolidation_merges_near_duplicates_and_retires_expired_items(
     await expire_in_database(mesh, passing.name)
 
     def expired() -> bool:
-        return any(e.memory_decided.replaces == passing.name for e in decided.events)
+        # Both of the pass's decisions: the merge and the expiry are announced apart.
+        replaced = {e.memory_decided.replaces for e in decided.events}
+        return {passing.name, newer.name} <= replaced
 
     async def consolidated() -> bool:
         # Asked again until the pass has run (it is idempotent).
@@ -261,7 +263,7 @@ async def test_consolidation_merges_near_duplicates_and_retires_expired_items(
         forming.wake()
         return expired()
 
-    await eventually(consolidated, "the expired item retired")
+    await eventually(consolidated, "the near-duplicate merged and the expired item retired")
     merged = [
         e.memory_decided
         for e in decided.events
