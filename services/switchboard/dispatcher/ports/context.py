@@ -294,8 +294,8 @@ class LocalContext:
             return await self._domain.files.read_all(name, limit=limit)
 
     # Memory forming acts as a run's creator on the run's own workspace and the
-    # creator's own scope, which admission authorized when the run began; in this
-    # process the domain is called directly, as for the window.
+    # creator's own scope; its worker authorizes them again before each round
+    # (``memory/worker.py``), so in this process the domain is called directly.
 
     async def workspace(
         self, principal: Principal, name: str, *, timeout_s: float
