@@ -218,10 +218,10 @@ class DispatcherSettings(Section):
     )
     # Memory forming (``dispatcher/memory/``, docs/memory.md): ``SWITCHBOARD_MEMORY_*``.
     memory_forming: bool = Field(
-        default=False,
+        default=True,
         description="whether this process forms memory from finished runs under the "
-        "assistants' and workspaces' memory policies (off by default until the run "
-        "recovery interaction in docs/memory.md is resolved)",
+        "assistants' and workspaces' memory policies (a process that should not, such as "
+        "one kept for Talk sessions, sets false)",
     )
     memory_poll_s: float = Field(
         default=2.0,

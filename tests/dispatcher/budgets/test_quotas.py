@@ -279,10 +279,17 @@ async def test_concurrent_runs_are_bounded_per_workspace_and_freed_when_runs_end
     # A run that ends gives its place back (its end is stored before watchers see it).
     await cancel(dstub, world.editor, runs[0])
     assert (await finished(dstub, world.editor, runs[0])).state == pb.RUN_STATE_CANCELLED
-    third = await send(dstub, world.editor, request(conversations[2], "now", delay_ms=SLOW))
-    # Raising the quota applies at once on the replica that made the change.
+    third = await send(dstub, world.editor, request(conversations[2], "now it runs", delay_ms=SLOW))
+    # Both places are taken again (each run waits SLOW between its words) ...
+    await refused(
+        send(dstub, world.editor, request(conversations[3], "not yet")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    # ... until raising the quota, which applies at once on the replica that made the change.
     await _update(dstub, world.owner, pb.WorkspaceQuota(name=_name(world), max_concurrent_runs=3))
-    fourth = await send(dstub, world.editor, request(conversations[3], "and", delay_ms=SLOW))
+    fourth = await send(
+        dstub, world.editor, request(conversations[3], "and so does this", delay_ms=SLOW)
+    )
     for name in (runs[1], third.run.name, fourth.run.name):
         await cancel(dstub, world.editor, name)
 
