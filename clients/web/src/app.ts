@@ -108,6 +108,7 @@ export class App {
         for (const a of this.assistants.all()) this.names.learn(a.name, a.displayName);
         this.navigation.firstStepsChanged();
       },
+      title: (name) => (this.names.knows(name) ? this.names.title(name) : ""),
       editing: (open) => {
         this.centre.classList.toggle("editing", open);
         if (open) this.assistants.editor.scrollIntoView({ block: "nearest" });

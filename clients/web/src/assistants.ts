@@ -5,8 +5,11 @@
 // limit, the workspace default, what it learns from conversations (its memory policy)),
 // with the etag sent back so a change made elsewhere meanwhile is refused as such
 // (ABORTED / ERROR_REASON_ETAG_MISMATCH) rather than overwritten; and "Try it", a
-// conversation opened beside the editor with the assistant chosen in the composer.
+// conversation opened beside the editor with the assistant chosen in the composer. Its
+// revision history (assistanthistory.ts) is in the editor, with Roll back; the other
+// members open it read-only from the list (History).
 import { type Api, PAGE_SIZE, requestId } from "./api";
+import { AssistantHistory, type HistoryHost } from "./assistanthistory";
 import { deleteConfirmation } from "./confirm";
 import { fill, h } from "./dom";
 import { SearchMode } from "./gen/switchboard/api/context/v1/context_pb";
@@ -30,6 +33,8 @@ export interface AssistantsHost {
   listed(): void;
   /** The editor opened (true) or closed (false): the host gives it the centre. */
   editing(open: boolean): void;
+  /** What the console calls a user (`users/{u}`) it has learned of, "" if none. */
+  title(name: string): string;
 }
 
 const FIELDS = [
@@ -119,6 +124,8 @@ export class Assistants {
   private etag = "";
   /** The open editor's memory policy form. */
   private policy: PolicyForm | null = null;
+  /** The open editor's (or the history view's) revision history. */
+  private history: AssistantHistory | null = null;
 
   constructor(
     private readonly api: Api,
@@ -172,6 +179,7 @@ export class Assistants {
   apply(event: Event): void {
     if (event.payload.case === "assistantChanged" && event.workspace === this.host.workspace()) {
       void this.load().then(() => this.host.changed());
+      if (event.payload.value.assistant?.name === this.editor.dataset.assistant) void this.history?.refresh();
     }
   }
 
@@ -228,6 +236,8 @@ export class Assistants {
             { class: "row" },
             h("button", { type: "button", "data-testid": "try-assistant", hidden: !this.write, onclick: (e: globalThis.Event) => void this.tryIt(a, e) }, "Try it"),
             h("button", { type: "button", class: "manage", hidden: !this.manage, "data-testid": "edit-assistant", onclick: () => void this.edit(a) }, "Edit"),
+            // Owners see the history in the editor.
+            h("button", { type: "button", hidden: this.manage, "data-testid": "assistant-history-open", onclick: () => this.showHistory(a) }, "History"),
             h("button", { type: "button", class: "manage danger", hidden: !this.manage, "data-testid": "delete-assistant", onclick: (e: globalThis.Event) => this.confirmDelete(a, e) }, "Delete"),
           ),
         ),
@@ -275,19 +285,60 @@ export class Assistants {
   }
 
   private close(): void {
-    const open = this.editing !== null;
+    const open = !this.editor.hidden;
     this.editing = null;
     this.policy = null;
+    this.history = null;
     this.editor.hidden = true;
     this.editor.replaceChildren();
+    delete this.editor.dataset.assistant;
+    delete this.editor.dataset.revision;
     if (open) this.host.editing(false);
   }
 
-  /** Opens the editor on `assistant` (null: a new one). */
-  private async edit(assistant: Assistant | null): Promise<void> {
+  /** The history of `assistant` for a member who does not edit it, where the editor opens. */
+  private showHistory(assistant: Assistant): void {
+    this.editing = null;
+    this.policy = null;
+    this.history = new AssistantHistory(this.api, this.page, assistant, { rollback: false, open: true }, this.historyHost());
+    fill(
+      this.editor,
+      h("h3", { "data-testid": "editor-title" }, `History of ${assistant.displayName || lastSegment(assistant.name)}`),
+      this.history.element,
+      h("div", { class: "row" }, h("button", { type: "button", "data-testid": "close-editor", onclick: () => this.close() }, "Close")),
+    );
+    this.editor.dataset.assistant = assistant.name;
+    this.editor.dataset.revision = String(assistant.revision);
+    this.editor.hidden = false;
+    this.host.editing(true);
+  }
+
+  private historyHost(): HistoryHost {
+    const reopen = async (name: string): Promise<void> => {
+      const fresh = (await this.api.dispatcher.getAssistant({ name })).assistant;
+      if (fresh) await this.edit(fresh, true);
+    };
+    return {
+      title: (name) => this.host.title(name),
+      etag: () => this.etag,
+      rolledBack: async (assistant) => {
+        await this.edit(assistant, true);
+        await this.load();
+        this.host.changed();
+      },
+      reload: () => {
+        const name = this.editing;
+        if (name) void this.page.busy("reload-assistant", () => reopen(name));
+      },
+    };
+  }
+
+  /** Opens the editor on `assistant` (null: a new one), its history open if `history`. */
+  private async edit(assistant: Assistant | null, history = false): Promise<void> {
     this.editing = assistant?.name ?? "";
     this.etag = assistant?.etag ?? "";
     const a = assistant;
+    this.history = a ? new AssistantHistory(this.api, this.page, a, { rollback: this.manage, open: history }, this.historyHost()) : null;
     const field = (testid: string, label: string, input: HTMLElement): HTMLElement => {
       input.dataset.testid = testid;
       input.setAttribute("aria-label", label);
@@ -318,6 +369,7 @@ export class Assistants {
     fill(
       this.editor,
       h("h3", { "data-testid": "editor-title" }, a ? `Edit ${a.displayName || lastSegment(a.name)}` : "New assistant"),
+      this.history?.element,
       a ? null : field("assistant-id", "id", id),
       a ? null : h("small", { class: "muted", "data-testid": "assistant-id-format" }, `id: ${idRule("assistant_id").words}`),
       field("assistant-name", "Display name", h("input", { value: a?.displayName ?? "", required: true, maxlength: 200 })),
@@ -418,6 +470,13 @@ export class Assistants {
         h("button", { type: "button", "data-testid": "close-editor", onclick: () => this.close() }, "Close"),
       ),
     );
+    if (a) {
+      this.editor.dataset.assistant = a.name;
+      this.editor.dataset.revision = String(a.revision);
+    } else {
+      delete this.editor.dataset.assistant;
+      delete this.editor.dataset.revision;
+    }
     this.editor.hidden = false;
     this.host.editing(true);
     const textarea = this.editor.querySelector<HTMLTextAreaElement>('[data-testid="assistant-instructions"]');
@@ -646,6 +705,14 @@ export class Assistants {
         if (button) button.textContent = "Save";
         this.editor.dataset.saved = saved.name;
         this.editor.dataset.etag = saved.etag;
+        this.editor.dataset.assistant = saved.name;
+        this.editor.dataset.revision = String(saved.revision);
+        if (this.history) {
+          void this.history.refresh(saved.revision);
+        } else {
+          this.history = new AssistantHistory(this.api, this.page, saved, { rollback: this.manage, open: false }, this.historyHost());
+          title?.after(this.history.element);
+        }
       }
       await this.load();
       this.host.changed();

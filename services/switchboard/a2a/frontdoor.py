@@ -106,7 +106,9 @@ class Runs(Protocol):
         self, principal: Principal, request: pb.SteerRunRequest
     ) -> Awaitable[pb.SteerRunResponse]: ...
 
-    def assistant(self, principal: Principal, name: str) -> Awaitable[pb.Assistant]: ...
+    def assistant(
+        self, principal: Principal, name: str, revision: int = 0
+    ) -> Awaitable[pb.Assistant]: ...
 
 
 class Texts(Protocol):
@@ -175,10 +177,10 @@ class FrontDoor:
     ) -> a2a.AgentCard:
         """The assistant's card; ``forwarded``: the scheme and Host the call reached the
         edge with, so that the card names the edge the client came through."""
-        assistant_name = str(mapping.agent(tenant))
+        assistant_name, revision = str(mapping.agent(tenant)), mapping.pinned(tenant)
         await self._policy.authorize(principal, assistant_name, Permission.READ, "tenant")
-        assistant = await self._runs.assistant(principal, assistant_name)
-        return card_of(assistant, self._interfaces(*forwarded))
+        assistant = await self._runs.assistant(principal, assistant_name, revision)
+        return card_of(assistant, self._interfaces(*forwarded), revision)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -246,6 +248,8 @@ class FrontDoor:
                 conversation=conversation,
                 message=cpb.Message(parts=parts),
                 assistant=str(agent),
+                # A pinned tenant answers with its revision (docs/a2a.md, "Pinned agents").
+                assistant_revision=mapping.pinned(request.tenant),
                 request_id=request_id,
                 # The request's metadata is the handler's parameters (docs/a2a.md).
                 parameters=request.metadata,
@@ -706,9 +710,12 @@ def _acceptable(configuration: a2a.SendMessageConfiguration) -> None:
         raise error
 
 
-def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCard:
-    """One assistant's Agent Card: its interfaces, its skills, the schemes it accepts."""
-    tenant = mapping.tenant_of(assistant.name)
+def card_of(
+    assistant: pb.Assistant, interfaces: list[Interface], revision: int = 0
+) -> a2a.AgentCard:
+    """One assistant's Agent Card: its interfaces, its skills, the schemes it accepts;
+    ``revision``: the revision its tenant pins (0: none, the current one answers)."""
+    tenant = mapping.tenant_of(assistant.name, revision)
     skill = a2a.AgentSkill(
         id="answer",
         name=assistant.display_name or "answer",

@@ -4,7 +4,8 @@ a run, a context a conversation (docs/a2a.md has the whole table).
 A2A's HTTP binding puts ``tenant`` and a task's ``id`` in one path segment each
 (``/{tenant}/tasks/{id}``), so neither may hold a ``/``:
 
-- ``tenant`` is ``{workspace}.{assistant}``: the agent;
+- ``tenant`` is ``{workspace}.{assistant}``: the agent; ``{workspace}.{assistant}@{n}``
+  is the same agent pinned at its revision ``n`` (docs/assistants.md, "Revisions");
 - a ``context_id`` is the conversation's id in that workspace;
 - a task ``id`` is ``{conversation}.{run}``.
 
@@ -44,7 +45,9 @@ from switchboard.platform.values.resources import (
 from switchboard.platform.values.wording import counted, noun
 
 _ID: Final = names.ID
-TENANT: Final = re.compile(rf"(?P<workspace>{_ID})\.(?P<assistant>{_ID})")
+TENANT: Final = re.compile(
+    rf"(?P<workspace>{_ID})\.(?P<assistant>{_ID})(?:@(?P<revision>[1-9][0-9]{{0,9}}))?"
+)
 TASK_ID: Final = re.compile(rf"(?P<conversation>{_ID})\.(?P<run>{_ID})")
 CONTEXT_ID: Final = re.compile(_ID)
 #: The artifact a run's answer streams into.
@@ -100,19 +103,34 @@ def agent(tenant: str) -> AssistantName:
             "interface does (this deployment serves no agent without a tenant)"
         )
         raise InvalidArgument(f"tenant {description}", [FieldViolation("tenant", description)])
-    found = TENANT.fullmatch(tenant)
-    if found is None:
-        description = "must be {workspace}.{assistant}, as the agent's card names it"
-        raise InvalidArgument(f"tenant {description}", [FieldViolation("tenant", description)])
+    found = _tenant(tenant)
     return AssistantName(found["workspace"], found["assistant"])
 
 
-def tenant_of(assistant: str) -> str:
-    """The tenant of ``workspaces/{w}/assistants/{a}``."""
+def pinned(tenant: str) -> int:
+    """The revision ``tenant`` pins its agent at (``…@{n}``); 0 for none."""
+    revision = _tenant(tenant)["revision"]
+    return int(revision) if revision else 0
+
+
+def _tenant(tenant: str) -> re.Match[str]:
+    found = TENANT.fullmatch(tenant)
+    if found is None or (found["revision"] and int(found["revision"]) >= 2**31):
+        description = (
+            "must be {workspace}.{assistant}, or {workspace}.{assistant}@{revision}, as "
+            "the agent's card names it"
+        )
+        raise InvalidArgument(f"tenant {description}", [FieldViolation("tenant", description)])
+    return found
+
+
+def tenant_of(assistant: str, revision: int = 0) -> str:
+    """The tenant of ``workspaces/{w}/assistants/{a}`` (pinned at ``revision`` if not 0)."""
     found = AssistantName.parse_or_none(assistant)
     if found is None:  # pragma: no cover - assistants' names come from the store
         raise ValueError(assistant)
-    return f"{found.workspace}.{found.assistant}"
+    pin = f"@{revision}" if revision else ""
+    return f"{found.workspace}.{found.assistant}{pin}"
 
 
 def run_name(workspace: WorkspaceName, task_id: str, field: str = "id") -> RunName:

@@ -78,8 +78,8 @@ class LocalRuns:
     ) -> AsyncIterator[pb.RunUpdate | None]:
         return self._dispatcher.watch(name, after_sequence)
 
-    async def assistant(self, principal: Principal, name: str) -> pb.Assistant:
-        return await self._dispatcher.assistants.get(name)
+    async def assistant(self, principal: Principal, name: str, revision: int = 0) -> pb.Assistant:
+        return await self._dispatcher.assistants.get(name, revision)
 
 
 class LocalTexts:
@@ -155,8 +155,8 @@ class RemoteRuns:
     ) -> pb.SteerRunResponse:
         return await self._peer.call(self._stub.SteerRun, request, principal, _CALL_TIMEOUT_S)
 
-    async def assistant(self, principal: Principal, name: str) -> pb.Assistant:
-        request = pb.GetAssistantRequest(name=name)
+    async def assistant(self, principal: Principal, name: str, revision: int = 0) -> pb.Assistant:
+        request = pb.GetAssistantRequest(name=name, revision=revision)
         found = await self._peer.call(self._stub.GetAssistant, request, principal, _CALL_TIMEOUT_S)
         return found.assistant
 

@@ -555,7 +555,7 @@ async def _assistants(
 
     llm = registry.get("llm")
     assistants = Assistants(
-        AssistantStore(shared.database),
+        AssistantStore(shared.database, max_revisions=settings.dispatcher_max_assistant_revisions),
         shared.bus,
         shared.page_tokens,
         AssistantLimits(

@@ -124,8 +124,19 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         self, request: pb.GetAssistantRequest, context: Context
     ) -> pb.GetAssistantResponse:
         return pb.GetAssistantResponse(
-            assistant=await self._dispatcher.assistants.get(request.name)
+            assistant=await self._dispatcher.assistants.get(request.name, request.revision)
         )
+
+    async def ListAssistantRevisions(
+        self, request: pb.ListAssistantRevisionsRequest, context: Context
+    ) -> pb.ListAssistantRevisionsResponse:
+        return await self._dispatcher.assistants.list_revisions(request)
+
+    async def RollbackAssistant(
+        self, request: pb.RollbackAssistantRequest, context: Context
+    ) -> pb.RollbackAssistantResponse:
+        assistant = await self._dispatcher.assistants.rollback(current_principal(), request)
+        return pb.RollbackAssistantResponse(assistant=assistant)
 
     async def ListAssistants(
         self, request: pb.ListAssistantsRequest, context: Context

@@ -216,6 +216,13 @@ class DispatcherSettings(Section):
         le=10_000,
         description="assistants one workspace may define",
     )
+    dispatcher_max_assistant_revisions: int = Field(
+        default=1000,
+        ge=2,
+        le=100_000,
+        description="revisions kept per assistant; a change beyond it drops the oldest "
+        '(docs/assistants.md, "Revisions")',
+    )
     # Memory forming (``dispatcher/memory/``, docs/memory.md): ``SWITCHBOARD_MEMORY_*``.
     memory_forming: bool = Field(
         default=True,

@@ -628,7 +628,7 @@ async def rewrite(d: Desk, assistant_id: str, instructions: str) -> None:
         return stored.SerializeToString()
 
     assert await AssistantStore(d.server.shared.database).update(
-        d.world.id, assistant_id, "", edit, None, None
+        d.world.id, assistant_id, "", edit, None, None, author="users/another-process"
     )
 
 

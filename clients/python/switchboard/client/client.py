@@ -145,6 +145,18 @@ def run_workspace(name: str) -> str:
     return f"workspaces/{parts[1]}"
 
 
+#: An assistant: its name, or the assistant itself (whose ``etag`` then goes along).
+AssistantLike = str | dispatcher_pb2.Assistant
+#: Revisions per ListAssistantRevisions call unless told: the server's own default.
+DEFAULT_REVISIONS_PAGE: Final = 20
+
+
+def _assistant_name_and_etag(assistant: AssistantLike) -> tuple[str, str]:
+    if isinstance(assistant, str):
+        return assistant, ""
+    return assistant.name, assistant.etag
+
+
 def _name_and_etag(schedule: str | dispatcher_pb2.Schedule) -> tuple[str, str]:
     if isinstance(schedule, str):
         return schedule, ""
@@ -370,6 +382,7 @@ class Client:
         timeout_s: float | None = None,
         files: Sequence[str | context_pb2.File] = (),
         steer_mode: dispatcher_pb2.SteerMode.ValueType = dispatcher_pb2.STEER_MODE_UNSPECIFIED,
+        assistant_revision: int = 0,
     ) -> dispatcher_pb2.Run:
         """Send a user message and start a run that answers it; the run (usually QUEUED).
 
@@ -383,12 +396,18 @@ class Client:
         conversation's run in progress (the answer is then the steer's own run,
         ``Run.steer``); ``steer_mode`` is how the run this message starts takes
         steers that arrive while its model writes.
+        ``assistant_revision`` answers with that kept revision of ``assistant`` (which
+        it needs) instead of the current one, so a change can be tried, or an older
+        configuration compared, before everything uses it; the run records the
+        revision it used (``Run.assistant_revision``). One the assistant does not
+        keep is ``NotFound``.
         """
         request = dispatcher_pb2.SendMessageRequest(
             conversation=conversation,
             message=_user_message(text, files),
             handler=handler_name(handler),
             assistant=assistant,
+            assistant_revision=assistant_revision,
             request_id=request_id or new_request_id(),
             concurrency_policy=concurrency_policy,
             steer_mode=steer_mode,
@@ -520,6 +539,75 @@ class Client:
         )
         return response
 
+    # -- assistants ---------------------------------------------------------------------
+
+    async def get_assistant(
+        self, name: str, *, revision: int = 0, timeout_s: float | None = None
+    ) -> dispatcher_pb2.Assistant:
+        """GetAssistant: ``name`` (``workspaces/w/assistants/a``) as it is now, or as
+        its kept ``revision`` configured it (``list_assistant_revisions``). An earlier
+        revision comes without an ``etag``: it cannot be updated, only made current
+        again (``rollback_assistant``); its ``update_time`` is when it was made. One
+        the assistant does not keep is ``NotFound``."""
+        response = await self.dispatcher.GetAssistant(
+            dispatcher_pb2.GetAssistantRequest(name=name, revision=revision), timeout=timeout_s
+        )
+        return response.assistant
+
+    async def list_assistant_revisions(
+        self,
+        assistant: AssistantLike,
+        *,
+        limit: int = 1000,
+        page_size: int = DEFAULT_REVISIONS_PAGE,
+        timeout_s: float | None = None,
+    ) -> list[dispatcher_pb2.AssistantRevision]:
+        """ListAssistantRevisions: the assistant's revisions, newest first, every page
+        up to ``limit``. Each holds the whole configuration a change left
+        (``.assistant``), who made it, and what did (``.origin``: a create, an update
+        or a rollback, then with ``.restored_revision``). ``page_size`` revisions per
+        call (the server caps it at 50, as each carries a configuration); ``timeout_s``
+        bounds each call."""
+        if page_size < 1:
+            raise ValueError("page_size must be 1 or more")
+        name, _ = _assistant_name_and_etag(assistant)
+        found: list[dispatcher_pb2.AssistantRevision] = []
+        token = ""
+        while len(found) < limit:
+            response = await self.dispatcher.ListAssistantRevisions(
+                dispatcher_pb2.ListAssistantRevisionsRequest(
+                    parent=name, page_size=min(page_size, limit - len(found)), page_token=token
+                ),
+                timeout=timeout_s,
+            )
+            found += response.revisions
+            token = response.next_page_token
+            if not token:
+                break
+        return found[:limit]
+
+    async def rollback_assistant(
+        self,
+        assistant: AssistantLike,
+        revision: int,
+        *,
+        etag: str = "",
+        timeout_s: float | None = None,
+    ) -> dispatcher_pb2.Assistant:
+        """RollbackAssistant (owners only): make ``revision``'s configuration current
+        again, as a new revision (origin ROLLED_BACK); the revisions between stay as
+        they were, so a rollback is undone by another. Keyed by ``etag`` (an assistant
+        passed as itself sends its own) so that it never overwrites a change made
+        unseen: a stale one is ``EtagMismatch``. A repeat, when the configuration is
+        already that revision's, makes none. A revision whose configuration names
+        what has gone since (a delegate, an integration) is ``FailedPrecondition``."""
+        name, own = _assistant_name_and_etag(assistant)
+        response = await self.dispatcher.RollbackAssistant(
+            dispatcher_pb2.RollbackAssistantRequest(name=name, revision=revision, etag=etag or own),
+            timeout=timeout_s,
+        )
+        return response.assistant
+
     # -- schedules ----------------------------------------------------------------------
 
     async def create_schedule(
@@ -546,15 +634,21 @@ class Client:
         schedule_id: str = "",
         request_id: str | None = None,
         timeout_s: float | None = None,
+        assistant_revision: int = 0,
     ) -> dispatcher_pb2.Schedule:
         """Create a schedule in ``workspace`` (``workspaces/w``): a message sent on a
         ``cron`` expression (read in ``time_zone``, UTC if empty) or every
         ``interval_s`` seconds (exactly one of the two). The server checks both
         (a cron that does not parse, an unknown zone, an interval under its
-        minimum: ``InvalidArgument`` naming the field). Keyed like ``send``."""
+        minimum: ``InvalidArgument`` naming the field). Keyed like ``send``.
+        ``assistant_revision`` pins ``assistant`` (which it needs) at that revision:
+        every tick answers with that configuration, whatever changes later (0: the
+        current one at each tick; change it with ``update_schedule`` of
+        ``assistant_revision``)."""
         schedule = dispatcher_pb2.Schedule(
             display_name=display_name,
             assistant=assistant,
+            assistant_revision=assistant_revision,
             handler=handler_name(handler),
             message_template=message_template,
             cron=cron,

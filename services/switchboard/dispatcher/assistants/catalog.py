@@ -34,15 +34,26 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.assistants import mapping as assistant_mapping
 from switchboard.dispatcher.assistants.holders import Holder, HolderStore
-from switchboard.dispatcher.assistants.store import AssistantRecord, AssistantStore, Written
+from switchboard.dispatcher.assistants.store import (
+    AssistantRecord,
+    AssistantStore,
+    RevisionMissing,
+    Written,
+)
 from switchboard.dispatcher.assistants.validation import (
     AssistantLimits,
     AssistantRules,
     FilterCheck,
 )
-from switchboard.platform.errors import FieldViolation, InvalidArgument, NotFound
+from switchboard.platform.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
 from switchboard.platform.store.keyed import Catalog
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import PageTokens
@@ -83,6 +94,16 @@ MAX_CACHED_WORKSPACES: Final = 10_000
 MAX_CACHED_BYTES: Final = 64 * 1024 * 1024
 #: Assistants read per workspace into the cache (the ceiling of the per-workspace quota).
 MAX_LOADED: Final = 10_000
+#: Revisions per ListAssistantRevisions page at most (each holds a whole configuration).
+MAX_REVISIONS_PAGE: Final = 50
+#: The highest revision number a request may name.
+MAX_REVISION: Final = 2**31 - 1
+
+
+def _checked_revision(revision: int, field: str, *, required: bool) -> None:
+    if (required and revision < 1) or revision < 0 or revision > MAX_REVISION:
+        must = "must be a revision number, 1 or more" if required else "must be 0 or more"
+        raise InvalidArgument(f"{field} {must}", [FieldViolation(field, must)])
 
 
 @dataclass(frozen=True)
@@ -123,6 +144,7 @@ class Assistants:
         self._holders = holders
         self._bus = bus
         self._catalog = Catalog(store, bus, page_tokens)
+        self._pages = page_tokens
         self.limits = limits
         self._rules = AssistantRules(
             limits,
@@ -221,10 +243,95 @@ class Assistants:
         )
         return assistant_mapping.message(written.record)
 
-    async def get(self, name: str) -> pb.Assistant:
+    async def get(self, name: str, revision: int = 0) -> pb.Assistant:
+        """The assistant, or as its kept ``revision`` configured it (0: the current one)."""
         assistant = AssistantName.parse(name, "name")
+        _checked_revision(revision, "revision", required=False)
         record = await self._catalog.found(name, assistant.workspace, assistant.assistant)
-        return assistant_mapping.message(record)
+        if not revision or revision == record.revision:
+            return assistant_mapping.message(record)
+        kept = await self._store.revision(assistant.workspace, assistant.assistant, revision)
+        if kept is None:
+            raise NotFound(f"{name} keeps no revision {revision}", metadata={"assistant": name})
+        return assistant_mapping.at_revision(record, kept)
+
+    async def list_revisions(
+        self, request: pb.ListAssistantRevisionsRequest
+    ) -> pb.ListAssistantRevisionsResponse:
+        assistant = AssistantName.parse(request.parent, "parent")
+        size = pagination.page_size(request.page_size, default=20, maximum=MAX_REVISIONS_PAGE)
+        fingerprint = pagination.fingerprint("assistant-revisions", str(assistant))
+        before = None
+        if request.page_token:
+            (before,) = self._pages.decode(request.page_token, fingerprint, (pagination.COUNT,))
+        record = await self._catalog.found(request.parent, assistant.workspace, assistant.assistant)
+        kept = await self._store.revisions(
+            assistant.workspace, assistant.assistant, int(before) if before else None, size + 1
+        )
+        token = ""
+        if len(kept) > size:
+            token = self._pages.encode((kept[size - 1].revision,), fingerprint)
+        return pb.ListAssistantRevisionsResponse(
+            revisions=[assistant_mapping.revision(record, r) for r in kept[:size]],
+            next_page_token=token,
+        )
+
+    async def rollback(
+        self, principal: Principal, request: pb.RollbackAssistantRequest
+    ) -> pb.Assistant:
+        """Make revision ``request.revision``'s configuration current, as a new revision
+        (none if it already is). The configuration is checked as an update would be:
+        what it names (delegates, integrations, handlers) may have gone since."""
+        assistant = AssistantName.parse(request.name, "name")
+        workspace_id, assistant_id = assistant.workspace, assistant.assistant
+        _checked_revision(request.revision, "revision", required=True)
+        names.checked_etag(request.etag, "etag")
+        kept = await self._store.revision(workspace_id, assistant_id, request.revision)
+        if kept is None:
+            await self._catalog.found(request.name, workspace_id, assistant_id)
+            raise NotFound(
+                f"{request.name} keeps no revision {request.revision}",
+                metadata={"assistant": request.name},
+            )
+        restored = pb.Assistant.FromString(kept.data)
+        try:
+            await self._rules.settings(workspace_id, restored, _SETTINGS, assistant_id)
+        except InvalidArgument as refused:
+            raise FailedPrecondition(
+                f"revision {request.revision} no longer holds: {refused}",
+                metadata={"assistant": request.name},
+            ) from None
+
+        async def write(staged: Staged[Written | None]) -> Written | None:
+            try:
+                written = await self._store.update(
+                    workspace_id,
+                    assistant_id,
+                    request.etag,
+                    bytes,
+                    None,
+                    staged,
+                    author=principal.user_name,
+                    restore=request.revision,
+                )
+            except RevisionMissing:
+                # Dropped beyond the kept count since it was read.
+                raise NotFound(
+                    f"{request.name} keeps no revision {request.revision}",
+                    metadata={"assistant": request.name},
+                ) from None
+            if written is not None:
+                self._forget(workspace_id)
+            return written
+
+        written = await self._catalog.changed(
+            request.name,
+            lambda done: (
+                self._written(principal, events_pb2.CHANGE_KIND_UPDATED, done) if done.fresh else []
+            ),
+            write,
+        )
+        return assistant_mapping.message(written.record)
 
     async def list_assistants(self, request: pb.ListAssistantsRequest) -> pb.ListAssistantsResponse:
         records, token = await self._catalog.listed(
@@ -259,7 +366,13 @@ class Assistants:
 
         async def write(staged: Staged[Written | None]) -> Written | None:
             written = await self._store.update(
-                workspace_id, assistant_id, given.etag, edit, is_default, staged
+                workspace_id,
+                assistant_id,
+                given.etag,
+                edit,
+                is_default,
+                staged,
+                author=principal.user_name,
             )
             if written is not None:
                 self._forget(workspace_id)
@@ -316,6 +429,32 @@ class Assistants:
             raise NotFound(f"{name} not found", metadata={"assistant": name})
         # A copy: callers may change what they are given, and the cache is shared.
         return _copy(assistant)
+
+    async def resolve_revision(
+        self, workspace_id: str, name: str, revision: int, field: str = "assistant_revision"
+    ) -> pb.Assistant:
+        """``name`` (as ``resolve`` checks it) as its kept ``revision`` configured it
+        (NOT_FOUND on ``field`` if it keeps no such revision). The current revision
+        comes from the cache; an earlier one is read (it never changes)."""
+        _checked_revision(revision, field, required=True)
+        current = await self.resolve(workspace_id, name)
+        if current is None:  # pragma: no cover - resolve raises for a name it does not know
+            raise NotFound(f"{name} not found")
+        if current.revision == revision:
+            return current
+        assistant = AssistantName.parse(name, "assistant")
+        record = await self._store.get(assistant.workspace, assistant.assistant)
+        kept = (
+            await self._store.revision(assistant.workspace, assistant.assistant, revision)
+            if record is not None
+            else None
+        )
+        if record is None or kept is None:
+            raise NotFound(
+                f"{name} keeps no revision {revision}",
+                metadata={"assistant": name},
+            )
+        return assistant_mapping.at_revision(record, kept)
 
     async def held(self, workspace_id: str, conversation_id: str) -> pb.Assistant | None:
         """The assistant a handoff left holding the conversation (None: none did, or it

@@ -8,7 +8,12 @@ from __future__ import annotations
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.assistants.store import AssistantRecord
+from switchboard.dispatcher.assistants.store import (
+    CREATED,
+    ROLLED_BACK,
+    AssistantRecord,
+    RevisionRecord,
+)
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
 from switchboard.platform.values.resources import AssistantName
@@ -21,6 +26,42 @@ def message(record: AssistantRecord) -> pb.Assistant:
     shown.etag = names.etag_of(record.version)
     shown.create_time.FromDatetime(record.created_at)
     shown.update_time.FromDatetime(record.updated_at)
+    shown.revision = record.revision
+    return shown
+
+
+def at_revision(record: AssistantRecord, revision: RevisionRecord) -> pb.Assistant:
+    """The assistant as ``revision`` configured it: no etag (an earlier revision is not
+    updated; RollbackAssistant makes it current), the revision's time as its update."""
+    shown = message(record)
+    if revision.revision == record.revision:
+        return shown
+    settings = pb.Assistant.FromString(revision.data)
+    settings.name = shown.name
+    settings.workspace_default = shown.workspace_default
+    settings.create_time.CopyFrom(shown.create_time)
+    settings.update_time.FromDatetime(revision.created_at)
+    settings.revision = revision.revision
+    return settings
+
+
+_ORIGINS = {
+    CREATED: pb.ASSISTANT_REVISION_ORIGIN_CREATED,
+    ROLLED_BACK: pb.ASSISTANT_REVISION_ORIGIN_ROLLED_BACK,
+}
+
+
+def revision(record: AssistantRecord, kept: RevisionRecord) -> pb.AssistantRevision:
+    name = AssistantName(record.workspace_id, record.id)
+    shown = pb.AssistantRevision(
+        name=name.revision(kept.revision),
+        revision=kept.revision,
+        author=kept.author,
+        origin=_ORIGINS.get(kept.origin, pb.ASSISTANT_REVISION_ORIGIN_UPDATED),
+        restored_revision=kept.restored,
+        assistant=at_revision(record, kept),
+    )
+    shown.create_time.FromDatetime(kept.created_at)
     return shown
 
 

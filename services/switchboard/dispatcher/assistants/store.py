@@ -5,7 +5,9 @@ and read by ``catalog.py``; this module never parses it) beside the columns
 that are queried. ``is_default`` is the only copy of ``workspace_default``, so
 clearing a previous default touches no blob. No ORM row leaves this module,
 and nothing here builds a resource name or raises a request-field error: the
-domain does both. Writes stage their events (``platform/store/outbox.py``) in the
+domain does both. Every change of ``data`` is also a row of ``assistant_revisions``
+(numbered by ``revision``, kept whole, the oldest beyond the kept count dropped), written
+in the same transaction. Writes stage their events (``platform/store/outbox.py``) in the
 same transaction, so every committed change has its ASSISTANT_CHANGED. What
 every workspace's keyed records share (the key, the quota, etags, pages, the
 delete) is ``platform/store/keyed.py``'s.
@@ -18,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from switchboard.platform.store.db import Database
 from switchboard.platform.store.keyed import BY_ID, KeyedStore, Table
-from switchboard.platform.store.models import AssistantRow
+from switchboard.platform.store.models import AssistantRevisionRow, AssistantRow
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values.names import now
@@ -40,6 +43,33 @@ class AssistantRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     version: int
+    #: The current revision (``revisions``).
+    revision: int = 1
+
+
+#: What made a revision, as stored.
+CREATED: Final = "created"
+UPDATED: Final = "updated"
+ROLLED_BACK: Final = "rolled_back"
+
+
+@dataclass(frozen=True)
+class RevisionRecord:
+    """One revision as stored: ``data`` is the serialized ``Assistant`` settings then."""
+
+    workspace_id: str
+    assistant_id: str
+    revision: int
+    data: bytes
+    author: str
+    created_at: dt.datetime
+    origin: str
+    #: For ROLLED_BACK: the revision restored.
+    restored: int
+
+
+class RevisionMissing(LookupError):
+    """A rollback named a revision that is not kept (the domain says NOT_FOUND)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +79,8 @@ class Written:
     record: AssistantRecord
     #: Assistants of the workspace that stopped being its default (version bumped).
     cleared: tuple[AssistantRecord, ...] = ()
-    #: False when a create was the retry of an earlier one (nothing was written).
+    #: False when nothing was written: a create that was the retry of an earlier one,
+    #: or a rollback to the configuration it already has.
     fresh: bool = True
 
 
@@ -63,10 +94,31 @@ def _record(row: AssistantRow) -> AssistantRecord:
         created_at=row.created_at,
         updated_at=row.updated_at,
         version=row.version,
+        revision=row.revision,
     )
 
 
-ASSISTANTS: Final = Table(AssistantRow, _record, noun="assistant", plural="assistants", order=BY_ID)
+def _revision(row: AssistantRevisionRow) -> RevisionRecord:
+    return RevisionRecord(
+        workspace_id=row.workspace_id,
+        assistant_id=row.assistant_id,
+        revision=row.revision,
+        data=row.data,
+        author=row.author,
+        created_at=row.created_at,
+        origin=row.origin,
+        restored=row.restored,
+    )
+
+
+ASSISTANTS: Final = Table(
+    AssistantRow,
+    _record,
+    noun="assistant",
+    plural="assistants",
+    order=BY_ID,
+    dependents=((AssistantRevisionRow, "assistant_id"),),
+)
 
 
 class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
@@ -74,6 +126,41 @@ class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
     default" holds under concurrency as the quota does."""
 
     table = ASSISTANTS
+
+    def __init__(self, database: Database, *, max_revisions: int = 1000) -> None:
+        super().__init__(database)
+        #: Revisions kept per assistant; a change beyond it drops the oldest.
+        self.max_revisions = max_revisions
+
+    def _revise(
+        self, db: Session, row: AssistantRow, author: str, origin: str, restored: int = 0
+    ) -> None:
+        """Record ``row``'s new ``data`` as its next revision (the row's ``revision`` moves
+        on), and drop what falls beyond the kept count."""
+        row.revision = (row.revision or 0) + 1 if origin != CREATED else 1
+        db.add(
+            AssistantRevisionRow(
+                workspace_id=row.workspace_id,
+                assistant_id=row.id,
+                revision=row.revision,
+                data=row.data,
+                author=author,
+                created_at=row.updated_at,
+                origin=origin,
+                restored=restored,
+            )
+        )
+        oldest_kept = row.revision - self.max_revisions
+        if oldest_kept > 0:
+            db.execute(
+                delete(AssistantRevisionRow)
+                .where(
+                    AssistantRevisionRow.workspace_id == row.workspace_id,
+                    AssistantRevisionRow.assistant_id == row.id,
+                    AssistantRevisionRow.revision <= oldest_kept,
+                )
+                .execution_options(synchronize_session=False)
+            )
 
     def _clear_default(
         self, db: Session, workspace_id: str, keep: str, stamp: dt.datetime
@@ -129,8 +216,12 @@ class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
                 created_at=stamp,
                 updated_at=stamp,
                 version=1,
+                revision=1,
             )
-            return Written(self._added(db, row), cleared)
+            self._added(db, row)
+            self._revise(db, row, creator, CREATED)
+            db.flush()
+            return Written(self.table.record(row), cleared)
 
         return await self._insert(
             workspace_id,
@@ -150,20 +241,84 @@ class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
         edit: Callable[[bytes], bytes],
         is_default: bool | None,
         staged: Staged[Written | None] | None,
+        *,
+        author: str,
+        restore: int = 0,
     ) -> Written | None:
-        """Replace ``data`` with ``edit(data)`` (on the locked row), set ``is_default``
-        unless None (clearing the previous default), bump the version; None if missing."""
+        """Replace ``data`` with ``edit(data)`` (on the locked row), or with revision
+        ``restore``'s when set (RevisionMissing if it is not kept), set ``is_default``
+        unless None (clearing the previous default), bump the version; a new revision
+        by ``author`` when ``data`` changed. None if the assistant is missing."""
 
         def change(db: Session, row: AssistantRow) -> Written:
             stamp = now()
+            if restore:
+                restored = db.get(AssistantRevisionRow, (workspace_id, assistant_id, restore))
+                if restored is None:
+                    raise RevisionMissing(restore)
+                data = restored.data
+            else:
+                data = edit(row.data)
             cleared = (
                 self._clear_default(db, workspace_id, assistant_id, stamp) if is_default else ()
             )
-            row.data = edit(row.data)
+            revised = data != row.data
+            if restore and not revised:
+                # A repeated rollback: nothing changes, not even the etag.
+                return Written(self.table.record(row), fresh=False)
+            row.data = data
             if is_default is not None:
                 row.is_default = is_default
-            return Written(self._bumped(db, row, stamp), cleared)
+            written = Written(self._bumped(db, row, stamp), cleared)
+            if not revised:
+                return written
+            self._revise(db, row, author, ROLLED_BACK if restore else UPDATED, restore)
+            db.flush()
+            return Written(self.table.record(row), cleared)
 
         return await self._update(
             workspace_id, assistant_id, etag, change, staged, lock_workspace=bool(is_default)
         )
+
+    async def revision(
+        self, workspace_id: str, assistant_id: str, revision: int
+    ) -> RevisionRecord | None:
+        """Revision ``revision`` of the assistant, if kept."""
+
+        def tx(db: Session) -> RevisionRecord | None:
+            row = db.get(AssistantRevisionRow, (workspace_id, assistant_id, revision))
+            return _revision(row) if row is not None else None
+
+        return await self._run(tx, write=False)
+
+    async def revisions(
+        self, workspace_id: str, assistant_id: str, before: int | None, limit: int
+    ) -> list[RevisionRecord]:
+        """The assistant's kept revisions, newest first, below ``before`` (exclusive)."""
+
+        def tx(db: Session) -> list[RevisionRecord]:
+            query = select(AssistantRevisionRow).where(
+                AssistantRevisionRow.workspace_id == workspace_id,
+                AssistantRevisionRow.assistant_id == assistant_id,
+            )
+            if before is not None:
+                query = query.where(AssistantRevisionRow.revision < before)
+            query = query.order_by(AssistantRevisionRow.revision.desc()).limit(limit)
+            return [_revision(row) for row in db.execute(query).scalars()]
+
+        return await self._run(tx, write=False)
+
+    async def revision_count(self, workspace_id: str, assistant_id: str) -> int:
+        """How many revisions of the assistant are kept (tests and the bench read it)."""
+
+        def tx(db: Session) -> int:
+            return int(
+                db.execute(
+                    select(func.count()).where(
+                        AssistantRevisionRow.workspace_id == workspace_id,
+                        AssistantRevisionRow.assistant_id == assistant_id,
+                    )
+                ).scalar_one()
+            )
+
+        return await self._run(tx, write=False)

@@ -22,7 +22,11 @@ def schedules_catalog(
     """A workspace's schedules; an assistant or a handler they name must exist."""
     settings = shared.section(ScheduleSettings)
 
-    async def assistant(workspace_id: str, name: str) -> pb.Assistant | None:
+    async def assistant(workspace_id: str, name: str, revision: int) -> pb.Assistant | None:
+        if revision:
+            return await assistants.resolve_revision(
+                workspace_id, name, revision, "schedule.assistant_revision"
+            )
         return await assistants.resolve(workspace_id, name, "schedule.assistant")
 
     async def handler_exists(workspace_id: str, handler_id: str) -> bool:

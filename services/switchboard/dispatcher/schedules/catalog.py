@@ -73,6 +73,7 @@ MUTABLE: Final = (
     "concurrency_policy",
     "missed_tick_policy",
     "timeout",
+    "assistant_revision",
 )
 #: Fields a create takes (``conversation_mode`` cannot change: its conversation is made once).
 _CREATED: Final = (*MUTABLE, "conversation_mode")
@@ -138,7 +139,7 @@ class Schedules:
         context: ContextPort,
         limits: ScheduleLimits,
         *,
-        assistant: Callable[[str, str], Awaitable[pb.Assistant | None]],
+        assistant: Callable[[str, str, int], Awaitable[pb.Assistant | None]],
         handler_exists: Callable[[str, str], Awaitable[bool]],
         clock: Callable[[], float] = time.time,
         on_change: Callable[[], None] = _nothing,
@@ -148,7 +149,8 @@ class Schedules:
         self._pages = page_tokens
         self._context = context
         self.limits = limits
-        #: The assistant a name names in a workspace (NotFound if none; None for "").
+        #: The assistant a name names in a workspace at a revision (0: the current
+        #: one; NotFound if none or not kept; None for "").
         self._assistant = assistant
         self._handler_exists = handler_exists
         #: Seconds since the epoch: what "now" is for next fire times (tests move it).
@@ -194,6 +196,15 @@ class Schedules:
             clean.timeout.CopyFrom(given.timeout)
         clean.assistant = given.assistant
         clean.handler = given.handler
+        if given.assistant_revision:
+            if not 0 < given.assistant_revision < 2**31:
+                violations.add("schedule.assistant_revision", "must be 0 or a revision number")
+            elif not given.assistant:
+                violations.add(
+                    "schedule.assistant_revision",
+                    "pins schedule.assistant, which must then be set",
+                )
+            clean.assistant_revision = given.assistant_revision
         return clean
 
     @staticmethod
@@ -262,7 +273,9 @@ class Schedules:
                 handler_id = handler.handler
         violations.check()
         if assistant_id:
-            assistant = await self._assistant(workspace_id, clean.assistant)
+            assistant = await self._assistant(
+                workspace_id, clean.assistant, clean.assistant_revision
+            )
             if assistant is None:
                 raise NotFound(
                     f"{clean.assistant} not found", metadata={"assistant": clean.assistant}

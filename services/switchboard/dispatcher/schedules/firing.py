@@ -413,6 +413,7 @@ class Firing:
                 metadata=metadata,
             ),
             assistant=settings.assistant,
+            assistant_revision=settings.assistant_revision,
             handler=settings.handler,
             request_id=derived_id(record.uid, times.to_us(tick)),
             concurrency_policy=settings.concurrency_policy,

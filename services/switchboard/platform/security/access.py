@@ -163,6 +163,8 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "ListAssistants": resource("parent", READ),
     _DISPATCHER + "UpdateAssistant": resource("assistant.name", ADMIN),
     _DISPATCHER + "DeleteAssistant": resource("name", ADMIN),
+    _DISPATCHER + "ListAssistantRevisions": resource("parent", READ),
+    _DISPATCHER + "RollbackAssistant": resource("name", ADMIN),
     _DISPATCHER + "DescribeConversation": resource("conversation", READ),
     # Budgets: owners set the caps, members see them and what was spent.
     _DISPATCHER + "CreateBudget": resource("parent", ADMIN),

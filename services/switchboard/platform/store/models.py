@@ -543,6 +543,34 @@ class AssistantRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     version: Mapped[int] = mapped_column(Integer, default=1)
+    #: The current revision (``AssistantRevisionRow``); the default flag moves
+    #: ``version`` but not this.
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+
+class AssistantRevisionRow(Base):
+    """One revision of an assistant (docs/assistants.md, "Revisions"): its serialized
+    settings as a change left them, immutable, deleted with the assistant."""
+
+    __tablename__ = "assistant_revisions"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["workspace_id", "assistant_id"],
+            ["assistants.workspace_id", "assistants.id"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    workspace_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    assistant_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    author: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # "created", "updated" or "rolled_back".
+    origin: Mapped[str] = mapped_column(String(16))
+    #: For "rolled_back": the revision restored; 0 otherwise.
+    restored: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class BudgetRow(Base):

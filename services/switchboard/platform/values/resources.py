@@ -202,6 +202,10 @@ class AssistantName(ResourceName):
     def parent(self) -> WorkspaceName:
         return WorkspaceName(self.workspace)
 
+    def revision(self, number: int) -> str:
+        """Its revision ``number``'s name (AssistantRevision.name)."""
+        return f"{self}/revisions/{number}"
+
 
 @dataclass(frozen=True, slots=True)
 class IntegrationName(ResourceName):

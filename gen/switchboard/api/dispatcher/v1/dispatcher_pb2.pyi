@@ -311,6 +311,34 @@ HANDLER_KIND_REMOTE: HandlerKind.ValueType  # 3
 """A remote domain expert implementing HandlerService."""
 Global___HandlerKind: _TypeAlias = HandlerKind  # noqa: Y015
 
+class _AssistantRevisionOrigin:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AssistantRevisionOriginEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AssistantRevisionOrigin.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ASSISTANT_REVISION_ORIGIN_UNSPECIFIED: _AssistantRevisionOrigin.ValueType  # 0
+    """Not set."""
+    ASSISTANT_REVISION_ORIGIN_CREATED: _AssistantRevisionOrigin.ValueType  # 1
+    """CreateAssistant (revision 1)."""
+    ASSISTANT_REVISION_ORIGIN_UPDATED: _AssistantRevisionOrigin.ValueType  # 2
+    """UpdateAssistant."""
+    ASSISTANT_REVISION_ORIGIN_ROLLED_BACK: _AssistantRevisionOrigin.ValueType  # 3
+    """RollbackAssistant."""
+
+class AssistantRevisionOrigin(_AssistantRevisionOrigin, metaclass=_AssistantRevisionOriginEnumTypeWrapper):
+    """What made an assistant's revision."""
+
+ASSISTANT_REVISION_ORIGIN_UNSPECIFIED: AssistantRevisionOrigin.ValueType  # 0
+"""Not set."""
+ASSISTANT_REVISION_ORIGIN_CREATED: AssistantRevisionOrigin.ValueType  # 1
+"""CreateAssistant (revision 1)."""
+ASSISTANT_REVISION_ORIGIN_UPDATED: AssistantRevisionOrigin.ValueType  # 2
+"""UpdateAssistant."""
+ASSISTANT_REVISION_ORIGIN_ROLLED_BACK: AssistantRevisionOrigin.ValueType  # 3
+"""RollbackAssistant."""
+Global___AssistantRevisionOrigin: _TypeAlias = AssistantRevisionOrigin  # noqa: Y015
+
 class _HandoffHistory:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -772,6 +800,7 @@ class Run(_message.Message):
     DEPTH_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
     QUEUED_BEHIND_FIELD_NUMBER: _builtins.int
+    ASSISTANT_REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -819,6 +848,10 @@ class Run(_message.Message):
     depth: _builtins.int
     """How deep in its tree: 0 for a run with no parent, its parent's depth + 1
     otherwise. Output only.
+    """
+    assistant_revision: _builtins.int
+    """The revision of `assistant` the run uses (Assistant.revision), fixed at
+    admission: a change of the assistant later does not reach it. Output only.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -922,10 +955,11 @@ class Run(_message.Message):
         depth: _builtins.int = ...,
         children: _abc.Iterable[Global___ChildRun] | None = ...,
         queued_behind: Global___QueuedBehind | None = ...,
+        assistant_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "queued_behind", b"queued_behind", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "steer", b"steer", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "children", b"children", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "queued_behind", b"queued_behind", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "children", b"children", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "queued_behind", b"queued_behind", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1241,6 +1275,7 @@ class SendMessageRequest(_message.Message):
     ASSISTANT_FIELD_NUMBER: _builtins.int
     SPEECH_FIELD_NUMBER: _builtins.int
     STEER_MODE_FIELD_NUMBER: _builtins.int
+    ASSISTANT_REVISION_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{w}/conversations/{c}`."""
     handler: _builtins.str
@@ -1264,6 +1299,11 @@ class SendMessageRequest(_message.Message):
     steer_mode: Global___SteerMode.ValueType
     """How the run started by this message takes steers that arrive while its
     model is writing.
+    """
+    assistant_revision: _builtins.int
+    """Answer with this revision of `assistant` (which it needs) instead of the
+    current one: how a change is tried before everything uses it. NOT_FOUND if
+    the assistant keeps no such revision.
     """
     @_builtins.property
     def message(self) -> _context_pb2.Message:
@@ -1297,10 +1337,11 @@ class SendMessageRequest(_message.Message):
         assistant: _builtins.str = ...,
         speech: Global___SpeechOptions | None = ...,
         steer_mode: Global___SteerMode.ValueType = ...,
+        assistant_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "parameters", b"parameters", "speech", b"speech", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "speech", b"speech", "steer_mode", b"steer_mode", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "speech", b"speech", "steer_mode", b"steer_mode", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2433,6 +2474,7 @@ class Assistant(_message.Message):
     DELEGATES_FIELD_NUMBER: _builtins.int
     HANDOFFS_FIELD_NUMBER: _builtins.int
     MEMORY_POLICY_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/assistants/{a}`."""
     display_name: _builtins.str
@@ -2454,6 +2496,12 @@ class Assistant(_message.Message):
     """
     etag: _builtins.str
     """Checksum for optimistic concurrency (output only; send it back to update)."""
+    revision: _builtins.int
+    """Output only. Its current revision: 1 when created, one more with each change
+    of its configuration (every field but `workspace_default`, which is the
+    workspace's routing choice; an update that changes nothing makes none). Read
+    with GetAssistantRequest.revision, the revision read.
+    """
     @_builtins.property
     def model(self) -> _handler_pb2.ModelSettings:
         """Model and sampling settings (for the llm handler)."""
@@ -2527,14 +2575,181 @@ class Assistant(_message.Message):
         delegates: _abc.Iterable[Global___AssistantDelegate] | None = ...,
         handoffs: _abc.Iterable[Global___AssistantHandoff] | None = ...,
         memory_policy: _context_pb2.MemoryPolicy | None = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "memory_policy", b"memory_policy", "model", b"model", "retrieval", b"retrieval", "update_time", b"update_time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "delegates", b"delegates", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "handoffs", b"handoffs", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "memory_policy", b"memory_policy", "model", b"model", "name", b"name", "retrieval", b"retrieval", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "delegates", b"delegates", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "handoffs", b"handoffs", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "memory_policy", b"memory_policy", "model", b"model", "name", b"name", "retrieval", b"retrieval", "revision", b"revision", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assistant: _TypeAlias = Assistant  # noqa: Y015
+
+@_typing.final
+class AssistantRevision(_message.Message):
+    """One revision of an assistant: its whole configuration as a change left it.
+    Revisions are immutable; a rollback is a new revision.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    RESTORED_REVISION_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{w}/assistants/{a}/revisions/{revision}`."""
+    revision: _builtins.int
+    """Its number, from 1, without gaps among those kept."""
+    author: _builtins.str
+    """Who made it, `users/{user}`."""
+    origin: Global___AssistantRevisionOrigin.ValueType
+    """What made it."""
+    restored_revision: _builtins.int
+    """For ROLLED_BACK: the revision whose configuration it restored."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    @_builtins.property
+    def assistant(self) -> Global___Assistant:
+        """The configuration, as GetAssistant with this `revision` answers it."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        author: _builtins.str = ...,
+        origin: Global___AssistantRevisionOrigin.ValueType = ...,
+        restored_revision: _builtins.int = ...,
+        assistant: Global___Assistant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "author", b"author", "create_time", b"create_time", "name", b"name", "origin", b"origin", "restored_revision", b"restored_revision", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssistantRevision: _TypeAlias = AssistantRevision  # noqa: Y015
+
+@_typing.final
+class ListAssistantRevisionsRequest(_message.Message):
+    """Request for ListAssistantRevisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The assistant, `workspaces/{workspace}/assistants/{assistant}`."""
+    page_size: _builtins.int
+    """Maximum to return; capped at 50, default 20."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAssistantRevisionsRequest: _TypeAlias = ListAssistantRevisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListAssistantRevisionsResponse(_message.Message):
+    """Response for ListAssistantRevisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def revisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssistantRevision]:
+        """The revisions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        revisions: _abc.Iterable[Global___AssistantRevision] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "revisions", b"revisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAssistantRevisionsResponse: _TypeAlias = ListAssistantRevisionsResponse  # noqa: Y015
+
+@_typing.final
+class RollbackAssistantRequest(_message.Message):
+    """Request for RollbackAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/assistants/{assistant}`."""
+    revision: _builtins.int
+    """The revision whose configuration becomes current (1 or more, kept)."""
+    etag: _builtins.str
+    """If set, must match the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackAssistantRequest: _TypeAlias = RollbackAssistantRequest  # noqa: Y015
+
+@_typing.final
+class RollbackAssistantResponse(_message.Message):
+    """Response for RollbackAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assistant(self) -> Global___Assistant:
+        """The assistant after the rollback: a new revision unless the configuration
+        was already that revision's (a repeat changes nothing).
+        """
+
+    def __init__(
+        self,
+        *,
+        assistant: Global___Assistant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackAssistantResponse: _TypeAlias = RollbackAssistantResponse  # noqa: Y015
 
 @_typing.final
 class AssistantHandoff(_message.Message):
@@ -2741,16 +2956,24 @@ class GetAssistantRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`workspaces/{workspace}/assistants/{assistant}`."""
+    revision: _builtins.int
+    """A revision to read (ListAssistantRevisions); the current configuration if 0.
+    NOT_FOUND if the assistant keeps no such revision. An earlier revision comes
+    with no `etag` (it cannot be updated; RollbackAssistant makes it current)
+    and its own time as `update_time`.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4556,6 +4779,7 @@ class Schedule(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ASSISTANT_REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/schedules/{s}`."""
     display_name: _builtins.str
@@ -4602,6 +4826,10 @@ class Schedule(_message.Message):
     """
     etag: _builtins.str
     """Checksum for optimistic concurrency (output only; send it back to update)."""
+    assistant_revision: _builtins.int
+    """Pins `assistant` (which it needs) at this revision: its ticks answer with
+    that configuration whatever changes later; the current one if 0.
+    """
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
         """A fixed interval between ticks, at least the server's minimum
@@ -4660,10 +4888,11 @@ class Schedule(_message.Message):
         etag: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        assistant_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "interval", b"interval", "last_fire_time", b"last_fire_time", "next_fire_time", b"next_fire_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "conversation_mode", b"conversation_mode", "create_time", b"create_time", "creator", b"creator", "cron", b"cron", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "interval", b"interval", "last_fire_time", b"last_fire_time", "last_run", b"last_run", "message_template", b"message_template", "missed_tick_policy", b"missed_tick_policy", "name", b"name", "next_fire_time", b"next_fire_time", "state", b"state", "time_zone", b"time_zone", "timeout", b"timeout", "upcoming_fire_times", b"upcoming_fire_times", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "conversation_mode", b"conversation_mode", "create_time", b"create_time", "creator", b"creator", "cron", b"cron", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "interval", b"interval", "last_fire_time", b"last_fire_time", "last_run", b"last_run", "message_template", b"message_template", "missed_tick_policy", b"missed_tick_policy", "name", b"name", "next_fire_time", b"next_fire_time", "state", b"state", "time_zone", b"time_zone", "timeout", b"timeout", "upcoming_fire_times", b"upcoming_fire_times", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4902,7 +5131,7 @@ class UpdateScheduleRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `assistant`, `handler`,
         `message_template`, `cron`, `time_zone`, `interval`, `concurrency_policy`,
-        `missed_tick_policy`, `timeout`.
+        `missed_tick_policy`, `timeout`, `assistant_revision`.
         """
 
     def __init__(

@@ -121,6 +121,16 @@ class DispatcherServiceStub:
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.DeleteAssistantRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.DeleteAssistantResponse.FromString,
                 _registered_method=True)
+        self.ListAssistantRevisions = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/ListAssistantRevisions',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListAssistantRevisionsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListAssistantRevisionsResponse.FromString,
+                _registered_method=True)
+        self.RollbackAssistant = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/RollbackAssistant',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RollbackAssistantRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RollbackAssistantResponse.FromString,
+                _registered_method=True)
         self.DescribeConversation = channel.unary_unary(
                 '/switchboard.api.dispatcher.v1.DispatcherService/DescribeConversation',
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.DescribeConversationRequest.SerializeToString,
@@ -359,6 +369,22 @@ class DispatcherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAssistantRevisions(self, request, context):
+        """Lists an assistant's revisions, newest first: each change of its
+        configuration is one, kept whole (docs/assistants.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackAssistant(self, request, context):
+        """Makes an earlier revision's configuration current again, as a new revision
+        (etag); the earlier revisions stay as they were.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DescribeConversation(self, request, context):
         """What a message sent to a conversation now would use: the assistant, the
         handler, the model, the tools (with their approval rules) and the budget.
@@ -588,6 +614,16 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     servicer.DeleteAssistant,
                     request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.DeleteAssistantRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.DeleteAssistantResponse.SerializeToString,
+            ),
+            'ListAssistantRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAssistantRevisions,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListAssistantRevisionsRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListAssistantRevisionsResponse.SerializeToString,
+            ),
+            'RollbackAssistant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAssistant,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RollbackAssistantRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RollbackAssistantResponse.SerializeToString,
             ),
             'DescribeConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeConversation,
@@ -1123,6 +1159,60 @@ class DispatcherService:
             '/switchboard.api.dispatcher.v1.DispatcherService/DeleteAssistant',
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.DeleteAssistantRequest.SerializeToString,
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.DeleteAssistantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAssistantRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/ListAssistantRevisions',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListAssistantRevisionsRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListAssistantRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackAssistant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/RollbackAssistant',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RollbackAssistantRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RollbackAssistantResponse.FromString,
             options,
             channel_credentials,
             insecure,

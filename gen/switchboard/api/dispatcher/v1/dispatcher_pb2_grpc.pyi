@@ -98,6 +98,14 @@ class DispatcherServiceStub:
     """Updates an assistant (FieldMask, etag)."""
     DeleteAssistant: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.DeleteAssistantRequest, _dispatcher_pb2.DeleteAssistantResponse]
     """Deletes an assistant; runs already started keep the settings they started with."""
+    ListAssistantRevisions: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListAssistantRevisionsRequest, _dispatcher_pb2.ListAssistantRevisionsResponse]
+    """Lists an assistant's revisions, newest first: each change of its
+    configuration is one, kept whole (docs/assistants.md).
+    """
+    RollbackAssistant: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.RollbackAssistantRequest, _dispatcher_pb2.RollbackAssistantResponse]
+    """Makes an earlier revision's configuration current again, as a new revision
+    (etag); the earlier revisions stay as they were.
+    """
     DescribeConversation: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.DescribeConversationRequest, _dispatcher_pb2.DescribeConversationResponse]
     """What a message sent to a conversation now would use: the assistant, the
     handler, the model, the tools (with their approval rules) and the budget.
@@ -230,6 +238,14 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     """Updates an assistant (FieldMask, etag)."""
     DeleteAssistant: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.DeleteAssistantRequest, _dispatcher_pb2.DeleteAssistantResponse]  # type: ignore[assignment]
     """Deletes an assistant; runs already started keep the settings they started with."""
+    ListAssistantRevisions: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListAssistantRevisionsRequest, _dispatcher_pb2.ListAssistantRevisionsResponse]  # type: ignore[assignment]
+    """Lists an assistant's revisions, newest first: each change of its
+    configuration is one, kept whole (docs/assistants.md).
+    """
+    RollbackAssistant: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.RollbackAssistantRequest, _dispatcher_pb2.RollbackAssistantResponse]  # type: ignore[assignment]
+    """Makes an earlier revision's configuration current again, as a new revision
+    (etag); the earlier revisions stay as they were.
+    """
     DescribeConversation: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.DescribeConversationRequest, _dispatcher_pb2.DescribeConversationResponse]  # type: ignore[assignment]
     """What a message sent to a conversation now would use: the assistant, the
     handler, the model, the tools (with their approval rules) and the budget.
@@ -455,6 +471,26 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatcher_pb2.DeleteAssistantResponse, _abc.Awaitable[_dispatcher_pb2.DeleteAssistantResponse]]:
         """Deletes an assistant; runs already started keep the settings they started with."""
+
+    @_abc_1.abstractmethod
+    def ListAssistantRevisions(
+        self,
+        request: _dispatcher_pb2.ListAssistantRevisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ListAssistantRevisionsResponse, _abc.Awaitable[_dispatcher_pb2.ListAssistantRevisionsResponse]]:
+        """Lists an assistant's revisions, newest first: each change of its
+        configuration is one, kept whole (docs/assistants.md).
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackAssistant(
+        self,
+        request: _dispatcher_pb2.RollbackAssistantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.RollbackAssistantResponse, _abc.Awaitable[_dispatcher_pb2.RollbackAssistantResponse]]:
+        """Makes an earlier revision's configuration current again, as a new revision
+        (etag); the earlier revisions stay as they were.
+        """
 
     @_abc_1.abstractmethod
     def DescribeConversation(

@@ -460,6 +460,7 @@ def _new_run(
         flags=screened.flags,
         last_sequence=1,
         assistant=assistant.name if assistant is not None else "",
+        assistant_revision=assistant.revision if assistant is not None else 0,
         steer_mode=request.steer_mode,
     )
     run.create_time.FromDatetime(names.now())

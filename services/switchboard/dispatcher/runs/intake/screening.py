@@ -109,12 +109,22 @@ async def route(
     before the assistant a handoff left holding the conversation, which comes before
     the workspace's default assistant; a run routed by the message has none."""
     local = await router.local(workspace_id)
+    pinned = request.assistant_revision if isinstance(request, pb.SendMessageRequest) else 0
+    if pinned and not request.assistant:
+        raise InvalidArgument(
+            "assistant_revision needs assistant",
+            [FieldViolation("assistant", "must name the assistant whose revision is pinned")],
+        )
     if request.assistant:
-        assistant = await assistants.resolve(workspace_id, request.assistant, "assistant")
-        if assistant is None:  # resolve raises NOT_FOUND for a name it does not know
+        if pinned:
+            at = await assistants.resolve_revision(workspace_id, request.assistant, pinned)
+            reason = f"the assistant {at.name} at revision {pinned}, named in the request"
+            return at, _assistant_choice(router, at, reason, local)
+        named = await assistants.resolve(workspace_id, request.assistant, "assistant")
+        if named is None:  # resolve raises NOT_FOUND for a name it does not know
             raise NotFound(f"{request.assistant} not found")
-        reason = f"the assistant {assistant.name}, named in the request"
-        return assistant, _assistant_choice(router, assistant, reason, local)
+        reason = f"the assistant {named.name}, named in the request"
+        return named, _assistant_choice(router, named, reason, local)
     if request.handler:
         return None, router.choose(request.handler, workspace_id, message, local)
     chosen = router.by_message(message, local)

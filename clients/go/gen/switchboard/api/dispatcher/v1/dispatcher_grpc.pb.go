@@ -19,41 +19,43 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	DispatcherService_SendMessage_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/SendMessage"
-	DispatcherService_GetRun_FullMethodName               = "/switchboard.api.dispatcher.v1.DispatcherService/GetRun"
-	DispatcherService_ListRuns_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/ListRuns"
-	DispatcherService_CancelRun_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/CancelRun"
-	DispatcherService_WatchRun_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/WatchRun"
-	DispatcherService_Converse_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/Converse"
-	DispatcherService_Talk_FullMethodName                 = "/switchboard.api.dispatcher.v1.DispatcherService/Talk"
-	DispatcherService_ConnectTalk_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/ConnectTalk"
-	DispatcherService_GetIceServers_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/GetIceServers"
-	DispatcherService_ListHandlers_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/ListHandlers"
-	DispatcherService_SubmitToolApprovals_FullMethodName  = "/switchboard.api.dispatcher.v1.DispatcherService/SubmitToolApprovals"
-	DispatcherService_CreateAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/CreateAssistant"
-	DispatcherService_GetAssistant_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/GetAssistant"
-	DispatcherService_ListAssistants_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/ListAssistants"
-	DispatcherService_UpdateAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateAssistant"
-	DispatcherService_DeleteAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteAssistant"
-	DispatcherService_DescribeConversation_FullMethodName = "/switchboard.api.dispatcher.v1.DispatcherService/DescribeConversation"
-	DispatcherService_CreateBudget_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/CreateBudget"
-	DispatcherService_GetBudget_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/GetBudget"
-	DispatcherService_ListBudgets_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/ListBudgets"
-	DispatcherService_UpdateBudget_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateBudget"
-	DispatcherService_DeleteBudget_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteBudget"
-	DispatcherService_ResolveBudgetAction_FullMethodName  = "/switchboard.api.dispatcher.v1.DispatcherService/ResolveBudgetAction"
-	DispatcherService_QueryUsage_FullMethodName           = "/switchboard.api.dispatcher.v1.DispatcherService/QueryUsage"
-	DispatcherService_GetWorkspaceQuota_FullMethodName    = "/switchboard.api.dispatcher.v1.DispatcherService/GetWorkspaceQuota"
-	DispatcherService_UpdateWorkspaceQuota_FullMethodName = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateWorkspaceQuota"
-	DispatcherService_SteerRun_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/SteerRun"
-	DispatcherService_CreateSchedule_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/CreateSchedule"
-	DispatcherService_GetSchedule_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/GetSchedule"
-	DispatcherService_ListSchedules_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/ListSchedules"
-	DispatcherService_UpdateSchedule_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateSchedule"
-	DispatcherService_PauseSchedule_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/PauseSchedule"
-	DispatcherService_ResumeSchedule_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/ResumeSchedule"
-	DispatcherService_DeleteSchedule_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteSchedule"
-	DispatcherService_ListScheduleFirings_FullMethodName  = "/switchboard.api.dispatcher.v1.DispatcherService/ListScheduleFirings"
+	DispatcherService_SendMessage_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/SendMessage"
+	DispatcherService_GetRun_FullMethodName                 = "/switchboard.api.dispatcher.v1.DispatcherService/GetRun"
+	DispatcherService_ListRuns_FullMethodName               = "/switchboard.api.dispatcher.v1.DispatcherService/ListRuns"
+	DispatcherService_CancelRun_FullMethodName              = "/switchboard.api.dispatcher.v1.DispatcherService/CancelRun"
+	DispatcherService_WatchRun_FullMethodName               = "/switchboard.api.dispatcher.v1.DispatcherService/WatchRun"
+	DispatcherService_Converse_FullMethodName               = "/switchboard.api.dispatcher.v1.DispatcherService/Converse"
+	DispatcherService_Talk_FullMethodName                   = "/switchboard.api.dispatcher.v1.DispatcherService/Talk"
+	DispatcherService_ConnectTalk_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/ConnectTalk"
+	DispatcherService_GetIceServers_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/GetIceServers"
+	DispatcherService_ListHandlers_FullMethodName           = "/switchboard.api.dispatcher.v1.DispatcherService/ListHandlers"
+	DispatcherService_SubmitToolApprovals_FullMethodName    = "/switchboard.api.dispatcher.v1.DispatcherService/SubmitToolApprovals"
+	DispatcherService_CreateAssistant_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/CreateAssistant"
+	DispatcherService_GetAssistant_FullMethodName           = "/switchboard.api.dispatcher.v1.DispatcherService/GetAssistant"
+	DispatcherService_ListAssistants_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/ListAssistants"
+	DispatcherService_UpdateAssistant_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateAssistant"
+	DispatcherService_DeleteAssistant_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteAssistant"
+	DispatcherService_ListAssistantRevisions_FullMethodName = "/switchboard.api.dispatcher.v1.DispatcherService/ListAssistantRevisions"
+	DispatcherService_RollbackAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/RollbackAssistant"
+	DispatcherService_DescribeConversation_FullMethodName   = "/switchboard.api.dispatcher.v1.DispatcherService/DescribeConversation"
+	DispatcherService_CreateBudget_FullMethodName           = "/switchboard.api.dispatcher.v1.DispatcherService/CreateBudget"
+	DispatcherService_GetBudget_FullMethodName              = "/switchboard.api.dispatcher.v1.DispatcherService/GetBudget"
+	DispatcherService_ListBudgets_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/ListBudgets"
+	DispatcherService_UpdateBudget_FullMethodName           = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateBudget"
+	DispatcherService_DeleteBudget_FullMethodName           = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteBudget"
+	DispatcherService_ResolveBudgetAction_FullMethodName    = "/switchboard.api.dispatcher.v1.DispatcherService/ResolveBudgetAction"
+	DispatcherService_QueryUsage_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/QueryUsage"
+	DispatcherService_GetWorkspaceQuota_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/GetWorkspaceQuota"
+	DispatcherService_UpdateWorkspaceQuota_FullMethodName   = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateWorkspaceQuota"
+	DispatcherService_SteerRun_FullMethodName               = "/switchboard.api.dispatcher.v1.DispatcherService/SteerRun"
+	DispatcherService_CreateSchedule_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/CreateSchedule"
+	DispatcherService_GetSchedule_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/GetSchedule"
+	DispatcherService_ListSchedules_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/ListSchedules"
+	DispatcherService_UpdateSchedule_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateSchedule"
+	DispatcherService_PauseSchedule_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/PauseSchedule"
+	DispatcherService_ResumeSchedule_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/ResumeSchedule"
+	DispatcherService_DeleteSchedule_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteSchedule"
+	DispatcherService_ListScheduleFirings_FullMethodName    = "/switchboard.api.dispatcher.v1.DispatcherService/ListScheduleFirings"
 )
 
 // DispatcherServiceClient is the client API for DispatcherService service.
@@ -119,6 +121,12 @@ type DispatcherServiceClient interface {
 	UpdateAssistant(ctx context.Context, in *UpdateAssistantRequest, opts ...grpc.CallOption) (*UpdateAssistantResponse, error)
 	// Deletes an assistant; runs already started keep the settings they started with.
 	DeleteAssistant(ctx context.Context, in *DeleteAssistantRequest, opts ...grpc.CallOption) (*DeleteAssistantResponse, error)
+	// Lists an assistant's revisions, newest first: each change of its
+	// configuration is one, kept whole (docs/assistants.md).
+	ListAssistantRevisions(ctx context.Context, in *ListAssistantRevisionsRequest, opts ...grpc.CallOption) (*ListAssistantRevisionsResponse, error)
+	// Makes an earlier revision's configuration current again, as a new revision
+	// (etag); the earlier revisions stay as they were.
+	RollbackAssistant(ctx context.Context, in *RollbackAssistantRequest, opts ...grpc.CallOption) (*RollbackAssistantResponse, error)
 	// What a message sent to a conversation now would use: the assistant, the
 	// handler, the model, the tools (with their approval rules) and the budget.
 	DescribeConversation(ctx context.Context, in *DescribeConversationRequest, opts ...grpc.CallOption) (*DescribeConversationResponse, error)
@@ -350,6 +358,26 @@ func (c *dispatcherServiceClient) DeleteAssistant(ctx context.Context, in *Delet
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeleteAssistantResponse)
 	err := c.cc.Invoke(ctx, DispatcherService_DeleteAssistant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) ListAssistantRevisions(ctx context.Context, in *ListAssistantRevisionsRequest, opts ...grpc.CallOption) (*ListAssistantRevisionsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAssistantRevisionsResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_ListAssistantRevisions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) RollbackAssistant(ctx context.Context, in *RollbackAssistantRequest, opts ...grpc.CallOption) (*RollbackAssistantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RollbackAssistantResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_RollbackAssistant_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -609,6 +637,12 @@ type DispatcherServiceServer interface {
 	UpdateAssistant(context.Context, *UpdateAssistantRequest) (*UpdateAssistantResponse, error)
 	// Deletes an assistant; runs already started keep the settings they started with.
 	DeleteAssistant(context.Context, *DeleteAssistantRequest) (*DeleteAssistantResponse, error)
+	// Lists an assistant's revisions, newest first: each change of its
+	// configuration is one, kept whole (docs/assistants.md).
+	ListAssistantRevisions(context.Context, *ListAssistantRevisionsRequest) (*ListAssistantRevisionsResponse, error)
+	// Makes an earlier revision's configuration current again, as a new revision
+	// (etag); the earlier revisions stay as they were.
+	RollbackAssistant(context.Context, *RollbackAssistantRequest) (*RollbackAssistantResponse, error)
 	// What a message sent to a conversation now would use: the assistant, the
 	// handler, the model, the tools (with their approval rules) and the budget.
 	DescribeConversation(context.Context, *DescribeConversationRequest) (*DescribeConversationResponse, error)
@@ -718,6 +752,12 @@ func (UnimplementedDispatcherServiceServer) UpdateAssistant(context.Context, *Up
 }
 func (UnimplementedDispatcherServiceServer) DeleteAssistant(context.Context, *DeleteAssistantRequest) (*DeleteAssistantResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteAssistant not implemented")
+}
+func (UnimplementedDispatcherServiceServer) ListAssistantRevisions(context.Context, *ListAssistantRevisionsRequest) (*ListAssistantRevisionsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAssistantRevisions not implemented")
+}
+func (UnimplementedDispatcherServiceServer) RollbackAssistant(context.Context, *RollbackAssistantRequest) (*RollbackAssistantResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RollbackAssistant not implemented")
 }
 func (UnimplementedDispatcherServiceServer) DescribeConversation(context.Context, *DescribeConversationRequest) (*DescribeConversationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DescribeConversation not implemented")
@@ -1052,6 +1092,42 @@ func _DispatcherService_DeleteAssistant_Handler(srv interface{}, ctx context.Con
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(DispatcherServiceServer).DeleteAssistant(ctx, req.(*DeleteAssistantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_ListAssistantRevisions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAssistantRevisionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).ListAssistantRevisions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_ListAssistantRevisions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).ListAssistantRevisions(ctx, req.(*ListAssistantRevisionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_RollbackAssistant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RollbackAssistantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).RollbackAssistant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_RollbackAssistant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).RollbackAssistant(ctx, req.(*RollbackAssistantRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -1456,6 +1532,14 @@ var DispatcherService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteAssistant",
 			Handler:    _DispatcherService_DeleteAssistant_Handler,
+		},
+		{
+			MethodName: "ListAssistantRevisions",
+			Handler:    _DispatcherService_ListAssistantRevisions_Handler,
+		},
+		{
+			MethodName: "RollbackAssistant",
+			Handler:    _DispatcherService_RollbackAssistant_Handler,
 		},
 		{
 			MethodName: "DescribeConversation",
