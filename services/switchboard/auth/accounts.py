@@ -14,9 +14,9 @@ import hashlib
 import ipaddress
 import logging
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
@@ -63,7 +63,12 @@ from switchboard.platform.store.pagination import (
 )
 from switchboard.platform.values import names, timefields
 from switchboard.platform.values.names import etag_version
-from switchboard.platform.values.resources import ApiKeyName, SessionName, UserName
+from switchboard.platform.values.resources import (
+    ApiKeyName,
+    AssistantName,
+    SessionName,
+    UserName,
+)
 
 log = logging.getLogger("switchboard.security")
 
@@ -744,6 +749,7 @@ class Accounts:
             violations.append(FieldViolation("scopes", "cannot exceed the caller's own scopes"))
         if expires_at is not None and expires_at <= names.now():
             violations.append(FieldViolation("expire_time", "must be in the future"))
+        pinned = _assistant_pins(request.assistant_pins, violations)
         if violations:
             raise InvalidArgument("the API key request is invalid", violations)
         key_id, issued = self._secrets.new_api_key()
@@ -760,6 +766,7 @@ class Accounts:
             expires_at=expires_at,
             max_keys=self._limits.max_api_keys_per_user,
             staged=audit.staged,
+            assistant_pins=pinned,
         )
         if record is None:
             raise QuotaExceeded(
@@ -841,3 +848,33 @@ class Accounts:
     def jwks(self) -> auth_pb2.GetJwksResponse:
         """The public keys access tokens are signed with (RFC 7517)."""
         return self._jwks
+
+
+#: Assistants one API key may pin (ApiKey.assistant_pins).
+MAX_ASSISTANT_PINS: Final = 16
+
+
+def _assistant_pins(
+    given: Sequence[auth_pb2.ApiKeyAssistantPin], violations: list[FieldViolation]
+) -> tuple[tuple[str, int], ...]:
+    """The pins in form: names of assistants, each once, at a revision of 1 or more.
+    Whether each exists is the dispatcher's to say when a message uses the key (the
+    auth service does not hold assistants)."""
+    if len(given) > MAX_ASSISTANT_PINS:
+        violations.append(
+            FieldViolation("assistant_pins", f"may pin at most {MAX_ASSISTANT_PINS} assistants")
+        )
+        return ()
+    pinned: list[tuple[str, int]] = []
+    for index, pin in enumerate(given):
+        field = f"assistant_pins[{index}]"
+        if AssistantName.parse_or_none(pin.assistant) is None:
+            violations.append(
+                FieldViolation(f"{field}.assistant", "must be workspaces/{w}/assistants/{a}")
+            )
+        elif any(name == pin.assistant for name, _ in pinned):
+            violations.append(FieldViolation(f"{field}.assistant", "is pinned twice"))
+        if not 0 < pin.revision < 2**31:
+            violations.append(FieldViolation(f"{field}.revision", "must be 1 or more"))
+        pinned.append((pin.assistant, pin.revision))
+    return tuple(pinned)

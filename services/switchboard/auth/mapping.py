@@ -78,6 +78,10 @@ def api_key(record: ApiKeyRecord) -> auth_pb2.ApiKey:
         expire_time=timestamp(record.expires_at),
         last_used_time=timestamp(record.last_used_at),
         revoke_time=timestamp(record.revoked_at),
+        assistant_pins=[
+            auth_pb2.ApiKeyAssistantPin(assistant=name, revision=revision)
+            for name, revision in record.assistant_pins
+        ],
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from switchboard.platform.errors import AlreadyExists
+from switchboard.platform.security.credentials.records import pins, stored_pins
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     ApiKeyRow,
@@ -94,6 +95,8 @@ class ApiKeyRecord:
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
+    #: The assistants it pins, each ``(name, revision)``.
+    assistant_pins: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,7 @@ def _api_key(row: ApiKeyRow) -> ApiKeyRecord:
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
+        assistant_pins=pins(row.assistant_pins),
     )
 
 
@@ -487,6 +491,7 @@ class AuthStore:
         expires_at: dt.datetime | None,
         max_keys: int,
         staged: Staged[ApiKeyRecord | None] | None = None,
+        assistant_pins: Sequence[tuple[str, int]] = (),
     ) -> ApiKeyRecord | None:
         """The new key; None if the user already has ``max_keys`` live keys."""
         stamp = now()
@@ -509,6 +514,7 @@ class AuthStore:
                 expires_at=expires_at,
                 revoked_at=None,
                 last_used_at=None,
+                assistant_pins=stored_pins(assistant_pins),
             )
             db.add(row)
             return _api_key(row)

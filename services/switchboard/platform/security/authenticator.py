@@ -100,6 +100,7 @@ class _KeyState:
     expires_at: dt.datetime | None
     revoked: bool
     last_used_at: dt.datetime | None
+    assistant_pins: tuple[tuple[str, int], ...] = ()
 
 
 def _last_segment(name: str) -> str:
@@ -237,8 +238,11 @@ class CredentialAuthenticator:
                 del self._verified.data[credential]
                 raise TokenExpired(EXPIRED)
         if principal.api_key_id:
-            # A server acting for a call made with this key: the key must still hold.
-            await self._check_key(principal.api_key_id)
+            # A server acting for a call made with this key: the key must still hold,
+            # and what it pins holds for the call as it did where it was made.
+            _, pinned = await self._key_holds(principal.api_key_id)
+            if pinned:
+                principal = dataclasses.replace(principal, assistant_pins=pinned)
         elif principal.session_id:
             await self._check_session(claims.session, claims.subject)
         # Else a server's own work for the person (``DELEGATED_BACKGROUND``): no
@@ -267,6 +271,11 @@ class CredentialAuthenticator:
         return min(session_until, float(principal.expires_at + self._leeway))
 
     async def _check_key(self, key_id: str) -> float | None:
+        return (await self._key_holds(key_id))[0]
+
+    async def _key_holds(self, key_id: str) -> tuple[float | None, tuple[tuple[str, int], ...]]:
+        """When the key stops holding by itself (None: never), and what it pins;
+        Unauthenticated once it is revoked or expired."""
         state = self._keys.data.get(key_id) if self._cache.fresh() else None
         if state is None:
             try:
@@ -276,14 +285,14 @@ class CredentialAuthenticator:
                 raise DependencyUnavailable("credential check is unavailable; retry") from None
             if row is None or row.revoked_at is not None:
                 raise Unauthenticated(API_KEY_REVOKED)
-            expires_at = row.expires_at
+            expires_at, pinned = row.expires_at, row.assistant_pins
         else:
             if state.revoked:
                 raise Unauthenticated(API_KEY_REVOKED)
-            expires_at = state.expires_at
+            expires_at, pinned = state.expires_at, state.assistant_pins
         if expires_at is not None and expires_at <= self._now():
             raise Unauthenticated(API_KEY_EXPIRED)
-        return expires_at.timestamp() if expires_at is not None else None
+        return (expires_at.timestamp() if expires_at is not None else None), pinned
 
     async def _check_session(self, session_id: str, user_id: str) -> float:
         """The session's expiry (epoch seconds) if it holds; SessionRevoked otherwise."""
@@ -324,6 +333,7 @@ class CredentialAuthenticator:
                 expires_at=row.expires_at,
                 revoked=row.revoked_at is not None,
                 last_used_at=row.last_used_at,
+                assistant_pins=row.assistant_pins,
             )
             if generation == self._generation and self._cache.fresh():
                 self._keys.put(key_id, state)
@@ -343,6 +353,7 @@ class CredentialAuthenticator:
             scopes=state.scopes,
             api_key_id=key_id,
             expires_at=int(state.expires_at.timestamp()) if state.expires_at else 0,
+            assistant_pins=state.assistant_pins,
         )
 
     def _now(self) -> dt.datetime:

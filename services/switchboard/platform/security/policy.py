@@ -105,6 +105,13 @@ class Principal:
     session_id: str = ""
     api_key_id: str = ""
     expires_at: int = 0
+    #: For a call made with an API key: the assistants it pins at a revision, each
+    #: ``(workspaces/{w}/assistants/{a}, revision)`` (ApiKey.assistant_pins).
+    assistant_pins: tuple[tuple[str, int], ...] = ()
+
+    def pinned(self, assistant: str) -> int:
+        """The revision this caller's API key pins ``assistant`` at; 0 for none."""
+        return next((n for name, n in self.assistant_pins if name == assistant), 0)
 
     @property
     def user_name(self) -> str:

@@ -156,6 +156,9 @@ class ApiKeyRow(Base):
     expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Space-separated ``workspaces/{w}/assistants/{a}@{revision}``: the assistants its
+    # calls use at a fixed revision (docs/assistants.md, "Revisions").
+    assistant_pins: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class WorkspaceRow(Base):

@@ -789,6 +789,7 @@ class ApiKey(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     LAST_USED_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    ASSISTANT_PINS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `users/{user}/apiKeys/{key}`."""
     display_name: _builtins.str
@@ -815,6 +816,14 @@ class ApiKey(_message.Message):
     def revoke_time(self) -> _timestamp_pb2.Timestamp:
         """When the key was revoked; unset while active."""
 
+    @_builtins.property
+    def assistant_pins(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKeyAssistantPin]:
+        """Assistants the key's calls use at a fixed revision (docs/assistants.md,
+        "Revisions"): a message sent with the key whose assistant (named, or the
+        workspace's default) is one of these, and that pins no revision itself,
+        answers with the revision given here. Fixed at creation, like `scopes`.
+        """
+
     def __init__(
         self,
         *,
@@ -826,14 +835,43 @@ class ApiKey(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         last_used_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        assistant_pins: _abc.Iterable[Global___ApiKeyAssistantPin] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "name", b"name", "prefix", b"prefix", "revoke_time", b"revoke_time", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant_pins", b"assistant_pins", "create_time", b"create_time", "display_name", b"display_name", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "name", b"name", "prefix", b"prefix", "revoke_time", b"revoke_time", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+
+@_typing.final
+class ApiKeyAssistantPin(_message.Message):
+    """An assistant an API key pins at a revision (ApiKey.assistant_pins)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    assistant: _builtins.str
+    """`workspaces/{w}/assistants/{a}`."""
+    revision: _builtins.int
+    """Its revision (Assistant.revision), 1 or more; a message that uses the key
+    with this assistant is NOT_FOUND once the assistant no longer keeps it.
+    """
+    def __init__(
+        self,
+        *,
+        assistant: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiKeyAssistantPin: _TypeAlias = ApiKeyAssistantPin  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyRequest(_message.Message):
@@ -844,6 +882,7 @@ class CreateApiKeyRequest(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    ASSISTANT_PINS_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """Label for the key."""
     @_builtins.property
@@ -854,16 +893,23 @@ class CreateApiKeyRequest(_message.Message):
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the key expires; unset for a key that does not expire (if policy allows)."""
 
+    @_builtins.property
+    def assistant_pins(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKeyAssistantPin]:
+        """Assistants the key pins at a revision (at most 16, each assistant once);
+        checked for form here, and for existence when a message uses them.
+        """
+
     def __init__(
         self,
         *,
         display_name: _builtins.str = ...,
         scopes: _abc.Iterable[_builtins.str] | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        assistant_pins: _abc.Iterable[Global___ApiKeyAssistantPin] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "expire_time", b"expire_time", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant_pins", b"assistant_pins", "display_name", b"display_name", "expire_time", b"expire_time", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

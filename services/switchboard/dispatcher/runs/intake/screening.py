@@ -102,29 +102,42 @@ async def route(
     workspace_id: str,
     request: pb.SendMessageRequest | pb.DescribeConversationRequest,
     message: cpb.Message,
+    pinned: Callable[[str], int] = lambda _assistant: 0,
 ) -> tuple[pb.Assistant | None, Choice]:
     """The message's assistant, if any, and the handler that answers it (the order
     of the rules: ``router.py``). A named assistant or a forced handler decides;
     otherwise the message's own choice (metadata, content type, a /command) comes
     before the assistant a handoff left holding the conversation, which comes before
-    the workspace's default assistant; a run routed by the message has none."""
+    the workspace's default assistant; a run routed by the message has none.
+
+    The assistant answers at the revision the request pins, else at the one the
+    caller's API key pins it at (``pinned``), else at its current one."""
     local = await router.local(workspace_id)
-    pinned = request.assistant_revision if isinstance(request, pb.SendMessageRequest) else 0
-    if pinned and not request.assistant:
+    own = request.assistant_revision if isinstance(request, pb.SendMessageRequest) else 0
+    if own and not request.assistant:
         raise InvalidArgument(
             "assistant_revision needs assistant",
             [FieldViolation("assistant", "must name the assistant whose revision is pinned")],
         )
+
+    async def at_pin(assistant: pb.Assistant, reason: str) -> tuple[pb.Assistant, Choice]:
+        revision = own or pinned(assistant.name)
+        if revision and revision != assistant.revision:
+            field = "assistant_revision" if own else "assistant"
+            assistant = await assistants.resolve_revision(
+                workspace_id, assistant.name, revision, field
+            )
+        if revision:
+            reason = f"{reason}, at revision {revision}"
+            if not own:
+                reason += " (pinned by the API key)"
+        return assistant, _assistant_choice(router, assistant, reason, local)
+
     if request.assistant:
-        if pinned:
-            at = await assistants.resolve_revision(workspace_id, request.assistant, pinned)
-            reason = f"the assistant {at.name} at revision {pinned}, named in the request"
-            return at, _assistant_choice(router, at, reason, local)
         named = await assistants.resolve(workspace_id, request.assistant, "assistant")
         if named is None:  # resolve raises NOT_FOUND for a name it does not know
             raise NotFound(f"{request.assistant} not found")
-        reason = f"the assistant {named.name}, named in the request"
-        return named, _assistant_choice(router, named, reason, local)
+        return await at_pin(named, f"the assistant {named.name}, named in the request")
     if request.handler:
         return None, router.choose(request.handler, workspace_id, message, local)
     chosen = router.by_message(message, local)
@@ -137,13 +150,13 @@ async def route(
         else None
     )
     if held is not None:
-        reason = f"the assistant {held.name}, which the conversation was handed over to"
-        return held, _assistant_choice(router, held, reason, local)
+        return await at_pin(
+            held, f"the assistant {held.name}, which the conversation was handed over to"
+        )
     assistant = await assistants.resolve(workspace_id, "", "assistant")
     if assistant is None:
         return None, router.by_default(workspace_id)
-    reason = f"the workspace's default assistant {assistant.name}"
-    return assistant, _assistant_choice(router, assistant, reason, local)
+    return await at_pin(assistant, f"the workspace's default assistant {assistant.name}")
 
 
 def _assistant_choice(
@@ -226,10 +239,10 @@ class Screening:
         chosen: tuple[pb.Assistant | None, Choice] | None = None
         kept: pb.SpeechOptions | None = None
         if listener is not None:
-            chosen = await self.choose(workspace_id, request, steer)
+            chosen = await self.choose(workspace_id, request, steer, principal)
             request, kept = await listener.hear(principal, request, chosen[0])
         flags = await self.filters(principal, request, workspace_id, limits)
-        assistant, choice = chosen or await self.choose(workspace_id, request, steer)
+        assistant, choice = chosen or await self.choose(workspace_id, request, steer, principal)
         return Screened(request, timeout_s, key, flags, assistant, choice, kept)
 
     def validated(
@@ -279,15 +292,25 @@ class Screening:
         return await self._quotas.limits(workspace_id)
 
     async def choose(
-        self, workspace_id: str, request: pb.SendMessageRequest, steer: Steered | None = None
+        self,
+        workspace_id: str,
+        request: pb.SendMessageRequest,
+        steer: Steered | None = None,
+        principal: Principal | None = None,
     ) -> tuple[pb.Assistant | None, Choice]:
-        """The message's assistant (if any) and the handler that answers it."""
+        """The message's assistant (if any) and the handler that answers it;
+        ``principal``: the caller, whose API key may pin the assistant's revision."""
         if steer is not None:
             # The target's assistant and handler: the steer is its message.
             target = steer.target
             return target.assistant, Choice(target.handler, f"steers {target.run.name}")
         assistant, choice = await route(
-            self._assistants, self._router, workspace_id, request, request.message
+            self._assistants,
+            self._router,
+            workspace_id,
+            request,
+            request.message,
+            principal.pinned if principal is not None else lambda _assistant: 0,
         )
         if assistant is not None and request.handler:
             forced = assistant.handler or "handlers/llm"

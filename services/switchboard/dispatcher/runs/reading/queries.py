@@ -414,7 +414,7 @@ class Queries:
             principal, request.conversation, timeout_s=FINISH_TIMEOUT_S
         )
         assistant, choice = await route(
-            self._assistants, self._router, workspace_id, request, cpb.Message()
+            self._assistants, self._router, workspace_id, request, cpb.Message(), principal.pinned
         )
         handler = choice.handler
         response = pb.DescribeConversationResponse(

@@ -10,6 +10,7 @@ line per failed call during an outage rather than a warning.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -35,6 +36,23 @@ class ApiKeyState:
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
+    #: The assistants the key pins, each ``(name, revision)`` (``pins``).
+    assistant_pins: tuple[tuple[str, int], ...] = ()
+
+
+def pins(stored: str) -> tuple[tuple[str, int], ...]:
+    """``api_keys.assistant_pins`` read: space-separated ``{assistant}@{revision}``."""
+    found = []
+    for entry in stored.split():
+        name, _, revision = entry.rpartition("@")
+        if name and revision.isdigit():
+            found.append((name, int(revision)))
+    return tuple(found)
+
+
+def stored_pins(given: Sequence[tuple[str, int]]) -> str:
+    """What ``pins`` reads back."""
+    return " ".join(f"{name}@{revision}" for name, revision in given)
 
 
 class CredentialRecords:
@@ -68,6 +86,7 @@ class CredentialRecords:
                 expires_at=row.expires_at,
                 revoked_at=row.revoked_at,
                 last_used_at=row.last_used_at,
+                assistant_pins=pins(row.assistant_pins),
             )
 
         return await self._database.run(tx, write=False)

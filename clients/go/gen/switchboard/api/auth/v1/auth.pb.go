@@ -1558,7 +1558,12 @@ type ApiKey struct {
 	// When the key was last used.
 	LastUsedTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=last_used_time,json=lastUsedTime,proto3" json:"last_used_time,omitempty"`
 	// When the key was revoked; unset while active.
-	RevokeTime    *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=revoke_time,json=revokeTime,proto3" json:"revoke_time,omitempty"`
+	RevokeTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=revoke_time,json=revokeTime,proto3" json:"revoke_time,omitempty"`
+	// Assistants the key's calls use at a fixed revision (docs/assistants.md,
+	// "Revisions"): a message sent with the key whose assistant (named, or the
+	// workspace's default) is one of these, and that pins no revision itself,
+	// answers with the revision given here. Fixed at creation, like `scopes`.
+	AssistantPins []*ApiKeyAssistantPin `protobuf:"bytes,9,rep,name=assistant_pins,json=assistantPins,proto3" json:"assistant_pins,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1649,6 +1654,69 @@ func (x *ApiKey) GetRevokeTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ApiKey) GetAssistantPins() []*ApiKeyAssistantPin {
+	if x != nil {
+		return x.AssistantPins
+	}
+	return nil
+}
+
+// An assistant an API key pins at a revision (ApiKey.assistant_pins).
+type ApiKeyAssistantPin struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{w}/assistants/{a}`.
+	Assistant string `protobuf:"bytes,1,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// Its revision (Assistant.revision), 1 or more; a message that uses the key
+	// with this assistant is NOT_FOUND once the assistant no longer keeps it.
+	Revision      int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApiKeyAssistantPin) Reset() {
+	*x = ApiKeyAssistantPin{}
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApiKeyAssistantPin) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApiKeyAssistantPin) ProtoMessage() {}
+
+func (x *ApiKeyAssistantPin) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApiKeyAssistantPin.ProtoReflect.Descriptor instead.
+func (*ApiKeyAssistantPin) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ApiKeyAssistantPin) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *ApiKeyAssistantPin) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 // Request for CreateApiKey.
 type CreateApiKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1657,14 +1725,17 @@ type CreateApiKeyRequest struct {
 	// Scopes the key grants.
 	Scopes []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
 	// When the key expires; unset for a key that does not expire (if policy allows).
-	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// Assistants the key pins at a revision (at most 16, each assistant once);
+	// checked for form here, and for existence when a message uses them.
+	AssistantPins []*ApiKeyAssistantPin `protobuf:"bytes,4,rep,name=assistant_pins,json=assistantPins,proto3" json:"assistant_pins,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateApiKeyRequest) Reset() {
 	*x = CreateApiKeyRequest{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[25]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1676,7 +1747,7 @@ func (x *CreateApiKeyRequest) String() string {
 func (*CreateApiKeyRequest) ProtoMessage() {}
 
 func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[25]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1689,7 +1760,7 @@ func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CreateApiKeyRequest) GetDisplayName() string {
@@ -1713,6 +1784,13 @@ func (x *CreateApiKeyRequest) GetExpireTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *CreateApiKeyRequest) GetAssistantPins() []*ApiKeyAssistantPin {
+	if x != nil {
+		return x.AssistantPins
+	}
+	return nil
+}
+
 // Response for CreateApiKey.
 type CreateApiKeyResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1726,7 +1804,7 @@ type CreateApiKeyResponse struct {
 
 func (x *CreateApiKeyResponse) Reset() {
 	*x = CreateApiKeyResponse{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[26]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1738,7 +1816,7 @@ func (x *CreateApiKeyResponse) String() string {
 func (*CreateApiKeyResponse) ProtoMessage() {}
 
 func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[26]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1751,7 +1829,7 @@ func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CreateApiKeyResponse) GetApiKey() *ApiKey {
@@ -1783,7 +1861,7 @@ type ListApiKeysRequest struct {
 
 func (x *ListApiKeysRequest) Reset() {
 	*x = ListApiKeysRequest{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[27]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1795,7 +1873,7 @@ func (x *ListApiKeysRequest) String() string {
 func (*ListApiKeysRequest) ProtoMessage() {}
 
 func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[27]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1808,7 +1886,7 @@ func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListApiKeysRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListApiKeysRequest) GetPageSize() int32 {
@@ -1845,7 +1923,7 @@ type ListApiKeysResponse struct {
 
 func (x *ListApiKeysResponse) Reset() {
 	*x = ListApiKeysResponse{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[28]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1857,7 +1935,7 @@ func (x *ListApiKeysResponse) String() string {
 func (*ListApiKeysResponse) ProtoMessage() {}
 
 func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[28]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1870,7 +1948,7 @@ func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListApiKeysResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListApiKeysResponse) GetApiKeys() []*ApiKey {
@@ -1898,7 +1976,7 @@ type RevokeApiKeyRequest struct {
 
 func (x *RevokeApiKeyRequest) Reset() {
 	*x = RevokeApiKeyRequest{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[29]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1910,7 +1988,7 @@ func (x *RevokeApiKeyRequest) String() string {
 func (*RevokeApiKeyRequest) ProtoMessage() {}
 
 func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[29]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1923,7 +2001,7 @@ func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *RevokeApiKeyRequest) GetName() string {
@@ -1944,7 +2022,7 @@ type RevokeApiKeyResponse struct {
 
 func (x *RevokeApiKeyResponse) Reset() {
 	*x = RevokeApiKeyResponse{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[30]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1956,7 +2034,7 @@ func (x *RevokeApiKeyResponse) String() string {
 func (*RevokeApiKeyResponse) ProtoMessage() {}
 
 func (x *RevokeApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[30]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1969,7 +2047,7 @@ func (x *RevokeApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RevokeApiKeyResponse) GetApiKey() *ApiKey {
@@ -1992,7 +2070,7 @@ type UpdateUserRequest struct {
 
 func (x *UpdateUserRequest) Reset() {
 	*x = UpdateUserRequest{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[31]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2004,7 +2082,7 @@ func (x *UpdateUserRequest) String() string {
 func (*UpdateUserRequest) ProtoMessage() {}
 
 func (x *UpdateUserRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[31]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2017,7 +2095,7 @@ func (x *UpdateUserRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateUserRequest.ProtoReflect.Descriptor instead.
 func (*UpdateUserRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *UpdateUserRequest) GetUser() *User {
@@ -2045,7 +2123,7 @@ type UpdateUserResponse struct {
 
 func (x *UpdateUserResponse) Reset() {
 	*x = UpdateUserResponse{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[32]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2057,7 +2135,7 @@ func (x *UpdateUserResponse) String() string {
 func (*UpdateUserResponse) ProtoMessage() {}
 
 func (x *UpdateUserResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[32]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2070,7 +2148,7 @@ func (x *UpdateUserResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateUserResponse.ProtoReflect.Descriptor instead.
 func (*UpdateUserResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *UpdateUserResponse) GetUser() *User {
@@ -2089,7 +2167,7 @@ type GetJwksRequest struct {
 
 func (x *GetJwksRequest) Reset() {
 	*x = GetJwksRequest{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[33]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2101,7 +2179,7 @@ func (x *GetJwksRequest) String() string {
 func (*GetJwksRequest) ProtoMessage() {}
 
 func (x *GetJwksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[33]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2114,7 +2192,7 @@ func (x *GetJwksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJwksRequest.ProtoReflect.Descriptor instead.
 func (*GetJwksRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{34}
 }
 
 // One public key in JWK form (RFC 7517).
@@ -2140,7 +2218,7 @@ type JsonWebKey struct {
 
 func (x *JsonWebKey) Reset() {
 	*x = JsonWebKey{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[34]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2152,7 +2230,7 @@ func (x *JsonWebKey) String() string {
 func (*JsonWebKey) ProtoMessage() {}
 
 func (x *JsonWebKey) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[34]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2165,7 +2243,7 @@ func (x *JsonWebKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JsonWebKey.ProtoReflect.Descriptor instead.
 func (*JsonWebKey) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *JsonWebKey) GetKty() string {
@@ -2230,7 +2308,7 @@ type GetJwksResponse struct {
 
 func (x *GetJwksResponse) Reset() {
 	*x = GetJwksResponse{}
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[35]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2242,7 +2320,7 @@ func (x *GetJwksResponse) String() string {
 func (*GetJwksResponse) ProtoMessage() {}
 
 func (x *GetJwksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[35]
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2255,7 +2333,7 @@ func (x *GetJwksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetJwksResponse.ProtoReflect.Descriptor instead.
 func (*GetJwksResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GetJwksResponse) GetKeys() []*JsonWebKey {
@@ -2378,7 +2456,7 @@ const file_switchboard_api_auth_v1_auth_proto_rawDesc = "" +
 	"\x18RevokeAllSessionsRequest\x12!\n" +
 	"\fkeep_current\x18\x01 \x01(\bR\vkeepCurrent\"@\n" +
 	"\x19RevokeAllSessionsResponse\x12#\n" +
-	"\rrevoked_count\x18\x01 \x01(\x05R\frevokedCount\"\xe8\x02\n" +
+	"\rrevoked_count\x18\x01 \x01(\x05R\frevokedCount\"\xbc\x03\n" +
 	"\x06ApiKey\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12\x16\n" +
@@ -2390,12 +2468,17 @@ const file_switchboard_api_auth_v1_auth_proto_rawDesc = "" +
 	"expireTime\x12@\n" +
 	"\x0elast_used_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\flastUsedTime\x12;\n" +
 	"\vrevoke_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"revokeTime\"\x8d\x01\n" +
+	"revokeTime\x12R\n" +
+	"\x0eassistant_pins\x18\t \x03(\v2+.switchboard.api.auth.v1.ApiKeyAssistantPinR\rassistantPins\"N\n" +
+	"\x12ApiKeyAssistantPin\x12\x1c\n" +
+	"\tassistant\x18\x01 \x01(\tR\tassistant\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\"\xe1\x01\n" +
 	"\x13CreateApiKeyRequest\x12!\n" +
 	"\fdisplay_name\x18\x01 \x01(\tR\vdisplayName\x12\x16\n" +
 	"\x06scopes\x18\x02 \x03(\tR\x06scopes\x12;\n" +
 	"\vexpire_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"expireTime\"h\n" +
+	"expireTime\x12R\n" +
+	"\x0eassistant_pins\x18\x04 \x03(\v2+.switchboard.api.auth.v1.ApiKeyAssistantPinR\rassistantPins\"h\n" +
 	"\x14CreateApiKeyResponse\x128\n" +
 	"\aapi_key\x18\x01 \x01(\v2\x1f.switchboard.api.auth.v1.ApiKeyR\x06apiKey\x12\x16\n" +
 	"\x06secret\x18\x02 \x01(\tR\x06secret\"u\n" +
@@ -2466,7 +2549,7 @@ func file_switchboard_api_auth_v1_auth_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_auth_v1_auth_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_switchboard_api_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_switchboard_api_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_switchboard_api_auth_v1_auth_proto_goTypes = []any{
 	(AuthMethod)(0),                   // 0: switchboard.api.auth.v1.AuthMethod
 	(*User)(nil),                      // 1: switchboard.api.auth.v1.User
@@ -2494,30 +2577,31 @@ var file_switchboard_api_auth_v1_auth_proto_goTypes = []any{
 	(*RevokeAllSessionsRequest)(nil),  // 23: switchboard.api.auth.v1.RevokeAllSessionsRequest
 	(*RevokeAllSessionsResponse)(nil), // 24: switchboard.api.auth.v1.RevokeAllSessionsResponse
 	(*ApiKey)(nil),                    // 25: switchboard.api.auth.v1.ApiKey
-	(*CreateApiKeyRequest)(nil),       // 26: switchboard.api.auth.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),      // 27: switchboard.api.auth.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),        // 28: switchboard.api.auth.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),       // 29: switchboard.api.auth.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),       // 30: switchboard.api.auth.v1.RevokeApiKeyRequest
-	(*RevokeApiKeyResponse)(nil),      // 31: switchboard.api.auth.v1.RevokeApiKeyResponse
-	(*UpdateUserRequest)(nil),         // 32: switchboard.api.auth.v1.UpdateUserRequest
-	(*UpdateUserResponse)(nil),        // 33: switchboard.api.auth.v1.UpdateUserResponse
-	(*GetJwksRequest)(nil),            // 34: switchboard.api.auth.v1.GetJwksRequest
-	(*JsonWebKey)(nil),                // 35: switchboard.api.auth.v1.JsonWebKey
-	(*GetJwksResponse)(nil),           // 36: switchboard.api.auth.v1.GetJwksResponse
-	(*timestamppb.Timestamp)(nil),     // 37: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),     // 38: google.protobuf.FieldMask
+	(*ApiKeyAssistantPin)(nil),        // 26: switchboard.api.auth.v1.ApiKeyAssistantPin
+	(*CreateApiKeyRequest)(nil),       // 27: switchboard.api.auth.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),      // 28: switchboard.api.auth.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),        // 29: switchboard.api.auth.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),       // 30: switchboard.api.auth.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),       // 31: switchboard.api.auth.v1.RevokeApiKeyRequest
+	(*RevokeApiKeyResponse)(nil),      // 32: switchboard.api.auth.v1.RevokeApiKeyResponse
+	(*UpdateUserRequest)(nil),         // 33: switchboard.api.auth.v1.UpdateUserRequest
+	(*UpdateUserResponse)(nil),        // 34: switchboard.api.auth.v1.UpdateUserResponse
+	(*GetJwksRequest)(nil),            // 35: switchboard.api.auth.v1.GetJwksRequest
+	(*JsonWebKey)(nil),                // 36: switchboard.api.auth.v1.JsonWebKey
+	(*GetJwksResponse)(nil),           // 37: switchboard.api.auth.v1.GetJwksResponse
+	(*timestamppb.Timestamp)(nil),     // 38: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),     // 39: google.protobuf.FieldMask
 }
 var file_switchboard_api_auth_v1_auth_proto_depIdxs = []int32{
-	37, // 0: switchboard.api.auth.v1.User.create_time:type_name -> google.protobuf.Timestamp
-	37, // 1: switchboard.api.auth.v1.User.update_time:type_name -> google.protobuf.Timestamp
+	38, // 0: switchboard.api.auth.v1.User.create_time:type_name -> google.protobuf.Timestamp
+	38, // 1: switchboard.api.auth.v1.User.update_time:type_name -> google.protobuf.Timestamp
 	2,  // 2: switchboard.api.auth.v1.User.federated_identities:type_name -> switchboard.api.auth.v1.FederatedIdentity
-	37, // 3: switchboard.api.auth.v1.TokenPair.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	37, // 4: switchboard.api.auth.v1.TokenPair.refresh_token_expire_time:type_name -> google.protobuf.Timestamp
-	37, // 5: switchboard.api.auth.v1.Session.create_time:type_name -> google.protobuf.Timestamp
-	37, // 6: switchboard.api.auth.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
-	37, // 7: switchboard.api.auth.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
-	37, // 8: switchboard.api.auth.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
+	38, // 3: switchboard.api.auth.v1.TokenPair.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	38, // 4: switchboard.api.auth.v1.TokenPair.refresh_token_expire_time:type_name -> google.protobuf.Timestamp
+	38, // 5: switchboard.api.auth.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	38, // 6: switchboard.api.auth.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
+	38, // 7: switchboard.api.auth.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	38, // 8: switchboard.api.auth.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
 	3,  // 9: switchboard.api.auth.v1.Session.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
 	0,  // 10: switchboard.api.auth.v1.Session.auth_method:type_name -> switchboard.api.auth.v1.AuthMethod
 	3,  // 11: switchboard.api.auth.v1.RegisterRequest.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
@@ -2532,54 +2616,56 @@ var file_switchboard_api_auth_v1_auth_proto_depIdxs = []int32{
 	5,  // 20: switchboard.api.auth.v1.LoginResponse.session:type_name -> switchboard.api.auth.v1.Session
 	4,  // 21: switchboard.api.auth.v1.RefreshTokenResponse.tokens:type_name -> switchboard.api.auth.v1.TokenPair
 	0,  // 22: switchboard.api.auth.v1.Principal.auth_method:type_name -> switchboard.api.auth.v1.AuthMethod
-	37, // 23: switchboard.api.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
+	38, // 23: switchboard.api.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
 	17, // 24: switchboard.api.auth.v1.GetPrincipalResponse.principal:type_name -> switchboard.api.auth.v1.Principal
 	1,  // 25: switchboard.api.auth.v1.GetPrincipalResponse.user:type_name -> switchboard.api.auth.v1.User
 	5,  // 26: switchboard.api.auth.v1.ListSessionsResponse.sessions:type_name -> switchboard.api.auth.v1.Session
 	5,  // 27: switchboard.api.auth.v1.RevokeSessionResponse.session:type_name -> switchboard.api.auth.v1.Session
-	37, // 28: switchboard.api.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	37, // 29: switchboard.api.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	37, // 30: switchboard.api.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
-	37, // 31: switchboard.api.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	37, // 32: switchboard.api.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	25, // 33: switchboard.api.auth.v1.CreateApiKeyResponse.api_key:type_name -> switchboard.api.auth.v1.ApiKey
-	25, // 34: switchboard.api.auth.v1.ListApiKeysResponse.api_keys:type_name -> switchboard.api.auth.v1.ApiKey
-	25, // 35: switchboard.api.auth.v1.RevokeApiKeyResponse.api_key:type_name -> switchboard.api.auth.v1.ApiKey
-	1,  // 36: switchboard.api.auth.v1.UpdateUserRequest.user:type_name -> switchboard.api.auth.v1.User
-	38, // 37: switchboard.api.auth.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	1,  // 38: switchboard.api.auth.v1.UpdateUserResponse.user:type_name -> switchboard.api.auth.v1.User
-	35, // 39: switchboard.api.auth.v1.GetJwksResponse.keys:type_name -> switchboard.api.auth.v1.JsonWebKey
-	6,  // 40: switchboard.api.auth.v1.AuthService.Register:input_type -> switchboard.api.auth.v1.RegisterRequest
-	10, // 41: switchboard.api.auth.v1.AuthService.Login:input_type -> switchboard.api.auth.v1.LoginRequest
-	12, // 42: switchboard.api.auth.v1.AuthService.RefreshToken:input_type -> switchboard.api.auth.v1.RefreshTokenRequest
-	14, // 43: switchboard.api.auth.v1.AuthService.Logout:input_type -> switchboard.api.auth.v1.LogoutRequest
-	16, // 44: switchboard.api.auth.v1.AuthService.GetPrincipal:input_type -> switchboard.api.auth.v1.GetPrincipalRequest
-	19, // 45: switchboard.api.auth.v1.AuthService.ListSessions:input_type -> switchboard.api.auth.v1.ListSessionsRequest
-	21, // 46: switchboard.api.auth.v1.AuthService.RevokeSession:input_type -> switchboard.api.auth.v1.RevokeSessionRequest
-	23, // 47: switchboard.api.auth.v1.AuthService.RevokeAllSessions:input_type -> switchboard.api.auth.v1.RevokeAllSessionsRequest
-	26, // 48: switchboard.api.auth.v1.AuthService.CreateApiKey:input_type -> switchboard.api.auth.v1.CreateApiKeyRequest
-	28, // 49: switchboard.api.auth.v1.AuthService.ListApiKeys:input_type -> switchboard.api.auth.v1.ListApiKeysRequest
-	30, // 50: switchboard.api.auth.v1.AuthService.RevokeApiKey:input_type -> switchboard.api.auth.v1.RevokeApiKeyRequest
-	32, // 51: switchboard.api.auth.v1.AuthService.UpdateUser:input_type -> switchboard.api.auth.v1.UpdateUserRequest
-	34, // 52: switchboard.api.auth.v1.AuthService.GetJwks:input_type -> switchboard.api.auth.v1.GetJwksRequest
-	7,  // 53: switchboard.api.auth.v1.AuthService.Register:output_type -> switchboard.api.auth.v1.RegisterResponse
-	11, // 54: switchboard.api.auth.v1.AuthService.Login:output_type -> switchboard.api.auth.v1.LoginResponse
-	13, // 55: switchboard.api.auth.v1.AuthService.RefreshToken:output_type -> switchboard.api.auth.v1.RefreshTokenResponse
-	15, // 56: switchboard.api.auth.v1.AuthService.Logout:output_type -> switchboard.api.auth.v1.LogoutResponse
-	18, // 57: switchboard.api.auth.v1.AuthService.GetPrincipal:output_type -> switchboard.api.auth.v1.GetPrincipalResponse
-	20, // 58: switchboard.api.auth.v1.AuthService.ListSessions:output_type -> switchboard.api.auth.v1.ListSessionsResponse
-	22, // 59: switchboard.api.auth.v1.AuthService.RevokeSession:output_type -> switchboard.api.auth.v1.RevokeSessionResponse
-	24, // 60: switchboard.api.auth.v1.AuthService.RevokeAllSessions:output_type -> switchboard.api.auth.v1.RevokeAllSessionsResponse
-	27, // 61: switchboard.api.auth.v1.AuthService.CreateApiKey:output_type -> switchboard.api.auth.v1.CreateApiKeyResponse
-	29, // 62: switchboard.api.auth.v1.AuthService.ListApiKeys:output_type -> switchboard.api.auth.v1.ListApiKeysResponse
-	31, // 63: switchboard.api.auth.v1.AuthService.RevokeApiKey:output_type -> switchboard.api.auth.v1.RevokeApiKeyResponse
-	33, // 64: switchboard.api.auth.v1.AuthService.UpdateUser:output_type -> switchboard.api.auth.v1.UpdateUserResponse
-	36, // 65: switchboard.api.auth.v1.AuthService.GetJwks:output_type -> switchboard.api.auth.v1.GetJwksResponse
-	53, // [53:66] is the sub-list for method output_type
-	40, // [40:53] is the sub-list for method input_type
-	40, // [40:40] is the sub-list for extension type_name
-	40, // [40:40] is the sub-list for extension extendee
-	0,  // [0:40] is the sub-list for field type_name
+	38, // 28: switchboard.api.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	38, // 29: switchboard.api.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	38, // 30: switchboard.api.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	38, // 31: switchboard.api.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	26, // 32: switchboard.api.auth.v1.ApiKey.assistant_pins:type_name -> switchboard.api.auth.v1.ApiKeyAssistantPin
+	38, // 33: switchboard.api.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	26, // 34: switchboard.api.auth.v1.CreateApiKeyRequest.assistant_pins:type_name -> switchboard.api.auth.v1.ApiKeyAssistantPin
+	25, // 35: switchboard.api.auth.v1.CreateApiKeyResponse.api_key:type_name -> switchboard.api.auth.v1.ApiKey
+	25, // 36: switchboard.api.auth.v1.ListApiKeysResponse.api_keys:type_name -> switchboard.api.auth.v1.ApiKey
+	25, // 37: switchboard.api.auth.v1.RevokeApiKeyResponse.api_key:type_name -> switchboard.api.auth.v1.ApiKey
+	1,  // 38: switchboard.api.auth.v1.UpdateUserRequest.user:type_name -> switchboard.api.auth.v1.User
+	39, // 39: switchboard.api.auth.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	1,  // 40: switchboard.api.auth.v1.UpdateUserResponse.user:type_name -> switchboard.api.auth.v1.User
+	36, // 41: switchboard.api.auth.v1.GetJwksResponse.keys:type_name -> switchboard.api.auth.v1.JsonWebKey
+	6,  // 42: switchboard.api.auth.v1.AuthService.Register:input_type -> switchboard.api.auth.v1.RegisterRequest
+	10, // 43: switchboard.api.auth.v1.AuthService.Login:input_type -> switchboard.api.auth.v1.LoginRequest
+	12, // 44: switchboard.api.auth.v1.AuthService.RefreshToken:input_type -> switchboard.api.auth.v1.RefreshTokenRequest
+	14, // 45: switchboard.api.auth.v1.AuthService.Logout:input_type -> switchboard.api.auth.v1.LogoutRequest
+	16, // 46: switchboard.api.auth.v1.AuthService.GetPrincipal:input_type -> switchboard.api.auth.v1.GetPrincipalRequest
+	19, // 47: switchboard.api.auth.v1.AuthService.ListSessions:input_type -> switchboard.api.auth.v1.ListSessionsRequest
+	21, // 48: switchboard.api.auth.v1.AuthService.RevokeSession:input_type -> switchboard.api.auth.v1.RevokeSessionRequest
+	23, // 49: switchboard.api.auth.v1.AuthService.RevokeAllSessions:input_type -> switchboard.api.auth.v1.RevokeAllSessionsRequest
+	27, // 50: switchboard.api.auth.v1.AuthService.CreateApiKey:input_type -> switchboard.api.auth.v1.CreateApiKeyRequest
+	29, // 51: switchboard.api.auth.v1.AuthService.ListApiKeys:input_type -> switchboard.api.auth.v1.ListApiKeysRequest
+	31, // 52: switchboard.api.auth.v1.AuthService.RevokeApiKey:input_type -> switchboard.api.auth.v1.RevokeApiKeyRequest
+	33, // 53: switchboard.api.auth.v1.AuthService.UpdateUser:input_type -> switchboard.api.auth.v1.UpdateUserRequest
+	35, // 54: switchboard.api.auth.v1.AuthService.GetJwks:input_type -> switchboard.api.auth.v1.GetJwksRequest
+	7,  // 55: switchboard.api.auth.v1.AuthService.Register:output_type -> switchboard.api.auth.v1.RegisterResponse
+	11, // 56: switchboard.api.auth.v1.AuthService.Login:output_type -> switchboard.api.auth.v1.LoginResponse
+	13, // 57: switchboard.api.auth.v1.AuthService.RefreshToken:output_type -> switchboard.api.auth.v1.RefreshTokenResponse
+	15, // 58: switchboard.api.auth.v1.AuthService.Logout:output_type -> switchboard.api.auth.v1.LogoutResponse
+	18, // 59: switchboard.api.auth.v1.AuthService.GetPrincipal:output_type -> switchboard.api.auth.v1.GetPrincipalResponse
+	20, // 60: switchboard.api.auth.v1.AuthService.ListSessions:output_type -> switchboard.api.auth.v1.ListSessionsResponse
+	22, // 61: switchboard.api.auth.v1.AuthService.RevokeSession:output_type -> switchboard.api.auth.v1.RevokeSessionResponse
+	24, // 62: switchboard.api.auth.v1.AuthService.RevokeAllSessions:output_type -> switchboard.api.auth.v1.RevokeAllSessionsResponse
+	28, // 63: switchboard.api.auth.v1.AuthService.CreateApiKey:output_type -> switchboard.api.auth.v1.CreateApiKeyResponse
+	30, // 64: switchboard.api.auth.v1.AuthService.ListApiKeys:output_type -> switchboard.api.auth.v1.ListApiKeysResponse
+	32, // 65: switchboard.api.auth.v1.AuthService.RevokeApiKey:output_type -> switchboard.api.auth.v1.RevokeApiKeyResponse
+	34, // 66: switchboard.api.auth.v1.AuthService.UpdateUser:output_type -> switchboard.api.auth.v1.UpdateUserResponse
+	37, // 67: switchboard.api.auth.v1.AuthService.GetJwks:output_type -> switchboard.api.auth.v1.GetJwksResponse
+	55, // [55:68] is the sub-list for method output_type
+	42, // [42:55] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_auth_v1_auth_proto_init() }
@@ -2597,7 +2683,7 @@ func file_switchboard_api_auth_v1_auth_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_auth_v1_auth_proto_rawDesc), len(file_switchboard_api_auth_v1_auth_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   36,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
