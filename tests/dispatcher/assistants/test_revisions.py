@@ -331,3 +331,22 @@ async def _fires_pinned(d: Desk) -> None:
         1,
         "handlers/echo",
     )
+
+
+async def test_a_page_of_large_revisions_stays_within_its_byte_budget(desk: Desk) -> None:
+    d = desk
+    # 30,000 four-byte characters: about 117 KiB of instructions per revision.
+    big = "\U0001d11e" * 29_999
+    made = await create(d, pb.Assistant(display_name="Large", instructions=big + "0"))
+    for n in range(1, 12):
+        await update(d, instructed(made.name, big + str(n)), "instructions")
+    page = await d.stub.ListAssistantRevisions(
+        pb.ListAssistantRevisionsRequest(parent=made.name, page_size=50),
+        metadata=d.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    assert 1 <= len(page.revisions) < 12
+    assert page.next_page_token
+    assert page.ByteSize() < 2 * 1024 * 1024
+    every = await revisions(d, made.name, page_size=50)
+    assert [r.revision for r in every] == list(range(12, 0, -1))

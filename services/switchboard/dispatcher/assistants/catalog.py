@@ -96,6 +96,8 @@ MAX_CACHED_BYTES: Final = 64 * 1024 * 1024
 MAX_LOADED: Final = 10_000
 #: Revisions per ListAssistantRevisions page at most (each holds a whole configuration).
 MAX_REVISIONS_PAGE: Final = 50
+#: Serialized configurations per page at most (fewer revisions when they are large).
+MAX_REVISIONS_PAGE_BYTES: Final = 1024 * 1024
 #: The highest revision number a request may name.
 MAX_REVISION: Final = 2**31 - 1
 
@@ -268,13 +270,21 @@ class Assistants:
         kept = await self._store.revisions(
             assistant.workspace, assistant.assistant, int(before) if before else None, size + 1
         )
+        # A page ends at `size` revisions or once it holds MAX_REVISIONS_PAGE_BYTES of
+        # configurations (always at least one): an assistant may hold hundreds of KiB
+        # (instructions, delegates' schemas), and a page must stay well inside a
+        # client's default 4 MiB message limit.
+        shown: list[pb.AssistantRevision] = []
+        held = 0
+        for kept_revision in kept[:size]:
+            if shown and held + len(kept_revision.data) > MAX_REVISIONS_PAGE_BYTES:
+                break
+            shown.append(assistant_mapping.revision(record, kept_revision))
+            held += len(kept_revision.data)
         token = ""
-        if len(kept) > size:
-            token = self._pages.encode((kept[size - 1].revision,), fingerprint)
-        return pb.ListAssistantRevisionsResponse(
-            revisions=[assistant_mapping.revision(record, r) for r in kept[:size]],
-            next_page_token=token,
-        )
+        if len(kept) > len(shown):
+            token = self._pages.encode((shown[-1].revision,), fingerprint)
+        return pb.ListAssistantRevisionsResponse(revisions=shown, next_page_token=token)
 
     async def rollback(
         self, principal: Principal, request: pb.RollbackAssistantRequest
