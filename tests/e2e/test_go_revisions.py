@@ -10,24 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import pytest
-from google.protobuf import field_mask_pb2
 
-from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.goclient import Line, Quickstart, build_example
 from tests.e2e.procs import ServeProcess
 from tests.e2e.restarts import Caller, register
+from tests.e2e.revisionkit import ENGLISH, FRENCH, GERMAN, three_revisions
 from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-
-ENGLISH: Final = "Answer in English."
-FRENCH: Final = "Answer in French."
-GERMAN: Final = "Answer in German."
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +71,6 @@ class Revisions:
         return shown
 
 
-def _update(
-    python: Caller, assistant: dispatcher_pb2.Assistant, *paths: str
-) -> dispatcher_pb2.Assistant:
-    return python.dispatcher.UpdateAssistant(
-        dispatcher_pb2.UpdateAssistantRequest(
-            assistant=assistant, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
-        ),
-        metadata=python.md,
-        timeout=CALL_DEADLINE_S,
-    ).assistant
-
-
 def _numbers(revisions: list[dict[str, Any]]) -> list[int]:
     # The JSON mapping writes int64 as a string.
     return [int(revision["revision"]) for revision in revisions]
@@ -100,39 +83,9 @@ def test_the_revisions_example_lists_reads_pins_and_rolls_back(
     register(server, email)
     with Caller(server, email) as python:
         user = python.user
-        workspace = python.workspace("Go revisions")
-        conversation = python.context.CreateConversation(
-            context_pb2.CreateConversationRequest(
-                parent=workspace, conversation=context_pb2.Conversation(title="Pinned")
-            ),
-            metadata=python.md,
-            timeout=CALL_DEADLINE_S,
-        ).conversation.name
-        created = python.dispatcher.CreateAssistant(
-            dispatcher_pb2.CreateAssistantRequest(
-                parent=workspace,
-                assistant_id="helper",
-                assistant=dispatcher_pb2.Assistant(
-                    display_name="Helper", instructions=ENGLISH, handler="handlers/echo"
-                ),
-            ),
-            metadata=python.md,
-            timeout=CALL_DEADLINE_S,
-        ).assistant
-        name = created.name
-        second = _update(
-            python,
-            dispatcher_pb2.Assistant(name=name, etag=created.etag, instructions=FRENCH),
-            "instructions",
-        )
-        third = _update(
-            python,
-            dispatcher_pb2.Assistant(
-                name=name, etag=second.etag, display_name="Helper (German)", instructions=GERMAN
-            ),
-            "display_name",
-            "instructions",
-        )
+        made = three_revisions(python, "Go revisions")
+        conversation, name = made.conversation, made.name
+        created, second, third = made.created, made.second, made.third
     assert (created.revision, second.revision, third.revision) == (1, 2, 3)
     example = Revisions(revisions_example, server, email)
 

@@ -17,13 +17,13 @@ from typing import Any, Final
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from tests.conftest import CALL_DEADLINE_S
 from tests.e2e.procs import ROOT, ServeProcess, tool
 from tests.e2e.restarts import Caller, register
+from tests.e2e.revisionkit import ENGLISH, FRENCH, GERMAN, three_revisions, update_assistant
 from tests.kits.authkit import PASSWORD, unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -31,10 +31,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 REVISIONS: Final = ROOT / "clients" / "node" / "revisions.mjs"
 #: How long one run of the example may take, on two busy cores.
 SETTLE_S: Final = 60.0
-
-ENGLISH: Final = "Answer in English."
-FRENCH: Final = "Answer in French."
-GERMAN: Final = "Answer in German."
 
 
 @pytest.fixture(scope="module")
@@ -72,55 +68,13 @@ def _shown(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return result
 
 
-def _update(
-    python: Caller, assistant: dispatcher_pb2.Assistant, *paths: str
-) -> dispatcher_pb2.Assistant:
-    return python.dispatcher.UpdateAssistant(
-        dispatcher_pb2.UpdateAssistantRequest(
-            assistant=assistant, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
-        ),
-        metadata=python.md,
-        timeout=CALL_DEADLINE_S,
-    ).assistant
-
-
 def test_revisions_mjs_lists_reads_pins_and_rolls_back(server: ServeProcess) -> None:
     email = unique_email("node-revisions")
     user = register(server, email)
     with Caller(server, email) as python:
-        workspace = python.workspace("Node revisions")
-        conversation = python.context.CreateConversation(
-            context_pb2.CreateConversationRequest(
-                parent=workspace, conversation=context_pb2.Conversation(title="Pinned")
-            ),
-            metadata=python.md,
-            timeout=CALL_DEADLINE_S,
-        ).conversation.name
-        created = python.dispatcher.CreateAssistant(
-            dispatcher_pb2.CreateAssistantRequest(
-                parent=workspace,
-                assistant_id="helper",
-                assistant=dispatcher_pb2.Assistant(
-                    display_name="Helper", instructions=ENGLISH, handler="handlers/echo"
-                ),
-            ),
-            metadata=python.md,
-            timeout=CALL_DEADLINE_S,
-        ).assistant
-        name = created.name
-        second = _update(
-            python,
-            dispatcher_pb2.Assistant(name=name, etag=created.etag, instructions=FRENCH),
-            "instructions",
-        )
-        third = _update(
-            python,
-            dispatcher_pb2.Assistant(
-                name=name, etag=second.etag, display_name="Helper (German)", instructions=GERMAN
-            ),
-            "display_name",
-            "instructions",
-        )
+        made = three_revisions(python, "Node revisions")
+        conversation, name = made.conversation, made.name
+        created, second, third = made.created, made.second, made.third
     assert (created.revision, second.revision, third.revision) == (1, 2, 3)
 
     shown = _shown(
@@ -228,7 +182,7 @@ def test_revisions_mjs_rolls_back_for_owners_only(server: ServeProcess) -> None:
             metadata=python.md,
             timeout=CALL_DEADLINE_S,
         ).assistant
-        changed = _update(
+        changed = update_assistant(
             python,
             dispatcher_pb2.Assistant(name=created.name, etag=created.etag, instructions=FRENCH),
             "instructions",

@@ -11,7 +11,8 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
 import { fill, h } from "./dom";
-import { offerCurrentVersion, problem, renderProblem } from "./errors";
+import { confirmation } from "./confirm";
+import { offerCurrentVersion } from "./errors";
 import {
   type Assistant,
   type AssistantRevision,
@@ -258,54 +259,25 @@ export class AssistantHistory {
     const open = row.querySelector('[data-testid="rollback-confirmation"]');
     open?.remove();
     if (open) return;
-    const where = h("div", {});
     const latest = this.current()?.revision ?? this.assistant.revision;
-    const box: HTMLElement = h(
-      "div",
-      { class: "confirm", role: "alertdialog", "data-testid": "rollback-confirmation" },
-      h(
-        "p",
-        {},
-        `Roll back to revision ${r.revision}? Its configuration becomes current as revision ${latest + 1n}; `,
+    const box = confirmation({
+      text:
+        `Roll back to revision ${r.revision}? Its configuration becomes current as revision ${latest + 1n}; ` +
         "the revisions in between stay in the history. What is not saved in the editor is lost.",
-      ),
-      where,
-      h(
-        "div",
-        { class: "row" },
-        h(
-          "button",
-          {
-            type: "button",
-            class: "danger",
-            "data-testid": "confirm-rollback",
-            onclick: async (e: globalThis.Event) => {
-              const button = e.currentTarget as HTMLButtonElement;
-              button.disabled = true;
-              try {
-                const answer = await this.api.dispatcher.rollbackAssistant({
-                  name: this.assistant.name,
-                  revision: r.revision,
-                  etag: this.host.etag(),
-                });
-                box.remove();
-                if (answer.assistant) await this.host.rolledBack(answer.assistant);
-              } catch (error) {
-                const p = problem(error);
-                const shown = renderProblem(p);
-                shown.dataset.action = "rollback-assistant";
-                offerCurrentVersion(shown, p, "reload-assistant", () => this.host.reload());
-                where.replaceChildren(shown);
-              } finally {
-                button.disabled = false;
-              }
-            },
-          },
-          "Roll back",
-        ),
-        h("button", { type: "button", "data-testid": "cancel-rollback", onclick: () => box.remove() }, "Keep it"),
-      ),
-    );
+      label: "Roll back",
+      name: "rollback",
+      action: "rollback-assistant",
+      act: async () => {
+        const answer = await this.api.dispatcher.rollbackAssistant({
+          name: this.assistant.name,
+          revision: r.revision,
+          etag: this.host.etag(),
+        });
+        box.remove();
+        if (answer.assistant) await this.host.rolledBack(answer.assistant);
+      },
+      refused: (shown, found) => offerCurrentVersion(shown, found, "reload-assistant", () => this.host.reload()),
+    });
     row.append(box);
   }
 }
