@@ -296,6 +296,9 @@ def test_the_start_frame_says_what_was_asked() -> None:
         pb.TURN_DETECTOR_SILENCE,
         pb.TURN_EAGERNESS_LOW,
     )
+    pinned = talk_start(CONVERSATION, assistant="workspaces/w/assistants/a", assistant_revision=3)
+    assert (pinned.assistant, pinned.assistant_revision) == ("workspaces/w/assistants/a", 3)
+    assert start.assistant_revision == 0
     with pytest.raises(ValueError, match="input_rate_hz"):
         talk_start(CONVERSATION, input_rate_hz=22_050)
     unset = talk_start(CONVERSATION, turn_detector="", turn_eagerness="")

@@ -1,19 +1,26 @@
 // Who may do what, and with which credentials: the open workspace's members (owners add
 // them by user name, change their role, remove them), the user's own API keys (created
 // with their scopes, the secret shown once and never again; revoked), and the user's
-// sessions (each signed out on its own, or all of them at once).
+// sessions (each signed out on its own, or all of them at once). A key may pin assistants of
+// the open workspace at a revision (docs/assistants.md, "Revisions"), fixed for its life.
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Api, PAGE_SIZE } from "./api";
 import { fill, formatTime, h } from "./dom";
 import { local } from "./errors";
+import type { ApiKey, ApiKeyAssistantPin } from "./gen/switchboard/api/auth/v1/auth_pb";
 import { type WorkspaceMember, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
+import type { Assistant } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { roleLabel } from "./labels";
 import type { Names } from "./names";
 import type { Page } from "./page";
+import { atRevision, fillRevisions } from "./revisionpick";
 
 const ROLES = [WorkspaceRole.VIEWER, WorkspaceRole.EDITOR, WorkspaceRole.OWNER];
 
 const roleName = roleLabel;
+
+/** Pins one key may hold (CreateApiKeyRequest.assistant_pins). */
+const MAX_PINS = 16;
 
 function when(time: Parameters<typeof timestampDate>[0] | undefined): string {
   if (!time) return "";
@@ -40,7 +47,16 @@ export class Account {
   private readonly keyScopes = ["read", "write", "manage"].map((scope) =>
     h("input", { type: "checkbox", "data-testid": "api-key-scope", "data-scope": scope, value: scope, checked: scope !== "manage" }),
   );
+  /** The new key's pins, a row each: an assistant of the open workspace and a revision. */
+  private readonly pinRows = h("ul", { class: "list key-pins", "data-testid": "api-key-pin-rows" });
+  private readonly addPin = h(
+    "button",
+    { type: "button", "data-testid": "add-api-key-pin", onclick: () => void this.addPinRow() },
+    "Pin an assistant",
+  );
   private workspace = "";
+  /** The open workspace's assistants, offered to pin; null until first needed. */
+  private assistants: Assistant[] | null = null;
 
   constructor(
     private readonly api: Api,
@@ -100,6 +116,18 @@ export class Account {
           () => this.createKey(),
           this.keyName,
           h("div", { class: "row" }, ...this.keyScopes.map((box) => h("label", {}, box, ` ${box.value}`))),
+          h(
+            "fieldset",
+            { class: "key-pins", "data-testid": "api-key-pins-editor" },
+            h("legend", {}, "Pin assistants (optional)"),
+            h(
+              "small",
+              { class: "muted" },
+              "A message sent with the key to a pinned assistant answers with that revision, not the current one, for the key's whole life.",
+            ),
+            this.pinRows,
+            this.addPin,
+          ),
           h("button", { type: "submit", "data-testid": "create-api-key" }, "Create API key"),
         ),
         this.secret,
@@ -136,6 +164,7 @@ export class Account {
 
   /** A workspace opened: its members, for an owner. */
   open(workspace: string, owner: boolean): void {
+    if (workspace !== this.workspace) this.assistants = null;
     this.workspace = workspace;
     this.membersPanel.hidden = !owner;
     this.members.replaceChildren();
@@ -150,6 +179,9 @@ export class Account {
     this.sessions.replaceChildren();
     this.secret.replaceChildren();
     this.ownName.textContent = "";
+    this.assistants = null;
+    this.pinRows.replaceChildren();
+    this.addPin.disabled = false;
   }
 
   // -- Members -----------------------------------------------------------------------------
@@ -248,6 +280,7 @@ export class Account {
             " ",
             h("code", {}, `${k.prefix}…`),
             h("span", { class: "muted" }, ` · ${k.scopes.join(", ")}${k.lastUsedTime ? ` · used ${when(k.lastUsedTime)}` : ""}`),
+            this.pinsShown(k),
             " ",
             h(
               "button",
@@ -299,8 +332,11 @@ export class Account {
       const answer = await this.api.auth.createApiKey({
         displayName: this.keyName.value.trim(),
         scopes: this.keyScopes.filter((b) => b.checked).map((b) => b.value),
+        assistantPins: this.readPins(),
       });
       this.keyName.value = "";
+      this.pinRows.replaceChildren();
+      this.addPin.disabled = false;
       // The secret exists here once: shown, never stored, gone when dismissed.
       fill(
         this.secret,
@@ -315,6 +351,100 @@ export class Account {
       );
       await this.loadAccount();
     });
+  }
+
+  /** A key's pins in words: " · pins Support at revision 2, Billing at revision 5". */
+  private pinsShown(k: ApiKey): HTMLElement | null {
+    if (k.assistantPins.length === 0) return null;
+    return h(
+      "span",
+      { class: "muted", "data-testid": "api-key-pins" },
+      " · pins ",
+      ...k.assistantPins.flatMap((p, i) => [
+        i ? ", " : null,
+        h(
+          "span",
+          { "data-testid": "api-key-pin", "data-assistant": p.assistant, "data-revision": String(p.revision), title: p.assistant },
+          h("span", { "data-content": true }, this.assistantTitle(p.assistant)),
+          ` ${atRevision(p.revision)}`,
+        ),
+      ]),
+    );
+  }
+
+  private assistantTitle(name: string): string {
+    return this.names.title(name).split(" › ").pop() ?? name;
+  }
+
+  /** A new pin row: the first assistant not pinned yet, at its current revision. */
+  private async addPinRow(): Promise<void> {
+    await this.page.busy("add-api-key-pin", async () => {
+      const parent = this.workspace;
+      if (!parent) throw local("FAILED_PRECONDITION", "Open a workspace first: its assistants are the ones a key can pin here.");
+      if (this.assistants === null) {
+        const listed = await this.api.dispatcher.listAssistants({ parent, pageSize: PAGE_SIZE });
+        if (parent !== this.workspace) return;
+        this.assistants = listed.assistants;
+        for (const a of listed.assistants) this.names.learn(a.name, a.displayName);
+      }
+      const assistants = this.assistants;
+      if (assistants.length === 0) throw local("FAILED_PRECONDITION", "This workspace has no assistants to pin.");
+      const taken = new Set(this.pinSelects().map(([assistant]) => assistant.value));
+      const first = assistants.find((a) => !taken.has(a.name)) ?? assistants[0];
+      const assistant = h(
+        "select",
+        { "data-testid": "api-key-pin-assistant", "aria-label": "assistant to pin" },
+        ...assistants.map((a) => h("option", { value: a.name }, this.assistantTitle(a.name))),
+      );
+      assistant.value = first?.name ?? "";
+      const revision = h("select", { "data-testid": "api-key-pin-revision", "aria-label": "its revision" });
+      const row = h(
+        "li",
+        { class: "row", "data-testid": "api-key-pin-row" },
+        assistant,
+        h("span", {}, " at revision "),
+        revision,
+        h(
+          "button",
+          {
+            type: "button",
+            "data-testid": "remove-api-key-pin",
+            onclick: () => {
+              row.remove();
+              this.addPin.disabled = false;
+            },
+          },
+          "Remove",
+        ),
+      );
+      const listRevisions = (): Promise<void> =>
+        this.page.busy("list-api-key-pin-revisions", () => fillRevisions(this.api, revision, assistant.value, [], ""));
+      assistant.addEventListener("change", () => void listRevisions());
+      this.pinRows.append(row);
+      this.addPin.disabled = this.pinRows.children.length >= MAX_PINS;
+      await listRevisions();
+    });
+  }
+
+  private pinSelects(): [HTMLSelectElement, HTMLSelectElement][] {
+    return [...this.pinRows.querySelectorAll<HTMLElement>('[data-testid="api-key-pin-row"]')].map((row) => [
+      row.querySelector<HTMLSelectElement>('[data-testid="api-key-pin-assistant"]') as HTMLSelectElement,
+      row.querySelector<HTMLSelectElement>('[data-testid="api-key-pin-revision"]') as HTMLSelectElement,
+    ]);
+  }
+
+  /** The pins the form holds, each assistant once and at a revision, or the local problem. */
+  private readPins(): ApiKeyAssistantPin[] {
+    const seen = new Set<string>();
+    const violations: { field: string; description: string }[] = [];
+    const pins = this.pinSelects().map(([assistant, revision], i) => {
+      if (seen.has(assistant.value)) violations.push({ field: `assistant_pins[${i}].assistant`, description: "is pinned twice: pin each assistant once" });
+      seen.add(assistant.value);
+      if (!/^[1-9][0-9]*$/.test(revision.value)) violations.push({ field: `assistant_pins[${i}].revision`, description: "pick one of its revisions" });
+      return { assistant: assistant.value, revision: /^[0-9]+$/.test(revision.value) ? BigInt(revision.value) : 0n } as ApiKeyAssistantPin;
+    });
+    if (violations.length) throw local("INVALID_ARGUMENT", "some pins are not accepted", violations);
+    return pins;
   }
 
   private async revokeAll(keepCurrent: boolean): Promise<void> {

@@ -28,6 +28,7 @@ import { conversationModeLabel, firingLabel, missedTickLabel, policyLabel, sched
 import { browserZone, dateTime, knownZone, needsSeconds } from "./moments";
 import type { Names } from "./names";
 import type { Page } from "./page";
+import { atRevision, fillRevisions } from "./revisionpick";
 
 /** Firings shown per schedule (ListScheduleFirings' default page). */
 const FIRINGS = 20;
@@ -40,6 +41,7 @@ const MISSED = [MissedTickPolicy.SKIP, MissedTickPolicy.RUN_ONCE];
 const FIELDS = [
   ["schedule-name", "Display name", "display_name"],
   ["schedule-target", "Answered by", "assistant"],
+  ["schedule-revision", "Revision", "assistant_revision"],
   ["schedule-template", "Message", "message_template"],
   ["schedule-cron", "Cron expression", "cron"],
   ["schedule-time-zone", "Time zone", "time_zone"],
@@ -209,7 +211,10 @@ export class Schedules {
 
   private targetLabel(s: Schedule): string {
     if (s.handler) return `handler ${s.handler.replace(/^handlers\//, "")}`;
-    if (s.assistant) return `assistant ${this.names.title(s.assistant).split(" › ").pop() ?? s.assistant}`;
+    if (s.assistant) {
+      const title = `assistant ${this.names.title(s.assistant).split(" › ").pop() ?? s.assistant}`;
+      return s.assistantRevision > 0n ? `${title} ${atRevision(s.assistantRevision)}` : title;
+    }
     return "the workspace's default assistant";
   }
 
@@ -259,6 +264,7 @@ export class Schedules {
         "data-state": `SCHEDULE_STATE_${ScheduleState[s.state] ?? "UNSPECIFIED"}`,
         "data-next": next ? next.toISOString() : "",
         "data-last-run": s.lastRun,
+        "data-assistant-revision": String(s.assistantRevision),
         "data-time-zone": zone,
       },
       h(
@@ -488,6 +494,9 @@ export class Schedules {
     if (!choices.some(([value]) => value === answeredBy)) choices.push([answeredBy, answeredBy]);
     const target = select(choices, answeredBy);
     this.targetSelect = target;
+    // The revision that answers, for an assistant: the current one as it changes (0), or
+    // one of its kept revisions, pinned.
+    const revision = select([["0", "current (follows changes)"]], "0");
     const kind = select(
       [
         ["cron", "on a cron expression"],
@@ -499,6 +508,7 @@ export class Schedules {
     const inputs: Record<string, HTMLElement> = {
       "schedule-name": h("input", { value: s?.displayName ?? "", maxlength: 200 }),
       "schedule-target": target,
+      "schedule-revision": revision,
       "schedule-template": h("textarea", { rows: 3, maxlength: 16_000, value: s?.messageTemplate ?? "", placeholder: "e.g. Summarise yesterday's tickets ({{date}})" }),
       "schedule-cron": h("input", { value: s?.cron ?? "", placeholder: "e.g. 30 2 * * * (minute hour day month weekday)", spellcheck: false }),
       "schedule-time-zone": h("input", { value: s?.timeZone ?? "", placeholder: "UTC, or e.g. Europe/Berlin", spellcheck: false }),
@@ -536,12 +546,25 @@ export class Schedules {
     // What answers is one choice, but the server names `assistant` or `handler`.
     const targetField = byName("assistant");
     targetField.append(h("span", { class: "field-problem", "data-testid": "field-problem", "data-field": "handler" }));
+    const revisionField = byName("assistant_revision");
+    const pinned = s?.assistant && s.assistantRevision > 0n ? String(s.assistantRevision) : "0";
+    const showRevisions = (): void => {
+      const assistant = target.value && !target.value.startsWith("handlers/") ? target.value : "";
+      revisionField.hidden = !assistant;
+      // The schedule's own pin, while its own assistant is chosen; another one follows
+      // its current revision until one is picked.
+      const keep = assistant && assistant === s?.assistant ? pinned : "0";
+      void this.page.busy("list-schedule-revisions", () => fillRevisions(this.api, revision, assistant, [["0", "current (follows changes)"]], keep));
+    };
+    target.addEventListener("change", showRevisions);
+    showRevisions();
     const id = h("input", { "data-testid": "schedule-id", "aria-label": "id", placeholder: "e.g. nightly (empty: one is made)", ...idAttributes("assistant_id") });
     const rows: Child[] = [
       h("h3", { "data-testid": "schedule-editor-title" }, s ? `Edit ${s.displayName || (s.name.split("/").pop() ?? "")}` : "New schedule"),
       s ? null : h("label", { "data-field": "schedule_id" }, "id", id, h("small", { class: "muted" }, `id: ${idRule("assistant_id").words}`), h("span", { class: "field-problem", "data-testid": "field-problem", "data-field": "schedule_id" })),
       byName("display_name"),
       targetField,
+      revisionField,
       byName("message_template"),
       h("small", { class: "muted" }, h("code", {}, "{{fire_time}}"), ", ", h("code", {}, "{{date}}"), " and ", h("code", {}, "{{schedule}}"), " are filled in at each tick."),
       h("label", {}, "Fires ", kind),
@@ -578,13 +601,16 @@ export class Schedules {
     };
     const cron = text("schedule-kind") === "cron";
     const target = text("schedule-target");
+    const assistant = target.startsWith("handlers/") ? "" : target;
     const interval = cron ? undefined : positive("schedule-interval", "interval");
     if (!cron && interval === undefined && !violations.length) violations.push({ field: "schedule.interval", description: "how many seconds between ticks" });
     const timeout = positive("schedule-timeout", "timeout");
     const schedule = {
       name: this.editing?.name ?? "",
       displayName: text("schedule-name"),
-      assistant: target.startsWith("handlers/") ? "" : target,
+      assistant,
+      // A pin means nothing without an assistant named.
+      assistantRevision: assistant ? BigInt(text("schedule-revision") || "0") : 0n,
       handler: target.startsWith("handlers/") ? target : "",
       messageTemplate: this.editor.querySelector<HTMLTextAreaElement>('[data-testid="schedule-template"]')?.value ?? "",
       cron: cron ? text("schedule-cron") : "",
@@ -605,6 +631,7 @@ export class Schedules {
     const same: Record<Exclude<Field, "conversation_mode">, boolean> & { handler: boolean } = {
       display_name: before.displayName === after.displayName,
       assistant: before.assistant === after.assistant,
+      assistant_revision: before.assistantRevision === after.assistantRevision,
       handler: before.handler === after.handler,
       message_template: before.messageTemplate === after.messageTemplate,
       cron: before.cron === after.cron,

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import func, select
@@ -926,3 +927,79 @@ async def test_a_detected_turn_at_the_longest_says_it_stopped_there(
         )
         assert final.transcript.audio_ms <= 1_000 + 300  # with the speech just before it
         talk.cancel()
+
+
+# -- an assistant's revision ----------------------------------------------------------------
+
+
+async def test_a_session_pinned_at_a_revision_answers_with_it_and_keeps_it(
+    stub: Stub, place: Place
+) -> None:
+    owner, editor = place.world.owner, place.world.editor
+    made = (
+        await stub.CreateAssistant(
+            pb.CreateAssistantRequest(
+                parent=place.world.name,
+                assistant=pb.Assistant(
+                    display_name="Pinned voice",
+                    handler="handlers/echo",
+                    voice=pb.VoiceSettings(language="en"),
+                ),
+            ),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
+        )
+    ).assistant
+    changed = (
+        await stub.UpdateAssistant(
+            pb.UpdateAssistantRequest(
+                assistant=pb.Assistant(name=made.name, display_name="Pinned voice, again"),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+            metadata=owner.md,
+            timeout=CALL_DEADLINE_S,
+        )
+    ).assistant
+    assert changed.revision == 2
+    talk = open_talk(stub, editor, start(place.conversation, made.name, assistant_revision=1))
+    session = await session_of(talk)
+    assert (session.assistant, session.assistant_revision) == (made.name, 1)
+    await talk.send(pb.TalkRequest(text="which one answers"))
+    transcript = await talk.until(lambda f: f.WhichOneof("frame") == "transcript")
+    run = await stub.GetRun(
+        pb.GetRunRequest(name=transcript.transcript.run),
+        metadata=editor.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    assert (run.run.assistant, run.run.assistant_revision) == (made.name, 1)
+    await talk.until(ended)
+    talk.cancel()
+    # Resumed, the session keeps its pin: its next turn answers with revision 1 too.
+    again = open_talk(stub, editor, pb.TalkRequest(resume=pb.TalkResume(session=session.name)))
+    resumed = await session_of(again)
+    assert resumed.assistant_revision == 1
+    await again.send(pb.TalkRequest(text="and after a resume"))
+    second = await again.until(
+        lambda f: f.WhichOneof("frame") == "transcript" and f.transcript.turn == 2
+    )
+    later = await stub.GetRun(
+        pb.GetRunRequest(name=second.transcript.run), metadata=editor.md, timeout=CALL_DEADLINE_S
+    )
+    assert later.run.assistant_revision == 1
+    await again.send(control_frame(pb.TALK_ACTION_END_SESSION))
+    await again.rest()
+
+    # A pin needs its assistant, and a revision the assistant keeps.
+    error = await refused_talk(
+        stub,
+        editor,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        start(place.conversation, assistant_revision=1),
+    )
+    assert violations(error) == ["start.assistant_revision"]
+    await refused_talk(
+        stub,
+        editor,
+        grpc.StatusCode.NOT_FOUND,
+        start(place.conversation, made.name, assistant_revision=9),
+    )

@@ -1093,6 +1093,7 @@ class Client:
         on_resume: OnResume | None = None,
         turn_detector: TurnDetectorLike = dispatcher_pb2.TURN_DETECTOR_UNSPECIFIED,
         turn_eagerness: TurnEagernessLike = dispatcher_pb2.TURN_EAGERNESS_UNSPECIFIED,
+        assistant_revision: int = 0,
     ) -> TalkSession:
         """A voice session on ``conversation`` (``Talk``), resumed across dropped
         connections; open it with ``async with``.
@@ -1107,7 +1108,9 @@ class Client:
         ``resend`` them); ``on_resume`` hears of each resume (docs/voice.md).
         ``turn_detector`` (``"smart_turn"`` or ``"silence"``) and ``turn_eagerness``
         (``"low"``, ``"medium"``, ``"high"``): how the server decides a turn is over;
-        the assistant's own settings when unset.
+        the assistant's own settings when unset. ``assistant_revision``: the whole
+        session answers with that revision of ``assistant`` (docs/assistants.md,
+        "Revisions"), resumes included.
         """
         start = talk_start(
             conversation,
@@ -1121,6 +1124,7 @@ class Client:
             concurrency_policy=concurrency_policy,
             turn_detector=turn_detector,
             turn_eagerness=turn_eagerness,
+            assistant_revision=assistant_revision,
         )
         return TalkSession(
             self.dispatcher,

@@ -1009,6 +1009,7 @@ def talk_start(
     ),
     turn_detector: TurnDetectorLike = dispatcher_pb2.TURN_DETECTOR_UNSPECIFIED,
     turn_eagerness: TurnEagernessLike = dispatcher_pb2.TURN_EAGERNESS_UNSPECIFIED,
+    assistant_revision: int = 0,
 ) -> dispatcher_pb2.TalkStart:
     """The ``TalkStart`` frame of ``Client.talk``'s arguments."""
     for name, rate in (("input_rate_hz", input_rate_hz), ("output_rate_hz", output_rate_hz)):
@@ -1029,6 +1030,7 @@ def talk_start(
         concurrency_policy=concurrency_policy,
         turn_detector=detector_of(turn_detector),
         turn_eagerness=eagerness_of(turn_eagerness),
+        assistant_revision=assistant_revision,
     )
     if silence_s is not None:
         start.silence.FromNanoseconds(round(silence_s * 1e9))

@@ -267,6 +267,17 @@ class Talks:
                 "the workspace has no default assistant; name an assistant with voice settings "
                 "(start.assistant)"
             )
+        # Pinned by the start, else by the caller's API key: the whole session (its
+        # voice settings and every turn's run) answers with that revision.
+        pinned = start.assistant_revision or grant.principal.pinned(assistant.name)
+        if pinned:
+            assistant = await self._assistants.resolve_revision(
+                conversation.workspace,
+                assistant.name,
+                pinned,
+                "start.assistant_revision" if start.assistant_revision else "start.assistant",
+            )
+            settings.assistant_revision = pinned
         if not assistant.HasField("voice"):
             raise SpeechNotConfigured(
                 f"{assistant.name} has no voice settings",
@@ -356,7 +367,13 @@ class Talks:
                 ],
             )
         settings = pb.VoiceSession.FromString(record.data)
-        assistant = await self._assistants.resolve(name.workspace, settings.assistant, "assistant")
+        assistant = (
+            await self._assistants.resolve_revision(
+                name.workspace, settings.assistant, settings.assistant_revision, "assistant"
+            )
+            if settings.assistant_revision
+            else await self._assistants.resolve(name.workspace, settings.assistant, "assistant")
+        )
         if assistant is None or not assistant.HasField("voice"):
             raise SpeechNotConfigured(
                 f"{settings.assistant} has no voice settings any more",
@@ -454,6 +471,10 @@ def _start_settings(start: pb.TalkStart) -> pb.VoiceSession:
         violations.add("start.turn_eagerness", "is not a known eagerness")
     if start.concurrency_policy not in _POLICIES:
         violations.add("start.concurrency_policy", "is not a known policy")
+    if start.assistant_revision and not 0 < start.assistant_revision < 2**31:
+        violations.add("start.assistant_revision", "must be 0 or a revision number")
+    elif start.assistant_revision and not start.assistant:
+        violations.add("start.assistant_revision", "pins start.assistant, which must then be set")
     violations.check()
     settings = pb.VoiceSession(
         input_format=input_format,

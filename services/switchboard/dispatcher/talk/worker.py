@@ -154,6 +154,7 @@ class Worker:
             conversation=str(mapping.conversation_name(self._record)),
             message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=parts, metadata=metadata),
             assistant=self._settings.assistant,
+            assistant_revision=self._settings.assistant_revision,
             concurrency_policy=self._settings.concurrency_policy,
             speech=pb.SpeechOptions(speak=True, output_format=self._settings.output_format),
         )

@@ -4136,6 +4136,7 @@ class TalkStart(_message.Message):
     BARGE_IN_FIELD_NUMBER: _builtins.int
     TURN_DETECTOR_FIELD_NUMBER: _builtins.int
     TURN_EAGERNESS_FIELD_NUMBER: _builtins.int
+    ASSISTANT_REVISION_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{w}/conversations/{c}` (WRITE on it)."""
     assistant: _builtins.str
@@ -4161,6 +4162,12 @@ class TalkStart(_message.Message):
     turn_eagerness: Global___TurnEagerness.ValueType
     """SMART_TURN: how readily the model ends a turn; the assistant's if unset,
     else MEDIUM.
+    """
+    assistant_revision: _builtins.int
+    """Answer with this revision of `assistant` (which it needs) instead of the
+    current one, for the whole session (a resume keeps it); NOT_FOUND if the
+    assistant keeps no such revision. Unset: the caller's API key's pin of the
+    assistant, if any, else the current revision, read at each turn.
     """
     @_builtins.property
     def input_format(self) -> Global___AudioFormat:
@@ -4190,10 +4197,11 @@ class TalkStart(_message.Message):
         barge_in: _builtins.bool = ...,
         turn_detector: Global___TurnDetector.ValueType = ...,
         turn_eagerness: Global___TurnEagerness.ValueType = ...,
+        assistant_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input_format", b"input_format", "output_format", b"output_format", "silence", b"silence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "input_format", b"input_format", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_detection", b"turn_detection", "turn_detector", b"turn_detector", "turn_eagerness", b"turn_eagerness"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "input_format", b"input_format", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_detection", b"turn_detection", "turn_detector", b"turn_detector", "turn_eagerness", b"turn_eagerness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4518,6 +4526,7 @@ class VoiceSession(_message.Message):
     BARGE_IN_FIELD_NUMBER: _builtins.int
     TURN_DETECTOR_FIELD_NUMBER: _builtins.int
     TURN_EAGERNESS_FIELD_NUMBER: _builtins.int
+    ASSISTANT_REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/voiceSessions/{s}`."""
     assistant: _builtins.str
@@ -4538,6 +4547,10 @@ class VoiceSession(_message.Message):
     """
     turn_eagerness: Global___TurnEagerness.ValueType
     """SMART_TURN: how readily the model ends a turn."""
+    assistant_revision: _builtins.int
+    """The revision of `assistant` the session is pinned at (TalkStart's, or the
+    API key's pin when it started); 0 when it follows the current revision.
+    """
     @_builtins.property
     def input_format(self) -> Global___AudioFormat:
         """The format of the audio the server takes."""
@@ -4575,10 +4588,11 @@ class VoiceSession(_message.Message):
         barge_in: _builtins.bool = ...,
         turn_detector: Global___TurnDetector.ValueType = ...,
         turn_eagerness: Global___TurnEagerness.ValueType = ...,
+        assistant_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "input_format", b"input_format", "output_format", b"output_format", "silence", b"silence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "expire_time", b"expire_time", "input_format", b"input_format", "name", b"name", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_count", b"turn_count", "turn_detection", b"turn_detection", "turn_detector", b"turn_detector", "turn_eagerness", b"turn_eagerness"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "expire_time", b"expire_time", "input_format", b"input_format", "name", b"name", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_count", b"turn_count", "turn_detection", b"turn_detection", "turn_detector", b"turn_detector", "turn_eagerness", b"turn_eagerness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

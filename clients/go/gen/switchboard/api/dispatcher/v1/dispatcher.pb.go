@@ -7881,8 +7881,13 @@ type TalkStart struct {
 	// SMART_TURN: how readily the model ends a turn; the assistant's if unset,
 	// else MEDIUM.
 	TurnEagerness TurnEagerness `protobuf:"varint,11,opt,name=turn_eagerness,json=turnEagerness,proto3,enum=switchboard.api.dispatcher.v1.TurnEagerness" json:"turn_eagerness,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Answer with this revision of `assistant` (which it needs) instead of the
+	// current one, for the whole session (a resume keeps it); NOT_FOUND if the
+	// assistant keeps no such revision. Unset: the caller's API key's pin of the
+	// assistant, if any, else the current revision, read at each turn.
+	AssistantRevision int64 `protobuf:"varint,12,opt,name=assistant_revision,json=assistantRevision,proto3" json:"assistant_revision,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *TalkStart) Reset() {
@@ -7990,6 +7995,13 @@ func (x *TalkStart) GetTurnEagerness() TurnEagerness {
 		return x.TurnEagerness
 	}
 	return TurnEagerness_TURN_EAGERNESS_UNSPECIFIED
+}
+
+func (x *TalkStart) GetAssistantRevision() int64 {
+	if x != nil {
+		return x.AssistantRevision
+	}
+	return 0
 }
 
 // Resuming a voice session.
@@ -8666,8 +8678,11 @@ type VoiceSession struct {
 	TurnDetector TurnDetector `protobuf:"varint,13,opt,name=turn_detector,json=turnDetector,proto3,enum=switchboard.api.dispatcher.v1.TurnDetector" json:"turn_detector,omitempty"`
 	// SMART_TURN: how readily the model ends a turn.
 	TurnEagerness TurnEagerness `protobuf:"varint,14,opt,name=turn_eagerness,json=turnEagerness,proto3,enum=switchboard.api.dispatcher.v1.TurnEagerness" json:"turn_eagerness,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// The revision of `assistant` the session is pinned at (TalkStart's, or the
+	// API key's pin when it started); 0 when it follows the current revision.
+	AssistantRevision int64 `protobuf:"varint,15,opt,name=assistant_revision,json=assistantRevision,proto3" json:"assistant_revision,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *VoiceSession) Reset() {
@@ -8796,6 +8811,13 @@ func (x *VoiceSession) GetTurnEagerness() TurnEagerness {
 		return x.TurnEagerness
 	}
 	return TurnEagerness_TURN_EAGERNESS_UNSPECIFIED
+}
+
+func (x *VoiceSession) GetAssistantRevision() int64 {
+	if x != nil {
+		return x.AssistantRevision
+	}
+	return 0
 }
 
 // A transcript of a user's turn.
@@ -10804,7 +10826,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x05audio\x18\x03 \x01(\v2).switchboard.api.dispatcher.v1.AudioChunkH\x00R\x05audio\x12F\n" +
 	"\acontrol\x18\x04 \x01(\v2*.switchboard.api.dispatcher.v1.TalkControlH\x00R\acontrol\x12\x14\n" +
 	"\x04text\x18\x05 \x01(\tH\x00R\x04textB\a\n" +
-	"\x05frame\"\xcb\x05\n" +
+	"\x05frame\"\xfa\x05\n" +
 	"\tTalkStart\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12\x1c\n" +
 	"\tassistant\x18\x02 \x01(\tR\tassistant\x12M\n" +
@@ -10817,7 +10839,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\bbarge_in\x18\t \x01(\bR\abargeIn\x12P\n" +
 	"\rturn_detector\x18\n" +
 	" \x01(\x0e2+.switchboard.api.dispatcher.v1.TurnDetectorR\fturnDetector\x12S\n" +
-	"\x0eturn_eagerness\x18\v \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnEagernessR\rturnEagerness\"M\n" +
+	"\x0eturn_eagerness\x18\v \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnEagernessR\rturnEagerness\x12-\n" +
+	"\x12assistant_revision\x18\f \x01(\x03R\x11assistantRevision\"M\n" +
 	"\n" +
 	"TalkResume\x12\x18\n" +
 	"\asession\x18\x01 \x01(\tR\asession\x12%\n" +
@@ -10858,7 +10881,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x05event\x18\x05 \x01(\v2(.switchboard.api.dispatcher.v1.TalkEventH\x00R\x05event\x12*\n" +
 	"\x05error\x18\x06 \x01(\v2\x12.google.rpc.StatusH\x00R\x05error\x12H\n" +
 	"\theartbeat\x18\a \x01(\v2(.switchboard.api.dispatcher.v1.HeartbeatH\x00R\theartbeatB\a\n" +
-	"\x05frame\"\xd7\x06\n" +
+	"\x05frame\"\x86\a\n" +
 	"\fVoiceSession\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tassistant\x18\x02 \x01(\tR\tassistant\x12M\n" +
@@ -10877,7 +10900,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x13partial_transcripts\x18\v \x01(\bR\x12partialTranscripts\x12\x19\n" +
 	"\bbarge_in\x18\f \x01(\bR\abargeIn\x12P\n" +
 	"\rturn_detector\x18\r \x01(\x0e2+.switchboard.api.dispatcher.v1.TurnDetectorR\fturnDetector\x12S\n" +
-	"\x0eturn_eagerness\x18\x0e \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnEagernessR\rturnEagerness\"\xaf\x01\n" +
+	"\x0eturn_eagerness\x18\x0e \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnEagernessR\rturnEagerness\x12-\n" +
+	"\x12assistant_revision\x18\x0f \x01(\x03R\x11assistantRevision\"\xaf\x01\n" +
 	"\n" +
 	"Transcript\x12\x12\n" +
 	"\x04turn\x18\x01 \x01(\x03R\x04turn\x12\x12\n" +
