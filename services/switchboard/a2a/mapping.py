@@ -115,7 +115,7 @@ def pinned(tenant: str) -> int:
 
 def _tenant(tenant: str) -> re.Match[str]:
     found = TENANT.fullmatch(tenant)
-    if found is None or (found["revision"] and int(found["revision"]) >= 2**31):
+    if found is None or (found["revision"] and not names.is_revision(int(found["revision"]))):
         description = (
             "must be {workspace}.{assistant}, or {workspace}.{assistant}@{revision}, as "
             "the agent's card names it"

@@ -874,7 +874,7 @@ def _assistant_pins(
             )
         elif any(name == pin.assistant for name, _ in pinned):
             violations.append(FieldViolation(f"{field}.assistant", "is pinned twice"))
-        if not 0 < pin.revision < 2**31:
+        if not names.is_revision(pin.revision):
             violations.append(FieldViolation(f"{field}.revision", "must be 1 or more"))
         pinned.append((pin.assistant, pin.revision))
     return tuple(pinned)

@@ -15,7 +15,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.rpc.outbound.peers import delegated_session
 from switchboard.platform.security.policy import AuthMethod, Principal, Scope
 from tests.conftest import CALL_DEADLINE_S
-from tests.dispatcher.assistants.test_assistants import Desk, create, desk_mesh, update
+from tests.dispatcher.assistants.test_assistants import Desk, desk_mesh
+from tests.dispatcher.assistants.test_revisions import two_revisions
 from tests.kits.authkit import bearer
 from tests.kits.contextkit import Caller, context_stub, create_conversation, refused, violations
 from tests.kits.dispatchkit import request, send
@@ -47,13 +48,6 @@ async def new_key(
         timeout=CALL_DEADLINE_S,
     )
     return created.api_key, created.secret
-
-
-async def two_revisions(d: Desk, **fields: Any) -> pb.Assistant:
-    """An assistant answering with the echo handler at revision 1 and with the model
-    (never reached on this desk) at revision 2."""
-    made = await create(d, pb.Assistant(display_name="Echo", handler="handlers/echo", **fields))
-    return await update(d, pb.Assistant(name=made.name, handler="handlers/llm"), "handler")
 
 
 async def test_a_keys_pin_holds_for_named_and_default_assistants(desk: Desk) -> None:

@@ -4,6 +4,7 @@ revision; runs record the revision they used, and a message or a schedule may pi
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -87,6 +88,13 @@ async def three(d: Desk) -> pb.Assistant:
     return await update(d, instructed(made.name, "three"), "instructions")
 
 
+async def two_revisions(d: Desk, **fields: Any) -> pb.Assistant:
+    """An assistant answering with the echo handler at revision 1 and with the model
+    (never reached on this desk) at revision 2."""
+    made = await create(d, pb.Assistant(display_name="Echo", handler="handlers/echo", **fields))
+    return await update(d, pb.Assistant(name=made.name, handler="handlers/llm"), "handler")
+
+
 async def test_every_change_of_configuration_is_a_revision_kept_whole(any_desk: Desk) -> None:
     d = any_desk
     made = await create(d, pb.Assistant(display_name="Helper", instructions="one"))
@@ -160,9 +168,8 @@ async def test_a_run_records_its_revision_and_a_message_may_pin_an_earlier_one(
     d = desk
     # Revision 1 answers with the echo handler; revision 2 with the model, which this
     # desk's provider never answers: what a pinned run uses is its own revision's.
-    made = await create(d, pb.Assistant(display_name="Echo", handler="handlers/echo"))
-    moved = await update(d, pb.Assistant(name=made.name, handler="handlers/llm"), "handler")
-    assert moved.revision == 2
+    made = await two_revisions(d)
+    assert made.revision == 2
     conversation = (
         await create_conversation(context_stub(d.channel), d.world.editor, d.world.name)
     ).name
@@ -312,8 +319,7 @@ async def test_a_pinned_schedule_fires_with_its_revision() -> None:
 
 
 async def _fires_pinned(d: Desk) -> None:
-    made = await create(d, pb.Assistant(display_name="Echo", handler="handlers/echo"))
-    await update(d, pb.Assistant(name=made.name, handler="handlers/llm"), "handler")
+    made = await two_revisions(d)
     sdesk = schedulekit.Desk(d.server, d.channel, d.stub, d.world)
     clock = FakeClock(schedulekit.at(schedulekit.DAY))
     schedulekit.on(sdesk, clock)
@@ -350,3 +356,22 @@ async def test_a_page_of_large_revisions_stays_within_its_byte_budget(desk: Desk
     assert page.ByteSize() < 2 * 1024 * 1024
     every = await revisions(d, made.name, page_size=50)
     assert [r.revision for r in every] == list(range(12, 0, -1))
+
+
+async def test_two_rollbacks_at_once_with_one_etag_answer_each_precisely(any_desk: Desk) -> None:
+    d = any_desk
+    current = await three(d)
+    answers = await asyncio.gather(
+        rollback(d, current.name, 1, current.etag),
+        rollback(d, current.name, 2, current.etag),
+        return_exceptions=True,
+    )
+    won = [a for a in answers if isinstance(a, pb.Assistant)]
+    lost = [a for a in answers if not isinstance(a, pb.Assistant)]
+    assert len(won) == 1, answers
+    assert [e.code() for e in lost if isinstance(e, grpc.aio.AioRpcError)] == [CODE.ABORTED]
+    assert won[0].revision == 4
+    kept = await revisions(d, current.name)
+    assert [r.revision for r in kept] == [4, 3, 2, 1]
+    assert kept[0].restored_revision in (1, 2)
+    assert kept[0].assistant.instructions == won[0].instructions

@@ -98,14 +98,16 @@ MAX_LOADED: Final = 10_000
 MAX_REVISIONS_PAGE: Final = 50
 #: Serialized configurations per page at most (fewer revisions when they are large).
 MAX_REVISIONS_PAGE_BYTES: Final = 1024 * 1024
-#: The highest revision number a request may name.
-MAX_REVISION: Final = 2**31 - 1
 
 
 def _checked_revision(revision: int, field: str, *, required: bool) -> None:
-    if (required and revision < 1) or revision < 0 or revision > MAX_REVISION:
+    if not (names.is_revision(revision) or (revision == 0 and not required)):
         must = "must be a revision number, 1 or more" if required else "must be 0 or more"
         raise InvalidArgument(f"{field} {must}", [FieldViolation(field, must)])
+
+
+def _no_revision(name: str, revision: int) -> NotFound:
+    return NotFound(f"{name} keeps no revision {revision}", metadata={"assistant": name})
 
 
 @dataclass(frozen=True)
@@ -250,12 +252,18 @@ class Assistants:
         assistant = AssistantName.parse(name, "name")
         _checked_revision(revision, "revision", required=False)
         record = await self._catalog.found(name, assistant.workspace, assistant.assistant)
-        if not revision or revision == record.revision:
-            return assistant_mapping.message(record)
+        return await self._at(assistant_mapping.message(record), revision)
+
+    async def _at(self, current: pb.Assistant, revision: int) -> pb.Assistant:
+        """``current`` as its kept ``revision`` configured it (0: as it is); NOT_FOUND
+        if it keeps no such revision. An earlier revision is one read: it never changes."""
+        if not revision or revision == current.revision:
+            return current
+        assistant = AssistantName.parse(current.name, "name")
         kept = await self._store.revision(assistant.workspace, assistant.assistant, revision)
         if kept is None:
-            raise NotFound(f"{name} keeps no revision {revision}", metadata={"assistant": name})
-        return assistant_mapping.at_revision(record, kept)
+            raise _no_revision(current.name, revision)
+        return assistant_mapping.at_revision(current, kept)
 
     async def list_revisions(
         self, request: pb.ListAssistantRevisionsRequest
@@ -267,6 +275,7 @@ class Assistants:
         if request.page_token:
             (before,) = self._pages.decode(request.page_token, fingerprint, (pagination.COUNT,))
         record = await self._catalog.found(request.parent, assistant.workspace, assistant.assistant)
+        current = assistant_mapping.message(record)
         kept = await self._store.revisions(
             assistant.workspace, assistant.assistant, int(before) if before else None, size + 1
         )
@@ -279,7 +288,7 @@ class Assistants:
         for kept_revision in kept[:size]:
             if shown and held + len(kept_revision.data) > MAX_REVISIONS_PAGE_BYTES:
                 break
-            shown.append(assistant_mapping.revision(record, kept_revision))
+            shown.append(assistant_mapping.revision(assistant, current, kept_revision))
             held += len(kept_revision.data)
         token = ""
         if len(kept) > len(shown):
@@ -299,10 +308,7 @@ class Assistants:
         kept = await self._store.revision(workspace_id, assistant_id, request.revision)
         if kept is None:
             await self._catalog.found(request.name, workspace_id, assistant_id)
-            raise NotFound(
-                f"{request.name} keeps no revision {request.revision}",
-                metadata={"assistant": request.name},
-            )
+            raise _no_revision(request.name, request.revision)
         restored = pb.Assistant.FromString(kept.data)
         try:
             await self._rules.settings(workspace_id, restored, _SETTINGS, assistant_id)
@@ -314,22 +320,17 @@ class Assistants:
 
         async def write(staged: Staged[Written | None]) -> Written | None:
             try:
-                written = await self._store.update(
+                written = await self._store.roll_back(
                     workspace_id,
                     assistant_id,
                     request.etag,
-                    bytes,
-                    None,
+                    request.revision,
                     staged,
                     author=principal.user_name,
-                    restore=request.revision,
                 )
             except RevisionMissing:
                 # Dropped beyond the kept count since it was read.
-                raise NotFound(
-                    f"{request.name} keeps no revision {request.revision}",
-                    metadata={"assistant": request.name},
-                ) from None
+                raise _no_revision(request.name, request.revision) from None
             if written is not None:
                 self._forget(workspace_id)
             return written
@@ -450,21 +451,7 @@ class Assistants:
         current = await self.resolve(workspace_id, name)
         if current is None:  # pragma: no cover - resolve raises for a name it does not know
             raise NotFound(f"{name} not found")
-        if current.revision == revision:
-            return current
-        assistant = AssistantName.parse(name, "assistant")
-        record = await self._store.get(assistant.workspace, assistant.assistant)
-        kept = (
-            await self._store.revision(assistant.workspace, assistant.assistant, revision)
-            if record is not None
-            else None
-        )
-        if record is None or kept is None:
-            raise NotFound(
-                f"{name} keeps no revision {revision}",
-                metadata={"assistant": name},
-            )
-        return assistant_mapping.at_revision(record, kept)
+        return await self._at(current, revision)
 
     async def held(self, workspace_id: str, conversation_id: str) -> pb.Assistant | None:
         """The assistant a handoff left holding the conversation (None: none did, or it

@@ -30,16 +30,16 @@ def message(record: AssistantRecord) -> pb.Assistant:
     return shown
 
 
-def at_revision(record: AssistantRecord, revision: RevisionRecord) -> pb.Assistant:
-    """The assistant as ``revision`` configured it: no etag (an earlier revision is not
-    updated; RollbackAssistant makes it current), the revision's time as its update."""
-    shown = message(record)
-    if revision.revision == record.revision:
-        return shown
+def at_revision(current: pb.Assistant, revision: RevisionRecord) -> pb.Assistant:
+    """The assistant (``current``, as ``message`` shows it) as ``revision`` configured
+    it: no etag (an earlier revision is not updated; RollbackAssistant makes it
+    current), the revision's time as its update."""
+    if revision.revision == current.revision:
+        return current
     settings = pb.Assistant.FromString(revision.data)
-    settings.name = shown.name
-    settings.workspace_default = shown.workspace_default
-    settings.create_time.CopyFrom(shown.create_time)
+    settings.name = current.name
+    settings.workspace_default = current.workspace_default
+    settings.create_time.CopyFrom(current.create_time)
     settings.update_time.FromDatetime(revision.created_at)
     settings.revision = revision.revision
     return settings
@@ -51,15 +51,17 @@ _ORIGINS = {
 }
 
 
-def revision(record: AssistantRecord, kept: RevisionRecord) -> pb.AssistantRevision:
-    name = AssistantName(record.workspace_id, record.id)
+def revision(
+    name: AssistantName, current: pb.Assistant, kept: RevisionRecord
+) -> pb.AssistantRevision:
+    """Kept revision ``kept`` of the assistant ``name`` (``current`` as it is now)."""
     shown = pb.AssistantRevision(
         name=name.revision(kept.revision),
         revision=kept.revision,
         author=kept.author,
         origin=_ORIGINS.get(kept.origin, pb.ASSISTANT_REVISION_ORIGIN_UPDATED),
         restored_revision=kept.restored,
-        assistant=at_revision(record, kept),
+        assistant=at_revision(current, kept),
     )
     shown.create_time.FromDatetime(kept.created_at)
     return shown

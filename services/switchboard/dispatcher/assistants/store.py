@@ -133,11 +133,16 @@ class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
         self.max_revisions = max_revisions
 
     def _revise(
-        self, db: Session, row: AssistantRow, author: str, origin: str, restored: int = 0
+        self,
+        db: Session,
+        row: AssistantRow,
+        stamp: dt.datetime,
+        author: str,
+        origin: str,
+        restored: int = 0,
     ) -> None:
-        """Record ``row``'s new ``data`` as its next revision (the row's ``revision`` moves
-        on), and drop what falls beyond the kept count."""
-        row.revision = (row.revision or 0) + 1 if origin != CREATED else 1
+        """Record ``row``'s ``data`` as its revision ``row.revision`` (the caller numbers
+        it), and drop what falls beyond the kept count."""
         db.add(
             AssistantRevisionRow(
                 workspace_id=row.workspace_id,
@@ -145,7 +150,7 @@ class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
                 revision=row.revision,
                 data=row.data,
                 author=author,
-                created_at=row.updated_at,
+                created_at=stamp,
                 origin=origin,
                 restored=restored,
             )
@@ -219,7 +224,7 @@ class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
                 revision=1,
             )
             self._added(db, row)
-            self._revise(db, row, creator, CREATED)
+            self._revise(db, row, stamp, creator, CREATED)
             db.flush()
             return Written(self.table.record(row), cleared)
 
@@ -243,42 +248,57 @@ class AssistantStore(KeyedStore[AssistantRow, AssistantRecord, str]):
         staged: Staged[Written | None] | None,
         *,
         author: str,
-        restore: int = 0,
     ) -> Written | None:
-        """Replace ``data`` with ``edit(data)`` (on the locked row), or with revision
-        ``restore``'s when set (RevisionMissing if it is not kept), set ``is_default``
-        unless None (clearing the previous default), bump the version; a new revision
-        by ``author`` when ``data`` changed. None if the assistant is missing."""
+        """Replace ``data`` with ``edit(data)`` (on the locked row), set ``is_default``
+        unless None (clearing the previous default), bump the version; a new revision by
+        ``author`` when ``data`` changed. None if the assistant is missing."""
 
         def change(db: Session, row: AssistantRow) -> Written:
             stamp = now()
-            if restore:
-                restored = db.get(AssistantRevisionRow, (workspace_id, assistant_id, restore))
-                if restored is None:
-                    raise RevisionMissing(restore)
-                data = restored.data
-            else:
-                data = edit(row.data)
             cleared = (
                 self._clear_default(db, workspace_id, assistant_id, stamp) if is_default else ()
             )
-            revised = data != row.data
-            if restore and not revised:
-                # A repeated rollback: nothing changes, not even the etag.
-                return Written(self.table.record(row), fresh=False)
-            row.data = data
+            data = edit(row.data)
+            if data != row.data:
+                row.data = data
+                row.revision += 1
+                self._revise(db, row, stamp, author, UPDATED)
             if is_default is not None:
                 row.is_default = is_default
-            written = Written(self._bumped(db, row, stamp), cleared)
-            if not revised:
-                return written
-            self._revise(db, row, author, ROLLED_BACK if restore else UPDATED, restore)
-            db.flush()
-            return Written(self.table.record(row), cleared)
+            return Written(self._bumped(db, row, stamp), cleared)
 
         return await self._update(
             workspace_id, assistant_id, etag, change, staged, lock_workspace=bool(is_default)
         )
+
+    async def roll_back(
+        self,
+        workspace_id: str,
+        assistant_id: str,
+        etag: str,
+        restore: int,
+        staged: Staged[Written | None] | None,
+        *,
+        author: str,
+    ) -> Written | None:
+        """Make revision ``restore``'s data current as a new revision by ``author``
+        (RevisionMissing if it is not kept); nothing at all, not even the version, when
+        it already is. None if the assistant is missing."""
+
+        def change(db: Session, row: AssistantRow) -> Written:
+            restored = db.get(AssistantRevisionRow, (workspace_id, assistant_id, restore))
+            if restored is None:
+                raise RevisionMissing(restore)
+            if restored.data == row.data:
+                # A repeated rollback: nothing changes, not even the etag.
+                return Written(self.table.record(row), fresh=False)
+            stamp = now()
+            row.data = restored.data
+            row.revision += 1
+            self._revise(db, row, stamp, author, ROLLED_BACK, restore)
+            return Written(self._bumped(db, row, stamp))
+
+        return await self._update(workspace_id, assistant_id, etag, change, staged)
 
     async def revision(
         self, workspace_id: str, assistant_id: str, revision: int

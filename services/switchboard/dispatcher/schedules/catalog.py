@@ -197,7 +197,7 @@ class Schedules:
         clean.assistant = given.assistant
         clean.handler = given.handler
         if given.assistant_revision:
-            if not 0 < given.assistant_revision < 2**31:
+            if not names.is_revision(given.assistant_revision):
                 violations.add("schedule.assistant_revision", "must be 0 or a revision number")
             elif not given.assistant:
                 violations.add(

@@ -471,7 +471,7 @@ def _start_settings(start: pb.TalkStart) -> pb.VoiceSession:
         violations.add("start.turn_eagerness", "is not a known eagerness")
     if start.concurrency_policy not in _POLICIES:
         violations.add("start.concurrency_policy", "is not a known policy")
-    if start.assistant_revision and not 0 < start.assistant_revision < 2**31:
+    if start.assistant_revision and not names.is_revision(start.assistant_revision):
         violations.add("start.assistant_revision", "must be 0 or a revision number")
     elif start.assistant_revision and not start.assistant:
         violations.add("start.assistant_revision", "pins start.assistant, which must then be set")

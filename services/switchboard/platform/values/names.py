@@ -265,3 +265,13 @@ def checked_etag(etag: str, field: str) -> str:
 def etag_of(version: int) -> str:
     """The etag of a resource at ``version``."""
     return f'"{version}"'
+
+
+#: The highest revision number (Assistant.revision) anything may name: the columns that
+#: hold one are 32-bit integers on every backend.
+MAX_REVISION: Final = 2**31 - 1
+
+
+def is_revision(number: int) -> bool:
+    """Whether ``number`` can name a revision (1 to ``MAX_REVISION``)."""
+    return 0 < number <= MAX_REVISION
