@@ -38,8 +38,10 @@ class Counted(Outbox):
     deletes: list[int]
 
     async def _delete(self, ids: list[str]) -> None:
-        await super()._delete(ids)
+        # Counted before the transaction: a test that sees the rows gone (another
+        # connection can, before this coroutine resumes) sees every delete counted.
         self.deletes.append(len(ids))
+        await super()._delete(ids)
 
 
 async def staged(database: Database, outbox: Outbox, count: int) -> list[events_pb2.Event]:
