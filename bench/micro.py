@@ -144,7 +144,7 @@ async def context_calls(directory: Path, rounds: int = 3, samples: int = 200) ->
             scope=scopes.conversation,
             role="user",
             tokens=13,
-            encode=lambda seq, when: text,
+            encode=lambda seq, when, branch: text,
             entities=(),
             entity_creator="system",
         )

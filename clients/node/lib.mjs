@@ -47,7 +47,7 @@ const loaded = grpc.loadPackageDefinition(packageDefinition);
  * without it is served the same, with more work behind it.
  */
 export const AFFINITY_HEADER = 'switchboard-affinity';
-const NAMED_BY = new Set(['conversation', 'name', 'run', 'parent', 'session']);
+const NAMED_BY = new Set(['conversation', 'name', 'run', 'parent', 'session', 'message']);
 
 /**
  * The conversation (`workspaces/{w}/conversations/{c}`) that `request` names:

@@ -21,12 +21,13 @@ const AffinityHeader = "switchboard-affinity"
 // affinityFields may hold a conversation's name or a name under it.
 var affinityFields = map[protoreflect.Name]bool{
 	"conversation": true, "name": true, "run": true, "parent": true, "session": true,
+	"message": true,
 }
 
 // Affinity is the conversation ("workspaces/{w}/conversations/{c}") that req
 // names: req itself when it is a resource name (a run's gives its
 // conversation's), else the first of a request message's conversation, name,
-// run, parent or session fields that names one, or those of the message its
+// run, parent, session or message fields that names one, or those of the message its
 // oneof holds (a Converse action, a Talk start or resume); "" if none.
 func Affinity(req any) string {
 	switch r := req.(type) {

@@ -27,13 +27,13 @@ const PUBLIC = new Set([
  * is served the same, with more work behind it.
  */
 export const AFFINITY_HEADER = "switchboard-affinity";
-const NAMED_BY = ["conversation", "name", "run", "parent", "session"];
+const NAMED_BY = ["conversation", "name", "run", "parent", "session", "message"];
 
 /**
  * The conversation (`workspaces/{w}/conversations/{c}`) that `request` names: itself
  * when it is a resource name (a run's gives its conversation's), else the first of a
- * request's conversation, name, run, parent or session fields that names one, or
- * those of the message its oneof holds; "" if none.
+ * request's conversation, name, run, parent, session or message (a regenerated answer)
+ * fields that names one, or those of the message its oneof holds; "" if none.
  */
 export function affinity(request: unknown): string {
   if (typeof request === "string") {

@@ -301,6 +301,12 @@ export class Composer {
     this.text.focus();
   }
 
+  /** Where a message sent now goes: the handler and the assistant chosen ("" for the
+   *  router's or the default's choice). A message edited goes there too. */
+  choice(): { handler: string; assistant: string } {
+    return { handler: this.handler.value, assistant: this.assistant.value };
+  }
+
   /** Picks the assistant the next message goes to (the handler left to it). */
   choose(assistant: string): void {
     this.handler.value = "";

@@ -158,6 +158,7 @@ const EVENT_TYPE: Record<EventType, string> = {
   [EventType.SCHEDULE_CHANGED]: "Schedule",
   [EventType.SCHEDULE_FIRED]: "Schedule fired",
   [EventType.MEMORY_DECIDED]: "Memory decision",
+  [EventType.MESSAGE_DELETED]: "Message deleted",
 };
 /** An event type as the feed's entries and its filter name it. */
 export const eventTypeLabel = (value: EventType): string => label(EVENT_TYPE, value);

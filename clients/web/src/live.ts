@@ -130,6 +130,8 @@ function subject(event: Event): string {
   switch (payload.case) {
     case "messageCreated":
       return payload.value.message?.name ?? "";
+    case "messageDeleted":
+      return payload.value.message;
     case "runUpdated":
       return payload.value.update?.run ?? "";
     case "integrationChanged":
@@ -290,6 +292,8 @@ function summarize(event: Event, names: Names): Child[] {
     }
     case "messageFiltered":
       return [`${payload.value.rejected ? "refused" : "flagged"} by the content filter${by}`];
+    case "messageDeleted":
+      return [`a message deleted${by}`];
     default:
       return [by.trim()];
   }

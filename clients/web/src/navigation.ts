@@ -4,7 +4,9 @@
 // memory's source links there). Opening a workspace or a conversation is where
 // the other parts learn of it: the runs followed, the integrations watched, the
 // composer's choices, and (through `opened`) the feed's scopes.
+import { Code, ConnectError } from "@connectrpc/connect";
 import { type Api, PAGE_SIZE, requestId } from "./api";
+import { Branches } from "./branches";
 import type { Composer } from "./composer";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Child, fill, h } from "./dom";
@@ -87,7 +89,13 @@ export class Navigation {
   /** Whether delegates' conversations are listed too (hidden by default). */
   private showDelegated = false;
   private readonly messages = new Map<string, Message>();
+  /** The open conversation's branch shown (`ListMessagesResponse.branch`), 0 before it is read. */
+  private branch = 0;
+  /** Messages come by event while the branch is read again (kept for after: the list may
+   *  have been read before they were stored). */
+  private arriving: Message[] | null = null;
   private readonly files: FileViews;
+  private readonly branches: Branches;
   /** The message a link opened the conversation at (`#…/messages/m`), marked among the others. */
   private highlighted = "";
 
@@ -112,6 +120,14 @@ export class Navigation {
     private readonly memoryPage: (open: boolean) => void = () => undefined,
   ) {
     this.files = new FileViews(api, page);
+    this.branches = new Branches(api, page, names, {
+      conversation: () => this.conversation,
+      role: () => this.roleOf(this.workspace),
+      me: () => api.tokens.identity?.user ?? "",
+      target: () => composer.choice(),
+      reload: (branch) => this.reloadMessages(branch),
+      sent: (conversation, answer) => this.sent(conversation, answer),
+    });
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
       h(
         "form",
@@ -200,7 +216,16 @@ export class Navigation {
     switch (payload.case) {
       case "messageCreated": {
         const message = payload.value.message;
-        if (message && event.conversation === this.conversation) this.addMessages([message]);
+        if (!message || event.conversation !== this.conversation) break;
+        if (this.arriving) this.arriving.push(message);
+        // Appended on a branch not shown (an edit or a regeneration made elsewhere): not here.
+        else if (!message.branch || !this.branch || message.branch === this.branch) this.arrived(message);
+        break;
+      }
+      case "messageDeleted": {
+        const deleted = payload.value.message;
+        if (event.conversation !== this.conversation || !this.messages.delete(deleted)) break;
+        this.renderMessages();
         break;
       }
       case "runUpdated": {
@@ -635,20 +660,17 @@ export class Navigation {
     if (name === this.conversation) return;
     this.conversation = name;
     this.messages.clear();
+    this.branch = 0;
+    this.branches.reset();
     this.files.clear();
     this.runs.stop();
     this.composer.left();
     this.renderConversations();
     this.renderConversation();
     await this.page.busy("list-messages", async () => {
-      const found: Message[] = [];
-      let pageToken = "";
-      do {
-        const page = await this.api.context.listMessages({ parent: name, pageSize: PAGE_SIZE, pageToken });
-        found.push(...page.messages);
-        pageToken = page.nextPageToken;
-      } while (pageToken && found.length < 1_000);
+      const { found, branch } = await this.listBranch(name);
       if (name !== this.conversation) return;
+      this.branch = branch;
       this.addMessages(found);
       // Who holds it: its last handoff, in its history.
       this.composer.history(found);
@@ -693,6 +715,59 @@ export class Navigation {
     this.runs.render();
   }
 
+  /** A branch of conversation `name` (0: its active one), in order (its first 1,000 messages). */
+  private async listBranch(name: string, wanted = 0): Promise<{ found: Message[]; branch: number }> {
+    const found: Message[] = [];
+    let branch = 0;
+    let pageToken = "";
+    do {
+      const page = await this.api.context.listMessages({ parent: name, pageSize: PAGE_SIZE, pageToken, branch: wanted });
+      found.push(...page.messages);
+      branch = page.branch;
+      pageToken = page.nextPageToken;
+    } while (pageToken && found.length < 1_000);
+    return { found, branch };
+  }
+
+  /** The open conversation's active branch (or `wanted`, a reader's look at another) read
+   *  again (another was switched to, a message edited, regenerated or deleted): what it
+   *  holds replaces what was shown. */
+  async reloadMessages(wanted = 0): Promise<void> {
+    const name = this.conversation;
+    if (!name) return;
+    this.arriving = [];
+    try {
+      const { found, branch } = await this.listBranch(name, wanted);
+      if (name !== this.conversation) return;
+      const listed = new Set(found.map((m) => m.name));
+      const arrived = this.arriving.filter((m) => !listed.has(m.name) && (!m.branch || m.branch === branch));
+      this.branch = branch;
+      this.messages.clear();
+      this.addMessages(found);
+      for (const message of arrived) this.arrived(message);
+    } finally {
+      this.arriving = null;
+    }
+  }
+
+  /** A message come by event, shown; read again when the conversation has branches: an
+   *  event's message does not say its siblings, and the switcher needs them. */
+  private arrived(message: Message): void {
+    this.addMessages([message]);
+    const branched = this.branch > 1 || [...this.messages.values()].some((m) => m.siblings.length > 1);
+    if (!branched || message.siblings.length > 0) return;
+    const conversation = this.conversation;
+    void this.page.busy("get-message", async () => {
+      try {
+        const answer = await this.api.context.getMessage({ name: message.name });
+        if (answer.message && conversation === this.conversation && this.messages.has(message.name)) this.addMessages([answer.message]);
+      } catch (error) {
+        // Deleted since: its tombstone takes it off the list.
+        if (!(error instanceof ConnectError && error.code === Code.NotFound)) throw error;
+      }
+    });
+  }
+
   private addMessages(messages: Message[]): void {
     for (const message of messages) this.messages.set(message.name, message);
     this.renderMessages();
@@ -722,6 +797,7 @@ export class Navigation {
           ...m.parts.flatMap((part) =>
             part.part.case === "file" && part.part.value.file ? [this.files.view(part.part.value, m.name)] : [],
           ),
+          this.branches.controls(m),
         );
       }),
     );

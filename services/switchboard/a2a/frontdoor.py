@@ -106,6 +106,10 @@ class Runs(Protocol):
         self, principal: Principal, request: pb.SteerRunRequest
     ) -> Awaitable[pb.SteerRunResponse]: ...
 
+    def regenerate(
+        self, principal: Principal, request: pb.RegenerateMessageRequest
+    ) -> Awaitable[pb.RegenerateMessageResponse]: ...
+
     def assistant(
         self, principal: Principal, name: str, revision: int = 0
     ) -> Awaitable[pb.Assistant]: ...
@@ -242,6 +246,15 @@ class FrontDoor:
         await self._policy.authorize(
             principal, conversation, Permission.WRITE, "message.context_id"
         )
+        branching = mapping.branching_in(message, workspace, conversation)
+        if branching.regenerate:
+            # A new task answers the question the named task answered, beside its answer.
+            earlier = await self._runs.get_run(principal, branching.regenerate)
+            regenerated = await self._runs.regenerate(
+                principal,
+                pb.RegenerateMessageRequest(message=earlier.output_message, request_id=request_id),
+            )
+            return _Admitted(regenerated.run, 0)
         sent = await self._runs.send_message(
             principal,
             pb.SendMessageRequest(
@@ -253,6 +266,8 @@ class FrontDoor:
                 request_id=request_id,
                 # The request's metadata is the handler's parameters (docs/a2a.md).
                 parameters=request.metadata,
+                # An edit of an earlier message of the context (docs/a2a.md, "Branches").
+                replaces=branching.replaces,
             ),
             handed,
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Any, Final
 
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -39,6 +40,7 @@ from switchboard.platform.values import names, structs
 from switchboard.platform.values.resources import (
     AssistantName,
     ConversationName,
+    MessageName,
     RunName,
     WorkspaceName,
 )
@@ -281,6 +283,57 @@ def user_message(run: pb.Run, text: str) -> a2a.Message:
 #: Where a steer's message (history) and status events say which run took the message
 #: as its own task when the steered task ended first (docs/a2a.md, "Steering a working task").
 STEER_KEY: Final = "switchboard.steer"
+#: A message's metadata keys that branch its context (docs/a2a.md, "Branches"): an edit of
+#: an earlier message (its messageId), or a new answer to what a task answered (its id).
+REPLACES_KEY: Final = "switchboard.replaces"
+REGENERATE_KEY: Final = "switchboard.regenerate"
+
+
+@dataclass(frozen=True)
+class Branching:
+    """What a message's metadata asks of its context's branches: ``replaces`` the name of
+    the message it edits, ``regenerate`` the run (task) to answer again; "" for none."""
+
+    replaces: str = ""
+    regenerate: str = ""
+
+
+def branching_in(message: a2a.Message, workspace: WorkspaceName, conversation: str) -> Branching:
+    """The edit or regeneration ``message`` asks for, checked: a message id or task id
+    of the message's own context (INVALID_ARGUMENT naming the metadata key otherwise)."""
+    fields = message.metadata.fields
+    if REPLACES_KEY not in fields and REGENERATE_KEY not in fields:
+        return Branching()
+    asked = [key for key in (REPLACES_KEY, REGENERATE_KEY) if key in fields]
+    violations: list[FieldViolation] = []
+    if len(asked) > 1 or not message.context_id:
+        text = "needs message.context_id, and only one of them may be set"
+        violations = [FieldViolation(f"message.metadata[{key!r}]", text) for key in asked]
+        raise InvalidArgument(violations[0].field + " " + text, violations)
+    key = asked[0]
+    field = f"message.metadata[{key!r}]"
+    value = fields[key]
+    text = value.string_value if value.WhichOneof("kind") == "string_value" else ""
+    if key == REPLACES_KEY:
+        name = MessageName.parse_or_none(f"{conversation}/messages/{text}")
+        if not text or name is None:
+            raise InvalidArgument(
+                f"{field} must be the messageId of a message of this context",
+                [FieldViolation(field, "must be the messageId of a message of this context")],
+            )
+        return Branching(replaces=str(name))
+    found = TASK_ID.fullmatch(text)
+    context = ConversationName.parse(conversation, "message.context_id")
+    if found is None or found["conversation"] != context.conversation:
+        raise InvalidArgument(
+            f"{field} must be the id of a task of this context",
+            [FieldViolation(field, "must be the id of a task of this context")],
+        )
+    return Branching(
+        regenerate=str(RunName(workspace.workspace, found["conversation"], found["run"]))
+    )
+
+
 _STEER_STATES: Final = {
     pb.STEER_STATE_ACCEPTED: "accepted",
     pb.STEER_STATE_CONSUMED: "consumed",

@@ -73,6 +73,11 @@ class LocalRuns:
     ) -> pb.SteerRunResponse:
         return await self._dispatcher.steer_run(principal, request)
 
+    async def regenerate(
+        self, principal: Principal, request: pb.RegenerateMessageRequest
+    ) -> pb.RegenerateMessageResponse:
+        return await self._dispatcher.regenerate(principal, request)
+
     def watch(
         self, principal: Principal, name: str, after_sequence: int
     ) -> AsyncIterator[pb.RunUpdate | None]:
@@ -131,6 +136,13 @@ class RemoteRuns:
     async def get_run(self, principal: Principal, name: str) -> pb.Run:
         request = pb.GetRunRequest(name=name)
         return (await self._peer.call(self._stub.GetRun, request, principal, _CALL_TIMEOUT_S)).run
+
+    async def regenerate(
+        self, principal: Principal, request: pb.RegenerateMessageRequest
+    ) -> pb.RegenerateMessageResponse:
+        return await self._peer.call(
+            self._stub.RegenerateMessage, request, principal, _CALL_TIMEOUT_S
+        )
 
     async def list_runs(
         self, principal: Principal, request: pb.ListRunsRequest

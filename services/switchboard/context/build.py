@@ -76,6 +76,7 @@ def context_limits(settings: ContextSettings, windows: WindowSettings) -> Limits
         summary_tokens=windows.context_summary_tokens,
         purge_after_s=settings.context_purge_after_s,
         writes_per_minute=settings.context_max_writes_per_minute,
+        max_branches=settings.context_max_branches,
     )
 
 

@@ -88,6 +88,8 @@ class Limits:
     summary_tokens: int = 512
     purge_after_s: int = 30 * 86400
     writes_per_minute: int = 6000
+    #: Branches one conversation may have (edits and regenerated answers make them).
+    max_branches: int = 100
 
 
 class Common:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Final
 
+from switchboard.context.branches.catalog import Branches
+from switchboard.context.branches.store import BranchStore
 from switchboard.context.common import Common, Limits
 from switchboard.context.conversations.catalog import Conversations
 from switchboard.context.conversations.store import ConversationStore
@@ -116,6 +118,7 @@ class ContextDomain:
         self.workspaces = Workspaces(common, workspace_store)
         self.members = Members(common, workspace_store)
         self.conversations = Conversations(common, conversation_store)
+        self.branches = Branches(common, BranchStore(database))
         self.pruning = Pruning(
             common, PruneStore(database), conversation_store, summarizer=summarizer
         )

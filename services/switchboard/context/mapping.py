@@ -143,6 +143,8 @@ def conversation_proto(row: ConversationRecord) -> pb.Conversation:
         etag=etag_of(row.version),
         message_count=row.message_count,
         version=row.version,
+        active_branch=row.active_branch,
+        branch_count=row.branch_count,
     )
 
 
@@ -150,6 +152,7 @@ def message_proto(row: MessageRecord, workspace_id: str) -> pb.Message:
     message = pb.Message()
     message.ParseFromString(row.data)
     message.archived = row.archived
+    message.branch = row.branch
     if row.summary_id:
         conversation = ConversationName(workspace_id, row.conversation_id)
         message.summary = str(MemoryName(conversation, row.summary_id))

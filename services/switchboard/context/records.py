@@ -58,6 +58,15 @@ class ConversationRecord:
     message_count: int
     token_count: int
     summary_id: str | None
+    #: The branch reads and appends follow, and how many there are (docs/conversations.md).
+    active_branch: int = 1
+    branch_count: int = 1
+
+    @property
+    def branched(self) -> bool:
+        """Whether it has more than one branch: reads then follow a branch's history
+        rather than every message (one branch: the plain path, unchanged)."""
+        return self.branch_count > 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +82,9 @@ class MessageRecord:
     summary_id: str | None
     created_at: dt.datetime
     data: bytes
+    #: The branch it was appended on and the sequence of the message it follows (0: none).
+    branch: int = 1
+    parent_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,24 @@ class ContextServiceServicer:
     ) -> pb.ListMessagesResponse:
         return await self._domain.messages.list(request)
 
+    async def DeleteMessage(
+        self, request: pb.DeleteMessageRequest, context: Context
+    ) -> pb.DeleteMessageResponse:
+        return await self._domain.messages.delete(current_principal(), role_var.get(), request)
+
+    # Branches.
+
+    async def CreateBranch(
+        self, request: pb.CreateBranchRequest, context: Context
+    ) -> pb.CreateBranchResponse:
+        return await self._domain.branches.create(current_principal(), request)
+
+    async def SwitchBranch(
+        self, request: pb.SwitchBranchRequest, context: Context
+    ) -> pb.SwitchBranchResponse:
+        conversation = await self._domain.branches.switch(current_principal(), request)
+        return pb.SwitchBranchResponse(conversation=conversation)
+
     # Memory.
 
     async def CreateMemoryItem(

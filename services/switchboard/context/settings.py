@@ -37,6 +37,13 @@ class ContextSettings(Section):
         le=1 * MiB,
         description="serialized size of a conversation's, message's or memory item's metadata",
     )
+    context_max_branches: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="branches per conversation (an edited message or a regenerated answer "
+        "starts one; beyond it `RESOURCE_EXHAUSTED`)",
+    )
     context_max_memory_chars: int = Field(
         default=8 * 1024,
         ge=64,

@@ -548,6 +548,8 @@ def conversation_record(row: ConversationRow) -> ConversationRecord:
         message_count=row.message_count,
         token_count=row.token_count,
         summary_id=row.summary_id,
+        active_branch=row.active_branch,
+        branch_count=row.branch_count,
     )
 
 
@@ -563,6 +565,8 @@ def message_record(row: Any) -> MessageRecord:
         summary_id=row.summary_id,
         created_at=row.created_at,
         data=row.data,
+        branch=row.branch,
+        parent_seq=row.parent_seq,
     )
 
 

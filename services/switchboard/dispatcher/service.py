@@ -217,6 +217,12 @@ class Dispatcher:
             principal, request, handed, schedule=schedule, parent=parent
         )
 
+    async def regenerate(
+        self, principal: Principal, request: pb.RegenerateMessageRequest
+    ) -> pb.RegenerateMessageResponse:
+        """A new run answering again on a new branch (``runs/intake/admission.py``)."""
+        return await self._stages.admission.regenerate(principal, request)
+
     async def steer_run(
         self,
         principal: Principal,

@@ -58,6 +58,11 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
             current_principal(), request, _handed(context), via=_via(context)
         )
 
+    async def RegenerateMessage(
+        self, request: pb.RegenerateMessageRequest, context: Context
+    ) -> pb.RegenerateMessageResponse:
+        return await self._dispatcher.regenerate(current_principal(), request)
+
     async def SteerRun(self, request: pb.SteerRunRequest, context: Context) -> pb.SteerRunResponse:
         return await self._dispatcher.steer_run(
             current_principal(), request, _via(context), handed=_handed(context)

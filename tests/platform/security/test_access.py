@@ -30,7 +30,7 @@ from tests.kits.authkit import bearer, quick_user, reason
 pytestmark = pytest.mark.service
 
 # Request fields that name a resource, by convention (AIP-122/131/133).
-RESOURCE_FIELD_NAMES = {"name", "parent", "conversation", "run"}
+RESOURCE_FIELD_NAMES = {"name", "parent", "conversation", "run", "message"}
 
 
 def _methods() -> list[MethodDescriptor]:

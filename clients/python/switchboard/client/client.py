@@ -383,6 +383,7 @@ class Client:
         files: Sequence[str | context_pb2.File] = (),
         steer_mode: dispatcher_pb2.SteerMode.ValueType = dispatcher_pb2.STEER_MODE_UNSPECIFIED,
         assistant_revision: int = 0,
+        replaces: str = "",
     ) -> dispatcher_pb2.Run:
         """Send a user message and start a run that answers it; the run (usually QUEUED).
 
@@ -401,6 +402,9 @@ class Client:
         configuration compared, before everything uses it; the run records the
         revision it used (``Run.assistant_revision``). One the assistant does not
         keep is ``NotFound``.
+        ``replaces`` (a user message of the caller's, by name) sends an edit of it:
+        the new message becomes its sibling on a new branch, which becomes active, and
+        the run answers there (``edit`` says it shorter).
         """
         request = dispatcher_pb2.SendMessageRequest(
             conversation=conversation,
@@ -411,6 +415,7 @@ class Client:
             request_id=request_id or new_request_id(),
             concurrency_policy=concurrency_policy,
             steer_mode=steer_mode,
+            replaces=replaces,
         )
         if parameters:
             struct = struct_pb2.Struct()
@@ -451,6 +456,115 @@ class Client:
         run = await self.send(conversation, text, **send)
         async with self.watch(run) as watch:
             return await watch.answer()
+
+    # -- branches -----------------------------------------------------------------------
+
+    async def edit(self, message: str, text: str, **send: Any) -> dispatcher_pb2.Run:
+        """Edit a message of yours (by name): a new version of it on a new branch,
+        made active, and a run answering there (``send``'s keywords apply). Another
+        person's message is ``PermissionDenied``."""
+        conversation = message.split("/messages/", 1)[0]
+        return await self.send(conversation, text, replaces=message, **send)
+
+    async def regenerate(
+        self,
+        answer: str,
+        *,
+        request_id: str | None = None,
+        concurrency_policy: dispatcher_pb2.ConcurrencyPolicy.ValueType = (
+            dispatcher_pb2.CONCURRENCY_POLICY_UNSPECIFIED
+        ),
+        timeout_s: float | None = None,
+    ) -> dispatcher_pb2.Run:
+        """RegenerateMessage: a new run answers the question ``answer`` (a message a
+        run wrote) answered, on a new branch beside it, made active; the new answer is
+        the old one's sibling. Keyed like ``send``, so a retry starts one run."""
+        response = await self.dispatcher.RegenerateMessage(
+            dispatcher_pb2.RegenerateMessageRequest(
+                message=answer,
+                request_id=request_id or new_request_id(),
+                concurrency_policy=concurrency_policy,
+            ),
+            timeout=timeout_s,
+        )
+        return response.run
+
+    async def messages(
+        self,
+        conversation: str,
+        *,
+        branch: int = 0,
+        limit: int = 1000,
+        timeout_s: float | None = None,
+    ) -> list[context_pb2.Message]:
+        """A branch's messages in order (0: the active branch), every page up to
+        ``limit``, each with its versions (``siblings``, ``sibling_position``: a
+        "2 / 3" switcher's). The pages stay on the branch the first one read."""
+        found: list[context_pb2.Message] = []
+        token = ""
+        while len(found) < limit:
+            response = await self.context.ListMessages(
+                context_pb2.ListMessagesRequest(
+                    parent=conversation,
+                    branch=branch,
+                    page_size=min(500, limit - len(found)),
+                    page_token=token,
+                ),
+                timeout=timeout_s,
+            )
+            found += response.messages
+            token = response.next_page_token
+            if not token:
+                break
+        return found[:limit]
+
+    async def switch_branch(
+        self,
+        conversation: str,
+        *,
+        message: str = "",
+        branch: int = 0,
+        etag: str = "",
+        timeout_s: float | None = None,
+    ) -> context_pb2.Conversation:
+        """SwitchBranch: make ``branch``, or the branch through ``message`` that changed
+        last (how a switcher picks a sibling's), the active one; ``etag`` refuses it
+        after another change (``EtagMismatch``)."""
+        response = await self.context.SwitchBranch(
+            context_pb2.SwitchBranchRequest(
+                conversation=conversation, message=message, branch=branch, etag=etag
+            ),
+            timeout=timeout_s,
+        )
+        return response.conversation
+
+    async def create_branch(
+        self, conversation: str, *, after: str = "", timeout_s: float | None = None
+    ) -> tuple[context_pb2.Conversation, int]:
+        """CreateBranch: a new active branch whose history ends at message ``after``
+        (empty: no history); the conversation and the branch's number."""
+        response = await self.context.CreateBranch(
+            context_pb2.CreateBranchRequest(conversation=conversation, after=after),
+            timeout=timeout_s,
+        )
+        return response.conversation, response.branch
+
+    async def delete_message(
+        self,
+        message: str,
+        *,
+        with_later: bool = False,
+        branch: int = 0,
+        timeout_s: float | None = None,
+    ) -> list[str]:
+        """DeleteMessage: the message (and, ``with_later``, every later one on
+        ``branch``, 0: the active one) deleted; the names deleted. The log keeps a
+        tombstone of each (MESSAGE_DELETED), never its words."""
+        response = await self.context.DeleteMessage(
+            context_pb2.DeleteMessageRequest(name=message, with_later=with_later, branch=branch),
+            timeout=timeout_s,
+        )
+        return list(response.deleted)
 
     async def get_run(self, run: RunLike, *, timeout_s: float | None = None) -> dispatcher_pb2.Run:
         """The run as it stands now (``GetRun``): its state, usage and, for a child

@@ -70,6 +70,10 @@ class ConversationStore(StoreBase):
                 message_count=0,
                 token_count=0,
                 summary_id=None,
+                # Set here, not only by the column's default: the record is read before
+                # the insert is flushed.
+                active_branch=1,
+                branch_count=1,
             )
             db.add(row)
             return conversation_record(row), True

@@ -23,6 +23,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.context.common import (
     Common,
     Domain,
+    conversation_event,
     event,
     memory_event,
     metadata_bytes,
@@ -30,7 +31,7 @@ from switchboard.context.common import (
     stored,
     write,
 )
-from switchboard.context.mapping import MESSAGE_ROLES, message_proto
+from switchboard.context.mapping import MESSAGE_ROLES, conversation_proto, message_proto
 from switchboard.context.messages.attachments import (
     Attached,
     Attachments,
@@ -38,12 +39,26 @@ from switchboard.context.messages.attachments import (
     check_references,
     file_parts,
 )
-from switchboard.context.messages.store import Appended, EntityRecord, MessageStore, NewMessage
-from switchboard.context.records import ConversationRecord
+from switchboard.context.messages.store import (
+    Appended,
+    Deleted,
+    EntityRecord,
+    Listed,
+    MessageStore,
+    NewMessage,
+)
+from switchboard.context.records import ConversationRecord, MessageRecord
 from switchboard.context.text.entities import EntityExtractor
 from switchboard.context.windows.documents import measure
-from switchboard.platform.errors import FailedPrecondition, RequestTooLarge, Violations
-from switchboard.platform.security.policy import Principal
+from switchboard.platform.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    PermissionDenied,
+    RequestTooLarge,
+    Violations,
+)
+from switchboard.platform.security.policy import Principal, Role
 from switchboard.platform.store import pagination
 from switchboard.platform.values.names import new_id
 from switchboard.platform.values.resources import (
@@ -266,9 +281,10 @@ class Messages(Domain):
         message_id = message_id or new_id()
         stored_message.name = str(MessageName(workspace_id, conversation_id, message_id))
 
-        def encode(seq: int, when: dt.datetime) -> bytes:
+        def encode(seq: int, when: dt.datetime, branch: int) -> bytes:
             stored_message.sequence = seq
             stored_message.create_time.FromDatetime(when)
+            stored_message.branch = branch
             return stored_message.SerializeToString()
 
         new = NewMessage(
@@ -285,6 +301,9 @@ class Messages(Domain):
             # Searchable by its words from the moment it is stored, as the indexer
             # would read it (whatever the semantic index's state).
             words=render_parts(stored_message.parts),
+            branch=request.branch,
+            replaces=await self._replaced(principal, request),
+            max_branches=self.limits.max_branches,
         )
         key = request_key(principal, "AppendMessage", request)
         staged = self.common.staged(
@@ -318,6 +337,32 @@ class Messages(Domain):
         else:
             self._appended(appended.conversation)
         return message_of(appended), result
+
+    async def _replaced(self, principal: Principal, request: pb.AppendMessageRequest) -> str:
+        """The id of the message ``request`` is a new version of ("" : none), once it
+        is known to be one the caller may replace: a message of the conversation, of
+        the same role, and for a person's message, their own."""
+        if not request.replaces:
+            return ""
+        conversation = ConversationName.parse(request.parent, "parent")
+        replaced = MessageName.parse(request.replaces, "replaces")
+        if (replaced.workspace, replaced.conversation) != (
+            conversation.workspace,
+            conversation.conversation,
+        ):
+            raise InvalidArgument(
+                f"replaces must be a message of {conversation}",
+                [FieldViolation("replaces", f"must be a message of {conversation}")],
+            )
+        old = await self.get(request.replaces)
+        if old.role != request.message.role:
+            raise FailedPrecondition(
+                f"replaces: the message is a {MESSAGE_ROLES.get(old.role, 'message')} message; "
+                f"its new version must be one too"
+            )
+        if old.role == pb.MESSAGE_ROLE_USER and old.author != principal.user_name:
+            raise PermissionDenied("only its author may edit a person's message")
+        return replaced.message
 
     def _stored_size(self, message: pb.Message) -> int:
         """The serialized size of ``message`` as stored: inline bytes become files
@@ -358,24 +403,79 @@ class Messages(Domain):
             )
         return records
 
+    @write
+    async def delete(
+        self, principal: Principal, role: Role | None, request: pb.DeleteMessageRequest
+    ) -> pb.DeleteMessageResponse:
+        """Delete a message (and, with ``with_later``, the later ones on the branch).
+        Editors delete answers and their own messages; another person's needs an owner."""
+        name = MessageName.parse(request.name, "name")
+        if request.branch < 0:
+            text = "must be 0 (the active branch) or a branch number"
+            raise InvalidArgument(f"branch {text}", [FieldViolation("branch", text)])
+
+        def may_delete(record: MessageRecord) -> None:
+            if role == Role.OWNER or record.role != "user":
+                return
+            author = message_proto(record, name.workspace).author
+            if author != principal.user_name:
+                raise PermissionDenied(
+                    "deleting another person's message needs the owner role in the workspace"
+                )
+
+        conversation = str(name.parent)
+        staged = self.common.staged(
+            lambda done: _deleted_events(principal, name.workspace, conversation, done)
+        )
+        done: Deleted = await stored(
+            self._store.delete_messages(
+                name.workspace,
+                name.conversation,
+                name.message,
+                with_later=request.with_later,
+                branch=request.branch,
+                may_delete=may_delete,
+                staged=staged,
+            )
+        )
+        await self.common.announce(staged)
+        return pb.DeleteMessageResponse(
+            deleted=[
+                str(MessageName(name.workspace, name.conversation, record.id))
+                for record in done.messages
+            ],
+            conversation=conversation_proto(done.conversation),
+        )
+
     async def get(self, name: str) -> pb.Message:
         message = MessageName.parse(name, "name")
-        row = await stored(
+        listed = await stored(
             self._store.get_message(message.workspace, message.conversation, message.message)
         )
-        return message_proto(row, message.workspace)
+        return _with_siblings(listed, message.workspace)[0]
 
     async def list(self, request: pb.ListMessagesRequest) -> pb.ListMessagesResponse:
         conversation = ConversationName.parse(request.parent, "parent")
+        if request.branch < 0:
+            raise InvalidArgument(
+                "branch must be 0 (the active branch) or a branch number",
+                [FieldViolation("branch", "must be 0 (the active branch) or a branch number")],
+            )
         pages = self.common.pages
         size = pagination.page_size(request.page_size, default=50, maximum=500)
         token = pagination.fingerprint(
-            "messages", request.parent, request.show_archived, request.newest_first
+            "messages",
+            request.parent,
+            request.show_archived,
+            request.newest_first,
+            *((request.branch,) if request.branch else ()),
         )
-        after = None
+        after, branch = None, request.branch
         if request.page_token:
-            after = int(pages.decode(request.page_token, token, (pagination.COUNT,))[0])
-        rows = await stored(
+            # The branch the first page read: a switch meanwhile does not move the pages.
+            values = pages.decode(request.page_token, token, (pagination.COUNT, pagination.COUNT))
+            after, branch = int(values[0]), int(values[1])
+        listed = await stored(
             self._store.list_messages(
                 conversation.workspace,
                 conversation.conversation,
@@ -383,14 +483,32 @@ class Messages(Domain):
                 size + 1,
                 show_archived=request.show_archived,
                 newest_first=request.newest_first,
+                branch=branch,
             )
         )
+        rows = listed.messages
         response = pb.ListMessagesResponse(
-            messages=[message_proto(r, conversation.workspace) for r in rows[:size]]
+            messages=_with_siblings(listed, conversation.workspace, size), branch=listed.branch
         )
         if len(rows) > size:
-            response.next_page_token = pages.encode([rows[size - 1].seq], token)
+            response.next_page_token = pages.encode([rows[size - 1].seq, listed.branch], token)
         return response
+
+
+def _with_siblings(listed: Listed, workspace_id: str, size: int | None = None) -> list[pb.Message]:
+    """The messages read, each with its versions when it has more than one (a message
+    with none other reads as it was appended)."""
+    messages = []
+    for row in listed.messages[:size]:
+        message = message_proto(row, workspace_id)
+        ids = listed.siblings.get(row.id, [])
+        if len(ids) > 1 and row.id in ids:
+            message.siblings.extend(
+                str(MessageName(workspace_id, row.conversation_id, sibling)) for sibling in ids
+            )
+            message.sibling_position = ids.index(row.id) + 1
+        messages.append(message)
+    return messages
 
 
 def _events(
@@ -409,6 +527,12 @@ def _events(
     )
     return [
         created,
+        # A new version started a branch, now the active one.
+        *(
+            (conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done.conversation),)
+            if done.forked
+            else ()
+        ),
         *(
             memory_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
             for row in done.created_memory
@@ -417,6 +541,41 @@ def _events(
             memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
             for row in done.updated_memory
         ),
+    ]
+
+
+def _deleted_events(
+    principal: Principal, workspace_id: str, conversation: str, done: Deleted
+) -> list[events_pb2.Event]:
+    """A deletion's events: a tombstone per message (where it was, never what it
+    said), the entity memory it changed, and the conversation after it."""
+    workspace = str(WorkspaceName(workspace_id))
+    tombstones = [
+        event(
+            principal,
+            events_pb2.EVENT_TYPE_MESSAGE_DELETED,
+            workspace=workspace,
+            conversation=conversation,
+            field="message_deleted",
+            payload=events_pb2.MessageDeleted(
+                message=str(MessageName(workspace_id, record.conversation_id, record.id)),
+                sequence=record.seq,
+                branch=record.branch,
+            ),
+        )
+        for record in done.messages
+    ]
+    return [
+        *tombstones,
+        *(
+            memory_event(principal, events_pb2.CHANGE_KIND_DELETED, row)
+            for row in done.deleted_memory
+        ),
+        *(
+            memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
+            for row in done.updated_memory
+        ),
+        conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done.conversation),
     ]
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import bindparam, func, literal_column, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from switchboard.context.branches import store as branching
 from switchboard.context.records import (
     ConversationRecord,
     MemoryRecord,
@@ -27,15 +28,17 @@ from switchboard.context.records import (
 )
 from switchboard.context.storebase import (
     StoreBase,
+    conversation_record,
     memory_record,
     message_record,
 )
-from switchboard.platform.errors import NotFound
+from switchboard.platform.errors import FailedPrecondition, NotFound
 from switchboard.platform.store.models import ConversationRow, MemoryItemRow, MessageRow, table_of
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import Idempotency, claim, retrying
 from switchboard.platform.values.names import new_id, now
+from switchboard.platform.values.resources import ConversationName, MessageName
 
 _T = TypeVar("_T")
 
@@ -95,6 +98,8 @@ class Appended:
     created_memory: list[MemoryRecord]
     updated_memory: list[MemoryRecord]
     replayed: bool = False
+    #: The message is a new version of another: it started a branch (``replaces``).
+    forked: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,16 @@ class NewMessage:
     scope: str
     role: str
     tokens: int
-    encode: Callable[[int, dt.datetime], bytes]
+    encode: Callable[[int, dt.datetime, int], bytes]
     entities: Sequence[EntityRecord]
     entity_creator: str
     #: What full-text search matches the message by (its text as a model reads it).
     words: str = ""
+    #: The branch to append to (0: the active one), and the message this one is a new
+    #: version of ("": none), which starts a new branch (``branches/``).
+    branch: int = 0
+    replaces: str = ""
+    max_branches: int = 0
 
 
 class MessageStore(StoreBase):
@@ -195,6 +205,13 @@ class MessageStore(StoreBase):
                 return Appended(MessageRecord(*message), conversation, [], [], True)
             stamp = now()
             seq = conversation.last_seq + 1
+            if new.replaces or new.branch or conversation.branched:
+                conversation, branch, parent_seq = self._branch_place(
+                    connection, conversation, new, stamp
+                )
+            else:
+                # One branch (the plain path): the message follows the newest one.
+                branch, parent_seq = 1, conversation.last_seq
             values: dict[str, Any] = {
                 "id": new.id,
                 "conversation_id": conversation_id,
@@ -204,13 +221,16 @@ class MessageStore(StoreBase):
                 "archived": False,
                 "summary_id": None,
                 "created_at": stamp,
-                "data": new.encode(seq, stamp),
+                "data": new.encode(seq, stamp, branch),
+                "branch": branch,
+                "parent_seq": parent_seq,
             }
             self._insert_message(connection, values, new.words)
             _COUNT_MESSAGE.execute(
                 connection,
                 {"conversation": conversation_id, "seq": seq, "stamp": stamp, "tokens": new.tokens},
             )
+            branching.moved_head(connection, conversation, branch, seq)
             # The conversation as the update left it.
             after = dataclasses.replace(
                 conversation,
@@ -223,9 +243,47 @@ class MessageStore(StoreBase):
             created, updated = self._remember_entities(
                 db, conversation, new, max_memory_per_scope, stamp
             )
-            return Appended(MessageRecord(**values), after, created, updated)
+            return Appended(
+                MessageRecord(**values), after, created, updated, forked=bool(new.replaces)
+            )
 
         return tx
+
+    def _branch_place(
+        self,
+        connection: Connection,
+        conversation: ConversationRecord,
+        new: NewMessage,
+        stamp: dt.datetime,
+    ) -> tuple[ConversationRecord, int, int]:
+        """Where ``new`` goes in a conversation with branches, or one it makes branch:
+        (the conversation after any fork, its branch, the sequence it follows)."""
+        branch = branching.check_branch(conversation, new.branch)
+        if not new.replaces:
+            return conversation, branch, branching.head(connection, conversation, branch)
+        workspace_id, conversation_id = conversation.workspace_id, conversation.id
+        old = branching.place(connection, conversation_id, new.replaces)
+        if old is None:
+            raise Missing("message", workspace_id, conversation_id, new.replaces)
+        if not new.branch:
+            # The message's own branch holds it, whichever is active: two edits of
+            # one message at once each fork from where it is.
+            branch = old.branch
+        elif not branching.path(connection, conversation, branch).holds(old.branch, old.seq):
+            raise FailedPrecondition(
+                f"replaces: the message is not on branch {branch}; name a branch that holds it"
+            )
+        branching.check_unfolded(connection, conversation_id, old.parent_seq, "replaces")
+        forked = branching.fork(
+            connection,
+            conversation,
+            source=branch,
+            after=old.parent_seq,
+            max_branches=new.max_branches,
+            stamp=stamp,
+        )
+        # A new version of ``old``: it follows what ``old`` followed.
+        return forked.conversation, forked.number, old.parent_seq
 
     def _insert_message(self, connection: Connection, values: dict[str, Any], words: str) -> None:
         """The message's row and its words' full-text index, in the append's transaction."""
@@ -296,17 +354,131 @@ class MessageStore(StoreBase):
             created.append(memory_record(row))
         return created, updated
 
-    async def get_message(
-        self, workspace_id: str, conversation_id: str, message_id: str
-    ) -> MessageRecord:
-        def tx(db: Session) -> MessageRecord:
-            self._conversation(db, workspace_id, conversation_id)
+    async def get_message(self, workspace_id: str, conversation_id: str, message_id: str) -> Listed:
+        def tx(db: Session) -> Listed:
+            conversation = conversation_record(
+                self._conversation(db, workspace_id, conversation_id)
+            )
             message = db.get(MessageRow, message_id)
             if message is None or message.conversation_id != conversation_id:
                 raise Missing("message", workspace_id, conversation_id, message_id)
-            return message_record(message)
+            record = message_record(message)
+            return Listed(
+                [record],
+                conversation.active_branch,
+                _siblings(db.connection(), conversation, [record]),
+            )
 
         return await self._run(tx, write=False)
+
+    async def delete_messages(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        message_id: str,
+        *,
+        with_later: bool,
+        branch: int,
+        may_delete: Callable[[MessageRecord], None],
+        staged: Staged[Any] | None = None,
+    ) -> Deleted:
+        """Delete a message (with ``with_later``, and every later one on ``branch``'s
+        history, 0: the active one): rows, their words' index, their citations in
+        entity memory. ``may_delete`` refuses one the caller may not delete (nothing
+        is deleted then). A branch whose newest message goes keeps following its
+        sequence: what is appended there next is still a version of what followed it."""
+
+        def tx(db: Session) -> Deleted:
+            connection = db.connection()
+            conversation = self._conversation_record(
+                connection, workspace_id, conversation_id, writable=True, lock=True
+            )
+            number = branching.check_branch(conversation, branch)
+            found = _MESSAGE_BY_ID.first(connection, {"id": message_id})
+            if found is None or MessageRecord(*found).conversation_id != conversation_id:
+                raise Missing("message", workspace_id, conversation_id, message_id)
+            first = MessageRecord(*found)
+            history = branching.path(connection, conversation, number)
+            if (with_later or branch) and not history.holds(first.branch, first.seq):
+                raise FailedPrecondition(
+                    f"the message is not on branch {number}; name a branch that holds it"
+                )
+            doomed = [first]
+            if with_later:
+                later = (
+                    select(*(_MESSAGES.c[f] for f in _MESSAGE_FIELDS))
+                    .where(
+                        _MESSAGES.c.conversation_id == conversation_id,
+                        _MESSAGES.c.seq > first.seq,
+                        history.condition(),
+                    )
+                    .order_by(_MESSAGES.c.seq)
+                )
+                doomed += [MessageRecord(*row) for row in connection.execute(later).all()]
+            for record in doomed:
+                may_delete(record)
+            ids = [record.id for record in doomed]
+            # SQLite's words go by the trigger of migration 0023, PostgreSQL's with the row.
+            db.execute(sa.delete(MessageRow).where(MessageRow.id.in_(ids)))
+            names = {_name(workspace_id, record) for record in doomed}
+            deleted_memory, updated_memory = self._forget_citations(
+                db, str(ConversationName(workspace_id, conversation_id)), names
+            )
+            live = [record for record in doomed if not record.archived]
+            stamp = now()
+            tokens = sum(record.token_count for record in live)
+            db.execute(
+                update(_CONVERSATIONS)
+                .where(_CONVERSATIONS.c.id == conversation_id)
+                .values(
+                    version=_CONVERSATIONS.c.version + 1,
+                    updated_at=stamp,
+                    message_count=_CONVERSATIONS.c.message_count - len(live),
+                    token_count=_CONVERSATIONS.c.token_count - tokens,
+                )
+            )
+            after = dataclasses.replace(
+                conversation,
+                version=conversation.version + 1,
+                updated_at=stamp,
+                message_count=conversation.message_count - len(live),
+                token_count=conversation.token_count - tokens,
+            )
+            return Deleted(doomed, deleted_memory, updated_memory, after)
+
+        return await retrying(lambda: self._run(staging(staged, tx), write=True))
+
+    def _forget_citations(
+        self, db: Session, scope: str, names: set[str]
+    ) -> tuple[list[MemoryRecord], list[MemoryRecord]]:
+        """Entity items of the conversation stop citing deleted messages; one that then
+        cites none is deleted (it holds words only they had)."""
+        deleted: list[MemoryRecord] = []
+        updated: list[MemoryRecord] = []
+        rows = db.execute(
+            select(MemoryItemRow).where(
+                MemoryItemRow.scope == scope, MemoryItemRow.kind == "entity"
+            )
+        ).scalars()
+        for row in rows:
+            sources = row.sources.split()
+            kept = [source for source in sources if source not in names]
+            if len(kept) == len(sources):
+                continue
+            if kept:
+                row.sources = " ".join(kept)
+                row.updated_at = now()
+                row.version += 1
+                updated.append(memory_record(row))
+                continue
+            if self._sqlite:
+                db.execute(
+                    text("DELETE FROM memory_fts WHERE rowid = :rowid"), {"rowid": row.fts_rowid}
+                )
+            deleted.append(memory_record(row))
+            db.delete(row)
+        # The conversation's version, which the caller moves, covers its memory's windows.
+        return deleted, updated
 
     async def list_messages(
         self,
@@ -317,7 +489,10 @@ class MessageStore(StoreBase):
         *,
         show_archived: bool,
         newest_first: bool,
-    ) -> list[MessageRecord]:
+        branch: int = 0,
+    ) -> Listed:
+        """A page of ``branch``'s history (0: the active branch), with each message's
+        siblings when the conversation has branches."""
         query = select(MessageRow).where(MessageRow.conversation_id == conversation_id)
         if not show_archived:
             query = query.where(MessageRow.archived.is_(False))
@@ -327,11 +502,54 @@ class MessageStore(StoreBase):
             )
         query = query.order_by(MessageRow.seq.desc() if newest_first else MessageRow.seq)
 
-        def tx(db: Session) -> list[MessageRecord]:
-            self._conversation(db, workspace_id, conversation_id)
-            return [message_record(row) for row in db.execute(query.limit(limit)).scalars()]
+        def tx(db: Session) -> Listed:
+            conversation = conversation_record(
+                self._conversation(db, workspace_id, conversation_id)
+            )
+            number = branching.check_branch(conversation, branch)
+            connection = db.connection()
+            read = query
+            if conversation.branched:
+                read = read.where(branching.path(connection, conversation, number).condition())
+            rows = [message_record(row) for row in db.execute(read.limit(limit)).scalars()]
+            return Listed(rows, number, _siblings(connection, conversation, rows))
 
         return await self._run(tx, write=False, snapshot=True)
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What a message deletion removed: the messages (oldest first), the entity items
+    left citing nothing (deleted) or citing fewer messages, the conversation after."""
+
+    messages: list[MessageRecord]
+    deleted_memory: list[MemoryRecord]
+    updated_memory: list[MemoryRecord]
+    conversation: ConversationRecord
+
+
+@dataclass(frozen=True)
+class Listed:
+    """Messages read, the branch they were read on, and each one's siblings (by id:
+    the ids of every message following the one it follows, oldest first; empty while
+    the conversation has one branch)."""
+
+    messages: list[MessageRecord]
+    branch: int
+    siblings: dict[str, list[str]]
+
+
+def _name(workspace_id: str, record: MessageRecord) -> str:
+    return str(MessageName(workspace_id, record.conversation_id, record.id))
+
+
+def _siblings(
+    connection: Connection, conversation: ConversationRecord, rows: Sequence[MessageRecord]
+) -> dict[str, list[str]]:
+    if not conversation.branched or not rows:
+        return {}
+    following = branching.siblings(connection, conversation.id, [r.parent_seq for r in rows])
+    return {r.id: following.get(r.parent_seq, [r.id]) for r in rows}
 
 
 def _nothing(db: Session, appended: Appended) -> None:

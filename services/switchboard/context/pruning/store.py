@@ -8,6 +8,7 @@ from typing import Any, Literal
 from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
+from switchboard.context.branches import store as branching
 from switchboard.context.records import ConversationRecord, MemoryRecord, MessageRecord
 from switchboard.context.storebase import (
     StoreBase,
@@ -30,7 +31,11 @@ from switchboard.platform.values.names import now
 
 class PruneStore(StoreBase):
     async def live_tokens(self, workspace_id: str, conversation_id: str) -> list[tuple[int, int]]:
-        """(seq, tokens) of every live message, oldest first."""
+        """(seq, tokens) of every live message that may be folded, oldest first.
+
+        A conversation with branches folds only the history every branch shares (its
+        first messages, before the earliest fork): its one summary then holds for every
+        branch, and a branch never reads a summary of messages it does not hold."""
         query = (
             select(MessageRow.seq, MessageRow.token_count)
             .where(MessageRow.conversation_id == conversation_id, MessageRow.archived.is_(False))
@@ -38,8 +43,16 @@ class PruneStore(StoreBase):
         )
 
         def tx(db: Session) -> list[tuple[int, int]]:
-            self._conversation(db, workspace_id, conversation_id)
-            return [(int(seq), int(tokens)) for seq, tokens in db.execute(query).all()]
+            conversation = conversation_record(
+                self._conversation(db, workspace_id, conversation_id)
+            )
+            read = query
+            if conversation.branched:
+                read = read.where(
+                    MessageRow.branch == 1,
+                    MessageRow.seq <= branching.shared_upto(db.connection(), conversation_id),
+                )
+            return [(int(seq), int(tokens)) for seq, tokens in db.execute(read).all()]
 
         return await self._run(tx, write=False, snapshot=True)
 

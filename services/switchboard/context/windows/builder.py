@@ -105,6 +105,22 @@ def _check_retrieval(
     check_mode(retrieval.mode, "retrieval.mode", violations)
 
 
+def _check_branch(branch: int, violations: Violations) -> None:
+    if branch < 0:
+        violations.add("branch", "must be 0 (the active branch) or a branch number")
+
+
+def _other_branch(result: pb.SearchResult, conversation: str, rows: WindowRows) -> bool:
+    """Whether ``result`` is a message of this conversation that the window's branch
+    does not hold (another version of the conversation)."""
+    if result.WhichOneof("source") != "message" or rows.path.every:
+        return False
+    message = result.message
+    if not message.name.startswith(conversation + "/"):
+        return False
+    return not rows.path.holds(message.branch or 1, message.sequence)
+
+
 def _file_names(message: pb.Message) -> list[str]:
     return [part.file.file for part in message.parts if part.HasField("file") and part.file.file]
 
@@ -178,6 +194,7 @@ class Windows(Domain):
         retrieval = request.retrieval if request.HasField("retrieval") else None
         if retrieval is not None:
             _check_retrieval(retrieval, request.token_budget, violations)
+        _check_branch(request.branch, violations)
         violations.check()
         at = (
             timefields.timestamp(request.valid_at, "valid_at")
@@ -200,6 +217,8 @@ class Windows(Domain):
         suffix = (
             str(request.token_budget),
             hashlib.sha256(request.query.encode()).hexdigest()[:16],
+            # The active branch is the conversation's version's; another is the request's.
+            *((f"b{request.branch}",) if request.branch else ()),
         )
 
         def key_of(versions: tuple[int, int, int]) -> str:
@@ -372,6 +391,7 @@ class Windows(Domain):
                         relevant_limit=limits.relevant_limit,
                         max_pinned=limits.max_pinned,
                         at=at,
+                        branch=request.branch,
                     )
                 )
             return await stored(
@@ -384,6 +404,7 @@ class Windows(Domain):
                     query=query,
                     relevant_limit=limits.relevant_limit,
                     max_pinned=limits.max_pinned,
+                    branch=request.branch,
                 )
             )
         except Unsearchable:
@@ -451,6 +472,8 @@ class Windows(Domain):
         retrieved: dict[str, pb.SearchResult] = {}
         loaded = set(messages)
         for result in ranking.results if ranking is not None else ():
+            if _other_branch(result, conversation, rows):
+                continue
             key, tokens = self._retrieved_key(result, conversation, loaded)
             if key and key not in retrieved:
                 retrieved[key] = result

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sqlalchemy import bindparam, func, or_, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from switchboard.context.branches import store as branching
+from switchboard.context.branches.paths import Path, plain
 from switchboard.context.records import (
     ConversationRecord,
     MemoryRecord,
@@ -72,6 +74,23 @@ _RECENT_MESSAGES: Final = Prepared(
     .limit(bindparam("limit")),
     name="recent messages",
 )
+# A conversation with branches reads one branch's history: the same reads, with its
+# condition (``branches/paths.py``), built per window.
+_LATEST_ON_PATH: Final = (
+    select(*(_MESSAGES.c[field] for field in MessageRecord.__dataclass_fields__))
+    .where(_MESSAGES.c.conversation_id == bindparam("conversation"), _MESSAGES.c.role == "user")
+    .order_by(_MESSAGES.c.seq.desc())
+)
+_RECENT_ON_PATH: Final = (
+    select(_MESSAGES.c.seq, _MESSAGES.c.token_count, _MESSAGES.c.data)
+    .where(
+        _MESSAGES.c.conversation_id == bindparam("conversation"),
+        _MESSAGES.c.archived.is_(False),
+        _MESSAGES.c.seq < bindparam("upper"),
+    )
+    .order_by(_MESSAGES.c.seq.desc())
+    .limit(bindparam("limit"))
+)
 _RECENT_PAGE: Final = 256
 _RECENT_FIRST_PAGE: Final = 32
 
@@ -102,6 +121,8 @@ class WindowRows:
     recent: list[tuple[int, int]]
     # The stored ``Message`` of each of them, by seq.
     bodies: dict[int, bytes]
+    # The branch history read (every message while the conversation has one branch).
+    path: Path = field(default_factory=plain)
 
 
 class WindowStore(StoreBase):
@@ -133,6 +154,7 @@ class WindowStore(StoreBase):
         relevant_limit: int,
         max_pinned: int,
         at: dt.datetime | None = None,
+        branch: int = 0,
     ) -> WindowRows:
         """Read everything a window needs in one snapshot.
 
@@ -157,6 +179,7 @@ class WindowStore(StoreBase):
                 relevant_limit,
                 max_pinned,
                 at,
+                branch,
             )
 
         return await self._run(tx, write=False, snapshot=True)
@@ -172,6 +195,7 @@ class WindowStore(StoreBase):
         query: Callable[[MessageRecord | None], str],
         relevant_limit: int,
         max_pinned: int,
+        branch: int = 0,
     ) -> tuple[tuple[int, int, int], WindowRows | None]:
         """``window_version`` and, unless ``cached(versions)``, ``window_rows``, in one
         snapshot and one thread hop: a run reads its window right after appending to
@@ -190,7 +214,15 @@ class WindowStore(StoreBase):
                 return found, None
             conversation = self._conversation_record(connection, workspace_id, conversation_id)
             rows = self._window_rows(
-                connection, conversation, found, scopes, budget, query, relevant_limit, max_pinned
+                connection,
+                conversation,
+                found,
+                scopes,
+                budget,
+                query,
+                relevant_limit,
+                max_pinned,
+                branch=branch,
             )
             return found, rows
 
@@ -207,8 +239,12 @@ class WindowStore(StoreBase):
         relevant_limit: int,
         max_pinned: int,
         at: dt.datetime | None = None,
+        branch: int = 0,
     ) -> WindowRows:
-        """The rest of a window's reads, in the snapshot ``versions`` were read in."""
+        """The rest of a window's reads, in the snapshot ``versions`` were read in.
+        A conversation with branches is read on ``branch`` (0: the active one)."""
+        number = branching.check_branch(conversation, branch)
+        history = branching.path(connection, conversation, number)
         every = scopes.all()
         stamp = at or now()
         pinned = _PINNED.rows(
@@ -222,7 +258,13 @@ class WindowStore(StoreBase):
                 "origin": conversation.workspace_id,
             },
         )
-        latest = _LATEST_USER_MESSAGE.first(connection, {"conversation": conversation.id})
+        if history.every:
+            latest = _LATEST_USER_MESSAGE.first(connection, {"conversation": conversation.id})
+        else:
+            latest = connection.execute(
+                _LATEST_ON_PATH.where(history.condition()).limit(1),
+                {"conversation": conversation.id},
+            ).first()
         relevant = self._search_window(
             connection,
             every,
@@ -234,7 +276,7 @@ class WindowStore(StoreBase):
         summary = None
         if conversation.summary_id:
             summary = _SUMMARY.first(connection, {"id": conversation.summary_id})
-        recent, bodies = _recent(connection, conversation, budget)
+        recent, bodies = _recent(connection, conversation, budget, history)
         return WindowRows(
             conversation=conversation,
             workspace_version=versions[1],
@@ -244,11 +286,12 @@ class WindowStore(StoreBase):
             summary=MemoryRecord(*summary) if summary is not None else None,
             recent=recent,
             bodies=bodies,
+            path=history,
         )
 
 
 def _recent(
-    connection: Connection, conversation: ConversationRecord, budget: int
+    connection: Connection, conversation: ConversationRecord, budget: int, history: Path
 ) -> tuple[list[tuple[int, int]], dict[int, bytes]]:
     """(seq, tokens) of the newest live messages covering ``budget``, and their bodies.
 
@@ -263,10 +306,13 @@ def _recent(
     covered = 0
     upper = conversation.last_seq + 1
     page_size = min(max(budget // 16, _RECENT_FIRST_PAGE), _RECENT_PAGE)
+    on_path = None if history.every else _RECENT_ON_PATH.where(history.condition())
     while covered <= budget:
-        page = _RECENT_MESSAGES.rows(
-            connection, {"conversation": conversation.id, "upper": upper, "limit": page_size}
-        )
+        params = {"conversation": conversation.id, "upper": upper, "limit": page_size}
+        if on_path is None:
+            page = _RECENT_MESSAGES.rows(connection, params)
+        else:
+            page = [tuple(row) for row in connection.execute(on_path, params).all()]
         for seq, tokens, data in page:
             recent.append((int(seq), int(tokens)))
             bodies[int(seq)] = data

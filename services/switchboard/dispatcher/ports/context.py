@@ -118,6 +118,12 @@ class _Memory(Protocol):
     ) -> Awaitable[cpb.SearchMemoryItemsResponse]: ...
 
 
+class _Branches(Protocol):
+    def create(
+        self, principal: Principal, /, request: cpb.CreateBranchRequest
+    ) -> Awaitable[cpb.CreateBranchResponse]: ...
+
+
 class ContextDomain(Protocol):
     """What ``LocalContext`` needs of the context service's domain (``context/domain.py``)."""
 
@@ -141,6 +147,9 @@ class ContextDomain(Protocol):
 
     @property
     def memory(self) -> _Memory: ...
+
+    @property
+    def branches(self) -> _Branches: ...
 
 
 class ContextPort(Protocol):
@@ -176,6 +185,12 @@ class ContextPort(Protocol):
 
     async def message(self, principal: Principal, name: str, *, timeout_s: float) -> cpb.Message:
         """A stored message (a delegate run's answer, read by the run that asked)."""
+        ...
+
+    async def create_branch(
+        self, principal: Principal, request: cpb.CreateBranchRequest, *, timeout_s: float
+    ) -> cpb.CreateBranchResponse:
+        """A new active branch (a regenerated answer's, ending at the message answered)."""
         ...
 
     async def create_conversation(
@@ -270,6 +285,12 @@ class LocalContext:
     async def message(self, principal: Principal, name: str, *, timeout_s: float) -> cpb.Message:
         async with asyncio.timeout(timeout_s):
             return await self._domain.messages.get(name)
+
+    async def create_branch(
+        self, principal: Principal, request: cpb.CreateBranchRequest, *, timeout_s: float
+    ) -> cpb.CreateBranchResponse:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.branches.create(principal, request)
 
     async def create_conversation(
         self, principal: Principal, request: cpb.CreateConversationRequest, *, timeout_s: float
@@ -384,6 +405,11 @@ class RemoteContext:
             self._stub.GetMessage, cpb.GetMessageRequest(name=name), principal, timeout_s
         )
         return response.message
+
+    async def create_branch(
+        self, principal: Principal, request: cpb.CreateBranchRequest, *, timeout_s: float
+    ) -> cpb.CreateBranchResponse:
+        return await self._peer.call(self._stub.CreateBranch, request, principal, timeout_s)
 
     async def create_conversation(
         self, principal: Principal, request: cpb.CreateConversationRequest, *, timeout_s: float

@@ -182,6 +182,7 @@ class StepMessages:
                 role=role, author=self._run.handler, parts=parts, run=self._run.name
             ),
             request_id=f"run-{self._run_name.run}-{suffix}"[:64],
+            branch=self._run.branch,
         )
 
 

@@ -178,7 +178,10 @@ class Speaking:
         try:
             output = await append(
                 cpb.AppendMessageRequest(
-                    parent=run.conversation, message=answer, request_id=f"run-{run.run_id}"
+                    parent=run.conversation,
+                    message=answer,
+                    request_id=f"run-{run.run_id}",
+                    branch=run.run.branch,
                 )
             )
         except SwitchboardError as exc:

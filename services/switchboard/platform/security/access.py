@@ -107,6 +107,10 @@ RULES: Final[dict[str, Rule]] = {
     _CONTEXT + "AppendMessage": resource("parent", WRITE),
     _CONTEXT + "GetMessage": resource("name", READ),
     _CONTEXT + "ListMessages": resource("parent", READ),
+    # Another person's message needs the owner role too (the domain checks it).
+    _CONTEXT + "DeleteMessage": resource("name", WRITE),
+    _CONTEXT + "CreateBranch": resource("conversation", WRITE),
+    _CONTEXT + "SwitchBranch": resource("conversation", WRITE),
     _CONTEXT + "CreateMemoryItem": resource("parent", WRITE),
     _CONTEXT + "GetMemoryItem": resource("name", READ),
     _CONTEXT + "UpdateMemoryItem": resource("memory_item.name", WRITE),
@@ -133,6 +137,7 @@ RULES: Final[dict[str, Rule]] = {
     _CONTEXT + "DeleteFile": resource("name", WRITE),
     # Dispatcher.
     _DISPATCHER + "SendMessage": resource("conversation", WRITE),
+    _DISPATCHER + "RegenerateMessage": resource("message", WRITE),
     _DISPATCHER + "GetRun": resource("name", READ),
     _DISPATCHER + "ListRuns": resource("parent", READ),
     _DISPATCHER + "CancelRun": resource("name", WRITE),

@@ -219,6 +219,32 @@ class ConversationRow(Base):
     token_count: Mapped[int] = mapped_column(BigInteger, default=0)
     # The newest summary memory item (pruning), if any.
     summary_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    # The branch reads and appends follow, and how many there are (migration 0027).
+    active_branch: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    branch_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+
+class BranchRow(Base):
+    """One branch of a conversation that has more than one (docs/conversations.md).
+
+    A branch holds its own messages (``messages.branch``) after the first ``fork_seq``
+    messages' worth of its ``parent``'s history: the parent's messages up to sequence
+    ``fork_seq`` (and, in turn, whatever the parent shares of its own parent). Branch 1
+    has no parent. ``head_seq`` is the sequence of the newest message on the branch's
+    history (``fork_seq`` until it has one of its own).
+    """
+
+    __tablename__ = "conversation_branches"
+
+    conversation_id: Mapped[str] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # 0: none (branch 1, or a branch started with no history).
+    parent: Mapped[int] = mapped_column(Integer)
+    fork_seq: Mapped[int] = mapped_column(BigInteger)
+    head_seq: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
 class MessageRow(Base):
@@ -235,6 +261,7 @@ class MessageRow(Base):
         UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
         Index("ix_messages_live", "conversation_id", "archived", "seq"),
         Index("uq_messages_fts_rowid", "fts_rowid", unique=True),
+        Index("ix_messages_parent", "conversation_id", "parent_seq", "seq"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
@@ -248,6 +275,10 @@ class MessageRow(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
     # The SQLite FTS5 rowid (messages_fts); NULL on PostgreSQL.
     fts_rowid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The branch it was appended on, and the sequence of the message it follows (0: none):
+    # messages that follow the same one are versions of each other (migration 0027).
+    branch: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    parent_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class MemoryItemRow(Base):

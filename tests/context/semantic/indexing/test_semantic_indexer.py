@@ -127,6 +127,13 @@ async def test_messages_are_indexed_only_while_the_workspace_asks(
         assert set(messages) == {before.name, after.name}
         assert [c.text for c in messages[after.name]] == ["Production runs in Frankfurt"]
         assert {c.embedding for c in messages[before.name]} == {KEY_1}
+        # A deleted message's passages go with it (the indexer reads its tombstone).
+        gone = await append(stub, world.editor, chat.name, "The vault code is 4711")
+        await settled(domain)
+        assert gone.name in by_source(await chunk_rows(domain))
+        await rpc(stub.DeleteMessage, pb.DeleteMessageRequest(name=gone.name), world.editor)
+        await settled(domain)
+        assert gone.name not in by_source(await chunk_rows(domain))
 
         # Off again: their passages go.
         await set_index(stub, world.owner, world.name, index_messages=False)

@@ -16,8 +16,9 @@ from google.protobuf.message import Message
 
 AFFINITY_HEADER: Final = "switchboard-affinity"
 #: The fields whose value may be (or start with) a conversation's name: a send's
-#: conversation, a run's, message's or voice session's name, a list's parent, a steer's run.
-_NAMED_BY: Final = frozenset({"conversation", "name", "run", "parent", "session"})
+#: conversation, a run's, message's or voice session's name, a list's parent, a steer's run,
+#: a regenerated answer.
+_NAMED_BY: Final = frozenset({"conversation", "name", "run", "parent", "session", "message"})
 
 
 def affinity(request: object) -> str:

@@ -603,6 +603,8 @@ class Conversation(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ACTIVE_BRANCH_FIELD_NUMBER: _builtins.int
+    BRANCH_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{workspace}/conversations/{conversation}`."""
     title: _builtins.str
@@ -617,6 +619,15 @@ class Conversation(_message.Message):
     """Number of live (not pruned) messages (output only)."""
     version: _builtins.int
     """Version counter bumped on every write; keys the context window cache (output only)."""
+    active_branch: _builtins.int
+    """The branch that reads, windows and appends follow when they name none; 1
+    is the first (output only: set by SwitchBranch, CreateBranch, an edit or a
+    regenerated answer).
+    """
+    branch_count: _builtins.int
+    """How many branches the conversation has: 1 until a message is edited or an
+    answer regenerated (output only).
+    """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
         """Free-form client metadata (bounded in size)."""
@@ -647,10 +658,12 @@ class Conversation(_message.Message):
         etag: _builtins.str = ...,
         message_count: _builtins.int = ...,
         version: _builtins.int = ...,
+        active_branch: _builtins.int = ...,
+        branch_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "metadata", b"metadata", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "create_time", b"create_time", "creator", b"creator", "delete_time", b"delete_time", "etag", b"etag", "message_count", b"message_count", "metadata", b"metadata", "name", b"name", "title", b"title", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_branch", b"active_branch", "archived", b"archived", "branch_count", b"branch_count", "create_time", b"create_time", "creator", b"creator", "delete_time", b"delete_time", "etag", b"etag", "message_count", b"message_count", "metadata", b"metadata", "name", b"name", "title", b"title", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1008,6 +1021,9 @@ class Message(_message.Message):
     ARCHIVED_FIELD_NUMBER: _builtins.int
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    SIBLINGS_FIELD_NUMBER: _builtins.int
+    SIBLING_POSITION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{workspace}/conversations/{conversation}/messages/{message}`."""
     role: Global___MessageRole.ValueType
@@ -1024,6 +1040,10 @@ class Message(_message.Message):
     """Token count under the server's counter (output only)."""
     summary: _builtins.str
     """The summary memory item this message was folded into by pruning, if archived (output only)."""
+    branch: _builtins.int
+    """The branch it was appended on (output only)."""
+    sibling_position: _builtins.int
+    """Its position among `siblings`, from 1; 0 when `siblings` is empty (output only)."""
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
         """The content, in order."""
@@ -1035,6 +1055,14 @@ class Message(_message.Message):
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was appended."""
+
+    @_builtins.property
+    def siblings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every version at its place in the conversation, itself included, oldest
+        first (the messages that follow the same message), when there is more than
+        one; empty for a message with no other version (output only; filled by
+        ListMessages and GetMessage).
+        """
 
     def __init__(
         self,
@@ -1050,10 +1078,13 @@ class Message(_message.Message):
         archived: _builtins.bool = ...,
         token_count: _builtins.int = ...,
         summary: _builtins.str = ...,
+        branch: _builtins.int = ...,
+        siblings: _abc.Iterable[_builtins.str] | None = ...,
+        sibling_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "author", b"author", "create_time", b"create_time", "metadata", b"metadata", "name", b"name", "parts", b"parts", "role", b"role", "run", b"run", "sequence", b"sequence", "summary", b"summary", "token_count", b"token_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "author", b"author", "branch", b"branch", "create_time", b"create_time", "metadata", b"metadata", "name", b"name", "parts", b"parts", "role", b"role", "run", b"run", "sequence", b"sequence", "sibling_position", b"sibling_position", "siblings", b"siblings", "summary", b"summary", "token_count", b"token_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2257,6 +2288,8 @@ class AppendMessageRequest(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REPLACES_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`workspaces/{workspace}/conversations/{conversation}`."""
     request_id: _builtins.str
@@ -2265,6 +2298,15 @@ class AppendMessageRequest(_message.Message):
     this method and kept for 24 hours: a retry with the same id within that time
     returns the first result, and the same id with a different request is
     INVALID_ARGUMENT.
+    """
+    replaces: _builtins.str
+    """A message this one is a new version of (an edit): the new message becomes
+    its sibling, on a new branch that starts just before it, and that branch
+    becomes the active one. With `branch` set, it must be on that branch.
+    """
+    branch: _builtins.int
+    """The branch to append to, at its end; 0 for the active branch (for an edit:
+    the branch the replaced message was appended on).
     """
     @_builtins.property
     def message(self) -> Global___Message:
@@ -2276,10 +2318,12 @@ class AppendMessageRequest(_message.Message):
         parent: _builtins.str = ...,
         message: Global___Message | None = ...,
         request_id: _builtins.str = ...,
+        replaces: _builtins.str = ...,
+        branch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "message", b"message", "parent", b"parent", "replaces", b"replaces", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2366,6 +2410,7 @@ class ListMessagesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     SHOW_ARCHIVED_FIELD_NUMBER: _builtins.int
     NEWEST_FIRST_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`workspaces/{workspace}/conversations/{conversation}`."""
     page_size: _builtins.int
@@ -2376,6 +2421,8 @@ class ListMessagesRequest(_message.Message):
     """Include messages archived by pruning."""
     newest_first: _builtins.bool
     """Return newest first instead of oldest first."""
+    branch: _builtins.int
+    """The branch to read; 0 for the active branch."""
     def __init__(
         self,
         *,
@@ -2384,10 +2431,11 @@ class ListMessagesRequest(_message.Message):
         page_token: _builtins.str = ...,
         show_archived: _builtins.bool = ...,
         newest_first: _builtins.bool = ...,
+        branch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "show_archived", b"show_archived"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "show_archived", b"show_archived"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2401,8 +2449,11 @@ class ListMessagesResponse(_message.Message):
 
     MESSAGES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
+    branch: _builtins.int
+    """The branch read."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The messages, ordered by sequence."""
@@ -2412,14 +2463,197 @@ class ListMessagesResponse(_message.Message):
         *,
         messages: _abc.Iterable[Global___Message] | None = ...,
         next_page_token: _builtins.str = ...,
+        branch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "messages", b"messages", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteMessageRequest(_message.Message):
+    """Request for DeleteMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WITH_LATER_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/conversations/{conversation}/messages/{message}`."""
+    with_later: _builtins.bool
+    """Also delete every message after it on `branch` (the answers below it)."""
+    branch: _builtins.int
+    """The branch whose later messages go with it; 0 for the active branch. The
+    message must be on it.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        with_later: _builtins.bool = ...,
+        branch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "name", b"name", "with_later", b"with_later"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteMessageRequest: _TypeAlias = DeleteMessageRequest  # noqa: Y015
+
+@_typing.final
+class DeleteMessageResponse(_message.Message):
+    """Response for DeleteMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names of the messages deleted, in order."""
+
+    @_builtins.property
+    def conversation(self) -> Global___Conversation:
+        """The conversation after the deletion."""
+
+    def __init__(
+        self,
+        *,
+        deleted: _abc.Iterable[_builtins.str] | None = ...,
+        conversation: Global___Conversation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteMessageResponse: _TypeAlias = DeleteMessageResponse  # noqa: Y015
+
+@_typing.final
+class CreateBranchRequest(_message.Message):
+    """Request for CreateBranch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """`workspaces/{workspace}/conversations/{conversation}`."""
+    after: _builtins.str
+    """The message the new branch's history ends at; empty for a branch with no
+    history.
+    """
+    etag: _builtins.str
+    """The conversation's etag, if the change must not follow another."""
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        after: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "conversation", b"conversation", "etag", b"etag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBranchRequest: _TypeAlias = CreateBranchRequest  # noqa: Y015
+
+@_typing.final
+class CreateBranchResponse(_message.Message):
+    """Response for CreateBranch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    branch: _builtins.int
+    """The new branch's number."""
+    @_builtins.property
+    def conversation(self) -> Global___Conversation:
+        """The conversation, with the new branch active."""
+
+    def __init__(
+        self,
+        *,
+        conversation: Global___Conversation | None = ...,
+        branch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "conversation", b"conversation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBranchResponse: _TypeAlias = CreateBranchResponse  # noqa: Y015
+
+@_typing.final
+class SwitchBranchRequest(_message.Message):
+    """Request for SwitchBranch. Exactly one of `branch` and `message` is set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """`workspaces/{workspace}/conversations/{conversation}`."""
+    branch: _builtins.int
+    """The branch to make active."""
+    message: _builtins.str
+    """A message: the branch through it that changed last becomes active (how a
+    "< 2 / 3 >" switcher picks the branch of a sibling).
+    """
+    etag: _builtins.str
+    """The conversation's etag, if the change must not follow another."""
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        branch: _builtins.int = ...,
+        message: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "conversation", b"conversation", "etag", b"etag", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchBranchRequest: _TypeAlias = SwitchBranchRequest  # noqa: Y015
+
+@_typing.final
+class SwitchBranchResponse(_message.Message):
+    """Response for SwitchBranch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversation(self) -> Global___Conversation:
+        """The conversation, with the branch active."""
+
+    def __init__(
+        self,
+        *,
+        conversation: Global___Conversation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchBranchResponse: _TypeAlias = SwitchBranchResponse  # noqa: Y015
 
 @_typing.final
 class CreateMemoryItemRequest(_message.Message):
@@ -3303,12 +3537,15 @@ class GetContextWindowRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     RETRIEVAL_FIELD_NUMBER: _builtins.int
     VALID_AT_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """`workspaces/{workspace}/conversations/{conversation}`."""
     token_budget: _builtins.int
     """Maximum tokens the window may hold."""
     query: _builtins.str
     """Text to rank memories against; defaults to the latest user message."""
+    branch: _builtins.int
+    """The branch whose messages the window holds; 0 for the active branch."""
     @_builtins.property
     def retrieval(self) -> Global___RetrievalOptions:
         """Passages to retrieve into the window; none if unset."""
@@ -3327,10 +3564,11 @@ class GetContextWindowRequest(_message.Message):
         query: _builtins.str = ...,
         retrieval: Global___RetrievalOptions | None = ...,
         valid_at: _timestamp_pb2.Timestamp | None = ...,
+        branch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retrieval", b"retrieval", "valid_at", b"valid_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "query", b"query", "retrieval", b"retrieval", "token_budget", b"token_budget", "valid_at", b"valid_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "conversation", b"conversation", "query", b"query", "retrieval", b"retrieval", "token_budget", b"token_budget", "valid_at", b"valid_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

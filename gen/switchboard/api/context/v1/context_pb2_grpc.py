@@ -135,6 +135,21 @@ class ContextServiceStub:
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.DeleteMessage = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/DeleteMessage',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteMessageRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteMessageResponse.FromString,
+                _registered_method=True)
+        self.CreateBranch = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/CreateBranch',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateBranchRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateBranchResponse.FromString,
+                _registered_method=True)
+        self.SwitchBranch = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/SwitchBranch',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SwitchBranchRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SwitchBranchResponse.FromString,
+                _registered_method=True)
         self.CreateMemoryItem = channel.unary_unary(
                 '/switchboard.api.context.v1.ContextService/CreateMemoryItem',
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateMemoryItemRequest.SerializeToString,
@@ -378,6 +393,29 @@ class ContextServiceServicer:
 
     def ListMessages(self, request, context):
         """Lists a conversation's messages in order; stable under concurrent appends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMessage(self, request, context):
+        """Deletes a message (and, if asked, the messages after it on the branch):
+        content, files, passages and entity citations go; the log keeps a tombstone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBranch(self, request, context):
+        """Starts a branch whose history ends at a message (or is empty), and makes it
+        the active one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchBranch(self, request, context):
+        """Makes another branch the conversation's active one (a repeat changes nothing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -638,6 +676,21 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListMessagesRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'DeleteMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMessage,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteMessageRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteMessageResponse.SerializeToString,
+            ),
+            'CreateBranch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBranch,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateBranchRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateBranchResponse.SerializeToString,
+            ),
+            'SwitchBranch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchBranch,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SwitchBranchRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SwitchBranchResponse.SerializeToString,
             ),
             'CreateMemoryItem': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateMemoryItem,
@@ -1263,6 +1316,87 @@ class ContextService:
             '/switchboard.api.context.v1.ContextService/ListMessages',
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListMessagesRequest.SerializeToString,
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/DeleteMessage',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteMessageRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBranch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/CreateBranch',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateBranchRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateBranchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchBranch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/SwitchBranch',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SwitchBranchRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.SwitchBranchResponse.FromString,
             options,
             channel_credentials,
             insecure,

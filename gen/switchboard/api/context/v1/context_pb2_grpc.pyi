@@ -77,6 +77,16 @@ class ContextServiceStub:
     """Gets one message."""
     ListMessages: _grpc.UnaryUnaryMultiCallable[_context_pb2.ListMessagesRequest, _context_pb2.ListMessagesResponse]
     """Lists a conversation's messages in order; stable under concurrent appends."""
+    DeleteMessage: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteMessageRequest, _context_pb2.DeleteMessageResponse]
+    """Deletes a message (and, if asked, the messages after it on the branch):
+    content, files, passages and entity citations go; the log keeps a tombstone.
+    """
+    CreateBranch: _grpc.UnaryUnaryMultiCallable[_context_pb2.CreateBranchRequest, _context_pb2.CreateBranchResponse]
+    """Starts a branch whose history ends at a message (or is empty), and makes it
+    the active one.
+    """
+    SwitchBranch: _grpc.UnaryUnaryMultiCallable[_context_pb2.SwitchBranchRequest, _context_pb2.SwitchBranchResponse]
+    """Makes another branch the conversation's active one (a repeat changes nothing)."""
     CreateMemoryItem: _grpc.UnaryUnaryMultiCallable[_context_pb2.CreateMemoryItemRequest, _context_pb2.CreateMemoryItemResponse]
     """Creates a memory item scoped to a user, workspace or conversation."""
     GetMemoryItem: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetMemoryItemRequest, _context_pb2.GetMemoryItemResponse]
@@ -186,6 +196,16 @@ class ContextServiceAsyncStub(ContextServiceStub):
     """Gets one message."""
     ListMessages: _aio.UnaryUnaryMultiCallable[_context_pb2.ListMessagesRequest, _context_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Lists a conversation's messages in order; stable under concurrent appends."""
+    DeleteMessage: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteMessageRequest, _context_pb2.DeleteMessageResponse]  # type: ignore[assignment]
+    """Deletes a message (and, if asked, the messages after it on the branch):
+    content, files, passages and entity citations go; the log keeps a tombstone.
+    """
+    CreateBranch: _aio.UnaryUnaryMultiCallable[_context_pb2.CreateBranchRequest, _context_pb2.CreateBranchResponse]  # type: ignore[assignment]
+    """Starts a branch whose history ends at a message (or is empty), and makes it
+    the active one.
+    """
+    SwitchBranch: _aio.UnaryUnaryMultiCallable[_context_pb2.SwitchBranchRequest, _context_pb2.SwitchBranchResponse]  # type: ignore[assignment]
+    """Makes another branch the conversation's active one (a repeat changes nothing)."""
     CreateMemoryItem: _aio.UnaryUnaryMultiCallable[_context_pb2.CreateMemoryItemRequest, _context_pb2.CreateMemoryItemResponse]  # type: ignore[assignment]
     """Creates a memory item scoped to a user, workspace or conversation."""
     GetMemoryItem: _aio.UnaryUnaryMultiCallable[_context_pb2.GetMemoryItemRequest, _context_pb2.GetMemoryItemResponse]  # type: ignore[assignment]
@@ -406,6 +426,34 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.ListMessagesResponse, _abc.Awaitable[_context_pb2.ListMessagesResponse]]:
         """Lists a conversation's messages in order; stable under concurrent appends."""
+
+    @_abc_1.abstractmethod
+    def DeleteMessage(
+        self,
+        request: _context_pb2.DeleteMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.DeleteMessageResponse, _abc.Awaitable[_context_pb2.DeleteMessageResponse]]:
+        """Deletes a message (and, if asked, the messages after it on the branch):
+        content, files, passages and entity citations go; the log keeps a tombstone.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateBranch(
+        self,
+        request: _context_pb2.CreateBranchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.CreateBranchResponse, _abc.Awaitable[_context_pb2.CreateBranchResponse]]:
+        """Starts a branch whose history ends at a message (or is empty), and makes it
+        the active one.
+        """
+
+    @_abc_1.abstractmethod
+    def SwitchBranch(
+        self,
+        request: _context_pb2.SwitchBranchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.SwitchBranchResponse, _abc.Awaitable[_context_pb2.SwitchBranchResponse]]:
+        """Makes another branch the conversation's active one (a repeat changes nothing)."""
 
     @_abc_1.abstractmethod
     def CreateMemoryItem(

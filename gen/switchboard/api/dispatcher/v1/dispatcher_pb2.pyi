@@ -801,6 +801,7 @@ class Run(_message.Message):
     CHILDREN_FIELD_NUMBER: _builtins.int
     QUEUED_BEHIND_FIELD_NUMBER: _builtins.int
     ASSISTANT_REVISION_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -852,6 +853,10 @@ class Run(_message.Message):
     assistant_revision: _builtins.int
     """The revision of `assistant` the run uses (Assistant.revision), fixed at
     admission: a change of the assistant later does not reach it. Output only.
+    """
+    branch: _builtins.int
+    """The conversation branch the run answers on (context.v1.Message.branch),
+    fixed at admission: switching branches later does not move it. Output only.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -956,10 +961,11 @@ class Run(_message.Message):
         children: _abc.Iterable[Global___ChildRun] | None = ...,
         queued_behind: Global___QueuedBehind | None = ...,
         assistant_revision: _builtins.int = ...,
+        branch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "queued_behind", b"queued_behind", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "steer", b"steer", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "children", b"children", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "queued_behind", b"queued_behind", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "branch", b"branch", "children", b"children", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "depth", b"depth", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "parent", b"parent", "parent_tool_call", b"parent_tool_call", "progress", b"progress", "queued_behind", b"queued_behind", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1276,6 +1282,7 @@ class SendMessageRequest(_message.Message):
     SPEECH_FIELD_NUMBER: _builtins.int
     STEER_MODE_FIELD_NUMBER: _builtins.int
     ASSISTANT_REVISION_FIELD_NUMBER: _builtins.int
+    REPLACES_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{w}/conversations/{c}`."""
     handler: _builtins.str
@@ -1304,6 +1311,12 @@ class SendMessageRequest(_message.Message):
     """Answer with this revision of `assistant` (which it needs) instead of the
     current one: how a change is tried before everything uses it. NOT_FOUND if
     the assistant keeps no such revision.
+    """
+    replaces: _builtins.str
+    """The user message this one is a new version of (an edit): the new message
+    becomes its sibling on a new branch that starts just before it, that branch
+    becomes the conversation's active one, and the run answers there. Only the
+    message's author may edit it.
     """
     @_builtins.property
     def message(self) -> _context_pb2.Message:
@@ -1338,14 +1351,78 @@ class SendMessageRequest(_message.Message):
         speech: Global___SpeechOptions | None = ...,
         steer_mode: Global___SteerMode.ValueType = ...,
         assistant_revision: _builtins.int = ...,
+        replaces: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "parameters", b"parameters", "speech", b"speech", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "speech", b"speech", "steer_mode", b"steer_mode", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "replaces", b"replaces", "request_id", b"request_id", "speech", b"speech", "steer_mode", b"steer_mode", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendMessageRequest: _TypeAlias = SendMessageRequest  # noqa: Y015
+
+@_typing.final
+class RegenerateMessageRequest(_message.Message):
+    """Request for RegenerateMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """The answer to write again: a message a run wrote,
+    `workspaces/{w}/conversations/{c}/messages/{m}`. A new run answers the same
+    user message on a new branch beside it; that branch becomes active.
+    """
+    request_id: _builtins.str
+    """Idempotency key, as in SendMessageRequest."""
+    concurrency_policy: Global___ConcurrencyPolicy.ValueType
+    """What to do if the conversation already has an active run."""
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_policy", b"concurrency_policy", "message", b"message", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegenerateMessageRequest: _TypeAlias = RegenerateMessageRequest  # noqa: Y015
+
+@_typing.final
+class RegenerateMessageResponse(_message.Message):
+    """Response for RegenerateMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """The new run, usually QUEUED or RUNNING."""
+
+    @_builtins.property
+    def message(self) -> _context_pb2.Message:
+        """The user message it answers."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+        message: _context_pb2.Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegenerateMessageResponse: _TypeAlias = RegenerateMessageResponse  # noqa: Y015
 
 @_typing.final
 class AudioFormat(_message.Message):

@@ -46,6 +46,11 @@ class DispatcherServiceStub:
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.SendMessageRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.SendMessageResponse.FromString,
                 _registered_method=True)
+        self.RegenerateMessage = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/RegenerateMessage',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RegenerateMessageRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RegenerateMessageResponse.FromString,
+                _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/switchboard.api.dispatcher.v1.DispatcherService/GetRun',
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetRunRequest.SerializeToString,
@@ -239,6 +244,14 @@ class DispatcherServiceServicer:
 
     def SendMessage(self, request, context):
         """Stores a user message and starts a run that answers it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegenerateMessage(self, request, context):
+        """Writes an answer again: a new run answers the same user message on a new
+        branch beside the old answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -540,6 +553,11 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.SendMessageRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.SendMessageResponse.SerializeToString,
             ),
+            'RegenerateMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegenerateMessage,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RegenerateMessageRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RegenerateMessageResponse.SerializeToString,
+            ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
                     request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetRunRequest.FromString,
@@ -754,6 +772,33 @@ class DispatcherService:
             '/switchboard.api.dispatcher.v1.DispatcherService/SendMessage',
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.SendMessageRequest.SerializeToString,
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.SendMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegenerateMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/RegenerateMessage',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RegenerateMessageRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.RegenerateMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

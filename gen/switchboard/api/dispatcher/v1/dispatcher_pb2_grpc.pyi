@@ -42,6 +42,10 @@ class DispatcherServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DispatcherServiceAsyncStub: ...
     SendMessage: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.SendMessageRequest, _dispatcher_pb2.SendMessageResponse]
     """Stores a user message and starts a run that answers it."""
+    RegenerateMessage: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.RegenerateMessageRequest, _dispatcher_pb2.RegenerateMessageResponse]
+    """Writes an answer again: a new run answers the same user message on a new
+    branch beside the old answer.
+    """
     GetRun: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.GetRunRequest, _dispatcher_pb2.GetRunResponse]
     """Gets a run."""
     ListRuns: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListRunsRequest, _dispatcher_pb2.ListRunsResponse]
@@ -182,6 +186,10 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SendMessage: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.SendMessageRequest, _dispatcher_pb2.SendMessageResponse]  # type: ignore[assignment]
     """Stores a user message and starts a run that answers it."""
+    RegenerateMessage: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.RegenerateMessageRequest, _dispatcher_pb2.RegenerateMessageResponse]  # type: ignore[assignment]
+    """Writes an answer again: a new run answers the same user message on a new
+    branch beside the old answer.
+    """
     GetRun: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.GetRunRequest, _dispatcher_pb2.GetRunResponse]  # type: ignore[assignment]
     """Gets a run."""
     ListRuns: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListRunsRequest, _dispatcher_pb2.ListRunsResponse]  # type: ignore[assignment]
@@ -325,6 +333,16 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatcher_pb2.SendMessageResponse, _abc.Awaitable[_dispatcher_pb2.SendMessageResponse]]:
         """Stores a user message and starts a run that answers it."""
+
+    @_abc_1.abstractmethod
+    def RegenerateMessage(
+        self,
+        request: _dispatcher_pb2.RegenerateMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.RegenerateMessageResponse, _abc.Awaitable[_dispatcher_pb2.RegenerateMessageResponse]]:
+        """Writes an answer again: a new run answers the same user message on a new
+        branch beside the old answer.
+        """
 
     @_abc_1.abstractmethod
     def GetRun(

@@ -74,6 +74,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """Memory forming or consolidation decided about a memory (or failed or
     paused for an exchange).
     """
+    EVENT_TYPE_MESSAGE_DELETED: _EventType.ValueType  # 18
+    """A message was deleted (a tombstone: its name and place, no content)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -118,6 +120,8 @@ EVENT_TYPE_MEMORY_DECIDED: EventType.ValueType  # 17
 """Memory forming or consolidation decided about a memory (or failed or
 paused for an exchange).
 """
+EVENT_TYPE_MESSAGE_DELETED: EventType.ValueType  # 18
+"""A message was deleted (a tombstone: its name and place, no content)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -461,6 +465,38 @@ class MessageCreated(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MessageCreated: _TypeAlias = MessageCreated  # noqa: Y015
+
+@_typing.final
+class MessageDeleted(_message.Message):
+    """Payload: a message was deleted. The tombstone keeps where it was, never what
+    it said; the log's earlier MESSAGE_CREATED of it is redacted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """The deleted message's name."""
+    sequence: _builtins.int
+    """Its sequence in the conversation."""
+    branch: _builtins.int
+    """The branch it was appended on."""
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        branch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "message", b"message", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageDeleted: _TypeAlias = MessageDeleted  # noqa: Y015
 
 @_typing.final
 class MemoryChanged(_message.Message):
@@ -935,6 +971,7 @@ class Event(_message.Message):
     SCHEDULE_CHANGED_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIRED_FIELD_NUMBER: _builtins.int
     MEMORY_DECIDED_FIELD_NUMBER: _builtins.int
+    MESSAGE_DELETED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -1023,6 +1060,10 @@ class Event(_message.Message):
     def memory_decided(self) -> Global___MemoryDecided:
         """Memory forming or consolidation decided."""
 
+    @_builtins.property
+    def message_deleted(self) -> Global___MessageDeleted:
+        """A message was deleted."""
+
     def __init__(
         self,
         *,
@@ -1051,12 +1092,13 @@ class Event(_message.Message):
         schedule_changed: Global___ScheduleChanged | None = ...,
         schedule_fired: Global___ScheduleFired | None = ...,
         memory_decided: Global___MemoryDecided | None = ...,
+        message_deleted: Global___MessageDeleted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed", "schedule_changed", "schedule_fired", "memory_decided"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed", "schedule_changed", "schedule_fired", "memory_decided", "message_deleted"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

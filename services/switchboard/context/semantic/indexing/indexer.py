@@ -96,7 +96,8 @@ _MEMORY: Final = events_pb2.EVENT_TYPE_MEMORY_CHANGED
 _MESSAGE: Final = events_pb2.EVENT_TYPE_MESSAGE_CREATED
 _FILE: Final = events_pb2.EVENT_TYPE_FILE_CHANGED
 _CONVERSATION: Final = events_pb2.EVENT_TYPE_CONVERSATION_CHANGED
-_WANTED: Final = frozenset({_MEMORY, _MESSAGE, _FILE, _CONVERSATION})
+_DELETED: Final = events_pb2.EVENT_TYPE_MESSAGE_DELETED
+_WANTED: Final = frozenset({_MEMORY, _MESSAGE, _DELETED, _FILE, _CONVERSATION})
 
 
 class ChunkWriter(Protocol):
@@ -192,8 +193,13 @@ def _sorted(items: Sequence[Logged]) -> _Batch:
             name = event.memory_changed.memory_item.name
             if memory_item := MemoryName.parse_or_none(name):
                 memory.append(NewJob("memory", name, memory_owner(str(memory_item.scope))))
-        elif event.type == _MESSAGE:
-            name = event.message_created.message.name
+        elif event.type in (_MESSAGE, _DELETED):
+            # A deleted message's job finds it gone and drops its passages.
+            name = (
+                event.message_created.message.name
+                if event.type == _MESSAGE
+                else event.message_deleted.message
+            )
             if message := MessageName.parse_or_none(name):
                 workspaces[message.workspace] = None
                 messages.append(NewJob("message", name, str(message.parent.parent)))

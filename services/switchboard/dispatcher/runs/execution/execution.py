@@ -390,7 +390,10 @@ class Execution:
         # The answer is stored once it has been spoken (under the deadline).
         await self._speaking.spoken(active, result, answer)
         request = cpb.AppendMessageRequest(
-            parent=active.conversation, message=answer, request_id=f"run-{active.run_id}"
+            parent=active.conversation,
+            message=answer,
+            request_id=f"run-{active.run_id}",
+            branch=run.branch,
         )
         if self._context.shares_transactions and not any(
             part.HasField("file") for part in answer.parts

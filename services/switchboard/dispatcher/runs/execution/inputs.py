@@ -84,6 +84,8 @@ class InputReader:
                 cpb.GetContextWindowRequest(
                     conversation=active.conversation,
                     token_budget=budget,
+                    # The run's branch, not whichever is active when it starts.
+                    branch=active.run.branch,
                     retrieval=retrieval_options(assistant.retrieval, budget)
                     if assistant is not None and assistant.retrieval.enabled
                     else None,

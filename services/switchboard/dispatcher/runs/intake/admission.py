@@ -53,11 +53,23 @@ from switchboard.dispatcher.runs.intake.speech import Listening
 from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.cache import Cache
-from switchboard.platform.errors import BudgetExhausted, RunSuperseded, SwitchboardError
+from switchboard.platform.errors import (
+    BudgetExhausted,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    RunSuperseded,
+    SwitchboardError,
+)
 from switchboard.platform.observe.telemetry import current_ids, traceparent
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
-from switchboard.platform.values.resources import ConversationName, HandlerName, RunName
+from switchboard.platform.values.resources import (
+    ConversationName,
+    HandlerName,
+    MessageName,
+    RunName,
+)
 
 #: A child admitted as its parent's deadline passes still gets this long: its parent's
 #: own deadline ends the tree (and cancels the child) anyway.
@@ -257,6 +269,98 @@ class Admission:
             )
         return response
 
+    async def regenerate(
+        self, principal: Principal, request: pb.RegenerateMessageRequest
+    ) -> pb.RegenerateMessageResponse:
+        """A new run answering what an earlier one answered, on a new branch beside
+        its answer (docs/conversations.md, "Branches"): the same user message, the same
+        assistant (at its current revision) or forced handler, every check of a sent
+        message. The branch is made once every check has passed; the run is stored
+        and handed over as a sent message's is."""
+        answer_name = MessageName.parse(request.message, "message")
+        conversation = answer_name.parent
+        if request.concurrency_policy == pb.CONCURRENCY_POLICY_STEER:
+            raise InvalidArgument(
+                "a regenerated answer starts its own run",
+                [FieldViolation("concurrency_policy", "cannot be STEER to regenerate")],
+            )
+        async with self._turns.held(conversation.workspace):
+            answer = await self._context.message(
+                principal, request.message, timeout_s=FINISH_TIMEOUT_S
+            )
+            earlier_name = RunName.parse_or_none(answer.run)
+            if answer.role != cpb.MESSAGE_ROLE_ASSISTANT or earlier_name is None:
+                raise FailedPrecondition("message: only an answer a run wrote can be regenerated")
+            earlier = (
+                await self._store.get(
+                    earlier_name.workspace, earlier_name.conversation, earlier_name.run
+                )
+            ).run
+            question = await self._context.message(
+                principal, earlier.input_message, timeout_s=FINISH_TIMEOUT_S
+            )
+            send = pb.SendMessageRequest(
+                conversation=str(conversation),
+                message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=question.parts),
+                assistant=earlier.assistant,
+                handler="" if earlier.assistant else earlier.handler,
+                request_id=request.request_id,
+                concurrency_policy=request.concurrency_policy,
+            )
+            screened = await self._screening.screen(principal, send, conversation.workspace, None)
+            if screened.key is not None:
+                replayed = await self._store.replayed(screened.key)
+                if replayed is not None:
+                    return pb.RegenerateMessageResponse(
+                        run=self._live.current(replayed.run), message=question
+                    )
+            budgets = await self._room(principal, conversation.workspace, screened, None)
+            forked = await self._context.create_branch(
+                principal,
+                cpb.CreateBranchRequest(conversation=str(conversation), after=question.name),
+                timeout_s=FINISH_TIMEOUT_S,
+            )
+            name = RunName(conversation.workspace, conversation.conversation, names.new_id())
+            run, job = _new_run(principal, question, name, screened)
+            run.branch = forked.branch
+            trace = _trace(self._tracer)
+            if trace is not None:
+                run.trace_id, job.traceparent = trace
+            policy = _policy(send)
+            stored, replay = await self._store.create(
+                NewRun(
+                    run_id=name.run,
+                    workspace_id=name.workspace,
+                    conversation_id=name.conversation,
+                    creator=principal.user_id,
+                    api_key_id=principal.api_key_id,
+                    worker=self._limits.instance_id,
+                    run=run,
+                    job=job.SerializeToString(),
+                    idempotency=screened.key,
+                    reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
+                )
+            )
+            if replay:
+                return pb.RegenerateMessageResponse(
+                    run=self._live.current(stored.run), message=question
+                )
+            if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
+                await self._supersede(str(conversation), run.name)
+            active = Active(
+                run=run,
+                run_id=name.run,
+                workspace_id=name.workspace,
+                conversation_id=name.conversation,
+                principal=principal,
+                handler=screened.choice.handler,
+                job=job,
+                feed=self._feeds.open(run.name),
+                budgets=budgets,
+            )
+            sent = self._hand_over(active, question)
+            return pb.RegenerateMessageResponse(run=sent.run, message=question)
+
     async def _room(
         self,
         principal: Principal,
@@ -441,6 +545,7 @@ def _append_request(
             metadata=message.metadata if message.HasField("metadata") else None,
         ),
         request_id=request.request_id,
+        replaces=request.replaces,
     )
 
 
@@ -462,6 +567,8 @@ def _new_run(
         assistant=assistant.name if assistant is not None else "",
         assistant_revision=assistant.revision if assistant is not None else 0,
         steer_mode=request.steer_mode,
+        # Its answers go where its message is, whichever branch is active by then.
+        branch=stored_message.branch,
     )
     run.create_time.FromDatetime(names.now())
     params = struct_pb2.Struct()

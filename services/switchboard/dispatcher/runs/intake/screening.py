@@ -48,7 +48,7 @@ from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store.storage import Idempotency, idempotency
 from switchboard.platform.values import names, timefields
-from switchboard.platform.values.resources import ConversationName
+from switchboard.platform.values.resources import ConversationName, MessageName
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -263,6 +263,7 @@ class Screening:
         if request.concurrency_policy not in _POLICIES:
             violations.append(FieldViolation("concurrency_policy", "is not a known policy"))
         violations += steer_mode_violations(request.steer_mode)
+        violations += _replaces_violations(request)
         timeout = self._limits.default_timeout_s
         if request.HasField("timeout"):
             requested = timefields.seconds(request.timeout, "timeout")
@@ -417,3 +418,17 @@ class Screening:
             await self._bus.publish(event)
         except SwitchboardError:
             log.warning("filter event not published", extra={"filter": filter_name})
+
+
+def _replaces_violations(request: pb.SendMessageRequest) -> list[FieldViolation]:
+    """An edit names a message of the same conversation, and starts its own run (a
+    steer would join another's)."""
+    if not request.replaces:
+        return []
+    message = MessageName.parse_or_none(request.replaces)
+    conversation = ConversationName.parse_or_none(request.conversation)
+    if message is None or conversation is None or message.parent != conversation:
+        return [FieldViolation("replaces", "must be a message of the conversation")]
+    if request.concurrency_policy == pb.CONCURRENCY_POLICY_STEER:
+        return [FieldViolation("concurrency_policy", "cannot be STEER for an edit")]
+    return []

@@ -38,6 +38,9 @@ const (
 	ContextService_AppendMessage_FullMethodName         = "/switchboard.api.context.v1.ContextService/AppendMessage"
 	ContextService_GetMessage_FullMethodName            = "/switchboard.api.context.v1.ContextService/GetMessage"
 	ContextService_ListMessages_FullMethodName          = "/switchboard.api.context.v1.ContextService/ListMessages"
+	ContextService_DeleteMessage_FullMethodName         = "/switchboard.api.context.v1.ContextService/DeleteMessage"
+	ContextService_CreateBranch_FullMethodName          = "/switchboard.api.context.v1.ContextService/CreateBranch"
+	ContextService_SwitchBranch_FullMethodName          = "/switchboard.api.context.v1.ContextService/SwitchBranch"
 	ContextService_CreateMemoryItem_FullMethodName      = "/switchboard.api.context.v1.ContextService/CreateMemoryItem"
 	ContextService_GetMemoryItem_FullMethodName         = "/switchboard.api.context.v1.ContextService/GetMemoryItem"
 	ContextService_UpdateMemoryItem_FullMethodName      = "/switchboard.api.context.v1.ContextService/UpdateMemoryItem"
@@ -109,6 +112,14 @@ type ContextServiceClient interface {
 	GetMessage(ctx context.Context, in *GetMessageRequest, opts ...grpc.CallOption) (*GetMessageResponse, error)
 	// Lists a conversation's messages in order; stable under concurrent appends.
 	ListMessages(ctx context.Context, in *ListMessagesRequest, opts ...grpc.CallOption) (*ListMessagesResponse, error)
+	// Deletes a message (and, if asked, the messages after it on the branch):
+	// content, files, passages and entity citations go; the log keeps a tombstone.
+	DeleteMessage(ctx context.Context, in *DeleteMessageRequest, opts ...grpc.CallOption) (*DeleteMessageResponse, error)
+	// Starts a branch whose history ends at a message (or is empty), and makes it
+	// the active one.
+	CreateBranch(ctx context.Context, in *CreateBranchRequest, opts ...grpc.CallOption) (*CreateBranchResponse, error)
+	// Makes another branch the conversation's active one (a repeat changes nothing).
+	SwitchBranch(ctx context.Context, in *SwitchBranchRequest, opts ...grpc.CallOption) (*SwitchBranchResponse, error)
 	// Creates a memory item scoped to a user, workspace or conversation.
 	CreateMemoryItem(ctx context.Context, in *CreateMemoryItemRequest, opts ...grpc.CallOption) (*CreateMemoryItemResponse, error)
 	// Gets one memory item.
@@ -356,6 +367,36 @@ func (c *contextServiceClient) ListMessages(ctx context.Context, in *ListMessage
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListMessagesResponse)
 	err := c.cc.Invoke(ctx, ContextService_ListMessages_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) DeleteMessage(ctx context.Context, in *DeleteMessageRequest, opts ...grpc.CallOption) (*DeleteMessageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteMessageResponse)
+	err := c.cc.Invoke(ctx, ContextService_DeleteMessage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) CreateBranch(ctx context.Context, in *CreateBranchRequest, opts ...grpc.CallOption) (*CreateBranchResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateBranchResponse)
+	err := c.cc.Invoke(ctx, ContextService_CreateBranch_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) SwitchBranch(ctx context.Context, in *SwitchBranchRequest, opts ...grpc.CallOption) (*SwitchBranchResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SwitchBranchResponse)
+	err := c.cc.Invoke(ctx, ContextService_SwitchBranch_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -632,6 +673,14 @@ type ContextServiceServer interface {
 	GetMessage(context.Context, *GetMessageRequest) (*GetMessageResponse, error)
 	// Lists a conversation's messages in order; stable under concurrent appends.
 	ListMessages(context.Context, *ListMessagesRequest) (*ListMessagesResponse, error)
+	// Deletes a message (and, if asked, the messages after it on the branch):
+	// content, files, passages and entity citations go; the log keeps a tombstone.
+	DeleteMessage(context.Context, *DeleteMessageRequest) (*DeleteMessageResponse, error)
+	// Starts a branch whose history ends at a message (or is empty), and makes it
+	// the active one.
+	CreateBranch(context.Context, *CreateBranchRequest) (*CreateBranchResponse, error)
+	// Makes another branch the conversation's active one (a repeat changes nothing).
+	SwitchBranch(context.Context, *SwitchBranchRequest) (*SwitchBranchResponse, error)
 	// Creates a memory item scoped to a user, workspace or conversation.
 	CreateMemoryItem(context.Context, *CreateMemoryItemRequest) (*CreateMemoryItemResponse, error)
 	// Gets one memory item.
@@ -751,6 +800,15 @@ func (UnimplementedContextServiceServer) GetMessage(context.Context, *GetMessage
 }
 func (UnimplementedContextServiceServer) ListMessages(context.Context, *ListMessagesRequest) (*ListMessagesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListMessages not implemented")
+}
+func (UnimplementedContextServiceServer) DeleteMessage(context.Context, *DeleteMessageRequest) (*DeleteMessageResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteMessage not implemented")
+}
+func (UnimplementedContextServiceServer) CreateBranch(context.Context, *CreateBranchRequest) (*CreateBranchResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateBranch not implemented")
+}
+func (UnimplementedContextServiceServer) SwitchBranch(context.Context, *SwitchBranchRequest) (*SwitchBranchResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SwitchBranch not implemented")
 }
 func (UnimplementedContextServiceServer) CreateMemoryItem(context.Context, *CreateMemoryItemRequest) (*CreateMemoryItemResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateMemoryItem not implemented")
@@ -1174,6 +1232,60 @@ func _ContextService_ListMessages_Handler(srv interface{}, ctx context.Context, 
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ContextServiceServer).ListMessages(ctx, req.(*ListMessagesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_DeleteMessage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteMessageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).DeleteMessage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_DeleteMessage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).DeleteMessage(ctx, req.(*DeleteMessageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_CreateBranch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateBranchRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).CreateBranch(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_CreateBranch_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).CreateBranch(ctx, req.(*CreateBranchRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_SwitchBranch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SwitchBranchRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).SwitchBranch(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_SwitchBranch_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).SwitchBranch(ctx, req.(*SwitchBranchRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -1620,6 +1732,18 @@ var ContextService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListMessages",
 			Handler:    _ContextService_ListMessages_Handler,
+		},
+		{
+			MethodName: "DeleteMessage",
+			Handler:    _ContextService_DeleteMessage_Handler,
+		},
+		{
+			MethodName: "CreateBranch",
+			Handler:    _ContextService_CreateBranch_Handler,
+		},
+		{
+			MethodName: "SwitchBranch",
+			Handler:    _ContextService_SwitchBranch_Handler,
 		},
 		{
 			MethodName: "CreateMemoryItem",

@@ -1416,8 +1416,11 @@ type Run struct {
 	// The revision of `assistant` the run uses (Assistant.revision), fixed at
 	// admission: a change of the assistant later does not reach it. Output only.
 	AssistantRevision int64 `protobuf:"varint,31,opt,name=assistant_revision,json=assistantRevision,proto3" json:"assistant_revision,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The conversation branch the run answers on (context.v1.Message.branch),
+	// fixed at admission: switching branches later does not move it. Output only.
+	Branch        int32 `protobuf:"varint,32,opt,name=branch,proto3" json:"branch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Run) Reset() {
@@ -1663,6 +1666,13 @@ func (x *Run) GetQueuedBehind() *QueuedBehind {
 func (x *Run) GetAssistantRevision() int64 {
 	if x != nil {
 		return x.AssistantRevision
+	}
+	return 0
+}
+
+func (x *Run) GetBranch() int32 {
+	if x != nil {
+		return x.Branch
 	}
 	return 0
 }
@@ -2247,8 +2257,13 @@ type SendMessageRequest struct {
 	// current one: how a change is tried before everything uses it. NOT_FOUND if
 	// the assistant keeps no such revision.
 	AssistantRevision int64 `protobuf:"varint,11,opt,name=assistant_revision,json=assistantRevision,proto3" json:"assistant_revision,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The user message this one is a new version of (an edit): the new message
+	// becomes its sibling on a new branch that starts just before it, that branch
+	// becomes the conversation's active one, and the run answers there. Only the
+	// message's author may edit it.
+	Replaces      string `protobuf:"bytes,12,opt,name=replaces,proto3" json:"replaces,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SendMessageRequest) Reset() {
@@ -2358,6 +2373,134 @@ func (x *SendMessageRequest) GetAssistantRevision() int64 {
 	return 0
 }
 
+func (x *SendMessageRequest) GetReplaces() string {
+	if x != nil {
+		return x.Replaces
+	}
+	return ""
+}
+
+// Request for RegenerateMessage.
+type RegenerateMessageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The answer to write again: a message a run wrote,
+	// `workspaces/{w}/conversations/{c}/messages/{m}`. A new run answers the same
+	// user message on a new branch beside it; that branch becomes active.
+	Message string `protobuf:"bytes,1,opt,name=message,proto3" json:"message,omitempty"`
+	// Idempotency key, as in SendMessageRequest.
+	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// What to do if the conversation already has an active run.
+	ConcurrencyPolicy ConcurrencyPolicy `protobuf:"varint,3,opt,name=concurrency_policy,json=concurrencyPolicy,proto3,enum=switchboard.api.dispatcher.v1.ConcurrencyPolicy" json:"concurrency_policy,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *RegenerateMessageRequest) Reset() {
+	*x = RegenerateMessageRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegenerateMessageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegenerateMessageRequest) ProtoMessage() {}
+
+func (x *RegenerateMessageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegenerateMessageRequest.ProtoReflect.Descriptor instead.
+func (*RegenerateMessageRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *RegenerateMessageRequest) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *RegenerateMessageRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *RegenerateMessageRequest) GetConcurrencyPolicy() ConcurrencyPolicy {
+	if x != nil {
+		return x.ConcurrencyPolicy
+	}
+	return ConcurrencyPolicy_CONCURRENCY_POLICY_UNSPECIFIED
+}
+
+// Response for RegenerateMessage.
+type RegenerateMessageResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The new run, usually QUEUED or RUNNING.
+	Run *Run `protobuf:"bytes,1,opt,name=run,proto3" json:"run,omitempty"`
+	// The user message it answers.
+	Message       *v11.Message `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegenerateMessageResponse) Reset() {
+	*x = RegenerateMessageResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegenerateMessageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegenerateMessageResponse) ProtoMessage() {}
+
+func (x *RegenerateMessageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegenerateMessageResponse.ProtoReflect.Descriptor instead.
+func (*RegenerateMessageResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *RegenerateMessageResponse) GetRun() *Run {
+	if x != nil {
+		return x.Run
+	}
+	return nil
+}
+
+func (x *RegenerateMessageResponse) GetMessage() *v11.Message {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
 // The format of an audio stream.
 type AudioFormat struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2372,7 +2515,7 @@ type AudioFormat struct {
 
 func (x *AudioFormat) Reset() {
 	*x = AudioFormat{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2384,7 +2527,7 @@ func (x *AudioFormat) String() string {
 func (*AudioFormat) ProtoMessage() {}
 
 func (x *AudioFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2397,7 +2540,7 @@ func (x *AudioFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AudioFormat.ProtoReflect.Descriptor instead.
 func (*AudioFormat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *AudioFormat) GetEncoding() AudioEncoding {
@@ -2434,7 +2577,7 @@ type SpeechOptions struct {
 
 func (x *SpeechOptions) Reset() {
 	*x = SpeechOptions{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2446,7 +2589,7 @@ func (x *SpeechOptions) String() string {
 func (*SpeechOptions) ProtoMessage() {}
 
 func (x *SpeechOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2459,7 +2602,7 @@ func (x *SpeechOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpeechOptions.ProtoReflect.Descriptor instead.
 func (*SpeechOptions) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SpeechOptions) GetSpeak() bool {
@@ -2512,7 +2655,7 @@ type VoiceSettings struct {
 
 func (x *VoiceSettings) Reset() {
 	*x = VoiceSettings{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2524,7 +2667,7 @@ func (x *VoiceSettings) String() string {
 func (*VoiceSettings) ProtoMessage() {}
 
 func (x *VoiceSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2537,7 +2680,7 @@ func (x *VoiceSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VoiceSettings.ProtoReflect.Descriptor instead.
 func (*VoiceSettings) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *VoiceSettings) GetTranscriptionModel() string {
@@ -2609,7 +2752,7 @@ type SpeechChunk struct {
 
 func (x *SpeechChunk) Reset() {
 	*x = SpeechChunk{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2621,7 +2764,7 @@ func (x *SpeechChunk) String() string {
 func (*SpeechChunk) ProtoMessage() {}
 
 func (x *SpeechChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2634,7 +2777,7 @@ func (x *SpeechChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpeechChunk.ProtoReflect.Descriptor instead.
 func (*SpeechChunk) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SpeechChunk) GetAudio() []byte {
@@ -2713,7 +2856,7 @@ type SendMessageResponse struct {
 
 func (x *SendMessageResponse) Reset() {
 	*x = SendMessageResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2725,7 +2868,7 @@ func (x *SendMessageResponse) String() string {
 func (*SendMessageResponse) ProtoMessage() {}
 
 func (x *SendMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2738,7 +2881,7 @@ func (x *SendMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendMessageResponse.ProtoReflect.Descriptor instead.
 func (*SendMessageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SendMessageResponse) GetRun() *Run {
@@ -2766,7 +2909,7 @@ type GetRunRequest struct {
 
 func (x *GetRunRequest) Reset() {
 	*x = GetRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2778,7 +2921,7 @@ func (x *GetRunRequest) String() string {
 func (*GetRunRequest) ProtoMessage() {}
 
 func (x *GetRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2791,7 +2934,7 @@ func (x *GetRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRunRequest.ProtoReflect.Descriptor instead.
 func (*GetRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetRunRequest) GetName() string {
@@ -2812,7 +2955,7 @@ type GetRunResponse struct {
 
 func (x *GetRunResponse) Reset() {
 	*x = GetRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2824,7 +2967,7 @@ func (x *GetRunResponse) String() string {
 func (*GetRunResponse) ProtoMessage() {}
 
 func (x *GetRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2837,7 +2980,7 @@ func (x *GetRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRunResponse.ProtoReflect.Descriptor instead.
 func (*GetRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *GetRunResponse) GetRun() *Run {
@@ -2881,7 +3024,7 @@ type ChildRun struct {
 
 func (x *ChildRun) Reset() {
 	*x = ChildRun{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2893,7 +3036,7 @@ func (x *ChildRun) String() string {
 func (*ChildRun) ProtoMessage() {}
 
 func (x *ChildRun) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2906,7 +3049,7 @@ func (x *ChildRun) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChildRun.ProtoReflect.Descriptor instead.
 func (*ChildRun) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ChildRun) GetRun() string {
@@ -2987,7 +3130,7 @@ type Handoff struct {
 
 func (x *Handoff) Reset() {
 	*x = Handoff{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2999,7 +3142,7 @@ func (x *Handoff) String() string {
 func (*Handoff) ProtoMessage() {}
 
 func (x *Handoff) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3012,7 +3155,7 @@ func (x *Handoff) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Handoff.ProtoReflect.Descriptor instead.
 func (*Handoff) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Handoff) GetFromAssistant() string {
@@ -3066,7 +3209,7 @@ type ListRunsRequest struct {
 
 func (x *ListRunsRequest) Reset() {
 	*x = ListRunsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3078,7 +3221,7 @@ func (x *ListRunsRequest) String() string {
 func (*ListRunsRequest) ProtoMessage() {}
 
 func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3091,7 +3234,7 @@ func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRunsRequest.ProtoReflect.Descriptor instead.
 func (*ListRunsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListRunsRequest) GetParent() string {
@@ -3158,7 +3301,7 @@ type ListRunsResponse struct {
 
 func (x *ListRunsResponse) Reset() {
 	*x = ListRunsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3170,7 +3313,7 @@ func (x *ListRunsResponse) String() string {
 func (*ListRunsResponse) ProtoMessage() {}
 
 func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3183,7 +3326,7 @@ func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRunsResponse.ProtoReflect.Descriptor instead.
 func (*ListRunsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListRunsResponse) GetRuns() []*Run {
@@ -3225,7 +3368,7 @@ type CancelRunRequest struct {
 
 func (x *CancelRunRequest) Reset() {
 	*x = CancelRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3237,7 +3380,7 @@ func (x *CancelRunRequest) String() string {
 func (*CancelRunRequest) ProtoMessage() {}
 
 func (x *CancelRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3250,7 +3393,7 @@ func (x *CancelRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRunRequest.ProtoReflect.Descriptor instead.
 func (*CancelRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CancelRunRequest) GetName() string {
@@ -3285,7 +3428,7 @@ type CancelRunResponse struct {
 
 func (x *CancelRunResponse) Reset() {
 	*x = CancelRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3297,7 +3440,7 @@ func (x *CancelRunResponse) String() string {
 func (*CancelRunResponse) ProtoMessage() {}
 
 func (x *CancelRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3310,7 +3453,7 @@ func (x *CancelRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRunResponse.ProtoReflect.Descriptor instead.
 func (*CancelRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CancelRunResponse) GetRun() *Run {
@@ -3338,7 +3481,7 @@ type WatchRunRequest struct {
 
 func (x *WatchRunRequest) Reset() {
 	*x = WatchRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3350,7 +3493,7 @@ func (x *WatchRunRequest) String() string {
 func (*WatchRunRequest) ProtoMessage() {}
 
 func (x *WatchRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3363,7 +3506,7 @@ func (x *WatchRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunRequest.ProtoReflect.Descriptor instead.
 func (*WatchRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *WatchRunRequest) GetName() string {
@@ -3398,7 +3541,7 @@ type RunStateChange struct {
 
 func (x *RunStateChange) Reset() {
 	*x = RunStateChange{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3410,7 +3553,7 @@ func (x *RunStateChange) String() string {
 func (*RunStateChange) ProtoMessage() {}
 
 func (x *RunStateChange) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3423,7 +3566,7 @@ func (x *RunStateChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunStateChange.ProtoReflect.Descriptor instead.
 func (*RunStateChange) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RunStateChange) GetRun() *Run {
@@ -3474,7 +3617,7 @@ type RunUpdate struct {
 
 func (x *RunUpdate) Reset() {
 	*x = RunUpdate{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3486,7 +3629,7 @@ func (x *RunUpdate) String() string {
 func (*RunUpdate) ProtoMessage() {}
 
 func (x *RunUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3499,7 +3642,7 @@ func (x *RunUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdate.ProtoReflect.Descriptor instead.
 func (*RunUpdate) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RunUpdate) GetRun() string {
@@ -3736,7 +3879,7 @@ type WatchRunResponse struct {
 
 func (x *WatchRunResponse) Reset() {
 	*x = WatchRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3748,7 +3891,7 @@ func (x *WatchRunResponse) String() string {
 func (*WatchRunResponse) ProtoMessage() {}
 
 func (x *WatchRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3761,7 +3904,7 @@ func (x *WatchRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunResponse.ProtoReflect.Descriptor instead.
 func (*WatchRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WatchRunResponse) GetFrame() isWatchRunResponse_Frame {
@@ -3818,7 +3961,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3830,7 +3973,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3843,7 +3986,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -3876,7 +4019,7 @@ type ConverseRequest struct {
 
 func (x *ConverseRequest) Reset() {
 	*x = ConverseRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3888,7 +4031,7 @@ func (x *ConverseRequest) String() string {
 func (*ConverseRequest) ProtoMessage() {}
 
 func (x *ConverseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3901,7 +4044,7 @@ func (x *ConverseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConverseRequest.ProtoReflect.Descriptor instead.
 func (*ConverseRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ConverseRequest) GetClientRequestId() string {
@@ -4027,7 +4170,7 @@ type ConverseResponse struct {
 
 func (x *ConverseResponse) Reset() {
 	*x = ConverseResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4039,7 +4182,7 @@ func (x *ConverseResponse) String() string {
 func (*ConverseResponse) ProtoMessage() {}
 
 func (x *ConverseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4052,7 +4195,7 @@ func (x *ConverseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConverseResponse.ProtoReflect.Descriptor instead.
 func (*ConverseResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ConverseResponse) GetClientRequestId() string {
@@ -4204,7 +4347,7 @@ type Handler struct {
 
 func (x *Handler) Reset() {
 	*x = Handler{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4216,7 +4359,7 @@ func (x *Handler) String() string {
 func (*Handler) ProtoMessage() {}
 
 func (x *Handler) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4229,7 +4372,7 @@ func (x *Handler) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Handler.ProtoReflect.Descriptor instead.
 func (*Handler) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Handler) GetName() string {
@@ -4282,7 +4425,7 @@ type ListHandlersRequest struct {
 
 func (x *ListHandlersRequest) Reset() {
 	*x = ListHandlersRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4294,7 +4437,7 @@ func (x *ListHandlersRequest) String() string {
 func (*ListHandlersRequest) ProtoMessage() {}
 
 func (x *ListHandlersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4307,7 +4450,7 @@ func (x *ListHandlersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHandlersRequest.ProtoReflect.Descriptor instead.
 func (*ListHandlersRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListHandlersRequest) GetParent() string {
@@ -4344,7 +4487,7 @@ type ListHandlersResponse struct {
 
 func (x *ListHandlersResponse) Reset() {
 	*x = ListHandlersResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4356,7 +4499,7 @@ func (x *ListHandlersResponse) String() string {
 func (*ListHandlersResponse) ProtoMessage() {}
 
 func (x *ListHandlersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4369,7 +4512,7 @@ func (x *ListHandlersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHandlersResponse.ProtoReflect.Descriptor instead.
 func (*ListHandlersResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListHandlersResponse) GetHandlers() []*Handler {
@@ -4405,7 +4548,7 @@ type ToolApproval struct {
 
 func (x *ToolApproval) Reset() {
 	*x = ToolApproval{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4417,7 +4560,7 @@ func (x *ToolApproval) String() string {
 func (*ToolApproval) ProtoMessage() {}
 
 func (x *ToolApproval) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4430,7 +4573,7 @@ func (x *ToolApproval) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolApproval.ProtoReflect.Descriptor instead.
 func (*ToolApproval) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ToolApproval) GetToolCallId() string {
@@ -4476,7 +4619,7 @@ type SubmitToolApprovalsRequest struct {
 
 func (x *SubmitToolApprovalsRequest) Reset() {
 	*x = SubmitToolApprovalsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4488,7 +4631,7 @@ func (x *SubmitToolApprovalsRequest) String() string {
 func (*SubmitToolApprovalsRequest) ProtoMessage() {}
 
 func (x *SubmitToolApprovalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4501,7 +4644,7 @@ func (x *SubmitToolApprovalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitToolApprovalsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitToolApprovalsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SubmitToolApprovalsRequest) GetName() string {
@@ -4530,7 +4673,7 @@ type SubmitToolApprovalsResponse struct {
 
 func (x *SubmitToolApprovalsResponse) Reset() {
 	*x = SubmitToolApprovalsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4542,7 +4685,7 @@ func (x *SubmitToolApprovalsResponse) String() string {
 func (*SubmitToolApprovalsResponse) ProtoMessage() {}
 
 func (x *SubmitToolApprovalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4555,7 +4698,7 @@ func (x *SubmitToolApprovalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitToolApprovalsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitToolApprovalsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SubmitToolApprovalsResponse) GetRun() *Run {
@@ -4583,7 +4726,7 @@ type AssistantTools struct {
 
 func (x *AssistantTools) Reset() {
 	*x = AssistantTools{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4595,7 +4738,7 @@ func (x *AssistantTools) String() string {
 func (*AssistantTools) ProtoMessage() {}
 
 func (x *AssistantTools) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4608,7 +4751,7 @@ func (x *AssistantTools) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantTools.ProtoReflect.Descriptor instead.
 func (*AssistantTools) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *AssistantTools) GetIntegration() string {
@@ -4702,7 +4845,7 @@ type Assistant struct {
 
 func (x *Assistant) Reset() {
 	*x = Assistant{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4714,7 +4857,7 @@ func (x *Assistant) String() string {
 func (*Assistant) ProtoMessage() {}
 
 func (x *Assistant) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4727,7 +4870,7 @@ func (x *Assistant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assistant.ProtoReflect.Descriptor instead.
 func (*Assistant) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Assistant) GetName() string {
@@ -4887,7 +5030,7 @@ type AssistantRevision struct {
 
 func (x *AssistantRevision) Reset() {
 	*x = AssistantRevision{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4899,7 +5042,7 @@ func (x *AssistantRevision) String() string {
 func (*AssistantRevision) ProtoMessage() {}
 
 func (x *AssistantRevision) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4912,7 +5055,7 @@ func (x *AssistantRevision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantRevision.ProtoReflect.Descriptor instead.
 func (*AssistantRevision) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{36}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *AssistantRevision) GetName() string {
@@ -4979,7 +5122,7 @@ type ListAssistantRevisionsRequest struct {
 
 func (x *ListAssistantRevisionsRequest) Reset() {
 	*x = ListAssistantRevisionsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4991,7 +5134,7 @@ func (x *ListAssistantRevisionsRequest) String() string {
 func (*ListAssistantRevisionsRequest) ProtoMessage() {}
 
 func (x *ListAssistantRevisionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5004,7 +5147,7 @@ func (x *ListAssistantRevisionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantRevisionsRequest.ProtoReflect.Descriptor instead.
 func (*ListAssistantRevisionsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{37}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ListAssistantRevisionsRequest) GetParent() string {
@@ -5041,7 +5184,7 @@ type ListAssistantRevisionsResponse struct {
 
 func (x *ListAssistantRevisionsResponse) Reset() {
 	*x = ListAssistantRevisionsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5053,7 +5196,7 @@ func (x *ListAssistantRevisionsResponse) String() string {
 func (*ListAssistantRevisionsResponse) ProtoMessage() {}
 
 func (x *ListAssistantRevisionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5066,7 +5209,7 @@ func (x *ListAssistantRevisionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantRevisionsResponse.ProtoReflect.Descriptor instead.
 func (*ListAssistantRevisionsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{38}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ListAssistantRevisionsResponse) GetRevisions() []*AssistantRevision {
@@ -5098,7 +5241,7 @@ type RollbackAssistantRequest struct {
 
 func (x *RollbackAssistantRequest) Reset() {
 	*x = RollbackAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5110,7 +5253,7 @@ func (x *RollbackAssistantRequest) String() string {
 func (*RollbackAssistantRequest) ProtoMessage() {}
 
 func (x *RollbackAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5123,7 +5266,7 @@ func (x *RollbackAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackAssistantRequest.ProtoReflect.Descriptor instead.
 func (*RollbackAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{39}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RollbackAssistantRequest) GetName() string {
@@ -5159,7 +5302,7 @@ type RollbackAssistantResponse struct {
 
 func (x *RollbackAssistantResponse) Reset() {
 	*x = RollbackAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5171,7 +5314,7 @@ func (x *RollbackAssistantResponse) String() string {
 func (*RollbackAssistantResponse) ProtoMessage() {}
 
 func (x *RollbackAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5184,7 +5327,7 @@ func (x *RollbackAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollbackAssistantResponse.ProtoReflect.Descriptor instead.
 func (*RollbackAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{40}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *RollbackAssistantResponse) GetAssistant() *Assistant {
@@ -5211,7 +5354,7 @@ type AssistantHandoff struct {
 
 func (x *AssistantHandoff) Reset() {
 	*x = AssistantHandoff{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5223,7 +5366,7 @@ func (x *AssistantHandoff) String() string {
 func (*AssistantHandoff) ProtoMessage() {}
 
 func (x *AssistantHandoff) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5236,7 +5379,7 @@ func (x *AssistantHandoff) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantHandoff.ProtoReflect.Descriptor instead.
 func (*AssistantHandoff) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{41}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *AssistantHandoff) GetAssistant() string {
@@ -5285,7 +5428,7 @@ type AssistantDelegate struct {
 
 func (x *AssistantDelegate) Reset() {
 	*x = AssistantDelegate{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5297,7 +5440,7 @@ func (x *AssistantDelegate) String() string {
 func (*AssistantDelegate) ProtoMessage() {}
 
 func (x *AssistantDelegate) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5310,7 +5453,7 @@ func (x *AssistantDelegate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantDelegate.ProtoReflect.Descriptor instead.
 func (*AssistantDelegate) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{42}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *AssistantDelegate) GetAssistant() string {
@@ -5365,7 +5508,7 @@ type RetrievalSettings struct {
 
 func (x *RetrievalSettings) Reset() {
 	*x = RetrievalSettings{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5377,7 +5520,7 @@ func (x *RetrievalSettings) String() string {
 func (*RetrievalSettings) ProtoMessage() {}
 
 func (x *RetrievalSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5390,7 +5533,7 @@ func (x *RetrievalSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetrievalSettings.ProtoReflect.Descriptor instead.
 func (*RetrievalSettings) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{43}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *RetrievalSettings) GetEnabled() bool {
@@ -5458,7 +5601,7 @@ type CreateAssistantRequest struct {
 
 func (x *CreateAssistantRequest) Reset() {
 	*x = CreateAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5470,7 +5613,7 @@ func (x *CreateAssistantRequest) String() string {
 func (*CreateAssistantRequest) ProtoMessage() {}
 
 func (x *CreateAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5483,7 +5626,7 @@ func (x *CreateAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAssistantRequest.ProtoReflect.Descriptor instead.
 func (*CreateAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{44}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *CreateAssistantRequest) GetParent() string {
@@ -5525,7 +5668,7 @@ type CreateAssistantResponse struct {
 
 func (x *CreateAssistantResponse) Reset() {
 	*x = CreateAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5537,7 +5680,7 @@ func (x *CreateAssistantResponse) String() string {
 func (*CreateAssistantResponse) ProtoMessage() {}
 
 func (x *CreateAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5550,7 +5693,7 @@ func (x *CreateAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAssistantResponse.ProtoReflect.Descriptor instead.
 func (*CreateAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{45}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *CreateAssistantResponse) GetAssistant() *Assistant {
@@ -5576,7 +5719,7 @@ type GetAssistantRequest struct {
 
 func (x *GetAssistantRequest) Reset() {
 	*x = GetAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5588,7 +5731,7 @@ func (x *GetAssistantRequest) String() string {
 func (*GetAssistantRequest) ProtoMessage() {}
 
 func (x *GetAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5601,7 +5744,7 @@ func (x *GetAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAssistantRequest.ProtoReflect.Descriptor instead.
 func (*GetAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{46}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *GetAssistantRequest) GetName() string {
@@ -5629,7 +5772,7 @@ type GetAssistantResponse struct {
 
 func (x *GetAssistantResponse) Reset() {
 	*x = GetAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5641,7 +5784,7 @@ func (x *GetAssistantResponse) String() string {
 func (*GetAssistantResponse) ProtoMessage() {}
 
 func (x *GetAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5654,7 +5797,7 @@ func (x *GetAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAssistantResponse.ProtoReflect.Descriptor instead.
 func (*GetAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{47}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *GetAssistantResponse) GetAssistant() *Assistant {
@@ -5679,7 +5822,7 @@ type ListAssistantsRequest struct {
 
 func (x *ListAssistantsRequest) Reset() {
 	*x = ListAssistantsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5691,7 +5834,7 @@ func (x *ListAssistantsRequest) String() string {
 func (*ListAssistantsRequest) ProtoMessage() {}
 
 func (x *ListAssistantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5704,7 +5847,7 @@ func (x *ListAssistantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantsRequest.ProtoReflect.Descriptor instead.
 func (*ListAssistantsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{48}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ListAssistantsRequest) GetParent() string {
@@ -5741,7 +5884,7 @@ type ListAssistantsResponse struct {
 
 func (x *ListAssistantsResponse) Reset() {
 	*x = ListAssistantsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5753,7 +5896,7 @@ func (x *ListAssistantsResponse) String() string {
 func (*ListAssistantsResponse) ProtoMessage() {}
 
 func (x *ListAssistantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5766,7 +5909,7 @@ func (x *ListAssistantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantsResponse.ProtoReflect.Descriptor instead.
 func (*ListAssistantsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{49}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListAssistantsResponse) GetAssistants() []*Assistant {
@@ -5799,7 +5942,7 @@ type UpdateAssistantRequest struct {
 
 func (x *UpdateAssistantRequest) Reset() {
 	*x = UpdateAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5811,7 +5954,7 @@ func (x *UpdateAssistantRequest) String() string {
 func (*UpdateAssistantRequest) ProtoMessage() {}
 
 func (x *UpdateAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5824,7 +5967,7 @@ func (x *UpdateAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAssistantRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{50}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *UpdateAssistantRequest) GetAssistant() *Assistant {
@@ -5852,7 +5995,7 @@ type UpdateAssistantResponse struct {
 
 func (x *UpdateAssistantResponse) Reset() {
 	*x = UpdateAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5864,7 +6007,7 @@ func (x *UpdateAssistantResponse) String() string {
 func (*UpdateAssistantResponse) ProtoMessage() {}
 
 func (x *UpdateAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5877,7 +6020,7 @@ func (x *UpdateAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAssistantResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{51}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *UpdateAssistantResponse) GetAssistant() *Assistant {
@@ -5900,7 +6043,7 @@ type DeleteAssistantRequest struct {
 
 func (x *DeleteAssistantRequest) Reset() {
 	*x = DeleteAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5912,7 +6055,7 @@ func (x *DeleteAssistantRequest) String() string {
 func (*DeleteAssistantRequest) ProtoMessage() {}
 
 func (x *DeleteAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5925,7 +6068,7 @@ func (x *DeleteAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAssistantRequest.ProtoReflect.Descriptor instead.
 func (*DeleteAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{52}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *DeleteAssistantRequest) GetName() string {
@@ -5951,7 +6094,7 @@ type DeleteAssistantResponse struct {
 
 func (x *DeleteAssistantResponse) Reset() {
 	*x = DeleteAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5963,7 +6106,7 @@ func (x *DeleteAssistantResponse) String() string {
 func (*DeleteAssistantResponse) ProtoMessage() {}
 
 func (x *DeleteAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5976,7 +6119,7 @@ func (x *DeleteAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAssistantResponse.ProtoReflect.Descriptor instead.
 func (*DeleteAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{53}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{55}
 }
 
 // Request for DescribeConversation.
@@ -5994,7 +6137,7 @@ type DescribeConversationRequest struct {
 
 func (x *DescribeConversationRequest) Reset() {
 	*x = DescribeConversationRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6006,7 +6149,7 @@ func (x *DescribeConversationRequest) String() string {
 func (*DescribeConversationRequest) ProtoMessage() {}
 
 func (x *DescribeConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6019,7 +6162,7 @@ func (x *DescribeConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeConversationRequest.ProtoReflect.Descriptor instead.
 func (*DescribeConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{54}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *DescribeConversationRequest) GetConversation() string {
@@ -6067,7 +6210,7 @@ type DescribeConversationResponse struct {
 
 func (x *DescribeConversationResponse) Reset() {
 	*x = DescribeConversationResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6079,7 +6222,7 @@ func (x *DescribeConversationResponse) String() string {
 func (*DescribeConversationResponse) ProtoMessage() {}
 
 func (x *DescribeConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6092,7 +6235,7 @@ func (x *DescribeConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeConversationResponse.ProtoReflect.Descriptor instead.
 func (*DescribeConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{55}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *DescribeConversationResponse) GetAssistant() *Assistant {
@@ -6190,7 +6333,7 @@ type Budget struct {
 
 func (x *Budget) Reset() {
 	*x = Budget{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6202,7 +6345,7 @@ func (x *Budget) String() string {
 func (*Budget) ProtoMessage() {}
 
 func (x *Budget) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6215,7 +6358,7 @@ func (x *Budget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Budget.ProtoReflect.Descriptor instead.
 func (*Budget) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{56}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *Budget) GetName() string {
@@ -6341,7 +6484,7 @@ type BudgetUsage struct {
 
 func (x *BudgetUsage) Reset() {
 	*x = BudgetUsage{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6353,7 +6496,7 @@ func (x *BudgetUsage) String() string {
 func (*BudgetUsage) ProtoMessage() {}
 
 func (x *BudgetUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6366,7 +6509,7 @@ func (x *BudgetUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetUsage.ProtoReflect.Descriptor instead.
 func (*BudgetUsage) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{57}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *BudgetUsage) GetPeriodStartTime() *timestamppb.Timestamp {
@@ -6444,7 +6587,7 @@ type CreateBudgetRequest struct {
 
 func (x *CreateBudgetRequest) Reset() {
 	*x = CreateBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6456,7 +6599,7 @@ func (x *CreateBudgetRequest) String() string {
 func (*CreateBudgetRequest) ProtoMessage() {}
 
 func (x *CreateBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6469,7 +6612,7 @@ func (x *CreateBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateBudgetRequest.ProtoReflect.Descriptor instead.
 func (*CreateBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{58}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *CreateBudgetRequest) GetParent() string {
@@ -6511,7 +6654,7 @@ type CreateBudgetResponse struct {
 
 func (x *CreateBudgetResponse) Reset() {
 	*x = CreateBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6523,7 +6666,7 @@ func (x *CreateBudgetResponse) String() string {
 func (*CreateBudgetResponse) ProtoMessage() {}
 
 func (x *CreateBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6536,7 +6679,7 @@ func (x *CreateBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateBudgetResponse.ProtoReflect.Descriptor instead.
 func (*CreateBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{59}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *CreateBudgetResponse) GetBudget() *Budget {
@@ -6557,7 +6700,7 @@ type GetBudgetRequest struct {
 
 func (x *GetBudgetRequest) Reset() {
 	*x = GetBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6569,7 +6712,7 @@ func (x *GetBudgetRequest) String() string {
 func (*GetBudgetRequest) ProtoMessage() {}
 
 func (x *GetBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6582,7 +6725,7 @@ func (x *GetBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBudgetRequest.ProtoReflect.Descriptor instead.
 func (*GetBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{60}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *GetBudgetRequest) GetName() string {
@@ -6603,7 +6746,7 @@ type GetBudgetResponse struct {
 
 func (x *GetBudgetResponse) Reset() {
 	*x = GetBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6615,7 +6758,7 @@ func (x *GetBudgetResponse) String() string {
 func (*GetBudgetResponse) ProtoMessage() {}
 
 func (x *GetBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6628,7 +6771,7 @@ func (x *GetBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBudgetResponse.ProtoReflect.Descriptor instead.
 func (*GetBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{61}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *GetBudgetResponse) GetBudget() *Budget {
@@ -6653,7 +6796,7 @@ type ListBudgetsRequest struct {
 
 func (x *ListBudgetsRequest) Reset() {
 	*x = ListBudgetsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6665,7 +6808,7 @@ func (x *ListBudgetsRequest) String() string {
 func (*ListBudgetsRequest) ProtoMessage() {}
 
 func (x *ListBudgetsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6678,7 +6821,7 @@ func (x *ListBudgetsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBudgetsRequest.ProtoReflect.Descriptor instead.
 func (*ListBudgetsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{62}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *ListBudgetsRequest) GetParent() string {
@@ -6715,7 +6858,7 @@ type ListBudgetsResponse struct {
 
 func (x *ListBudgetsResponse) Reset() {
 	*x = ListBudgetsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6727,7 +6870,7 @@ func (x *ListBudgetsResponse) String() string {
 func (*ListBudgetsResponse) ProtoMessage() {}
 
 func (x *ListBudgetsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6740,7 +6883,7 @@ func (x *ListBudgetsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBudgetsResponse.ProtoReflect.Descriptor instead.
 func (*ListBudgetsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{63}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *ListBudgetsResponse) GetBudgets() []*Budget {
@@ -6773,7 +6916,7 @@ type UpdateBudgetRequest struct {
 
 func (x *UpdateBudgetRequest) Reset() {
 	*x = UpdateBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6785,7 +6928,7 @@ func (x *UpdateBudgetRequest) String() string {
 func (*UpdateBudgetRequest) ProtoMessage() {}
 
 func (x *UpdateBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6798,7 +6941,7 @@ func (x *UpdateBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateBudgetRequest.ProtoReflect.Descriptor instead.
 func (*UpdateBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{64}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *UpdateBudgetRequest) GetBudget() *Budget {
@@ -6826,7 +6969,7 @@ type UpdateBudgetResponse struct {
 
 func (x *UpdateBudgetResponse) Reset() {
 	*x = UpdateBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6838,7 +6981,7 @@ func (x *UpdateBudgetResponse) String() string {
 func (*UpdateBudgetResponse) ProtoMessage() {}
 
 func (x *UpdateBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6851,7 +6994,7 @@ func (x *UpdateBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateBudgetResponse.ProtoReflect.Descriptor instead.
 func (*UpdateBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{65}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *UpdateBudgetResponse) GetBudget() *Budget {
@@ -6874,7 +7017,7 @@ type DeleteBudgetRequest struct {
 
 func (x *DeleteBudgetRequest) Reset() {
 	*x = DeleteBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6886,7 +7029,7 @@ func (x *DeleteBudgetRequest) String() string {
 func (*DeleteBudgetRequest) ProtoMessage() {}
 
 func (x *DeleteBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6899,7 +7042,7 @@ func (x *DeleteBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBudgetRequest.ProtoReflect.Descriptor instead.
 func (*DeleteBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{66}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *DeleteBudgetRequest) GetName() string {
@@ -6925,7 +7068,7 @@ type DeleteBudgetResponse struct {
 
 func (x *DeleteBudgetResponse) Reset() {
 	*x = DeleteBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6937,7 +7080,7 @@ func (x *DeleteBudgetResponse) String() string {
 func (*DeleteBudgetResponse) ProtoMessage() {}
 
 func (x *DeleteBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6950,7 +7093,7 @@ func (x *DeleteBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBudgetResponse.ProtoReflect.Descriptor instead.
 func (*DeleteBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{67}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{69}
 }
 
 // Request for ResolveBudgetAction.
@@ -6967,7 +7110,7 @@ type ResolveBudgetActionRequest struct {
 
 func (x *ResolveBudgetActionRequest) Reset() {
 	*x = ResolveBudgetActionRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6979,7 +7122,7 @@ func (x *ResolveBudgetActionRequest) String() string {
 func (*ResolveBudgetActionRequest) ProtoMessage() {}
 
 func (x *ResolveBudgetActionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6992,7 +7135,7 @@ func (x *ResolveBudgetActionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveBudgetActionRequest.ProtoReflect.Descriptor instead.
 func (*ResolveBudgetActionRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{68}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *ResolveBudgetActionRequest) GetName() string {
@@ -7020,7 +7163,7 @@ type ResolveBudgetActionResponse struct {
 
 func (x *ResolveBudgetActionResponse) Reset() {
 	*x = ResolveBudgetActionResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7032,7 +7175,7 @@ func (x *ResolveBudgetActionResponse) String() string {
 func (*ResolveBudgetActionResponse) ProtoMessage() {}
 
 func (x *ResolveBudgetActionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7045,7 +7188,7 @@ func (x *ResolveBudgetActionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveBudgetActionResponse.ProtoReflect.Descriptor instead.
 func (*ResolveBudgetActionResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{69}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *ResolveBudgetActionResponse) GetRun() *Run {
@@ -7083,7 +7226,7 @@ type QueryUsageRequest struct {
 
 func (x *QueryUsageRequest) Reset() {
 	*x = QueryUsageRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7095,7 +7238,7 @@ func (x *QueryUsageRequest) String() string {
 func (*QueryUsageRequest) ProtoMessage() {}
 
 func (x *QueryUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7108,7 +7251,7 @@ func (x *QueryUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryUsageRequest.ProtoReflect.Descriptor instead.
 func (*QueryUsageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{70}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *QueryUsageRequest) GetParent() string {
@@ -7207,7 +7350,7 @@ type UsageRow struct {
 
 func (x *UsageRow) Reset() {
 	*x = UsageRow{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7219,7 +7362,7 @@ func (x *UsageRow) String() string {
 func (*UsageRow) ProtoMessage() {}
 
 func (x *UsageRow) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7232,7 +7375,7 @@ func (x *UsageRow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRow.ProtoReflect.Descriptor instead.
 func (*UsageRow) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{71}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *UsageRow) GetDay() string {
@@ -7318,7 +7461,7 @@ type QueryUsageResponse struct {
 
 func (x *QueryUsageResponse) Reset() {
 	*x = QueryUsageResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7330,7 +7473,7 @@ func (x *QueryUsageResponse) String() string {
 func (*QueryUsageResponse) ProtoMessage() {}
 
 func (x *QueryUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7343,7 +7486,7 @@ func (x *QueryUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryUsageResponse.ProtoReflect.Descriptor instead.
 func (*QueryUsageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{72}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *QueryUsageResponse) GetRows() []*UsageRow {
@@ -7375,7 +7518,7 @@ type ApiKeyQuota struct {
 
 func (x *ApiKeyQuota) Reset() {
 	*x = ApiKeyQuota{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7387,7 +7530,7 @@ func (x *ApiKeyQuota) String() string {
 func (*ApiKeyQuota) ProtoMessage() {}
 
 func (x *ApiKeyQuota) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7400,7 +7543,7 @@ func (x *ApiKeyQuota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKeyQuota.ProtoReflect.Descriptor instead.
 func (*ApiKeyQuota) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{73}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *ApiKeyQuota) GetApiKey() string {
@@ -7447,7 +7590,7 @@ type WorkspaceQuota struct {
 
 func (x *WorkspaceQuota) Reset() {
 	*x = WorkspaceQuota{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7459,7 +7602,7 @@ func (x *WorkspaceQuota) String() string {
 func (*WorkspaceQuota) ProtoMessage() {}
 
 func (x *WorkspaceQuota) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7472,7 +7615,7 @@ func (x *WorkspaceQuota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkspaceQuota.ProtoReflect.Descriptor instead.
 func (*WorkspaceQuota) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{74}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *WorkspaceQuota) GetName() string {
@@ -7528,7 +7671,7 @@ type GetWorkspaceQuotaRequest struct {
 
 func (x *GetWorkspaceQuotaRequest) Reset() {
 	*x = GetWorkspaceQuotaRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[75]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7540,7 +7683,7 @@ func (x *GetWorkspaceQuotaRequest) String() string {
 func (*GetWorkspaceQuotaRequest) ProtoMessage() {}
 
 func (x *GetWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[75]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7553,7 +7696,7 @@ func (x *GetWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceQuotaRequest.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{75}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *GetWorkspaceQuotaRequest) GetName() string {
@@ -7574,7 +7717,7 @@ type GetWorkspaceQuotaResponse struct {
 
 func (x *GetWorkspaceQuotaResponse) Reset() {
 	*x = GetWorkspaceQuotaResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[76]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7586,7 +7729,7 @@ func (x *GetWorkspaceQuotaResponse) String() string {
 func (*GetWorkspaceQuotaResponse) ProtoMessage() {}
 
 func (x *GetWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[76]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7599,7 +7742,7 @@ func (x *GetWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceQuotaResponse.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceQuotaResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{76}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *GetWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
@@ -7622,7 +7765,7 @@ type UpdateWorkspaceQuotaRequest struct {
 
 func (x *UpdateWorkspaceQuotaRequest) Reset() {
 	*x = UpdateWorkspaceQuotaRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[77]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7634,7 +7777,7 @@ func (x *UpdateWorkspaceQuotaRequest) String() string {
 func (*UpdateWorkspaceQuotaRequest) ProtoMessage() {}
 
 func (x *UpdateWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[77]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7647,7 +7790,7 @@ func (x *UpdateWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceQuotaRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{77}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *UpdateWorkspaceQuotaRequest) GetQuota() *WorkspaceQuota {
@@ -7675,7 +7818,7 @@ type UpdateWorkspaceQuotaResponse struct {
 
 func (x *UpdateWorkspaceQuotaResponse) Reset() {
 	*x = UpdateWorkspaceQuotaResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7687,7 +7830,7 @@ func (x *UpdateWorkspaceQuotaResponse) String() string {
 func (*UpdateWorkspaceQuotaResponse) ProtoMessage() {}
 
 func (x *UpdateWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7700,7 +7843,7 @@ func (x *UpdateWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceQuotaResponse.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceQuotaResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{78}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *UpdateWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
@@ -7730,7 +7873,7 @@ type TalkRequest struct {
 
 func (x *TalkRequest) Reset() {
 	*x = TalkRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7742,7 +7885,7 @@ func (x *TalkRequest) String() string {
 func (*TalkRequest) ProtoMessage() {}
 
 func (x *TalkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7755,7 +7898,7 @@ func (x *TalkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkRequest.ProtoReflect.Descriptor instead.
 func (*TalkRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{79}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *TalkRequest) GetFrame() isTalkRequest_Frame {
@@ -7892,7 +8035,7 @@ type TalkStart struct {
 
 func (x *TalkStart) Reset() {
 	*x = TalkStart{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7904,7 +8047,7 @@ func (x *TalkStart) String() string {
 func (*TalkStart) ProtoMessage() {}
 
 func (x *TalkStart) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7917,7 +8060,7 @@ func (x *TalkStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkStart.ProtoReflect.Descriptor instead.
 func (*TalkStart) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{80}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *TalkStart) GetConversation() string {
@@ -8019,7 +8162,7 @@ type TalkResume struct {
 
 func (x *TalkResume) Reset() {
 	*x = TalkResume{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8031,7 +8174,7 @@ func (x *TalkResume) String() string {
 func (*TalkResume) ProtoMessage() {}
 
 func (x *TalkResume) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8044,7 +8187,7 @@ func (x *TalkResume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkResume.ProtoReflect.Descriptor instead.
 func (*TalkResume) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{81}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *TalkResume) GetSession() string {
@@ -8072,7 +8215,7 @@ type AudioChunk struct {
 
 func (x *AudioChunk) Reset() {
 	*x = AudioChunk{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8084,7 +8227,7 @@ func (x *AudioChunk) String() string {
 func (*AudioChunk) ProtoMessage() {}
 
 func (x *AudioChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8097,7 +8240,7 @@ func (x *AudioChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AudioChunk.ProtoReflect.Descriptor instead.
 func (*AudioChunk) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{82}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *AudioChunk) GetData() []byte {
@@ -8121,7 +8264,7 @@ type TalkControl struct {
 
 func (x *TalkControl) Reset() {
 	*x = TalkControl{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8133,7 +8276,7 @@ func (x *TalkControl) String() string {
 func (*TalkControl) ProtoMessage() {}
 
 func (x *TalkControl) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8146,7 +8289,7 @@ func (x *TalkControl) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkControl.ProtoReflect.Descriptor instead.
 func (*TalkControl) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{83}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *TalkControl) GetAction() TalkAction {
@@ -8182,7 +8325,7 @@ type ConnectTalkRequest struct {
 
 func (x *ConnectTalkRequest) Reset() {
 	*x = ConnectTalkRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8194,7 +8337,7 @@ func (x *ConnectTalkRequest) String() string {
 func (*ConnectTalkRequest) ProtoMessage() {}
 
 func (x *ConnectTalkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8207,7 +8350,7 @@ func (x *ConnectTalkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectTalkRequest.ProtoReflect.Descriptor instead.
 func (*ConnectTalkRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{84}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *ConnectTalkRequest) GetOffer() string {
@@ -8279,7 +8422,7 @@ type ConnectTalkResponse struct {
 
 func (x *ConnectTalkResponse) Reset() {
 	*x = ConnectTalkResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8291,7 +8434,7 @@ func (x *ConnectTalkResponse) String() string {
 func (*ConnectTalkResponse) ProtoMessage() {}
 
 func (x *ConnectTalkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8304,7 +8447,7 @@ func (x *ConnectTalkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectTalkResponse.ProtoReflect.Descriptor instead.
 func (*ConnectTalkResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{85}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *ConnectTalkResponse) GetAnswer() string {
@@ -8330,7 +8473,7 @@ type GetIceServersRequest struct {
 
 func (x *GetIceServersRequest) Reset() {
 	*x = GetIceServersRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8342,7 +8485,7 @@ func (x *GetIceServersRequest) String() string {
 func (*GetIceServersRequest) ProtoMessage() {}
 
 func (x *GetIceServersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8355,7 +8498,7 @@ func (x *GetIceServersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetIceServersRequest.ProtoReflect.Descriptor instead.
 func (*GetIceServersRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{86}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{88}
 }
 
 // Response for GetIceServers.
@@ -8372,7 +8515,7 @@ type GetIceServersResponse struct {
 
 func (x *GetIceServersResponse) Reset() {
 	*x = GetIceServersResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8384,7 +8527,7 @@ func (x *GetIceServersResponse) String() string {
 func (*GetIceServersResponse) ProtoMessage() {}
 
 func (x *GetIceServersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8397,7 +8540,7 @@ func (x *GetIceServersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetIceServersResponse.ProtoReflect.Descriptor instead.
 func (*GetIceServersResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{87}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *GetIceServersResponse) GetIceServers() []*IceServer {
@@ -8429,7 +8572,7 @@ type IceServer struct {
 
 func (x *IceServer) Reset() {
 	*x = IceServer{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8441,7 +8584,7 @@ func (x *IceServer) String() string {
 func (*IceServer) ProtoMessage() {}
 
 func (x *IceServer) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8454,7 +8597,7 @@ func (x *IceServer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IceServer.ProtoReflect.Descriptor instead.
 func (*IceServer) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{88}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *IceServer) GetUrls() []string {
@@ -8503,7 +8646,7 @@ type TalkResponse struct {
 
 func (x *TalkResponse) Reset() {
 	*x = TalkResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8515,7 +8658,7 @@ func (x *TalkResponse) String() string {
 func (*TalkResponse) ProtoMessage() {}
 
 func (x *TalkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8528,7 +8671,7 @@ func (x *TalkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkResponse.ProtoReflect.Descriptor instead.
 func (*TalkResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{89}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *TalkResponse) GetSequence() int64 {
@@ -8687,7 +8830,7 @@ type VoiceSession struct {
 
 func (x *VoiceSession) Reset() {
 	*x = VoiceSession{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8699,7 +8842,7 @@ func (x *VoiceSession) String() string {
 func (*VoiceSession) ProtoMessage() {}
 
 func (x *VoiceSession) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8712,7 +8855,7 @@ func (x *VoiceSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VoiceSession.ProtoReflect.Descriptor instead.
 func (*VoiceSession) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{90}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *VoiceSession) GetName() string {
@@ -8843,7 +8986,7 @@ type Transcript struct {
 
 func (x *Transcript) Reset() {
 	*x = Transcript{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8855,7 +8998,7 @@ func (x *Transcript) String() string {
 func (*Transcript) ProtoMessage() {}
 
 func (x *Transcript) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8868,7 +9011,7 @@ func (x *Transcript) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Transcript.ProtoReflect.Descriptor instead.
 func (*Transcript) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{91}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *Transcript) GetTurn() int64 {
@@ -8941,7 +9084,7 @@ type TalkEvent struct {
 
 func (x *TalkEvent) Reset() {
 	*x = TalkEvent{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8953,7 +9096,7 @@ func (x *TalkEvent) String() string {
 func (*TalkEvent) ProtoMessage() {}
 
 func (x *TalkEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8966,7 +9109,7 @@ func (x *TalkEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkEvent.ProtoReflect.Descriptor instead.
 func (*TalkEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{92}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *TalkEvent) GetKind() TalkEventKind {
@@ -9027,7 +9170,7 @@ type SteerRunRequest struct {
 
 func (x *SteerRunRequest) Reset() {
 	*x = SteerRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9039,7 +9182,7 @@ func (x *SteerRunRequest) String() string {
 func (*SteerRunRequest) ProtoMessage() {}
 
 func (x *SteerRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9052,7 +9195,7 @@ func (x *SteerRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SteerRunRequest.ProtoReflect.Descriptor instead.
 func (*SteerRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{93}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *SteerRunRequest) GetRun() string {
@@ -9090,7 +9233,7 @@ type SteerRunResponse struct {
 
 func (x *SteerRunResponse) Reset() {
 	*x = SteerRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9102,7 +9245,7 @@ func (x *SteerRunResponse) String() string {
 func (*SteerRunResponse) ProtoMessage() {}
 
 func (x *SteerRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9115,7 +9258,7 @@ func (x *SteerRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SteerRunResponse.ProtoReflect.Descriptor instead.
 func (*SteerRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{94}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *SteerRunResponse) GetRun() *Run {
@@ -9203,7 +9346,7 @@ type Schedule struct {
 
 func (x *Schedule) Reset() {
 	*x = Schedule{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9215,7 +9358,7 @@ func (x *Schedule) String() string {
 func (*Schedule) ProtoMessage() {}
 
 func (x *Schedule) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9228,7 +9371,7 @@ func (x *Schedule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Schedule.ProtoReflect.Descriptor instead.
 func (*Schedule) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{95}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *Schedule) GetName() string {
@@ -9413,7 +9556,7 @@ type ScheduleFiring struct {
 
 func (x *ScheduleFiring) Reset() {
 	*x = ScheduleFiring{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9425,7 +9568,7 @@ func (x *ScheduleFiring) String() string {
 func (*ScheduleFiring) ProtoMessage() {}
 
 func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9438,7 +9581,7 @@ func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleFiring.ProtoReflect.Descriptor instead.
 func (*ScheduleFiring) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{96}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *ScheduleFiring) GetFireTime() *timestamppb.Timestamp {
@@ -9504,7 +9647,7 @@ type CreateScheduleRequest struct {
 
 func (x *CreateScheduleRequest) Reset() {
 	*x = CreateScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9516,7 +9659,7 @@ func (x *CreateScheduleRequest) String() string {
 func (*CreateScheduleRequest) ProtoMessage() {}
 
 func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[97]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9529,7 +9672,7 @@ func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateScheduleRequest.ProtoReflect.Descriptor instead.
 func (*CreateScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{97}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *CreateScheduleRequest) GetParent() string {
@@ -9571,7 +9714,7 @@ type CreateScheduleResponse struct {
 
 func (x *CreateScheduleResponse) Reset() {
 	*x = CreateScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9583,7 +9726,7 @@ func (x *CreateScheduleResponse) String() string {
 func (*CreateScheduleResponse) ProtoMessage() {}
 
 func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9596,7 +9739,7 @@ func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateScheduleResponse.ProtoReflect.Descriptor instead.
 func (*CreateScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{98}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *CreateScheduleResponse) GetSchedule() *Schedule {
@@ -9617,7 +9760,7 @@ type GetScheduleRequest struct {
 
 func (x *GetScheduleRequest) Reset() {
 	*x = GetScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9629,7 +9772,7 @@ func (x *GetScheduleRequest) String() string {
 func (*GetScheduleRequest) ProtoMessage() {}
 
 func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9642,7 +9785,7 @@ func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleRequest.ProtoReflect.Descriptor instead.
 func (*GetScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{99}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *GetScheduleRequest) GetName() string {
@@ -9663,7 +9806,7 @@ type GetScheduleResponse struct {
 
 func (x *GetScheduleResponse) Reset() {
 	*x = GetScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9675,7 +9818,7 @@ func (x *GetScheduleResponse) String() string {
 func (*GetScheduleResponse) ProtoMessage() {}
 
 func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9688,7 +9831,7 @@ func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleResponse.ProtoReflect.Descriptor instead.
 func (*GetScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{100}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *GetScheduleResponse) GetSchedule() *Schedule {
@@ -9713,7 +9856,7 @@ type ListSchedulesRequest struct {
 
 func (x *ListSchedulesRequest) Reset() {
 	*x = ListSchedulesRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9725,7 +9868,7 @@ func (x *ListSchedulesRequest) String() string {
 func (*ListSchedulesRequest) ProtoMessage() {}
 
 func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9738,7 +9881,7 @@ func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSchedulesRequest.ProtoReflect.Descriptor instead.
 func (*ListSchedulesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{101}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *ListSchedulesRequest) GetParent() string {
@@ -9775,7 +9918,7 @@ type ListSchedulesResponse struct {
 
 func (x *ListSchedulesResponse) Reset() {
 	*x = ListSchedulesResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9787,7 +9930,7 @@ func (x *ListSchedulesResponse) String() string {
 func (*ListSchedulesResponse) ProtoMessage() {}
 
 func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9800,7 +9943,7 @@ func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSchedulesResponse.ProtoReflect.Descriptor instead.
 func (*ListSchedulesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{102}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *ListSchedulesResponse) GetSchedules() []*Schedule {
@@ -9832,7 +9975,7 @@ type UpdateScheduleRequest struct {
 
 func (x *UpdateScheduleRequest) Reset() {
 	*x = UpdateScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9844,7 +9987,7 @@ func (x *UpdateScheduleRequest) String() string {
 func (*UpdateScheduleRequest) ProtoMessage() {}
 
 func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9857,7 +10000,7 @@ func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateScheduleRequest.ProtoReflect.Descriptor instead.
 func (*UpdateScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{103}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{105}
 }
 
 func (x *UpdateScheduleRequest) GetSchedule() *Schedule {
@@ -9885,7 +10028,7 @@ type UpdateScheduleResponse struct {
 
 func (x *UpdateScheduleResponse) Reset() {
 	*x = UpdateScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9897,7 +10040,7 @@ func (x *UpdateScheduleResponse) String() string {
 func (*UpdateScheduleResponse) ProtoMessage() {}
 
 func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9910,7 +10053,7 @@ func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateScheduleResponse.ProtoReflect.Descriptor instead.
 func (*UpdateScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{104}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *UpdateScheduleResponse) GetSchedule() *Schedule {
@@ -9933,7 +10076,7 @@ type PauseScheduleRequest struct {
 
 func (x *PauseScheduleRequest) Reset() {
 	*x = PauseScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[107]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9945,7 +10088,7 @@ func (x *PauseScheduleRequest) String() string {
 func (*PauseScheduleRequest) ProtoMessage() {}
 
 func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[107]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9958,7 +10101,7 @@ func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseScheduleRequest.ProtoReflect.Descriptor instead.
 func (*PauseScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{105}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{107}
 }
 
 func (x *PauseScheduleRequest) GetName() string {
@@ -9986,7 +10129,7 @@ type PauseScheduleResponse struct {
 
 func (x *PauseScheduleResponse) Reset() {
 	*x = PauseScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[108]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9998,7 +10141,7 @@ func (x *PauseScheduleResponse) String() string {
 func (*PauseScheduleResponse) ProtoMessage() {}
 
 func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[108]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10011,7 +10154,7 @@ func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseScheduleResponse.ProtoReflect.Descriptor instead.
 func (*PauseScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{106}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{108}
 }
 
 func (x *PauseScheduleResponse) GetSchedule() *Schedule {
@@ -10034,7 +10177,7 @@ type ResumeScheduleRequest struct {
 
 func (x *ResumeScheduleRequest) Reset() {
 	*x = ResumeScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[107]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[109]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10046,7 +10189,7 @@ func (x *ResumeScheduleRequest) String() string {
 func (*ResumeScheduleRequest) ProtoMessage() {}
 
 func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[107]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[109]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10059,7 +10202,7 @@ func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeScheduleRequest.ProtoReflect.Descriptor instead.
 func (*ResumeScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{107}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{109}
 }
 
 func (x *ResumeScheduleRequest) GetName() string {
@@ -10087,7 +10230,7 @@ type ResumeScheduleResponse struct {
 
 func (x *ResumeScheduleResponse) Reset() {
 	*x = ResumeScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[108]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[110]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10099,7 +10242,7 @@ func (x *ResumeScheduleResponse) String() string {
 func (*ResumeScheduleResponse) ProtoMessage() {}
 
 func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[108]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[110]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10112,7 +10255,7 @@ func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeScheduleResponse.ProtoReflect.Descriptor instead.
 func (*ResumeScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{108}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{110}
 }
 
 func (x *ResumeScheduleResponse) GetSchedule() *Schedule {
@@ -10135,7 +10278,7 @@ type DeleteScheduleRequest struct {
 
 func (x *DeleteScheduleRequest) Reset() {
 	*x = DeleteScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[109]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[111]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10147,7 +10290,7 @@ func (x *DeleteScheduleRequest) String() string {
 func (*DeleteScheduleRequest) ProtoMessage() {}
 
 func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[109]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[111]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10160,7 +10303,7 @@ func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteScheduleRequest.ProtoReflect.Descriptor instead.
 func (*DeleteScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{109}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{111}
 }
 
 func (x *DeleteScheduleRequest) GetName() string {
@@ -10186,7 +10329,7 @@ type DeleteScheduleResponse struct {
 
 func (x *DeleteScheduleResponse) Reset() {
 	*x = DeleteScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[110]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[112]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10198,7 +10341,7 @@ func (x *DeleteScheduleResponse) String() string {
 func (*DeleteScheduleResponse) ProtoMessage() {}
 
 func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[110]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[112]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10211,7 +10354,7 @@ func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteScheduleResponse.ProtoReflect.Descriptor instead.
 func (*DeleteScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{110}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{112}
 }
 
 // Request for ListScheduleFirings.
@@ -10229,7 +10372,7 @@ type ListScheduleFiringsRequest struct {
 
 func (x *ListScheduleFiringsRequest) Reset() {
 	*x = ListScheduleFiringsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[111]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[113]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10241,7 +10384,7 @@ func (x *ListScheduleFiringsRequest) String() string {
 func (*ListScheduleFiringsRequest) ProtoMessage() {}
 
 func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[111]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[113]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10254,7 +10397,7 @@ func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListScheduleFiringsRequest.ProtoReflect.Descriptor instead.
 func (*ListScheduleFiringsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{111}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{113}
 }
 
 func (x *ListScheduleFiringsRequest) GetParent() string {
@@ -10291,7 +10434,7 @@ type ListScheduleFiringsResponse struct {
 
 func (x *ListScheduleFiringsResponse) Reset() {
 	*x = ListScheduleFiringsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[112]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[114]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10303,7 +10446,7 @@ func (x *ListScheduleFiringsResponse) String() string {
 func (*ListScheduleFiringsResponse) ProtoMessage() {}
 
 func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[112]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[114]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10316,7 +10459,7 @@ func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListScheduleFiringsResponse.ProtoReflect.Descriptor instead.
 func (*ListScheduleFiringsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{112}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{114}
 }
 
 func (x *ListScheduleFiringsResponse) GetFirings() []*ScheduleFiring {
@@ -10337,7 +10480,7 @@ var File_switchboard_api_dispatcher_v1_dispatcher_proto protoreflect.FileDescrip
 
 const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
-	".switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xe5\v\n" +
+	".switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xfd\v\n" +
 	"\x03Run\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12=\n" +
 	"\x05state\x18\x02 \x01(\x0e2'.switchboard.api.dispatcher.v1.RunStateR\x05state\x12\x18\n" +
@@ -10373,7 +10516,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x05depth\x18\x1c \x01(\x05R\x05depth\x12C\n" +
 	"\bchildren\x18\x1d \x03(\v2'.switchboard.api.dispatcher.v1.ChildRunR\bchildren\x12P\n" +
 	"\rqueued_behind\x18\x1e \x01(\v2+.switchboard.api.dispatcher.v1.QueuedBehindR\fqueuedBehind\x12-\n" +
-	"\x12assistant_revision\x18\x1f \x01(\x03R\x11assistantRevision\"\xca\x01\n" +
+	"\x12assistant_revision\x18\x1f \x01(\x03R\x11assistantRevision\x12\x16\n" +
+	"\x06branch\x18  \x01(\x05R\x06branch\"\xca\x01\n" +
 	"\fQueuedBehind\x12\x10\n" +
 	"\x03run\x18\x01 \x01(\tR\x03run\x12=\n" +
 	"\x05state\x18\x02 \x01(\x0e2'.switchboard.api.dispatcher.v1.RunStateR\x05state\x12\x16\n" +
@@ -10422,7 +10566,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"decideTime\x12'\n" +
 	"\x0foutcome_unknown\x18\x06 \x01(\bR\x0eoutcomeUnknown\x12\x1f\n" +
 	"\vresult_text\x18\a \x01(\tR\n" +
-	"resultText\"\xdb\x04\n" +
+	"resultText\"\xf7\x04\n" +
 	"\x12SendMessageRequest\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12=\n" +
 	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\x12\x18\n" +
@@ -10439,7 +10583,16 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
 	"steer_mode\x18\n" +
 	" \x01(\x0e2(.switchboard.api.dispatcher.v1.SteerModeR\tsteerMode\x12-\n" +
-	"\x12assistant_revision\x18\v \x01(\x03R\x11assistantRevision\"}\n" +
+	"\x12assistant_revision\x18\v \x01(\x03R\x11assistantRevision\x12\x1a\n" +
+	"\breplaces\x18\f \x01(\tR\breplaces\"\xb4\x01\n" +
+	"\x18RegenerateMessageRequest\x12\x18\n" +
+	"\amessage\x18\x01 \x01(\tR\amessage\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\x12_\n" +
+	"\x12concurrency_policy\x18\x03 \x01(\x0e20.switchboard.api.dispatcher.v1.ConcurrencyPolicyR\x11concurrencyPolicy\"\x90\x01\n" +
+	"\x19RegenerateMessageResponse\x124\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\x12=\n" +
+	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\"}\n" +
 	"\vAudioFormat\x12H\n" +
 	"\bencoding\x18\x01 \x01(\x0e2,.switchboard.api.dispatcher.v1.AudioEncodingR\bencoding\x12$\n" +
 	"\x0esample_rate_hz\x18\x02 \x01(\x05R\fsampleRateHz\"\x96\x01\n" +
@@ -11125,9 +11278,10 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x16FIRING_OUTCOME_CLAIMED\x10\x01\x12\x1a\n" +
 	"\x16FIRING_OUTCOME_STARTED\x10\x02\x12\x1a\n" +
 	"\x16FIRING_OUTCOME_SKIPPED\x10\x03\x12\x19\n" +
-	"\x15FIRING_OUTCOME_FAILED\x10\x042\xe5$\n" +
+	"\x15FIRING_OUTCOME_FAILED\x10\x042\xee%\n" +
 	"\x11DispatcherService\x12t\n" +
-	"\vSendMessage\x121.switchboard.api.dispatcher.v1.SendMessageRequest\x1a2.switchboard.api.dispatcher.v1.SendMessageResponse\x12j\n" +
+	"\vSendMessage\x121.switchboard.api.dispatcher.v1.SendMessageRequest\x1a2.switchboard.api.dispatcher.v1.SendMessageResponse\x12\x86\x01\n" +
+	"\x11RegenerateMessage\x127.switchboard.api.dispatcher.v1.RegenerateMessageRequest\x1a8.switchboard.api.dispatcher.v1.RegenerateMessageResponse\x12j\n" +
 	"\x06GetRun\x12,.switchboard.api.dispatcher.v1.GetRunRequest\x1a-.switchboard.api.dispatcher.v1.GetRunResponse\"\x03\x90\x02\x01\x12p\n" +
 	"\bListRuns\x12..switchboard.api.dispatcher.v1.ListRunsRequest\x1a/.switchboard.api.dispatcher.v1.ListRunsResponse\"\x03\x90\x02\x01\x12s\n" +
 	"\tCancelRun\x12/.switchboard.api.dispatcher.v1.CancelRunRequest\x1a0.switchboard.api.dispatcher.v1.CancelRunResponse\"\x03\x90\x02\x02\x12m\n" +
@@ -11180,7 +11334,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 22)
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 113)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 115)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(RunState)(0),                          // 0: switchboard.api.dispatcher.v1.RunState
 	(SteerState)(0),                        // 1: switchboard.api.dispatcher.v1.SteerState
@@ -11212,406 +11366,413 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(*BudgetAction)(nil),                   // 27: switchboard.api.dispatcher.v1.BudgetAction
 	(*PendingToolCall)(nil),                // 28: switchboard.api.dispatcher.v1.PendingToolCall
 	(*SendMessageRequest)(nil),             // 29: switchboard.api.dispatcher.v1.SendMessageRequest
-	(*AudioFormat)(nil),                    // 30: switchboard.api.dispatcher.v1.AudioFormat
-	(*SpeechOptions)(nil),                  // 31: switchboard.api.dispatcher.v1.SpeechOptions
-	(*VoiceSettings)(nil),                  // 32: switchboard.api.dispatcher.v1.VoiceSettings
-	(*SpeechChunk)(nil),                    // 33: switchboard.api.dispatcher.v1.SpeechChunk
-	(*SendMessageResponse)(nil),            // 34: switchboard.api.dispatcher.v1.SendMessageResponse
-	(*GetRunRequest)(nil),                  // 35: switchboard.api.dispatcher.v1.GetRunRequest
-	(*GetRunResponse)(nil),                 // 36: switchboard.api.dispatcher.v1.GetRunResponse
-	(*ChildRun)(nil),                       // 37: switchboard.api.dispatcher.v1.ChildRun
-	(*Handoff)(nil),                        // 38: switchboard.api.dispatcher.v1.Handoff
-	(*ListRunsRequest)(nil),                // 39: switchboard.api.dispatcher.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),               // 40: switchboard.api.dispatcher.v1.ListRunsResponse
-	(*CancelRunRequest)(nil),               // 41: switchboard.api.dispatcher.v1.CancelRunRequest
-	(*CancelRunResponse)(nil),              // 42: switchboard.api.dispatcher.v1.CancelRunResponse
-	(*WatchRunRequest)(nil),                // 43: switchboard.api.dispatcher.v1.WatchRunRequest
-	(*RunStateChange)(nil),                 // 44: switchboard.api.dispatcher.v1.RunStateChange
-	(*RunUpdate)(nil),                      // 45: switchboard.api.dispatcher.v1.RunUpdate
-	(*WatchRunResponse)(nil),               // 46: switchboard.api.dispatcher.v1.WatchRunResponse
-	(*Heartbeat)(nil),                      // 47: switchboard.api.dispatcher.v1.Heartbeat
-	(*ConverseRequest)(nil),                // 48: switchboard.api.dispatcher.v1.ConverseRequest
-	(*ConverseResponse)(nil),               // 49: switchboard.api.dispatcher.v1.ConverseResponse
-	(*Handler)(nil),                        // 50: switchboard.api.dispatcher.v1.Handler
-	(*ListHandlersRequest)(nil),            // 51: switchboard.api.dispatcher.v1.ListHandlersRequest
-	(*ListHandlersResponse)(nil),           // 52: switchboard.api.dispatcher.v1.ListHandlersResponse
-	(*ToolApproval)(nil),                   // 53: switchboard.api.dispatcher.v1.ToolApproval
-	(*SubmitToolApprovalsRequest)(nil),     // 54: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	(*SubmitToolApprovalsResponse)(nil),    // 55: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	(*AssistantTools)(nil),                 // 56: switchboard.api.dispatcher.v1.AssistantTools
-	(*Assistant)(nil),                      // 57: switchboard.api.dispatcher.v1.Assistant
-	(*AssistantRevision)(nil),              // 58: switchboard.api.dispatcher.v1.AssistantRevision
-	(*ListAssistantRevisionsRequest)(nil),  // 59: switchboard.api.dispatcher.v1.ListAssistantRevisionsRequest
-	(*ListAssistantRevisionsResponse)(nil), // 60: switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse
-	(*RollbackAssistantRequest)(nil),       // 61: switchboard.api.dispatcher.v1.RollbackAssistantRequest
-	(*RollbackAssistantResponse)(nil),      // 62: switchboard.api.dispatcher.v1.RollbackAssistantResponse
-	(*AssistantHandoff)(nil),               // 63: switchboard.api.dispatcher.v1.AssistantHandoff
-	(*AssistantDelegate)(nil),              // 64: switchboard.api.dispatcher.v1.AssistantDelegate
-	(*RetrievalSettings)(nil),              // 65: switchboard.api.dispatcher.v1.RetrievalSettings
-	(*CreateAssistantRequest)(nil),         // 66: switchboard.api.dispatcher.v1.CreateAssistantRequest
-	(*CreateAssistantResponse)(nil),        // 67: switchboard.api.dispatcher.v1.CreateAssistantResponse
-	(*GetAssistantRequest)(nil),            // 68: switchboard.api.dispatcher.v1.GetAssistantRequest
-	(*GetAssistantResponse)(nil),           // 69: switchboard.api.dispatcher.v1.GetAssistantResponse
-	(*ListAssistantsRequest)(nil),          // 70: switchboard.api.dispatcher.v1.ListAssistantsRequest
-	(*ListAssistantsResponse)(nil),         // 71: switchboard.api.dispatcher.v1.ListAssistantsResponse
-	(*UpdateAssistantRequest)(nil),         // 72: switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	(*UpdateAssistantResponse)(nil),        // 73: switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	(*DeleteAssistantRequest)(nil),         // 74: switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	(*DeleteAssistantResponse)(nil),        // 75: switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	(*DescribeConversationRequest)(nil),    // 76: switchboard.api.dispatcher.v1.DescribeConversationRequest
-	(*DescribeConversationResponse)(nil),   // 77: switchboard.api.dispatcher.v1.DescribeConversationResponse
-	(*Budget)(nil),                         // 78: switchboard.api.dispatcher.v1.Budget
-	(*BudgetUsage)(nil),                    // 79: switchboard.api.dispatcher.v1.BudgetUsage
-	(*CreateBudgetRequest)(nil),            // 80: switchboard.api.dispatcher.v1.CreateBudgetRequest
-	(*CreateBudgetResponse)(nil),           // 81: switchboard.api.dispatcher.v1.CreateBudgetResponse
-	(*GetBudgetRequest)(nil),               // 82: switchboard.api.dispatcher.v1.GetBudgetRequest
-	(*GetBudgetResponse)(nil),              // 83: switchboard.api.dispatcher.v1.GetBudgetResponse
-	(*ListBudgetsRequest)(nil),             // 84: switchboard.api.dispatcher.v1.ListBudgetsRequest
-	(*ListBudgetsResponse)(nil),            // 85: switchboard.api.dispatcher.v1.ListBudgetsResponse
-	(*UpdateBudgetRequest)(nil),            // 86: switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	(*UpdateBudgetResponse)(nil),           // 87: switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	(*DeleteBudgetRequest)(nil),            // 88: switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	(*DeleteBudgetResponse)(nil),           // 89: switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	(*ResolveBudgetActionRequest)(nil),     // 90: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	(*ResolveBudgetActionResponse)(nil),    // 91: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	(*QueryUsageRequest)(nil),              // 92: switchboard.api.dispatcher.v1.QueryUsageRequest
-	(*UsageRow)(nil),                       // 93: switchboard.api.dispatcher.v1.UsageRow
-	(*QueryUsageResponse)(nil),             // 94: switchboard.api.dispatcher.v1.QueryUsageResponse
-	(*ApiKeyQuota)(nil),                    // 95: switchboard.api.dispatcher.v1.ApiKeyQuota
-	(*WorkspaceQuota)(nil),                 // 96: switchboard.api.dispatcher.v1.WorkspaceQuota
-	(*GetWorkspaceQuotaRequest)(nil),       // 97: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	(*GetWorkspaceQuotaResponse)(nil),      // 98: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	(*UpdateWorkspaceQuotaRequest)(nil),    // 99: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	(*UpdateWorkspaceQuotaResponse)(nil),   // 100: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	(*TalkRequest)(nil),                    // 101: switchboard.api.dispatcher.v1.TalkRequest
-	(*TalkStart)(nil),                      // 102: switchboard.api.dispatcher.v1.TalkStart
-	(*TalkResume)(nil),                     // 103: switchboard.api.dispatcher.v1.TalkResume
-	(*AudioChunk)(nil),                     // 104: switchboard.api.dispatcher.v1.AudioChunk
-	(*TalkControl)(nil),                    // 105: switchboard.api.dispatcher.v1.TalkControl
-	(*ConnectTalkRequest)(nil),             // 106: switchboard.api.dispatcher.v1.ConnectTalkRequest
-	(*ConnectTalkResponse)(nil),            // 107: switchboard.api.dispatcher.v1.ConnectTalkResponse
-	(*GetIceServersRequest)(nil),           // 108: switchboard.api.dispatcher.v1.GetIceServersRequest
-	(*GetIceServersResponse)(nil),          // 109: switchboard.api.dispatcher.v1.GetIceServersResponse
-	(*IceServer)(nil),                      // 110: switchboard.api.dispatcher.v1.IceServer
-	(*TalkResponse)(nil),                   // 111: switchboard.api.dispatcher.v1.TalkResponse
-	(*VoiceSession)(nil),                   // 112: switchboard.api.dispatcher.v1.VoiceSession
-	(*Transcript)(nil),                     // 113: switchboard.api.dispatcher.v1.Transcript
-	(*TalkEvent)(nil),                      // 114: switchboard.api.dispatcher.v1.TalkEvent
-	(*SteerRunRequest)(nil),                // 115: switchboard.api.dispatcher.v1.SteerRunRequest
-	(*SteerRunResponse)(nil),               // 116: switchboard.api.dispatcher.v1.SteerRunResponse
-	(*Schedule)(nil),                       // 117: switchboard.api.dispatcher.v1.Schedule
-	(*ScheduleFiring)(nil),                 // 118: switchboard.api.dispatcher.v1.ScheduleFiring
-	(*CreateScheduleRequest)(nil),          // 119: switchboard.api.dispatcher.v1.CreateScheduleRequest
-	(*CreateScheduleResponse)(nil),         // 120: switchboard.api.dispatcher.v1.CreateScheduleResponse
-	(*GetScheduleRequest)(nil),             // 121: switchboard.api.dispatcher.v1.GetScheduleRequest
-	(*GetScheduleResponse)(nil),            // 122: switchboard.api.dispatcher.v1.GetScheduleResponse
-	(*ListSchedulesRequest)(nil),           // 123: switchboard.api.dispatcher.v1.ListSchedulesRequest
-	(*ListSchedulesResponse)(nil),          // 124: switchboard.api.dispatcher.v1.ListSchedulesResponse
-	(*UpdateScheduleRequest)(nil),          // 125: switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	(*UpdateScheduleResponse)(nil),         // 126: switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	(*PauseScheduleRequest)(nil),           // 127: switchboard.api.dispatcher.v1.PauseScheduleRequest
-	(*PauseScheduleResponse)(nil),          // 128: switchboard.api.dispatcher.v1.PauseScheduleResponse
-	(*ResumeScheduleRequest)(nil),          // 129: switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	(*ResumeScheduleResponse)(nil),         // 130: switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	(*DeleteScheduleRequest)(nil),          // 131: switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	(*DeleteScheduleResponse)(nil),         // 132: switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	(*ListScheduleFiringsRequest)(nil),     // 133: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	(*ListScheduleFiringsResponse)(nil),    // 134: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	(*timestamppb.Timestamp)(nil),          // 135: google.protobuf.Timestamp
-	(*status.Status)(nil),                  // 136: google.rpc.Status
-	(*v1.Progress)(nil),                    // 137: switchboard.api.handler.v1.Progress
-	(*v1.Usage)(nil),                       // 138: switchboard.api.handler.v1.Usage
-	(*v1.ToolCall)(nil),                    // 139: switchboard.api.handler.v1.ToolCall
-	(*v11.Message)(nil),                    // 140: switchboard.api.context.v1.Message
-	(*structpb.Struct)(nil),                // 141: google.protobuf.Struct
-	(*durationpb.Duration)(nil),            // 142: google.protobuf.Duration
-	(*v1.TextDelta)(nil),                   // 143: switchboard.api.handler.v1.TextDelta
-	(*v1.HandleResult)(nil),                // 144: switchboard.api.handler.v1.HandleResult
-	(*v1.ToolResult)(nil),                  // 145: switchboard.api.handler.v1.ToolResult
-	(*v1.HandlerCapabilities)(nil),         // 146: switchboard.api.handler.v1.HandlerCapabilities
-	(*v1.ModelSettings)(nil),               // 147: switchboard.api.handler.v1.ModelSettings
-	(*v11.MemoryPolicy)(nil),               // 148: switchboard.api.context.v1.MemoryPolicy
-	(v11.SearchMode)(0),                    // 149: switchboard.api.context.v1.SearchMode
-	(*fieldmaskpb.FieldMask)(nil),          // 150: google.protobuf.FieldMask
-	(*v1.ToolDefinition)(nil),              // 151: switchboard.api.handler.v1.ToolDefinition
+	(*RegenerateMessageRequest)(nil),       // 30: switchboard.api.dispatcher.v1.RegenerateMessageRequest
+	(*RegenerateMessageResponse)(nil),      // 31: switchboard.api.dispatcher.v1.RegenerateMessageResponse
+	(*AudioFormat)(nil),                    // 32: switchboard.api.dispatcher.v1.AudioFormat
+	(*SpeechOptions)(nil),                  // 33: switchboard.api.dispatcher.v1.SpeechOptions
+	(*VoiceSettings)(nil),                  // 34: switchboard.api.dispatcher.v1.VoiceSettings
+	(*SpeechChunk)(nil),                    // 35: switchboard.api.dispatcher.v1.SpeechChunk
+	(*SendMessageResponse)(nil),            // 36: switchboard.api.dispatcher.v1.SendMessageResponse
+	(*GetRunRequest)(nil),                  // 37: switchboard.api.dispatcher.v1.GetRunRequest
+	(*GetRunResponse)(nil),                 // 38: switchboard.api.dispatcher.v1.GetRunResponse
+	(*ChildRun)(nil),                       // 39: switchboard.api.dispatcher.v1.ChildRun
+	(*Handoff)(nil),                        // 40: switchboard.api.dispatcher.v1.Handoff
+	(*ListRunsRequest)(nil),                // 41: switchboard.api.dispatcher.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),               // 42: switchboard.api.dispatcher.v1.ListRunsResponse
+	(*CancelRunRequest)(nil),               // 43: switchboard.api.dispatcher.v1.CancelRunRequest
+	(*CancelRunResponse)(nil),              // 44: switchboard.api.dispatcher.v1.CancelRunResponse
+	(*WatchRunRequest)(nil),                // 45: switchboard.api.dispatcher.v1.WatchRunRequest
+	(*RunStateChange)(nil),                 // 46: switchboard.api.dispatcher.v1.RunStateChange
+	(*RunUpdate)(nil),                      // 47: switchboard.api.dispatcher.v1.RunUpdate
+	(*WatchRunResponse)(nil),               // 48: switchboard.api.dispatcher.v1.WatchRunResponse
+	(*Heartbeat)(nil),                      // 49: switchboard.api.dispatcher.v1.Heartbeat
+	(*ConverseRequest)(nil),                // 50: switchboard.api.dispatcher.v1.ConverseRequest
+	(*ConverseResponse)(nil),               // 51: switchboard.api.dispatcher.v1.ConverseResponse
+	(*Handler)(nil),                        // 52: switchboard.api.dispatcher.v1.Handler
+	(*ListHandlersRequest)(nil),            // 53: switchboard.api.dispatcher.v1.ListHandlersRequest
+	(*ListHandlersResponse)(nil),           // 54: switchboard.api.dispatcher.v1.ListHandlersResponse
+	(*ToolApproval)(nil),                   // 55: switchboard.api.dispatcher.v1.ToolApproval
+	(*SubmitToolApprovalsRequest)(nil),     // 56: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	(*SubmitToolApprovalsResponse)(nil),    // 57: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	(*AssistantTools)(nil),                 // 58: switchboard.api.dispatcher.v1.AssistantTools
+	(*Assistant)(nil),                      // 59: switchboard.api.dispatcher.v1.Assistant
+	(*AssistantRevision)(nil),              // 60: switchboard.api.dispatcher.v1.AssistantRevision
+	(*ListAssistantRevisionsRequest)(nil),  // 61: switchboard.api.dispatcher.v1.ListAssistantRevisionsRequest
+	(*ListAssistantRevisionsResponse)(nil), // 62: switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse
+	(*RollbackAssistantRequest)(nil),       // 63: switchboard.api.dispatcher.v1.RollbackAssistantRequest
+	(*RollbackAssistantResponse)(nil),      // 64: switchboard.api.dispatcher.v1.RollbackAssistantResponse
+	(*AssistantHandoff)(nil),               // 65: switchboard.api.dispatcher.v1.AssistantHandoff
+	(*AssistantDelegate)(nil),              // 66: switchboard.api.dispatcher.v1.AssistantDelegate
+	(*RetrievalSettings)(nil),              // 67: switchboard.api.dispatcher.v1.RetrievalSettings
+	(*CreateAssistantRequest)(nil),         // 68: switchboard.api.dispatcher.v1.CreateAssistantRequest
+	(*CreateAssistantResponse)(nil),        // 69: switchboard.api.dispatcher.v1.CreateAssistantResponse
+	(*GetAssistantRequest)(nil),            // 70: switchboard.api.dispatcher.v1.GetAssistantRequest
+	(*GetAssistantResponse)(nil),           // 71: switchboard.api.dispatcher.v1.GetAssistantResponse
+	(*ListAssistantsRequest)(nil),          // 72: switchboard.api.dispatcher.v1.ListAssistantsRequest
+	(*ListAssistantsResponse)(nil),         // 73: switchboard.api.dispatcher.v1.ListAssistantsResponse
+	(*UpdateAssistantRequest)(nil),         // 74: switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	(*UpdateAssistantResponse)(nil),        // 75: switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	(*DeleteAssistantRequest)(nil),         // 76: switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	(*DeleteAssistantResponse)(nil),        // 77: switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	(*DescribeConversationRequest)(nil),    // 78: switchboard.api.dispatcher.v1.DescribeConversationRequest
+	(*DescribeConversationResponse)(nil),   // 79: switchboard.api.dispatcher.v1.DescribeConversationResponse
+	(*Budget)(nil),                         // 80: switchboard.api.dispatcher.v1.Budget
+	(*BudgetUsage)(nil),                    // 81: switchboard.api.dispatcher.v1.BudgetUsage
+	(*CreateBudgetRequest)(nil),            // 82: switchboard.api.dispatcher.v1.CreateBudgetRequest
+	(*CreateBudgetResponse)(nil),           // 83: switchboard.api.dispatcher.v1.CreateBudgetResponse
+	(*GetBudgetRequest)(nil),               // 84: switchboard.api.dispatcher.v1.GetBudgetRequest
+	(*GetBudgetResponse)(nil),              // 85: switchboard.api.dispatcher.v1.GetBudgetResponse
+	(*ListBudgetsRequest)(nil),             // 86: switchboard.api.dispatcher.v1.ListBudgetsRequest
+	(*ListBudgetsResponse)(nil),            // 87: switchboard.api.dispatcher.v1.ListBudgetsResponse
+	(*UpdateBudgetRequest)(nil),            // 88: switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	(*UpdateBudgetResponse)(nil),           // 89: switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	(*DeleteBudgetRequest)(nil),            // 90: switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	(*DeleteBudgetResponse)(nil),           // 91: switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	(*ResolveBudgetActionRequest)(nil),     // 92: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	(*ResolveBudgetActionResponse)(nil),    // 93: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	(*QueryUsageRequest)(nil),              // 94: switchboard.api.dispatcher.v1.QueryUsageRequest
+	(*UsageRow)(nil),                       // 95: switchboard.api.dispatcher.v1.UsageRow
+	(*QueryUsageResponse)(nil),             // 96: switchboard.api.dispatcher.v1.QueryUsageResponse
+	(*ApiKeyQuota)(nil),                    // 97: switchboard.api.dispatcher.v1.ApiKeyQuota
+	(*WorkspaceQuota)(nil),                 // 98: switchboard.api.dispatcher.v1.WorkspaceQuota
+	(*GetWorkspaceQuotaRequest)(nil),       // 99: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	(*GetWorkspaceQuotaResponse)(nil),      // 100: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	(*UpdateWorkspaceQuotaRequest)(nil),    // 101: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	(*UpdateWorkspaceQuotaResponse)(nil),   // 102: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	(*TalkRequest)(nil),                    // 103: switchboard.api.dispatcher.v1.TalkRequest
+	(*TalkStart)(nil),                      // 104: switchboard.api.dispatcher.v1.TalkStart
+	(*TalkResume)(nil),                     // 105: switchboard.api.dispatcher.v1.TalkResume
+	(*AudioChunk)(nil),                     // 106: switchboard.api.dispatcher.v1.AudioChunk
+	(*TalkControl)(nil),                    // 107: switchboard.api.dispatcher.v1.TalkControl
+	(*ConnectTalkRequest)(nil),             // 108: switchboard.api.dispatcher.v1.ConnectTalkRequest
+	(*ConnectTalkResponse)(nil),            // 109: switchboard.api.dispatcher.v1.ConnectTalkResponse
+	(*GetIceServersRequest)(nil),           // 110: switchboard.api.dispatcher.v1.GetIceServersRequest
+	(*GetIceServersResponse)(nil),          // 111: switchboard.api.dispatcher.v1.GetIceServersResponse
+	(*IceServer)(nil),                      // 112: switchboard.api.dispatcher.v1.IceServer
+	(*TalkResponse)(nil),                   // 113: switchboard.api.dispatcher.v1.TalkResponse
+	(*VoiceSession)(nil),                   // 114: switchboard.api.dispatcher.v1.VoiceSession
+	(*Transcript)(nil),                     // 115: switchboard.api.dispatcher.v1.Transcript
+	(*TalkEvent)(nil),                      // 116: switchboard.api.dispatcher.v1.TalkEvent
+	(*SteerRunRequest)(nil),                // 117: switchboard.api.dispatcher.v1.SteerRunRequest
+	(*SteerRunResponse)(nil),               // 118: switchboard.api.dispatcher.v1.SteerRunResponse
+	(*Schedule)(nil),                       // 119: switchboard.api.dispatcher.v1.Schedule
+	(*ScheduleFiring)(nil),                 // 120: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*CreateScheduleRequest)(nil),          // 121: switchboard.api.dispatcher.v1.CreateScheduleRequest
+	(*CreateScheduleResponse)(nil),         // 122: switchboard.api.dispatcher.v1.CreateScheduleResponse
+	(*GetScheduleRequest)(nil),             // 123: switchboard.api.dispatcher.v1.GetScheduleRequest
+	(*GetScheduleResponse)(nil),            // 124: switchboard.api.dispatcher.v1.GetScheduleResponse
+	(*ListSchedulesRequest)(nil),           // 125: switchboard.api.dispatcher.v1.ListSchedulesRequest
+	(*ListSchedulesResponse)(nil),          // 126: switchboard.api.dispatcher.v1.ListSchedulesResponse
+	(*UpdateScheduleRequest)(nil),          // 127: switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	(*UpdateScheduleResponse)(nil),         // 128: switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	(*PauseScheduleRequest)(nil),           // 129: switchboard.api.dispatcher.v1.PauseScheduleRequest
+	(*PauseScheduleResponse)(nil),          // 130: switchboard.api.dispatcher.v1.PauseScheduleResponse
+	(*ResumeScheduleRequest)(nil),          // 131: switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	(*ResumeScheduleResponse)(nil),         // 132: switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	(*DeleteScheduleRequest)(nil),          // 133: switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	(*DeleteScheduleResponse)(nil),         // 134: switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	(*ListScheduleFiringsRequest)(nil),     // 135: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	(*ListScheduleFiringsResponse)(nil),    // 136: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	(*timestamppb.Timestamp)(nil),          // 137: google.protobuf.Timestamp
+	(*status.Status)(nil),                  // 138: google.rpc.Status
+	(*v1.Progress)(nil),                    // 139: switchboard.api.handler.v1.Progress
+	(*v1.Usage)(nil),                       // 140: switchboard.api.handler.v1.Usage
+	(*v1.ToolCall)(nil),                    // 141: switchboard.api.handler.v1.ToolCall
+	(*v11.Message)(nil),                    // 142: switchboard.api.context.v1.Message
+	(*structpb.Struct)(nil),                // 143: google.protobuf.Struct
+	(*durationpb.Duration)(nil),            // 144: google.protobuf.Duration
+	(*v1.TextDelta)(nil),                   // 145: switchboard.api.handler.v1.TextDelta
+	(*v1.HandleResult)(nil),                // 146: switchboard.api.handler.v1.HandleResult
+	(*v1.ToolResult)(nil),                  // 147: switchboard.api.handler.v1.ToolResult
+	(*v1.HandlerCapabilities)(nil),         // 148: switchboard.api.handler.v1.HandlerCapabilities
+	(*v1.ModelSettings)(nil),               // 149: switchboard.api.handler.v1.ModelSettings
+	(*v11.MemoryPolicy)(nil),               // 150: switchboard.api.context.v1.MemoryPolicy
+	(v11.SearchMode)(0),                    // 151: switchboard.api.context.v1.SearchMode
+	(*fieldmaskpb.FieldMask)(nil),          // 152: google.protobuf.FieldMask
+	(*v1.ToolDefinition)(nil),              // 153: switchboard.api.handler.v1.ToolDefinition
 }
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	0,   // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	135, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	135, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	135, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
-	135, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
-	136, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
-	137, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
-	138, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
+	137, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	137, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	137, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	137, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
+	138, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
+	139, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
+	140, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
 	5,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	26,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
-	31,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	33,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
 	24,  // 11: switchboard.api.dispatcher.v1.Run.steer:type_name -> switchboard.api.dispatcher.v1.Steer
 	2,   // 12: switchboard.api.dispatcher.v1.Run.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
-	37,  // 13: switchboard.api.dispatcher.v1.Run.children:type_name -> switchboard.api.dispatcher.v1.ChildRun
+	39,  // 13: switchboard.api.dispatcher.v1.Run.children:type_name -> switchboard.api.dispatcher.v1.ChildRun
 	23,  // 14: switchboard.api.dispatcher.v1.Run.queued_behind:type_name -> switchboard.api.dispatcher.v1.QueuedBehind
 	0,   // 15: switchboard.api.dispatcher.v1.QueuedBehind.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	135, // 16: switchboard.api.dispatcher.v1.QueuedBehind.expire_time:type_name -> google.protobuf.Timestamp
+	137, // 16: switchboard.api.dispatcher.v1.QueuedBehind.expire_time:type_name -> google.protobuf.Timestamp
 	1,   // 17: switchboard.api.dispatcher.v1.Steer.state:type_name -> switchboard.api.dispatcher.v1.SteerState
-	135, // 18: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
+	137, // 18: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
 	1,   // 19: switchboard.api.dispatcher.v1.SteerUpdate.state:type_name -> switchboard.api.dispatcher.v1.SteerState
 	28,  // 20: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
-	135, // 21: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
+	137, // 21: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
 	27,  // 22: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
 	3,   // 23: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	135, // 24: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
-	139, // 25: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
+	137, // 24: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
+	141, // 25: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
 	4,   // 26: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	135, // 27: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
-	140, // 28: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	141, // 29: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
-	142, // 30: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
+	137, // 27: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
+	142, // 28: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	143, // 29: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
+	144, // 30: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
 	5,   // 31: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	31,  // 32: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	33,  // 32: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
 	2,   // 33: switchboard.api.dispatcher.v1.SendMessageRequest.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
-	6,   // 34: switchboard.api.dispatcher.v1.AudioFormat.encoding:type_name -> switchboard.api.dispatcher.v1.AudioEncoding
-	30,  // 35: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	13,  // 36: switchboard.api.dispatcher.v1.VoiceSettings.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
-	14,  // 37: switchboard.api.dispatcher.v1.VoiceSettings.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
-	30,  // 38: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	22,  // 39: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	140, // 40: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	22,  // 41: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	0,   // 42: switchboard.api.dispatcher.v1.ChildRun.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	138, // 43: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
-	136, // 44: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
-	26,  // 45: switchboard.api.dispatcher.v1.ChildRun.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
-	0,   // 46: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	135, // 47: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
-	22,  // 48: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
-	22,  // 49: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	22,  // 50: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	135, // 51: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
-	44,  // 52: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	137, // 53: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	143, // 54: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	139, // 55: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	144, // 56: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	145, // 57: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
-	33,  // 58: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
-	25,  // 59: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
-	37,  // 60: switchboard.api.dispatcher.v1.RunUpdate.child_run:type_name -> switchboard.api.dispatcher.v1.ChildRun
-	38,  // 61: switchboard.api.dispatcher.v1.RunUpdate.handoff:type_name -> switchboard.api.dispatcher.v1.Handoff
-	23,  // 62: switchboard.api.dispatcher.v1.RunUpdate.queued_behind:type_name -> switchboard.api.dispatcher.v1.QueuedBehind
-	45,  // 63: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	47,  // 64: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	135, // 65: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	29,  // 66: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
-	41,  // 67: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
-	43,  // 68: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
-	54,  // 69: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	115, // 70: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
-	34,  // 71: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
-	42,  // 72: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
-	45,  // 73: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	136, // 74: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
-	47,  // 75: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	55,  // 76: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	116, // 77: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
-	7,   // 78: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	146, // 79: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
-	50,  // 80: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
-	4,   // 81: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	53,  // 82: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
-	22,  // 83: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	147, // 84: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
-	56,  // 85: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	135, // 86: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	135, // 87: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
-	32,  // 88: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
-	65,  // 89: switchboard.api.dispatcher.v1.Assistant.retrieval:type_name -> switchboard.api.dispatcher.v1.RetrievalSettings
-	64,  // 90: switchboard.api.dispatcher.v1.Assistant.delegates:type_name -> switchboard.api.dispatcher.v1.AssistantDelegate
-	63,  // 91: switchboard.api.dispatcher.v1.Assistant.handoffs:type_name -> switchboard.api.dispatcher.v1.AssistantHandoff
-	148, // 92: switchboard.api.dispatcher.v1.Assistant.memory_policy:type_name -> switchboard.api.context.v1.MemoryPolicy
-	135, // 93: switchboard.api.dispatcher.v1.AssistantRevision.create_time:type_name -> google.protobuf.Timestamp
-	8,   // 94: switchboard.api.dispatcher.v1.AssistantRevision.origin:type_name -> switchboard.api.dispatcher.v1.AssistantRevisionOrigin
-	57,  // 95: switchboard.api.dispatcher.v1.AssistantRevision.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	58,  // 96: switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse.revisions:type_name -> switchboard.api.dispatcher.v1.AssistantRevision
-	57,  // 97: switchboard.api.dispatcher.v1.RollbackAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	9,   // 98: switchboard.api.dispatcher.v1.AssistantHandoff.history:type_name -> switchboard.api.dispatcher.v1.HandoffHistory
-	141, // 99: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
-	149, // 100: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
-	57,  // 101: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	57,  // 102: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	57,  // 103: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	57,  // 104: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
-	57,  // 105: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	150, // 106: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
-	57,  // 107: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	57,  // 108: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	50,  // 109: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	151, // 110: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
-	10,  // 111: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
-	79,  // 112: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	135, // 113: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
-	135, // 114: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
-	135, // 115: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
-	135, // 116: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
-	78,  // 117: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	78,  // 118: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	78,  // 119: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	78,  // 120: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
-	78,  // 121: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	150, // 122: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
-	78,  // 123: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	3,   // 124: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	22,  // 125: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	11,  // 126: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
-	135, // 127: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	135, // 128: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	93,  // 129: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
-	95,  // 130: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
-	135, // 131: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
-	96,  // 132: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	96,  // 133: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	150, // 134: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
-	96,  // 135: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	102, // 136: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
-	103, // 137: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
-	104, // 138: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
-	105, // 139: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
-	30,  // 140: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	30,  // 141: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	12,  // 142: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	142, // 143: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
-	5,   // 144: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	13,  // 145: switchboard.api.dispatcher.v1.TalkStart.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
-	14,  // 146: switchboard.api.dispatcher.v1.TalkStart.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
-	16,  // 147: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
-	102, // 148: switchboard.api.dispatcher.v1.ConnectTalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
-	103, // 149: switchboard.api.dispatcher.v1.ConnectTalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
-	110, // 150: switchboard.api.dispatcher.v1.GetIceServersResponse.ice_servers:type_name -> switchboard.api.dispatcher.v1.IceServer
-	135, // 151: switchboard.api.dispatcher.v1.GetIceServersResponse.expire_time:type_name -> google.protobuf.Timestamp
-	112, // 152: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
-	113, // 153: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
-	45,  // 154: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	114, // 155: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
-	136, // 156: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
-	47,  // 157: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	30,  // 158: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	30,  // 159: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	12,  // 160: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	142, // 161: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
-	5,   // 162: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	135, // 163: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
-	135, // 164: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
-	13,  // 165: switchboard.api.dispatcher.v1.VoiceSession.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
-	14,  // 166: switchboard.api.dispatcher.v1.VoiceSession.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
-	17,  // 167: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
-	15,  // 168: switchboard.api.dispatcher.v1.TalkEvent.end_reason:type_name -> switchboard.api.dispatcher.v1.TurnEndReason
-	140, // 169: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
-	22,  // 170: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	140, // 171: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
-	142, // 172: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
-	19,  // 173: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
-	5,   // 174: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	20,  // 175: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
-	18,  // 176: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
-	135, // 177: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
-	135, // 178: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
-	135, // 179: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
-	142, // 180: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
-	135, // 181: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
-	135, // 182: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
-	135, // 183: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
-	135, // 184: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
-	21,  // 185: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
-	136, // 186: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
-	117, // 187: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	117, // 188: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	117, // 189: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	117, // 190: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
-	117, // 191: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	150, // 192: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
-	117, // 193: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	117, // 194: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	117, // 195: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	118, // 196: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
-	29,  // 197: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	35,  // 198: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	39,  // 199: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	41,  // 200: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	43,  // 201: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	48,  // 202: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	101, // 203: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
-	106, // 204: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:input_type -> switchboard.api.dispatcher.v1.ConnectTalkRequest
-	108, // 205: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:input_type -> switchboard.api.dispatcher.v1.GetIceServersRequest
-	51,  // 206: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	54,  // 207: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	66,  // 208: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	68,  // 209: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	70,  // 210: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	72,  // 211: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	74,  // 212: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	59,  // 213: switchboard.api.dispatcher.v1.DispatcherService.ListAssistantRevisions:input_type -> switchboard.api.dispatcher.v1.ListAssistantRevisionsRequest
-	61,  // 214: switchboard.api.dispatcher.v1.DispatcherService.RollbackAssistant:input_type -> switchboard.api.dispatcher.v1.RollbackAssistantRequest
-	76,  // 215: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	80,  // 216: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
-	82,  // 217: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
-	84,  // 218: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
-	86,  // 219: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	88,  // 220: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	90,  // 221: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	92,  // 222: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
-	97,  // 223: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	99,  // 224: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	115, // 225: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
-	119, // 226: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
-	121, // 227: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
-	123, // 228: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
-	125, // 229: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	127, // 230: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
-	129, // 231: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	131, // 232: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	133, // 233: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	34,  // 234: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	36,  // 235: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	40,  // 236: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	42,  // 237: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	46,  // 238: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	49,  // 239: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	111, // 240: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
-	107, // 241: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:output_type -> switchboard.api.dispatcher.v1.ConnectTalkResponse
-	109, // 242: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:output_type -> switchboard.api.dispatcher.v1.GetIceServersResponse
-	52,  // 243: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	55,  // 244: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	67,  // 245: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	69,  // 246: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	71,  // 247: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	73,  // 248: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	75,  // 249: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	60,  // 250: switchboard.api.dispatcher.v1.DispatcherService.ListAssistantRevisions:output_type -> switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse
-	62,  // 251: switchboard.api.dispatcher.v1.DispatcherService.RollbackAssistant:output_type -> switchboard.api.dispatcher.v1.RollbackAssistantResponse
-	77,  // 252: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	81,  // 253: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
-	83,  // 254: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
-	85,  // 255: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
-	87,  // 256: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	89,  // 257: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	91,  // 258: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	94,  // 259: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
-	98,  // 260: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	100, // 261: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	116, // 262: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
-	120, // 263: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
-	122, // 264: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
-	124, // 265: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
-	126, // 266: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	128, // 267: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
-	130, // 268: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	132, // 269: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	134, // 270: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	234, // [234:271] is the sub-list for method output_type
-	197, // [197:234] is the sub-list for method input_type
-	197, // [197:197] is the sub-list for extension type_name
-	197, // [197:197] is the sub-list for extension extendee
-	0,   // [0:197] is the sub-list for field type_name
+	5,   // 34: switchboard.api.dispatcher.v1.RegenerateMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	22,  // 35: switchboard.api.dispatcher.v1.RegenerateMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	142, // 36: switchboard.api.dispatcher.v1.RegenerateMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	6,   // 37: switchboard.api.dispatcher.v1.AudioFormat.encoding:type_name -> switchboard.api.dispatcher.v1.AudioEncoding
+	32,  // 38: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	13,  // 39: switchboard.api.dispatcher.v1.VoiceSettings.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
+	14,  // 40: switchboard.api.dispatcher.v1.VoiceSettings.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
+	32,  // 41: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	22,  // 42: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	142, // 43: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	22,  // 44: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	0,   // 45: switchboard.api.dispatcher.v1.ChildRun.state:type_name -> switchboard.api.dispatcher.v1.RunState
+	140, // 46: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
+	138, // 47: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
+	26,  // 48: switchboard.api.dispatcher.v1.ChildRun.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
+	0,   // 49: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
+	137, // 50: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	22,  // 51: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
+	22,  // 52: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	22,  // 53: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
+	137, // 54: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	46,  // 55: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
+	139, // 56: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	145, // 57: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	141, // 58: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	146, // 59: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	147, // 60: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	35,  // 61: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
+	25,  // 62: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
+	39,  // 63: switchboard.api.dispatcher.v1.RunUpdate.child_run:type_name -> switchboard.api.dispatcher.v1.ChildRun
+	40,  // 64: switchboard.api.dispatcher.v1.RunUpdate.handoff:type_name -> switchboard.api.dispatcher.v1.Handoff
+	23,  // 65: switchboard.api.dispatcher.v1.RunUpdate.queued_behind:type_name -> switchboard.api.dispatcher.v1.QueuedBehind
+	47,  // 66: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	49,  // 67: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	137, // 68: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	29,  // 69: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
+	43,  // 70: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
+	45,  // 71: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
+	56,  // 72: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	117, // 73: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
+	36,  // 74: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
+	44,  // 75: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
+	47,  // 76: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	138, // 77: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	49,  // 78: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	57,  // 79: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	118, // 80: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
+	7,   // 81: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
+	148, // 82: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	52,  // 83: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
+	4,   // 84: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	55,  // 85: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
+	22,  // 86: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	149, // 87: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	58,  // 88: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
+	137, // 89: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	137, // 90: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	34,  // 91: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
+	67,  // 92: switchboard.api.dispatcher.v1.Assistant.retrieval:type_name -> switchboard.api.dispatcher.v1.RetrievalSettings
+	66,  // 93: switchboard.api.dispatcher.v1.Assistant.delegates:type_name -> switchboard.api.dispatcher.v1.AssistantDelegate
+	65,  // 94: switchboard.api.dispatcher.v1.Assistant.handoffs:type_name -> switchboard.api.dispatcher.v1.AssistantHandoff
+	150, // 95: switchboard.api.dispatcher.v1.Assistant.memory_policy:type_name -> switchboard.api.context.v1.MemoryPolicy
+	137, // 96: switchboard.api.dispatcher.v1.AssistantRevision.create_time:type_name -> google.protobuf.Timestamp
+	8,   // 97: switchboard.api.dispatcher.v1.AssistantRevision.origin:type_name -> switchboard.api.dispatcher.v1.AssistantRevisionOrigin
+	59,  // 98: switchboard.api.dispatcher.v1.AssistantRevision.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	60,  // 99: switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse.revisions:type_name -> switchboard.api.dispatcher.v1.AssistantRevision
+	59,  // 100: switchboard.api.dispatcher.v1.RollbackAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	9,   // 101: switchboard.api.dispatcher.v1.AssistantHandoff.history:type_name -> switchboard.api.dispatcher.v1.HandoffHistory
+	143, // 102: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
+	151, // 103: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
+	59,  // 104: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	59,  // 105: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	59,  // 106: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	59,  // 107: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
+	59,  // 108: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	152, // 109: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	59,  // 110: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	59,  // 111: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	52,  // 112: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
+	153, // 113: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	10,  // 114: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
+	81,  // 115: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	137, // 116: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
+	137, // 117: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	137, // 118: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
+	137, // 119: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
+	80,  // 120: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	80,  // 121: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	80,  // 122: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	80,  // 123: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
+	80,  // 124: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	152, // 125: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	80,  // 126: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	3,   // 127: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
+	22,  // 128: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	11,  // 129: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
+	137, // 130: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	137, // 131: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	95,  // 132: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
+	97,  // 133: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
+	137, // 134: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
+	98,  // 135: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	98,  // 136: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	152, // 137: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
+	98,  // 138: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	104, // 139: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
+	105, // 140: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
+	106, // 141: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
+	107, // 142: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
+	32,  // 143: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	32,  // 144: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	12,  // 145: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	144, // 146: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
+	5,   // 147: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	13,  // 148: switchboard.api.dispatcher.v1.TalkStart.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
+	14,  // 149: switchboard.api.dispatcher.v1.TalkStart.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
+	16,  // 150: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
+	104, // 151: switchboard.api.dispatcher.v1.ConnectTalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
+	105, // 152: switchboard.api.dispatcher.v1.ConnectTalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
+	112, // 153: switchboard.api.dispatcher.v1.GetIceServersResponse.ice_servers:type_name -> switchboard.api.dispatcher.v1.IceServer
+	137, // 154: switchboard.api.dispatcher.v1.GetIceServersResponse.expire_time:type_name -> google.protobuf.Timestamp
+	114, // 155: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
+	115, // 156: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
+	47,  // 157: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	116, // 158: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
+	138, // 159: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
+	49,  // 160: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	32,  // 161: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	32,  // 162: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	12,  // 163: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	144, // 164: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
+	5,   // 165: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	137, // 166: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
+	137, // 167: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
+	13,  // 168: switchboard.api.dispatcher.v1.VoiceSession.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
+	14,  // 169: switchboard.api.dispatcher.v1.VoiceSession.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
+	17,  // 170: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
+	15,  // 171: switchboard.api.dispatcher.v1.TalkEvent.end_reason:type_name -> switchboard.api.dispatcher.v1.TurnEndReason
+	142, // 172: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
+	22,  // 173: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	142, // 174: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
+	144, // 175: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
+	19,  // 176: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
+	5,   // 177: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	20,  // 178: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
+	18,  // 179: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
+	137, // 180: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
+	137, // 181: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
+	137, // 182: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
+	144, // 183: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
+	137, // 184: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
+	137, // 185: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
+	137, // 186: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
+	137, // 187: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
+	21,  // 188: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
+	138, // 189: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
+	119, // 190: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	119, // 191: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	119, // 192: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	119, // 193: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
+	119, // 194: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	152, // 195: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
+	119, // 196: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	119, // 197: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	119, // 198: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	120, // 199: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	29,  // 200: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	30,  // 201: switchboard.api.dispatcher.v1.DispatcherService.RegenerateMessage:input_type -> switchboard.api.dispatcher.v1.RegenerateMessageRequest
+	37,  // 202: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	41,  // 203: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	43,  // 204: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	45,  // 205: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	50,  // 206: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	103, // 207: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
+	108, // 208: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:input_type -> switchboard.api.dispatcher.v1.ConnectTalkRequest
+	110, // 209: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:input_type -> switchboard.api.dispatcher.v1.GetIceServersRequest
+	53,  // 210: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	56,  // 211: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	68,  // 212: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	70,  // 213: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	72,  // 214: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	74,  // 215: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	76,  // 216: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	61,  // 217: switchboard.api.dispatcher.v1.DispatcherService.ListAssistantRevisions:input_type -> switchboard.api.dispatcher.v1.ListAssistantRevisionsRequest
+	63,  // 218: switchboard.api.dispatcher.v1.DispatcherService.RollbackAssistant:input_type -> switchboard.api.dispatcher.v1.RollbackAssistantRequest
+	78,  // 219: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	82,  // 220: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
+	84,  // 221: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
+	86,  // 222: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
+	88,  // 223: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	90,  // 224: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	92,  // 225: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	94,  // 226: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
+	99,  // 227: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	101, // 228: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	117, // 229: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
+	121, // 230: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
+	123, // 231: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
+	125, // 232: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
+	127, // 233: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	129, // 234: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
+	131, // 235: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	133, // 236: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	135, // 237: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	36,  // 238: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	31,  // 239: switchboard.api.dispatcher.v1.DispatcherService.RegenerateMessage:output_type -> switchboard.api.dispatcher.v1.RegenerateMessageResponse
+	38,  // 240: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	42,  // 241: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	44,  // 242: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	48,  // 243: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	51,  // 244: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	113, // 245: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
+	109, // 246: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:output_type -> switchboard.api.dispatcher.v1.ConnectTalkResponse
+	111, // 247: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:output_type -> switchboard.api.dispatcher.v1.GetIceServersResponse
+	54,  // 248: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	57,  // 249: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	69,  // 250: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	71,  // 251: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	73,  // 252: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	75,  // 253: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	77,  // 254: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	62,  // 255: switchboard.api.dispatcher.v1.DispatcherService.ListAssistantRevisions:output_type -> switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse
+	64,  // 256: switchboard.api.dispatcher.v1.DispatcherService.RollbackAssistant:output_type -> switchboard.api.dispatcher.v1.RollbackAssistantResponse
+	79,  // 257: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	83,  // 258: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
+	85,  // 259: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
+	87,  // 260: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
+	89,  // 261: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	91,  // 262: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	93,  // 263: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	96,  // 264: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
+	100, // 265: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	102, // 266: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	118, // 267: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
+	122, // 268: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
+	124, // 269: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
+	126, // 270: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
+	128, // 271: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	130, // 272: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
+	132, // 273: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	134, // 274: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	136, // 275: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	238, // [238:276] is the sub-list for method output_type
+	200, // [200:238] is the sub-list for method input_type
+	200, // [200:200] is the sub-list for extension type_name
+	200, // [200:200] is the sub-list for extension extendee
+	0,   // [0:200] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
@@ -11619,7 +11780,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 	if File_switchboard_api_dispatcher_v1_dispatcher_proto != nil {
 		return
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25].OneofWrappers = []any{
 		(*RunUpdate_StateChange)(nil),
 		(*RunUpdate_Progress)(nil),
 		(*RunUpdate_Delta)(nil),
@@ -11632,18 +11793,18 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		(*RunUpdate_Handoff)(nil),
 		(*RunUpdate_QueuedBehind)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26].OneofWrappers = []any{
 		(*WatchRunResponse_Update)(nil),
 		(*WatchRunResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28].OneofWrappers = []any{
 		(*ConverseRequest_SendMessage)(nil),
 		(*ConverseRequest_CancelRun)(nil),
 		(*ConverseRequest_WatchRun)(nil),
 		(*ConverseRequest_SubmitToolApprovals)(nil),
 		(*ConverseRequest_SteerRun)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29].OneofWrappers = []any{
 		(*ConverseResponse_MessageSent)(nil),
 		(*ConverseResponse_RunCancelled)(nil),
 		(*ConverseResponse_Update)(nil),
@@ -11652,19 +11813,19 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		(*ConverseResponse_ToolApprovalsSubmitted)(nil),
 		(*ConverseResponse_RunSteered)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56].OneofWrappers = []any{}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58].OneofWrappers = []any{}
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81].OneofWrappers = []any{
 		(*TalkRequest_Start)(nil),
 		(*TalkRequest_Resume)(nil),
 		(*TalkRequest_Audio)(nil),
 		(*TalkRequest_Control)(nil),
 		(*TalkRequest_Text)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86].OneofWrappers = []any{
 		(*ConnectTalkRequest_Start)(nil),
 		(*ConnectTalkRequest_Resume)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91].OneofWrappers = []any{
 		(*TalkResponse_Session)(nil),
 		(*TalkResponse_Transcript)(nil),
 		(*TalkResponse_Update)(nil),
@@ -11678,7 +11839,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc), len(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc)),
 			NumEnums:      22,
-			NumMessages:   113,
+			NumMessages:   115,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -20,6 +20,7 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	DispatcherService_SendMessage_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/SendMessage"
+	DispatcherService_RegenerateMessage_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/RegenerateMessage"
 	DispatcherService_GetRun_FullMethodName                 = "/switchboard.api.dispatcher.v1.DispatcherService/GetRun"
 	DispatcherService_ListRuns_FullMethodName               = "/switchboard.api.dispatcher.v1.DispatcherService/ListRuns"
 	DispatcherService_CancelRun_FullMethodName              = "/switchboard.api.dispatcher.v1.DispatcherService/CancelRun"
@@ -71,6 +72,9 @@ const (
 type DispatcherServiceClient interface {
 	// Stores a user message and starts a run that answers it.
 	SendMessage(ctx context.Context, in *SendMessageRequest, opts ...grpc.CallOption) (*SendMessageResponse, error)
+	// Writes an answer again: a new run answers the same user message on a new
+	// branch beside the old answer.
+	RegenerateMessage(ctx context.Context, in *RegenerateMessageRequest, opts ...grpc.CallOption) (*RegenerateMessageResponse, error)
 	// Gets a run.
 	GetRun(ctx context.Context, in *GetRunRequest, opts ...grpc.CallOption) (*GetRunResponse, error)
 	// Lists a conversation's runs, newest first.
@@ -193,6 +197,16 @@ func (c *dispatcherServiceClient) SendMessage(ctx context.Context, in *SendMessa
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SendMessageResponse)
 	err := c.cc.Invoke(ctx, DispatcherService_SendMessage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) RegenerateMessage(ctx context.Context, in *RegenerateMessageRequest, opts ...grpc.CallOption) (*RegenerateMessageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RegenerateMessageResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_RegenerateMessage_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -587,6 +601,9 @@ func (c *dispatcherServiceClient) ListScheduleFirings(ctx context.Context, in *L
 type DispatcherServiceServer interface {
 	// Stores a user message and starts a run that answers it.
 	SendMessage(context.Context, *SendMessageRequest) (*SendMessageResponse, error)
+	// Writes an answer again: a new run answers the same user message on a new
+	// branch beside the old answer.
+	RegenerateMessage(context.Context, *RegenerateMessageRequest) (*RegenerateMessageResponse, error)
 	// Gets a run.
 	GetRun(context.Context, *GetRunRequest) (*GetRunResponse, error)
 	// Lists a conversation's runs, newest first.
@@ -707,6 +724,9 @@ type UnimplementedDispatcherServiceServer struct{}
 
 func (UnimplementedDispatcherServiceServer) SendMessage(context.Context, *SendMessageRequest) (*SendMessageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SendMessage not implemented")
+}
+func (UnimplementedDispatcherServiceServer) RegenerateMessage(context.Context, *RegenerateMessageRequest) (*RegenerateMessageResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RegenerateMessage not implemented")
 }
 func (UnimplementedDispatcherServiceServer) GetRun(context.Context, *GetRunRequest) (*GetRunResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetRun not implemented")
@@ -851,6 +871,24 @@ func _DispatcherService_SendMessage_Handler(srv interface{}, ctx context.Context
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(DispatcherServiceServer).SendMessage(ctx, req.(*SendMessageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_RegenerateMessage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RegenerateMessageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).RegenerateMessage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_RegenerateMessage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).RegenerateMessage(ctx, req.(*RegenerateMessageRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -1484,6 +1522,10 @@ var DispatcherService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SendMessage",
 			Handler:    _DispatcherService_SendMessage_Handler,
+		},
+		{
+			MethodName: "RegenerateMessage",
+			Handler:    _DispatcherService_RegenerateMessage_Handler,
 		},
 		{
 			MethodName: "GetRun",

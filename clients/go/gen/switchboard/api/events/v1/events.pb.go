@@ -71,6 +71,8 @@ const (
 	// Memory forming or consolidation decided about a memory (or failed or
 	// paused for an exchange).
 	EventType_EVENT_TYPE_MEMORY_DECIDED EventType = 17
+	// A message was deleted (a tombstone: its name and place, no content).
+	EventType_EVENT_TYPE_MESSAGE_DELETED EventType = 18
 )
 
 // Enum value maps for EventType.
@@ -94,6 +96,7 @@ var (
 		15: "EVENT_TYPE_SCHEDULE_CHANGED",
 		16: "EVENT_TYPE_SCHEDULE_FIRED",
 		17: "EVENT_TYPE_MEMORY_DECIDED",
+		18: "EVENT_TYPE_MESSAGE_DELETED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":          0,
@@ -114,6 +117,7 @@ var (
 		"EVENT_TYPE_SCHEDULE_CHANGED":     15,
 		"EVENT_TYPE_SCHEDULE_FIRED":       16,
 		"EVENT_TYPE_MEMORY_DECIDED":       17,
+		"EVENT_TYPE_MESSAGE_DELETED":      18,
 	}
 )
 
@@ -826,6 +830,71 @@ func (x *MessageCreated) GetMessage() *v1.Message {
 	return nil
 }
 
+// Payload: a message was deleted. The tombstone keeps where it was, never what
+// it said; the log's earlier MESSAGE_CREATED of it is redacted.
+type MessageDeleted struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The deleted message's name.
+	Message string `protobuf:"bytes,1,opt,name=message,proto3" json:"message,omitempty"`
+	// Its sequence in the conversation.
+	Sequence int64 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// The branch it was appended on.
+	Branch        int32 `protobuf:"varint,3,opt,name=branch,proto3" json:"branch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MessageDeleted) Reset() {
+	*x = MessageDeleted{}
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MessageDeleted) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MessageDeleted) ProtoMessage() {}
+
+func (x *MessageDeleted) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MessageDeleted.ProtoReflect.Descriptor instead.
+func (*MessageDeleted) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *MessageDeleted) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *MessageDeleted) GetSequence() int64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *MessageDeleted) GetBranch() int32 {
+	if x != nil {
+		return x.Branch
+	}
+	return 0
+}
+
 // Payload: a memory item changed.
 type MemoryChanged struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -839,7 +908,7 @@ type MemoryChanged struct {
 
 func (x *MemoryChanged) Reset() {
 	*x = MemoryChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[6]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -851,7 +920,7 @@ func (x *MemoryChanged) String() string {
 func (*MemoryChanged) ProtoMessage() {}
 
 func (x *MemoryChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[6]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -864,7 +933,7 @@ func (x *MemoryChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemoryChanged.ProtoReflect.Descriptor instead.
 func (*MemoryChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{6}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *MemoryChanged) GetChange() ChangeKind {
@@ -906,7 +975,7 @@ type MemoryDecided struct {
 
 func (x *MemoryDecided) Reset() {
 	*x = MemoryDecided{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +987,7 @@ func (x *MemoryDecided) String() string {
 func (*MemoryDecided) ProtoMessage() {}
 
 func (x *MemoryDecided) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +1000,7 @@ func (x *MemoryDecided) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemoryDecided.ProtoReflect.Descriptor instead.
 func (*MemoryDecided) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *MemoryDecided) GetAction() MemoryDecisionAction {
@@ -1003,7 +1072,7 @@ type FileChanged struct {
 
 func (x *FileChanged) Reset() {
 	*x = FileChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1015,7 +1084,7 @@ func (x *FileChanged) String() string {
 func (*FileChanged) ProtoMessage() {}
 
 func (x *FileChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1028,7 +1097,7 @@ func (x *FileChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileChanged.ProtoReflect.Descriptor instead.
 func (*FileChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *FileChanged) GetChange() ChangeKind {
@@ -1058,7 +1127,7 @@ type ScheduleChanged struct {
 
 func (x *ScheduleChanged) Reset() {
 	*x = ScheduleChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1070,7 +1139,7 @@ func (x *ScheduleChanged) String() string {
 func (*ScheduleChanged) ProtoMessage() {}
 
 func (x *ScheduleChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1083,7 +1152,7 @@ func (x *ScheduleChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleChanged.ProtoReflect.Descriptor instead.
 func (*ScheduleChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ScheduleChanged) GetChange() ChangeKind {
@@ -1113,7 +1182,7 @@ type ScheduleFired struct {
 
 func (x *ScheduleFired) Reset() {
 	*x = ScheduleFired{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1125,7 +1194,7 @@ func (x *ScheduleFired) String() string {
 func (*ScheduleFired) ProtoMessage() {}
 
 func (x *ScheduleFired) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1138,7 +1207,7 @@ func (x *ScheduleFired) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleFired.ProtoReflect.Descriptor instead.
 func (*ScheduleFired) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ScheduleFired) GetSchedule() string {
@@ -1166,7 +1235,7 @@ type RunUpdated struct {
 
 func (x *RunUpdated) Reset() {
 	*x = RunUpdated{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1178,7 +1247,7 @@ func (x *RunUpdated) String() string {
 func (*RunUpdated) ProtoMessage() {}
 
 func (x *RunUpdated) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1191,7 +1260,7 @@ func (x *RunUpdated) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdated.ProtoReflect.Descriptor instead.
 func (*RunUpdated) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RunUpdated) GetUpdate() *v11.RunUpdate {
@@ -1222,7 +1291,7 @@ type MessageFiltered struct {
 
 func (x *MessageFiltered) Reset() {
 	*x = MessageFiltered{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1234,7 +1303,7 @@ func (x *MessageFiltered) String() string {
 func (*MessageFiltered) ProtoMessage() {}
 
 func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1247,7 +1316,7 @@ func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageFiltered.ProtoReflect.Descriptor instead.
 func (*MessageFiltered) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MessageFiltered) GetConversation() string {
@@ -1305,7 +1374,7 @@ type IntegrationChanged struct {
 
 func (x *IntegrationChanged) Reset() {
 	*x = IntegrationChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1317,7 +1386,7 @@ func (x *IntegrationChanged) String() string {
 func (*IntegrationChanged) ProtoMessage() {}
 
 func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1330,7 +1399,7 @@ func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IntegrationChanged.ProtoReflect.Descriptor instead.
 func (*IntegrationChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *IntegrationChanged) GetChange() ChangeKind {
@@ -1360,7 +1429,7 @@ type AssistantChanged struct {
 
 func (x *AssistantChanged) Reset() {
 	*x = AssistantChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1372,7 +1441,7 @@ func (x *AssistantChanged) String() string {
 func (*AssistantChanged) ProtoMessage() {}
 
 func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1385,7 +1454,7 @@ func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantChanged.ProtoReflect.Descriptor instead.
 func (*AssistantChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *AssistantChanged) GetChange() ChangeKind {
@@ -1415,7 +1484,7 @@ type BudgetChanged struct {
 
 func (x *BudgetChanged) Reset() {
 	*x = BudgetChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1427,7 +1496,7 @@ func (x *BudgetChanged) String() string {
 func (*BudgetChanged) ProtoMessage() {}
 
 func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1440,7 +1509,7 @@ func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetChanged.ProtoReflect.Descriptor instead.
 func (*BudgetChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *BudgetChanged) GetChange() ChangeKind {
@@ -1478,7 +1547,7 @@ type BudgetAlert struct {
 
 func (x *BudgetAlert) Reset() {
 	*x = BudgetAlert{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1559,7 @@ func (x *BudgetAlert) String() string {
 func (*BudgetAlert) ProtoMessage() {}
 
 func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1572,7 @@ func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetAlert.ProtoReflect.Descriptor instead.
 func (*BudgetAlert) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *BudgetAlert) GetKind() BudgetAlertKind {
@@ -1568,7 +1637,7 @@ type ToolInvoked struct {
 
 func (x *ToolInvoked) Reset() {
 	*x = ToolInvoked{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1580,7 +1649,7 @@ func (x *ToolInvoked) String() string {
 func (*ToolInvoked) ProtoMessage() {}
 
 func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1593,7 +1662,7 @@ func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolInvoked.ProtoReflect.Descriptor instead.
 func (*ToolInvoked) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ToolInvoked) GetTool() string {
@@ -1650,7 +1719,7 @@ type SecurityEvent struct {
 
 func (x *SecurityEvent) Reset() {
 	*x = SecurityEvent{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1662,7 +1731,7 @@ func (x *SecurityEvent) String() string {
 func (*SecurityEvent) ProtoMessage() {}
 
 func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1675,7 +1744,7 @@ func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SecurityEvent.ProtoReflect.Descriptor instead.
 func (*SecurityEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SecurityEvent) GetKind() SecurityEventKind {
@@ -1753,6 +1822,7 @@ type Event struct {
 	//	*Event_ScheduleChanged
 	//	*Event_ScheduleFired
 	//	*Event_MemoryDecided
+	//	*Event_MessageDeleted
 	Payload       isEvent_Payload `protobuf_oneof:"payload"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1760,7 +1830,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1772,7 +1842,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1785,7 +1855,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Event) GetId() string {
@@ -2004,6 +2074,15 @@ func (x *Event) GetMemoryDecided() *MemoryDecided {
 	return nil
 }
 
+func (x *Event) GetMessageDeleted() *MessageDeleted {
+	if x != nil {
+		if x, ok := x.Payload.(*Event_MessageDeleted); ok {
+			return x.MessageDeleted
+		}
+	}
+	return nil
+}
+
 type isEvent_Payload interface {
 	isEvent_Payload()
 }
@@ -2093,6 +2172,11 @@ type Event_MemoryDecided struct {
 	MemoryDecided *MemoryDecided `protobuf:"bytes,26,opt,name=memory_decided,json=memoryDecided,proto3,oneof"`
 }
 
+type Event_MessageDeleted struct {
+	// A message was deleted.
+	MessageDeleted *MessageDeleted `protobuf:"bytes,27,opt,name=message_deleted,json=messageDeleted,proto3,oneof"`
+}
+
 func (*Event_WorkspaceChanged) isEvent_Payload() {}
 
 func (*Event_MemberChanged) isEvent_Payload() {}
@@ -2127,6 +2211,8 @@ func (*Event_ScheduleFired) isEvent_Payload() {}
 
 func (*Event_MemoryDecided) isEvent_Payload() {}
 
+func (*Event_MessageDeleted) isEvent_Payload() {}
+
 // Request for Subscribe.
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2146,7 +2232,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2158,7 +2244,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2171,7 +2257,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SubscribeRequest) GetScopes() []*Scope {
@@ -2215,7 +2301,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2227,7 +2313,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2240,7 +2326,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *EventBatch) GetEvents() []*Event {
@@ -2270,7 +2356,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2282,7 +2368,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2295,7 +2381,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -2328,7 +2414,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2340,7 +2426,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2353,7 +2439,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SubscribeResponse) GetFrame() isSubscribeResponse_Frame {
@@ -2418,7 +2504,7 @@ type AddSubscription struct {
 
 func (x *AddSubscription) Reset() {
 	*x = AddSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2430,7 +2516,7 @@ func (x *AddSubscription) String() string {
 func (*AddSubscription) ProtoMessage() {}
 
 func (x *AddSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2443,7 +2529,7 @@ func (x *AddSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddSubscription.ProtoReflect.Descriptor instead.
 func (*AddSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *AddSubscription) GetSubscriptionId() string {
@@ -2492,7 +2578,7 @@ type RemoveSubscription struct {
 
 func (x *RemoveSubscription) Reset() {
 	*x = RemoveSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2504,7 +2590,7 @@ func (x *RemoveSubscription) String() string {
 func (*RemoveSubscription) ProtoMessage() {}
 
 func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2517,7 +2603,7 @@ func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSubscription.ProtoReflect.Descriptor instead.
 func (*RemoveSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RemoveSubscription) GetSubscriptionId() string {
@@ -2541,7 +2627,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2553,7 +2639,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2566,7 +2652,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Ack) GetSubscriptionId() string {
@@ -2594,7 +2680,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2606,7 +2692,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2619,7 +2705,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Ping) GetNonce() string {
@@ -2647,7 +2733,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2659,7 +2745,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2672,7 +2758,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StreamRequest) GetFrame() isStreamRequest_Frame {
@@ -2763,7 +2849,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2775,7 +2861,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2788,7 +2874,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Pong) GetNonce() string {
@@ -2816,7 +2902,7 @@ type SubscriptionAdded struct {
 
 func (x *SubscriptionAdded) Reset() {
 	*x = SubscriptionAdded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2828,7 +2914,7 @@ func (x *SubscriptionAdded) String() string {
 func (*SubscriptionAdded) ProtoMessage() {}
 
 func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2841,7 +2927,7 @@ func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionAdded.ProtoReflect.Descriptor instead.
 func (*SubscriptionAdded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SubscriptionAdded) GetSubscriptionId() string {
@@ -2869,7 +2955,7 @@ type SubscriptionEnded struct {
 
 func (x *SubscriptionEnded) Reset() {
 	*x = SubscriptionEnded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2881,7 +2967,7 @@ func (x *SubscriptionEnded) String() string {
 func (*SubscriptionEnded) ProtoMessage() {}
 
 func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2894,7 +2980,7 @@ func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEnded.ProtoReflect.Descriptor instead.
 func (*SubscriptionEnded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SubscriptionEnded) GetSubscriptionId() string {
@@ -2938,7 +3024,7 @@ type SubscriptionEvents struct {
 
 func (x *SubscriptionEvents) Reset() {
 	*x = SubscriptionEvents{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2950,7 +3036,7 @@ func (x *SubscriptionEvents) String() string {
 func (*SubscriptionEvents) ProtoMessage() {}
 
 func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2963,7 +3049,7 @@ func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEvents.ProtoReflect.Descriptor instead.
 func (*SubscriptionEvents) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SubscriptionEvents) GetSubscriptionId() string {
@@ -2999,7 +3085,7 @@ type StreamResponse struct {
 
 func (x *StreamResponse) Reset() {
 	*x = StreamResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3011,7 +3097,7 @@ func (x *StreamResponse) String() string {
 func (*StreamResponse) ProtoMessage() {}
 
 func (x *StreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3024,7 +3110,7 @@ func (x *StreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamResponse.ProtoReflect.Descriptor instead.
 func (*StreamResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *StreamResponse) GetFrame() isStreamResponse_Frame {
@@ -3137,7 +3223,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3149,7 +3235,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3162,7 +3248,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListEventsRequest) GetScopes() []*Scope {
@@ -3215,7 +3301,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3227,7 +3313,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3240,7 +3326,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -3289,7 +3375,11 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x12L\n" +
 	"\fconversation\x18\x02 \x01(\v2(.switchboard.api.context.v1.ConversationR\fconversation\"O\n" +
 	"\x0eMessageCreated\x12=\n" +
-	"\amessage\x18\x01 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\"\x97\x01\n" +
+	"\amessage\x18\x01 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\"^\n" +
+	"\x0eMessageDeleted\x12\x18\n" +
+	"\amessage\x18\x01 \x01(\tR\amessage\x12\x1a\n" +
+	"\bsequence\x18\x02 \x01(\x03R\bsequence\x12\x16\n" +
+	"\x06branch\x18\x03 \x01(\x05R\x06branch\"\x97\x01\n" +
 	"\rMemoryChanged\x12=\n" +
 	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x12G\n" +
 	"\vmemory_item\x18\x02 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
@@ -3351,7 +3441,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\aapi_key\x18\x03 \x01(\tR\x06apiKey\x12%\n" +
 	"\x0eclient_address\x18\x04 \x01(\tR\rclientAddress\x12D\n" +
 	"\vclient_info\x18\x05 \x01(\v2#.switchboard.api.auth.v1.ClientInfoR\n" +
-	"clientInfo\"\xd1\r\n" +
+	"clientInfo\"\xa7\x0e\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x128\n" +
@@ -3379,7 +3469,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\ffile_changed\x18\x17 \x01(\v2&.switchboard.api.events.v1.FileChangedH\x00R\vfileChanged\x12W\n" +
 	"\x10schedule_changed\x18\x18 \x01(\v2*.switchboard.api.events.v1.ScheduleChangedH\x00R\x0fscheduleChanged\x12Q\n" +
 	"\x0eschedule_fired\x18\x19 \x01(\v2(.switchboard.api.events.v1.ScheduleFiredH\x00R\rscheduleFired\x12Q\n" +
-	"\x0ememory_decided\x18\x1a \x01(\v2(.switchboard.api.events.v1.MemoryDecidedH\x00R\rmemoryDecidedB\t\n" +
+	"\x0ememory_decided\x18\x1a \x01(\v2(.switchboard.api.events.v1.MemoryDecidedH\x00R\rmemoryDecided\x12T\n" +
+	"\x0fmessage_deleted\x18\x1b \x01(\v2).switchboard.api.events.v1.MessageDeletedH\x00R\x0emessageDeletedB\t\n" +
 	"\apayload\"\xce\x01\n" +
 	"\x10SubscribeRequest\x128\n" +
 	"\x06scopes\x18\x01 \x03(\v2 .switchboard.api.events.v1.ScopeR\x06scopes\x12!\n" +
@@ -3446,7 +3537,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x12ListEventsResponse\x128\n" +
 	"\x06events\x18\x01 \x03(\v2 .switchboard.api.events.v1.EventR\x06events\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12#\n" +
-	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xbd\x04\n" +
+	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xdd\x04\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cEVENT_TYPE_WORKSPACE_CHANGED\x10\x01\x12\x1d\n" +
@@ -3466,7 +3557,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x17EVENT_TYPE_FILE_CHANGED\x10\x0e\x12\x1f\n" +
 	"\x1bEVENT_TYPE_SCHEDULE_CHANGED\x10\x0f\x12\x1d\n" +
 	"\x19EVENT_TYPE_SCHEDULE_FIRED\x10\x10\x12\x1d\n" +
-	"\x19EVENT_TYPE_MEMORY_DECIDED\x10\x11*t\n" +
+	"\x19EVENT_TYPE_MEMORY_DECIDED\x10\x11\x12\x1e\n" +
+	"\x1aEVENT_TYPE_MESSAGE_DELETED\x10\x12*t\n" +
 	"\n" +
 	"ChangeKind\x12\x1b\n" +
 	"\x17CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
@@ -3519,7 +3611,7 @@ func file_switchboard_api_events_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(EventType)(0),                // 0: switchboard.api.events.v1.EventType
 	(ChangeKind)(0),               // 1: switchboard.api.events.v1.ChangeKind
@@ -3533,139 +3625,141 @@ var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(*MemberChanged)(nil),         // 9: switchboard.api.events.v1.MemberChanged
 	(*ConversationChanged)(nil),   // 10: switchboard.api.events.v1.ConversationChanged
 	(*MessageCreated)(nil),        // 11: switchboard.api.events.v1.MessageCreated
-	(*MemoryChanged)(nil),         // 12: switchboard.api.events.v1.MemoryChanged
-	(*MemoryDecided)(nil),         // 13: switchboard.api.events.v1.MemoryDecided
-	(*FileChanged)(nil),           // 14: switchboard.api.events.v1.FileChanged
-	(*ScheduleChanged)(nil),       // 15: switchboard.api.events.v1.ScheduleChanged
-	(*ScheduleFired)(nil),         // 16: switchboard.api.events.v1.ScheduleFired
-	(*RunUpdated)(nil),            // 17: switchboard.api.events.v1.RunUpdated
-	(*MessageFiltered)(nil),       // 18: switchboard.api.events.v1.MessageFiltered
-	(*IntegrationChanged)(nil),    // 19: switchboard.api.events.v1.IntegrationChanged
-	(*AssistantChanged)(nil),      // 20: switchboard.api.events.v1.AssistantChanged
-	(*BudgetChanged)(nil),         // 21: switchboard.api.events.v1.BudgetChanged
-	(*BudgetAlert)(nil),           // 22: switchboard.api.events.v1.BudgetAlert
-	(*ToolInvoked)(nil),           // 23: switchboard.api.events.v1.ToolInvoked
-	(*SecurityEvent)(nil),         // 24: switchboard.api.events.v1.SecurityEvent
-	(*Event)(nil),                 // 25: switchboard.api.events.v1.Event
-	(*SubscribeRequest)(nil),      // 26: switchboard.api.events.v1.SubscribeRequest
-	(*EventBatch)(nil),            // 27: switchboard.api.events.v1.EventBatch
-	(*Heartbeat)(nil),             // 28: switchboard.api.events.v1.Heartbeat
-	(*SubscribeResponse)(nil),     // 29: switchboard.api.events.v1.SubscribeResponse
-	(*AddSubscription)(nil),       // 30: switchboard.api.events.v1.AddSubscription
-	(*RemoveSubscription)(nil),    // 31: switchboard.api.events.v1.RemoveSubscription
-	(*Ack)(nil),                   // 32: switchboard.api.events.v1.Ack
-	(*Ping)(nil),                  // 33: switchboard.api.events.v1.Ping
-	(*StreamRequest)(nil),         // 34: switchboard.api.events.v1.StreamRequest
-	(*Pong)(nil),                  // 35: switchboard.api.events.v1.Pong
-	(*SubscriptionAdded)(nil),     // 36: switchboard.api.events.v1.SubscriptionAdded
-	(*SubscriptionEnded)(nil),     // 37: switchboard.api.events.v1.SubscriptionEnded
-	(*SubscriptionEvents)(nil),    // 38: switchboard.api.events.v1.SubscriptionEvents
-	(*StreamResponse)(nil),        // 39: switchboard.api.events.v1.StreamResponse
-	(*ListEventsRequest)(nil),     // 40: switchboard.api.events.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),    // 41: switchboard.api.events.v1.ListEventsResponse
-	(*v1.Workspace)(nil),          // 42: switchboard.api.context.v1.Workspace
-	(*v1.WorkspaceMember)(nil),    // 43: switchboard.api.context.v1.WorkspaceMember
-	(*v1.Conversation)(nil),       // 44: switchboard.api.context.v1.Conversation
-	(*v1.Message)(nil),            // 45: switchboard.api.context.v1.Message
-	(*v1.MemoryItem)(nil),         // 46: switchboard.api.context.v1.MemoryItem
-	(*v1.File)(nil),               // 47: switchboard.api.context.v1.File
-	(*v11.Schedule)(nil),          // 48: switchboard.api.dispatcher.v1.Schedule
-	(*v11.ScheduleFiring)(nil),    // 49: switchboard.api.dispatcher.v1.ScheduleFiring
-	(*v11.RunUpdate)(nil),         // 50: switchboard.api.dispatcher.v1.RunUpdate
-	(v12.ErrorReason)(0),          // 51: switchboard.api.common.v1.ErrorReason
-	(*v13.Integration)(nil),       // 52: switchboard.api.integration.v1.Integration
-	(*v11.Assistant)(nil),         // 53: switchboard.api.dispatcher.v1.Assistant
-	(*v11.Budget)(nil),            // 54: switchboard.api.dispatcher.v1.Budget
-	(*v11.BudgetUsage)(nil),       // 55: switchboard.api.dispatcher.v1.BudgetUsage
-	(*durationpb.Duration)(nil),   // 56: google.protobuf.Duration
-	(*status.Status)(nil),         // 57: google.rpc.Status
-	(*v14.ClientInfo)(nil),        // 58: switchboard.api.auth.v1.ClientInfo
-	(*timestamppb.Timestamp)(nil), // 59: google.protobuf.Timestamp
+	(*MessageDeleted)(nil),        // 12: switchboard.api.events.v1.MessageDeleted
+	(*MemoryChanged)(nil),         // 13: switchboard.api.events.v1.MemoryChanged
+	(*MemoryDecided)(nil),         // 14: switchboard.api.events.v1.MemoryDecided
+	(*FileChanged)(nil),           // 15: switchboard.api.events.v1.FileChanged
+	(*ScheduleChanged)(nil),       // 16: switchboard.api.events.v1.ScheduleChanged
+	(*ScheduleFired)(nil),         // 17: switchboard.api.events.v1.ScheduleFired
+	(*RunUpdated)(nil),            // 18: switchboard.api.events.v1.RunUpdated
+	(*MessageFiltered)(nil),       // 19: switchboard.api.events.v1.MessageFiltered
+	(*IntegrationChanged)(nil),    // 20: switchboard.api.events.v1.IntegrationChanged
+	(*AssistantChanged)(nil),      // 21: switchboard.api.events.v1.AssistantChanged
+	(*BudgetChanged)(nil),         // 22: switchboard.api.events.v1.BudgetChanged
+	(*BudgetAlert)(nil),           // 23: switchboard.api.events.v1.BudgetAlert
+	(*ToolInvoked)(nil),           // 24: switchboard.api.events.v1.ToolInvoked
+	(*SecurityEvent)(nil),         // 25: switchboard.api.events.v1.SecurityEvent
+	(*Event)(nil),                 // 26: switchboard.api.events.v1.Event
+	(*SubscribeRequest)(nil),      // 27: switchboard.api.events.v1.SubscribeRequest
+	(*EventBatch)(nil),            // 28: switchboard.api.events.v1.EventBatch
+	(*Heartbeat)(nil),             // 29: switchboard.api.events.v1.Heartbeat
+	(*SubscribeResponse)(nil),     // 30: switchboard.api.events.v1.SubscribeResponse
+	(*AddSubscription)(nil),       // 31: switchboard.api.events.v1.AddSubscription
+	(*RemoveSubscription)(nil),    // 32: switchboard.api.events.v1.RemoveSubscription
+	(*Ack)(nil),                   // 33: switchboard.api.events.v1.Ack
+	(*Ping)(nil),                  // 34: switchboard.api.events.v1.Ping
+	(*StreamRequest)(nil),         // 35: switchboard.api.events.v1.StreamRequest
+	(*Pong)(nil),                  // 36: switchboard.api.events.v1.Pong
+	(*SubscriptionAdded)(nil),     // 37: switchboard.api.events.v1.SubscriptionAdded
+	(*SubscriptionEnded)(nil),     // 38: switchboard.api.events.v1.SubscriptionEnded
+	(*SubscriptionEvents)(nil),    // 39: switchboard.api.events.v1.SubscriptionEvents
+	(*StreamResponse)(nil),        // 40: switchboard.api.events.v1.StreamResponse
+	(*ListEventsRequest)(nil),     // 41: switchboard.api.events.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),    // 42: switchboard.api.events.v1.ListEventsResponse
+	(*v1.Workspace)(nil),          // 43: switchboard.api.context.v1.Workspace
+	(*v1.WorkspaceMember)(nil),    // 44: switchboard.api.context.v1.WorkspaceMember
+	(*v1.Conversation)(nil),       // 45: switchboard.api.context.v1.Conversation
+	(*v1.Message)(nil),            // 46: switchboard.api.context.v1.Message
+	(*v1.MemoryItem)(nil),         // 47: switchboard.api.context.v1.MemoryItem
+	(*v1.File)(nil),               // 48: switchboard.api.context.v1.File
+	(*v11.Schedule)(nil),          // 49: switchboard.api.dispatcher.v1.Schedule
+	(*v11.ScheduleFiring)(nil),    // 50: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*v11.RunUpdate)(nil),         // 51: switchboard.api.dispatcher.v1.RunUpdate
+	(v12.ErrorReason)(0),          // 52: switchboard.api.common.v1.ErrorReason
+	(*v13.Integration)(nil),       // 53: switchboard.api.integration.v1.Integration
+	(*v11.Assistant)(nil),         // 54: switchboard.api.dispatcher.v1.Assistant
+	(*v11.Budget)(nil),            // 55: switchboard.api.dispatcher.v1.Budget
+	(*v11.BudgetUsage)(nil),       // 56: switchboard.api.dispatcher.v1.BudgetUsage
+	(*durationpb.Duration)(nil),   // 57: google.protobuf.Duration
+	(*status.Status)(nil),         // 58: google.rpc.Status
+	(*v14.ClientInfo)(nil),        // 59: switchboard.api.auth.v1.ClientInfo
+	(*timestamppb.Timestamp)(nil), // 60: google.protobuf.Timestamp
 }
 var file_switchboard_api_events_v1_events_proto_depIdxs = []int32{
 	1,  // 0: switchboard.api.events.v1.WorkspaceChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	42, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
+	43, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
 	1,  // 2: switchboard.api.events.v1.MemberChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	43, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	44, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
 	1,  // 4: switchboard.api.events.v1.ConversationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	44, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
-	45, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
+	45, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
+	46, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
 	1,  // 7: switchboard.api.events.v1.MemoryChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	46, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	47, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
 	2,  // 9: switchboard.api.events.v1.MemoryDecided.action:type_name -> switchboard.api.events.v1.MemoryDecisionAction
 	3,  // 10: switchboard.api.events.v1.MemoryDecided.outcome:type_name -> switchboard.api.events.v1.MemoryFormingOutcome
 	1,  // 11: switchboard.api.events.v1.FileChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	47, // 12: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
+	48, // 12: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
 	1,  // 13: switchboard.api.events.v1.ScheduleChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	48, // 14: switchboard.api.events.v1.ScheduleChanged.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	49, // 15: switchboard.api.events.v1.ScheduleFired.firing:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
-	50, // 16: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	51, // 17: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
+	49, // 14: switchboard.api.events.v1.ScheduleChanged.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	50, // 15: switchboard.api.events.v1.ScheduleFired.firing:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	51, // 16: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	52, // 17: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
 	1,  // 18: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	52, // 19: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
+	53, // 19: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
 	1,  // 20: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	53, // 21: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	54, // 21: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	1,  // 22: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	54, // 23: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	55, // 23: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	4,  // 24: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
-	55, // 25: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	56, // 26: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
-	57, // 27: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
+	56, // 25: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	57, // 26: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
+	58, // 27: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
 	5,  // 28: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
-	58, // 29: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	59, // 29: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
 	0,  // 30: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
-	59, // 31: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
+	60, // 31: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
 	7,  // 32: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
 	8,  // 33: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
 	9,  // 34: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
 	10, // 35: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
 	11, // 36: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
-	12, // 37: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
-	17, // 38: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
-	19, // 39: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
-	24, // 40: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
-	18, // 41: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
-	23, // 42: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
-	20, // 43: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
-	21, // 44: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
-	22, // 45: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
-	14, // 46: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
-	15, // 47: switchboard.api.events.v1.Event.schedule_changed:type_name -> switchboard.api.events.v1.ScheduleChanged
-	16, // 48: switchboard.api.events.v1.Event.schedule_fired:type_name -> switchboard.api.events.v1.ScheduleFired
-	13, // 49: switchboard.api.events.v1.Event.memory_decided:type_name -> switchboard.api.events.v1.MemoryDecided
-	6,  // 50: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 51: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
-	25, // 52: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
-	59, // 53: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	27, // 54: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
-	28, // 55: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	6,  // 56: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 57: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
-	30, // 58: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
-	31, // 59: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
-	32, // 60: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
-	33, // 61: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
-	59, // 62: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
-	27, // 63: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
-	38, // 64: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
-	36, // 65: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
-	37, // 66: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
-	35, // 67: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
-	28, // 68: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	6,  // 69: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 70: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
-	25, // 71: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
-	26, // 72: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
-	34, // 73: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
-	40, // 74: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
-	29, // 75: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
-	39, // 76: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
-	41, // 77: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
-	75, // [75:78] is the sub-list for method output_type
-	72, // [72:75] is the sub-list for method input_type
-	72, // [72:72] is the sub-list for extension type_name
-	72, // [72:72] is the sub-list for extension extendee
-	0,  // [0:72] is the sub-list for field type_name
+	13, // 37: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
+	18, // 38: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
+	20, // 39: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
+	25, // 40: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
+	19, // 41: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
+	24, // 42: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
+	21, // 43: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
+	22, // 44: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
+	23, // 45: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
+	15, // 46: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
+	16, // 47: switchboard.api.events.v1.Event.schedule_changed:type_name -> switchboard.api.events.v1.ScheduleChanged
+	17, // 48: switchboard.api.events.v1.Event.schedule_fired:type_name -> switchboard.api.events.v1.ScheduleFired
+	14, // 49: switchboard.api.events.v1.Event.memory_decided:type_name -> switchboard.api.events.v1.MemoryDecided
+	12, // 50: switchboard.api.events.v1.Event.message_deleted:type_name -> switchboard.api.events.v1.MessageDeleted
+	6,  // 51: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 52: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
+	26, // 53: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
+	60, // 54: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	28, // 55: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
+	29, // 56: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	6,  // 57: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 58: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
+	31, // 59: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
+	32, // 60: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
+	33, // 61: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
+	34, // 62: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
+	60, // 63: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
+	28, // 64: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
+	39, // 65: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
+	37, // 66: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
+	38, // 67: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
+	36, // 68: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
+	29, // 69: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	6,  // 70: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 71: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
+	26, // 72: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
+	27, // 73: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
+	35, // 74: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
+	41, // 75: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
+	30, // 76: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
+	40, // 77: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
+	42, // 78: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
+	76, // [76:79] is the sub-list for method output_type
+	73, // [73:76] is the sub-list for method input_type
+	73, // [73:73] is the sub-list for extension type_name
+	73, // [73:73] is the sub-list for extension extendee
+	0,  // [0:73] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_events_v1_events_proto_init() }
@@ -3678,7 +3772,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Scope_Workspace)(nil),
 		(*Scope_Conversation)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[19].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[20].OneofWrappers = []any{
 		(*Event_WorkspaceChanged)(nil),
 		(*Event_MemberChanged)(nil),
 		(*Event_ConversationChanged)(nil),
@@ -3696,18 +3790,19 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Event_ScheduleChanged)(nil),
 		(*Event_ScheduleFired)(nil),
 		(*Event_MemoryDecided)(nil),
+		(*Event_MessageDeleted)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[23].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[24].OneofWrappers = []any{
 		(*SubscribeResponse_Batch)(nil),
 		(*SubscribeResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[28].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[29].OneofWrappers = []any{
 		(*StreamRequest_Add)(nil),
 		(*StreamRequest_Remove)(nil),
 		(*StreamRequest_Ack)(nil),
 		(*StreamRequest_Ping)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[33].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[34].OneofWrappers = []any{
 		(*StreamResponse_Events)(nil),
 		(*StreamResponse_Added)(nil),
 		(*StreamResponse_Ended)(nil),
@@ -3720,7 +3815,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_events_v1_events_proto_rawDesc), len(file_switchboard_api_events_v1_events_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   36,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

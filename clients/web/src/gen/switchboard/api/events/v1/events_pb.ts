@@ -24,7 +24,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file switchboard/api/events/v1/events.proto.
  */
 export const file_switchboard_api_events_v1_events: GenFile = /*@__PURE__*/
-  fileDesc("CiZzd2l0Y2hib2FyZC9hcGkvZXZlbnRzL3YxL2V2ZW50cy5wcm90bxIZc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MSJNCgVTY29wZRIOCgR1c2VyGAEgASgJSAASEwoJd29ya3NwYWNlGAIgASgJSAASFgoMY29udmVyc2F0aW9uGAMgASgJSABCBwoFc2NvcGUiKQoFQWN0b3ISDAoEbmFtZRgBIAEoCRISCgpjcmVkZW50aWFsGAIgASgJIoMBChBXb3Jrc3BhY2VDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI4Cgl3b3Jrc3BhY2UYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5Xb3Jrc3BhY2UigwEKDU1lbWJlckNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKBm1lbWJlchgCIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLldvcmtzcGFjZU1lbWJlciKMAQoTQ29udmVyc2F0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSPgoMY29udmVyc2F0aW9uGAIgASgLMiguc3dpdGNoYm9hcmQuYXBpLmNvbnRleHQudjEuQ29udmVyc2F0aW9uIkYKDk1lc3NhZ2VDcmVhdGVkEjQKB21lc3NhZ2UYASABKAsyIy5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5NZXNzYWdlIoMBCg1NZW1vcnlDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI7CgttZW1vcnlfaXRlbRgCIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLk1lbW9yeUl0ZW0i/AEKDU1lbW9yeURlY2lkZWQSPwoGYWN0aW9uGAEgASgOMi8uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZW1vcnlEZWNpc2lvbkFjdGlvbhITCgttZW1vcnlfaXRlbRgCIAEoCRIQCghyZXBsYWNlcxgDIAEoCRIRCgljYW5kaWRhdGUYBCABKAkSDgoGcmVhc29uGAUgASgJEkAKB291dGNvbWUYBiABKA4yLy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbW9yeUZvcm1pbmdPdXRjb21lEgsKA3J1bhgHIAEoCRIRCglhc3Npc3RhbnQYCCABKAkidAoLRmlsZUNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEi4KBGZpbGUYAiABKAsyIC5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5GaWxlIoMBCg9TY2hlZHVsZUNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjkKCHNjaGVkdWxlGAIgASgLMicuc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuU2NoZWR1bGUiYAoNU2NoZWR1bGVGaXJlZBIQCghzY2hlZHVsZRgBIAEoCRI9CgZmaXJpbmcYAiABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5TY2hlZHVsZUZpcmluZyJGCgpSdW5VcGRhdGVkEjgKBnVwZGF0ZRgBIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLlJ1blVwZGF0ZSKdAQoPTWVzc2FnZUZpbHRlcmVkEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRIOCgZmaWx0ZXIYAiABKAkSEAoIcmVqZWN0ZWQYAyABKAgSNgoGcmVhc29uGAQgASgOMiYuc3dpdGNoYm9hcmQuYXBpLmNvbW1vbi52MS5FcnJvclJlYXNvbhINCgVmbGFncxgFIAMoCRILCgNydW4YBiABKAkijQEKEkludGVncmF0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSQAoLaW50ZWdyYXRpb24YAiABKAsyKy5zd2l0Y2hib2FyZC5hcGkuaW50ZWdyYXRpb24udjEuSW50ZWdyYXRpb24ihgEKEEFzc2lzdGFudENoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKCWFzc2lzdGFudBgCIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLkFzc2lzdGFudCJ9Cg1CdWRnZXRDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI1CgZidWRnZXQYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5CdWRnZXQivQEKC0J1ZGdldEFsZXJ0EjgKBGtpbmQYASABKA4yKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldEFsZXJ0S2luZBIOCgZidWRnZXQYAiABKAkSDwoHcGVyY2VudBgDIAEoBRILCgNjYXAYBCABKAkSOQoFdXNhZ2UYBSABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5CdWRnZXRVc2FnZRILCgNydW4YBiABKAkiiwEKC1Rvb2xJbnZva2VkEgwKBHRvb2wYASABKAkSKwoIZHVyYXRpb24YAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SIgoGc3RhdHVzGAMgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSEAoIaXNfZXJyb3IYBCABKAgSCwoDcnVuGAUgASgJIr8BCg1TZWN1cml0eUV2ZW50EjoKBGtpbmQYASABKA4yLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNlY3VyaXR5RXZlbnRLaW5kEg8KB3Nlc3Npb24YAiABKAkSDwoHYXBpX2tleRgDIAEoCRIWCg5jbGllbnRfYWRkcmVzcxgEIAEoCRI4CgtjbGllbnRfaW5mbxgFIAEoCzIjLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkNsaWVudEluZm8ijAsKBUV2ZW50EgoKAmlkGAEgASgJEg4KBmN1cnNvchgCIAEoCRIyCgR0eXBlGAMgASgOMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudFR5cGUSKAoEdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoFYWN0b3IYBSABKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkFjdG9yEgwKBHVzZXIYBiABKAkSEQoJd29ya3NwYWNlGAcgASgJEhQKDGNvbnZlcnNhdGlvbhgIIAEoCRJIChF3b3Jrc3BhY2VfY2hhbmdlZBgKIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuV29ya3NwYWNlQ2hhbmdlZEgAEkIKDm1lbWJlcl9jaGFuZ2VkGAsgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZW1iZXJDaGFuZ2VkSAASTgoUY29udmVyc2F0aW9uX2NoYW5nZWQYDCABKAsyLi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNvbnZlcnNhdGlvbkNoYW5nZWRIABJECg9tZXNzYWdlX2NyZWF0ZWQYDSABKAsyKS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lc3NhZ2VDcmVhdGVkSAASQgoObWVtb3J5X2NoYW5nZWQYDiABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbW9yeUNoYW5nZWRIABI8CgtydW5fdXBkYXRlZBgPIAEoCzIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUnVuVXBkYXRlZEgAEkwKE2ludGVncmF0aW9uX2NoYW5nZWQYECABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkludGVncmF0aW9uQ2hhbmdlZEgAEjwKCHNlY3VyaXR5GBEgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TZWN1cml0eUV2ZW50SAASRgoQbWVzc2FnZV9maWx0ZXJlZBgSIAEoCzIqLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTWVzc2FnZUZpbHRlcmVkSAASPgoMdG9vbF9pbnZva2VkGBMgASgLMiYuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Ub29sSW52b2tlZEgAEkgKEWFzc2lzdGFudF9jaGFuZ2VkGBQgASgLMisuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Bc3Npc3RhbnRDaGFuZ2VkSAASQgoOYnVkZ2V0X2NoYW5nZWQYFSABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldENoYW5nZWRIABI+CgxidWRnZXRfYWxlcnQYFiABKAsyJi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldEFsZXJ0SAASPgoMZmlsZV9jaGFuZ2VkGBcgASgLMiYuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5GaWxlQ2hhbmdlZEgAEkYKEHNjaGVkdWxlX2NoYW5nZWQYGCABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjaGVkdWxlQ2hhbmdlZEgAEkIKDnNjaGVkdWxlX2ZpcmVkGBkgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TY2hlZHVsZUZpcmVkSAASQgoObWVtb3J5X2RlY2lkZWQYGiABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbW9yeURlY2lkZWRIAEIJCgdwYXlsb2FkIqUBChBTdWJzY3JpYmVSZXF1ZXN0EjAKBnNjb3BlcxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU2NvcGUSFAoMYWZ0ZXJfY3Vyc29yGAIgASgJEjMKBXR5cGVzGAMgAygOMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudFR5cGUSFAoMbWVyZ2VfZGVsdGFzGAQgASgIIk4KCkV2ZW50QmF0Y2gSMAoGZXZlbnRzGAEgAygLMiAuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudBIOCgZjdXJzb3IYAiABKAkiRQoJSGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmN1cnNvchgCIAEoCSKPAQoRU3Vic2NyaWJlUmVzcG9uc2USNgoFYmF0Y2gYASABKAsyJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50QmF0Y2hIABI5CgloZWFydGJlYXQYAiABKAsyJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkhlYXJ0YmVhdEgAQgcKBWZyYW1lIr0BCg9BZGRTdWJzY3JpcHRpb24SFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEjAKBnNjb3BlcxgCIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU2NvcGUSFAoMYWZ0ZXJfY3Vyc29yGAMgASgJEjMKBXR5cGVzGAQgAygOMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudFR5cGUSFAoMbWVyZ2VfZGVsdGFzGAUgASgIIi0KElJlbW92ZVN1YnNjcmlwdGlvbhIXCg9zdWJzY3JpcHRpb25faWQYASABKAkiLgoDQWNrEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIOCgZjdXJzb3IYAiABKAkiFQoEUGluZxINCgVub25jZRgBIAEoCSL0AQoNU3RyZWFtUmVxdWVzdBI5CgNhZGQYASABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkFkZFN1YnNjcmlwdGlvbkgAEj8KBnJlbW92ZRgCIAEoCzItLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUmVtb3ZlU3Vic2NyaXB0aW9uSAASLQoDYWNrGAMgASgLMh4uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5BY2tIABIvCgRwaW5nGAQgASgLMh8uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5QaW5nSABCBwoFZnJhbWUiPwoEUG9uZxINCgVub25jZRgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIsChFTdWJzY3JpcHRpb25BZGRlZBIXCg9zdWJzY3JpcHRpb25faWQYASABKAkiYgoRU3Vic2NyaXB0aW9uRW5kZWQSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRIVCg1yZXN1bWVfY3Vyc29yGAQgASgJImMKElN1YnNjcmlwdGlvbkV2ZW50cxIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSNAoFYmF0Y2gYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50QmF0Y2gixAIKDlN0cmVhbVJlc3BvbnNlEj8KBmV2ZW50cxgBIAEoCzItLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU3Vic2NyaXB0aW9uRXZlbnRzSAASPQoFYWRkZWQYAiABKAsyLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmlwdGlvbkFkZGVkSAASPQoFZW5kZWQYAyABKAsyLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmlwdGlvbkVuZGVkSAASLwoEcG9uZxgEIAEoCzIfLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUG9uZ0gAEjkKCWhlYXJ0YmVhdBgFIAEoCzIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuSGVhcnRiZWF0SABCBwoFZnJhbWUitwEKEUxpc3RFdmVudHNSZXF1ZXN0EjAKBnNjb3BlcxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU2NvcGUSFAoMYWZ0ZXJfY3Vyc29yGAIgASgJEjMKBXR5cGVzGAMgAygOMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudFR5cGUSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkidgoSTGlzdEV2ZW50c1Jlc3BvbnNlEjAKBmV2ZW50cxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhUKDW9sZGVzdF9jdXJzb3IYAyABKAkqvQQKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASIAocRVZFTlRfVFlQRV9XT1JLU1BBQ0VfQ0hBTkdFRBABEh0KGUVWRU5UX1RZUEVfTUVNQkVSX0NIQU5HRUQQAhIjCh9FVkVOVF9UWVBFX0NPTlZFUlNBVElPTl9DSEFOR0VEEAMSHgoaRVZFTlRfVFlQRV9NRVNTQUdFX0NSRUFURUQQBBIdChlFVkVOVF9UWVBFX01FTU9SWV9DSEFOR0VEEAUSGgoWRVZFTlRfVFlQRV9SVU5fVVBEQVRFRBAGEiIKHkVWRU5UX1RZUEVfSU5URUdSQVRJT05fQ0hBTkdFRBAHEhcKE0VWRU5UX1RZUEVfU0VDVVJJVFkQCBIfChtFVkVOVF9UWVBFX01FU1NBR0VfRklMVEVSRUQQCRIbChdFVkVOVF9UWVBFX1RPT0xfSU5WT0tFRBAKEiAKHEVWRU5UX1RZUEVfQVNTSVNUQU5UX0NIQU5HRUQQCxIdChlFVkVOVF9UWVBFX0JVREdFVF9DSEFOR0VEEAwSGwoXRVZFTlRfVFlQRV9CVURHRVRfQUxFUlQQDRIbChdFVkVOVF9UWVBFX0ZJTEVfQ0hBTkdFRBAOEh8KG0VWRU5UX1RZUEVfU0NIRURVTEVfQ0hBTkdFRBAPEh0KGUVWRU5UX1RZUEVfU0NIRURVTEVfRklSRUQQEBIdChlFVkVOVF9UWVBFX01FTU9SWV9ERUNJREVEEBEqdAoKQ2hhbmdlS2luZBIbChdDSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEhcKE0NIQU5HRV9LSU5EX0NSRUFURUQQARIXChNDSEFOR0VfS0lORF9VUERBVEVEEAISFwoTQ0hBTkdFX0tJTkRfREVMRVRFRBADKo4CChRNZW1vcnlEZWNpc2lvbkFjdGlvbhImCiJNRU1PUllfREVDSVNJT05fQUNUSU9OX1VOU1BFQ0lGSUVEEAASHgoaTUVNT1JZX0RFQ0lTSU9OX0FDVElPTl9BREQQARIhCh1NRU1PUllfREVDSVNJT05fQUNUSU9OX1VQREFURRACEiUKIU1FTU9SWV9ERUNJU0lPTl9BQ1RJT05fSU5WQUxJREFURRADEh8KG01FTU9SWV9ERUNJU0lPTl9BQ1RJT05fTk9ORRAEEiAKHE1FTU9SWV9ERUNJU0lPTl9BQ1RJT05fTUVSR0UQBRIhCh1NRU1PUllfREVDSVNJT05fQUNUSU9OX0VYUElSRRAGKqgBChRNZW1vcnlGb3JtaW5nT3V0Y29tZRImCiJNRU1PUllfRk9STUlOR19PVVRDT01FX1VOU1BFQ0lGSUVEEAASIgoeTUVNT1JZX0ZPUk1JTkdfT1VUQ09NRV9BUFBMSUVEEAESIQodTUVNT1JZX0ZPUk1JTkdfT1VUQ09NRV9GQUlMRUQQAhIhCh1NRU1PUllfRk9STUlOR19PVVRDT01FX1BBVVNFRBADKp4BCg9CdWRnZXRBbGVydEtpbmQSIQodQlVER0VUX0FMRVJUX0tJTkRfVU5TUEVDSUZJRUQQABIfChtCVURHRVRfQUxFUlRfS0lORF9USFJFU0hPTEQQARIlCiFCVURHRVRfQUxFUlRfS0lORF9NRVNTQUdFX1JFRlVTRUQQAhIgChxCVURHRVRfQUxFUlRfS0lORF9SVU5fUEFVU0VEEAMqsgIKEVNlY3VyaXR5RXZlbnRLaW5kEiMKH1NFQ1VSSVRZX0VWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABInCiNTRUNVUklUWV9FVkVOVF9LSU5EX0xPR0lOX1NVQ0NFRURFRBABEiQKIFNFQ1VSSVRZX0VWRU5UX0tJTkRfTE9HSU5fRkFJTEVEEAISLgoqU0VDVVJJVFlfRVZFTlRfS0lORF9SRUZSRVNIX1JFVVNFX0RFVEVDVEVEEAMSJwojU0VDVVJJVFlfRVZFTlRfS0lORF9TRVNTSU9OX1JFVk9LRUQQBBInCiNTRUNVUklUWV9FVkVOVF9LSU5EX0FQSV9LRVlfQ1JFQVRFRBAFEicKI1NFQ1VSSVRZX0VWRU5UX0tJTkRfQVBJX0tFWV9SRVZPS0VEEAYyywIKDEV2ZW50U2VydmljZRJoCglTdWJzY3JpYmUSKy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmliZVJlcXVlc3QaLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmliZVJlc3BvbnNlMAESYQoGU3RyZWFtEiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdHJlYW1SZXF1ZXN0Gikuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdHJlYW1SZXNwb25zZSgBMAESbgoKTGlzdEV2ZW50cxIsLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTGlzdEV2ZW50c1JlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkxpc3RFdmVudHNSZXNwb25zZSIDkAIBQlwKHWRldi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxUAFaOXN3aXRjaGJvYXJkLmRldi9nby9nZW4vc3dpdGNoYm9hcmQvYXBpL2V2ZW50cy92MTtldmVudHN2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_switchboard_api_auth_v1_auth, file_switchboard_api_common_v1_errors, file_switchboard_api_context_v1_context, file_switchboard_api_dispatcher_v1_dispatcher, file_switchboard_api_integration_v1_integration]);
+  fileDesc("CiZzd2l0Y2hib2FyZC9hcGkvZXZlbnRzL3YxL2V2ZW50cy5wcm90bxIZc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MSJNCgVTY29wZRIOCgR1c2VyGAEgASgJSAASEwoJd29ya3NwYWNlGAIgASgJSAASFgoMY29udmVyc2F0aW9uGAMgASgJSABCBwoFc2NvcGUiKQoFQWN0b3ISDAoEbmFtZRgBIAEoCRISCgpjcmVkZW50aWFsGAIgASgJIoMBChBXb3Jrc3BhY2VDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI4Cgl3b3Jrc3BhY2UYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5Xb3Jrc3BhY2UigwEKDU1lbWJlckNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKBm1lbWJlchgCIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLldvcmtzcGFjZU1lbWJlciKMAQoTQ29udmVyc2F0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSPgoMY29udmVyc2F0aW9uGAIgASgLMiguc3dpdGNoYm9hcmQuYXBpLmNvbnRleHQudjEuQ29udmVyc2F0aW9uIkYKDk1lc3NhZ2VDcmVhdGVkEjQKB21lc3NhZ2UYASABKAsyIy5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5NZXNzYWdlIkMKDk1lc3NhZ2VEZWxldGVkEg8KB21lc3NhZ2UYASABKAkSEAoIc2VxdWVuY2UYAiABKAMSDgoGYnJhbmNoGAMgASgFIoMBCg1NZW1vcnlDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI7CgttZW1vcnlfaXRlbRgCIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLk1lbW9yeUl0ZW0i/AEKDU1lbW9yeURlY2lkZWQSPwoGYWN0aW9uGAEgASgOMi8uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZW1vcnlEZWNpc2lvbkFjdGlvbhITCgttZW1vcnlfaXRlbRgCIAEoCRIQCghyZXBsYWNlcxgDIAEoCRIRCgljYW5kaWRhdGUYBCABKAkSDgoGcmVhc29uGAUgASgJEkAKB291dGNvbWUYBiABKA4yLy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbW9yeUZvcm1pbmdPdXRjb21lEgsKA3J1bhgHIAEoCRIRCglhc3Npc3RhbnQYCCABKAkidAoLRmlsZUNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEi4KBGZpbGUYAiABKAsyIC5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5GaWxlIoMBCg9TY2hlZHVsZUNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjkKCHNjaGVkdWxlGAIgASgLMicuc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuU2NoZWR1bGUiYAoNU2NoZWR1bGVGaXJlZBIQCghzY2hlZHVsZRgBIAEoCRI9CgZmaXJpbmcYAiABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5TY2hlZHVsZUZpcmluZyJGCgpSdW5VcGRhdGVkEjgKBnVwZGF0ZRgBIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLlJ1blVwZGF0ZSKdAQoPTWVzc2FnZUZpbHRlcmVkEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRIOCgZmaWx0ZXIYAiABKAkSEAoIcmVqZWN0ZWQYAyABKAgSNgoGcmVhc29uGAQgASgOMiYuc3dpdGNoYm9hcmQuYXBpLmNvbW1vbi52MS5FcnJvclJlYXNvbhINCgVmbGFncxgFIAMoCRILCgNydW4YBiABKAkijQEKEkludGVncmF0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSQAoLaW50ZWdyYXRpb24YAiABKAsyKy5zd2l0Y2hib2FyZC5hcGkuaW50ZWdyYXRpb24udjEuSW50ZWdyYXRpb24ihgEKEEFzc2lzdGFudENoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKCWFzc2lzdGFudBgCIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLkFzc2lzdGFudCJ9Cg1CdWRnZXRDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI1CgZidWRnZXQYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5CdWRnZXQivQEKC0J1ZGdldEFsZXJ0EjgKBGtpbmQYASABKA4yKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldEFsZXJ0S2luZBIOCgZidWRnZXQYAiABKAkSDwoHcGVyY2VudBgDIAEoBRILCgNjYXAYBCABKAkSOQoFdXNhZ2UYBSABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5CdWRnZXRVc2FnZRILCgNydW4YBiABKAkiiwEKC1Rvb2xJbnZva2VkEgwKBHRvb2wYASABKAkSKwoIZHVyYXRpb24YAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SIgoGc3RhdHVzGAMgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSEAoIaXNfZXJyb3IYBCABKAgSCwoDcnVuGAUgASgJIr8BCg1TZWN1cml0eUV2ZW50EjoKBGtpbmQYASABKA4yLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNlY3VyaXR5RXZlbnRLaW5kEg8KB3Nlc3Npb24YAiABKAkSDwoHYXBpX2tleRgDIAEoCRIWCg5jbGllbnRfYWRkcmVzcxgEIAEoCRI4CgtjbGllbnRfaW5mbxgFIAEoCzIjLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkNsaWVudEluZm8i0gsKBUV2ZW50EgoKAmlkGAEgASgJEg4KBmN1cnNvchgCIAEoCRIyCgR0eXBlGAMgASgOMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudFR5cGUSKAoEdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoFYWN0b3IYBSABKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkFjdG9yEgwKBHVzZXIYBiABKAkSEQoJd29ya3NwYWNlGAcgASgJEhQKDGNvbnZlcnNhdGlvbhgIIAEoCRJIChF3b3Jrc3BhY2VfY2hhbmdlZBgKIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuV29ya3NwYWNlQ2hhbmdlZEgAEkIKDm1lbWJlcl9jaGFuZ2VkGAsgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZW1iZXJDaGFuZ2VkSAASTgoUY29udmVyc2F0aW9uX2NoYW5nZWQYDCABKAsyLi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNvbnZlcnNhdGlvbkNoYW5nZWRIABJECg9tZXNzYWdlX2NyZWF0ZWQYDSABKAsyKS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lc3NhZ2VDcmVhdGVkSAASQgoObWVtb3J5X2NoYW5nZWQYDiABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbW9yeUNoYW5nZWRIABI8CgtydW5fdXBkYXRlZBgPIAEoCzIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUnVuVXBkYXRlZEgAEkwKE2ludGVncmF0aW9uX2NoYW5nZWQYECABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkludGVncmF0aW9uQ2hhbmdlZEgAEjwKCHNlY3VyaXR5GBEgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TZWN1cml0eUV2ZW50SAASRgoQbWVzc2FnZV9maWx0ZXJlZBgSIAEoCzIqLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTWVzc2FnZUZpbHRlcmVkSAASPgoMdG9vbF9pbnZva2VkGBMgASgLMiYuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Ub29sSW52b2tlZEgAEkgKEWFzc2lzdGFudF9jaGFuZ2VkGBQgASgLMisuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Bc3Npc3RhbnRDaGFuZ2VkSAASQgoOYnVkZ2V0X2NoYW5nZWQYFSABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldENoYW5nZWRIABI+CgxidWRnZXRfYWxlcnQYFiABKAsyJi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldEFsZXJ0SAASPgoMZmlsZV9jaGFuZ2VkGBcgASgLMiYuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5GaWxlQ2hhbmdlZEgAEkYKEHNjaGVkdWxlX2NoYW5nZWQYGCABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjaGVkdWxlQ2hhbmdlZEgAEkIKDnNjaGVkdWxlX2ZpcmVkGBkgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TY2hlZHVsZUZpcmVkSAASQgoObWVtb3J5X2RlY2lkZWQYGiABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbW9yeURlY2lkZWRIABJECg9tZXNzYWdlX2RlbGV0ZWQYGyABKAsyKS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lc3NhZ2VEZWxldGVkSABCCQoHcGF5bG9hZCKlAQoQU3Vic2NyaWJlUmVxdWVzdBIwCgZzY29wZXMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgCIAEoCRIzCgV0eXBlcxgDIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhQKDG1lcmdlX2RlbHRhcxgEIAEoCCJOCgpFdmVudEJhdGNoEjAKBmV2ZW50cxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJIkUKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZjdXJzb3IYAiABKAkijwEKEVN1YnNjcmliZVJlc3BvbnNlEjYKBWJhdGNoGAEgASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudEJhdGNoSAASOQoJaGVhcnRiZWF0GAIgASgLMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5IZWFydGJlYXRIAEIHCgVmcmFtZSK9AQoPQWRkU3Vic2NyaXB0aW9uEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIwCgZzY29wZXMYAiADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgDIAEoCRIzCgV0eXBlcxgEIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhQKDG1lcmdlX2RlbHRhcxgFIAEoCCItChJSZW1vdmVTdWJzY3JpcHRpb24SFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJIi4KA0FjaxIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSDgoGY3Vyc29yGAIgASgJIhUKBFBpbmcSDQoFbm9uY2UYASABKAki9AEKDVN0cmVhbVJlcXVlc3QSOQoDYWRkGAEgASgLMiouc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5BZGRTdWJzY3JpcHRpb25IABI/CgZyZW1vdmUYAiABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlJlbW92ZVN1YnNjcmlwdGlvbkgAEi0KA2FjaxgDIAEoCzIeLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQWNrSAASLwoEcGluZxgEIAEoCzIfLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUGluZ0gAQgcKBWZyYW1lIj8KBFBvbmcSDQoFbm9uY2UYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiLAoRU3Vic2NyaXB0aW9uQWRkZWQSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJImIKEVN1YnNjcmlwdGlvbkVuZGVkEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSFQoNcmVzdW1lX2N1cnNvchgEIAEoCSJjChJTdWJzY3JpcHRpb25FdmVudHMSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEjQKBWJhdGNoGAIgASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudEJhdGNoIsQCCg5TdHJlYW1SZXNwb25zZRI/CgZldmVudHMYASABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmlwdGlvbkV2ZW50c0gAEj0KBWFkZGVkGAIgASgLMiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdWJzY3JpcHRpb25BZGRlZEgAEj0KBWVuZGVkGAMgASgLMiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdWJzY3JpcHRpb25FbmRlZEgAEi8KBHBvbmcYBCABKAsyHy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlBvbmdIABI5CgloZWFydGJlYXQYBSABKAsyJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkhlYXJ0YmVhdEgAQgcKBWZyYW1lIrcBChFMaXN0RXZlbnRzUmVxdWVzdBIwCgZzY29wZXMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgCIAEoCRIzCgV0eXBlcxgDIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJInYKEkxpc3RFdmVudHNSZXNwb25zZRIwCgZldmVudHMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCRIVCg1vbGRlc3RfY3Vyc29yGAMgASgJKt0ECglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEiAKHEVWRU5UX1RZUEVfV09SS1NQQUNFX0NIQU5HRUQQARIdChlFVkVOVF9UWVBFX01FTUJFUl9DSEFOR0VEEAISIwofRVZFTlRfVFlQRV9DT05WRVJTQVRJT05fQ0hBTkdFRBADEh4KGkVWRU5UX1RZUEVfTUVTU0FHRV9DUkVBVEVEEAQSHQoZRVZFTlRfVFlQRV9NRU1PUllfQ0hBTkdFRBAFEhoKFkVWRU5UX1RZUEVfUlVOX1VQREFURUQQBhIiCh5FVkVOVF9UWVBFX0lOVEVHUkFUSU9OX0NIQU5HRUQQBxIXChNFVkVOVF9UWVBFX1NFQ1VSSVRZEAgSHwobRVZFTlRfVFlQRV9NRVNTQUdFX0ZJTFRFUkVEEAkSGwoXRVZFTlRfVFlQRV9UT09MX0lOVk9LRUQQChIgChxFVkVOVF9UWVBFX0FTU0lTVEFOVF9DSEFOR0VEEAsSHQoZRVZFTlRfVFlQRV9CVURHRVRfQ0hBTkdFRBAMEhsKF0VWRU5UX1RZUEVfQlVER0VUX0FMRVJUEA0SGwoXRVZFTlRfVFlQRV9GSUxFX0NIQU5HRUQQDhIfChtFVkVOVF9UWVBFX1NDSEVEVUxFX0NIQU5HRUQQDxIdChlFVkVOVF9UWVBFX1NDSEVEVUxFX0ZJUkVEEBASHQoZRVZFTlRfVFlQRV9NRU1PUllfREVDSURFRBAREh4KGkVWRU5UX1RZUEVfTUVTU0FHRV9ERUxFVEVEEBIqdAoKQ2hhbmdlS2luZBIbChdDSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEhcKE0NIQU5HRV9LSU5EX0NSRUFURUQQARIXChNDSEFOR0VfS0lORF9VUERBVEVEEAISFwoTQ0hBTkdFX0tJTkRfREVMRVRFRBADKo4CChRNZW1vcnlEZWNpc2lvbkFjdGlvbhImCiJNRU1PUllfREVDSVNJT05fQUNUSU9OX1VOU1BFQ0lGSUVEEAASHgoaTUVNT1JZX0RFQ0lTSU9OX0FDVElPTl9BREQQARIhCh1NRU1PUllfREVDSVNJT05fQUNUSU9OX1VQREFURRACEiUKIU1FTU9SWV9ERUNJU0lPTl9BQ1RJT05fSU5WQUxJREFURRADEh8KG01FTU9SWV9ERUNJU0lPTl9BQ1RJT05fTk9ORRAEEiAKHE1FTU9SWV9ERUNJU0lPTl9BQ1RJT05fTUVSR0UQBRIhCh1NRU1PUllfREVDSVNJT05fQUNUSU9OX0VYUElSRRAGKqgBChRNZW1vcnlGb3JtaW5nT3V0Y29tZRImCiJNRU1PUllfRk9STUlOR19PVVRDT01FX1VOU1BFQ0lGSUVEEAASIgoeTUVNT1JZX0ZPUk1JTkdfT1VUQ09NRV9BUFBMSUVEEAESIQodTUVNT1JZX0ZPUk1JTkdfT1VUQ09NRV9GQUlMRUQQAhIhCh1NRU1PUllfRk9STUlOR19PVVRDT01FX1BBVVNFRBADKp4BCg9CdWRnZXRBbGVydEtpbmQSIQodQlVER0VUX0FMRVJUX0tJTkRfVU5TUEVDSUZJRUQQABIfChtCVURHRVRfQUxFUlRfS0lORF9USFJFU0hPTEQQARIlCiFCVURHRVRfQUxFUlRfS0lORF9NRVNTQUdFX1JFRlVTRUQQAhIgChxCVURHRVRfQUxFUlRfS0lORF9SVU5fUEFVU0VEEAMqsgIKEVNlY3VyaXR5RXZlbnRLaW5kEiMKH1NFQ1VSSVRZX0VWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABInCiNTRUNVUklUWV9FVkVOVF9LSU5EX0xPR0lOX1NVQ0NFRURFRBABEiQKIFNFQ1VSSVRZX0VWRU5UX0tJTkRfTE9HSU5fRkFJTEVEEAISLgoqU0VDVVJJVFlfRVZFTlRfS0lORF9SRUZSRVNIX1JFVVNFX0RFVEVDVEVEEAMSJwojU0VDVVJJVFlfRVZFTlRfS0lORF9TRVNTSU9OX1JFVk9LRUQQBBInCiNTRUNVUklUWV9FVkVOVF9LSU5EX0FQSV9LRVlfQ1JFQVRFRBAFEicKI1NFQ1VSSVRZX0VWRU5UX0tJTkRfQVBJX0tFWV9SRVZPS0VEEAYyywIKDEV2ZW50U2VydmljZRJoCglTdWJzY3JpYmUSKy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmliZVJlcXVlc3QaLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmliZVJlc3BvbnNlMAESYQoGU3RyZWFtEiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdHJlYW1SZXF1ZXN0Gikuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdHJlYW1SZXNwb25zZSgBMAESbgoKTGlzdEV2ZW50cxIsLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTGlzdEV2ZW50c1JlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkxpc3RFdmVudHNSZXNwb25zZSIDkAIBQlwKHWRldi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxUAFaOXN3aXRjaGJvYXJkLmRldi9nby9nZW4vc3dpdGNoYm9hcmQvYXBpL2V2ZW50cy92MTtldmVudHN2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_switchboard_api_auth_v1_auth, file_switchboard_api_common_v1_errors, file_switchboard_api_context_v1_context, file_switchboard_api_dispatcher_v1_dispatcher, file_switchboard_api_integration_v1_integration]);
 
 /**
  * Which log partition a subscription follows. Exactly one field is set.
@@ -205,6 +205,42 @@ export const MessageCreatedSchema: GenMessage<MessageCreated> = /*@__PURE__*/
   messageDesc(file_switchboard_api_events_v1_events, 5);
 
 /**
+ * Payload: a message was deleted. The tombstone keeps where it was, never what
+ * it said; the log's earlier MESSAGE_CREATED of it is redacted.
+ *
+ * @generated from message switchboard.api.events.v1.MessageDeleted
+ */
+export type MessageDeleted = Message<"switchboard.api.events.v1.MessageDeleted"> & {
+  /**
+   * The deleted message's name.
+   *
+   * @generated from field: string message = 1;
+   */
+  message: string;
+
+  /**
+   * Its sequence in the conversation.
+   *
+   * @generated from field: int64 sequence = 2;
+   */
+  sequence: bigint;
+
+  /**
+   * The branch it was appended on.
+   *
+   * @generated from field: int32 branch = 3;
+   */
+  branch: number;
+};
+
+/**
+ * Describes the message switchboard.api.events.v1.MessageDeleted.
+ * Use `create(MessageDeletedSchema)` to create a new message.
+ */
+export const MessageDeletedSchema: GenMessage<MessageDeleted> = /*@__PURE__*/
+  messageDesc(file_switchboard_api_events_v1_events, 6);
+
+/**
  * Payload: a memory item changed.
  *
  * @generated from message switchboard.api.events.v1.MemoryChanged
@@ -230,7 +266,7 @@ export type MemoryChanged = Message<"switchboard.api.events.v1.MemoryChanged"> &
  * Use `create(MemoryChangedSchema)` to create a new message.
  */
 export const MemoryChangedSchema: GenMessage<MemoryChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 6);
+  messageDesc(file_switchboard_api_events_v1_events, 7);
 
 /**
  * Payload: memory forming or consolidation decided.
@@ -300,7 +336,7 @@ export type MemoryDecided = Message<"switchboard.api.events.v1.MemoryDecided"> &
  * Use `create(MemoryDecidedSchema)` to create a new message.
  */
 export const MemoryDecidedSchema: GenMessage<MemoryDecided> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 7);
+  messageDesc(file_switchboard_api_events_v1_events, 8);
 
 /**
  * Payload: a file was stored or deleted, or its text state changed.
@@ -328,7 +364,7 @@ export type FileChanged = Message<"switchboard.api.events.v1.FileChanged"> & {
  * Use `create(FileChangedSchema)` to create a new message.
  */
 export const FileChangedSchema: GenMessage<FileChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 8);
+  messageDesc(file_switchboard_api_events_v1_events, 9);
 
 /**
  * Payload: a schedule changed.
@@ -356,7 +392,7 @@ export type ScheduleChanged = Message<"switchboard.api.events.v1.ScheduleChanged
  * Use `create(ScheduleChangedSchema)` to create a new message.
  */
 export const ScheduleChangedSchema: GenMessage<ScheduleChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 9);
+  messageDesc(file_switchboard_api_events_v1_events, 10);
 
 /**
  * Payload: a schedule's tick fired.
@@ -384,7 +420,7 @@ export type ScheduleFired = Message<"switchboard.api.events.v1.ScheduleFired"> &
  * Use `create(ScheduleFiredSchema)` to create a new message.
  */
 export const ScheduleFiredSchema: GenMessage<ScheduleFired> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 10);
+  messageDesc(file_switchboard_api_events_v1_events, 11);
 
 /**
  * Payload: a run produced an update.
@@ -405,7 +441,7 @@ export type RunUpdated = Message<"switchboard.api.events.v1.RunUpdated"> & {
  * Use `create(RunUpdatedSchema)` to create a new message.
  */
 export const RunUpdatedSchema: GenMessage<RunUpdated> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 11);
+  messageDesc(file_switchboard_api_events_v1_events, 12);
 
 /**
  * Payload: a pre-dispatch filter refused or flagged a message.
@@ -461,7 +497,7 @@ export type MessageFiltered = Message<"switchboard.api.events.v1.MessageFiltered
  * Use `create(MessageFilteredSchema)` to create a new message.
  */
 export const MessageFilteredSchema: GenMessage<MessageFiltered> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 12);
+  messageDesc(file_switchboard_api_events_v1_events, 13);
 
 /**
  * Payload: an integration changed.
@@ -489,7 +525,7 @@ export type IntegrationChanged = Message<"switchboard.api.events.v1.IntegrationC
  * Use `create(IntegrationChangedSchema)` to create a new message.
  */
 export const IntegrationChangedSchema: GenMessage<IntegrationChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 13);
+  messageDesc(file_switchboard_api_events_v1_events, 14);
 
 /**
  * Payload: an assistant changed.
@@ -517,7 +553,7 @@ export type AssistantChanged = Message<"switchboard.api.events.v1.AssistantChang
  * Use `create(AssistantChangedSchema)` to create a new message.
  */
 export const AssistantChangedSchema: GenMessage<AssistantChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 14);
+  messageDesc(file_switchboard_api_events_v1_events, 15);
 
 /**
  * Payload: a budget changed.
@@ -545,7 +581,7 @@ export type BudgetChanged = Message<"switchboard.api.events.v1.BudgetChanged"> &
  * Use `create(BudgetChangedSchema)` to create a new message.
  */
 export const BudgetChangedSchema: GenMessage<BudgetChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 15);
+  messageDesc(file_switchboard_api_events_v1_events, 16);
 
 /**
  * Payload: a budget alert.
@@ -601,7 +637,7 @@ export type BudgetAlert = Message<"switchboard.api.events.v1.BudgetAlert"> & {
  * Use `create(BudgetAlertSchema)` to create a new message.
  */
 export const BudgetAlertSchema: GenMessage<BudgetAlert> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 16);
+  messageDesc(file_switchboard_api_events_v1_events, 17);
 
 /**
  * Payload: a tool was invoked (who is the event's actor). The arguments and
@@ -651,7 +687,7 @@ export type ToolInvoked = Message<"switchboard.api.events.v1.ToolInvoked"> & {
  * Use `create(ToolInvokedSchema)` to create a new message.
  */
 export const ToolInvokedSchema: GenMessage<ToolInvoked> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 17);
+  messageDesc(file_switchboard_api_events_v1_events, 18);
 
 /**
  * Payload: a security-relevant action (never carries a secret).
@@ -700,7 +736,7 @@ export type SecurityEvent = Message<"switchboard.api.events.v1.SecurityEvent"> &
  * Use `create(SecurityEventSchema)` to create a new message.
  */
 export const SecurityEventSchema: GenMessage<SecurityEvent> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 18);
+  messageDesc(file_switchboard_api_events_v1_events, 19);
 
 /**
  * The one envelope of every event in the mesh.
@@ -905,6 +941,14 @@ export type Event = Message<"switchboard.api.events.v1.Event"> & {
      */
     value: MemoryDecided;
     case: "memoryDecided";
+  } | {
+    /**
+     * A message was deleted.
+     *
+     * @generated from field: switchboard.api.events.v1.MessageDeleted message_deleted = 27;
+     */
+    value: MessageDeleted;
+    case: "messageDeleted";
   } | { case: undefined; value?: undefined };
 };
 
@@ -913,7 +957,7 @@ export type Event = Message<"switchboard.api.events.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 19);
+  messageDesc(file_switchboard_api_events_v1_events, 20);
 
 /**
  * Request for Subscribe.
@@ -957,7 +1001,7 @@ export type SubscribeRequest = Message<"switchboard.api.events.v1.SubscribeReque
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 20);
+  messageDesc(file_switchboard_api_events_v1_events, 21);
 
 /**
  * A batch of events delivered together (coalesced when the subscriber is behind).
@@ -985,7 +1029,7 @@ export type EventBatch = Message<"switchboard.api.events.v1.EventBatch"> & {
  * Use `create(EventBatchSchema)` to create a new message.
  */
 export const EventBatchSchema: GenMessage<EventBatch> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 21);
+  messageDesc(file_switchboard_api_events_v1_events, 22);
 
 /**
  * Keep-alive sent when a stream is idle.
@@ -1013,7 +1057,7 @@ export type Heartbeat = Message<"switchboard.api.events.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 22);
+  messageDesc(file_switchboard_api_events_v1_events, 23);
 
 /**
  * Response for Subscribe: one frame.
@@ -1050,7 +1094,7 @@ export type SubscribeResponse = Message<"switchboard.api.events.v1.SubscribeResp
  * Use `create(SubscribeResponseSchema)` to create a new message.
  */
 export const SubscribeResponseSchema: GenMessage<SubscribeResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 23);
+  messageDesc(file_switchboard_api_events_v1_events, 24);
 
 /**
  * Client frame: add a subscription to the stream.
@@ -1099,7 +1143,7 @@ export type AddSubscription = Message<"switchboard.api.events.v1.AddSubscription
  * Use `create(AddSubscriptionSchema)` to create a new message.
  */
 export const AddSubscriptionSchema: GenMessage<AddSubscription> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 24);
+  messageDesc(file_switchboard_api_events_v1_events, 25);
 
 /**
  * Client frame: remove a subscription.
@@ -1120,7 +1164,7 @@ export type RemoveSubscription = Message<"switchboard.api.events.v1.RemoveSubscr
  * Use `create(RemoveSubscriptionSchema)` to create a new message.
  */
 export const RemoveSubscriptionSchema: GenMessage<RemoveSubscription> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 25);
+  messageDesc(file_switchboard_api_events_v1_events, 26);
 
 /**
  * Client frame: acknowledge delivery up to a cursor (lets the server trim its
@@ -1149,7 +1193,7 @@ export type Ack = Message<"switchboard.api.events.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 26);
+  messageDesc(file_switchboard_api_events_v1_events, 27);
 
 /**
  * Client frame: liveness check; answered with a Pong carrying the same nonce.
@@ -1170,7 +1214,7 @@ export type Ping = Message<"switchboard.api.events.v1.Ping"> & {
  * Use `create(PingSchema)` to create a new message.
  */
 export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 27);
+  messageDesc(file_switchboard_api_events_v1_events, 28);
 
 /**
  * Request for Stream: one client frame.
@@ -1223,7 +1267,7 @@ export type StreamRequest = Message<"switchboard.api.events.v1.StreamRequest"> &
  * Use `create(StreamRequestSchema)` to create a new message.
  */
 export const StreamRequestSchema: GenMessage<StreamRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 28);
+  messageDesc(file_switchboard_api_events_v1_events, 29);
 
 /**
  * Server frame: answers a Ping.
@@ -1251,7 +1295,7 @@ export type Pong = Message<"switchboard.api.events.v1.Pong"> & {
  * Use `create(PongSchema)` to create a new message.
  */
 export const PongSchema: GenMessage<Pong> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 29);
+  messageDesc(file_switchboard_api_events_v1_events, 30);
 
 /**
  * Server frame: a subscription was added and is live.
@@ -1272,7 +1316,7 @@ export type SubscriptionAdded = Message<"switchboard.api.events.v1.SubscriptionA
  * Use `create(SubscriptionAddedSchema)` to create a new message.
  */
 export const SubscriptionAddedSchema: GenMessage<SubscriptionAdded> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 30);
+  messageDesc(file_switchboard_api_events_v1_events, 31);
 
 /**
  * Server frame: a subscription ended, by request or by an error.
@@ -1315,7 +1359,7 @@ export type SubscriptionEnded = Message<"switchboard.api.events.v1.SubscriptionE
  * Use `create(SubscriptionEndedSchema)` to create a new message.
  */
 export const SubscriptionEndedSchema: GenMessage<SubscriptionEnded> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 31);
+  messageDesc(file_switchboard_api_events_v1_events, 32);
 
 /**
  * Server frame: events for one subscription.
@@ -1343,7 +1387,7 @@ export type SubscriptionEvents = Message<"switchboard.api.events.v1.Subscription
  * Use `create(SubscriptionEventsSchema)` to create a new message.
  */
 export const SubscriptionEventsSchema: GenMessage<SubscriptionEvents> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 32);
+  messageDesc(file_switchboard_api_events_v1_events, 33);
 
 /**
  * Response for Stream: one server frame.
@@ -1404,7 +1448,7 @@ export type StreamResponse = Message<"switchboard.api.events.v1.StreamResponse">
  * Use `create(StreamResponseSchema)` to create a new message.
  */
 export const StreamResponseSchema: GenMessage<StreamResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 33);
+  messageDesc(file_switchboard_api_events_v1_events, 34);
 
 /**
  * Request for ListEvents.
@@ -1453,7 +1497,7 @@ export type ListEventsRequest = Message<"switchboard.api.events.v1.ListEventsReq
  * Use `create(ListEventsRequestSchema)` to create a new message.
  */
 export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 34);
+  messageDesc(file_switchboard_api_events_v1_events, 35);
 
 /**
  * Response for ListEvents.
@@ -1488,7 +1532,7 @@ export type ListEventsResponse = Message<"switchboard.api.events.v1.ListEventsRe
  * Use `create(ListEventsResponseSchema)` to create a new message.
  */
 export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 35);
+  messageDesc(file_switchboard_api_events_v1_events, 36);
 
 /**
  * What an event is about.
@@ -1623,6 +1667,13 @@ export enum EventType {
    * @generated from enum value: EVENT_TYPE_MEMORY_DECIDED = 17;
    */
   MEMORY_DECIDED = 17,
+
+  /**
+   * A message was deleted (a tombstone: its name and place, no content).
+   *
+   * @generated from enum value: EVENT_TYPE_MESSAGE_DELETED = 18;
+   */
+  MESSAGE_DELETED = 18,
 }
 
 /**

@@ -1,0 +1,78 @@
+"""Conversation branches (docs/conversations.md, "Branches"): an edited message or a
+regenerated answer starts a branch beside the old one, and both are kept.
+
+* ``messages.branch``: the branch a message was appended on (1, the first, for every
+  existing message); ``messages.parent_seq``: the sequence of the message it follows
+  (0 for a conversation's first): messages following the same one are versions of each
+  other (siblings). Existing messages follow the one before them.
+* ``conversations.active_branch`` and ``branch_count``: the branch reads and appends
+  follow, and how many there are (1 and 1 for every existing conversation).
+* ``conversation_branches``: one row per branch once a conversation has more than one:
+  the branch it forked from and the last of that branch's messages it shares
+  (``fork_seq``), and the sequence of its own newest message (``head_seq``).
+
+Revision ID: 0027
+Revises: 0026
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0027"
+down_revision: str | Sequence[str] | None = "0026"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    # Plain ADD COLUMN, not a batch: on SQLite a batch copies ``messages`` into a new
+    # table, and the copy would lose migration 0023's trigger on it.
+    op.add_column("messages", sa.Column("branch", sa.Integer(), server_default="1", nullable=False))
+    op.add_column(
+        "messages", sa.Column("parent_seq", sa.BigInteger(), server_default="0", nullable=False)
+    )
+    op.execute(
+        "UPDATE messages SET parent_seq = COALESCE((SELECT MAX(earlier.seq) FROM messages "
+        "earlier WHERE earlier.conversation_id = messages.conversation_id "
+        "AND earlier.seq < messages.seq), 0)"
+    )
+    op.create_index(
+        "ix_messages_parent", "messages", ["conversation_id", "parent_seq", "seq"], unique=False
+    )
+    with op.batch_alter_table("conversations") as batch:
+        batch.add_column(
+            sa.Column("active_branch", sa.Integer(), server_default="1", nullable=False)
+        )
+        batch.add_column(
+            sa.Column("branch_count", sa.Integer(), server_default="1", nullable=False)
+        )
+    op.create_table(
+        "conversation_branches",
+        sa.Column("conversation_id", sa.String(length=32), nullable=False),
+        sa.Column("number", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("parent", sa.Integer(), nullable=False),
+        sa.Column("fork_seq", sa.BigInteger(), nullable=False),
+        sa.Column("head_seq", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["conversation_id"],
+            ["conversations.id"],
+            name=op.f("fk_conversation_branches_conversation_id_conversations"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("conversation_id", "number", name=op.f("pk_conversation_branches")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("conversation_branches")
+    op.drop_column("conversations", "branch_count")
+    op.drop_column("conversations", "active_branch")
+    op.drop_index("ix_messages_parent", table_name="messages")
+    op.drop_column("messages", "parent_seq")
+    op.drop_column("messages", "branch")
