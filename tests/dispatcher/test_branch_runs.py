@@ -142,13 +142,24 @@ async def test_a_run_answers_on_its_branch_when_another_becomes_active(desk: Des
         timeout=CALL_DEADLINE_S,
     )
     assert fresh.conversation.active_branch == 2
+    # A steer of the run joins the run's branch, not the active one.
+    steered = await d.stub.SteerRun(
+        pb.SteerRunRequest(
+            run=slow.run.name, message=cpb.Message(parts=[cpb.ContentPart(text="and more")])
+        ),
+        metadata=d.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    assert steered.message.branch == 1
+    assert steered.run.branch == 1
     done = await finished(d.stub, d.world.owner, slow.run.name)
     assert done.state == pb.RUN_STATE_SUCCEEDED
     assert done.branch == 1
     assert await active_texts(d, conversation) == []
     first = await listed(d, conversation, branch=1)
-    assert first[-1].name == done.output_message
-    assert first[-1].branch == 1
+    assert done.output_message in [m.name for m in first]
+    assert steered.message.name in [m.name for m in first]
+    assert {m.branch for m in first} == {1}
 
 
 async def test_edits_and_regenerations_are_refused_precisely(desk: Desk) -> None:

@@ -145,6 +145,11 @@ def conversation_proto(row: ConversationRecord) -> pb.Conversation:
         version=row.version,
         active_branch=row.active_branch,
         branch_count=row.branch_count,
+        forked_from=(
+            str(MessageName(row.workspace_id, row.base_conversation_id, row.base_message_id))
+            if row.base_conversation_id
+            else ""
+        ),
     )
 
 

@@ -61,12 +61,24 @@ class ConversationRecord:
     #: The branch reads and appends follow, and how many there are (docs/conversations.md).
     active_branch: int = 1
     branch_count: int = 1
+    #: A fork's shared history: the conversation it was forked from (None: not a
+    #: fork), the message it ends at, that message's branch and sequence.
+    base_conversation_id: str | None = None
+    base_message_id: str = ""
+    base_branch: int = 0
+    base_seq: int = 0
 
     @property
     def branched(self) -> bool:
-        """Whether it has more than one branch: reads then follow a branch's history
-        rather than every message (one branch: the plain path, unchanged)."""
+        """Whether it has more than one branch (``branches/``)."""
         return self.branch_count > 1
+
+    @property
+    def layered(self) -> bool:
+        """Whether reads follow a history of ranges (several branches, or a fork's
+        shared history) rather than every message of the conversation (the plain
+        path, unchanged)."""
+        return self.branch_count > 1 or self.base_conversation_id is not None
 
 
 @dataclass(frozen=True, slots=True)

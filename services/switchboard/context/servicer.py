@@ -135,6 +135,12 @@ class ContextServiceServicer:
 
     # Messages.
 
+    async def ForkConversation(
+        self, request: pb.ForkConversationRequest, context: Context
+    ) -> pb.ForkConversationResponse:
+        conversation = await self._domain.conversations.fork(current_principal(), request)
+        return pb.ForkConversationResponse(conversation=conversation)
+
     async def AppendMessage(
         self, request: pb.AppendMessageRequest, context: Context
     ) -> pb.AppendMessageResponse:

@@ -550,6 +550,10 @@ def conversation_record(row: ConversationRow) -> ConversationRecord:
         summary_id=row.summary_id,
         active_branch=row.active_branch,
         branch_count=row.branch_count,
+        base_conversation_id=row.base_conversation_id,
+        base_message_id=row.base_message_id,
+        base_branch=row.base_branch,
+        base_seq=row.base_seq,
     )
 
 

@@ -156,6 +156,13 @@ async def test_an_edit_starts_a_branch_that_reads_and_windows_follow(
     assert first[2].siblings == [q2.name, q2b.name]
     assert first[2].sibling_position == 1
     assert await window_texts(stub, world.owner, conversation) == texts(active)
+    # The window counts the branch's messages, not the conversation's: nothing omitted.
+    whole = await stub.GetContextWindow(
+        pb.GetContextWindowRequest(conversation=conversation, token_budget=4000),
+        metadata=world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    assert whole.window.omitted_messages == 0
     assert await window_texts(stub, world.owner, conversation, branch=1) == texts(first)
 
     # An append names no branch: it goes to the end of the active one.

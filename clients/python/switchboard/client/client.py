@@ -549,6 +549,27 @@ class Client:
         )
         return response.conversation, response.branch
 
+    async def fork(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> context_pb2.Conversation:
+        """ForkConversation: a new conversation sharing the history up to ``message``
+        (included; nothing is copied) that goes on on its own (``forked_from`` names
+        the message). Keyed, so a retry makes one fork."""
+        response = await self.context.ForkConversation(
+            context_pb2.ForkConversationRequest(
+                message=message,
+                conversation=context_pb2.Conversation(title=title),
+                request_id=request_id or new_request_id(),
+            ),
+            timeout=timeout_s,
+        )
+        return response.conversation
+
     async def delete_message(
         self,
         message: str,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, false, or_, true
+from sqlalchemy import ColumnElement, and_, false, or_
 
 from switchboard.platform.store.models import MessageRow
 
@@ -34,26 +34,45 @@ class Branch:
 @dataclass(frozen=True, slots=True)
 class Segment:
     """The messages of ``branch`` with a sequence in ``(after, upto]`` (``upto`` None:
-    no end)."""
+    no end), of ``conversation`` ("" : the one read)."""
 
     branch: int
     after: int
     upto: int | None
+    conversation: str = ""
 
     def holds(self, branch: int, seq: int) -> bool:
         return (
             branch == self.branch and seq > self.after and (self.upto is None or seq <= self.upto)
         )
 
+    def clipped(self, bound: int) -> Segment | None:
+        """The part at or below sequence ``bound`` (None: nothing)."""
+        if self.after >= bound:
+            return None
+        upto = bound if self.upto is None else min(self.upto, bound)
+        return Segment(self.branch, self.after, upto, self.conversation)
+
+    def where(self, conversation: str) -> ColumnElement[bool]:
+        return and_(
+            MessageRow.conversation_id == (self.conversation or conversation),
+            MessageRow.branch == self.branch,
+            MessageRow.seq > self.after,
+            *((MessageRow.seq <= self.upto,) if self.upto is not None else ()),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Path:
-    """A branch's history: its segments, root first. ``every`` (one branch): no
-    condition at all."""
+    """A branch's history: its segments of the conversation read, root first, after
+    ``base``: a fork's shared history, segments of the conversations it was forked
+    from (each names its conversation). ``every`` (one branch, not a fork): every
+    message of the conversation, no condition at all."""
 
     branch: int
     segments: tuple[Segment, ...]
     every: bool = False
+    base: tuple[Segment, ...] = ()
 
     def holds(self, branch: int, seq: int) -> bool:
         """Whether the message appended on ``branch`` with sequence ``seq`` is in it."""
@@ -70,26 +89,27 @@ class Path:
                 return segment.branch
         return self.branch
 
-    def condition(self) -> ColumnElement[bool]:
-        """The messages of the history, as a WHERE condition on ``messages``."""
+    def condition(self, conversation: str) -> ColumnElement[bool]:
+        """The messages of the history of ``conversation`` (the one read), as the whole
+        WHERE condition on ``messages``: a fork's reads its shared history's rows in the
+        conversations they belong to."""
         if self.every:
-            return true()
-        if not self.segments:
-            return false()
-        return or_(
-            *(
-                and_(
-                    MessageRow.branch == s.branch,
-                    MessageRow.seq > s.after,
-                    *((MessageRow.seq <= s.upto,) if s.upto is not None else ()),
-                )
-                for s in self.segments
-            )
-        )
+            return MessageRow.conversation_id == conversation
+        parts = [s.where(conversation) for s in (*self.base, *self.segments)]
+        return or_(*parts) if parts else false()
+
+    def with_base(self, base: tuple[Segment, ...]) -> Path:
+        """This history on top of a fork's shared one, which it holds up to where its
+        root branch forked from it (the whole of it for branch 1's own history)."""
+        bound = self.segments[0].upto if self.segments else None
+        if self.segments and self.segments[0].branch != 1:
+            return self  # a branch started with no history holds none of the base
+        kept = tuple(c for c in (s.clipped(bound) if bound is not None else s for s in base) if c)
+        return Path(self.branch, self.segments, self.every, kept)
 
 
 def plain(branch: int = 1) -> Path:
-    """The history of a conversation with one branch: every message."""
+    """The history of a conversation with one branch, not a fork: every message."""
     return Path(branch, (), every=True)
 
 

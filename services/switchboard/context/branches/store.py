@@ -18,7 +18,15 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from switchboard.context.branches.paths import Branch, Path, latest, path_of, plain, through
+from switchboard.context.branches.paths import (
+    Branch,
+    Path,
+    Segment,
+    latest,
+    path_of,
+    plain,
+    through,
+)
 from switchboard.context.records import ConversationRecord, Missing
 from switchboard.context.storebase import StoreBase
 from switchboard.platform.errors import FailedPrecondition, NotFound, QuotaExceeded
@@ -30,6 +38,14 @@ from switchboard.platform.values.names import now
 
 _BRANCHES: Final = table_of(BranchRow)
 _CONVERSATIONS: Final = table_of(ConversationRow)
+#: How deep forks of forks may go: reading one is a read of each source's branches.
+MAX_FORK_DEPTH: Final = 8
+_RECORD: Final = Prepared(
+    select(*(_CONVERSATIONS.c[field] for field in ConversationRecord.__dataclass_fields__)).where(
+        _CONVERSATIONS.c.id == bindparam("id")
+    ),
+    name="fork source",
+)
 _MESSAGES: Final = table_of(MessageRow)
 _BRANCH_ROWS: Final = Prepared(
     select(_BRANCHES.c.number, _BRANCHES.c.parent, _BRANCHES.c.fork_seq, _BRANCHES.c.head_seq)
@@ -94,11 +110,61 @@ def check_branch(conversation: ConversationRecord, branch: int, field: str = "br
     return branch
 
 
-def path(connection: Connection, conversation: ConversationRecord, branch: int) -> Path:
-    """The history of ``branch`` (a number ``check_branch`` let through)."""
-    if not conversation.branched:
+def path(
+    connection: Connection, conversation: ConversationRecord, branch: int, depth: int = 0
+) -> Path:
+    """The history of ``branch`` (a number ``check_branch`` let through), on top of a
+    fork's shared history."""
+    if not conversation.layered:
         return plain(branch)
-    return path_of(branches(connection, conversation.id), branch)
+    rows = branches(connection, conversation.id) if conversation.branched else {}
+    if not rows:
+        # A fork with one branch: branch 1 holds everything it wrote.
+        rows = {1: Branch(1, 0, 0, conversation.last_seq)}
+    found = path_of(rows, branch)
+    if conversation.base_conversation_id is None:
+        return found
+    return found.with_base(_base(connection, conversation, depth))
+
+
+def _base(connection: Connection, fork: ConversationRecord, depth: int) -> tuple[Segment, ...]:
+    """A fork's shared history: its source's history on the shared message's branch,
+    up to that message, each range naming the conversation it reads."""
+    source_id = fork.base_conversation_id or ""
+    source = record(connection, source_id)
+    if source is None or depth >= MAX_FORK_DEPTH:
+        return ()  # pragma: no cover - a source outlives its forks (``purge``)
+    history = path(connection, source, fork.base_branch, depth + 1)
+    if history.every:
+        own: tuple[Segment, ...] = (Segment(fork.base_branch or 1, 0, None, source_id),)
+    else:
+        own = tuple(
+            Segment(s.branch, s.after, s.upto, s.conversation or source_id)
+            for s in history.segments
+        )
+    return tuple(c for c in (s.clipped(fork.base_seq) for s in (*history.base, *own)) if c)
+
+
+def record(connection: Connection, conversation_id: str) -> ConversationRecord | None:
+    """A conversation by id alone (a fork's source: the same workspace, maybe deleted)."""
+    row = _RECORD.first(connection, {"id": conversation_id})
+    return ConversationRecord(*row) if row is not None else None
+
+
+def forks_of(connection: Connection, conversation_id: str) -> list[str]:
+    """The forks of a conversation, and theirs, to ``MAX_FORK_DEPTH``."""
+    found: list[str] = []
+    level = [conversation_id]
+    for _ in range(MAX_FORK_DEPTH):
+        level = list(
+            connection.execute(
+                select(_CONVERSATIONS.c.id).where(_CONVERSATIONS.c.base_conversation_id.in_(level))
+            ).scalars()
+        )
+        if not level:
+            break
+        found += level
+    return found
 
 
 def place(connection: Connection, conversation_id: str, message_id: str) -> Place | None:

@@ -29,7 +29,7 @@ from switchboard.platform.store import pagination
 from switchboard.platform.store.pagination import from_micros, micros
 from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.names import checked_etag
-from switchboard.platform.values.resources import ConversationName, WorkspaceName
+from switchboard.platform.values.resources import ConversationName, MessageName, WorkspaceName
 
 
 class Conversations(Domain):
@@ -69,6 +69,47 @@ class Conversations(Domain):
                 key,
                 self.limits.max_conversations,
                 staged,
+            )
+        )
+        await self.common.announce(staged)
+        return conversation_proto(row)
+
+    @write
+    async def fork(
+        self, principal: Principal, request: pb.ForkConversationRequest
+    ) -> pb.Conversation:
+        """A new conversation sharing another's history up to a message
+        (docs/conversations.md, "Forks")."""
+        message = MessageName.parse(request.message, "message")
+        violations = Violations()
+        conversation = request.conversation
+        check_text(
+            conversation.title, "conversation.title", self.limits.max_title_chars, violations
+        )
+        violations.check()
+        meta = metadata_bytes(
+            conversation.metadata, "conversation.metadata", self.limits.max_metadata_bytes
+        )
+        key = request_key(principal, "ForkConversation", request)
+        staged = self.common.staged(
+            lambda made: (
+                [conversation_event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
+                if made[1]
+                else None
+            ),
+            key.key if key else "",
+        )
+        row, _ = await stored(
+            self._store.fork_conversation(
+                message.workspace,
+                message.conversation,
+                message.message,
+                title=conversation.title,
+                meta=meta,
+                creator=principal.user_name,
+                idempotency=key,
+                max_per_workspace=self.limits.max_conversations,
+                staged=staged,
             )
         )
         await self.common.announce(staged)

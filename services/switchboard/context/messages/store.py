@@ -410,7 +410,7 @@ class MessageStore(StoreBase):
                     .where(
                         _MESSAGES.c.conversation_id == conversation_id,
                         _MESSAGES.c.seq > first.seq,
-                        history.condition(),
+                        history.condition(conversation_id),
                     )
                     .order_by(_MESSAGES.c.seq)
                 )
@@ -437,6 +437,14 @@ class MessageStore(StoreBase):
                     token_count=_CONVERSATIONS.c.token_count - tokens,
                 )
             )
+            forks = branching.forks_of(connection, conversation_id)
+            if forks:
+                # Their windows read these rows too: a new version each.
+                db.execute(
+                    update(_CONVERSATIONS)
+                    .where(_CONVERSATIONS.c.id.in_(forks))
+                    .values(version=_CONVERSATIONS.c.version + 1)
+                )
             after = dataclasses.replace(
                 conversation,
                 version=conversation.version + 1,
@@ -493,7 +501,9 @@ class MessageStore(StoreBase):
     ) -> Listed:
         """A page of ``branch``'s history (0: the active branch), with each message's
         siblings when the conversation has branches."""
-        query = select(MessageRow).where(MessageRow.conversation_id == conversation_id)
+        # The conversation's messages, or the branch's history (which names the
+        # conversations it reads: a fork's shared history is its source's rows).
+        query = select(MessageRow)
         if not show_archived:
             query = query.where(MessageRow.archived.is_(False))
         if after_seq is not None:
@@ -508,9 +518,8 @@ class MessageStore(StoreBase):
             )
             number = branching.check_branch(conversation, branch)
             connection = db.connection()
-            read = query
-            if conversation.branched:
-                read = read.where(branching.path(connection, conversation, number).condition())
+            history = branching.path(connection, conversation, number)
+            read = query.where(history.condition(conversation_id))
             rows = [message_record(row) for row in db.execute(read.limit(limit)).scalars()]
             return Listed(rows, number, _siblings(connection, conversation, rows))
 

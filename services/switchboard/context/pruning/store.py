@@ -47,6 +47,12 @@ class PruneStore(StoreBase):
                 self._conversation(db, workspace_id, conversation_id)
             )
             read = query
+            if conversation.base_conversation_id or branching.forks_of(
+                db.connection(), conversation_id
+            ):
+                # A fork's history is partly another's rows, and a source's is partly
+                # its forks': neither is folded (docs/conversations.md, "Forks").
+                return []
             if conversation.branched:
                 read = read.where(
                     MessageRow.branch == 1,
@@ -149,9 +155,16 @@ class PruneStore(StoreBase):
         """Hard-delete conversations soft-deleted before ``deleted_before``; how many."""
 
         def tx(db: Session) -> int:
+            forked = select(ConversationRow.base_conversation_id).where(
+                ConversationRow.base_conversation_id.is_not(None)
+            )
             ids = list(
                 db.execute(
-                    select(ConversationRow.id).where(ConversationRow.deleted_at < deleted_before)
+                    select(ConversationRow.id).where(
+                        ConversationRow.deleted_at < deleted_before,
+                        # A source waits for its forks: they read its rows.
+                        ConversationRow.id.not_in(forked),
+                    )
                 ).scalars()
             )
             if ids:

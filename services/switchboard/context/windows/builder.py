@@ -487,7 +487,11 @@ class Windows(Domain):
                 relevant=[memories.candidate(r) for r, _ in rows.relevant],
                 summary=memories.candidate(rows.summary) if rows.summary is not None else None,
                 recent=recent,
-                older_messages=max(0, rows.conversation.message_count - len(recent)),
+                older_messages=max(
+                    0,
+                    (rows.conversation.message_count if rows.live is None else rows.live)
+                    - len(recent),
+                ),
             )
         except PinnedOverBudget as exc:
             raise FailedPrecondition(

@@ -74,20 +74,17 @@ _RECENT_MESSAGES: Final = Prepared(
     .limit(bindparam("limit")),
     name="recent messages",
 )
-# A conversation with branches reads one branch's history: the same reads, with its
-# condition (``branches/paths.py``), built per window.
+# A conversation with branches, or a fork, reads one branch's history: the same reads,
+# with its condition (``branches/paths.py``: it names the conversations it reads), built
+# per window.
 _LATEST_ON_PATH: Final = (
     select(*(_MESSAGES.c[field] for field in MessageRecord.__dataclass_fields__))
-    .where(_MESSAGES.c.conversation_id == bindparam("conversation"), _MESSAGES.c.role == "user")
+    .where(_MESSAGES.c.role == "user")
     .order_by(_MESSAGES.c.seq.desc())
 )
 _RECENT_ON_PATH: Final = (
     select(_MESSAGES.c.seq, _MESSAGES.c.token_count, _MESSAGES.c.data)
-    .where(
-        _MESSAGES.c.conversation_id == bindparam("conversation"),
-        _MESSAGES.c.archived.is_(False),
-        _MESSAGES.c.seq < bindparam("upper"),
-    )
+    .where(_MESSAGES.c.archived.is_(False), _MESSAGES.c.seq < bindparam("upper"))
     .order_by(_MESSAGES.c.seq.desc())
     .limit(bindparam("limit"))
 )
@@ -123,6 +120,8 @@ class WindowRows:
     bodies: dict[int, bytes]
     # The branch history read (every message while the conversation has one branch).
     path: Path = field(default_factory=plain)
+    # Live messages of that history (None: the conversation's count, one branch).
+    live: int | None = None
 
 
 class WindowStore(StoreBase):
@@ -262,8 +261,7 @@ class WindowStore(StoreBase):
             latest = _LATEST_USER_MESSAGE.first(connection, {"conversation": conversation.id})
         else:
             latest = connection.execute(
-                _LATEST_ON_PATH.where(history.condition()).limit(1),
-                {"conversation": conversation.id},
+                _LATEST_ON_PATH.where(history.condition(conversation.id)).limit(1)
             ).first()
         relevant = self._search_window(
             connection,
@@ -277,6 +275,15 @@ class WindowStore(StoreBase):
         if conversation.summary_id:
             summary = _SUMMARY.first(connection, {"id": conversation.summary_id})
         recent, bodies = _recent(connection, conversation, budget, history)
+        live = None
+        if not history.every:
+            live = int(
+                connection.execute(
+                    select(func.count())
+                    .select_from(_MESSAGES)
+                    .where(_MESSAGES.c.archived.is_(False), history.condition(conversation.id))
+                ).scalar_one()
+            )
         return WindowRows(
             conversation=conversation,
             workspace_version=versions[1],
@@ -287,6 +294,7 @@ class WindowStore(StoreBase):
             recent=recent,
             bodies=bodies,
             path=history,
+            live=live,
         )
 
 
@@ -306,7 +314,7 @@ def _recent(
     covered = 0
     upper = conversation.last_seq + 1
     page_size = min(max(budget // 16, _RECENT_FIRST_PAGE), _RECENT_PAGE)
-    on_path = None if history.every else _RECENT_ON_PATH.where(history.condition())
+    on_path = None if history.every else _RECENT_ON_PATH.where(history.condition(conversation.id))
     while covered <= budget:
         params = {"conversation": conversation.id, "upper": upper, "limit": page_size}
         if on_path is None:

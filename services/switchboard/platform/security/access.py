@@ -110,6 +110,8 @@ RULES: Final[dict[str, Rule]] = {
     # Another person's message needs the owner role too (the domain checks it).
     _CONTEXT + "DeleteMessage": resource("name", WRITE),
     _CONTEXT + "CreateBranch": resource("conversation", WRITE),
+    # A new conversation of the message's workspace: an editor's, as CreateConversation.
+    _CONTEXT + "ForkConversation": resource("message", WRITE),
     _CONTEXT + "SwitchBranch": resource("conversation", WRITE),
     _CONTEXT + "CreateMemoryItem": resource("parent", WRITE),
     _CONTEXT + "GetMemoryItem": resource("name", READ),

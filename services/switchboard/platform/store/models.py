@@ -199,7 +199,10 @@ class ConversationRow(Base):
     answered with a window built before it."""
 
     __tablename__ = "conversations"
-    __table_args__ = (Index("ix_conversations_listing", "workspace_id", "updated_at", "id"),)
+    __table_args__ = (
+        Index("ix_conversations_listing", "workspace_id", "updated_at", "id"),
+        Index("ix_conversations_base", "base_conversation_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
@@ -222,6 +225,13 @@ class ConversationRow(Base):
     # The branch reads and appends follow, and how many there are (migration 0027).
     active_branch: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     branch_count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # A fork's shared history (ForkConversation): the conversation it was forked from
+    # (no foreign key: a purge waits for its forks instead), the message the history
+    # ends at, that message's branch and sequence. NULL, "", 0, 0: not a fork.
+    base_conversation_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    base_message_id: Mapped[str] = mapped_column(String(ID_LENGTH), default="", server_default="")
+    base_branch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    base_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class BranchRow(Base):

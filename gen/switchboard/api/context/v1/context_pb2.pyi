@@ -605,6 +605,7 @@ class Conversation(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ACTIVE_BRANCH_FIELD_NUMBER: _builtins.int
     BRANCH_COUNT_FIELD_NUMBER: _builtins.int
+    FORKED_FROM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{workspace}/conversations/{conversation}`."""
     title: _builtins.str
@@ -627,6 +628,10 @@ class Conversation(_message.Message):
     branch_count: _builtins.int
     """How many branches the conversation has: 1 until a message is edited or an
     answer regenerated (output only).
+    """
+    forked_from: _builtins.str
+    """For a fork (ForkConversation): the message its shared history ends at, a
+    message of the conversation it was forked from (output only).
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
@@ -660,10 +665,11 @@ class Conversation(_message.Message):
         version: _builtins.int = ...,
         active_branch: _builtins.int = ...,
         branch_count: _builtins.int = ...,
+        forked_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "metadata", b"metadata", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_branch", b"active_branch", "archived", b"archived", "branch_count", b"branch_count", "create_time", b"create_time", "creator", b"creator", "delete_time", b"delete_time", "etag", b"etag", "message_count", b"message_count", "metadata", b"metadata", "name", b"name", "title", b"title", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_branch", b"active_branch", "archived", b"archived", "branch_count", b"branch_count", "create_time", b"create_time", "creator", b"creator", "delete_time", b"delete_time", "etag", b"etag", "forked_from", b"forked_from", "message_count", b"message_count", "metadata", b"metadata", "name", b"name", "title", b"title", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2534,6 +2540,65 @@ class DeleteMessageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteMessageResponse: _TypeAlias = DeleteMessageResponse  # noqa: Y015
+
+@_typing.final
+class ForkConversationRequest(_message.Message):
+    """Request for ForkConversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """The last message the new conversation shares,
+    `workspaces/{workspace}/conversations/{conversation}/messages/{message}`: its
+    history up to and including it (on the branch it was appended on).
+    """
+    request_id: _builtins.str
+    """Idempotency key, as in CreateConversationRequest."""
+    @_builtins.property
+    def conversation(self) -> Global___Conversation:
+        """The new conversation's `title` and `metadata` (the rest is assigned)."""
+
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        conversation: Global___Conversation | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "message", b"message", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkConversationRequest: _TypeAlias = ForkConversationRequest  # noqa: Y015
+
+@_typing.final
+class ForkConversationResponse(_message.Message):
+    """Response for ForkConversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversation(self) -> Global___Conversation:
+        """The new conversation (`forked_from` set)."""
+
+    def __init__(
+        self,
+        *,
+        conversation: Global___Conversation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkConversationResponse: _TypeAlias = ForkConversationResponse  # noqa: Y015
 
 @_typing.final
 class CreateBranchRequest(_message.Message):

@@ -120,6 +120,11 @@ class ContextServiceStub:
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationResponse.FromString,
                 _registered_method=True)
+        self.ForkConversation = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/ForkConversation',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ForkConversationRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ForkConversationResponse.FromString,
+                _registered_method=True)
         self.AppendMessage = channel.unary_unary(
                 '/switchboard.api.context.v1.ContextService/AppendMessage',
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendMessageRequest.SerializeToString,
@@ -372,6 +377,14 @@ class ContextServiceServicer:
 
     def UndeleteConversation(self, request, context):
         """Restores a soft-deleted conversation before it is purged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkConversation(self, request, context):
+        """Starts a new conversation that shares another's history up to a message
+        (nothing is copied) and goes on its own from there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -661,6 +674,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.UndeleteConversation,
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationResponse.SerializeToString,
+            ),
+            'ForkConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkConversation,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ForkConversationRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ForkConversationResponse.SerializeToString,
             ),
             'AppendMessage': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendMessage,
@@ -1235,6 +1253,33 @@ class ContextService:
             '/switchboard.api.context.v1.ContextService/UndeleteConversation',
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationRequest.SerializeToString,
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/ForkConversation',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ForkConversationRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ForkConversationResponse.FromString,
             options,
             channel_credentials,
             insecure,

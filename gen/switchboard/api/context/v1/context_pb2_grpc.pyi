@@ -71,6 +71,10 @@ class ContextServiceStub:
     """Soft-deletes a conversation."""
     UndeleteConversation: _grpc.UnaryUnaryMultiCallable[_context_pb2.UndeleteConversationRequest, _context_pb2.UndeleteConversationResponse]
     """Restores a soft-deleted conversation before it is purged."""
+    ForkConversation: _grpc.UnaryUnaryMultiCallable[_context_pb2.ForkConversationRequest, _context_pb2.ForkConversationResponse]
+    """Starts a new conversation that shares another's history up to a message
+    (nothing is copied) and goes on its own from there.
+    """
     AppendMessage: _grpc.UnaryUnaryMultiCallable[_context_pb2.AppendMessageRequest, _context_pb2.AppendMessageResponse]
     """Appends a message to a conversation."""
     GetMessage: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetMessageRequest, _context_pb2.GetMessageResponse]
@@ -190,6 +194,10 @@ class ContextServiceAsyncStub(ContextServiceStub):
     """Soft-deletes a conversation."""
     UndeleteConversation: _aio.UnaryUnaryMultiCallable[_context_pb2.UndeleteConversationRequest, _context_pb2.UndeleteConversationResponse]  # type: ignore[assignment]
     """Restores a soft-deleted conversation before it is purged."""
+    ForkConversation: _aio.UnaryUnaryMultiCallable[_context_pb2.ForkConversationRequest, _context_pb2.ForkConversationResponse]  # type: ignore[assignment]
+    """Starts a new conversation that shares another's history up to a message
+    (nothing is copied) and goes on its own from there.
+    """
     AppendMessage: _aio.UnaryUnaryMultiCallable[_context_pb2.AppendMessageRequest, _context_pb2.AppendMessageResponse]  # type: ignore[assignment]
     """Appends a message to a conversation."""
     GetMessage: _aio.UnaryUnaryMultiCallable[_context_pb2.GetMessageRequest, _context_pb2.GetMessageResponse]  # type: ignore[assignment]
@@ -402,6 +410,16 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.UndeleteConversationResponse, _abc.Awaitable[_context_pb2.UndeleteConversationResponse]]:
         """Restores a soft-deleted conversation before it is purged."""
+
+    @_abc_1.abstractmethod
+    def ForkConversation(
+        self,
+        request: _context_pb2.ForkConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.ForkConversationResponse, _abc.Awaitable[_context_pb2.ForkConversationResponse]]:
+        """Starts a new conversation that shares another's history up to a message
+        (nothing is copied) and goes on its own from there.
+        """
 
     @_abc_1.abstractmethod
     def AppendMessage(

@@ -236,10 +236,14 @@ class Admission:
             run, job, new = new_run(stored_message)
             return run, job, *await self._store.create(new)
 
+        appended = _append_request(principal, request)
+        if steer is not None:
+            # A steer joins its target's history, whichever branch is active now.
+            appended.branch = steer.target.run.branch
         # The message and its run in one transaction: neither is stored without the other.
         stored_message, (run, job, created, replayed) = await self._context.append_message_with(
             principal,
-            _append_request(principal, request),
+            appended,
             Started(within, alone),
             timeout_s=FINISH_TIMEOUT_S,
         )

@@ -7,6 +7,8 @@ regenerated answer starts a branch beside the old one, and both are kept.
   other (siblings). Existing messages follow the one before them.
 * ``conversations.active_branch`` and ``branch_count``: the branch reads and appends
   follow, and how many there are (1 and 1 for every existing conversation).
+* ``conversations.base_*``: a fork's shared history (ForkConversation): the conversation
+  it was forked from, the message it ends at, that message's branch and sequence.
 * ``conversation_branches``: one row per branch once a conversation has more than one:
   the branch it forked from and the last of that branch's messages it shares
   (``fork_seq``), and the sequence of its own newest message (``head_seq``).
@@ -44,13 +46,26 @@ def upgrade() -> None:
     op.create_index(
         "ix_messages_parent", "messages", ["conversation_id", "parent_seq", "seq"], unique=False
     )
-    with op.batch_alter_table("conversations") as batch:
-        batch.add_column(
-            sa.Column("active_branch", sa.Integer(), server_default="1", nullable=False)
+    # Plain ADD COLUMN here too: a batch would copy ``conversations``, which the rows
+    # of several tables cascade from.
+    for name in ("active_branch", "branch_count"):
+        op.add_column(
+            "conversations", sa.Column(name, sa.Integer(), server_default="1", nullable=False)
         )
-        batch.add_column(
-            sa.Column("branch_count", sa.Integer(), server_default="1", nullable=False)
-        )
+    op.add_column(
+        "conversations", sa.Column("base_conversation_id", sa.String(length=32), nullable=True)
+    )
+    op.add_column(
+        "conversations",
+        sa.Column("base_message_id", sa.String(length=32), server_default="", nullable=False),
+    )
+    op.add_column(
+        "conversations", sa.Column("base_branch", sa.Integer(), server_default="0", nullable=False)
+    )
+    op.add_column(
+        "conversations", sa.Column("base_seq", sa.BigInteger(), server_default="0", nullable=False)
+    )
+    op.create_index("ix_conversations_base", "conversations", ["base_conversation_id"])
     op.create_table(
         "conversation_branches",
         sa.Column("conversation_id", sa.String(length=32), nullable=False),
@@ -71,6 +86,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("conversation_branches")
+    op.drop_index("ix_conversations_base", table_name="conversations")
+    for column in ("base_seq", "base_branch", "base_message_id", "base_conversation_id"):
+        op.drop_column("conversations", column)
     op.drop_column("conversations", "branch_count")
     op.drop_column("conversations", "active_branch")
     op.drop_index("ix_messages_parent", table_name="messages")

@@ -1110,7 +1110,10 @@ type Conversation struct {
 	ActiveBranch int32 `protobuf:"varint,12,opt,name=active_branch,json=activeBranch,proto3" json:"active_branch,omitempty"`
 	// How many branches the conversation has: 1 until a message is edited or an
 	// answer regenerated (output only).
-	BranchCount   int32 `protobuf:"varint,13,opt,name=branch_count,json=branchCount,proto3" json:"branch_count,omitempty"`
+	BranchCount int32 `protobuf:"varint,13,opt,name=branch_count,json=branchCount,proto3" json:"branch_count,omitempty"`
+	// For a fork (ForkConversation): the message its shared history ends at, a
+	// message of the conversation it was forked from (output only).
+	ForkedFrom    string `protobuf:"bytes,14,opt,name=forked_from,json=forkedFrom,proto3" json:"forked_from,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1234,6 +1237,13 @@ func (x *Conversation) GetBranchCount() int32 {
 		return x.BranchCount
 	}
 	return 0
+}
+
+func (x *Conversation) GetForkedFrom() string {
+	if x != nil {
+		return x.ForkedFrom
+	}
+	return ""
 }
 
 // One part of a message's content.
@@ -4890,6 +4900,118 @@ func (x *DeleteMessageResponse) GetConversation() *Conversation {
 	return nil
 }
 
+// Request for ForkConversation.
+type ForkConversationRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The last message the new conversation shares,
+	// `workspaces/{workspace}/conversations/{conversation}/messages/{message}`: its
+	// history up to and including it (on the branch it was appended on).
+	Message string `protobuf:"bytes,1,opt,name=message,proto3" json:"message,omitempty"`
+	// The new conversation's `title` and `metadata` (the rest is assigned).
+	Conversation *Conversation `protobuf:"bytes,2,opt,name=conversation,proto3" json:"conversation,omitempty"`
+	// Idempotency key, as in CreateConversationRequest.
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForkConversationRequest) Reset() {
+	*x = ForkConversationRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForkConversationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForkConversationRequest) ProtoMessage() {}
+
+func (x *ForkConversationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForkConversationRequest.ProtoReflect.Descriptor instead.
+func (*ForkConversationRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *ForkConversationRequest) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *ForkConversationRequest) GetConversation() *Conversation {
+	if x != nil {
+		return x.Conversation
+	}
+	return nil
+}
+
+func (x *ForkConversationRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for ForkConversation.
+type ForkConversationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The new conversation (`forked_from` set).
+	Conversation  *Conversation `protobuf:"bytes,1,opt,name=conversation,proto3" json:"conversation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForkConversationResponse) Reset() {
+	*x = ForkConversationResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForkConversationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForkConversationResponse) ProtoMessage() {}
+
+func (x *ForkConversationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForkConversationResponse.ProtoReflect.Descriptor instead.
+func (*ForkConversationResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *ForkConversationResponse) GetConversation() *Conversation {
+	if x != nil {
+		return x.Conversation
+	}
+	return nil
+}
+
 // Request for CreateBranch.
 type CreateBranchRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -4906,7 +5028,7 @@ type CreateBranchRequest struct {
 
 func (x *CreateBranchRequest) Reset() {
 	*x = CreateBranchRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4918,7 +5040,7 @@ func (x *CreateBranchRequest) String() string {
 func (*CreateBranchRequest) ProtoMessage() {}
 
 func (x *CreateBranchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4931,7 +5053,7 @@ func (x *CreateBranchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateBranchRequest.ProtoReflect.Descriptor instead.
 func (*CreateBranchRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{55}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *CreateBranchRequest) GetConversation() string {
@@ -4968,7 +5090,7 @@ type CreateBranchResponse struct {
 
 func (x *CreateBranchResponse) Reset() {
 	*x = CreateBranchResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4980,7 +5102,7 @@ func (x *CreateBranchResponse) String() string {
 func (*CreateBranchResponse) ProtoMessage() {}
 
 func (x *CreateBranchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4993,7 +5115,7 @@ func (x *CreateBranchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateBranchResponse.ProtoReflect.Descriptor instead.
 func (*CreateBranchResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{56}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *CreateBranchResponse) GetConversation() *Conversation {
@@ -5028,7 +5150,7 @@ type SwitchBranchRequest struct {
 
 func (x *SwitchBranchRequest) Reset() {
 	*x = SwitchBranchRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5040,7 +5162,7 @@ func (x *SwitchBranchRequest) String() string {
 func (*SwitchBranchRequest) ProtoMessage() {}
 
 func (x *SwitchBranchRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5053,7 +5175,7 @@ func (x *SwitchBranchRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchBranchRequest.ProtoReflect.Descriptor instead.
 func (*SwitchBranchRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{57}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *SwitchBranchRequest) GetConversation() string {
@@ -5095,7 +5217,7 @@ type SwitchBranchResponse struct {
 
 func (x *SwitchBranchResponse) Reset() {
 	*x = SwitchBranchResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5107,7 +5229,7 @@ func (x *SwitchBranchResponse) String() string {
 func (*SwitchBranchResponse) ProtoMessage() {}
 
 func (x *SwitchBranchResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5120,7 +5242,7 @@ func (x *SwitchBranchResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SwitchBranchResponse.ProtoReflect.Descriptor instead.
 func (*SwitchBranchResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{58}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *SwitchBranchResponse) GetConversation() *Conversation {
@@ -5149,7 +5271,7 @@ type CreateMemoryItemRequest struct {
 
 func (x *CreateMemoryItemRequest) Reset() {
 	*x = CreateMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5161,7 +5283,7 @@ func (x *CreateMemoryItemRequest) String() string {
 func (*CreateMemoryItemRequest) ProtoMessage() {}
 
 func (x *CreateMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5174,7 +5296,7 @@ func (x *CreateMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*CreateMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{59}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *CreateMemoryItemRequest) GetParent() string {
@@ -5209,7 +5331,7 @@ type CreateMemoryItemResponse struct {
 
 func (x *CreateMemoryItemResponse) Reset() {
 	*x = CreateMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5221,7 +5343,7 @@ func (x *CreateMemoryItemResponse) String() string {
 func (*CreateMemoryItemResponse) ProtoMessage() {}
 
 func (x *CreateMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5234,7 +5356,7 @@ func (x *CreateMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*CreateMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{60}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *CreateMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -5258,7 +5380,7 @@ type GetMemoryItemRequest struct {
 
 func (x *GetMemoryItemRequest) Reset() {
 	*x = GetMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5270,7 +5392,7 @@ func (x *GetMemoryItemRequest) String() string {
 func (*GetMemoryItemRequest) ProtoMessage() {}
 
 func (x *GetMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5283,7 +5405,7 @@ func (x *GetMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*GetMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{61}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *GetMemoryItemRequest) GetName() string {
@@ -5314,7 +5436,7 @@ type GetMemoryItemResponse struct {
 
 func (x *GetMemoryItemResponse) Reset() {
 	*x = GetMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5326,7 +5448,7 @@ func (x *GetMemoryItemResponse) String() string {
 func (*GetMemoryItemResponse) ProtoMessage() {}
 
 func (x *GetMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5339,7 +5461,7 @@ func (x *GetMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*GetMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{62}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *GetMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -5372,7 +5494,7 @@ type UpdateMemoryItemRequest struct {
 
 func (x *UpdateMemoryItemRequest) Reset() {
 	*x = UpdateMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5384,7 +5506,7 @@ func (x *UpdateMemoryItemRequest) String() string {
 func (*UpdateMemoryItemRequest) ProtoMessage() {}
 
 func (x *UpdateMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5397,7 +5519,7 @@ func (x *UpdateMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*UpdateMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{63}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *UpdateMemoryItemRequest) GetMemoryItem() *MemoryItem {
@@ -5425,7 +5547,7 @@ type UpdateMemoryItemResponse struct {
 
 func (x *UpdateMemoryItemResponse) Reset() {
 	*x = UpdateMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5437,7 +5559,7 @@ func (x *UpdateMemoryItemResponse) String() string {
 func (*UpdateMemoryItemResponse) ProtoMessage() {}
 
 func (x *UpdateMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5450,7 +5572,7 @@ func (x *UpdateMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*UpdateMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{64}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *UpdateMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -5487,7 +5609,7 @@ type ListMemoryItemsRequest struct {
 
 func (x *ListMemoryItemsRequest) Reset() {
 	*x = ListMemoryItemsRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5499,7 +5621,7 @@ func (x *ListMemoryItemsRequest) String() string {
 func (*ListMemoryItemsRequest) ProtoMessage() {}
 
 func (x *ListMemoryItemsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5512,7 +5634,7 @@ func (x *ListMemoryItemsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMemoryItemsRequest.ProtoReflect.Descriptor instead.
 func (*ListMemoryItemsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{65}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *ListMemoryItemsRequest) GetParent() string {
@@ -5584,7 +5706,7 @@ type ListMemoryItemsResponse struct {
 
 func (x *ListMemoryItemsResponse) Reset() {
 	*x = ListMemoryItemsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5596,7 +5718,7 @@ func (x *ListMemoryItemsResponse) String() string {
 func (*ListMemoryItemsResponse) ProtoMessage() {}
 
 func (x *ListMemoryItemsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5609,7 +5731,7 @@ func (x *ListMemoryItemsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMemoryItemsResponse.ProtoReflect.Descriptor instead.
 func (*ListMemoryItemsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{66}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *ListMemoryItemsResponse) GetMemoryItems() []*MemoryItem {
@@ -5657,7 +5779,7 @@ type SearchMemoryItemsRequest struct {
 
 func (x *SearchMemoryItemsRequest) Reset() {
 	*x = SearchMemoryItemsRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5669,7 +5791,7 @@ func (x *SearchMemoryItemsRequest) String() string {
 func (*SearchMemoryItemsRequest) ProtoMessage() {}
 
 func (x *SearchMemoryItemsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5682,7 +5804,7 @@ func (x *SearchMemoryItemsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchMemoryItemsRequest.ProtoReflect.Descriptor instead.
 func (*SearchMemoryItemsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{67}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *SearchMemoryItemsRequest) GetParent() string {
@@ -5757,7 +5879,7 @@ type SearchScores struct {
 
 func (x *SearchScores) Reset() {
 	*x = SearchScores{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5769,7 +5891,7 @@ func (x *SearchScores) String() string {
 func (*SearchScores) ProtoMessage() {}
 
 func (x *SearchScores) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5782,7 +5904,7 @@ func (x *SearchScores) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchScores.ProtoReflect.Descriptor instead.
 func (*SearchScores) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{68}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *SearchScores) GetFullTextRank() int32 {
@@ -5821,7 +5943,7 @@ type ScoredMemoryItem struct {
 
 func (x *ScoredMemoryItem) Reset() {
 	*x = ScoredMemoryItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5833,7 +5955,7 @@ func (x *ScoredMemoryItem) String() string {
 func (*ScoredMemoryItem) ProtoMessage() {}
 
 func (x *ScoredMemoryItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5846,7 +5968,7 @@ func (x *ScoredMemoryItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScoredMemoryItem.ProtoReflect.Descriptor instead.
 func (*ScoredMemoryItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{69}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *ScoredMemoryItem) GetMemoryItem() *MemoryItem {
@@ -5899,7 +6021,7 @@ type SearchMemoryItemsResponse struct {
 
 func (x *SearchMemoryItemsResponse) Reset() {
 	*x = SearchMemoryItemsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5911,7 +6033,7 @@ func (x *SearchMemoryItemsResponse) String() string {
 func (*SearchMemoryItemsResponse) ProtoMessage() {}
 
 func (x *SearchMemoryItemsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5924,7 +6046,7 @@ func (x *SearchMemoryItemsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchMemoryItemsResponse.ProtoReflect.Descriptor instead.
 func (*SearchMemoryItemsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{70}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *SearchMemoryItemsResponse) GetResults() []*ScoredMemoryItem {
@@ -6008,7 +6130,7 @@ type SearchContextRequest struct {
 
 func (x *SearchContextRequest) Reset() {
 	*x = SearchContextRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6020,7 +6142,7 @@ func (x *SearchContextRequest) String() string {
 func (*SearchContextRequest) ProtoMessage() {}
 
 func (x *SearchContextRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6033,7 +6155,7 @@ func (x *SearchContextRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchContextRequest.ProtoReflect.Descriptor instead.
 func (*SearchContextRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{71}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *SearchContextRequest) GetParent() string {
@@ -6099,7 +6221,7 @@ type DocumentChunk struct {
 
 func (x *DocumentChunk) Reset() {
 	*x = DocumentChunk{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6111,7 +6233,7 @@ func (x *DocumentChunk) String() string {
 func (*DocumentChunk) ProtoMessage() {}
 
 func (x *DocumentChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6124,7 +6246,7 @@ func (x *DocumentChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DocumentChunk.ProtoReflect.Descriptor instead.
 func (*DocumentChunk) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{72}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *DocumentChunk) GetFile() string {
@@ -6190,7 +6312,7 @@ type SearchResult struct {
 
 func (x *SearchResult) Reset() {
 	*x = SearchResult{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6202,7 +6324,7 @@ func (x *SearchResult) String() string {
 func (*SearchResult) ProtoMessage() {}
 
 func (x *SearchResult) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6215,7 +6337,7 @@ func (x *SearchResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchResult.ProtoReflect.Descriptor instead.
 func (*SearchResult) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{73}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *SearchResult) GetSource() isSearchResult_Source {
@@ -6320,7 +6442,7 @@ type SearchContextResponse struct {
 
 func (x *SearchContextResponse) Reset() {
 	*x = SearchContextResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6332,7 +6454,7 @@ func (x *SearchContextResponse) String() string {
 func (*SearchContextResponse) ProtoMessage() {}
 
 func (x *SearchContextResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6345,7 +6467,7 @@ func (x *SearchContextResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchContextResponse.ProtoReflect.Descriptor instead.
 func (*SearchContextResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{74}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *SearchContextResponse) GetResults() []*SearchResult {
@@ -6431,7 +6553,7 @@ type SemanticIndex struct {
 
 func (x *SemanticIndex) Reset() {
 	*x = SemanticIndex{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6443,7 +6565,7 @@ func (x *SemanticIndex) String() string {
 func (*SemanticIndex) ProtoMessage() {}
 
 func (x *SemanticIndex) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6456,7 +6578,7 @@ func (x *SemanticIndex) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SemanticIndex.ProtoReflect.Descriptor instead.
 func (*SemanticIndex) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{75}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *SemanticIndex) GetName() string {
@@ -6547,7 +6669,7 @@ type GetSemanticIndexRequest struct {
 
 func (x *GetSemanticIndexRequest) Reset() {
 	*x = GetSemanticIndexRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6559,7 +6681,7 @@ func (x *GetSemanticIndexRequest) String() string {
 func (*GetSemanticIndexRequest) ProtoMessage() {}
 
 func (x *GetSemanticIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6572,7 +6694,7 @@ func (x *GetSemanticIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSemanticIndexRequest.ProtoReflect.Descriptor instead.
 func (*GetSemanticIndexRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{76}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *GetSemanticIndexRequest) GetName() string {
@@ -6593,7 +6715,7 @@ type GetSemanticIndexResponse struct {
 
 func (x *GetSemanticIndexResponse) Reset() {
 	*x = GetSemanticIndexResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6605,7 +6727,7 @@ func (x *GetSemanticIndexResponse) String() string {
 func (*GetSemanticIndexResponse) ProtoMessage() {}
 
 func (x *GetSemanticIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6618,7 +6740,7 @@ func (x *GetSemanticIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSemanticIndexResponse.ProtoReflect.Descriptor instead.
 func (*GetSemanticIndexResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{77}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *GetSemanticIndexResponse) GetSemanticIndex() *SemanticIndex {
@@ -6641,7 +6763,7 @@ type UpdateSemanticIndexRequest struct {
 
 func (x *UpdateSemanticIndexRequest) Reset() {
 	*x = UpdateSemanticIndexRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6653,7 +6775,7 @@ func (x *UpdateSemanticIndexRequest) String() string {
 func (*UpdateSemanticIndexRequest) ProtoMessage() {}
 
 func (x *UpdateSemanticIndexRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6666,7 +6788,7 @@ func (x *UpdateSemanticIndexRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSemanticIndexRequest.ProtoReflect.Descriptor instead.
 func (*UpdateSemanticIndexRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{78}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *UpdateSemanticIndexRequest) GetSemanticIndex() *SemanticIndex {
@@ -6694,7 +6816,7 @@ type UpdateSemanticIndexResponse struct {
 
 func (x *UpdateSemanticIndexResponse) Reset() {
 	*x = UpdateSemanticIndexResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6706,7 +6828,7 @@ func (x *UpdateSemanticIndexResponse) String() string {
 func (*UpdateSemanticIndexResponse) ProtoMessage() {}
 
 func (x *UpdateSemanticIndexResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6719,7 +6841,7 @@ func (x *UpdateSemanticIndexResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateSemanticIndexResponse.ProtoReflect.Descriptor instead.
 func (*UpdateSemanticIndexResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{79}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *UpdateSemanticIndexResponse) GetSemanticIndex() *SemanticIndex {
@@ -6740,7 +6862,7 @@ type DeleteMemoryItemRequest struct {
 
 func (x *DeleteMemoryItemRequest) Reset() {
 	*x = DeleteMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6752,7 +6874,7 @@ func (x *DeleteMemoryItemRequest) String() string {
 func (*DeleteMemoryItemRequest) ProtoMessage() {}
 
 func (x *DeleteMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6765,7 +6887,7 @@ func (x *DeleteMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*DeleteMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{80}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *DeleteMemoryItemRequest) GetName() string {
@@ -6784,7 +6906,7 @@ type DeleteMemoryItemResponse struct {
 
 func (x *DeleteMemoryItemResponse) Reset() {
 	*x = DeleteMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6796,7 +6918,7 @@ func (x *DeleteMemoryItemResponse) String() string {
 func (*DeleteMemoryItemResponse) ProtoMessage() {}
 
 func (x *DeleteMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6809,7 +6931,7 @@ func (x *DeleteMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*DeleteMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{81}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{83}
 }
 
 // Request for GetContextWindow.
@@ -6834,7 +6956,7 @@ type GetContextWindowRequest struct {
 
 func (x *GetContextWindowRequest) Reset() {
 	*x = GetContextWindowRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6846,7 +6968,7 @@ func (x *GetContextWindowRequest) String() string {
 func (*GetContextWindowRequest) ProtoMessage() {}
 
 func (x *GetContextWindowRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6859,7 +6981,7 @@ func (x *GetContextWindowRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContextWindowRequest.ProtoReflect.Descriptor instead.
 func (*GetContextWindowRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{82}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *GetContextWindowRequest) GetConversation() string {
@@ -6922,7 +7044,7 @@ type RetrievalOptions struct {
 
 func (x *RetrievalOptions) Reset() {
 	*x = RetrievalOptions{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6934,7 +7056,7 @@ func (x *RetrievalOptions) String() string {
 func (*RetrievalOptions) ProtoMessage() {}
 
 func (x *RetrievalOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6947,7 +7069,7 @@ func (x *RetrievalOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetrievalOptions.ProtoReflect.Descriptor instead.
 func (*RetrievalOptions) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{83}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *RetrievalOptions) GetTopK() int32 {
@@ -6999,7 +7121,7 @@ type ContextItem struct {
 
 func (x *ContextItem) Reset() {
 	*x = ContextItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7011,7 +7133,7 @@ func (x *ContextItem) String() string {
 func (*ContextItem) ProtoMessage() {}
 
 func (x *ContextItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7024,7 +7146,7 @@ func (x *ContextItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextItem.ProtoReflect.Descriptor instead.
 func (*ContextItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{84}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{86}
 }
 
 func (x *ContextItem) GetItem() isContextItem_Item {
@@ -7136,7 +7258,7 @@ type ContextWindow struct {
 
 func (x *ContextWindow) Reset() {
 	*x = ContextWindow{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7148,7 +7270,7 @@ func (x *ContextWindow) String() string {
 func (*ContextWindow) ProtoMessage() {}
 
 func (x *ContextWindow) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7161,7 +7283,7 @@ func (x *ContextWindow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextWindow.ProtoReflect.Descriptor instead.
 func (*ContextWindow) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{85}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{87}
 }
 
 func (x *ContextWindow) GetConversation() string {
@@ -7252,7 +7374,7 @@ type GetContextWindowResponse struct {
 
 func (x *GetContextWindowResponse) Reset() {
 	*x = GetContextWindowResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7264,7 +7386,7 @@ func (x *GetContextWindowResponse) String() string {
 func (*GetContextWindowResponse) ProtoMessage() {}
 
 func (x *GetContextWindowResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7277,7 +7399,7 @@ func (x *GetContextWindowResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContextWindowResponse.ProtoReflect.Descriptor instead.
 func (*GetContextWindowResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{86}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{88}
 }
 
 func (x *GetContextWindowResponse) GetWindow() *ContextWindow {
@@ -7305,7 +7427,7 @@ type PruneConversationRequest struct {
 
 func (x *PruneConversationRequest) Reset() {
 	*x = PruneConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7317,7 +7439,7 @@ func (x *PruneConversationRequest) String() string {
 func (*PruneConversationRequest) ProtoMessage() {}
 
 func (x *PruneConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7330,7 +7452,7 @@ func (x *PruneConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PruneConversationRequest.ProtoReflect.Descriptor instead.
 func (*PruneConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{87}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{89}
 }
 
 func (x *PruneConversationRequest) GetConversation() string {
@@ -7376,7 +7498,7 @@ type PruneConversationResponse struct {
 
 func (x *PruneConversationResponse) Reset() {
 	*x = PruneConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7388,7 +7510,7 @@ func (x *PruneConversationResponse) String() string {
 func (*PruneConversationResponse) ProtoMessage() {}
 
 func (x *PruneConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7401,7 +7523,7 @@ func (x *PruneConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PruneConversationResponse.ProtoReflect.Descriptor instead.
 func (*PruneConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{88}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{90}
 }
 
 func (x *PruneConversationResponse) GetSummary() *MemoryItem {
@@ -7445,7 +7567,7 @@ type UploadFileHeader struct {
 
 func (x *UploadFileHeader) Reset() {
 	*x = UploadFileHeader{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7457,7 +7579,7 @@ func (x *UploadFileHeader) String() string {
 func (*UploadFileHeader) ProtoMessage() {}
 
 func (x *UploadFileHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[89]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7470,7 +7592,7 @@ func (x *UploadFileHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileHeader.ProtoReflect.Descriptor instead.
 func (*UploadFileHeader) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{89}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{91}
 }
 
 func (x *UploadFileHeader) GetParent() string {
@@ -7511,7 +7633,7 @@ type UploadFileRequest struct {
 
 func (x *UploadFileRequest) Reset() {
 	*x = UploadFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7523,7 +7645,7 @@ func (x *UploadFileRequest) String() string {
 func (*UploadFileRequest) ProtoMessage() {}
 
 func (x *UploadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[90]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7536,7 +7658,7 @@ func (x *UploadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileRequest.ProtoReflect.Descriptor instead.
 func (*UploadFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{90}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{92}
 }
 
 func (x *UploadFileRequest) GetFrame() isUploadFileRequest_Frame {
@@ -7609,7 +7731,7 @@ type UploadFileResponse struct {
 
 func (x *UploadFileResponse) Reset() {
 	*x = UploadFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7621,7 +7743,7 @@ func (x *UploadFileResponse) String() string {
 func (*UploadFileResponse) ProtoMessage() {}
 
 func (x *UploadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[91]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7634,7 +7756,7 @@ func (x *UploadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadFileResponse.ProtoReflect.Descriptor instead.
 func (*UploadFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{91}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{93}
 }
 
 func (x *UploadFileResponse) GetFile() *File {
@@ -7664,7 +7786,7 @@ type StartUploadRequest struct {
 
 func (x *StartUploadRequest) Reset() {
 	*x = StartUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7676,7 +7798,7 @@ func (x *StartUploadRequest) String() string {
 func (*StartUploadRequest) ProtoMessage() {}
 
 func (x *StartUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[92]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7689,7 +7811,7 @@ func (x *StartUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartUploadRequest.ProtoReflect.Descriptor instead.
 func (*StartUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{92}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{94}
 }
 
 func (x *StartUploadRequest) GetParent() string {
@@ -7724,7 +7846,7 @@ type StartUploadResponse struct {
 
 func (x *StartUploadResponse) Reset() {
 	*x = StartUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7736,7 +7858,7 @@ func (x *StartUploadResponse) String() string {
 func (*StartUploadResponse) ProtoMessage() {}
 
 func (x *StartUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[93]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7749,7 +7871,7 @@ func (x *StartUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartUploadResponse.ProtoReflect.Descriptor instead.
 func (*StartUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{93}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{95}
 }
 
 func (x *StartUploadResponse) GetUpload() *Upload {
@@ -7774,7 +7896,7 @@ type AppendUploadRequest struct {
 
 func (x *AppendUploadRequest) Reset() {
 	*x = AppendUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7786,7 +7908,7 @@ func (x *AppendUploadRequest) String() string {
 func (*AppendUploadRequest) ProtoMessage() {}
 
 func (x *AppendUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[94]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7799,7 +7921,7 @@ func (x *AppendUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendUploadRequest.ProtoReflect.Descriptor instead.
 func (*AppendUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{94}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{96}
 }
 
 func (x *AppendUploadRequest) GetName() string {
@@ -7834,7 +7956,7 @@ type AppendUploadResponse struct {
 
 func (x *AppendUploadResponse) Reset() {
 	*x = AppendUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7846,7 +7968,7 @@ func (x *AppendUploadResponse) String() string {
 func (*AppendUploadResponse) ProtoMessage() {}
 
 func (x *AppendUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[95]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7859,7 +7981,7 @@ func (x *AppendUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendUploadResponse.ProtoReflect.Descriptor instead.
 func (*AppendUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{95}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{97}
 }
 
 func (x *AppendUploadResponse) GetUpload() *Upload {
@@ -7880,7 +8002,7 @@ type GetUploadRequest struct {
 
 func (x *GetUploadRequest) Reset() {
 	*x = GetUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7892,7 +8014,7 @@ func (x *GetUploadRequest) String() string {
 func (*GetUploadRequest) ProtoMessage() {}
 
 func (x *GetUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[96]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7905,7 +8027,7 @@ func (x *GetUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadRequest.ProtoReflect.Descriptor instead.
 func (*GetUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{96}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{98}
 }
 
 func (x *GetUploadRequest) GetName() string {
@@ -7926,7 +8048,7 @@ type GetUploadResponse struct {
 
 func (x *GetUploadResponse) Reset() {
 	*x = GetUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7938,7 +8060,7 @@ func (x *GetUploadResponse) String() string {
 func (*GetUploadResponse) ProtoMessage() {}
 
 func (x *GetUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[97]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7951,7 +8073,7 @@ func (x *GetUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetUploadResponse.ProtoReflect.Descriptor instead.
 func (*GetUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{97}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *GetUploadResponse) GetUpload() *Upload {
@@ -7974,7 +8096,7 @@ type FinishUploadRequest struct {
 
 func (x *FinishUploadRequest) Reset() {
 	*x = FinishUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -7986,7 +8108,7 @@ func (x *FinishUploadRequest) String() string {
 func (*FinishUploadRequest) ProtoMessage() {}
 
 func (x *FinishUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[98]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -7999,7 +8121,7 @@ func (x *FinishUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishUploadRequest.ProtoReflect.Descriptor instead.
 func (*FinishUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{98}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *FinishUploadRequest) GetName() string {
@@ -8027,7 +8149,7 @@ type FinishUploadResponse struct {
 
 func (x *FinishUploadResponse) Reset() {
 	*x = FinishUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8039,7 +8161,7 @@ func (x *FinishUploadResponse) String() string {
 func (*FinishUploadResponse) ProtoMessage() {}
 
 func (x *FinishUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[99]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8052,7 +8174,7 @@ func (x *FinishUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishUploadResponse.ProtoReflect.Descriptor instead.
 func (*FinishUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{99}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *FinishUploadResponse) GetFile() *File {
@@ -8073,7 +8195,7 @@ type CancelUploadRequest struct {
 
 func (x *CancelUploadRequest) Reset() {
 	*x = CancelUploadRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[100]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8085,7 +8207,7 @@ func (x *CancelUploadRequest) String() string {
 func (*CancelUploadRequest) ProtoMessage() {}
 
 func (x *CancelUploadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[100]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8098,7 +8220,7 @@ func (x *CancelUploadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelUploadRequest.ProtoReflect.Descriptor instead.
 func (*CancelUploadRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{100}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *CancelUploadRequest) GetName() string {
@@ -8117,7 +8239,7 @@ type CancelUploadResponse struct {
 
 func (x *CancelUploadResponse) Reset() {
 	*x = CancelUploadResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[101]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8129,7 +8251,7 @@ func (x *CancelUploadResponse) String() string {
 func (*CancelUploadResponse) ProtoMessage() {}
 
 func (x *CancelUploadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[101]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8142,7 +8264,7 @@ func (x *CancelUploadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelUploadResponse.ProtoReflect.Descriptor instead.
 func (*CancelUploadResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{101}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{103}
 }
 
 // Request for GetFile.
@@ -8158,7 +8280,7 @@ type GetFileRequest struct {
 
 func (x *GetFileRequest) Reset() {
 	*x = GetFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[102]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8170,7 +8292,7 @@ func (x *GetFileRequest) String() string {
 func (*GetFileRequest) ProtoMessage() {}
 
 func (x *GetFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[102]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8183,7 +8305,7 @@ func (x *GetFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFileRequest.ProtoReflect.Descriptor instead.
 func (*GetFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{102}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *GetFileRequest) GetName() string {
@@ -8211,7 +8333,7 @@ type GetFileResponse struct {
 
 func (x *GetFileResponse) Reset() {
 	*x = GetFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[103]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8223,7 +8345,7 @@ func (x *GetFileResponse) String() string {
 func (*GetFileResponse) ProtoMessage() {}
 
 func (x *GetFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[103]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8236,7 +8358,7 @@ func (x *GetFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetFileResponse.ProtoReflect.Descriptor instead.
 func (*GetFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{103}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{105}
 }
 
 func (x *GetFileResponse) GetFile() *File {
@@ -8263,7 +8385,7 @@ type ListFilesRequest struct {
 
 func (x *ListFilesRequest) Reset() {
 	*x = ListFilesRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[104]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8275,7 +8397,7 @@ func (x *ListFilesRequest) String() string {
 func (*ListFilesRequest) ProtoMessage() {}
 
 func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[104]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8288,7 +8410,7 @@ func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesRequest.ProtoReflect.Descriptor instead.
 func (*ListFilesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{104}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *ListFilesRequest) GetParent() string {
@@ -8334,7 +8456,7 @@ type ListFilesResponse struct {
 
 func (x *ListFilesResponse) Reset() {
 	*x = ListFilesResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[105]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[107]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8346,7 +8468,7 @@ func (x *ListFilesResponse) String() string {
 func (*ListFilesResponse) ProtoMessage() {}
 
 func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[105]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[107]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8359,7 +8481,7 @@ func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListFilesResponse.ProtoReflect.Descriptor instead.
 func (*ListFilesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{105}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{107}
 }
 
 func (x *ListFilesResponse) GetFiles() []*File {
@@ -8401,7 +8523,7 @@ type DownloadFileRequest struct {
 
 func (x *DownloadFileRequest) Reset() {
 	*x = DownloadFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[106]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[108]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8413,7 +8535,7 @@ func (x *DownloadFileRequest) String() string {
 func (*DownloadFileRequest) ProtoMessage() {}
 
 func (x *DownloadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[106]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[108]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8426,7 +8548,7 @@ func (x *DownloadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadFileRequest.ProtoReflect.Descriptor instead.
 func (*DownloadFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{106}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{108}
 }
 
 func (x *DownloadFileRequest) GetName() string {
@@ -8465,7 +8587,7 @@ type DownloadFileResponse struct {
 
 func (x *DownloadFileResponse) Reset() {
 	*x = DownloadFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[107]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[109]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8477,7 +8599,7 @@ func (x *DownloadFileResponse) String() string {
 func (*DownloadFileResponse) ProtoMessage() {}
 
 func (x *DownloadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[107]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[109]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8490,7 +8612,7 @@ func (x *DownloadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DownloadFileResponse.ProtoReflect.Descriptor instead.
 func (*DownloadFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{107}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{109}
 }
 
 func (x *DownloadFileResponse) GetFile() *File {
@@ -8525,7 +8647,7 @@ type DeleteFileRequest struct {
 
 func (x *DeleteFileRequest) Reset() {
 	*x = DeleteFileRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[108]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[110]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8537,7 +8659,7 @@ func (x *DeleteFileRequest) String() string {
 func (*DeleteFileRequest) ProtoMessage() {}
 
 func (x *DeleteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[108]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[110]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8550,7 +8672,7 @@ func (x *DeleteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteFileRequest.ProtoReflect.Descriptor instead.
 func (*DeleteFileRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{108}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{110}
 }
 
 func (x *DeleteFileRequest) GetName() string {
@@ -8569,7 +8691,7 @@ type DeleteFileResponse struct {
 
 func (x *DeleteFileResponse) Reset() {
 	*x = DeleteFileResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[109]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[111]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -8581,7 +8703,7 @@ func (x *DeleteFileResponse) String() string {
 func (*DeleteFileResponse) ProtoMessage() {}
 
 func (x *DeleteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[109]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[111]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -8594,7 +8716,7 @@ func (x *DeleteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteFileResponse.ProtoReflect.Descriptor instead.
 func (*DeleteFileResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{109}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{111}
 }
 
 var File_switchboard_api_context_v1_context_proto protoreflect.FileDescriptor
@@ -8623,7 +8745,7 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\vcreate_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\xf5\x03\n" +
+	"updateTime\"\x96\x04\n" +
 	"\fConversation\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05title\x18\x02 \x01(\tR\x05title\x123\n" +
@@ -8641,7 +8763,9 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	" \x01(\x03R\fmessageCount\x12\x18\n" +
 	"\aversion\x18\v \x01(\x03R\aversion\x12#\n" +
 	"\ractive_branch\x18\f \x01(\x05R\factiveBranch\x12!\n" +
-	"\fbranch_count\x18\r \x01(\x05R\vbranchCount\"\xb9\x02\n" +
+	"\fbranch_count\x18\r \x01(\x05R\vbranchCount\x12\x1f\n" +
+	"\vforked_from\x18\x0e \x01(\tR\n" +
+	"forkedFrom\"\xb9\x02\n" +
 	"\vContentPart\x12\x14\n" +
 	"\x04text\x18\x01 \x01(\tH\x00R\x04text\x12-\n" +
 	"\x04data\x18\x02 \x01(\v2\x17.google.protobuf.StructH\x00R\x04data\x12?\n" +
@@ -8919,7 +9043,14 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x06branch\x18\x03 \x01(\x05R\x06branch\"\x7f\n" +
 	"\x15DeleteMessageResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x03(\tR\adeleted\x12L\n" +
-	"\fconversation\x18\x02 \x01(\v2(.switchboard.api.context.v1.ConversationR\fconversation\"c\n" +
+	"\fconversation\x18\x02 \x01(\v2(.switchboard.api.context.v1.ConversationR\fconversation\"\xa0\x01\n" +
+	"\x17ForkConversationRequest\x12\x18\n" +
+	"\amessage\x18\x01 \x01(\tR\amessage\x12L\n" +
+	"\fconversation\x18\x02 \x01(\v2(.switchboard.api.context.v1.ConversationR\fconversation\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"h\n" +
+	"\x18ForkConversationResponse\x12L\n" +
+	"\fconversation\x18\x01 \x01(\v2(.switchboard.api.context.v1.ConversationR\fconversation\"c\n" +
 	"\x13CreateBranchRequest\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12\x14\n" +
 	"\x05after\x18\x02 \x01(\tR\x05after\x12\x12\n" +
@@ -9261,7 +9392,7 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x1aCONTEXT_ITEM_REASON_RECENT\x10\x04\x12#\n" +
 	"\x1fCONTEXT_ITEM_REASON_OVER_BUDGET\x10\x05\x12\x1f\n" +
 	"\x1bCONTEXT_ITEM_REASON_EXPIRED\x10\x06\x12!\n" +
-	"\x1dCONTEXT_ITEM_REASON_RETRIEVED\x10\a2\x92*\n" +
+	"\x1dCONTEXT_ITEM_REASON_RETRIEVED\x10\a2\x91+\n" +
 	"\x0eContextService\x12z\n" +
 	"\x0fCreateWorkspace\x122.switchboard.api.context.v1.CreateWorkspaceRequest\x1a3.switchboard.api.context.v1.CreateWorkspaceResponse\x12v\n" +
 	"\fGetWorkspace\x12/.switchboard.api.context.v1.GetWorkspaceRequest\x1a0.switchboard.api.context.v1.GetWorkspaceResponse\"\x03\x90\x02\x01\x12|\n" +
@@ -9278,7 +9409,8 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x11ListConversations\x124.switchboard.api.context.v1.ListConversationsRequest\x1a5.switchboard.api.context.v1.ListConversationsResponse\"\x03\x90\x02\x01\x12\x83\x01\n" +
 	"\x12UpdateConversation\x125.switchboard.api.context.v1.UpdateConversationRequest\x1a6.switchboard.api.context.v1.UpdateConversationResponse\x12\x83\x01\n" +
 	"\x12DeleteConversation\x125.switchboard.api.context.v1.DeleteConversationRequest\x1a6.switchboard.api.context.v1.DeleteConversationResponse\x12\x89\x01\n" +
-	"\x14UndeleteConversation\x127.switchboard.api.context.v1.UndeleteConversationRequest\x1a8.switchboard.api.context.v1.UndeleteConversationResponse\x12t\n" +
+	"\x14UndeleteConversation\x127.switchboard.api.context.v1.UndeleteConversationRequest\x1a8.switchboard.api.context.v1.UndeleteConversationResponse\x12}\n" +
+	"\x10ForkConversation\x123.switchboard.api.context.v1.ForkConversationRequest\x1a4.switchboard.api.context.v1.ForkConversationResponse\x12t\n" +
 	"\rAppendMessage\x120.switchboard.api.context.v1.AppendMessageRequest\x1a1.switchboard.api.context.v1.AppendMessageResponse\x12p\n" +
 	"\n" +
 	"GetMessage\x12-.switchboard.api.context.v1.GetMessageRequest\x1a..switchboard.api.context.v1.GetMessageResponse\"\x03\x90\x02\x01\x12v\n" +
@@ -9324,7 +9456,7 @@ func file_switchboard_api_context_v1_context_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 14)
-var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 110)
+var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 112)
 var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(WorkspaceRole)(0),                    // 0: switchboard.api.context.v1.WorkspaceRole
 	(MessageRole)(0),                      // 1: switchboard.api.context.v1.MessageRole
@@ -9395,125 +9527,127 @@ var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(*ListMessagesResponse)(nil),          // 66: switchboard.api.context.v1.ListMessagesResponse
 	(*DeleteMessageRequest)(nil),          // 67: switchboard.api.context.v1.DeleteMessageRequest
 	(*DeleteMessageResponse)(nil),         // 68: switchboard.api.context.v1.DeleteMessageResponse
-	(*CreateBranchRequest)(nil),           // 69: switchboard.api.context.v1.CreateBranchRequest
-	(*CreateBranchResponse)(nil),          // 70: switchboard.api.context.v1.CreateBranchResponse
-	(*SwitchBranchRequest)(nil),           // 71: switchboard.api.context.v1.SwitchBranchRequest
-	(*SwitchBranchResponse)(nil),          // 72: switchboard.api.context.v1.SwitchBranchResponse
-	(*CreateMemoryItemRequest)(nil),       // 73: switchboard.api.context.v1.CreateMemoryItemRequest
-	(*CreateMemoryItemResponse)(nil),      // 74: switchboard.api.context.v1.CreateMemoryItemResponse
-	(*GetMemoryItemRequest)(nil),          // 75: switchboard.api.context.v1.GetMemoryItemRequest
-	(*GetMemoryItemResponse)(nil),         // 76: switchboard.api.context.v1.GetMemoryItemResponse
-	(*UpdateMemoryItemRequest)(nil),       // 77: switchboard.api.context.v1.UpdateMemoryItemRequest
-	(*UpdateMemoryItemResponse)(nil),      // 78: switchboard.api.context.v1.UpdateMemoryItemResponse
-	(*ListMemoryItemsRequest)(nil),        // 79: switchboard.api.context.v1.ListMemoryItemsRequest
-	(*ListMemoryItemsResponse)(nil),       // 80: switchboard.api.context.v1.ListMemoryItemsResponse
-	(*SearchMemoryItemsRequest)(nil),      // 81: switchboard.api.context.v1.SearchMemoryItemsRequest
-	(*SearchScores)(nil),                  // 82: switchboard.api.context.v1.SearchScores
-	(*ScoredMemoryItem)(nil),              // 83: switchboard.api.context.v1.ScoredMemoryItem
-	(*SearchMemoryItemsResponse)(nil),     // 84: switchboard.api.context.v1.SearchMemoryItemsResponse
-	(*SearchContextRequest)(nil),          // 85: switchboard.api.context.v1.SearchContextRequest
-	(*DocumentChunk)(nil),                 // 86: switchboard.api.context.v1.DocumentChunk
-	(*SearchResult)(nil),                  // 87: switchboard.api.context.v1.SearchResult
-	(*SearchContextResponse)(nil),         // 88: switchboard.api.context.v1.SearchContextResponse
-	(*SemanticIndex)(nil),                 // 89: switchboard.api.context.v1.SemanticIndex
-	(*GetSemanticIndexRequest)(nil),       // 90: switchboard.api.context.v1.GetSemanticIndexRequest
-	(*GetSemanticIndexResponse)(nil),      // 91: switchboard.api.context.v1.GetSemanticIndexResponse
-	(*UpdateSemanticIndexRequest)(nil),    // 92: switchboard.api.context.v1.UpdateSemanticIndexRequest
-	(*UpdateSemanticIndexResponse)(nil),   // 93: switchboard.api.context.v1.UpdateSemanticIndexResponse
-	(*DeleteMemoryItemRequest)(nil),       // 94: switchboard.api.context.v1.DeleteMemoryItemRequest
-	(*DeleteMemoryItemResponse)(nil),      // 95: switchboard.api.context.v1.DeleteMemoryItemResponse
-	(*GetContextWindowRequest)(nil),       // 96: switchboard.api.context.v1.GetContextWindowRequest
-	(*RetrievalOptions)(nil),              // 97: switchboard.api.context.v1.RetrievalOptions
-	(*ContextItem)(nil),                   // 98: switchboard.api.context.v1.ContextItem
-	(*ContextWindow)(nil),                 // 99: switchboard.api.context.v1.ContextWindow
-	(*GetContextWindowResponse)(nil),      // 100: switchboard.api.context.v1.GetContextWindowResponse
-	(*PruneConversationRequest)(nil),      // 101: switchboard.api.context.v1.PruneConversationRequest
-	(*PruneConversationResponse)(nil),     // 102: switchboard.api.context.v1.PruneConversationResponse
-	(*UploadFileHeader)(nil),              // 103: switchboard.api.context.v1.UploadFileHeader
-	(*UploadFileRequest)(nil),             // 104: switchboard.api.context.v1.UploadFileRequest
-	(*UploadFileResponse)(nil),            // 105: switchboard.api.context.v1.UploadFileResponse
-	(*StartUploadRequest)(nil),            // 106: switchboard.api.context.v1.StartUploadRequest
-	(*StartUploadResponse)(nil),           // 107: switchboard.api.context.v1.StartUploadResponse
-	(*AppendUploadRequest)(nil),           // 108: switchboard.api.context.v1.AppendUploadRequest
-	(*AppendUploadResponse)(nil),          // 109: switchboard.api.context.v1.AppendUploadResponse
-	(*GetUploadRequest)(nil),              // 110: switchboard.api.context.v1.GetUploadRequest
-	(*GetUploadResponse)(nil),             // 111: switchboard.api.context.v1.GetUploadResponse
-	(*FinishUploadRequest)(nil),           // 112: switchboard.api.context.v1.FinishUploadRequest
-	(*FinishUploadResponse)(nil),          // 113: switchboard.api.context.v1.FinishUploadResponse
-	(*CancelUploadRequest)(nil),           // 114: switchboard.api.context.v1.CancelUploadRequest
-	(*CancelUploadResponse)(nil),          // 115: switchboard.api.context.v1.CancelUploadResponse
-	(*GetFileRequest)(nil),                // 116: switchboard.api.context.v1.GetFileRequest
-	(*GetFileResponse)(nil),               // 117: switchboard.api.context.v1.GetFileResponse
-	(*ListFilesRequest)(nil),              // 118: switchboard.api.context.v1.ListFilesRequest
-	(*ListFilesResponse)(nil),             // 119: switchboard.api.context.v1.ListFilesResponse
-	(*DownloadFileRequest)(nil),           // 120: switchboard.api.context.v1.DownloadFileRequest
-	(*DownloadFileResponse)(nil),          // 121: switchboard.api.context.v1.DownloadFileResponse
-	(*DeleteFileRequest)(nil),             // 122: switchboard.api.context.v1.DeleteFileRequest
-	(*DeleteFileResponse)(nil),            // 123: switchboard.api.context.v1.DeleteFileResponse
-	(*timestamppb.Timestamp)(nil),         // 124: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),               // 125: google.protobuf.Struct
-	(*durationpb.Duration)(nil),           // 126: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),         // 127: google.protobuf.FieldMask
+	(*ForkConversationRequest)(nil),       // 69: switchboard.api.context.v1.ForkConversationRequest
+	(*ForkConversationResponse)(nil),      // 70: switchboard.api.context.v1.ForkConversationResponse
+	(*CreateBranchRequest)(nil),           // 71: switchboard.api.context.v1.CreateBranchRequest
+	(*CreateBranchResponse)(nil),          // 72: switchboard.api.context.v1.CreateBranchResponse
+	(*SwitchBranchRequest)(nil),           // 73: switchboard.api.context.v1.SwitchBranchRequest
+	(*SwitchBranchResponse)(nil),          // 74: switchboard.api.context.v1.SwitchBranchResponse
+	(*CreateMemoryItemRequest)(nil),       // 75: switchboard.api.context.v1.CreateMemoryItemRequest
+	(*CreateMemoryItemResponse)(nil),      // 76: switchboard.api.context.v1.CreateMemoryItemResponse
+	(*GetMemoryItemRequest)(nil),          // 77: switchboard.api.context.v1.GetMemoryItemRequest
+	(*GetMemoryItemResponse)(nil),         // 78: switchboard.api.context.v1.GetMemoryItemResponse
+	(*UpdateMemoryItemRequest)(nil),       // 79: switchboard.api.context.v1.UpdateMemoryItemRequest
+	(*UpdateMemoryItemResponse)(nil),      // 80: switchboard.api.context.v1.UpdateMemoryItemResponse
+	(*ListMemoryItemsRequest)(nil),        // 81: switchboard.api.context.v1.ListMemoryItemsRequest
+	(*ListMemoryItemsResponse)(nil),       // 82: switchboard.api.context.v1.ListMemoryItemsResponse
+	(*SearchMemoryItemsRequest)(nil),      // 83: switchboard.api.context.v1.SearchMemoryItemsRequest
+	(*SearchScores)(nil),                  // 84: switchboard.api.context.v1.SearchScores
+	(*ScoredMemoryItem)(nil),              // 85: switchboard.api.context.v1.ScoredMemoryItem
+	(*SearchMemoryItemsResponse)(nil),     // 86: switchboard.api.context.v1.SearchMemoryItemsResponse
+	(*SearchContextRequest)(nil),          // 87: switchboard.api.context.v1.SearchContextRequest
+	(*DocumentChunk)(nil),                 // 88: switchboard.api.context.v1.DocumentChunk
+	(*SearchResult)(nil),                  // 89: switchboard.api.context.v1.SearchResult
+	(*SearchContextResponse)(nil),         // 90: switchboard.api.context.v1.SearchContextResponse
+	(*SemanticIndex)(nil),                 // 91: switchboard.api.context.v1.SemanticIndex
+	(*GetSemanticIndexRequest)(nil),       // 92: switchboard.api.context.v1.GetSemanticIndexRequest
+	(*GetSemanticIndexResponse)(nil),      // 93: switchboard.api.context.v1.GetSemanticIndexResponse
+	(*UpdateSemanticIndexRequest)(nil),    // 94: switchboard.api.context.v1.UpdateSemanticIndexRequest
+	(*UpdateSemanticIndexResponse)(nil),   // 95: switchboard.api.context.v1.UpdateSemanticIndexResponse
+	(*DeleteMemoryItemRequest)(nil),       // 96: switchboard.api.context.v1.DeleteMemoryItemRequest
+	(*DeleteMemoryItemResponse)(nil),      // 97: switchboard.api.context.v1.DeleteMemoryItemResponse
+	(*GetContextWindowRequest)(nil),       // 98: switchboard.api.context.v1.GetContextWindowRequest
+	(*RetrievalOptions)(nil),              // 99: switchboard.api.context.v1.RetrievalOptions
+	(*ContextItem)(nil),                   // 100: switchboard.api.context.v1.ContextItem
+	(*ContextWindow)(nil),                 // 101: switchboard.api.context.v1.ContextWindow
+	(*GetContextWindowResponse)(nil),      // 102: switchboard.api.context.v1.GetContextWindowResponse
+	(*PruneConversationRequest)(nil),      // 103: switchboard.api.context.v1.PruneConversationRequest
+	(*PruneConversationResponse)(nil),     // 104: switchboard.api.context.v1.PruneConversationResponse
+	(*UploadFileHeader)(nil),              // 105: switchboard.api.context.v1.UploadFileHeader
+	(*UploadFileRequest)(nil),             // 106: switchboard.api.context.v1.UploadFileRequest
+	(*UploadFileResponse)(nil),            // 107: switchboard.api.context.v1.UploadFileResponse
+	(*StartUploadRequest)(nil),            // 108: switchboard.api.context.v1.StartUploadRequest
+	(*StartUploadResponse)(nil),           // 109: switchboard.api.context.v1.StartUploadResponse
+	(*AppendUploadRequest)(nil),           // 110: switchboard.api.context.v1.AppendUploadRequest
+	(*AppendUploadResponse)(nil),          // 111: switchboard.api.context.v1.AppendUploadResponse
+	(*GetUploadRequest)(nil),              // 112: switchboard.api.context.v1.GetUploadRequest
+	(*GetUploadResponse)(nil),             // 113: switchboard.api.context.v1.GetUploadResponse
+	(*FinishUploadRequest)(nil),           // 114: switchboard.api.context.v1.FinishUploadRequest
+	(*FinishUploadResponse)(nil),          // 115: switchboard.api.context.v1.FinishUploadResponse
+	(*CancelUploadRequest)(nil),           // 116: switchboard.api.context.v1.CancelUploadRequest
+	(*CancelUploadResponse)(nil),          // 117: switchboard.api.context.v1.CancelUploadResponse
+	(*GetFileRequest)(nil),                // 118: switchboard.api.context.v1.GetFileRequest
+	(*GetFileResponse)(nil),               // 119: switchboard.api.context.v1.GetFileResponse
+	(*ListFilesRequest)(nil),              // 120: switchboard.api.context.v1.ListFilesRequest
+	(*ListFilesResponse)(nil),             // 121: switchboard.api.context.v1.ListFilesResponse
+	(*DownloadFileRequest)(nil),           // 122: switchboard.api.context.v1.DownloadFileRequest
+	(*DownloadFileResponse)(nil),          // 123: switchboard.api.context.v1.DownloadFileResponse
+	(*DeleteFileRequest)(nil),             // 124: switchboard.api.context.v1.DeleteFileRequest
+	(*DeleteFileResponse)(nil),            // 125: switchboard.api.context.v1.DeleteFileResponse
+	(*timestamppb.Timestamp)(nil),         // 126: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),               // 127: google.protobuf.Struct
+	(*durationpb.Duration)(nil),           // 128: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 129: google.protobuf.FieldMask
 }
 var file_switchboard_api_context_v1_context_proto_depIdxs = []int32{
-	124, // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
-	124, // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
-	124, // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
+	126, // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
+	126, // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
+	126, // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
 	0,   // 3: switchboard.api.context.v1.Workspace.caller_role:type_name -> switchboard.api.context.v1.WorkspaceRole
 	27,  // 4: switchboard.api.context.v1.Workspace.memory_policy:type_name -> switchboard.api.context.v1.MemoryPolicy
 	0,   // 5: switchboard.api.context.v1.WorkspaceMember.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	124, // 6: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
-	124, // 7: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
-	125, // 8: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
-	124, // 9: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
-	124, // 10: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
-	124, // 11: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
-	125, // 12: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
+	126, // 6: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
+	126, // 7: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
+	127, // 8: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
+	126, // 9: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
+	126, // 10: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
+	126, // 11: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
+	127, // 12: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
 	20,  // 13: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
 	18,  // 14: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
 	19,  // 15: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
-	125, // 16: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
+	127, // 16: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
 	20,  // 17: switchboard.api.context.v1.ToolResultContent.files:type_name -> switchboard.api.context.v1.FileReference
 	2,   // 18: switchboard.api.context.v1.File.kind:type_name -> switchboard.api.context.v1.FileKind
 	3,   // 19: switchboard.api.context.v1.File.text_state:type_name -> switchboard.api.context.v1.FileTextState
-	125, // 20: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
-	124, // 21: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
-	124, // 22: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
-	124, // 23: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
-	125, // 24: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
+	127, // 20: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
+	126, // 21: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
+	126, // 22: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
+	126, // 23: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
+	127, // 24: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
 	1,   // 25: switchboard.api.context.v1.Message.role:type_name -> switchboard.api.context.v1.MessageRole
 	17,  // 26: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
-	125, // 27: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
-	124, // 28: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
+	127, // 27: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
+	126, // 28: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
 	5,   // 29: switchboard.api.context.v1.MemoryItem.kind:type_name -> switchboard.api.context.v1.MemoryKind
-	125, // 30: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
-	124, // 31: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
-	124, // 32: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
-	124, // 33: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
-	124, // 34: switchboard.api.context.v1.MemoryItem.valid_time:type_name -> google.protobuf.Timestamp
-	124, // 35: switchboard.api.context.v1.MemoryItem.invalid_time:type_name -> google.protobuf.Timestamp
+	127, // 30: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
+	126, // 31: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
+	126, // 32: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
+	126, // 33: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
+	126, // 34: switchboard.api.context.v1.MemoryItem.valid_time:type_name -> google.protobuf.Timestamp
+	126, // 35: switchboard.api.context.v1.MemoryItem.invalid_time:type_name -> google.protobuf.Timestamp
 	25,  // 36: switchboard.api.context.v1.MemoryItem.formation:type_name -> switchboard.api.context.v1.MemoryFormation
 	7,   // 37: switchboard.api.context.v1.MemoryItemVersion.change:type_name -> switchboard.api.context.v1.MemoryChange
-	124, // 38: switchboard.api.context.v1.MemoryItemVersion.change_time:type_name -> google.protobuf.Timestamp
-	124, // 39: switchboard.api.context.v1.MemoryItemVersion.valid_time:type_name -> google.protobuf.Timestamp
-	124, // 40: switchboard.api.context.v1.MemoryItemVersion.invalid_time:type_name -> google.protobuf.Timestamp
+	126, // 38: switchboard.api.context.v1.MemoryItemVersion.change_time:type_name -> google.protobuf.Timestamp
+	126, // 39: switchboard.api.context.v1.MemoryItemVersion.valid_time:type_name -> google.protobuf.Timestamp
+	126, // 40: switchboard.api.context.v1.MemoryItemVersion.invalid_time:type_name -> google.protobuf.Timestamp
 	8,   // 41: switchboard.api.context.v1.MemoryPolicy.mode:type_name -> switchboard.api.context.v1.MemoryFormingMode
 	28,  // 42: switchboard.api.context.v1.MemoryPolicy.categories:type_name -> switchboard.api.context.v1.MemoryCategoryRule
 	9,   // 43: switchboard.api.context.v1.MemoryCategoryRule.category:type_name -> switchboard.api.context.v1.MemoryCategory
-	126, // 44: switchboard.api.context.v1.MemoryCategoryRule.ttl:type_name -> google.protobuf.Duration
+	128, // 44: switchboard.api.context.v1.MemoryCategoryRule.ttl:type_name -> google.protobuf.Duration
 	14,  // 45: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
 	14,  // 46: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
 	14,  // 47: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
 	14,  // 48: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
 	14,  // 49: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	127, // 50: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
+	129, // 50: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
 	14,  // 51: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
 	14,  // 52: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
 	14,  // 53: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
 	0,   // 54: switchboard.api.context.v1.AddWorkspaceMemberRequest.role:type_name -> switchboard.api.context.v1.WorkspaceRole
 	15,  // 55: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
 	15,  // 56: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	127, // 57: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
+	129, // 57: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
 	15,  // 58: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
 	15,  // 59: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
 	16,  // 60: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
@@ -9521,7 +9655,7 @@ var file_switchboard_api_context_v1_context_proto_depIdxs = []int32{
 	16,  // 62: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
 	16,  // 63: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
 	16,  // 64: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	127, // 65: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	129, // 65: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
 	16,  // 66: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
 	16,  // 67: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
 	16,  // 68: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
@@ -9530,157 +9664,161 @@ var file_switchboard_api_context_v1_context_proto_depIdxs = []int32{
 	23,  // 71: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
 	23,  // 72: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
 	16,  // 73: switchboard.api.context.v1.DeleteMessageResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 74: switchboard.api.context.v1.CreateBranchResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 75: switchboard.api.context.v1.SwitchBranchResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	24,  // 76: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	24,  // 77: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	24,  // 78: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	26,  // 79: switchboard.api.context.v1.GetMemoryItemResponse.history:type_name -> switchboard.api.context.v1.MemoryItemVersion
-	24,  // 80: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	127, // 81: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
-	24,  // 82: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	5,   // 83: switchboard.api.context.v1.ListMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
-	6,   // 84: switchboard.api.context.v1.ListMemoryItemsRequest.validity:type_name -> switchboard.api.context.v1.MemoryValidity
-	124, // 85: switchboard.api.context.v1.ListMemoryItemsRequest.valid_at:type_name -> google.protobuf.Timestamp
-	24,  // 86: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
-	5,   // 87: switchboard.api.context.v1.SearchMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
-	10,  // 88: switchboard.api.context.v1.SearchMemoryItemsRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
-	24,  // 89: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	82,  // 90: switchboard.api.context.v1.ScoredMemoryItem.scores:type_name -> switchboard.api.context.v1.SearchScores
-	83,  // 91: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
-	10,  // 92: switchboard.api.context.v1.SearchMemoryItemsResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
-	11,  // 93: switchboard.api.context.v1.SearchMemoryItemsResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
-	10,  // 94: switchboard.api.context.v1.SearchContextRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
-	24,  // 95: switchboard.api.context.v1.SearchResult.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	23,  // 96: switchboard.api.context.v1.SearchResult.message:type_name -> switchboard.api.context.v1.Message
-	86,  // 97: switchboard.api.context.v1.SearchResult.document_chunk:type_name -> switchboard.api.context.v1.DocumentChunk
-	82,  // 98: switchboard.api.context.v1.SearchResult.scores:type_name -> switchboard.api.context.v1.SearchScores
-	87,  // 99: switchboard.api.context.v1.SearchContextResponse.results:type_name -> switchboard.api.context.v1.SearchResult
-	10,  // 100: switchboard.api.context.v1.SearchContextResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
-	11,  // 101: switchboard.api.context.v1.SearchContextResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
-	12,  // 102: switchboard.api.context.v1.SemanticIndex.state:type_name -> switchboard.api.context.v1.SemanticIndexState
-	124, // 103: switchboard.api.context.v1.SemanticIndex.update_time:type_name -> google.protobuf.Timestamp
-	89,  // 104: switchboard.api.context.v1.GetSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	89,  // 105: switchboard.api.context.v1.UpdateSemanticIndexRequest.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	127, // 106: switchboard.api.context.v1.UpdateSemanticIndexRequest.update_mask:type_name -> google.protobuf.FieldMask
-	89,  // 107: switchboard.api.context.v1.UpdateSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	97,  // 108: switchboard.api.context.v1.GetContextWindowRequest.retrieval:type_name -> switchboard.api.context.v1.RetrievalOptions
-	124, // 109: switchboard.api.context.v1.GetContextWindowRequest.valid_at:type_name -> google.protobuf.Timestamp
-	10,  // 110: switchboard.api.context.v1.RetrievalOptions.mode:type_name -> switchboard.api.context.v1.SearchMode
-	23,  // 111: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
-	24,  // 112: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	87,  // 113: switchboard.api.context.v1.ContextItem.retrieved:type_name -> switchboard.api.context.v1.SearchResult
-	13,  // 114: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
-	98,  // 115: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
-	98,  // 116: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
-	10,  // 117: switchboard.api.context.v1.ContextWindow.retrieval_mode:type_name -> switchboard.api.context.v1.SearchMode
-	11,  // 118: switchboard.api.context.v1.ContextWindow.retrieval_fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
-	99,  // 119: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
-	24,  // 120: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
-	21,  // 121: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
-	103, // 122: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
-	21,  // 123: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
-	21,  // 124: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
-	22,  // 125: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	22,  // 126: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	22,  // 127: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	21,  // 128: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
-	4,   // 129: switchboard.api.context.v1.GetFileRequest.view:type_name -> switchboard.api.context.v1.FileView
-	21,  // 130: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
-	2,   // 131: switchboard.api.context.v1.ListFilesRequest.kinds:type_name -> switchboard.api.context.v1.FileKind
-	21,  // 132: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
-	21,  // 133: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
-	29,  // 134: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
-	31,  // 135: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
-	33,  // 136: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
-	35,  // 137: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
-	37,  // 138: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
-	39,  // 139: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
-	41,  // 140: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
-	43,  // 141: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	45,  // 142: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	47,  // 143: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
-	49,  // 144: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
-	51,  // 145: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
-	53,  // 146: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
-	55,  // 147: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
-	57,  // 148: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
-	59,  // 149: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
-	61,  // 150: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
-	63,  // 151: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
-	65,  // 152: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
-	67,  // 153: switchboard.api.context.v1.ContextService.DeleteMessage:input_type -> switchboard.api.context.v1.DeleteMessageRequest
-	69,  // 154: switchboard.api.context.v1.ContextService.CreateBranch:input_type -> switchboard.api.context.v1.CreateBranchRequest
-	71,  // 155: switchboard.api.context.v1.ContextService.SwitchBranch:input_type -> switchboard.api.context.v1.SwitchBranchRequest
-	73,  // 156: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
-	75,  // 157: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
-	77,  // 158: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
-	79,  // 159: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
-	81,  // 160: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
-	85,  // 161: switchboard.api.context.v1.ContextService.SearchContext:input_type -> switchboard.api.context.v1.SearchContextRequest
-	90,  // 162: switchboard.api.context.v1.ContextService.GetSemanticIndex:input_type -> switchboard.api.context.v1.GetSemanticIndexRequest
-	92,  // 163: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:input_type -> switchboard.api.context.v1.UpdateSemanticIndexRequest
-	94,  // 164: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
-	96,  // 165: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
-	101, // 166: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
-	104, // 167: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
-	106, // 168: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
-	108, // 169: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
-	110, // 170: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
-	112, // 171: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
-	114, // 172: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
-	116, // 173: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
-	118, // 174: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
-	120, // 175: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
-	122, // 176: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
-	30,  // 177: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
-	32,  // 178: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
-	34,  // 179: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
-	36,  // 180: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
-	38,  // 181: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
-	40,  // 182: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
-	42,  // 183: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
-	44,  // 184: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	46,  // 185: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	48,  // 186: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
-	50,  // 187: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
-	52,  // 188: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
-	54,  // 189: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
-	56,  // 190: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
-	58,  // 191: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
-	60,  // 192: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
-	62,  // 193: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
-	64,  // 194: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
-	66,  // 195: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
-	68,  // 196: switchboard.api.context.v1.ContextService.DeleteMessage:output_type -> switchboard.api.context.v1.DeleteMessageResponse
-	70,  // 197: switchboard.api.context.v1.ContextService.CreateBranch:output_type -> switchboard.api.context.v1.CreateBranchResponse
-	72,  // 198: switchboard.api.context.v1.ContextService.SwitchBranch:output_type -> switchboard.api.context.v1.SwitchBranchResponse
-	74,  // 199: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
-	76,  // 200: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
-	78,  // 201: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
-	80,  // 202: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
-	84,  // 203: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
-	88,  // 204: switchboard.api.context.v1.ContextService.SearchContext:output_type -> switchboard.api.context.v1.SearchContextResponse
-	91,  // 205: switchboard.api.context.v1.ContextService.GetSemanticIndex:output_type -> switchboard.api.context.v1.GetSemanticIndexResponse
-	93,  // 206: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:output_type -> switchboard.api.context.v1.UpdateSemanticIndexResponse
-	95,  // 207: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
-	100, // 208: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
-	102, // 209: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
-	105, // 210: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
-	107, // 211: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
-	109, // 212: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
-	111, // 213: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
-	113, // 214: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
-	115, // 215: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
-	117, // 216: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
-	119, // 217: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
-	121, // 218: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
-	123, // 219: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
-	177, // [177:220] is the sub-list for method output_type
-	134, // [134:177] is the sub-list for method input_type
-	134, // [134:134] is the sub-list for extension type_name
-	134, // [134:134] is the sub-list for extension extendee
-	0,   // [0:134] is the sub-list for field type_name
+	16,  // 74: switchboard.api.context.v1.ForkConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 75: switchboard.api.context.v1.ForkConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 76: switchboard.api.context.v1.CreateBranchResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 77: switchboard.api.context.v1.SwitchBranchResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	24,  // 78: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	24,  // 79: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	24,  // 80: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	26,  // 81: switchboard.api.context.v1.GetMemoryItemResponse.history:type_name -> switchboard.api.context.v1.MemoryItemVersion
+	24,  // 82: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	129, // 83: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
+	24,  // 84: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	5,   // 85: switchboard.api.context.v1.ListMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
+	6,   // 86: switchboard.api.context.v1.ListMemoryItemsRequest.validity:type_name -> switchboard.api.context.v1.MemoryValidity
+	126, // 87: switchboard.api.context.v1.ListMemoryItemsRequest.valid_at:type_name -> google.protobuf.Timestamp
+	24,  // 88: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
+	5,   // 89: switchboard.api.context.v1.SearchMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
+	10,  // 90: switchboard.api.context.v1.SearchMemoryItemsRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
+	24,  // 91: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	84,  // 92: switchboard.api.context.v1.ScoredMemoryItem.scores:type_name -> switchboard.api.context.v1.SearchScores
+	85,  // 93: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
+	10,  // 94: switchboard.api.context.v1.SearchMemoryItemsResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
+	11,  // 95: switchboard.api.context.v1.SearchMemoryItemsResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	10,  // 96: switchboard.api.context.v1.SearchContextRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
+	24,  // 97: switchboard.api.context.v1.SearchResult.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	23,  // 98: switchboard.api.context.v1.SearchResult.message:type_name -> switchboard.api.context.v1.Message
+	88,  // 99: switchboard.api.context.v1.SearchResult.document_chunk:type_name -> switchboard.api.context.v1.DocumentChunk
+	84,  // 100: switchboard.api.context.v1.SearchResult.scores:type_name -> switchboard.api.context.v1.SearchScores
+	89,  // 101: switchboard.api.context.v1.SearchContextResponse.results:type_name -> switchboard.api.context.v1.SearchResult
+	10,  // 102: switchboard.api.context.v1.SearchContextResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
+	11,  // 103: switchboard.api.context.v1.SearchContextResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	12,  // 104: switchboard.api.context.v1.SemanticIndex.state:type_name -> switchboard.api.context.v1.SemanticIndexState
+	126, // 105: switchboard.api.context.v1.SemanticIndex.update_time:type_name -> google.protobuf.Timestamp
+	91,  // 106: switchboard.api.context.v1.GetSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	91,  // 107: switchboard.api.context.v1.UpdateSemanticIndexRequest.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	129, // 108: switchboard.api.context.v1.UpdateSemanticIndexRequest.update_mask:type_name -> google.protobuf.FieldMask
+	91,  // 109: switchboard.api.context.v1.UpdateSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	99,  // 110: switchboard.api.context.v1.GetContextWindowRequest.retrieval:type_name -> switchboard.api.context.v1.RetrievalOptions
+	126, // 111: switchboard.api.context.v1.GetContextWindowRequest.valid_at:type_name -> google.protobuf.Timestamp
+	10,  // 112: switchboard.api.context.v1.RetrievalOptions.mode:type_name -> switchboard.api.context.v1.SearchMode
+	23,  // 113: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
+	24,  // 114: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	89,  // 115: switchboard.api.context.v1.ContextItem.retrieved:type_name -> switchboard.api.context.v1.SearchResult
+	13,  // 116: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
+	100, // 117: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
+	100, // 118: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
+	10,  // 119: switchboard.api.context.v1.ContextWindow.retrieval_mode:type_name -> switchboard.api.context.v1.SearchMode
+	11,  // 120: switchboard.api.context.v1.ContextWindow.retrieval_fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
+	101, // 121: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
+	24,  // 122: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
+	21,  // 123: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
+	105, // 124: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
+	21,  // 125: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	21,  // 126: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
+	22,  // 127: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	22,  // 128: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	22,  // 129: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	21,  // 130: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
+	4,   // 131: switchboard.api.context.v1.GetFileRequest.view:type_name -> switchboard.api.context.v1.FileView
+	21,  // 132: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
+	2,   // 133: switchboard.api.context.v1.ListFilesRequest.kinds:type_name -> switchboard.api.context.v1.FileKind
+	21,  // 134: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
+	21,  // 135: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	29,  // 136: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
+	31,  // 137: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
+	33,  // 138: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
+	35,  // 139: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
+	37,  // 140: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
+	39,  // 141: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
+	41,  // 142: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
+	43,  // 143: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	45,  // 144: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	47,  // 145: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
+	49,  // 146: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
+	51,  // 147: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
+	53,  // 148: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
+	55,  // 149: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
+	57,  // 150: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
+	59,  // 151: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
+	69,  // 152: switchboard.api.context.v1.ContextService.ForkConversation:input_type -> switchboard.api.context.v1.ForkConversationRequest
+	61,  // 153: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
+	63,  // 154: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
+	65,  // 155: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
+	67,  // 156: switchboard.api.context.v1.ContextService.DeleteMessage:input_type -> switchboard.api.context.v1.DeleteMessageRequest
+	71,  // 157: switchboard.api.context.v1.ContextService.CreateBranch:input_type -> switchboard.api.context.v1.CreateBranchRequest
+	73,  // 158: switchboard.api.context.v1.ContextService.SwitchBranch:input_type -> switchboard.api.context.v1.SwitchBranchRequest
+	75,  // 159: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
+	77,  // 160: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
+	79,  // 161: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
+	81,  // 162: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
+	83,  // 163: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
+	87,  // 164: switchboard.api.context.v1.ContextService.SearchContext:input_type -> switchboard.api.context.v1.SearchContextRequest
+	92,  // 165: switchboard.api.context.v1.ContextService.GetSemanticIndex:input_type -> switchboard.api.context.v1.GetSemanticIndexRequest
+	94,  // 166: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:input_type -> switchboard.api.context.v1.UpdateSemanticIndexRequest
+	96,  // 167: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
+	98,  // 168: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
+	103, // 169: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
+	106, // 170: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
+	108, // 171: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
+	110, // 172: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
+	112, // 173: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
+	114, // 174: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
+	116, // 175: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
+	118, // 176: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
+	120, // 177: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
+	122, // 178: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
+	124, // 179: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
+	30,  // 180: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
+	32,  // 181: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
+	34,  // 182: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
+	36,  // 183: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
+	38,  // 184: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
+	40,  // 185: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
+	42,  // 186: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
+	44,  // 187: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	46,  // 188: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	48,  // 189: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
+	50,  // 190: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
+	52,  // 191: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
+	54,  // 192: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
+	56,  // 193: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
+	58,  // 194: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
+	60,  // 195: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
+	70,  // 196: switchboard.api.context.v1.ContextService.ForkConversation:output_type -> switchboard.api.context.v1.ForkConversationResponse
+	62,  // 197: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
+	64,  // 198: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
+	66,  // 199: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
+	68,  // 200: switchboard.api.context.v1.ContextService.DeleteMessage:output_type -> switchboard.api.context.v1.DeleteMessageResponse
+	72,  // 201: switchboard.api.context.v1.ContextService.CreateBranch:output_type -> switchboard.api.context.v1.CreateBranchResponse
+	74,  // 202: switchboard.api.context.v1.ContextService.SwitchBranch:output_type -> switchboard.api.context.v1.SwitchBranchResponse
+	76,  // 203: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
+	78,  // 204: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
+	80,  // 205: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
+	82,  // 206: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
+	86,  // 207: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
+	90,  // 208: switchboard.api.context.v1.ContextService.SearchContext:output_type -> switchboard.api.context.v1.SearchContextResponse
+	93,  // 209: switchboard.api.context.v1.ContextService.GetSemanticIndex:output_type -> switchboard.api.context.v1.GetSemanticIndexResponse
+	95,  // 210: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:output_type -> switchboard.api.context.v1.UpdateSemanticIndexResponse
+	97,  // 211: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
+	102, // 212: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
+	104, // 213: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
+	107, // 214: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
+	109, // 215: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
+	111, // 216: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
+	113, // 217: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
+	115, // 218: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
+	117, // 219: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
+	119, // 220: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
+	121, // 221: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
+	123, // 222: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
+	125, // 223: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
+	180, // [180:224] is the sub-list for method output_type
+	136, // [136:180] is the sub-list for method input_type
+	136, // [136:136] is the sub-list for extension type_name
+	136, // [136:136] is the sub-list for extension extendee
+	0,   // [0:136] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_context_v1_context_proto_init() }
@@ -9695,18 +9833,18 @@ func file_switchboard_api_context_v1_context_proto_init() {
 		(*ContentPart_ToolCall)(nil),
 		(*ContentPart_ToolResult)(nil),
 	}
-	file_switchboard_api_context_v1_context_proto_msgTypes[68].OneofWrappers = []any{}
-	file_switchboard_api_context_v1_context_proto_msgTypes[73].OneofWrappers = []any{
+	file_switchboard_api_context_v1_context_proto_msgTypes[70].OneofWrappers = []any{}
+	file_switchboard_api_context_v1_context_proto_msgTypes[75].OneofWrappers = []any{
 		(*SearchResult_MemoryItem)(nil),
 		(*SearchResult_Message)(nil),
 		(*SearchResult_DocumentChunk)(nil),
 	}
-	file_switchboard_api_context_v1_context_proto_msgTypes[84].OneofWrappers = []any{
+	file_switchboard_api_context_v1_context_proto_msgTypes[86].OneofWrappers = []any{
 		(*ContextItem_Message)(nil),
 		(*ContextItem_MemoryItem)(nil),
 		(*ContextItem_Retrieved)(nil),
 	}
-	file_switchboard_api_context_v1_context_proto_msgTypes[90].OneofWrappers = []any{
+	file_switchboard_api_context_v1_context_proto_msgTypes[92].OneofWrappers = []any{
 		(*UploadFileRequest_Header)(nil),
 		(*UploadFileRequest_Chunk)(nil),
 		(*UploadFileRequest_Sha256)(nil),
@@ -9717,7 +9855,7 @@ func file_switchboard_api_context_v1_context_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_context_v1_context_proto_rawDesc), len(file_switchboard_api_context_v1_context_proto_rawDesc)),
 			NumEnums:      14,
-			NumMessages:   110,
+			NumMessages:   112,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

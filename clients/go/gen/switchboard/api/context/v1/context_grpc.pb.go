@@ -35,6 +35,7 @@ const (
 	ContextService_UpdateConversation_FullMethodName    = "/switchboard.api.context.v1.ContextService/UpdateConversation"
 	ContextService_DeleteConversation_FullMethodName    = "/switchboard.api.context.v1.ContextService/DeleteConversation"
 	ContextService_UndeleteConversation_FullMethodName  = "/switchboard.api.context.v1.ContextService/UndeleteConversation"
+	ContextService_ForkConversation_FullMethodName      = "/switchboard.api.context.v1.ContextService/ForkConversation"
 	ContextService_AppendMessage_FullMethodName         = "/switchboard.api.context.v1.ContextService/AppendMessage"
 	ContextService_GetMessage_FullMethodName            = "/switchboard.api.context.v1.ContextService/GetMessage"
 	ContextService_ListMessages_FullMethodName          = "/switchboard.api.context.v1.ContextService/ListMessages"
@@ -106,6 +107,9 @@ type ContextServiceClient interface {
 	DeleteConversation(ctx context.Context, in *DeleteConversationRequest, opts ...grpc.CallOption) (*DeleteConversationResponse, error)
 	// Restores a soft-deleted conversation before it is purged.
 	UndeleteConversation(ctx context.Context, in *UndeleteConversationRequest, opts ...grpc.CallOption) (*UndeleteConversationResponse, error)
+	// Starts a new conversation that shares another's history up to a message
+	// (nothing is copied) and goes on its own from there.
+	ForkConversation(ctx context.Context, in *ForkConversationRequest, opts ...grpc.CallOption) (*ForkConversationResponse, error)
 	// Appends a message to a conversation.
 	AppendMessage(ctx context.Context, in *AppendMessageRequest, opts ...grpc.CallOption) (*AppendMessageResponse, error)
 	// Gets one message.
@@ -337,6 +341,16 @@ func (c *contextServiceClient) UndeleteConversation(ctx context.Context, in *Und
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(UndeleteConversationResponse)
 	err := c.cc.Invoke(ctx, ContextService_UndeleteConversation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) ForkConversation(ctx context.Context, in *ForkConversationRequest, opts ...grpc.CallOption) (*ForkConversationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ForkConversationResponse)
+	err := c.cc.Invoke(ctx, ContextService_ForkConversation_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -667,6 +681,9 @@ type ContextServiceServer interface {
 	DeleteConversation(context.Context, *DeleteConversationRequest) (*DeleteConversationResponse, error)
 	// Restores a soft-deleted conversation before it is purged.
 	UndeleteConversation(context.Context, *UndeleteConversationRequest) (*UndeleteConversationResponse, error)
+	// Starts a new conversation that shares another's history up to a message
+	// (nothing is copied) and goes on its own from there.
+	ForkConversation(context.Context, *ForkConversationRequest) (*ForkConversationResponse, error)
 	// Appends a message to a conversation.
 	AppendMessage(context.Context, *AppendMessageRequest) (*AppendMessageResponse, error)
 	// Gets one message.
@@ -791,6 +808,9 @@ func (UnimplementedContextServiceServer) DeleteConversation(context.Context, *De
 }
 func (UnimplementedContextServiceServer) UndeleteConversation(context.Context, *UndeleteConversationRequest) (*UndeleteConversationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UndeleteConversation not implemented")
+}
+func (UnimplementedContextServiceServer) ForkConversation(context.Context, *ForkConversationRequest) (*ForkConversationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ForkConversation not implemented")
 }
 func (UnimplementedContextServiceServer) AppendMessage(context.Context, *AppendMessageRequest) (*AppendMessageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method AppendMessage not implemented")
@@ -1178,6 +1198,24 @@ func _ContextService_UndeleteConversation_Handler(srv interface{}, ctx context.C
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ContextServiceServer).UndeleteConversation(ctx, req.(*UndeleteConversationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_ForkConversation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ForkConversationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).ForkConversation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_ForkConversation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).ForkConversation(ctx, req.(*ForkConversationRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -1720,6 +1758,10 @@ var ContextService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UndeleteConversation",
 			Handler:    _ContextService_UndeleteConversation_Handler,
+		},
+		{
+			MethodName: "ForkConversation",
+			Handler:    _ContextService_ForkConversation_Handler,
 		},
 		{
 			MethodName: "AppendMessage",
