@@ -14,6 +14,7 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.settings import Settings
 from tests.conftest import CALL_DEADLINE_S, make_settings
+from tests.context.files.test_files import upload
 from tests.kits.contextkit import (
     Caller,
     EventTap,
@@ -427,3 +428,47 @@ async def test_bad_requests_are_refused_precisely(stub: Stub, world: World) -> N
         edit(stub, world.owner, q1, "one too many", branch=1), grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     assert "6 branches" in str(error.details())
+
+
+async def test_delete_removes_the_files_a_message_stored_not_those_it_named(
+    stub: Stub, world: World, events: EventTap
+) -> None:
+    conversation = (await create_conversation(stub, world.owner, world.name)).name
+    uploaded = await upload(
+        stub, world.owner, world.name, b"shared notes", media_type="text/plain", display_name="n"
+    )
+    message = pb.Message(
+        role=pb.MESSAGE_ROLE_USER,
+        parts=[
+            pb.ContentPart(text="my recording and the notes"),
+            pb.ContentPart(
+                file=pb.FileReference(
+                    inline_data=b"private words", mime_type="text/plain", display_name="mine"
+                )
+            ),
+            pb.ContentPart(file=pb.FileReference(file=uploaded.name)),
+        ],
+    )
+    stored = await append(stub, world.owner, conversation, message=message)
+    own = stored.parts[1].file.file
+    assert own
+    assert own != uploaded.name
+    events.take()
+    await stub.DeleteMessage(
+        pb.DeleteMessageRequest(name=stored.name), metadata=world.owner.md, timeout=CALL_DEADLINE_S
+    )
+    gone = [
+        e.file_changed.file.name
+        for e in events.take()
+        if e.type == events_pb2.EVENT_TYPE_FILE_CHANGED
+        and e.file_changed.change == events_pb2.CHANGE_KIND_DELETED
+    ]
+    assert gone == [own]
+    await refused(
+        stub.GetFile(pb.GetFileRequest(name=own), metadata=world.owner.md, timeout=CALL_DEADLINE_S),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    kept = await stub.GetFile(
+        pb.GetFileRequest(name=uploaded.name), metadata=world.owner.md, timeout=CALL_DEADLINE_S
+    )
+    assert kept.file.name == uploaded.name

@@ -31,6 +31,7 @@ from switchboard.context.common import (
     stored,
     write,
 )
+from switchboard.context.files.mapping import file_event
 from switchboard.context.mapping import MESSAGE_ROLES, conversation_proto, message_proto
 from switchboard.context.messages.attachments import (
     Attached,
@@ -63,6 +64,7 @@ from switchboard.platform.store import pagination
 from switchboard.platform.values.names import new_id
 from switchboard.platform.values.resources import (
     ConversationName,
+    FileName,
     MessageName,
     ToolName,
     WorkspaceName,
@@ -304,6 +306,7 @@ class Messages(Domain):
             branch=request.branch,
             replaces=await self._replaced(principal, request),
             max_branches=self.limits.max_branches,
+            owned_files=[FileName.parse(name, "file").file for name in attached.stored],
         )
         key = request_key(principal, "AppendMessage", request)
         staged = self.common.staged(
@@ -574,6 +577,12 @@ def _deleted_events(
         *(
             memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
             for row in done.updated_memory
+        ),
+        *(
+            file_event(
+                events_pb2.Actor(name=principal.user_name), events_pb2.CHANGE_KIND_DELETED, row
+            )
+            for row in done.files
         ),
         conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done.conversation),
     ]

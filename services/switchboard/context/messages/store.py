@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from switchboard.context.branches import store as branching
+from switchboard.context.files.store import FileRecord, file_record
 from switchboard.context.records import (
     ConversationRecord,
     MemoryRecord,
@@ -33,7 +34,14 @@ from switchboard.context.storebase import (
     message_record,
 )
 from switchboard.platform.errors import FailedPrecondition, NotFound
-from switchboard.platform.store.models import ConversationRow, MemoryItemRow, MessageRow, table_of
+from switchboard.platform.store.models import (
+    ConversationRow,
+    FileRow,
+    MemoryItemRow,
+    MessageFileRow,
+    MessageRow,
+    table_of,
+)
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import Idempotency, claim, retrying
@@ -134,6 +142,8 @@ class NewMessage:
     branch: int = 0
     replaces: str = ""
     max_branches: int = 0
+    #: The ids of the files the append stored for it (deleted with it).
+    owned_files: Sequence[str] = ()
 
 
 class MessageStore(StoreBase):
@@ -226,6 +236,11 @@ class MessageStore(StoreBase):
                 "parent_seq": parent_seq,
             }
             self._insert_message(connection, values, new.words)
+            if new.owned_files:
+                connection.execute(
+                    sa.insert(MessageFileRow),
+                    [{"message_id": new.id, "file_id": f} for f in new.owned_files],
+                )
             _COUNT_MESSAGE.execute(
                 connection,
                 {"conversation": conversation_id, "seq": seq, "stamp": stamp, "tokens": new.tokens},
@@ -418,7 +433,9 @@ class MessageStore(StoreBase):
             for record in doomed:
                 may_delete(record)
             ids = [record.id for record in doomed]
-            # SQLite's words go by the trigger of migration 0023, PostgreSQL's with the row.
+            files = _delete_owned_files(db, ids)
+            # SQLite's words go by the trigger of migration 0023, PostgreSQL's with the row
+            # (and ``message_files`` with it).
             db.execute(sa.delete(MessageRow).where(MessageRow.id.in_(ids)))
             names = {_name(workspace_id, record) for record in doomed}
             deleted_memory, updated_memory = self._forget_citations(
@@ -452,7 +469,7 @@ class MessageStore(StoreBase):
                 message_count=conversation.message_count - len(live),
                 token_count=conversation.token_count - tokens,
             )
-            return Deleted(doomed, deleted_memory, updated_memory, after)
+            return Deleted(doomed, deleted_memory, updated_memory, after, files)
 
         return await retrying(lambda: self._run(staging(staged, tx), write=True))
 
@@ -535,6 +552,8 @@ class Deleted:
     deleted_memory: list[MemoryRecord]
     updated_memory: list[MemoryRecord]
     conversation: ConversationRecord
+    #: The files the messages owned, deleted with them.
+    files: list[FileRecord] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -546,6 +565,27 @@ class Listed:
     messages: list[MessageRecord]
     branch: int
     siblings: dict[str, list[str]]
+
+
+def _delete_owned_files(db: Session, message_ids: list[str]) -> list[FileRecord]:
+    """The live files the messages owned, deleted: their text (a transcript, a document's
+    words) cleared now, their bytes collected once nothing live names their content
+    (``files/blobs``)."""
+    owned = select(MessageFileRow.file_id).where(MessageFileRow.message_id.in_(message_ids))
+    rows = list(
+        db.execute(
+            select(FileRow).where(FileRow.id.in_(owned), FileRow.deleted_at.is_(None))
+        ).scalars()
+    )
+    stamp = now()
+    for row in rows:
+        row.deleted_at = stamp
+        row.updated_at = stamp
+        row.version += 1
+        row.text = ""
+        row.text_tokens = 0
+    db.flush()
+    return [file_record(row) for row in rows]
 
 
 def _name(workspace_id: str, record: MessageRecord) -> str:

@@ -291,6 +291,19 @@ class MessageRow(Base):
     parent_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
+class MessageFileRow(Base):
+    """A file an append stored for its message (inline bytes, a fetched URL, a Talk
+    turn's recording): deleting the message deletes it (migration 0027). A file the
+    message only names (an upload) has no row here."""
+
+    __tablename__ = "message_files"
+
+    message_id: Mapped[str] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    file_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+
+
 class MemoryItemRow(Base):
     """A memory item under a scope: ``users/u``, ``workspaces/w`` or a conversation.
 

@@ -413,7 +413,8 @@ class ContextServiceServicer:
 
     def DeleteMessage(self, request, context):
         """Deletes a message (and, if asked, the messages after it on the branch):
-        content, files, passages and entity citations go; the log keeps a tombstone.
+        content, the files stored for it, passages and entity citations go; the log
+        keeps a tombstone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -83,7 +83,8 @@ class ContextServiceStub:
     """Lists a conversation's messages in order; stable under concurrent appends."""
     DeleteMessage: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteMessageRequest, _context_pb2.DeleteMessageResponse]
     """Deletes a message (and, if asked, the messages after it on the branch):
-    content, files, passages and entity citations go; the log keeps a tombstone.
+    content, the files stored for it, passages and entity citations go; the log
+    keeps a tombstone.
     """
     CreateBranch: _grpc.UnaryUnaryMultiCallable[_context_pb2.CreateBranchRequest, _context_pb2.CreateBranchResponse]
     """Starts a branch whose history ends at a message (or is empty), and makes it
@@ -206,7 +207,8 @@ class ContextServiceAsyncStub(ContextServiceStub):
     """Lists a conversation's messages in order; stable under concurrent appends."""
     DeleteMessage: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteMessageRequest, _context_pb2.DeleteMessageResponse]  # type: ignore[assignment]
     """Deletes a message (and, if asked, the messages after it on the branch):
-    content, files, passages and entity citations go; the log keeps a tombstone.
+    content, the files stored for it, passages and entity citations go; the log
+    keeps a tombstone.
     """
     CreateBranch: _aio.UnaryUnaryMultiCallable[_context_pb2.CreateBranchRequest, _context_pb2.CreateBranchResponse]  # type: ignore[assignment]
     """Starts a branch whose history ends at a message (or is empty), and makes it
@@ -452,7 +454,8 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.DeleteMessageResponse, _abc.Awaitable[_context_pb2.DeleteMessageResponse]]:
         """Deletes a message (and, if asked, the messages after it on the branch):
-        content, files, passages and entity citations go; the log keeps a tombstone.
+        content, the files stored for it, passages and entity citations go; the log
+        keeps a tombstone.
         """
 
     @_abc_1.abstractmethod

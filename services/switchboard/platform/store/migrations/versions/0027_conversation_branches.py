@@ -9,6 +9,9 @@ regenerated answer starts a branch beside the old one, and both are kept.
   follow, and how many there are (1 and 1 for every existing conversation).
 * ``conversations.base_*``: a fork's shared history (ForkConversation): the conversation
   it was forked from, the message it ends at, that message's branch and sequence.
+* ``message_files``: the files an append stored for its message (inline bytes, a fetched
+  URL, a Talk turn's recording), which go when the message is deleted; a file the
+  message only names is not its own.
 * ``conversation_branches``: one row per branch once a conversation has more than one:
   the branch it forked from and the last of that branch's messages it shares
   (``fork_seq``), and the sequence of its own newest message (``head_seq``).
@@ -83,8 +86,22 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("conversation_id", "number", name=op.f("pk_conversation_branches")),
     )
 
+    op.create_table(
+        "message_files",
+        sa.Column("message_id", sa.String(length=32), nullable=False),
+        sa.Column("file_id", sa.String(length=32), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["message_id"],
+            ["messages.id"],
+            name=op.f("fk_message_files_message_id_messages"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("message_id", "file_id", name=op.f("pk_message_files")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("message_files")
     op.drop_table("conversation_branches")
     op.drop_index("ix_conversations_base", table_name="conversations")
     for column in ("base_seq", "base_branch", "base_message_id", "base_conversation_id"):

@@ -117,7 +117,8 @@ type ContextServiceClient interface {
 	// Lists a conversation's messages in order; stable under concurrent appends.
 	ListMessages(ctx context.Context, in *ListMessagesRequest, opts ...grpc.CallOption) (*ListMessagesResponse, error)
 	// Deletes a message (and, if asked, the messages after it on the branch):
-	// content, files, passages and entity citations go; the log keeps a tombstone.
+	// content, the files stored for it, passages and entity citations go; the log
+	// keeps a tombstone.
 	DeleteMessage(ctx context.Context, in *DeleteMessageRequest, opts ...grpc.CallOption) (*DeleteMessageResponse, error)
 	// Starts a branch whose history ends at a message (or is empty), and makes it
 	// the active one.
@@ -691,7 +692,8 @@ type ContextServiceServer interface {
 	// Lists a conversation's messages in order; stable under concurrent appends.
 	ListMessages(context.Context, *ListMessagesRequest) (*ListMessagesResponse, error)
 	// Deletes a message (and, if asked, the messages after it on the branch):
-	// content, files, passages and entity citations go; the log keeps a tombstone.
+	// content, the files stored for it, passages and entity citations go; the log
+	// keeps a tombstone.
 	DeleteMessage(context.Context, *DeleteMessageRequest) (*DeleteMessageResponse, error)
 	// Starts a branch whose history ends at a message (or is empty), and makes it
 	// the active one.

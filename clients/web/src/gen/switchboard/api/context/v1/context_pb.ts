@@ -5278,7 +5278,8 @@ export const ContextService: GenService<{
   },
   /**
    * Deletes a message (and, if asked, the messages after it on the branch):
-   * content, files, passages and entity citations go; the log keeps a tombstone.
+   * content, the files stored for it, passages and entity citations go; the log
+   * keeps a tombstone.
    *
    * @generated from rpc switchboard.api.context.v1.ContextService.DeleteMessage
    */
