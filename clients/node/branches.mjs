@@ -1,7 +1,7 @@
-// A conversation's branches, made, read and pruned from Node:
+// A conversation's branches, made, read and pruned from Node, and forks of it:
 //   node branches.mjs <host:port> --email E --password P --conversation C
 //                     [--send TEXT] [--edit TEXT [--message M]] [--regenerate [--answer A]]
-//                     [--switch M | --branch N] [--delete M [--with-later]]
+//                     [--switch M | --branch N] [--delete M [--with-later]] [--fork TITLE [--at M]]
 // Signs in, then, in this order and each only if asked: sends TEXT in
 // conversation C and waits for its answer; edits message M (by default the
 // one just sent) to TEXT, a new version beside it on a new branch that
@@ -12,13 +12,16 @@
 // switcher does) or branch N; deletes message M, with the messages after it on
 // the active branch if --with-later. Last it reads the active branch, each
 // message with where it stands among its versions ("2 / 2"; "" when it has
-// no other). It prints one JSON object on stdout: {"user", "sent", "edited",
-// "regenerated", "switched", "deleted", "branch"} (null for a step not
-// asked). Exits 0 when done, 1 on an error (the gRPC error on stderr, with
-// its google.rpc details), 2 on bad usage.
+// no other), and, if asked, forks C at message M (by default the last one it
+// read): a new conversation titled TITLE that shares the history up to M and
+// goes on alone. It prints one JSON object on stdout: {"user", "sent",
+// "edited", "regenerated", "switched", "deleted", "branch", "forked"} (null
+// for a step not asked). Exits 0 when done, 1 on an error (the gRPC error on
+// stderr, with its google.rpc details), 2 on bad usage.
 //
 // The functions it uses are exported: editMessage, regenerate, switchBranch,
-// deleteMessage, branchMessages, awaitAnswer, siblingPosition.
+// deleteMessage, branchMessages, forkConversation, awaitAnswer,
+// siblingPosition.
 import { randomUUID } from 'node:crypto';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -116,18 +119,44 @@ export async function deleteMessage(context, session, name, { withLater = false 
  * ListMessages, every page, of `branch` of `conversation` (0: the active
  * one): { branch, messages }, the branch read and its messages in order, each
  * with its siblings and siblingPosition. The pages after the first read the
- * branch the first one did, so a switch made meanwhile splices no branches.
+ * branch the first one did (their page token holds it), so a switch made
+ * meanwhile splices no branches.
  */
 export async function branchMessages(context, session, conversation, { branch = 0 } = {}) {
+  // Every page asks what the first did, branch 0 included: a page token is
+  // only good for the request it came from.
   const request = { parent: conversation, pageSize: PAGE_SIZE, pageToken: '', branch };
   const messages = [];
+  let read = branch;
   do {
     const page = await unary(context, 'listMessages', request, await session.metadata());
     messages.push(...page.messages);
-    if (!request.branch) request.branch = page.branch;
+    read ||= page.branch;
     request.pageToken = page.nextPageToken;
   } while (request.pageToken);
-  return { branch: request.branch, messages };
+  return { branch: read, messages };
+}
+
+/**
+ * ForkConversation: a new conversation titled `title`, in the same workspace,
+ * that shares the history of `message` (`workspaces/{w}/conversations/{c}/messages/{m}`)
+ * up to it, included, on the branch it was appended on, and goes on alone.
+ * Nothing is copied: the fork's reads show the shared messages under their
+ * own names, the source's, then its own. Editors and owners may fork, viewers
+ * not (PERMISSION_DENIED). The new conversation, its forkedFrom `message`.
+ */
+export async function forkConversation(context, session, message, title = '') {
+  const conversation = affinity(message);
+  if (!conversation || conversation === message) {
+    throw new TypeError(`${JSON.stringify(message)} names no message of a conversation`);
+  }
+  const answer = await unary(
+    context,
+    'forkConversation',
+    { message, conversation: { title }, requestId: `node-${randomUUID()}` },
+    await session.metadata(),
+  );
+  return answer.conversation;
 }
 
 /** Where `message` stands among its versions, as a switcher shows it: "2 / 3"; '' when alone. */
@@ -194,6 +223,8 @@ async function main() {
       branch: { type: 'string' },
       delete: { type: 'string' },
       'with-later': { type: 'boolean', default: false },
+      fork: { type: 'string' },
+      at: { type: 'string' },
     },
   });
   const [address] = positionals;
@@ -207,12 +238,13 @@ async function main() {
     (values.branch === undefined || branch > 0) &&
     !(values.switch !== undefined && values.branch !== undefined) &&
     (values.edit === undefined || values.message !== undefined || values.send !== undefined) &&
-    (!values.regenerate || values.answer !== undefined || values.send !== undefined || values.edit !== undefined);
+    (!values.regenerate || values.answer !== undefined || values.send !== undefined || values.edit !== undefined) &&
+    (values.at === undefined || values.fork !== undefined);
   if (!usable) {
     process.stderr.write(
       'usage: node branches.mjs <host:port> --email E --password P --conversation C ' +
         '[--send TEXT] [--edit TEXT [--message M]] [--regenerate [--answer A]] ' +
-        '[--switch M | --branch N] [--delete M [--with-later]]\n',
+        '[--switch M | --branch N] [--delete M [--with-later]] [--fork TITLE [--at M]]\n',
     );
     process.exit(2);
   }
@@ -230,6 +262,7 @@ async function main() {
       switched: null,
       deleted: null,
       branch: null,
+      forked: null,
     };
     let message = values.message;
     let answer = values.answer;
@@ -266,6 +299,17 @@ async function main() {
     }
     const read = await branchMessages(context, session, conversation);
     result.branch = { branch: read.branch, messages: read.messages.map(brief) };
+    if (values.fork !== undefined) {
+      const at = values.at ?? read.messages.at(-1)?.name;
+      if (at === undefined) throw new Error(`${conversation} has no message to fork at`);
+      const forked = await forkConversation(context, session, at, values.fork);
+      result.forked = {
+        name: forked.name,
+        title: forked.title,
+        forkedFrom: forked.forkedFrom,
+        messageCount: forked.messageCount,
+      };
+    }
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {
     clients.close();

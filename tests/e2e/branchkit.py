@@ -1,6 +1,7 @@
 """What the clients' branch tests (Go, Node) read and set up through the contracts (the
 Python stubs): a conversation shared by an owner, an editor and a viewer, a branch read
-whole, and the tombstones that deletions leave in the event log."""
+whole, the conversations of a workspace (forks among them), and the tombstones that
+deletions leave in the event log."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def shared_conversation(server: ServeProcess, prefix: str) -> Shared:
     }
     with Caller(server, owner) as python:
         conversation = new_conversation(python, "Shared branches")
-        workspace = conversation.split("/conversations/")[0]
+        workspace = conversation.partition("/conversations/")[0]
         for user, role in members.items():
             python.context.AddWorkspaceMember(
                 context_pb2.AddWorkspaceMemberRequest(parent=workspace, user=user, role=role),
@@ -69,7 +70,10 @@ def read_branch(
     """The branch read (0: the active one) and its messages in order, every page."""
     messages: list[context_pb2.Message] = []
     page_token = ""
+    read = branch
     while True:
+        # Every page asks what the first did (a page token is only good for the request
+        # it came from); the token keeps the later pages on the branch the first read.
         page = python.context.ListMessages(
             context_pb2.ListMessagesRequest(
                 parent=conversation, branch=branch, page_size=2, page_token=page_token
@@ -78,11 +82,30 @@ def read_branch(
             timeout=CALL_DEADLINE_S,
         )
         messages.extend(page.messages)
-        # The later pages read the branch the first one did.
-        branch = page.branch
+        read = read or page.branch
+        assert page.branch == read, (page.branch, read)
         page_token = page.next_page_token
         if not page_token:
-            return branch, messages
+            return read, messages
+
+
+def workspace_conversations(python: Caller, conversation: str) -> set[str]:
+    """The names of the conversations in the workspace of ``conversation``, every page."""
+    workspace = conversation.partition("/conversations/")[0]
+    names: set[str] = set()
+    page_token = ""
+    while True:
+        page = python.context.ListConversations(
+            context_pb2.ListConversationsRequest(
+                parent=workspace, page_size=100, page_token=page_token
+            ),
+            metadata=python.md,
+            timeout=CALL_DEADLINE_S,
+        )
+        names.update(c.name for c in page.conversations)
+        page_token = page.next_page_token
+        if not page_token:
+            return names
 
 
 def placed(messages: list[context_pb2.Message]) -> list[tuple[str, list[str], int]]:

@@ -6,7 +6,9 @@ its answer deleted. Then the same calls one by one across an owner, an editor an
 viewer: who may edit, send and delete what. What the program printed (one JSON line
 each) is checked against what the server holds, read through the Python stubs: the
 siblings of each message, the active branch, the deleted messages gone and their
-tombstones in the event log."""
+tombstones in the event log. Last a fork: an editor forks at the first answer while the
+edit's branch is active, sends in the fork and reads it (the shared messages under the
+source's names, then the fork's own); a viewer may not fork."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from tests.e2e.branchkit import (
     read_branch,
     shared_conversation,
     tombstones,
+    workspace_conversations,
 )
 from tests.e2e.goclient import Line, Quickstart, build_example
 from tests.e2e.procs import ServeProcess
@@ -33,6 +36,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 ASKED = "what is a branch"
 EDITED = "what is a branch, really"
+FORKED = "and what is a fork"
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +229,62 @@ def test_the_commands_keep_to_who_may_edit_send_and_delete(
             (version, 2),
             (second_answer, 2),
         ]
+
+
+def test_a_fork_shares_the_history_up_to_a_message_and_goes_on_alone(
+    branches_example: Path, server: ServeProcess
+) -> None:
+    shared = shared_conversation(server, "go-fork")
+    conversation = shared.conversation
+    owner, editor, viewer = (
+        Branches(branches_example, server, email)
+        for email in (shared.owner, shared.editor, shared.viewer)
+    )
+    sent = owner.run("send", "-conversation", conversation, ASKED)
+    asked, first_answer = sent[0]["message"]["name"], _answered(sent[1], 1, ASKED)
+    edited = owner.run("edit", asked, EDITED)
+    version, second_answer = edited[0]["message"]["name"], _answered(edited[1], 2, EDITED)
+
+    assert viewer.refused("fork", first_answer, "The viewer's") == "PermissionDenied"
+    # The history shared is the first answer's branch, though the edit's is active.
+    forked = editor.one("forked", "fork", first_answer, "The editor's")
+    fork = forked["conversation"]
+    assert fork.startswith(conversation.partition("/conversations/")[0] + "/conversations/")
+    assert fork != conversation
+    assert (forked["forked_from"], forked["title"], forked["message_count"]) == (
+        first_answer,
+        "The editor's",
+        2,
+    )
+    in_fork = editor.run("send", "-conversation", fork, FORKED)
+    own = in_fork[0]["message"]["name"]
+    own_answer = _answered(in_fork[1], 1, FORKED)
+    assert own.startswith(fork + "/messages/")
+    assert own_answer.startswith(fork + "/messages/")
+    shown = editor.one("branch", "show", fork)
+    assert _shown(shown) == [
+        (asked, "", []),
+        (first_answer, "", []),
+        (own, "", []),
+        (own_answer, "", []),
+    ]
+
+    with Caller(server, shared.owner) as python:
+        held = held_conversation(python, fork)
+        assert (held.forked_from, held.title, held.message_count) == (
+            first_answer,
+            "The editor's",
+            4,
+        )
+        # The viewer's refused fork left nothing behind.
+        assert workspace_conversations(python, conversation) == {conversation, fork}
+        _, in_the_fork = read_branch(python, fork)
+        assert [m.name for m in in_the_fork] == [asked, first_answer, own, own_answer]
+        assert [python.text_of(m.name) for m in in_the_fork[::2]] == [ASKED, FORKED]
+        # The source goes on without the fork's messages.
+        assert held_conversation(python, conversation).forked_from == ""
+        active, in_the_source = read_branch(python, conversation)
+        assert active == 2
+        assert [m.name for m in in_the_source] == [version, second_answer]
+        _, on_first = read_branch(python, conversation, 1)
+        assert [m.name for m in on_first] == [asked, first_answer]

@@ -7,7 +7,9 @@ each "2 / 2". Run again, it switches back to the first version and deletes its a
 Then across an owner, an editor and a viewer: who may edit, send and delete what. What
 it printed is checked against what the server holds afterwards, read through the Python
 stubs: the siblings of each message, the active branch, the deleted messages gone and
-their tombstones in the event log.
+their tombstones in the event log. Last forks: at the last message shown or a given one
+(the first answer, while the edit's branch is active); a message sent in the fork reads
+after the shared ones, named under the source; a viewer may not fork.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tests.e2e.branchkit import (
     read_branch,
     shared_conversation,
     tombstones,
+    workspace_conversations,
 )
 from tests.e2e.procs import ROOT, ServeProcess, tool
 from tests.e2e.restarts import Caller, register
@@ -40,6 +43,7 @@ BRANCHES: Final = ROOT / "clients" / "node" / "branches.mjs"
 SETTLE_S: Final = 120.0
 ASKED: Final = "what is a branch"
 EDITED: Final = "what is a branch, really"
+FORKED: Final = "and what is a fork"
 DENIED: Final = f"{grpc.StatusCode.PERMISSION_DENIED.value[0]} "
 
 
@@ -202,3 +206,70 @@ def test_branches_mjs_keeps_to_who_may_edit_send_and_delete(server: ServeProcess
             (version, 2),
             (second_answer, 2),
         ]
+
+
+def test_branches_mjs_forks_at_a_message_and_the_fork_goes_on_alone(server: ServeProcess) -> None:
+    shared = shared_conversation(server, "node-fork")
+    conversation = shared.conversation
+    made = _shown(_branches(server, shared.owner, conversation, "--send", ASKED, "--edit", EDITED))
+    sent, edited = made["sent"], made["edited"]
+    asked, first_answer = sent["message"]["name"], _answer(sent, 1, ASKED)
+    version, second_answer = edited["message"]["name"], _answer(edited, 2, EDITED)
+
+    _denied(_branches(server, shared.viewer, conversation, "--fork", "The viewer's"))
+    # By default at the last message shown: the edit's answer, on the active branch.
+    latest = _shown(_branches(server, shared.owner, conversation, "--fork", "The owner's"))
+    assert [m["name"] for m in latest["branch"]["messages"]] == [version, second_answer]
+    assert (latest["forked"]["forkedFrom"], latest["forked"]["title"]) == (
+        second_answer,
+        "The owner's",
+    )
+    # At a given message: the history shared is its branch's, not the active one's.
+    forked = _shown(
+        _branches(
+            server, shared.editor, conversation, "--fork", "The editor's", "--at", first_answer
+        )
+    )["forked"]
+    fork = forked["name"]
+    assert fork.startswith(conversation.partition("/conversations/")[0] + "/conversations/")
+    assert fork not in (conversation, latest["forked"]["name"])
+    assert (forked["forkedFrom"], forked["title"], forked["messageCount"]) == (
+        first_answer,
+        "The editor's",
+        "2",
+    )
+    in_fork = _shown(_branches(server, shared.editor, fork, "--send", FORKED))
+    own, own_answer = in_fork["sent"]["message"]["name"], _answer(in_fork["sent"], 1, FORKED)
+    assert own.startswith(fork + "/messages/")
+    assert own_answer.startswith(fork + "/messages/")
+    assert _placed(in_fork["branch"]) == [
+        (asked, "", []),
+        (first_answer, "", []),
+        (own, "", []),
+        (own_answer, "", []),
+    ]
+
+    with Caller(server, shared.owner) as python:
+        held = held_conversation(python, fork)
+        assert (held.forked_from, held.title, held.message_count) == (
+            first_answer,
+            "The editor's",
+            4,
+        )
+        assert held_conversation(python, latest["forked"]["name"]).forked_from == second_answer
+        # The viewer's refused fork left nothing behind.
+        assert workspace_conversations(python, conversation) == {
+            conversation,
+            latest["forked"]["name"],
+            fork,
+        }
+        _, in_the_fork = read_branch(python, fork)
+        assert [m.name for m in in_the_fork] == [asked, first_answer, own, own_answer]
+        assert [python.text_of(m.name) for m in in_the_fork[::2]] == [ASKED, FORKED]
+        # The source goes on without the fork's messages.
+        assert held_conversation(python, conversation).forked_from == ""
+        active, in_the_source = read_branch(python, conversation)
+        assert active == 2
+        assert [m.name for m in in_the_source] == [version, second_answer]
+        _, on_first = read_branch(python, conversation, 1)
+        assert [m.name for m in on_first] == [asked, first_answer]

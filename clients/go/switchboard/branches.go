@@ -17,12 +17,14 @@ import (
 // user message or regenerating an answer puts the new version beside the old
 // one, on a new branch that becomes the conversation's active one
 // (Conversation.ActiveBranch, of Conversation.BranchCount; branches are
-// numbered from 1). Every message names the versions at its place
-// (Message.Siblings, itself included, oldest first) and its position among
-// them (Message.SiblingPosition, from 1): a message with more than one
-// sibling shows a "< 2 / 3 >" switcher, and switching to a sibling makes the
-// branch through it that changed last the active one. Reads, windows and
-// appends that name no branch follow the active one.
+// numbered from 1). A message with other versions names every version at
+// its place (Message.Siblings, itself included, oldest first) and its
+// position among them (Message.SiblingPosition, from 1), and shows a
+// "< 2 / 3 >" switcher; one alone at its place has no Siblings, position 0.
+// Switching to a sibling makes the branch through it that changed last the
+// active one. Reads, windows and appends that name no branch follow the
+// active one. A fork (Fork) is a new conversation that shares another's
+// history up to a message.
 
 // branchPageSize is how many messages BranchMessages asks for a page: each
 // carries its parts whole.
@@ -122,12 +124,15 @@ func (c *Client) DeleteMessage(ctx context.Context, name string, withLater bool)
 // BranchMessages reads a branch of conversation (0: the active one) in order,
 // every page, each message with its Siblings and SiblingPosition filled; it
 // also returns which branch it read. The pages after the first read the
-// branch the first one did, so a switch made meanwhile does not splice two
-// branches together. Each page is a read, retried on transient failures like
-// any.
+// branch the first one did (their page token holds it), so a switch made
+// meanwhile does not splice two branches together. Each page is a read,
+// retried on transient failures like any.
 func (c *Client) BranchMessages(ctx context.Context, conversation string, branch int32) ([]*contextv1.Message, int32, error) {
+	// Every page asks what the first did, branch 0 included: a page token is
+	// only good for the request it came from.
 	request := &contextv1.ListMessagesRequest{Parent: conversation, PageSize: branchPageSize, Branch: branch}
 	var found []*contextv1.Message
+	read := branch
 	for {
 		var page *contextv1.ListMessagesResponse
 		err := c.Retry(ctx, func(ctx context.Context) error {
@@ -139,14 +144,43 @@ func (c *Client) BranchMessages(ctx context.Context, conversation string, branch
 			return nil, 0, err
 		}
 		found = append(found, page.GetMessages()...)
-		if request.Branch == 0 {
-			request.Branch = page.GetBranch()
+		if read == 0 {
+			read = page.GetBranch()
 		}
 		request.PageToken = page.GetNextPageToken()
 		if request.PageToken == "" {
-			return found, request.Branch, nil
+			return found, read, nil
 		}
 	}
+}
+
+// Fork starts a new conversation titled title that shares the history of the
+// message named message (workspaces/{w}/conversations/{c}/messages/{m}) up
+// to it, included, on the branch it was appended on, and goes on alone from
+// there (ForkConversation): the answer is the new conversation, in the same
+// workspace, its ForkedFrom the message. Nothing is copied: the fork's reads
+// show the shared messages under their own names, the source's, then its
+// own; the shared ones are edited, regenerated and deleted in the source.
+// Editors and owners may fork, viewers not (PERMISSION_DENIED). The request
+// carries an idempotency key and transient failures are retried with it, so
+// a retry never makes a second fork.
+func (c *Client) Fork(ctx context.Context, message, title string) (*contextv1.Conversation, error) {
+	if conversation := Affinity(message); conversation == "" || conversation == message {
+		return nil, badName("message", message)
+	}
+	request := keyed(&contextv1.ForkConversationRequest{
+		Message: message, Conversation: &contextv1.Conversation{Title: title},
+	})
+	var response *contextv1.ForkConversationResponse
+	err := c.Retry(ctx, func(ctx context.Context) error {
+		var err error
+		response, err = c.Context.ForkConversation(ctx, request)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return response.GetConversation(), nil
 }
 
 // SiblingPosition is where message stands among the versions at its place,

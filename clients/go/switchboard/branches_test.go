@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"slices"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -45,6 +44,8 @@ type scriptedBranches struct {
 	switched    []*contextv1.SwitchBranchRequest
 	deleted     []*contextv1.DeleteMessageRequest
 	listed      []*contextv1.ListMessagesRequest
+	forked      []*contextv1.ForkConversationRequest
+	forkRoutes  []string // the affinity header of each ForkConversation call
 }
 
 // refusedFirst says whether this is the first call of its kind (then refused).
@@ -123,23 +124,41 @@ func (s *scriptedBranches) ListMessages(_ context.Context, req *contextv1.ListMe
 	if err := refusedFirst(len(s.listed)); err != nil {
 		return nil, err
 	}
-	branch := req.GetBranch()
-	if branch == 0 {
+	branch, at := req.GetBranch(), 0
+	if token := req.GetPageToken(); token != "" {
+		// As the server's, a token holds the branch the first page read and is
+		// good only for a request like the one it came from.
+		var asked int32
+		if _, err := fmt.Sscanf(token, "%d/%d/%d", &asked, &branch, &at); err != nil || asked != req.GetBranch() {
+			return nil, status.Error(codes.InvalidArgument, "page_token is not valid for this request")
+		}
+	} else if branch == 0 {
 		branch = s.active
 		// Another client switches while this one pages: the active branch moves.
 		s.active = 1
 	}
 	messages := s.onBranch[branch]
-	at := 0
-	if req.GetPageToken() != "" {
-		at, _ = strconv.Atoi(req.GetPageToken())
-	}
 	end := min(at+2, len(messages))
 	response := &contextv1.ListMessagesResponse{Messages: messages[at:end], Branch: branch}
 	if end < len(messages) {
-		response.NextPageToken = strconv.Itoa(end)
+		response.NextPageToken = fmt.Sprintf("%d/%d/%d", req.GetBranch(), branch, end)
 	}
 	return response, nil
+}
+
+func (s *scriptedBranches) ForkConversation(ctx context.Context, req *contextv1.ForkConversationRequest) (*contextv1.ForkConversationResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.forked = append(s.forked, proto.Clone(req).(*contextv1.ForkConversationRequest))
+	incoming, _ := metadata.FromIncomingContext(ctx)
+	s.forkRoutes = append(s.forkRoutes, incoming.Get(AffinityHeader)...)
+	if err := refusedFirst(len(s.forked)); err != nil {
+		return nil, err
+	}
+	return &contextv1.ForkConversationResponse{Conversation: &contextv1.Conversation{
+		Name: "workspaces/w/conversations/fork", Title: req.GetConversation().GetTitle(),
+		ForkedFrom: req.GetMessage(), MessageCount: 2,
+	}}, nil
 }
 
 func scriptedBranchesClient(t *testing.T, server *scriptedBranches) *Client {
@@ -162,12 +181,13 @@ func scriptedBranchesClient(t *testing.T, server *scriptedBranches) *Client {
 	return client
 }
 
-// branchOf is n messages of branch, the first of them with two versions.
+// branchOf is n messages of branch, the first of them with two versions (the
+// others, alone at their places, come without siblings, as the server sends them).
 func branchOf(branch int32, n int) []*contextv1.Message {
 	var messages []*contextv1.Message
 	for i := range n {
 		name := fmt.Sprintf("%s/messages/b%d-%d", branchedConversation, branch, i)
-		message := &contextv1.Message{Name: name, Branch: branch, Siblings: []string{name}, SiblingPosition: 1}
+		message := &contextv1.Message{Name: name, Branch: branch}
 		if i == 0 {
 			message.Siblings = []string{branchedQuestion, name}
 			message.SiblingPosition = 2
@@ -346,8 +366,12 @@ func TestBranchMessagesTakesEveryPageOfTheBranchTheFirstPageRead(t *testing.T) {
 	if SiblingPosition(messages[0]) != "2 / 2" || messages[0].GetSiblings()[0] != branchedQuestion {
 		t.Errorf("the first message came without its siblings: %v", messages[0])
 	}
-	// The refused call, its retry, then a page each: the first pages the
-	// active branch, the others the branch it read although the active one moved.
+	if SiblingPosition(messages[1]) != "" || Sibling(messages[1], -1) != "" {
+		t.Errorf("a message alone at its place shows a switcher: %v", messages[1])
+	}
+	// The refused call, its retry, then a page each, every one asking for the
+	// active branch: the tokens keep the later pages on the branch the first
+	// read, although the active one moved.
 	var asked []string
 	for _, req := range server.listed {
 		if req.GetParent() != branchedConversation || req.GetPageSize() != branchPageSize {
@@ -355,13 +379,71 @@ func TestBranchMessagesTakesEveryPageOfTheBranchTheFirstPageRead(t *testing.T) {
 		}
 		asked = append(asked, fmt.Sprintf("%d@%s", req.GetBranch(), req.GetPageToken()))
 	}
-	if want := []string{"0@", "0@", "2@2", "2@4"}; !slices.Equal(asked, want) {
+	if want := []string{"0@", "0@", "0@0/2/2", "0@0/2/4"}; !slices.Equal(asked, want) {
 		t.Errorf("pages asked (branch@token) %q, want %q", asked, want)
 	}
 
 	first, read, err := client.BranchMessages(within(t), branchedConversation, 1)
 	if err != nil || read != 1 || len(first) != 3 {
 		t.Errorf("branch 1 read as %d messages of branch %d, %v", len(first), read, err)
+	}
+}
+
+func TestForkIsKeyedRetriedAndRoutedToTheSourceConversation(t *testing.T) {
+	server := &scriptedBranches{}
+	client := scriptedBranchesClient(t, server)
+
+	forked, err := client.Fork(within(t), branchedAnswer, "Another way")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if forked.GetName() != "workspaces/w/conversations/fork" || forked.GetForkedFrom() != branchedAnswer ||
+		forked.GetTitle() != "Another way" {
+		t.Errorf("forked %v", forked)
+	}
+	// The refused call and its retry, with the same key: one fork.
+	if len(server.forked) != 2 {
+		t.Fatalf("%d ForkConversation calls, want 2", len(server.forked))
+	}
+	first, retry := server.forked[0], server.forked[1]
+	if first.GetRequestId() == "" || retry.GetRequestId() != first.GetRequestId() {
+		t.Errorf("request ids %q then %q: a retry must repeat the first", first.GetRequestId(), retry.GetRequestId())
+	}
+	want := &contextv1.ForkConversationRequest{
+		Message: branchedAnswer, Conversation: &contextv1.Conversation{Title: "Another way"}, RequestId: first.GetRequestId(),
+	}
+	if !proto.Equal(first, want) {
+		t.Errorf("ForkConversation asked %v, want %v", first, want)
+	}
+	// The source's process holds the history the fork shares.
+	if want := []string{branchedConversation, branchedConversation}; !slices.Equal(server.forkRoutes, want) {
+		t.Errorf("routed by %q, want %q", server.forkRoutes, want)
+	}
+
+	again, err := client.Fork(within(t), branchedQuestion, "")
+	if err != nil || again.GetForkedFrom() != branchedQuestion {
+		t.Errorf("forked again as %v, %v", again, err)
+	}
+	if len(server.forked) != 3 || server.forked[2].GetRequestId() == first.GetRequestId() {
+		t.Errorf("a second fork reused the first one's key: %v", server.forked)
+	}
+}
+
+func TestForkRefusesANameOfNoMessageBeforeCalling(t *testing.T) {
+	server := &scriptedBranches{}
+	client := scriptedBranchesClient(t, server)
+	for _, name := range []string{"", branchedConversation, "workspaces/w/files/f", "m1"} {
+		_, err := client.Fork(within(t), name, "title")
+		if status.Code(err) != codes.InvalidArgument {
+			t.Errorf("forking at %q: %v, want INVALID_ARGUMENT", name, err)
+		}
+		violations := FieldViolations(err)
+		if len(violations) != 1 || violations[0].GetField() != "message" {
+			t.Errorf("forking at %q: field violations %v, want one on message", name, violations)
+		}
+	}
+	if len(server.forked) != 0 {
+		t.Errorf("%d ForkConversation calls for names of no message", len(server.forked))
 	}
 }
 
@@ -387,7 +469,8 @@ func TestSiblingPositionAndSiblingFollowTheSwitcher(t *testing.T) {
 		t.Errorf("after a: %q, want b", Sibling(astray, 1))
 	}
 	alone := &contextv1.Message{Name: "x", Siblings: []string{"x"}, SiblingPosition: 1}
-	for _, message := range []*contextv1.Message{alone, {Name: "y"}} {
+	// The server sends a message with no other version without siblings, at 0.
+	for _, message := range []*contextv1.Message{alone, {Name: "y"}, {Name: "z", SiblingPosition: 1}} {
 		if SiblingPosition(message) != "" || Sibling(message, 1) != "" || Sibling(message, -1) != "" {
 			t.Errorf("a message with no other version shows a switcher: %v", message)
 		}

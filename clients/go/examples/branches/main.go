@@ -1,8 +1,9 @@
 // Command branches edits, regenerates, switches and deletes the messages of a
-// Switchboard conversation: an edit or a regenerated answer is a new version
-// beside the old one, on a new branch that becomes the active one, and a
-// message with more than one version shows where it stands among them
-// ("2 / 2"), as a "< 2 / 2 >" switcher does.
+// Switchboard conversation, and forks it: an edit or a regenerated answer is a
+// new version beside the old one, on a new branch that becomes the active one,
+// and a message with more than one version shows where it stands among them
+// ("2 / 2"), as a "< 2 / 2 >" switcher does. A fork is a new conversation that
+// shares the history up to a message and goes on alone.
 //
 //	go run ./examples/branches -addr 127.0.0.1:50051 -plaintext -email you@example.com tour -conversation workspaces/w/conversations/c "Hello" "Hello again"
 //	go run ./examples/branches ... send -conversation workspaces/w/conversations/c "Hello"
@@ -11,6 +12,7 @@
 //	go run ./examples/branches ... show [-branch N] workspaces/w/conversations/c
 //	go run ./examples/branches ... switch -message workspaces/w/conversations/c/messages/m workspaces/w/conversations/c
 //	go run ./examples/branches ... delete [-with-later] workspaces/w/conversations/c/messages/m
+//	go run ./examples/branches ... fork workspaces/w/conversations/c/messages/a "Another way"
 //
 // tour does it all in one go: it sends TEXT, edits it to EDITED, regenerates
 // the edit's answer, shows the active branch (the edit and the new answer are
@@ -19,7 +21,7 @@
 //
 // It writes one JSON object per line on stdout ("kind": "signed_in", then
 // "sent", "edited", "regenerated", "answered", "branch", "switched",
-// "deleted"), and exits 0 when done, 1 on an error (an "error" line says
+// "deleted", "forked"), and exits 0 when done, 1 on an error (an "error" line says
 // which step failed and why), 2 on bad usage. The password comes from
 // -password or SB_PASSWORD; -register creates the account first.
 package main
@@ -49,8 +51,10 @@ commands:
   show [-branch N] CONVERSATION
   switch (-message M | -branch N) CONVERSATION
   delete [-with-later] MESSAGE
+  fork MESSAGE TITLE
 C and CONVERSATION are workspaces/{w}/conversations/{c}; MESSAGE, ANSWER and M
-are messages of it, .../messages/{m}; a branch of 0 is the active one.`
+are messages of it, .../messages/{m}; a branch of 0 is the active one. A fork
+shares the history up to MESSAGE, included, on the branch it was appended on.`
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:50051", "server address")
@@ -102,7 +106,7 @@ func main() {
 
 var commands = map[string]func(context.Context, *switchboard.Client, []string){
 	"tour": tour, "send": send, "edit": edit, "regenerate": regenerate, "show": show,
-	"switch": switchTo, "delete": remove,
+	"switch": switchTo, "delete": remove, "fork": fork,
 }
 
 // parse reads a command's own flags; want is how many arguments must follow.
@@ -208,6 +212,18 @@ func remove(ctx context.Context, client *switchboard.Client, args []string) {
 		fail("delete", err)
 	}
 	emitDeleted(deleted)
+}
+
+func fork(ctx context.Context, client *switchboard.Client, args []string) {
+	rest := parse(flag.NewFlagSet("fork", flag.ExitOnError), args, 2)
+	forked, err := client.Fork(ctx, rest[0], rest[1])
+	if err != nil {
+		fail("fork", err)
+	}
+	emit(map[string]any{
+		"kind": "forked", "conversation": forked.GetName(), "title": forked.GetTitle(),
+		"forked_from": forked.GetForkedFrom(), "message_count": forked.GetMessageCount(),
+	})
 }
 
 func answeredBy(assistant string) switchboard.EditOption {
