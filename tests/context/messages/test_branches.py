@@ -12,6 +12,7 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.context.messages import store as message_store
 from switchboard.settings import Settings
 from tests.conftest import CALL_DEADLINE_S, make_settings
 from tests.context.files.test_files import upload
@@ -472,3 +473,28 @@ async def test_delete_removes_the_files_a_message_stored_not_those_it_named(
         pb.GetFileRequest(name=uploaded.name), metadata=world.owner.md, timeout=CALL_DEADLINE_S
     )
     assert kept.file.name == uploaded.name
+
+
+async def test_one_deletion_removes_a_bounded_number_of_messages(
+    stub: Stub, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(message_store, "MAX_DELETED", 3)
+    conversation, (q1, a1, q2, _) = await exchange(stub, world)
+    error = await refused(
+        stub.DeleteMessage(
+            pb.DeleteMessageRequest(name=q1.name, with_later=True),
+            metadata=world.owner.md,
+            timeout=CALL_DEADLINE_S,
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert "at most 3 messages" in str(error.details())
+    assert len((await listed(stub, world.owner, conversation))[0]) == 4  # nothing deleted
+    done = await stub.DeleteMessage(
+        pb.DeleteMessageRequest(name=a1.name, with_later=True),
+        metadata=world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    assert len(done.deleted) == 3
+    assert [m.name for m in (await listed(stub, world.owner, conversation))[0]] == [q1.name]
+    del q2

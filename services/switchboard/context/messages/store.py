@@ -33,7 +33,7 @@ from switchboard.context.storebase import (
     memory_record,
     message_record,
 )
-from switchboard.platform.errors import FailedPrecondition, NotFound
+from switchboard.platform.errors import FailedPrecondition, NotFound, QuotaExceeded
 from switchboard.platform.store.models import (
     ConversationRow,
     FileRow,
@@ -52,6 +52,9 @@ _T = TypeVar("_T")
 
 #: An entity memory item keeps the names of this many of the newest messages mentioning it.
 MAX_SOURCES: Final = 20
+#: A deletion with the later messages removes at most this many (one transaction, one
+#: tombstone event each).
+MAX_DELETED: Final = 1000
 
 _MESSAGES: Final = table_of(MessageRow)
 _CONVERSATIONS: Final = table_of(ConversationRow)
@@ -429,7 +432,14 @@ class MessageStore(StoreBase):
                     )
                     .order_by(_MESSAGES.c.seq)
                 )
-                doomed += [MessageRecord(*row) for row in connection.execute(later).all()]
+                found_later = connection.execute(later.limit(MAX_DELETED)).all()
+                if len(found_later) >= MAX_DELETED:
+                    raise QuotaExceeded(
+                        f"a deletion removes at most {MAX_DELETED} messages; delete the later "
+                        "ones first, or the conversation",
+                        subject="messages per deletion",
+                    )
+                doomed += [MessageRecord(*row) for row in found_later]
             for record in doomed:
                 may_delete(record)
             ids = [record.id for record in doomed]
