@@ -18,6 +18,10 @@ shows is checked against the server's own answers (Python stubs):
 - A message sent on branch 1, deleted with "Also delete the answers below it" (asked
   first; "Keep it" keeps it): the server has neither it nor its answer any more, and the
   branch lists what came before.
+- Run cards keep to their branch: after each switch the page shows the cards of the runs
+  whose ``Run.branch`` is the branch shown and no other (another branch's answer is not
+  the one the messages above lead to), and the earlier runs offered for inspection are the
+  branch's too.
 - An editor sees Edit only on their own messages and no Delete on the owner's; a viewer
   sees the switchers, no Edit, Regenerate or Delete, and reads the other versions without
   moving the conversation's active branch.
@@ -87,6 +91,21 @@ MESSAGES_JS: Final = """() => [...document.querySelectorAll('[data-testid="messa
       delete: shown('delete-message'),
     };
   })"""
+
+
+#: The run cards in view, in order: each one's run.
+CARDS_JS: Final = """() => [...document.querySelectorAll('[data-testid="run"]')]
+  .filter((c) => c.checkVisibility()).map((c) => c.dataset.run)"""
+
+#: The earlier runs offered for inspection, in view: each one's run.
+EARLIER_JS: Final = """() => [...document.querySelectorAll('[data-testid="inspect-run"]')]
+  .filter((b) => b.checkVisibility()).map((b) => b.dataset.run)"""
+
+
+def _cards(browser: Page) -> list[str]:
+    """The runs whose cards are in view (read once the list is, with no call in flight)."""
+    cards: list[str] = browser.eval(CARDS_JS)
+    return cards
 
 
 def _shown(browser: Page, expected: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
@@ -227,6 +246,8 @@ def test_a_message_is_edited_an_answer_regenerated_versions_switched_and_deleted
         )
         assert (rows[0]["previous"], rows[0]["next"]) == (True, False)
         assert browser.count(tid("message-editor")) == 0
+        # Branch 2's run only: branch 1's card (its answer a1) is out of view.
+        assert _cards(browser) == [second.name]
 
         # "<": the first version and its answer; the server's active branch is 1.
         browser.click(_in(u2, "branch-previous"))
@@ -234,10 +255,12 @@ def test_a_message_is_edited_an_answer_regenerated_versions_switched_and_deleted
         assert rows[0]["text"] == "first words"
         assert (rows[0]["previous"], rows[0]["next"]) == (False, True)
         assert _active(server, owner, conversation) == 1
+        assert _cards(browser) == [first.name]
         # ">": the second again.
         browser.click(_in(u1, "branch-next"))
         _shown(browser, [(u2, "2 / 2"), (a2, None)])
         assert _active(server, owner, conversation) == 2
+        assert _cards(browser) == [second.name]
 
         # The answer regenerated: a new run answers the same message on branch 3.
         before = browser.count(tid("run"))
@@ -251,6 +274,7 @@ def test_a_message_is_edited_an_answer_regenerated_versions_switched_and_deleted
         assert list(listed.messages[1].siblings) == [a2, a3]
         rows = _shown(browser, [(u2, "2 / 2"), (a3, "2 / 2")])
         assert rows[1]["text"] == text_of(listed.messages[1])
+        assert _cards(browser) == [third.name]
         assert raw_text(browser) == []
         browser.shots(shots / "branches.png")
 
@@ -258,9 +282,11 @@ def test_a_message_is_edited_an_answer_regenerated_versions_switched_and_deleted
         browser.click(_in(a3, "branch-previous"))
         _shown(browser, [(u2, "2 / 2"), (a2, "1 / 2")])
         assert _active(server, owner, conversation) == 2
+        assert _cards(browser) == [second.name]
         browser.click(_in(a2, "branch-next"))
         _shown(browser, [(u2, "2 / 2"), (a3, "2 / 2")])
         assert _active(server, owner, conversation) == 3
+        assert _cards(browser) == [third.name]
 
         # Back on branch 1, a message sent there and deleted with its answer.
         browser.click(_in(u2, "branch-previous"))
@@ -269,6 +295,7 @@ def test_a_message_is_edited_an_answer_regenerated_versions_switched_and_deleted
         u4, a4 = fourth.input_message, fourth.output_message
         assert fourth.branch == 1
         _shown(browser, [(u1, "1 / 2"), (a1, None), (u4, None), (a4, None)])
+        assert _cards(browser) == [first.name, fourth.name]
         # Asked first: "Keep it" keeps it.
         browser.click(_in(u4, "delete-message"))
         confirm = f"{tid('message', name=u4)} {tid('delete-message-confirmation')}"
@@ -314,6 +341,9 @@ def test_a_message_is_edited_an_answer_regenerated_versions_switched_and_deleted
         open_conversation(browser, workspace, conversation)
         rows = _shown(browser, [(u1, "1 / 2"), (a1, None)])
         assert rows[0]["next"] is True
+        # The finished runs, offered for inspection: branch 1's (the fourth's answer is
+        # gone, its run stays).
+        assert browser.eval(EARLIER_JS) == [first.name, fourth.name]
         # The other versions, read where they were written: the conversation's active
         # branch, everyone's, stays where the owner left it.
         browser.click(_in(u1, "branch-next"))
@@ -321,6 +351,11 @@ def test_a_message_is_edited_an_answer_regenerated_versions_switched_and_deleted
         browser.click(_in(a2, "branch-next"))
         rows = _shown(browser, [(u2, "2 / 2"), (a3, "2 / 2")])
         assert _active(server, owner, conversation) == 1
+        assert browser.eval(EARLIER_JS) == [third.name]
+        # Inspected, its card comes into view, the only one.
+        browser.click(tid("inspect-run", run=third.name))
+        run_state(browser, third.name, "RUN_STATE_SUCCEEDED")
+        assert _cards(browser) == [third.name]
         for action in ("edit-message", "regenerate-message", "delete-message"):
             assert browser.count(tid(action)) == 0, action
         browser.shots(shots / "viewer.png")

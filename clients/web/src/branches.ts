@@ -8,11 +8,14 @@
 // Viewers read every version (the branch a version was written on, without making it the
 // conversation's active one: that is a write) but change none. The navigation owns the list and asks here
 // for each message's controls; what an edit or a regeneration starts is followed as a send.
+// Fork (forks.ts) goes beside them; a fork's shared messages, its source's, get neither a
+// switcher nor Edit, Regenerate or Delete here.
 import { type Api, requestId } from "./api";
 import { learnBudgetTitles } from "./budgets";
 import { confirmation } from "./confirm";
 import { h } from "./dom";
 import { limitSummary, local, problem } from "./errors";
+import type { Forks } from "./forks";
 import { type ContentPart, type Message, MessageRole, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { Run } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { messageRoleLabel } from "./labels";
@@ -53,28 +56,35 @@ export class Branches {
     private readonly page: Page,
     private readonly names: Names,
     private readonly host: BranchesHost,
+    private readonly forks: Forks | null = null,
   ) {}
 
   /** A conversation was opened or left: nothing of the last one stays open. */
   reset(): void {
     this.editing = null;
     this.asking = null;
+    this.forks?.reset();
   }
 
   /** What goes under message `m` in the list: its switcher, its actions, and an edit or a
    *  delete question open on it; null when it has none. */
   controls(m: Message): HTMLElement | null {
-    const switcher = m.siblings.length > 1 ? this.switcher(m) : null;
-    const actions = this.actions(m);
+    // A fork's shared message is its source's: its versions are switched there.
+    const shared = this.forks?.shared(m) ?? false;
+    const switcher = m.siblings.length > 1 && !shared ? this.switcher(m) : null;
+    const actions = this.actions(m, shared);
     const editor = this.editing?.name === m.name ? this.keep(this.editing.form, this.editing.input) : null;
     const question = this.asking?.name === m.name && this.asking.box.isConnected ? this.keep(this.asking.box) : null;
-    if (!switcher && actions.length === 0 && !editor && !question) return null;
+    const forking = this.forks?.form(m);
+    const fork = forking ? this.keep(forking) : null;
+    if (!switcher && actions.length === 0 && !editor && !question && !fork) return null;
     return h(
       "div",
       { class: "branch-controls", "data-testid": "message-controls" },
       switcher || actions.length ? h("div", { class: "row branch-bar" }, switcher, ...actions) : null,
       editor,
       question,
+      fork,
     );
   }
 
@@ -147,10 +157,13 @@ export class Branches {
 
   // -- Edit, Regenerate, Delete -----------------------------------------------------------
 
-  private actions(m: Message): HTMLElement[] {
+  private actions(m: Message, shared: boolean): HTMLElement[] {
     const role = this.host.role();
     const writer = role === WorkspaceRole.EDITOR || role === WorkspaceRole.OWNER;
     if (!writer) return [];
+    const fork = this.forks?.action(m) ?? null;
+    // Shared history is changed in the conversation it was written in (the server says so too).
+    if (shared) return fork ? [fork] : [];
     const mine = m.author !== "" && m.author === this.host.me();
     const found: HTMLElement[] = [];
     // Only its author may write another version of a message (the server says so too).
@@ -174,6 +187,7 @@ export class Branches {
         ),
       );
     }
+    if (fork) found.push(fork);
     // Editors delete answers and their own messages; someone else's message is the owner's.
     const deletable = role === WorkspaceRole.OWNER || m.role === MessageRole.ASSISTANT || m.role === MessageRole.TOOL || (m.role === MessageRole.USER && mine);
     if (deletable) {

@@ -7,6 +7,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { Branches } from "./branches";
+import { Forks } from "./forks";
 import type { Composer } from "./composer";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Child, fill, h } from "./dom";
@@ -96,6 +97,7 @@ export class Navigation {
   private arriving: Message[] | null = null;
   private readonly files: FileViews;
   private readonly branches: Branches;
+  private readonly forks: Forks;
   /** The message a link opened the conversation at (`#…/messages/m`), marked among the others. */
   private highlighted = "";
 
@@ -120,6 +122,12 @@ export class Navigation {
     private readonly memoryPage: (open: boolean) => void = () => undefined,
   ) {
     this.files = new FileViews(api, page);
+    this.forks = new Forks(api, page, names, {
+      conversation: () => this.conversation,
+      listed: (name) => this.conversations.find((c) => c.name === name),
+      role: () => this.roleOf(this.workspace),
+      open: (name) => this.openConversation(name),
+    });
     this.branches = new Branches(api, page, names, {
       conversation: () => this.conversation,
       role: () => this.roleOf(this.workspace),
@@ -127,7 +135,7 @@ export class Navigation {
       target: () => composer.choice(),
       reload: (branch) => this.reloadMessages(branch),
       sent: (conversation, answer) => this.sent(conversation, answer),
-    });
+    }, this.forks);
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
       h(
         "form",
@@ -166,7 +174,7 @@ export class Navigation {
       ),
       this.pages,
     );
-    this.chat = [this.title, this.picker, this.overview, this.messageList];
+    this.chat = [this.title, this.forks.note, this.picker, this.overview, this.messageList];
   }
 
   /** Signed in: the workspaces, then what the URL names. */
@@ -340,6 +348,7 @@ export class Navigation {
     this.conversationList.replaceChildren();
     this.messageList.replaceChildren();
     this.title.textContent = "";
+    this.forks.opened("");
   }
 
   // -- Workspaces and conversations ---------------------------------------------------
@@ -653,6 +662,14 @@ export class Navigation {
     });
   }
 
+  /** Conversation `name` opened as from the list (a fork just made: listed again first). */
+  private async openConversation(name: string): Promise<void> {
+    const workspace = /^workspaces\/[^/]+/.exec(name)?.[0] ?? "";
+    if (!workspace) return;
+    if (workspace === this.workspace) await this.loadConversations();
+    await this.pickWorkspace(workspace, name);
+  }
+
   // -- One conversation ------------------------------------------------------------------
 
   private async pickConversation(name: string): Promise<void> {
@@ -671,6 +688,7 @@ export class Navigation {
       const { found, branch } = await this.listBranch(name);
       if (name !== this.conversation) return;
       this.branch = branch;
+      this.runs.showBranch(branch);
       this.addMessages(found);
       // Who holds it: its last handoff, in its history.
       this.composer.history(found);
@@ -706,6 +724,7 @@ export class Navigation {
         : this.workspace
         ? workspace?.displayName || this.workspace
         : "Pick or create a workspace";
+    this.forks.opened(this.conversation);
     this.renderOverview();
     for (const page of PAGE_IDS) {
       this.pages.querySelector(`[data-testid="open-${page}"]`)?.classList.toggle("current", this.workspacePage === page);
@@ -742,6 +761,7 @@ export class Navigation {
       const listed = new Set(found.map((m) => m.name));
       const arrived = this.arriving.filter((m) => !listed.has(m.name) && (!m.branch || m.branch === branch));
       this.branch = branch;
+      this.runs.showBranch(branch);
       this.messages.clear();
       this.addMessages(found);
       for (const message of arrived) this.arrived(message);

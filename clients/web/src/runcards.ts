@@ -80,6 +80,11 @@ export class RunCards {
   private readonly askedTitles = new Set<string>();
   /** Whether the caller owns the workspace (owners decide runs paused at a budget). */
   private owner = false;
+  /** The conversation's branch shown (0: not read yet, every run's card shows): a run
+   *  answering on another branch keeps its card, hidden, until that branch is shown. */
+  private branch = 0;
+  /** The finished runs offered for inspection (`earlier`), by branch as the cards are. */
+  private earlierRuns: Run[] = [];
   /** Where each steer message went, by the message's name (from the steers' own runs and
    *  from the SteerUpdates of the runs they steered). */
   private readonly landings = new Map<string, Landing>();
@@ -204,19 +209,26 @@ export class RunCards {
   /** The conversation's recent runs: those not followed get an "inspect" button, which
    *  replays their updates (WatchRun from the start) into a card of their own. */
   earlier(runs: Run[]): void {
-    const others = runs.filter((r) => !this.runs.has(r.name));
+    this.earlierRuns = runs.filter((r) => !this.runs.has(r.name)).reverse();
+    this.renderEarlier();
+  }
+
+  private renderEarlier(): void {
+    const shown = this.earlierRuns.filter((r) => this.onBranch(r));
     this.earlierList.replaceChildren(
-      ...(others.length ? [h("span", { class: "muted" }, "Earlier runs:")] : []),
-      ...others.reverse().map((run) =>
+      ...(shown.length ? [h("span", { class: "muted" }, "Earlier runs:")] : []),
+      ...shown.map((run) =>
         h(
           "button",
           {
             type: "button",
             "data-testid": "inspect-run",
             "data-run": run.name,
+            "data-branch": branchOf(run),
             title: run.name,
-            onclick: (event: globalThis.Event) => {
-              (event.currentTarget as HTMLElement).remove();
+            onclick: () => {
+              this.earlierRuns = this.earlierRuns.filter((r) => r !== run);
+              this.renderEarlier();
               this.follow(run.name, undefined, true);
             },
           },
@@ -226,9 +238,34 @@ export class RunCards {
     );
   }
 
+  /** The conversation shows branch `branch` now (0: not known yet): only the runs that
+   *  answer there keep their cards in view. A run's answer is on its own branch, so another
+   *  branch's card would show an answer the messages above it do not lead to. */
+  showBranch(branch: number): void {
+    if (branch === this.branch) return;
+    this.branch = branch;
+    for (const view of this.runs.values()) this.placeCard(view);
+    this.renderEarlier();
+  }
+
+  /** Whether `run` answers on the branch shown; a run not known yet (its first update
+   *  not come) shows until it is. */
+  private onBranch(run: Run | undefined): boolean {
+    return this.branch === 0 || run === undefined || branchOf(run) === this.branch;
+  }
+
+  private placeCard(view: RunView): void {
+    const card = this.cards.get(view.name);
+    if (!card) return;
+    card.hidden = !this.onBranch(view.run);
+    card.dataset.branch = view.run ? String(branchOf(view.run)) : "";
+  }
+
   /** Another conversation opened: its runs are not these. */
   stop(): void {
     this.earlierList.replaceChildren();
+    this.earlierRuns = [];
+    this.branch = 0;
     for (const run of this.runs.values()) run.stop();
     for (const child of this.childViews.values()) child.stop();
     this.runs.clear();
@@ -319,6 +356,7 @@ export class RunCards {
     }
     const state = stateName(view.state);
     card.className = `run ${view.terminal ? "done" : "active"}`;
+    this.placeCard(view);
     Object.assign(card.dataset, {
       state,
       deltas: String(view.deltas),
@@ -1132,6 +1170,11 @@ export class RunCards {
       button ? { button } : {},
     );
   }
+}
+
+/** The branch a run answers on; a run from before branches (0) answered on the first. */
+function branchOf(run: Run): number {
+  return run.branch || 1;
 }
 
 function setText(root: HTMLElement, selector: string, text: string): void {
