@@ -122,6 +122,53 @@ async def test_a_dispatcher_process_uses_the_context_service_over_grpc(
             assert caught.value.code().name == "PERMISSION_DENIED"
 
 
+async def test_edits_and_regenerated_answers_run_on_their_branches_across_the_mesh(
+    context_process: ServeProcess, env: dict[str, str]
+) -> None:
+    """The dispatcher forks through the context service's contract (an edit's append
+    with ``replaces``, a regenerated answer's CreateBranch), and its runs write on
+    their branches there."""
+    ctx_address = f"127.0.0.1:{context_process.port}"
+    with ServeProcess(
+        "--services", "dispatcher", env={**env, "SWITCHBOARD_CONTEXT_ADDRESS": ctx_address}
+    ) as dispatcher_process:
+        owner = await _caller(ctx_address)
+        async with (
+            aio.insecure_channel(ctx_address) as ctx_channel,
+            aio.insecure_channel(f"127.0.0.1:{dispatcher_process.port}") as d_channel,
+        ):
+            stub, dstub = context_stub(ctx_channel), dispatcher_stub(d_channel)
+            workspace = await create_workspace(stub, owner, "Mesh branches")
+            conversation = (await create_conversation(stub, owner, workspace.name)).name
+            first = await send(dstub, owner, request(conversation, "first try", handler="echo"))
+            answered = await finished(dstub, owner, first.run.name)
+            edit = request(conversation, "second try", handler="echo")
+            edit.replaces = first.message.name
+            edited = await send(dstub, owner, edit)
+            assert edited.message.branch == 2
+            assert (await finished(dstub, owner, edited.run.name)).branch == 2
+            again = await dstub.RegenerateMessage(
+                pb.RegenerateMessageRequest(message=answered.output_message, request_id="r-1"),
+                metadata=owner.md,
+                timeout=CALL_DEADLINE_S,
+            )
+            redone = await finished(dstub, owner, again.run.name)
+            assert (redone.state, redone.branch) == (pb.RUN_STATE_SUCCEEDED, 3)
+            listed = await stub.ListMessages(
+                cpb.ListMessagesRequest(parent=conversation),
+                metadata=owner.md,
+                timeout=CALL_DEADLINE_S,
+            )
+            assert [m.name for m in listed.messages] == [
+                first.message.name,
+                redone.output_message,
+            ]
+            assert list(listed.messages[1].siblings) == [
+                answered.output_message,
+                redone.output_message,
+            ]
+
+
 async def test_a_killed_dispatcher_fails_running_runs_and_runs_queued_ones(
     context_process: ServeProcess, env: dict[str, str]
 ) -> None:
