@@ -103,7 +103,10 @@ async def test_an_edit_and_a_regenerated_answer_run_on_their_own_branches(desk: 
     ]
 
     # Regenerate the edited question's answer: a third branch, the same question.
-    again = await regenerate(d, edited.output_message)
+    again = await regenerate(d, edited.output_message, request_id="again-1")
+    # A retry with the same id is the same run, on the same branch: nothing new.
+    repeated = await regenerate(d, edited.output_message, request_id="again-1")
+    assert repeated.run.name == again.run.name
     assert again.message.name == sent.message.name
     assert again.run.branch == 3
     assert again.run.input_message == sent.message.name
@@ -246,3 +249,41 @@ async def test_edits_and_regenerations_are_refused_precisely(desk: Desk) -> None
     redo = await regenerate(d, answered.output_message, d.world.editor)
     assert redo.run.assistant == helper.name
     assert redo.run.creator == d.world.editor.name
+
+
+async def test_an_edit_while_a_run_answers_follows_the_concurrency_policy(desk: Desk) -> None:
+    d = desk
+    contexts = context_stub(d.channel)
+    conversation = (await create_conversation(contexts, d.world.owner, d.world.name)).name
+    slow = await send(
+        d.stub,
+        d.world.owner,
+        request(conversation, "three slow words", handler=ECHO, delay_ms=300),
+    )
+    await stored_running(d.stub, d.world.owner, slow.run.name)
+    edit = pb.SendMessageRequest(
+        conversation=conversation,
+        message=cpb.Message(parts=[cpb.ContentPart(text="three quick words")]),
+        handler=ECHO,
+        replaces=slow.message.name,
+        concurrency_policy=pb.CONCURRENCY_POLICY_REJECT,
+    )
+    # REJECT: the conversation is busy; nothing is stored, no branch is made.
+    await refused(
+        d.stub.SendMessage(edit, metadata=d.world.owner.md, timeout=CALL_DEADLINE_S),
+        CODE.ABORTED,
+    )
+    busy = await contexts.GetConversation(
+        cpb.GetConversationRequest(name=conversation),
+        metadata=d.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    assert busy.conversation.branch_count == 1
+    # INTERRUPT: the run answering is superseded, and the edit answers on its branch.
+    edit.concurrency_policy = pb.CONCURRENCY_POLICY_INTERRUPT
+    edited = await send(d.stub, d.world.owner, edit)
+    superseded = await finished(d.stub, d.world.owner, slow.run.name)
+    assert superseded.state == pb.RUN_STATE_CANCELLED
+    answered = await finished(d.stub, d.world.owner, edited.run.name)
+    assert answered.state == pb.RUN_STATE_SUCCEEDED
+    assert answered.branch == 2

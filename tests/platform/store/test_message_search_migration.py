@@ -42,7 +42,7 @@ async def test_messages_stored_before_are_found_by_their_words(db: Database) -> 
     await db.migrate()
     await db.downgrade("0022")
     async with db.sessions() as session, session.begin():
-        # In SQL: the model has columns a later revision adds (``memory_policy``).
+        # In SQL: the models have columns later revisions add (``memory_policy``).
         await session.execute(
             text(
                 "INSERT INTO workspaces (id, display_name, description, created_at, updated_at,"
@@ -50,7 +50,15 @@ async def test_messages_stored_before_are_found_by_their_words(db: Database) -> 
             ),
             {"at": NOW},
         )
-        session.add(ConversationRow(id="c1", workspace_id="acme", created_at=NOW, updated_at=NOW))
+        # Conversations too (``active_branch`` and the rest of 0027).
+        await session.execute(
+            text(
+                "INSERT INTO conversations (id, workspace_id, title, meta, archived, creator,"
+                " created_at, updated_at, version, last_seq, message_count, token_count)"
+                " VALUES ('c1', 'acme', '', :meta, false, '', :at, :at, 1, 0, 0, 0)"
+            ),
+            {"at": NOW, "meta": b""},
+        )
     async with db.engine.begin() as connection:
         for seq, (message_id, data) in enumerate(
             [("m1", _message("the heron waits")), ("m2", _message("a kingfisher", "heron"))], 1

@@ -12,7 +12,6 @@ from sqlalchemy import text
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import ConversationRow
 from tests.conftest import TEST_DATABASE_TIMEOUT_S
 
 pytestmark = pytest.mark.unit
@@ -47,7 +46,7 @@ async def test_runs_stored_before_get_their_assistant_and_state_time(db: Databas
     ]
     # Conversations are as they were at 0009: the model writes them.
     async with db.sessions() as session, session.begin():
-        # In SQL: the model has columns a later revision adds (``memory_policy``).
+        # In SQL: the models have columns later revisions add (``memory_policy``).
         await session.execute(
             text(
                 "INSERT INTO workspaces (id, display_name, description, created_at, updated_at,"
@@ -55,7 +54,15 @@ async def test_runs_stored_before_get_their_assistant_and_state_time(db: Databas
             ),
             {"at": NOW},
         )
-        session.add(ConversationRow(id="c1", workspace_id="acme", created_at=NOW, updated_at=NOW))
+        # Conversations too (``active_branch`` and the rest of 0027).
+        await session.execute(
+            text(
+                "INSERT INTO conversations (id, workspace_id, title, meta, archived, creator,"
+                " created_at, updated_at, version, last_seq, message_count, token_count)"
+                " VALUES ('c1', 'acme', '', :meta, false, '', :at, :at, 1, 0, 0, 0)"
+            ),
+            {"at": NOW, "meta": b""},
+        )
     async with db.engine.begin() as connection:
         for run_id, run in rows:
             await connection.execute(

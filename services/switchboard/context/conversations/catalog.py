@@ -23,10 +23,13 @@ from switchboard.context.common import (
 )
 from switchboard.context.conversations.store import ConversationStore
 from switchboard.context.mapping import conversation_proto
+from switchboard.context.records import ConversationRecord
 from switchboard.platform.errors import Violations
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
+from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import from_micros, micros
+from switchboard.platform.store.storage import Idempotency
 from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.names import checked_etag
 from switchboard.platform.values.resources import ConversationName, MessageName, WorkspaceName
@@ -42,24 +45,10 @@ class Conversations(Domain):
         self, principal: Principal, request: pb.CreateConversationRequest
     ) -> pb.Conversation:
         workspace_id = WorkspaceName.parse(request.parent, "parent").workspace
-        violations = Violations()
         conversation = request.conversation
-        check_text(
-            conversation.title, "conversation.title", self.limits.max_title_chars, violations
-        )
-        violations.check()
-        meta = metadata_bytes(
-            conversation.metadata, "conversation.metadata", self.limits.max_metadata_bytes
-        )
+        meta = self._checked(conversation)
         key = request_key(principal, "CreateConversation", request)
-        staged = self.common.staged(
-            lambda made: (
-                [conversation_event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
-                if made[1]
-                else None
-            ),
-            key.key if key else "",
-        )
+        staged = _made(principal, self.common, key)
         row, _ = await stored(
             self._store.create_conversation(
                 workspace_id,
@@ -81,24 +70,10 @@ class Conversations(Domain):
         """A new conversation sharing another's history up to a message
         (docs/conversations.md, "Forks")."""
         message = MessageName.parse(request.message, "message")
-        violations = Violations()
         conversation = request.conversation
-        check_text(
-            conversation.title, "conversation.title", self.limits.max_title_chars, violations
-        )
-        violations.check()
-        meta = metadata_bytes(
-            conversation.metadata, "conversation.metadata", self.limits.max_metadata_bytes
-        )
+        meta = self._checked(conversation)
         key = request_key(principal, "ForkConversation", request)
-        staged = self.common.staged(
-            lambda made: (
-                [conversation_event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
-                if made[1]
-                else None
-            ),
-            key.key if key else "",
-        )
+        staged = _made(principal, self.common, key)
         row, _ = await stored(
             self._store.fork_conversation(
                 message.workspace,
@@ -114,6 +89,17 @@ class Conversations(Domain):
         )
         await self.common.announce(staged)
         return conversation_proto(row)
+
+    def _checked(self, conversation: pb.Conversation) -> bytes:
+        """A new conversation's title checked, and its metadata as stored."""
+        violations = Violations()
+        check_text(
+            conversation.title, "conversation.title", self.limits.max_title_chars, violations
+        )
+        violations.check()
+        return metadata_bytes(
+            conversation.metadata, "conversation.metadata", self.limits.max_metadata_bytes
+        )
 
     async def get(self, name: str) -> pb.Conversation:
         conversation = ConversationName.parse(name, "name")
@@ -208,3 +194,17 @@ class Conversations(Domain):
         )
         await self.common.announce(staged)
         return conversation_proto(row)
+
+
+def _made(
+    principal: Principal, common: Common, key: Idempotency | None
+) -> Staged[tuple[ConversationRecord, bool]]:
+    """A new conversation's event, staged with its write (none for a replay)."""
+    return common.staged(
+        lambda made: (
+            [conversation_event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
+            if made[1]
+            else None
+        ),
+        key.key if key else "",
+    )

@@ -43,19 +43,10 @@ class ConversationStore(StoreBase):
         def tx(db: Session) -> tuple[ConversationRecord, bool]:
             conversation_id = new_id()
             self._workspace_for_update(db, workspace_id)
-            earlier = claim(db, idempotency, conversation_id)
+            earlier = _claimed(db, idempotency, conversation_id)
             if earlier is not None:
-                found = db.get(ConversationRow, earlier)
-                if found is None:
-                    raise NotFound("the conversation created by this request_id is gone")
-                return conversation_record(found), False
-            require_room(
-                db,
-                counted(ConversationRow, ConversationRow.workspace_id == workspace_id),
-                max_per_workspace,
-                f"a workspace may hold at most {max_per_workspace} conversations",
-                "conversations per workspace",
-            )
+                return earlier, False
+            _room(db, workspace_id, max_per_workspace)
             stamp = now()
             row = ConversationRow(
                 id=conversation_id,
@@ -112,25 +103,16 @@ class ConversationStore(StoreBase):
             found = branching.place(connection, source_id, message_id)
             if found is None:
                 raise Missing("message", workspace_id, source_id, message_id)
-            earlier = claim(db, idempotency, conversation_id)
+            earlier = _claimed(db, idempotency, conversation_id)
             if earlier is not None:
-                made = db.get(ConversationRow, earlier)
-                if made is None:
-                    raise NotFound("the conversation created by this request_id is gone")
-                return conversation_record(made), False
+                return earlier, False
             if _depth(connection, source) >= branching.MAX_FORK_DEPTH:
                 raise FailedPrecondition(
                     f"message: forks go {branching.MAX_FORK_DEPTH} deep at most; fork an "
                     "earlier conversation"
                 )
             branching.check_unfolded(connection, source_id, found.seq, "message")
-            require_room(
-                db,
-                counted(ConversationRow, ConversationRow.workspace_id == workspace_id),
-                max_per_workspace,
-                f"a workspace may hold at most {max_per_workspace} conversations",
-                "conversations per workspace",
-            )
+            _room(db, workspace_id, max_per_workspace)
             history = branching.path(connection, source, found.branch)
             count, tokens = connection.execute(
                 select(func.count(), func.coalesce(func.sum(MessageRow.token_count), 0)).where(
@@ -249,3 +231,27 @@ def _depth(connection: Connection, conversation: ConversationRecord) -> int:
             break
         depth, current = depth + 1, found
     return depth
+
+
+def _claimed(
+    db: Session, idempotency: Idempotency | None, conversation_id: str
+) -> ConversationRecord | None:
+    """The conversation an earlier request with the same key made (None: this is the
+    first; its key is claimed for ``conversation_id``)."""
+    earlier = claim(db, idempotency, conversation_id)
+    if earlier is None:
+        return None
+    found = db.get(ConversationRow, earlier)
+    if found is None:
+        raise NotFound("the conversation created by this request_id is gone")
+    return conversation_record(found)
+
+
+def _room(db: Session, workspace_id: str, max_per_workspace: int) -> None:
+    require_room(
+        db,
+        counted(ConversationRow, ConversationRow.workspace_id == workspace_id),
+        max_per_workspace,
+        f"a workspace may hold at most {max_per_workspace} conversations",
+        "conversations per workspace",
+    )

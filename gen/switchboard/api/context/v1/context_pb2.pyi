@@ -2556,7 +2556,12 @@ class ForkConversationRequest(_message.Message):
     history up to and including it (on the branch it was appended on).
     """
     request_id: _builtins.str
-    """Idempotency key, as in CreateConversationRequest."""
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first fork, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
     @_builtins.property
     def conversation(self) -> Global___Conversation:
         """The new conversation's `title` and `metadata` (the rest is assigned)."""

@@ -1376,7 +1376,12 @@ class RegenerateMessageRequest(_message.Message):
     user message on a new branch beside it; that branch becomes active.
     """
     request_id: _builtins.str
-    """Idempotency key, as in SendMessageRequest."""
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first run, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
     concurrency_policy: Global___ConcurrencyPolicy.ValueType
     """What to do if the conversation already has an active run."""
     def __init__(

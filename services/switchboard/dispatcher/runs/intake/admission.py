@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -63,6 +64,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.observe.telemetry import current_ids, traceparent
 from switchboard.platform.security.policy import Principal
+from switchboard.platform.store.storage import idempotency
 from switchboard.platform.values import names
 from switchboard.platform.values.resources import (
     ConversationName,
@@ -199,7 +201,6 @@ class Admission:
                 return await self.replay(principal, request, earlier)
         budgets = await self._room(principal, conversation.workspace, screened, handed, parent)
         name = RunName(conversation.workspace, conversation.conversation, names.new_id())
-        policy = _policy(request)
         # Read here, not in the transaction's work (on PostgreSQL its span is current there).
         trace = _trace(self._tracer)
 
@@ -209,24 +210,7 @@ class Admission:
                 run.trace_id, job.traceparent = trace
             _mark_sender(run, job, schedule, steer, handed)
             _mark_parent(run, job, parent)
-            return (
-                run,
-                job,
-                NewRun(
-                    run_id=name.run,
-                    workspace_id=name.workspace,
-                    conversation_id=name.conversation,
-                    creator=principal.user_id,
-                    api_key_id=principal.api_key_id,
-                    worker=self._limits.instance_id,
-                    run=run,
-                    job=job.SerializeToString(),
-                    idempotency=screened.key,
-                    reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
-                    parent_id=parent.run.run if parent is not None else "",
-                    root_id=parent.root if parent is not None else "",
-                ),
-            )
+            return run, job, self._row(principal, name, run, job, screened, parent)
 
         def within(db: Session, stored_message: cpb.Message) -> _Created:
             run, job, new = new_run(stored_message)
@@ -252,20 +236,9 @@ class Admission:
             response = pb.SendMessageResponse(run=self._live.current(created.run))
             response.message.CopyFrom(stored_message)
             return response
-        if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
-            await self._supersede(request.conversation, run.name)
-        active = Active(
-            run=run,
-            run_id=name.run,
-            workspace_id=name.workspace,
-            conversation_id=name.conversation,
-            principal=principal,
-            handler=screened.choice.handler,
-            job=job,
-            feed=self._feeds.open(run.name),
-            budgets=budgets,
+        active, response = await self._started(
+            principal, name, run, job, screened, budgets, stored_message
         )
-        response = self._hand_over(active, stored_message)
         _accepted(steer, active)
         if screened.flags:
             await self._screening.filtered(
@@ -312,6 +285,11 @@ class Admission:
                 concurrency_policy=request.concurrency_policy,
             )
             screened = await self._screening.screen(principal, send, conversation.workspace, None)
+            # Keyed by this call, not by the message it stands for: a SendMessage's id
+            # never answers a regeneration, nor the other way round.
+            screened = dataclasses.replace(
+                screened, key=idempotency(principal.user_id, "RegenerateMessage", request)
+            )
             if screened.key is not None:
                 replayed = await self._store.replayed(screened.key)
                 if replayed is not None:
@@ -330,40 +308,67 @@ class Admission:
             trace = _trace(self._tracer)
             if trace is not None:
                 run.trace_id, job.traceparent = trace
-            policy = _policy(send)
             stored, replay = await self._store.create(
-                NewRun(
-                    run_id=name.run,
-                    workspace_id=name.workspace,
-                    conversation_id=name.conversation,
-                    creator=principal.user_id,
-                    api_key_id=principal.api_key_id,
-                    worker=self._limits.instance_id,
-                    run=run,
-                    job=job.SerializeToString(),
-                    idempotency=screened.key,
-                    reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
-                )
+                self._row(principal, name, run, job, screened)
             )
             if replay:
                 return pb.RegenerateMessageResponse(
                     run=self._live.current(stored.run), message=question
                 )
-            if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
-                await self._supersede(str(conversation), run.name)
-            active = Active(
-                run=run,
-                run_id=name.run,
-                workspace_id=name.workspace,
-                conversation_id=name.conversation,
-                principal=principal,
-                handler=screened.choice.handler,
-                job=job,
-                feed=self._feeds.open(run.name),
-                budgets=budgets,
-            )
-            sent = self._hand_over(active, question)
+            _, sent = await self._started(principal, name, run, job, screened, budgets, question)
             return pb.RegenerateMessageResponse(run=sent.run, message=question)
+
+    def _row(
+        self,
+        principal: Principal,
+        name: RunName,
+        run: pb.Run,
+        job: job_pb2.RunJob,
+        screened: Screened,
+        parent: Parent | None = None,
+    ) -> NewRun:
+        """The stored form of a new run, with its idempotency key."""
+        return NewRun(
+            run_id=name.run,
+            workspace_id=name.workspace,
+            conversation_id=name.conversation,
+            creator=principal.user_id,
+            api_key_id=principal.api_key_id,
+            worker=self._limits.instance_id,
+            run=run,
+            job=job.SerializeToString(),
+            idempotency=screened.key,
+            reject_if_active=_policy(screened.request) == pb.CONCURRENCY_POLICY_REJECT,
+            parent_id=parent.run.run if parent is not None else "",
+            root_id=parent.root if parent is not None else "",
+        )
+
+    async def _started(
+        self,
+        principal: Principal,
+        name: RunName,
+        run: pb.Run,
+        job: job_pb2.RunJob,
+        screened: Screened,
+        budgets: Read | None,
+        message: cpb.Message,
+    ) -> tuple[Active, pb.SendMessageResponse]:
+        """A stored run made live: the runs it supersedes (INTERRUPT) cancelled, then
+        handed over (``_hand_over``)."""
+        if _policy(screened.request) == pb.CONCURRENCY_POLICY_INTERRUPT:
+            await self._supersede(str(name.parent), run.name)
+        active = Active(
+            run=run,
+            run_id=name.run,
+            workspace_id=name.workspace,
+            conversation_id=name.conversation,
+            principal=principal,
+            handler=screened.choice.handler,
+            job=job,
+            feed=self._feeds.open(run.name),
+            budgets=budgets,
+        )
+        return active, self._hand_over(active, message)
 
     async def _room(
         self,
@@ -481,10 +486,12 @@ class Admission:
         """The answer to a retry: the first run, and the first message (the context
         service's own idempotency returns it for the same request)."""
         response = pb.SendMessageResponse(run=self._live.current(earlier.run))
+        appended = _append_request(principal, request)
+        if earlier.run.steer.target:
+            # As the first attempt sent it: a steer joins its target's branch.
+            appended.branch = earlier.run.branch
         response.message.CopyFrom(
-            await self._context.append_message(
-                principal, _append_request(principal, request), timeout_s=FINISH_TIMEOUT_S
-            )
+            await self._context.append_message(principal, appended, timeout_s=FINISH_TIMEOUT_S)
         )
         return response
 

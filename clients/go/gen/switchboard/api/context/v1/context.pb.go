@@ -4909,7 +4909,11 @@ type ForkConversationRequest struct {
 	Message string `protobuf:"bytes,1,opt,name=message,proto3" json:"message,omitempty"`
 	// The new conversation's `title` and `metadata` (the rest is assigned).
 	Conversation *Conversation `protobuf:"bytes,2,opt,name=conversation,proto3" json:"conversation,omitempty"`
-	// Idempotency key, as in CreateConversationRequest.
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first fork, and the same id with a different request is
+	// INVALID_ARGUMENT.
 	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -2387,7 +2387,11 @@ type RegenerateMessageRequest struct {
 	// `workspaces/{w}/conversations/{c}/messages/{m}`. A new run answers the same
 	// user message on a new branch beside it; that branch becomes active.
 	Message string `protobuf:"bytes,1,opt,name=message,proto3" json:"message,omitempty"`
-	// Idempotency key, as in SendMessageRequest.
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first run, and the same id with a different request is
+	// INVALID_ARGUMENT.
 	RequestId string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// What to do if the conversation already has an active run.
 	ConcurrencyPolicy ConcurrencyPolicy `protobuf:"varint,3,opt,name=concurrency_policy,json=concurrencyPolicy,proto3,enum=switchboard.api.dispatcher.v1.ConcurrencyPolicy" json:"concurrency_policy,omitempty"`

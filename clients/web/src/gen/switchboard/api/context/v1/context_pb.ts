@@ -2337,7 +2337,11 @@ export type ForkConversationRequest = Message$1<"switchboard.api.context.v1.Fork
   conversation?: Conversation | undefined;
 
   /**
-   * Idempotency key, as in CreateConversationRequest.
+   * Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+   * INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+   * this method and kept for 24 hours: a retry with the same id within that time
+   * returns the first fork, and the same id with a different request is
+   * INVALID_ARGUMENT.
    *
    * @generated from field: string request_id = 3;
    */

@@ -747,7 +747,11 @@ export type RegenerateMessageRequest = Message<"switchboard.api.dispatcher.v1.Re
   message: string;
 
   /**
-   * Idempotency key, as in SendMessageRequest.
+   * Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+   * INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+   * this method and kept for 24 hours: a retry with the same id within that time
+   * returns the first run, and the same id with a different request is
+   * INVALID_ARGUMENT.
    *
    * @generated from field: string request_id = 2;
    */
