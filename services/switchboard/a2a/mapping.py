@@ -305,7 +305,6 @@ def branching_in(message: a2a.Message, workspace: WorkspaceName, conversation: s
     if REPLACES_KEY not in fields and REGENERATE_KEY not in fields:
         return Branching()
     asked = [key for key in (REPLACES_KEY, REGENERATE_KEY) if key in fields]
-    violations: list[FieldViolation] = []
     if len(asked) > 1 or not message.context_id:
         text = "needs message.context_id, and only one of them may be set"
         violations = [FieldViolation(f"message.metadata[{key!r}]", text) for key in asked]
@@ -323,8 +322,7 @@ def branching_in(message: a2a.Message, workspace: WorkspaceName, conversation: s
             )
         return Branching(replaces=str(name))
     found = TASK_ID.fullmatch(text)
-    context = ConversationName.parse(conversation, "message.context_id")
-    if found is None or found["conversation"] != context.conversation:
+    if found is None or found["conversation"] != message.context_id:
         raise InvalidArgument(
             f"{field} must be the id of a task of this context",
             [FieldViolation(field, "must be the id of a task of this context")],

@@ -55,7 +55,7 @@ from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import Idempotency, idempotency
-from switchboard.platform.values.resources import WorkspaceName
+from switchboard.platform.values.resources import ConversationName, MessageName, WorkspaceName
 
 if TYPE_CHECKING:
     _Change: TypeAlias = events_pb2.ChangeKind.ValueType
@@ -190,6 +190,23 @@ def refusal(refused: Refused) -> SwitchboardError:
 def check_text(value: str, field: str, limit: int, violations: Violations) -> None:
     if len(value) > limit:
         violations.add(field, f"is longer than {limit} characters")
+
+
+def check_branch(branch: int, violations: Violations, field: str = "branch") -> None:
+    """A request's branch number: 0 (the active branch) or a branch's."""
+    if branch < 0:
+        violations.add(field, "must be 0 (the active branch) or a branch number")
+
+
+def message_in(conversation: ConversationName, name: str, field: str) -> MessageName:
+    """Message ``name`` (the request's ``field``), which must be one of ``conversation``:
+    INVALID_ARGUMENT naming the field otherwise."""
+    message = MessageName.parse(name, field)
+    if message.parent != conversation:
+        violations = Violations()
+        violations.add(field, f"must be a message of {conversation}")
+        violations.check()
+    return message
 
 
 def metadata_bytes(value: struct_pb2.Struct, field: str, limit: int) -> bytes:

@@ -12,13 +12,20 @@ from __future__ import annotations
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.branches.store import BranchStore, Fork
-from switchboard.context.common import Common, Domain, conversation_event, stored, write
+from switchboard.context.common import (
+    Common,
+    Domain,
+    conversation_event,
+    message_in,
+    stored,
+    write,
+)
 from switchboard.context.mapping import conversation_proto
 from switchboard.context.records import ConversationRecord
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values.names import checked_etag
-from switchboard.platform.values.resources import ConversationName, MessageName
+from switchboard.platform.values.resources import ConversationName
 
 
 class Branches(Domain):
@@ -31,7 +38,7 @@ class Branches(Domain):
         self, principal: Principal, request: pb.CreateBranchRequest
     ) -> pb.CreateBranchResponse:
         conversation = ConversationName.parse(request.conversation, "conversation")
-        after = _message_of(conversation, request.after, "after") if request.after else ""
+        after = message_in(conversation, request.after, "after").message if request.after else ""
         staged = self.common.staged(
             lambda done: [
                 conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done.conversation)
@@ -64,18 +71,18 @@ class Branches(Domain):
                 [FieldViolation("branch", message), FieldViolation("message", message)],
             )
         message_id = (
-            _message_of(conversation, request.message, "message") if request.message else ""
+            message_in(conversation, request.message, "message").message if request.message else ""
         )
-        before: list[int] = []
 
-        def events(done: ConversationRecord) -> list[events_pb2.Event] | None:
-            if before and done.version == before[0]:
-                return None  # already active: nothing changed
-            return [conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
+        def events(done: tuple[ConversationRecord, bool]) -> list[events_pb2.Event] | None:
+            row, changed = done
+            if not changed:
+                return None  # already active
+            return [conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)]
 
         staged = self.common.staged(events)
         etag = checked_etag(request.etag, "etag")
-        row = await stored(
+        row, _ = await stored(
             self._store.switch_branch(
                 conversation.workspace,
                 conversation.conversation,
@@ -83,20 +90,7 @@ class Branches(Domain):
                 message_id=message_id,
                 etag=etag,
                 staged=staged,
-                seen=before,
             )
         )
         await self.common.announce(staged)
         return conversation_proto(row)
-
-
-def _message_of(conversation: ConversationName, name: str, field: str) -> str:
-    """The id of message ``name`` of ``conversation`` (INVALID_ARGUMENT otherwise)."""
-    message = MessageName.parse(name, field)
-    if (message.workspace, message.conversation) != (
-        conversation.workspace,
-        conversation.conversation,
-    ):
-        text = f"must be a message of {conversation}"
-        raise InvalidArgument(f"{field} {text}", [FieldViolation(field, text)])
-    return message.message

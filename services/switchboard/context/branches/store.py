@@ -151,6 +151,18 @@ def record(connection: Connection, conversation_id: str) -> ConversationRecord |
     return ConversationRecord(*row) if row is not None else None
 
 
+def has_forks(connection: Connection, conversation_id: str) -> bool:
+    """Whether a conversation has a fork (live or deleted: either reads its rows)."""
+    return (
+        connection.execute(
+            select(_CONVERSATIONS.c.id)
+            .where(_CONVERSATIONS.c.base_conversation_id == conversation_id)
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
 def forks_of(connection: Connection, conversation_id: str) -> list[str]:
     """The forks of a conversation, and theirs, to ``MAX_FORK_DEPTH``."""
     found: list[str] = []
@@ -211,7 +223,7 @@ def fork(
             "conversation or delete it",
             subject="branches per conversation",
         )
-    rows = branches(connection, conversation.id)
+    rows = branches(connection, conversation.id) if conversation.branched else {}
     if not conversation.branched:
         # The first fork: branch 1 becomes a row, holding every message so far.
         first = Branch(1, 0, 0, conversation.last_seq)
@@ -234,7 +246,7 @@ def fork(
     )
     return Fork(
         number,
-        _replace(
+        dataclasses.replace(
             conversation,
             active_branch=number,
             branch_count=number,
@@ -303,10 +315,6 @@ def _values(conversation_id: str, branch: Branch, stamp: dt.datetime) -> dict[st
     }
 
 
-def _replace(record: ConversationRecord, **changes: Any) -> ConversationRecord:
-    return dataclasses.replace(record, **changes)
-
-
 class BranchStore(StoreBase):
     async def create_branch(
         self,
@@ -353,20 +361,17 @@ class BranchStore(StoreBase):
         message_id: str,
         etag: str,
         staged: Staged[Any] | None = None,
-        seen: list[int] | None = None,
-    ) -> ConversationRecord:
-        """Make ``branch``, or the branch through ``message_id`` that changed last, active.
-        Switching to the branch already active changes nothing. ``seen`` gets the
-        conversation's version before the switch."""
+    ) -> tuple[ConversationRecord, bool]:
+        """Make ``branch``, or the branch through ``message_id`` that changed last, active;
+        the conversation, and whether it changed (switching to the branch already active
+        changes nothing)."""
 
-        def tx(db: Session) -> ConversationRecord:
+        def tx(db: Session) -> tuple[ConversationRecord, bool]:
             connection = db.connection()
             conversation = self._conversation_record(
                 connection, workspace_id, conversation_id, writable=True, lock=True
             )
             check_etag(etag, conversation.version, "conversation")
-            if seen is not None:
-                seen[:] = [conversation.version]
             number = check_branch(conversation, branch)
             if message_id:
                 found = place(connection, conversation_id, message_id)
@@ -381,7 +386,7 @@ class BranchStore(StoreBase):
                         raise FailedPrecondition("no branch holds the message")
                     number = chosen.number
             if number == conversation.active_branch:
-                return conversation
+                return conversation, False
             stamp = now()
             connection.execute(
                 update(_CONVERSATIONS)
@@ -390,11 +395,12 @@ class BranchStore(StoreBase):
                     active_branch=number, version=_CONVERSATIONS.c.version + 1, updated_at=stamp
                 )
             )
-            return _replace(
+            changed = dataclasses.replace(
                 conversation,
                 active_branch=number,
                 version=conversation.version + 1,
                 updated_at=stamp,
             )
+            return changed, True
 
         return await retrying(lambda: self._run(staging(staged, tx), write=True))

@@ -23,9 +23,11 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.context.common import (
     Common,
     Domain,
+    check_branch,
     conversation_event,
     event,
     memory_event,
+    message_in,
     metadata_bytes,
     request_key,
     stored,
@@ -53,8 +55,6 @@ from switchboard.context.text.entities import EntityExtractor
 from switchboard.context.windows.documents import measure
 from switchboard.platform.errors import (
     FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
     PermissionDenied,
     RequestTooLarge,
     Violations,
@@ -348,15 +348,7 @@ class Messages(Domain):
         if not request.replaces:
             return ""
         conversation = ConversationName.parse(request.parent, "parent")
-        replaced = MessageName.parse(request.replaces, "replaces")
-        if (replaced.workspace, replaced.conversation) != (
-            conversation.workspace,
-            conversation.conversation,
-        ):
-            raise InvalidArgument(
-                f"replaces must be a message of {conversation}",
-                [FieldViolation("replaces", f"must be a message of {conversation}")],
-            )
+        replaced = message_in(conversation, request.replaces, "replaces")
         old = await self.get(request.replaces)
         if old.role != request.message.role:
             raise FailedPrecondition(
@@ -413,9 +405,9 @@ class Messages(Domain):
         """Delete a message (and, with ``with_later``, the later ones on the branch).
         Editors delete answers and their own messages; another person's needs an owner."""
         name = MessageName.parse(request.name, "name")
-        if request.branch < 0:
-            text = "must be 0 (the active branch) or a branch number"
-            raise InvalidArgument(f"branch {text}", [FieldViolation("branch", text)])
+        violations = Violations()
+        check_branch(request.branch, violations)
+        violations.check()
 
         def may_delete(record: MessageRecord) -> None:
             if role == Role.OWNER or record.role != "user":
@@ -459,11 +451,9 @@ class Messages(Domain):
 
     async def list(self, request: pb.ListMessagesRequest) -> pb.ListMessagesResponse:
         conversation = ConversationName.parse(request.parent, "parent")
-        if request.branch < 0:
-            raise InvalidArgument(
-                "branch must be 0 (the active branch) or a branch number",
-                [FieldViolation("branch", "must be 0 (the active branch) or a branch number")],
-            )
+        violations = Violations()
+        check_branch(request.branch, violations)
+        violations.check()
         pages = self.common.pages
         size = pagination.page_size(request.page_size, default=50, maximum=500)
         token = pagination.fingerprint(

@@ -413,9 +413,9 @@ class MessageStore(StoreBase):
             )
             number = branching.check_branch(conversation, branch)
             found = _MESSAGE_BY_ID.first(connection, {"id": message_id})
-            if found is None or MessageRecord(*found).conversation_id != conversation_id:
+            first = MessageRecord(*found) if found is not None else None
+            if first is None or first.conversation_id != conversation_id:
                 raise Missing("message", workspace_id, conversation_id, message_id)
-            first = MessageRecord(*found)
             history = branching.path(connection, conversation, number)
             if (with_later or branch) and not history.holds(first.branch, first.seq):
                 raise FailedPrecondition(

@@ -46,9 +46,10 @@ class PruneStore(StoreBase):
             conversation = conversation_record(
                 self._conversation(db, workspace_id, conversation_id)
             )
+            connection = db.connection()
             read = query
-            if conversation.base_conversation_id or branching.forks_of(
-                db.connection(), conversation_id
+            if conversation.base_conversation_id or branching.has_forks(
+                connection, conversation_id
             ):
                 # A fork's history is partly another's rows, and a source's is partly
                 # its forks': neither is folded (docs/conversations.md, "Forks").
@@ -56,7 +57,7 @@ class PruneStore(StoreBase):
             if conversation.branched:
                 read = read.where(
                     MessageRow.branch == 1,
-                    MessageRow.seq <= branching.shared_upto(db.connection(), conversation_id),
+                    MessageRow.seq <= branching.shared_upto(connection, conversation_id),
                 )
             return [(int(seq), int(tokens)) for seq, tokens in db.execute(read).all()]
 

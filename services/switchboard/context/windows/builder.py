@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol, overload
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context.common import Common, Domain, check_text, stored
+from switchboard.context.common import Common, Domain, check_branch, check_text, stored
 from switchboard.context.files.reading.sniff import kind_of
 from switchboard.context.mapping import (
     memory_name,
@@ -103,11 +103,6 @@ def _check_retrieval(
     if retrieval.token_budget < 1 or retrieval.token_budget > max(token_budget, 1):
         violations.add("retrieval.token_budget", "must be between 1 and the window's token_budget")
     check_mode(retrieval.mode, "retrieval.mode", violations)
-
-
-def _check_branch(branch: int, violations: Violations) -> None:
-    if branch < 0:
-        violations.add("branch", "must be 0 (the active branch) or a branch number")
 
 
 def _other_branch(result: pb.SearchResult, conversation: str, rows: WindowRows) -> bool:
@@ -194,7 +189,7 @@ class Windows(Domain):
         retrieval = request.retrieval if request.HasField("retrieval") else None
         if retrieval is not None:
             _check_retrieval(retrieval, request.token_budget, violations)
-        _check_branch(request.branch, violations)
+        check_branch(request.branch, violations)
         violations.check()
         at = (
             timefields.timestamp(request.valid_at, "valid_at")
