@@ -16,6 +16,7 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest_asyncio
@@ -27,10 +28,11 @@ from sqlalchemy.orm import Session
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.context.domain import ContextDomain
 from switchboard.dispatcher.ports.context import LocalContext
-from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
+from switchboard.dispatcher.schedules.firing import Firing, FiringSettings, Send
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.policy import Principal
 from switchboard.platform.store.models import ScheduleFiringRow, ScheduleRow
 from tests.conftest import CALL_DEADLINE_S, built
 from tests.infra.clock import FakeClock
@@ -120,24 +122,29 @@ def at(text: str) -> float:
     return dt.datetime.fromisoformat(text).timestamp()
 
 
-def loop(desk: Desk, clock: FakeClock, instance: str, **settings: Any) -> Firing:
+def loop(
+    desk: Desk, clock: FakeClock, instance: str, send: Send | None = None, **settings: Any
+) -> Firing:
     """A firing loop of the test's own over the mesh's database and admission, driven by
-    ``run_once`` on ``clock`` (never started as a task)."""
-    dispatcher = desk.dispatcher
+    ``run_once`` on ``clock`` (never started as a task); ``send`` in place of admission's
+    (a test's own that wraps ``admit``)."""
     shared = desk.server.shared
-
-    async def send(principal: Any, request: pb.SendMessageRequest, schedule: str) -> Any:
-        return await dispatcher.send_message(principal, request, schedule=schedule)
-
     return Firing(
         store=ScheduleStore(shared.database),
         bus=shared.bus,
         context=LocalContext(built(desk.server, ContextDomain)),
         policy=shared.policy,
-        send=send,
+        send=send or partial(admit, desk),
         settings=FiringSettings(instance_id=instance, **settings),
         clock=clock,
     )
+
+
+async def admit(
+    desk: Desk, principal: Principal, request: pb.SendMessageRequest, schedule: str
+) -> pb.SendMessageResponse:
+    """A tick sent through the mesh's admission, as the mesh's own loop sends it."""
+    return await desk.dispatcher.send_message(principal, request, schedule=schedule)
 
 
 def every(seconds: int) -> pb.Schedule:

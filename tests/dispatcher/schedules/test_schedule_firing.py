@@ -22,18 +22,19 @@ from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.dispatcher.schedules import store as schedule_store
 from switchboard.dispatcher.schedules.firing import creator_principal
 from switchboard.dispatcher.schedules.store import ScheduleStore
-from switchboard.platform.security.policy import Role
+from switchboard.platform.security.policy import Principal, Role
 from tests.conftest import CALL_DEADLINE_S
 from tests.infra import postgres as postgres_infra
 from tests.infra.clock import FakeClock
 from tests.infra.postgres import PostgresServer
 from tests.kits.contextkit import struct
-from tests.kits.dispatchkit import get_run
+from tests.kits.dispatchkit import eventually, get_run
 from tests.kits.eventkit import Subscriber, set_role, ws
 from tests.kits.modulekit import module_database_url_fixture
 from tests.kits.schedulekit import (
     DAY,
     Desk,
+    admit,
     at,
     create,
     cron,
@@ -91,8 +92,13 @@ async def test_a_one_second_schedule_fires_runs_and_events() -> None:
         fired = [e.schedule_fired for e in events[:3]]
         assert {f.schedule for f in fired} == {made.name}
         assert [f.firing.outcome for f in fired] == [STARTED] * 3
-        times = [f.firing.fire_time.ToDatetime(dt.UTC) for f in fired]
-        assert [b - a for a, b in itertools.pairwise(times)] == [dt.timedelta(seconds=1)] * 2
+        # Three ticks of the one-second schedule. Ticks claimed together are sent side by
+        # side (CONCURRENT_SENDS), so on a busy host a later tick's event can come before an
+        # earlier one's: the earlier is in the listing, settled or still CLAIMED.
+        times = sorted(f.firing.fire_time.ToDatetime(dt.UTC) for f in fired)
+        second = dt.timedelta(seconds=1)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert all(g >= second and g % second == dt.timedelta(0) for g in gaps), gaps
         for f in fired:
             run = await get_run(desk.stub, world.owner, f.firing.run)
             assert run.schedule == made.name
@@ -103,6 +109,8 @@ async def test_a_one_second_schedule_fires_runs_and_events() -> None:
             (f.fire_time for f in listed), key=lambda t: t.ToDatetime(), reverse=True
         )
         assert {f.firing.run for f in fired} <= {f.run for f in listed}
+        each_tick = {times[0] + n * second for n in range((times[-1] - times[0]) // second + 1)}
+        assert each_tick <= {f.fire_time.ToDatetime(dt.UTC) for f in listed}, ticks(listed)
         # On a busy host some ticks have no run: one claimed when the schedule was paused
         # and not yet settled (CLAIMED), or one claimed past the grace (SKIPPED).
         started = [f for f in listed if f.outcome == STARTED]
@@ -301,6 +309,61 @@ async def test_a_busy_conversation_under_reject_skips_the_tick(desk: Desk) -> No
     [found] = await firings(desk, made.name)
     assert found.outcome == SKIPPED
     assert found.error.code == grpc.StatusCode.ABORTED.value[0]
+
+
+async def test_a_tick_claimed_while_its_conversation_sends_waits_its_turn(desk: Desk) -> None:
+    """A SHARED conversation's ticks go one after another across passes too: a pass that
+    claims a tick while the last pass's tick is still being sent adds it to that line."""
+    clock = FakeClock(at(DAY))
+    on(desk, clock)
+    made = await create(desk, every(1))
+    entered, go = asyncio.Event(), asyncio.Event()
+    sent: list[str] = []
+    under_way: list[int] = []
+
+    async def send(
+        principal: Principal, request: pb.SendMessageRequest, schedule: str
+    ) -> pb.SendMessageResponse:
+        under_way.append(len(under_way) - len(sent) + 1)
+        first = not entered.is_set()
+        entered.set()
+        if first:
+            await go.wait()  # the first tick's send is slow
+        try:
+            return await admit(desk, principal, request, schedule)
+        finally:
+            sent.append(request.message.parts[0].text)
+
+    firing = loop(desk, clock, "replica-a", send=send)
+    try:
+        clock.advance(1)
+        await firing.run_once(wait=False)
+        async with asyncio.timeout(CALL_DEADLINE_S):
+            await entered.wait()
+        clock.advance(1)
+        await firing.run_once(wait=False)  # the next tick, claimed while the first sends
+        go.set()
+        found = await eventually_settled(desk, made.name, 2)
+    finally:
+        go.set()
+        await firing.stop()
+    assert [f.outcome for f in found] == [STARTED] * 2, ticks(found)
+    assert max(under_way) == 1, under_way  # never two of its ticks at once
+    assert sent == sorted(sent), sent  # oldest first
+    runs = await runs_in(desk, made.conversation)
+    assert len(runs) == 2
+
+
+async def eventually_settled(desk: Desk, name: str, count: int) -> list[pb.ScheduleFiring]:
+    found: list[pb.ScheduleFiring] = []
+
+    async def settled() -> bool:
+        nonlocal found
+        found = await firings(desk, name)
+        return len(found) == count and all(f.outcome != pb.FIRING_OUTCOME_CLAIMED for f in found)
+
+    await eventually(settled, f"{count} firings settled")
+    return found
 
 
 @pytest.fixture(scope="module")

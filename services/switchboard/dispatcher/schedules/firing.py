@@ -145,6 +145,9 @@ class Firing:
         self._idle = IdlePoll(self.settings.poll_s)
         #: Ticks being sent by this process: (workspace, schedule, tick).
         self._sending: set[tuple[str, str, int]] = set()
+        #: The lines being sent, by conversation (SHARED) or tick (PER_RUN): the ticks
+        #: each has yet to send. A tick claimed for a line under way joins it.
+        self._lines: dict[tuple[str, ...], list[FiringRecord]] = {}
         self._scanned_at: float | None = None
         self._gate = asyncio.Semaphore(CONCURRENT_SENDS)
         #: The loop's sends under way: a pass claims the next ticks without waiting
@@ -434,53 +437,70 @@ class Firing:
     async def _send_all(self, firings: Sequence[FiringRecord], *, wait: bool) -> None:
         # A SHARED conversation's ticks go one after another, oldest first: sent side by
         # side, a later tick's message could be stored (and answered) before an earlier
-        # one's, and under REJECT find the conversation busy with its own backlog.
+        # one's, and under REJECT find the conversation busy with its own backlog. That
+        # holds across passes too: a tick claimed while its conversation's line is still
+        # sending joins that line, not a line of its own beside it.
         # PER_RUN ticks (a title for a conversation of their own) have no order to keep.
         lines: dict[tuple[str, ...], list[FiringRecord]] = {}
         for firing in sorted(firings, key=lambda f: f.fire_us):
             if _key(firing) in self._sending:
                 continue
-            order = (
+            order: tuple[str, ...] = (
                 (firing.workspace_id, firing.schedule_id, str(firing.fire_us))
                 if firing.title
                 else (firing.workspace_id, firing.schedule_id)
             )
             lines.setdefault(order, []).append(firing)
-        if not lines:
-            return
-        if wait:
-            await asyncio.gather(*(self._fire(line) for line in lines.values()))
-            return
-        for line in lines.values():
+        started: list[Awaitable[None]] = []
+        for order, line in lines.items():
+            self._sending.update(_key(firing) for firing in line)
+            pending = self._lines.get(order)
+            if pending is not None:
+                pending.extend(line)  # the line under way sends them next, oldest first
+                continue
+            self._lines[order] = pending = list(line)
+            if wait:
+                started.append(self._fire(order, pending))
+                continue
             background.spawn(
-                self._fire_later(line),
+                self._fire_later(order, pending),
                 name=f"schedule-tick-{line[0].schedule_id}",
                 logger=log,
                 keep=self._sends,
             )
+        if started:
+            await asyncio.gather(*started)
 
-    async def _fire_later(self, line: list[FiringRecord]) -> None:
+    async def _fire_later(self, order: tuple[str, ...], pending: list[FiringRecord]) -> None:
         """``_fire`` off the loop's pass: a failure leaves the ticks CLAIMED, and the
         next scan replays them (the pass's own failures are the loop's backoff)."""
+        schedule = pending[0].schedule_id
         try:
-            await self._fire(line)
+            await self._fire(order, pending)
         except SwitchboardError as error:
             log.info(
                 "schedule ticks left claimed; replayed later",
-                extra={"schedule": line[0].schedule_id, "reason": error.reason},
+                extra={"schedule": schedule, "reason": error.reason},
             )
 
-    async def _fire(self, line: list[FiringRecord]) -> None:
-        """Send ``line``'s ticks in order; the first that cannot be started now stops
-        the line (the rest stay CLAIMED for the next scan, still in order)."""
-        keys = [_key(firing) for firing in line if _key(firing) not in self._sending]
-        self._sending.update(keys)
+    async def _fire(self, order: tuple[str, ...], pending: list[FiringRecord]) -> None:
+        """Send the line's ticks, oldest first, until none is left (a later pass may add
+        some); the first that cannot be started now stops the line (the rest stay
+        CLAIMED for the next scan, still in order)."""
         try:
-            for firing in line:
-                if _key(firing) in keys and not await self._fire_one(firing):
-                    return
+            while pending:
+                firing = min(pending, key=lambda f: f.fire_us)
+                pending.remove(firing)
+                try:
+                    if not await self._fire_one(firing):
+                        return
+                finally:
+                    self._sending.discard(_key(firing))
         finally:
-            self._sending.difference_update(keys)
+            self._sending.difference_update(_key(firing) for firing in pending)
+            pending.clear()
+            if self._lines.get(order) is pending:
+                del self._lines[order]
 
     async def _fire_one(self, firing: FiringRecord) -> bool:
         """Start one tick and record its outcome; False if it stays CLAIMED (later)."""

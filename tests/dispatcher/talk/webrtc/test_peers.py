@@ -69,9 +69,10 @@ SUCCEEDED = "RUN_STATE_SUCCEEDED"
 
 #: The settings of the tests of the peers' limits and connect timeout: one peer per user
 #: (the page's first peer is the limit), and a page that never connects or never opens
-#: its channel let go in two seconds (long enough for one that does, beside the suite's
-#: load, to do both).
-LIMITS: dict[str, Any] = {"webrtc_max_peers_per_user": 1, "webrtc_connect_timeout_s": 2.0}
+#: its channel let go in ten seconds. The pages that do connect share that deadline: in CI,
+#: beside the suite's load on two cores, one took more than two seconds to connect and open
+#: its channel (ICE, DTLS and SCTP in Python), and was let go as if it never had.
+LIMITS: dict[str, Any] = {"webrtc_max_peers_per_user": 1, "webrtc_connect_timeout_s": 10.0}
 
 
 @pytest.fixture(scope="module")
