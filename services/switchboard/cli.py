@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.cli")
 
 EXIT_CONFIG = 2
+#: ``erase-user`` refused (a workspace owned alone not named, an unknown account).
+EXIT_REFUSED = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +58,27 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace the file if it exists (the old key is lost)"
     )
     sub.add_parser("migrate", help="apply pending database migrations and exit")
+    erase = sub.add_parser(
+        "erase-user",
+        help="delete an account and erase its data, as DeleteMyAccount does (docs/privacy.md)",
+    )
+    erase.add_argument("user", help="the account, users/{id}")
+    erase.add_argument(
+        "--delete",
+        action="append",
+        default=[],
+        metavar="WORKSPACE",
+        help="a workspace the account owns alone, deleted with it (workspaces/{w}; repeatable)",
+    )
+    erase.add_argument(
+        "--hand-over",
+        action="append",
+        default=[],
+        metavar="WORKSPACE=USER",
+        help="a workspace the account owns alone and its member who becomes its owner "
+        "(workspaces/{w}=users/{u}; repeatable)",
+    )
+    sub.add_parser("erasures", help="list the newest erasures and the parts they still wait for")
     commands.add_envoy_parser(sub)
     commands.add_edge_health_parser(sub)
     commands.add_dev_cert_parser(sub)
@@ -106,6 +130,61 @@ async def _migrate(settings: KernelSettings) -> int:
     return 0
 
 
+async def _privacy(args: argparse.Namespace, settings: KernelSettings) -> int:
+    """``erase-user`` and ``erasures``, on the deployment's database (docs/privacy.md)."""
+    from google.protobuf import json_format
+
+    from switchboard.api.auth.v1 import auth_pb2
+    from switchboard.auth.erasure import AccountDeletion
+    from switchboard.auth.mapping import erasure
+    from switchboard.auth.store import AuthStore
+    from switchboard.mesh import database_setting
+    from switchboard.platform.errors import SwitchboardError
+    from switchboard.platform.events.erasure.store import ErasureStore
+    from switchboard.platform.store.db import open_database
+    from switchboard.platform.store.outbox import Outbox
+    from switchboard.platform.values.resources import UserName
+
+    with database_setting():
+        database = await open_database(
+            settings.database_url.get_secret_value(),
+            timeout_s=settings.database_timeout_s,
+            migrate=False,
+        )
+    try:
+        if args.command == "erasures":
+            for record in await ErasureStore(database).list():
+                print(json.dumps(json_format.MessageToDict(erasure(record))))
+            return 0
+        user = UserName.parse_or_none(args.user)
+        if user is None:
+            print("switchboard: erase-user takes users/{id}", file=sys.stderr)
+            return EXIT_CONFIG
+        owned = [
+            auth_pb2.OwnedWorkspace(workspace=w, action=auth_pb2.OWNED_WORKSPACE_ACTION_DELETE)
+            for w in args.delete
+        ]
+        for pair in args.hand_over:
+            workspace, _, owner = pair.partition("=")
+            owned.append(
+                auth_pb2.OwnedWorkspace(
+                    workspace=workspace,
+                    action=auth_pb2.OWNED_WORKSPACE_ACTION_HAND_OVER,
+                    new_owner=owner,
+                )
+            )
+        deletion = AccountDeletion(AuthStore(database), Outbox(database))
+        try:
+            begun = await deletion.erase(user.user, owned)
+        except SwitchboardError as refused:
+            print(f"switchboard: refused: {refused}", file=sys.stderr)
+            return EXIT_REFUSED
+        print(json.dumps(json_format.MessageToDict(begun)))
+        return 0
+    finally:
+        await database.close()
+
+
 async def _serve(settings: Settings) -> int:
     from switchboard.mesh import create_server
     from switchboard.platform.rpc.server import tune_gc
@@ -150,14 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from switchboard.deploy import launcher
 
         return launcher.run_mesh(args)
-    if args.command not in ("serve", "migrate"):
+    if args.command not in ("serve", "migrate", "erase-user", "erasures"):
         _parser().print_help()
         return EXIT_CONFIG
     return _run_server(args)
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    """``serve`` and ``migrate``: the only commands that need the server's code, which
+    """``serve``, ``migrate``, ``erase-user`` and ``erasures``: the only commands that need
+    the server's code, which
     is imported here so that the others (keygen, envoy, dev-cert, mesh) start in a
     fraction of the time."""
     from switchboard.mesh import check_settings
@@ -186,7 +266,12 @@ def _run_server(args: argparse.Namespace) -> int:
             name,
         )
     try:
-        code = asyncio.run(_serve(settings) if args.command == "serve" else _migrate(kernel))
+        if args.command == "serve":
+            code = asyncio.run(_serve(settings))
+        elif args.command == "migrate":
+            code = asyncio.run(_migrate(kernel))
+        else:
+            code = asyncio.run(_privacy(args, kernel))
         # Interpreter teardown resets Python-level signal handlers to the default
         # (death by signal); the drain is done, so late signals are ignored.
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,6 +25,7 @@ import { RunCards } from "./runcards";
 import { Schedules } from "./schedules";
 import { SearchPage } from "./search";
 import type { SessionChange } from "./session";
+import { YourData } from "./yourdata";
 
 export class App {
   private readonly page: Page;
@@ -45,6 +46,7 @@ export class App {
   private readonly composer: Composer;
   private readonly names = new Names();
   private readonly account: Account;
+  private readonly yourData: YourData;
   private feed: EventFeed | null = null;
 
   constructor(private readonly api: Api) {
@@ -117,7 +119,13 @@ export class App {
     this.navigation.firstSteps = () => ({ assistants: this.assistants.count(), integrations: this.integrations.count() });
     this.integrations.onChange = () => this.navigation.firstStepsChanged();
     this.account = new Account(api, this.page, this.names, () => api.tokens.end("signed out everywhere"));
-    this.navigation.column.append(...this.account.elements);
+    // The server revoked every credential of the person already; whichever part learned it
+    // first, the sign-in screen says the account is deleted, not why a stream ended.
+    this.yourData = new YourData(api, this.page, this.names, () => {
+      api.tokens.end("your account is deleted");
+      this.auth.showProblem();
+    });
+    this.navigation.column.append(...this.account.elements, this.yourData.element);
     // The assistant editor first in the centre, above what the centre shows.
     this.centre = h(
       "section",
@@ -221,6 +229,7 @@ export class App {
     this.files.clear();
     this.memory.clear();
     this.account.clear();
+    this.yourData.clear();
     this.runs.clear();
     this.composer.left();
     this.navigation.clear();

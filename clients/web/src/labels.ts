@@ -185,6 +185,7 @@ const SECURITY: Record<SecurityEventKind, string> = {
   [SecurityEventKind.SESSION_REVOKED]: "a session was signed out",
   [SecurityEventKind.API_KEY_CREATED]: "an API key was created",
   [SecurityEventKind.API_KEY_REVOKED]: "an API key was revoked",
+  [SecurityEventKind.ACCOUNT_DELETED]: "an account was deleted",
 };
 export const securityLabel = (value: SecurityEventKind): string => label(SECURITY, value);
 

@@ -21,6 +21,7 @@ from typing import Final, Generic, TypeVar
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.auth import mapping
+from switchboard.auth.erasure import AccountDeletion
 from switchboard.auth.oidc import OidcVerifier
 from switchboard.auth.passwords import PasswordHasher, check_password_policy
 from switchboard.auth.store import (
@@ -324,6 +325,9 @@ class Accounts:
         self._limits = limits
         # The signing keys are fixed for the process's life: the answer is built once.
         self._jwks = mapping.jwks(tokens.keys)
+        self.deletion = AccountDeletion(
+            store, bus.outbox, announce=authenticator.announce, publish=bus.publish_staged
+        )
 
     # Security events: a structured log line always, an event when a user is concerned.
 

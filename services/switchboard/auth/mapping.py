@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.auth.store import ApiKeyRecord, IdentityRecord, SessionRecord, UserRecord
+from switchboard.platform.events.erasure.store import ErasureRecord
 from switchboard.platform.security.credentials.accesstokens import KeyRing
 from switchboard.platform.security.credentials.opaque import API_KEY_PREFIX
 from switchboard.platform.security.policy import AuthMethod, Principal
@@ -117,4 +118,20 @@ def jwks(keys: KeyRing) -> auth_pb2.GetJwksResponse:
     return auth_pb2.GetJwksResponse(
         keys=[auth_pb2.JsonWebKey(**key) for key in found],
         jwks_json=json.dumps({"keys": found}, separators=(",", ":")),
+    )
+
+
+def erasure(record: ErasureRecord) -> auth_pb2.Erasure:
+    """An erasure as DeleteMyAccount and ``switchboard erasures`` show it."""
+    return auth_pb2.Erasure(
+        name=f"erasures/{record.id}",
+        user=str(UserName(record.user_id)),
+        state=(
+            auth_pb2.ERASURE_STATE_DONE
+            if record.done_at is not None
+            else auth_pb2.ERASURE_STATE_RUNNING
+        ),
+        pending_parts=list(record.pending),
+        create_time=timestamp(record.created_at),
+        done_time=timestamp(record.done_at),
     )

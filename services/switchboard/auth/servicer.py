@@ -91,6 +91,11 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.UpdateUserResponse:
         return await self._accounts.update_user(current_principal(), request)
 
+    async def DeleteMyAccount(
+        self, request: auth_pb2.DeleteMyAccountRequest, context: Any
+    ) -> auth_pb2.DeleteMyAccountResponse:
+        return await self._accounts.deletion.delete_my_account(current_principal(), request)
+
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: Any
     ) -> auth_pb2.GetJwksResponse:

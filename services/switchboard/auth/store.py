@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Select, and_, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from switchboard.platform.errors import AlreadyExists
+from switchboard.platform.events.erasure.store import ErasureRecord, add_erasure
 from switchboard.platform.security.credentials.records import pins, stored_pins
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
@@ -33,6 +34,8 @@ from switchboard.platform.store.models import (
     RefreshTokenRow,
     SessionRow,
     UserRow,
+    WorkspaceMemberRow,
+    WorkspaceRow,
 )
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import transaction
@@ -58,6 +61,38 @@ class UserRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     version: int
+
+
+#: The email of a deleted account's tombstone is its id at this domain (RFC 2606's
+#: ``invalid``: it can never receive mail or be registered).
+ERASED_EMAIL_DOMAIN = "@erased.invalid"
+
+
+@dataclass(frozen=True)
+class Membership:
+    workspace_id: str
+    role: str
+    #: How many owners the workspace has (the user among them if they own it).
+    owners: int
+
+
+@dataclass(frozen=True)
+class MemberChange:
+    workspace_id: str
+    user_id: str
+    role: str
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class DeletedAccount:
+    erasure: ErasureRecord
+    #: The sessions and API keys it revoked.
+    sessions: list[str]
+    api_keys: list[str]
+    #: The members made owners of workspaces handed over, and the memberships removed.
+    handed_over: list[MemberChange]
+    left: list[MemberChange]
 
 
 @dataclass(frozen=True)
@@ -294,6 +329,127 @@ class AuthStore:
             return _user(row) if row is not None else None
 
         return await self._run(tx, write=True)
+
+    # Deleting an account (docs/privacy.md).
+
+    async def memberships(self, user_id: str) -> list[Membership]:
+        """Every live workspace the user is a member of, with its owners' count."""
+
+        def tx(db: Session) -> list[Membership]:
+            owners = (
+                select(func.count())
+                .where(
+                    WorkspaceMemberRow.workspace_id == WorkspaceRow.id,
+                    WorkspaceMemberRow.role == "owner",
+                )
+                .correlate(WorkspaceRow)
+                .scalar_subquery()
+            )
+            rows = db.execute(
+                select(WorkspaceRow.id, WorkspaceMemberRow.role, owners)
+                .join(WorkspaceMemberRow, WorkspaceMemberRow.workspace_id == WorkspaceRow.id)
+                .where(WorkspaceMemberRow.user_id == user_id, WorkspaceRow.deleted_at.is_(None))
+            ).all()
+            return [Membership(str(w), str(role), int(n)) for w, role, n in rows]
+
+        return await self._run(tx, write=False)
+
+    async def members_of(self, workspace_id: str, user_ids: Sequence[str]) -> set[str]:
+        """Which of ``user_ids`` are members of the workspace."""
+
+        def tx(db: Session) -> set[str]:
+            return set(
+                db.execute(
+                    select(WorkspaceMemberRow.user_id).where(
+                        WorkspaceMemberRow.workspace_id == workspace_id,
+                        WorkspaceMemberRow.user_id.in_(list(user_ids)),
+                    )
+                ).scalars()
+            )
+
+        return await self._run(tx, write=False)
+
+    async def delete_account(
+        self,
+        user_id: str,
+        *,
+        plan: bytes,
+        hand_over: Sequence[tuple[str, str]],
+        staged: Staged[DeletedAccount],
+    ) -> DeletedAccount:
+        """In one transaction: every session and API key revoked, the sign-in
+        identities and the client details of its sessions forgotten, the account made a
+        tombstone (no email, name or password), each ``(workspace, new owner)`` handed
+        over, its memberships removed, and its erasure written for the services."""
+        stamp = now()
+
+        def tx(db: Session) -> DeletedAccount:
+            sessions = list(
+                db.execute(
+                    select(SessionRow.id).where(
+                        SessionRow.user_id == user_id, SessionRow.revoked_at.is_(None)
+                    )
+                ).scalars()
+            )
+            db.execute(
+                update(SessionRow)
+                .where(SessionRow.user_id == user_id, SessionRow.revoked_at.is_(None))
+                .values(revoked_at=stamp, revoke_reason="account_deleted")
+            )
+            db.execute(
+                update(SessionRow)
+                .where(SessionRow.user_id == user_id)
+                .values(user_agent="", device_name="", client_address="")
+            )
+            keys = list(
+                db.execute(
+                    select(ApiKeyRow.id).where(
+                        ApiKeyRow.user_id == user_id, ApiKeyRow.revoked_at.is_(None)
+                    )
+                ).scalars()
+            )
+            db.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.user_id == user_id)
+                .values(revoked_at=func.coalesce(ApiKeyRow.revoked_at, stamp), display_name="")
+            )
+            db.execute(delete(FederatedIdentityRow).where(FederatedIdentityRow.user_id == user_id))
+            db.execute(
+                update(UserRow)
+                .where(UserRow.id == user_id)
+                .values(
+                    email=f"{user_id}{ERASED_EMAIL_DOMAIN}",
+                    display_name="",
+                    password_hash=None,
+                    erased_at=stamp,
+                    updated_at=stamp,
+                    version=UserRow.version + 1,
+                )
+            )
+            handed: list[MemberChange] = []
+            for workspace_id, new_owner in hand_over:
+                db.execute(
+                    update(WorkspaceMemberRow)
+                    .where(
+                        WorkspaceMemberRow.workspace_id == workspace_id,
+                        WorkspaceMemberRow.user_id == new_owner,
+                    )
+                    .values(role="owner", updated_at=stamp)
+                )
+                handed.append(MemberChange(workspace_id, new_owner, "owner", stamp))
+            left = [
+                MemberChange(workspace_id, user_id, role, stamp)
+                for workspace_id, role in db.execute(
+                    select(WorkspaceMemberRow.workspace_id, WorkspaceMemberRow.role).where(
+                        WorkspaceMemberRow.user_id == user_id
+                    )
+                )
+            ]
+            db.execute(delete(WorkspaceMemberRow).where(WorkspaceMemberRow.user_id == user_id))
+            erasure = add_erasure(db, user_id, plan, [m.workspace_id for m in left])
+            return DeletedAccount(erasure, sessions, keys, handed, left)
+
+        return await self._run(staging(staged, tx), write=True)
 
     async def federated_identities(self, user_id: str) -> list[IdentityRecord]:
         def tx(db: Session) -> list[IdentityRecord]:

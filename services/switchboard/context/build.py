@@ -12,6 +12,7 @@ budget ledger's.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
 from typing import Final
@@ -24,6 +25,7 @@ from switchboard.context.files.catalog import FileLimits
 from switchboard.context.files.reading.transcriber import Transcriber
 from switchboard.context.files.reading.transcription import OpenAITranscriber
 from switchboard.context.files.settings import FileSettings
+from switchboard.context.privacy.exports import ExportLimits
 from switchboard.context.semantic.embedder import Charger, OpenAIEmbedder
 from switchboard.context.semantic.indexing.chunkstore import ChunkStore
 from switchboard.context.semantic.indexing.indexer import IndexerLimits
@@ -168,6 +170,11 @@ def context_service(
             transcriber=transcriber,
             egress=egress,
             fetch_timeout_s=files.context_files_fetch_timeout_s,
+            exports=ExportLimits(
+                max_bytes=files.context_export_max_bytes,
+                ttl=dt.timedelta(seconds=files.context_export_ttl_s),
+                per_day=files.context_exports_per_day,
+            ),
         ),
         semantic=SemanticParts(
             chunks=ChunkStore(database),

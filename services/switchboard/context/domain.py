@@ -7,7 +7,7 @@ closing the background work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from switchboard.context.branches.catalog import Branches
@@ -26,6 +26,10 @@ from switchboard.context.memory.store import MemoryStore
 from switchboard.context.messages.attachments import Attachments
 from switchboard.context.messages.catalog import Messages
 from switchboard.context.messages.store import MessageStore
+from switchboard.context.privacy.eraser import ContextEraser
+from switchboard.context.privacy.exports import DataExports, ExportLimits
+from switchboard.context.privacy.exportstore import ExportStore
+from switchboard.context.privacy.store import PrivacyStore
 from switchboard.context.pruning.pruner import Pruning
 from switchboard.context.pruning.store import PruneStore
 from switchboard.context.semantic.indexing.chunkstore import ChunkStore
@@ -45,6 +49,8 @@ from switchboard.context.workspaces.catalog import Members, Workspaces
 from switchboard.context.workspaces.store import WorkspaceStore
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.erasure.store import CONTEXT, ErasureStore
+from switchboard.platform.events.erasure.worker import ErasureWorker
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
@@ -72,6 +78,8 @@ class FileParts:
     transcriber: Transcriber | None = None
     egress: EgressPolicy | None = None
     fetch_timeout_s: float = 30.0
+    #: Data exports' limits (ExportMyData).
+    exports: ExportLimits = field(default_factory=ExportLimits)
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,8 @@ class ContextDomain:
             policy=files.policy,
             transcriber=files.transcriber,
         )
+        self.exports = DataExports(ExportStore(database), blobs, files.exports, claimer=instance_id)
+        self.files.exports = self.exports
         # A message's file parts become files of its workspace; URL parts are
         # fetched under the egress policy (the strictest when none is given).
         self._attachments = Attachments(
@@ -172,6 +182,22 @@ class ContextDomain:
         self.windows = Windows(
             common, WindowStore(database), cache, files=self.files, search=self.search
         )
+        #: The context part of deleted accounts' erasures (docs/privacy.md).
+        self.erasing = ErasureWorker(
+            CONTEXT,
+            ErasureStore(database),
+            bus,
+            ContextEraser(
+                PrivacyStore(database),
+                ErasureStore(database),
+                self.messages,
+                self.files,
+                self.exports,
+                chunks,
+                cache,
+            ),
+            claimer=instance_id,
+        )
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
@@ -179,8 +205,13 @@ class ContextDomain:
         await self.files.start(maintain=maintain)
         if maintain and self._chunks is not None:
             await self.indexer.start()
+        if maintain:
+            self.erasing.start()
+            self.exports.start()
 
     async def close(self) -> None:
+        await self.erasing.stop()
+        await self.exports.close()
         await self.indexer.close()
         await self.pruning.close()
         await self.files.close()

@@ -293,6 +293,16 @@ class ContextServiceServicer:
         async for frame in self._domain.files.download(request):
             yield frame
 
+    async def ExportMyData(
+        self, request: pb.ExportMyDataRequest, context: Context
+    ) -> pb.ExportMyDataResponse:
+        return await self._domain.exports.export_my_data(current_principal(), request)
+
+    async def GetDataExport(
+        self, request: pb.GetDataExportRequest, context: Context
+    ) -> pb.GetDataExportResponse:
+        return await self._domain.exports.get(request)
+
     async def DeleteFile(
         self, request: pb.DeleteFileRequest, context: Context
     ) -> pb.DeleteFileResponse:

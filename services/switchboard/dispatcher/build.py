@@ -54,6 +54,7 @@ from switchboard.dispatcher.ports.context import (
 )
 from switchboard.dispatcher.ports.experts import ExpertDirectory, ExpertEntry
 from switchboard.dispatcher.ports.peers import GrpcPeers
+from switchboard.dispatcher.privacy import DispatcherEraser
 from switchboard.dispatcher.runs.control import Control
 from switchboard.dispatcher.runs.core.active.feed import Feeds
 from switchboard.dispatcher.runs.core.active.live import Common, Live
@@ -89,6 +90,8 @@ from switchboard.dispatcher.voice.settings import VoiceSettings
 from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.platform.config import ConfigError, Sections
 from switchboard.platform.errors import NotFound
+from switchboard.platform.events.erasure.store import DISPATCHER, ErasureStore
+from switchboard.platform.events.erasure.worker import serve_part
 from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.observe.telemetry import tracer
 from switchboard.platform.process import Port, Shared, setting
@@ -660,6 +663,14 @@ async def build(shared: Shared) -> ServiceRegistration:
         return await dispatcher_service(shared, port, hub, neighbours)
 
     dispatcher = await shared.part(Dispatcher, make)
+    serve_part(
+        shared.resources,
+        shared.database,
+        shared.bus,
+        DISPATCHER,
+        DispatcherEraser(shared.database, ErasureStore(shared.database)),
+        claimer=shared.instance_id,
+    )
 
     async def advertise(bound_port: int) -> None:
         await dispatcher.advertise(advertise_address(shared.settings, bound_port))

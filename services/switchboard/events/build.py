@@ -12,6 +12,9 @@ from switchboard.events.settings import EventSettings
 from switchboard.events.streams import Streams
 from switchboard.events.subscriptions import Limits
 from switchboard.platform.config import KernelSettings
+from switchboard.platform.events.erasure.redaction import Redaction
+from switchboard.platform.events.erasure.store import EVENTS, ErasureRecord, ErasureStore
+from switchboard.platform.events.erasure.worker import serve_part
 from switchboard.platform.process import Shared
 from switchboard.platform.rpc.server import ServiceRegistration
 
@@ -31,6 +34,17 @@ def event_limits(settings: EventSettings, kernel: KernelSettings) -> Limits:
 
 async def build(shared: Shared) -> ServiceRegistration:
     limits = event_limits(shared.section(EventSettings), shared.settings)
+    erasures = ErasureStore(shared.database)
+
+    async def redact(erasure: ErasureRecord) -> None:
+        # The last part: every other service has removed what it held, and named it.
+        names = await erasures.names(erasure.id)
+        await shared.bus.redact(Redaction(erasure.user_id, names))
+        await shared.database.checkpoint()
+
+    serve_part(
+        shared.resources, shared.database, shared.bus, EVENTS, redact, claimer=shared.instance_id
+    )
     return ServiceRegistration(
         servicer.SERVICE,
         servicer.EventServiceServicer(

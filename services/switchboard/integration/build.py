@@ -20,10 +20,13 @@ from switchboard.integration.connect.registry import (
     reserved_handler_ids,
     stdio_servers,
 )
+from switchboard.integration.privacy import IntegrationEraser
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.settings import IntegrationSettings
 from switchboard.integration.store import IntegrationStore
 from switchboard.integration.webhooks.delivery import WebhookEngine, WebhookLimits
+from switchboard.platform.events.erasure.store import INTEGRATION, ErasureStore
+from switchboard.platform.events.erasure.worker import serve_part
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.process import Port, Shared, setting
 from switchboard.platform.resilience.breaker import Breakers
@@ -123,6 +126,14 @@ async def _open_hub(shared: Shared) -> IntegrationHub:
         hub.webhook_health = webhooks.health
         await webhooks.start()
         resources.push_async_callback(webhooks.close)
+        serve_part(
+            resources,
+            database,
+            shared.bus,
+            INTEGRATION,
+            IntegrationEraser(database, ErasureStore(database)),
+            claimer=shared.instance_id,
+        )
     return hub
 
 

@@ -18,6 +18,7 @@ from switchboard.platform.events.eventlog import (
     Logged,
     LogState,
     Position,
+    Redactor,
     Ring,
     format_cursor,
 )
@@ -54,6 +55,9 @@ class ThisProcessesLog:
         raise NotImplementedError
 
     async def horizon(self) -> Position:
+        raise NotImplementedError
+
+    async def redact(self, redaction: Redactor) -> int:
         raise NotImplementedError
 
     async def last_position(self) -> Position:

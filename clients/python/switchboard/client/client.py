@@ -20,7 +20,8 @@ from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2_grpc
-from switchboard.client.errors import Unauthenticated, Unavailable
+from switchboard.client import session as account
+from switchboard.client.errors import DataLoss, Unauthenticated, Unavailable
 from switchboard.client.events import Follower, ScopeLike, TypeLike
 from switchboard.client.files import (
     Destination,
@@ -40,11 +41,14 @@ from switchboard.client.memory import (
 )
 from switchboard.client.runs import Answer, Child, RunTree, RunWatch
 from switchboard.client.session import (
+    DEFAULT_EXPORT_WAIT_S,
     DEFAULT_REFRESH_MARGIN_S,
     Clock,
+    ExportLike,
     RefreshNotSent,
     TokenKeeper,
     TokensCallback,
+    export_name,
 )
 from switchboard.client.transport.interceptors import CallPolicy, RetryPolicy
 from switchboard.client.transport.streams import StreamPolicy
@@ -1206,6 +1210,89 @@ class Client:
         resuming at the offset reached after a dropped stream; the file's metadata.
         Raises ``DataLoss`` if what arrived does not have the file's size and SHA-256."""
         return await download(self.context, name, destination, policy=self._transfers)
+
+    # -- your data ----------------------------------------------------------------------
+
+    async def owned_alone(self, *, timeout_s: float | None = None) -> list[str]:
+        """The workspaces you own with no other owner: each must be named when you
+        delete your account (``delete_my_account``'s ``delete`` or ``hand_over``)."""
+        return await account.owned_alone(self.auth, self.context, timeout_s)
+
+    async def delete_my_account(
+        self,
+        confirm_email: str,
+        *,
+        delete: Iterable[str] = (),
+        hand_over: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> auth_pb2.Erasure:
+        """DeleteMyAccount (a signed-in session's, not an API key's): the account is
+        deleted and its data erased in the background; the ``Erasure`` under way.
+
+        ``confirm_email`` is the account's email (compared case-insensitively; another
+        is ``InvalidArgument`` on ``confirm_email``). Every workspace you own with no
+        other owner (``owned_alone``) must be named: in ``delete`` (``workspaces/w``:
+        gone at once, with everything in it) or in ``hand_over``, mapped to the member
+        who becomes its owner (``users/u``). One left out is ``FailedPrecondition``
+        naming it; one you do not own alone, or a new owner who is not a member, is
+        ``InvalidArgument`` on ``workspaces[i]...``. Afterwards every credential of
+        yours is refused, so this client forgets its tokens (as ``sign_out`` does)."""
+        request = auth_pb2.DeleteMyAccountRequest(
+            confirm_email=confirm_email,
+            workspaces=account.owned_workspaces(delete, hand_over or {}),
+        )
+        response = await self.auth.DeleteMyAccount(request, timeout=timeout_s)
+        await self.tokens.signed_out()
+        return response.erasure
+
+    async def export_my_data(
+        self, request_id: str | None = None, *, timeout_s: float | None = None
+    ) -> context_pb2.DataExport:
+        """ExportMyData: start writing one archive of your data (RUNNING; while one
+        runs, asking again returns it). At most 5 a day (``ResourceExhausted``). Keyed
+        like ``send``, so a retry returns the same export; ``wait_for_export`` waits
+        for it, ``download_export`` fetches it."""
+        response = await self.context.ExportMyData(
+            context_pb2.ExportMyDataRequest(request_id=request_id or new_request_id()),
+            timeout=timeout_s,
+        )
+        return response.export
+
+    async def data_export(
+        self, export: ExportLike, *, timeout_s: float | None = None
+    ) -> context_pb2.DataExport:
+        """GetDataExport: an export of yours (``users/u/exports/e``) as it stands now."""
+        response = await self.context.GetDataExport(
+            context_pb2.GetDataExportRequest(name=export_name(export)), timeout=timeout_s
+        )
+        return response.export
+
+    async def wait_for_export(
+        self, export: ExportLike, *, timeout_s: float = DEFAULT_EXPORT_WAIT_S
+    ) -> context_pb2.DataExport:
+        """Poll the export (a bounded backoff, from 0.1 s to 3 s) until it SUCCEEDED;
+        the export, with its size, SHA-256 and ``expire_time``. A FAILED one raises
+        the error it carries (``ResourceExhausted`` past the size limit); still
+        running after ``timeout_s``, ``DeadlineExceeded``."""
+        return await account.wait_for_export(self.context, export, timeout_s=timeout_s)
+
+    async def download_export(
+        self, export: ExportLike, destination: Destination
+    ) -> context_pb2.File:
+        """Write a finished export's archive (a ZIP) to ``destination`` (a path or a
+        binary file), resumed after a dropped stream; the archive's metadata. Raises
+        ``DataLoss`` unless what arrived has the export's size and SHA-256 (an export
+        given by name is read first for them)."""
+        current = export if isinstance(export, context_pb2.DataExport) else None
+        if current is None or not current.sha256:
+            current = await self.data_export(export)
+        file = await download(self.context, current.name, destination, policy=self._transfers)
+        if (file.sha256, file.size_bytes) != (current.sha256, current.size_bytes):
+            raise DataLoss(
+                f"{current.name}: the archive sent ({file.size_bytes} bytes, {file.sha256}) "
+                f"is not the export's ({current.size_bytes} bytes, {current.sha256})"
+            )
+        return file
 
     # -- voice --------------------------------------------------------------------------
 

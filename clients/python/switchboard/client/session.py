@@ -18,6 +18,12 @@ again is taken for theft, so the server revokes the whole session
   access token it has until the server refuses it, then raises ``SignedOut``
   rather than risk presenting the token twice;
 - a refusal (UNAUTHENTICATED) ends the session: ``SignedOut``.
+
+And the person's own data (docs/privacy.md), at the end: deleting the account, and the
+archive of everything the deployment holds about them (``Client.delete_my_account``,
+``Client.export_my_data``, ``Client.wait_for_export``, ``Client.download_export``). An
+export is a long-running operation: ``ExportMyData`` starts it, ``GetDataExport`` says how
+far it is, and once SUCCEEDED ``DownloadFile`` of its name streams the ZIP.
 """
 
 from __future__ import annotations
@@ -29,18 +35,24 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+import grpc
+from google.rpc import status_pb2
 
 from switchboard.api.auth.v1 import auth_pb2
+from switchboard.api.context.v1 import context_pb2
 from switchboard.client.backoff import Backoff
 from switchboard.client.errors import (
+    DeadlineExceeded,
     InvalidArgument,
     SessionRevoked,
     SignedOut,
     SwitchboardError,
     Unauthenticated,
+    from_status,
 )
 
 log = logging.getLogger("switchboard.client")
@@ -397,3 +409,142 @@ class TokenKeeper:
             # The new pair is in memory either way; the application's store
             # failing must not turn a renewed session into a failed call.
             log.exception("the on_tokens callback failed")
+
+
+# -- the person's own data (docs/privacy.md) ---------------------------------------------
+
+if TYPE_CHECKING:
+    from switchboard.api.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
+    from switchboard.api.context.v1.context_pb2_grpc import ContextServiceAsyncStub
+
+#: How long ``wait_for_export`` waits unless told: an archive of years of messages and
+#: files takes a while to write.
+DEFAULT_EXPORT_WAIT_S: Final = 600.0
+#: Polls start quick (a small account's archive is ready in well under a second) and
+#: slow down to one every few seconds for a large one.
+EXPORT_POLL: Final = Backoff(initial_s=0.1, max_s=3.0, multiplier=2.0, jitter=0.2)
+_PAGE: Final = 100
+
+#: What a data export is named by: its name, or the export itself.
+ExportLike = str | context_pb2.DataExport
+
+
+def export_name(export: ExportLike) -> str:
+    return export if isinstance(export, str) else export.name
+
+
+def owned_workspaces(
+    delete: Iterable[str], hand_over: Mapping[str, str]
+) -> list[auth_pb2.OwnedWorkspace]:
+    """The ``workspaces`` of a DeleteMyAccount: each of ``delete`` DELETE, then each of
+    ``hand_over`` HAND_OVER to the member it maps to (``users/{user}``). A workspace in
+    both is a mistake of the caller's, refused before anything is sent."""
+    deleted = list(delete)
+    both = sorted(set(deleted) & set(hand_over))
+    if both:
+        raise ValueError(f"a workspace is either deleted or handed over, not both: {both}")
+    return [
+        *(
+            auth_pb2.OwnedWorkspace(
+                workspace=workspace, action=auth_pb2.OWNED_WORKSPACE_ACTION_DELETE
+            )
+            for workspace in deleted
+        ),
+        *(
+            auth_pb2.OwnedWorkspace(
+                workspace=workspace,
+                action=auth_pb2.OWNED_WORKSPACE_ACTION_HAND_OVER,
+                new_owner=new_owner,
+            )
+            for workspace, new_owner in hand_over.items()
+        ),
+    ]
+
+
+async def owned_alone(
+    auth: AuthServiceAsyncStub, context: ContextServiceAsyncStub, timeout_s: float | None
+) -> list[str]:
+    """The caller's workspaces where they are the only owner (what DeleteMyAccount needs
+    named), in ListWorkspaces' order."""
+    me = await auth.GetPrincipal(auth_pb2.GetPrincipalRequest(), timeout=timeout_s)
+    user = me.user.name
+    found: list[str] = []
+    token = ""
+    while True:
+        page = await context.ListWorkspaces(
+            context_pb2.ListWorkspacesRequest(page_size=_PAGE, page_token=token),
+            timeout=timeout_s,
+        )
+        for workspace in page.workspaces:
+            owners = await _owners(context, workspace.name, timeout_s)
+            if owners == {user}:
+                found.append(workspace.name)
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+async def _owners(
+    context: ContextServiceAsyncStub, workspace: str, timeout_s: float | None
+) -> set[str]:
+    owners: set[str] = set()
+    token = ""
+    while True:
+        page = await context.ListWorkspaceMembers(
+            context_pb2.ListWorkspaceMembersRequest(
+                parent=workspace, page_size=_PAGE, page_token=token
+            ),
+            timeout=timeout_s,
+        )
+        owners.update(m.user for m in page.members if m.role == context_pb2.WORKSPACE_ROLE_OWNER)
+        token = page.next_page_token
+        if not token:
+            return owners
+
+
+def export_failure(export: context_pb2.DataExport) -> SwitchboardError:
+    """The typed error a FAILED export's ``error`` names (RESOURCE_EXHAUSTED past the
+    size limit, say)."""
+    status = export.error
+    if status.code == grpc.StatusCode.OK.value[0]:
+        # FAILED without a reason is the server's fault; the client still says which.
+        status = status_pb2.Status(
+            code=grpc.StatusCode.UNKNOWN.value[0], message=f"{export.name} failed"
+        )
+    return from_status(status)
+
+
+async def wait_for_export(
+    context: ContextServiceAsyncStub,
+    export: ExportLike,
+    *,
+    timeout_s: float,
+    poll: Backoff = EXPORT_POLL,
+) -> context_pb2.DataExport:
+    """GetDataExport until the export is SUCCEEDED (returned) or FAILED (its error
+    raised), ``timeout_s`` at most (then ``DeadlineExceeded``)."""
+    if timeout_s <= 0:
+        raise ValueError("timeout_s must be positive")
+    name = export_name(export)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    attempt = 0
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        # Each read gets what is left of the wait, so the whole stays within it.
+        response = await context.GetDataExport(
+            context_pb2.GetDataExportRequest(name=name), timeout=left
+        )
+        current = response.export
+        if current.state == context_pb2.DATA_EXPORT_STATE_SUCCEEDED:
+            return current
+        if current.state == context_pb2.DATA_EXPORT_STATE_FAILED:
+            raise export_failure(current)
+        delay = min(poll.delay(attempt), deadline - loop.time())
+        if delay <= 0:
+            break
+        await asyncio.sleep(delay)
+        attempt += 1
+    raise DeadlineExceeded(f"{name} was not written within {timeout_s:g} s")

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, Protocol
 
 from google.protobuf import struct_pb2
 
@@ -182,6 +182,14 @@ class _Referenced:
         return await self._store.live_uploads(uploads)
 
 
+class ExportDownloads(Protocol):
+    """What DownloadFile asks of data exports (``context/privacy/exports.py``)."""
+
+    def download(
+        self, request: pb.DownloadFileRequest
+    ) -> AsyncIterator[pb.DownloadFileResponse]: ...
+
+
 class Files(Domain):
     """Stored files: uploads, reads, deletes, text, and their maintenance."""
 
@@ -198,6 +206,8 @@ class Files(Domain):
         super().__init__(common)
         self._store = store
         self.blobs = blobs
+        #: Data exports, whose archives DownloadFile reads too (set by the domain).
+        self.exports: ExportDownloads | None = None
         self.file_limits = limits
         self._policy = policy
         self._transcriber = transcriber
@@ -568,13 +578,18 @@ class Files(Domain):
     async def download(
         self, request: pb.DownloadFileRequest
     ) -> AsyncIterator[pb.DownloadFileResponse]:
-        """DownloadFile: the file first, then its bytes in chunks of at most 1 MiB."""
+        """DownloadFile: the file first, then its bytes in chunks of at most 1 MiB (a data
+        export's archive too: ``users/{user}/exports/{export}``)."""
         violations = Violations()
         if request.read_offset < 0:
             violations.add("read_offset", "must not be negative")
         if request.read_limit < 0:
             violations.add("read_limit", "must not be negative")
         violations.check()
+        if self.exports is not None and request.name.startswith("users/"):
+            async for frame in self.exports.download(request):
+                yield frame
+            return
         row = await self._file(request.name, "name")
         if request.read_offset > row.size_bytes:
             # AIP-193: well formed, but the file is shorter (its end itself reads nothing).

@@ -26,6 +26,26 @@ class FileSettings(Section):
         description="time to fetch a message's URL part (redirects included) before the "
         "append fails `INVALID_ARGUMENT` on the part (`fetch_error` `timeout`)",
     )
+    context_export_max_bytes: int = Field(
+        default=1024 * MiB,
+        gt=0,
+        description="largest data export archive (ExportMyData); a larger one ends FAILED "
+        "with `RESOURCE_EXHAUSTED`",
+    )
+    context_export_ttl_s: int = Field(
+        default=7 * 86400,
+        gt=0,
+        le=90 * 86400,
+        description="how long a finished data export can be downloaded; then its archive "
+        "is deleted",
+    )
+    context_exports_per_day: int = Field(
+        default=5,
+        gt=0,
+        le=100,
+        description="data exports one person may ask for in 24 hours "
+        "(`RESOURCE_EXHAUSTED` past it)",
+    )
     context_files_max_bytes: int = Field(
         default=1024 * MiB,
         ge=1,

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from switchboard.context.records import Missing
 from switchboard.context.storebase import StoreBase, keyset
 from switchboard.platform.errors import NotFound, QuotaExceeded
-from switchboard.platform.store.models import FileRow, UploadRow, WorkspaceRow
+from switchboard.platform.store.models import DataExportRow, FileRow, UploadRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import Idempotency, claim, earlier, retrying
 from switchboard.platform.values.names import now
@@ -359,13 +359,17 @@ class FileStore(StoreBase):
     # -- maintenance ----------------------------------------------------------------------
 
     async def referenced_blobs(self, hashes: Sequence[str]) -> set[str]:
-        """Those of ``hashes`` that a live file names."""
+        """Those of ``hashes`` that a live file or a data export's archive names."""
         query = (
             select(FileRow.sha256)
             .where(FileRow.sha256.in_(list(hashes)), FileRow.deleted_at.is_(None))
             .distinct()
         )
-        return await self._run(lambda db: set(db.execute(query).scalars()), write=False)
+        exports = select(DataExportRow.sha256).where(DataExportRow.sha256.in_(list(hashes)))
+        return await self._run(
+            lambda db: set(db.execute(query).scalars()) | set(db.execute(exports).scalars()),
+            write=False,
+        )
 
     async def live_uploads(self, upload_ids: Sequence[str]) -> set[str]:
         """Those of ``upload_ids`` that are unfinished uploads not past their expiry."""

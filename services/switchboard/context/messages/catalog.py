@@ -50,7 +50,7 @@ from switchboard.context.messages.store import (
     MessageStore,
     NewMessage,
 )
-from switchboard.context.records import ConversationRecord, MessageRecord
+from switchboard.context.records import ConversationRecord, MessageRecord, Missing
 from switchboard.context.text.entities import EntityExtractor
 from switchboard.context.windows.documents import measure
 from switchboard.platform.errors import (
@@ -442,6 +442,32 @@ class Messages(Domain):
             conversation=conversation_proto(done.conversation),
         )
 
+    async def erase(
+        self, workspace_id: str, conversation_id: str, message_id: str
+    ) -> list[str] | None:
+        """Delete one message for an erasure (docs/privacy.md), the service acting on its
+        own: only that message, wherever it is. The ids of the files it owned (marked
+        deleted); None if it or its conversation is gone."""
+        conversation = str(ConversationName(workspace_id, conversation_id))
+        staged = self.common.staged(
+            lambda done: _deleted_events(None, workspace_id, conversation, done)
+        )
+        try:
+            done = await self._store.delete_messages(
+                workspace_id,
+                conversation_id,
+                message_id,
+                with_later=False,
+                branch=0,
+                may_delete=lambda record: None,
+                staged=staged,
+                redact=False,  # the erasure's last part redacts the log
+            )
+        except Missing:
+            return None  # gone, or its conversation is deleted (the caller purges those)
+        await self.common.announce(staged)
+        return [file.id for file in done.files]
+
     async def get(self, name: str) -> pb.Message:
         message = MessageName.parse(name, "name")
         listed = await stored(
@@ -538,7 +564,7 @@ def _events(
 
 
 def _deleted_events(
-    principal: Principal, workspace_id: str, conversation: str, done: Deleted
+    principal: Principal | None, workspace_id: str, conversation: str, done: Deleted
 ) -> list[events_pb2.Event]:
     """A deletion's events: a tombstone per message (where it was, never what it
     said), the entity memory it changed, and the conversation after it."""
@@ -570,7 +596,9 @@ def _deleted_events(
         ),
         *(
             file_event(
-                events_pb2.Actor(name=principal.user_name), events_pb2.CHANGE_KIND_DELETED, row
+                events_pb2.Actor(name=principal.user_name if principal else "system"),
+                events_pb2.CHANGE_KIND_DELETED,
+                row,
             )
             for row in done.files
         ),

@@ -34,6 +34,7 @@ from switchboard.context.storebase import (
     message_record,
 )
 from switchboard.platform.errors import FailedPrecondition, NotFound, QuotaExceeded
+from switchboard.platform.events.erasure.store import add_redaction
 from switchboard.platform.store.models import (
     ConversationRow,
     FileRow,
@@ -399,12 +400,15 @@ class MessageStore(StoreBase):
         branch: int,
         may_delete: Callable[[MessageRecord], None],
         staged: Staged[Any] | None = None,
+        redact: bool = True,
     ) -> Deleted:
         """Delete a message (with ``with_later``, and every later one on ``branch``'s
         history, 0: the active one): rows, their words' index, their citations in
         entity memory. ``may_delete`` refuses one the caller may not delete (nothing
         is deleted then). A branch whose newest message goes keeps following its
-        sequence: what is appended there next is still a version of what followed it."""
+        sequence: what is appended there next is still a version of what followed it.
+        With ``redact``, the log's events naming them are redacted in the background
+        (``platform/events/erasure``), the redaction written in this transaction."""
 
         def tx(db: Session) -> Deleted:
             connection = db.connection()
@@ -448,6 +452,8 @@ class MessageStore(StoreBase):
             # (and ``message_files`` with it).
             db.execute(sa.delete(MessageRow).where(MessageRow.id.in_(ids)))
             names = {_name(workspace_id, record) for record in doomed}
+            if redact:
+                add_redaction(db, sorted(names))
             deleted_memory, updated_memory = self._forget_citations(
                 db, str(ConversationName(workspace_id, conversation_id)), names
             )

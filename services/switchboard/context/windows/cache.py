@@ -69,6 +69,26 @@ class WindowCache:
             except _FAILURES:
                 log.debug("closing the window cache's Redis client failed", exc_info=True)
 
+    async def forget(self, tag: str) -> int:
+        """Delete every window whose key holds ``tag`` (a conversation's hash tag), here
+        and in Redis: an erasure must not leave its words in a window that merely went
+        out of reach. Returns how many Redis keys went."""
+        for key in [k for k in self._memory if tag in k]:
+            self._memory_bytes -= len(self._memory.pop(key))
+        if self._client is None:
+            return 0
+        gone = 0
+        try:
+            async with asyncio.timeout(self._timeout_s * 20):
+                async for key in self._client.scan_iter(match=f"ctxwin:*{tag}*", count=500):
+                    gone += int(await self._client.delete(key))
+        except _FAILURES as exc:
+            # The erasure part is retried as a whole: it must not end as done.
+            raise ConnectionError(
+                f"the window cache could not forget: {type(exc).__name__}"
+            ) from None
+        return gone
+
     @property
     def redis_up(self) -> bool:
         return self._client is not None and time.monotonic() >= self._down_until

@@ -51,6 +51,7 @@ from switchboard.platform.events.eventlog import (
     Logged,
     LogState,
     Position,
+    Redactor,
     Ring,
     format_cursor,
     logged_part,
@@ -338,6 +339,13 @@ class EventBus:
         self._started = True
         if self.outbox is not None:
             self.outbox.start(self._backend.append_many)
+
+    async def redact(self, redaction: Redactor) -> int:
+        """Redact the log and this process's window of it for an erasure
+        (``platform/events/erasure/redaction.py``); how many stored events changed."""
+        changed = await self._backend.redact(redaction)
+        self.ring.redact(redaction)
+        return changed
 
     async def close(self) -> None:
         if self._early_timer is not None:

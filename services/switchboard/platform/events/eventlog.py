@@ -63,7 +63,7 @@ from typing import Any, Final, Literal, Protocol
 from google.protobuf.message import DecodeError
 from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -95,6 +95,8 @@ _CURSOR_RE: Final = re.compile(r"([0-9]{1,20})-([0-9]{1,20})(?:-([0-9]{1,20}))?"
 _MAX_U64: Final = 2**64 - 1
 _REDIS_FAILURES: Final = (RedisError, RedisClusterException, OSError, TimeoutError)
 _DB_FAILURES: Final = (SQLAlchemyError, OSError, TimeoutError)
+#: Entries read per round while redacting (an erasure).
+_REDACT_BATCH: Final = 500
 #: Events written to the database in one transaction.
 _WRITE_BATCH: Final = 1000
 #: How often the retention trim runs, in events and in seconds.
@@ -316,6 +318,25 @@ class Ring:
     def items(self) -> list[Logged]:
         return list(self._items)
 
+    def redact(self, redaction: Redactor) -> int:
+        """Replace the held events ``redaction`` matches (an erasure: docs/privacy.md)."""
+        changed = 0
+        for i, item in enumerate(self._items):
+            replacement = redaction.match(item.event, item.data)
+            if replacement is not None:
+                self._items[i] = Logged(item.position, replacement)
+                changed += 1
+        return changed
+
+
+class Redactor(Protocol):
+    """What an erasure redacts (``platform/events/erasure/redaction.py``): the event to
+    store instead of ``event`` (whose bytes are ``data``), or None to keep it."""
+
+    def match(
+        self, event: events_pb2.Event, data: bytes | None = None
+    ) -> events_pb2.Event | None: ...
+
 
 Deliver = Callable[[Sequence[Logged]], None]
 #: Tokens handed between processes (``LogBackend.carry_tokens``).
@@ -344,6 +365,10 @@ class LogBackend(Protocol):
 
     async def horizon(self) -> Position:
         """The newest trimmed position: cursors below it are out of range."""
+        ...
+
+    async def redact(self, redaction: Redactor) -> int:
+        """Redact the stored events ``redaction`` matches (an erasure); how many."""
         ...
 
     async def last_position(self) -> Position:
@@ -757,6 +782,42 @@ class LocalLog:
 
     async def last_position(self) -> Position:
         return self._head, 0
+
+    async def redact(self, redaction: Redactor) -> int:
+        """Rewrite, in place, the rows whose events ``redaction`` matches: a redacted
+        event keeps its sequence, so every cursor holds."""
+        changed = 0
+        after = -1
+        while True:
+
+            def work(session: Session, after: int = after) -> tuple[int, int | None]:
+                rows = session.execute(
+                    select(EventLogRow.seq, EventLogRow.data)
+                    .where(EventLogRow.seq > after)
+                    .order_by(EventLogRow.seq)
+                    .limit(_REDACT_BATCH)
+                ).all()
+                done = 0
+                for seq, data in rows:
+                    replacement = redaction.match(events_pb2.Event.FromString(data), data)
+                    if replacement is not None:
+                        session.execute(
+                            update(EventLogRow)
+                            .where(EventLogRow.seq == seq)
+                            .values(data=replacement.SerializeToString())
+                        )
+                        done += 1
+                return done, (rows[-1][0] if len(rows) == _REDACT_BATCH else None)
+
+            try:
+                done, last = await self._database.run(work, write=True)
+            except _DB_FAILURES as exc:
+                log_failure(log, "event log redaction failed", exc)
+                raise DependencyUnavailable("the event log is unavailable; retry") from None
+            changed += done
+            if last is None:
+                return changed
+            after = last
 
     @contextlib.asynccontextmanager
     async def _bounded(self, statements: int) -> AsyncIterator[None]:
@@ -1650,6 +1711,50 @@ class RedisLog:
                 "the event log is unavailable for this replay; retry, or resume from a newer cursor"
             ) from None
         return _entries(entries)
+
+    async def redact(self, redaction: Redactor) -> int:
+        """Remove the entries whose events ``redaction`` matches, from the log and the
+        control stream (XDEL: a stream entry cannot be rewritten; later ids, and so
+        every cursor, are unchanged, and a reader passes over the gap), and the token
+        streams of their conversations (a run's live text, kept minutes)."""
+        removed = 0
+        conversations: set[str] = set()
+        start = "-"
+        try:
+            while True:
+                async with asyncio.timeout(self._timeout_s * 10):
+                    entries: Any = await self._client.xrange(
+                        self._key, min=start, max="+", count=_REDACT_BATCH
+                    )
+                doomed = []
+                for entry_id, fields in entries or ():
+                    data = fields.get(b"e") if isinstance(fields, dict) else None
+                    if data is None:
+                        continue
+                    try:
+                        event = events_pb2.Event.FromString(data)
+                    except DecodeError:
+                        continue
+                    security = event.type == events_pb2.EVENT_TYPE_SECURITY
+                    if not security and redaction.match(event, data) is not None:
+                        doomed.append(entry_id)
+                        if event.conversation:
+                            conversations.add(event.conversation)
+                if doomed:
+                    async with asyncio.timeout(self._timeout_s * 10):
+                        removed += int(await self._client.xdel(self._key, *doomed))
+                        await self._client.xdel(self._control_key, *doomed)
+                if len(entries or ()) < _REDACT_BATCH:
+                    break
+                last = _position(entries[-1][0])
+                start = f"({last[0]}-{last[1]}"
+            for conversation in conversations:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._client.delete(self._token_stream(conversation))
+        except _REDIS_FAILURES as exc:
+            log_failure(log, "event log redaction failed", exc)
+            raise DependencyUnavailable("the event log is unavailable; retry") from None
+        return removed
 
     async def horizon(self) -> Position:
         try:

@@ -86,6 +86,8 @@ RULES: Final[dict[str, Rule]] = {
     _AUTH + "ListApiKeys": authenticated(Scope.READ),
     _AUTH + "RevokeApiKey": resource("name", MANAGE),
     _AUTH + "UpdateUser": resource("user.name", MANAGE),
+    # The caller's own account; the domain also wants a session and the account's email.
+    _AUTH + "DeleteMyAccount": authenticated(Scope.MANAGE),
     # Context.
     _CONTEXT + "CreateWorkspace": authenticated(Scope.WRITE),
     _CONTEXT + "ListWorkspaces": authenticated(Scope.READ),  # lists only the caller's
@@ -136,6 +138,9 @@ RULES: Final[dict[str, Rule]] = {
     _CONTEXT + "GetFile": resource("name", READ),
     _CONTEXT + "ListFiles": resource("parent", READ),
     _CONTEXT + "DownloadFile": resource("name", READ),
+    # An export reads what the caller may read; the archive is theirs alone (users/{u}/…).
+    _CONTEXT + "ExportMyData": authenticated(Scope.READ),
+    _CONTEXT + "GetDataExport": resource("name", READ),
     _CONTEXT + "DeleteFile": resource("name", WRITE),
     # Dispatcher.
     _DISPATCHER + "SendMessage": resource("conversation", WRITE),

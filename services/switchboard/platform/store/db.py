@@ -689,6 +689,22 @@ class Database:
                     outcomes.append(_attempt(session, work, group))
         return outcomes
 
+    async def checkpoint(self) -> None:
+        """SQLite: copy the WAL into the database file and empty it (an erasure's last
+        step: old versions of erased rows live in WAL frames until then). PostgreSQL:
+        nothing (its WAL is the operator's, with its backups: docs/privacy.md)."""
+        if self.dialect_name != "sqlite":
+            return
+
+        def work(session: Session) -> bool:
+            # (busy, frames in the WAL, frames checkpointed): busy 0 once it is all in.
+            row = session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)")).first()
+            return row is None or int(row[0]) == 0
+
+        if not await self.run(work, write=False):
+            # A reader held an older snapshot past the busy timeout: the caller retries.
+            raise DatabaseUnavailable("the database is busy; the checkpoint is retried")
+
     async def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Rows of one read-only statement (``:name`` parameters), for hot paths.
 
@@ -1174,6 +1190,10 @@ def _install_sqlite_hooks(engine: Engine, timeout_s: float, *, memory: bool) -> 
             # Off by default in SQLite; our schema relies on ON DELETE CASCADE.
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+            # What a delete or an update removes is overwritten with zeros, not left in
+            # the file's free space: an erased person's words leave the disk too, once
+            # the WAL is checkpointed (docs/privacy.md).
+            cursor.execute("PRAGMA secure_delete=ON")
             if not memory:
                 # Readers no longer block the writer (and vice versa).
                 _enable_wal(cursor, timeout_s)

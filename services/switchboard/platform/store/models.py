@@ -95,6 +95,75 @@ class UserRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     version: Mapped[int] = mapped_column(Integer, default=1)
+    # Set when the account was deleted (DeleteMyAccount): the row stays as a tombstone
+    # without email or name, so ``users/{id}`` still names no one else (migration 0028).
+    erased_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ErasureRow(Base):
+    """A deleted account's erasure (docs/privacy.md): one part per service, each done by
+    the processes serving it; ``plan`` is the serialized DeleteMyAccountRequest's
+    workspaces (what becomes of those it owned alone)."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    plan: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    # Space-separated ids of the workspaces the account was a member of when deleted
+    # (its memberships go at once; the services erase its words in each).
+    workspaces: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ErasurePartRow(Base):
+    """One service's part of an erasure, claimed for a while by one process."""
+
+    __tablename__ = "erasure_parts"
+
+    erasure_id: Mapped[str] = mapped_column(
+        ForeignKey("erasures.id", ondelete="CASCADE"), primary_key=True
+    )
+    part: Mapped[str] = mapped_column(String(16), primary_key=True)
+    claimer: Mapped[str] = mapped_column(String(64), default="")
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ErasureNameRow(Base):
+    """A resource an erasure removed (a message, a run): the events naming it are
+    redacted by the last part, so its words leave the log too."""
+
+    __tablename__ = "erasure_names"
+
+    erasure_id: Mapped[str] = mapped_column(
+        ForeignKey("erasures.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+
+
+class DataExportRow(Base):
+    """An archive of a person's data (ExportMyData, docs/privacy.md), written by the
+    context service: RUNNING until a process claims and writes it, then SUCCEEDED (its
+    bytes in the blob store under ``sha256`` until ``expire_at``) or FAILED."""
+
+    __tablename__ = "data_exports"
+    __table_args__ = (Index("ix_data_exports_user", "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    # "running", "succeeded" or "failed".
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    expire_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    # The serialized google.rpc.Status of a failure.
+    error: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    claimer: Mapped[str] = mapped_column(String(64), default="")
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class FederatedIdentityRow(Base):

@@ -111,6 +111,7 @@ TOOL_SEGMENT: Final = re.compile(r"(?:[A-Za-z0-9_.-]|~[0-9A-F]{2}){1,128}")
 TOOL: Final = re.compile(rf"workspaces/({ID})/integrations/({ID})/tools/({TOOL_SEGMENT.pattern})")
 USER: Final = re.compile(rf"users/({ID})")
 SESSION: Final = re.compile(rf"users/({ID})/sessions/({ID})")
+DATA_EXPORT: Final = re.compile(rf"users/({ID})/exports/({ID})")
 API_KEY: Final = re.compile(rf"users/({ID})/apiKeys/({ID})")
 #: Where memory lives: a user, a workspace or a conversation.
 MEMORY_SCOPE: Final = re.compile(rf"(users/{ID}|workspaces/{ID}(?:/conversations/{ID})?)")

@@ -430,6 +430,23 @@ class SessionName(ResourceName):
 
 
 @dataclass(frozen=True, slots=True)
+class DataExportName(ResourceName):
+    """``users/{user}/exports/{export}``: an archive of a person's data (ExportMyData)."""
+
+    user: str
+    export: str
+    pattern = names.DATA_EXPORT
+    form = "users/{user}/exports/{export}"
+
+    def __str__(self) -> str:
+        return f"users/{self.user}/exports/{self.export}"
+
+    @property
+    def parent(self) -> UserName:
+        return UserName(self.user)
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKeyName(ResourceName):
     """``users/{user}/apiKeys/{key}``"""
 

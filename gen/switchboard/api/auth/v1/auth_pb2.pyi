@@ -50,6 +50,54 @@ AUTH_METHOD_API_KEY: AuthMethod.ValueType  # 3
 """An API key."""
 Global___AuthMethod: _TypeAlias = AuthMethod  # noqa: Y015
 
+class _OwnedWorkspaceAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OwnedWorkspaceActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OwnedWorkspaceAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OWNED_WORKSPACE_ACTION_UNSPECIFIED: _OwnedWorkspaceAction.ValueType  # 0
+    """Not set: refused."""
+    OWNED_WORKSPACE_ACTION_DELETE: _OwnedWorkspaceAction.ValueType  # 1
+    """The workspace is deleted with everything in it, at once (no recovery window)."""
+    OWNED_WORKSPACE_ACTION_HAND_OVER: _OwnedWorkspaceAction.ValueType  # 2
+    """A member of it becomes its owner; the rest of it stays."""
+
+class OwnedWorkspaceAction(_OwnedWorkspaceAction, metaclass=_OwnedWorkspaceActionEnumTypeWrapper):
+    """What becomes of a workspace the deleted account owned with no other owner."""
+
+OWNED_WORKSPACE_ACTION_UNSPECIFIED: OwnedWorkspaceAction.ValueType  # 0
+"""Not set: refused."""
+OWNED_WORKSPACE_ACTION_DELETE: OwnedWorkspaceAction.ValueType  # 1
+"""The workspace is deleted with everything in it, at once (no recovery window)."""
+OWNED_WORKSPACE_ACTION_HAND_OVER: OwnedWorkspaceAction.ValueType  # 2
+"""A member of it becomes its owner; the rest of it stays."""
+Global___OwnedWorkspaceAction: _TypeAlias = OwnedWorkspaceAction  # noqa: Y015
+
+class _ErasureState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErasureStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErasureState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERASURE_STATE_UNSPECIFIED: _ErasureState.ValueType  # 0
+    """Not set."""
+    ERASURE_STATE_RUNNING: _ErasureState.ValueType  # 1
+    """The account is deleted and its credentials revoked; services are still erasing."""
+    ERASURE_STATE_DONE: _ErasureState.ValueType  # 2
+    """Every service has erased its part and the log is redacted."""
+
+class ErasureState(_ErasureState, metaclass=_ErasureStateEnumTypeWrapper):
+    """The state of an erasure."""
+
+ERASURE_STATE_UNSPECIFIED: ErasureState.ValueType  # 0
+"""Not set."""
+ERASURE_STATE_RUNNING: ErasureState.ValueType  # 1
+"""The account is deleted and its credentials revoked; services are still erasing."""
+ERASURE_STATE_DONE: ErasureState.ValueType  # 2
+"""Every service has erased its part and the log is redacted."""
+Global___ErasureState: _TypeAlias = ErasureState  # noqa: Y015
+
 @_typing.final
 class User(_message.Message):
     """A person or automation account known to the mesh."""
@@ -1191,3 +1239,135 @@ class GetJwksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetJwksResponse: _TypeAlias = GetJwksResponse  # noqa: Y015
+
+@_typing.final
+class OwnedWorkspace(_message.Message):
+    """A workspace the deleted account owned alone, and what becomes of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    NEW_OWNER_FIELD_NUMBER: _builtins.int
+    workspace: _builtins.str
+    """The workspace, `workspaces/{workspace}`."""
+    action: Global___OwnedWorkspaceAction.ValueType
+    """Delete it or hand it over."""
+    new_owner: _builtins.str
+    """For HAND_OVER: the member who becomes its owner, `users/{user}`."""
+    def __init__(
+        self,
+        *,
+        workspace: _builtins.str = ...,
+        action: Global___OwnedWorkspaceAction.ValueType = ...,
+        new_owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "new_owner", b"new_owner", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnedWorkspace: _TypeAlias = OwnedWorkspace  # noqa: Y015
+
+@_typing.final
+class DeleteMyAccountRequest(_message.Message):
+    """Request for DeleteMyAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIRM_EMAIL_FIELD_NUMBER: _builtins.int
+    WORKSPACES_FIELD_NUMBER: _builtins.int
+    confirm_email: _builtins.str
+    """The account's email, as the person's confirmation (compared case-insensitively)."""
+    @_builtins.property
+    def workspaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnedWorkspace]:
+        """Each workspace the caller owns with no other owner, and what becomes of it (at
+        most 100; every such workspace must be named, and only those).
+        """
+
+    def __init__(
+        self,
+        *,
+        confirm_email: _builtins.str = ...,
+        workspaces: _abc.Iterable[Global___OwnedWorkspace] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirm_email", b"confirm_email", "workspaces", b"workspaces"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteMyAccountRequest: _TypeAlias = DeleteMyAccountRequest  # noqa: Y015
+
+@_typing.final
+class Erasure(_message.Message):
+    """The erasure of a person's data, after their account was deleted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PENDING_PARTS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DONE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `erasures/{erasure}`."""
+    user: _builtins.str
+    """The erased user, `users/{user}` (the id stays; nothing else of theirs does)."""
+    state: Global___ErasureState.ValueType
+    """Running or done."""
+    @_builtins.property
+    def pending_parts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The parts not done yet: `context`, `dispatcher`, `integration`, `events`."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the account was deleted."""
+
+    @_builtins.property
+    def done_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last part finished (unset while running)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        user: _builtins.str = ...,
+        state: Global___ErasureState.ValueType = ...,
+        pending_parts: _abc.Iterable[_builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        done_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "done_time", b"done_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "done_time", b"done_time", "name", b"name", "pending_parts", b"pending_parts", "state", b"state", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Erasure: _TypeAlias = Erasure  # noqa: Y015
+
+@_typing.final
+class DeleteMyAccountResponse(_message.Message):
+    """Response for DeleteMyAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERASURE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def erasure(self) -> Global___Erasure:
+        """The erasure under way (operators follow it with `switchboard erasures`)."""
+
+    def __init__(
+        self,
+        *,
+        erasure: Global___Erasure | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["erasure", b"erasure"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erasure", b"erasure"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteMyAccountResponse: _TypeAlias = DeleteMyAccountResponse  # noqa: Y015

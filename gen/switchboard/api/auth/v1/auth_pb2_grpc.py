@@ -104,6 +104,11 @@ class AuthServiceStub:
                 request_serializer=switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
                 _registered_method=True)
+        self.DeleteMyAccount = channel.unary_unary(
+                '/switchboard.api.auth.v1.AuthService/DeleteMyAccount',
+                request_serializer=switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.DeleteMyAccountRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.DeleteMyAccountResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -205,6 +210,21 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteMyAccount(self, request, context):
+        """Deletes the caller's account and erases their data (docs/privacy.md). Every
+        session and API key of theirs ends at once, on every process and open stream,
+        and the account forgets its email and name; their messages (and the answers to
+        their runs), files, memory about them, embeddings, spoken audio, runs, schedules
+        and voice sessions are removed, and the events naming them redacted in the log,
+        by each service in the background (the returned `Erasure`). A workspace the
+        caller owns with no other owner must be named in `workspaces` (deleted or
+        handed over to a member); otherwise the call is refused with FAILED_PRECONDITION
+        naming each one. Needs a session (not an API key) and the account's email.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +292,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.GetJwks,
                     request_deserializer=switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.SerializeToString,
+            ),
+            'DeleteMyAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMyAccount,
+                    request_deserializer=switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.DeleteMyAccountRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.DeleteMyAccountResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -629,6 +654,33 @@ class AuthService:
             '/switchboard.api.auth.v1.AuthService/GetJwks',
             switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.GetJwksRequest.SerializeToString,
             switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.GetJwksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMyAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.auth.v1.AuthService/DeleteMyAccount',
+            switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.DeleteMyAccountRequest.SerializeToString,
+            switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2.DeleteMyAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,

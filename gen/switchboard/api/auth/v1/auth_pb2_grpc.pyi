@@ -66,6 +66,17 @@ class AuthServiceStub:
     """Updates the caller's profile (display name)."""
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """Publishes the public keys that verify access tokens, as a JSON Web Key Set."""
+    DeleteMyAccount: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DeleteMyAccountRequest, _auth_pb2.DeleteMyAccountResponse]
+    """Deletes the caller's account and erases their data (docs/privacy.md). Every
+    session and API key of theirs ends at once, on every process and open stream,
+    and the account forgets its email and name; their messages (and the answers to
+    their runs), files, memory about them, embeddings, spoken audio, runs, schedules
+    and voice sessions are removed, and the events naming them redacted in the log,
+    by each service in the background (the returned `Erasure`). A workspace the
+    caller owns with no other owner must be named in `workspaces` (deleted or
+    handed over to a member); otherwise the call is refused with FAILED_PRECONDITION
+    naming each one. Needs a session (not an API key) and the account's email.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -104,6 +115,17 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Updates the caller's profile (display name)."""
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Publishes the public keys that verify access tokens, as a JSON Web Key Set."""
+    DeleteMyAccount: _aio.UnaryUnaryMultiCallable[_auth_pb2.DeleteMyAccountRequest, _auth_pb2.DeleteMyAccountResponse]  # type: ignore[assignment]
+    """Deletes the caller's account and erases their data (docs/privacy.md). Every
+    session and API key of theirs ends at once, on every process and open stream,
+    and the account forgets its email and name; their messages (and the answers to
+    their runs), files, memory about them, embeddings, spoken audio, runs, schedules
+    and voice sessions are removed, and the events naming them redacted in the log,
+    by each service in the background (the returned `Erasure`). A workspace the
+    caller owns with no other owner must be named in `workspaces` (deleted or
+    handed over to a member); otherwise the call is refused with FAILED_PRECONDITION
+    naming each one. Needs a session (not an API key) and the account's email.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService owns identity: users, credentials, sessions, access tokens and
@@ -217,5 +239,22 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.GetJwksResponse, _abc.Awaitable[_auth_pb2.GetJwksResponse]]:
         """Publishes the public keys that verify access tokens, as a JSON Web Key Set."""
+
+    @_abc_1.abstractmethod
+    def DeleteMyAccount(
+        self,
+        request: _auth_pb2.DeleteMyAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.DeleteMyAccountResponse, _abc.Awaitable[_auth_pb2.DeleteMyAccountResponse]]:
+        """Deletes the caller's account and erases their data (docs/privacy.md). Every
+        session and API key of theirs ends at once, on every process and open stream,
+        and the account forgets its email and name; their messages (and the answers to
+        their runs), files, memory about them, embeddings, spoken audio, runs, schedules
+        and voice sessions are removed, and the events naming them redacted in the log,
+        by each service in the background (the returned `Erasure`). A workspace the
+        caller owns with no other owner must be named in `workspaces` (deleted or
+        handed over to a member); otherwise the call is refused with FAILED_PRECONDITION
+        naming each one. Needs a session (not an API key) and the account's email.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

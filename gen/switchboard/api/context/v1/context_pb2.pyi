@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -479,6 +480,34 @@ CONTEXT_ITEM_REASON_EXPIRED: ContextItemReason.ValueType  # 6
 CONTEXT_ITEM_REASON_RETRIEVED: ContextItemReason.ValueType  # 7
 """Included: retrieved by search for the query (see ContextItem.retrieved)."""
 Global___ContextItemReason: _TypeAlias = ContextItemReason  # noqa: Y015
+
+class _DataExportState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DataExportStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataExportState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATA_EXPORT_STATE_UNSPECIFIED: _DataExportState.ValueType  # 0
+    """Not set."""
+    DATA_EXPORT_STATE_RUNNING: _DataExportState.ValueType  # 1
+    """The archive is being written."""
+    DATA_EXPORT_STATE_SUCCEEDED: _DataExportState.ValueType  # 2
+    """The archive is ready to download until `expire_time`."""
+    DATA_EXPORT_STATE_FAILED: _DataExportState.ValueType  # 3
+    """It could not be written (`error` says why: RESOURCE_EXHAUSTED past the size limit)."""
+
+class DataExportState(_DataExportState, metaclass=_DataExportStateEnumTypeWrapper):
+    """The state of a data export."""
+
+DATA_EXPORT_STATE_UNSPECIFIED: DataExportState.ValueType  # 0
+"""Not set."""
+DATA_EXPORT_STATE_RUNNING: DataExportState.ValueType  # 1
+"""The archive is being written."""
+DATA_EXPORT_STATE_SUCCEEDED: DataExportState.ValueType  # 2
+"""The archive is ready to download until `expire_time`."""
+DATA_EXPORT_STATE_FAILED: DataExportState.ValueType  # 3
+"""It could not be written (`error` says why: RESOURCE_EXHAUSTED past the size limit)."""
+Global___DataExportState: _TypeAlias = DataExportState  # noqa: Y015
 
 @_typing.final
 class Workspace(_message.Message):
@@ -4368,7 +4397,9 @@ class DownloadFileRequest(_message.Message):
     READ_OFFSET_FIELD_NUMBER: _builtins.int
     READ_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """`workspaces/{workspace}/files/{file}`."""
+    """`workspaces/{workspace}/files/{file}`, or a finished data export's
+    `users/{user}/exports/{export}` (the caller's own).
+    """
     read_offset: _builtins.int
     """Where to start, in bytes (to resume a dropped download); 0 for the start.
     The file's size reads no bytes (only the first frame, with the file's
@@ -4462,3 +4493,165 @@ class DeleteFileResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteFileResponse: _TypeAlias = DeleteFileResponse  # noqa: Y015
+
+@_typing.final
+class DataExport(_message.Message):
+    """One archive of a person's data (ExportMyData), a ZIP of JSON files and the files
+    they uploaded (docs/privacy.md, "Export").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DONE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `users/{user}/exports/{export}`; DownloadFile reads the archive."""
+    state: Global___DataExportState.ValueType
+    """Running, succeeded or failed."""
+    size_bytes: _builtins.int
+    """The archive's size in bytes (at most SWITCHBOARD_CONTEXT_EXPORT_MAX_BYTES)."""
+    media_type: _builtins.str
+    """`application/zip`."""
+    sha256: _builtins.str
+    """The archive's SHA-256, lowercase hex."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was asked for."""
+
+    @_builtins.property
+    def done_time(self) -> _timestamp_pb2.Timestamp:
+        """When it finished (unset while running)."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the archive is deleted (SUCCEEDED only): SWITCHBOARD_CONTEXT_EXPORT_TTL_S after
+        it finished.
+        """
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why it failed (FAILED only)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        state: Global___DataExportState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        done_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        size_bytes: _builtins.int = ...,
+        media_type: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "done_time", b"done_time", "error", b"error", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "done_time", b"done_time", "error", b"error", "expire_time", b"expire_time", "media_type", b"media_type", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataExport: _TypeAlias = DataExport  # noqa: Y015
+
+@_typing.final
+class ExportMyDataRequest(_message.Message):
+    """Request for ExportMyData."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportMyDataRequest: _TypeAlias = ExportMyDataRequest  # noqa: Y015
+
+@_typing.final
+class ExportMyDataResponse(_message.Message):
+    """Response for ExportMyData."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def export(self) -> Global___DataExport:
+        """The export, RUNNING (or, for a retry, as it is now)."""
+
+    def __init__(
+        self,
+        *,
+        export: Global___DataExport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportMyDataResponse: _TypeAlias = ExportMyDataResponse  # noqa: Y015
+
+@_typing.final
+class GetDataExportRequest(_message.Message):
+    """Request for GetDataExport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`users/{user}/exports/{export}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDataExportRequest: _TypeAlias = GetDataExportRequest  # noqa: Y015
+
+@_typing.final
+class GetDataExportResponse(_message.Message):
+    """Response for GetDataExport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def export(self) -> Global___DataExport:
+        """The export."""
+
+    def __init__(
+        self,
+        *,
+        export: Global___DataExport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDataExportResponse: _TypeAlias = GetDataExportResponse  # noqa: Y015

@@ -260,6 +260,16 @@ class ContextServiceStub:
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileResponse.FromString,
                 _registered_method=True)
+        self.ExportMyData = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/ExportMyData',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ExportMyDataRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ExportMyDataResponse.FromString,
+                _registered_method=True)
+        self.GetDataExport = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/GetDataExport',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetDataExportRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetDataExportResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -579,7 +589,8 @@ class ContextServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadFile(self, request, context):
-        """Streams a file's content in chunks of at most 1 MiB, from an offset.
+        """Streams a file's content in chunks of at most 1 MiB, from an offset; also the
+        archive of a finished data export (`users/{user}/exports/{export}`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -588,6 +599,24 @@ class ContextServiceServicer:
     def DeleteFile(self, request, context):
         """Deletes a file. Messages that name it keep the reference; reading it is
         NOT_FOUND from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportMyData(self, request, context):
+        """Starts writing one archive of the caller's data (docs/privacy.md): their account,
+        memberships, the messages they wrote and the answers to their runs, the memory about
+        them, their usage, and the files they uploaded. A long-running operation: read it
+        with GetDataExport until SUCCEEDED, then download it with DownloadFile (its name).
+        While one runs, asking again returns it; at most 5 a day (RESOURCE_EXHAUSTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataExport(self, request, context):
+        """Reads a data export of the caller's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -815,6 +844,16 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.DeleteFile,
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileResponse.SerializeToString,
+            ),
+            'ExportMyData': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportMyData,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ExportMyDataRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ExportMyDataResponse.SerializeToString,
+            ),
+            'GetDataExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataExport,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetDataExportRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetDataExportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -2010,6 +2049,60 @@ class ContextService:
             '/switchboard.api.context.v1.ContextService/DeleteFile',
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileRequest.SerializeToString,
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportMyData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/ExportMyData',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ExportMyDataRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ExportMyDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/GetDataExport',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetDataExportRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetDataExportResponse.FromString,
             options,
             channel_credentials,
             insecure,

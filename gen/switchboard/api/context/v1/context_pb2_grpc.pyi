@@ -147,11 +147,22 @@ class ContextServiceStub:
     ListFiles: _grpc.UnaryUnaryMultiCallable[_context_pb2.ListFilesRequest, _context_pb2.ListFilesResponse]
     """Lists a workspace's files, newest first."""
     DownloadFile: _grpc.UnaryStreamMultiCallable[_context_pb2.DownloadFileRequest, _context_pb2.DownloadFileResponse]
-    """Streams a file's content in chunks of at most 1 MiB, from an offset."""
+    """Streams a file's content in chunks of at most 1 MiB, from an offset; also the
+    archive of a finished data export (`users/{user}/exports/{export}`).
+    """
     DeleteFile: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteFileRequest, _context_pb2.DeleteFileResponse]
     """Deletes a file. Messages that name it keep the reference; reading it is
     NOT_FOUND from then on.
     """
+    ExportMyData: _grpc.UnaryUnaryMultiCallable[_context_pb2.ExportMyDataRequest, _context_pb2.ExportMyDataResponse]
+    """Starts writing one archive of the caller's data (docs/privacy.md): their account,
+    memberships, the messages they wrote and the answers to their runs, the memory about
+    them, their usage, and the files they uploaded. A long-running operation: read it
+    with GetDataExport until SUCCEEDED, then download it with DownloadFile (its name).
+    While one runs, asking again returns it; at most 5 a day (RESOURCE_EXHAUSTED).
+    """
+    GetDataExport: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetDataExportRequest, _context_pb2.GetDataExportResponse]
+    """Reads a data export of the caller's."""
 
 @_typing.type_check_only
 class ContextServiceAsyncStub(ContextServiceStub):
@@ -271,11 +282,22 @@ class ContextServiceAsyncStub(ContextServiceStub):
     ListFiles: _aio.UnaryUnaryMultiCallable[_context_pb2.ListFilesRequest, _context_pb2.ListFilesResponse]  # type: ignore[assignment]
     """Lists a workspace's files, newest first."""
     DownloadFile: _aio.UnaryStreamMultiCallable[_context_pb2.DownloadFileRequest, _context_pb2.DownloadFileResponse]  # type: ignore[assignment]
-    """Streams a file's content in chunks of at most 1 MiB, from an offset."""
+    """Streams a file's content in chunks of at most 1 MiB, from an offset; also the
+    archive of a finished data export (`users/{user}/exports/{export}`).
+    """
     DeleteFile: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteFileRequest, _context_pb2.DeleteFileResponse]  # type: ignore[assignment]
     """Deletes a file. Messages that name it keep the reference; reading it is
     NOT_FOUND from then on.
     """
+    ExportMyData: _aio.UnaryUnaryMultiCallable[_context_pb2.ExportMyDataRequest, _context_pb2.ExportMyDataResponse]  # type: ignore[assignment]
+    """Starts writing one archive of the caller's data (docs/privacy.md): their account,
+    memberships, the messages they wrote and the answers to their runs, the memory about
+    them, their usage, and the files they uploaded. A long-running operation: read it
+    with GetDataExport until SUCCEEDED, then download it with DownloadFile (its name).
+    While one runs, asking again returns it; at most 5 a day (RESOURCE_EXHAUSTED).
+    """
+    GetDataExport: _aio.UnaryUnaryMultiCallable[_context_pb2.GetDataExportRequest, _context_pb2.GetDataExportResponse]  # type: ignore[assignment]
+    """Reads a data export of the caller's."""
 
 class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
     """ContextService owns what a conversation knows: workspaces and their members,
@@ -650,7 +672,9 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _context_pb2.DownloadFileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_context_pb2.DownloadFileResponse], _abc.AsyncIterator[_context_pb2.DownloadFileResponse]]:
-        """Streams a file's content in chunks of at most 1 MiB, from an offset."""
+        """Streams a file's content in chunks of at most 1 MiB, from an offset; also the
+        archive of a finished data export (`users/{user}/exports/{export}`).
+        """
 
     @_abc_1.abstractmethod
     def DeleteFile(
@@ -661,5 +685,26 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes a file. Messages that name it keep the reference; reading it is
         NOT_FOUND from then on.
         """
+
+    @_abc_1.abstractmethod
+    def ExportMyData(
+        self,
+        request: _context_pb2.ExportMyDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.ExportMyDataResponse, _abc.Awaitable[_context_pb2.ExportMyDataResponse]]:
+        """Starts writing one archive of the caller's data (docs/privacy.md): their account,
+        memberships, the messages they wrote and the answers to their runs, the memory about
+        them, their usage, and the files they uploaded. A long-running operation: read it
+        with GetDataExport until SUCCEEDED, then download it with DownloadFile (its name).
+        While one runs, asking again returns it; at most 5 a day (RESOURCE_EXHAUSTED).
+        """
+
+    @_abc_1.abstractmethod
+    def GetDataExport(
+        self,
+        request: _context_pb2.GetDataExportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.GetDataExportResponse, _abc.Awaitable[_context_pb2.GetDataExportResponse]]:
+        """Reads a data export of the caller's."""
 
 def add_ContextServiceServicer_to_server(servicer: ContextServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

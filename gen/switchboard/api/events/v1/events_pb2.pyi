@@ -280,6 +280,8 @@ class _SecurityEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sec
     """An API key was created."""
     SECURITY_EVENT_KIND_API_KEY_REVOKED: _SecurityEventKind.ValueType  # 6
     """An API key was revoked."""
+    SECURITY_EVENT_KIND_ACCOUNT_DELETED: _SecurityEventKind.ValueType  # 7
+    """A person deleted their account (or an operator erased it); its erasure began."""
 
 class SecurityEventKind(_SecurityEventKind, metaclass=_SecurityEventKindEnumTypeWrapper):
     """The kind of a security event."""
@@ -298,6 +300,8 @@ SECURITY_EVENT_KIND_API_KEY_CREATED: SecurityEventKind.ValueType  # 5
 """An API key was created."""
 SECURITY_EVENT_KIND_API_KEY_REVOKED: SecurityEventKind.ValueType  # 6
 """An API key was revoked."""
+SECURITY_EVENT_KIND_ACCOUNT_DELETED: SecurityEventKind.ValueType  # 7
+"""A person deleted their account (or an operator erased it); its erasure began."""
 Global___SecurityEventKind: _TypeAlias = SecurityEventKind  # noqa: Y015
 
 @_typing.final
@@ -954,6 +958,7 @@ class Event(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     WORKSPACE_FIELD_NUMBER: _builtins.int
     CONVERSATION_FIELD_NUMBER: _builtins.int
+    REDACTED_FIELD_NUMBER: _builtins.int
     WORKSPACE_CHANGED_FIELD_NUMBER: _builtins.int
     MEMBER_CHANGED_FIELD_NUMBER: _builtins.int
     CONVERSATION_CHANGED_FIELD_NUMBER: _builtins.int
@@ -984,6 +989,11 @@ class Event(_message.Message):
     """The workspace it belongs to, `workspaces/{workspace}`, if any."""
     conversation: _builtins.str
     """The conversation it belongs to, `workspaces/{w}/conversations/{c}`, if any."""
+    redacted: _builtins.bool
+    """True when the event named a person whose data was erased (docs/privacy.md):
+    its actor, user and payload are cleared; its id, cursor, type, time, workspace
+    and conversation stay, so the log's order and a consumer's cursor hold.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -1075,6 +1085,7 @@ class Event(_message.Message):
         user: _builtins.str = ...,
         workspace: _builtins.str = ...,
         conversation: _builtins.str = ...,
+        redacted: _builtins.bool = ...,
         workspace_changed: Global___WorkspaceChanged | None = ...,
         member_changed: Global___MemberChanged | None = ...,
         conversation_changed: Global___ConversationChanged | None = ...,
@@ -1096,7 +1107,7 @@ class Event(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "redacted", b"redacted", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed", "schedule_changed", "schedule_fired", "memory_decided", "message_deleted"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

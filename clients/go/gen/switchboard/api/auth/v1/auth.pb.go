@@ -80,6 +80,112 @@ func (AuthMethod) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{0}
 }
 
+// What becomes of a workspace the deleted account owned with no other owner.
+type OwnedWorkspaceAction int32
+
+const (
+	// Not set: refused.
+	OwnedWorkspaceAction_OWNED_WORKSPACE_ACTION_UNSPECIFIED OwnedWorkspaceAction = 0
+	// The workspace is deleted with everything in it, at once (no recovery window).
+	OwnedWorkspaceAction_OWNED_WORKSPACE_ACTION_DELETE OwnedWorkspaceAction = 1
+	// A member of it becomes its owner; the rest of it stays.
+	OwnedWorkspaceAction_OWNED_WORKSPACE_ACTION_HAND_OVER OwnedWorkspaceAction = 2
+)
+
+// Enum value maps for OwnedWorkspaceAction.
+var (
+	OwnedWorkspaceAction_name = map[int32]string{
+		0: "OWNED_WORKSPACE_ACTION_UNSPECIFIED",
+		1: "OWNED_WORKSPACE_ACTION_DELETE",
+		2: "OWNED_WORKSPACE_ACTION_HAND_OVER",
+	}
+	OwnedWorkspaceAction_value = map[string]int32{
+		"OWNED_WORKSPACE_ACTION_UNSPECIFIED": 0,
+		"OWNED_WORKSPACE_ACTION_DELETE":      1,
+		"OWNED_WORKSPACE_ACTION_HAND_OVER":   2,
+	}
+)
+
+func (x OwnedWorkspaceAction) Enum() *OwnedWorkspaceAction {
+	p := new(OwnedWorkspaceAction)
+	*p = x
+	return p
+}
+
+func (x OwnedWorkspaceAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (OwnedWorkspaceAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_auth_v1_auth_proto_enumTypes[1].Descriptor()
+}
+
+func (OwnedWorkspaceAction) Type() protoreflect.EnumType {
+	return &file_switchboard_api_auth_v1_auth_proto_enumTypes[1]
+}
+
+func (x OwnedWorkspaceAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use OwnedWorkspaceAction.Descriptor instead.
+func (OwnedWorkspaceAction) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{1}
+}
+
+// The state of an erasure.
+type ErasureState int32
+
+const (
+	// Not set.
+	ErasureState_ERASURE_STATE_UNSPECIFIED ErasureState = 0
+	// The account is deleted and its credentials revoked; services are still erasing.
+	ErasureState_ERASURE_STATE_RUNNING ErasureState = 1
+	// Every service has erased its part and the log is redacted.
+	ErasureState_ERASURE_STATE_DONE ErasureState = 2
+)
+
+// Enum value maps for ErasureState.
+var (
+	ErasureState_name = map[int32]string{
+		0: "ERASURE_STATE_UNSPECIFIED",
+		1: "ERASURE_STATE_RUNNING",
+		2: "ERASURE_STATE_DONE",
+	}
+	ErasureState_value = map[string]int32{
+		"ERASURE_STATE_UNSPECIFIED": 0,
+		"ERASURE_STATE_RUNNING":     1,
+		"ERASURE_STATE_DONE":        2,
+	}
+)
+
+func (x ErasureState) Enum() *ErasureState {
+	p := new(ErasureState)
+	*p = x
+	return p
+}
+
+func (x ErasureState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ErasureState) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_auth_v1_auth_proto_enumTypes[2].Descriptor()
+}
+
+func (ErasureState) Type() protoreflect.EnumType {
+	return &file_switchboard_api_auth_v1_auth_proto_enumTypes[2]
+}
+
+func (x ErasureState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ErasureState.Descriptor instead.
+func (ErasureState) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{2}
+}
+
 // A person or automation account known to the mesh.
 type User struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2350,6 +2456,263 @@ func (x *GetJwksResponse) GetJwksJson() string {
 	return ""
 }
 
+// A workspace the deleted account owned alone, and what becomes of it.
+type OwnedWorkspace struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The workspace, `workspaces/{workspace}`.
+	Workspace string `protobuf:"bytes,1,opt,name=workspace,proto3" json:"workspace,omitempty"`
+	// Delete it or hand it over.
+	Action OwnedWorkspaceAction `protobuf:"varint,2,opt,name=action,proto3,enum=switchboard.api.auth.v1.OwnedWorkspaceAction" json:"action,omitempty"`
+	// For HAND_OVER: the member who becomes its owner, `users/{user}`.
+	NewOwner      string `protobuf:"bytes,3,opt,name=new_owner,json=newOwner,proto3" json:"new_owner,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OwnedWorkspace) Reset() {
+	*x = OwnedWorkspace{}
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OwnedWorkspace) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OwnedWorkspace) ProtoMessage() {}
+
+func (x *OwnedWorkspace) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OwnedWorkspace.ProtoReflect.Descriptor instead.
+func (*OwnedWorkspace) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *OwnedWorkspace) GetWorkspace() string {
+	if x != nil {
+		return x.Workspace
+	}
+	return ""
+}
+
+func (x *OwnedWorkspace) GetAction() OwnedWorkspaceAction {
+	if x != nil {
+		return x.Action
+	}
+	return OwnedWorkspaceAction_OWNED_WORKSPACE_ACTION_UNSPECIFIED
+}
+
+func (x *OwnedWorkspace) GetNewOwner() string {
+	if x != nil {
+		return x.NewOwner
+	}
+	return ""
+}
+
+// Request for DeleteMyAccount.
+type DeleteMyAccountRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The account's email, as the person's confirmation (compared case-insensitively).
+	ConfirmEmail string `protobuf:"bytes,1,opt,name=confirm_email,json=confirmEmail,proto3" json:"confirm_email,omitempty"`
+	// Each workspace the caller owns with no other owner, and what becomes of it (at
+	// most 100; every such workspace must be named, and only those).
+	Workspaces    []*OwnedWorkspace `protobuf:"bytes,2,rep,name=workspaces,proto3" json:"workspaces,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteMyAccountRequest) Reset() {
+	*x = DeleteMyAccountRequest{}
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteMyAccountRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteMyAccountRequest) ProtoMessage() {}
+
+func (x *DeleteMyAccountRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteMyAccountRequest.ProtoReflect.Descriptor instead.
+func (*DeleteMyAccountRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *DeleteMyAccountRequest) GetConfirmEmail() string {
+	if x != nil {
+		return x.ConfirmEmail
+	}
+	return ""
+}
+
+func (x *DeleteMyAccountRequest) GetWorkspaces() []*OwnedWorkspace {
+	if x != nil {
+		return x.Workspaces
+	}
+	return nil
+}
+
+// The erasure of a person's data, after their account was deleted.
+type Erasure struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `erasures/{erasure}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The erased user, `users/{user}` (the id stays; nothing else of theirs does).
+	User string `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	// Running or done.
+	State ErasureState `protobuf:"varint,3,opt,name=state,proto3,enum=switchboard.api.auth.v1.ErasureState" json:"state,omitempty"`
+	// The parts not done yet: `context`, `dispatcher`, `integration`, `events`.
+	PendingParts []string `protobuf:"bytes,4,rep,name=pending_parts,json=pendingParts,proto3" json:"pending_parts,omitempty"`
+	// When the account was deleted.
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When the last part finished (unset while running).
+	DoneTime      *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=done_time,json=doneTime,proto3" json:"done_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Erasure) Reset() {
+	*x = Erasure{}
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Erasure) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Erasure) ProtoMessage() {}
+
+func (x *Erasure) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Erasure.ProtoReflect.Descriptor instead.
+func (*Erasure) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *Erasure) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Erasure) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *Erasure) GetState() ErasureState {
+	if x != nil {
+		return x.State
+	}
+	return ErasureState_ERASURE_STATE_UNSPECIFIED
+}
+
+func (x *Erasure) GetPendingParts() []string {
+	if x != nil {
+		return x.PendingParts
+	}
+	return nil
+}
+
+func (x *Erasure) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Erasure) GetDoneTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DoneTime
+	}
+	return nil
+}
+
+// Response for DeleteMyAccount.
+type DeleteMyAccountResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The erasure under way (operators follow it with `switchboard erasures`).
+	Erasure       *Erasure `protobuf:"bytes,1,opt,name=erasure,proto3" json:"erasure,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteMyAccountResponse) Reset() {
+	*x = DeleteMyAccountResponse{}
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteMyAccountResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteMyAccountResponse) ProtoMessage() {}
+
+func (x *DeleteMyAccountResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_auth_v1_auth_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteMyAccountResponse.ProtoReflect.Descriptor instead.
+func (*DeleteMyAccountResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_auth_v1_auth_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *DeleteMyAccountResponse) GetErasure() *Erasure {
+	if x != nil {
+		return x.Erasure
+	}
+	return nil
+}
+
 var File_switchboard_api_auth_v1_auth_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_auth_v1_auth_proto_rawDesc = "" +
@@ -2512,13 +2875,40 @@ const file_switchboard_api_auth_v1_auth_proto_rawDesc = "" +
 	"\x01y\x18\a \x01(\tR\x01y\"g\n" +
 	"\x0fGetJwksResponse\x127\n" +
 	"\x04keys\x18\x01 \x03(\v2#.switchboard.api.auth.v1.JsonWebKeyR\x04keys\x12\x1b\n" +
-	"\tjwks_json\x18\x02 \x01(\tR\bjwksJson*r\n" +
+	"\tjwks_json\x18\x02 \x01(\tR\bjwksJson\"\x92\x01\n" +
+	"\x0eOwnedWorkspace\x12\x1c\n" +
+	"\tworkspace\x18\x01 \x01(\tR\tworkspace\x12E\n" +
+	"\x06action\x18\x02 \x01(\x0e2-.switchboard.api.auth.v1.OwnedWorkspaceActionR\x06action\x12\x1b\n" +
+	"\tnew_owner\x18\x03 \x01(\tR\bnewOwner\"\x86\x01\n" +
+	"\x16DeleteMyAccountRequest\x12#\n" +
+	"\rconfirm_email\x18\x01 \x01(\tR\fconfirmEmail\x12G\n" +
+	"\n" +
+	"workspaces\x18\x02 \x03(\v2'.switchboard.api.auth.v1.OwnedWorkspaceR\n" +
+	"workspaces\"\x89\x02\n" +
+	"\aErasure\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12;\n" +
+	"\x05state\x18\x03 \x01(\x0e2%.switchboard.api.auth.v1.ErasureStateR\x05state\x12#\n" +
+	"\rpending_parts\x18\x04 \x03(\tR\fpendingParts\x12;\n" +
+	"\vcreate_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x127\n" +
+	"\tdone_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\bdoneTime\"U\n" +
+	"\x17DeleteMyAccountResponse\x12:\n" +
+	"\aerasure\x18\x01 \x01(\v2 .switchboard.api.auth.v1.ErasureR\aerasure*r\n" +
 	"\n" +
 	"AuthMethod\x12\x1b\n" +
 	"\x17AUTH_METHOD_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14AUTH_METHOD_PASSWORD\x10\x01\x12\x14\n" +
 	"\x10AUTH_METHOD_OIDC\x10\x02\x12\x17\n" +
-	"\x13AUTH_METHOD_API_KEY\x10\x032\x85\v\n" +
+	"\x13AUTH_METHOD_API_KEY\x10\x03*\x87\x01\n" +
+	"\x14OwnedWorkspaceAction\x12&\n" +
+	"\"OWNED_WORKSPACE_ACTION_UNSPECIFIED\x10\x00\x12!\n" +
+	"\x1dOWNED_WORKSPACE_ACTION_DELETE\x10\x01\x12$\n" +
+	" OWNED_WORKSPACE_ACTION_HAND_OVER\x10\x02*`\n" +
+	"\fErasureState\x12\x1d\n" +
+	"\x19ERASURE_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15ERASURE_STATE_RUNNING\x10\x01\x12\x16\n" +
+	"\x12ERASURE_STATE_DONE\x10\x022\xfb\v\n" +
 	"\vAuthService\x12_\n" +
 	"\bRegister\x12(.switchboard.api.auth.v1.RegisterRequest\x1a).switchboard.api.auth.v1.RegisterResponse\x12V\n" +
 	"\x05Login\x12%.switchboard.api.auth.v1.LoginRequest\x1a&.switchboard.api.auth.v1.LoginResponse\x12k\n" +
@@ -2533,7 +2923,8 @@ const file_switchboard_api_auth_v1_auth_proto_rawDesc = "" +
 	"\fRevokeApiKey\x12,.switchboard.api.auth.v1.RevokeApiKeyRequest\x1a-.switchboard.api.auth.v1.RevokeApiKeyResponse\"\x03\x90\x02\x02\x12e\n" +
 	"\n" +
 	"UpdateUser\x12*.switchboard.api.auth.v1.UpdateUserRequest\x1a+.switchboard.api.auth.v1.UpdateUserResponse\x12a\n" +
-	"\aGetJwks\x12'.switchboard.api.auth.v1.GetJwksRequest\x1a(.switchboard.api.auth.v1.GetJwksResponse\"\x03\x90\x02\x01BV\n" +
+	"\aGetJwks\x12'.switchboard.api.auth.v1.GetJwksRequest\x1a(.switchboard.api.auth.v1.GetJwksResponse\"\x03\x90\x02\x01\x12t\n" +
+	"\x0fDeleteMyAccount\x12/.switchboard.api.auth.v1.DeleteMyAccountRequest\x1a0.switchboard.api.auth.v1.DeleteMyAccountResponseBV\n" +
 	"\x1bdev.switchboard.api.auth.v1P\x01Z5switchboard.dev/go/gen/switchboard/api/auth/v1;authv1b\x06proto3"
 
 var (
@@ -2548,124 +2939,138 @@ func file_switchboard_api_auth_v1_auth_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_auth_v1_auth_proto_rawDescData
 }
 
-var file_switchboard_api_auth_v1_auth_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_switchboard_api_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_switchboard_api_auth_v1_auth_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_switchboard_api_auth_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_switchboard_api_auth_v1_auth_proto_goTypes = []any{
 	(AuthMethod)(0),                   // 0: switchboard.api.auth.v1.AuthMethod
-	(*User)(nil),                      // 1: switchboard.api.auth.v1.User
-	(*FederatedIdentity)(nil),         // 2: switchboard.api.auth.v1.FederatedIdentity
-	(*ClientInfo)(nil),                // 3: switchboard.api.auth.v1.ClientInfo
-	(*TokenPair)(nil),                 // 4: switchboard.api.auth.v1.TokenPair
-	(*Session)(nil),                   // 5: switchboard.api.auth.v1.Session
-	(*RegisterRequest)(nil),           // 6: switchboard.api.auth.v1.RegisterRequest
-	(*RegisterResponse)(nil),          // 7: switchboard.api.auth.v1.RegisterResponse
-	(*PasswordCredential)(nil),        // 8: switchboard.api.auth.v1.PasswordCredential
-	(*OidcCredential)(nil),            // 9: switchboard.api.auth.v1.OidcCredential
-	(*LoginRequest)(nil),              // 10: switchboard.api.auth.v1.LoginRequest
-	(*LoginResponse)(nil),             // 11: switchboard.api.auth.v1.LoginResponse
-	(*RefreshTokenRequest)(nil),       // 12: switchboard.api.auth.v1.RefreshTokenRequest
-	(*RefreshTokenResponse)(nil),      // 13: switchboard.api.auth.v1.RefreshTokenResponse
-	(*LogoutRequest)(nil),             // 14: switchboard.api.auth.v1.LogoutRequest
-	(*LogoutResponse)(nil),            // 15: switchboard.api.auth.v1.LogoutResponse
-	(*GetPrincipalRequest)(nil),       // 16: switchboard.api.auth.v1.GetPrincipalRequest
-	(*Principal)(nil),                 // 17: switchboard.api.auth.v1.Principal
-	(*GetPrincipalResponse)(nil),      // 18: switchboard.api.auth.v1.GetPrincipalResponse
-	(*ListSessionsRequest)(nil),       // 19: switchboard.api.auth.v1.ListSessionsRequest
-	(*ListSessionsResponse)(nil),      // 20: switchboard.api.auth.v1.ListSessionsResponse
-	(*RevokeSessionRequest)(nil),      // 21: switchboard.api.auth.v1.RevokeSessionRequest
-	(*RevokeSessionResponse)(nil),     // 22: switchboard.api.auth.v1.RevokeSessionResponse
-	(*RevokeAllSessionsRequest)(nil),  // 23: switchboard.api.auth.v1.RevokeAllSessionsRequest
-	(*RevokeAllSessionsResponse)(nil), // 24: switchboard.api.auth.v1.RevokeAllSessionsResponse
-	(*ApiKey)(nil),                    // 25: switchboard.api.auth.v1.ApiKey
-	(*ApiKeyAssistantPin)(nil),        // 26: switchboard.api.auth.v1.ApiKeyAssistantPin
-	(*CreateApiKeyRequest)(nil),       // 27: switchboard.api.auth.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),      // 28: switchboard.api.auth.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),        // 29: switchboard.api.auth.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),       // 30: switchboard.api.auth.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),       // 31: switchboard.api.auth.v1.RevokeApiKeyRequest
-	(*RevokeApiKeyResponse)(nil),      // 32: switchboard.api.auth.v1.RevokeApiKeyResponse
-	(*UpdateUserRequest)(nil),         // 33: switchboard.api.auth.v1.UpdateUserRequest
-	(*UpdateUserResponse)(nil),        // 34: switchboard.api.auth.v1.UpdateUserResponse
-	(*GetJwksRequest)(nil),            // 35: switchboard.api.auth.v1.GetJwksRequest
-	(*JsonWebKey)(nil),                // 36: switchboard.api.auth.v1.JsonWebKey
-	(*GetJwksResponse)(nil),           // 37: switchboard.api.auth.v1.GetJwksResponse
-	(*timestamppb.Timestamp)(nil),     // 38: google.protobuf.Timestamp
-	(*fieldmaskpb.FieldMask)(nil),     // 39: google.protobuf.FieldMask
+	(OwnedWorkspaceAction)(0),         // 1: switchboard.api.auth.v1.OwnedWorkspaceAction
+	(ErasureState)(0),                 // 2: switchboard.api.auth.v1.ErasureState
+	(*User)(nil),                      // 3: switchboard.api.auth.v1.User
+	(*FederatedIdentity)(nil),         // 4: switchboard.api.auth.v1.FederatedIdentity
+	(*ClientInfo)(nil),                // 5: switchboard.api.auth.v1.ClientInfo
+	(*TokenPair)(nil),                 // 6: switchboard.api.auth.v1.TokenPair
+	(*Session)(nil),                   // 7: switchboard.api.auth.v1.Session
+	(*RegisterRequest)(nil),           // 8: switchboard.api.auth.v1.RegisterRequest
+	(*RegisterResponse)(nil),          // 9: switchboard.api.auth.v1.RegisterResponse
+	(*PasswordCredential)(nil),        // 10: switchboard.api.auth.v1.PasswordCredential
+	(*OidcCredential)(nil),            // 11: switchboard.api.auth.v1.OidcCredential
+	(*LoginRequest)(nil),              // 12: switchboard.api.auth.v1.LoginRequest
+	(*LoginResponse)(nil),             // 13: switchboard.api.auth.v1.LoginResponse
+	(*RefreshTokenRequest)(nil),       // 14: switchboard.api.auth.v1.RefreshTokenRequest
+	(*RefreshTokenResponse)(nil),      // 15: switchboard.api.auth.v1.RefreshTokenResponse
+	(*LogoutRequest)(nil),             // 16: switchboard.api.auth.v1.LogoutRequest
+	(*LogoutResponse)(nil),            // 17: switchboard.api.auth.v1.LogoutResponse
+	(*GetPrincipalRequest)(nil),       // 18: switchboard.api.auth.v1.GetPrincipalRequest
+	(*Principal)(nil),                 // 19: switchboard.api.auth.v1.Principal
+	(*GetPrincipalResponse)(nil),      // 20: switchboard.api.auth.v1.GetPrincipalResponse
+	(*ListSessionsRequest)(nil),       // 21: switchboard.api.auth.v1.ListSessionsRequest
+	(*ListSessionsResponse)(nil),      // 22: switchboard.api.auth.v1.ListSessionsResponse
+	(*RevokeSessionRequest)(nil),      // 23: switchboard.api.auth.v1.RevokeSessionRequest
+	(*RevokeSessionResponse)(nil),     // 24: switchboard.api.auth.v1.RevokeSessionResponse
+	(*RevokeAllSessionsRequest)(nil),  // 25: switchboard.api.auth.v1.RevokeAllSessionsRequest
+	(*RevokeAllSessionsResponse)(nil), // 26: switchboard.api.auth.v1.RevokeAllSessionsResponse
+	(*ApiKey)(nil),                    // 27: switchboard.api.auth.v1.ApiKey
+	(*ApiKeyAssistantPin)(nil),        // 28: switchboard.api.auth.v1.ApiKeyAssistantPin
+	(*CreateApiKeyRequest)(nil),       // 29: switchboard.api.auth.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),      // 30: switchboard.api.auth.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),        // 31: switchboard.api.auth.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),       // 32: switchboard.api.auth.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),       // 33: switchboard.api.auth.v1.RevokeApiKeyRequest
+	(*RevokeApiKeyResponse)(nil),      // 34: switchboard.api.auth.v1.RevokeApiKeyResponse
+	(*UpdateUserRequest)(nil),         // 35: switchboard.api.auth.v1.UpdateUserRequest
+	(*UpdateUserResponse)(nil),        // 36: switchboard.api.auth.v1.UpdateUserResponse
+	(*GetJwksRequest)(nil),            // 37: switchboard.api.auth.v1.GetJwksRequest
+	(*JsonWebKey)(nil),                // 38: switchboard.api.auth.v1.JsonWebKey
+	(*GetJwksResponse)(nil),           // 39: switchboard.api.auth.v1.GetJwksResponse
+	(*OwnedWorkspace)(nil),            // 40: switchboard.api.auth.v1.OwnedWorkspace
+	(*DeleteMyAccountRequest)(nil),    // 41: switchboard.api.auth.v1.DeleteMyAccountRequest
+	(*Erasure)(nil),                   // 42: switchboard.api.auth.v1.Erasure
+	(*DeleteMyAccountResponse)(nil),   // 43: switchboard.api.auth.v1.DeleteMyAccountResponse
+	(*timestamppb.Timestamp)(nil),     // 44: google.protobuf.Timestamp
+	(*fieldmaskpb.FieldMask)(nil),     // 45: google.protobuf.FieldMask
 }
 var file_switchboard_api_auth_v1_auth_proto_depIdxs = []int32{
-	38, // 0: switchboard.api.auth.v1.User.create_time:type_name -> google.protobuf.Timestamp
-	38, // 1: switchboard.api.auth.v1.User.update_time:type_name -> google.protobuf.Timestamp
-	2,  // 2: switchboard.api.auth.v1.User.federated_identities:type_name -> switchboard.api.auth.v1.FederatedIdentity
-	38, // 3: switchboard.api.auth.v1.TokenPair.access_token_expire_time:type_name -> google.protobuf.Timestamp
-	38, // 4: switchboard.api.auth.v1.TokenPair.refresh_token_expire_time:type_name -> google.protobuf.Timestamp
-	38, // 5: switchboard.api.auth.v1.Session.create_time:type_name -> google.protobuf.Timestamp
-	38, // 6: switchboard.api.auth.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
-	38, // 7: switchboard.api.auth.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
-	38, // 8: switchboard.api.auth.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
-	3,  // 9: switchboard.api.auth.v1.Session.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	44, // 0: switchboard.api.auth.v1.User.create_time:type_name -> google.protobuf.Timestamp
+	44, // 1: switchboard.api.auth.v1.User.update_time:type_name -> google.protobuf.Timestamp
+	4,  // 2: switchboard.api.auth.v1.User.federated_identities:type_name -> switchboard.api.auth.v1.FederatedIdentity
+	44, // 3: switchboard.api.auth.v1.TokenPair.access_token_expire_time:type_name -> google.protobuf.Timestamp
+	44, // 4: switchboard.api.auth.v1.TokenPair.refresh_token_expire_time:type_name -> google.protobuf.Timestamp
+	44, // 5: switchboard.api.auth.v1.Session.create_time:type_name -> google.protobuf.Timestamp
+	44, // 6: switchboard.api.auth.v1.Session.last_seen_time:type_name -> google.protobuf.Timestamp
+	44, // 7: switchboard.api.auth.v1.Session.expire_time:type_name -> google.protobuf.Timestamp
+	44, // 8: switchboard.api.auth.v1.Session.revoke_time:type_name -> google.protobuf.Timestamp
+	5,  // 9: switchboard.api.auth.v1.Session.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
 	0,  // 10: switchboard.api.auth.v1.Session.auth_method:type_name -> switchboard.api.auth.v1.AuthMethod
-	3,  // 11: switchboard.api.auth.v1.RegisterRequest.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
-	1,  // 12: switchboard.api.auth.v1.RegisterResponse.user:type_name -> switchboard.api.auth.v1.User
-	4,  // 13: switchboard.api.auth.v1.RegisterResponse.tokens:type_name -> switchboard.api.auth.v1.TokenPair
-	5,  // 14: switchboard.api.auth.v1.RegisterResponse.session:type_name -> switchboard.api.auth.v1.Session
-	8,  // 15: switchboard.api.auth.v1.LoginRequest.password:type_name -> switchboard.api.auth.v1.PasswordCredential
-	9,  // 16: switchboard.api.auth.v1.LoginRequest.oidc:type_name -> switchboard.api.auth.v1.OidcCredential
-	3,  // 17: switchboard.api.auth.v1.LoginRequest.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
-	1,  // 18: switchboard.api.auth.v1.LoginResponse.user:type_name -> switchboard.api.auth.v1.User
-	4,  // 19: switchboard.api.auth.v1.LoginResponse.tokens:type_name -> switchboard.api.auth.v1.TokenPair
-	5,  // 20: switchboard.api.auth.v1.LoginResponse.session:type_name -> switchboard.api.auth.v1.Session
-	4,  // 21: switchboard.api.auth.v1.RefreshTokenResponse.tokens:type_name -> switchboard.api.auth.v1.TokenPair
+	5,  // 11: switchboard.api.auth.v1.RegisterRequest.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	3,  // 12: switchboard.api.auth.v1.RegisterResponse.user:type_name -> switchboard.api.auth.v1.User
+	6,  // 13: switchboard.api.auth.v1.RegisterResponse.tokens:type_name -> switchboard.api.auth.v1.TokenPair
+	7,  // 14: switchboard.api.auth.v1.RegisterResponse.session:type_name -> switchboard.api.auth.v1.Session
+	10, // 15: switchboard.api.auth.v1.LoginRequest.password:type_name -> switchboard.api.auth.v1.PasswordCredential
+	11, // 16: switchboard.api.auth.v1.LoginRequest.oidc:type_name -> switchboard.api.auth.v1.OidcCredential
+	5,  // 17: switchboard.api.auth.v1.LoginRequest.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	3,  // 18: switchboard.api.auth.v1.LoginResponse.user:type_name -> switchboard.api.auth.v1.User
+	6,  // 19: switchboard.api.auth.v1.LoginResponse.tokens:type_name -> switchboard.api.auth.v1.TokenPair
+	7,  // 20: switchboard.api.auth.v1.LoginResponse.session:type_name -> switchboard.api.auth.v1.Session
+	6,  // 21: switchboard.api.auth.v1.RefreshTokenResponse.tokens:type_name -> switchboard.api.auth.v1.TokenPair
 	0,  // 22: switchboard.api.auth.v1.Principal.auth_method:type_name -> switchboard.api.auth.v1.AuthMethod
-	38, // 23: switchboard.api.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
-	17, // 24: switchboard.api.auth.v1.GetPrincipalResponse.principal:type_name -> switchboard.api.auth.v1.Principal
-	1,  // 25: switchboard.api.auth.v1.GetPrincipalResponse.user:type_name -> switchboard.api.auth.v1.User
-	5,  // 26: switchboard.api.auth.v1.ListSessionsResponse.sessions:type_name -> switchboard.api.auth.v1.Session
-	5,  // 27: switchboard.api.auth.v1.RevokeSessionResponse.session:type_name -> switchboard.api.auth.v1.Session
-	38, // 28: switchboard.api.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
-	38, // 29: switchboard.api.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
-	38, // 30: switchboard.api.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
-	38, // 31: switchboard.api.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
-	26, // 32: switchboard.api.auth.v1.ApiKey.assistant_pins:type_name -> switchboard.api.auth.v1.ApiKeyAssistantPin
-	38, // 33: switchboard.api.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
-	26, // 34: switchboard.api.auth.v1.CreateApiKeyRequest.assistant_pins:type_name -> switchboard.api.auth.v1.ApiKeyAssistantPin
-	25, // 35: switchboard.api.auth.v1.CreateApiKeyResponse.api_key:type_name -> switchboard.api.auth.v1.ApiKey
-	25, // 36: switchboard.api.auth.v1.ListApiKeysResponse.api_keys:type_name -> switchboard.api.auth.v1.ApiKey
-	25, // 37: switchboard.api.auth.v1.RevokeApiKeyResponse.api_key:type_name -> switchboard.api.auth.v1.ApiKey
-	1,  // 38: switchboard.api.auth.v1.UpdateUserRequest.user:type_name -> switchboard.api.auth.v1.User
-	39, // 39: switchboard.api.auth.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
-	1,  // 40: switchboard.api.auth.v1.UpdateUserResponse.user:type_name -> switchboard.api.auth.v1.User
-	36, // 41: switchboard.api.auth.v1.GetJwksResponse.keys:type_name -> switchboard.api.auth.v1.JsonWebKey
-	6,  // 42: switchboard.api.auth.v1.AuthService.Register:input_type -> switchboard.api.auth.v1.RegisterRequest
-	10, // 43: switchboard.api.auth.v1.AuthService.Login:input_type -> switchboard.api.auth.v1.LoginRequest
-	12, // 44: switchboard.api.auth.v1.AuthService.RefreshToken:input_type -> switchboard.api.auth.v1.RefreshTokenRequest
-	14, // 45: switchboard.api.auth.v1.AuthService.Logout:input_type -> switchboard.api.auth.v1.LogoutRequest
-	16, // 46: switchboard.api.auth.v1.AuthService.GetPrincipal:input_type -> switchboard.api.auth.v1.GetPrincipalRequest
-	19, // 47: switchboard.api.auth.v1.AuthService.ListSessions:input_type -> switchboard.api.auth.v1.ListSessionsRequest
-	21, // 48: switchboard.api.auth.v1.AuthService.RevokeSession:input_type -> switchboard.api.auth.v1.RevokeSessionRequest
-	23, // 49: switchboard.api.auth.v1.AuthService.RevokeAllSessions:input_type -> switchboard.api.auth.v1.RevokeAllSessionsRequest
-	27, // 50: switchboard.api.auth.v1.AuthService.CreateApiKey:input_type -> switchboard.api.auth.v1.CreateApiKeyRequest
-	29, // 51: switchboard.api.auth.v1.AuthService.ListApiKeys:input_type -> switchboard.api.auth.v1.ListApiKeysRequest
-	31, // 52: switchboard.api.auth.v1.AuthService.RevokeApiKey:input_type -> switchboard.api.auth.v1.RevokeApiKeyRequest
-	33, // 53: switchboard.api.auth.v1.AuthService.UpdateUser:input_type -> switchboard.api.auth.v1.UpdateUserRequest
-	35, // 54: switchboard.api.auth.v1.AuthService.GetJwks:input_type -> switchboard.api.auth.v1.GetJwksRequest
-	7,  // 55: switchboard.api.auth.v1.AuthService.Register:output_type -> switchboard.api.auth.v1.RegisterResponse
-	11, // 56: switchboard.api.auth.v1.AuthService.Login:output_type -> switchboard.api.auth.v1.LoginResponse
-	13, // 57: switchboard.api.auth.v1.AuthService.RefreshToken:output_type -> switchboard.api.auth.v1.RefreshTokenResponse
-	15, // 58: switchboard.api.auth.v1.AuthService.Logout:output_type -> switchboard.api.auth.v1.LogoutResponse
-	18, // 59: switchboard.api.auth.v1.AuthService.GetPrincipal:output_type -> switchboard.api.auth.v1.GetPrincipalResponse
-	20, // 60: switchboard.api.auth.v1.AuthService.ListSessions:output_type -> switchboard.api.auth.v1.ListSessionsResponse
-	22, // 61: switchboard.api.auth.v1.AuthService.RevokeSession:output_type -> switchboard.api.auth.v1.RevokeSessionResponse
-	24, // 62: switchboard.api.auth.v1.AuthService.RevokeAllSessions:output_type -> switchboard.api.auth.v1.RevokeAllSessionsResponse
-	28, // 63: switchboard.api.auth.v1.AuthService.CreateApiKey:output_type -> switchboard.api.auth.v1.CreateApiKeyResponse
-	30, // 64: switchboard.api.auth.v1.AuthService.ListApiKeys:output_type -> switchboard.api.auth.v1.ListApiKeysResponse
-	32, // 65: switchboard.api.auth.v1.AuthService.RevokeApiKey:output_type -> switchboard.api.auth.v1.RevokeApiKeyResponse
-	34, // 66: switchboard.api.auth.v1.AuthService.UpdateUser:output_type -> switchboard.api.auth.v1.UpdateUserResponse
-	37, // 67: switchboard.api.auth.v1.AuthService.GetJwks:output_type -> switchboard.api.auth.v1.GetJwksResponse
-	55, // [55:68] is the sub-list for method output_type
-	42, // [42:55] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	44, // 23: switchboard.api.auth.v1.Principal.expire_time:type_name -> google.protobuf.Timestamp
+	19, // 24: switchboard.api.auth.v1.GetPrincipalResponse.principal:type_name -> switchboard.api.auth.v1.Principal
+	3,  // 25: switchboard.api.auth.v1.GetPrincipalResponse.user:type_name -> switchboard.api.auth.v1.User
+	7,  // 26: switchboard.api.auth.v1.ListSessionsResponse.sessions:type_name -> switchboard.api.auth.v1.Session
+	7,  // 27: switchboard.api.auth.v1.RevokeSessionResponse.session:type_name -> switchboard.api.auth.v1.Session
+	44, // 28: switchboard.api.auth.v1.ApiKey.create_time:type_name -> google.protobuf.Timestamp
+	44, // 29: switchboard.api.auth.v1.ApiKey.expire_time:type_name -> google.protobuf.Timestamp
+	44, // 30: switchboard.api.auth.v1.ApiKey.last_used_time:type_name -> google.protobuf.Timestamp
+	44, // 31: switchboard.api.auth.v1.ApiKey.revoke_time:type_name -> google.protobuf.Timestamp
+	28, // 32: switchboard.api.auth.v1.ApiKey.assistant_pins:type_name -> switchboard.api.auth.v1.ApiKeyAssistantPin
+	44, // 33: switchboard.api.auth.v1.CreateApiKeyRequest.expire_time:type_name -> google.protobuf.Timestamp
+	28, // 34: switchboard.api.auth.v1.CreateApiKeyRequest.assistant_pins:type_name -> switchboard.api.auth.v1.ApiKeyAssistantPin
+	27, // 35: switchboard.api.auth.v1.CreateApiKeyResponse.api_key:type_name -> switchboard.api.auth.v1.ApiKey
+	27, // 36: switchboard.api.auth.v1.ListApiKeysResponse.api_keys:type_name -> switchboard.api.auth.v1.ApiKey
+	27, // 37: switchboard.api.auth.v1.RevokeApiKeyResponse.api_key:type_name -> switchboard.api.auth.v1.ApiKey
+	3,  // 38: switchboard.api.auth.v1.UpdateUserRequest.user:type_name -> switchboard.api.auth.v1.User
+	45, // 39: switchboard.api.auth.v1.UpdateUserRequest.update_mask:type_name -> google.protobuf.FieldMask
+	3,  // 40: switchboard.api.auth.v1.UpdateUserResponse.user:type_name -> switchboard.api.auth.v1.User
+	38, // 41: switchboard.api.auth.v1.GetJwksResponse.keys:type_name -> switchboard.api.auth.v1.JsonWebKey
+	1,  // 42: switchboard.api.auth.v1.OwnedWorkspace.action:type_name -> switchboard.api.auth.v1.OwnedWorkspaceAction
+	40, // 43: switchboard.api.auth.v1.DeleteMyAccountRequest.workspaces:type_name -> switchboard.api.auth.v1.OwnedWorkspace
+	2,  // 44: switchboard.api.auth.v1.Erasure.state:type_name -> switchboard.api.auth.v1.ErasureState
+	44, // 45: switchboard.api.auth.v1.Erasure.create_time:type_name -> google.protobuf.Timestamp
+	44, // 46: switchboard.api.auth.v1.Erasure.done_time:type_name -> google.protobuf.Timestamp
+	42, // 47: switchboard.api.auth.v1.DeleteMyAccountResponse.erasure:type_name -> switchboard.api.auth.v1.Erasure
+	8,  // 48: switchboard.api.auth.v1.AuthService.Register:input_type -> switchboard.api.auth.v1.RegisterRequest
+	12, // 49: switchboard.api.auth.v1.AuthService.Login:input_type -> switchboard.api.auth.v1.LoginRequest
+	14, // 50: switchboard.api.auth.v1.AuthService.RefreshToken:input_type -> switchboard.api.auth.v1.RefreshTokenRequest
+	16, // 51: switchboard.api.auth.v1.AuthService.Logout:input_type -> switchboard.api.auth.v1.LogoutRequest
+	18, // 52: switchboard.api.auth.v1.AuthService.GetPrincipal:input_type -> switchboard.api.auth.v1.GetPrincipalRequest
+	21, // 53: switchboard.api.auth.v1.AuthService.ListSessions:input_type -> switchboard.api.auth.v1.ListSessionsRequest
+	23, // 54: switchboard.api.auth.v1.AuthService.RevokeSession:input_type -> switchboard.api.auth.v1.RevokeSessionRequest
+	25, // 55: switchboard.api.auth.v1.AuthService.RevokeAllSessions:input_type -> switchboard.api.auth.v1.RevokeAllSessionsRequest
+	29, // 56: switchboard.api.auth.v1.AuthService.CreateApiKey:input_type -> switchboard.api.auth.v1.CreateApiKeyRequest
+	31, // 57: switchboard.api.auth.v1.AuthService.ListApiKeys:input_type -> switchboard.api.auth.v1.ListApiKeysRequest
+	33, // 58: switchboard.api.auth.v1.AuthService.RevokeApiKey:input_type -> switchboard.api.auth.v1.RevokeApiKeyRequest
+	35, // 59: switchboard.api.auth.v1.AuthService.UpdateUser:input_type -> switchboard.api.auth.v1.UpdateUserRequest
+	37, // 60: switchboard.api.auth.v1.AuthService.GetJwks:input_type -> switchboard.api.auth.v1.GetJwksRequest
+	41, // 61: switchboard.api.auth.v1.AuthService.DeleteMyAccount:input_type -> switchboard.api.auth.v1.DeleteMyAccountRequest
+	9,  // 62: switchboard.api.auth.v1.AuthService.Register:output_type -> switchboard.api.auth.v1.RegisterResponse
+	13, // 63: switchboard.api.auth.v1.AuthService.Login:output_type -> switchboard.api.auth.v1.LoginResponse
+	15, // 64: switchboard.api.auth.v1.AuthService.RefreshToken:output_type -> switchboard.api.auth.v1.RefreshTokenResponse
+	17, // 65: switchboard.api.auth.v1.AuthService.Logout:output_type -> switchboard.api.auth.v1.LogoutResponse
+	20, // 66: switchboard.api.auth.v1.AuthService.GetPrincipal:output_type -> switchboard.api.auth.v1.GetPrincipalResponse
+	22, // 67: switchboard.api.auth.v1.AuthService.ListSessions:output_type -> switchboard.api.auth.v1.ListSessionsResponse
+	24, // 68: switchboard.api.auth.v1.AuthService.RevokeSession:output_type -> switchboard.api.auth.v1.RevokeSessionResponse
+	26, // 69: switchboard.api.auth.v1.AuthService.RevokeAllSessions:output_type -> switchboard.api.auth.v1.RevokeAllSessionsResponse
+	30, // 70: switchboard.api.auth.v1.AuthService.CreateApiKey:output_type -> switchboard.api.auth.v1.CreateApiKeyResponse
+	32, // 71: switchboard.api.auth.v1.AuthService.ListApiKeys:output_type -> switchboard.api.auth.v1.ListApiKeysResponse
+	34, // 72: switchboard.api.auth.v1.AuthService.RevokeApiKey:output_type -> switchboard.api.auth.v1.RevokeApiKeyResponse
+	36, // 73: switchboard.api.auth.v1.AuthService.UpdateUser:output_type -> switchboard.api.auth.v1.UpdateUserResponse
+	39, // 74: switchboard.api.auth.v1.AuthService.GetJwks:output_type -> switchboard.api.auth.v1.GetJwksResponse
+	43, // 75: switchboard.api.auth.v1.AuthService.DeleteMyAccount:output_type -> switchboard.api.auth.v1.DeleteMyAccountResponse
+	62, // [62:76] is the sub-list for method output_type
+	48, // [48:62] is the sub-list for method input_type
+	48, // [48:48] is the sub-list for extension type_name
+	48, // [48:48] is the sub-list for extension extendee
+	0,  // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_auth_v1_auth_proto_init() }
@@ -2682,8 +3087,8 @@ func file_switchboard_api_auth_v1_auth_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_auth_v1_auth_proto_rawDesc), len(file_switchboard_api_auth_v1_auth_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   37,
+			NumEnums:      3,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,6 +32,7 @@ const (
 	AuthService_RevokeApiKey_FullMethodName      = "/switchboard.api.auth.v1.AuthService/RevokeApiKey"
 	AuthService_UpdateUser_FullMethodName        = "/switchboard.api.auth.v1.AuthService/UpdateUser"
 	AuthService_GetJwks_FullMethodName           = "/switchboard.api.auth.v1.AuthService/GetJwks"
+	AuthService_DeleteMyAccount_FullMethodName   = "/switchboard.api.auth.v1.AuthService/DeleteMyAccount"
 )
 
 // AuthServiceClient is the client API for AuthService service.
@@ -70,6 +71,16 @@ type AuthServiceClient interface {
 	UpdateUser(ctx context.Context, in *UpdateUserRequest, opts ...grpc.CallOption) (*UpdateUserResponse, error)
 	// Publishes the public keys that verify access tokens, as a JSON Web Key Set.
 	GetJwks(ctx context.Context, in *GetJwksRequest, opts ...grpc.CallOption) (*GetJwksResponse, error)
+	// Deletes the caller's account and erases their data (docs/privacy.md). Every
+	// session and API key of theirs ends at once, on every process and open stream,
+	// and the account forgets its email and name; their messages (and the answers to
+	// their runs), files, memory about them, embeddings, spoken audio, runs, schedules
+	// and voice sessions are removed, and the events naming them redacted in the log,
+	// by each service in the background (the returned `Erasure`). A workspace the
+	// caller owns with no other owner must be named in `workspaces` (deleted or
+	// handed over to a member); otherwise the call is refused with FAILED_PRECONDITION
+	// naming each one. Needs a session (not an API key) and the account's email.
+	DeleteMyAccount(ctx context.Context, in *DeleteMyAccountRequest, opts ...grpc.CallOption) (*DeleteMyAccountResponse, error)
 }
 
 type authServiceClient struct {
@@ -210,6 +221,16 @@ func (c *authServiceClient) GetJwks(ctx context.Context, in *GetJwksRequest, opt
 	return out, nil
 }
 
+func (c *authServiceClient) DeleteMyAccount(ctx context.Context, in *DeleteMyAccountRequest, opts ...grpc.CallOption) (*DeleteMyAccountResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteMyAccountResponse)
+	err := c.cc.Invoke(ctx, AuthService_DeleteMyAccount_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AuthServiceServer is the server API for AuthService service.
 // All implementations must embed UnimplementedAuthServiceServer
 // for forward compatibility.
@@ -246,6 +267,16 @@ type AuthServiceServer interface {
 	UpdateUser(context.Context, *UpdateUserRequest) (*UpdateUserResponse, error)
 	// Publishes the public keys that verify access tokens, as a JSON Web Key Set.
 	GetJwks(context.Context, *GetJwksRequest) (*GetJwksResponse, error)
+	// Deletes the caller's account and erases their data (docs/privacy.md). Every
+	// session and API key of theirs ends at once, on every process and open stream,
+	// and the account forgets its email and name; their messages (and the answers to
+	// their runs), files, memory about them, embeddings, spoken audio, runs, schedules
+	// and voice sessions are removed, and the events naming them redacted in the log,
+	// by each service in the background (the returned `Erasure`). A workspace the
+	// caller owns with no other owner must be named in `workspaces` (deleted or
+	// handed over to a member); otherwise the call is refused with FAILED_PRECONDITION
+	// naming each one. Needs a session (not an API key) and the account's email.
+	DeleteMyAccount(context.Context, *DeleteMyAccountRequest) (*DeleteMyAccountResponse, error)
 	mustEmbedUnimplementedAuthServiceServer()
 }
 
@@ -294,6 +325,9 @@ func (UnimplementedAuthServiceServer) UpdateUser(context.Context, *UpdateUserReq
 }
 func (UnimplementedAuthServiceServer) GetJwks(context.Context, *GetJwksRequest) (*GetJwksResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetJwks not implemented")
+}
+func (UnimplementedAuthServiceServer) DeleteMyAccount(context.Context, *DeleteMyAccountRequest) (*DeleteMyAccountResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteMyAccount not implemented")
 }
 func (UnimplementedAuthServiceServer) mustEmbedUnimplementedAuthServiceServer() {}
 func (UnimplementedAuthServiceServer) testEmbeddedByValue()                     {}
@@ -550,6 +584,24 @@ func _AuthService_GetJwks_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AuthService_DeleteMyAccount_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteMyAccountRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AuthServiceServer).DeleteMyAccount(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AuthService_DeleteMyAccount_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AuthServiceServer).DeleteMyAccount(ctx, req.(*DeleteMyAccountRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // AuthService_ServiceDesc is the grpc.ServiceDesc for AuthService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -608,6 +660,10 @@ var AuthService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetJwks",
 			Handler:    _AuthService_GetJwks_Handler,
+		},
+		{
+			MethodName: "DeleteMyAccount",
+			Handler:    _AuthService_DeleteMyAccount_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

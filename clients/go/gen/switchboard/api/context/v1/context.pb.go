@@ -7,6 +7,7 @@
 package contextv1
 
 import (
+	status "google.golang.org/genproto/googleapis/rpc/status"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
@@ -876,6 +877,63 @@ func (x ContextItemReason) Number() protoreflect.EnumNumber {
 // Deprecated: Use ContextItemReason.Descriptor instead.
 func (ContextItemReason) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{13}
+}
+
+// The state of a data export.
+type DataExportState int32
+
+const (
+	// Not set.
+	DataExportState_DATA_EXPORT_STATE_UNSPECIFIED DataExportState = 0
+	// The archive is being written.
+	DataExportState_DATA_EXPORT_STATE_RUNNING DataExportState = 1
+	// The archive is ready to download until `expire_time`.
+	DataExportState_DATA_EXPORT_STATE_SUCCEEDED DataExportState = 2
+	// It could not be written (`error` says why: RESOURCE_EXHAUSTED past the size limit).
+	DataExportState_DATA_EXPORT_STATE_FAILED DataExportState = 3
+)
+
+// Enum value maps for DataExportState.
+var (
+	DataExportState_name = map[int32]string{
+		0: "DATA_EXPORT_STATE_UNSPECIFIED",
+		1: "DATA_EXPORT_STATE_RUNNING",
+		2: "DATA_EXPORT_STATE_SUCCEEDED",
+		3: "DATA_EXPORT_STATE_FAILED",
+	}
+	DataExportState_value = map[string]int32{
+		"DATA_EXPORT_STATE_UNSPECIFIED": 0,
+		"DATA_EXPORT_STATE_RUNNING":     1,
+		"DATA_EXPORT_STATE_SUCCEEDED":   2,
+		"DATA_EXPORT_STATE_FAILED":      3,
+	}
+)
+
+func (x DataExportState) Enum() *DataExportState {
+	p := new(DataExportState)
+	*p = x
+	return p
+}
+
+func (x DataExportState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (DataExportState) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[14].Descriptor()
+}
+
+func (DataExportState) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[14]
+}
+
+func (x DataExportState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use DataExportState.Descriptor instead.
+func (DataExportState) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{14}
 }
 
 // A tenant: members, conversations, memory and integrations live inside it.
@@ -8512,7 +8570,8 @@ func (x *ListFilesResponse) GetWorkspaceUsageBytes() int64 {
 // Request for DownloadFile.
 type DownloadFileRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// `workspaces/{workspace}/files/{file}`.
+	// `workspaces/{workspace}/files/{file}`, or a finished data export's
+	// `users/{user}/exports/{export}` (the caller's own).
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// Where to start, in bytes (to resume a dropped download); 0 for the start.
 	// The file's size reads no bytes (only the first frame, with the file's
@@ -8723,11 +8782,318 @@ func (*DeleteFileResponse) Descriptor() ([]byte, []int) {
 	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{111}
 }
 
+// One archive of a person's data (ExportMyData), a ZIP of JSON files and the files
+// they uploaded (docs/privacy.md, "Export").
+type DataExport struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `users/{user}/exports/{export}`; DownloadFile reads the archive.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Running, succeeded or failed.
+	State DataExportState `protobuf:"varint,2,opt,name=state,proto3,enum=switchboard.api.context.v1.DataExportState" json:"state,omitempty"`
+	// When it was asked for.
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When it finished (unset while running).
+	DoneTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=done_time,json=doneTime,proto3" json:"done_time,omitempty"`
+	// When the archive is deleted (SUCCEEDED only): SWITCHBOARD_CONTEXT_EXPORT_TTL_S after
+	// it finished.
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// The archive's size in bytes (at most SWITCHBOARD_CONTEXT_EXPORT_MAX_BYTES).
+	SizeBytes int64 `protobuf:"varint,6,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// `application/zip`.
+	MediaType string `protobuf:"bytes,7,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	// The archive's SHA-256, lowercase hex.
+	Sha256 string `protobuf:"bytes,8,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	// Why it failed (FAILED only).
+	Error         *status.Status `protobuf:"bytes,9,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DataExport) Reset() {
+	*x = DataExport{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[112]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DataExport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DataExport) ProtoMessage() {}
+
+func (x *DataExport) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[112]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DataExport.ProtoReflect.Descriptor instead.
+func (*DataExport) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{112}
+}
+
+func (x *DataExport) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DataExport) GetState() DataExportState {
+	if x != nil {
+		return x.State
+	}
+	return DataExportState_DATA_EXPORT_STATE_UNSPECIFIED
+}
+
+func (x *DataExport) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *DataExport) GetDoneTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DoneTime
+	}
+	return nil
+}
+
+func (x *DataExport) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *DataExport) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+func (x *DataExport) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+func (x *DataExport) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+func (x *DataExport) GetError() *status.Status {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+// Request for ExportMyData.
+type ExportMyDataRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first result.
+	RequestId     string `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportMyDataRequest) Reset() {
+	*x = ExportMyDataRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[113]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportMyDataRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportMyDataRequest) ProtoMessage() {}
+
+func (x *ExportMyDataRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[113]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportMyDataRequest.ProtoReflect.Descriptor instead.
+func (*ExportMyDataRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{113}
+}
+
+func (x *ExportMyDataRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for ExportMyData.
+type ExportMyDataResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The export, RUNNING (or, for a retry, as it is now).
+	Export        *DataExport `protobuf:"bytes,1,opt,name=export,proto3" json:"export,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportMyDataResponse) Reset() {
+	*x = ExportMyDataResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[114]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportMyDataResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportMyDataResponse) ProtoMessage() {}
+
+func (x *ExportMyDataResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[114]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportMyDataResponse.ProtoReflect.Descriptor instead.
+func (*ExportMyDataResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{114}
+}
+
+func (x *ExportMyDataResponse) GetExport() *DataExport {
+	if x != nil {
+		return x.Export
+	}
+	return nil
+}
+
+// Request for GetDataExport.
+type GetDataExportRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `users/{user}/exports/{export}`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetDataExportRequest) Reset() {
+	*x = GetDataExportRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[115]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetDataExportRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetDataExportRequest) ProtoMessage() {}
+
+func (x *GetDataExportRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[115]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetDataExportRequest.ProtoReflect.Descriptor instead.
+func (*GetDataExportRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{115}
+}
+
+func (x *GetDataExportRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for GetDataExport.
+type GetDataExportResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The export.
+	Export        *DataExport `protobuf:"bytes,1,opt,name=export,proto3" json:"export,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetDataExportResponse) Reset() {
+	*x = GetDataExportResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[116]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetDataExportResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetDataExportResponse) ProtoMessage() {}
+
+func (x *GetDataExportResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[116]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetDataExportResponse.ProtoReflect.Descriptor instead.
+func (*GetDataExportResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{116}
+}
+
+func (x *GetDataExportResponse) GetExport() *DataExport {
+	if x != nil {
+		return x.Export
+	}
+	return nil
+}
+
 var File_switchboard_api_context_v1_context_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\n" +
-	"(switchboard/api/context/v1/context.proto\x12\x1aswitchboard.api.context.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xca\x03\n" +
+	"(switchboard/api/context/v1/context.proto\x12\x1aswitchboard.api.context.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xca\x03\n" +
 	"\tWorkspace\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12 \n" +
@@ -9311,7 +9677,31 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x06offset\x18\x03 \x01(\x03R\x06offset\"'\n" +
 	"\x11DeleteFileRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
-	"\x12DeleteFileResponse*\x7f\n" +
+	"\x12DeleteFileResponse\"\x96\x03\n" +
+	"\n" +
+	"DataExport\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12A\n" +
+	"\x05state\x18\x02 \x01(\x0e2+.switchboard.api.context.v1.DataExportStateR\x05state\x12;\n" +
+	"\vcreate_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x127\n" +
+	"\tdone_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\bdoneTime\x12;\n" +
+	"\vexpire_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x06 \x01(\x03R\tsizeBytes\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\a \x01(\tR\tmediaType\x12\x16\n" +
+	"\x06sha256\x18\b \x01(\tR\x06sha256\x12(\n" +
+	"\x05error\x18\t \x01(\v2\x12.google.rpc.StatusR\x05error\"4\n" +
+	"\x13ExportMyDataRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\"V\n" +
+	"\x14ExportMyDataResponse\x12>\n" +
+	"\x06export\x18\x01 \x01(\v2&.switchboard.api.context.v1.DataExportR\x06export\"*\n" +
+	"\x14GetDataExportRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"W\n" +
+	"\x15GetDataExportResponse\x12>\n" +
+	"\x06export\x18\x01 \x01(\v2&.switchboard.api.context.v1.DataExportR\x06export*\x7f\n" +
 	"\rWorkspaceRole\x12\x1e\n" +
 	"\x1aWORKSPACE_ROLE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15WORKSPACE_ROLE_VIEWER\x10\x01\x12\x19\n" +
@@ -9396,7 +9786,12 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x1aCONTEXT_ITEM_REASON_RECENT\x10\x04\x12#\n" +
 	"\x1fCONTEXT_ITEM_REASON_OVER_BUDGET\x10\x05\x12\x1f\n" +
 	"\x1bCONTEXT_ITEM_REASON_EXPIRED\x10\x06\x12!\n" +
-	"\x1dCONTEXT_ITEM_REASON_RETRIEVED\x10\a2\x91+\n" +
+	"\x1dCONTEXT_ITEM_REASON_RETRIEVED\x10\a*\x92\x01\n" +
+	"\x0fDataExportState\x12!\n" +
+	"\x1dDATA_EXPORT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n" +
+	"\x19DATA_EXPORT_STATE_RUNNING\x10\x01\x12\x1f\n" +
+	"\x1bDATA_EXPORT_STATE_SUCCEEDED\x10\x02\x12\x1c\n" +
+	"\x18DATA_EXPORT_STATE_FAILED\x10\x032\xff,\n" +
 	"\x0eContextService\x12z\n" +
 	"\x0fCreateWorkspace\x122.switchboard.api.context.v1.CreateWorkspaceRequest\x1a3.switchboard.api.context.v1.CreateWorkspaceResponse\x12v\n" +
 	"\fGetWorkspace\x12/.switchboard.api.context.v1.GetWorkspaceRequest\x1a0.switchboard.api.context.v1.GetWorkspaceResponse\"\x03\x90\x02\x01\x12|\n" +
@@ -9444,7 +9839,9 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\tListFiles\x12,.switchboard.api.context.v1.ListFilesRequest\x1a-.switchboard.api.context.v1.ListFilesResponse\"\x03\x90\x02\x01\x12x\n" +
 	"\fDownloadFile\x12/.switchboard.api.context.v1.DownloadFileRequest\x1a0.switchboard.api.context.v1.DownloadFileResponse\"\x03\x90\x02\x010\x01\x12k\n" +
 	"\n" +
-	"DeleteFile\x12-.switchboard.api.context.v1.DeleteFileRequest\x1a..switchboard.api.context.v1.DeleteFileResponseB_\n" +
+	"DeleteFile\x12-.switchboard.api.context.v1.DeleteFileRequest\x1a..switchboard.api.context.v1.DeleteFileResponse\x12q\n" +
+	"\fExportMyData\x12/.switchboard.api.context.v1.ExportMyDataRequest\x1a0.switchboard.api.context.v1.ExportMyDataResponse\x12y\n" +
+	"\rGetDataExport\x120.switchboard.api.context.v1.GetDataExportRequest\x1a1.switchboard.api.context.v1.GetDataExportResponse\"\x03\x90\x02\x01B_\n" +
 	"\x1edev.switchboard.api.context.v1P\x01Z;switchboard.dev/go/gen/switchboard/api/context/v1;contextv1b\x06proto3"
 
 var (
@@ -9459,8 +9856,8 @@ func file_switchboard_api_context_v1_context_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_context_v1_context_proto_rawDescData
 }
 
-var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 14)
-var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 112)
+var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 15)
+var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 117)
 var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(WorkspaceRole)(0),                    // 0: switchboard.api.context.v1.WorkspaceRole
 	(MessageRole)(0),                      // 1: switchboard.api.context.v1.MessageRole
@@ -9476,353 +9873,371 @@ var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(SearchFallbackReason)(0),             // 11: switchboard.api.context.v1.SearchFallbackReason
 	(SemanticIndexState)(0),               // 12: switchboard.api.context.v1.SemanticIndexState
 	(ContextItemReason)(0),                // 13: switchboard.api.context.v1.ContextItemReason
-	(*Workspace)(nil),                     // 14: switchboard.api.context.v1.Workspace
-	(*WorkspaceMember)(nil),               // 15: switchboard.api.context.v1.WorkspaceMember
-	(*Conversation)(nil),                  // 16: switchboard.api.context.v1.Conversation
-	(*ContentPart)(nil),                   // 17: switchboard.api.context.v1.ContentPart
-	(*ToolCallContent)(nil),               // 18: switchboard.api.context.v1.ToolCallContent
-	(*ToolResultContent)(nil),             // 19: switchboard.api.context.v1.ToolResultContent
-	(*FileReference)(nil),                 // 20: switchboard.api.context.v1.FileReference
-	(*File)(nil),                          // 21: switchboard.api.context.v1.File
-	(*Upload)(nil),                        // 22: switchboard.api.context.v1.Upload
-	(*Message)(nil),                       // 23: switchboard.api.context.v1.Message
-	(*MemoryItem)(nil),                    // 24: switchboard.api.context.v1.MemoryItem
-	(*MemoryFormation)(nil),               // 25: switchboard.api.context.v1.MemoryFormation
-	(*MemoryItemVersion)(nil),             // 26: switchboard.api.context.v1.MemoryItemVersion
-	(*MemoryPolicy)(nil),                  // 27: switchboard.api.context.v1.MemoryPolicy
-	(*MemoryCategoryRule)(nil),            // 28: switchboard.api.context.v1.MemoryCategoryRule
-	(*CreateWorkspaceRequest)(nil),        // 29: switchboard.api.context.v1.CreateWorkspaceRequest
-	(*CreateWorkspaceResponse)(nil),       // 30: switchboard.api.context.v1.CreateWorkspaceResponse
-	(*GetWorkspaceRequest)(nil),           // 31: switchboard.api.context.v1.GetWorkspaceRequest
-	(*GetWorkspaceResponse)(nil),          // 32: switchboard.api.context.v1.GetWorkspaceResponse
-	(*ListWorkspacesRequest)(nil),         // 33: switchboard.api.context.v1.ListWorkspacesRequest
-	(*ListWorkspacesResponse)(nil),        // 34: switchboard.api.context.v1.ListWorkspacesResponse
-	(*UpdateWorkspaceRequest)(nil),        // 35: switchboard.api.context.v1.UpdateWorkspaceRequest
-	(*UpdateWorkspaceResponse)(nil),       // 36: switchboard.api.context.v1.UpdateWorkspaceResponse
-	(*DeleteWorkspaceRequest)(nil),        // 37: switchboard.api.context.v1.DeleteWorkspaceRequest
-	(*DeleteWorkspaceResponse)(nil),       // 38: switchboard.api.context.v1.DeleteWorkspaceResponse
-	(*UndeleteWorkspaceRequest)(nil),      // 39: switchboard.api.context.v1.UndeleteWorkspaceRequest
-	(*UndeleteWorkspaceResponse)(nil),     // 40: switchboard.api.context.v1.UndeleteWorkspaceResponse
-	(*AddWorkspaceMemberRequest)(nil),     // 41: switchboard.api.context.v1.AddWorkspaceMemberRequest
-	(*AddWorkspaceMemberResponse)(nil),    // 42: switchboard.api.context.v1.AddWorkspaceMemberResponse
-	(*UpdateWorkspaceMemberRequest)(nil),  // 43: switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	(*UpdateWorkspaceMemberResponse)(nil), // 44: switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	(*RemoveWorkspaceMemberRequest)(nil),  // 45: switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	(*RemoveWorkspaceMemberResponse)(nil), // 46: switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	(*ListWorkspaceMembersRequest)(nil),   // 47: switchboard.api.context.v1.ListWorkspaceMembersRequest
-	(*ListWorkspaceMembersResponse)(nil),  // 48: switchboard.api.context.v1.ListWorkspaceMembersResponse
-	(*CreateConversationRequest)(nil),     // 49: switchboard.api.context.v1.CreateConversationRequest
-	(*CreateConversationResponse)(nil),    // 50: switchboard.api.context.v1.CreateConversationResponse
-	(*GetConversationRequest)(nil),        // 51: switchboard.api.context.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),       // 52: switchboard.api.context.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),      // 53: switchboard.api.context.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil),     // 54: switchboard.api.context.v1.ListConversationsResponse
-	(*UpdateConversationRequest)(nil),     // 55: switchboard.api.context.v1.UpdateConversationRequest
-	(*UpdateConversationResponse)(nil),    // 56: switchboard.api.context.v1.UpdateConversationResponse
-	(*DeleteConversationRequest)(nil),     // 57: switchboard.api.context.v1.DeleteConversationRequest
-	(*DeleteConversationResponse)(nil),    // 58: switchboard.api.context.v1.DeleteConversationResponse
-	(*UndeleteConversationRequest)(nil),   // 59: switchboard.api.context.v1.UndeleteConversationRequest
-	(*UndeleteConversationResponse)(nil),  // 60: switchboard.api.context.v1.UndeleteConversationResponse
-	(*AppendMessageRequest)(nil),          // 61: switchboard.api.context.v1.AppendMessageRequest
-	(*AppendMessageResponse)(nil),         // 62: switchboard.api.context.v1.AppendMessageResponse
-	(*GetMessageRequest)(nil),             // 63: switchboard.api.context.v1.GetMessageRequest
-	(*GetMessageResponse)(nil),            // 64: switchboard.api.context.v1.GetMessageResponse
-	(*ListMessagesRequest)(nil),           // 65: switchboard.api.context.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),          // 66: switchboard.api.context.v1.ListMessagesResponse
-	(*DeleteMessageRequest)(nil),          // 67: switchboard.api.context.v1.DeleteMessageRequest
-	(*DeleteMessageResponse)(nil),         // 68: switchboard.api.context.v1.DeleteMessageResponse
-	(*ForkConversationRequest)(nil),       // 69: switchboard.api.context.v1.ForkConversationRequest
-	(*ForkConversationResponse)(nil),      // 70: switchboard.api.context.v1.ForkConversationResponse
-	(*CreateBranchRequest)(nil),           // 71: switchboard.api.context.v1.CreateBranchRequest
-	(*CreateBranchResponse)(nil),          // 72: switchboard.api.context.v1.CreateBranchResponse
-	(*SwitchBranchRequest)(nil),           // 73: switchboard.api.context.v1.SwitchBranchRequest
-	(*SwitchBranchResponse)(nil),          // 74: switchboard.api.context.v1.SwitchBranchResponse
-	(*CreateMemoryItemRequest)(nil),       // 75: switchboard.api.context.v1.CreateMemoryItemRequest
-	(*CreateMemoryItemResponse)(nil),      // 76: switchboard.api.context.v1.CreateMemoryItemResponse
-	(*GetMemoryItemRequest)(nil),          // 77: switchboard.api.context.v1.GetMemoryItemRequest
-	(*GetMemoryItemResponse)(nil),         // 78: switchboard.api.context.v1.GetMemoryItemResponse
-	(*UpdateMemoryItemRequest)(nil),       // 79: switchboard.api.context.v1.UpdateMemoryItemRequest
-	(*UpdateMemoryItemResponse)(nil),      // 80: switchboard.api.context.v1.UpdateMemoryItemResponse
-	(*ListMemoryItemsRequest)(nil),        // 81: switchboard.api.context.v1.ListMemoryItemsRequest
-	(*ListMemoryItemsResponse)(nil),       // 82: switchboard.api.context.v1.ListMemoryItemsResponse
-	(*SearchMemoryItemsRequest)(nil),      // 83: switchboard.api.context.v1.SearchMemoryItemsRequest
-	(*SearchScores)(nil),                  // 84: switchboard.api.context.v1.SearchScores
-	(*ScoredMemoryItem)(nil),              // 85: switchboard.api.context.v1.ScoredMemoryItem
-	(*SearchMemoryItemsResponse)(nil),     // 86: switchboard.api.context.v1.SearchMemoryItemsResponse
-	(*SearchContextRequest)(nil),          // 87: switchboard.api.context.v1.SearchContextRequest
-	(*DocumentChunk)(nil),                 // 88: switchboard.api.context.v1.DocumentChunk
-	(*SearchResult)(nil),                  // 89: switchboard.api.context.v1.SearchResult
-	(*SearchContextResponse)(nil),         // 90: switchboard.api.context.v1.SearchContextResponse
-	(*SemanticIndex)(nil),                 // 91: switchboard.api.context.v1.SemanticIndex
-	(*GetSemanticIndexRequest)(nil),       // 92: switchboard.api.context.v1.GetSemanticIndexRequest
-	(*GetSemanticIndexResponse)(nil),      // 93: switchboard.api.context.v1.GetSemanticIndexResponse
-	(*UpdateSemanticIndexRequest)(nil),    // 94: switchboard.api.context.v1.UpdateSemanticIndexRequest
-	(*UpdateSemanticIndexResponse)(nil),   // 95: switchboard.api.context.v1.UpdateSemanticIndexResponse
-	(*DeleteMemoryItemRequest)(nil),       // 96: switchboard.api.context.v1.DeleteMemoryItemRequest
-	(*DeleteMemoryItemResponse)(nil),      // 97: switchboard.api.context.v1.DeleteMemoryItemResponse
-	(*GetContextWindowRequest)(nil),       // 98: switchboard.api.context.v1.GetContextWindowRequest
-	(*RetrievalOptions)(nil),              // 99: switchboard.api.context.v1.RetrievalOptions
-	(*ContextItem)(nil),                   // 100: switchboard.api.context.v1.ContextItem
-	(*ContextWindow)(nil),                 // 101: switchboard.api.context.v1.ContextWindow
-	(*GetContextWindowResponse)(nil),      // 102: switchboard.api.context.v1.GetContextWindowResponse
-	(*PruneConversationRequest)(nil),      // 103: switchboard.api.context.v1.PruneConversationRequest
-	(*PruneConversationResponse)(nil),     // 104: switchboard.api.context.v1.PruneConversationResponse
-	(*UploadFileHeader)(nil),              // 105: switchboard.api.context.v1.UploadFileHeader
-	(*UploadFileRequest)(nil),             // 106: switchboard.api.context.v1.UploadFileRequest
-	(*UploadFileResponse)(nil),            // 107: switchboard.api.context.v1.UploadFileResponse
-	(*StartUploadRequest)(nil),            // 108: switchboard.api.context.v1.StartUploadRequest
-	(*StartUploadResponse)(nil),           // 109: switchboard.api.context.v1.StartUploadResponse
-	(*AppendUploadRequest)(nil),           // 110: switchboard.api.context.v1.AppendUploadRequest
-	(*AppendUploadResponse)(nil),          // 111: switchboard.api.context.v1.AppendUploadResponse
-	(*GetUploadRequest)(nil),              // 112: switchboard.api.context.v1.GetUploadRequest
-	(*GetUploadResponse)(nil),             // 113: switchboard.api.context.v1.GetUploadResponse
-	(*FinishUploadRequest)(nil),           // 114: switchboard.api.context.v1.FinishUploadRequest
-	(*FinishUploadResponse)(nil),          // 115: switchboard.api.context.v1.FinishUploadResponse
-	(*CancelUploadRequest)(nil),           // 116: switchboard.api.context.v1.CancelUploadRequest
-	(*CancelUploadResponse)(nil),          // 117: switchboard.api.context.v1.CancelUploadResponse
-	(*GetFileRequest)(nil),                // 118: switchboard.api.context.v1.GetFileRequest
-	(*GetFileResponse)(nil),               // 119: switchboard.api.context.v1.GetFileResponse
-	(*ListFilesRequest)(nil),              // 120: switchboard.api.context.v1.ListFilesRequest
-	(*ListFilesResponse)(nil),             // 121: switchboard.api.context.v1.ListFilesResponse
-	(*DownloadFileRequest)(nil),           // 122: switchboard.api.context.v1.DownloadFileRequest
-	(*DownloadFileResponse)(nil),          // 123: switchboard.api.context.v1.DownloadFileResponse
-	(*DeleteFileRequest)(nil),             // 124: switchboard.api.context.v1.DeleteFileRequest
-	(*DeleteFileResponse)(nil),            // 125: switchboard.api.context.v1.DeleteFileResponse
-	(*timestamppb.Timestamp)(nil),         // 126: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),               // 127: google.protobuf.Struct
-	(*durationpb.Duration)(nil),           // 128: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),         // 129: google.protobuf.FieldMask
+	(DataExportState)(0),                  // 14: switchboard.api.context.v1.DataExportState
+	(*Workspace)(nil),                     // 15: switchboard.api.context.v1.Workspace
+	(*WorkspaceMember)(nil),               // 16: switchboard.api.context.v1.WorkspaceMember
+	(*Conversation)(nil),                  // 17: switchboard.api.context.v1.Conversation
+	(*ContentPart)(nil),                   // 18: switchboard.api.context.v1.ContentPart
+	(*ToolCallContent)(nil),               // 19: switchboard.api.context.v1.ToolCallContent
+	(*ToolResultContent)(nil),             // 20: switchboard.api.context.v1.ToolResultContent
+	(*FileReference)(nil),                 // 21: switchboard.api.context.v1.FileReference
+	(*File)(nil),                          // 22: switchboard.api.context.v1.File
+	(*Upload)(nil),                        // 23: switchboard.api.context.v1.Upload
+	(*Message)(nil),                       // 24: switchboard.api.context.v1.Message
+	(*MemoryItem)(nil),                    // 25: switchboard.api.context.v1.MemoryItem
+	(*MemoryFormation)(nil),               // 26: switchboard.api.context.v1.MemoryFormation
+	(*MemoryItemVersion)(nil),             // 27: switchboard.api.context.v1.MemoryItemVersion
+	(*MemoryPolicy)(nil),                  // 28: switchboard.api.context.v1.MemoryPolicy
+	(*MemoryCategoryRule)(nil),            // 29: switchboard.api.context.v1.MemoryCategoryRule
+	(*CreateWorkspaceRequest)(nil),        // 30: switchboard.api.context.v1.CreateWorkspaceRequest
+	(*CreateWorkspaceResponse)(nil),       // 31: switchboard.api.context.v1.CreateWorkspaceResponse
+	(*GetWorkspaceRequest)(nil),           // 32: switchboard.api.context.v1.GetWorkspaceRequest
+	(*GetWorkspaceResponse)(nil),          // 33: switchboard.api.context.v1.GetWorkspaceResponse
+	(*ListWorkspacesRequest)(nil),         // 34: switchboard.api.context.v1.ListWorkspacesRequest
+	(*ListWorkspacesResponse)(nil),        // 35: switchboard.api.context.v1.ListWorkspacesResponse
+	(*UpdateWorkspaceRequest)(nil),        // 36: switchboard.api.context.v1.UpdateWorkspaceRequest
+	(*UpdateWorkspaceResponse)(nil),       // 37: switchboard.api.context.v1.UpdateWorkspaceResponse
+	(*DeleteWorkspaceRequest)(nil),        // 38: switchboard.api.context.v1.DeleteWorkspaceRequest
+	(*DeleteWorkspaceResponse)(nil),       // 39: switchboard.api.context.v1.DeleteWorkspaceResponse
+	(*UndeleteWorkspaceRequest)(nil),      // 40: switchboard.api.context.v1.UndeleteWorkspaceRequest
+	(*UndeleteWorkspaceResponse)(nil),     // 41: switchboard.api.context.v1.UndeleteWorkspaceResponse
+	(*AddWorkspaceMemberRequest)(nil),     // 42: switchboard.api.context.v1.AddWorkspaceMemberRequest
+	(*AddWorkspaceMemberResponse)(nil),    // 43: switchboard.api.context.v1.AddWorkspaceMemberResponse
+	(*UpdateWorkspaceMemberRequest)(nil),  // 44: switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	(*UpdateWorkspaceMemberResponse)(nil), // 45: switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	(*RemoveWorkspaceMemberRequest)(nil),  // 46: switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	(*RemoveWorkspaceMemberResponse)(nil), // 47: switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	(*ListWorkspaceMembersRequest)(nil),   // 48: switchboard.api.context.v1.ListWorkspaceMembersRequest
+	(*ListWorkspaceMembersResponse)(nil),  // 49: switchboard.api.context.v1.ListWorkspaceMembersResponse
+	(*CreateConversationRequest)(nil),     // 50: switchboard.api.context.v1.CreateConversationRequest
+	(*CreateConversationResponse)(nil),    // 51: switchboard.api.context.v1.CreateConversationResponse
+	(*GetConversationRequest)(nil),        // 52: switchboard.api.context.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),       // 53: switchboard.api.context.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),      // 54: switchboard.api.context.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil),     // 55: switchboard.api.context.v1.ListConversationsResponse
+	(*UpdateConversationRequest)(nil),     // 56: switchboard.api.context.v1.UpdateConversationRequest
+	(*UpdateConversationResponse)(nil),    // 57: switchboard.api.context.v1.UpdateConversationResponse
+	(*DeleteConversationRequest)(nil),     // 58: switchboard.api.context.v1.DeleteConversationRequest
+	(*DeleteConversationResponse)(nil),    // 59: switchboard.api.context.v1.DeleteConversationResponse
+	(*UndeleteConversationRequest)(nil),   // 60: switchboard.api.context.v1.UndeleteConversationRequest
+	(*UndeleteConversationResponse)(nil),  // 61: switchboard.api.context.v1.UndeleteConversationResponse
+	(*AppendMessageRequest)(nil),          // 62: switchboard.api.context.v1.AppendMessageRequest
+	(*AppendMessageResponse)(nil),         // 63: switchboard.api.context.v1.AppendMessageResponse
+	(*GetMessageRequest)(nil),             // 64: switchboard.api.context.v1.GetMessageRequest
+	(*GetMessageResponse)(nil),            // 65: switchboard.api.context.v1.GetMessageResponse
+	(*ListMessagesRequest)(nil),           // 66: switchboard.api.context.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),          // 67: switchboard.api.context.v1.ListMessagesResponse
+	(*DeleteMessageRequest)(nil),          // 68: switchboard.api.context.v1.DeleteMessageRequest
+	(*DeleteMessageResponse)(nil),         // 69: switchboard.api.context.v1.DeleteMessageResponse
+	(*ForkConversationRequest)(nil),       // 70: switchboard.api.context.v1.ForkConversationRequest
+	(*ForkConversationResponse)(nil),      // 71: switchboard.api.context.v1.ForkConversationResponse
+	(*CreateBranchRequest)(nil),           // 72: switchboard.api.context.v1.CreateBranchRequest
+	(*CreateBranchResponse)(nil),          // 73: switchboard.api.context.v1.CreateBranchResponse
+	(*SwitchBranchRequest)(nil),           // 74: switchboard.api.context.v1.SwitchBranchRequest
+	(*SwitchBranchResponse)(nil),          // 75: switchboard.api.context.v1.SwitchBranchResponse
+	(*CreateMemoryItemRequest)(nil),       // 76: switchboard.api.context.v1.CreateMemoryItemRequest
+	(*CreateMemoryItemResponse)(nil),      // 77: switchboard.api.context.v1.CreateMemoryItemResponse
+	(*GetMemoryItemRequest)(nil),          // 78: switchboard.api.context.v1.GetMemoryItemRequest
+	(*GetMemoryItemResponse)(nil),         // 79: switchboard.api.context.v1.GetMemoryItemResponse
+	(*UpdateMemoryItemRequest)(nil),       // 80: switchboard.api.context.v1.UpdateMemoryItemRequest
+	(*UpdateMemoryItemResponse)(nil),      // 81: switchboard.api.context.v1.UpdateMemoryItemResponse
+	(*ListMemoryItemsRequest)(nil),        // 82: switchboard.api.context.v1.ListMemoryItemsRequest
+	(*ListMemoryItemsResponse)(nil),       // 83: switchboard.api.context.v1.ListMemoryItemsResponse
+	(*SearchMemoryItemsRequest)(nil),      // 84: switchboard.api.context.v1.SearchMemoryItemsRequest
+	(*SearchScores)(nil),                  // 85: switchboard.api.context.v1.SearchScores
+	(*ScoredMemoryItem)(nil),              // 86: switchboard.api.context.v1.ScoredMemoryItem
+	(*SearchMemoryItemsResponse)(nil),     // 87: switchboard.api.context.v1.SearchMemoryItemsResponse
+	(*SearchContextRequest)(nil),          // 88: switchboard.api.context.v1.SearchContextRequest
+	(*DocumentChunk)(nil),                 // 89: switchboard.api.context.v1.DocumentChunk
+	(*SearchResult)(nil),                  // 90: switchboard.api.context.v1.SearchResult
+	(*SearchContextResponse)(nil),         // 91: switchboard.api.context.v1.SearchContextResponse
+	(*SemanticIndex)(nil),                 // 92: switchboard.api.context.v1.SemanticIndex
+	(*GetSemanticIndexRequest)(nil),       // 93: switchboard.api.context.v1.GetSemanticIndexRequest
+	(*GetSemanticIndexResponse)(nil),      // 94: switchboard.api.context.v1.GetSemanticIndexResponse
+	(*UpdateSemanticIndexRequest)(nil),    // 95: switchboard.api.context.v1.UpdateSemanticIndexRequest
+	(*UpdateSemanticIndexResponse)(nil),   // 96: switchboard.api.context.v1.UpdateSemanticIndexResponse
+	(*DeleteMemoryItemRequest)(nil),       // 97: switchboard.api.context.v1.DeleteMemoryItemRequest
+	(*DeleteMemoryItemResponse)(nil),      // 98: switchboard.api.context.v1.DeleteMemoryItemResponse
+	(*GetContextWindowRequest)(nil),       // 99: switchboard.api.context.v1.GetContextWindowRequest
+	(*RetrievalOptions)(nil),              // 100: switchboard.api.context.v1.RetrievalOptions
+	(*ContextItem)(nil),                   // 101: switchboard.api.context.v1.ContextItem
+	(*ContextWindow)(nil),                 // 102: switchboard.api.context.v1.ContextWindow
+	(*GetContextWindowResponse)(nil),      // 103: switchboard.api.context.v1.GetContextWindowResponse
+	(*PruneConversationRequest)(nil),      // 104: switchboard.api.context.v1.PruneConversationRequest
+	(*PruneConversationResponse)(nil),     // 105: switchboard.api.context.v1.PruneConversationResponse
+	(*UploadFileHeader)(nil),              // 106: switchboard.api.context.v1.UploadFileHeader
+	(*UploadFileRequest)(nil),             // 107: switchboard.api.context.v1.UploadFileRequest
+	(*UploadFileResponse)(nil),            // 108: switchboard.api.context.v1.UploadFileResponse
+	(*StartUploadRequest)(nil),            // 109: switchboard.api.context.v1.StartUploadRequest
+	(*StartUploadResponse)(nil),           // 110: switchboard.api.context.v1.StartUploadResponse
+	(*AppendUploadRequest)(nil),           // 111: switchboard.api.context.v1.AppendUploadRequest
+	(*AppendUploadResponse)(nil),          // 112: switchboard.api.context.v1.AppendUploadResponse
+	(*GetUploadRequest)(nil),              // 113: switchboard.api.context.v1.GetUploadRequest
+	(*GetUploadResponse)(nil),             // 114: switchboard.api.context.v1.GetUploadResponse
+	(*FinishUploadRequest)(nil),           // 115: switchboard.api.context.v1.FinishUploadRequest
+	(*FinishUploadResponse)(nil),          // 116: switchboard.api.context.v1.FinishUploadResponse
+	(*CancelUploadRequest)(nil),           // 117: switchboard.api.context.v1.CancelUploadRequest
+	(*CancelUploadResponse)(nil),          // 118: switchboard.api.context.v1.CancelUploadResponse
+	(*GetFileRequest)(nil),                // 119: switchboard.api.context.v1.GetFileRequest
+	(*GetFileResponse)(nil),               // 120: switchboard.api.context.v1.GetFileResponse
+	(*ListFilesRequest)(nil),              // 121: switchboard.api.context.v1.ListFilesRequest
+	(*ListFilesResponse)(nil),             // 122: switchboard.api.context.v1.ListFilesResponse
+	(*DownloadFileRequest)(nil),           // 123: switchboard.api.context.v1.DownloadFileRequest
+	(*DownloadFileResponse)(nil),          // 124: switchboard.api.context.v1.DownloadFileResponse
+	(*DeleteFileRequest)(nil),             // 125: switchboard.api.context.v1.DeleteFileRequest
+	(*DeleteFileResponse)(nil),            // 126: switchboard.api.context.v1.DeleteFileResponse
+	(*DataExport)(nil),                    // 127: switchboard.api.context.v1.DataExport
+	(*ExportMyDataRequest)(nil),           // 128: switchboard.api.context.v1.ExportMyDataRequest
+	(*ExportMyDataResponse)(nil),          // 129: switchboard.api.context.v1.ExportMyDataResponse
+	(*GetDataExportRequest)(nil),          // 130: switchboard.api.context.v1.GetDataExportRequest
+	(*GetDataExportResponse)(nil),         // 131: switchboard.api.context.v1.GetDataExportResponse
+	(*timestamppb.Timestamp)(nil),         // 132: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),               // 133: google.protobuf.Struct
+	(*durationpb.Duration)(nil),           // 134: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 135: google.protobuf.FieldMask
+	(*status.Status)(nil),                 // 136: google.rpc.Status
 }
 var file_switchboard_api_context_v1_context_proto_depIdxs = []int32{
-	126, // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
-	126, // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
-	126, // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
+	132, // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
+	132, // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
+	132, // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
 	0,   // 3: switchboard.api.context.v1.Workspace.caller_role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	27,  // 4: switchboard.api.context.v1.Workspace.memory_policy:type_name -> switchboard.api.context.v1.MemoryPolicy
+	28,  // 4: switchboard.api.context.v1.Workspace.memory_policy:type_name -> switchboard.api.context.v1.MemoryPolicy
 	0,   // 5: switchboard.api.context.v1.WorkspaceMember.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	126, // 6: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
-	126, // 7: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
-	127, // 8: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
-	126, // 9: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
-	126, // 10: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
-	126, // 11: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
-	127, // 12: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
-	20,  // 13: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
-	18,  // 14: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
-	19,  // 15: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
-	127, // 16: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
-	20,  // 17: switchboard.api.context.v1.ToolResultContent.files:type_name -> switchboard.api.context.v1.FileReference
+	132, // 6: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
+	132, // 7: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
+	133, // 8: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
+	132, // 9: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
+	132, // 10: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
+	132, // 11: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
+	133, // 12: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
+	21,  // 13: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
+	19,  // 14: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
+	20,  // 15: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
+	133, // 16: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
+	21,  // 17: switchboard.api.context.v1.ToolResultContent.files:type_name -> switchboard.api.context.v1.FileReference
 	2,   // 18: switchboard.api.context.v1.File.kind:type_name -> switchboard.api.context.v1.FileKind
 	3,   // 19: switchboard.api.context.v1.File.text_state:type_name -> switchboard.api.context.v1.FileTextState
-	127, // 20: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
-	126, // 21: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
-	126, // 22: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
-	126, // 23: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
-	127, // 24: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
+	133, // 20: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
+	132, // 21: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
+	132, // 22: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
+	132, // 23: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
+	133, // 24: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
 	1,   // 25: switchboard.api.context.v1.Message.role:type_name -> switchboard.api.context.v1.MessageRole
-	17,  // 26: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
-	127, // 27: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
-	126, // 28: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
+	18,  // 26: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
+	133, // 27: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
+	132, // 28: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
 	5,   // 29: switchboard.api.context.v1.MemoryItem.kind:type_name -> switchboard.api.context.v1.MemoryKind
-	127, // 30: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
-	126, // 31: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
-	126, // 32: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
-	126, // 33: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
-	126, // 34: switchboard.api.context.v1.MemoryItem.valid_time:type_name -> google.protobuf.Timestamp
-	126, // 35: switchboard.api.context.v1.MemoryItem.invalid_time:type_name -> google.protobuf.Timestamp
-	25,  // 36: switchboard.api.context.v1.MemoryItem.formation:type_name -> switchboard.api.context.v1.MemoryFormation
+	133, // 30: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
+	132, // 31: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
+	132, // 32: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
+	132, // 33: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
+	132, // 34: switchboard.api.context.v1.MemoryItem.valid_time:type_name -> google.protobuf.Timestamp
+	132, // 35: switchboard.api.context.v1.MemoryItem.invalid_time:type_name -> google.protobuf.Timestamp
+	26,  // 36: switchboard.api.context.v1.MemoryItem.formation:type_name -> switchboard.api.context.v1.MemoryFormation
 	7,   // 37: switchboard.api.context.v1.MemoryItemVersion.change:type_name -> switchboard.api.context.v1.MemoryChange
-	126, // 38: switchboard.api.context.v1.MemoryItemVersion.change_time:type_name -> google.protobuf.Timestamp
-	126, // 39: switchboard.api.context.v1.MemoryItemVersion.valid_time:type_name -> google.protobuf.Timestamp
-	126, // 40: switchboard.api.context.v1.MemoryItemVersion.invalid_time:type_name -> google.protobuf.Timestamp
+	132, // 38: switchboard.api.context.v1.MemoryItemVersion.change_time:type_name -> google.protobuf.Timestamp
+	132, // 39: switchboard.api.context.v1.MemoryItemVersion.valid_time:type_name -> google.protobuf.Timestamp
+	132, // 40: switchboard.api.context.v1.MemoryItemVersion.invalid_time:type_name -> google.protobuf.Timestamp
 	8,   // 41: switchboard.api.context.v1.MemoryPolicy.mode:type_name -> switchboard.api.context.v1.MemoryFormingMode
-	28,  // 42: switchboard.api.context.v1.MemoryPolicy.categories:type_name -> switchboard.api.context.v1.MemoryCategoryRule
+	29,  // 42: switchboard.api.context.v1.MemoryPolicy.categories:type_name -> switchboard.api.context.v1.MemoryCategoryRule
 	9,   // 43: switchboard.api.context.v1.MemoryCategoryRule.category:type_name -> switchboard.api.context.v1.MemoryCategory
-	128, // 44: switchboard.api.context.v1.MemoryCategoryRule.ttl:type_name -> google.protobuf.Duration
-	14,  // 45: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	14,  // 46: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	14,  // 47: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	14,  // 48: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
-	14,  // 49: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	129, // 50: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
-	14,  // 51: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	14,  // 52: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	14,  // 53: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	134, // 44: switchboard.api.context.v1.MemoryCategoryRule.ttl:type_name -> google.protobuf.Duration
+	15,  // 45: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
+	15,  // 46: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	15,  // 47: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	15,  // 48: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
+	15,  // 49: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
+	135, // 50: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
+	15,  // 51: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	15,  // 52: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	15,  // 53: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
 	0,   // 54: switchboard.api.context.v1.AddWorkspaceMemberRequest.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	15,  // 55: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	15,  // 56: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	129, // 57: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
-	15,  // 58: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	15,  // 59: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
-	16,  // 60: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 61: switchboard.api.context.v1.CreateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 62: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 63: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 64: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	129, // 65: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
-	16,  // 66: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 67: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 68: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	23,  // 69: switchboard.api.context.v1.AppendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	23,  // 70: switchboard.api.context.v1.AppendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	23,  // 71: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	23,  // 72: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
-	16,  // 73: switchboard.api.context.v1.DeleteMessageResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 74: switchboard.api.context.v1.ForkConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 75: switchboard.api.context.v1.ForkConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 76: switchboard.api.context.v1.CreateBranchResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	16,  // 77: switchboard.api.context.v1.SwitchBranchResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	24,  // 78: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	24,  // 79: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	24,  // 80: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	26,  // 81: switchboard.api.context.v1.GetMemoryItemResponse.history:type_name -> switchboard.api.context.v1.MemoryItemVersion
-	24,  // 82: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	129, // 83: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
-	24,  // 84: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	16,  // 55: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	16,  // 56: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	135, // 57: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
+	16,  // 58: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	16,  // 59: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
+	17,  // 60: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 61: switchboard.api.context.v1.CreateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 62: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 63: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 64: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	135, // 65: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	17,  // 66: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 67: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 68: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	24,  // 69: switchboard.api.context.v1.AppendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	24,  // 70: switchboard.api.context.v1.AppendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	24,  // 71: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	24,  // 72: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
+	17,  // 73: switchboard.api.context.v1.DeleteMessageResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 74: switchboard.api.context.v1.ForkConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 75: switchboard.api.context.v1.ForkConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 76: switchboard.api.context.v1.CreateBranchResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	17,  // 77: switchboard.api.context.v1.SwitchBranchResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	25,  // 78: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	25,  // 79: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	25,  // 80: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	27,  // 81: switchboard.api.context.v1.GetMemoryItemResponse.history:type_name -> switchboard.api.context.v1.MemoryItemVersion
+	25,  // 82: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	135, // 83: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
+	25,  // 84: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
 	5,   // 85: switchboard.api.context.v1.ListMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
 	6,   // 86: switchboard.api.context.v1.ListMemoryItemsRequest.validity:type_name -> switchboard.api.context.v1.MemoryValidity
-	126, // 87: switchboard.api.context.v1.ListMemoryItemsRequest.valid_at:type_name -> google.protobuf.Timestamp
-	24,  // 88: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
+	132, // 87: switchboard.api.context.v1.ListMemoryItemsRequest.valid_at:type_name -> google.protobuf.Timestamp
+	25,  // 88: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
 	5,   // 89: switchboard.api.context.v1.SearchMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
 	10,  // 90: switchboard.api.context.v1.SearchMemoryItemsRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
-	24,  // 91: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	84,  // 92: switchboard.api.context.v1.ScoredMemoryItem.scores:type_name -> switchboard.api.context.v1.SearchScores
-	85,  // 93: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
+	25,  // 91: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	85,  // 92: switchboard.api.context.v1.ScoredMemoryItem.scores:type_name -> switchboard.api.context.v1.SearchScores
+	86,  // 93: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
 	10,  // 94: switchboard.api.context.v1.SearchMemoryItemsResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
 	11,  // 95: switchboard.api.context.v1.SearchMemoryItemsResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
 	10,  // 96: switchboard.api.context.v1.SearchContextRequest.mode:type_name -> switchboard.api.context.v1.SearchMode
-	24,  // 97: switchboard.api.context.v1.SearchResult.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	23,  // 98: switchboard.api.context.v1.SearchResult.message:type_name -> switchboard.api.context.v1.Message
-	88,  // 99: switchboard.api.context.v1.SearchResult.document_chunk:type_name -> switchboard.api.context.v1.DocumentChunk
-	84,  // 100: switchboard.api.context.v1.SearchResult.scores:type_name -> switchboard.api.context.v1.SearchScores
-	89,  // 101: switchboard.api.context.v1.SearchContextResponse.results:type_name -> switchboard.api.context.v1.SearchResult
+	25,  // 97: switchboard.api.context.v1.SearchResult.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	24,  // 98: switchboard.api.context.v1.SearchResult.message:type_name -> switchboard.api.context.v1.Message
+	89,  // 99: switchboard.api.context.v1.SearchResult.document_chunk:type_name -> switchboard.api.context.v1.DocumentChunk
+	85,  // 100: switchboard.api.context.v1.SearchResult.scores:type_name -> switchboard.api.context.v1.SearchScores
+	90,  // 101: switchboard.api.context.v1.SearchContextResponse.results:type_name -> switchboard.api.context.v1.SearchResult
 	10,  // 102: switchboard.api.context.v1.SearchContextResponse.mode:type_name -> switchboard.api.context.v1.SearchMode
 	11,  // 103: switchboard.api.context.v1.SearchContextResponse.fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
 	12,  // 104: switchboard.api.context.v1.SemanticIndex.state:type_name -> switchboard.api.context.v1.SemanticIndexState
-	126, // 105: switchboard.api.context.v1.SemanticIndex.update_time:type_name -> google.protobuf.Timestamp
-	91,  // 106: switchboard.api.context.v1.GetSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	91,  // 107: switchboard.api.context.v1.UpdateSemanticIndexRequest.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	129, // 108: switchboard.api.context.v1.UpdateSemanticIndexRequest.update_mask:type_name -> google.protobuf.FieldMask
-	91,  // 109: switchboard.api.context.v1.UpdateSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
-	99,  // 110: switchboard.api.context.v1.GetContextWindowRequest.retrieval:type_name -> switchboard.api.context.v1.RetrievalOptions
-	126, // 111: switchboard.api.context.v1.GetContextWindowRequest.valid_at:type_name -> google.protobuf.Timestamp
+	132, // 105: switchboard.api.context.v1.SemanticIndex.update_time:type_name -> google.protobuf.Timestamp
+	92,  // 106: switchboard.api.context.v1.GetSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	92,  // 107: switchboard.api.context.v1.UpdateSemanticIndexRequest.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	135, // 108: switchboard.api.context.v1.UpdateSemanticIndexRequest.update_mask:type_name -> google.protobuf.FieldMask
+	92,  // 109: switchboard.api.context.v1.UpdateSemanticIndexResponse.semantic_index:type_name -> switchboard.api.context.v1.SemanticIndex
+	100, // 110: switchboard.api.context.v1.GetContextWindowRequest.retrieval:type_name -> switchboard.api.context.v1.RetrievalOptions
+	132, // 111: switchboard.api.context.v1.GetContextWindowRequest.valid_at:type_name -> google.protobuf.Timestamp
 	10,  // 112: switchboard.api.context.v1.RetrievalOptions.mode:type_name -> switchboard.api.context.v1.SearchMode
-	23,  // 113: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
-	24,  // 114: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	89,  // 115: switchboard.api.context.v1.ContextItem.retrieved:type_name -> switchboard.api.context.v1.SearchResult
+	24,  // 113: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
+	25,  // 114: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	90,  // 115: switchboard.api.context.v1.ContextItem.retrieved:type_name -> switchboard.api.context.v1.SearchResult
 	13,  // 116: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
-	100, // 117: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
-	100, // 118: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
+	101, // 117: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
+	101, // 118: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
 	10,  // 119: switchboard.api.context.v1.ContextWindow.retrieval_mode:type_name -> switchboard.api.context.v1.SearchMode
 	11,  // 120: switchboard.api.context.v1.ContextWindow.retrieval_fallback_reason:type_name -> switchboard.api.context.v1.SearchFallbackReason
-	101, // 121: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
-	24,  // 122: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
-	21,  // 123: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
-	105, // 124: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
-	21,  // 125: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
-	21,  // 126: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
-	22,  // 127: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	22,  // 128: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	22,  // 129: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
-	21,  // 130: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
+	102, // 121: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
+	25,  // 122: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
+	22,  // 123: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
+	106, // 124: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
+	22,  // 125: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	22,  // 126: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
+	23,  // 127: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	23,  // 128: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	23,  // 129: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	22,  // 130: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
 	4,   // 131: switchboard.api.context.v1.GetFileRequest.view:type_name -> switchboard.api.context.v1.FileView
-	21,  // 132: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
+	22,  // 132: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
 	2,   // 133: switchboard.api.context.v1.ListFilesRequest.kinds:type_name -> switchboard.api.context.v1.FileKind
-	21,  // 134: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
-	21,  // 135: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
-	29,  // 136: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
-	31,  // 137: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
-	33,  // 138: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
-	35,  // 139: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
-	37,  // 140: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
-	39,  // 141: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
-	41,  // 142: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
-	43,  // 143: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	45,  // 144: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	47,  // 145: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
-	49,  // 146: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
-	51,  // 147: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
-	53,  // 148: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
-	55,  // 149: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
-	57,  // 150: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
-	59,  // 151: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
-	69,  // 152: switchboard.api.context.v1.ContextService.ForkConversation:input_type -> switchboard.api.context.v1.ForkConversationRequest
-	61,  // 153: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
-	63,  // 154: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
-	65,  // 155: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
-	67,  // 156: switchboard.api.context.v1.ContextService.DeleteMessage:input_type -> switchboard.api.context.v1.DeleteMessageRequest
-	71,  // 157: switchboard.api.context.v1.ContextService.CreateBranch:input_type -> switchboard.api.context.v1.CreateBranchRequest
-	73,  // 158: switchboard.api.context.v1.ContextService.SwitchBranch:input_type -> switchboard.api.context.v1.SwitchBranchRequest
-	75,  // 159: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
-	77,  // 160: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
-	79,  // 161: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
-	81,  // 162: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
-	83,  // 163: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
-	87,  // 164: switchboard.api.context.v1.ContextService.SearchContext:input_type -> switchboard.api.context.v1.SearchContextRequest
-	92,  // 165: switchboard.api.context.v1.ContextService.GetSemanticIndex:input_type -> switchboard.api.context.v1.GetSemanticIndexRequest
-	94,  // 166: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:input_type -> switchboard.api.context.v1.UpdateSemanticIndexRequest
-	96,  // 167: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
-	98,  // 168: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
-	103, // 169: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
-	106, // 170: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
-	108, // 171: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
-	110, // 172: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
-	112, // 173: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
-	114, // 174: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
-	116, // 175: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
-	118, // 176: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
-	120, // 177: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
-	122, // 178: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
-	124, // 179: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
-	30,  // 180: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
-	32,  // 181: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
-	34,  // 182: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
-	36,  // 183: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
-	38,  // 184: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
-	40,  // 185: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
-	42,  // 186: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
-	44,  // 187: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	46,  // 188: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	48,  // 189: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
-	50,  // 190: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
-	52,  // 191: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
-	54,  // 192: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
-	56,  // 193: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
-	58,  // 194: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
-	60,  // 195: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
-	70,  // 196: switchboard.api.context.v1.ContextService.ForkConversation:output_type -> switchboard.api.context.v1.ForkConversationResponse
-	62,  // 197: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
-	64,  // 198: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
-	66,  // 199: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
-	68,  // 200: switchboard.api.context.v1.ContextService.DeleteMessage:output_type -> switchboard.api.context.v1.DeleteMessageResponse
-	72,  // 201: switchboard.api.context.v1.ContextService.CreateBranch:output_type -> switchboard.api.context.v1.CreateBranchResponse
-	74,  // 202: switchboard.api.context.v1.ContextService.SwitchBranch:output_type -> switchboard.api.context.v1.SwitchBranchResponse
-	76,  // 203: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
-	78,  // 204: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
-	80,  // 205: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
-	82,  // 206: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
-	86,  // 207: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
-	90,  // 208: switchboard.api.context.v1.ContextService.SearchContext:output_type -> switchboard.api.context.v1.SearchContextResponse
-	93,  // 209: switchboard.api.context.v1.ContextService.GetSemanticIndex:output_type -> switchboard.api.context.v1.GetSemanticIndexResponse
-	95,  // 210: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:output_type -> switchboard.api.context.v1.UpdateSemanticIndexResponse
-	97,  // 211: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
-	102, // 212: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
-	104, // 213: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
-	107, // 214: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
-	109, // 215: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
-	111, // 216: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
-	113, // 217: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
-	115, // 218: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
-	117, // 219: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
-	119, // 220: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
-	121, // 221: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
-	123, // 222: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
-	125, // 223: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
-	180, // [180:224] is the sub-list for method output_type
-	136, // [136:180] is the sub-list for method input_type
-	136, // [136:136] is the sub-list for extension type_name
-	136, // [136:136] is the sub-list for extension extendee
-	0,   // [0:136] is the sub-list for field type_name
+	22,  // 134: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
+	22,  // 135: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	14,  // 136: switchboard.api.context.v1.DataExport.state:type_name -> switchboard.api.context.v1.DataExportState
+	132, // 137: switchboard.api.context.v1.DataExport.create_time:type_name -> google.protobuf.Timestamp
+	132, // 138: switchboard.api.context.v1.DataExport.done_time:type_name -> google.protobuf.Timestamp
+	132, // 139: switchboard.api.context.v1.DataExport.expire_time:type_name -> google.protobuf.Timestamp
+	136, // 140: switchboard.api.context.v1.DataExport.error:type_name -> google.rpc.Status
+	127, // 141: switchboard.api.context.v1.ExportMyDataResponse.export:type_name -> switchboard.api.context.v1.DataExport
+	127, // 142: switchboard.api.context.v1.GetDataExportResponse.export:type_name -> switchboard.api.context.v1.DataExport
+	30,  // 143: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
+	32,  // 144: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
+	34,  // 145: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
+	36,  // 146: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
+	38,  // 147: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
+	40,  // 148: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
+	42,  // 149: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
+	44,  // 150: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	46,  // 151: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	48,  // 152: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
+	50,  // 153: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
+	52,  // 154: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
+	54,  // 155: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
+	56,  // 156: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
+	58,  // 157: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
+	60,  // 158: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
+	70,  // 159: switchboard.api.context.v1.ContextService.ForkConversation:input_type -> switchboard.api.context.v1.ForkConversationRequest
+	62,  // 160: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
+	64,  // 161: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
+	66,  // 162: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
+	68,  // 163: switchboard.api.context.v1.ContextService.DeleteMessage:input_type -> switchboard.api.context.v1.DeleteMessageRequest
+	72,  // 164: switchboard.api.context.v1.ContextService.CreateBranch:input_type -> switchboard.api.context.v1.CreateBranchRequest
+	74,  // 165: switchboard.api.context.v1.ContextService.SwitchBranch:input_type -> switchboard.api.context.v1.SwitchBranchRequest
+	76,  // 166: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
+	78,  // 167: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
+	80,  // 168: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
+	82,  // 169: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
+	84,  // 170: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
+	88,  // 171: switchboard.api.context.v1.ContextService.SearchContext:input_type -> switchboard.api.context.v1.SearchContextRequest
+	93,  // 172: switchboard.api.context.v1.ContextService.GetSemanticIndex:input_type -> switchboard.api.context.v1.GetSemanticIndexRequest
+	95,  // 173: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:input_type -> switchboard.api.context.v1.UpdateSemanticIndexRequest
+	97,  // 174: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
+	99,  // 175: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
+	104, // 176: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
+	107, // 177: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
+	109, // 178: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
+	111, // 179: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
+	113, // 180: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
+	115, // 181: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
+	117, // 182: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
+	119, // 183: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
+	121, // 184: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
+	123, // 185: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
+	125, // 186: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
+	128, // 187: switchboard.api.context.v1.ContextService.ExportMyData:input_type -> switchboard.api.context.v1.ExportMyDataRequest
+	130, // 188: switchboard.api.context.v1.ContextService.GetDataExport:input_type -> switchboard.api.context.v1.GetDataExportRequest
+	31,  // 189: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
+	33,  // 190: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
+	35,  // 191: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
+	37,  // 192: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
+	39,  // 193: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
+	41,  // 194: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
+	43,  // 195: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
+	45,  // 196: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	47,  // 197: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	49,  // 198: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
+	51,  // 199: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
+	53,  // 200: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
+	55,  // 201: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
+	57,  // 202: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
+	59,  // 203: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
+	61,  // 204: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
+	71,  // 205: switchboard.api.context.v1.ContextService.ForkConversation:output_type -> switchboard.api.context.v1.ForkConversationResponse
+	63,  // 206: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
+	65,  // 207: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
+	67,  // 208: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
+	69,  // 209: switchboard.api.context.v1.ContextService.DeleteMessage:output_type -> switchboard.api.context.v1.DeleteMessageResponse
+	73,  // 210: switchboard.api.context.v1.ContextService.CreateBranch:output_type -> switchboard.api.context.v1.CreateBranchResponse
+	75,  // 211: switchboard.api.context.v1.ContextService.SwitchBranch:output_type -> switchboard.api.context.v1.SwitchBranchResponse
+	77,  // 212: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
+	79,  // 213: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
+	81,  // 214: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
+	83,  // 215: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
+	87,  // 216: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
+	91,  // 217: switchboard.api.context.v1.ContextService.SearchContext:output_type -> switchboard.api.context.v1.SearchContextResponse
+	94,  // 218: switchboard.api.context.v1.ContextService.GetSemanticIndex:output_type -> switchboard.api.context.v1.GetSemanticIndexResponse
+	96,  // 219: switchboard.api.context.v1.ContextService.UpdateSemanticIndex:output_type -> switchboard.api.context.v1.UpdateSemanticIndexResponse
+	98,  // 220: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
+	103, // 221: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
+	105, // 222: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
+	108, // 223: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
+	110, // 224: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
+	112, // 225: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
+	114, // 226: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
+	116, // 227: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
+	118, // 228: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
+	120, // 229: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
+	122, // 230: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
+	124, // 231: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
+	126, // 232: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
+	129, // 233: switchboard.api.context.v1.ContextService.ExportMyData:output_type -> switchboard.api.context.v1.ExportMyDataResponse
+	131, // 234: switchboard.api.context.v1.ContextService.GetDataExport:output_type -> switchboard.api.context.v1.GetDataExportResponse
+	189, // [189:235] is the sub-list for method output_type
+	143, // [143:189] is the sub-list for method input_type
+	143, // [143:143] is the sub-list for extension type_name
+	143, // [143:143] is the sub-list for extension extendee
+	0,   // [0:143] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_context_v1_context_proto_init() }
@@ -9858,8 +10273,8 @@ func file_switchboard_api_context_v1_context_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_context_v1_context_proto_rawDesc), len(file_switchboard_api_context_v1_context_proto_rawDesc)),
-			NumEnums:      14,
-			NumMessages:   112,
+			NumEnums:      15,
+			NumMessages:   117,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -63,6 +63,8 @@ const (
 	ContextService_ListFiles_FullMethodName             = "/switchboard.api.context.v1.ContextService/ListFiles"
 	ContextService_DownloadFile_FullMethodName          = "/switchboard.api.context.v1.ContextService/DownloadFile"
 	ContextService_DeleteFile_FullMethodName            = "/switchboard.api.context.v1.ContextService/DeleteFile"
+	ContextService_ExportMyData_FullMethodName          = "/switchboard.api.context.v1.ContextService/ExportMyData"
+	ContextService_GetDataExport_FullMethodName         = "/switchboard.api.context.v1.ContextService/GetDataExport"
 )
 
 // ContextServiceClient is the client API for ContextService service.
@@ -173,11 +175,20 @@ type ContextServiceClient interface {
 	GetFile(ctx context.Context, in *GetFileRequest, opts ...grpc.CallOption) (*GetFileResponse, error)
 	// Lists a workspace's files, newest first.
 	ListFiles(ctx context.Context, in *ListFilesRequest, opts ...grpc.CallOption) (*ListFilesResponse, error)
-	// Streams a file's content in chunks of at most 1 MiB, from an offset.
+	// Streams a file's content in chunks of at most 1 MiB, from an offset; also the
+	// archive of a finished data export (`users/{user}/exports/{export}`).
 	DownloadFile(ctx context.Context, in *DownloadFileRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DownloadFileResponse], error)
 	// Deletes a file. Messages that name it keep the reference; reading it is
 	// NOT_FOUND from then on.
 	DeleteFile(ctx context.Context, in *DeleteFileRequest, opts ...grpc.CallOption) (*DeleteFileResponse, error)
+	// Starts writing one archive of the caller's data (docs/privacy.md): their account,
+	// memberships, the messages they wrote and the answers to their runs, the memory about
+	// them, their usage, and the files they uploaded. A long-running operation: read it
+	// with GetDataExport until SUCCEEDED, then download it with DownloadFile (its name).
+	// While one runs, asking again returns it; at most 5 a day (RESOURCE_EXHAUSTED).
+	ExportMyData(ctx context.Context, in *ExportMyDataRequest, opts ...grpc.CallOption) (*ExportMyDataResponse, error)
+	// Reads a data export of the caller's.
+	GetDataExport(ctx context.Context, in *GetDataExportRequest, opts ...grpc.CallOption) (*GetDataExportResponse, error)
 }
 
 type contextServiceClient struct {
@@ -640,6 +651,26 @@ func (c *contextServiceClient) DeleteFile(ctx context.Context, in *DeleteFileReq
 	return out, nil
 }
 
+func (c *contextServiceClient) ExportMyData(ctx context.Context, in *ExportMyDataRequest, opts ...grpc.CallOption) (*ExportMyDataResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ExportMyDataResponse)
+	err := c.cc.Invoke(ctx, ContextService_ExportMyData_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) GetDataExport(ctx context.Context, in *GetDataExportRequest, opts ...grpc.CallOption) (*GetDataExportResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetDataExportResponse)
+	err := c.cc.Invoke(ctx, ContextService_GetDataExport_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ContextServiceServer is the server API for ContextService service.
 // All implementations must embed UnimplementedContextServiceServer
 // for forward compatibility.
@@ -748,11 +779,20 @@ type ContextServiceServer interface {
 	GetFile(context.Context, *GetFileRequest) (*GetFileResponse, error)
 	// Lists a workspace's files, newest first.
 	ListFiles(context.Context, *ListFilesRequest) (*ListFilesResponse, error)
-	// Streams a file's content in chunks of at most 1 MiB, from an offset.
+	// Streams a file's content in chunks of at most 1 MiB, from an offset; also the
+	// archive of a finished data export (`users/{user}/exports/{export}`).
 	DownloadFile(*DownloadFileRequest, grpc.ServerStreamingServer[DownloadFileResponse]) error
 	// Deletes a file. Messages that name it keep the reference; reading it is
 	// NOT_FOUND from then on.
 	DeleteFile(context.Context, *DeleteFileRequest) (*DeleteFileResponse, error)
+	// Starts writing one archive of the caller's data (docs/privacy.md): their account,
+	// memberships, the messages they wrote and the answers to their runs, the memory about
+	// them, their usage, and the files they uploaded. A long-running operation: read it
+	// with GetDataExport until SUCCEEDED, then download it with DownloadFile (its name).
+	// While one runs, asking again returns it; at most 5 a day (RESOURCE_EXHAUSTED).
+	ExportMyData(context.Context, *ExportMyDataRequest) (*ExportMyDataResponse, error)
+	// Reads a data export of the caller's.
+	GetDataExport(context.Context, *GetDataExportRequest) (*GetDataExportResponse, error)
 	mustEmbedUnimplementedContextServiceServer()
 }
 
@@ -894,6 +934,12 @@ func (UnimplementedContextServiceServer) DownloadFile(*DownloadFileRequest, grpc
 }
 func (UnimplementedContextServiceServer) DeleteFile(context.Context, *DeleteFileRequest) (*DeleteFileResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteFile not implemented")
+}
+func (UnimplementedContextServiceServer) ExportMyData(context.Context, *ExportMyDataRequest) (*ExportMyDataResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ExportMyData not implemented")
+}
+func (UnimplementedContextServiceServer) GetDataExport(context.Context, *GetDataExportRequest) (*GetDataExportResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetDataExport not implemented")
 }
 func (UnimplementedContextServiceServer) mustEmbedUnimplementedContextServiceServer() {}
 func (UnimplementedContextServiceServer) testEmbeddedByValue()                        {}
@@ -1690,6 +1736,42 @@ func _ContextService_DeleteFile_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ContextService_ExportMyData_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ExportMyDataRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).ExportMyData(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_ExportMyData_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).ExportMyData(ctx, req.(*ExportMyDataRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_GetDataExport_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetDataExportRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).GetDataExport(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_GetDataExport_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).GetDataExport(ctx, req.(*GetDataExportRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ContextService_ServiceDesc is the grpc.ServiceDesc for ContextService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1864,6 +1946,14 @@ var ContextService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteFile",
 			Handler:    _ContextService_DeleteFile_Handler,
+		},
+		{
+			MethodName: "ExportMyData",
+			Handler:    _ContextService_ExportMyData_Handler,
+		},
+		{
+			MethodName: "GetDataExport",
+			Handler:    _ContextService_GetDataExport_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -409,6 +409,8 @@ const (
 	SecurityEventKind_SECURITY_EVENT_KIND_API_KEY_CREATED SecurityEventKind = 5
 	// An API key was revoked.
 	SecurityEventKind_SECURITY_EVENT_KIND_API_KEY_REVOKED SecurityEventKind = 6
+	// A person deleted their account (or an operator erased it); its erasure began.
+	SecurityEventKind_SECURITY_EVENT_KIND_ACCOUNT_DELETED SecurityEventKind = 7
 )
 
 // Enum value maps for SecurityEventKind.
@@ -421,6 +423,7 @@ var (
 		4: "SECURITY_EVENT_KIND_SESSION_REVOKED",
 		5: "SECURITY_EVENT_KIND_API_KEY_CREATED",
 		6: "SECURITY_EVENT_KIND_API_KEY_REVOKED",
+		7: "SECURITY_EVENT_KIND_ACCOUNT_DELETED",
 	}
 	SecurityEventKind_value = map[string]int32{
 		"SECURITY_EVENT_KIND_UNSPECIFIED":            0,
@@ -430,6 +433,7 @@ var (
 		"SECURITY_EVENT_KIND_SESSION_REVOKED":        4,
 		"SECURITY_EVENT_KIND_API_KEY_CREATED":        5,
 		"SECURITY_EVENT_KIND_API_KEY_REVOKED":        6,
+		"SECURITY_EVENT_KIND_ACCOUNT_DELETED":        7,
 	}
 )
 
@@ -1801,6 +1805,10 @@ type Event struct {
 	Workspace string `protobuf:"bytes,7,opt,name=workspace,proto3" json:"workspace,omitempty"`
 	// The conversation it belongs to, `workspaces/{w}/conversations/{c}`, if any.
 	Conversation string `protobuf:"bytes,8,opt,name=conversation,proto3" json:"conversation,omitempty"`
+	// True when the event named a person whose data was erased (docs/privacy.md):
+	// its actor, user and payload are cleared; its id, cursor, type, time, workspace
+	// and conversation stay, so the log's order and a consumer's cursor hold.
+	Redacted bool `protobuf:"varint,9,opt,name=redacted,proto3" json:"redacted,omitempty"`
 	// The typed payload; matches `type`.
 	//
 	// Types that are valid to be assigned to Payload:
@@ -1912,6 +1920,13 @@ func (x *Event) GetConversation() string {
 		return x.Conversation
 	}
 	return ""
+}
+
+func (x *Event) GetRedacted() bool {
+	if x != nil {
+		return x.Redacted
+	}
+	return false
 }
 
 func (x *Event) GetPayload() isEvent_Payload {
@@ -3441,7 +3456,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\aapi_key\x18\x03 \x01(\tR\x06apiKey\x12%\n" +
 	"\x0eclient_address\x18\x04 \x01(\tR\rclientAddress\x12D\n" +
 	"\vclient_info\x18\x05 \x01(\v2#.switchboard.api.auth.v1.ClientInfoR\n" +
-	"clientInfo\"\xa7\x0e\n" +
+	"clientInfo\"\xc3\x0e\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x128\n" +
@@ -3450,7 +3465,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x05actor\x18\x05 \x01(\v2 .switchboard.api.events.v1.ActorR\x05actor\x12\x12\n" +
 	"\x04user\x18\x06 \x01(\tR\x04user\x12\x1c\n" +
 	"\tworkspace\x18\a \x01(\tR\tworkspace\x12\"\n" +
-	"\fconversation\x18\b \x01(\tR\fconversation\x12Z\n" +
+	"\fconversation\x18\b \x01(\tR\fconversation\x12\x1a\n" +
+	"\bredacted\x18\t \x01(\bR\bredacted\x12Z\n" +
 	"\x11workspace_changed\x18\n" +
 	" \x01(\v2+.switchboard.api.events.v1.WorkspaceChangedH\x00R\x10workspaceChanged\x12Q\n" +
 	"\x0emember_changed\x18\v \x01(\v2(.switchboard.api.events.v1.MemberChangedH\x00R\rmemberChanged\x12c\n" +
@@ -3582,7 +3598,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x1dBUDGET_ALERT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n" +
 	"\x1bBUDGET_ALERT_KIND_THRESHOLD\x10\x01\x12%\n" +
 	"!BUDGET_ALERT_KIND_MESSAGE_REFUSED\x10\x02\x12 \n" +
-	"\x1cBUDGET_ALERT_KIND_RUN_PAUSED\x10\x03*\xb2\x02\n" +
+	"\x1cBUDGET_ALERT_KIND_RUN_PAUSED\x10\x03*\xdb\x02\n" +
 	"\x11SecurityEventKind\x12#\n" +
 	"\x1fSECURITY_EVENT_KIND_UNSPECIFIED\x10\x00\x12'\n" +
 	"#SECURITY_EVENT_KIND_LOGIN_SUCCEEDED\x10\x01\x12$\n" +
@@ -3590,7 +3606,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"*SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED\x10\x03\x12'\n" +
 	"#SECURITY_EVENT_KIND_SESSION_REVOKED\x10\x04\x12'\n" +
 	"#SECURITY_EVENT_KIND_API_KEY_CREATED\x10\x05\x12'\n" +
-	"#SECURITY_EVENT_KIND_API_KEY_REVOKED\x10\x062\xcb\x02\n" +
+	"#SECURITY_EVENT_KIND_API_KEY_REVOKED\x10\x06\x12'\n" +
+	"#SECURITY_EVENT_KIND_ACCOUNT_DELETED\x10\a2\xcb\x02\n" +
 	"\fEventService\x12h\n" +
 	"\tSubscribe\x12+.switchboard.api.events.v1.SubscribeRequest\x1a,.switchboard.api.events.v1.SubscribeResponse0\x01\x12a\n" +
 	"\x06Stream\x12(.switchboard.api.events.v1.StreamRequest\x1a).switchboard.api.events.v1.StreamResponse(\x010\x01\x12n\n" +

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file switchboard/api/auth/v1/auth.proto.
  */
 export const file_switchboard_api_auth_v1_auth: GenFile = /*@__PURE__*/
-  fileDesc("CiJzd2l0Y2hib2FyZC9hcGkvYXV0aC92MS9hdXRoLnByb3RvEhdzd2l0Y2hib2FyZC5hcGkuYXV0aC52MSLzAQoEVXNlchIMCgRuYW1lGAEgASgJEg0KBWVtYWlsGAIgASgJEhQKDGRpc3BsYXlfbmFtZRgDIAEoCRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEkgKFGZlZGVyYXRlZF9pZGVudGl0aWVzGAYgAygLMiouc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuRmVkZXJhdGVkSWRlbnRpdHkSDAoEZXRhZxgHIAEoCSI0ChFGZWRlcmF0ZWRJZGVudGl0eRIOCgZpc3N1ZXIYASABKAkSDwoHc3ViamVjdBgCIAEoCSI1CgpDbGllbnRJbmZvEhIKCnVzZXJfYWdlbnQYASABKAkSEwoLZGV2aWNlX25hbWUYAiABKAkiyQEKCVRva2VuUGFpchIUCgxhY2Nlc3NfdG9rZW4YASABKAkSPAoYYWNjZXNzX3Rva2VuX2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZWZyZXNoX3Rva2VuGAMgASgJEj0KGXJlZnJlc2hfdG9rZW5fZXhwaXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnRva2VuX3R5cGUYBSABKAki+wIKB1Nlc3Npb24SDAoEbmFtZRgBIAEoCRIvCgtjcmVhdGVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF9zZWVuX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZXZva2VfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoLY2xpZW50X2luZm8YBiABKAsyIy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5DbGllbnRJbmZvEhYKDmNsaWVudF9hZGRyZXNzGAcgASgJEg8KB2N1cnJlbnQYCCABKAgSOAoLYXV0aF9tZXRob2QYCSABKA4yIy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5BdXRoTWV0aG9kIoIBCg9SZWdpc3RlclJlcXVlc3QSDQoFZW1haWwYASABKAkSEAoIcGFzc3dvcmQYAiABKAkSFAoMZGlzcGxheV9uYW1lGAMgASgJEjgKC2NsaWVudF9pbmZvGAQgASgLMiMuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuQ2xpZW50SW5mbyKmAQoQUmVnaXN0ZXJSZXNwb25zZRIrCgR1c2VyGAEgASgLMh0uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuVXNlchIyCgZ0b2tlbnMYAiABKAsyIi5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Ub2tlblBhaXISMQoHc2Vzc2lvbhgDIAEoCzIgLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlNlc3Npb24iNQoSUGFzc3dvcmRDcmVkZW50aWFsEg0KBWVtYWlsGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJIiIKDk9pZGNDcmVkZW50aWFsEhAKCGlkX3Rva2VuGAEgASgJItABCgxMb2dpblJlcXVlc3QSPwoIcGFzc3dvcmQYASABKAsyKy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5QYXNzd29yZENyZWRlbnRpYWxIABI3CgRvaWRjGAIgASgLMicuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuT2lkY0NyZWRlbnRpYWxIABI4CgtjbGllbnRfaW5mbxgDIAEoCzIjLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkNsaWVudEluZm9CDAoKY3JlZGVudGlhbCKjAQoNTG9naW5SZXNwb25zZRIrCgR1c2VyGAEgASgLMh0uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuVXNlchIyCgZ0b2tlbnMYAiABKAsyIi5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Ub2tlblBhaXISMQoHc2Vzc2lvbhgDIAEoCzIgLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlNlc3Npb24iLAoTUmVmcmVzaFRva2VuUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIkoKFFJlZnJlc2hUb2tlblJlc3BvbnNlEjIKBnRva2VucxgBIAEoCzIiLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlRva2VuUGFpciIPCg1Mb2dvdXRSZXF1ZXN0IhAKDkxvZ291dFJlc3BvbnNlIhUKE0dldFByaW5jaXBhbFJlcXVlc3QitgEKCVByaW5jaXBhbBIMCgR1c2VyGAEgASgJEg8KB3Nlc3Npb24YAiABKAkSDwoHYXBpX2tleRgDIAEoCRIOCgZzY29wZXMYBCADKAkSOAoLYXV0aF9tZXRob2QYBSABKA4yIy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5BdXRoTWV0aG9kEi8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJ6ChRHZXRQcmluY2lwYWxSZXNwb25zZRI1CglwcmluY2lwYWwYASABKAsyIi5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5QcmluY2lwYWwSKwoEdXNlchgCIAEoCzIdLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlVzZXIiUwoTTGlzdFNlc3Npb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIVCg1zaG93X2luYWN0aXZlGAMgASgIImMKFExpc3RTZXNzaW9uc1Jlc3BvbnNlEjIKCHNlc3Npb25zGAEgAygLMiAuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuU2Vzc2lvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJAoUUmV2b2tlU2Vzc2lvblJlcXVlc3QSDAoEbmFtZRgBIAEoCSJKChVSZXZva2VTZXNzaW9uUmVzcG9uc2USMQoHc2Vzc2lvbhgBIAEoCzIgLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlNlc3Npb24iMAoYUmV2b2tlQWxsU2Vzc2lvbnNSZXF1ZXN0EhQKDGtlZXBfY3VycmVudBgBIAEoCCIyChlSZXZva2VBbGxTZXNzaW9uc1Jlc3BvbnNlEhUKDXJldm9rZWRfY291bnQYASABKAUi2AIKBkFwaUtleRIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIOCgZwcmVmaXgYAyABKAkSDgoGc2NvcGVzGAQgAygJEi8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtleHBpcmVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBJDCg5hc3Npc3RhbnRfcGlucxgJIAMoCzIrLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkFwaUtleUFzc2lzdGFudFBpbiI5ChJBcGlLZXlBc3Npc3RhbnRQaW4SEQoJYXNzaXN0YW50GAEgASgJEhAKCHJldmlzaW9uGAIgASgDIrEBChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhQKDGRpc3BsYXlfbmFtZRgBIAEoCRIOCgZzY29wZXMYAiADKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEkMKDmFzc2lzdGFudF9waW5zGAQgAygLMisuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuQXBpS2V5QXNzaXN0YW50UGluIlgKFENyZWF0ZUFwaUtleVJlc3BvbnNlEjAKB2FwaV9rZXkYASABKAsyHy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIlIKEkxpc3RBcGlLZXlzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIVCg1zaG93X2luYWN0aXZlGAMgASgIImEKE0xpc3RBcGlLZXlzUmVzcG9uc2USMQoIYXBpX2tleXMYASADKAsyHy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiMKE1Jldm9rZUFwaUtleVJlcXVlc3QSDAoEbmFtZRgBIAEoCSJIChRSZXZva2VBcGlLZXlSZXNwb25zZRIwCgdhcGlfa2V5GAEgASgLMh8uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuQXBpS2V5InEKEVVwZGF0ZVVzZXJSZXF1ZXN0EisKBHVzZXIYASABKAsyHS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Vc2VyEi8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayJBChJVcGRhdGVVc2VyUmVzcG9uc2USKwoEdXNlchgBIAEoCzIdLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlVzZXIiEAoOR2V0Sndrc1JlcXVlc3QiYwoKSnNvbldlYktleRILCgNrdHkYASABKAkSCwoDa2lkGAIgASgJEgsKA2FsZxgDIAEoCRILCgN1c2UYBCABKAkSCwoDY3J2GAUgASgJEgkKAXgYBiABKAkSCQoBeRgHIAEoCSJXCg9HZXRKd2tzUmVzcG9uc2USMQoEa2V5cxgBIAMoCzIjLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkpzb25XZWJLZXkSEQoJandrc19qc29uGAIgASgJKnIKCkF1dGhNZXRob2QSGwoXQVVUSF9NRVRIT0RfVU5TUEVDSUZJRUQQABIYChRBVVRIX01FVEhPRF9QQVNTV09SRBABEhQKEEFVVEhfTUVUSE9EX09JREMQAhIXChNBVVRIX01FVEhPRF9BUElfS0VZEAMyhQsKC0F1dGhTZXJ2aWNlEl8KCFJlZ2lzdGVyEiguc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmVnaXN0ZXJSZXF1ZXN0Gikuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmVnaXN0ZXJSZXNwb25zZRJWCgVMb2dpbhIlLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxvZ2luUmVxdWVzdBomLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxvZ2luUmVzcG9uc2USawoMUmVmcmVzaFRva2VuEiwuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmVmcmVzaFRva2VuUmVxdWVzdBotLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlJlZnJlc2hUb2tlblJlc3BvbnNlEl4KBkxvZ291dBImLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxvZ291dFJlcXVlc3QaJy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Mb2dvdXRSZXNwb25zZSIDkAICEnAKDEdldFByaW5jaXBhbBIsLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkdldFByaW5jaXBhbFJlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5HZXRQcmluY2lwYWxSZXNwb25zZSIDkAIBEnAKDExpc3RTZXNzaW9ucxIsLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5MaXN0U2Vzc2lvbnNSZXNwb25zZSIDkAIBEnMKDVJldm9rZVNlc3Npb24SLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5SZXZva2VTZXNzaW9uUmVxdWVzdBouLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlJldm9rZVNlc3Npb25SZXNwb25zZSIDkAICEn8KEVJldm9rZUFsbFNlc3Npb25zEjEuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmV2b2tlQWxsU2Vzc2lvbnNSZXF1ZXN0GjIuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmV2b2tlQWxsU2Vzc2lvbnNSZXNwb25zZSIDkAICEmsKDENyZWF0ZUFwaUtleRIsLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5DcmVhdGVBcGlLZXlSZXNwb25zZRJtCgtMaXN0QXBpS2V5cxIrLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxpc3RBcGlLZXlzUmVxdWVzdBosLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2UiA5ACARJwCgxSZXZva2VBcGlLZXkSLC5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5SZXZva2VBcGlLZXlSZXF1ZXN0Gi0uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmV2b2tlQXBpS2V5UmVzcG9uc2UiA5ACAhJlCgpVcGRhdGVVc2VyEiouc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuVXBkYXRlVXNlclJlcXVlc3QaKy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5VcGRhdGVVc2VyUmVzcG9uc2USYQoHR2V0SndrcxInLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkdldEp3a3NSZXF1ZXN0Giguc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuR2V0Sndrc1Jlc3BvbnNlIgOQAgFCVgobZGV2LnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxUAFaNXN3aXRjaGJvYXJkLmRldi9nby9nZW4vc3dpdGNoYm9hcmQvYXBpL2F1dGgvdjE7YXV0aHYxYgZwcm90bzM", [file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("CiJzd2l0Y2hib2FyZC9hcGkvYXV0aC92MS9hdXRoLnByb3RvEhdzd2l0Y2hib2FyZC5hcGkuYXV0aC52MSLzAQoEVXNlchIMCgRuYW1lGAEgASgJEg0KBWVtYWlsGAIgASgJEhQKDGRpc3BsYXlfbmFtZRgDIAEoCRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEkgKFGZlZGVyYXRlZF9pZGVudGl0aWVzGAYgAygLMiouc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuRmVkZXJhdGVkSWRlbnRpdHkSDAoEZXRhZxgHIAEoCSI0ChFGZWRlcmF0ZWRJZGVudGl0eRIOCgZpc3N1ZXIYASABKAkSDwoHc3ViamVjdBgCIAEoCSI1CgpDbGllbnRJbmZvEhIKCnVzZXJfYWdlbnQYASABKAkSEwoLZGV2aWNlX25hbWUYAiABKAkiyQEKCVRva2VuUGFpchIUCgxhY2Nlc3NfdG9rZW4YASABKAkSPAoYYWNjZXNzX3Rva2VuX2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1yZWZyZXNoX3Rva2VuGAMgASgJEj0KGXJlZnJlc2hfdG9rZW5fZXhwaXJlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCnRva2VuX3R5cGUYBSABKAki+wIKB1Nlc3Npb24SDAoEbmFtZRgBIAEoCRIvCgtjcmVhdGVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF9zZWVuX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZXZva2VfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOAoLY2xpZW50X2luZm8YBiABKAsyIy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5DbGllbnRJbmZvEhYKDmNsaWVudF9hZGRyZXNzGAcgASgJEg8KB2N1cnJlbnQYCCABKAgSOAoLYXV0aF9tZXRob2QYCSABKA4yIy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5BdXRoTWV0aG9kIoIBCg9SZWdpc3RlclJlcXVlc3QSDQoFZW1haWwYASABKAkSEAoIcGFzc3dvcmQYAiABKAkSFAoMZGlzcGxheV9uYW1lGAMgASgJEjgKC2NsaWVudF9pbmZvGAQgASgLMiMuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuQ2xpZW50SW5mbyKmAQoQUmVnaXN0ZXJSZXNwb25zZRIrCgR1c2VyGAEgASgLMh0uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuVXNlchIyCgZ0b2tlbnMYAiABKAsyIi5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Ub2tlblBhaXISMQoHc2Vzc2lvbhgDIAEoCzIgLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlNlc3Npb24iNQoSUGFzc3dvcmRDcmVkZW50aWFsEg0KBWVtYWlsGAEgASgJEhAKCHBhc3N3b3JkGAIgASgJIiIKDk9pZGNDcmVkZW50aWFsEhAKCGlkX3Rva2VuGAEgASgJItABCgxMb2dpblJlcXVlc3QSPwoIcGFzc3dvcmQYASABKAsyKy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5QYXNzd29yZENyZWRlbnRpYWxIABI3CgRvaWRjGAIgASgLMicuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuT2lkY0NyZWRlbnRpYWxIABI4CgtjbGllbnRfaW5mbxgDIAEoCzIjLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkNsaWVudEluZm9CDAoKY3JlZGVudGlhbCKjAQoNTG9naW5SZXNwb25zZRIrCgR1c2VyGAEgASgLMh0uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuVXNlchIyCgZ0b2tlbnMYAiABKAsyIi5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Ub2tlblBhaXISMQoHc2Vzc2lvbhgDIAEoCzIgLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlNlc3Npb24iLAoTUmVmcmVzaFRva2VuUmVxdWVzdBIVCg1yZWZyZXNoX3Rva2VuGAEgASgJIkoKFFJlZnJlc2hUb2tlblJlc3BvbnNlEjIKBnRva2VucxgBIAEoCzIiLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlRva2VuUGFpciIPCg1Mb2dvdXRSZXF1ZXN0IhAKDkxvZ291dFJlc3BvbnNlIhUKE0dldFByaW5jaXBhbFJlcXVlc3QitgEKCVByaW5jaXBhbBIMCgR1c2VyGAEgASgJEg8KB3Nlc3Npb24YAiABKAkSDwoHYXBpX2tleRgDIAEoCRIOCgZzY29wZXMYBCADKAkSOAoLYXV0aF9tZXRob2QYBSABKA4yIy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5BdXRoTWV0aG9kEi8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJ6ChRHZXRQcmluY2lwYWxSZXNwb25zZRI1CglwcmluY2lwYWwYASABKAsyIi5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5QcmluY2lwYWwSKwoEdXNlchgCIAEoCzIdLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlVzZXIiUwoTTGlzdFNlc3Npb25zUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIVCg1zaG93X2luYWN0aXZlGAMgASgIImMKFExpc3RTZXNzaW9uc1Jlc3BvbnNlEjIKCHNlc3Npb25zGAEgAygLMiAuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuU2Vzc2lvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJAoUUmV2b2tlU2Vzc2lvblJlcXVlc3QSDAoEbmFtZRgBIAEoCSJKChVSZXZva2VTZXNzaW9uUmVzcG9uc2USMQoHc2Vzc2lvbhgBIAEoCzIgLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlNlc3Npb24iMAoYUmV2b2tlQWxsU2Vzc2lvbnNSZXF1ZXN0EhQKDGtlZXBfY3VycmVudBgBIAEoCCIyChlSZXZva2VBbGxTZXNzaW9uc1Jlc3BvbnNlEhUKDXJldm9rZWRfY291bnQYASABKAUi2AIKBkFwaUtleRIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIOCgZwcmVmaXgYAyABKAkSDgoGc2NvcGVzGAQgAygJEi8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtleHBpcmVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoObGFzdF91c2VkX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBJDCg5hc3Npc3RhbnRfcGlucxgJIAMoCzIrLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkFwaUtleUFzc2lzdGFudFBpbiI5ChJBcGlLZXlBc3Npc3RhbnRQaW4SEQoJYXNzaXN0YW50GAEgASgJEhAKCHJldmlzaW9uGAIgASgDIrEBChNDcmVhdGVBcGlLZXlSZXF1ZXN0EhQKDGRpc3BsYXlfbmFtZRgBIAEoCRIOCgZzY29wZXMYAiADKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEkMKDmFzc2lzdGFudF9waW5zGAQgAygLMisuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuQXBpS2V5QXNzaXN0YW50UGluIlgKFENyZWF0ZUFwaUtleVJlc3BvbnNlEjAKB2FwaV9rZXkYASABKAsyHy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIlIKEkxpc3RBcGlLZXlzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIVCg1zaG93X2luYWN0aXZlGAMgASgIImEKE0xpc3RBcGlLZXlzUmVzcG9uc2USMQoIYXBpX2tleXMYASADKAsyHy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiMKE1Jldm9rZUFwaUtleVJlcXVlc3QSDAoEbmFtZRgBIAEoCSJIChRSZXZva2VBcGlLZXlSZXNwb25zZRIwCgdhcGlfa2V5GAEgASgLMh8uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuQXBpS2V5InEKEVVwZGF0ZVVzZXJSZXF1ZXN0EisKBHVzZXIYASABKAsyHS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Vc2VyEi8KC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzayJBChJVcGRhdGVVc2VyUmVzcG9uc2USKwoEdXNlchgBIAEoCzIdLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlVzZXIiEAoOR2V0Sndrc1JlcXVlc3QiYwoKSnNvbldlYktleRILCgNrdHkYASABKAkSCwoDa2lkGAIgASgJEgsKA2FsZxgDIAEoCRILCgN1c2UYBCABKAkSCwoDY3J2GAUgASgJEgkKAXgYBiABKAkSCQoBeRgHIAEoCSJXCg9HZXRKd2tzUmVzcG9uc2USMQoEa2V5cxgBIAMoCzIjLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkpzb25XZWJLZXkSEQoJandrc19qc29uGAIgASgJInUKDk93bmVkV29ya3NwYWNlEhEKCXdvcmtzcGFjZRgBIAEoCRI9CgZhY3Rpb24YAiABKA4yLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Pd25lZFdvcmtzcGFjZUFjdGlvbhIRCgluZXdfb3duZXIYAyABKAkibAoWRGVsZXRlTXlBY2NvdW50UmVxdWVzdBIVCg1jb25maXJtX2VtYWlsGAEgASgJEjsKCndvcmtzcGFjZXMYAiADKAsyJy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Pd25lZFdvcmtzcGFjZSLSAQoHRXJhc3VyZRIMCgRuYW1lGAEgASgJEgwKBHVzZXIYAiABKAkSNAoFc3RhdGUYAyABKA4yJS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5FcmFzdXJlU3RhdGUSFQoNcGVuZGluZ19wYXJ0cxgEIAMoCRIvCgtjcmVhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJZG9uZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJMChdEZWxldGVNeUFjY291bnRSZXNwb25zZRIxCgdlcmFzdXJlGAEgASgLMiAuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuRXJhc3VyZSpyCgpBdXRoTWV0aG9kEhsKF0FVVEhfTUVUSE9EX1VOU1BFQ0lGSUVEEAASGAoUQVVUSF9NRVRIT0RfUEFTU1dPUkQQARIUChBBVVRIX01FVEhPRF9PSURDEAISFwoTQVVUSF9NRVRIT0RfQVBJX0tFWRADKocBChRPd25lZFdvcmtzcGFjZUFjdGlvbhImCiJPV05FRF9XT1JLU1BBQ0VfQUNUSU9OX1VOU1BFQ0lGSUVEEAASIQodT1dORURfV09SS1NQQUNFX0FDVElPTl9ERUxFVEUQARIkCiBPV05FRF9XT1JLU1BBQ0VfQUNUSU9OX0hBTkRfT1ZFUhACKmAKDEVyYXN1cmVTdGF0ZRIdChlFUkFTVVJFX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVRVJBU1VSRV9TVEFURV9SVU5OSU5HEAESFgoSRVJBU1VSRV9TVEFURV9ET05FEAIy+wsKC0F1dGhTZXJ2aWNlEl8KCFJlZ2lzdGVyEiguc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmVnaXN0ZXJSZXF1ZXN0Gikuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmVnaXN0ZXJSZXNwb25zZRJWCgVMb2dpbhIlLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxvZ2luUmVxdWVzdBomLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxvZ2luUmVzcG9uc2USawoMUmVmcmVzaFRva2VuEiwuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmVmcmVzaFRva2VuUmVxdWVzdBotLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlJlZnJlc2hUb2tlblJlc3BvbnNlEl4KBkxvZ291dBImLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxvZ291dFJlcXVlc3QaJy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5Mb2dvdXRSZXNwb25zZSIDkAICEnAKDEdldFByaW5jaXBhbBIsLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkdldFByaW5jaXBhbFJlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5HZXRQcmluY2lwYWxSZXNwb25zZSIDkAIBEnAKDExpc3RTZXNzaW9ucxIsLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxpc3RTZXNzaW9uc1JlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5MaXN0U2Vzc2lvbnNSZXNwb25zZSIDkAIBEnMKDVJldm9rZVNlc3Npb24SLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5SZXZva2VTZXNzaW9uUmVxdWVzdBouLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLlJldm9rZVNlc3Npb25SZXNwb25zZSIDkAICEn8KEVJldm9rZUFsbFNlc3Npb25zEjEuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmV2b2tlQWxsU2Vzc2lvbnNSZXF1ZXN0GjIuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmV2b2tlQWxsU2Vzc2lvbnNSZXNwb25zZSIDkAICEmsKDENyZWF0ZUFwaUtleRIsLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkNyZWF0ZUFwaUtleVJlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5DcmVhdGVBcGlLZXlSZXNwb25zZRJtCgtMaXN0QXBpS2V5cxIrLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxpc3RBcGlLZXlzUmVxdWVzdBosLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkxpc3RBcGlLZXlzUmVzcG9uc2UiA5ACARJwCgxSZXZva2VBcGlLZXkSLC5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5SZXZva2VBcGlLZXlSZXF1ZXN0Gi0uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuUmV2b2tlQXBpS2V5UmVzcG9uc2UiA5ACAhJlCgpVcGRhdGVVc2VyEiouc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuVXBkYXRlVXNlclJlcXVlc3QaKy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5VcGRhdGVVc2VyUmVzcG9uc2USYQoHR2V0SndrcxInLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkdldEp3a3NSZXF1ZXN0Giguc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuR2V0Sndrc1Jlc3BvbnNlIgOQAgESdAoPRGVsZXRlTXlBY2NvdW50Ei8uc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuRGVsZXRlTXlBY2NvdW50UmVxdWVzdBowLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkRlbGV0ZU15QWNjb3VudFJlc3BvbnNlQlYKG2Rldi5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MVABWjVzd2l0Y2hib2FyZC5kZXYvZ28vZ2VuL3N3aXRjaGJvYXJkL2FwaS9hdXRoL3YxO2F1dGh2MWIGcHJvdG8z", [file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * A person or automation account known to the mesh.
@@ -1223,6 +1223,147 @@ export const GetJwksResponseSchema: GenMessage<GetJwksResponse> = /*@__PURE__*/
   messageDesc(file_switchboard_api_auth_v1_auth, 36);
 
 /**
+ * A workspace the deleted account owned alone, and what becomes of it.
+ *
+ * @generated from message switchboard.api.auth.v1.OwnedWorkspace
+ */
+export type OwnedWorkspace = Message<"switchboard.api.auth.v1.OwnedWorkspace"> & {
+  /**
+   * The workspace, `workspaces/{workspace}`.
+   *
+   * @generated from field: string workspace = 1;
+   */
+  workspace: string;
+
+  /**
+   * Delete it or hand it over.
+   *
+   * @generated from field: switchboard.api.auth.v1.OwnedWorkspaceAction action = 2;
+   */
+  action: OwnedWorkspaceAction;
+
+  /**
+   * For HAND_OVER: the member who becomes its owner, `users/{user}`.
+   *
+   * @generated from field: string new_owner = 3;
+   */
+  newOwner: string;
+};
+
+/**
+ * Describes the message switchboard.api.auth.v1.OwnedWorkspace.
+ * Use `create(OwnedWorkspaceSchema)` to create a new message.
+ */
+export const OwnedWorkspaceSchema: GenMessage<OwnedWorkspace> = /*@__PURE__*/
+  messageDesc(file_switchboard_api_auth_v1_auth, 37);
+
+/**
+ * Request for DeleteMyAccount.
+ *
+ * @generated from message switchboard.api.auth.v1.DeleteMyAccountRequest
+ */
+export type DeleteMyAccountRequest = Message<"switchboard.api.auth.v1.DeleteMyAccountRequest"> & {
+  /**
+   * The account's email, as the person's confirmation (compared case-insensitively).
+   *
+   * @generated from field: string confirm_email = 1;
+   */
+  confirmEmail: string;
+
+  /**
+   * Each workspace the caller owns with no other owner, and what becomes of it (at
+   * most 100; every such workspace must be named, and only those).
+   *
+   * @generated from field: repeated switchboard.api.auth.v1.OwnedWorkspace workspaces = 2;
+   */
+  workspaces: OwnedWorkspace[];
+};
+
+/**
+ * Describes the message switchboard.api.auth.v1.DeleteMyAccountRequest.
+ * Use `create(DeleteMyAccountRequestSchema)` to create a new message.
+ */
+export const DeleteMyAccountRequestSchema: GenMessage<DeleteMyAccountRequest> = /*@__PURE__*/
+  messageDesc(file_switchboard_api_auth_v1_auth, 38);
+
+/**
+ * The erasure of a person's data, after their account was deleted.
+ *
+ * @generated from message switchboard.api.auth.v1.Erasure
+ */
+export type Erasure = Message<"switchboard.api.auth.v1.Erasure"> & {
+  /**
+   * Resource name, `erasures/{erasure}`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * The erased user, `users/{user}` (the id stays; nothing else of theirs does).
+   *
+   * @generated from field: string user = 2;
+   */
+  user: string;
+
+  /**
+   * Running or done.
+   *
+   * @generated from field: switchboard.api.auth.v1.ErasureState state = 3;
+   */
+  state: ErasureState;
+
+  /**
+   * The parts not done yet: `context`, `dispatcher`, `integration`, `events`.
+   *
+   * @generated from field: repeated string pending_parts = 4;
+   */
+  pendingParts: string[];
+
+  /**
+   * When the account was deleted.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 5;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When the last part finished (unset while running).
+   *
+   * @generated from field: google.protobuf.Timestamp done_time = 6;
+   */
+  doneTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message switchboard.api.auth.v1.Erasure.
+ * Use `create(ErasureSchema)` to create a new message.
+ */
+export const ErasureSchema: GenMessage<Erasure> = /*@__PURE__*/
+  messageDesc(file_switchboard_api_auth_v1_auth, 39);
+
+/**
+ * Response for DeleteMyAccount.
+ *
+ * @generated from message switchboard.api.auth.v1.DeleteMyAccountResponse
+ */
+export type DeleteMyAccountResponse = Message<"switchboard.api.auth.v1.DeleteMyAccountResponse"> & {
+  /**
+   * The erasure under way (operators follow it with `switchboard erasures`).
+   *
+   * @generated from field: switchboard.api.auth.v1.Erasure erasure = 1;
+   */
+  erasure?: Erasure | undefined;
+};
+
+/**
+ * Describes the message switchboard.api.auth.v1.DeleteMyAccountResponse.
+ * Use `create(DeleteMyAccountResponseSchema)` to create a new message.
+ */
+export const DeleteMyAccountResponseSchema: GenMessage<DeleteMyAccountResponse> = /*@__PURE__*/
+  messageDesc(file_switchboard_api_auth_v1_auth, 40);
+
+/**
  * How a principal proved its identity.
  *
  * @generated from enum switchboard.api.auth.v1.AuthMethod
@@ -1262,6 +1403,74 @@ export enum AuthMethod {
  */
 export const AuthMethodSchema: GenEnum<AuthMethod> = /*@__PURE__*/
   enumDesc(file_switchboard_api_auth_v1_auth, 0);
+
+/**
+ * What becomes of a workspace the deleted account owned with no other owner.
+ *
+ * @generated from enum switchboard.api.auth.v1.OwnedWorkspaceAction
+ */
+export enum OwnedWorkspaceAction {
+  /**
+   * Not set: refused.
+   *
+   * @generated from enum value: OWNED_WORKSPACE_ACTION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The workspace is deleted with everything in it, at once (no recovery window).
+   *
+   * @generated from enum value: OWNED_WORKSPACE_ACTION_DELETE = 1;
+   */
+  DELETE = 1,
+
+  /**
+   * A member of it becomes its owner; the rest of it stays.
+   *
+   * @generated from enum value: OWNED_WORKSPACE_ACTION_HAND_OVER = 2;
+   */
+  HAND_OVER = 2,
+}
+
+/**
+ * Describes the enum switchboard.api.auth.v1.OwnedWorkspaceAction.
+ */
+export const OwnedWorkspaceActionSchema: GenEnum<OwnedWorkspaceAction> = /*@__PURE__*/
+  enumDesc(file_switchboard_api_auth_v1_auth, 1);
+
+/**
+ * The state of an erasure.
+ *
+ * @generated from enum switchboard.api.auth.v1.ErasureState
+ */
+export enum ErasureState {
+  /**
+   * Not set.
+   *
+   * @generated from enum value: ERASURE_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The account is deleted and its credentials revoked; services are still erasing.
+   *
+   * @generated from enum value: ERASURE_STATE_RUNNING = 1;
+   */
+  RUNNING = 1,
+
+  /**
+   * Every service has erased its part and the log is redacted.
+   *
+   * @generated from enum value: ERASURE_STATE_DONE = 2;
+   */
+  DONE = 2,
+}
+
+/**
+ * Describes the enum switchboard.api.auth.v1.ErasureState.
+ */
+export const ErasureStateSchema: GenEnum<ErasureState> = /*@__PURE__*/
+  enumDesc(file_switchboard_api_auth_v1_auth, 2);
 
 /**
  * AuthService owns identity: users, credentials, sessions, access tokens and
@@ -1402,6 +1611,24 @@ export const AuthService: GenService<{
     methodKind: "unary";
     input: typeof GetJwksRequestSchema;
     output: typeof GetJwksResponseSchema;
+  },
+  /**
+   * Deletes the caller's account and erases their data (docs/privacy.md). Every
+   * session and API key of theirs ends at once, on every process and open stream,
+   * and the account forgets its email and name; their messages (and the answers to
+   * their runs), files, memory about them, embeddings, spoken audio, runs, schedules
+   * and voice sessions are removed, and the events naming them redacted in the log,
+   * by each service in the background (the returned `Erasure`). A workspace the
+   * caller owns with no other owner must be named in `workspaces` (deleted or
+   * handed over to a member); otherwise the call is refused with FAILED_PRECONDITION
+   * naming each one. Needs a session (not an API key) and the account's email.
+   *
+   * @generated from rpc switchboard.api.auth.v1.AuthService.DeleteMyAccount
+   */
+  deleteMyAccount: {
+    methodKind: "unary";
+    input: typeof DeleteMyAccountRequestSchema;
+    output: typeof DeleteMyAccountResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_switchboard_api_auth_v1_auth, 0);

@@ -1,0 +1,293 @@
+"""SQL of the context service's part of an erasure (docs/privacy.md): finding what a
+deleted account wrote or owned, and removing what no other path removes.
+
+Messages go through the messages store's own deletion (``MessageStore.delete_messages``:
+files, citations, versions, tombstone events); this store finds them, and removes the
+rest: memory about the person, their files' rows, whole workspaces they chose to delete,
+and messages of conversations already deleted (waiting for their purge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import sqlalchemy as sa
+from sqlalchemy import delete, or_, select, text
+from sqlalchemy.orm import Session
+
+from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.context.storebase import StoreBase
+from switchboard.platform.store.models import (
+    ConversationRow,
+    FileRow,
+    MemoryItemRow,
+    MessageRow,
+    RunRow,
+    UploadRow,
+    WorkspaceRow,
+)
+
+#: SQLite's full-text indexes (migrations 0023 and the semantic index's).
+_FTS_TABLES: Final = ("messages_fts", "memory_fts", "semantic_chunks_fts")
+#: Messages read per round while looking for a person's.
+SCAN_BATCH: Final = 500
+
+
+@dataclass(frozen=True)
+class Doomed:
+    """A message to erase."""
+
+    workspace_id: str
+    conversation_id: str
+    id: str
+    #: Whether its conversation is deleted (waiting for its purge): removed here.
+    conversation_deleted: bool
+
+
+@dataclass(frozen=True)
+class ErasedRows:
+    """What a removal took: the names of its rows' resources, and the content hashes of
+    the files removed (their bytes go once no other file names them)."""
+
+    names: list[str]
+    hashes: list[str]
+
+
+class PrivacyStore(StoreBase):
+    async def runs_of(self, workspace_id: str, user_name: str) -> set[str]:
+        """The ids of the runs the person started in the workspace (their answers are
+        the person's too)."""
+
+        def tx(db: Session) -> set[str]:
+            return set(
+                db.execute(
+                    select(RunRow.id).where(
+                        RunRow.workspace_id == workspace_id,
+                        RunRow.creator.in_(creator_forms(user_name)),
+                    )
+                ).scalars()
+            )
+
+        return await self._run(tx, write=False)
+
+    async def messages_of(self, workspace_id: str, user_name: str, runs: set[str]) -> list[Doomed]:
+        """The workspace's messages the person wrote, and the answers of their runs."""
+
+        def tx(db: Session) -> list[Doomed]:
+            conversations = dict(
+                db.execute(
+                    select(ConversationRow.id, ConversationRow.deleted_at).where(
+                        ConversationRow.workspace_id == workspace_id
+                    )
+                ).all()
+            )
+            found: list[Doomed] = []
+            if not conversations:
+                return found
+            after = ""
+            while True:
+                rows = db.execute(
+                    select(MessageRow.id, MessageRow.conversation_id, MessageRow.data)
+                    .where(
+                        MessageRow.conversation_id.in_(list(conversations)), MessageRow.id > after
+                    )
+                    .order_by(MessageRow.id)
+                    .limit(SCAN_BATCH)
+                ).all()
+                for message_id, conversation_id, data in rows:
+                    message = pb.Message.FromString(data)
+                    theirs = message.author == user_name or (
+                        message.run and message.run.rsplit("/", 1)[-1] in runs
+                    )
+                    if theirs:
+                        found.append(
+                            Doomed(
+                                workspace_id,
+                                conversation_id,
+                                message_id,
+                                conversations[conversation_id] is not None,
+                            )
+                        )
+                if len(rows) < SCAN_BATCH:
+                    return found
+                after = rows[-1][0]
+
+        return await self._run(tx, write=False)
+
+    async def purge_messages(self, ids: Sequence[str]) -> None:
+        """Delete messages of deleted conversations (their words' index goes with them:
+        SQLite's by migration 0023's trigger, PostgreSQL's with the row)."""
+        if not ids:
+            return
+
+        def tx(db: Session) -> None:
+            db.execute(delete(MessageRow).where(MessageRow.id.in_(list(ids))))
+
+        await self._run(tx, write=True)
+
+    async def memory_of(self, user_id: str, user_name: str) -> list[tuple[str, str]]:
+        """``(scope, id)`` of every memory item about the person: their own memory
+        (every workspace's too) and the items they created anywhere."""
+
+        def tx(db: Session) -> list[tuple[str, str]]:
+            return [
+                (str(scope), str(item))
+                for scope, item in db.execute(
+                    select(MemoryItemRow.scope, MemoryItemRow.id).where(
+                        or_(
+                            MemoryItemRow.user_id == user_id,
+                            MemoryItemRow.creator.in_(creator_forms(user_name)),
+                        )
+                    )
+                )
+            ]
+
+        return await self._run(tx, write=False)
+
+    async def delete_memory(self, ids: Sequence[str]) -> None:
+        """Delete memory items with their versions and full-text rows."""
+        if not ids:
+            return
+
+        def tx(db: Session) -> None:
+            for chunk in _chunks(ids):
+                if self._sqlite:
+                    db.execute(
+                        text(
+                            "DELETE FROM memory_fts WHERE rowid IN (SELECT fts_rowid FROM "
+                            "memory_items WHERE id IN :ids)"
+                        ).bindparams(sa.bindparam("ids", expanding=True)),
+                        {"ids": chunk},
+                    )
+                db.execute(delete(MemoryItemRow).where(MemoryItemRow.id.in_(chunk)))
+
+        await self._run(tx, write=True)
+
+    async def files_of(self, user_name: str) -> list[tuple[str, str]]:
+        """``(workspace, id)`` of every file the person uploaded, deleted ones too."""
+
+        def tx(db: Session) -> list[tuple[str, str]]:
+            return [
+                (str(w), str(f))
+                for w, f in db.execute(
+                    select(FileRow.workspace_id, FileRow.id).where(
+                        FileRow.creator.in_(creator_forms(user_name))
+                    )
+                )
+            ]
+
+        return await self._run(tx, write=False)
+
+    async def remove_files(self, ids: Sequence[str]) -> list[str]:
+        """Delete file rows and the person's unfinished uploads; the content hashes of the
+        files removed."""
+        if not ids:
+            return []
+
+        def tx(db: Session) -> list[str]:
+            hashes: list[str] = []
+            for chunk in _chunks(ids):
+                hashes += [
+                    str(h)
+                    for h in db.execute(select(FileRow.sha256).where(FileRow.id.in_(chunk)))
+                    .scalars()
+                    .all()
+                ]
+                db.execute(delete(FileRow).where(FileRow.id.in_(chunk)))
+            return hashes
+
+        return await self._run(tx, write=True)
+
+    async def remove_uploads(self, user_name: str) -> list[str]:
+        """Delete the person's uploads (finished or not); the ids of their staging."""
+
+        def tx(db: Session) -> list[str]:
+            ids = list(
+                db.execute(
+                    select(UploadRow.id).where(UploadRow.creator.in_(creator_forms(user_name)))
+                ).scalars()
+            )
+            if ids:
+                db.execute(delete(UploadRow).where(UploadRow.id.in_(ids)))
+            return ids
+
+        return await self._run(tx, write=True)
+
+    async def live_hashes(self, hashes: Sequence[str]) -> set[str]:
+        """Those of ``hashes`` another file still names (its bytes stay)."""
+        if not hashes:
+            return set()
+
+        def tx(db: Session) -> set[str]:
+            return set(
+                db.execute(
+                    select(FileRow.sha256).where(FileRow.sha256.in_(list(hashes))).distinct()
+                ).scalars()
+            )
+
+        return await self._run(tx, write=False)
+
+    async def workspace_files(self, workspace_id: str) -> list[str]:
+        def tx(db: Session) -> list[str]:
+            return list(
+                db.execute(select(FileRow.id).where(FileRow.workspace_id == workspace_id)).scalars()
+            )
+
+        return await self._run(tx, write=False)
+
+    async def delete_workspace(self, workspace_id: str) -> bool:
+        """Delete a workspace now, with everything in it (the rows cascade; SQLite's
+        memory and message words go first, as the purge does); False if it is gone."""
+
+        def tx(db: Session) -> bool:
+            if db.get(WorkspaceRow, workspace_id) is None:
+                return False
+            if self._sqlite:
+                # Messages' words go by migration 0023's trigger as the rows cascade.
+                db.execute(
+                    text(
+                        "DELETE FROM memory_fts WHERE rowid IN (SELECT fts_rowid FROM "
+                        "memory_items WHERE workspace_id = :w)"
+                    ),
+                    {"w": workspace_id},
+                )
+            db.execute(delete(WorkspaceRow).where(WorkspaceRow.id == workspace_id))
+            return True
+
+        return await self._run(tx, write=True)
+
+    async def compact_words(self) -> None:
+        """SQLite's full-text indexes keep a deleted row's terms in their segments until
+        they are merged: merge them now, so an erased word leaves the index too.
+        PostgreSQL's index is a column of the rows, gone with them."""
+        if not self._sqlite:
+            return
+        for table in _FTS_TABLES:
+
+            def tx(db: Session, table: str = table) -> None:
+                # A constant table name; FTS5's own command form.
+                db.execute(text(f"INSERT INTO {table}({table}) VALUES ('optimize')"))  # noqa: S608
+
+            await self._run(tx, write=True)
+
+    async def conversations_in(self, workspace_id: str) -> list[str]:
+        def tx(db: Session) -> list[str]:
+            return list(
+                db.execute(
+                    select(ConversationRow.id).where(ConversationRow.workspace_id == workspace_id)
+                ).scalars()
+            )
+
+        return await self._run(tx, write=False)
+
+
+def _chunks(ids: Sequence[str], size: int = 500) -> Iterator[list[str]]:
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
+
+
+def creator_forms(user_name: str) -> tuple[str, str]:
+    """A creator column holds ``users/{id}`` or the bare id, by table: both match."""
+    return user_name, user_name.removeprefix("users/")

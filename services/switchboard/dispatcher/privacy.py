@@ -1,0 +1,89 @@
+"""The dispatcher's part of an erasure (docs/privacy.md, ``platform/events/erasure/worker.py``):
+the runs a deleted account started (their requests and answers), its schedules (their
+message templates), its voice sessions (transcripts), its memory-forming jobs (the
+exchanges they carry), the idempotency keys of its requests, its A2A push configs, and
+its runs' budget holds. Usage totals stay: they hold counts, never words. Idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Final
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from switchboard.platform.events.erasure.store import ErasureRecord, ErasureStore
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import (
+    BudgetHoldRow,
+    IdempotencyRow,
+    MemoryJobRow,
+    PushConfigRow,
+    RunRow,
+    ScheduleRow,
+    VoiceSessionRow,
+    VoiceTurnRow,
+)
+from switchboard.platform.store.storage import transaction
+from switchboard.platform.values.resources import UserName
+
+log = logging.getLogger(__name__)
+
+#: Runs removed per transaction.
+_BATCH: Final = 500
+
+
+class DispatcherEraser:
+    def __init__(self, database: Database, erasures: ErasureStore) -> None:
+        self._database = database
+        self._erasures = erasures
+
+    async def __call__(self, erasure: ErasureRecord) -> None:
+        user_name = str(UserName(erasure.user_id))
+        while True:
+            names = await transaction(
+                self._database,
+                lambda db: _runs(db, user_name),
+                write=True,
+                log=log,
+            )
+            await self._erasures.remember(erasure.id, names)
+            if len(names) < _BATCH:
+                break
+        await transaction(
+            self._database,
+            lambda db: _rest(db, erasure.user_id, user_name),
+            write=True,
+            log=log,
+        )
+
+
+def _runs(db: Session, user_name: str) -> list[str]:
+    rows: Sequence[tuple[str, str, str]] = db.execute(
+        select(RunRow.id, RunRow.workspace_id, RunRow.conversation_id)
+        .where(RunRow.creator.in_(_forms(user_name)))
+        .limit(_BATCH)
+    ).all()
+    ids = [row[0] for row in rows]
+    if ids:
+        db.execute(delete(BudgetHoldRow).where(BudgetHoldRow.run_id.in_(ids)))
+        db.execute(delete(RunRow).where(RunRow.id.in_(ids)))
+    return [f"workspaces/{w}/conversations/{c}/runs/{r}" for r, w, c in rows]
+
+
+def _rest(db: Session, user_id: str, user_name: str) -> None:
+    sessions = select(VoiceSessionRow.id).where(VoiceSessionRow.creator.in_(_forms(user_name)))
+    db.execute(delete(VoiceTurnRow).where(VoiceTurnRow.session_id.in_(sessions)))
+    db.execute(delete(VoiceSessionRow).where(VoiceSessionRow.creator.in_(_forms(user_name))))
+    db.execute(delete(ScheduleRow).where(ScheduleRow.creator.in_(_forms(user_name))))
+    db.execute(delete(MemoryJobRow).where(MemoryJobRow.user_id == user_id))
+    db.execute(delete(PushConfigRow).where(PushConfigRow.creator.in_(_forms(user_name))))
+    # Keys are "<user>/<method>/<request_id>" (``platform/store/storage.py``).
+    db.execute(delete(IdempotencyRow).where(IdempotencyRow.key.startswith(f"{user_id}/")))
+
+
+def _forms(user_name: str) -> tuple[str, str]:
+    """A creator column holds ``users/{id}`` or the bare id, by table: both match."""
+    return user_name, user_name.removeprefix("users/")
