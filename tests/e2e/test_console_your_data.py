@@ -12,6 +12,8 @@ checked against the server's own answers (Python stubs):
   handed over: the page signs out and says the account is deleted, this tab keeps no
   session, every token of the person is refused, the member the workspace went to is its
   owner, and the deleted workspace is NOT_FOUND for the member who could read it.
+- Remove and erase, on a member's row (account.ts): asked, then the member and, in the
+  background, what they wrote in the workspace are gone.
 - Export my data: the page asks, follows the export until it is written, shows its size and
   until when it is kept, and downloads a ZIP that holds the account (its email) and a message
   the person wrote.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -324,3 +327,52 @@ def test_the_persons_data_is_exported_followed_until_written_and_downloaded_as_a
             f for f in files if f.startswith("conversations/") and phrase in zipped.read(f).decode()
         ]
         assert written, files
+
+
+def test_an_owner_removes_a_member_and_erases_what_they_wrote_here(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """Remove and erase, on a member's row: asked first, then the member is gone and, in the
+    background, their words in the workspace; the owner's stay, and so does the member's
+    account."""
+    shots = artifacts_dir(tmp_path) / "your-data"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("erasing-owner")
+    member = server.register("erased-member")
+    pid = os.getpid()
+    first, chat = server.workspace(owner, f"erase-a-{pid}")
+    second, _ = server.workspace(owner, f"erase-b-{pid}")
+    _add(server, owner, first, member, context_pb2.WORKSPACE_ROLE_EDITOR)
+    server.append(owner, chat, "the owner's words")
+    server.append(member, chat, "the member's words")
+
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, owner.email)
+        browser.wait_visible(tid("workspace-picker"))
+        browser.click(tid("picker-workspace", name=first))
+        row = tid("member", user=member.name)
+        browser.wait_visible(row)
+        assert browser.count(f"{tid('member', user=owner.name)} {tid('erase-member')}") == 0
+        browser.click(f"{row} {tid('erase-member')}")
+        browser.wait_visible(tid("erase-member-confirmation"))
+        browser.shots(shots / "erase-member-asked.png")
+        browser.click(tid("confirm-erase-member"))
+        browser.wait("(s) => document.querySelectorAll(s).length === 0", row)
+        assert problems(browser) == []
+        assert raw_text(browser) == []
+
+    assert member.name not in _members(server, owner, first)
+    texts: list[str] = []
+    deadline = time.monotonic() + CALL_DEADLINE_S
+    while True:  # the erasure is done in the background: polled, under a deadline
+        texts = [m.parts[0].text for m in server.messages(owner, chat)]
+        if texts == ["the owner's words"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert texts == ["the owner's words"]
+    # The member's account stays: they still list their own workspaces (none).
+    listed = server.context.ListWorkspaces(
+        context_pb2.ListWorkspacesRequest(page_size=10), metadata=member.md, timeout=CALL_DEADLINE_S
+    )
+    assert first not in {w.name for w in listed.workspaces}
+    assert second

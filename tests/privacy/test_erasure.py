@@ -341,3 +341,75 @@ async def test_an_operator_erases_an_account_from_the_command_line(
     assert {"name": begun["name"], "state": "ERASURE_STATE_DONE"}.items() <= next(
         e for e in shown if e["name"] == begun["name"]
     ).items()
+
+
+async def test_an_owner_erases_what_a_member_wrote_in_the_workspace(
+    stores: tuple[SwitchboardServer, aio.Channel],
+) -> None:
+    """RemoveWorkspaceMember with ``erase``: the member's words in that workspace go (their
+    messages, the answers to their runs, their files and memory there, their events there
+    redacted); what they wrote elsewhere stays, and so does their account. Only an owner
+    may ask it for another member; a member may for themselves."""
+    server, channel = stores
+    stub, dispatch = context_stub(channel), dispatcher_stub(channel)
+    erin, olga, ivan = await person(server), await person(server), await person(server)
+    here, elsewhere = new_marker(), new_marker()
+    team = await create_workspace(stub, olga.caller, "Team", workspace_id=f"m-{here[:12]}")
+    await add_member(stub, olga.caller, team.name, erin.caller, pb.WORKSPACE_ROLE_EDITOR)
+    await add_member(stub, olga.caller, team.name, ivan.caller, pb.WORKSPACE_ROLE_EDITOR)
+    talk = await create_conversation(stub, olga.caller, team.name, "talk")
+    sent = await dispatch.SendMessage(
+        request(talk.name, f"erin says {here}", handler="handlers/echo"),
+        metadata=erin.caller.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    assert (await finished(dispatch, erin.caller, sent.run.name)).state == dpb.RUN_STATE_SUCCEEDED
+    await remember(stub, erin.caller, team.name, f"erin's team note {here}")
+    await upload_text(Chat(stub, erin.caller, team.name, talk.name), f"{here}\n".encode())
+    own = await create_workspace(stub, erin.caller, "Own", workspace_id=f"n-{here[:12]}")
+    mine = await create_conversation(stub, erin.caller, own.name, "notes")
+    await append(stub, erin.caller, mine.name, f"kept {elsewhere}")
+    member = f"{team.name}/members/{erin.caller.id}"
+
+    # Another editor may not; the owner may.
+    await refused(
+        stub.RemoveWorkspaceMember(
+            pb.RemoveWorkspaceMemberRequest(name=member, erase=True),
+            metadata=ivan.caller.md,
+            timeout=CALL_DEADLINE_S,
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    await stub.RemoveWorkspaceMember(
+        pb.RemoveWorkspaceMemberRequest(name=member, erase=True),
+        metadata=olga.caller.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    store = ErasureStore(server.shared.database)
+
+    async def done() -> bool:
+        return all(e.done_at is not None for e in await store.list())
+
+    await eventually(done, "the member's erasure done")
+    left = await find_marker(server, here, raw_files=False)
+    assert left == [], "\n".join(left)
+    assert await find_marker(server, elsewhere, raw_files=False)
+    # Her account and her own workspace are untouched.
+    listed = await stub.ListWorkspaces(
+        pb.ListWorkspacesRequest(), metadata=erin.caller.md, timeout=CALL_DEADLINE_S
+    )
+    assert [w.name for w in listed.workspaces] == [own.name]
+    events = await history(channel, olga.caller, team.name.split("/")[1])
+    assert [e for e in events if e.redacted]
+    assert not [e for e in events if here in str(e)]
+    # A member may erase their own words on leaving.
+    await add_member(stub, olga.caller, team.name, erin.caller, pb.WORKSPACE_ROLE_EDITOR)
+    again = new_marker()
+    await append(stub, erin.caller, talk.name, f"erin again {again}")
+    await stub.RemoveWorkspaceMember(
+        pb.RemoveWorkspaceMemberRequest(name=member, erase=True),
+        metadata=erin.caller.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    await eventually(done, "her own erasure done")
+    assert await find_marker(server, again, raw_files=False) == []

@@ -6,6 +6,7 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Api, PAGE_SIZE } from "./api";
 import { fill, formatTime, h } from "./dom";
+import { confirmation } from "./confirm";
 import { local } from "./errors";
 import type { ApiKey, ApiKeyAssistantPin } from "./gen/switchboard/api/auth/v1/auth_pb";
 import { type WorkspaceMember, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
@@ -242,7 +243,36 @@ export class Account {
             },
             "Remove",
           ),
+      self ? null : this.eraseButton(m),
     );
+  }
+
+  /** Remove a member and erase what they wrote here (docs/privacy.md), once confirmed. */
+  private eraseButton(m: WorkspaceMember): HTMLElement {
+    const asking = h("div", { class: "asking" });
+    const button = h(
+      "button",
+      {
+        type: "button",
+        class: "danger",
+        "data-testid": "erase-member",
+        onclick: () =>
+          asking.replaceChildren(
+            confirmation({
+              text: `Remove ${this.names.title(m.user)} and erase what they wrote in this workspace: their messages and the answers to them, their files and memory here, their runs and schedules; their events here are redacted. Their account and other workspaces stay.`,
+              label: "Remove and erase",
+              name: "erase-member",
+              action: "erase-member",
+              act: async () => {
+                await this.api.context.removeWorkspaceMember({ name: m.name, erase: true });
+                await this.loadMembers();
+              },
+            }),
+          ),
+      },
+      "Remove and erase…",
+    );
+    return h("span", { class: "erase-member" }, button, asking);
   }
 
   private async addMember(): Promise<void> {

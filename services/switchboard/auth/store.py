@@ -446,7 +446,7 @@ class AuthStore:
                 )
             ]
             db.execute(delete(WorkspaceMemberRow).where(WorkspaceMemberRow.user_id == user_id))
-            erasure = add_erasure(db, user_id, plan, [m.workspace_id for m in left])
+            erasure = add_erasure(db, user_id, plan, ())  # everywhere
             return DeletedAccount(erasure, sessions, keys, handed, left)
 
         return await self._run(staging(staged, tx), write=True)

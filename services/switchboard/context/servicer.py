@@ -84,7 +84,9 @@ class ContextServiceServicer:
     async def RemoveWorkspaceMember(
         self, request: pb.RemoveWorkspaceMemberRequest, context: Context
     ) -> pb.RemoveWorkspaceMemberResponse:
-        await self._domain.members.remove(current_principal(), role_var.get(), request.name)
+        await self._domain.members.remove(
+            current_principal(), role_var.get(), request.name, erase=request.erase
+        )
         return pb.RemoveWorkspaceMemberResponse()
 
     async def ListWorkspaceMembers(

@@ -41,11 +41,14 @@ class DispatcherEraser:
         self._erasures = erasures
 
     async def __call__(self, erasure: ErasureRecord) -> None:
+        if not erasure.user_id:
+            return  # a deleted message's redaction: nothing here
         user_name = str(UserName(erasure.user_id))
+        within = erasure.workspaces  # a member's words in those workspaces; () everywhere
         while True:
             names = await transaction(
                 self._database,
-                lambda db: _runs(db, user_name),
+                lambda db: _runs(db, user_name, within),
                 write=True,
                 log=log,
             )
@@ -54,18 +57,19 @@ class DispatcherEraser:
                 break
         await transaction(
             self._database,
-            lambda db: _rest(db, erasure.user_id, user_name),
+            lambda db: _rest(db, erasure.user_id, user_name, within),
             write=True,
             log=log,
         )
 
 
-def _runs(db: Session, user_name: str) -> list[str]:
-    rows: Sequence[tuple[str, str, str]] = db.execute(
-        select(RunRow.id, RunRow.workspace_id, RunRow.conversation_id)
-        .where(RunRow.creator.in_(_forms(user_name)))
-        .limit(_BATCH)
-    ).all()
+def _runs(db: Session, user_name: str, within: Sequence[str]) -> list[str]:
+    query = select(RunRow.id, RunRow.workspace_id, RunRow.conversation_id).where(
+        RunRow.creator.in_(_forms(user_name))
+    )
+    if within:
+        query = query.where(RunRow.workspace_id.in_(list(within)))
+    rows: Sequence[tuple[str, str, str]] = db.execute(query.limit(_BATCH)).all()
     ids = [row[0] for row in rows]
     if ids:
         db.execute(delete(BudgetHoldRow).where(BudgetHoldRow.run_id.in_(ids)))
@@ -73,15 +77,26 @@ def _runs(db: Session, user_name: str) -> list[str]:
     return [f"workspaces/{w}/conversations/{c}/runs/{r}" for r, w, c in rows]
 
 
-def _rest(db: Session, user_id: str, user_name: str) -> None:
+def _rest(db: Session, user_id: str, user_name: str, within: Sequence[str]) -> None:
+    scope = list(within)
     sessions = select(VoiceSessionRow.id).where(VoiceSessionRow.creator.in_(_forms(user_name)))
+    schedules = delete(ScheduleRow).where(ScheduleRow.creator.in_(_forms(user_name)))
+    jobs = delete(MemoryJobRow).where(MemoryJobRow.user_id == user_id)
+    pushes = delete(PushConfigRow).where(PushConfigRow.creator.in_(_forms(user_name)))
+    if scope:
+        sessions = sessions.where(VoiceSessionRow.workspace_id.in_(scope))
+        schedules = schedules.where(ScheduleRow.workspace_id.in_(scope))
+        jobs = jobs.where(MemoryJobRow.workspace_id.in_(scope))
+        pushes = pushes.where(PushConfigRow.workspace_id.in_(scope))
     db.execute(delete(VoiceTurnRow).where(VoiceTurnRow.session_id.in_(sessions)))
-    db.execute(delete(VoiceSessionRow).where(VoiceSessionRow.creator.in_(_forms(user_name))))
-    db.execute(delete(ScheduleRow).where(ScheduleRow.creator.in_(_forms(user_name))))
-    db.execute(delete(MemoryJobRow).where(MemoryJobRow.user_id == user_id))
-    db.execute(delete(PushConfigRow).where(PushConfigRow.creator.in_(_forms(user_name))))
-    # Keys are "<user>/<method>/<request_id>" (``platform/store/storage.py``).
-    db.execute(delete(IdempotencyRow).where(IdempotencyRow.key.startswith(f"{user_id}/")))
+    db.execute(delete(VoiceSessionRow).where(VoiceSessionRow.id.in_(sessions)))
+    db.execute(schedules)
+    db.execute(jobs)
+    db.execute(pushes)
+    if not scope:
+        # Keys are "<user>/<method>/<request_id>" (``platform/store/storage.py``): they
+        # name no workspace, so only a whole account's erasure removes them.
+        db.execute(delete(IdempotencyRow).where(IdempotencyRow.key.startswith(f"{user_id}/")))
 
 
 def _forms(user_name: str) -> tuple[str, str]:

@@ -39,7 +39,7 @@ async def build(shared: Shared) -> ServiceRegistration:
     async def redact(erasure: ErasureRecord) -> None:
         # The last part: every other service has removed what it held, and named it.
         names = await erasures.names(erasure.id)
-        await shared.bus.redact(Redaction(erasure.user_id, names))
+        await shared.bus.redact(Redaction(erasure.user_id, names, erasure.workspaces))
         await shared.database.checkpoint()
 
     serve_part(

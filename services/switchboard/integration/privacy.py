@@ -31,17 +31,21 @@ class IntegrationEraser:
         self._erasures = erasures
 
     async def __call__(self, erasure: ErasureRecord) -> None:
-        redaction = Redaction(erasure.user_id, await self._erasures.names(erasure.id))
+        redaction = Redaction(
+            erasure.user_id, await self._erasures.names(erasure.id), erasure.workspaces
+        )
         after = ""
         while True:
 
             def work(db: Session, after: str = after) -> str | None:
-                rows = db.execute(
-                    select(WebhookDeliveryRow.id, WebhookDeliveryRow.data)
-                    .where(WebhookDeliveryRow.id > after)
-                    .order_by(WebhookDeliveryRow.id)
-                    .limit(_BATCH)
-                ).all()
+                query = select(WebhookDeliveryRow.id, WebhookDeliveryRow.data).where(
+                    WebhookDeliveryRow.id > after
+                )
+                if erasure.workspaces:
+                    query = query.where(
+                        WebhookDeliveryRow.workspace_id.in_(list(erasure.workspaces))
+                    )
+                rows = db.execute(query.order_by(WebhookDeliveryRow.id).limit(_BATCH)).all()
                 doomed = [delivery for delivery, data in rows if _names(redaction, data)]
                 if doomed:
                     db.execute(delete(WebhookDeliveryRow).where(WebhookDeliveryRow.id.in_(doomed)))
@@ -58,4 +62,4 @@ def _names(redaction: Redaction, data: bytes) -> bool:
         event = events_pb2.Event.FromString(data)
     except Exception:  # noqa: BLE001 - not an event: judged by its bytes alone
         event = events_pb2.Event()
-    return redaction.names(event, data)
+    return redaction.concerns(event, data)

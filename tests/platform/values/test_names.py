@@ -42,6 +42,7 @@ SAMPLES = {
     "TOOL_SEGMENT": "with~20space.Echo",
     "USER": "users/u1",
     "SESSION": "users/u1/sessions/s1",
+    "DATA_EXPORT": "users/u1/exports/e1",
     "API_KEY": "users/u1/apiKeys/k1",
     "MEMORY_SCOPE": "workspaces/acme/conversations/c1",
     "MEMORY_ITEM": "users/u1/memories/m1",

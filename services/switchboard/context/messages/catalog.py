@@ -307,6 +307,7 @@ class Messages(Domain):
             replaces=await self._replaced(principal, request),
             max_branches=self.limits.max_branches,
             owned_files=[FileName.parse(name, "file").file for name in attached.stored],
+            author=stored_message.author,
         )
         key = request_key(principal, "AppendMessage", request)
         staged = self.common.staged(

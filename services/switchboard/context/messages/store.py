@@ -62,7 +62,9 @@ _CONVERSATIONS: Final = table_of(ConversationRow)
 _MESSAGE_FIELDS: Final = tuple(MessageRecord.__dataclass_fields__)
 # An append's statements compiled once and run on the driver (``prepared.py``): the
 # ORM's unit of work, and even Core's execute, cost more than SQLite's own work.
-_INSERT_MESSAGE: Final = Prepared(_MESSAGES.insert(), columns=(*_MESSAGE_FIELDS, "fts_rowid"))
+_INSERT_MESSAGE: Final = Prepared(
+    _MESSAGES.insert(), columns=(*_MESSAGE_FIELDS, "author", "fts_rowid")
+)
 #: The FTS5 row's key: SQLite's own rowid of ``messages`` could change at a VACUUM.
 _NEXT_FTS_ROWID: Final = Prepared(select(func.coalesce(func.max(_MESSAGES.c.fts_rowid), 0) + 1))
 _INDEX_WORDS_SQLITE: Final = Prepared(
@@ -80,7 +82,7 @@ _INSERT_MESSAGE_PG: Final = Prepared(
             literal_column("'english'::regconfig"), bindparam("words", type_=sa.Text())
         )
     ),
-    columns=(*_MESSAGE_FIELDS, "words"),
+    columns=(*_MESSAGE_FIELDS, "author", "words"),
 )
 _COUNT_MESSAGE: Final = Prepared(
     update(_CONVERSATIONS)
@@ -148,6 +150,9 @@ class NewMessage:
     max_branches: int = 0
     #: The ids of the files the append stored for it (deleted with it).
     owned_files: Sequence[str] = ()
+    #: ``Message.author`` (``users/{u}``, ``handlers/{h}``): a column too, so that an
+    #: erasure finds a person's messages without reading every message.
+    author: str = ""
 
 
 class MessageStore(StoreBase):
@@ -239,7 +244,7 @@ class MessageStore(StoreBase):
                 "branch": branch,
                 "parent_seq": parent_seq,
             }
-            self._insert_message(connection, values, new.words)
+            self._insert_message(connection, values, new.words, new.author)
             if new.owned_files:
                 connection.execute(
                     sa.insert(MessageFileRow),
@@ -304,13 +309,15 @@ class MessageStore(StoreBase):
         # A new version of ``old``: it follows what ``old`` followed.
         return forked.conversation, forked.number, old.parent_seq
 
-    def _insert_message(self, connection: Connection, values: dict[str, Any], words: str) -> None:
+    def _insert_message(
+        self, connection: Connection, values: dict[str, Any], words: str, author: str
+    ) -> None:
         """The message's row and its words' full-text index, in the append's transaction."""
         if not self._sqlite:
-            _INSERT_MESSAGE_PG.execute(connection, {**values, "words": words})
+            _INSERT_MESSAGE_PG.execute(connection, {**values, "author": author, "words": words})
             return
         rowid = _NEXT_FTS_ROWID.scalar(connection)
-        _INSERT_MESSAGE.execute(connection, {**values, "fts_rowid": rowid})
+        _INSERT_MESSAGE.execute(connection, {**values, "author": author, "fts_rowid": rowid})
         _INDEX_WORDS_SQLITE.execute(connection, {"rowid": rowid, "text": words})
 
     def _remember_entities(

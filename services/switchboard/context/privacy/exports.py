@@ -307,8 +307,7 @@ class DataExports:
                 for m in memberships
             ],
         )
-        for membership in memberships:
-            await self._conversations(membership.workspace_id, user_name, archive)
+        await self._conversations(user_name, archive)
         await archive.json("memory.json", await self._store.memory(user_id, user_name))
         await archive.json(
             "usage.json",
@@ -334,16 +333,14 @@ class DataExports:
                 await archive.stream(entry, self._blobs.read(upload.sha256, 0, 0))
         await archive.text("README.txt", README)
 
-    async def _conversations(self, workspace_id: str, user_name: str, archive: _Archive) -> None:
-        gathered: dict[str, tuple[str, list[dict[str, Any]]]] = {}
-        after: str | None = ""
-        while after is not None:
-            page, after = await self._store.messages(workspace_id, user_name, after)
-            for conversation_id, title, message in page:
-                entry = gathered.setdefault(conversation_id, (title, []))
-                entry[1].append(json_format.MessageToDict(message))
-        for conversation_id, (title, messages) in sorted(gathered.items()):
-            messages.sort(key=lambda m: int(m.get("sequence", 0)))
+    async def _conversations(self, user_name: str, archive: _Archive) -> None:
+        while await self._store.fill_authors():
+            pass  # messages from before the author column: filled once, then found by it
+        gathered: dict[tuple[str, str], tuple[str, list[dict[str, Any]]]] = {}
+        for workspace_id, conversation_id, title, message in await self._store.messages(user_name):
+            entry = gathered.setdefault((workspace_id, conversation_id), (title, []))
+            entry[1].append(json_format.MessageToDict(message))
+        for (workspace_id, conversation_id), (title, messages) in sorted(gathered.items()):
             await archive.json(
                 f"conversations/{workspace_id}/{conversation_id}.json",
                 {

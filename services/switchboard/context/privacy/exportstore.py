@@ -12,15 +12,12 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context.privacy.store import creator_forms
-from switchboard.context.storebase import StoreBase
+from switchboard.context.privacy.store import PrivacyStore, creator_forms, persons_messages
 from switchboard.platform.store import storage
 from switchboard.platform.store.models import (
-    ConversationRow,
     DataExportRow,
     FileRow,
     MemoryItemRow,
-    MessageRow,
     RunRow,
     UserRow,
     WorkspaceMemberRow,
@@ -86,7 +83,7 @@ class Upload:
     sha256: str
 
 
-class ExportStore(StoreBase):
+class ExportStore(PrivacyStore):
     # -- the exports --------------------------------------------------------------------
 
     async def begin(
@@ -288,45 +285,16 @@ class ExportStore(StoreBase):
 
         return await self._run(tx, write=False)
 
-    async def messages(
-        self, workspace_id: str, user_name: str, after: str
-    ) -> tuple[list[tuple[str, str, pb.Message]], str | None]:
-        """A page of the workspace's live messages the person wrote or that answer their
-        runs: ``(conversation id, title, message)``, and where the next page starts."""
+    async def messages(self, user_name: str) -> list[tuple[str, str, str, pb.Message]]:
+        """The messages of the person's in live conversations, wherever they are:
+        ``(workspace id, conversation id, title, message)`` (``fill_authors`` first)."""
 
-        def tx(db: Session) -> tuple[list[tuple[str, str, pb.Message]], str | None]:
-            runs = set(
-                db.execute(
-                    select(RunRow.id).where(
-                        RunRow.workspace_id == workspace_id,
-                        RunRow.creator.in_(creator_forms(user_name)),
-                    )
-                ).scalars()
-            )
-            rows = db.execute(
-                select(
-                    MessageRow.id,
-                    MessageRow.conversation_id,
-                    ConversationRow.title,
-                    MessageRow.data,
-                )
-                .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
-                .where(
-                    ConversationRow.workspace_id == workspace_id,
-                    ConversationRow.deleted_at.is_(None),
-                    MessageRow.id > after,
-                )
-                .order_by(MessageRow.id)
-                .limit(SCAN_BATCH)
-            ).all()
-            found = []
-            for _, conversation_id, title, data in rows:
-                message = pb.Message.FromString(data)
-                if message.author == user_name or (
-                    message.run and message.run.rsplit("/", 1)[-1] in runs
-                ):
-                    found.append((str(conversation_id), str(title), message))
-            return found, (rows[-1][0] if len(rows) == SCAN_BATCH else None)
+        def tx(db: Session) -> list[tuple[str, str, str, pb.Message]]:
+            return [
+                (m.workspace_id, m.conversation_id, m.title, pb.Message.FromString(m.data))
+                for m in persons_messages(db, user_name)
+                if not m.deleted
+            ]
 
         return await self._run(tx, write=False)
 

@@ -29,6 +29,10 @@ from switchboard.platform.store.models import (
     WorkspaceRow,
 )
 
+#: Runs that may still store an answer (``dispatcher.v1.RunState``: QUEUED, RUNNING). A
+#: run waiting for an approval (REQUIRES_ACTION) stores nothing until it resumes, and its
+#: row is gone by then (the dispatcher's part).
+_WORKING: Final = (1, 2)
 #: SQLite's full-text indexes (migrations 0023 and the semantic index's).
 _FTS_TABLES: Final = ("messages_fts", "memory_fts", "semantic_chunks_fts")
 #: Messages read per round while looking for a person's.
@@ -56,63 +60,50 @@ class ErasedRows:
 
 
 class PrivacyStore(StoreBase):
-    async def runs_of(self, workspace_id: str, user_name: str) -> set[str]:
-        """The ids of the runs the person started in the workspace (their answers are
-        the person's too)."""
+    async def working_runs(self, user_name: str, within: Sequence[str] = ()) -> int:
+        """How many of the person's runs are queued or running (``within`` some
+        workspaces only): each may still store an answer."""
 
-        def tx(db: Session) -> set[str]:
-            return set(
-                db.execute(
-                    select(RunRow.id).where(
-                        RunRow.workspace_id == workspace_id,
-                        RunRow.creator.in_(creator_forms(user_name)),
-                    )
-                ).scalars()
+        def tx(db: Session) -> int:
+            query = select(sa.func.count()).where(
+                RunRow.creator.in_(creator_forms(user_name)),
+                RunRow.state.in_(_WORKING),
             )
+            if within:
+                query = query.where(RunRow.workspace_id.in_(list(within)))
+            return int(db.execute(query).scalar_one())
 
         return await self._run(tx, write=False)
 
-    async def messages_of(self, workspace_id: str, user_name: str, runs: set[str]) -> list[Doomed]:
-        """The workspace's messages the person wrote, and the answers of their runs."""
+    async def fill_authors(self) -> int:
+        """Give the messages appended before migration 0028 their ``author`` column (read
+        from their bytes), a batch at a time; how many were filled (0: none are left).
+        Then a person's messages are found by the column alone."""
+
+        def tx(db: Session) -> int:
+            rows = db.execute(
+                select(MessageRow.id, MessageRow.data)
+                .where(MessageRow.author.is_(None))
+                .limit(SCAN_BATCH)
+            ).all()
+            for message_id, data in rows:
+                author = pb.Message.FromString(data).author
+                db.execute(
+                    sa.update(MessageRow).where(MessageRow.id == message_id).values(author=author)
+                )
+            return len(rows)
+
+        return await self._run(tx, write=True)
+
+    async def messages_of(self, user_name: str) -> list[Doomed]:
+        """Every message the person wrote, in any workspace (one they left too), and the
+        answers of the runs they started."""
 
         def tx(db: Session) -> list[Doomed]:
-            conversations = dict(
-                db.execute(
-                    select(ConversationRow.id, ConversationRow.deleted_at).where(
-                        ConversationRow.workspace_id == workspace_id
-                    )
-                ).all()
-            )
-            found: list[Doomed] = []
-            if not conversations:
-                return found
-            after = ""
-            while True:
-                rows = db.execute(
-                    select(MessageRow.id, MessageRow.conversation_id, MessageRow.data)
-                    .where(
-                        MessageRow.conversation_id.in_(list(conversations)), MessageRow.id > after
-                    )
-                    .order_by(MessageRow.id)
-                    .limit(SCAN_BATCH)
-                ).all()
-                for message_id, conversation_id, data in rows:
-                    message = pb.Message.FromString(data)
-                    theirs = message.author == user_name or (
-                        message.run and message.run.rsplit("/", 1)[-1] in runs
-                    )
-                    if theirs:
-                        found.append(
-                            Doomed(
-                                workspace_id,
-                                conversation_id,
-                                message_id,
-                                conversations[conversation_id] is not None,
-                            )
-                        )
-                if len(rows) < SCAN_BATCH:
-                    return found
-                after = rows[-1][0]
+            return [
+                Doomed(found.workspace_id, found.conversation_id, found.id, found.deleted)
+                for found in persons_messages(db, user_name)
+            ]
 
         return await self._run(tx, write=False)
 
@@ -127,22 +118,27 @@ class PrivacyStore(StoreBase):
 
         await self._run(tx, write=True)
 
-    async def memory_of(self, user_id: str, user_name: str) -> list[tuple[str, str]]:
+    async def memory_of(
+        self, user_id: str, user_name: str, within: Sequence[str] = ()
+    ) -> list[tuple[str, str]]:
         """``(scope, id)`` of every memory item about the person: their own memory
-        (every workspace's too) and the items they created anywhere."""
+        (every workspace's too) and the items they created anywhere; ``within`` some
+        workspaces only, the items there they created and their own memory formed there."""
 
         def tx(db: Session) -> list[tuple[str, str]]:
-            return [
-                (str(scope), str(item))
-                for scope, item in db.execute(
-                    select(MemoryItemRow.scope, MemoryItemRow.id).where(
-                        or_(
-                            MemoryItemRow.user_id == user_id,
-                            MemoryItemRow.creator.in_(creator_forms(user_name)),
-                        )
+            about = or_(
+                MemoryItemRow.user_id == user_id,
+                MemoryItemRow.creator.in_(creator_forms(user_name)),
+            )
+            query = select(MemoryItemRow.scope, MemoryItemRow.id).where(about)
+            if within:
+                query = query.where(
+                    or_(
+                        MemoryItemRow.workspace_id.in_(list(within)),
+                        MemoryItemRow.origin_workspace_id.in_(list(within)),
                     )
                 )
-            ]
+            return [(str(scope), str(item)) for scope, item in db.execute(query)]
 
         return await self._run(tx, write=False)
 
@@ -165,18 +161,17 @@ class PrivacyStore(StoreBase):
 
         await self._run(tx, write=True)
 
-    async def files_of(self, user_name: str) -> list[tuple[str, str]]:
-        """``(workspace, id)`` of every file the person uploaded, deleted ones too."""
+    async def files_of(self, user_name: str, within: Sequence[str] = ()) -> list[tuple[str, str]]:
+        """``(workspace, id)`` of every file the person uploaded (``within`` some
+        workspaces only), deleted ones too."""
 
         def tx(db: Session) -> list[tuple[str, str]]:
-            return [
-                (str(w), str(f))
-                for w, f in db.execute(
-                    select(FileRow.workspace_id, FileRow.id).where(
-                        FileRow.creator.in_(creator_forms(user_name))
-                    )
-                )
-            ]
+            query = select(FileRow.workspace_id, FileRow.id).where(
+                FileRow.creator.in_(creator_forms(user_name))
+            )
+            if within:
+                query = query.where(FileRow.workspace_id.in_(list(within)))
+            return [(str(w), str(f)) for w, f in db.execute(query)]
 
         return await self._run(tx, write=False)
 
@@ -200,15 +195,15 @@ class PrivacyStore(StoreBase):
 
         return await self._run(tx, write=True)
 
-    async def remove_uploads(self, user_name: str) -> list[str]:
-        """Delete the person's uploads (finished or not); the ids of their staging."""
+    async def remove_uploads(self, user_name: str, within: Sequence[str] = ()) -> list[str]:
+        """Delete the person's uploads, finished or not (``within`` some workspaces only);
+        the ids of their staging."""
 
         def tx(db: Session) -> list[str]:
-            ids = list(
-                db.execute(
-                    select(UploadRow.id).where(UploadRow.creator.in_(creator_forms(user_name)))
-                ).scalars()
-            )
+            query = select(UploadRow.id).where(UploadRow.creator.in_(creator_forms(user_name)))
+            if within:
+                query = query.where(UploadRow.workspace_id.in_(list(within)))
+            ids = list(db.execute(query).scalars())
             if ids:
                 db.execute(delete(UploadRow).where(UploadRow.id.in_(ids)))
             return ids
@@ -281,6 +276,59 @@ class PrivacyStore(StoreBase):
             )
 
         return await self._run(tx, write=False)
+
+
+@dataclass(frozen=True)
+class Theirs:
+    """A message of the person's (they wrote it, or it answers their run)."""
+
+    id: str
+    conversation_id: str
+    workspace_id: str
+    #: Whether its conversation is deleted (waiting for its purge).
+    deleted: bool
+    title: str
+    data: bytes
+
+
+def persons_messages(db: Session, user_name: str) -> list[Theirs]:
+    """The messages ``user_name`` wrote (by the ``author`` column: ``fill_authors`` first)
+    and the answers of the runs they started, oldest first per conversation."""
+    columns = (
+        MessageRow.id,
+        MessageRow.conversation_id,
+        ConversationRow.workspace_id,
+        ConversationRow.deleted_at,
+        ConversationRow.title,
+        MessageRow.data,
+        MessageRow.seq,
+    )
+    joined = select(*columns).join(
+        ConversationRow, ConversationRow.id == MessageRow.conversation_id
+    )
+    rows = list(db.execute(joined.where(MessageRow.author == user_name)))
+    runs: dict[str, set[str]] = {}
+    for run_id, conversation_id in db.execute(
+        select(RunRow.id, RunRow.conversation_id).where(
+            RunRow.creator.in_(creator_forms(user_name))
+        )
+    ):
+        runs.setdefault(str(conversation_id), set()).add(str(run_id))
+    for conversation_id, theirs in runs.items():
+        # The answers name their run in their bytes only: read the conversation's others.
+        for row in db.execute(
+            joined.where(
+                MessageRow.conversation_id == conversation_id, MessageRow.author != user_name
+            )
+        ):
+            run = pb.Message.FromString(row[5]).run
+            if run and run.rsplit("/", 1)[-1] in theirs:
+                rows.append(row)
+    rows.sort(key=lambda row: (str(row[1]), int(row[6])))
+    return [
+        Theirs(str(m), str(c), str(w), deleted is not None, str(title), bytes(data))
+        for m, c, w, deleted, title, data, _ in rows
+    ]
 
 
 def _chunks(ids: Sequence[str], size: int = 500) -> Iterator[list[str]]:

@@ -248,7 +248,10 @@ class Members(Domain):
         return member_proto(row)
 
     @write
-    async def remove(self, principal: Principal, role: Role | None, name: str) -> None:
+    async def remove(
+        self, principal: Principal, role: Role | None, name: str, *, erase: bool = False
+    ) -> None:
+        """Remove a member; with ``erase``, erase what they wrote here too (docs/privacy.md)."""
         member = MemberName.parse(name, "name")
         # Any member may leave; removing someone else is an owner's decision.
         if member.user != principal.user_id and role != Role.OWNER:
@@ -256,7 +259,9 @@ class Members(Domain):
         staged = self.common.staged(
             lambda done: [member_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
         )
-        await stored(self._store.remove_member(member.workspace, member.user, staged=staged))
+        await stored(
+            self._store.remove_member(member.workspace, member.user, staged=staged, erase=erase)
+        )
         await self.common.announce(staged)
 
     async def list(

@@ -25,6 +25,7 @@ from switchboard.context.storebase import (
     workspace_record,
 )
 from switchboard.platform.errors import FailedPrecondition
+from switchboard.platform.events.erasure.store import add_erasure
 from switchboard.platform.store.models import UserRow, WorkspaceMemberRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import Idempotency, check_etag, claim, retrying
@@ -206,14 +207,24 @@ class WorkspaceStore(StoreBase):
         return await self._run(staging(staged, tx), write=True)
 
     async def remove_member(
-        self, workspace_id: str, user_id: str, staged: Staged[Any] | None = None
+        self,
+        workspace_id: str,
+        user_id: str,
+        staged: Staged[Any] | None = None,
+        *,
+        erase: bool = False,
     ) -> MemberRecord:
+        """Remove the membership; with ``erase``, write (in this transaction) the erasure
+        of what the member wrote in the workspace (``platform/events/erasure``)."""
+
         def tx(db: Session) -> MemberRecord:
             self._workspace_for_update(db, workspace_id)
             row = _member(db, workspace_id, user_id)
             if row.role == "owner":
                 _keep_an_owner(db, workspace_id)
             db.delete(row)
+            if erase:
+                add_erasure(db, user_id, b"", [workspace_id])
             return member_record(row)
 
         return await self._run(staging(staged, tx), write=True)

@@ -343,6 +343,8 @@ class EventBus:
     async def redact(self, redaction: Redactor) -> int:
         """Redact the log and this process's window of it for an erasure
         (``platform/events/erasure/redaction.py``); how many stored events changed."""
+        if self.outbox is not None:
+            await self.outbox.redact(redaction.match)
         changed = await self._backend.redact(redaction)
         self.ring.redact(redaction)
         return changed

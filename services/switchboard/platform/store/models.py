@@ -110,8 +110,8 @@ class ErasureRow(Base):
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     user_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
     plan: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
-    # Space-separated ids of the workspaces the account was a member of when deleted
-    # (its memberships go at once; the services erase its words in each).
+    # Space-separated ids of the workspaces the erasure keeps to (a member's words erased
+    # there: RemoveWorkspaceMember with ``erase``); "" for a deleted account's (everywhere).
     workspaces: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     done_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -358,6 +358,9 @@ class MessageRow(Base):
     # messages that follow the same one are versions of each other (migration 0027).
     branch: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     parent_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # ``Message.author``, so that an erasure finds a person's messages by it (migration
+    # 0028; NULL for messages appended before it: the erasure reads those whole).
+    author: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class MessageFileRow(Base):

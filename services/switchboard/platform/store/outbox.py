@@ -131,6 +131,28 @@ class Outbox:
             )
         db.connection().execute(_INSERT, rows)
 
+    async def redact(
+        self,
+        replace: Callable[[events_pb2.Event, bytes], events_pb2.Event | None],
+    ) -> int:
+        """Rewrite the waiting rows whose event ``replace`` redacts (an erasure: an event
+        the relay has not published yet must not reach the log as it was); how many."""
+
+        def work(db: Session) -> int:
+            changed = 0
+            for event_id, data in db.execute(select(_ROWS.c.id, _ROWS.c.data)).all():
+                redacted = replace(events_pb2.Event.FromString(data), data)
+                if redacted is not None:
+                    db.execute(
+                        _ROWS.update()
+                        .where(_ROWS.c.id == event_id)
+                        .values(data=redacted.SerializeToString())
+                    )
+                    changed += 1
+            return changed
+
+        return await self._database.run(work, write=True)
+
     def leftovers(self, db: Session, key: str) -> list[events_pb2.Event]:
         """The unpublished events of the write whose idempotency key is ``key``."""
         return [

@@ -1897,16 +1897,25 @@ class RemoveWorkspaceMemberRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    ERASE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`workspaces/{workspace}/members/{user}`."""
+    erase: _builtins.bool
+    """Also erase what the member wrote in this workspace (docs/privacy.md, "A member's
+    data in one workspace"): their messages and the answers to their runs, the files
+    they uploaded, the memory they created or that was formed about them here, their
+    runs and schedules, and their events here, redacted in the log; in the background.
+    An owner may ask it for any member, a member for themselves.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        erase: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erase", b"erase", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

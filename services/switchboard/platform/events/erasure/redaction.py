@@ -22,9 +22,12 @@ from switchboard.api.events.v1 import events_pb2
 class Redaction:
     """What to redact for one erasure: ``match`` gives the redacted event, or None."""
 
-    def __init__(self, user_id: str, names: Iterable[str]) -> None:
-        """``user_id`` "": no person, only ``names`` (a deleted message's redaction)."""
+    def __init__(self, user_id: str, names: Iterable[str], workspaces: Iterable[str] = ()) -> None:
+        """``user_id`` "": no person, only ``names`` (a deleted message's redaction).
+        ``workspaces``: only the events of those workspaces (a member's words erased
+        there, RemoveWorkspaceMember with ``erase``); none: every event."""
         self.user = f"users/{user_id}" if user_id else ""
+        self._workspaces = frozenset(f"workspaces/{w}" for w in workspaces)
         self._needles = [
             *([self.user.encode()] if self.user else []),
             *(name.encode() for name in names),
@@ -38,8 +41,14 @@ class Redaction:
         # a byte that cannot be in an id, or ends the field (checked on the text).
         return any(_holds(raw, needle) for needle in self._needles)
 
+    def concerns(self, event: events_pb2.Event, data: bytes | None = None) -> bool:
+        """Whether the event is in scope and names the person or what was removed."""
+        if self._workspaces and event.workspace not in self._workspaces:
+            return False
+        return self.names(event, data)
+
     def match(self, event: events_pb2.Event, data: bytes | None = None) -> events_pb2.Event | None:
-        if event.redacted or event.type in _KEPT or not self.names(event, data):
+        if event.redacted or event.type in _KEPT or not self.concerns(event, data):
             return None
         if event.type == events_pb2.EVENT_TYPE_SECURITY:
             if not (event.security.client_address or event.security.HasField("client_info")):

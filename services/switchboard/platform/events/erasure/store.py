@@ -54,6 +54,7 @@ class ErasureRecord:
     id: str
     user_id: str
     plan: bytes
+    #: The workspaces it keeps to; () for everywhere (an account deleted).
     workspaces: tuple[str, ...]
     created_at: dt.datetime
     done_at: dt.datetime | None
@@ -62,7 +63,8 @@ class ErasureRecord:
 
 
 def add_erasure(db: Session, user_id: str, plan: bytes, workspaces: Sequence[str]) -> ErasureRecord:
-    """Write an erasure and its parts in ``db``'s transaction (the account's deletion)."""
+    """Write an erasure and its parts in ``db``'s transaction: an account's deletion
+    (``workspaces`` empty: everywhere), or a member's words in ``workspaces`` only."""
     stamp = now()
     row = ErasureRow(
         id=new_id(),
@@ -201,6 +203,22 @@ class ErasureStore:
             return True
 
         return await self._run(tx, write=True)
+
+    async def release(self, erasure_id: str, part: str, claimer: str) -> None:
+        """Let go of a claim on a part not finished, so it is taken again at once."""
+
+        def tx(db: Session) -> None:
+            db.execute(
+                update(ErasurePartRow)
+                .where(
+                    ErasurePartRow.erasure_id == erasure_id,
+                    ErasurePartRow.part == part,
+                    ErasurePartRow.claimer == claimer,
+                )
+                .values(claimed_until=None)
+            )
+
+        await self._run(tx, write=True)
 
     async def waiting(self, part: str) -> bool:
         """Whether some erasure's ``part`` is not done yet."""

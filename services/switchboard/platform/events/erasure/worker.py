@@ -3,7 +3,8 @@ every process that serves the service, claiming erasures whose part is not done
 (``platform/events/erasure/store.py``), erasing, then marking the part done.
 
 The loop wakes at once when an account's deletion is delivered (its SECURITY event,
-``ACCOUNT_DELETED``, reaches every process through the log) and otherwise looks now
+``ACCOUNT_DELETED``, reaches every process through the log) or a member's removal (which
+may come with an erasure of their words in that workspace), and otherwise looks now
 and then, for a part a crashed process left claimed until its lease ran out. The
 erasing function must be idempotent: a part cut short is done again from the start.
 
@@ -32,10 +33,13 @@ log = logging.getLogger(__name__)
 #: part longer than this is taken again by another process (erasing is idempotent).
 LEASE: Final = dt.timedelta(minutes=5)
 
+#: How soon a part that was not finished (the person's runs still working) is done again.
+AGAIN: Final = dt.timedelta(seconds=1)
 #: How soon the events part looks again while an erasure waits for the other parts.
 WAITING_POLL: Final = dt.timedelta(milliseconds=500)
 
-Erase = Callable[[ErasureRecord], Awaitable[None]]
+#: A part's work; False: not finished yet (it is released and done again soon).
+Erase = Callable[[ErasureRecord], Awaitable[bool | None]]
 
 
 class ErasureWorker:
@@ -87,23 +91,34 @@ class ErasureWorker:
         self._wake.set()
 
     def _on_event(self, event: events_pb2.Event) -> None:
+        # An account deleted, or a member removed (perhaps with an erasure of their
+        # words there): look now. A look that finds nothing costs one query.
         if (
             event.type == events_pb2.EVENT_TYPE_SECURITY
             and event.security.kind == events_pb2.SECURITY_EVENT_KIND_ACCOUNT_DELETED
+        ) or (
+            event.type == events_pb2.EVENT_TYPE_MEMBER_CHANGED
+            and event.member_changed.change == events_pb2.CHANGE_KIND_DELETED
         ):
             self._wake.set()
 
     async def run_once(self) -> tuple[int, dt.datetime | None]:
         """Claim and erase what is due; (how many parts were done, no next time)."""
         done = 0
+        again = False
         for erasure in await self._store.claim(self.part, self._claimer, LEASE):
-            await self._erase(erasure)
+            if await self._erase(erasure) is False:
+                await self._store.release(erasure.id, self.part, self._claimer)
+                again = True
+                continue
             if await self._store.finish(erasure.id, self.part, self._claimer):
                 done += 1
                 log.info(
                     "erasure part done",
                     extra={"erasure": erasure.id, "part": self.part, "left": len(erasure.pending)},
                 )
+        if again:
+            return done, now() + AGAIN
         if not done and self.part != CONTEXT and await self._store.waiting(self.part):
             # A later part waits for the earlier ones (``erasures._BEFORE``), which other
             # processes may do: look again soon while one waits.

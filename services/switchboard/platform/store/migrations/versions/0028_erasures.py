@@ -2,10 +2,14 @@
 
 * ``users.erased_at``: when the account was deleted; the row stays as a tombstone with
   no email or name, so its id names no one else.
-* ``erasures``: one per deleted account, with what becomes of the workspaces it owned
-  alone; ``erasure_parts``: each service's part (context, dispatcher, integration,
+* ``erasures``: one per deleted account (with what becomes of the workspaces it owned
+  alone), per member whose words an owner erased from a workspace (``workspaces``: the
+  ones it keeps to), or per deleted message whose events are redacted; ``erasure_parts``: each service's part (context, dispatcher, integration,
   events), claimed by one of its processes and done once; ``erasure_names``: the
   messages and runs removed, whose events the last part redacts.
+* ``messages.author``: ``Message.author`` as a column, written by every append, so an
+  erasure finds a person's messages in any workspace without reading every message (NULL
+  for the messages appended before: an erasure decodes those).
 * ``data_exports``: archives of a person's data (ExportMyData), written by the context
   service; their bytes live in the blob store until they expire.
 
@@ -31,6 +35,8 @@ def upgrade() -> None:
     # Plain ADD COLUMN: a batch on SQLite would copy ``users``, which many tables
     # cascade from.
     op.add_column("users", sa.Column("erased_at", sa.DateTime(timezone=True), nullable=True))
+    # Plain ADD COLUMN too: a batch would copy ``messages`` and lose 0023's trigger.
+    op.add_column("messages", sa.Column("author", sa.String(length=200), nullable=True))
     op.create_table(
         "erasures",
         sa.Column("id", sa.String(length=32), primary_key=True),
@@ -89,4 +95,5 @@ def downgrade() -> None:
     op.drop_table("erasure_parts")
     op.drop_index("ix_erasures_user_id", table_name="erasures")
     op.drop_table("erasures")
+    op.drop_column("messages", "author")
     op.drop_column("users", "erased_at")

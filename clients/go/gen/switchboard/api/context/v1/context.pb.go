@@ -3612,7 +3612,13 @@ func (x *UpdateWorkspaceMemberResponse) GetMember() *WorkspaceMember {
 type RemoveWorkspaceMemberRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// `workspaces/{workspace}/members/{user}`.
-	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Also erase what the member wrote in this workspace (docs/privacy.md, "A member's
+	// data in one workspace"): their messages and the answers to their runs, the files
+	// they uploaded, the memory they created or that was formed about them here, their
+	// runs and schedules, and their events here, redacted in the log; in the background.
+	// An owner may ask it for any member, a member for themselves.
+	Erase         bool `protobuf:"varint,2,opt,name=erase,proto3" json:"erase,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3652,6 +3658,13 @@ func (x *RemoveWorkspaceMemberRequest) GetName() string {
 		return x.Name
 	}
 	return ""
+}
+
+func (x *RemoveWorkspaceMemberRequest) GetErase() bool {
+	if x != nil {
+		return x.Erase
+	}
+	return false
 }
 
 // Response for RemoveWorkspaceMember.
@@ -9332,9 +9345,10 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
 	"updateMask\"d\n" +
 	"\x1dUpdateWorkspaceMemberResponse\x12C\n" +
-	"\x06member\x18\x01 \x01(\v2+.switchboard.api.context.v1.WorkspaceMemberR\x06member\"2\n" +
+	"\x06member\x18\x01 \x01(\v2+.switchboard.api.context.v1.WorkspaceMemberR\x06member\"H\n" +
 	"\x1cRemoveWorkspaceMemberRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x1f\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05erase\x18\x02 \x01(\bR\x05erase\"\x1f\n" +
 	"\x1dRemoveWorkspaceMemberResponse\"q\n" +
 	"\x1bListWorkspaceMembersRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n" +
