@@ -4,12 +4,13 @@
   no email or name, so its id names no one else.
 * ``erasures``: one per deleted account (with what becomes of the workspaces it owned
   alone), per member whose words an owner erased from a workspace (``workspaces``: the
-  ones it keeps to), or per deleted message whose events are redacted; ``erasure_parts``: each service's part (context, dispatcher, integration,
-  events), claimed by one of its processes and done once; ``erasure_names``: the
-  messages and runs removed, whose events the last part redacts.
+  ones it keeps to), or per deleted message whose events are redacted;
+  ``erasure_parts``: each service's part (context, dispatcher, integration, events),
+  claimed by one of its processes and done once; ``erasure_names``: the messages and
+  runs removed, whose events the last part redacts.
 * ``messages.author``: ``Message.author`` as a column, written by every append, so an
   erasure finds a person's messages in any workspace without reading every message (NULL
-  for the messages appended before: an erasure decodes those).
+  for the messages appended before: the first erasure or export fills them).
 * ``data_exports``: archives of a person's data (ExportMyData), written by the context
   service; their bytes live in the blob store until they expire.
 
