@@ -91,8 +91,9 @@ class ErasureWorker:
         self._wake.set()
 
     def _on_event(self, event: events_pb2.Event) -> None:
-        # An account deleted, or a member removed (perhaps with an erasure of their
-        # words there): look now. A look that finds nothing costs one query.
+        # An account deleted, a member removed (perhaps with an erasure of their words
+        # there), a message deleted (its redaction): look now. A look that finds nothing
+        # costs one query.
         if (
             event.type == events_pb2.EVENT_TYPE_SECURITY
             and event.security.kind == events_pb2.SECURITY_EVENT_KIND_ACCOUNT_DELETED
@@ -101,6 +102,8 @@ class ErasureWorker:
             and event.member_changed.change == events_pb2.CHANGE_KIND_DELETED
         ):
             self._wake.set()
+        elif event.type == events_pb2.EVENT_TYPE_MESSAGE_DELETED:
+            self._wake.set()  # its redaction was written with it
 
     async def run_once(self) -> tuple[int, dt.datetime | None]:
         """Claim and erase what is due; (how many parts were done, no next time)."""
