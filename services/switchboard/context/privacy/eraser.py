@@ -143,7 +143,7 @@ class ContextEraser:
 
     async def _collect(self, hashes: Sequence[str]) -> None:
         """Delete the bytes no other file names (a blob is shared by equal contents)."""
-        kept = await self._store.live_hashes(hashes)
+        kept = await self._store.named_hashes(hashes)
         for sha256 in sorted(set(hashes) - kept):
             await self._files.blobs.delete(sha256)
 

@@ -28,7 +28,7 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Final
 
@@ -252,14 +252,15 @@ class DataExports:
     async def expire(self) -> int:
         """Delete the bytes of archives past their expiry that nothing else names."""
         hashes = await self._store.expire(now())
-        kept = await self._store.named_hashes(hashes)
-        for sha256 in sorted(set(hashes) - kept):
-            await self._blobs.delete(sha256)
+        await self._drop_unnamed(hashes)
         return len(hashes)
 
     async def remove_of(self, user_id: str) -> None:
         """An erasure: the person's exports and their archives' bytes."""
-        hashes = await self._store.remove_of(user_id)
+        await self._drop_unnamed(await self._store.remove_of(user_id))
+
+    async def _drop_unnamed(self, hashes: Sequence[str]) -> None:
+        """Delete the bytes of ``hashes`` that no file or other export names."""
         kept = await self._store.named_hashes(hashes)
         for sha256 in sorted(set(hashes) - kept):
             await self._blobs.delete(sha256)

@@ -4,7 +4,6 @@ reads of a person (their account, memberships, messages, memory, usage, files)."
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -29,8 +28,6 @@ from switchboard.platform.values.names import new_id, now
 RUNNING: Final = "running"
 SUCCEEDED: Final = "succeeded"
 FAILED: Final = "failed"
-#: Messages read per round while gathering a person's.
-SCAN_BATCH: Final = 500
 
 
 @dataclass(frozen=True)
@@ -238,24 +235,6 @@ class ExportStore(PrivacyStore):
             return hashes
 
         return await self._run(tx, write=True)
-
-    async def named_hashes(self, hashes: Sequence[str]) -> set[str]:
-        """Those of ``hashes`` a file or an unexpired export still names."""
-        if not hashes:
-            return set()
-
-        def tx(db: Session) -> set[str]:
-            files = set(
-                db.execute(select(FileRow.sha256).where(FileRow.sha256.in_(list(hashes)))).scalars()
-            )
-            exports = set(
-                db.execute(
-                    select(DataExportRow.sha256).where(DataExportRow.sha256.in_(list(hashes)))
-                ).scalars()
-            )
-            return files | exports
-
-        return await self._run(tx, write=False)
 
     # -- what an archive reads ----------------------------------------------------------
 

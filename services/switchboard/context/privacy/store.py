@@ -21,6 +21,7 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.storebase import StoreBase
 from switchboard.platform.store.models import (
     ConversationRow,
+    DataExportRow,
     FileRow,
     MemoryItemRow,
     MessageRow,
@@ -210,17 +211,17 @@ class PrivacyStore(StoreBase):
 
         return await self._run(tx, write=True)
 
-    async def live_hashes(self, hashes: Sequence[str]) -> set[str]:
-        """Those of ``hashes`` another file still names (its bytes stay)."""
+    async def named_hashes(self, hashes: Sequence[str]) -> set[str]:
+        """Those of ``hashes`` a file row or a data export still names (their bytes stay:
+        a blob is shared by equal contents)."""
         if not hashes:
             return set()
 
         def tx(db: Session) -> set[str]:
-            return set(
-                db.execute(
-                    select(FileRow.sha256).where(FileRow.sha256.in_(list(hashes))).distinct()
-                ).scalars()
-            )
+            wanted = list(hashes)
+            files = select(FileRow.sha256).where(FileRow.sha256.in_(wanted))
+            exports = select(DataExportRow.sha256).where(DataExportRow.sha256.in_(wanted))
+            return set(db.execute(files).scalars()) | set(db.execute(exports).scalars())
 
         return await self._run(tx, write=False)
 
