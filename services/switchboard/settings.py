@@ -32,6 +32,7 @@ from switchboard.context.windows.settings import WindowSettings
 from switchboard.dispatcher.llm.settings import LlmSettings
 from switchboard.dispatcher.schedules.settings import ScheduleSettings
 from switchboard.dispatcher.settings import DispatcherSettings
+from switchboard.dispatcher.talk.sip.settings import SipSettings
 from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings
 from switchboard.dispatcher.voice.settings import VoiceSettings
 from switchboard.events.settings import EventSettings
@@ -68,6 +69,7 @@ class Settings:
     llm: LlmSettings
     voice: VoiceSettings
     webrtc: WebRtcSettings
+    sip: SipSettings
     remote_handlers: RemoteHandlerSettings
     integration: IntegrationSettings
     egress: EgressSettings

@@ -81,6 +81,7 @@ from switchboard.dispatcher.service import Catalogs, Dispatcher, Readmission, Ru
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.build import peers_of, smart_turn, talk_limits
 from switchboard.dispatcher.talk.session import Talks
+from switchboard.dispatcher.talk.sip.build import start_sip
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings
 from switchboard.dispatcher.tools.port import LocalTools, ToolHub
@@ -663,6 +664,8 @@ async def build(shared: Shared) -> ServiceRegistration:
         return await dispatcher_service(shared, port, hub, neighbours)
 
     dispatcher = await shared.part(Dispatcher, make)
+    # Phone calls, when SWITCHBOARD_SIP_LISTEN asks: closed before the dispatcher's runs.
+    await start_sip(shared, dispatcher.talks, port)
     serve_part(
         shared.resources,
         shared.database,

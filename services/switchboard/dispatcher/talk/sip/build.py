@@ -1,0 +1,72 @@
+"""The SIP user agent as a dispatcher process builds it from ``SWITCHBOARD_SIP_*``: none
+without ``SWITCHBOARD_SIP_LISTEN``; else the engine started, its calls closed (before the
+dispatcher's runs stop) and the library ended when the process stops."""
+
+from __future__ import annotations
+
+import logging
+
+from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.talk.session import Talks
+from switchboard.dispatcher.talk.sip.calls import CallLimits, Calls
+from switchboard.dispatcher.talk.sip.engine import PJSIP_MAX_CALLS, EngineOptions, SipEngine
+from switchboard.dispatcher.talk.sip.rules import Dialplan
+from switchboard.dispatcher.talk.sip.settings import SipSettings, listen
+from switchboard.dispatcher.talk.webrtc.ports import PortRange
+from switchboard.platform.process import Shared
+
+log = logging.getLogger("switchboard.dispatcher.talk.sip")
+
+
+async def start_sip(shared: Shared, talks: Talks, context: ContextPort) -> Calls | None:
+    settings = shared.section(SipSettings)
+    where = listen(settings.sip_listen)
+    if where is None:
+        return None
+    plan = Dialplan.read(
+        settings.sip_trunks.get_secret_value(), settings.sip_rules.get_secret_value()
+    )
+    calls = Calls(
+        plan=plan,
+        talks=talks,
+        context=context,
+        policy=shared.policy,
+        limits=CallLimits(
+            max_calls=settings.sip_max_calls,
+            max_calls_per_workspace=settings.sip_max_calls_per_workspace,
+            invites_per_s=settings.sip_invites_per_s,
+            invite_burst=settings.sip_invite_burst,
+            dtmf_pause_s=settings.sip_dtmf_pause_s,
+        ),
+    )
+    ports = PortRange.parse(settings.sip_rtp_ports)
+    engine = SipEngine(
+        EngineOptions(
+            host=where[0],
+            port=where[1],
+            public_host=settings.sip_public_host,
+            rtp_low=ports.low if ports else 0,
+            rtp_count=len(ports) if ports else 0,
+            # PJSIP's build holds 32 call slots at most, refused calls too while they end.
+            max_calls=PJSIP_MAX_CALLS,
+        ),
+        calls.screen,
+        calls,
+    )
+    calls.engine = engine
+
+    async def started() -> Calls:
+        return calls
+
+    await shared.part(Calls, started)
+    port = await engine.start()
+    shared.resources.push_async_callback(engine.stop)
+    shared.resources.push_async_callback(calls.close)
+    log.info(
+        "SIP listening on %s:%d (UDP); %d trunks, %d dispatch rules",
+        where[0],
+        port,
+        len(plan.trunks),
+        len(plan.rules),
+    )
+    return calls

@@ -1,0 +1,565 @@
+"""PJSIP's user agent in this process: SIP signalling, RTP and the telephone codecs, in C.
+
+PJSIP (through ``pjsua2``, its SWIG binding) keeps one library per process, and its calls
+must come from a thread it knows. So one thread of ours, ``sip-engine``, owns it whole:
+it creates the library, runs its events (``libHandleEvents``) and carries out every
+command the loop sends (``_Commands``); nothing else touches a PJSIP object. What PJSIP
+reports (an INVITE, a call's media, a key pressed, a hang-up) goes to the loop with
+``call_soon_threadsafe``, as ``CallEvents`` calls.
+
+Audio takes the shortest way. Each call's audio stream is bridged, in PJSIP's conference
+bridge, to a port of ours at the call's own rate (8 kHz for PCMU and PCMA, 16 kHz for
+G.722): PJSIP's media clock hands it each 20 ms the caller sent (``onFrameReceived``,
+passed to the loop as it comes) and asks it for the next 20 ms to send
+(``onFrameRequested``, taken from the call's ``Playout`` under a lock, silence when it is
+empty). So the codecs, RTP, jitter and the clock are PJSIP's; Python sees one PCM frame
+each way every 20 ms per call.
+
+An INVITE is screened on this thread before anything else sees it (``Screen``: the trunk
+by source address, the INVITE rate per source, the number dialed), so an unknown trunk or
+a flood is answered here and never reaches the loop. PJSIP itself answers malformed SIP
+(400) and an offer with no codec in common (488).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+log = logging.getLogger("switchboard.dispatcher.talk.sip")
+
+#: What this user agent takes, best first; every other codec PJSIP has is disabled.
+CODECS: Final = ("G722/16000/1", "PCMU/8000/1", "PCMA/8000/1")
+#: How long one pass of PJSIP's events waits at most (ms): the commands' latency.
+POLL_MS: Final = 10
+#: The longest answer audio one call may hold queued (s): beyond it, pushes are refused.
+MAX_QUEUED_S: Final = 60.0
+#: The call slots the ``pjsua2-python`` wheel's PJSIP is built with (PJSUA_MAX_CALLS).
+PJSIP_MAX_CALLS: Final = 32
+#: How long the engine may take to start or stop.
+START_TIMEOUT_S: Final = 10.0
+_SOURCE: Final = re.compile(r"^\[?([0-9A-Fa-f:.]+)\]?:(\d+)$")
+_USER: Final = re.compile(r"^(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Invite:
+    """An INVITE PJSIP received, as the screen and the loop see it."""
+
+    call: int  # this engine's number for the call
+    source: str  # the sending address (IP)
+    dialed: str  # the Request-URI's user part: the number called
+    caller: str  # the From URI's user part: the caller ID
+    display: str  # the From header's display name
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: int
+    reason: str
+
+
+class Screen(Protocol):
+    """Decides on the engine's thread, with no I/O, whether an INVITE may go on."""
+
+    def __call__(self, invite: Invite) -> Refusal | None: ...
+
+
+class CallEvents(Protocol):
+    """What the engine reports, each on the loop."""
+
+    def incoming(self, invite: Invite) -> None: ...
+
+    def media(self, call: int, codec: str, rate: int) -> None: ...
+
+    def audio(self, call: int, pcm: bytes) -> None: ...
+
+    def dtmf(self, call: int, digit: str) -> None: ...
+
+    def ended(self, call: int, code: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    host: str = "127.0.0.1"  # the address SIP binds
+    port: int = 0  # 0: any the system picks
+    public_host: str = ""  # what Contact and SDP name (NAT); the bound host if empty
+    rtp_low: int = 0  # RTP ports low..low+count-1 (0: any)
+    rtp_count: int = 0
+    max_calls: int = PJSIP_MAX_CALLS
+    user_agent: str = "Switchboard"
+
+
+class Playout:
+    """A call's answer audio waiting for PJSIP's clock: pushed by the loop, taken 20 ms at
+    a time by the media thread."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.frame_bytes = rate // 50 * 2
+        self._lock = threading.Lock()
+        self._data = bytearray()
+        self._limit = int(MAX_QUEUED_S * rate) * 2
+        #: Frames sent while nothing was queued (the caller heard silence).
+        self.silent_frames = 0
+        self.sent_bytes = 0
+
+    def push(self, pcm: bytes) -> bool:
+        with self._lock:
+            if len(self._data) + len(pcm) > self._limit:
+                return False
+            self._data += pcm
+            return True
+
+    def clear(self) -> int:
+        """Drop what is queued (barge-in); how many bytes were dropped."""
+        with self._lock:
+            dropped = len(self._data)
+            self._data.clear()
+            return dropped
+
+    @property
+    def queued_bytes(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def take(self) -> bytes:
+        n = self.frame_bytes
+        with self._lock:
+            chunk = bytes(self._data[:n])
+            del self._data[:n]
+        if not chunk:
+            self.silent_frames += 1
+            return bytes(n)
+        self.sent_bytes += len(chunk)
+        return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
+
+
+@dataclass
+class _Leg:
+    """One call as the engine thread holds it (PJSIP's objects stay referenced until the
+    call is over and its callback has returned: SWIG's directors must outlive it)."""
+
+    number: int
+    call: Any
+    port: Any = None
+    playout: Playout | None = None
+    ended: bool = False
+    answered: bool = False
+    extra: list[Any] = field(default_factory=list)
+
+
+class SipEngine:
+    """The user agent (see the module doc). ``start`` on the loop, then commands from the
+    loop; ``stop`` hangs up every call and ends the library."""
+
+    def __init__(self, options: EngineOptions, screen: Screen, events: CallEvents) -> None:
+        self._options = options
+        self._screen = screen
+        self._events = events
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._legs: dict[int, _Leg] = {}
+        self._next = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ready: asyncio.Future[int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ep: Any = None
+        self._account: Any = None
+        self._writer: Any = None
+        #: The SIP port bound (after ``start``).
+        self.port = 0
+
+    # -- the loop's side -------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Start the library on its thread; the SIP port it bound."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._ready = loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="sip-engine", daemon=True)
+        self._thread.start()
+        async with asyncio.timeout(START_TIMEOUT_S):
+            self.port = await self._ready
+        return self.port
+
+    async def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping.set()
+        await asyncio.to_thread(thread.join, START_TIMEOUT_S)
+        self._thread = None
+
+    def playout(self, call: int) -> Playout | None:
+        leg = self._legs.get(call)
+        return None if leg is None else leg.playout
+
+    def ring(self, call: int) -> None:
+        self._do(call, lambda leg: self._answer(leg, 180))
+
+    def answer(self, call: int) -> None:
+        self._do(call, lambda leg: self._answer(leg, 200))
+
+    def hang_up(self, call: int, code: int = 0, reason: str = "") -> None:
+        """End a call: an unanswered one is refused with ``code`` (603 if 0)."""
+        self._do(call, lambda leg: self._hang_up(leg, code, reason))
+
+    def send_dtmf(self, call: int, digits: str) -> None:
+        self._do(call, lambda leg: leg.call.dialDtmf(digits))
+
+    def transfer(self, call: int, target: str) -> None:
+        """A blind transfer: REFER the caller to ``target`` (a SIP URI)."""
+
+        def refer(leg: _Leg) -> None:
+            import pjsua2 as pj
+
+            leg.call.xfer(target, pj.CallOpParam(True))
+
+        self._do(call, refer)
+
+    # -- the engine's thread ---------------------------------------------------------------
+
+    def _do(self, call: int, action: Callable[[_Leg], None]) -> None:
+        def run() -> None:
+            leg = self._legs.get(call)
+            if leg is None or leg.ended:
+                return
+            try:
+                action(leg)
+            except Exception as exc:  # noqa: BLE001 - PJSIP's Error: the call is ending
+                log.info("a SIP command on call %d failed: %s", call, _said(exc))
+
+        self._commands.put(run)
+
+    def _report(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            # RuntimeError: the loop closed meanwhile (the process is stopping).
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(callback, *args)
+
+    def _run(self) -> None:
+        try:
+            port = self._open()
+        except BaseException as exc:  # noqa: BLE001 - told to ``start``'s caller
+            self._settle(exc)
+            return
+        self._settle(port)
+        try:
+            while not self._stopping.is_set():
+                self._drain()
+                self._ep.libHandleEvents(POLL_MS)
+                self._forget()
+        finally:
+            self._close()
+
+    def _settle(self, outcome: int | BaseException) -> None:
+        ready, loop = self._ready, self._loop
+        if ready is None or loop is None:
+            return
+
+        def settle() -> None:
+            if ready.done():
+                return
+            if isinstance(outcome, BaseException):
+                ready.set_exception(outcome)
+            else:
+                ready.set_result(outcome)
+
+        loop.call_soon_threadsafe(settle)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _open(self) -> int:
+        import pjsua2 as pj
+
+        options = self._options
+        ep = pj.Endpoint()
+        ep.libCreate()
+        self._ep = ep
+        config = pj.EpConfig()
+        config.uaConfig.threadCnt = 0
+        config.uaConfig.mainThreadOnly = False
+        config.uaConfig.maxCalls = options.max_calls
+        config.uaConfig.userAgent = options.user_agent
+        config.logConfig.level = 1
+        config.logConfig.consoleLevel = 1
+        # PJSIP deletes its log writer in ``libDestroy``: the C++ side owns it (a Python
+        # delete after that would free it twice), and this reference keeps it alive.
+        self._writer = _new_log_writer()
+        self._writer.__disown__()
+        config.logConfig.writer = self._writer
+        config.medConfig.clockRate = 16_000
+        config.medConfig.sndClockRate = 16_000
+        config.medConfig.noVad = True
+        config.medConfig.ecTailLen = 0  # no echo canceller: the caller's phone has its own
+        ep.libInit(config)
+        transport = pj.TransportConfig()
+        transport.port = options.port
+        transport.boundAddress = options.host
+        transport.publicAddress = options.public_host or options.host
+        tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, transport)
+        ep.audDevManager().setNullDev()
+        ep.libStart()
+        wanted = {codec: 255 - i for i, codec in enumerate(CODECS)}
+        for info in ep.codecEnum2():
+            ep.codecSetPriority(info.codecId, wanted.get(info.codecId, 0))
+        account_config = pj.AccountConfig()
+        public = options.public_host or options.host
+        account_config.idUri = f"sip:switchboard@{public}"
+        media = account_config.mediaConfig.transportConfig
+        media.boundAddress = options.host
+        media.publicAddress = public
+        media.port = options.rtp_low
+        media.portRange = options.rtp_count
+        self._account = _new_account(self)
+        self._account.create(account_config, True)
+        name = str(ep.transportGetInfo(tid).localName)
+        matched = _SOURCE.match(name)
+        return int(matched.group(2)) if matched else options.port
+
+    def _close(self) -> None:
+        import pjsua2 as pj
+
+        for leg in list(self._legs.values()):
+            if not leg.ended:
+                with contextlib.suppress(Exception):  # PJSIP's Error: already ending
+                    leg.call.hangup(pj.CallOpParam(True))
+        for _ in range(50):
+            if all(leg.ended for leg in self._legs.values()):
+                break
+            self._ep.libHandleEvents(POLL_MS)
+        for leg in list(self._legs.values()):
+            self._unplug(leg)
+        self._legs.clear()
+        if self._account is not None:
+            with contextlib.suppress(Exception):
+                self._account.shutdown()
+        self._account = None
+        try:
+            self._ep.libDestroy()
+        except Exception as exc:  # noqa: BLE001 - the process stops either way
+            log.warning("PJSIP did not stop cleanly: %s", _said(exc))
+        self._ep = None
+        self._writer = None
+
+    def _forget(self) -> None:
+        for number in [n for n, leg in self._legs.items() if leg.ended]:
+            self._unplug(self._legs.pop(number))
+
+    def _unplug(self, leg: _Leg) -> None:
+        # PJSIP's objects are let go here, on this thread, and the leg's cycle with its
+        # call broken: the garbage collector must never delete one on another thread
+        # or after the library is gone (a crash).
+        leg.extra.clear()
+        leg.port = None
+        if leg.call is not None:
+            leg.call.leg = None
+            leg.call = None
+
+    # -- PJSIP's callbacks (on this thread) ------------------------------------------------
+
+    def _incoming(self, call_id: int, source: str, request_line: str) -> None:
+        leg = self._leg(_new_call(self, call_id))
+        info = leg.call.getInfo()
+        matched = _SOURCE.match(source)
+        invite = Invite(
+            call=leg.number,
+            source=matched.group(1) if matched else source,
+            dialed=_user(request_line.split(" ")[1] if " " in request_line else ""),
+            caller=_user(_uri(str(info.remoteUri))),
+            display=_display(str(info.remoteUri)),
+        )
+        refusal = self._screen(invite)
+        if refusal is not None:
+            self._hang_up(leg, refusal.code, refusal.reason)
+            return
+        self._report(self._events.incoming, invite)
+
+    def _leg(self, call: Any) -> _Leg:
+        self._next += 1
+        leg = _Leg(number=self._next, call=call)
+        call.leg = leg
+        self._legs[leg.number] = leg
+        return leg
+
+    def _answer(self, leg: _Leg, code: int) -> None:
+        import pjsua2 as pj
+
+        param = pj.CallOpParam(True)
+        param.statusCode = code
+        leg.call.answer(param)
+        if code == 200:
+            leg.answered = True
+
+    def _hang_up(self, leg: _Leg, code: int, reason: str) -> None:
+        import pjsua2 as pj
+
+        param = pj.CallOpParam(True)
+        if code:
+            param.statusCode = code
+        if reason:
+            param.reason = reason
+        leg.call.hangup(param)
+
+    def _media(self, leg: _Leg) -> None:
+        import pjsua2 as pj
+
+        if leg.port is not None:
+            return
+        info = leg.call.getInfo()
+        for index, media in enumerate(info.media):
+            if media.type != pj.PJMEDIA_TYPE_AUDIO or media.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
+                continue
+            stream = leg.call.getStreamInfo(index)
+            rate = 16_000 if int(stream.codecClockRate) >= 16_000 else 8_000
+            playout = Playout(rate)
+            port = _new_port(self, leg.number, playout)
+            fmt = pj.MediaFormatAudio()
+            fmt.type = pj.PJMEDIA_TYPE_AUDIO
+            fmt.clockRate = rate
+            fmt.channelCount = 1
+            fmt.bitsPerSample = 16
+            fmt.frameTimeUsec = 20_000
+            port.createPort(f"call-{leg.number}", fmt)
+            audio = leg.call.getAudioMedia(index)
+            audio.startTransmit(port)
+            port.startTransmit(audio)
+            leg.port, leg.playout = port, playout
+            leg.extra.append(audio)
+            self._report(self._events.media, leg.number, str(stream.codecName), rate)
+            return
+
+    def _state(self, leg: _Leg) -> None:
+        import pjsua2 as pj
+
+        info = leg.call.getInfo()
+        if info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not leg.ended:
+            leg.ended = True
+            self._report(
+                self._events.ended, leg.number, int(info.lastStatusCode), str(info.lastReason)
+            )
+
+
+def _pj_classes() -> tuple[type, type, type, type]:
+    """PJSIP's directors, defined when the engine first starts (``pjsua2`` is imported
+    only by a process that serves SIP)."""
+    import pjsua2 as pj
+
+    class Account(pj.Account):  # type: ignore[misc]
+        def __init__(self, engine: SipEngine) -> None:
+            super().__init__()
+            self.engine = engine
+
+        def onIncomingCall(self, prm: Any) -> None:
+            first = str(prm.rdata.wholeMsg).split("\r\n", 1)[0].split("\n", 1)[0]
+            self.engine._incoming(int(prm.callId), str(prm.rdata.srcAddress), first)
+
+    class Call(pj.Call):  # type: ignore[misc]
+        def __init__(self, engine: SipEngine, call_id: int) -> None:
+            super().__init__(engine._account, call_id)
+            self.engine = engine
+            self.leg: _Leg | None = None
+
+        def onCallState(self, prm: Any) -> None:
+            if self.leg is not None:
+                self.engine._state(self.leg)
+
+        def onCallMediaState(self, prm: Any) -> None:
+            if self.leg is not None:
+                self.engine._media(self.leg)
+
+        def onDtmfDigit(self, prm: Any) -> None:
+            if self.leg is not None:
+                self.engine._report(self.engine._events.dtmf, self.leg.number, str(prm.digit))
+
+    class Port(pj.AudioMediaPort):  # type: ignore[misc]
+        def __init__(self, engine: SipEngine, number: int, playout: Playout) -> None:
+            super().__init__()
+            self.engine = engine
+            self.number = number
+            self.playout = playout
+
+        def onFrameReceived(self, frame: Any) -> None:
+            if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO:
+                self.engine._report(self.engine._events.audio, self.number, bytes(frame.buf))
+
+        def onFrameRequested(self, frame: Any) -> None:
+            data = self.playout.take()
+            frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+            frame.buf = pj.ByteVector(data)
+            frame.size = len(data)
+
+    class LogWriter(pj.LogWriter):  # type: ignore[misc]
+        def write(self, entry: Any) -> None:
+            # PJSIP's own lines (level 1: errors) into ours, never to the console.
+            log.info("pjsip: %s", str(entry.msg).strip()[:500])
+
+    return Account, Call, Port, LogWriter
+
+
+_CLASSES: list[tuple[type, type, type, type]] = []
+
+
+def _classes() -> tuple[type, type, type, type]:
+    if not _CLASSES:
+        _CLASSES.append(_pj_classes())
+    return _CLASSES[0]
+
+
+def _new_account(engine: SipEngine) -> Any:
+    return _classes()[0](engine)
+
+
+def _new_call(engine: SipEngine, call_id: int) -> Any:
+    return _classes()[1](engine, call_id)
+
+
+def _new_port(engine: SipEngine, number: int, playout: Playout) -> Any:
+    return _classes()[2](engine, number, playout)
+
+
+def _new_log_writer() -> Any:
+    return _classes()[3]()
+
+
+def _uri(header: str) -> str:
+    """The URI in a From or To value (``"Ann" <sip:+1555@host>;tag=x``)."""
+    if "<" in header and ">" in header:
+        return header[header.index("<") + 1 : header.index(">")]
+    return header.split(";", 1)[0].strip()
+
+
+def _user(uri: str) -> str:
+    matched = _USER.match(uri.strip())
+    return matched.group(1)[:64] if matched else ""
+
+
+def _display(header: str) -> str:
+    if "<" not in header:
+        return ""
+    return header[: header.index("<")].strip().strip('"')[:64]
+
+
+def _said(exc: BaseException) -> str:
+    info = getattr(exc, "info", None)
+    if callable(info):
+        try:
+            return str(info())[:300]
+        except Exception:  # noqa: BLE001
+            return type(exc).__name__
+    return str(exc)[:300]

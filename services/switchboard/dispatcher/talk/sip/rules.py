@@ -1,0 +1,191 @@
+"""Who may call in, and where a call goes: trunks and dispatch rules.
+
+A **trunk** is a carrier (or a PBX) allowed to send calls: the addresses its INVITEs come
+from (``addresses``, networks in CIDR). An INVITE from anywhere else is refused (403)
+before anything else is looked at.
+
+A **dispatch rule** takes a call to an assistant: the number dialed (the Request-URI's
+user part, ``+15550100``; ``*`` for any), the trunks it listens on (all if none), the
+assistant that answers (``workspaces/{w}/assistants/{a}``: the call's conversation is made
+in its workspace), and the user the call acts as (``user``, a member of that workspace
+who may write in it: the conversation is theirs, the runs count against their budgets and
+quotas). ``callers`` maps caller IDs to users: a caller whose number is listed acts as
+that user (their own conversation, their rights); any other caller is anonymous, and has
+no way into Switchboard but the call's audio. The first rule that matches wins, so a
+``*`` rule goes last.
+
+Both are read at start (``SWITCHBOARD_SIP_TRUNKS``, ``SWITCHBOARD_SIP_RULES``), as JSON,
+and a mistake stops the process with the words below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from switchboard.platform.values.resources import AssistantName, UserName
+
+#: The most trunks and rules a process takes, and the most callers a rule maps.
+MAX_TRUNKS: Final = 64
+MAX_RULES: Final = 256
+MAX_CALLERS: Final = 1000
+_NUMBER: Final = re.compile(r"^(\*|\+?[0-9A-Za-z._-]{1,64})$")
+_NAME: Final = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Trunk:
+    name: str
+    addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def allows(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.addresses)
+
+
+@dataclass(frozen=True)
+class DispatchRule:
+    number: str
+    assistant: AssistantName
+    user: UserName
+    trunks: frozenset[str] = frozenset()
+    callers: dict[str, UserName] = field(default_factory=dict)
+
+    @property
+    def workspace_id(self) -> str:
+        return self.assistant.workspace
+
+    def matches(self, trunk: str, dialed: str) -> bool:
+        if self.trunks and trunk not in self.trunks:
+            return False
+        return self.number in ("*", dialed)
+
+    def acts_as(self, caller: str) -> tuple[UserName, bool]:
+        """The user the call acts as, and whether the caller is that user (not anonymous)."""
+        known = self.callers.get(caller)
+        return (known, True) if known is not None else (self.user, False)
+
+
+@dataclass(frozen=True)
+class Dialplan:
+    trunks: tuple[Trunk, ...] = ()
+    rules: tuple[DispatchRule, ...] = ()
+
+    def trunk_of(self, address: str) -> Trunk | None:
+        return next((t for t in self.trunks if t.allows(address)), None)
+
+    def rule_for(self, trunk: str, dialed: str) -> DispatchRule | None:
+        return next((r for r in self.rules if r.matches(trunk, dialed)), None)
+
+    @classmethod
+    def read(cls, trunks_json: str, rules_json: str) -> Dialplan:
+        """ValueError naming the entry and the field for anything wrong."""
+        trunks = tuple(_trunk(i, t) for i, t in enumerate(_list(trunks_json, "trunks", MAX_TRUNKS)))
+        names = [t.name for t in trunks]
+        if len(set(names)) != len(names):
+            raise ValueError("SIP trunks: two trunks have the same name")
+        rules = tuple(
+            _rule(i, r, set(names)) for i, r in enumerate(_list(rules_json, "rules", MAX_RULES))
+        )
+        return cls(trunks, rules)
+
+
+def _list(text: str, what: str, most: int) -> list[dict[str, Any]]:
+    if not text.strip():
+        return []
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"SIP {what}: not JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"SIP {what}: a JSON list of objects is needed")
+    if len(value) > most:
+        raise ValueError(f"SIP {what}: at most {most}")
+    return value
+
+
+def _trunk(index: int, value: dict[str, Any]) -> Trunk:
+    where = f"SIP trunks[{index}]"
+    _only(where, value, {"name", "addresses"})
+    name = value.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{where}.name: lowercase letters, digits and '-', from a letter")
+    addresses = value.get("addresses")
+    if not isinstance(addresses, list) or not addresses or len(addresses) > 64:
+        raise ValueError(f"{where}.addresses: 1 to 64 networks (CIDR) are needed")
+    networks = []
+    for j, text in enumerate(addresses):
+        try:
+            networks.append(ipaddress.ip_network(str(text), strict=False))
+        except ValueError:
+            raise ValueError(f"{where}.addresses[{j}]: {text!r} is not a network") from None
+    return Trunk(name=name, addresses=tuple(networks))
+
+
+def _rule(index: int, value: dict[str, Any], trunks: set[str]) -> DispatchRule:
+    where = f"SIP rules[{index}]"
+    _only(where, value, {"number", "assistant", "user", "trunks", "callers"})
+    number = value.get("number")
+    if not isinstance(number, str) or not _NUMBER.match(number):
+        raise ValueError(f"{where}.number: a number or SIP user (up to 64 characters), or '*'")
+    try:
+        assistant = AssistantName.parse(str(value.get("assistant", "")), "assistant")
+        user = UserName.parse(str(value.get("user", "")), "user")
+    except Exception as exc:  # noqa: BLE001 - the parser's InvalidArgument, said plainly
+        raise ValueError(f"{where}: {exc}") from None
+    named = value.get("trunks", [])
+    if not isinstance(named, list) or any(t not in trunks for t in named):
+        raise ValueError(f"{where}.trunks: names of trunks listed in SWITCHBOARD_SIP_TRUNKS")
+    callers = value.get("callers", {})
+    if not isinstance(callers, dict) or len(callers) > MAX_CALLERS:
+        raise ValueError(f"{where}.callers: an object of caller ID to users/{{id}}")
+    mapped = {}
+    for caller, name in callers.items():
+        if not _NUMBER.match(str(caller)) or caller == "*":
+            raise ValueError(f"{where}.callers: {caller!r} is not a caller ID")
+        try:
+            mapped[str(caller)] = UserName.parse(str(name), "callers")
+        except Exception:  # noqa: BLE001
+            raise ValueError(f"{where}.callers[{caller!r}]: users/{{id}} is needed") from None
+    return DispatchRule(
+        number=number, assistant=assistant, user=user, trunks=frozenset(named), callers=mapped
+    )
+
+
+def _only(where: str, value: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}")
+
+
+class InviteRate:
+    """INVITEs per source address: a token bucket each (``rate`` a second, ``burst`` at
+    once), so a flood from one address is refused (503) before it costs a call. Used on
+    the engine's thread only."""
+
+    def __init__(self, rate: float, burst: int, most_sources: int = 4096) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._most = most_sources
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, source: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, then = self._buckets.get(source, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - then) * self._rate)
+        if len(self._buckets) >= self._most and source not in self._buckets:
+            # Full buckets say nothing: the oldest go first.
+            for key in list(self._buckets)[: self._most // 4]:
+                del self._buckets[key]
+        if tokens < 1:
+            self._buckets[source] = (tokens, now)
+            return False
+        self._buckets[source] = (tokens - 1, now)
+        return True

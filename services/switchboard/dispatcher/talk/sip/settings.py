@@ -1,0 +1,99 @@
+"""SIP's section (``SWITCHBOARD_SIP_*``): where the user agent listens, the RTP ports, the
+trunks and dispatch rules (``rules.py`` parses them, so a mistake stops the process at
+start with the words a call would be refused with), and the limits on calls."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from switchboard.dispatcher.talk.sip.rules import Dialplan
+from switchboard.dispatcher.talk.webrtc.ports import PortRange
+from switchboard.platform.config import Section
+
+
+class SipSettings(Section):
+    """What the dispatcher's SIP user agent reads (``talk/sip/build.py``)."""
+
+    sip_listen: str = Field(
+        default="",
+        description="`host:port` the SIP user agent listens on (UDP; port 0: any free one, "
+        "logged at start); empty: no SIP. Calls come in only from `SWITCHBOARD_SIP_TRUNKS`",
+    )
+    sip_public_host: str = Field(
+        default="",
+        description="the address SIP and SDP name for this server when it is behind NAT (its "
+        "public IP); empty: the listening host",
+    )
+    sip_rtp_ports: str = Field(
+        default="",
+        description="the UDP ports calls' RTP binds, as `low-high` (two per call: RTP and "
+        "RTCP); empty: any the system picks",
+    )
+    sip_trunks: SecretStr = Field(
+        default=SecretStr(""),
+        description='the carriers allowed to call in, as JSON: `[{"name": "carrier", '
+        '"addresses": ["203.0.113.0/24"]}]`; an INVITE from any other address is refused '
+        "(403) (docs/telephony.md)",
+    )
+    sip_rules: SecretStr = Field(
+        default=SecretStr(""),
+        description='where calls go, as JSON: `[{"number": "+15550100", "assistant": '
+        '"workspaces/w/assistants/a", "user": "users/u", "trunks": ["carrier"], '
+        '"callers": {"+15557654321": "users/v"}}]`; the first match wins, `*` matches any '
+        "number (docs/telephony.md)",
+    )
+    sip_max_calls: int = Field(
+        default=20,
+        ge=1,
+        # PJSIP's 32 call slots, less room for the refusals of a flood still ending.
+        le=24,
+        description="calls this process carries at once (486 Busy Here above)",
+    )
+    sip_max_calls_per_workspace: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="calls one workspace's rules carry at once in this process (486 above)",
+    )
+    sip_invites_per_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=1000,
+        description="INVITEs a second one source address may send, with bursts of "
+        "`SWITCHBOARD_SIP_INVITE_BURST` (503 above, before anything is looked up)",
+    )
+    sip_invite_burst: int = Field(default=10, ge=1, le=10_000, description="see above")
+    sip_dtmf_pause_s: float = Field(
+        default=2.0,
+        ge=0.2,
+        le=30,
+        description="keys pressed are sent to the assistant as one message after this "
+        "pause, or at once on `#`",
+    )
+
+    @field_validator("sip_rtp_ports")
+    @classmethod
+    def _check_ports(cls, value: str) -> str:
+        PortRange.parse(value)
+        return value
+
+    @field_validator("sip_listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        listen(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_plan(self) -> SipSettings:
+        Dialplan.read(self.sip_trunks.get_secret_value(), self.sip_rules.get_secret_value())
+        return self
+
+
+def listen(value: str) -> tuple[str, int] | None:
+    """``host:port`` as a pair; None for "" (no SIP); ValueError for anything else."""
+    if not value.strip():
+        return None
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65_535:
+        raise ValueError(f"SWITCHBOARD_SIP_LISTEN: {value!r} is not host:port")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,135 @@
+"""Trunks and dispatch rules (``talk/sip/rules.py``) and SIP's settings: what a call is
+matched by, and every mistake refused at start with the entry and the field named."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from switchboard.dispatcher.talk.sip.rules import Dialplan, InviteRate
+from switchboard.dispatcher.talk.sip.settings import SipSettings, listen
+
+pytestmark = pytest.mark.unit
+
+TRUNKS = json.dumps(
+    [
+        {"name": "carrier", "addresses": ["203.0.113.0/24", "2001:db8::/32"]},
+        {"name": "office", "addresses": ["198.51.100.7"]},
+    ]
+)
+RULES = json.dumps(
+    [
+        {
+            "number": "+15550100",
+            "trunks": ["carrier"],
+            "assistant": "workspaces/w1/assistants/a1",
+            "user": "users/u1",
+            "callers": {"+15557654321": "users/u2"},
+        },
+        {"number": "*", "assistant": "workspaces/w2/assistants/a2", "user": "users/u3"},
+    ]
+)
+
+
+def test_a_call_is_matched_by_its_trunk_then_its_number_first_rule_first() -> None:
+    plan = Dialplan.read(TRUNKS, RULES)
+    carrier = plan.trunk_of("203.0.113.9")
+    assert carrier is not None
+    assert carrier.name == "carrier"
+    assert plan.trunk_of("2001:db8::1") is carrier
+    assert plan.trunk_of("192.0.2.1") is None
+    assert plan.trunk_of("not an address") is None
+    rule = plan.rule_for("carrier", "+15550100")
+    assert rule is not None
+    assert str(rule.assistant) == "workspaces/w1/assistants/a1"
+    assert rule.workspace_id == "w1"
+    # The first rule listens on the carrier only: the office's call to it falls to '*'.
+    other = plan.rule_for("office", "+15550100")
+    assert other is not None
+    assert other.workspace_id == "w2"
+    assert plan.rule_for("carrier", "+15559999") is other
+
+
+def test_a_listed_caller_acts_as_its_user_and_any_other_as_the_rules() -> None:
+    rule = Dialplan.read(TRUNKS, RULES).rules[0]
+    assert rule.acts_as("+15557654321") == (rule.callers["+15557654321"], True)
+    user, known = rule.acts_as("+15550000")
+    assert (str(user), known) == ("users/u1", False)
+
+
+def test_no_rules_match_nothing() -> None:
+    plan = Dialplan.read("", "")
+    assert plan.trunk_of("127.0.0.1") is None
+    assert plan.rule_for("any", "+1") is None
+
+
+@pytest.mark.parametrize(
+    ("trunks", "rules", "words"),
+    [
+        ("{", "", "SIP trunks: not JSON"),
+        ('{"name": "x"}', "", "a JSON list of objects"),
+        ('[{"name": "Bad Name", "addresses": ["10.0.0.0/8"]}]', "", "trunks[0].name"),
+        ('[{"name": "a", "addresses": []}]', "", "trunks[0].addresses: 1 to 64"),
+        ('[{"name": "a", "addresses": ["10.0.0.300"]}]', "", "trunks[0].addresses[0]"),
+        ('[{"name": "a", "addresses": ["10.0.0.1"], "password": "x"}]', "", "unknown field"),
+        (
+            '[{"name": "a", "addresses": ["10.0.0.1"]}, {"name": "a", "addresses": ["10.0.0.2"]}]',
+            "",
+            "the same name",
+        ),
+        (
+            "",
+            '[{"number": "", "assistant": "workspaces/w/assistants/a", "user": "users/u"}]',
+            "rules[0].number",
+        ),
+        (
+            "",
+            '[{"number": "1", "assistant": "workspaces/w", "user": "users/u"}]',
+            "rules[0]: assistant",
+        ),
+        (
+            "",
+            '[{"number": "1", "assistant": "workspaces/w/assistants/a", "user": "u"}]',
+            "rules[0]: user",
+        ),
+        (
+            "",
+            '[{"number": "1", "assistant": "workspaces/w/assistants/a", "user": "users/u", '
+            '"trunks": ["nowhere"]}]',
+            "rules[0].trunks",
+        ),
+        (
+            "",
+            '[{"number": "1", "assistant": "workspaces/w/assistants/a", "user": "users/u", '
+            '"callers": {"+1": "bob"}}]',
+            "rules[0].callers['+1']",
+        ),
+    ],
+)
+def test_a_mistake_is_refused_naming_the_entry_and_field(
+    trunks: str, rules: str, words: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Dialplan.read(trunks, rules)
+
+
+def test_settings_refuse_a_bad_plan_listen_address_or_port_range() -> None:
+    with pytest.raises(ValueError, match="trunks"):
+        SipSettings(sip_trunks="[1]")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="host:port"):
+        SipSettings(sip_listen="nowhere")
+    with pytest.raises(ValueError, match="port range"):
+        SipSettings(sip_rtp_ports="9-8")
+    assert listen("") is None
+    assert listen("[::1]:5060") == ("::1", 5060)
+    assert listen("0.0.0.0:0") == ("0.0.0.0", 0)
+
+
+def test_the_invite_rate_refuses_a_flood_from_one_address_only() -> None:
+    rate = InviteRate(rate=2.0, burst=3)
+    assert [rate.take("a", now=0.0) for _ in range(4)] == [True, True, True, False]
+    assert rate.take("b", now=0.0)  # another address has its own bucket
+    assert not rate.take("a", now=0.4)  # 0.8 of a token: still none
+    assert rate.take("a", now=0.6)  # a token a half second
