@@ -59,6 +59,19 @@ def test_a_listed_caller_acts_as_its_user_and_any_other_as_the_rules() -> None:
     assert (str(user), known) == ("users/u1", False)
 
 
+def test_a_trunk_with_credentials_and_no_addresses_is_known_by_its_username() -> None:
+    plan = Dialplan.read(
+        '[{"name": "anywhere", "username": "carrier", "password": "a long trunk secret"}]', ""
+    )
+    assert plan.open_trunks
+    assert plan.trunk_of("192.0.2.1") is None
+    named = plan.trunk_named("carrier")
+    assert named is not None
+    assert named.authenticates
+    assert "secret" not in repr(named)
+    assert plan.trunk_named("someone") is None
+
+
 def test_no_rules_match_nothing() -> None:
     plan = Dialplan.read("", "")
     assert plan.trunk_of("127.0.0.1") is None
@@ -72,8 +85,20 @@ def test_no_rules_match_nothing() -> None:
         ('{"name": "x"}', "", "a JSON list of objects"),
         ('[{"name": "Bad Name", "addresses": ["10.0.0.0/8"]}]', "", "trunks[0].name"),
         ('[{"name": "a", "addresses": []}]', "", "trunks[0].addresses: 1 to 64"),
+        ('[{"name": "a", "addresses": [], "username": "u"}]', "", "or neither"),
+        (
+            '[{"name": "a", "username": "u", "password": "short"}]',
+            "",
+            "the password at least 12 long",
+        ),
+        (
+            '[{"name": "a", "username": "u", "password": "long enough pass"}, '
+            '{"name": "b", "username": "u", "password": "long enough pass"}]',
+            "",
+            "the same username",
+        ),
         ('[{"name": "a", "addresses": ["10.0.0.300"]}]', "", "trunks[0].addresses[0]"),
-        ('[{"name": "a", "addresses": ["10.0.0.1"], "password": "x"}]', "", "unknown field"),
+        ('[{"name": "a", "addresses": ["10.0.0.1"], "secret": "x"}]', "", "unknown field"),
         (
             '[{"name": "a", "addresses": ["10.0.0.1"]}, {"name": "a", "addresses": ["10.0.0.2"]}]',
             "",

@@ -1,8 +1,10 @@
 """This process's phone calls: each INVITE screened, admitted and bridged into Talk.
 
-On the engine's thread, before anything is looked up (``screen``): the source address
-must be a trunk's (403), within the INVITE rate for its address (503), and the number
-dialed must have a dispatch rule on that trunk (404). On the loop (``_admit``): this
+On the engine's thread, before anything is looked up (``screen``): within the INVITE
+rate for its address (503), from a trunk's address or to a trunk that takes calls from
+anywhere (403), with that trunk's digest credentials if it has them (a 401 challenge, 403
+for a wrong answer: ``digest.py``), and to a number a dispatch rule has on that trunk
+(404). On the loop (``_admit``): this
 process's and the workspace's limits (486 Busy Here), then the call is made a Talk
 session of the rule's assistant, acting as the user the caller maps to (or the rule's
 user for an anonymous caller): that user must still be able to write in the workspace
@@ -29,9 +31,10 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
 from switchboard.dispatcher.talk.session import Talks
+from switchboard.dispatcher.talk.sip import digest
 from switchboard.dispatcher.talk.sip.bridge import CallBridge
 from switchboard.dispatcher.talk.sip.engine import Invite, Refusal, SipEngine
-from switchboard.dispatcher.talk.sip.rules import Dialplan, DispatchRule, InviteRate
+from switchboard.dispatcher.talk.sip.rules import Dialplan, DispatchRule, InviteRate, Trunk
 from switchboard.platform.errors import (
     FailedPrecondition,
     NotFound,
@@ -97,6 +100,7 @@ class Calls:
         self._policy = policy
         self._limits = limits
         self._rate = InviteRate(limits.invites_per_s, limits.invite_burst)
+        self._digest = digest.Digest()
         self._calls: dict[int, _Call] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.engine: SipEngine | None = None
@@ -116,19 +120,53 @@ class Calls:
     def screen(self, invite: Invite) -> Refusal | None:
         if not self._rate.take(invite.source):
             return Refusal(503, "Too many calls from this address")
-        trunk = self._plan.trunk_of(invite.source)
-        if trunk is None:
-            return Refusal(403, "Forbidden")
+        trunk = self._trunk(invite)
+        if isinstance(trunk, Refusal):
+            return trunk
         if self._plan.rule_for(trunk.name, invite.dialed) is None:
             return Refusal(404, "No such number")
         return None
 
+    def _trunk(self, invite: Invite) -> Trunk | Refusal:
+        """The trunk the INVITE comes from, its credentials checked if it has any."""
+        answer = digest.parse(invite.authorization) if invite.authorization else None
+        trunk = self._plan.trunk_of(invite.source)
+        if trunk is None and answer is not None:
+            trunk = self._plan.trunk_named(answer.username)
+        if trunk is None and not (self._plan.open_trunks and answer is None):
+            return Refusal(403, "Forbidden")
+        if trunk is not None and not trunk.authenticates:
+            return trunk
+        if answer is None:
+            return self._challenge()
+        if trunk is None:
+            return Refusal(403, "Forbidden")
+        verdict = self._digest.check(
+            answer,
+            method="INVITE",
+            request_uri=invite.request_uri,
+            username=trunk.username,
+            password=trunk.password,
+        )
+        if verdict == "stale":
+            return self._challenge(stale=True)
+        if verdict != "ok":
+            return Refusal(403, "Forbidden")
+        return trunk
+
+    def _challenge(self, *, stale: bool = False) -> Refusal:
+        return Refusal(
+            401, "Unauthorized", (("WWW-Authenticate", self._digest.challenge(stale=stale)),)
+        )
+
     # -- the loop (CallEvents) ---------------------------------------------------------------
 
     def incoming(self, invite: Invite) -> None:
-        trunk = self._plan.trunk_of(invite.source)
-        rule = None if trunk is None else self._plan.rule_for(trunk.name, invite.dialed)
-        if rule is None:  # the screen said otherwise a moment ago: the plan is fixed
+        trunk = self._trunk(invite)  # the screen's verdict again: the plan is fixed
+        rule = None
+        if isinstance(trunk, Trunk):
+            rule = self._plan.rule_for(trunk.name, invite.dialed)
+        if rule is None:
             self._refuse(invite.call, 404, "No such number")
             return
         call = _Call(number=invite.call, invite=invite, rule=rule)

@@ -58,12 +58,16 @@ class Invite:
     dialed: str  # the Request-URI's user part: the number called
     caller: str  # the From URI's user part: the caller ID
     display: str  # the From header's display name
+    request_uri: str = ""  # the Request-URI whole (a digest answer names it)
+    authorization: str = ""  # the Authorization header's value, if any
 
 
 @dataclass(frozen=True)
 class Refusal:
     code: int
     reason: str
+    #: Headers the refusal carries (a 401's WWW-Authenticate).
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Screen(Protocol):
@@ -373,20 +377,25 @@ class SipEngine:
 
     # -- PJSIP's callbacks (on this thread) ------------------------------------------------
 
-    def _incoming(self, call_id: int, source: str, request_line: str) -> None:
+    def _incoming(self, call_id: int, source: str, message: str) -> None:
         leg = self._leg(_new_call(self, call_id))
         info = leg.call.getInfo()
         matched = _SOURCE.match(source)
+        head = message.split("\r\n\r\n", 1)[0].replace("\r\n", "\n").split("\n")
+        parts = head[0].split(" ")
+        request_uri = parts[1] if len(parts) == 3 else ""
         invite = Invite(
             call=leg.number,
             source=matched.group(1) if matched else source,
-            dialed=_user(request_line.split(" ")[1] if " " in request_line else ""),
+            dialed=_user(request_uri),
             caller=_user(_uri(str(info.remoteUri))),
             display=_display(str(info.remoteUri)),
+            request_uri=request_uri[:512],
+            authorization=_header(head[1:], "authorization")[:2048],
         )
         refusal = self._screen(invite)
         if refusal is not None:
-            self._hang_up(leg, refusal.code, refusal.reason)
+            self._hang_up(leg, refusal.code, refusal.reason, refusal.headers)
             return
         self._report(self._events.incoming, invite)
 
@@ -406,7 +415,9 @@ class SipEngine:
         if code == 200:
             leg.answered = True
 
-    def _hang_up(self, leg: _Leg, code: int, reason: str) -> None:
+    def _hang_up(
+        self, leg: _Leg, code: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         import pjsua2 as pj
 
         param = pj.CallOpParam(True)
@@ -414,6 +425,11 @@ class SipEngine:
             param.statusCode = code
         if reason:
             param.reason = reason
+        for name, value in headers:
+            header = pj.SipHeader()
+            header.hName = name
+            header.hValue = value
+            param.txOption.headers.append(header)
         leg.call.hangup(param)
 
     def _media(self, leg: _Leg) -> None:
@@ -466,8 +482,8 @@ def _pj_classes() -> tuple[type, type, type, type]:
             self.engine = engine
 
         def onIncomingCall(self, prm: Any) -> None:
-            first = str(prm.rdata.wholeMsg).split("\r\n", 1)[0].split("\n", 1)[0]
-            self.engine._incoming(int(prm.callId), str(prm.rdata.srcAddress), first)
+            message = str(prm.rdata.wholeMsg)
+            self.engine._incoming(int(prm.callId), str(prm.rdata.srcAddress), message)
 
     class Call(pj.Call):  # type: ignore[misc]
         def __init__(self, engine: SipEngine, call_id: int) -> None:
@@ -535,6 +551,15 @@ def _new_port(engine: SipEngine, number: int, playout: Playout) -> Any:
 
 def _new_log_writer() -> Any:
     return _classes()[3]()
+
+
+def _header(lines: list[str], name: str) -> str:
+    """A header's value among a request's header ``lines`` ("" if absent)."""
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == name:
+            return value.strip()
+    return ""
 
 
 def _uri(header: str) -> str:

@@ -1,7 +1,10 @@
 """Who may call in, and where a call goes: trunks and dispatch rules.
 
 A **trunk** is a carrier (or a PBX) allowed to send calls: the addresses its INVITEs come
-from (``addresses``, networks in CIDR). An INVITE from anywhere else is refused (403)
+from (``addresses``, networks in CIDR), and, if it has them, the digest credentials its
+INVITEs must answer a challenge with (``username``, ``password``: ``digest.py``). A trunk
+with credentials may list no addresses: it calls from anywhere and is known by its
+username. An INVITE from no trunk's address, to no trunk that takes any, is refused (403)
 before anything else is looked at.
 
 A **dispatch rule** takes a call to an assistant: the number dialed (the Request-URI's
@@ -35,12 +38,20 @@ MAX_RULES: Final = 256
 MAX_CALLERS: Final = 1000
 _NUMBER: Final = re.compile(r"^(\*|\+?[0-9A-Za-z._-]{1,64})$")
 _NAME: Final = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_CREDENTIAL: Final = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 @dataclass(frozen=True)
 class Trunk:
     name: str
     addresses: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    #: Digest credentials its INVITEs must answer a challenge with (empty: none asked).
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+    @property
+    def authenticates(self) -> bool:
+        return bool(self.username)
 
     def allows(self, address: str) -> bool:
         try:
@@ -79,7 +90,18 @@ class Dialplan:
     rules: tuple[DispatchRule, ...] = ()
 
     def trunk_of(self, address: str) -> Trunk | None:
+        """The trunk whose addresses hold ``address``."""
         return next((t for t in self.trunks if t.allows(address)), None)
+
+    def trunk_named(self, username: str) -> Trunk | None:
+        """The trunk of no addresses whose digest username is ``username``: a carrier
+        that calls from anywhere and proves itself by its credentials."""
+        return next((t for t in self.trunks if not t.addresses and t.username == username), None)
+
+    @property
+    def open_trunks(self) -> bool:
+        """Whether some trunk takes calls from any address (with credentials)."""
+        return any(not t.addresses for t in self.trunks)
 
     def rule_for(self, trunk: str, dialed: str) -> DispatchRule | None:
         return next((r for r in self.rules if r.matches(trunk, dialed)), None)
@@ -91,6 +113,9 @@ class Dialplan:
         names = [t.name for t in trunks]
         if len(set(names)) != len(names):
             raise ValueError("SIP trunks: two trunks have the same name")
+        open_names = [t.username for t in trunks if not t.addresses]
+        if len(set(open_names)) != len(open_names):
+            raise ValueError("SIP trunks: two trunks without addresses have the same username")
         rules = tuple(
             _rule(i, r, set(names)) for i, r in enumerate(_list(rules_json, "rules", MAX_RULES))
         )
@@ -113,20 +138,35 @@ def _list(text: str, what: str, most: int) -> list[dict[str, Any]]:
 
 def _trunk(index: int, value: dict[str, Any]) -> Trunk:
     where = f"SIP trunks[{index}]"
-    _only(where, value, {"name", "addresses"})
+    _only(where, value, {"name", "addresses", "username", "password"})
     name = value.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"{where}.name: lowercase letters, digits and '-', from a letter")
-    addresses = value.get("addresses")
-    if not isinstance(addresses, list) or not addresses or len(addresses) > 64:
-        raise ValueError(f"{where}.addresses: 1 to 64 networks (CIDR) are needed")
+    username, password = value.get("username", ""), value.get("password", "")
+    if (
+        not isinstance(username, str)
+        or not isinstance(password, str)
+        or bool(username) != bool(password)
+        or len(username) > 64
+        or len(password) > 256
+    ):
+        raise ValueError(f"{where}: a username (up to 64) and a password (up to 256), or neither")
+    if username and (not _CREDENTIAL.match(username) or len(password) < 12):
+        raise ValueError(
+            f"{where}: the username is letters, digits and '._-'; the password at least 12 long"
+        )
+    addresses = value.get("addresses", [])
+    if not isinstance(addresses, list) or len(addresses) > 64 or (not addresses and not username):
+        raise ValueError(
+            f"{where}.addresses: 1 to 64 networks (CIDR) are needed (or none, with credentials)"
+        )
     networks = []
     for j, text in enumerate(addresses):
         try:
             networks.append(ipaddress.ip_network(str(text), strict=False))
         except ValueError:
             raise ValueError(f"{where}.addresses[{j}]: {text!r} is not a network") from None
-    return Trunk(name=name, addresses=tuple(networks))
+    return Trunk(name=name, addresses=tuple(networks), username=username, password=password)
 
 
 def _rule(index: int, value: dict[str, Any], trunks: set[str]) -> DispatchRule:

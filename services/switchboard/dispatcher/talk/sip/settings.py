@@ -32,8 +32,9 @@ class SipSettings(Section):
     sip_trunks: SecretStr = Field(
         default=SecretStr(""),
         description='the carriers allowed to call in, as JSON: `[{"name": "carrier", '
-        '"addresses": ["203.0.113.0/24"]}]`; an INVITE from any other address is refused '
-        "(403) (docs/telephony.md)",
+        '"addresses": ["203.0.113.0/24"], "username": "u", "password": "p"}]` (addresses, '
+        "digest credentials, or both); an INVITE from no trunk is refused (403), one without "
+        "the trunk's credentials challenged (401) (docs/telephony.md)",
     )
     sip_rules: SecretStr = Field(
         default=SecretStr(""),
