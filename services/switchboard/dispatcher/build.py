@@ -665,7 +665,7 @@ async def build(shared: Shared) -> ServiceRegistration:
 
     dispatcher = await shared.part(Dispatcher, make)
     # Phone calls, when SWITCHBOARD_SIP_LISTEN asks: closed before the dispatcher's runs.
-    await start_sip(shared, dispatcher.talks, port)
+    await start_sip(shared, dispatcher.talks, port, dispatcher.conversation_tools)
     serve_part(
         shared.resources,
         shared.database,

@@ -146,6 +146,8 @@ class Dispatcher:
         self._feeds = stages.common.feeds
         self._live = stages.common.live
         self._streams = stages.streams(self)
+        #: Tools a conversation's holder adds to its runs (a phone call's: ``talk/sip``).
+        self.conversation_tools = stages.execution.conversation_tools
         self.talks = stages.talks(self)
         self.peers = stages.peers(self.talks)
         if stages.delegation is not None:

@@ -234,6 +234,31 @@ class BuiltinTool(Protocol):
         ...
 
 
+class ConversationTools(Protocol):
+    """Built-in tools that exist while something outside the run holds its conversation:
+    a phone call's ``end_call``, ``transfer_call`` and ``send_keys`` (``talk/sip``)."""
+
+    def offered(self, conversation: str) -> list[hpb.ToolDefinition]:
+        """What the conversation's run is offered now (none: nothing holds it here)."""
+        ...
+
+    def tools(self, conversation: str) -> dict[str, BuiltinTool]: ...
+
+
+class LateTools:
+    """The process's ``ConversationTools``, plugged in after the run pipeline is built (the
+    SIP calls start once the dispatcher has); none until then."""
+
+    def __init__(self) -> None:
+        self.source: ConversationTools | None = None
+
+    def offered(self, conversation: str) -> list[hpb.ToolDefinition]:
+        return [] if self.source is None else self.source.offered(conversation)
+
+    def tools(self, conversation: str) -> dict[str, BuiltinTool]:
+        return {} if self.source is None else self.source.tools(conversation)
+
+
 class RunTools:
     """The ``ToolRunner`` of one run."""
 

@@ -27,6 +27,7 @@ RULES = json.dumps(
             "assistant": "workspaces/w1/assistants/a1",
             "user": "users/u1",
             "callers": {"+15557654321": "users/u2"},
+            "transfer": {"desk": "sip:desk@pbx.example.com"},
         },
         {"number": "*", "assistant": "workspaces/w2/assistants/a2", "user": "users/u3"},
     ]
@@ -57,6 +58,7 @@ def test_a_listed_caller_acts_as_its_user_and_any_other_as_the_rules() -> None:
     assert rule.acts_as("+15557654321") == (rule.callers["+15557654321"], True)
     user, known = rule.acts_as("+15550000")
     assert (str(user), known) == ("users/u1", False)
+    assert rule.transfer == {"desk": "sip:desk@pbx.example.com"}
 
 
 def test_a_trunk_with_credentials_and_no_addresses_is_known_by_its_username() -> None:
@@ -130,6 +132,12 @@ def test_no_rules_match_nothing() -> None:
             '[{"number": "1", "assistant": "workspaces/w/assistants/a", "user": "users/u", '
             '"callers": {"+1": "bob"}}]',
             "rules[0].callers['+1']",
+        ),
+        (
+            "",
+            '[{"number": "1", "assistant": "workspaces/w/assistants/a", "user": "users/u", '
+            '"transfer": {"desk": "http://desk.example.com"}}]',
+            "rules[0].transfer['desk']",
         ),
     ],
 )

@@ -54,7 +54,7 @@ from switchboard.dispatcher.runs.execution.inputs import InputReader, Inputs
 from switchboard.dispatcher.runs.execution.relay import relay
 from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.port import ToolPort
-from switchboard.dispatcher.tools.runner import BuiltinTool, RunTools, ToolLimits
+from switchboard.dispatcher.tools.runner import BuiltinTool, LateTools, RunTools, ToolLimits
 from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.dispatcher.voice.speaking import Speaking
 from switchboard.platform import background
@@ -122,12 +122,15 @@ class Execution:
         self._speaking = Speaking(speech, max_reason_chars=MAX_REASON_CHARS)
         self._charges = Charges(spending=spending, store=common.store, limits=common.limits)
         self._hosting = Hosting(publishing=publishing, scheduler=scheduler, context=context)
+        #: Tools a conversation's holder adds (a phone call's), plugged in later.
+        self.conversation_tools = LateTools()
         self._inputs = InputReader(
             policy=policy,
             context=context,
             tools=tools,
             charges=self._charges,
             delegation=delegation,
+            conversation_tools=self.conversation_tools,
         )
         self._finishing = Finishing(
             common=common,
@@ -460,7 +463,8 @@ class Execution:
         self, active: Active, definitions: Sequence[handler_pb2.ToolDefinition]
     ) -> dict[str, BuiltinTool]:
         """The tools the dispatcher runs itself for ``active``: ``search_memory``, its
-        assistant's delegates."""
+        assistant's delegates, and its conversation's holder's (a phone call's) that its
+        inputs offered."""
         assistant = active.assistant
         found: dict[str, BuiltinTool] = {}
         if assistant is None:
@@ -470,6 +474,9 @@ class Execution:
         if self._delegation is not None and (assistant.delegates or assistant.handoffs):
             emit = functools.partial(self._publishing.emit, active)
             found.update(self._delegation.builtins(active, emit, definitions))
+        offered = {d.tool for d in definitions}
+        held = self.conversation_tools.tools(active.conversation)
+        found.update({name: tool for name, tool in held.items() if name in offered})
         return found
 
     def _begin(self, active: Active) -> None:

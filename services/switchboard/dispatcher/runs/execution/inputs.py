@@ -29,7 +29,7 @@ from switchboard.dispatcher.runs.core.active.lifecycle import Active
 from switchboard.dispatcher.runs.delegation.delegation import NO_OFFER, Delegation, Offer
 from switchboard.dispatcher.runs.execution.charges import Charges
 from switchboard.dispatcher.tools.port import ToolPort
-from switchboard.dispatcher.tools.runner import offered_tools
+from switchboard.dispatcher.tools.runner import ConversationTools, offered_tools
 from switchboard.platform.security.policy import Permission, Policy
 
 
@@ -55,12 +55,14 @@ class InputReader:
         tools: ToolPort,
         charges: Charges,
         delegation: Delegation | None,
+        conversation_tools: ConversationTools | None = None,
     ) -> None:
         self._policy = policy
         self._context = context
         self._tools = tools
         self._charges = charges
         self._delegation = delegation
+        self._conversation_tools = conversation_tools
 
     async def read(self, active: Active, left: Callable[[], float]) -> Inputs:
         """What the run reads before its handler: its context window, the tools its
@@ -125,6 +127,8 @@ class InputReader:
             offer = await self._offer(active)
         if offer.since is not None:
             _since(window, offer.since)
+        if self._conversation_tools is not None and assistant is not None:
+            definitions.extend(self._conversation_tools.offered(active.conversation))
         return Inputs(window, definitions, budgets)
 
     async def _offer(self, active: Active) -> Offer:

@@ -32,6 +32,17 @@ log = logging.getLogger("switchboard.dispatcher.talk.sip")
 MAX_PENDING_FRAMES: Final = 250
 #: Keys one message holds at most.
 MAX_KEYS: Final = 64
+#: How long a hang-up or transfer after speech waits for the speech to play out at most.
+MAX_AFTER_SPEECH_S: Final = 30.0
+DRAIN_POLL_S: Final = 0.02
+_ENDED: Final = frozenset(
+    {
+        pb.RUN_STATE_SUCCEEDED,
+        pb.RUN_STATE_FAILED,
+        pb.RUN_STATE_CANCELLED,
+        pb.RUN_STATE_DEADLINE_EXCEEDED,
+    }
+)
 
 #: Talk's stream, bound to the call's principal: requests in, frames out.
 TalkCall = Callable[[AsyncIterator[pb.TalkRequest]], AsyncGenerator[pb.TalkResponse, None]]
@@ -66,10 +77,43 @@ class CallBridge:
         self.ended = asyncio.Event()
         self.dropped_frames = 0
         self.keys_sent = 0
+        self._after: Callable[[], None] | None = None
+        self._waiting: asyncio.Task[None] | None = None
 
     @property
     def started(self) -> bool:
         return self._task is not None
+
+    @property
+    def live(self) -> bool:
+        return self._task is not None and not self._ending and not self.ended.is_set()
+
+    def after_speech(self, action: Callable[[], None]) -> None:
+        """Do ``action`` once the run now answering has ended and its speech has played
+        out (the assistant's ``end_call`` and ``transfer_call``); the last one asked wins."""
+        self._after = action
+
+    def _run_ended(self) -> None:
+        action, self._after = self._after, None
+        if action is not None and self._waiting is None:
+            self._waiting = asyncio.get_running_loop().create_task(
+                self._when_played(action), name="sip-after-speech"
+            )
+
+    async def _when_played(self, action: Callable[[], None]) -> None:
+        playout = self._playout
+        try:
+            async with asyncio.timeout(MAX_AFTER_SPEECH_S):
+                # PJSIP's clock drains it in real time, on its thread; nothing signals
+                # the end to the loop, so it waits as long as what is queued lasts.
+                while playout is not None and playout.queued_bytes and self.live:  # noqa: ASYNC110
+                    await asyncio.sleep(max(DRAIN_POLL_S, playout.queued_bytes / playout.rate / 2))
+        except TimeoutError:
+            log.info("a call's speech did not play out in time; acting anyway")
+        finally:
+            self._waiting = None
+        if self.live:
+            action()
 
     def begin(self, playout: Playout) -> None:
         """The call's media is up: the session starts at the call's rate."""
@@ -174,13 +218,12 @@ class CallBridge:
         elif kind == "event" and frame.event.kind == pb.TALK_EVENT_KIND_SPEECH_INTERRUPTED:
             if playout is not None:
                 playout.clear()
-        elif (
-            kind == "update"
-            and frame.update.WhichOneof("update") == "state_change"
-            and frame.update.state_change.run.state == pb.RUN_STATE_CANCELLED
-            and playout is not None
-        ):
-            playout.clear()
+        elif kind == "update" and frame.update.WhichOneof("update") == "state_change":
+            state = frame.update.state_change.run.state
+            if state == pb.RUN_STATE_CANCELLED and playout is not None:
+                playout.clear()
+            if state in _ENDED:
+                self._run_ended()
 
 
 def _said(exc: BaseException) -> str:

@@ -13,12 +13,15 @@ from switchboard.dispatcher.talk.sip.engine import PJSIP_MAX_CALLS, EngineOption
 from switchboard.dispatcher.talk.sip.rules import Dialplan
 from switchboard.dispatcher.talk.sip.settings import SipSettings, listen
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
+from switchboard.dispatcher.tools.runner import LateTools
 from switchboard.platform.process import Shared
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
 
 
-async def start_sip(shared: Shared, talks: Talks, context: ContextPort) -> Calls | None:
+async def start_sip(
+    shared: Shared, talks: Talks, context: ContextPort, late: LateTools
+) -> Calls | None:
     settings = shared.section(SipSettings)
     where = listen(settings.sip_listen)
     if where is None:
@@ -54,6 +57,7 @@ async def start_sip(shared: Shared, talks: Talks, context: ContextPort) -> Calls
         calls,
     )
     calls.engine = engine
+    late.source = calls  # the assistant's call tools, offered to its calls' runs
 
     async def started() -> Calls:
         return calls

@@ -21,20 +21,23 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
 from switchboard.dispatcher.talk.session import Talks
-from switchboard.dispatcher.talk.sip import digest
+from switchboard.dispatcher.talk.sip import digest, tools
 from switchboard.dispatcher.talk.sip.bridge import CallBridge
 from switchboard.dispatcher.talk.sip.engine import Invite, Refusal, SipEngine
 from switchboard.dispatcher.talk.sip.rules import Dialplan, DispatchRule, InviteRate, Trunk
+from switchboard.dispatcher.talk.sip.tools import CallActions
+from switchboard.dispatcher.tools.runner import BuiltinTool
 from switchboard.platform.errors import (
     FailedPrecondition,
     NotFound,
@@ -65,8 +68,8 @@ Authorize = Callable[[Principal, str], Awaitable[None]]
 
 @dataclass(frozen=True)
 class CallLimits:
-    max_calls: int = 20
-    max_calls_per_workspace: int = 10
+    max_calls: int = 4
+    max_calls_per_workspace: int = 4
     invites_per_s: float = 5.0
     invite_burst: int = 10
     dtmf_pause_s: float = 2.0
@@ -80,6 +83,8 @@ class _Call:
     bridge: CallBridge | None = None
     media_rate: int = 0
     hung_up: str = ""
+    conversation: str = ""
+    tools: dict[str, BuiltinTool] = field(default_factory=dict)
 
 
 class Calls:
@@ -114,6 +119,47 @@ class Calls:
 
     def bridges(self) -> list[CallBridge]:
         return [c.bridge for c in self._calls.values() if c.bridge is not None]
+
+    # -- the assistant's tools (tools.runner.ConversationTools) ------------------------------
+
+    def offered(self, conversation: str) -> list[hpb.ToolDefinition]:
+        call = self._carrying(conversation)
+        return [] if call is None else tools.definitions(call.rule.transfer)
+
+    def tools(self, conversation: str) -> dict[str, BuiltinTool]:
+        call = self._carrying(conversation)
+        return {} if call is None else call.tools
+
+    def _carrying(self, conversation: str) -> _Call | None:
+        return next(
+            (
+                c
+                for c in self._calls.values()
+                if c.conversation == conversation and c.bridge is not None and c.bridge.live
+            ),
+            None,
+        )
+
+    def _actions(self, call: _Call, bridge: CallBridge, engine: SipEngine) -> CallActions:
+        number = call.number
+
+        def hang_up(why: str) -> None:
+            log.info("the assistant ends a call: %s", why, extra={"session": bridge.session})
+            bridge.after_speech(lambda: engine.hang_up(number))
+
+        def transfer(name: str, target: str) -> None:
+            log.info(
+                "the assistant transfers a call to %s", name, extra={"session": bridge.session}
+            )
+            bridge.after_speech(lambda: engine.transfer(number, target))
+
+        return CallActions(
+            live=lambda: bridge.live,
+            hang_up_after_speech=hang_up,
+            transfer_after_speech=transfer,
+            send_keys=lambda keys: engine.send_dtmf(number, keys),
+            destinations=call.rule.transfer,
+        )
 
     # -- the engine's thread -----------------------------------------------------------------
 
@@ -247,6 +293,12 @@ class Calls:
             self._refuse(call.number, code, reason)
             log.info("a call to %s was refused: %s", call.invite.dialed, _said(exc))
             return
+        except Exception:
+            # Never a phone left ringing: a fault of ours ends the call, said as such.
+            self._calls.pop(call.number, None)
+            self._refuse(call.number, 500, "Server Internal Error")
+            log.exception("admitting a call to %s failed", call.invite.dialed)
+            return
         if call.hung_up or self._calls.get(call.number) is not call:
             self._calls.pop(call.number, None)
             return  # the caller gave up while it rang
@@ -261,6 +313,7 @@ class Calls:
             dtmf_pause_s=self._limits.dtmf_pause_s,
         )
         call.bridge = bridge
+        call.tools = dict(tools.bound(self._actions(call, bridge, engine)))
         engine.answer(call.number)
         playout = engine.playout(call.number)
         if call.media_rate and playout is not None:
@@ -295,6 +348,7 @@ class Calls:
             ),
             timeout_s=ADMIT_TIMEOUT_S,
         )
+        call.conversation = made.name
         first = pb.TalkRequest(
             start=pb.TalkStart(conversation=made.name, assistant=str(rule.assistant), barge_in=True)
         )

@@ -24,14 +24,24 @@ a flood is answered here and never reaches the loop. PJSIP itself answers malfor
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import gc
 import logging
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
+
+from switchboard.dispatcher.talk.sip.pjsip import (
+    new_account,
+    new_call,
+    new_log_writer,
+    new_port,
+)
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
 
@@ -41,8 +51,14 @@ CODECS: Final = ("G722/16000/1", "PCMU/8000/1", "PCMA/8000/1")
 POLL_MS: Final = 10
 #: The longest answer audio one call may hold queued (s): beyond it, pushes are refused.
 MAX_QUEUED_S: Final = 60.0
-#: The call slots the ``pjsua2-python`` wheel's PJSIP is built with (PJSUA_MAX_CALLS).
-PJSIP_MAX_CALLS: Final = 32
+#: The call slots the ``pjsua2-python`` wheel's PJSIP is built with (its PJSUA_MAX_CALLS:
+#: a larger ``maxCalls`` is lowered to it), ringing and refused calls included.
+PJSIP_MAX_CALLS: Final = 4
+#: The wheel's I/O queue holds 64 sockets, and a closed one's slot comes back after half
+#: a second (PJ_IOQUEUE_KEY_FREE_DELAY): calls ended within that time, at most, before
+#: refusals wait (each call has two sockets; the transport and the live calls the rest).
+SOCKET_LINGER_S: Final = 0.6
+MAX_RECENT_ENDS: Final = 16
 #: How long the engine may take to start or stop.
 START_TIMEOUT_S: Final = 10.0
 _SOURCE: Final = re.compile(r"^\[?([0-9A-Fa-f:.]+)\]?:(\d+)$")
@@ -170,6 +186,9 @@ class SipEngine:
         self._events = events
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._legs: dict[int, _Leg] = {}
+        #: When calls ended lately, and refusals waiting for that to slow (``_churning``).
+        self._ended_at: collections.deque[float] = collections.deque()
+        self._held: collections.deque[tuple[_Leg, Refusal]] = collections.deque()
         self._next = 0
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -214,7 +233,10 @@ class SipEngine:
 
     def hang_up(self, call: int, code: int = 0, reason: str = "") -> None:
         """End a call: an unanswered one is refused with ``code`` (603 if 0)."""
-        self._do(call, lambda leg: self._hang_up(leg, code, reason))
+        if code:
+            self._do(call, lambda leg: self._refuse(leg, Refusal(code, reason)))
+        else:
+            self._do(call, lambda leg: self._hang_up(leg, code, reason))
 
     def send_dtmf(self, call: int, digits: str) -> None:
         self._do(call, lambda leg: leg.call.dialDtmf(digits))
@@ -260,6 +282,7 @@ class SipEngine:
         try:
             while not self._stopping.is_set():
                 self._drain()
+                self._release_held()
                 self._ep.libHandleEvents(POLL_MS)
                 self._forget()
         finally:
@@ -304,7 +327,7 @@ class SipEngine:
         config.logConfig.consoleLevel = 1
         # PJSIP deletes its log writer in ``libDestroy``: the C++ side owns it (a Python
         # delete after that would free it twice), and this reference keeps it alive.
-        self._writer = _new_log_writer()
+        self._writer = new_log_writer()
         self._writer.__disown__()
         config.logConfig.writer = self._writer
         config.medConfig.clockRate = 16_000
@@ -330,7 +353,7 @@ class SipEngine:
         media.publicAddress = public
         media.port = options.rtp_low
         media.portRange = options.rtp_count
-        self._account = _new_account(self)
+        self._account = new_account(self)
         self._account.create(account_config, True)
         name = str(ep.transportGetInfo(tid).localName)
         matched = _SOURCE.match(name)
@@ -350,6 +373,9 @@ class SipEngine:
         for leg in list(self._legs.values()):
             self._unplug(leg)
         self._legs.clear()
+        # Whatever of PJSIP's is left in a cycle goes now, on this thread: the collector
+        # running on another thread, or after the library, would crash the process.
+        gc.collect()
         if self._account is not None:
             with contextlib.suppress(Exception):
                 self._account.shutdown()
@@ -366,6 +392,11 @@ class SipEngine:
             self._unplug(self._legs.pop(number))
 
     def _unplug(self, leg: _Leg) -> None:
+        if leg.port is not None:
+            for audio in leg.extra:
+                with contextlib.suppress(Exception):  # PJSIP's Error: already gone
+                    audio.stopTransmit(leg.port)
+                    leg.port.stopTransmit(audio)
         # PJSIP's objects are let go here, on this thread, and the leg's cycle with its
         # call broken: the garbage collector must never delete one on another thread
         # or after the library is gone (a crash).
@@ -377,8 +408,8 @@ class SipEngine:
 
     # -- PJSIP's callbacks (on this thread) ------------------------------------------------
 
-    def _incoming(self, call_id: int, source: str, message: str) -> None:
-        leg = self._leg(_new_call(self, call_id))
+    def on_invite(self, call_id: int, source: str, message: str) -> None:
+        leg = self._leg(new_call(self, call_id))
         info = leg.call.getInfo()
         matched = _SOURCE.match(source)
         head = message.split("\r\n\r\n", 1)[0].replace("\r\n", "\n").split("\n")
@@ -395,7 +426,7 @@ class SipEngine:
         )
         refusal = self._screen(invite)
         if refusal is not None:
-            self._hang_up(leg, refusal.code, refusal.reason, refusal.headers)
+            self._refuse(leg, refusal)
             return
         self._report(self._events.incoming, invite)
 
@@ -415,9 +446,54 @@ class SipEngine:
         if code == 200:
             leg.answered = True
 
-    def _hang_up(
-        self, leg: _Leg, code: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
-    ) -> None:
+    def _refuse(self, leg: _Leg, refusal: Refusal) -> None:
+        """A final answer to an INVITE not answered yet, once it is safe (``_churn``)."""
+        if self._churning():
+            self._held.append((leg, refusal))
+        else:
+            self._send_refusal(leg, refusal)
+
+    def _churning(self) -> bool:
+        """Whether ending one more call now could run PJSIP out of sockets.
+
+        PJSIP makes a call's RTP and RTCP sockets when its INVITE arrives, before any
+        callback, and a closed socket's slot in its I/O queue comes back only after
+        ``SOCKET_LINGER_S``; the wheel's queue holds ``MAX_SOCKETS``, and running out
+        aborts the process. A flood of INVITEs refused at once would do that in a
+        fraction of a second. So while many calls ended lately, a refusal waits and
+        its call keeps its slot: with every slot held, PJSIP answers further INVITEs 486
+        itself, before making any socket."""
+        now = time.monotonic()
+        while self._ended_at and now - self._ended_at[0] > SOCKET_LINGER_S:
+            self._ended_at.popleft()
+        return len(self._ended_at) >= MAX_RECENT_ENDS
+
+    def _release_held(self) -> None:
+        while self._held and not self._churning():
+            leg, refusal = self._held.popleft()
+            if not leg.ended and leg.call is not None:
+                with contextlib.suppress(Exception):  # PJSIP's Error: it ended meanwhile
+                    self._send_refusal(leg, refusal)
+
+    def _send_refusal(self, leg: _Leg, refusal: Refusal) -> None:
+        """With headers it goes as an answer (a hang-up's final response carries none of
+        them: a 401 would lose its challenge)."""
+        import pjsua2 as pj
+
+        if not refusal.headers:
+            self._hang_up(leg, refusal.code, refusal.reason)
+            return
+        param = pj.CallOpParam(True)
+        param.statusCode = refusal.code
+        param.reason = refusal.reason
+        for name, value in refusal.headers:
+            header = pj.SipHeader()
+            header.hName = name
+            header.hValue = value
+            param.txOption.headers.append(header)
+        leg.call.answer(param)
+
+    def _hang_up(self, leg: _Leg, code: int, reason: str) -> None:
         import pjsua2 as pj
 
         param = pj.CallOpParam(True)
@@ -425,14 +501,9 @@ class SipEngine:
             param.statusCode = code
         if reason:
             param.reason = reason
-        for name, value in headers:
-            header = pj.SipHeader()
-            header.hName = name
-            header.hValue = value
-            param.txOption.headers.append(header)
         leg.call.hangup(param)
 
-    def _media(self, leg: _Leg) -> None:
+    def on_media(self, leg: _Leg) -> None:
         import pjsua2 as pj
 
         if leg.port is not None:
@@ -444,7 +515,7 @@ class SipEngine:
             stream = leg.call.getStreamInfo(index)
             rate = 16_000 if int(stream.codecClockRate) >= 16_000 else 8_000
             playout = Playout(rate)
-            port = _new_port(self, leg.number, playout)
+            port = new_port(self, leg.number, playout)
             fmt = pj.MediaFormatAudio()
             fmt.type = pj.PJMEDIA_TYPE_AUDIO
             fmt.clockRate = rate
@@ -460,97 +531,41 @@ class SipEngine:
             self._report(self._events.media, leg.number, str(stream.codecName), rate)
             return
 
-    def _state(self, leg: _Leg) -> None:
+    @property
+    def account(self) -> Any:
+        return self._account
+
+    def on_key(self, leg: _Leg, digit: str) -> None:
+        self._report(self._events.dtmf, leg.number, digit)
+
+    def on_audio(self, number: int, pcm: bytes) -> None:
+        # On PJSIP's media thread: only the hand-over to the loop.
+        self._report(self._events.audio, number, pcm)
+
+    def on_transferred(self, leg: _Leg, code: int) -> None:
+        """The REFER's outcome: the caller reached the destination (a 2xx NOTIFY), and this
+        leg is done (a blind transfer's end), or the transfer failed and the call goes on."""
+        if 200 <= code < 300:
+            log.info("a call was transferred; this leg hangs up")
+            self._hang_up(leg, 0, "")
+        else:
+            log.info("a call's transfer failed (%d); the call goes on", code)
+
+    def on_state(self, leg: _Leg) -> None:
         import pjsua2 as pj
 
         info = leg.call.getInfo()
         if info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not leg.ended:
             leg.ended = True
+            self._ended_at.append(time.monotonic())
             self._report(
                 self._events.ended, leg.number, int(info.lastStatusCode), str(info.lastReason)
             )
-
-
-def _pj_classes() -> tuple[type, type, type, type]:
-    """PJSIP's directors, defined when the engine first starts (``pjsua2`` is imported
-    only by a process that serves SIP)."""
-    import pjsua2 as pj
-
-    class Account(pj.Account):  # type: ignore[misc]
-        def __init__(self, engine: SipEngine) -> None:
-            super().__init__()
-            self.engine = engine
-
-        def onIncomingCall(self, prm: Any) -> None:
-            message = str(prm.rdata.wholeMsg)
-            self.engine._incoming(int(prm.callId), str(prm.rdata.srcAddress), message)
-
-    class Call(pj.Call):  # type: ignore[misc]
-        def __init__(self, engine: SipEngine, call_id: int) -> None:
-            super().__init__(engine._account, call_id)
-            self.engine = engine
-            self.leg: _Leg | None = None
-
-        def onCallState(self, prm: Any) -> None:
-            if self.leg is not None:
-                self.engine._state(self.leg)
-
-        def onCallMediaState(self, prm: Any) -> None:
-            if self.leg is not None:
-                self.engine._media(self.leg)
-
-        def onDtmfDigit(self, prm: Any) -> None:
-            if self.leg is not None:
-                self.engine._report(self.engine._events.dtmf, self.leg.number, str(prm.digit))
-
-    class Port(pj.AudioMediaPort):  # type: ignore[misc]
-        def __init__(self, engine: SipEngine, number: int, playout: Playout) -> None:
-            super().__init__()
-            self.engine = engine
-            self.number = number
-            self.playout = playout
-
-        def onFrameReceived(self, frame: Any) -> None:
-            if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO:
-                self.engine._report(self.engine._events.audio, self.number, bytes(frame.buf))
-
-        def onFrameRequested(self, frame: Any) -> None:
-            data = self.playout.take()
-            frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
-            frame.buf = pj.ByteVector(data)
-            frame.size = len(data)
-
-    class LogWriter(pj.LogWriter):  # type: ignore[misc]
-        def write(self, entry: Any) -> None:
-            # PJSIP's own lines (level 1: errors) into ours, never to the console.
-            log.info("pjsip: %s", str(entry.msg).strip()[:500])
-
-    return Account, Call, Port, LogWriter
-
-
-_CLASSES: list[tuple[type, type, type, type]] = []
-
-
-def _classes() -> tuple[type, type, type, type]:
-    if not _CLASSES:
-        _CLASSES.append(_pj_classes())
-    return _CLASSES[0]
-
-
-def _new_account(engine: SipEngine) -> Any:
-    return _classes()[0](engine)
-
-
-def _new_call(engine: SipEngine, call_id: int) -> Any:
-    return _classes()[1](engine, call_id)
-
-
-def _new_port(engine: SipEngine, number: int, playout: Playout) -> Any:
-    return _classes()[2](engine, number, playout)
-
-
-def _new_log_writer() -> Any:
-    return _classes()[3]()
+            # Let go here, in the callback (pjsua2 allows it): the call's objects are
+            # deleted once it returns, while its id is still this call's. Deleted later,
+            # a new call given the same slot meanwhile would lose its callbacks.
+            self._legs.pop(leg.number, None)
+            self._unplug(leg)
 
 
 def _header(lines: list[str], name: str) -> str:

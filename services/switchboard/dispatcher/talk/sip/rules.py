@@ -14,7 +14,8 @@ in its workspace), and the user the call acts as (``user``, a member of that wor
 who may write in it: the conversation is theirs, the runs count against their budgets and
 quotas). ``callers`` maps caller IDs to users: a caller whose number is listed acts as
 that user (their own conversation, their rights); any other caller is anonymous, and has
-no way into Switchboard but the call's audio. The first rule that matches wins, so a
+no way into Switchboard but the call's audio. ``transfer`` names the destinations the
+assistant may hand the call to (``tools.py``). The first rule that matches wins, so a
 ``*`` rule goes last.
 
 Both are read at start (``SWITCHBOARD_SIP_TRUNKS``, ``SWITCHBOARD_SIP_RULES``), as JSON,
@@ -39,6 +40,9 @@ MAX_CALLERS: Final = 1000
 _NUMBER: Final = re.compile(r"^(\*|\+?[0-9A-Za-z._-]{1,64})$")
 _NAME: Final = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _CREDENTIAL: Final = re.compile(r"^[A-Za-z0-9._-]+$")
+_SIP_URI: Final = re.compile(r"^sips?:[^\s<>\"]{1,252}$")
+#: The most transfer destinations a rule names.
+MAX_DESTINATIONS: Final = 16
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class DispatchRule:
     user: UserName
     trunks: frozenset[str] = frozenset()
     callers: dict[str, UserName] = field(default_factory=dict)
+    #: Where the assistant may transfer a call (``transfer_call``): name to SIP URI.
+    transfer: dict[str, str] = field(default_factory=dict)
 
     @property
     def workspace_id(self) -> str:
@@ -171,7 +177,7 @@ def _trunk(index: int, value: dict[str, Any]) -> Trunk:
 
 def _rule(index: int, value: dict[str, Any], trunks: set[str]) -> DispatchRule:
     where = f"SIP rules[{index}]"
-    _only(where, value, {"number", "assistant", "user", "trunks", "callers"})
+    _only(where, value, {"number", "assistant", "user", "trunks", "callers", "transfer"})
     number = value.get("number")
     if not isinstance(number, str) or not _NUMBER.match(number):
         raise ValueError(f"{where}.number: a number or SIP user (up to 64 characters), or '*'")
@@ -194,8 +200,24 @@ def _rule(index: int, value: dict[str, Any], trunks: set[str]) -> DispatchRule:
             mapped[str(caller)] = UserName.parse(str(name), "callers")
         except Exception:  # noqa: BLE001
             raise ValueError(f"{where}.callers[{caller!r}]: users/{{id}} is needed") from None
+    transfer = value.get("transfer", {})
+    if not isinstance(transfer, dict) or len(transfer) > MAX_DESTINATIONS:
+        raise ValueError(
+            f"{where}.transfer: an object of up to {MAX_DESTINATIONS} names to SIP URIs"
+        )
+    for name, uri in transfer.items():
+        if not _NAME.match(str(name)) or not isinstance(uri, str) or not _SIP_URI.match(uri):
+            raise ValueError(
+                f"{where}.transfer[{name!r}]: a name (lowercase, digits, '-') to a sip: or "
+                "sips: URI (up to 256 characters)"
+            )
     return DispatchRule(
-        number=number, assistant=assistant, user=user, trunks=frozenset(named), callers=mapped
+        number=number,
+        assistant=assistant,
+        user=user,
+        trunks=frozenset(named),
+        callers=mapped,
+        transfer=dict(transfer),
     )
 
 

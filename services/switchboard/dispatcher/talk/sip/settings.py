@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from switchboard.dispatcher.talk.sip.engine import PJSIP_MAX_CALLS
 from switchboard.dispatcher.talk.sip.rules import Dialplan
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
 from switchboard.platform.config import Section
@@ -44,14 +45,15 @@ class SipSettings(Section):
         "number (docs/telephony.md)",
     )
     sip_max_calls: int = Field(
-        default=20,
+        default=PJSIP_MAX_CALLS,
         ge=1,
-        # PJSIP's 32 call slots, less room for the refusals of a flood still ending.
-        le=24,
-        description="calls this process carries at once (486 Busy Here above)",
+        # The pjsua2-python wheel's PJSIP holds 4 calls, ringing and refused ones too.
+        le=PJSIP_MAX_CALLS,
+        description="calls this process carries at once (486 Busy Here above); at most 4, "
+        "the call slots of the `pjsua2-python` wheel's PJSIP (docs/telephony.md)",
     )
     sip_max_calls_per_workspace: int = Field(
-        default=10,
+        default=PJSIP_MAX_CALLS,
         ge=1,
         le=1000,
         description="calls one workspace's rules carry at once in this process (486 above)",

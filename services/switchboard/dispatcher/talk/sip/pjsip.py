@@ -1,0 +1,182 @@
+"""PJSIP's side of the engine: the SWIG directors through which PJSIP calls back (an
+INVITE, a call's state and media, a key pressed, a transfer's outcome, each 20 ms of a
+call's audio, a log line), and how a frame's bytes are read out of PJSIP's vectors.
+
+Everything here runs on a thread of PJSIP's (the engine's, or the media clock's for the
+audio) and hands the engine what happened; ``engine.py`` says what the engine does with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+log = logging.getLogger("switchboard.dispatcher.talk.sip")
+
+
+class Host(Protocol):
+    """The engine, as its callbacks reach it (``engine.Host``). A leg is the
+    engine's record of one call, passed back as it was given."""
+
+    @property
+    def account(self) -> Any: ...
+
+    def on_invite(self, call_id: int, source: str, message: str) -> None: ...
+
+    def on_state(self, leg: Any) -> None: ...
+
+    def on_media(self, leg: Any) -> None: ...
+
+    def on_transferred(self, leg: Any, code: int) -> None: ...
+
+    def on_key(self, leg: Any, digit: str) -> None: ...
+
+    def on_audio(self, number: int, pcm: bytes) -> None: ...
+
+
+class Frames(Protocol):
+    """A call's answer audio, taken 20 ms at a time (``engine.Playout``)."""
+
+    def take(self) -> bytes: ...
+
+
+def _pj_classes() -> tuple[type, type, type, type]:
+    """PJSIP's directors, defined when the engine first starts (``pjsua2`` is imported
+    only by a process that serves SIP). No exception may leave one: it would cross into
+    PJSIP's C (SWIG throws it on as a C++ exception through C frames, which crashes the
+    process), so each logs it instead (``_guarded``)."""
+    import pjsua2 as pj
+
+    class Account(pj.Account):  # type: ignore[misc]
+        def __init__(self, engine: Host) -> None:
+            super().__init__()
+            self.engine = engine
+
+        def onIncomingCall(self, prm: Any) -> None:
+            with _guarded("an INVITE"):
+                message = str(prm.rdata.wholeMsg)
+                self.engine.on_invite(int(prm.callId), str(prm.rdata.srcAddress), message)
+
+    class Call(pj.Call):  # type: ignore[misc]
+        def __init__(self, engine: Host, call_id: int) -> None:
+            super().__init__(engine.account, call_id)
+            self.engine = engine
+            self.leg: Any = None
+
+        def onCallState(self, prm: Any) -> None:
+            with _guarded("a call's state"):
+                if self.leg is not None:
+                    self.engine.on_state(self.leg)
+
+        def onCallMediaState(self, prm: Any) -> None:
+            with _guarded("a call's media"):
+                if self.leg is not None:
+                    self.engine.on_media(self.leg)
+
+        def onCallTransferStatus(self, prm: Any) -> None:
+            with _guarded("a call's transfer"):
+                if self.leg is not None and prm.finalNotify:
+                    self.engine.on_transferred(self.leg, int(prm.statusCode))
+
+        def onDtmfDigit(self, prm: Any) -> None:
+            with _guarded("a key pressed"):
+                if self.leg is not None:
+                    digit = str(prm.digit)
+                    self.engine.on_key(self.leg, digit)
+
+    read = _vector_reader()
+
+    class Port(pj.AudioMediaPort):  # type: ignore[misc]
+        # Both run on PJSIP's media clock thread, every 20 ms.
+        def __init__(self, engine: Host, number: int, playout: Frames) -> None:
+            super().__init__()
+            self.engine = engine
+            self.number = number
+            self.playout = playout
+
+        def onFrameReceived(self, frame: Any) -> None:
+            with _guarded("a call's audio in"):
+                if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size > 0:
+                    pcm = read(frame.buf)
+                    self.engine.on_audio(self.number, pcm)
+
+        def onFrameRequested(self, frame: Any) -> None:
+            with _guarded("a call's audio out"):
+                data = self.playout.take()
+                frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+                frame.buf = pj.ByteVector(data)
+                frame.size = len(data)
+
+    class LogWriter(pj.LogWriter):  # type: ignore[misc]
+        def write(self, entry: Any) -> None:
+            # PJSIP's own lines (level 1: errors) into ours, never to the console.
+            with _guarded("a PJSIP log line"):
+                log.info("pjsip: %s", str(entry.msg).strip()[:500])
+
+    return Account, Call, Port, LogWriter
+
+
+def _vector_reader() -> Callable[[Any], bytes]:
+    """How a frame's bytes are read out of PJSIP's ``ByteVector``.
+
+    SWIG's own way (``bytes(vector)``) walks the vector an element at a time through its
+    iterator: 170 µs for a 20 ms frame at 8 kHz, 8.5 ms of CPU a second per call, most of
+    what a call cost beyond a gRPC Talk session (BENCHMARKS.md, "Phone calls (SIP)").
+    Read whole instead: a ``std::vector``'s first word is its data pointer (libstdc++,
+    which the manylinux wheel is built with), so ``string_at`` copies it in about a
+    microsecond. Checked once against SWIG's way; if the layout ever differs, SWIG's way
+    is used."""
+    import ctypes
+
+    import pjsua2 as pj
+
+    def whole(vector: Any) -> bytes:
+        size = int(vector.size())
+        if not size:
+            return b""
+        start = ctypes.c_void_p.from_address(int(vector.this)).value
+        return ctypes.string_at(start, size) if start else bytes(vector)
+
+    probe = bytes(range(256)) * 2
+    try:
+        same = whole(pj.ByteVector(probe)) == probe and whole(pj.ByteVector()) == b""
+    except Exception:  # noqa: BLE001 - anything odd: SWIG's way
+        same = False
+    if not same:
+        log.warning("reading PJSIP's audio the slow way: its vector layout is not the one known")
+    return whole if same else bytes
+
+
+@contextlib.contextmanager
+def _guarded(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        log.exception("handling %s from PJSIP failed", what)
+
+
+_CLASSES: list[tuple[type, type, type, type]] = []
+
+
+def _classes() -> tuple[type, type, type, type]:
+    if not _CLASSES:
+        _CLASSES.append(_pj_classes())
+    return _CLASSES[0]
+
+
+def new_account(engine: Host) -> Any:
+    return _classes()[0](engine)
+
+
+def new_call(engine: Host, call_id: int) -> Any:
+    return _classes()[1](engine, call_id)
+
+
+def new_port(engine: Host, number: int, playout: Frames) -> Any:
+    return _classes()[2](engine, number, playout)
+
+
+def new_log_writer() -> Any:
+    return _classes()[3]()
