@@ -82,6 +82,7 @@ from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.build import peers_of, smart_turn, talk_limits
 from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.sip.build import start_sip
+from switchboard.dispatcher.talk.sip.calls import Calls
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings
 from switchboard.dispatcher.tools.port import LocalTools, ToolHub
@@ -641,7 +642,7 @@ async def _send_scheduled(
     return await dispatcher.send_message(principal, request, schedule=schedule)
 
 
-def _observe(metrics: Metrics, dispatcher: Dispatcher) -> None:
+def _observe(metrics: Metrics, dispatcher: Dispatcher, calls: Calls | None) -> None:
     """Read the runs' current state at every scrape (docs/metrics.md)."""
     scheduler = dispatcher.scheduler
     metrics.observe(
@@ -653,6 +654,8 @@ def _observe(metrics: Metrics, dispatcher: Dispatcher) -> None:
         ],
     )
     metrics.observe("switchboard_subscribers", lambda: [(("runs",), dispatcher.watchers)])
+    if calls is not None:
+        calls.observe(metrics)
 
 
 async def build(shared: Shared) -> ServiceRegistration:
@@ -665,7 +668,7 @@ async def build(shared: Shared) -> ServiceRegistration:
 
     dispatcher = await shared.part(Dispatcher, make)
     # Phone calls, when SWITCHBOARD_SIP_LISTEN asks: closed before the dispatcher's runs.
-    await start_sip(shared, dispatcher.talks, port, dispatcher.conversation_tools)
+    calls = await start_sip(shared, dispatcher.talks, port, dispatcher.conversation_tools)
     serve_part(
         shared.resources,
         shared.database,
@@ -682,5 +685,5 @@ async def build(shared: Shared) -> ServiceRegistration:
         servicer.SERVICE,
         servicer.DispatcherServiceServicer(dispatcher),
         on_bound=advertise,
-        observe=lambda metrics: _observe(metrics, dispatcher),
+        observe=lambda metrics: _observe(metrics, dispatcher, calls),
     )

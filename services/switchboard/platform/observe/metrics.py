@@ -191,6 +191,21 @@ SPECS: Final[tuple[Spec, ...]] = (
         ("state",),
         scraped=True,
     ),
+    # Phone calls (dispatcher/talk/sip).
+    Spec(
+        "switchboard_sip_calls",
+        "gauge",
+        "Phone calls this process carries: ringing (being admitted) or answered.",
+        ("state",),
+        scraped=True,
+    ),
+    Spec(
+        "switchboard_sip_refused_total",
+        "counter",
+        "INVITEs this process refused, by the SIP status answered.",
+        ("code",),
+        scraped=True,
+    ),
     Spec(
         "switchboard_tool_call_duration_seconds",
         "histogram",

@@ -33,6 +33,7 @@ from typing import Any, Final
 import pytest
 import pytest_asyncio
 from grpc import aio
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -185,6 +186,7 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
             "sip_trunks": json.dumps(trunks),
             "sip_rules": json.dumps(rules),
             "sip_dtmf_pause_s": 0.5,
+            "metrics_port": 0,
         }
         async with started(voice_settings(url, audio.url, **values, **sip)) as server:
             calls = built(server, Calls)
@@ -245,6 +247,15 @@ async def runs_of(line: Line, conversation: str) -> list[pb.Run]:
         timeout=CALL_DEADLINE_S,
     )
     return list(listed.runs)
+
+
+def scraped(server: SwitchboardServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert server.metrics is not None
+    found = {}
+    for family in text_string_to_metric_families(server.metrics.text().decode()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
 
 
 def transcript(heard: bytes) -> str:
@@ -447,6 +458,12 @@ async def test_refused_calls_leave_no_voice_session(line: Line, tmp_path: Path) 
         "no common codec": 488,
     }
     assert await stored_sessions(line.server, line.world.workspace.name) == before
+    # Each refusal counted by its status (PJSIP's own 488 is not seen by the server).
+    found = scraped(line.server)
+    assert found[("switchboard_sip_refused_total", (("code", "401"),))] >= 1
+    assert found[("switchboard_sip_refused_total", (("code", "403"),))] >= 2
+    assert found[("switchboard_sip_refused_total", (("code", "404"),))] >= 1
+    assert found[("switchboard_sip_calls", (("state", "answered"),))] == 0
 
 
 def _invite(port: int, source: str, number: str, call_id: str) -> bytes:

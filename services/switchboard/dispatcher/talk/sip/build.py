@@ -9,11 +9,17 @@ import logging
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.sip.calls import CallLimits, Calls
-from switchboard.dispatcher.talk.sip.engine import PJSIP_MAX_CALLS, EngineOptions, SipEngine
+from switchboard.dispatcher.talk.sip.engine import (
+    PJSIP_MAX_CALLS,
+    EngineFailed,
+    EngineOptions,
+    SipEngine,
+)
 from switchboard.dispatcher.talk.sip.rules import Dialplan
 from switchboard.dispatcher.talk.sip.settings import SipSettings, listen
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
 from switchboard.dispatcher.tools.runner import LateTools
+from switchboard.platform.config import ConfigError
 from switchboard.platform.process import Shared
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
@@ -63,7 +69,12 @@ async def start_sip(
         return calls
 
     await shared.part(Calls, started)
-    port = await engine.start()
+    try:
+        port = await engine.start()
+    except EngineFailed as exc:
+        raise ConfigError(
+            f"SWITCHBOARD_SIP_LISTEN: SIP cannot listen on {where[0]}:{where[1]}: {exc}"
+        ) from None
     shared.resources.push_async_callback(engine.stop)
     shared.resources.push_async_callback(calls.close)
     log.info(

@@ -46,6 +46,7 @@ from switchboard.platform.errors import (
     SwitchboardError,
     Unauthenticated,
 )
+from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.security.policy import (
     AuthMethod,
     Permission,
@@ -110,12 +111,26 @@ class Calls:
         self._tasks: set[asyncio.Task[None]] = set()
         self.engine: SipEngine | None = None
         self._closing = False
-        #: Calls refused on the loop, by SIP status (the screen's are the engine's).
+        #: INVITEs refused, by the SIP status answered (PJSIP's own 486s and 488s are not
+        #: seen here).
         self.refused: dict[int, int] = {}
 
     @property
     def open_calls(self) -> int:
         return len(self._calls)
+
+    def observe(self, metrics: Metrics) -> None:
+        """Read the calls at every scrape (docs/metrics.md)."""
+
+        def calls() -> list[tuple[tuple[str, ...], float]]:
+            answered = sum(1 for c in self._calls.values() if c.bridge is not None)
+            return [(("ringing",), len(self._calls) - answered), (("answered",), answered)]
+
+        def refused() -> list[tuple[tuple[str, ...], float]]:
+            return [((str(code),), count) for code, count in sorted(self.refused.items())]
+
+        metrics.observe("switchboard_sip_calls", calls)
+        metrics.observe("switchboard_sip_refused_total", refused)
 
     def bridges(self) -> list[CallBridge]:
         return [c.bridge for c in self._calls.values() if c.bridge is not None]
@@ -164,6 +179,13 @@ class Calls:
     # -- the engine's thread -----------------------------------------------------------------
 
     def screen(self, invite: Invite) -> Refusal | None:
+        refusal = self._screened(invite)
+        if refusal is not None:
+            # On the engine's thread: one dict update, read by the scrape on the loop.
+            self.refused[refusal.code] = self.refused.get(refusal.code, 0) + 1
+        return refusal
+
+    def _screened(self, invite: Invite) -> Refusal | None:
         if not self._rate.take(invite.source):
             return Refusal(503, "Too many calls from this address")
         trunk = self._trunk(invite)

@@ -28,11 +28,13 @@ import collections
 import contextlib
 import gc
 import logging
+import os
 import queue
 import re
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -63,6 +65,10 @@ MAX_RECENT_ENDS: Final = 16
 START_TIMEOUT_S: Final = 10.0
 _SOURCE: Final = re.compile(r"^\[?([0-9A-Fa-f:.]+)\]?:(\d+)$")
 _USER: Final = re.compile(r"^(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
+
+
+class EngineFailed(Exception):
+    """PJSIP could not start (its port taken, its address not this host's)."""
 
 
 @dataclass(frozen=True)
@@ -209,8 +215,13 @@ class SipEngine:
         self._ready = loop.create_future()
         self._thread = threading.Thread(target=self._run, name="sip-engine", daemon=True)
         self._thread.start()
-        async with asyncio.timeout(START_TIMEOUT_S):
-            self.port = await self._ready
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                self.port = await self._ready
+        except TimeoutError:
+            raise EngineFailed("PJSIP did not start in time") from None
+        except Exception as exc:  # noqa: BLE001 - PJSIP's Error, said in its words
+            raise EngineFailed(_said(exc)) from None
         return self.port
 
     async def stop(self) -> None:
@@ -276,6 +287,11 @@ class SipEngine:
         try:
             port = self._open()
         except BaseException as exc:  # noqa: BLE001 - told to ``start``'s caller
+            self._account = None
+            if self._ep is not None:
+                with contextlib.suppress(Exception):  # as far as it got
+                    self._ep.libDestroy()
+                self._ep = None
             self._settle(exc)
             return
         self._settle(port)
@@ -316,7 +332,10 @@ class SipEngine:
 
         options = self._options
         ep = pj.Endpoint()
-        ep.libCreate()
+        with _stdout_to_stderr():
+            # pjlib writes its first lines to the console before any log setting of ours
+            # applies: onto stderr with the logs, not onto stdout.
+            ep.libCreate()
         self._ep = ep
         config = pj.EpConfig()
         config.uaConfig.threadCnt = 0
@@ -566,6 +585,18 @@ class SipEngine:
             # a new call given the same slot meanwhile would lose its callbacks.
             self._legs.pop(leg.number, None)
             self._unplug(leg)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _header(lines: list[str], name: str) -> str:

@@ -113,7 +113,8 @@ def _pj_classes() -> tuple[type, type, type, type]:
         def write(self, entry: Any) -> None:
             # PJSIP's own lines (level 1: errors) into ours, never to the console.
             with _guarded("a PJSIP log line"):
-                log.info("pjsip: %s", str(entry.msg).strip()[:500])
+                level = logging.WARNING if int(entry.level) <= 1 else logging.INFO
+                log.log(level, "pjsip: %s", str(entry.msg).strip()[:500])
 
     return Account, Call, Port, LogWriter
 
