@@ -103,7 +103,16 @@ from bench.harness import (
     wait_quiet,
 )
 from bench.voice import MODEL_INTERVAL_MS, SAID, Place, _errors, _ms, _place, child
-from bench.webrtc import BASE_WPM, SILENCE_MS, WPM_STEP, Heard16, Speech, attribute, udp_drops
+from bench.webrtc import (
+    BASE_WPM,
+    SILENCE_MS,
+    WPM_STEP,
+    Heard16,
+    Plan,
+    Speech,
+    attribute,
+    udp_drops,
+)
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.dispatcher.talk.turns import Detector, Heard, TurnAudio
 from switchboard.platform.audio import pcm
@@ -149,22 +158,10 @@ SIP_SETTINGS: Final[dict[str, str]] = {
 _LISTENING: Final = re.compile(r"SIP listening on \S+:(\d+) \(UDP\)")
 
 
-@dataclass(frozen=True)
-class Plan:
-    #: Calls at once, a row each (the issue's goal is the 20-call row's).
-    rows: tuple[int, ...]
-    warmup_s: float
-    seconds: float
-    #: How long a caller listens to the answer before speaking over it.
-    listen_ms: int
-    cpu_sessions: int
-    cpu_warmup_s: float
-    cpu_seconds: float
-    quiet_wait_s: float
-
-
+#: ``bench/webrtc.py``'s plan, a row per number of calls at once: 4 is what one process
+#: carries (the wheel's PJSIP), 20 the issue's goal, whose calls past 4 are refused.
 FULL: Final = Plan(
-    rows=(1, 20),
+    rows=(1, 4, 20),
     warmup_s=6.0,
     seconds=45.0,
     listen_ms=2000,

@@ -192,6 +192,10 @@ class SipEngine:
         self._events = events
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._legs: dict[int, _Leg] = {}
+        #: Callers' frames waiting for the loop, and whether it was woken for them.
+        self._inbox: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._inbox_woken = False
         #: When calls ended lately, and refusals waiting for that to slow (``_churning``).
         self._ended_at: collections.deque[float] = collections.deque()
         self._held: collections.deque[tuple[_Leg, Refusal]] = collections.deque()
@@ -558,8 +562,25 @@ class SipEngine:
         self._report(self._events.dtmf, leg.number, digit)
 
     def on_audio(self, number: int, pcm: bytes) -> None:
-        # On PJSIP's media thread: only the hand-over to the loop.
-        self._report(self._events.audio, number, pcm)
+        """On PJSIP's media thread: the frame is handed to the loop. PJSIP's clock hands
+        every call its frame in the same tick, so the loop is woken once a tick for all
+        of them, not once a frame (each wake-up is a loop pass: at four calls, a quarter
+        of what the frames cost the loop)."""
+        with self._inbox_lock:
+            self._inbox.append((number, pcm))
+            if self._inbox_woken:
+                return
+            self._inbox_woken = True
+        self._report(self._deliver_audio)
+
+    def _deliver_audio(self) -> None:
+        with self._inbox_lock:
+            frames = list(self._inbox)
+            self._inbox.clear()
+            self._inbox_woken = False
+        audio = self._events.audio
+        for number, pcm in frames:
+            audio(number, pcm)
 
     def on_transferred(self, leg: _Leg, code: int) -> None:
         """The REFER's outcome: the caller reached the destination (a 2xx NOTIFY), and this
