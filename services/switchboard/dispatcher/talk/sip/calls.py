@@ -107,6 +107,8 @@ class Calls:
         self._limits = limits
         self._rate = InviteRate(limits.invites_per_s, limits.invite_burst)
         self._digest = digest.Digest()
+        #: The trunk each INVITE the screen let through came by, until ``incoming``.
+        self._passed: dict[int, str] = {}
         self._calls: dict[int, _Call] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.engine: SipEngine | None = None
@@ -193,6 +195,8 @@ class Calls:
             return trunk
         if self._plan.rule_for(trunk.name, invite.dialed) is None:
             return Refusal(404, "No such number")
+        # For ``incoming``, on the loop: reported after this, so it is set before it.
+        self._passed[invite.call] = trunk.name
         return None
 
     def _trunk(self, invite: Invite) -> Trunk | Refusal:
@@ -230,10 +234,8 @@ class Calls:
     # -- the loop (CallEvents) ---------------------------------------------------------------
 
     def incoming(self, invite: Invite) -> None:
-        trunk = self._trunk(invite)  # the screen's verdict again: the plan is fixed
-        rule = None
-        if isinstance(trunk, Trunk):
-            rule = self._plan.rule_for(trunk.name, invite.dialed)
+        trunk = self._passed.pop(invite.call, None)  # the screen's trunk
+        rule = None if trunk is None else self._plan.rule_for(trunk, invite.dialed)
         if rule is None:
             self._refuse(invite.call, 404, "No such number")
             return
