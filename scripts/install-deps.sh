@@ -59,6 +59,7 @@ if [[ $scope == test ]]; then
   postgres_present || want postgresql "initdb, pg_ctl, postgres (the suite starts its own)"
   absent chromium && want chromium "chromium (tests/e2e/test_browser.py drives it headless)"
   absent turnserver && want coturn "turnserver (coturn: the WebRTC tests' TURN relay, with minted credentials)"
+  absent baresip && want baresip-core "baresip (a SIP phone of another stack than the server's: tests/dispatcher/talk/sip)"
 fi
 if [[ $scope == test || $scope == tools ]]; then
   absent jq && want jq "jq (the README's examples keep values with it; tests/e2e/test_docs_run.py)"

@@ -16,13 +16,16 @@ and speaks the answer; the local model server answers as a scripted model
   a caller without credentials is challenged, one with wrong ones refused, a number no
   rule has is 404, a phone with no codec in common 488, a flood from one address 503, and
   malformed SIP is answered 400 or dropped, the server going on: none of them leaves a
-  voice session.
+  voice session;
+- baresip, another SIP stack, calls in with its digest answer, is heard and hears the
+  answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -64,7 +67,7 @@ EDITOR_CALLER: Final = "+15557654321"
 VIEWER_CALLER: Final = "+15557650000"
 ANONYMOUS: Final = "+15559990000"
 USERNAME: Final = "pbx"
-PASSWORD: Final = "a long trunk secret"
+PASSWORD: Final = "a-long-trunk-secret"
 WAIT_S: Final = 60.0
 #: RMS of speech through G.711 is in the thousands; silence is near zero.
 SPEECH_RMS: Final = 300.0
@@ -537,3 +540,83 @@ async def test_an_unknown_address_a_flood_and_malformed_sip_are_refused(
         n = await dial(phone, line)
         await phone.hangup(n)
     assert await stored_sessions(line.server, line.world.workspace.name) == before + 1
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_baresip_calls_in_and_hears_the_answer(line: Line, tmp_path: Path) -> None:
+    """Another SIP stack (baresip, on libre) against the server: its digest answer, its
+    SDP and RTP; it plays speech from a file and keeps what it heard (sndfile)."""
+    baresip = shutil.which("baresip")
+    assert baresip is not None, "baresip is not installed; run scripts/install-deps.sh"
+    home = tmp_path / "baresip"
+    home.mkdir()
+    speech = speech_wav(COUNTING, tmp_path / "counting.wav")
+    padded = tmp_path / "padded.wav"
+    samples, rate = pcm.from_wav(speech.read_bytes())
+    # At the call's rate (aufile takes no other), half a second of silence first while
+    # the call's media settles, and time after it for the answer.
+    said = pcm.resample(samples, rate, 8_000)
+    padded.write_bytes(pcm.to_wav(bytes(8_000) + said + bytes(8_000 * 2 * 8), 8_000))
+    (home / "config").write_text(
+        "\n".join(
+            [
+                f"sip_listen 127.0.0.1:{_free_udp_port()}",
+                f"audio_source aufile,{padded}",
+                "audio_player aubridge,nil",
+                "audio_alert aubridge,nil",
+                "module_path /usr/lib/baresip/modules",
+                "module g711.so",
+                "module aufile.so",
+                "module aubridge.so",
+                "module sndfile.so",
+                "module_app account.so",
+                "module_app menu.so",
+                f"snd_path {home}",
+                "",
+            ]
+        )
+    )
+    (home / "accounts").write_text(
+        f"<sip:{EDITOR_CALLER}@127.0.0.1>;auth_user={USERNAME};auth_pass={PASSWORD};"
+        "regint=0;audio_codecs=PCMU\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        baresip,
+        "-f",
+        str(home),
+        "-e",
+        f"/dial {line.uri}",
+        # It quits after this long; its call ends before, when the file has played.
+        "-t",
+        "15",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), WAIT_S)
+    text = output.decode(errors="replace")
+    dumps = sorted(home.glob("dump-*-dec.wav"))
+    assert dumps, text[-3000:]
+    heard, heard_rate = pcm.from_wav(dumps[0].read_bytes())
+    assert "terminated" in text, text[-3000:]
+    # It heard the answer: speech-loud frames in what it decoded (PocketSphinx's 16 kHz
+    # model reads baresip's 8 kHz dump poorly; the PCMU test reads the words).
+    frame = pcm.byte_count(20, heard_rate)
+    loudest = max(energy(heard[i : i + frame]) for i in range(0, len(heard), frame))
+    assert loudest > SPEECH_RMS, text[-3000:]
+    # The server heard it: a turn, and the answer to it, in the caller's conversation.
+    conversation = await call_conversation(line, EDITOR_CALLER)
+    messages = await all_messages(context_stub(line.channel), line.world.editor, conversation.name)
+    roles = [m.role for m in messages]
+    assert cpb.MESSAGE_ROLE_USER in roles, text[-3000:]
+    answers = [_parts(m) for m in messages if m.role == cpb.MESSAGE_ROLE_ASSISTANT]
+    assert any(ANSWER in a for a in answers), answers
+
+    async def ended() -> bool:
+        return (await call_row(line, conversation.name)).ended_at is not None
+
+    await eventually(ended, "the session's end", timeout_s=WAIT_S)
