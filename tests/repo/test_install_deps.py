@@ -36,6 +36,7 @@ TEST_COMMANDS = (
     "redis-server",
     "chromium",
     "turnserver",
+    "baresip",
     "jq",
     "espeak-ng",
 )
@@ -49,6 +50,7 @@ PROVIDES = {
     "redis-server": ["redis-server"],
     "chromium": ["chromium"],
     "coturn": ["turnserver"],
+    "baresip-core": ["baresip"],
     "jq": ["jq"],
     "espeak-ng": ["espeak-ng"],
     "postgresql": ["pg/15/bin/initdb", "pg/15/bin/pg_ctl", "pg/15/bin/postgres"],
