@@ -19,10 +19,10 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.domain import ContextDomain
-from switchboard.dispatcher.memory.apply import acting_as
 from switchboard.dispatcher.memory.plans.plan import Exchange
 from switchboard.dispatcher.memory.worker import MemoryForming
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.policy import Principal
 from switchboard.platform.store.models import MemoryJobRow
 from switchboard.platform.values.names import now
 from tests.conftest import CALL_DEADLINE_S, built
@@ -231,7 +231,7 @@ async def test_consolidation_merges_near_duplicates_and_retires_expired_items(
     async def create(content: str, **fields: Any) -> cpb.MemoryItem:
         # As forming writes them: a formed item's provenance is not a person's to write.
         return await built(mesh, ContextDomain).memory.create(
-            acting_as(world.editor.id),
+            Principal.acting_for(world.editor.id),
             cpb.CreateMemoryItemRequest(
                 parent=scope,
                 memory_item=cpb.MemoryItem(

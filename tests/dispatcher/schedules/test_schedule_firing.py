@@ -20,7 +20,6 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.runs.core.store import RunStore
 from switchboard.dispatcher.schedules import store as schedule_store
-from switchboard.dispatcher.schedules.firing import creator_principal
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.platform.security.policy import Principal, Role
 from tests.conftest import CALL_DEADLINE_S
@@ -248,7 +247,7 @@ async def test_a_claim_of_a_replica_whose_lease_expired_is_taken_over_never_run_
     [claimed] = await ghost.claim(record)
     # The ghost sent the tick's message, then died before recording it.
     sent = await desk.dispatcher.send_message(
-        creator_principal(claimed.creator),
+        Principal.acting_for(claimed.creator),
         pb.SendMessageRequest.FromString(claimed.request),
         schedule=made.name,
     )

@@ -40,7 +40,7 @@ from switchboard.platform.errors import (
     NotFound,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.security.policy import AuthMethod, Principal, Scope
+from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import memorypolicy
 from switchboard.platform.values.memorypolicy import CATEGORY_KINDS
 from switchboard.platform.values.names import now
@@ -56,16 +56,6 @@ _ACTIONS: Final = {
 SYSTEM: Final = events_pb2.Actor(name="system")
 #: Messages one item may cite (the context service's limit).
 MAX_SOURCES: Final = 50
-
-
-def acting_as(user_id: str) -> Principal:
-    """The run's creator, as forming acts for them: read and write, no session or key
-    (as a schedule's runs act: ``schedules/firing.py``)."""
-    return Principal(
-        user_id=user_id,
-        auth_method=AuthMethod.PASSWORD,
-        scopes=frozenset({Scope.READ, Scope.WRITE}),
-    )
 
 
 def sources_of(exchange: Exchange) -> list[str]:
@@ -156,7 +146,7 @@ class Applier:
     async def apply(self, job: Job, exchange: Exchange, plan: Plan) -> None:
         """Apply ``plan``'s decisions from ``plan.done`` on (``ClaimLost`` if the job
         was taken over meanwhile)."""
-        principal = acting_as(exchange.user_id)
+        principal = Principal.acting_for(exchange.user_id)
         policy = memorypolicy.effective(cpb.MemoryPolicy.FromString(exchange.policy))
         run = exchange.turns[-1].run if exchange.turns else ""
         formation = cpb.MemoryFormation(
@@ -268,4 +258,4 @@ def _item(
     return item
 
 
-__all__ = ["Applier", "ClaimLost", "acting_as", "decided_event", "outcome_event", "sources_of"]
+__all__ = ["Applier", "ClaimLost", "decided_event", "outcome_event", "sources_of"]

@@ -21,7 +21,7 @@ from typing import Final
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
-from switchboard.dispatcher.memory.apply import acting_as, decided_event
+from switchboard.dispatcher.memory.apply import decided_event
 from switchboard.dispatcher.memory.plans.plan import Exchange
 from switchboard.dispatcher.memory.plans.similarity import Item, merges
 from switchboard.dispatcher.memory.store import Job
@@ -48,9 +48,9 @@ class Consolidator:
         the job keeps the others for its next pass)."""
         users = [turn.run for turn in Exchange.loads(job.exchange).turns][: MAX_SCOPES - 1]
         workspace = f"workspaces/{job.workspace_id}"
-        await self._scope(acting_as(job.user_id), workspace, "")
+        await self._scope(Principal.acting_for(job.user_id), workspace, "")
         for user_id in users:
-            await self._scope(acting_as(user_id), f"users/{user_id}", workspace)
+            await self._scope(Principal.acting_for(user_id), f"users/{user_id}", workspace)
         return users
 
     async def _items(

@@ -28,7 +28,6 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.memory.apply import acting_as
 from switchboard.dispatcher.memory.plans.plan import Exchange, Turn, form_job_id
 from switchboard.dispatcher.memory.store import JobStore, NewTurn
 from switchboard.dispatcher.ports.context import ContextPort
@@ -40,6 +39,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.events.eventlog import Logged
 from switchboard.platform.events.feedstore import Work
+from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import memorypolicy
 from switchboard.platform.values.names import now
 from switchboard.platform.values.resources import RunName, UserName, WorkspaceName
@@ -103,7 +103,7 @@ class Policies:
         if kept is not None and kept[0] > self._clock():
             return kept[1]
         workspace = await self._context.workspace(
-            acting_as(user_id),
+            Principal.acting_for(user_id),
             str(WorkspaceName(workspace_id)),
             timeout_s=self._timeout_s,
         )

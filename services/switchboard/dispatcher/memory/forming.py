@@ -26,7 +26,6 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import text_of
 from switchboard.dispatcher.llm.config import Provider
-from switchboard.dispatcher.memory.apply import acting_as
 from switchboard.dispatcher.memory.model import FormingModel
 from switchboard.dispatcher.memory.plans.plan import Exchange, Plan, decide, plan_key, scope_of
 from switchboard.dispatcher.memory.plans.schema import (
@@ -176,7 +175,7 @@ class Former:
 
     async def form(self, job: Job, exchange: Exchange) -> Plan | None:
         """The plan of ``job``'s exchange; None when it has nothing to form."""
-        principal = acting_as(exchange.user_id)
+        principal = Principal.acting_for(exchange.user_id)
         policy = cpb.MemoryPolicy.FromString(exchange.policy)
         effective = memorypolicy.effective(policy)
         if not effective.on:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.memory.apply import Applier, ClaimLost, acting_as, outcome_event
+from switchboard.dispatcher.memory.apply import Applier, ClaimLost, outcome_event
 from switchboard.dispatcher.memory.consolidate import Consolidator
 from switchboard.dispatcher.memory.feed import MemoryFeed, Policies
 from switchboard.dispatcher.memory.forming import Former
@@ -47,7 +47,7 @@ from switchboard.platform.errors import NotFound, PermissionDenied
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.feeder import FeedSettings, LeasedFeeder
 from switchboard.platform.events.workers import work_rounds
-from switchboard.platform.security.policy import Permission, Policy
+from switchboard.platform.security.policy import Permission, Policy, Principal
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import MemoryCursorRow
 from switchboard.platform.values.names import now
@@ -261,7 +261,7 @@ class MemoryForming:
     async def _form(self, job: Job, whole: Exchange) -> None:
         try:
             await self._parts.access.authorize(
-                acting_as(whole.user_id),
+                Principal.acting_for(whole.user_id),
                 str(WorkspaceName(job.workspace_id)),
                 Permission.WRITE,
                 "memory",

@@ -68,7 +68,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.resilience.backoff import IdlePoll
-from switchboard.platform.security.policy import AuthMethod, Permission, Policy, Principal, Scope
+from switchboard.platform.security.policy import Permission, Policy, Principal
 from switchboard.platform.store.outbox import Staged
 
 log = logging.getLogger("switchboard.dispatcher.schedules")
@@ -92,7 +92,6 @@ SEND_TIMEOUT_S: Final = 30.0
 MAX_BACKOFF_S: Final = 30.0
 #: How often leftover and orphaned claims are looked for, at most.
 MAX_SCAN_S: Final = 10.0
-_SCOPES: Final = frozenset({Scope.READ, Scope.WRITE})
 
 Send = Callable[[Principal, pb.SendMessageRequest, str], Awaitable[pb.SendMessageResponse]]
 
@@ -111,12 +110,6 @@ class FiringSettings:
 class _Later(Exception):
     """The tick cannot be started now (a dependency is away): it stays CLAIMED and is
     replayed on a later pass."""
-
-
-def creator_principal(user_id: str) -> Principal:
-    """The schedule's creator, as its runs act: read and write, no session or key (its
-    right to write in the workspace is checked again at each tick)."""
-    return Principal(user_id=user_id, auth_method=AuthMethod.PASSWORD, scopes=_SCOPES)
 
 
 class Firing:
@@ -523,7 +516,8 @@ class Firing:
 
     async def _start(self, firing: FiringRecord) -> tuple[int, str, bytes]:
         """Start the tick's run: (outcome, run, error status)."""
-        principal = creator_principal(firing.creator)
+        # Its runs act as its creator (their right to write is checked at each tick).
+        principal = Principal.acting_for(firing.creator)
         request = pb.SendMessageRequest.FromString(firing.request)
         workspace = mapping.workspace_name(firing.workspace_id)
         schedule = schedule_mapping.schedule_name(firing.workspace_id, firing.schedule_id)

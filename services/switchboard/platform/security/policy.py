@@ -109,6 +109,17 @@ class Principal:
     #: ``(workspaces/{w}/assistants/{a}, revision)`` (ApiKey.assistant_pins).
     assistant_pins: tuple[tuple[str, int], ...] = ()
 
+    @classmethod
+    def acting_for(cls, user_id: str) -> Principal:
+        """The server acting for a user, as no request of theirs does (a schedule's tick,
+        memory forming, a phone call): read and write, no session or key, so their right
+        to the object is checked as for any call of theirs."""
+        return cls(
+            user_id=user_id,
+            auth_method=AuthMethod.PASSWORD,
+            scopes=frozenset({Scope.READ, Scope.WRITE}),
+        )
+
     def pinned(self, assistant: str) -> int:
         """The revision this caller's API key pins ``assistant`` at; 0 for none."""
         return next((n for name, n in self.assistant_pins if name == assistant), 0)
