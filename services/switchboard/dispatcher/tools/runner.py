@@ -238,11 +238,10 @@ class ConversationTools(Protocol):
     """Built-in tools that exist while something outside the run holds its conversation:
     a phone call's ``end_call``, ``transfer_call`` and ``send_keys`` (``talk/sip``)."""
 
-    def offered(self, conversation: str) -> list[hpb.ToolDefinition]:
-        """What the conversation's run is offered now (none: nothing holds it here)."""
+    def tools(self, conversation: str) -> dict[str, BuiltinTool]:
+        """The conversation's run's tools now, by name (none: nothing holds it here); each
+        one's ``definition`` is what its model is offered."""
         ...
-
-    def tools(self, conversation: str) -> dict[str, BuiltinTool]: ...
 
 
 class LateTools:
@@ -251,9 +250,6 @@ class LateTools:
 
     def __init__(self) -> None:
         self.source: ConversationTools | None = None
-
-    def offered(self, conversation: str) -> list[hpb.ToolDefinition]:
-        return [] if self.source is None else self.source.offered(conversation)
 
     def tools(self, conversation: str) -> dict[str, BuiltinTool]:
         return {} if self.source is None else self.source.tools(conversation)

@@ -128,7 +128,8 @@ class InputReader:
         if offer.since is not None:
             _since(window, offer.since)
         if self._conversation_tools is not None and assistant is not None:
-            definitions.extend(self._conversation_tools.offered(active.conversation))
+            held = self._conversation_tools.tools(active.conversation)
+            definitions.extend(tool.definition for tool in held.values())
         return Inputs(window, definitions, budgets)
 
     async def _offer(self, active: Active) -> Offer:

@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.runs.core.store import TERMINAL
 from switchboard.dispatcher.talk.sip.engine import Playout
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
@@ -35,14 +36,6 @@ MAX_KEYS: Final = 64
 #: How long a hang-up or transfer after speech waits for the speech to play out at most.
 MAX_AFTER_SPEECH_S: Final = 30.0
 DRAIN_POLL_S: Final = 0.02
-_ENDED: Final = frozenset(
-    {
-        pb.RUN_STATE_SUCCEEDED,
-        pb.RUN_STATE_FAILED,
-        pb.RUN_STATE_CANCELLED,
-        pb.RUN_STATE_DEADLINE_EXCEEDED,
-    }
-)
 
 #: Talk's stream, bound to the call's principal: requests in, frames out.
 TalkCall = Callable[[AsyncIterator[pb.TalkRequest]], AsyncGenerator[pb.TalkResponse, None]]
@@ -56,7 +49,7 @@ class CallBridge:
         talk: TalkCall,
         first: pb.TalkRequest,
         *,
-        hang_up: Callable[[str], None],
+        hang_up: Callable[[], None],
         dtmf_pause_s: float,
     ) -> None:
         self._talk = talk
@@ -76,13 +69,8 @@ class CallBridge:
         self.outcome = ""
         self.ended = asyncio.Event()
         self.dropped_frames = 0
-        self.keys_sent = 0
         self._after: Callable[[], None] | None = None
         self._waiting: asyncio.Task[None] | None = None
-
-    @property
-    def started(self) -> bool:
-        return self._task is not None
 
     @property
     def live(self) -> bool:
@@ -180,7 +168,6 @@ class CallBridge:
             return
         text = f"[keys pressed: {' '.join(self._keys)}]"
         self._keys.clear()
-        self.keys_sent += 1
         self._requests.put_nowait(pb.TalkRequest(text=text))
 
     async def _requests_out(self) -> AsyncIterator[pb.TalkRequest]:
@@ -205,7 +192,7 @@ class CallBridge:
             self.ended.set()
         if not self._ending:
             self._ending = True
-            self._hang_up(self.outcome or "the session ended")
+            self._hang_up()
 
     def _deliver(self, frame: pb.TalkResponse) -> None:
         kind = frame.WhichOneof("frame")
@@ -222,7 +209,7 @@ class CallBridge:
             state = frame.update.state_change.run.state
             if state == pb.RUN_STATE_CANCELLED and playout is not None:
                 playout.clear()
-            if state in _ENDED:
+            if state in TERMINAL:
                 self._run_ended()
 
 

@@ -20,15 +20,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
 from switchboard.dispatcher.talk.session import Talks
@@ -39,7 +38,6 @@ from switchboard.dispatcher.talk.sip.rules import Dialplan, DispatchRule, Invite
 from switchboard.dispatcher.talk.sip.tools import CallActions
 from switchboard.dispatcher.tools.runner import BuiltinTool
 from switchboard.platform.errors import (
-    FailedPrecondition,
     NotFound,
     PermissionDenied,
     QuotaExceeded,
@@ -47,14 +45,7 @@ from switchboard.platform.errors import (
     Unauthenticated,
 )
 from switchboard.platform.observe.metrics import Metrics
-from switchboard.platform.security.policy import (
-    AuthMethod,
-    Permission,
-    Policy,
-    Principal,
-    Scope,
-)
-from switchboard.platform.values.idempotency import derived_request_id
+from switchboard.platform.security.policy import Permission, Policy, Principal
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
 
@@ -62,9 +53,6 @@ log = logging.getLogger("switchboard.dispatcher.talk.sip")
 ADMIT_TIMEOUT_S: Final = 10.0
 #: How long closing every call may take when the process stops.
 CLOSE_TIMEOUT_S: Final = 5.0
-_SCOPES: Final = frozenset({Scope.READ, Scope.WRITE})
-
-Authorize = Callable[[Principal, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -138,10 +126,6 @@ class Calls:
         return [c.bridge for c in self._calls.values() if c.bridge is not None]
 
     # -- the assistant's tools (tools.runner.ConversationTools) ------------------------------
-
-    def offered(self, conversation: str) -> list[hpb.ToolDefinition]:
-        call = self._carrying(conversation)
-        return [] if call is None else tools.definitions(call.rule.transfer)
 
     def tools(self, conversation: str) -> dict[str, BuiltinTool]:
         call = self._carrying(conversation)
@@ -333,7 +317,7 @@ class Calls:
         bridge = CallBridge(
             talk,
             first,
-            hang_up=lambda _why: engine.hang_up(call.number),
+            hang_up=lambda: engine.hang_up(call.number),
             dtmf_pause_s=self._limits.dtmf_pause_s,
         )
         call.bridge = bridge
@@ -347,7 +331,7 @@ class Calls:
     async def _session_for(self, call: _Call) -> tuple[Principal, pb.TalkRequest]:
         rule, invite = call.rule, call.invite
         user, known = rule.acts_as(invite.caller)
-        principal = Principal(user_id=user.user, auth_method=AuthMethod.PASSWORD, scopes=_SCOPES)
+        principal = Principal.acting_for(user.user)
         workspace = f"workspaces/{rule.workspace_id}"
         await self._policy.authorize(principal, workspace, Permission.WRITE, "user")
         metadata = struct_pb2.Struct()
@@ -368,7 +352,8 @@ class Calls:
                 conversation=cpb.Conversation(
                     title=f"Call from {caller} to {invite.dialed}"[:200], metadata=metadata
                 ),
-                request_id=derived_request_id("sip", uuid.uuid4().hex),
+                # Made once per call, never sent again: any fresh id.
+                request_id=f"sip-{uuid.uuid4().hex}",
             ),
             timeout_s=ADMIT_TIMEOUT_S,
         )
@@ -395,8 +380,8 @@ class Calls:
         if self.engine is not None:
             self.engine.hang_up(call, code, reason)
 
-    def _spawn(self, work: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work, name="sip-admit")  # type: ignore[arg-type]
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work, name="sip-admit")
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -412,8 +397,7 @@ def _refusal(exc: BaseException) -> tuple[int, str]:
         return 486, "Busy Here"
     if isinstance(exc, (PermissionDenied, NotFound, Unauthenticated)):
         return 403, "Forbidden"
-    if isinstance(exc, FailedPrecondition):
-        return 503, "Service Unavailable"
+    # FailedPrecondition (the assistant has no voice), a timeout, the rest: not the caller's.
     return 503, "Service Unavailable"
 
 

@@ -3,7 +3,7 @@
 PJSIP (through ``pjsua2``, its SWIG binding) keeps one library per process, and its calls
 must come from a thread it knows. So one thread of ours, ``sip-engine``, owns it whole:
 it creates the library, runs its events (``libHandleEvents``) and carries out every
-command the loop sends (``_Commands``); nothing else touches a PJSIP object. What PJSIP
+command the loop queues (``_do``); nothing else touches a PJSIP object. What PJSIP
 reports (an INVITE, a call's media, a key pressed, a hang-up) goes to the loop with
 ``call_soon_threadsafe``, as ``CallEvents`` calls.
 
@@ -133,9 +133,6 @@ class Playout:
         self._lock = threading.Lock()
         self._data = bytearray()
         self._limit = int(MAX_QUEUED_S * rate) * 2
-        #: Frames sent while nothing was queued (the caller heard silence).
-        self.silent_frames = 0
-        self.sent_bytes = 0
 
     def push(self, pcm: bytes) -> bool:
         with self._lock:
@@ -144,12 +141,10 @@ class Playout:
             self._data += pcm
             return True
 
-    def clear(self) -> int:
-        """Drop what is queued (barge-in); how many bytes were dropped."""
+    def clear(self) -> None:
+        """Drop what is queued (barge-in)."""
         with self._lock:
-            dropped = len(self._data)
             self._data.clear()
-            return dropped
 
     @property
     def queued_bytes(self) -> int:
@@ -161,10 +156,6 @@ class Playout:
         with self._lock:
             chunk = bytes(self._data[:n])
             del self._data[:n]
-        if not chunk:
-            self.silent_frames += 1
-            return bytes(n)
-        self.sent_bytes += len(chunk)
         return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
 
 
@@ -178,7 +169,6 @@ class _Leg:
     port: Any = None
     playout: Playout | None = None
     ended: bool = False
-    answered: bool = False
     extra: list[Any] = field(default_factory=list)
 
 
@@ -304,7 +294,6 @@ class SipEngine:
                 self._drain()
                 self._release_held()
                 self._ep.libHandleEvents(POLL_MS)
-                self._forget()
         finally:
             self._close()
 
@@ -410,10 +399,6 @@ class SipEngine:
         self._ep = None
         self._writer = None
 
-    def _forget(self) -> None:
-        for number in [n for n, leg in self._legs.items() if leg.ended]:
-            self._unplug(self._legs.pop(number))
-
     def _unplug(self, leg: _Leg) -> None:
         if leg.port is not None:
             for audio in leg.extra:
@@ -466,11 +451,9 @@ class SipEngine:
         param = pj.CallOpParam(True)
         param.statusCode = code
         leg.call.answer(param)
-        if code == 200:
-            leg.answered = True
 
     def _refuse(self, leg: _Leg, refusal: Refusal) -> None:
-        """A final answer to an INVITE not answered yet, once it is safe (``_churn``)."""
+        """A final answer to an INVITE not answered yet, once it is safe (``_churning``)."""
         if self._churning():
             self._held.append((leg, refusal))
         else:
@@ -481,7 +464,7 @@ class SipEngine:
 
         PJSIP makes a call's RTP and RTCP sockets when its INVITE arrives, before any
         callback, and a closed socket's slot in its I/O queue comes back only after
-        ``SOCKET_LINGER_S``; the wheel's queue holds ``MAX_SOCKETS``, and running out
+        ``SOCKET_LINGER_S``; the wheel's queue holds 64 sockets, and running out
         aborts the process. A flood of INVITEs refused at once would do that in a
         fraction of a second. So while many calls ended lately, a refusal waits and
         its call keeps its slot: with every slot held, PJSIP answers further INVITEs 486

@@ -9,6 +9,7 @@ audio) and hands the engine what happened; ``engine.py`` says what the engine do
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ class Frames(Protocol):
     def take(self) -> bytes: ...
 
 
+@functools.cache
 def _pj_classes() -> tuple[type, type, type, type]:
     """PJSIP's directors, defined when the engine first starts (``pjsua2`` is imported
     only by a process that serves SIP). No exception may leave one: it would cross into
@@ -158,26 +160,17 @@ def _guarded(what: str) -> Iterator[None]:
         log.exception("handling %s from PJSIP failed", what)
 
 
-_CLASSES: list[tuple[type, type, type, type]] = []
-
-
-def _classes() -> tuple[type, type, type, type]:
-    if not _CLASSES:
-        _CLASSES.append(_pj_classes())
-    return _CLASSES[0]
-
-
 def new_account(engine: Host) -> Any:
-    return _classes()[0](engine)
+    return _pj_classes()[0](engine)
 
 
 def new_call(engine: Host, call_id: int) -> Any:
-    return _classes()[1](engine, call_id)
+    return _pj_classes()[1](engine, call_id)
 
 
 def new_port(engine: Host, number: int, playout: Frames) -> Any:
-    return _classes()[2](engine, number, playout)
+    return _pj_classes()[2](engine, number, playout)
 
 
 def new_log_writer() -> Any:
-    return _classes()[3]()
+    return _pj_classes()[3]()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from google.protobuf import json_format, struct_pb2
@@ -29,27 +30,19 @@ from switchboard.platform.security.policy import Principal
 END_CALL: Final = "end_call"
 TRANSFER_CALL: Final = "transfer_call"
 SEND_KEYS: Final = "send_keys"
-NAMES: Final = (END_CALL, TRANSFER_CALL, SEND_KEYS)
 _KEYS: Final = re.compile(r"^[0-9*#A-Da-d]{1,32}$")
 
 
+@dataclass(frozen=True)
 class CallActions:
     """What the tools do to one call (``calls.py`` binds them to it)."""
 
-    def __init__(
-        self,
-        *,
-        live: Callable[[], bool],
-        hang_up_after_speech: Callable[[str], None],
-        transfer_after_speech: Callable[[str, str], None],
-        send_keys: Callable[[str], None],
-        destinations: Mapping[str, str],
-    ) -> None:
-        self.live = live
-        self.hang_up_after_speech = hang_up_after_speech
-        self.transfer_after_speech = transfer_after_speech
-        self.send_keys = send_keys
-        self.destinations = dict(destinations)
+    live: Callable[[], bool]
+    hang_up_after_speech: Callable[[str], None]
+    transfer_after_speech: Callable[[str, str], None]
+    send_keys: Callable[[str], None]
+    #: The rule's transfer destinations, name to SIP URI.
+    destinations: Mapping[str, str]
 
 
 def definitions(destinations: Mapping[str, str]) -> list[hpb.ToolDefinition]:
