@@ -33,6 +33,7 @@ from switchboard.dispatcher.llm.settings import LlmSettings
 from switchboard.dispatcher.schedules.settings import ScheduleSettings
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.sip.settings import SipSettings
+from switchboard.dispatcher.talk.streams.settings import StreamsSettings
 from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings
 from switchboard.dispatcher.voice.settings import VoiceSettings
 from switchboard.events.settings import EventSettings
@@ -70,6 +71,7 @@ class Settings:
     voice: VoiceSettings
     webrtc: WebRtcSettings
     sip: SipSettings
+    streams: StreamsSettings
     remote_handlers: RemoteHandlerSettings
     integration: IntegrationSettings
     egress: EgressSettings

@@ -71,6 +71,15 @@ def _add_upstreams(envoy: argparse.ArgumentParser) -> None:
         help="mesh: how many replicas a service's DNS name stands for (a Kubernetes headless "
         "Service); Envoy's circuit breakers are sized for them (default: one per address)",
     )
+    envoy.add_argument(
+        "--telephony",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a dispatcher's media-streams server (SWITCHBOARD_STREAMS_LISTEN), once per "
+        "replica: the carriers' webhooks and WebSockets under /telephony/ go to them "
+        "(docs/telephony.md)",
+    )
 
 
 def _add_listeners(envoy: argparse.ArgumentParser) -> None:
@@ -272,6 +281,7 @@ def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
         "tracing": Tracing.from_environment(
             os.environ, endpoint=args.otlp_endpoint, service_name=args.trace_service_name
         ),
+        "telephony": tuple(HostPort.parse(where) for where in args.telephony),
     }
     if args.shape == "all-in-one":
         if args.service or args.replicas or args.edge_health:

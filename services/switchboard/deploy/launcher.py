@@ -372,8 +372,16 @@ class Mesh:
         from switchboard.deploy.edge.envoy import HostPort
 
         spec = self.options.edge_spec(self.upstreams(), self.base_env, self.certificate, bound)
+        # The carriers' media streams, where the dispatchers serve them (processes.py).
+        telephony = tuple(
+            HostPort(LOOPBACK, child.streams_port)
+            for child in self.replicas("dispatcher")
+            if child.streams_port
+        )
         # Health and reflection for the whole deployment (started before Envoy).
-        return dataclasses.replace(spec, edge_health=HostPort(LOOPBACK, self.edge_health.port))
+        return dataclasses.replace(
+            spec, edge_health=HostPort(LOOPBACK, self.edge_health.port), telephony=telephony
+        )
 
     def children(self) -> list[Child]:
         return [self.postgres, self.redis, *self.services, self.edge_health, self.envoy]

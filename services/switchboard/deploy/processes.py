@@ -651,6 +651,8 @@ class Service(Child):
         self._listening = asyncio.Event()
         #: Its metrics endpoint's bound port (0: not served), from its listening line.
         self.metrics_port = 0
+        #: Its carriers' media-streams server's port (0: none; ``environment``).
+        self.streams_port = 0
 
     def command(self) -> list[str]:
         return [
@@ -683,6 +685,15 @@ class Service(Child):
         if env.get("SWITCHBOARD_METRICS_PORT", "").strip():
             # Every process serves its own metrics: one port for all would clash.
             env["SWITCHBOARD_METRICS_PORT"] = "0"
+        if env.pop("SWITCHBOARD_STREAMS_LISTEN", "").strip() and self.service in (
+            "dispatcher",
+            EVERY_SERVICE,
+        ):
+            # Each dispatcher serves the carriers' media streams on a port of its own (one
+            # for all would clash), the same across its restarts: Envoy's /telephony/
+            # route names them all (launcher.Mesh.edge_spec).
+            self.streams_port = self.streams_port or free_port()
+            env["SWITCHBOARD_STREAMS_LISTEN"] = f"{LOOPBACK}:{self.streams_port}"
         return env
 
     def stop_timeout_s(self) -> float:

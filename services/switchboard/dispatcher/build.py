@@ -80,10 +80,13 @@ from switchboard.dispatcher.schedules.build import schedule_firing, schedules_ca
 from switchboard.dispatcher.service import Catalogs, Dispatcher, Readmission, RunLimits, Stages
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.build import peers_of, smart_turn, talk_limits
+from switchboard.dispatcher.talk.phone.book import CallBook
 from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.sip.build import start_sip
 from switchboard.dispatcher.talk.sip.calls import Calls
 from switchboard.dispatcher.talk.store import VoiceStore
+from switchboard.dispatcher.talk.streams.build import start_streams
+from switchboard.dispatcher.talk.streams.calls import MediaStreams
 from switchboard.dispatcher.talk.webrtc.settings import WebRtcSettings
 from switchboard.dispatcher.tools.port import LocalTools, ToolHub
 from switchboard.dispatcher.tools.runner import ToolLimits
@@ -246,6 +249,13 @@ async def dispatcher_service(
         budgets=_budgets(shared, assistants, spending),
         usage=Usage(UsageStore(shared.database), shared.page_tokens),
         quotas=_quotas(shared),
+        calls=CallBook(
+            shared.database,
+            shared.bus,
+            shared.page_tokens,
+            instance_id=shared.instance_id,
+            peers=peers,
+        ),
     )
     run = _Run(
         shared,
@@ -269,6 +279,7 @@ async def dispatcher_service(
         context,
         functools.partial(_send_scheduled, dispatcher),
         lease_s=shared.section(DispatcherSettings).dispatcher_lease_s,
+        place=dispatcher.calls.place_for,
     )
     schedules.on_change = firing.wake
     firing.start()
@@ -642,7 +653,9 @@ async def _send_scheduled(
     return await dispatcher.send_message(principal, request, schedule=schedule)
 
 
-def _observe(metrics: Metrics, dispatcher: Dispatcher, calls: Calls | None) -> None:
+def _observe(
+    metrics: Metrics, dispatcher: Dispatcher, calls: Calls | None, streams: MediaStreams | None
+) -> None:
     """Read the runs' current state at every scrape (docs/metrics.md)."""
     scheduler = dispatcher.scheduler
     metrics.observe(
@@ -656,6 +669,8 @@ def _observe(metrics: Metrics, dispatcher: Dispatcher, calls: Calls | None) -> N
     metrics.observe("switchboard_subscribers", lambda: [(("runs",), dispatcher.watchers)])
     if calls is not None:
         calls.observe(metrics)
+    if streams is not None:
+        streams.observe(metrics)
 
 
 async def build(shared: Shared) -> ServiceRegistration:
@@ -668,7 +683,13 @@ async def build(shared: Shared) -> ServiceRegistration:
 
     dispatcher = await shared.part(Dispatcher, make)
     # Phone calls, when SWITCHBOARD_SIP_LISTEN asks: closed before the dispatcher's runs.
-    calls = await start_sip(shared, dispatcher.talks, port, dispatcher.conversation_tools)
+    calls = await start_sip(
+        shared, dispatcher.talks, port, dispatcher.conversation_tools, dispatcher.calls
+    )
+    # The carriers' media streams, when SWITCHBOARD_STREAMS_LISTEN asks: likewise.
+    streams = await start_streams(
+        shared, dispatcher.talks, port, dispatcher.conversation_tools, dispatcher.calls
+    )
     serve_part(
         shared.resources,
         shared.database,
@@ -685,5 +706,5 @@ async def build(shared: Shared) -> ServiceRegistration:
         servicer.SERVICE,
         servicer.DispatcherServiceServicer(dispatcher),
         on_bound=advertise,
-        observe=lambda metrics: _observe(metrics, dispatcher, calls),
+        observe=lambda metrics: _observe(metrics, dispatcher, calls, streams),
     )

@@ -1,8 +1,9 @@
 """The dispatcher's part of an erasure (docs/privacy.md, ``platform/events/erasure/worker.py``):
 the runs a deleted account started (their requests and answers), its schedules (their
 message templates), its voice sessions (transcripts), its memory-forming jobs (the
-exchanges they carry), the idempotency keys of its requests, its A2A push configs, and
-its runs' budget holds. Usage totals stay: they hold counts, never words. Idempotent.
+exchanges they carry), the idempotency keys of its requests, its A2A push configs, its
+runs' budget holds, and the phone calls that acted as it (their numbers). Usage totals
+stay: they hold counts, never words. Idempotent.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from switchboard.platform.events.erasure.store import ErasureRecord, ErasureStor
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     BudgetHoldRow,
+    CallRow,
     IdempotencyRow,
     MemoryJobRow,
     PushConfigRow,
@@ -83,16 +85,19 @@ def _rest(db: Session, user_id: str, user_name: str, within: Sequence[str]) -> N
     schedules = delete(ScheduleRow).where(ScheduleRow.creator.in_(_forms(user_name)))
     jobs = delete(MemoryJobRow).where(MemoryJobRow.user_id == user_id)
     pushes = delete(PushConfigRow).where(PushConfigRow.creator.in_(_forms(user_name)))
+    calls = delete(CallRow).where(CallRow.user_id == user_id)
     if scope:
         sessions = sessions.where(VoiceSessionRow.workspace_id.in_(scope))
         schedules = schedules.where(ScheduleRow.workspace_id.in_(scope))
         jobs = jobs.where(MemoryJobRow.workspace_id.in_(scope))
         pushes = pushes.where(PushConfigRow.workspace_id.in_(scope))
+        calls = calls.where(CallRow.workspace_id.in_(scope))
     db.execute(delete(VoiceTurnRow).where(VoiceTurnRow.session_id.in_(sessions)))
     db.execute(delete(VoiceSessionRow).where(VoiceSessionRow.id.in_(sessions)))
     db.execute(schedules)
     db.execute(jobs)
     db.execute(pushes)
+    db.execute(calls)
     if not scope:
         # Keys are "<user>/<method>/<request_id>" (``platform/store/storage.py``): they
         # name no workspace, so only a whole account's erasure removes them.

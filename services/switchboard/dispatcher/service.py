@@ -59,6 +59,7 @@ from switchboard.dispatcher.runs.reading.streams import Streams
 from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.steering import Steering
 from switchboard.dispatcher.schedules.catalog import Schedules
+from switchboard.dispatcher.talk.phone.book import CallBook
 from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.webrtc.peers import Peers
 from switchboard.platform import background
@@ -105,6 +106,8 @@ class Catalogs:
     budgets: Budgets
     usage: Usage
     quotas: Quotas
+    #: Phone calls' records (``talk/phone/``); SIP places and carries them.
+    calls: CallBook
 
 
 class Readmission:
@@ -139,6 +142,7 @@ class Dispatcher:
         self.budgets = catalogs.budgets
         self.usage = catalogs.usage
         self.quotas = catalogs.quotas
+        self.calls = catalogs.calls
         self.spending = stages.spending
         self.router = stages.common.router
         self.scheduler = stages.scheduler

@@ -285,3 +285,22 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         self, request: pb.ListScheduleFiringsRequest, context: Context
     ) -> pb.ListScheduleFiringsResponse:
         return await self._dispatcher.schedules.list_firings(request)
+
+    async def PlaceCall(
+        self, request: pb.PlaceCallRequest, context: Context
+    ) -> pb.PlaceCallResponse:
+        call = await self._dispatcher.calls.place(current_principal().user_id, request)
+        return pb.PlaceCallResponse(call=call)
+
+    async def GetCall(self, request: pb.GetCallRequest, context: Context) -> pb.GetCallResponse:
+        return pb.GetCallResponse(call=await self._dispatcher.calls.get(request.name))
+
+    async def ListCalls(
+        self, request: pb.ListCallsRequest, context: Context
+    ) -> pb.ListCallsResponse:
+        return await self._dispatcher.calls.list(request)
+
+    async def EndCall(self, request: pb.EndCallRequest, context: Context) -> pb.EndCallResponse:
+        principal = current_principal()
+        call = await self._dispatcher.calls.end(principal.user_name, request.name, _via(context))
+        return pb.EndCallResponse(call=call)

@@ -141,7 +141,7 @@ async def test_migrate_creates_every_model_table(db: Database) -> None:
     await db.migrate()
 
     assert await table_names(db) == MODEL_TABLES | {"alembic_version"}
-    assert await current_revision(db) == head_revision() == "0028"
+    assert await current_revision(db) == head_revision() == "0029"
 
 
 async def test_migrating_twice_is_a_no_op_and_keeps_data(db: Database) -> None:

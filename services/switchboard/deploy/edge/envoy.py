@@ -48,6 +48,9 @@ it derives, and from where:
   ``traceparent``: the servers' spans are its children. ``Tracing.from_environment``
   reads the standard ``OTEL_*`` variables; without an OTLP endpoint there is no
   tracing block at all.
+- **Telephony** (optional, ``telephony``): ``/telephony/`` to the dispatchers'
+  media-streams servers over HTTP/1.1, WebSocket upgrades allowed on that route only
+  (``telephony.py``). Without them the configuration is exactly what it was before.
 """
 
 from __future__ import annotations
@@ -167,6 +170,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from switchboard.deploy.edge import telephony as phone
 from switchboard.deploy.edge.contracts import API, COMPANION_API, OPTIONAL_API
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.events.settings import EventSettings
@@ -604,6 +608,9 @@ class EdgeSpec:
     #: ``switchboard edge-health``, which answers health and reflection for every
     #: service of the deployment; without it they go to the dispatcher's replicas.
     edge_health: HostPort | None = None
+    #: The dispatchers' media-streams servers (``SWITCHBOARD_STREAMS_LISTEN``): the
+    #: carriers' webhooks and WebSockets under ``/telephony/`` go to them; none by default.
+    telephony: tuple[HostPort, ...] = ()
 
     @classmethod
     def all_in_one(cls, upstream: HostPort, **kwargs: Any) -> EdgeSpec:
@@ -627,6 +634,14 @@ def bootstrap(spec: EdgeSpec) -> Bootstrap:
         clusters.append(_edge_health_cluster(spec.edge_health, spec))
     if spec.tracing is not None:
         clusters.append(_collector_cluster(spec.tracing, spec))
+    if spec.telephony:
+        clusters.append(
+            phone.cluster(
+                _endpoints(phone.TELEPHONY_CLUSTER, spec.telephony),
+                dns=phone.any_dns([where.is_ip for where in spec.telephony]),
+                connect_timeout=_seconds(spec.connect_timeout_s),
+            )
+        )
     return Bootstrap(
         admin=Admin(address=_address(spec.admin)),
         static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
@@ -675,6 +690,9 @@ def _check(spec: EdgeSpec) -> None:
     _check_replicas(spec)
     if spec.edge_health is not None and spec.edge_health.port == 0:
         raise SpecError(f"edge-health {spec.edge_health} has port 0")
+    for where in spec.telephony:
+        if where.port == 0:
+            raise SpecError(f"telephony upstream {where} has port 0")
     if not _is_loopback(spec.admin.host):
         raise SpecError(
             f"the admin interface must listen on loopback, not {spec.admin.host!r}: "
@@ -762,6 +780,7 @@ def _listener(
             max_concurrent_streams=spec.downstream_max_streams,
         ),
         route_config=routes,
+        upgrade_configs=phone.manager_upgrades() if spec.telephony else [],
         tracing=_tracing(spec.tracing) if spec.tracing is not None else None,
         http_filters=[
             HttpFilter(name="envoy.filters.http.grpc_web", typed_config=_pack(GrpcWeb())),
@@ -1161,7 +1180,8 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
         # headers (the browser then refuses), never sent to a server.
         forward_not_matching_preflights=False,
     )
-    routes: list[Route] = []
+    # The carriers' HTTP/1.1 and WebSockets, before the gRPC routes.
+    routes: list[Route] = [phone.route()] if spec.telephony else []
     for service, descriptor in API.items():
         if service in spec.upstreams:
             for served in (descriptor, *COMPANION_API.get(service, ())):

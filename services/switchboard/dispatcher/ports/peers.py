@@ -2,8 +2,9 @@
 
 Behind Envoy a call for a run lands on any dispatcher replica, but only the
 replica that owns the run (its ``worker``) holds the task to cancel and the
-pending tool calls to decide (and the queue a steer waits in). ``CancelRun``,
-``SubmitToolApprovals`` and ``SteerRun`` that land elsewhere are sent on to the
+pending tool calls to decide (and the queue a steer waits in), and only the replica
+whose SIP engine carries a phone call can hang it up. ``CancelRun``,
+``SubmitToolApprovals``, ``SteerRun`` and ``EndCall`` that land elsewhere are sent on to the
 owner's advertised address (``SWITCHBOARD_ADVERTISE_ADDRESS``, kept in its
 lease) through the generated ``DispatcherService`` stub, and the owner's answer
 is returned.
@@ -87,6 +88,8 @@ class PeerPort(Protocol):
         self, address: str, via: Via, request: pb.SteerRunRequest
     ) -> pb.SteerRunResponse: ...
 
+    async def end_call(self, address: str, via: Via, request: pb.EndCallRequest) -> pb.Call: ...
+
 
 class GrpcPeers:
     """``PeerPort`` over gRPC: one channel per peer address, kept open, closed on ``close``."""
@@ -149,6 +152,10 @@ class GrpcPeers:
     ) -> pb.SteerRunResponse:
         response: pb.SteerRunResponse = await self._forward(address, via, "SteerRun", request)
         return response
+
+    async def end_call(self, address: str, via: Via, request: pb.EndCallRequest) -> pb.Call:
+        response: pb.EndCallResponse = await self._forward(address, via, "EndCall", request)
+        return response.call
 
     async def _forward(self, address: str, via: Via, method: str, request: Message) -> Any:
         """``method`` on the owner at ``address``, with the caller's credential, marked

@@ -10,7 +10,7 @@ from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
-from switchboard.dispatcher.schedules.firing import Firing, FiringSettings, Send
+from switchboard.dispatcher.schedules.firing import Firing, FiringSettings, Place, Send
 from switchboard.dispatcher.schedules.settings import ScheduleSettings
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.platform.process import Shared
@@ -46,9 +46,12 @@ def schedules_catalog(
     )
 
 
-def schedule_firing(shared: Shared, context: ContextPort, send: Send, *, lease_s: float) -> Firing:
+def schedule_firing(
+    shared: Shared, context: ContextPort, send: Send, *, lease_s: float, place: Place
+) -> Firing:
     """The firing loop: each tick sent by ``send`` (the dispatcher's admission, as the
-    schedule's creator); ``lease_s``: how long a replica's claim on a tick lasts."""
+    schedule's creator), or placed as a call by ``place`` for a schedule that calls;
+    ``lease_s``: how long a replica's claim on a tick lasts."""
     settings = shared.section(ScheduleSettings)
     return Firing(
         store=ScheduleStore(shared.database),
@@ -56,6 +59,7 @@ def schedule_firing(shared: Shared, context: ContextPort, send: Send, *, lease_s
         context=context,
         policy=shared.policy,
         send=send,
+        place=place,
         settings=FiringSettings(
             instance_id=shared.instance_id,
             poll_s=settings.schedules_poll_s,

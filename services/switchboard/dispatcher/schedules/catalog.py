@@ -74,10 +74,13 @@ MUTABLE: Final = (
     "missed_tick_policy",
     "timeout",
     "assistant_revision",
+    "call",
 )
 #: Fields a create takes (``conversation_mode`` cannot change: its conversation is made once).
 _CREATED: Final = (*MUTABLE, "conversation_mode")
 MAX_DISPLAY_NAME: Final = 200
+#: Where a schedule that calls may call: E.164.
+_E164: Final = re.compile(r"^\+[1-9][0-9]{7,14}$")
 MAX_TEMPLATE: Final = 16_000
 #: The longest interval between ticks.
 MAX_INTERVAL: Final = dt.timedelta(days=366)
@@ -179,7 +182,12 @@ class Schedules:
             clean.interval.CopyFrom(given.interval)
         if given.conversation_mode not in _MODES:
             violations.add("schedule.conversation_mode", "is not a known mode: SHARED or PER_RUN")
-        clean.conversation_mode = given.conversation_mode or pb.SCHEDULE_CONVERSATION_MODE_SHARED
+        calls = given.HasField("call")
+        clean.conversation_mode = given.conversation_mode or (
+            pb.SCHEDULE_CONVERSATION_MODE_PER_RUN if calls else pb.SCHEDULE_CONVERSATION_MODE_SHARED
+        )
+        if calls:
+            self._call(given, clean, violations)
         if given.concurrency_policy not in _POLICIES:
             violations.add(
                 "schedule.concurrency_policy",
@@ -206,6 +214,31 @@ class Schedules:
                 )
             clean.assistant_revision = given.assistant_revision
         return clean
+
+    @staticmethod
+    def _call(given: pb.Schedule, clean: pb.Schedule, violations: Violations) -> None:
+        """A schedule that calls: each call makes its own conversation, and is answered by
+        the schedule's assistant (the trunk and the number are PlaceCall's to check)."""
+        target = given.call
+        if not target.trunk or len(target.trunk) > 63:
+            violations.add("schedule.call.trunk", "must name one of the server's SIP trunks")
+        if not _E164.match(target.to_number):
+            violations.add("schedule.call.to_number", "must be E.164: '+' and 8 to 15 digits")
+        if clean.conversation_mode != pb.SCHEDULE_CONVERSATION_MODE_PER_RUN:
+            violations.add(
+                "schedule.conversation_mode",
+                "must be PER_RUN (or unset) for a schedule that calls: each call has its own",
+            )
+        if not given.assistant or given.handler:
+            violations.add(
+                "schedule.assistant", "must name the assistant that answers the calls, no handler"
+            )
+        if given.assistant_revision:
+            violations.add(
+                "schedule.assistant_revision",
+                "must be 0 for a schedule that calls: calls answer with the current revision",
+            )
+        clean.call.CopyFrom(target)
 
     @staticmethod
     def _template(template: str, display_name: str, violations: Violations) -> None:

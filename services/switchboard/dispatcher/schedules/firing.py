@@ -94,6 +94,11 @@ MAX_BACKOFF_S: Final = 30.0
 MAX_SCAN_S: Final = 10.0
 
 Send = Callable[[Principal, pb.SendMessageRequest, str], Awaitable[pb.SendMessageResponse]]
+#: PlaceCall as a user (by id), for a schedule (its name): a tick of a schedule that calls.
+Place = Callable[[str, pb.PlaceCallRequest, str], Awaitable[pb.Call]]
+#: The tick's message metadata that says where a schedule that calls calls.
+CALL_TRUNK: Final = "call_trunk"
+CALL_TO: Final = "call_to"
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class Firing:
         policy: Policy,
         send: Send,
         settings: FiringSettings,
+        place: Place | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -129,6 +135,7 @@ class Firing:
         self._context = context
         self._policy = policy
         self._send = send
+        self._place = place
         self.settings = settings
         #: Seconds since the epoch: what "now" is for ticks (tests move it).
         self.clock = clock
@@ -399,6 +406,9 @@ class Firing:
         name = schedule_mapping.schedule_name(record.workspace_id, record.id)
         metadata = struct_pb2.Struct()
         metadata.update({"schedule": name, "fire_time": local.isoformat()})
+        if settings.HasField("call"):
+            # Fixed at the claim with the rest: a replay calls where the tick did.
+            metadata.update({CALL_TRUNK: settings.call.trunk, CALL_TO: settings.call.to_number})
         request = pb.SendMessageRequest(
             message=cpb.Message(
                 parts=[
@@ -521,10 +531,14 @@ class Firing:
         request = pb.SendMessageRequest.FromString(firing.request)
         workspace = mapping.workspace_name(firing.workspace_id)
         schedule = schedule_mapping.schedule_name(firing.workspace_id, firing.schedule_id)
+        metadata = request.message.metadata.fields
         try:
             async with asyncio.timeout(SEND_TIMEOUT_S):
                 # Its runs act as its creator, who must still be able to write here.
                 await self._policy.authorize(principal, workspace, Permission.WRITE, "schedule")
+                if CALL_TO in metadata:
+                    call = await self._call(firing, request, workspace, schedule)
+                    return int(pb.FIRING_OUTCOME_STARTED), call.name, b""
                 if not request.conversation:
                     made = await self._context.create_conversation(
                         principal,
@@ -546,6 +560,29 @@ class Firing:
         except SwitchboardError as refused:
             return int(pb.FIRING_OUTCOME_FAILED), "", _status(refused)
         return int(pb.FIRING_OUTCOME_STARTED), response.run.name, b""
+
+    async def _call(
+        self, firing: FiringRecord, request: pb.SendMessageRequest, workspace: str, schedule: str
+    ) -> pb.Call:
+        """A tick of a schedule that calls: PlaceCall as its creator, the rendered message
+        its opening (the call makes its own conversation); the tick's request id makes a
+        replay return the first call, never place a second."""
+        if self._place is None:
+            raise FailedPrecondition("this server places no phone calls")
+        fields = request.message.metadata.fields
+        opening = "".join(part.text for part in request.message.parts)
+        return await self._place(
+            firing.creator,
+            pb.PlaceCallRequest(
+                parent=workspace,
+                trunk=fields[CALL_TRUNK].string_value,
+                to_number=fields[CALL_TO].string_value,
+                assistant=request.assistant,
+                opening_message=opening,
+                request_id=request.request_id,
+            ),
+            schedule,
+        )
 
 
 def _status(error: SwitchboardError) -> bytes:

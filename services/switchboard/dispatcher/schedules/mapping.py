@@ -11,7 +11,7 @@ from switchboard.dispatcher import mapping
 from switchboard.dispatcher.schedules import times
 from switchboard.dispatcher.schedules.store import FiringRecord, ScheduleRecord
 from switchboard.platform.values import names, timefields
-from switchboard.platform.values.resources import RunName, ScheduleName, UserName
+from switchboard.platform.values.resources import CallName, RunName, ScheduleName, UserName
 
 #: Fire times a schedule shows (``Schedule.upcoming_fire_times``).
 UPCOMING = 5
@@ -44,7 +44,8 @@ def message(record: ScheduleRecord) -> pb.Schedule:
             shown.upcoming_fire_times.add().FromDatetime(tick)
     if record.last_fire_us is not None:
         shown.last_fire_time.FromDatetime(times.from_us(record.last_fire_us))
-    shown.last_run = record.last_run
+    # A schedule that calls keeps its last call's name there: not a run.
+    shown.last_run = record.last_run if CallName.parse_or_none(record.last_run) is None else ""
     shown.etag = names.etag_of(record.version)
     shown.create_time.FromDatetime(record.created_at)
     shown.update_time.FromDatetime(record.updated_at)
@@ -54,9 +55,13 @@ def message(record: ScheduleRecord) -> pb.Schedule:
 def firing(record: FiringRecord) -> pb.ScheduleFiring:
     shown = pb.ScheduleFiring(
         outcome=record.outcome,  # type: ignore[arg-type]
-        run=record.run,
         catch_up=record.catch_up,
     )
+    # A tick of a schedule that calls keeps its call's name where a run's would be.
+    if CallName.parse_or_none(record.run) is not None:
+        shown.call = record.run
+    else:
+        shown.run = record.run
     shown.fire_time.FromDatetime(times.from_us(record.fire_us))
     shown.claim_time.FromDatetime(record.claim_time)
     if record.error:

@@ -246,13 +246,19 @@ class ConversationTools(Protocol):
 
 class LateTools:
     """The process's ``ConversationTools``, plugged in after the run pipeline is built (the
-    SIP calls start once the dispatcher has); none until then."""
+    phone calls, SIP's and the carriers' media streams, start once the dispatcher has);
+    none until then. A conversation is one call's at most, so the first source with
+    tools for it answers."""
 
     def __init__(self) -> None:
-        self.source: ConversationTools | None = None
+        self.sources: list[ConversationTools] = []
 
     def tools(self, conversation: str) -> dict[str, BuiltinTool]:
-        return {} if self.source is None else self.source.tools(conversation)
+        for source in self.sources:
+            found = source.tools(conversation)
+            if found:
+                return found
+        return {}
 
 
 class RunTools:

@@ -206,6 +206,14 @@ SPECS: Final[tuple[Spec, ...]] = (
         ("code",),
         scraped=True,
     ),
+    # Phone calls over carriers' media streams (dispatcher/talk/streams).
+    Spec(
+        "switchboard_media_streams_calls",
+        "gauge",
+        "Media-stream phone calls this process carries (being admitted or answered), by carrier.",
+        ("carrier",),
+        scraped=True,
+    ),
     Spec(
         "switchboard_tool_call_duration_seconds",
         "histogram",

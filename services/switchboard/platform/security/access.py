@@ -198,6 +198,12 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "ResumeSchedule": resource("name", ADMIN),
     _DISPATCHER + "DeleteSchedule": resource("name", ADMIN),
     _DISPATCHER + "ListScheduleFirings": resource("parent", READ),
+    # Phone calls: a member who may write places a call (through a trunk that allows the
+    # workspace and the number) and ends one; members see them.
+    _DISPATCHER + "PlaceCall": resource("parent", WRITE),
+    _DISPATCHER + "GetCall": resource("name", READ),
+    _DISPATCHER + "ListCalls": resource("parent", READ),
+    _DISPATCHER + "EndCall": resource("name", WRITE),
     # Integration: registering external services is an owner's decision.
     _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
     _INTEGRATION + "GetIntegration": resource("name", READ),

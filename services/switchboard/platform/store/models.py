@@ -913,6 +913,39 @@ class VoiceSessionRow(Base):
     ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
+class CallRow(Base):
+    """A phone call (``dispatcher/talk/phone/``): ``data`` is its serialized ``Call``
+    as last stored, beside the columns listed and looked for. ``holder`` is the
+    dispatcher instance whose SIP engine carries it while it is not ENDED: EndCall is
+    forwarded there, and the calls of a holder whose lease expired are ended by the
+    next process that starts SIP. ``user_id`` is the user the call acts as (an erasure
+    removes their calls: numbers are personal data). ``usage_day`` (the UTC day it ended,
+    "" before) and ``seconds`` (how long it was answered) are QueryUsage's, as a run's
+    usage columns are."""
+
+    __tablename__ = "calls"
+    __table_args__ = (
+        Index("ix_calls_listed", "workspace_id", "created_at", "id"),
+        Index("ix_calls_holder", "holder", "state"),
+        Index("ix_calls_usage", "workspace_id", "usage_day"),
+    )
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    # CallState value.
+    state: Mapped[int] = mapped_column(Integer)
+    holder: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    assistant_id: Mapped[str] = mapped_column(String(63))
+    usage_day: Mapped[str] = mapped_column(String(10))
+    seconds: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
 class VoiceTurnRow(Base):
     """A stored turn of a voice session: its user message and the run answering
     it, written once the message is stored (a resume replays from these)."""

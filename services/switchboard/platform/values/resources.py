@@ -332,6 +332,23 @@ class ScheduleName(ResourceName):
 
 
 @dataclass(frozen=True, slots=True)
+class CallName(ResourceName):
+    """``workspaces/{workspace}/calls/{call}``"""
+
+    workspace: str
+    call: str
+    pattern = re.compile(rf"workspaces/({ID})/calls/({ID})")
+    form = "workspaces/{workspace}/calls/{call}"
+
+    def __str__(self) -> str:
+        return f"workspaces/{self.workspace}/calls/{self.call}"
+
+    @property
+    def parent(self) -> WorkspaceName:
+        return WorkspaceName(self.workspace)
+
+
+@dataclass(frozen=True, slots=True)
 class FileName(ResourceName):
     """``workspaces/{workspace}/files/{file}``"""
 
@@ -565,6 +582,7 @@ _KINDS: Final[tuple[type[ResourceName], ...]] = (
     PushConfigName,
     BudgetName,
     ScheduleName,
+    CallName,
     FileName,
     UploadName,
     UserName,
@@ -580,6 +598,7 @@ _FIELD_KINDS: Final[dict[str, type[ResourceName]]] = {
     "integration": IntegrationName,
     "budget": BudgetName,
     "schedule": ScheduleName,
+    "call": CallName,
     "file": FileName,
     "user": UserName,
 }

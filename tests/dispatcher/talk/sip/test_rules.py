@@ -74,6 +74,42 @@ def test_a_trunk_with_credentials_and_no_addresses_is_known_by_its_username() ->
     assert plan.trunk_named("someone") is None
 
 
+def test_an_outbound_trunk_calls_its_prefixes_for_its_workspaces_and_takes_no_calls_in() -> None:
+    plan = Dialplan.read(
+        json.dumps(
+            [
+                {
+                    "name": "out",
+                    "outbound": {
+                        "to": "sip:pstn.example.net:5060",
+                        "caller_id": "+15550100",
+                        "workspaces": ["acme"],
+                        "numbers": ["+1", "+4420"],
+                        "username": "sb",
+                        "password": "a-long-outbound-secret",
+                    },
+                }
+            ]
+        ),
+        "",
+    )
+    found = plan.outbound("out")
+    assert found is not None
+    trunk, outbound = found
+    assert outbound.allows("acme", "+15551230001")
+    assert outbound.allows("acme", "+442079460000")
+    assert not outbound.allows("acme", "+33142685300")
+    assert not outbound.allows("other", "+15551230001")
+    assert outbound.uri("+15551230001") == "sip:+15551230001@pstn.example.net:5060"
+    assert "a-long-outbound-secret" not in repr(outbound)
+    # It takes no calls in: no address matches it, no username names it.
+    assert not trunk.takes_calls
+    assert plan.trunk_of("203.0.113.9") is None
+    assert plan.trunk_named("") is None
+    assert not plan.open_trunks
+    assert plan.outbound("nowhere") is None
+
+
 def test_no_rules_match_nothing() -> None:
     plan = Dialplan.read("", "")
     assert plan.trunk_of("127.0.0.1") is None
@@ -138,6 +174,37 @@ def test_no_rules_match_nothing() -> None:
             '[{"number": "1", "assistant": "workspaces/w/assistants/a", "user": "users/u", '
             '"transfer": {"desk": "http://desk.example.com"}}]',
             "rules[0].transfer['desk']",
+        ),
+        ('[{"name": "a", "outbound": {}}]', "", "trunks[0].outbound: an object"),
+        (
+            '[{"name": "a", "outbound": {"to": "sip:u@h", "caller_id": "+15550100", '
+            '"workspaces": ["w"], "numbers": ["+1"]}}]',
+            "",
+            "trunks[0].outbound.to",
+        ),
+        (
+            '[{"name": "a", "outbound": {"to": "sip:h", "caller_id": "5550100", '
+            '"workspaces": ["w"], "numbers": ["+1"]}}]',
+            "",
+            "trunks[0].outbound.caller_id",
+        ),
+        (
+            '[{"name": "a", "outbound": {"to": "sip:h", "caller_id": "+15550100", '
+            '"workspaces": [], "numbers": ["+1"]}}]',
+            "",
+            "trunks[0].outbound.workspaces",
+        ),
+        (
+            '[{"name": "a", "outbound": {"to": "sip:h", "caller_id": "+15550100", '
+            '"workspaces": ["w"], "numbers": ["1"]}}]',
+            "",
+            "trunks[0].outbound.numbers",
+        ),
+        (
+            '[{"name": "a", "outbound": {"to": "sip:h", "caller_id": "+15550100", '
+            '"workspaces": ["w"], "numbers": ["+1"], "username": "u"}}]',
+            "",
+            "trunks[0].outbound: a username",
         ),
     ],
 )

@@ -764,6 +764,62 @@ FIRING_OUTCOME_FAILED: FiringOutcome.ValueType  # 4
 """
 Global___FiringOutcome: _TypeAlias = FiringOutcome  # noqa: Y015
 
+class _CallDirection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallDirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallDirection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALL_DIRECTION_UNSPECIFIED: _CallDirection.ValueType  # 0
+    """Not set."""
+    CALL_DIRECTION_INBOUND: _CallDirection.ValueType  # 1
+    """A caller dialed one of the server's numbers (a dispatch rule answered it)."""
+    CALL_DIRECTION_OUTBOUND: _CallDirection.ValueType  # 2
+    """The server placed it (PlaceCall, or a schedule)."""
+
+class CallDirection(_CallDirection, metaclass=_CallDirectionEnumTypeWrapper):
+    """Which way a phone call goes."""
+
+CALL_DIRECTION_UNSPECIFIED: CallDirection.ValueType  # 0
+"""Not set."""
+CALL_DIRECTION_INBOUND: CallDirection.ValueType  # 1
+"""A caller dialed one of the server's numbers (a dispatch rule answered it)."""
+CALL_DIRECTION_OUTBOUND: CallDirection.ValueType  # 2
+"""The server placed it (PlaceCall, or a schedule)."""
+Global___CallDirection: _TypeAlias = CallDirection  # noqa: Y015
+
+class _CallState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALL_STATE_UNSPECIFIED: _CallState.ValueType  # 0
+    """Not set."""
+    CALL_STATE_DIALING: _CallState.ValueType  # 1
+    """OUTBOUND: the INVITE went out; nothing heard back yet."""
+    CALL_STATE_RINGING: _CallState.ValueType  # 2
+    """It rings (INBOUND: while it is admitted; OUTBOUND: the far end said 180/183)."""
+    CALL_STATE_ANSWERED: _CallState.ValueType  # 3
+    """Answered: its Talk session (`voice_session`) runs."""
+    CALL_STATE_ENDED: _CallState.ValueType  # 4
+    """Over (`end_reason`, `sip_status`); it never changes again."""
+
+class CallState(_CallState, metaclass=_CallStateEnumTypeWrapper):
+    """Where a phone call is in its life."""
+
+CALL_STATE_UNSPECIFIED: CallState.ValueType  # 0
+"""Not set."""
+CALL_STATE_DIALING: CallState.ValueType  # 1
+"""OUTBOUND: the INVITE went out; nothing heard back yet."""
+CALL_STATE_RINGING: CallState.ValueType  # 2
+"""It rings (INBOUND: while it is admitted; OUTBOUND: the far end said 180/183)."""
+CALL_STATE_ANSWERED: CallState.ValueType  # 3
+"""Answered: its Talk session (`voice_session`) runs."""
+CALL_STATE_ENDED: CallState.ValueType  # 4
+"""Over (`end_reason`, `sip_status`); it never changes again."""
+Global___CallState: _TypeAlias = CallState  # noqa: Y015
+
 @_typing.final
 class Run(_message.Message):
     """One execution of a handler answering one user message."""
@@ -3894,6 +3950,8 @@ class UsageRow(_message.Message):
     COST_MICROS_FIELD_NUMBER: _builtins.int
     BUDGET_LOWERED_RUNS_FIELD_NUMBER: _builtins.int
     UNPRICED_RUNS_FIELD_NUMBER: _builtins.int
+    CALL_COUNT_FIELD_NUMBER: _builtins.int
+    CALL_SECONDS_FIELD_NUMBER: _builtins.int
     day: _builtins.str
     """The day, `YYYY-MM-DD` (UTC), when grouped by day."""
     assistant: _builtins.str
@@ -3920,6 +3978,13 @@ class UsageRow(_message.Message):
     cost. `run_count` when nothing the group's runs did was priced; 0 when
     all of it was, a model priced at 0 included.
     """
+    call_count: _builtins.int
+    """Phone calls in the group that ended in the range (docs/telephony.md): a call
+    has an assistant and a day, never an API key or a model, so it counts only in
+    groups and filters without those.
+    """
+    call_seconds: _builtins.int
+    """How long those calls were answered, in seconds (their minutes: call_seconds / 60)."""
     def __init__(
         self,
         *,
@@ -3933,10 +3998,12 @@ class UsageRow(_message.Message):
         cost_micros: _builtins.int = ...,
         budget_lowered_runs: _builtins.int = ...,
         unpriced_runs: _builtins.int = ...,
+        call_count: _builtins.int = ...,
+        call_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "assistant", b"assistant", "budget_lowered_runs", b"budget_lowered_runs", "cost_micros", b"cost_micros", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "run_count", b"run_count", "unpriced_runs", b"unpriced_runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "assistant", b"assistant", "budget_lowered_runs", b"budget_lowered_runs", "call_count", b"call_count", "call_seconds", b"call_seconds", "cost_micros", b"cost_micros", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "run_count", b"run_count", "unpriced_runs", b"unpriced_runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4876,6 +4943,7 @@ class Schedule(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ASSISTANT_REVISION_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/schedules/{s}`."""
     display_name: _builtins.str
@@ -4959,6 +5027,14 @@ class Schedule(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last changed (output only)."""
 
+    @_builtins.property
+    def call(self) -> Global___ScheduleCall:
+        """Set: each tick places a phone call (PlaceCall) instead of sending a message;
+        the rendered `message_template` is the call's opening message, and the
+        schedule's `assistant` (which it then needs) answers the call. The firing's
+        `run` is empty and its `call` names the call.
+        """
+
     def __init__(
         self,
         *,
@@ -4985,14 +5061,41 @@ class Schedule(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         assistant_revision: _builtins.int = ...,
+        call: Global___ScheduleCall | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "interval", b"interval", "last_fire_time", b"last_fire_time", "next_fire_time", b"next_fire_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "create_time", b"create_time", "interval", b"interval", "last_fire_time", b"last_fire_time", "next_fire_time", b"next_fire_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "conversation_mode", b"conversation_mode", "create_time", b"create_time", "creator", b"creator", "cron", b"cron", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "interval", b"interval", "last_fire_time", b"last_fire_time", "last_run", b"last_run", "message_template", b"message_template", "missed_tick_policy", b"missed_tick_policy", "name", b"name", "next_fire_time", b"next_fire_time", "state", b"state", "time_zone", b"time_zone", "timeout", b"timeout", "upcoming_fire_times", b"upcoming_fire_times", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_revision", b"assistant_revision", "call", b"call", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "conversation_mode", b"conversation_mode", "create_time", b"create_time", "creator", b"creator", "cron", b"cron", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "interval", b"interval", "last_fire_time", b"last_fire_time", "last_run", b"last_run", "message_template", b"message_template", "missed_tick_policy", b"missed_tick_policy", "name", b"name", "next_fire_time", b"next_fire_time", "state", b"state", "time_zone", b"time_zone", "timeout", b"timeout", "upcoming_fire_times", b"upcoming_fire_times", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class ScheduleCall(_message.Message):
+    """Where a schedule's tick calls (`Schedule.call`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRUNK_FIELD_NUMBER: _builtins.int
+    TO_NUMBER_FIELD_NUMBER: _builtins.int
+    trunk: _builtins.str
+    """The SIP trunk, as the server's SWITCHBOARD_SIP_TRUNKS names it."""
+    to_number: _builtins.str
+    """The number to call (E.164, `+` and 8 to 15 digits)."""
+    def __init__(
+        self,
+        *,
+        trunk: _builtins.str = ...,
+        to_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["to_number", b"to_number", "trunk", b"trunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleCall: _TypeAlias = ScheduleCall  # noqa: Y015
 
 @_typing.final
 class ScheduleFiring(_message.Message):
@@ -5006,12 +5109,17 @@ class ScheduleFiring(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CATCH_UP_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
     outcome: Global___FiringOutcome.ValueType
     """How it ended."""
     run: _builtins.str
     """The run it started, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     catch_up: _builtins.bool
     """It stands for ticks missed while nothing could fire them (RUN_ONCE)."""
+    call: _builtins.str
+    """For a schedule that calls (`Schedule.call`): the call it placed,
+    `workspaces/{w}/calls/{c}`.
+    """
     @_builtins.property
     def fire_time(self) -> _timestamp_pb2.Timestamp:
         """The tick: when it was due."""
@@ -5033,10 +5141,11 @@ class ScheduleFiring(_message.Message):
         run: _builtins.str = ...,
         error: _status_pb2.Status | None = ...,
         catch_up: _builtins.bool = ...,
+        call: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["claim_time", b"claim_time", "error", b"error", "fire_time", b"fire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up", b"catch_up", "claim_time", b"claim_time", "error", b"error", "fire_time", b"fire_time", "outcome", b"outcome", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "catch_up", b"catch_up", "claim_time", b"claim_time", "error", b"error", "fire_time", b"fire_time", "outcome", b"outcome", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -5468,3 +5577,354 @@ class ListScheduleFiringsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListScheduleFiringsResponse: _TypeAlias = ListScheduleFiringsResponse  # noqa: Y015
+
+@_typing.final
+class Call(_message.Message):
+    """A phone call: one Talk session of an assistant over a phone line
+    (docs/telephony.md). Kept after it ended, with its duration.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    TRUNK_FIELD_NUMBER: _builtins.int
+    FROM_NUMBER_FIELD_NUMBER: _builtins.int
+    TO_NUMBER_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    VOICE_SESSION_FIELD_NUMBER: _builtins.int
+    OPENING_MESSAGE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ANSWER_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    SIP_STATUS_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    CALLER_KNOWN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{w}/calls/{call}`."""
+    direction: Global___CallDirection.ValueType
+    """Which way it goes."""
+    state: Global___CallState.ValueType
+    """Where it is in its life."""
+    channel: _builtins.str
+    """How it is carried: "sip"."""
+    trunk: _builtins.str
+    """The SIP trunk it came by or went out on."""
+    from_number: _builtins.str
+    """The calling number (INBOUND: the caller ID; OUTBOUND: the trunk's)."""
+    to_number: _builtins.str
+    """The number called."""
+    assistant: _builtins.str
+    """The assistant answering, `workspaces/{w}/assistants/{a}`."""
+    conversation: _builtins.str
+    """The call's conversation (its transcript), `workspaces/{w}/conversations/{c}`."""
+    voice_session: _builtins.str
+    """The call's Talk session once it was answered."""
+    opening_message: _builtins.str
+    """OUTBOUND: what the assistant was asked to say first."""
+    user: _builtins.str
+    """The user the call acts as, `users/{u}` (OUTBOUND: who placed it; INBOUND: the
+    user the caller maps to, or the dispatch rule's user for an anonymous caller).
+    """
+    schedule: _builtins.str
+    """The schedule that placed it, `workspaces/{w}/schedules/{s}`, if any."""
+    sip_status: _builtins.int
+    """ENDED: the final SIP status (486: the far end was busy; 408 or 480: nobody
+    answered; 487: it was ended while ringing; 200: it was answered).
+    """
+    end_reason: _builtins.str
+    """ENDED: why, in words ("the caller hung up", "ended by users/u", ...)."""
+    caller_known: _builtins.bool
+    """INBOUND: whether a dispatch rule's `callers` knew the caller's number."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was placed (OUTBOUND) or arrived (INBOUND)."""
+
+    @_builtins.property
+    def answer_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was answered."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ended."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long it was answered (answer to end; so far, while ANSWERED): what a
+        call's minutes are counted from.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        direction: Global___CallDirection.ValueType = ...,
+        state: Global___CallState.ValueType = ...,
+        channel: _builtins.str = ...,
+        trunk: _builtins.str = ...,
+        from_number: _builtins.str = ...,
+        to_number: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+        conversation: _builtins.str = ...,
+        voice_session: _builtins.str = ...,
+        opening_message: _builtins.str = ...,
+        user: _builtins.str = ...,
+        schedule: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        answer_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        sip_status: _builtins.int = ...,
+        end_reason: _builtins.str = ...,
+        caller_known: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_time", b"answer_time", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_time", b"answer_time", "assistant", b"assistant", "caller_known", b"caller_known", "channel", b"channel", "conversation", b"conversation", "create_time", b"create_time", "direction", b"direction", "duration", b"duration", "end_reason", b"end_reason", "end_time", b"end_time", "from_number", b"from_number", "name", b"name", "opening_message", b"opening_message", "schedule", b"schedule", "sip_status", b"sip_status", "state", b"state", "to_number", b"to_number", "trunk", b"trunk", "user", b"user", "voice_session", b"voice_session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Call: _TypeAlias = Call  # noqa: Y015
+
+@_typing.final
+class PlaceCallRequest(_message.Message):
+    """Request for PlaceCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    TRUNK_FIELD_NUMBER: _builtins.int
+    TO_NUMBER_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    OPENING_MESSAGE_FIELD_NUMBER: _builtins.int
+    RING_TIMEOUT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`: where the call, its conversation and its runs live."""
+    trunk: _builtins.str
+    """The SIP trunk to call out on (SWITCHBOARD_SIP_TRUNKS; one with `outbound`
+    set that allows this workspace and this number).
+    """
+    to_number: _builtins.str
+    """The number to call (E.164: `+` and 8 to 15 digits)."""
+    assistant: _builtins.str
+    """The assistant that answers, `workspaces/{w}/assistants/{a}` (same workspace;
+    it needs a voice).
+    """
+    opening_message: _builtins.str
+    """What the assistant says first, as the call's first turn it answers (1 to 16,000
+    characters): "Tell Ann her agenda for today" has it do so once she picks up.
+    """
+    request_id: _builtins.str
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_`; empty for none.
+    Scoped to the caller and this method and kept for 24 hours: a retry with the
+    same id returns the first call placed, and places no second one.
+    """
+    @_builtins.property
+    def ring_timeout(self) -> _duration_pb2.Duration:
+        """How long it may ring before it is given up (408); 30 s if unset, 5 s to 120 s."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        trunk: _builtins.str = ...,
+        to_number: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+        opening_message: _builtins.str = ...,
+        ring_timeout: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ring_timeout", b"ring_timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "opening_message", b"opening_message", "parent", b"parent", "request_id", b"request_id", "ring_timeout", b"ring_timeout", "to_number", b"to_number", "trunk", b"trunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceCallRequest: _TypeAlias = PlaceCallRequest  # noqa: Y015
+
+@_typing.final
+class PlaceCallResponse(_message.Message):
+    """Response for PlaceCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def call(self) -> Global___Call:
+        """The call, DIALING."""
+
+    def __init__(
+        self,
+        *,
+        call: Global___Call | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceCallResponse: _TypeAlias = PlaceCallResponse  # noqa: Y015
+
+@_typing.final
+class GetCallRequest(_message.Message):
+    """Request for GetCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/calls/{call}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallRequest: _TypeAlias = GetCallRequest  # noqa: Y015
+
+@_typing.final
+class GetCallResponse(_message.Message):
+    """Response for GetCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def call(self) -> Global___Call:
+        """The call."""
+
+    def __init__(
+        self,
+        *,
+        call: Global___Call | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallResponse: _TypeAlias = GetCallResponse  # noqa: Y015
+
+@_typing.final
+class ListCallsRequest(_message.Message):
+    """Request for ListCalls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    LIVE_ONLY_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`."""
+    page_size: _builtins.int
+    """Maximum to return; capped at 100, default 50."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    live_only: _builtins.bool
+    """Only the calls not ENDED (the live ones)."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        live_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_only", b"live_only", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCallsRequest: _TypeAlias = ListCallsRequest  # noqa: Y015
+
+@_typing.final
+class ListCallsResponse(_message.Message):
+    """Response for ListCalls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___Call]:
+        """The calls, newest first."""
+
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___Call] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCallsResponse: _TypeAlias = ListCallsResponse  # noqa: Y015
+
+@_typing.final
+class EndCallRequest(_message.Message):
+    """Request for EndCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/calls/{call}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndCallRequest: _TypeAlias = EndCallRequest  # noqa: Y015
+
+@_typing.final
+class EndCallResponse(_message.Message):
+    """Response for EndCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def call(self) -> Global___Call:
+        """The call, ENDED (or ending: its state is ENDED once the line is down, which
+        takes a moment over SIP).
+        """
+
+    def __init__(
+        self,
+        *,
+        call: Global___Call | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndCallResponse: _TypeAlias = EndCallResponse  # noqa: Y015

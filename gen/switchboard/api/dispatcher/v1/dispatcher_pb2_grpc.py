@@ -231,6 +231,26 @@ class DispatcherServiceStub:
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListScheduleFiringsRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListScheduleFiringsResponse.FromString,
                 _registered_method=True)
+        self.PlaceCall = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/PlaceCall',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PlaceCallRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PlaceCallResponse.FromString,
+                _registered_method=True)
+        self.GetCall = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/GetCall',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetCallRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetCallResponse.FromString,
+                _registered_method=True)
+        self.ListCalls = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/ListCalls',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListCallsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListCallsResponse.FromString,
+                _registered_method=True)
+        self.EndCall = channel.unary_unary(
+                '/switchboard.api.dispatcher.v1.DispatcherService/EndCall',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.EndCallRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.EndCallResponse.FromString,
+                _registered_method=True)
 
 
 class DispatcherServiceServicer:
@@ -545,6 +565,39 @@ class DispatcherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlaceCall(self, request, context):
+        """Places a phone call: from one of the server's SIP trunks to a number, answered
+        by an assistant that speaks first (`opening_message`). Returns at once with
+        the call DIALING; its progress is GetCall's, ListCalls' and the CALL_CHANGED
+        events'. Served by a dispatcher with SIP (SWITCHBOARD_SIP_LISTEN); elsewhere
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCall(self, request, context):
+        """Gets a phone call, inbound or outbound, live or ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCalls(self, request, context):
+        """Lists a workspace's phone calls, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndCall(self, request, context):
+        """Hangs up a live phone call (forwarded to the replica that holds it); an ended
+        call is returned as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatcherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -737,6 +790,26 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     servicer.ListScheduleFirings,
                     request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListScheduleFiringsRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListScheduleFiringsResponse.SerializeToString,
+            ),
+            'PlaceCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlaceCall,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PlaceCallRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PlaceCallResponse.SerializeToString,
+            ),
+            'GetCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCall,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetCallRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetCallResponse.SerializeToString,
+            ),
+            'ListCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCalls,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListCallsRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListCallsResponse.SerializeToString,
+            ),
+            'EndCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndCall,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.EndCallRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.EndCallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1771,6 +1844,114 @@ class DispatcherService:
             '/switchboard.api.dispatcher.v1.DispatcherService/ListScheduleFirings',
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListScheduleFiringsRequest.SerializeToString,
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListScheduleFiringsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/PlaceCall',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PlaceCallRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.PlaceCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/GetCall',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetCallRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.GetCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/ListCalls',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListCallsRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListCallsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/EndCall',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.EndCallRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.EndCallResponse.FromString,
             options,
             channel_credentials,
             insecure,

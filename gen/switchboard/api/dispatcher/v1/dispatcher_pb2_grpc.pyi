@@ -172,6 +172,21 @@ class DispatcherServiceStub:
     """Lists a schedule's firings, newest first: each tick claimed, with the run it
     started or why it started none.
     """
+    PlaceCall: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.PlaceCallRequest, _dispatcher_pb2.PlaceCallResponse]
+    """Places a phone call: from one of the server's SIP trunks to a number, answered
+    by an assistant that speaks first (`opening_message`). Returns at once with
+    the call DIALING; its progress is GetCall's, ListCalls' and the CALL_CHANGED
+    events'. Served by a dispatcher with SIP (SWITCHBOARD_SIP_LISTEN); elsewhere
+    FAILED_PRECONDITION.
+    """
+    GetCall: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.GetCallRequest, _dispatcher_pb2.GetCallResponse]
+    """Gets a phone call, inbound or outbound, live or ended."""
+    ListCalls: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListCallsRequest, _dispatcher_pb2.ListCallsResponse]
+    """Lists a workspace's phone calls, newest first."""
+    EndCall: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.EndCallRequest, _dispatcher_pb2.EndCallResponse]
+    """Hangs up a live phone call (forwarded to the replica that holds it); an ended
+    call is returned as it is.
+    """
 
 @_typing.type_check_only
 class DispatcherServiceAsyncStub(DispatcherServiceStub):
@@ -315,6 +330,21 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     ListScheduleFirings: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListScheduleFiringsRequest, _dispatcher_pb2.ListScheduleFiringsResponse]  # type: ignore[assignment]
     """Lists a schedule's firings, newest first: each tick claimed, with the run it
     started or why it started none.
+    """
+    PlaceCall: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.PlaceCallRequest, _dispatcher_pb2.PlaceCallResponse]  # type: ignore[assignment]
+    """Places a phone call: from one of the server's SIP trunks to a number, answered
+    by an assistant that speaks first (`opening_message`). Returns at once with
+    the call DIALING; its progress is GetCall's, ListCalls' and the CALL_CHANGED
+    events'. Served by a dispatcher with SIP (SWITCHBOARD_SIP_LISTEN); elsewhere
+    FAILED_PRECONDITION.
+    """
+    GetCall: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.GetCallRequest, _dispatcher_pb2.GetCallResponse]  # type: ignore[assignment]
+    """Gets a phone call, inbound or outbound, live or ended."""
+    ListCalls: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListCallsRequest, _dispatcher_pb2.ListCallsResponse]  # type: ignore[assignment]
+    """Lists a workspace's phone calls, newest first."""
+    EndCall: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.EndCallRequest, _dispatcher_pb2.EndCallResponse]  # type: ignore[assignment]
+    """Hangs up a live phone call (forwarded to the replica that holds it); an ended
+    call is returned as it is.
     """
 
 class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -684,6 +714,45 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dispatcher_pb2.ListScheduleFiringsResponse, _abc.Awaitable[_dispatcher_pb2.ListScheduleFiringsResponse]]:
         """Lists a schedule's firings, newest first: each tick claimed, with the run it
         started or why it started none.
+        """
+
+    @_abc_1.abstractmethod
+    def PlaceCall(
+        self,
+        request: _dispatcher_pb2.PlaceCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.PlaceCallResponse, _abc.Awaitable[_dispatcher_pb2.PlaceCallResponse]]:
+        """Places a phone call: from one of the server's SIP trunks to a number, answered
+        by an assistant that speaks first (`opening_message`). Returns at once with
+        the call DIALING; its progress is GetCall's, ListCalls' and the CALL_CHANGED
+        events'. Served by a dispatcher with SIP (SWITCHBOARD_SIP_LISTEN); elsewhere
+        FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCall(
+        self,
+        request: _dispatcher_pb2.GetCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.GetCallResponse, _abc.Awaitable[_dispatcher_pb2.GetCallResponse]]:
+        """Gets a phone call, inbound or outbound, live or ended."""
+
+    @_abc_1.abstractmethod
+    def ListCalls(
+        self,
+        request: _dispatcher_pb2.ListCallsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ListCallsResponse, _abc.Awaitable[_dispatcher_pb2.ListCallsResponse]]:
+        """Lists a workspace's phone calls, newest first."""
+
+    @_abc_1.abstractmethod
+    def EndCall(
+        self,
+        request: _dispatcher_pb2.EndCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.EndCallResponse, _abc.Awaitable[_dispatcher_pb2.EndCallResponse]]:
+        """Hangs up a live phone call (forwarded to the replica that holds it); an ended
+        call is returned as it is.
         """
 
 def add_DispatcherServiceServicer_to_server(servicer: DispatcherServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -76,6 +76,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """
     EVENT_TYPE_MESSAGE_DELETED: _EventType.ValueType  # 18
     """A message was deleted (a tombstone: its name and place, no content)."""
+    EVENT_TYPE_CALL_CHANGED: _EventType.ValueType  # 19
+    """A phone call was placed or arrived, was answered, or ended."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -122,6 +124,8 @@ paused for an exchange).
 """
 EVENT_TYPE_MESSAGE_DELETED: EventType.ValueType  # 18
 """A message was deleted (a tombstone: its name and place, no content)."""
+EVENT_TYPE_CALL_CHANGED: EventType.ValueType  # 19
+"""A phone call was placed or arrived, was answered, or ended."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -637,6 +641,36 @@ class ScheduleChanged(_message.Message):
 Global___ScheduleChanged: _TypeAlias = ScheduleChanged  # noqa: Y015
 
 @_typing.final
+class CallChanged(_message.Message):
+    """Payload: a phone call changed (CREATED when placed or arrived; UPDATED as it
+    rings, is answered and ends).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
+    change: Global___ChangeKind.ValueType
+    """How it changed."""
+    @_builtins.property
+    def call(self) -> _dispatcher_pb2.Call:
+        """The call after the change."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___ChangeKind.ValueType = ...,
+        call: _dispatcher_pb2.Call | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallChanged: _TypeAlias = CallChanged  # noqa: Y015
+
+@_typing.final
 class ScheduleFired(_message.Message):
     """Payload: a schedule's tick fired."""
 
@@ -977,6 +1011,7 @@ class Event(_message.Message):
     SCHEDULE_FIRED_FIELD_NUMBER: _builtins.int
     MEMORY_DECIDED_FIELD_NUMBER: _builtins.int
     MESSAGE_DELETED_FIELD_NUMBER: _builtins.int
+    CALL_CHANGED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -1074,6 +1109,10 @@ class Event(_message.Message):
     def message_deleted(self) -> Global___MessageDeleted:
         """A message was deleted."""
 
+    @_builtins.property
+    def call_changed(self) -> Global___CallChanged:
+        """A phone call changed."""
+
     def __init__(
         self,
         *,
@@ -1104,12 +1143,13 @@ class Event(_message.Message):
         schedule_fired: Global___ScheduleFired | None = ...,
         memory_decided: Global___MemoryDecided | None = ...,
         message_deleted: Global___MessageDeleted | None = ...,
+        call_changed: Global___CallChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "call_changed", b"call_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "redacted", b"redacted", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "call_changed", b"call_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "memory_decided", b"memory_decided", "message_created", b"message_created", "message_deleted", b"message_deleted", "message_filtered", b"message_filtered", "payload", b"payload", "redacted", b"redacted", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed", "schedule_changed", "schedule_fired", "memory_decided", "message_deleted"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed", "schedule_changed", "schedule_fired", "memory_decided", "message_deleted", "call_changed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

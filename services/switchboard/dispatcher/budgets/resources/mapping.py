@@ -65,6 +65,8 @@ def usage_row(workspace_id: str, found: UsageSum) -> pb.UsageRow:
         cost_micros=found.cost_micros,
         budget_lowered_runs=found.budget_lowered_runs,
         unpriced_runs=found.unpriced_runs,
+        call_count=found.call_count,
+        call_seconds=found.call_seconds,
     )
     assistant_id = keys.get("assistant", "")
     if assistant_id:

@@ -17,14 +17,14 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy import BigInteger, String, and_, case, cast, func, literal, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.keyed import BY_ID, Created, KeyedStore, Table
-from switchboard.platform.store.models import BudgetRow, BudgetWindowRow, RunRow
+from switchboard.platform.store.models import BudgetRow, BudgetWindowRow, CallRow, RunRow
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import Idempotency, transaction
 from switchboard.platform.values.names import now
@@ -193,21 +193,13 @@ class BudgetStore(KeyedStore[BudgetRow, BudgetRecord, str]):
 
 # -- usage ------------------------------------------------------------------------------------
 
-#: The ``runs`` column of each grouping dimension (``budgets/usage.py`` names them).
-_COLUMNS: Final = {
-    "day": RunRow.usage_day,
-    "assistant": RunRow.assistant_id,
-    "api_key": RunRow.api_key_id,
-    "model": RunRow.model,
-}
-
 
 @dataclass(frozen=True)
 class UsageQuery:
-    """Which ended runs of a workspace to sum, and how to group them."""
+    """Which ended runs (and calls) of a workspace to sum, and how to group them."""
 
     workspace_id: str
-    #: Keys of ``_COLUMNS``, in the order the rows are sorted by.
+    #: Of "day", "assistant", "api_key" and "model", in the order the rows are sorted by.
     group_by: Sequence[str]
     #: ``usage_day`` from ``first_day`` to ``last_day`` (inclusive), ``YYYY-MM-DD``.
     first_day: str
@@ -232,49 +224,97 @@ class UsageSum:
     budget_lowered_runs: int = 0
     #: Runs with a model call the price table has no price for.
     unpriced_runs: int = 0
+    #: Phone calls that ended, and how long they were answered.
+    call_count: int = 0
+    call_seconds: int = 0
 
 
 class UsageStore:
-    """Sums over the usage columns every run's end stores (``runs/core/store.py``)."""
+    """Sums over the usage columns every run's end stores (``runs/core/store.py``), and
+    the calls that ended (``talk/phone/store.py``: a call counts where a run of its
+    assistant on its day would, never under an API key or a model)."""
 
     def __init__(self, database: Database) -> None:
         self._database = database
 
     async def sums(self, query: UsageQuery, offset: int, limit: int) -> list[UsageSum]:
         """Rows ``offset`` to ``offset + limit`` of the grouped sums, ordered by the groups."""
-        columns = [_COLUMNS[d].label(d) for d in query.group_by]
-        if "api_key" in query.group_by:
+        zero, none = literal(0, BigInteger), literal("", String)
+        runs = select(
+            RunRow.usage_day.label("day"),
+            RunRow.assistant_id.label("assistant"),
+            RunRow.api_key_id.label("api_key"),
+            RunRow.model.label("model"),
             # A key is one user's: the run's creator names it (runs store the key's id).
-            columns.append(func.max(RunRow.creator).label("key_user"))
+            RunRow.creator.label("key_user"),
+            literal(1, BigInteger).label("runs"),
+            RunRow.input_tokens.label("input_tokens"),
+            RunRow.output_tokens.label("output_tokens"),
+            RunRow.cost_micros.label("cost_micros"),
+            case((RunRow.budget_lowered_calls > 0, 1), else_=0).label("lowered"),
+            case((RunRow.unpriced_calls > 0, 1), else_=0).label("unpriced"),
+            zero.label("calls"),
+            zero.label("call_seconds"),
+        ).where(
+            RunRow.workspace_id == query.workspace_id,
+            # Ended runs only: an active run's day is "" and sorts before every date.
+            RunRow.usage_day >= query.first_day,
+            RunRow.usage_day <= query.last_day,
+        )
+        if query.assistant_id is not None:
+            runs = runs.where(RunRow.assistant_id == query.assistant_id)
+        if query.api_key is not None:
+            user_id, key_id = query.api_key
+            runs = runs.where(RunRow.api_key_id == key_id, RunRow.creator == user_id)
+        if query.model is not None:
+            runs = runs.where(RunRow.model == query.model)
+        parts = [runs]
+        if query.api_key is None and query.model is None:
+            calls = select(
+                CallRow.usage_day,
+                CallRow.assistant_id,
+                none,
+                none,
+                none,
+                zero,
+                zero,
+                zero,
+                zero,
+                zero,
+                zero,
+                literal(1, BigInteger),
+                cast(CallRow.seconds, BigInteger),
+            ).where(
+                CallRow.workspace_id == query.workspace_id,
+                # Ended calls only, as for runs.
+                CallRow.usage_day >= query.first_day,
+                CallRow.usage_day <= query.last_day,
+            )
+            if query.assistant_id is not None:
+                calls = calls.where(CallRow.assistant_id == query.assistant_id)
+            parts.append(calls)
+        both = union_all(*parts).subquery()
+        columns = [both.c[d] for d in query.group_by]
+        if "api_key" in query.group_by:
+            columns.append(func.max(both.c.key_user).label("key_user"))
+
+        def total(column: str) -> Any:
+            return func.coalesce(func.sum(both.c[column]), 0)
 
         def tx(db: Session) -> list[UsageSum]:
             statement = select(
                 *columns,
-                func.count().label("run_count"),
-                func.coalesce(func.sum(RunRow.input_tokens), 0).label("input_tokens"),
-                func.coalesce(func.sum(RunRow.output_tokens), 0).label("output_tokens"),
-                func.coalesce(func.sum(RunRow.cost_micros), 0).label("cost_micros"),
-                func.coalesce(
-                    func.sum(case((RunRow.budget_lowered_calls > 0, 1), else_=0)), 0
-                ).label("budget_lowered_runs"),
-                func.coalesce(func.sum(case((RunRow.unpriced_calls > 0, 1), else_=0)), 0).label(
-                    "unpriced_runs"
-                ),
-            ).where(
-                RunRow.workspace_id == query.workspace_id,
-                # Ended runs only: an active run's day is "" and sorts before every date.
-                RunRow.usage_day >= query.first_day,
-                RunRow.usage_day <= query.last_day,
+                total("runs").label("run_count"),
+                total("input_tokens").label("input_tokens"),
+                total("output_tokens").label("output_tokens"),
+                total("cost_micros").label("cost_micros"),
+                total("lowered").label("budget_lowered_runs"),
+                total("unpriced").label("unpriced_runs"),
+                total("calls").label("call_count"),
+                total("call_seconds").label("call_seconds"),
             )
-            if query.assistant_id is not None:
-                statement = statement.where(RunRow.assistant_id == query.assistant_id)
-            if query.api_key is not None:
-                user_id, key_id = query.api_key
-                statement = statement.where(RunRow.api_key_id == key_id, RunRow.creator == user_id)
-            if query.model is not None:
-                statement = statement.where(RunRow.model == query.model)
             if query.group_by:
-                plain = [_COLUMNS[d] for d in query.group_by]
+                plain = [both.c[d] for d in query.group_by]
                 statement = statement.group_by(*plain).order_by(*plain)
             statement = statement.offset(offset).limit(limit)
             return [
@@ -287,10 +327,12 @@ class UsageStore:
                     cost_micros=int(row.cost_micros),
                     budget_lowered_runs=int(row.budget_lowered_runs),
                     unpriced_runs=int(row.unpriced_runs),
+                    call_count=int(row.call_count),
+                    call_seconds=int(row.call_seconds),
                 )
                 for row in db.execute(statement)
                 # Ungrouped, no runs still make one row of zeros: no group, no row.
-                if row.run_count
+                if row.run_count or row.call_count
             ]
 
         return await transaction(self._database, tx, write=False, log=log)

@@ -12,6 +12,9 @@ Keys pressed (RFC 4733 or SIP INFO) are gathered and sent to the session as one 
 turn, ``[keys pressed: 1 2 #]``, after a pause (``SWITCHBOARD_SIP_DTMF_PAUSE_S``) or at
 once on ``#``: a message the assistant reads like any other (docs/telephony.md).
 
+A call placed (``PlaceCall``) has an opening message: sent as the session's first typed
+turn once the call is answered, so the assistant speaks first, answering it.
+
 The caller hanging up ends the session (``END_SESSION``); the session ending (its idle
 timeout, an error, the assistant's end) hangs the call up.
 """
@@ -51,11 +54,15 @@ class CallBridge:
         *,
         hang_up: Callable[[], None],
         dtmf_pause_s: float,
+        opening: str = "",
+        on_session: Callable[[str], None] | None = None,
     ) -> None:
         self._talk = talk
         self._first = first
         self._hang_up = hang_up
         self._dtmf_pause_s = dtmf_pause_s
+        self._opening = opening
+        self._on_session = on_session
         self._requests: asyncio.Queue[pb.TalkRequest | None] = asyncio.Queue()
         self._pending = 0
         self._keys: list[str] = []
@@ -113,6 +120,8 @@ class CallBridge:
             fmt.encoding = pb.AUDIO_ENCODING_PCM16
             fmt.sample_rate_hz = playout.rate
         self._requests.put_nowait(self._first)
+        if self._opening:
+            self._requests.put_nowait(pb.TalkRequest(text=self._opening))
         self._task = asyncio.get_running_loop().create_task(self._relay(), name="sip-call")
 
     def audio(self, pcm: bytes) -> None:
@@ -199,6 +208,8 @@ class CallBridge:
         playout = self._playout
         if kind == "session" and not self.session:
             self.session = frame.session.name
+            if self._on_session is not None:
+                self._on_session(self.session)
         elif kind == "update" and frame.update.WhichOneof("update") == "speech":
             if playout is not None and not playout.push(frame.update.speech.audio):
                 log.warning("a call's answer audio overflowed its queue")

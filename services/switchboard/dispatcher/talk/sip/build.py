@@ -1,18 +1,25 @@
 """The SIP user agent as a dispatcher process builds it from ``SWITCHBOARD_SIP_*``: none
-without ``SWITCHBOARD_SIP_LISTEN``; else the engine started, its calls closed (before the
-dispatcher's runs stop) and the library ended when the process stops."""
+without ``SWITCHBOARD_SIP_LISTEN``; else the engine started (with an account for each
+trunk that places calls), the process made the call book's ``Phone``, the calls of
+stopped servers ended on the record (now and every ``ORPHAN_SWEEP_S``), its calls
+closed (before the dispatcher's runs stop) and the library ended when the process
+stops."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Final
 
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.talk.phone.book import CallBook
 from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.sip.calls import CallLimits, Calls
 from switchboard.dispatcher.talk.sip.engine import (
     PJSIP_MAX_CALLS,
     EngineFailed,
     EngineOptions,
+    OutboundAccount,
     SipEngine,
 )
 from switchboard.dispatcher.talk.sip.rules import Dialplan
@@ -20,13 +27,17 @@ from switchboard.dispatcher.talk.sip.settings import SipSettings, listen
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
 from switchboard.dispatcher.tools.runner import LateTools
 from switchboard.platform.config import ConfigError
+from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.process import Shared
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
 
+#: How often the calls of stopped servers are looked for (their lease outlives them).
+ORPHAN_SWEEP_S: Final = 60.0
+
 
 async def start_sip(
-    shared: Shared, talks: Talks, context: ContextPort, late: LateTools
+    shared: Shared, talks: Talks, context: ContextPort, late: LateTools, book: CallBook
 ) -> Calls | None:
     settings = shared.section(SipSettings)
     where = listen(settings.sip_listen)
@@ -46,7 +57,9 @@ async def start_sip(
             invites_per_s=settings.sip_invites_per_s,
             invite_burst=settings.sip_invite_burst,
             dtmf_pause_s=settings.sip_dtmf_pause_s,
+            max_call_s=settings.sip_max_call_s,
         ),
+        book=book,
     )
     ports = PortRange.parse(settings.sip_rtp_ports)
     engine = SipEngine(
@@ -58,12 +71,22 @@ async def start_sip(
             rtp_count=len(ports) if ports else 0,
             # PJSIP's build holds 32 call slots at most, refused calls too while they end.
             max_calls=PJSIP_MAX_CALLS,
+            outbound=tuple(
+                OutboundAccount(
+                    trunk=t.name,
+                    caller_id=t.outbound.caller_id,
+                    username=t.outbound.username,
+                    password=t.outbound.password,
+                )
+                for t in plan.trunks
+                if t.outbound is not None
+            ),
         ),
         calls.screen,
         calls,
     )
     calls.engine = engine
-    late.source = calls  # the assistant's call tools, offered to its calls' runs
+    late.sources.append(calls)  # the assistant's call tools, offered to its calls' runs
 
     async def started() -> Calls:
         return calls
@@ -77,6 +100,14 @@ async def start_sip(
         ) from None
     shared.resources.push_async_callback(engine.stop)
     shared.resources.push_async_callback(calls.close)
+    book.phone = calls
+    sweeper = asyncio.get_running_loop().create_task(_sweep(book), name="sip-orphans")
+
+    async def stop_sweeping() -> None:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+
+    shared.resources.push_async_callback(stop_sweeping)
     log.info(
         "SIP listening on %s:%d (UDP); %d trunks, %d dispatch rules",
         where[0],
@@ -85,3 +116,13 @@ async def start_sip(
         len(plan.rules),
     )
     return calls
+
+
+async def _sweep(book: CallBook) -> None:
+    while True:
+        try:
+            await book.end_orphans()
+        except SwitchboardError as exc:
+            # The database away: the next pass tries again.
+            log.info("the calls of stopped servers could not be ended now: %s", exc.message)
+        await asyncio.sleep(ORPHAN_SWEEP_S)

@@ -12,6 +12,15 @@ user for an anonymous caller): that user must still be able to write in the work
 the number dialed), and Talk's own checks run (the assistant's voice, the sessions'
 limits: 503 or 486), all before the call is answered. So a refused call leaves no Talk
 session, and an answered one starts its session as soon as its media is up.
+
+Out (``place``, the ``Phone`` of ``talk/phone/book.py``): the trunk must place calls for
+the workspace to that number (``rules.Outbound``), within the same limits, acting as the
+user who placed it; its conversation and Talk's checks come first, then the call is
+recorded DIALING and the INVITE goes out. It rings until ``ring_timeout``; once answered
+and its media up, its session starts with the opening message as its first turn.
+
+Every call admitted, in or out, is a ``Call`` record (``talk/phone/``) kept as it rings,
+is answered and ends, each change with its CALL_CHANGED event.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -30,6 +39,8 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
+from switchboard.dispatcher.talk.phone import book
+from switchboard.dispatcher.talk.phone.book import CallBook, Opened, Order
 from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.sip import digest, tools
 from switchboard.dispatcher.talk.sip.bridge import CallBridge
@@ -38,9 +49,12 @@ from switchboard.dispatcher.talk.sip.rules import Dialplan, DispatchRule, Invite
 from switchboard.dispatcher.talk.sip.tools import CallActions
 from switchboard.dispatcher.tools.runner import BuiltinTool
 from switchboard.platform.errors import (
+    FieldViolation,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     QuotaExceeded,
+    ServerUnavailable,
     SwitchboardError,
     Unauthenticated,
 )
@@ -62,18 +76,44 @@ class CallLimits:
     invites_per_s: float = 5.0
     invite_burst: int = 10
     dtmf_pause_s: float = 2.0
+    max_call_s: float = 3600.0
 
 
 @dataclass
 class _Call:
     number: int
-    invite: Invite
-    rule: DispatchRule
+    workspace_id: str
+    trunk: str = ""
+    invite: Invite | None = None  # a call in
+    rule: DispatchRule | None = None
+    order: Order | None = None  # a call out
     bridge: CallBridge | None = None
     media_rate: int = 0
     hung_up: str = ""
     conversation: str = ""
+    #: Its ``Call`` record, once made.
+    name: str = ""
+    answered: bool = False
+    #: Why it ended, when this side ended it (else read from the SIP status).
+    end_reason: str = ""
+    #: Until it is answered, its ring timeout; then, the longest it may last.
+    ring_timer: asyncio.TimerHandle | None = None
     tools: dict[str, BuiltinTool] = field(default_factory=dict)
+
+    @property
+    def outbound(self) -> bool:
+        return self.order is not None
+
+    @property
+    def label(self) -> str:
+        """The number it concerns, for the log."""
+        if self.order is not None:
+            return self.order.to_number
+        return self.invite.dialed if self.invite is not None else ""
+
+    def ends(self, why: str) -> None:
+        """This side ends it, for ``why`` (the first reason given stays)."""
+        self.end_reason = self.end_reason or why
 
 
 class Calls:
@@ -87,8 +127,10 @@ class Calls:
         context: ContextPort,
         policy: Policy,
         limits: CallLimits,
+        book: CallBook,
     ) -> None:
         self._plan = plan
+        self._book = book
         self._talks = talks
         self._context = context
         self._policy = policy
@@ -113,7 +155,7 @@ class Calls:
         """Read the calls at every scrape (docs/metrics.md)."""
 
         def calls() -> list[tuple[tuple[str, ...], float]]:
-            answered = sum(1 for c in self._calls.values() if c.bridge is not None)
+            answered = sum(1 for c in self._calls.values() if c.answered)
             return [(("ringing",), len(self._calls) - answered), (("answered",), answered)]
 
         def refused() -> list[tuple[tuple[str, ...], float]]:
@@ -146,20 +188,30 @@ class Calls:
 
         def hang_up(why: str) -> None:
             log.info("the assistant ends a call: %s", why, extra={"session": bridge.session})
-            bridge.after_speech(lambda: engine.hang_up(number))
+
+            def now() -> None:
+                call.ends(f"the assistant ended it: {why}")
+                engine.hang_up(number)
+
+            bridge.after_speech(now)
 
         def transfer(name: str, target: str) -> None:
             log.info(
                 "the assistant transfers a call to %s", name, extra={"session": bridge.session}
             )
-            bridge.after_speech(lambda: engine.transfer(number, target))
+
+            def now() -> None:
+                call.ends(f"transferred to {name}")
+                engine.transfer(number, target)
+
+            bridge.after_speech(now)
 
         return CallActions(
             live=lambda: bridge.live,
             hang_up_after_speech=hang_up,
             transfer_after_speech=transfer,
             send_keys=lambda keys: engine.send_dtmf(number, keys),
-            destinations=call.rule.transfer,
+            destinations=call.rule.transfer if call.rule is not None else {},
         )
 
     # -- the engine's thread -----------------------------------------------------------------
@@ -223,8 +275,14 @@ class Calls:
         if rule is None:
             self._refuse(invite.call, 404, "No such number")
             return
-        call = _Call(number=invite.call, invite=invite, rule=rule)
-        refusal = self._room(rule)
+        call = _Call(
+            number=invite.call,
+            workspace_id=rule.workspace_id,
+            trunk=trunk or "",
+            invite=invite,
+            rule=rule,
+        )
+        refusal = self._room(rule.workspace_id)
         if refusal is not None:
             self._refuse(invite.call, refusal.code, refusal.reason)
             return
@@ -237,10 +295,37 @@ class Calls:
         if held is None or engine is None:
             return
         held.media_rate = rate
-        playout = engine.playout(call)
+        log.info("a call's media is up (%s at %d Hz)", codec, rate)
+        # A call placed may have media before it is answered (183): its session waits.
+        if not held.outbound or held.answered:
+            self._begin(held)
+
+    def _begin(self, held: _Call) -> None:
+        engine = self.engine
+        playout = None if engine is None else engine.playout(held.number)
         if held.bridge is not None and playout is not None:
-            log.info("a call's media is up (%s at %d Hz)", codec, rate)
             held.bridge.begin(playout)
+
+    def progress(self, call: int, code: int) -> None:
+        held = self._calls.get(call)
+        if held is not None and held.outbound and held.name and not held.answered:
+            self._record(held, book.ringing)
+
+    def confirmed(self, call: int) -> None:
+        held = self._calls.get(call)
+        if held is None or held.answered:
+            return
+        held.answered = True
+        if held.ring_timer is not None:
+            held.ring_timer.cancel()
+        # Every call has an end: the longest one may last (its timer is this one's now).
+        held.ring_timer = asyncio.get_running_loop().call_later(
+            self._limits.max_call_s, self._too_long, held
+        )
+        if held.name:
+            self._record(held, book.answer)
+        if held.outbound and held.media_rate:
+            self._begin(held)
 
     def audio(self, call: int, pcm: bytes) -> None:
         held = self._calls.get(call)
@@ -257,10 +342,140 @@ class Calls:
         if held is None:
             return
         held.hung_up = f"the call ended ({code} {reason})"
+        if held.ring_timer is not None:
+            held.ring_timer.cancel()
+        if held.name:
+            self._record(held, book.ended(code, _why_ended(held, code, reason)))
         if held.bridge is None:
             self._calls.pop(call, None)  # still being admitted: _admit lets it go
         else:
             held.bridge.hung_up(held.hung_up)
+
+    def _record(self, held: _Call, edit: Callable[[pb.Call], None]) -> None:
+        """Write a change of the call's record (in order: ``CallBook.update``)."""
+        self._spawn(self._write(held.name, edit))
+
+    async def _write(self, name: str, edit: Callable[[pb.Call], None]) -> None:
+        try:
+            async with asyncio.timeout(ADMIT_TIMEOUT_S):
+                await self._book.update(name, edit)
+        except (TimeoutError, SwitchboardError) as exc:
+            # The record lags; the call itself goes on (its end is recorded by the next
+            # process's take-over if this one never manages to).
+            log.warning("a call's record could not be written: %s", _said(exc))
+
+    # -- EndCall and PlaceCall (book.Phone) --------------------------------------------------
+
+    def end(self, call_id: str, why: str) -> bool:
+        engine = self.engine
+        held = next((c for c in self._calls.values() if c.name.endswith(f"/{call_id}")), None)
+        if held is None or engine is None:
+            return False
+        held.ends(why)
+        engine.hang_up(held.number)
+        return True
+
+    async def place(self, order: Order) -> pb.Call:
+        engine = self.engine
+        trunk = self._plan.outbound(order.trunk)
+        if trunk is None:
+            raise InvalidArgument(
+                "no such outbound trunk",
+                [FieldViolation("trunk", "no trunk of this server places calls by that name")],
+            )
+        _, outbound = trunk
+        if order.workspace_id not in outbound.workspaces:
+            raise InvalidArgument(
+                "this trunk places no calls for this workspace",
+                [FieldViolation("trunk", "does not place calls for this workspace")],
+            )
+        if not outbound.allows(order.workspace_id, order.to_number):
+            raise InvalidArgument(
+                "this trunk may not call that number",
+                [FieldViolation("to_number", "is outside the numbers this trunk may call")],
+            )
+        refusal = self._room(order.workspace_id)
+        if engine is None or (refusal is not None and refusal.code == 503):
+            raise ServerUnavailable("this server is stopping; place the call again")
+        if refusal is not None:
+            raise QuotaExceeded(
+                "too many calls at once", subject="concurrent calls", retry_after_s=30.0
+            )
+        call = _Call(number=engine.reserve(), workspace_id=order.workspace_id, order=order)
+        self._calls[call.number] = call
+        try:
+            async with asyncio.timeout(ADMIT_TIMEOUT_S):
+                placed = await self._placed(call, order, outbound.caller_id)
+        except TimeoutError:
+            self._calls.pop(call.number, None)
+            raise ServerUnavailable("placing the call took too long; try again") from None
+        except BaseException:
+            self._calls.pop(call.number, None)
+            raise
+        if not placed.fresh:
+            self._calls.pop(call.number, None)  # a retry: the first request's call
+            return placed.call
+        engine.dial(call.number, order.trunk, outbound.uri(order.to_number))
+        call.ring_timer = asyncio.get_running_loop().call_later(
+            order.ring_timeout_s, self._unanswered, call
+        )
+        log.info("a call to %s is placed", order.to_number)
+        return placed.call
+
+    async def _placed(self, call: _Call, order: Order, caller_id: str) -> Opened:
+        """The call's conversation, Talk's checks and its record, before it is dialed."""
+        principal = Principal.acting_for(order.user_id)
+        workspace = f"workspaces/{order.workspace_id}"
+        await self._policy.authorize(principal, workspace, Permission.WRITE, "parent")
+        conversation = await self._conversation(
+            principal,
+            workspace,
+            f"Call to {order.to_number}",
+            {"channel": "sip", "direction": "outbound", "to": order.to_number},
+        )
+        call.conversation = conversation
+        first = pb.TalkRequest(
+            start=pb.TalkStart(
+                conversation=conversation, assistant=str(order.assistant), barge_in=True
+            )
+        )
+        await self._talks.check(principal, first)
+        placed = await self._book.opened(
+            book.new_call(
+                direction=pb.CALL_DIRECTION_OUTBOUND,
+                state=pb.CALL_STATE_DIALING,
+                trunk=order.trunk,
+                from_number=caller_id,
+                to_number=order.to_number,
+                assistant=str(order.assistant),
+                conversation=conversation,
+                user_id=order.user_id,
+                opening=order.opening,
+                schedule=order.schedule,
+            ),
+            workspace_id=order.workspace_id,
+            user_id=order.user_id,
+            key=order.key,
+        )
+        if placed.fresh:
+            call.name = placed.call.name
+            self._bridge(call, principal, first, order.opening)
+        return placed
+
+    def _too_long(self, call: _Call) -> None:
+        engine = self.engine
+        if engine is None or self._calls.get(call.number) is not call:
+            return
+        call.ends(f"it reached the longest a call may last ({self._limits.max_call_s:.0f} s)")
+        engine.hang_up(call.number)
+
+    def _unanswered(self, call: _Call) -> None:
+        engine = self.engine
+        if call.answered or engine is None or self._calls.get(call.number) is not call:
+            return
+        timeout = call.order.ring_timeout_s if call.order is not None else 0
+        call.ends(f"nobody answered within {timeout:.0f} s")
+        engine.hang_up(call.number)
 
     async def close(self) -> None:
         self._closing = True
@@ -274,94 +489,138 @@ class Calls:
 
     # -- admission ---------------------------------------------------------------------------
 
-    def _room(self, rule: DispatchRule) -> Refusal | None:
+    def _room(self, workspace_id: str) -> Refusal | None:
         if self._closing:
             return Refusal(503, "Server stopping")
         if len(self._calls) >= self._limits.max_calls:
             return Refusal(486, "Busy Here")
-        in_workspace = sum(
-            1 for c in self._calls.values() if c.rule.workspace_id == rule.workspace_id
-        )
+        in_workspace = sum(1 for c in self._calls.values() if c.workspace_id == workspace_id)
         if in_workspace >= self._limits.max_calls_per_workspace:
             return Refusal(486, "Busy Here")
         return None
 
     async def _admit(self, call: _Call) -> None:
-        engine = self.engine
-        if engine is None:
+        engine, invite, rule = self.engine, call.invite, call.rule
+        if engine is None or invite is None or rule is None:
             return
         engine.ring(call.number)
         try:
             async with asyncio.timeout(ADMIT_TIMEOUT_S):
-                principal, first = await self._session_for(call)
+                principal, first, known = await self._session_for(call, invite, rule)
                 await self._talks.check(principal, first)
+                user = principal.user_id
+                opened = await self._book.opened(
+                    book.new_call(
+                        direction=pb.CALL_DIRECTION_INBOUND,
+                        state=pb.CALL_STATE_RINGING,
+                        trunk=call.trunk,
+                        from_number=invite.caller,
+                        to_number=invite.dialed,
+                        assistant=str(rule.assistant),
+                        conversation=call.conversation,
+                        user_id=user,
+                        caller_known=known,
+                    ),
+                    workspace_id=rule.workspace_id,
+                    user_id=user,
+                )
         except (TimeoutError, SwitchboardError) as exc:
             code, reason = _refusal(exc)
             self._calls.pop(call.number, None)
             self._refuse(call.number, code, reason)
-            log.info("a call to %s was refused: %s", call.invite.dialed, _said(exc))
+            log.info("a call to %s was refused: %s", invite.dialed, _said(exc))
             return
         except Exception:
             # Never a phone left ringing: a fault of ours ends the call, said as such.
             self._calls.pop(call.number, None)
             self._refuse(call.number, 500, "Server Internal Error")
-            log.exception("admitting a call to %s failed", call.invite.dialed)
+            log.exception("admitting a call to %s failed", invite.dialed)
             return
+        call.name = opened.call.name
         if call.hung_up or self._calls.get(call.number) is not call:
             self._calls.pop(call.number, None)
-            return  # the caller gave up while it rang
+            # The caller gave up while it rang.
+            self._record(call, book.ended(487, "the caller hung up while it rang"))
+            return
+        self._bridge(call, principal, first)
+        engine.answer(call.number)
+        if call.media_rate:
+            self._begin(call)
+
+    def _bridge(
+        self, call: _Call, principal: Principal, first: pb.TalkRequest, opening: str = ""
+    ) -> None:
+        """The call's bridge into Talk (started once its media is up), its tools, and the
+        task that lets it go when it ends."""
+        engine = self.engine
+        assert engine is not None  # noqa: S101 - a call is only admitted with an engine
 
         def talk(requests: AsyncIterator[pb.TalkRequest]) -> AsyncGenerator[pb.TalkResponse]:
             return self._talks.talk(principal, requests, Via())
 
+        def session_ended() -> None:
+            call.ends("the session ended")
+            engine.hang_up(call.number)
+
+        def session(name: str) -> None:
+            if call.name:
+                self._record(call, lambda c: setattr(c, "voice_session", name))
+
         bridge = CallBridge(
             talk,
             first,
-            hang_up=lambda: engine.hang_up(call.number),
+            hang_up=session_ended,
             dtmf_pause_s=self._limits.dtmf_pause_s,
+            opening=opening,
+            on_session=session,
         )
         call.bridge = bridge
         call.tools = dict(tools.bound(self._actions(call, bridge, engine)))
-        engine.answer(call.number)
-        playout = engine.playout(call.number)
-        if call.media_rate and playout is not None:
-            bridge.begin(playout)
         self._spawn(self._until_ended(call, bridge))
 
-    async def _session_for(self, call: _Call) -> tuple[Principal, pb.TalkRequest]:
-        rule, invite = call.rule, call.invite
+    async def _conversation(
+        self, principal: Principal, workspace: str, title: str, facts: dict[str, Any]
+    ) -> str:
+        metadata = struct_pb2.Struct()
+        metadata.update(facts)
+        made = await self._context.create_conversation(
+            principal,
+            cpb.CreateConversationRequest(
+                parent=workspace,
+                conversation=cpb.Conversation(title=title[:200], metadata=metadata),
+                # Made once per call, never sent again: any fresh id.
+                request_id=f"sip-{uuid.uuid4().hex}",
+            ),
+            timeout_s=ADMIT_TIMEOUT_S,
+        )
+        return made.name
+
+    async def _session_for(
+        self, call: _Call, invite: Invite, rule: DispatchRule
+    ) -> tuple[Principal, pb.TalkRequest, bool]:
         user, known = rule.acts_as(invite.caller)
         principal = Principal.acting_for(user.user)
         workspace = f"workspaces/{rule.workspace_id}"
         await self._policy.authorize(principal, workspace, Permission.WRITE, "user")
-        metadata = struct_pb2.Struct()
-        metadata.update(
+        caller = invite.caller or "an unknown number"
+        call.conversation = await self._conversation(
+            principal,
+            workspace,
+            f"Call from {caller} to {invite.dialed}",
             {
                 "channel": "sip",
                 "caller": invite.caller,
                 "caller_name": invite.display,
                 "dialed": invite.dialed,
                 "caller_known": known,
-            }
+            },
         )
-        caller = invite.caller or "an unknown number"
-        made = await self._context.create_conversation(
-            principal,
-            cpb.CreateConversationRequest(
-                parent=workspace,
-                conversation=cpb.Conversation(
-                    title=f"Call from {caller} to {invite.dialed}"[:200], metadata=metadata
-                ),
-                # Made once per call, never sent again: any fresh id.
-                request_id=f"sip-{uuid.uuid4().hex}",
-            ),
-            timeout_s=ADMIT_TIMEOUT_S,
-        )
-        call.conversation = made.name
         first = pb.TalkRequest(
-            start=pb.TalkStart(conversation=made.name, assistant=str(rule.assistant), barge_in=True)
+            start=pb.TalkStart(
+                conversation=call.conversation, assistant=str(rule.assistant), barge_in=True
+            )
         )
-        return principal, first
+        return principal, first, known
 
     async def _until_ended(self, call: _Call, bridge: CallBridge) -> None:
         try:
@@ -399,6 +658,23 @@ def _refusal(exc: BaseException) -> tuple[int, str]:
         return 403, "Forbidden"
     # FailedPrecondition (the assistant has no voice), a timeout, the rest: not the caller's.
     return 503, "Service Unavailable"
+
+
+def _why_ended(call: _Call, code: int, reason: str) -> str:
+    """Why a call ended, in words: this side's reason, else what its SIP status says."""
+    if call.end_reason:
+        return call.end_reason
+    if call.answered:
+        return "the called party hung up" if call.outbound else "the caller hung up"
+    if not call.outbound:
+        return "the caller hung up while it rang"
+    if code in (486, 600):
+        return "the line was busy"
+    if code in (408, 480):
+        return "nobody answered"
+    if code == 603:
+        return "the call was declined"
+    return f"the call failed ({code} {reason[:100]})"
 
 
 def _said(exc: BaseException) -> str:

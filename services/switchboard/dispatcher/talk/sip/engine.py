@@ -19,6 +19,11 @@ An INVITE is screened on this thread before anything else sees it (``Screen``: t
 by source address, the INVITE rate per source, the number dialed), so an unknown trunk or
 a flood is answered here and never reaches the loop. PJSIP itself answers malformed SIP
 (400) and an offer with no codec in common (488).
+
+A call out (``dial``) goes from the account of its trunk (``OutboundAccount``: the caller
+ID it presents, the credentials it answers the carrier's challenge with), made at start;
+its progress comes back as any call's, with ``progress`` (180, 183) and ``confirmed``
+(answered) besides.
 """
 
 from __future__ import annotations
@@ -27,22 +32,26 @@ import asyncio
 import collections
 import contextlib
 import gc
+import itertools
 import logging
-import os
 import queue
 import re
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from switchboard.dispatcher.talk.sip.pjsip import (
+    display_of,
+    header_of,
     new_account,
     new_call,
     new_log_writer,
     new_port,
+    stdout_to_stderr,
+    uri_of,
+    user_of,
 )
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
@@ -64,7 +73,6 @@ MAX_RECENT_ENDS: Final = 16
 #: How long the engine may take to start or stop.
 START_TIMEOUT_S: Final = 10.0
 _SOURCE: Final = re.compile(r"^\[?([0-9A-Fa-f:.]+)\]?:(\d+)$")
-_USER: Final = re.compile(r"^(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
 
 
 class EngineFailed(Exception):
@@ -111,6 +119,24 @@ class CallEvents(Protocol):
 
     def ended(self, call: int, code: int, reason: str) -> None: ...
 
+    def progress(self, call: int, code: int) -> None:
+        """A call placed rings (180) or has early media (183)."""
+        ...
+
+    def confirmed(self, call: int) -> None:
+        """The call is up: answered, and the answer acknowledged."""
+        ...
+
+
+@dataclass(frozen=True)
+class OutboundAccount:
+    """How calls out on a trunk present themselves (``rules.Outbound``)."""
+
+    trunk: str
+    caller_id: str
+    username: str = ""
+    password: str = field(default="", repr=False)
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -121,6 +147,7 @@ class EngineOptions:
     rtp_count: int = 0
     max_calls: int = PJSIP_MAX_CALLS
     user_agent: str = "Switchboard"
+    outbound: tuple[OutboundAccount, ...] = ()
 
 
 class Playout:
@@ -189,7 +216,10 @@ class SipEngine:
         #: When calls ended lately, and refusals waiting for that to slow (``_churning``).
         self._ended_at: collections.deque[float] = collections.deque()
         self._held: collections.deque[tuple[_Leg, Refusal]] = collections.deque()
-        self._next = 0
+        #: Numbers for calls, taken on either thread (``next`` on a count is atomic).
+        self._numbers = itertools.count(1)
+        #: Each outbound trunk's PJSIP account.
+        self._trunks: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ready: asyncio.Future[int] | None = None
@@ -242,6 +272,31 @@ class SipEngine:
             self._do(call, lambda leg: self._refuse(leg, Refusal(code, reason)))
         else:
             self._do(call, lambda leg: self._hang_up(leg, code, reason))
+
+    def reserve(self) -> int:
+        """A number for a call to place (``dial``)."""
+        return next(self._numbers)
+
+    def dial(self, number: int, trunk: str, uri: str) -> None:
+        """Call ``uri`` from ``trunk``'s account as call ``number`` (``reserve``); its
+        progress is reported as any call's (``ended`` with 500 if PJSIP refuses it)."""
+
+        def dial() -> None:
+            import pjsua2 as pj
+
+            account = self._trunks.get(trunk)
+            if account is None:
+                self._report(self._events.ended, number, 404, "no such outbound trunk")
+                return
+            leg = self._leg(new_call(self, pj.PJSUA_INVALID_ID, account), number)
+            try:
+                leg.call.makeCall(uri, pj.CallOpParam(True))
+            except Exception as exc:  # noqa: BLE001 - PJSIP's Error: reported as the end
+                self._legs.pop(number, None)
+                self._unplug(leg)
+                self._report(self._events.ended, number, 500, _said(exc))
+
+        self._commands.put(dial)
 
     def send_dtmf(self, call: int, digits: str) -> None:
         self._do(call, lambda leg: leg.call.dialDtmf(digits))
@@ -325,7 +380,7 @@ class SipEngine:
 
         options = self._options
         ep = pj.Endpoint()
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             # pjlib writes its first lines to the console before any log setting of ours
             # applies: onto stderr with the logs, not onto stdout.
             ep.libCreate()
@@ -367,9 +422,31 @@ class SipEngine:
         media.portRange = options.rtp_count
         self._account = new_account(self)
         self._account.create(account_config, True)
+        for trunk in options.outbound:
+            self._trunks[trunk.trunk] = self._outbound_account(trunk, public)
         name = str(ep.transportGetInfo(tid).localName)
         matched = _SOURCE.match(name)
         return int(matched.group(2)) if matched else options.port
+
+    def _outbound_account(self, trunk: OutboundAccount, public: str) -> Any:
+        """An account for calls out on ``trunk``: its caller ID, its credentials for the
+        carrier's challenge; it registers nowhere (the carrier knows us by them)."""
+        import pjsua2 as pj
+
+        config = pj.AccountConfig()
+        config.idUri = f"sip:{trunk.caller_id}@{public}"
+        if trunk.username:
+            config.sipConfig.authCreds.append(
+                pj.AuthCredInfo("digest", "*", trunk.username, 0, trunk.password)
+            )
+        media = config.mediaConfig.transportConfig
+        media.boundAddress = self._options.host
+        media.publicAddress = public
+        media.port = self._options.rtp_low
+        media.portRange = self._options.rtp_count
+        account = new_account(self)
+        account.create(config, False)
+        return account
 
     def _close(self) -> None:
         import pjsua2 as pj
@@ -388,9 +465,11 @@ class SipEngine:
         # Whatever of PJSIP's is left in a cycle goes now, on this thread: the collector
         # running on another thread, or after the library, would crash the process.
         gc.collect()
-        if self._account is not None:
-            with contextlib.suppress(Exception):
-                self._account.shutdown()
+        for account in [*self._trunks.values(), self._account]:
+            if account is not None:
+                with contextlib.suppress(Exception):
+                    account.shutdown()
+        self._trunks.clear()
         self._account = None
         try:
             self._ep.libDestroy()
@@ -426,11 +505,11 @@ class SipEngine:
         invite = Invite(
             call=leg.number,
             source=matched.group(1) if matched else source,
-            dialed=_user(request_uri),
-            caller=_user(_uri(str(info.remoteUri))),
-            display=_display(str(info.remoteUri)),
+            dialed=user_of(request_uri),
+            caller=user_of(uri_of(str(info.remoteUri))),
+            display=display_of(str(info.remoteUri)),
             request_uri=request_uri[:512],
-            authorization=_header(head[1:], "authorization")[:2048],
+            authorization=header_of(head[1:], "authorization")[:2048],
         )
         refusal = self._screen(invite)
         if refusal is not None:
@@ -438,9 +517,8 @@ class SipEngine:
             return
         self._report(self._events.incoming, invite)
 
-    def _leg(self, call: Any) -> _Leg:
-        self._next += 1
-        leg = _Leg(number=self._next, call=call)
+    def _leg(self, call: Any, number: int = 0) -> _Leg:
+        leg = _Leg(number=number or next(self._numbers), call=call)
         call.leg = leg
         self._legs[leg.number] = leg
         return leg
@@ -578,7 +656,11 @@ class SipEngine:
         import pjsua2 as pj
 
         info = leg.call.getInfo()
-        if info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not leg.ended:
+        if info.state == pj.PJSIP_INV_STATE_EARLY and not leg.ended:
+            self._report(self._events.progress, leg.number, int(info.lastStatusCode))
+        elif info.state == pj.PJSIP_INV_STATE_CONFIRMED and not leg.ended:
+            self._report(self._events.confirmed, leg.number)
+        elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not leg.ended:
             leg.ended = True
             self._ended_at.append(time.monotonic())
             self._report(
@@ -589,45 +671,6 @@ class SipEngine:
             # a new call given the same slot meanwhile would lose its callbacks.
             self._legs.pop(leg.number, None)
             self._unplug(leg)
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _header(lines: list[str], name: str) -> str:
-    """A header's value among a request's header ``lines`` ("" if absent)."""
-    for line in lines:
-        key, sep, value = line.partition(":")
-        if sep and key.strip().lower() == name:
-            return value.strip()
-    return ""
-
-
-def _uri(header: str) -> str:
-    """The URI in a From or To value (``"Ann" <sip:+1555@host>;tag=x``)."""
-    if "<" in header and ">" in header:
-        return header[header.index("<") + 1 : header.index(">")]
-    return header.split(";", 1)[0].strip()
-
-
-def _user(uri: str) -> str:
-    matched = _USER.match(uri.strip())
-    return matched.group(1)[:64] if matched else ""
-
-
-def _display(header: str) -> str:
-    if "<" not in header:
-        return ""
-    return header[: header.index("<")].strip().strip('"')[:64]
 
 
 def _said(exc: BaseException) -> str:

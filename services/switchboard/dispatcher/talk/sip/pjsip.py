@@ -1,6 +1,7 @@
 """PJSIP's side of the engine: the SWIG directors through which PJSIP calls back (an
 INVITE, a call's state and media, a key pressed, a transfer's outcome, each 20 ms of a
-call's audio, a log line), and how a frame's bytes are read out of PJSIP's vectors.
+call's audio, a log line), how a frame's bytes are read out of PJSIP's vectors, and how
+an INVITE's headers are read.
 
 Everything here runs on a thread of PJSIP's (the engine's, or the media clock's for the
 audio) and hands the engine what happened; ``engine.py`` says what the engine does with it.
@@ -11,10 +12,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import re
+import sys
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
+
+_USER: Final = re.compile(r"^(?:sips?|tel):([^@;>]+)", re.IGNORECASE)
 
 
 class Host(Protocol):
@@ -62,8 +68,10 @@ def _pj_classes() -> tuple[type, type, type, type]:
                 self.engine.on_invite(int(prm.callId), str(prm.rdata.srcAddress), message)
 
     class Call(pj.Call):  # type: ignore[misc]
-        def __init__(self, engine: Host, call_id: int) -> None:
-            super().__init__(engine.account, call_id)
+        def __init__(self, engine: Host, call_id: int, account: Any = None) -> None:
+            # An incoming call's id, on the engine's account; a call to place: no id yet,
+            # on its trunk's account.
+            super().__init__(account if account is not None else engine.account, call_id)
             self.engine = engine
             self.leg: Any = None
 
@@ -164,8 +172,8 @@ def new_account(engine: Host) -> Any:
     return _pj_classes()[0](engine)
 
 
-def new_call(engine: Host, call_id: int) -> Any:
-    return _pj_classes()[1](engine, call_id)
+def new_call(engine: Host, call_id: int, account: Any = None) -> Any:
+    return _pj_classes()[1](engine, call_id, account)
 
 
 def new_port(engine: Host, number: int, playout: Frames) -> Any:
@@ -174,3 +182,42 @@ def new_port(engine: Host, number: int, playout: Frames) -> Any:
 
 def new_log_writer() -> Any:
     return _pj_classes()[3]()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def header_of(lines: list[str], name: str) -> str:
+    """A header's value among a request's header ``lines`` ("" if absent)."""
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == name:
+            return value.strip()
+    return ""
+
+
+def uri_of(header: str) -> str:
+    """The URI in a From or To value (``"Ann" <sip:+1555@host>;tag=x``)."""
+    if "<" in header and ">" in header:
+        return header[header.index("<") + 1 : header.index(">")]
+    return header.split(";", 1)[0].strip()
+
+
+def user_of(uri: str) -> str:
+    matched = _USER.match(uri.strip())
+    return matched.group(1)[:64] if matched else ""
+
+
+def display_of(header: str) -> str:
+    if "<" not in header:
+        return ""
+    return header[: header.index("<")].strip().strip('"')[:64]

@@ -18,6 +18,14 @@ no way into Switchboard but the call's audio. ``transfer`` names the destination
 assistant may hand the call to (``tools.py``). The first rule that matches wins, so a
 ``*`` rule goes last.
 
+A trunk may also carry calls **out** (``outbound``): where its INVITEs go (``to``, the
+carrier's SIP address), the number they present (``caller_id``), the digest credentials the
+carrier challenges them with (``username``, ``password``: its own, not the ones it calls in
+with), the workspaces that may call through it and the number prefixes they may call
+(``numbers``, such as ``+1`` or ``+4420``: a trunk never calls a number outside them, so a
+leaked credential cannot run up calls abroad). A trunk with ``outbound`` and neither
+addresses nor credentials of its own takes no calls in.
+
 Both are read at start (``SWITCHBOARD_SIP_TRUNKS``, ``SWITCHBOARD_SIP_RULES``), as JSON,
 and a mistake stops the process with the words below.
 """
@@ -43,6 +51,32 @@ _CREDENTIAL: Final = re.compile(r"^[A-Za-z0-9._-]+$")
 _SIP_URI: Final = re.compile(r"^sips?:[^\s<>\"]{1,252}$")
 #: The most transfer destinations a rule names.
 MAX_DESTINATIONS: Final = 16
+#: A number a call may be placed to: E.164.
+E164: Final = re.compile(r"^\+[1-9][0-9]{7,14}$")
+_PREFIX: Final = re.compile(r"^\+[0-9]{0,15}$")
+_ID: Final = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+#: The most workspaces and number prefixes an outbound trunk lists.
+MAX_OUTBOUND_ENTRIES: Final = 256
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """How a trunk places calls (the module doc)."""
+
+    to: str  # the carrier's SIP address, ``sip:host[:port]``
+    caller_id: str
+    workspaces: frozenset[str]
+    numbers: tuple[str, ...]
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+    def allows(self, workspace_id: str, number: str) -> bool:
+        return workspace_id in self.workspaces and any(number.startswith(p) for p in self.numbers)
+
+    def uri(self, number: str) -> str:
+        """The Request-URI of a call to ``number`` through the carrier."""
+        scheme, _, rest = self.to.partition(":")
+        return f"{scheme}:{number}@{rest}"
 
 
 @dataclass(frozen=True)
@@ -52,10 +86,16 @@ class Trunk:
     #: Digest credentials its INVITEs must answer a challenge with (empty: none asked).
     username: str = ""
     password: str = field(default="", repr=False)
+    outbound: Outbound | None = None
 
     @property
     def authenticates(self) -> bool:
         return bool(self.username)
+
+    @property
+    def takes_calls(self) -> bool:
+        """Whether calls may come in by it (an outbound-only trunk takes none)."""
+        return bool(self.addresses or self.username)
 
     def allows(self, address: str) -> bool:
         try:
@@ -102,12 +142,21 @@ class Dialplan:
     def trunk_named(self, username: str) -> Trunk | None:
         """The trunk of no addresses whose digest username is ``username``: a carrier
         that calls from anywhere and proves itself by its credentials."""
+        if not username:
+            return None
         return next((t for t in self.trunks if not t.addresses and t.username == username), None)
 
     @property
     def open_trunks(self) -> bool:
         """Whether some trunk takes calls from any address (with credentials)."""
-        return any(not t.addresses for t in self.trunks)
+        return any(not t.addresses and t.username for t in self.trunks)
+
+    def outbound(self, name: str) -> tuple[Trunk, Outbound] | None:
+        """The trunk ``name`` if it places calls."""
+        trunk = next((t for t in self.trunks if t.name == name), None)
+        if trunk is None or trunk.outbound is None:
+            return None
+        return trunk, trunk.outbound
 
     def rule_for(self, trunk: str, dialed: str) -> DispatchRule | None:
         return next((r for r in self.rules if r.matches(trunk, dialed)), None)
@@ -119,7 +168,7 @@ class Dialplan:
         names = [t.name for t in trunks]
         if len(set(names)) != len(names):
             raise ValueError("SIP trunks: two trunks have the same name")
-        open_names = [t.username for t in trunks if not t.addresses]
+        open_names = [t.username for t in trunks if not t.addresses and t.username]
         if len(set(open_names)) != len(open_names):
             raise ValueError("SIP trunks: two trunks without addresses have the same username")
         rules = tuple(
@@ -144,7 +193,7 @@ def _list(text: str, what: str, most: int) -> list[dict[str, Any]]:
 
 def _trunk(index: int, value: dict[str, Any]) -> Trunk:
     where = f"SIP trunks[{index}]"
-    _only(where, value, {"name", "addresses", "username", "password"})
+    _only(where, value, {"name", "addresses", "username", "password", "outbound"})
     name = value.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"{where}.name: lowercase letters, digits and '-', from a letter")
@@ -161,10 +210,16 @@ def _trunk(index: int, value: dict[str, Any]) -> Trunk:
         raise ValueError(
             f"{where}: the username is letters, digits and '._-'; the password at least 12 long"
         )
+    outbound = _outbound(where, value["outbound"]) if "outbound" in value else None
     addresses = value.get("addresses", [])
-    if not isinstance(addresses, list) or len(addresses) > 64 or (not addresses and not username):
+    if (
+        not isinstance(addresses, list)
+        or len(addresses) > 64
+        or (not addresses and not username and outbound is None)
+    ):
         raise ValueError(
-            f"{where}.addresses: 1 to 64 networks (CIDR) are needed (or none, with credentials)"
+            f"{where}.addresses: 1 to 64 networks (CIDR) are needed (or none, with credentials "
+            "or for an outbound-only trunk)"
         )
     networks = []
     for j, text in enumerate(addresses):
@@ -172,7 +227,61 @@ def _trunk(index: int, value: dict[str, Any]) -> Trunk:
             networks.append(ipaddress.ip_network(str(text), strict=False))
         except ValueError:
             raise ValueError(f"{where}.addresses[{j}]: {text!r} is not a network") from None
-    return Trunk(name=name, addresses=tuple(networks), username=username, password=password)
+    return Trunk(
+        name=name,
+        addresses=tuple(networks),
+        username=username,
+        password=password,
+        outbound=outbound,
+    )
+
+
+def _outbound(trunk: str, value: Any) -> Outbound:
+    where = f"{trunk}.outbound"
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{where}: an object with to, caller_id, workspaces and numbers")
+    _only(where, value, {"to", "caller_id", "workspaces", "numbers", "username", "password"})
+    to = value.get("to")
+    if not isinstance(to, str) or not _SIP_URI.match(to) or "@" in to or ";" in to:
+        raise ValueError(f"{where}.to: the carrier's address, sip:host or sip:host:port")
+    caller_id = value.get("caller_id")
+    if not isinstance(caller_id, str) or not E164.match(caller_id):
+        raise ValueError(f"{where}.caller_id: the number calls present, E.164 (+15550100)")
+    workspaces = value.get("workspaces")
+    if (
+        not isinstance(workspaces, list)
+        or not 1 <= len(workspaces) <= MAX_OUTBOUND_ENTRIES
+        or not all(isinstance(w, str) and _ID.match(w) for w in workspaces)
+    ):
+        raise ValueError(f"{where}.workspaces: the ids of the workspaces that may call out on it")
+    numbers = value.get("numbers")
+    if (
+        not isinstance(numbers, list)
+        or not 1 <= len(numbers) <= MAX_OUTBOUND_ENTRIES
+        or not all(isinstance(n, str) and _PREFIX.match(n) for n in numbers)
+    ):
+        raise ValueError(
+            f'{where}.numbers: the prefixes it may call, such as "+1" or "+4420" '
+            '("+" for any number)'
+        )
+    username, password = value.get("username", ""), value.get("password", "")
+    if (
+        not isinstance(username, str)
+        or not isinstance(password, str)
+        or bool(username) != bool(password)
+        or len(username) > 64
+        or len(password) > 256
+        or (username and not _CREDENTIAL.match(username))
+    ):
+        raise ValueError(f"{where}: a username (up to 64) and a password (up to 256), or neither")
+    return Outbound(
+        to=to,
+        caller_id=caller_id,
+        workspaces=frozenset(workspaces),
+        numbers=tuple(numbers),
+        username=username,
+        password=password,
+    )
 
 
 def _rule(index: int, value: dict[str, Any], trunks: set[str]) -> DispatchRule:

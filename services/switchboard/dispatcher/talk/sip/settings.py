@@ -35,7 +35,10 @@ class SipSettings(Section):
         description='the carriers allowed to call in, as JSON: `[{"name": "carrier", '
         '"addresses": ["203.0.113.0/24"], "username": "u", "password": "p"}]` (addresses, '
         "digest credentials, or both); an INVITE from no trunk is refused (403), one without "
-        "the trunk's credentials challenged (401) (docs/telephony.md)",
+        "the trunk's credentials challenged (401). A trunk that places calls has "
+        '`"outbound": {"to": "sip:sip.carrier.example", "caller_id": "+15550100", '
+        '"workspaces": ["acme"], "numbers": ["+1"], "username": "u", "password": "p"}` '
+        "(docs/telephony.md)",
     )
     sip_rules: SecretStr = Field(
         default=SecretStr(""),
@@ -66,6 +69,12 @@ class SipSettings(Section):
         "`SWITCHBOARD_SIP_INVITE_BURST` (503 above, before anything is looked up)",
     )
     sip_invite_burst: int = Field(default=10, ge=1, le=10_000, description="see above")
+    sip_max_call_s: float = Field(
+        default=3600.0,
+        ge=5,
+        le=86_400,
+        description="the longest a call may last once answered: it is hung up then",
+    )
     sip_dtmf_pause_s: float = Field(
         default=2.0,
         ge=0.2,

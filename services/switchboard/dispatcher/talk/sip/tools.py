@@ -9,7 +9,8 @@ the run as any tool call is:
 - ``transfer_call``: hand the caller to a person, one of the rule's ``transfer``
   destinations by name (a blind transfer: SIP REFER, after the answer has been spoken);
   the model can name no other address;
-- ``send_keys``: press keys on the call (RFC 4733), as to work another system's menu.
+- ``send_keys``: press keys on the call (RFC 4733), as to work another system's menu
+  (offered only where keys can be sent: not on a carrier's media stream, ``streams/``).
 
 Each answers at once with what will happen; a call that has ended meanwhile answers
 ``(False, "the call has ended")``.
@@ -43,9 +44,12 @@ class CallActions:
     send_keys: Callable[[str], None]
     #: The rule's transfer destinations, name to SIP URI.
     destinations: Mapping[str, str]
+    #: Whether the call can press keys (a carrier's media stream cannot): ``send_keys``
+    #: is offered only where it works.
+    keys: bool = True
 
 
-def definitions(destinations: Mapping[str, str]) -> list[hpb.ToolDefinition]:
+def definitions(destinations: Mapping[str, str], *, keys: bool = True) -> list[hpb.ToolDefinition]:
     found = [
         _definition(
             END_CALL,
@@ -67,6 +71,8 @@ def definitions(destinations: Mapping[str, str]) -> list[hpb.ToolDefinition]:
             ["keys"],
         ),
     ]
+    if not keys:
+        found = [d for d in found if d.tool != SEND_KEYS]
     if destinations:
         found.append(
             _definition(
@@ -121,7 +127,8 @@ class CallTool:
 
 
 def bound(actions: CallActions) -> dict[str, CallTool]:
-    return {d.tool: CallTool(d.tool, actions, d) for d in definitions(actions.destinations)}
+    offered = definitions(actions.destinations, keys=actions.keys)
+    return {d.tool: CallTool(d.tool, actions, d) for d in offered}
 
 
 def _definition(

@@ -1331,6 +1331,120 @@ func (FiringOutcome) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
 }
 
+// Which way a phone call goes.
+type CallDirection int32
+
+const (
+	// Not set.
+	CallDirection_CALL_DIRECTION_UNSPECIFIED CallDirection = 0
+	// A caller dialed one of the server's numbers (a dispatch rule answered it).
+	CallDirection_CALL_DIRECTION_INBOUND CallDirection = 1
+	// The server placed it (PlaceCall, or a schedule).
+	CallDirection_CALL_DIRECTION_OUTBOUND CallDirection = 2
+)
+
+// Enum value maps for CallDirection.
+var (
+	CallDirection_name = map[int32]string{
+		0: "CALL_DIRECTION_UNSPECIFIED",
+		1: "CALL_DIRECTION_INBOUND",
+		2: "CALL_DIRECTION_OUTBOUND",
+	}
+	CallDirection_value = map[string]int32{
+		"CALL_DIRECTION_UNSPECIFIED": 0,
+		"CALL_DIRECTION_INBOUND":     1,
+		"CALL_DIRECTION_OUTBOUND":    2,
+	}
+)
+
+func (x CallDirection) Enum() *CallDirection {
+	p := new(CallDirection)
+	*p = x
+	return p
+}
+
+func (x CallDirection) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CallDirection) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[22].Descriptor()
+}
+
+func (CallDirection) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[22]
+}
+
+func (x CallDirection) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CallDirection.Descriptor instead.
+func (CallDirection) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
+}
+
+// Where a phone call is in its life.
+type CallState int32
+
+const (
+	// Not set.
+	CallState_CALL_STATE_UNSPECIFIED CallState = 0
+	// OUTBOUND: the INVITE went out; nothing heard back yet.
+	CallState_CALL_STATE_DIALING CallState = 1
+	// It rings (INBOUND: while it is admitted; OUTBOUND: the far end said 180/183).
+	CallState_CALL_STATE_RINGING CallState = 2
+	// Answered: its Talk session (`voice_session`) runs.
+	CallState_CALL_STATE_ANSWERED CallState = 3
+	// Over (`end_reason`, `sip_status`); it never changes again.
+	CallState_CALL_STATE_ENDED CallState = 4
+)
+
+// Enum value maps for CallState.
+var (
+	CallState_name = map[int32]string{
+		0: "CALL_STATE_UNSPECIFIED",
+		1: "CALL_STATE_DIALING",
+		2: "CALL_STATE_RINGING",
+		3: "CALL_STATE_ANSWERED",
+		4: "CALL_STATE_ENDED",
+	}
+	CallState_value = map[string]int32{
+		"CALL_STATE_UNSPECIFIED": 0,
+		"CALL_STATE_DIALING":     1,
+		"CALL_STATE_RINGING":     2,
+		"CALL_STATE_ANSWERED":    3,
+		"CALL_STATE_ENDED":       4,
+	}
+)
+
+func (x CallState) Enum() *CallState {
+	p := new(CallState)
+	*p = x
+	return p
+}
+
+func (x CallState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CallState) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[23].Descriptor()
+}
+
+func (CallState) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[23]
+}
+
+func (x CallState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use CallState.Descriptor instead.
+func (CallState) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
+}
+
 // One execution of a handler answering one user message.
 type Run struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -7347,7 +7461,13 @@ type UsageRow struct {
 	// price (Usage.unpriced_calls): `cost_micros` leaves out what those calls
 	// cost. `run_count` when nothing the group's runs did was priced; 0 when
 	// all of it was, a model priced at 0 included.
-	UnpricedRuns  int64 `protobuf:"varint,10,opt,name=unpriced_runs,json=unpricedRuns,proto3" json:"unpriced_runs,omitempty"`
+	UnpricedRuns int64 `protobuf:"varint,10,opt,name=unpriced_runs,json=unpricedRuns,proto3" json:"unpriced_runs,omitempty"`
+	// Phone calls in the group that ended in the range (docs/telephony.md): a call
+	// has an assistant and a day, never an API key or a model, so it counts only in
+	// groups and filters without those.
+	CallCount int64 `protobuf:"varint,11,opt,name=call_count,json=callCount,proto3" json:"call_count,omitempty"`
+	// How long those calls were answered, in seconds (their minutes: call_seconds / 60).
+	CallSeconds   int64 `protobuf:"varint,12,opt,name=call_seconds,json=callSeconds,proto3" json:"call_seconds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -7448,6 +7568,20 @@ func (x *UsageRow) GetBudgetLoweredRuns() int64 {
 func (x *UsageRow) GetUnpricedRuns() int64 {
 	if x != nil {
 		return x.UnpricedRuns
+	}
+	return 0
+}
+
+func (x *UsageRow) GetCallCount() int64 {
+	if x != nil {
+		return x.CallCount
+	}
+	return 0
+}
+
+func (x *UsageRow) GetCallSeconds() int64 {
+	if x != nil {
+		return x.CallSeconds
 	}
 	return 0
 }
@@ -9344,8 +9478,13 @@ type Schedule struct {
 	// Pins `assistant` (which it needs) at this revision: its ticks answer with
 	// that configuration whatever changes later; the current one if 0.
 	AssistantRevision int64 `protobuf:"varint,23,opt,name=assistant_revision,json=assistantRevision,proto3" json:"assistant_revision,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// Set: each tick places a phone call (PlaceCall) instead of sending a message;
+	// the rendered `message_template` is the call's opening message, and the
+	// schedule's `assistant` (which it then needs) answers the call. The firing's
+	// `run` is empty and its `call` names the call.
+	Call          *ScheduleCall `protobuf:"bytes,24,opt,name=call,proto3" json:"call,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Schedule) Reset() {
@@ -9539,6 +9678,68 @@ func (x *Schedule) GetAssistantRevision() int64 {
 	return 0
 }
 
+func (x *Schedule) GetCall() *ScheduleCall {
+	if x != nil {
+		return x.Call
+	}
+	return nil
+}
+
+// Where a schedule's tick calls (`Schedule.call`).
+type ScheduleCall struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The SIP trunk, as the server's SWITCHBOARD_SIP_TRUNKS names it.
+	Trunk string `protobuf:"bytes,1,opt,name=trunk,proto3" json:"trunk,omitempty"`
+	// The number to call (E.164, `+` and 8 to 15 digits).
+	ToNumber      string `protobuf:"bytes,2,opt,name=to_number,json=toNumber,proto3" json:"to_number,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleCall) Reset() {
+	*x = ScheduleCall{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleCall) ProtoMessage() {}
+
+func (x *ScheduleCall) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleCall.ProtoReflect.Descriptor instead.
+func (*ScheduleCall) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{98}
+}
+
+func (x *ScheduleCall) GetTrunk() string {
+	if x != nil {
+		return x.Trunk
+	}
+	return ""
+}
+
+func (x *ScheduleCall) GetToNumber() string {
+	if x != nil {
+		return x.ToNumber
+	}
+	return ""
+}
+
 // One tick of a schedule, claimed once.
 type ScheduleFiring struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -9553,14 +9754,17 @@ type ScheduleFiring struct {
 	// For SKIPPED and FAILED: why.
 	Error *status.Status `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
 	// It stands for ticks missed while nothing could fire them (RUN_ONCE).
-	CatchUp       bool `protobuf:"varint,6,opt,name=catch_up,json=catchUp,proto3" json:"catch_up,omitempty"`
+	CatchUp bool `protobuf:"varint,6,opt,name=catch_up,json=catchUp,proto3" json:"catch_up,omitempty"`
+	// For a schedule that calls (`Schedule.call`): the call it placed,
+	// `workspaces/{w}/calls/{c}`.
+	Call          string `protobuf:"bytes,7,opt,name=call,proto3" json:"call,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ScheduleFiring) Reset() {
 	*x = ScheduleFiring{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9572,7 +9776,7 @@ func (x *ScheduleFiring) String() string {
 func (*ScheduleFiring) ProtoMessage() {}
 
 func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[98]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9585,7 +9789,7 @@ func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleFiring.ProtoReflect.Descriptor instead.
 func (*ScheduleFiring) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{98}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{99}
 }
 
 func (x *ScheduleFiring) GetFireTime() *timestamppb.Timestamp {
@@ -9630,6 +9834,13 @@ func (x *ScheduleFiring) GetCatchUp() bool {
 	return false
 }
 
+func (x *ScheduleFiring) GetCall() string {
+	if x != nil {
+		return x.Call
+	}
+	return ""
+}
+
 // Request for CreateSchedule.
 type CreateScheduleRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -9651,7 +9862,7 @@ type CreateScheduleRequest struct {
 
 func (x *CreateScheduleRequest) Reset() {
 	*x = CreateScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9663,7 +9874,7 @@ func (x *CreateScheduleRequest) String() string {
 func (*CreateScheduleRequest) ProtoMessage() {}
 
 func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[99]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9676,7 +9887,7 @@ func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateScheduleRequest.ProtoReflect.Descriptor instead.
 func (*CreateScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{99}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{100}
 }
 
 func (x *CreateScheduleRequest) GetParent() string {
@@ -9718,7 +9929,7 @@ type CreateScheduleResponse struct {
 
 func (x *CreateScheduleResponse) Reset() {
 	*x = CreateScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9730,7 +9941,7 @@ func (x *CreateScheduleResponse) String() string {
 func (*CreateScheduleResponse) ProtoMessage() {}
 
 func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[100]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9743,7 +9954,7 @@ func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateScheduleResponse.ProtoReflect.Descriptor instead.
 func (*CreateScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{100}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{101}
 }
 
 func (x *CreateScheduleResponse) GetSchedule() *Schedule {
@@ -9764,7 +9975,7 @@ type GetScheduleRequest struct {
 
 func (x *GetScheduleRequest) Reset() {
 	*x = GetScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9776,7 +9987,7 @@ func (x *GetScheduleRequest) String() string {
 func (*GetScheduleRequest) ProtoMessage() {}
 
 func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[101]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9789,7 +10000,7 @@ func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleRequest.ProtoReflect.Descriptor instead.
 func (*GetScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{101}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{102}
 }
 
 func (x *GetScheduleRequest) GetName() string {
@@ -9810,7 +10021,7 @@ type GetScheduleResponse struct {
 
 func (x *GetScheduleResponse) Reset() {
 	*x = GetScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9822,7 +10033,7 @@ func (x *GetScheduleResponse) String() string {
 func (*GetScheduleResponse) ProtoMessage() {}
 
 func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[102]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9835,7 +10046,7 @@ func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetScheduleResponse.ProtoReflect.Descriptor instead.
 func (*GetScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{102}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{103}
 }
 
 func (x *GetScheduleResponse) GetSchedule() *Schedule {
@@ -9860,7 +10071,7 @@ type ListSchedulesRequest struct {
 
 func (x *ListSchedulesRequest) Reset() {
 	*x = ListSchedulesRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9872,7 +10083,7 @@ func (x *ListSchedulesRequest) String() string {
 func (*ListSchedulesRequest) ProtoMessage() {}
 
 func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[103]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9885,7 +10096,7 @@ func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSchedulesRequest.ProtoReflect.Descriptor instead.
 func (*ListSchedulesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{103}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{104}
 }
 
 func (x *ListSchedulesRequest) GetParent() string {
@@ -9922,7 +10133,7 @@ type ListSchedulesResponse struct {
 
 func (x *ListSchedulesResponse) Reset() {
 	*x = ListSchedulesResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9934,7 +10145,7 @@ func (x *ListSchedulesResponse) String() string {
 func (*ListSchedulesResponse) ProtoMessage() {}
 
 func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[104]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -9947,7 +10158,7 @@ func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSchedulesResponse.ProtoReflect.Descriptor instead.
 func (*ListSchedulesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{104}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{105}
 }
 
 func (x *ListSchedulesResponse) GetSchedules() []*Schedule {
@@ -9979,7 +10190,7 @@ type UpdateScheduleRequest struct {
 
 func (x *UpdateScheduleRequest) Reset() {
 	*x = UpdateScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -9991,7 +10202,7 @@ func (x *UpdateScheduleRequest) String() string {
 func (*UpdateScheduleRequest) ProtoMessage() {}
 
 func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[105]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10004,7 +10215,7 @@ func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateScheduleRequest.ProtoReflect.Descriptor instead.
 func (*UpdateScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{105}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{106}
 }
 
 func (x *UpdateScheduleRequest) GetSchedule() *Schedule {
@@ -10032,7 +10243,7 @@ type UpdateScheduleResponse struct {
 
 func (x *UpdateScheduleResponse) Reset() {
 	*x = UpdateScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[107]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10044,7 +10255,7 @@ func (x *UpdateScheduleResponse) String() string {
 func (*UpdateScheduleResponse) ProtoMessage() {}
 
 func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[106]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[107]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10057,7 +10268,7 @@ func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateScheduleResponse.ProtoReflect.Descriptor instead.
 func (*UpdateScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{106}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{107}
 }
 
 func (x *UpdateScheduleResponse) GetSchedule() *Schedule {
@@ -10080,7 +10291,7 @@ type PauseScheduleRequest struct {
 
 func (x *PauseScheduleRequest) Reset() {
 	*x = PauseScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[107]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[108]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10092,7 +10303,7 @@ func (x *PauseScheduleRequest) String() string {
 func (*PauseScheduleRequest) ProtoMessage() {}
 
 func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[107]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[108]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10105,7 +10316,7 @@ func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseScheduleRequest.ProtoReflect.Descriptor instead.
 func (*PauseScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{107}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{108}
 }
 
 func (x *PauseScheduleRequest) GetName() string {
@@ -10133,7 +10344,7 @@ type PauseScheduleResponse struct {
 
 func (x *PauseScheduleResponse) Reset() {
 	*x = PauseScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[108]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[109]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10145,7 +10356,7 @@ func (x *PauseScheduleResponse) String() string {
 func (*PauseScheduleResponse) ProtoMessage() {}
 
 func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[108]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[109]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10158,7 +10369,7 @@ func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseScheduleResponse.ProtoReflect.Descriptor instead.
 func (*PauseScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{108}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{109}
 }
 
 func (x *PauseScheduleResponse) GetSchedule() *Schedule {
@@ -10181,7 +10392,7 @@ type ResumeScheduleRequest struct {
 
 func (x *ResumeScheduleRequest) Reset() {
 	*x = ResumeScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[109]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[110]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10193,7 +10404,7 @@ func (x *ResumeScheduleRequest) String() string {
 func (*ResumeScheduleRequest) ProtoMessage() {}
 
 func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[109]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[110]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10206,7 +10417,7 @@ func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeScheduleRequest.ProtoReflect.Descriptor instead.
 func (*ResumeScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{109}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{110}
 }
 
 func (x *ResumeScheduleRequest) GetName() string {
@@ -10234,7 +10445,7 @@ type ResumeScheduleResponse struct {
 
 func (x *ResumeScheduleResponse) Reset() {
 	*x = ResumeScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[110]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[111]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10246,7 +10457,7 @@ func (x *ResumeScheduleResponse) String() string {
 func (*ResumeScheduleResponse) ProtoMessage() {}
 
 func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[110]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[111]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10259,7 +10470,7 @@ func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeScheduleResponse.ProtoReflect.Descriptor instead.
 func (*ResumeScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{110}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{111}
 }
 
 func (x *ResumeScheduleResponse) GetSchedule() *Schedule {
@@ -10282,7 +10493,7 @@ type DeleteScheduleRequest struct {
 
 func (x *DeleteScheduleRequest) Reset() {
 	*x = DeleteScheduleRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[111]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[112]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10294,7 +10505,7 @@ func (x *DeleteScheduleRequest) String() string {
 func (*DeleteScheduleRequest) ProtoMessage() {}
 
 func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[111]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[112]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10307,7 +10518,7 @@ func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteScheduleRequest.ProtoReflect.Descriptor instead.
 func (*DeleteScheduleRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{111}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{112}
 }
 
 func (x *DeleteScheduleRequest) GetName() string {
@@ -10333,7 +10544,7 @@ type DeleteScheduleResponse struct {
 
 func (x *DeleteScheduleResponse) Reset() {
 	*x = DeleteScheduleResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[112]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[113]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10345,7 +10556,7 @@ func (x *DeleteScheduleResponse) String() string {
 func (*DeleteScheduleResponse) ProtoMessage() {}
 
 func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[112]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[113]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10358,7 +10569,7 @@ func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteScheduleResponse.ProtoReflect.Descriptor instead.
 func (*DeleteScheduleResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{112}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{113}
 }
 
 // Request for ListScheduleFirings.
@@ -10376,7 +10587,7 @@ type ListScheduleFiringsRequest struct {
 
 func (x *ListScheduleFiringsRequest) Reset() {
 	*x = ListScheduleFiringsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[113]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[114]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10388,7 +10599,7 @@ func (x *ListScheduleFiringsRequest) String() string {
 func (*ListScheduleFiringsRequest) ProtoMessage() {}
 
 func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[113]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[114]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10401,7 +10612,7 @@ func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListScheduleFiringsRequest.ProtoReflect.Descriptor instead.
 func (*ListScheduleFiringsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{113}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{114}
 }
 
 func (x *ListScheduleFiringsRequest) GetParent() string {
@@ -10438,7 +10649,7 @@ type ListScheduleFiringsResponse struct {
 
 func (x *ListScheduleFiringsResponse) Reset() {
 	*x = ListScheduleFiringsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[114]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[115]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -10450,7 +10661,7 @@ func (x *ListScheduleFiringsResponse) String() string {
 func (*ListScheduleFiringsResponse) ProtoMessage() {}
 
 func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[114]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[115]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -10463,7 +10674,7 @@ func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListScheduleFiringsResponse.ProtoReflect.Descriptor instead.
 func (*ListScheduleFiringsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{114}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{115}
 }
 
 func (x *ListScheduleFiringsResponse) GetFirings() []*ScheduleFiring {
@@ -10478,6 +10689,691 @@ func (x *ListScheduleFiringsResponse) GetNextPageToken() string {
 		return x.NextPageToken
 	}
 	return ""
+}
+
+// A phone call: one Talk session of an assistant over a phone line
+// (docs/telephony.md). Kept after it ended, with its duration.
+type Call struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `workspaces/{w}/calls/{call}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Which way it goes.
+	Direction CallDirection `protobuf:"varint,2,opt,name=direction,proto3,enum=switchboard.api.dispatcher.v1.CallDirection" json:"direction,omitempty"`
+	// Where it is in its life.
+	State CallState `protobuf:"varint,3,opt,name=state,proto3,enum=switchboard.api.dispatcher.v1.CallState" json:"state,omitempty"`
+	// How it is carried: "sip".
+	Channel string `protobuf:"bytes,4,opt,name=channel,proto3" json:"channel,omitempty"`
+	// The SIP trunk it came by or went out on.
+	Trunk string `protobuf:"bytes,5,opt,name=trunk,proto3" json:"trunk,omitempty"`
+	// The calling number (INBOUND: the caller ID; OUTBOUND: the trunk's).
+	FromNumber string `protobuf:"bytes,6,opt,name=from_number,json=fromNumber,proto3" json:"from_number,omitempty"`
+	// The number called.
+	ToNumber string `protobuf:"bytes,7,opt,name=to_number,json=toNumber,proto3" json:"to_number,omitempty"`
+	// The assistant answering, `workspaces/{w}/assistants/{a}`.
+	Assistant string `protobuf:"bytes,8,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// The call's conversation (its transcript), `workspaces/{w}/conversations/{c}`.
+	Conversation string `protobuf:"bytes,9,opt,name=conversation,proto3" json:"conversation,omitempty"`
+	// The call's Talk session once it was answered.
+	VoiceSession string `protobuf:"bytes,10,opt,name=voice_session,json=voiceSession,proto3" json:"voice_session,omitempty"`
+	// OUTBOUND: what the assistant was asked to say first.
+	OpeningMessage string `protobuf:"bytes,11,opt,name=opening_message,json=openingMessage,proto3" json:"opening_message,omitempty"`
+	// The user the call acts as, `users/{u}` (OUTBOUND: who placed it; INBOUND: the
+	// user the caller maps to, or the dispatch rule's user for an anonymous caller).
+	User string `protobuf:"bytes,12,opt,name=user,proto3" json:"user,omitempty"`
+	// The schedule that placed it, `workspaces/{w}/schedules/{s}`, if any.
+	Schedule string `protobuf:"bytes,13,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	// When it was placed (OUTBOUND) or arrived (INBOUND).
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When it was answered.
+	AnswerTime *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=answer_time,json=answerTime,proto3" json:"answer_time,omitempty"`
+	// When it ended.
+	EndTime *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	// How long it was answered (answer to end; so far, while ANSWERED): what a
+	// call's minutes are counted from.
+	Duration *durationpb.Duration `protobuf:"bytes,17,opt,name=duration,proto3" json:"duration,omitempty"`
+	// ENDED: the final SIP status (486: the far end was busy; 408 or 480: nobody
+	// answered; 487: it was ended while ringing; 200: it was answered).
+	SipStatus int32 `protobuf:"varint,18,opt,name=sip_status,json=sipStatus,proto3" json:"sip_status,omitempty"`
+	// ENDED: why, in words ("the caller hung up", "ended by users/u", ...).
+	EndReason string `protobuf:"bytes,19,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"`
+	// INBOUND: whether a dispatch rule's `callers` knew the caller's number.
+	CallerKnown   bool `protobuf:"varint,20,opt,name=caller_known,json=callerKnown,proto3" json:"caller_known,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Call) Reset() {
+	*x = Call{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[116]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Call) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Call) ProtoMessage() {}
+
+func (x *Call) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[116]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Call.ProtoReflect.Descriptor instead.
+func (*Call) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{116}
+}
+
+func (x *Call) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Call) GetDirection() CallDirection {
+	if x != nil {
+		return x.Direction
+	}
+	return CallDirection_CALL_DIRECTION_UNSPECIFIED
+}
+
+func (x *Call) GetState() CallState {
+	if x != nil {
+		return x.State
+	}
+	return CallState_CALL_STATE_UNSPECIFIED
+}
+
+func (x *Call) GetChannel() string {
+	if x != nil {
+		return x.Channel
+	}
+	return ""
+}
+
+func (x *Call) GetTrunk() string {
+	if x != nil {
+		return x.Trunk
+	}
+	return ""
+}
+
+func (x *Call) GetFromNumber() string {
+	if x != nil {
+		return x.FromNumber
+	}
+	return ""
+}
+
+func (x *Call) GetToNumber() string {
+	if x != nil {
+		return x.ToNumber
+	}
+	return ""
+}
+
+func (x *Call) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *Call) GetConversation() string {
+	if x != nil {
+		return x.Conversation
+	}
+	return ""
+}
+
+func (x *Call) GetVoiceSession() string {
+	if x != nil {
+		return x.VoiceSession
+	}
+	return ""
+}
+
+func (x *Call) GetOpeningMessage() string {
+	if x != nil {
+		return x.OpeningMessage
+	}
+	return ""
+}
+
+func (x *Call) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *Call) GetSchedule() string {
+	if x != nil {
+		return x.Schedule
+	}
+	return ""
+}
+
+func (x *Call) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Call) GetAnswerTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.AnswerTime
+	}
+	return nil
+}
+
+func (x *Call) GetEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndTime
+	}
+	return nil
+}
+
+func (x *Call) GetDuration() *durationpb.Duration {
+	if x != nil {
+		return x.Duration
+	}
+	return nil
+}
+
+func (x *Call) GetSipStatus() int32 {
+	if x != nil {
+		return x.SipStatus
+	}
+	return 0
+}
+
+func (x *Call) GetEndReason() string {
+	if x != nil {
+		return x.EndReason
+	}
+	return ""
+}
+
+func (x *Call) GetCallerKnown() bool {
+	if x != nil {
+		return x.CallerKnown
+	}
+	return false
+}
+
+// Request for PlaceCall.
+type PlaceCallRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}`: where the call, its conversation and its runs live.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// The SIP trunk to call out on (SWITCHBOARD_SIP_TRUNKS; one with `outbound`
+	// set that allows this workspace and this number).
+	Trunk string `protobuf:"bytes,2,opt,name=trunk,proto3" json:"trunk,omitempty"`
+	// The number to call (E.164: `+` and 8 to 15 digits).
+	ToNumber string `protobuf:"bytes,3,opt,name=to_number,json=toNumber,proto3" json:"to_number,omitempty"`
+	// The assistant that answers, `workspaces/{w}/assistants/{a}` (same workspace;
+	// it needs a voice).
+	Assistant string `protobuf:"bytes,4,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// What the assistant says first, as the call's first turn it answers (1 to 16,000
+	// characters): "Tell Ann her agenda for today" has it do so once she picks up.
+	OpeningMessage string `protobuf:"bytes,5,opt,name=opening_message,json=openingMessage,proto3" json:"opening_message,omitempty"`
+	// How long it may ring before it is given up (408); 30 s if unset, 5 s to 120 s.
+	RingTimeout *durationpb.Duration `protobuf:"bytes,6,opt,name=ring_timeout,json=ringTimeout,proto3" json:"ring_timeout,omitempty"`
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_`; empty for none.
+	// Scoped to the caller and this method and kept for 24 hours: a retry with the
+	// same id returns the first call placed, and places no second one.
+	RequestId     string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PlaceCallRequest) Reset() {
+	*x = PlaceCallRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[117]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PlaceCallRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PlaceCallRequest) ProtoMessage() {}
+
+func (x *PlaceCallRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[117]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PlaceCallRequest.ProtoReflect.Descriptor instead.
+func (*PlaceCallRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{117}
+}
+
+func (x *PlaceCallRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *PlaceCallRequest) GetTrunk() string {
+	if x != nil {
+		return x.Trunk
+	}
+	return ""
+}
+
+func (x *PlaceCallRequest) GetToNumber() string {
+	if x != nil {
+		return x.ToNumber
+	}
+	return ""
+}
+
+func (x *PlaceCallRequest) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *PlaceCallRequest) GetOpeningMessage() string {
+	if x != nil {
+		return x.OpeningMessage
+	}
+	return ""
+}
+
+func (x *PlaceCallRequest) GetRingTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.RingTimeout
+	}
+	return nil
+}
+
+func (x *PlaceCallRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for PlaceCall.
+type PlaceCallResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The call, DIALING.
+	Call          *Call `protobuf:"bytes,1,opt,name=call,proto3" json:"call,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PlaceCallResponse) Reset() {
+	*x = PlaceCallResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[118]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PlaceCallResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PlaceCallResponse) ProtoMessage() {}
+
+func (x *PlaceCallResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[118]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PlaceCallResponse.ProtoReflect.Descriptor instead.
+func (*PlaceCallResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{118}
+}
+
+func (x *PlaceCallResponse) GetCall() *Call {
+	if x != nil {
+		return x.Call
+	}
+	return nil
+}
+
+// Request for GetCall.
+type GetCallRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/calls/{call}`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetCallRequest) Reset() {
+	*x = GetCallRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[119]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetCallRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetCallRequest) ProtoMessage() {}
+
+func (x *GetCallRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[119]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetCallRequest.ProtoReflect.Descriptor instead.
+func (*GetCallRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{119}
+}
+
+func (x *GetCallRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for GetCall.
+type GetCallResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The call.
+	Call          *Call `protobuf:"bytes,1,opt,name=call,proto3" json:"call,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetCallResponse) Reset() {
+	*x = GetCallResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[120]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetCallResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetCallResponse) ProtoMessage() {}
+
+func (x *GetCallResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[120]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetCallResponse.ProtoReflect.Descriptor instead.
+func (*GetCallResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{120}
+}
+
+func (x *GetCallResponse) GetCall() *Call {
+	if x != nil {
+		return x.Call
+	}
+	return nil
+}
+
+// Request for ListCalls.
+type ListCallsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Maximum to return; capped at 100, default 50.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response.
+	PageToken string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Only the calls not ENDED (the live ones).
+	LiveOnly      bool `protobuf:"varint,4,opt,name=live_only,json=liveOnly,proto3" json:"live_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListCallsRequest) Reset() {
+	*x = ListCallsRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[121]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListCallsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListCallsRequest) ProtoMessage() {}
+
+func (x *ListCallsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[121]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListCallsRequest.ProtoReflect.Descriptor instead.
+func (*ListCallsRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{121}
+}
+
+func (x *ListCallsRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *ListCallsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListCallsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListCallsRequest) GetLiveOnly() bool {
+	if x != nil {
+		return x.LiveOnly
+	}
+	return false
+}
+
+// Response for ListCalls.
+type ListCallsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The calls, newest first.
+	Calls []*Call `protobuf:"bytes,1,rep,name=calls,proto3" json:"calls,omitempty"`
+	// Token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListCallsResponse) Reset() {
+	*x = ListCallsResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[122]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListCallsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListCallsResponse) ProtoMessage() {}
+
+func (x *ListCallsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[122]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListCallsResponse.ProtoReflect.Descriptor instead.
+func (*ListCallsResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{122}
+}
+
+func (x *ListCallsResponse) GetCalls() []*Call {
+	if x != nil {
+		return x.Calls
+	}
+	return nil
+}
+
+func (x *ListCallsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// Request for EndCall.
+type EndCallRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/calls/{call}`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndCallRequest) Reset() {
+	*x = EndCallRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[123]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndCallRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndCallRequest) ProtoMessage() {}
+
+func (x *EndCallRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[123]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndCallRequest.ProtoReflect.Descriptor instead.
+func (*EndCallRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{123}
+}
+
+func (x *EndCallRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for EndCall.
+type EndCallResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The call, ENDED (or ending: its state is ENDED once the line is down, which
+	// takes a moment over SIP).
+	Call          *Call `protobuf:"bytes,1,opt,name=call,proto3" json:"call,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EndCallResponse) Reset() {
+	*x = EndCallResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[124]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EndCallResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EndCallResponse) ProtoMessage() {}
+
+func (x *EndCallResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[124]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EndCallResponse.ProtoReflect.Descriptor instead.
+func (*EndCallResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{124}
+}
+
+func (x *EndCallResponse) GetCall() *Call {
+	if x != nil {
+		return x.Call
+	}
+	return nil
 }
 
 var File_switchboard_api_dispatcher_v1_dispatcher_proto protoreflect.FileDescriptor
@@ -10938,7 +11834,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\bend_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x1b\n" +
 	"\tpage_size\x18\b \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\t \x01(\tR\tpageToken\"\xc4\x02\n" +
+	"page_token\x18\t \x01(\tR\tpageToken\"\x86\x03\n" +
 	"\bUsageRow\x12\x10\n" +
 	"\x03day\x18\x01 \x01(\tR\x03day\x12\x1c\n" +
 	"\tassistant\x18\x02 \x01(\tR\tassistant\x12\x17\n" +
@@ -10951,7 +11847,10 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"costMicros\x12.\n" +
 	"\x13budget_lowered_runs\x18\t \x01(\x03R\x11budgetLoweredRuns\x12#\n" +
 	"\runpriced_runs\x18\n" +
-	" \x01(\x03R\funpricedRuns\"y\n" +
+	" \x01(\x03R\funpricedRuns\x12\x1d\n" +
+	"\n" +
+	"call_count\x18\v \x01(\x03R\tcallCount\x12!\n" +
+	"\fcall_seconds\x18\f \x01(\x03R\vcallSeconds\"y\n" +
 	"\x12QueryUsageResponse\x12;\n" +
 	"\x04rows\x18\x01 \x03(\v2'.switchboard.api.dispatcher.v1.UsageRowR\x04rows\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x86\x01\n" +
@@ -11082,7 +11981,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"request_id\x18\x03 \x01(\tR\trequestId\"\x87\x01\n" +
 	"\x10SteerRunResponse\x124\n" +
 	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\x12=\n" +
-	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\"\x91\t\n" +
+	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\"\xd2\t\n" +
 	"\bSchedule\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12\x1c\n" +
@@ -11109,7 +12008,11 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\x16 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"updateTime\x12-\n" +
-	"\x12assistant_revision\x18\x17 \x01(\x03R\x11assistantRevision\"\xa3\x02\n" +
+	"\x12assistant_revision\x18\x17 \x01(\x03R\x11assistantRevision\x12?\n" +
+	"\x04call\x18\x18 \x01(\v2+.switchboard.api.dispatcher.v1.ScheduleCallR\x04call\"A\n" +
+	"\fScheduleCall\x12\x14\n" +
+	"\x05trunk\x18\x01 \x01(\tR\x05trunk\x12\x1b\n" +
+	"\tto_number\x18\x02 \x01(\tR\btoNumber\"\xb7\x02\n" +
 	"\x0eScheduleFiring\x127\n" +
 	"\tfire_time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\bfireTime\x129\n" +
 	"\n" +
@@ -11117,7 +12020,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\aoutcome\x18\x03 \x01(\x0e2,.switchboard.api.dispatcher.v1.FiringOutcomeR\aoutcome\x12\x10\n" +
 	"\x03run\x18\x04 \x01(\tR\x03run\x12(\n" +
 	"\x05error\x18\x05 \x01(\v2\x12.google.rpc.StatusR\x05error\x12\x19\n" +
-	"\bcatch_up\x18\x06 \x01(\bR\acatchUp\"\xb4\x01\n" +
+	"\bcatch_up\x18\x06 \x01(\bR\acatchUp\x12\x12\n" +
+	"\x04call\x18\a \x01(\tR\x04call\"\xb4\x01\n" +
 	"\x15CreateScheduleRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12C\n" +
 	"\bschedule\x18\x02 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\x12\x1f\n" +
@@ -11166,7 +12070,62 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"\x8e\x01\n" +
 	"\x1bListScheduleFiringsResponse\x12G\n" +
 	"\afirings\x18\x01 \x03(\v2-.switchboard.api.dispatcher.v1.ScheduleFiringR\afirings\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\xda\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x9d\x06\n" +
+	"\x04Call\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12J\n" +
+	"\tdirection\x18\x02 \x01(\x0e2,.switchboard.api.dispatcher.v1.CallDirectionR\tdirection\x12>\n" +
+	"\x05state\x18\x03 \x01(\x0e2(.switchboard.api.dispatcher.v1.CallStateR\x05state\x12\x18\n" +
+	"\achannel\x18\x04 \x01(\tR\achannel\x12\x14\n" +
+	"\x05trunk\x18\x05 \x01(\tR\x05trunk\x12\x1f\n" +
+	"\vfrom_number\x18\x06 \x01(\tR\n" +
+	"fromNumber\x12\x1b\n" +
+	"\tto_number\x18\a \x01(\tR\btoNumber\x12\x1c\n" +
+	"\tassistant\x18\b \x01(\tR\tassistant\x12\"\n" +
+	"\fconversation\x18\t \x01(\tR\fconversation\x12#\n" +
+	"\rvoice_session\x18\n" +
+	" \x01(\tR\fvoiceSession\x12'\n" +
+	"\x0fopening_message\x18\v \x01(\tR\x0eopeningMessage\x12\x12\n" +
+	"\x04user\x18\f \x01(\tR\x04user\x12\x1a\n" +
+	"\bschedule\x18\r \x01(\tR\bschedule\x12;\n" +
+	"\vcreate_time\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vanswer_time\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"answerTime\x125\n" +
+	"\bend_time\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x125\n" +
+	"\bduration\x18\x11 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\x1d\n" +
+	"\n" +
+	"sip_status\x18\x12 \x01(\x05R\tsipStatus\x12\x1d\n" +
+	"\n" +
+	"end_reason\x18\x13 \x01(\tR\tendReason\x12!\n" +
+	"\fcaller_known\x18\x14 \x01(\bR\vcallerKnown\"\x81\x02\n" +
+	"\x10PlaceCallRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x14\n" +
+	"\x05trunk\x18\x02 \x01(\tR\x05trunk\x12\x1b\n" +
+	"\tto_number\x18\x03 \x01(\tR\btoNumber\x12\x1c\n" +
+	"\tassistant\x18\x04 \x01(\tR\tassistant\x12'\n" +
+	"\x0fopening_message\x18\x05 \x01(\tR\x0eopeningMessage\x12<\n" +
+	"\fring_timeout\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\vringTimeout\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\a \x01(\tR\trequestId\"L\n" +
+	"\x11PlaceCallResponse\x127\n" +
+	"\x04call\x18\x01 \x01(\v2#.switchboard.api.dispatcher.v1.CallR\x04call\"$\n" +
+	"\x0eGetCallRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"J\n" +
+	"\x0fGetCallResponse\x127\n" +
+	"\x04call\x18\x01 \x01(\v2#.switchboard.api.dispatcher.v1.CallR\x04call\"\x83\x01\n" +
+	"\x10ListCallsRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\x12\x1b\n" +
+	"\tlive_only\x18\x04 \x01(\bR\bliveOnly\"v\n" +
+	"\x11ListCallsResponse\x129\n" +
+	"\x05calls\x18\x01 \x03(\v2#.switchboard.api.dispatcher.v1.CallR\x05calls\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"$\n" +
+	"\x0eEndCallRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"J\n" +
+	"\x0fEndCallResponse\x127\n" +
+	"\x04call\x18\x01 \x01(\v2#.switchboard.api.dispatcher.v1.CallR\x04call*\xda\x01\n" +
 	"\bRunState\x12\x19\n" +
 	"\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n" +
@@ -11282,7 +12241,17 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x16FIRING_OUTCOME_CLAIMED\x10\x01\x12\x1a\n" +
 	"\x16FIRING_OUTCOME_STARTED\x10\x02\x12\x1a\n" +
 	"\x16FIRING_OUTCOME_SKIPPED\x10\x03\x12\x19\n" +
-	"\x15FIRING_OUTCOME_FAILED\x10\x042\xee%\n" +
+	"\x15FIRING_OUTCOME_FAILED\x10\x04*h\n" +
+	"\rCallDirection\x12\x1e\n" +
+	"\x1aCALL_DIRECTION_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16CALL_DIRECTION_INBOUND\x10\x01\x12\x1b\n" +
+	"\x17CALL_DIRECTION_OUTBOUND\x10\x02*\x86\x01\n" +
+	"\tCallState\x12\x1a\n" +
+	"\x16CALL_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12CALL_STATE_DIALING\x10\x01\x12\x16\n" +
+	"\x12CALL_STATE_RINGING\x10\x02\x12\x17\n" +
+	"\x13CALL_STATE_ANSWERED\x10\x03\x12\x14\n" +
+	"\x10CALL_STATE_ENDED\x10\x042\xb1)\n" +
 	"\x11DispatcherService\x12t\n" +
 	"\vSendMessage\x121.switchboard.api.dispatcher.v1.SendMessageRequest\x1a2.switchboard.api.dispatcher.v1.SendMessageResponse\x12\x86\x01\n" +
 	"\x11RegenerateMessage\x127.switchboard.api.dispatcher.v1.RegenerateMessageRequest\x1a8.switchboard.api.dispatcher.v1.RegenerateMessageResponse\x12j\n" +
@@ -11322,7 +12291,11 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\rPauseSchedule\x123.switchboard.api.dispatcher.v1.PauseScheduleRequest\x1a4.switchboard.api.dispatcher.v1.PauseScheduleResponse\x12}\n" +
 	"\x0eResumeSchedule\x124.switchboard.api.dispatcher.v1.ResumeScheduleRequest\x1a5.switchboard.api.dispatcher.v1.ResumeScheduleResponse\x12}\n" +
 	"\x0eDeleteSchedule\x124.switchboard.api.dispatcher.v1.DeleteScheduleRequest\x1a5.switchboard.api.dispatcher.v1.DeleteScheduleResponse\x12\x91\x01\n" +
-	"\x13ListScheduleFirings\x129.switchboard.api.dispatcher.v1.ListScheduleFiringsRequest\x1a:.switchboard.api.dispatcher.v1.ListScheduleFiringsResponse\"\x03\x90\x02\x01Bh\n" +
+	"\x13ListScheduleFirings\x129.switchboard.api.dispatcher.v1.ListScheduleFiringsRequest\x1a:.switchboard.api.dispatcher.v1.ListScheduleFiringsResponse\"\x03\x90\x02\x01\x12n\n" +
+	"\tPlaceCall\x12/.switchboard.api.dispatcher.v1.PlaceCallRequest\x1a0.switchboard.api.dispatcher.v1.PlaceCallResponse\x12m\n" +
+	"\aGetCall\x12-.switchboard.api.dispatcher.v1.GetCallRequest\x1a..switchboard.api.dispatcher.v1.GetCallResponse\"\x03\x90\x02\x01\x12s\n" +
+	"\tListCalls\x12/.switchboard.api.dispatcher.v1.ListCallsRequest\x1a0.switchboard.api.dispatcher.v1.ListCallsResponse\"\x03\x90\x02\x01\x12m\n" +
+	"\aEndCall\x12-.switchboard.api.dispatcher.v1.EndCallRequest\x1a..switchboard.api.dispatcher.v1.EndCallResponse\"\x03\x90\x02\x02Bh\n" +
 	"!dev.switchboard.api.dispatcher.v1P\x01ZAswitchboard.dev/go/gen/switchboard/api/dispatcher/v1;dispatcherv1b\x06proto3"
 
 var (
@@ -11337,8 +12310,8 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescData
 }
 
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 22)
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 115)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 24)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 125)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(RunState)(0),                          // 0: switchboard.api.dispatcher.v1.RunState
 	(SteerState)(0),                        // 1: switchboard.api.dispatcher.v1.SteerState
@@ -11362,421 +12335,453 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(ScheduleConversationMode)(0),          // 19: switchboard.api.dispatcher.v1.ScheduleConversationMode
 	(MissedTickPolicy)(0),                  // 20: switchboard.api.dispatcher.v1.MissedTickPolicy
 	(FiringOutcome)(0),                     // 21: switchboard.api.dispatcher.v1.FiringOutcome
-	(*Run)(nil),                            // 22: switchboard.api.dispatcher.v1.Run
-	(*QueuedBehind)(nil),                   // 23: switchboard.api.dispatcher.v1.QueuedBehind
-	(*Steer)(nil),                          // 24: switchboard.api.dispatcher.v1.Steer
-	(*SteerUpdate)(nil),                    // 25: switchboard.api.dispatcher.v1.SteerUpdate
-	(*RequiredAction)(nil),                 // 26: switchboard.api.dispatcher.v1.RequiredAction
-	(*BudgetAction)(nil),                   // 27: switchboard.api.dispatcher.v1.BudgetAction
-	(*PendingToolCall)(nil),                // 28: switchboard.api.dispatcher.v1.PendingToolCall
-	(*SendMessageRequest)(nil),             // 29: switchboard.api.dispatcher.v1.SendMessageRequest
-	(*RegenerateMessageRequest)(nil),       // 30: switchboard.api.dispatcher.v1.RegenerateMessageRequest
-	(*RegenerateMessageResponse)(nil),      // 31: switchboard.api.dispatcher.v1.RegenerateMessageResponse
-	(*AudioFormat)(nil),                    // 32: switchboard.api.dispatcher.v1.AudioFormat
-	(*SpeechOptions)(nil),                  // 33: switchboard.api.dispatcher.v1.SpeechOptions
-	(*VoiceSettings)(nil),                  // 34: switchboard.api.dispatcher.v1.VoiceSettings
-	(*SpeechChunk)(nil),                    // 35: switchboard.api.dispatcher.v1.SpeechChunk
-	(*SendMessageResponse)(nil),            // 36: switchboard.api.dispatcher.v1.SendMessageResponse
-	(*GetRunRequest)(nil),                  // 37: switchboard.api.dispatcher.v1.GetRunRequest
-	(*GetRunResponse)(nil),                 // 38: switchboard.api.dispatcher.v1.GetRunResponse
-	(*ChildRun)(nil),                       // 39: switchboard.api.dispatcher.v1.ChildRun
-	(*Handoff)(nil),                        // 40: switchboard.api.dispatcher.v1.Handoff
-	(*ListRunsRequest)(nil),                // 41: switchboard.api.dispatcher.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),               // 42: switchboard.api.dispatcher.v1.ListRunsResponse
-	(*CancelRunRequest)(nil),               // 43: switchboard.api.dispatcher.v1.CancelRunRequest
-	(*CancelRunResponse)(nil),              // 44: switchboard.api.dispatcher.v1.CancelRunResponse
-	(*WatchRunRequest)(nil),                // 45: switchboard.api.dispatcher.v1.WatchRunRequest
-	(*RunStateChange)(nil),                 // 46: switchboard.api.dispatcher.v1.RunStateChange
-	(*RunUpdate)(nil),                      // 47: switchboard.api.dispatcher.v1.RunUpdate
-	(*WatchRunResponse)(nil),               // 48: switchboard.api.dispatcher.v1.WatchRunResponse
-	(*Heartbeat)(nil),                      // 49: switchboard.api.dispatcher.v1.Heartbeat
-	(*ConverseRequest)(nil),                // 50: switchboard.api.dispatcher.v1.ConverseRequest
-	(*ConverseResponse)(nil),               // 51: switchboard.api.dispatcher.v1.ConverseResponse
-	(*Handler)(nil),                        // 52: switchboard.api.dispatcher.v1.Handler
-	(*ListHandlersRequest)(nil),            // 53: switchboard.api.dispatcher.v1.ListHandlersRequest
-	(*ListHandlersResponse)(nil),           // 54: switchboard.api.dispatcher.v1.ListHandlersResponse
-	(*ToolApproval)(nil),                   // 55: switchboard.api.dispatcher.v1.ToolApproval
-	(*SubmitToolApprovalsRequest)(nil),     // 56: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	(*SubmitToolApprovalsResponse)(nil),    // 57: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	(*AssistantTools)(nil),                 // 58: switchboard.api.dispatcher.v1.AssistantTools
-	(*Assistant)(nil),                      // 59: switchboard.api.dispatcher.v1.Assistant
-	(*AssistantRevision)(nil),              // 60: switchboard.api.dispatcher.v1.AssistantRevision
-	(*ListAssistantRevisionsRequest)(nil),  // 61: switchboard.api.dispatcher.v1.ListAssistantRevisionsRequest
-	(*ListAssistantRevisionsResponse)(nil), // 62: switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse
-	(*RollbackAssistantRequest)(nil),       // 63: switchboard.api.dispatcher.v1.RollbackAssistantRequest
-	(*RollbackAssistantResponse)(nil),      // 64: switchboard.api.dispatcher.v1.RollbackAssistantResponse
-	(*AssistantHandoff)(nil),               // 65: switchboard.api.dispatcher.v1.AssistantHandoff
-	(*AssistantDelegate)(nil),              // 66: switchboard.api.dispatcher.v1.AssistantDelegate
-	(*RetrievalSettings)(nil),              // 67: switchboard.api.dispatcher.v1.RetrievalSettings
-	(*CreateAssistantRequest)(nil),         // 68: switchboard.api.dispatcher.v1.CreateAssistantRequest
-	(*CreateAssistantResponse)(nil),        // 69: switchboard.api.dispatcher.v1.CreateAssistantResponse
-	(*GetAssistantRequest)(nil),            // 70: switchboard.api.dispatcher.v1.GetAssistantRequest
-	(*GetAssistantResponse)(nil),           // 71: switchboard.api.dispatcher.v1.GetAssistantResponse
-	(*ListAssistantsRequest)(nil),          // 72: switchboard.api.dispatcher.v1.ListAssistantsRequest
-	(*ListAssistantsResponse)(nil),         // 73: switchboard.api.dispatcher.v1.ListAssistantsResponse
-	(*UpdateAssistantRequest)(nil),         // 74: switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	(*UpdateAssistantResponse)(nil),        // 75: switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	(*DeleteAssistantRequest)(nil),         // 76: switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	(*DeleteAssistantResponse)(nil),        // 77: switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	(*DescribeConversationRequest)(nil),    // 78: switchboard.api.dispatcher.v1.DescribeConversationRequest
-	(*DescribeConversationResponse)(nil),   // 79: switchboard.api.dispatcher.v1.DescribeConversationResponse
-	(*Budget)(nil),                         // 80: switchboard.api.dispatcher.v1.Budget
-	(*BudgetUsage)(nil),                    // 81: switchboard.api.dispatcher.v1.BudgetUsage
-	(*CreateBudgetRequest)(nil),            // 82: switchboard.api.dispatcher.v1.CreateBudgetRequest
-	(*CreateBudgetResponse)(nil),           // 83: switchboard.api.dispatcher.v1.CreateBudgetResponse
-	(*GetBudgetRequest)(nil),               // 84: switchboard.api.dispatcher.v1.GetBudgetRequest
-	(*GetBudgetResponse)(nil),              // 85: switchboard.api.dispatcher.v1.GetBudgetResponse
-	(*ListBudgetsRequest)(nil),             // 86: switchboard.api.dispatcher.v1.ListBudgetsRequest
-	(*ListBudgetsResponse)(nil),            // 87: switchboard.api.dispatcher.v1.ListBudgetsResponse
-	(*UpdateBudgetRequest)(nil),            // 88: switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	(*UpdateBudgetResponse)(nil),           // 89: switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	(*DeleteBudgetRequest)(nil),            // 90: switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	(*DeleteBudgetResponse)(nil),           // 91: switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	(*ResolveBudgetActionRequest)(nil),     // 92: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	(*ResolveBudgetActionResponse)(nil),    // 93: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	(*QueryUsageRequest)(nil),              // 94: switchboard.api.dispatcher.v1.QueryUsageRequest
-	(*UsageRow)(nil),                       // 95: switchboard.api.dispatcher.v1.UsageRow
-	(*QueryUsageResponse)(nil),             // 96: switchboard.api.dispatcher.v1.QueryUsageResponse
-	(*ApiKeyQuota)(nil),                    // 97: switchboard.api.dispatcher.v1.ApiKeyQuota
-	(*WorkspaceQuota)(nil),                 // 98: switchboard.api.dispatcher.v1.WorkspaceQuota
-	(*GetWorkspaceQuotaRequest)(nil),       // 99: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	(*GetWorkspaceQuotaResponse)(nil),      // 100: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	(*UpdateWorkspaceQuotaRequest)(nil),    // 101: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	(*UpdateWorkspaceQuotaResponse)(nil),   // 102: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	(*TalkRequest)(nil),                    // 103: switchboard.api.dispatcher.v1.TalkRequest
-	(*TalkStart)(nil),                      // 104: switchboard.api.dispatcher.v1.TalkStart
-	(*TalkResume)(nil),                     // 105: switchboard.api.dispatcher.v1.TalkResume
-	(*AudioChunk)(nil),                     // 106: switchboard.api.dispatcher.v1.AudioChunk
-	(*TalkControl)(nil),                    // 107: switchboard.api.dispatcher.v1.TalkControl
-	(*ConnectTalkRequest)(nil),             // 108: switchboard.api.dispatcher.v1.ConnectTalkRequest
-	(*ConnectTalkResponse)(nil),            // 109: switchboard.api.dispatcher.v1.ConnectTalkResponse
-	(*GetIceServersRequest)(nil),           // 110: switchboard.api.dispatcher.v1.GetIceServersRequest
-	(*GetIceServersResponse)(nil),          // 111: switchboard.api.dispatcher.v1.GetIceServersResponse
-	(*IceServer)(nil),                      // 112: switchboard.api.dispatcher.v1.IceServer
-	(*TalkResponse)(nil),                   // 113: switchboard.api.dispatcher.v1.TalkResponse
-	(*VoiceSession)(nil),                   // 114: switchboard.api.dispatcher.v1.VoiceSession
-	(*Transcript)(nil),                     // 115: switchboard.api.dispatcher.v1.Transcript
-	(*TalkEvent)(nil),                      // 116: switchboard.api.dispatcher.v1.TalkEvent
-	(*SteerRunRequest)(nil),                // 117: switchboard.api.dispatcher.v1.SteerRunRequest
-	(*SteerRunResponse)(nil),               // 118: switchboard.api.dispatcher.v1.SteerRunResponse
-	(*Schedule)(nil),                       // 119: switchboard.api.dispatcher.v1.Schedule
-	(*ScheduleFiring)(nil),                 // 120: switchboard.api.dispatcher.v1.ScheduleFiring
-	(*CreateScheduleRequest)(nil),          // 121: switchboard.api.dispatcher.v1.CreateScheduleRequest
-	(*CreateScheduleResponse)(nil),         // 122: switchboard.api.dispatcher.v1.CreateScheduleResponse
-	(*GetScheduleRequest)(nil),             // 123: switchboard.api.dispatcher.v1.GetScheduleRequest
-	(*GetScheduleResponse)(nil),            // 124: switchboard.api.dispatcher.v1.GetScheduleResponse
-	(*ListSchedulesRequest)(nil),           // 125: switchboard.api.dispatcher.v1.ListSchedulesRequest
-	(*ListSchedulesResponse)(nil),          // 126: switchboard.api.dispatcher.v1.ListSchedulesResponse
-	(*UpdateScheduleRequest)(nil),          // 127: switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	(*UpdateScheduleResponse)(nil),         // 128: switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	(*PauseScheduleRequest)(nil),           // 129: switchboard.api.dispatcher.v1.PauseScheduleRequest
-	(*PauseScheduleResponse)(nil),          // 130: switchboard.api.dispatcher.v1.PauseScheduleResponse
-	(*ResumeScheduleRequest)(nil),          // 131: switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	(*ResumeScheduleResponse)(nil),         // 132: switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	(*DeleteScheduleRequest)(nil),          // 133: switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	(*DeleteScheduleResponse)(nil),         // 134: switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	(*ListScheduleFiringsRequest)(nil),     // 135: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	(*ListScheduleFiringsResponse)(nil),    // 136: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	(*timestamppb.Timestamp)(nil),          // 137: google.protobuf.Timestamp
-	(*status.Status)(nil),                  // 138: google.rpc.Status
-	(*v1.Progress)(nil),                    // 139: switchboard.api.handler.v1.Progress
-	(*v1.Usage)(nil),                       // 140: switchboard.api.handler.v1.Usage
-	(*v1.ToolCall)(nil),                    // 141: switchboard.api.handler.v1.ToolCall
-	(*v11.Message)(nil),                    // 142: switchboard.api.context.v1.Message
-	(*structpb.Struct)(nil),                // 143: google.protobuf.Struct
-	(*durationpb.Duration)(nil),            // 144: google.protobuf.Duration
-	(*v1.TextDelta)(nil),                   // 145: switchboard.api.handler.v1.TextDelta
-	(*v1.HandleResult)(nil),                // 146: switchboard.api.handler.v1.HandleResult
-	(*v1.ToolResult)(nil),                  // 147: switchboard.api.handler.v1.ToolResult
-	(*v1.HandlerCapabilities)(nil),         // 148: switchboard.api.handler.v1.HandlerCapabilities
-	(*v1.ModelSettings)(nil),               // 149: switchboard.api.handler.v1.ModelSettings
-	(*v11.MemoryPolicy)(nil),               // 150: switchboard.api.context.v1.MemoryPolicy
-	(v11.SearchMode)(0),                    // 151: switchboard.api.context.v1.SearchMode
-	(*fieldmaskpb.FieldMask)(nil),          // 152: google.protobuf.FieldMask
-	(*v1.ToolDefinition)(nil),              // 153: switchboard.api.handler.v1.ToolDefinition
+	(CallDirection)(0),                     // 22: switchboard.api.dispatcher.v1.CallDirection
+	(CallState)(0),                         // 23: switchboard.api.dispatcher.v1.CallState
+	(*Run)(nil),                            // 24: switchboard.api.dispatcher.v1.Run
+	(*QueuedBehind)(nil),                   // 25: switchboard.api.dispatcher.v1.QueuedBehind
+	(*Steer)(nil),                          // 26: switchboard.api.dispatcher.v1.Steer
+	(*SteerUpdate)(nil),                    // 27: switchboard.api.dispatcher.v1.SteerUpdate
+	(*RequiredAction)(nil),                 // 28: switchboard.api.dispatcher.v1.RequiredAction
+	(*BudgetAction)(nil),                   // 29: switchboard.api.dispatcher.v1.BudgetAction
+	(*PendingToolCall)(nil),                // 30: switchboard.api.dispatcher.v1.PendingToolCall
+	(*SendMessageRequest)(nil),             // 31: switchboard.api.dispatcher.v1.SendMessageRequest
+	(*RegenerateMessageRequest)(nil),       // 32: switchboard.api.dispatcher.v1.RegenerateMessageRequest
+	(*RegenerateMessageResponse)(nil),      // 33: switchboard.api.dispatcher.v1.RegenerateMessageResponse
+	(*AudioFormat)(nil),                    // 34: switchboard.api.dispatcher.v1.AudioFormat
+	(*SpeechOptions)(nil),                  // 35: switchboard.api.dispatcher.v1.SpeechOptions
+	(*VoiceSettings)(nil),                  // 36: switchboard.api.dispatcher.v1.VoiceSettings
+	(*SpeechChunk)(nil),                    // 37: switchboard.api.dispatcher.v1.SpeechChunk
+	(*SendMessageResponse)(nil),            // 38: switchboard.api.dispatcher.v1.SendMessageResponse
+	(*GetRunRequest)(nil),                  // 39: switchboard.api.dispatcher.v1.GetRunRequest
+	(*GetRunResponse)(nil),                 // 40: switchboard.api.dispatcher.v1.GetRunResponse
+	(*ChildRun)(nil),                       // 41: switchboard.api.dispatcher.v1.ChildRun
+	(*Handoff)(nil),                        // 42: switchboard.api.dispatcher.v1.Handoff
+	(*ListRunsRequest)(nil),                // 43: switchboard.api.dispatcher.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),               // 44: switchboard.api.dispatcher.v1.ListRunsResponse
+	(*CancelRunRequest)(nil),               // 45: switchboard.api.dispatcher.v1.CancelRunRequest
+	(*CancelRunResponse)(nil),              // 46: switchboard.api.dispatcher.v1.CancelRunResponse
+	(*WatchRunRequest)(nil),                // 47: switchboard.api.dispatcher.v1.WatchRunRequest
+	(*RunStateChange)(nil),                 // 48: switchboard.api.dispatcher.v1.RunStateChange
+	(*RunUpdate)(nil),                      // 49: switchboard.api.dispatcher.v1.RunUpdate
+	(*WatchRunResponse)(nil),               // 50: switchboard.api.dispatcher.v1.WatchRunResponse
+	(*Heartbeat)(nil),                      // 51: switchboard.api.dispatcher.v1.Heartbeat
+	(*ConverseRequest)(nil),                // 52: switchboard.api.dispatcher.v1.ConverseRequest
+	(*ConverseResponse)(nil),               // 53: switchboard.api.dispatcher.v1.ConverseResponse
+	(*Handler)(nil),                        // 54: switchboard.api.dispatcher.v1.Handler
+	(*ListHandlersRequest)(nil),            // 55: switchboard.api.dispatcher.v1.ListHandlersRequest
+	(*ListHandlersResponse)(nil),           // 56: switchboard.api.dispatcher.v1.ListHandlersResponse
+	(*ToolApproval)(nil),                   // 57: switchboard.api.dispatcher.v1.ToolApproval
+	(*SubmitToolApprovalsRequest)(nil),     // 58: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	(*SubmitToolApprovalsResponse)(nil),    // 59: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	(*AssistantTools)(nil),                 // 60: switchboard.api.dispatcher.v1.AssistantTools
+	(*Assistant)(nil),                      // 61: switchboard.api.dispatcher.v1.Assistant
+	(*AssistantRevision)(nil),              // 62: switchboard.api.dispatcher.v1.AssistantRevision
+	(*ListAssistantRevisionsRequest)(nil),  // 63: switchboard.api.dispatcher.v1.ListAssistantRevisionsRequest
+	(*ListAssistantRevisionsResponse)(nil), // 64: switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse
+	(*RollbackAssistantRequest)(nil),       // 65: switchboard.api.dispatcher.v1.RollbackAssistantRequest
+	(*RollbackAssistantResponse)(nil),      // 66: switchboard.api.dispatcher.v1.RollbackAssistantResponse
+	(*AssistantHandoff)(nil),               // 67: switchboard.api.dispatcher.v1.AssistantHandoff
+	(*AssistantDelegate)(nil),              // 68: switchboard.api.dispatcher.v1.AssistantDelegate
+	(*RetrievalSettings)(nil),              // 69: switchboard.api.dispatcher.v1.RetrievalSettings
+	(*CreateAssistantRequest)(nil),         // 70: switchboard.api.dispatcher.v1.CreateAssistantRequest
+	(*CreateAssistantResponse)(nil),        // 71: switchboard.api.dispatcher.v1.CreateAssistantResponse
+	(*GetAssistantRequest)(nil),            // 72: switchboard.api.dispatcher.v1.GetAssistantRequest
+	(*GetAssistantResponse)(nil),           // 73: switchboard.api.dispatcher.v1.GetAssistantResponse
+	(*ListAssistantsRequest)(nil),          // 74: switchboard.api.dispatcher.v1.ListAssistantsRequest
+	(*ListAssistantsResponse)(nil),         // 75: switchboard.api.dispatcher.v1.ListAssistantsResponse
+	(*UpdateAssistantRequest)(nil),         // 76: switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	(*UpdateAssistantResponse)(nil),        // 77: switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	(*DeleteAssistantRequest)(nil),         // 78: switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	(*DeleteAssistantResponse)(nil),        // 79: switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	(*DescribeConversationRequest)(nil),    // 80: switchboard.api.dispatcher.v1.DescribeConversationRequest
+	(*DescribeConversationResponse)(nil),   // 81: switchboard.api.dispatcher.v1.DescribeConversationResponse
+	(*Budget)(nil),                         // 82: switchboard.api.dispatcher.v1.Budget
+	(*BudgetUsage)(nil),                    // 83: switchboard.api.dispatcher.v1.BudgetUsage
+	(*CreateBudgetRequest)(nil),            // 84: switchboard.api.dispatcher.v1.CreateBudgetRequest
+	(*CreateBudgetResponse)(nil),           // 85: switchboard.api.dispatcher.v1.CreateBudgetResponse
+	(*GetBudgetRequest)(nil),               // 86: switchboard.api.dispatcher.v1.GetBudgetRequest
+	(*GetBudgetResponse)(nil),              // 87: switchboard.api.dispatcher.v1.GetBudgetResponse
+	(*ListBudgetsRequest)(nil),             // 88: switchboard.api.dispatcher.v1.ListBudgetsRequest
+	(*ListBudgetsResponse)(nil),            // 89: switchboard.api.dispatcher.v1.ListBudgetsResponse
+	(*UpdateBudgetRequest)(nil),            // 90: switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	(*UpdateBudgetResponse)(nil),           // 91: switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	(*DeleteBudgetRequest)(nil),            // 92: switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	(*DeleteBudgetResponse)(nil),           // 93: switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	(*ResolveBudgetActionRequest)(nil),     // 94: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	(*ResolveBudgetActionResponse)(nil),    // 95: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	(*QueryUsageRequest)(nil),              // 96: switchboard.api.dispatcher.v1.QueryUsageRequest
+	(*UsageRow)(nil),                       // 97: switchboard.api.dispatcher.v1.UsageRow
+	(*QueryUsageResponse)(nil),             // 98: switchboard.api.dispatcher.v1.QueryUsageResponse
+	(*ApiKeyQuota)(nil),                    // 99: switchboard.api.dispatcher.v1.ApiKeyQuota
+	(*WorkspaceQuota)(nil),                 // 100: switchboard.api.dispatcher.v1.WorkspaceQuota
+	(*GetWorkspaceQuotaRequest)(nil),       // 101: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	(*GetWorkspaceQuotaResponse)(nil),      // 102: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	(*UpdateWorkspaceQuotaRequest)(nil),    // 103: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	(*UpdateWorkspaceQuotaResponse)(nil),   // 104: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	(*TalkRequest)(nil),                    // 105: switchboard.api.dispatcher.v1.TalkRequest
+	(*TalkStart)(nil),                      // 106: switchboard.api.dispatcher.v1.TalkStart
+	(*TalkResume)(nil),                     // 107: switchboard.api.dispatcher.v1.TalkResume
+	(*AudioChunk)(nil),                     // 108: switchboard.api.dispatcher.v1.AudioChunk
+	(*TalkControl)(nil),                    // 109: switchboard.api.dispatcher.v1.TalkControl
+	(*ConnectTalkRequest)(nil),             // 110: switchboard.api.dispatcher.v1.ConnectTalkRequest
+	(*ConnectTalkResponse)(nil),            // 111: switchboard.api.dispatcher.v1.ConnectTalkResponse
+	(*GetIceServersRequest)(nil),           // 112: switchboard.api.dispatcher.v1.GetIceServersRequest
+	(*GetIceServersResponse)(nil),          // 113: switchboard.api.dispatcher.v1.GetIceServersResponse
+	(*IceServer)(nil),                      // 114: switchboard.api.dispatcher.v1.IceServer
+	(*TalkResponse)(nil),                   // 115: switchboard.api.dispatcher.v1.TalkResponse
+	(*VoiceSession)(nil),                   // 116: switchboard.api.dispatcher.v1.VoiceSession
+	(*Transcript)(nil),                     // 117: switchboard.api.dispatcher.v1.Transcript
+	(*TalkEvent)(nil),                      // 118: switchboard.api.dispatcher.v1.TalkEvent
+	(*SteerRunRequest)(nil),                // 119: switchboard.api.dispatcher.v1.SteerRunRequest
+	(*SteerRunResponse)(nil),               // 120: switchboard.api.dispatcher.v1.SteerRunResponse
+	(*Schedule)(nil),                       // 121: switchboard.api.dispatcher.v1.Schedule
+	(*ScheduleCall)(nil),                   // 122: switchboard.api.dispatcher.v1.ScheduleCall
+	(*ScheduleFiring)(nil),                 // 123: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*CreateScheduleRequest)(nil),          // 124: switchboard.api.dispatcher.v1.CreateScheduleRequest
+	(*CreateScheduleResponse)(nil),         // 125: switchboard.api.dispatcher.v1.CreateScheduleResponse
+	(*GetScheduleRequest)(nil),             // 126: switchboard.api.dispatcher.v1.GetScheduleRequest
+	(*GetScheduleResponse)(nil),            // 127: switchboard.api.dispatcher.v1.GetScheduleResponse
+	(*ListSchedulesRequest)(nil),           // 128: switchboard.api.dispatcher.v1.ListSchedulesRequest
+	(*ListSchedulesResponse)(nil),          // 129: switchboard.api.dispatcher.v1.ListSchedulesResponse
+	(*UpdateScheduleRequest)(nil),          // 130: switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	(*UpdateScheduleResponse)(nil),         // 131: switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	(*PauseScheduleRequest)(nil),           // 132: switchboard.api.dispatcher.v1.PauseScheduleRequest
+	(*PauseScheduleResponse)(nil),          // 133: switchboard.api.dispatcher.v1.PauseScheduleResponse
+	(*ResumeScheduleRequest)(nil),          // 134: switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	(*ResumeScheduleResponse)(nil),         // 135: switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	(*DeleteScheduleRequest)(nil),          // 136: switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	(*DeleteScheduleResponse)(nil),         // 137: switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	(*ListScheduleFiringsRequest)(nil),     // 138: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	(*ListScheduleFiringsResponse)(nil),    // 139: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	(*Call)(nil),                           // 140: switchboard.api.dispatcher.v1.Call
+	(*PlaceCallRequest)(nil),               // 141: switchboard.api.dispatcher.v1.PlaceCallRequest
+	(*PlaceCallResponse)(nil),              // 142: switchboard.api.dispatcher.v1.PlaceCallResponse
+	(*GetCallRequest)(nil),                 // 143: switchboard.api.dispatcher.v1.GetCallRequest
+	(*GetCallResponse)(nil),                // 144: switchboard.api.dispatcher.v1.GetCallResponse
+	(*ListCallsRequest)(nil),               // 145: switchboard.api.dispatcher.v1.ListCallsRequest
+	(*ListCallsResponse)(nil),              // 146: switchboard.api.dispatcher.v1.ListCallsResponse
+	(*EndCallRequest)(nil),                 // 147: switchboard.api.dispatcher.v1.EndCallRequest
+	(*EndCallResponse)(nil),                // 148: switchboard.api.dispatcher.v1.EndCallResponse
+	(*timestamppb.Timestamp)(nil),          // 149: google.protobuf.Timestamp
+	(*status.Status)(nil),                  // 150: google.rpc.Status
+	(*v1.Progress)(nil),                    // 151: switchboard.api.handler.v1.Progress
+	(*v1.Usage)(nil),                       // 152: switchboard.api.handler.v1.Usage
+	(*v1.ToolCall)(nil),                    // 153: switchboard.api.handler.v1.ToolCall
+	(*v11.Message)(nil),                    // 154: switchboard.api.context.v1.Message
+	(*structpb.Struct)(nil),                // 155: google.protobuf.Struct
+	(*durationpb.Duration)(nil),            // 156: google.protobuf.Duration
+	(*v1.TextDelta)(nil),                   // 157: switchboard.api.handler.v1.TextDelta
+	(*v1.HandleResult)(nil),                // 158: switchboard.api.handler.v1.HandleResult
+	(*v1.ToolResult)(nil),                  // 159: switchboard.api.handler.v1.ToolResult
+	(*v1.HandlerCapabilities)(nil),         // 160: switchboard.api.handler.v1.HandlerCapabilities
+	(*v1.ModelSettings)(nil),               // 161: switchboard.api.handler.v1.ModelSettings
+	(*v11.MemoryPolicy)(nil),               // 162: switchboard.api.context.v1.MemoryPolicy
+	(v11.SearchMode)(0),                    // 163: switchboard.api.context.v1.SearchMode
+	(*fieldmaskpb.FieldMask)(nil),          // 164: google.protobuf.FieldMask
+	(*v1.ToolDefinition)(nil),              // 165: switchboard.api.handler.v1.ToolDefinition
 }
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	0,   // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	137, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	137, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	137, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
-	137, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
-	138, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
-	139, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
-	140, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
+	149, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	149, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	149, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	149, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
+	150, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
+	151, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
+	152, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
 	5,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	26,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
-	33,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
-	24,  // 11: switchboard.api.dispatcher.v1.Run.steer:type_name -> switchboard.api.dispatcher.v1.Steer
+	28,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
+	35,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	26,  // 11: switchboard.api.dispatcher.v1.Run.steer:type_name -> switchboard.api.dispatcher.v1.Steer
 	2,   // 12: switchboard.api.dispatcher.v1.Run.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
-	39,  // 13: switchboard.api.dispatcher.v1.Run.children:type_name -> switchboard.api.dispatcher.v1.ChildRun
-	23,  // 14: switchboard.api.dispatcher.v1.Run.queued_behind:type_name -> switchboard.api.dispatcher.v1.QueuedBehind
+	41,  // 13: switchboard.api.dispatcher.v1.Run.children:type_name -> switchboard.api.dispatcher.v1.ChildRun
+	25,  // 14: switchboard.api.dispatcher.v1.Run.queued_behind:type_name -> switchboard.api.dispatcher.v1.QueuedBehind
 	0,   // 15: switchboard.api.dispatcher.v1.QueuedBehind.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	137, // 16: switchboard.api.dispatcher.v1.QueuedBehind.expire_time:type_name -> google.protobuf.Timestamp
+	149, // 16: switchboard.api.dispatcher.v1.QueuedBehind.expire_time:type_name -> google.protobuf.Timestamp
 	1,   // 17: switchboard.api.dispatcher.v1.Steer.state:type_name -> switchboard.api.dispatcher.v1.SteerState
-	137, // 18: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
+	149, // 18: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
 	1,   // 19: switchboard.api.dispatcher.v1.SteerUpdate.state:type_name -> switchboard.api.dispatcher.v1.SteerState
-	28,  // 20: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
-	137, // 21: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
-	27,  // 22: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
+	30,  // 20: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
+	149, // 21: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
+	29,  // 22: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
 	3,   // 23: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	137, // 24: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
-	141, // 25: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
+	149, // 24: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
+	153, // 25: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
 	4,   // 26: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	137, // 27: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
-	142, // 28: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	143, // 29: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
-	144, // 30: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
+	149, // 27: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
+	154, // 28: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	155, // 29: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
+	156, // 30: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
 	5,   // 31: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	33,  // 32: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	35,  // 32: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
 	2,   // 33: switchboard.api.dispatcher.v1.SendMessageRequest.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
 	5,   // 34: switchboard.api.dispatcher.v1.RegenerateMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	22,  // 35: switchboard.api.dispatcher.v1.RegenerateMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	142, // 36: switchboard.api.dispatcher.v1.RegenerateMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	24,  // 35: switchboard.api.dispatcher.v1.RegenerateMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	154, // 36: switchboard.api.dispatcher.v1.RegenerateMessageResponse.message:type_name -> switchboard.api.context.v1.Message
 	6,   // 37: switchboard.api.dispatcher.v1.AudioFormat.encoding:type_name -> switchboard.api.dispatcher.v1.AudioEncoding
-	32,  // 38: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	34,  // 38: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	13,  // 39: switchboard.api.dispatcher.v1.VoiceSettings.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
 	14,  // 40: switchboard.api.dispatcher.v1.VoiceSettings.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
-	32,  // 41: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	22,  // 42: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	142, // 43: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	22,  // 44: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	34,  // 41: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	24,  // 42: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	154, // 43: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	24,  // 44: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	0,   // 45: switchboard.api.dispatcher.v1.ChildRun.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	140, // 46: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
-	138, // 47: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
-	26,  // 48: switchboard.api.dispatcher.v1.ChildRun.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
+	152, // 46: switchboard.api.dispatcher.v1.ChildRun.usage:type_name -> switchboard.api.handler.v1.Usage
+	150, // 47: switchboard.api.dispatcher.v1.ChildRun.error:type_name -> google.rpc.Status
+	28,  // 48: switchboard.api.dispatcher.v1.ChildRun.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
 	0,   // 49: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	137, // 50: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
-	22,  // 51: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
-	22,  // 52: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	22,  // 53: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	137, // 54: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
-	46,  // 55: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	139, // 56: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	145, // 57: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	141, // 58: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	146, // 59: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	147, // 60: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
-	35,  // 61: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
-	25,  // 62: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
-	39,  // 63: switchboard.api.dispatcher.v1.RunUpdate.child_run:type_name -> switchboard.api.dispatcher.v1.ChildRun
-	40,  // 64: switchboard.api.dispatcher.v1.RunUpdate.handoff:type_name -> switchboard.api.dispatcher.v1.Handoff
-	23,  // 65: switchboard.api.dispatcher.v1.RunUpdate.queued_behind:type_name -> switchboard.api.dispatcher.v1.QueuedBehind
-	47,  // 66: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	49,  // 67: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	137, // 68: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	29,  // 69: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
-	43,  // 70: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
-	45,  // 71: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
-	56,  // 72: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	117, // 73: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
-	36,  // 74: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
-	44,  // 75: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
-	47,  // 76: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	138, // 77: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
-	49,  // 78: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	57,  // 79: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	118, // 80: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
+	149, // 50: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	24,  // 51: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
+	24,  // 52: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	24,  // 53: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
+	149, // 54: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	48,  // 55: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
+	151, // 56: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	157, // 57: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	153, // 58: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	158, // 59: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	159, // 60: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	37,  // 61: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
+	27,  // 62: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
+	41,  // 63: switchboard.api.dispatcher.v1.RunUpdate.child_run:type_name -> switchboard.api.dispatcher.v1.ChildRun
+	42,  // 64: switchboard.api.dispatcher.v1.RunUpdate.handoff:type_name -> switchboard.api.dispatcher.v1.Handoff
+	25,  // 65: switchboard.api.dispatcher.v1.RunUpdate.queued_behind:type_name -> switchboard.api.dispatcher.v1.QueuedBehind
+	49,  // 66: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	51,  // 67: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	149, // 68: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	31,  // 69: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
+	45,  // 70: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
+	47,  // 71: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
+	58,  // 72: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	119, // 73: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
+	38,  // 74: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
+	46,  // 75: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
+	49,  // 76: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	150, // 77: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	51,  // 78: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	59,  // 79: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	120, // 80: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
 	7,   // 81: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	148, // 82: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
-	52,  // 83: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
+	160, // 82: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	54,  // 83: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
 	4,   // 84: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	55,  // 85: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
-	22,  // 86: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	149, // 87: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
-	58,  // 88: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	137, // 89: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	137, // 90: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
-	34,  // 91: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
-	67,  // 92: switchboard.api.dispatcher.v1.Assistant.retrieval:type_name -> switchboard.api.dispatcher.v1.RetrievalSettings
-	66,  // 93: switchboard.api.dispatcher.v1.Assistant.delegates:type_name -> switchboard.api.dispatcher.v1.AssistantDelegate
-	65,  // 94: switchboard.api.dispatcher.v1.Assistant.handoffs:type_name -> switchboard.api.dispatcher.v1.AssistantHandoff
-	150, // 95: switchboard.api.dispatcher.v1.Assistant.memory_policy:type_name -> switchboard.api.context.v1.MemoryPolicy
-	137, // 96: switchboard.api.dispatcher.v1.AssistantRevision.create_time:type_name -> google.protobuf.Timestamp
+	57,  // 85: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
+	24,  // 86: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	161, // 87: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	60,  // 88: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
+	149, // 89: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	149, // 90: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	36,  // 91: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
+	69,  // 92: switchboard.api.dispatcher.v1.Assistant.retrieval:type_name -> switchboard.api.dispatcher.v1.RetrievalSettings
+	68,  // 93: switchboard.api.dispatcher.v1.Assistant.delegates:type_name -> switchboard.api.dispatcher.v1.AssistantDelegate
+	67,  // 94: switchboard.api.dispatcher.v1.Assistant.handoffs:type_name -> switchboard.api.dispatcher.v1.AssistantHandoff
+	162, // 95: switchboard.api.dispatcher.v1.Assistant.memory_policy:type_name -> switchboard.api.context.v1.MemoryPolicy
+	149, // 96: switchboard.api.dispatcher.v1.AssistantRevision.create_time:type_name -> google.protobuf.Timestamp
 	8,   // 97: switchboard.api.dispatcher.v1.AssistantRevision.origin:type_name -> switchboard.api.dispatcher.v1.AssistantRevisionOrigin
-	59,  // 98: switchboard.api.dispatcher.v1.AssistantRevision.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	60,  // 99: switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse.revisions:type_name -> switchboard.api.dispatcher.v1.AssistantRevision
-	59,  // 100: switchboard.api.dispatcher.v1.RollbackAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	61,  // 98: switchboard.api.dispatcher.v1.AssistantRevision.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	62,  // 99: switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse.revisions:type_name -> switchboard.api.dispatcher.v1.AssistantRevision
+	61,  // 100: switchboard.api.dispatcher.v1.RollbackAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
 	9,   // 101: switchboard.api.dispatcher.v1.AssistantHandoff.history:type_name -> switchboard.api.dispatcher.v1.HandoffHistory
-	143, // 102: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
-	151, // 103: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
-	59,  // 104: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	59,  // 105: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	59,  // 106: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	59,  // 107: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
-	59,  // 108: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	152, // 109: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
-	59,  // 110: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	59,  // 111: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	52,  // 112: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	153, // 113: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	155, // 102: switchboard.api.dispatcher.v1.AssistantDelegate.input_schema:type_name -> google.protobuf.Struct
+	163, // 103: switchboard.api.dispatcher.v1.RetrievalSettings.mode:type_name -> switchboard.api.context.v1.SearchMode
+	61,  // 104: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	61,  // 105: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	61,  // 106: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	61,  // 107: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
+	61,  // 108: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	164, // 109: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	61,  // 110: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	61,  // 111: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	54,  // 112: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
+	165, // 113: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
 	10,  // 114: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
-	81,  // 115: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	137, // 116: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
-	137, // 117: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
-	137, // 118: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
-	137, // 119: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
-	80,  // 120: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	80,  // 121: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	80,  // 122: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	80,  // 123: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
-	80,  // 124: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	152, // 125: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
-	80,  // 126: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	83,  // 115: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	149, // 116: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
+	149, // 117: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	149, // 118: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
+	149, // 119: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
+	82,  // 120: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	82,  // 121: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	82,  // 122: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	82,  // 123: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
+	82,  // 124: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	164, // 125: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	82,  // 126: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
 	3,   // 127: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	22,  // 128: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	24,  // 128: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	11,  // 129: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
-	137, // 130: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	137, // 131: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	95,  // 132: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
-	97,  // 133: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
-	137, // 134: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
-	98,  // 135: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	98,  // 136: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	152, // 137: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
-	98,  // 138: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	104, // 139: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
-	105, // 140: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
-	106, // 141: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
-	107, // 142: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
-	32,  // 143: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	32,  // 144: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	149, // 130: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	149, // 131: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	97,  // 132: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
+	99,  // 133: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
+	149, // 134: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
+	100, // 135: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	100, // 136: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	164, // 137: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
+	100, // 138: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	106, // 139: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
+	107, // 140: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
+	108, // 141: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
+	109, // 142: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
+	34,  // 143: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	34,  // 144: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	12,  // 145: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	144, // 146: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
+	156, // 146: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
 	5,   // 147: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	13,  // 148: switchboard.api.dispatcher.v1.TalkStart.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
 	14,  // 149: switchboard.api.dispatcher.v1.TalkStart.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
 	16,  // 150: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
-	104, // 151: switchboard.api.dispatcher.v1.ConnectTalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
-	105, // 152: switchboard.api.dispatcher.v1.ConnectTalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
-	112, // 153: switchboard.api.dispatcher.v1.GetIceServersResponse.ice_servers:type_name -> switchboard.api.dispatcher.v1.IceServer
-	137, // 154: switchboard.api.dispatcher.v1.GetIceServersResponse.expire_time:type_name -> google.protobuf.Timestamp
-	114, // 155: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
-	115, // 156: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
-	47,  // 157: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	116, // 158: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
-	138, // 159: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
-	49,  // 160: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	32,  // 161: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	32,  // 162: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	106, // 151: switchboard.api.dispatcher.v1.ConnectTalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
+	107, // 152: switchboard.api.dispatcher.v1.ConnectTalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
+	114, // 153: switchboard.api.dispatcher.v1.GetIceServersResponse.ice_servers:type_name -> switchboard.api.dispatcher.v1.IceServer
+	149, // 154: switchboard.api.dispatcher.v1.GetIceServersResponse.expire_time:type_name -> google.protobuf.Timestamp
+	116, // 155: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
+	117, // 156: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
+	49,  // 157: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	118, // 158: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
+	150, // 159: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
+	51,  // 160: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	34,  // 161: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	34,  // 162: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
 	12,  // 163: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	144, // 164: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
+	156, // 164: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
 	5,   // 165: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	137, // 166: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
-	137, // 167: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
+	149, // 166: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
+	149, // 167: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
 	13,  // 168: switchboard.api.dispatcher.v1.VoiceSession.turn_detector:type_name -> switchboard.api.dispatcher.v1.TurnDetector
 	14,  // 169: switchboard.api.dispatcher.v1.VoiceSession.turn_eagerness:type_name -> switchboard.api.dispatcher.v1.TurnEagerness
 	17,  // 170: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
 	15,  // 171: switchboard.api.dispatcher.v1.TalkEvent.end_reason:type_name -> switchboard.api.dispatcher.v1.TurnEndReason
-	142, // 172: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
-	22,  // 173: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	142, // 174: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
-	144, // 175: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
+	154, // 172: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
+	24,  // 173: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	154, // 174: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
+	156, // 175: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
 	19,  // 176: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
 	5,   // 177: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
 	20,  // 178: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
 	18,  // 179: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
-	137, // 180: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
-	137, // 181: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
-	137, // 182: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
-	144, // 183: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
-	137, // 184: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
-	137, // 185: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
-	137, // 186: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
-	137, // 187: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
-	21,  // 188: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
-	138, // 189: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
-	119, // 190: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	119, // 191: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	119, // 192: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	119, // 193: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
-	119, // 194: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	152, // 195: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
-	119, // 196: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	119, // 197: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	119, // 198: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	120, // 199: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
-	29,  // 200: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	30,  // 201: switchboard.api.dispatcher.v1.DispatcherService.RegenerateMessage:input_type -> switchboard.api.dispatcher.v1.RegenerateMessageRequest
-	37,  // 202: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	41,  // 203: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	43,  // 204: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	45,  // 205: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	50,  // 206: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	103, // 207: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
-	108, // 208: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:input_type -> switchboard.api.dispatcher.v1.ConnectTalkRequest
-	110, // 209: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:input_type -> switchboard.api.dispatcher.v1.GetIceServersRequest
-	53,  // 210: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	56,  // 211: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	68,  // 212: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	70,  // 213: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	72,  // 214: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	74,  // 215: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	76,  // 216: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	61,  // 217: switchboard.api.dispatcher.v1.DispatcherService.ListAssistantRevisions:input_type -> switchboard.api.dispatcher.v1.ListAssistantRevisionsRequest
-	63,  // 218: switchboard.api.dispatcher.v1.DispatcherService.RollbackAssistant:input_type -> switchboard.api.dispatcher.v1.RollbackAssistantRequest
-	78,  // 219: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	82,  // 220: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
-	84,  // 221: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
-	86,  // 222: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
-	88,  // 223: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	90,  // 224: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	92,  // 225: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	94,  // 226: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
-	99,  // 227: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	101, // 228: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	117, // 229: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
-	121, // 230: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
-	123, // 231: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
-	125, // 232: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
-	127, // 233: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
-	129, // 234: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
-	131, // 235: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
-	133, // 236: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
-	135, // 237: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
-	36,  // 238: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	31,  // 239: switchboard.api.dispatcher.v1.DispatcherService.RegenerateMessage:output_type -> switchboard.api.dispatcher.v1.RegenerateMessageResponse
-	38,  // 240: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	42,  // 241: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	44,  // 242: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	48,  // 243: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	51,  // 244: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	113, // 245: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
-	109, // 246: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:output_type -> switchboard.api.dispatcher.v1.ConnectTalkResponse
-	111, // 247: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:output_type -> switchboard.api.dispatcher.v1.GetIceServersResponse
-	54,  // 248: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	57,  // 249: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	69,  // 250: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	71,  // 251: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	73,  // 252: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	75,  // 253: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	77,  // 254: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	62,  // 255: switchboard.api.dispatcher.v1.DispatcherService.ListAssistantRevisions:output_type -> switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse
-	64,  // 256: switchboard.api.dispatcher.v1.DispatcherService.RollbackAssistant:output_type -> switchboard.api.dispatcher.v1.RollbackAssistantResponse
-	79,  // 257: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	83,  // 258: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
-	85,  // 259: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
-	87,  // 260: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
-	89,  // 261: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	91,  // 262: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	93,  // 263: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	96,  // 264: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
-	100, // 265: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	102, // 266: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	118, // 267: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
-	122, // 268: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
-	124, // 269: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
-	126, // 270: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
-	128, // 271: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
-	130, // 272: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
-	132, // 273: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
-	134, // 274: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
-	136, // 275: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
-	238, // [238:276] is the sub-list for method output_type
-	200, // [200:238] is the sub-list for method input_type
-	200, // [200:200] is the sub-list for extension type_name
-	200, // [200:200] is the sub-list for extension extendee
-	0,   // [0:200] is the sub-list for field type_name
+	149, // 180: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
+	149, // 181: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
+	149, // 182: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
+	156, // 183: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
+	149, // 184: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
+	149, // 185: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
+	122, // 186: switchboard.api.dispatcher.v1.Schedule.call:type_name -> switchboard.api.dispatcher.v1.ScheduleCall
+	149, // 187: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
+	149, // 188: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
+	21,  // 189: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
+	150, // 190: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
+	121, // 191: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	121, // 192: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	121, // 193: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	121, // 194: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
+	121, // 195: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	164, // 196: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
+	121, // 197: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	121, // 198: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	121, // 199: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	123, // 200: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	22,  // 201: switchboard.api.dispatcher.v1.Call.direction:type_name -> switchboard.api.dispatcher.v1.CallDirection
+	23,  // 202: switchboard.api.dispatcher.v1.Call.state:type_name -> switchboard.api.dispatcher.v1.CallState
+	149, // 203: switchboard.api.dispatcher.v1.Call.create_time:type_name -> google.protobuf.Timestamp
+	149, // 204: switchboard.api.dispatcher.v1.Call.answer_time:type_name -> google.protobuf.Timestamp
+	149, // 205: switchboard.api.dispatcher.v1.Call.end_time:type_name -> google.protobuf.Timestamp
+	156, // 206: switchboard.api.dispatcher.v1.Call.duration:type_name -> google.protobuf.Duration
+	156, // 207: switchboard.api.dispatcher.v1.PlaceCallRequest.ring_timeout:type_name -> google.protobuf.Duration
+	140, // 208: switchboard.api.dispatcher.v1.PlaceCallResponse.call:type_name -> switchboard.api.dispatcher.v1.Call
+	140, // 209: switchboard.api.dispatcher.v1.GetCallResponse.call:type_name -> switchboard.api.dispatcher.v1.Call
+	140, // 210: switchboard.api.dispatcher.v1.ListCallsResponse.calls:type_name -> switchboard.api.dispatcher.v1.Call
+	140, // 211: switchboard.api.dispatcher.v1.EndCallResponse.call:type_name -> switchboard.api.dispatcher.v1.Call
+	31,  // 212: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	32,  // 213: switchboard.api.dispatcher.v1.DispatcherService.RegenerateMessage:input_type -> switchboard.api.dispatcher.v1.RegenerateMessageRequest
+	39,  // 214: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	43,  // 215: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	45,  // 216: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	47,  // 217: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	52,  // 218: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	105, // 219: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
+	110, // 220: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:input_type -> switchboard.api.dispatcher.v1.ConnectTalkRequest
+	112, // 221: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:input_type -> switchboard.api.dispatcher.v1.GetIceServersRequest
+	55,  // 222: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	58,  // 223: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	70,  // 224: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	72,  // 225: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	74,  // 226: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	76,  // 227: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	78,  // 228: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	63,  // 229: switchboard.api.dispatcher.v1.DispatcherService.ListAssistantRevisions:input_type -> switchboard.api.dispatcher.v1.ListAssistantRevisionsRequest
+	65,  // 230: switchboard.api.dispatcher.v1.DispatcherService.RollbackAssistant:input_type -> switchboard.api.dispatcher.v1.RollbackAssistantRequest
+	80,  // 231: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	84,  // 232: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
+	86,  // 233: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
+	88,  // 234: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
+	90,  // 235: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	92,  // 236: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	94,  // 237: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	96,  // 238: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
+	101, // 239: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	103, // 240: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	119, // 241: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
+	124, // 242: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
+	126, // 243: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
+	128, // 244: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
+	130, // 245: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	132, // 246: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
+	134, // 247: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	136, // 248: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	138, // 249: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	141, // 250: switchboard.api.dispatcher.v1.DispatcherService.PlaceCall:input_type -> switchboard.api.dispatcher.v1.PlaceCallRequest
+	143, // 251: switchboard.api.dispatcher.v1.DispatcherService.GetCall:input_type -> switchboard.api.dispatcher.v1.GetCallRequest
+	145, // 252: switchboard.api.dispatcher.v1.DispatcherService.ListCalls:input_type -> switchboard.api.dispatcher.v1.ListCallsRequest
+	147, // 253: switchboard.api.dispatcher.v1.DispatcherService.EndCall:input_type -> switchboard.api.dispatcher.v1.EndCallRequest
+	38,  // 254: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	33,  // 255: switchboard.api.dispatcher.v1.DispatcherService.RegenerateMessage:output_type -> switchboard.api.dispatcher.v1.RegenerateMessageResponse
+	40,  // 256: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	44,  // 257: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	46,  // 258: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	50,  // 259: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	53,  // 260: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	115, // 261: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
+	111, // 262: switchboard.api.dispatcher.v1.DispatcherService.ConnectTalk:output_type -> switchboard.api.dispatcher.v1.ConnectTalkResponse
+	113, // 263: switchboard.api.dispatcher.v1.DispatcherService.GetIceServers:output_type -> switchboard.api.dispatcher.v1.GetIceServersResponse
+	56,  // 264: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	59,  // 265: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	71,  // 266: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	73,  // 267: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	75,  // 268: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	77,  // 269: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	79,  // 270: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	64,  // 271: switchboard.api.dispatcher.v1.DispatcherService.ListAssistantRevisions:output_type -> switchboard.api.dispatcher.v1.ListAssistantRevisionsResponse
+	66,  // 272: switchboard.api.dispatcher.v1.DispatcherService.RollbackAssistant:output_type -> switchboard.api.dispatcher.v1.RollbackAssistantResponse
+	81,  // 273: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	85,  // 274: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
+	87,  // 275: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
+	89,  // 276: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
+	91,  // 277: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	93,  // 278: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	95,  // 279: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	98,  // 280: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
+	102, // 281: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	104, // 282: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	120, // 283: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
+	125, // 284: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
+	127, // 285: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
+	129, // 286: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
+	131, // 287: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	133, // 288: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
+	135, // 289: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	137, // 290: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	139, // 291: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	142, // 292: switchboard.api.dispatcher.v1.DispatcherService.PlaceCall:output_type -> switchboard.api.dispatcher.v1.PlaceCallResponse
+	144, // 293: switchboard.api.dispatcher.v1.DispatcherService.GetCall:output_type -> switchboard.api.dispatcher.v1.GetCallResponse
+	146, // 294: switchboard.api.dispatcher.v1.DispatcherService.ListCalls:output_type -> switchboard.api.dispatcher.v1.ListCallsResponse
+	148, // 295: switchboard.api.dispatcher.v1.DispatcherService.EndCall:output_type -> switchboard.api.dispatcher.v1.EndCallResponse
+	254, // [254:296] is the sub-list for method output_type
+	212, // [212:254] is the sub-list for method input_type
+	212, // [212:212] is the sub-list for extension type_name
+	212, // [212:212] is the sub-list for extension extendee
+	0,   // [0:212] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
@@ -11842,8 +12847,8 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc), len(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc)),
-			NumEnums:      22,
-			NumMessages:   115,
+			NumEnums:      24,
+			NumMessages:   125,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

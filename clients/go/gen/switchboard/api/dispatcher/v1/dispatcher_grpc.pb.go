@@ -57,6 +57,10 @@ const (
 	DispatcherService_ResumeSchedule_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/ResumeSchedule"
 	DispatcherService_DeleteSchedule_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteSchedule"
 	DispatcherService_ListScheduleFirings_FullMethodName    = "/switchboard.api.dispatcher.v1.DispatcherService/ListScheduleFirings"
+	DispatcherService_PlaceCall_FullMethodName              = "/switchboard.api.dispatcher.v1.DispatcherService/PlaceCall"
+	DispatcherService_GetCall_FullMethodName                = "/switchboard.api.dispatcher.v1.DispatcherService/GetCall"
+	DispatcherService_ListCalls_FullMethodName              = "/switchboard.api.dispatcher.v1.DispatcherService/ListCalls"
+	DispatcherService_EndCall_FullMethodName                = "/switchboard.api.dispatcher.v1.DispatcherService/EndCall"
 )
 
 // DispatcherServiceClient is the client API for DispatcherService service.
@@ -183,6 +187,19 @@ type DispatcherServiceClient interface {
 	// Lists a schedule's firings, newest first: each tick claimed, with the run it
 	// started or why it started none.
 	ListScheduleFirings(ctx context.Context, in *ListScheduleFiringsRequest, opts ...grpc.CallOption) (*ListScheduleFiringsResponse, error)
+	// Places a phone call: from one of the server's SIP trunks to a number, answered
+	// by an assistant that speaks first (`opening_message`). Returns at once with
+	// the call DIALING; its progress is GetCall's, ListCalls' and the CALL_CHANGED
+	// events'. Served by a dispatcher with SIP (SWITCHBOARD_SIP_LISTEN); elsewhere
+	// FAILED_PRECONDITION.
+	PlaceCall(ctx context.Context, in *PlaceCallRequest, opts ...grpc.CallOption) (*PlaceCallResponse, error)
+	// Gets a phone call, inbound or outbound, live or ended.
+	GetCall(ctx context.Context, in *GetCallRequest, opts ...grpc.CallOption) (*GetCallResponse, error)
+	// Lists a workspace's phone calls, newest first.
+	ListCalls(ctx context.Context, in *ListCallsRequest, opts ...grpc.CallOption) (*ListCallsResponse, error)
+	// Hangs up a live phone call (forwarded to the replica that holds it); an ended
+	// call is returned as it is.
+	EndCall(ctx context.Context, in *EndCallRequest, opts ...grpc.CallOption) (*EndCallResponse, error)
 }
 
 type dispatcherServiceClient struct {
@@ -588,6 +605,46 @@ func (c *dispatcherServiceClient) ListScheduleFirings(ctx context.Context, in *L
 	return out, nil
 }
 
+func (c *dispatcherServiceClient) PlaceCall(ctx context.Context, in *PlaceCallRequest, opts ...grpc.CallOption) (*PlaceCallResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PlaceCallResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_PlaceCall_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) GetCall(ctx context.Context, in *GetCallRequest, opts ...grpc.CallOption) (*GetCallResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetCallResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_GetCall_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) ListCalls(ctx context.Context, in *ListCallsRequest, opts ...grpc.CallOption) (*ListCallsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListCallsResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_ListCalls_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) EndCall(ctx context.Context, in *EndCallRequest, opts ...grpc.CallOption) (*EndCallResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(EndCallResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_EndCall_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DispatcherServiceServer is the server API for DispatcherService service.
 // All implementations must embed UnimplementedDispatcherServiceServer
 // for forward compatibility.
@@ -712,6 +769,19 @@ type DispatcherServiceServer interface {
 	// Lists a schedule's firings, newest first: each tick claimed, with the run it
 	// started or why it started none.
 	ListScheduleFirings(context.Context, *ListScheduleFiringsRequest) (*ListScheduleFiringsResponse, error)
+	// Places a phone call: from one of the server's SIP trunks to a number, answered
+	// by an assistant that speaks first (`opening_message`). Returns at once with
+	// the call DIALING; its progress is GetCall's, ListCalls' and the CALL_CHANGED
+	// events'. Served by a dispatcher with SIP (SWITCHBOARD_SIP_LISTEN); elsewhere
+	// FAILED_PRECONDITION.
+	PlaceCall(context.Context, *PlaceCallRequest) (*PlaceCallResponse, error)
+	// Gets a phone call, inbound or outbound, live or ended.
+	GetCall(context.Context, *GetCallRequest) (*GetCallResponse, error)
+	// Lists a workspace's phone calls, newest first.
+	ListCalls(context.Context, *ListCallsRequest) (*ListCallsResponse, error)
+	// Hangs up a live phone call (forwarded to the replica that holds it); an ended
+	// call is returned as it is.
+	EndCall(context.Context, *EndCallRequest) (*EndCallResponse, error)
 	mustEmbedUnimplementedDispatcherServiceServer()
 }
 
@@ -835,6 +905,18 @@ func (UnimplementedDispatcherServiceServer) DeleteSchedule(context.Context, *Del
 }
 func (UnimplementedDispatcherServiceServer) ListScheduleFirings(context.Context, *ListScheduleFiringsRequest) (*ListScheduleFiringsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListScheduleFirings not implemented")
+}
+func (UnimplementedDispatcherServiceServer) PlaceCall(context.Context, *PlaceCallRequest) (*PlaceCallResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PlaceCall not implemented")
+}
+func (UnimplementedDispatcherServiceServer) GetCall(context.Context, *GetCallRequest) (*GetCallResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetCall not implemented")
+}
+func (UnimplementedDispatcherServiceServer) ListCalls(context.Context, *ListCallsRequest) (*ListCallsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListCalls not implemented")
+}
+func (UnimplementedDispatcherServiceServer) EndCall(context.Context, *EndCallRequest) (*EndCallResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method EndCall not implemented")
 }
 func (UnimplementedDispatcherServiceServer) mustEmbedUnimplementedDispatcherServiceServer() {}
 func (UnimplementedDispatcherServiceServer) testEmbeddedByValue()                           {}
@@ -1512,6 +1594,78 @@ func _DispatcherService_ListScheduleFirings_Handler(srv interface{}, ctx context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DispatcherService_PlaceCall_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PlaceCallRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).PlaceCall(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_PlaceCall_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).PlaceCall(ctx, req.(*PlaceCallRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_GetCall_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetCallRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).GetCall(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_GetCall_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).GetCall(ctx, req.(*GetCallRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_ListCalls_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListCallsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).ListCalls(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_ListCalls_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).ListCalls(ctx, req.(*ListCallsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_EndCall_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(EndCallRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).EndCall(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_EndCall_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).EndCall(ctx, req.(*EndCallRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // DispatcherService_ServiceDesc is the grpc.ServiceDesc for DispatcherService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1658,6 +1812,22 @@ var DispatcherService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListScheduleFirings",
 			Handler:    _DispatcherService_ListScheduleFirings_Handler,
+		},
+		{
+			MethodName: "PlaceCall",
+			Handler:    _DispatcherService_PlaceCall_Handler,
+		},
+		{
+			MethodName: "GetCall",
+			Handler:    _DispatcherService_GetCall_Handler,
+		},
+		{
+			MethodName: "ListCalls",
+			Handler:    _DispatcherService_ListCalls_Handler,
+		},
+		{
+			MethodName: "EndCall",
+			Handler:    _DispatcherService_EndCall_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

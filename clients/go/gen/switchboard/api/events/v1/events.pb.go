@@ -73,6 +73,8 @@ const (
 	EventType_EVENT_TYPE_MEMORY_DECIDED EventType = 17
 	// A message was deleted (a tombstone: its name and place, no content).
 	EventType_EVENT_TYPE_MESSAGE_DELETED EventType = 18
+	// A phone call was placed or arrived, was answered, or ended.
+	EventType_EVENT_TYPE_CALL_CHANGED EventType = 19
 )
 
 // Enum value maps for EventType.
@@ -97,6 +99,7 @@ var (
 		16: "EVENT_TYPE_SCHEDULE_FIRED",
 		17: "EVENT_TYPE_MEMORY_DECIDED",
 		18: "EVENT_TYPE_MESSAGE_DELETED",
+		19: "EVENT_TYPE_CALL_CHANGED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":          0,
@@ -118,6 +121,7 @@ var (
 		"EVENT_TYPE_SCHEDULE_FIRED":       16,
 		"EVENT_TYPE_MEMORY_DECIDED":       17,
 		"EVENT_TYPE_MESSAGE_DELETED":      18,
+		"EVENT_TYPE_CALL_CHANGED":         19,
 	}
 )
 
@@ -1173,6 +1177,62 @@ func (x *ScheduleChanged) GetSchedule() *v11.Schedule {
 	return nil
 }
 
+// Payload: a phone call changed (CREATED when placed or arrived; UPDATED as it
+// rings, is answered and ends).
+type CallChanged struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How it changed.
+	Change ChangeKind `protobuf:"varint,1,opt,name=change,proto3,enum=switchboard.api.events.v1.ChangeKind" json:"change,omitempty"`
+	// The call after the change.
+	Call          *v11.Call `protobuf:"bytes,2,opt,name=call,proto3" json:"call,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CallChanged) Reset() {
+	*x = CallChanged{}
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CallChanged) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CallChanged) ProtoMessage() {}
+
+func (x *CallChanged) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CallChanged.ProtoReflect.Descriptor instead.
+func (*CallChanged) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *CallChanged) GetChange() ChangeKind {
+	if x != nil {
+		return x.Change
+	}
+	return ChangeKind_CHANGE_KIND_UNSPECIFIED
+}
+
+func (x *CallChanged) GetCall() *v11.Call {
+	if x != nil {
+		return x.Call
+	}
+	return nil
+}
+
 // Payload: a schedule's tick fired.
 type ScheduleFired struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1186,7 +1246,7 @@ type ScheduleFired struct {
 
 func (x *ScheduleFired) Reset() {
 	*x = ScheduleFired{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1198,7 +1258,7 @@ func (x *ScheduleFired) String() string {
 func (*ScheduleFired) ProtoMessage() {}
 
 func (x *ScheduleFired) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1211,7 +1271,7 @@ func (x *ScheduleFired) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleFired.ProtoReflect.Descriptor instead.
 func (*ScheduleFired) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ScheduleFired) GetSchedule() string {
@@ -1239,7 +1299,7 @@ type RunUpdated struct {
 
 func (x *RunUpdated) Reset() {
 	*x = RunUpdated{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1251,7 +1311,7 @@ func (x *RunUpdated) String() string {
 func (*RunUpdated) ProtoMessage() {}
 
 func (x *RunUpdated) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1264,7 +1324,7 @@ func (x *RunUpdated) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdated.ProtoReflect.Descriptor instead.
 func (*RunUpdated) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RunUpdated) GetUpdate() *v11.RunUpdate {
@@ -1295,7 +1355,7 @@ type MessageFiltered struct {
 
 func (x *MessageFiltered) Reset() {
 	*x = MessageFiltered{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1307,7 +1367,7 @@ func (x *MessageFiltered) String() string {
 func (*MessageFiltered) ProtoMessage() {}
 
 func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1320,7 +1380,7 @@ func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageFiltered.ProtoReflect.Descriptor instead.
 func (*MessageFiltered) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *MessageFiltered) GetConversation() string {
@@ -1378,7 +1438,7 @@ type IntegrationChanged struct {
 
 func (x *IntegrationChanged) Reset() {
 	*x = IntegrationChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1390,7 +1450,7 @@ func (x *IntegrationChanged) String() string {
 func (*IntegrationChanged) ProtoMessage() {}
 
 func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1403,7 +1463,7 @@ func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IntegrationChanged.ProtoReflect.Descriptor instead.
 func (*IntegrationChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *IntegrationChanged) GetChange() ChangeKind {
@@ -1433,7 +1493,7 @@ type AssistantChanged struct {
 
 func (x *AssistantChanged) Reset() {
 	*x = AssistantChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1445,7 +1505,7 @@ func (x *AssistantChanged) String() string {
 func (*AssistantChanged) ProtoMessage() {}
 
 func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1458,7 +1518,7 @@ func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantChanged.ProtoReflect.Descriptor instead.
 func (*AssistantChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *AssistantChanged) GetChange() ChangeKind {
@@ -1488,7 +1548,7 @@ type BudgetChanged struct {
 
 func (x *BudgetChanged) Reset() {
 	*x = BudgetChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1500,7 +1560,7 @@ func (x *BudgetChanged) String() string {
 func (*BudgetChanged) ProtoMessage() {}
 
 func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1513,7 +1573,7 @@ func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetChanged.ProtoReflect.Descriptor instead.
 func (*BudgetChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *BudgetChanged) GetChange() ChangeKind {
@@ -1551,7 +1611,7 @@ type BudgetAlert struct {
 
 func (x *BudgetAlert) Reset() {
 	*x = BudgetAlert{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1563,7 +1623,7 @@ func (x *BudgetAlert) String() string {
 func (*BudgetAlert) ProtoMessage() {}
 
 func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1576,7 +1636,7 @@ func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetAlert.ProtoReflect.Descriptor instead.
 func (*BudgetAlert) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *BudgetAlert) GetKind() BudgetAlertKind {
@@ -1641,7 +1701,7 @@ type ToolInvoked struct {
 
 func (x *ToolInvoked) Reset() {
 	*x = ToolInvoked{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1653,7 +1713,7 @@ func (x *ToolInvoked) String() string {
 func (*ToolInvoked) ProtoMessage() {}
 
 func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1666,7 +1726,7 @@ func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolInvoked.ProtoReflect.Descriptor instead.
 func (*ToolInvoked) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ToolInvoked) GetTool() string {
@@ -1723,7 +1783,7 @@ type SecurityEvent struct {
 
 func (x *SecurityEvent) Reset() {
 	*x = SecurityEvent{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1735,7 +1795,7 @@ func (x *SecurityEvent) String() string {
 func (*SecurityEvent) ProtoMessage() {}
 
 func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1748,7 +1808,7 @@ func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SecurityEvent.ProtoReflect.Descriptor instead.
 func (*SecurityEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SecurityEvent) GetKind() SecurityEventKind {
@@ -1831,6 +1891,7 @@ type Event struct {
 	//	*Event_ScheduleFired
 	//	*Event_MemoryDecided
 	//	*Event_MessageDeleted
+	//	*Event_CallChanged
 	Payload       isEvent_Payload `protobuf_oneof:"payload"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1838,7 +1899,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1850,7 +1911,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1863,7 +1924,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Event) GetId() string {
@@ -2098,6 +2159,15 @@ func (x *Event) GetMessageDeleted() *MessageDeleted {
 	return nil
 }
 
+func (x *Event) GetCallChanged() *CallChanged {
+	if x != nil {
+		if x, ok := x.Payload.(*Event_CallChanged); ok {
+			return x.CallChanged
+		}
+	}
+	return nil
+}
+
 type isEvent_Payload interface {
 	isEvent_Payload()
 }
@@ -2192,6 +2262,11 @@ type Event_MessageDeleted struct {
 	MessageDeleted *MessageDeleted `protobuf:"bytes,27,opt,name=message_deleted,json=messageDeleted,proto3,oneof"`
 }
 
+type Event_CallChanged struct {
+	// A phone call changed.
+	CallChanged *CallChanged `protobuf:"bytes,28,opt,name=call_changed,json=callChanged,proto3,oneof"`
+}
+
 func (*Event_WorkspaceChanged) isEvent_Payload() {}
 
 func (*Event_MemberChanged) isEvent_Payload() {}
@@ -2228,6 +2303,8 @@ func (*Event_MemoryDecided) isEvent_Payload() {}
 
 func (*Event_MessageDeleted) isEvent_Payload() {}
 
+func (*Event_CallChanged) isEvent_Payload() {}
+
 // Request for Subscribe.
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2247,7 +2324,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2259,7 +2336,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2272,7 +2349,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SubscribeRequest) GetScopes() []*Scope {
@@ -2316,7 +2393,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2328,7 +2405,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2341,7 +2418,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *EventBatch) GetEvents() []*Event {
@@ -2371,7 +2448,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2383,7 +2460,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2396,7 +2473,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -2429,7 +2506,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2441,7 +2518,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2454,7 +2531,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SubscribeResponse) GetFrame() isSubscribeResponse_Frame {
@@ -2519,7 +2596,7 @@ type AddSubscription struct {
 
 func (x *AddSubscription) Reset() {
 	*x = AddSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2531,7 +2608,7 @@ func (x *AddSubscription) String() string {
 func (*AddSubscription) ProtoMessage() {}
 
 func (x *AddSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2544,7 +2621,7 @@ func (x *AddSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddSubscription.ProtoReflect.Descriptor instead.
 func (*AddSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *AddSubscription) GetSubscriptionId() string {
@@ -2593,7 +2670,7 @@ type RemoveSubscription struct {
 
 func (x *RemoveSubscription) Reset() {
 	*x = RemoveSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2605,7 +2682,7 @@ func (x *RemoveSubscription) String() string {
 func (*RemoveSubscription) ProtoMessage() {}
 
 func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2618,7 +2695,7 @@ func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSubscription.ProtoReflect.Descriptor instead.
 func (*RemoveSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RemoveSubscription) GetSubscriptionId() string {
@@ -2642,7 +2719,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2654,7 +2731,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2667,7 +2744,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Ack) GetSubscriptionId() string {
@@ -2695,7 +2772,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2707,7 +2784,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2720,7 +2797,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Ping) GetNonce() string {
@@ -2748,7 +2825,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2760,7 +2837,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2773,7 +2850,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StreamRequest) GetFrame() isStreamRequest_Frame {
@@ -2864,7 +2941,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2876,7 +2953,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2889,7 +2966,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Pong) GetNonce() string {
@@ -2917,7 +2994,7 @@ type SubscriptionAdded struct {
 
 func (x *SubscriptionAdded) Reset() {
 	*x = SubscriptionAdded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2929,7 +3006,7 @@ func (x *SubscriptionAdded) String() string {
 func (*SubscriptionAdded) ProtoMessage() {}
 
 func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2942,7 +3019,7 @@ func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionAdded.ProtoReflect.Descriptor instead.
 func (*SubscriptionAdded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SubscriptionAdded) GetSubscriptionId() string {
@@ -2970,7 +3047,7 @@ type SubscriptionEnded struct {
 
 func (x *SubscriptionEnded) Reset() {
 	*x = SubscriptionEnded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2982,7 +3059,7 @@ func (x *SubscriptionEnded) String() string {
 func (*SubscriptionEnded) ProtoMessage() {}
 
 func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2995,7 +3072,7 @@ func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEnded.ProtoReflect.Descriptor instead.
 func (*SubscriptionEnded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *SubscriptionEnded) GetSubscriptionId() string {
@@ -3039,7 +3116,7 @@ type SubscriptionEvents struct {
 
 func (x *SubscriptionEvents) Reset() {
 	*x = SubscriptionEvents{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3051,7 +3128,7 @@ func (x *SubscriptionEvents) String() string {
 func (*SubscriptionEvents) ProtoMessage() {}
 
 func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3064,7 +3141,7 @@ func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEvents.ProtoReflect.Descriptor instead.
 func (*SubscriptionEvents) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SubscriptionEvents) GetSubscriptionId() string {
@@ -3100,7 +3177,7 @@ type StreamResponse struct {
 
 func (x *StreamResponse) Reset() {
 	*x = StreamResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3112,7 +3189,7 @@ func (x *StreamResponse) String() string {
 func (*StreamResponse) ProtoMessage() {}
 
 func (x *StreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3125,7 +3202,7 @@ func (x *StreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamResponse.ProtoReflect.Descriptor instead.
 func (*StreamResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *StreamResponse) GetFrame() isStreamResponse_Frame {
@@ -3238,7 +3315,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3250,7 +3327,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[35]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3263,7 +3340,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListEventsRequest) GetScopes() []*Scope {
@@ -3316,7 +3393,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[36]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3328,7 +3405,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[36]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3341,7 +3418,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{36}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -3414,7 +3491,10 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x04file\x18\x02 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\"\x95\x01\n" +
 	"\x0fScheduleChanged\x12=\n" +
 	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x12C\n" +
-	"\bschedule\x18\x02 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\"r\n" +
+	"\bschedule\x18\x02 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\"\x85\x01\n" +
+	"\vCallChanged\x12=\n" +
+	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x127\n" +
+	"\x04call\x18\x02 \x01(\v2#.switchboard.api.dispatcher.v1.CallR\x04call\"r\n" +
 	"\rScheduleFired\x12\x1a\n" +
 	"\bschedule\x18\x01 \x01(\tR\bschedule\x12E\n" +
 	"\x06firing\x18\x02 \x01(\v2-.switchboard.api.dispatcher.v1.ScheduleFiringR\x06firing\"N\n" +
@@ -3456,7 +3536,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\aapi_key\x18\x03 \x01(\tR\x06apiKey\x12%\n" +
 	"\x0eclient_address\x18\x04 \x01(\tR\rclientAddress\x12D\n" +
 	"\vclient_info\x18\x05 \x01(\v2#.switchboard.api.auth.v1.ClientInfoR\n" +
-	"clientInfo\"\xc3\x0e\n" +
+	"clientInfo\"\x90\x0f\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x128\n" +
@@ -3486,7 +3566,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x10schedule_changed\x18\x18 \x01(\v2*.switchboard.api.events.v1.ScheduleChangedH\x00R\x0fscheduleChanged\x12Q\n" +
 	"\x0eschedule_fired\x18\x19 \x01(\v2(.switchboard.api.events.v1.ScheduleFiredH\x00R\rscheduleFired\x12Q\n" +
 	"\x0ememory_decided\x18\x1a \x01(\v2(.switchboard.api.events.v1.MemoryDecidedH\x00R\rmemoryDecided\x12T\n" +
-	"\x0fmessage_deleted\x18\x1b \x01(\v2).switchboard.api.events.v1.MessageDeletedH\x00R\x0emessageDeletedB\t\n" +
+	"\x0fmessage_deleted\x18\x1b \x01(\v2).switchboard.api.events.v1.MessageDeletedH\x00R\x0emessageDeleted\x12K\n" +
+	"\fcall_changed\x18\x1c \x01(\v2&.switchboard.api.events.v1.CallChangedH\x00R\vcallChangedB\t\n" +
 	"\apayload\"\xce\x01\n" +
 	"\x10SubscribeRequest\x128\n" +
 	"\x06scopes\x18\x01 \x03(\v2 .switchboard.api.events.v1.ScopeR\x06scopes\x12!\n" +
@@ -3553,7 +3634,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x12ListEventsResponse\x128\n" +
 	"\x06events\x18\x01 \x03(\v2 .switchboard.api.events.v1.EventR\x06events\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12#\n" +
-	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xdd\x04\n" +
+	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xfa\x04\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cEVENT_TYPE_WORKSPACE_CHANGED\x10\x01\x12\x1d\n" +
@@ -3574,7 +3655,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x1bEVENT_TYPE_SCHEDULE_CHANGED\x10\x0f\x12\x1d\n" +
 	"\x19EVENT_TYPE_SCHEDULE_FIRED\x10\x10\x12\x1d\n" +
 	"\x19EVENT_TYPE_MEMORY_DECIDED\x10\x11\x12\x1e\n" +
-	"\x1aEVENT_TYPE_MESSAGE_DELETED\x10\x12*t\n" +
+	"\x1aEVENT_TYPE_MESSAGE_DELETED\x10\x12\x12\x1b\n" +
+	"\x17EVENT_TYPE_CALL_CHANGED\x10\x13*t\n" +
 	"\n" +
 	"ChangeKind\x12\x1b\n" +
 	"\x17CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
@@ -3628,7 +3710,7 @@ func file_switchboard_api_events_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
+var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(EventType)(0),                // 0: switchboard.api.events.v1.EventType
 	(ChangeKind)(0),               // 1: switchboard.api.events.v1.ChangeKind
@@ -3647,136 +3729,141 @@ var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(*MemoryDecided)(nil),         // 14: switchboard.api.events.v1.MemoryDecided
 	(*FileChanged)(nil),           // 15: switchboard.api.events.v1.FileChanged
 	(*ScheduleChanged)(nil),       // 16: switchboard.api.events.v1.ScheduleChanged
-	(*ScheduleFired)(nil),         // 17: switchboard.api.events.v1.ScheduleFired
-	(*RunUpdated)(nil),            // 18: switchboard.api.events.v1.RunUpdated
-	(*MessageFiltered)(nil),       // 19: switchboard.api.events.v1.MessageFiltered
-	(*IntegrationChanged)(nil),    // 20: switchboard.api.events.v1.IntegrationChanged
-	(*AssistantChanged)(nil),      // 21: switchboard.api.events.v1.AssistantChanged
-	(*BudgetChanged)(nil),         // 22: switchboard.api.events.v1.BudgetChanged
-	(*BudgetAlert)(nil),           // 23: switchboard.api.events.v1.BudgetAlert
-	(*ToolInvoked)(nil),           // 24: switchboard.api.events.v1.ToolInvoked
-	(*SecurityEvent)(nil),         // 25: switchboard.api.events.v1.SecurityEvent
-	(*Event)(nil),                 // 26: switchboard.api.events.v1.Event
-	(*SubscribeRequest)(nil),      // 27: switchboard.api.events.v1.SubscribeRequest
-	(*EventBatch)(nil),            // 28: switchboard.api.events.v1.EventBatch
-	(*Heartbeat)(nil),             // 29: switchboard.api.events.v1.Heartbeat
-	(*SubscribeResponse)(nil),     // 30: switchboard.api.events.v1.SubscribeResponse
-	(*AddSubscription)(nil),       // 31: switchboard.api.events.v1.AddSubscription
-	(*RemoveSubscription)(nil),    // 32: switchboard.api.events.v1.RemoveSubscription
-	(*Ack)(nil),                   // 33: switchboard.api.events.v1.Ack
-	(*Ping)(nil),                  // 34: switchboard.api.events.v1.Ping
-	(*StreamRequest)(nil),         // 35: switchboard.api.events.v1.StreamRequest
-	(*Pong)(nil),                  // 36: switchboard.api.events.v1.Pong
-	(*SubscriptionAdded)(nil),     // 37: switchboard.api.events.v1.SubscriptionAdded
-	(*SubscriptionEnded)(nil),     // 38: switchboard.api.events.v1.SubscriptionEnded
-	(*SubscriptionEvents)(nil),    // 39: switchboard.api.events.v1.SubscriptionEvents
-	(*StreamResponse)(nil),        // 40: switchboard.api.events.v1.StreamResponse
-	(*ListEventsRequest)(nil),     // 41: switchboard.api.events.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),    // 42: switchboard.api.events.v1.ListEventsResponse
-	(*v1.Workspace)(nil),          // 43: switchboard.api.context.v1.Workspace
-	(*v1.WorkspaceMember)(nil),    // 44: switchboard.api.context.v1.WorkspaceMember
-	(*v1.Conversation)(nil),       // 45: switchboard.api.context.v1.Conversation
-	(*v1.Message)(nil),            // 46: switchboard.api.context.v1.Message
-	(*v1.MemoryItem)(nil),         // 47: switchboard.api.context.v1.MemoryItem
-	(*v1.File)(nil),               // 48: switchboard.api.context.v1.File
-	(*v11.Schedule)(nil),          // 49: switchboard.api.dispatcher.v1.Schedule
-	(*v11.ScheduleFiring)(nil),    // 50: switchboard.api.dispatcher.v1.ScheduleFiring
-	(*v11.RunUpdate)(nil),         // 51: switchboard.api.dispatcher.v1.RunUpdate
-	(v12.ErrorReason)(0),          // 52: switchboard.api.common.v1.ErrorReason
-	(*v13.Integration)(nil),       // 53: switchboard.api.integration.v1.Integration
-	(*v11.Assistant)(nil),         // 54: switchboard.api.dispatcher.v1.Assistant
-	(*v11.Budget)(nil),            // 55: switchboard.api.dispatcher.v1.Budget
-	(*v11.BudgetUsage)(nil),       // 56: switchboard.api.dispatcher.v1.BudgetUsage
-	(*durationpb.Duration)(nil),   // 57: google.protobuf.Duration
-	(*status.Status)(nil),         // 58: google.rpc.Status
-	(*v14.ClientInfo)(nil),        // 59: switchboard.api.auth.v1.ClientInfo
-	(*timestamppb.Timestamp)(nil), // 60: google.protobuf.Timestamp
+	(*CallChanged)(nil),           // 17: switchboard.api.events.v1.CallChanged
+	(*ScheduleFired)(nil),         // 18: switchboard.api.events.v1.ScheduleFired
+	(*RunUpdated)(nil),            // 19: switchboard.api.events.v1.RunUpdated
+	(*MessageFiltered)(nil),       // 20: switchboard.api.events.v1.MessageFiltered
+	(*IntegrationChanged)(nil),    // 21: switchboard.api.events.v1.IntegrationChanged
+	(*AssistantChanged)(nil),      // 22: switchboard.api.events.v1.AssistantChanged
+	(*BudgetChanged)(nil),         // 23: switchboard.api.events.v1.BudgetChanged
+	(*BudgetAlert)(nil),           // 24: switchboard.api.events.v1.BudgetAlert
+	(*ToolInvoked)(nil),           // 25: switchboard.api.events.v1.ToolInvoked
+	(*SecurityEvent)(nil),         // 26: switchboard.api.events.v1.SecurityEvent
+	(*Event)(nil),                 // 27: switchboard.api.events.v1.Event
+	(*SubscribeRequest)(nil),      // 28: switchboard.api.events.v1.SubscribeRequest
+	(*EventBatch)(nil),            // 29: switchboard.api.events.v1.EventBatch
+	(*Heartbeat)(nil),             // 30: switchboard.api.events.v1.Heartbeat
+	(*SubscribeResponse)(nil),     // 31: switchboard.api.events.v1.SubscribeResponse
+	(*AddSubscription)(nil),       // 32: switchboard.api.events.v1.AddSubscription
+	(*RemoveSubscription)(nil),    // 33: switchboard.api.events.v1.RemoveSubscription
+	(*Ack)(nil),                   // 34: switchboard.api.events.v1.Ack
+	(*Ping)(nil),                  // 35: switchboard.api.events.v1.Ping
+	(*StreamRequest)(nil),         // 36: switchboard.api.events.v1.StreamRequest
+	(*Pong)(nil),                  // 37: switchboard.api.events.v1.Pong
+	(*SubscriptionAdded)(nil),     // 38: switchboard.api.events.v1.SubscriptionAdded
+	(*SubscriptionEnded)(nil),     // 39: switchboard.api.events.v1.SubscriptionEnded
+	(*SubscriptionEvents)(nil),    // 40: switchboard.api.events.v1.SubscriptionEvents
+	(*StreamResponse)(nil),        // 41: switchboard.api.events.v1.StreamResponse
+	(*ListEventsRequest)(nil),     // 42: switchboard.api.events.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),    // 43: switchboard.api.events.v1.ListEventsResponse
+	(*v1.Workspace)(nil),          // 44: switchboard.api.context.v1.Workspace
+	(*v1.WorkspaceMember)(nil),    // 45: switchboard.api.context.v1.WorkspaceMember
+	(*v1.Conversation)(nil),       // 46: switchboard.api.context.v1.Conversation
+	(*v1.Message)(nil),            // 47: switchboard.api.context.v1.Message
+	(*v1.MemoryItem)(nil),         // 48: switchboard.api.context.v1.MemoryItem
+	(*v1.File)(nil),               // 49: switchboard.api.context.v1.File
+	(*v11.Schedule)(nil),          // 50: switchboard.api.dispatcher.v1.Schedule
+	(*v11.Call)(nil),              // 51: switchboard.api.dispatcher.v1.Call
+	(*v11.ScheduleFiring)(nil),    // 52: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*v11.RunUpdate)(nil),         // 53: switchboard.api.dispatcher.v1.RunUpdate
+	(v12.ErrorReason)(0),          // 54: switchboard.api.common.v1.ErrorReason
+	(*v13.Integration)(nil),       // 55: switchboard.api.integration.v1.Integration
+	(*v11.Assistant)(nil),         // 56: switchboard.api.dispatcher.v1.Assistant
+	(*v11.Budget)(nil),            // 57: switchboard.api.dispatcher.v1.Budget
+	(*v11.BudgetUsage)(nil),       // 58: switchboard.api.dispatcher.v1.BudgetUsage
+	(*durationpb.Duration)(nil),   // 59: google.protobuf.Duration
+	(*status.Status)(nil),         // 60: google.rpc.Status
+	(*v14.ClientInfo)(nil),        // 61: switchboard.api.auth.v1.ClientInfo
+	(*timestamppb.Timestamp)(nil), // 62: google.protobuf.Timestamp
 }
 var file_switchboard_api_events_v1_events_proto_depIdxs = []int32{
 	1,  // 0: switchboard.api.events.v1.WorkspaceChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	43, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
+	44, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
 	1,  // 2: switchboard.api.events.v1.MemberChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	44, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	45, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
 	1,  // 4: switchboard.api.events.v1.ConversationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	45, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
-	46, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
+	46, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
+	47, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
 	1,  // 7: switchboard.api.events.v1.MemoryChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	47, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	48, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
 	2,  // 9: switchboard.api.events.v1.MemoryDecided.action:type_name -> switchboard.api.events.v1.MemoryDecisionAction
 	3,  // 10: switchboard.api.events.v1.MemoryDecided.outcome:type_name -> switchboard.api.events.v1.MemoryFormingOutcome
 	1,  // 11: switchboard.api.events.v1.FileChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	48, // 12: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
+	49, // 12: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
 	1,  // 13: switchboard.api.events.v1.ScheduleChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	49, // 14: switchboard.api.events.v1.ScheduleChanged.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
-	50, // 15: switchboard.api.events.v1.ScheduleFired.firing:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
-	51, // 16: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	52, // 17: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
-	1,  // 18: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	53, // 19: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
-	1,  // 20: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	54, // 21: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	1,  // 22: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	55, // 23: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	4,  // 24: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
-	56, // 25: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	57, // 26: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
-	58, // 27: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
-	5,  // 28: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
-	59, // 29: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
-	0,  // 30: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
-	60, // 31: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
-	7,  // 32: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
-	8,  // 33: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
-	9,  // 34: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
-	10, // 35: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
-	11, // 36: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
-	13, // 37: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
-	18, // 38: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
-	20, // 39: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
-	25, // 40: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
-	19, // 41: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
-	24, // 42: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
-	21, // 43: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
-	22, // 44: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
-	23, // 45: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
-	15, // 46: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
-	16, // 47: switchboard.api.events.v1.Event.schedule_changed:type_name -> switchboard.api.events.v1.ScheduleChanged
-	17, // 48: switchboard.api.events.v1.Event.schedule_fired:type_name -> switchboard.api.events.v1.ScheduleFired
-	14, // 49: switchboard.api.events.v1.Event.memory_decided:type_name -> switchboard.api.events.v1.MemoryDecided
-	12, // 50: switchboard.api.events.v1.Event.message_deleted:type_name -> switchboard.api.events.v1.MessageDeleted
-	6,  // 51: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 52: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
-	26, // 53: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
-	60, // 54: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	28, // 55: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
-	29, // 56: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	6,  // 57: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 58: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
-	31, // 59: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
-	32, // 60: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
-	33, // 61: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
-	34, // 62: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
-	60, // 63: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
-	28, // 64: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
-	39, // 65: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
-	37, // 66: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
-	38, // 67: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
-	36, // 68: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
-	29, // 69: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	6,  // 70: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 71: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
-	26, // 72: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
-	27, // 73: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
-	35, // 74: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
-	41, // 75: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
-	30, // 76: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
-	40, // 77: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
-	42, // 78: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
-	76, // [76:79] is the sub-list for method output_type
-	73, // [73:76] is the sub-list for method input_type
-	73, // [73:73] is the sub-list for extension type_name
-	73, // [73:73] is the sub-list for extension extendee
-	0,  // [0:73] is the sub-list for field type_name
+	50, // 14: switchboard.api.events.v1.ScheduleChanged.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	1,  // 15: switchboard.api.events.v1.CallChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	51, // 16: switchboard.api.events.v1.CallChanged.call:type_name -> switchboard.api.dispatcher.v1.Call
+	52, // 17: switchboard.api.events.v1.ScheduleFired.firing:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	53, // 18: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	54, // 19: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
+	1,  // 20: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	55, // 21: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
+	1,  // 22: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	56, // 23: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	1,  // 24: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	57, // 25: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	4,  // 26: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
+	58, // 27: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	59, // 28: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
+	60, // 29: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
+	5,  // 30: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
+	61, // 31: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	0,  // 32: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
+	62, // 33: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
+	7,  // 34: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
+	8,  // 35: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
+	9,  // 36: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
+	10, // 37: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
+	11, // 38: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
+	13, // 39: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
+	19, // 40: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
+	21, // 41: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
+	26, // 42: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
+	20, // 43: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
+	25, // 44: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
+	22, // 45: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
+	23, // 46: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
+	24, // 47: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
+	15, // 48: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
+	16, // 49: switchboard.api.events.v1.Event.schedule_changed:type_name -> switchboard.api.events.v1.ScheduleChanged
+	18, // 50: switchboard.api.events.v1.Event.schedule_fired:type_name -> switchboard.api.events.v1.ScheduleFired
+	14, // 51: switchboard.api.events.v1.Event.memory_decided:type_name -> switchboard.api.events.v1.MemoryDecided
+	12, // 52: switchboard.api.events.v1.Event.message_deleted:type_name -> switchboard.api.events.v1.MessageDeleted
+	17, // 53: switchboard.api.events.v1.Event.call_changed:type_name -> switchboard.api.events.v1.CallChanged
+	6,  // 54: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 55: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
+	27, // 56: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
+	62, // 57: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	29, // 58: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
+	30, // 59: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	6,  // 60: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 61: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
+	32, // 62: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
+	33, // 63: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
+	34, // 64: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
+	35, // 65: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
+	62, // 66: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
+	29, // 67: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
+	40, // 68: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
+	38, // 69: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
+	39, // 70: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
+	37, // 71: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
+	30, // 72: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	6,  // 73: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 74: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
+	27, // 75: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
+	28, // 76: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
+	36, // 77: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
+	42, // 78: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
+	31, // 79: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
+	41, // 80: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
+	43, // 81: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
+	79, // [79:82] is the sub-list for method output_type
+	76, // [76:79] is the sub-list for method input_type
+	76, // [76:76] is the sub-list for extension type_name
+	76, // [76:76] is the sub-list for extension extendee
+	0,  // [0:76] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_events_v1_events_proto_init() }
@@ -3789,7 +3876,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Scope_Workspace)(nil),
 		(*Scope_Conversation)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[20].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[21].OneofWrappers = []any{
 		(*Event_WorkspaceChanged)(nil),
 		(*Event_MemberChanged)(nil),
 		(*Event_ConversationChanged)(nil),
@@ -3808,18 +3895,19 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Event_ScheduleFired)(nil),
 		(*Event_MemoryDecided)(nil),
 		(*Event_MessageDeleted)(nil),
+		(*Event_CallChanged)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[24].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[25].OneofWrappers = []any{
 		(*SubscribeResponse_Batch)(nil),
 		(*SubscribeResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[29].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[30].OneofWrappers = []any{
 		(*StreamRequest_Add)(nil),
 		(*StreamRequest_Remove)(nil),
 		(*StreamRequest_Ack)(nil),
 		(*StreamRequest_Ping)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[34].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[35].OneofWrappers = []any{
 		(*StreamResponse_Events)(nil),
 		(*StreamResponse_Added)(nil),
 		(*StreamResponse_Ended)(nil),
@@ -3832,7 +3920,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_events_v1_events_proto_rawDesc), len(file_switchboard_api_events_v1_events_proto_rawDesc)),
 			NumEnums:      6,
-			NumMessages:   37,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

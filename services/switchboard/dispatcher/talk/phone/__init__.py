@@ -1,0 +1,1 @@
+"""Phone calls as a resource (``Call``): their records, events and RPCs, whatever carries them."""
