@@ -60,7 +60,7 @@ def test_a_method_the_contracts_do_not_know_is_never_repeated() -> None:
 
 
 #: The RPCs the Client wraps in a method of its own (the others are reached through
-#: its typed stubs): steering and schedules, issue 55.
+#: its typed stubs): steering and schedules, issue 55; phone calls, issue 84.
 WRAPPED = {
     "SteerRun": "steer",
     "CreateSchedule": "create_schedule",
@@ -71,6 +71,10 @@ WRAPPED = {
     "ResumeSchedule": "resume_schedule",
     "DeleteSchedule": "delete_schedule",
     "ListScheduleFirings": "schedule_firings",
+    "PlaceCall": "place_call",
+    "GetCall": "get_call",
+    "ListCalls": "list_calls",
+    "EndCall": "end_call",
 }
 
 
@@ -90,3 +94,17 @@ def test_steering_and_schedules_have_client_methods_and_their_repeat_rules() -> 
     # A pause, a resume or a delete with an etag fails the second time: sent once.
     for write in ("UpdateSchedule", "PauseSchedule", "ResumeSchedule", "DeleteSchedule"):
         assert not method_of(DISPATCHER + write).repeatable, write
+
+
+def test_phone_calls_have_their_repeat_rules() -> None:
+    for read in ("GetCall", "ListCalls"):
+        assert method_of(DISPATCHER + read).repeatable, read
+    # PlaceCall is keyed (Client.place_call always sends a key): a retry places no
+    # second call.
+    place = method_of(DISPATCHER + "PlaceCall")
+    assert place.keyed
+    assert not place.repeatable
+    assert safe_to_repeat(place, dispatcher_pb2.PlaceCallRequest(request_id="c-1"))
+    assert not safe_to_repeat(place, dispatcher_pb2.PlaceCallRequest())
+    # The server returns an ended call as it is: the contract marks EndCall IDEMPOTENT.
+    assert method_of(DISPATCHER + "EndCall").repeatable

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias
 
 import grpc
 from google.protobuf import struct_pb2
@@ -21,7 +21,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.client import session as account
-from switchboard.client.errors import DataLoss, Unauthenticated, Unavailable
+from switchboard.client.backoff import Backoff
+from switchboard.client.errors import DataLoss, DeadlineExceeded, Unauthenticated, Unavailable
 from switchboard.client.events import Follower, ScopeLike, TypeLike
 from switchboard.client.files import (
     Destination,
@@ -165,6 +166,33 @@ def _name_and_etag(schedule: str | dispatcher_pb2.Schedule) -> tuple[str, str]:
     if isinstance(schedule, str):
         return schedule, ""
     return schedule.name, schedule.etag
+
+
+#: A phone call: its name (``workspaces/w/calls/c``) or the ``Call`` itself.
+CallLike: TypeAlias = str | dispatcher_pb2.Call
+#: A call's state, as the enum or its name (``"answered"``, ``"CALL_STATE_ENDED"``).
+CallStateLike: TypeAlias = dispatcher_pb2.CallState.ValueType | str
+#: Longer than the longest ring timeout the server allows (120 s), so that a wait for
+#: ANSWERED with the default ends with the call answered or ended.
+DEFAULT_CALL_WAIT_S: Final = 150.0
+#: A call changes a few times in its life, most of them a person's act (picking up,
+#: hanging up): a read every 2 s at most sees each soon enough and costs the server little.
+CALL_POLL: Final = Backoff(initial_s=0.1, max_s=2.0, multiplier=2.0, jitter=0.2)
+
+
+def call_name(call: CallLike) -> str:
+    """The name of the call ``call`` stands for."""
+    return call if isinstance(call, str) else call.name
+
+
+def call_state(value: CallStateLike) -> dispatcher_pb2.CallState.ValueType:
+    """A ``CallState`` from the enum or its name, with or without ``CALL_STATE_``, in any
+    case; ValueError for a name the contract does not have."""
+    if isinstance(value, int):
+        return dispatcher_pb2.CallState.ValueType(value)
+    name = value.upper()
+    prefix = "CALL_STATE_"
+    return dispatcher_pb2.CallState.Value(name if name.startswith(prefix) else prefix + name)
 
 
 async def connected(channel: aio.Channel, within_s: float) -> bool:
@@ -774,6 +802,7 @@ class Client:
         request_id: str | None = None,
         timeout_s: float | None = None,
         assistant_revision: int = 0,
+        call: tuple[str, str] | None = None,
     ) -> dispatcher_pb2.Schedule:
         """Create a schedule in ``workspace`` (``workspaces/w``): a message sent on a
         ``cron`` expression (read in ``time_zone``, UTC if empty) or every
@@ -783,7 +812,9 @@ class Client:
         ``assistant_revision`` pins ``assistant`` (which it needs) at that revision:
         every tick answers with that configuration, whatever changes later (0: the
         current one at each tick; change it with ``update_schedule`` of
-        ``assistant_revision``)."""
+        ``assistant_revision``). ``call`` (a trunk and a number) makes each tick place a
+        phone call instead, the rendered template its opening message, answered by
+        ``assistant`` (docs/telephony.md)."""
         schedule = dispatcher_pb2.Schedule(
             display_name=display_name,
             assistant=assistant,
@@ -800,6 +831,8 @@ class Client:
             schedule.interval.FromNanoseconds(round(interval_s * 1e9))
         if run_timeout_s is not None:
             schedule.timeout.FromNanoseconds(round(run_timeout_s * 1e9))
+        if call is not None:
+            schedule.call.trunk, schedule.call.to_number = call
         response = await self.dispatcher.CreateSchedule(
             dispatcher_pb2.CreateScheduleRequest(
                 parent=workspace,
@@ -893,6 +926,130 @@ class Client:
             if not token:
                 break
         return found[:limit]
+
+    # -- phone calls --------------------------------------------------------------------
+
+    async def place_call(
+        self,
+        workspace: str,
+        *,
+        trunk: str,
+        to_number: str,
+        assistant: str,
+        opening_message: str,
+        ring_timeout_s: float | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dispatcher_pb2.Call:
+        """PlaceCall: call ``to_number`` (E.164, ``+`` and 8 to 15 digits) from the
+        server's SIP ``trunk``, answered by ``assistant`` (of ``workspace``, with a voice),
+        which says ``opening_message`` first once the line is picked up. Returns at once
+        with the call DIALING; ``wait_call`` (or ``follow`` of CALL_CHANGED) sees it ring,
+        be answered and end. ``ring_timeout_s``: how long it may ring (the server's 30 s
+        if None; 5 to 120). Keyed like ``send``, so a retry places no second call. A
+        field the server refuses (a trunk that does not call for the workspace or that
+        number included) is ``InvalidArgument`` naming it; a server without SIP,
+        ``FailedPrecondition``; the workspace's limit of calls at once,
+        ``ResourceExhausted``."""
+        request = dispatcher_pb2.PlaceCallRequest(
+            parent=workspace,
+            trunk=trunk,
+            to_number=to_number,
+            assistant=assistant,
+            opening_message=opening_message,
+            request_id=request_id or new_request_id(),
+        )
+        if ring_timeout_s is not None:
+            request.ring_timeout.FromNanoseconds(round(ring_timeout_s * 1e9))
+        response = await self.dispatcher.PlaceCall(request, timeout=timeout_s)
+        return response.call
+
+    async def get_call(
+        self, call: CallLike, *, timeout_s: float | None = None
+    ) -> dispatcher_pb2.Call:
+        """GetCall: a phone call, inbound or outbound, as it stands now (a live one's
+        ``duration`` so far)."""
+        response = await self.dispatcher.GetCall(
+            dispatcher_pb2.GetCallRequest(name=call_name(call)), timeout=timeout_s
+        )
+        return response.call
+
+    async def list_calls(
+        self,
+        workspace: str,
+        *,
+        live_only: bool = False,
+        limit: int = 1000,
+        timeout_s: float | None = None,
+    ) -> list[dispatcher_pb2.Call]:
+        """ListCalls: a workspace's phone calls, newest first, every page up to
+        ``limit``; ``live_only``, only those not ENDED. ``timeout_s`` bounds each page's
+        call."""
+        found: list[dispatcher_pb2.Call] = []
+        token = ""
+        while len(found) < limit:
+            response = await self.dispatcher.ListCalls(
+                dispatcher_pb2.ListCallsRequest(
+                    parent=workspace,
+                    live_only=live_only,
+                    page_size=min(100, limit - len(found)),
+                    page_token=token,
+                ),
+                timeout=timeout_s,
+            )
+            found += response.calls
+            token = response.next_page_token
+            if not token:
+                break
+        return found[:limit]
+
+    async def end_call(
+        self, call: CallLike, *, timeout_s: float | None = None
+    ) -> dispatcher_pb2.Call:
+        """EndCall: hang up a live call, wherever the server carries it; an ended call
+        is returned as it is. The answer may still show the call live: the line takes
+        a moment to go down over SIP (``wait_call(call, states=["ended"])`` waits for
+        it); its ``end_reason`` is then ``ended by users/...``."""
+        response = await self.dispatcher.EndCall(
+            dispatcher_pb2.EndCallRequest(name=call_name(call)), timeout=timeout_s
+        )
+        return response.call
+
+    async def wait_call(
+        self,
+        call: CallLike,
+        *,
+        states: Iterable[CallStateLike] = (dispatcher_pb2.CALL_STATE_ANSWERED,),
+        timeout_s: float = DEFAULT_CALL_WAIT_S,
+    ) -> dispatcher_pb2.Call:
+        """Poll the call (GetCall, a bounded backoff from 0.1 s to 2 s) until it is in
+        one of ``states`` (the enum or names: ``"ringing"``, ``"answered"``) or ENDED,
+        after which it never changes: a call that was busy or not answered comes back
+        ENDED from a wait for ANSWERED, so check its ``state``. Not there after
+        ``timeout_s`` (default: longer than the longest ring timeout),
+        ``DeadlineExceeded``. A ``Call`` may be followed as it changes instead:
+        ``follow([workspace], types=["CALL_CHANGED"])``."""
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        # One name alone is one state, not its letters.
+        wanted = {call_state(state) for state in ((states,) if isinstance(states, str) else states)}
+        wanted.add(dispatcher_pb2.CALL_STATE_ENDED)
+        name = call_name(call)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        attempt = 0
+        while (left := deadline - loop.time()) > 0:
+            # Each read gets what is left of the wait, so the whole stays within it.
+            current = await self.get_call(name, timeout_s=left)
+            if current.state in wanted:
+                return current
+            delay = min(CALL_POLL.delay(attempt), deadline - loop.time())
+            if delay <= 0:
+                break
+            await asyncio.sleep(delay)
+            attempt += 1
+        shown = ", ".join(sorted(dispatcher_pb2.CallState.Name(s) for s in wanted))
+        raise DeadlineExceeded(f"{name} reached none of {shown} within {timeout_s:g} s")
 
     # -- search -------------------------------------------------------------------------
 
