@@ -8,6 +8,7 @@ import { Account } from "./account";
 import { Assistants } from "./assistants";
 import { AuthScreen } from "./auth";
 import { Budgets } from "./budgets";
+import { Calls } from "./calls";
 import { Composer } from "./composer";
 import { formatTime, h } from "./dom";
 import type { Problem } from "./errors";
@@ -40,6 +41,7 @@ export class App {
   private readonly assistants: Assistants;
   private readonly budgets: Budgets;
   private readonly schedules: Schedules;
+  private readonly calls: Calls;
   private readonly search: SearchPage;
   private readonly files: FilesPanel;
   private readonly memory: MemoryPage;
@@ -59,6 +61,7 @@ export class App {
     this.live = new LiveEvents(this.page, this.names);
     this.budgets = new Budgets(api, this.page, this.names);
     this.schedules = new Schedules(api, this.page, this.names, { openRun: (run) => void this.navigation.openRun(run) });
+    this.calls = new Calls(api, this.page, this.names);
     this.search = new SearchPage(api, this.page, this.names);
     this.files = new FilesPanel(api, this.page, this.names);
     this.memory = new MemoryPage(api, this.page, this.names);
@@ -94,6 +97,7 @@ export class App {
       (open) => this.search.show(open),
       (open) => this.files.show(open),
       (open) => this.memory.show(open),
+      (open) => this.calls.show(open),
     );
     this.assistants = new Assistants(api, this.page, this.integrations, {
       workspace: () => this.navigation.workspace,
@@ -134,6 +138,7 @@ export class App {
       ...this.navigation.chat,
       this.budgets.element,
       this.schedules.element,
+      this.calls.element,
       this.search.element,
       this.files.pageElement,
       this.memory.element,
@@ -225,6 +230,7 @@ export class App {
     this.assistants.clear();
     this.budgets.clear();
     this.schedules.clear();
+    this.calls.clear();
     this.search.clear();
     this.files.clear();
     this.memory.clear();
@@ -256,6 +262,8 @@ export class App {
     this.account.open(workspace, owner);
     this.budgets.open(workspace, owner);
     this.schedules.open(workspace, owner);
+    // Hanging up a call is a write: editors and owners.
+    this.calls.open(workspace, owner || role === WorkspaceRole.EDITOR);
     this.search.open(workspace);
     this.files.open(workspace, owner || role === WorkspaceRole.EDITOR);
     this.memory.open(workspace, role);
@@ -312,6 +320,7 @@ export class App {
       this.assistants.apply(event);
       this.budgets.apply(event);
       this.schedules.apply(event);
+      this.calls.apply(event);
       this.files.apply(event);
       this.memory.apply(event);
     }

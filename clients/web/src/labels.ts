@@ -13,6 +13,8 @@ import {
 } from "./gen/switchboard/api/context/v1/context_pb";
 import {
   BudgetPeriod,
+  CallDirection,
+  CallState,
   ConcurrencyPolicy,
   FiringOutcome,
   MissedTickPolicy,
@@ -139,6 +141,23 @@ export function storedOutcomeLabel(outcome: string): string {
   return found ? outcomeLabel(found[1] as ToolOutcome) : "ended";
 }
 
+const CALL_STATE: Record<CallState, string> = {
+  [CallState.UNSPECIFIED]: "unknown",
+  [CallState.DIALING]: "dialing",
+  [CallState.RINGING]: "ringing",
+  [CallState.ANSWERED]: "answered",
+  [CallState.ENDED]: "ended",
+};
+export const callStateLabel = (value: CallState): string => label(CALL_STATE, value);
+
+const CALL_DIRECTION: Record<CallDirection, string> = {
+  [CallDirection.UNSPECIFIED]: "call",
+  [CallDirection.INBOUND]: "in",
+  [CallDirection.OUTBOUND]: "out",
+};
+/** A call's direction in a word ("in", "out"). */
+export const callDirectionLabel = (value: CallDirection): string => label(CALL_DIRECTION, value);
+
 const EVENT_TYPE: Record<EventType, string> = {
   [EventType.UNSPECIFIED]: "event",
   [EventType.WORKSPACE_CHANGED]: "Workspace",
@@ -159,6 +178,7 @@ const EVENT_TYPE: Record<EventType, string> = {
   [EventType.SCHEDULE_FIRED]: "Schedule fired",
   [EventType.MEMORY_DECIDED]: "Memory decision",
   [EventType.MESSAGE_DELETED]: "Message deleted",
+  [EventType.CALL_CHANGED]: "Phone call",
 };
 /** An event type as the feed's entries and its filter name it. */
 export const eventTypeLabel = (value: EventType): string => label(EVENT_TYPE, value);

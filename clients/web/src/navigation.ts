@@ -28,7 +28,7 @@ import { TERMINAL, holderOf, steerStateName } from "./runs";
 
 /** The workspace's pages, each shown in the centre where a conversation would be
  * (`#workspaces/w/<page>`), with the title it gives the centre. */
-const WORKSPACE_PAGES = { budgets: "Budgets", schedules: "Schedules", search: "Search", files: "Files", memory: "Memory" } as const;
+const WORKSPACE_PAGES = { budgets: "Budgets", schedules: "Schedules", calls: "Calls", search: "Search", files: "Files", memory: "Memory" } as const;
 type WorkspacePage = keyof typeof WORKSPACE_PAGES;
 const PAGE_IDS = Object.keys(WORKSPACE_PAGES) as WorkspacePage[];
 
@@ -37,7 +37,7 @@ export class Navigation {
   workspace = "";
   /** The open conversation, "" before one is picked. */
   conversation = "";
-  /** The open workspace's page that is open (`#workspaces/w/budgets`, `/schedules`, `/search`, `/files`), "" when none is. */
+  /** The open workspace's page that is open (`#workspaces/w/budgets`, `/schedules`, `/calls`, `/search`, `/files`, `/memory`), "" when none is. */
   workspacePage: WorkspacePage | "" = "";
   /** Counts navigations (a workspace or its page picked): a slower earlier one yields. */
   private navigations = 0;
@@ -79,6 +79,7 @@ export class Navigation {
     { class: "pages", hidden: true },
     h("a", { href: "#", class: "item", "data-testid": "open-budgets" }, "Budgets and spend"),
     h("a", { href: "#", class: "item", "data-testid": "open-schedules" }, "Schedules"),
+    h("a", { href: "#", class: "item", "data-testid": "open-calls" }, "Calls"),
     h("a", { href: "#", class: "item", "data-testid": "open-search" }, "Search"),
     h("a", { href: "#", class: "item", "data-testid": "open-files" }, "Files"),
     h("a", { href: "#", class: "item", "data-testid": "open-memory" }, "Memory"),
@@ -120,6 +121,8 @@ export class Navigation {
     private readonly filesPage: (open: boolean) => void = () => undefined,
     /** The Memory page shown (true) or left (false). */
     private readonly memoryPage: (open: boolean) => void = () => undefined,
+    /** The Calls page shown (true) or left (false). */
+    private readonly callsPage: (open: boolean) => void = () => undefined,
   ) {
     this.files = new FileViews(api, page);
     this.forks = new Forks(api, page, names, {
@@ -188,7 +191,7 @@ export class Navigation {
 
   async followHash(): Promise<void> {
     const target = decodeURIComponent(location.hash.slice(1));
-    const match = /^(workspaces\/[^/]+)(?:(\/conversations\/[^/]+)(\/messages\/[^/]+)?|\/budgets|\/schedules|\/search|\/files|\/memory)?$/.exec(target);
+    const match = /^(workspaces\/[^/]+)(?:(\/conversations\/[^/]+)(\/messages\/[^/]+)?|\/budgets|\/schedules|\/calls|\/search|\/files|\/memory)?$/.exec(target);
     if (match === null || !this.api.tokens.signedIn) return;
     const workspace = match[1] ?? "";
     const page = PAGE_IDS.find((id) => target === `${workspace}/${id}`);
@@ -374,6 +377,7 @@ export class Navigation {
     this.pages.hidden = !this.workspace;
     this.pages.querySelector('[data-testid="open-budgets"]')?.setAttribute("href", `#${this.workspace}/budgets`);
     this.pages.querySelector('[data-testid="open-schedules"]')?.setAttribute("href", `#${this.workspace}/schedules`);
+    this.pages.querySelector('[data-testid="open-calls"]')?.setAttribute("href", `#${this.workspace}/calls`);
     this.pages.querySelector('[data-testid="open-search"]')?.setAttribute("href", `#${this.workspace}/search`);
     this.pages.querySelector('[data-testid="open-files"]')?.setAttribute("href", `#${this.workspace}/files`);
     this.pages.querySelector('[data-testid="open-memory"]')?.setAttribute("href", `#${this.workspace}/memory`);
@@ -444,7 +448,7 @@ export class Navigation {
 
   /** Tells the page's own view it is shown (true) or left (false). */
   private shown(page: WorkspacePage, open: boolean): void {
-    ({ budgets: this.budgets, schedules: this.schedules, search: this.search, files: this.filesPage, memory: this.memoryPage })[page](open);
+    ({ budgets: this.budgets, schedules: this.schedules, calls: this.callsPage, search: this.search, files: this.filesPage, memory: this.memoryPage })[page](open);
   }
 
   /** Opens the conversation of `run` (`workspaces/w/conversations/c/runs/r`) with the run's
