@@ -17,7 +17,8 @@ PJSIP in its own process) on loopback:
   not call for the workspace or that number, a viewer, the workspace's limit, a server
   without SIP;
 - a schedule that calls places its call at its tick, answered as any other;
-- the calls of a server that stopped are ended on the record.
+- the calls of a server that stopped are ended on the record, and a server that stops
+  ends its own calls' records first.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.service import Dispatcher
+from switchboard.dispatcher.talk.phone import book as phone_book
 from switchboard.dispatcher.talk.phone.store import CallRecord
-from switchboard.dispatcher.talk.sip.calls import Calls
+from switchboard.dispatcher.talk.sip.calls import CallLimits, Calls, _Call
+from switchboard.dispatcher.talk.sip.rules import Dialplan
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.values.names import new_id, now
 from tests.conftest import CALL_DEADLINE_S, built, fresh_database_url, started
@@ -556,3 +559,32 @@ async def test_the_calls_of_a_stopped_server_are_ended(line: Line) -> None:
     assert done.state == pb.CALL_STATE_ENDED
     assert done.end_reason == "the server carrying it stopped"
     assert done.duration.ToTimedelta() >= dt.timedelta(seconds=30)
+
+    # A process that stops says so of the calls it carries, before their lines go down.
+    opened = await book.opened(
+        phone_book.new_call(
+            direction=pb.CALL_DIRECTION_INBOUND,
+            state=pb.CALL_STATE_ANSWERED,
+            trunk="carrier",
+            from_number="+15557770001",
+            to_number=CALLER_ID,
+            assistant=line.assistant,
+            conversation="",
+            user_id=line.world.owner.id,
+        ),
+        workspace_id=workspace_id,
+        user_id=line.world.owner.id,
+    )
+    carried = built(line.server, Calls)
+    stopping = Calls(
+        plan=Dialplan(),
+        talks=dispatcher.talks,
+        context=carried._context,
+        policy=line.server.shared.policy,
+        limits=CallLimits(),
+        book=book,
+    )
+    stopping._calls[1] = _Call(number=1, workspace_id=workspace_id, name=opened.call.name)
+    await stopping.close()
+    closed = await get(line, opened.call.name)
+    assert (closed.state, closed.end_reason) == (pb.CALL_STATE_ENDED, "the server stopped")

@@ -5336,7 +5336,7 @@ class UpdateScheduleRequest(_message.Message):
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `assistant`, `handler`,
         `message_template`, `cron`, `time_zone`, `interval`, `concurrency_policy`,
-        `missed_tick_policy`, `timeout`, `assistant_revision`.
+        `missed_tick_policy`, `timeout`, `assistant_revision`, `call`.
         """
 
     def __init__(

@@ -17,7 +17,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -65,6 +65,14 @@ class Order:
     user_id: str
     key: Idempotency | None = None
     schedule: str = ""
+
+
+@dataclass
+class _Turn:
+    """A call's writes, one at a time: the lock and how many hold or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,7 @@ class CallBook:
         self.phone: Phone | None = None
         self.lines: list[Line] = []
         #: One write at a time per call, in the order they were asked.
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _Turn] = {}
 
     # -- what carries a call writes ---------------------------------------------------------
 
@@ -182,12 +190,15 @@ class CallBook:
     async def update(self, name: str, edit: Callable[[pb.Call], None]) -> pb.Call | None:
         """``edit`` the call as stored (its ``state`` too); None if it ended already."""
         parsed = CallName.parse(name, "name")
-        lock = self._locks.setdefault(name, asyncio.Lock())
+        turn = self._locks.setdefault(name, _Turn())
+        turn.users += 1
         try:
-            async with lock:
+            async with turn.lock:
                 return await self._write(parsed, edit)
         finally:
-            if not lock.locked() and self._locks.get(name) is lock:
+            # Kept while anyone waits on it: a new lock meanwhile would let two write.
+            turn.users -= 1
+            if not turn.users:
                 del self._locks[name]
 
     async def _write(self, name: CallName, edit: Callable[[pb.Call], None]) -> pb.Call | None:

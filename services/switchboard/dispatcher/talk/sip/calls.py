@@ -481,6 +481,16 @@ class Calls:
         self._closing = True
         for task in list(self._tasks):
             task.cancel()
+        # The engine hangs every call up next: their records say so now, while the
+        # database is there (the take-over would say it a minute or more later).
+        names = [c.name for c in self._calls.values() if c.name]
+        if names:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.gather(
+                        *(self._book.update(n, book.ended(0, "the server stopped")) for n in names),
+                        return_exceptions=True,
+                    )
         bridges = self.bridges()
         if bridges:
             with contextlib.suppress(TimeoutError):

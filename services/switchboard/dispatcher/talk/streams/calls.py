@@ -281,6 +281,15 @@ class MediaStreams:
         self._closing = True
         for task in list(self._tasks):
             task.cancel()
+        # Their streams close next: the records say so now, while the database is there.
+        calls = [c for c in self._calls.values() if c.name]
+        if calls:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await asyncio.gather(
+                        *(self._write(c, book.ended(0, "the server stopped")) for c in calls),
+                        return_exceptions=True,
+                    )
         bridges = [c.bridge for c in self._calls.values() if c.bridge is not None]
         for call in list(self._calls.values()):
             call.hang_up()

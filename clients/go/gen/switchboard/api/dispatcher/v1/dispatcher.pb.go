@@ -10182,7 +10182,7 @@ type UpdateScheduleRequest struct {
 	Schedule *Schedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
 	// Fields to change: `display_name`, `assistant`, `handler`,
 	// `message_template`, `cron`, `time_zone`, `interval`, `concurrency_policy`,
-	// `missed_tick_policy`, `timeout`, `assistant_revision`.
+	// `missed_tick_policy`, `timeout`, `assistant_revision`, `call`.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

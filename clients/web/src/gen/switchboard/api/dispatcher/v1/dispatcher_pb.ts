@@ -5082,7 +5082,7 @@ export type UpdateScheduleRequest = Message<"switchboard.api.dispatcher.v1.Updat
   /**
    * Fields to change: `display_name`, `assistant`, `handler`,
    * `message_template`, `cron`, `time_zone`, `interval`, `concurrency_policy`,
-   * `missed_tick_policy`, `timeout`, `assistant_revision`.
+   * `missed_tick_policy`, `timeout`, `assistant_revision`, `call`.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
