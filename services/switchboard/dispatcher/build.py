@@ -81,6 +81,7 @@ from switchboard.dispatcher.service import Catalogs, Dispatcher, Readmission, Ru
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.build import peers_of, smart_turn, talk_limits
 from switchboard.dispatcher.talk.phone.book import CallBook
+from switchboard.dispatcher.talk.phone.store import CallQuota
 from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.sip.build import start_sip
 from switchboard.dispatcher.talk.sip.calls import Calls
@@ -106,6 +107,7 @@ from switchboard.platform.rpc.server import ServiceRegistration, advertise_addre
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.values import names
+from switchboard.platform.values.resources import QuotaName
 
 
 class HubLimits(Protocol):
@@ -243,18 +245,29 @@ async def dispatcher_service(
         approval_timeout_s=shared.section(DispatcherSettings).dispatcher_approval_timeout_s,
         metrics=shared.metrics,
     )
+    quotas = _quotas(shared)
+
+    async def call_quota(workspace_id: str) -> CallQuota:
+        limits = await quotas.limits(workspace_id)
+        return CallQuota(
+            max_concurrent_calls=limits.max_concurrent_calls,
+            call_minutes_per_day=limits.call_minutes_per_day,
+            subject=str(QuotaName(workspace_id)),
+        )
+
     catalogs = Catalogs(
         assistants=assistants,
         schedules=schedules,
         budgets=_budgets(shared, assistants, spending),
         usage=Usage(UsageStore(shared.database), shared.page_tokens),
-        quotas=_quotas(shared),
+        quotas=quotas,
         calls=CallBook(
             shared.database,
             shared.bus,
             shared.page_tokens,
             instance_id=shared.instance_id,
             peers=peers,
+            quota=call_quota,
         ),
     )
     run = _Run(
@@ -272,6 +285,9 @@ async def dispatcher_service(
     dispatcher = Dispatcher(_stages(run, peers), catalogs)
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
+    # The calls' quota and take-over: watched once a line (SIP, media streams) is plugged.
+    catalogs.calls.start()
+    resources.push_async_callback(catalogs.calls.close)
     # After the dispatcher's start (its lease is renewed, its runs recovered), and
     # stopped before it closes (the stack unwinds in reverse).
     firing = schedule_firing(

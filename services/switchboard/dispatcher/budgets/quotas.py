@@ -44,12 +44,21 @@ from switchboard.platform.values.fieldmask import update_paths
 from switchboard.platform.values.resources import ApiKeyName, QuotaName
 
 #: What UpdateWorkspaceQuota may change, in the contract's order.
-MUTABLE: Final = ("messages_per_minute", "max_concurrent_runs", "api_keys")
+MUTABLE: Final = (
+    "messages_per_minute",
+    "max_concurrent_runs",
+    "api_keys",
+    "max_concurrent_calls",
+    "call_minutes_per_day",
+)
 #: API keys one quota may name.
 MAX_API_KEYS: Final = 100
 #: Ceilings of the values (the settings' own ceilings).
 MAX_MESSAGES_PER_MINUTE: Final = 10_000_000
 MAX_CONCURRENT_RUNS: Final = 1_000_000
+MAX_CONCURRENT_CALLS: Final = 100_000
+#: A day's minutes for 100,000 calls at once.
+MAX_CALL_MINUTES_PER_DAY: Final = 144_000_000
 #: How long a workspace's quota is cached in each process (a change made on
 #: another replica applies within this time).
 CACHE_TTL_S: Final = 5.0
@@ -89,6 +98,9 @@ class Limits:
     max_concurrent_runs: int
     #: By API key name (``users/{u}/apiKeys/{k}``).
     keys: Mapping[str, KeyLimits] = field(default_factory=dict)
+    #: Phone calls (``talk/phone/``): live at once, and minutes a day; 0: no limit.
+    max_concurrent_calls: int = 0
+    call_minutes_per_day: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,8 @@ class Quotas:
             messages_per_minute=given.messages_per_minute,
             max_concurrent_runs=given.max_concurrent_runs,
             api_keys=given.api_keys,
+            max_concurrent_calls=given.max_concurrent_calls,
+            call_minutes_per_day=given.call_minutes_per_day,
         )
         mask = field_mask_pb2.FieldMask(paths=paths)
 
@@ -170,6 +184,22 @@ class Quotas:
                 given.max_concurrent_runs,
                 MAX_CONCURRENT_RUNS,
                 "the server's default",
+            )
+        if "max_concurrent_calls" in paths:
+            _bounded(
+                violations,
+                "quota.max_concurrent_calls",
+                given.max_concurrent_calls,
+                MAX_CONCURRENT_CALLS,
+                "no limit of its own",
+            )
+        if "call_minutes_per_day" in paths:
+            _bounded(
+                violations,
+                "quota.call_minutes_per_day",
+                given.call_minutes_per_day,
+                MAX_CALL_MINUTES_PER_DAY,
+                "no limit",
             )
         if "api_keys" in paths:
             if len(given.api_keys) > MAX_API_KEYS:
@@ -221,6 +251,8 @@ class Quotas:
                 key.api_key: KeyLimits(key.messages_per_minute, key.max_concurrent_runs)
                 for key in stored.api_keys
             },
+            max_concurrent_calls=stored.max_concurrent_calls,
+            call_minutes_per_day=stored.call_minutes_per_day,
         )
 
     # -- admission (the hot path) -------------------------------------------------------

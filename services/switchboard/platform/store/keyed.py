@@ -135,7 +135,11 @@ class ById:
 
 
 class ByCreation:
-    """Oldest first, by (created_at, id): integrations list in the order they were made."""
+    """Oldest first, by (created_at, id): integrations list in the order they were made;
+    or newest first (``newest_first``): a workspace's calls."""
+
+    def __init__(self, *, newest_first: bool = False) -> None:
+        self._newest_first = newest_first
 
     @property
     def shape(self) -> tuple[pagination.Part, ...]:
@@ -150,14 +154,19 @@ class ByCreation:
 
     def where(self, row: Any, after: tuple[dt.datetime, str]) -> ColumnElement[bool]:
         stamp, last = after
+        if self._newest_first:
+            return or_(row.created_at < stamp, and_(row.created_at == stamp, row.id < last))
         return or_(row.created_at > stamp, and_(row.created_at == stamp, row.id > last))
 
     def columns(self, row: Any) -> tuple[Any, ...]:
+        if self._newest_first:
+            return (row.created_at.desc(), row.id.desc())
         return (row.created_at, row.id)
 
 
 BY_ID: Final = ById()
 BY_CREATION: Final = ByCreation()
+NEWEST_FIRST: Final = ByCreation(newest_first=True)
 
 
 @dataclass(frozen=True)

@@ -941,6 +941,8 @@ class CallRow(Base):
     assistant_id: Mapped[str] = mapped_column(String(63))
     usage_day: Mapped[str] = mapped_column(String(10))
     seconds: Mapped[int] = mapped_column(Integer)
+    # When it was answered (NULL before): a live call's minutes so far, for the quota.
+    answered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

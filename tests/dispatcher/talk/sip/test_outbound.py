@@ -13,6 +13,8 @@ PJSIP in its own process) on loopback:
   own status and reason;
 - an ended call counts in QueryUsage with the seconds it was answered;
 - a retried PlaceCall (the same request id) places no second call;
+- the workspace's call quota: calls at once (across replicas) and minutes a day, a live
+  call hung up once they are spent;
 - what may not be placed is refused with its status: malformed fields, a trunk that does
   not call for the workspace or that number, a viewer, the workspace's limit, a server
   without SIP;
@@ -33,7 +35,7 @@ from typing import Any, Final
 import grpc
 import pytest
 import pytest_asyncio
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -519,6 +521,77 @@ async def test_a_schedule_that_calls_places_its_call_at_its_tick(line: Line) -> 
             timeout=CALL_DEADLINE_S,
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def set_quota(line: Line, **fields: int) -> None:
+    quota = pb.WorkspaceQuota(name=f"{line.world.workspace.name}/quota")
+    for key, value in fields.items():
+        setattr(quota, key, value)
+    await dispatcher_stub(line.channel).UpdateWorkspaceQuota(
+        pb.UpdateWorkspaceQuotaRequest(
+            quota=quota, update_mask=field_mask_pb2.FieldMask(paths=list(fields))
+        ),
+        metadata=line.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+
+
+async def test_the_workspaces_call_quota_holds_calls_at_once_and_minutes(line: Line) -> None:
+    stub = dispatcher_stub(line.channel)
+    try:
+        # One call at a time, whichever replica carries it.
+        await set_quota(line, max_concurrent_calls=1)
+        since = len(line.slow.events)
+        first = await place(line, trunk="slow")
+        with pytest.raises(aio.AioRpcError) as busy:
+            await stub.PlaceCall(
+                place_request(line), metadata=line.world.owner.md, timeout=CALL_DEADLINE_S
+            )
+        assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1" in (busy.value.details() or "")
+        await incoming(line.slow, since)
+        await end(line, first.name)
+        await until(line, first.name, ended, "the first call's end")
+
+        # Minutes a day: a live call is hung up once they are spent, and no more is placed.
+        await set_quota(line, max_concurrent_calls=0, call_minutes_per_day=1000)
+        since = len(line.callee.events)
+        call = await place(line)
+        n = int((await incoming(line.callee, since))["n"])
+        await line.callee.wait_state(n, "CONFIRMED", WAIT_S)
+        await until(line, call.name, lambda c: c.state == pb.CALL_STATE_ANSWERED, "answered")
+        # Two minutes answered already today, in a call of a server long gone.
+        book = built(line.server, Dispatcher).calls
+        stamp = now() - dt.timedelta(minutes=2)
+        earlier = pb.Call(direction=pb.CALL_DIRECTION_INBOUND, assistant=line.assistant)
+        earlier.answer_time.FromDatetime(stamp)
+        await book._store.add(
+            CallRecord(
+                workspace_id=line.world.workspace.name.rsplit("/", 1)[-1],
+                id=new_id(),
+                state=int(pb.CALL_STATE_ANSWERED),
+                holder="a-server-long-gone",
+                user_id=line.world.owner.id,
+                assistant_id=line.assistant.rsplit("/", 1)[-1],
+                data=earlier.SerializeToString(),
+                created_at=stamp,
+                updated_at=stamp,
+            ),
+            None,
+            None,
+        )
+        await set_quota(line, call_minutes_per_day=1)
+        await disconnected(line.callee, n)
+        done = await until(line, call.name, ended, "the call hung up at the quota")
+        assert done.end_reason == "the workspace's call minutes for today are spent"
+        with pytest.raises(aio.AioRpcError) as spent:
+            await stub.PlaceCall(
+                place_request(line), metadata=line.world.owner.md, timeout=CALL_DEADLINE_S
+            )
+        assert spent.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "minutes" in (spent.value.details() or "")
+    finally:
+        await set_quota(line, max_concurrent_calls=0, call_minutes_per_day=0)
 
 
 async def test_the_calls_of_a_stopped_server_are_ended(line: Line) -> None:

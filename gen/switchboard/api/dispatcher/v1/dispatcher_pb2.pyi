@@ -4082,6 +4082,8 @@ class WorkspaceQuota(_message.Message):
     API_KEYS_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_CALLS_FIELD_NUMBER: _builtins.int
+    CALL_MINUTES_PER_DAY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/quota`."""
     messages_per_minute: _builtins.int
@@ -4090,6 +4092,17 @@ class WorkspaceQuota(_message.Message):
     """Runs queued or running at once in the workspace; the server's default if 0."""
     etag: _builtins.str
     """Checksum for optimistic concurrency (output only; send it back to update)."""
+    max_concurrent_calls: _builtins.int
+    """Phone calls live at once in the workspace, ringing or answered, on every
+    replica together (docs/telephony.md); 0: none of its own (each process's
+    SWITCHBOARD_SIP_MAX_CALLS_PER_WORKSPACE still holds). One more is refused:
+    PlaceCall with RESOURCE_EXHAUSTED, a call in with 486 Busy Here.
+    """
+    call_minutes_per_day: _builtins.int
+    """Minutes of phone calls a day (UTC) in the workspace, counted from their
+    answered time, live calls included; 0: no limit. Once they are spent, calls
+    are refused as above and the live ones are hung up.
+    """
     @_builtins.property
     def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKeyQuota]:
         """Per API key (at most 100, each key once)."""
@@ -4107,10 +4120,12 @@ class WorkspaceQuota(_message.Message):
         api_keys: _abc.Iterable[Global___ApiKeyQuota] | None = ...,
         etag: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        max_concurrent_calls: _builtins.int = ...,
+        call_minutes_per_day: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys", "etag", b"etag", "max_concurrent_runs", b"max_concurrent_runs", "messages_per_minute", b"messages_per_minute", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys", "call_minutes_per_day", b"call_minutes_per_day", "etag", b"etag", "max_concurrent_calls", b"max_concurrent_calls", "max_concurrent_runs", b"max_concurrent_runs", "messages_per_minute", b"messages_per_minute", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -4176,7 +4191,9 @@ class UpdateWorkspaceQuotaRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: `messages_per_minute`, `max_concurrent_runs`, `api_keys`."""
+        """Fields to change: `messages_per_minute`, `max_concurrent_runs`, `api_keys`,
+        `max_concurrent_calls`, `call_minutes_per_day`.
+        """
 
     def __init__(
         self,

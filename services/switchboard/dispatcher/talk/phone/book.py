@@ -7,8 +7,13 @@ record is the call's history, kept after it ended, and its event is in the log w
 come, be answered and end. ``PlaceCall`` is checked here, then handed to the process's
 ``Phone`` (the SIP user agent) if it has one. ``EndCall`` hangs up where the call is
 carried (SIP, or a carrier's media stream: each a ``Line``): here, or on the replica that
-holds it (forwarded, as CancelRun
-is); a call whose holder stopped is ended on the record (its line went down with it).
+holds it (forwarded, as CancelRun is); a call whose holder stopped is ended on the record
+(its line went down with it).
+
+The workspace's call quota (``WorkspaceQuota.max_concurrent_calls`` and
+``call_minutes_per_day``) is checked as a call is recorded (``opened``: the store's
+transaction), and every ``ENFORCE_S`` the answered calls this process carries in a
+workspace whose minutes for today are spent are hung up (``start``).
 """
 
 from __future__ import annotations
@@ -16,22 +21,29 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
+from google.protobuf import struct_pb2
+
+from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
+from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
-from switchboard.dispatcher.talk.phone.store import ENDED, CallRecord, CallStore
+from switchboard.dispatcher.talk.phone.store import ENDED, CallQuota, CallRecord, CallStore
 from switchboard.platform.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
     ServerUnavailable,
+    SwitchboardError,
 )
+from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.keyed import Created, Publisher
@@ -49,6 +61,15 @@ MIN_RING_S: Final = 5.0
 MAX_RING_S: Final = 120.0
 #: Calls of stopped holders ended per pass (``end_orphans``).
 ORPHANS_PER_PASS: Final = 100
+#: How often the minutes' quota is held against the live calls, and how often (in
+#: those passes) the calls of stopped holders are looked for (their lease outlives them).
+ENFORCE_S: Final = 10.0
+ORPHANS_EVERY: Final = 6
+#: Answered calls of this process looked at per pass.
+LIVE_PER_PASS: Final = 1000
+SPENT: Final = "the workspace's call minutes for today are spent"
+#: A workspace's call quota, read when a call is recorded (``WorkspaceQuota``).
+QuotaOf = Callable[[str], Awaitable[CallQuota]]
 _E164_DIGITS: Final = range(8, 16)
 
 
@@ -141,8 +162,11 @@ class CallBook:
         *,
         instance_id: str,
         peers: EndPeer,
+        quota: QuotaOf | None = None,
     ) -> None:
         self._store = CallStore(database)
+        self._quota = quota
+        self._task: asyncio.Task[None] | None = None
         self._bus = bus
         self._pages = pages
         self._peers = peers
@@ -183,7 +207,8 @@ class CallBook:
             ),
             key=key.key if key else "",
         )
-        made = await self._store.add(record, key, staged)
+        quota = await self._quota(workspace_id) if self._quota is not None else None
+        made = await self._store.add(record, key, staged, quota)
         await self._bus.publish_staged(staged.events)
         return Opened(message(made.record), fresh=made.fresh)
 
@@ -225,6 +250,56 @@ class CallBook:
         done = await self._store.change(name.workspace, name.call, change, staged)
         await self._bus.publish_staged(staged.events)
         return None if done is None else message(done)
+
+    # -- the quota and the take-over, now and then ----------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="calls-watch")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    @property
+    def _lines(self) -> list[Line]:
+        return [*self.lines, *([self.phone] if self.phone is not None else [])]
+
+    async def _watch(self) -> None:
+        passes = 0
+        while True:
+            try:
+                if self._lines:
+                    await self.enforce_minutes()
+                    if passes % ORPHANS_EVERY == 0:
+                        await self.end_orphans()
+            except SwitchboardError as exc:
+                # The database away: the next pass tries again.
+                log.info("the calls could not be looked at now: %s", exc.message)
+            passes += 1
+            await asyncio.sleep(ENFORCE_S)
+
+    async def enforce_minutes(self) -> int:
+        """Hang up the answered calls this process carries in workspaces whose call
+        minutes for today are spent; how many."""
+        if self._quota is None:
+            return 0
+        by_workspace: dict[str, list[CallRecord]] = {}
+        for record in await self._store.live_answered(self.instance_id, LIVE_PER_PASS):
+            by_workspace.setdefault(record.workspace_id, []).append(record)
+        ended = 0
+        for workspace_id, held in by_workspace.items():
+            quota = await self._quota(workspace_id)
+            if not quota.call_minutes_per_day:
+                continue
+            if await self._store.seconds_today(workspace_id) < quota.call_minutes_per_day * 60:
+                continue
+            for record in held:
+                ended += any(line.end(record.id, SPENT) for line in self._lines)
+        if ended:
+            log.info("%d calls were hung up: their workspaces' call minutes are spent", ended)
+        return ended
 
     async def end_orphans(self) -> int:
         """End the calls whose holder stopped (their lines went down with it)."""
@@ -277,8 +352,7 @@ class CallBook:
             return message(record)
         why = f"ended by {user_name}"
         if record.holder == self.instance_id:
-            lines = [*self.lines, *([self.phone] if self.phone is not None else [])]
-            if any(line.end(parsed.call, why) for line in lines):
+            if any(line.end(parsed.call, why) for line in self._lines):
                 return message(record)
             # Recorded as live, carried by nothing here (its carrier gave up on it).
             return await self._ended_now(name, record, why)
@@ -375,6 +449,32 @@ def is_e164(number: str) -> bool:
         and len(digits) in _E164_DIGITS
         and not digits.startswith("0")
     )
+
+
+async def call_conversation(
+    context: ContextPort,
+    principal: Principal,
+    workspace: str,
+    title: str,
+    facts: dict[str, Any],
+    *,
+    timeout_s: float,
+) -> str:
+    """A new conversation for a call, titled ``title``, its metadata ``facts`` (the
+    channel, the numbers): its transcript, as the user the call acts as."""
+    metadata = struct_pb2.Struct()
+    metadata.update(facts)
+    made = await context.create_conversation(
+        principal,
+        cpb.CreateConversationRequest(
+            parent=workspace,
+            conversation=cpb.Conversation(title=title[:200], metadata=metadata),
+            # Made once per call, never sent again: any fresh id.
+            request_id=f"call-{uuid.uuid4().hex}",
+        ),
+        timeout_s=timeout_s,
+    )
+    return made.name
 
 
 def new_call(

@@ -1,15 +1,13 @@
 """The SIP user agent as a dispatcher process builds it from ``SWITCHBOARD_SIP_*``: none
 without ``SWITCHBOARD_SIP_LISTEN``; else the engine started (with an account for each
-trunk that places calls), the process made the call book's ``Phone``, the calls of
-stopped servers ended on the record (now and every ``ORPHAN_SWEEP_S``), its calls
-closed (before the dispatcher's runs stop) and the library ended when the process
+trunk that places calls), the process made the call book's ``Phone`` (which then ends
+the calls of stopped servers and holds the minutes' quota: ``talk/phone/book.py``), its
+calls closed (before the dispatcher's runs stop) and the library ended when the process
 stops."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Final
 
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.talk.phone.book import CallBook
@@ -27,13 +25,9 @@ from switchboard.dispatcher.talk.sip.settings import SipSettings, listen
 from switchboard.dispatcher.talk.webrtc.ports import PortRange
 from switchboard.dispatcher.tools.runner import LateTools
 from switchboard.platform.config import ConfigError
-from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.process import Shared
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
-
-#: How often the calls of stopped servers are looked for (their lease outlives them).
-ORPHAN_SWEEP_S: Final = 60.0
 
 
 async def start_sip(
@@ -101,13 +95,6 @@ async def start_sip(
     shared.resources.push_async_callback(engine.stop)
     shared.resources.push_async_callback(calls.close)
     book.phone = calls
-    sweeper = asyncio.get_running_loop().create_task(_sweep(book), name="sip-orphans")
-
-    async def stop_sweeping() -> None:
-        sweeper.cancel()
-        await asyncio.gather(sweeper, return_exceptions=True)
-
-    shared.resources.push_async_callback(stop_sweeping)
     log.info(
         "SIP listening on %s:%d (UDP); %d trunks, %d dispatch rules",
         where[0],
@@ -116,13 +103,3 @@ async def start_sip(
         len(plan.rules),
     )
     return calls
-
-
-async def _sweep(book: CallBook) -> None:
-    while True:
-        try:
-            await book.end_orphans()
-        except SwitchboardError as exc:
-            # The database away: the next pass tries again.
-            log.info("the calls of stopped servers could not be ended now: %s", exc.message)
-        await asyncio.sleep(ORPHAN_SWEEP_S)

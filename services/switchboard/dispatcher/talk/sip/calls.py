@@ -28,14 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from google.protobuf import struct_pb2
-
-from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
@@ -48,6 +44,7 @@ from switchboard.dispatcher.talk.sip.engine import Invite, Refusal, SipEngine
 from switchboard.dispatcher.talk.sip.rules import Dialplan, DispatchRule, InviteRate, Trunk
 from switchboard.dispatcher.talk.sip.tools import CallActions
 from switchboard.dispatcher.tools.runner import BuiltinTool
+from switchboard.platform import background
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -427,11 +424,13 @@ class Calls:
         principal = Principal.acting_for(order.user_id)
         workspace = f"workspaces/{order.workspace_id}"
         await self._policy.authorize(principal, workspace, Permission.WRITE, "parent")
-        conversation = await self._conversation(
+        conversation = await book.call_conversation(
+            self._context,
             principal,
             workspace,
             f"Call to {order.to_number}",
             {"channel": "sip", "direction": "outbound", "to": order.to_number},
+            timeout_s=ADMIT_TIMEOUT_S,
         )
         call.conversation = conversation
         first = pb.TalkRequest(
@@ -588,23 +587,6 @@ class Calls:
         call.tools = dict(tools.bound(self._actions(call, bridge, engine)))
         self._spawn(self._until_ended(call, bridge))
 
-    async def _conversation(
-        self, principal: Principal, workspace: str, title: str, facts: dict[str, Any]
-    ) -> str:
-        metadata = struct_pb2.Struct()
-        metadata.update(facts)
-        made = await self._context.create_conversation(
-            principal,
-            cpb.CreateConversationRequest(
-                parent=workspace,
-                conversation=cpb.Conversation(title=title[:200], metadata=metadata),
-                # Made once per call, never sent again: any fresh id.
-                request_id=f"sip-{uuid.uuid4().hex}",
-            ),
-            timeout_s=ADMIT_TIMEOUT_S,
-        )
-        return made.name
-
     async def _session_for(
         self, call: _Call, invite: Invite, rule: DispatchRule
     ) -> tuple[Principal, pb.TalkRequest, bool]:
@@ -613,7 +595,8 @@ class Calls:
         workspace = f"workspaces/{rule.workspace_id}"
         await self._policy.authorize(principal, workspace, Permission.WRITE, "user")
         caller = invite.caller or "an unknown number"
-        call.conversation = await self._conversation(
+        call.conversation = await book.call_conversation(
+            self._context,
             principal,
             workspace,
             f"Call from {caller} to {invite.dialed}",
@@ -624,6 +607,7 @@ class Calls:
                 "dialed": invite.dialed,
                 "caller_known": known,
             },
+            timeout_s=ADMIT_TIMEOUT_S,
         )
         first = pb.TalkRequest(
             start=pb.TalkStart(
@@ -650,14 +634,7 @@ class Calls:
             self.engine.hang_up(call, code, reason)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work, name="sip-admit")
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a SIP call's task failed", exc_info=task.exception())
+        background.spawn(work, name="sip-call", logger=log, keep=self._tasks)
 
 
 def _refusal(exc: BaseException) -> tuple[int, str]:

@@ -21,14 +21,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from google.protobuf import struct_pb2
-
-from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
@@ -42,6 +38,7 @@ from switchboard.dispatcher.talk.sip.tools import CallActions
 from switchboard.dispatcher.talk.streams.settings import CARRIERS
 from switchboard.dispatcher.talk.streams.signing import Ticket, Tickets
 from switchboard.dispatcher.tools.runner import BuiltinTool
+from switchboard.platform import background
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.security.policy import Permission, Policy, Principal
@@ -315,32 +312,25 @@ class MediaStreams:
         principal = Principal.acting_for(user.user)
         workspace = f"workspaces/{rule.workspace_id}"
         await self._policy.authorize(principal, workspace, Permission.WRITE, "user")
-        metadata = struct_pb2.Struct()
-        metadata.update(
+        caller = ticket.caller or "an unknown number"
+        call.conversation = await book.call_conversation(
+            self._context,
+            principal,
+            workspace,
+            f"Call from {caller} to {ticket.dialed}",
             {
                 "channel": ticket.carrier,
                 "caller": ticket.caller,
                 "dialed": ticket.dialed,
                 "caller_known": known,
                 "call_sid": ticket.call_id,
-            }
-        )
-        caller = ticket.caller or "an unknown number"
-        made = await self._context.create_conversation(
-            principal,
-            cpb.CreateConversationRequest(
-                parent=workspace,
-                conversation=cpb.Conversation(
-                    title=f"Call from {caller} to {ticket.dialed}"[:200], metadata=metadata
-                ),
-                # Made once per call, never sent again: any fresh id.
-                request_id=f"stream-{uuid.uuid4().hex}",
-            ),
+            },
             timeout_s=ADMIT_TIMEOUT_S,
         )
-        call.conversation = made.name
         first = pb.TalkRequest(
-            start=pb.TalkStart(conversation=made.name, assistant=str(rule.assistant), barge_in=True)
+            start=pb.TalkStart(
+                conversation=call.conversation, assistant=str(rule.assistant), barge_in=True
+            )
         )
         return principal, first
 
@@ -378,14 +368,7 @@ class MediaStreams:
         )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work, name="stream-call")
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a media stream's task failed", exc_info=task.exception())
+        background.spawn(work, name="stream-call", logger=log, keep=self._tasks)
 
 
 def _said(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("assistant_id", sa.String(length=63), nullable=False),
         sa.Column("usage_day", sa.String(length=10), nullable=False),
         sa.Column("seconds", sa.Integer(), nullable=False),
+        sa.Column("answered_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("data", sa.LargeBinary(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),

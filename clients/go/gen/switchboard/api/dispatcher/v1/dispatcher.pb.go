@@ -7721,9 +7721,18 @@ type WorkspaceQuota struct {
 	// Checksum for optimistic concurrency (output only; send it back to update).
 	Etag string `protobuf:"bytes,5,opt,name=etag,proto3" json:"etag,omitempty"`
 	// When it last changed (output only; unset while it has the defaults).
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// Phone calls live at once in the workspace, ringing or answered, on every
+	// replica together (docs/telephony.md); 0: none of its own (each process's
+	// SWITCHBOARD_SIP_MAX_CALLS_PER_WORKSPACE still holds). One more is refused:
+	// PlaceCall with RESOURCE_EXHAUSTED, a call in with 486 Busy Here.
+	MaxConcurrentCalls int32 `protobuf:"varint,7,opt,name=max_concurrent_calls,json=maxConcurrentCalls,proto3" json:"max_concurrent_calls,omitempty"`
+	// Minutes of phone calls a day (UTC) in the workspace, counted from their
+	// answered time, live calls included; 0: no limit. Once they are spent, calls
+	// are refused as above and the live ones are hung up.
+	CallMinutesPerDay int32 `protobuf:"varint,8,opt,name=call_minutes_per_day,json=callMinutesPerDay,proto3" json:"call_minutes_per_day,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *WorkspaceQuota) Reset() {
@@ -7796,6 +7805,20 @@ func (x *WorkspaceQuota) GetUpdateTime() *timestamppb.Timestamp {
 		return x.UpdateTime
 	}
 	return nil
+}
+
+func (x *WorkspaceQuota) GetMaxConcurrentCalls() int32 {
+	if x != nil {
+		return x.MaxConcurrentCalls
+	}
+	return 0
+}
+
+func (x *WorkspaceQuota) GetCallMinutesPerDay() int32 {
+	if x != nil {
+		return x.CallMinutesPerDay
+	}
+	return 0
 }
 
 // Request for GetWorkspaceQuota.
@@ -7895,7 +7918,8 @@ type UpdateWorkspaceQuotaRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The quota with `name`, optionally `etag`, and the new values.
 	Quota *WorkspaceQuota `protobuf:"bytes,1,opt,name=quota,proto3" json:"quota,omitempty"`
-	// Fields to change: `messages_per_minute`, `max_concurrent_runs`, `api_keys`.
+	// Fields to change: `messages_per_minute`, `max_concurrent_runs`, `api_keys`,
+	// `max_concurrent_calls`, `call_minutes_per_day`.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -11857,7 +11881,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\vApiKeyQuota\x12\x17\n" +
 	"\aapi_key\x18\x01 \x01(\tR\x06apiKey\x12.\n" +
 	"\x13messages_per_minute\x18\x02 \x01(\x05R\x11messagesPerMinute\x12.\n" +
-	"\x13max_concurrent_runs\x18\x03 \x01(\x05R\x11maxConcurrentRuns\"\x9c\x02\n" +
+	"\x13max_concurrent_runs\x18\x03 \x01(\x05R\x11maxConcurrentRuns\"\xff\x02\n" +
 	"\x0eWorkspaceQuota\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12.\n" +
 	"\x13messages_per_minute\x18\x02 \x01(\x05R\x11messagesPerMinute\x12.\n" +
@@ -11865,7 +11889,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\bapi_keys\x18\x04 \x03(\v2*.switchboard.api.dispatcher.v1.ApiKeyQuotaR\aapiKeys\x12\x12\n" +
 	"\x04etag\x18\x05 \x01(\tR\x04etag\x12;\n" +
 	"\vupdate_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\".\n" +
+	"updateTime\x120\n" +
+	"\x14max_concurrent_calls\x18\a \x01(\x05R\x12maxConcurrentCalls\x12/\n" +
+	"\x14call_minutes_per_day\x18\b \x01(\x05R\x11callMinutesPerDay\".\n" +
 	"\x18GetWorkspaceQuotaRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"`\n" +
 	"\x19GetWorkspaceQuotaResponse\x12C\n" +
