@@ -24,7 +24,8 @@ it), the files section from ``bench/files.py`` (about 3 minutes; ``--no-files`` 
 the voice section from ``bench/voice.py`` (about 4 minutes; ``--no-voice`` skips it),
 the voice over WebRTC section from ``bench/webrtc.py`` (about 7 minutes; ``--no-webrtc``
 skips it), the phone calls (SIP) section from ``bench/telephony.py`` (about 6 minutes;
-``--no-telephony`` skips it),
+``--no-telephony`` skips it), the phone calls (carriers' media streams) section from
+``bench/streams.py`` (about 5 minutes; ``--no-streams`` skips it),
 the turn detection section from ``bench/turns.py`` (Smart Turn against silence on a labelled
 set, about 15 seconds; ``--no-turns`` skips it),
 the semantic memory section from ``bench/semantic.py`` (about 10 minutes; ``--no-semantic``
@@ -93,6 +94,7 @@ SECTIONS: Final = (
     ("voice", 900),
     ("webrtc", 1200),
     ("telephony", 1200),
+    ("streams", 1200),
     ("turns", 300),
     ("semantic", 1500),
     ("scale", 1500),

@@ -49,6 +49,7 @@ from switchboard.platform.store.db import Database
 from switchboard.platform.store.keyed import Created, Publisher
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.storage import Idempotency, idempotency
+from switchboard.platform.values import timefields
 from switchboard.platform.values.names import new_id, now
 from switchboard.platform.values.resources import AssistantName, CallName, UserName, WorkspaceName
 
@@ -413,7 +414,8 @@ def checked_order(request: pb.PlaceCallRequest, *, user_id: str, schedule: str =
         )
     ring_s = DEFAULT_RING_S
     if request.HasField("ring_timeout"):
-        ring_s = request.ring_timeout.ToTimedelta().total_seconds()
+        # OUT_OF_RANGE for a Duration no Duration can be (timefields).
+        ring_s = timefields.seconds(request.ring_timeout, "ring_timeout")
         if not MIN_RING_S <= ring_s <= MAX_RING_S:
             violations.append(
                 FieldViolation(

@@ -95,15 +95,26 @@ class Frames:
 
 class StreamPlayout(Playout):
     """SIP's playout at 8 kHz whose ``clear`` (a barge-in, a cancelled run) also tells
-    the carrier to drop what it holds of the answer."""
+    the carrier to drop what it holds of the answer, once: a barge-in clears the playout
+    twice (the interruption, then the run cancelled), and the carrier holds nothing
+    new of the answer the second time."""
 
     def __init__(self, on_clear: Callable[[], None]) -> None:
         super().__init__(RATE)
         self._on_clear = on_clear
+        #: Answer audio went out since the last ``clear`` (the loop's alone: no lock).
+        self._since_clear = False
+
+    def push(self, pcm: bytes) -> bool:
+        pushed = super().push(pcm)
+        self._since_clear = self._since_clear or pushed
+        return pushed
 
     def clear(self) -> None:
         super().clear()
-        self._on_clear()
+        if self._since_clear:
+            self._since_clear = False
+            self._on_clear()
 
 
 class Pacer:
