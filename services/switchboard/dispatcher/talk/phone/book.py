@@ -522,20 +522,36 @@ def answer(call: pb.Call) -> None:
         call.answer_time.FromDatetime(now())
 
 
+def answered_at(at: dt.datetime) -> Callable[[pb.Call], None]:
+    """An ``update`` edit: the call was answered at ``at`` (when its carrier said so, not
+    when the write ran: its duration and its limits count from there)."""
+
+    def edit(call: pb.Call) -> None:
+        if call.state != pb.CALL_STATE_ENDED:
+            call.state = pb.CALL_STATE_ANSWERED
+            call.answer_time.FromDatetime(at)
+
+    return edit
+
+
 def ringing(call: pb.Call) -> None:
     if call.state == pb.CALL_STATE_DIALING:
         call.state = pb.CALL_STATE_RINGING
 
 
 def ended(status: int, why: str) -> Callable[[pb.Call], None]:
-    """An ``update`` edit: the call ended with SIP ``status``, for ``why``."""
-    return lambda call: _end(call, status, why)
+    """An ``update`` edit: the call ended now (when this is asked, not when the write
+    runs) with SIP ``status``, for ``why``."""
+    at = now()
+    return lambda call: _end(call, status, why, at)
 
 
-def _end(call: pb.Call, status: int, why: str) -> None:
+def _end(call: pb.Call, status: int, why: str, at: dt.datetime | None = None) -> None:
     call.state = pb.CALL_STATE_ENDED
     call.sip_status = status
     call.end_reason = why[:300]
+    if at is not None:
+        call.end_time.FromDatetime(at)
 
 
 def _settle(call: pb.Call) -> None:

@@ -57,6 +57,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.security.policy import Permission, Policy, Principal
+from switchboard.platform.values.names import now
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
 
@@ -186,22 +187,22 @@ class Calls:
         def hang_up(why: str) -> None:
             log.info("the assistant ends a call: %s", why, extra={"session": bridge.session})
 
-            def now() -> None:
+            def act() -> None:
                 call.ends(f"the assistant ended it: {why}")
                 engine.hang_up(number)
 
-            bridge.after_speech(now)
+            bridge.after_speech(act)
 
         def transfer(name: str, target: str) -> None:
             log.info(
                 "the assistant transfers a call to %s", name, extra={"session": bridge.session}
             )
 
-            def now() -> None:
+            def act() -> None:
                 call.ends(f"transferred to {name}")
                 engine.transfer(number, target)
 
-            bridge.after_speech(now)
+            bridge.after_speech(act)
 
         return CallActions(
             live=lambda: bridge.live,
@@ -313,6 +314,7 @@ class Calls:
         if held is None or held.answered:
             return
         held.answered = True
+        stamp = now()
         if held.ring_timer is not None:
             held.ring_timer.cancel()
         # Every call has an end: the longest one may last (its timer is this one's now).
@@ -320,7 +322,7 @@ class Calls:
             self._limits.max_call_s, self._too_long, held
         )
         if held.name:
-            self._record(held, book.answer)
+            self._record(held, book.answered_at(stamp))
         if held.outbound and held.media_rate:
             self._begin(held)
 
