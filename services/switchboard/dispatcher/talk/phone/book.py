@@ -569,3 +569,13 @@ def _stored(call: pb.Call) -> bytes:
     kept.CopyFrom(call)
     kept.ClearField("name")
     return kept.SerializeToString(deterministic=True)
+
+
+def said(exc: BaseException) -> str:
+    """Why admitting or recording a call failed, for the log: a timeout named, a
+    ``SwitchboardError``'s own message, else only the exception's kind (its text may hold
+    what a caller sent)."""
+    if isinstance(exc, TimeoutError):
+        return "admitting it timed out"
+    message = getattr(exc, "message", "")
+    return str(message)[:300] if message else type(exc).__name__

@@ -361,7 +361,7 @@ class Calls:
         except (TimeoutError, SwitchboardError) as exc:
             # The record lags; the call itself goes on (its end is recorded by the next
             # process's take-over if this one never manages to).
-            log.warning("a call's record could not be written: %s", _said(exc))
+            log.warning("a call's record could not be written: %s", book.said(exc))
 
     # -- EndCall and PlaceCall (book.Phone) --------------------------------------------------
 
@@ -539,7 +539,7 @@ class Calls:
             code, reason = _refusal(exc)
             self._calls.pop(call.number, None)
             self._refuse(call.number, code, reason)
-            log.info("a call to %s was refused: %s", invite.dialed, _said(exc))
+            log.info("a call to %s was refused: %s", invite.dialed, book.said(exc))
             return
         except Exception:
             # Never a phone left ringing: a fault of ours ends the call, said as such.
@@ -664,10 +664,3 @@ def _why_ended(call: _Call, code: int, reason: str) -> str:
     if code == 603:
         return "the call was declined"
     return f"the call failed ({code} {reason[:100]})"
-
-
-def _said(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "admitting it timed out"
-    message = getattr(exc, "message", "")
-    return str(message)[:300] if message else type(exc).__name__

@@ -175,7 +175,7 @@ class MediaStreams:
                     "user",
                 )
         except (TimeoutError, SwitchboardError) as exc:
-            log.info("a %s call to %s was rejected: %s", carrier, dialed, _said(exc))
+            log.info("a %s call to %s was rejected: %s", carrier, dialed, book.said(exc))
             return Screened(refusal=REJECTED)
         token = self.tickets.issue(
             carrier=carrier, rule=index, caller=caller, dialed=dialed, call_id=call_id
@@ -202,7 +202,9 @@ class MediaStreams:
                 await self._record(call, principal)
         except (TimeoutError, SwitchboardError) as exc:
             self._calls.pop(call.number, None)
-            log.info("a %s stream to %s was refused: %s", ticket.carrier, ticket.dialed, _said(exc))
+            log.info(
+                "a %s stream to %s was refused: %s", ticket.carrier, ticket.dialed, book.said(exc)
+            )
             return None
         except Exception:
             self._calls.pop(call.number, None)
@@ -264,7 +266,7 @@ class MediaStreams:
                 await self._book.update(call.name, edit)
         except (TimeoutError, SwitchboardError) as exc:
             # The record lags; the take-over ends it if this process never does.
-            log.warning("a stream call's record could not be written: %s", _said(exc))
+            log.warning("a stream call's record could not be written: %s", book.said(exc))
 
     def end(self, call_id: str, why: str) -> bool:
         """EndCall (``book.Line``): hang up a stream this process carries."""
@@ -369,10 +371,3 @@ class MediaStreams:
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         background.spawn(work, name="stream-call", logger=log, keep=self._tasks)
-
-
-def _said(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "admitting it timed out"
-    message = getattr(exc, "message", "")
-    return str(message)[:300] if message else type(exc).__name__
