@@ -24,6 +24,7 @@ pytest_plugins = [
     "tests.infra.leftovers",
     "tests.infra.tiers",
     "tests.infra.longestfirst",
+    "tests.infra.crashsafe",
     "tests.infra.postgres",
     "tests.infra.redis",
     "tests.infra.rediscluster",
