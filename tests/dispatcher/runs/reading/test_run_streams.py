@@ -20,7 +20,7 @@ import pytest
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.runs.core.active import feed as feeds
 from switchboard.dispatcher.runs.core.active.live import SEQUENCE_BLOCK
-from switchboard.dispatcher.runs.reading.queries import _InOrder, _ready
+from switchboard.dispatcher.runs.reading.queries import _InOrder, _overdue, _ready
 
 pytestmark = pytest.mark.unit
 
@@ -91,6 +91,37 @@ def test_what_never_comes_leaves_a_gap_after_a_bounded_wait_that_more_tokens_do_
     # 3 is not coming: what waited goes out in order, the gap showing where it was.
     assert _sequences(order.flush()) == [4, 5, 6, 7, 8]
     assert _sequences(order.take(_delta(9))) == [9]
+    assert order.take(_delta(3)) == []  # too late: its place has gone by
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_token_that_came_while_the_watcher_was_slow_to_read_is_not_passed_over(
+    merge: bool,
+) -> None:
+    # The progress update 4 came before the delta 3 ahead of it and waited; 3 came too,
+    # but the time ran out while the watcher was still reading what went before (the
+    # relay was writing, not waiting on its queue): 3 was in the queue, and went by.
+    now = [100.0]
+    order = _InOrder(2, clock=lambda: now[0])
+    queue: asyncio.Queue[pb.RunUpdate] = asyncio.Queue()
+    assert order.take(_progress(4)) == []
+    queue.put_nowait(_delta(3))
+    queue.put_nowait(_delta(5))
+    now[0] = order.due + 1
+    ready = _overdue(order, queue, merge)
+    assert [(u.first_sequence or u.sequence, u.sequence) for u in ready] == [(3, 3), (4, 4), (5, 5)]
+    assert not order.early
+    assert order.position == 5
+
+
+def test_when_it_is_not_in_the_queue_what_waited_goes_out_with_the_gap() -> None:
+    now = [100.0]
+    order = _InOrder(2, clock=lambda: now[0])
+    queue: asyncio.Queue[pb.RunUpdate] = asyncio.Queue()
+    assert order.take(_progress(4)) == []
+    queue.put_nowait(_delta(6))
+    now[0] = order.due + 1
+    assert _sequences(_overdue(order, queue, merge=False)) == [4, 6]
     assert order.take(_delta(3)) == []  # too late: its place has gone by
 
 

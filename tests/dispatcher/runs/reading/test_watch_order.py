@@ -68,12 +68,14 @@ class _Clock:
 
 def test_a_token_ahead_of_the_log_waits_for_the_logged_updates_before_it() -> None:
     # On a busy host the log's reader lags pub/sub by seconds: a token that came before
-    # a tool call's update waits for it well past the 50 ms a token is waited for, so the
-    # tool call is not passed over (the durable-runs e2e beside busy loops lost them).
+    # a tool call's update waits for it well past the moment a logged update waits for a
+    # token, so the tool call is not passed over (the durable-runs e2e beside busy loops
+    # lost them).
+    assert queries._BEHIND_LOG_S >= 4 * queries._OVERTAKEN_S
     clock = _Clock()
     order = _InOrder(1, clock=clock)
     assert order.take(_token(7)) == []
-    clock.now += queries._OVERTAKEN_S * 20
+    clock.now += queries._OVERTAKEN_S * 2
     assert order.left() > 0
     assert _sequences(order.take(_logged(2))) == [2]
     # The logged update after the gap: the log is read in order, so only tokens can be

@@ -52,8 +52,10 @@ from switchboard.platform.values.resources import (
 
 #: How long a logged update of another replica's run that came before the token ahead of
 #: it (two channels: ``_InOrder``) waits for that token before it goes out anyway, the gap
-#: showing: the log is read in order, so only tokens can be missing below it.
-_OVERTAKEN_S: Final = 0.05
+#: showing: the log is read in order, so only tokens can be missing below it. Only a token
+#: lost on the way (pub/sub's at-most-once, over a reconnect) costs the whole wait, once;
+#: with 50 ms, a token late behind a busy host's log reader was passed over (issue 84).
+_OVERTAKEN_S: Final = 0.5
 #: How long a token that came before what is ahead of it waits. What is missing may be a
 #: logged update (a tool call, a result, a state change), which does come, over the log,
 #: unless its owner died first (then the next attempt's first update ends the wait): on
@@ -330,10 +332,7 @@ class Queries:
             if order.early:
                 wait = order.left()
                 if wait <= 0:
-                    # What they waited for is not coming (it was before this watch
-                    # began, or lost on the way): they go out, the gap showing.
-                    flushed = order.flush()
-                    ready = merge_deltas(flushed) if merge else flushed
+                    ready = _overdue(order, queue, merge)
                     continue
             try:
                 async with asyncio.timeout(wait):
@@ -464,6 +463,21 @@ def _ready(
     while not queue.empty():
         ready += order.take(queue.get_nowait())
     return merge_deltas(ready)
+
+
+def _overdue(
+    order: _InOrder, queue: asyncio.Queue[pb.RunUpdate], merge: bool
+) -> list[pb.RunUpdate]:
+    """What goes out once what waits in ``order`` is due: first what has come meanwhile,
+    which may be what they waited for (the time went by while the watcher was slow to read
+    what went before, not while the channel was), then what still waits, the gap showing
+    (it was before this watch began, or lost on the way)."""
+    ready: list[pb.RunUpdate] = []
+    while not queue.empty():
+        ready += order.take(queue.get_nowait())
+    if order.early and order.left() <= 0:
+        ready += order.flush()
+    return merge_deltas(ready) if merge else ready
 
 
 class _InOrder:
