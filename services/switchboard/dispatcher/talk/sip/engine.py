@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from switchboard.dispatcher.talk.sip.pjsip import (
+    Ports,
     display_of,
     header_of,
     new_account,
     new_call,
     new_log_writer,
-    new_port,
     stdout_to_stderr,
     uri_of,
     user_of,
@@ -227,6 +227,7 @@ class SipEngine:
         self._ep: Any = None
         self._account: Any = None
         self._writer: Any = None
+        self._ports = Ports(self)
         #: The SIP port bound (after ``start``).
         self.port = 0
 
@@ -462,6 +463,7 @@ class SipEngine:
         for leg in list(self._legs.values()):
             self._unplug(leg)
         self._legs.clear()
+        self._ports.abandon()
         # Whatever of PJSIP's is left in a cycle goes now, on this thread: the collector
         # running on another thread, or after the library, would crash the process.
         gc.collect()
@@ -483,7 +485,10 @@ class SipEngine:
             for audio in leg.extra:
                 with contextlib.suppress(Exception):  # PJSIP's Error: already gone
                     audio.stopTransmit(leg.port)
+                with contextlib.suppress(Exception):
                     leg.port.stopTransmit(audio)
+            rate = leg.playout.rate if leg.playout else 8_000
+            self._ports.give_back(leg.port, rate, Playout(rate))
         # PJSIP's objects are let go here, on this thread, and the leg's cycle with its
         # call broken: the garbage collector must never delete one on another thread
         # or after the library is gone (a crash).
@@ -599,14 +604,7 @@ class SipEngine:
             stream = leg.call.getStreamInfo(index)
             rate = 16_000 if int(stream.codecClockRate) >= 16_000 else 8_000
             playout = Playout(rate)
-            port = new_port(self, leg.number, playout)
-            fmt = pj.MediaFormatAudio()
-            fmt.type = pj.PJMEDIA_TYPE_AUDIO
-            fmt.clockRate = rate
-            fmt.channelCount = 1
-            fmt.bitsPerSample = 16
-            fmt.frameTimeUsec = 20_000
-            port.createPort(f"call-{leg.number}", fmt)
+            port = self._ports.lend(leg.number, rate, playout)
             audio = leg.call.getAudioMedia(index)
             audio.startTransmit(port)
             port.startTransmit(audio)

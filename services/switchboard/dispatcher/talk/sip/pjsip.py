@@ -1,7 +1,7 @@
 """PJSIP's side of the engine: the SWIG directors through which PJSIP calls back (an
 INVITE, a call's state and media, a key pressed, a transfer's outcome, each 20 ms of a
-call's audio, a log line), how a frame's bytes are read out of PJSIP's vectors, and how
-an INVITE's headers are read.
+call's audio, a log line), how a frame's bytes are read out of PJSIP's vectors, how
+an INVITE's headers are read, and our ports in PJSIP's conference bridge (``Ports``).
 
 Everything here runs on a thread of PJSIP's (the engine's, or the media clock's for the
 audio) and hands the engine what happened; ``engine.py`` says what the engine does with it.
@@ -9,12 +9,14 @@ audio) and hands the engine what happened; ``engine.py`` says what the engine do
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
@@ -99,7 +101,8 @@ def _pj_classes() -> tuple[type, type, type, type]:
     read = _vector_reader()
 
     class Port(pj.AudioMediaPort):  # type: ignore[misc]
-        # Both run on PJSIP's media clock thread, every 20 ms.
+        # Both run on PJSIP's media clock thread, every 20 ms. A port serves call after
+        # call (``engine._Ports``): its number and playout are the call's of the moment.
         def __init__(self, engine: Host, number: int, playout: Frames) -> None:
             super().__init__()
             self.engine = engine
@@ -108,9 +111,10 @@ def _pj_classes() -> tuple[type, type, type, type]:
 
         def onFrameReceived(self, frame: Any) -> None:
             with _guarded("a call's audio in"):
-                if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size > 0:
+                number = self.number  # 0: resting between calls (``engine._Ports``)
+                if number and frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size > 0:
                     pcm = read(frame.buf)
-                    self.engine.on_audio(self.number, pcm)
+                    self.engine.on_audio(number, pcm)
 
         def onFrameRequested(self, frame: Any) -> None:
             with _guarded("a call's audio out"):
@@ -166,6 +170,69 @@ def _guarded(what: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("handling %s from PJSIP failed", what)
+
+
+#: How long a call's port rests before another call takes it (``Ports``): the bridge
+#: undoes a port's connections at its next 20 ms tick, so a port taken sooner could hand
+#: the new call a frame of the old one's.
+PORT_REST_S: Final = 0.2
+
+
+class Ports:
+    """Our ports in PJSIP's conference bridge, kept and lent to call after call.
+
+    Since PJSIP 2.15.1 the bridge removes a port at its next clock tick, on the media
+    thread, and reads the port then; pjsua2's ``AudioMediaPort`` frees itself at once
+    (upstream pjproject 4200, after 2.15.1). A port deleted with its call was read after
+    its memory was freed and reused: a segfault, rarely (one run of the whole suite in
+    CI; with glibc's ``MALLOC_PERTURB_``, most runs of a few thousand ports made and
+    deleted). So no port is deleted while the library runs: a call's port goes back here
+    with its connections undone, rests (``PORT_REST_S``), and serves the next call at
+    its rate. At the end they are left to the process, never deleted (``abandon``)."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._resting: dict[int, collections.deque[tuple[float, Any]]] = {}
+        self._made = 0
+
+    def lend(self, number: int, rate: int, playout: Frames) -> Any:
+        import pjsua2 as pj
+
+        resting = self._resting.setdefault(rate, collections.deque())
+        if resting and time.monotonic() - resting[0][0] >= PORT_REST_S:
+            port = resting.popleft()[1]
+            port.playout = playout
+            port.number = number
+            return port
+        port = new_port(self._host, number, playout)
+        fmt = pj.MediaFormatAudio()
+        fmt.type = pj.PJMEDIA_TYPE_AUDIO
+        fmt.clockRate = rate
+        fmt.channelCount = 1
+        fmt.bitsPerSample = 16
+        fmt.frameTimeUsec = 20_000
+        self._made += 1
+        port.createPort(f"port-{self._made}", fmt)
+        return port
+
+    def give_back(self, port: Any, rate: int, silence: Frames) -> None:
+        """``port``, its connections undone (by the bridge's next tick); ``silence``
+        answers the bridge until then."""
+        port.number = 0  # what the bridge still hands it goes nowhere
+        port.playout = silence
+        self._resting.setdefault(rate, collections.deque()).append((time.monotonic(), port))
+
+    def abandon(self) -> None:
+        """Before the library ends: the ports are never deleted (see the class), so each is
+        handed to its C++ side, which nothing deletes (a few kilobytes a port, once)."""
+        for resting in self._resting.values():
+            for _, port in resting:
+                port.__disown__()
+        self._resting.clear()
+
+    @property
+    def made(self) -> int:
+        return self._made
 
 
 def new_account(engine: Host) -> Any:
