@@ -145,6 +145,7 @@ class CallPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 is untyped
         self.plays: deque[_Play] = deque()
         self.listen = _Listen()
         self.slot = -1
+        self.closed = False
 
     def queue(self, play: _Play) -> None:
         with self.lock:
@@ -157,7 +158,10 @@ class CallPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 is untyped
         return dropped
 
     def close(self) -> None:
+        """The call is over: the port hears and plays nothing more, and stays (``kept``)."""
         with self.lock:
+            self.closed = True
+            self.plays.clear()
             if self.sink is not None:
                 self.sink.close()
                 self.sink = None
@@ -167,7 +171,7 @@ class CallPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 is untyped
             finished: list[int] = []
             out = bytearray()
             with self.lock:
-                while len(out) < FRAME_BYTES and self.plays:
+                while not self.closed and len(out) < FRAME_BYTES and self.plays:
                     play = self.plays[0]
                     take = play.data[play.offset : play.offset + FRAME_BYTES - len(out)]
                     out += take
@@ -192,6 +196,8 @@ class CallPort(pj.AudioMediaPort):  # type: ignore[misc]  # pjsua2 is untyped
                 else SILENT_FRAME  # no audio this tick: keep the file a timeline
             )
             with self.lock:
+                if self.closed:
+                    return
                 if self.sink is not None:
                     self.sink.write(data)
                 event = self._listen(data)
@@ -416,6 +422,8 @@ class Phone:
     answers: list[tuple[float, PhoneCall]] = field(default_factory=list)
     #: Numbers of the calls that ended (and were dropped).
     ended: set[int] = field(default_factory=set)
+    #: Ended calls' ports, closed and out of the bridge's connections (``_drop_retired``).
+    kept: list[CallPort] = field(default_factory=list)
     plays: int = 0
     next_n: int = 1
     ep: Any = None
@@ -460,8 +468,15 @@ class Phone:
             self.answers = [(at, c) for at, c in self.answers if c is not call]
             if call.port is not None:
                 call.port.close()
-            # The port leaves the conference bridge when it is deleted; the main thread
-            # is the library's, so deleting here is allowed.
+                if call.media is not None:
+                    with contextlib.suppress(Exception):  # PJSIP's Error: already gone
+                        call.media.stopTransmit(call.port)
+                    with contextlib.suppress(Exception):
+                        call.port.stopTransmit(call.media)
+                # Never deleted while the library runs: PJSIP 2.15.1's bridge reads a
+                # removed port at its next tick, and pjsua2 frees it at once (the server's
+                # ``pjsip.Ports``, decision 83). Handed to its C++ side at the end.
+                self.kept.append(call.port)
             call.port = None
             call.media = None
 
@@ -586,6 +601,9 @@ class Phone:
         self.calls.clear()
         self.answers.clear()
         self._shut_accounts()
+        for port in self.kept:
+            port.__disown__()
+        self.kept.clear()
         gc.collect()
         # Calls are over and their last messages out: nothing on the network to wait for.
         self.ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
