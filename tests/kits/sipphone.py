@@ -14,11 +14,11 @@ this driver speaks for it::
 
 Events (``phone.events``, every one so far, in order), each a dict with ``event``:
 
-- ``ready``: ``port``;
+- ``ready``: ``port``, ``tls_port`` (0 without TLS);
 - ``incoming``: ``n``, ``uri`` (the Request-URI), ``from``, ``to``, ``message`` (the
   whole INVITE);
 - ``state``: ``n``, ``state`` (PJSIP's names, DISCONNECTED spelt out), ``code``, ``reason``;
-- ``media``: ``n``, ``status``, and when ACTIVE ``codec`` and ``rate``;
+- ``media``: ``n``, ``status``, and when ACTIVE ``codec``, ``rate`` and ``srtp``;
 - ``dtmf``: ``n``, ``digit``, ``method`` (``rfc4733`` or ``info``);
 - ``transfer``: ``n``, ``target`` (the REFER's Refer-To), ``code`` (the phone's answer),
   ``new_n`` (the call it made to the target);
@@ -89,6 +89,7 @@ class SipPhone:
     process: asyncio.subprocess.Process
     log: Path
     port: int = 0
+    tls_port: int = 0
     events: list[Event] = field(default_factory=list)
     _pending: dict[int, asyncio.Future[Event]] = field(default_factory=dict)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -107,12 +108,15 @@ class SipPhone:
         ring_ms: int = 200,
         refer_code: int = 202,
         log_level: int = 1,
+        tls: tuple[Path, Path] | None = None,
+        srtp: str = "off",
     ) -> AsyncIterator[SipPhone]:
         """Start a phone with its files in a new folder under ``workdir``; it quits (or
         is killed) when the block ends. ``codecs`` (PJSIP's ids, ``"PCMU/8000/1"``) are
         offered in that order and no other is; ``auto_answer`` answers incoming calls
         after ``ring_ms`` of ringing; ``refer_code`` is the answer to a REFER (202
-        accepts and calls the target)."""
+        accepts and calls the target). ``tls`` (a certificate and its key) adds SIP over TLS,
+        on ``tls_port``; ``srtp`` is ``off``, ``optional`` or ``mandatory``."""
         folder = Path(tempfile.mkdtemp(prefix="sipphone-", dir=workdir))
         log = folder / "phone.log"
         arguments = [str(PROC), "--workdir", str(folder), "--ring-ms", str(ring_ms)]
@@ -121,6 +125,9 @@ class SipPhone:
             arguments += ["--codec", codec]
         if auto_answer:
             arguments.append("--auto-answer")
+        if tls is not None:
+            arguments += ["--tls", "--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        arguments += ["--srtp", srtp]
         with log.open("wb") as log_file:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -149,6 +156,7 @@ class SipPhone:
         if ready["event"] == "failed":
             raise PhoneError(f"the phone did not start: {ready['message']}{self._tail()}")
         self.port = int(ready["port"])
+        self.tls_port = int(ready.get("tls_port", 0))
 
     # -- commands ------------------------------------------------------------------
 

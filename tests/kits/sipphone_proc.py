@@ -6,6 +6,7 @@ needs only the standard library, numpy and pjsua2, so it runs by path::
 
     python tests/kits/sipphone_proc.py --workdir DIR [--codec PCMU/8000/1 ...]
         [--auto-answer] [--ring-ms 200] [--refer-code 202] [--log-level 1]
+        [--tls [--tls-cert PEM --tls-key PEM]] [--srtp off|optional|mandatory]
 
 Protocol: one JSON object a line each way. A command is ``{"id": 1, "cmd": "call", ...}``
 and is answered ``{"ok": 1, ...}`` or ``{"error": 1, "message": "..."}``; everything else
@@ -56,6 +57,11 @@ import numpy as np
 import pjsua2 as pj
 
 RATE: Final = 16_000
+SRTP_USE: Final = {
+    "off": pj.PJMEDIA_SRTP_DISABLED,
+    "optional": pj.PJMEDIA_SRTP_OPTIONAL,
+    "mandatory": pj.PJMEDIA_SRTP_MANDATORY,
+}
 FRAME_MS: Final = 20
 FRAME_SAMPLES: Final = RATE * FRAME_MS // 1000
 FRAME_BYTES: Final = FRAME_SAMPLES * 2
@@ -276,6 +282,7 @@ class PhoneCall(pj.Call):  # type: ignore[misc]  # pjsua2 is untyped
                     status="ACTIVE",
                     codec=stream.codecName,
                     rate=int(stream.codecClockRate),
+                    srtp=bool(int(stream.proto) & pj.PJMEDIA_TP_PROFILE_SRTP),
                 )
         except Exception:  # noqa: BLE001 - an exception must not cross into PJSIP's C++
             self.phone.fault("onCallMediaState")
@@ -412,6 +419,13 @@ class Phone:
     ring_ms: int = 200
     refer_code: int = 202
     log_level: int = 1
+    #: SIP over TLS beside UDP (its certificate and key, PEM files, to take calls on it),
+    #: and whether calls' audio is SRTP: "off", "optional" or "mandatory".
+    tls: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    srtp: str = "off"
+    tls_port: int = 0
     commands: queue.SimpleQueue[dict[str, Any] | None] = field(default_factory=queue.SimpleQueue)
     #: Events from the media thread, written by the main thread.
     later: queue.SimpleQueue[dict[str, Any]] = field(default_factory=queue.SimpleQueue)
@@ -503,6 +517,16 @@ class Phone:
         transport.boundAddress = "127.0.0.1"
         transport.publicAddress = "127.0.0.1"
         transport_id = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, transport)
+        if self.tls:
+            secure = pj.TransportConfig()
+            secure.port = 0
+            secure.boundAddress = "127.0.0.1"
+            secure.publicAddress = "127.0.0.1"
+            secure.tlsConfig.certFile = self.tls_cert
+            secure.tlsConfig.privKeyFile = self.tls_key
+            secure.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
+            tls_id = ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, secure)
+            self.tls_port = int(str(ep.transportGetInfo(tls_id).localName).rsplit(":", 1)[1])
         ep.libStart()
         ep.audDevManager().setNullDev()
         self._set_codecs()
@@ -537,6 +561,9 @@ class Phone:
             )
         config.mediaConfig.transportConfig.boundAddress = "127.0.0.1"
         config.mediaConfig.transportConfig.port = 0  # any free port; never a fixed one
+        config.mediaConfig.srtpUse = SRTP_USE[self.srtp]
+        # SDES keys only over TLS, as a careful phone does.
+        config.mediaConfig.srtpSecureSignaling = 1
         account = PhoneAccount(self)
         account.create(config, default)
         self.accounts[key] = account
@@ -757,6 +784,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ring-ms", type=int, default=200)
     parser.add_argument("--refer-code", type=int, default=202)
     parser.add_argument("--log-level", type=int, default=1)
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--tls-cert", default="")
+    parser.add_argument("--tls-key", default="")
+    parser.add_argument("--srtp", choices=sorted(SRTP_USE), default="off")
     args = parser.parse_args(argv)
     # The protocol gets its own descriptor; fd 1 (where PJSIP prints) becomes stderr's.
     out = os.fdopen(os.dup(1), "wb")
@@ -771,6 +802,10 @@ def main(argv: list[str] | None = None) -> int:
         ring_ms=args.ring_ms,
         refer_code=args.refer_code,
         log_level=args.log_level,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        srtp=args.srtp,
     )
     try:
         port = phone.start()
@@ -778,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         message = error.info() if isinstance(error, pj.Error) else str(error)
         phone.emit(event="failed", message=message)
         return 1
-    phone.emit(event="ready", port=port)
+    phone.emit(event="ready", port=port, tls_port=phone.tls_port)
     phone.run()
     out.flush()
     return 0

@@ -12,8 +12,7 @@ import sys
 
 import pjsua2 as pj
 
-from switchboard.dispatcher.talk.sip.engine import Playout
-from switchboard.dispatcher.talk.sip.pjsip import Ports
+from switchboard.dispatcher.talk.sip.pjsip import Playout, Ports
 
 
 class _Host:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import SecretStr, ValidationError
 
 from switchboard.dispatcher.talk.sip.rules import Dialplan, InviteRate
 from switchboard.dispatcher.talk.sip.settings import SipSettings, listen
+from tests.kits.certs import self_signed
 
 pytestmark = pytest.mark.unit
 
@@ -233,3 +237,35 @@ def test_the_invite_rate_refuses_a_flood_from_one_address_only() -> None:
     assert rate.take("b", now=0.0)  # another address has its own bucket
     assert not rate.take("a", now=0.4)  # 0.8 of a token: still none
     assert rate.take("a", now=0.6)  # a token a half second
+
+
+def _settings(**values: Any) -> SipSettings:
+    return SipSettings.model_validate(
+        {k: SecretStr(v) if k in {"sip_trunks", "sip_rules"} else v for k, v in values.items()}
+    )
+
+
+def test_settings_that_cannot_work_stop_the_process_in_words(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    trunk = json.dumps([{"name": "t", "addresses": ["10.0.0.0/8"], "tls": True, "srtp": True}])
+    with pytest.raises(ValidationError, match="SWITCHBOARD_SIP_TLS_LISTEN: a trunk calls over"):
+        _settings(sip_listen="127.0.0.1:0", sip_trunks=trunk)
+    with pytest.raises(ValidationError, match="SWITCHBOARD_SIP_TLS_KEY: a readable PEM file"):
+        _settings(
+            sip_listen="127.0.0.1:0",
+            sip_tls_listen="127.0.0.1:0",
+            sip_tls_cert=str(cert),
+            sip_tls_key=str(tmp_path / "missing.pem"),
+        )
+    with pytest.raises(ValidationError, match="srtp: needs tls"):
+        _settings(sip_trunks=json.dumps([{"name": "t", "addresses": ["10.0.0.0/8"], "srtp": True}]))
+    with pytest.raises(ValidationError, match="tls and srtp are true or false"):
+        _settings(sip_trunks=json.dumps([{"name": "t", "addresses": ["10.0.0.0/8"], "tls": 1}]))
+    fine = _settings(
+        sip_listen="127.0.0.1:0",
+        sip_tls_listen="127.0.0.1:0",
+        sip_tls_cert=str(cert),
+        sip_tls_key=str(key),
+        sip_trunks=trunk,
+    )
+    assert fine.sip_tls_listen == "127.0.0.1:0"

@@ -5623,6 +5623,8 @@ class Call(_message.Message):
     SIP_STATUS_FIELD_NUMBER: _builtins.int
     END_REASON_FIELD_NUMBER: _builtins.int
     CALLER_KNOWN_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    SRTP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/calls/{call}`."""
     direction: Global___CallDirection.ValueType
@@ -5659,6 +5661,14 @@ class Call(_message.Message):
     """ENDED: why, in words ("the caller hung up", "ended by users/u", ...)."""
     caller_known: _builtins.bool
     """INBOUND: whether a dispatch rule's `callers` knew the caller's number."""
+    tls: _builtins.bool
+    """Whether its SIP signalling came in or went out over TLS (a trunk with `tls`, or a
+    caller that chose it); false for a carrier's media stream.
+    """
+    srtp: _builtins.bool
+    """Whether its audio is SRTP (its keys in the TLS-protected offer); set when its media
+    is up.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was placed (OUTBOUND) or arrived (INBOUND)."""
@@ -5700,10 +5710,12 @@ class Call(_message.Message):
         sip_status: _builtins.int = ...,
         end_reason: _builtins.str = ...,
         caller_known: _builtins.bool = ...,
+        tls: _builtins.bool = ...,
+        srtp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer_time", b"answer_time", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_time", b"answer_time", "assistant", b"assistant", "caller_known", b"caller_known", "channel", b"channel", "conversation", b"conversation", "create_time", b"create_time", "direction", b"direction", "duration", b"duration", "end_reason", b"end_reason", "end_time", b"end_time", "from_number", b"from_number", "name", b"name", "opening_message", b"opening_message", "schedule", b"schedule", "sip_status", b"sip_status", "state", b"state", "to_number", b"to_number", "trunk", b"trunk", "user", b"user", "voice_session", b"voice_session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_time", b"answer_time", "assistant", b"assistant", "caller_known", b"caller_known", "channel", b"channel", "conversation", b"conversation", "create_time", b"create_time", "direction", b"direction", "duration", b"duration", "end_reason", b"end_reason", "end_time", b"end_time", "from_number", b"from_number", "name", b"name", "opening_message", b"opening_message", "schedule", b"schedule", "sip_status", b"sip_status", "srtp", b"srtp", "state", b"state", "tls", b"tls", "to_number", b"to_number", "trunk", b"trunk", "user", b"user", "voice_session", b"voice_session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

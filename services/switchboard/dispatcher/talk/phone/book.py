@@ -493,6 +493,7 @@ def new_call(
     schedule: str = "",
     caller_known: bool = False,
     channel: str = "sip",
+    tls: bool = False,
 ) -> pb.Call:
     """A call as its carrier first records it (``opened`` names it); one recorded
     ANSWERED (a media stream's, answered by the carrier) from now."""
@@ -509,6 +510,7 @@ def new_call(
         user=str(UserName(user_id)),
         schedule=schedule,
         caller_known=caller_known,
+        tls=tls,
     )
     if state == pb.CALL_STATE_ANSWERED:
         call.answer_time.FromDatetime(now())
@@ -532,6 +534,11 @@ def answered_at(at: dt.datetime) -> Callable[[pb.Call], None]:
             call.answer_time.FromDatetime(at)
 
     return edit
+
+
+def secured(call: pb.Call) -> None:
+    """An ``update`` edit: the call's audio is SRTP."""
+    call.srtp = True
 
 
 def ringing(call: pb.Call) -> None:

@@ -28,7 +28,7 @@ from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.runs.core.store import TERMINAL
-from switchboard.dispatcher.talk.sip.engine import Playout
+from switchboard.dispatcher.talk.sip.pjsip import Playout
 
 log = logging.getLogger("switchboard.dispatcher.talk.sip")
 

@@ -56,6 +56,7 @@ async def start_sip(
         book=book,
     )
     ports = PortRange.parse(settings.sip_rtp_ports)
+    tls = listen(settings.sip_tls_listen)
     engine = SipEngine(
         EngineOptions(
             host=where[0],
@@ -71,10 +72,15 @@ async def start_sip(
                     caller_id=t.outbound.caller_id,
                     username=t.outbound.username,
                     password=t.outbound.password,
+                    srtp=t.srtp,
                 )
                 for t in plan.trunks
                 if t.outbound is not None
             ),
+            tls_host=tls[0] if tls else "",
+            tls_port=tls[1] if tls else 0,
+            tls_cert=settings.sip_tls_cert,
+            tls_key=settings.sip_tls_key,
         ),
         calls.screen,
         calls,
@@ -90,15 +96,18 @@ async def start_sip(
         port = await engine.start()
     except EngineFailed as exc:
         raise ConfigError(
-            f"SWITCHBOARD_SIP_LISTEN: SIP cannot listen on {where[0]}:{where[1]}: {exc}"
+            f"SWITCHBOARD_SIP_LISTEN: SIP cannot listen on {where[0]}:{where[1]}"
+            + (f" and {tls[0]}:{tls[1]} (TLS)" if tls else "")
+            + f": {exc}"
         ) from None
     shared.resources.push_async_callback(engine.stop)
     shared.resources.push_async_callback(calls.close)
     book.phone = calls
     log.info(
-        "SIP listening on %s:%d (UDP); %d trunks, %d dispatch rules",
+        "SIP listening on %s:%d (UDP)%s; %d trunks, %d dispatch rules",
         where[0],
         port,
+        f" and {tls[0]}:{engine.tls_port} (TLS)" if tls else "",
         len(plan.trunks),
         len(plan.rules),
     )

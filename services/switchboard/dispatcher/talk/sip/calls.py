@@ -41,7 +41,13 @@ from switchboard.dispatcher.talk.session import Talks
 from switchboard.dispatcher.talk.sip import digest, tools
 from switchboard.dispatcher.talk.sip.bridge import CallBridge
 from switchboard.dispatcher.talk.sip.engine import Invite, Refusal, SipEngine
-from switchboard.dispatcher.talk.sip.rules import Dialplan, DispatchRule, InviteRate, Trunk
+from switchboard.dispatcher.talk.sip.rules import (
+    Dialplan,
+    DispatchRule,
+    InviteRate,
+    Outbound,
+    Trunk,
+)
 from switchboard.dispatcher.talk.sip.tools import CallActions
 from switchboard.dispatcher.tools.runner import BuiltinTool
 from switchboard.platform import background
@@ -227,6 +233,10 @@ class Calls:
         trunk = self._trunk(invite)
         if isinstance(trunk, Refusal):
             return trunk
+        if trunk.tls and not invite.tls:
+            return Refusal(403, "TLS required")
+        if trunk.srtp and not invite.srtp_offered:
+            return Refusal(488, "SRTP required")
         if self._plan.rule_for(trunk.name, invite.dialed) is None:
             return Refusal(404, "No such number")
         # For ``incoming``, on the loop: reported after this, so it is set before it.
@@ -287,13 +297,15 @@ class Calls:
         self._calls[call.number] = call
         self._spawn(self._admit(call))
 
-    def media(self, call: int, codec: str, rate: int) -> None:
+    def media(self, call: int, codec: str, rate: int, srtp: bool) -> None:
         held = self._calls.get(call)
         engine = self.engine
         if held is None or engine is None:
             return
         held.media_rate = rate
-        log.info("a call's media is up (%s at %d Hz)", codec, rate)
+        log.info("a call's media is up (%s at %d Hz%s)", codec, rate, ", SRTP" if srtp else "")
+        if srtp and held.name:
+            self._record(held, book.secured)
         # A call placed may have media before it is answered (183): its session waits.
         if not held.outbound or held.answered:
             self._begin(held)
@@ -404,7 +416,7 @@ class Calls:
         self._calls[call.number] = call
         try:
             async with asyncio.timeout(ADMIT_TIMEOUT_S):
-                placed = await self._placed(call, order, outbound.caller_id)
+                placed = await self._placed(call, order, outbound)
         except TimeoutError:
             self._calls.pop(call.number, None)
             raise ServerUnavailable("placing the call took too long; try again") from None
@@ -421,7 +433,7 @@ class Calls:
         log.info("a call to %s is placed", order.to_number)
         return placed.call
 
-    async def _placed(self, call: _Call, order: Order, caller_id: str) -> Opened:
+    async def _placed(self, call: _Call, order: Order, outbound: Outbound) -> Opened:
         """The call's conversation, Talk's checks and its record, before it is dialed."""
         principal = Principal.acting_for(order.user_id)
         workspace = f"workspaces/{order.workspace_id}"
@@ -446,13 +458,14 @@ class Calls:
                 direction=pb.CALL_DIRECTION_OUTBOUND,
                 state=pb.CALL_STATE_DIALING,
                 trunk=order.trunk,
-                from_number=caller_id,
+                from_number=outbound.caller_id,
                 to_number=order.to_number,
                 assistant=str(order.assistant),
                 conversation=conversation,
                 user_id=order.user_id,
                 opening=order.opening,
                 schedule=order.schedule,
+                tls=outbound.tls,
             ),
             workspace_id=order.workspace_id,
             user_id=order.user_id,
@@ -531,6 +544,7 @@ class Calls:
                         conversation=call.conversation,
                         user_id=user,
                         caller_known=known,
+                        tls=invite.tls,
                     ),
                     workspace_id=rule.workspace_id,
                     user_id=user,

@@ -24,6 +24,11 @@ A call out (``dial``) goes from the account of its trunk (``OutboundAccount``: t
 ID it presents, the credentials it answers the carrier's challenge with), made at start;
 its progress comes back as any call's, with ``progress`` (180, 183) and ``confirmed``
 (answered) besides.
+
+With ``tls_host``, SIP over TLS listens beside UDP (and carries calls out to a ``tls``
+trunk). A call's audio is SRTP when its offer carries keys (SDES), and always on an
+outbound account with ``srtp``; an INVITE says how it came (``Invite.tls``,
+``srtp_offered``), so the screen holds a trunk to what it requires.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from switchboard.dispatcher.talk.sip.pjsip import (
+    Playout,
     Ports,
     display_of,
     header_of,
@@ -60,8 +66,6 @@ log = logging.getLogger("switchboard.dispatcher.talk.sip")
 CODECS: Final = ("G722/16000/1", "PCMU/8000/1", "PCMA/8000/1")
 #: How long one pass of PJSIP's events waits at most (ms): the commands' latency.
 POLL_MS: Final = 10
-#: The longest answer audio one call may hold queued (s): beyond it, pushes are refused.
-MAX_QUEUED_S: Final = 60.0
 #: The call slots the ``pjsua2-python`` wheel's PJSIP is built with (its PJSUA_MAX_CALLS:
 #: a larger ``maxCalls`` is lowered to it), ringing and refused calls included.
 PJSIP_MAX_CALLS: Final = 4
@@ -90,6 +94,8 @@ class Invite:
     display: str  # the From header's display name
     request_uri: str = ""  # the Request-URI whole (a digest answer names it)
     authorization: str = ""  # the Authorization header's value, if any
+    tls: bool = False  # it came over SIP over TLS
+    srtp_offered: bool = False  # its offer carries SRTP keys (SDES ``a=crypto``)
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ class CallEvents(Protocol):
 
     def incoming(self, invite: Invite) -> None: ...
 
-    def media(self, call: int, codec: str, rate: int) -> None: ...
+    def media(self, call: int, codec: str, rate: int, srtp: bool) -> None: ...
 
     def audio(self, call: int, pcm: bytes) -> None: ...
 
@@ -136,6 +142,7 @@ class OutboundAccount:
     caller_id: str
     username: str = ""
     password: str = field(default="", repr=False)
+    srtp: bool = False  # its calls' audio must be SRTP (their INVITEs go over TLS)
 
 
 @dataclass(frozen=True)
@@ -148,42 +155,12 @@ class EngineOptions:
     max_calls: int = PJSIP_MAX_CALLS
     user_agent: str = "Switchboard"
     outbound: tuple[OutboundAccount, ...] = ()
-
-
-class Playout:
-    """A call's answer audio waiting for PJSIP's clock: pushed by the loop, taken 20 ms at
-    a time by the media thread."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.frame_bytes = rate // 50 * 2
-        self._lock = threading.Lock()
-        self._data = bytearray()
-        self._limit = int(MAX_QUEUED_S * rate) * 2
-
-    def push(self, pcm: bytes) -> bool:
-        with self._lock:
-            if len(self._data) + len(pcm) > self._limit:
-                return False
-            self._data += pcm
-            return True
-
-    def clear(self) -> None:
-        """Drop what is queued (barge-in)."""
-        with self._lock:
-            self._data.clear()
-
-    @property
-    def queued_bytes(self) -> int:
-        with self._lock:
-            return len(self._data)
-
-    def take(self) -> bytes:
-        n = self.frame_bytes
-        with self._lock:
-            chunk = bytes(self._data[:n])
-            del self._data[:n]
-        return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
+    #: SIP over TLS, on ``tls_host:tls_port`` with this certificate and key (PEM files);
+    #: no TLS when ``tls_host`` is empty. Calls over it may have SRTP (SDES).
+    tls_host: str = ""
+    tls_port: int = 0
+    tls_cert: str = ""
+    tls_key: str = field(default="", repr=False)
 
 
 @dataclass
@@ -228,8 +205,9 @@ class SipEngine:
         self._account: Any = None
         self._writer: Any = None
         self._ports = Ports(self)
-        #: The SIP port bound (after ``start``).
+        #: The SIP port bound (after ``start``), and the TLS one (0: none).
         self.port = 0
+        self.tls_port = 0
 
     # -- the loop's side -------------------------------------------------------------------
 
@@ -408,6 +386,8 @@ class SipEngine:
         transport.boundAddress = options.host
         transport.publicAddress = options.public_host or options.host
         tid = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, transport)
+        if options.tls_host:
+            self.tls_port = self._tls_transport(ep)
         ep.audDevManager().setNullDev()
         ep.libStart()
         wanted = {codec: 255 - i for i, codec in enumerate(CODECS)}
@@ -421,6 +401,13 @@ class SipEngine:
         media.publicAddress = public
         media.port = options.rtp_low
         media.portRange = options.rtp_count
+        # SRTP when a call offers it, plain RTP otherwise. PJSIP's own "keys only over
+        # TLS" would refuse every call over UDP (406) on this one account; the screen
+        # holds a trunk with ``srtp`` to TLS instead (its offer's keys never in the clear).
+        account_config.mediaConfig.srtpUse = (
+            pj.PJMEDIA_SRTP_OPTIONAL if options.tls_host else pj.PJMEDIA_SRTP_DISABLED
+        )
+        account_config.mediaConfig.srtpSecureSignaling = 0
         self._account = new_account(self)
         self._account.create(account_config, True)
         for trunk in options.outbound:
@@ -428,6 +415,22 @@ class SipEngine:
         name = str(ep.transportGetInfo(tid).localName)
         matched = _SOURCE.match(name)
         return int(matched.group(2)) if matched else options.port
+
+    def _tls_transport(self, ep: Any) -> int:
+        """SIP over TLS: its listener (a TLS transport serves calls out too); the port."""
+        import pjsua2 as pj
+
+        options = self._options
+        transport = pj.TransportConfig()
+        transport.port = options.tls_port
+        transport.boundAddress = options.tls_host
+        transport.publicAddress = options.public_host or options.tls_host
+        transport.tlsConfig.certFile = options.tls_cert
+        transport.tlsConfig.privKeyFile = options.tls_key
+        transport.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
+        tid = ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, transport)
+        matched = _SOURCE.match(str(ep.transportGetInfo(tid).localName))
+        return int(matched.group(2)) if matched else options.tls_port
 
     def _outbound_account(self, trunk: OutboundAccount, public: str) -> Any:
         """An account for calls out on ``trunk``: its caller ID, its credentials for the
@@ -445,6 +448,9 @@ class SipEngine:
         media.publicAddress = public
         media.port = self._options.rtp_low
         media.portRange = self._options.rtp_count
+        if trunk.srtp:
+            config.mediaConfig.srtpUse = pj.PJMEDIA_SRTP_MANDATORY
+            config.mediaConfig.srtpSecureSignaling = 1
         account = new_account(self)
         account.create(config, False)
         return account
@@ -515,6 +521,9 @@ class SipEngine:
             display=display_of(str(info.remoteUri)),
             request_uri=request_uri[:512],
             authorization=header_of(head[1:], "authorization")[:2048],
+            # PJSIP names the transport an INVITE came by in the Contact it answers with.
+            tls=";transport=tls" in str(info.localContact).lower(),
+            srtp_offered="\na=crypto:" in message.replace("\r\n", "\n").lower(),
         )
         refusal = self._screen(invite)
         if refusal is not None:
@@ -610,7 +619,8 @@ class SipEngine:
             port.startTransmit(audio)
             leg.port, leg.playout = port, playout
             leg.extra.append(audio)
-            self._report(self._events.media, leg.number, str(stream.codecName), rate)
+            srtp = bool(int(stream.proto) & pj.PJMEDIA_TP_PROFILE_SRTP)
+            self._report(self._events.media, leg.number, str(stream.codecName), rate, srtp)
             return
 
     @property

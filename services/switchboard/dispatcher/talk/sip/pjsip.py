@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
@@ -172,10 +173,48 @@ def _guarded(what: str) -> Iterator[None]:
         log.exception("handling %s from PJSIP failed", what)
 
 
+#: The longest answer audio one call may hold queued (s): beyond it, pushes are refused.
+MAX_QUEUED_S: Final = 60.0
 #: How long a call's port rests before another call takes it (``Ports``): the bridge
 #: undoes a port's connections at its next 20 ms tick, so a port taken sooner could hand
 #: the new call a frame of the old one's.
 PORT_REST_S: Final = 0.2
+
+
+class Playout:
+    """A call's answer audio waiting for PJSIP's clock: pushed by the loop, taken 20 ms at
+    a time by the media thread."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.frame_bytes = rate // 50 * 2
+        self._lock = threading.Lock()
+        self._data = bytearray()
+        self._limit = int(MAX_QUEUED_S * rate) * 2
+
+    def push(self, pcm: bytes) -> bool:
+        with self._lock:
+            if len(self._data) + len(pcm) > self._limit:
+                return False
+            self._data += pcm
+            return True
+
+    def clear(self) -> None:
+        """Drop what is queued (barge-in)."""
+        with self._lock:
+            self._data.clear()
+
+    @property
+    def queued_bytes(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+    def take(self) -> bytes:
+        n = self.frame_bytes
+        with self._lock:
+            chunk = bytes(self._data[:n])
+            del self._data[:n]
+        return chunk if len(chunk) == n else chunk + bytes(n - len(chunk))
 
 
 class Ports:

@@ -18,6 +18,10 @@ no way into Switchboard but the call's audio. ``transfer`` names the destination
 assistant may hand the call to (``tools.py``). The first rule that matches wins, so a
 ``*`` rule goes last.
 
+A trunk may require its calls to be **secure**: ``tls`` (its INVITEs come over SIP over TLS,
+else 403; its calls out go over TLS) and ``srtp`` (its calls' audio is SRTP, the keys in the
+TLS-protected offer: an offer without them is refused 488), which needs ``tls``.
+
 A trunk may also carry calls **out** (``outbound``): where its INVITEs go (``to``, the
 carrier's SIP address), the number they present (``caller_id``), the digest credentials the
 carrier challenges them with (``username``, ``password``: its own, not the ones it calls in
@@ -69,6 +73,7 @@ class Outbound:
     numbers: tuple[str, ...]
     username: str = ""
     password: str = field(default="", repr=False)
+    tls: bool = False  # the trunk's: its INVITEs go over TLS
 
     def allows(self, workspace_id: str, number: str) -> bool:
         return workspace_id in self.workspaces and any(number.startswith(p) for p in self.numbers)
@@ -76,7 +81,7 @@ class Outbound:
     def uri(self, number: str) -> str:
         """The Request-URI of a call to ``number`` through the carrier."""
         scheme, _, rest = self.to.partition(":")
-        return f"{scheme}:{number}@{rest}"
+        return f"{scheme}:{number}@{rest}" + (";transport=tls" if self.tls else "")
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,9 @@ class Trunk:
     username: str = ""
     password: str = field(default="", repr=False)
     outbound: Outbound | None = None
+    #: Its INVITEs come (and go) over TLS; its calls' audio is SRTP (the module doc).
+    tls: bool = False
+    srtp: bool = False
 
     @property
     def authenticates(self) -> bool:
@@ -147,6 +155,11 @@ class Dialplan:
         return next((t for t in self.trunks if not t.addresses and t.username == username), None)
 
     @property
+    def secure(self) -> bool:
+        """Whether some trunk calls over TLS (the user agent must listen on it)."""
+        return any(t.tls for t in self.trunks)
+
+    @property
     def open_trunks(self) -> bool:
         """Whether some trunk takes calls from any address (with credentials)."""
         return any(not t.addresses and t.username for t in self.trunks)
@@ -193,7 +206,12 @@ def _list(text: str, what: str, most: int) -> list[dict[str, Any]]:
 
 def _trunk(index: int, value: dict[str, Any]) -> Trunk:
     where = f"SIP trunks[{index}]"
-    _only(where, value, {"name", "addresses", "username", "password", "outbound"})
+    _only(where, value, {"name", "addresses", "username", "password", "outbound", "tls", "srtp"})
+    tls, srtp = value.get("tls", False), value.get("srtp", False)
+    if type(tls) is not bool or type(srtp) is not bool:
+        raise ValueError(f"{where}: tls and srtp are true or false")
+    if srtp and not tls:
+        raise ValueError(f"{where}.srtp: needs tls (SRTP's keys travel in the SIP offer)")
     name = value.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"{where}.name: lowercase letters, digits and '-', from a letter")
@@ -210,7 +228,7 @@ def _trunk(index: int, value: dict[str, Any]) -> Trunk:
         raise ValueError(
             f"{where}: the username is letters, digits and '._-'; the password at least 12 long"
         )
-    outbound = _outbound(where, value["outbound"]) if "outbound" in value else None
+    outbound = _outbound(where, value["outbound"], tls) if "outbound" in value else None
     addresses = value.get("addresses", [])
     if (
         not isinstance(addresses, list)
@@ -233,10 +251,12 @@ def _trunk(index: int, value: dict[str, Any]) -> Trunk:
         username=username,
         password=password,
         outbound=outbound,
+        tls=tls,
+        srtp=srtp,
     )
 
 
-def _outbound(trunk: str, value: Any) -> Outbound:
+def _outbound(trunk: str, value: Any, tls: bool) -> Outbound:
     where = f"{trunk}.outbound"
     if not isinstance(value, dict) or not value:
         raise ValueError(f"{where}: an object with to, caller_id, workspaces and numbers")
@@ -281,6 +301,7 @@ def _outbound(trunk: str, value: Any) -> Outbound:
         numbers=tuple(numbers),
         username=username,
         password=password,
+        tls=tls,
     )
 
 

@@ -1,8 +1,11 @@
-"""SIP's section (``SWITCHBOARD_SIP_*``): where the user agent listens, the RTP ports, the
-trunks and dispatch rules (``rules.py`` parses them, so a mistake stops the process at
-start with the words a call would be refused with), and the limits on calls."""
+"""SIP's section (``SWITCHBOARD_SIP_*``): where the user agent listens (UDP, and TLS with
+its certificate), the RTP ports, the trunks and dispatch rules (``rules.py`` parses them,
+so a mistake stops the process at start with the words a call would be refused with), and
+the limits on calls."""
 
 from __future__ import annotations
+
+import os
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -25,6 +28,20 @@ class SipSettings(Section):
         description="the address SIP and SDP name for this server when it is behind NAT (its "
         "public IP); empty: the listening host",
     )
+    sip_tls_listen: str = Field(
+        default="",
+        description="`host:port` the SIP user agent also listens on for SIP over TLS (TCP; "
+        "port 0: any free one, logged at start); empty: no TLS. Needed by a trunk with "
+        "`tls`, and for SRTP (docs/telephony.md)",
+    )
+    sip_tls_cert: str = Field(
+        default="",
+        description="the TLS certificate chain SIP over TLS presents (a PEM file)",
+    )
+    sip_tls_key: str = Field(
+        default="",
+        description="the private key of `SWITCHBOARD_SIP_TLS_CERT` (a PEM file, read at start)",
+    )
     sip_rtp_ports: str = Field(
         default="",
         description="the UDP ports calls' RTP binds, as `low-high` (two per call: RTP and "
@@ -37,7 +54,8 @@ class SipSettings(Section):
         "digest credentials, or both); an INVITE from no trunk is refused (403), one without "
         "the trunk's credentials challenged (401). A trunk that places calls has "
         '`"outbound": {"to": "sip:sip.carrier.example", "caller_id": "+15550100", '
-        '"workspaces": ["acme"], "numbers": ["+1"], "username": "u", "password": "p"}` '
+        '"workspaces": ["acme"], "numbers": ["+1"], "username": "u", "password": "p"}`; '
+        '`"tls": true` holds a trunk to SIP over TLS, `"srtp": true` its audio to SRTP '
         "(docs/telephony.md)",
     )
     sip_rules: SecretStr = Field(
@@ -89,7 +107,7 @@ class SipSettings(Section):
         PortRange.parse(value)
         return value
 
-    @field_validator("sip_listen")
+    @field_validator("sip_listen", "sip_tls_listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
         listen(value)
@@ -97,7 +115,22 @@ class SipSettings(Section):
 
     @model_validator(mode="after")
     def _check_plan(self) -> SipSettings:
-        Dialplan.read(self.sip_trunks.get_secret_value(), self.sip_rules.get_secret_value())
+        plan = Dialplan.read(self.sip_trunks.get_secret_value(), self.sip_rules.get_secret_value())
+        tls = bool(self.sip_tls_listen.strip())
+        if plan.secure and not tls:
+            raise ValueError(
+                "SWITCHBOARD_SIP_TLS_LISTEN: a trunk calls over TLS (`tls`), so SIP must "
+                "listen on TLS too"
+            )
+        if tls:
+            if not self.sip_listen.strip():
+                raise ValueError("SWITCHBOARD_SIP_TLS_LISTEN: needs SWITCHBOARD_SIP_LISTEN")
+            for name, path in (("CERT", self.sip_tls_cert), ("KEY", self.sip_tls_key)):
+                if not path or not os.access(path, os.R_OK):
+                    raise ValueError(
+                        f"SWITCHBOARD_SIP_TLS_{name}: a readable PEM file is needed for "
+                        f"SIP over TLS (got {path!r})"
+                    )
         return self
 
 

@@ -22,7 +22,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from switchboard.dispatcher.talk.sip.engine import Playout
+from switchboard.dispatcher.talk.sip.pjsip import Playout
 
 log = logging.getLogger("switchboard.dispatcher.talk.streams")
 

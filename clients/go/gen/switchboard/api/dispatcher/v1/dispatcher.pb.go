@@ -10761,7 +10761,13 @@ type Call struct {
 	// ENDED: why, in words ("the caller hung up", "ended by users/u", ...).
 	EndReason string `protobuf:"bytes,19,opt,name=end_reason,json=endReason,proto3" json:"end_reason,omitempty"`
 	// INBOUND: whether a dispatch rule's `callers` knew the caller's number.
-	CallerKnown   bool `protobuf:"varint,20,opt,name=caller_known,json=callerKnown,proto3" json:"caller_known,omitempty"`
+	CallerKnown bool `protobuf:"varint,20,opt,name=caller_known,json=callerKnown,proto3" json:"caller_known,omitempty"`
+	// Whether its SIP signalling came in or went out over TLS (a trunk with `tls`, or a
+	// caller that chose it); false for a carrier's media stream.
+	Tls bool `protobuf:"varint,21,opt,name=tls,proto3" json:"tls,omitempty"`
+	// Whether its audio is SRTP (its keys in the TLS-protected offer); set when its media
+	// is up.
+	Srtp          bool `protobuf:"varint,22,opt,name=srtp,proto3" json:"srtp,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -10932,6 +10938,20 @@ func (x *Call) GetEndReason() string {
 func (x *Call) GetCallerKnown() bool {
 	if x != nil {
 		return x.CallerKnown
+	}
+	return false
+}
+
+func (x *Call) GetTls() bool {
+	if x != nil {
+		return x.Tls
+	}
+	return false
+}
+
+func (x *Call) GetSrtp() bool {
+	if x != nil {
+		return x.Srtp
 	}
 	return false
 }
@@ -12096,7 +12116,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"\x8e\x01\n" +
 	"\x1bListScheduleFiringsResponse\x12G\n" +
 	"\afirings\x18\x01 \x03(\v2-.switchboard.api.dispatcher.v1.ScheduleFiringR\afirings\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x9d\x06\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xc3\x06\n" +
 	"\x04Call\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12J\n" +
 	"\tdirection\x18\x02 \x01(\x0e2,.switchboard.api.dispatcher.v1.CallDirectionR\tdirection\x12>\n" +
@@ -12123,7 +12143,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"sip_status\x18\x12 \x01(\x05R\tsipStatus\x12\x1d\n" +
 	"\n" +
 	"end_reason\x18\x13 \x01(\tR\tendReason\x12!\n" +
-	"\fcaller_known\x18\x14 \x01(\bR\vcallerKnown\"\x81\x02\n" +
+	"\fcaller_known\x18\x14 \x01(\bR\vcallerKnown\x12\x10\n" +
+	"\x03tls\x18\x15 \x01(\bR\x03tls\x12\x12\n" +
+	"\x04srtp\x18\x16 \x01(\bR\x04srtp\"\x81\x02\n" +
 	"\x10PlaceCallRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x14\n" +
 	"\x05trunk\x18\x02 \x01(\tR\x05trunk\x12\x1b\n" +

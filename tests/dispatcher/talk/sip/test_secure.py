@@ -1,0 +1,247 @@
+"""Calls over SIP over TLS with SRTP audio (``SWITCHBOARD_SIP_TLS_*``, a trunk's ``tls`` and
+``srtp``), against real SIP phones (``tests/kits/sipphone.py``: PJSIP in its own process)
+on loopback, with a certificate the test makes:
+
+- a phone calling over TLS with SRTP is answered, and hears the answer; its call is
+  recorded ``tls`` and ``srtp``;
+- the trunk that requires both refuses a call over UDP (403) and one over TLS whose offer
+  has no SRTP keys (488), neither leaving a voice session;
+- a call the server places on that trunk goes to the phone over TLS, offering SRTP, and the
+  phone hears the opening message over it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+import pytest_asyncio
+from grpc import aio
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.talk.sip.calls import Calls
+from switchboard.platform.rpc.server import SwitchboardServer
+from tests.conftest import CALL_DEADLINE_S, built, fresh_database_url, started
+from tests.dispatcher.talk.sip.test_calls import ANSWER, answered
+from tests.dispatcher.talk.test_talk import stored_sessions, voice_settings
+from tests.fakes.audio_server import FakeAudio
+from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.infra.speech import COUNTING
+from tests.kits.certs import self_signed
+from tests.kits.contextkit import World, context_stub, ctx_world
+from tests.kits.dispatchkit import dispatcher_stub, eventually
+from tests.kits.sipphone import CallEnded, Event, SipPhone, energy, speech_wav
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.timeout(300),
+    pytest.mark.asyncio(loop_scope="module"),
+]
+
+NUMBER: Final = "+15550100"
+CALLER: Final = "+15557654321"
+CALLER_ID: Final = "+15550199"
+CALLEE: Final = "+15551230001"
+WAIT_S: Final = 60.0
+
+
+def decide(body: dict[str, Any]) -> Reply:
+    return Reply.text(ANSWER + ".")
+
+
+@dataclass
+class Line:
+    server: SwitchboardServer
+    world: World
+    assistant: str
+    channel: aio.Channel
+    port: int  # the server's SIP over UDP
+    tls_port: int  # and over TLS
+    pem: tuple[Path, Path]
+    #: The phone the ``secure`` trunk calls out to, over TLS with SRTP; it answers.
+    callee: SipPhone
+
+    def uri(self, *, tls: bool = True) -> str:
+        if tls:
+            return f"sip:{NUMBER}@127.0.0.1:{self.tls_port};transport=tls"
+        return f"sip:{NUMBER}@127.0.0.1:{self.port}"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
+    folder = tmp_path_factory.mktemp("secure")
+    pem = self_signed(folder)
+    async with (
+        FakeAudio() as audio,
+        FakeOpenAI(default=decide) as model,
+        SipPhone.start(folder, auto_answer=True, ring_ms=300, tls=pem, srtp="mandatory") as callee,
+    ):
+        url = fresh_database_url()
+        values: dict[str, object] = {
+            "llm_base_url": model.url,
+            "llm_model": "fake-model",
+            "voice_max_sessions_per_user": 8,
+        }
+        async with (
+            started(voice_settings(url, audio.url, **values)) as first,
+            aio.insecure_channel(first.address) as channel,
+        ):
+            world = await ctx_world(first, context_stub(channel))
+            made = await dispatcher_stub(channel).CreateAssistant(
+                pb.CreateAssistantRequest(
+                    parent=world.workspace.name,
+                    assistant=pb.Assistant(
+                        display_name="Secure",
+                        handler="handlers/llm",
+                        voice=pb.VoiceSettings(language="en"),
+                    ),
+                ),
+                metadata=world.owner.md,
+                timeout=CALL_DEADLINE_S,
+            )
+        trunks = [
+            {
+                "name": "secure",
+                "addresses": ["127.0.0.1/32"],
+                "tls": True,
+                "srtp": True,
+                "outbound": {
+                    "to": f"sip:127.0.0.1:{callee.tls_port}",
+                    "caller_id": CALLER_ID,
+                    "workspaces": [world.workspace.name.rsplit("/", 1)[-1]],
+                    "numbers": ["+1555"],
+                },
+            }
+        ]
+        rules = [{"number": NUMBER, "assistant": made.assistant.name, "user": world.owner.name}]
+        sip = {
+            "sip_listen": "127.0.0.1:0",
+            "sip_tls_listen": "127.0.0.1:0",
+            "sip_tls_cert": str(pem[0]),
+            "sip_tls_key": str(pem[1]),
+            "sip_trunks": json.dumps(trunks),
+            "sip_rules": json.dumps(rules),
+        }
+        async with started(voice_settings(url, audio.url, **values, **sip)) as server:
+            engine = built(server, Calls).engine
+            assert engine is not None
+            assert engine.tls_port > 0
+            async with aio.insecure_channel(server.address) as sip_channel:
+                yield Line(
+                    server,
+                    world,
+                    made.assistant.name,
+                    sip_channel,
+                    engine.port,
+                    engine.tls_port,
+                    pem,
+                    callee,
+                )
+
+
+async def calls(line: Line) -> list[pb.Call]:
+    response = await dispatcher_stub(line.channel).ListCalls(
+        pb.ListCallsRequest(parent=line.world.workspace.name),
+        metadata=line.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    return list(response.calls)
+
+
+async def media_up(phone: SipPhone, n: int) -> Event:
+    return await phone.wait_event(
+        lambda e: e["event"] == "media" and e["n"] == n and e["status"] == "ACTIVE", WAIT_S
+    )
+
+
+async def test_a_call_over_tls_with_srtp_is_answered_and_recorded_secure(
+    line: Line, tmp_path: Path
+) -> None:
+    speech = speech_wav(COUNTING, tmp_path / "counting.wav")
+    async with SipPhone.start(tmp_path, tls=line.pem, srtp="mandatory") as phone:
+        n = await phone.call(line.uri(), from_user=CALLER)
+        await phone.wait_state(n, "CONFIRMED", WAIT_S)
+        assert (await media_up(phone, n))["srtp"] is True
+        since = len(phone.events)
+        await phone.play(n, speech)
+        await answered(phone, n, since)
+        assert energy(phone.heard(n)) > 0
+
+        async def recorded() -> bool:
+            found = [c for c in await calls(line) if c.direction == pb.CALL_DIRECTION_INBOUND]
+            return bool(found) and found[0].srtp
+
+        await eventually(recorded, "the call recorded with SRTP", timeout_s=WAIT_S)
+        (call,) = [c for c in await calls(line) if c.direction == pb.CALL_DIRECTION_INBOUND]
+        assert call.tls
+        assert call.from_number == CALLER
+        await phone.hangup(n)
+
+
+async def test_the_secure_trunk_refuses_udp_and_audio_without_srtp(
+    line: Line, tmp_path: Path
+) -> None:
+    before = await stored_sessions(line.server, line.world.workspace.name)
+    codes = {}
+    async with (
+        SipPhone.start(tmp_path, tls=line.pem) as plain_audio,
+        SipPhone.start(tmp_path) as udp,
+    ):
+        for what, phone, uri in (
+            ("udp", udp, line.uri(tls=False)),
+            ("tls without srtp", plain_audio, line.uri()),
+        ):
+            n = await phone.call(uri, from_user=CALLER)
+            with pytest.raises(CallEnded) as refused:
+                await phone.wait_state(n, "CONFIRMED", WAIT_S)
+            codes[what] = (refused.value.event["code"], refused.value.event["reason"])
+    assert codes == {"udp": (403, "TLS required"), "tls without srtp": (488, "SRTP required")}
+    assert await stored_sessions(line.server, line.world.workspace.name) == before
+
+
+async def test_a_call_placed_on_the_secure_trunk_goes_over_tls_with_srtp(line: Line) -> None:
+    callee = line.callee
+    since = len(callee.events)
+    placed = await dispatcher_stub(line.channel).PlaceCall(
+        pb.PlaceCallRequest(
+            parent=line.world.workspace.name,
+            trunk="secure",
+            to_number=CALLEE,
+            assistant=line.assistant,
+            opening_message="Say the numbers.",
+        ),
+        metadata=line.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    assert placed.call.tls
+    invite = await callee.wait_event(lambda e: e["event"] == "incoming", WAIT_S, since=since)
+    message = str(invite["message"])
+    assert message.startswith(f"INVITE sip:{CALLEE}@127.0.0.1:{callee.tls_port};transport=tls")
+    assert "SIP/2.0/TLS" in message
+    assert "RTP/SAVP" in message
+    assert "a=crypto:" in message
+    n = int(invite["n"])
+    assert (await media_up(callee, n))["srtp"] is True
+    await answered(callee, n, since)
+
+    async def recorded() -> bool:
+        call = (
+            await dispatcher_stub(line.channel).GetCall(
+                pb.GetCallRequest(name=placed.call.name),
+                metadata=line.world.owner.md,
+                timeout=CALL_DEADLINE_S,
+            )
+        ).call
+        return call.state == pb.CALL_STATE_ANSWERED and call.srtp
+
+    await eventually(recorded, "the placed call answered, with SRTP", timeout_s=WAIT_S)
+    await dispatcher_stub(line.channel).EndCall(
+        pb.EndCallRequest(name=placed.call.name),
+        metadata=line.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    await callee.wait_state(n, "DISCONNECTED", WAIT_S)
