@@ -7,7 +7,9 @@ on loopback, with a certificate the test makes:
 - the trunk that requires both refuses a call over UDP (403) and one over TLS whose offer
   has no SRTP keys (488), neither leaving a voice session;
 - a call the server places on that trunk goes to the phone over TLS, offering SRTP, and the
-  phone hears the opening message over it.
+  phone hears the opening message over it;
+- a call placed to a phone whose certificate the server does not trust
+  (``SWITCHBOARD_SIP_TLS_CA``) ends unanswered, its INVITE never sent.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Line:
     pem: tuple[Path, Path]
     #: The phone the ``secure`` trunk calls out to, over TLS with SRTP; it answers.
     callee: SipPhone
+    #: The ``untrusted`` trunk's: the same, with a certificate of its own, not trusted.
+    stranger: SipPhone
 
     def uri(self, *, tls: bool = True) -> str:
         if tls:
@@ -75,10 +79,12 @@ class Line:
 async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
     folder = tmp_path_factory.mktemp("secure")
     pem = self_signed(folder)
+    other = self_signed(tmp_path_factory.mktemp("stranger"))
     async with (
         FakeAudio() as audio,
         FakeOpenAI(default=decide) as model,
         SipPhone.start(folder, auto_answer=True, ring_ms=300, tls=pem, srtp="mandatory") as callee,
+        SipPhone.start(folder, auto_answer=True, tls=other, srtp="mandatory") as stranger,
     ):
         url = fresh_database_url()
         values: dict[str, object] = {
@@ -103,19 +109,24 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
                 metadata=world.owner.md,
                 timeout=CALL_DEADLINE_S,
             )
+
+        def outbound(phone: SipPhone) -> dict[str, Any]:
+            return {
+                "to": f"sip:127.0.0.1:{phone.tls_port}",
+                "caller_id": CALLER_ID,
+                "workspaces": [world.workspace.name.rsplit("/", 1)[-1]],
+                "numbers": ["+1555"],
+            }
+
         trunks = [
             {
                 "name": "secure",
                 "addresses": ["127.0.0.1/32"],
                 "tls": True,
                 "srtp": True,
-                "outbound": {
-                    "to": f"sip:127.0.0.1:{callee.tls_port}",
-                    "caller_id": CALLER_ID,
-                    "workspaces": [world.workspace.name.rsplit("/", 1)[-1]],
-                    "numbers": ["+1555"],
-                },
-            }
+                "outbound": outbound(callee),
+            },
+            {"name": "untrusted", "tls": True, "srtp": True, "outbound": outbound(stranger)},
         ]
         rules = [{"number": NUMBER, "assistant": made.assistant.name, "user": world.owner.name}]
         sip = {
@@ -123,6 +134,8 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
             "sip_tls_listen": "127.0.0.1:0",
             "sip_tls_cert": str(pem[0]),
             "sip_tls_key": str(pem[1]),
+            # The callee's certificate is its own authority: trusted; the stranger's is not.
+            "sip_tls_ca": str(pem[0]),
             "sip_trunks": json.dumps(trunks),
             "sip_rules": json.dumps(rules),
         }
@@ -140,6 +153,7 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
                     engine.tls_port,
                     pem,
                     callee,
+                    stranger,
                 )
 
 
@@ -245,3 +259,40 @@ async def test_a_call_placed_on_the_secure_trunk_goes_over_tls_with_srtp(line: L
         timeout=CALL_DEADLINE_S,
     )
     await callee.wait_state(n, "DISCONNECTED", WAIT_S)
+
+
+async def test_a_call_placed_to_a_certificate_not_trusted_ends_unanswered(line: Line) -> None:
+    since = len(line.stranger.events)
+    placed = await dispatcher_stub(line.channel).PlaceCall(
+        pb.PlaceCallRequest(
+            parent=line.world.workspace.name,
+            trunk="untrusted",
+            to_number=CALLEE,
+            assistant=line.assistant,
+            opening_message="Say the numbers.",
+        ),
+        metadata=line.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+
+    async def ended() -> bool:
+        call = (
+            await dispatcher_stub(line.channel).GetCall(
+                pb.GetCallRequest(name=placed.call.name),
+                metadata=line.world.owner.md,
+                timeout=CALL_DEADLINE_S,
+            )
+        ).call
+        return call.state == pb.CALL_STATE_ENDED
+
+    await eventually(ended, "the call to an untrusted certificate ended", timeout_s=WAIT_S)
+    call = (
+        await dispatcher_stub(line.channel).GetCall(
+            pb.GetCallRequest(name=placed.call.name),
+            metadata=line.world.owner.md,
+            timeout=CALL_DEADLINE_S,
+        )
+    ).call
+    assert not call.HasField("answer_time")
+    assert call.sip_status == 503, call  # PJSIP's: the TLS connection failed
+    assert [e for e in line.stranger.events[since:] if e["event"] == "incoming"] == []

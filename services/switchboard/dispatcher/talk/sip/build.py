@@ -8,6 +8,7 @@ stops."""
 from __future__ import annotations
 
 import logging
+import ssl
 
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.talk.phone.book import CallBook
@@ -81,6 +82,7 @@ async def start_sip(
             tls_port=tls[1] if tls else 0,
             tls_cert=settings.sip_tls_cert,
             tls_key=settings.sip_tls_key,
+            tls_ca=settings.sip_tls_ca or ssl.get_default_verify_paths().cafile or "",
         ),
         calls.screen,
         calls,

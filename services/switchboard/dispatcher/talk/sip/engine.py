@@ -161,6 +161,8 @@ class EngineOptions:
     tls_port: int = 0
     tls_cert: str = ""
     tls_key: str = field(default="", repr=False)
+    #: What a carrier's certificate must chain to on a call out (a PEM file).
+    tls_ca: str = ""
 
 
 @dataclass
@@ -428,6 +430,10 @@ class SipEngine:
         transport.tlsConfig.certFile = options.tls_cert
         transport.tlsConfig.privKeyFile = options.tls_key
         transport.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
+        # A call out checks whom it reached: the carrier's chain, and its name against
+        # the address called (a failed check ends the call before its INVITE is sent).
+        transport.tlsConfig.CaListFile = options.tls_ca  # sic: SWIG takes any other name silently
+        transport.tlsConfig.verifyServer = True
         tid = ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, transport)
         matched = _SOURCE.match(str(ep.transportGetInfo(tid).localName))
         return int(matched.group(2)) if matched else options.tls_port

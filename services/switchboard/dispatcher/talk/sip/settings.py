@@ -42,6 +42,11 @@ class SipSettings(Section):
         default="",
         description="the private key of `SWITCHBOARD_SIP_TLS_CERT` (a PEM file, read at start)",
     )
+    sip_tls_ca: str = Field(
+        default="",
+        description="the certificate authorities a carrier's certificate must chain to when a "
+        "call goes out over TLS (a PEM file); empty: the system's",
+    )
     sip_rtp_ports: str = Field(
         default="",
         description="the UDP ports calls' RTP binds, as `low-high` (two per call: RTP and "
@@ -125,7 +130,10 @@ class SipSettings(Section):
         if tls:
             if not self.sip_listen.strip():
                 raise ValueError("SWITCHBOARD_SIP_TLS_LISTEN: needs SWITCHBOARD_SIP_LISTEN")
-            for name, path in (("CERT", self.sip_tls_cert), ("KEY", self.sip_tls_key)):
+            files = [("CERT", self.sip_tls_cert), ("KEY", self.sip_tls_key)]
+            if self.sip_tls_ca:
+                files.append(("CA", self.sip_tls_ca))
+            for name, path in files:
                 if not path or not os.access(path, os.R_OK):
                     raise ValueError(
                         f"SWITCHBOARD_SIP_TLS_{name}: a readable PEM file is needed for "
