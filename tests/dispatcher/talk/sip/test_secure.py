@@ -8,13 +8,18 @@ on loopback, with a certificate the test makes:
   has no SRTP keys (488), neither leaving a voice session;
 - a call the server places on that trunk goes to the phone over TLS, offering SRTP, and the
   phone hears the opening message over it;
+- keys offered that PJSIP cannot use leave the audio plain RTP: a call on the trunk that
+  requires SRTP is hung up at once, saying why;
 - a call placed to a phone whose certificate the server does not trust
   (``SWITCHBOARD_SIP_TLS_CA``) ends unanswered, its INVITE never sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,3 +301,89 @@ async def test_a_call_placed_to_a_certificate_not_trusted_ends_unanswered(line: 
     assert not call.HasField("answer_time")
     assert call.sip_status == 503, call  # PJSIP's: the TLS connection failed
     assert [e for e in line.stranger.events[since:] if e["event"] == "incoming"] == []
+
+
+async def _read_message(reader: asyncio.StreamReader) -> str:
+    """One SIP message off a stream: its head, and its body by Content-Length."""
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT_S)).decode()
+    lengths = [
+        int(line.split(":", 1)[1])
+        for line in head.split("\r\n")
+        if line.lower().startswith(("content-length:", "l:"))
+    ]
+    body = await asyncio.wait_for(reader.readexactly(lengths[0]), WAIT_S) if lengths else b""
+    return head + body.decode()
+
+
+def _header(message: str, name: str) -> str:
+    for line in message.split("\r\n"):
+        if line.lower().startswith(name.lower() + ":"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+async def test_keys_offered_but_not_used_end_a_call_its_trunk_needs_srtp_for(
+    line: Line,
+) -> None:
+    # A hand-made INVITE over TLS whose only SRTP key is of a suite no one has: PJSIP
+    # answers with plain RTP (the offer was RTP/AVP, keys optional); the trunk requires
+    # SRTP, so the server hangs up at once, saying why.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection("127.0.0.1", line.tls_port, ssl=context)
+    here = writer.get_extra_info("sockname")[1]
+    call_id, tag = uuid.uuid4().hex, uuid.uuid4().hex[:8]
+    sdp = (
+        "v=0\r\no=raw 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        "m=audio 49170 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+        "a=crypto:1 NO_SUCH_SUITE_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\n"
+    )
+    invite = (
+        f"INVITE sip:{NUMBER}@127.0.0.1:{line.tls_port};transport=tls SIP/2.0\r\n"
+        f"Via: SIP/2.0/TLS 127.0.0.1:{here};rport;branch=z9hG4bK{uuid.uuid4().hex}\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:{CALLER}@127.0.0.1>;tag={tag}\r\n"
+        f"To: <sip:{NUMBER}@127.0.0.1>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        "CSeq: 1 INVITE\r\n"
+        f"Contact: <sip:raw@127.0.0.1:{here};transport=tls>\r\n"
+        "Content-Type: application/sdp\r\n"
+        f"Content-Length: {len(sdp)}\r\n\r\n{sdp}"
+    )
+    writer.write(invite.encode())
+    try:
+        while True:
+            answer = await _read_message(reader)
+            if not answer.startswith("SIP/2.0 1"):
+                break
+        assert answer.startswith("SIP/2.0 200"), answer
+        assert "a=crypto" not in answer
+        to = _header(answer, "to")
+        ack = (
+            f"ACK sip:{NUMBER}@127.0.0.1:{line.tls_port};transport=tls SIP/2.0\r\n"
+            f"Via: SIP/2.0/TLS 127.0.0.1:{here};rport;branch=z9hG4bK{uuid.uuid4().hex}\r\n"
+            "Max-Forwards: 70\r\n"
+            f"From: <sip:{CALLER}@127.0.0.1>;tag={tag}\r\nTo: {to}\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+        )
+        writer.write(ack.encode())
+        bye = await _read_message(reader)
+        assert bye.startswith("BYE "), bye
+        ok = "".join(
+            f"{name}: {_header(bye, name)}\r\n" for name in ("Via", "From", "To", "Call-ID", "CSeq")
+        )
+        writer.write(f"SIP/2.0 200 OK\r\n{ok}Content-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+    finally:
+        writer.close()
+
+    async def ended() -> bool:
+        found = [c for c in await calls(line) if c.from_number == CALLER]
+        return bool(found) and found[0].state == pb.CALL_STATE_ENDED
+
+    await eventually(ended, "the call without SRTP ended", timeout_s=WAIT_S)
+    call = next(c for c in await calls(line) if c.from_number == CALLER)
+    assert call.end_reason == "its audio was not SRTP, as its trunk requires", call
+    assert call.tls
+    assert not call.srtp

@@ -306,6 +306,14 @@ class Calls:
         log.info("a call's media is up (%s at %d Hz%s)", codec, rate, ", SRTP" if srtp else "")
         if srtp and held.name:
             self._record(held, book.secured)
+        elif not srtp and held.invite is not None and held.invite.srtp_offered:
+            # Offered keys PJSIP could not use (no suite in common) fall back to plain RTP:
+            # a trunk that requires SRTP is not carried so.
+            trunk = next((t for t in self._plan.trunks if t.name == held.trunk), None)
+            if trunk is not None and trunk.srtp:
+                held.ends("its audio was not SRTP, as its trunk requires")
+                engine.hang_up(held.number)
+                return
         # A call placed may have media before it is answered (183): its session waits.
         if not held.outbound or held.answered:
             self._begin(held)
