@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from switchboard.dispatcher.talk.sip.calls import CallLimits, Calls
+from switchboard.dispatcher.talk.sip.engine import Invite, Refusal
 from switchboard.dispatcher.talk.sip.rules import Dialplan, InviteRate
 from switchboard.dispatcher.talk.sip.settings import SipSettings, listen
 from tests.kits.certs import self_signed
@@ -269,3 +272,31 @@ def test_settings_that_cannot_work_stop_the_process_in_words(tmp_path: Path) -> 
         sip_trunks=trunk,
     )
     assert fine.sip_tls_listen == "127.0.0.1:0"
+
+
+def test_a_trunk_over_tls_is_held_to_it_before_any_challenge() -> None:
+    trunks = [
+        {"name": "roaming", "username": "pbx", "password": "a-long-trunk-secret", "tls": True},
+        {"name": "office", "addresses": ["10.0.0.0/8"], "tls": True, "srtp": True},
+    ]
+    rules = [{"number": "+15550100", "assistant": "workspaces/w/assistants/a", "user": "users/u"}]
+    # The screen reads the plan and its own rate and digest only: nothing else is reached.
+    calls = Calls(
+        plan=Dialplan.read(json.dumps(trunks), json.dumps(rules)),
+        talks=cast(Any, None),
+        context=cast(Any, None),
+        policy=cast(Any, None),
+        limits=CallLimits(invite_burst=100),
+        book=cast(Any, None),
+    )
+    anywhere = Invite(call=1, source="203.0.113.5", dialed="+15550100", caller="+1", display="")
+    # A trunk known by its credentials only: over UDP, no challenge is sent (its answer
+    # would travel in the clear); over TLS, it is challenged.
+    assert calls.screen(anywhere) == Refusal(403, "TLS required")
+    challenge = calls.screen(replace(anywhere, tls=True))
+    assert challenge is not None
+    assert challenge.code == 401
+    office = replace(anywhere, source="10.1.2.3")
+    assert calls.screen(office) == Refusal(403, "TLS required")
+    assert calls.screen(replace(office, tls=True)) == Refusal(488, "SRTP required")
+    assert calls.screen(replace(office, tls=True, srtp_offered=True)) is None

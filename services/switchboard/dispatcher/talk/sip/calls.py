@@ -233,8 +233,6 @@ class Calls:
         trunk = self._trunk(invite)
         if isinstance(trunk, Refusal):
             return trunk
-        if trunk.tls and not invite.tls:
-            return Refusal(403, "TLS required")
         if trunk.srtp and not invite.srtp_offered:
             return Refusal(488, "SRTP required")
         if self._plan.rule_for(trunk.name, invite.dialed) is None:
@@ -247,8 +245,13 @@ class Calls:
         """The trunk the INVITE comes from, its credentials checked if it has any."""
         answer = digest.parse(invite.authorization) if invite.authorization else None
         trunk = self._plan.trunk_of(invite.source)
+        # Before any challenge: a digest answer is not asked for in the clear.
+        if not invite.tls and (trunk.tls if trunk else self._plan.open_trunks_need_tls):
+            return Refusal(403, "TLS required")
         if trunk is None and answer is not None:
             trunk = self._plan.trunk_named(answer.username)
+            if trunk is not None and trunk.tls and not invite.tls:
+                return Refusal(403, "TLS required")
         if trunk is None and not (self._plan.open_trunks and answer is None):
             return Refusal(403, "Forbidden")
         if trunk is not None and not trunk.authenticates:

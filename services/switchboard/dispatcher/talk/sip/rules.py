@@ -160,6 +160,12 @@ class Dialplan:
         return any(t.tls for t in self.trunks)
 
     @property
+    def open_trunks_need_tls(self) -> bool:
+        """Whether every trunk that takes calls from any address takes them over TLS only."""
+        open_ones = [t for t in self.trunks if not t.addresses and t.username]
+        return bool(open_ones) and all(t.tls for t in open_ones)
+
+    @property
     def open_trunks(self) -> bool:
         """Whether some trunk takes calls from any address (with credentials)."""
         return any(not t.addresses and t.username for t in self.trunks)
