@@ -13,9 +13,10 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.audio import pcm
-from tests.conftest import CALL_DEADLINE_S
-from tests.kits.contextkit import Caller
-from tests.kits.dispatchkit import Stub
+from switchboard.settings import Settings
+from tests.conftest import CALL_DEADLINE_S, started
+from tests.kits.contextkit import Caller, World, context_stub, ctx_world
+from tests.kits.dispatchkit import Stub, dispatcher_stub
 
 #: What a Talk test's session and run may take at most (a hang guard).
 TALK_TIMEOUT_S = CALL_DEADLINE_S
@@ -177,3 +178,24 @@ def ended(frame: pb.TalkResponse) -> bool:
             pb.RUN_STATE_DEADLINE_EXCEEDED,
         )
     )
+
+
+async def voice_world(settings: Settings, display_name: str) -> tuple[World, str]:
+    """A world and a voice assistant of the model handler (``display_name``), made on a
+    server of ``settings`` that then stops: a phone test's trunks and rules name them, so
+    they are made before the server that reads those is started, on the same database."""
+    async with started(settings) as first, aio.insecure_channel(first.address) as channel:
+        world = await ctx_world(first, context_stub(channel))
+        made = await dispatcher_stub(channel).CreateAssistant(
+            pb.CreateAssistantRequest(
+                parent=world.workspace.name,
+                assistant=pb.Assistant(
+                    display_name=display_name,
+                    handler="handlers/llm",
+                    voice=pb.VoiceSettings(language="en"),
+                ),
+            ),
+            metadata=world.owner.md,
+            timeout=CALL_DEADLINE_S,
+        )
+    return world, made.assistant.name

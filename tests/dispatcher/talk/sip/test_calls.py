@@ -51,9 +51,10 @@ from tests.dispatcher.talk.test_talk import stored_sessions, voice_settings
 from tests.fakes.audio_server import FakeAudio, Recognizer
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.speech import COUNTING, says
-from tests.kits.contextkit import World, all_messages, context_stub, ctx_world
+from tests.kits.contextkit import World, all_messages, context_stub
 from tests.kits.dispatchkit import dispatcher_stub, eventually
 from tests.kits.sipphone import CallEnded, Event, SipPhone, energy, speech_wav
+from tests.kits.talkkit import voice_world
 
 pytestmark = [
     pytest.mark.e2e,
@@ -148,24 +149,7 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
         }
         # The rules name users and an assistant, so they are made first, by a server
         # without SIP on the same database.
-        async with (
-            started(voice_settings(url, audio.url, **values)) as first,
-            aio.insecure_channel(first.address) as channel,
-        ):
-            world = await ctx_world(first, context_stub(channel))
-            made = await dispatcher_stub(channel).CreateAssistant(
-                pb.CreateAssistantRequest(
-                    parent=world.workspace.name,
-                    assistant=pb.Assistant(
-                        display_name="Phone",
-                        handler="handlers/llm",
-                        voice=pb.VoiceSettings(language="en"),
-                    ),
-                ),
-                metadata=world.owner.md,
-                timeout=CALL_DEADLINE_S,
-            )
-        assistant = made.assistant.name
+        world, assistant = await voice_world(voice_settings(url, audio.url, **values), "Phone")
         trunks = [
             {
                 "name": "local",

@@ -56,6 +56,7 @@ from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.kits.contextkit import World, all_messages, context_stub, ctx_world, violations
 from tests.kits.dispatchkit import dispatcher_stub, eventually
 from tests.kits.sipphone import Event, SipPhone, energy
+from tests.kits.talkkit import voice_world
 
 pytestmark = [
     pytest.mark.e2e,
@@ -111,23 +112,7 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
         }
         # The trunks name the workspace, so it is made first, by a server without SIP on
         # the same database.
-        async with (
-            started(voice_settings(url, audio.url, **values)) as plain,
-            aio.insecure_channel(plain.address) as channel,
-        ):
-            world = await ctx_world(plain, context_stub(channel))
-            made = await dispatcher_stub(channel).CreateAssistant(
-                pb.CreateAssistantRequest(
-                    parent=world.workspace.name,
-                    assistant=pb.Assistant(
-                        display_name="Caller",
-                        handler="handlers/llm",
-                        voice=pb.VoiceSettings(language="en"),
-                    ),
-                ),
-                metadata=world.owner.md,
-                timeout=CALL_DEADLINE_S,
-            )
+        world, assistant = await voice_world(voice_settings(url, audio.url, **values), "Caller")
         workspace_id = world.workspace.name.rsplit("/", 1)[-1]
 
         def trunk(name: str, phone: SipPhone) -> dict[str, Any]:
@@ -151,7 +136,7 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
             started(voice_settings(url, audio.url, **values, **sip)) as server,
             aio.insecure_channel(server.address) as sip_channel,
         ):
-            yield Line(server, world, made.assistant.name, sip_channel, callee, slow, audio.url)
+            yield Line(server, world, assistant, sip_channel, callee, slow, audio.url)
 
 
 def place_request(line: Line, **fields: Any) -> pb.PlaceCallRequest:

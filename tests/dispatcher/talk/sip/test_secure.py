@@ -39,9 +39,10 @@ from tests.fakes.audio_server import FakeAudio
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.speech import COUNTING
 from tests.kits.certs import self_signed
-from tests.kits.contextkit import World, context_stub, ctx_world
+from tests.kits.contextkit import World
 from tests.kits.dispatchkit import dispatcher_stub, eventually
 from tests.kits.sipphone import CallEnded, Event, SipPhone, energy, speech_wav
+from tests.kits.talkkit import voice_world
 
 pytestmark = [
     pytest.mark.e2e,
@@ -97,23 +98,7 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
             "llm_model": "fake-model",
             "voice_max_sessions_per_user": 8,
         }
-        async with (
-            started(voice_settings(url, audio.url, **values)) as first,
-            aio.insecure_channel(first.address) as channel,
-        ):
-            world = await ctx_world(first, context_stub(channel))
-            made = await dispatcher_stub(channel).CreateAssistant(
-                pb.CreateAssistantRequest(
-                    parent=world.workspace.name,
-                    assistant=pb.Assistant(
-                        display_name="Secure",
-                        handler="handlers/llm",
-                        voice=pb.VoiceSettings(language="en"),
-                    ),
-                ),
-                metadata=world.owner.md,
-                timeout=CALL_DEADLINE_S,
-            )
+        world, assistant = await voice_world(voice_settings(url, audio.url, **values), "Secure")
 
         def outbound(phone: SipPhone) -> dict[str, Any]:
             return {
@@ -133,7 +118,7 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
             },
             {"name": "untrusted", "tls": True, "srtp": True, "outbound": outbound(stranger)},
         ]
-        rules = [{"number": NUMBER, "assistant": made.assistant.name, "user": world.owner.name}]
+        rules = [{"number": NUMBER, "assistant": assistant, "user": world.owner.name}]
         sip = {
             "sip_listen": "127.0.0.1:0",
             "sip_tls_listen": "127.0.0.1:0",
@@ -152,7 +137,7 @@ async def line(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Line]:
                 yield Line(
                     server,
                     world,
-                    made.assistant.name,
+                    assistant,
                     sip_channel,
                     engine.port,
                     engine.tls_port,
@@ -169,6 +154,28 @@ async def calls(line: Line) -> list[pb.Call]:
         timeout=CALL_DEADLINE_S,
     )
     return list(response.calls)
+
+
+async def place(line: Line, trunk: str) -> pb.Call:
+    response = await dispatcher_stub(line.channel).PlaceCall(
+        pb.PlaceCallRequest(
+            parent=line.world.workspace.name,
+            trunk=trunk,
+            to_number=CALLEE,
+            assistant=line.assistant,
+            opening_message="Say the numbers.",
+        ),
+        metadata=line.world.owner.md,
+        timeout=CALL_DEADLINE_S,
+    )
+    return response.call
+
+
+async def get_call(line: Line, name: str) -> pb.Call:
+    response = await dispatcher_stub(line.channel).GetCall(
+        pb.GetCallRequest(name=name), metadata=line.world.owner.md, timeout=CALL_DEADLINE_S
+    )
+    return response.call
 
 
 async def media_up(phone: SipPhone, n: int) -> Event:
@@ -225,18 +232,8 @@ async def test_the_secure_trunk_refuses_udp_and_audio_without_srtp(
 async def test_a_call_placed_on_the_secure_trunk_goes_over_tls_with_srtp(line: Line) -> None:
     callee = line.callee
     since = len(callee.events)
-    placed = await dispatcher_stub(line.channel).PlaceCall(
-        pb.PlaceCallRequest(
-            parent=line.world.workspace.name,
-            trunk="secure",
-            to_number=CALLEE,
-            assistant=line.assistant,
-            opening_message="Say the numbers.",
-        ),
-        metadata=line.world.owner.md,
-        timeout=CALL_DEADLINE_S,
-    )
-    assert placed.call.tls
+    placed = await place(line, "secure")
+    assert placed.tls
     invite = await callee.wait_event(lambda e: e["event"] == "incoming", WAIT_S, since=since)
     message = str(invite["message"])
     assert message.startswith(f"INVITE sip:{CALLEE}@127.0.0.1:{callee.tls_port};transport=tls")
@@ -248,18 +245,12 @@ async def test_a_call_placed_on_the_secure_trunk_goes_over_tls_with_srtp(line: L
     await answered(callee, n, since)
 
     async def recorded() -> bool:
-        call = (
-            await dispatcher_stub(line.channel).GetCall(
-                pb.GetCallRequest(name=placed.call.name),
-                metadata=line.world.owner.md,
-                timeout=CALL_DEADLINE_S,
-            )
-        ).call
+        call = await get_call(line, placed.name)
         return call.state == pb.CALL_STATE_ANSWERED and call.srtp
 
     await eventually(recorded, "the placed call answered, with SRTP", timeout_s=WAIT_S)
     await dispatcher_stub(line.channel).EndCall(
-        pb.EndCallRequest(name=placed.call.name),
+        pb.EndCallRequest(name=placed.name),
         metadata=line.world.owner.md,
         timeout=CALL_DEADLINE_S,
     )
@@ -268,36 +259,14 @@ async def test_a_call_placed_on_the_secure_trunk_goes_over_tls_with_srtp(line: L
 
 async def test_a_call_placed_to_a_certificate_not_trusted_ends_unanswered(line: Line) -> None:
     since = len(line.stranger.events)
-    placed = await dispatcher_stub(line.channel).PlaceCall(
-        pb.PlaceCallRequest(
-            parent=line.world.workspace.name,
-            trunk="untrusted",
-            to_number=CALLEE,
-            assistant=line.assistant,
-            opening_message="Say the numbers.",
-        ),
-        metadata=line.world.owner.md,
-        timeout=CALL_DEADLINE_S,
-    )
+    placed = await place(line, "untrusted")
 
     async def ended() -> bool:
-        call = (
-            await dispatcher_stub(line.channel).GetCall(
-                pb.GetCallRequest(name=placed.call.name),
-                metadata=line.world.owner.md,
-                timeout=CALL_DEADLINE_S,
-            )
-        ).call
+        call = await get_call(line, placed.name)
         return call.state == pb.CALL_STATE_ENDED
 
     await eventually(ended, "the call to an untrusted certificate ended", timeout_s=WAIT_S)
-    call = (
-        await dispatcher_stub(line.channel).GetCall(
-            pb.GetCallRequest(name=placed.call.name),
-            metadata=line.world.owner.md,
-            timeout=CALL_DEADLINE_S,
-        )
-    ).call
+    call = await get_call(line, placed.name)
     assert not call.HasField("answer_time")
     assert call.sip_status == 503, call  # PJSIP's: the TLS connection failed
     assert [e for e in line.stranger.events[since:] if e["event"] == "incoming"] == []

@@ -63,8 +63,9 @@ from tests.e2e.envoy import EnvoyProcess
 from tests.fakes.audio_server import FakeAudio, Recognizer
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.speech import COUNTING, says, speak
-from tests.kits.contextkit import World, all_messages, context_stub, ctx_world
+from tests.kits.contextkit import World, all_messages, context_stub
 from tests.kits.dispatchkit import dispatcher_stub, eventually
+from tests.kits.talkkit import voice_world
 
 pytestmark = [
     pytest.mark.e2e,
@@ -166,27 +167,11 @@ async def line() -> AsyncIterator[Line]:
             "llm_model": "fake-model",
             "voice_max_sessions_per_user": 8,
         }
-        async with (
-            started(voice_settings(url, audio.url, **values)) as first,
-            aio.insecure_channel(first.address) as channel,
-        ):
-            world = await ctx_world(first, context_stub(channel))
-            made = await dispatcher_stub(channel).CreateAssistant(
-                pb.CreateAssistantRequest(
-                    parent=world.workspace.name,
-                    assistant=pb.Assistant(
-                        display_name="Phone",
-                        handler="handlers/llm",
-                        voice=pb.VoiceSettings(language="en"),
-                    ),
-                ),
-                metadata=world.owner.md,
-                timeout=CALL_DEADLINE_S,
-            )
+        world, assistant = await voice_world(voice_settings(url, audio.url, **values), "Phone")
         rules = [
             {
                 "number": NUMBER,
-                "assistant": made.assistant.name,
+                "assistant": assistant,
                 "user": world.owner.name,
                 "callers": {EDITOR_CALLER: world.editor.name, VIEWER_CALLER: world.viewer.name},
             }
