@@ -12,7 +12,8 @@ domain, exactly as its SIP carrier writes them (``CallBook.opened`` and ``update
 record and its CALL_CHANGED event in the log, with no SIP line behind it); everything
 else goes through the Python stubs, and the page is checked against the server's answers:
 
-- The owner's page lists a live (answered) call and an ended one with their facts; the
+- The owner's page lists a live (answered) call and an ended one with their facts (the
+  live one over TLS with SRTP, said so; the ended one in the clear, saying nothing); the
   live call's duration moves once a second with no request; the call ending (its carrier
   writes ``ended``) moves it to the ended ones, and a new call ringing appears at the top
   of the live ones, both without ListCalls being called again; the transcript link opens
@@ -81,6 +82,7 @@ ROWS_JS: Final = """(list) => [...document.querySelectorAll(
     live: row.querySelector('[data-testid="call-duration"]')?.dataset.live ?? null,
     seconds: row.querySelector('[data-testid="call-duration"]')?.dataset.seconds ?? null,
     ended: text('call-ended'),
+    security: text('call-security'),
     reason: text('call-end-reason'),
     transcript: row.querySelector('[data-testid="call-conversation"]')?.getAttribute('href')
       ?? null,
@@ -206,6 +208,12 @@ def _open_call(
     return opened.call.name
 
 
+def _over_tls_with_srtp(call: pb.Call) -> None:
+    """What its SIP carrier records of a call over TLS whose audio is SRTP."""
+    call.tls = True
+    book.secured(call)
+
+
 def _update(stack: CallsStack, name: str, edit: Any) -> pb.Call:
     done = stack.run(stack.dispatcher.calls.update(name, edit))
     assert done is not None
@@ -300,6 +308,7 @@ def test_the_calls_page_lists_live_and_ended_calls_and_follows_their_changes(
     )
     live_call = _update(stack, live, book.answer)
     assert live_call.state == pb.CALL_STATE_ANSWERED
+    live_call = _update(stack, live, _over_tls_with_srtp)
 
     with stack.chromium.open(stack.origin + "/") as browser:
         sign_in(browser, owner.email)
@@ -319,6 +328,7 @@ def test_the_calls_page_lists_live_and_ended_calls_and_follows_their_changes(
         assert shown_live["live"] == "true"
         assert shown_live["duration"].startswith("on the line for 0:")
         assert shown_live["ended"] is None
+        assert shown_live["security"] == " · over TLS, encrypted audio (SRTP)"
         assert shown_live["transcript"] == f"#{conversation}"
         assert shown_live["hangUp"] is True
         [shown_ended] = _rows(browser, "recent-calls")
@@ -336,6 +346,7 @@ def test_the_calls_page_lists_live_and_ended_calls_and_follows_their_changes(
         )
         assert shown_ended["duration"].startswith("lasted 0:")
         assert shown_ended["hangUp"] is False
+        assert shown_ended["security"] is None  # a call in the clear says nothing of it
         assert browser.visible(tid("calls-role"))
         assert raw_text(browser) == []
         browser.shots(shots / "calls.png")
