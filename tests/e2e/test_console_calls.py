@@ -16,8 +16,8 @@ else goes through the Python stubs, and the page is checked against the server's
   live one over TLS with SRTP, said so; the ended one in the clear, saying nothing); the
   live call's duration moves once a second with no request; the call ending (its carrier
   writes ``ended``) moves it to the ended ones, and a new call ringing appears at the top
-  of the live ones, both without ListCalls being called again; the transcript link opens
-  the call's conversation.
+  of the live ones, both without ListCalls being called again (the live feed says so in
+  words, its link to the Calls page); the transcript link opens the call's conversation.
 - A viewer sees the live call without Hang up (and EndCall refuses them:
   PERMISSION_DENIED); the owner's Hang up ends it (no SIP carries it here, so it is ended
   on the record: ENDED, "ended by users/..."), and the viewer's page follows.
@@ -387,6 +387,17 @@ def test_the_calls_page_lists_live_and_ended_calls_and_follows_their_changes(
         assert shown_ringing["stateText"] == "ringing"
         assert shown_ringing["duration"] == "not answered yet"
         assert _list_calls(browser, stack.origin) == listed
+        # The live feed says it in words, and leads to this page.
+        rang = tid("event", type="EVENT_TYPE_CALL_CHANGED", subject=ringing)
+        browser.wait_for(rang)
+        said = browser.eval(
+            "(s) => document.querySelector(s).textContent", f"{rang} {tid('event-summary')}"
+        )
+        assert said == "call in +15559990000 → +15550000001: ringing"
+        leads = browser.eval(
+            "(s) => document.querySelector(s).getAttribute('href')", f"{rang} {tid('event-link')}"
+        )
+        assert leads == f"#{workspace}/calls"
         assert raw_text(browser) == []
 
         # The transcript link opens the call's conversation.

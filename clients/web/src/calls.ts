@@ -251,7 +251,7 @@ export class Calls {
         h("span", { "data-testid": "call-assistant", "data-assistant": c.assistant }, `assistant ${this.assistantTitle(c.assistant)}`),
         start ? h("span", {}, " · started ", h("time", { datetime: start.toISOString(), "data-testid": "call-started" }, dateTime(start, zone, seconds)), ` (${zone})`) : null,
         c.tls || c.srtp
-          ? h("span", { "data-testid": "call-security", "data-tls": String(c.tls), "data-srtp": String(c.srtp) }, ` · ${securityLabel(c)}`)
+          ? h("span", { "data-testid": "call-security", "data-tls": String(c.tls), "data-srtp": String(c.srtp) }, ` · ${callProtectionLabel(c)}`)
           : null,
       ),
       h("div", {}, this.duration(c, answered)),
@@ -350,6 +350,6 @@ export class Calls {
 }
 
 /** What protected the call: its signalling over TLS, its audio as SRTP. */
-export function securityLabel(c: Pick<Call, "tls" | "srtp">): string {
+export function callProtectionLabel(c: Pick<Call, "tls" | "srtp">): string {
   return [c.tls ? "over TLS" : "", c.srtp ? "encrypted audio (SRTP)" : ""].filter(Boolean).join(", ");
 }

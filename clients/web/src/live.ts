@@ -8,6 +8,8 @@ import type { EventFeed, FeedState } from "./feed";
 import { type Event, EventType } from "./gen/switchboard/api/events/v1/events_pb";
 import {
   budgetAlertLabel,
+  callDirectionLabel,
+  callStateLabel,
   changeLabel,
   eventTypeLabel,
   firingLabel,
@@ -154,6 +156,8 @@ function subject(event: Event): string {
       return payload.value.schedule;
     case "memoryChanged":
       return payload.value.memoryItem?.name ?? "";
+    case "callChanged":
+      return payload.value.call?.name ?? "";
     case "memoryDecided":
       return payload.value.memoryItem || payload.value.replaces || payload.value.run;
     default:
@@ -164,7 +168,9 @@ function subject(event: Event): string {
 /** Where an event points: the conversation (or workspace) it is about, opened by the
  *  console's own URL scheme. */
 function link(event: Event, names: Names): HTMLElement | null {
-  const target = event.conversation || event.workspace;
+  // A call's events lead to the workspace's Calls page (its transcript is linked there).
+  const call = event.payload.case === "callChanged";
+  const target = call ? event.workspace : event.conversation || event.workspace;
   if (!target) return null;
   // A budget's events lead to the workspace's Budgets page.
   const budget = !event.conversation && (event.payload.case === "budgetChanged" || event.payload.case === "budgetAlert");
@@ -172,7 +178,7 @@ function link(event: Event, names: Names): HTMLElement | null {
   const schedule = !event.conversation && (event.payload.case === "scheduleChanged" || event.payload.case === "scheduleFired");
   // And memory's to its Memory page.
   const memory = !event.conversation && (event.payload.case === "memoryChanged" || event.payload.case === "memoryDecided");
-  const page = budget ? "budgets" : schedule ? "schedules" : memory ? "memory" : "";
+  const page = call ? "calls" : budget ? "budgets" : schedule ? "schedules" : memory ? "memory" : "";
   const href = page ? `#${target}/${page}` : `#${target}`;
   return h(
     "a",
@@ -266,6 +272,18 @@ function summarize(event: Event, names: Names): Child[] {
       return [
         `${payload.value.schedule?.displayName || names.title(payload.value.schedule?.name ?? "") || "a schedule"} ${changeLabel(payload.value.change)}${by}`,
       ];
+    case "callChanged": {
+      const call = payload.value.call;
+      if (!call) return ["a phone call"];
+      const way = callDirectionLabel(call.direction);
+      return [
+        way === "call" ? "call " : `call ${way} `,
+        quote(call.fromNumber || "unknown number"),
+        " → ",
+        quote(call.toNumber || "unknown number"),
+        `: ${callStateLabel(call.state)}`,
+      ];
+    }
     case "scheduleFired": {
       const firing = payload.value.firing;
       return [`${names.title(payload.value.schedule) || "a schedule"} fired: ${firing ? firingLabel(firing.outcome) : "fired"}`];
