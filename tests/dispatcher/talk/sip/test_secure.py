@@ -33,10 +33,11 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.talk.sip.calls import Calls
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import CALL_DEADLINE_S, built, fresh_database_url, started
-from tests.dispatcher.talk.sip.test_calls import ANSWER, answered
+from tests.dispatcher.talk.sip.test_calls import answered
+from tests.dispatcher.talk.sip.test_outbound import decide
 from tests.dispatcher.talk.test_talk import stored_sessions, voice_settings
 from tests.fakes.audio_server import FakeAudio
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.speech import COUNTING
 from tests.kits.certs import self_signed
 from tests.kits.contextkit import World
@@ -55,10 +56,6 @@ CALLER: Final = "+15557654321"
 CALLER_ID: Final = "+15550199"
 CALLEE: Final = "+15551230001"
 WAIT_S: Final = 60.0
-
-
-def decide(body: dict[str, Any]) -> Reply:
-    return Reply.text(ANSWER + ".")
 
 
 @dataclass
