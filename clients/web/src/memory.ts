@@ -404,24 +404,13 @@ export class MemoryPage {
       h("summary", { "data-testid": "memory-history-toggle" }, item.supersedes ? "History, with what it replaced" : "History"),
       versions,
     );
-    const read = (): void => {
-      void this.page.busy(
-        "memory-history",
-        async () => {
-          const got = await this.api.context.getMemoryItem({ name: item.name, includeHistory: true });
-          fill(versions, ...got.history.map((v) => this.version(item, v)));
-          versions.dataset.count = String(got.history.length);
-          details.dataset.loaded = "true";
-        },
-        {},
-      );
-    };
     details.addEventListener("toggle", () => {
       if (details.open) {
         this.histories.add(item.name);
-        read();
+        if (details.dataset.loaded !== "true") this.readHistory(item);
       } else {
         this.histories.delete(item.name);
+        delete details.dataset.loaded; // opened again, it is read again
       }
     });
     if (this.histories.has(item.name)) {
@@ -429,6 +418,31 @@ export class MemoryPage {
       // The toggle event fires for this too, which reads it.
     }
     return details;
+  }
+
+  /** Reads `item`'s history into its row as the page shows it when the answer comes: the
+   *  list may have been drawn again meanwhile (a memory event), and a history opened just
+   *  before that was read into the row it replaced, which is no longer shown. */
+  private readHistory(item: MemoryItem): void {
+    void this.page.busy(
+      "memory-history",
+      async () => {
+        const got = await this.api.context.getMemoryItem({ name: item.name, includeHistory: true });
+        for (const scope of [this.user, this.shared]) {
+          for (const row of scope.list.querySelectorAll<HTMLElement>('[data-testid="memory-item"]')) {
+            const details = row.dataset.name === item.name ? row.querySelector<HTMLDetailsElement>('[data-testid="memory-history"]') : null;
+            const versions = details?.querySelector<HTMLElement>('[data-testid="memory-versions"]');
+            if (!details || !versions) continue;
+            fill(versions, ...got.history.map((v) => this.version(item, v)));
+            versions.dataset.count = String(got.history.length);
+            details.dataset.loaded = "true";
+            // Opened by the person on the row drawn over: open on this one (read already).
+            if (this.histories.has(item.name)) details.open = true;
+          }
+        }
+      },
+      {},
+    );
   }
 
   private version(item: MemoryItem, v: MemoryItemVersion): HTMLElement {
