@@ -312,7 +312,7 @@ class Calls:
         elif not srtp and held.invite is not None and held.invite.srtp_offered:
             # Offered keys PJSIP could not use (no suite in common) fall back to plain RTP:
             # a trunk that requires SRTP is not carried so.
-            trunk = next((t for t in self._plan.trunks if t.name == held.trunk), None)
+            trunk = self._plan.named(held.trunk)
             if trunk is not None and trunk.srtp:
                 held.ends("its audio was not SRTP, as its trunk requires")
                 engine.hang_up(held.number)

@@ -103,7 +103,7 @@ def _pj_classes() -> tuple[type, type, type, type]:
 
     class Port(pj.AudioMediaPort):  # type: ignore[misc]
         # Both run on PJSIP's media clock thread, every 20 ms. A port serves call after
-        # call (``engine._Ports``): its number and playout are the call's of the moment.
+        # call (``Ports``): its number and playout are the call's of the moment.
         def __init__(self, engine: Host, number: int, playout: Frames) -> None:
             super().__init__()
             self.engine = engine
@@ -112,7 +112,7 @@ def _pj_classes() -> tuple[type, type, type, type]:
 
         def onFrameReceived(self, frame: Any) -> None:
             with _guarded("a call's audio in"):
-                number = self.number  # 0: resting between calls (``engine._Ports``)
+                number = self.number  # 0: resting between calls (``Ports``)
                 if number and frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size > 0:
                     pcm = read(frame.buf)
                     self.engine.on_audio(number, pcm)

@@ -170,9 +170,12 @@ class Dialplan:
         """Whether some trunk takes calls from any address (with credentials)."""
         return any(not t.addresses and t.username for t in self.trunks)
 
+    def named(self, name: str) -> Trunk | None:
+        return next((t for t in self.trunks if t.name == name), None)
+
     def outbound(self, name: str) -> tuple[Trunk, Outbound] | None:
         """The trunk ``name`` if it places calls."""
-        trunk = next((t for t in self.trunks if t.name == name), None)
+        trunk = self.named(name)
         if trunk is None or trunk.outbound is None:
             return None
         return trunk, trunk.outbound
